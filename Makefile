@@ -1,0 +1,37 @@
+# agentgate: the two commands a newcomer needs are `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all build crds controlplane test unit demo lint clean-controlplane
+
+all: build
+
+build:
+	$(CARGO) build --bins
+
+# Regenerate crds/ (and the chart's copy) from the Rust types in src/api.
+crds:
+	$(CARGO) run -q -- crds --out-dir crds
+	@if [ -d charts/agentgate/crds ]; then cp crds/*.yaml charts/agentgate/crds/; fi
+
+# Build (once; cached in ~/.cache/agentgate) etcd, kube-apiserver, kubectl and kube-controller-manager.
+controlplane:
+	tests/controlplane/build.sh --with-controller-manager
+
+# Every test: unit tests of the pure logic and integration tests against a real control plane.
+test: controlplane
+	$(CARGO) test --all-targets --no-fail-fast
+
+unit:
+	$(CARGO) test --lib
+
+# Local control plane + operator + the example jobs; the demo plays the kubelet. Ctrl-C stops everything.
+demo: controlplane build
+	$(CARGO) run -q --example demo
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+clean-controlplane:
+	rm -rf $${XDG_CACHE_HOME:-$$HOME/.cache}/agentgate/controlplane

@@ -1,0 +1,370 @@
+//! AgentJob reconciler: dereference → decide → build → apply → report.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::snapshot::{self, gpu_resource_name, pod_need, pods_of_job, tool_view, vote_view};
+use super::{Caches, Context, Error, RESYNC, Result, approval_vote};
+use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
+use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, job_type};
+use crate::domain::estimate::UsageSample;
+use crate::domain::pod_builder::{PodPlan, build_pod};
+use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
+use crate::domain::report::tokens_of;
+use crate::domain::tally::{AnyVoter, JobIdentity, tally};
+use crate::metrics::UsageLabels;
+
+/// How many finished runs of a job type the estimator looks at.
+const HISTORY_WINDOW: usize = 50;
+
+pub async fn reconcile(job: Arc<AgentJob>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let result = reconcile_inner(&job, &ctx).await;
+    ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+    ctx.metrics.count_reconcile("AgentJob", result.is_ok());
+    result
+}
+
+pub fn error_policy(job: Arc<AgentJob>, error: &Error, _ctx: Arc<Context>) -> Action {
+    let conflict = matches!(error, Error::Kube(kube::Error::Api(s)) if s.code == 409);
+    if conflict {
+        // Our cached copy was stale; the watch brings the new one and triggers us again.
+        tracing::debug!(job = %job.name_any(), "status write raced a newer version; retrying");
+    } else {
+        tracing::warn!(job = %job.name_any(), namespace = ?job.namespace(), %error, "reconcile failed");
+    }
+    Action::requeue(std::time::Duration::from_secs(if conflict { 1 } else { 5 }))
+}
+
+async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
+    ctx.caches.wait_until_ready().await?;
+    if job.metadata.deletion_timestamp.is_some() {
+        // Pods go with the job through their owner reference.
+        return Ok(Action::await_change());
+    }
+    let namespace = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let uid = job.metadata.uid.clone().unwrap_or_default();
+    let generation = job.metadata.generation.unwrap_or(1);
+    let old_status = job.status.clone().unwrap_or_default();
+
+    // Dereference: everything from the watch caches.
+    let all_pods = ctx.caches.pods.state();
+    let pods = pods_of_job(&all_pods, &uid);
+    let jobs = ctx.caches.jobs.state();
+    let votes: Vec<_> = ctx
+        .caches
+        .votes
+        .state()
+        .iter()
+        .filter(|v| v.namespace().as_deref() == Some(namespace.as_str()) && v.spec.job_ref.name == name)
+        .cloned()
+        .collect();
+    let vote_views: Vec<_> = votes.iter().map(|v| vote_view(v)).collect();
+    let identity = JobIdentity { name: &name, uid: &uid, generation, author: None };
+    let counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &vote_views, &AnyVoter);
+    let readiness = if old_status.phase.is_some_and(JobPhase::is_terminal) {
+        Readiness::default()
+    } else {
+        job_readiness(job, ctx, &jobs, &all_pods)
+    };
+    let history = history_of(&jobs, &job_type(job));
+    let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;
+    let prices = ctx.prices.read().await.clone();
+
+    // Decide.
+    let decide_started = Instant::now();
+    let plan = decide::decide(&Observed {
+        job,
+        now: now(),
+        approval_floor: ctx.settings.approval_floor,
+        prices: &prices,
+        history: &history,
+        readiness: &readiness,
+        tally: &counted,
+        pods: &pods,
+        gone_pods: &gone_pods,
+    });
+    if old_status.estimate.as_ref().map(|e| e.generation) != plan.status.estimate.as_ref().map(|e| e.generation) {
+        ctx.metrics.validation_seconds.observe(decide_started.elapsed().as_secs_f64());
+    }
+
+    // Build and apply: Pods first, so status never names a Pod that was not created.
+    if let Some(attempt) = plan.ensure_attempt {
+        ensure_pods(job, ctx, &plan, attempt, &pods).await?;
+    }
+    if plan.status != old_status {
+        write_status(job, ctx, &plan.status).await?;
+    }
+    approval_vote::record_verdicts(ctx, &votes, &counted, job).await;
+
+    // Report.
+    report(job, ctx, &old_status, &plan).await;
+    Ok(next_check(&plan.status))
+}
+
+fn now() -> Time {
+    Time(k8s_openapi::jiff::Timestamp::now())
+}
+
+fn job_readiness(job: &AgentJob, ctx: &Context, jobs: &[Arc<AgentJob>], all_pods: &[Arc<Pod>]) -> Readiness {
+    let uid = job.metadata.uid.as_deref().unwrap_or_default();
+    let tools: Vec<(ToolNeed, Option<_>)> = job
+        .spec
+        .tools
+        .iter()
+        .map(|t| {
+            let need = ToolNeed { name: t.name.clone(), required: t.required, min_rate_limit: t.min_rate_limit };
+            let view = ctx.caches.tools.get(&ObjectRef::new(&t.name)).map(|tool| tool_view(&tool, jobs, uid));
+            (need, view)
+        })
+        .collect();
+    let Some(need) = pod_need(job) else {
+        let mut r = Readiness::default();
+        r.checks.push(crate::api::ReadinessCheck { name: "resources".into(), passed: false, message: "spec.resources do not parse as quantities".into() });
+        r.blocked_reason = Some("InvalidResources");
+        return r;
+    };
+    let nodes = snapshot::node_views(&ctx.caches.nodes.state(), all_pods);
+    let queued_ahead = queued_ahead_of(job, jobs);
+    let quotas = snapshot::quota_views(&ctx.caches.quotas.state(), job.namespace().as_deref().unwrap_or_default());
+    readiness::check(&ReadinessInput { tools: &tools, need: &need, nodes: &nodes, queued_ahead: &queued_ahead, quotas: &quotas })
+}
+
+fn priority(job: &AgentJob) -> (i32, Option<Time>, String) {
+    (job.spec.priority.unwrap_or(500), job.metadata.creation_timestamp.clone(), job.name_any())
+}
+
+/// Approved jobs that wait for capacity and go first: more urgent, or as urgent and older.
+fn queued_ahead_of(job: &AgentJob, jobs: &[Arc<AgentJob>]) -> Vec<PodNeed> {
+    let mine = priority(job);
+    let mut ahead: Vec<(_, PodNeed)> = jobs
+        .iter()
+        .filter(|j| j.metadata.uid != job.metadata.uid)
+        .filter(|j| {
+            let s = j.status.as_ref();
+            s.and_then(|s| s.phase) == Some(JobPhase::WaitingForResources)
+                && s.is_some_and(|s| !s.insufficient_resources.is_empty())
+                && s.and_then(|s| crate::domain::conditions::find(&s.conditions, condition::APPROVED)).is_some_and(|c| c.status == "True")
+        })
+        .filter(|j| {
+            let theirs = priority(j);
+            (theirs.0, theirs.1.as_ref().map(|t| t.0), &theirs.2) < (mine.0, mine.1.as_ref().map(|t| t.0), &mine.2)
+        })
+        .filter_map(|j| pod_need(j).map(|n| (priority(j), n)))
+        .collect();
+    ahead.sort_by(|a, b| (a.0.0, a.0.1.as_ref().map(|t| t.0)).cmp(&(b.0.0, b.0.1.as_ref().map(|t| t.0))));
+    ahead.into_iter().map(|(_, n)| n).collect()
+}
+
+/// Usage of the newest finished runs of a job type, for the estimator.
+fn history_of(jobs: &[Arc<AgentJob>], job_type_name: &str) -> Vec<UsageSample> {
+    let mut finished: Vec<(&Arc<AgentJob>, UsageSample)> = jobs
+        .iter()
+        .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Succeeded) && job_type(j) == job_type_name)
+        .filter_map(|j| j.status.as_ref()?.usage.as_ref().map(|u| (j, tokens_of(u))))
+        .collect();
+    finished.sort_by_key(|(j, _)| j.status.as_ref().and_then(|s| s.completion_time.as_ref().map(|t| t.0)));
+    let skip = finished.len().saturating_sub(HISTORY_WINDOW);
+    finished.into_iter().skip(skip).map(|(_, s)| s).collect()
+}
+
+/// Pods the running attempt recorded but the cache lacks: a GET tells a slow cache from a
+/// deleted Pod, so a deleted Pod fails its attempt instead of being created a second time.
+async fn confirm_gone_pods(job: &AgentJob, ctx: &Context, pods: &[decide::PodView]) -> Result<Vec<String>> {
+    let Some(attempt) = job.status.as_ref().and_then(|s| s.attempts.last()).filter(|a| a.result == AttemptResult::Running) else {
+        return Ok(Vec::new());
+    };
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    let mut gone = Vec::new();
+    for name in attempt.pods.iter().filter(|n| !pods.iter().any(|p| &p.name == *n)) {
+        if api.get_opt(name).await?.is_none() {
+            gone.push(name.clone());
+        }
+    }
+    Ok(gone)
+}
+
+async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, existing: &[decide::PodView]) -> Result<()> {
+    let namespace = job.namespace().unwrap_or_default();
+    let name = job.name_any();
+    let uid = job.metadata.uid.clone().unwrap_or_default();
+    let spec = &job.spec;
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let tool_urls: Vec<(String, String)> = spec
+        .tools
+        .iter()
+        .filter_map(|t| {
+            let tool = ctx.caches.tools.get(&ObjectRef::new(&t.name))?;
+            Some((t.name.clone(), tool.status.as_ref()?.url.clone()?))
+        })
+        .collect();
+    let input_json = spec.input.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "{}".into());
+    let (cpu, memory) = spec.resources.as_ref().map(|r| (r.cpu.clone(), r.memory.clone())).unwrap_or_else(|| ("500m".into(), "512Mi".into()));
+    let gpu_name = gpu_resource_name(job);
+    let gpu = spec.resources.as_ref().and_then(|r| r.gpu).filter(|g| *g > 0 && !plan.drop_gpu);
+    let deadline = spec.limits.as_ref().and_then(|l| l.max_execution_seconds).unwrap_or(crate::api::DEFAULT_MAX_EXECUTION_SECONDS);
+    let agents = std::iter::once(&spec.agents.primary).chain(&spec.agents.supporting);
+    for agent in agents {
+        let pod = build_pod(&PodPlan {
+            job_name: &name,
+            namespace: &namespace,
+            job_uid: &uid,
+            agent,
+            attempt,
+            cpu: &cpu,
+            memory: &memory,
+            gpu: gpu.map(|g| (gpu_name.as_str(), g)),
+            deadline_seconds: deadline,
+            budget_usd: &spec.budget.max_cost_usd,
+            input_json: &input_json,
+            tool_urls: &tool_urls,
+        });
+        let pod_name = pod.name_any();
+        if existing.iter().any(|p| p.name == pod_name) {
+            continue;
+        }
+        match api.create(&PostParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PostParams::default() }, &pod).await {
+            Ok(_) => {
+                ctx.metrics.pods_created.inc();
+                tracing::info!(job = %name, %namespace, pod = %pod_name, attempt, "created agent Pod");
+            }
+            // Created by an earlier reconcile whose status write or cache update we have not seen yet.
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+async fn write_status(job: &AgentJob, ctx: &Context, status: &AgentJobStatus) -> Result<()> {
+    let api: Api<AgentJob> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    // resourceVersion makes the apply conditional: a decision made on a stale copy is refused
+    // (409) instead of overwriting newer status.
+    let patch = json!({
+        "apiVersion": AgentJob::api_version(&()),
+        "kind": AgentJob::kind(&()),
+        "metadata": {"resourceVersion": job.resource_version()},
+        "status": status,
+    });
+    api.patch_status(&job.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
+}
+
+async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan) {
+    let reference = job.object_ref(&());
+    for e in &plan.events {
+        let event = Event {
+            type_: if e.warning { EventType::Warning } else { EventType::Normal },
+            reason: e.reason.clone(),
+            note: Some(truncate(&e.note, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(job = %job.name_any(), %err, "could not publish Event");
+        }
+    }
+    let new = &plan.status;
+    let approved = |s: &AgentJobStatus| crate::domain::conditions::find(&s.conditions, condition::APPROVED).is_some_and(|c| c.status == "True");
+    if approved(new) && !approved(old) {
+        if let Some(created) = &job.metadata.creation_timestamp {
+            let waited = k8s_openapi::jiff::Timestamp::now().duration_since(created.0).as_secs_f64();
+            ctx.metrics.approval_wait_seconds.observe(waited.max(0.0));
+        }
+    }
+    // Count each attempt's usage once: when its usage first appears in status.
+    for attempt in &new.attempts {
+        let before = old.attempts.iter().find(|a| a.attempt == attempt.attempt).and_then(|a| a.usage.as_ref());
+        let (Some(usage), None) = (&attempt.usage, before) else { continue };
+        for m in &usage.models {
+            let labels = UsageLabels { model: m.model.clone(), category: job.spec.category.clone() };
+            ctx.metrics.tokens.get_or_create(&labels).inc_by((m.input_tokens + m.cached_input_tokens + m.output_tokens).max(0) as u64);
+            ctx.metrics.cost_usd.get_or_create(&labels).inc_by(m.cost_usd.parse().unwrap_or(0.0));
+        }
+    }
+    if new.phase != old.phase {
+        if let Some(err) = new.usage.as_ref().and_then(|u| u.estimate_error_percent).filter(|_| new.phase == Some(JobPhase::Succeeded)) {
+            ctx.metrics.estimate_error_percent.observe(err as f64);
+        }
+        tracing::info!(job = %job.name_any(), namespace = ?job.namespace(), from = ?old.phase, to = ?new.phase, "phase changed");
+        // A job that stops running frees capacity and rate limit others may wait for.
+        if old.phase == Some(JobPhase::Running) {
+            for waiting in jobs_waiting_for_capacity(&ctx.caches, None).into_iter().chain(tools_of(job).flat_map(|t| jobs_naming_tool(&ctx.caches, &t))) {
+                let _ = ctx.requeue.send(waiting);
+            }
+        }
+        for tool in tools_of(job) {
+            let _ = ctx.tool_requeue.send(ObjectRef::new(&tool));
+        }
+    }
+}
+
+fn tools_of(job: &AgentJob) -> impl Iterator<Item = String> + '_ {
+    job.spec.tools.iter().map(|t| t.name.clone())
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn next_check(status: &AgentJobStatus) -> Action {
+    match status.phase {
+        Some(p) if p.is_terminal() => Action::await_change(),
+        _ => Action::requeue(RESYNC),
+    }
+}
+
+// Mappers from other kinds' changes to the jobs that care.
+
+pub fn jobs_affected_by_pod(caches: &Caches, pod: &Pod) -> Vec<ObjectRef<AgentJob>> {
+    let namespace = pod.namespace().unwrap_or_default();
+    let owner = pod
+        .owner_references()
+        .iter()
+        .filter(|o| o.controller == Some(true) && o.kind == "AgentJob" && o.api_version.starts_with("agentgate.dev/"))
+        .map(|o| ObjectRef::new(&o.name).within(&namespace));
+    // Any Pod that stops or goes may free capacity on its node.
+    let frees_capacity = pod.metadata.deletion_timestamp.is_some()
+        || matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
+    let waiting = if frees_capacity { jobs_waiting_for_capacity(caches, None) } else { Vec::new() };
+    owner.chain(waiting).collect()
+}
+
+pub fn jobs_waiting_for_capacity(caches: &Caches, namespace: Option<&str>) -> Vec<ObjectRef<AgentJob>> {
+    caches
+        .jobs
+        .state()
+        .iter()
+        .filter(|j| namespace.is_none() || j.namespace().as_deref() == namespace)
+        .filter(|j| j.status.as_ref().is_some_and(|s| s.phase == Some(JobPhase::WaitingForResources) || s.phase == Some(JobPhase::AwaitingApproval)))
+        .map(|j| ObjectRef::from_obj(j.as_ref()))
+        .collect()
+}
+
+pub fn jobs_naming_tool(caches: &Caches, tool: &str) -> Vec<ObjectRef<AgentJob>> {
+    caches
+        .jobs
+        .state()
+        .iter()
+        .filter(|j| !j.status.as_ref().and_then(|s| s.phase).is_some_and(JobPhase::is_terminal))
+        .filter(|j| j.spec.tools.iter().any(|t| t.name == tool))
+        .map(|j| ObjectRef::from_obj(j.as_ref()))
+        .collect()
+}

@@ -1,0 +1,143 @@
+//! AgentTool reconciler: is the tool reachable, are its credentials there, how much of its rate
+//! limit do running jobs claim.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Resource, ResourceExt};
+use serde_json::json;
+
+use super::snapshot::rate_limit_claims;
+use super::{Caches, Context, Error, RESYNC, Result};
+use crate::api::{AgentTool, AgentToolStatus};
+use crate::domain::conditions::set_condition;
+
+/// Secrets are not watched (the operator may only read the ones tools name), so tools with
+/// credentials are looked at again on this period.
+const CREDENTIALS_RECHECK: Duration = Duration::from_secs(30);
+
+pub async fn reconcile(tool: Arc<AgentTool>, ctx: Arc<Context>) -> Result<Action> {
+    let result = reconcile_inner(&tool, &ctx).await;
+    ctx.metrics.count_reconcile("AgentTool", result.is_ok());
+    result
+}
+
+pub fn error_policy(tool: Arc<AgentTool>, error: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(tool = %tool.name_any(), %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(5))
+}
+
+struct EndpointCheck {
+    available: bool,
+    reason: &'static str,
+    message: String,
+    ready_endpoints: i32,
+    url: Option<String>,
+}
+
+fn check_endpoint(tool: &AgentTool, caches: &Caches) -> EndpointCheck {
+    if let Some(url) = &tool.spec.endpoint.url {
+        return EndpointCheck { available: true, reason: "URL", message: format!("calls go to {url}"), ready_endpoints: 1, url: Some(url.clone()) };
+    }
+    let Some(svc_ref) = &tool.spec.endpoint.service else {
+        return EndpointCheck { available: false, reason: "NoEndpoint", message: "endpoint names neither service nor url".into(), ready_endpoints: 0, url: None };
+    };
+    let (ns, name, port) = (&svc_ref.namespace, &svc_ref.name, svc_ref.port);
+    let Some(service) = caches.services.get(&ObjectRef::new(name).within(ns)) else {
+        return EndpointCheck { available: false, reason: "ServiceNotFound", message: format!("Service {ns}/{name} does not exist"), ready_endpoints: 0, url: None };
+    };
+    let has_port = service.spec.as_ref().and_then(|s| s.ports.as_ref()).is_some_and(|ps| ps.iter().any(|p| p.port == port));
+    if !has_port {
+        return EndpointCheck { available: false, reason: "PortNotFound", message: format!("Service {ns}/{name} has no port {port}"), ready_endpoints: 0, url: None };
+    }
+    let ready_endpoints: usize = caches
+        .endpoint_slices
+        .state()
+        .iter()
+        .filter(|s| s.namespace().as_deref() == Some(ns.as_str()) && s.labels().get("kubernetes.io/service-name") == Some(name))
+        .flat_map(|s| s.endpoints.iter().flatten())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .count();
+    let url = Some(format!("http://{name}.{ns}.svc:{port}"));
+    if ready_endpoints == 0 {
+        return EndpointCheck { available: false, reason: "NoReadyEndpoints", message: format!("Service {ns}/{name} has no ready endpoints"), ready_endpoints: 0, url };
+    }
+    EndpointCheck { available: true, reason: "EndpointsReady", message: format!("Service {ns}/{name} has {ready_endpoints} ready endpoint(s)"), ready_endpoints: ready_endpoints as i32, url }
+}
+
+/// Whether the Secret exists and holds the key. Only the key names are looked at; the value is
+/// never read into a variable that outlives this call, logged or written anywhere.
+async fn check_credentials(tool: &AgentTool, ctx: &Context) -> Result<Option<(bool, String)>> {
+    let Some(creds) = &tool.spec.credentials else { return Ok(None) };
+    let r = &creds.secret_ref;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &r.namespace);
+    let verdict = match api.get_opt(&r.name).await {
+        Ok(None) => (false, format!("Secret {}/{} does not exist", r.namespace, r.name)),
+        Ok(Some(secret)) => {
+            let has_key = secret.data.as_ref().is_some_and(|d| d.contains_key(&r.key));
+            if has_key {
+                (true, format!("Secret {}/{} has key {}", r.namespace, r.name, r.key))
+            } else {
+                (false, format!("Secret {}/{} has no key {}", r.namespace, r.name, r.key))
+            }
+        }
+        Err(kube::Error::Api(s)) if s.code == 403 => (false, format!("the operator may not read Secret {}/{}", r.namespace, r.name)),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Some(verdict))
+}
+
+async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
+    ctx.caches.wait_until_ready().await?;
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let generation = tool.metadata.generation.unwrap_or(1);
+    let old = tool.status.clone().unwrap_or_default();
+    let mut s = AgentToolStatus { conditions: old.conditions.clone(), discovered_from: old.discovered_from.clone(), ..AgentToolStatus::default() };
+
+    let endpoint = check_endpoint(tool, &ctx.caches);
+    set_condition(&mut s.conditions, "EndpointAvailable", endpoint.available, endpoint.reason, endpoint.message.clone(), generation, &now);
+    let credentials = check_credentials(tool, ctx).await?;
+    match &credentials {
+        Some((ok, msg)) => set_condition(&mut s.conditions, "CredentialsPresent", *ok, if *ok { "SecretKeyPresent" } else { "SecretKeyMissing" }, msg.clone(), generation, &now),
+        None => set_condition(&mut s.conditions, "CredentialsPresent", true, "NoneRequired", "the tool declares no credentials", generation, &now),
+    }
+    let credentials_ok = credentials.as_ref().is_none_or(|(ok, _)| *ok);
+    s.ready = endpoint.available && credentials_ok;
+    let ready_message = match (&credentials, endpoint.available) {
+        (_, false) => endpoint.message.clone(),
+        (Some((false, msg)), true) => msg.clone(),
+        _ => endpoint.message.clone(),
+    };
+    let ready_reason = if !endpoint.available { endpoint.reason } else if !credentials_ok { "CredentialsMissing" } else { "Ready" };
+    set_condition(&mut s.conditions, "Ready", s.ready, ready_reason, ready_message, generation, &now);
+    s.ready_endpoints = endpoint.ready_endpoints;
+    s.url = endpoint.url;
+    s.in_use = rate_limit_claims(&ctx.caches.jobs.state(), &tool.name_any(), None).0;
+    s.observed_generation = Some(generation);
+
+    if s != old {
+        let api: Api<AgentTool> = Api::all(ctx.client.clone());
+        let patch = json!({
+            "apiVersion": AgentTool::api_version(&()),
+            "kind": AgentTool::kind(&()),
+            "status": s,
+        });
+        api.patch_status(&tool.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch)).await?;
+    }
+    Ok(Action::requeue(if tool.spec.credentials.is_some() { CREDENTIALS_RECHECK } else { RESYNC }))
+}
+
+pub fn tools_using_service(caches: &Caches, namespace: &str, service: &str) -> Vec<ObjectRef<AgentTool>> {
+    caches
+        .tools
+        .state()
+        .iter()
+        .filter(|t| t.spec.endpoint.service.as_ref().is_some_and(|s| s.namespace == namespace && s.name == service))
+        .map(|t| ObjectRef::from_obj(t.as_ref()))
+        .collect()
+}

@@ -1,0 +1,32 @@
+//! ApprovalVote status: each vote says whether it counted and why, next to the job's tally.
+
+use std::sync::Arc;
+
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+
+use super::Context;
+use crate::api::{AgentJob, ApprovalVote, ApprovalVoteStatus, JobPhase};
+use crate::domain::tally::Tally;
+
+/// Writes each vote's verdict where it changed. Failures are logged, not fatal: the job's own
+/// status carries the same information.
+pub async fn record_verdicts(ctx: &Context, votes: &[Arc<ApprovalVote>], tally: &Tally, job: &AgentJob) {
+    // Once a job has started or finished, its votes are history; their verdicts stay as written.
+    if job.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_terminal() || p == JobPhase::Running) {
+        return;
+    }
+    for vote in votes {
+        let (counted, message) = tally.verdict(&vote.name_any());
+        let status = ApprovalVoteStatus { counted: Some(counted), message: Some(message), observed_generation: vote.metadata.generation };
+        if vote.status.as_ref() == Some(&status) {
+            continue;
+        }
+        let api: Api<ApprovalVote> = Api::namespaced(ctx.client.clone(), &vote.namespace().unwrap_or_default());
+        let patch = json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "ApprovalVote", "status": status});
+        if let Err(e) = api.patch_status(&vote.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch)).await {
+            tracing::warn!(vote = %vote.name_any(), error = %e, "could not record vote verdict");
+        }
+    }
+}

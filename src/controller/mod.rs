@@ -1,0 +1,247 @@
+//! The Kubernetes shell around the domain logic: watch caches in, API writes out.
+
+pub mod agent_job;
+pub mod agent_tool;
+pub mod approval_vote;
+pub mod snapshot;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use futures::{StreamExt, future};
+use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+use tokio::sync::{RwLock, mpsc};
+
+use crate::api::{AgentJob, AgentTool, ApprovalVote};
+use crate::domain::pricing::PriceTable;
+use crate::metrics::Metrics;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Serialization(#[from] serde_json::Error),
+    #[error("watch caches are gone: the operator is shutting down")]
+    CachesGone,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Operator settings, from the command line (and the chart's values).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Watch one namespace only; all namespaces when None.
+    pub namespace: Option<String>,
+    pub approval_floor: i32,
+    pub field_manager: String,
+}
+
+/// Watch caches every reconcile reads instead of calling the API.
+#[derive(Clone)]
+pub struct Caches {
+    pub jobs: Store<AgentJob>,
+    pub pods: Store<Pod>,
+    pub nodes: Store<Node>,
+    pub quotas: Store<ResourceQuota>,
+    pub tools: Store<AgentTool>,
+    pub votes: Store<ApprovalVote>,
+    pub services: Store<Service>,
+    pub endpoint_slices: Store<EndpointSlice>,
+}
+
+impl Caches {
+    async fn wait_until_ready(&self) -> Result<()> {
+        let ready = async {
+            self.jobs.wait_until_ready().await?;
+            self.pods.wait_until_ready().await?;
+            self.nodes.wait_until_ready().await?;
+            self.quotas.wait_until_ready().await?;
+            self.tools.wait_until_ready().await?;
+            self.votes.wait_until_ready().await?;
+            self.services.wait_until_ready().await?;
+            self.endpoint_slices.wait_until_ready().await
+        };
+        ready.await.map(|_| ()).map_err(|_| Error::CachesGone)
+    }
+}
+
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    pub prices: Arc<RwLock<PriceTable>>,
+    pub caches: Caches,
+    /// Jobs to look at again because something they wait for (capacity, rate limit) freed up.
+    pub requeue: mpsc::UnboundedSender<ObjectRef<AgentJob>>,
+    pub tool_requeue: mpsc::UnboundedSender<ObjectRef<AgentTool>>,
+}
+
+/// Liveness and readiness as /healthz and /readyz report them.
+#[derive(Default)]
+pub struct Health {
+    pub caches_synced: AtomicBool,
+}
+
+impl Health {
+    pub fn ready(&self) -> bool {
+        self.caches_synced.load(Ordering::Relaxed)
+    }
+}
+
+fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Drops what a cache never reads, so 10,000 cached objects stay small.
+fn slim<K: Resource>(obj: &mut K) {
+    obj.managed_fields_mut().clear();
+    obj.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
+/// Starts the watches and both controllers and runs until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    prices: Arc<RwLock<PriceTable>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    jobs_for_metrics: Arc<std::sync::OnceLock<Store<AgentJob>>>,
+    shutdown: impl future::Future<Output = ()> + Send + Sync + Clone + 'static,
+) {
+    let wc = watcher::Config::default();
+    let (pods, pods_writer) = reflector::store();
+    let (nodes, nodes_writer) = reflector::store();
+    let (quotas, quotas_writer) = reflector::store();
+    let (tools, tools_writer) = reflector::store();
+    let (votes, votes_writer) = reflector::store();
+    let (services, services_writer) = reflector::store();
+    let (endpoint_slices, slices_writer) = reflector::store();
+
+    let job_controller = kube::runtime::Controller::new(scoped::<AgentJob>(&client, &settings.namespace), wc.clone());
+    let caches = Caches {
+        jobs: job_controller.store(),
+        pods,
+        nodes,
+        quotas,
+        tools,
+        votes,
+        services,
+        endpoint_slices,
+    };
+    let _ = jobs_for_metrics.set(caches.jobs.clone());
+    let (requeue, requeue_rx) = mpsc::unbounded_channel();
+    let (tool_requeue, tool_requeue_rx) = mpsc::unbounded_channel();
+    let reporter = Reporter { controller: "agentgate".into(), instance: std::env::var("POD_NAME").ok() };
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        metrics,
+        settings: settings.clone(),
+        prices,
+        caches: caches.clone(),
+        requeue,
+        tool_requeue,
+    });
+
+    let pod_stream = watcher(scoped::<Pod>(&client, &None), wc.clone())
+        .default_backoff()
+        .modify(slim)
+        .reflect(pods_writer)
+        .touched_objects();
+    let node_stream = watcher(Api::<Node>::all(client.clone()), wc.clone()).default_backoff().modify(slim).reflect(nodes_writer).touched_objects();
+    let quota_stream = watcher(scoped::<ResourceQuota>(&client, &settings.namespace), wc.clone())
+        .default_backoff()
+        .modify(slim)
+        .reflect(quotas_writer)
+        .touched_objects();
+    let tool_stream = watcher(Api::<AgentTool>::all(client.clone()), wc.clone()).default_backoff().modify(slim).reflect(tools_writer).touched_objects();
+    let vote_stream = watcher(scoped::<ApprovalVote>(&client, &settings.namespace), wc.clone())
+        .default_backoff()
+        .modify(slim)
+        .reflect(votes_writer)
+        .touched_objects();
+
+    let jobs_for = caches.clone();
+    let job_controller = job_controller
+        .watches_stream(pod_stream, {
+            let caches = caches.clone();
+            move |pod: Pod| agent_job::jobs_affected_by_pod(&caches, &pod)
+        })
+        .watches_stream(node_stream, {
+            let caches = caches.clone();
+            move |_node: Node| agent_job::jobs_waiting_for_capacity(&caches, None)
+        })
+        .watches_stream(quota_stream, {
+            let caches = caches.clone();
+            move |quota: ResourceQuota| agent_job::jobs_waiting_for_capacity(&caches, quota.namespace().as_deref())
+        })
+        .watches_stream(tool_stream, move |tool: AgentTool| agent_job::jobs_naming_tool(&jobs_for, &tool.name_any()))
+        .watches_stream(vote_stream, |vote: ApprovalVote| {
+            vote.namespace().map(|ns| ObjectRef::new(&vote.spec.job_ref.name).within(&ns))
+        })
+        .reconcile_on(tokio_stream_from(requeue_rx))
+        .graceful_shutdown_on(shutdown.clone())
+        .run(agent_job::reconcile, agent_job::error_policy, ctx.clone())
+        .for_each(|_| future::ready(()));
+
+    let service_stream = watcher(Api::<Service>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .modify(slim)
+        .reflect(services_writer)
+        .touched_objects();
+    let slice_stream = watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .modify(slim)
+        .reflect(slices_writer)
+        .touched_objects();
+    let tool_controller = kube::runtime::Controller::new(Api::<AgentTool>::all(client.clone()), wc.clone())
+        .watches_stream(service_stream, {
+            let caches = caches.clone();
+            move |svc: Service| agent_tool::tools_using_service(&caches, &svc.namespace().unwrap_or_default(), &svc.name_any())
+        })
+        .watches_stream(slice_stream, {
+            let caches = caches.clone();
+            move |slice: EndpointSlice| {
+                let service = slice.labels().get("kubernetes.io/service-name").cloned().unwrap_or_default();
+                agent_tool::tools_using_service(&caches, &slice.namespace().unwrap_or_default(), &service)
+            }
+        })
+        .reconcile_on(tokio_stream_from(tool_requeue_rx))
+        .graceful_shutdown_on(shutdown)
+        .run(agent_tool::reconcile, agent_tool::error_policy, ctx.clone())
+        .for_each(|_| future::ready(()));
+
+    let mark_ready = async {
+        if caches.wait_until_ready().await.is_ok() {
+            health.caches_synced.store(true, Ordering::Relaxed);
+            tracing::info!("watch caches synced");
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = future::join(job_controller, tool_controller) => {}
+        _ = mark_ready => {}
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Requeue delays: a safety net, not how jobs make progress (watches do that).
+pub const RESYNC: Duration = Duration::from_secs(300);

@@ -1,0 +1,186 @@
+//! Dereference: turns cached Kubernetes objects into the domain's plain views.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota};
+use kube::ResourceExt;
+
+use crate::api::{AgentJob, AgentTool, ApprovalVote, JobPhase};
+use crate::domain::decide::{PodState, PodView};
+use crate::domain::pod_builder::{LABEL_AGENT, LABEL_ATTEMPT, LABEL_JOB_UID};
+use crate::domain::quantity::{parse_milli, parse_units};
+use crate::domain::readiness::{NodeView, PodNeed, QuotaView, Resources, ToolView};
+use crate::domain::tally::VoteView;
+
+pub fn pod_view(pod: &Pod) -> Option<PodView> {
+    let labels = pod.labels();
+    let attempt = labels.get(LABEL_ATTEMPT)?.parse().ok()?;
+    let agent = labels.get(LABEL_AGENT)?.clone();
+    let status = pod.status.as_ref();
+    let terminated = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == "agent"))
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref());
+    let message = terminated.and_then(|t| t.message.clone());
+    let phase = status.and_then(|s| s.phase.as_deref()).unwrap_or("Pending");
+    let state = match phase {
+        "Succeeded" => PodState::Succeeded { message },
+        "Failed" => {
+            let reason = status
+                .and_then(|s| s.reason.clone())
+                .or_else(|| terminated.map(|t| format!("exit code {}", t.exit_code)))
+                .unwrap_or_else(|| "Failed".into());
+            PodState::Failed { reason, message }
+        }
+        _ => PodState::Active,
+    };
+    Some(PodView { name: pod.name_any(), agent, attempt, state })
+}
+
+pub fn pods_of_job(pods: &[std::sync::Arc<Pod>], job_uid: &str) -> Vec<PodView> {
+    pods.iter().filter(|p| p.labels().get(LABEL_JOB_UID).map(String::as_str) == Some(job_uid)).filter_map(|p| pod_view(p)).collect()
+}
+
+fn is_terminal(pod: &Pod) -> bool {
+    matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
+/// Sum of container requests: what the scheduler reserves for a Pod.
+pub fn pod_requests(pod: &Pod) -> Resources {
+    let mut r = Resources::default();
+    for c in pod.spec.iter().flat_map(|s| &s.containers) {
+        let Some(requests) = c.resources.as_ref().and_then(|res| res.requests.as_ref().or(res.limits.as_ref())) else { continue };
+        add_quantities(&mut r, requests);
+    }
+    r
+}
+
+fn add_quantities(r: &mut Resources, list: &BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>) {
+    for (name, q) in list {
+        match name.as_str() {
+            "cpu" => r.cpu_milli += parse_milli(&q.0).unwrap_or(0),
+            "memory" => r.memory_bytes += parse_units(&q.0).unwrap_or(0),
+            "ephemeral-storage" | "pods" => {}
+            other if other.starts_with("hugepages-") => {}
+            other => *r.extended.entry(other.to_string()).or_default() += parse_units(&q.0).unwrap_or(0),
+        }
+    }
+}
+
+/// Nodes with what is left on them: allocatable minus the requests of non-terminal Pods bound there.
+pub fn node_views(nodes: &[std::sync::Arc<Node>], pods: &[std::sync::Arc<Pod>]) -> Vec<NodeView> {
+    let mut used: BTreeMap<String, Resources> = BTreeMap::new();
+    for pod in pods.iter().filter(|p| !is_terminal(p)) {
+        if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) {
+            let requests = pod_requests(pod);
+            let entry = used.entry(node.clone()).or_default();
+            entry.cpu_milli += requests.cpu_milli;
+            entry.memory_bytes += requests.memory_bytes;
+            for (k, v) in requests.extended {
+                *entry.extended.entry(k).or_default() += v;
+            }
+        }
+    }
+    nodes
+        .iter()
+        .map(|node| {
+            let mut free = Resources::default();
+            if let Some(alloc) = node.status.as_ref().and_then(|s| s.allocatable.as_ref()) {
+                add_quantities(&mut free, alloc);
+            }
+            if let Some(u) = used.get(&node.name_any()) {
+                free.subtract(u);
+            }
+            let ready = node
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+            let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+            let no_schedule_taint = node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|ts| ts.iter().any(|t| t.effect == "NoSchedule" || t.effect == "NoExecute"));
+            NodeView { name: node.name_any(), schedulable: ready && !cordoned && !no_schedule_taint, free }
+        })
+        .collect()
+}
+
+pub fn quota_views(quotas: &[std::sync::Arc<ResourceQuota>], namespace: &str) -> Vec<QuotaView> {
+    let thousandths = |m: Option<&BTreeMap<String, k8s_openapi::apimachinery::pkg::api::resource::Quantity>>| -> BTreeMap<String, i128> {
+        m.map(|m| m.iter().filter_map(|(k, q)| Some((k.clone(), parse_milli(&q.0)?))).collect()).unwrap_or_default()
+    };
+    quotas
+        .iter()
+        .filter(|q| q.namespace().as_deref() == Some(namespace))
+        .map(|q| QuotaView {
+            name: q.name_any(),
+            hard: thousandths(q.status.as_ref().and_then(|s| s.hard.as_ref()).or(q.spec.as_ref().and_then(|s| s.hard.as_ref()))),
+            used: thousandths(q.status.as_ref().and_then(|s| s.used.as_ref())),
+        })
+        .collect()
+}
+
+/// What each Pod of the job asks for. `None` when the spec's quantities don't parse (the schema
+/// prevents that, so it can only mean an outdated CRD).
+pub fn pod_need(job: &AgentJob) -> Option<PodNeed> {
+    let spec = &job.spec;
+    let pods = 1 + spec.agents.supporting.len();
+    let Some(res) = &spec.resources else {
+        return Some(PodNeed { per_pod: Resources::default(), pods, optional_gpu: None });
+    };
+    let mut per_pod = Resources { cpu_milli: parse_milli(&res.cpu)?, memory_bytes: parse_units(&res.memory)?, extended: BTreeMap::new() };
+    let gpu_name = gpu_resource_name(job);
+    if let Some(gpu) = res.gpu.filter(|g| *g > 0) {
+        per_pod.extended.insert(gpu_name.clone(), i128::from(gpu));
+    }
+    let optional_gpu = res.optional.contains(&crate::api::OptionalResource::Gpu).then_some(gpu_name);
+    Some(PodNeed { per_pod, pods, optional_gpu })
+}
+
+pub fn gpu_resource_name(job: &AgentJob) -> String {
+    job.spec
+        .resources
+        .as_ref()
+        .and_then(|r| r.gpu_resource_name.clone())
+        .unwrap_or_else(|| crate::domain::pod_builder::DEFAULT_GPU_RESOURCE.to_string())
+}
+
+/// A tool with its spare capacity: `in_use` counts the claims of running jobs other than `job_uid`.
+pub fn tool_view(tool: &AgentTool, jobs: &[std::sync::Arc<AgentJob>], job_uid: &str) -> ToolView {
+    let status = tool.status.clone().unwrap_or_default();
+    let (in_use, in_use_by_jobs) = rate_limit_claims(jobs, &tool.name_any(), Some(job_uid));
+    let condition = |t: &str| status.conditions.iter().find(|c| c.type_ == t);
+    ToolView {
+        ready: status.ready,
+        not_ready_reason: condition("Ready").filter(|c| c.status != "True").map(|c| c.message.clone()),
+        rate_limit: tool.spec.rate_limit,
+        in_use,
+        in_use_by_jobs,
+        credentials_present: tool.spec.credentials.as_ref().map(|_| condition("CredentialsPresent").is_some_and(|c| c.status == "True")),
+    }
+}
+
+/// Calls per minute running jobs claim from a tool, and how many jobs claim them.
+pub fn rate_limit_claims(jobs: &[std::sync::Arc<AgentJob>], tool: &str, except_uid: Option<&str>) -> (i32, usize) {
+    jobs.iter()
+        .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Running))
+        .filter(|j| j.metadata.uid.as_deref() != except_uid)
+        .filter_map(|j| j.spec.tools.iter().find(|t| t.name == tool).map(|t| t.min_rate_limit))
+        .fold((0, 0), |(sum, n), claim| (sum.saturating_add(claim), n + 1))
+}
+
+pub fn vote_view(vote: &ApprovalVote) -> VoteView {
+    VoteView {
+        name: vote.name_any(),
+        voter: vote.spec.voter.clone(),
+        decision: vote.spec.decision,
+        job_name: vote.spec.job_ref.name.clone(),
+        job_uid: vote.spec.job_ref.uid.clone(),
+        job_generation: vote.spec.job_ref.generation,
+        reason: vote.spec.reason.clone(),
+        created: vote.metadata.creation_timestamp.clone(),
+    }
+}

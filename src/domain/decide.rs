@@ -1,0 +1,457 @@
+//! The AgentJob state machine: from what the caches show to the status the job should have and
+//! the one action (start or continue an attempt) that gets it there.
+//!
+//! Gates run in this order, each blocking the ones after it:
+//! estimate (and budget) → input schema → approvals → readiness → run. Approvals come before
+//! readiness so nothing is reserved for a job nobody approved; readiness is re-checked at the
+//! moment an attempt starts because capacity changes while humans vote.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use super::conditions::{remove_condition, set_condition};
+use super::estimate::{EstimateInput, UsageSample, estimate};
+use super::money::MicroUsd;
+use super::pricing::{PriceTable, TokenCounts};
+use super::readiness::Readiness;
+use super::report::{accumulate, estimate_error_percent, parse_report, price_usage, tokens_of};
+use super::tally::Tally;
+use super::validate::check_against_schema;
+use crate::api::{
+    AgentJob, AgentJobSpec, AgentJobStatus, ApprovalStatus, Attempt, AttemptResult, CostRange, DEFAULT_MAX_RETRIES, Estimate,
+    JobPhase, ModelEstimate, TokenRange,
+};
+
+/// Condition types, as `kubectl wait --for=condition=...` and kstatus read them.
+pub mod condition {
+    pub const ESTIMATED: &str = "Estimated";
+    pub const INFRASTRUCTURE_READY: &str = "InfrastructureReady";
+    pub const APPROVED: &str = "Approved";
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const READY: &str = "Ready";
+    pub const RECONCILING: &str = "Reconciling";
+    pub const STALLED: &str = "Stalled";
+    pub const USAGE_REPORTED: &str = "UsageReported";
+    pub const SPEC_CHANGE_PENDING: &str = "SpecChangePending";
+}
+
+/// A Pod of this job as the Pod cache shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodView {
+    pub name: String,
+    pub agent: String,
+    pub attempt: i32,
+    pub state: PodState,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum PodState {
+    /// Not yet terminated (pending or running).
+    Active,
+    Succeeded { message: Option<String> },
+    Failed { reason: String, message: Option<String> },
+}
+
+impl PodState {
+    fn terminated(&self) -> bool {
+        !matches!(self, PodState::Active)
+    }
+}
+
+pub struct Observed<'a> {
+    pub job: &'a AgentJob,
+    pub now: Time,
+    pub approval_floor: i32,
+    pub prices: &'a PriceTable,
+    /// Finished runs of this job's jobType, newest last.
+    pub history: &'a [UsageSample],
+    pub readiness: &'a Readiness,
+    pub tally: &'a Tally,
+    pub pods: &'a [PodView],
+    /// Pods the status records but the API confirmed deleted.
+    pub gone_pods: &'a [String],
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlannedEvent {
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub status: AgentJobStatus,
+    /// Make sure every Pod of this attempt exists (creating is idempotent by name).
+    pub ensure_attempt: Option<i32>,
+    /// Run without the optional GPU.
+    pub drop_gpu: bool,
+    pub events: Vec<PlannedEvent>,
+}
+
+pub fn approvals_required(spec: &AgentJobSpec, floor: i32) -> i32 {
+    spec.approval.as_ref().and_then(|a| a.required).unwrap_or(floor).max(floor)
+}
+
+pub fn max_attempts(spec: &AgentJobSpec) -> i32 {
+    1 + spec.limits.as_ref().and_then(|l| l.max_retries).unwrap_or(DEFAULT_MAX_RETRIES)
+}
+
+pub fn job_type(job: &AgentJob) -> String {
+    job.spec.job_type.clone().unwrap_or_else(|| job.metadata.name.clone().unwrap_or_default())
+}
+
+pub fn estimate_input(job: &AgentJob) -> EstimateInput {
+    let spec = &job.spec;
+    EstimateInput {
+        job_type: job_type(job),
+        agent_models: std::iter::once(&spec.agents.primary).chain(&spec.agents.supporting).map(|a| a.model.clone()).collect(),
+        tool_calls: spec.tools.iter().map(|t| i64::from(t.estimated_calls)).collect(),
+    }
+}
+
+pub fn agent_names(spec: &AgentJobSpec) -> Vec<String> {
+    std::iter::once(&spec.agents.primary).chain(&spec.agents.supporting).map(|a| a.name.clone()).collect()
+}
+
+pub fn decide(o: &Observed) -> Plan {
+    let job = o.job;
+    let generation = job.metadata.generation.unwrap_or(1);
+    let old = job.status.clone().unwrap_or_default();
+    let mut s = old.clone();
+    s.observed_generation = Some(generation);
+    let mut plan = Plan { status: AgentJobStatus::default(), ensure_attempt: None, drop_gpu: false, events: Vec::new() };
+
+    let settled = match old.phase {
+        Some(JobPhase::Succeeded | JobPhase::Failed) => true,
+        // A rejection stands until the spec changes (a raised budget, fixed input, new votes).
+        Some(JobPhase::Rejected) => old.observed_generation == Some(generation),
+        _ => false,
+    };
+    if settled {
+        if old.observed_generation != Some(generation) {
+            set_condition(&mut s.conditions, condition::SPEC_CHANGE_PENDING, true, "JobFinished",
+                format!("generation {generation} was applied after the job finished; it will not run again"), generation, &o.now);
+        }
+        plan.status = s;
+        return plan;
+    }
+    if old.phase == Some(JobPhase::Rejected) {
+        // The spec changed since the rejection: every gate is evaluated again from scratch.
+        s.approval = None;
+        remove_condition(&mut s.conditions, condition::STALLED);
+    }
+
+    adopt_unrecorded_attempt(&mut s, o, generation);
+    if let Some(current) = s.attempts.last().filter(|a| a.result == AttemptResult::Running).map(|a| a.attempt) {
+        if !follow_attempt(&mut s, &mut plan, o, current, generation) {
+            plan.status = s;
+            return finish_plan(plan, &old);
+        }
+    }
+    if matches!(s.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
+        plan.status = s;
+        return finish_plan(plan, &old);
+    }
+
+    run_gates(&mut s, &mut plan, o, generation);
+    plan.status = s;
+    finish_plan(plan, &old)
+}
+
+/// Pods of an attempt the status does not know yet exist when the operator stopped between
+/// creating them and writing status: the attempt is adopted, never started a second time.
+fn adopt_unrecorded_attempt(s: &mut AgentJobStatus, o: &Observed, generation: i64) {
+    let recorded = s.attempts.last().map(|a| a.attempt).unwrap_or(0);
+    let Some(newest) = o.pods.iter().map(|p| p.attempt).max().filter(|n| *n > recorded) else { return };
+    s.attempts.push(Attempt {
+        attempt: newest,
+        generation,
+        pods: super::decide::agent_names(&o.job.spec)
+            .iter()
+            .map(|agent| super::pod_builder::pod_name(o.job.metadata.name.as_deref().unwrap_or_default(), agent, newest))
+            .collect(),
+        start_time: Some(o.now.clone()),
+        completion_time: None,
+        result: AttemptResult::Running,
+        message: None,
+        usage: None,
+    });
+}
+
+/// Follows the running attempt. Returns true when it has finished and the job needs the gates
+/// again (a retry); false when the job is still running or has reached a final phase.
+fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current: i32, generation: i64) -> bool {
+    let job = o.job;
+    let index = s.attempts.len() - 1;
+    let attempt_generation = s.attempts[index].generation;
+    if attempt_generation < generation {
+        set_condition(&mut s.conditions, condition::SPEC_CHANGE_PENDING, true, "AttemptRunning",
+            format!("attempt {current} runs generation {attempt_generation}; generation {generation} applies from the next attempt"), generation, &o.now);
+    } else {
+        remove_condition(&mut s.conditions, condition::SPEC_CHANGE_PENDING);
+    }
+
+    let expected = s.attempts[index].pods.clone();
+    let mut states: Vec<(String, PodState)> = Vec::new();
+    for name in &expected {
+        match o.pods.iter().find(|p| &p.name == name) {
+            Some(p) => states.push((name.clone(), p.state.clone())),
+            None if o.gone_pods.contains(name) => {
+                states.push((name.clone(), PodState::Failed { reason: "PodDeleted".into(), message: None }))
+            }
+            None => states.push((name.clone(), PodState::Active)),
+        }
+    }
+    if !states.iter().all(|(_, st)| st.terminated()) {
+        s.phase = Some(JobPhase::Running);
+        plan.ensure_attempt = Some(current);
+        plan.drop_gpu = s.dropped_resources.iter().any(|d| d == "gpu");
+        let running = states.iter().filter(|(_, st)| !st.terminated()).count();
+        let ready_msg = format!("attempt {current} of {}: {running} of {} agent Pod(s) still running", max_attempts(&job.spec), states.len());
+        set_condition(&mut s.conditions, condition::READY, false, "Running", ready_msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::RECONCILING, true, "Running", ready_msg, generation, &o.now);
+        return false;
+    }
+
+    // Every Pod of the attempt has terminated: read what the agents reported.
+    let mut tokens: BTreeMap<String, TokenCounts> = BTreeMap::new();
+    let mut report_problems = Vec::new();
+    let mut failures = Vec::new();
+    let mut output = None;
+    let primary_pod = super::pod_builder::pod_name(job.metadata.name.as_deref().unwrap_or_default(), &job.spec.agents.primary.name, current);
+    for (name, state) in &states {
+        let message = match state {
+            PodState::Succeeded { message } => message,
+            PodState::Failed { reason, message } => {
+                failures.push(format!("{name}: {reason}"));
+                message
+            }
+            PodState::Active => unreachable!("all pods terminated"),
+        };
+        match parse_report(message.as_deref().unwrap_or_default()) {
+            Ok(report) => {
+                accumulate(&mut tokens, &report.usage);
+                if *name == primary_pod {
+                    output = report.output;
+                }
+            }
+            Err(why) => report_problems.push(format!("{name}: {why}")),
+        }
+    }
+    let (attempt_usage, unpriced) = price_usage(&tokens, o.prices);
+    if failures.is_empty() {
+        if let Err(errors) = check_against_schema("output", output.as_ref(), job.spec.output_schema.as_ref()) {
+            failures.push(format!("output does not match outputSchema: {}", errors.join("; ")));
+        }
+    }
+
+    if report_problems.is_empty() && unpriced.is_empty() {
+        set_condition(&mut s.conditions, condition::USAGE_REPORTED, true, "Reported",
+            format!("attempt {current}: every agent reported its usage"), generation, &o.now);
+    } else {
+        let mut parts = report_problems.clone();
+        if !unpriced.is_empty() {
+            parts.push(format!("no price for model(s) {}: their cost is not counted", unpriced.join(", ")));
+        }
+        let reason = if report_problems.is_empty() { "UnpricedModel" } else { "MalformedReport" };
+        let note = format!("attempt {current}: {}", parts.join("; "));
+        set_condition(&mut s.conditions, condition::USAGE_REPORTED, false, reason, note.clone(), generation, &o.now);
+        plan.events.push(PlannedEvent { warning: true, reason: reason.into(), note });
+    }
+
+    let attempt = &mut s.attempts[index];
+    attempt.completion_time = Some(o.now.clone());
+    attempt.usage = Some(attempt_usage);
+    attempt.result = if failures.is_empty() { AttemptResult::Succeeded } else { AttemptResult::Failed };
+    attempt.message = Some(if failures.is_empty() { "all agents succeeded".into() } else { failures.join("; ") });
+
+    // Usage is the sum over every attempt: a retry never overwrites what was spent before.
+    let mut all_tokens: BTreeMap<String, TokenCounts> = BTreeMap::new();
+    for a in &s.attempts {
+        if let Some(u) = &a.usage {
+            accumulate(&mut all_tokens, &tokens_of(u));
+        }
+    }
+    let (mut total, _) = price_usage(&all_tokens, o.prices);
+    total.estimate_error_percent = s.estimate.as_ref().and_then(|e| estimate_error_percent(total.total_tokens, e.tokens.p50));
+    s.usage = Some(total);
+
+    if failures.is_empty() {
+        s.phase = Some(JobPhase::Succeeded);
+        s.output = output;
+        s.completion_time = Some(o.now.clone());
+        let msg = format!("attempt {current} succeeded");
+        set_condition(&mut s.conditions, condition::SUCCEEDED, true, "Succeeded", msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::READY, true, "Succeeded", msg.clone(), generation, &o.now);
+        remove_condition(&mut s.conditions, condition::RECONCILING);
+        plan.events.push(PlannedEvent { warning: false, reason: "Succeeded".into(), note: format!("{msg}; cost ${}", s.usage.as_ref().map(|u| u.cost_usd.as_str()).unwrap_or("0")) });
+        return false;
+    }
+    let note = format!("attempt {current} failed: {}", failures.join("; "));
+    if current >= max_attempts(&job.spec) {
+        s.phase = Some(JobPhase::Failed);
+        s.completion_time = Some(o.now.clone());
+        let msg = format!("{note}; no retries left ({} attempt(s))", max_attempts(&job.spec));
+        set_condition(&mut s.conditions, condition::SUCCEEDED, false, "AttemptsExhausted", msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::READY, false, "AttemptsExhausted", msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::STALLED, true, "AttemptsExhausted", msg.clone(), generation, &o.now);
+        remove_condition(&mut s.conditions, condition::RECONCILING);
+        plan.events.push(PlannedEvent { warning: true, reason: "Failed".into(), note: msg });
+        return false;
+    }
+    plan.events.push(PlannedEvent { warning: true, reason: "AttemptFailed".into(), note: format!("{note}; retrying") });
+    true
+}
+
+fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: i64) {
+    let job = o.job;
+    let spec = &job.spec;
+
+    // Estimate and input are checked once per generation; a failure of either rejects the job.
+    if s.estimate.as_ref().map(|e| e.generation) != Some(generation) {
+        match estimate(&estimate_input(job), o.history, o.prices) {
+            Err(unknown) => {
+                s.phase = Some(JobPhase::Pending);
+                s.estimate = None;
+                let msg = unknown.to_string();
+                set_condition(&mut s.conditions, condition::ESTIMATED, false, "UnknownModel", msg.clone(), generation, &o.now);
+                waiting(s, "UnknownModel", &msg, generation, &o.now);
+                return;
+            }
+            Ok(f) => {
+                s.estimate = Some(Estimate {
+                    generation,
+                    tokens: TokenRange { p50: f.tokens_p50, p90: f.tokens_p90 },
+                    cost_usd: CostRange { p50: f.cost_p50.to_string(), p90: f.cost_p90.to_string() },
+                    method: f.method.to_string(),
+                    samples: f.samples as i64,
+                    models: f
+                        .models
+                        .iter()
+                        .map(|m| ModelEstimate {
+                            model: m.model.clone(),
+                            tokens: TokenRange { p50: m.tokens_p50, p90: m.tokens_p90 },
+                            cost_usd: CostRange { p50: m.cost_p50.to_string(), p90: m.cost_p90.to_string() },
+                        })
+                        .collect(),
+                });
+                let msg = format!("p50 ${} / p90 ${}, {} / {} tokens ({}, {} sample(s))", f.cost_p50, f.cost_p90, f.tokens_p50, f.tokens_p90, f.method, f.samples);
+                set_condition(&mut s.conditions, condition::ESTIMATED, true, "Estimated", msg, generation, &o.now);
+                if let Some(reason) = over_budget(spec, f.cost_p90, f.tokens_p90) {
+                    reject(s, plan, "BudgetExceeded", &reason, generation, &o.now);
+                    return;
+                }
+                if let Err(errors) = check_against_schema("input", spec.input.as_ref(), spec.input_schema.as_ref()) {
+                    reject(s, plan, "InvalidInput", &format!("input does not match inputSchema: {}", errors.join("; ")), generation, &o.now);
+                    return;
+                }
+            }
+        }
+    }
+
+    let t = o.tally;
+    s.approval = Some(ApprovalStatus {
+        required: t.required,
+        approved: t.approvers.len() as i32,
+        summary: format!("{}/{}", t.approvers.len(), t.required),
+        approvers: t.approvers.clone(),
+        rejected_by: t.rejected_by.as_ref().map(|r| r.voter.clone()),
+        ignored_votes: t.ignored.clone(),
+    });
+    let r = o.readiness;
+    s.checks = r.checks.clone();
+    s.missing_tools = r.missing_tools.clone();
+    s.insufficient_resources = r.insufficient_resources.clone();
+    s.dropped_resources = r.dropped.clone();
+    let failing: Vec<&str> = r.checks.iter().filter(|c| !c.passed).map(|c| c.message.as_str()).collect();
+    let infra_msg = if failing.is_empty() { "all readiness checks passed".to_string() } else { failing.join("; ") };
+    set_condition(&mut s.conditions, condition::INFRASTRUCTURE_READY, r.ready(), r.blocked_reason.unwrap_or("Ready"), infra_msg.clone(), generation, &o.now);
+
+    if let Some(rejecter) = &t.rejected_by {
+        let msg = format!("{} rejected the job (vote {}){}", rejecter.voter, rejecter.vote, rejecter.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default());
+        set_condition(&mut s.conditions, condition::APPROVED, false, "Rejected", msg.clone(), generation, &o.now);
+        reject(s, plan, "VoteRejected", &msg, generation, &o.now);
+        return;
+    }
+    if !t.approved() {
+        let msg = format!("{} of {} approvals from category {} heads", t.approvers.len(), t.required, spec.category);
+        set_condition(&mut s.conditions, condition::APPROVED, false, "AwaitingApproval", msg.clone(), generation, &o.now);
+        s.phase = Some(JobPhase::AwaitingApproval);
+        waiting(s, "AwaitingApproval", &msg, generation, &o.now);
+        return;
+    }
+    let approvers: Vec<&str> = t.approvers.iter().map(|a| a.voter.as_str()).collect();
+    set_condition(&mut s.conditions, condition::APPROVED, true, "Approved", format!("approved by {}", approvers.join(", ")), generation, &o.now);
+
+    if let Some(reason) = r.blocked_reason {
+        s.phase = Some(JobPhase::WaitingForResources);
+        waiting(s, reason, &infra_msg, generation, &o.now);
+        return;
+    }
+
+    let next = s.attempts.last().map(|a| a.attempt).unwrap_or(0) + 1;
+    let job_name = job.metadata.name.as_deref().unwrap_or_default();
+    s.attempts.push(Attempt {
+        attempt: next,
+        generation,
+        pods: agent_names(spec).iter().map(|a| super::pod_builder::pod_name(job_name, a, next)).collect(),
+        start_time: Some(o.now.clone()),
+        completion_time: None,
+        result: AttemptResult::Running,
+        message: None,
+        usage: None,
+    });
+    s.phase = Some(JobPhase::Running);
+    s.start_time.get_or_insert_with(|| o.now.clone());
+    remove_condition(&mut s.conditions, condition::SPEC_CHANGE_PENDING);
+    plan.ensure_attempt = Some(next);
+    plan.drop_gpu = r.dropped.iter().any(|d| d == "gpu");
+    let msg = format!("attempt {next} of {} started", max_attempts(spec));
+    set_condition(&mut s.conditions, condition::READY, false, "Running", msg.clone(), generation, &o.now);
+    set_condition(&mut s.conditions, condition::RECONCILING, true, "Running", msg.clone(), generation, &o.now);
+    let dropped = if plan.drop_gpu { " without the optional GPU (no node has one free)" } else { "" };
+    plan.events.push(PlannedEvent { warning: false, reason: "AttemptStarted".into(), note: format!("{msg}{dropped}") });
+}
+
+fn over_budget(spec: &AgentJobSpec, cost_p90: MicroUsd, tokens_p90: i64) -> Option<String> {
+    // The schema admits only well-formed budgets; an unparsable one can only mean a stale CRD.
+    let budget = MicroUsd::parse(&spec.budget.max_cost_usd);
+    match budget {
+        None => Some(format!("budget.maxCostUSD {:?} is not a decimal USD amount", spec.budget.max_cost_usd)),
+        Some(b) if cost_p90 > b => Some(format!("estimated p90 cost ${cost_p90} exceeds budget.maxCostUSD ${b}")),
+        Some(_) => spec
+            .budget
+            .max_tokens
+            .filter(|max| tokens_p90 > *max)
+            .map(|max| format!("estimated p90 tokens {tokens_p90} exceed budget.maxTokens {max}")),
+    }
+}
+
+fn waiting(s: &mut AgentJobStatus, reason: &str, message: &str, generation: i64, now: &Time) {
+    set_condition(&mut s.conditions, condition::READY, false, reason, message, generation, now);
+    set_condition(&mut s.conditions, condition::RECONCILING, true, reason, message, generation, now);
+    remove_condition(&mut s.conditions, condition::STALLED);
+}
+
+fn reject(s: &mut AgentJobStatus, plan: &mut Plan, reason: &str, message: &str, generation: i64, now: &Time) {
+    s.phase = Some(JobPhase::Rejected);
+    set_condition(&mut s.conditions, condition::READY, false, reason, message, generation, now);
+    set_condition(&mut s.conditions, condition::STALLED, true, reason, message, generation, now);
+    remove_condition(&mut s.conditions, condition::RECONCILING);
+    plan.events.push(PlannedEvent { warning: true, reason: reason.into(), note: message.into() });
+}
+
+/// Adds an Event for a phase change the steps above did not already announce.
+fn finish_plan(mut plan: Plan, old: &AgentJobStatus) -> Plan {
+    let ready_reason = |s: &AgentJobStatus| super::conditions::find(&s.conditions, condition::READY).map(|c| c.reason.clone());
+    let changed = plan.status.phase != old.phase || ready_reason(&plan.status) != ready_reason(old);
+    if changed && plan.events.is_empty() {
+        if let Some(reason) = ready_reason(&plan.status) {
+            let note = super::conditions::find(&plan.status.conditions, condition::READY).map(|c| c.message.clone()).unwrap_or_default();
+            plan.events.push(PlannedEvent { warning: false, reason, note });
+        }
+    }
+    plan
+}

@@ -1,0 +1,16 @@
+//! Domain logic as pure functions over plain data: no Kubernetes I/O in here.
+//!
+//! The reconciler dereferences the watch caches into these types, calls [`decide::decide`],
+//! builds Pods with [`pod_builder`], and applies the result.
+
+pub mod conditions;
+pub mod decide;
+pub mod estimate;
+pub mod money;
+pub mod pod_builder;
+pub mod pricing;
+pub mod quantity;
+pub mod readiness;
+pub mod report;
+pub mod tally;
+pub mod validate;

@@ -1,0 +1,169 @@
+//! What agents report when they exit: usage per model and output, read from the Pod's
+//! termination message. Anything malformed is an error to record, never a number to guess.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::money::MicroUsd;
+use super::pricing::{PriceTable, TokenCounts};
+use crate::api::{ModelUsage, Usage};
+
+/// Kubelet caps termination messages at 4 KiB; anything far bigger was not written by it.
+const MAX_REPORT_BYTES: usize = 16 * 1024;
+const MAX_TOKENS_PER_ENTRY: i64 = 1_000_000_000_000;
+const MAX_USAGE_ENTRIES: usize = 64;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AgentReport {
+    pub usage: BTreeMap<String, TokenCounts>,
+    pub output: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WireReport {
+    usage: Vec<WireUsage>,
+    #[serde(default)]
+    output: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct WireUsage {
+    model: String,
+    input_tokens: i64,
+    #[serde(default)]
+    cached_input_tokens: i64,
+    output_tokens: i64,
+}
+
+pub fn parse_report(message: &str) -> Result<AgentReport, String> {
+    if message.trim().is_empty() {
+        return Err("no termination message".into());
+    }
+    if message.len() > MAX_REPORT_BYTES {
+        return Err(format!("termination message of {} bytes is larger than {MAX_REPORT_BYTES}", message.len()));
+    }
+    let wire: WireReport = serde_json::from_str(message.trim()).map_err(|e| format!("termination message is not a usage report: {e}"))?;
+    if wire.usage.len() > MAX_USAGE_ENTRIES {
+        return Err(format!("usage has {} entries, at most {MAX_USAGE_ENTRIES} allowed", wire.usage.len()));
+    }
+    let mut usage: BTreeMap<String, TokenCounts> = BTreeMap::new();
+    for (i, u) in wire.usage.iter().enumerate() {
+        if u.model.is_empty() || u.model.len() > 128 {
+            return Err(format!("usage[{i}].model must be 1 to 128 characters"));
+        }
+        for (field, v) in [("inputTokens", u.input_tokens), ("cachedInputTokens", u.cached_input_tokens), ("outputTokens", u.output_tokens)] {
+            if !(0..=MAX_TOKENS_PER_ENTRY).contains(&v) {
+                return Err(format!("usage[{i}].{field} = {v} is out of range"));
+            }
+        }
+        let entry = usage.entry(u.model.clone()).or_default();
+        *entry = entry.add(&TokenCounts { input: u.input_tokens, cached_input: u.cached_input_tokens, output: u.output_tokens });
+    }
+    Ok(AgentReport { usage, output: wire.output })
+}
+
+/// Usage of one or more reports priced with the table. Models without a price are listed in
+/// the error alongside the usage, so tokens are kept even when cost can't be known.
+pub fn price_usage(per_model: &BTreeMap<String, TokenCounts>, prices: &PriceTable) -> (Usage, Vec<String>) {
+    let mut unpriced = Vec::new();
+    let mut usage = Usage::default();
+    let mut total_cost = MicroUsd(0);
+    for (model, tokens) in per_model {
+        let cost = match prices.get(model) {
+            Some(price) => price.cost(tokens),
+            None => {
+                unpriced.push(model.clone());
+                MicroUsd(0)
+            }
+        };
+        total_cost = total_cost.saturating_add(cost);
+        usage.input_tokens += tokens.input;
+        usage.cached_input_tokens += tokens.cached_input;
+        usage.output_tokens += tokens.output;
+        usage.models.push(ModelUsage {
+            model: model.clone(),
+            input_tokens: tokens.input,
+            cached_input_tokens: tokens.cached_input,
+            output_tokens: tokens.output,
+            cost_usd: cost.to_string(),
+        });
+    }
+    usage.total_tokens = usage.input_tokens + usage.cached_input_tokens + usage.output_tokens;
+    usage.cost_usd = total_cost.to_string();
+    (usage, unpriced)
+}
+
+/// Adds per-model token counts of `more` into `into`.
+pub fn accumulate(into: &mut BTreeMap<String, TokenCounts>, more: &BTreeMap<String, TokenCounts>) {
+    for (model, tokens) in more {
+        let entry = into.entry(model.clone()).or_default();
+        *entry = entry.add(tokens);
+    }
+}
+
+/// Per-model token counts back out of a recorded Usage (to sum attempts).
+pub fn tokens_of(usage: &Usage) -> BTreeMap<String, TokenCounts> {
+    usage
+        .models
+        .iter()
+        .map(|m| (m.model.clone(), TokenCounts { input: m.input_tokens, cached_input: m.cached_input_tokens, output: m.output_tokens }))
+        .collect()
+}
+
+/// (actual - estimate) / estimate, in percent, rounded.
+pub fn estimate_error_percent(actual: i64, estimated_p50: i64) -> Option<i64> {
+    (estimated_p50 > 0).then(|| (((actual - estimated_p50) as f64 / estimated_p50 as f64) * 100.0).round() as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_reports_and_rejects_garbage() {
+        let ok = r#"{"usage": [{"model": "gpt-4o-mini", "inputTokens": 1200, "cachedInputTokens": 100, "outputTokens": 300},
+                              {"model": "gpt-4o-mini", "inputTokens": 10, "outputTokens": 5}], "output": {"findings": 3}}"#;
+        let r = parse_report(ok).unwrap();
+        assert_eq!(r.usage["gpt-4o-mini"], TokenCounts { input: 1210, cached_input: 100, output: 305 });
+        assert_eq!(r.output, Some(serde_json::json!({"findings": 3})));
+
+        let bad: &[(&str, &str)] = &[
+            ("", "no termination message"),
+            ("Traceback (most recent call last):", "not a usage report"),
+            (r#"{"usage": [{"model": "x", "inputTokens": -5, "outputTokens": 1}]}"#, "usage[0].inputTokens = -5"),
+            (r#"{"usage": [{"model": "", "inputTokens": 5, "outputTokens": 1}]}"#, "usage[0].model"),
+            (r#"{"usage": "lots"}"#, "not a usage report"),
+            (r#"{"output": {}}"#, "missing field `usage`"),
+            (r#"{"usage": [], "extra": 1}"#, "unknown field `extra`"),
+            (r#"{"usage": [{"model": "x", "inputTokens": 1e20, "outputTokens": 1}]}"#, "not a usage report"),
+        ];
+        for (message, want) in bad {
+            let err = parse_report(message).unwrap_err();
+            assert!(err.contains(want), "{message:?}: {err}");
+        }
+        assert!(parse_report(&"x".repeat(20_000)).unwrap_err().contains("larger than"));
+    }
+
+    #[test]
+    fn prices_usage_and_keeps_unpriced_tokens() {
+        let per_model: BTreeMap<String, TokenCounts> = [
+            ("gpt-4o-mini".to_string(), TokenCounts { input: 1_000_000, cached_input: 0, output: 0 }),
+            ("my-llm".to_string(), TokenCounts { input: 10, cached_input: 0, output: 10 }),
+        ]
+        .into();
+        let (usage, unpriced) = price_usage(&per_model, &PriceTable::builtin());
+        assert_eq!(usage.total_tokens, 1_000_020);
+        assert_eq!(usage.cost_usd, "0.15");
+        assert_eq!(unpriced, vec!["my-llm".to_string()]);
+    }
+
+    #[test]
+    fn estimate_error_is_relative_to_p50() {
+        assert_eq!(estimate_error_percent(150, 100), Some(50));
+        assert_eq!(estimate_error_percent(50, 100), Some(-50));
+        assert_eq!(estimate_error_percent(5, 0), None);
+    }
+}

@@ -1,0 +1,7 @@
+//! agentgate: a Kubernetes operator that estimates, checks, gates on approval and meters AI-agent jobs.
+
+pub mod api;
+pub mod domain;
+pub mod controller;
+pub mod metrics;
+pub mod server;

@@ -1,0 +1,117 @@
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use agentgate::controller::{self, Health, Settings};
+use agentgate::domain::pricing::PriceTable;
+use agentgate::metrics::Metrics;
+use clap::{Parser, Subcommand};
+use tokio::sync::RwLock;
+
+#[derive(Parser)]
+#[command(name = "agentgate", version, about = "Kubernetes operator for AI-agent jobs: cost, readiness and approval before the run, usage after")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the operator against the cluster of the current kubeconfig or service account.
+    Run(RunArgs),
+    /// Print the CustomResourceDefinitions as YAML, or write one file per CRD into a directory.
+    Crds {
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Watch AgentJobs and ApprovalVotes in this namespace only (default: all namespaces).
+    #[arg(long, env = "AGENTGATE_NAMESPACE")]
+    namespace: Option<String>,
+    /// Approvals every job needs at least; a job's spec.approval.required can only raise it.
+    #[arg(long, env = "AGENTGATE_APPROVAL_FLOOR", default_value_t = 2, value_parser = clap::value_parser!(i32).range(1..=10))]
+    approval_floor: i32,
+    /// YAML price table (`models: {<id>: {inputPerMillion, cachedInputPerMillion, outputPerMillion}}`)
+    /// adding to or overriding the built-in list prices.
+    #[arg(long, env = "AGENTGATE_PRICE_TABLE")]
+    price_table: Option<PathBuf>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "AGENTGATE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Log as JSON lines instead of text.
+    #[arg(long, env = "AGENTGATE_LOG_JSON")]
+    log_json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Crds { out_dir } => {
+            for (plural, crd) in agentgate::api::all_crds() {
+                let yaml = agentgate::api::crd_yaml(&crd);
+                match &out_dir {
+                    Some(dir) => std::fs::write(dir.join(format!("{plural}.yaml")), yaml)?,
+                    None => print!("{yaml}"),
+                }
+            }
+            Ok(())
+        }
+        Command::Run(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args)),
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if args.log_json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+
+    let prices = match &args.price_table {
+        Some(path) => {
+            let yaml = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading price table {}: {e}", path.display()))?;
+            PriceTable::with_overrides_from_yaml(&yaml).map_err(anyhow::Error::msg)?
+        }
+        None => PriceTable::builtin(),
+    };
+    let client = kube::Client::try_default().await?;
+    let settings = Settings { namespace: args.namespace, approval_floor: args.approval_floor, field_manager: "agentgate".into() };
+    tracing::info!(namespace = ?settings.namespace, approval_floor = settings.approval_floor, models = prices.models.len(), "starting agentgate");
+
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = {
+        let rx = stop_rx.clone();
+        move || {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        }
+    };
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+
+    let jobs_store = Arc::new(std::sync::OnceLock::new());
+    let server = agentgate::server::serve(args.metrics_addr, metrics.clone(), health.clone(), jobs_store.clone(), shutdown());
+    let operator = controller::run(client, settings, Arc::new(RwLock::new(prices)), metrics, health, jobs_store, futures::FutureExt::shared(Box::pin(shutdown())));
+    let (served, ()) = tokio::join!(server, operator);
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

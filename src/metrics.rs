@@ -1,0 +1,89 @@
+//! Prometheus metrics, served on /metrics.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileLabels {
+    pub kind: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UsageLabels {
+    pub model: String,
+    pub category: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub jobs: Family<PhaseLabels, Gauge>,
+    pub reconciles: Family<ReconcileLabels, Counter>,
+    pub reconcile_seconds: Histogram,
+    pub approval_wait_seconds: Histogram,
+    pub validation_seconds: Histogram,
+    pub tokens: Family<UsageLabels, Counter>,
+    pub cost_usd: Family<UsageLabels, Counter<f64, AtomicU64>>,
+    pub estimate_error_percent: Histogram,
+    pub pods_created: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("agentgate");
+        let jobs = Family::<PhaseLabels, Gauge>::default();
+        let reconciles = Family::<ReconcileLabels, Counter>::default();
+        let reconcile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        let approval_wait_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 18));
+        let validation_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        let tokens = Family::<UsageLabels, Counter>::default();
+        let cost_usd = Family::<UsageLabels, Counter<f64, AtomicU64>>::default();
+        let estimate_error_percent = Histogram::new([-90.0, -50.0, -25.0, -10.0, 0.0, 10.0, 25.0, 50.0, 100.0, 200.0, 500.0].into_iter());
+        let pods_created = Counter::default();
+        registry.register("jobs", "AgentJobs by phase", jobs.clone());
+        registry.register("reconciles", "Reconciles by kind and result", reconciles.clone());
+        registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_seconds.clone());
+        registry.register("approval_wait_seconds", "Time from creation until a job had its approvals", approval_wait_seconds.clone());
+        registry.register("validation_seconds", "Time to estimate a job and check its input", validation_seconds.clone());
+        registry.register("tokens", "Tokens used by finished attempts", tokens.clone());
+        registry.register("cost_usd", "USD spent by finished attempts", cost_usd.clone());
+        registry.register("estimate_error_percent", "Actual tokens against the p50 estimate, in percent", estimate_error_percent.clone());
+        registry.register("pods_created", "Agent Pods created", pods_created.clone());
+        Metrics {
+            registry,
+            jobs,
+            reconciles,
+            reconcile_seconds,
+            approval_wait_seconds,
+            validation_seconds,
+            tokens,
+            cost_usd,
+            estimate_error_percent,
+            pods_created,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn count_reconcile(&self, kind: &str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reconciles.get_or_create(&ReconcileLabels { kind: kind.into(), result: result.into() }).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

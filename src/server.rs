@@ -1,0 +1,55 @@
+//! /healthz, /readyz and /metrics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use kube::runtime::reflector::Store;
+
+use crate::api::{AgentJob, JobPhase};
+use crate::controller::Health;
+use crate::metrics::{Metrics, PhaseLabels};
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    jobs: Arc<std::sync::OnceLock<Store<AgentJob>>>,
+}
+
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    jobs: Arc<std::sync::OnceLock<Store<AgentJob>>>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .with_state(AppState { metrics, health, jobs });
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    if state.health.ready() { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "watch caches not synced") }
+}
+
+async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
+    // Jobs by phase are counted from the cache at scrape time, so the gauge can never drift.
+    if let Some(store) = state.jobs.get() {
+        let jobs = store.state();
+        for phase in JobPhase::ALL {
+            let n = jobs.iter().filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(phase)).count();
+            state.metrics.jobs.get_or_create(&PhaseLabels { phase: phase.as_str().into() }).set(n as i64);
+        }
+    }
+    ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+}

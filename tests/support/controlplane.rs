@@ -1,0 +1,639 @@
+//! A real etcd and kube-apiserver on loopback, started once per test binary.
+//!
+//! Tests run against the genuine API machinery (authentication, RBAC, admission, CRD
+//! validation, server-side apply) rather than a mocked client. Nothing else runs: there is no
+//! controller-manager, scheduler or kubelet, so tests create what controllers otherwise would
+//! (see [`ControlPlane::namespace`]) and pods never start.
+//!
+//! Linux only: child processes are tied to the test binary with `PR_SET_PDEATHSIG`.
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, DirBuilder, File},
+    io::{self, Read},
+    net::TcpListener,
+    os::unix::{fs::DirBuilderExt, process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        OnceLock,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::{
+    Api, Client, Config,
+    api::{Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use serde_json::json;
+
+/// Users known to the apiserver through `--token-auth-file`, with their groups.
+///
+/// `admin` is a superuser via `system:masters`, which bypasses RBAC. Everyone else is only
+/// authenticated: tests grant exactly the permissions they exercise.
+pub const USERS: &[(&str, &[&str])] = &[
+    ("admin", &["system:masters"]),
+    ("alice", &["agentgate:users", "agentgate:heads"]),
+    ("bob", &["agentgate:users", "agentgate:heads"]),
+    ("carol", &["agentgate:users", "agentgate:humans"]),
+    ("dave", &["agentgate:users"]),
+    ("erin", &["agentgate:users"]),
+];
+
+/// Upper bound for etcd plus kube-apiserver to become ready; generous because CI machines
+/// are small and test binaries may start their control planes in parallel.
+const STARTUP_TIMEOUT: Duration = Duration::from_mins(2);
+
+/// Field manager for objects the harness applies, so they are distinguishable from the operator's.
+const FIELD_MANAGER: &str = "agentgate-test-harness";
+
+/// A running etcd + kube-apiserver pair and credentials for the [`USERS`].
+pub struct ControlPlane {
+    dir: PathBuf,
+    bin_dir: PathBuf,
+    server: String,
+    tokens: BTreeMap<&'static str, String>,
+    etcd: Process,
+    apiserver: Process,
+}
+
+impl ControlPlane {
+    /// The control plane of this test binary, started on first use with the crate's CRDs and
+    /// admission policies installed.
+    ///
+    /// Only synchronous state is kept: each `#[tokio::test]` has its own runtime, and a
+    /// `kube::Client` must not outlive the runtime it was created on. Use [`Self::client`].
+    ///
+    /// Panics if startup fails; the failure is remembered and reported to every later caller
+    /// instead of starting yet another control plane.
+    pub fn shared() -> &'static ControlPlane {
+        static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+        SHARED
+            .get_or_init(|| ControlPlane::start().map_err(|e| format!("{e:?}")))
+            .as_ref()
+            .unwrap_or_else(|e| panic!("control plane failed to start: {e}"))
+    }
+
+    /// `https://127.0.0.1:<port>` of the kube-apiserver.
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    /// Scratch directory holding kubeconfigs and the logs of every process the harness started.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Bearer token of one of the [`USERS`].
+    pub fn token(&self, user: &str) -> &str {
+        &self.tokens[known_user(user)]
+    }
+
+    /// Kubeconfig authenticating as one of the [`USERS`].
+    pub fn kubeconfig(&self, user: &str) -> PathBuf {
+        self.dir.join(format!("{}.kubeconfig", known_user(user)))
+    }
+
+    /// A client authenticating as one of the [`USERS`], bound to the calling test's runtime.
+    pub async fn client(&self, user: &str) -> Client {
+        self.try_client(user)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    /// Creates namespace `name` and its `default` `ServiceAccount`, which the `ServiceAccount`
+    /// admission plugin requires for pods and which only the (absent) controller-manager would
+    /// create. Idempotent.
+    pub async fn namespace(&self, name: &str) {
+        self.try_namespace(name)
+            .await
+            .unwrap_or_else(|e| panic!("{e:?}"));
+    }
+
+    /// Runs `kubectl <args>` as one of the [`USERS`] and returns its output, successful or not.
+    pub fn kubectl(&self, user: &str, args: &[&str]) -> Output {
+        self.try_kubectl(user, args)
+            .unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    fn start() -> Result<ControlPlane> {
+        let started = Instant::now();
+        let bin_dir = binaries_dir()?;
+        let dir = fresh_scratch_dir()?;
+
+        let tokens = USERS
+            .iter()
+            .map(|&(user, _)| Ok((user, random_token()?)))
+            .collect::<Result<BTreeMap<_, _>>>()?;
+        let token_file = dir.join("tokens.csv");
+        let token_lines: String = USERS
+            .iter()
+            .map(|(user, groups)| {
+                format!("{},{user},{user},\"{}\"\n", tokens[user], groups.join(","))
+            })
+            .collect();
+        fs::write(&token_file, token_lines).context("writing the token file")?;
+
+        let service_account_key = dir.join("service-account.key");
+        run_checked(
+            Command::new("openssl")
+                .arg("genrsa")
+                .arg("-out")
+                .arg(&service_account_key)
+                .arg("2048"),
+        )
+        .context("generating the service account signing key")?;
+
+        let [etcd_port, etcd_peer_port, apiserver_port] = free_ports()?;
+        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        let etcd_peer_url = format!("http://127.0.0.1:{etcd_peer_port}");
+        let mut etcd = Command::new(bin_dir.join("etcd"));
+        etcd.arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--listen-client-urls={etcd_url}"))
+            .arg(format!("--advertise-client-urls={etcd_url}"))
+            .arg(format!("--listen-peer-urls={etcd_peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={etcd_peer_url}"))
+            .arg(format!("--initial-cluster=default={etcd_peer_url}"))
+            // Durability is pointless for a throwaway store, and fsync dominates write latency.
+            .arg("--unsafe-no-fsync");
+        let etcd = Process::spawn("etcd", etcd, dir.join("etcd.log"))?;
+
+        let cert_dir = dir.join("pki");
+        let mut apiserver = Command::new(bin_dir.join("kube-apiserver"));
+        apiserver
+            .arg(format!("--etcd-servers={etcd_url}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg("--advertise-address=127.0.0.1")
+            // Nothing in-cluster consumes the `kubernetes` Service's endpoints, and the reconciler
+            // refuses a loopback advertise address.
+            .arg("--endpoint-reconciler-type=none")
+            .arg(format!("--secure-port={apiserver_port}"))
+            // With no certificates given, kube-apiserver self-signs a CA and serving cert here.
+            .arg(format!("--cert-dir={}", cert_dir.display()))
+            .arg("--authorization-mode=RBAC")
+            .arg(format!("--token-auth-file={}", token_file.display()))
+            .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
+            .arg(format!(
+                "--service-account-key-file={}",
+                service_account_key.display()
+            ))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                service_account_key.display()
+            ))
+            .arg("--service-cluster-ip-range=10.96.0.0/16");
+        let apiserver =
+            Process::spawn("kube-apiserver", apiserver, dir.join("kube-apiserver.log"))?;
+
+        let server = format!("https://127.0.0.1:{apiserver_port}");
+        // The apiserver writes this bundle (serving certificate followed by its CA) at startup;
+        // clients read it only when they connect, so naming it before it exists is fine.
+        let ca = cert_dir.join("apiserver.crt");
+        for (user, token) in &tokens {
+            let path = dir.join(format!("{user}.kubeconfig"));
+            fs::write(&path, kubeconfig_yaml(&server, &ca, user, token))
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+
+        let mut control_plane = ControlPlane {
+            dir,
+            bin_dir,
+            server,
+            tokens,
+            etcd,
+            apiserver,
+        };
+        control_plane.wait_until_ready()?;
+        control_plane.install_manifests()?;
+        eprintln!(
+            "control plane at {} ready in {:.1?}; logs and kubeconfigs in {}",
+            control_plane.server,
+            started.elapsed(),
+            control_plane.dir.display()
+        );
+        Ok(control_plane)
+    }
+
+    /// Polls `/readyz`, which covers etcd connectivity and the bootstrap post-start hooks
+    /// (RBAC roles, priority and fairness, ...), failing early if either process dies.
+    fn wait_until_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            self.etcd.ensure_running()?;
+            self.apiserver.ensure_running()?;
+            let readyz =
+                self.try_kubectl("admin", &["get", "--raw=/readyz", "--request-timeout=5s"])?;
+            if readyz.status.success() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "kube-apiserver not ready after {STARTUP_TIMEOUT:?}: {}\n{}",
+                    String::from_utf8_lossy(&readyz.stderr).trim(),
+                    log_tail(&self.apiserver.log)
+                );
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Installs `crds/*.yaml`, waits until the API serves them, then applies
+    /// `deploy/admission/*.yaml`, whose policies may match the new resources.
+    fn install_manifests(&self) -> Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut crds = Vec::new();
+        for file in yaml_files(&root.join("crds"))? {
+            let applied = self.apply(&file)?;
+            crds.extend(
+                applied
+                    .lines()
+                    .filter(|name| name.starts_with("customresourcedefinition"))
+                    .map(str::to_owned),
+            );
+        }
+        if !crds.is_empty() {
+            let mut wait = vec!["wait", "--for=condition=Established", "--timeout=60s"];
+            wait.extend(crds.iter().map(String::as_str));
+            self.kubectl_checked(&wait)?;
+        }
+        for file in yaml_files(&root.join("deploy/admission"))? {
+            self.apply(&file)?;
+        }
+        Ok(())
+    }
+
+    /// Server-side applies a manifest file as admin, returning the applied objects' names.
+    fn apply(&self, file: &Path) -> Result<String> {
+        let file = file
+            .to_str()
+            .with_context(|| format!("non-UTF-8 path {}", file.display()))?;
+        let field_manager = format!("--field-manager={FIELD_MANAGER}");
+        self.kubectl_checked(&[
+            "apply",
+            "--server-side",
+            &field_manager,
+            "--output=name",
+            "-f",
+            file,
+        ])
+    }
+
+    /// Runs kubectl as admin, failing with its stderr unless it succeeds.
+    fn kubectl_checked(&self, args: &[&str]) -> Result<String> {
+        let output = self.try_kubectl("admin", args)?;
+        ensure!(
+            output.status.success(),
+            "kubectl {} failed with {}: {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        String::from_utf8(output.stdout).context("kubectl output is not UTF-8")
+    }
+
+    fn try_kubectl(&self, user: &str, args: &[&str]) -> Result<Output> {
+        Command::new(self.bin_dir.join("kubectl"))
+            .arg(format!("--kubeconfig={}", self.kubeconfig(user).display()))
+            .args(args)
+            .output()
+            .with_context(|| format!("running kubectl {}", args.join(" ")))
+    }
+
+    async fn try_client(&self, user: &str) -> Result<Client> {
+        let path = self.kubeconfig(user);
+        let kubeconfig =
+            Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
+        let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+            .await
+            .with_context(|| format!("loading {}", path.display()))?;
+        Client::try_from(config).with_context(|| format!("building a client for {user}"))
+    }
+
+    async fn try_namespace(&self, name: &str) -> Result<()> {
+        let client = self.client("admin").await;
+        // Server-side apply makes repeated calls for the same namespace harmless.
+        let apply = PatchParams::apply(FIELD_MANAGER);
+        let namespace =
+            json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name } });
+        Api::<Namespace>::all(client.clone())
+            .patch(name, &apply, &Patch::Apply(namespace))
+            .await
+            .with_context(|| format!("applying namespace {name}"))?;
+        let service_account = json!({
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": { "name": "default" },
+        });
+        Api::<ServiceAccount>::namespaced(client, name)
+            .patch("default", &apply, &Patch::Apply(service_account))
+            .await
+            .with_context(|| format!("applying the default service account in {name}"))?;
+        Ok(())
+    }
+}
+
+/// The operator binary running as `agentgate run <args>` with admin credentials.
+///
+/// Killed when dropped, and in any case when the test binary exits.
+pub struct OperatorProcess(Process);
+
+impl OperatorProcess {
+    /// Starts the operator from `$AGENTGATE_BIN`, else the binary cargo built for this test,
+    /// else `target/debug/agentgate`. Its output goes to [`Self::log_path`].
+    pub fn start(control_plane: &ControlPlane, args: &[&str]) -> OperatorProcess {
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let log = control_plane.dir.join(format!(
+            "operator-{}.log",
+            STARTED.fetch_add(1, Ordering::Relaxed)
+        ));
+        let binary = std::env::var_os("AGENTGATE_BIN")
+            .map(PathBuf::from)
+            .or_else(|| option_env!("CARGO_BIN_EXE_agentgate").map(PathBuf::from))
+            .unwrap_or_else(|| {
+                Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/agentgate")
+            });
+        let mut command = Command::new(binary);
+        command
+            .arg("run")
+            .args(args)
+            .env("KUBECONFIG", control_plane.kubeconfig("admin"))
+            .env("RUST_LOG", "info,agentgate=debug");
+        OperatorProcess(
+            Process::spawn("agentgate", command, log).unwrap_or_else(|e| panic!("{e:?}")),
+        )
+    }
+
+    /// Kills the operator with SIGKILL (no graceful shutdown) and reaps it. Idempotent.
+    pub fn kill(&mut self) {
+        self.0.kill();
+    }
+
+    /// File receiving the operator's stdout and stderr.
+    pub fn log_path(&self) -> &Path {
+        &self.0.log
+    }
+}
+
+/// A child process with its output in a log file, killed on drop or when the test binary exits.
+struct Process {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(name: &'static str, mut command: Command, log: PathBuf) -> Result<Process> {
+        let output = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        command
+            .stdin(Stdio::null())
+            .stdout(output.try_clone()?)
+            .stderr(output);
+        let child = spawn_tied_to_process(command).with_context(|| format!("starting {name}"))?;
+        Ok(Process { name, child, log })
+    }
+
+    /// Turns a crashed process into an error carrying its log, rather than a readiness timeout.
+    fn ensure_running(&mut self) -> Result<()> {
+        let exited = self
+            .child
+            .try_wait()
+            .with_context(|| format!("checking on {}", self.name))?;
+        if let Some(status) = exited {
+            bail!(
+                "{} exited with {status}\n{}",
+                self.name,
+                log_tail(&self.log)
+            );
+        }
+        Ok(())
+    }
+
+    fn kill(&mut self) {
+        // Either call only fails once the child is already reaped, which is the goal anyway.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Spawns `command` such that the kernel SIGKILLs the child when the test binary exits.
+///
+/// The shared control plane lives in a `static`, which is never dropped, so `Drop` cannot stop
+/// it. `PR_SET_PDEATHSIG` can, but it fires when the *thread* that forked the child exits,
+/// and test threads come and go. Hence every child is forked by one thread that lives as long
+/// as the process.
+fn spawn_tied_to_process(mut command: Command) -> io::Result<Child> {
+    type Request = (Command, mpsc::Sender<io::Result<Child>>);
+    static SPAWNER: OnceLock<mpsc::Sender<Request>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (requests, incoming) = mpsc::channel::<Request>();
+        thread::Builder::new()
+            .name("child-spawner".to_owned())
+            .spawn(move || {
+                for (mut command, reply) in incoming {
+                    // The requester is blocked on the reply; it can only be gone if it panicked.
+                    let _ = reply.send(command.spawn());
+                }
+            })
+            .expect("starting the child spawner thread");
+        requests
+    });
+    // SAFETY: the closure runs between fork and exec and only makes an async-signal-safe syscall.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == -1 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let (reply, response) = mpsc::channel();
+    spawner
+        .send((command, reply))
+        .expect("the child spawner thread never exits");
+    response
+        .recv()
+        .expect("the child spawner thread always replies")
+}
+
+/// Returns `user` after checking that it is one of the [`USERS`], so that a typo fails loudly
+/// rather than as an authentication error.
+fn known_user(user: &str) -> &str {
+    assert!(
+        USERS.iter().any(|&(known, _)| known == user),
+        "unknown user {user:?}; known users: {USERS:?}"
+    );
+    user
+}
+
+/// Directory with `etcd`, `kube-apiserver` and `kubectl`: `$AGENTGATE_CONTROLPLANE_DIR` if set
+/// (prebuilt binaries, no Go toolchain needed), else the output of `tests/controlplane/build.sh`,
+/// which is instant once its cache is populated.
+fn binaries_dir() -> Result<PathBuf> {
+    let dir = match std::env::var_os("AGENTGATE_CONTROLPLANE_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/controlplane/build.sh");
+            // Progress of a first, slow build goes straight to the terminal.
+            let stdout = run_checked(Command::new(&script).stderr(Stdio::inherit()))?;
+            let last_line = stdout
+                .lines()
+                .last()
+                .context("build.sh printed no directory")?;
+            PathBuf::from(last_line)
+        }
+    };
+    for binary in ["etcd", "kube-apiserver", "kubectl"] {
+        ensure!(
+            dir.join(binary).is_file(),
+            "{binary} is missing from {}",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// Creates `$TMPDIR/agentgate-cp-<pid>`, private to the current user because it holds bearer
+/// tokens.
+///
+/// The directory is never removed by its own process (the control plane lives until exit), so
+/// this first removes those whose process is gone, including one left by an earlier process
+/// with our pid.
+fn fresh_scratch_dir() -> Result<PathBuf> {
+    let tmp = std::env::temp_dir();
+    let own_pid = std::process::id().to_string();
+    for entry in fs::read_dir(&tmp).with_context(|| format!("listing {}", tmp.display()))? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix("agentgate-cp-"))
+        else {
+            continue;
+        };
+        if pid == own_pid || (pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists())
+        {
+            // Best effort: another test binary may be removing the same directory right now, and
+            // a failure to remove our own shows up as an error when creating it below.
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = tmp.join(format!("agentgate-cp-{own_pid}"));
+    DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
+}
+
+/// Reserves `N` distinct loopback ports. All listeners stay open until every port is chosen so
+/// that the kernel cannot hand out one port twice; the servers bind them right after.
+fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let listeners = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<io::Result<Vec<_>>>()
+        .context("reserving loopback ports")?;
+    let ports = listeners
+        .iter()
+        .map(|listener| Ok(listener.local_addr()?.port()))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ports.try_into().expect("one port per listener"))
+}
+
+/// A fresh bearer token, so that nobody else on the machine can guess the admin credentials
+/// of this loopback apiserver.
+fn random_token() -> Result<String> {
+    let mut bytes = [0; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut urandom| urandom.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
+}
+
+fn kubeconfig_yaml(server: &str, ca: &Path, user: &str, token: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: agentgate-test
+  cluster:
+    server: {server}
+    certificate-authority: {ca}
+users:
+- name: {user}
+  user:
+    token: {token}
+contexts:
+- name: {user}
+  context:
+    cluster: agentgate-test
+    user: {user}
+current-context: {user}
+",
+        ca = ca.display()
+    )
+}
+
+/// `*.yaml` files in `dir`, sorted so that installation order is deterministic; none if `dir`
+/// does not exist.
+fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
+    };
+    let mut files = entries
+        .map(|entry| Ok(entry?.path()))
+        .collect::<io::Result<Vec<_>>>()?;
+    files.retain(|path| {
+        path.extension()
+            .is_some_and(|extension| extension == "yaml")
+    });
+    files.sort();
+    Ok(files)
+}
+
+/// Runs a short-lived helper command, failing with its stderr unless it succeeds.
+fn run_checked(command: &mut Command) -> Result<String> {
+    let output = command
+        .output()
+        .with_context(|| format!("running {command:?}"))?;
+    ensure!(
+        output.status.success(),
+        "{command:?} failed with {}: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    String::from_utf8(output.stdout)
+        .with_context(|| format!("{command:?} printed non-UTF-8 output"))
+}
+
+/// The end of a log file, to explain in an error why a process failed.
+fn log_tail(path: &Path) -> String {
+    const LINES: usize = 40;
+    match fs::read(path) {
+        Ok(log) => {
+            let log = String::from_utf8_lossy(&log);
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LINES)..];
+            format!(
+                "last {} lines of {}:\n{}",
+                tail.len(),
+                path.display(),
+                tail.join("\n")
+            )
+        }
+        Err(e) => format!("cannot read {}: {e}", path.display()),
+    }
+}

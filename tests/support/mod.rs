@@ -1,0 +1,7 @@
+//! Shared support code for integration tests and demos.
+//!
+//! Every test binary compiles this module separately and uses a different subset of it,
+//! so unused-item warnings here are noise rather than signal.
+#![allow(dead_code)]
+
+pub mod controlplane;
