@@ -85,7 +85,8 @@ pub struct AgentJobSpec {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.supporting) || self.supporting.all(s, s.name != self.primary.name)",
-     "message": "agent names must be unique: a supporting agent has the primary agent's name"}
+     "message": "agent names must be unique: a supporting agent has the primary agent's name",
+     "fieldPath": ".supporting"}
 ]))]
 pub struct Agents {
     pub primary: Agent,
@@ -122,7 +123,8 @@ pub struct Agent {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!self.name.startsWith('AGENTGATE_')", "message": "env names starting with AGENTGATE_ are reserved for the operator"},
+    {"rule": "!self.name.startsWith('AGENTGATE_')", "message": "env names starting with AGENTGATE_ are reserved for the operator",
+     "fieldPath": ".name"},
     {"rule": "has(self.value) != has(self.valueFrom)", "message": "set exactly one of value or valueFrom"}
 ]))]
 pub struct AgentEnvVar {
@@ -177,7 +179,7 @@ fn default_true() -> bool {
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "!has(self.optional) || !self.optional.exists(o, o == 'gpu') || (has(self.gpu) && self.gpu > 0)",
-     "message": "optional: [gpu] needs gpu > 0"}
+     "message": "optional: [gpu] needs gpu > 0", "fieldPath": ".optional"}
 ]))]
 pub struct AgentResources {
     #[schemars(schema_with = "schema::cpu_quantity")]

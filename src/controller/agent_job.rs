@@ -13,7 +13,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::snapshot::{self, gpu_resource_name, pod_need, pods_of_job, tool_view, vote_view};
-use super::{Caches, Context, Error, RESYNC, Result, approval_vote};
+use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY, approval_vote};
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
 use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, job_type};
 use crate::domain::estimate::UsageSample;
@@ -46,7 +46,9 @@ pub fn error_policy(job: Arc<AgentJob>, error: &Error, _ctx: Arc<Context>) -> Ac
 }
 
 async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
-    ctx.caches.wait_until_ready().await?;
+    if !ctx.caches.synced() {
+        return Ok(Action::requeue(UNSYNCED_RETRY));
+    }
     if job.metadata.deletion_timestamp.is_some() {
         // Pods go with the job through their owner reference.
         return Ok(Action::await_change());

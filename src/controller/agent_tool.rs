@@ -13,7 +13,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::snapshot::rate_limit_claims;
-use super::{Caches, Context, Error, RESYNC, Result};
+use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY};
 use crate::api::{AgentTool, AgentToolStatus};
 use crate::domain::conditions::set_condition;
 
@@ -93,7 +93,9 @@ async fn check_credentials(tool: &AgentTool, ctx: &Context) -> Result<Option<(bo
 }
 
 async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
-    ctx.caches.wait_until_ready().await?;
+    if !ctx.caches.synced() {
+        return Ok(Action::requeue(UNSYNCED_RETRY));
+    }
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let generation = tool.metadata.generation.unwrap_or(1);
     let old = tool.status.clone().unwrap_or_default();

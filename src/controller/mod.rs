@@ -28,8 +28,6 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Serialization(#[from] serde_json::Error),
-    #[error("watch caches are gone: the operator is shutting down")]
-    CachesGone,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -57,20 +55,28 @@ pub struct Caches {
 }
 
 impl Caches {
-    async fn wait_until_ready(&self) -> Result<()> {
-        let ready = async {
-            self.jobs.wait_until_ready().await?;
-            self.pods.wait_until_ready().await?;
-            self.nodes.wait_until_ready().await?;
-            self.quotas.wait_until_ready().await?;
-            self.tools.wait_until_ready().await?;
-            self.votes.wait_until_ready().await?;
-            self.services.wait_until_ready().await?;
-            self.endpoint_slices.wait_until_ready().await
-        };
-        ready.await.map(|_| ()).map_err(|_| Error::CachesGone)
+    /// True once every cache has its first full list. Never awaited inside a reconcile: the
+    /// caches fill only while the controller polls its trigger streams, so waiting there could
+    /// stall the very streams that would end the wait.
+    pub fn synced(&self) -> bool {
+        use futures::FutureExt;
+        [
+            self.jobs.wait_until_ready().boxed(),
+            self.pods.wait_until_ready().boxed(),
+            self.nodes.wait_until_ready().boxed(),
+            self.quotas.wait_until_ready().boxed(),
+            self.tools.wait_until_ready().boxed(),
+            self.votes.wait_until_ready().boxed(),
+            self.services.wait_until_ready().boxed(),
+            self.endpoint_slices.wait_until_ready().boxed(),
+        ]
+        .into_iter()
+        .all(|ready| matches!(ready.now_or_never(), Some(Ok(()))))
     }
 }
+
+/// A reconcile that arrives before the caches are synced comes back after this long.
+pub const UNSYNCED_RETRY: Duration = Duration::from_millis(200);
 
 pub struct Context {
     pub client: Client,
@@ -227,10 +233,11 @@ pub async fn run(
         .for_each(|_| future::ready(()));
 
     let mark_ready = async {
-        if caches.wait_until_ready().await.is_ok() {
-            health.caches_synced.store(true, Ordering::Relaxed);
-            tracing::info!("watch caches synced");
+        while !caches.synced() {
+            tokio::time::sleep(UNSYNCED_RETRY).await;
         }
+        health.caches_synced.store(true, Ordering::Relaxed);
+        tracing::info!("watch caches synced");
         std::future::pending::<()>().await
     };
     tokio::select! {

@@ -363,7 +363,10 @@ impl OperatorProcess {
             .arg("run")
             .args(args)
             .env("KUBECONFIG", control_plane.kubeconfig("admin"))
-            .env("RUST_LOG", "info,agentgate=debug");
+            .env(
+                "RUST_LOG",
+                std::env::var("AGENTGATE_OPERATOR_LOG").unwrap_or_else(|_| "info,agentgate=debug".into()),
+            );
         OperatorProcess(
             Process::spawn("agentgate", command, log).unwrap_or_else(|e| panic!("{e:?}")),
         )

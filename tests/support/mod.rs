@@ -4,4 +4,5 @@
 //! so unused-item warnings here are noise rather than signal.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod controlplane;

@@ -1,0 +1,398 @@
+//! The AgentJob lifecycle against a real apiserver, with the test playing the kubelet:
+//! estimate → approval → Pods with limits → usage written back, and every way off that path.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use agentgate::api::{AgentJob, AgentTool, Decision};
+use agentgate::domain::pricing::{PriceTable, TokenCounts};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use support::cluster::*;
+use support::controlplane::{ControlPlane, OperatorProcess};
+
+struct Env {
+    client: Client,
+    ns: String,
+    _operator: OperatorProcess,
+}
+
+async fn setup(ns: &str) -> Env {
+    let cp = ControlPlane::shared();
+    cp.namespace(ns).await;
+    let client = cp.client("admin").await;
+    add_node(&client, "lifecycle-node", "64", "256Gi", &[("nvidia.com/gpu", "8")]).await;
+    let operator = OperatorProcess::start(cp, &["--namespace", ns, "--metrics-addr", "127.0.0.1:0"]);
+    Env { client, ns: ns.into(), _operator: operator }
+}
+
+fn job_manifest(name: &str, spec_patch: Value) -> AgentJob {
+    let mut spec = json!({
+        "jobType": "security_vulnerability_scan",
+        "category": "core-security",
+        "agents": {"primary": {"name": "scanner", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"}},
+        "resources": {"cpu": "500m", "memory": "1Gi"},
+        "budget": {"maxCostUSD": "5.00"},
+    });
+    merge(&mut spec, spec_patch);
+    serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name}, "spec": spec})).unwrap()
+}
+
+fn merge(base: &mut Value, patch: Value) {
+    match (base, patch) {
+        (Value::Object(b), Value::Object(p)) => {
+            for (k, v) in p {
+                merge(b.entry(k).or_insert(Value::Null), v);
+            }
+        }
+        (b, p) => *b = p,
+    }
+}
+
+async fn create_job(env: &Env, job: &AgentJob) -> AgentJob {
+    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), job).await.expect("create job")
+}
+
+async fn create_url_tool(client: &Client, name: &str, rate_limit: i32) {
+    let tool: AgentTool = serde_json::from_value(json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentTool", "metadata": {"name": name},
+        "spec": {"type": "api", "endpoint": {"url": format!("https://{name}.tools.example/v1")}, "rateLimit": rate_limit}}))
+    .unwrap();
+    Api::<AgentTool>::all(client.clone()).create(&PostParams::default(), &tool).await.expect("create tool");
+}
+
+async fn approve(env: &Env, job: &AgentJob) {
+    vote(&env.client, job, "alice", Decision::Approve).await;
+    vote(&env.client, job, "bob", Decision::Approve).await;
+}
+
+async fn wait_phase(env: &Env, name: &str, phase_name: &'static str) -> AgentJob {
+    wait_for_job(&env.client, &env.ns, name, phase_name, |j| phase(j) == Some(phase_name)).await
+}
+
+async fn wait_pods(env: &Env, job: &AgentJob, n: usize) -> Vec<Pod> {
+    let client = env.client.clone();
+    wait_for(&format!("{n} pods"), Duration::from_secs(30), || job_pods(&client, &env.ns, job), |p: &Vec<Pod>| p.len() == n).await
+}
+
+#[tokio::test]
+async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_usage() {
+    let env = setup("lc-happy").await;
+    create_url_tool(&env.client, "lc-happy-bandit", 60).await;
+    let job = create_job(&env, &job_manifest("scan", json!({
+        "agents": {"supporting": [{"name": "fixer", "image": "ghcr.io/acme/fixer:1.4", "model": "claude-sonnet-4"}]},
+        "tools": [{"name": "lc-happy-bandit", "required": true, "minRateLimit": 10, "estimatedCalls": 5}],
+        "resources": {"cpu": "2", "memory": "4Gi", "gpu": 1},
+        "limits": {"maxExecutionSeconds": 600},
+        "input": {"repositoryPath": "/src"},
+    }))).await;
+
+    let waiting = wait_for_job(&env.client, &env.ns, "scan", "AwaitingApproval with all checks passed", |j| {
+        phase(j) == Some("AwaitingApproval") && j.status.as_ref().is_some_and(|s| !s.checks.is_empty() && s.checks.iter().all(|c| c.passed))
+    })
+    .await;
+    let status = waiting.status.clone().unwrap();
+    let estimate = status.estimate.clone().expect("estimate written");
+    assert_eq!(estimate.method, "prior");
+    assert_eq!(estimate.models.len(), 2);
+    assert!(estimate.tokens.p90 > estimate.tokens.p50 && estimate.tokens.p50 > 0);
+    assert_eq!(status.approval.as_ref().unwrap().summary, "0/2");
+    assert_eq!(condition(&waiting, "Ready").unwrap().reason, "AwaitingApproval");
+    assert_eq!(condition(&waiting, "Estimated").unwrap().status, "True");
+    assert!(status.checks.iter().all(|c| c.passed), "{:?}", status.checks);
+    assert!(job_pods(&env.client, &env.ns, &job).await.is_empty(), "no Pod before approval");
+
+    vote(&env.client, &job, "alice", Decision::Approve).await;
+    let one = wait_for_job(&env.client, &env.ns, "scan", "1/2", |j| j.status.as_ref().and_then(|s| s.approval.as_ref()).is_some_and(|a| a.summary == "1/2")).await;
+    assert_eq!(phase(&one), Some("AwaitingApproval"));
+    vote(&env.client, &job, "bob", Decision::Approve).await;
+    let running = wait_phase(&env, "scan", "Running").await;
+    assert_eq!(running.status.as_ref().unwrap().attempts.len(), 1);
+
+    let pods = wait_pods(&env, &job, 2).await;
+    assert_eq!(pods.iter().map(|p| p.name_any()).collect::<Vec<_>>(), vec!["scan-fixer-1", "scan-scanner-1"]);
+    for pod in &pods {
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.active_deadline_seconds, Some(600));
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let c = &spec.containers[0];
+        let res = c.resources.as_ref().unwrap();
+        for list in [res.requests.as_ref().unwrap(), res.limits.as_ref().unwrap()] {
+            assert_eq!(list["cpu"].0, "2");
+            assert_eq!(list["memory"].0, "4Gi");
+            assert_eq!(list["nvidia.com/gpu"].0, "1");
+        }
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &vec!["ALL".to_string()]);
+        assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        assert_eq!(c.termination_message_policy.as_deref(), Some("FallbackToLogsOnError"));
+        let env_vars: Vec<(String, String)> = c.env.as_ref().unwrap().iter().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect();
+        for (k, v) in [("AGENTGATE_JOB", "scan"), ("AGENTGATE_ATTEMPT", "1"), ("AGENTGATE_BUDGET_USD", "5.00"), ("AGENTGATE_INPUT", r#"{"repositoryPath":"/src"}"#),
+                       ("AGENTGATE_TOOL_LC_HAPPY_BANDIT_URL", "https://lc-happy-bandit.tools.example/v1")] {
+            assert!(env_vars.contains(&(k.to_string(), v.to_string())), "{k}={v} missing from {env_vars:?}");
+        }
+        let owner = &pod.owner_references()[0];
+        assert_eq!((owner.kind.as_str(), owner.controller), ("AgentJob", Some(true)));
+    }
+
+    run_pod(&env.client, &env.ns, "scan-scanner-1").await;
+    finish_pod(&env.client, &env.ns, "scan-scanner-1", 0, &usage_report("gpt-4o-mini", 40_000, 10_000, 6_000, json!({"findings": 3}))).await;
+    finish_pod(&env.client, &env.ns, "scan-fixer-1", 0, &usage_report("claude-sonnet-4", 20_000, 0, 4_000, json!({}))).await;
+
+    let done = wait_phase(&env, "scan", "Succeeded").await;
+    let status = done.status.unwrap();
+    let usage = status.usage.unwrap();
+    assert_eq!(usage.input_tokens, 60_000);
+    assert_eq!(usage.cached_input_tokens, 10_000);
+    assert_eq!(usage.output_tokens, 10_000);
+    assert_eq!(usage.total_tokens, 80_000);
+    let prices = PriceTable::builtin();
+    let expected = prices.get("gpt-4o-mini").unwrap().cost(&TokenCounts { input: 40_000, cached_input: 10_000, output: 6_000 })
+        .saturating_add(prices.get("claude-sonnet-4").unwrap().cost(&TokenCounts { input: 20_000, cached_input: 0, output: 4_000 }));
+    assert_eq!(usage.cost_usd, expected.to_string());
+    let want_error = ((80_000 - estimate.tokens.p50) as f64 / estimate.tokens.p50 as f64 * 100.0).round() as i64;
+    assert_eq!(usage.estimate_error_percent, Some(want_error));
+    assert_eq!(status.output, Some(json!({"findings": 3})));
+    assert_eq!(status.attempts[0].result, agentgate::api::AttemptResult::Succeeded);
+    assert!(status.completion_time.is_some());
+    assert_eq!(condition(&done_job(&env, "scan").await, "Ready").unwrap().status, "True");
+}
+
+async fn done_job(env: &Env, name: &str) -> AgentJob {
+    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns).get(name).await.unwrap()
+}
+
+#[tokio::test]
+async fn estimate_over_budget_is_rejected_with_both_figures() {
+    let env = setup("lc-budget").await;
+    create_job(&env, &job_manifest("pricey", json!({
+        "agents": {"primary": {"model": "claude-opus-4"}},
+        "tools": [],
+        "budget": {"maxCostUSD": "0.01"},
+    }))).await;
+    let job = wait_phase(&env, "pricey", "Rejected").await;
+    let ready = condition(&job, "Ready").unwrap();
+    assert_eq!(ready.reason, "BudgetExceeded");
+    assert!(ready.message.contains("exceeds budget.maxCostUSD $0.01"), "{}", ready.message);
+    assert!(ready.message.contains(&format!("${}", job.status.as_ref().unwrap().estimate.as_ref().unwrap().cost_usd.p90)), "{}", ready.message);
+    assert_eq!(condition(&job, "Stalled").unwrap().status, "True");
+
+    // Raising the budget is a new generation: the job is evaluated again.
+    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns)
+        .patch("pricey", &PatchParams::default(), &Patch::Merge(json!({"spec": {"budget": {"maxCostUSD": "50"}}})))
+        .await
+        .unwrap();
+    let job = wait_phase(&env, "pricey", "AwaitingApproval").await;
+    assert!(condition(&job, "Stalled").is_none());
+}
+
+#[tokio::test]
+async fn input_not_matching_its_schema_is_rejected_listing_paths() {
+    let env = setup("lc-input").await;
+    create_job(&env, &job_manifest("bad-input", json!({
+        "input": {"repositoryPath": "src", "scanDepth": "deep"},
+        "inputSchema": {"type": "object", "required": ["repositoryPath"], "properties": {
+            "repositoryPath": {"type": "string", "pattern": "^/"}, "scanDepth": {"enum": ["quick", "full"]}}},
+    }))).await;
+    let job = wait_phase(&env, "bad-input", "Rejected").await;
+    let ready = condition(&job, "Ready").unwrap();
+    assert_eq!(ready.reason, "InvalidInput");
+    assert!(ready.message.contains("input/repositoryPath") && ready.message.contains("input/scanDepth"), "{}", ready.message);
+}
+
+#[tokio::test]
+async fn unknown_model_is_a_condition_not_a_zero_estimate() {
+    let env = setup("lc-model").await;
+    create_job(&env, &job_manifest("mystery", json!({"agents": {"primary": {"model": "my-private-llm"}}}))).await;
+    let job = wait_for_job(&env.client, &env.ns, "mystery", "UnknownModel", |j| condition(j, "Estimated").is_some_and(|c| c.reason == "UnknownModel")).await;
+    assert_eq!(phase(&job), Some("Pending"));
+    assert!(job.status.unwrap().estimate.is_none());
+}
+
+#[tokio::test]
+async fn job_waits_for_a_missing_required_tool_and_proceeds_once_registered() {
+    let env = setup("lc-tool").await;
+    let job = create_job(&env, &job_manifest("needs-tool", json!({
+        "tools": [{"name": "lc-tool-late", "required": true, "minRateLimit": 5, "estimatedCalls": 1},
+                  {"name": "lc-tool-never", "required": false, "estimatedCalls": 1}],
+    }))).await;
+    approve(&env, &job).await;
+    let waiting = wait_phase(&env, "needs-tool", "WaitingForResources").await;
+    let status = waiting.status.clone().unwrap();
+    assert_eq!(status.missing_tools, vec!["lc-tool-late".to_string(), "lc-tool-never".to_string()]);
+    assert_eq!(condition(&waiting, "Ready").unwrap().reason, "ToolsNotReady");
+    assert!(status.checks.iter().any(|c| !c.passed && c.message.contains("required tool lc-tool-late has no AgentTool")), "{:?}", status.checks);
+
+    create_url_tool(&env.client, "lc-tool-late", 30).await;
+    let running = wait_phase(&env, "needs-tool", "Running").await;
+    let checks = running.status.unwrap().checks;
+    assert!(checks.iter().any(|c| !c.passed && c.message.contains("optional tool lc-tool-never")), "optional tool only warns: {checks:?}");
+}
+
+#[tokio::test]
+async fn job_waits_until_a_node_fits_and_runs_when_one_is_added() {
+    let env = setup("lc-nodes").await;
+    let job = create_job(&env, &job_manifest("big", json!({
+        "resources": {"cpu": "4", "memory": "8Gi", "gpu": 2, "gpuResourceName": "example.com/lc-nodes-gpu"},
+    }))).await;
+    approve(&env, &job).await;
+    let waiting = wait_phase(&env, "big", "WaitingForResources").await;
+    assert_eq!(condition(&waiting, "Ready").unwrap().reason, "InsufficientResources");
+    assert_eq!(waiting.status.unwrap().insufficient_resources, vec!["example.com/lc-nodes-gpu".to_string()]);
+
+    add_node(&env.client, "lc-nodes-gpu-node", "8", "32Gi", &[("example.com/lc-nodes-gpu", "2")]).await;
+    wait_phase(&env, "big", "Running").await;
+    let pods = wait_pods(&env, &job, 1).await;
+    assert_eq!(pods[0].spec.as_ref().unwrap().containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap()["example.com/lc-nodes-gpu"].0, "2");
+}
+
+#[tokio::test]
+async fn optional_gpu_is_dropped_when_it_is_the_only_thing_missing() {
+    let env = setup("lc-optional").await;
+    let job = create_job(&env, &job_manifest("flex", json!({
+        "resources": {"cpu": "1", "memory": "1Gi", "gpu": 1, "gpuResourceName": "example.com/lc-optional-gpu", "optional": ["gpu"]},
+    }))).await;
+    approve(&env, &job).await;
+    let running = wait_phase(&env, "flex", "Running").await;
+    assert_eq!(running.status.unwrap().dropped_resources, vec!["gpu".to_string()]);
+    let pods = wait_pods(&env, &job, 1).await;
+    let limits = pods[0].spec.as_ref().unwrap().containers[0].resources.as_ref().unwrap().limits.clone().unwrap();
+    assert!(!limits.contains_key("example.com/lc-optional-gpu"), "{limits:?}");
+}
+
+#[tokio::test]
+async fn one_reject_vote_rejects_the_job() {
+    let env = setup("lc-reject").await;
+    let job = create_job(&env, &job_manifest("risky", json!({}))).await;
+    vote(&env.client, &job, "alice", Decision::Approve).await;
+    vote(&env.client, &job, "bob", Decision::Reject).await;
+    let rejected = wait_phase(&env, "risky", "Rejected").await;
+    assert_eq!(condition(&rejected, "Ready").unwrap().reason, "VoteRejected");
+    assert_eq!(rejected.status.unwrap().approval.unwrap().rejected_by.as_deref(), Some("bob"));
+    assert!(job_pods(&env.client, &env.ns, &job).await.is_empty());
+}
+
+#[tokio::test]
+async fn votes_for_an_old_generation_are_ignored_and_duplicate_voters_count_once() {
+    let env = setup("lc-votes").await;
+    let job = create_job(&env, &job_manifest("changing", json!({}))).await;
+    wait_phase(&env, "changing", "AwaitingApproval").await;
+    vote(&env.client, &job, "alice", Decision::Approve).await;
+    vote(&env.client, &job, "alice", Decision::Approve).await;
+    let tallied = wait_for_job(&env.client, &env.ns, "changing", "duplicate ignored", |j| {
+        j.status.as_ref().and_then(|s| s.approval.as_ref()).is_some_and(|a| a.ignored_votes.len() == 1)
+    })
+    .await;
+    let approval = tallied.status.unwrap().approval.unwrap();
+    assert_eq!(approval.summary, "1/2");
+    assert!(approval.ignored_votes[0].why.contains("alice already has a counted vote"), "{:?}", approval.ignored_votes);
+
+    // A spec change voids every earlier vote.
+    let api = Api::<AgentJob>::namespaced(env.client.clone(), &env.ns);
+    let changed = api.patch("changing", &PatchParams::default(), &Patch::Merge(json!({"spec": {"description": "now with more scope"}}))).await.unwrap();
+    assert_eq!(changed.metadata.generation, Some(2));
+    vote_on_generation(&env.client, &job, "bob", Decision::Approve, 1).await;
+    let after = wait_for_job(&env.client, &env.ns, "changing", "old votes ignored", |j| {
+        j.status.as_ref().and_then(|s| s.approval.as_ref()).is_some_and(|a| a.ignored_votes.len() == 3)
+    })
+    .await;
+    let approval = after.status.unwrap().approval.unwrap();
+    assert_eq!(approval.summary, "0/2");
+    assert!(approval.ignored_votes.iter().all(|v| v.why.contains("is for generation 1 but the job is at generation 2")), "{:?}", approval.ignored_votes);
+    let votes = Api::<agentgate::api::ApprovalVote>::namespaced(env.client.clone(), &env.ns);
+    let bob = wait_for("vote status", Duration::from_secs(10), || async { votes.list(&Default::default()).await.unwrap().items }, |vs| {
+        vs.iter().all(|v| v.status.as_ref().is_some_and(|s| s.counted == Some(false)))
+    })
+    .await;
+    assert_eq!(bob.len(), 3);
+
+    vote(&env.client, &changed, "alice", Decision::Approve).await;
+    vote(&env.client, &changed, "bob", Decision::Approve).await;
+    wait_phase(&env, "changing", "Running").await;
+}
+
+#[tokio::test]
+async fn failed_attempts_are_retried_up_to_max_retries_then_the_job_fails_keeping_all_usage() {
+    let env = setup("lc-retry").await;
+    let job = create_job(&env, &job_manifest("flaky", json!({"limits": {"maxRetries": 2}}))).await;
+    approve(&env, &job).await;
+    for attempt in 1..=3 {
+        let pod = format!("flaky-scanner-{attempt}");
+        wait_for(&pod, Duration::from_secs(30), || job_pods(&env.client, &env.ns, &job), |pods: &Vec<Pod>| pods.iter().any(|p| p.name_any() == pod)).await;
+        finish_pod(&env.client, &env.ns, &pod, 1, &usage_report("gpt-4o-mini", 1_000, 0, 100, json!(null))).await;
+    }
+    let failed = wait_phase(&env, "flaky", "Failed").await;
+    let status = failed.status.unwrap();
+    assert_eq!(status.attempts.len(), 3);
+    assert!(status.attempts.iter().all(|a| a.result == agentgate::api::AttemptResult::Failed));
+    assert_eq!(status.usage.unwrap().total_tokens, 3 * 1_100, "usage of every attempt is kept");
+    assert_eq!(job_pods(&env.client, &env.ns, &job).await.len(), 3);
+    assert_eq!(condition(&done_job(&env, "flaky").await, "Stalled").unwrap().reason, "AttemptsExhausted");
+}
+
+#[tokio::test]
+async fn malformed_termination_message_is_recorded_not_guessed() {
+    let env = setup("lc-malformed").await;
+    let job = create_job(&env, &job_manifest("garbled", json!({}))).await;
+    approve(&env, &job).await;
+    wait_pods(&env, &job, 1).await;
+    finish_pod(&env.client, &env.ns, "garbled-scanner-1", 0, "Traceback (most recent call last): boom").await;
+    let done = wait_phase(&env, "garbled", "Succeeded").await;
+    let reported = condition(&done, "UsageReported").unwrap();
+    assert_eq!((reported.status.as_str(), reported.reason.as_str()), ("False", "MalformedReport"));
+    assert!(reported.message.contains("garbled-scanner-1"), "{}", reported.message);
+    assert_eq!(done.status.unwrap().usage.unwrap().total_tokens, 0, "no usage is invented");
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.client.clone(), &env.ns);
+    let events = wait_for("MalformedReport Event", Duration::from_secs(10), || async { events.list(&Default::default()).await.unwrap().items }, |es| {
+        es.iter().any(|e| e.reason.as_deref() == Some("MalformedReport"))
+    })
+    .await;
+    assert!(!events.is_empty());
+}
+
+#[tokio::test]
+async fn restarting_the_operator_mid_run_never_creates_a_second_pod() {
+    let cp = ControlPlane::shared();
+    let mut env = setup("lc-restart").await;
+    let pods_api: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    // Every Pod that ever exists, seen through a watch rather than only the final list.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let recorder = {
+        let seen = seen.clone();
+        tokio::spawn(watcher(pods_api.clone(), watcher::Config::default()).applied_objects().for_each(move |p| {
+            if let Ok(p) = p {
+                seen.lock().unwrap().insert(p.metadata.uid.clone().unwrap());
+            }
+            futures::future::ready(())
+        }))
+    };
+    let job = create_job(&env, &job_manifest("steady", json!({
+        "agents": {"supporting": [{"name": "helper", "image": "ghcr.io/acme/helper:1", "model": "gpt-4o-mini"}]},
+    }))).await;
+    approve(&env, &job).await;
+    wait_pods(&env, &job, 2).await;
+    for round in 0..3 {
+        env._operator.kill();
+        env._operator = OperatorProcess::start(cp, &["--namespace", &env.ns, "--metrics-addr", "127.0.0.1:0"]);
+        tokio::time::sleep(Duration::from_millis(1500 + 500 * round)).await;
+        assert_eq!(job_pods(&env.client, &env.ns, &job).await.len(), 2);
+    }
+    finish_pod(&env.client, &env.ns, "steady-scanner-1", 0, &usage_report("gpt-4o-mini", 100, 0, 10, json!({}))).await;
+    env._operator.kill();
+    env._operator = OperatorProcess::start(cp, &["--namespace", &env.ns, "--metrics-addr", "127.0.0.1:0"]);
+    finish_pod(&env.client, &env.ns, "steady-helper-1", 0, &usage_report("gpt-4o-mini", 200, 0, 20, json!({}))).await;
+    let done = wait_phase(&env, "steady", "Succeeded").await;
+    assert_eq!(done.status.unwrap().usage.unwrap().total_tokens, 330);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    recorder.abort();
+    assert_eq!(seen.lock().unwrap().len(), 2, "exactly one Pod per agent ever existed");
+}
