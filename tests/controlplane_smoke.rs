@@ -30,3 +30,27 @@ async fn control_plane_serves_expected_version_and_enforces_rbac() {
         .expect("admin lists pods");
     assert!(pods.items.is_empty());
 }
+
+/// AgentTools are cluster-scoped: creating one takes a ClusterRole, which alice does not have.
+#[tokio::test]
+async fn only_granted_users_may_create_cluster_scoped_agent_tools() {
+    let control_plane = ControlPlane::shared();
+    let tool: agentgate::api::AgentTool = serde_json::from_value(serde_json::json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentTool", "metadata": {"name": "smoke-tool"},
+        "spec": {"type": "api", "endpoint": {"url": "https://tool.example/v1"}, "rateLimit": 10}}))
+    .unwrap();
+
+    let as_alice = Api::<agentgate::api::AgentTool>::all(control_plane.client("alice").await);
+    match as_alice.create(&Default::default(), &tool).await {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 403, "{status:?}");
+            assert!(status.message.contains("agenttools"), "{}", status.message);
+        }
+        other => panic!("alice must be forbidden to create an AgentTool, got {other:?}"),
+    }
+
+    let as_admin = Api::<agentgate::api::AgentTool>::all(control_plane.client("admin").await);
+    let created = as_admin.create(&Default::default(), &tool).await.expect("admin creates the AgentTool");
+    assert_eq!(created.spec.rate_limit, 10);
+    as_admin.delete("smoke-tool", &Default::default()).await.expect("admin deletes it");
+}

@@ -396,3 +396,17 @@ async fn restarting_the_operator_mid_run_never_creates_a_second_pod() {
     recorder.abort();
     assert_eq!(seen.lock().unwrap().len(), 2, "exactly one Pod per agent ever existed");
 }
+
+#[tokio::test]
+async fn operator_writes_observed_generation_for_every_spec_change() {
+    let env = setup("lc-generation").await;
+    create_job(&env, &job_manifest("tracked", json!({}))).await;
+    let first = wait_for_job(&env.client, &env.ns, "tracked", "observedGeneration 1", |j| j.status.as_ref().and_then(|s| s.observed_generation) == Some(1)).await;
+    assert_eq!(condition(&first, "Ready").unwrap().observed_generation, Some(1));
+    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns)
+        .patch("tracked", &PatchParams::default(), &Patch::Merge(json!({"spec": {"priority": 3}})))
+        .await
+        .unwrap();
+    let second = wait_for_job(&env.client, &env.ns, "tracked", "observedGeneration 2", |j| j.status.as_ref().and_then(|s| s.observed_generation) == Some(2)).await;
+    assert_eq!(second.status.unwrap().estimate.unwrap().generation, 2, "re-estimated for the new generation");
+}
