@@ -3,6 +3,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use agentgate::controller::{self, Health, Settings};
+use agentgate::domain::approval_policy::ApprovalTier;
 use agentgate::domain::pricing::PriceTable;
 use agentgate::metrics::Metrics;
 use clap::{Parser, Subcommand};
@@ -34,6 +35,13 @@ struct RunArgs {
     /// Approvals every job needs at least; a job's spec.approval.required can only raise it.
     #[arg(long, env = "AGENTGATE_APPROVAL_FLOOR", default_value_t = 2, value_parser = clap::value_parser!(i32).range(1..=10))]
     approval_floor: i32,
+    /// A risk tier, repeatable: `minCostUSD=10,required=3[,humanGroup=G][,category=C]` means jobs
+    /// whose p90 estimate reaches $10 (in category C) need 3 approvals, one from a member of G.
+    #[arg(long = "approval-tier", env = "AGENTGATE_APPROVAL_TIERS", value_delimiter = ';')]
+    approval_tiers: Vec<ApprovalTier>,
+    /// Reject jobs that wait longer than this many seconds for their approvals (0: wait forever).
+    #[arg(long, env = "AGENTGATE_APPROVAL_TIMEOUT_SECONDS", default_value_t = 0)]
+    approval_timeout_seconds: u64,
     /// YAML price table (`models: {<id>: {inputPerMillion, cachedInputPerMillion, outputPerMillion}}`)
     /// adding to or overriding the built-in list prices.
     #[arg(long, env = "AGENTGATE_PRICE_TABLE")]
@@ -78,7 +86,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => PriceTable::builtin(),
     };
     let client = kube::Client::try_default().await?;
-    let settings = Settings { namespace: args.namespace, approval_floor: args.approval_floor, field_manager: "agentgate".into() };
+    let settings = Settings {
+        namespace: args.namespace,
+        approval_floor: args.approval_floor,
+        approval_tiers: args.approval_tiers,
+        approval_timeout_seconds: (args.approval_timeout_seconds > 0).then_some(args.approval_timeout_seconds as i64),
+        field_manager: "agentgate".into(),
+    };
     tracing::info!(namespace = ?settings.namespace, approval_floor = settings.approval_floor, models = prices.models.len(), "starting agentgate");
 
     let metrics = Arc::new(Metrics::default());

@@ -19,6 +19,8 @@ use support::controlplane::{ControlPlane, OperatorProcess};
 
 struct Env {
     client: Client,
+    alice: Client,
+    bob: Client,
     ns: String,
     _operator: OperatorProcess,
 }
@@ -28,8 +30,9 @@ async fn setup(ns: &str) -> Env {
     cp.namespace(ns).await;
     let client = cp.client("admin").await;
     add_node(&client, "lifecycle-node", "64", "256Gi", &[("nvidia.com/gpu", "8")]).await;
+    grant_voting_rights(&client).await;
     let operator = OperatorProcess::start(cp, &["--namespace", ns, "--metrics-addr", "127.0.0.1:0"]);
-    Env { client, ns: ns.into(), _operator: operator }
+    Env { client, alice: cp.client("alice").await, bob: cp.client("bob").await, ns: ns.into(), _operator: operator }
 }
 
 fn job_manifest(name: &str, spec_patch: Value) -> AgentJob {
@@ -68,8 +71,8 @@ async fn create_url_tool(client: &Client, name: &str, rate_limit: i32) {
 }
 
 async fn approve(env: &Env, job: &AgentJob) {
-    vote(&env.client, job, "alice", Decision::Approve).await;
-    vote(&env.client, job, "bob", Decision::Approve).await;
+    vote(&env.alice, job, "alice", Decision::Approve).await;
+    vote(&env.bob, job, "bob", Decision::Approve).await;
 }
 
 async fn wait_phase(env: &Env, name: &str, phase_name: &'static str) -> AgentJob {
@@ -108,10 +111,10 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
     assert!(status.checks.iter().all(|c| c.passed), "{:?}", status.checks);
     assert!(job_pods(&env.client, &env.ns, &job).await.is_empty(), "no Pod before approval");
 
-    vote(&env.client, &job, "alice", Decision::Approve).await;
+    vote(&env.alice, &job, "alice", Decision::Approve).await;
     let one = wait_for_job(&env.client, &env.ns, "scan", "1/2", |j| j.status.as_ref().and_then(|s| s.approval.as_ref()).is_some_and(|a| a.summary == "1/2")).await;
     assert_eq!(phase(&one), Some("AwaitingApproval"));
-    vote(&env.client, &job, "bob", Decision::Approve).await;
+    vote(&env.bob, &job, "bob", Decision::Approve).await;
     let running = wait_phase(&env, "scan", "Running").await;
     assert_eq!(running.status.as_ref().unwrap().attempts.len(), 1);
 
@@ -273,8 +276,8 @@ async fn optional_gpu_is_dropped_when_it_is_the_only_thing_missing() {
 async fn one_reject_vote_rejects_the_job() {
     let env = setup("lc-reject").await;
     let job = create_job(&env, &job_manifest("risky", json!({}))).await;
-    vote(&env.client, &job, "alice", Decision::Approve).await;
-    vote(&env.client, &job, "bob", Decision::Reject).await;
+    vote(&env.alice, &job, "alice", Decision::Approve).await;
+    vote(&env.bob, &job, "bob", Decision::Reject).await;
     let rejected = wait_phase(&env, "risky", "Rejected").await;
     assert_eq!(condition(&rejected, "Ready").unwrap().reason, "VoteRejected");
     assert_eq!(rejected.status.unwrap().approval.unwrap().rejected_by.as_deref(), Some("bob"));
@@ -286,8 +289,8 @@ async fn votes_for_an_old_generation_are_ignored_and_duplicate_voters_count_once
     let env = setup("lc-votes").await;
     let job = create_job(&env, &job_manifest("changing", json!({}))).await;
     wait_phase(&env, "changing", "AwaitingApproval").await;
-    vote(&env.client, &job, "alice", Decision::Approve).await;
-    vote(&env.client, &job, "alice", Decision::Approve).await;
+    vote(&env.alice, &job, "alice", Decision::Approve).await;
+    vote(&env.alice, &job, "alice", Decision::Approve).await;
     let tallied = wait_for_job(&env.client, &env.ns, "changing", "duplicate ignored", |j| {
         j.status.as_ref().and_then(|s| s.approval.as_ref()).is_some_and(|a| a.ignored_votes.len() == 1)
     })
@@ -300,7 +303,7 @@ async fn votes_for_an_old_generation_are_ignored_and_duplicate_voters_count_once
     let api = Api::<AgentJob>::namespaced(env.client.clone(), &env.ns);
     let changed = api.patch("changing", &PatchParams::default(), &Patch::Merge(json!({"spec": {"description": "now with more scope"}}))).await.unwrap();
     assert_eq!(changed.metadata.generation, Some(2));
-    vote_on_generation(&env.client, &job, "bob", Decision::Approve, 1).await;
+    vote_on_generation(&env.bob, &job, "bob", Decision::Approve, 1).await;
     let after = wait_for_job(&env.client, &env.ns, "changing", "old votes ignored", |j| {
         j.status.as_ref().and_then(|s| s.approval.as_ref()).is_some_and(|a| a.ignored_votes.len() == 3)
     })
@@ -315,8 +318,8 @@ async fn votes_for_an_old_generation_are_ignored_and_duplicate_voters_count_once
     .await;
     assert_eq!(bob.len(), 3);
 
-    vote(&env.client, &changed, "alice", Decision::Approve).await;
-    vote(&env.client, &changed, "bob", Decision::Approve).await;
+    vote(&env.alice, &changed, "alice", Decision::Approve).await;
+    vote(&env.bob, &changed, "bob", Decision::Approve).await;
     wait_phase(&env, "changing", "Running").await;
 }
 

@@ -35,6 +35,11 @@ pub struct ApprovalVoteSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 1024))]
     pub reason: Option<String>,
+    /// The voter's groups, stamped at admission from the request that created the vote (any
+    /// value a client sends is replaced), so group-based RBAC counts when heads are checked.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub voter_groups: Vec<String>,
     /// How sure the voter is, in percent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 100))]

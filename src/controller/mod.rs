@@ -1,5 +1,6 @@
 //! The Kubernetes shell around the domain logic: watch caches in, API writes out.
 
+pub mod access;
 pub mod agent_job;
 pub mod agent_tool;
 pub mod approval_vote;
@@ -38,6 +39,8 @@ pub struct Settings {
     /// Watch one namespace only; all namespaces when None.
     pub namespace: Option<String>,
     pub approval_floor: i32,
+    pub approval_tiers: Vec<crate::domain::approval_policy::ApprovalTier>,
+    pub approval_timeout_seconds: Option<i64>,
     pub field_manager: String,
 }
 
@@ -85,6 +88,7 @@ pub struct Context {
     pub settings: Settings,
     pub prices: Arc<RwLock<PriceTable>>,
     pub caches: Caches,
+    pub heads: access::HeadChecker,
     /// Jobs to look at again because something they wait for (capacity, rate limit) freed up.
     pub requeue: mpsc::UnboundedSender<ObjectRef<AgentJob>>,
     pub tool_requeue: mpsc::UnboundedSender<ObjectRef<AgentTool>>,
@@ -160,6 +164,7 @@ pub async fn run(
         settings: settings.clone(),
         prices,
         caches: caches.clone(),
+        heads: access::HeadChecker::new(client.clone()),
         requeue,
         tool_requeue,
     });
@@ -232,6 +237,7 @@ pub async fn run(
         .run(agent_tool::reconcile, agent_tool::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));
 
+    let rbac_changes = watch_rbac(client.clone(), ctx.clone());
     let mark_ready = async {
         while !caches.synced() {
             tokio::time::sleep(UNSYNCED_RETRY).await;
@@ -243,6 +249,7 @@ pub async fn run(
     tokio::select! {
         _ = future::join(job_controller, tool_controller) => {}
         _ = mark_ready => {}
+        _ = rbac_changes => {}
     }
 }
 
@@ -252,3 +259,26 @@ fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> i
 
 /// Requeue delays: a safety net, not how jobs make progress (watches do that).
 pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Any change to RBAC may make or unmake a category head: forget every cached answer and look
+/// at the jobs that wait for approval again. Only metadata is watched; rules are never read.
+async fn watch_rbac(client: Client, ctx: Arc<Context>) {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+    use kube::core::PartialObjectMeta;
+    let wc = watcher::Config::default();
+    let changes = futures::stream::select_all([
+        watcher(Api::<PartialObjectMeta<Role>>::all(client.clone()), wc.clone()).default_backoff().map(|e| e.is_ok()).boxed(),
+        watcher(Api::<PartialObjectMeta<RoleBinding>>::all(client.clone()), wc.clone()).default_backoff().map(|e| e.is_ok()).boxed(),
+        watcher(Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()), wc.clone()).default_backoff().map(|e| e.is_ok()).boxed(),
+        watcher(Api::<PartialObjectMeta<ClusterRoleBinding>>::all(client), wc).default_backoff().map(|e| e.is_ok()).boxed(),
+    ]);
+    changes
+        .for_each(|_| {
+            ctx.heads.forget_all();
+            for job in ctx.caches.jobs.state().iter().filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(crate::api::JobPhase::AwaitingApproval)) {
+                let _ = ctx.requeue.send(ObjectRef::from_obj(job.as_ref()));
+            }
+            future::ready(())
+        })
+        .await;
+}

@@ -3,6 +3,7 @@
 //! The reconciler dereferences the watch caches into these types, calls [`decide::decide`],
 //! builds Pods with [`pod_builder`], and applies the result.
 
+pub mod approval_policy;
 pub mod conditions;
 pub mod decide;
 pub mod estimate;

@@ -153,3 +153,323 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
 fn plain_env(name: &str, value: &str) -> EnvVar {
     EnvVar { name: name.to_string(), value: Some(value.to_string()), value_from: None }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    /// The agent as a manifest spells it.
+    fn agent() -> Agent {
+        serde_json::from_value(json!({
+            "name": "scanner-v2",
+            "image": "ghcr.io/acme/scanner:2.1",
+            "model": "gpt-4o-mini",
+            "command": ["/bin/scan"],
+            "args": ["--depth", "full"],
+            "env": [
+                {"name": "LOG_LEVEL", "value": "debug"},
+                {"name": "GITHUB_TOKEN", "valueFrom": {"secretKeyRef": {"name": "gh", "key": "token"}}}
+            ]
+        }))
+        .expect("agent fixture deserializes")
+    }
+
+    struct Fixture {
+        job_name: String,
+        agent: Agent,
+        attempt: i32,
+        gpu: Option<(&'static str, i32)>,
+        deadline_seconds: i64,
+        tool_urls: Vec<(String, String)>,
+    }
+
+    impl Default for Fixture {
+        fn default() -> Self {
+            Fixture {
+                job_name: "security-scan-42".into(),
+                agent: agent(),
+                attempt: 1,
+                gpu: None,
+                deadline_seconds: 600,
+                tool_urls: vec![
+                    ("bandit-scanner".into(), "http://bandit.tools.svc:8080".into()),
+                    ("image.processor".into(), "https://img.example.com".into()),
+                ],
+            }
+        }
+    }
+
+    impl Fixture {
+        fn build(&self) -> Value {
+            let pod = build_pod(&PodPlan {
+                job_name: &self.job_name,
+                namespace: "team-security",
+                job_uid: "0b5c-uid",
+                agent: &self.agent,
+                attempt: self.attempt,
+                cpu: "2",
+                memory: "4Gi",
+                gpu: self.gpu,
+                deadline_seconds: self.deadline_seconds,
+                budget_usd: "0.50",
+                input_json: r#"{"repositoryPath":"/src"}"#,
+                tool_urls: &self.tool_urls,
+            });
+            serde_json::to_value(pod).expect("a Pod serializes")
+        }
+    }
+
+    enum Want {
+        /// JSON pointer into the Pod: the value there, or `None` for absent.
+        At(&'static str, Option<Value>),
+        /// The container env var of this name, without its name: `{"value": ..}` or `{"valueFrom": ..}`.
+        Env(&'static str, Option<Value>),
+        /// The env var names, in order.
+        EnvNames(&'static [&'static str]),
+    }
+    use Want::{At, Env, EnvNames};
+
+    fn env_of(pod: &Value, name: &str) -> Option<Value> {
+        pod.pointer("/spec/containers/0/env")?.as_array()?.iter().find(|e| e["name"] == name).map(|e| {
+            let mut e = e.clone();
+            e.as_object_mut().unwrap().remove("name");
+            e
+        })
+    }
+
+    struct Case {
+        name: &'static str,
+        fixture: Fixture,
+        want: Vec<Want>,
+    }
+
+    fn cases() -> Vec<Case> {
+        vec![
+            Case {
+                name: "name, namespace, labels and annotation",
+                fixture: Fixture::default(),
+                want: vec![
+                    At("/metadata/name", Some(json!("security-scan-42-scanner-v2-1"))),
+                    At("/metadata/namespace", Some(json!("team-security"))),
+                    At(
+                        "/metadata/labels",
+                        Some(json!({
+                            "app.kubernetes.io/managed-by": "agentgate",
+                            "agentgate.dev/job-uid": "0b5c-uid",
+                            "agentgate.dev/job": "security-scan-42",
+                            "agentgate.dev/agent": "scanner-v2",
+                            "agentgate.dev/attempt": "1"
+                        })),
+                    ),
+                    At("/metadata/annotations/agentgate.dev~1job-name", Some(json!("security-scan-42"))),
+                ],
+            },
+            Case {
+                name: "a job name too long for a label value keeps the uid label and the annotation",
+                fixture: Fixture { job_name: "j".repeat(64), ..Fixture::default() },
+                want: vec![
+                    At("/metadata/labels/agentgate.dev~1job", None),
+                    At("/metadata/labels/agentgate.dev~1job-uid", Some(json!("0b5c-uid"))),
+                    At("/metadata/annotations/agentgate.dev~1job-name", Some(json!("j".repeat(64)))),
+                ],
+            },
+            Case {
+                name: "the job is the controlling owner",
+                fixture: Fixture::default(),
+                want: vec![At(
+                    "/metadata/ownerReferences",
+                    Some(json!([{
+                        "apiVersion": "agentgate.dev/v1alpha1",
+                        "kind": "AgentJob",
+                        "name": "security-scan-42",
+                        "uid": "0b5c-uid",
+                        "controller": true,
+                        "blockOwnerDeletion": true
+                    }])),
+                )],
+            },
+            Case {
+                name: "requests equal limits for cpu and memory, no GPU unless asked",
+                fixture: Fixture::default(),
+                want: vec![
+                    At("/spec/containers/0/resources/requests", Some(json!({"cpu": "2", "memory": "4Gi"}))),
+                    At("/spec/containers/0/resources/limits", Some(json!({"cpu": "2", "memory": "4Gi"}))),
+                ],
+            },
+            Case {
+                name: "a GPU is requested under the given resource name",
+                fixture: Fixture { gpu: Some(("amd.com/gpu", 2)), ..Fixture::default() },
+                want: vec![
+                    At("/spec/containers/0/resources/requests", Some(json!({"cpu": "2", "memory": "4Gi", "amd.com/gpu": "2"}))),
+                    At("/spec/containers/0/resources/limits", Some(json!({"cpu": "2", "memory": "4Gi", "amd.com/gpu": "2"}))),
+                    At("/spec/containers/0/resources/limits/nvidia.com~1gpu", None),
+                ],
+            },
+            Case {
+                name: "deadline, restart policy and no service account token",
+                fixture: Fixture { deadline_seconds: 3600, ..Fixture::default() },
+                want: vec![
+                    At("/spec/activeDeadlineSeconds", Some(json!(3600))),
+                    At("/spec/restartPolicy", Some(json!("Never"))),
+                    At("/spec/automountServiceAccountToken", Some(json!(false))),
+                    At("/spec/enableServiceLinks", Some(json!(false))),
+                ],
+            },
+            Case {
+                name: "restricted security context on Pod and container",
+                fixture: Fixture::default(),
+                want: vec![
+                    At("/spec/securityContext/runAsNonRoot", Some(json!(true))),
+                    At("/spec/securityContext/seccompProfile", Some(json!({"type": "RuntimeDefault"}))),
+                    At(
+                        "/spec/containers/0/securityContext",
+                        Some(json!({
+                            "allowPrivilegeEscalation": false,
+                            "privileged": false,
+                            "runAsNonRoot": true,
+                            "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"}
+                        })),
+                    ),
+                ],
+            },
+            Case {
+                name: "image, command and args come from the agent",
+                fixture: Fixture::default(),
+                want: vec![
+                    At("/spec/containers/0/name", Some(json!("agent"))),
+                    At("/spec/containers/0/image", Some(json!("ghcr.io/acme/scanner:2.1"))),
+                    At("/spec/containers/0/command", Some(json!(["/bin/scan"]))),
+                    At("/spec/containers/0/args", Some(json!(["--depth", "full"]))),
+                    At("/spec/containers/0/terminationMessagePolicy", Some(json!("FallbackToLogsOnError"))),
+                ],
+            },
+            Case {
+                name: "no command or args leaves the image's entrypoint",
+                fixture: Fixture { agent: Agent { command: vec![], args: vec![], ..agent() }, ..Fixture::default() },
+                want: vec![At("/spec/containers/0/command", None), At("/spec/containers/0/args", None)],
+            },
+            Case {
+                name: "operator env, tool URLs, then the agent's own env",
+                fixture: Fixture { attempt: 3, ..Fixture::default() },
+                want: vec![
+                    EnvNames(&[
+                        "AGENTGATE_JOB",
+                        "AGENTGATE_AGENT",
+                        "AGENTGATE_ATTEMPT",
+                        "AGENTGATE_MODEL",
+                        "AGENTGATE_BUDGET_USD",
+                        "AGENTGATE_INPUT",
+                        "AGENTGATE_TOOL_BANDIT_SCANNER_URL",
+                        "AGENTGATE_TOOL_IMAGE_PROCESSOR_URL",
+                        "LOG_LEVEL",
+                        "GITHUB_TOKEN",
+                    ]),
+                    Env("AGENTGATE_JOB", Some(json!({"value": "security-scan-42"}))),
+                    Env("AGENTGATE_AGENT", Some(json!({"value": "scanner-v2"}))),
+                    Env("AGENTGATE_ATTEMPT", Some(json!({"value": "3"}))),
+                    Env("AGENTGATE_MODEL", Some(json!({"value": "gpt-4o-mini"}))),
+                    Env("AGENTGATE_BUDGET_USD", Some(json!({"value": "0.50"}))),
+                    Env("AGENTGATE_INPUT", Some(json!({"value": r#"{"repositoryPath":"/src"}"#}))),
+                    Env("AGENTGATE_TOOL_BANDIT_SCANNER_URL", Some(json!({"value": "http://bandit.tools.svc:8080"}))),
+                    Env("AGENTGATE_TOOL_IMAGE_PROCESSOR_URL", Some(json!({"value": "https://img.example.com"}))),
+                    Env("LOG_LEVEL", Some(json!({"value": "debug"}))),
+                    At("/metadata/name", Some(json!("security-scan-42-scanner-v2-3"))),
+                    At("/metadata/labels/agentgate.dev~1attempt", Some(json!("3"))),
+                ],
+            },
+            Case {
+                name: "a secretKeyRef stays a reference: no value is copied into the Pod",
+                fixture: Fixture::default(),
+                want: vec![Env("GITHUB_TOKEN", Some(json!({"valueFrom": {"secretKeyRef": {"name": "gh", "key": "token", "optional": false}}})))],
+            },
+            Case {
+                name: "no tools, no tool URLs",
+                fixture: Fixture { tool_urls: vec![], ..Fixture::default() },
+                want: vec![Env("AGENTGATE_TOOL_BANDIT_SCANNER_URL", None), Env("AGENTGATE_TOOL_IMAGE_PROCESSOR_URL", None)],
+            },
+        ]
+    }
+
+    #[test]
+    fn pod_table() {
+        let cases = cases();
+        assert!(cases.len() >= 8);
+        for case in cases {
+            let name = case.name;
+            let pod = case.fixture.build();
+            for want in &case.want {
+                match want {
+                    At(pointer, value) => assert_eq!(pod.pointer(pointer), value.as_ref(), "{name}: {pointer}"),
+                    Env(var, value) => assert_eq!(env_of(&pod, var).as_ref(), value.as_ref(), "{name}: env {var}"),
+                    EnvNames(names) => {
+                        let got: Vec<&str> = pod["spec"]["containers"][0]["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+                        assert_eq!(got, *names, "{name}: env names");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn building_is_deterministic() {
+        let f = Fixture::default();
+        assert_eq!(f.build(), f.build());
+    }
+
+    #[test]
+    fn pod_names_are_deterministic_bounded_and_distinct() {
+        let long_a = format!("{}-a", "x".repeat(240));
+        let long_b = format!("{}-b", "x".repeat(240));
+        let dash_at_cut = format!("{}-{}", "a".repeat(230), "b".repeat(22));
+        // (case, job, agent, attempt, exact name when short, prefix of the job kept when long)
+        let cases: &[(&str, &str, &str, i32, Option<&str>)] = &[
+            ("short names are joined as they are", "security-scan-42", "scanner-v2", 1, Some("security-scan-42-scanner-v2-1")),
+            ("attempt is the last part", "security-scan-42", "fixer-v2", 10, Some("security-scan-42-fixer-v2-10")),
+            ("exactly 253 characters is left alone", &"j".repeat(253 - "-agent-1".len()), "agent", 1, None),
+            ("a long job name is cut and hashed", &long_a, "scanner-v2", 1, None),
+            ("a second long job sharing the cut prefix", &long_b, "scanner-v2", 1, None),
+            ("a dash at the cut is trimmed", &dash_at_cut, "scanner-v2", 1, None),
+        ];
+        let mut seen = std::collections::BTreeMap::new();
+        for (case, job, agent, attempt, exact) in cases {
+            let got = pod_name(job, agent, *attempt);
+            assert_eq!(got, pod_name(job, agent, *attempt), "{case}: stable across calls");
+            assert!(got.len() <= 253, "{case}: {} characters", got.len());
+            let tail = format!("-{agent}-{attempt}");
+            assert!(got.ends_with(&tail), "{case}: {got} ends with the agent and attempt");
+            assert!(!got.contains("--") && !got.contains("-."), "{case}: {got} has an empty part");
+            match exact {
+                Some(want) => assert_eq!(got, *want, "{case}"),
+                None if job.len() + tail.len() <= 253 => assert_eq!(got, format!("{job}{tail}"), "{case}: fits, not hashed"),
+                None => {
+                    assert_eq!(got.len() - tail.len(), got.rfind(&tail).unwrap(), "{case}");
+                    let hash = &got[got.len() - tail.len() - 8..got.len() - tail.len()];
+                    assert!(hash.bytes().all(|b| b.is_ascii_hexdigit()), "{case}: {got} carries a hex hash, got {hash:?}");
+                    let kept = &got[..got.len() - tail.len() - 9];
+                    assert!(job.starts_with(kept) && kept.len() >= 150, "{case}: {got} keeps the start of the job name");
+                }
+            }
+            if let Some(other) = seen.insert(got.clone(), case) {
+                panic!("{case}: {got} is also the name of case {other:?}");
+            }
+        }
+        // Different attempts and agents of one long job differ too.
+        assert_ne!(pod_name(&long_a, "scanner-v2", 1), pod_name(&long_a, "scanner-v2", 2));
+        assert_ne!(pod_name(&long_a, "scanner-v2", 1), pod_name(&long_a, "fixer-v2", 1));
+    }
+
+    #[test]
+    fn tool_env_names() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("dashes become underscores", "bandit-scanner", "AGENTGATE_TOOL_BANDIT_SCANNER_URL"),
+            ("dots become underscores", "image.processor", "AGENTGATE_TOOL_IMAGE_PROCESSOR_URL"),
+            ("plain name is upper-cased", "mcp", "AGENTGATE_TOOL_MCP_URL"),
+            ("digits are kept", "tool2-v3.x", "AGENTGATE_TOOL_TOOL2_V3_X_URL"),
+        ];
+        for (case, tool, want) in cases {
+            assert_eq!(tool_env_name(tool), *want, "{case}");
+        }
+    }
+}

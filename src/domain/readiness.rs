@@ -272,3 +272,515 @@ fn show(key: &str, milli: i128) -> String {
         format!("{}", milli / 1000)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: i128 = 1024 * 1024;
+    const GPU: &str = "nvidia.com/gpu";
+
+    fn res(cpu_milli: i128, memory_mib: i128, extended: &[(&str, i128)]) -> Resources {
+        Resources {
+            cpu_milli,
+            memory_bytes: memory_mib * MIB,
+            extended: extended.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
+        }
+    }
+
+    fn node(name: &str, schedulable: bool, free: Resources) -> NodeView {
+        NodeView { name: name.into(), schedulable, free }
+    }
+
+    fn pods(per_pod: Resources, pods: usize) -> PodNeed {
+        PodNeed { per_pod, pods, optional_gpu: None }
+    }
+
+    fn optional_gpu(per_pod: Resources, resource: &str) -> PodNeed {
+        PodNeed { per_pod, pods: 1, optional_gpu: Some(resource.into()) }
+    }
+
+    fn tool(name: &str, required: bool, min_rate_limit: i32) -> ToolNeed {
+        ToolNeed { name: name.into(), required, min_rate_limit }
+    }
+
+    fn ready_tool(rate_limit: i32) -> ToolView {
+        ToolView { ready: true, rate_limit, ..ToolView::default() }
+    }
+
+    /// Quota amounts in the units a manifest uses: pods and GPUs whole, cpu in millicores,
+    /// memory in MiB; stored in thousandths like the parsed ResourceQuota.
+    fn quota(name: &str, hard: &[(&str, i128)], used: &[(&str, i128)]) -> QuotaView {
+        let milli = |(key, v): &(&str, i128)| {
+            let value = if key.contains("cpu") {
+                *v
+            } else if key.contains("memory") {
+                v * MIB * 1000
+            } else {
+                v * 1000
+            };
+            (key.to_string(), value)
+        };
+        QuotaView { name: name.into(), hard: hard.iter().map(milli).collect(), used: used.iter().map(milli).collect() }
+    }
+
+    struct Input {
+        tools: Vec<(ToolNeed, Option<ToolView>)>,
+        need: PodNeed,
+        nodes: Vec<NodeView>,
+        queued_ahead: Vec<PodNeed>,
+        quotas: Vec<QuotaView>,
+    }
+
+    /// One agent Pod of 500m / 512Mi and one roomy node: ready unless a case says otherwise.
+    impl Default for Input {
+        fn default() -> Self {
+            Input {
+                tools: Vec::new(),
+                need: pods(res(500, 512, &[]), 1),
+                nodes: vec![node("n1", true, res(4000, 8192, &[]))],
+                queued_ahead: Vec::new(),
+                quotas: Vec::new(),
+            }
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        input: Input,
+        blocked: Option<&'static str>,
+        missing_tools: &'static [&'static str],
+        insufficient: &'static [&'static str],
+        dropped: &'static [&'static str],
+        /// Every check in order: name, passed, fragments its message must contain.
+        checks: &'static [(&'static str, bool, &'static [&'static str])],
+    }
+
+    const NODES_OK: (&str, bool, &[&str]) = ("nodes", true, &["a schedulable node fits one agent Pod"]);
+
+    fn cases() -> Vec<Case> {
+        vec![
+            Case {
+                name: "nothing needed beyond a node: ready",
+                input: Input::default(),
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[NODES_OK],
+            },
+            Case {
+                name: "required tool without an AgentTool blocks",
+                input: Input { tools: vec![(tool("scanner", true, 10), None)], ..Input::default() },
+                blocked: Some("ToolsNotReady"),
+                missing_tools: &["scanner"],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", false, &["required tool scanner has no AgentTool"]), NODES_OK],
+            },
+            Case {
+                name: "optional tool without an AgentTool fails its check but not the job",
+                input: Input { tools: vec![(tool("imgproc", false, 10), None)], ..Input::default() },
+                blocked: None,
+                missing_tools: &["imgproc"],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/imgproc", false, &["optional tool imgproc has no AgentTool"]), NODES_OK],
+            },
+            Case {
+                name: "required tool not ready says why",
+                input: Input {
+                    tools: vec![(
+                        tool("scanner", true, 10),
+                        Some(ToolView { ready: false, not_ready_reason: Some("no ready endpoints".into()), ..ready_tool(60) }),
+                    )],
+                    ..Input::default()
+                },
+                blocked: Some("ToolsNotReady"),
+                missing_tools: &["scanner"],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", false, &["required tool scanner is not ready: no ready endpoints"]), NODES_OK],
+            },
+            Case {
+                name: "tool not ready without a reason",
+                input: Input {
+                    tools: vec![(tool("scanner", true, 10), Some(ToolView { ready: false, ..ready_tool(60) }))],
+                    ..Input::default()
+                },
+                blocked: Some("ToolsNotReady"),
+                missing_tools: &["scanner"],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", false, &["is not ready: not Ready"]), NODES_OK],
+            },
+            Case {
+                name: "required tool with its credentials Secret missing",
+                input: Input {
+                    tools: vec![(tool("scanner", true, 10), Some(ToolView { credentials_present: Some(false), ..ready_tool(60) }))],
+                    ..Input::default()
+                },
+                blocked: Some("CredentialsMissing"),
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("credentials/scanner", false, &["credentials Secret of required tool scanner is missing"]), NODES_OK],
+            },
+            Case {
+                name: "optional tool with its credentials Secret missing only warns",
+                input: Input {
+                    tools: vec![(tool("imgproc", false, 10), Some(ToolView { credentials_present: Some(false), ..ready_tool(60) }))],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("credentials/imgproc", false, &["optional tool imgproc is missing"]), NODES_OK],
+            },
+            Case {
+                name: "tool with credentials present and spare rate limit passes",
+                input: Input {
+                    tools: vec![(
+                        tool("scanner", true, 10),
+                        Some(ToolView { credentials_present: Some(true), in_use: 20, in_use_by_jobs: 2, ..ready_tool(60) }),
+                    )],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", true, &["required tool scanner is ready with 40 calls/min spare"]), NODES_OK],
+            },
+            Case {
+                name: "rateLimit lower than minRateLimit can never be met",
+                input: Input { tools: vec![(tool("scanner", true, 10), Some(ready_tool(5)))], ..Input::default() },
+                blocked: Some("RateLimitTooLow"),
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", false, &["allows 5 calls/min in all, the job needs 10"]), NODES_OK],
+            },
+            Case {
+                name: "rate limit exhausted by other running jobs",
+                input: Input {
+                    tools: vec![(tool("scanner", true, 10), Some(ToolView { in_use: 55, in_use_by_jobs: 3, ..ready_tool(60) }))],
+                    ..Input::default()
+                },
+                blocked: Some("RateLimitExhausted"),
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", false, &["has 5 of 60 calls/min spare", "55 in use by 3 running job(s)", "the job needs 10"]), NODES_OK],
+            },
+            Case {
+                name: "spare rate limit exactly the minimum is enough",
+                input: Input {
+                    tools: vec![(tool("scanner", true, 10), Some(ToolView { in_use: 50, in_use_by_jobs: 1, ..ready_tool(60) }))],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", true, &["10 calls/min spare"]), NODES_OK],
+            },
+            Case {
+                name: "optional tool with its rate limit exhausted does not block",
+                input: Input {
+                    tools: vec![(tool("imgproc", false, 20), Some(ToolView { in_use: 50, in_use_by_jobs: 1, ..ready_tool(60) }))],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/imgproc", false, &["optional tool imgproc has 10 of 60 calls/min spare"]), NODES_OK],
+            },
+            Case {
+                name: "the first blocking problem is the reason; later ones are still listed",
+                input: Input {
+                    tools: vec![(tool("scanner", true, 10), None)],
+                    nodes: vec![node("n1", true, res(100, 8192, &[]))],
+                    ..Input::default()
+                },
+                blocked: Some("ToolsNotReady"),
+                missing_tools: &["scanner"],
+                insufficient: &["cpu"],
+                dropped: &[],
+                checks: &[("tool/scanner", false, &["has no AgentTool"]), ("nodes", false, &["short of cpu"])],
+            },
+            Case {
+                name: "no schedulable nodes at all",
+                input: Input { nodes: vec![], ..Input::default() },
+                blocked: Some("InsufficientResources"),
+                missing_tools: &[],
+                insufficient: &["cpu", "memory"],
+                dropped: &[],
+                checks: &[("nodes", false, &["none of 0 schedulable node(s)", "cpu 500m, memory 512Mi", "short of cpu, memory"])],
+            },
+            Case {
+                name: "cpu short on every node",
+                input: Input { nodes: vec![node("n1", true, res(400, 8192, &[])), node("n2", true, res(250, 8192, &[]))], ..Input::default() },
+                blocked: Some("InsufficientResources"),
+                missing_tools: &[],
+                insufficient: &["cpu"],
+                dropped: &[],
+                checks: &[("nodes", false, &["none of 2 schedulable node(s)", "short of cpu"])],
+            },
+            Case {
+                name: "memory short on every node",
+                input: Input { nodes: vec![node("n1", true, res(4000, 256, &[]))], ..Input::default() },
+                blocked: Some("InsufficientResources"),
+                missing_tools: &[],
+                insufficient: &["memory"],
+                dropped: &[],
+                checks: &[("nodes", false, &["short of memory"])],
+            },
+            Case {
+                name: "cpu on one node and memory on another is not room for one Pod",
+                input: Input {
+                    nodes: vec![node("n1", true, res(4000, 256, &[])), node("n2", true, res(100, 8192, &[]))],
+                    ..Input::default()
+                },
+                blocked: Some("InsufficientResources"),
+                missing_tools: &[],
+                insufficient: &["cpu+memory on one node"],
+                dropped: &[],
+                checks: &[("nodes", false, &["short of cpu+memory on one node"])],
+            },
+            Case {
+                name: "required GPU short names the GPU resource",
+                input: Input { need: pods(res(500, 512, &[(GPU, 1)]), 1), ..Input::default() },
+                blocked: Some("InsufficientResources"),
+                missing_tools: &[],
+                insufficient: &[GPU],
+                dropped: &[],
+                checks: &[("nodes", false, &["nvidia.com/gpu 1", "short of nvidia.com/gpu"])],
+            },
+            Case {
+                name: "GPU under a custom resource name",
+                input: Input {
+                    need: pods(res(500, 512, &[("amd.com/gpu", 2)]), 1),
+                    nodes: vec![node("n1", true, res(4000, 8192, &[("amd.com/gpu", 1), (GPU, 4)]))],
+                    ..Input::default()
+                },
+                blocked: Some("InsufficientResources"),
+                missing_tools: &[],
+                insufficient: &["amd.com/gpu"],
+                dropped: &[],
+                checks: &[("nodes", false, &["short of amd.com/gpu"])],
+            },
+            Case {
+                name: "GPU available: required GPU fits",
+                input: Input {
+                    need: pods(res(500, 512, &[(GPU, 1)]), 1),
+                    nodes: vec![node("n1", true, res(4000, 8192, &[(GPU, 1)]))],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[NODES_OK],
+            },
+            Case {
+                name: "optional GPU is dropped when it is the only thing missing",
+                input: Input { need: optional_gpu(res(500, 512, &[(GPU, 1)]), GPU), ..Input::default() },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &["gpu"],
+                checks: &[("nodes", true, &["no node has nvidia.com/gpu free; running without the optional GPU"])],
+            },
+            Case {
+                name: "optional GPU is kept when a node has one",
+                input: Input {
+                    need: optional_gpu(res(500, 512, &[(GPU, 1)]), GPU),
+                    nodes: vec![node("n1", true, res(4000, 8192, &[(GPU, 2)]))],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[NODES_OK],
+            },
+            Case {
+                name: "optional GPU with cpu short as well: not ready and nothing dropped",
+                input: Input {
+                    need: optional_gpu(res(500, 512, &[(GPU, 1)]), GPU),
+                    nodes: vec![node("n1", true, res(100, 8192, &[]))],
+                    ..Input::default()
+                },
+                blocked: Some("InsufficientResources"),
+                missing_tools: &[],
+                insufficient: &["cpu", GPU],
+                dropped: &[],
+                checks: &[("nodes", false, &["short of cpu, nvidia.com/gpu"])],
+            },
+            Case {
+                name: "an unschedulable node's room is ignored",
+                input: Input {
+                    nodes: vec![node("cordoned", false, res(64000, 262144, &[])), node("small", true, res(250, 8192, &[]))],
+                    ..Input::default()
+                },
+                blocked: Some("InsufficientResources"),
+                missing_tools: &[],
+                insufficient: &["cpu"],
+                dropped: &[],
+                checks: &[("nodes", false, &["none of 1 schedulable node(s)"])],
+            },
+            Case {
+                name: "higher-priority jobs queued ahead take the capacity first",
+                input: Input {
+                    nodes: vec![node("n1", true, res(2000, 8192, &[]))],
+                    queued_ahead: vec![pods(res(1000, 1024, &[]), 2)],
+                    ..Input::default()
+                },
+                blocked: Some("InsufficientResources"),
+                missing_tools: &[],
+                insufficient: &["cpu"],
+                dropped: &[],
+                checks: &[("nodes", false, &["short of cpu after 1 higher-priority job(s)"])],
+            },
+            Case {
+                name: "capacity left after the queue ahead is enough",
+                input: Input {
+                    nodes: vec![node("n1", true, res(2000, 8192, &[])), node("n2", true, res(1000, 2048, &[]))],
+                    queued_ahead: vec![pods(res(1000, 1024, &[]), 2)],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("nodes", true, &["fits one agent Pod after 1 higher-priority job(s)"])],
+            },
+            Case {
+                name: "a queued job that fits nowhere takes nothing",
+                input: Input {
+                    nodes: vec![node("n1", true, res(1000, 8192, &[]))],
+                    queued_ahead: vec![pods(res(8000, 1024, &[]), 1)],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("nodes", true, &["after 1 higher-priority job(s)"])],
+            },
+            Case {
+                name: "quota with room passes",
+                input: Input {
+                    quotas: vec![quota("team", &[("pods", 10), ("requests.cpu", 4000), ("requests.memory", 8192)], &[("pods", 2), ("requests.cpu", 1000)])],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[NODES_OK, ("quota/team", true, &["ResourceQuota team leaves room"])],
+            },
+            Case {
+                name: "quota out of pods",
+                input: Input { quotas: vec![quota("team", &[("pods", 2)], &[("pods", 2)])], ..Input::default() },
+                blocked: Some("QuotaExceeded"),
+                missing_tools: &[],
+                insufficient: &["quota/team"],
+                dropped: &[],
+                checks: &[NODES_OK, ("quota/team", false, &["ResourceQuota team is exhausted", "pods (used 2, hard 2, job needs 1)"])],
+            },
+            Case {
+                name: "quota out of cpu counts every agent Pod",
+                input: Input {
+                    need: pods(res(500, 512, &[]), 3),
+                    quotas: vec![quota("team", &[("requests.cpu", 2000), ("cpu", 8000)], &[("requests.cpu", 1000)])],
+                    ..Input::default()
+                },
+                blocked: Some("QuotaExceeded"),
+                missing_tools: &[],
+                insufficient: &["quota/team"],
+                dropped: &[],
+                checks: &[NODES_OK, ("quota/team", false, &["requests.cpu (used 1000m, hard 2000m, job needs 1500m)"])],
+            },
+            Case {
+                name: "quota out of memory limits",
+                input: Input {
+                    need: pods(res(500, 512, &[]), 2),
+                    quotas: vec![quota("mem", &[("limits.memory", 2048)], &[("limits.memory", 1536)])],
+                    ..Input::default()
+                },
+                blocked: Some("QuotaExceeded"),
+                missing_tools: &[],
+                insufficient: &["quota/mem"],
+                dropped: &[],
+                checks: &[NODES_OK, ("quota/mem", false, &["limits.memory (used 1536Mi, hard 2048Mi, job needs 1024Mi)"])],
+            },
+            Case {
+                name: "quota out of GPUs",
+                input: Input {
+                    need: pods(res(500, 512, &[(GPU, 1)]), 1),
+                    nodes: vec![node("n1", true, res(4000, 8192, &[(GPU, 1)]))],
+                    quotas: vec![quota("gpus", &[("requests.nvidia.com/gpu", 1)], &[("requests.nvidia.com/gpu", 1)])],
+                    ..Input::default()
+                },
+                blocked: Some("QuotaExceeded"),
+                missing_tools: &[],
+                insufficient: &["quota/gpus"],
+                dropped: &[],
+                checks: &[NODES_OK, ("quota/gpus", false, &["requests.nvidia.com/gpu (used 1, hard 1, job needs 1)"])],
+            },
+            Case {
+                name: "quota ignores an optional GPU the job runs without",
+                input: Input {
+                    need: optional_gpu(res(500, 512, &[(GPU, 1)]), GPU),
+                    quotas: vec![quota("gpus", &[("requests.nvidia.com/gpu", 0)], &[])],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &["gpu"],
+                checks: &[("nodes", true, &["running without the optional GPU"]), ("quota/gpus", true, &["leaves room"])],
+            },
+            Case {
+                name: "each quota is its own check; one exhausted one blocks",
+                input: Input {
+                    quotas: vec![quota("roomy", &[("pods", 100)], &[]), quota("tight", &[("requests.cpu", 400)], &[])],
+                    ..Input::default()
+                },
+                blocked: Some("QuotaExceeded"),
+                missing_tools: &[],
+                insufficient: &["quota/tight"],
+                dropped: &[],
+                checks: &[NODES_OK, ("quota/roomy", true, &[]), ("quota/tight", false, &["requests.cpu (used 0m, hard 400m, job needs 500m)"])],
+            },
+        ]
+    }
+
+    #[test]
+    fn readiness_table() {
+        let cases = cases();
+        assert!(cases.len() >= 15);
+        for case in cases {
+            let name = case.name;
+            let i = &case.input;
+            let r = check(&ReadinessInput { tools: &i.tools, need: &i.need, nodes: &i.nodes, queued_ahead: &i.queued_ahead, quotas: &i.quotas });
+            assert_eq!(r.blocked_reason, case.blocked, "{name}: blocked_reason; checks {:#?}", r.checks);
+            assert_eq!(r.ready(), case.blocked.is_none(), "{name}: ready()");
+            assert_eq!(r.missing_tools, case.missing_tools, "{name}: missing_tools");
+            assert_eq!(r.insufficient_resources, case.insufficient, "{name}: insufficient_resources");
+            assert_eq!(r.dropped, case.dropped, "{name}: dropped");
+            let got: Vec<(&str, bool)> = r.checks.iter().map(|c| (c.name.as_str(), c.passed)).collect();
+            let want: Vec<(&str, bool)> = case.checks.iter().map(|(n, p, _)| (*n, *p)).collect();
+            assert_eq!(got, want, "{name}: checks (name, passed)");
+            for (check, (_, _, fragments)) in r.checks.iter().zip(case.checks) {
+                for fragment in *fragments {
+                    assert!(check.message.contains(fragment), "{name}: check {} message {:?} lacks {fragment:?}", check.name, check.message);
+                }
+            }
+        }
+    }
+}

@@ -98,3 +98,285 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
     }
     t
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    const JOB: JobIdentity<'static> = JobIdentity { name: "scan-42", uid: "uid-42", generation: 2, author: Some("mallory") };
+
+    fn at(minute: i64) -> Option<Time> {
+        Some(Time(Timestamp::from_second(1_750_000_000 + minute * 60).unwrap()))
+    }
+
+    /// A vote on the current generation of JOB, cast `minute` minutes into the test.
+    fn vote(name: &str, voter: &str, decision: Decision, minute: i64) -> VoteView {
+        VoteView {
+            name: name.into(),
+            voter: voter.into(),
+            decision,
+            job_name: JOB.name.into(),
+            job_uid: JOB.uid.into(),
+            job_generation: JOB.generation,
+            reason: Some(format!("{voter} says so")),
+            created: at(minute),
+        }
+    }
+
+    use Decision::{Approve, Reject};
+
+    /// Refuses the voters it names, like a SubjectAccessReview that says no.
+    struct Refuse(&'static [&'static str]);
+
+    impl Eligibility for Refuse {
+        fn check(&self, voter: &str) -> Result<(), String> {
+            if self.0.contains(&voter) { Err(format!("{voter} may not approve category core-security")) } else { Ok(()) }
+        }
+    }
+
+    struct Case {
+        name: &'static str,
+        required: i32,
+        votes: Vec<VoteView>,
+        eligibility: &'static dyn Eligibility,
+        approved: bool,
+        /// Counted approvals: (voter, vote) in counting order.
+        approvers: &'static [(&'static str, &'static str)],
+        rejected_by: Option<(&'static str, &'static str)>,
+        /// Ignored votes with a fragment of why.
+        ignored: &'static [(&'static str, &'static str)],
+    }
+
+    fn cases() -> Vec<Case> {
+        vec![
+            Case {
+                name: "two distinct approvals approve",
+                required: 2,
+                votes: vec![vote("v-alice", "alice", Approve, 1), vote("v-bob", "bob", Approve, 2)],
+                eligibility: &AnyVoter,
+                approved: true,
+                approvers: &[("alice", "v-alice"), ("bob", "v-bob")],
+                rejected_by: None,
+                ignored: &[],
+            },
+            Case {
+                name: "one approval of two is not enough",
+                required: 2,
+                votes: vec![vote("v-alice", "alice", Approve, 1)],
+                eligibility: &AnyVoter,
+                approved: false,
+                approvers: &[("alice", "v-alice")],
+                rejected_by: None,
+                ignored: &[],
+            },
+            Case {
+                name: "no votes at all",
+                required: 1,
+                votes: vec![],
+                eligibility: &AnyVoter,
+                approved: false,
+                approvers: &[],
+                rejected_by: None,
+                ignored: &[],
+            },
+            Case {
+                name: "a duplicate voter is counted once",
+                required: 2,
+                votes: vec![vote("v-alice-1", "alice", Approve, 1), vote("v-alice-2", "alice", Approve, 2)],
+                eligibility: &AnyVoter,
+                approved: false,
+                approvers: &[("alice", "v-alice-1")],
+                rejected_by: None,
+                ignored: &[("v-alice-2", "alice already has a counted vote on this job")],
+            },
+            Case {
+                name: "creation time, not list order, decides which duplicate counts",
+                required: 1,
+                votes: vec![vote("v-alice-late", "alice", Reject, 9), vote("v-alice-early", "alice", Approve, 1)],
+                eligibility: &AnyVoter,
+                approved: true,
+                approvers: &[("alice", "v-alice-early")],
+                rejected_by: None,
+                ignored: &[("v-alice-late", "already has a counted vote")],
+            },
+            Case {
+                name: "a vote naming another uid (a recreated job) is ignored",
+                required: 1,
+                votes: vec![VoteView { job_uid: "uid-old".into(), ..vote("v-alice", "alice", Approve, 1) }],
+                eligibility: &AnyVoter,
+                approved: false,
+                approvers: &[],
+                rejected_by: None,
+                ignored: &[("v-alice", "names job uid uid-old but scan-42 has uid uid-42")],
+            },
+            Case {
+                name: "a vote for an older generation is ignored",
+                required: 1,
+                votes: vec![VoteView { job_generation: 1, ..vote("v-alice", "alice", Approve, 1) }],
+                eligibility: &AnyVoter,
+                approved: false,
+                approvers: &[],
+                rejected_by: None,
+                ignored: &[("v-alice", "is for generation 1 but the job is at generation 2; vote again")],
+            },
+            Case {
+                name: "an old-generation vote does not use up the voter's vote",
+                required: 1,
+                votes: vec![
+                    VoteView { job_generation: 1, ..vote("v-alice-1", "alice", Approve, 1) },
+                    vote("v-alice-2", "alice", Approve, 2),
+                ],
+                eligibility: &AnyVoter,
+                approved: true,
+                approvers: &[("alice", "v-alice-2")],
+                rejected_by: None,
+                ignored: &[("v-alice-1", "generation 1")],
+            },
+            Case {
+                name: "the author's own vote is ignored",
+                required: 2,
+                votes: vec![vote("v-mallory", "mallory", Approve, 1), vote("v-bob", "bob", Approve, 2)],
+                eligibility: &AnyVoter,
+                approved: false,
+                approvers: &[("bob", "v-bob")],
+                rejected_by: None,
+                ignored: &[("v-mallory", "mallory created the job and may not approve it")],
+            },
+            Case {
+                name: "a counted Reject rejects despite enough approvals",
+                required: 2,
+                votes: vec![vote("v-alice", "alice", Approve, 1), vote("v-bob", "bob", Approve, 2), vote("v-carol", "carol", Reject, 3)],
+                eligibility: &AnyVoter,
+                approved: false,
+                approvers: &[("alice", "v-alice"), ("bob", "v-bob")],
+                rejected_by: Some(("carol", "v-carol")),
+                ignored: &[],
+            },
+            Case {
+                name: "the first of two Rejects is the one recorded",
+                required: 1,
+                votes: vec![vote("v-dave", "dave", Reject, 5), vote("v-carol", "carol", Reject, 3)],
+                eligibility: &AnyVoter,
+                approved: false,
+                approvers: &[],
+                rejected_by: Some(("carol", "v-carol")),
+                ignored: &[],
+            },
+            Case {
+                name: "a Reject for an old generation does not reject",
+                required: 1,
+                votes: vec![VoteView { job_generation: 1, ..vote("v-carol", "carol", Reject, 1) }, vote("v-alice", "alice", Approve, 2)],
+                eligibility: &AnyVoter,
+                approved: true,
+                approvers: &[("alice", "v-alice")],
+                rejected_by: None,
+                ignored: &[("v-carol", "generation 1")],
+            },
+            Case {
+                name: "the author's Reject does not reject either",
+                required: 1,
+                votes: vec![vote("v-mallory", "mallory", Reject, 1), vote("v-alice", "alice", Approve, 2)],
+                eligibility: &AnyVoter,
+                approved: true,
+                approvers: &[("alice", "v-alice")],
+                rejected_by: None,
+                ignored: &[("v-mallory", "created the job")],
+            },
+            Case {
+                name: "votes for another job are not considered at all",
+                required: 1,
+                votes: vec![
+                    VoteView { job_name: "other-job".into(), ..vote("v-other-alice", "alice", Approve, 1) },
+                    VoteView { job_name: "other-job".into(), ..vote("v-other-carol", "carol", Reject, 1) },
+                    vote("v-bob", "bob", Approve, 2),
+                ],
+                eligibility: &AnyVoter,
+                approved: true,
+                approvers: &[("bob", "v-bob")],
+                rejected_by: None,
+                ignored: &[],
+            },
+            Case {
+                name: "an ineligible voter is ignored with the eligibility's reason",
+                required: 2,
+                votes: vec![vote("v-alice", "alice", Approve, 1), vote("v-eve", "eve", Approve, 2), vote("v-bob", "bob", Approve, 3)],
+                eligibility: &Refuse(&["eve"]),
+                approved: true,
+                approvers: &[("alice", "v-alice"), ("bob", "v-bob")],
+                rejected_by: None,
+                ignored: &[("v-eve", "eve may not approve category core-security")],
+            },
+            Case {
+                name: "an ineligible voter's Reject does not reject",
+                required: 1,
+                votes: vec![vote("v-eve", "eve", Reject, 1), vote("v-alice", "alice", Approve, 2)],
+                eligibility: &Refuse(&["eve"]),
+                approved: true,
+                approvers: &[("alice", "v-alice")],
+                rejected_by: None,
+                ignored: &[("v-eve", "may not approve")],
+            },
+            Case {
+                name: "votes without a creation time count before timed ones, then by name",
+                required: 1,
+                votes: vec![
+                    vote("v-alice-a", "alice", Approve, 1),
+                    VoteView { created: None, ..vote("v-alice-c", "alice", Reject, 0) },
+                    VoteView { created: None, ..vote("v-alice-b", "alice", Approve, 0) },
+                ],
+                eligibility: &AnyVoter,
+                approved: true,
+                approvers: &[("alice", "v-alice-b")],
+                rejected_by: None,
+                ignored: &[("v-alice-c", "already has a counted vote"), ("v-alice-a", "already has a counted vote")],
+            },
+        ]
+    }
+
+    #[test]
+    fn tally_table() {
+        let cases = cases();
+        assert!(cases.len() >= 10);
+        for case in cases {
+            let name = case.name;
+            let t = tally(&JOB, case.required, &case.votes, case.eligibility);
+            assert_eq!(t.required, case.required, "{name}: required");
+            assert_eq!(t.approved(), case.approved, "{name}: approved(); tally {t:#?}");
+            let approvers: Vec<(&str, &str)> = t.approvers.iter().map(|a| (a.voter.as_str(), a.vote.as_str())).collect();
+            assert_eq!(approvers, case.approvers, "{name}: approvers");
+            assert_eq!(t.rejected_by.as_ref().map(|r| (r.voter.as_str(), r.vote.as_str())), case.rejected_by, "{name}: rejected_by");
+            let ignored: Vec<&str> = t.ignored.iter().map(|i| i.name.as_str()).collect();
+            let want: Vec<&str> = case.ignored.iter().map(|(n, _)| *n).collect();
+            assert_eq!(ignored, want, "{name}: ignored votes");
+            for (got, (_, why)) in t.ignored.iter().zip(case.ignored) {
+                assert!(got.why.contains(why), "{name}: {} ignored because {:?}, want {why:?}", got.name, got.why);
+            }
+            // Every counted vote carries its time and reason into status.
+            for a in t.approvers.iter().chain(&t.rejected_by) {
+                let v = case.votes.iter().find(|v| v.name == a.vote).unwrap();
+                assert_eq!((&a.decided_at, &a.reason), (&v.created, &v.reason), "{name}: approver {} copies the vote", a.voter);
+            }
+        }
+    }
+
+    #[test]
+    fn verdicts_say_whether_and_why_each_vote_counted() {
+        let votes = vec![
+            vote("v-alice", "alice", Approve, 1),
+            VoteView { job_generation: 1, ..vote("v-bob-old", "bob", Approve, 2) },
+            vote("v-carol", "carol", Reject, 3),
+            vote("v-alice-2", "alice", Approve, 4),
+        ];
+        let t = tally(&JOB, 2, &votes, &AnyVoter);
+        let cases: &[(&str, &str, bool, &str)] = &[
+            ("counted approval reports the count", "v-alice", true, "counted: 1 of 2 approvals"),
+            ("old-generation vote reports why it is ignored", "v-bob-old", false, "is for generation 1 but the job is at generation 2; vote again"),
+            ("the counted Reject says it rejects", "v-carol", true, "counted: this Reject rejects the job"),
+            ("a duplicate says the voter already voted", "v-alice-2", false, "alice already has a counted vote on this job"),
+        ];
+        for (name, vote, counted, message) in cases {
+            assert_eq!(t.verdict(vote), (*counted, message.to_string()), "{name}");
+        }
+    }
+}

@@ -16,7 +16,7 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use support::cluster::{add_node, finish_pod, run_pod, vote};
+use support::cluster::{add_node, finish_pod, grant_voting_rights, run_pod, vote};
 use support::controlplane::{ControlPlane, OperatorProcess};
 
 const JOBS: [(&str, &str); 3] = [
@@ -41,6 +41,8 @@ async fn main() -> anyhow::Result<()> {
         cp.namespace(ns).await;
     }
     apply_tool_backends(&admin).await?;
+    // alice and bob (group agentgate:heads) become heads of every category; everyone may vote.
+    grant_voting_rights(&admin).await;
 
     step("Starting the operator");
     let operator = OperatorProcess::start(cp, &["--metrics-addr", "127.0.0.1:0"]);
@@ -90,8 +92,8 @@ fn kubectl(cp: &ControlPlane, args: &[&str]) {
     }
 }
 
-/// The bandit Service with one ready endpoint (what the endpoint controller would publish),
-/// the catalog API key, and RBAC that lets the `agentgate:heads` group vote.
+/// The bandit Service with one ready endpoint (what the endpoint controller would publish) and
+/// the catalog API key.
 async fn apply_tool_backends(admin: &Client) -> anyhow::Result<()> {
     let pp = PatchParams::apply("agentgate-demo");
     let objects = [
@@ -103,12 +105,6 @@ async fn apply_tool_backends(admin: &Client) -> anyhow::Result<()> {
                "endpoints": [{"addresses": ["10.0.0.12"], "conditions": {"ready": true}}]}),
         json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "catalog-api-key", "namespace": "tools"},
                "stringData": {"token": "demo-token-not-a-real-secret"}}),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "agentgate-demo-voter"},
-               "rules": [{"apiGroups": ["agentgate.dev"], "resources": ["approvalvotes"], "verbs": ["create", "get", "list"]},
-                         {"apiGroups": ["agentgate.dev"], "resources": ["agentjobs"], "verbs": ["get", "list", "watch"]}]}),
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "agentgate-demo-voters"},
-               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "agentgate-demo-voter"},
-               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "agentgate:heads"}]}),
     ];
     for obj in objects {
         let dynamic: kube::api::DynamicObject = serde_json::from_value(obj.clone())?;

@@ -150,6 +150,7 @@ pub async fn vote_on_generation(
             voter: voter.into(),
             decision,
             reason: Some(format!("{voter} looked at it")),
+            voter_groups: Vec::new(),
             confidence: Some(90),
         },
     );
@@ -232,4 +233,32 @@ pub async fn job_pods(client: &Client, namespace: &str, job: &AgentJob) -> Vec<P
         .items;
     pods.sort_by_key(|p| p.name_any());
     pods
+}
+
+/// RBAC the tests and the demo rely on: every user in `agentgate:users` may read jobs and cast
+/// votes; `agentgate:heads` (alice and bob) are heads of every category. Idempotent.
+pub async fn grant_voting_rights(admin: &Client) {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    let pp = PatchParams::apply("agentgate-test-rbac").force();
+    let roles = [
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "test-agentgate-voter"},
+               "rules": [{"apiGroups": ["agentgate.dev"], "resources": ["approvalvotes"], "verbs": ["create", "get", "list", "watch", "delete"]},
+                         {"apiGroups": ["agentgate.dev"], "resources": ["agentjobs"], "verbs": ["create", "get", "list", "watch", "patch", "update"]}]}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "test-agentgate-head-of-every-category"},
+               "rules": [{"apiGroups": ["agentgate.dev"], "resources": ["categories"], "verbs": ["approve"]}]}),
+    ];
+    for role in roles {
+        let name = role["metadata"]["name"].as_str().unwrap().to_string();
+        Api::<ClusterRole>::all(admin.clone()).patch(&name, &pp, &Patch::Apply(&role)).await.expect("apply ClusterRole");
+    }
+    let bindings = [
+        ("test-agentgate-voters", "test-agentgate-voter", "agentgate:users"),
+        ("test-agentgate-heads", "test-agentgate-head-of-every-category", "agentgate:heads"),
+    ];
+    for (name, role, group) in bindings {
+        let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}]});
+        Api::<ClusterRoleBinding>::all(admin.clone()).patch(name, &pp, &Patch::Apply(&binding)).await.expect("apply ClusterRoleBinding");
+    }
 }

@@ -1,0 +1,74 @@
+//! Who is a category head: an RBAC fact, asked of the apiserver with SubjectAccessReviews.
+//!
+//! A head of category C may `approve` resource `categories`, name C, group agentgate.dev, in the
+//! job's namespace or cluster-wide, the same model as approving CSRs for a signer. Answers are
+//! cached briefly and dropped whenever any Role, ClusterRole or binding changes, so revoked rights
+//! stop counting at once.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
+use kube::api::PostParams;
+use kube::{Api, Client};
+
+const TTL: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Question {
+    voter: String,
+    groups: Vec<String>,
+    namespace: String,
+    category: String,
+}
+
+pub struct HeadChecker {
+    client: Client,
+    answers: Mutex<HashMap<Question, (Result<(), String>, Instant)>>,
+}
+
+impl HeadChecker {
+    pub fn new(client: Client) -> Self {
+        HeadChecker { client, answers: Mutex::new(HashMap::new()) }
+    }
+
+    /// `Ok(Err(why))` when the voter is not a head; `Err` when the apiserver could not answer.
+    pub async fn is_head(&self, voter: &str, groups: &[String], namespace: &str, category: &str) -> Result<Result<(), String>, kube::Error> {
+        let question = Question { voter: voter.into(), groups: groups.to_vec(), namespace: namespace.into(), category: category.into() };
+        if let Some((answer, at)) = self.answers.lock().expect("cache lock").get(&question) {
+            if at.elapsed() < TTL {
+                return Ok(answer.clone());
+            }
+        }
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(voter.into()),
+                groups: Some(groups.to_vec()),
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some(crate::api::GROUP.into()),
+                    resource: Some("categories".into()),
+                    verb: Some("approve".into()),
+                    name: Some(category.into()),
+                    namespace: Some(namespace.into()),
+                    ..ResourceAttributes::default()
+                }),
+                ..SubjectAccessReviewSpec::default()
+            },
+            ..SubjectAccessReview::default()
+        };
+        let answered = Api::<SubjectAccessReview>::all(self.client.clone()).create(&PostParams::default(), &review).await?;
+        let allowed = answered.status.as_ref().is_some_and(|s| s.allowed);
+        let answer = if allowed {
+            Ok(())
+        } else {
+            Err(format!("{voter} is not a head of category {category}: RBAC does not allow them to approve categories/{category} in {namespace}"))
+        };
+        self.answers.lock().expect("cache lock").insert(question, (answer.clone(), Instant::now()));
+        Ok(answer)
+    }
+
+    pub fn forget_all(&self) {
+        self.answers.lock().expect("cache lock").clear();
+    }
+}
