@@ -20,7 +20,7 @@ use crate::domain::estimate::UsageSample;
 use crate::domain::pod_builder::{PodPlan, build_pod};
 use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
 use crate::domain::report::tokens_of;
-use crate::domain::tally::{AnyVoter, JobIdentity, tally};
+use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
 use crate::metrics::UsageLabels;
 
 /// How many finished runs of a job type the estimator looks at.
@@ -72,8 +72,10 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         .cloned()
         .collect();
     let vote_views: Vec<_> = votes.iter().map(|v| vote_view(v)).collect();
-    let identity = JobIdentity { name: &name, uid: &uid, generation, author: None };
-    let counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &vote_views, &AnyVoter);
+    let author = job.annotations().get(REQUESTED_BY).map(String::as_str);
+    let identity = JobIdentity { name: &name, uid: &uid, generation, author };
+    let heads = head_verdicts(job, ctx, &vote_views).await?;
+    let mut counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &vote_views, &heads);
     let readiness = if old_status.phase.is_some_and(JobPhase::is_terminal) {
         Readiness::default()
     } else {
@@ -89,6 +91,8 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         job,
         now: now(),
         approval_floor: ctx.settings.approval_floor,
+        approval_tiers: &ctx.settings.approval_tiers,
+        approval_timeout_seconds: ctx.settings.approval_timeout_seconds,
         prices: &prices,
         history: &history,
         readiness: &readiness,
@@ -107,11 +111,35 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     if plan.status != old_status {
         write_status(job, ctx, &plan.status).await?;
     }
+    if let Some(approval) = &plan.status.approval {
+        counted.required = approval.required;
+    }
     approval_vote::record_verdicts(ctx, &votes, &counted, job).await;
 
     // Report.
     report(job, ctx, &old_status, &plan).await;
-    Ok(next_check(&plan.status))
+    Ok(next_check(&plan.status, ctx.settings.approval_timeout_seconds))
+}
+
+/// Stamped by the MutatingAdmissionPolicy in deploy/admission with the job's creator.
+pub const REQUESTED_BY: &str = "agentgate.dev/requested-by";
+
+/// Asks RBAC (through the cached SubjectAccessReview checker) whether each voter is a head of
+/// the job's category. Skipped once the job has finished: its votes no longer matter.
+async fn head_verdicts(job: &AgentJob, ctx: &Context, votes: &[VoteView]) -> Result<HeadVerdicts> {
+    let mut verdicts = std::collections::BTreeMap::new();
+    let phase = job.status.as_ref().and_then(|s| s.phase);
+    if phase.is_some_and(JobPhase::is_terminal) {
+        return Ok(HeadVerdicts(verdicts));
+    }
+    let namespace = job.namespace().unwrap_or_default();
+    for vote in votes {
+        if !verdicts.contains_key(&vote.voter) {
+            let answer = ctx.heads.is_head(&vote.voter, &vote.groups, &namespace, &job.spec.category).await?;
+            verdicts.insert(vote.voter.clone(), answer);
+        }
+    }
+    Ok(HeadVerdicts(verdicts))
 }
 
 fn now() -> Time {
@@ -326,9 +354,18 @@ fn truncate(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
-fn next_check(status: &AgentJobStatus) -> Action {
+fn next_check(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>) -> Action {
     match status.phase {
         Some(p) if p.is_terminal() => Action::await_change(),
+        // Come back when the approval timeout expires, not only on the next resync.
+        Some(JobPhase::AwaitingApproval) => {
+            let since = crate::domain::conditions::find(&status.conditions, condition::APPROVED).map(|c| c.last_transition_time.0);
+            let remaining = approval_timeout_seconds.zip(since).map(|(limit, since)| {
+                let waited = k8s_openapi::jiff::Timestamp::now().duration_since(since).as_secs();
+                std::time::Duration::from_secs((limit - waited).max(0) as u64 + 1)
+            });
+            Action::requeue(remaining.map_or(RESYNC, |r| r.min(RESYNC)))
+        }
         _ => Action::requeue(RESYNC),
     }
 }

@@ -182,5 +182,6 @@ pub fn vote_view(vote: &ApprovalVote) -> VoteView {
         job_generation: vote.spec.job_ref.generation,
         reason: vote.spec.reason.clone(),
         created: vote.metadata.creation_timestamp.clone(),
+        groups: vote.spec.voter_groups.clone(),
     }
 }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::approval_policy::{ApprovalTier, requirement};
 use super::conditions::{remove_condition, set_condition};
 use super::estimate::{EstimateInput, UsageSample, estimate};
 use super::money::MicroUsd;
@@ -63,6 +64,9 @@ pub struct Observed<'a> {
     pub job: &'a AgentJob,
     pub now: Time,
     pub approval_floor: i32,
+    pub approval_tiers: &'a [ApprovalTier],
+    /// Reject jobs waiting longer than this for approval.
+    pub approval_timeout_seconds: Option<i64>,
     pub prices: &'a PriceTable,
     /// Finished runs of this job's jobType, newest last.
     pub history: &'a [UsageSample],
@@ -356,10 +360,12 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
     }
 
     let t = o.tally;
+    let cost_p90 = s.estimate.as_ref().and_then(|e| MicroUsd::parse(&e.cost_usd.p90));
+    let need = requirement(o.approval_floor, o.approval_tiers, &spec.category, cost_p90, spec.approval.as_ref().and_then(|a| a.required));
     s.approval = Some(ApprovalStatus {
-        required: t.required,
+        required: need.required,
         approved: t.approvers.len() as i32,
-        summary: format!("{}/{}", t.approvers.len(), t.required),
+        summary: format!("{}/{}", t.approvers.len(), need.required),
         approvers: t.approvers.clone(),
         rejected_by: t.rejected_by.as_ref().map(|r| r.voter.clone()),
         ignored_votes: t.ignored.clone(),
@@ -379,8 +385,27 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
         reject(s, plan, "VoteRejected", &msg, generation, &o.now);
         return;
     }
-    if !t.approved() {
-        let msg = format!("{} of {} approvals from category {} heads", t.approvers.len(), t.required, spec.category);
+    let enough = t.approvers.len() as i32 >= need.required;
+    let human_ok = need.human_group.as_deref().is_none_or(|g| t.approved_by_member_of(g));
+    if !(enough && human_ok) {
+        let mut msg = format!("{} of {} approvals from category {} heads", t.approvers.len(), need.required, spec.category);
+        if let Some(group) = need.human_group.as_deref().filter(|_| !human_ok) {
+            msg.push_str(&format!("; one must come from a member of {group}"));
+        }
+        if let Some(because) = &need.because {
+            msg.push_str(&format!(" ({because})"));
+        }
+        let waiting_since = super::conditions::find(&s.conditions, condition::APPROVED)
+            .filter(|c| c.status == "False" && c.reason == "AwaitingApproval")
+            .map(|c| c.last_transition_time.0)
+            .unwrap_or(o.now.0);
+        let waited = o.now.0.duration_since(waiting_since).as_secs();
+        if let Some(limit) = o.approval_timeout_seconds.filter(|limit| waited > *limit) {
+            let msg = format!("no approval within {limit}s: {msg}");
+            set_condition(&mut s.conditions, condition::APPROVED, false, "ApprovalTimeout", msg.clone(), generation, &o.now);
+            reject(s, plan, "ApprovalTimeout", &msg, generation, &o.now);
+            return;
+        }
         set_condition(&mut s.conditions, condition::APPROVED, false, "AwaitingApproval", msg.clone(), generation, &o.now);
         s.phase = Some(JobPhase::AwaitingApproval);
         waiting(s, "AwaitingApproval", &msg, generation, &o.now);
@@ -569,7 +594,7 @@ mod tests {
 
     fn step(job: &AgentJob, readiness: &Readiness, tally: &Tally, pods: &[PodView], gone_pods: &[String]) -> Plan {
         let prices = PriceTable::builtin();
-        decide(&Observed { job, now: now(), approval_floor: 2, prices: &prices, history: &[], readiness, tally, pods, gone_pods })
+        decide(&Observed { job, now: now(), approval_floor: 2, approval_tiers: &[], approval_timeout_seconds: None, prices: &prices, history: &[], readiness, tally, pods, gone_pods })
     }
 
     /// The job as it is stored after `plan` was applied.

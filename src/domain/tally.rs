@@ -1,5 +1,7 @@
 //! Counting ApprovalVotes: which votes count toward a job's approval, and why the others don't.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{Approver, Decision, IgnoredVote};
@@ -14,6 +16,8 @@ pub struct VoteView {
     pub job_generation: i64,
     pub reason: Option<String>,
     pub created: Option<Time>,
+    /// The voter's groups as stamped at admission.
+    pub groups: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -30,12 +34,22 @@ pub trait Eligibility {
     fn check(&self, voter: &str) -> Result<(), String>;
 }
 
-/// Until identities are checked against RBAC, every voter is eligible.
+/// Every voter is eligible: for operators run without category-head checks, and for tests.
 pub struct AnyVoter;
 
 impl Eligibility for AnyVoter {
     fn check(&self, _voter: &str) -> Result<(), String> {
         Ok(())
+    }
+}
+
+/// Answers found beforehand (by SubjectAccessReview) for each voter; a voter nobody asked
+/// about is not eligible.
+pub struct HeadVerdicts(pub BTreeMap<String, Result<(), String>>);
+
+impl Eligibility for HeadVerdicts {
+    fn check(&self, voter: &str) -> Result<(), String> {
+        self.0.get(voter).cloned().unwrap_or_else(|| Err(format!("whether {voter} is a category head could not be checked")))
     }
 }
 
@@ -45,9 +59,16 @@ pub struct Tally {
     pub approvers: Vec<Approver>,
     pub rejected_by: Option<Approver>,
     pub ignored: Vec<IgnoredVote>,
+    /// Groups of each counted approver, for rules that need a member of a certain group.
+    pub approver_groups: BTreeMap<String, Vec<String>>,
 }
 
 impl Tally {
+    /// Whether a counted approver belongs to `group`.
+    pub fn approved_by_member_of(&self, group: &str) -> bool {
+        self.approvers.iter().any(|a| self.approver_groups.get(&a.voter).is_some_and(|g| g.iter().any(|x| x == group)))
+    }
+
     pub fn approved(&self) -> bool {
         self.rejected_by.is_none() && self.approvers.len() as i32 >= self.required
     }
@@ -91,7 +112,10 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
         seen_voters.push(&vote.voter);
         let approver = Approver { voter: vote.voter.clone(), vote: vote.name.clone(), decided_at: vote.created.clone(), reason: vote.reason.clone() };
         match vote.decision {
-            Decision::Approve => t.approvers.push(approver),
+            Decision::Approve => {
+                t.approver_groups.insert(vote.voter.clone(), vote.groups.clone());
+                t.approvers.push(approver)
+            }
             Decision::Reject if t.rejected_by.is_none() => t.rejected_by = Some(approver),
             Decision::Reject => {}
         }
@@ -121,6 +145,7 @@ mod tests {
             job_generation: JOB.generation,
             reason: Some(format!("{voter} says so")),
             created: at(minute),
+            groups: vec!["agentgate:users".into()],
         }
     }
 
