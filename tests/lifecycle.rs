@@ -413,3 +413,38 @@ async fn operator_writes_observed_generation_for_every_spec_change() {
     let second = wait_for_job(&env.client, &env.ns, "tracked", "observedGeneration 2", |j| j.status.as_ref().and_then(|s| s.observed_generation) == Some(2)).await;
     assert_eq!(second.status.unwrap().estimate.unwrap().generation, 2, "re-estimated for the new generation");
 }
+
+#[tokio::test]
+async fn a_spec_change_while_running_leaves_the_pods_alone_and_is_reported() {
+    let env = setup("lc-midrun").await;
+    let job = create_job(&env, &job_manifest("busy", json!({}))).await;
+    approve(&env, &job).await;
+    let pods = wait_pods(&env, &job, 1).await;
+    let uid = pods[0].metadata.uid.clone();
+    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns)
+        .patch("busy", &PatchParams::default(), &Patch::Merge(json!({"spec": {"resources": {"cpu": "1"}}})))
+        .await
+        .unwrap();
+    let changed = wait_for_job(&env.client, &env.ns, "busy", "SpecChangePending", |j| condition(j, "SpecChangePending").is_some_and(|c| c.status == "True")).await;
+    assert!(condition(&changed, "SpecChangePending").unwrap().message.contains("generation 2 applies from the next attempt"));
+    assert_eq!(phase(&changed), Some("Running"));
+    let after = job_pods(&env.client, &env.ns, &job).await;
+    assert_eq!((after.len(), after[0].metadata.uid.clone()), (1, uid), "the running Pod is untouched");
+    assert_eq!(after[0].spec.as_ref().unwrap().containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap()["cpu"].0, "500m");
+}
+
+#[tokio::test]
+async fn deleting_a_job_deletes_its_pods_through_their_owner_reference() {
+    let env = setup("lc-delete").await;
+    // Garbage collection is kube-controller-manager's job; run just that controller.
+    let _gc = support::controlplane::ControllerManager::start(ControlPlane::shared(), "garbagecollector");
+    let job = create_job(&env, &job_manifest("short-lived", json!({}))).await;
+    approve(&env, &job).await;
+    wait_pods(&env, &job, 1).await;
+    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns)
+        .delete("short-lived", &kube::api::DeleteParams::foreground())
+        .await
+        .unwrap();
+    let client = env.client.clone();
+    wait_for("the job's Pods to be collected", Duration::from_secs(60), || job_pods(&client, &env.ns, &job), |p: &Vec<Pod>| p.is_empty()).await;
+}

@@ -338,6 +338,26 @@ impl ControlPlane {
     }
 }
 
+/// kube-controller-manager running only the given controllers (e.g. `garbagecollector`), for
+/// tests of behaviour that real clusters get from it. Killed when dropped.
+pub struct ControllerManager(Process);
+
+impl ControllerManager {
+    pub fn start(control_plane: &ControlPlane, controllers: &str) -> ControllerManager {
+        let binary = control_plane.bin_dir.join("kube-controller-manager");
+        let mut command = Command::new(binary);
+        command.args([
+            &format!("--kubeconfig={}", control_plane.kubeconfig("admin").display()),
+            &format!("--controllers={controllers}"),
+            "--leader-elect=false",
+            "--secure-port=0",
+            "--use-service-account-credentials=false",
+        ]);
+        let log = control_plane.dir.join(format!("kube-controller-manager-{}.log", controllers.replace(',', "-")));
+        ControllerManager(Process::spawn("kube-controller-manager", command, log).unwrap_or_else(|e| panic!("{e:?}")))
+    }
+}
+
 /// The operator binary running as `agentgate run <args>` with admin credentials.
 ///
 /// Killed when dropped, and in any case when the test binary exits.
