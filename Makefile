@@ -9,10 +9,11 @@ all: build
 build:
 	$(CARGO) build --bins
 
-# Regenerate crds/ (and the chart's copy) from the Rust types in src/api.
+# Regenerate crds/ from the Rust types in src/api, and refresh the chart's copies (tests/packaging.rs checks them).
 crds:
 	$(CARGO) run -q -- crds --out-dir crds
-	@if [ -d charts/agentgate/crds ]; then cp crds/*.yaml charts/agentgate/crds/; fi
+	cp crds/*.yaml charts/agentgate/crds/
+	cp deploy/admission/identity.yaml charts/agentgate/templates/admission-policies.yaml
 
 # Build (once; cached in ~/.cache/agentgate) etcd, kube-apiserver, kubectl and kube-controller-manager.
 controlplane:
