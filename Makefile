@@ -30,6 +30,13 @@ unit:
 demo: controlplane build
 	$(CARGO) run -q --example demo
 
+# Throughput, latency, API requests and memory of the operator next to raw Pod creation and the
+# Job controller (not part of `make test`). N=1000 STEADY_SECONDS=60 SCALE_JOBS=10000 by default.
+.PHONY: bench
+bench: controlplane
+	$(CARGO) build --release --bin agentgate
+	AGENTGATE_BIN=$(CURDIR)/target/release/agentgate N=$${N:-1000} $(CARGO) run --release --example bench
+
 lint:
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings

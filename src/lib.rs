@@ -4,4 +4,5 @@ pub mod api;
 pub mod domain;
 pub mod controller;
 pub mod metrics;
+pub mod review;
 pub mod server;

@@ -25,6 +25,9 @@ enum Command {
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
+    /// Review jobs of some categories against a policy and vote on them as the current identity
+    /// (for instance a category head's ServiceAccount).
+    Review(agentgate::review::ReviewArgs),
 }
 
 #[derive(clap::Args)]
@@ -49,6 +52,10 @@ struct RunArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "AGENTGATE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Discover AgentTools only from Services in namespaces matching this label selector, e.g.
+    /// `agentgate.dev/discovery=enabled` (default: every namespace).
+    #[arg(long, env = "AGENTGATE_DISCOVERY_NAMESPACE_SELECTOR", value_parser = agentgate::controller::discovery::parse_namespace_selector)]
+    discovery_namespace_selector: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "AGENTGATE_LOG_JSON")]
     log_json: bool,
@@ -67,6 +74,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args)),
+        Command::Review(args) => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+            tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).init();
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(agentgate::review::run(args))
+        }
     }
 }
 
@@ -92,6 +105,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         approval_tiers: args.approval_tiers,
         approval_timeout_seconds: (args.approval_timeout_seconds > 0).then_some(args.approval_timeout_seconds as i64),
         field_manager: "agentgate".into(),
+        discovery_namespace_selector: args.discovery_namespace_selector,
     };
     tracing::info!(namespace = ?settings.namespace, approval_floor = settings.approval_floor, models = prices.models.len(), "starting agentgate");
 

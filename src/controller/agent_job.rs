@@ -147,14 +147,13 @@ fn now() -> Time {
 }
 
 fn job_readiness(job: &AgentJob, ctx: &Context, jobs: &[Arc<AgentJob>], all_pods: &[Arc<Pod>]) -> Readiness {
-    let uid = job.metadata.uid.as_deref().unwrap_or_default();
     let tools: Vec<(ToolNeed, Option<_>)> = job
         .spec
         .tools
         .iter()
         .map(|t| {
             let need = ToolNeed { name: t.name.clone(), required: t.required, min_rate_limit: t.min_rate_limit };
-            let view = ctx.caches.tools.get(&ObjectRef::new(&t.name)).map(|tool| tool_view(&tool, jobs, uid));
+            let view = ctx.caches.tools.get(&ObjectRef::new(&t.name)).map(|tool| tool_view(&tool, jobs, job));
             (need, view)
         })
         .collect();
@@ -327,16 +326,67 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
             ctx.metrics.estimate_error_percent.observe(err as f64);
         }
         tracing::info!(job = %job.name_any(), namespace = ?job.namespace(), from = ?old.phase, to = ?new.phase, "phase changed");
-        // A job that stops running frees capacity and rate limit others may wait for.
-        if old.phase == Some(JobPhase::Running) {
-            for waiting in jobs_waiting_for_capacity(&ctx.caches, None).into_iter().chain(tools_of(job).flat_map(|t| jobs_naming_tool(&ctx.caches, &t))) {
-                let _ = ctx.requeue.send(waiting);
+        // Jobs waiting for the capacity and rate limit this one frees, and its tools' inUse, are
+        // looked at again by `requeue_on_transition` once the watch cache shows the new phase:
+        // requeued from here, they would read the cache before it does and keep waiting.
+    }
+}
+
+fn is_running(job: &AgentJob) -> bool {
+    job.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Running)
+}
+
+/// Called from the AgentJob watch for each event before the cache takes it in, so the cache
+/// still holds the previous copy; the requeues sent here are handled after the cache update.
+/// - A job entering or leaving Running changes its tools' `status.inUse`.
+/// - A job leaving Running (finished, failed, or deleted while running) frees node capacity and
+///   rate limit: every job waiting for capacity is looked at again, highest priority first being
+///   the readiness step's business (`snapshot::rate_limit_claims_ahead`, `queued_ahead_of`).
+/// - After a relist, transitions may have been missed: everything waiting is looked at again.
+pub fn requeue_on_transition(
+    jobs: &kube::runtime::reflector::Store<AgentJob>,
+    requeue: &tokio::sync::mpsc::UnboundedSender<ObjectRef<AgentJob>>,
+    tool_requeue: &tokio::sync::mpsc::UnboundedSender<ObjectRef<crate::api::AgentTool>>,
+    event: &kube::runtime::watcher::Event<AgentJob>,
+) {
+    use kube::runtime::watcher::Event;
+    let (old, new): (Option<Arc<AgentJob>>, Option<&AgentJob>) = match event {
+        Event::Apply(job) => (jobs.get(&ObjectRef::from_obj(job)), Some(job)),
+        Event::Delete(job) => (jobs.get(&ObjectRef::from_obj(job)).or_else(|| Some(Arc::new(job.clone()))), None),
+        Event::InitDone => {
+            let all = jobs.state();
+            for waiting in waiting_jobs(&all) {
+                let _ = requeue.send(waiting);
             }
+            let tools: std::collections::BTreeSet<String> = all.iter().flat_map(|j| tools_of(j).collect::<Vec<_>>()).collect();
+            for tool in tools {
+                let _ = tool_requeue.send(ObjectRef::new(&tool));
+            }
+            return;
         }
-        for tool in tools_of(job) {
-            let _ = ctx.tool_requeue.send(ObjectRef::new(&tool));
+        Event::Init | Event::InitApply(_) => return,
+    };
+    let was_running = old.as_deref().is_some_and(is_running);
+    let now_running = new.is_some_and(is_running);
+    if was_running == now_running {
+        return;
+    }
+    let job = new.or(old.as_deref()).expect("one of old and new is a job");
+    for tool in tools_of(job) {
+        let _ = tool_requeue.send(ObjectRef::new(&tool));
+    }
+    if was_running {
+        for waiting in waiting_jobs(&jobs.state()) {
+            let _ = requeue.send(waiting);
         }
     }
+}
+
+fn waiting_jobs(jobs: &[Arc<AgentJob>]) -> Vec<ObjectRef<AgentJob>> {
+    jobs.iter()
+        .filter(|j| j.status.as_ref().is_some_and(|s| s.phase == Some(JobPhase::WaitingForResources) || s.phase == Some(JobPhase::AwaitingApproval)))
+        .map(|j| ObjectRef::from_obj(j.as_ref()))
+        .collect()
 }
 
 fn tools_of(job: &AgentJob) -> impl Iterator<Item = String> + '_ {
@@ -387,14 +437,8 @@ pub fn jobs_affected_by_pod(caches: &Caches, pod: &Pod) -> Vec<ObjectRef<AgentJo
 }
 
 pub fn jobs_waiting_for_capacity(caches: &Caches, namespace: Option<&str>) -> Vec<ObjectRef<AgentJob>> {
-    caches
-        .jobs
-        .state()
-        .iter()
-        .filter(|j| namespace.is_none() || j.namespace().as_deref() == namespace)
-        .filter(|j| j.status.as_ref().is_some_and(|s| s.phase == Some(JobPhase::WaitingForResources) || s.phase == Some(JobPhase::AwaitingApproval)))
-        .map(|j| ObjectRef::from_obj(j.as_ref()))
-        .collect()
+    let jobs = caches.jobs.state();
+    waiting_jobs(&jobs).into_iter().filter(|j| namespace.is_none() || j.namespace.as_deref() == namespace).collect()
 }
 
 pub fn jobs_naming_tool(caches: &Caches, tool: &str) -> Vec<ObjectRef<AgentJob>> {

@@ -2,6 +2,7 @@
 //! limit do running jobs claim.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -12,14 +13,50 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
+use super::discovery::{DISCOVERED, DISCOVERED_FROM, DISCOVERY_ERROR};
 use super::snapshot::rate_limit_claims;
 use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY};
 use crate::api::{AgentTool, AgentToolStatus};
-use crate::domain::conditions::set_condition;
+use crate::domain::conditions::{remove_condition, set_condition};
 
-/// Secrets are not watched (the operator may only read the ones tools name), so tools with
-/// credentials are looked at again on this period.
+/// Changes to Secrets reach the tools naming them through a watch of Secrets' metadata
+/// (`tools_using_secret`). Only while that watch cannot run (RBAC grants `get` on Secrets but not
+/// `list`/`watch`, for instance with the chart's `rbac.secrets.namespaces`) are tools with
+/// credentials looked at again on this period instead.
 const CREDENTIALS_RECHECK: Duration = Duration::from_secs(30);
+
+/// Whether the watch of Secrets' metadata is running: set once it has listed every Secret,
+/// cleared when it fails.
+#[derive(Default)]
+pub struct SecretWatch {
+    watching: AtomicBool,
+    warned: AtomicBool,
+}
+
+impl SecretWatch {
+    pub fn is_watching(&self) -> bool {
+        self.watching.load(Ordering::Relaxed)
+    }
+
+    /// Follows the watch's events; says once why it fails.
+    pub fn observe<K>(&self, event: &std::result::Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>) {
+        match event {
+            Ok(kube::runtime::watcher::Event::InitDone) => {
+                if !self.watching.swap(true, Ordering::Relaxed) {
+                    tracing::info!("watching Secrets' metadata: credentials are re-checked when their Secret changes");
+                }
+                self.warned.store(false, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(error) => {
+                self.watching.store(false, Ordering::Relaxed);
+                if !self.warned.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%error, "cannot watch Secrets' metadata; re-checking tool credentials every {}s instead", CREDENTIALS_RECHECK.as_secs());
+                }
+            }
+        }
+    }
+}
 
 pub async fn reconcile(tool: Arc<AgentTool>, ctx: Arc<Context>) -> Result<Action> {
     let result = reconcile_inner(&tool, &ctx).await;
@@ -99,7 +136,19 @@ async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let generation = tool.metadata.generation.unwrap_or(1);
     let old = tool.status.clone().unwrap_or_default();
-    let mut s = AgentToolStatus { conditions: old.conditions.clone(), discovered_from: old.discovered_from.clone(), ..AgentToolStatus::default() };
+    let discovered = tool.labels().get(DISCOVERED).is_some_and(|v| v == "true");
+    let mut s = AgentToolStatus {
+        conditions: old.conditions.clone(),
+        discovered_from: tool.annotations().get(DISCOVERED_FROM).cloned().filter(|_| discovered),
+        ..AgentToolStatus::default()
+    };
+    // A discovered tool whose Service's annotations are bad is not Ready until they are fixed.
+    let discovery_error = tool.annotations().get(DISCOVERY_ERROR).cloned().filter(|_| discovered);
+    match (&s.discovered_from, &discovery_error) {
+        (Some(_), Some(error)) => set_condition(&mut s.conditions, "Discovered", false, "InvalidAnnotation", error.clone(), generation, &now),
+        (Some(from), None) => set_condition(&mut s.conditions, "Discovered", true, "FromService", format!("discovered from Service {from}"), generation, &now),
+        (None, _) => remove_condition(&mut s.conditions, "Discovered"),
+    }
 
     let endpoint = check_endpoint(tool, &ctx.caches);
     set_condition(&mut s.conditions, "EndpointAvailable", endpoint.available, endpoint.reason, endpoint.message.clone(), generation, &now);
@@ -109,13 +158,22 @@ async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
         None => set_condition(&mut s.conditions, "CredentialsPresent", true, "NoneRequired", "the tool declares no credentials", generation, &now),
     }
     let credentials_ok = credentials.as_ref().is_none_or(|(ok, _)| *ok);
-    s.ready = endpoint.available && credentials_ok;
-    let ready_message = match (&credentials, endpoint.available) {
-        (_, false) => endpoint.message.clone(),
-        (Some((false, msg)), true) => msg.clone(),
+    s.ready = discovery_error.is_none() && endpoint.available && credentials_ok;
+    let ready_message = match (&discovery_error, &credentials, endpoint.available) {
+        (Some(error), _, _) => error.clone(),
+        (None, _, false) => endpoint.message.clone(),
+        (None, Some((false, msg)), true) => msg.clone(),
         _ => endpoint.message.clone(),
     };
-    let ready_reason = if !endpoint.available { endpoint.reason } else if !credentials_ok { "CredentialsMissing" } else { "Ready" };
+    let ready_reason = if discovery_error.is_some() {
+        "InvalidAnnotation"
+    } else if !endpoint.available {
+        endpoint.reason
+    } else if !credentials_ok {
+        "CredentialsMissing"
+    } else {
+        "Ready"
+    };
     set_condition(&mut s.conditions, "Ready", s.ready, ready_reason, ready_message, generation, &now);
     s.ready_endpoints = endpoint.ready_endpoints;
     s.url = endpoint.url;
@@ -131,7 +189,19 @@ async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
         });
         api.patch_status(&tool.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch)).await?;
     }
-    Ok(Action::requeue(if tool.spec.credentials.is_some() { CREDENTIALS_RECHECK } else { RESYNC }))
+    let recheck = tool.spec.credentials.is_some() && !ctx.secret_watch.is_watching();
+    Ok(Action::requeue(if recheck { CREDENTIALS_RECHECK } else { RESYNC }))
+}
+
+/// Tools whose credentials name this Secret.
+pub fn tools_using_secret(caches: &Caches, namespace: &str, secret: &str) -> Vec<ObjectRef<AgentTool>> {
+    caches
+        .tools
+        .state()
+        .iter()
+        .filter(|t| t.spec.credentials.as_ref().is_some_and(|c| c.secret_ref.namespace == namespace && c.secret_ref.name == secret))
+        .map(|t| ObjectRef::from_obj(t.as_ref()))
+        .collect()
 }
 
 pub fn tools_using_service(caches: &Caches, namespace: &str, service: &str) -> Vec<ObjectRef<AgentTool>> {

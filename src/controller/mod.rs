@@ -4,6 +4,7 @@ pub mod access;
 pub mod agent_job;
 pub mod agent_tool;
 pub mod approval_vote;
+pub mod discovery;
 pub mod snapshot;
 
 use std::sync::Arc;
@@ -42,6 +43,9 @@ pub struct Settings {
     pub approval_tiers: Vec<crate::domain::approval_policy::ApprovalTier>,
     pub approval_timeout_seconds: Option<i64>,
     pub field_manager: String,
+    /// Discover AgentTools only from Services in namespaces matching this label selector; all
+    /// namespaces when None.
+    pub discovery_namespace_selector: Option<String>,
 }
 
 /// Watch caches every reconcile reads instead of calling the API.
@@ -92,6 +96,7 @@ pub struct Context {
     /// Jobs to look at again because something they wait for (capacity, rate limit) freed up.
     pub requeue: mpsc::UnboundedSender<ObjectRef<AgentJob>>,
     pub tool_requeue: mpsc::UnboundedSender<ObjectRef<AgentTool>>,
+    pub secret_watch: agent_tool::SecretWatch,
 }
 
 /// Liveness and readiness as /healthz and /readyz report them.
@@ -142,9 +147,25 @@ pub async fn run(
     let (services, services_writer) = reflector::store();
     let (endpoint_slices, slices_writer) = reflector::store();
 
-    let job_controller = kube::runtime::Controller::new(scoped::<AgentJob>(&client, &settings.namespace), wc.clone());
+    let (requeue, requeue_rx) = mpsc::unbounded_channel();
+    let (tool_requeue, tool_requeue_rx) = mpsc::unbounded_channel();
+    // Jobs entering or leaving Running requeue what waits on them, once the cache shows the change.
+    let (jobs, jobs_writer) = reflector::store();
+    let job_stream = watcher(scoped::<AgentJob>(&client, &settings.namespace), wc.clone())
+        .default_backoff()
+        .inspect({
+            let (jobs, requeue, tool_requeue) = (jobs.clone(), requeue.clone(), tool_requeue.clone());
+            move |event| {
+                if let Ok(event) = event {
+                    agent_job::requeue_on_transition(&jobs, &requeue, &tool_requeue, event);
+                }
+            }
+        })
+        .reflect(jobs_writer)
+        .applied_objects();
+    let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone());
     let caches = Caches {
-        jobs: job_controller.store(),
+        jobs,
         pods,
         nodes,
         quotas,
@@ -154,8 +175,6 @@ pub async fn run(
         endpoint_slices,
     };
     let _ = jobs_for_metrics.set(caches.jobs.clone());
-    let (requeue, requeue_rx) = mpsc::unbounded_channel();
-    let (tool_requeue, tool_requeue_rx) = mpsc::unbounded_channel();
     let reporter = Reporter { controller: "agentgate".into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
@@ -167,7 +186,10 @@ pub async fn run(
         heads: access::HeadChecker::new(client.clone()),
         requeue,
         tool_requeue,
+        secret_watch: agent_tool::SecretWatch::default(),
     });
+    // Woken by every Service and AgentTool change; see discovery.rs.
+    let discovery_trigger = Arc::new(tokio::sync::Notify::new());
 
     let pod_stream = watcher(scoped::<Pod>(&client, &None), wc.clone())
         .default_backoff()
@@ -180,7 +202,12 @@ pub async fn run(
         .modify(slim)
         .reflect(quotas_writer)
         .touched_objects();
-    let tool_stream = watcher(Api::<AgentTool>::all(client.clone()), wc.clone()).default_backoff().modify(slim).reflect(tools_writer).touched_objects();
+    let tool_stream = watcher(Api::<AgentTool>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .modify(slim)
+        .reflect(tools_writer)
+        .touched_objects()
+        .inspect(poke(&discovery_trigger));
     let vote_stream = watcher(scoped::<ApprovalVote>(&client, &settings.namespace), wc.clone())
         .default_backoff()
         .modify(slim)
@@ -214,12 +241,23 @@ pub async fn run(
         .default_backoff()
         .modify(slim)
         .reflect(services_writer)
-        .touched_objects();
+        .touched_objects()
+        .inspect(poke(&discovery_trigger));
     let slice_stream = watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
         .default_backoff()
         .modify(slim)
         .reflect(slices_writer)
         .touched_objects();
+    // Only Secrets' metadata is requested (never their data), and nothing is cached: a change
+    // only triggers the tools naming the Secret, whose reconcile GETs it to look for the key.
+    let secret_stream = watcher(Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .inspect({
+            let ctx = ctx.clone();
+            move |event| ctx.secret_watch.observe(event)
+        })
+        .touched_objects()
+        .filter(|secret| future::ready(secret.is_ok()));
     let tool_controller = kube::runtime::Controller::new(Api::<AgentTool>::all(client.clone()), wc.clone())
         .watches_stream(service_stream, {
             let caches = caches.clone();
@@ -230,6 +268,12 @@ pub async fn run(
             move |slice: EndpointSlice| {
                 let service = slice.labels().get("kubernetes.io/service-name").cloned().unwrap_or_default();
                 agent_tool::tools_using_service(&caches, &slice.namespace().unwrap_or_default(), &service)
+            }
+        })
+        .watches_stream(secret_stream, {
+            let caches = caches.clone();
+            move |secret: kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>| {
+                agent_tool::tools_using_secret(&caches, &secret.namespace().unwrap_or_default(), &secret.name_any())
             }
         })
         .reconcile_on(tokio_stream_from(tool_requeue_rx))
@@ -250,7 +294,14 @@ pub async fn run(
         _ = future::join(job_controller, tool_controller) => {}
         _ = mark_ready => {}
         _ = rbac_changes => {}
+        _ = discovery::run(ctx.clone(), discovery_trigger) => {}
     }
+}
+
+/// A stream inspector that wakes `trigger` on every item.
+fn poke<T>(trigger: &Arc<tokio::sync::Notify>) -> impl FnMut(&T) + Send + 'static + use<T> {
+    let trigger = trigger.clone();
+    move |_| trigger.notify_one()
 }
 
 fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {

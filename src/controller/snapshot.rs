@@ -148,10 +148,11 @@ pub fn gpu_resource_name(job: &AgentJob) -> String {
         .unwrap_or_else(|| crate::domain::pod_builder::DEFAULT_GPU_RESOURCE.to_string())
 }
 
-/// A tool with its spare capacity: `in_use` counts the claims of running jobs other than `job_uid`.
-pub fn tool_view(tool: &AgentTool, jobs: &[std::sync::Arc<AgentJob>], job_uid: &str) -> ToolView {
+/// A tool with its spare capacity, seen by `job`: `in_use` counts the claims of running jobs
+/// other than `job`, `queued_ahead` the claims of jobs waiting ahead of it.
+pub fn tool_view(tool: &AgentTool, jobs: &[std::sync::Arc<AgentJob>], job: &AgentJob) -> ToolView {
     let status = tool.status.clone().unwrap_or_default();
-    let (in_use, in_use_by_jobs) = rate_limit_claims(jobs, &tool.name_any(), Some(job_uid));
+    let (in_use, in_use_by_jobs) = rate_limit_claims(jobs, &tool.name_any(), job.metadata.uid.as_deref());
     let condition = |t: &str| status.conditions.iter().find(|c| c.type_ == t);
     ToolView {
         ready: status.ready,
@@ -160,7 +161,46 @@ pub fn tool_view(tool: &AgentTool, jobs: &[std::sync::Arc<AgentJob>], job_uid: &
         in_use,
         in_use_by_jobs,
         credentials_present: tool.spec.credentials.as_ref().map(|_| condition("CredentialsPresent").is_some_and(|c| c.status == "True")),
+        queued_ahead: rate_limit_claims_ahead(jobs, job, &tool.name_any()),
     }
+}
+
+/// Readiness reasons of a job that waits for capacity to free up (node room, quota, rate limit)
+/// rather than for something to be fixed.
+const CAPACITY_WAITS: [&str; 3] = ["RateLimitExhausted", "InsufficientResources", "QuotaExceeded"];
+
+/// Where a job stands in the queue for capacity: lower spec.priority first, then older, then by
+/// namespace and name so that the order is total.
+pub fn queue_key(job: &AgentJob) -> (i32, Option<k8s_openapi::jiff::Timestamp>, String, String) {
+    (job.spec.priority.unwrap_or(500), job.metadata.creation_timestamp.as_ref().map(|t| t.0), job.namespace().unwrap_or_default(), job.name_any())
+}
+
+/// An approved job that waits only for capacity: it holds what it will claim against jobs behind
+/// it. A job that waits for something to be fixed (a required tool missing or not ready,
+/// credentials, a rate limit that can never be met) holds nothing, or it would block others for
+/// as long as nobody fixes it.
+pub fn waits_for_capacity(job: &AgentJob) -> bool {
+    use crate::domain::conditions::find;
+    use crate::domain::decide::condition::{APPROVED, INFRASTRUCTURE_READY};
+    let Some(s) = job.status.as_ref() else { return false };
+    s.phase == Some(JobPhase::WaitingForResources)
+        && find(&s.conditions, APPROVED).is_some_and(|c| c.status == "True")
+        && find(&s.conditions, INFRASTRUCTURE_READY).is_some_and(|c| c.status == "False" && CAPACITY_WAITS.contains(&c.reason.as_str()))
+        && !job.spec.tools.iter().any(|t| t.required && s.missing_tools.contains(&t.name))
+}
+
+/// Calls per minute of `tool` that jobs queued ahead of `job` will claim when they start, most
+/// urgent first: approved jobs waiting for capacity with a higher priority, or as high and older.
+pub fn rate_limit_claims_ahead(jobs: &[std::sync::Arc<AgentJob>], job: &AgentJob, tool: &str) -> Vec<i32> {
+    let mine = queue_key(job);
+    let mut ahead: Vec<_> = jobs
+        .iter()
+        .filter(|j| j.metadata.uid != job.metadata.uid && waits_for_capacity(j))
+        .filter_map(|j| j.spec.tools.iter().find(|t| t.name == tool).map(|t| (queue_key(j), t.min_rate_limit)))
+        .filter(|(key, _)| *key < mine)
+        .collect();
+    ahead.sort();
+    ahead.into_iter().map(|(_, claim)| claim).collect()
 }
 
 /// Calls per minute running jobs claim from a tool, and how many jobs claim them.
@@ -183,5 +223,79 @@ pub fn vote_view(vote: &ApprovalVote) -> VoteView {
         reason: vote.spec.reason.clone(),
         created: vote.metadata.creation_timestamp.clone(),
         groups: vote.spec.voter_groups.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    /// A job naming tool `t` with `claim` calls/min, `priority`, created `minute` minutes past
+    /// noon, in `phase` with the given InfrastructureReady reason (approved unless `approved` is
+    /// false).
+    fn job(name: &str, priority: i32, minute: u32, claim: i32, phase: &str, infra_reason: &str, approved: bool) -> Arc<AgentJob> {
+        let cond = |type_: &str, status: bool, reason: &str| {
+            json!({"type": type_, "status": if status { "True" } else { "False" }, "reason": reason, "message": "",
+                   "lastTransitionTime": "2026-01-01T12:00:00Z"})
+        };
+        let value: Value = json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+            "metadata": {"name": name, "namespace": "team", "uid": format!("uid-{name}"),
+                         "creationTimestamp": format!("2026-01-01T12:{minute:02}:00Z")},
+            "spec": {"category": "c", "priority": priority,
+                     "agents": {"primary": {"name": "a", "image": "i", "model": "gpt-4o-mini"}},
+                     "tools": [{"name": "t", "minRateLimit": claim}], "budget": {"maxCostUSD": "1"}},
+            "status": {"phase": phase, "conditions": [cond("Approved", approved, "Approved"), cond("InfrastructureReady", false, infra_reason)]},
+        });
+        Arc::new(serde_json::from_value(value).unwrap())
+    }
+
+    #[test]
+    fn claims_ahead_are_those_of_more_urgent_or_older_capacity_waiters_in_queue_order() {
+        let me = job("me", 5, 30, 5, "WaitingForResources", "RateLimitExhausted", true);
+        let jobs = vec![
+            me.clone(),
+            job("urgent-late", 1, 59, 7, "WaitingForResources", "RateLimitExhausted", true),
+            job("same-older", 5, 10, 3, "WaitingForResources", "InsufficientResources", true),
+            job("same-newer", 5, 40, 100, "WaitingForResources", "RateLimitExhausted", true),
+            job("less-urgent", 9, 0, 100, "WaitingForResources", "RateLimitExhausted", true),
+            job("running", 1, 0, 100, "Running", "Ready", true),
+            job("unapproved", 1, 0, 100, "AwaitingApproval", "RateLimitExhausted", false),
+            job("broken-tool", 1, 0, 100, "WaitingForResources", "ToolsNotReady", true),
+            job("never-fits", 1, 0, 100, "WaitingForResources", "RateLimitTooLow", true),
+            job("quota", 2, 0, 4, "WaitingForResources", "QuotaExceeded", true),
+        ];
+        assert_eq!(rate_limit_claims_ahead(&jobs, &me, "t"), vec![7, 4, 3]);
+        assert!(rate_limit_claims_ahead(&jobs, &me, "other-tool").is_empty());
+        // The most urgent job has nobody ahead.
+        assert!(rate_limit_claims_ahead(&jobs, &jobs[1], "t").is_empty());
+    }
+
+    #[test]
+    fn a_job_missing_a_required_tool_holds_nothing_even_when_its_first_reason_is_capacity() {
+        let me = job("me", 5, 30, 5, "WaitingForResources", "RateLimitExhausted", true);
+        let mut ahead = (*job("ahead", 1, 0, 8, "WaitingForResources", "RateLimitExhausted", true)).clone();
+        assert!(waits_for_capacity(&ahead));
+        ahead.spec.tools.push(serde_json::from_value(json!({"name": "gone", "required": true})).unwrap());
+        ahead.status.as_mut().unwrap().missing_tools = vec!["gone".into()];
+        assert!(!waits_for_capacity(&ahead));
+        assert!(rate_limit_claims_ahead(&[me.clone(), Arc::new(ahead.clone())], &me, "t").is_empty());
+        // An optional missing tool does not stop it from waiting for capacity.
+        ahead.spec.tools.last_mut().unwrap().required = false;
+        assert!(waits_for_capacity(&ahead));
+        assert_eq!(rate_limit_claims_ahead(&[me.clone(), Arc::new(ahead)], &me, "t"), vec![8]);
+    }
+
+    #[test]
+    fn running_claims_exclude_the_job_itself() {
+        let a = job("a", 5, 0, 8, "Running", "Ready", true);
+        let b = job("b", 5, 1, 5, "Running", "Ready", true);
+        let jobs = vec![a.clone(), b, job("c", 5, 2, 3, "WaitingForResources", "RateLimitExhausted", true)];
+        assert_eq!(rate_limit_claims(&jobs, "t", None), (13, 2));
+        assert_eq!(rate_limit_claims(&jobs, "t", a.metadata.uid.as_deref()), (5, 1));
     }
 }

@@ -25,6 +25,9 @@ pub struct ToolView {
     pub in_use_by_jobs: usize,
     /// `None` when the tool declares no credentials.
     pub credentials_present: Option<bool>,
+    /// Calls per minute that approved, higher-priority jobs waiting for capacity will claim from
+    /// this tool, most urgent first: held back from this job so it cannot starve them.
+    pub queued_ahead: Vec<i32>,
 }
 
 /// CPU in millicores, memory in bytes, extended resources (GPUs) in whole units.
@@ -153,20 +156,28 @@ fn check_tool(r: &mut Readiness, need: &ToolNeed, view: Option<&ToolView>) {
         );
         return;
     }
-    let spare = view.rate_limit - view.in_use;
+    // What higher-priority waiting jobs will claim is held for them, even while it does not fit
+    // yet: otherwise smaller jobs could keep a large urgent one waiting forever. A claim above the
+    // tool's whole rate limit can never be met and holds nothing.
+    let held: Vec<i32> = view.queued_ahead.iter().copied().filter(|c| *c > 0 && *c <= view.rate_limit).collect();
+    let held_sum = held.iter().fold(0i32, |sum, c| sum.saturating_add(*c));
+    let held_note = if held.is_empty() { String::new() } else { format!("{held_sum} held for {} higher-priority waiting job(s)", held.len()) };
+    let spare = view.rate_limit.saturating_sub(view.in_use).saturating_sub(held_sum).max(0);
     if need.min_rate_limit > spare {
+        let held_part = if held.is_empty() { String::new() } else { format!(", {held_note}") };
         r.record(
             check_name,
             false,
             format!(
-                "{kind} tool {} has {spare} of {} calls/min spare ({} in use by {} running job(s)), the job needs {}",
+                "{kind} tool {} has {spare} of {} calls/min spare ({} in use by {} running job(s){held_part}), the job needs {}",
                 need.name, view.rate_limit, view.in_use, view.in_use_by_jobs, need.min_rate_limit
             ),
             need.required.then_some("RateLimitExhausted"),
         );
         return;
     }
-    r.record(check_name, true, format!("{kind} tool {} is ready with {spare} calls/min spare", need.name), None);
+    let held_part = if held.is_empty() { String::new() } else { format!(" ({held_note})") };
+    r.record(check_name, true, format!("{kind} tool {} is ready with {spare} calls/min spare{held_part}", need.name), None);
 }
 
 /// Free capacity after placing `queued_ahead` first-fit, highest priority first.
@@ -497,6 +508,90 @@ mod tests {
                 insufficient: &[],
                 dropped: &[],
                 checks: &[("tool/imgproc", false, &["optional tool imgproc has 10 of 60 calls/min spare"]), NODES_OK],
+            },
+            Case {
+                name: "a higher-priority waiting job's claim is held back from the spare rate limit",
+                input: Input {
+                    tools: vec![(tool("scanner", true, 5), Some(ToolView { queued_ahead: vec![8], ..ready_tool(10) }))],
+                    ..Input::default()
+                },
+                blocked: Some("RateLimitExhausted"),
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", false, &["has 2 of 10 calls/min spare", "0 in use by 0 running job(s), 8 held for 1 higher-priority waiting job(s)", "the job needs 5"]), NODES_OK],
+            },
+            Case {
+                name: "what is held counts even when the job ahead does not fit yet, so it cannot be starved",
+                input: Input {
+                    tools: vec![(tool("scanner", true, 5), Some(ToolView { in_use: 5, in_use_by_jobs: 1, queued_ahead: vec![8], ..ready_tool(10) }))],
+                    ..Input::default()
+                },
+                blocked: Some("RateLimitExhausted"),
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", false, &["has 0 of 10 calls/min spare", "5 in use by 1 running job(s), 8 held for 1 higher-priority waiting job(s)"]), NODES_OK],
+            },
+            Case {
+                name: "claims held for several jobs ahead add up with running ones",
+                input: Input {
+                    tools: vec![(tool("scanner", true, 3), Some(ToolView { in_use: 3, in_use_by_jobs: 1, queued_ahead: vec![2, 3], ..ready_tool(10) }))],
+                    ..Input::default()
+                },
+                blocked: Some("RateLimitExhausted"),
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", false, &["has 2 of 10 calls/min spare", "3 in use by 1 running job(s), 5 held for 2 higher-priority waiting job(s)"]), NODES_OK],
+            },
+            Case {
+                name: "spare rate limit left after the jobs ahead is enough",
+                input: Input {
+                    tools: vec![(tool("scanner", true, 5), Some(ToolView { in_use: 2, in_use_by_jobs: 1, queued_ahead: vec![8, 5], ..ready_tool(20) }))],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", true, &["is ready with 5 calls/min spare (13 held for 2 higher-priority waiting job(s))"]), NODES_OK],
+            },
+            Case {
+                name: "a claim above the tool's whole rate limit can never run and holds nothing",
+                input: Input {
+                    tools: vec![(tool("scanner", true, 5), Some(ToolView { queued_ahead: vec![50, 0], ..ready_tool(10) }))],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", true, &["is ready with 10 calls/min spare"]), NODES_OK],
+            },
+            Case {
+                name: "an optional tool whose spare is held for jobs ahead only warns",
+                input: Input {
+                    tools: vec![(tool("imgproc", false, 5), Some(ToolView { queued_ahead: vec![10], ..ready_tool(10) }))],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/imgproc", false, &["optional tool imgproc has 0 of 10 calls/min spare", "10 held for 1 higher-priority waiting job(s)"]), NODES_OK],
+            },
+            Case {
+                name: "a job needing no rate limit is never held back",
+                input: Input {
+                    tools: vec![(tool("scanner", true, 0), Some(ToolView { in_use: 10, in_use_by_jobs: 2, queued_ahead: vec![10], ..ready_tool(10) }))],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[("tool/scanner", true, &["is ready with 0 calls/min spare"]), NODES_OK],
             },
             Case {
                 name: "the first blocking problem is the reason; later ones are still listed",

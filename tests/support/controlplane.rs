@@ -358,6 +358,41 @@ impl ControllerManager {
     }
 }
 
+impl ControllerManager {
+    /// Like [`Self::start`], with extra flags such as `--kube-api-qps=1000`; each start gets its
+    /// own log file.
+    pub fn start_with_args(control_plane: &ControlPlane, controllers: &str, extra_args: &[&str]) -> ControllerManager {
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        let binary = control_plane.bin_dir.join("kube-controller-manager");
+        let mut command = Command::new(binary);
+        command
+            .args([
+                &format!("--kubeconfig={}", control_plane.kubeconfig("admin").display()),
+                &format!("--controllers={controllers}"),
+                "--leader-elect=false",
+                "--secure-port=0",
+                "--use-service-account-credentials=false",
+            ])
+            .args(extra_args);
+        let log = control_plane.dir.join(format!(
+            "kube-controller-manager-{}-{}.log",
+            controllers.replace(',', "-"),
+            STARTED.fetch_add(1, Ordering::Relaxed)
+        ));
+        ControllerManager(Process::spawn("kube-controller-manager", command, log).unwrap_or_else(|e| panic!("{e:?}")))
+    }
+
+    /// Process id, e.g. to read its resource usage from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.0.child.id()
+    }
+
+    /// File receiving its stdout and stderr.
+    pub fn log_path(&self) -> &Path {
+        &self.0.log
+    }
+}
+
 /// The operator binary running as `agentgate run <args>` with admin credentials.
 ///
 /// Killed when dropped, and in any case when the test binary exits.
@@ -400,6 +435,11 @@ impl OperatorProcess {
     /// File receiving the operator's stdout and stderr.
     pub fn log_path(&self) -> &Path {
         &self.0.log
+    }
+
+    /// Process id, e.g. to read its resource usage from `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.0.child.id()
     }
 }
 

@@ -1,0 +1,329 @@
+//! Voting as yourself: the `kubectl agentgate` plugin run with a user's kubeconfig, and
+//! `agentgate review` run with a ServiceAccount token, against the real apiserver, its
+//! admission policies and the operator.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use agentgate::api::{AgentJob, ApprovalVote, Decision};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::config::Kubeconfig;
+use kube::{Api, Client};
+use serde_json::json;
+use support::cluster::*;
+use support::controlplane::{ControlPlane, OperatorProcess};
+
+const PLUGIN: &str = env!("CARGO_BIN_EXE_kubectl-agentgate");
+const AGENTGATE: &str = env!("CARGO_BIN_EXE_agentgate");
+
+struct Env {
+    admin: Client,
+    ns: String,
+    _operator: OperatorProcess,
+}
+
+async fn setup(ns: &str) -> Env {
+    let cp = ControlPlane::shared();
+    cp.namespace(ns).await;
+    let admin = cp.client("admin").await;
+    add_node(&admin, "plugin-review-node", "64", "256Gi", &[]).await;
+    grant_voting_rights(&admin).await;
+    let operator = OperatorProcess::start(cp, &["--namespace", ns, "--metrics-addr", "127.0.0.1:0"]);
+    Env { admin, ns: ns.into(), _operator: operator }
+}
+
+/// Creates a job as dave (who is no head), the way `kubectl apply` by him would.
+async fn create_job(env: &Env, name: &str, category: &str, model: &str, image: &str, tools: &[&str]) -> AgentJob {
+    let tools: Vec<_> = tools.iter().map(|t| json!({"name": t, "required": false})).collect();
+    let job: AgentJob = serde_json::from_value(json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name},
+        "spec": {"category": category, "agents": {"primary": {"name": "agent", "image": image, "model": model}},
+                 "tools": tools, "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "5"}}}))
+    .unwrap();
+    let dave = ControlPlane::shared().client("dave").await;
+    Api::<AgentJob>::namespaced(dave, &env.ns).create(&PostParams::default(), &job).await.expect("create job")
+}
+
+fn approval_of(job: &AgentJob) -> agentgate::api::ApprovalStatus {
+    job.status.as_ref().and_then(|s| s.approval.clone()).unwrap_or_default()
+}
+
+/// Runs the plugin with `kubeconfig`, as kubectl would run it for `kubectl agentgate <args>`.
+async fn plugin(kubeconfig: &Path, args: &[&str]) -> Output {
+    tokio::process::Command::new(PLUGIN)
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .expect("running kubectl-agentgate")
+}
+
+fn text(output: &Output) -> String {
+    format!("status {}\nstdout:\n{}\nstderr:\n{}", output.status, String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+}
+
+/// A kubeconfig authenticating as ServiceAccount `ns/name` with a fresh TokenRequest token,
+/// for the same apiserver and CA as the harness's admin kubeconfig.
+async fn service_account_kubeconfig(admin: &Client, ns: &str, name: &str) -> PathBuf {
+    let cp = ControlPlane::shared();
+    let sa: ServiceAccount = serde_json::from_value(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})).unwrap();
+    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), ns);
+    match accounts.create(&PostParams::default(), &sa).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating ServiceAccount {name}: {e}"),
+    }
+    let request = TokenRequest { spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..TokenRequestSpec::default() }), ..TokenRequest::default() };
+    let token = accounts
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .expect("TokenRequest")
+        .status
+        .expect("TokenRequest status")
+        .token
+        .expect("a token");
+
+    let admin_config = Kubeconfig::read_from(cp.kubeconfig("admin")).expect("admin kubeconfig");
+    let cluster = admin_config.clusters[0].cluster.clone().expect("admin kubeconfig has a cluster");
+    let path = cp.dir().join(format!("sa-{ns}-{name}.kubeconfig"));
+    let yaml = format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: agentgate-test
+  cluster:
+    server: {server}
+    certificate-authority: {ca}
+users:
+- name: {name}
+  user:
+    token: {token}
+contexts:
+- name: {name}
+  context:
+    cluster: agentgate-test
+    user: {name}
+    namespace: {ns}
+current-context: {name}
+",
+        server = cluster.server.expect("server"),
+        ca = cluster.certificate_authority.expect("certificate-authority"),
+    );
+    std::fs::write(&path, yaml).expect("writing the ServiceAccount kubeconfig");
+    path
+}
+
+#[tokio::test]
+async fn heads_vote_with_the_plugin_as_themselves() {
+    let env = setup("pr-plugin").await;
+    let cp = ControlPlane::shared();
+    let (alice, bob) = (cp.kubeconfig("alice"), cp.kubeconfig("bob"));
+    let job = create_job(&env, "scan", "core-security", "gpt-4o-mini", "ghcr.io/acme/agent:1", &[]).await;
+    wait_for_job(&env.admin, &env.ns, "scan", "AwaitingApproval", |j| phase(j) == Some("AwaitingApproval")).await;
+
+    let started = Instant::now();
+    let out = plugin(&alice, &["approve", "scan", "-n", &env.ns, "--reason", "scope is fine", "--confidence", "80"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("approvalvote/scan-alice-g1 created"), "{}", text(&out));
+    eprintln!("plugin approve took {:?}", started.elapsed());
+
+    let votes = Api::<ApprovalVote>::namespaced(env.admin.clone(), &env.ns);
+    let cast = votes.get("scan-alice-g1").await.expect("alice's vote");
+    assert_eq!(cast.spec.voter, "alice", "the voter comes from the apiserver, not from the command line");
+    assert_eq!((cast.spec.decision, cast.spec.reason.as_deref(), cast.spec.confidence), (Decision::Approve, Some("scope is fine"), Some(80)));
+    assert_eq!((cast.spec.job_ref.uid.as_str(), cast.spec.job_ref.generation), (job.metadata.uid.as_deref().unwrap(), 1));
+    assert!(cast.spec.voter_groups.contains(&"agentgate:heads".to_string()), "{:?}", cast.spec.voter_groups);
+    let counted = wait_for_job(&env.admin, &env.ns, "scan", "alice counted", |j| approval_of(j).summary == "1/2").await;
+    assert_eq!(approval_of(&counted).approvers[0].voter, "alice");
+
+    // A second vote by alice on the same generation is refused by the plugin, not silently ignored.
+    let again = plugin(&alice, &["reject", "scan", "-n", &env.ns, "--reason", "changed my mind"]).await;
+    assert!(!again.status.success(), "{}", text(&again));
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(err.contains("alice already voted Approve on generation 1 of scan (vote scan-alice-g1)"), "{}", text(&again));
+
+    let out = plugin(&bob, &["approve", "scan", "-n", &env.ns]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    wait_for_job(&env.admin, &env.ns, "scan", "Running after two approvals", |j| phase(j) == Some("Running")).await;
+
+    let table = wait_for(
+        "both votes shown as counted",
+        Duration::from_secs(15),
+        || async {
+            let out = plugin(&alice, &["votes", "scan", "-n", &env.ns]).await;
+            assert!(out.status.success(), "{}", text(&out));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        },
+        |t: &String| ["scan-alice-g1", "scan-bob-g1"].iter().all(|v| t.lines().any(|l| l.starts_with(v) && l.contains(" yes "))),
+    )
+    .await;
+    eprintln!("kubectl agentgate votes scan:\n{table}");
+    assert!(table.contains("Approvals 2/2 (approved by: alice, bob; rejected by: nobody)"), "{table}");
+    let header = table.lines().find(|l| l.starts_with("VOTE")).expect("a header line");
+    for column in ["VOTER", "DECISION", "COUNTED", "WHY"] {
+        assert!(header.contains(column), "{header}");
+    }
+    let alice_line = table.lines().find(|l| l.starts_with("scan-alice-g1")).unwrap();
+    assert!(alice_line.contains("alice") && alice_line.contains("Approve") && alice_line.contains("counted"), "{alice_line}");
+
+    // Clear errors: a job that does not exist, and RBAC that does not allow reading jobs.
+    let missing = plugin(&alice, &["approve", "nope", "-n", &env.ns]).await;
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("AgentJob nope not found in namespace pr-plugin"), "{}", text(&missing));
+
+    let nobody = service_account_kubeconfig(&env.admin, &env.ns, "nobody").await;
+    let forbidden = plugin(&nobody, &["approve", "scan"]).await; // namespace from the kubeconfig context
+    assert!(!forbidden.status.success());
+    eprintln!("as a ServiceAccount without RBAC: {}", String::from_utf8_lossy(&forbidden.stderr));
+    let err = String::from_utf8_lossy(&forbidden.stderr);
+    assert!(
+        err.contains("forbidden: you may not get agentjobs.agentgate.dev in namespace pr-plugin")
+            && err.contains("grants verb \"get\" on resource \"agentjobs\" in API group \"agentgate.dev\""),
+        "{}",
+        text(&forbidden)
+    );
+}
+
+/// `agentgate review` as a child process, stopped (SIGKILL) when dropped.
+struct Reviewer {
+    child: tokio::process::Child,
+    log: PathBuf,
+}
+
+impl Reviewer {
+    fn start(kubeconfig: &Path, args: &[&str], log: PathBuf) -> Reviewer {
+        let file = std::fs::File::create(&log).expect("reviewer log");
+        let child = tokio::process::Command::new(AGENTGATE)
+            .arg("review")
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,agentgate=debug")
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting agentgate review");
+        Reviewer { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("reviewer still running") as libc::pid_t;
+        // SAFETY: plain kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+        tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.expect("reviewer stops on SIGTERM").unwrap()
+    }
+}
+
+async fn votes_by(admin: &Client, ns: &str, job: &str, voter: &str) -> Vec<ApprovalVote> {
+    Api::<ApprovalVote>::namespaced(admin.clone(), ns)
+        .list(&ListParams::default().fields(&format!("spec.jobRef.name={job}")))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|v| v.spec.voter == voter)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_reviewer_service_account_votes_by_policy() {
+    let env = setup("pr-review").await;
+    let cp = ControlPlane::shared();
+    let category = "pr-review-cat";
+    let reviewer_name = format!("system:serviceaccount:{}:reviewer", env.ns);
+
+    // The reviewer's ServiceAccount is a head of the category and may read jobs and cast votes.
+    let pp = PatchParams::apply("plugin-and-review-test").force();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "pr-reviewer"},
+        "rules": [
+            {"apiGroups": ["agentgate.dev"], "resources": ["categories"], "verbs": ["approve"], "resourceNames": [category]},
+            {"apiGroups": ["agentgate.dev"], "resources": ["approvalvotes"], "verbs": ["create", "get", "list", "watch"]},
+            {"apiGroups": ["agentgate.dev"], "resources": ["agentjobs"], "verbs": ["get", "list", "watch"]}]});
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "pr-reviewer"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "pr-reviewer"},
+        "subjects": [{"kind": "ServiceAccount", "name": "reviewer", "namespace": env.ns}]});
+    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(env.admin.clone()).patch("pr-reviewer", &pp, &Patch::Apply(&role)).await.unwrap();
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(env.admin.clone()).patch("pr-reviewer", &pp, &Patch::Apply(&binding)).await.unwrap();
+    let kubeconfig = service_account_kubeconfig(&env.admin, &env.ns, "reviewer").await;
+
+    let policy = cp.dir().join("pr-review-policy.yaml");
+    std::fs::write(&policy, "maxCostUSD: \"0.10\"\nallowedTools: [bandit-scanner]\nallowedImages: [ghcr.io/acme/]\nmaxRetries: 2\n").unwrap();
+
+    // One job exists before the reviewer starts (found by its initial list), the others after
+    // (found by its watch). A job of another category is none of its business.
+    create_job(&env, "fits", category, "gpt-4o-mini", "ghcr.io/acme/scanner:2", &["bandit-scanner"]).await;
+    let started = Instant::now();
+    let reviewer = Reviewer::start(&kubeconfig, &["--category", &format!("{category},another-cat"), "--policy", policy.to_str().unwrap()], cp.dir().join("pr-reviewer.log"));
+    create_job(&env, "shell", category, "gpt-4o-mini", "ghcr.io/acme/scanner:2", &["bandit-scanner", "shell-exec"]).await;
+    create_job(&env, "pricey", category, "claude-opus-4", "ghcr.io/acme/scanner:2", &[]).await;
+    create_job(&env, "elsewhere", "core-security", "gpt-4o-mini", "ghcr.io/acme/scanner:2", &[]).await;
+
+    // Within policy: the reviewer's Approve counts as one of two.
+    let fits = wait_for_job(&env.admin, &env.ns, "fits", "the reviewer's approval counted", |j| {
+        approval_of(j).approvers.iter().any(|a| a.voter == reviewer_name)
+    })
+    .await;
+    eprintln!("reviewer approved within {:?}", started.elapsed());
+    assert_eq!(approval_of(&fits).summary, "1/2", "{}", reviewer.log());
+    assert_eq!(phase(&fits), Some("AwaitingApproval"));
+    let votes = Api::<ApprovalVote>::namespaced(env.admin.clone(), &env.ns);
+    let approve = votes.get("fits-sa-pr-review-reviewer-g1").await.expect("the reviewer's vote, named after it");
+    assert_eq!((approve.spec.voter.as_str(), approve.spec.decision), (reviewer_name.as_str(), Decision::Approve));
+    let reason = approve.spec.reason.clone().unwrap_or_default();
+    assert!(reason.contains("within review policy") && reason.contains("within the policy maximum $0.10") && reason.contains("tools bandit-scanner allowed"), "{reason}");
+
+    // A disallowed tool: rejected, naming it.
+    let shell = wait_for_job(&env.admin, &env.ns, "shell", "rejected by the reviewer", |j| phase(j) == Some("Rejected")).await;
+    assert_eq!(condition(&shell, "Ready").unwrap().reason, "VoteRejected");
+    let reject = &votes_by(&env.admin, &env.ns, "shell", &reviewer_name).await[0];
+    assert_eq!(reject.spec.decision, Decision::Reject);
+    assert!(reject.spec.reason.as_deref().unwrap_or_default().contains("tool shell-exec not in the policy's allowedTools"), "{:?}", reject.spec.reason);
+    assert!(condition(&shell, "Ready").unwrap().message.contains("shell-exec"), "{:?}", condition(&shell, "Ready"));
+
+    // Over the policy's cost: rejected, naming both figures.
+    let pricey = wait_for_job(&env.admin, &env.ns, "pricey", "rejected by the reviewer", |j| phase(j) == Some("Rejected")).await;
+    assert_eq!(condition(&pricey, "Ready").unwrap().reason, "VoteRejected");
+    let p90 = pricey.status.as_ref().unwrap().estimate.as_ref().unwrap().cost_usd.p90.clone();
+    let reject = &votes_by(&env.admin, &env.ns, "pricey", &reviewer_name).await[0];
+    let reason = reject.spec.reason.clone().unwrap_or_default();
+    assert!(reason.contains(&format!("p90 estimated cost ${p90} is over the policy maximum $0.10")), "{reason}");
+
+    // A spec change is a new generation: the reviewer votes once more, on it, and never twice on one.
+    Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns)
+        .patch("fits", &PatchParams::default(), &Patch::Merge(json!({"spec": {"description": "now with a description"}})))
+        .await
+        .unwrap();
+    wait_for_job(&env.admin, &env.ns, "fits", "generation 2 approved by the reviewer", |j| {
+        j.metadata.generation == Some(2) && approval_of(j).approvers.iter().any(|a| a.voter == reviewer_name)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // room for a duplicate, should there be one
+    let mut generations: Vec<i64> = votes_by(&env.admin, &env.ns, "fits", &reviewer_name).await.iter().map(|v| v.spec.job_ref.generation).collect();
+    generations.sort();
+    assert_eq!(generations, vec![1, 2], "{}", reviewer.log());
+    for job in ["shell", "pricey"] {
+        assert_eq!(votes_by(&env.admin, &env.ns, job, &reviewer_name).await.len(), 1, "{job}");
+    }
+    assert!(votes_by(&env.admin, &env.ns, "elsewhere", &reviewer_name).await.is_empty(), "another category is not reviewed");
+
+    let log = reviewer.log();
+    assert!(log.contains("starting reviewer") && log.contains(&reviewer_name), "{log}");
+    assert!(log.contains("this reviewer is a head of the category") && log.contains("RBAC does not let this reviewer approve categories/another-cat"), "{log}");
+    let log_path = reviewer.log.clone();
+    let status = reviewer.terminate().await;
+    assert!(status.success(), "reviewer exit {status}");
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(log.contains("shutting down"), "{log}");
+}
