@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod domain;
+pub mod leader;
 pub mod controller;
 pub mod metrics;
 pub mod review;

@@ -56,6 +56,12 @@ struct RunArgs {
     /// `agentgate.dev/discovery=enabled` (default: every namespace).
     #[arg(long, env = "AGENTGATE_DISCOVERY_NAMESPACE_SELECTOR", value_parser = agentgate::controller::discovery::parse_namespace_selector)]
     discovery_namespace_selector: Option<String>,
+    /// Elect a leader among replicas through a Lease, so only one of them reconciles and writes.
+    #[arg(long, env = "AGENTGATE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// Namespace of the Lease (default: the watched namespace, else $POD_NAMESPACE, else `default`).
+    #[arg(long, env = "AGENTGATE_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
     /// Log as JSON lines instead of text.
     #[arg(long, env = "AGENTGATE_LOG_JSON")]
     log_json: bool,
@@ -121,17 +127,70 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             }
         }
     };
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down");
-        let _ = stop_tx.send(true);
+    let stop_tx = Arc::new(stop_tx);
+    tokio::spawn({
+        let stop_tx = stop_tx.clone();
+        async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            let _ = stop_tx.send(true);
+        }
     });
 
     let jobs_store = Arc::new(std::sync::OnceLock::new());
     let server = agentgate::server::serve(args.metrics_addr, metrics.clone(), health.clone(), jobs_store.clone(), shutdown());
-    let operator = controller::run(client, settings, Arc::new(RwLock::new(prices)), metrics, health, jobs_store, futures::FutureExt::shared(Box::pin(shutdown())));
-    let (served, ()) = tokio::join!(server, operator);
+    let operator = async {
+        // Replicas watching one namespace elect among themselves; cluster-wide ones share one lease.
+        let lease = match &settings.namespace {
+            Some(ns) => format!("agentgate-{ns}"),
+            None => "agentgate".to_string(),
+        };
+        let lease_namespace = args
+            .lease_namespace
+            .clone()
+            .or_else(|| settings.namespace.clone())
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        let campaign = if args.leader_election {
+            let identity = agentgate::leader::identity();
+            let mut campaign = agentgate::leader::campaign(client.clone(), &lease, &lease_namespace, &identity).await?;
+            tracing::info!(%identity, lease = %format!("{lease_namespace}/{lease}"), "standing by for leadership");
+            tokio::select! {
+                won = campaign.leading.wait_for(|leads| *leads) => { won?; }
+                _ = shutdown() => return Ok(()),
+            }
+            tracing::info!(%identity, "became the leader");
+            Some(campaign)
+        } else {
+            None
+        };
+        let mut lost = campaign.as_ref().map(|c| c.leading.clone());
+        let watch_leadership = async {
+            let Some(lost) = lost.as_mut() else { return std::future::pending::<bool>().await };
+            // An error means the lease manager stopped: the lease will lapse just the same.
+            let _ = lost.wait_for(|leads| !*leads).await;
+            tracing::error!("lost the leader lease; stopping so that only one replica writes");
+            let _ = stop_tx.send(true);
+            true
+        };
+        health.leading.store(true, std::sync::atomic::Ordering::Relaxed);
+        let run = controller::run(client.clone(), settings, Arc::new(RwLock::new(prices)), metrics.clone(), health.clone(), jobs_store.clone(), futures::FutureExt::shared(Box::pin(shutdown())));
+        let lost_leadership = tokio::select! {
+            () = run => false,
+            lost = watch_leadership => lost,
+        };
+        drop(lost);
+        if let Some(campaign) = campaign {
+            campaign.resign().await;
+        }
+        if lost_leadership {
+            anyhow::bail!("lost leadership");
+        }
+        anyhow::Ok(())
+    };
+    let (served, operated) = tokio::join!(server, operator);
     served?;
+    operated?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -103,11 +103,14 @@ pub struct Context {
 #[derive(Default)]
 pub struct Health {
     pub caches_synced: AtomicBool,
+    /// False while this replica stands by for the leader's lease.
+    pub leading: AtomicBool,
 }
 
 impl Health {
+    /// A standby is ready (it is healthy and waiting); the leader once its caches are synced.
     pub fn ready(&self) -> bool {
-        self.caches_synced.load(Ordering::Relaxed)
+        !self.leading.load(Ordering::Relaxed) || self.caches_synced.load(Ordering::Relaxed)
     }
 }
 
