@@ -169,9 +169,12 @@ pub fn decide(o: &Observed) -> Plan {
 fn adopt_unrecorded_attempt(s: &mut AgentJobStatus, o: &Observed, generation: i64) {
     let recorded = s.attempts.last().map(|a| a.attempt).unwrap_or(0);
     let Some(newest) = o.pods.iter().map(|p| p.attempt).max().filter(|n| *n > recorded) else { return };
+    // The Pods were built from the generation last decided on, not from a spec that may have
+    // changed while the status write was refused.
+    let decided_on = o.job.status.as_ref().and_then(|st| st.observed_generation).unwrap_or(generation);
     s.attempts.push(Attempt {
         attempt: newest,
-        generation,
+        generation: decided_on,
         pods: super::decide::agent_names(&o.job.spec)
             .iter()
             .map(|agent| super::pod_builder::pod_name(o.job.metadata.name.as_deref().unwrap_or_default(), agent, newest))

@@ -1,0 +1,506 @@
+//! AgentTools against a real apiserver: endpoint and credential readiness, discovery from
+//! labelled Services, and rate limits shared by jobs, highest priority first. The tests play the
+//! endpoint controller (EndpointSlices labelled `kubernetes.io/service-name`) and the kubelet.
+//!
+//! One operator serves every test of this binary: operators watching different namespaces would
+//! each write their own view of a cluster-scoped tool's `status.inUse`. Discovery is limited to
+//! namespaces labelled [`DISCOVERY`] with `--discovery-namespace-selector`.
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use agentgate::api::{AgentJob, AgentTool, Decision};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use support::cluster::*;
+use support::controlplane::{ControlPlane, OperatorProcess};
+
+/// Namespaces carrying this label (value `on`) are discovered in.
+const DISCOVERY: &str = "agentgate-test/discovery";
+/// How long a change may take to show: watches, not periodic rechecks, must carry it.
+const PROMPTLY: Duration = Duration::from_secs(5);
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn operator() -> &'static OperatorProcess {
+    static OPERATOR: OnceLock<OperatorProcess> = OnceLock::new();
+    OPERATOR.get_or_init(|| {
+        OperatorProcess::start(ControlPlane::shared(), &["--metrics-addr", "127.0.0.1:0", "--discovery-namespace-selector", &format!("{DISCOVERY}=on")])
+    })
+}
+
+/// The namespace, labelled for discovery when `discover`; the operator; nodes and voting rights.
+async fn setup(ns: &str, discover: bool) -> Client {
+    let cp = ControlPlane::shared();
+    cp.namespace(ns).await;
+    let client = cp.client("admin").await;
+    if discover {
+        label_namespace(&client, ns, Some("on")).await;
+    }
+    add_node(&client, "tools-node", "64", "256Gi", &[]).await;
+    grant_voting_rights(&client).await;
+    operator();
+    client
+}
+
+async fn label_namespace(client: &Client, ns: &str, value: Option<&str>) {
+    Api::<Namespace>::all(client.clone())
+        .patch(ns, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {DISCOVERY: value}}})))
+        .await
+        .expect("label namespace");
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(value: Value) -> T {
+    serde_json::from_value(value).expect("valid manifest")
+}
+
+/// A Service with ports `http: 8080` and `metrics: 9090`, labelled `agentgate.dev/tool: <tool>`
+/// unless `tool` is None.
+async fn create_service(client: &Client, ns: &str, name: &str, tool: Option<&str>, annotations: Value) -> Service {
+    let labels = tool.map_or(json!({}), |t| json!({"agentgate.dev/tool": t}));
+    let svc: Service = from_json(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns, "labels": labels, "annotations": annotations},
+        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 8080}, {"name": "metrics", "port": 9090}]},
+    }));
+    Api::<Service>::namespaced(client.clone(), ns).create(&PostParams::default(), &svc).await.expect("create Service")
+}
+
+/// Merge-patches a Service's labels and annotations (a null value removes one).
+async fn patch_service(client: &Client, ns: &str, name: &str, labels: Value, annotations: Value) {
+    Api::<Service>::namespaced(client.clone(), ns)
+        .patch(name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": labels, "annotations": annotations}})))
+        .await
+        .expect("patch Service");
+}
+
+/// The endpoint controller's part: one endpoint of `service`, ready or not.
+async fn endpoint_slice(client: &Client, ns: &str, service: &str, ready: bool) {
+    let slice: EndpointSlice = from_json(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{service}-abcde"), "namespace": ns, "labels": {"kubernetes.io/service-name": service}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.1.0.5"], "conditions": {"ready": ready}}],
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    }));
+    Api::<EndpointSlice>::namespaced(client.clone(), ns)
+        .patch(&slice.name_any(), &PatchParams::apply("test-endpoint-controller").force(), &Patch::Apply(&slice))
+        .await
+        .expect("apply EndpointSlice");
+}
+
+async fn create_tool(client: &Client, name: &str, spec: Value) -> AgentTool {
+    let tool: AgentTool = from_json(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentTool", "metadata": {"name": name}, "spec": spec}));
+    Api::<AgentTool>::all(client.clone()).create(&PostParams::default(), &tool).await.expect("create AgentTool")
+}
+
+async fn get_tool(client: &Client, name: &str) -> Option<AgentTool> {
+    Api::<AgentTool>::all(client.clone()).get_opt(name).await.expect("get AgentTool")
+}
+
+/// Waits until the tool exists and satisfies `done`.
+async fn wait_tool(client: &Client, name: &str, what: &str, timeout: Duration, done: impl Fn(&AgentTool) -> bool) -> AgentTool {
+    wait_for(what, timeout, || get_tool(client, name), |t: &Option<AgentTool>| t.as_ref().is_some_and(&done)).await.unwrap()
+}
+
+async fn wait_tool_gone(client: &Client, name: &str, what: &str) {
+    wait_for(what, TIMEOUT, || get_tool(client, name), |t: &Option<AgentTool>| t.is_none()).await;
+}
+
+fn tool_condition<'a>(tool: &'a AgentTool, type_: &str) -> Option<&'a Condition> {
+    tool.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
+}
+
+fn condition_is(tool: &AgentTool, type_: &str, status: &str, reason: &str) -> bool {
+    tool_condition(tool, type_).is_some_and(|c| c.status == status && c.reason == reason)
+}
+
+/// Events about Service `service` in `ns`.
+async fn service_events(client: &Client, ns: &str, service: &str) -> Vec<Event> {
+    Api::<Event>::namespaced(client.clone(), ns)
+        .list(&ListParams::default())
+        .await
+        .expect("list Events")
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().is_some_and(|r| r.kind.as_deref() == Some("Service") && r.name.as_deref() == Some(service)))
+        .collect()
+}
+
+/// Waits for an Event on the Service with this type and reason whose note contains `fragment`.
+async fn wait_service_event(client: &Client, ns: &str, service: &str, type_: &str, reason: &str, fragment: &str) -> Event {
+    let events = wait_for(&format!("{type_} Event {reason} on Service {ns}/{service} mentioning {fragment:?}"), TIMEOUT, || service_events(client, ns, service), |es: &Vec<Event>| {
+        es.iter().any(|e| e.type_.as_deref() == Some(type_) && e.reason.as_deref() == Some(reason) && e.note.as_deref().is_some_and(|n| n.contains(fragment)))
+    })
+    .await;
+    events.into_iter().find(|e| e.reason.as_deref() == Some(reason) && e.note.as_deref().is_some_and(|n| n.contains(fragment))).unwrap()
+}
+
+fn job_manifest(name: &str, spec_patch: Value) -> AgentJob {
+    let mut spec = json!({
+        "jobType": "tool_test",
+        "category": "core-tools",
+        "agents": {"primary": {"name": "worker", "image": "ghcr.io/acme/worker:1", "model": "gpt-4o-mini"}},
+        "resources": {"cpu": "500m", "memory": "1Gi"},
+        "budget": {"maxCostUSD": "5.00"},
+    });
+    if let (Value::Object(base), Value::Object(patch)) = (&mut spec, spec_patch) {
+        base.extend(patch);
+    }
+    from_json(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name}, "spec": spec}))
+}
+
+/// Creates the job and has alice and bob approve it.
+async fn approved_job(client: &Client, ns: &str, name: &str, spec_patch: Value) -> AgentJob {
+    let cp = ControlPlane::shared();
+    let job = Api::<AgentJob>::namespaced(client.clone(), ns).create(&PostParams::default(), &job_manifest(name, spec_patch)).await.expect("create job");
+    vote(&cp.client("alice").await, &job, "alice", Decision::Approve).await;
+    vote(&cp.client("bob").await, &job, "bob", Decision::Approve).await;
+    job
+}
+
+async fn wait_phase(client: &Client, ns: &str, name: &str, phase_name: &'static str) -> AgentJob {
+    wait_for_job(client, ns, name, phase_name, |j| phase(j) == Some(phase_name)).await
+}
+
+fn tool_check<'a>(job: &'a AgentJob, tool: &str) -> &'a agentgate::api::ReadinessCheck {
+    let name = format!("tool/{tool}");
+    job.status.as_ref().unwrap().checks.iter().find(|c| c.name == name).unwrap_or_else(|| panic!("no check {name}: {:?}", job.status))
+}
+
+/// The kubelet's part: the job's only Pod ran and exited 0 with a usage report.
+async fn finish_job(client: &Client, ns: &str, job: &AgentJob) {
+    let pods = wait_for("the job's Pod", TIMEOUT, || job_pods(client, ns, job), |p: &Vec<Pod>| p.len() == 1).await;
+    let pod = pods[0].name_any();
+    run_pod(client, ns, &pod).await;
+    finish_pod(client, ns, &pod, 0, &usage_report("gpt-4o-mini", 1_000, 0, 100, json!({}))).await;
+}
+
+/// `kubectl get agenttools <name>` as a column → value map, read from the header's positions.
+fn kubectl_tool_row(name: &str) -> Vec<(String, String)> {
+    let out = ControlPlane::shared().kubectl("admin", &["get", "agenttools", name]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let row = lines.next().unwrap();
+    // Columns are separated by at least two spaces; "RATE LIMIT" and "IN USE" hold one.
+    let mut starts = vec![0];
+    let bytes = header.as_bytes();
+    for i in 1..bytes.len() {
+        if bytes[i] != b' ' && bytes[i - 1] == b' ' && i >= 2 && bytes[i - 2] == b' ' {
+            starts.push(i);
+        }
+    }
+    starts
+        .iter()
+        .enumerate()
+        .map(|(n, &start)| {
+            let end = starts.get(n + 1).copied().unwrap_or(header.len().max(row.len()));
+            let cell = |line: &str| line.get(start..end.min(line.len())).unwrap_or_default().trim().to_string();
+            (cell(header), cell(row))
+        })
+        .collect()
+}
+
+fn column(row: &[(String, String)], name: &str) -> String {
+    row.iter().find(|(h, _)| h == name).map(|(_, v)| v.clone()).unwrap_or_else(|| panic!("no column {name} in {row:?}"))
+}
+
+#[tokio::test]
+async fn service_endpoint_tool_is_ready_only_once_its_service_has_a_ready_endpoint() {
+    let ns = "tl-endpoint";
+    let client = setup(ns, false).await;
+    create_service(&client, ns, "search", None, json!({})).await;
+    create_tool(&client, "tl-endpoint-search", json!({"type": "service", "endpoint": {"service": {"namespace": ns, "name": "search", "port": 8080}}, "rateLimit": 30})).await;
+
+    let tool = wait_tool(&client, "tl-endpoint-search", "NoReadyEndpoints", TIMEOUT, |t| condition_is(t, "EndpointAvailable", "False", "NoReadyEndpoints")).await;
+    let status = tool.status.clone().unwrap();
+    assert!(!status.ready);
+    assert_eq!(status.ready_endpoints, 0);
+    assert!(condition_is(&tool, "Ready", "False", "NoReadyEndpoints"), "{:?}", status.conditions);
+
+    // An endpoint that is not ready yet does not count.
+    endpoint_slice(&client, ns, "search", false).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tool = get_tool(&client, "tl-endpoint-search").await.unwrap();
+    assert!(!tool.status.as_ref().unwrap().ready, "{:?}", tool.status);
+
+    let started = Instant::now();
+    endpoint_slice(&client, ns, "search", true).await;
+    let tool = wait_tool(&client, "tl-endpoint-search", "Ready with one endpoint", PROMPTLY, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
+    eprintln!("measured: ready endpoint → tool Ready in {:?}", started.elapsed());
+    let status = tool.status.unwrap();
+    assert_eq!(status.ready_endpoints, 1);
+    assert_eq!(status.url.as_deref(), Some("http://search.tl-endpoint.svc:8080"));
+    assert_eq!(status.discovered_from, None, "a hand-written tool is not discovered");
+
+    let row = kubectl_tool_row("tl-endpoint-search");
+    assert_eq!(column(&row, "READY"), "true");
+    assert_eq!(column(&row, "ENDPOINTS"), "1");
+}
+
+#[tokio::test]
+async fn credentials_are_rechecked_as_soon_as_their_secret_changes() {
+    let ns = "tl-creds";
+    let client = setup(ns, false).await;
+    let name = "tl-creds-vault";
+    create_tool(&client, name, json!({"type": "api", "endpoint": {"url": "https://vault.example/v1"}, "rateLimit": 30,
+        "credentials": {"secretRef": {"namespace": ns, "name": "vault-token", "key": "token"}}}))
+    .await;
+    let tool = wait_tool(&client, name, "CredentialsPresent=False", TIMEOUT, |t| condition_is(t, "CredentialsPresent", "False", "SecretKeyMissing")).await;
+    assert!(tool_condition(&tool, "CredentialsPresent").unwrap().message.contains("Secret tl-creds/vault-token does not exist"));
+    assert!(condition_is(&tool, "Ready", "False", "CredentialsMissing"));
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let secret: Secret = from_json(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vault-token"}, "stringData": {"other": "x"}}));
+    let started = Instant::now();
+    secrets.create(&PostParams::default(), &secret).await.unwrap();
+    wait_tool(&client, name, "the Secret without the key", PROMPTLY, |t| {
+        tool_condition(t, "CredentialsPresent").is_some_and(|c| c.message.contains("has no key token"))
+    })
+    .await;
+    eprintln!("measured: Secret created → tool re-checked in {:?}", started.elapsed());
+
+    let started = Instant::now();
+    secrets.patch("vault-token", &PatchParams::default(), &Patch::Merge(json!({"stringData": {"token": "s3cr3t"}}))).await.unwrap();
+    let tool = wait_tool(&client, name, "CredentialsPresent=True", PROMPTLY, |t| condition_is(t, "CredentialsPresent", "True", "SecretKeyPresent")).await;
+    eprintln!("measured: key added → CredentialsPresent=True in {:?}", started.elapsed());
+    assert!(tool.status.as_ref().unwrap().ready);
+
+    let started = Instant::now();
+    secrets.delete("vault-token", &DeleteParams::default()).await.unwrap();
+    wait_tool(&client, name, "CredentialsPresent=False again", PROMPTLY, |t| condition_is(t, "CredentialsPresent", "False", "SecretKeyMissing")).await;
+    eprintln!("measured: Secret deleted → CredentialsPresent=False in {:?}", started.elapsed());
+
+    let log = std::fs::read_to_string(operator().log_path()).unwrap();
+    assert!(log.contains("watching Secrets' metadata"), "the operator watches Secrets rather than polling");
+    assert!(!log.contains("s3cr3t"), "a Secret's value never reaches the log");
+}
+
+#[tokio::test]
+async fn a_labelled_service_becomes_a_tool_that_follows_it_and_goes_with_its_label() {
+    let ns = "tl-disc";
+    let client = setup(ns, true).await;
+    let name = "tl-disc-bandit";
+    endpoint_slice(&client, ns, "bandit", true).await;
+    create_service(&client, ns, "bandit", Some(name), json!({
+        "agentgate.dev/tool-type": "mcp", "agentgate.dev/rate-limit": "60", "agentgate.dev/description": "Python security scanner"})).await;
+
+    let tool = wait_tool(&client, name, "discovered, Ready, status.discoveredFrom", TIMEOUT, |t| {
+        t.status.as_ref().is_some_and(|s| s.ready && s.discovered_from.as_deref() == Some("tl-disc/bandit"))
+    })
+    .await;
+    assert_eq!(tool.labels().get("agentgate.dev/discovered").map(String::as_str), Some("true"));
+    assert_eq!(tool.annotations().get("agentgate.dev/discovered-from").map(String::as_str), Some("tl-disc/bandit"));
+    let spec = serde_json::to_value(&tool.spec).unwrap();
+    assert_eq!(spec, json!({"type": "mcp", "endpoint": {"service": {"namespace": ns, "name": "bandit", "port": 8080}}, "rateLimit": 60, "description": "Python security scanner"}));
+    assert!(condition_is(&tool, "Discovered", "True", "FromService"));
+    assert!(tool.managed_fields().iter().any(|m| m.manager.as_deref() == Some("agentgate-discovery") && m.operation.as_deref() == Some("Apply")));
+    wait_service_event(&client, ns, "bandit", "Normal", "ToolDiscovered", &format!("created AgentTool {name}")).await;
+    let row = kubectl_tool_row(name);
+    assert_eq!(column(&row, "DISCOVERED"), "tl-disc/bandit");
+
+    // Annotation changes are followed.
+    let started = Instant::now();
+    patch_service(&client, ns, "bandit", json!({}), json!({"agentgate.dev/rate-limit": "120", "agentgate.dev/port": "metrics", "agentgate.dev/description": null})).await;
+    let tool = wait_tool(&client, name, "rate limit 120 on port 9090", PROMPTLY, |t| t.spec.rate_limit == 120 && t.spec.endpoint.service.as_ref().is_some_and(|s| s.port == 9090)).await;
+    eprintln!("measured: annotation change → AgentTool updated in {:?}", started.elapsed());
+    assert_eq!(tool.spec.description, None, "a removed annotation is removed from the spec");
+
+    // So is a hand edit of the discovered tool: the Service is the source.
+    Api::<AgentTool>::all(client.clone()).patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"rateLimit": 5}}))).await.unwrap();
+    wait_tool(&client, name, "the Service's rate limit back", TIMEOUT, |t| t.spec.rate_limit == 120).await;
+
+    // A field the Service does not set, added by hand, is left alone and not fought over.
+    Api::<AgentTool>::all(client.clone()).patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"description": "hand-written note"}}))).await.unwrap();
+    let updates = |es: &[Event]| es.iter().filter(|e| e.reason.as_deref() == Some("ToolUpdated")).count();
+    // Two so far: the annotation change and the rate limit taken back.
+    let before = updates(&wait_for("two ToolUpdated Events", TIMEOUT, || service_events(&client, ns, "bandit"), |es: &Vec<Event>| updates(es) >= 2).await);
+    for poke in 0..3 {
+        patch_service(&client, ns, "bandit", json!({}), json!({"example.com/poke": poke.to_string()})).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let tool = get_tool(&client, name).await.unwrap();
+    assert_eq!((tool.spec.description.as_deref(), tool.spec.rate_limit), (Some("hand-written note"), 120));
+    assert_eq!(updates(&service_events(&client, ns, "bandit").await), before, "no apply repeated on every pass");
+
+    // A bad value: a Warning Event naming the annotation and value, and the tool not Ready.
+    patch_service(&client, ns, "bandit", json!({}), json!({"agentgate.dev/rate-limit": "ten"})).await;
+    let event = wait_service_event(&client, ns, "bandit", "Warning", "InvalidToolAnnotation", "agentgate.dev/rate-limit=\"ten\"").await;
+    assert!(event.note.unwrap().contains(&format!("AgentTool {name} is not Ready")));
+    let tool = wait_tool(&client, name, "not Ready: InvalidAnnotation", TIMEOUT, |t| condition_is(t, "Ready", "False", "InvalidAnnotation")).await;
+    assert!(tool_condition(&tool, "Ready").unwrap().message.contains("agentgate.dev/rate-limit=\"ten\""));
+    assert!(condition_is(&tool, "Discovered", "False", "InvalidAnnotation"));
+    assert!(!tool.status.unwrap().ready);
+
+    patch_service(&client, ns, "bandit", json!({}), json!({"agentgate.dev/rate-limit": "30"})).await;
+    let tool = wait_tool(&client, name, "Ready again", TIMEOUT, |t| t.spec.rate_limit == 30 && t.status.as_ref().is_some_and(|s| s.ready)).await;
+    assert!(!tool.annotations().contains_key("agentgate.dev/discovery-error"));
+
+    // A discovered tool deleted by hand comes back while its Service still claims it.
+    let uid = tool.metadata.uid.clone();
+    Api::<AgentTool>::all(client.clone()).delete(name, &DeleteParams::default()).await.unwrap();
+    wait_tool(&client, name, "recreated", TIMEOUT, |t| t.metadata.uid != uid).await;
+
+    // The label goes: so does the tool.
+    let started = Instant::now();
+    patch_service(&client, ns, "bandit", json!({"agentgate.dev/tool": null}), json!({})).await;
+    wait_tool_gone(&client, name, "the tool deleted with the label").await;
+    eprintln!("measured: label removed → AgentTool deleted in {:?}", started.elapsed());
+    wait_service_event(&client, ns, "bandit", "Normal", "ToolRemoved", &format!("deleted AgentTool {name}")).await;
+
+    // The Service goes: so does the tool.
+    create_service(&client, ns, "semgrep", Some("tl-disc-semgrep"), json!({"agentgate.dev/rate-limit": "10"})).await;
+    wait_tool(&client, "tl-disc-semgrep", "discovered", TIMEOUT, |t| t.spec.rate_limit == 10).await;
+    Api::<Service>::namespaced(client.clone(), ns).delete("semgrep", &DeleteParams::default()).await.unwrap();
+    wait_tool_gone(&client, "tl-disc-semgrep", "the tool deleted with its Service").await;
+}
+
+#[tokio::test]
+async fn a_hand_written_tool_of_the_same_name_is_never_touched() {
+    let ns = "tl-hand";
+    let client = setup(ns, true).await;
+    let name = "tl-hand-scanner";
+    let written = create_tool(&client, name, json!({"type": "api", "endpoint": {"url": "https://scanner.example/v1"}, "rateLimit": 7})).await;
+    create_service(&client, ns, "scanner", Some(name), json!({"agentgate.dev/rate-limit": "99"})).await;
+
+    let event = wait_service_event(&client, ns, "scanner", "Warning", "ToolNameTaken", "name taken by a hand-written AgentTool").await;
+    assert!(event.note.unwrap().contains(name));
+    let tool = get_tool(&client, name).await.unwrap();
+    assert_eq!(tool.spec, written.spec);
+    assert_eq!(tool.metadata.generation, Some(1));
+    assert!(!tool.labels().contains_key("agentgate.dev/discovered") && !tool.annotations().contains_key("agentgate.dev/discovered-from"));
+    assert!(tool.managed_fields().iter().all(|m| m.manager.as_deref() != Some("agentgate-discovery")), "{:?}", tool.managed_fields());
+    assert_eq!(tool.status.and_then(|s| s.discovered_from), None);
+
+    // Nor is it deleted when the label goes.
+    patch_service(&client, ns, "scanner", json!({"agentgate.dev/tool": null}), json!({})).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(get_tool(&client, name).await.unwrap().metadata.uid, written.metadata.uid);
+}
+
+#[tokio::test]
+async fn two_services_claiming_one_name_are_both_told_and_neither_wins_silently() {
+    let ns = "tl-conflict";
+    let client = setup(ns, false).await;
+    let name = "tl-conflict-shared";
+    create_service(&client, ns, "one", Some(name), json!({"agentgate.dev/rate-limit": "10"})).await;
+    create_service(&client, ns, "two", Some(name), json!({"agentgate.dev/rate-limit": "20"})).await;
+
+    // Outside the namespaces the operator discovers in, nothing happens.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(get_tool(&client, name).await.is_none(), "a namespace not matching --discovery-namespace-selector is not discovered in");
+    assert!(service_events(&client, ns, "one").await.is_empty());
+
+    // Both claims come into view at once: no tool, a conflict Event on each.
+    label_namespace(&client, ns, Some("on")).await;
+    for svc in ["one", "two"] {
+        let event = wait_service_event(&client, ns, svc, "Warning", "ToolNameConflict", "none is created").await;
+        assert!(event.note.unwrap().contains(&format!("Services {ns}/one, {ns}/two all claim AgentTool {name}")));
+    }
+    assert!(get_tool(&client, name).await.is_none(), "neither Service wins silently");
+
+    // One lets go: the other gets the tool.
+    patch_service(&client, ns, "two", json!({"agentgate.dev/tool": null}), json!({})).await;
+    let tool = wait_tool(&client, name, "discovered from one", TIMEOUT, |t| t.status.as_ref().and_then(|s| s.discovered_from.as_deref()) == Some("tl-conflict/one")).await;
+    assert_eq!(tool.spec.rate_limit, 10);
+
+    // A second claim on an existing tool: the tool stays, both are told.
+    patch_service(&client, ns, "two", json!({"agentgate.dev/tool": name}), json!({})).await;
+    for svc in ["one", "two"] {
+        wait_service_event(&client, ns, svc, "Warning", "ToolNameConflict", "it stays discovered from tl-conflict/one").await;
+    }
+    let still = get_tool(&client, name).await.unwrap();
+    assert_eq!((&still.metadata.uid, still.spec.rate_limit), (&tool.metadata.uid, 10));
+    assert_eq!(still.annotations().get("agentgate.dev/discovered-from").map(String::as_str), Some("tl-conflict/one"));
+}
+
+#[tokio::test]
+async fn the_agent_pod_gets_the_url_of_a_discovered_tool() {
+    let ns = "tl-url";
+    let client = setup(ns, true).await;
+    let name = "tl-url-search";
+    create_service(&client, ns, "search", Some(name), json!({"agentgate.dev/rate-limit": "20", "agentgate.dev/port": "8080", "agentgate.dev/tool-type": "api"})).await;
+    endpoint_slice(&client, ns, "search", true).await;
+    wait_tool(&client, name, "discovered and Ready", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
+
+    let job = approved_job(&client, ns, "searcher", json!({"tools": [{"name": name, "required": true, "minRateLimit": 5}]})).await;
+    wait_phase(&client, ns, "searcher", "Running").await;
+    let pods = wait_for("the agent Pod", TIMEOUT, || job_pods(&client, ns, &job), |p: &Vec<Pod>| p.len() == 1).await;
+    let env = pods[0].spec.as_ref().unwrap().containers[0].env.clone().unwrap();
+    let url = env.iter().find(|e| e.name == "AGENTGATE_TOOL_TL_URL_SEARCH_URL").and_then(|e| e.value.clone());
+    assert_eq!(url.as_deref(), Some("http://search.tl-url.svc:8080"), "{env:?}");
+}
+
+#[tokio::test]
+async fn a_job_waits_for_rate_limit_and_starts_when_a_running_job_frees_it() {
+    let ns = "tl-rate";
+    let client = setup(ns, false).await;
+    let tool = "tl-rate-llm";
+    create_tool(&client, tool, json!({"type": "api", "endpoint": {"url": "https://llm.example/v1"}, "rateLimit": 10})).await;
+    wait_tool(&client, tool, "Ready", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
+
+    let a = approved_job(&client, ns, "a", json!({"tools": [{"name": tool, "minRateLimit": 8}]})).await;
+    wait_phase(&client, ns, "a", "Running").await;
+    wait_tool(&client, tool, "inUse 8", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.in_use == 8)).await;
+    let row = kubectl_tool_row(tool);
+    assert_eq!((column(&row, "RATE LIMIT"), column(&row, "IN USE")), ("10".to_string(), "8".to_string()), "{row:?}");
+
+    approved_job(&client, ns, "b", json!({"tools": [{"name": tool, "minRateLimit": 5}]})).await;
+    let waiting = wait_for_job(&client, ns, "b", "b waiting for rate limit", |j| {
+        phase(j) == Some("WaitingForResources") && condition(j, "Ready").is_some_and(|c| c.reason == "RateLimitExhausted")
+    })
+    .await;
+    let check = tool_check(&waiting, tool);
+    assert!(!check.passed);
+    assert!(check.message.contains("has 2 of 10 calls/min spare (8 in use by 1 running job(s)), the job needs 5"), "{}", check.message);
+
+    let started = Instant::now();
+    finish_job(&client, ns, &a).await;
+    wait_phase(&client, ns, "a", "Succeeded").await;
+    let finished = started.elapsed();
+    let running = wait_phase(&client, ns, "b", "Running").await;
+    eprintln!("measured: a's Pod finished → a Succeeded in {finished:?}, b Running in {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(10), "b starts on the watch, not on a resync");
+    assert!(tool_check(&running, tool).passed);
+    wait_tool(&client, tool, "inUse 5", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.in_use == 5)).await;
+    assert_eq!(column(&kubectl_tool_row(tool), "IN USE"), "5");
+}
+
+#[tokio::test]
+async fn freed_rate_limit_goes_to_the_most_urgent_waiting_job_first() {
+    let ns = "tl-priority";
+    let client = setup(ns, false).await;
+    let tool = "tl-priority-llm";
+    create_tool(&client, tool, json!({"type": "api", "endpoint": {"url": "https://llm.example/v1"}, "rateLimit": 10})).await;
+    wait_tool(&client, tool, "Ready", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
+
+    let running = approved_job(&client, ns, "running", json!({"tools": [{"name": tool, "minRateLimit": 8}]})).await;
+    wait_phase(&client, ns, "running", "Running").await;
+    // The less urgent job waits first; the urgent one, created later, needs more.
+    approved_job(&client, ns, "later", json!({"priority": 9, "tools": [{"name": tool, "minRateLimit": 3}]})).await;
+    wait_phase(&client, ns, "later", "WaitingForResources").await;
+    let urgent = approved_job(&client, ns, "urgent", json!({"priority": 1, "tools": [{"name": tool, "minRateLimit": 8}]})).await;
+    wait_for_job(&client, ns, "urgent", "urgent waiting for rate limit", |j| condition(j, "Ready").is_some_and(|c| c.reason == "RateLimitExhausted")).await;
+
+    // 10 calls/min free up: enough for either, not both. The urgent job gets them.
+    finish_job(&client, ns, &running).await;
+    wait_phase(&client, ns, "urgent", "Running").await;
+    // Had the older, less urgent job taken 3 of them first, the urgent one could not have started.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = Api::<AgentJob>::namespaced(client.clone(), ns).get("later").await.unwrap();
+    assert_eq!(phase(&later), Some("WaitingForResources"), "{:?}", later.status);
+    assert!(later.status.as_ref().unwrap().attempts.is_empty(), "the less urgent job never ran");
+    let check = tool_check(&later, tool);
+    assert!(check.message.contains("has 2 of 10 calls/min spare"), "{}", check.message);
+
+    finish_job(&client, ns, &urgent).await;
+    wait_phase(&client, ns, "later", "Running").await;
+}
