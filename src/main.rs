@@ -105,6 +105,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         None => PriceTable::builtin(),
     };
     let client = kube::Client::try_default().await?;
+    let lease_namespace = args
+        .lease_namespace
+        .clone()
+        .or_else(|| args.namespace.clone())
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| "default".into());
     let settings = Settings {
         namespace: args.namespace,
         approval_floor: args.approval_floor,
@@ -112,6 +118,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         approval_timeout_seconds: (args.approval_timeout_seconds > 0).then_some(args.approval_timeout_seconds as i64),
         field_manager: "agentgate".into(),
         discovery_namespace_selector: args.discovery_namespace_selector,
+        state_namespace: lease_namespace.clone(),
     };
     tracing::info!(namespace = ?settings.namespace, approval_floor = settings.approval_floor, models = prices.models.len(), "starting agentgate");
 
@@ -145,12 +152,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(ns) => format!("agentgate-{ns}"),
             None => "agentgate".to_string(),
         };
-        let lease_namespace = args
-            .lease_namespace
-            .clone()
-            .or_else(|| settings.namespace.clone())
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .unwrap_or_else(|| "default".into());
         let campaign = if args.leader_election {
             let identity = agentgate::leader::identity();
             let mut campaign = agentgate::leader::campaign(client.clone(), &lease, &lease_namespace, &identity).await?;

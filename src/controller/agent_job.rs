@@ -82,6 +82,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         job_readiness(job, ctx, &jobs, &all_pods)
     };
     let history = history_of(&jobs, &job_type(job));
+    let learned = ctx.learner.state.lock().await.stats(&job_type(job)).cloned();
     let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;
     let prices = ctx.prices.read().await.clone();
 
@@ -95,6 +96,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         approval_timeout_seconds: ctx.settings.approval_timeout_seconds,
         prices: &prices,
         history: &history,
+        learned: learned.as_ref(),
         readiness: &readiness,
         tally: &counted,
         pods: &pods,
@@ -315,6 +317,14 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
     for attempt in &new.attempts {
         let before = old.attempts.iter().find(|a| a.attempt == attempt.attempt).and_then(|a| a.usage.as_ref());
         let (Some(usage), None) = (&attempt.usage, before) else { continue };
+        // The estimator learns what a successful run costs; failed attempts would drag it
+        // towards runs that stopped early.
+        if attempt.result == AttemptResult::Succeeded {
+            let key = crate::domain::learning::attempt_key(job.metadata.uid.as_deref().unwrap_or_default(), attempt.attempt);
+            if ctx.learner.state.lock().await.record(&key, &job_type(job), &tokens_of(usage)) {
+                ctx.learner.touch();
+            }
+        }
         for m in &usage.models {
             let labels = UsageLabels { model: m.model.clone(), category: job.spec.category.clone() };
             ctx.metrics.tokens.get_or_create(&labels).inc_by((m.input_tokens + m.cached_input_tokens + m.output_tokens).max(0) as u64);

@@ -5,6 +5,7 @@ pub mod agent_job;
 pub mod agent_tool;
 pub mod approval_vote;
 pub mod discovery;
+pub mod estimator_store;
 pub mod snapshot;
 
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct Settings {
     /// Discover AgentTools only from Services in namespaces matching this label selector; all
     /// namespaces when None.
     pub discovery_namespace_selector: Option<String>,
+    /// Namespace of the leader Lease, where the estimator's state ConfigMap lives too.
+    pub state_namespace: String,
 }
 
 /// Watch caches every reconcile reads instead of calling the API.
@@ -97,6 +100,8 @@ pub struct Context {
     pub requeue: mpsc::UnboundedSender<ObjectRef<AgentJob>>,
     pub tool_requeue: mpsc::UnboundedSender<ObjectRef<AgentTool>>,
     pub secret_watch: agent_tool::SecretWatch,
+    /// What the cost estimator learned from finished attempts, persisted by its own writer.
+    pub learner: Arc<estimator_store::Learner>,
 }
 
 /// Liveness and readiness as /healthz and /readyz report them.
@@ -178,6 +183,7 @@ pub async fn run(
         endpoint_slices,
     };
     let _ = jobs_for_metrics.set(caches.jobs.clone());
+    let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
     let reporter = Reporter { controller: "agentgate".into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
@@ -190,6 +196,7 @@ pub async fn run(
         requeue,
         tool_requeue,
         secret_watch: agent_tool::SecretWatch::default(),
+        learner: learner.clone(),
     });
     // Woken by every Service and AgentTool change; see discovery.rs.
     let discovery_trigger = Arc::new(tokio::sync::Notify::new());
@@ -298,7 +305,10 @@ pub async fn run(
         _ = mark_ready => {}
         _ = rbac_changes => {}
         _ = discovery::run(ctx.clone(), discovery_trigger) => {}
+        _ = learner.run_writer(client.clone()) => {}
     }
+    // Shutdown: what was learned since the last write is not lost.
+    learner.flush(&client).await;
 }
 
 /// A stream inspector that wakes `trigger` on every item.

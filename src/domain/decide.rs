@@ -70,6 +70,8 @@ pub struct Observed<'a> {
     pub prices: &'a PriceTable,
     /// Finished runs of this job's jobType, newest last.
     pub history: &'a [UsageSample],
+    /// What the estimator learned of this job's jobType; used instead of `history` when present.
+    pub learned: Option<&'a crate::domain::learning::JobTypeStats>,
     pub readiness: &'a Readiness,
     pub tally: &'a Tally,
     pub pods: &'a [PodView],
@@ -322,7 +324,11 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
 
     // Estimate and input are checked once per generation; a failure of either rejects the job.
     if s.estimate.as_ref().map(|e| e.generation) != Some(generation) {
-        match estimate(&estimate_input(job), o.history, o.prices) {
+        let forecast = match o.learned {
+            Some(stats) if stats.n > 0 => crate::domain::estimate::estimate_with_stats(&estimate_input(job), Some(stats), o.prices),
+            _ => estimate(&estimate_input(job), o.history, o.prices),
+        };
+        match forecast {
             Err(unknown) => {
                 s.phase = Some(JobPhase::Pending);
                 s.estimate = None;
@@ -597,7 +603,7 @@ mod tests {
 
     fn step(job: &AgentJob, readiness: &Readiness, tally: &Tally, pods: &[PodView], gone_pods: &[String]) -> Plan {
         let prices = PriceTable::builtin();
-        decide(&Observed { job, now: now(), approval_floor: 2, approval_tiers: &[], approval_timeout_seconds: None, prices: &prices, history: &[], readiness, tally, pods, gone_pods })
+        decide(&Observed { job, now: now(), approval_floor: 2, approval_tiers: &[], approval_timeout_seconds: None, prices: &prices, history: &[], learned: None, readiness, tally, pods, gone_pods })
     }
 
     /// The job as it is stored after `plan` was applied.

@@ -13,9 +13,16 @@
 //!
 //! Token totals split into input, cached input and output by the history's mix (or the prior's
 //! 80/20), and each part is priced with the model's price, so cached tokens cost less.
+//!
+//! [`estimate_with_stats`] does the same from the persisted statistics of
+//! [`super::learning`] instead of raw samples: `mu` and `sigma` are their recency-weighted mean
+//! and standard deviation of `ln total_tokens`, the history's weight uses the effective sample
+//! size (`weight`, at most 10 with the decay) in place of `n`, the mix is the mean fractions,
+//! and `samples` (which picks `blend` or `history`) is the number of attempts recorded.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use super::learning::JobTypeStats;
 use super::money::MicroUsd;
 use super::pricing::{PriceTable, TokenCounts};
 
@@ -66,13 +73,7 @@ pub struct Forecast {
 pub struct UnknownModels(pub Vec<String>);
 
 pub fn estimate(input: &EstimateInput, history: &[UsageSample], prices: &PriceTable) -> Result<Forecast, UnknownModels> {
-    let models: BTreeSet<&str> = input.agent_models.iter().map(String::as_str).collect();
-    let unknown: Vec<String> = models.iter().filter(|m| prices.get(m).is_none()).map(|m| m.to_string()).collect();
-    if !unknown.is_empty() {
-        return Err(UnknownModels(unknown));
-    }
-
-    let samples = history.len();
+    check_prices(input, prices)?;
     let sigma_prior = PRIOR_P90_RATIO.ln() / Z90;
     let mut forecasts = Vec::new();
     for (model, prior) in prior_tokens(input) {
@@ -83,25 +84,64 @@ pub fn estimate(input: &EstimateInput, history: &[UsageSample], prices: &PriceTa
             let logs: Vec<f64> = observed.iter().map(|t| (t.total() as f64).ln()).collect();
             let mean = logs.iter().sum::<f64>() / logs.len() as f64;
             let var = logs.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (logs.len().max(2) - 1) as f64;
-            let w = observed.len() as f64 / (observed.len() as f64 + PRIOR_WEIGHT);
-            let mu = w * mean + (1.0 - w) * (prior.total() as f64).ln();
-            let sigma = w * var.sqrt().max(sigma_prior / 2.0) + (1.0 - w) * sigma_prior;
             let mix = observed.iter().fold(TokenCounts::default(), |acc, t| acc.add(t));
+            let (mu, sigma) = blend(observed.len() as f64, mean, var.sqrt(), &prior);
             (mu, sigma, mix)
         };
-        let p50 = mu.exp();
-        let p90 = (mu + Z90 * sigma).exp();
-        let price = prices.get(&model).expect("unknown models were rejected above");
-        forecasts.push(ModelForecast {
-            tokens_p50: p50.round() as i64,
-            tokens_p90: p90.round() as i64,
-            cost_p50: price.cost(&split_like(p50, &mix)),
-            cost_p90: price.cost(&split_like(p90, &mix)),
-            model,
-        });
+        forecasts.push(model_forecast(model, mu, sigma, &mix, prices));
     }
+    Ok(total(forecasts, history.len()))
+}
 
-    Ok(Forecast {
+/// [`estimate`] from the learned statistics of the job's type (see the module doc).
+pub fn estimate_with_stats(input: &EstimateInput, stats: Option<&JobTypeStats>, prices: &PriceTable) -> Result<Forecast, UnknownModels> {
+    check_prices(input, prices)?;
+    let sigma_prior = PRIOR_P90_RATIO.ln() / Z90;
+    let mut forecasts = Vec::new();
+    for (model, prior) in prior_tokens(input) {
+        let learned = stats.and_then(|s| s.models.get(&model)).filter(|m| m.n > 0 && m.weight > 0.0);
+        let (mu, sigma, mix) = match learned {
+            None => ((prior.total() as f64).ln(), sigma_prior, prior),
+            Some(m) => {
+                let (mu, sigma) = blend(m.weight, m.mean_ln, m.var_ln.max(0.0).sqrt(), &prior);
+                (mu, sigma, m.mix())
+            }
+        };
+        forecasts.push(model_forecast(model, mu, sigma, &mix, prices));
+    }
+    Ok(total(forecasts, stats.map_or(0, |s| s.n as usize)))
+}
+
+fn check_prices(input: &EstimateInput, prices: &PriceTable) -> Result<(), UnknownModels> {
+    let models: BTreeSet<&str> = input.agent_models.iter().map(String::as_str).collect();
+    let unknown: Vec<String> = models.iter().filter(|m| prices.get(m).is_none()).map(|m| m.to_string()).collect();
+    if unknown.is_empty() { Ok(()) } else { Err(UnknownModels(unknown)) }
+}
+
+/// `w = n / (n + PRIOR_WEIGHT)`; returns the blended `(ln p50, sigma)`.
+fn blend(n: f64, mean: f64, sigma_hist: f64, prior: &TokenCounts) -> (f64, f64) {
+    let sigma_prior = PRIOR_P90_RATIO.ln() / Z90;
+    let w = n / (n + PRIOR_WEIGHT);
+    let mu = w * mean + (1.0 - w) * (prior.total() as f64).ln();
+    let sigma = w * sigma_hist.max(sigma_prior / 2.0) + (1.0 - w) * sigma_prior;
+    (mu, sigma)
+}
+
+fn model_forecast(model: String, mu: f64, sigma: f64, mix: &TokenCounts, prices: &PriceTable) -> ModelForecast {
+    let p50 = mu.exp();
+    let p90 = (mu + Z90 * sigma).exp();
+    let price = prices.get(&model).expect("unknown models were rejected above");
+    ModelForecast {
+        tokens_p50: p50.round() as i64,
+        tokens_p90: p90.round() as i64,
+        cost_p50: price.cost(&split_like(p50, mix)),
+        cost_p90: price.cost(&split_like(p90, mix)),
+        model,
+    }
+}
+
+fn total(forecasts: Vec<ModelForecast>, samples: usize) -> Forecast {
+    Forecast {
         tokens_p50: forecasts.iter().map(|f| f.tokens_p50).sum(),
         tokens_p90: forecasts.iter().map(|f| f.tokens_p90).sum(),
         cost_p50: forecasts.iter().map(|f| f.cost_p50).sum(),
@@ -113,7 +153,7 @@ pub fn estimate(input: &EstimateInput, history: &[UsageSample], prices: &PriceTa
             _ => "blend",
         },
         samples,
-    })
+    }
 }
 
 /// Prior token medians per model: every agent costs PER_AGENT, tool calls are shared evenly
@@ -224,5 +264,42 @@ mod tests {
         let b = estimate(&input(&["gpt-4o"], &[]), &cached, &prices).unwrap();
         assert_eq!(a.tokens_p50, b.tokens_p50);
         assert!(b.cost_p50 < a.cost_p50);
+    }
+
+    fn learned(samples: &[UsageSample]) -> crate::domain::learning::EstimatorState {
+        let mut state = crate::domain::learning::EstimatorState::default();
+        for (i, s) in samples.iter().enumerate() {
+            assert!(state.record(&format!("u/{i}"), "scan", s));
+        }
+        state
+    }
+
+    #[test]
+    fn stats_with_one_sample_match_the_sample_form() {
+        let history = vec![sample("gpt-4o-mini", 80_000, 20_000)];
+        let state = learned(&history);
+        let a = estimate(&input(&["gpt-4o-mini"], &[]), &history, &PriceTable::builtin()).unwrap();
+        let b = estimate_with_stats(&input(&["gpt-4o-mini"], &[]), state.stats("scan"), &PriceTable::builtin()).unwrap();
+        assert_eq!((b.method, b.samples), ("blend", 1));
+        assert_eq!(a.tokens_p50, b.tokens_p50);
+        assert_eq!(a.tokens_p90, b.tokens_p90);
+        assert!(a.cost_p50.0.abs_diff(b.cost_p50.0) <= 1);
+    }
+
+    #[test]
+    fn stats_without_the_job_type_are_the_prior() {
+        let a = estimate(&input(&["gpt-4o-mini"], &[5]), &[], &PriceTable::builtin()).unwrap();
+        let b = estimate_with_stats(&input(&["gpt-4o-mini"], &[5]), None, &PriceTable::builtin()).unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn many_learned_samples_are_history() {
+        let history: Vec<UsageSample> = (0..20).map(|_| sample("gpt-4o-mini", 80_000, 20_000)).collect();
+        let state = learned(&history);
+        let f = estimate_with_stats(&input(&["gpt-4o-mini"], &[]), state.stats("scan"), &PriceTable::builtin()).unwrap();
+        assert_eq!((f.method, f.samples), ("history", 20));
+        // the decayed weight stays below 10, so the prior keeps a sixth of the say
+        assert!(f.tokens_p50 > 50_000 && f.tokens_p50 < 100_000, "p50 {}", f.tokens_p50);
     }
 }
