@@ -1,9 +1,9 @@
 //! agentgate: a Kubernetes operator that estimates, checks, gates on approval and meters AI-agent jobs.
 
 pub mod api;
+pub mod controller;
 pub mod domain;
 pub mod leader;
-pub mod controller;
 pub mod metrics;
 pub mod review;
 pub mod server;

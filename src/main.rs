@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use tokio::sync::RwLock;
 
 #[derive(Parser)]
-#[command(name = "agentgate", version, about = "Kubernetes operator for AI-agent jobs: cost, readiness and approval before the run, usage after")]
+#[command(
+    name = "agentgate",
+    version,
+    about = "Kubernetes operator for AI-agent jobs: cost, readiness and approval before the run, usage after"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -175,7 +179,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             true
         };
         health.leading.store(true, std::sync::atomic::Ordering::Relaxed);
-        let run = controller::run(client.clone(), settings, Arc::new(RwLock::new(prices)), metrics.clone(), health.clone(), jobs_store.clone(), futures::FutureExt::shared(Box::pin(shutdown())));
+        let run = controller::run(
+            client.clone(),
+            settings,
+            Arc::new(RwLock::new(prices)),
+            metrics.clone(),
+            health.clone(),
+            jobs_store.clone(),
+            futures::FutureExt::shared(Box::pin(shutdown())),
+        );
         let lost_leadership = tokio::select! {
             () = run => false,
             lost = watch_leadership => lost,

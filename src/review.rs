@@ -216,7 +216,9 @@ pub async fn cast_vote(client: &Client, job: &AgentJob, voter: &str, ballot: &Ba
     match existing_vote(client, job, voter).await {
         Ok(Some(vote)) => return Err(already_voted(&vote, job)),
         Ok(None) => {}
-        Err(VoteError::Forbidden { .. }) => tracing::debug!(%namespace, "may not list votes; relying on the vote name to detect an earlier vote"),
+        Err(VoteError::Forbidden { .. }) => {
+            tracing::debug!(%namespace, "may not list votes; relying on the vote name to detect an earlier vote")
+        }
         Err(e) => return Err(e),
     }
 
@@ -231,7 +233,8 @@ pub async fn cast_vote(client: &Client, job: &AgentJob, voter: &str, ballot: &Ba
         confidence: ballot.confidence,
     };
     let pp = PostParams { field_manager: Some("kubectl-agentgate".into()), ..PostParams::default() };
-    let vote = ApprovalVote { metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() }, spec: spec.clone(), status: None };
+    let vote =
+        ApprovalVote { metadata: ObjectMeta { name: Some(name.clone()), ..ObjectMeta::default() }, spec: spec.clone(), status: None };
     let explain_create = |e| explain(e, "create", "approvalvotes.agentgate.dev", Some(&namespace));
     match api.create(&pp, &vote).await {
         Ok(created) => Ok(created),
@@ -240,7 +243,11 @@ pub async fn cast_vote(client: &Client, job: &AgentJob, voter: &str, ballot: &Ba
             if is_vote_of(&taken, job, voter) {
                 return Err(already_voted(&taken, job));
             }
-            let vote = ApprovalVote { metadata: ObjectMeta { generate_name: Some(format!("{name}-")), ..ObjectMeta::default() }, spec, status: None };
+            let vote = ApprovalVote {
+                metadata: ObjectMeta { generate_name: Some(format!("{name}-")), ..ObjectMeta::default() },
+                spec,
+                status: None,
+            };
             api.create(&pp, &vote).await.map_err(explain_create)
         }
         Err(e) => Err(explain_create(e)),
@@ -277,12 +284,16 @@ pub fn vote_rows(job: &AgentJob, votes: &[ApprovalVote]) -> Vec<VoteRow> {
                 None => ("pending", "not tallied by the operator yet".to_string()),
             };
             let (counted, why) = match approval {
-                Some(a) if a.approvers.iter().any(|x| x.vote == name) => {
-                    ("yes", vote_status.and_then(|s| s.message.clone()).unwrap_or_else(|| format!("counted: one of {} approvals", a.required)))
-                }
+                Some(a) if a.approvers.iter().any(|x| x.vote == name) => (
+                    "yes",
+                    vote_status.and_then(|s| s.message.clone()).unwrap_or_else(|| format!("counted: one of {} approvals", a.required)),
+                ),
                 Some(a) => match a.ignored_votes.iter().find(|i| i.name == name) {
                     Some(ignored) => ("no", ignored.why.clone()),
-                    None if v.spec.decision == Decision::Reject && a.rejected_by.as_deref() == Some(v.spec.voter.as_str()) && is_current(v, job) => {
+                    None if v.spec.decision == Decision::Reject
+                        && a.rejected_by.as_deref() == Some(v.spec.voter.as_str())
+                        && is_current(v, job) =>
+                    {
                         ("yes", "counted: this Reject rejects the job".to_string())
                     }
                     None => from_vote(),
@@ -346,7 +357,15 @@ pub fn render_votes(job: &AgentJob, rows: &[VoteRow]) -> String {
     let cells: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
-            [r.vote.clone(), r.voter.clone(), format!("{:?}", r.decision), r.generation.to_string(), r.counted.to_string(), r.why.clone(), r.reason.clone()]
+            [
+                r.vote.clone(),
+                r.voter.clone(),
+                format!("{:?}", r.decision),
+                r.generation.to_string(),
+                r.counted.to_string(),
+                r.why.clone(),
+                r.reason.clone(),
+            ]
         })
         .collect();
     let mut widths = header.map(str::len);
@@ -463,7 +482,10 @@ pub fn evaluate(policy: &Policy, job: &AgentJob) -> Evaluation {
         return Evaluation::Wait(format!("job is {}, not AwaitingApproval", status.phase.map(JobPhase::as_str).unwrap_or("Pending")));
     }
     if status.observed_generation.is_some_and(|g| g != generation) {
-        return Evaluation::Wait(format!("status is for generation {}, the job is at {generation}", status.observed_generation.unwrap_or_default()));
+        return Evaluation::Wait(format!(
+            "status is for generation {}, the job is at {generation}",
+            status.observed_generation.unwrap_or_default()
+        ));
     }
     let Some(estimate) = status.estimate.as_ref().filter(|e| e.generation == generation) else {
         return Evaluation::Wait(format!("no estimate for generation {generation} yet"));
@@ -620,7 +642,8 @@ impl Reviewer {
 /// Watches the categories' jobs and votes on each generation awaiting approval, once, until
 /// SIGTERM or Ctrl-C.
 pub async fn run(args: ReviewArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.policy).map_err(|e| anyhow::anyhow!("reading review policy {}: {e}", args.policy.display()))?;
+    let text =
+        std::fs::read_to_string(&args.policy).map_err(|e| anyhow::anyhow!("reading review policy {}: {e}", args.policy.display()))?;
     let policy = Policy::from_yaml(&text).map_err(anyhow::Error::msg)?;
     let categories: BTreeSet<String> = args.categories.iter().map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
     anyhow::ensure!(!categories.is_empty(), "give at least one --category");
@@ -639,7 +662,9 @@ pub async fn run(args: ReviewArgs) -> anyhow::Result<()> {
         None => Api::all(client.clone()),
     };
     // One watch per category, filtered by the apiserver on the CRD's selectable field.
-    let streams = categories.iter().map(|c| watcher(api.clone(), watcher::Config::default().fields(&format!("spec.category={c}"))).default_backoff().boxed());
+    let streams = categories
+        .iter()
+        .map(|c| watcher(api.clone(), watcher::Config::default().fields(&format!("spec.category={c}"))).default_backoff().boxed());
     let mut events = futures::stream::select_all(streams);
     let mut reviewer = Reviewer { client, me, policy, categories, done: BTreeSet::new(), retry: BTreeMap::new() };
     let mut retry = tokio::time::interval(Duration::from_secs(args.retry_seconds.max(1)));
@@ -695,7 +720,9 @@ async fn warn_unless_head(client: &Client, me: &str, category: &str, namespace: 
     };
     let scope = namespace.map(|ns| format!("in namespace {ns}")).unwrap_or_else(|| "cluster-wide".into());
     match Api::<SelfSubjectAccessReview>::all(client.clone()).create(&PostParams::default(), &review).await {
-        Ok(answer) if answer.status.as_ref().is_some_and(|s| s.allowed) => tracing::info!(%category, %scope, "this reviewer is a head of the category"),
+        Ok(answer) if answer.status.as_ref().is_some_and(|s| s.allowed) => {
+            tracing::info!(%category, %scope, "this reviewer is a head of the category")
+        }
         Ok(_) => tracing::warn!(reviewer = %me, %category, %scope,
             "RBAC does not let this reviewer approve categories/{category} {scope}: its votes count only where a RoleBinding makes it a head"),
         Err(e) => tracing::warn!(%category, error = %e, "could not check whether this reviewer is a head of the category"),
@@ -723,7 +750,12 @@ mod tests {
     use serde_json::json;
 
     fn job(tools: &[&str], images: &[&str], retries: Option<i32>) -> AgentJob {
-        let supporting: Vec<_> = images.iter().skip(1).enumerate().map(|(i, img)| json!({"name": format!("helper-{i}"), "image": img, "model": "gpt-4o-mini"})).collect();
+        let supporting: Vec<_> = images
+            .iter()
+            .skip(1)
+            .enumerate()
+            .map(|(i, img)| json!({"name": format!("helper-{i}"), "image": img, "model": "gpt-4o-mini"}))
+            .collect();
         let tools: Vec<_> = tools.iter().map(|t| json!({"name": t})).collect();
         let mut spec = json!({
             "category": "core-security",
@@ -796,7 +828,13 @@ mod tests {
                 job: scan(),
                 want: Want::Approve {
                     confidence: 90,
-                    mentions: &["within review policy", "p90 estimated cost $0.40 within the policy maximum $1.00", "tools bandit-scanner allowed", "images under ghcr.io/acme/", "maxRetries 1 within 2"],
+                    mentions: &[
+                        "within review policy",
+                        "p90 estimated cost $0.40 within the policy maximum $1.00",
+                        "tools bandit-scanner allowed",
+                        "images under ghcr.io/acme/",
+                        "maxRetries 1 within 2",
+                    ],
                 },
             },
             Case {
@@ -815,7 +853,10 @@ mod tests {
                 name: "a disallowed tool rejects naming it",
                 policy: policy(),
                 job: job(&["bandit-scanner", "shell-exec"], &["ghcr.io/acme/scanner:2.1"], None),
-                want: Want::Reject { confidence: 100, mentions: &["tool shell-exec not in the policy's allowedTools [bandit-scanner, semgrep]"] },
+                want: Want::Reject {
+                    confidence: 100,
+                    mentions: &["tool shell-exec not in the policy's allowedTools [bandit-scanner, semgrep]"],
+                },
             },
             Case {
                 name: "without allowedTools any tool is fine",
@@ -827,7 +868,10 @@ mod tests {
                 name: "a supporting agent's image outside the prefixes rejects naming it",
                 policy: policy(),
                 job: job(&[], &["ghcr.io/acme/scanner:2.1", "docker.io/random/fixer:latest"], None),
-                want: Want::Reject { confidence: 100, mentions: &["image docker.io/random/fixer:latest (agent helper-0) not under the policy's allowedImages"] },
+                want: Want::Reject {
+                    confidence: 100,
+                    mentions: &["image docker.io/random/fixer:latest (agent helper-0) not under the policy's allowedImages"],
+                },
             },
             Case {
                 name: "a prefix does not match a longer path segment",
@@ -862,7 +906,13 @@ mod tests {
             Case {
                 name: "an estimate of an older generation means no vote",
                 policy: policy(),
-                job: with_status(scan(), AgentJobStatus { estimate: Some(Estimate { generation: 1, ..awaiting("0.40", "prior").estimate.unwrap() }), ..awaiting("0.40", "prior") }),
+                job: with_status(
+                    scan(),
+                    AgentJobStatus {
+                        estimate: Some(Estimate { generation: 1, ..awaiting("0.40", "prior").estimate.unwrap() }),
+                        ..awaiting("0.40", "prior")
+                    },
+                ),
                 want: Want::Wait("no estimate for generation 2 yet"),
             },
             Case {
@@ -888,7 +938,8 @@ mod tests {
             let name = case.name;
             let got = evaluate(&case.policy, &case.job);
             match (&got, &case.want) {
-                (Evaluation::Vote(v), Want::Approve { confidence, mentions }) | (Evaluation::Vote(v), Want::Reject { confidence, mentions }) => {
+                (Evaluation::Vote(v), Want::Approve { confidence, mentions })
+                | (Evaluation::Vote(v), Want::Reject { confidence, mentions }) => {
                     let want_decision = if matches!(case.want, Want::Approve { .. }) { Decision::Approve } else { Decision::Reject };
                     assert_eq!(v.decision, want_decision, "{name}: {v:?}");
                     assert_eq!(v.confidence, *confidence, "{name}: confidence; {v:?}");
@@ -897,7 +948,9 @@ mod tests {
                     }
                     assert!(v.reason.len() <= MAX_REASON, "{name}: reason fits the schema");
                 }
-                (Evaluation::Wait(why), Want::Wait(fragment)) => assert!(why.contains(fragment), "{name}: waits because {why:?}, want {fragment:?}"),
+                (Evaluation::Wait(why), Want::Wait(fragment)) => {
+                    assert!(why.contains(fragment), "{name}: waits because {why:?}, want {fragment:?}")
+                }
                 _ => panic!("{name}: got {got:?}"),
             }
         }
@@ -914,8 +967,17 @@ mod tests {
 
     #[test]
     fn policy_files() {
-        let p = Policy::from_yaml("maxCostUSD: \"1.00\"\nallowedTools: [bandit-scanner]\nallowedImages: [ghcr.io/acme/]\nmaxRetries: 2\n").unwrap();
-        assert_eq!(p, Policy { max_cost: MicroUsd(1_000_000), allowed_tools: Some(vec!["bandit-scanner".into()]), allowed_images: Some(vec!["ghcr.io/acme/".into()]), max_retries: Some(2) });
+        let p = Policy::from_yaml("maxCostUSD: \"1.00\"\nallowedTools: [bandit-scanner]\nallowedImages: [ghcr.io/acme/]\nmaxRetries: 2\n")
+            .unwrap();
+        assert_eq!(
+            p,
+            Policy {
+                max_cost: MicroUsd(1_000_000),
+                allowed_tools: Some(vec!["bandit-scanner".into()]),
+                allowed_images: Some(vec!["ghcr.io/acme/".into()]),
+                max_retries: Some(2)
+            }
+        );
         let minimal = Policy::from_yaml("maxCostUSD: \"0.25\"\n").unwrap();
         assert_eq!(minimal, Policy { max_cost: MicroUsd(250_000), allowed_tools: None, allowed_images: None, max_retries: None });
         let errors: &[(&str, &str)] = &[
@@ -955,11 +1017,19 @@ mod tests {
 
     #[test]
     fn api_errors_say_what_is_missing() {
-        let status = |code: u16, message: &str| kube::Error::Api(Box::new(serde_json::from_value(json!({"code": code, "message": message})).unwrap()));
+        let status = |code: u16, message: &str| {
+            kube::Error::Api(Box::new(serde_json::from_value(json!({"code": code, "message": message})).unwrap()))
+        };
         let rbac = "approvalvotes.agentgate.dev is forbidden: User \"dave\" cannot create resource \"approvalvotes\" in API group \"agentgate.dev\" in the namespace \"team\"";
         let cases: Vec<(kube::Error, &str)> = vec![
-            (status(403, rbac), "forbidden: you may not create approvalvotes.agentgate.dev in namespace team; ask for an RBAC Role (or ClusterRole) and binding that grants verb \"create\" on resource \"approvalvotes\" in API group \"agentgate.dev\""),
-            (status(403, "spec.voter must name the user casting the vote"), "the apiserver refused the vote: spec.voter must name the user casting the vote"),
+            (
+                status(403, rbac),
+                "forbidden: you may not create approvalvotes.agentgate.dev in namespace team; ask for an RBAC Role (or ClusterRole) and binding that grants verb \"create\" on resource \"approvalvotes\" in API group \"agentgate.dev\"",
+            ),
+            (
+                status(403, "spec.voter must name the user casting the vote"),
+                "the apiserver refused the vote: spec.voter must name the user casting the vote",
+            ),
             (status(422, "spec.confidence: Invalid value"), "the apiserver refused the vote: spec.confidence"),
             (status(500, "etcd is sad"), "Kubernetes API"),
         ];
@@ -995,7 +1065,10 @@ mod tests {
             summary: "1/2".into(),
             approvers: vec![approver("alice", "scan-alice-g2")],
             rejected_by: Some("carol".into()),
-            ignored_votes: vec![IgnoredVote { name: "scan-bob-g1".into(), why: "is for generation 1 but the job is at generation 2; vote again".into() }],
+            ignored_votes: vec![IgnoredVote {
+                name: "scan-bob-g1".into(),
+                why: "is for generation 1 but the job is at generation 2; vote again".into(),
+            }],
         });
         let votes = vec![
             vote("scan-alice-g2", "alice", Decision::Approve, 2, Some((true, "counted: 1 of 2 approvals"))),

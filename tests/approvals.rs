@@ -57,8 +57,14 @@ async fn make_head(admin: &Client, ns: &str, who: &str, category: &str) {
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("agentgate-category-head-{category}")},
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": who}]});
     let pp = PatchParams::apply("approvals-test").force();
-    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(admin.clone()).patch(&format!("agentgate-category-head-{category}"), &pp, &Patch::Apply(&role)).await.unwrap();
-    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns).patch(&format!("{who}-heads-{category}"), &pp, &Patch::Apply(&binding)).await.unwrap();
+    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(admin.clone())
+        .patch(&format!("agentgate-category-head-{category}"), &pp, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
+        .patch(&format!("{who}-heads-{category}"), &pp, &Patch::Apply(&binding))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -121,9 +127,12 @@ async fn the_author_cannot_approve_their_own_job_and_non_heads_do_not_count() {
     assert_eq!(phase(&tallied), Some("AwaitingApproval"));
 
     let votes = Api::<ApprovalVote>::namespaced(env.admin.clone(), &env.ns);
-    let listed = wait_for("vote verdicts", Duration::from_secs(10), || async { votes.list(&Default::default()).await.unwrap().items }, |vs| {
-        vs.iter().all(|v| v.status.as_ref().and_then(|s| s.counted).is_some())
-    })
+    let listed = wait_for(
+        "vote verdicts",
+        Duration::from_secs(10),
+        || async { votes.list(&Default::default()).await.unwrap().items },
+        |vs| vs.iter().all(|v| v.status.as_ref().and_then(|s| s.counted).is_some()),
+    )
     .await;
     for v in listed {
         let status = v.status.clone().unwrap();
@@ -132,7 +141,11 @@ async fn the_author_cannot_approve_their_own_job_and_non_heads_do_not_count() {
 
     // Someone rewriting the author annotation does not change who the author is.
     Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns)
-        .patch("mine", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"agentgate.dev/requested-by": "mallory"}}})))
+        .patch(
+            "mine",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"agentgate.dev/requested-by": "mallory"}}})),
+        )
         .await
         .unwrap();
     let again = Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns).get("mine").await.unwrap();
@@ -153,7 +166,11 @@ async fn heads_are_an_rbac_fact_and_losing_head_rights_voids_the_vote() {
         .await
         .unwrap();
     let revoked = wait_for_job(&env.admin, &env.ns, "deploy", "erin no longer counted", |j| approval_of(j).summary == "0/2").await;
-    assert!(approval_of(&revoked).ignored_votes[0].why.contains("erin is not a head of category ops"), "{:?}", approval_of(&revoked).ignored_votes);
+    assert!(
+        approval_of(&revoked).ignored_votes[0].why.contains("erin is not a head of category ops"),
+        "{:?}",
+        approval_of(&revoked).ignored_votes
+    );
 }
 
 #[tokio::test]

@@ -24,10 +24,7 @@ async fn control_plane_serves_expected_version_and_enforces_rbac() {
     }
 
     let as_admin = Api::<Pod>::namespaced(admin, "smoke");
-    let pods = as_admin
-        .list(&ListParams::default())
-        .await
-        .expect("admin lists pods");
+    let pods = as_admin.list(&ListParams::default()).await.expect("admin lists pods");
     assert!(pods.items.is_empty());
 }
 

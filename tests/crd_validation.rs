@@ -21,10 +21,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client,
-    api::{
-        ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams,
-        PostParams,
-    },
+    api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ObjectMeta, Patch, PatchParams, PostParams},
 };
 use serde_json::{Value, json};
 use support::controlplane::ControlPlane;
@@ -33,9 +30,7 @@ const GROUP: &str = "agentgate.dev";
 const VERSION: &str = "v1alpha1";
 
 fn data_dir(kind: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(kind)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(kind)
 }
 
 /// `*.yaml` files directly in `dir`, sorted.
@@ -57,31 +52,21 @@ struct Manifest {
 }
 
 fn load(path: &Path) -> Manifest {
-    let text =
-        fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
     let expect = text
         .lines()
         .take_while(|line| line.starts_with('#'))
         .filter_map(|line| line.strip_prefix("# expect:"))
         .map(|expected| expected.trim().to_owned())
         .collect();
-    let object: Value =
-        serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
-    Manifest {
-        name: path.file_name().unwrap().to_string_lossy().into_owned(),
-        expect,
-        object,
-    }
+    let object: Value = serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", path.display()));
+    Manifest { name: path.file_name().unwrap().to_string_lossy().into_owned(), expect, object }
 }
 
 /// The API of `object`'s kind, in `namespace` unless the kind is cluster-scoped.
 fn api_for(client: &Client, object: &Value, namespace: &str) -> Api<DynamicObject> {
     let api_version = object["apiVersion"].as_str().unwrap_or_default();
-    assert_eq!(
-        api_version,
-        format!("{GROUP}/{VERSION}"),
-        "test manifests are agentgate objects"
-    );
+    assert_eq!(api_version, format!("{GROUP}/{VERSION}"), "test manifests are agentgate objects");
     let kind = object["kind"].as_str().expect("manifest has a kind");
     let gvk = GroupVersionKind::gvk(GROUP, VERSION, kind);
     let resource = ApiResource::from_gvk_with_plural(&gvk, &format!("{}s", kind.to_lowercase()));
@@ -100,29 +85,17 @@ fn dynamic(object: &Value) -> DynamicObject {
 async fn allow_votes(admin: &Client, namespace: &str, user: &str) {
     let name = format!("{user}-votes");
     let role = Role {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
+        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec![GROUP.to_owned()]),
             resources: Some(vec!["approvalvotes".to_owned()]),
-            verbs: ["create", "get", "list", "update", "patch"]
-                .map(str::to_owned)
-                .to_vec(),
+            verbs: ["create", "get", "list", "update", "patch"].map(str::to_owned).to_vec(),
             ..Default::default()
         }]),
     };
     let binding = RoleBinding {
-        metadata: ObjectMeta {
-            name: Some(name.clone()),
-            ..Default::default()
-        },
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".to_owned()),
-            kind: "Role".to_owned(),
-            name: name.clone(),
-        },
+        metadata: ObjectMeta { name: Some(name.clone()), ..Default::default() },
+        role_ref: RoleRef { api_group: Some("rbac.authorization.k8s.io".to_owned()), kind: "Role".to_owned(), name: name.clone() },
         subjects: Some(vec![Subject {
             api_group: Some("rbac.authorization.k8s.io".to_owned()),
             kind: "User".to_owned(),
@@ -131,10 +104,7 @@ async fn allow_votes(admin: &Client, namespace: &str, user: &str) {
         }]),
     };
     let apply = PatchParams::apply("crd-validation-test");
-    Api::<Role>::namespaced(admin.clone(), namespace)
-        .patch(&name, &apply, &Patch::Apply(&role))
-        .await
-        .expect("applying the vote role");
+    Api::<Role>::namespaced(admin.clone(), namespace).patch(&name, &apply, &Patch::Apply(&role)).await.expect("applying the vote role");
     Api::<RoleBinding>::namespaced(admin.clone(), namespace)
         .patch(&name, &apply, &Patch::Apply(&binding))
         .await
@@ -156,9 +126,7 @@ fn assert_contained(expected: &Value, actual: &Value, path: &str, file: &str) {
         (Value::Object(expected), Value::Object(actual)) => {
             for (key, value) in expected {
                 let field = format!("{path}.{key}");
-                let stored = actual
-                    .get(key)
-                    .unwrap_or_else(|| panic!("{file}: {field} was pruned by the apiserver"));
+                let stored = actual.get(key).unwrap_or_else(|| panic!("{file}: {field} was pruned by the apiserver"));
                 assert_contained(value, stored, &field, file);
             }
         }
@@ -180,31 +148,19 @@ async fn malformed_manifests_are_rejected_naming_the_field() {
     control_plane.namespace(namespace).await;
 
     let files = yaml_files(&data_dir("invalid"));
-    assert!(
-        files.len() >= 30,
-        "expected at least 30 malformed manifests, found {}",
-        files.len()
-    );
+    assert!(files.len() >= 30, "expected at least 30 malformed manifests, found {}", files.len());
 
-    let dry_run = PostParams {
-        dry_run: true,
-        ..Default::default()
-    };
+    let dry_run = PostParams { dry_run: true, ..Default::default() };
     let mut failures = Vec::new();
     for file in &files {
         let manifest = load(file);
         if manifest.expect.is_empty() {
-            failures.push(format!(
-                "{}: has no `# expect: <message substring>` line",
-                manifest.name
-            ));
+            failures.push(format!("{}: has no `# expect: <message substring>` line", manifest.name));
             continue;
         }
         // Server-side dry run: full decoding, defaulting, schema and CEL validation and
         // admission, without persisting anything (AgentTools are cluster-scoped).
-        let result = api_for(&admin, &manifest.object, namespace)
-            .create(&dry_run, &dynamic(&manifest.object))
-            .await;
+        let result = api_for(&admin, &manifest.object, namespace).create(&dry_run, &dynamic(&manifest.object)).await;
         let status = match rejection(result) {
             Ok(status) => status,
             Err(what) => {
@@ -222,10 +178,7 @@ async fn malformed_manifests_are_rejected_naming_the_field() {
         }
         for expected in &manifest.expect {
             if !status.message.contains(expected.as_str()) {
-                failures.push(format!(
-                    "{}: message does not contain {expected:?}: {}",
-                    manifest.name, status.message
-                ));
+                failures.push(format!("{}: message does not contain {expected:?}: {}", manifest.name, status.message));
             }
         }
     }
@@ -248,20 +201,9 @@ async fn valid_manifests_are_accepted_unchanged() {
     let alice = control_plane.client("alice").await;
 
     let files = yaml_files(&data_dir("valid"));
-    let kinds: Vec<String> = files
-        .iter()
-        .map(|f| {
-            load(f).object["kind"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .collect();
+    let kinds: Vec<String> = files.iter().map(|f| load(f).object["kind"].as_str().unwrap_or_default().to_owned()).collect();
     for kind in ["AgentJob", "AgentTool", "ApprovalVote"] {
-        assert!(
-            kinds.iter().any(|k| k == kind),
-            "tests/data/valid has no {kind}"
-        );
+        assert!(kinds.iter().any(|k| k == kind), "tests/data/valid has no {kind}");
     }
 
     for file in &files {
@@ -269,11 +211,7 @@ async fn valid_manifests_are_accepted_unchanged() {
         let kind = manifest.object["kind"].as_str().unwrap().to_owned();
         // A vote's voter must be the identity that creates it (admission policy).
         let client = if kind == "ApprovalVote" {
-            assert_eq!(
-                manifest.object["spec"]["voter"], "alice",
-                "{}",
-                manifest.name
-            );
+            assert_eq!(manifest.object["spec"]["voter"], "alice", "{}", manifest.name);
             &alice
         } else {
             &admin
@@ -285,12 +223,7 @@ async fn valid_manifests_are_accepted_unchanged() {
             .unwrap_or_else(|e| panic!("{}: rejected: {e}", manifest.name));
         let stored = serde_json::to_value(&created).unwrap();
         // Nothing was pruned as unknown or altered: the example only uses real fields.
-        assert_contained(
-            &manifest.object["spec"],
-            &stored["spec"],
-            "spec",
-            &manifest.name,
-        );
+        assert_contained(&manifest.object["spec"], &stored["spec"], "spec", &manifest.name);
         // And what the apiserver stores is what the operator's types read.
         let typed = match kind.as_str() {
             "AgentJob" => serde_json::from_value::<AgentJob>(stored.clone()).map(|_| ()),
@@ -298,15 +231,11 @@ async fn valid_manifests_are_accepted_unchanged() {
             "ApprovalVote" => serde_json::from_value::<ApprovalVote>(stored.clone()).map(|_| ()),
             other => panic!("{}: unexpected kind {other}", manifest.name),
         };
-        typed.unwrap_or_else(|e| {
-            panic!("{}: stored object does not deserialize: {e}", manifest.name)
-        });
+        typed.unwrap_or_else(|e| panic!("{}: stored object does not deserialize: {e}", manifest.name));
         if kind == "AgentTool" {
             // Cluster-scoped: leave nothing behind for other tests of this binary.
             let name = created.metadata.name.as_deref().unwrap();
-            api.delete(name, &DeleteParams::default())
-                .await
-                .unwrap_or_else(|e| panic!("{}: deleting: {e}", manifest.name));
+            api.delete(name, &DeleteParams::default()).await.unwrap_or_else(|e| panic!("{}: deleting: {e}", manifest.name));
         }
     }
 }
@@ -322,86 +251,45 @@ async fn approval_vote_spec_is_immutable_but_status_is_not() {
     let alice = control_plane.client("alice").await;
 
     let manifest = load(&data_dir("valid").join("approvalvote.yaml"));
-    let name = manifest.object["metadata"]["name"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let name = manifest.object["metadata"]["name"].as_str().unwrap().to_owned();
     let as_alice = api_for(&alice, &manifest.object, namespace);
     let as_admin = api_for(&admin, &manifest.object, namespace);
-    let created = as_alice
-        .create(&PostParams::default(), &dynamic(&manifest.object))
-        .await
-        .expect("creating the vote");
+    let created = as_alice.create(&PostParams::default(), &dynamic(&manifest.object)).await.expect("creating the vote");
     assert_eq!(created.data["spec"]["decision"], "Approve");
 
     let mut failures = Vec::new();
-    let mut expect_immutable = |what: &str, result: Result<kube::core::Status, String>| match result
-    {
-        Ok(status)
-            if status.code == 422
-                && status.message.contains(IMMUTABLE)
-                && status.message.contains("spec") =>
-        {
+    let mut expect_immutable = |what: &str, result: Result<kube::core::Status, String>| match result {
+        Ok(status) if status.code == 422 && status.message.contains(IMMUTABLE) && status.message.contains("spec") => {
             eprintln!("{what}: {} {}", status.code, status.message);
         }
-        Ok(status) => failures.push(format!(
-            "{what}: unexpected rejection {} {}",
-            status.code, status.message
-        )),
+        Ok(status) => failures.push(format!("{what}: unexpected rejection {} {}", status.code, status.message)),
         Err(what_happened) => failures.push(format!("{what}: {what_happened}")),
     };
 
     let flip = json!({ "spec": { "decision": "Reject" } });
     expect_immutable(
         "merge patch of spec.decision by admin",
-        rejection(
-            as_admin
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&flip))
-                .await,
-        ),
+        rejection(as_admin.patch(&name, &PatchParams::default(), &Patch::Merge(&flip)).await),
     );
     expect_immutable(
         "merge patch of spec.decision by the voter",
-        rejection(
-            as_alice
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&flip))
-                .await,
-        ),
+        rejection(as_alice.patch(&name, &PatchParams::default(), &Patch::Merge(&flip)).await),
     );
     let mut replaced = created.clone();
     replaced.data["spec"]["decision"] = json!("Reject");
-    expect_immutable(
-        "replace with another decision by admin",
-        rejection(
-            as_admin
-                .replace(&name, &PostParams::default(), &replaced)
-                .await,
-        ),
-    );
+    expect_immutable("replace with another decision by admin", rejection(as_admin.replace(&name, &PostParams::default(), &replaced).await));
     let mut retargeted = created.clone();
     retargeted.data["spec"]["jobRef"]["generation"] = json!(2);
     expect_immutable(
         "replace with another jobRef.generation by admin",
-        rejection(
-            as_admin
-                .replace(&name, &PostParams::default(), &retargeted)
-                .await,
-        ),
+        rejection(as_admin.replace(&name, &PostParams::default(), &retargeted).await),
     );
     let reason = json!({ "spec": { "reason": "changed my mind" } });
     expect_immutable(
         "merge patch of spec.reason by admin",
-        rejection(
-            as_admin
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&reason))
-                .await,
-        ),
+        rejection(as_admin.patch(&name, &PatchParams::default(), &Patch::Merge(&reason)).await),
     );
-    assert!(
-        failures.is_empty(),
-        "vote spec changes were not all rejected:\n{}",
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "vote spec changes were not all rejected:\n{}", failures.join("\n"));
 
     // The operator records its verdict in the status subresource; the spec rule must not block it.
     let status = json!({ "status": { "counted": true, "message": "counted toward approval", "observedGeneration": 1 } });
@@ -418,16 +306,10 @@ async fn approval_vote_spec_is_immutable_but_status_is_not() {
     assert_eq!(updated.data["status"]["counted"], json!(false));
     // Metadata (labels, finalizers) stays mutable too.
     let labels = json!({ "metadata": { "labels": { "agentgate.dev/job": "security-scan-42" } } });
-    as_admin
-        .patch(&name, &PatchParams::default(), &Patch::Merge(&labels))
-        .await
-        .expect("labels of an immutable vote can change");
+    as_admin.patch(&name, &PatchParams::default(), &Patch::Merge(&labels)).await.expect("labels of an immutable vote can change");
 
     let stored = as_admin.get(&name).await.expect("reading the vote back");
-    assert_eq!(
-        stored.data["spec"], created.data["spec"],
-        "the vote's spec never changed"
-    );
+    assert_eq!(stored.data["spec"], created.data["spec"], "the vote's spec never changed");
 }
 
 #[tokio::test]
@@ -439,14 +321,8 @@ async fn every_crd_in_crds_dir_is_established() {
     let mut failures = Vec::new();
     for file in &files {
         let manifest = load(file);
-        assert_eq!(
-            manifest.object["kind"], "CustomResourceDefinition",
-            "{}",
-            manifest.name
-        );
-        let name = manifest.object["metadata"]["name"]
-            .as_str()
-            .expect("a CRD has a name");
+        assert_eq!(manifest.object["kind"], "CustomResourceDefinition", "{}", manifest.name);
+        let name = manifest.object["metadata"]["name"].as_str().expect("a CRD has a name");
         let crd = match crds.get(name).await {
             Ok(crd) => crd,
             Err(e) => {
@@ -454,19 +330,11 @@ async fn every_crd_in_crds_dir_is_established() {
                 continue;
             }
         };
-        let conditions: BTreeMap<String, String> = crd
-            .status
-            .and_then(|status| status.conditions)
-            .unwrap_or_default()
-            .into_iter()
-            .map(|c| (c.type_, c.status))
-            .collect();
+        let conditions: BTreeMap<String, String> =
+            crd.status.and_then(|status| status.conditions).unwrap_or_default().into_iter().map(|c| (c.type_, c.status)).collect();
         for condition in ["NamesAccepted", "Established"] {
             if conditions.get(condition).map(String::as_str) != Some("True") {
-                failures.push(format!(
-                    "{}: {name} is not {condition}: {conditions:?}",
-                    manifest.name
-                ));
+                failures.push(format!("{}: {name} is not {condition}: {conditions:?}", manifest.name));
             }
         }
     }
@@ -481,11 +349,7 @@ fn crds_dir_is_not_stale() {
         .arg(generated.path())
         .output()
         .expect("running agentgate crds");
-    assert!(
-        output.status.success(),
-        "agentgate crds failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "agentgate crds failed: {}", String::from_utf8_lossy(&output.stderr));
     let read_all = |dir: &Path| -> BTreeMap<String, Vec<u8>> {
         yaml_files(dir)
             .into_iter()
@@ -508,9 +372,5 @@ fn crds_dir_is_not_stale() {
     for name in checked_in.keys().filter(|name| !fresh.contains_key(*name)) {
         differences.push(format!("crds/{name} is no longer generated"));
     }
-    assert!(
-        differences.is_empty(),
-        "crds/ is stale: run `make crds`\n{}",
-        differences.join("\n")
-    );
+    assert!(differences.is_empty(), "crds/ is stale: run `make crds`\n{}", differences.join("\n"));
 }

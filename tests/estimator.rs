@@ -24,7 +24,8 @@ fn job_manifest(name: &str) -> AgentJob {
         "resources": {"cpu": "500m", "memory": "1Gi"},
         "budget": {"maxCostUSD": "5.00"},
     });
-    serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name}, "spec": spec})).unwrap()
+    serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name}, "spec": spec}))
+        .unwrap()
 }
 
 async fn estimated(client: &Client, ns: &str, name: &str) -> AgentJob {
@@ -66,9 +67,12 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
     wait_for_job(&client, ns, "first", "Succeeded", |j| phase(j) == Some("Succeeded")).await;
 
     // The leader writes what it learned within a few seconds.
-    let state = wait_for("the learned state in the ConfigMap", Duration::from_secs(30), || learned_state(&client, ns), |s: &Option<EstimatorState>| {
-        s.as_ref().and_then(|s| s.stats(JOB_TYPE)).is_some_and(|t| t.n == 1)
-    })
+    let state = wait_for(
+        "the learned state in the ConfigMap",
+        Duration::from_secs(30),
+        || learned_state(&client, ns),
+        |s: &Option<EstimatorState>| s.as_ref().and_then(|s| s.stats(JOB_TYPE)).is_some_and(|t| t.n == 1),
+    )
     .await
     .unwrap();
     assert_eq!(state.seen.len(), 1);
@@ -76,7 +80,13 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
 
     // The job goes, the operator restarts (SIGKILL: nothing more is written on the way down).
     jobs.delete("first", &DeleteParams::default()).await.expect("delete job");
-    let _ = wait_for("the job gone", Duration::from_secs(30), || jobs.get_opt("first"), |j: &Result<Option<AgentJob>, kube::Error>| matches!(j, Ok(None))).await;
+    let _ = wait_for(
+        "the job gone",
+        Duration::from_secs(30),
+        || jobs.get_opt("first"),
+        |j: &Result<Option<AgentJob>, kube::Error>| matches!(j, Ok(None)),
+    )
+    .await;
     operator.kill();
     let _operator = OperatorProcess::start(cp, &args);
 
@@ -85,9 +95,17 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
     assert_eq!(learned.method, "blend", "{learned:?}");
     assert_eq!(learned.samples, 1);
     let observed: i64 = input + cached + output;
-    assert!(learned.tokens.p50 > prior.tokens.p50 && learned.tokens.p50 < observed, "prior {} learned {} observed {observed}", prior.tokens.p50, learned.tokens.p50);
+    assert!(
+        learned.tokens.p50 > prior.tokens.p50 && learned.tokens.p50 < observed,
+        "prior {} learned {} observed {observed}",
+        prior.tokens.p50,
+        learned.tokens.p50
+    );
 
-    let state: Value = serde_json::from_str(&Api::<ConfigMap>::namespaced(client.clone(), ns).get("agentgate-estimator").await.unwrap().data.unwrap()["state.json"]).unwrap();
+    let state: Value = serde_json::from_str(
+        &Api::<ConfigMap>::namespaced(client.clone(), ns).get("agentgate-estimator").await.unwrap().data.unwrap()["state.json"],
+    )
+    .unwrap();
     assert_eq!(state["version"], 1);
     assert_eq!(state["jobTypes"][JOB_TYPE]["n"], 1);
 }

@@ -44,7 +44,8 @@ fn job_manifest(name: &str, spec_patch: Value) -> AgentJob {
         "budget": {"maxCostUSD": "5.00"},
     });
     merge(&mut spec, spec_patch);
-    serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name}, "spec": spec})).unwrap()
+    serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name}, "spec": spec}))
+        .unwrap()
 }
 
 fn merge(base: &mut Value, patch: Value) {
@@ -88,13 +89,20 @@ async fn wait_pods(env: &Env, job: &AgentJob, n: usize) -> Vec<Pod> {
 async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_usage() {
     let env = setup("lc-happy").await;
     create_url_tool(&env.client, "lc-happy-bandit", 60).await;
-    let job = create_job(&env, &job_manifest("scan", json!({
-        "agents": {"supporting": [{"name": "fixer", "image": "ghcr.io/acme/fixer:1.4", "model": "claude-sonnet-4"}]},
-        "tools": [{"name": "lc-happy-bandit", "required": true, "minRateLimit": 10, "estimatedCalls": 5}],
-        "resources": {"cpu": "2", "memory": "4Gi", "gpu": 1},
-        "limits": {"maxExecutionSeconds": 600},
-        "input": {"repositoryPath": "/src"},
-    }))).await;
+    let job = create_job(
+        &env,
+        &job_manifest(
+            "scan",
+            json!({
+                "agents": {"supporting": [{"name": "fixer", "image": "ghcr.io/acme/fixer:1.4", "model": "claude-sonnet-4"}]},
+                "tools": [{"name": "lc-happy-bandit", "required": true, "minRateLimit": 10, "estimatedCalls": 5}],
+                "resources": {"cpu": "2", "memory": "4Gi", "gpu": 1},
+                "limits": {"maxExecutionSeconds": 600},
+                "input": {"repositoryPath": "/src"},
+            }),
+        ),
+    )
+    .await;
 
     let waiting = wait_for_job(&env.client, &env.ns, "scan", "AwaitingApproval with all checks passed", |j| {
         phase(j) == Some("AwaitingApproval") && j.status.as_ref().is_some_and(|s| !s.checks.is_empty() && s.checks.iter().all(|c| c.passed))
@@ -112,7 +120,10 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
     assert!(job_pods(&env.client, &env.ns, &job).await.is_empty(), "no Pod before approval");
 
     vote(&env.alice, &job, "alice", Decision::Approve).await;
-    let one = wait_for_job(&env.client, &env.ns, "scan", "1/2", |j| j.status.as_ref().and_then(|s| s.approval.as_ref()).is_some_and(|a| a.summary == "1/2")).await;
+    let one = wait_for_job(&env.client, &env.ns, "scan", "1/2", |j| {
+        j.status.as_ref().and_then(|s| s.approval.as_ref()).is_some_and(|a| a.summary == "1/2")
+    })
+    .await;
     assert_eq!(phase(&one), Some("AwaitingApproval"));
     vote(&env.bob, &job, "bob", Decision::Approve).await;
     let running = wait_phase(&env, "scan", "Running").await;
@@ -138,9 +149,15 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
         assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &vec!["ALL".to_string()]);
         assert_eq!(sc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
         assert_eq!(c.termination_message_policy.as_deref(), Some("FallbackToLogsOnError"));
-        let env_vars: Vec<(String, String)> = c.env.as_ref().unwrap().iter().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect();
-        for (k, v) in [("AGENTGATE_JOB", "scan"), ("AGENTGATE_ATTEMPT", "1"), ("AGENTGATE_BUDGET_USD", "5.00"), ("AGENTGATE_INPUT", r#"{"repositoryPath":"/src"}"#),
-                       ("AGENTGATE_TOOL_LC_HAPPY_BANDIT_URL", "https://lc-happy-bandit.tools.example/v1")] {
+        let env_vars: Vec<(String, String)> =
+            c.env.as_ref().unwrap().iter().map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect();
+        for (k, v) in [
+            ("AGENTGATE_JOB", "scan"),
+            ("AGENTGATE_ATTEMPT", "1"),
+            ("AGENTGATE_BUDGET_USD", "5.00"),
+            ("AGENTGATE_INPUT", r#"{"repositoryPath":"/src"}"#),
+            ("AGENTGATE_TOOL_LC_HAPPY_BANDIT_URL", "https://lc-happy-bandit.tools.example/v1"),
+        ] {
             assert!(env_vars.contains(&(k.to_string(), v.to_string())), "{k}={v} missing from {env_vars:?}");
         }
         let owner = &pod.owner_references()[0];
@@ -148,7 +165,8 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
     }
 
     run_pod(&env.client, &env.ns, "scan-scanner-1").await;
-    finish_pod(&env.client, &env.ns, "scan-scanner-1", 0, &usage_report("gpt-4o-mini", 40_000, 10_000, 6_000, json!({"findings": 3}))).await;
+    finish_pod(&env.client, &env.ns, "scan-scanner-1", 0, &usage_report("gpt-4o-mini", 40_000, 10_000, 6_000, json!({"findings": 3})))
+        .await;
     finish_pod(&env.client, &env.ns, "scan-fixer-1", 0, &usage_report("claude-sonnet-4", 20_000, 0, 4_000, json!({}))).await;
 
     let done = wait_phase(&env, "scan", "Succeeded").await;
@@ -159,7 +177,10 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
     assert_eq!(usage.output_tokens, 10_000);
     assert_eq!(usage.total_tokens, 80_000);
     let prices = PriceTable::builtin();
-    let expected = prices.get("gpt-4o-mini").unwrap().cost(&TokenCounts { input: 40_000, cached_input: 10_000, output: 6_000 })
+    let expected = prices
+        .get("gpt-4o-mini")
+        .unwrap()
+        .cost(&TokenCounts { input: 40_000, cached_input: 10_000, output: 6_000 })
         .saturating_add(prices.get("claude-sonnet-4").unwrap().cost(&TokenCounts { input: 20_000, cached_input: 0, output: 4_000 }));
     assert_eq!(usage.cost_usd, expected.to_string());
     let want_error = ((80_000 - estimate.tokens.p50) as f64 / estimate.tokens.p50 as f64 * 100.0).round() as i64;
@@ -177,16 +198,27 @@ async fn done_job(env: &Env, name: &str) -> AgentJob {
 #[tokio::test]
 async fn estimate_over_budget_is_rejected_with_both_figures() {
     let env = setup("lc-budget").await;
-    create_job(&env, &job_manifest("pricey", json!({
-        "agents": {"primary": {"model": "claude-opus-4"}},
-        "tools": [],
-        "budget": {"maxCostUSD": "0.01"},
-    }))).await;
+    create_job(
+        &env,
+        &job_manifest(
+            "pricey",
+            json!({
+                "agents": {"primary": {"model": "claude-opus-4"}},
+                "tools": [],
+                "budget": {"maxCostUSD": "0.01"},
+            }),
+        ),
+    )
+    .await;
     let job = wait_phase(&env, "pricey", "Rejected").await;
     let ready = condition(&job, "Ready").unwrap();
     assert_eq!(ready.reason, "BudgetExceeded");
     assert!(ready.message.contains("exceeds budget.maxCostUSD $0.01"), "{}", ready.message);
-    assert!(ready.message.contains(&format!("${}", job.status.as_ref().unwrap().estimate.as_ref().unwrap().cost_usd.p90)), "{}", ready.message);
+    assert!(
+        ready.message.contains(&format!("${}", job.status.as_ref().unwrap().estimate.as_ref().unwrap().cost_usd.p90)),
+        "{}",
+        ready.message
+    );
     assert_eq!(condition(&job, "Stalled").unwrap().status, "True");
 
     // Raising the budget is a new generation: the job is evaluated again.
@@ -201,11 +233,18 @@ async fn estimate_over_budget_is_rejected_with_both_figures() {
 #[tokio::test]
 async fn input_not_matching_its_schema_is_rejected_listing_paths() {
     let env = setup("lc-input").await;
-    create_job(&env, &job_manifest("bad-input", json!({
-        "input": {"repositoryPath": "src", "scanDepth": "deep"},
-        "inputSchema": {"type": "object", "required": ["repositoryPath"], "properties": {
-            "repositoryPath": {"type": "string", "pattern": "^/"}, "scanDepth": {"enum": ["quick", "full"]}}},
-    }))).await;
+    create_job(
+        &env,
+        &job_manifest(
+            "bad-input",
+            json!({
+                "input": {"repositoryPath": "src", "scanDepth": "deep"},
+                "inputSchema": {"type": "object", "required": ["repositoryPath"], "properties": {
+                    "repositoryPath": {"type": "string", "pattern": "^/"}, "scanDepth": {"enum": ["quick", "full"]}}},
+            }),
+        ),
+    )
+    .await;
     let job = wait_phase(&env, "bad-input", "Rejected").await;
     let ready = condition(&job, "Ready").unwrap();
     assert_eq!(ready.reason, "InvalidInput");
@@ -216,7 +255,10 @@ async fn input_not_matching_its_schema_is_rejected_listing_paths() {
 async fn unknown_model_is_a_condition_not_a_zero_estimate() {
     let env = setup("lc-model").await;
     create_job(&env, &job_manifest("mystery", json!({"agents": {"primary": {"model": "my-private-llm"}}}))).await;
-    let job = wait_for_job(&env.client, &env.ns, "mystery", "UnknownModel", |j| condition(j, "Estimated").is_some_and(|c| c.reason == "UnknownModel")).await;
+    let job = wait_for_job(&env.client, &env.ns, "mystery", "UnknownModel", |j| {
+        condition(j, "Estimated").is_some_and(|c| c.reason == "UnknownModel")
+    })
+    .await;
     assert_eq!(phase(&job), Some("Pending"));
     assert!(job.status.unwrap().estimate.is_none());
 }
@@ -224,16 +266,27 @@ async fn unknown_model_is_a_condition_not_a_zero_estimate() {
 #[tokio::test]
 async fn job_waits_for_a_missing_required_tool_and_proceeds_once_registered() {
     let env = setup("lc-tool").await;
-    let job = create_job(&env, &job_manifest("needs-tool", json!({
-        "tools": [{"name": "lc-tool-late", "required": true, "minRateLimit": 5, "estimatedCalls": 1},
-                  {"name": "lc-tool-never", "required": false, "estimatedCalls": 1}],
-    }))).await;
+    let job = create_job(
+        &env,
+        &job_manifest(
+            "needs-tool",
+            json!({
+                "tools": [{"name": "lc-tool-late", "required": true, "minRateLimit": 5, "estimatedCalls": 1},
+                          {"name": "lc-tool-never", "required": false, "estimatedCalls": 1}],
+            }),
+        ),
+    )
+    .await;
     approve(&env, &job).await;
     let waiting = wait_phase(&env, "needs-tool", "WaitingForResources").await;
     let status = waiting.status.clone().unwrap();
     assert_eq!(status.missing_tools, vec!["lc-tool-late".to_string(), "lc-tool-never".to_string()]);
     assert_eq!(condition(&waiting, "Ready").unwrap().reason, "ToolsNotReady");
-    assert!(status.checks.iter().any(|c| !c.passed && c.message.contains("required tool lc-tool-late has no AgentTool")), "{:?}", status.checks);
+    assert!(
+        status.checks.iter().any(|c| !c.passed && c.message.contains("required tool lc-tool-late has no AgentTool")),
+        "{:?}",
+        status.checks
+    );
 
     create_url_tool(&env.client, "lc-tool-late", 30).await;
     let running = wait_phase(&env, "needs-tool", "Running").await;
@@ -244,9 +297,16 @@ async fn job_waits_for_a_missing_required_tool_and_proceeds_once_registered() {
 #[tokio::test]
 async fn job_waits_until_a_node_fits_and_runs_when_one_is_added() {
     let env = setup("lc-nodes").await;
-    let job = create_job(&env, &job_manifest("big", json!({
-        "resources": {"cpu": "4", "memory": "8Gi", "gpu": 2, "gpuResourceName": "example.com/lc-nodes-gpu"},
-    }))).await;
+    let job = create_job(
+        &env,
+        &job_manifest(
+            "big",
+            json!({
+                "resources": {"cpu": "4", "memory": "8Gi", "gpu": 2, "gpuResourceName": "example.com/lc-nodes-gpu"},
+            }),
+        ),
+    )
+    .await;
     approve(&env, &job).await;
     let waiting = wait_phase(&env, "big", "WaitingForResources").await;
     assert_eq!(condition(&waiting, "Ready").unwrap().reason, "InsufficientResources");
@@ -255,15 +315,25 @@ async fn job_waits_until_a_node_fits_and_runs_when_one_is_added() {
     add_node(&env.client, "lc-nodes-gpu-node", "8", "32Gi", &[("example.com/lc-nodes-gpu", "2")]).await;
     wait_phase(&env, "big", "Running").await;
     let pods = wait_pods(&env, &job, 1).await;
-    assert_eq!(pods[0].spec.as_ref().unwrap().containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap()["example.com/lc-nodes-gpu"].0, "2");
+    assert_eq!(
+        pods[0].spec.as_ref().unwrap().containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap()["example.com/lc-nodes-gpu"].0,
+        "2"
+    );
 }
 
 #[tokio::test]
 async fn optional_gpu_is_dropped_when_it_is_the_only_thing_missing() {
     let env = setup("lc-optional").await;
-    let job = create_job(&env, &job_manifest("flex", json!({
-        "resources": {"cpu": "1", "memory": "1Gi", "gpu": 1, "gpuResourceName": "example.com/lc-optional-gpu", "optional": ["gpu"]},
-    }))).await;
+    let job = create_job(
+        &env,
+        &job_manifest(
+            "flex",
+            json!({
+                "resources": {"cpu": "1", "memory": "1Gi", "gpu": 1, "gpuResourceName": "example.com/lc-optional-gpu", "optional": ["gpu"]},
+            }),
+        ),
+    )
+    .await;
     approve(&env, &job).await;
     let running = wait_phase(&env, "flex", "Running").await;
     assert_eq!(running.status.unwrap().dropped_resources, vec!["gpu".to_string()]);
@@ -301,7 +371,10 @@ async fn votes_for_an_old_generation_are_ignored_and_duplicate_voters_count_once
 
     // A spec change voids every earlier vote.
     let api = Api::<AgentJob>::namespaced(env.client.clone(), &env.ns);
-    let changed = api.patch("changing", &PatchParams::default(), &Patch::Merge(json!({"spec": {"description": "now with more scope"}}))).await.unwrap();
+    let changed = api
+        .patch("changing", &PatchParams::default(), &Patch::Merge(json!({"spec": {"description": "now with more scope"}})))
+        .await
+        .unwrap();
     assert_eq!(changed.metadata.generation, Some(2));
     vote_on_generation(&env.bob, &job, "bob", Decision::Approve, 1).await;
     let after = wait_for_job(&env.client, &env.ns, "changing", "old votes ignored", |j| {
@@ -310,11 +383,18 @@ async fn votes_for_an_old_generation_are_ignored_and_duplicate_voters_count_once
     .await;
     let approval = after.status.unwrap().approval.unwrap();
     assert_eq!(approval.summary, "0/2");
-    assert!(approval.ignored_votes.iter().all(|v| v.why.contains("is for generation 1 but the job is at generation 2")), "{:?}", approval.ignored_votes);
+    assert!(
+        approval.ignored_votes.iter().all(|v| v.why.contains("is for generation 1 but the job is at generation 2")),
+        "{:?}",
+        approval.ignored_votes
+    );
     let votes = Api::<agentgate::api::ApprovalVote>::namespaced(env.client.clone(), &env.ns);
-    let bob = wait_for("vote status", Duration::from_secs(10), || async { votes.list(&Default::default()).await.unwrap().items }, |vs| {
-        vs.iter().all(|v| v.status.as_ref().is_some_and(|s| s.counted == Some(false)))
-    })
+    let bob = wait_for(
+        "vote status",
+        Duration::from_secs(10),
+        || async { votes.list(&Default::default()).await.unwrap().items },
+        |vs| vs.iter().all(|v| v.status.as_ref().is_some_and(|s| s.counted == Some(false))),
+    )
     .await;
     assert_eq!(bob.len(), 3);
 
@@ -330,7 +410,13 @@ async fn failed_attempts_are_retried_up_to_max_retries_then_the_job_fails_keepin
     approve(&env, &job).await;
     for attempt in 1..=3 {
         let pod = format!("flaky-scanner-{attempt}");
-        wait_for(&pod, Duration::from_secs(30), || job_pods(&env.client, &env.ns, &job), |pods: &Vec<Pod>| pods.iter().any(|p| p.name_any() == pod)).await;
+        wait_for(
+            &pod,
+            Duration::from_secs(30),
+            || job_pods(&env.client, &env.ns, &job),
+            |pods: &Vec<Pod>| pods.iter().any(|p| p.name_any() == pod),
+        )
+        .await;
         finish_pod(&env.client, &env.ns, &pod, 1, &usage_report("gpt-4o-mini", 1_000, 0, 100, json!(null))).await;
     }
     let failed = wait_phase(&env, "flaky", "Failed").await;
@@ -355,9 +441,12 @@ async fn malformed_termination_message_is_recorded_not_guessed() {
     assert!(reported.message.contains("garbled-scanner-1"), "{}", reported.message);
     assert_eq!(done.status.unwrap().usage.unwrap().total_tokens, 0, "no usage is invented");
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.client.clone(), &env.ns);
-    let events = wait_for("MalformedReport Event", Duration::from_secs(10), || async { events.list(&Default::default()).await.unwrap().items }, |es| {
-        es.iter().any(|e| e.reason.as_deref() == Some("MalformedReport"))
-    })
+    let events = wait_for(
+        "MalformedReport Event",
+        Duration::from_secs(10),
+        || async { events.list(&Default::default()).await.unwrap().items },
+        |es| es.iter().any(|e| e.reason.as_deref() == Some("MalformedReport")),
+    )
     .await;
     assert!(!events.is_empty());
 }
@@ -378,9 +467,16 @@ async fn restarting_the_operator_mid_run_never_creates_a_second_pod() {
             futures::future::ready(())
         }))
     };
-    let job = create_job(&env, &job_manifest("steady", json!({
-        "agents": {"supporting": [{"name": "helper", "image": "ghcr.io/acme/helper:1", "model": "gpt-4o-mini"}]},
-    }))).await;
+    let job = create_job(
+        &env,
+        &job_manifest(
+            "steady",
+            json!({
+                "agents": {"supporting": [{"name": "helper", "image": "ghcr.io/acme/helper:1", "model": "gpt-4o-mini"}]},
+            }),
+        ),
+    )
+    .await;
     approve(&env, &job).await;
     wait_pods(&env, &job, 2).await;
     for round in 0..3 {
@@ -404,13 +500,19 @@ async fn restarting_the_operator_mid_run_never_creates_a_second_pod() {
 async fn operator_writes_observed_generation_for_every_spec_change() {
     let env = setup("lc-generation").await;
     create_job(&env, &job_manifest("tracked", json!({}))).await;
-    let first = wait_for_job(&env.client, &env.ns, "tracked", "observedGeneration 1", |j| j.status.as_ref().and_then(|s| s.observed_generation) == Some(1)).await;
+    let first = wait_for_job(&env.client, &env.ns, "tracked", "observedGeneration 1", |j| {
+        j.status.as_ref().and_then(|s| s.observed_generation) == Some(1)
+    })
+    .await;
     assert_eq!(condition(&first, "Ready").unwrap().observed_generation, Some(1));
     Api::<AgentJob>::namespaced(env.client.clone(), &env.ns)
         .patch("tracked", &PatchParams::default(), &Patch::Merge(json!({"spec": {"priority": 3}})))
         .await
         .unwrap();
-    let second = wait_for_job(&env.client, &env.ns, "tracked", "observedGeneration 2", |j| j.status.as_ref().and_then(|s| s.observed_generation) == Some(2)).await;
+    let second = wait_for_job(&env.client, &env.ns, "tracked", "observedGeneration 2", |j| {
+        j.status.as_ref().and_then(|s| s.observed_generation) == Some(2)
+    })
+    .await;
     assert_eq!(second.status.unwrap().estimate.unwrap().generation, 2, "re-estimated for the new generation");
 }
 
@@ -425,7 +527,10 @@ async fn a_spec_change_while_running_leaves_the_pods_alone_and_is_reported() {
         .patch("busy", &PatchParams::default(), &Patch::Merge(json!({"spec": {"resources": {"cpu": "1"}}})))
         .await
         .unwrap();
-    let changed = wait_for_job(&env.client, &env.ns, "busy", "SpecChangePending", |j| condition(j, "SpecChangePending").is_some_and(|c| c.status == "True")).await;
+    let changed = wait_for_job(&env.client, &env.ns, "busy", "SpecChangePending", |j| {
+        condition(j, "SpecChangePending").is_some_and(|c| c.status == "True")
+    })
+    .await;
     assert!(condition(&changed, "SpecChangePending").unwrap().message.contains("generation 2 applies from the next attempt"));
     assert_eq!(phase(&changed), Some("Running"));
     let after = job_pods(&env.client, &env.ns, &job).await;
@@ -441,10 +546,8 @@ async fn deleting_a_job_deletes_its_pods_through_their_owner_reference() {
     let job = create_job(&env, &job_manifest("short-lived", json!({}))).await;
     approve(&env, &job).await;
     wait_pods(&env, &job, 1).await;
-    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns)
-        .delete("short-lived", &kube::api::DeleteParams::foreground())
-        .await
-        .unwrap();
+    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns).delete("short-lived", &kube::api::DeleteParams::foreground()).await.unwrap();
     let client = env.client.clone();
-    wait_for("the job's Pods to be collected", Duration::from_secs(60), || job_pods(&client, &env.ns, &job), |p: &Vec<Pod>| p.is_empty()).await;
+    wait_for("the job's Pods to be collected", Duration::from_secs(60), || job_pods(&client, &env.ns, &job), |p: &Vec<Pod>| p.is_empty())
+        .await;
 }

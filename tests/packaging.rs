@@ -14,7 +14,11 @@ fn read(path: &str) -> String {
 #[test]
 fn the_chart_ships_exactly_the_generated_crds() {
     for crd in ["agentjobs.yaml", "agenttools.yaml", "approvalvotes.yaml"] {
-        assert_eq!(read(&format!("charts/agentgate/crds/{crd}")), read(&format!("crds/{crd}")), "charts/agentgate/crds/{crd} is stale: run `make crds`");
+        assert_eq!(
+            read(&format!("charts/agentgate/crds/{crd}")),
+            read(&format!("crds/{crd}")),
+            "charts/agentgate/crds/{crd} is stale: run `make crds`"
+        );
     }
 }
 
@@ -33,7 +37,11 @@ fn operator_rbac_has_no_wildcards() {
         let text = read(path);
         for (n, line) in text.lines().enumerate() {
             let code = line.split('#').next().unwrap_or_default();
-            assert!(!code.contains("\"*\"") && !code.contains("'*'") && !code.contains("[*]") && !code.trim_start().starts_with("- *"), "{path}:{}: wildcard in {line:?}", n + 1);
+            assert!(
+                !code.contains("\"*\"") && !code.contains("'*'") && !code.contains("[*]") && !code.trim_start().starts_with("- *"),
+                "{path}:{}: wildcard in {line:?}",
+                n + 1
+            );
         }
     }
 }

@@ -65,21 +65,30 @@ async fn plugin(kubeconfig: &Path, args: &[&str]) -> Output {
 }
 
 fn text(output: &Output) -> String {
-    format!("status {}\nstdout:\n{}\nstderr:\n{}", output.status, String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr))
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
 }
 
 /// A kubeconfig authenticating as ServiceAccount `ns/name` with a fresh TokenRequest token,
 /// for the same apiserver and CA as the harness's admin kubeconfig.
 async fn service_account_kubeconfig(admin: &Client, ns: &str, name: &str) -> PathBuf {
     let cp = ControlPlane::shared();
-    let sa: ServiceAccount = serde_json::from_value(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})).unwrap();
+    let sa: ServiceAccount =
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})).unwrap();
     let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), ns);
     match accounts.create(&PostParams::default(), &sa).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => panic!("creating ServiceAccount {name}: {e}"),
     }
-    let request = TokenRequest { spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..TokenRequestSpec::default() }), ..TokenRequest::default() };
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..TokenRequestSpec::default() }),
+        ..TokenRequest::default()
+    };
     let token = accounts
         .create_token_request(name, &PostParams::default(), &request)
         .await
@@ -136,7 +145,10 @@ async fn heads_vote_with_the_plugin_as_themselves() {
     let votes = Api::<ApprovalVote>::namespaced(env.admin.clone(), &env.ns);
     let cast = votes.get("scan-alice-g1").await.expect("alice's vote");
     assert_eq!(cast.spec.voter, "alice", "the voter comes from the apiserver, not from the command line");
-    assert_eq!((cast.spec.decision, cast.spec.reason.as_deref(), cast.spec.confidence), (Decision::Approve, Some("scope is fine"), Some(80)));
+    assert_eq!(
+        (cast.spec.decision, cast.spec.reason.as_deref(), cast.spec.confidence),
+        (Decision::Approve, Some("scope is fine"), Some(80))
+    );
     assert_eq!((cast.spec.job_ref.uid.as_str(), cast.spec.job_ref.generation), (job.metadata.uid.as_deref().unwrap(), 1));
     assert!(cast.spec.voter_groups.contains(&"agentgate:heads".to_string()), "{:?}", cast.spec.voter_groups);
     let counted = wait_for_job(&env.admin, &env.ns, "scan", "alice counted", |j| approval_of(j).summary == "1/2").await;
@@ -255,17 +267,25 @@ async fn a_reviewer_service_account_votes_by_policy() {
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "pr-reviewer"},
         "subjects": [{"kind": "ServiceAccount", "name": "reviewer", "namespace": env.ns}]});
     Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(env.admin.clone()).patch("pr-reviewer", &pp, &Patch::Apply(&role)).await.unwrap();
-    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(env.admin.clone()).patch("pr-reviewer", &pp, &Patch::Apply(&binding)).await.unwrap();
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(env.admin.clone())
+        .patch("pr-reviewer", &pp, &Patch::Apply(&binding))
+        .await
+        .unwrap();
     let kubeconfig = service_account_kubeconfig(&env.admin, &env.ns, "reviewer").await;
 
     let policy = cp.dir().join("pr-review-policy.yaml");
-    std::fs::write(&policy, "maxCostUSD: \"0.10\"\nallowedTools: [bandit-scanner]\nallowedImages: [ghcr.io/acme/]\nmaxRetries: 2\n").unwrap();
+    std::fs::write(&policy, "maxCostUSD: \"0.10\"\nallowedTools: [bandit-scanner]\nallowedImages: [ghcr.io/acme/]\nmaxRetries: 2\n")
+        .unwrap();
 
     // One job exists before the reviewer starts (found by its initial list), the others after
     // (found by its watch). A job of another category is none of its business.
     create_job(&env, "fits", category, "gpt-4o-mini", "ghcr.io/acme/scanner:2", &["bandit-scanner"]).await;
     let started = Instant::now();
-    let reviewer = Reviewer::start(&kubeconfig, &["--category", &format!("{category},another-cat"), "--policy", policy.to_str().unwrap()], cp.dir().join("pr-reviewer.log"));
+    let reviewer = Reviewer::start(
+        &kubeconfig,
+        &["--category", &format!("{category},another-cat"), "--policy", policy.to_str().unwrap()],
+        cp.dir().join("pr-reviewer.log"),
+    );
     create_job(&env, "shell", category, "gpt-4o-mini", "ghcr.io/acme/scanner:2", &["bandit-scanner", "shell-exec"]).await;
     create_job(&env, "pricey", category, "claude-opus-4", "ghcr.io/acme/scanner:2", &[]).await;
     create_job(&env, "elsewhere", "core-security", "gpt-4o-mini", "ghcr.io/acme/scanner:2", &[]).await;
@@ -282,14 +302,23 @@ async fn a_reviewer_service_account_votes_by_policy() {
     let approve = votes.get("fits-sa-pr-review-reviewer-g1").await.expect("the reviewer's vote, named after it");
     assert_eq!((approve.spec.voter.as_str(), approve.spec.decision), (reviewer_name.as_str(), Decision::Approve));
     let reason = approve.spec.reason.clone().unwrap_or_default();
-    assert!(reason.contains("within review policy") && reason.contains("within the policy maximum $0.10") && reason.contains("tools bandit-scanner allowed"), "{reason}");
+    assert!(
+        reason.contains("within review policy")
+            && reason.contains("within the policy maximum $0.10")
+            && reason.contains("tools bandit-scanner allowed"),
+        "{reason}"
+    );
 
     // A disallowed tool: rejected, naming it.
     let shell = wait_for_job(&env.admin, &env.ns, "shell", "rejected by the reviewer", |j| phase(j) == Some("Rejected")).await;
     assert_eq!(condition(&shell, "Ready").unwrap().reason, "VoteRejected");
     let reject = &votes_by(&env.admin, &env.ns, "shell", &reviewer_name).await[0];
     assert_eq!(reject.spec.decision, Decision::Reject);
-    assert!(reject.spec.reason.as_deref().unwrap_or_default().contains("tool shell-exec not in the policy's allowedTools"), "{:?}", reject.spec.reason);
+    assert!(
+        reject.spec.reason.as_deref().unwrap_or_default().contains("tool shell-exec not in the policy's allowedTools"),
+        "{:?}",
+        reject.spec.reason
+    );
     assert!(condition(&shell, "Ready").unwrap().message.contains("shell-exec"), "{:?}", condition(&shell, "Ready"));
 
     // Over the policy's cost: rejected, naming both figures.
@@ -310,7 +339,8 @@ async fn a_reviewer_service_account_votes_by_policy() {
     })
     .await;
     tokio::time::sleep(Duration::from_secs(2)).await; // room for a duplicate, should there be one
-    let mut generations: Vec<i64> = votes_by(&env.admin, &env.ns, "fits", &reviewer_name).await.iter().map(|v| v.spec.job_ref.generation).collect();
+    let mut generations: Vec<i64> =
+        votes_by(&env.admin, &env.ns, "fits", &reviewer_name).await.iter().map(|v| v.spec.job_ref.generation).collect();
     generations.sort();
     assert_eq!(generations, vec![1, 2], "{}", reviewer.log());
     for job in ["shell", "pricey"] {
@@ -320,7 +350,11 @@ async fn a_reviewer_service_account_votes_by_policy() {
 
     let log = reviewer.log();
     assert!(log.contains("starting reviewer") && log.contains(&reviewer_name), "{log}");
-    assert!(log.contains("this reviewer is a head of the category") && log.contains("RBAC does not let this reviewer approve categories/another-cat"), "{log}");
+    assert!(
+        log.contains("this reviewer is a head of the category")
+            && log.contains("RBAC does not let this reviewer approve categories/another-cat"),
+        "{log}"
+    );
     let log_path = reviewer.log.clone();
     let status = reviewer.terminate().await;
     assert!(status.success(), "reviewer exit {status}");

@@ -31,7 +31,10 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 fn operator() -> &'static OperatorProcess {
     static OPERATOR: OnceLock<OperatorProcess> = OnceLock::new();
     OPERATOR.get_or_init(|| {
-        OperatorProcess::start(ControlPlane::shared(), &["--metrics-addr", "127.0.0.1:0", "--discovery-namespace-selector", &format!("{DISCOVERY}=on")])
+        OperatorProcess::start(
+            ControlPlane::shared(),
+            &["--metrics-addr", "127.0.0.1:0", "--discovery-namespace-selector", &format!("{DISCOVERY}=on")],
+        )
     })
 }
 
@@ -96,7 +99,8 @@ async fn endpoint_slice(client: &Client, ns: &str, service: &str, ready: bool) {
 }
 
 async fn create_tool(client: &Client, name: &str, spec: Value) -> AgentTool {
-    let tool: AgentTool = from_json(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentTool", "metadata": {"name": name}, "spec": spec}));
+    let tool: AgentTool =
+        from_json(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentTool", "metadata": {"name": name}, "spec": spec}));
     Api::<AgentTool>::all(client.clone()).create(&PostParams::default(), &tool).await.expect("create AgentTool")
 }
 
@@ -135,9 +139,18 @@ async fn service_events(client: &Client, ns: &str, service: &str) -> Vec<Event> 
 
 /// Waits for an Event on the Service with this type and reason whose note contains `fragment`.
 async fn wait_service_event(client: &Client, ns: &str, service: &str, type_: &str, reason: &str, fragment: &str) -> Event {
-    let events = wait_for(&format!("{type_} Event {reason} on Service {ns}/{service} mentioning {fragment:?}"), TIMEOUT, || service_events(client, ns, service), |es: &Vec<Event>| {
-        es.iter().any(|e| e.type_.as_deref() == Some(type_) && e.reason.as_deref() == Some(reason) && e.note.as_deref().is_some_and(|n| n.contains(fragment)))
-    })
+    let events = wait_for(
+        &format!("{type_} Event {reason} on Service {ns}/{service} mentioning {fragment:?}"),
+        TIMEOUT,
+        || service_events(client, ns, service),
+        |es: &Vec<Event>| {
+            es.iter().any(|e| {
+                e.type_.as_deref() == Some(type_)
+                    && e.reason.as_deref() == Some(reason)
+                    && e.note.as_deref().is_some_and(|n| n.contains(fragment))
+            })
+        },
+    )
     .await;
     events.into_iter().find(|e| e.reason.as_deref() == Some(reason) && e.note.as_deref().is_some_and(|n| n.contains(fragment))).unwrap()
 }
@@ -159,7 +172,10 @@ fn job_manifest(name: &str, spec_patch: Value) -> AgentJob {
 /// Creates the job and has alice and bob approve it.
 async fn approved_job(client: &Client, ns: &str, name: &str, spec_patch: Value) -> AgentJob {
     let cp = ControlPlane::shared();
-    let job = Api::<AgentJob>::namespaced(client.clone(), ns).create(&PostParams::default(), &job_manifest(name, spec_patch)).await.expect("create job");
+    let job = Api::<AgentJob>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &job_manifest(name, spec_patch))
+        .await
+        .expect("create job");
     vote(&cp.client("alice").await, &job, "alice", Decision::Approve).await;
     vote(&cp.client("bob").await, &job, "bob", Decision::Approve).await;
     job
@@ -218,9 +234,17 @@ async fn service_endpoint_tool_is_ready_only_once_its_service_has_a_ready_endpoi
     let ns = "tl-endpoint";
     let client = setup(ns, false).await;
     create_service(&client, ns, "search", None, json!({})).await;
-    create_tool(&client, "tl-endpoint-search", json!({"type": "service", "endpoint": {"service": {"namespace": ns, "name": "search", "port": 8080}}, "rateLimit": 30})).await;
+    create_tool(
+        &client,
+        "tl-endpoint-search",
+        json!({"type": "service", "endpoint": {"service": {"namespace": ns, "name": "search", "port": 8080}}, "rateLimit": 30}),
+    )
+    .await;
 
-    let tool = wait_tool(&client, "tl-endpoint-search", "NoReadyEndpoints", TIMEOUT, |t| condition_is(t, "EndpointAvailable", "False", "NoReadyEndpoints")).await;
+    let tool = wait_tool(&client, "tl-endpoint-search", "NoReadyEndpoints", TIMEOUT, |t| {
+        condition_is(t, "EndpointAvailable", "False", "NoReadyEndpoints")
+    })
+    .await;
     let status = tool.status.clone().unwrap();
     assert!(!status.ready);
     assert_eq!(status.ready_endpoints, 0);
@@ -234,7 +258,8 @@ async fn service_endpoint_tool_is_ready_only_once_its_service_has_a_ready_endpoi
 
     let started = Instant::now();
     endpoint_slice(&client, ns, "search", true).await;
-    let tool = wait_tool(&client, "tl-endpoint-search", "Ready with one endpoint", PROMPTLY, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
+    let tool =
+        wait_tool(&client, "tl-endpoint-search", "Ready with one endpoint", PROMPTLY, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
     eprintln!("measured: ready endpoint → tool Ready in {:?}", started.elapsed());
     let status = tool.status.unwrap();
     assert_eq!(status.ready_endpoints, 1);
@@ -251,15 +276,23 @@ async fn credentials_are_rechecked_as_soon_as_their_secret_changes() {
     let ns = "tl-creds";
     let client = setup(ns, false).await;
     let name = "tl-creds-vault";
-    create_tool(&client, name, json!({"type": "api", "endpoint": {"url": "https://vault.example/v1"}, "rateLimit": 30,
-        "credentials": {"secretRef": {"namespace": ns, "name": "vault-token", "key": "token"}}}))
+    create_tool(
+        &client,
+        name,
+        json!({"type": "api", "endpoint": {"url": "https://vault.example/v1"}, "rateLimit": 30,
+        "credentials": {"secretRef": {"namespace": ns, "name": "vault-token", "key": "token"}}}),
+    )
     .await;
-    let tool = wait_tool(&client, name, "CredentialsPresent=False", TIMEOUT, |t| condition_is(t, "CredentialsPresent", "False", "SecretKeyMissing")).await;
+    let tool = wait_tool(&client, name, "CredentialsPresent=False", TIMEOUT, |t| {
+        condition_is(t, "CredentialsPresent", "False", "SecretKeyMissing")
+    })
+    .await;
     assert!(tool_condition(&tool, "CredentialsPresent").unwrap().message.contains("Secret tl-creds/vault-token does not exist"));
     assert!(condition_is(&tool, "Ready", "False", "CredentialsMissing"));
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let secret: Secret = from_json(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vault-token"}, "stringData": {"other": "x"}}));
+    let secret: Secret =
+        from_json(json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "vault-token"}, "stringData": {"other": "x"}}));
     let started = Instant::now();
     secrets.create(&PostParams::default(), &secret).await.unwrap();
     wait_tool(&client, name, "the Secret without the key", PROMPTLY, |t| {
@@ -270,13 +303,19 @@ async fn credentials_are_rechecked_as_soon_as_their_secret_changes() {
 
     let started = Instant::now();
     secrets.patch("vault-token", &PatchParams::default(), &Patch::Merge(json!({"stringData": {"token": "s3cr3t"}}))).await.unwrap();
-    let tool = wait_tool(&client, name, "CredentialsPresent=True", PROMPTLY, |t| condition_is(t, "CredentialsPresent", "True", "SecretKeyPresent")).await;
+    let tool = wait_tool(&client, name, "CredentialsPresent=True", PROMPTLY, |t| {
+        condition_is(t, "CredentialsPresent", "True", "SecretKeyPresent")
+    })
+    .await;
     eprintln!("measured: key added → CredentialsPresent=True in {:?}", started.elapsed());
     assert!(tool.status.as_ref().unwrap().ready);
 
     let started = Instant::now();
     secrets.delete("vault-token", &DeleteParams::default()).await.unwrap();
-    wait_tool(&client, name, "CredentialsPresent=False again", PROMPTLY, |t| condition_is(t, "CredentialsPresent", "False", "SecretKeyMissing")).await;
+    wait_tool(&client, name, "CredentialsPresent=False again", PROMPTLY, |t| {
+        condition_is(t, "CredentialsPresent", "False", "SecretKeyMissing")
+    })
+    .await;
     eprintln!("measured: Secret deleted → CredentialsPresent=False in {:?}", started.elapsed());
 
     let log = std::fs::read_to_string(operator().log_path()).unwrap();
@@ -290,8 +329,15 @@ async fn a_labelled_service_becomes_a_tool_that_follows_it_and_goes_with_its_lab
     let client = setup(ns, true).await;
     let name = "tl-disc-bandit";
     endpoint_slice(&client, ns, "bandit", true).await;
-    create_service(&client, ns, "bandit", Some(name), json!({
-        "agentgate.dev/tool-type": "mcp", "agentgate.dev/rate-limit": "60", "agentgate.dev/description": "Python security scanner"})).await;
+    create_service(
+        &client,
+        ns,
+        "bandit",
+        Some(name),
+        json!({
+        "agentgate.dev/tool-type": "mcp", "agentgate.dev/rate-limit": "60", "agentgate.dev/description": "Python security scanner"}),
+    )
+    .await;
 
     let tool = wait_tool(&client, name, "discovered, Ready, status.discoveredFrom", TIMEOUT, |t| {
         t.status.as_ref().is_some_and(|s| s.ready && s.discovered_from.as_deref() == Some("tl-disc/bandit"))
@@ -300,29 +346,54 @@ async fn a_labelled_service_becomes_a_tool_that_follows_it_and_goes_with_its_lab
     assert_eq!(tool.labels().get("agentgate.dev/discovered").map(String::as_str), Some("true"));
     assert_eq!(tool.annotations().get("agentgate.dev/discovered-from").map(String::as_str), Some("tl-disc/bandit"));
     let spec = serde_json::to_value(&tool.spec).unwrap();
-    assert_eq!(spec, json!({"type": "mcp", "endpoint": {"service": {"namespace": ns, "name": "bandit", "port": 8080}}, "rateLimit": 60, "description": "Python security scanner"}));
+    assert_eq!(
+        spec,
+        json!({"type": "mcp", "endpoint": {"service": {"namespace": ns, "name": "bandit", "port": 8080}}, "rateLimit": 60, "description": "Python security scanner"})
+    );
     assert!(condition_is(&tool, "Discovered", "True", "FromService"));
-    assert!(tool.managed_fields().iter().any(|m| m.manager.as_deref() == Some("agentgate-discovery") && m.operation.as_deref() == Some("Apply")));
+    assert!(
+        tool.managed_fields()
+            .iter()
+            .any(|m| m.manager.as_deref() == Some("agentgate-discovery") && m.operation.as_deref() == Some("Apply"))
+    );
     wait_service_event(&client, ns, "bandit", "Normal", "ToolDiscovered", &format!("created AgentTool {name}")).await;
     let row = kubectl_tool_row(name);
     assert_eq!(column(&row, "DISCOVERED"), "tl-disc/bandit");
 
     // Annotation changes are followed.
     let started = Instant::now();
-    patch_service(&client, ns, "bandit", json!({}), json!({"agentgate.dev/rate-limit": "120", "agentgate.dev/port": "metrics", "agentgate.dev/description": null})).await;
-    let tool = wait_tool(&client, name, "rate limit 120 on port 9090", PROMPTLY, |t| t.spec.rate_limit == 120 && t.spec.endpoint.service.as_ref().is_some_and(|s| s.port == 9090)).await;
+    patch_service(
+        &client,
+        ns,
+        "bandit",
+        json!({}),
+        json!({"agentgate.dev/rate-limit": "120", "agentgate.dev/port": "metrics", "agentgate.dev/description": null}),
+    )
+    .await;
+    let tool = wait_tool(&client, name, "rate limit 120 on port 9090", PROMPTLY, |t| {
+        t.spec.rate_limit == 120 && t.spec.endpoint.service.as_ref().is_some_and(|s| s.port == 9090)
+    })
+    .await;
     eprintln!("measured: annotation change → AgentTool updated in {:?}", started.elapsed());
     assert_eq!(tool.spec.description, None, "a removed annotation is removed from the spec");
 
     // So is a hand edit of the discovered tool: the Service is the source.
-    Api::<AgentTool>::all(client.clone()).patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"rateLimit": 5}}))).await.unwrap();
+    Api::<AgentTool>::all(client.clone())
+        .patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"rateLimit": 5}})))
+        .await
+        .unwrap();
     wait_tool(&client, name, "the Service's rate limit back", TIMEOUT, |t| t.spec.rate_limit == 120).await;
 
     // A field the Service does not set, added by hand, is left alone and not fought over.
-    Api::<AgentTool>::all(client.clone()).patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"description": "hand-written note"}}))).await.unwrap();
+    Api::<AgentTool>::all(client.clone())
+        .patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"description": "hand-written note"}})))
+        .await
+        .unwrap();
     let updates = |es: &[Event]| es.iter().filter(|e| e.reason.as_deref() == Some("ToolUpdated")).count();
     // Two so far: the annotation change and the rate limit taken back.
-    let before = updates(&wait_for("two ToolUpdated Events", TIMEOUT, || service_events(&client, ns, "bandit"), |es: &Vec<Event>| updates(es) >= 2).await);
+    let before = updates(
+        &wait_for("two ToolUpdated Events", TIMEOUT, || service_events(&client, ns, "bandit"), |es: &Vec<Event>| updates(es) >= 2).await,
+    );
     for poke in 0..3 {
         patch_service(&client, ns, "bandit", json!({}), json!({"example.com/poke": poke.to_string()})).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -335,13 +406,15 @@ async fn a_labelled_service_becomes_a_tool_that_follows_it_and_goes_with_its_lab
     patch_service(&client, ns, "bandit", json!({}), json!({"agentgate.dev/rate-limit": "ten"})).await;
     let event = wait_service_event(&client, ns, "bandit", "Warning", "InvalidToolAnnotation", "agentgate.dev/rate-limit=\"ten\"").await;
     assert!(event.note.unwrap().contains(&format!("AgentTool {name} is not Ready")));
-    let tool = wait_tool(&client, name, "not Ready: InvalidAnnotation", TIMEOUT, |t| condition_is(t, "Ready", "False", "InvalidAnnotation")).await;
+    let tool =
+        wait_tool(&client, name, "not Ready: InvalidAnnotation", TIMEOUT, |t| condition_is(t, "Ready", "False", "InvalidAnnotation")).await;
     assert!(tool_condition(&tool, "Ready").unwrap().message.contains("agentgate.dev/rate-limit=\"ten\""));
     assert!(condition_is(&tool, "Discovered", "False", "InvalidAnnotation"));
     assert!(!tool.status.unwrap().ready);
 
     patch_service(&client, ns, "bandit", json!({}), json!({"agentgate.dev/rate-limit": "30"})).await;
-    let tool = wait_tool(&client, name, "Ready again", TIMEOUT, |t| t.spec.rate_limit == 30 && t.status.as_ref().is_some_and(|s| s.ready)).await;
+    let tool =
+        wait_tool(&client, name, "Ready again", TIMEOUT, |t| t.spec.rate_limit == 30 && t.status.as_ref().is_some_and(|s| s.ready)).await;
     assert!(!tool.annotations().contains_key("agentgate.dev/discovery-error"));
 
     // A discovered tool deleted by hand comes back while its Service still claims it.
@@ -368,7 +441,8 @@ async fn a_hand_written_tool_of_the_same_name_is_never_touched() {
     let ns = "tl-hand";
     let client = setup(ns, true).await;
     let name = "tl-hand-scanner";
-    let written = create_tool(&client, name, json!({"type": "api", "endpoint": {"url": "https://scanner.example/v1"}, "rateLimit": 7})).await;
+    let written =
+        create_tool(&client, name, json!({"type": "api", "endpoint": {"url": "https://scanner.example/v1"}, "rateLimit": 7})).await;
     create_service(&client, ns, "scanner", Some(name), json!({"agentgate.dev/rate-limit": "99"})).await;
 
     let event = wait_service_event(&client, ns, "scanner", "Warning", "ToolNameTaken", "name taken by a hand-written AgentTool").await;
@@ -409,7 +483,10 @@ async fn two_services_claiming_one_name_are_both_told_and_neither_wins_silently(
 
     // One lets go: the other gets the tool.
     patch_service(&client, ns, "two", json!({"agentgate.dev/tool": null}), json!({})).await;
-    let tool = wait_tool(&client, name, "discovered from one", TIMEOUT, |t| t.status.as_ref().and_then(|s| s.discovered_from.as_deref()) == Some("tl-conflict/one")).await;
+    let tool = wait_tool(&client, name, "discovered from one", TIMEOUT, |t| {
+        t.status.as_ref().and_then(|s| s.discovered_from.as_deref()) == Some("tl-conflict/one")
+    })
+    .await;
     assert_eq!(tool.spec.rate_limit, 10);
 
     // A second claim on an existing tool: the tool stays, both are told.
@@ -427,7 +504,14 @@ async fn the_agent_pod_gets_the_url_of_a_discovered_tool() {
     let ns = "tl-url";
     let client = setup(ns, true).await;
     let name = "tl-url-search";
-    create_service(&client, ns, "search", Some(name), json!({"agentgate.dev/rate-limit": "20", "agentgate.dev/port": "8080", "agentgate.dev/tool-type": "api"})).await;
+    create_service(
+        &client,
+        ns,
+        "search",
+        Some(name),
+        json!({"agentgate.dev/rate-limit": "20", "agentgate.dev/port": "8080", "agentgate.dev/tool-type": "api"}),
+    )
+    .await;
     endpoint_slice(&client, ns, "search", true).await;
     wait_tool(&client, name, "discovered and Ready", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
 
@@ -488,7 +572,10 @@ async fn freed_rate_limit_goes_to_the_most_urgent_waiting_job_first() {
     approved_job(&client, ns, "later", json!({"priority": 9, "tools": [{"name": tool, "minRateLimit": 3}]})).await;
     wait_phase(&client, ns, "later", "WaitingForResources").await;
     let urgent = approved_job(&client, ns, "urgent", json!({"priority": 1, "tools": [{"name": tool, "minRateLimit": 8}]})).await;
-    wait_for_job(&client, ns, "urgent", "urgent waiting for rate limit", |j| condition(j, "Ready").is_some_and(|c| c.reason == "RateLimitExhausted")).await;
+    wait_for_job(&client, ns, "urgent", "urgent waiting for rate limit", |j| {
+        condition(j, "Ready").is_some_and(|c| c.reason == "RateLimitExhausted")
+    })
+    .await;
 
     // 10 calls/min free up: enough for either, not both. The urgent job gets them.
     finish_job(&client, ns, &running).await;

@@ -19,7 +19,12 @@ use super::schema;
     doc = "An AI-agent job: estimated, checked for readiness and approved before its Pods run.",
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Approvals", type_ = "string", json_path = ".status.approval.summary"),
-    printcolumn(name = "Est. Cost", type_ = "string", json_path = ".status.estimate.costUSD.p90", description = "p90 estimated cost in USD"),
+    printcolumn(
+        name = "Est. Cost",
+        type_ = "string",
+        json_path = ".status.estimate.costUSD.p90",
+        description = "p90 estimated cost in USD"
+    ),
     printcolumn(name = "Cost", type_ = "string", json_path = ".status.usage.costUSD", description = "actual cost in USD"),
     printcolumn(name = "Tokens", type_ = "integer", json_path = ".status.usage.totalTokens"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),

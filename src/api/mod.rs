@@ -20,11 +20,7 @@ pub const GROUP: &str = "agentgate.dev";
 
 /// Every CRD this operator serves, in the order they are written to `crds/`.
 pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
-    vec![
-        ("agentjobs", AgentJob::crd()),
-        ("agenttools", AgentTool::crd()),
-        ("approvalvotes", ApprovalVote::crd()),
-    ]
+    vec![("agentjobs", AgentJob::crd()), ("agenttools", AgentTool::crd()), ("approvalvotes", ApprovalVote::crd())]
 }
 
 /// Renders one CRD as the YAML checked into `crds/`.

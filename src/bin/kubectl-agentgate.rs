@@ -62,7 +62,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::try_default().await.map_err(|e| anyhow::anyhow!("loading kubeconfig: {e}"))?;
     let namespace = cli.namespace.unwrap_or_else(|| client.default_namespace().to_string());
     match cli.command {
-        Command::Approve { job, reason, confidence } => vote(&client, &namespace, &job, Ballot { decision: Decision::Approve, reason, confidence }).await,
+        Command::Approve { job, reason, confidence } => {
+            vote(&client, &namespace, &job, Ballot { decision: Decision::Approve, reason, confidence }).await
+        }
         Command::Reject { job, reason, confidence } => {
             vote(&client, &namespace, &job, Ballot { decision: Decision::Reject, reason: Some(reason), confidence }).await
         }

@@ -34,7 +34,13 @@ impl HeadChecker {
     }
 
     /// `Ok(Err(why))` when the voter is not a head; `Err` when the apiserver could not answer.
-    pub async fn is_head(&self, voter: &str, groups: &[String], namespace: &str, category: &str) -> Result<Result<(), String>, kube::Error> {
+    pub async fn is_head(
+        &self,
+        voter: &str,
+        groups: &[String],
+        namespace: &str,
+        category: &str,
+    ) -> Result<Result<(), String>, kube::Error> {
         let question = Question { voter: voter.into(), groups: groups.to_vec(), namespace: namespace.into(), category: category.into() };
         if let Some((answer, at)) = self.answers.lock().expect("cache lock").get(&question) {
             if at.elapsed() < TTL {
@@ -62,7 +68,9 @@ impl HeadChecker {
         let answer = if allowed {
             Ok(())
         } else {
-            Err(format!("{voter} is not a head of category {category}: RBAC does not allow them to approve categories/{category} in {namespace}"))
+            Err(format!(
+                "{voter} is not a head of category {category}: RBAC does not allow them to approve categories/{category} in {namespace}"
+            ))
         };
         self.answers.lock().expect("cache lock").insert(question, (answer.clone(), Instant::now()));
         Ok(answer)

@@ -76,11 +76,8 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     let identity = JobIdentity { name: &name, uid: &uid, generation, author };
     let heads = head_verdicts(job, ctx, &vote_views).await?;
     let mut counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &vote_views, &heads);
-    let readiness = if old_status.phase.is_some_and(JobPhase::is_terminal) {
-        Readiness::default()
-    } else {
-        job_readiness(job, ctx, &jobs, &all_pods)
-    };
+    let readiness =
+        if old_status.phase.is_some_and(JobPhase::is_terminal) { Readiness::default() } else { job_readiness(job, ctx, &jobs, &all_pods) };
     let history = history_of(&jobs, &job_type(job));
     let learned = ctx.learner.state.lock().await.stats(&job_type(job)).cloned();
     let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;
@@ -161,7 +158,11 @@ fn job_readiness(job: &AgentJob, ctx: &Context, jobs: &[Arc<AgentJob>], all_pods
         .collect();
     let Some(need) = pod_need(job) else {
         let mut r = Readiness::default();
-        r.checks.push(crate::api::ReadinessCheck { name: "resources".into(), passed: false, message: "spec.resources do not parse as quantities".into() });
+        r.checks.push(crate::api::ReadinessCheck {
+            name: "resources".into(),
+            passed: false,
+            message: "spec.resources do not parse as quantities".into(),
+        });
         r.blocked_reason = Some("InvalidResources");
         return r;
     };
@@ -240,7 +241,8 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
         })
         .collect();
     let input_json = spec.input.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "{}".into());
-    let (cpu, memory) = spec.resources.as_ref().map(|r| (r.cpu.clone(), r.memory.clone())).unwrap_or_else(|| ("500m".into(), "512Mi".into()));
+    let (cpu, memory) =
+        spec.resources.as_ref().map(|r| (r.cpu.clone(), r.memory.clone())).unwrap_or_else(|| ("500m".into(), "512Mi".into()));
     let gpu_name = gpu_resource_name(job);
     let gpu = spec.resources.as_ref().and_then(|r| r.gpu).filter(|g| *g > 0 && !plan.drop_gpu);
     let deadline = spec.limits.as_ref().and_then(|l| l.max_execution_seconds).unwrap_or(crate::api::DEFAULT_MAX_EXECUTION_SECONDS);
@@ -306,7 +308,8 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
         }
     }
     let new = &plan.status;
-    let approved = |s: &AgentJobStatus| crate::domain::conditions::find(&s.conditions, condition::APPROVED).is_some_and(|c| c.status == "True");
+    let approved =
+        |s: &AgentJobStatus| crate::domain::conditions::find(&s.conditions, condition::APPROVED).is_some_and(|c| c.status == "True");
     if approved(new) && !approved(old) {
         if let Some(created) = &job.metadata.creation_timestamp {
             let waited = k8s_openapi::jiff::Timestamp::now().duration_since(created.0).as_secs_f64();
@@ -394,7 +397,9 @@ pub fn requeue_on_transition(
 
 fn waiting_jobs(jobs: &[Arc<AgentJob>]) -> Vec<ObjectRef<AgentJob>> {
     jobs.iter()
-        .filter(|j| j.status.as_ref().is_some_and(|s| s.phase == Some(JobPhase::WaitingForResources) || s.phase == Some(JobPhase::AwaitingApproval)))
+        .filter(|j| {
+            j.status.as_ref().is_some_and(|s| s.phase == Some(JobPhase::WaitingForResources) || s.phase == Some(JobPhase::AwaitingApproval))
+        })
         .map(|j| ObjectRef::from_obj(j.as_ref()))
         .collect()
 }

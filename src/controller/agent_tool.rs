@@ -79,18 +79,42 @@ struct EndpointCheck {
 
 fn check_endpoint(tool: &AgentTool, caches: &Caches) -> EndpointCheck {
     if let Some(url) = &tool.spec.endpoint.url {
-        return EndpointCheck { available: true, reason: "URL", message: format!("calls go to {url}"), ready_endpoints: 1, url: Some(url.clone()) };
+        return EndpointCheck {
+            available: true,
+            reason: "URL",
+            message: format!("calls go to {url}"),
+            ready_endpoints: 1,
+            url: Some(url.clone()),
+        };
     }
     let Some(svc_ref) = &tool.spec.endpoint.service else {
-        return EndpointCheck { available: false, reason: "NoEndpoint", message: "endpoint names neither service nor url".into(), ready_endpoints: 0, url: None };
+        return EndpointCheck {
+            available: false,
+            reason: "NoEndpoint",
+            message: "endpoint names neither service nor url".into(),
+            ready_endpoints: 0,
+            url: None,
+        };
     };
     let (ns, name, port) = (&svc_ref.namespace, &svc_ref.name, svc_ref.port);
     let Some(service) = caches.services.get(&ObjectRef::new(name).within(ns)) else {
-        return EndpointCheck { available: false, reason: "ServiceNotFound", message: format!("Service {ns}/{name} does not exist"), ready_endpoints: 0, url: None };
+        return EndpointCheck {
+            available: false,
+            reason: "ServiceNotFound",
+            message: format!("Service {ns}/{name} does not exist"),
+            ready_endpoints: 0,
+            url: None,
+        };
     };
     let has_port = service.spec.as_ref().and_then(|s| s.ports.as_ref()).is_some_and(|ps| ps.iter().any(|p| p.port == port));
     if !has_port {
-        return EndpointCheck { available: false, reason: "PortNotFound", message: format!("Service {ns}/{name} has no port {port}"), ready_endpoints: 0, url: None };
+        return EndpointCheck {
+            available: false,
+            reason: "PortNotFound",
+            message: format!("Service {ns}/{name} has no port {port}"),
+            ready_endpoints: 0,
+            url: None,
+        };
     }
     let ready_endpoints: usize = caches
         .endpoint_slices
@@ -102,9 +126,21 @@ fn check_endpoint(tool: &AgentTool, caches: &Caches) -> EndpointCheck {
         .count();
     let url = Some(format!("http://{name}.{ns}.svc:{port}"));
     if ready_endpoints == 0 {
-        return EndpointCheck { available: false, reason: "NoReadyEndpoints", message: format!("Service {ns}/{name} has no ready endpoints"), ready_endpoints: 0, url };
+        return EndpointCheck {
+            available: false,
+            reason: "NoReadyEndpoints",
+            message: format!("Service {ns}/{name} has no ready endpoints"),
+            ready_endpoints: 0,
+            url,
+        };
     }
-    EndpointCheck { available: true, reason: "EndpointsReady", message: format!("Service {ns}/{name} has {ready_endpoints} ready endpoint(s)"), ready_endpoints: ready_endpoints as i32, url }
+    EndpointCheck {
+        available: true,
+        reason: "EndpointsReady",
+        message: format!("Service {ns}/{name} has {ready_endpoints} ready endpoint(s)"),
+        ready_endpoints: ready_endpoints as i32,
+        url,
+    }
 }
 
 /// Whether the Secret exists and holds the key. Only the key names are looked at; the value is
@@ -145,8 +181,12 @@ async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
     // A discovered tool whose Service's annotations are bad is not Ready until they are fixed.
     let discovery_error = tool.annotations().get(DISCOVERY_ERROR).cloned().filter(|_| discovered);
     match (&s.discovered_from, &discovery_error) {
-        (Some(_), Some(error)) => set_condition(&mut s.conditions, "Discovered", false, "InvalidAnnotation", error.clone(), generation, &now),
-        (Some(from), None) => set_condition(&mut s.conditions, "Discovered", true, "FromService", format!("discovered from Service {from}"), generation, &now),
+        (Some(_), Some(error)) => {
+            set_condition(&mut s.conditions, "Discovered", false, "InvalidAnnotation", error.clone(), generation, &now)
+        }
+        (Some(from), None) => {
+            set_condition(&mut s.conditions, "Discovered", true, "FromService", format!("discovered from Service {from}"), generation, &now)
+        }
         (None, _) => remove_condition(&mut s.conditions, "Discovered"),
     }
 
@@ -154,8 +194,24 @@ async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
     set_condition(&mut s.conditions, "EndpointAvailable", endpoint.available, endpoint.reason, endpoint.message.clone(), generation, &now);
     let credentials = check_credentials(tool, ctx).await?;
     match &credentials {
-        Some((ok, msg)) => set_condition(&mut s.conditions, "CredentialsPresent", *ok, if *ok { "SecretKeyPresent" } else { "SecretKeyMissing" }, msg.clone(), generation, &now),
-        None => set_condition(&mut s.conditions, "CredentialsPresent", true, "NoneRequired", "the tool declares no credentials", generation, &now),
+        Some((ok, msg)) => set_condition(
+            &mut s.conditions,
+            "CredentialsPresent",
+            *ok,
+            if *ok { "SecretKeyPresent" } else { "SecretKeyMissing" },
+            msg.clone(),
+            generation,
+            &now,
+        ),
+        None => set_condition(
+            &mut s.conditions,
+            "CredentialsPresent",
+            true,
+            "NoneRequired",
+            "the tool declares no credentials",
+            generation,
+            &now,
+        ),
     }
     let credentials_ok = credentials.as_ref().is_none_or(|(ok, _)| *ok);
     s.ready = discovery_error.is_none() && endpoint.available && credentials_ok;

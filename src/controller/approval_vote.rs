@@ -25,7 +25,9 @@ pub async fn record_verdicts(ctx: &Context, votes: &[Arc<ApprovalVote>], tally: 
         }
         let api: Api<ApprovalVote> = Api::namespaced(ctx.client.clone(), &vote.namespace().unwrap_or_default());
         let patch = json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "ApprovalVote", "status": status});
-        if let Err(e) = api.patch_status(&vote.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch)).await {
+        if let Err(e) =
+            api.patch_status(&vote.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch)).await
+        {
             tracing::warn!(vote = %vote.name_any(), error = %e, "could not record vote verdict");
         }
     }

@@ -177,7 +177,8 @@ pub fn desired_tool(svc: &ServiceView) -> (DesiredTool, Vec<String>) {
         Some("service") => ToolType::Service,
         Some("mcp") => ToolType::Mcp,
         Some(_) => {
-            problems.push(format!("annotation {TOOL_TYPE}={:?} is not one of api, service, mcp", annotation(TOOL_TYPE).unwrap_or_default()));
+            problems
+                .push(format!("annotation {TOOL_TYPE}={:?} is not one of api, service, mcp", annotation(TOOL_TYPE).unwrap_or_default()));
             ToolType::Service
         }
     };
@@ -197,7 +198,13 @@ pub fn desired_tool(svc: &ServiceView) -> (DesiredTool, Vec<String>) {
     };
 
     let first_port = svc.ports.first().map(|(_, p)| *p);
-    let listed = || svc.ports.iter().map(|(name, port)| name.as_ref().map_or(port.to_string(), |n| format!("{n}={port}"))).collect::<Vec<_>>().join(", ");
+    let listed = || {
+        svc.ports
+            .iter()
+            .map(|(name, port)| name.as_ref().map_or(port.to_string(), |n| format!("{n}={port}")))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let port = match annotation(PORT) {
         None => first_port.unwrap_or_else(|| {
             problems.push(format!("the Service has no ports; give it one, or name one with annotation {PORT}"));
@@ -212,18 +219,25 @@ pub fn desired_tool(svc: &ServiceView) -> (DesiredTool, Vec<String>) {
             match found {
                 Some((_, p)) => *p,
                 None => {
-                    problems.push(format!("annotation {PORT}={raw:?} names no port of the Service (its ports: {})", if svc.ports.is_empty() { "none".to_string() } else { listed() }));
+                    problems.push(format!(
+                        "annotation {PORT}={raw:?} names no port of the Service (its ports: {})",
+                        if svc.ports.is_empty() { "none".to_string() } else { listed() }
+                    ));
                     first_port.unwrap_or(1)
                 }
             }
         }
     };
 
-    let description = annotation(DESCRIPTION).map(str::trim).filter(|d| !d.is_empty()).map(|d| d.chars().take(MAX_DESCRIPTION_CHARS).collect());
+    let description =
+        annotation(DESCRIPTION).map(str::trim).filter(|d| !d.is_empty()).map(|d| d.chars().take(MAX_DESCRIPTION_CHARS).collect());
 
     let spec = AgentToolSpec {
         tool_type,
-        endpoint: ToolEndpoint { service: Some(ServiceEndpoint { namespace: svc.namespace.clone(), name: svc.name.clone(), port }), url: None },
+        endpoint: ToolEndpoint {
+            service: Some(ServiceEndpoint { namespace: svc.namespace.clone(), name: svc.name.clone(), port }),
+            url: None,
+        },
         rate_limit,
         credentials: None,
         description,
@@ -315,9 +329,15 @@ pub fn plan(services: &[ServiceView], tools: &[ExistingTool], in_scope: &dyn Fn(
                             name: name.to_string(),
                             uid: tool.uid.clone(),
                             from: from.clone(),
-                            why: format!("Service {from} no longer carries label {TOOL_LABEL}={name}, and Services {} all claim the name", keys()),
+                            why: format!(
+                                "Service {from} no longer carries label {TOOL_LABEL}={name}, and Services {} all claim the name",
+                                keys()
+                            ),
                         });
-                        let note = format!("Services {} all claim AgentTool {name} with label {TOOL_LABEL}: none gets it until only one does", keys());
+                        let note = format!(
+                            "Services {} all claim AgentTool {name} with label {TOOL_LABEL}: none gets it until only one does",
+                            keys()
+                        );
                         out.warnings.extend(claimants.iter().map(|s| warn(s, "ToolNameConflict", note.clone())));
                     }
                 }
@@ -326,7 +346,10 @@ pub fn plan(services: &[ServiceView], tools: &[ExistingTool], in_scope: &dyn Fn(
                 [] => {}
                 [svc] => apply(&mut out, svc, None),
                 _ => {
-                    let note = format!("Services {} all claim AgentTool {name} with label {TOOL_LABEL}: none is created until only one does", keys());
+                    let note = format!(
+                        "Services {} all claim AgentTool {name} with label {TOOL_LABEL}: none is created until only one does",
+                        keys()
+                    );
                     out.warnings.extend(claimants.iter().map(|s| warn(s, "ToolNameConflict", note.clone())));
                 }
             },
@@ -340,7 +363,11 @@ pub fn plan(services: &[ServiceView], tools: &[ExistingTool], in_scope: &dyn Fn(
 fn apply(out: &mut Plan, svc: &ServiceView, existing: Option<&ExistingTool>) {
     let (desired, problems) = desired_tool(svc);
     for problem in problems {
-        out.warnings.push(warn(svc, "InvalidToolAnnotation", format!("{problem}: AgentTool {} is not Ready until it is fixed", desired.name)));
+        out.warnings.push(warn(
+            svc,
+            "InvalidToolAnnotation",
+            format!("{problem}: AgentTool {} is not Ready until it is fixed", desired.name),
+        ));
     }
     // Only what discovery sets is compared: credentials added to a discovered tool by hand are
     // not discovery's to remove, and comparing them would re-apply on every pass.
@@ -413,7 +440,10 @@ fn check_term(term: &str) -> Result<(), String> {
         };
         check_key(key)?;
         let set = set.trim();
-        let inner = set.strip_prefix('(').and_then(|s| s.strip_suffix(')')).ok_or_else(|| format!("{op} needs a parenthesised list in {term:?}"))?;
+        let inner = set
+            .strip_prefix('(')
+            .and_then(|s| s.strip_suffix(')'))
+            .ok_or_else(|| format!("{op} needs a parenthesised list in {term:?}"))?;
         for value in inner.split(',') {
             check_value(value.trim())?;
         }
@@ -439,7 +469,10 @@ fn check_key(key: &str) -> Result<(), String> {
                 && prefix.len() <= 253
                 && prefix.split('.').all(|part| {
                     let b = part.as_bytes();
-                    !b.is_empty() && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-') && b[0] != b'-' && b[b.len() - 1] != b'-'
+                    !b.is_empty()
+                        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                        && b[0] != b'-'
+                        && b[b.len() - 1] != b'-'
                 });
             if !prefix_ok {
                 return Err(format!("key prefix {prefix:?} is not a DNS subdomain"));
@@ -565,7 +598,9 @@ async fn pass(ctx: &Context, namespaces: Option<&Store<PartialObjectMeta<Namespa
         match write {
             Write::Apply { tool, uid, create } => {
                 let cached = ctx.caches.tools.get(&ObjectRef::new(&tool.name)).map(|t| Mark::of(&t));
-                if cached.is_some() && memory.applied.get(&tool.name).is_some_and(|(last, mark)| last == tool && Some(mark) == cached.as_ref()) {
+                if cached.is_some()
+                    && memory.applied.get(&tool.name).is_some_and(|(last, mark)| last == tool && Some(mark) == cached.as_ref())
+                {
                     continue;
                 }
                 let (namespace, service) = tool.from.split_once('/').unwrap_or_default();
@@ -614,12 +649,16 @@ async fn pass(ctx: &Context, namespaces: Option<&Store<PartialObjectMeta<Namespa
                 }
             }
             Write::Delete { name, uid, from, why } => {
-                let dp = DeleteParams { preconditions: Some(Preconditions { uid: uid.clone(), resource_version: None }), ..DeleteParams::default() };
+                let dp = DeleteParams {
+                    preconditions: Some(Preconditions { uid: uid.clone(), resource_version: None }),
+                    ..DeleteParams::default()
+                };
                 match api.delete(name, &dp).await {
                     Ok(_) => {
                         tracing::info!(tool = %name, %from, %why, "deleted discovered AgentTool");
                         let (namespace, service) = from.split_once('/').unwrap_or_default();
-                        publish(ctx, namespace, service, EventType::Normal, "ToolRemoved", format!("deleted AgentTool {name}: {why}")).await;
+                        publish(ctx, namespace, service, EventType::Normal, "ToolRemoved", format!("deleted AgentTool {name}: {why}"))
+                            .await;
                     }
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
                     Err(e) => {
@@ -643,7 +682,10 @@ async fn pass(ctx: &Context, namespaces: Option<&Store<PartialObjectMeta<Namespa
         }
     }
     memory.reported = now;
-    memory.applied.retain(|name, _| plan.writes.iter().any(|w| matches!(w, Write::Apply { tool, .. } if &tool.name == name)) || ctx.caches.tools.get(&ObjectRef::new(name)).is_some());
+    memory.applied.retain(|name, _| {
+        plan.writes.iter().any(|w| matches!(w, Write::Apply { tool, .. } if &tool.name == name))
+            || ctx.caches.tools.get(&ObjectRef::new(name)).is_some()
+    });
     all_done
 }
 
@@ -718,7 +760,12 @@ mod tests {
 
     #[test]
     fn spec_comes_from_the_annotations() {
-        let s = svc("tools", "bandit", "bandit-scanner", &[(TOOL_TYPE, "mcp"), (RATE_LIMIT, " 60 "), (PORT, "metrics"), (DESCRIPTION, "Python security scanner")]);
+        let s = svc(
+            "tools",
+            "bandit",
+            "bandit-scanner",
+            &[(TOOL_TYPE, "mcp"), (RATE_LIMIT, " 60 "), (PORT, "metrics"), (DESCRIPTION, "Python security scanner")],
+        );
         let (d, problems) = desired_tool(&s);
         assert!(problems.is_empty(), "{problems:?}");
         assert_eq!(d.name, "bandit-scanner");
@@ -751,7 +798,10 @@ mod tests {
             (&[(RATE_LIMIT, "2000000")], "agentgate.dev/rate-limit=\"2000000\""),
             (&[], "annotation agentgate.dev/rate-limit is missing"),
             (&[(RATE_LIMIT, "5"), (TOOL_TYPE, "grpc")], "annotation agentgate.dev/tool-type=\"grpc\" is not one of api, service, mcp"),
-            (&[(RATE_LIMIT, "5"), (PORT, "7000")], "annotation agentgate.dev/port=\"7000\" names no port of the Service (its ports: http=8080, metrics=9090)"),
+            (
+                &[(RATE_LIMIT, "5"), (PORT, "7000")],
+                "annotation agentgate.dev/port=\"7000\" names no port of the Service (its ports: http=8080, metrics=9090)",
+            ),
             (&[(RATE_LIMIT, "5"), (PORT, "grpc")], "annotation agentgate.dev/port=\"grpc\" names no port"),
         ];
         for (annotations, fragment) in cases {
@@ -814,7 +864,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(warnings(&p), vec![("tools/bandit".to_string(), "InvalidToolAnnotation")]);
-        assert!(p.warnings[0].note.contains("agentgate.dev/rate-limit=\"ten\"") && p.warnings[0].note.contains("AgentTool bandit is not Ready"), "{}", p.warnings[0].note);
+        assert!(
+            p.warnings[0].note.contains("agentgate.dev/rate-limit=\"ten\"") && p.warnings[0].note.contains("AgentTool bandit is not Ready"),
+            "{}",
+            p.warnings[0].note
+        );
     }
 
     #[test]
@@ -823,7 +877,9 @@ mod tests {
         assert!(p.writes.is_empty());
         assert_eq!(warnings(&p), vec![("tools/bandit".to_string(), "InvalidToolName")]);
         assert!(p.warnings[0].note.contains("\"Bandit_Scanner\""));
-        for (name, ok) in [("a", true), ("bandit-2", true), ("", false), ("-a", false), ("a-", false), ("a.b", false), (&"a".repeat(64), false)] {
+        for (name, ok) in
+            [("a", true), ("bandit-2", true), ("", false), ("-a", false), ("a-", false), ("a.b", false), (&"a".repeat(64), false)]
+        {
             assert_eq!(valid_tool_name(name), ok, "{name:?}");
         }
     }
@@ -833,12 +889,15 @@ mod tests {
         let s = good("tools", "bandit", "bandit");
         let (d, _) = desired_tool(&s);
         let p = plan(&[], &[existing(&d, true)], &everywhere);
-        assert_eq!(p.writes, vec![Write::Delete {
-            name: "bandit".into(),
-            uid: Some("uid-bandit".into()),
-            from: "tools/bandit".into(),
-            why: "Service tools/bandit no longer carries label agentgate.dev/tool=bandit".into(),
-        }]);
+        assert_eq!(
+            p.writes,
+            vec![Write::Delete {
+                name: "bandit".into(),
+                uid: Some("uid-bandit".into()),
+                from: "tools/bandit".into(),
+                why: "Service tools/bandit no longer carries label agentgate.dev/tool=bandit".into(),
+            }]
+        );
         // Relabelled to another name: the old tool goes and the new one comes.
         let p = plan(&[good("tools", "bandit", "bandit-v2")], &[existing(&d, true)], &everywhere);
         assert_eq!(deleted(&p), vec!["bandit".to_string()]);
@@ -864,7 +923,9 @@ mod tests {
         let p = plan(&[good("a", "x", "shared"), good("b", "y", "shared")], &[], &everywhere);
         assert!(p.writes.is_empty());
         assert_eq!(warnings(&p), vec![("a/x".to_string(), "ToolNameConflict"), ("b/y".to_string(), "ToolNameConflict")]);
-        assert!(p.warnings[0].note.contains("Services a/x, b/y all claim AgentTool shared") && p.warnings[0].note.contains("none is created"));
+        assert!(
+            p.warnings[0].note.contains("Services a/x, b/y all claim AgentTool shared") && p.warnings[0].note.contains("none is created")
+        );
     }
 
     #[test]
@@ -939,7 +1000,17 @@ mod tests {
 
     #[test]
     fn namespace_selectors_are_checked() {
-        for ok in ["team=tools", "agentgate.dev/discovery", "!legacy", "env in (prod, staging)", "env notin (dev)", "a=b,c!=d", "a==b", "example.com/x=", "k in ()"] {
+        for ok in [
+            "team=tools",
+            "agentgate.dev/discovery",
+            "!legacy",
+            "env in (prod, staging)",
+            "env notin (dev)",
+            "a=b,c!=d",
+            "a==b",
+            "example.com/x=",
+            "k in ()",
+        ] {
             assert!(parse_namespace_selector(ok).is_ok(), "{ok:?}: {:?}", parse_namespace_selector(ok));
         }
         for bad in ["", "  ", "a=b,", "=b", "a=b c", "Bad_Prefix/x=y", "a in (b", "a in b", "a=-b", "a b"] {

@@ -172,16 +172,7 @@ pub async fn run(
         .reflect(jobs_writer)
         .applied_objects();
     let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone());
-    let caches = Caches {
-        jobs,
-        pods,
-        nodes,
-        quotas,
-        tools,
-        votes,
-        services,
-        endpoint_slices,
-    };
+    let caches = Caches { jobs, pods, nodes, quotas, tools, votes, services, endpoint_slices };
     let _ = jobs_for_metrics.set(caches.jobs.clone());
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
     let reporter = Reporter { controller: "agentgate".into(), instance: std::env::var("POD_NAME").ok() };
@@ -201,12 +192,10 @@ pub async fn run(
     // Woken by every Service and AgentTool change; see discovery.rs.
     let discovery_trigger = Arc::new(tokio::sync::Notify::new());
 
-    let pod_stream = watcher(scoped::<Pod>(&client, &None), wc.clone())
-        .default_backoff()
-        .modify(slim)
-        .reflect(pods_writer)
-        .touched_objects();
-    let node_stream = watcher(Api::<Node>::all(client.clone()), wc.clone()).default_backoff().modify(slim).reflect(nodes_writer).touched_objects();
+    let pod_stream =
+        watcher(scoped::<Pod>(&client, &None), wc.clone()).default_backoff().modify(slim).reflect(pods_writer).touched_objects();
+    let node_stream =
+        watcher(Api::<Node>::all(client.clone()), wc.clone()).default_backoff().modify(slim).reflect(nodes_writer).touched_objects();
     let quota_stream = watcher(scoped::<ResourceQuota>(&client, &settings.namespace), wc.clone())
         .default_backoff()
         .modify(slim)
@@ -239,9 +228,7 @@ pub async fn run(
             move |quota: ResourceQuota| agent_job::jobs_waiting_for_capacity(&caches, quota.namespace().as_deref())
         })
         .watches_stream(tool_stream, move |tool: AgentTool| agent_job::jobs_naming_tool(&jobs_for, &tool.name_any()))
-        .watches_stream(vote_stream, |vote: ApprovalVote| {
-            vote.namespace().map(|ns| ObjectRef::new(&vote.spec.job_ref.name).within(&ns))
-        })
+        .watches_stream(vote_stream, |vote: ApprovalVote| vote.namespace().map(|ns| ObjectRef::new(&vote.spec.job_ref.name).within(&ns)))
         .reconcile_on(tokio_stream_from(requeue_rx))
         .graceful_shutdown_on(shutdown.clone())
         .run(agent_job::reconcile, agent_job::error_policy, ctx.clone())
@@ -339,7 +326,13 @@ async fn watch_rbac(client: Client, ctx: Arc<Context>) {
     changes
         .for_each(|_| {
             ctx.heads.forget_all();
-            for job in ctx.caches.jobs.state().iter().filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(crate::api::JobPhase::AwaitingApproval)) {
+            for job in ctx
+                .caches
+                .jobs
+                .state()
+                .iter()
+                .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(crate::api::JobPhase::AwaitingApproval))
+            {
                 let _ = ctx.requeue.send(ObjectRef::from_obj(job.as_ref()));
             }
             future::ready(())

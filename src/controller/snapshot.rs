@@ -172,7 +172,12 @@ const CAPACITY_WAITS: [&str; 3] = ["RateLimitExhausted", "InsufficientResources"
 /// Where a job stands in the queue for capacity: lower spec.priority first, then older, then by
 /// namespace and name so that the order is total.
 pub fn queue_key(job: &AgentJob) -> (i32, Option<k8s_openapi::jiff::Timestamp>, String, String) {
-    (job.spec.priority.unwrap_or(500), job.metadata.creation_timestamp.as_ref().map(|t| t.0), job.namespace().unwrap_or_default(), job.name_any())
+    (
+        job.spec.priority.unwrap_or(500),
+        job.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        job.namespace().unwrap_or_default(),
+        job.name_any(),
+    )
 }
 
 /// An approved job that waits only for capacity: it holds what it will claim against jobs behind

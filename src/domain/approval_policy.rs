@@ -30,7 +30,8 @@ impl FromStr for ApprovalTier {
                     saw_cost = true;
                 }
                 "required" => {
-                    tier.required = value.parse().ok().filter(|n| (1..=10).contains(n)).ok_or_else(|| format!("required {value:?} must be 1 to 10"))?
+                    tier.required =
+                        value.parse().ok().filter(|n| (1..=10).contains(n)).ok_or_else(|| format!("required {value:?} must be 1 to 10"))?
                 }
                 "humanGroup" if !value.is_empty() => tier.human_group = Some(value.to_string()),
                 "category" if !value.is_empty() => tier.category = Some(value.to_string()),
@@ -88,7 +89,12 @@ mod tests {
     fn parses_tiers_and_names_what_is_wrong() {
         assert_eq!(
             tier("minCostUSD=10,required=3,humanGroup=agentgate:humans,category=core-security"),
-            ApprovalTier { min_cost: MicroUsd(10_000_000), required: 3, human_group: Some("agentgate:humans".into()), category: Some("core-security".into()) }
+            ApprovalTier {
+                min_cost: MicroUsd(10_000_000),
+                required: 3,
+                human_group: Some("agentgate:humans".into()),
+                category: Some("core-security".into())
+            }
         );
         for (bad, want) in [
             ("required=3", "needs minCostUSD"),
@@ -104,7 +110,11 @@ mod tests {
 
     #[test]
     fn requirement_takes_the_strictest_applicable_rule_and_never_goes_below_the_floor() {
-        let tiers = [tier("minCostUSD=10,required=3,humanGroup=humans"), tier("minCostUSD=100,required=4"), tier("minCostUSD=1,required=5,category=finance")];
+        let tiers = [
+            tier("minCostUSD=10,required=3,humanGroup=humans"),
+            tier("minCostUSD=100,required=4"),
+            tier("minCostUSD=1,required=5,category=finance"),
+        ];
         let cases: &[(&str, &str, Option<i64>, Option<i32>, i32, Option<&str>)] = &[
             ("cheap job: floor", "core", Some(1_000_000), None, 2, None),
             ("no estimate yet: floor", "core", None, None, 2, None),

@@ -20,8 +20,8 @@ use super::report::{accumulate, estimate_error_percent, parse_report, price_usag
 use super::tally::Tally;
 use super::validate::check_against_schema;
 use crate::api::{
-    AgentJob, AgentJobSpec, AgentJobStatus, ApprovalStatus, Attempt, AttemptResult, CostRange, DEFAULT_MAX_RETRIES, Estimate,
-    JobPhase, ModelEstimate, TokenRange,
+    AgentJob, AgentJobSpec, AgentJobStatus, ApprovalStatus, Attempt, AttemptResult, CostRange, DEFAULT_MAX_RETRIES, Estimate, JobPhase,
+    ModelEstimate, TokenRange,
 };
 
 /// Condition types, as `kubectl wait --for=condition=...` and kstatus read them.
@@ -50,8 +50,13 @@ pub struct PodView {
 pub enum PodState {
     /// Not yet terminated (pending or running).
     Active,
-    Succeeded { message: Option<String> },
-    Failed { reason: String, message: Option<String> },
+    Succeeded {
+        message: Option<String>,
+    },
+    Failed {
+        reason: String,
+        message: Option<String>,
+    },
 }
 
 impl PodState {
@@ -137,8 +142,15 @@ pub fn decide(o: &Observed) -> Plan {
     };
     if settled {
         if old.observed_generation != Some(generation) {
-            set_condition(&mut s.conditions, condition::SPEC_CHANGE_PENDING, true, "JobFinished",
-                format!("generation {generation} was applied after the job finished; it will not run again"), generation, &o.now);
+            set_condition(
+                &mut s.conditions,
+                condition::SPEC_CHANGE_PENDING,
+                true,
+                "JobFinished",
+                format!("generation {generation} was applied after the job finished; it will not run again"),
+                generation,
+                &o.now,
+            );
         }
         plan.status = s;
         return plan;
@@ -196,8 +208,15 @@ fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current
     let index = s.attempts.len() - 1;
     let attempt_generation = s.attempts[index].generation;
     if attempt_generation < generation {
-        set_condition(&mut s.conditions, condition::SPEC_CHANGE_PENDING, true, "AttemptRunning",
-            format!("attempt {current} runs generation {attempt_generation}; generation {generation} applies from the next attempt"), generation, &o.now);
+        set_condition(
+            &mut s.conditions,
+            condition::SPEC_CHANGE_PENDING,
+            true,
+            "AttemptRunning",
+            format!("attempt {current} runs generation {attempt_generation}; generation {generation} applies from the next attempt"),
+            generation,
+            &o.now,
+        );
     } else {
         remove_condition(&mut s.conditions, condition::SPEC_CHANGE_PENDING);
     }
@@ -222,7 +241,8 @@ fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current
         plan.ensure_attempt = (!any_deleted).then_some(current);
         plan.drop_gpu = s.dropped_resources.iter().any(|d| d == "gpu");
         let running = states.iter().filter(|(_, st)| !st.terminated()).count();
-        let ready_msg = format!("attempt {current} of {}: {running} of {} agent Pod(s) still running", max_attempts(&job.spec), states.len());
+        let ready_msg =
+            format!("attempt {current} of {}: {running} of {} agent Pod(s) still running", max_attempts(&job.spec), states.len());
         set_condition(&mut s.conditions, condition::READY, false, "Running", ready_msg.clone(), generation, &o.now);
         set_condition(&mut s.conditions, condition::RECONCILING, true, "Running", ready_msg, generation, &o.now);
         return false;
@@ -233,7 +253,8 @@ fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current
     let mut report_problems = Vec::new();
     let mut failures = Vec::new();
     let mut output = None;
-    let primary_pod = super::pod_builder::pod_name(job.metadata.name.as_deref().unwrap_or_default(), &job.spec.agents.primary.name, current);
+    let primary_pod =
+        super::pod_builder::pod_name(job.metadata.name.as_deref().unwrap_or_default(), &job.spec.agents.primary.name, current);
     for (name, state) in &states {
         let message = match state {
             PodState::Succeeded { message } => message,
@@ -261,8 +282,15 @@ fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current
     }
 
     if report_problems.is_empty() && unpriced.is_empty() {
-        set_condition(&mut s.conditions, condition::USAGE_REPORTED, true, "Reported",
-            format!("attempt {current}: every agent reported its usage"), generation, &o.now);
+        set_condition(
+            &mut s.conditions,
+            condition::USAGE_REPORTED,
+            true,
+            "Reported",
+            format!("attempt {current}: every agent reported its usage"),
+            generation,
+            &o.now,
+        );
     } else {
         let mut parts = report_problems.clone();
         if !unpriced.is_empty() {
@@ -299,7 +327,11 @@ fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current
         set_condition(&mut s.conditions, condition::SUCCEEDED, true, "Succeeded", msg.clone(), generation, &o.now);
         set_condition(&mut s.conditions, condition::READY, true, "Succeeded", msg.clone(), generation, &o.now);
         remove_condition(&mut s.conditions, condition::RECONCILING);
-        plan.events.push(PlannedEvent { warning: false, reason: "Succeeded".into(), note: format!("{msg}; cost ${}", s.usage.as_ref().map(|u| u.cost_usd.as_str()).unwrap_or("0")) });
+        plan.events.push(PlannedEvent {
+            warning: false,
+            reason: "Succeeded".into(),
+            note: format!("{msg}; cost ${}", s.usage.as_ref().map(|u| u.cost_usd.as_str()).unwrap_or("0")),
+        });
         return false;
     }
     let note = format!("attempt {current} failed: {}", failures.join("; "));
@@ -354,14 +386,24 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
                         })
                         .collect(),
                 });
-                let msg = format!("p50 ${} / p90 ${}, {} / {} tokens ({}, {} sample(s))", f.cost_p50, f.cost_p90, f.tokens_p50, f.tokens_p90, f.method, f.samples);
+                let msg = format!(
+                    "p50 ${} / p90 ${}, {} / {} tokens ({}, {} sample(s))",
+                    f.cost_p50, f.cost_p90, f.tokens_p50, f.tokens_p90, f.method, f.samples
+                );
                 set_condition(&mut s.conditions, condition::ESTIMATED, true, "Estimated", msg, generation, &o.now);
                 if let Some(reason) = over_budget(spec, f.cost_p90, f.tokens_p90) {
                     reject(s, plan, "BudgetExceeded", &reason, generation, &o.now);
                     return;
                 }
                 if let Err(errors) = check_against_schema("input", spec.input.as_ref(), spec.input_schema.as_ref()) {
-                    reject(s, plan, "InvalidInput", &format!("input does not match inputSchema: {}", errors.join("; ")), generation, &o.now);
+                    reject(
+                        s,
+                        plan,
+                        "InvalidInput",
+                        &format!("input does not match inputSchema: {}", errors.join("; ")),
+                        generation,
+                        &o.now,
+                    );
                     return;
                 }
             }
@@ -386,10 +428,23 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
     s.dropped_resources = r.dropped.clone();
     let failing: Vec<&str> = r.checks.iter().filter(|c| !c.passed).map(|c| c.message.as_str()).collect();
     let infra_msg = if failing.is_empty() { "all readiness checks passed".to_string() } else { failing.join("; ") };
-    set_condition(&mut s.conditions, condition::INFRASTRUCTURE_READY, r.ready(), r.blocked_reason.unwrap_or("Ready"), infra_msg.clone(), generation, &o.now);
+    set_condition(
+        &mut s.conditions,
+        condition::INFRASTRUCTURE_READY,
+        r.ready(),
+        r.blocked_reason.unwrap_or("Ready"),
+        infra_msg.clone(),
+        generation,
+        &o.now,
+    );
 
     if let Some(rejecter) = &t.rejected_by {
-        let msg = format!("{} rejected the job (vote {}){}", rejecter.voter, rejecter.vote, rejecter.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default());
+        let msg = format!(
+            "{} rejected the job (vote {}){}",
+            rejecter.voter,
+            rejecter.vote,
+            rejecter.reason.as_deref().map(|r| format!(": {r}")).unwrap_or_default()
+        );
         set_condition(&mut s.conditions, condition::APPROVED, false, "Rejected", msg.clone(), generation, &o.now);
         reject(s, plan, "VoteRejected", &msg, generation, &o.now);
         return;
@@ -421,7 +476,15 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
         return;
     }
     let approvers: Vec<&str> = t.approvers.iter().map(|a| a.voter.as_str()).collect();
-    set_condition(&mut s.conditions, condition::APPROVED, true, "Approved", format!("approved by {}", approvers.join(", ")), generation, &o.now);
+    set_condition(
+        &mut s.conditions,
+        condition::APPROVED,
+        true,
+        "Approved",
+        format!("approved by {}", approvers.join(", ")),
+        generation,
+        &o.now,
+    );
 
     if let Some(reason) = r.blocked_reason {
         s.phase = Some(JobPhase::WaitingForResources);
@@ -532,7 +595,11 @@ mod tests {
         let mut m = manifest();
         for (pointer, value) in patches {
             let (parent, key) = pointer.rsplit_once('/').unwrap();
-            m.pointer_mut(parent).unwrap_or_else(|| panic!("no {parent} in the fixture")).as_object_mut().unwrap().insert(key.into(), value.clone());
+            m.pointer_mut(parent)
+                .unwrap_or_else(|| panic!("no {parent} in the fixture"))
+                .as_object_mut()
+                .unwrap()
+                .insert(key.into(), value.clone());
         }
         serde_json::from_value(m).expect("fixture is a valid AgentJob")
     }
@@ -543,18 +610,28 @@ mod tests {
 
     fn ready() -> Readiness {
         Readiness {
-            checks: vec![check("tool/bandit", true, "required tool bandit is ready with 50 calls/min spare"), check("nodes", true, "a schedulable node fits one agent Pod")],
+            checks: vec![
+                check("tool/bandit", true, "required tool bandit is ready with 50 calls/min spare"),
+                check("nodes", true, "a schedulable node fits one agent Pod"),
+            ],
             ..Readiness::default()
         }
     }
 
     fn ready_without_gpu() -> Readiness {
-        Readiness { checks: vec![check("nodes", true, "no node has nvidia.com/gpu free; running without the optional GPU")], dropped: vec!["gpu".into()], ..Readiness::default() }
+        Readiness {
+            checks: vec![check("nodes", true, "no node has nvidia.com/gpu free; running without the optional GPU")],
+            dropped: vec!["gpu".into()],
+            ..Readiness::default()
+        }
     }
 
     fn short_of_cpu() -> Readiness {
         Readiness {
-            checks: vec![check("tool/bandit", true, "ready"), check("nodes", false, "none of 1 schedulable node(s) has room for one agent Pod: short of cpu")],
+            checks: vec![
+                check("tool/bandit", true, "ready"),
+                check("nodes", false, "none of 1 schedulable node(s) has room for one agent Pod: short of cpu"),
+            ],
             insufficient_resources: vec!["cpu".into()],
             blocked_reason: Some("InsufficientResources"),
             ..Readiness::default()
@@ -582,7 +659,10 @@ mod tests {
     }
 
     fn report(model: &str, input: i64, output: i64, out: Value) -> Option<String> {
-        Some(json!({"usage": [{"model": model, "inputTokens": input, "cachedInputTokens": 0, "outputTokens": output}], "output": out}).to_string())
+        Some(
+            json!({"usage": [{"model": model, "inputTokens": input, "cachedInputTokens": 0, "outputTokens": output}], "output": out})
+                .to_string(),
+        )
     }
 
     fn succeeded(message: Option<String>) -> PodState {
@@ -603,7 +683,20 @@ mod tests {
 
     fn step(job: &AgentJob, readiness: &Readiness, tally: &Tally, pods: &[PodView], gone_pods: &[String]) -> Plan {
         let prices = PriceTable::builtin();
-        decide(&Observed { job, now: now(), approval_floor: 2, approval_tiers: &[], approval_timeout_seconds: None, prices: &prices, history: &[], learned: None, readiness, tally, pods, gone_pods })
+        decide(&Observed {
+            job,
+            now: now(),
+            approval_floor: 2,
+            approval_tiers: &[],
+            approval_timeout_seconds: None,
+            prices: &prices,
+            history: &[],
+            learned: None,
+            readiness,
+            tally,
+            pods,
+            gone_pods,
+        })
     }
 
     /// The job as it is stored after `plan` was applied.
@@ -682,10 +775,18 @@ mod tests {
                     let s = &plan.status;
                     assert_eq!(s.observed_generation, Some(1), "{name}");
                     let e = s.estimate.as_ref().expect("estimate");
-                    assert_eq!((e.generation, e.tokens.p50, e.tokens.p90, e.method.as_str(), e.samples), (1, 27_000, 81_000, "prior", 0), "{name}");
+                    assert_eq!(
+                        (e.generation, e.tokens.p50, e.tokens.p90, e.method.as_str(), e.samples),
+                        (1, 27_000, 81_000, "prior", 0),
+                        "{name}"
+                    );
                     assert_eq!(e.models.iter().map(|m| m.model.as_str()).collect::<Vec<_>>(), ["claude-sonnet-4", "gpt-4o-mini"], "{name}");
                     assert_eq!(cond(plan, condition::ESTIMATED).map(|c| (c.0, c.1)), Some(("True", "Estimated")), "{name}");
-                    assert_eq!(cond(plan, condition::APPROVED), Some(("False", "AwaitingApproval", "0 of 2 approvals from category core-security heads")), "{name}");
+                    assert_eq!(
+                        cond(plan, condition::APPROVED),
+                        Some(("False", "AwaitingApproval", "0 of 2 approvals from category core-security heads")),
+                        "{name}"
+                    );
                     assert_eq!(cond(plan, condition::INFRASTRUCTURE_READY).map(|c| (c.0, c.1)), Some(("True", "Ready")), "{name}");
                     assert_eq!(cond(plan, condition::RECONCILING).map(|c| c.0), Some("True"), "{name}");
                     assert_eq!(s.approval.as_ref().map(|a| a.summary.as_str()), Some("0/2"), "{name}");
@@ -857,7 +958,11 @@ mod tests {
                 ensure_attempt: Some(1),
                 events: &[],
                 more: |name, plan| {
-                    assert_eq!(cond(plan, condition::READY).map(|c| c.2), Some("attempt 1 of 1: 2 of 2 agent Pod(s) still running"), "{name}");
+                    assert_eq!(
+                        cond(plan, condition::READY).map(|c| c.2),
+                        Some("attempt 1 of 1: 2 of 2 agent Pod(s) still running"),
+                        "{name}"
+                    );
                     assert_eq!(plan.status.attempts.len(), 1, "{name}");
                 },
                 ..Case::default()
@@ -881,7 +986,11 @@ mod tests {
                 ready_reason: "Running",
                 ensure_attempt: Some(1),
                 more: |name, plan| {
-                    assert_eq!(cond(plan, condition::READY).map(|c| c.2), Some("attempt 1 of 1: 1 of 2 agent Pod(s) still running"), "{name}");
+                    assert_eq!(
+                        cond(plan, condition::READY).map(|c| c.2),
+                        Some("attempt 1 of 1: 1 of 2 agent Pod(s) still running"),
+                        "{name}"
+                    );
                     assert_eq!(plan.status.usage, None, "{name}: no usage before the attempt ends");
                 },
                 ..Case::default()
@@ -908,7 +1017,11 @@ mod tests {
                 more: |name, plan| {
                     let s = &plan.status;
                     let u = usage(plan);
-                    assert_eq!((u.input_tokens, u.cached_input_tokens, u.output_tokens, u.total_tokens), (30_000, 0, 7_000, 37_000), "{name}");
+                    assert_eq!(
+                        (u.input_tokens, u.cached_input_tokens, u.output_tokens, u.total_tokens),
+                        (30_000, 0, 7_000, 37_000),
+                        "{name}"
+                    );
                     assert_eq!(u.cost_usd, "0.066", "{name}");
                     assert_eq!(u.models.len(), 2, "{name}");
                     assert_eq!(u.estimate_error_percent, Some(37), "{name}: (37000 - 27000) / 27000");
@@ -1099,7 +1212,11 @@ mod tests {
                 ready_reason: "Running",
                 ensure_attempt: None,
                 more: |name, plan| {
-                    assert_eq!(cond(plan, condition::READY).map(|c| c.2), Some("attempt 1 of 1: 1 of 2 agent Pod(s) still running"), "{name}");
+                    assert_eq!(
+                        cond(plan, condition::READY).map(|c| c.2),
+                        Some("attempt 1 of 1: 1 of 2 agent Pod(s) still running"),
+                        "{name}"
+                    );
                 },
                 ..Case::default()
             },
@@ -1125,7 +1242,11 @@ mod tests {
                 phase: JobPhase::Rejected,
                 ready_reason: "VoteRejected",
                 more: |name, plan| {
-                    assert_eq!(plan.status.approval.as_ref().and_then(|a| a.rejected_by.as_deref()), Some("carol"), "{name}: status untouched");
+                    assert_eq!(
+                        plan.status.approval.as_ref().and_then(|a| a.rejected_by.as_deref()),
+                        Some("carol"),
+                        "{name}: status untouched"
+                    );
                     assert!(plan.status.attempts.is_empty(), "{name}");
                 },
                 ..Case::default()
@@ -1177,7 +1298,10 @@ mod tests {
             },
             Case {
                 name: "a Succeeded job with a new generation says it will not run again",
-                job: with_generation(after(running(NO_RETRIES), step(&running(NO_RETRIES), &ready(), &approved(), &both_reported(1), &[])), 2),
+                job: with_generation(
+                    after(running(NO_RETRIES), step(&running(NO_RETRIES), &ready(), &approved(), &both_reported(1), &[])),
+                    2,
+                ),
                 tally: approved(),
                 pods: both_reported(1),
                 phase: JobPhase::Succeeded,
@@ -1190,7 +1314,16 @@ mod tests {
             },
             Case {
                 name: "a Failed job stays Failed",
-                job: after(running(NO_RETRIES), step(&running(NO_RETRIES), &ready(), &approved(), &[pod("scanner", 1, failed(None)), pod("fixer", 1, failed(None))], &[])),
+                job: after(
+                    running(NO_RETRIES),
+                    step(
+                        &running(NO_RETRIES),
+                        &ready(),
+                        &approved(),
+                        &[pod("scanner", 1, failed(None)), pod("fixer", 1, failed(None))],
+                        &[],
+                    ),
+                ),
                 tally: approved(),
                 phase: JobPhase::Failed,
                 ready_reason: "AttemptsExhausted",

@@ -164,11 +164,8 @@ fn prior_tokens(input: &EstimateInput) -> BTreeMap<String, TokenCounts> {
     let mut per_model: BTreeMap<String, TokenCounts> = BTreeMap::new();
     for (i, model) in input.agent_models.iter().enumerate() {
         let my_calls = calls / agents + if i == 0 { calls % agents } else { 0 };
-        let tokens = PER_AGENT.add(&TokenCounts {
-            input: PER_TOOL_CALL.input * my_calls,
-            cached_input: 0,
-            output: PER_TOOL_CALL.output * my_calls,
-        });
+        let tokens =
+            PER_AGENT.add(&TokenCounts { input: PER_TOOL_CALL.input * my_calls, cached_input: 0, output: PER_TOOL_CALL.output * my_calls });
         let entry = per_model.entry(model.clone()).or_default();
         *entry = entry.add(&tokens);
     }
@@ -188,11 +185,7 @@ mod tests {
     use super::*;
 
     fn input(models: &[&str], calls: &[i64]) -> EstimateInput {
-        EstimateInput {
-            job_type: "scan".into(),
-            agent_models: models.iter().map(|m| m.to_string()).collect(),
-            tool_calls: calls.to_vec(),
-        }
+        EstimateInput { job_type: "scan".into(), agent_models: models.iter().map(|m| m.to_string()).collect(), tool_calls: calls.to_vec() }
     }
 
     fn sample(model: &str, input: i64, output: i64) -> UsageSample {
@@ -257,9 +250,8 @@ mod tests {
     fn cached_tokens_in_history_lower_the_cost() {
         let prices = PriceTable::builtin();
         let uncached: Vec<UsageSample> = (0..10).map(|_| sample("gpt-4o", 90_000, 10_000)).collect();
-        let cached: Vec<UsageSample> = (0..10)
-            .map(|_| [("gpt-4o".to_string(), TokenCounts { input: 10_000, cached_input: 80_000, output: 10_000 })].into())
-            .collect();
+        let cached: Vec<UsageSample> =
+            (0..10).map(|_| [("gpt-4o".to_string(), TokenCounts { input: 10_000, cached_input: 80_000, output: 10_000 })].into()).collect();
         let a = estimate(&input(&["gpt-4o"], &[]), &uncached, &prices).unwrap();
         let b = estimate(&input(&["gpt-4o"], &[]), &cached, &prices).unwrap();
         assert_eq!(a.tokens_p50, b.tokens_p50);

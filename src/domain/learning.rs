@@ -150,14 +150,21 @@ impl EstimatorState {
         let Some(s) = s else { return (EstimatorState::default(), None) };
         match serde_json::from_str::<EstimatorState>(s) {
             Ok(state) if state.version == VERSION => (state.sanitized(), None),
-            Ok(state) => (EstimatorState::default(), Some(format!("estimator state has version {}, expected {VERSION}: starting over", state.version))),
+            Ok(state) => (
+                EstimatorState::default(),
+                Some(format!("estimator state has version {}, expected {VERSION}: starting over", state.version)),
+            ),
             Err(e) => (EstimatorState::default(), Some(format!("estimator state does not parse ({e}): starting over"))),
         }
     }
 
     /// Drops what a hand-edited state could hold beyond the bounds, and non-finite numbers.
     fn sanitized(mut self) -> Self {
-        let finite = |m: &ModelStats| [m.weight, m.mean_ln, m.var_ln, m.input_frac, m.cached_frac, m.output_frac].iter().all(|x| x.is_finite()) && m.weight > 0.0 && m.var_ln >= 0.0;
+        let finite = |m: &ModelStats| {
+            [m.weight, m.mean_ln, m.var_ln, m.input_frac, m.cached_frac, m.output_frac].iter().all(|x| x.is_finite())
+                && m.weight > 0.0
+                && m.var_ln >= 0.0
+        };
         for stats in self.job_types.values_mut() {
             stats.models.retain(|_, m| finite(m));
         }
@@ -251,7 +258,10 @@ mod tests {
             },
             Case {
                 name: "job types are bounded, least recently updated evicted",
-                steps: (0..MAX_JOB_TYPES + 10).map(|i| rec("", Box::leak(format!("t{i}").into_boxed_str()), 1_000, true)).chain([rec("", "t20", 1_000, true), rec("", "new", 1_000, true)]).collect(),
+                steps: (0..MAX_JOB_TYPES + 10)
+                    .map(|i| rec("", Box::leak(format!("t{i}").into_boxed_str()), 1_000, true))
+                    .chain([rec("", "t20", 1_000, true), rec("", "new", 1_000, true)])
+                    .collect(),
                 check: |s| {
                     assert_eq!(s.job_types.len(), MAX_JOB_TYPES);
                     assert!(s.stats("t0").is_none() && s.stats("t10").is_none());
@@ -292,7 +302,12 @@ mod tests {
 
     #[test]
     fn missing_corrupt_or_foreign_state_is_empty() {
-        for (text, warns) in [(None, false), (Some("{not json"), true), (Some(""), true), (Some(r#"{"version":99,"clock":0,"jobTypes":{},"seen":[]}"#), true)] {
+        for (text, warns) in [
+            (None, false),
+            (Some("{not json"), true),
+            (Some(""), true),
+            (Some(r#"{"version":99,"clock":0,"jobTypes":{},"seen":[]}"#), true),
+        ] {
             let (state, warning) = EstimatorState::from_json(text);
             assert_eq!(state, EstimatorState::default(), "{text:?}");
             assert_eq!(warning.is_some(), warns, "{text:?}");

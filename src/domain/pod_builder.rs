@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, EnvVarSource, Pod, PodSecurityContext, PodSpec, ResourceRequirements,
-    SeccompProfile, SecretKeySelector, SecurityContext,
+    Capabilities, Container, EnvVar, EnvVarSource, Pod, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile,
+    SecretKeySelector, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -70,10 +70,8 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
         labels.insert(LABEL_JOB.to_string(), plan.job_name.to_string());
     }
 
-    let mut limits = BTreeMap::from([
-        ("cpu".to_string(), Quantity(plan.cpu.to_string())),
-        ("memory".to_string(), Quantity(plan.memory.to_string())),
-    ]);
+    let mut limits =
+        BTreeMap::from([("cpu".to_string(), Quantity(plan.cpu.to_string())), ("memory".to_string(), Quantity(plan.memory.to_string()))]);
     if let Some((resource, count)) = plan.gpu {
         limits.insert(resource.to_string(), Quantity(count.to_string()));
     }
@@ -132,7 +130,11 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
                 command: (!plan.agent.command.is_empty()).then(|| plan.agent.command.clone()),
                 args: (!plan.agent.args.is_empty()).then(|| plan.agent.args.clone()),
                 env: Some(env),
-                resources: Some(ResourceRequirements { requests: Some(limits.clone()), limits: Some(limits), ..ResourceRequirements::default() }),
+                resources: Some(ResourceRequirements {
+                    requests: Some(limits.clone()),
+                    limits: Some(limits),
+                    ..ResourceRequirements::default()
+                }),
                 termination_message_policy: Some("FallbackToLogsOnError".into()),
                 security_context: Some(SecurityContext {
                     allow_privilege_escalation: Some(false),
@@ -382,7 +384,10 @@ mod tests {
             Case {
                 name: "a secretKeyRef stays a reference: no value is copied into the Pod",
                 fixture: Fixture::default(),
-                want: vec![Env("GITHUB_TOKEN", Some(json!({"valueFrom": {"secretKeyRef": {"name": "gh", "key": "token", "optional": false}}})))],
+                want: vec![Env(
+                    "GITHUB_TOKEN",
+                    Some(json!({"valueFrom": {"secretKeyRef": {"name": "gh", "key": "token", "optional": false}}})),
+                )],
             },
             Case {
                 name: "no tools, no tool URLs",
@@ -404,7 +409,8 @@ mod tests {
                     At(pointer, value) => assert_eq!(pod.pointer(pointer), value.as_ref(), "{name}: {pointer}"),
                     Env(var, value) => assert_eq!(env_of(&pod, var).as_ref(), value.as_ref(), "{name}: env {var}"),
                     EnvNames(names) => {
-                        let got: Vec<&str> = pod["spec"]["containers"][0]["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
+                        let got: Vec<&str> =
+                            pod["spec"]["containers"][0]["env"].as_array().unwrap().iter().map(|e| e["name"].as_str().unwrap()).collect();
                         assert_eq!(got, *names, "{name}: env names");
                     }
                 }

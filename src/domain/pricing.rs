@@ -110,7 +110,17 @@ mod tests {
     #[test]
     fn builtin_table_has_the_common_models() {
         let table = PriceTable::builtin();
-        for id in ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "claude-sonnet-4", "claude-opus-4", "claude-3-5-haiku", "gemini-2.5-pro", "gemini-2.5-flash"] {
+        for id in [
+            "gpt-4o",
+            "gpt-4o-mini",
+            "gpt-4.1",
+            "gpt-4.1-mini",
+            "claude-sonnet-4",
+            "claude-opus-4",
+            "claude-3-5-haiku",
+            "gemini-2.5-pro",
+            "gemini-2.5-flash",
+        ] {
             assert!(table.get(id).is_some(), "{id} missing");
         }
     }
@@ -130,9 +140,8 @@ mod tests {
         .unwrap();
         assert!(table.get("llama-3-70b-local").is_some());
         assert!(table.get("gpt-4o").is_some());
-        let bad = PriceTable::with_overrides_from_yaml(
-            "models:\n  x: {inputPerMillion: -1, cachedInputPerMillion: 0, outputPerMillion: 0}\n",
-        );
+        let bad =
+            PriceTable::with_overrides_from_yaml("models:\n  x: {inputPerMillion: -1, cachedInputPerMillion: 0, outputPerMillion: 0}\n");
         assert!(bad.unwrap_err().contains("\"x\""));
     }
 }

@@ -4,9 +4,7 @@
 /// up like the apiserver does. `None` for anything the apiserver would not accept.
 pub fn parse_milli(input: &str) -> Option<i128> {
     let s = input.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-')).unwrap_or(s.len());
     let (number, suffix) = s.split_at(split);
     let (negative, digits) = match number.as_bytes().first()? {
         b'-' => (true, &number[1..]),

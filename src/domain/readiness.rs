@@ -161,7 +161,8 @@ fn check_tool(r: &mut Readiness, need: &ToolNeed, view: Option<&ToolView>) {
     // tool's whole rate limit can never be met and holds nothing.
     let held: Vec<i32> = view.queued_ahead.iter().copied().filter(|c| *c > 0 && *c <= view.rate_limit).collect();
     let held_sum = held.iter().fold(0i32, |sum, c| sum.saturating_add(*c));
-    let held_note = if held.is_empty() { String::new() } else { format!("{held_sum} held for {} higher-priority waiting job(s)", held.len()) };
+    let held_note =
+        if held.is_empty() { String::new() } else { format!("{held_sum} held for {} higher-priority waiting job(s)", held.len()) };
     let spare = view.rate_limit.saturating_sub(view.in_use).saturating_sub(held_sum).max(0);
     if need.min_rate_limit > spare {
         let held_part = if held.is_empty() { String::new() } else { format!(", {held_note}") };
@@ -197,7 +198,11 @@ fn check_nodes(r: &mut Readiness, input: &ReadinessInput) {
     let need = input.need;
     let free = capacity_after_queue(input.nodes, input.queued_ahead);
     if free.iter().any(|f| need.per_pod.fits_in(f)) {
-        let ahead = if input.queued_ahead.is_empty() { String::new() } else { format!(" after {} higher-priority job(s)", input.queued_ahead.len()) };
+        let ahead = if input.queued_ahead.is_empty() {
+            String::new()
+        } else {
+            format!(" after {} higher-priority job(s)", input.queued_ahead.len())
+        };
         r.record("nodes", true, format!("a schedulable node fits one agent Pod{ahead}"), None);
         return;
     }
@@ -261,14 +266,20 @@ fn check_quotas(r: &mut Readiness, need: &PodNeed, quotas: &[QuotaView], dropped
             .filter_map(|(key, ask)| {
                 let hard = *quota.hard.get(key)?;
                 let used = quota.used.get(key).copied().unwrap_or(0);
-                (used + ask > hard).then(|| format!("{key} (used {}, hard {}, job needs {})", show(key, used), show(key, hard), show(key, *ask)))
+                (used + ask > hard)
+                    .then(|| format!("{key} (used {}, hard {}, job needs {})", show(key, used), show(key, hard), show(key, *ask)))
             })
             .collect();
         if over.is_empty() {
             r.record(format!("quota/{}", quota.name), true, format!("ResourceQuota {} leaves room", quota.name), None);
         } else {
             r.insufficient_resources.push(format!("quota/{}", quota.name));
-            r.record(format!("quota/{}", quota.name), false, format!("ResourceQuota {} is exhausted: {}", quota.name, over.join("; ")), Some("QuotaExceeded"));
+            r.record(
+                format!("quota/{}", quota.name),
+                false,
+                format!("ResourceQuota {} is exhausted: {}", quota.name, over.join("; ")),
+                Some("QuotaExceeded"),
+            );
         }
     }
 }
@@ -292,11 +303,7 @@ mod tests {
     const GPU: &str = "nvidia.com/gpu";
 
     fn res(cpu_milli: i128, memory_mib: i128, extended: &[(&str, i128)]) -> Resources {
-        Resources {
-            cpu_milli,
-            memory_bytes: memory_mib * MIB,
-            extended: extended.iter().map(|(k, v)| (k.to_string(), *v)).collect(),
-        }
+        Resources { cpu_milli, memory_bytes: memory_mib * MIB, extended: extended.iter().map(|(k, v)| (k.to_string(), *v)).collect() }
     }
 
     fn node(name: &str, schedulable: bool, free: Resources) -> NodeView {
@@ -483,7 +490,10 @@ mod tests {
                 missing_tools: &[],
                 insufficient: &[],
                 dropped: &[],
-                checks: &[("tool/scanner", false, &["has 5 of 60 calls/min spare", "55 in use by 3 running job(s)", "the job needs 10"]), NODES_OK],
+                checks: &[
+                    ("tool/scanner", false, &["has 5 of 60 calls/min spare", "55 in use by 3 running job(s)", "the job needs 10"]),
+                    NODES_OK,
+                ],
             },
             Case {
                 name: "spare rate limit exactly the minimum is enough",
@@ -519,43 +529,80 @@ mod tests {
                 missing_tools: &[],
                 insufficient: &[],
                 dropped: &[],
-                checks: &[("tool/scanner", false, &["has 2 of 10 calls/min spare", "0 in use by 0 running job(s), 8 held for 1 higher-priority waiting job(s)", "the job needs 5"]), NODES_OK],
+                checks: &[
+                    (
+                        "tool/scanner",
+                        false,
+                        &[
+                            "has 2 of 10 calls/min spare",
+                            "0 in use by 0 running job(s), 8 held for 1 higher-priority waiting job(s)",
+                            "the job needs 5",
+                        ],
+                    ),
+                    NODES_OK,
+                ],
             },
             Case {
                 name: "what is held counts even when the job ahead does not fit yet, so it cannot be starved",
                 input: Input {
-                    tools: vec![(tool("scanner", true, 5), Some(ToolView { in_use: 5, in_use_by_jobs: 1, queued_ahead: vec![8], ..ready_tool(10) }))],
+                    tools: vec![(
+                        tool("scanner", true, 5),
+                        Some(ToolView { in_use: 5, in_use_by_jobs: 1, queued_ahead: vec![8], ..ready_tool(10) }),
+                    )],
                     ..Input::default()
                 },
                 blocked: Some("RateLimitExhausted"),
                 missing_tools: &[],
                 insufficient: &[],
                 dropped: &[],
-                checks: &[("tool/scanner", false, &["has 0 of 10 calls/min spare", "5 in use by 1 running job(s), 8 held for 1 higher-priority waiting job(s)"]), NODES_OK],
+                checks: &[
+                    (
+                        "tool/scanner",
+                        false,
+                        &["has 0 of 10 calls/min spare", "5 in use by 1 running job(s), 8 held for 1 higher-priority waiting job(s)"],
+                    ),
+                    NODES_OK,
+                ],
             },
             Case {
                 name: "claims held for several jobs ahead add up with running ones",
                 input: Input {
-                    tools: vec![(tool("scanner", true, 3), Some(ToolView { in_use: 3, in_use_by_jobs: 1, queued_ahead: vec![2, 3], ..ready_tool(10) }))],
+                    tools: vec![(
+                        tool("scanner", true, 3),
+                        Some(ToolView { in_use: 3, in_use_by_jobs: 1, queued_ahead: vec![2, 3], ..ready_tool(10) }),
+                    )],
                     ..Input::default()
                 },
                 blocked: Some("RateLimitExhausted"),
                 missing_tools: &[],
                 insufficient: &[],
                 dropped: &[],
-                checks: &[("tool/scanner", false, &["has 2 of 10 calls/min spare", "3 in use by 1 running job(s), 5 held for 2 higher-priority waiting job(s)"]), NODES_OK],
+                checks: &[
+                    (
+                        "tool/scanner",
+                        false,
+                        &["has 2 of 10 calls/min spare", "3 in use by 1 running job(s), 5 held for 2 higher-priority waiting job(s)"],
+                    ),
+                    NODES_OK,
+                ],
             },
             Case {
                 name: "spare rate limit left after the jobs ahead is enough",
                 input: Input {
-                    tools: vec![(tool("scanner", true, 5), Some(ToolView { in_use: 2, in_use_by_jobs: 1, queued_ahead: vec![8, 5], ..ready_tool(20) }))],
+                    tools: vec![(
+                        tool("scanner", true, 5),
+                        Some(ToolView { in_use: 2, in_use_by_jobs: 1, queued_ahead: vec![8, 5], ..ready_tool(20) }),
+                    )],
                     ..Input::default()
                 },
                 blocked: None,
                 missing_tools: &[],
                 insufficient: &[],
                 dropped: &[],
-                checks: &[("tool/scanner", true, &["is ready with 5 calls/min spare (13 held for 2 higher-priority waiting job(s))"]), NODES_OK],
+                checks: &[
+                    ("tool/scanner", true, &["is ready with 5 calls/min spare (13 held for 2 higher-priority waiting job(s))"]),
+                    NODES_OK,
+                ],
             },
             Case {
                 name: "a claim above the tool's whole rate limit can never run and holds nothing",
@@ -579,12 +626,22 @@ mod tests {
                 missing_tools: &[],
                 insufficient: &[],
                 dropped: &[],
-                checks: &[("tool/imgproc", false, &["optional tool imgproc has 0 of 10 calls/min spare", "10 held for 1 higher-priority waiting job(s)"]), NODES_OK],
+                checks: &[
+                    (
+                        "tool/imgproc",
+                        false,
+                        &["optional tool imgproc has 0 of 10 calls/min spare", "10 held for 1 higher-priority waiting job(s)"],
+                    ),
+                    NODES_OK,
+                ],
             },
             Case {
                 name: "a job needing no rate limit is never held back",
                 input: Input {
-                    tools: vec![(tool("scanner", true, 0), Some(ToolView { in_use: 10, in_use_by_jobs: 2, queued_ahead: vec![10], ..ready_tool(10) }))],
+                    tools: vec![(
+                        tool("scanner", true, 0),
+                        Some(ToolView { in_use: 10, in_use_by_jobs: 2, queued_ahead: vec![10], ..ready_tool(10) }),
+                    )],
                     ..Input::default()
                 },
                 blocked: None,
@@ -617,7 +674,10 @@ mod tests {
             },
             Case {
                 name: "cpu short on every node",
-                input: Input { nodes: vec![node("n1", true, res(400, 8192, &[])), node("n2", true, res(250, 8192, &[]))], ..Input::default() },
+                input: Input {
+                    nodes: vec![node("n1", true, res(400, 8192, &[])), node("n2", true, res(250, 8192, &[]))],
+                    ..Input::default()
+                },
                 blocked: Some("InsufficientResources"),
                 missing_tools: &[],
                 insufficient: &["cpu"],
@@ -769,7 +829,11 @@ mod tests {
             Case {
                 name: "quota with room passes",
                 input: Input {
-                    quotas: vec![quota("team", &[("pods", 10), ("requests.cpu", 4000), ("requests.memory", 8192)], &[("pods", 2), ("requests.cpu", 1000)])],
+                    quotas: vec![quota(
+                        "team",
+                        &[("pods", 10), ("requests.cpu", 4000), ("requests.memory", 8192)],
+                        &[("pods", 2), ("requests.cpu", 1000)],
+                    )],
                     ..Input::default()
                 },
                 blocked: None,
@@ -850,7 +914,11 @@ mod tests {
                 missing_tools: &[],
                 insufficient: &["quota/tight"],
                 dropped: &[],
-                checks: &[NODES_OK, ("quota/roomy", true, &[]), ("quota/tight", false, &["requests.cpu (used 0m, hard 400m, job needs 500m)"])],
+                checks: &[
+                    NODES_OK,
+                    ("quota/roomy", true, &[]),
+                    ("quota/tight", false, &["requests.cpu (used 0m, hard 400m, job needs 500m)"]),
+                ],
             },
         ]
     }
@@ -862,7 +930,13 @@ mod tests {
         for case in cases {
             let name = case.name;
             let i = &case.input;
-            let r = check(&ReadinessInput { tools: &i.tools, need: &i.need, nodes: &i.nodes, queued_ahead: &i.queued_ahead, quotas: &i.quotas });
+            let r = check(&ReadinessInput {
+                tools: &i.tools,
+                need: &i.need,
+                nodes: &i.nodes,
+                queued_ahead: &i.queued_ahead,
+                quotas: &i.quotas,
+            });
             assert_eq!(r.blocked_reason, case.blocked, "{name}: blocked_reason; checks {:#?}", r.checks);
             assert_eq!(r.ready(), case.blocked.is_none(), "{name}: ready()");
             assert_eq!(r.missing_tools, case.missing_tools, "{name}: missing_tools");
@@ -873,7 +947,12 @@ mod tests {
             assert_eq!(got, want, "{name}: checks (name, passed)");
             for (check, (_, _, fragments)) in r.checks.iter().zip(case.checks) {
                 for fragment in *fragments {
-                    assert!(check.message.contains(fragment), "{name}: check {} message {:?} lacks {fragment:?}", check.name, check.message);
+                    assert!(
+                        check.message.contains(fragment),
+                        "{name}: check {} message {:?} lacks {fragment:?}",
+                        check.name,
+                        check.message
+                    );
                 }
             }
         }

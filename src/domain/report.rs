@@ -54,7 +54,8 @@ pub fn parse_report(message: &str) -> Result<AgentReport, String> {
         if u.model.is_empty() || u.model.len() > 128 {
             return Err(format!("usage[{i}].model must be 1 to 128 characters"));
         }
-        for (field, v) in [("inputTokens", u.input_tokens), ("cachedInputTokens", u.cached_input_tokens), ("outputTokens", u.output_tokens)] {
+        for (field, v) in [("inputTokens", u.input_tokens), ("cachedInputTokens", u.cached_input_tokens), ("outputTokens", u.output_tokens)]
+        {
             if !(0..=MAX_TOKENS_PER_ENTRY).contains(&v) {
                 return Err(format!("usage[{i}].{field} = {v} is out of range"));
             }

@@ -110,7 +110,8 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
             continue;
         }
         seen_voters.push(&vote.voter);
-        let approver = Approver { voter: vote.voter.clone(), vote: vote.name.clone(), decided_at: vote.created.clone(), reason: vote.reason.clone() };
+        let approver =
+            Approver { voter: vote.voter.clone(), vote: vote.name.clone(), decided_at: vote.created.clone(), reason: vote.reason.clone() };
         match vote.decision {
             Decision::Approve => {
                 t.approver_groups.insert(vote.voter.clone(), vote.groups.clone());
@@ -396,7 +397,12 @@ mod tests {
         let t = tally(&JOB, 2, &votes, &AnyVoter);
         let cases: &[(&str, &str, bool, &str)] = &[
             ("counted approval reports the count", "v-alice", true, "counted: 1 of 2 approvals"),
-            ("old-generation vote reports why it is ignored", "v-bob-old", false, "is for generation 1 but the job is at generation 2; vote again"),
+            (
+                "old-generation vote reports why it is ignored",
+                "v-bob-old",
+                false,
+                "is for generation 1 but the job is at generation 2; vote again",
+            ),
             ("the counted Reject says it rejects", "v-carol", true, "counted: this Reject rejects the job"),
             ("a duplicate says the voter already voted", "v-alice-2", false, "alice already has a counted vote on this job"),
         ];

@@ -71,7 +71,8 @@ mod tests {
 
     #[test]
     fn invalid_input_names_each_failing_path() {
-        let errors = check_against_schema("input", Some(&json!({"repositoryPath": "src", "scanDepth": "deep"})), Some(&schema())).unwrap_err();
+        let errors =
+            check_against_schema("input", Some(&json!({"repositoryPath": "src", "scanDepth": "deep"})), Some(&schema())).unwrap_err();
         assert_eq!(errors.len(), 2, "{errors:?}");
         assert!(errors.iter().any(|e| e.starts_with("input/repositoryPath:")), "{errors:?}");
         assert!(errors.iter().any(|e| e.starts_with("input/scanDepth:")), "{errors:?}");

@@ -19,11 +19,8 @@ use serde_json::json;
 use support::cluster::{add_node, finish_pod, grant_voting_rights, run_pod, vote};
 use support::controlplane::{ControlPlane, OperatorProcess};
 
-const JOBS: [(&str, &str); 3] = [
-    ("team-security", "security-scan-42"),
-    ("team-marketing", "content-generation-7"),
-    ("team-catalog", "product-import-3"),
-];
+const JOBS: [(&str, &str); 3] =
+    [("team-security", "security-scan-42"), ("team-marketing", "content-generation-7"), ("team-catalog", "product-import-3")];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -53,7 +50,8 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(play_kubelet(admin.clone()));
 
     wait_until(&admin, "every job to be estimated and waiting for approval", |j| {
-        j.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::AwaitingApproval) && j.status.as_ref().is_some_and(|s| s.checks.iter().all(|c| c.passed))
+        j.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::AwaitingApproval)
+            && j.status.as_ref().is_some_and(|s| s.checks.iter().all(|c| c.passed))
     })
     .await?;
     kubectl(cp, &["get", "agentjobs", "-A", "-o", "wide"]);
@@ -135,7 +133,12 @@ async fn play_kubelet(client: Client) {
         tokio::spawn(async move {
             let (ns, name) = key;
             let env = |var: &str| {
-                pod.spec.as_ref().and_then(|s| s.containers[0].env.as_ref()).and_then(|e| e.iter().find(|v| v.name == var)).and_then(|v| v.value.clone()).unwrap_or_default()
+                pod.spec
+                    .as_ref()
+                    .and_then(|s| s.containers[0].env.as_ref())
+                    .and_then(|e| e.iter().find(|v| v.name == var))
+                    .and_then(|v| v.value.clone())
+                    .unwrap_or_default()
             };
             let (model, attempt) = (env("AGENTGATE_MODEL"), env("AGENTGATE_ATTEMPT"));
             tokio::time::sleep(Duration::from_millis(400)).await;
@@ -172,7 +175,10 @@ async fn wait_until(client: &Client, what: &str, done: impl Fn(&AgentJob) -> boo
 }
 
 async fn print_cost_table(client: &Client) -> anyhow::Result<()> {
-    println!("{:<16} {:<22} {:<10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8}", "NAMESPACE", "JOB", "PHASE", "EST P50", "EST P90", "ACTUAL", "TOKENS", "ATTEMPTS", "ERROR");
+    println!(
+        "{:<16} {:<22} {:<10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8}",
+        "NAMESPACE", "JOB", "PHASE", "EST P50", "EST P90", "ACTUAL", "TOKENS", "ATTEMPTS", "ERROR"
+    );
     for (ns, name) in JOBS {
         let job = Api::<AgentJob>::namespaced(client.clone(), ns).get(name).await?;
         let s = job.status.unwrap_or_default();

@@ -11,28 +11,16 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
 /// Registers a Ready node with the given allocatable resources (and makes it Ready).
-pub async fn add_node(
-    client: &Client,
-    name: &str,
-    cpu: &str,
-    memory: &str,
-    extended: &[(&str, &str)],
-) {
+pub async fn add_node(client: &Client, name: &str, cpu: &str, memory: &str, extended: &[(&str, &str)]) {
     let nodes: Api<Node> = Api::all(client.clone());
-    let node: Node = serde_json::from_value(
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}),
-    )
-    .unwrap();
+    let node: Node = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}})).unwrap();
     match nodes.create(&PostParams::default(), &node).await {
         Ok(_) => {}
         Err(kube::Error::Api(s)) if s.code == 409 => {}
         Err(e) => panic!("creating node {name}: {e}"),
     }
-    let mut allocatable: BTreeMap<String, String> = BTreeMap::from([
-        ("cpu".into(), cpu.into()),
-        ("memory".into(), memory.into()),
-        ("pods".into(), "110".into()),
-    ]);
+    let mut allocatable: BTreeMap<String, String> =
+        BTreeMap::from([("cpu".into(), cpu.into()), ("memory".into(), memory.into()), ("pods".into(), "110".into())]);
     for (k, v) in extended {
         allocatable.insert(k.to_string(), v.to_string());
     }
@@ -40,22 +28,14 @@ pub async fn add_node(
         "capacity": allocatable, "allocatable": allocatable,
         "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "played by the test",
                         "lastHeartbeatTime": now(), "lastTransitionTime": now()}]}});
-    nodes
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("node status");
+    nodes.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.expect("node status");
     // The TaintNodesByCondition admission plugin taints every new node not-ready; the node
     // lifecycle controller, which is not running here, would lift it once the node is Ready.
-    nodes
-        .patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"taints": null}})))
-        .await
-        .expect("untaint node");
+    nodes.patch(name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"taints": null}}))).await.expect("untaint node");
 }
 
 fn now() -> String {
-    k8s_openapi::jiff::Timestamp::now()
-        .strftime("%Y-%m-%dT%H:%M:%SZ")
-        .to_string()
+    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
 
 /// The kubelet's part: the Pod is Running.
@@ -64,89 +44,42 @@ pub async fn run_pod(client: &Client, namespace: &str, pod: &str) {
     let status = json!({"status": {"phase": "Running", "startTime": now(),
         "containerStatuses": [{"name": "agent", "image": "agent", "imageID": "", "ready": true, "restartCount": 0,
                                "state": {"running": {"startedAt": now()}}}]}});
-    api.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("pod running");
+    api.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await.expect("pod running");
 }
 
 /// The kubelet's part: the agent container exited with `exit_code` and wrote `message` to its
 /// termination log.
-pub async fn finish_pod(
-    client: &Client,
-    namespace: &str,
-    pod: &str,
-    exit_code: i32,
-    message: &str,
-) {
+pub async fn finish_pod(client: &Client, namespace: &str, pod: &str, exit_code: i32, message: &str) {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let phase = if exit_code == 0 {
-        "Succeeded"
-    } else {
-        "Failed"
-    };
+    let phase = if exit_code == 0 { "Succeeded" } else { "Failed" };
     let reason = if exit_code == 0 { "Completed" } else { "Error" };
     let status = json!({"status": {"phase": phase,
         "containerStatuses": [{"name": "agent", "image": "agent", "imageID": "", "ready": false, "restartCount": 0,
             "state": {"terminated": {"exitCode": exit_code, "reason": reason, "message": message,
                                      "startedAt": now(), "finishedAt": now()}}}]}});
-    api.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status))
-        .await
-        .expect("pod terminated");
+    api.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await.expect("pod terminated");
 }
 
 /// A usage report as an agent writes it to /dev/termination-log.
-pub fn usage_report(
-    model: &str,
-    input: i64,
-    cached: i64,
-    output: i64,
-    result: serde_json::Value,
-) -> String {
-    json!({"usage": [{"model": model, "inputTokens": input, "cachedInputTokens": cached, "outputTokens": output}], "output": result}).to_string()
+pub fn usage_report(model: &str, input: i64, cached: i64, output: i64, result: serde_json::Value) -> String {
+    json!({"usage": [{"model": model, "inputTokens": input, "cachedInputTokens": cached, "outputTokens": output}], "output": result})
+        .to_string()
 }
 
 /// Casts a vote on the job's current generation, as `client`'s user would.
-pub async fn vote(
-    client: &Client,
-    job: &AgentJob,
-    voter: &str,
-    decision: Decision,
-) -> ApprovalVote {
-    vote_on_generation(
-        client,
-        job,
-        voter,
-        decision,
-        job.metadata.generation.unwrap_or(1),
-    )
-    .await
+pub async fn vote(client: &Client, job: &AgentJob, voter: &str, decision: Decision) -> ApprovalVote {
+    vote_on_generation(client, job, voter, decision, job.metadata.generation.unwrap_or(1)).await
 }
 
-pub async fn vote_on_generation(
-    client: &Client,
-    job: &AgentJob,
-    voter: &str,
-    decision: Decision,
-    generation: i64,
-) -> ApprovalVote {
+pub async fn vote_on_generation(client: &Client, job: &AgentJob, voter: &str, decision: Decision, generation: i64) -> ApprovalVote {
     let namespace = job.namespace().unwrap();
     let api: Api<ApprovalVote> = Api::namespaced(client.clone(), &namespace);
-    let name = format!(
-        "{}-{voter}-g{generation}-{}",
-        job.name_any(),
-        api.list(&ListParams::default())
-            .await
-            .map(|l| l.items.len())
-            .unwrap_or(0)
-    );
+    let name =
+        format!("{}-{voter}-g{generation}-{}", job.name_any(), api.list(&ListParams::default()).await.map(|l| l.items.len()).unwrap_or(0));
     let vote = ApprovalVote::new(
         &name,
         ApprovalVoteSpec {
-            job_ref: JobRef {
-                name: job.name_any(),
-                uid: job.metadata.uid.clone().unwrap(),
-                generation,
-            },
+            job_ref: JobRef { name: job.name_any(), uid: job.metadata.uid.clone().unwrap(), generation },
             voter: voter.into(),
             decision,
             reason: Some(format!("{voter} looked at it")),
@@ -154,18 +87,11 @@ pub async fn vote_on_generation(
             confidence: Some(90),
         },
     );
-    api.create(&PostParams::default(), &vote)
-        .await
-        .unwrap_or_else(|e| panic!("creating vote {name}: {e}"))
+    api.create(&PostParams::default(), &vote).await.unwrap_or_else(|e| panic!("creating vote {name}: {e}"))
 }
 
 /// Polls `get` until `done` holds, or panics after `timeout` showing the last value.
-pub async fn wait_for<T: std::fmt::Debug, F, Fut>(
-    what: &str,
-    timeout: Duration,
-    mut get: F,
-    done: impl Fn(&T) -> bool,
-) -> T
+pub async fn wait_for<T: std::fmt::Debug, F, Fut>(what: &str, timeout: Duration, mut get: F, done: impl Fn(&T) -> bool) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = T>,
@@ -184,53 +110,24 @@ where
 }
 
 /// Waits until the job's status satisfies `done`.
-pub async fn wait_for_job(
-    client: &Client,
-    namespace: &str,
-    name: &str,
-    what: &str,
-    done: impl Fn(&AgentJob) -> bool,
-) -> AgentJob {
+pub async fn wait_for_job(client: &Client, namespace: &str, name: &str, what: &str, done: impl Fn(&AgentJob) -> bool) -> AgentJob {
     let api: Api<AgentJob> = Api::namespaced(client.clone(), namespace);
-    wait_for(
-        what,
-        Duration::from_secs(30),
-        || async { api.get(name).await.expect("get job") },
-        done,
-    )
-    .await
+    wait_for(what, Duration::from_secs(30), || async { api.get(name).await.expect("get job") }, done).await
 }
 
 pub fn phase(job: &AgentJob) -> Option<&'static str> {
-    job.status
-        .as_ref()
-        .and_then(|s| s.phase)
-        .map(|p| p.as_str())
+    job.status.as_ref().and_then(|s| s.phase).map(|p| p.as_str())
 }
 
-pub fn condition<'a>(
-    job: &'a AgentJob,
-    type_: &str,
-) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
-    job.status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
+pub fn condition<'a>(job: &'a AgentJob, type_: &str) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    job.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }
 
 /// Agent Pods of a job, sorted by name.
 pub async fn job_pods(client: &Client, namespace: &str, job: &AgentJob) -> Vec<Pod> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let selector = format!(
-        "agentgate.dev/job-uid={}",
-        job.metadata.uid.as_deref().unwrap()
-    );
-    let mut pods = api
-        .list(&ListParams::default().labels(&selector))
-        .await
-        .expect("list pods")
-        .items;
+    let selector = format!("agentgate.dev/job-uid={}", job.metadata.uid.as_deref().unwrap());
+    let mut pods = api.list(&ListParams::default().labels(&selector)).await.expect("list pods").items;
     pods.sort_by_key(|p| p.name_any());
     pods
 }

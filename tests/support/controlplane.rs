@@ -102,24 +102,19 @@ impl ControlPlane {
 
     /// A client authenticating as one of the [`USERS`], bound to the calling test's runtime.
     pub async fn client(&self, user: &str) -> Client {
-        self.try_client(user)
-            .await
-            .unwrap_or_else(|e| panic!("{e:?}"))
+        self.try_client(user).await.unwrap_or_else(|e| panic!("{e:?}"))
     }
 
     /// Creates namespace `name` and its `default` `ServiceAccount`, which the `ServiceAccount`
     /// admission plugin requires for pods and which only the (absent) controller-manager would
     /// create. Idempotent.
     pub async fn namespace(&self, name: &str) {
-        self.try_namespace(name)
-            .await
-            .unwrap_or_else(|e| panic!("{e:?}"));
+        self.try_namespace(name).await.unwrap_or_else(|e| panic!("{e:?}"));
     }
 
     /// Runs `kubectl <args>` as one of the [`USERS`] and returns its output, successful or not.
     pub fn kubectl(&self, user: &str, args: &[&str]) -> Output {
-        self.try_kubectl(user, args)
-            .unwrap_or_else(|e| panic!("{e:?}"))
+        self.try_kubectl(user, args).unwrap_or_else(|e| panic!("{e:?}"))
     }
 
     fn start() -> Result<ControlPlane> {
@@ -127,28 +122,15 @@ impl ControlPlane {
         let bin_dir = binaries_dir()?;
         let dir = fresh_scratch_dir()?;
 
-        let tokens = USERS
-            .iter()
-            .map(|&(user, _)| Ok((user, random_token()?)))
-            .collect::<Result<BTreeMap<_, _>>>()?;
+        let tokens = USERS.iter().map(|&(user, _)| Ok((user, random_token()?))).collect::<Result<BTreeMap<_, _>>>()?;
         let token_file = dir.join("tokens.csv");
-        let token_lines: String = USERS
-            .iter()
-            .map(|(user, groups)| {
-                format!("{},{user},{user},\"{}\"\n", tokens[user], groups.join(","))
-            })
-            .collect();
+        let token_lines: String =
+            USERS.iter().map(|(user, groups)| format!("{},{user},{user},\"{}\"\n", tokens[user], groups.join(","))).collect();
         fs::write(&token_file, token_lines).context("writing the token file")?;
 
         let service_account_key = dir.join("service-account.key");
-        run_checked(
-            Command::new("openssl")
-                .arg("genrsa")
-                .arg("-out")
-                .arg(&service_account_key)
-                .arg("2048"),
-        )
-        .context("generating the service account signing key")?;
+        run_checked(Command::new("openssl").arg("genrsa").arg("-out").arg(&service_account_key).arg("2048"))
+            .context("generating the service account signing key")?;
 
         let [etcd_port, etcd_peer_port, apiserver_port] = free_ports()?;
         let etcd_url = format!("http://127.0.0.1:{etcd_port}");
@@ -179,17 +161,10 @@ impl ControlPlane {
             .arg("--authorization-mode=RBAC")
             .arg(format!("--token-auth-file={}", token_file.display()))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
-            .arg(format!(
-                "--service-account-key-file={}",
-                service_account_key.display()
-            ))
-            .arg(format!(
-                "--service-account-signing-key-file={}",
-                service_account_key.display()
-            ))
+            .arg(format!("--service-account-key-file={}", service_account_key.display()))
+            .arg(format!("--service-account-signing-key-file={}", service_account_key.display()))
             .arg("--service-cluster-ip-range=10.96.0.0/16");
-        let apiserver =
-            Process::spawn("kube-apiserver", apiserver, dir.join("kube-apiserver.log"))?;
+        let apiserver = Process::spawn("kube-apiserver", apiserver, dir.join("kube-apiserver.log"))?;
 
         let server = format!("https://127.0.0.1:{apiserver_port}");
         // The apiserver writes this bundle (serving certificate followed by its CA) at startup;
@@ -197,18 +172,10 @@ impl ControlPlane {
         let ca = cert_dir.join("apiserver.crt");
         for (user, token) in &tokens {
             let path = dir.join(format!("{user}.kubeconfig"));
-            fs::write(&path, kubeconfig_yaml(&server, &ca, user, token))
-                .with_context(|| format!("writing {}", path.display()))?;
+            fs::write(&path, kubeconfig_yaml(&server, &ca, user, token)).with_context(|| format!("writing {}", path.display()))?;
         }
 
-        let mut control_plane = ControlPlane {
-            dir,
-            bin_dir,
-            server,
-            tokens,
-            etcd,
-            apiserver,
-        };
+        let mut control_plane = ControlPlane { dir, bin_dir, server, tokens, etcd, apiserver };
         control_plane.wait_until_ready()?;
         control_plane.install_manifests()?;
         eprintln!(
@@ -227,8 +194,7 @@ impl ControlPlane {
         loop {
             self.etcd.ensure_running()?;
             self.apiserver.ensure_running()?;
-            let readyz =
-                self.try_kubectl("admin", &["get", "--raw=/readyz", "--request-timeout=5s"])?;
+            let readyz = self.try_kubectl("admin", &["get", "--raw=/readyz", "--request-timeout=5s"])?;
             if readyz.status.success() {
                 return Ok(());
             }
@@ -250,12 +216,7 @@ impl ControlPlane {
         let mut crds = Vec::new();
         for file in yaml_files(&root.join("crds"))? {
             let applied = self.apply(&file)?;
-            crds.extend(
-                applied
-                    .lines()
-                    .filter(|name| name.starts_with("customresourcedefinition"))
-                    .map(str::to_owned),
-            );
+            crds.extend(applied.lines().filter(|name| name.starts_with("customresourcedefinition")).map(str::to_owned));
         }
         if !crds.is_empty() {
             let mut wait = vec!["wait", "--for=condition=Established", "--timeout=60s"];
@@ -270,18 +231,9 @@ impl ControlPlane {
 
     /// Server-side applies a manifest file as admin, returning the applied objects' names.
     fn apply(&self, file: &Path) -> Result<String> {
-        let file = file
-            .to_str()
-            .with_context(|| format!("non-UTF-8 path {}", file.display()))?;
+        let file = file.to_str().with_context(|| format!("non-UTF-8 path {}", file.display()))?;
         let field_manager = format!("--field-manager={FIELD_MANAGER}");
-        self.kubectl_checked(&[
-            "apply",
-            "--server-side",
-            &field_manager,
-            "--output=name",
-            "-f",
-            file,
-        ])
+        self.kubectl_checked(&["apply", "--server-side", &field_manager, "--output=name", "-f", file])
     }
 
     /// Runs kubectl as admin, failing with its stderr unless it succeeds.
@@ -307,8 +259,7 @@ impl ControlPlane {
 
     async fn try_client(&self, user: &str) -> Result<Client> {
         let path = self.kubeconfig(user);
-        let kubeconfig =
-            Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
+        let kubeconfig = Kubeconfig::read_from(&path).with_context(|| format!("reading {}", path.display()))?;
         let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
             .await
             .with_context(|| format!("loading {}", path.display()))?;
@@ -319,8 +270,7 @@ impl ControlPlane {
         let client = self.client("admin").await;
         // Server-side apply makes repeated calls for the same namespace harmless.
         let apply = PatchParams::apply(FIELD_MANAGER);
-        let namespace =
-            json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name } });
+        let namespace = json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name } });
         Api::<Namespace>::all(client.clone())
             .patch(name, &apply, &Patch::Apply(namespace))
             .await
@@ -403,28 +353,18 @@ impl OperatorProcess {
     /// else `target/debug/agentgate`. Its output goes to [`Self::log_path`].
     pub fn start(control_plane: &ControlPlane, args: &[&str]) -> OperatorProcess {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
-        let log = control_plane.dir.join(format!(
-            "operator-{}.log",
-            STARTED.fetch_add(1, Ordering::Relaxed)
-        ));
+        let log = control_plane.dir.join(format!("operator-{}.log", STARTED.fetch_add(1, Ordering::Relaxed)));
         let binary = std::env::var_os("AGENTGATE_BIN")
             .map(PathBuf::from)
             .or_else(|| option_env!("CARGO_BIN_EXE_agentgate").map(PathBuf::from))
-            .unwrap_or_else(|| {
-                Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/agentgate")
-            });
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/agentgate"));
         let mut command = Command::new(binary);
         command
             .arg("run")
             .args(args)
             .env("KUBECONFIG", control_plane.kubeconfig("admin"))
-            .env(
-                "RUST_LOG",
-                std::env::var("AGENTGATE_OPERATOR_LOG").unwrap_or_else(|_| "info,agentgate=debug".into()),
-            );
-        OperatorProcess(
-            Process::spawn("agentgate", command, log).unwrap_or_else(|e| panic!("{e:?}")),
-        )
+            .env("RUST_LOG", std::env::var("AGENTGATE_OPERATOR_LOG").unwrap_or_else(|_| "info,agentgate=debug".into()));
+        OperatorProcess(Process::spawn("agentgate", command, log).unwrap_or_else(|e| panic!("{e:?}")))
     }
 
     /// Kills the operator with SIGKILL (no graceful shutdown) and reaps it. Idempotent.
@@ -453,26 +393,16 @@ struct Process {
 impl Process {
     fn spawn(name: &'static str, mut command: Command, log: PathBuf) -> Result<Process> {
         let output = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        command
-            .stdin(Stdio::null())
-            .stdout(output.try_clone()?)
-            .stderr(output);
+        command.stdin(Stdio::null()).stdout(output.try_clone()?).stderr(output);
         let child = spawn_tied_to_process(command).with_context(|| format!("starting {name}"))?;
         Ok(Process { name, child, log })
     }
 
     /// Turns a crashed process into an error carrying its log, rather than a readiness timeout.
     fn ensure_running(&mut self) -> Result<()> {
-        let exited = self
-            .child
-            .try_wait()
-            .with_context(|| format!("checking on {}", self.name))?;
+        let exited = self.child.try_wait().with_context(|| format!("checking on {}", self.name))?;
         if let Some(status) = exited {
-            bail!(
-                "{} exited with {status}\n{}",
-                self.name,
-                log_tail(&self.log)
-            );
+            bail!("{} exited with {status}\n{}", self.name, log_tail(&self.log));
         }
         Ok(())
     }
@@ -522,21 +452,14 @@ fn spawn_tied_to_process(mut command: Command) -> io::Result<Child> {
         });
     }
     let (reply, response) = mpsc::channel();
-    spawner
-        .send((command, reply))
-        .expect("the child spawner thread never exits");
-    response
-        .recv()
-        .expect("the child spawner thread always replies")
+    spawner.send((command, reply)).expect("the child spawner thread never exits");
+    response.recv().expect("the child spawner thread always replies")
 }
 
 /// Returns `user` after checking that it is one of the [`USERS`], so that a typo fails loudly
 /// rather than as an authentication error.
 fn known_user(user: &str) -> &str {
-    assert!(
-        USERS.iter().any(|&(known, _)| known == user),
-        "unknown user {user:?}; known users: {USERS:?}"
-    );
+    assert!(USERS.iter().any(|&(known, _)| known == user), "unknown user {user:?}; known users: {USERS:?}");
     user
 }
 
@@ -550,19 +473,12 @@ fn binaries_dir() -> Result<PathBuf> {
             let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/controlplane/build.sh");
             // Progress of a first, slow build goes straight to the terminal.
             let stdout = run_checked(Command::new(&script).stderr(Stdio::inherit()))?;
-            let last_line = stdout
-                .lines()
-                .last()
-                .context("build.sh printed no directory")?;
+            let last_line = stdout.lines().last().context("build.sh printed no directory")?;
             PathBuf::from(last_line)
         }
     };
     for binary in ["etcd", "kube-apiserver", "kubectl"] {
-        ensure!(
-            dir.join(binary).is_file(),
-            "{binary} is missing from {}",
-            dir.display()
-        );
+        ensure!(dir.join(binary).is_file(), "{binary} is missing from {}", dir.display());
     }
     Ok(dir)
 }
@@ -579,38 +495,25 @@ fn fresh_scratch_dir() -> Result<PathBuf> {
     for entry in fs::read_dir(&tmp).with_context(|| format!("listing {}", tmp.display()))? {
         let entry = entry?;
         let name = entry.file_name();
-        let Some(pid) = name
-            .to_str()
-            .and_then(|name| name.strip_prefix("agentgate-cp-"))
-        else {
+        let Some(pid) = name.to_str().and_then(|name| name.strip_prefix("agentgate-cp-")) else {
             continue;
         };
-        if pid == own_pid || (pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists())
-        {
+        if pid == own_pid || (pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists()) {
             // Best effort: another test binary may be removing the same directory right now, and
             // a failure to remove our own shows up as an error when creating it below.
             let _ = fs::remove_dir_all(entry.path());
         }
     }
     let dir = tmp.join(format!("agentgate-cp-{own_pid}"));
-    DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
+    DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
 
 /// Reserves `N` distinct loopback ports. All listeners stay open until every port is chosen so
 /// that the kernel cannot hand out one port twice; the servers bind them right after.
 fn free_ports<const N: usize>() -> Result<[u16; N]> {
-    let listeners = (0..N)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<io::Result<Vec<_>>>()
-        .context("reserving loopback ports")?;
-    let ports = listeners
-        .iter()
-        .map(|listener| Ok(listener.local_addr()?.port()))
-        .collect::<Result<Vec<_>>>()?;
+    let listeners = (0..N).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<io::Result<Vec<_>>>().context("reserving loopback ports")?;
+    let ports = listeners.iter().map(|listener| Ok(listener.local_addr()?.port())).collect::<Result<Vec<_>>>()?;
     Ok(ports.try_into().expect("one port per listener"))
 }
 
@@ -618,9 +521,7 @@ fn free_ports<const N: usize>() -> Result<[u16; N]> {
 /// of this loopback apiserver.
 fn random_token() -> Result<String> {
     let mut bytes = [0; 16];
-    File::open("/dev/urandom")
-        .and_then(|mut urandom| urandom.read_exact(&mut bytes))
-        .context("reading /dev/urandom")?;
+    File::open("/dev/urandom").and_then(|mut urandom| urandom.read_exact(&mut bytes)).context("reading /dev/urandom")?;
     Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
@@ -656,30 +557,17 @@ fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e).with_context(|| format!("listing {}", dir.display())),
     };
-    let mut files = entries
-        .map(|entry| Ok(entry?.path()))
-        .collect::<io::Result<Vec<_>>>()?;
-    files.retain(|path| {
-        path.extension()
-            .is_some_and(|extension| extension == "yaml")
-    });
+    let mut files = entries.map(|entry| Ok(entry?.path())).collect::<io::Result<Vec<_>>>()?;
+    files.retain(|path| path.extension().is_some_and(|extension| extension == "yaml"));
     files.sort();
     Ok(files)
 }
 
 /// Runs a short-lived helper command, failing with its stderr unless it succeeds.
 fn run_checked(command: &mut Command) -> Result<String> {
-    let output = command
-        .output()
-        .with_context(|| format!("running {command:?}"))?;
-    ensure!(
-        output.status.success(),
-        "{command:?} failed with {}: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    String::from_utf8(output.stdout)
-        .with_context(|| format!("{command:?} printed non-UTF-8 output"))
+    let output = command.output().with_context(|| format!("running {command:?}"))?;
+    ensure!(output.status.success(), "{command:?} failed with {}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
+    String::from_utf8(output.stdout).with_context(|| format!("{command:?} printed non-UTF-8 output"))
 }
 
 /// The end of a log file, to explain in an error why a process failed.
@@ -690,12 +578,7 @@ fn log_tail(path: &Path) -> String {
             let log = String::from_utf8_lossy(&log);
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(LINES)..];
-            format!(
-                "last {} lines of {}:\n{}",
-                tail.len(),
-                path.display(),
-                tail.join("\n")
-            )
+            format!("last {} lines of {}:\n{}", tail.len(), path.display(), tail.join("\n"))
         }
         Err(e) => format!("cannot read {}: {e}", path.display()),
     }
