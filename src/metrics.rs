@@ -49,7 +49,7 @@ impl Default for Metrics {
         let validation_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let tokens = Family::<UsageLabels, Counter>::default();
         let cost_usd = Family::<UsageLabels, Counter<f64, AtomicU64>>::default();
-        let estimate_error_percent = Histogram::new([-90.0, -50.0, -25.0, -10.0, 0.0, 10.0, 25.0, 50.0, 100.0, 200.0, 500.0].into_iter());
+        let estimate_error_percent = Histogram::new([-90.0, -50.0, -25.0, -10.0, 0.0, 10.0, 25.0, 50.0, 100.0, 200.0, 500.0]);
         let pods_created = Counter::default();
         registry.register("jobs", "AgentJobs by phase", jobs.clone());
         registry.register("reconciles", "Reconciles by kind and result", reconciles.clone());

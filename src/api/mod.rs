@@ -4,6 +4,9 @@
 //! rules), so `kubectl apply` of a bad manifest fails at admission with the field named, instead
 //! of the operator discovering it later.
 
+// kube-derive's repeated `printcolumn(...)` entries trip clippy's duplicated-attribute lint.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod agent_job;
 pub mod agent_tool;
 pub mod approval_vote;

@@ -23,9 +23,12 @@ struct Question {
     category: String,
 }
 
+/// Whether the voter is a head (`Err` says why not), and when the apiserver said so.
+type Answer = (Result<(), String>, Instant);
+
 pub struct HeadChecker {
     client: Client,
-    answers: Mutex<HashMap<Question, (Result<(), String>, Instant)>>,
+    answers: Mutex<HashMap<Question, Answer>>,
 }
 
 impl HeadChecker {
@@ -42,11 +45,10 @@ impl HeadChecker {
         category: &str,
     ) -> Result<Result<(), String>, kube::Error> {
         let question = Question { voter: voter.into(), groups: groups.to_vec(), namespace: namespace.into(), category: category.into() };
-        if let Some((answer, at)) = self.answers.lock().expect("cache lock").get(&question) {
-            if at.elapsed() < TTL {
+        if let Some((answer, at)) = self.answers.lock().expect("cache lock").get(&question)
+            && at.elapsed() < TTL {
                 return Ok(answer.clone());
             }
-        }
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(voter.into()),

@@ -310,12 +310,11 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
     let new = &plan.status;
     let approved =
         |s: &AgentJobStatus| crate::domain::conditions::find(&s.conditions, condition::APPROVED).is_some_and(|c| c.status == "True");
-    if approved(new) && !approved(old) {
-        if let Some(created) = &job.metadata.creation_timestamp {
+    if approved(new) && !approved(old)
+        && let Some(created) = &job.metadata.creation_timestamp {
             let waited = k8s_openapi::jiff::Timestamp::now().duration_since(created.0).as_secs_f64();
             ctx.metrics.approval_wait_seconds.observe(waited.max(0.0));
         }
-    }
     // Count each attempt's usage once: when its usage first appears in status.
     for attempt in &new.attempts {
         let before = old.attempts.iter().find(|a| a.attempt == attempt.attempt).and_then(|a| a.usage.as_ref());

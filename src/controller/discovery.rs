@@ -835,7 +835,7 @@ mod tests {
         assert_eq!(applied(&plan1), vec![("bandit".into(), "tools/bandit".into(), true)]);
         assert!(plan1.warnings.is_empty());
         let (d, _) = desired_tool(&s);
-        let plan2 = plan(&[s.clone()], &[existing(&d, true)], &everywhere);
+        let plan2 = plan(std::slice::from_ref(&s), &[existing(&d, true)], &everywhere);
         assert_eq!(plan2, Plan::default(), "nothing to do when the tool already matches");
     }
 

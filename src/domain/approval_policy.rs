@@ -115,7 +115,9 @@ mod tests {
             tier("minCostUSD=100,required=4"),
             tier("minCostUSD=1,required=5,category=finance"),
         ];
-        let cases: &[(&str, &str, Option<i64>, Option<i32>, i32, Option<&str>)] = &[
+        // (name, category, p90 micro-USD, spec.approval.required, want required, want human group)
+        type Case<'a> = (&'a str, &'a str, Option<i64>, Option<i32>, i32, Option<&'a str>);
+        let cases: &[Case] = &[
             ("cheap job: floor", "core", Some(1_000_000), None, 2, None),
             ("no estimate yet: floor", "core", None, None, 2, None),
             ("over $10: tier 3 with a human", "core", Some(10_000_000), None, 3, Some("humans")),
