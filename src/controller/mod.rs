@@ -161,6 +161,7 @@ pub async fn run(
     let (jobs, jobs_writer) = reflector::store();
     let job_stream = watcher(scoped::<AgentJob>(&client, &settings.namespace), wc.clone())
         .default_backoff()
+        .modify(slim)
         .inspect({
             let (jobs, requeue, tool_requeue) = (jobs.clone(), requeue.clone(), tool_requeue.clone());
             move |event| {

@@ -82,7 +82,8 @@ impl Tally {
         if reject.is_some() {
             return (true, "counted: this Reject rejects the job".into());
         }
-        (true, format!("counted: {} of {} approvals", self.approvers.len(), self.required))
+        // No running count here: it would rewrite every earlier vote's status on each new vote.
+        (true, "counted toward the job's approval".into())
     }
 }
 
@@ -396,7 +397,7 @@ mod tests {
         ];
         let t = tally(&JOB, 2, &votes, &AnyVoter);
         let cases: &[(&str, &str, bool, &str)] = &[
-            ("counted approval reports the count", "v-alice", true, "counted: 1 of 2 approvals"),
+            ("counted approval says so", "v-alice", true, "counted toward the job's approval"),
             (
                 "old-generation vote reports why it is ignored",
                 "v-bob-old",
