@@ -551,3 +551,21 @@ async fn deleting_a_job_deletes_its_pods_through_their_owner_reference() {
     wait_for("the job's Pods to be collected", Duration::from_secs(60), || job_pods(&client, &env.ns, &job), |p: &Vec<Pod>| p.is_empty())
         .await;
 }
+
+#[tokio::test]
+async fn a_pod_name_taken_by_another_job_is_never_adopted() {
+    let env = setup("lc-collide").await;
+    // `a-b` + agent `c` and `a` + agent `b-c` both name their first Pod `a-b-c-1`.
+    let first = create_job(&env, &job_manifest("a-b", json!({"agents": {"primary": {"name": "c"}}}))).await;
+    approve(&env, &first).await;
+    wait_phase(&env, "a-b", "Running").await;
+    let second = create_job(&env, &job_manifest("a", json!({"agents": {"primary": {"name": "b-c"}}}))).await;
+    wait_phase(&env, "a", "AwaitingApproval").await;
+    approve(&env, &second).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let second = done_job(&env, "a").await;
+    assert!(second.status.as_ref().unwrap().attempts.is_empty(), "adopted another job's Pod: {:?}", second.status);
+    assert!(job_pods(&env.client, &env.ns, &second).await.is_empty());
+    let log = std::fs::read_to_string(env._operator.log_path()).unwrap();
+    assert!(log.contains("Pod a-b-c-1 already exists and belongs to another job"), "{log}");
+}

@@ -46,9 +46,10 @@ impl HeadChecker {
     ) -> Result<Result<(), String>, kube::Error> {
         let question = Question { voter: voter.into(), groups: groups.to_vec(), namespace: namespace.into(), category: category.into() };
         if let Some((answer, at)) = self.answers.lock().expect("cache lock").get(&question)
-            && at.elapsed() < TTL {
-                return Ok(answer.clone());
-            }
+            && at.elapsed() < TTL
+        {
+            return Ok(answer.clone());
+        }
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(voter.into()),

@@ -271,8 +271,16 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
                 ctx.metrics.pods_created.inc();
                 tracing::info!(job = %name, %namespace, pod = %pod_name, attempt, "created agent Pod");
             }
-            // Created by an earlier reconcile whose status write or cache update we have not seen yet.
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            // Created by an earlier reconcile whose status write or cache update we have not seen
+            // yet, unless another job's Pod has the same name (job `a-b` + agent `c` and job `a` +
+            // agent `b-c`): that one is not ours to adopt.
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                let holder = api.get_opt(&pod_name).await?;
+                let owner_uid = holder.as_ref().and_then(|p| p.labels().get(crate::domain::pod_builder::LABEL_JOB_UID).cloned());
+                if holder.is_some() && owner_uid.as_deref() != Some(uid.as_str()) {
+                    return Err(Error::PodNameTaken(pod_name));
+                }
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -310,11 +318,13 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
     let new = &plan.status;
     let approved =
         |s: &AgentJobStatus| crate::domain::conditions::find(&s.conditions, condition::APPROVED).is_some_and(|c| c.status == "True");
-    if approved(new) && !approved(old)
-        && let Some(created) = &job.metadata.creation_timestamp {
-            let waited = k8s_openapi::jiff::Timestamp::now().duration_since(created.0).as_secs_f64();
-            ctx.metrics.approval_wait_seconds.observe(waited.max(0.0));
-        }
+    if approved(new)
+        && !approved(old)
+        && let Some(created) = &job.metadata.creation_timestamp
+    {
+        let waited = k8s_openapi::jiff::Timestamp::now().duration_since(created.0).as_secs_f64();
+        ctx.metrics.approval_wait_seconds.observe(waited.max(0.0));
+    }
     // Count each attempt's usage once: when its usage first appears in status.
     for attempt in &new.attempts {
         let before = old.attempts.iter().find(|a| a.attempt == attempt.attempt).and_then(|a| a.usage.as_ref());

@@ -31,6 +31,8 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Serialization(#[from] serde_json::Error),
+    #[error("Pod {0} already exists and belongs to another job: rename the job or the agent")]
+    PodNameTaken(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

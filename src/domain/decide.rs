@@ -163,10 +163,11 @@ pub fn decide(o: &Observed) -> Plan {
 
     adopt_unrecorded_attempt(&mut s, o, generation);
     if let Some(current) = s.attempts.last().filter(|a| a.result == AttemptResult::Running).map(|a| a.attempt)
-        && !follow_attempt(&mut s, &mut plan, o, current, generation) {
-            plan.status = s;
-            return finish_plan(plan, &old);
-        }
+        && !follow_attempt(&mut s, &mut plan, o, current, generation)
+    {
+        plan.status = s;
+        return finish_plan(plan, &old);
+    }
     if matches!(s.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) {
         plan.status = s;
         return finish_plan(plan, &old);
@@ -275,9 +276,10 @@ fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current
     }
     let (attempt_usage, unpriced) = price_usage(&tokens, o.prices);
     if failures.is_empty()
-        && let Err(errors) = check_against_schema("output", output.as_ref(), job.spec.output_schema.as_ref()) {
-            failures.push(format!("output does not match outputSchema: {}", errors.join("; ")));
-        }
+        && let Err(errors) = check_against_schema("output", output.as_ref(), job.spec.output_schema.as_ref())
+    {
+        failures.push(format!("output does not match outputSchema: {}", errors.join("; ")));
+    }
 
     if report_problems.is_empty() && unpriced.is_empty() {
         set_condition(
@@ -546,11 +548,13 @@ fn reject(s: &mut AgentJobStatus, plan: &mut Plan, reason: &str, message: &str, 
 fn finish_plan(mut plan: Plan, old: &AgentJobStatus) -> Plan {
     let ready_reason = |s: &AgentJobStatus| super::conditions::find(&s.conditions, condition::READY).map(|c| c.reason.clone());
     let changed = plan.status.phase != old.phase || ready_reason(&plan.status) != ready_reason(old);
-    if changed && plan.events.is_empty()
-        && let Some(reason) = ready_reason(&plan.status) {
-            let note = super::conditions::find(&plan.status.conditions, condition::READY).map(|c| c.message.clone()).unwrap_or_default();
-            plan.events.push(PlannedEvent { warning: false, reason, note });
-        }
+    if changed
+        && plan.events.is_empty()
+        && let Some(reason) = ready_reason(&plan.status)
+    {
+        let note = super::conditions::find(&plan.status.conditions, condition::READY).map(|c| c.message.clone()).unwrap_or_default();
+        plan.events.push(PlannedEvent { warning: false, reason, note });
+    }
     plan
 }
 
