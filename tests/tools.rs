@@ -269,6 +269,22 @@ async fn service_endpoint_tool_is_ready_only_once_its_service_has_a_ready_endpoi
     let row = kubectl_tool_row("tl-endpoint-search");
     assert_eq!(column(&row, "READY"), "true");
     assert_eq!(column(&row, "ENDPOINTS"), "1");
+
+    // The endpoint goes away: the tool is not Ready, and a job needing it says which tool.
+    endpoint_slice(&client, ns, "search", false).await;
+    wait_tool(&client, "tl-endpoint-search", "not Ready again", PROMPTLY, |t| t.status.as_ref().is_some_and(|s| !s.ready)).await;
+    approved_job(&client, ns, "needs-search", json!({"tools": [{"name": "tl-endpoint-search", "required": true}]})).await;
+    let waiting = wait_for_job(&client, ns, "needs-search", "waiting for the tool", |j| {
+        phase(j) == Some("WaitingForResources") && condition(j, "Ready").is_some_and(|c| c.reason == "ToolsNotReady")
+    })
+    .await;
+    let check = tool_check(&waiting, "tl-endpoint-search");
+    assert!(
+        check.message.contains("required tool tl-endpoint-search is not ready: Service tl-endpoint/search has no ready endpoints"),
+        "{}",
+        check.message
+    );
+    assert_eq!(waiting.status.unwrap().missing_tools, vec!["tl-endpoint-search".to_string()]);
 }
 
 #[tokio::test]
@@ -471,7 +487,8 @@ async fn two_services_claiming_one_name_are_both_told_and_neither_wins_silently(
     // Outside the namespaces the operator discovers in, nothing happens.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(get_tool(&client, name).await.is_none(), "a namespace not matching --discovery-namespace-selector is not discovered in");
-    assert!(service_events(&client, ns, "one").await.is_empty());
+    let early = service_events(&client, ns, "one").await;
+    assert!(early.is_empty(), "{:?}", early.iter().map(|e| (&e.reason, &e.note, &e.reporting_instance)).collect::<Vec<_>>());
 
     // Both claims come into view at once: no tool, a conflict Event on each.
     label_namespace(&client, ns, Some("on")).await;
@@ -524,27 +541,28 @@ async fn the_agent_pod_gets_the_url_of_a_discovered_tool() {
 }
 
 #[tokio::test]
+/// Two jobs each needing 40 of a 60/min tool: one runs, the other waits and starts when it ends.
 async fn a_job_waits_for_rate_limit_and_starts_when_a_running_job_frees_it() {
     let ns = "tl-rate";
     let client = setup(ns, false).await;
     let tool = "tl-rate-llm";
-    create_tool(&client, tool, json!({"type": "api", "endpoint": {"url": "https://llm.example/v1"}, "rateLimit": 10})).await;
+    create_tool(&client, tool, json!({"type": "api", "endpoint": {"url": "https://llm.example/v1"}, "rateLimit": 60})).await;
     wait_tool(&client, tool, "Ready", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
 
-    let a = approved_job(&client, ns, "a", json!({"tools": [{"name": tool, "minRateLimit": 8}]})).await;
+    let a = approved_job(&client, ns, "a", json!({"tools": [{"name": tool, "minRateLimit": 40}]})).await;
     wait_phase(&client, ns, "a", "Running").await;
-    wait_tool(&client, tool, "inUse 8", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.in_use == 8)).await;
+    wait_tool(&client, tool, "inUse 40", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.in_use == 40)).await;
     let row = kubectl_tool_row(tool);
-    assert_eq!((column(&row, "RATE LIMIT"), column(&row, "IN USE")), ("10".to_string(), "8".to_string()), "{row:?}");
+    assert_eq!((column(&row, "RATE LIMIT"), column(&row, "IN USE")), ("60".to_string(), "40".to_string()), "{row:?}");
 
-    approved_job(&client, ns, "b", json!({"tools": [{"name": tool, "minRateLimit": 5}]})).await;
+    approved_job(&client, ns, "b", json!({"tools": [{"name": tool, "minRateLimit": 40}]})).await;
     let waiting = wait_for_job(&client, ns, "b", "b waiting for rate limit", |j| {
         phase(j) == Some("WaitingForResources") && condition(j, "Ready").is_some_and(|c| c.reason == "RateLimitExhausted")
     })
     .await;
     let check = tool_check(&waiting, tool);
     assert!(!check.passed);
-    assert!(check.message.contains("has 2 of 10 calls/min spare (8 in use by 1 running job(s)), the job needs 5"), "{}", check.message);
+    assert!(check.message.contains("has 20 of 60 calls/min spare (40 in use by 1 running job(s)), the job needs 40"), "{}", check.message);
 
     let started = Instant::now();
     finish_job(&client, ns, &a).await;
@@ -554,8 +572,8 @@ async fn a_job_waits_for_rate_limit_and_starts_when_a_running_job_frees_it() {
     eprintln!("measured: a's Pod finished → a Succeeded in {finished:?}, b Running in {:?}", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(10), "b starts on the watch, not on a resync");
     assert!(tool_check(&running, tool).passed);
-    wait_tool(&client, tool, "inUse 5", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.in_use == 5)).await;
-    assert_eq!(column(&kubectl_tool_row(tool), "IN USE"), "5");
+    wait_tool(&client, tool, "inUse 40", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.in_use == 40)).await;
+    assert_eq!(column(&kubectl_tool_row(tool), "IN USE"), "40");
 }
 
 #[tokio::test]
