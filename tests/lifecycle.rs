@@ -36,27 +36,14 @@ async fn setup(ns: &str) -> Env {
 }
 
 fn job_manifest(name: &str, spec_patch: Value) -> AgentJob {
-    let mut spec = json!({
+    let base = json!({
         "jobType": "security_vulnerability_scan",
         "category": "core-security",
         "agents": {"primary": {"name": "scanner", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"}},
         "resources": {"cpu": "500m", "memory": "1Gi"},
         "budget": {"maxCostUSD": "5.00"},
     });
-    merge(&mut spec, spec_patch);
-    serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name}, "spec": spec}))
-        .unwrap()
-}
-
-fn merge(base: &mut Value, patch: Value) {
-    match (base, patch) {
-        (Value::Object(b), Value::Object(p)) => {
-            for (k, v) in p {
-                merge(b.entry(k).or_insert(Value::Null), v);
-            }
-        }
-        (b, p) => *b = p,
-    }
+    agent_job(name, base, spec_patch)
 }
 
 async fn create_job(env: &Env, job: &AgentJob) -> AgentJob {

@@ -12,7 +12,6 @@ use agentgate::api::{AgentJob, ApprovalVote, Decision};
 use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
-use kube::config::Kubeconfig;
 use kube::{Api, Client};
 use serde_json::json;
 use support::cluster::*;
@@ -98,34 +97,7 @@ async fn service_account_kubeconfig(admin: &Client, ns: &str, name: &str) -> Pat
         .token
         .expect("a token");
 
-    let admin_config = Kubeconfig::read_from(cp.kubeconfig("admin")).expect("admin kubeconfig");
-    let cluster = admin_config.clusters[0].cluster.clone().expect("admin kubeconfig has a cluster");
-    let path = cp.dir().join(format!("sa-{ns}-{name}.kubeconfig"));
-    let yaml = format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: agentgate-test
-  cluster:
-    server: {server}
-    certificate-authority: {ca}
-users:
-- name: {name}
-  user:
-    token: {token}
-contexts:
-- name: {name}
-  context:
-    cluster: agentgate-test
-    user: {name}
-    namespace: {ns}
-current-context: {name}
-",
-        server = cluster.server.expect("server"),
-        ca = cluster.certificate_authority.expect("certificate-authority"),
-    );
-    std::fs::write(&path, yaml).expect("writing the ServiceAccount kubeconfig");
-    path
+    cp.token_kubeconfig(&format!("sa-{ns}-{name}"), &token, ns)
 }
 
 #[tokio::test]

@@ -156,17 +156,14 @@ async fn wait_service_event(client: &Client, ns: &str, service: &str, type_: &st
 }
 
 fn job_manifest(name: &str, spec_patch: Value) -> AgentJob {
-    let mut spec = json!({
+    let base = json!({
         "jobType": "tool_test",
         "category": "core-tools",
         "agents": {"primary": {"name": "worker", "image": "ghcr.io/acme/worker:1", "model": "gpt-4o-mini"}},
         "resources": {"cpu": "500m", "memory": "1Gi"},
         "budget": {"maxCostUSD": "5.00"},
     });
-    if let (Value::Object(base), Value::Object(patch)) = (&mut spec, spec_patch) {
-        base.extend(patch);
-    }
-    from_json(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name}, "spec": spec}))
+    agent_job(name, base, spec_patch)
 }
 
 /// Creates the job and has alice and bob approve it.

@@ -159,3 +159,22 @@ pub async fn grant_voting_rights(admin: &Client) {
         Api::<ClusterRoleBinding>::all(admin.clone()).patch(name, &pp, &Patch::Apply(&binding)).await.expect("apply ClusterRoleBinding");
     }
 }
+
+/// An AgentJob named `name` whose spec is `base` with `patch` merged into it (objects merge key
+/// by key; anything else replaces).
+pub fn agent_job(name: &str, mut base: serde_json::Value, patch: serde_json::Value) -> AgentJob {
+    merge(&mut base, patch);
+    serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name}, "spec": base}))
+        .expect("a valid AgentJob")
+}
+
+fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
+    match (base, patch) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(p)) => {
+            for (k, v) in p {
+                merge(b.entry(k).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (b, p) => *b = p,
+    }
+}

@@ -95,6 +95,14 @@ impl ControlPlane {
         &self.tokens[known_user(user)]
     }
 
+    /// Writes a kubeconfig for a bearer token (a ServiceAccount's, say) with a default namespace.
+    pub fn token_kubeconfig(&self, name: &str, token: &str, namespace: &str) -> PathBuf {
+        let path = self.dir.join(format!("{name}.kubeconfig"));
+        let ca = self.dir.join("pki/apiserver.crt");
+        fs::write(&path, kubeconfig_yaml(&self.server, &ca, name, token, Some(namespace))).expect("writing a kubeconfig");
+        path
+    }
+
     /// Kubeconfig authenticating as one of the [`USERS`].
     pub fn kubeconfig(&self, user: &str) -> PathBuf {
         self.dir.join(format!("{}.kubeconfig", known_user(user)))
@@ -172,7 +180,7 @@ impl ControlPlane {
         let ca = cert_dir.join("apiserver.crt");
         for (user, token) in &tokens {
             let path = dir.join(format!("{user}.kubeconfig"));
-            fs::write(&path, kubeconfig_yaml(&server, &ca, user, token)).with_context(|| format!("writing {}", path.display()))?;
+            fs::write(&path, kubeconfig_yaml(&server, &ca, user, token, None)).with_context(|| format!("writing {}", path.display()))?;
         }
 
         let mut control_plane = ControlPlane { dir, bin_dir, server, tokens, etcd, apiserver };
@@ -525,7 +533,8 @@ fn random_token() -> Result<String> {
     Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
-fn kubeconfig_yaml(server: &str, ca: &Path, user: &str, token: &str) -> String {
+fn kubeconfig_yaml(server: &str, ca: &Path, user: &str, token: &str, namespace: Option<&str>) -> String {
+    let namespace = namespace.map(|ns| format!("\n    namespace: {ns}")).unwrap_or_default();
     format!(
         "apiVersion: v1
 kind: Config
@@ -542,7 +551,7 @@ contexts:
 - name: {user}
   context:
     cluster: agentgate-test
-    user: {user}
+    user: {user}{namespace}
 current-context: {user}
 ",
         ca = ca.display()
