@@ -3,6 +3,7 @@
 pub mod api;
 pub mod controller;
 pub mod domain;
+pub mod evaluation;
 pub mod leader;
 pub mod metrics;
 pub mod review;

@@ -32,6 +32,35 @@ enum Command {
     /// Review jobs of some categories against a policy and vote on them as the current identity
     /// (for instance a category head's ServiceAccount).
     Review(agentgate::review::ReviewArgs),
+    /// Evaluate the cost estimator offline.
+    #[command(subcommand)]
+    Estimator(EstimatorCommand),
+}
+
+#[derive(Subcommand)]
+enum EstimatorCommand {
+    /// Replay a trace of finished jobs (JSON lines) in order: predict each from its spec, then
+    /// learn its usage. Prints a table per jobType next to a naive reference, and as the last line
+    /// `records=N coverage_p90=F mdape_p50=F mdape_p50_after_warmup=F cold_start_ratio=F sharpness_p90=F`.
+    Eval {
+        #[arg(long)]
+        traces: PathBuf,
+        /// Samples of a jobType before its records count towards mdape_p50_after_warmup.
+        #[arg(long, default_value_t = 20)]
+        warmup: usize,
+        /// YAML price table adding to or overriding the built-in prices, as for `run`.
+        #[arg(long)]
+        price_table: Option<PathBuf>,
+    },
+    /// Print a synthetic trace (heavy-tailed, drifting usage) in the format `eval` reads.
+    Synth {
+        #[arg(long, default_value_t = 2000)]
+        records: usize,
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=8))]
+        job_types: u64,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 #[derive(clap::Args)]
@@ -83,6 +112,21 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Estimator(EstimatorCommand::Eval { traces, warmup, price_table }) => {
+            let prices = load_prices(price_table.as_deref())?;
+            let text = std::fs::read_to_string(&traces).map_err(|e| anyhow::anyhow!("reading {}: {e}", traces.display()))?;
+            let records = agentgate::evaluation::parse_traces(&text).map_err(|e| anyhow::anyhow!("{}: {e}", traces.display()))?;
+            print!("{}", agentgate::evaluation::evaluate(&records, &prices, warmup).render());
+            Ok(())
+        }
+        Command::Estimator(EstimatorCommand::Synth { records, job_types, seed }) => {
+            use std::io::Write;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for record in agentgate::evaluation::synthetic::generate(records, job_types as usize, seed) {
+                writeln!(out, "{}", serde_json::to_string(&record)?)?;
+            }
+            Ok(())
+        }
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args)),
         Command::Review(args) => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
@@ -93,6 +137,12 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+fn load_prices(path: Option<&std::path::Path>) -> anyhow::Result<PriceTable> {
+    let Some(path) = path else { return Ok(PriceTable::builtin()) };
+    let yaml = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading price table {}: {e}", path.display()))?;
+    PriceTable::with_overrides_from_yaml(&yaml).map_err(anyhow::Error::msg)
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     if args.log_json {
@@ -101,13 +151,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
 
-    let prices = match &args.price_table {
-        Some(path) => {
-            let yaml = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("reading price table {}: {e}", path.display()))?;
-            PriceTable::with_overrides_from_yaml(&yaml).map_err(anyhow::Error::msg)?
-        }
-        None => PriceTable::builtin(),
-    };
+    let prices = load_prices(args.price_table.as_deref())?;
     let client = kube::Client::try_default().await?;
     let lease_namespace = args
         .lease_namespace

@@ -15,8 +15,8 @@ use serde_json::json;
 use super::snapshot::{self, gpu_resource_name, pod_need, pods_of_job, tool_view, vote_view};
 use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY, approval_vote};
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
-use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, job_type};
-use crate::domain::estimate::UsageSample;
+use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, estimate_input, job_type};
+use crate::domain::estimate::prior_tokens;
 use crate::domain::pod_builder::{PodPlan, build_pod};
 use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
 use crate::domain::report::tokens_of;
@@ -24,7 +24,6 @@ use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
 use crate::metrics::UsageLabels;
 
 /// How many finished runs of a job type the estimator looks at.
-const HISTORY_WINDOW: usize = 50;
 
 pub async fn reconcile(job: Arc<AgentJob>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
@@ -78,7 +77,6 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     let mut counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &vote_views, &heads);
     let readiness =
         if old_status.phase.is_some_and(JobPhase::is_terminal) { Readiness::default() } else { job_readiness(job, ctx, &jobs, &all_pods) };
-    let history = history_of(&jobs, &job_type(job));
     let learned = ctx.learner.state.lock().await.stats(&job_type(job)).cloned();
     let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;
     let prices = ctx.prices.read().await.clone();
@@ -92,7 +90,6 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         approval_tiers: &ctx.settings.approval_tiers,
         approval_timeout_seconds: ctx.settings.approval_timeout_seconds,
         prices: &prices,
-        history: &history,
         learned: learned.as_ref(),
         readiness: &readiness,
         tally: &counted,
@@ -196,18 +193,6 @@ fn queued_ahead_of(job: &AgentJob, jobs: &[Arc<AgentJob>]) -> Vec<PodNeed> {
         .collect();
     ahead.sort_by(|a, b| (a.0.0, a.0.1.as_ref().map(|t| t.0)).cmp(&(b.0.0, b.0.1.as_ref().map(|t| t.0))));
     ahead.into_iter().map(|(_, n)| n).collect()
-}
-
-/// Usage of the newest finished runs of a job type, for the estimator.
-fn history_of(jobs: &[Arc<AgentJob>], job_type_name: &str) -> Vec<UsageSample> {
-    let mut finished: Vec<(&Arc<AgentJob>, UsageSample)> = jobs
-        .iter()
-        .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Succeeded) && job_type(j) == job_type_name)
-        .filter_map(|j| j.status.as_ref()?.usage.as_ref().map(|u| (j, tokens_of(u))))
-        .collect();
-    finished.sort_by_key(|(j, _)| j.status.as_ref().and_then(|s| s.completion_time.as_ref().map(|t| t.0)));
-    let skip = finished.len().saturating_sub(HISTORY_WINDOW);
-    finished.into_iter().skip(skip).map(|(_, s)| s).collect()
 }
 
 /// Pods the running attempt recorded but the cache lacks: a GET tells a slow cache from a
@@ -333,7 +318,8 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
         // towards runs that stopped early.
         if attempt.result == AttemptResult::Succeeded {
             let key = crate::domain::learning::attempt_key(job.metadata.uid.as_deref().unwrap_or_default(), attempt.attempt);
-            if ctx.learner.state.lock().await.record(&key, &job_type(job), &tokens_of(usage)) {
+            let prior = prior_tokens(&estimate_input(job));
+            if ctx.learner.state.lock().await.record(&key, &job_type(job), &tokens_of(usage), &prior) {
                 ctx.learner.touch();
             }
         }

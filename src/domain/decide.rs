@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use super::approval_policy::{ApprovalTier, requirement};
 use super::conditions::{remove_condition, set_condition};
-use super::estimate::{EstimateInput, UsageSample, estimate};
+use super::estimate::{EstimateInput, estimate};
 use super::money::MicroUsd;
 use super::pricing::{PriceTable, TokenCounts};
 use super::readiness::Readiness;
@@ -74,8 +74,7 @@ pub struct Observed<'a> {
     pub approval_timeout_seconds: Option<i64>,
     pub prices: &'a PriceTable,
     /// Finished runs of this job's jobType, newest last.
-    pub history: &'a [UsageSample],
-    /// What the estimator learned of this job's jobType; used instead of `history` when present.
+    /// What the estimator learned of this job's jobType (None: the prior alone).
     pub learned: Option<&'a crate::domain::learning::JobTypeStats>,
     pub readiness: &'a Readiness,
     pub tally: &'a Tally,
@@ -356,10 +355,7 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
 
     // Estimate and input are checked once per generation; a failure of either rejects the job.
     if s.estimate.as_ref().map(|e| e.generation) != Some(generation) {
-        let forecast = match o.learned {
-            Some(stats) if stats.n > 0 => crate::domain::estimate::estimate_with_stats(&estimate_input(job), Some(stats), o.prices),
-            _ => estimate(&estimate_input(job), o.history, o.prices),
-        };
+        let forecast = estimate(&estimate_input(job), o.learned, o.prices);
         match forecast {
             Err(unknown) => {
                 s.phase = Some(JobPhase::Pending);
@@ -691,7 +687,6 @@ mod tests {
             approval_tiers: &[],
             approval_timeout_seconds: None,
             prices: &prices,
-            history: &[],
             learned: None,
             readiness,
             tally,

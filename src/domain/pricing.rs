@@ -6,12 +6,70 @@ use serde::{Deserialize, Serialize};
 
 use super::money::MicroUsd;
 
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+/// A price in micro-dollars per million tokens, so that `tokens × rate` is integer arithmetic
+/// and a cost never drifts: `$2.50` per million is `2_500_000`.
+///
+/// In YAML it is written as a decimal number of dollars (`2.50`) or the same as a string
+/// (`"2.50"`); up to six decimals are kept exactly. A float is read back through its shortest
+/// decimal form, which is the text the admin wrote, so `0.15` becomes exactly `150_000`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PerMillion(pub MicroUsd);
+
+impl PerMillion {
+    /// Cost of `tokens` at this rate, rounded half up to the micro-dollar.
+    pub fn of(self, tokens: i64) -> MicroUsd {
+        let micro = (i128::from(tokens.max(0)) * i128::from(self.0.0) + 500_000) / 1_000_000;
+        MicroUsd(i64::try_from(micro).unwrap_or(i64::MAX))
+    }
+
+    fn parse(text: &str) -> Result<PerMillion, String> {
+        MicroUsd::parse(text.trim()).filter(|m| m.0 <= MAX_RATE.0).map(PerMillion).ok_or_else(|| {
+            format!("{text:?} is not a price: write USD per million tokens as a decimal between 0 and 1000000 with at most 6 decimals")
+        })
+    }
+}
+
+/// No model costs a million dollars per million tokens: a larger figure is a typo.
+const MAX_RATE: MicroUsd = MicroUsd(1_000_000_000_000);
+
+impl Serialize for PerMillion {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for PerMillion {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = PerMillion;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("USD per million tokens, e.g. 2.50")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<PerMillion, E> {
+                PerMillion::parse(v).map_err(E::custom)
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<PerMillion, E> {
+                PerMillion::parse(&v.to_string()).map_err(E::custom)
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<PerMillion, E> {
+                PerMillion::parse(&v.to_string()).map_err(E::custom)
+            }
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<PerMillion, E> {
+                // `{}` prints the shortest decimal that reads back as `v`, i.e. what was written.
+                PerMillion::parse(&format!("{v}")).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ModelPrice {
-    pub input_per_million: f64,
-    pub cached_input_per_million: f64,
-    pub output_per_million: f64,
+    pub input_per_million: PerMillion,
+    pub cached_input_per_million: PerMillion,
+    pub output_per_million: PerMillion,
 }
 
 /// Token counts of one model, as reported by an agent or predicted by the estimator.
@@ -37,13 +95,15 @@ impl TokenCounts {
 }
 
 impl ModelPrice {
+    /// Exact: each part is rounded to the micro-dollar on its own, then summed.
     pub fn cost(&self, tokens: &TokenCounts) -> MicroUsd {
-        MicroUsd::from_usd(
-            (tokens.input as f64 * self.input_per_million
-                + tokens.cached_input as f64 * self.cached_input_per_million
-                + tokens.output as f64 * self.output_per_million)
-                / 1e6,
-        )
+        [
+            self.input_per_million.of(tokens.input),
+            self.cached_input_per_million.of(tokens.cached_input),
+            self.output_per_million.of(tokens.output),
+        ]
+        .into_iter()
+        .sum()
     }
 }
 
@@ -61,27 +121,32 @@ impl PriceTable {
     /// Public list prices (USD per 1M tokens) of common hosted models, as published by their
     /// vendors; self-hosted models are added through the configuration file.
     pub fn builtin() -> PriceTable {
-        let table: &[(&str, f64, f64, f64)] = &[
-            ("gpt-4o", 2.50, 1.25, 10.00),
-            ("gpt-4o-mini", 0.15, 0.075, 0.60),
-            ("gpt-4.1", 2.00, 0.50, 8.00),
-            ("gpt-4.1-mini", 0.40, 0.10, 1.60),
-            ("gpt-4.1-nano", 0.10, 0.025, 0.40),
-            ("o3", 2.00, 0.50, 8.00),
-            ("o4-mini", 1.10, 0.275, 4.40),
-            ("claude-opus-4", 15.00, 1.50, 75.00),
-            ("claude-sonnet-4", 3.00, 0.30, 15.00),
-            ("claude-3-7-sonnet", 3.00, 0.30, 15.00),
-            ("claude-3-5-haiku", 0.80, 0.08, 4.00),
-            ("gemini-2.5-pro", 1.25, 0.31, 10.00),
-            ("gemini-2.5-flash", 0.30, 0.075, 2.50),
-            ("gemini-2.0-flash", 0.10, 0.025, 0.40),
+        let table: &[(&str, &str, &str, &str)] = &[
+            ("gpt-4o", "2.50", "1.25", "10.00"),
+            ("gpt-4o-mini", "0.15", "0.075", "0.60"),
+            ("gpt-4.1", "2.00", "0.50", "8.00"),
+            ("gpt-4.1-mini", "0.40", "0.10", "1.60"),
+            ("gpt-4.1-nano", "0.10", "0.025", "0.40"),
+            ("o3", "2.00", "0.50", "8.00"),
+            ("o4-mini", "1.10", "0.275", "4.40"),
+            ("claude-opus-4", "15.00", "1.50", "75.00"),
+            ("claude-sonnet-4", "3.00", "0.30", "15.00"),
+            ("claude-3-7-sonnet", "3.00", "0.30", "15.00"),
+            ("claude-3-5-haiku", "0.80", "0.08", "4.00"),
+            ("gemini-2.5-pro", "1.25", "0.31", "10.00"),
+            ("gemini-2.5-flash", "0.30", "0.075", "2.50"),
+            ("gemini-2.0-flash", "0.10", "0.025", "0.40"),
         ];
         PriceTable {
             models: table
                 .iter()
                 .map(|&(id, input, cached, output)| {
-                    let price = ModelPrice { input_per_million: input, cached_input_per_million: cached, output_per_million: output };
+                    let rate = |text: &str| PerMillion::parse(text).expect("the built-in prices are valid decimals");
+                    let price = ModelPrice {
+                        input_per_million: rate(input),
+                        cached_input_per_million: rate(cached),
+                        output_per_million: rate(output),
+                    };
                     (id.to_string(), price)
                 })
                 .collect(),
@@ -91,12 +156,6 @@ impl PriceTable {
     /// Reads a price table file; entries override the built-in prices, which stay available.
     pub fn with_overrides_from_yaml(yaml: &str) -> Result<PriceTable, String> {
         let overrides: PriceTable = serde_saphyr::from_str(yaml).map_err(|e| format!("price table: {e}"))?;
-        for (model, price) in &overrides.models {
-            let values = [price.input_per_million, price.cached_input_per_million, price.output_per_million];
-            if values.iter().any(|v| !v.is_finite() || *v < 0.0 || *v > 1e6) {
-                return Err(format!("price table: model {model:?} has a negative, non-finite or absurd price"));
-            }
-        }
         let mut table = PriceTable::builtin();
         table.models.extend(overrides.models);
         Ok(table)
@@ -140,8 +199,51 @@ mod tests {
         .unwrap();
         assert!(table.get("llama-3-70b-local").is_some());
         assert!(table.get("gpt-4o").is_some());
-        let bad =
-            PriceTable::with_overrides_from_yaml("models:\n  x: {inputPerMillion: -1, cachedInputPerMillion: 0, outputPerMillion: 0}\n");
-        assert!(bad.unwrap_err().contains("\"x\""));
+        for (bad, why) in [
+            ("-1", "negative"),
+            ("1e9", "absurd"),
+            ("NaN", "not a number"),
+            (".inf", "infinite"),
+            ("0.0000001", "below a micro-dollar"),
+            ("\"2,50\"", "comma"),
+        ] {
+            let yaml = format!("models:\n  x: {{inputPerMillion: {bad}, cachedInputPerMillion: 0, outputPerMillion: 0}}\n");
+            let err = PriceTable::with_overrides_from_yaml(&yaml).unwrap_err();
+            assert!(err.contains("line 2"), "{why}: the error points at the price: {err}");
+        }
+        let typo =
+            PriceTable::with_overrides_from_yaml("models:\n  x: {inputPerMilion: 1, cachedInputPerMillion: 0, outputPerMillion: 0}\n");
+        assert!(typo.unwrap_err().contains("inputPerMilion"), "a misspelt field is named, not ignored");
+    }
+
+    #[test]
+    fn prices_read_exactly_whatever_way_they_are_written() {
+        let table = PriceTable::with_overrides_from_yaml(
+            "models:\n  a: {inputPerMillion: 0.15, cachedInputPerMillion: \"0.075\", outputPerMillion: 3}\n",
+        )
+        .unwrap();
+        let a = table.get("a").unwrap();
+        assert_eq!(a.input_per_million, PerMillion(MicroUsd(150_000)));
+        assert_eq!(a.cached_input_per_million, PerMillion(MicroUsd(75_000)));
+        assert_eq!(a.output_per_million, PerMillion(MicroUsd(3_000_000)));
+    }
+
+    #[test]
+    fn cost_is_integer_arithmetic_without_drift() {
+        let rate = PerMillion(MicroUsd(150_000)); // $0.15 per million = 0.15 micro-dollars per token
+        assert_eq!(rate.of(1), MicroUsd(0), "0.15 rounds down");
+        assert_eq!(rate.of(4), MicroUsd(1), "0.6 rounds up");
+        assert_eq!(rate.of(10), MicroUsd(2), "1.5 rounds half up");
+        assert_eq!(rate.of(1_000_000), MicroUsd(150_000));
+        assert_eq!(rate.of(-5), MicroUsd(0), "negative counts cost nothing");
+        assert_eq!(PerMillion(MAX_RATE).of(i64::MAX), MicroUsd(i64::MAX), "saturates instead of wrapping");
+        // A million one-token costs sum to exactly the cost of a million tokens at a round rate.
+        let dollar = PerMillion(MicroUsd(1_000_000));
+        let summed: MicroUsd = (0..1_000_000).map(|_| dollar.of(1)).sum();
+        assert_eq!(summed, dollar.of(1_000_000));
+        // 0.1 + 0.2 style: three parts priced separately add up exactly.
+        let price = PriceTable::builtin().get("gpt-4.1").copied().unwrap();
+        let tokens = TokenCounts { input: 100_000, cached_input: 200_000, output: 300_000 };
+        assert_eq!(price.cost(&tokens), MicroUsd(200_000 + 100_000 + 2_400_000));
     }
 }

@@ -1,0 +1,367 @@
+//! Offline evaluation of the estimator: replay a trace of finished jobs in order, predicting
+//! each from its spec alone before learning its actual usage, exactly as the operator does
+//! between a job's admission and its end.
+//!
+//! The replay drives the operator's own [`estimate`] and [`EstimatorState::record`],
+//! so what it measures is what a cluster would see. Next to it runs a naive reference, the one
+//! a spreadsheet would give: the trailing median of the job type's last [`NAIVE_WINDOW`] costs
+//! as p50 and three times that as p90.
+//!
+//! Figures (all over priced records, in replay order):
+//! * `coverage_p90`: fraction of records whose actual cost is at most the predicted p90;
+//! * `mdape_p50`: median of `|p50 - actual| / actual` (a fraction: 0.40 is 40 %);
+//! * `mdape_p50_after_warmup`: the same over records whose job type had at least `warmup`
+//!   earlier records;
+//! * `cold_start_ratio`: median over each job type's first record of `max(actual/p50, p50/actual)`;
+//! * `sharpness_p90`: median of `p90 / p50` (1.0 would be a point forecast).
+
+pub mod synthetic;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::domain::estimate::{EstimateInput, estimate, prior_tokens};
+use crate::domain::learning::EstimatorState;
+use crate::domain::money::MicroUsd;
+use crate::domain::pricing::{PriceTable, TokenCounts};
+
+/// Costs the naive reference's median looks back over.
+pub const NAIVE_WINDOW: usize = 60;
+/// The naive reference's p90 as a multiple of its p50.
+pub const NAIVE_P90_FACTOR: f64 = 3.0;
+
+/// One finished job: its spec as submitted and the usage it reported.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TraceRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// An AgentJob spec. Only what the estimator reads is required: `agents` with models;
+    /// `jobType`, `category` and `tools[].estimatedCalls` when present.
+    pub spec: serde_json::Value,
+    pub usage: Vec<TraceUsage>,
+}
+
+/// Tokens of one model, in the agents' termination-message format: `inputTokens` excludes the
+/// cached input tokens, which are counted (and priced) separately.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TraceUsage {
+    pub model: String,
+    pub input_tokens: i64,
+    #[serde(default)]
+    pub cached_input_tokens: i64,
+    pub output_tokens: i64,
+}
+
+/// What the estimator reads from a spec, without requiring a complete, valid AgentJob.
+pub fn estimate_input(spec: &serde_json::Value) -> Result<EstimateInput, String> {
+    let agents = spec.get("agents").ok_or("spec.agents is missing")?;
+    let model = |agent: &serde_json::Value, at: &str| {
+        agent.get("model").and_then(|m| m.as_str()).map(str::to_string).ok_or_else(|| format!("{at}.model is missing"))
+    };
+    let mut agent_models = vec![model(agents.get("primary").ok_or("spec.agents.primary is missing")?, "spec.agents.primary")?];
+    for (i, agent) in agents.get("supporting").and_then(|s| s.as_array()).into_iter().flatten().enumerate() {
+        agent_models.push(model(agent, &format!("spec.agents.supporting[{i}]"))?);
+    }
+    let tool_calls = spec
+        .get("tools")
+        .and_then(|t| t.as_array())
+        .into_iter()
+        .flatten()
+        .map(|t| t.get("estimatedCalls").and_then(|c| c.as_i64()).unwrap_or(0));
+    let text = |field: &str| spec.get(field).and_then(|v| v.as_str()).filter(|s| !s.is_empty()).map(str::to_string);
+    Ok(EstimateInput {
+        job_type: text("jobType").or_else(|| text("category")).unwrap_or_else(|| "default".into()),
+        agent_models,
+        tool_calls: tool_calls.collect(),
+    })
+}
+
+/// Reads JSON lines; blank lines are skipped, a malformed one is an error naming its line.
+pub fn parse_traces(text: &str) -> Result<Vec<TraceRecord>, String> {
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(n, line)| serde_json::from_str(line).map_err(|e| format!("line {}: {e}", n + 1)))
+        .collect()
+}
+
+/// Prediction and outcome of one record, for one forecaster.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Outcome {
+    actual: f64,
+    p50: f64,
+    p90: f64,
+}
+
+impl Outcome {
+    fn covered(&self) -> bool {
+        self.actual <= self.p90
+    }
+
+    fn ape(&self) -> f64 {
+        (self.p50 - self.actual).abs() / self.actual
+    }
+
+    fn ratio(&self) -> f64 {
+        (self.actual / self.p50).max(self.p50 / self.actual)
+    }
+}
+
+/// The figures of one forecaster over a set of records.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Scores {
+    pub records: usize,
+    pub coverage_p90: f64,
+    pub mdape_p50: f64,
+    pub mdape_p50_after_warmup: f64,
+    pub cold_start_ratio: f64,
+    pub sharpness_p90: f64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Evaluation {
+    pub warmup: usize,
+    pub estimator: Scores,
+    pub naive: Scores,
+    pub by_job_type: BTreeMap<String, (Scores, Scores)>,
+    /// Records left out, with the reason (an unpriced model, a malformed spec, no tokens).
+    pub skipped: Vec<String>,
+}
+
+struct Scored {
+    job_type: String,
+    earlier_samples: usize,
+    ours: Outcome,
+    naive: Outcome,
+}
+
+/// Replays `records` in order: predict from the spec, then learn the actual usage.
+pub fn evaluate(records: &[TraceRecord], prices: &PriceTable, warmup: usize) -> Evaluation {
+    let mut state = EstimatorState::default();
+    let mut naive_history: BTreeMap<String, VecDeque<f64>> = BTreeMap::new();
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut scored = Vec::new();
+    let mut skipped = Vec::new();
+    for (i, record) in records.iter().enumerate() {
+        let input = match estimate_input(&record.spec) {
+            Ok(input) => input,
+            Err(e) => {
+                skipped.push(format!("record {}: {e}", i + 1));
+                continue;
+            }
+        };
+        let usage = usage_by_model(&record.usage);
+        let actual = match actual_cost(&usage, prices) {
+            Ok(cost) if cost.0 > 0 => cost,
+            Ok(_) => {
+                skipped.push(format!("record {}: no tokens or a zero cost", i + 1));
+                continue;
+            }
+            Err(e) => {
+                skipped.push(format!("record {}: {e}", i + 1));
+                continue;
+            }
+        };
+        let forecast = match estimate(&input, state.stats(&input.job_type), prices) {
+            Ok(forecast) => forecast,
+            Err(e) => {
+                skipped.push(format!("record {}: {e}", i + 1));
+                continue;
+            }
+        };
+        let usd = |m: MicroUsd| m.0.max(1) as f64;
+        let ours = Outcome { actual: usd(actual), p50: usd(forecast.cost_p50), p90: usd(forecast.cost_p90) };
+        let history = naive_history.entry(input.job_type.clone()).or_default();
+        // With nothing to take a median of, the naive reference starts where the estimator does.
+        let naive_p50 = median(history.iter().copied().collect()).unwrap_or(ours.p50);
+        let naive = Outcome { actual: ours.actual, p50: naive_p50, p90: naive_p50 * NAIVE_P90_FACTOR };
+        let earlier_samples = seen.get(&input.job_type).copied().unwrap_or(0);
+        scored.push(Scored { job_type: input.job_type.clone(), earlier_samples, ours, naive });
+
+        state.record(&format!("trace/{i}"), &input.job_type, &usage, &prior_tokens(&input));
+        history.push_back(ours.actual);
+        if history.len() > NAIVE_WINDOW {
+            history.pop_front();
+        }
+        *seen.entry(input.job_type).or_default() += 1;
+    }
+    let mut by_job_type = BTreeMap::new();
+    for job_type in seen.keys() {
+        let mine: Vec<&Scored> = scored.iter().filter(|s| &s.job_type == job_type).collect();
+        by_job_type.insert(job_type.clone(), (scores(&mine, warmup, |s| s.ours), scores(&mine, warmup, |s| s.naive)));
+    }
+    let all: Vec<&Scored> = scored.iter().collect();
+    Evaluation { warmup, estimator: scores(&all, warmup, |s| s.ours), naive: scores(&all, warmup, |s| s.naive), by_job_type, skipped }
+}
+
+fn usage_by_model(usage: &[TraceUsage]) -> BTreeMap<String, TokenCounts> {
+    let mut by_model: BTreeMap<String, TokenCounts> = BTreeMap::new();
+    for u in usage {
+        let tokens =
+            TokenCounts { input: u.input_tokens.max(0), cached_input: u.cached_input_tokens.max(0), output: u.output_tokens.max(0) };
+        let entry = by_model.entry(u.model.clone()).or_default();
+        *entry = entry.add(&tokens);
+    }
+    by_model
+}
+
+fn actual_cost(usage: &BTreeMap<String, TokenCounts>, prices: &PriceTable) -> Result<MicroUsd, String> {
+    usage
+        .iter()
+        .map(|(model, tokens)| prices.get(model).map(|p| p.cost(tokens)).ok_or_else(|| format!("no price for model {model:?}")))
+        .sum::<Result<MicroUsd, String>>()
+}
+
+fn scores(records: &[&Scored], warmup: usize, pick: impl Fn(&Scored) -> Outcome) -> Scores {
+    let outcomes: Vec<Outcome> = records.iter().map(|s| pick(s)).collect();
+    let n = outcomes.len();
+    let firsts: Vec<f64> = records.iter().filter(|s| s.earlier_samples == 0).map(|s| pick(s).ratio()).collect();
+    let warm: Vec<f64> = records.iter().filter(|s| s.earlier_samples >= warmup).map(|s| pick(s).ape()).collect();
+    Scores {
+        records: n,
+        coverage_p90: if n == 0 { f64::NAN } else { outcomes.iter().filter(|o| o.covered()).count() as f64 / n as f64 },
+        mdape_p50: median(outcomes.iter().map(Outcome::ape).collect()).unwrap_or(f64::NAN),
+        mdape_p50_after_warmup: median(warm).unwrap_or(f64::NAN),
+        cold_start_ratio: median(firsts).unwrap_or(f64::NAN),
+        sharpness_p90: median(outcomes.iter().map(|o| o.p90 / o.p50).collect()).unwrap_or(f64::NAN),
+    }
+}
+
+/// The middle value, or the mean of the two middle values; None when empty.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 })
+}
+
+impl Evaluation {
+    /// The per-jobType table, the totals, and as the last line the machine-readable summary.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let header = ["JOB TYPE", "RECORDS", "COVERAGE_P90", "MDAPE_P50", "MDAPE_WARM", "COLD_RATIO", "SHARPNESS_P90"];
+        let mut rows: Vec<[String; 7]> = Vec::new();
+        let fmt = |x: f64| if x.is_nan() { "-".to_string() } else { format!("{x:.3}") };
+        let row = |name: String, s: &Scores| {
+            [
+                name,
+                s.records.to_string(),
+                fmt(s.coverage_p90),
+                fmt(s.mdape_p50),
+                fmt(s.mdape_p50_after_warmup),
+                fmt(s.cold_start_ratio),
+                fmt(s.sharpness_p90),
+            ]
+        };
+        for (job_type, (ours, naive)) in &self.by_job_type {
+            rows.push(row(job_type.clone(), ours));
+            rows.push(row(format!("  naive {job_type}"), naive));
+        }
+        rows.push(row("ALL (estimator)".into(), &self.estimator));
+        rows.push(row("ALL (naive)".into(), &self.naive));
+        let widths: Vec<usize> = (0..7).map(|c| rows.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0)).collect();
+        let mut line = |cells: &[&str]| {
+            let text: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+            let _ = writeln!(out, "{}", text.join("  ").trim_end());
+        };
+        line(&header);
+        for r in &rows {
+            line(&r.iter().map(String::as_str).collect::<Vec<_>>());
+        }
+        let _ = writeln!(
+            out,
+            "naive reference: p50 = median of the job type's last {NAIVE_WINDOW} costs, p90 = {NAIVE_P90_FACTOR} x p50; MDAPE_WARM counts records after {} earlier samples of their job type",
+            self.warmup
+        );
+        for reason in self.skipped.iter().take(10) {
+            let _ = writeln!(out, "skipped {reason}");
+        }
+        if self.skipped.len() > 10 {
+            let _ = writeln!(out, "skipped {} more records", self.skipped.len() - 10);
+        }
+        let s = &self.estimator;
+        let _ = writeln!(
+            out,
+            "records={} coverage_p90={:.4} mdape_p50={:.4} mdape_p50_after_warmup={:.4} cold_start_ratio={:.4} sharpness_p90={:.4}",
+            s.records, s.coverage_p90, s.mdape_p50, s.mdape_p50_after_warmup, s.cold_start_ratio, s.sharpness_p90
+        );
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn record(job_type: &str, model: &str, input: i64, output: i64) -> TraceRecord {
+        TraceRecord {
+            completed_at: None,
+            namespace: None,
+            spec: json!({"jobType": job_type, "category": "c", "agents": {"primary": {"name": "a", "model": model}}}),
+            usage: vec![TraceUsage { model: model.into(), input_tokens: input, cached_input_tokens: 0, output_tokens: output }],
+        }
+    }
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(vec![]), None);
+    }
+
+    #[test]
+    fn spec_fields_are_read_leniently() {
+        let input = estimate_input(&json!({
+            "category": "sec",
+            "agents": {"primary": {"model": "gpt-4o"}, "supporting": [{"model": "claude-sonnet-4"}]},
+            "tools": [{"name": "t", "estimatedCalls": 4}, {"name": "u"}]
+        }))
+        .unwrap();
+        assert_eq!(input.job_type, "sec", "category stands in for a missing jobType");
+        assert_eq!(input.agent_models, ["gpt-4o", "claude-sonnet-4"]);
+        assert_eq!(input.tool_calls, [4, 0]);
+        assert_eq!(estimate_input(&json!({"agents": {"primary": {}}})).unwrap_err(), "spec.agents.primary.model is missing");
+    }
+
+    #[test]
+    fn malformed_line_is_named() {
+        let err = parse_traces("\n{\"spec\": {}, \"usage\": []}\nnot json\n").unwrap_err();
+        assert!(err.starts_with("line 3:"), "{err}");
+    }
+
+    #[test]
+    fn a_constant_workload_is_learned_and_scored() {
+        let records: Vec<TraceRecord> = (0..40).map(|_| record("scan", "gpt-4o-mini", 80_000, 20_000)).collect();
+        let eval = evaluate(&records, &PriceTable::builtin(), 20);
+        let s = eval.estimator;
+        assert_eq!(s.records, 40);
+        assert!(s.mdape_p50_after_warmup < 0.05, "learned a constant: {s:?}");
+        assert!(s.cold_start_ratio > 1.5, "the prior (7,500 tokens) is far from 100,000: {s:?}");
+        assert!(eval.naive.mdape_p50_after_warmup < 1e-9, "the median of identical costs is exact");
+        assert_eq!(eval.naive.sharpness_p90, 3.0);
+        assert!(eval.render().lines().last().unwrap().starts_with("records=40 coverage_p90="));
+    }
+
+    #[test]
+    fn unpriced_and_empty_records_are_skipped_with_a_reason() {
+        let mut unknown = record("scan", "my-llm", 1, 1);
+        unknown.usage[0].model = "gpt-4o".into();
+        let records = vec![unknown, record("scan", "gpt-4o", 0, 0), record("scan", "gpt-4o", 10, 10)];
+        let eval = evaluate(&records, &PriceTable::builtin(), 20);
+        assert_eq!(eval.estimator.records, 1);
+        assert_eq!(eval.skipped.len(), 2);
+        assert!(eval.skipped[0].contains("my-llm"), "{:?}", eval.skipped);
+        assert!(eval.skipped[1].contains("no tokens"), "{:?}", eval.skipped);
+    }
+}
