@@ -23,8 +23,6 @@ use crate::domain::report::tokens_of;
 use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
 use crate::metrics::UsageLabels;
 
-/// How many finished runs of a job type the estimator looks at.
-
 pub async fn reconcile(job: Arc<AgentJob>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let result = reconcile_inner(&job, &ctx).await;

@@ -89,7 +89,10 @@ struct JobType {
     drift: f64,
 }
 
-const TEMPLATES: &[(&str, &str, &[(&str, &str)], &[(&str, i64)])] = &[
+/// jobType, category, (agent, model) pairs, (tool, typical estimatedCalls) pairs.
+type Template = (&'static str, &'static str, &'static [(&'static str, &'static str)], &'static [(&'static str, i64)]);
+
+const TEMPLATES: &[Template] = &[
     ("security_vulnerability_scan", "core-security", &[("scanner", "gpt-4o-mini"), ("fixer", "claude-sonnet-4")], &[("bandit-scanner", 5)]),
     ("content_generation", "marketing", &[("writer", "gpt-4.1")], &[("image-processor", 3)]),
     ("product_import", "catalog", &[("importer", "gemini-2.5-flash")], &[("catalog-api", 20)]),
