@@ -8,7 +8,7 @@ use std::time::Duration;
 use agentgate::api::{AgentJob, Decision};
 use agentgate::domain::learning::EstimatorState;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{DeleteParams, PostParams};
+use kube::api::{DeleteParams, ListParams, ObjectList, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use support::cluster::*;
@@ -52,60 +52,69 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
     let mut operator = OperatorProcess::start(cp, &args);
     let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
 
-    // First run: estimated from the prior, then runs with a known, much larger usage.
-    let first = jobs.create(&PostParams::default(), &job_manifest("first")).await.expect("create job");
-    let prior = estimated(&client, ns, "first").await.status.unwrap().estimate.unwrap();
+    // Three runs: the first estimated from the prior, each with a known, much larger usage.
+    let runs = [(300_000, 100_000, 50_000), (420_000, 60_000, 70_000), (350_000, 90_000, 40_000)];
+    let mut prior = None;
+    for (i, (input, cached, output)) in runs.iter().enumerate() {
+        let name = format!("run-{i}");
+        let job = jobs.create(&PostParams::default(), &job_manifest(&name)).await.expect("create job");
+        let estimate = estimated(&client, ns, &name).await.status.unwrap().estimate.unwrap();
+        assert_eq!(estimate.samples, i as i64, "run {i} sees the runs before it: {estimate:?}");
+        assert_eq!(estimate.method, if i == 0 { "prior" } else { "blend" });
+        prior.get_or_insert(estimate);
+        vote(&alice, &job, "alice", Decision::Approve).await;
+        vote(&bob, &job, "bob", Decision::Approve).await;
+        let pod = format!("{name}-scanner-1");
+        wait_for("the agent Pod", Duration::from_secs(30), || job_pods(&client, ns, &job), |p: &Vec<_>| p.len() == 1).await;
+        run_pod(&client, ns, &pod).await;
+        finish_pod(&client, ns, &pod, 0, &usage_report("gpt-4o-mini", *input, *cached, *output, json!({}))).await;
+        wait_for_job(&client, ns, &name, "Succeeded", |j| phase(j) == Some("Succeeded")).await;
+        // The leader writes what it learned within a few seconds.
+        wait_for(
+            "the learned state in the ConfigMap",
+            Duration::from_secs(30),
+            || learned_state(&client, ns),
+            |s: &Option<EstimatorState>| s.as_ref().and_then(|s| s.stats(JOB_TYPE)).is_some_and(|t| t.n == i as u64 + 1),
+        )
+        .await;
+    }
+    let prior = prior.unwrap();
     assert_eq!((prior.method.as_str(), prior.samples), ("prior", 0));
-    vote(&alice, &first, "alice", Decision::Approve).await;
-    vote(&bob, &first, "bob", Decision::Approve).await;
-    wait_for_job(&client, ns, "first", "Running", |j| phase(j) == Some("Running")).await;
-    let pod = "first-scanner-1";
-    wait_for("the agent Pod", Duration::from_secs(30), || job_pods(&client, ns, &first), |p: &Vec<_>| p.len() == 1).await;
-    run_pod(&client, ns, pod).await;
-    let (input, cached, output) = (300_000, 100_000, 50_000);
-    finish_pod(&client, ns, pod, 0, &usage_report("gpt-4o-mini", input, cached, output, json!({}))).await;
-    wait_for_job(&client, ns, "first", "Succeeded", |j| phase(j) == Some("Succeeded")).await;
 
-    // The leader writes what it learned within a few seconds.
-    let state = wait_for(
-        "the learned state in the ConfigMap",
-        Duration::from_secs(30),
-        || learned_state(&client, ns),
-        |s: &Option<EstimatorState>| s.as_ref().and_then(|s| s.stats(JOB_TYPE)).is_some_and(|t| t.n == 1),
-    )
-    .await
-    .unwrap();
-    assert_eq!(state.seen.len(), 1);
-    assert!(state.seen[0].ends_with("/1"), "{:?}", state.seen);
-
-    // The job goes, the operator restarts (SIGKILL: nothing more is written on the way down).
-    jobs.delete("first", &DeleteParams::default()).await.expect("delete job");
-    let _ = wait_for(
-        "the job gone",
-        Duration::from_secs(30),
-        || jobs.get_opt("first"),
-        |j: &Result<Option<AgentJob>, kube::Error>| matches!(j, Ok(None)),
-    )
+    // The jobs go, the operator restarts (SIGKILL: nothing more is written on the way down).
+    for i in 0..runs.len() {
+        jobs.delete(&format!("run-{i}"), &DeleteParams::default()).await.expect("delete job");
+    }
+    let list = ListParams::default();
+    wait_for("the jobs gone", Duration::from_secs(30), || jobs.list(&list), |l: &Result<ObjectList<AgentJob>, kube::Error>| {
+        l.as_ref().is_ok_and(|l| l.items.is_empty())
+    })
     .await;
     operator.kill();
     let _operator = OperatorProcess::start(cp, &args);
 
-    jobs.create(&PostParams::default(), &job_manifest("second")).await.expect("create job");
-    let learned = estimated(&client, ns, "second").await.status.unwrap().estimate.unwrap();
-    assert_eq!(learned.method, "blend", "{learned:?}");
-    assert_eq!(learned.samples, 1);
-    let observed: i64 = input + cached + output;
+    jobs.create(&PostParams::default(), &job_manifest("next")).await.expect("create job");
+    let learned = estimated(&client, ns, "next").await.status.unwrap().estimate.unwrap();
+    assert_eq!((learned.method.as_str(), learned.samples), ("blend", 3), "{learned:?}");
+    // The observed totals are 450k, 550k and 480k tokens; their geometric mean is ~491k.
+    let observed = runs.iter().map(|(i, c, o)| ((i + c + o) as f64).ln()).sum::<f64>() / runs.len() as f64;
+    let distance = |p50: i64| ((p50 as f64).ln() - observed).abs();
     assert!(
-        learned.tokens.p50 > prior.tokens.p50 && learned.tokens.p50 < observed,
-        "prior {} learned {} observed {observed}",
+        distance(learned.tokens.p50) < distance(prior.tokens.p50) / 4.0,
+        "prior {} learned {} observed ~{:.0}: the estimate moved less than expected",
         prior.tokens.p50,
-        learned.tokens.p50
+        learned.tokens.p50,
+        observed.exp()
     );
+    assert!(learned.tokens.p50 < observed.exp() as i64, "the prior still pulls a little: {}", learned.tokens.p50);
+    let usd = |s: &str| s.parse::<f64>().unwrap();
+    assert!(usd(&learned.cost_usd.p50) > usd(&prior.cost_usd.p50), "cost follows tokens");
 
     let state: Value = serde_json::from_str(
         &Api::<ConfigMap>::namespaced(client.clone(), ns).get("agentgate-estimator").await.unwrap().data.unwrap()["state.json"],
     )
     .unwrap();
-    assert_eq!(state["version"], 1);
-    assert_eq!(state["jobTypes"][JOB_TYPE]["n"], 1);
+    assert_eq!(state["version"], 2);
+    assert_eq!(state["jobTypes"][JOB_TYPE]["n"], 3);
+    assert_eq!(state["seen"].as_array().map(Vec::len), Some(3), "one key per attempt, never two");
 }
