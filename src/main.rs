@@ -82,6 +82,10 @@ struct RunArgs {
     /// adding to or overriding the built-in list prices.
     #[arg(long, env = "AGENTGATE_PRICE_TABLE")]
     price_table: Option<PathBuf>,
+    /// ConfigMap (in the operator's namespace) whose key `prices.yaml`, in the same format, is
+    /// watched and applied on top of the other prices: edits take effect without a restart.
+    #[arg(long, env = "AGENTGATE_PRICE_CONFIG_MAP")]
+    price_config_map: Option<String>,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "AGENTGATE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -167,6 +171,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         field_manager: "agentgate".into(),
         discovery_namespace_selector: args.discovery_namespace_selector,
         state_namespace: lease_namespace.clone(),
+        price_config_map: args.price_config_map,
     };
     tracing::info!(namespace = ?settings.namespace, approval_floor = settings.approval_floor, models = prices.models.len(), "starting agentgate");
 

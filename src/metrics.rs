@@ -21,6 +21,11 @@ pub struct ReconcileLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobTypeLabels {
+    pub job_type: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UsageLabels {
     pub model: String,
     pub category: String,
@@ -35,7 +40,7 @@ pub struct Metrics {
     pub validation_seconds: Histogram,
     pub tokens: Family<UsageLabels, Counter>,
     pub cost_usd: Family<UsageLabels, Counter<f64, AtomicU64>>,
-    pub estimate_error_percent: Histogram,
+    pub estimate_error_ratio: Family<JobTypeLabels, Histogram>,
     pub pods_created: Counter,
 }
 
@@ -49,7 +54,11 @@ impl Default for Metrics {
         let validation_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let tokens = Family::<UsageLabels, Counter>::default();
         let cost_usd = Family::<UsageLabels, Counter<f64, AtomicU64>>::default();
-        let estimate_error_percent = Histogram::new([-90.0, -50.0, -25.0, -10.0, 0.0, 10.0, 25.0, 50.0, 100.0, 200.0, 500.0]);
+        // Actual over p50: 1 is exact; a calibrated p90 puts nine jobs in ten at or below its
+        // own p90/p50 (about 2 to 3 for agent workloads).
+        let estimate_error_ratio = Family::<JobTypeLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.1, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0])
+        });
         let pods_created = Counter::default();
         registry.register("jobs", "AgentJobs by phase", jobs.clone());
         registry.register("reconciles", "Reconciles by kind and result", reconciles.clone());
@@ -58,7 +67,11 @@ impl Default for Metrics {
         registry.register("validation_seconds", "Time to estimate a job and check its input", validation_seconds.clone());
         registry.register("tokens", "Tokens used by finished attempts", tokens.clone());
         registry.register("cost_usd", "USD spent by finished attempts", cost_usd.clone());
-        registry.register("estimate_error_percent", "Actual tokens against the p50 estimate, in percent", estimate_error_percent.clone());
+        registry.register(
+            "estimate_error_ratio",
+            "Actual tokens of a succeeded job over its p50 estimate, by jobType",
+            estimate_error_ratio.clone(),
+        );
         registry.register("pods_created", "Agent Pods created", pods_created.clone());
         Metrics {
             registry,
@@ -69,7 +82,7 @@ impl Default for Metrics {
             validation_seconds,
             tokens,
             cost_usd,
-            estimate_error_percent,
+            estimate_error_ratio,
             pods_created,
         }
     }

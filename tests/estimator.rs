@@ -86,9 +86,12 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
         jobs.delete(&format!("run-{i}"), &DeleteParams::default()).await.expect("delete job");
     }
     let list = ListParams::default();
-    wait_for("the jobs gone", Duration::from_secs(30), || jobs.list(&list), |l: &Result<ObjectList<AgentJob>, kube::Error>| {
-        l.as_ref().is_ok_and(|l| l.items.is_empty())
-    })
+    let _ = wait_for(
+        "the jobs gone",
+        Duration::from_secs(30),
+        || jobs.list(&list),
+        |l: &Result<ObjectList<AgentJob>, kube::Error>| l.as_ref().is_ok_and(|l| l.items.is_empty()),
+    )
     .await;
     operator.kill();
     let _operator = OperatorProcess::start(cp, &args);
@@ -117,4 +120,87 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
     assert_eq!(state["version"], 2);
     assert_eq!(state["jobTypes"][JOB_TYPE]["n"], 3);
     assert_eq!(state["seen"].as_array().map(Vec::len), Some(3), "one key per attempt, never two");
+}
+
+/// The price table ConfigMap is watched: a job waiting for an unknown model's price is
+/// estimated once an admin adds it, a broken edit is refused with an Event and the previous
+/// prices stay, and a price change applies to the next estimate, all without a restart.
+#[tokio::test]
+async fn price_table_edits_apply_without_a_restart() {
+    let ns = "est-prices";
+    let cp = ControlPlane::shared();
+    cp.namespace(ns).await;
+    let client = cp.client("admin").await;
+    let args = ["--namespace", ns, "--metrics-addr", "127.0.0.1:0", "--price-config-map", "prices"];
+    let _operator = OperatorProcess::start(cp, &args);
+    let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let local = |name: &str| {
+        let mut job = job_manifest(name);
+        job.spec.job_type = Some("price_reload".into());
+        job.spec.agents.primary.model = "local-llm".into();
+        job
+    };
+
+    jobs.create(&PostParams::default(), &local("waits-for-a-price")).await.unwrap();
+    wait_for_job(&client, ns, "waits-for-a-price", "UnknownModel", |j| {
+        condition(j, "Estimated").is_some_and(|c| c.reason == "UnknownModel" && c.message.contains("local-llm"))
+    })
+    .await;
+
+    let prices = |input: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "prices"}, "data": {
+            "prices.yaml": format!("models:\n  local-llm: {{inputPerMillion: {input}, cachedInputPerMillion: 0, outputPerMillion: 0}}\n")
+        }})
+    };
+    let apply = |cm: Value| {
+        let config_maps = config_maps.clone();
+        async move {
+            let params = kube::api::PatchParams::apply("test").force();
+            config_maps.patch("prices", &params, &kube::api::Patch::Apply(cm)).await.unwrap();
+        }
+    };
+
+    // A broken table is refused, with the reason where the admin looks.
+    apply(prices("-1")).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let all = ListParams::default();
+    let refused = wait_for(
+        "a PriceTableInvalid Event",
+        Duration::from_secs(30),
+        || events.list(&all),
+        |l: &Result<ObjectList<k8s_openapi::api::events::v1::Event>, kube::Error>| {
+            l.as_ref().is_ok_and(|l| l.items.iter().any(|e| e.reason.as_deref() == Some("PriceTableInvalid")))
+        },
+    )
+    .await
+    .unwrap();
+    let event = refused.items.iter().find(|e| e.reason.as_deref() == Some("PriceTableInvalid")).unwrap();
+    assert_eq!(event.regarding.as_ref().and_then(|r| r.name.as_deref()), Some("prices"));
+    assert!(event.note.as_deref().unwrap_or_default().contains("not a price"), "{event:?}");
+    let still_waiting = jobs.get("waits-for-a-price").await.unwrap();
+    assert!(still_waiting.status.unwrap().estimate.is_none());
+
+    // Fixed: the waiting job is estimated at the new price (the prior's 6,000 input tokens at $2
+    // per million and 1,500 output tokens at $0: exactly $0.012 at p50).
+    apply(prices("2")).await;
+    let job =
+        wait_for_job(&client, ns, "waits-for-a-price", "an estimate", |j| j.status.as_ref().is_some_and(|s| s.estimate.is_some())).await;
+    let estimate = job.status.unwrap().estimate.unwrap();
+    assert_eq!(estimate.cost_usd.p50, "0.012");
+
+    // A price change applies to the next estimate.
+    apply(prices("4")).await;
+    let next = wait_for(
+        "an estimate at the new price",
+        Duration::from_secs(30),
+        || async {
+            let name = format!("next-{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis());
+            jobs.create(&PostParams::default(), &local(&name)).await.unwrap();
+            estimated(&client, ns, &name).await.status.unwrap().estimate.unwrap()
+        },
+        |e| e.cost_usd.p50 == "0.024",
+    )
+    .await;
+    assert_eq!(next.cost_usd.p90, "0.072");
 }

@@ -21,7 +21,7 @@ use crate::domain::pod_builder::{PodPlan, build_pod};
 use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
 use crate::domain::report::tokens_of;
 use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
-use crate::metrics::UsageLabels;
+use crate::metrics::{JobTypeLabels, UsageLabels};
 
 pub async fn reconcile(job: Arc<AgentJob>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
@@ -329,7 +329,8 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
     }
     if new.phase != old.phase {
         if let Some(err) = new.usage.as_ref().and_then(|u| u.estimate_error_percent).filter(|_| new.phase == Some(JobPhase::Succeeded)) {
-            ctx.metrics.estimate_error_percent.observe(err as f64);
+            let labels = JobTypeLabels { job_type: job_type(job) };
+            ctx.metrics.estimate_error_ratio.get_or_create(&labels).observe(1.0 + err as f64 / 100.0);
         }
         tracing::info!(job = %job.name_any(), namespace = ?job.namespace(), from = ?old.phase, to = ?new.phase, "phase changed");
         // Jobs waiting for the capacity and rate limit this one frees, and its tools' inUse, are

@@ -6,6 +6,7 @@ pub mod agent_tool;
 pub mod approval_vote;
 pub mod discovery;
 pub mod estimator_store;
+pub mod price_table;
 pub mod snapshot;
 
 use std::sync::Arc;
@@ -51,6 +52,9 @@ pub struct Settings {
     pub discovery_namespace_selector: Option<String>,
     /// Namespace of the leader Lease, where the estimator's state ConfigMap lives too.
     pub state_namespace: String,
+    /// ConfigMap in `state_namespace` whose `prices.yaml` is watched and applied on top of the
+    /// prices the operator started with.
+    pub price_config_map: Option<String>,
 }
 
 /// Watch caches every reconcile reads instead of calling the API.
@@ -282,6 +286,15 @@ pub async fn run(
         .for_each(|_| future::ready(()));
 
     let rbac_changes = watch_rbac(client.clone(), ctx.clone());
+    let price_changes = async {
+        match &settings.price_config_map {
+            Some(name) => {
+                let base = ctx.prices.read().await.clone();
+                price_table::watch(ctx.clone(), settings.state_namespace.clone(), name.clone(), base).await
+            }
+            None => std::future::pending().await,
+        }
+    };
     let mark_ready = async {
         while !caches.synced() {
             tokio::time::sleep(UNSYNCED_RETRY).await;
@@ -294,6 +307,7 @@ pub async fn run(
         _ = future::join(job_controller, tool_controller) => {}
         _ = mark_ready => {}
         _ = rbac_changes => {}
+        _ = price_changes => {}
         _ = discovery::run(ctx.clone(), discovery_trigger) => {}
         _ = learner.run_writer(client.clone()) => {}
     }

@@ -155,8 +155,13 @@ impl PriceTable {
 
     /// Reads a price table file; entries override the built-in prices, which stay available.
     pub fn with_overrides_from_yaml(yaml: &str) -> Result<PriceTable, String> {
+        PriceTable::builtin().overridden_by_yaml(yaml)
+    }
+
+    /// This table with the entries of a YAML price table added or replaced.
+    pub fn overridden_by_yaml(&self, yaml: &str) -> Result<PriceTable, String> {
         let overrides: PriceTable = serde_saphyr::from_str(yaml).map_err(|e| format!("price table: {e}"))?;
-        let mut table = PriceTable::builtin();
+        let mut table = self.clone();
         table.models.extend(overrides.models);
         Ok(table)
     }
