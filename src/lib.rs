@@ -6,5 +6,6 @@ pub mod domain;
 pub mod evaluation;
 pub mod leader;
 pub mod metrics;
+pub mod plugin;
 pub mod review;
 pub mod server;

@@ -1,12 +1,21 @@
-//! `kubectl agentgate`: vote on AgentJobs as yourself, and see how the votes were counted.
+//! `kubectl agentgate`: vote on AgentJobs as yourself and see how the votes were counted; ask
+//! what a job would cost before you submit it; see the tools, capacity and quotas jobs wait on;
+//! and what the cluster's jobs used.
 //!
 //! Installed on the PATH as `kubectl-agentgate`, kubectl runs it as `kubectl agentgate ...`.
 //! The voter is never typed: it is the username the apiserver authenticates you as (a
 //! SelfSubjectReview), which is what the admission policy demands of `spec.voter`.
 
-use agentgate::api::{Decision, JobPhase};
+use agentgate::api::{AgentJob, AgentTool, Decision, JobPhase};
+use agentgate::controller::{estimator_store, price_table};
+use agentgate::domain::learning::EstimatorState;
+use agentgate::domain::pricing::PriceTable;
+use agentgate::plugin;
 use agentgate::review::{Ballot, VoteError, cast_vote, get_job, render_votes, vote_rows, votes_on, whoami};
 use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Pod, ResourceQuota};
+use kube::Api;
+use kube::api::ListParams;
 use kube::{Client, ResourceExt};
 
 #[derive(Parser)]
@@ -14,13 +23,16 @@ use kube::{Client, ResourceExt};
     name = "kubectl-agentgate",
     bin_name = "kubectl agentgate",
     version,
-    about = "Vote on agentgate AgentJobs as yourself, and see how the votes were counted",
+    about = "Vote on agentgate AgentJobs, estimate them before submitting, and see infrastructure and usage",
     after_help = "Uses your kubeconfig (KUBECONFIG or ~/.kube/config) and its current context."
 )]
 struct Cli {
     /// Namespace of the job (default: the kubeconfig context's namespace, else "default").
     #[arg(short = 'n', long, global = true)]
     namespace: Option<String>,
+    /// Output of estimate, infra and stats: a table, or the report as JSON or YAML.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,6 +59,50 @@ enum Command {
     },
     /// List the job's votes: who voted, whether each counts and why.
     Votes { job: String },
+    /// What a job would cost, estimated as the operator would: the cluster's price table and
+    /// what it learned from earlier runs of the same jobType. Nothing is created.
+    Estimate {
+        /// The AgentJob manifest (YAML or JSON); `-` reads standard input.
+        #[arg(short = 'f', long = "filename")]
+        file: std::path::PathBuf,
+        /// Namespace the operator runs in (its price table and learned state live there).
+        #[arg(long, default_value = "agentgate-system")]
+        operator_namespace: String,
+        /// The price table ConfigMap in that namespace (as the chart names it).
+        #[arg(long, default_value = "agentgate-prices")]
+        price_config_map: String,
+    },
+    /// Tools with their readiness and rate limit in use, node capacity left for CPU, memory and
+    /// GPUs, and namespace quotas (of the namespace, or all with -A).
+    Infra {
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// Jobs by phase; tokens and USD by category and model; estimate accuracy and approval
+    /// latency, over jobs that finished (or were approved) within the window.
+    Stats {
+        /// How far back: 30m, 24h, 7d.
+        #[arg(long, default_value = "24h", value_parser = agentgate::plugin::parse_window)]
+        since: i64,
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+fn print_report<R: serde::Serialize>(output: Output, report: &R, table: impl FnOnce(&R) -> String) -> anyhow::Result<()> {
+    match output {
+        Output::Table => print!("{}", table(report)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(report)?),
+        Output::Yaml => print!("{}", serde_saphyr::to_string(report)?),
+    }
+    Ok(())
 }
 
 fn main() {
@@ -73,6 +129,56 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let votes = votes_on(&client, &namespace, &job.name_any()).await?;
             print!("{}", render_votes(&job, &vote_rows(&job, &votes)));
             Ok(())
+        }
+        Command::Estimate { file, operator_namespace, price_config_map } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(&file).map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?
+            };
+            let job: AgentJob = serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("{} is not an AgentJob: {e}", file.display()))?;
+            let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &operator_namespace);
+            async fn data(api: &Api<ConfigMap>, name: &str, key: &str) -> anyhow::Result<Option<String>> {
+                match api.get_opt(name).await {
+                    Ok(cm) => Ok(cm.and_then(|cm| cm.data?.remove(key))),
+                    Err(e) => Err(anyhow::anyhow!("reading configmap {}/{name}: {e}", api.namespace().unwrap_or_default())),
+                }
+            }
+            let prices = match data(&config_maps, &price_config_map, price_table::KEY).await? {
+                Some(yaml) => PriceTable::with_overrides_from_yaml(&yaml).map_err(anyhow::Error::msg)?,
+                None => PriceTable::builtin(),
+            };
+            let (state, warning) =
+                EstimatorState::from_json(data(&config_maps, estimator_store::CONFIG_MAP, estimator_store::KEY).await?.as_deref());
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
+            let report = plugin::estimate_report(&job, &state, &prices).map_err(|e| anyhow::anyhow!("{e}"))?;
+            print_report(cli.output, &report, plugin::EstimateReport::render)
+        }
+        Command::Infra { all_namespaces } => {
+            let scope = |all: bool| if all { None } else { Some(namespace.clone()) };
+            let tools = Api::<AgentTool>::all(client.clone()).list(&Default::default()).await?.items;
+            let nodes = Api::<Node>::all(client.clone()).list(&Default::default()).await?.items;
+            let pods = Api::<Pod>::all(client.clone())
+                .list(&ListParams::default().fields("status.phase!=Succeeded,status.phase!=Failed"))
+                .await?
+                .items;
+            let quotas = match scope(all_namespaces) {
+                Some(ns) => Api::<ResourceQuota>::namespaced(client.clone(), &ns).list(&Default::default()).await?.items,
+                None => Api::<ResourceQuota>::all(client.clone()).list(&Default::default()).await?.items,
+            };
+            fn arcs<T>(v: Vec<T>) -> Vec<std::sync::Arc<T>> {
+                v.into_iter().map(std::sync::Arc::new).collect()
+            }
+            let report = plugin::infra_report(&tools, &arcs(nodes), &arcs(pods), &arcs(quotas));
+            print_report(cli.output, &report, plugin::InfraReport::render)
+        }
+        Command::Stats { since, all_namespaces } => {
+            let api: Api<AgentJob> = if all_namespaces { Api::all(client.clone()) } else { Api::namespaced(client.clone(), &namespace) };
+            let jobs = api.list(&Default::default()).await?.items;
+            let report = plugin::stats_report(&jobs, k8s_openapi::jiff::Timestamp::now(), since);
+            print_report(cli.output, &report, plugin::StatsReport::render)
         }
     }
 }

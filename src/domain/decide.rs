@@ -512,7 +512,7 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
     plan.events.push(PlannedEvent { warning: false, reason: "AttemptStarted".into(), note: format!("{msg}{dropped}") });
 }
 
-fn over_budget(spec: &AgentJobSpec, cost_p90: MicroUsd, tokens_p90: i64) -> Option<String> {
+pub fn over_budget(spec: &AgentJobSpec, cost_p90: MicroUsd, tokens_p90: i64) -> Option<String> {
     // The schema admits only well-formed budgets; an unparsable one can only mean a stale CRD.
     let budget = MicroUsd::parse(&spec.budget.max_cost_usd);
     match budget {

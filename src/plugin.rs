@@ -1,0 +1,523 @@
+//! What `kubectl agentgate estimate | infra | stats` report, as pure functions over objects the
+//! plugin has read; the binary only fetches and prints. Every report serializes as JSON/YAML
+//! (`-o json|yaml`) and renders as a table.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota};
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use serde::Serialize;
+
+use crate::api::{AgentJob, AgentTool, JobPhase};
+use crate::controller::snapshot::{node_views, quota_views};
+use crate::domain::decide::{estimate_input, over_budget};
+use crate::domain::estimate::{Forecast, UnknownModels, estimate, prior_tokens};
+use crate::domain::learning::EstimatorState;
+use crate::domain::money::MicroUsd;
+use crate::domain::pricing::PriceTable;
+use crate::evaluation::median;
+
+/// Prints rows under a header, columns padded to their widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(String::len).chain([header[c].len()]).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", padded.join("   ").trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// estimate
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EstimateReport {
+    pub job: String,
+    pub job_type: String,
+    /// `prior`, `blend` or `history`, as the operator would say in status.estimate.method.
+    pub method: String,
+    /// Attempts of this jobType the cluster has learned from.
+    pub samples: usize,
+    pub tokens_p50: i64,
+    pub tokens_p90: i64,
+    #[serde(rename = "costUSDP50")]
+    pub cost_usd_p50: String,
+    #[serde(rename = "costUSDP90")]
+    pub cost_usd_p90: String,
+    /// None when it fits; else the reason the operator would reject the job with.
+    pub over_budget: Option<String>,
+    pub models: Vec<ModelEstimateRow>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelEstimateRow {
+    pub model: String,
+    /// Tokens the spec alone suggests (agents and declared tool calls).
+    pub prior_tokens: i64,
+    /// What history says of this jobType and model: runs use `learnedRatio` times their prior.
+    pub learned_ratio: Option<f64>,
+    pub learned_samples: u64,
+    pub tokens_p50: i64,
+    pub tokens_p90: i64,
+    #[serde(rename = "costUSDP50")]
+    pub cost_usd_p50: String,
+    #[serde(rename = "costUSDP90")]
+    pub cost_usd_p90: String,
+}
+
+/// The estimate the operator would make for `job` now, with how it was made.
+pub fn estimate_report(job: &AgentJob, state: &EstimatorState, prices: &PriceTable) -> Result<EstimateReport, UnknownModels> {
+    let input = estimate_input(job);
+    let stats = state.stats(&input.job_type);
+    let forecast: Forecast = estimate(&input, stats, prices)?;
+    let priors = prior_tokens(&input);
+    let models = forecast
+        .models
+        .iter()
+        .map(|m| {
+            let learned = stats.and_then(|s| s.models.get(&m.model)).filter(|l| l.n > 0);
+            ModelEstimateRow {
+                model: m.model.clone(),
+                prior_tokens: priors.get(&m.model).map_or(0, |p| p.total()),
+                learned_ratio: learned.map(|l| (l.location.exp() * 100.0).round() / 100.0),
+                learned_samples: learned.map_or(0, |l| l.n),
+                tokens_p50: m.tokens_p50,
+                tokens_p90: m.tokens_p90,
+                cost_usd_p50: m.cost_p50.to_string(),
+                cost_usd_p90: m.cost_p90.to_string(),
+            }
+        })
+        .collect();
+    Ok(EstimateReport {
+        job: job.name_any(),
+        job_type: input.job_type,
+        method: forecast.method.to_string(),
+        samples: forecast.samples,
+        tokens_p50: forecast.tokens_p50,
+        tokens_p90: forecast.tokens_p90,
+        cost_usd_p50: forecast.cost_p50.to_string(),
+        cost_usd_p90: forecast.cost_p90.to_string(),
+        over_budget: over_budget(&job.spec, forecast.cost_p90, forecast.tokens_p90),
+        models,
+    })
+}
+
+impl EstimateReport {
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "{} (jobType {}): {} tokens p50, {} p90; ${} p50, ${} p90\n",
+            self.job, self.job_type, self.tokens_p50, self.tokens_p90, self.cost_usd_p50, self.cost_usd_p90
+        );
+        let how = match self.method.as_str() {
+            "prior" => "from the spec alone (no run of this jobType recorded yet)".to_string(),
+            _ => format!("{} of the spec's prior and {} recorded run(s) of this jobType", self.method, self.samples),
+        };
+        let _ = writeln!(out, "method: {how}");
+        let _ = writeln!(out, "budget: {}\n", self.over_budget.as_deref().unwrap_or("fits (p90 within budget)"));
+        let rows: Vec<Vec<String>> = self
+            .models
+            .iter()
+            .map(|m| {
+                vec![
+                    m.model.clone(),
+                    m.prior_tokens.to_string(),
+                    m.learned_ratio.map_or("-".into(), |r| format!("x{r} ({} runs)", m.learned_samples)),
+                    m.tokens_p50.to_string(),
+                    m.tokens_p90.to_string(),
+                    format!("${}", m.cost_usd_p50),
+                    format!("${}", m.cost_usd_p90),
+                ]
+            })
+            .collect();
+        out + &table(&["MODEL", "PRIOR TOKENS", "LEARNED", "TOKENS P50", "TOKENS P90", "COST P50", "COST P90"], &rows)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// infra
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct InfraReport {
+    pub tools: Vec<ToolRow>,
+    pub nodes: Vec<NodeRow>,
+    pub quotas: Vec<QuotaRow>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolRow {
+    pub name: String,
+    pub ready: bool,
+    pub ready_endpoints: i32,
+    /// Calls per minute the tool allows.
+    pub rate_limit: i32,
+    /// Calls per minute reserved by running jobs.
+    pub in_use: i32,
+    pub discovered_from: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRow {
+    pub name: String,
+    pub schedulable: bool,
+    /// Allocatable minus the requests of the node's running Pods.
+    pub cpu_free_milli: i128,
+    pub memory_free_bytes: i128,
+    /// Extended resources (GPUs) left, by resource name.
+    pub extended_free: BTreeMap<String, i128>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QuotaRow {
+    pub namespace: String,
+    pub name: String,
+    pub resource: String,
+    pub used: String,
+    pub hard: String,
+}
+
+pub fn infra_report(tools: &[AgentTool], nodes: &[Arc<Node>], pods: &[Arc<Pod>], quotas: &[Arc<ResourceQuota>]) -> InfraReport {
+    let tools = tools
+        .iter()
+        .map(|t| {
+            let status = t.status.clone().unwrap_or_default();
+            ToolRow {
+                name: t.name_any(),
+                ready: status.ready,
+                ready_endpoints: status.ready_endpoints,
+                rate_limit: t.spec.rate_limit,
+                in_use: status.in_use,
+                discovered_from: status.discovered_from,
+            }
+        })
+        .collect();
+    let nodes = node_views(nodes, pods)
+        .into_iter()
+        .map(|n| NodeRow {
+            name: n.name,
+            schedulable: n.schedulable,
+            cpu_free_milli: n.free.cpu_milli,
+            memory_free_bytes: n.free.memory_bytes,
+            extended_free: n.free.extended,
+        })
+        .collect();
+    let mut namespaces: Vec<String> = quotas.iter().filter_map(|q| q.namespace()).collect();
+    namespaces.dedup();
+    let quotas = namespaces
+        .iter()
+        .flat_map(|ns| {
+            quota_views(quotas, ns).into_iter().flat_map(move |q| {
+                q.hard
+                    .iter()
+                    .map(|(resource, hard)| QuotaRow {
+                        namespace: ns.clone(),
+                        name: q.name.clone(),
+                        resource: resource.clone(),
+                        used: thousandths(q.used.get(resource).copied().unwrap_or(0)),
+                        hard: thousandths(*hard),
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    InfraReport { tools, nodes, quotas }
+}
+
+/// Quota figures are parsed in thousandths: `1500` is `1.5`, `2000` is `2`.
+fn thousandths(v: i128) -> String {
+    if v % 1000 == 0 { (v / 1000).to_string() } else { format!("{}", v as f64 / 1000.0) }
+}
+
+fn gib(bytes: i128) -> String {
+    format!("{:.1}Gi", bytes as f64 / (1u64 << 30) as f64)
+}
+
+impl InfraReport {
+    pub fn render(&self) -> String {
+        let tools: Vec<Vec<String>> = self
+            .tools
+            .iter()
+            .map(|t| {
+                vec![
+                    t.name.clone(),
+                    if t.ready { "Ready".into() } else { "NotReady".into() },
+                    t.ready_endpoints.to_string(),
+                    format!("{}/{}", t.in_use, t.rate_limit),
+                    t.discovered_from.clone().unwrap_or_else(|| "-".into()),
+                ]
+            })
+            .collect();
+        let nodes: Vec<Vec<String>> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                let extended = n.extended_free.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+                vec![
+                    n.name.clone(),
+                    if n.schedulable { "yes".into() } else { "no".into() },
+                    format!("{}m", n.cpu_free_milli),
+                    gib(n.memory_free_bytes),
+                    if extended.is_empty() { "-".into() } else { extended },
+                ]
+            })
+            .collect();
+        let quotas: Vec<Vec<String>> = self
+            .quotas
+            .iter()
+            .map(|q| vec![q.namespace.clone(), q.name.clone(), q.resource.clone(), format!("{}/{}", q.used, q.hard)])
+            .collect();
+        let mut out = String::from("TOOLS\n");
+        out += &table(&["NAME", "STATUS", "ENDPOINTS", "IN USE/RATE LIMIT (calls/min)", "DISCOVERED FROM"], &tools);
+        out += "\nNODE CAPACITY LEFT\n";
+        out += &table(&["NODE", "SCHEDULABLE", "CPU", "MEMORY", "EXTENDED (GPU)"], &nodes);
+        out += "\nNAMESPACE QUOTAS\n";
+        if quotas.is_empty() {
+            out += "none\n";
+        } else {
+            out += &table(&["NAMESPACE", "QUOTA", "RESOURCE", "USED/HARD"], &quotas);
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// stats
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsReport {
+    pub window_seconds: i64,
+    /// Every job in scope by phase, whatever its age.
+    pub jobs_by_phase: BTreeMap<String, usize>,
+    /// Usage of jobs that finished within the window.
+    pub usage: Vec<UsageRow>,
+    pub estimate_accuracy: Accuracy,
+    pub approval_latency: Latency,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UsageRow {
+    pub category: String,
+    pub model: String,
+    pub jobs: usize,
+    pub tokens: i64,
+    #[serde(rename = "costUSD")]
+    pub cost_usd: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Accuracy {
+    /// Succeeded jobs in the window with an estimate and usage.
+    pub jobs: usize,
+    /// Median of actual tokens over the p50 estimate (1.0 is exact).
+    pub median_ratio: Option<f64>,
+    /// Share of those jobs that used at most their p90 estimate (calibrated: about 0.9).
+    pub within_p90: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Latency {
+    /// Jobs approved within the window.
+    pub jobs: usize,
+    /// Seconds from creation to Approved.
+    pub p50_seconds: Option<i64>,
+    pub p90_seconds: Option<i64>,
+}
+
+pub fn stats_report(jobs: &[AgentJob], now: Timestamp, window_seconds: i64) -> StatsReport {
+    let since = now.as_second() - window_seconds;
+    let mut report = StatsReport { window_seconds, ..Default::default() };
+    let mut usage: BTreeMap<(String, String), (usize, i64, MicroUsd)> = BTreeMap::new();
+    let (mut ratios, mut within, mut latencies) = (Vec::new(), 0, Vec::new());
+    for job in jobs {
+        let status = job.status.clone().unwrap_or_default();
+        let phase = status.phase.map_or("New", JobPhase::as_str);
+        *report.jobs_by_phase.entry(phase.to_string()).or_default() += 1;
+        let finished_in_window = status.completion_time.as_ref().is_some_and(|t| t.0.as_second() >= since);
+        if let (true, Some(u)) = (finished_in_window, &status.usage) {
+            for m in &u.models {
+                let entry = usage.entry((job.spec.category.clone(), m.model.clone())).or_default();
+                entry.0 += 1;
+                entry.1 += m.input_tokens + m.cached_input_tokens + m.output_tokens;
+                entry.2 = entry.2.saturating_add(MicroUsd::parse(&m.cost_usd).unwrap_or_default());
+            }
+            if let (Some(JobPhase::Succeeded), Some(e)) = (status.phase, &status.estimate) {
+                if e.tokens.p50 > 0 {
+                    ratios.push(u.total_tokens as f64 / e.tokens.p50 as f64);
+                    within += usize::from(u.total_tokens <= e.tokens.p90);
+                }
+            }
+        }
+        let approved = status.conditions.iter().find(|c| c.type_ == crate::domain::decide::condition::APPROVED && c.status == "True");
+        if let (Some(approved), Some(created)) = (approved, job.metadata.creation_timestamp.as_ref()) {
+            if approved.last_transition_time.0.as_second() >= since {
+                latencies.push((approved.last_transition_time.0.as_second() - created.0.as_second()) as f64);
+            }
+        }
+    }
+    report.usage = usage
+        .into_iter()
+        .map(|((category, model), (jobs, tokens, cost))| UsageRow { category, model, jobs, tokens, cost_usd: cost.to_string() })
+        .collect();
+    report.estimate_accuracy = Accuracy {
+        jobs: ratios.len(),
+        within_p90: (!ratios.is_empty()).then(|| within as f64 / ratios.len() as f64),
+        median_ratio: median(ratios).map(|r| (r * 100.0).round() / 100.0),
+    };
+    latencies.sort_by(f64::total_cmp);
+    let quantile = |q: f64| (!latencies.is_empty()).then(|| latencies[((latencies.len() - 1) as f64 * q).round() as usize] as i64);
+    report.approval_latency = Latency { jobs: latencies.len(), p50_seconds: quantile(0.5), p90_seconds: quantile(0.9) };
+    report
+}
+
+impl StatsReport {
+    pub fn render(&self) -> String {
+        let phases: Vec<Vec<String>> = self.jobs_by_phase.iter().map(|(p, n)| vec![p.clone(), n.to_string()]).collect();
+        let usage: Vec<Vec<String>> = self
+            .usage
+            .iter()
+            .map(|u| vec![u.category.clone(), u.model.clone(), u.jobs.to_string(), u.tokens.to_string(), format!("${}", u.cost_usd)])
+            .collect();
+        let mut out = String::from("JOBS\n");
+        out += &table(&["PHASE", "JOBS"], &phases);
+        let _ = writeln!(out, "\nUSAGE OF JOBS FINISHED IN THE LAST {}", duration(self.window_seconds));
+        out += &table(&["CATEGORY", "MODEL", "JOBS", "TOKENS", "COST"], &usage);
+        let a = &self.estimate_accuracy;
+        let _ = writeln!(
+            out,
+            "\nESTIMATE ACCURACY ({} succeeded jobs): actual/p50 median {}, within p90 {}",
+            a.jobs,
+            a.median_ratio.map_or("-".into(), |r| format!("{r:.2}")),
+            a.within_p90.map_or("-".into(), |w| format!("{:.0}%", w * 100.0))
+        );
+        let l = &self.approval_latency;
+        let _ = writeln!(
+            out,
+            "APPROVAL LATENCY ({} approved jobs): p50 {}, p90 {}",
+            l.jobs,
+            l.p50_seconds.map_or("-".into(), |s| duration(s)),
+            l.p90_seconds.map_or("-".into(), |s| duration(s))
+        );
+        out
+    }
+}
+
+fn duration(seconds: i64) -> String {
+    match seconds {
+        s if s % 86_400 == 0 && s > 0 => format!("{}d", s / 86_400),
+        s if s % 3_600 == 0 && s > 0 => format!("{}h", s / 3_600),
+        s if s >= 60 => format!("{}m{}s", s / 60, s % 60),
+        s => format!("{s}s"),
+    }
+}
+
+/// `30m`, `24h`, `7d` or plain seconds.
+pub fn parse_window(text: &str) -> Result<i64, String> {
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: i64 = number.parse().map_err(|_| format!("{text:?}: expected a number with s, m, h or d"))?;
+    let factor = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3_600,
+        "d" => 86_400,
+        _ => return Err(format!("{text:?}: unit must be s, m, h or d")),
+    };
+    n.checked_mul(factor).filter(|s| *s > 0).ok_or_else(|| format!("{text:?}: out of range"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn job(name: &str, status: serde_json::Value) -> AgentJob {
+        serde_json::from_value(json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+            "metadata": {"name": name, "namespace": "ns", "creationTimestamp": "2026-11-24T10:00:00Z"},
+            "spec": {"jobType": "scan", "category": "sec", "agents": {"primary": {"name": "a", "image": "i", "model": "gpt-4o-mini"}},
+                     "budget": {"maxCostUSD": "0.01"}},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn windows_parse_with_units() {
+        assert_eq!(parse_window("90"), Ok(90));
+        assert_eq!(parse_window("30m"), Ok(1_800));
+        assert_eq!(parse_window("7d"), Ok(604_800));
+        assert!(parse_window("1w").is_err() && parse_window("0h").is_err() && parse_window("h").is_err());
+    }
+
+    #[test]
+    fn estimate_says_how_it_was_made_and_whether_it_fits() {
+        let j = job("a", json!({}));
+        let prior = estimate_report(&j, &EstimatorState::default(), &PriceTable::builtin()).unwrap();
+        assert_eq!((prior.method.as_str(), prior.samples), ("prior", 0));
+        assert_eq!(prior.models[0].prior_tokens, 7_500);
+        assert_eq!(prior.over_budget, None, "7,500 tokens of gpt-4o-mini cost far less than a cent");
+        let mut state = EstimatorState::default();
+        let big = [("gpt-4o-mini".to_string(), crate::domain::pricing::TokenCounts { input: 900_000, cached_input: 0, output: 100_000 })];
+        for i in 0..3 {
+            state.record(&format!("u/{i}"), "scan", &big.clone().into(), &prior_tokens(&estimate_input(&j)));
+        }
+        let learned = estimate_report(&j, &state, &PriceTable::builtin()).unwrap();
+        assert_eq!((learned.method.as_str(), learned.samples), ("blend", 3));
+        assert_eq!(learned.models[0].learned_ratio, Some(133.33), "1,000,000 / 7,500");
+        assert!(learned.over_budget.as_deref().is_some_and(|r| r.contains("exceeds budget.maxCostUSD")), "{learned:?}");
+        assert!(learned.render().contains("x133.33 (3 runs)"));
+    }
+
+    #[test]
+    fn stats_count_phases_usage_accuracy_and_approval_latency() {
+        let finished = |name: &str, total: i64, p50: i64, p90: i64, approved_after: i64| {
+            let approved = Timestamp::from_second(1_795_514_400 + approved_after).unwrap().to_string();
+            job(
+                name,
+                json!({
+                    "phase": "Succeeded", "completionTime": "2026-11-24T11:00:00Z",
+                    "conditions": [{"type": "Approved", "status": "True", "reason": "Approved", "message": "", "lastTransitionTime": approved}],
+                    "estimate": {"generation": 1, "tokens": {"p50": p50, "p90": p90}, "costUSD": {"p50": "0.01", "p90": "0.03"}, "method": "prior", "samples": 0},
+                    "usage": {"inputTokens": total, "cachedInputTokens": 0, "outputTokens": 0, "totalTokens": total, "costUSD": "0.02",
+                              "models": [{"model": "gpt-4o-mini", "inputTokens": total, "cachedInputTokens": 0, "outputTokens": 0, "costUSD": "0.02"}]},
+                }),
+            )
+        };
+        let jobs = vec![
+            finished("a", 1_000, 1_000, 3_000, 60),
+            finished("b", 4_000, 1_000, 3_000, 120),
+            finished("c", 2_000, 1_000, 3_000, 600),
+            job("d", json!({"phase": "AwaitingApproval"})),
+        ];
+        let now = Timestamp::from_second(1_795_514_400 + 7_200).unwrap(); // 12:00
+        let report = stats_report(&jobs, now, 86_400);
+        assert_eq!(report.jobs_by_phase, [("AwaitingApproval".to_string(), 1), ("Succeeded".to_string(), 3)].into());
+        assert_eq!(
+            report.usage,
+            vec![UsageRow { category: "sec".into(), model: "gpt-4o-mini".into(), jobs: 3, tokens: 7_000, cost_usd: "0.06".into() }]
+        );
+        assert_eq!(report.estimate_accuracy, Accuracy { jobs: 3, median_ratio: Some(2.0), within_p90: Some(2.0 / 3.0) });
+        assert_eq!(report.approval_latency, Latency { jobs: 3, p50_seconds: Some(120), p90_seconds: Some(600) });
+        let narrow = stats_report(&jobs, now, 60);
+        assert!(narrow.usage.is_empty() && narrow.approval_latency.jobs == 0, "nothing finished in the last minute");
+        assert!(report.render().contains("within p90 67%"));
+    }
+}
