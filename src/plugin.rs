@@ -359,11 +359,11 @@ pub fn stats_report(jobs: &[AgentJob], now: Timestamp, window_seconds: i64) -> S
                 entry.1 += m.input_tokens + m.cached_input_tokens + m.output_tokens;
                 entry.2 = entry.2.saturating_add(MicroUsd::parse(&m.cost_usd).unwrap_or_default());
             }
-            if let (Some(JobPhase::Succeeded), Some(e)) = (status.phase, &status.estimate) {
-                if e.tokens.p50 > 0 {
-                    ratios.push(u.total_tokens as f64 / e.tokens.p50 as f64);
-                    within += usize::from(u.total_tokens <= e.tokens.p90);
-                }
+            if let (Some(JobPhase::Succeeded), Some(e)) = (status.phase, &status.estimate)
+                && e.tokens.p50 > 0
+            {
+                ratios.push(u.total_tokens as f64 / e.tokens.p50 as f64);
+                within += usize::from(u.total_tokens <= e.tokens.p90);
             }
         }
         let approved = status.conditions.iter().find(|c| c.type_ == crate::domain::decide::condition::APPROVED && c.status == "True");
