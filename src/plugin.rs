@@ -367,10 +367,10 @@ pub fn stats_report(jobs: &[AgentJob], now: Timestamp, window_seconds: i64) -> S
             }
         }
         let approved = status.conditions.iter().find(|c| c.type_ == crate::domain::decide::condition::APPROVED && c.status == "True");
-        if let (Some(approved), Some(created)) = (approved, job.metadata.creation_timestamp.as_ref()) {
-            if approved.last_transition_time.0.as_second() >= since {
-                latencies.push((approved.last_transition_time.0.as_second() - created.0.as_second()) as f64);
-            }
+        if let (Some(approved), Some(created)) = (approved, job.metadata.creation_timestamp.as_ref())
+            && approved.last_transition_time.0.as_second() >= since
+        {
+            latencies.push((approved.last_transition_time.0.as_second() - created.0.as_second()) as f64);
         }
     }
     report.usage = usage
