@@ -413,8 +413,8 @@ impl StatsReport {
             out,
             "APPROVAL LATENCY ({} approved jobs): p50 {}, p90 {}",
             l.jobs,
-            l.p50_seconds.map_or("-".into(), |s| duration(s)),
-            l.p90_seconds.map_or("-".into(), |s| duration(s))
+            l.p50_seconds.map_or("-".into(), duration),
+            l.p90_seconds.map_or("-".into(), duration)
         );
         out
     }

@@ -1,7 +1,7 @@
 //! AgentJob reconciler: dereference → decide → build → apply → report.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -53,6 +53,12 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     let namespace = job.namespace().unwrap_or_default();
     let name = job.name_any();
     let uid = job.metadata.uid.clone().unwrap_or_default();
+    if ctx.status_writes.predates_own_write(&uid, job.resource_version().as_deref()) {
+        // A vote or Pod event woke us before the watch delivered our own last status write: any
+        // decision now would be made on a stale copy and refused with a 409. That write's watch
+        // event triggers the reconcile that counts; the requeue is only a safety net.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
     let generation = job.metadata.generation.unwrap_or(1);
     let old_status = job.status.clone().unwrap_or_default();
 
@@ -280,7 +286,11 @@ async fn write_status(job: &AgentJob, ctx: &Context, status: &AgentJobStatus) ->
         "metadata": {"resourceVersion": job.resource_version()},
         "status": status,
     });
-    api.patch_status(&job.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch)).await?;
+    let written = api.patch_status(&job.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch)).await?;
+    // A no-op apply keeps the version, and the cache would then never move past it.
+    if written.resource_version() != job.resource_version() {
+        ctx.status_writes.wrote_over(job.metadata.uid.as_deref().unwrap_or_default(), job.resource_version());
+    }
     Ok(())
 }
 

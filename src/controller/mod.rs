@@ -108,6 +108,42 @@ pub struct Context {
     pub secret_watch: agent_tool::SecretWatch,
     /// What the cost estimator learned from finished attempts, persisted by its own writer.
     pub learner: Arc<estimator_store::Learner>,
+    pub status_writes: StatusWrites,
+}
+
+/// The resourceVersion each job had when this operator last wrote its status, until the watch
+/// cache shows a newer one: a cached copy still at that version has not seen the write.
+#[derive(Default)]
+pub struct StatusWrites(std::sync::Mutex<std::collections::HashMap<String, String>>);
+
+impl StatusWrites {
+    /// Beyond this many jobs written and not reconciled since, forget them all: the worst a
+    /// forgotten entry costs is one status write refused with a 409, as without this guard.
+    const CAP: usize = 50_000;
+
+    pub fn wrote_over(&self, uid: &str, previous_version: Option<String>) {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.len() >= Self::CAP {
+            map.clear();
+        }
+        if let Some(version) = previous_version {
+            map.insert(uid.to_string(), version);
+        }
+    }
+
+    /// True while the cached copy is the one the last write replaced; forgets the job once the
+    /// cache has moved past it.
+    pub fn predates_own_write(&self, uid: &str, cached_version: Option<&str>) -> bool {
+        let mut map = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match map.get(uid) {
+            Some(replaced) if Some(replaced.as_str()) == cached_version => true,
+            Some(_) => {
+                map.remove(uid);
+                false
+            }
+            None => false,
+        }
+    }
 }
 
 /// Liveness and readiness as /healthz and /readyz report them.
@@ -195,6 +231,7 @@ pub async fn run(
         tool_requeue,
         secret_watch: agent_tool::SecretWatch::default(),
         learner: learner.clone(),
+        status_writes: StatusWrites::default(),
     });
     // Woken by every Service and AgentTool change; see discovery.rs.
     let discovery_trigger = Arc::new(tokio::sync::Notify::new());
