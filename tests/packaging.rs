@@ -33,7 +33,12 @@ fn the_chart_ships_the_same_admission_policies_as_deploy() {
 
 #[test]
 fn operator_rbac_has_no_wildcards() {
-    for path in ["deploy/rbac.yaml", "charts/agentgate/templates/clusterrole.yaml"] {
+    for path in [
+        "deploy/agentgate.yaml",
+        "charts/agentgate/templates/clusterrole.yaml",
+        "charts/agentgate/templates/role-leader-election.yaml",
+        "charts/agentgate/templates/role-secrets.yaml",
+    ] {
         let text = read(path);
         for (n, line) in text.lines().enumerate() {
             let code = line.split('#').next().unwrap_or_default();

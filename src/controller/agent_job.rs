@@ -344,6 +344,9 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
         }
     }
     if new.phase != old.phase {
+        if let Some(phase) = new.phase.filter(|p| p.is_terminal()) {
+            ctx.metrics.count_finished(phase.as_str(), &job.spec.category);
+        }
         if let Some(err) = new.usage.as_ref().and_then(|u| u.estimate_error_percent).filter(|_| new.phase == Some(JobPhase::Succeeded)) {
             ctx.metrics.estimate_error_percent.observe(err as f64);
         }
