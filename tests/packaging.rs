@@ -34,7 +34,8 @@ fn the_chart_ships_the_same_admission_policies_as_deploy() {
 #[test]
 fn operator_rbac_has_no_wildcards() {
     // deploy/agentgate.yaml is the rendered chart: check every rule of every Role it holds.
-    let objects: Vec<serde_json::Value> = serde_saphyr::from_multiple(&read("deploy/agentgate.yaml")).expect("deploy/agentgate.yaml parses");
+    let objects: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&read("deploy/agentgate.yaml")).expect("deploy/agentgate.yaml parses");
     let roles: Vec<_> = objects.iter().filter(|o| matches!(o["kind"].as_str(), Some("ClusterRole" | "Role"))).collect();
     assert!(roles.len() >= 2, "expected the operator's ClusterRole and its leader-election Role");
     for role in roles {

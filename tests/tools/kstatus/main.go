@@ -10,6 +10,7 @@ import (
 	"os"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	utiljson "k8s.io/apimachinery/pkg/util/json"
 	"sigs.k8s.io/cli-utils/pkg/kstatus/status"
 )
 
@@ -25,10 +26,15 @@ func main() {
 	dec := json.NewDecoder(os.Stdin)
 	out := json.NewEncoder(os.Stdout)
 	for {
-		var obj map[string]interface{}
-		if err := dec.Decode(&obj); err == io.EOF {
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err == io.EOF {
 			return
 		} else if err != nil {
+			fail(err)
+		}
+		// Kubernetes' JSON decoding: integers become int64, as unstructured accessors expect.
+		var obj map[string]interface{}
+		if err := utiljson.Unmarshal(raw, &obj); err != nil {
 			fail(err)
 		}
 		objs := []map[string]interface{}{obj}
