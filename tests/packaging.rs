@@ -72,3 +72,15 @@ fn the_argocd_cm_snippet_carries_the_health_scripts_verbatim() {
         assert_eq!(cm["data"][key].as_str(), Some(read(file).as_str()), "argocd-cm.yaml's {key} differs from {file}");
     }
 }
+
+#[test]
+fn the_image_runs_as_the_user_the_chart_expects() {
+    let dockerfile = read("Dockerfile");
+    let runtime = dockerfile.rsplit("\nFROM ").next().unwrap();
+    let user = runtime.lines().find_map(|l| l.strip_prefix("USER ")).expect("the runtime stage sets USER");
+    let values: serde_json::Value = serde_saphyr::from_str(&read("charts/agentgate/values.yaml")).unwrap();
+    let uid = values["securityContext"]["runAsUser"].as_i64().unwrap();
+    let gid = values["securityContext"]["runAsGroup"].as_i64().unwrap();
+    assert_eq!(user, format!("{uid}:{gid}"), "Dockerfile USER and the chart's securityContext disagree");
+    assert!(runtime.contains(r#"ENTRYPOINT ["/usr/local/bin/agentgate"]"#), "the chart's args start with the subcommand `run`");
+}
