@@ -35,8 +35,10 @@ manifests: tools
 	} > deploy/agentgate.yaml.tmp && mv deploy/agentgate.yaml.tmp deploy/agentgate.yaml
 
 # Every test: unit tests of the pure logic and integration tests against a real control plane.
+# tests/otel.rs needs the optional `otel` feature, so it runs in a second, feature-on build.
 test: controlplane tools
 	$(CARGO) test --all-targets --no-fail-fast
+	$(CARGO) test --features otel --test otel
 
 unit:
 	$(CARGO) test --lib

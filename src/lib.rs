@@ -7,3 +7,4 @@ pub mod leader;
 pub mod metrics;
 pub mod review;
 pub mod server;
+pub mod telemetry;

@@ -26,6 +26,9 @@ use crate::metrics::UsageLabels;
 /// How many finished runs of a job type the estimator looks at.
 const HISTORY_WINDOW: usize = 50;
 
+// The span covers the whole reconcile, API calls included (kube-runtime's own "reconciling object"
+// span is only entered while the future is built); with the `otel` feature it becomes a trace.
+#[tracing::instrument(name = "reconcile AgentJob", skip_all, fields(namespace = job.metadata.namespace.as_deref().unwrap_or_default(), job = %job.name_any()))]
 pub async fn reconcile(job: Arc<AgentJob>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let result = reconcile_inner(&job, &ctx).await;
