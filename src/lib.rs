@@ -9,3 +9,4 @@ pub mod metrics;
 pub mod plugin;
 pub mod review;
 pub mod server;
+pub mod telemetry;

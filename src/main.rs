@@ -148,12 +148,7 @@ fn load_prices(path: Option<&std::path::Path>) -> anyhow::Result<PriceTable> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    if args.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    let _telemetry = agentgate::telemetry::init(args.log_json)?;
 
     let prices = load_prices(args.price_table.as_deref())?;
     let client = kube::Client::try_default().await?;

@@ -1,6 +1,9 @@
 //! Prometheus metrics, served on /metrics.
 
+use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
+
+use kube::runtime::reflector::Store;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,6 +15,17 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FinishedLabels {
+    pub phase: String,
+    pub category: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolLabels {
+    pub tool: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,6 +56,11 @@ pub struct Metrics {
     pub cost_usd: Family<UsageLabels, Counter<f64, AtomicU64>>,
     pub estimate_error_ratio: Family<JobTypeLabels, Histogram>,
     pub pods_created: Counter,
+    pub jobs_finished: Family<FinishedLabels, Counter>,
+    pub tool_ready: Family<ToolLabels, Gauge>,
+    /// The AgentTool cache, set once the controllers run: tool readiness is read from it at
+    /// scrape time, so a deleted tool leaves no stale series behind.
+    pub tools: OnceLock<Store<crate::api::AgentTool>>,
 }
 
 impl Default for Metrics {
@@ -60,6 +79,8 @@ impl Default for Metrics {
             Histogram::new([0.1, 0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0])
         });
         let pods_created = Counter::default();
+        let jobs_finished = Family::<FinishedLabels, Counter>::default();
+        let tool_ready = Family::<ToolLabels, Gauge>::default();
         registry.register("jobs", "AgentJobs by phase", jobs.clone());
         registry.register("reconciles", "Reconciles by kind and result", reconciles.clone());
         registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_seconds.clone());
@@ -73,6 +94,12 @@ impl Default for Metrics {
             estimate_error_ratio.clone(),
         );
         registry.register("pods_created", "Agent Pods created", pods_created.clone());
+        registry.register(
+            "jobs_finished",
+            "AgentJobs entering a final phase (Succeeded, Failed, Rejected), by phase and category",
+            jobs_finished.clone(),
+        );
+        registry.register("tool_ready", "1 when the AgentTool is Ready, 0 when not", tool_ready.clone());
         Metrics {
             registry,
             jobs,
@@ -84,6 +111,9 @@ impl Default for Metrics {
             cost_usd,
             estimate_error_ratio,
             pods_created,
+            jobs_finished,
+            tool_ready,
+            tools: OnceLock::new(),
         }
     }
 }
@@ -92,6 +122,20 @@ impl Metrics {
     pub fn count_reconcile(&self, kind: &str, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.reconciles.get_or_create(&ReconcileLabels { kind: kind.into(), result: result.into() }).inc();
+    }
+
+    pub fn count_finished(&self, phase: &str, category: &str) {
+        self.jobs_finished.get_or_create(&FinishedLabels { phase: phase.into(), category: category.into() }).inc();
+    }
+
+    /// Rebuilds `tool_ready` from the tool cache.
+    pub fn refresh_tools(&self) {
+        let Some(tools) = self.tools.get() else { return };
+        self.tool_ready.clear();
+        for tool in tools.state() {
+            let ready = tool.status.as_ref().is_some_and(|s| s.ready);
+            self.tool_ready.get_or_create(&ToolLabels { tool: kube::ResourceExt::name_any(tool.as_ref()) }).set(i64::from(ready));
+        }
     }
 
     pub fn encode(&self) -> String {

@@ -51,5 +51,6 @@ async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
             state.metrics.jobs.get_or_create(&PhaseLabels { phase: phase.as_str().into() }).set(n as i64);
         }
     }
+    state.metrics.refresh_tools();
     ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
 }

@@ -33,7 +33,23 @@ fn the_chart_ships_the_same_admission_policies_as_deploy() {
 
 #[test]
 fn operator_rbac_has_no_wildcards() {
-    for path in ["deploy/rbac.yaml", "charts/agentgate/templates/clusterrole.yaml"] {
+    // deploy/agentgate.yaml is the rendered chart: check every rule of every Role it holds.
+    let objects: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(&read("deploy/agentgate.yaml")).expect("deploy/agentgate.yaml parses");
+    let roles: Vec<_> = objects.iter().filter(|o| matches!(o["kind"].as_str(), Some("ClusterRole" | "Role"))).collect();
+    assert!(roles.len() >= 2, "expected the operator's ClusterRole and its leader-election Role");
+    for role in roles {
+        for rule in role["rules"].as_array().expect("rules") {
+            for field in ["apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"] {
+                for v in rule[field].as_array().into_iter().flatten() {
+                    let v = v.as_str().unwrap();
+                    assert!(!v.contains('*'), "{} {}: wildcard {v:?} in {field}", role["kind"], role["metadata"]["name"]);
+                }
+            }
+        }
+    }
+    // Templates behind values (rbac.secrets.namespaces) do not render by default: read their text.
+    for path in ["charts/agentgate/templates/clusterrole.yaml", "charts/agentgate/templates/role-secrets.yaml"] {
         let text = read(path);
         for (n, line) in text.lines().enumerate() {
             let code = line.split('#').next().unwrap_or_default();
@@ -44,4 +60,27 @@ fn operator_rbac_has_no_wildcards() {
             );
         }
     }
+}
+
+#[test]
+fn the_argocd_cm_snippet_carries_the_health_scripts_verbatim() {
+    let cm: serde_json::Value = serde_saphyr::from_str(&read("charts/agentgate/argocd/argocd-cm.yaml")).expect("argocd-cm.yaml parses");
+    for (key, file) in [
+        ("resource.customizations.health.agentgate.dev_AgentJob", "charts/agentgate/argocd/agentjob-health.lua"),
+        ("resource.customizations.health.agentgate.dev_AgentTool", "charts/agentgate/argocd/agenttool-health.lua"),
+    ] {
+        assert_eq!(cm["data"][key].as_str(), Some(read(file).as_str()), "argocd-cm.yaml's {key} differs from {file}");
+    }
+}
+
+#[test]
+fn the_image_runs_as_the_user_the_chart_expects() {
+    let dockerfile = read("Dockerfile");
+    let runtime = dockerfile.rsplit("\nFROM ").next().unwrap();
+    let user = runtime.lines().find_map(|l| l.strip_prefix("USER ")).expect("the runtime stage sets USER");
+    let values: serde_json::Value = serde_saphyr::from_str(&read("charts/agentgate/values.yaml")).unwrap();
+    let uid = values["securityContext"]["runAsUser"].as_i64().unwrap();
+    let gid = values["securityContext"]["runAsGroup"].as_i64().unwrap();
+    assert_eq!(user, format!("{uid}:{gid}"), "Dockerfile USER and the chart's securityContext disagree");
+    assert!(runtime.contains(r#"ENTRYPOINT ["/usr/local/bin/agentgate"]"#), "the chart's args start with the subcommand `run`");
 }

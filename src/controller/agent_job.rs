@@ -23,6 +23,9 @@ use crate::domain::report::tokens_of;
 use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
 use crate::metrics::{JobTypeLabels, UsageLabels};
 
+// The span covers the whole reconcile, API calls included (kube-runtime's own "reconciling object"
+// span is only entered while the future is built); with the `otel` feature it becomes a trace.
+#[tracing::instrument(name = "reconcile AgentJob", skip_all, fields(namespace = job.metadata.namespace.as_deref().unwrap_or_default(), job = %job.name_any()))]
 pub async fn reconcile(job: Arc<AgentJob>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
     let result = reconcile_inner(&job, &ctx).await;
@@ -338,6 +341,9 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
         }
     }
     if new.phase != old.phase {
+        if let Some(phase) = new.phase.filter(|p| p.is_terminal()) {
+            ctx.metrics.count_finished(phase.as_str(), &job.spec.category);
+        }
         if let Some(err) = new.usage.as_ref().and_then(|u| u.estimate_error_percent).filter(|_| new.phase == Some(JobPhase::Succeeded)) {
             let labels = JobTypeLabels { job_type: job_type(job) };
             ctx.metrics.estimate_error_ratio.get_or_create(&labels).observe(1.0 + err as f64 / 100.0);

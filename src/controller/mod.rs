@@ -217,6 +217,7 @@ pub async fn run(
     let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone());
     let caches = Caches { jobs, pods, nodes, quotas, tools, votes, services, endpoint_slices };
     let _ = jobs_for_metrics.set(caches.jobs.clone());
+    let _ = metrics.tools.set(caches.tools.clone());
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
     let reporter = Reporter { controller: "agentgate".into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
