@@ -553,6 +553,7 @@ async fn a_pod_name_taken_by_another_job_is_never_adopted() {
     let second = done_job(&env, "a").await;
     assert!(second.status.as_ref().unwrap().attempts.is_empty(), "adopted another job's Pod: {:?}", second.status);
     assert!(job_pods(&env.client, &env.ns, &second).await.is_empty());
-    let log = std::fs::read_to_string(env._operator.log_path()).unwrap();
-    assert!(log.contains("Pod a-b-c-1 already exists and belongs to another job"), "{log}");
+    let ready = condition(&second, "Ready").expect("a Ready condition");
+    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "PodNameTaken"));
+    assert!(ready.message.contains("Pod a-b-c-1 already exists and belongs to another job"), "{}", ready.message);
 }

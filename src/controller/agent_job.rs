@@ -15,6 +15,7 @@ use serde_json::json;
 use super::snapshot::{self, gpu_resource_name, pod_need, pods_of_job, tool_view, vote_view};
 use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY, approval_vote};
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
+use crate::domain::conditions::set_condition;
 use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, estimate_input, job_type};
 use crate::domain::estimate::prior_tokens;
 use crate::domain::pod_builder::{PodPlan, build_pod};
@@ -109,7 +110,10 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
 
     // Build and apply: Pods first, so status never names a Pod that was not created.
     if let Some(attempt) = plan.ensure_attempt {
-        ensure_pods(job, ctx, &plan, attempt, &pods).await?;
+        match ensure_pods(job, ctx, &plan, attempt, &pods).await {
+            Err(Error::PodNameTaken(pod)) => return pod_name_taken(job, ctx, &old_status, &pod, generation).await,
+            other => other?,
+        }
     }
     if plan.status != old_status {
         write_status(job, ctx, &plan.status).await?;
@@ -279,6 +283,30 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
     Ok(())
 }
 
+/// The job cannot start: its Pod's name belongs to another job's Pod. Said where users look (a
+/// condition and a Warning Event), with the rest of the status as it was; looked at again now
+/// and then, since the other Pod may go.
+async fn pod_name_taken(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, pod: &str, generation: i64) -> Result<Action> {
+    let message = Error::PodNameTaken(pod.to_string()).to_string();
+    let mut status = old.clone();
+    set_condition(&mut status.conditions, condition::READY, false, "PodNameTaken", message.clone(), generation, &now());
+    if status != *old {
+        write_status(job, ctx, &status).await?;
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "PodNameTaken".into(),
+            note: Some(message),
+            action: "CreatePod".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
+            tracing::warn!(job = %job.name_any(), %err, "could not publish Event");
+        }
+    }
+    tracing::warn!(job = %job.name_any(), namespace = ?job.namespace(), pod, "Pod name taken by another job's Pod");
+    Ok(Action::requeue(Duration::from_secs(60)))
+}
+
 async fn write_status(job: &AgentJob, ctx: &Context, status: &AgentJobStatus) -> Result<()> {
     let api: Api<AgentJob> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     // resourceVersion makes the apply conditional: a decision made on a stale copy is refused
@@ -289,7 +317,8 @@ async fn write_status(job: &AgentJob, ctx: &Context, status: &AgentJobStatus) ->
         "metadata": {"resourceVersion": job.resource_version()},
         "status": status,
     });
-    let written = api.patch_status(&job.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch)).await?;
+    let written =
+        api.patch_status(&job.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch)).await?;
     // A no-op apply keeps the version, and the cache would then never move past it.
     if written.resource_version() != job.resource_version() {
         ctx.status_writes.wrote_over(job.metadata.uid.as_deref().unwrap_or_default(), job.resource_version());
