@@ -175,7 +175,20 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
     assert_eq!(status.output, Some(json!({"findings": 3})));
     assert_eq!(status.attempts[0].result, agentgate::api::AttemptResult::Succeeded);
     assert!(status.completion_time.is_some());
-    assert_eq!(condition(&done_job(&env, "scan").await, "Ready").unwrap().status, "True");
+    let done = done_job(&env, "scan").await;
+    assert_eq!(condition(&done, "Ready").unwrap().status, "True");
+    // Status is written whole (PUT on /status): the metadata admission stamped is left alone, and
+    // the status fields have one manager, the operator.
+    assert_eq!(done.annotations().get("agentgate.dev/requested-by").map(String::as_str), Some("admin"));
+    let status_managers: Vec<_> = done
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.as_deref() == Some("status"))
+        .map(|m| m.manager.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(status_managers, ["agentgate"]);
 }
 
 async fn done_job(env: &Env, name: &str) -> AgentJob {

@@ -24,10 +24,11 @@ pub async fn record_verdicts(ctx: &Context, votes: &[Arc<ApprovalVote>], tally: 
             continue;
         }
         let api: Api<ApprovalVote> = Api::namespaced(ctx.client.clone(), &vote.namespace().unwrap_or_default());
-        let patch = json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "ApprovalVote", "status": status});
-        if let Err(e) =
-            api.patch_status(&vote.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch)).await
-        {
+        // Every field of the verdict is always set, so a merge patch replaces it whole; it costs
+        // the apiserver less than a server-side apply.
+        let patch = json!({"status": status});
+        let params = PatchParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PatchParams::default() };
+        if let Err(e) = api.patch_status(&vote.name_any(), &params, &Patch::Merge(&patch)).await {
             tracing::warn!(vote = %vote.name_any(), error = %e, "could not record vote verdict");
         }
     }
