@@ -395,8 +395,10 @@ async fn the_operator_uses_every_right_it_has_and_no_other_and_never_leaks_a_sec
         // PATCH; if this apiserver authorizes such a PATCH as `create` too, the right is needed.
         let created_by_apply =
             verb == "create" && creates_by_apply && used.contains(&("patch".to_string(), group.clone(), resource.clone()));
-        if rare.is_none() && !created_by_apply {
-            failures.push(format!("granted but never used: {verb} {group}/{resource}"));
+        match (rare, created_by_apply) {
+            (Some((_, _, _, why)), _) => eprintln!("unused here, allowed: {verb} {group}/{resource}: {why}"),
+            (None, true) => eprintln!("used as part of a server-side apply that creates: {verb} {group}/{resource}"),
+            (None, false) => failures.push(format!("granted but never used: {verb} {group}/{resource}")),
         }
     }
     eprintln!(
