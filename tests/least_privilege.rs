@@ -5,8 +5,8 @@
 //! audit log. A lifecycle touching every feature runs: discovery of a labelled Service (and its
 //! removal), a tool with a credentials Secret, a job with tools, a Secret-backed env var and
 //! input, votes, Pods in a namespace enforcing the restricted Pod Security Standard (one of them
-//! deleted under a running attempt), a usage
-//! report, the estimator's ConfigMap, leader election, Events. Then, from the audit log:
+//! deleted under a running attempt), a usage report, the estimator's ConfigMap, leader election,
+//! Events. Then, from the audit log:
 //! - no request of the operator was refused (403);
 //! - every right granted was used, except the few listed in [`RARELY_USED`] with the reason;
 //! - the chart's rules are the same as deploy/'s, and neither has a wildcard.
