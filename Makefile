@@ -11,7 +11,7 @@ build:
 
 # Regenerate crds/ from the Rust types in src/api, and refresh the chart's copies (tests/packaging.rs checks them).
 crds:
-	$(CARGO) run -q -- crds --out-dir crds
+	$(CARGO) run -q --bin agentgate -- crds --out-dir crds
 	cp crds/*.yaml charts/agentgate/crds/
 	cp deploy/admission/identity.yaml charts/agentgate/templates/admission-policies.yaml
 

@@ -107,16 +107,17 @@ pub struct Agent {
     /// Part of the agent Pod's name.
     #[schemars(length(min = 1, max = 40), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
-    #[schemars(length(min = 1, max = 512))]
+    /// Printable ASCII without spaces, like every image reference: no line breaks or look-alikes.
+    #[schemars(length(min = 1, max = 512), regex(pattern = r"^[!-~]+$"))]
     pub image: String,
     /// Model id priced by the operator's price table, e.g. `gpt-4o-mini`.
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][-A-Za-z0-9_.:/@]*$"))]
     pub model: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64))]
+    #[schemars(length(max = 64), inner(length(max = 4096)))]
     pub command: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 256))]
+    #[schemars(length(max = 256), inner(length(max = 4096)))]
     pub args: Vec<String>,
     /// Plain values only; secrets come through `valueFrom`, never inline.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -151,9 +152,9 @@ pub struct EnvValueFrom {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeySelector {
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
     pub name: String,
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub key: String,
 }
 

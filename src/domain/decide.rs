@@ -18,7 +18,7 @@ use super::pricing::{PriceTable, TokenCounts};
 use super::readiness::Readiness;
 use super::report::{accumulate, estimate_error_percent, parse_report, price_usage, tokens_of};
 use super::tally::Tally;
-use super::validate::check_against_schema;
+use super::validate::{check_against_schema, check_input_size, check_schema};
 use crate::api::{
     AgentJob, AgentJobSpec, AgentJobStatus, ApprovalStatus, Attempt, AttemptResult, CostRange, DEFAULT_MAX_RETRIES, Estimate, JobPhase,
     ModelEstimate, TokenRange,
@@ -389,6 +389,16 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
                 set_condition(&mut s.conditions, condition::ESTIMATED, true, "Estimated", msg, generation, &o.now);
                 if let Some(reason) = over_budget(spec, f.cost_p90, f.tokens_p90) {
                     reject(s, plan, "BudgetExceeded", &reason, generation, &o.now);
+                    return;
+                }
+                if let Err(why) = check_input_size(spec.input.as_ref()) {
+                    reject(s, plan, "InvalidInput", &why, generation, &o.now);
+                    return;
+                }
+                // The output schema is only applied after the run: a schema that cannot be
+                // evaluated must stop the job before anything is spent.
+                if let Some(Err(why)) = spec.output_schema.as_ref().map(|schema| check_schema("output", schema)) {
+                    reject(s, plan, "InvalidOutputSchema", &why, generation, &o.now);
                     return;
                 }
                 if let Err(errors) = check_against_schema("input", spec.input.as_ref(), spec.input_schema.as_ref()) {

@@ -13,6 +13,7 @@ use crate::api::{ModelUsage, Usage};
 const MAX_REPORT_BYTES: usize = 16 * 1024;
 const MAX_TOKENS_PER_ENTRY: i64 = 1_000_000_000_000;
 const MAX_USAGE_ENTRIES: usize = 64;
+const MAX_OUTPUT_DEPTH: usize = 32;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct AgentReport {
@@ -45,7 +46,16 @@ pub fn parse_report(message: &str) -> Result<AgentReport, String> {
     if message.len() > MAX_REPORT_BYTES {
         return Err(format!("termination message of {} bytes is larger than {MAX_REPORT_BYTES}", message.len()));
     }
-    let wire: WireReport = serde_json::from_str(message.trim()).map_err(|e| format!("termination message is not a usage report: {e}"))?;
+    // serde's messages quote the offending value: keep them short, they go into status.
+    let wire: WireReport = serde_json::from_str(message.trim())
+        .map_err(|e| super::validate::bounded(&format!("termination message is not a usage report: {e}")))?;
+    // The output is stored in the job's status; nested much deeper, the job could no longer be
+    // decoded by clients (serde_json stops at 128 levels), the operator's own watch included.
+    if let Some(output) = &wire.output
+        && json_depth(output) > MAX_OUTPUT_DEPTH
+    {
+        return Err(format!("output nests deeper than {MAX_OUTPUT_DEPTH} levels"));
+    }
     if wire.usage.len() > MAX_USAGE_ENTRIES {
         return Err(format!("usage has {} entries, at most {MAX_USAGE_ENTRIES} allowed", wire.usage.len()));
     }
@@ -64,6 +74,20 @@ pub fn parse_report(message: &str) -> Result<AgentReport, String> {
         *entry = entry.add(&TokenCounts { input: u.input_tokens, cached_input: u.cached_input_tokens, output: u.output_tokens });
     }
     Ok(AgentReport { usage, output: wire.output })
+}
+
+fn json_depth(value: &serde_json::Value) -> usize {
+    let mut max = 0;
+    let mut stack = vec![(value, 1usize)];
+    while let Some((v, d)) = stack.pop() {
+        max = max.max(d);
+        match v {
+            serde_json::Value::Array(items) => stack.extend(items.iter().map(|i| (i, d + 1))),
+            serde_json::Value::Object(map) => stack.extend(map.values().map(|i| (i, d + 1))),
+            _ => {}
+        }
+    }
+    max
 }
 
 /// Usage of one or more reports priced with the table. Models without a price are listed in
@@ -146,6 +170,13 @@ mod tests {
             assert!(err.contains(want), "{message:?}: {err}");
         }
         assert!(parse_report(&"x".repeat(20_000)).unwrap_err().contains("larger than"));
+        let long_model =
+            format!(r#"{{"usage": [{{"model": 5, "inputTokens": 1, "outputTokens": 1}}], "output": "{}"}}"#, "y".repeat(15_000));
+        assert!(parse_report(&long_model).unwrap_err().len() < 400);
+        let quoted = format!(r#"{{"usage": [{{"model": "m", "inputTokens": "{}", "outputTokens": 1}}]}}"#, "9".repeat(15_000));
+        assert!(parse_report(&quoted).unwrap_err().len() < 400);
+        let deep = format!(r#"{{"usage": [], "output": {}1{}}}"#, "[".repeat(40), "]".repeat(40));
+        assert!(parse_report(&deep).unwrap_err().contains("output nests deeper than 32 levels"));
     }
 
     #[test]

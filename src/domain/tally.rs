@@ -96,7 +96,9 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
     let mut seen_voters: Vec<&str> = Vec::new();
     for vote in ordered {
         let why_not = if vote.job_uid != job.uid {
-            Some(format!("names job uid {} but {} has uid {}", vote.job_uid, job.name, job.uid))
+            // Most likely a vote on a deleted job that had the same name: replaying it would
+            // approve a job the voter never saw.
+            Some(format!("is for another job named {} (uid {}), not this one (uid {}); vote again", job.name, vote.job_uid, job.uid))
         } else if vote.job_generation != job.generation {
             Some(format!("is for generation {} but the job is at generation {}; vote again", vote.job_generation, job.generation))
         } else if job.author == Some(vote.voter.as_str()) {
@@ -235,7 +237,7 @@ mod tests {
                 approved: false,
                 approvers: &[],
                 rejected_by: None,
-                ignored: &[("v-alice", "names job uid uid-old but scan-42 has uid uid-42")],
+                ignored: &[("v-alice", "is for another job named scan-42 (uid uid-old), not this one (uid uid-42); vote again")],
             },
             Case {
                 name: "a vote for an older generation is ignored",

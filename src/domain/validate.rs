@@ -1,25 +1,35 @@
 //! Checking a job's input (and its agents' output) against the JSON Schema the job declares.
 //!
-//! Schemas come from users, so they are compiled with remote and file `$ref` resolution
-//! compiled out (no network or filesystem reach from a manifest) and size-limited first.
+//! Schemas and input come from users and run inside the operator, so every cost is bounded
+//! before any work is done:
+//! - remote and file `$ref` resolution is compiled out (no network or filesystem reach);
+//! - a schema is size- and depth-limited, may only `$ref` into itself, may not `$ref` in a cycle,
+//!   and may not expand through `$ref`s to more than [`MAX_EXPANDED_NODES`] nodes. A 1 KiB schema
+//!   of 30 `anyOf`s that each `$ref` the next twice otherwise costs 2^30 evaluations;
+//! - `pattern`s run on the linear-time `regex` engine, not a backtracking one;
+//! - the input is size- and depth-limited (it becomes an environment variable of every agent);
+//! - errors are few and short, since they end up in status conditions and Events.
+
+use std::collections::BTreeMap;
 
 use serde_json::Value;
 
 const MAX_SCHEMA_BYTES: usize = 64 * 1024;
 const MAX_SCHEMA_DEPTH: usize = 32;
-const MAX_ERRORS: usize = 10;
+/// Schema nodes after inlining every `$ref`: bounds validation at this many checks per value.
+pub const MAX_EXPANDED_NODES: u64 = 20_000;
+/// Agents get the input as one environment variable; Linux refuses a single one over 128 KiB.
+pub const MAX_INPUT_BYTES: usize = 64 * 1024;
+pub const MAX_INPUT_DEPTH: usize = 32;
+pub const MAX_ERRORS: usize = 10;
+/// Longest single error message, in bytes: messages quote the offending value.
+pub const MAX_ERROR_BYTES: usize = 300;
 
 /// `Err` lists each failing path with what is wrong there, or why the schema itself is unusable.
+/// At most [`MAX_ERRORS`] + 1 entries of at most [`MAX_ERROR_BYTES`] (+ an ellipsis) each.
 pub fn check_against_schema(what: &str, value: Option<&Value>, schema: Option<&Value>) -> Result<(), Vec<String>> {
     let Some(schema) = schema else { return Ok(()) };
-    let size = serde_json::to_vec(schema).map(|v| v.len()).unwrap_or(usize::MAX);
-    if size > MAX_SCHEMA_BYTES {
-        return Err(vec![format!("{what}Schema is {size} bytes, at most {MAX_SCHEMA_BYTES} allowed")]);
-    }
-    if depth(schema) > MAX_SCHEMA_DEPTH {
-        return Err(vec![format!("{what}Schema nests deeper than {MAX_SCHEMA_DEPTH} levels")]);
-    }
-    let validator = jsonschema::validator_for(schema).map_err(|e| vec![format!("{what}Schema is not a valid JSON Schema: {e}")])?;
+    let validator = compile(what, schema).map_err(|e| vec![e])?;
     let null = Value::Null;
     let instance = value.unwrap_or(&null);
     let mut errors: Vec<String> = validator
@@ -27,7 +37,7 @@ pub fn check_against_schema(what: &str, value: Option<&Value>, schema: Option<&V
         .take(MAX_ERRORS + 1)
         .map(|e| {
             let path = e.instance_path().to_string();
-            format!("{what}{}: {e}", if path.is_empty() { String::new() } else { path })
+            bounded(&format!("{what}{path}: {e}"))
         })
         .collect();
     if errors.len() > MAX_ERRORS {
@@ -35,6 +45,154 @@ pub fn check_against_schema(what: &str, value: Option<&Value>, schema: Option<&V
         errors.push("(more errors not shown)".into());
     }
     if errors.is_empty() { Ok(()) } else { Err(errors) }
+}
+
+/// Whether `schema` is one the operator will evaluate: `Err` says why not.
+pub fn check_schema(what: &str, schema: &Value) -> Result<(), String> {
+    compile(what, schema).map(|_| ())
+}
+
+/// Whether the input fits where it goes (an environment variable) and nests reasonably.
+pub fn check_input_size(input: Option<&Value>) -> Result<(), String> {
+    let Some(input) = input else { return Ok(()) };
+    let size = serde_json::to_vec(input).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > MAX_INPUT_BYTES {
+        return Err(format!(
+            "spec.input is {size} bytes as JSON, at most {MAX_INPUT_BYTES} allowed: agents receive it in the AGENTGATE_INPUT environment variable"
+        ));
+    }
+    if depth(input) > MAX_INPUT_DEPTH {
+        return Err(format!("spec.input nests deeper than {MAX_INPUT_DEPTH} levels"));
+    }
+    Ok(())
+}
+
+fn compile(what: &str, schema: &Value) -> Result<jsonschema::Validator, String> {
+    let size = serde_json::to_vec(schema).map(|v| v.len()).unwrap_or(usize::MAX);
+    if size > MAX_SCHEMA_BYTES {
+        return Err(format!("{what}Schema is {size} bytes, at most {MAX_SCHEMA_BYTES} allowed"));
+    }
+    if depth(schema) > MAX_SCHEMA_DEPTH {
+        return Err(format!("{what}Schema nests deeper than {MAX_SCHEMA_DEPTH} levels"));
+    }
+    let expanded = expanded_nodes(schema).map_err(|why| format!("{what}Schema {why}"))?;
+    if expanded > MAX_EXPANDED_NODES {
+        return Err(format!("{what}Schema expands through $ref to more than {MAX_EXPANDED_NODES} subschemas"));
+    }
+    jsonschema::options()
+        .with_pattern_options(jsonschema::PatternOptions::regex())
+        .build(schema)
+        .map_err(|e| bounded(&format!("{what}Schema is not a valid JSON Schema: {e}")))
+}
+
+/// Nodes of `schema` with every `$ref` replaced by its target, saturating. `Err` for a `$ref`
+/// that is not a JSON pointer into the schema itself, or one that (indirectly) contains itself.
+fn expanded_nodes(schema: &Value) -> Result<u64, String> {
+    struct Walk<'a> {
+        root: &'a Value,
+        /// Expanded size of each `$ref` target already computed.
+        done: BTreeMap<String, u64>,
+        /// `$ref` targets being expanded, to find cycles.
+        open: Vec<String>,
+    }
+    impl Walk<'_> {
+        fn size(&mut self, node: &Value) -> Result<u64, String> {
+            // Depth is already bounded by MAX_SCHEMA_DEPTH and `$ref` nesting by the cycle
+            // check, so recursion here cannot overflow the stack.
+            let children = match node {
+                Value::Object(map) => {
+                    for key in ["$dynamicRef", "$recursiveRef"] {
+                        if map.contains_key(key) {
+                            return Err(format!("uses {key}, which is not supported"));
+                        }
+                    }
+                    let mut sum = 0u64;
+                    if let Some(reference) = map.get("$ref") {
+                        sum = sum.saturating_add(self.target(reference)?);
+                    }
+                    for (key, child) in map {
+                        if key != "$ref" {
+                            sum = sum.saturating_add(self.size(child)?);
+                        }
+                    }
+                    sum
+                }
+                Value::Array(items) => {
+                    let mut sum = 0u64;
+                    for item in items {
+                        sum = sum.saturating_add(self.size(item)?);
+                    }
+                    sum
+                }
+                _ => 0,
+            };
+            Ok(children.saturating_add(1))
+        }
+
+        fn target(&mut self, reference: &Value) -> Result<u64, String> {
+            let Some(reference) = reference.as_str() else { return Err("has a $ref that is not a string".into()) };
+            let Some(pointer) = reference.strip_prefix('#') else {
+                return Err(format!("has $ref {:?}: only references into the schema itself (#/...) are allowed", short(reference)));
+            };
+            if let Some(size) = self.done.get(pointer) {
+                return Ok(*size);
+            }
+            if self.open.iter().any(|p| p == pointer) {
+                return Err(format!("has a $ref cycle through {:?}: recursive schemas are not supported", short(reference)));
+            }
+            let pointer_decoded = percent_decode(pointer);
+            let Some(target) = self.root.pointer(&pointer_decoded) else {
+                return Err(format!("has $ref {:?}, which points nowhere in the schema", short(reference)));
+            };
+            self.open.push(pointer.to_string());
+            let size = self.size(target);
+            self.open.pop();
+            let size = size?;
+            self.done.insert(pointer.to_string(), size);
+            Ok(size)
+        }
+    }
+    Walk { root: schema, done: BTreeMap::new(), open: Vec::new() }.size(schema)
+}
+
+/// `$ref`s are URI fragments: `%25` is `%`, `%20` a space, before the JSON pointer is read.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = s.get(i + 1..i + 3)
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
+        {
+            out.push(byte);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn short(s: &str) -> String {
+    bounded_to(s, 80)
+}
+
+/// `s` cut to [`MAX_ERROR_BYTES`] on a character boundary, with an ellipsis when cut.
+pub fn bounded(s: &str) -> String {
+    bounded_to(s, MAX_ERROR_BYTES)
+}
+
+fn bounded_to(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
 }
 
 fn depth(value: &Value) -> usize {
@@ -83,7 +241,7 @@ mod tests {
     #[test]
     fn hostile_schemas_are_refused_not_followed() {
         let remote = json!({"$ref": "https://example.invalid/schema.json"});
-        assert!(check_against_schema("input", Some(&json!({})), Some(&remote)).is_err());
+        assert!(check_against_schema("input", Some(&json!({})), Some(&remote)).unwrap_err()[0].contains("only references into the schema"));
         let mut deep = json!({"type": "object"});
         for _ in 0..40 {
             deep = json!({"properties": {"a": deep}});
@@ -91,5 +249,83 @@ mod tests {
         assert!(check_against_schema("input", Some(&json!({})), Some(&deep)).unwrap_err()[0].contains("nests deeper"));
         let broken = json!({"type": "no-such-type"});
         assert!(check_against_schema("input", Some(&json!({})), Some(&broken)).unwrap_err()[0].contains("not a valid JSON Schema"));
+    }
+
+    /// `a0` is `anyOf: [a1, a1]`, ... : 2^levels evaluations for a value none of them accepts.
+    fn any_of_bomb(levels: usize) -> Value {
+        let mut defs = serde_json::Map::new();
+        for i in 0..levels {
+            let next = format!("#/$defs/a{}", i + 1);
+            defs.insert(format!("a{i}"), json!({"anyOf": [{"$ref": next}, {"$ref": next}]}));
+        }
+        defs.insert(format!("a{levels}"), json!({"type": "string"}));
+        json!({"$defs": defs, "$ref": "#/$defs/a0"})
+    }
+
+    #[test]
+    fn schema_bombs_are_refused_before_they_run() {
+        let started = std::time::Instant::now();
+        let errors = check_against_schema("input", Some(&json!(1)), Some(&any_of_bomb(40))).unwrap_err();
+        assert!(errors[0].contains("expands through $ref to more than 20000 subschemas"), "{errors:?}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "refusing took {:?}", started.elapsed());
+        // A few levels are an ordinary schema that shares definitions.
+        assert!(check_against_schema("input", Some(&json!("x")), Some(&any_of_bomb(5))).is_ok());
+
+        let cases: &[(&str, Value, &str)] = &[
+            ("direct cycle", json!({"$ref": "#"}), "$ref cycle"),
+            ("recursion through properties", json!({"properties": {"a": {"$ref": "#"}}}), "$ref cycle"),
+            (
+                "mutual recursion",
+                json!({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}),
+                "$ref cycle",
+            ),
+            ("dangling", json!({"$ref": "#/$defs/nope"}), "points nowhere"),
+            ("anchor", json!({"$ref": "other.json#/x"}), "only references into the schema"),
+            ("dynamic", json!({"$dynamicRef": "#meta"}), "$dynamicRef"),
+            ("not a string", json!({"$ref": 7}), "not a string"),
+        ];
+        for (name, schema, want) in cases {
+            let err = check_schema("input", schema).unwrap_err();
+            assert!(err.contains(want), "{name}: {err}");
+        }
+        // References by escaped pointer still resolve.
+        let escaped = json!({"$defs": {"a/b": {"type": "string"}, "c d": {"type": "string"}},
+            "anyOf": [{"$ref": "#/$defs/a~1b"}, {"$ref": "#/$defs/c%20d"}]});
+        assert!(check_against_schema("input", Some(&json!("x")), Some(&escaped)).is_ok());
+    }
+
+    #[test]
+    fn patterns_run_in_linear_time() {
+        let schema = json!({"type": "string", "pattern": "^(a+)+$"});
+        let started = std::time::Instant::now();
+        let evil = format!("{}!", "a".repeat(5000));
+        assert!(check_against_schema("input", Some(&json!(evil)), Some(&schema)).is_err());
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "took {:?}", started.elapsed());
+    }
+
+    #[test]
+    fn errors_are_short_even_for_huge_values() {
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}, "additionalProperties": {"type": "integer"}});
+        let huge = "x".repeat(100_000);
+        let mut input = serde_json::Map::new();
+        for i in 0..50 {
+            input.insert(format!("k{i}"), json!(huge.clone()));
+        }
+        let errors = check_against_schema("input", Some(&Value::Object(input)), Some(&schema)).unwrap_err();
+        assert_eq!(errors.len(), MAX_ERRORS + 1, "{errors:?}");
+        assert!(errors.iter().all(|e| e.len() <= MAX_ERROR_BYTES + '…'.len_utf8()), "{errors:?}");
+    }
+
+    #[test]
+    fn input_is_limited_in_size_and_depth() {
+        assert!(check_input_size(None).is_ok());
+        assert!(check_input_size(Some(&json!({"repositoryPath": "/src"}))).is_ok());
+        let big = json!({"blob": "x".repeat(MAX_INPUT_BYTES)});
+        assert!(check_input_size(Some(&big)).unwrap_err().contains("AGENTGATE_INPUT"));
+        let mut deep = json!(1);
+        for _ in 0..40 {
+            deep = json!({"a": deep});
+        }
+        assert!(check_input_size(Some(&deep)).unwrap_err().contains("nests deeper than 32"));
     }
 }

@@ -75,9 +75,24 @@ impl ControlPlane {
     pub fn shared() -> &'static ControlPlane {
         static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
         SHARED
-            .get_or_init(|| ControlPlane::start().map_err(|e| format!("{e:?}")))
+            .get_or_init(|| ControlPlane::start_with(false).map_err(|e| format!("{e:?}")))
             .as_ref()
             .unwrap_or_else(|e| panic!("control plane failed to start: {e}"))
+    }
+
+    /// Like [`Self::shared`], with the apiserver writing a Metadata-level audit log of every
+    /// request to [`Self::audit_log`]. A test binary uses one or the other.
+    pub fn shared_with_audit_log() -> &'static ControlPlane {
+        static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
+        SHARED
+            .get_or_init(|| ControlPlane::start_with(true).map_err(|e| format!("{e:?}")))
+            .as_ref()
+            .unwrap_or_else(|e| panic!("control plane failed to start: {e}"))
+    }
+
+    /// The audit log (JSON lines, one `audit.k8s.io/v1` Event per request), when enabled.
+    pub fn audit_log(&self) -> Option<PathBuf> {
+        Some(self.dir.join("audit.log")).filter(|p| p.exists())
     }
 
     /// `https://127.0.0.1:<port>` of the kube-apiserver.
@@ -125,7 +140,7 @@ impl ControlPlane {
         self.try_kubectl(user, args).unwrap_or_else(|e| panic!("{e:?}"))
     }
 
-    fn start() -> Result<ControlPlane> {
+    fn start_with(audit: bool) -> Result<ControlPlane> {
         let started = Instant::now();
         let bin_dir = binaries_dir()?;
         let dir = fresh_scratch_dir()?;
@@ -172,6 +187,16 @@ impl ControlPlane {
             .arg(format!("--service-account-key-file={}", service_account_key.display()))
             .arg(format!("--service-account-signing-key-file={}", service_account_key.display()))
             .arg("--service-cluster-ip-range=10.96.0.0/16");
+        if audit {
+            let policy = dir.join("audit-policy.yaml");
+            fs::write(&policy, "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n")
+                .context("writing the audit policy")?;
+            apiserver
+                .arg(format!("--audit-policy-file={}", policy.display()))
+                .arg(format!("--audit-log-path={}", dir.join("audit.log").display()))
+                // Written as requests complete, so a test can read its own requests back at once.
+                .arg("--audit-log-mode=blocking");
+        }
         let apiserver = Process::spawn("kube-apiserver", apiserver, dir.join("kube-apiserver.log"))?;
 
         let server = format!("https://127.0.0.1:{apiserver_port}");
@@ -360,6 +385,10 @@ impl OperatorProcess {
     /// Starts the operator from `$AGENTGATE_BIN`, else the binary cargo built for this test,
     /// else `target/debug/agentgate`. Its output goes to [`Self::log_path`].
     pub fn start(control_plane: &ControlPlane, args: &[&str]) -> OperatorProcess {
+        Self::start_with_env(control_plane, args, &control_plane.kubeconfig("admin"))
+    }
+
+    fn start_with_env(control_plane: &ControlPlane, args: &[&str], kubeconfig: &Path) -> OperatorProcess {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let log = control_plane.dir.join(format!("operator-{}.log", STARTED.fetch_add(1, Ordering::Relaxed)));
         let binary = std::env::var_os("AGENTGATE_BIN")
@@ -370,9 +399,15 @@ impl OperatorProcess {
         command
             .arg("run")
             .args(args)
-            .env("KUBECONFIG", control_plane.kubeconfig("admin"))
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", std::env::var("AGENTGATE_OPERATOR_LOG").unwrap_or_else(|_| "info,agentgate=debug".into()));
         OperatorProcess(Process::spawn("agentgate", command, log).unwrap_or_else(|e| panic!("{e:?}")))
+    }
+
+    /// Like [`Self::start`], authenticating with `kubeconfig` (a ServiceAccount's, say) instead
+    /// of as admin.
+    pub fn start_as(control_plane: &ControlPlane, kubeconfig: &Path, args: &[&str]) -> OperatorProcess {
+        Self::start_with_env(control_plane, args, kubeconfig)
     }
 
     /// Kills the operator with SIGKILL (no graceful shutdown) and reaps it. Idempotent.

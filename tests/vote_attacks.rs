@@ -1,0 +1,255 @@
+//! Attacks on the approval count, against the real apiserver, its admission policies and RBAC:
+//! a forged voter or forged groups, self-approval, a vote replayed after a spec change or onto a
+//! deleted-and-recreated job of the same name, a non-head's vote, and a vote by someone who is a
+//! head only in another namespace. None may count, and each says why in the vote's status and
+//! in the job's `status.approval.ignoredVotes`.
+//!
+//! Every job needs two approvals (the operator's default floor); alice and bob are heads of every
+//! category cluster-wide, dave and erin are not (erin is one in another namespace only).
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use agentgate::api::{AgentJob, ApprovalVote, ApprovalVoteStatus, Decision};
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use support::cluster::*;
+use support::controlplane::{ControlPlane, OperatorProcess};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One operator for every test here, watching all namespaces.
+fn operator() -> &'static OperatorProcess {
+    static OPERATOR: OnceLock<OperatorProcess> = OnceLock::new();
+    OPERATOR.get_or_init(|| OperatorProcess::start(ControlPlane::shared(), &["--metrics-addr", "127.0.0.1:0"]))
+}
+
+async fn setup(ns: &str) -> Client {
+    let cp = ControlPlane::shared();
+    cp.namespace(ns).await;
+    let admin = cp.client("admin").await;
+    add_node(&admin, "vote-attacks-node", "64", "256Gi", &[]).await;
+    grant_voting_rights(&admin).await;
+    operator();
+    admin
+}
+
+async fn user(name: &str) -> Client {
+    ControlPlane::shared().client(name).await
+}
+
+/// A job created by `author` (the admission policy stamps them as its requester).
+async fn create_job(author: &str, ns: &str, name: &str) -> AgentJob {
+    let job = agent_job(
+        name,
+        json!({"category": "payments",
+               "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
+               "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "5"}}),
+        json!({}),
+    );
+    Api::<AgentJob>::namespaced(user(author).await, ns).create(&PostParams::default(), &job).await.expect("create job")
+}
+
+fn vote_object(name: &str, job_name: &str, uid: &str, generation: i64, voter: &str, groups: Value) -> ApprovalVote {
+    serde_json::from_value(json!({
+        "apiVersion": "agentgate.dev/v1alpha1", "kind": "ApprovalVote", "metadata": {"name": name},
+        "spec": {"jobRef": {"name": job_name, "uid": uid, "generation": generation}, "voter": voter, "decision": "Approve",
+                 "voterGroups": groups}}))
+    .unwrap()
+}
+
+fn approval(job: &AgentJob) -> agentgate::api::ApprovalStatus {
+    job.status.as_ref().and_then(|s| s.approval.clone()).unwrap_or_default()
+}
+
+/// Waits until the job lists `vote` among its ignored votes, then checks that the job still
+/// awaits approval with `approved` counted votes and that both the job and the vote's own status
+/// give `why`.
+async fn assert_not_counted(admin: &Client, ns: &str, job: &str, vote: &str, approved: i32, why: &str) {
+    let seen = wait_for_job(admin, ns, job, &format!("vote {vote} ignored"), |j| {
+        approval(j).ignored_votes.iter().any(|v| v.name == vote) && approval(j).approved == approved
+    })
+    .await;
+    let ignored = approval(&seen).ignored_votes.into_iter().find(|v| v.name == vote).unwrap();
+    assert!(ignored.why.contains(why), "job {job}: vote {vote} ignored because {:?}, want {why:?}", ignored.why);
+    assert_eq!(phase(&seen), Some("AwaitingApproval"), "job {job}");
+    assert_eq!(approval(&seen).summary, format!("{approved}/2"), "job {job}");
+    assert!(approval(&seen).approvers.iter().all(|a| a.vote != vote), "job {job}: {vote} among the approvers");
+
+    let votes: Api<ApprovalVote> = Api::namespaced(admin.clone(), ns);
+    let status = wait_for(
+        &format!("status of vote {vote}"),
+        TIMEOUT,
+        || async { votes.get(vote).await.expect("get vote").status },
+        |s: &Option<ApprovalVoteStatus>| s.as_ref().is_some_and(|s| s.counted.is_some()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status.counted, Some(false), "vote {vote}: {:?}", status.message);
+    assert!(status.message.as_deref().unwrap_or_default().contains(why), "vote {vote}: message {:?}, want {why:?}", status.message);
+}
+
+#[tokio::test]
+async fn a_forged_voter_is_refused_and_forged_groups_are_replaced() {
+    let ns = "va-forged";
+    let admin = setup(ns).await;
+    let job = create_job("admin", ns, "target").await;
+    let uid = job.metadata.uid.clone().unwrap();
+
+    // dave, no head, casts a vote in alice's name: refused at admission, nothing to count.
+    let as_dave = Api::<ApprovalVote>::namespaced(user("dave").await, ns);
+    match as_dave.create(&PostParams::default(), &vote_object("in-alices-name", "target", &uid, 1, "alice", json!([]))).await {
+        Err(kube::Error::Api(s)) => {
+            assert_eq!(s.code, 403, "{}", s.message);
+            assert!(s.message.contains("the request comes from dave but spec.voter is alice"), "{}", s.message);
+        }
+        other => panic!("a vote in alice's name by dave must be refused, got {other:?}"),
+    }
+    // A look-alike name (Cyrillic а) is another name, and refused just the same.
+    let homoglyph = as_dave.create(&PostParams::default(), &vote_object("lookalike", "target", &uid, 1, "\u{0430}lice", json!([]))).await;
+    assert!(matches!(homoglyph, Err(kube::Error::Api(ref s)) if s.code == 403), "{homoglyph:?}");
+
+    // dave votes as himself but claims the heads' group and cluster-admin: admission replaces
+    // the groups with his real ones, so the head check sees only what dave is.
+    let forged_groups =
+        vote_object("dave-claims-groups", "target", &uid, 1, "dave", json!(["agentgate:heads", "system:masters", "system:nodes"]));
+    let created = as_dave.create(&PostParams::default(), &forged_groups).await.expect("dave may vote as dave");
+    let groups = &created.spec.voter_groups;
+    for claimed in ["agentgate:heads", "system:masters", "system:nodes"] {
+        assert!(!groups.iter().any(|g| g == claimed), "claimed group {claimed} kept: {groups:?}");
+    }
+    assert!(groups.iter().any(|g| g == "agentgate:users"), "{groups:?}");
+    assert_not_counted(&admin, ns, "target", "dave-claims-groups", 0, "dave is not a head of category payments").await;
+
+    // Nor can anyone rewrite the groups (or anything else) of a cast vote.
+    let rewrite = Api::<ApprovalVote>::namespaced(admin.clone(), ns)
+        .patch("dave-claims-groups", &PatchParams::default(), &Patch::Merge(json!({"spec": {"voterGroups": ["agentgate:heads"]}})))
+        .await;
+    assert!(matches!(rewrite, Err(kube::Error::Api(ref s)) if s.message.contains("immutable")), "{rewrite:?}");
+}
+
+#[tokio::test]
+async fn the_author_cannot_approve_their_own_job() {
+    let ns = "va-self";
+    let admin = setup(ns).await;
+    // alice is a head of every category, but this is her own job.
+    let job = create_job("alice", ns, "mine").await;
+    vote(&user("alice").await, &job, "alice", Decision::Approve).await;
+    let name = wait_for(
+        "alice's vote",
+        TIMEOUT,
+        || async { Api::<ApprovalVote>::namespaced(admin.clone(), ns).list(&Default::default()).await.unwrap().items },
+        |v: &Vec<ApprovalVote>| v.len() == 1,
+    )
+    .await[0]
+        .name_any();
+    assert_not_counted(&admin, ns, "mine", &name, 0, "alice created the job and may not approve it").await;
+    // bob's approval counts; alice's still does not make it two.
+    vote(&user("bob").await, &job, "bob", Decision::Approve).await;
+    let one = wait_for_job(&admin, ns, "mine", "bob counted", |j| approval(j).approved == 1).await;
+    assert_eq!(phase(&one), Some("AwaitingApproval"));
+    assert_eq!(approval(&one).approvers.iter().map(|a| a.voter.as_str()).collect::<Vec<_>>(), ["bob"]);
+}
+
+#[tokio::test]
+async fn a_vote_does_not_carry_over_a_spec_change() {
+    let ns = "va-spec-change";
+    let admin = setup(ns).await;
+    let job = create_job("dave", ns, "scan").await;
+    let old_vote = vote(&user("alice").await, &job, "alice", Decision::Approve).await.name_any();
+    wait_for_job(&admin, ns, "scan", "alice counted on generation 1", |j| approval(j).approved == 1).await;
+
+    // The author raises the budget after alice looked: generation 2 is a job alice never saw.
+    let changed = Api::<AgentJob>::namespaced(user("dave").await, ns)
+        .patch("scan", &PatchParams::default(), &Patch::Merge(json!({"spec": {"budget": {"maxCostUSD": "500"}}})))
+        .await
+        .expect("dave edits his job");
+    assert_eq!(changed.metadata.generation, Some(2));
+    assert_not_counted(&admin, ns, "scan", &old_vote, 0, "is for generation 1 but the job is at generation 2; vote again").await;
+
+    // bob's vote on generation 2 counts; alice's replay does not join it.
+    vote(&user("bob").await, &changed, "bob", Decision::Approve).await;
+    let one = wait_for_job(&admin, ns, "scan", "bob counted on generation 2", |j| approval(j).approved == 1).await;
+    assert_eq!(approval(&one).approvers[0].voter, "bob");
+    assert_eq!(phase(&one), Some("AwaitingApproval"));
+}
+
+#[tokio::test]
+async fn a_vote_does_not_carry_over_to_a_recreated_job_of_the_same_name() {
+    let ns = "va-recreate";
+    let admin = setup(ns).await;
+    let first = create_job("dave", ns, "deploy").await;
+    let alice_vote = vote(&user("alice").await, &first, "alice", Decision::Approve).await.name_any();
+    let bob_vote = vote(&user("bob").await, &first, "bob", Decision::Approve).await.name_any();
+    wait_for_job(&admin, ns, "deploy", "the first job approved", |j| approval(j).approved == 2).await;
+
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), ns);
+    jobs.delete("deploy", &DeleteParams::default()).await.expect("delete job");
+    wait_for("the first job gone", TIMEOUT, || async { jobs.get_opt("deploy").await.unwrap() }, |j| j.is_none()).await;
+    // Same name, same generation 1, different content: the two approvals were for the old one.
+    let second = create_job("dave", ns, "deploy").await;
+    assert_ne!(second.metadata.uid, first.metadata.uid);
+    assert_eq!(second.metadata.generation, Some(1));
+    let why = format!("is for another job named deploy (uid {}), not this one", first.metadata.uid.as_deref().unwrap());
+    assert_not_counted(&admin, ns, "deploy", &alice_vote, 0, &why).await;
+    assert_not_counted(&admin, ns, "deploy", &bob_vote, 0, &why).await;
+}
+
+#[tokio::test]
+async fn a_non_heads_vote_does_not_count() {
+    let ns = "va-non-head";
+    let admin = setup(ns).await;
+    let job = create_job("admin", ns, "report").await;
+    let dave_vote = vote(&user("dave").await, &job, "dave", Decision::Approve).await.name_any();
+    assert_not_counted(&admin, ns, "report", &dave_vote, 0, "dave is not a head of category payments").await;
+    // Nor does a non-head's Reject reject.
+    let erin_vote = vote(&user("erin").await, &job, "erin", Decision::Reject).await.name_any();
+    assert_not_counted(&admin, ns, "report", &erin_vote, 0, "erin is not a head of category payments").await;
+}
+
+#[tokio::test]
+async fn a_head_of_another_namespace_does_not_count_here() {
+    let ns = "va-here";
+    let elsewhere = "va-elsewhere";
+    let admin = setup(ns).await;
+    ControlPlane::shared().namespace(elsewhere).await;
+    // erin heads every category, but only in `elsewhere`.
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "erin-heads-elsewhere", "namespace": elsewhere},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "test-agentgate-head-of-every-category"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "erin"}]});
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), elsewhere)
+        .patch("erin-heads-elsewhere", &PatchParams::apply("vote-attacks").force(), &Patch::Apply(&binding))
+        .await
+        .expect("bind erin as a head in the other namespace");
+
+    let job = create_job("dave", ns, "transfer").await;
+    let erin_vote = vote(&user("erin").await, &job, "erin", Decision::Approve).await.name_any();
+    assert_not_counted(
+        &admin,
+        ns,
+        "transfer",
+        &erin_vote,
+        0,
+        "erin is not a head of category payments: RBAC does not allow them to approve categories/payments in va-here",
+    )
+    .await;
+
+    // A vote cast in the other namespace, naming this job's name and uid, is not a vote on it:
+    // votes count only in their job's namespace.
+    let uid = job.metadata.uid.clone().unwrap();
+    Api::<ApprovalVote>::namespaced(user("erin").await, elsewhere)
+        .create(&PostParams::default(), &vote_object("from-elsewhere", "transfer", &uid, 1, "erin", json!([])))
+        .await
+        .expect("erin may vote in her namespace");
+    let bob_vote = vote(&user("bob").await, &job, "bob", Decision::Approve).await.name_any();
+    let tallied = wait_for_job(&admin, ns, "transfer", "bob counted", |j| approval(j).approved == 1).await;
+    assert_eq!(approval(&tallied).approvers.iter().map(|a| a.vote.as_str()).collect::<Vec<_>>(), [bob_vote.as_str()]);
+    assert!(approval(&tallied).ignored_votes.iter().all(|v| v.name != "from-elsewhere"), "{:?}", approval(&tallied).ignored_votes);
+    assert_eq!(phase(&tallied), Some("AwaitingApproval"), "one head from here and one from elsewhere are not two approvals");
+    let foreign = Api::<ApprovalVote>::namespaced(admin.clone(), elsewhere).get("from-elsewhere").await.unwrap();
+    assert_ne!(foreign.status.and_then(|s| s.counted), Some(true), "a vote in another namespace never counts");
+}
