@@ -50,6 +50,16 @@ pub const USERS: &[(&str, &[&str])] = &[
 /// are small and test binaries may start their control planes in parallel.
 const STARTUP_TIMEOUT: Duration = Duration::from_mins(2);
 
+/// A valid AgentJob for the dry-run that tells when admission is ready for AgentJobs.
+const PROBE_AGENT_JOB: &str = "apiVersion: agentgate.dev/v1alpha1
+kind: AgentJob
+metadata: {name: admission-probe, namespace: default}
+spec:
+  category: probe
+  agents: {primary: {name: a, image: busybox, model: gpt-4o-mini}}
+  budget: {maxCostUSD: \"1\"}
+";
+
 /// Field manager for objects the harness applies, so they are distinguishable from the operator's.
 const FIELD_MANAGER: &str = "agentgate-test-harness";
 
@@ -255,9 +265,29 @@ impl ControlPlane {
             let mut wait = vec!["wait", "--for=condition=Established", "--timeout=60s"];
             wait.extend(crds.iter().map(String::as_str));
             self.kubectl_checked(&wait)?;
+            // Established can come a moment before the apiserver serves the resource (503 "Resource
+            // kind ... not found" on a loaded machine): wait until each one answers a LIST.
+            let plurals: Vec<&str> = crds.iter().filter_map(|c| c.strip_prefix("customresourcedefinition.apiextensions.k8s.io/")).collect();
+            let list = ["get", &plurals.join(","), "--all-namespaces", "--output=name"];
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while let Err(e) = self.kubectl_checked(&list) {
+                ensure!(Instant::now() < deadline, "the custom resources are not served 30 s after Established: {e}");
+                thread::sleep(Duration::from_millis(100));
+            }
         }
         for file in yaml_files(&root.join("deploy/admission"))? {
             self.apply(&file)?;
+        }
+        // The mutating policies type-check against schemas the apiserver loads a few seconds after
+        // a CRD is Established; until then an AgentJob create is refused with a 503 ("Resource
+        // kind ... not found"). Tests and the demo start once a dry-run create goes through.
+        let probe = self.dir.join("probe-agentjob.yaml");
+        fs::write(&probe, PROBE_AGENT_JOB)?;
+        let create = ["create", "--dry-run=server", "-f", probe.to_str().context("non-UTF-8 path")?];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Err(e) = self.kubectl_checked(&create) {
+            ensure!(Instant::now() < deadline, "AgentJobs are not admitted 60 s after their CRD is Established: {e}");
+            thread::sleep(Duration::from_millis(200));
         }
         Ok(())
     }
