@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
-        OnceLock,
+        Mutex, OnceLock,
         atomic::{AtomicUsize, Ordering},
         mpsc,
     },
@@ -59,8 +59,9 @@ pub struct ControlPlane {
     bin_dir: PathBuf,
     server: String,
     tokens: BTreeMap<&'static str, String>,
-    etcd: Process,
-    apiserver: Process,
+    /// Behind locks so that fault-injection tests can restart them through the shared `&'static`.
+    etcd: Mutex<Process>,
+    apiserver: Mutex<Process>,
 }
 
 impl ControlPlane {
@@ -125,6 +126,31 @@ impl ControlPlane {
         self.try_kubectl(user, args).unwrap_or_else(|e| panic!("{e:?}"))
     }
 
+    /// SIGKILLs kube-apiserver, waits `down`, starts it again with the same flags (same port,
+    /// same serving certificate) and waits until `/readyz` passes. Returns how long it was
+    /// unreachable. Blocks: call it from `spawn_blocking` in async tests.
+    ///
+    /// Every client of this control plane sees the outage, so only a test binary whose tests
+    /// expect it may call this.
+    pub fn restart_apiserver(&self, down: Duration) -> Duration {
+        self.restart(&self.apiserver, down).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    /// Like [`Self::restart_apiserver`] for etcd (same data directory, same ports); the apiserver
+    /// keeps running and reconnects.
+    pub fn restart_etcd(&self, down: Duration) -> Duration {
+        self.restart(&self.etcd, down).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    fn restart(&self, process: &Mutex<Process>, down: Duration) -> Result<Duration> {
+        let killed = Instant::now();
+        lock(process).kill();
+        thread::sleep(down);
+        lock(process).respawn()?;
+        self.wait_until_ready()?;
+        Ok(killed.elapsed())
+    }
+
     fn start() -> Result<ControlPlane> {
         let started = Instant::now();
         let bin_dir = binaries_dir()?;
@@ -183,7 +209,7 @@ impl ControlPlane {
             fs::write(&path, kubeconfig_yaml(&server, &ca, user, token, None)).with_context(|| format!("writing {}", path.display()))?;
         }
 
-        let mut control_plane = ControlPlane { dir, bin_dir, server, tokens, etcd, apiserver };
+        let control_plane = ControlPlane { dir, bin_dir, server, tokens, etcd: Mutex::new(etcd), apiserver: Mutex::new(apiserver) };
         control_plane.wait_until_ready()?;
         control_plane.install_manifests()?;
         eprintln!(
@@ -197,11 +223,11 @@ impl ControlPlane {
 
     /// Polls `/readyz`, which covers etcd connectivity and the bootstrap post-start hooks
     /// (RBAC roles, priority and fairness, ...), failing early if either process dies.
-    fn wait_until_ready(&mut self) -> Result<()> {
+    fn wait_until_ready(&self) -> Result<()> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            self.etcd.ensure_running()?;
-            self.apiserver.ensure_running()?;
+            lock(&self.etcd).ensure_running()?;
+            lock(&self.apiserver).ensure_running()?;
             let readyz = self.try_kubectl("admin", &["get", "--raw=/readyz", "--request-timeout=5s"])?;
             if readyz.status.success() {
                 return Ok(());
@@ -210,7 +236,7 @@ impl ControlPlane {
                 bail!(
                     "kube-apiserver not ready after {STARTUP_TIMEOUT:?}: {}\n{}",
                     String::from_utf8_lossy(&readyz.stderr).trim(),
-                    log_tail(&self.apiserver.log)
+                    log_tail(&lock(&self.apiserver).log)
                 );
             }
             thread::sleep(Duration::from_millis(200));
@@ -385,6 +411,11 @@ impl OperatorProcess {
         &self.0.log
     }
 
+    /// How the operator exited, or None while it runs.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.child.try_wait().ok().flatten()
+    }
+
     /// Process id, e.g. to read its resource usage from `/proc`.
     pub fn pid(&self) -> u32 {
         self.0.child.id()
@@ -396,14 +427,35 @@ struct Process {
     name: &'static str,
     child: Child,
     log: PathBuf,
+    /// Program, arguments and environment, to start it again the same way.
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    envs: Vec<(std::ffi::OsString, std::ffi::OsString)>,
 }
 
 impl Process {
-    fn spawn(name: &'static str, mut command: Command, log: PathBuf) -> Result<Process> {
+    fn spawn(name: &'static str, command: Command, log: PathBuf) -> Result<Process> {
+        let program = PathBuf::from(command.get_program());
+        let args = command.get_args().map(ToOwned::to_owned).collect();
+        let envs = command.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))).collect();
         let output = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Self::start(name, command, output)?;
+        Ok(Process { name, child, log, program, args, envs })
+    }
+
+    fn start(name: &str, mut command: Command, output: File) -> Result<Child> {
         command.stdin(Stdio::null()).stdout(output.try_clone()?).stderr(output);
-        let child = spawn_tied_to_process(command).with_context(|| format!("starting {name}"))?;
-        Ok(Process { name, child, log })
+        spawn_tied_to_process(command).with_context(|| format!("starting {name}"))
+    }
+
+    /// Kills the process if it still runs and starts it again, appending to the same log.
+    fn respawn(&mut self) -> Result<()> {
+        self.kill();
+        let mut command = Command::new(&self.program);
+        command.args(&self.args).envs(self.envs.iter().map(|(k, v)| (k, v)));
+        let output = File::options().append(true).open(&self.log).with_context(|| format!("opening {}", self.log.display()))?;
+        self.child = Self::start(self.name, command, output)?;
+        Ok(())
     }
 
     /// Turns a crashed process into an error carrying its log, rather than a readiness timeout.
@@ -426,6 +478,12 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A poisoned lock only means another test panicked while restarting; the process handle is
+/// still usable.
+fn lock(process: &Mutex<Process>) -> std::sync::MutexGuard<'_, Process> {
+    process.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Spawns `command` such that the kernel SIGKILLs the child when the test binary exits.

@@ -6,3 +6,4 @@
 
 pub mod cluster;
 pub mod controlplane;
+pub mod storm;
