@@ -145,7 +145,7 @@ pub async fn run(
     prices: Arc<RwLock<PriceTable>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    jobs_for_metrics: Arc<std::sync::OnceLock<Store<AgentJob>>>,
+    jobs_for_metrics: crate::server::JobsForMetrics,
     shutdown: impl future::Future<Output = ()> + Send + Sync + Clone + 'static,
 ) {
     let wc = watcher::Config::default();
@@ -176,7 +176,7 @@ pub async fn run(
         .applied_objects();
     let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone()).trigger_backoff(NoTriggerBackoff);
     let caches = Caches { jobs, pods, nodes, quotas, tools, votes, services, endpoint_slices };
-    let _ = jobs_for_metrics.set(caches.jobs.clone());
+    *jobs_for_metrics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.jobs.clone());
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
     let reporter = Reporter { controller: "agentgate".into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {

@@ -493,7 +493,10 @@ pub async fn check(client: &Client, namespace: &str, plans: &[JobPlan], jobs: &[
         if super::cluster::phase(job) == Some("Succeeded") {
             figures.succeeded += 1;
         } else {
-            problems.push(format!("{}: phase {:?}, not Succeeded; conditions {:?}", plan.name, status.phase, status.conditions));
+            problems.push(format!(
+                "{}: phase {:?}, not Succeeded; approval {:?}; conditions {:?}",
+                plan.name, status.phase, status.approval, status.conditions
+            ));
         }
         figures.attempts += status.attempts.len();
         let results: Vec<AttemptResult> = status.attempts.iter().map(|a| a.result).collect();
