@@ -463,9 +463,15 @@ pub async fn check(client: &Client, namespace: &str, plans: &[JobPlan], jobs: &[
     if ledger.deletions > 0 {
         problems.push(format!("{} Pod deletion(s) seen; nothing in this test deletes Pods", ledger.deletions));
     }
+    // The watch's record and the final list must agree: Pods are never deleted here.
     for (name, uid) in &listed {
         if !ledger.uids.get(name).is_some_and(|uids| uids.contains(uid)) {
             problems.push(format!("Pod {name} ({uid}) is listed but the watch never saw it"));
+        }
+    }
+    for (name, uids) in &ledger.uids {
+        for uid in uids.iter().filter(|uid| listed.get(name) != Some(*uid)) {
+            problems.push(format!("Pod {name} ({uid}) was seen by the watch but is gone from the list"));
         }
     }
     figures.pods_seen = ledger.uids.values().map(BTreeSet::len).sum();
