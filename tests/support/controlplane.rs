@@ -127,8 +127,8 @@ impl ControlPlane {
     }
 
     /// SIGKILLs kube-apiserver, waits `down`, starts it again with the same flags (same port,
-    /// same serving certificate) and waits until `/readyz` passes. Returns how long it was
-    /// unreachable. Blocks: call it from `spawn_blocking` in async tests.
+    /// same serving certificate) and waits until `/readyz` passes and the admission policies act
+    /// on agentgate objects again. Returns how long it was unavailable. Blocks: call it from `spawn_blocking` in async tests.
     ///
     /// Every client of this control plane sees the outage, so only a test binary whose tests
     /// expect it may call this.
@@ -148,6 +148,9 @@ impl ControlPlane {
         thread::sleep(down);
         lock(process).respawn()?;
         self.wait_until_ready()?;
+        // /readyz passes a few seconds before the apiserver serves the CRDs again (it answers 503
+        // meanwhile, so nothing slips past the admission policies); wait for those too.
+        self.wait_for_admission_policies()?;
         Ok(killed.elapsed())
     }
 
@@ -260,7 +263,57 @@ impl ControlPlane {
         for file in yaml_files(&root.join("deploy/admission"))? {
             self.apply(&file)?;
         }
-        Ok(())
+        self.wait_for_admission_policies()
+    }
+
+    /// Waits until the admission policies of deploy/admission act on requests, probing with
+    /// server-side dry runs. The apiserver loads policies asynchronously, after creating them and
+    /// again after every restart of its own; until then it admits votes and jobs unchecked and
+    /// unstamped (a vote without its creator's groups never counts), so tests must not start
+    /// before. Returns at once when no policies are installed.
+    fn wait_for_admission_policies(&self) -> Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        if yaml_files(&root.join("deploy/admission"))?.is_empty() {
+            return Ok(());
+        }
+        let probe = |name: &str, object: serde_json::Value| -> Result<PathBuf> {
+            let path = self.dir.join(format!("admission-probe-{name}.json"));
+            fs::write(&path, object.to_string())?;
+            Ok(path)
+        };
+        let vote = |voter: &str| {
+            json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "ApprovalVote", "metadata": {"name": "admission-probe"},
+                   "spec": {"jobRef": {"name": "probe", "uid": "probe", "generation": 1}, "voter": voter, "decision": "Approve"}})
+        };
+        let own_vote = probe("own-vote", vote("admin"))?;
+        let forged_vote = probe("forged-vote", vote("alice"))?;
+        let job = probe(
+            "job",
+            json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": "admission-probe"},
+                   "spec": {"category": "probe", "budget": {"maxCostUSD": "1"},
+                            "agents": {"primary": {"name": "probe", "image": "probe", "model": "probe"}}}}),
+        )?;
+        let dry_run = |file: &Path| {
+            self.try_kubectl("admin", &["create", "--dry-run=server", "-n", "default", "-o", "json", "-f", &file.display().to_string()])
+        };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let stamped = dry_run(&own_vote)?;
+            let forged = dry_run(&forged_vote)?;
+            let created = dry_run(&job)?;
+            let groups_stamped = String::from_utf8_lossy(&stamped.stdout).contains("system:masters");
+            let forgery_refused = !forged.status.success() && String::from_utf8_lossy(&forged.stderr).contains("spec.voter");
+            let author_stamped = String::from_utf8_lossy(&created.stdout).contains("agentgate.dev/requested-by");
+            if groups_stamped && forgery_refused && author_stamped {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "admission policies not in effect after {STARTUP_TIMEOUT:?}: voter groups stamped {groups_stamped}, forged vote \
+                 refused {forgery_refused}, job author stamped {author_stamped}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Server-side applies a manifest file as admin, returning the applied objects' names.
