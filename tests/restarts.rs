@@ -58,10 +58,10 @@ async fn submit_all(env: &Env, plans: &[JobPlan]) {
 
 /// Waits until at least `n` of the jobs have finished, or `timeout` passes (the check that
 /// follows then says which jobs are stuck where).
-async fn wait_finished(env: &Env, plans: &[JobPlan], n: usize, timeout: Duration) -> Vec<agentgate::api::AgentJob> {
+async fn wait_finished(env: &Env, n: usize, timeout: Duration) -> Vec<agentgate::api::AgentJob> {
     let start = Instant::now();
     loop {
-        let jobs = storm::wait_until_finished(&env.admin, &env.ns, plans, Duration::ZERO).await;
+        let jobs = storm::list_jobs(&env.admin, &env.ns).await;
         let finished = storm::finished_count(&jobs);
         if finished >= n || start.elapsed() > timeout {
             if finished < n {
@@ -92,7 +92,7 @@ async fn burst_through(fault: Fault, ns: &str) {
 
     let (first, second) = plans.split_at(JOBS / 2);
     submit_all(&env, first).await;
-    wait_finished(&env, &plans, JOBS / 4, Duration::from_secs(120)).await;
+    wait_finished(&env, JOBS / 4, Duration::from_secs(120)).await;
     let cp = env.cp;
     let restart = tokio::task::spawn_blocking(move || {
         let outage = match fault {
@@ -103,7 +103,7 @@ async fn burst_through(fault: Fault, ns: &str) {
     });
     submit_all(&env, second).await;
     let (outage, back) = restart.await.expect("restarting the control plane");
-    let jobs = wait_finished(&env, &plans, JOBS, Duration::from_secs(180)).await;
+    let jobs = wait_finished(&env, JOBS, Duration::from_secs(180)).await;
     let (total, after_outage) = (started.elapsed(), back.elapsed());
 
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -241,7 +241,7 @@ async fn killing_the_leader_again_and_again_under_load_never_leaves_two_writers(
         kills_tx.send_replace(kill);
     }
     submitter.await.expect("submitting jobs");
-    let jobs = wait_finished(&env, &plans, JOBS, Duration::from_secs(180)).await;
+    let jobs = wait_finished(&env, JOBS, Duration::from_secs(180)).await;
     let total = started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     lease_watch.abort();
@@ -312,13 +312,13 @@ async fn two_replicas_ride_out_an_apiserver_outage_longer_than_the_lease() {
 
     let (first, second) = plans.split_at(JOBS / 2);
     submit_all(&env, first).await;
-    wait_finished(&env, &plans, JOBS / 4, Duration::from_secs(120)).await;
+    wait_finished(&env, JOBS / 4, Duration::from_secs(120)).await;
     let cp = env.cp;
     let down = Duration::from_secs(agentgate::leader::LEASE_SECONDS + 5);
     let restart = tokio::task::spawn_blocking(move || (cp.restart_apiserver(down), Instant::now()));
     submit_all(&env, second).await;
     let (outage, back) = restart.await.expect("restarting kube-apiserver");
-    let jobs = wait_finished(&env, &plans, JOBS, Duration::from_secs(180)).await;
+    let jobs = wait_finished(&env, JOBS, Duration::from_secs(180)).await;
     let after_outage = back.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ledger = kubelet.stop();

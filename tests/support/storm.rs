@@ -135,7 +135,7 @@ where
         match op().await {
             Ok(value) => return value,
             Err(e) if start.elapsed() < deadline => {
-                tracing_free_log(&format!("{what}: {e}; retrying"));
+                verbose(&format!("{what}: {e}; retrying"));
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(e) => panic!("{what} still failing after {deadline:?}: {e}"),
@@ -143,7 +143,8 @@ where
     }
 }
 
-fn tracing_free_log(line: &str) {
+/// Retries are silent unless `STORM_VERBOSE` is set.
+fn verbose(line: &str) {
     if std::env::var_os("STORM_VERBOSE").is_some() {
         eprintln!("storm: {line}");
     }
@@ -357,7 +358,7 @@ where
             Ok(_) => return false,
             Err(kube::Error::Api(s)) if s.code == 404 => return false,
             Err(e) if start.elapsed() < OUTAGE_PATIENCE => {
-                tracing_free_log(&format!("kubelet writing {name}: {e}; retrying"));
+                verbose(&format!("kubelet writing {name}: {e}; retrying"));
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             Err(e) => panic!("the kubelet could not update Pod {name} for {OUTAGE_PATIENCE:?}: {e}"),
@@ -365,23 +366,10 @@ where
     }
 }
 
-/// Polls until every planned job has finished (Succeeded or Failed) or `timeout` passes;
-/// returns the jobs as last listed.
-pub async fn wait_until_finished(client: &Client, namespace: &str, plans: &[JobPlan], timeout: Duration) -> Vec<AgentJob> {
+/// The namespace's jobs, listed through outages.
+pub async fn list_jobs(client: &Client, namespace: &str) -> Vec<AgentJob> {
     let api: Api<AgentJob> = Api::namespaced(client.clone(), namespace);
-    let start = Instant::now();
-    loop {
-        if let Ok(list) = api.list(&ListParams::default()).await {
-            let finished = finished_count(&list.items);
-            if finished >= plans.len() || start.elapsed() > timeout {
-                return list.items;
-            }
-        }
-        if start.elapsed() > timeout + OUTAGE_PATIENCE {
-            panic!("could not list the jobs for {OUTAGE_PATIENCE:?} after the timeout");
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    retry("listing jobs", OUTAGE_PATIENCE, || async { api.list(&ListParams::default()).await }).await.items
 }
 
 pub fn finished_count(jobs: &[AgentJob]) -> usize {
