@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build crds controlplane tools manifests test unit demo lint clean-controlplane
+.PHONY: all build crds controlplane tools manifests test unit demo lint clean-controlplane chaos
 
 all: build
 
@@ -53,6 +53,12 @@ demo: controlplane build
 bench: controlplane
 	$(CARGO) build --release --bin agentgate
 	AGENTGATE_BIN=$(CURDIR)/target/release/agentgate N=$${N:-1000} $(CARGO) run --release --example bench
+
+# The crash storm at full size (`make test` runs it with 100 jobs): 500 pre-approved AgentJobs
+# while the operator is SIGKILLed every 1-5 s; prints kills, Pods, duplicates and usage lost.
+# CHAOS_JOBS=500 CHAOS_MIN_KILLS=10 by default; CHAOS_SEED replays a run.
+chaos: controlplane
+	CHAOS_JOBS=$${CHAOS_JOBS:-500} $(CARGO) test --release --test chaos -- --nocapture
 
 lint:
 	$(CARGO) fmt --check

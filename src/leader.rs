@@ -1,20 +1,30 @@
 //! Leader election on a coordination.k8s.io Lease (kube-lease-manager): of all replicas only
 //! the leader watches and writes; the others stand by and take over when its lease lapses.
 
-use kube::Client;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 use kube_lease_manager::{LeaseCreateMode, LeaseManagerBuilder};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// How long a lease stays valid without renewal: a standby takes over at most this long (plus
 /// one retry) after the leader dies.
 pub const LEASE_SECONDS: u64 = 10;
 /// The leader renews this long before its lease would expire.
-const RENEW_MARGIN_SECONDS: u64 = 3;
+const RENEW_MARGIN_SECONDS: u64 = 5;
+/// A leader stops leading this long before its term, as the apiserver last confirmed it, runs
+/// out, so that nothing of it is still writing when a standby may take over.
+const STOP_MARGIN: Duration = Duration::from_secs(2);
+/// How often the leader reads its Lease back to confirm its term.
+const CONFIRM_EVERY: Duration = Duration::from_secs(1);
 
 /// A running campaign: `leading` says whether this process leads now.
 pub struct Campaign {
     pub leading: watch::Receiver<bool>,
     task: tokio::task::JoinHandle<kube_lease_manager::Result<kube_lease_manager::LeaseManager>>,
+    guard: tokio::task::JoinHandle<()>,
 }
 
 impl Campaign {
@@ -22,27 +32,133 @@ impl Campaign {
     /// Every clone of `leading` must be dropped first: the manager releases when none is left.
     pub async fn resign(self) {
         drop(self.leading);
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(3), self.task).await;
+        // The guard holds the manager's channel until it sees ours closed.
+        let _ = self.guard.await;
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.task).await;
     }
 }
 
 /// Joins the election.
 pub async fn campaign(client: Client, lease: &str, namespace: &str, identity: &str) -> anyhow::Result<Campaign> {
-    let manager = LeaseManagerBuilder::new(client, lease)
+    let manager = LeaseManagerBuilder::new(client.clone(), lease)
         .with_namespace(namespace)
         .with_identity(identity)
         .with_duration(LEASE_SECONDS)
         .with_grace(RENEW_MARGIN_SECONDS)
         .with_create_mode(LeaseCreateMode::AutoCreate)
-        .with_field_manager("agentgate-leader-election")
+        // One field manager per replica: taking a free lease is a server-side apply of
+        // holderIdentity, and only a *different* manager's claim on that field makes a second
+        // replica's apply fail with a conflict. With one name for all, two standbys racing for a
+        // lapsed lease both succeeded, the later overwriting the earlier, which for a moment
+        // believed it led (tests/restarts.rs saw the Lease change hands twice for one kill).
+        .with_field_manager(format!("agentgate-leader-election-{identity}"))
         .build()
         .await?;
-    let (leading, task) = manager.watch().await;
-    Ok(Campaign { leading, task })
+    let (manager_leading, task) = manager.watch().await;
+    let (leading_tx, leading) = watch::channel(false);
+    let leases = Api::<Lease>::namespaced(client, namespace);
+    let guard = tokio::spawn(guard(leases, lease.to_string(), identity.to_string(), manager_leading, leading_tx));
+    Ok(Campaign { leading, task, guard })
+}
+
+/// This replica leads while the lease manager says it holds the lease *and* the Lease, as the
+/// apiserver last showed it, names this replica in a term that has not run out.
+///
+/// The manager alone is not enough: while it cannot reach the apiserver it keeps saying
+/// "leading" (its renewals fail and it backs off, for up to 30 s), but a standby that reaches the
+/// apiserver after the lease expired takes it over: two replicas writing at once, for as long as
+/// the old leader's backoff lasts (tests/restarts.rs, two replicas through an apiserver outage).
+async fn guard(leases: Api<Lease>, name: String, identity: String, mut manager: watch::Receiver<bool>, leading: watch::Sender<bool>) {
+    let mut term_ends: Option<Instant> = None;
+    let mut next_read = Instant::now();
+    loop {
+        let manager_leads = *manager.borrow();
+        let leads = manager_leads && term_ends.is_some_and(|end| Instant::now() < end);
+        leading.send_if_modified(|current| std::mem::replace(current, leads) != leads);
+        let lapse = async {
+            match term_ends {
+                Some(end) if leads => tokio::time::sleep_until(end).await,
+                _ => std::future::pending().await,
+            }
+        };
+        // Only a replica the manager calls leader reads the Lease back; standbys send nothing.
+        let read = async { if manager_leads { tokio::time::sleep_until(next_read).await } else { std::future::pending().await } };
+        tokio::select! {
+            () = leading.closed() => return,
+            changed = manager.changed() => {
+                if changed.is_err() {
+                    leading.send_replace(false);
+                    return;
+                }
+                // A new term: confirm it right away.
+                next_read = Instant::now();
+            }
+            () = read => {
+                // Unreachable or slow apiserver: the last confirmed term stands until it runs out.
+                if let Ok(Ok(lease)) = tokio::time::timeout(CONFIRM_EVERY, leases.get_opt(&name)).await {
+                    term_ends = lease.and_then(|lease| term_of(&lease, &identity));
+                }
+                next_read = Instant::now() + CONFIRM_EVERY;
+            }
+            () = lapse => {}
+        }
+    }
+}
+
+/// When it stops being safe for `identity` to act on the term the Lease shows: its last renewal
+/// plus the lease duration, less `STOP_MARGIN`. None unless the Lease names `identity`.
+fn term_of(lease: &Lease, identity: &str) -> Option<Instant> {
+    let spec = lease.spec.as_ref()?;
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return None;
+    }
+    let renewed = spec.renew_time.as_ref()?.0;
+    let duration = Duration::from_secs(u64::try_from(spec.lease_duration_seconds?).ok()?);
+    // This replica wrote renewTime with its own clock: comparing it with that clock is exact.
+    let since_renewal = k8s_openapi::jiff::Timestamp::now().duration_since(renewed).as_secs_f64();
+    let left = duration.saturating_sub(STOP_MARGIN).as_secs_f64() - since_renewal;
+    Some(Instant::now() + Duration::from_secs_f64(left.max(0.0)))
 }
 
 /// This replica's name in the Lease: its Pod name when it has one, else host and pid.
 pub fn identity() -> String {
     let host = std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "agentgate".into());
     format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+    fn lease(holder: &str, renewed_ago: Duration) -> Lease {
+        let renewed = Timestamp::now() - SignedDuration::try_from(renewed_ago).unwrap();
+        Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                renew_time: Some(MicroTime(renewed)),
+                lease_duration_seconds: Some(LEASE_SECONDS as i32),
+                ..LeaseSpec::default()
+            }),
+            ..Lease::default()
+        }
+    }
+
+    #[test]
+    fn a_term_ends_a_margin_before_the_lease_would_expire() {
+        let end = term_of(&lease("me", Duration::from_secs(3)), "me").expect("my term");
+        let left = end - Instant::now();
+        // 10 s lease, renewed 3 s ago, 2 s margin: about 5 s left.
+        assert!(left > Duration::from_millis(4800) && left <= Duration::from_secs(5), "{left:?}");
+    }
+
+    #[test]
+    fn a_lease_renewed_too_long_ago_or_held_by_another_is_no_term() {
+        let lapsed = term_of(&lease("me", Duration::from_secs(9)), "me").expect("a lapsed term of mine");
+        assert!(lapsed <= Instant::now());
+        assert_eq!(term_of(&lease("other", Duration::ZERO), "me"), None);
+        assert_eq!(term_of(&Lease::default(), "me"), None);
+    }
 }

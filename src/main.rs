@@ -192,7 +192,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     });
 
-    let jobs_store = Arc::new(std::sync::OnceLock::new());
+    let jobs_store = Arc::new(std::sync::RwLock::new(None));
     let server = agentgate::server::serve(args.metrics_addr, metrics.clone(), health.clone(), jobs_store.clone(), shutdown());
     let operator = async {
         // Replicas watching one namespace elect among themselves; cluster-wide ones share one lease.
@@ -200,48 +200,55 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(ns) => format!("agentgate-{ns}"),
             None => "agentgate".to_string(),
         };
-        let campaign = if args.leader_election {
-            let identity = agentgate::leader::identity();
-            let mut campaign = agentgate::leader::campaign(client.clone(), &lease, &lease_namespace, &identity).await?;
-            tracing::info!(%identity, lease = %format!("{lease_namespace}/{lease}"), "standing by for leadership");
-            tokio::select! {
-                won = campaign.leading.wait_for(|leads| *leads) => { won?; }
-                _ = shutdown() => return Ok(()),
+        let identity = agentgate::leader::identity();
+        let mut campaign = match args.leader_election {
+            true => Some(agentgate::leader::campaign(client.clone(), &lease, &lease_namespace, &identity).await?),
+            false => None,
+        };
+        let prices = Arc::new(RwLock::new(prices));
+        // One term of leadership per turn. A leader that loses its lease (it could not renew it
+        // through an apiserver outage, say) stops writing at once and stands by again, rather than
+        // exiting: the process, its health endpoint and its metrics stay up, and it leads again
+        // once the lease is free, with fresh caches.
+        loop {
+            if let Some(campaign) = campaign.as_mut() {
+                tracing::info!(%identity, lease = %format!("{lease_namespace}/{lease}"), "standing by for leadership");
+                tokio::select! {
+                    won = campaign.leading.wait_for(|leads| *leads) => { won?; }
+                    _ = shutdown() => break,
+                }
+                tracing::info!(%identity, "became the leader");
             }
-            tracing::info!(%identity, "became the leader");
-            Some(campaign)
-        } else {
-            None
-        };
-        let mut lost = campaign.as_ref().map(|c| c.leading.clone());
-        let watch_leadership = async {
-            let Some(lost) = lost.as_mut() else { return std::future::pending::<bool>().await };
-            // An error means the lease manager stopped: the lease will lapse just the same.
-            let _ = lost.wait_for(|leads| !*leads).await;
-            tracing::error!("lost the leader lease; stopping so that only one replica writes");
-            let _ = stop_tx.send(true);
-            true
-        };
-        health.leading.store(true, std::sync::atomic::Ordering::Relaxed);
-        let run = controller::run(
-            client.clone(),
-            settings,
-            Arc::new(RwLock::new(prices)),
-            metrics.clone(),
-            health.clone(),
-            jobs_store.clone(),
-            futures::FutureExt::shared(Box::pin(shutdown())),
-        );
-        let lost_leadership = tokio::select! {
-            () = run => false,
-            lost = watch_leadership => lost,
-        };
-        drop(lost);
+            let mut leading = campaign.as_ref().map(|c| c.leading.clone());
+            let lost = async {
+                let Some(leading) = leading.as_mut() else { return std::future::pending::<()>().await };
+                // An error means the lease manager stopped: the lease will lapse just the same.
+                let _ = leading.wait_for(|leads| !*leads).await;
+            };
+            health.leading.store(true, std::sync::atomic::Ordering::Relaxed);
+            let run = controller::run(
+                client.clone(),
+                settings.clone(),
+                prices.clone(),
+                metrics.clone(),
+                health.clone(),
+                jobs_store.clone(),
+                futures::FutureExt::shared(Box::pin(shutdown())),
+            );
+            // Losing the lease drops the controllers mid-flight: no write may start after it.
+            let lost_leadership = tokio::select! {
+                () = run => false,
+                () = lost => true,
+            };
+            health.leading.store(false, std::sync::atomic::Ordering::Relaxed);
+            health.caches_synced.store(false, std::sync::atomic::Ordering::Relaxed);
+            if !lost_leadership || *stop_rx.borrow() {
+                break;
+            }
+            tracing::error!("lost the leader lease; stopped writing so that only one replica writes");
+        }
         if let Some(campaign) = campaign {
             campaign.resign().await;
-        }
-        if lost_leadership {
-            anyhow::bail!("lost leadership");
         }
         anyhow::Ok(())
     };

@@ -1,6 +1,5 @@
 //! Prometheus metrics, served on /metrics.
 
-use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
 
 use kube::runtime::reflector::Store;
@@ -60,7 +59,8 @@ pub struct Metrics {
     pub tool_ready: Family<ToolLabels, Gauge>,
     /// The AgentTool cache, set once the controllers run: tool readiness is read from it at
     /// scrape time, so a deleted tool leaves no stale series behind.
-    pub tools: OnceLock<Store<crate::api::AgentTool>>,
+    /// The current leadership term's tool cache (replaced when this replica leads again).
+    pub tools: std::sync::RwLock<Option<Store<crate::api::AgentTool>>>,
 }
 
 impl Default for Metrics {
@@ -113,7 +113,7 @@ impl Default for Metrics {
             pods_created,
             jobs_finished,
             tool_ready,
-            tools: OnceLock::new(),
+            tools: std::sync::RwLock::new(None),
         }
     }
 }
@@ -130,7 +130,7 @@ impl Metrics {
 
     /// Rebuilds `tool_ready` from the tool cache.
     pub fn refresh_tools(&self) {
-        let Some(tools) = self.tools.get() else { return };
+        let Some(tools) = self.tools.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone() else { return };
         self.tool_ready.clear();
         for tool in tools.state() {
             let ready = tool.status.as_ref().is_some_and(|s| s.ready);

@@ -18,14 +18,17 @@ use crate::metrics::{Metrics, PhaseLabels};
 struct AppState {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    jobs: Arc<std::sync::OnceLock<Store<AgentJob>>>,
+    jobs: JobsForMetrics,
 }
+
+/// The job cache of the current term of leadership, if any; replaced at each new term.
+pub type JobsForMetrics = Arc<std::sync::RwLock<Option<Store<AgentJob>>>>;
 
 pub async fn serve(
     addr: SocketAddr,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    jobs: Arc<std::sync::OnceLock<Store<AgentJob>>>,
+    jobs: JobsForMetrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = Router::new()
@@ -44,7 +47,8 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 
 async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
     // Jobs by phase are counted from the cache at scrape time, so the gauge can never drift.
-    if let Some(store) = state.jobs.get() {
+    let store = state.jobs.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    if let Some(store) = store {
         let jobs = store.state();
         for phase in JobPhase::ALL {
             let n = jobs.iter().filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(phase)).count();

@@ -185,7 +185,7 @@ pub async fn run(
     prices: Arc<RwLock<PriceTable>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    jobs_for_metrics: Arc<std::sync::OnceLock<Store<AgentJob>>>,
+    jobs_for_metrics: crate::server::JobsForMetrics,
     shutdown: impl future::Future<Output = ()> + Send + Sync + Clone + 'static,
 ) {
     let wc = watcher::Config::default();
@@ -214,10 +214,10 @@ pub async fn run(
         })
         .reflect(jobs_writer)
         .applied_objects();
-    let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone());
+    let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone()).trigger_backoff(NoTriggerBackoff);
     let caches = Caches { jobs, pods, nodes, quotas, tools, votes, services, endpoint_slices };
-    let _ = jobs_for_metrics.set(caches.jobs.clone());
-    let _ = metrics.tools.set(caches.tools.clone());
+    *jobs_for_metrics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.jobs.clone());
+    *metrics.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.tools.clone());
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
     let reporter = Reporter { controller: "agentgate".into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
@@ -300,7 +300,13 @@ pub async fn run(
         })
         .touched_objects()
         .filter(|secret| future::ready(secret.is_ok()));
-    let tool_controller = kube::runtime::Controller::new(Api::<AgentTool>::all(client.clone()), wc.clone())
+    // Like `Controller::new`, but its watch backs off on its own like every other trigger stream
+    // (see `NoTriggerBackoff`).
+    let (tool_controller_store, tool_controller_writer) = reflector::store();
+    let tool_self_stream =
+        watcher(Api::<AgentTool>::all(client.clone()), wc.clone()).default_backoff().reflect(tool_controller_writer).applied_objects();
+    let tool_controller = kube::runtime::Controller::for_stream(tool_self_stream, tool_controller_store)
+        .trigger_backoff(NoTriggerBackoff)
         .watches_stream(service_stream, {
             let caches = caches.clone();
             move |svc: Service| agent_tool::tools_using_service(&caches, &svc.namespace().unwrap_or_default(), &svc.name_any())
@@ -351,6 +357,29 @@ pub async fn run(
     }
     // Shutdown: what was learned since the last write is not lost.
     learner.flush(&client).await;
+}
+
+/// The controllers' backoff over all their trigger streams together: none, because every watch
+/// stream already backs off on its own (`default_backoff`).
+///
+/// kube-runtime's default here is a second exponential backoff around the merged streams, which
+/// pauses every watch whenever any one of them fails, and only resets after an item arrives
+/// while awake. After a kube-apiserver restart each of the job controller's six watches fails
+/// during the outage and once more with 410 Gone when it resumes, and those errors, taken one at
+/// a time, escalate that shared pause to 30 s and beyond: the caches and every reconcile stood
+/// still for over a minute after the apiserver was back (tests/restarts.rs).
+struct NoTriggerBackoff;
+
+impl Iterator for NoTriggerBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for NoTriggerBackoff {
+    fn reset(&mut self) {}
 }
 
 /// A stream inspector that wakes `trigger` on every item.

@@ -160,7 +160,8 @@ pub fn decide(o: &Observed) -> Plan {
         remove_condition(&mut s.conditions, condition::STALLED);
     }
 
-    adopt_unrecorded_attempt(&mut s, o, generation);
+    adopt_unrecorded_attempts(&mut s, o, generation);
+    settle_superseded_attempts(&mut s, &mut plan, o, generation);
     if let Some(current) = s.attempts.last().filter(|a| a.result == AttemptResult::Running).map(|a| a.attempt)
         && !follow_attempt(&mut s, &mut plan, o, current, generation)
     {
@@ -177,27 +178,57 @@ pub fn decide(o: &Observed) -> Plan {
     finish_plan(plan, &old)
 }
 
-/// Pods of an attempt the status does not know yet exist when the operator stopped between
-/// creating them and writing status: the attempt is adopted, never started a second time.
-fn adopt_unrecorded_attempt(s: &mut AgentJobStatus, o: &Observed, generation: i64) {
+/// Pods of attempts the status does not know yet exist when the operator stopped between
+/// creating them and writing status: the attempts are adopted, never started a second time.
+/// Every attempt up to the newest is adopted, not only the newest: a failed attempt's retry may
+/// have been created (and may have failed and been retried) before any of it was recorded, and
+/// the usage its agents reported must still be counted.
+fn adopt_unrecorded_attempts(s: &mut AgentJobStatus, o: &Observed, generation: i64) {
     let recorded = s.attempts.last().map(|a| a.attempt).unwrap_or(0);
     let Some(newest) = o.pods.iter().map(|p| p.attempt).max().filter(|n| *n > recorded) else { return };
     // The Pods were built from the generation last decided on, not from a spec that may have
     // changed while the status write was refused.
     let decided_on = o.job.status.as_ref().and_then(|st| st.observed_generation).unwrap_or(generation);
-    s.attempts.push(Attempt {
-        attempt: newest,
-        generation: decided_on,
-        pods: super::decide::agent_names(&o.job.spec)
+    let job_name = o.job.metadata.name.as_deref().unwrap_or_default();
+    for attempt in recorded + 1..=newest {
+        s.attempts.push(Attempt {
+            attempt,
+            generation: decided_on,
+            pods: agent_names(&o.job.spec).iter().map(|agent| super::pod_builder::pod_name(job_name, agent, attempt)).collect(),
+            start_time: Some(o.now.clone()),
+            completion_time: None,
+            result: AttemptResult::Running,
+            message: None,
+            usage: None,
+        });
+    }
+}
+
+/// An attempt still Running in status with a newer one after it ended before the newer one
+/// started (the operator stopped before recording how): it is read from its Pods now, so its
+/// result and usage are not lost. Its Pods all terminated before the next attempt was created;
+/// one missing from the cache has been deleted since, and its report with it.
+fn settle_superseded_attempts(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: i64) {
+    let Some(last) = s.attempts.len().checked_sub(1) else { return };
+    let mut settled = false;
+    for index in 0..last {
+        if s.attempts[index].result != AttemptResult::Running {
+            continue;
+        }
+        let states: Vec<(String, PodState)> = s.attempts[index]
+            .pods
             .iter()
-            .map(|agent| super::pod_builder::pod_name(o.job.metadata.name.as_deref().unwrap_or_default(), agent, newest))
-            .collect(),
-        start_time: Some(o.now.clone()),
-        completion_time: None,
-        result: AttemptResult::Running,
-        message: None,
-        usage: None,
-    });
+            .map(|name| match o.pods.iter().find(|p| &p.name == name).map(|p| &p.state) {
+                Some(state) if state.terminated() => (name.clone(), state.clone()),
+                _ => (name.clone(), PodState::Failed { reason: "PodDeleted".into(), message: None }),
+            })
+            .collect();
+        settle_attempt(s, plan, o, index, &states, generation);
+        settled = true;
+    }
+    if settled {
+        s.usage = Some(total_usage(s, o));
+    }
 }
 
 /// Follows the running attempt. Returns true when it has finished and the job needs the gates
@@ -248,13 +279,60 @@ fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current
     }
 
     // Every Pod of the attempt has terminated: read what the agents reported.
+    let (failures, output) = settle_attempt(s, plan, o, index, &states, generation);
+    s.usage = Some(total_usage(s, o));
+
+    if failures.is_empty() {
+        s.phase = Some(JobPhase::Succeeded);
+        s.output = output;
+        s.completion_time = Some(o.now.clone());
+        let msg = format!("attempt {current} succeeded");
+        set_condition(&mut s.conditions, condition::SUCCEEDED, true, "Succeeded", msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::READY, true, "Succeeded", msg.clone(), generation, &o.now);
+        remove_condition(&mut s.conditions, condition::RECONCILING);
+        plan.events.push(PlannedEvent {
+            warning: false,
+            reason: "Succeeded".into(),
+            note: format!("{msg}; cost ${}", s.usage.as_ref().map(|u| u.cost_usd.as_str()).unwrap_or("0")),
+        });
+        return false;
+    }
+    let note = format!("attempt {current} failed: {}", failures.join("; "));
+    if current >= max_attempts(&job.spec) {
+        s.phase = Some(JobPhase::Failed);
+        s.completion_time = Some(o.now.clone());
+        let msg = format!("{note}; no retries left ({} attempt(s))", max_attempts(&job.spec));
+        set_condition(&mut s.conditions, condition::SUCCEEDED, false, "AttemptsExhausted", msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::READY, false, "AttemptsExhausted", msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::STALLED, true, "AttemptsExhausted", msg.clone(), generation, &o.now);
+        remove_condition(&mut s.conditions, condition::RECONCILING);
+        plan.events.push(PlannedEvent { warning: true, reason: "Failed".into(), note: msg });
+        return false;
+    }
+    plan.events.push(PlannedEvent { warning: true, reason: "AttemptFailed".into(), note: format!("{note}; retrying") });
+    true
+}
+
+/// Reads what the agents of a finished attempt reported into it: usage, result, message and
+/// completion time, and the UsageReported condition. Returns the failures (none if it
+/// succeeded) and the primary agent's output.
+fn settle_attempt(
+    s: &mut AgentJobStatus,
+    plan: &mut Plan,
+    o: &Observed,
+    index: usize,
+    states: &[(String, PodState)],
+    generation: i64,
+) -> (Vec<String>, Option<serde_json::Value>) {
+    let job = o.job;
+    let current = s.attempts[index].attempt;
     let mut tokens: BTreeMap<String, TokenCounts> = BTreeMap::new();
     let mut report_problems = Vec::new();
     let mut failures = Vec::new();
     let mut output = None;
     let primary_pod =
         super::pod_builder::pod_name(job.metadata.name.as_deref().unwrap_or_default(), &job.spec.agents.primary.name, current);
-    for (name, state) in &states {
+    for (name, state) in states {
         let message = match state {
             PodState::Succeeded { message } => message,
             PodState::Failed { reason, message } => {
@@ -306,8 +384,11 @@ fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current
     attempt.usage = Some(attempt_usage);
     attempt.result = if failures.is_empty() { AttemptResult::Succeeded } else { AttemptResult::Failed };
     attempt.message = Some(if failures.is_empty() { "all agents succeeded".into() } else { failures.join("; ") });
+    (failures, output)
+}
 
-    // Usage is the sum over every attempt: a retry never overwrites what was spent before.
+/// Usage is the sum over every attempt: a retry never overwrites what was spent before.
+fn total_usage(s: &AgentJobStatus, o: &Observed) -> crate::api::Usage {
     let mut all_tokens: BTreeMap<String, TokenCounts> = BTreeMap::new();
     for a in &s.attempts {
         if let Some(u) = &a.usage {
@@ -316,37 +397,7 @@ fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current
     }
     let (mut total, _) = price_usage(&all_tokens, o.prices);
     total.estimate_error_percent = s.estimate.as_ref().and_then(|e| estimate_error_percent(total.total_tokens, e.tokens.p50));
-    s.usage = Some(total);
-
-    if failures.is_empty() {
-        s.phase = Some(JobPhase::Succeeded);
-        s.output = output;
-        s.completion_time = Some(o.now.clone());
-        let msg = format!("attempt {current} succeeded");
-        set_condition(&mut s.conditions, condition::SUCCEEDED, true, "Succeeded", msg.clone(), generation, &o.now);
-        set_condition(&mut s.conditions, condition::READY, true, "Succeeded", msg.clone(), generation, &o.now);
-        remove_condition(&mut s.conditions, condition::RECONCILING);
-        plan.events.push(PlannedEvent {
-            warning: false,
-            reason: "Succeeded".into(),
-            note: format!("{msg}; cost ${}", s.usage.as_ref().map(|u| u.cost_usd.as_str()).unwrap_or("0")),
-        });
-        return false;
-    }
-    let note = format!("attempt {current} failed: {}", failures.join("; "));
-    if current >= max_attempts(&job.spec) {
-        s.phase = Some(JobPhase::Failed);
-        s.completion_time = Some(o.now.clone());
-        let msg = format!("{note}; no retries left ({} attempt(s))", max_attempts(&job.spec));
-        set_condition(&mut s.conditions, condition::SUCCEEDED, false, "AttemptsExhausted", msg.clone(), generation, &o.now);
-        set_condition(&mut s.conditions, condition::READY, false, "AttemptsExhausted", msg.clone(), generation, &o.now);
-        set_condition(&mut s.conditions, condition::STALLED, true, "AttemptsExhausted", msg.clone(), generation, &o.now);
-        remove_condition(&mut s.conditions, condition::RECONCILING);
-        plan.events.push(PlannedEvent { warning: true, reason: "Failed".into(), note: msg });
-        return false;
-    }
-    plan.events.push(PlannedEvent { warning: true, reason: "AttemptFailed".into(), note: format!("{note}; retrying") });
-    true
+    total
 }
 
 fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: i64) {
@@ -1190,6 +1241,61 @@ mod tests {
                 more: |name, plan| {
                     assert_eq!(plan.status.attempts.len(), 1, "{name}");
                     assert_eq!(usage(plan).total_tokens, 37_000, "{name}");
+                },
+                ..Case::default()
+            },
+            Case {
+                name: "a failed attempt whose retry was created before its end was recorded keeps its usage",
+                // Attempt 1 is recorded Running; the operator saw it fail, created attempt 2's
+                // Pods and stopped before writing status.
+                job: running(retries),
+                tally: approved(),
+                pods: vec![
+                    pod("scanner", 1, failed(report("gpt-4o-mini", 20_000, 5_000, json!({})))),
+                    pod("fixer", 1, succeeded(report("claude-sonnet-4", 10_000, 2_000, json!({})))),
+                    pod("scanner", 2, PodState::Active),
+                    pod("fixer", 2, PodState::Active),
+                ],
+                phase: JobPhase::Running,
+                ready_reason: "Running",
+                ensure_attempt: Some(2),
+                more: |name, plan| {
+                    let a = &plan.status.attempts;
+                    assert_eq!(
+                        a.iter().map(|a| (a.attempt, a.result)).collect::<Vec<_>>(),
+                        [(1, AttemptResult::Failed), (2, AttemptResult::Running)],
+                        "{name}"
+                    );
+                    assert_eq!(a[0].usage.as_ref().map(|u| u.total_tokens), Some(37_000), "{name}");
+                    assert_eq!(a[0].message.as_deref(), Some("scan-scanner-1: Error"), "{name}");
+                    assert_eq!(usage(plan).total_tokens, 37_000, "{name}: attempt 1's usage is counted while attempt 2 runs");
+                },
+                ..Case::default()
+            },
+            Case {
+                name: "every unrecorded attempt is adopted and read, not only the newest",
+                // Attempts 2 and 3 were created, and 2 failed, while no status write got through.
+                job: running(&[("/spec/limits", json!({"maxRetries": 2}))]),
+                tally: approved(),
+                pods: [1, 2]
+                    .into_iter()
+                    .flat_map(|n| {
+                        [
+                            pod("scanner", n, failed(report("gpt-4o-mini", 20_000, 5_000, json!({})))),
+                            pod("fixer", n, succeeded(report("claude-sonnet-4", 10_000, 2_000, json!({})))),
+                        ]
+                    })
+                    .chain(both_reported(3))
+                    .collect(),
+                phase: JobPhase::Succeeded,
+                ready_reason: "Succeeded",
+                events: &["Succeeded"],
+                more: |name, plan| {
+                    let a = &plan.status.attempts;
+                    let results: Vec<_> = a.iter().map(|a| (a.attempt, a.result)).collect();
+                    assert_eq!(results, [(1, AttemptResult::Failed), (2, AttemptResult::Failed), (3, AttemptResult::Succeeded)], "{name}");
+                    assert!(a.iter().all(|a| a.usage.as_ref().map(|u| u.total_tokens) == Some(37_000)), "{name}: {a:?}");
+                    assert_eq!(usage(plan).total_tokens, 3 * 37_000, "{name}");
                 },
                 ..Case::default()
             },

@@ -40,16 +40,26 @@ fn now() -> String {
 
 /// The kubelet's part: the Pod is Running.
 pub async fn run_pod(client: &Client, namespace: &str, pod: &str) {
+    try_run_pod(client, namespace, pod).await.expect("pod running");
+}
+
+/// [`run_pod`] returning the error, for tests that write through API outages.
+pub async fn try_run_pod(client: &Client, namespace: &str, pod: &str) -> Result<Pod, kube::Error> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let status = json!({"status": {"phase": "Running", "startTime": now(),
         "containerStatuses": [{"name": "agent", "image": "agent", "imageID": "", "ready": true, "restartCount": 0,
                                "state": {"running": {"startedAt": now()}}}]}});
-    api.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await.expect("pod running");
+    api.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await
 }
 
 /// The kubelet's part: the agent container exited with `exit_code` and wrote `message` to its
 /// termination log.
 pub async fn finish_pod(client: &Client, namespace: &str, pod: &str, exit_code: i32, message: &str) {
+    try_finish_pod(client, namespace, pod, exit_code, message).await.expect("pod terminated");
+}
+
+/// [`finish_pod`] returning the error, for tests that write through API outages.
+pub async fn try_finish_pod(client: &Client, namespace: &str, pod: &str, exit_code: i32, message: &str) -> Result<Pod, kube::Error> {
     let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let phase = if exit_code == 0 { "Succeeded" } else { "Failed" };
     let reason = if exit_code == 0 { "Completed" } else { "Error" };
@@ -57,7 +67,7 @@ pub async fn finish_pod(client: &Client, namespace: &str, pod: &str, exit_code: 
         "containerStatuses": [{"name": "agent", "image": "agent", "imageID": "", "ready": false, "restartCount": 0,
             "state": {"terminated": {"exitCode": exit_code, "reason": reason, "message": message,
                                      "startedAt": now(), "finishedAt": now()}}}]}});
-    api.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await.expect("pod terminated");
+    api.patch_status(pod, &PatchParams::default(), &Patch::Merge(&status)).await
 }
 
 /// A usage report as an agent writes it to /dev/termination-log.

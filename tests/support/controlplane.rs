@@ -16,7 +16,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::{
-        OnceLock,
+        Mutex, OnceLock,
         atomic::{AtomicUsize, Ordering},
         mpsc,
     },
@@ -50,16 +50,6 @@ pub const USERS: &[(&str, &[&str])] = &[
 /// are small and test binaries may start their control planes in parallel.
 const STARTUP_TIMEOUT: Duration = Duration::from_mins(2);
 
-/// A valid AgentJob for the dry-run that tells when admission is ready for AgentJobs.
-const PROBE_AGENT_JOB: &str = "apiVersion: agentgate.dev/v1alpha1
-kind: AgentJob
-metadata: {name: admission-probe, namespace: default}
-spec:
-  category: probe
-  agents: {primary: {name: a, image: busybox, model: gpt-4o-mini}}
-  budget: {maxCostUSD: \"1\"}
-";
-
 /// Field manager for objects the harness applies, so they are distinguishable from the operator's.
 const FIELD_MANAGER: &str = "agentgate-test-harness";
 
@@ -69,8 +59,9 @@ pub struct ControlPlane {
     bin_dir: PathBuf,
     server: String,
     tokens: BTreeMap<&'static str, String>,
-    etcd: Process,
-    apiserver: Process,
+    /// Behind locks so that fault-injection tests can restart them through the shared `&'static`.
+    etcd: Mutex<Process>,
+    apiserver: Mutex<Process>,
 }
 
 impl ControlPlane {
@@ -150,6 +141,34 @@ impl ControlPlane {
         self.try_kubectl(user, args).unwrap_or_else(|e| panic!("{e:?}"))
     }
 
+    /// SIGKILLs kube-apiserver, waits `down`, starts it again with the same flags (same port,
+    /// same serving certificate) and waits until `/readyz` passes and the admission policies act
+    /// on agentgate objects again. Returns how long it was unavailable. Blocks: call it from `spawn_blocking` in async tests.
+    ///
+    /// Every client of this control plane sees the outage, so only a test binary whose tests
+    /// expect it may call this.
+    pub fn restart_apiserver(&self, down: Duration) -> Duration {
+        self.restart(&self.apiserver, down).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    /// Like [`Self::restart_apiserver`] for etcd (same data directory, same ports); the apiserver
+    /// keeps running and reconnects.
+    pub fn restart_etcd(&self, down: Duration) -> Duration {
+        self.restart(&self.etcd, down).unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    fn restart(&self, process: &Mutex<Process>, down: Duration) -> Result<Duration> {
+        let killed = Instant::now();
+        lock(process).kill();
+        thread::sleep(down);
+        lock(process).respawn()?;
+        self.wait_until_ready()?;
+        // /readyz passes a few seconds before the apiserver serves the CRDs again (it answers 503
+        // meanwhile, so nothing slips past the admission policies); wait for those too.
+        self.wait_for_admission_policies()?;
+        Ok(killed.elapsed())
+    }
+
     fn start_with(audit: bool) -> Result<ControlPlane> {
         let started = Instant::now();
         let bin_dir = binaries_dir()?;
@@ -218,7 +237,7 @@ impl ControlPlane {
             fs::write(&path, kubeconfig_yaml(&server, &ca, user, token, None)).with_context(|| format!("writing {}", path.display()))?;
         }
 
-        let mut control_plane = ControlPlane { dir, bin_dir, server, tokens, etcd, apiserver };
+        let control_plane = ControlPlane { dir, bin_dir, server, tokens, etcd: Mutex::new(etcd), apiserver: Mutex::new(apiserver) };
         control_plane.wait_until_ready()?;
         control_plane.install_manifests()?;
         eprintln!(
@@ -232,11 +251,11 @@ impl ControlPlane {
 
     /// Polls `/readyz`, which covers etcd connectivity and the bootstrap post-start hooks
     /// (RBAC roles, priority and fairness, ...), failing early if either process dies.
-    fn wait_until_ready(&mut self) -> Result<()> {
+    fn wait_until_ready(&self) -> Result<()> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
-            self.etcd.ensure_running()?;
-            self.apiserver.ensure_running()?;
+            lock(&self.etcd).ensure_running()?;
+            lock(&self.apiserver).ensure_running()?;
             let readyz = self.try_kubectl("admin", &["get", "--raw=/readyz", "--request-timeout=5s"])?;
             if readyz.status.success() {
                 return Ok(());
@@ -245,7 +264,7 @@ impl ControlPlane {
                 bail!(
                     "kube-apiserver not ready after {STARTUP_TIMEOUT:?}: {}\n{}",
                     String::from_utf8_lossy(&readyz.stderr).trim(),
-                    log_tail(&self.apiserver.log)
+                    log_tail(&lock(&self.apiserver).log)
                 );
             }
             thread::sleep(Duration::from_millis(200));
@@ -278,18 +297,57 @@ impl ControlPlane {
         for file in yaml_files(&root.join("deploy/admission"))? {
             self.apply(&file)?;
         }
-        // The mutating policies type-check against schemas the apiserver loads a few seconds after
-        // a CRD is Established; until then an AgentJob create is refused with a 503 ("Resource
-        // kind ... not found"). Tests and the demo start once a dry-run create goes through.
-        let probe = self.dir.join("probe-agentjob.yaml");
-        fs::write(&probe, PROBE_AGENT_JOB)?;
-        let create = ["create", "--dry-run=server", "-f", probe.to_str().context("non-UTF-8 path")?];
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while let Err(e) = self.kubectl_checked(&create) {
-            ensure!(Instant::now() < deadline, "AgentJobs are not admitted 60 s after their CRD is Established: {e}");
-            thread::sleep(Duration::from_millis(200));
+        self.wait_for_admission_policies()
+    }
+
+    /// Waits until the admission policies of deploy/admission act on requests, probing with
+    /// server-side dry runs. The apiserver loads policies asynchronously, after creating them and
+    /// again after every restart of its own; until then it admits votes and jobs unchecked and
+    /// unstamped (a vote without its creator's groups never counts), so tests must not start
+    /// before. Returns at once when no policies are installed.
+    fn wait_for_admission_policies(&self) -> Result<()> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        if yaml_files(&root.join("deploy/admission"))?.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let probe = |name: &str, object: serde_json::Value| -> Result<PathBuf> {
+            let path = self.dir.join(format!("admission-probe-{name}.json"));
+            fs::write(&path, object.to_string())?;
+            Ok(path)
+        };
+        let vote = |voter: &str| {
+            json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "ApprovalVote", "metadata": {"name": "admission-probe"},
+                   "spec": {"jobRef": {"name": "probe", "uid": "probe", "generation": 1}, "voter": voter, "decision": "Approve"}})
+        };
+        let own_vote = probe("own-vote", vote("admin"))?;
+        let forged_vote = probe("forged-vote", vote("alice"))?;
+        let job = probe(
+            "job",
+            json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": "admission-probe"},
+                   "spec": {"category": "probe", "budget": {"maxCostUSD": "1"},
+                            "agents": {"primary": {"name": "probe", "image": "probe", "model": "probe"}}}}),
+        )?;
+        let dry_run = |file: &Path| {
+            self.try_kubectl("admin", &["create", "--dry-run=server", "-n", "default", "-o", "json", "-f", &file.display().to_string()])
+        };
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let stamped = dry_run(&own_vote)?;
+            let forged = dry_run(&forged_vote)?;
+            let created = dry_run(&job)?;
+            let groups_stamped = String::from_utf8_lossy(&stamped.stdout).contains("system:masters");
+            let forgery_refused = !forged.status.success() && String::from_utf8_lossy(&forged.stderr).contains("spec.voter");
+            let author_stamped = String::from_utf8_lossy(&created.stdout).contains("agentgate.dev/requested-by");
+            if groups_stamped && forgery_refused && author_stamped {
+                return Ok(());
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "admission policies not in effect after {STARTUP_TIMEOUT:?}: voter groups stamped {groups_stamped}, forged vote \
+                 refused {forgery_refused}, job author stamped {author_stamped}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Server-side applies a manifest file as admin, returning the applied objects' names.
@@ -450,6 +508,11 @@ impl OperatorProcess {
         &self.0.log
     }
 
+    /// How the operator exited, or None while it runs.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.0.child.try_wait().ok().flatten()
+    }
+
     /// Process id, e.g. to read its resource usage from `/proc`.
     pub fn pid(&self) -> u32 {
         self.0.child.id()
@@ -461,14 +524,35 @@ struct Process {
     name: &'static str,
     child: Child,
     log: PathBuf,
+    /// Program, arguments and environment, to start it again the same way.
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    envs: Vec<(std::ffi::OsString, std::ffi::OsString)>,
 }
 
 impl Process {
-    fn spawn(name: &'static str, mut command: Command, log: PathBuf) -> Result<Process> {
+    fn spawn(name: &'static str, command: Command, log: PathBuf) -> Result<Process> {
+        let program = PathBuf::from(command.get_program());
+        let args = command.get_args().map(ToOwned::to_owned).collect();
+        let envs = command.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))).collect();
         let output = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let child = Self::start(name, command, output)?;
+        Ok(Process { name, child, log, program, args, envs })
+    }
+
+    fn start(name: &str, mut command: Command, output: File) -> Result<Child> {
         command.stdin(Stdio::null()).stdout(output.try_clone()?).stderr(output);
-        let child = spawn_tied_to_process(command).with_context(|| format!("starting {name}"))?;
-        Ok(Process { name, child, log })
+        spawn_tied_to_process(command).with_context(|| format!("starting {name}"))
+    }
+
+    /// Kills the process if it still runs and starts it again, appending to the same log.
+    fn respawn(&mut self) -> Result<()> {
+        self.kill();
+        let mut command = Command::new(&self.program);
+        command.args(&self.args).envs(self.envs.iter().map(|(k, v)| (k, v)));
+        let output = File::options().append(true).open(&self.log).with_context(|| format!("opening {}", self.log.display()))?;
+        self.child = Self::start(self.name, command, output)?;
+        Ok(())
     }
 
     /// Turns a crashed process into an error carrying its log, rather than a readiness timeout.
@@ -491,6 +575,12 @@ impl Drop for Process {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A poisoned lock only means another test panicked while restarting; the process handle is
+/// still usable.
+fn lock(process: &Mutex<Process>) -> std::sync::MutexGuard<'_, Process> {
+    process.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Spawns `command` such that the kernel SIGKILLs the child when the test binary exits.

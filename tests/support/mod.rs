@@ -6,4 +6,5 @@
 
 pub mod cluster;
 pub mod controlplane;
+pub mod storm;
 pub mod tools;

@@ -1,0 +1,136 @@
+//! Crash storm: pre-approved AgentJobs arrive while the operator is SIGKILLed every 1–5 s and
+//! started again, and the test plays the kubelet throughout. However the crashes fall (between
+//! creating a Pod and recording it, between a Pod finishing and its usage being written), every
+//! job must succeed with exactly one Pod per agent per attempt ever created, and the usage in
+//! the jobs' statuses must equal, token for token, what the kubelet reported.
+//!
+//! `make test` runs 100 jobs through at least 10 kills; `make chaos` runs 500 (release build).
+//! Environment: `CHAOS_JOBS` (100), `CHAOS_MIN_KILLS` (10), `CHAOS_SEED` (random, printed).
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::Client;
+use support::cluster::{add_node, grant_voting_rights};
+use support::controlplane::{ControlPlane, OperatorProcess};
+use support::storm::{self, JobPlan, Kubelet, Rng};
+
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
+}
+
+/// Pod creates the apiserver has answered since it started, by response code, from its own
+/// metrics: a count independent of any watch. Only this test runs against this binary's control
+/// plane. A create whose client was SIGKILLed mid-request may be counted under another code (or
+/// none) although the Pod was created, so the 201s bound the Pods created from below only.
+async fn pod_creates_per_apiserver(admin: &Client) -> BTreeMap<String, u64> {
+    let request = kube::core::Request::new("/metrics").list(&Default::default()).unwrap();
+    let text = admin.request_text(request).await.expect("scraping the apiserver's /metrics");
+    let mut by_code = BTreeMap::new();
+    for line in text.lines().filter(|line| line.starts_with("apiserver_request_total{")) {
+        if !["resource=\"pods\"", "verb=\"POST\"", "subresource=\"\""].iter().all(|label| line.contains(label)) {
+            continue;
+        }
+        let code = line.split("code=\"").nth(1).and_then(|rest| rest.split('"').next()).unwrap_or_default();
+        let value = line.rsplit_once(' ').and_then(|(_, v)| v.trim().parse::<f64>().ok()).unwrap_or(0.0);
+        *by_code.entry(code.to_string()).or_default() += value as u64;
+    }
+    by_code
+}
+
+fn since(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after.iter().map(|(code, n)| (code.clone(), n - before.get(code).copied().unwrap_or(0))).filter(|(_, n)| *n > 0).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_storm_never_duplicates_a_pod_nor_loses_usage() {
+    let n = env_number("CHAOS_JOBS", 100);
+    let min_kills = env_number("CHAOS_MIN_KILLS", 10);
+    let seed = storm::seed_from_env("CHAOS_SEED");
+    let cp = ControlPlane::shared();
+    let ns = "chaos";
+    cp.namespace(ns).await;
+    let admin = cp.client("admin").await;
+    let (alice, bob) = (cp.client("alice").await, cp.client("bob").await);
+    add_node(&admin, "chaos-node", "1000", "4Ti", &[]).await;
+    grant_voting_rights(&admin).await;
+
+    let plans = JobPlan::mix("storm", n);
+    let creates_before = pod_creates_per_apiserver(&admin).await;
+    let kubelet = Kubelet::start(&admin, ns, &plans, seed).await;
+    // One replica without leader election: a restarted process would otherwise wait out the
+    // lease of the one just killed (tests/restarts.rs covers failover between replicas).
+    let args = ["--namespace", ns, "--metrics-addr", "127.0.0.1:0", "--leader-election=false"];
+    let mut operator = OperatorProcess::start(cp, &args);
+    let started = Instant::now();
+
+    // Jobs arrive in waves, one wave after each kill, so that at least `min_kills` kills fall
+    // while jobs are in flight however fast the operator is.
+    let (kills_tx, kills_rx) = tokio::sync::watch::channel(0usize);
+    let waves = min_kills + 1;
+    let submitter = tokio::spawn({
+        let plans = plans.clone();
+        let (admin, alice, bob) = (admin.clone(), alice.clone(), bob.clone());
+        async move {
+            let mut kills = kills_rx;
+            for wave in 0..waves {
+                let _ = kills.wait_for(|k| *k >= wave).await;
+                let chunk = plans.iter().enumerate().filter(|(i, _)| i * waves / plans.len() == wave).map(|(_, plan)| plan);
+                futures::stream::iter(chunk).for_each_concurrent(8, |plan| storm::submit(&admin, &alice, &bob, ns, plan)).await;
+            }
+        }
+    });
+
+    let limit = Duration::from_secs(120) + Duration::from_millis(1500) * n as u32;
+    let mut rng = Rng::new(seed);
+    let mut kills = 0;
+    let mut finished = 0;
+    'storm: while started.elapsed() < limit {
+        let next_kill = Instant::now() + rng.millis(1000, 5001);
+        while Instant::now() < next_kill {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            if submitter.is_finished() {
+                let jobs = storm::list_jobs(&admin, ns).await;
+                finished = storm::finished_count(&jobs);
+                if finished == plans.len() {
+                    break 'storm;
+                }
+            }
+        }
+        operator.kill();
+        kills += 1;
+        kills_tx.send_replace(kills);
+        operator = OperatorProcess::start(cp, &args);
+    }
+    let storm_time = started.elapsed();
+    // Should the storm end early, the waves still waiting for a kill go out now.
+    drop(kills_tx);
+    submitter.await.expect("submitting jobs");
+    assert_eq!(finished, plans.len(), "only {finished} of {n} jobs finished within {limit:?} and {kills} kills (seed {seed})");
+
+    // The last operator keeps running for a moment: nothing may be created after the fact.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let jobs = storm::list_jobs(&admin, ns).await;
+    let ledger = kubelet.stop();
+    let (figures, problems) = storm::check(&admin, ns, &plans, &jobs, &ledger).await;
+    let creates = since(&pod_creates_per_apiserver(&admin).await, &creates_before);
+    println!(
+        "crash storm: {kills} SIGKILLs in {storm_time:.1?}; the apiserver answered Pod creates with {creates:?} (201 created, \
+         409 already exists); seed {seed}; last operator log {}",
+        operator.log_path().display()
+    );
+    storm::assert_no_problems(&figures, &problems);
+    assert!(kills >= min_kills, "only {kills} kills happened (wanted at least {min_kills})");
+    // More 201s than planned Pods would be a duplicate however the watch saw it.
+    let created = creates.get("201").copied().unwrap_or(0);
+    assert!(
+        created <= figures.pods_expected as u64,
+        "the apiserver created {created} Pods, one per agent per attempt is {}",
+        figures.pods_expected
+    );
+    assert_eq!(figures.duplicates, 0);
+    assert_eq!(figures.usage_lost(), 0);
+}
