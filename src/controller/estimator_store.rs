@@ -26,20 +26,19 @@ pub struct Learner {
 
 impl Learner {
     /// Reads the persisted state; missing or corrupt gives an empty state (and a warning).
+    ///
+    /// An unreachable apiserver is waited out, never taken for a missing state: starting empty
+    /// would overwrite what was learned with the first write back.
     pub async fn load(client: &Client, namespace: &str) -> Learner {
         let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-        let mut tries = 0;
+        let mut delay = Duration::from_millis(500);
         let text = loop {
             match api.get_opt(CONFIG_MAP).await {
                 Ok(cm) => break cm.and_then(|cm| cm.data?.remove(KEY)),
-                Err(e) if tries < 3 => {
-                    tries += 1;
-                    tracing::warn!(%e, "reading the estimator state; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
                 Err(e) => {
-                    tracing::warn!(%e, "could not read the estimator state: starting from the prior");
-                    break None;
+                    tracing::warn!(%e, retry_in = ?delay, "reading the estimator state; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
                 }
             }
         };
