@@ -7,7 +7,7 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::PostParams;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
@@ -291,16 +291,7 @@ async fn pod_name_taken(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, pod
     set_condition(&mut status.conditions, condition::READY, false, "PodNameTaken", message.clone(), generation, &now());
     if status != *old {
         write_status(job, ctx, &status).await?;
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "PodNameTaken".into(),
-            note: Some(message),
-            action: "CreatePod".into(),
-            secondary: None,
-        };
-        if let Err(err) = ctx.recorder.publish(&event, &job.object_ref(&())).await {
-            tracing::warn!(job = %job.name_any(), %err, "could not publish Event");
-        }
+        ctx.publish_event(&job.object_ref(&()), EventType::Warning, "PodNameTaken", &message, "CreatePod").await;
     }
     tracing::warn!(job = %job.name_any(), namespace = ?job.namespace(), pod, "Pod name taken by another job's Pod");
     Ok(Action::requeue(Duration::from_secs(60)))
@@ -328,16 +319,8 @@ async fn write_status(job: &AgentJob, ctx: &Context, status: &AgentJobStatus) ->
 async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan) {
     let reference = job.object_ref(&());
     for e in &plan.events {
-        let event = Event {
-            type_: if e.warning { EventType::Warning } else { EventType::Normal },
-            reason: e.reason.clone(),
-            note: Some(truncate(&e.note, 1000)),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(err) = ctx.recorder.publish(&event, &reference).await {
-            tracing::warn!(job = %job.name_any(), %err, "could not publish Event");
-        }
+        let type_ = if e.warning { EventType::Warning } else { EventType::Normal };
+        ctx.publish_event(&reference, type_, &e.reason, &e.note, "Reconcile").await;
     }
     let new = &plan.status;
     let approved =
@@ -444,17 +427,6 @@ fn waiting_jobs(jobs: &[Arc<AgentJob>]) -> Vec<ObjectRef<AgentJob>> {
 
 fn tools_of(job: &AgentJob) -> impl Iterator<Item = String> + '_ {
     job.spec.tools.iter().map(|t| t.name.clone())
-}
-
-fn truncate(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 fn next_check(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>) -> Action {

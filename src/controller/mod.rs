@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::{StreamExt, future};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -142,6 +143,23 @@ impl StatusWrites {
                 false
             }
             None => false,
+        }
+    }
+}
+
+impl Context {
+    /// Records an Event on `reference`; a failure is logged, never fatal. The note is cut to the
+    /// 1 KiB the Events API accepts.
+    pub async fn publish_event(&self, reference: &ObjectReference, type_: EventType, reason: &str, note: &str, action: &str) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(crate::domain::validate::bounded_to(note, 1000)),
+            action: action.into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, reference).await {
+            tracing::warn!(object = ?reference.name, reason, %err, "could not publish Event");
         }
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::WatchStreamExt;
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Resource};
@@ -70,7 +70,8 @@ pub async fn watch(ctx: Arc<Context>, namespace: String, name: String, base: Pri
                 if changed {
                     tracing::info!(models, configmap = %format!("{namespace}/{name}"), "price table loaded");
                     if let Some(cm) = &config_map {
-                        publish(&ctx, cm, EventType::Normal, "PriceTableLoaded", format!("{models} model prices in force")).await;
+                        let note = format!("{models} model prices in force");
+                        ctx.publish_event(&cm.object_ref(&()), EventType::Normal, "PriceTableLoaded", &note, "LoadPrices").await;
                     }
                     requeue_unpriced(&ctx);
                 }
@@ -78,17 +79,10 @@ pub async fn watch(ctx: Arc<Context>, namespace: String, name: String, base: Pri
             Update::Refuse(reason) => {
                 tracing::warn!(configmap = %format!("{namespace}/{name}"), "{reason}");
                 if let Some(cm) = &config_map {
-                    publish(&ctx, cm, EventType::Warning, "PriceTableInvalid", reason).await;
+                    ctx.publish_event(&cm.object_ref(&()), EventType::Warning, "PriceTableInvalid", &reason, "LoadPrices").await;
                 }
             }
         }
-    }
-}
-
-async fn publish(ctx: &Context, cm: &ConfigMap, type_: EventType, reason: &str, note: String) {
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: "LoadPrices".into(), secondary: None };
-    if let Err(e) = ctx.recorder.publish(&event, &cm.object_ref(&())).await {
-        tracing::warn!(%e, "could not record an Event on the price table");
     }
 }
 

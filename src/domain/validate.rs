@@ -184,7 +184,8 @@ pub fn bounded(s: &str) -> String {
     bounded_to(s, MAX_ERROR_BYTES)
 }
 
-fn bounded_to(s: &str, max: usize) -> String {
+/// `s` cut to `max` bytes on a character boundary, with an ellipsis when cut.
+pub fn bounded_to(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }
