@@ -89,7 +89,7 @@ async fn crash_storm_never_duplicates_a_pod_nor_loses_usage() {
     let mut kills = 0;
     let mut finished = 0;
     'storm: while started.elapsed() < limit {
-        let next_kill = Instant::now() + rng.millis(1000, 5001);
+        let next_kill = Instant::now() + Duration::from_millis(rng.range(1000, 5001));
         while Instant::now() < next_kill {
             tokio::time::sleep(Duration::from_millis(250)).await;
             if submitter.is_finished() {

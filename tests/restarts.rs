@@ -234,7 +234,7 @@ async fn killing_the_leader_again_and_again_under_load_never_leaves_two_writers(
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
         takeovers.push(waiting.elapsed());
-        tokio::time::sleep(rng.millis(1000, 3001)).await;
+        tokio::time::sleep(Duration::from_millis(rng.range(1000, 3001))).await;
         let mut killed = std::mem::replace(&mut replicas[leader], OperatorProcess::start(env.cp, &args));
         killed.kill();
         retired.push((killed, Timestamp::now()));

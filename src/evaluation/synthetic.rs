@@ -22,6 +22,7 @@ use crate::domain::estimate::{EstimateInput, prior_tokens};
 const SIZE_ELASTICITY: f64 = 0.8;
 
 /// A small, fast, seedable generator (SplitMix64); good enough for test data, not for secrets.
+#[derive(Clone, Debug)]
 pub struct Rng(u64);
 
 impl Rng {
@@ -44,6 +45,11 @@ impl Rng {
 
     pub fn between(&mut self, low: f64, high: f64) -> f64 {
         low + (high - low) * self.uniform()
+    }
+
+    /// Uniform in `low..high` (`high` exclusive; `low` when the range is empty).
+    pub fn range(&mut self, low: u64, high: u64) -> u64 {
+        low + self.next_u64() % high.saturating_sub(low).max(1)
     }
 
     pub fn below(&mut self, n: usize) -> usize {

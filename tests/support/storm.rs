@@ -18,38 +18,15 @@ use serde_json::json;
 
 use super::cluster::{agent_job, try_finish_pod, try_run_pod, usage_report};
 
-/// splitmix64: tiny, seedable, and good enough to pick delays and token counts.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
+/// The seeded generator of the synthetic estimator traces: splitmix64, good enough to pick delays
+/// and token counts.
+pub use agentgate::evaluation::synthetic::Rng;
 
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `low..high` (`high` exclusive).
-    pub fn range(&mut self, low: u64, high: u64) -> u64 {
-        low + self.next_u64() % (high - low).max(1)
-    }
-
-    pub fn millis(&mut self, low: u64, high: u64) -> Duration {
-        Duration::from_millis(self.range(low, high))
-    }
-
-    /// A generator for one name, independent of the order in which names come up.
-    pub fn for_name(seed: u64, name: &str) -> Rng {
-        // FNV-1a, so that the same pod name always gets the same figures under one seed.
-        let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
-        Rng::new(seed ^ hash)
-    }
+/// A generator for one name, independent of the order in which names come up.
+pub fn rng_for_name(seed: u64, name: &str) -> Rng {
+    // FNV-1a, so that the same pod name always gets the same figures under one seed.
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    Rng::new(seed ^ hash)
 }
 
 /// `$name` if set (so a failing run can be replayed), else a fresh seed. Printed either way.
@@ -324,7 +301,7 @@ async fn play_kubelet(api: Api<Pod>, pod: Pod, plans: Arc<BTreeMap<String, JobPl
     let name = pod.name_any();
     let uid = pod.uid().unwrap_or_default();
     let model = plan.agents.iter().find(|(a, _)| a == agent).map(|(_, m)| m.clone()).unwrap_or_else(|| "gpt-4o-mini".into());
-    let mut rng = Rng::for_name(seed, &name);
+    let mut rng = rng_for_name(seed, &name);
     let input = rng.range(1_000, 40_000) as i64;
     let cached = rng.range(0, input as u64 / 4) as i64;
     let output = rng.range(100, 8_000) as i64;
@@ -334,11 +311,11 @@ async fn play_kubelet(api: Api<Pod>, pod: Pod, plans: Arc<BTreeMap<String, JobPl
     let client = api.clone().into_client();
     let namespace = pod.namespace().unwrap_or_default();
 
-    tokio::time::sleep(rng.millis(0, 300)).await;
+    tokio::time::sleep(Duration::from_millis(rng.range(0, 300))).await;
     if !retry_status(&name, &uid, || try_run_pod(&client, &namespace, &name)).await {
         return;
     }
-    tokio::time::sleep(rng.millis(50, 800)).await;
+    tokio::time::sleep(Duration::from_millis(rng.range(50, 800))).await;
     if retry_status(&name, &uid, || try_finish_pod(&client, &namespace, &name, exit_code, &message)).await {
         ledger.lock().unwrap().reports.insert(uid, report);
     }
