@@ -217,6 +217,8 @@ pub fn infra_report(tools: &[AgentTool], nodes: &[Arc<Node>], pods: &[Arc<Pod>],
         })
         .collect();
     let mut namespaces: Vec<String> = quotas.iter().filter_map(|q| q.namespace()).collect();
+    // A list from the API is ordered by namespace, a caller's slice need not be.
+    namespaces.sort();
     namespaces.dedup();
     let quotas = namespaces
         .iter()
@@ -457,6 +459,18 @@ mod tests {
             "status": status,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn quotas_are_listed_once_in_whatever_order_they_come() {
+        let quota = |ns: &str, name: &str| -> Arc<ResourceQuota> {
+            Arc::new(
+                serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}, "spec": {"hard": {"pods": "10"}}})).unwrap(),
+            )
+        };
+        let report = infra_report(&[], &[], &[], &[quota("b", "q1"), quota("a", "q2"), quota("b", "q3")]);
+        let rows: Vec<(String, String)> = report.quotas.iter().map(|q| (q.namespace.clone(), q.name.clone())).collect();
+        assert_eq!(rows, [("a".into(), "q2".into()), ("b".into(), "q1".into()), ("b".into(), "q3".into())]);
     }
 
     #[test]

@@ -157,17 +157,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print_report(cli.output, &report, plugin::EstimateReport::render)
         }
         Command::Infra { all_namespaces } => {
-            let scope = |all: bool| if all { None } else { Some(namespace.clone()) };
             let tools = Api::<AgentTool>::all(client.clone()).list(&Default::default()).await?.items;
             let nodes = Api::<Node>::all(client.clone()).list(&Default::default()).await?.items;
             let pods = Api::<Pod>::all(client.clone())
                 .list(&ListParams::default().fields("status.phase!=Succeeded,status.phase!=Failed"))
                 .await?
                 .items;
-            let quotas = match scope(all_namespaces) {
-                Some(ns) => Api::<ResourceQuota>::namespaced(client.clone(), &ns).list(&Default::default()).await?.items,
-                None => Api::<ResourceQuota>::all(client.clone()).list(&Default::default()).await?.items,
-            };
+            let quota_api =
+                if all_namespaces { Api::<ResourceQuota>::all(client.clone()) } else { Api::namespaced(client.clone(), &namespace) };
+            let quotas = quota_api.list(&Default::default()).await?.items;
             fn arcs<T>(v: Vec<T>) -> Vec<std::sync::Arc<T>> {
                 v.into_iter().map(std::sync::Arc::new).collect()
             }
