@@ -10,3 +10,4 @@ pub mod plugin;
 pub mod review;
 pub mod server;
 pub mod telemetry;
+pub mod text_table;

@@ -20,21 +20,9 @@ use crate::domain::money::MicroUsd;
 use crate::domain::pricing::PriceTable;
 use crate::evaluation::median;
 
-/// Prints rows under a header, columns padded to their widest cell.
+/// The reports' tables: three spaces between columns.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
-    let widths: Vec<usize> = (0..header.len())
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(String::len).chain([header[c].len()]).max().unwrap_or(0))
-        .collect();
-    let mut out = String::new();
-    let mut line = |cells: Vec<&str>| {
-        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        let _ = writeln!(out, "{}", padded.join("   ").trim_end());
-    };
-    line(header.to_vec());
-    for row in rows {
-        line(row.iter().map(String::as_str).collect());
-    }
-    out
+    crate::text_table::render(header, rows, 3)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -368,29 +368,7 @@ pub fn render_votes(job: &AgentJob, rows: &[VoteRow]) -> String {
             ]
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &cells {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut line = |cols: Vec<&str>| {
-        let mut l = String::new();
-        for (i, (col, w)) in cols.iter().zip(widths).enumerate() {
-            if i + 1 == cols.len() {
-                l.push_str(col);
-            } else {
-                let _ = write!(l, "{col:<w$}   ");
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for row in &cells {
-        line(row.iter().map(String::as_str).collect());
-    }
-    out
+    out + &crate::text_table::render(&header, &cells, 3)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -269,15 +269,7 @@ impl Evaluation {
         }
         rows.push(row("ALL (estimator)".into(), &self.estimator));
         rows.push(row("ALL (naive)".into(), &self.naive));
-        let widths: Vec<usize> = (0..7).map(|c| rows.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0)).collect();
-        let mut line = |cells: &[&str]| {
-            let text: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-            let _ = writeln!(out, "{}", text.join("  ").trim_end());
-        };
-        line(&header);
-        for r in &rows {
-            line(&r.iter().map(String::as_str).collect::<Vec<_>>());
-        }
+        out += &crate::text_table::render(&header, &rows, 2);
         let _ = writeln!(
             out,
             "naive reference: p50 = median of the job type's last {NAIVE_WINDOW} costs, p90 = {NAIVE_P90_FACTOR} x p50; MDAPE_WARM counts records after {} earlier samples of their job type",
