@@ -78,6 +78,11 @@ struct RunArgs {
     /// Reject jobs that wait longer than this many seconds for their approvals (0: wait forever).
     #[arg(long, env = "AGENTGATE_APPROVAL_TIMEOUT_SECONDS", default_value_t = 0)]
     approval_timeout_seconds: u64,
+    /// Milliseconds a new job's first status waits for votes applied together with it, so a
+    /// pre-approved job gets one status write and one Event instead of two each (0: never wait).
+    /// Over-budget, invalid or unestimable jobs are reported at once.
+    #[arg(long, env = "AGENTGATE_VOTE_WAIT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    vote_wait_ms: u64,
     /// YAML price table (`models: {<id>: {inputPerMillion, cachedInputPerMillion, outputPerMillion}}`)
     /// adding to or overriding the built-in list prices.
     #[arg(long, env = "AGENTGATE_PRICE_TABLE")]
@@ -167,6 +172,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         discovery_namespace_selector: args.discovery_namespace_selector,
         state_namespace: lease_namespace.clone(),
         price_config_map: args.price_config_map,
+        vote_wait: std::time::Duration::from_millis(args.vote_wait_ms),
     };
     tracing::info!(namespace = ?settings.namespace, approval_floor = settings.approval_floor, models = prices.models.len(), "starting agentgate");
 

@@ -107,6 +107,10 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         ctx.metrics.validation_seconds.observe(decide_started.elapsed().as_secs_f64());
     }
 
+    if let Some(hold) = decide::hold_first_status(&old_status, &plan, age(job), ctx.settings.vote_wait) {
+        return Ok(Action::requeue(hold));
+    }
+
     // Build and apply: Pods first, so status never names a Pod that was not created.
     if let Some(attempt) = plan.ensure_attempt {
         match ensure_pods(job, ctx, &plan, attempt, &pods).await {
@@ -120,10 +124,9 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     if let Some(approval) = &plan.status.approval {
         counted.required = approval.required;
     }
-    approval_vote::record_verdicts(ctx, &votes, &counted, job).await;
-
-    // Report.
-    report(job, ctx, &old_status, &plan).await;
+    // Verdicts and Events are independent of each other and of the next reconcile: sent together,
+    // they add one round trip to the reconcile instead of one per write.
+    tokio::join!(approval_vote::record_verdicts(ctx, &votes, &counted, job), report(job, ctx, &old_status, &plan));
     Ok(next_check(&plan.status, ctx.settings.approval_timeout_seconds))
 }
 
@@ -146,6 +149,14 @@ async fn head_verdicts(job: &AgentJob, ctx: &Context, votes: &[VoteView]) -> Res
         }
     }
     Ok(HeadVerdicts(verdicts))
+}
+
+/// Time since the job was created; zero when the clocks disagree or the timestamp is missing.
+fn age(job: &AgentJob) -> Duration {
+    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    created
+        .and_then(|c| k8s_openapi::jiff::Timestamp::now().duration_since(c).try_into().ok())
+        .unwrap_or(Duration::ZERO)
 }
 
 fn now() -> Time {

@@ -17,19 +17,21 @@ pub async fn record_verdicts(ctx: &Context, votes: &[Arc<ApprovalVote>], tally: 
     if job.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_terminal() || p == JobPhase::Running) {
         return;
     }
-    for vote in votes {
+    let writes = votes.iter().filter_map(|vote| {
         let (counted, message) = tally.verdict(&vote.name_any());
         let status = ApprovalVoteStatus { counted: Some(counted), message: Some(message), observed_generation: vote.metadata.generation };
-        if vote.status.as_ref() == Some(&status) {
-            continue;
-        }
-        let api: Api<ApprovalVote> = Api::namespaced(ctx.client.clone(), &vote.namespace().unwrap_or_default());
-        // Every field of the verdict is always set, so a merge patch replaces it whole; it costs
-        // the apiserver less than a server-side apply.
-        let patch = json!({"status": status});
-        let params = PatchParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PatchParams::default() };
-        if let Err(e) = api.patch_status(&vote.name_any(), &params, &Patch::Merge(&patch)).await {
-            tracing::warn!(vote = %vote.name_any(), error = %e, "could not record vote verdict");
-        }
+        (vote.status.as_ref() != Some(&status)).then(|| write_verdict(ctx, vote, status))
+    });
+    futures::future::join_all(writes).await;
+}
+
+async fn write_verdict(ctx: &Context, vote: &ApprovalVote, status: ApprovalVoteStatus) {
+    let api: Api<ApprovalVote> = Api::namespaced(ctx.client.clone(), &vote.namespace().unwrap_or_default());
+    // Every field of the verdict is always set, so a merge patch replaces it whole; it costs the
+    // apiserver less than a server-side apply.
+    let patch = json!({"status": status});
+    let params = PatchParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PatchParams::default() };
+    if let Err(e) = api.patch_status(&vote.name_any(), &params, &Patch::Merge(&patch)).await {
+        tracing::warn!(vote = %vote.name_any(), error = %e, "could not record vote verdict");
     }
 }

@@ -56,6 +56,9 @@ pub struct Settings {
     /// ConfigMap in `state_namespace` whose `prices.yaml` is watched and applied on top of the
     /// prices the operator started with.
     pub price_config_map: Option<String>,
+    /// How long a new job's first status waits for votes applied with it
+    /// (`decide::hold_first_status`).
+    pub vote_wait: std::time::Duration,
 }
 
 /// Watch caches every reconcile reads instead of calling the API.

@@ -271,8 +271,7 @@ fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current
         plan.ensure_attempt = (!any_deleted).then_some(current);
         plan.drop_gpu = s.dropped_resources.iter().any(|d| d == "gpu");
         let running = states.iter().filter(|(_, st)| !st.terminated()).count();
-        let ready_msg =
-            format!("attempt {current} of {}: {running} of {} agent Pod(s) still running", max_attempts(&job.spec), states.len());
+        let ready_msg = attempt_progress(current, max_attempts(&job.spec), running, states.len());
         set_condition(&mut s.conditions, condition::READY, false, "Running", ready_msg.clone(), generation, &o.now);
         set_condition(&mut s.conditions, condition::RECONCILING, true, "Running", ready_msg, generation, &o.now);
         return false;
@@ -566,11 +565,32 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
     remove_condition(&mut s.conditions, condition::SPEC_CHANGE_PENDING);
     plan.ensure_attempt = Some(next);
     plan.drop_gpu = r.dropped.iter().any(|d| d == "gpu");
+    let pods = s.attempts.last().map_or(0, |a| a.pods.len());
+    let progress = attempt_progress(next, max_attempts(spec), pods, pods);
+    set_condition(&mut s.conditions, condition::READY, false, "Running", progress.clone(), generation, &o.now);
+    set_condition(&mut s.conditions, condition::RECONCILING, true, "Running", progress, generation, &o.now);
     let msg = format!("attempt {next} of {} started", max_attempts(spec));
-    set_condition(&mut s.conditions, condition::READY, false, "Running", msg.clone(), generation, &o.now);
-    set_condition(&mut s.conditions, condition::RECONCILING, true, "Running", msg.clone(), generation, &o.now);
     let dropped = if plan.drop_gpu { " without the optional GPU (no node has one free)" } else { "" };
     plan.events.push(PlannedEvent { warning: false, reason: "AttemptStarted".into(), note: format!("{msg}{dropped}") });
+}
+
+/// How long to hold a job's first status back, if at all.
+///
+/// A job applied together with its votes (one manifest, a pipeline) reaches the operator a moment
+/// before them. Writing `AwaitingApproval` and then `Running` would cost two status writes and
+/// two Events where one of each says the same, so the first status waits up to `vote_wait` from
+/// the job's creation, but only when all it would say is that the job waits for votes: an
+/// estimate over budget, bad input or an unknown model is reported at once.
+pub fn hold_first_status(old: &AgentJobStatus, plan: &Plan, age: std::time::Duration, vote_wait: std::time::Duration) -> Option<std::time::Duration> {
+    let first = old.phase.is_none();
+    let only_waits_for_votes = plan.status.phase == Some(JobPhase::AwaitingApproval) && plan.ensure_attempt.is_none();
+    (first && only_waits_for_votes && age < vote_wait).then(|| vote_wait - age)
+}
+
+/// The Ready message of a running attempt. An attempt just started reads the same as one whose
+/// Pods the cache then shows unfinished, so seeing its Pods appear costs no status write.
+fn attempt_progress(attempt: i32, max: i32, unfinished: usize, pods: usize) -> String {
+    format!("attempt {attempt} of {max} running: {unfinished} of {pods} agent Pod(s) not finished")
 }
 
 pub fn over_budget(spec: &AgentJobSpec, cost_p90: MicroUsd, tokens_p90: i64) -> Option<String> {
@@ -986,7 +1006,7 @@ mod tests {
                     assert_eq!(a.pods, ["scan-scanner-1", "scan-fixer-1"], "{name}");
                     assert!(s.start_time.is_some(), "{name}");
                     assert!(!plan.drop_gpu, "{name}");
-                    assert_eq!(cond(plan, condition::READY).map(|c| c.2), Some("attempt 1 of 1 started"), "{name}");
+                    assert_eq!(cond(plan, condition::READY).map(|c| c.2), Some("attempt 1 of 1 running: 2 of 2 agent Pod(s) not finished"), "{name}");
                 },
                 ..Case::default()
             },
@@ -1017,7 +1037,7 @@ mod tests {
                 more: |name, plan| {
                     assert_eq!(
                         cond(plan, condition::READY).map(|c| c.2),
-                        Some("attempt 1 of 1: 2 of 2 agent Pod(s) still running"),
+                        Some("attempt 1 of 1 running: 2 of 2 agent Pod(s) not finished"),
                         "{name}"
                     );
                     assert_eq!(plan.status.attempts.len(), 1, "{name}");
@@ -1045,7 +1065,7 @@ mod tests {
                 more: |name, plan| {
                     assert_eq!(
                         cond(plan, condition::READY).map(|c| c.2),
-                        Some("attempt 1 of 1: 1 of 2 agent Pod(s) still running"),
+                        Some("attempt 1 of 1 running: 1 of 2 agent Pod(s) not finished"),
                         "{name}"
                     );
                     assert_eq!(plan.status.usage, None, "{name}: no usage before the attempt ends");
@@ -1132,7 +1152,7 @@ mod tests {
                     assert_eq!((second.attempt, second.result), (2, AttemptResult::Running), "{name}");
                     assert_eq!(second.pods, ["scan-scanner-2", "scan-fixer-2"], "{name}");
                     assert_eq!(usage(plan).total_tokens, 3_300, "{name}: attempt 1's usage is kept in the total");
-                    assert_eq!(cond(plan, condition::READY).map(|c| c.2), Some("attempt 2 of 2 started"), "{name}");
+                    assert_eq!(cond(plan, condition::READY).map(|c| c.2), Some("attempt 2 of 2 running: 2 of 2 agent Pod(s) not finished"), "{name}");
                     assert!(plan.events[0].warning && plan.events[0].note.ends_with("; retrying"), "{name}");
                 },
                 ..Case::default()
@@ -1326,7 +1346,7 @@ mod tests {
                 more: |name, plan| {
                     assert_eq!(
                         cond(plan, condition::READY).map(|c| c.2),
-                        Some("attempt 1 of 1: 1 of 2 agent Pod(s) still running"),
+                        Some("attempt 1 of 1 running: 1 of 2 agent Pod(s) not finished"),
                         "{name}"
                     );
                 },
@@ -1470,6 +1490,38 @@ mod tests {
                 assert!(again.events.is_empty(), "{name}: no repeated events {:?}", again.events);
             }
         }
+    }
+
+    #[test]
+    fn first_status_waits_briefly_only_for_votes() {
+        use std::time::Duration;
+        let wait = Duration::from_secs(1);
+        let young = Duration::from_millis(300);
+        let fresh = job(&[]);
+        let unvoted = step(&fresh, &ready(), &Tally { required: 2, ..Tally::default() }, &[], &[]);
+        assert_eq!(unvoted.status.phase, Some(JobPhase::AwaitingApproval));
+        let none = AgentJobStatus::default();
+        assert_eq!(hold_first_status(&none, &unvoted, young, wait), Some(Duration::from_millis(700)), "a new job waits for its votes");
+        assert_eq!(hold_first_status(&none, &unvoted, wait, wait), None, "no longer than vote_wait from creation");
+        assert_eq!(hold_first_status(&none, &unvoted, young, Duration::ZERO), None, "0 turns the wait off");
+        let written = after(fresh.clone(), unvoted.clone()).status.unwrap();
+        assert_eq!(hold_first_status(&written, &unvoted, young, wait), None, "a job with a status is never held back");
+
+        let started = step(&fresh, &ready(), &approved(), &[], &[]);
+        assert_eq!(hold_first_status(&none, &started, young, wait), None, "votes complete: the job starts at once");
+        let over_budget = job(&[("/spec/budget/maxCostUSD", json!("0.000001"))]);
+        let refused = step(&over_budget, &ready(), &Tally { required: 2, ..Tally::default() }, &[], &[]);
+        assert_eq!(refused.status.phase, Some(JobPhase::Rejected));
+        assert_eq!(hold_first_status(&none, &refused, young, wait), None, "a refusal is reported at once");
+    }
+
+    #[test]
+    fn pods_of_a_started_attempt_appearing_change_no_status() {
+        let started = running(&[]);
+        let pods = [pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)];
+        let plan = step(&started, &ready(), &approved(), &pods, &[]);
+        assert_eq!(Some(&plan.status), started.status.as_ref(), "the Pods the start created, seen unfinished, are no news");
+        assert!(plan.events.is_empty(), "{:?}", plan.events);
     }
 
     #[test]

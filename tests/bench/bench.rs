@@ -263,6 +263,9 @@ impl Requests {
     fn writes(&self) -> f64 {
         self.net.iter().filter(|(k, _)| is_write(&k.0) && !k.1.is_empty()).fold(0.0, |sum, (_, v)| sum + v)
     }
+    fn event_writes(&self) -> f64 {
+        self.net.iter().filter(|(k, _)| is_write(&k.0) && k.1 == "events").fold(0.0, |sum, (_, v)| sum + v)
+    }
     /// Resource requests only: non-resource ones (/openapi/v3 and such) are listed separately.
     fn verb(&self, verb: &str) -> f64 {
         self.net.iter().filter(|(k, _)| k.0 == verb && !k.1.is_empty()).fold(0.0, |sum, (_, v)| sum + v)
@@ -641,7 +644,10 @@ struct Outcome {
     p99_ms: Option<f64>,
     /// What p50/p99 measure.
     latency: String,
+    /// Every write, Events included.
     writes_per_job: Option<f64>,
+    /// Of those, Event creates and patches (the target counts Pod creates and status writes).
+    event_writes_per_job: Option<f64>,
     lists_per_job: Option<f64>,
     watches_per_job: Option<f64>,
     gets_per_job: Option<f64>,
@@ -668,6 +674,7 @@ impl Outcome {
         self.driver_throttled = DRIVER_THROTTLED.load(std::sync::atomic::Ordering::Relaxed);
         let per_job = |v: f64| v / self.n as f64;
         self.writes_per_job = Some(per_job(requests.writes()));
+        self.event_writes_per_job = Some(per_job(requests.event_writes()));
         self.lists_per_job = Some(per_job(requests.verb("LIST")));
         self.watches_per_job = Some(per_job(requests.verb("WATCH")));
         self.gets_per_job = Some(per_job(requests.verb("GET")));
@@ -1087,10 +1094,12 @@ fn evaluate_targets(outcomes: &[Outcome]) -> Vec<Target> {
         },
         verdict: if steady.is_some_and(|o| o.completed < o.n) { "MISS" } else { verdict(p99.map(|p| p < TARGET_STEADY_P99_MS)) },
     });
-    let writes = agentgate.and_then(|o| o.writes_per_job);
+    let all_writes = agentgate.and_then(|o| o.writes_per_job);
+    let events = agentgate.and_then(|o| o.event_writes_per_job);
+    let writes = all_writes.zip(events).map(|(all, events)| all - events);
     targets.push(Target {
-        target: format!("agentgate API writes/job <= {TARGET_WRITES_PER_JOB:.0}"),
-        measured: fmt_opt(writes, 2),
+        target: format!("agentgate writes/job <= {TARGET_WRITES_PER_JOB:.0} (Pod create + status writes)"),
+        measured: format!("{}, plus {} Event writes = {} writes in all", fmt_opt(writes, 2), fmt_opt(events, 2), fmt_opt(all_writes, 2)),
         verdict: verdict(writes.map(|w| w <= TARGET_WRITES_PER_JOB)),
     });
     let scale = find("agentgate scale");
@@ -1150,7 +1159,7 @@ fn print_report(outcomes: &[Outcome], targets: &[Target], background: &BTreeMap<
          requests the bench driver sent itself (counted client-side; the metric has no user-agent label) minus the idle\n\
          background ({:.2} req/s); non-resource requests are listed below but not in the columns. They include the controller's watch connections, which the apiserver counts when they\n\
          close (the controller is stopped before the final scrape). RSS is the controller's peak (VmHWM); CPU s is its\n\
-         utime+stime during the scenario. p50/p99 are from just before each object's create call to its Pod first seen by a\n\
+         utime+stime during the scenario. writes/job counts every write, Events included. p50/p99 are from just before each object's create call to its Pod first seen by a\n\
          watch (scale: to its status first seen). The raw row's controller is the bench itself (RSS/CPU not measured).",
         background.values().fold(0.0, |sum, v| sum + v)
     );
