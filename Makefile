@@ -51,8 +51,8 @@ demo: controlplane build
 # Job controller (not part of `make test`). N=1000 STEADY_SECONDS=60 SCALE_JOBS=10000 by default.
 .PHONY: bench
 bench: controlplane
-	$(CARGO) build --release --bin agentgate
-	AGENTGATE_BIN=$(CURDIR)/target/release/agentgate N=$${N:-1000} $(CARGO) run --release --example bench
+	$(CARGO) build --release --bin agentgate --example bench
+	AGENTGATE_BIN=$(CURDIR)/target/release/agentgate N=$${N:-1000} target/release/examples/bench
 
 # The crash storm at full size (`make test` runs it with 100 jobs): 500 pre-approved AgentJobs
 # while the operator is SIGKILLed every 1-5 s; prints kills, Pods, duplicates and usage lost.

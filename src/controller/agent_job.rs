@@ -252,12 +252,21 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
     let gpu_name = gpu_resource_name(job);
     let gpu = spec.resources.as_ref().and_then(|r| r.gpu).filter(|g| *g > 0 && !plan.drop_gpu);
     let deadline = spec.limits.as_ref().and_then(|l| l.max_execution_seconds).unwrap_or(crate::api::DEFAULT_MAX_EXECUTION_SECONDS);
+    // The attempt's generation as the plan records it: a Pod of a running attempt re-created after
+    // a spec change still belongs to the generation its attempt runs.
+    let job_generation = plan
+        .status
+        .attempts
+        .iter()
+        .find(|a| a.attempt == attempt)
+        .map_or_else(|| job.metadata.generation.unwrap_or(1), |a| a.generation);
     let agents = std::iter::once(&spec.agents.primary).chain(&spec.agents.supporting);
     for agent in agents {
         let pod = build_pod(&PodPlan {
             job_name: &name,
             namespace: &namespace,
             job_uid: &uid,
+            job_generation,
             agent,
             attempt,
             cpu: &cpu,

@@ -7,7 +7,7 @@ use kube::ResourceExt;
 
 use crate::api::{AgentJob, AgentTool, ApprovalVote, JobPhase};
 use crate::domain::decide::{PodState, PodView};
-use crate::domain::pod_builder::{LABEL_AGENT, LABEL_ATTEMPT, LABEL_JOB_UID};
+use crate::domain::pod_builder::{ANNOTATION_JOB_GENERATION, LABEL_AGENT, LABEL_ATTEMPT, LABEL_JOB_UID};
 use crate::domain::quantity::{parse_milli, parse_units};
 use crate::domain::readiness::{NodeView, PodNeed, QuotaView, Resources, ToolView};
 use crate::domain::tally::VoteView;
@@ -35,7 +35,8 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
         }
         _ => PodState::Active,
     };
-    Some(PodView { name: pod.name_any(), agent, attempt, state })
+    let generation = pod.annotations().get(ANNOTATION_JOB_GENERATION).and_then(|g| g.parse().ok());
+    Some(PodView { name: pod.name_any(), agent, attempt, generation, state })
 }
 
 pub fn pods_of_job(pods: &[std::sync::Arc<Pod>], job_uid: &str) -> Vec<PodView> {

@@ -43,6 +43,8 @@ pub struct PodView {
     pub name: String,
     pub agent: String,
     pub attempt: i32,
+    /// The job generation the Pod was built from (None on Pods of older operator versions).
+    pub generation: Option<i64>,
     pub state: PodState,
 }
 
@@ -186,14 +188,16 @@ pub fn decide(o: &Observed) -> Plan {
 fn adopt_unrecorded_attempts(s: &mut AgentJobStatus, o: &Observed, generation: i64) {
     let recorded = s.attempts.last().map(|a| a.attempt).unwrap_or(0);
     let Some(newest) = o.pods.iter().map(|p| p.attempt).max().filter(|n| *n > recorded) else { return };
-    // The Pods were built from the generation last decided on, not from a spec that may have
-    // changed while the status write was refused.
+    // The Pods say which generation they were built from; the spec may have changed since, while
+    // the status write was refused. Pods of older versions lack that: the generation last decided
+    // on is the best guess.
     let decided_on = o.job.status.as_ref().and_then(|st| st.observed_generation).unwrap_or(generation);
     let job_name = o.job.metadata.name.as_deref().unwrap_or_default();
     for attempt in recorded + 1..=newest {
+        let built_from = o.pods.iter().filter(|p| p.attempt == attempt).find_map(|p| p.generation);
         s.attempts.push(Attempt {
             attempt,
-            generation: decided_on,
+            generation: built_from.unwrap_or(decided_on),
             pods: agent_names(&o.job.spec).iter().map(|agent| super::pod_builder::pod_name(job_name, agent, attempt)).collect(),
             start_time: Some(o.now.clone()),
             completion_time: None,
@@ -733,7 +737,7 @@ mod tests {
     }
 
     fn pod(agent: &str, attempt: i32, state: PodState) -> PodView {
-        PodView { name: format!("scan-{agent}-{attempt}"), agent: agent.into(), attempt, state }
+        PodView { name: format!("scan-{agent}-{attempt}"), agent: agent.into(), attempt, generation: Some(1), state }
     }
 
     fn report(model: &str, input: i64, output: i64, out: Value) -> Option<String> {
@@ -1522,6 +1526,21 @@ mod tests {
         let plan = step(&started, &ready(), &approved(), &pods, &[]);
         assert_eq!(Some(&plan.status), started.status.as_ref(), "the Pods the start created, seen unfinished, are no news");
         assert!(plan.events.is_empty(), "{:?}", plan.events);
+    }
+
+    #[test]
+    fn pods_found_before_any_status_keep_the_generation_they_were_built_from() {
+        // Started at first sight (votes applied with the job), its status write refused because
+        // the spec changed in between: the Pods are all there is of generation 1.
+        let changed = with_generation(job(&[]), 2);
+        let pods = [pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)];
+        let plan = step(&changed, &ready(), &approved(), &pods, &[]);
+        let attempt = &plan.status.attempts[0];
+        assert_eq!((attempt.attempt, attempt.generation, attempt.result), (1, 1, AttemptResult::Running));
+        assert_eq!(plan.ensure_attempt, Some(1), "the attempt is followed, not started again");
+        let pending = cond(&plan, condition::SPEC_CHANGE_PENDING).expect("SpecChangePending");
+        assert_eq!(pending.0, "True");
+        assert!(pending.2.contains("generation 2 applies from the next attempt"), "{}", pending.2);
     }
 
     #[test]

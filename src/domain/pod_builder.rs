@@ -18,6 +18,9 @@ pub const LABEL_JOB_UID: &str = "agentgate.dev/job-uid";
 pub const LABEL_JOB: &str = "agentgate.dev/job";
 pub const LABEL_AGENT: &str = "agentgate.dev/agent";
 pub const LABEL_ATTEMPT: &str = "agentgate.dev/attempt";
+/// The job's generation the Pod was built from: an attempt found only through its Pods (its status
+/// write was refused or never made) is recorded with the spec it really runs.
+pub const ANNOTATION_JOB_GENERATION: &str = "agentgate.dev/job-generation";
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
 
 #[derive(Clone, Debug)]
@@ -25,6 +28,7 @@ pub struct PodPlan<'a> {
     pub job_name: &'a str,
     pub namespace: &'a str,
     pub job_uid: &'a str,
+    pub job_generation: i64,
     pub agent: &'a Agent,
     pub attempt: i32,
     pub cpu: &'a str,
@@ -103,7 +107,10 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
             name: Some(pod_name(plan.job_name, &plan.agent.name, plan.attempt)),
             namespace: Some(plan.namespace.to_string()),
             labels: Some(labels),
-            annotations: Some(BTreeMap::from([("agentgate.dev/job-name".to_string(), plan.job_name.to_string())])),
+            annotations: Some(BTreeMap::from([
+                ("agentgate.dev/job-name".to_string(), plan.job_name.to_string()),
+                (ANNOTATION_JOB_GENERATION.to_string(), plan.job_generation.to_string()),
+            ])),
             owner_references: Some(vec![OwnerReference {
                 api_version: "agentgate.dev/v1alpha1".into(),
                 kind: "AgentJob".into(),
@@ -208,6 +215,7 @@ mod tests {
                 job_name: &self.job_name,
                 namespace: "team-security",
                 job_uid: "0b5c-uid",
+                job_generation: 3,
                 agent: &self.agent,
                 attempt: self.attempt,
                 cpu: "2",
@@ -265,6 +273,7 @@ mod tests {
                         })),
                     ),
                     At("/metadata/annotations/agentgate.dev~1job-name", Some(json!("security-scan-42"))),
+                    At("/metadata/annotations/agentgate.dev~1job-generation", Some(json!("3"))),
                 ],
             },
             Case {
