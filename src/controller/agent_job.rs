@@ -154,9 +154,7 @@ async fn head_verdicts(job: &AgentJob, ctx: &Context, votes: &[VoteView]) -> Res
 /// Time since the job was created; zero when the clocks disagree or the timestamp is missing.
 fn age(job: &AgentJob) -> Duration {
     let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    created
-        .and_then(|c| k8s_openapi::jiff::Timestamp::now().duration_since(c).try_into().ok())
-        .unwrap_or(Duration::ZERO)
+    created.and_then(|c| k8s_openapi::jiff::Timestamp::now().duration_since(c).try_into().ok()).unwrap_or(Duration::ZERO)
 }
 
 fn now() -> Time {
@@ -254,12 +252,8 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
     let deadline = spec.limits.as_ref().and_then(|l| l.max_execution_seconds).unwrap_or(crate::api::DEFAULT_MAX_EXECUTION_SECONDS);
     // The attempt's generation as the plan records it: a Pod of a running attempt re-created after
     // a spec change still belongs to the generation its attempt runs.
-    let job_generation = plan
-        .status
-        .attempts
-        .iter()
-        .find(|a| a.attempt == attempt)
-        .map_or_else(|| job.metadata.generation.unwrap_or(1), |a| a.generation);
+    let job_generation =
+        plan.status.attempts.iter().find(|a| a.attempt == attempt).map_or_else(|| job.metadata.generation.unwrap_or(1), |a| a.generation);
     let agents = std::iter::once(&spec.agents.primary).chain(&spec.agents.supporting);
     for agent in agents {
         let pod = build_pod(&PodPlan {

@@ -585,7 +585,12 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
 /// two Events where one of each says the same, so the first status waits up to `vote_wait` from
 /// the job's creation, but only when all it would say is that the job waits for votes: an
 /// estimate over budget, bad input or an unknown model is reported at once.
-pub fn hold_first_status(old: &AgentJobStatus, plan: &Plan, age: std::time::Duration, vote_wait: std::time::Duration) -> Option<std::time::Duration> {
+pub fn hold_first_status(
+    old: &AgentJobStatus,
+    plan: &Plan,
+    age: std::time::Duration,
+    vote_wait: std::time::Duration,
+) -> Option<std::time::Duration> {
     let first = old.phase.is_none();
     let only_waits_for_votes = plan.status.phase == Some(JobPhase::AwaitingApproval) && plan.ensure_attempt.is_none();
     (first && only_waits_for_votes && age < vote_wait).then(|| vote_wait - age)
@@ -1010,7 +1015,11 @@ mod tests {
                     assert_eq!(a.pods, ["scan-scanner-1", "scan-fixer-1"], "{name}");
                     assert!(s.start_time.is_some(), "{name}");
                     assert!(!plan.drop_gpu, "{name}");
-                    assert_eq!(cond(plan, condition::READY).map(|c| c.2), Some("attempt 1 of 1 running: 2 of 2 agent Pod(s) not finished"), "{name}");
+                    assert_eq!(
+                        cond(plan, condition::READY).map(|c| c.2),
+                        Some("attempt 1 of 1 running: 2 of 2 agent Pod(s) not finished"),
+                        "{name}"
+                    );
                 },
                 ..Case::default()
             },
@@ -1156,7 +1165,11 @@ mod tests {
                     assert_eq!((second.attempt, second.result), (2, AttemptResult::Running), "{name}");
                     assert_eq!(second.pods, ["scan-scanner-2", "scan-fixer-2"], "{name}");
                     assert_eq!(usage(plan).total_tokens, 3_300, "{name}: attempt 1's usage is kept in the total");
-                    assert_eq!(cond(plan, condition::READY).map(|c| c.2), Some("attempt 2 of 2 running: 2 of 2 agent Pod(s) not finished"), "{name}");
+                    assert_eq!(
+                        cond(plan, condition::READY).map(|c| c.2),
+                        Some("attempt 2 of 2 running: 2 of 2 agent Pod(s) not finished"),
+                        "{name}"
+                    );
                     assert!(plan.events[0].warning && plan.events[0].note.ends_with("; retrying"), "{name}");
                 },
                 ..Case::default()
