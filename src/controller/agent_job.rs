@@ -424,10 +424,21 @@ pub fn requeue_on_transition(
         let _ = tool_requeue.send(ObjectRef::new(&tool));
     }
     if was_running {
-        for waiting in waiting_jobs(&jobs.state()) {
+        for waiting in waiting_for_capacity(&jobs.state()) {
             let _ = requeue.send(waiting);
         }
     }
+}
+
+/// Approved jobs that wait for node capacity, quota or rate limit. Jobs still awaiting approval
+/// are left out: capacity does not move them, and with thousands of them every finished Pod or
+/// Node update would reconcile them all; their readiness checks are refreshed when a vote comes
+/// and on the resync.
+fn waiting_for_capacity(jobs: &[Arc<AgentJob>]) -> Vec<ObjectRef<AgentJob>> {
+    jobs.iter()
+        .filter(|j| j.status.as_ref().is_some_and(|s| s.phase == Some(JobPhase::WaitingForResources)))
+        .map(|j| ObjectRef::from_obj(j.as_ref()))
+        .collect()
 }
 
 fn waiting_jobs(jobs: &[Arc<AgentJob>]) -> Vec<ObjectRef<AgentJob>> {
@@ -477,7 +488,7 @@ pub fn jobs_affected_by_pod(caches: &Caches, pod: &Pod) -> Vec<ObjectRef<AgentJo
 
 pub fn jobs_waiting_for_capacity(caches: &Caches, namespace: Option<&str>) -> Vec<ObjectRef<AgentJob>> {
     let jobs = caches.jobs.state();
-    waiting_jobs(&jobs).into_iter().filter(|j| namespace.is_none() || j.namespace.as_deref() == namespace).collect()
+    waiting_for_capacity(&jobs).into_iter().filter(|j| namespace.is_none() || j.namespace.as_deref() == namespace).collect()
 }
 
 pub fn jobs_naming_tool(caches: &Caches, tool: &str) -> Vec<ObjectRef<AgentJob>> {
