@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::PostParams;
+use kube::api::{ApiResource, DynamicObject, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
@@ -312,17 +312,21 @@ async fn pod_name_taken(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, pod
 }
 
 async fn write_status(job: &AgentJob, ctx: &Context, status: &AgentJobStatus) -> Result<()> {
-    let api: Api<AgentJob> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     // A PUT of the whole status with the cached resourceVersion: a decision made on a stale copy
     // is refused (409) instead of overwriting newer status, and fields the decision dropped go.
     // The operator is the only writer of status, so nothing is lost by not merging, and an update
     // costs the apiserver less than a server-side apply, which dominated its CPU per job.
-    // Only status is taken from the body (the subresource ignores the rest, and an empty
-    // managedFields, as the slimmed cache has, leaves the stored ones alone).
-    let mut updated = job.clone();
-    updated.status = Some(status.clone());
+    // The status subresource takes only status from the body and keeps the stored spec and
+    // metadata, so the body carries nothing else: the apiserver decodes and the network carries
+    // a job's input (up to its size limit) once, when it is applied, not on every status write.
+    let resource = ApiResource::erase::<AgentJob>(&());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &job.namespace().unwrap_or_default(), &resource);
+    let mut body = DynamicObject::new(&job.name_any(), &resource).within(&job.namespace().unwrap_or_default());
+    body.metadata.resource_version = job.resource_version();
+    body.metadata.uid = job.metadata.uid.clone();
+    body.data = serde_json::json!({ "status": status });
     let params = PostParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PostParams::default() };
-    let written = api.replace_status(&job.name_any(), &params, &updated).await?;
+    let written = api.replace_status(&job.name_any(), &params, &body).await?;
     // A no-op update keeps the version, and the cache would then never move past it.
     if written.resource_version() != job.resource_version() {
         ctx.status_writes.wrote_over(job.metadata.uid.as_deref().unwrap_or_default(), job.resource_version());
