@@ -6,6 +6,7 @@ pub mod agent_tool;
 pub mod approval_vote;
 pub mod discovery;
 pub mod estimator_store;
+pub mod events;
 pub mod price_table;
 pub mod snapshot;
 
@@ -17,7 +18,7 @@ use futures::{StreamExt, future};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -97,7 +98,7 @@ pub const UNSYNCED_RETRY: Duration = Duration::from_millis(200);
 
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: events::Publisher,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
     pub prices: Arc<RwLock<PriceTable>>,
@@ -151,14 +152,8 @@ impl Context {
     /// Records an Event on `reference`; a failure is logged, never fatal. The note is cut to the
     /// 1 KiB the Events API accepts.
     pub async fn publish_event(&self, reference: &ObjectReference, type_: EventType, reason: &str, note: &str, action: &str) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(crate::domain::validate::bounded_to(note, 1000)),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(err) = self.recorder.publish(&event, reference).await {
+        let note = crate::domain::validate::bounded_to(note, 1000);
+        if let Err(err) = self.events.publish(reference, type_, reason, &note, action).await {
             tracing::warn!(object = ?reference.name, reason, %err, "could not publish Event");
         }
     }
@@ -237,9 +232,8 @@ pub async fn run(
     *jobs_for_metrics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.jobs.clone());
     *metrics.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.tools.clone());
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
-    let reporter = Reporter { controller: "agentgate".into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        events: events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok()),
         client: client.clone(),
         metrics,
         settings: settings.clone(),
