@@ -8,7 +8,7 @@
 //! the note is part of it: an identical warning repeated within the window becomes one Event
 //! with a growing count, while a new message (the next attempt's failure, say) is a new Event
 //! rather than a count on an Event that shows the old message. What is remembered per series is
-//! a few strings, and at most [`SERIES_CAP`] series are.
+//! its key and the Event's name, and at most [`SERIES_CAP`] series are.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -30,42 +30,34 @@ pub const SERIES_WINDOW: SignedDuration = SignedDuration::from_mins(6);
 /// that comes back soon.
 pub const SERIES_CAP: usize = 4096;
 
-/// What makes two Events the same: who reports, about which object (any version), and what.
+/// What makes two Events the same: the object (by identity, any version: a deleted and
+/// recreated object of the same name is another one), the type, reason, action and note. Held as
+/// one string, the fields joined by NUL, which none of them contains: one allocation per series.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Key {
-    regarding: Regarding,
-    warning: bool,
-    reason: String,
-    action: String,
-    note: String,
-}
+struct Key(Box<str>);
 
-/// An object by identity: a deleted and recreated object of the same name is another one.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Regarding {
-    api_version: Option<String>,
-    kind: Option<String>,
-    namespace: Option<String>,
-    name: Option<String>,
-    uid: Option<String>,
-}
-
-impl From<&ObjectReference> for Regarding {
-    fn from(r: &ObjectReference) -> Self {
-        Regarding {
-            api_version: r.api_version.clone(),
-            kind: r.kind.clone(),
-            namespace: r.namespace.clone(),
-            name: r.name.clone(),
-            uid: r.uid.clone(),
-        }
+impl Key {
+    fn new(regarding: &ObjectReference, type_: EventType, reason: &str, action: &str, note: &str) -> Key {
+        let r = regarding;
+        let fields = [
+            r.api_version.as_deref(),
+            r.kind.as_deref(),
+            r.namespace.as_deref(),
+            r.name.as_deref(),
+            r.uid.as_deref(),
+            Some(if type_ == EventType::Warning { "Warning" } else { "Normal" }),
+            Some(reason),
+            Some(action),
+            Some(note),
+        ];
+        Key(fields.map(|f| f.unwrap_or_default()).join("\0").into())
     }
 }
 
 #[derive(Clone, Debug, PartialEq)]
 struct Series {
     /// The Event object carrying the series.
-    event: String,
+    event: Box<str>,
     count: i32,
     last_observed: Timestamp,
 }
@@ -90,7 +82,7 @@ struct SeriesBook {
 impl SeriesBook {
     fn next(&self, key: &Key, now: Timestamp) -> Step {
         match self.series.get(key) {
-            Some(s) if s.last_observed + SERIES_WINDOW > now => Step::Count { event: s.event.clone(), count: s.count + 1 },
+            Some(s) if s.last_observed + SERIES_WINDOW > now => Step::Count { event: s.event.to_string(), count: s.count + 1 },
             _ => Step::Create,
         }
     }
@@ -100,7 +92,7 @@ impl SeriesBook {
         if !self.series.contains_key(&key) && self.series.len() >= SERIES_CAP {
             self.make_room(now);
         }
-        self.series.insert(key, Series { event, count, last_observed: now });
+        self.series.insert(key, Series { event: event.into(), count, last_observed: now });
     }
 
     /// Drops expired series, and if that is not enough the least recently seen quarter or more,
@@ -139,17 +131,12 @@ impl Publisher {
         note: &str,
         action: &str,
     ) -> Result<(), kube::Error> {
-        let key = Key {
-            regarding: regarding.into(),
-            warning: type_ == EventType::Warning,
-            reason: reason.into(),
-            action: action.into(),
-            note: note.into(),
-        };
+        let key = Key::new(regarding, type_, reason, action, note);
         let now = Timestamp::now();
         let namespace = regarding.namespace.as_deref().unwrap_or("default");
         let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
         let step = self.lock().next(&key, now);
+        let create = || self.create(&api, regarding, type_, reason, action, note, now);
         let (event, count) = match step {
             Step::Count { event, count } => {
                 let series = EventSeries { count, last_observed_time: MicroTime(now) };
@@ -157,26 +144,36 @@ impl Publisher {
                 match api.patch(&event, &PatchParams::default(), &Patch::Merge(&patch)).await {
                     Ok(_) => (event, count),
                     // Deleted meanwhile (the apiserver's event TTL, or someone): start over.
-                    Err(kube::Error::Api(e)) if e.code == 404 => (self.create(&api, &key, regarding, now).await?, 1),
+                    Err(kube::Error::Api(e)) if e.code == 404 => (create().await?, 1),
                     Err(e) => return Err(e),
                 }
             }
-            Step::Create => (self.create(&api, &key, regarding, now).await?, 1),
+            Step::Create => (create().await?, 1),
         };
         self.lock().observed(key, event, count, now);
         Ok(())
     }
 
     /// Creates the first Event of a series; returns its name.
-    async fn create(&self, api: &Api<Event>, key: &Key, regarding: &ObjectReference, now: Timestamp) -> Result<String, kube::Error> {
+    #[allow(clippy::too_many_arguments)]
+    async fn create(
+        &self,
+        api: &Api<Event>,
+        regarding: &ObjectReference,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: &str,
+        now: Timestamp,
+    ) -> Result<String, kube::Error> {
         let name = format!("{}.{:x}", regarding.name.as_deref().unwrap_or(&self.controller), now.as_nanosecond());
         let event = Event {
             metadata: ObjectMeta { name: Some(name.clone()), namespace: regarding.namespace.clone(), ..ObjectMeta::default() },
             event_time: Some(MicroTime(now)),
-            type_: Some(if key.warning { "Warning" } else { "Normal" }.into()),
-            reason: Some(key.reason.clone()),
-            action: Some(key.action.clone()),
-            note: Some(key.note.clone()),
+            type_: Some(if type_ == EventType::Warning { "Warning" } else { "Normal" }.into()),
+            reason: Some(reason.into()),
+            action: Some(action.into()),
+            note: Some(note.into()),
             regarding: Some(regarding.clone()),
             reporting_controller: Some(self.controller.clone()),
             reporting_instance: Some(self.instance.clone()),
@@ -196,19 +193,20 @@ mod tests {
     use super::*;
 
     fn key(name: &str, uid: &str, note: &str) -> Key {
-        Key {
-            regarding: Regarding {
-                api_version: Some("agentgate.dev/v1alpha1".into()),
-                kind: Some("AgentJob".into()),
-                namespace: Some("ns".into()),
-                name: Some(name.into()),
-                uid: Some(uid.into()),
-            },
-            warning: true,
-            reason: "BudgetExceeded".into(),
-            action: "Reconcile".into(),
-            note: note.into(),
-        }
+        key_at(name, uid, "1", note)
+    }
+
+    fn key_at(name: &str, uid: &str, resource_version: &str, note: &str) -> Key {
+        let regarding = ObjectReference {
+            api_version: Some("agentgate.dev/v1alpha1".into()),
+            kind: Some("AgentJob".into()),
+            namespace: Some("ns".into()),
+            name: Some(name.into()),
+            uid: Some(uid.into()),
+            resource_version: Some(resource_version.into()),
+            ..ObjectReference::default()
+        };
+        Key::new(&regarding, EventType::Warning, "BudgetExceeded", "Reconcile", note)
     }
 
     fn at(seconds: i64) -> Timestamp {
@@ -221,7 +219,8 @@ mod tests {
         let k = key("a", "u1", "over budget");
         assert_eq!(book.next(&k, at(0)), Step::Create);
         book.observed(k.clone(), "a.1".into(), 1, at(0));
-        assert_eq!(book.next(&k, at(10)), Step::Count { event: "a.1".into(), count: 2 });
+        // The status write that came with the first Event changed the job's version.
+        assert_eq!(book.next(&key_at("a", "u1", "2", "over budget"), at(10)), Step::Count { event: "a.1".into(), count: 2 });
         book.observed(k.clone(), "a.1".into(), 2, at(10));
         assert_eq!(book.next(&k, at(20)), Step::Count { event: "a.1".into(), count: 3 });
         // The window runs from the last repeat, not the first Event.

@@ -191,6 +191,27 @@ fn slim<K: Resource>(obj: &mut K) {
     obj.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
 }
 
+/// Keeps of a Pod only what the operator reads from the cache (every Pod of the cluster is
+/// watched, for node capacity): its identity, labels and owners, the node and the containers'
+/// requests (`snapshot::node_views`), the phase and the `agent` container's termination
+/// (`snapshot::pod_view`). Anything else a reconcile needs of a Pod must be read elsewhere.
+fn slim_pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodSpec, PodStatus};
+    slim(pod);
+    pod.metadata.annotations = None;
+    if let Some(spec) = pod.spec.take() {
+        let containers =
+            spec.containers.into_iter().map(|c| Container { name: c.name, resources: c.resources, ..Container::default() }).collect();
+        pod.spec = Some(PodSpec { node_name: spec.node_name, containers, ..PodSpec::default() });
+    }
+    if let Some(status) = pod.status.take() {
+        let container_statuses = status
+            .container_statuses
+            .map(|cs| cs.into_iter().map(|c| ContainerStatus { name: c.name, state: c.state, ..ContainerStatus::default() }).collect());
+        pod.status = Some(PodStatus { phase: status.phase, reason: status.reason, container_statuses, ..PodStatus::default() });
+    }
+}
+
 /// Starts the watches and both controllers and runs until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -250,7 +271,7 @@ pub async fn run(
     let discovery_trigger = Arc::new(tokio::sync::Notify::new());
 
     let pod_stream =
-        watcher(scoped::<Pod>(&client, &None), wc.clone()).default_backoff().modify(slim).reflect(pods_writer).touched_objects();
+        watcher(scoped::<Pod>(&client, &None), wc.clone()).default_backoff().modify(slim_pod).reflect(pods_writer).touched_objects();
     let node_stream =
         watcher(Api::<Node>::all(client.clone()), wc.clone()).default_backoff().modify(slim).reflect(nodes_writer).touched_objects();
     let quota_stream = watcher(scoped::<ResourceQuota>(&client, &settings.namespace), wc.clone())
@@ -434,4 +455,73 @@ async fn watch_rbac(client: Client, ctx: Arc<Context>) {
             future::ready(())
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use serde_json::json;
+
+    use super::{slim_pod, snapshot};
+    use crate::domain::pod_builder::{PodPlan, build_pod};
+
+    /// An agent Pod as the apiserver returns it once bound and finished, `phase` "Succeeded" or
+    /// "Failed", with the operator's own env, volumes and annotations and the kubelet's status.
+    fn finished_pod(phase: &str) -> Pod {
+        let agent = serde_json::from_value(json!({"name": "scanner", "image": "ghcr.io/acme/scanner:1", "model": "gpt-4o-mini",
+            "env": [{"name": "MODE", "value": "deep"}], "args": ["--all"]}))
+        .unwrap();
+        let mut pod = build_pod(&PodPlan {
+            job_name: "scan",
+            namespace: "team",
+            job_uid: "uid-1",
+            agent: &agent,
+            attempt: 2,
+            cpu: "500m",
+            memory: "1Gi",
+            gpu: Some(("nvidia.com/gpu", 1)),
+            deadline_seconds: 600,
+            budget_usd: "1.00",
+            input_json: r#"{"repo": "x"}"#,
+            tool_urls: &[("bandit".into(), "http://bandit.tools.svc:8080".into())],
+        });
+        pod.metadata.uid = Some("pod-uid".into());
+        pod.metadata.annotations = Some([("note".to_string(), "x".repeat(500))].into());
+        pod.spec.as_mut().unwrap().node_name = Some("node-a".into());
+        pod.status = Some(
+            serde_json::from_value(json!({"phase": phase, "reason": if phase == "Failed" { "DeadlineExceeded" } else { "" },
+                "conditions": [{"type": "Ready", "status": "False"}], "podIP": "10.0.0.7", "qosClass": "Guaranteed",
+                "containerStatuses": [{"name": "agent", "image": "ghcr.io/acme/scanner:1", "imageID": "sha256:abc", "ready": false,
+                    "restartCount": 0, "containerID": "containerd://1",
+                    "state": {"terminated": {"exitCode": 3, "message": "{\"usage\": {}}", "reason": "Error"}}}]}))
+            .unwrap(),
+        );
+        pod
+    }
+
+    #[test]
+    fn a_slimmed_pod_reads_the_same_and_is_smaller() {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "node-a"},
+            "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "2"}, "conditions": [{"type": "Ready", "status": "True"}]}}))
+        .unwrap();
+        for phase in ["Running", "Succeeded", "Failed"] {
+            let full = finished_pod(phase);
+            let mut slim = full.clone();
+            slim_pod(&mut slim);
+            assert_eq!(snapshot::pod_view(&slim), snapshot::pod_view(&full), "{phase}");
+            assert!(snapshot::pod_view(&full).is_some());
+            assert_eq!(snapshot::pod_job_uid(&slim), Some("uid-1"));
+            assert_eq!(snapshot::holds_node_resources(&slim), snapshot::holds_node_resources(&full), "{phase}");
+            let nodes = [Arc::new(node.clone())];
+            assert_eq!(snapshot::node_views(&nodes, &[Arc::new(slim.clone())]), snapshot::node_views(&nodes, &[Arc::new(full.clone())]));
+            assert_eq!(
+                (slim.metadata.owner_references.as_ref(), slim.metadata.uid.as_ref()),
+                (full.metadata.owner_references.as_ref(), full.metadata.uid.as_ref())
+            );
+            let size = |p: &Pod| serde_json::to_string(p).unwrap().len();
+            assert!(size(&slim) * 2 < size(&full), "{} of {} bytes left", size(&slim), size(&full));
+        }
+    }
 }
