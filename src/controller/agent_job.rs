@@ -65,25 +65,17 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     let generation = job.metadata.generation.unwrap_or(1);
     let old_status = job.status.clone().unwrap_or_default();
 
-    // Dereference: everything from the watch caches.
-    let all_pods = ctx.caches.pods.state();
-    let pods = pods_of_job(&all_pods, &uid);
-    let jobs = ctx.caches.jobs.state();
-    let votes: Vec<_> = ctx
-        .caches
-        .votes
-        .state()
-        .iter()
-        .filter(|v| v.namespace().as_deref() == Some(namespace.as_str()) && v.spec.job_ref.name == name)
-        .cloned()
-        .collect();
+    // Dereference: everything from the watch caches. Only the objects that matter are taken out
+    // (never a whole cache's `state()`): hundreds of reconciles are in flight at once, each
+    // holding what it took across its API calls.
+    let pods = pods_of_job(&ctx.caches.pods.state_filter(|p| snapshot::pod_job_uid(p) == Some(uid.as_str())), &uid);
+    let votes = ctx.caches.votes.state_filter(|v| v.namespace().as_deref() == Some(namespace.as_str()) && v.spec.job_ref.name == name);
     let vote_views: Vec<_> = votes.iter().map(|v| vote_view(v)).collect();
     let author = job.annotations().get(REQUESTED_BY).map(String::as_str);
     let identity = JobIdentity { name: &name, uid: &uid, generation, author };
     let heads = head_verdicts(job, ctx, &vote_views).await?;
     let mut counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &vote_views, &heads);
-    let readiness =
-        if old_status.phase.is_some_and(JobPhase::is_terminal) { Readiness::default() } else { job_readiness(job, ctx, &jobs, &all_pods) };
+    let readiness = if old_status.phase.is_some_and(JobPhase::is_terminal) { Readiness::default() } else { job_readiness(job, ctx) };
     let learned = ctx.learner.state.lock().await.stats(&job_type(job)).cloned();
     let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;
     let prices = ctx.prices.read().await.clone();
@@ -161,7 +153,13 @@ fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
-fn job_readiness(job: &AgentJob, ctx: &Context, jobs: &[Arc<AgentJob>], all_pods: &[Arc<Pod>]) -> Readiness {
+fn job_readiness(job: &AgentJob, ctx: &Context) -> Readiness {
+    // Only jobs that run or wait for capacity claim nodes, quota or rate limit.
+    let jobs = ctx
+        .caches
+        .jobs
+        .state_filter(|j| matches!(j.status.as_ref().and_then(|s| s.phase), Some(JobPhase::Running | JobPhase::WaitingForResources)));
+    let jobs = jobs.as_slice();
     let tools: Vec<(ToolNeed, Option<_>)> = job
         .spec
         .tools
@@ -182,7 +180,7 @@ fn job_readiness(job: &AgentJob, ctx: &Context, jobs: &[Arc<AgentJob>], all_pods
         r.blocked_reason = Some("InvalidResources");
         return r;
     };
-    let nodes = snapshot::node_views(&ctx.caches.nodes.state(), all_pods);
+    let nodes = snapshot::node_views(&ctx.caches.nodes.state(), &ctx.caches.pods.state_filter(snapshot::holds_node_resources));
     let queued_ahead = queued_ahead_of(job, jobs);
     let quotas = snapshot::quota_views(&ctx.caches.quotas.state(), job.namespace().as_deref().unwrap_or_default());
     readiness::check(&ReadinessInput { tools: &tools, need: &need, nodes: &nodes, queued_ahead: &queued_ahead, quotas: &quotas })
@@ -406,11 +404,11 @@ pub fn requeue_on_transition(
         Event::Apply(job) => (jobs.get(&ObjectRef::from_obj(job)), Some(job)),
         Event::Delete(job) => (jobs.get(&ObjectRef::from_obj(job)).or_else(|| Some(Arc::new(job.clone()))), None),
         Event::InitDone => {
-            let all = jobs.state();
-            for waiting in waiting_jobs(&all) {
+            for waiting in waiting_jobs(jobs) {
                 let _ = requeue.send(waiting);
             }
-            let tools: std::collections::BTreeSet<String> = all.iter().flat_map(|j| tools_of(j).collect::<Vec<_>>()).collect();
+            let tools: std::collections::BTreeSet<String> =
+                jobs.state_filter(|j| !j.spec.tools.is_empty()).iter().flat_map(|j| tools_of(j).collect::<Vec<_>>()).collect();
             for tool in tools {
                 let _ = tool_requeue.send(ObjectRef::new(&tool));
             }
@@ -428,7 +426,7 @@ pub fn requeue_on_transition(
         let _ = tool_requeue.send(ObjectRef::new(&tool));
     }
     if was_running {
-        for waiting in waiting_for_capacity(&jobs.state()) {
+        for waiting in waiting_for_capacity(jobs) {
             let _ = requeue.send(waiting);
         }
     }
@@ -438,20 +436,19 @@ pub fn requeue_on_transition(
 /// are left out: capacity does not move them, and with thousands of them every finished Pod or
 /// Node update would reconcile them all; their readiness checks are refreshed when a vote comes
 /// and on the resync.
-fn waiting_for_capacity(jobs: &[Arc<AgentJob>]) -> Vec<ObjectRef<AgentJob>> {
-    jobs.iter()
-        .filter(|j| j.status.as_ref().is_some_and(|s| s.phase == Some(JobPhase::WaitingForResources)))
-        .map(|j| ObjectRef::from_obj(j.as_ref()))
-        .collect()
+fn waiting_for_capacity(jobs: &kube::runtime::reflector::Store<AgentJob>) -> Vec<ObjectRef<AgentJob>> {
+    refs(&jobs.state_filter(|j| j.status.as_ref().is_some_and(|s| s.phase == Some(JobPhase::WaitingForResources))))
 }
 
-fn waiting_jobs(jobs: &[Arc<AgentJob>]) -> Vec<ObjectRef<AgentJob>> {
-    jobs.iter()
-        .filter(|j| {
-            j.status.as_ref().is_some_and(|s| s.phase == Some(JobPhase::WaitingForResources) || s.phase == Some(JobPhase::AwaitingApproval))
-        })
-        .map(|j| ObjectRef::from_obj(j.as_ref()))
-        .collect()
+/// After a relist: every job that waits, for votes or for capacity.
+fn waiting_jobs(jobs: &kube::runtime::reflector::Store<AgentJob>) -> Vec<ObjectRef<AgentJob>> {
+    refs(&jobs.state_filter(|j| {
+        j.status.as_ref().is_some_and(|s| s.phase == Some(JobPhase::WaitingForResources) || s.phase == Some(JobPhase::AwaitingApproval))
+    }))
+}
+
+fn refs(jobs: &[Arc<AgentJob>]) -> Vec<ObjectRef<AgentJob>> {
+    jobs.iter().map(|j| ObjectRef::from_obj(j.as_ref())).collect()
 }
 
 fn tools_of(job: &AgentJob) -> impl Iterator<Item = String> + '_ {
@@ -491,17 +488,16 @@ pub fn jobs_affected_by_pod(caches: &Caches, pod: &Pod) -> Vec<ObjectRef<AgentJo
 }
 
 pub fn jobs_waiting_for_capacity(caches: &Caches, namespace: Option<&str>) -> Vec<ObjectRef<AgentJob>> {
-    let jobs = caches.jobs.state();
-    waiting_for_capacity(&jobs).into_iter().filter(|j| namespace.is_none() || j.namespace.as_deref() == namespace).collect()
+    waiting_for_capacity(&caches.jobs).into_iter().filter(|j| namespace.is_none() || j.namespace.as_deref() == namespace).collect()
 }
 
 pub fn jobs_naming_tool(caches: &Caches, tool: &str) -> Vec<ObjectRef<AgentJob>> {
     caches
         .jobs
-        .state()
+        .state_filter(|j| {
+            !j.status.as_ref().and_then(|s| s.phase).is_some_and(JobPhase::is_terminal) && j.spec.tools.iter().any(|t| t.name == tool)
+        })
         .iter()
-        .filter(|j| !j.status.as_ref().and_then(|s| s.phase).is_some_and(JobPhase::is_terminal))
-        .filter(|j| j.spec.tools.iter().any(|t| t.name == tool))
         .map(|j| ObjectRef::from_obj(j.as_ref()))
         .collect()
 }

@@ -233,7 +233,8 @@ async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
     set_condition(&mut s.conditions, "Ready", s.ready, ready_reason, ready_message, generation, &now);
     s.ready_endpoints = endpoint.ready_endpoints;
     s.url = endpoint.url;
-    s.in_use = rate_limit_claims(&ctx.caches.jobs.state(), &tool.name_any(), None).0;
+    let running = ctx.caches.jobs.state_filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(crate::api::JobPhase::Running));
+    s.in_use = rate_limit_claims(&running, &tool.name_any(), None).0;
     s.observed_generation = Some(generation);
 
     if s != old {

@@ -6,6 +6,7 @@ pub mod agent_tool;
 pub mod approval_vote;
 pub mod discovery;
 pub mod estimator_store;
+pub mod events;
 pub mod price_table;
 pub mod snapshot;
 
@@ -17,7 +18,7 @@ use futures::{StreamExt, future};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -100,7 +101,7 @@ pub const UNSYNCED_RETRY: Duration = Duration::from_millis(200);
 
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
+    pub events: events::Publisher,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
     pub prices: Arc<RwLock<PriceTable>>,
@@ -154,14 +155,8 @@ impl Context {
     /// Records an Event on `reference`; a failure is logged, never fatal. The note is cut to the
     /// 1 KiB the Events API accepts.
     pub async fn publish_event(&self, reference: &ObjectReference, type_: EventType, reason: &str, note: &str, action: &str) {
-        let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(crate::domain::validate::bounded_to(note, 1000)),
-            action: action.into(),
-            secondary: None,
-        };
-        if let Err(err) = self.recorder.publish(&event, reference).await {
+        let note = crate::domain::validate::bounded_to(note, 1000);
+        if let Err(err) = self.events.publish(reference, type_, reason, &note, action).await {
             tracing::warn!(object = ?reference.name, reason, %err, "could not publish Event");
         }
     }
@@ -197,6 +192,34 @@ where
 fn slim<K: Resource>(obj: &mut K) {
     obj.managed_fields_mut().clear();
     obj.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
+/// Keeps of a Pod only what the operator reads from the cache (every Pod of the cluster is
+/// watched, for node capacity): its identity, labels and owners, the node and the containers'
+/// requests (`snapshot::node_views`), the phase and the `agent` container's termination
+/// (`snapshot::pod_view`). Anything else a reconcile needs of a Pod must be read elsewhere.
+fn slim_pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodSpec, PodStatus};
+    slim(pod);
+    // The generation a Pod was built from is the only annotation read (adopting an unrecorded attempt).
+    let generation = crate::domain::pod_builder::ANNOTATION_JOB_GENERATION;
+    pod.metadata.annotations = pod
+        .metadata
+        .annotations
+        .take()
+        .map(|a| a.into_iter().filter(|(k, _)| k == generation).collect())
+        .filter(|a: &std::collections::BTreeMap<_, _>| !a.is_empty());
+    if let Some(spec) = pod.spec.take() {
+        let containers =
+            spec.containers.into_iter().map(|c| Container { name: c.name, resources: c.resources, ..Container::default() }).collect();
+        pod.spec = Some(PodSpec { node_name: spec.node_name, containers, ..PodSpec::default() });
+    }
+    if let Some(status) = pod.status.take() {
+        let container_statuses = status
+            .container_statuses
+            .map(|cs| cs.into_iter().map(|c| ContainerStatus { name: c.name, state: c.state, ..ContainerStatus::default() }).collect());
+        pod.status = Some(PodStatus { phase: status.phase, reason: status.reason, container_statuses, ..PodStatus::default() });
+    }
 }
 
 /// Starts the watches and both controllers and runs until `shutdown` resolves.
@@ -240,9 +263,8 @@ pub async fn run(
     *jobs_for_metrics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.jobs.clone());
     *metrics.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.tools.clone());
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
-    let reporter = Reporter { controller: "agentgate".into(), instance: std::env::var("POD_NAME").ok() };
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        events: events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok()),
         client: client.clone(),
         metrics,
         settings: settings.clone(),
@@ -259,7 +281,7 @@ pub async fn run(
     let discovery_trigger = Arc::new(tokio::sync::Notify::new());
 
     let pod_stream =
-        watcher(scoped::<Pod>(&client, &None), wc.clone()).default_backoff().modify(slim).reflect(pods_writer).touched_objects();
+        watcher(scoped::<Pod>(&client, &None), wc.clone()).default_backoff().modify(slim_pod).reflect(pods_writer).touched_objects();
     let node_stream =
         watcher(Api::<Node>::all(client.clone()), wc.clone()).default_backoff().modify(slim).reflect(nodes_writer).touched_objects();
     let quota_stream = watcher(scoped::<ResourceQuota>(&client, &settings.namespace), wc.clone())
@@ -443,4 +465,74 @@ async fn watch_rbac(client: Client, ctx: Arc<Context>) {
             future::ready(())
         })
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use serde_json::json;
+
+    use super::{slim_pod, snapshot};
+    use crate::domain::pod_builder::{PodPlan, build_pod};
+
+    /// An agent Pod as the apiserver returns it once bound and finished, `phase` "Succeeded" or
+    /// "Failed", with the operator's own env, volumes and annotations and the kubelet's status.
+    fn finished_pod(phase: &str) -> Pod {
+        let agent = serde_json::from_value(json!({"name": "scanner", "image": "ghcr.io/acme/scanner:1", "model": "gpt-4o-mini",
+            "env": [{"name": "MODE", "value": "deep"}], "args": ["--all"]}))
+        .unwrap();
+        let mut pod = build_pod(&PodPlan {
+            job_name: "scan",
+            namespace: "team",
+            job_uid: "uid-1",
+            job_generation: 4,
+            agent: &agent,
+            attempt: 2,
+            cpu: "500m",
+            memory: "1Gi",
+            gpu: Some(("nvidia.com/gpu", 1)),
+            deadline_seconds: 600,
+            budget_usd: "1.00",
+            input_json: r#"{"repo": "x"}"#,
+            tool_urls: &[("bandit".into(), "http://bandit.tools.svc:8080".into())],
+        });
+        pod.metadata.uid = Some("pod-uid".into());
+        pod.metadata.annotations.get_or_insert_default().insert("note".to_string(), "x".repeat(500));
+        pod.spec.as_mut().unwrap().node_name = Some("node-a".into());
+        pod.status = Some(
+            serde_json::from_value(json!({"phase": phase, "reason": if phase == "Failed" { "DeadlineExceeded" } else { "" },
+                "conditions": [{"type": "Ready", "status": "False"}], "podIP": "10.0.0.7", "qosClass": "Guaranteed",
+                "containerStatuses": [{"name": "agent", "image": "ghcr.io/acme/scanner:1", "imageID": "sha256:abc", "ready": false,
+                    "restartCount": 0, "containerID": "containerd://1",
+                    "state": {"terminated": {"exitCode": 3, "message": "{\"usage\": {}}", "reason": "Error"}}}]}))
+            .unwrap(),
+        );
+        pod
+    }
+
+    #[test]
+    fn a_slimmed_pod_reads_the_same_and_is_smaller() {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "node-a"},
+            "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "2"}, "conditions": [{"type": "Ready", "status": "True"}]}}))
+        .unwrap();
+        for phase in ["Running", "Succeeded", "Failed"] {
+            let full = finished_pod(phase);
+            let mut slim = full.clone();
+            slim_pod(&mut slim);
+            assert_eq!(snapshot::pod_view(&slim), snapshot::pod_view(&full), "{phase}");
+            assert_eq!(snapshot::pod_view(&full).and_then(|v| v.generation), Some(4), "{phase}: the generation survives slimming");
+            assert_eq!(snapshot::pod_job_uid(&slim), Some("uid-1"));
+            assert_eq!(snapshot::holds_node_resources(&slim), snapshot::holds_node_resources(&full), "{phase}");
+            let nodes = [Arc::new(node.clone())];
+            assert_eq!(snapshot::node_views(&nodes, &[Arc::new(slim.clone())]), snapshot::node_views(&nodes, &[Arc::new(full.clone())]));
+            assert_eq!(
+                (slim.metadata.owner_references.as_ref(), slim.metadata.uid.as_ref()),
+                (full.metadata.owner_references.as_ref(), full.metadata.uid.as_ref())
+            );
+            let size = |p: &Pod| serde_json::to_string(p).unwrap().len();
+            assert!(size(&slim) * 2 < size(&full), "{} of {} bytes left", size(&slim), size(&full));
+        }
+    }
 }

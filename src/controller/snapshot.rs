@@ -40,11 +40,21 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
 }
 
 pub fn pods_of_job(pods: &[std::sync::Arc<Pod>], job_uid: &str) -> Vec<PodView> {
-    pods.iter().filter(|p| p.labels().get(LABEL_JOB_UID).map(String::as_str) == Some(job_uid)).filter_map(|p| pod_view(p)).collect()
+    pods.iter().filter(|p| pod_job_uid(p) == Some(job_uid)).filter_map(|p| pod_view(p)).collect()
+}
+
+/// The uid of the AgentJob an agent Pod belongs to.
+pub fn pod_job_uid(pod: &Pod) -> Option<&str> {
+    pod.labels().get(LABEL_JOB_UID).map(String::as_str)
 }
 
 fn is_terminal(pod: &Pod) -> bool {
     matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+}
+
+/// A Pod whose requests count against its node: bound there and not finished.
+pub fn holds_node_resources(pod: &Pod) -> bool {
+    !is_terminal(pod) && pod.spec.as_ref().is_some_and(|s| s.node_name.is_some())
 }
 
 /// Sum of container requests: what the scheduler reserves for a Pod.
@@ -72,7 +82,7 @@ fn add_quantities(r: &mut Resources, list: &BTreeMap<String, k8s_openapi::apimac
 /// Nodes with what is left on them: allocatable minus the requests of non-terminal Pods bound there.
 pub fn node_views(nodes: &[std::sync::Arc<Node>], pods: &[std::sync::Arc<Pod>]) -> Vec<NodeView> {
     let mut used: BTreeMap<String, Resources> = BTreeMap::new();
-    for pod in pods.iter().filter(|p| !is_terminal(p)) {
+    for pod in pods.iter().filter(|p| holds_node_resources(p)) {
         if let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()) {
             let requests = pod_requests(pod);
             let entry = used.entry(node.clone()).or_default();
