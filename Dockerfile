@@ -10,7 +10,8 @@
 # with ring, no OpenSSL).
 FROM rust:1.95-alpine AS build
 ARG FEATURES=""
-RUN apk add --no-cache musl-dev
+# make: jemalloc (the operator's allocator) is built from C sources with configure and make.
+RUN apk add --no-cache musl-dev make
 WORKDIR /src
 # Dependencies first, in their own layer: source edits then rebuild only the crate itself.
 COPY Cargo.toml Cargo.lock rustfmt.toml ./

@@ -109,6 +109,19 @@ struct RunArgs {
     log_json: bool,
 }
 
+// glibc's malloc kept ~15% of the operator's RSS at 10,000 cached jobs in freed fragments: the
+// caches' many small long-lived strings sit between the request buffers freed around them.
+// jemalloc's size classes pack those tighter and give freed pages back.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read before `main`: one arena (a few threads share it without contention,
+/// and one arena fragments less than one per thread), and freed pages returned within a second.
+/// `_RJEM_MALLOC_CONF` in the environment still overrides them.
+#[allow(non_upper_case_globals)]
+#[unsafe(export_name = "_rjem_malloc_conf")]
+pub static malloc_conf: &[u8; 47] = b"narenas:1,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crds { out_dir } => {

@@ -48,7 +48,7 @@ const RARELY_USED: &[(&str, &str, &str, &str)] = &[
         "never a request: the OwnerReferencesPermissionEnforcement admission plugin (off in this test apiserver) checks it when \
          the operator creates a Pod whose ownerReference has blockOwnerDeletion",
     ),
-    ("patch", "events.k8s.io", "events", "only when the same Event repeats and the Recorder updates its series count"),
+    ("patch", "events.k8s.io", "events", "only when the same Event repeats and controller/events.rs updates its series count"),
 ];
 
 /// Every document in `deploy/*.yaml` (not its subdirectories) of the given kinds.
