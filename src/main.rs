@@ -83,6 +83,11 @@ struct RunArgs {
     /// Over-budget, invalid or unestimable jobs are reported at once.
     #[arg(long, env = "AGENTGATE_VOTE_WAIT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     vote_wait_ms: u64,
+    /// AgentJob reconciles in flight at once (each a few API calls). Unbounded, a burst of
+    /// thousands of new jobs opened a connection per in-flight request (350 at 10,000 jobs),
+    /// and the idle ones kept their TLS and HTTP buffers; the apiserver is no faster for it.
+    #[arg(long, env = "AGENTGATE_MAX_CONCURRENT_RECONCILES", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
+    max_concurrent_reconciles: u16,
     /// YAML price table (`models: {<id>: {inputPerMillion, cachedInputPerMillion, outputPerMillion}}`)
     /// adding to or overriding the built-in list prices.
     #[arg(long, env = "AGENTGATE_PRICE_TABLE")]
@@ -186,6 +191,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         state_namespace: lease_namespace.clone(),
         price_config_map: args.price_config_map,
         vote_wait: std::time::Duration::from_millis(args.vote_wait_ms),
+        max_concurrent_reconciles: args.max_concurrent_reconciles,
     };
     tracing::info!(namespace = ?settings.namespace, approval_floor = settings.approval_floor, models = prices.models.len(), "starting agentgate");
 

@@ -116,9 +116,10 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     if let Some(approval) = &plan.status.approval {
         counted.required = approval.required;
     }
-    // Verdicts and Events are independent of each other and of the next reconcile: sent together,
-    // they add one round trip to the reconcile instead of one per write.
-    tokio::join!(approval_vote::record_verdicts(ctx, &votes, &counted, job), report(job, ctx, &old_status, &plan));
+    // Events are queued (sent in the background); the verdicts, sent together, add one round
+    // trip to the reconcile instead of one per vote.
+    report(job, ctx, &old_status, &plan).await;
+    approval_vote::record_verdicts(ctx, &votes, &counted, job).await;
     Ok(next_check(&plan.status, ctx.settings.approval_timeout_seconds))
 }
 

@@ -9,6 +9,9 @@
 //! with a growing count, while a new message (the next attempt's failure, say) is a new Event
 //! rather than a count on an Event that shows the old message. What is remembered per series is
 //! its key and the Event's name, and at most [`SERIES_CAP`] series are.
+//!
+//! Like client-go's broadcaster, recording does not wait for the apiserver: [`EventQueue`] hands
+//! Events to a background sender, so a reconcile holds its slot for its own writes alone.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -20,6 +23,7 @@ use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
 use kube::{Api, Client};
+use tokio::sync::mpsc;
 
 /// How long a repeat still joins the earlier Event's series; client-go and kube-runtime use the
 /// same window.
@@ -109,6 +113,55 @@ impl SeriesBook {
     }
 }
 
+/// Events waiting to be sent. A full queue makes recording wait (and with it the reconcile that
+/// records), so a burst slows down rather than dropping Events or growing without bound.
+pub const QUEUE_CAP: usize = 1024;
+
+/// Events sent at once.
+pub const SENDERS: usize = 32;
+
+struct Pending {
+    regarding: ObjectReference,
+    type_: EventType,
+    reason: String,
+    note: String,
+    action: &'static str,
+    /// When it was recorded: sent later, it still sorts where it happened.
+    at: Timestamp,
+}
+
+/// Records Events without waiting for the apiserver; a background task sends them, [`SENDERS`]
+/// at a time.
+#[derive(Clone)]
+pub struct EventQueue {
+    queue: mpsc::Sender<Pending>,
+}
+
+impl EventQueue {
+    /// Starts the sender on the current runtime; it ends when every queue handle is dropped.
+    pub fn start(publisher: Publisher) -> EventQueue {
+        use futures::StreamExt;
+        let (queue, mut rx) = mpsc::channel::<Pending>(QUEUE_CAP);
+        let publisher = std::sync::Arc::new(publisher);
+        let pending = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+        tokio::spawn(pending.for_each_concurrent(SENDERS, move |p| {
+            let publisher = publisher.clone();
+            async move {
+                if let Err(err) = publisher.publish_at(&p.regarding, p.type_, &p.reason, &p.note, p.action, p.at).await {
+                    tracing::warn!(object = ?p.regarding.name, reason = p.reason, %err, "could not publish Event");
+                }
+            }
+        }));
+        EventQueue { queue }
+    }
+
+    pub async fn record(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String, action: &'static str) {
+        let pending = Pending { regarding: regarding.clone(), type_, reason: reason.into(), note, action, at: Timestamp::now() };
+        // Fails only once the sender is gone, at shutdown.
+        let _ = self.queue.send(pending).await;
+    }
+}
+
 pub struct Publisher {
     client: Client,
     controller: String,
@@ -123,16 +176,16 @@ impl Publisher {
         Publisher { client, controller: controller.into(), instance: instance.unwrap_or_else(|| controller.into()), book: Mutex::default() }
     }
 
-    pub async fn publish(
+    pub async fn publish_at(
         &self,
         regarding: &ObjectReference,
         type_: EventType,
         reason: &str,
         note: &str,
         action: &str,
+        now: Timestamp,
     ) -> Result<(), kube::Error> {
         let key = Key::new(regarding, type_, reason, action, note);
-        let now = Timestamp::now();
         let namespace = regarding.namespace.as_deref().unwrap_or("default");
         let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
         let step = self.lock().next(&key, now);

@@ -60,6 +60,8 @@ pub struct Settings {
     /// How long a new job's first status waits for votes applied with it
     /// (`decide::hold_first_status`).
     pub vote_wait: std::time::Duration,
+    /// Reconciles of each controller in flight at once.
+    pub max_concurrent_reconciles: u16,
 }
 
 /// Watch caches every reconcile reads instead of calling the API.
@@ -101,7 +103,7 @@ pub const UNSYNCED_RETRY: Duration = Duration::from_millis(200);
 
 pub struct Context {
     pub client: Client,
-    pub events: events::Publisher,
+    pub events: events::EventQueue,
     pub metrics: Arc<Metrics>,
     pub settings: Settings,
     pub prices: Arc<RwLock<PriceTable>>,
@@ -154,11 +156,9 @@ impl StatusWrites {
 impl Context {
     /// Records an Event on `reference`; a failure is logged, never fatal. The note is cut to the
     /// 1 KiB the Events API accepts.
-    pub async fn publish_event(&self, reference: &ObjectReference, type_: EventType, reason: &str, note: &str, action: &str) {
+    pub async fn publish_event(&self, reference: &ObjectReference, type_: EventType, reason: &str, note: &str, action: &'static str) {
         let note = crate::domain::validate::bounded_to(note, 1000);
-        if let Err(err) = self.events.publish(reference, type_, reason, &note, action).await {
-            tracing::warn!(object = ?reference.name, reason, %err, "could not publish Event");
-        }
+        self.events.record(reference, type_, reason, note, action).await;
     }
 }
 
@@ -258,13 +258,16 @@ pub async fn run(
         })
         .reflect(jobs_writer)
         .applied_objects();
-    let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone()).trigger_backoff(NoTriggerBackoff);
+    let controller_config = kube::runtime::controller::Config::default().concurrency(settings.max_concurrent_reconciles);
+    let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone())
+        .with_config(controller_config.clone())
+        .trigger_backoff(NoTriggerBackoff);
     let caches = Caches { jobs, pods, nodes, quotas, tools, votes, services, endpoint_slices };
     *jobs_for_metrics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.jobs.clone());
     *metrics.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.tools.clone());
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
     let ctx = Arc::new(Context {
-        events: events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok()),
+        events: events::EventQueue::start(events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok())),
         client: client.clone(),
         metrics,
         settings: settings.clone(),
@@ -349,6 +352,7 @@ pub async fn run(
     let tool_self_stream =
         watcher(Api::<AgentTool>::all(client.clone()), wc.clone()).default_backoff().reflect(tool_controller_writer).applied_objects();
     let tool_controller = kube::runtime::Controller::for_stream(tool_self_stream, tool_controller_store)
+        .with_config(controller_config)
         .trigger_backoff(NoTriggerBackoff)
         .watches_stream(service_stream, {
             let caches = caches.clone();

@@ -62,7 +62,17 @@ struct Settings {
     steady_seconds: u64,
     steady_rate: u64,
     scale_jobs: usize,
+    /// `SCENARIOS=agentgate,scale` runs only those (to profile one); the default runs all.
+    only: Option<Vec<String>>,
 }
+
+impl Settings {
+    fn runs(&self, scenario: &str) -> bool {
+        self.only.as_ref().is_none_or(|only| only.iter().any(|s| s == scenario))
+    }
+}
+
+const SCENARIO_NAMES: [&str; 6] = ["raw", "job-controller", "inputs", "agentgate", "steady", "scale"];
 
 fn env_number<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     match std::env::var(name) {
@@ -77,7 +87,14 @@ async fn run() -> Result<()> {
         steady_seconds: env_number("STEADY_SECONDS", 60)?,
         steady_rate: env_number("STEADY_RATE", 50)?,
         scale_jobs: env_number("SCALE_JOBS", 10_000)?,
+        only: std::env::var("SCENARIOS")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect()),
     };
+    if let Some(unknown) = settings.only.iter().flatten().find(|s| !SCENARIO_NAMES.contains(&s.as_str())) {
+        anyhow::bail!("SCENARIOS: unknown scenario {unknown:?} (known: {})", SCENARIO_NAMES.join(","));
+    }
     anyhow::ensure!(settings.n > 0, "N must be at least 1");
     let operator_bin = std::env::var("AGENTGATE_BIN").unwrap_or_else(|_| "(harness default: target/debug/agentgate)".into());
     let started = Instant::now();
@@ -106,25 +123,33 @@ async fn run() -> Result<()> {
 
     let mut outcomes = Vec::new();
     let n = settings.n;
-    outcomes.push(scenario_raw(&env, n, &background).await?);
-    outcomes.push(scenario_job_controller(&env, n, &background, "job-controller (default QPS)", "bench-kcm-default", &[]).await?);
-    outcomes.push(
-        scenario_job_controller(
-            &env,
-            n,
-            &background,
-            "job-controller (qps=1000)",
-            "bench-kcm-tuned",
-            &["--kube-api-qps=1000", "--kube-api-burst=1000"],
-        )
-        .await?,
-    );
-    outcomes.push(scenario_agentgate_inputs(&env, n, &background).await?);
-    outcomes.push(scenario_agentgate(&env, n, &background).await?);
-    if settings.steady_seconds > 0 {
+    if settings.runs("raw") {
+        outcomes.push(scenario_raw(&env, n, &background).await?);
+    }
+    if settings.runs("job-controller") {
+        outcomes.push(scenario_job_controller(&env, n, &background, "job-controller (default QPS)", "bench-kcm-default", &[]).await?);
+        outcomes.push(
+            scenario_job_controller(
+                &env,
+                n,
+                &background,
+                "job-controller (qps=1000)",
+                "bench-kcm-tuned",
+                &["--kube-api-qps=1000", "--kube-api-burst=1000"],
+            )
+            .await?,
+        );
+    }
+    if settings.runs("inputs") {
+        outcomes.push(scenario_agentgate_inputs(&env, n, &background).await?);
+    }
+    if settings.runs("agentgate") {
+        outcomes.push(scenario_agentgate(&env, n, &background).await?);
+    }
+    if settings.steady_seconds > 0 && settings.runs("steady") {
         outcomes.push(scenario_steady(&env, settings.steady_seconds, settings.steady_rate, &background).await?);
     }
-    if settings.scale_jobs > 0 {
+    if settings.scale_jobs > 0 && settings.runs("scale") {
         outcomes.push(scenario_scale(&env, settings.scale_jobs, &background).await?);
     }
 
@@ -1088,7 +1113,7 @@ fn evaluate_targets(outcomes: &[Outcome]) -> Vec<Target> {
     targets.push(Target {
         target: format!("p99 apply→Pod < {TARGET_STEADY_P99_MS:.0} ms at the steady rate"),
         measured: match steady {
-            None => "skipped (STEADY_SECONDS=0)".into(),
+            None => "not run (STEADY_SECONDS=0 or SCENARIOS)".into(),
             Some(o) if o.completed < o.n => format!("only {}/{} Pods within the timeout", o.completed, o.n),
             Some(o) => format!("{} ms ({})", fmt_opt(o.p99_ms, 0), o.notes.join("; ")),
         },
@@ -1107,7 +1132,7 @@ fn evaluate_targets(outcomes: &[Outcome]) -> Vec<Target> {
     targets.push(Target {
         target: format!("operator RSS <= {TARGET_SCALE_RSS_MIB:.0} MiB at the scale job count"),
         measured: match scale {
-            None => "skipped (SCALE_JOBS=0)".into(),
+            None => "not run (SCALE_JOBS=0 or SCENARIOS)".into(),
             Some(o) => format!(
                 "{} MiB at {} jobs (peak {} MiB){}",
                 fmt_opt(o.rss_mib, 1),
@@ -1223,7 +1248,7 @@ fn write_json(
         .map(|((verb, resource, sub), v)| (format!("{verb} {resource}{}{sub}", if sub.is_empty() { "" } else { "/" }), *v))
         .collect();
     let doc = json!({
-        "settings": {"n": settings.n, "steadySeconds": settings.steady_seconds, "steadyRate": settings.steady_rate, "scaleJobs": settings.scale_jobs,
+        "settings": {"n": settings.n, "steadySeconds": settings.steady_seconds, "steadyRate": settings.steady_rate, "scaleJobs": settings.scale_jobs, "scenarios": settings.only,
                      "concurrency": CONCURRENCY, "operator": std::env::var("AGENTGATE_BIN").ok()},
         "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).ok()},
         "requestsNote": "apiserver requests minus the driver's: apiserver_request_total delta minus the bench driver's own requests minus the idle background rate",
