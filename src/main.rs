@@ -83,7 +83,7 @@ struct RunArgs {
     /// Over-budget, invalid or unestimable jobs are reported at once.
     #[arg(long, env = "AGENTGATE_VOTE_WAIT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     vote_wait_ms: u64,
-    /// AgentJob reconciles in flight at once (each a few API calls). Unbounded, a burst of
+    /// Reconciles in flight at once, per controller (AgentJobs, AgentTools). Unbounded, a burst of
     /// thousands of new jobs opened a connection per in-flight request (350 at 10,000 jobs),
     /// and the idle ones kept their TLS and HTTP buffers; the apiserver is no faster for it.
     #[arg(long, env = "AGENTGATE_MAX_CONCURRENT_RECONCILES", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]

@@ -11,7 +11,7 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
-use super::snapshot::{self, gpu_resource_name, pod_need, pods_of_job, tool_view, vote_view};
+use super::snapshot::{self, gpu_resource_name, pod_need, tool_view, vote_view};
 use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY, approval_vote};
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
 use crate::domain::conditions::set_condition;
@@ -66,9 +66,15 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     let old_status = job.status.clone().unwrap_or_default();
 
     // Dereference: everything from the watch caches. Only the objects that matter are taken out
-    // (never a whole cache's `state()`): hundreds of reconciles are in flight at once, each
+    // (never a whole cache's `state()`): up to `--max-concurrent-reconciles` are in flight, each
     // holding what it took across its API calls.
-    let pods = pods_of_job(&ctx.caches.pods.state_filter(|p| snapshot::pod_job_uid(p) == Some(uid.as_str())), &uid);
+    let pods: Vec<_> = ctx
+        .caches
+        .pods
+        .state_filter(|p| snapshot::pod_job_uid(p) == Some(uid.as_str()))
+        .iter()
+        .filter_map(|p| snapshot::pod_view(p))
+        .collect();
     let votes = ctx.caches.votes.state_filter(|v| v.namespace().as_deref() == Some(namespace.as_str()) && v.spec.job_ref.name == name);
     let vote_views: Vec<_> = votes.iter().map(|v| vote_view(v)).collect();
     let author = job.annotations().get(REQUESTED_BY).map(String::as_str);

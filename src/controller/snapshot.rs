@@ -39,10 +39,6 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
     Some(PodView { name: pod.name_any(), agent, attempt, generation, state })
 }
 
-pub fn pods_of_job(pods: &[std::sync::Arc<Pod>], job_uid: &str) -> Vec<PodView> {
-    pods.iter().filter(|p| pod_job_uid(p) == Some(job_uid)).filter_map(|p| pod_view(p)).collect()
-}
-
 /// The uid of the AgentJob an agent Pod belongs to.
 pub fn pod_job_uid(pod: &Pod) -> Option<&str> {
     pod.labels().get(LABEL_JOB_UID).map(String::as_str)
