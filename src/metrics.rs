@@ -44,6 +44,40 @@ pub struct UsageLabels {
     pub category: String,
 }
 
+/// Label values that come from tenants' objects (model names in reports, categories, job types)
+/// are capped: past `max` distinct values, new ones are counted under `other`, so one tenant
+/// cannot grow the scrape (and the operator's memory) without bound.
+pub struct LabelBook {
+    max: usize,
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// The value that stands for every label value past the cap, and for values that are not
+/// label-safe (too long).
+pub const OTHER_LABEL: &str = "other";
+
+impl LabelBook {
+    pub fn new(max: usize) -> Self {
+        LabelBook { max, seen: std::sync::Mutex::new(std::collections::HashSet::new()) }
+    }
+
+    /// `value` while it is one of the first `max` distinct values seen, `other` after that.
+    pub fn label(&self, value: &str) -> String {
+        if value.is_empty() || value.len() > 63 {
+            return OTHER_LABEL.into();
+        }
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(value) {
+            return value.into();
+        }
+        if seen.len() >= self.max {
+            return OTHER_LABEL.into();
+        }
+        seen.insert(value.into());
+        value.into()
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub jobs: Family<PhaseLabels, Gauge>,
@@ -61,7 +95,16 @@ pub struct Metrics {
     /// scrape time, so a deleted tool leaves no stale series behind.
     /// The current leadership term's tool cache (replaced when this replica leads again).
     pub tools: std::sync::RwLock<Option<Store<crate::api::AgentTool>>>,
+    /// Caps on the label values tenants choose (see `LabelBook`).
+    pub model_labels: LabelBook,
+    pub category_labels: LabelBook,
+    pub job_type_labels: LabelBook,
 }
+
+/// Distinct values kept per tenant-chosen label before the rest are counted as `other`.
+const MAX_MODEL_LABELS: usize = 64;
+const MAX_CATEGORY_LABELS: usize = 64;
+const MAX_JOB_TYPE_LABELS: usize = 256;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -114,6 +157,9 @@ impl Default for Metrics {
             jobs_finished,
             tool_ready,
             tools: std::sync::RwLock::new(None),
+            model_labels: LabelBook::new(MAX_MODEL_LABELS),
+            category_labels: LabelBook::new(MAX_CATEGORY_LABELS),
+            job_type_labels: LabelBook::new(MAX_JOB_TYPE_LABELS),
         }
     }
 }
@@ -125,12 +171,31 @@ impl Metrics {
     }
 
     pub fn count_finished(&self, phase: &str, category: &str) {
-        self.jobs_finished.get_or_create(&FinishedLabels { phase: phase.into(), category: category.into() }).inc();
+        let category = self.category_labels.label(category);
+        self.jobs_finished.get_or_create(&FinishedLabels { phase: phase.into(), category }).inc();
+    }
+
+    /// Labels for usage counters: the model is kept only when the price table knows it (an
+    /// agent's report can name anything), the category under its cap.
+    pub fn usage_labels(&self, model: &str, known_model: bool, category: &str) -> UsageLabels {
+        let model = if known_model { self.model_labels.label(model) } else { OTHER_LABEL.into() };
+        UsageLabels { model, category: self.category_labels.label(category) }
+    }
+
+    /// A standby reports no leader-only gauge (jobs by phase, tool readiness): it would repeat
+    /// what the last term saw, frozen, next to the new leader's live figures.
+    pub fn forget_leader_state(&self) {
+        *self.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.tool_ready.clear();
+        self.jobs.clear();
     }
 
     /// Rebuilds `tool_ready` from the tool cache.
     pub fn refresh_tools(&self) {
-        let Some(tools) = self.tools.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone() else { return };
+        let Some(tools) = self.tools.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone() else {
+            self.tool_ready.clear();
+            return;
+        };
         self.tool_ready.clear();
         for tool in tools.state() {
             let ready = tool.status.as_ref().is_some_and(|s| s.ready);
@@ -142,5 +207,40 @@ impl Metrics {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_book_caps_distinct_values() {
+        let book = LabelBook::new(2);
+        assert_eq!(book.label("a"), "a");
+        assert_eq!(book.label("b"), "b");
+        assert_eq!(book.label("c"), OTHER_LABEL);
+        assert_eq!(book.label("a"), "a", "a value seen before the cap keeps its own series");
+        assert_eq!(book.label(""), OTHER_LABEL);
+        assert_eq!(book.label(&"x".repeat(64)), OTHER_LABEL);
+    }
+
+    #[test]
+    fn unknown_models_are_counted_as_other() {
+        let m = Metrics::default();
+        assert_eq!(m.usage_labels("made-up-model-1", false, "c").model, OTHER_LABEL);
+        assert_eq!(m.usage_labels("gpt-4o", true, "c").model, "gpt-4o");
+    }
+
+    #[test]
+    fn a_standby_reports_no_leader_gauges() {
+        let m = Metrics::default();
+        m.jobs.get_or_create(&PhaseLabels { phase: "Running".into() }).set(3);
+        m.tool_ready.get_or_create(&ToolLabels { tool: "t".into() }).set(1);
+        assert!(m.encode().contains("agentgate_jobs{phase=\"Running\"} 3"));
+        m.forget_leader_state();
+        let text = m.encode();
+        assert!(!text.contains("agentgate_jobs{"), "{text}");
+        assert!(!text.contains("agentgate_tool_ready{"), "{text}");
     }
 }

@@ -48,6 +48,9 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
     // Jobs by phase are counted from the cache at scrape time, so the gauge can never drift.
     let store = state.jobs.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    if store.is_none() {
+        state.metrics.jobs.clear();
+    }
     if let Some(store) = store {
         let jobs = store.state();
         for phase in JobPhase::ALL {

@@ -21,7 +21,7 @@ use crate::domain::pod_builder::{PodPlan, build_pod};
 use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
 use crate::domain::report::tokens_of;
 use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
-use crate::metrics::{JobTypeLabels, UsageLabels};
+use crate::metrics::JobTypeLabels;
 
 // The span covers the whole reconcile, API calls included (kube-runtime's own "reconciling object"
 // span is only entered while the future is built); with the `otel` feature it becomes a trace.
@@ -368,8 +368,9 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
                 ctx.learner.touch();
             }
         }
+        let prices = ctx.prices.read().await;
         for m in &usage.models {
-            let labels = UsageLabels { model: m.model.clone(), category: job.spec.category.clone() };
+            let labels = ctx.metrics.usage_labels(&m.model, prices.get(&m.model).is_some(), &job.spec.category);
             ctx.metrics.tokens.get_or_create(&labels).inc_by((m.input_tokens + m.cached_input_tokens + m.output_tokens).max(0) as u64);
             ctx.metrics.cost_usd.get_or_create(&labels).inc_by(m.cost_usd.parse().unwrap_or(0.0));
         }
@@ -379,7 +380,10 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
             ctx.metrics.count_finished(phase.as_str(), &job.spec.category);
         }
         if let Some(err) = new.usage.as_ref().and_then(|u| u.estimate_error_percent).filter(|_| new.phase == Some(JobPhase::Succeeded)) {
-            let labels = JobTypeLabels { job_type: job_type(job) };
+            // A job without a jobType is learned under its own name, but as a metric label that
+            // would be a new series per job.
+            let job_type = job.spec.job_type.as_deref().map_or_else(|| "unset".to_string(), |t| ctx.metrics.job_type_labels.label(t));
+            let labels = JobTypeLabels { job_type };
             ctx.metrics.estimate_error_ratio.get_or_create(&labels).observe(1.0 + err as f64 / 100.0);
         }
         tracing::info!(job = %job.name_any(), namespace = ?job.namespace(), from = ?old.phase, to = ?new.phase, "phase changed");
