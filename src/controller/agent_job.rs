@@ -46,7 +46,7 @@ pub fn error_policy(job: Arc<AgentJob>, error: &Error, _ctx: Arc<Context>) -> Ac
 }
 
 async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
-    if !ctx.caches.synced() {
+    if !ctx.caches.synced() || !ctx.identity.verified() {
         return Ok(Action::requeue(UNSYNCED_RETRY));
     }
     if job.metadata.deletion_timestamp.is_some() {
@@ -81,6 +81,11 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     let identity = JobIdentity { name: &name, uid: &uid, generation, author };
     let heads = head_verdicts(job, ctx, &vote_views).await?;
     let mut counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &vote_views, &heads);
+    // Votes are only as true as the identity admission policies make them (identity_policies.rs).
+    let untrusted = ctx.identity.block(author);
+    if let Some((_, why)) = &untrusted {
+        super::identity_policies::void_votes(&mut counted, why);
+    }
     let readiness = if old_status.phase.is_some_and(JobPhase::is_terminal) { Readiness::default() } else { job_readiness(job, ctx) };
     let learned = ctx.learner.state.lock().await.stats(&job_type(job)).cloned();
     let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;
@@ -88,7 +93,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
 
     // Decide.
     let decide_started = Instant::now();
-    let plan = decide::decide(&Observed {
+    let mut plan = decide::decide(&Observed {
         job,
         now: now(),
         approval_floor: ctx.settings.approval_floor,
@@ -103,6 +108,10 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     });
     if old_status.estimate.as_ref().map(|e| e.generation) != plan.status.estimate.as_ref().map(|e| e.generation) {
         ctx.metrics.validation_seconds.observe(decide_started.elapsed().as_secs_f64());
+    }
+
+    if let Some((reason, why)) = &untrusted {
+        super::identity_policies::explain(&mut plan, &old_status, reason, why);
     }
 
     if let Some(hold) = decide::hold_first_status(&old_status, &plan, age(job), ctx.settings.vote_wait) {

@@ -7,6 +7,7 @@ pub mod approval_vote;
 pub mod discovery;
 pub mod estimator_store;
 pub mod events;
+pub mod identity_policies;
 pub mod price_table;
 pub mod snapshot;
 
@@ -116,6 +117,9 @@ pub struct Context {
     /// What the cost estimator learned from finished attempts, persisted by its own writer.
     pub learner: Arc<estimator_store::Learner>,
     pub status_writes: StatusWrites,
+    /// Whether the identity admission policies are in force; no vote counts while they are not.
+    pub identity: identity_policies::Gate,
+    pub health: Arc<Health>,
 }
 
 /// The resourceVersion each job had when this operator last wrote its status, until the watch
@@ -168,6 +172,9 @@ pub struct Health {
     pub caches_synced: AtomicBool,
     /// False while this replica stands by for the leader's lease.
     pub leading: AtomicBool,
+    /// What keeps the identity admission policies from being in force (empty: nothing); None
+    /// while not leading or not yet verified. Reported by /readyz, which stays ready (see README).
+    pub identity_problems: std::sync::RwLock<Option<Vec<String>>>,
 }
 
 impl Health {
@@ -279,6 +286,8 @@ pub async fn run(
         secret_watch: agent_tool::SecretWatch::default(),
         learner: learner.clone(),
         status_writes: StatusWrites::default(),
+        identity: identity_policies::Gate::default(),
+        health: health.clone(),
     });
     // Woken by every Service and AgentTool change; see discovery.rs.
     let discovery_trigger = Arc::new(tokio::sync::Notify::new());
@@ -401,7 +410,9 @@ pub async fn run(
         _ = price_changes => {}
         _ = discovery::run(ctx.clone(), discovery_trigger) => {}
         _ = learner.run_writer(client.clone()) => {}
+        _ = identity_policies::run(ctx.clone()) => {}
     }
+    *health.identity_problems.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     // Shutdown: what was learned since the last write is not lost.
     learner.flush(&client).await;
 }
