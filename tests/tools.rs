@@ -503,14 +503,39 @@ async fn two_services_claiming_one_name_are_both_told_and_neither_wins_silently(
     .await;
     assert_eq!(tool.spec.rate_limit, 10);
 
-    // A second claim on an existing tool: the tool stays, both are told.
+    // A second claim on an existing tool: the tool stays with its Service but is not Ready while
+    // the name is contested, and both are told.
     patch_service(&client, ns, "two", json!({"agentgate.dev/tool": name}), json!({})).await;
     for svc in ["one", "two"] {
-        wait_service_event(&client, ns, svc, "Warning", "ToolNameConflict", "it stays discovered from tl-conflict/one").await;
+        wait_service_event(&client, ns, svc, "Warning", "ToolNameConflict", "it stays discovered from tl-conflict/one but is not Ready").await;
     }
-    let still = get_tool(&client, name).await.unwrap();
-    assert_eq!((&still.metadata.uid, still.spec.rate_limit), (&tool.metadata.uid, 10));
-    assert_eq!(still.annotations().get("agentgate.dev/discovered-from").map(String::as_str), Some("tl-conflict/one"));
+    let contested = wait_tool(&client, name, "not Ready: ToolNameConflict", TIMEOUT, |t| condition_is(t, "Ready", "False", "ToolNameConflict")).await;
+    assert_eq!((&contested.metadata.uid, contested.spec.rate_limit), (&tool.metadata.uid, 10));
+    assert_eq!(contested.annotations().get("agentgate.dev/discovered-from").map(String::as_str), Some("tl-conflict/one"));
+    assert!(tool_condition(&contested, "Ready").unwrap().message.contains("until the label is removed from tl-conflict/two"));
+
+    // The owner lets go while the squatter claims: the tool does not move to the squatter. It
+    // stays, not Ready, pointing at "one", until an admin decides.
+    patch_service(&client, ns, "one", json!({"agentgate.dev/tool": null}), json!({})).await;
+    wait_service_event(&client, ns, "two", "Warning", "ToolNameConflict", "a tool never moves to another Service by itself").await;
+    let orphaned = wait_tool(&client, name, "kept, not Ready", TIMEOUT, |t| {
+        condition_is(t, "Ready", "False", "ToolNameConflict")
+            && tool_condition(t, "Ready").is_some_and(|c| c.message.contains("no longer carries label"))
+    })
+    .await;
+    assert_eq!(orphaned.metadata.uid, tool.metadata.uid);
+    assert_eq!(orphaned.spec.endpoint.service.as_ref().map(|s| s.name.as_str()), Some("one"), "the endpoint must not move to two");
+    assert_eq!(orphaned.spec.rate_limit, 10, "nor take the squatter's annotations");
+    assert_eq!(orphaned.annotations().get("agentgate.dev/discovered-from").map(String::as_str), Some("tl-conflict/one"));
+
+    // The admin resolves it by deleting the tool: the sole claimant now gets a new one.
+    Api::<AgentTool>::all(client.clone()).delete(name, &DeleteParams::default()).await.expect("admin deletes the tool");
+    let handed = wait_tool(&client, name, "discovered from two", TIMEOUT, |t| {
+        t.status.as_ref().and_then(|s| s.discovered_from.as_deref()) == Some("tl-conflict/two")
+    })
+    .await;
+    assert_ne!(handed.metadata.uid, tool.metadata.uid);
+    assert_eq!(handed.spec.rate_limit, 20);
 }
 
 #[tokio::test]

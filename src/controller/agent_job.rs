@@ -86,6 +86,9 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     if let Some((_, why)) = &untrusted {
         super::identity_policies::void_votes(&mut counted, why);
     }
+    // Votes approve where the job's tools point too (tool_pinning.rs).
+    let endpoints = super::tool_pinning::current(job, &ctx.caches);
+    let pinning = super::tool_pinning::before(&old_status, generation, &endpoints, &vote_views, &mut counted);
     let readiness = if old_status.phase.is_some_and(JobPhase::is_terminal) { Readiness::default() } else { job_readiness(job, ctx) };
     let learned = ctx.learner.state.lock().await.stats(&job_type(job)).cloned();
     let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;
@@ -110,9 +113,11 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         ctx.metrics.validation_seconds.observe(decide_started.elapsed().as_secs_f64());
     }
 
+    // The identity problem, if any, is the reason given: it must be fixed first.
     if let Some((reason, why)) = &untrusted {
         super::identity_policies::explain(&mut plan, &old_status, reason, why);
     }
+    super::tool_pinning::after(&mut plan, &old_status, pinning, endpoints, generation);
 
     if let Some(hold) = decide::hold_first_status(&old_status, &plan, age(job), ctx.settings.vote_wait) {
         return Ok(Action::requeue(hold));

@@ -14,12 +14,21 @@
 //!   the Service gets a Warning Event naming the annotation and its value. Only a label value
 //!   that cannot be an AgentTool name yields nothing (and a Warning Event).
 //! - An AgentTool without the [`DISCOVERED`] label is hand-written and never touched.
+//! - Discovery is opt-in: it runs only with `--discovery-namespace-selector`, in the namespaces
+//!   that selector matches. Whoever may label a Service there publishes a tool that every team's
+//!   agents may be given, so the cluster admin chooses those namespaces; by default there are none.
 //! - Only AgentTools carrying [`DISCOVERED`] with a [`DISCOVERED_FROM`] in a namespace this
 //!   operator discovers in are updated or deleted: taking a namespace out of
 //!   `--discovery-namespace-selector` leaves its tools alone, and two operators discovering in
 //!   different namespaces never delete each other's tools.
-//! - Two Services claiming one name: the AgentTool that exists stays with the Service it was
-//!   discovered from; if none exists, none is created. Both Services get a Warning Event.
+//! - A discovered tool never moves to another Service by itself: agents would send their traffic
+//!   (and their tool credentials) wherever it points. A second Service claiming the name is a
+//!   conflict: the tool stays with its Service but is not Ready ([`DISCOVERY_CONFLICT`], reason
+//!   `ToolNameConflict`) until only that Service claims it, and every claimant gets a Warning
+//!   Event. When its Service goes or drops the label, the tool is deleted if nobody else claims
+//!   the name; if someone does, it stays, not Ready, pointing at the Service that went, until an
+//!   admin deletes it (then a sole claimant gets a new tool). Two Services claiming a name no
+//!   tool has yet create nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -47,6 +56,8 @@ pub const DISCOVERED: &str = "agentgate.dev/discovered";
 pub const DISCOVERED_FROM: &str = "agentgate.dev/discovered-from";
 /// On a discovered AgentTool: why the Service's annotations do not describe a usable tool.
 pub const DISCOVERY_ERROR: &str = "agentgate.dev/discovery-error";
+/// On a discovered AgentTool: which other Services claim its name (it is then not Ready).
+pub const DISCOVERY_CONFLICT: &str = "agentgate.dev/discovery-conflict";
 /// Service annotations read into the AgentTool's spec.
 pub const TOOL_TYPE: &str = "agentgate.dev/tool-type";
 pub const RATE_LIMIT: &str = "agentgate.dev/rate-limit";
@@ -103,6 +114,7 @@ pub struct ExistingTool {
     pub discovered: bool,
     pub discovered_from: Option<String>,
     pub discovery_error: Option<String>,
+    pub discovery_conflict: Option<String>,
     pub spec: AgentToolSpec,
 }
 
@@ -114,6 +126,7 @@ impl ExistingTool {
             discovered: tool.labels().get(DISCOVERED).is_some_and(|v| v == "true"),
             discovered_from: tool.annotations().get(DISCOVERED_FROM).cloned(),
             discovery_error: tool.annotations().get(DISCOVERY_ERROR).cloned(),
+            discovery_conflict: tool.annotations().get(DISCOVERY_CONFLICT).cloned(),
             spec: tool.spec.clone(),
         }
     }
@@ -128,6 +141,8 @@ pub struct DesiredTool {
     pub spec: AgentToolSpec,
     /// Set when an annotation is bad; the tool is then not Ready.
     pub error: Option<String>,
+    /// Set while other Services claim the name; the tool is then not Ready.
+    pub conflict: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -243,7 +258,7 @@ pub fn desired_tool(svc: &ServiceView) -> (DesiredTool, Vec<String>) {
         description,
     };
     let error = (!problems.is_empty()).then(|| format!("Service {}: {}", svc.key(), problems.join("; ")));
-    (DesiredTool { name: svc.tool.clone(), from: svc.key(), spec, error }, problems)
+    (DesiredTool { name: svc.tool.clone(), from: svc.key(), spec, error, conflict: None }, problems)
 }
 
 fn warn(svc: &ServiceView, reason: &'static str, note: String) -> Warning {
@@ -306,45 +321,42 @@ pub fn plan(services: &[ServiceView], tools: &[ExistingTool], in_scope: &dyn Fn(
             Some(tool) => {
                 let from = tool.discovered_from.clone().unwrap_or_default();
                 let incumbent = claimants.iter().find(|s| s.key() == from);
-                match (incumbent, claimants.len()) {
-                    (Some(svc), n) => {
-                        apply(&mut out, svc, Some(tool));
-                        if n > 1 {
-                            let note = format!(
-                                "Services {} all claim AgentTool {name} with label {TOOL_LABEL}: it stays discovered from {from}; remove the label from all but one",
-                                keys()
-                            );
-                            out.warnings.extend(claimants.iter().map(|s| warn(s, "ToolNameConflict", note.clone())));
-                        }
+                let others: Vec<String> = claimants.iter().map(|s| s.key()).filter(|k| *k != from).collect();
+                match incumbent {
+                    Some(svc) if others.is_empty() => apply(&mut out, svc, Some(tool), None),
+                    Some(svc) => {
+                        let note = format!(
+                            "Services {} all claim AgentTool {name} with label {TOOL_LABEL}: it stays discovered from {from} but is not \
+                             Ready until the label is removed from {}",
+                            keys(),
+                            others.join(", ")
+                        );
+                        apply(&mut out, svc, Some(tool), Some(note.clone()));
+                        out.warnings.extend(claimants.iter().map(|s| warn(s, "ToolNameConflict", note.clone())));
                     }
-                    (None, 0) => out.writes.push(Write::Delete {
+                    None if claimants.is_empty() => out.writes.push(Write::Delete {
                         name: name.to_string(),
                         uid: tool.uid.clone(),
                         from: from.clone(),
                         why: format!("Service {from} no longer carries label {TOOL_LABEL}={name}"),
                     }),
-                    (None, 1) => apply(&mut out, claimants[0], Some(tool)),
-                    (None, _) => {
-                        out.writes.push(Write::Delete {
-                            name: name.to_string(),
-                            uid: tool.uid.clone(),
-                            from: from.clone(),
-                            why: format!(
-                                "Service {from} no longer carries label {TOOL_LABEL}={name}, and Services {} all claim the name",
-                                keys()
-                            ),
-                        });
+                    // Never handed over: the claimant may be a squatter waiting for this moment.
+                    None => {
                         let note = format!(
-                            "Services {} all claim AgentTool {name} with label {TOOL_LABEL}: none gets it until only one does",
+                            "AgentTool {name} was discovered from Service {from}, which no longer carries label {TOOL_LABEL}={name}, and \
+                             Services {} claim the name: a tool never moves to another Service by itself. It stays, not Ready, until \
+                             {from} claims it again or an admin deletes it (kubectl delete agenttool {name}), after which a sole \
+                             claimant gets a new one",
                             keys()
                         );
+                        keep_orphan(&mut out, tool, &from, note.clone());
                         out.warnings.extend(claimants.iter().map(|s| warn(s, "ToolNameConflict", note.clone())));
                     }
                 }
             }
             None => match claimants {
                 [] => {}
-                [svc] => apply(&mut out, svc, None),
+                [svc] => apply(&mut out, svc, None, None),
                 _ => {
                     let note = format!(
                         "Services {} all claim AgentTool {name} with label {TOOL_LABEL}: none is created until only one does",
@@ -358,10 +370,11 @@ pub fn plan(services: &[ServiceView], tools: &[ExistingTool], in_scope: &dyn Fn(
     out
 }
 
-/// Applies what `svc` describes unless `existing` already says exactly that, and warns about
-/// every bad annotation.
-fn apply(out: &mut Plan, svc: &ServiceView, existing: Option<&ExistingTool>) {
-    let (desired, problems) = desired_tool(svc);
+/// Applies what `svc` describes (not Ready while `conflict` says who else claims it) unless
+/// `existing` already says exactly that, and warns about every bad annotation.
+fn apply(out: &mut Plan, svc: &ServiceView, existing: Option<&ExistingTool>, conflict: Option<String>) {
+    let (mut desired, problems) = desired_tool(svc);
+    desired.conflict = conflict;
     for problem in problems {
         out.warnings.push(warn(
             svc,
@@ -375,6 +388,7 @@ fn apply(out: &mut Plan, svc: &ServiceView, existing: Option<&ExistingTool>) {
         t.discovered
             && t.discovered_from.as_deref() == Some(desired.from.as_str())
             && t.discovery_error == desired.error
+            && t.discovery_conflict == desired.conflict
             && AgentToolSpec { credentials: None, ..t.spec.clone() } == desired.spec
     });
     if !unchanged {
@@ -382,12 +396,23 @@ fn apply(out: &mut Plan, svc: &ServiceView, existing: Option<&ExistingTool>) {
     }
 }
 
+/// Keeps a tool whose Service let go while others claim its name: same Service, same spec, not
+/// Ready with `conflict` saying why.
+fn keep_orphan(out: &mut Plan, tool: &ExistingTool, from: &str, conflict: String) {
+    if tool.discovery_conflict.as_deref() == Some(conflict.as_str()) {
+        return;
+    }
+    let spec = AgentToolSpec { credentials: None, ..tool.spec.clone() };
+    let desired = DesiredTool { name: tool.name.clone(), from: from.to_string(), spec, error: tool.discovery_error.clone(), conflict: Some(conflict) };
+    out.writes.push(Write::Apply { tool: desired, uid: tool.uid.clone(), create: false });
+}
+
 /// Checks a `--discovery-namespace-selector` value: a label selector such as `team=tools`,
 /// `env in (prod,staging)`, `!legacy` or `agentgate.dev/discovery`.
 pub fn parse_namespace_selector(selector: &str) -> Result<String, String> {
     let selector = selector.trim();
     if selector.is_empty() {
-        return Err("the selector is empty; leave the flag out to discover in every namespace".into());
+        return Err("the selector is empty; leave the flag out to turn discovery off (`kubernetes.io/metadata.name` matches every namespace)".into());
     }
     let mut terms = Vec::new();
     let (mut depth, mut start) = (0, 0);
@@ -497,6 +522,11 @@ const RETRY: Duration = Duration::from_secs(5);
 
 /// Runs discovery until dropped. `trigger` is notified by the Service and AgentTool watches.
 pub async fn run(ctx: Arc<Context>, trigger: Arc<Notify>) {
+    // Opt-in: without a selector no namespace is discovered in, and nothing is touched.
+    if ctx.settings.discovery_namespace_selector.is_none() {
+        tracing::info!("tool discovery is off (no --discovery-namespace-selector)");
+        return std::future::pending().await;
+    }
     let namespaces = ctx.settings.discovery_namespace_selector.clone().map(|selector| {
         let (store, writer) = reflector::store::<PartialObjectMeta<Namespace>>();
         // Only the names of matching namespaces are needed: their metadata, selected by the server.
@@ -571,6 +601,7 @@ struct Mark {
     discovered: Option<String>,
     from: Option<String>,
     error: Option<String>,
+    conflict: Option<String>,
 }
 
 impl Mark {
@@ -581,6 +612,7 @@ impl Mark {
             discovered: tool.labels().get(DISCOVERED).cloned(),
             from: tool.annotations().get(DISCOVERED_FROM).cloned(),
             error: tool.annotations().get(DISCOVERY_ERROR).cloned(),
+            conflict: tool.annotations().get(DISCOVERY_CONFLICT).cloned(),
         }
     }
 }
@@ -611,6 +643,9 @@ async fn pass(ctx: &Context, namespaces: Option<&Store<PartialObjectMeta<Namespa
                 });
                 if let Some(error) = &tool.error {
                     metadata["annotations"][DISCOVERY_ERROR] = json!(error);
+                }
+                if let Some(conflict) = &tool.conflict {
+                    metadata["annotations"][DISCOVERY_CONFLICT] = json!(conflict);
                 }
                 if let Some(uid) = uid {
                     // Refused (immutable field) if the tool was deleted and recreated meanwhile.
@@ -726,6 +761,7 @@ mod tests {
             discovered,
             discovered_from: discovered.then(|| desired.from.clone()),
             discovery_error: desired.error.clone(),
+            discovery_conflict: desired.conflict.clone(),
             spec: desired.spec.clone(),
         }
     }
@@ -929,32 +965,54 @@ mod tests {
     }
 
     #[test]
-    fn a_second_claimant_does_not_take_over_the_existing_tool() {
+    fn a_second_claimant_makes_the_tool_not_ready_and_never_takes_it_over() {
         let first = good("a", "x", "shared");
         let (d, _) = desired_tool(&first);
         let mut second = good("b", "y", "shared");
         second.annotations.insert(RATE_LIMIT.into(), "999".into());
         let p = plan(&[second.clone(), first.clone()], &[existing(&d, true)], &everywhere);
-        assert!(p.writes.is_empty(), "the incumbent is unchanged and stays: {:?}", p.writes);
+        // Still the incumbent's spec, now marked with the conflict (so not Ready).
+        let Some(Write::Apply { tool, create: false, .. }) = p.writes.first() else { panic!("{:?}", p.writes) };
+        assert_eq!((tool.from.as_str(), &tool.spec), ("a/x", &d.spec));
+        let conflict = tool.conflict.clone().expect("conflict marked");
+        assert!(conflict.contains("it stays discovered from a/x but is not Ready until the label is removed from b/y"), "{conflict}");
         assert_eq!(warnings(&p), vec![("a/x".to_string(), "ToolNameConflict"), ("b/y".to_string(), "ToolNameConflict")]);
-        assert!(p.warnings[0].note.contains("it stays discovered from a/x"));
-        // The incumbent's own changes are still followed.
+        let marked = ExistingTool { discovery_conflict: Some(conflict), ..existing(&d, true) };
+        // The incumbent's own changes are still followed, still in conflict.
         let mut first_changed = first.clone();
         first_changed.annotations.insert(RATE_LIMIT.into(), "61".into());
-        let p = plan(&[second.clone(), first_changed], &[existing(&d, true)], &everywhere);
+        let p = plan(&[second.clone(), first_changed], &[marked.clone()], &everywhere);
         assert_eq!(applied(&p), vec![("shared".into(), "a/x".into(), false)]);
-        // When the incumbent lets go, the remaining claimant takes the name over.
-        let p = plan(&[second], &[existing(&d, true)], &everywhere);
-        assert_eq!(applied(&p), vec![("shared".into(), "b/y".into(), false)]);
+        // The squatter lets go: the conflict clears.
+        let p = plan(std::slice::from_ref(&first), &[marked.clone()], &everywhere);
+        assert!(matches!(p.writes.as_slice(), [Write::Apply { tool, .. }] if tool.conflict.is_none() && tool.from == "a/x"), "{:?}", p.writes);
         assert!(p.warnings.is_empty());
+
+        // The incumbent lets go while the squatter claims: never handed over. The tool stays with
+        // a/x, not Ready, and the squatter is told.
+        let p = plan(std::slice::from_ref(&second), &[existing(&d, true)], &everywhere);
+        let Some(Write::Apply { tool, create: false, .. }) = p.writes.first() else { panic!("{:?}", p.writes) };
+        assert_eq!((tool.from.as_str(), &tool.spec), ("a/x", &d.spec), "the tool must not move to b/y");
+        let orphaned = tool.conflict.clone().unwrap();
+        assert!(orphaned.contains("a tool never moves to another Service by itself") && orphaned.contains("kubectl delete agenttool shared"));
+        assert_eq!(warnings(&p), vec![("b/y".to_string(), "ToolNameConflict")]);
+        // Once marked, nothing more is written, however often discovery looks.
+        let marked = ExistingTool { discovery_conflict: Some(orphaned), ..existing(&d, true) };
+        assert!(plan(std::slice::from_ref(&second), &[marked.clone()], &everywhere).writes.is_empty());
+        // The owner's Service comes back: it is the tool's again, conflict on.
+        let p = plan(&[second.clone(), first.clone()], &[marked], &everywhere);
+        assert!(matches!(p.writes.as_slice(), [Write::Apply { tool, .. }] if tool.from == "a/x" && tool.conflict.is_some()));
+        // After an admin deleted the tool, a sole claimant gets a new one.
+        let p = plan(&[second], &[], &everywhere);
+        assert_eq!(applied(&p), vec![("shared".into(), "b/y".into(), true)]);
     }
 
     #[test]
-    fn when_the_source_lets_go_and_several_claim_the_tool_goes_and_none_gets_it() {
+    fn when_the_source_lets_go_and_several_claim_none_gets_it() {
         let (d, _) = desired_tool(&good("a", "x", "shared"));
         let p = plan(&[good("b", "y", "shared"), good("c", "z", "shared")], &[existing(&d, true)], &everywhere);
-        assert_eq!(deleted(&p), vec!["shared".to_string()]);
-        assert!(applied(&p).is_empty());
+        assert!(deleted(&p).is_empty());
+        assert!(matches!(p.writes.as_slice(), [Write::Apply { tool, .. }] if tool.from == "a/x" && tool.conflict.is_some()));
         assert_eq!(warnings(&p).len(), 2);
     }
 

@@ -10,6 +10,7 @@ pub mod events;
 pub mod identity_policies;
 pub mod price_table;
 pub mod snapshot;
+pub mod tool_pinning;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -50,8 +51,8 @@ pub struct Settings {
     pub approval_tiers: Vec<crate::domain::approval_policy::ApprovalTier>,
     pub approval_timeout_seconds: Option<i64>,
     pub field_manager: String,
-    /// Discover AgentTools only from Services in namespaces matching this label selector; all
-    /// namespaces when None.
+    /// Discover AgentTools only from Services in namespaces matching this label selector;
+    /// discovery is off when None (opt-in: see discovery.rs).
     pub discovery_namespace_selector: Option<String>,
     /// Namespace of the leader Lease, where the estimator's state ConfigMap lives too.
     pub state_namespace: String,

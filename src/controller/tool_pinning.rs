@@ -1,0 +1,227 @@
+//! Votes approve the tool endpoints the job will be given, not just its spec.
+//!
+//! A job names tools; where a tool points (its Service or URL) is not part of the job's spec and
+//! may change after heads approved the job, for instance when a discovered tool's Service is
+//! replaced. The agent then sends its input and its tool calls somewhere nobody approved. So:
+//! - when a job is approved, the endpoints of its tools are recorded in `status.toolEndpoints`
+//!   with the votes that approved it;
+//! - until the job's first attempt of that generation starts, a tool that points elsewhere
+//!   revokes those votes (`status.revokedVotes`, each with why): the job goes back to
+//!   `AwaitingApproval` with reason `ToolEndpointChanged`, and counts new votes only;
+//! - once an attempt started, the record stays as what the job was approved with.
+
+use kube::runtime::reflector::ObjectRef;
+
+use super::Caches;
+use crate::api::{AgentJob, AgentJobStatus, ApprovedToolEndpoints, IgnoredVote, ToolEndpointRecord};
+use crate::domain::decide::{Plan, condition};
+use crate::domain::tally::{Tally, VoteView};
+
+/// Reason on the `Approved` condition of a job whose approving votes were revoked.
+pub const TOOL_ENDPOINT_CHANGED: &str = "ToolEndpointChanged";
+
+/// Where each of the job's tools points now, as the tool cache shows it.
+pub fn current(job: &AgentJob, caches: &Caches) -> Vec<ToolEndpointRecord> {
+    job.spec
+        .tools
+        .iter()
+        .map(|t| {
+            let endpoint = caches.tools.get(&ObjectRef::new(&t.name)).map_or_else(
+                || "none".to_string(),
+                |tool| match (&tool.spec.endpoint.service, &tool.spec.endpoint.url) {
+                    (Some(s), _) => format!("service {}/{}:{}", s.namespace, s.name, s.port),
+                    (None, Some(url)) => format!("url {url}"),
+                    (None, None) => "none".to_string(),
+                },
+            );
+            ToolEndpointRecord { name: t.name.clone(), endpoint }
+        })
+        .collect()
+}
+
+/// What [`before`] found, for [`after`].
+#[derive(Debug, Default, PartialEq)]
+pub struct Pinning {
+    revoked: Vec<IgnoredVote>,
+    record: Option<ApprovedToolEndpoints>,
+    started: bool,
+    /// Why the job awaits approval again, while a revoked vote is on the current generation.
+    explanation: Option<String>,
+}
+
+/// Before the decision: revokes the votes that approved endpoints which have changed since, and
+/// keeps every revoked vote out of the tally.
+pub fn before(status: &AgentJobStatus, generation: i64, now: &[ToolEndpointRecord], votes: &[VoteView], tally: &mut Tally) -> Pinning {
+    let present = |name: &str| votes.iter().any(|v| v.name == name);
+    // A revoked vote that was deleted is forgotten: votes are immutable, so a new one is new.
+    let mut revoked: Vec<IgnoredVote> = status.revoked_votes.iter().filter(|r| present(&r.name)).cloned().collect();
+    let started = status.attempts.iter().any(|a| a.generation == generation);
+    let mut record = status.tool_endpoints.clone().filter(|r| r.generation == generation);
+    if let Some(r) = record.as_ref().filter(|r| !started && r.tools != now) {
+        let changes: Vec<String> = now
+            .iter()
+            .filter_map(|t| {
+                let was = r.tools.iter().find(|o| o.name == t.name).map_or("none", |o| o.endpoint.as_str());
+                (was != t.endpoint).then(|| format!("tool {} went from {was} to {}", t.name, t.endpoint))
+            })
+            .collect();
+        let why = format!("approved the job's tools at endpoints that changed before it started ({}); vote again", changes.join(", "));
+        for name in r.approved_by.iter().filter(|n| !revoked.iter().any(|x| &x.name == *n)) {
+            revoked.push(IgnoredVote { name: name.clone(), why: why.clone() });
+        }
+        record = None;
+    }
+    let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut tally.approvers).into_iter().partition(|a| !revoked.iter().any(|r| r.name == a.vote));
+    tally.approvers = kept;
+    for a in gone {
+        tally.approver_groups.remove(&a.voter);
+        let why = revoked.iter().find(|r| r.name == a.vote).map(|r| r.why.clone()).unwrap_or_default();
+        tally.ignored.push(IgnoredVote { name: a.vote, why });
+    }
+    let on_this_generation = |r: &&IgnoredVote| votes.iter().any(|v| v.name == r.name && v.job_generation == generation);
+    let explanation = revoked.iter().find(on_this_generation).map(|r| format!("a tool endpoint changed after approval: the votes that {}", r.why));
+    Pinning { revoked, record, started, explanation }
+}
+
+/// After the decision: records the endpoints when the job is approved, and says why a job whose
+/// votes were revoked awaits approval again.
+pub fn after(plan: &mut Plan, old: &AgentJobStatus, pinning: Pinning, now: Vec<ToolEndpointRecord>, generation: i64) {
+    let approved = crate::domain::conditions::find(&plan.status.conditions, condition::APPROVED).is_some_and(|c| c.status == "True");
+    plan.status.revoked_votes = pinning.revoked;
+    plan.status.tool_endpoints = if pinning.started {
+        pinning.record.or_else(|| old.tool_endpoints.clone())
+    } else if approved && !now.is_empty() {
+        let approved_by = plan.status.approval.as_ref().map(|a| a.approvers.iter().map(|x| x.vote.clone()).collect()).unwrap_or_default();
+        Some(pinning.record.unwrap_or(ApprovedToolEndpoints { generation, tools: now, approved_by }))
+    } else {
+        None
+    };
+    if let Some(why) = pinning.explanation {
+        super::identity_policies::explain(plan, old, TOOL_ENDPOINT_CHANGED, &why);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Approver, Decision};
+
+    fn endpoint(name: &str, endpoint: &str) -> ToolEndpointRecord {
+        ToolEndpointRecord { name: name.into(), endpoint: endpoint.into() }
+    }
+
+    fn vote(name: &str, generation: i64) -> VoteView {
+        VoteView {
+            name: name.into(),
+            voter: name.into(),
+            decision: Decision::Approve,
+            job_name: "job".into(),
+            job_uid: "uid".into(),
+            job_generation: generation,
+            reason: None,
+            created: None,
+            groups: vec![],
+        }
+    }
+
+    fn tally_of(votes: &[&str]) -> Tally {
+        Tally {
+            required: 2,
+            approvers: votes.iter().map(|v| Approver { voter: v.to_string(), vote: v.to_string(), decided_at: None, reason: None }).collect(),
+            ..Tally::default()
+        }
+    }
+
+    fn approved_with(tools: Vec<ToolEndpointRecord>) -> AgentJobStatus {
+        AgentJobStatus {
+            tool_endpoints: Some(ApprovedToolEndpoints { generation: 1, tools, approved_by: vec!["alice".into(), "bob".into()] }),
+            ..AgentJobStatus::default()
+        }
+    }
+
+    #[test]
+    fn unchanged_endpoints_keep_the_votes() {
+        let tools = vec![endpoint("search", "service tools/search:8080")];
+        let mut t = tally_of(&["alice", "bob"]);
+        let p = before(&approved_with(tools.clone()), 1, &tools, &[vote("alice", 1), vote("bob", 1)], &mut t);
+        assert!(t.approved());
+        assert!(p.revoked.is_empty() && p.explanation.is_none());
+        assert_eq!(p.record.map(|r| r.tools), Some(tools));
+    }
+
+    #[test]
+    fn a_changed_endpoint_before_the_start_revokes_the_approving_votes_only() {
+        let was = vec![endpoint("search", "service tools/search:8080")];
+        let now = vec![endpoint("search", "service squat/search:8080")];
+        let votes = [vote("alice", 1), vote("bob", 1), vote("carol", 1)];
+        let mut t = tally_of(&["alice", "bob", "carol"]);
+        let p = before(&approved_with(was), 1, &now, &votes, &mut t);
+        assert_eq!(t.approvers.iter().map(|a| a.voter.as_str()).collect::<Vec<_>>(), ["carol"], "carol voted after the change");
+        assert_eq!(p.revoked.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["alice", "bob"]);
+        assert!(
+            p.revoked[0].why.contains("tool search went from service tools/search:8080 to service squat/search:8080; vote again"),
+            "{}",
+            p.revoked[0].why
+        );
+        assert!(p.record.is_none(), "a new approval records the new endpoints");
+        assert!(p.explanation.unwrap().starts_with("a tool endpoint changed after approval"));
+
+        // Next reconcile: the revocation holds though the record is gone; new votes count.
+        let status = AgentJobStatus { revoked_votes: p.revoked.clone(), ..AgentJobStatus::default() };
+        let mut t = tally_of(&["alice", "bob", "alice-again"]);
+        let votes = [vote("alice", 1), vote("bob", 1), vote("alice-again", 1)];
+        let p2 = before(&status, 1, &now, &votes, &mut t);
+        assert_eq!(t.approvers.iter().map(|a| a.vote.as_str()).collect::<Vec<_>>(), ["alice-again"]);
+        assert_eq!(t.ignored.len(), 2);
+        assert_eq!(p2.revoked, p.revoked);
+        // A deleted revoked vote is forgotten.
+        let p3 = before(&status, 1, &now, &[vote("bob", 1)], &mut tally_of(&[]));
+        assert_eq!(p3.revoked.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["bob"]);
+    }
+
+    #[test]
+    fn after_the_start_or_on_a_new_generation_nothing_is_revoked() {
+        let was = vec![endpoint("search", "url https://a.example")];
+        let now = vec![endpoint("search", "url https://b.example")];
+        let mut started = approved_with(was.clone());
+        started.attempts.push(crate::api::Attempt {
+            attempt: 1,
+            generation: 1,
+            pods: vec![],
+            start_time: None,
+            completion_time: None,
+            result: crate::api::AttemptResult::Running,
+            message: None,
+            usage: None,
+        });
+        let mut t = tally_of(&["alice", "bob"]);
+        let p = before(&started, 1, &now, &[vote("alice", 1), vote("bob", 1)], &mut t);
+        assert!(t.approved() && p.revoked.is_empty() && p.started);
+        // A record of generation 1 says nothing about generation 2, whose votes are new anyway.
+        let mut t = tally_of(&["alice", "bob"]);
+        let p = before(&approved_with(was), 2, &now, &[vote("alice", 2), vote("bob", 2)], &mut t);
+        assert!(t.approved() && p.revoked.is_empty() && p.record.is_none());
+    }
+
+    #[test]
+    fn approval_records_the_endpoints_and_its_votes() {
+        let now = vec![endpoint("search", "url https://a.example")];
+        let mut plan = Plan { status: AgentJobStatus::default(), ensure_attempt: None, drop_gpu: false, events: vec![] };
+        crate::domain::conditions::set_condition(
+            &mut plan.status.conditions,
+            condition::APPROVED,
+            true,
+            "Approved",
+            "approved by alice, bob",
+            1,
+            &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        );
+        let tally = tally_of(&["alice", "bob"]);
+        plan.status.approval = Some(crate::api::ApprovalStatus { approvers: tally.approvers.clone(), ..Default::default() });
+        after(&mut plan, &AgentJobStatus::default(), Pinning::default(), now.clone(), 1);
+        assert_eq!(
+            plan.status.tool_endpoints,
+            Some(ApprovedToolEndpoints { generation: 1, tools: now, approved_by: vec!["alice".into(), "bob".into()] })
+        );
+    }
+}
