@@ -154,13 +154,24 @@ async fn votes_count_only_while_every_identity_policy_binding_is_in_force() {
     grant_voting_rights(&admin).await;
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let _operator = OperatorProcess::start(cp, &["--metrics-addr", &addr]);
+    let operator = OperatorProcess::start(cp, &["--metrics-addr", &addr]);
+    // Tool discovery is opt-in: without --discovery-namespace-selector a labelled Service yields
+    // nothing (checked once the baseline job ran, proof that the operator was at work).
+    let squat: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "squat", "namespace": NS, "labels": {"agentgate.dev/tool": "ip-web-search"},
+                     "annotations": {"agentgate.dev/rate-limit": "10"}},
+        "spec": {"ports": [{"port": 80}]}}))
+    .unwrap();
+    Api::namespaced(admin.clone(), NS).create(&PostParams::default(), &squat).await.expect("create Service");
 
     // In force: a job on two heads' votes runs.
     let baseline = create_job(&dave, "baseline").await;
     head_vote("alice", &baseline).await;
     head_vote("bob", &baseline).await;
     assert_counted(&admin, "baseline", port).await;
+    assert!(Api::<agentgate::api::AgentTool>::all(admin.clone()).get_opt("ip-web-search").await.unwrap().is_none(), "discovery is off");
+    let log = std::fs::read_to_string(operator.log_path()).unwrap();
+    assert!(log.contains("tool discovery is off"), "the operator says discovery is off");
 
     let vbindings = Api::<ValidatingAdmissionPolicyBinding>::all(admin.clone());
     let mbindings = Api::<MutatingAdmissionPolicyBinding>::all(admin.clone());

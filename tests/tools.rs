@@ -631,3 +631,64 @@ async fn freed_rate_limit_goes_to_the_most_urgent_waiting_job_first() {
     finish_job(&client, ns, &urgent).await;
     wait_phase(&client, ns, "later", "Running").await;
 }
+
+/// Heads approve a job together with where its tools point: a tool repointed between approval and
+/// start (as a replaced Service repoints a discovered tool) sends the job back for new votes.
+#[tokio::test]
+async fn a_tool_repointed_after_approval_needs_a_new_approval_before_the_job_starts() {
+    let ns = "tl-pin";
+    let client = setup(ns, false).await;
+    let tool = "tl-pin-llm";
+    create_tool(&client, tool, json!({"type": "api", "endpoint": {"url": "https://llm.example/v1"}, "rateLimit": 60})).await;
+    wait_tool(&client, tool, "Ready", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
+    // hog holds 40 of the 60 calls/min, so the job under test waits, approved, for rate limit.
+    let hog = approved_job(&client, ns, "hog", json!({"tools": [{"name": tool, "minRateLimit": 40}]})).await;
+    wait_phase(&client, ns, "hog", "Running").await;
+    approved_job(&client, ns, "pinned", json!({"tools": [{"name": tool, "minRateLimit": 40}]})).await;
+    let waiting = wait_for_job(&client, ns, "pinned", "approved, waiting, endpoints recorded", |j| {
+        phase(j) == Some("WaitingForResources") && j.status.as_ref().is_some_and(|s| s.tool_endpoints.is_some())
+    })
+    .await;
+    let record = waiting.status.as_ref().unwrap().tool_endpoints.clone().unwrap();
+    assert_eq!(record.tools.iter().map(|t| (t.name.as_str(), t.endpoint.as_str())).collect::<Vec<_>>(), [(tool, "url https://llm.example/v1")]);
+    assert_eq!(record.approved_by.len(), 2);
+
+    Api::<AgentTool>::all(client.clone())
+        .patch(tool, &PatchParams::default(), &Patch::Merge(json!({"spec": {"endpoint": {"url": "https://elsewhere.example/v1"}}})))
+        .await
+        .expect("repoint the tool");
+    let back = wait_for_job(&client, ns, "pinned", "back to AwaitingApproval: ToolEndpointChanged", |j| {
+        phase(j) == Some("AwaitingApproval") && condition(j, "Approved").is_some_and(|c| c.reason == "ToolEndpointChanged")
+    })
+    .await;
+    let message = &condition(&back, "Approved").unwrap().message;
+    assert!(message.contains(&format!("tool {tool} went from url https://llm.example/v1 to url https://elsewhere.example/v1")), "{message}");
+    let status = back.status.as_ref().unwrap();
+    let approval = status.approval.as_ref().unwrap();
+    assert_eq!(approval.summary, "0/2");
+    assert_eq!(approval.ignored_votes.iter().filter(|v| v.why.contains("vote again")).count(), 2, "{:?}", approval.ignored_votes);
+    assert_eq!(status.revoked_votes.len(), 2);
+    assert_eq!(status.tool_endpoints, None);
+    assert!(job_pods(&client, ns, &back).await.is_empty(), "no Pod for the unapproved endpoint");
+    let events = Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items;
+    assert!(
+        events.iter().any(|e| e.reason.as_deref() == Some("ToolEndpointChanged") && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("pinned")),
+        "a ToolEndpointChanged Event on the job"
+    );
+
+    // New votes approve the new endpoint; the job starts with it once hog frees the rate limit.
+    let cp = ControlPlane::shared();
+    vote(&cp.client("alice").await, &back, "alice", Decision::Approve).await;
+    vote(&cp.client("bob").await, &back, "bob", Decision::Approve).await;
+    let reapproved = wait_for_job(&client, ns, "pinned", "approved again with the new endpoint", |j| {
+        phase(j) == Some("WaitingForResources")
+            && j.status.as_ref().and_then(|s| s.tool_endpoints.as_ref()).is_some_and(|r| r.tools[0].endpoint == "url https://elsewhere.example/v1")
+    })
+    .await;
+    finish_job(&client, ns, &hog).await;
+    wait_phase(&client, ns, "pinned", "Running").await;
+    let pods = wait_for("the agent Pod", TIMEOUT, || job_pods(&client, ns, &reapproved), |p: &Vec<Pod>| p.len() == 1).await;
+    let env = pods[0].spec.as_ref().unwrap().containers[0].env.clone().unwrap();
+    let url = env.iter().find(|e| e.name == "AGENTGATE_TOOL_TL_PIN_LLM_URL").and_then(|e| e.value.clone());
+    assert_eq!(url.as_deref(), Some("https://elsewhere.example/v1"));
+}
