@@ -50,7 +50,9 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
     let problems = state.health.identity_problems.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     match problems {
-        Some(p) if !p.is_empty() => (StatusCode::OK, format!("ok; no vote counts: identity admission policies not in force: {}", p.join("; "))),
+        Some(p) if !p.is_empty() => {
+            (StatusCode::OK, format!("ok; no vote counts: identity admission policies not in force: {}", p.join("; ")))
+        }
         _ => (StatusCode::OK, "ok".to_string()),
     }
 }

@@ -91,13 +91,18 @@ async fn assert_blocked(admin: &Client, job: &str, missing: &str, port: u16) {
         TIMEOUT,
         || async { events.list(&ListParams::default()).await.unwrap().items },
         |items: &Vec<Event>| {
-            items.iter().any(|e| e.reason.as_deref() == Some("IdentityPoliciesMissing") && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(job))
+            items.iter().any(|e| {
+                e.reason.as_deref() == Some("IdentityPoliciesMissing") && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(job)
+            })
         },
     )
     .await;
     let note = event.iter().find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(job)).and_then(|e| e.note.clone());
     assert!(note.as_deref().is_some_and(|n| n.contains(missing)), "{note:?}");
-    assert_eq!(event.iter().find(|e| e.reason.as_deref() == Some("IdentityPoliciesMissing")).map(|e| e.type_.clone()), Some(Some("Warning".into())));
+    assert_eq!(
+        event.iter().find(|e| e.reason.as_deref() == Some("IdentityPoliciesMissing")).map(|e| e.type_.clone()),
+        Some(Some("Warning".into()))
+    );
     assert!(metric(port, "agentgate_identity_policies_missing").is_some_and(|v| v >= 1.0), "metric");
     let (status, body) = http_get(port, "/readyz");
     assert!(status.contains("200"), "/readyz stays ready: {status}");
@@ -182,7 +187,8 @@ async fn votes_count_only_while_every_identity_policy_binding_is_in_force() {
     vbindings.delete("agentgate-approvalvote-identity", &DeleteParams::default()).await.unwrap();
     head_vote("alice", &job).await;
     head_vote("bob", &job).await;
-    assert_blocked(&admin, "without-voter-check", "ValidatingAdmissionPolicyBinding agentgate-approvalvote-identity is missing", port).await;
+    assert_blocked(&admin, "without-voter-check", "ValidatingAdmissionPolicyBinding agentgate-approvalvote-identity is missing", port)
+        .await;
     vbindings.create(&PostParams::default(), &recreatable(&validating)).await.unwrap();
     assert_counted(&admin, "without-voter-check", port).await;
 

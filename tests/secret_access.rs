@@ -102,8 +102,9 @@ async fn a_job_may_name_only_secrets_its_author_may_read() {
     create_as("dave", &job("dave-plain", json!([{"name": "MODE", "value": "x"}]), json!([]))).await.expect("a job without Secrets");
 
     // carol may read api-token and nothing else.
-    let carols =
-        create_as("carol", &job("carol-token", json!([secret_env("TOKEN", "api-token")]), json!([]))).await.expect("carol may name api-token");
+    let carols = create_as("carol", &job("carol-token", json!([secret_env("TOKEN", "api-token")]), json!([])))
+        .await
+        .expect("carol may name api-token");
     assert_forbidden(
         create_as("carol", &job("carol-both", json!([secret_env("TOKEN", "api-token")]), json!([secret_env("DB", "db-password")]))).await,
         "carol may not get Secret db-password (env DB of agent helper)",

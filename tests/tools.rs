@@ -507,9 +507,11 @@ async fn two_services_claiming_one_name_are_both_told_and_neither_wins_silently(
     // the name is contested, and both are told.
     patch_service(&client, ns, "two", json!({"agentgate.dev/tool": name}), json!({})).await;
     for svc in ["one", "two"] {
-        wait_service_event(&client, ns, svc, "Warning", "ToolNameConflict", "it stays discovered from tl-conflict/one but is not Ready").await;
+        wait_service_event(&client, ns, svc, "Warning", "ToolNameConflict", "it stays discovered from tl-conflict/one but is not Ready")
+            .await;
     }
-    let contested = wait_tool(&client, name, "not Ready: ToolNameConflict", TIMEOUT, |t| condition_is(t, "Ready", "False", "ToolNameConflict")).await;
+    let contested =
+        wait_tool(&client, name, "not Ready: ToolNameConflict", TIMEOUT, |t| condition_is(t, "Ready", "False", "ToolNameConflict")).await;
     assert_eq!((&contested.metadata.uid, contested.spec.rate_limit), (&tool.metadata.uid, 10));
     assert_eq!(contested.annotations().get("agentgate.dev/discovered-from").map(String::as_str), Some("tl-conflict/one"));
     assert!(tool_condition(&contested, "Ready").unwrap().message.contains("until the label is removed from tl-conflict/two"));
@@ -650,7 +652,10 @@ async fn a_tool_repointed_after_approval_needs_a_new_approval_before_the_job_sta
     })
     .await;
     let record = waiting.status.as_ref().unwrap().tool_endpoints.clone().unwrap();
-    assert_eq!(record.tools.iter().map(|t| (t.name.as_str(), t.endpoint.as_str())).collect::<Vec<_>>(), [(tool, "url https://llm.example/v1")]);
+    assert_eq!(
+        record.tools.iter().map(|t| (t.name.as_str(), t.endpoint.as_str())).collect::<Vec<_>>(),
+        [(tool, "url https://llm.example/v1")]
+    );
     assert_eq!(record.approved_by.len(), 2);
 
     Api::<AgentTool>::all(client.clone())
@@ -662,7 +667,10 @@ async fn a_tool_repointed_after_approval_needs_a_new_approval_before_the_job_sta
     })
     .await;
     let message = &condition(&back, "Approved").unwrap().message;
-    assert!(message.contains(&format!("tool {tool} went from url https://llm.example/v1 to url https://elsewhere.example/v1")), "{message}");
+    assert!(
+        message.contains(&format!("tool {tool} went from url https://llm.example/v1 to url https://elsewhere.example/v1")),
+        "{message}"
+    );
     let status = back.status.as_ref().unwrap();
     let approval = status.approval.as_ref().unwrap();
     assert_eq!(approval.summary, "0/2");
@@ -672,7 +680,8 @@ async fn a_tool_repointed_after_approval_needs_a_new_approval_before_the_job_sta
     assert!(job_pods(&client, ns, &back).await.is_empty(), "no Pod for the unapproved endpoint");
     let events = Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items;
     assert!(
-        events.iter().any(|e| e.reason.as_deref() == Some("ToolEndpointChanged") && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("pinned")),
+        events.iter().any(|e| e.reason.as_deref() == Some("ToolEndpointChanged")
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("pinned")),
         "a ToolEndpointChanged Event on the job"
     );
 
@@ -682,7 +691,10 @@ async fn a_tool_repointed_after_approval_needs_a_new_approval_before_the_job_sta
     vote(&cp.client("bob").await, &back, "bob", Decision::Approve).await;
     let reapproved = wait_for_job(&client, ns, "pinned", "approved again with the new endpoint", |j| {
         phase(j) == Some("WaitingForResources")
-            && j.status.as_ref().and_then(|s| s.tool_endpoints.as_ref()).is_some_and(|r| r.tools[0].endpoint == "url https://elsewhere.example/v1")
+            && j.status
+                .as_ref()
+                .and_then(|s| s.tool_endpoints.as_ref())
+                .is_some_and(|r| r.tools[0].endpoint == "url https://elsewhere.example/v1")
     })
     .await;
     finish_job(&client, ns, &hog).await;

@@ -88,7 +88,11 @@ pub fn shipped() -> Vec<Expected> {
         .split("\n---")
         .filter_map(|doc| serde_saphyr::from_str::<Value>(doc).ok())
         .filter_map(|o| {
-            Some(Expected { kind: Kind::from_name(o["kind"].as_str()?)?, name: o["metadata"]["name"].as_str()?.to_string(), spec: o["spec"].clone() })
+            Some(Expected {
+                kind: Kind::from_name(o["kind"].as_str()?)?,
+                name: o["metadata"]["name"].as_str()?.to_string(),
+                spec: o["spec"].clone(),
+            })
         })
         .collect()
 }
@@ -156,14 +160,7 @@ pub fn differences(shipped: &Value, live: &Value, path: &str, out: &mut Vec<Stri
                 }
             }
             for (k, h) in have.iter().filter(|(k, _)| !want.contains_key(*k)) {
-                let empty = match h {
-                    Value::Null => true,
-                    Value::Object(o) => o.is_empty(),
-                    Value::Array(a) => a.is_empty(),
-                    Value::String(s) => DEFAULTS.contains(&(k.as_str(), s.as_str())),
-                    _ => false,
-                };
-                if !empty {
+                if !benign(k, h) {
                     out.push(format!("{path}.{k} is set to {h}, which agentgate does not ship"));
                 }
             }
@@ -175,6 +172,18 @@ pub fn differences(shipped: &Value, live: &Value, path: &str, out: &mut Vec<Stri
         }
         (w, h) if w == h => {}
         (w, h) => out.push(format!("{path} is {h}, agentgate ships {w}")),
+    }
+}
+
+/// Whether a field the shipped spec leaves out changes nothing: empty, a default, or an object
+/// of such fields (a defaulted `matchResources: {namespaceSelector: {}, matchPolicy: Equivalent}`).
+fn benign(key: &str, value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Object(o) => o.iter().all(|(k, v)| benign(k, v)),
+        Value::Array(a) => a.is_empty(),
+        Value::String(s) => DEFAULTS.contains(&(key, s.as_str())),
+        _ => false,
     }
 }
 
@@ -364,6 +373,9 @@ mod tests {
                     rule["scope"] = json!("*");
                 }
             }
+            if matches!(e.kind, Kind::ValidatingBinding | Kind::MutatingBinding) {
+                live["matchResources"] = json!({"namespaceSelector": {}, "objectSelector": {}, "matchPolicy": "Equivalent"});
+            }
             seen.get_mut(&e.kind).unwrap().specs.insert(e.name.clone(), live);
         }
         seen
@@ -372,7 +384,11 @@ mod tests {
     #[test]
     fn the_shipped_policies_parse_into_four_objects() {
         let kinds: Vec<Kind> = shipped().iter().map(|e| e.kind).collect();
-        assert_eq!(kinds, [Kind::Validating, Kind::ValidatingBinding, Kind::Mutating, Kind::MutatingBinding, Kind::Mutating, Kind::MutatingBinding][..kinds.len()]);
+        assert_eq!(
+            kinds,
+            [Kind::Validating, Kind::ValidatingBinding, Kind::Mutating, Kind::MutatingBinding, Kind::Mutating, Kind::MutatingBinding]
+                [..kinds.len()]
+        );
         assert_eq!(kinds.len(), 6);
     }
 
@@ -400,29 +416,53 @@ mod tests {
         let s = shipped();
         type Edit = fn(&mut BTreeMap<Kind, Seen>);
         let cases: &[(&str, Edit, &str)] = &[
-            ("binding deleted", |seen| {
-                seen.get_mut(&Kind::ValidatingBinding).unwrap().specs.clear();
-            }, "ValidatingAdmissionPolicyBinding agentgate-approvalvote-identity is missing"),
-            ("binding only warns", |seen| {
-                let b = seen.get_mut(&Kind::ValidatingBinding).unwrap().specs.get_mut("agentgate-approvalvote-identity").unwrap();
-                b["validationActions"] = json!(["Warn"]);
-            }, "spec.validationActions[0] is \"Warn\", agentgate ships \"Deny\""),
-            ("failure ignored", |seen| {
-                let p = seen.get_mut(&Kind::Mutating).unwrap().specs.get_mut("agentgate-approvalvote-voter-groups").unwrap();
-                p["failurePolicy"] = json!("Ignore");
-            }, "spec.failurePolicy is \"Ignore\", agentgate ships \"Fail\""),
-            ("a namespace exempted", |seen| {
-                let b = seen.get_mut(&Kind::MutatingBinding).unwrap().specs.get_mut("agentgate-agentjob-requested-by").unwrap();
-                b["matchResources"] = json!({"namespaceSelector": {"matchLabels": {"team": "mallory"}}});
-            }, "spec.matchResources is set to"),
-            ("an expression rewritten", |seen| {
-                let p = seen.get_mut(&Kind::Validating).unwrap().specs.get_mut("agentgate-approvalvote-identity").unwrap();
-                p["validations"][0]["expression"] = json!("true");
-            }, "spec.validations[0].expression is \"true\""),
-            ("a match condition added", |seen| {
-                let p = seen.get_mut(&Kind::Mutating).unwrap().specs.get_mut("agentgate-agentjob-requested-by").unwrap();
-                p["matchConditions"] = json!([{"name": "not-mallory", "expression": "request.userInfo.username != 'mallory'"}]);
-            }, "spec.matchConditions is set to"),
+            (
+                "binding deleted",
+                |seen| {
+                    seen.get_mut(&Kind::ValidatingBinding).unwrap().specs.clear();
+                },
+                "ValidatingAdmissionPolicyBinding agentgate-approvalvote-identity is missing",
+            ),
+            (
+                "binding only warns",
+                |seen| {
+                    let b = seen.get_mut(&Kind::ValidatingBinding).unwrap().specs.get_mut("agentgate-approvalvote-identity").unwrap();
+                    b["validationActions"] = json!(["Warn"]);
+                },
+                "spec.validationActions[0] is \"Warn\", agentgate ships \"Deny\"",
+            ),
+            (
+                "failure ignored",
+                |seen| {
+                    let p = seen.get_mut(&Kind::Mutating).unwrap().specs.get_mut("agentgate-approvalvote-voter-groups").unwrap();
+                    p["failurePolicy"] = json!("Ignore");
+                },
+                "spec.failurePolicy is \"Ignore\", agentgate ships \"Fail\"",
+            ),
+            (
+                "a namespace exempted",
+                |seen| {
+                    let b = seen.get_mut(&Kind::MutatingBinding).unwrap().specs.get_mut("agentgate-agentjob-requested-by").unwrap();
+                    b["matchResources"] = json!({"namespaceSelector": {"matchLabels": {"team": "mallory"}}});
+                },
+                "spec.matchResources is set to",
+            ),
+            (
+                "an expression rewritten",
+                |seen| {
+                    let p = seen.get_mut(&Kind::Validating).unwrap().specs.get_mut("agentgate-approvalvote-identity").unwrap();
+                    p["validations"][0]["expression"] = json!("true");
+                },
+                "spec.validations[0].expression is \"true\"",
+            ),
+            (
+                "a match condition added",
+                |seen| {
+                    let p = seen.get_mut(&Kind::Mutating).unwrap().specs.get_mut("agentgate-agentjob-requested-by").unwrap();
+                    p["matchConditions"] = json!([{"name": "not-mallory", "expression": "request.userInfo.username != 'mallory'"}]);
+                },
+                "spec.matchConditions is set to",
+            ),
         ];
         for (name, edit, want) in cases {
             let mut seen = all_seen(&s);
@@ -448,7 +488,12 @@ mod tests {
         let why: Vec<(&str, &str)> = t.ignored.iter().map(|i| (i.name.as_str(), i.why.as_str())).collect();
         assert_eq!(
             why,
-            [("dave-vote", "dave is not a head"), ("alice-vote", "policies missing"), ("bob-vote", "policies missing"), ("carol-vote", "policies missing")]
+            [
+                ("dave-vote", "dave is not a head"),
+                ("alice-vote", "policies missing"),
+                ("bob-vote", "policies missing"),
+                ("carol-vote", "policies missing")
+            ]
         );
     }
 }

@@ -66,12 +66,15 @@ pub fn before(status: &AgentJobStatus, generation: i64, now: &[ToolEndpointRecor
             })
             .collect();
         let why = format!("approved the job's tools at endpoints that changed before it started ({}); vote again", changes.join(", "));
-        for name in r.approved_by.iter().filter(|n| !revoked.iter().any(|x| &x.name == *n)) {
-            revoked.push(IgnoredVote { name: name.clone(), why: why.clone() });
+        for name in &r.approved_by {
+            if !revoked.iter().any(|x| &x.name == name) {
+                revoked.push(IgnoredVote { name: name.clone(), why: why.clone() });
+            }
         }
         record = None;
     }
-    let (kept, gone): (Vec<_>, Vec<_>) = std::mem::take(&mut tally.approvers).into_iter().partition(|a| !revoked.iter().any(|r| r.name == a.vote));
+    let (kept, gone): (Vec<_>, Vec<_>) =
+        std::mem::take(&mut tally.approvers).into_iter().partition(|a| !revoked.iter().any(|r| r.name == a.vote));
     tally.approvers = kept;
     for a in gone {
         tally.approver_groups.remove(&a.voter);
@@ -79,7 +82,8 @@ pub fn before(status: &AgentJobStatus, generation: i64, now: &[ToolEndpointRecor
         tally.ignored.push(IgnoredVote { name: a.vote, why });
     }
     let on_this_generation = |r: &&IgnoredVote| votes.iter().any(|v| v.name == r.name && v.job_generation == generation);
-    let explanation = revoked.iter().find(on_this_generation).map(|r| format!("a tool endpoint changed after approval: the votes that {}", r.why));
+    let explanation =
+        revoked.iter().find(on_this_generation).map(|r| format!("a tool endpoint changed after approval: the votes that {}", r.why));
     Pinning { revoked, record, started, explanation }
 }
 
@@ -127,7 +131,10 @@ mod tests {
     fn tally_of(votes: &[&str]) -> Tally {
         Tally {
             required: 2,
-            approvers: votes.iter().map(|v| Approver { voter: v.to_string(), vote: v.to_string(), decided_at: None, reason: None }).collect(),
+            approvers: votes
+                .iter()
+                .map(|v| Approver { voter: v.to_string(), vote: v.to_string(), decided_at: None, reason: None })
+                .collect(),
             ..Tally::default()
         }
     }
@@ -159,7 +166,7 @@ mod tests {
         assert_eq!(t.approvers.iter().map(|a| a.voter.as_str()).collect::<Vec<_>>(), ["carol"], "carol voted after the change");
         assert_eq!(p.revoked.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["alice", "bob"]);
         assert!(
-            p.revoked[0].why.contains("tool search went from service tools/search:8080 to service squat/search:8080; vote again"),
+            p.revoked[0].why.contains("(tool search went from service tools/search:8080 to service squat/search:8080); vote again"),
             "{}",
             p.revoked[0].why
         );
