@@ -80,15 +80,17 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     let author = job.annotations().get(REQUESTED_BY).map(String::as_str);
     let identity = JobIdentity { name: &name, uid: &uid, generation, author };
     let heads = head_verdicts(job, ctx, &vote_views).await?;
-    let mut counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &vote_views, &heads);
+    // Votes approve where the job's tools point too (tool_pinning.rs): revoked votes are not tallied.
+    let endpoints = super::tool_pinning::current(job, &ctx.caches);
+    let pinning = super::tool_pinning::before(&old_status, generation, &endpoints, &vote_views);
+    let tallied = pinning.tallied(&vote_views);
+    let mut counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &tallied, &heads);
+    pinning.mark(&mut counted);
     // Votes are only as true as the identity admission policies make them (identity_policies.rs).
     let untrusted = ctx.identity.block(author);
     if let Some((_, why)) = &untrusted {
         super::identity_policies::void_votes(&mut counted, why);
     }
-    // Votes approve where the job's tools point too (tool_pinning.rs).
-    let endpoints = super::tool_pinning::current(job, &ctx.caches);
-    let pinning = super::tool_pinning::before(&old_status, generation, &endpoints, &vote_views, &mut counted);
     let readiness = if old_status.phase.is_some_and(JobPhase::is_terminal) { Readiness::default() } else { job_readiness(job, ctx) };
     let learned = ctx.learner.state.lock().await.stats(&job_type(job)).cloned();
     let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;

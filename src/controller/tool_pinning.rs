@@ -49,9 +49,8 @@ pub struct Pinning {
     explanation: Option<String>,
 }
 
-/// Before the decision: revokes the votes that approved endpoints which have changed since, and
-/// keeps every revoked vote out of the tally.
-pub fn before(status: &AgentJobStatus, generation: i64, now: &[ToolEndpointRecord], votes: &[VoteView], tally: &mut Tally) -> Pinning {
+/// Before the tally: revokes the votes that approved endpoints which have changed since.
+pub fn before(status: &AgentJobStatus, generation: i64, now: &[ToolEndpointRecord], votes: &[VoteView]) -> Pinning {
     let present = |name: &str| votes.iter().any(|v| v.name == name);
     // A revoked vote that was deleted is forgotten: votes are immutable, so a new one is new.
     let mut revoked: Vec<IgnoredVote> = status.revoked_votes.iter().filter(|r| present(&r.name)).cloned().collect();
@@ -66,25 +65,30 @@ pub fn before(status: &AgentJobStatus, generation: i64, now: &[ToolEndpointRecor
             })
             .collect();
         let why = format!("approved the job's tools at endpoints that changed before it started ({}); vote again", changes.join(", "));
-        for name in &r.approved_by {
+        for name in r.approved_by.iter().filter(|n| present(n)) {
             if !revoked.iter().any(|x| &x.name == name) {
                 revoked.push(IgnoredVote { name: name.clone(), why: why.clone() });
             }
         }
         record = None;
     }
-    let (kept, gone): (Vec<_>, Vec<_>) =
-        std::mem::take(&mut tally.approvers).into_iter().partition(|a| !revoked.iter().any(|r| r.name == a.vote));
-    tally.approvers = kept;
-    for a in gone {
-        tally.approver_groups.remove(&a.voter);
-        let why = revoked.iter().find(|r| r.name == a.vote).map(|r| r.why.clone()).unwrap_or_default();
-        tally.ignored.push(IgnoredVote { name: a.vote, why });
-    }
     let on_this_generation = |r: &&IgnoredVote| votes.iter().any(|v| v.name == r.name && v.job_generation == generation);
     let explanation =
         revoked.iter().find(on_this_generation).map(|r| format!("a tool endpoint changed after approval: the votes that {}", r.why));
     Pinning { revoked, record, started, explanation }
+}
+
+impl Pinning {
+    /// The votes to tally: all but the revoked ones. They are left out rather than ignored after
+    /// the tally, so a voter's new vote counts where the revoked one would block it as a repeat.
+    pub fn tallied(&self, votes: &[VoteView]) -> Vec<VoteView> {
+        votes.iter().filter(|v| !self.revoked.iter().any(|r| r.name == v.name)).cloned().collect()
+    }
+
+    /// Lists each revoked vote among the tally's ignored votes, with why.
+    pub fn mark(&self, tally: &mut Tally) {
+        tally.ignored.extend(self.revoked.iter().cloned());
+    }
 }
 
 /// After the decision: records the endpoints when the job is approved, and says why a job whose
@@ -146,12 +150,17 @@ mod tests {
         }
     }
 
+    /// The votes `before` leaves to the tally, by name.
+    fn kept(p: &Pinning, votes: &[VoteView]) -> Vec<String> {
+        p.tallied(votes).into_iter().map(|v| v.name).collect()
+    }
+
     #[test]
     fn unchanged_endpoints_keep_the_votes() {
         let tools = vec![endpoint("search", "service tools/search:8080")];
-        let mut t = tally_of(&["alice", "bob"]);
-        let p = before(&approved_with(tools.clone()), 1, &tools, &[vote("alice", 1), vote("bob", 1)], &mut t);
-        assert!(t.approved());
+        let votes = [vote("alice", 1), vote("bob", 1)];
+        let p = before(&approved_with(tools.clone()), 1, &tools, &votes);
+        assert_eq!(kept(&p, &votes), ["alice", "bob"]);
         assert!(p.revoked.is_empty() && p.explanation.is_none());
         assert_eq!(p.record.map(|r| r.tools), Some(tools));
     }
@@ -161,9 +170,8 @@ mod tests {
         let was = vec![endpoint("search", "service tools/search:8080")];
         let now = vec![endpoint("search", "service squat/search:8080")];
         let votes = [vote("alice", 1), vote("bob", 1), vote("carol", 1)];
-        let mut t = tally_of(&["alice", "bob", "carol"]);
-        let p = before(&approved_with(was), 1, &now, &votes, &mut t);
-        assert_eq!(t.approvers.iter().map(|a| a.voter.as_str()).collect::<Vec<_>>(), ["carol"], "carol voted after the change");
+        let p = before(&approved_with(was), 1, &now, &votes);
+        assert_eq!(kept(&p, &votes), ["carol"], "carol voted after the change");
         assert_eq!(p.revoked.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["alice", "bob"]);
         assert!(
             p.revoked[0].why.contains("(tool search went from service tools/search:8080 to service squat/search:8080); vote again"),
@@ -171,18 +179,19 @@ mod tests {
             p.revoked[0].why
         );
         assert!(p.record.is_none(), "a new approval records the new endpoints");
-        assert!(p.explanation.unwrap().starts_with("a tool endpoint changed after approval"));
+        assert!(p.explanation.as_deref().unwrap().starts_with("a tool endpoint changed after approval"));
+        let mut t = Tally::default();
+        p.mark(&mut t);
+        assert_eq!(t.ignored, p.revoked);
 
         // Next reconcile: the revocation holds though the record is gone; new votes count.
         let status = AgentJobStatus { revoked_votes: p.revoked.clone(), ..AgentJobStatus::default() };
-        let mut t = tally_of(&["alice", "bob", "alice-again"]);
         let votes = [vote("alice", 1), vote("bob", 1), vote("alice-again", 1)];
-        let p2 = before(&status, 1, &now, &votes, &mut t);
-        assert_eq!(t.approvers.iter().map(|a| a.vote.as_str()).collect::<Vec<_>>(), ["alice-again"]);
-        assert_eq!(t.ignored.len(), 2);
+        let p2 = before(&status, 1, &now, &votes);
+        assert_eq!(kept(&p2, &votes), ["alice-again"]);
         assert_eq!(p2.revoked, p.revoked);
         // A deleted revoked vote is forgotten.
-        let p3 = before(&status, 1, &now, &[vote("bob", 1)], &mut tally_of(&[]));
+        let p3 = before(&status, 1, &now, &[vote("bob", 1)]);
         assert_eq!(p3.revoked.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["bob"]);
     }
 
@@ -201,13 +210,15 @@ mod tests {
             message: None,
             usage: None,
         });
-        let mut t = tally_of(&["alice", "bob"]);
-        let p = before(&started, 1, &now, &[vote("alice", 1), vote("bob", 1)], &mut t);
-        assert!(t.approved() && p.revoked.is_empty() && p.started);
+        let votes = [vote("alice", 1), vote("bob", 1)];
+        let p = before(&started, 1, &now, &votes);
+        assert!(p.revoked.is_empty() && p.started);
+        assert_eq!(kept(&p, &votes).len(), 2);
         // A record of generation 1 says nothing about generation 2, whose votes are new anyway.
-        let mut t = tally_of(&["alice", "bob"]);
-        let p = before(&approved_with(was), 2, &now, &[vote("alice", 2), vote("bob", 2)], &mut t);
-        assert!(t.approved() && p.revoked.is_empty() && p.record.is_none());
+        let votes = [vote("alice", 2), vote("bob", 2)];
+        let p = before(&approved_with(was), 2, &now, &votes);
+        assert!(p.revoked.is_empty() && p.record.is_none());
+        assert_eq!(kept(&p, &votes).len(), 2);
     }
 
     #[test]
