@@ -137,7 +137,7 @@ pub struct DesiredTool {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Write {
     /// Server-side apply. `uid` guards an update against a tool deleted and recreated meanwhile.
-    Apply { tool: DesiredTool, uid: Option<String>, create: bool },
+    Apply { tool: Box<DesiredTool>, uid: Option<String>, create: bool },
     /// Delete, on condition that the uid is still the one discovery saw.
     Delete { name: String, uid: Option<String>, from: String, why: String },
 }
@@ -381,7 +381,7 @@ fn apply(out: &mut Plan, svc: &ServiceView, existing: Option<&ExistingTool>, con
             && AgentToolSpec { credentials: None, ..t.spec.clone() } == desired.spec
     });
     if !unchanged {
-        out.writes.push(Write::Apply { tool: desired, uid: existing.and_then(|t| t.uid.clone()), create: existing.is_none() });
+        out.writes.push(Write::Apply { tool: Box::new(desired), uid: existing.and_then(|t| t.uid.clone()), create: existing.is_none() });
     }
 }
 
@@ -399,7 +399,7 @@ fn keep_orphan(out: &mut Plan, tool: &ExistingTool, from: &str, conflict: String
         error: tool.discovery_error.clone(),
         conflict: Some(conflict),
     };
-    out.writes.push(Write::Apply { tool: desired, uid: tool.uid.clone(), create: false });
+    out.writes.push(Write::Apply { tool: Box::new(desired), uid: tool.uid.clone(), create: false });
 }
 
 mod selector;

@@ -139,7 +139,7 @@ async fn pass(ctx: &Context, namespaces: Option<&Store<PartialObjectMeta<Namespa
             Write::Apply { tool, uid, create } => {
                 let cached = ctx.caches.tools.get(&ObjectRef::new(&tool.name)).map(|t| Mark::of(&t));
                 if cached.is_some()
-                    && memory.applied.get(&tool.name).is_some_and(|(last, mark)| last == tool && Some(mark) == cached.as_ref())
+                    && memory.applied.get(&tool.name).is_some_and(|(last, mark)| last == tool.as_ref() && Some(mark) == cached.as_ref())
                 {
                     continue;
                 }
@@ -163,7 +163,7 @@ async fn pass(ctx: &Context, namespaces: Option<&Store<PartialObjectMeta<Namespa
                 match api.patch(&tool.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await {
                     Ok(applied) => {
                         let mark = Mark::of(&applied);
-                        memory.applied.insert(tool.name.clone(), (tool.clone(), mark.clone()));
+                        memory.applied.insert(tool.name.clone(), (tool.as_ref().clone(), mark.clone()));
                         if cached.as_ref() == Some(&mark) {
                             continue; // a no-op
                         }

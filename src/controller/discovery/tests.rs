@@ -238,10 +238,10 @@ fn a_second_claimant_makes_the_tool_not_ready_and_never_takes_it_over() {
     // The incumbent's own changes are still followed, still in conflict.
     let mut first_changed = first.clone();
     first_changed.annotations.insert(RATE_LIMIT.into(), "61".into());
-    let p = plan(&[second.clone(), first_changed], &[marked.clone()], &everywhere);
+    let p = plan(&[second.clone(), first_changed], std::slice::from_ref(&marked), &everywhere);
     assert_eq!(applied(&p), vec![("shared".into(), "a/x".into(), false)]);
     // The squatter lets go: the conflict clears.
-    let p = plan(std::slice::from_ref(&first), &[marked.clone()], &everywhere);
+    let p = plan(std::slice::from_ref(&first), std::slice::from_ref(&marked), &everywhere);
     assert!(matches!(p.writes.as_slice(), [Write::Apply { tool, .. }] if tool.conflict.is_none() && tool.from == "a/x"), "{:?}", p.writes);
     assert!(p.warnings.is_empty());
 
@@ -255,7 +255,7 @@ fn a_second_claimant_makes_the_tool_not_ready_and_never_takes_it_over() {
     assert_eq!(warnings(&p), vec![("b/y".to_string(), "ToolNameConflict")]);
     // Once marked, nothing more is written, however often discovery looks.
     let marked = ExistingTool { discovery_conflict: Some(orphaned), ..existing(&d, true) };
-    assert!(plan(std::slice::from_ref(&second), &[marked.clone()], &everywhere).writes.is_empty());
+    assert!(plan(std::slice::from_ref(&second), std::slice::from_ref(&marked), &everywhere).writes.is_empty());
     // The owner's Service comes back: it is the tool's again, conflict on.
     let p = plan(&[second.clone(), first.clone()], &[marked], &everywhere);
     assert!(matches!(p.writes.as_slice(), [Write::Apply { tool, .. }] if tool.from == "a/x" && tool.conflict.is_some()));
