@@ -5,9 +5,10 @@
 //! replaced. The agent then sends its input and its tool calls somewhere nobody approved. So:
 //! - when a job is approved, the endpoints of its tools are recorded in `status.toolEndpoints`
 //!   with the votes that approved it;
-//! - until the job's first attempt of that generation starts, a tool that points elsewhere
-//!   revokes those votes (`status.revokedVotes`, each with why): the job goes back to
+//! - until the job's first attempt of that generation starts, a tool that points elsewhere than
+//!   recorded revokes those votes (`status.revokedVotes`, each with why): the job goes back to
 //!   `AwaitingApproval` with reason `ToolEndpointChanged`, and counts new votes only;
+//! - a tool missing at approval is recorded when it appears (the job was waiting for it);
 //! - once an attempt started, the record stays as what the job was approved with.
 
 use kube::runtime::reflector::ObjectRef;
@@ -20,6 +21,9 @@ use crate::domain::tally::{Tally, VoteView};
 /// Reason on the `Approved` condition of a job whose approving votes were revoked.
 pub const TOOL_ENDPOINT_CHANGED: &str = "ToolEndpointChanged";
 
+/// The endpoint of a tool that has no AgentTool (or no endpoint).
+const NONE: &str = "none";
+
 /// Where each of the job's tools points now, as the tool cache shows it.
 pub fn current(job: &AgentJob, caches: &Caches) -> Vec<ToolEndpointRecord> {
     job.spec
@@ -27,11 +31,11 @@ pub fn current(job: &AgentJob, caches: &Caches) -> Vec<ToolEndpointRecord> {
         .iter()
         .map(|t| {
             let endpoint = caches.tools.get(&ObjectRef::new(&t.name)).map_or_else(
-                || "none".to_string(),
+                || NONE.to_string(),
                 |tool| match (&tool.spec.endpoint.service, &tool.spec.endpoint.url) {
                     (Some(s), _) => format!("service {}/{}:{}", s.namespace, s.name, s.port),
                     (None, Some(url)) => format!("url {url}"),
-                    (None, None) => "none".to_string(),
+                    (None, None) => NONE.to_string(),
                 },
             );
             ToolEndpointRecord { name: t.name.clone(), endpoint }
@@ -56,14 +60,24 @@ pub fn before(status: &AgentJobStatus, generation: i64, now: &[ToolEndpointRecor
     let mut revoked: Vec<IgnoredVote> = status.revoked_votes.iter().filter(|r| present(&r.name)).cloned().collect();
     let started = status.attempts.iter().any(|a| a.generation == generation);
     let mut record = status.tool_endpoints.clone().filter(|r| r.generation == generation);
-    if let Some(r) = record.as_ref().filter(|r| !started && r.tools != now) {
-        let changes: Vec<String> = now
+    let recorded =
+        |r: &ApprovedToolEndpoints, name: &str| r.tools.iter().find(|o| o.name == name).map_or(NONE, |o| o.endpoint.as_str()).to_string();
+    // A change is a tool that pointed somewhere at approval and now points somewhere else. A tool
+    // missing at approval is what the job waits for: when it appears it is recorded, not a
+    // change (heads who approve a job naming a missing tool approve whatever admins register
+    // under that name). A tool that went missing is not a change yet: the job cannot start.
+    let changes: Vec<String> = match &record {
+        Some(r) if !started => now
             .iter()
+            .filter(|t| t.endpoint != NONE)
             .filter_map(|t| {
-                let was = r.tools.iter().find(|o| o.name == t.name).map_or("none", |o| o.endpoint.as_str());
-                (was != t.endpoint).then(|| format!("tool {} went from {was} to {}", t.name, t.endpoint))
+                let was = recorded(r, &t.name);
+                (was != NONE && was != t.endpoint).then(|| format!("tool {} went from {was} to {}", t.name, t.endpoint))
             })
-            .collect();
+            .collect(),
+        _ => Vec::new(),
+    };
+    if let Some(r) = record.as_ref().filter(|_| !changes.is_empty()) {
         let why = format!("approved the job's tools at endpoints that changed before it started ({}); vote again", changes.join(", "));
         for name in r.approved_by.iter().filter(|n| present(n)) {
             if !revoked.iter().any(|x| &x.name == name) {
@@ -71,6 +85,12 @@ pub fn before(status: &AgentJobStatus, generation: i64, now: &[ToolEndpointRecor
             }
         }
         record = None;
+    } else if let Some(r) = record.as_mut().filter(|_| !started) {
+        for t in r.tools.iter_mut().filter(|t| t.endpoint == NONE) {
+            if let Some(appeared) = now.iter().find(|n| n.name == t.name && n.endpoint != NONE) {
+                t.endpoint = appeared.endpoint.clone();
+            }
+        }
     }
     let on_this_generation = |r: &&IgnoredVote| votes.iter().any(|v| v.name == r.name && v.job_generation == generation);
     let explanation =
@@ -193,6 +213,26 @@ mod tests {
         // A deleted revoked vote is forgotten.
         let p3 = before(&status, 1, &now, &[vote("bob", 1)]);
         assert_eq!(p3.revoked.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(), ["bob"]);
+    }
+
+    #[test]
+    fn a_tool_missing_at_approval_is_recorded_when_it_appears_and_a_vanished_one_is_no_change_yet() {
+        let votes = [vote("alice", 1), vote("bob", 1)];
+        let appeared = vec![endpoint("search", "url https://a.example")];
+        let p = before(&approved_with(vec![endpoint("search", "none")]), 1, &appeared, &votes);
+        assert!(p.revoked.is_empty());
+        assert_eq!(p.record.map(|r| r.tools), Some(appeared.clone()), "filled in");
+        let p = before(&approved_with(appeared.clone()), 1, &[endpoint("search", "none")], &votes);
+        assert!(p.revoked.is_empty());
+        assert_eq!(p.record.map(|r| r.tools), Some(appeared), "kept as approved");
+        // Gone and back elsewhere is a change.
+        let p = before(
+            &approved_with(vec![endpoint("search", "url https://a.example")]),
+            1,
+            &[endpoint("search", "url https://b.example")],
+            &votes,
+        );
+        assert_eq!(p.revoked.len(), 2);
     }
 
     #[test]
