@@ -6,7 +6,8 @@
 //! same votes count and the job runs. A job created while the author-stamping binding was gone
 //! has no author and is never approved (`AuthorUnknown`) until an update records one.
 //!
-//! One test, because the policies are cluster-wide: bindings are deleted and restored in turn.
+//! One test, because the policies are cluster-wide: bindings (and one policy) are deleted and
+//! restored in turn.
 
 mod support;
 
@@ -14,7 +15,9 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use agentgate::api::{AgentJob, ApprovalVote};
-use k8s_openapi::api::admissionregistration::v1::{MutatingAdmissionPolicyBinding, ValidatingAdmissionPolicyBinding};
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingAdmissionPolicy, MutatingAdmissionPolicyBinding, ValidatingAdmissionPolicyBinding,
+};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -213,6 +216,17 @@ async fn votes_count_only_while_every_identity_policy_binding_is_in_force() {
         .await;
     mbindings.create(&PostParams::default(), &recreatable(&groups)).await.unwrap();
     assert_counted(&admin, "without-group-stamping", port).await;
+
+    // A policy itself deleted (its binding left dangling) is no better.
+    let policies = Api::<MutatingAdmissionPolicy>::all(admin.clone());
+    let policy = policies.get("agentgate-approvalvote-voter-groups").await.expect("shipped policy");
+    let job = create_job(&dave, "without-group-policy").await;
+    policies.delete("agentgate-approvalvote-voter-groups", &DeleteParams::default()).await.unwrap();
+    head_vote("alice", &job).await;
+    head_vote("bob", &job).await;
+    assert_blocked(&admin, "without-group-policy", "MutatingAdmissionPolicy agentgate-approvalvote-voter-groups is missing", port).await;
+    policies.create(&PostParams::default(), &recreatable(&policy)).await.unwrap();
+    assert_counted(&admin, "without-group-policy", port).await;
 
     // Without the author stamping: a job created meanwhile has no author and never counts votes,
     // even once the binding is back, until an update records its author.
