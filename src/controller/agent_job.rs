@@ -261,8 +261,10 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
         .tools
         .iter()
         .filter_map(|t| {
+            // The endpoint the heads approved, once recorded; the tool's status lags its spec.
+            let approved = plan.status.tool_endpoints.as_ref().and_then(|r| super::tool_pinning::approved_url(r, &t.name));
             let tool = ctx.caches.tools.get(&ObjectRef::new(&t.name))?;
-            Some((t.name.clone(), tool.status.as_ref()?.url.clone()?))
+            Some((t.name.clone(), approved.or_else(|| tool.status.as_ref()?.url.clone())?))
         })
         .collect();
     let input_json = spec.input.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "{}".into());

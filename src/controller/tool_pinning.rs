@@ -43,6 +43,18 @@ pub fn current(job: &AgentJob, caches: &Caches) -> Vec<ToolEndpointRecord> {
         .collect()
 }
 
+/// The URL an agent is given for `tool` by the approved record, as the tool controller derives
+/// it (agent_tool.rs check_endpoint); None when the record has no endpoint for it.
+pub fn approved_url(record: &ApprovedToolEndpoints, tool: &str) -> Option<String> {
+    let endpoint = record.tools.iter().find(|t| t.name == tool)?.endpoint.as_str();
+    if let Some(url) = endpoint.strip_prefix("url ") {
+        return Some(url.to_string());
+    }
+    let (ns_name, port) = endpoint.strip_prefix("service ")?.rsplit_once(':')?;
+    let (ns, name) = ns_name.split_once('/')?;
+    Some(format!("http://{name}.{ns}.svc:{port}"))
+}
+
 /// What [`before`] found, for [`after`].
 #[derive(Debug, Default, PartialEq)]
 pub struct Pinning {
@@ -173,6 +185,19 @@ mod tests {
     /// The votes `before` leaves to the tally, by name.
     fn kept(p: &Pinning, votes: &[VoteView]) -> Vec<String> {
         p.tallied(votes).into_iter().map(|v| v.name).collect()
+    }
+
+    #[test]
+    fn the_agent_gets_the_url_of_the_approved_endpoint() {
+        let record = ApprovedToolEndpoints {
+            generation: 1,
+            tools: vec![endpoint("a", "service tools/search:8080"), endpoint("b", "url https://x.example/v1"), endpoint("c", "none")],
+            approved_by: vec![],
+        };
+        assert_eq!(approved_url(&record, "a").as_deref(), Some("http://search.tools.svc:8080"));
+        assert_eq!(approved_url(&record, "b").as_deref(), Some("https://x.example/v1"));
+        assert_eq!(approved_url(&record, "c"), None);
+        assert_eq!(approved_url(&record, "d"), None);
     }
 
     #[test]
