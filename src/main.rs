@@ -99,8 +99,9 @@ struct RunArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "AGENTGATE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
-    /// Discover AgentTools only from Services in namespaces matching this label selector, e.g.
-    /// `agentgate.dev/discovery=enabled` (default: every namespace).
+    /// Discover AgentTools from labelled Services in the namespaces matching this label selector,
+    /// e.g. `agentgate.dev/discovery=enabled`. Without it discovery is off: whoever may label a
+    /// Service in a namespace it covers can publish a tool every team's agents call.
     #[arg(long, env = "AGENTGATE_DISCOVERY_NAMESPACE_SELECTOR", value_parser = agentgate::controller::discovery::parse_namespace_selector)]
     discovery_namespace_selector: Option<String>,
     /// Elect a leader among replicas through a Lease, so only one of them reconciles and writes.

@@ -91,6 +91,9 @@ pub struct Metrics {
     pub pods_created: Counter,
     pub jobs_finished: Family<FinishedLabels, Counter>,
     pub tool_ready: Family<ToolLabels, Gauge>,
+    /// Identity admission policies or bindings missing or altered (controller/identity_policies.rs):
+    /// while above 0 no vote counts.
+    pub identity_policies_missing: Gauge,
     /// The AgentTool cache, set once the controllers run: tool readiness is read from it at
     /// scrape time, so a deleted tool leaves no stale series behind.
     /// The current leadership term's tool cache (replaced when this replica leads again).
@@ -143,6 +146,12 @@ impl Default for Metrics {
             jobs_finished.clone(),
         );
         registry.register("tool_ready", "1 when the AgentTool is Ready, 0 when not", tool_ready.clone());
+        let identity_policies_missing = Gauge::default();
+        registry.register(
+            "identity_policies_missing",
+            "Identity admission policies or bindings missing or not as shipped; while above 0 no vote counts",
+            identity_policies_missing.clone(),
+        );
         Metrics {
             registry,
             jobs,
@@ -156,6 +165,7 @@ impl Default for Metrics {
             pods_created,
             jobs_finished,
             tool_ready,
+            identity_policies_missing,
             tools: std::sync::RwLock::new(None),
             model_labels: LabelBook::new(MAX_MODEL_LABELS),
             category_labels: LabelBook::new(MAX_CATEGORY_LABELS),

@@ -41,8 +41,20 @@ pub async fn serve(
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
+/// Ready once the caches are synced. Missing identity admission policies are named in the body
+/// but do not fail the probe: the operator already fails closed on them (no vote counts), and an
+/// unready Pod would leave the metrics Service, hiding the gauge that alerts on the problem.
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.health.ready() { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "watch caches not synced") }
+    if !state.health.ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "watch caches not synced".to_string());
+    }
+    let problems = state.health.identity_problems.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    match problems {
+        Some(p) if !p.is_empty() => {
+            (StatusCode::OK, format!("ok; no vote counts: identity admission policies not in force: {}", p.join("; ")))
+        }
+        _ => (StatusCode::OK, "ok".to_string()),
+    }
 }
 
 async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {

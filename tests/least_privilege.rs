@@ -288,6 +288,30 @@ async fn run_job(admin: &Client) -> AgentJob {
                "inputSchema": {"type": "object", "required": ["repositoryPath"]}}),
         json!({}),
     );
+    // The job names a Secret, so its author must be allowed to read it (deploy/admission/secrets.yaml).
+    let pp = PatchParams::apply("least-privilege-test").force();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "read-agent-token", "namespace": JOBS},
+        "rules": [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["agent-token"], "verbs": ["get"]}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), JOBS)
+        .patch("read-agent-token", &pp, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "dave-reads-agent-token", "namespace": JOBS},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "read-agent-token"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "dave"}]});
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), JOBS)
+        .patch("dave-reads-agent-token", &pp, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    let cp = ControlPlane::shared_with_audit_log();
+    wait_for(
+        "dave may get agent-token",
+        TIMEOUT,
+        || async { cp.kubectl("dave", &["auth", "can-i", "get", "secret/agent-token", "-n", JOBS]).stdout },
+        |out: &Vec<u8>| String::from_utf8_lossy(out).trim() == "yes",
+    )
+    .await;
     let dave = ControlPlane::shared_with_audit_log().client("dave").await;
     let created = Api::<AgentJob>::namespaced(dave, JOBS).create(&PostParams::default(), &job).await.expect("dave creates a job");
     wait_for_job(admin, JOBS, "lp-scan", "awaiting approval", |j| phase(j) == Some("AwaitingApproval")).await;

@@ -29,6 +29,11 @@ fn the_chart_ships_the_same_admission_policies_as_deploy() {
         read("deploy/admission/identity.yaml"),
         "copy deploy/admission/identity.yaml to charts/agentgate/templates/admission-policies.yaml"
     );
+    assert_eq!(
+        read("charts/agentgate/templates/admission-secrets.yaml"),
+        read("deploy/admission/secrets.yaml"),
+        "copy deploy/admission/secrets.yaml to charts/agentgate/templates/admission-secrets.yaml (`make crds`)"
+    );
 }
 
 #[test]

@@ -503,14 +503,41 @@ async fn two_services_claiming_one_name_are_both_told_and_neither_wins_silently(
     .await;
     assert_eq!(tool.spec.rate_limit, 10);
 
-    // A second claim on an existing tool: the tool stays, both are told.
+    // A second claim on an existing tool: the tool stays with its Service but is not Ready while
+    // the name is contested, and both are told.
     patch_service(&client, ns, "two", json!({"agentgate.dev/tool": name}), json!({})).await;
     for svc in ["one", "two"] {
-        wait_service_event(&client, ns, svc, "Warning", "ToolNameConflict", "it stays discovered from tl-conflict/one").await;
+        wait_service_event(&client, ns, svc, "Warning", "ToolNameConflict", "it stays discovered from tl-conflict/one but is not Ready")
+            .await;
     }
-    let still = get_tool(&client, name).await.unwrap();
-    assert_eq!((&still.metadata.uid, still.spec.rate_limit), (&tool.metadata.uid, 10));
-    assert_eq!(still.annotations().get("agentgate.dev/discovered-from").map(String::as_str), Some("tl-conflict/one"));
+    let contested =
+        wait_tool(&client, name, "not Ready: ToolNameConflict", TIMEOUT, |t| condition_is(t, "Ready", "False", "ToolNameConflict")).await;
+    assert_eq!((&contested.metadata.uid, contested.spec.rate_limit), (&tool.metadata.uid, 10));
+    assert_eq!(contested.annotations().get("agentgate.dev/discovered-from").map(String::as_str), Some("tl-conflict/one"));
+    assert!(tool_condition(&contested, "Ready").unwrap().message.contains("until the label is removed from tl-conflict/two"));
+
+    // The owner lets go while the squatter claims: the tool does not move to the squatter. It
+    // stays, not Ready, pointing at "one", until an admin decides.
+    patch_service(&client, ns, "one", json!({"agentgate.dev/tool": null}), json!({})).await;
+    wait_service_event(&client, ns, "two", "Warning", "ToolNameConflict", "a tool never moves to another Service by itself").await;
+    let orphaned = wait_tool(&client, name, "kept, not Ready", TIMEOUT, |t| {
+        condition_is(t, "Ready", "False", "ToolNameConflict")
+            && tool_condition(t, "Ready").is_some_and(|c| c.message.contains("no longer carries label"))
+    })
+    .await;
+    assert_eq!(orphaned.metadata.uid, tool.metadata.uid);
+    assert_eq!(orphaned.spec.endpoint.service.as_ref().map(|s| s.name.as_str()), Some("one"), "the endpoint must not move to two");
+    assert_eq!(orphaned.spec.rate_limit, 10, "nor take the squatter's annotations");
+    assert_eq!(orphaned.annotations().get("agentgate.dev/discovered-from").map(String::as_str), Some("tl-conflict/one"));
+
+    // The admin resolves it by deleting the tool: the sole claimant now gets a new one.
+    Api::<AgentTool>::all(client.clone()).delete(name, &DeleteParams::default()).await.expect("admin deletes the tool");
+    let handed = wait_tool(&client, name, "discovered from two", TIMEOUT, |t| {
+        t.status.as_ref().and_then(|s| s.discovered_from.as_deref()) == Some("tl-conflict/two")
+    })
+    .await;
+    assert_ne!(handed.metadata.uid, tool.metadata.uid);
+    assert_eq!(handed.spec.rate_limit, 20);
 }
 
 #[tokio::test]
@@ -605,4 +632,75 @@ async fn freed_rate_limit_goes_to_the_most_urgent_waiting_job_first() {
 
     finish_job(&client, ns, &urgent).await;
     wait_phase(&client, ns, "later", "Running").await;
+}
+
+/// Heads approve a job together with where its tools point: a tool repointed between approval and
+/// start (as a replaced Service repoints a discovered tool) sends the job back for new votes.
+#[tokio::test]
+async fn a_tool_repointed_after_approval_needs_a_new_approval_before_the_job_starts() {
+    let ns = "tl-pin";
+    let client = setup(ns, false).await;
+    let tool = "tl-pin-llm";
+    create_tool(&client, tool, json!({"type": "api", "endpoint": {"url": "https://llm.example/v1"}, "rateLimit": 60})).await;
+    wait_tool(&client, tool, "Ready", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
+    // hog holds 40 of the 60 calls/min, so the job under test waits, approved, for rate limit.
+    let hog = approved_job(&client, ns, "hog", json!({"tools": [{"name": tool, "minRateLimit": 40}]})).await;
+    wait_phase(&client, ns, "hog", "Running").await;
+    approved_job(&client, ns, "pinned", json!({"tools": [{"name": tool, "minRateLimit": 40}]})).await;
+    let waiting = wait_for_job(&client, ns, "pinned", "approved, waiting, endpoints recorded", |j| {
+        phase(j) == Some("WaitingForResources") && j.status.as_ref().is_some_and(|s| s.tool_endpoints.is_some())
+    })
+    .await;
+    let record = waiting.status.as_ref().unwrap().tool_endpoints.clone().unwrap();
+    assert_eq!(
+        record.tools.iter().map(|t| (t.name.as_str(), t.endpoint.as_str())).collect::<Vec<_>>(),
+        [(tool, "url https://llm.example/v1")]
+    );
+    assert_eq!(record.approved_by.len(), 2);
+
+    Api::<AgentTool>::all(client.clone())
+        .patch(tool, &PatchParams::default(), &Patch::Merge(json!({"spec": {"endpoint": {"url": "https://elsewhere.example/v1"}}})))
+        .await
+        .expect("repoint the tool");
+    let back = wait_for_job(&client, ns, "pinned", "back to AwaitingApproval: ToolEndpointChanged", |j| {
+        phase(j) == Some("AwaitingApproval") && condition(j, "Approved").is_some_and(|c| c.reason == "ToolEndpointChanged")
+    })
+    .await;
+    let message = &condition(&back, "Approved").unwrap().message;
+    assert!(
+        message.contains(&format!("tool {tool} went from url https://llm.example/v1 to url https://elsewhere.example/v1")),
+        "{message}"
+    );
+    let status = back.status.as_ref().unwrap();
+    let approval = status.approval.as_ref().unwrap();
+    assert_eq!(approval.summary, "0/2");
+    assert_eq!(approval.ignored_votes.iter().filter(|v| v.why.contains("vote again")).count(), 2, "{:?}", approval.ignored_votes);
+    assert_eq!(status.revoked_votes.len(), 2);
+    assert_eq!(status.tool_endpoints, None);
+    assert!(job_pods(&client, ns, &back).await.is_empty(), "no Pod for the unapproved endpoint");
+    let events = Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items;
+    assert!(
+        events.iter().any(|e| e.reason.as_deref() == Some("ToolEndpointChanged")
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("pinned")),
+        "a ToolEndpointChanged Event on the job"
+    );
+
+    // New votes approve the new endpoint; the job starts with it once hog frees the rate limit.
+    let cp = ControlPlane::shared();
+    vote(&cp.client("alice").await, &back, "alice", Decision::Approve).await;
+    vote(&cp.client("bob").await, &back, "bob", Decision::Approve).await;
+    let reapproved = wait_for_job(&client, ns, "pinned", "approved again with the new endpoint", |j| {
+        phase(j) == Some("WaitingForResources")
+            && j.status
+                .as_ref()
+                .and_then(|s| s.tool_endpoints.as_ref())
+                .is_some_and(|r| r.tools[0].endpoint == "url https://elsewhere.example/v1")
+    })
+    .await;
+    finish_job(&client, ns, &hog).await;
+    wait_phase(&client, ns, "pinned", "Running").await;
+    let pods = wait_for("the agent Pod", TIMEOUT, || job_pods(&client, ns, &reapproved), |p: &Vec<Pod>| p.len() == 1).await;
+    let env = pods[0].spec.as_ref().unwrap().containers[0].env.clone().unwrap();
+    let url = env.iter().find(|e| e.name == "AGENTGATE_TOOL_TL_PIN_LLM_URL").and_then(|e| e.value.clone());
+    assert_eq!(url.as_deref(), Some("https://elsewhere.example/v1"));
 }

@@ -326,6 +326,32 @@ pub struct AgentJobStatus {
     pub start_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
+    /// The endpoints of the job's tools when it was approved. Until the job starts, a tool that
+    /// points elsewhere voids the approving votes: heads approved sending the job's data there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_endpoints: Option<ApprovedToolEndpoints>,
+    /// Votes that no longer count because what they approved changed (tool endpoints) before the
+    /// job started, each with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_votes: Vec<IgnoredVote>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovedToolEndpoints {
+    /// Generation of the spec that was approved.
+    pub generation: i64,
+    pub tools: Vec<ToolEndpointRecord>,
+    /// Names of the votes that approved the job with these endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approved_by: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ToolEndpointRecord {
+    pub name: String,
+    /// `service <namespace>/<name>:<port>`, `url <url>`, or `none` when the AgentTool did not exist.
+    pub endpoint: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -46,7 +46,7 @@ pub fn error_policy(job: Arc<AgentJob>, error: &Error, _ctx: Arc<Context>) -> Ac
 }
 
 async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
-    if !ctx.caches.synced() {
+    if !ctx.caches.synced() || !ctx.identity.verified() {
         return Ok(Action::requeue(UNSYNCED_RETRY));
     }
     if job.metadata.deletion_timestamp.is_some() {
@@ -80,7 +80,17 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     let author = job.annotations().get(REQUESTED_BY).map(String::as_str);
     let identity = JobIdentity { name: &name, uid: &uid, generation, author };
     let heads = head_verdicts(job, ctx, &vote_views).await?;
-    let mut counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &vote_views, &heads);
+    // Votes approve where the job's tools point too (tool_pinning.rs): revoked votes are not tallied.
+    let endpoints = super::tool_pinning::current(job, &ctx.caches);
+    let pinning = super::tool_pinning::before(&old_status, generation, &endpoints, &vote_views);
+    let tallied = pinning.tallied(&vote_views);
+    let mut counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &tallied, &heads);
+    pinning.mark(&mut counted);
+    // Votes are only as true as the identity admission policies make them (identity_policies.rs).
+    let untrusted = ctx.identity.block(author);
+    if let Some((_, why)) = &untrusted {
+        super::identity_policies::void_votes(&mut counted, why);
+    }
     let readiness = if old_status.phase.is_some_and(JobPhase::is_terminal) { Readiness::default() } else { job_readiness(job, ctx) };
     let learned = ctx.learner.state.lock().await.stats(&job_type(job)).cloned();
     let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;
@@ -88,7 +98,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
 
     // Decide.
     let decide_started = Instant::now();
-    let plan = decide::decide(&Observed {
+    let mut plan = decide::decide(&Observed {
         job,
         now: now(),
         approval_floor: ctx.settings.approval_floor,
@@ -104,6 +114,12 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     if old_status.estimate.as_ref().map(|e| e.generation) != plan.status.estimate.as_ref().map(|e| e.generation) {
         ctx.metrics.validation_seconds.observe(decide_started.elapsed().as_secs_f64());
     }
+
+    // The identity problem, if any, is the reason given: it must be fixed first.
+    if let Some((reason, why)) = &untrusted {
+        super::identity_policies::explain(&mut plan, &old_status, reason, why);
+    }
+    super::tool_pinning::after(&mut plan, &old_status, pinning, endpoints, generation);
 
     if let Some(hold) = decide::hold_first_status(&old_status, &plan, age(job), ctx.settings.vote_wait) {
         return Ok(Action::requeue(hold));
@@ -245,8 +261,10 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
         .tools
         .iter()
         .filter_map(|t| {
+            // The endpoint the heads approved, once recorded; the tool's status lags its spec.
+            let approved = plan.status.tool_endpoints.as_ref().and_then(|r| super::tool_pinning::approved_url(r, &t.name));
             let tool = ctx.caches.tools.get(&ObjectRef::new(&t.name))?;
-            Some((t.name.clone(), tool.status.as_ref()?.url.clone()?))
+            Some((t.name.clone(), approved.or_else(|| tool.status.as_ref()?.url.clone())?))
         })
         .collect();
     let input_json = spec.input.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "{}".into());

@@ -13,7 +13,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
-use super::discovery::{DISCOVERED, DISCOVERED_FROM, DISCOVERY_ERROR};
+use super::discovery::{DISCOVERED, DISCOVERED_FROM, DISCOVERY_CONFLICT, DISCOVERY_ERROR};
 use super::snapshot::rate_limit_claims;
 use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY};
 use crate::api::{AgentTool, AgentToolStatus};
@@ -180,7 +180,18 @@ async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
     };
     // A discovered tool whose Service's annotations are bad is not Ready until they are fixed.
     let discovery_error = tool.annotations().get(DISCOVERY_ERROR).cloned().filter(|_| discovered);
+    // Nor while other Services claim its name (discovery.rs: a tool never changes hands by itself).
+    let discovery_conflict = tool.annotations().get(DISCOVERY_CONFLICT).cloned().filter(|_| discovered);
     match (&s.discovered_from, &discovery_error) {
+        (Some(_), _) if discovery_conflict.is_some() => set_condition(
+            &mut s.conditions,
+            "Discovered",
+            false,
+            "ToolNameConflict",
+            discovery_conflict.clone().unwrap_or_default(),
+            generation,
+            &now,
+        ),
         (Some(_), Some(error)) => {
             set_condition(&mut s.conditions, "Discovered", false, "InvalidAnnotation", error.clone(), generation, &now)
         }
@@ -214,14 +225,17 @@ async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
         ),
     }
     let credentials_ok = credentials.as_ref().is_none_or(|(ok, _)| *ok);
-    s.ready = discovery_error.is_none() && endpoint.available && credentials_ok;
+    s.ready = discovery_error.is_none() && discovery_conflict.is_none() && endpoint.available && credentials_ok;
     let ready_message = match (&discovery_error, &credentials, endpoint.available) {
+        _ if discovery_conflict.is_some() => discovery_conflict.clone().unwrap_or_default(),
         (Some(error), _, _) => error.clone(),
         (None, _, false) => endpoint.message.clone(),
         (None, Some((false, msg)), true) => msg.clone(),
         _ => endpoint.message.clone(),
     };
-    let ready_reason = if discovery_error.is_some() {
+    let ready_reason = if discovery_conflict.is_some() {
+        "ToolNameConflict"
+    } else if discovery_error.is_some() {
         "InvalidAnnotation"
     } else if !endpoint.available {
         endpoint.reason

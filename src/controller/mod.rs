@@ -7,8 +7,10 @@ pub mod approval_vote;
 pub mod discovery;
 pub mod estimator_store;
 pub mod events;
+pub mod identity_policies;
 pub mod price_table;
 pub mod snapshot;
+pub mod tool_pinning;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,8 +51,8 @@ pub struct Settings {
     pub approval_tiers: Vec<crate::domain::approval_policy::ApprovalTier>,
     pub approval_timeout_seconds: Option<i64>,
     pub field_manager: String,
-    /// Discover AgentTools only from Services in namespaces matching this label selector; all
-    /// namespaces when None.
+    /// Discover AgentTools only from Services in namespaces matching this label selector;
+    /// discovery is off when None (opt-in: see discovery.rs).
     pub discovery_namespace_selector: Option<String>,
     /// Namespace of the leader Lease, where the estimator's state ConfigMap lives too.
     pub state_namespace: String,
@@ -116,6 +118,9 @@ pub struct Context {
     /// What the cost estimator learned from finished attempts, persisted by its own writer.
     pub learner: Arc<estimator_store::Learner>,
     pub status_writes: StatusWrites,
+    /// Whether the identity admission policies are in force; no vote counts while they are not.
+    pub identity: identity_policies::Gate,
+    pub health: Arc<Health>,
 }
 
 /// The resourceVersion each job had when this operator last wrote its status, until the watch
@@ -168,6 +173,9 @@ pub struct Health {
     pub caches_synced: AtomicBool,
     /// False while this replica stands by for the leader's lease.
     pub leading: AtomicBool,
+    /// What keeps the identity admission policies from being in force (empty: nothing); None
+    /// while not leading or not yet verified. Reported by /readyz, which stays ready (see README).
+    pub identity_problems: std::sync::RwLock<Option<Vec<String>>>,
 }
 
 impl Health {
@@ -279,6 +287,8 @@ pub async fn run(
         secret_watch: agent_tool::SecretWatch::default(),
         learner: learner.clone(),
         status_writes: StatusWrites::default(),
+        identity: identity_policies::Gate::default(),
+        health: health.clone(),
     });
     // Woken by every Service and AgentTool change; see discovery.rs.
     let discovery_trigger = Arc::new(tokio::sync::Notify::new());
@@ -401,7 +411,9 @@ pub async fn run(
         _ = price_changes => {}
         _ = discovery::run(ctx.clone(), discovery_trigger) => {}
         _ = learner.run_writer(client.clone()) => {}
+        _ = identity_policies::run(ctx.clone()) => {}
     }
+    *health.identity_problems.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     // Shutdown: what was learned since the last write is not lost.
     learner.flush(&client).await;
 }
