@@ -29,7 +29,14 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
         "Failed" => {
             let reason = status
                 .and_then(|s| s.reason.clone())
-                .or_else(|| terminated.map(|t| format!("exit code {}", t.exit_code)))
+                // The kubelet's reason when it names a cause (OOMKilled, ContainerCannotRun), not
+                // the generic "Error".
+                .or_else(|| {
+                    terminated.map(|t| match t.reason.as_deref() {
+                        Some(reason) if !reason.is_empty() && reason != "Error" => format!("{reason} (exit code {})", t.exit_code),
+                        _ => format!("exit code {}", t.exit_code),
+                    })
+                })
                 .unwrap_or_else(|| "Failed".into());
             PodState::Failed { reason, message }
         }

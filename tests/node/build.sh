@@ -42,7 +42,8 @@ k8s_ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$version -X k8s.i
 gobuild "$cp_mod" "$out/bin/kubelet" k8s.io/kubernetes/cmd/kubelet -ldflags "$k8s_ldflags"
 gobuild "$cp_mod" "$out/bin/kube-scheduler" k8s.io/kubernetes/cmd/kube-scheduler -ldflags "$k8s_ldflags"
 
-ctrd_version=$(awk '$1 == "github.com/containerd/containerd/v2" {print $2; exit}' "$here/containerd/go.mod")
+ctrd_version=$(cd "$here/containerd" && go list -m -f '{{.Version}}' github.com/containerd/containerd/v2)
+[ -n "$ctrd_version" ] || { echo "no containerd version in tests/node/containerd/go.mod" >&2; exit 1; }
 for c in containerd containerd-shim-runc-v2 ctr; do
   CGO_ENABLED=0 gobuild "$here/containerd" "$out/bin/$c" "github.com/containerd/containerd/v2/cmd/$c" \
     -tags no_btrfs -ldflags "-s -w -X github.com/containerd/containerd/v2/version.Version=$ctrd_version"
