@@ -78,11 +78,14 @@ pub fn available_or_skip(test: &str) -> bool {
     if std::env::var_os("AGENTGATE_REQUIRE_REAL_NODE").is_some_and(|v| !v.is_empty() && v != "0") {
         panic!("{test}: a real node is required (AGENTGATE_REQUIRE_REAL_NODE) but cannot start: {why}");
     }
-    eprintln!(
+    // Straight to the process's stderr: libtest captures eprintln! of a passing test and would
+    // hide this.
+    let banner = format!(
         "\n{bar}\nSKIPPED {test}: no real node on this machine: {why}.\nThis test proved nothing. Run it as root with runc \
          installed (`make node`, then `cargo test --test real_node`), as CI does.\n{bar}\n",
         bar = "#".repeat(100)
     );
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), banner.as_bytes());
     false
 }
 
@@ -414,6 +417,21 @@ fn clean_host() {
                     shims.push(pid);
                 }
             }
+        }
+    }
+    // and any shim of our containerd whose pid file is gone (a bundle being deleted when a run
+    // was killed): they name our socket on their command line
+    let our_socket = format!("{RUN_DIR}/containerd.sock");
+    for entry in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<i32>().ok()) else { continue };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        let is_our_shim = args.first().is_some_and(|a| a.ends_with(b"containerd-shim-runc-v2"))
+            && args.windows(2).any(|w| w[0] == b"-address" && w[1] == our_socket.as_bytes());
+        if is_our_shim && !shims.contains(&pid) {
+            // SAFETY: as above.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            shims.push(pid);
         }
     }
     let deadline = Instant::now() + Duration::from_secs(10);
