@@ -45,6 +45,7 @@ async fn agent_pods_run_on_a_real_node_with_enforced_limits() {
 
     node_authentication_is_enforced(&node, &admin).await;
     trivial_pod_figures(&admin).await;
+    the_operator_image_runs_under_the_restricted_security_context(&node, &admin).await;
 
     grant_voting_rights(&admin).await;
     let env = Env { admin: admin.clone(), alice: cp.client("alice").await, bob: cp.client("bob").await };
@@ -126,6 +127,40 @@ async fn trivial_pod_figures(admin: &Client) {
         println!("figure: trivial Pod create→{want} {:.2?}", created.elapsed());
         pods.delete(name, &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() }).await.expect("deleting");
     }
+}
+
+/// The image `make image` built (if it did): imported into the node's containerd, it runs as a
+/// Pod with the chart's security context (non-root from the image's own USER, read-only root
+/// filesystem, no capabilities, RuntimeDefault seccomp). It prints the CRDs, which needs no API.
+async fn the_operator_image_runs_under_the_restricted_security_context(node: &RealNode, admin: &Client) {
+    let version = env!("CARGO_PKG_VERSION");
+    let tarball = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/images/agentgate-{version}.tar"));
+    if !tarball.exists() {
+        let note = format!("\nNOTE: {} is not built (`make image`): the operator image was not run on the node.\n\n", tarball.display());
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), note.as_bytes());
+        return;
+    }
+    let image = format!("ghcr.io/agentgate/agentgate:{version}");
+    node.import_image(&tarball, &image).unwrap_or_else(|e| panic!("{e:?}"));
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), NS);
+    let pod: Pod = serde_json::from_value(json!({"metadata": {"name": "operator-image"}, "spec": {
+        "restartPolicy": "Never", "automountServiceAccountToken": false,
+        "securityContext": {"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{"name": "agentgate", "image": image, "imagePullPolicy": "Never", "args": ["crds"],
+            "securityContext": {"allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "capabilities": {"drop": ["ALL"]}},
+            "resources": {"limits": {"cpu": "200m", "memory": "64Mi"}}}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.expect("creating the operator image Pod");
+    wait("the operator image Pod Succeeded", || async {
+        let p = pods.get("operator-image").await.expect("get pod");
+        let phase = p.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
+        assert_ne!(phase, "Failed", "the operator image failed: {:#?}", p.status);
+        (phase == "Succeeded").then_some(())
+    })
+    .await;
+    let logs = pods.logs("operator-image", &Default::default()).await.expect("logs");
+    assert!(logs.contains("kind: CustomResourceDefinition"), "agentgate crds printed: {logs}");
+    println!("operator image {image} ran on the node as non-root with a read-only root filesystem ({} bytes of CRDs)", logs.len());
 }
 
 fn job(name: &str, patch: Value) -> AgentJob {
