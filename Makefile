@@ -31,9 +31,8 @@ node:
 	tests/node/build.sh
 
 # The operator image, without a container engine: a static binary in one layer, user 65532, as
-# target/images/agentgate-$(VERSION).tar (ghcr.io/agentgate/agentgate:$(VERSION), the chart's
-# default image), and the reference agent image next to it. `crane push` uploads them (README).
-VERSION := $(shell awk -F'"' '/^version = / {print $$2; exit}' Cargo.toml)
+# target/images/agentgate-<crate version>.tar (ghcr.io/agentgate/agentgate:<crate version>, the
+# chart's default image), and the reference agent image next to it. `crane push` uploads them (README).
 image:
 	images/build.sh
 
