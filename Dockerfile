@@ -4,7 +4,8 @@
 #   docker build -t ghcr.io/agentgate/agentgate:0.1.0 .
 #   docker build --build-arg FEATURES=otel ...    # with OpenTelemetry trace export
 #
-# Not built on this project's machines, which have no container engine (see README).
+# This project's machines have no container engine: there `make image` builds the equivalent
+# image with crane (static glibc binary, one layer, user 65532; images/build.sh, README "Image").
 
 # Build stage: Alpine's Rust targets musl, so the release binary links statically (TLS is rustls
 # with ring, no OpenSSL).

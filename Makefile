@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build crds controlplane tools manifests test unit demo lint clean-controlplane chaos
+.PHONY: all build crds controlplane tools node image manifests test unit demo lint clean-controlplane chaos
 
 all: build
 
@@ -25,6 +25,18 @@ controlplane:
 tools:
 	tests/tools/build.sh
 
+# Build (once; cached in ~/.cache/agentgate/node) what a real test node needs: kubelet and
+# kube-scheduler, containerd + shim + ctr, CNI plugins, crane, crictl, and the pause, busybox and
+# reference-agent images. tests/real_node.rs runs them (as root, with runc installed).
+node:
+	tests/node/build.sh
+
+# The operator image, without a container engine: a static binary in one layer, user 65532, as
+# target/images/agentgate-<crate version>.tar (ghcr.io/agentgate/agentgate:<crate version>, the
+# chart's default image), and the reference agent image next to it. `crane push` uploads them (README).
+image:
+	images/build.sh
+
 # Render the chart with its default values into deploy/agentgate.yaml, which `kubectl apply -k
 # deploy/` installs (tests/helm.rs fails when the two drift apart).
 manifests: tools
@@ -37,6 +49,9 @@ manifests: tools
 
 # Every test: unit tests of the pure logic and integration tests against a real control plane.
 # tests/otel.rs needs the optional `otel` feature, so it runs in a second, feature-on build.
+# tests/real_node.rs runs agent Pods on a real node (root and runc needed; it builds `make node`
+# on first use, and says SKIPPED loudly without them, or fails if AGENTGATE_REQUIRE_REAL_NODE is
+# set, as CI does). Only one real node runs per machine: it waits for a lock.
 test: controlplane tools
 	$(CARGO) test --all-targets --no-fail-fast
 	$(CARGO) test --features otel --test otel

@@ -29,7 +29,14 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
         "Failed" => {
             let reason = status
                 .and_then(|s| s.reason.clone())
-                .or_else(|| terminated.map(|t| format!("exit code {}", t.exit_code)))
+                // The kubelet's reason when it names a cause (OOMKilled, ContainerCannotRun), not
+                // the generic "Error".
+                .or_else(|| {
+                    terminated.map(|t| match t.reason.as_deref() {
+                        Some(reason) if !reason.is_empty() && reason != "Error" => format!("{reason} (exit code {})", t.exit_code),
+                        _ => format!("exit code {}", t.exit_code),
+                    })
+                })
                 .unwrap_or_else(|| "Failed".into());
             PodState::Failed { reason, message }
         }
@@ -309,5 +316,25 @@ mod tests {
         let jobs = vec![a.clone(), b, job("c", 5, 2, 3, "WaitingForResources", "RateLimitExhausted", true)];
         assert_eq!(rate_limit_claims(&jobs, "t", None), (13, 2));
         assert_eq!(rate_limit_claims(&jobs, "t", a.metadata.uid.as_deref()), (5, 1));
+    }
+
+    /// A failed agent's reason: the Pod's (DeadlineExceeded), else the kubelet's reason for the
+    /// container when it names a cause (OOMKilled), else the exit code.
+    #[test]
+    fn failed_pod_reasons() {
+        let pod = |pod_reason: Option<&str>, container_reason: &str| -> Pod {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "p", "labels": {LABEL_ATTEMPT: "1", LABEL_AGENT: "a"}},
+                "status": {"phase": "Failed", "reason": pod_reason, "containerStatuses": [{"name": "agent", "image": "i", "imageID": "",
+                    "ready": false, "restartCount": 0, "state": {"terminated": {"exitCode": 137, "reason": container_reason}}}]}}))
+            .unwrap()
+        };
+        let reason = |p: Pod| match pod_view(&p).unwrap().state {
+            PodState::Failed { reason, .. } => reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reason(pod(Some("DeadlineExceeded"), "Error")), "DeadlineExceeded");
+        assert_eq!(reason(pod(None, "OOMKilled")), "OOMKilled (exit code 137)");
+        assert_eq!(reason(pod(None, "Error")), "exit code 137");
     }
 }

@@ -76,7 +76,7 @@ impl ControlPlane {
     pub fn shared() -> &'static ControlPlane {
         static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
         SHARED
-            .get_or_init(|| ControlPlane::start_with(false).map_err(|e| format!("{e:?}")))
+            .get_or_init(|| ControlPlane::start_with(Options::default()).map_err(|e| format!("{e:?}")))
             .as_ref()
             .unwrap_or_else(|e| panic!("control plane failed to start: {e}"))
     }
@@ -86,7 +86,7 @@ impl ControlPlane {
     pub fn shared_with_audit_log() -> &'static ControlPlane {
         static SHARED: OnceLock<Result<ControlPlane, String>> = OnceLock::new();
         SHARED
-            .get_or_init(|| ControlPlane::start_with(true).map_err(|e| format!("{e:?}")))
+            .get_or_init(|| ControlPlane::start_with(Options { audit: true, ..Options::default() }).map_err(|e| format!("{e:?}")))
             .as_ref()
             .unwrap_or_else(|e| panic!("control plane failed to start: {e}"))
     }
@@ -169,7 +169,21 @@ impl ControlPlane {
         Ok(killed.elapsed())
     }
 
-    fn start_with(audit: bool) -> Result<ControlPlane> {
+    /// A control plane of its own (not [`Self::shared`]), for the real node of
+    /// tests/support/node.rs, which needs other authorization and extra apiserver flags. Its
+    /// processes stop when it is dropped. A test binary uses this or the shared one, not both
+    /// (they would share a scratch directory).
+    pub fn start_owned(options: Options) -> Result<ControlPlane> {
+        Self::start_with(options)
+    }
+
+    /// Directory holding etcd, kube-apiserver and kubectl.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    fn start_with(options: Options) -> Result<ControlPlane> {
+        let audit = options.audit;
         let started = Instant::now();
         let bin_dir = binaries_dir()?;
         let dir = fresh_scratch_dir()?;
@@ -210,12 +224,13 @@ impl ControlPlane {
             .arg(format!("--secure-port={apiserver_port}"))
             // With no certificates given, kube-apiserver self-signs a CA and serving cert here.
             .arg(format!("--cert-dir={}", cert_dir.display()))
-            .arg("--authorization-mode=RBAC")
+            .arg(format!("--authorization-mode={}", options.authorization_mode))
             .arg(format!("--token-auth-file={}", token_file.display()))
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
             .arg(format!("--service-account-key-file={}", service_account_key.display()))
             .arg(format!("--service-account-signing-key-file={}", service_account_key.display()))
-            .arg("--service-cluster-ip-range=10.96.0.0/16");
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .args(&options.apiserver_args);
         if audit {
             let policy = dir.join("audit-policy.yaml");
             fs::write(&policy, "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n- level: Metadata\n")
@@ -409,6 +424,22 @@ impl ControlPlane {
     }
 }
 
+/// How [`ControlPlane::start_owned`] sets up the apiserver; the default is the shared one's.
+pub struct Options {
+    /// Metadata-level audit log of every request (see [`ControlPlane::audit_log`]).
+    pub audit: bool,
+    /// `--authorization-mode`: `RBAC`, or `Node,RBAC` when a real kubelet connects.
+    pub authorization_mode: &'static str,
+    /// More kube-apiserver flags (client CA, kubelet client certificate, admission plugins, ...).
+    pub apiserver_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { audit: false, authorization_mode: "RBAC", apiserver_args: Vec::new() }
+    }
+}
+
 /// kube-controller-manager running only the given controllers (e.g. `garbagecollector`), for
 /// tests of behaviour that real clusters get from it. Killed when dropped.
 pub struct ControllerManager(Process);
@@ -520,7 +551,7 @@ impl OperatorProcess {
 }
 
 /// A child process with its output in a log file, killed on drop or when the test binary exits.
-struct Process {
+pub struct Process {
     name: &'static str,
     child: Child,
     log: PathBuf,
@@ -531,7 +562,7 @@ struct Process {
 }
 
 impl Process {
-    fn spawn(name: &'static str, command: Command, log: PathBuf) -> Result<Process> {
+    pub fn spawn(name: &'static str, command: Command, log: PathBuf) -> Result<Process> {
         let program = PathBuf::from(command.get_program());
         let args = command.get_args().map(ToOwned::to_owned).collect();
         let envs = command.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))).collect();
@@ -556,7 +587,7 @@ impl Process {
     }
 
     /// Turns a crashed process into an error carrying its log, rather than a readiness timeout.
-    fn ensure_running(&mut self) -> Result<()> {
+    pub fn ensure_running(&mut self) -> Result<()> {
         let exited = self.child.try_wait().with_context(|| format!("checking on {}", self.name))?;
         if let Some(status) = exited {
             bail!("{} exited with {status}\n{}", self.name, log_tail(&self.log));
@@ -564,7 +595,7 @@ impl Process {
         Ok(())
     }
 
-    fn kill(&mut self) {
+    pub fn kill(&mut self) {
         // Either call only fails once the child is already reaped, which is the goal anyway.
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -728,14 +759,14 @@ fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Runs a short-lived helper command, failing with its stderr unless it succeeds.
-fn run_checked(command: &mut Command) -> Result<String> {
+pub fn run_checked(command: &mut Command) -> Result<String> {
     let output = command.output().with_context(|| format!("running {command:?}"))?;
     ensure!(output.status.success(), "{command:?} failed with {}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
     String::from_utf8(output.stdout).with_context(|| format!("{command:?} printed non-UTF-8 output"))
 }
 
 /// The end of a log file, to explain in an error why a process failed.
-fn log_tail(path: &Path) -> String {
+pub fn log_tail(path: &Path) -> String {
     const LINES: usize = 40;
     match fs::read(path) {
         Ok(log) => {

@@ -6,5 +6,6 @@
 
 pub mod cluster;
 pub mod controlplane;
+pub mod node;
 pub mod storm;
 pub mod tools;
