@@ -5,7 +5,7 @@
 #   docker build --build-arg FEATURES=otel ...    # with OpenTelemetry trace export
 #
 # This project's machines have no container engine: there `make image` builds the equivalent
-# image with crane (static glibc binary, one layer, user 65532; images/build.sh, README "Image").
+# image with crane (static glibc binary, one layer, user 65532; deploy/images/build.sh, README "Image").
 
 # Build stage: Alpine's Rust targets musl, so the release binary links statically (TLS is rustls
 # with ring, no OpenSSL).

@@ -35,7 +35,7 @@ node:
 # target/images/agentgate-<crate version>.tar (ghcr.io/agentgate/agentgate:<crate version>, the
 # chart's default image), and the reference agent image next to it. `crane push` uploads them (README).
 image:
-	images/build.sh
+	deploy/images/build.sh
 
 # Render the chart with its default values into deploy/agentgate.yaml, which `kubectl apply -k
 # deploy/` installs (tests/helm.rs fails when the two drift apart).

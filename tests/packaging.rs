@@ -89,14 +89,14 @@ fn the_image_runs_as_the_user_the_chart_expects() {
     assert_eq!(user, format!("{uid}:{gid}"), "Dockerfile USER and the chart's securityContext disagree");
     assert!(runtime.contains(r#"ENTRYPOINT ["/usr/local/bin/agentgate"]"#), "the chart's args start with the subcommand `run`");
 
-    // `make image` (images/build.sh, crane) makes the same image as the Dockerfile, under the
+    // `make image` (deploy/images/build.sh, crane) makes the same image as the Dockerfile, under the
     // chart's default reference: repository ghcr.io/agentgate/agentgate, tag = appVersion = the
     // crate's version.
-    let build = read("images/build.sh");
-    assert!(build.contains(&format!("--user={uid}:{gid}")), "images/build.sh sets another user than the chart's");
-    assert!(build.contains("--entrypoint=/usr/local/bin/agentgate"), "images/build.sh sets another entrypoint");
+    let build = read("deploy/images/build.sh");
+    assert!(build.contains(&format!("--user={uid}:{gid}")), "deploy/images/build.sh sets another user than the chart's");
+    assert!(build.contains("--entrypoint=/usr/local/bin/agentgate"), "deploy/images/build.sh sets another entrypoint");
     let repository = values["image"]["repository"].as_str().unwrap();
-    assert!(build.contains(&format!("\"{repository}:$version\"")), "images/build.sh does not make {repository}:<version>");
+    assert!(build.contains(&format!("\"{repository}:$version\"")), "deploy/images/build.sh does not make {repository}:<version>");
     let chart: serde_json::Value = serde_saphyr::from_str(&read("charts/agentgate/Chart.yaml")).unwrap();
     assert_eq!(
         chart["appVersion"].as_str(),

@@ -6,7 +6,7 @@
 #           (tests/node/tools)
 #   cni/bin bridge, host-local, loopback, portmap (tests/node/tools)
 #   images/ pause.tar (static pause.c), busybox.tar (Debian's busybox-static) and
-#           reference-agent.tar (images/reference-agent), docker-archive tarballs for
+#           reference-agent.tar (deploy/images/reference-agent), docker-archive tarballs for
 #           `ctr images import`, made with crane (no engine, no registry).
 # runc comes from the host (Debian `runc`). A second run with everything present is instant;
 # the images are remade when their inputs change. `build.sh --crane` builds only crane
@@ -54,10 +54,10 @@ done
 CGO_ENABLED=0 gobuild "$here/tools" "$out/bin/crane" github.com/google/go-containerregistry/cmd/crane -ldflags "-s -w"
 CGO_ENABLED=0 gobuild "$here/tools" "$out/bin/crictl" sigs.k8s.io/cri-tools/cmd/crictl -ldflags "-s -w"
 
-# Images, single-layer, made by images/crane-image.sh (crane, no engine): pause (PID 1 of every
-# sandbox), busybox (test Pods) and the reference agent (images/reference-agent).
+# Images, single-layer, made by deploy/images/crane-image.sh (crane, no engine): pause (PID 1 of every
+# sandbox), busybox (test Pods) and the reference agent (deploy/images/reference-agent).
 version_crate=$(awk -F'"' '/^version = / {print $2; exit}' "$here/../../Cargo.toml")
-stamp=$(cat "$0" "$here/pause.c" "$here/../../images/crane-image.sh" "$here/../../images/reference-agent/agent.sh" "$here/../../images/reference-agent/rootfs.sh" | sha256sum | cut -c1-16)
+stamp=$(cat "$0" "$here/pause.c" "$here/../../deploy/images/crane-image.sh" "$here/../../deploy/images/reference-agent/agent.sh" "$here/../../deploy/images/reference-agent/rootfs.sh" | sha256sum | cut -c1-16)
 if [ "$(cat "$out/images/stamp" 2>/dev/null)" != "$stamp" ]; then
   t0=$SECONDS
   command -v gcc >/dev/null || { echo "gcc is needed for the pause image (Debian: apt-get install gcc libc6-dev)" >&2; exit 1; }
@@ -66,12 +66,12 @@ if [ "$(cat "$out/images/stamp" 2>/dev/null)" != "$stamp" ]; then
   mkdir -p "$work/pause"
   gcc -Os -static -Wall -o "$work/pause/pause" "$here/pause.c"
   strip "$work/pause/pause"
-  "$here/../../images/reference-agent/rootfs.sh" "$work/busybox" --no-agent
-  "$here/../../images/reference-agent/rootfs.sh" "$work/agent"
-  image() { "$here/../../images/crane-image.sh" "$out/bin/crane" "$@"; }
+  "$here/../../deploy/images/reference-agent/rootfs.sh" "$work/busybox" --no-agent
+  "$here/../../deploy/images/reference-agent/rootfs.sh" "$work/agent"
+  image() { "$here/../../deploy/images/crane-image.sh" "$out/bin/crane" "$@"; }
   image "$out/images/pause.tar" local.test/pause:1.0 "$work/pause" --entrypoint=/pause
   image "$out/images/busybox.tar" local.test/busybox:1.0 "$work/busybox" --cmd=/bin/sh
-  image "$out/images/reference-agent.tar" "ghcr.io/agentgate/reference-agent:$version_crate" "$work/agent" \
+  image "$out/deploy/images/reference-agent.tar" "ghcr.io/agentgate/reference-agent:$version_crate" "$work/agent" \
     --entrypoint=/agent --user=65532:65532 --label=org.opencontainers.image.version="$version_crate"
   echo "$stamp" >"$out/images/stamp"
   echo "built images in $((SECONDS - t0)) s" >&2

@@ -7,7 +7,7 @@
 # (docker-archive tarballs; `crane push FILE REF` uploads one). <version> is the crate's version,
 # which is also the chart's appVersion and so its default image tag.
 set -euo pipefail
-root=$(cd "$(dirname "$0")/.." && pwd)
+root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
 version=$(awk -F'"' '/^version = / {print $2; exit}' Cargo.toml)
 out=$root/target/images
@@ -33,14 +33,14 @@ chmod 1777 "$rootfs/tmp"
 if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
   cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
 fi
-images/crane-image.sh "$node/bin/crane" "$out/agentgate-$version.tar" "ghcr.io/agentgate/agentgate:$version" "$rootfs" \
+deploy/images/crane-image.sh "$node/bin/crane" "$out/agentgate-$version.tar" "ghcr.io/agentgate/agentgate:$version" "$rootfs" \
   --entrypoint=/usr/local/bin/agentgate --cmd=run --user=65532:65532 --exposed-ports=8080/tcp \
   --label=org.opencontainers.image.version="$version" --label=org.opencontainers.image.source=https://github.com/agentgate/agentgate
 
 # The reference agent: the same image tests/node/build.sh makes for the real node's tests.
 agent=$work/agent
-images/reference-agent/rootfs.sh "$agent"
-images/crane-image.sh "$node/bin/crane" "$out/reference-agent-$version.tar" "ghcr.io/agentgate/reference-agent:$version" "$agent" \
+deploy/images/reference-agent/rootfs.sh "$agent"
+deploy/images/crane-image.sh "$node/bin/crane" "$out/reference-agent-$version.tar" "ghcr.io/agentgate/reference-agent:$version" "$agent" \
   --entrypoint=/agent --user=65532:65532 --label=org.opencontainers.image.version="$version"
 
 for f in "$out/agentgate-$version.tar" "$out/reference-agent-$version.tar"; do
