@@ -71,7 +71,7 @@ if [ "$(cat "$out/images/stamp" 2>/dev/null)" != "$stamp" ]; then
   image() { "$here/../../deploy/images/crane-image.sh" "$out/bin/crane" "$@"; }
   image "$out/images/pause.tar" local.test/pause:1.0 "$work/pause" --entrypoint=/pause
   image "$out/images/busybox.tar" local.test/busybox:1.0 "$work/busybox" --cmd=/bin/sh
-  image "$out/deploy/images/reference-agent.tar" "ghcr.io/agentgate/reference-agent:$version_crate" "$work/agent" \
+  image "$out/images/reference-agent.tar" "ghcr.io/agentgate/reference-agent:$version_crate" "$work/agent" \
     --entrypoint=/agent --user=65532:65532 --label=org.opencontainers.image.version="$version_crate"
   echo "$stamp" >"$out/images/stamp"
   echo "built images in $((SECONDS - t0)) s" >&2
