@@ -14,6 +14,7 @@ crds:
 	$(CARGO) run -q --bin agentgate -- crds --out-dir crds
 	cp crds/*.yaml charts/agentgate/crds/
 	cp deploy/admission/identity.yaml charts/agentgate/templates/admission-policies.yaml
+	cp deploy/admission/pods.yaml charts/agentgate/templates/admission-pods.yaml
 
 # Build (once; cached in ~/.cache/agentgate) etcd, kube-apiserver, kubectl and kube-controller-manager.
 controlplane:

@@ -29,6 +29,11 @@ fn the_chart_ships_the_same_admission_policies_as_deploy() {
         read("deploy/admission/identity.yaml"),
         "copy deploy/admission/identity.yaml to charts/agentgate/templates/admission-policies.yaml"
     );
+    assert_eq!(
+        read("charts/agentgate/templates/admission-pods.yaml"),
+        read("deploy/admission/pods.yaml"),
+        "copy deploy/admission/pods.yaml to charts/agentgate/templates/admission-pods.yaml (`make crds`)"
+    );
 }
 
 #[test]
