@@ -109,7 +109,7 @@ async fn plant_decoy(admin: &Client, ns: &str, pod: &Pod) {
 /// Waits for a Warning Event on the job with `reason` whose note contains `fragment`.
 async fn wait_for_event(admin: &Client, ns: &str, job: &str, reason: &str, fragment: &str) -> Event {
     let events: Api<Event> = Api::namespaced(admin.clone(), ns);
-    let found = wait_for(
+    let found: Vec<Event> = wait_for(
         &format!("a {reason} Event on {ns}/{job} saying {fragment:?}"),
         TIMEOUT,
         || async { events.list(&ListParams::default()).await.expect("list events").items },
@@ -371,7 +371,7 @@ async fn service_accounts_one_head_makes_are_not_more_heads() {
     })
     .await;
     assert_eq!((phase(&seen), approval(&seen).summary.as_str()), (Some("AwaitingApproval"), "1/2"));
-    let why = &approval(&seen).ignored_votes.iter().find(|v| v.name == "robots-two").unwrap().why;
+    let why = approval(&seen).ignored_votes.into_iter().find(|v| v.name == "robots-two").unwrap().why;
     assert!(why.contains("1 robot vote(s) already count on this job") && why.contains("--max-robot-votes 1"), "{why}");
 }
 
@@ -384,10 +384,11 @@ fn vote_impersonating(job: &AgentJob, name: &str, voter: &str, groups: &[&str]) 
                  "voter": voter, "decision": "Approve"}});
     let file = cp.dir().join(format!("vote-{name}.json"));
     std::fs::write(&file, vote.to_string()).unwrap();
+    let file = file.to_str().unwrap().to_string();
     let ns = job.namespace().unwrap();
-    let mut args = vec!["create", "-n", &ns, "-f", file.to_str().unwrap(), "--as", voter];
+    let mut args = vec!["create", "-n", ns.as_str(), "-f", file.as_str(), "--as", voter];
     for group in groups {
-        args.extend(["--as-group", group]);
+        args.extend(["--as-group", *group]);
     }
     let out = cp.kubectl("admin", &args);
     assert!(out.status.success(), "creating vote {name} as {voter}: {}", String::from_utf8_lossy(&out.stderr));
@@ -414,7 +415,7 @@ async fn each_vote_is_checked_with_its_own_groups() {
         approval(j).ignored_votes.iter().any(|v| v.name == "ledger-frank-new") && approval(j).approved == 1
     })
     .await;
-    let why = &approval(&seen).ignored_votes.iter().find(|v| v.name == "ledger-frank-new").unwrap().why;
+    let why = approval(&seen).ignored_votes.into_iter().find(|v| v.name == "ledger-frank-new").unwrap().why;
     assert!(why.contains("frank is not a head of category payments"), "{why}");
     assert_eq!((phase(&seen), approval(&seen).summary.as_str()), (Some("AwaitingApproval"), "1/2"));
 }
