@@ -490,7 +490,10 @@ mod tests {
         assert_eq!(check_vote_target(None, &at(3, "u"), &at(3, "u")), Ok(3));
         assert_eq!(check_vote_target(Some(3), &at(3, "u"), &at(3, "u")), Ok(3));
         let stale = check_vote_target(Some(2), &at(3, "u"), &at(3, "u")).unwrap_err();
-        assert!(stale.contains("scan is at generation 3, not the generation 2 you reviewed") && stale.contains("--generation 3"), "{stale}");
+        assert!(
+            stale.contains("scan is at generation 3, not the generation 2 you reviewed") && stale.contains("--generation 3"),
+            "{stale}"
+        );
         let changed = check_vote_target(None, &at(3, "u"), &at(4, "u")).unwrap_err();
         assert!(changed.contains("changed while you voted (generation 3 shown, now 4)"), "{changed}");
         let recreated = check_vote_target(Some(3), &at(3, "u"), &at(3, "v")).unwrap_err();

@@ -258,9 +258,7 @@ async fn the_admission_policy_refuses_labelled_pods_from_tenants() {
         .unwrap();
     let as_dave = Api::<Pod>::namespaced(user("dave").await, ns);
     let dry_run = PostParams { dry_run: true, ..PostParams::default() };
-    let refused = |r: &Result<Pod, kube::Error>| {
-        matches!(r, Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("only the agentgate operator may create or change agent Pods"))
-    };
+    let refused = |r: &Result<Pod, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("only the agentgate operator may create or change agent Pods"));
 
     // The policy loads asynchronously after it is applied: wait until it acts.
     let labelled = decoy("target-agent-1", &job, false);
@@ -339,7 +337,10 @@ async fn service_accounts_one_head_makes_are_not_more_heads() {
         let object = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
             "metadata": {"name": binding, "namespace": ROBOTS},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}, "subjects": subjects});
-        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ROBOTS).patch(binding, &pp, &Patch::Apply(&object)).await.unwrap();
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ROBOTS)
+            .patch(binding, &pp, &Patch::Apply(&object))
+            .await
+            .unwrap();
     }
     let sa = |name: &str| format!("system:serviceaccount:{ROBOTS}:{name}");
 

@@ -34,7 +34,9 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Serialization(#[from] serde_json::Error),
-    #[error("Pod {0} already exists and is not controlled by this job (another job's, or made by someone else); it is never adopted: rename the job or the agent, or delete that Pod")]
+    #[error(
+        "Pod {0} already exists and is not controlled by this job (another job's, or made by someone else); it is never adopted: rename the job or the agent, or delete that Pod"
+    )]
     PodNameTaken(String),
 }
 

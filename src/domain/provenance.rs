@@ -5,7 +5,7 @@
 //! a_forged_status_attempt_starts_nothing).
 
 use super::approval_policy::requirement;
-use super::decide::{Observed, PlannedEvent, Plan, agent_names, estimate_input};
+use super::decide::{Observed, Plan, PlannedEvent, agent_names, estimate_input};
 use super::estimate::estimate;
 use super::tally::Tally;
 use crate::api::{AgentJobStatus, Attempt, AttemptResult};

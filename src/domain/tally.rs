@@ -497,7 +497,10 @@ mod tests {
         let both = VoterPolicy::new(["team/reviewer-one", "team/reviewer-two"], 1).unwrap();
         let t = tally(&JOB, 2, &votes[..2], &AnyVoter, &both);
         assert_eq!(voters(&t), [SA_ONE], "two robots are not two heads");
-        assert_eq!(ignored(&t), [("v-two".to_string(), "1 robot vote(s) already count on this job, the most that may (--max-robot-votes 1)".to_string())]);
+        assert_eq!(
+            ignored(&t),
+            [("v-two".to_string(), "1 robot vote(s) already count on this job, the most that may (--max-robot-votes 1)".to_string())]
+        );
         // Configured otherwise, both count.
         let two = VoterPolicy { max_robot_votes: 2, ..both };
         assert!(tally(&JOB, 2, &votes[..2], &AnyVoter, &two).approved());
@@ -511,7 +514,10 @@ mod tests {
     #[test]
     fn robot_voters_are_parsed_from_namespace_slash_name() {
         let p = VoterPolicy::new(["ci/reviewer", " tools/bot "], 1).unwrap();
-        assert_eq!(p.robots.iter().map(String::as_str).collect::<Vec<_>>(), ["system:serviceaccount:ci:reviewer", "system:serviceaccount:tools:bot"]);
+        assert_eq!(
+            p.robots.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["system:serviceaccount:ci:reviewer", "system:serviceaccount:tools:bot"]
+        );
         for bad in ["reviewer", "/x", "x/", "a/b/c"] {
             assert!(VoterPolicy::new([bad], 1).is_err(), "{bad}");
         }

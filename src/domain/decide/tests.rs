@@ -484,11 +484,7 @@ fn cases() -> Vec<Case> {
             more: |name, plan| {
                 let s = &plan.status;
                 let u = usage(plan);
-                assert_eq!(
-                    (u.input_tokens, u.cached_input_tokens, u.output_tokens, u.total_tokens),
-                    (30_000, 0, 7_000, 37_000),
-                    "{name}"
-                );
+                assert_eq!((u.input_tokens, u.cached_input_tokens, u.output_tokens, u.total_tokens), (30_000, 0, 7_000, 37_000), "{name}");
                 assert_eq!(u.cost_usd, "0.066", "{name}");
                 assert_eq!(u.models.len(), 2, "{name}");
                 assert_eq!(u.estimate_error_percent, Some(37), "{name}: (37000 - 27000) / 27000");
@@ -768,11 +764,7 @@ fn cases() -> Vec<Case> {
             phase: JobPhase::Rejected,
             ready_reason: "VoteRejected",
             more: |name, plan| {
-                assert_eq!(
-                    plan.status.approval.as_ref().and_then(|a| a.rejected_by.as_deref()),
-                    Some("carol"),
-                    "{name}: status untouched"
-                );
+                assert_eq!(plan.status.approval.as_ref().and_then(|a| a.rejected_by.as_deref()), Some("carol"), "{name}: status untouched");
                 assert!(plan.status.attempts.is_empty(), "{name}");
             },
             ..Case::default()
@@ -824,10 +816,7 @@ fn cases() -> Vec<Case> {
         },
         Case {
             name: "a Succeeded job with a new generation says it will not run again",
-            job: with_generation(
-                after(running(NO_RETRIES), step(&running(NO_RETRIES), &ready(), &approved(), &both_reported(1), &[])),
-                2,
-            ),
+            job: with_generation(after(running(NO_RETRIES), step(&running(NO_RETRIES), &ready(), &approved(), &both_reported(1), &[])), 2),
             tally: approved(),
             pods: both_reported(1),
             phase: JobPhase::Succeeded,
@@ -842,13 +831,7 @@ fn cases() -> Vec<Case> {
             name: "a Failed job stays Failed",
             job: after(
                 running(NO_RETRIES),
-                step(
-                    &running(NO_RETRIES),
-                    &ready(),
-                    &approved(),
-                    &[pod("scanner", 1, failed(None)), pod("fixer", 1, failed(None))],
-                    &[],
-                ),
+                step(&running(NO_RETRIES), &ready(), &approved(), &[pod("scanner", 1, failed(None)), pod("fixer", 1, failed(None))], &[]),
             ),
             tally: approved(),
             phase: JobPhase::Failed,
