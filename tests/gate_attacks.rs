@@ -106,23 +106,39 @@ async fn plant_decoy(admin: &Client, ns: &str, pod: &Pod) {
     finish_pod(admin, ns, &pod.name_any(), 0, &report).await;
 }
 
-/// Waits for a Warning Event on the job with `reason` whose note contains `fragment`.
-async fn wait_for_event(admin: &Client, ns: &str, job: &str, reason: &str, fragment: &str) -> Event {
+/// Waits until the operator has visibly acted on an attack on `job`: a Warning Event on it with
+/// `reason` whose note contains `fragment`, or else any move the attack aims at (an attempt,
+/// usage, a phase other than AwaitingApproval, an agent Pod), so that the assertions after it
+/// fail on what went wrong instead of timing out. Returns the Event, if that is what came.
+async fn wait_for_reaction(admin: &Client, ns: &str, job: &AgentJob, reason: &str, fragment: &str) -> Option<Event> {
     let events: Api<Event> = Api::namespaced(admin.clone(), ns);
-    let found: Vec<Event> = wait_for(
-        &format!("a {reason} Event on {ns}/{job} saying {fragment:?}"),
+    let jobs: Api<AgentJob> = Api::namespaced(admin.clone(), ns);
+    let name = job.name_any();
+    let matching = |e: &Event| {
+        e.reason.as_deref() == Some(reason)
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+            && e.note.as_deref().is_some_and(|n| n.contains(fragment))
+    };
+    let (found, _, _): (Vec<Event>, AgentJob, usize) = wait_for(
+        &format!("a {reason} Event on {ns}/{name} saying {fragment:?}, or the attack succeeding"),
         TIMEOUT,
-        || async { events.list(&ListParams::default()).await.expect("list events").items },
-        |all: &Vec<Event>| {
-            all.iter().any(|e| {
-                e.reason.as_deref() == Some(reason)
-                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(job)
-                    && e.note.as_deref().is_some_and(|n| n.contains(fragment))
-            })
+        || async {
+            let events = events.list(&ListParams::default()).await.expect("list events").items;
+            let current = jobs.get(&name).await.expect("get job");
+            let pods = operator_pods(admin, ns, job).await.len();
+            (events, current, pods)
+        },
+        |(events, current, pods): &(Vec<Event>, AgentJob, usize)| {
+            let status = current.status.clone().unwrap_or_default();
+            events.iter().any(matching)
+                || *pods > 0
+                || phase(current) != Some("AwaitingApproval")
+                || !status.attempts.is_empty()
+                || status.usage.is_some()
         },
     )
     .await;
-    found.into_iter().find(|e| e.reason.as_deref() == Some(reason) && e.note.as_deref().is_some_and(|n| n.contains(fragment))).unwrap()
+    found.into_iter().find(|e| matching(e))
 }
 
 /// The job has not moved: still awaiting approval at 0/2, no attempt, no usage, no output.
@@ -154,8 +170,10 @@ async fn a_decoy_pod_in_another_namespace_neither_starts_nor_finishes_the_job() 
     // With the victim's uid, labels and even a controller ownerReference, but in another namespace.
     plant_decoy(&admin, elsewhere, &decoy("victim-agent-1", &job, true)).await;
     plant_decoy(&admin, elsewhere, &decoy("victim-agent-1-unowned", &job, false)).await;
-    let event = wait_for_event(&admin, ns, "victim", "ForeignPodIgnored", &format!("{elsewhere}/victim-agent-1")).await;
-    eprintln!("the operator saw the decoys: {:?}", event.note);
+    // Any tenant who may vote can wake the job: a non-head's vote, which itself never counts.
+    vote(&user("erin").await, &job, "erin", Decision::Approve).await;
+    let event = wait_for_reaction(&admin, ns, &job, "ForeignPodIgnored", &format!("{elsewhere}/victim-agent-1")).await;
+    eprintln!("the operator saw the decoys: {:?}", event.and_then(|e| e.note));
 
     let seen = Api::<AgentJob>::namespaced(admin.clone(), ns).get("victim").await.unwrap();
     assert_untouched(&seen);
@@ -171,7 +189,8 @@ async fn a_decoy_with_the_exact_pod_name_is_never_adopted() {
     let job = create_job("dave", ns, "squat").await;
     awaiting_approval(&admin, ns, "squat").await;
     plant_decoy(&admin, ns, &decoy("squat-agent-1", &job, false)).await;
-    wait_for_event(&admin, ns, "squat", "ForeignPodIgnored", &format!("{ns}/squat-agent-1")).await;
+    vote(&user("erin").await, &job, "erin", Decision::Approve).await;
+    wait_for_reaction(&admin, ns, &job, "ForeignPodIgnored", &format!("{ns}/squat-agent-1")).await;
     assert_untouched(&Api::<AgentJob>::namespaced(admin.clone(), ns).get("squat").await.unwrap());
 
     vote(&user("alice").await, &job, "alice", Decision::Approve).await;
@@ -193,7 +212,7 @@ async fn a_decoy_with_the_exact_pod_name_is_never_adopted() {
     let job = create_job("dave", ns, "squat2").await;
     awaiting_approval(&admin, ns, "squat2").await;
     plant_decoy(&admin, ns, &decoy("squat2-agent-1", &job, true)).await;
-    wait_for_event(&admin, ns, "squat2", "UnapprovedPodsIgnored", "squat2-agent-1").await;
+    wait_for_reaction(&admin, ns, &job, "UnapprovedPodsIgnored", "squat2-agent-1").await;
     assert_untouched(&Api::<AgentJob>::namespaced(admin.clone(), ns).get("squat2").await.unwrap());
     assert!(operator_pods(&admin, ns, &job).await.is_empty(), "an agent Pod was created at 0/2 approvals");
 }
@@ -227,11 +246,24 @@ async fn a_forged_status_attempt_starts_nothing() {
         .await
         .expect("erin may write status");
 
-    wait_for_event(&admin, ns, "forged", "UnprovenAttemptIgnored", "status recorded attempt 1 (generation 1)").await;
-    let rewritten = wait_for_job(&admin, ns, "forged", "the forged attempt dropped", |j| {
-        j.status.as_ref().is_some_and(|s| s.attempts.is_empty()) && phase(j) == Some("AwaitingApproval")
-    })
+    // The forgery itself moved the job; what counts is whether the operator undoes it or acts on it.
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), ns);
+    let (rewritten, _) = wait_for(
+        "the operator to act on the forged attempt: dropped, its Pods created, or the job moved on",
+        TIMEOUT,
+        || async { (jobs.get("forged").await.unwrap(), operator_pods(&admin, ns, &job).await.len()) },
+        |(j, pods): &(AgentJob, usize)| *pods > 0 || phase(j) != Some("Running"),
+    )
     .await;
+    let events = Api::<Event>::namespaced(admin.clone(), ns).list(&ListParams::default()).await.unwrap().items;
+    let said = |e: &Event| {
+        e.reason.as_deref() == Some("UnprovenAttemptIgnored")
+            && e.note.as_deref().is_some_and(|n| n.contains("status recorded attempt 1 (generation 1)"))
+    };
+    // Events are sent in the background: wait for it only once the status shows the drop.
+    if !events.iter().any(said) && operator_pods(&admin, ns, &job).await.is_empty() {
+        wait_for_reaction(&admin, ns, &job, "UnprovenAttemptIgnored", "status recorded attempt 1 (generation 1)").await;
+    }
     assert_untouched(&rewritten);
     let pods = Api::<Pod>::namespaced(admin.clone(), ns).list(&ListParams::default()).await.unwrap().items;
     assert!(pods.is_empty(), "Pods created for a forged attempt: {:?}", pods.iter().map(|p| p.name_any()).collect::<Vec<_>>());
@@ -348,7 +380,10 @@ async fn service_accounts_one_head_makes_are_not_more_heads() {
     let socks = create_job("dave", ROBOTS, "socks").await;
     vote_as(&clients[0], &socks, "socks-one", &sa("sock-one")).await;
     vote_as(&clients[1], &socks, "socks-two", &sa("sock-two")).await;
-    let seen = wait_for_job(&admin, ROBOTS, "socks", "both sock votes ignored", |j| approval(j).ignored_votes.len() == 2).await;
+    let seen = wait_for_job(&admin, ROBOTS, "socks", "both sock votes judged", |j| {
+        approval(j).ignored_votes.len() as i32 + approval(j).approved == 2
+    })
+    .await;
     assert_eq!((phase(&seen), approval(&seen).summary.as_str()), (Some("AwaitingApproval"), "0/2"));
     for ignored in &approval(&seen).ignored_votes {
         assert!(ignored.why.contains("is not a trusted robot voter"), "{}: {}", ignored.name, ignored.why);
@@ -367,8 +402,8 @@ async fn service_accounts_one_head_makes_are_not_more_heads() {
     vote_as(&clients[2], &robots, "robots-one", &sa("trusted-one")).await;
     wait_for_job(&admin, ROBOTS, "robots", "the first robot counted", |j| approval(j).approved == 1).await;
     vote_as(&clients[3], &robots, "robots-two", &sa("trusted-two")).await;
-    let seen = wait_for_job(&admin, ROBOTS, "robots", "the second robot ignored", |j| {
-        approval(j).ignored_votes.iter().any(|v| v.name == "robots-two")
+    let seen = wait_for_job(&admin, ROBOTS, "robots", "the second robot judged", |j| {
+        approval(j).ignored_votes.iter().any(|v| v.name == "robots-two") || approval(j).approved == 2
     })
     .await;
     assert_eq!((phase(&seen), approval(&seen).summary.as_str()), (Some("AwaitingApproval"), "1/2"));
@@ -412,11 +447,19 @@ async fn each_vote_is_checked_with_its_own_groups() {
     let second = create_job("dave", ns, "ledger").await;
     vote_impersonating(&second, "ledger-frank-new", "frank", &["agentgate:users", "system:authenticated"]);
     vote(&user("bob").await, &second, "bob", Decision::Approve).await;
-    let seen = wait_for_job(&admin, ns, "ledger", "frank's new vote judged", |j| {
-        approval(j).ignored_votes.iter().any(|v| v.name == "ledger-frank-new") && approval(j).approved == 1
+    let judged = |j: &AgentJob, vote: &str| {
+        approval(j).ignored_votes.iter().any(|v| v.name == vote) || approval(j).approvers.iter().any(|a| a.vote == vote)
+    };
+    let seen = wait_for_job(&admin, ns, "ledger", "frank's and bob's votes judged", |j| {
+        judged(j, "ledger-frank-new") && approval(j).approvers.iter().any(|a| a.voter == "bob")
     })
     .await;
-    let why = approval(&seen).ignored_votes.into_iter().find(|v| v.name == "ledger-frank-new").unwrap().why;
+    let why = approval(&seen)
+        .ignored_votes
+        .into_iter()
+        .find(|v| v.name == "ledger-frank-new")
+        .unwrap_or_else(|| panic!("frank's new vote counted on the strength of his stale one: {:?}", approval(&seen)))
+        .why;
     assert!(why.contains("frank is not a head of category payments"), "{why}");
     assert_eq!((phase(&seen), approval(&seen).summary.as_str()), (Some("AwaitingApproval"), "1/2"));
 }
