@@ -259,10 +259,14 @@ async fn confirm_gone_pods(job: &AgentJob, ctx: &Context, pods: &[decide::PodVie
     let Some(attempt) = job.status.as_ref().and_then(|s| s.attempts.last()).filter(|a| a.result == AttemptResult::Running) else {
         return Ok(Vec::new());
     };
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    let namespace = job.namespace().unwrap_or_default();
+    let uid = job.metadata.uid.as_deref().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut gone = Vec::new();
     for name in attempt.pods.iter().filter(|n| !pods.iter().any(|p| &p.name == *n)) {
-        if api.get_opt(name).await?.is_none() {
+        // A Pod of that name the job does not control is not the attempt's: gone as far as the
+        // job knows (a forged attempt naming a decoy is dropped, tests/gate_attacks.rs).
+        if api.get_opt(name).await?.is_none_or(|p| !snapshot::is_job_pod(&p, &namespace, uid)) {
             gone.push(name.clone());
         }
     }
