@@ -318,6 +318,23 @@ async fn the_admission_policy_refuses_labelled_pods_from_tenants() {
     assert!(refused(&relabel), "adding the job's uid label must be refused: {relabel:?}");
     // Whoever holds the operator's right (here admin, a cluster admin) may.
     Api::<Pod>::namespaced(admin.clone(), ns).create(&dry_run, &labelled).await.expect("the operator's right passes");
+    // On an agent Pod (made by admin here, as the operator would), the tenant may still change
+    // what is his business, such as an annotation, but not the image an approval was given for.
+    let agent = decoy("target-agent-2", &job, true);
+    Api::<Pod>::namespaced(admin.clone(), ns).create(&PostParams::default(), &agent).await.expect("admin makes an agent Pod");
+    let annotate = Api::<Pod>::namespaced(user("dave").await, ns)
+        .patch("target-agent-2", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"note": "mine"}}})))
+        .await;
+    assert!(annotate.is_ok(), "an update keeping the claim and the images passes: {annotate:?}");
+    let swap = Api::<Pod>::namespaced(user("dave").await, ns)
+        .patch(
+            "target-agent-2",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"containers": [{"name": "agent", "image": "ghcr.io/mallory/evil:1"}]}})),
+        )
+        .await;
+    assert!(refused(&swap), "swapping an agent Pod's image must be refused: {swap:?}");
+    Api::<Pod>::namespaced(admin.clone(), ns).delete("target-agent-2", &DeleteParams::default()).await.unwrap();
     Api::<Pod>::namespaced(admin.clone(), ns).delete("plain", &DeleteParams::default()).await.unwrap();
 }
 
