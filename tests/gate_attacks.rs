@@ -281,7 +281,7 @@ async fn the_admission_policy_refuses_labelled_pods_from_tenants() {
     // dave may create and change Pods in his namespace, as tenants may.
     let pp = PatchParams::apply("gate-attacks").force();
     let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "pod-author", "namespace": ns},
-        "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["create", "get", "update", "patch", "delete"]}]});
+        "rules": [{"apiGroups": [""], "resources": ["pods", "pods/ephemeralcontainers"], "verbs": ["create", "get", "update", "patch", "delete"]}]});
     Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ns).patch("pod-author", &pp, &Patch::Apply(&role)).await.unwrap();
     let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
         "metadata": {"name": "dave-authors-pods", "namespace": ns},
@@ -334,6 +334,16 @@ async fn the_admission_policy_refuses_labelled_pods_from_tenants() {
         )
         .await;
     assert!(refused(&swap), "swapping an agent Pod's image must be refused: {swap:?}");
+    let debug = as_dave
+        .patch_ephemeral_containers(
+            "target-agent-2",
+            &PatchParams::default(),
+            &Patch::Strategic(
+                json!({"spec": {"ephemeralContainers": [{"name": "debugger", "image": "busybox", "targetContainerName": "agent"}]}}),
+            ),
+        )
+        .await;
+    assert!(refused(&debug), "an ephemeral container in an agent Pod must be refused: {debug:?}");
     Api::<Pod>::namespaced(admin.clone(), ns).delete("target-agent-2", &DeleteParams::default()).await.unwrap();
     Api::<Pod>::namespaced(admin.clone(), ns).delete("plain", &DeleteParams::default()).await.unwrap();
 }
