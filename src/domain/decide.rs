@@ -423,29 +423,8 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
                     f.cost_p50, f.cost_p90, f.tokens_p50, f.tokens_p90, f.method, f.samples
                 );
                 set_condition(&mut s.conditions, condition::ESTIMATED, true, "Estimated", msg, generation, &o.now);
-                if let Some(reason) = over_budget(spec, f.cost_p90, f.tokens_p90) {
-                    reject(s, plan, "BudgetExceeded", &reason, generation, &o.now);
-                    return;
-                }
-                if let Err(why) = check_input_size(spec.input.as_ref()) {
-                    reject(s, plan, "InvalidInput", &why, generation, &o.now);
-                    return;
-                }
-                // The output schema is only applied after the run: a schema that cannot be
-                // evaluated must stop the job before anything is spent.
-                if let Some(Err(why)) = spec.output_schema.as_ref().map(|schema| check_schema("output", schema)) {
-                    reject(s, plan, "InvalidOutputSchema", &why, generation, &o.now);
-                    return;
-                }
-                if let Err(errors) = check_against_schema("input", spec.input.as_ref(), spec.input_schema.as_ref()) {
-                    reject(
-                        s,
-                        plan,
-                        "InvalidInput",
-                        &format!("input does not match inputSchema: {}", errors.join("; ")),
-                        generation,
-                        &o.now,
-                    );
+                if let Err((reason, why)) = spec_checks(spec, f.cost_p90, f.tokens_p90) {
+                    reject(s, plan, reason, &why, generation, &o.now);
                     return;
                 }
             }
@@ -534,6 +513,24 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
         return;
     }
 
+    // The checks above ran when status first recorded this generation's estimate; status is no
+    // proof of that (a status writer could record an estimate to skip them), so an attempt
+    // starts only if they pass again now, on a fresh estimate (decide/tests.rs
+    // a_forged_estimate_skips_no_check).
+    match estimate(&estimate_input(job), o.learned, o.prices) {
+        Err(unknown) => {
+            s.phase = Some(JobPhase::Pending);
+            waiting(s, "UnknownModel", &unknown.to_string(), generation, &o.now);
+            return;
+        }
+        Ok(f) => {
+            if let Err((reason, why)) = spec_checks(spec, f.cost_p90, f.tokens_p90) {
+                reject(s, plan, reason, &why, generation, &o.now);
+                return;
+            }
+        }
+    }
+
     let next = s.attempts.last().map(|a| a.attempt).unwrap_or(0) + 1;
     let job_name = job.metadata.name.as_deref().unwrap_or_default();
     s.attempts.push(Attempt {
@@ -558,6 +555,22 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
     let msg = format!("attempt {next} of {} started", max_attempts(spec));
     let dropped = if plan.drop_gpu { " without the optional GPU (no node has one free)" } else { "" };
     plan.events.push(PlannedEvent { warning: false, reason: "AttemptStarted".into(), note: format!("{msg}{dropped}") });
+}
+
+/// Budget and input checks of a spec against its estimate: the reason and message of the first
+/// that fails. Each failure rejects the job.
+fn spec_checks(spec: &AgentJobSpec, cost_p90: MicroUsd, tokens_p90: i64) -> Result<(), (&'static str, String)> {
+    if let Some(reason) = over_budget(spec, cost_p90, tokens_p90) {
+        return Err(("BudgetExceeded", reason));
+    }
+    check_input_size(spec.input.as_ref()).map_err(|why| ("InvalidInput", why))?;
+    // The output schema is only applied after the run: a schema that cannot be evaluated must
+    // stop the job before anything is spent.
+    if let Some(Err(why)) = spec.output_schema.as_ref().map(|schema| check_schema("output", schema)) {
+        return Err(("InvalidOutputSchema", why));
+    }
+    check_against_schema("input", spec.input.as_ref(), spec.input_schema.as_ref())
+        .map_err(|errors| ("InvalidInput", format!("input does not match inputSchema: {}", errors.join("; "))))
 }
 
 /// How long to hold a job's first status back, if at all.

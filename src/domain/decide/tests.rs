@@ -999,3 +999,16 @@ fn an_attempt_of_an_older_generation_is_ensured_only_while_that_generation_is_ap
     let plan = step_with(&changed, &ready(), &approved(), &older, &[pod("scanner", 1, PodState::Active)], &[]);
     assert_eq!(plan.ensure_attempt, Some(1));
 }
+
+#[test]
+fn a_forged_estimate_skips_no_check() {
+    // Over budget, but status claims generation 1 was estimated (cheaply) and so checked.
+    let over = job(&[("/spec/budget", json!({"maxCostUSD": "0.01"}))]);
+    let honest = step(&job(&[]), &ready(), &unvoted(), &[], &[]);
+    let forged = after(over, honest);
+    assert_eq!(forged.status.as_ref().unwrap().estimate.as_ref().map(|e| e.generation), Some(1));
+    let plan = step(&forged, &ready(), &approved(), &[], &[]);
+    assert_eq!(plan.ensure_attempt, None, "no attempt on the word of a forged estimate");
+    assert_eq!(plan.status.phase, Some(JobPhase::Rejected));
+    assert_eq!(cond(&plan, condition::READY).map(|c| c.1), Some("BudgetExceeded"));
+}
