@@ -222,18 +222,7 @@ async fn a_forged_status_attempt_starts_nothing() {
     let ns = "ga-forged";
     let admin = setup(&[ns]).await;
     // erin may write job status in this namespace (and nothing else of agentgate's).
-    let pp = PatchParams::apply("gate-attacks").force();
-    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "status-writer", "namespace": ns},
-        "rules": [{"apiGroups": ["agentgate.dev"], "resources": ["agentjobs/status"], "verbs": ["get", "update", "patch"]}]});
-    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ns).patch("status-writer", &pp, &Patch::Apply(&role)).await.unwrap();
-    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": "erin-writes-status", "namespace": ns},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "status-writer"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "erin"}]});
-    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
-        .patch("erin-writes-status", &pp, &Patch::Apply(&binding))
-        .await
-        .unwrap();
+    grant_status_writing(&admin, ns, "erin").await;
 
     let job = create_job("dave", ns, "forged").await;
     awaiting_approval(&admin, ns, "forged").await;
@@ -271,6 +260,61 @@ async fn a_forged_status_attempt_starts_nothing() {
     let names: Vec<_> = pods.iter().map(|p| p.name_any()).collect();
     assert_eq!(names, ["forged-agent-1"], "Pods created for a forged attempt");
     assert!(operator_pods(&admin, ns, &job).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_forged_estimate_skips_no_check() {
+    let ns = "ga-forged-estimate";
+    let admin = setup(&[ns]).await;
+    grant_status_writing(&admin, ns, "erin").await;
+    // Over its budget: rejected at once.
+    let job = agent_job(
+        "pricey",
+        json!({"category": "payments",
+               "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
+               "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "0.000001"}}),
+        json!({}),
+    );
+    let job = Api::<AgentJob>::namespaced(user("dave").await, ns).create(&PostParams::default(), &job).await.unwrap();
+    wait_for_job(&admin, ns, "pricey", "BudgetExceeded", |j| phase(j) == Some("Rejected")).await;
+
+    // erin rewrites status as if generation 1 had been estimated at $0 and awaited approval.
+    let forged = json!({"status": {"phase": "AwaitingApproval", "conditions": [],
+        "estimate": {"generation": 1, "tokens": {"p50": 1, "p90": 1}, "costUSD": {"p50": "0", "p90": "0"}, "method": "prior", "samples": 0}}});
+    Api::<AgentJob>::namespaced(user("erin").await, ns)
+        .patch_status("pricey", &PatchParams::default(), &Patch::Merge(&forged))
+        .await
+        .expect("erin may write status");
+    vote(&user("alice").await, &job, "alice", Decision::Approve).await;
+    vote(&user("bob").await, &job, "bob", Decision::Approve).await;
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), ns);
+    let (seen, pods) = wait_for(
+        "the approved job rejected again, or started",
+        TIMEOUT,
+        || async { (jobs.get("pricey").await.unwrap(), operator_pods(&admin, ns, &job).await.len()) },
+        |(j, pods): &(AgentJob, usize)| *pods > 0 || phase(j) == Some("Running") || approval(j).approved == 2,
+    )
+    .await;
+    assert_eq!(pods, 0, "an agent Pod started on a forged estimate");
+    assert_eq!(phase(&seen), Some("Rejected"), "{:#?}", seen.status);
+    let ready = condition(&seen, "Ready").unwrap();
+    assert_eq!(ready.reason, "BudgetExceeded", "{}", ready.message);
+}
+
+/// Lets `user` write AgentJob status in `ns`, and nothing else of agentgate's.
+async fn grant_status_writing(admin: &Client, ns: &str, user: &str) {
+    let pp = PatchParams::apply("gate-attacks").force();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "status-writer", "namespace": ns},
+        "rules": [{"apiGroups": ["agentgate.dev"], "resources": ["agentjobs/status"], "verbs": ["get", "update", "patch"]}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ns).patch("status-writer", &pp, &Patch::Apply(&role)).await.unwrap();
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": format!("{user}-writes-status"), "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "status-writer"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]});
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
+        .patch(&format!("{user}-writes-status"), &pp, &Patch::Apply(&binding))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
