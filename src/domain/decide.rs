@@ -528,6 +528,19 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
                 reject(s, plan, reason, &why, generation, &o.now);
                 return;
             }
+            // Nor may it lower the risk tier, and so the approvals needed.
+            if !provenance::approved_by_current_votes(o, generation) {
+                let msg = format!(
+                    "{} approval(s) from category {} heads fall short of what the current estimate (p90 ${}) requires",
+                    t.approvers.len(),
+                    spec.category,
+                    f.cost_p90
+                );
+                set_condition(&mut s.conditions, condition::APPROVED, false, "AwaitingApproval", msg.clone(), generation, &o.now);
+                s.phase = Some(JobPhase::AwaitingApproval);
+                waiting(s, "AwaitingApproval", &msg, generation, &o.now);
+                return;
+            }
         }
     }
 

@@ -1012,3 +1012,32 @@ fn a_forged_estimate_skips_no_check() {
     assert_eq!(plan.status.phase, Some(JobPhase::Rejected));
     assert_eq!(cond(&plan, condition::READY).map(|c| c.1), Some("BudgetExceeded"));
 }
+
+#[test]
+fn a_forged_estimate_does_not_lower_the_risk_tier() {
+    // Jobs estimated at $0.0001 or more need three approvals; status claims a $0 estimate.
+    let tiers: Vec<ApprovalTier> = vec!["minCostUSD=0.0001,required=3".parse().unwrap()];
+    let mut forged = after(job(&[]), step(&job(&[]), &ready(), &unvoted(), &[], &[]));
+    forged.status.as_mut().unwrap().estimate.as_mut().unwrap().cost_usd.p90 = "0".into();
+    let prices = PriceTable::builtin();
+    let two = approved();
+    let plan = decide(&Observed {
+        job: &forged,
+        now: now(),
+        approval_floor: 2,
+        approval_tiers: &tiers,
+        approval_timeout_seconds: None,
+        prices: &prices,
+        learned: None,
+        readiness: &ready(),
+        tally: &two,
+        other_tallies: &BTreeMap::new(),
+        pods: &[],
+        gone_pods: &[],
+    });
+    assert_eq!(plan.ensure_attempt, None, "two approvals where the real estimate needs three");
+    assert_eq!(plan.status.phase, Some(JobPhase::AwaitingApproval));
+    let (status, reason, msg) = cond(&plan, condition::APPROVED).unwrap();
+    assert_eq!((status, reason), ("False", "AwaitingApproval"));
+    assert!(msg.contains("fall short of what the current estimate"), "{msg}");
+}
