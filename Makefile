@@ -15,6 +15,7 @@ crds:
 	cp crds/*.yaml charts/agentgate/crds/
 	cp deploy/admission/identity.yaml charts/agentgate/templates/admission-policies.yaml
 	cp deploy/admission/secrets.yaml charts/agentgate/templates/admission-secrets.yaml
+	cp deploy/admission/pods.yaml charts/agentgate/templates/admission-pods.yaml
 
 # Build (once; cached in ~/.cache/agentgate) etcd, kube-apiserver, kubectl and kube-controller-manager.
 controlplane:

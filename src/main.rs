@@ -78,6 +78,14 @@ struct RunArgs {
     /// Reject jobs that wait longer than this many seconds for their approvals (0: wait forever).
     #[arg(long, env = "AGENTGATE_APPROVAL_TIMEOUT_SECONDS", default_value_t = 0)]
     approval_timeout_seconds: u64,
+    /// ServiceAccounts (`namespace/name`, comma-separated) whose votes may count. Any other
+    /// ServiceAccount's vote is listed as not counted: one human who may create ServiceAccounts
+    /// and bind them as heads would otherwise be as many heads as accounts.
+    #[arg(long, env = "AGENTGATE_ROBOT_VOTERS", value_delimiter = ',')]
+    robot_voters: Vec<String>,
+    /// Robot (ServiceAccount) votes that count per job at most.
+    #[arg(long, env = "AGENTGATE_MAX_ROBOT_VOTES", default_value_t = 1)]
+    max_robot_votes: usize,
     /// Milliseconds a new job's first status waits for votes applied together with it, so a
     /// pre-approved job gets one status write and one Event instead of two each (0: never wait).
     /// Over-budget, invalid or unestimable jobs are reported at once.
@@ -193,6 +201,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         price_config_map: args.price_config_map,
         vote_wait: std::time::Duration::from_millis(args.vote_wait_ms),
         max_concurrent_reconciles: args.max_concurrent_reconciles,
+        voters: agentgate::domain::tally::VoterPolicy::new(
+            args.robot_voters.iter().map(String::as_str).filter(|r| !r.trim().is_empty()),
+            args.max_robot_votes,
+        )
+        .map_err(|e| anyhow::anyhow!("--robot-voters: {e}"))?,
     };
     tracing::info!(namespace = ?settings.namespace, approval_floor = settings.approval_floor, models = prices.models.len(), "starting agentgate");
 

@@ -433,10 +433,75 @@ pub fn parse_window(text: &str) -> Result<i64, String> {
     n.checked_mul(factor).filter(|s| *s > 0).ok_or_else(|| format!("{text:?}: out of range"))
 }
 
+/// What a voter is shown before their vote is created: the job's identity, the generation the
+/// vote will name, and the whole spec that generation runs.
+pub fn vote_preview(job: &AgentJob, decision: &str) -> String {
+    let spec = serde_saphyr::to_string(&job.spec).unwrap_or_else(|e| format!("(spec not printable: {e})\n"));
+    format!(
+        "{decision} {}/{} generation {} (uid {}); the spec of this generation:\n{}",
+        job.namespace().unwrap_or_default(),
+        job.name_any(),
+        job.metadata.generation.unwrap_or(1),
+        job.metadata.uid.as_deref().unwrap_or("?"),
+        spec.lines().map(|l| format!("  {l}\n")).collect::<String>()
+    )
+}
+
+/// A vote approves what its voter saw. `reviewed` is the generation the voter says they
+/// reviewed (`--generation`), `seen` the job as first read (and shown), `now` as read again right
+/// before the vote is created: any difference refuses the vote.
+pub fn check_vote_target(reviewed: Option<i64>, seen: &AgentJob, now: &AgentJob) -> Result<i64, String> {
+    let name = seen.name_any();
+    let generation = |j: &AgentJob| j.metadata.generation.unwrap_or(1);
+    if let Some(reviewed) = reviewed.filter(|r| *r != generation(seen)) {
+        return Err(format!(
+            "{name} is at generation {}, not the generation {reviewed} you reviewed: look at it again \
+             (kubectl get agentjob {name} -o yaml) and vote with --generation {}",
+            generation(seen),
+            generation(seen)
+        ));
+    }
+    if now.metadata.uid != seen.metadata.uid {
+        return Err(format!("{name} was deleted and created again while you voted: review the new job, then vote"));
+    }
+    if generation(now) != generation(seen) {
+        return Err(format!(
+            "{name} changed while you voted (generation {} shown, now {}): no vote was created; review it again",
+            generation(seen),
+            generation(now)
+        ));
+    }
+    Ok(generation(seen))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_vote_names_the_generation_the_voter_saw_or_none() {
+        let at = |generation: i64, uid: &str| {
+            let mut j = job("scan", json!({}));
+            j.metadata.generation = Some(generation);
+            j.metadata.uid = Some(uid.into());
+            j
+        };
+        assert_eq!(check_vote_target(None, &at(3, "u"), &at(3, "u")), Ok(3));
+        assert_eq!(check_vote_target(Some(3), &at(3, "u"), &at(3, "u")), Ok(3));
+        let stale = check_vote_target(Some(2), &at(3, "u"), &at(3, "u")).unwrap_err();
+        assert!(
+            stale.contains("scan is at generation 3, not the generation 2 you reviewed") && stale.contains("--generation 3"),
+            "{stale}"
+        );
+        let changed = check_vote_target(None, &at(3, "u"), &at(4, "u")).unwrap_err();
+        assert!(changed.contains("changed while you voted (generation 3 shown, now 4)"), "{changed}");
+        let recreated = check_vote_target(Some(3), &at(3, "u"), &at(3, "v")).unwrap_err();
+        assert!(recreated.contains("deleted and created again"), "{recreated}");
+        let preview = vote_preview(&at(3, "u"), "Approve");
+        assert!(preview.starts_with("Approve ns/scan generation 3 (uid u); the spec of this generation:\n"), "{preview}");
+        assert!(preview.contains("  budget:") && preview.contains("maxCostUSD"), "{preview}");
+    }
 
     fn job(name: &str, status: serde_json::Value) -> AgentJob {
         serde_json::from_value(json!({

@@ -49,6 +49,13 @@ const RARELY_USED: &[(&str, &str, &str, &str)] = &[
          the operator creates a Pod whose ownerReference has blockOwnerDeletion",
     ),
     ("patch", "events.k8s.io", "events", "only when the same Event repeats and controller/events.rs updates its series count"),
+    (
+        "create",
+        "agentgate.dev",
+        "agentjobs/pods",
+        "never a request: the ValidatingAdmissionPolicy of deploy/admission/pods.yaml asks the authorizer for it when the \
+         operator creates an agent Pod",
+    ),
 ];
 
 /// Every document in `deploy/*.yaml` (not its subdirectories) of the given kinds.

@@ -568,5 +568,5 @@ async fn a_pod_name_taken_by_another_job_is_never_adopted() {
     assert!(job_pods(&env.client, &env.ns, &second).await.is_empty());
     let ready = condition(&second, "Ready").expect("a Ready condition");
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "PodNameTaken"));
-    assert!(ready.message.contains("Pod a-b-c-1 already exists and belongs to another job"), "{}", ready.message);
+    assert!(ready.message.contains("Pod a-b-c-1 already exists and is not controlled by this job"), "{}", ready.message);
 }

@@ -34,6 +34,11 @@ fn the_chart_ships_the_same_admission_policies_as_deploy() {
         read("deploy/admission/secrets.yaml"),
         "copy deploy/admission/secrets.yaml to charts/agentgate/templates/admission-secrets.yaml (`make crds`)"
     );
+    assert_eq!(
+        read("charts/agentgate/templates/admission-pods.yaml"),
+        read("deploy/admission/pods.yaml"),
+        "copy deploy/admission/pods.yaml to charts/agentgate/templates/admission-pods.yaml (`make crds`)"
+    );
 }
 
 #[test]

@@ -32,7 +32,9 @@ async fn setup(ns: &str) -> Env {
     let admin = cp.client("admin").await;
     add_node(&admin, "plugin-review-node", "64", "256Gi", &[]).await;
     grant_voting_rights(&admin).await;
-    let operator = OperatorProcess::start(cp, &["--namespace", ns, "--metrics-addr", "127.0.0.1:0"]);
+    // The reviewer ServiceAccount's votes count only because the operator is told to trust it.
+    let robot = format!("{ns}/reviewer");
+    let operator = OperatorProcess::start(cp, &["--namespace", ns, "--metrics-addr", "127.0.0.1:0", "--robot-voters", &robot]);
     Env { admin, ns: ns.into(), _operator: operator }
 }
 

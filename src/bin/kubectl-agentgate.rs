@@ -39,9 +39,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Approve the job's current generation.
+    /// Approve the job's current generation, shown with its spec before the vote is created.
     Approve {
         job: String,
+        /// The generation you reviewed: the vote is refused if the job is at another one.
+        #[arg(long)]
+        generation: Option<i64>,
         #[arg(long)]
         reason: Option<String>,
         /// How sure you are, in percent.
@@ -51,6 +54,9 @@ enum Command {
     /// Reject the job's current generation; one counted Reject rejects the job.
     Reject {
         job: String,
+        /// The generation you reviewed: the vote is refused if the job is at another one.
+        #[arg(long)]
+        generation: Option<i64>,
         #[arg(long)]
         reason: String,
         /// How sure you are, in percent.
@@ -118,11 +124,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::try_default().await.map_err(|e| anyhow::anyhow!("loading kubeconfig: {e}"))?;
     let namespace = cli.namespace.unwrap_or_else(|| client.default_namespace().to_string());
     match cli.command {
-        Command::Approve { job, reason, confidence } => {
-            vote(&client, &namespace, &job, Ballot { decision: Decision::Approve, reason, confidence }).await
+        Command::Approve { job, generation, reason, confidence } => {
+            vote(&client, &namespace, &job, generation, Ballot { decision: Decision::Approve, reason, confidence }).await
         }
-        Command::Reject { job, reason, confidence } => {
-            vote(&client, &namespace, &job, Ballot { decision: Decision::Reject, reason: Some(reason), confidence }).await
+        Command::Reject { job, generation, reason, confidence } => {
+            vote(&client, &namespace, &job, generation, Ballot { decision: Decision::Reject, reason: Some(reason), confidence }).await
         }
         Command::Votes { job } => {
             let job = get_job(&client, &namespace, &job).await?;
@@ -181,10 +187,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn vote(client: &Client, namespace: &str, job_name: &str, ballot: Ballot) -> anyhow::Result<()> {
+async fn vote(client: &Client, namespace: &str, job_name: &str, reviewed: Option<i64>, ballot: Ballot) -> anyhow::Result<()> {
     let me = whoami(client).await?;
     let job = get_job(client, namespace, job_name).await?;
-    let generation = job.metadata.generation.unwrap_or(1);
+    // The vote approves what is shown here: the generation it names and that generation's spec.
+    plugin::check_vote_target(reviewed, &job, &job).map_err(anyhow::Error::msg)?;
+    print!("{}", plugin::vote_preview(&job, &format!("{:?}", ballot.decision)));
+    // Read again right before creating: a change since it was shown refuses the vote.
+    let again = get_job(client, namespace, job_name).await?;
+    let generation = plugin::check_vote_target(reviewed, &job, &again).map_err(anyhow::Error::msg)?;
     match job.status.as_ref().and_then(|s| s.phase) {
         Some(phase) if phase.is_terminal() || phase == JobPhase::Running => {
             eprintln!("note: {namespace}/{job_name} is {}; a vote no longer changes it", phase.as_str())

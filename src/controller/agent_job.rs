@@ -68,29 +68,49 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     // Dereference: everything from the watch caches. Only the objects that matter are taken out
     // (never a whole cache's `state()`): up to `--max-concurrent-reconciles` are in flight, each
     // holding what it took across its API calls.
-    let pods: Vec<_> = ctx
+    // A job's Pods are the Pods in its namespace that it controls (ownerReference), never those
+    // that merely carry its uid label: a decoy labelled with a victim's uid must neither start
+    // nor finish the victim's job (tests/gate_attacks.rs). Decoys are reported, not read.
+    let (owned, decoys): (Vec<_>, Vec<_>) = ctx
         .caches
         .pods
-        .state_filter(|p| snapshot::pod_job_uid(p) == Some(uid.as_str()))
-        .iter()
-        .filter_map(|p| snapshot::pod_view(p))
-        .collect();
+        .state_filter(|p| snapshot::is_job_pod(p, &namespace, &uid) || snapshot::claims_job_falsely(p, &namespace, &uid))
+        .into_iter()
+        .partition(|p| snapshot::is_job_pod(p, &namespace, &uid));
+    let pods: Vec<_> = owned.iter().filter_map(|p| snapshot::pod_view(p)).collect();
     let votes = ctx.caches.votes.state_filter(|v| v.namespace().as_deref() == Some(namespace.as_str()) && v.spec.job_ref.name == name);
     let vote_views: Vec<_> = votes.iter().map(|v| vote_view(v)).collect();
     let author = job.annotations().get(REQUESTED_BY).map(String::as_str);
     let identity = JobIdentity { name: &name, uid: &uid, generation, author };
     let heads = head_verdicts(job, ctx, &vote_views).await?;
+    let voters = &ctx.settings.voters;
+    let required = approvals_required(&job.spec, ctx.settings.approval_floor);
     // Votes approve where the job's tools point too (tool_pinning.rs): revoked votes are not tallied.
     let endpoints = super::tool_pinning::current(job, &ctx.caches);
     let pinning = super::tool_pinning::before(&old_status, generation, &endpoints, &vote_views);
     let tallied = pinning.tallied(&vote_views);
-    let mut counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &tallied, &heads);
-    pinning.mark(&mut counted);
     // Votes are only as true as the identity admission policies make them (identity_policies.rs).
     let untrusted = ctx.identity.block(author);
-    if let Some((_, why)) = &untrusted {
-        super::identity_policies::void_votes(&mut counted, why);
-    }
+    let tally_for = |generation: i64| {
+        let mut t = tally(&JobIdentity { generation, ..identity.clone() }, required, &tallied, &heads, voters);
+        if let Some((_, why)) = &untrusted {
+            super::identity_policies::void_votes(&mut t, why);
+        }
+        t
+    };
+    let mut counted = tally_for(generation);
+    pinning.mark(&mut counted);
+    // The current votes, tallied for every other generation an attempt or a Pod says it runs:
+    // Pods are created or adopted only for a generation these approve, never on the word of status.
+    // They pass the same filters as the current tally (revoked and unproven votes count nowhere).
+    let other_tallies: std::collections::BTreeMap<i64, _> = old_status
+        .attempts
+        .iter()
+        .map(|a| a.generation)
+        .chain(pods.iter().filter_map(|p| p.generation))
+        .filter(|g| *g != generation)
+        .map(|g| (g, tally_for(g)))
+        .collect();
     let readiness = if old_status.phase.is_some_and(JobPhase::is_terminal) { Readiness::default() } else { job_readiness(job, ctx) };
     let learned = ctx.learner.state.lock().await.stats(&job_type(job)).cloned();
     let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;
@@ -108,6 +128,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         learned: learned.as_ref(),
         readiness: &readiness,
         tally: &counted,
+        other_tallies: &other_tallies,
         pods: &pods,
         gone_pods: &gone_pods,
     });
@@ -141,6 +162,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     // Events are queued (sent in the background); the verdicts, sent together, add one round
     // trip to the reconcile instead of one per vote.
     report(job, ctx, &old_status, &plan).await;
+    report_decoys(job, ctx, &decoys).await;
     approval_vote::record_verdicts(ctx, &votes, &counted, job).await;
     Ok(next_check(&plan.status, ctx.settings.approval_timeout_seconds))
 }
@@ -148,8 +170,11 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
 /// Stamped by the MutatingAdmissionPolicy in deploy/admission with the job's creator.
 pub const REQUESTED_BY: &str = "agentgate.dev/requested-by";
 
-/// Asks RBAC (through the cached SubjectAccessReview checker) whether each voter is a head of
-/// the job's category. Skipped once the job has finished: its votes no longer matter.
+/// Asks RBAC (through the cached SubjectAccessReview checker) whether each vote's voter, with
+/// the groups stamped on that vote, is a head of the job's category. Skipped once the job has
+/// finished: its votes no longer matter. Per vote, not per voter: the groups of one vote (a stale
+/// vote on a deleted job, say) never decide for another (tests/vote_attacks.rs
+/// each_vote_is_checked_with_its_own_groups).
 async fn head_verdicts(job: &AgentJob, ctx: &Context, votes: &[VoteView]) -> Result<HeadVerdicts> {
     let mut verdicts = std::collections::BTreeMap::new();
     let phase = job.status.as_ref().and_then(|s| s.phase);
@@ -158,12 +183,26 @@ async fn head_verdicts(job: &AgentJob, ctx: &Context, votes: &[VoteView]) -> Res
     }
     let namespace = job.namespace().unwrap_or_default();
     for vote in votes {
-        if !verdicts.contains_key(&vote.voter) {
-            let answer = ctx.heads.is_head(&vote.voter, &vote.groups, &namespace, &job.spec.category).await?;
-            verdicts.insert(vote.voter.clone(), answer);
-        }
+        let answer = ctx.heads.is_head(&vote.voter, &vote.groups, &namespace, &job.spec.category).await?;
+        verdicts.insert(vote.name.clone(), answer);
     }
     Ok(HeadVerdicts(verdicts))
+}
+
+/// Pods that carry the job's uid label but are not its Pods (another namespace, another or no
+/// controller): a Warning Event on the job names them, so an attempt to pose as the job is seen.
+async fn report_decoys(job: &AgentJob, ctx: &Context, decoys: &[Arc<Pod>]) {
+    if decoys.is_empty() {
+        return;
+    }
+    let names: Vec<String> = decoys.iter().map(|p| format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any())).collect();
+    let note = format!(
+        "ignored Pod(s) {} carrying this job's uid label: not in the job's namespace or not controlled by the job; \
+         they are never adopted or read",
+        names.join(", ")
+    );
+    tracing::warn!(job = %job.name_any(), namespace = ?job.namespace(), pods = ?names, "Pods pose as this job's; ignored");
+    ctx.publish_event(&job.object_ref(&()), EventType::Warning, "ForeignPodIgnored", &note, "Reconcile").await;
 }
 
 /// Time since the job was created; zero when the clocks disagree or the timestamp is missing.
@@ -241,10 +280,14 @@ async fn confirm_gone_pods(job: &AgentJob, ctx: &Context, pods: &[decide::PodVie
     let Some(attempt) = job.status.as_ref().and_then(|s| s.attempts.last()).filter(|a| a.result == AttemptResult::Running) else {
         return Ok(Vec::new());
     };
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
+    let namespace = job.namespace().unwrap_or_default();
+    let uid = job.metadata.uid.as_deref().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut gone = Vec::new();
     for name in attempt.pods.iter().filter(|n| !pods.iter().any(|p| &p.name == *n)) {
-        if api.get_opt(name).await?.is_none() {
+        // A Pod of that name the job does not control is not the attempt's: gone as far as the
+        // job knows (a forged attempt naming a decoy is dropped, tests/gate_attacks.rs).
+        if api.get_opt(name).await?.is_none_or(|p| !snapshot::is_job_pod(&p, &namespace, uid)) {
             gone.push(name.clone());
         }
     }
@@ -306,10 +349,11 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
             // Created by an earlier reconcile whose status write or cache update we have not seen
             // yet, unless another job's Pod has the same name (job `a-b` + agent `c` and job `a` +
             // agent `b-c`): that one is not ours to adopt.
+            // Ours means controlled by this job: a Pod pre-created with the name and the job's
+            // labels is someone else's and is never adopted (tests/gate_attacks.rs).
             Err(kube::Error::Api(s)) if s.code == 409 => {
                 let holder = api.get_opt(&pod_name).await?;
-                let owner_uid = holder.as_ref().and_then(|p| p.labels().get(crate::domain::pod_builder::LABEL_JOB_UID).cloned());
-                if holder.is_some() && owner_uid.as_deref() != Some(uid.as_str()) {
+                if holder.as_ref().is_some_and(|p| !snapshot::is_job_pod(p, &namespace, &uid)) {
                     return Err(Error::PodNameTaken(pod_name));
                 }
             }
@@ -504,11 +548,19 @@ fn next_check(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>) ->
 
 pub fn jobs_affected_by_pod(caches: &Caches, pod: &Pod) -> Vec<ObjectRef<AgentJob>> {
     let namespace = pod.namespace().unwrap_or_default();
-    let owner = pod
+    let owner: Vec<ObjectRef<AgentJob>> = pod
         .owner_references()
         .iter()
         .filter(|o| o.controller == Some(true) && o.kind == "AgentJob" && o.api_version.starts_with("agentgate.dev/"))
-        .map(|o| ObjectRef::new(&o.name).within(&namespace));
+        .map(|o| ObjectRef::new(&o.name).within(&namespace))
+        .collect();
+    // A Pod posing as a job (its uid label names a job that is not its controller here) wakes
+    // that job, which reports it. An agent Pod costs one cache lookup: its controller has the uid.
+    let posed_as = snapshot::labelled_job_uid(pod)
+        .filter(|uid| !owner.iter().any(|o| caches.jobs.get(o).is_some_and(|j| j.metadata.uid.as_deref() == Some(*uid))))
+        .map(|uid| refs(&caches.jobs.state_filter(|j| j.metadata.uid.as_deref() == Some(uid))))
+        .unwrap_or_default();
+    let owner = owner.into_iter().chain(posed_as);
     // Any Pod that stops or goes may free capacity on its node.
     let frees_capacity = pod.metadata.deletion_timestamp.is_some()
         || matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));

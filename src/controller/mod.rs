@@ -36,7 +36,9 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error("{0}")]
     Serialization(#[from] serde_json::Error),
-    #[error("Pod {0} already exists and belongs to another job: rename the job or the agent")]
+    #[error(
+        "Pod {0} already exists and is not controlled by this job (another job's, or made by someone else); it is never adopted: rename the job or the agent, or delete that Pod"
+    )]
     PodNameTaken(String),
 }
 
@@ -64,6 +66,8 @@ pub struct Settings {
     pub vote_wait: std::time::Duration,
     /// Reconciles of each controller in flight at once.
     pub max_concurrent_reconciles: u16,
+    /// Which ServiceAccounts' votes count, and how many per job (`--robot-voters`, `--max-robot-votes`).
+    pub voters: crate::domain::tally::VoterPolicy,
 }
 
 /// Watch caches every reconcile reads instead of calling the API.
@@ -539,7 +543,7 @@ mod tests {
             slim_pod(&mut slim);
             assert_eq!(snapshot::pod_view(&slim), snapshot::pod_view(&full), "{phase}");
             assert_eq!(snapshot::pod_view(&full).and_then(|v| v.generation), Some(4), "{phase}: the generation survives slimming");
-            assert_eq!(snapshot::pod_job_uid(&slim), Some("uid-1"));
+            assert!(snapshot::is_job_pod(&slim, "team", "uid-1"), "{phase}: the controller ownerReference survives slimming");
             assert_eq!(snapshot::holds_node_resources(&slim), snapshot::holds_node_resources(&full), "{phase}");
             let nodes = [Arc::new(node.clone())];
             assert_eq!(snapshot::node_views(&nodes, &[Arc::new(slim.clone())]), snapshot::node_views(&nodes, &[Arc::new(full.clone())]));

@@ -46,8 +46,30 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
     Some(PodView { name: pod.name_any(), agent, attempt, generation, state })
 }
 
-/// The uid of the AgentJob an agent Pod belongs to.
-pub fn pod_job_uid(pod: &Pod) -> Option<&str> {
+/// The uid of the AgentJob that controls the Pod: its controller ownerReference, never a label.
+pub fn pod_controller_job_uid(pod: &Pod) -> Option<&str> {
+    pod.owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .filter(|o| o.kind == "AgentJob" && o.api_version.starts_with("agentgate.dev/"))
+        .map(|o| o.uid.as_str())
+}
+
+/// Whether the Pod is one of the job's: in the job's namespace and controlled by the job's uid.
+/// Labels alone prove nothing (anyone who may create a Pod may set them; the admission policy
+/// in deploy/admission/pods.yaml refuses that, this holds where it is missing): a Pod elsewhere
+/// or owned by something else is never read, adopted or counted (tests/gate_attacks.rs).
+pub fn is_job_pod(pod: &Pod, namespace: &str, job_uid: &str) -> bool {
+    pod.metadata.namespace.as_deref() == Some(namespace) && pod_controller_job_uid(pod) == Some(job_uid)
+}
+
+/// A Pod that carries the job's uid label but is not one of its Pods: a decoy, reported, never read.
+pub fn claims_job_falsely(pod: &Pod, namespace: &str, job_uid: &str) -> bool {
+    labelled_job_uid(pod) == Some(job_uid) && !is_job_pod(pod, namespace, job_uid)
+}
+
+/// The job uid a Pod's label names.
+pub fn labelled_job_uid(pod: &Pod) -> Option<&str> {
     pod.labels().get(LABEL_JOB_UID).map(String::as_str)
 }
 
@@ -336,5 +358,34 @@ mod tests {
         assert_eq!(reason(pod(Some("DeadlineExceeded"), "Error")), "DeadlineExceeded");
         assert_eq!(reason(pod(None, "OOMKilled")), "OOMKilled (exit code 137)");
         assert_eq!(reason(pod(None, "Error")), "exit code 137");
+    }
+
+    fn labelled_pod(namespace: &str, label_uid: &str, controller: Option<(&str, &str, bool)>) -> Pod {
+        let owners: Vec<Value> = controller
+            .map(|(kind, uid, is_controller)| {
+                json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": kind, "name": "scan", "uid": uid, "controller": is_controller})
+            })
+            .into_iter()
+            .collect();
+        serde_json::from_value(json!({"metadata": {"name": "scan-a-1", "namespace": namespace,
+            "labels": {"agentgate.dev/job-uid": label_uid, "agentgate.dev/agent": "a", "agentgate.dev/attempt": "1"},
+            "ownerReferences": owners}}))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_jobs_pods_are_those_it_controls_in_its_namespace_never_those_only_labelled() {
+        let cases = [
+            ("the operator's own Pod", labelled_pod("team", "uid-1", Some(("AgentJob", "uid-1", true))), true, false),
+            ("labelled, no owner", labelled_pod("team", "uid-1", None), false, true),
+            ("labelled, in another namespace", labelled_pod("other", "uid-1", Some(("AgentJob", "uid-1", true))), false, true),
+            ("labelled, owned but not controlled", labelled_pod("team", "uid-1", Some(("AgentJob", "uid-1", false))), false, true),
+            ("labelled, controlled by something else", labelled_pod("team", "uid-1", Some(("ReplicaSet", "uid-1", true))), false, true),
+            ("another job's Pod", labelled_pod("team", "uid-2", Some(("AgentJob", "uid-2", true))), false, false),
+        ];
+        for (name, pod, ours, decoy) in cases {
+            assert_eq!(is_job_pod(&pod, "team", "uid-1"), ours, "{name}");
+            assert_eq!(claims_job_falsely(&pod, "team", "uid-1"), decoy, "{name}");
+        }
     }
 }

@@ -11,6 +11,7 @@ pub mod learning;
 pub mod money;
 pub mod pod_builder;
 pub mod pricing;
+pub mod provenance;
 pub mod quantity;
 pub mod readiness;
 pub mod report;

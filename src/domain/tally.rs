@@ -29,27 +29,68 @@ pub struct JobIdentity<'a> {
     pub author: Option<&'a str>,
 }
 
-/// Whether a voter may approve jobs of the job's category: `Err` says why not.
+/// Whether a vote's voter, as that vote shows them (name and groups), may approve jobs of the
+/// job's category: `Err` says why not.
 pub trait Eligibility {
-    fn check(&self, voter: &str) -> Result<(), String>;
+    fn check(&self, vote: &VoteView) -> Result<(), String>;
 }
 
 /// Every voter is eligible: for operators run without category-head checks, and for tests.
 pub struct AnyVoter;
 
 impl Eligibility for AnyVoter {
-    fn check(&self, _voter: &str) -> Result<(), String> {
+    fn check(&self, _vote: &VoteView) -> Result<(), String> {
         Ok(())
     }
 }
 
-/// Answers found beforehand (by SubjectAccessReview) for each voter; a voter nobody asked
-/// about is not eligible.
+/// Answers found beforehand (by SubjectAccessReview) for each vote, by vote name: each vote is
+/// judged with its own voterGroups, never with those of another vote by the same voter. A vote
+/// nobody asked about is not eligible.
 pub struct HeadVerdicts(pub BTreeMap<String, Result<(), String>>);
 
 impl Eligibility for HeadVerdicts {
-    fn check(&self, voter: &str) -> Result<(), String> {
-        self.0.get(voter).cloned().unwrap_or_else(|| Err(format!("whether {voter} is a category head could not be checked")))
+    fn check(&self, vote: &VoteView) -> Result<(), String> {
+        self.0.get(&vote.name).cloned().unwrap_or_else(|| Err(format!("whether {} is a category head could not be checked", vote.voter)))
+    }
+}
+
+const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
+
+/// Which ServiceAccounts' votes count. One human can create ServiceAccounts and bind them as
+/// heads, so a ServiceAccount is one head only when the operator is told to trust it, and at
+/// most `max_robot_votes` robot votes count per job.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VoterPolicy {
+    /// Usernames (`system:serviceaccount:<namespace>:<name>`) of the trusted robot voters.
+    pub robots: std::collections::BTreeSet<String>,
+    pub max_robot_votes: usize,
+}
+
+impl Default for VoterPolicy {
+    fn default() -> Self {
+        VoterPolicy { robots: Default::default(), max_robot_votes: 1 }
+    }
+}
+
+impl VoterPolicy {
+    /// From `namespace/name` entries, as `--robot-voters` takes them.
+    pub fn new<'a>(robots: impl IntoIterator<Item = &'a str>, max_robot_votes: usize) -> Result<Self, String> {
+        let robots = robots
+            .into_iter()
+            .map(|r| match r.trim().split_once('/') {
+                Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                    Ok(format!("{SERVICE_ACCOUNT_PREFIX}{ns}:{name}"))
+                }
+                _ => Err(format!("robot voter {r:?} is not namespace/name of a ServiceAccount")),
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(VoterPolicy { robots, max_robot_votes })
+    }
+
+    /// `namespace/name` when the voter is a ServiceAccount.
+    fn service_account(voter: &str) -> Option<String> {
+        voter.strip_prefix(SERVICE_ACCOUNT_PREFIX).map(|sa| sa.replacen(':', "/", 1))
     }
 }
 
@@ -88,13 +129,15 @@ impl Tally {
 }
 
 /// Votes count in creation order; a voter's first valid vote is the one that counts.
-pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: &dyn Eligibility) -> Tally {
+pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: &dyn Eligibility, voters: &VoterPolicy) -> Tally {
     let mut ordered: Vec<&VoteView> = votes.iter().filter(|v| v.job_name == job.name).collect();
     ordered.sort_by(|a, b| (a.created.as_ref().map(|t| t.0), &a.name).cmp(&(b.created.as_ref().map(|t| t.0), &b.name)));
 
     let mut t = Tally { required, ..Tally::default() };
     let mut seen_voters: Vec<&str> = Vec::new();
+    let mut robot_votes = 0;
     for vote in ordered {
+        let robot = VoterPolicy::service_account(&vote.voter);
         let why_not = if vote.job_uid != job.uid {
             // Most likely a vote on a deleted job that had the same name: replaying it would
             // approve a job the voter never saw.
@@ -105,14 +148,25 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
             Some(format!("{} created the job and may not approve it", vote.voter))
         } else if seen_voters.contains(&vote.voter.as_str()) {
             Some(format!("{} already has a counted vote on this job", vote.voter))
+        } else if let Some(sa) = robot.as_ref().filter(|_| !voters.robots.contains(&vote.voter)) {
+            Some(format!(
+                "ServiceAccount {sa} is not a trusted robot voter: a ServiceAccount's vote counts only when the operator \
+                 lists it in --robot-voters"
+            ))
+        } else if robot.is_some() && robot_votes >= voters.max_robot_votes {
+            Some(format!(
+                "{} robot vote(s) already count on this job, the most that may (--max-robot-votes {})",
+                robot_votes, voters.max_robot_votes
+            ))
         } else {
-            eligibility.check(&vote.voter).err()
+            eligibility.check(vote).err()
         };
         if let Some(why) = why_not {
             t.ignored.push(IgnoredVote { name: vote.name.clone(), why });
             continue;
         }
         seen_voters.push(&vote.voter);
+        robot_votes += usize::from(robot.is_some());
         let approver =
             Approver { voter: vote.voter.clone(), vote: vote.name.clone(), decided_at: vote.created.clone(), reason: vote.reason.clone() };
         match vote.decision {
@@ -159,7 +213,8 @@ mod tests {
     struct Refuse(&'static [&'static str]);
 
     impl Eligibility for Refuse {
-        fn check(&self, voter: &str) -> Result<(), String> {
+        fn check(&self, vote: &VoteView) -> Result<(), String> {
+            let voter = vote.voter.as_str();
             if self.0.contains(&voter) { Err(format!("{voter} may not approve category core-security")) } else { Ok(()) }
         }
     }
@@ -369,7 +424,7 @@ mod tests {
         assert!(cases.len() >= 10);
         for case in cases {
             let name = case.name;
-            let t = tally(&JOB, case.required, &case.votes, case.eligibility);
+            let t = tally(&JOB, case.required, &case.votes, case.eligibility, &VoterPolicy::default());
             assert_eq!(t.required, case.required, "{name}: required");
             assert_eq!(t.approved(), case.approved, "{name}: approved(); tally {t:#?}");
             let approvers: Vec<(&str, &str)> = t.approvers.iter().map(|a| (a.voter.as_str(), a.vote.as_str())).collect();
@@ -397,7 +452,7 @@ mod tests {
             vote("v-carol", "carol", Reject, 3),
             vote("v-alice-2", "alice", Approve, 4),
         ];
-        let t = tally(&JOB, 2, &votes, &AnyVoter);
+        let t = tally(&JOB, 2, &votes, &AnyVoter, &VoterPolicy::default());
         let cases: &[(&str, &str, bool, &str)] = &[
             ("counted approval says so", "v-alice", true, "counted toward the job's approval"),
             (
@@ -412,5 +467,84 @@ mod tests {
         for (name, vote, counted, message) in cases {
             assert_eq!(t.verdict(vote), (*counted, message.to_string()), "{name}");
         }
+    }
+
+    const SA_ONE: &str = "system:serviceaccount:team:reviewer-one";
+    const SA_TWO: &str = "system:serviceaccount:team:reviewer-two";
+
+    #[test]
+    fn service_accounts_count_only_when_trusted_and_at_most_max_robot_votes() {
+        let votes = vec![vote("v-one", SA_ONE, Approve, 1), vote("v-two", SA_TWO, Approve, 2), vote("v-alice", "alice", Approve, 3)];
+        let ignored = |t: &Tally| t.ignored.iter().map(|i| (i.name.clone(), i.why.clone())).collect::<Vec<_>>();
+        let voters = |t: &Tally| t.approvers.iter().map(|a| a.voter.clone()).collect::<Vec<_>>();
+
+        // One head made two ServiceAccounts and bound them as heads: neither counts untrusted.
+        let untrusted = tally(&JOB, 2, &votes, &AnyVoter, &VoterPolicy::default());
+        assert_eq!(voters(&untrusted), ["alice"]);
+        assert!(!untrusted.approved());
+        for (name, why) in ignored(&untrusted) {
+            assert!(why.contains("is not a trusted robot voter") && why.contains("--robot-voters"), "{name}: {why}");
+        }
+        assert!(ignored(&untrusted)[0].1.starts_with("ServiceAccount team/reviewer-one "), "{:?}", ignored(&untrusted));
+
+        // A configured robot reviewer counts, with one human: approved.
+        let one = VoterPolicy::new(["team/reviewer-one"], 1).unwrap();
+        let t = tally(&JOB, 2, &votes, &AnyVoter, &one);
+        assert_eq!(voters(&t), [SA_ONE, "alice"]);
+        assert!(t.approved());
+
+        // Both trusted, at most one robot vote per job: the second is listed with why.
+        let both = VoterPolicy::new(["team/reviewer-one", "team/reviewer-two"], 1).unwrap();
+        let t = tally(&JOB, 2, &votes[..2], &AnyVoter, &both);
+        assert_eq!(voters(&t), [SA_ONE], "two robots are not two heads");
+        assert_eq!(
+            ignored(&t),
+            [("v-two".to_string(), "1 robot vote(s) already count on this job, the most that may (--max-robot-votes 1)".to_string())]
+        );
+        // Configured otherwise, both count.
+        let two = VoterPolicy { max_robot_votes: 2, ..both };
+        assert!(tally(&JOB, 2, &votes[..2], &AnyVoter, &two).approved());
+        // A robot's Reject uses up the robot vote too.
+        let rejecting = [vote("v-one", SA_ONE, Reject, 1), vote("v-two", SA_TWO, Approve, 2)];
+        let t = tally(&JOB, 1, &rejecting, &AnyVoter, &VoterPolicy::new(["team/reviewer-one", "team/reviewer-two"], 1).unwrap());
+        assert_eq!(t.rejected_by.map(|r| r.voter), Some(SA_ONE.to_string()));
+        assert!(t.approvers.is_empty());
+    }
+
+    #[test]
+    fn robot_voters_are_parsed_from_namespace_slash_name() {
+        let p = VoterPolicy::new(["ci/reviewer", " tools/bot "], 1).unwrap();
+        assert_eq!(
+            p.robots.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["system:serviceaccount:ci:reviewer", "system:serviceaccount:tools:bot"]
+        );
+        for bad in ["reviewer", "/x", "x/", "a/b/c"] {
+            assert!(VoterPolicy::new([bad], 1).is_err(), "{bad}");
+        }
+    }
+
+    /// Like the SubjectAccessReview: a head only with the group `agentgate:heads` on the vote.
+    struct HeadByGroup;
+
+    impl Eligibility for HeadByGroup {
+        fn check(&self, vote: &VoteView) -> Result<(), String> {
+            if vote.groups.iter().any(|g| g == "agentgate:heads") { Ok(()) } else { Err(format!("{} is not a head", vote.voter)) }
+        }
+    }
+
+    #[test]
+    fn each_vote_is_judged_with_its_own_groups() {
+        // alice's stale vote (on a deleted job of this name) was cast while she was a head; her
+        // vote on this job was cast after she lost the group. The stale one must not vouch for it.
+        let stale = VoteView { job_uid: "uid-old".into(), groups: vec!["agentgate:heads".into()], ..vote("v-old", "alice", Approve, 1) };
+        let current = VoteView { groups: vec!["agentgate:users".into()], ..vote("v-now", "alice", Approve, 2) };
+        let t = tally(&JOB, 1, &[stale.clone(), current.clone()], &HeadByGroup, &VoterPolicy::default());
+        assert!(t.approvers.is_empty(), "{t:#?}");
+        assert!(t.ignored.iter().any(|i| i.name == "v-now" && i.why == "alice is not a head"), "{:?}", t.ignored);
+        // And through HeadVerdicts, the operator's answers keyed by vote.
+        let verdicts =
+            HeadVerdicts(BTreeMap::from([("v-old".to_string(), Ok(())), ("v-now".to_string(), Err("alice is not a head".to_string()))]));
+        let t = tally(&JOB, 1, &[stale, current], &verdicts, &VoterPolicy::default());
+        assert!(t.approvers.is_empty(), "{t:#?}");
     }
 }

@@ -1,0 +1,1043 @@
+use super::*;
+use crate::api::{Approver, ReadinessCheck, Usage};
+use crate::domain::conditions::find;
+use k8s_openapi::jiff::Timestamp;
+use serde_json::{Value, json};
+
+fn now() -> Time {
+    Time(Timestamp::from_second(1_750_000_000).unwrap())
+}
+
+/// Two agents on two priced models, one required tool with 5 calls, a roomy budget, no
+/// retries: the estimate is 14_700 + 12_300 = 27_000 tokens at p50 and 81_000 at p90.
+fn manifest() -> Value {
+    json!({
+        "apiVersion": "agentgate.dev/v1alpha1",
+        "kind": "AgentJob",
+        "metadata": {"name": "scan", "namespace": "team-security", "uid": "uid-1", "generation": 1},
+        "spec": {
+            "jobType": "security_scan",
+            "category": "core-security",
+            "agents": {
+                "primary": {"name": "scanner", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"},
+                "supporting": [{"name": "fixer", "image": "ghcr.io/acme/fixer:1.4", "model": "claude-sonnet-4"}]
+            },
+            "tools": [{"name": "bandit", "required": true, "minRateLimit": 10, "estimatedCalls": 5}],
+            "resources": {"cpu": "500m", "memory": "512Mi"},
+            "budget": {"maxCostUSD": "5.00"}
+        }
+    })
+}
+
+/// The manifest with each `(JSON pointer, value)` set, parsed as the apiserver would hand it over.
+fn job(patches: &[(&str, Value)]) -> AgentJob {
+    let mut m = manifest();
+    for (pointer, value) in patches {
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        m.pointer_mut(parent)
+            .unwrap_or_else(|| panic!("no {parent} in the fixture"))
+            .as_object_mut()
+            .unwrap()
+            .insert(key.into(), value.clone());
+    }
+    serde_json::from_value(m).expect("fixture is a valid AgentJob")
+}
+
+fn check(name: &str, passed: bool, message: &str) -> ReadinessCheck {
+    ReadinessCheck { name: name.into(), passed, message: message.into() }
+}
+
+fn ready() -> Readiness {
+    Readiness {
+        checks: vec![
+            check("tool/bandit", true, "required tool bandit is ready with 50 calls/min spare"),
+            check("nodes", true, "a schedulable node fits one agent Pod"),
+        ],
+        ..Readiness::default()
+    }
+}
+
+fn ready_without_gpu() -> Readiness {
+    Readiness {
+        checks: vec![check("nodes", true, "no node has nvidia.com/gpu free; running without the optional GPU")],
+        dropped: vec!["gpu".into()],
+        ..Readiness::default()
+    }
+}
+
+fn short_of_cpu() -> Readiness {
+    Readiness {
+        checks: vec![
+            check("tool/bandit", true, "ready"),
+            check("nodes", false, "none of 1 schedulable node(s) has room for one agent Pod: short of cpu"),
+        ],
+        insufficient_resources: vec!["cpu".into()],
+        blocked_reason: Some("InsufficientResources"),
+        ..Readiness::default()
+    }
+}
+
+fn approver(voter: &str) -> Approver {
+    Approver { voter: voter.into(), vote: format!("scan-{voter}"), decided_at: Some(now()), reason: None }
+}
+
+fn approvals(voters: &[&str]) -> Tally {
+    Tally { required: 2, approvers: voters.iter().map(|v| approver(v)).collect(), ..Tally::default() }
+}
+
+fn approved() -> Tally {
+    approvals(&["alice", "bob"])
+}
+
+fn rejected() -> Tally {
+    Tally { rejected_by: Some(Approver { reason: Some("scope too broad".into()), ..approver("carol") }), ..approvals(&["alice"]) }
+}
+
+fn pod(agent: &str, attempt: i32, state: PodState) -> PodView {
+    PodView { name: format!("scan-{agent}-{attempt}"), agent: agent.into(), attempt, generation: Some(1), state }
+}
+
+fn report(model: &str, input: i64, output: i64, out: Value) -> Option<String> {
+    Some(
+        json!({"usage": [{"model": model, "inputTokens": input, "cachedInputTokens": 0, "outputTokens": output}], "output": out})
+            .to_string(),
+    )
+}
+
+fn succeeded(message: Option<String>) -> PodState {
+    PodState::Succeeded { message }
+}
+
+fn failed(message: Option<String>) -> PodState {
+    PodState::Failed { reason: "Error".into(), message }
+}
+
+/// Attempt 1 of both agents finished with usage reports: 37_000 tokens, $0.066.
+fn both_reported(attempt: i32) -> Vec<PodView> {
+    vec![
+        pod("scanner", attempt, succeeded(report("gpt-4o-mini", 20_000, 5_000, json!({"findings": 3})))),
+        pod("fixer", attempt, succeeded(report("claude-sonnet-4", 10_000, 2_000, json!({})))),
+    ]
+}
+
+/// Decides with `tally` as the current votes' tally of every generation up to the job's.
+fn step(job: &AgentJob, readiness: &Readiness, tally: &Tally, pods: &[PodView], gone_pods: &[String]) -> Plan {
+    let older: BTreeMap<i64, Tally> = (1..job.metadata.generation.unwrap_or(1)).map(|g| (g, tally.clone())).collect();
+    step_with(job, readiness, tally, &older, pods, gone_pods)
+}
+
+fn step_with(
+    job: &AgentJob,
+    readiness: &Readiness,
+    tally: &Tally,
+    other_tallies: &BTreeMap<i64, Tally>,
+    pods: &[PodView],
+    gone_pods: &[String],
+) -> Plan {
+    let prices = PriceTable::builtin();
+    decide(&Observed {
+        job,
+        now: now(),
+        approval_floor: 2,
+        approval_tiers: &[],
+        approval_timeout_seconds: None,
+        prices: &prices,
+        learned: None,
+        readiness,
+        tally,
+        other_tallies,
+        pods,
+        gone_pods,
+    })
+}
+
+/// The job as it is stored after `plan` was applied.
+fn after(mut job: AgentJob, plan: Plan) -> AgentJob {
+    job.status = Some(plan.status);
+    job
+}
+
+/// A job whose attempt 1 was started (approved and ready) and recorded in status.
+fn running(patches: &[(&str, Value)]) -> AgentJob {
+    let j = job(patches);
+    let plan = step(&j, &ready(), &approved(), &[], &[]);
+    assert_eq!(plan.ensure_attempt, Some(1), "fixture: attempt 1 starts");
+    after(j, plan)
+}
+
+fn with_generation(mut job: AgentJob, generation: i64) -> AgentJob {
+    job.metadata.generation = Some(generation);
+    job
+}
+
+fn cond<'a>(plan: &'a Plan, type_: &str) -> Option<(&'a str, &'a str, &'a str)> {
+    find(&plan.status.conditions, type_).map(|c| (c.status.as_str(), c.reason.as_str(), c.message.as_str()))
+}
+
+fn usage(plan: &Plan) -> &Usage {
+    plan.status.usage.as_ref().expect("usage recorded")
+}
+
+const NO_RETRIES: &[(&str, Value)] = &[];
+
+struct Case {
+    name: &'static str,
+    job: AgentJob,
+    readiness: Readiness,
+    tally: Tally,
+    pods: Vec<PodView>,
+    gone_pods: Vec<String>,
+    phase: JobPhase,
+    /// Reason of the Ready condition.
+    ready_reason: &'static str,
+    ensure_attempt: Option<i32>,
+    /// Reasons of the planned Events, in order.
+    events: &'static [&'static str],
+    /// Further assertions; gets the case name for its messages.
+    more: fn(&str, &Plan),
+}
+
+impl Default for Case {
+    fn default() -> Self {
+        Case {
+            name: "",
+            job: job(&[]),
+            readiness: ready(),
+            tally: Tally { required: 2, ..Tally::default() },
+            pods: vec![],
+            gone_pods: vec![],
+            phase: JobPhase::Pending,
+            ready_reason: "",
+            ensure_attempt: None,
+            events: &[],
+            more: |_, _| {},
+        }
+    }
+}
+
+fn cases() -> Vec<Case> {
+    let retries: &[(&str, Value)] = &[("/spec/limits", json!({"maxRetries": 1}))];
+    vec![
+        Case {
+            name: "new job without votes is estimated and awaits approval",
+            phase: JobPhase::AwaitingApproval,
+            ready_reason: "AwaitingApproval",
+            events: &["AwaitingApproval"],
+            more: |name, plan| {
+                let s = &plan.status;
+                assert_eq!(s.observed_generation, Some(1), "{name}");
+                let e = s.estimate.as_ref().expect("estimate");
+                assert_eq!(
+                    (e.generation, e.tokens.p50, e.tokens.p90, e.method.as_str(), e.samples),
+                    (1, 27_000, 81_000, "prior", 0),
+                    "{name}"
+                );
+                assert_eq!(e.models.iter().map(|m| m.model.as_str()).collect::<Vec<_>>(), ["claude-sonnet-4", "gpt-4o-mini"], "{name}");
+                assert_eq!(cond(plan, condition::ESTIMATED).map(|c| (c.0, c.1)), Some(("True", "Estimated")), "{name}");
+                assert_eq!(
+                    cond(plan, condition::APPROVED),
+                    Some(("False", "AwaitingApproval", "0 of 2 approvals from category core-security heads")),
+                    "{name}"
+                );
+                assert_eq!(cond(plan, condition::INFRASTRUCTURE_READY).map(|c| (c.0, c.1)), Some(("True", "Ready")), "{name}");
+                assert_eq!(cond(plan, condition::RECONCILING).map(|c| c.0), Some("True"), "{name}");
+                assert_eq!(s.approval.as_ref().map(|a| a.summary.as_str()), Some("0/2"), "{name}");
+                assert!(s.attempts.is_empty(), "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "estimate over the cost budget rejects",
+            job: job(&[("/spec/budget", json!({"maxCostUSD": "0.01"}))]),
+            tally: approved(),
+            phase: JobPhase::Rejected,
+            ready_reason: "BudgetExceeded",
+            events: &["BudgetExceeded"],
+            more: |name, plan| {
+                let (_, _, msg) = cond(plan, condition::READY).unwrap();
+                assert!(msg.contains("exceeds budget.maxCostUSD $0.01"), "{name}: {msg}");
+                assert_eq!(cond(plan, condition::STALLED).map(|c| (c.0, c.1)), Some(("True", "BudgetExceeded")), "{name}");
+                assert!(plan.status.estimate.is_some(), "{name}: the estimate that exceeded is shown");
+                assert!(plan.events[0].warning, "{name}");
+                assert!(plan.status.attempts.is_empty(), "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "estimate over maxTokens rejects",
+            job: job(&[("/spec/budget", json!({"maxCostUSD": "5.00", "maxTokens": 50_000}))]),
+            tally: approved(),
+            phase: JobPhase::Rejected,
+            ready_reason: "BudgetExceeded",
+            events: &["BudgetExceeded"],
+            more: |name, plan| {
+                let (_, _, msg) = cond(plan, condition::READY).unwrap();
+                assert_eq!(msg, "estimated p90 tokens 81000 exceed budget.maxTokens 50000", "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "input not matching inputSchema rejects",
+            job: job(&[
+                ("/spec/input", json!({"scanDepth": "full"})),
+                ("/spec/inputSchema", json!({"type": "object", "required": ["repositoryPath"]})),
+            ]),
+            tally: approved(),
+            phase: JobPhase::Rejected,
+            ready_reason: "InvalidInput",
+            events: &["InvalidInput"],
+            more: |name, plan| {
+                let (_, _, msg) = cond(plan, condition::READY).unwrap();
+                assert!(msg.starts_with("input does not match inputSchema: ") && msg.contains("repositoryPath"), "{name}: {msg}");
+                assert_eq!(cond(plan, condition::STALLED).map(|c| c.1), Some("InvalidInput"), "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "input matching inputSchema passes on to approval",
+            job: job(&[
+                ("/spec/input", json!({"repositoryPath": "/src"})),
+                ("/spec/inputSchema", json!({"type": "object", "required": ["repositoryPath"]})),
+            ]),
+            phase: JobPhase::AwaitingApproval,
+            ready_reason: "AwaitingApproval",
+            events: &["AwaitingApproval"],
+            ..Case::default()
+        },
+        Case {
+            name: "unknown model leaves the job Pending, not estimated at zero",
+            job: job(&[("/spec/agents/supporting", json!([{"name": "fixer", "image": "fixer", "model": "my-llm"}]))]),
+            tally: approved(),
+            phase: JobPhase::Pending,
+            ready_reason: "UnknownModel",
+            events: &["UnknownModel"],
+            more: |name, plan| {
+                assert_eq!(plan.status.estimate, None, "{name}");
+                let (status, reason, msg) = cond(plan, condition::ESTIMATED).unwrap();
+                assert_eq!((status, reason), ("False", "UnknownModel"), "{name}");
+                assert!(msg.contains("my-llm"), "{name}: {msg}");
+                assert_eq!(cond(plan, condition::STALLED), None, "{name}: a price table update can fix it");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a counted Reject rejects the job",
+            tally: rejected(),
+            phase: JobPhase::Rejected,
+            ready_reason: "VoteRejected",
+            events: &["VoteRejected"],
+            more: |name, plan| {
+                assert_eq!(plan.status.approval.as_ref().and_then(|a| a.rejected_by.as_deref()), Some("carol"), "{name}");
+                let (status, reason, msg) = cond(plan, condition::APPROVED).unwrap();
+                assert_eq!((status, reason), ("False", "Rejected"), "{name}");
+                assert_eq!(msg, "carol rejected the job (vote scan-carol): scope too broad", "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "approved but not ready waits for resources with the readiness reason",
+            tally: approved(),
+            readiness: short_of_cpu(),
+            phase: JobPhase::WaitingForResources,
+            ready_reason: "InsufficientResources",
+            events: &["InsufficientResources"],
+            more: |name, plan| {
+                let s = &plan.status;
+                assert_eq!(cond(plan, condition::APPROVED), Some(("True", "Approved", "approved by alice, bob")), "{name}");
+                let (status, reason, msg) = cond(plan, condition::INFRASTRUCTURE_READY).unwrap();
+                assert_eq!((status, reason), ("False", "InsufficientResources"), "{name}");
+                assert!(msg.contains("short of cpu"), "{name}: {msg}");
+                assert_eq!(s.insufficient_resources, ["cpu"], "{name}");
+                assert_eq!(s.checks.len(), 2, "{name}");
+                assert!(s.attempts.is_empty(), "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "approval is awaited before readiness matters",
+            tally: approvals(&["alice"]),
+            readiness: short_of_cpu(),
+            phase: JobPhase::AwaitingApproval,
+            ready_reason: "AwaitingApproval",
+            events: &["AwaitingApproval"],
+            more: |name, plan| {
+                assert_eq!(cond(plan, condition::INFRASTRUCTURE_READY).map(|c| c.0), Some("False"), "{name}: readiness is still shown");
+                assert_eq!(plan.status.approval.as_ref().map(|a| a.summary.as_str()), Some("1/2"), "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "approved and ready starts attempt 1",
+            tally: approved(),
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: Some(1),
+            events: &["AttemptStarted"],
+            more: |name, plan| {
+                let s = &plan.status;
+                assert_eq!(s.attempts.len(), 1, "{name}");
+                let a = &s.attempts[0];
+                assert_eq!((a.attempt, a.generation, a.result), (1, 1, AttemptResult::Running), "{name}");
+                assert_eq!(a.pods, ["scan-scanner-1", "scan-fixer-1"], "{name}");
+                assert!(s.start_time.is_some(), "{name}");
+                assert!(!plan.drop_gpu, "{name}");
+                assert_eq!(
+                    cond(plan, condition::READY).map(|c| c.2),
+                    Some("attempt 1 of 1 running: 2 of 2 agent Pod(s) not finished"),
+                    "{name}"
+                );
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "approved and ready without the optional GPU starts without it",
+            tally: approved(),
+            readiness: ready_without_gpu(),
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: Some(1),
+            events: &["AttemptStarted"],
+            more: |name, plan| {
+                assert!(plan.drop_gpu, "{name}");
+                assert_eq!(plan.status.dropped_resources, ["gpu"], "{name}");
+                assert!(plan.events[0].note.contains("without the optional GPU"), "{name}: {}", plan.events[0].note);
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "running attempt with its Pods active keeps running",
+            job: running(NO_RETRIES),
+            tally: approved(),
+            pods: vec![pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)],
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: Some(1),
+            events: &[],
+            more: |name, plan| {
+                assert_eq!(
+                    cond(plan, condition::READY).map(|c| c.2),
+                    Some("attempt 1 of 1 running: 2 of 2 agent Pod(s) not finished"),
+                    "{name}"
+                );
+                assert_eq!(plan.status.attempts.len(), 1, "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "running attempt whose Pods the cache has not shown yet keeps running",
+            job: running(NO_RETRIES),
+            tally: approved(),
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: Some(1),
+            events: &[],
+            ..Case::default()
+        },
+        Case {
+            name: "one agent done and one running is still running",
+            job: running(NO_RETRIES),
+            tally: approved(),
+            pods: vec![pod("scanner", 1, PodState::Active), both_reported(1).remove(1)],
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: Some(1),
+            more: |name, plan| {
+                assert_eq!(
+                    cond(plan, condition::READY).map(|c| c.2),
+                    Some("attempt 1 of 1 running: 1 of 2 agent Pod(s) not finished"),
+                    "{name}"
+                );
+                assert_eq!(plan.status.usage, None, "{name}: no usage before the attempt ends");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "running attempt keeps running when readiness changes meanwhile",
+            job: running(NO_RETRIES),
+            tally: approved(),
+            readiness: short_of_cpu(),
+            pods: vec![pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)],
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: Some(1),
+            ..Case::default()
+        },
+        Case {
+            // Its Pods run on; none is created any more for a generation the votes no longer approve.
+            name: "running attempt whose votes turned into a rejection is followed but not ensured",
+            job: running(NO_RETRIES),
+            tally: rejected(),
+            pods: vec![pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)],
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: None,
+            ..Case::default()
+        },
+        Case {
+            name: "all agents succeeded with reports: Succeeded with summed usage",
+            job: running(NO_RETRIES),
+            tally: approved(),
+            pods: both_reported(1),
+            phase: JobPhase::Succeeded,
+            ready_reason: "Succeeded",
+            events: &["Succeeded"],
+            more: |name, plan| {
+                let s = &plan.status;
+                let u = usage(plan);
+                assert_eq!((u.input_tokens, u.cached_input_tokens, u.output_tokens, u.total_tokens), (30_000, 0, 7_000, 37_000), "{name}");
+                assert_eq!(u.cost_usd, "0.066", "{name}");
+                assert_eq!(u.models.len(), 2, "{name}");
+                assert_eq!(u.estimate_error_percent, Some(37), "{name}: (37000 - 27000) / 27000");
+                assert_eq!(s.output, Some(json!({"findings": 3})), "{name}: output of the primary agent");
+                assert_eq!(s.attempts[0].result, AttemptResult::Succeeded, "{name}");
+                assert_eq!(s.attempts[0].usage.as_ref().map(|u| u.total_tokens), Some(37_000), "{name}");
+                assert!(s.completion_time.is_some() && s.attempts[0].completion_time.is_some(), "{name}");
+                assert_eq!(cond(plan, condition::SUCCEEDED).map(|c| c.0), Some("True"), "{name}");
+                assert_eq!(cond(plan, condition::READY).map(|c| c.0), Some("True"), "{name}");
+                assert_eq!(cond(plan, condition::RECONCILING), None, "{name}");
+                assert_eq!(cond(plan, condition::USAGE_REPORTED).map(|c| (c.0, c.1)), Some(("True", "Reported")), "{name}");
+                assert!(plan.events[0].note.ends_with("cost $0.066"), "{name}: {}", plan.events[0].note);
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "output not matching outputSchema fails the attempt",
+            job: running(&[("/spec/outputSchema", json!({"type": "object", "required": ["report"]}))]),
+            tally: approved(),
+            pods: both_reported(1),
+            phase: JobPhase::Failed,
+            ready_reason: "AttemptsExhausted",
+            events: &["Failed"],
+            more: |name, plan| {
+                let msg = plan.status.attempts[0].message.as_deref().unwrap_or_default();
+                assert!(msg.starts_with("output does not match outputSchema") && msg.contains("report"), "{name}: {msg}");
+                assert_eq!(usage(plan).total_tokens, 37_000, "{name}: a failed attempt's usage still counts");
+                assert_eq!(plan.status.output, None, "{name}: invalid output is not published");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a failed Pod with retries left starts attempt 2 and keeps attempt 1's usage",
+            job: running(retries),
+            tally: approved(),
+            pods: vec![
+                pod("scanner", 1, failed(report("gpt-4o-mini", 1_000, 100, json!(null)))),
+                pod("fixer", 1, succeeded(report("claude-sonnet-4", 2_000, 200, json!({})))),
+            ],
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: Some(2),
+            events: &["AttemptFailed", "AttemptStarted"],
+            more: |name, plan| {
+                let s = &plan.status;
+                assert_eq!(s.attempts.len(), 2, "{name}");
+                let (first, second) = (&s.attempts[0], &s.attempts[1]);
+                assert_eq!(first.result, AttemptResult::Failed, "{name}");
+                assert_eq!(first.message.as_deref(), Some("scan-scanner-1: Error"), "{name}");
+                assert_eq!(first.usage.as_ref().map(|u| u.total_tokens), Some(3_300), "{name}");
+                assert_eq!((second.attempt, second.result), (2, AttemptResult::Running), "{name}");
+                assert_eq!(second.pods, ["scan-scanner-2", "scan-fixer-2"], "{name}");
+                assert_eq!(usage(plan).total_tokens, 3_300, "{name}: attempt 1's usage is kept in the total");
+                assert_eq!(
+                    cond(plan, condition::READY).map(|c| c.2),
+                    Some("attempt 2 of 2 running: 2 of 2 agent Pod(s) not finished"),
+                    "{name}"
+                );
+                assert!(plan.events[0].warning && plan.events[0].note.ends_with("; retrying"), "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a failed Pod with retries left but no capacity waits for resources",
+            job: running(retries),
+            tally: approved(),
+            readiness: short_of_cpu(),
+            pods: vec![pod("scanner", 1, failed(None)), both_reported(1).remove(1)],
+            phase: JobPhase::WaitingForResources,
+            ready_reason: "InsufficientResources",
+            events: &["MalformedReport", "AttemptFailed"],
+            more: |name, plan| {
+                assert_eq!(plan.status.attempts.len(), 1, "{name}");
+                assert_eq!(plan.status.attempts[0].result, AttemptResult::Failed, "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a failure on the last attempt fails the job and stalls it",
+            job: running(NO_RETRIES),
+            tally: approved(),
+            pods: vec![pod("scanner", 1, failed(report("gpt-4o-mini", 1_000, 100, json!(null)))), both_reported(1).remove(1)],
+            phase: JobPhase::Failed,
+            ready_reason: "AttemptsExhausted",
+            events: &["Failed"],
+            more: |name, plan| {
+                assert_eq!(cond(plan, condition::STALLED).map(|c| (c.0, c.1)), Some(("True", "AttemptsExhausted")), "{name}");
+                assert_eq!(cond(plan, condition::SUCCEEDED).map(|c| (c.0, c.1)), Some(("False", "AttemptsExhausted")), "{name}");
+                assert_eq!(cond(plan, condition::RECONCILING), None, "{name}");
+                let (_, _, msg) = cond(plan, condition::READY).unwrap();
+                assert!(msg.contains("scan-scanner-1: Error") && msg.contains("no retries left (1 attempt(s))"), "{name}: {msg}");
+                assert!(plan.status.completion_time.is_some(), "{name}");
+                assert_eq!(usage(plan).total_tokens, 1_100 + 12_000, "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a malformed report is recorded, and no tokens are invented for it",
+            job: running(NO_RETRIES),
+            tally: approved(),
+            pods: vec![
+                pod("scanner", 1, succeeded(report("gpt-4o-mini", 20_000, 5_000, json!({"findings": 3})))),
+                pod("fixer", 1, succeeded(Some("Traceback (most recent call last): boom".into()))),
+            ],
+            phase: JobPhase::Succeeded,
+            ready_reason: "Succeeded",
+            events: &["MalformedReport", "Succeeded"],
+            more: |name, plan| {
+                let (status, reason, msg) = cond(plan, condition::USAGE_REPORTED).unwrap();
+                assert_eq!((status, reason), ("False", "MalformedReport"), "{name}");
+                assert!(msg.contains("scan-fixer-1") && msg.contains("not a usage report"), "{name}: {msg}");
+                assert!(plan.events[0].warning, "{name}");
+                let u = usage(plan);
+                assert_eq!(u.total_tokens, 25_000, "{name}: only the scanner's reported tokens");
+                assert_eq!(u.models.iter().map(|m| m.model.as_str()).collect::<Vec<_>>(), ["gpt-4o-mini"], "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a report naming an unpriced model keeps its tokens and says so",
+            job: running(NO_RETRIES),
+            tally: approved(),
+            pods: vec![
+                pod("scanner", 1, succeeded(report("gpt-4o-mini", 20_000, 5_000, json!({"findings": 3})))),
+                pod("fixer", 1, succeeded(report("my-llm", 1_000, 1_000, json!({})))),
+            ],
+            phase: JobPhase::Succeeded,
+            ready_reason: "Succeeded",
+            events: &["UnpricedModel", "Succeeded"],
+            more: |name, plan| {
+                let (status, reason, msg) = cond(plan, condition::USAGE_REPORTED).unwrap();
+                assert_eq!((status, reason), ("False", "UnpricedModel"), "{name}");
+                assert!(msg.contains("my-llm"), "{name}: {msg}");
+                assert_eq!((usage(plan).total_tokens, usage(plan).cost_usd.as_str()), (27_000, "0.006"), "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "Pods of an attempt missing from status are adopted, not started again",
+            // The operator created attempt 1's Pods and stopped before writing status.
+            job: after(job(&[]), step(&job(&[]), &ready(), &approvals(&["alice"]), &[], &[])),
+            tally: approved(),
+            pods: vec![pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)],
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: Some(1),
+            events: &["Running"],
+            more: |name, plan| {
+                let s = &plan.status;
+                assert_eq!(s.attempts.len(), 1, "{name}: {:?}", s.attempts);
+                assert_eq!((s.attempts[0].attempt, s.attempts[0].result), (1, AttemptResult::Running), "{name}");
+                assert_eq!(s.attempts[0].pods, ["scan-scanner-1", "scan-fixer-1"], "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "an adopted attempt whose Pods already finished is read, not rerun",
+            job: after(job(&[]), step(&job(&[]), &ready(), &approvals(&["alice"]), &[], &[])),
+            tally: approved(),
+            pods: both_reported(1),
+            phase: JobPhase::Succeeded,
+            ready_reason: "Succeeded",
+            events: &["Succeeded"],
+            more: |name, plan| {
+                assert_eq!(plan.status.attempts.len(), 1, "{name}");
+                assert_eq!(usage(plan).total_tokens, 37_000, "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a failed attempt whose retry was created before its end was recorded keeps its usage",
+            // Attempt 1 is recorded Running; the operator saw it fail, created attempt 2's
+            // Pods and stopped before writing status.
+            job: running(retries),
+            tally: approved(),
+            pods: vec![
+                pod("scanner", 1, failed(report("gpt-4o-mini", 20_000, 5_000, json!({})))),
+                pod("fixer", 1, succeeded(report("claude-sonnet-4", 10_000, 2_000, json!({})))),
+                pod("scanner", 2, PodState::Active),
+                pod("fixer", 2, PodState::Active),
+            ],
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: Some(2),
+            more: |name, plan| {
+                let a = &plan.status.attempts;
+                assert_eq!(
+                    a.iter().map(|a| (a.attempt, a.result)).collect::<Vec<_>>(),
+                    [(1, AttemptResult::Failed), (2, AttemptResult::Running)],
+                    "{name}"
+                );
+                assert_eq!(a[0].usage.as_ref().map(|u| u.total_tokens), Some(37_000), "{name}");
+                assert_eq!(a[0].message.as_deref(), Some("scan-scanner-1: Error"), "{name}");
+                assert_eq!(usage(plan).total_tokens, 37_000, "{name}: attempt 1's usage is counted while attempt 2 runs");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "every unrecorded attempt is adopted and read, not only the newest",
+            // Attempts 2 and 3 were created, and 2 failed, while no status write got through.
+            job: running(&[("/spec/limits", json!({"maxRetries": 2}))]),
+            tally: approved(),
+            pods: [1, 2]
+                .into_iter()
+                .flat_map(|n| {
+                    [
+                        pod("scanner", n, failed(report("gpt-4o-mini", 20_000, 5_000, json!({})))),
+                        pod("fixer", n, succeeded(report("claude-sonnet-4", 10_000, 2_000, json!({})))),
+                    ]
+                })
+                .chain(both_reported(3))
+                .collect(),
+            phase: JobPhase::Succeeded,
+            ready_reason: "Succeeded",
+            events: &["Succeeded"],
+            more: |name, plan| {
+                let a = &plan.status.attempts;
+                let results: Vec<_> = a.iter().map(|a| (a.attempt, a.result)).collect();
+                assert_eq!(results, [(1, AttemptResult::Failed), (2, AttemptResult::Failed), (3, AttemptResult::Succeeded)], "{name}");
+                assert!(a.iter().all(|a| a.usage.as_ref().map(|u| u.total_tokens) == Some(37_000)), "{name}: {a:?}");
+                assert_eq!(usage(plan).total_tokens, 3 * 37_000, "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a Pod confirmed deleted fails the attempt",
+            job: running(NO_RETRIES),
+            tally: approved(),
+            pods: vec![both_reported(1).remove(0)],
+            gone_pods: vec!["scan-fixer-1".into()],
+            phase: JobPhase::Failed,
+            ready_reason: "AttemptsExhausted",
+            events: &["MalformedReport", "Failed"],
+            more: |name, plan| {
+                assert_eq!(plan.status.attempts[0].message.as_deref(), Some("scan-fixer-1: PodDeleted"), "{name}");
+                assert_eq!(usage(plan).total_tokens, 25_000, "{name}: the remaining agent's usage counts");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a Pod confirmed deleted while another runs is not created again",
+            job: running(NO_RETRIES),
+            tally: approved(),
+            pods: vec![pod("scanner", 1, PodState::Active)],
+            gone_pods: vec!["scan-fixer-1".into()],
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: None,
+            more: |name, plan| {
+                assert_eq!(
+                    cond(plan, condition::READY).map(|c| c.2),
+                    Some("attempt 1 of 1 running: 1 of 2 agent Pod(s) not finished"),
+                    "{name}"
+                );
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a spec change during an attempt applies from the next attempt",
+            job: with_generation(running(NO_RETRIES), 2),
+            tally: approved(),
+            pods: vec![pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)],
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: Some(1),
+            more: |name, plan| {
+                assert_eq!(cond(plan, condition::SPEC_CHANGE_PENDING).map(|c| (c.0, c.1)), Some(("True", "AttemptRunning")), "{name}");
+                assert_eq!(plan.status.observed_generation, Some(2), "{name}");
+                assert_eq!(plan.status.attempts[0].generation, 1, "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a Rejected job whose generation did not change stays Rejected",
+            job: after(job(&[]), step(&job(&[]), &ready(), &rejected(), &[], &[])),
+            tally: approved(),
+            phase: JobPhase::Rejected,
+            ready_reason: "VoteRejected",
+            more: |name, plan| {
+                assert_eq!(plan.status.approval.as_ref().and_then(|a| a.rejected_by.as_deref()), Some("carol"), "{name}: status untouched");
+                assert!(plan.status.attempts.is_empty(), "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a Rejected job whose generation changed is evaluated again",
+            job: with_generation(after(job(&[]), step(&job(&[]), &ready(), &rejected(), &[], &[])), 2),
+            tally: approved(),
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: Some(1),
+            events: &["AttemptStarted"],
+            more: |name, plan| {
+                let s = &plan.status;
+                assert_eq!(s.estimate.as_ref().map(|e| e.generation), Some(2), "{name}: estimated again");
+                assert_eq!(s.approval.as_ref().and_then(|a| a.rejected_by.as_deref()), None, "{name}");
+                assert_eq!(cond(plan, condition::STALLED), None, "{name}");
+                assert_eq!(s.attempts[0].generation, 2, "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a budget-Rejected job with a raised budget is evaluated again",
+            job: {
+                let low = job(&[("/spec/budget", json!({"maxCostUSD": "0.01"}))]);
+                let plan = step(&low, &ready(), &approvals(&[]), &[], &[]);
+                with_generation(after(job(&[]), plan), 2)
+            },
+            phase: JobPhase::AwaitingApproval,
+            ready_reason: "AwaitingApproval",
+            events: &["AwaitingApproval"],
+            more: |name, plan| {
+                assert_eq!(cond(plan, condition::STALLED), None, "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a Succeeded job stays Succeeded",
+            job: after(running(NO_RETRIES), step(&running(NO_RETRIES), &ready(), &approved(), &both_reported(1), &[])),
+            tally: rejected(),
+            pods: both_reported(1),
+            phase: JobPhase::Succeeded,
+            ready_reason: "Succeeded",
+            more: |name, plan| {
+                assert_eq!(cond(plan, condition::SPEC_CHANGE_PENDING), None, "{name}");
+                assert_eq!(usage(plan).total_tokens, 37_000, "{name}: not counted twice");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a Succeeded job with a new generation says it will not run again",
+            job: with_generation(after(running(NO_RETRIES), step(&running(NO_RETRIES), &ready(), &approved(), &both_reported(1), &[])), 2),
+            tally: approved(),
+            pods: both_reported(1),
+            phase: JobPhase::Succeeded,
+            ready_reason: "Succeeded",
+            more: |name, plan| {
+                assert_eq!(cond(plan, condition::SPEC_CHANGE_PENDING).map(|c| (c.0, c.1)), Some(("True", "JobFinished")), "{name}");
+                assert_eq!(plan.status.attempts.len(), 1, "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a Failed job stays Failed",
+            job: after(
+                running(NO_RETRIES),
+                step(&running(NO_RETRIES), &ready(), &approved(), &[pod("scanner", 1, failed(None)), pod("fixer", 1, failed(None))], &[]),
+            ),
+            tally: approved(),
+            phase: JobPhase::Failed,
+            ready_reason: "AttemptsExhausted",
+            ..Case::default()
+        },
+    ]
+}
+
+#[test]
+fn decide_table() {
+    let cases = cases();
+    assert!(cases.len() >= 10);
+    for case in cases {
+        let name = case.name;
+        let plan = step(&case.job, &case.readiness, &case.tally, &case.pods, &case.gone_pods);
+        assert_eq!(plan.status.phase, Some(case.phase), "{name}: phase; conditions {:#?}", plan.status.conditions);
+        assert_eq!(cond(&plan, condition::READY).map(|c| c.1), Some(case.ready_reason), "{name}: Ready reason");
+        assert_eq!(plan.ensure_attempt, case.ensure_attempt, "{name}: ensure_attempt");
+        let events: Vec<&str> = plan.events.iter().map(|e| e.reason.as_str()).collect();
+        assert_eq!(events, case.events, "{name}: events {:#?}", plan.events);
+        assert_eq!(plan.status.observed_generation, case.job.metadata.generation, "{name}: observedGeneration");
+        (case.more)(name, &plan);
+        if case.job.status.as_ref().and_then(|s| s.phase).is_some_and(JobPhase::is_terminal)
+            && case.job.status.as_ref().and_then(|s| s.observed_generation) == case.job.metadata.generation
+        {
+            assert_eq!(Some(&plan.status), case.job.status.as_ref(), "{name}: a settled job's status does not change");
+        }
+        // Deciding again on what was just decided changes nothing: no flapping, no new attempt.
+        if plan.ensure_attempt.is_none() && plan.status.attempts.iter().all(|a| a.result != AttemptResult::Running) {
+            let again = step(&after(case.job.clone(), plan.clone()), &case.readiness, &case.tally, &case.pods, &case.gone_pods);
+            assert_eq!(again.status, plan.status, "{name}: deciding twice is stable");
+            assert!(again.events.is_empty(), "{name}: no repeated events {:?}", again.events);
+        }
+    }
+}
+
+#[test]
+fn first_status_waits_briefly_only_for_votes() {
+    use std::time::Duration;
+    let wait = Duration::from_secs(1);
+    let young = Duration::from_millis(300);
+    let fresh = job(&[]);
+    let unvoted = step(&fresh, &ready(), &Tally { required: 2, ..Tally::default() }, &[], &[]);
+    assert_eq!(unvoted.status.phase, Some(JobPhase::AwaitingApproval));
+    let none = AgentJobStatus::default();
+    assert_eq!(hold_first_status(&none, &unvoted, young, wait), Some(Duration::from_millis(700)), "a new job waits for its votes");
+    assert_eq!(hold_first_status(&none, &unvoted, wait, wait), None, "no longer than vote_wait from creation");
+    assert_eq!(hold_first_status(&none, &unvoted, young, Duration::ZERO), None, "0 turns the wait off");
+    let written = after(fresh.clone(), unvoted.clone()).status.unwrap();
+    assert_eq!(hold_first_status(&written, &unvoted, young, wait), None, "a job with a status is never held back");
+
+    let started = step(&fresh, &ready(), &approved(), &[], &[]);
+    assert_eq!(hold_first_status(&none, &started, young, wait), None, "votes complete: the job starts at once");
+    let over_budget = job(&[("/spec/budget/maxCostUSD", json!("0.000001"))]);
+    let refused = step(&over_budget, &ready(), &Tally { required: 2, ..Tally::default() }, &[], &[]);
+    assert_eq!(refused.status.phase, Some(JobPhase::Rejected));
+    assert_eq!(hold_first_status(&none, &refused, young, wait), None, "a refusal is reported at once");
+}
+
+#[test]
+fn pods_of_a_started_attempt_appearing_change_no_status() {
+    let started = running(&[]);
+    let pods = [pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)];
+    let plan = step(&started, &ready(), &approved(), &pods, &[]);
+    assert_eq!(Some(&plan.status), started.status.as_ref(), "the Pods the start created, seen unfinished, are no news");
+    assert!(plan.events.is_empty(), "{:?}", plan.events);
+}
+
+#[test]
+fn pods_found_before_any_status_keep_the_generation_they_were_built_from() {
+    // Started at first sight (votes applied with the job), its status write refused because
+    // the spec changed in between: the Pods are all there is of generation 1.
+    let changed = with_generation(job(&[]), 2);
+    let pods = [pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)];
+    let plan = step(&changed, &ready(), &approved(), &pods, &[]);
+    let attempt = &plan.status.attempts[0];
+    assert_eq!((attempt.attempt, attempt.generation, attempt.result), (1, 1, AttemptResult::Running));
+    assert_eq!(plan.ensure_attempt, Some(1), "the attempt is followed, not started again");
+    let pending = cond(&plan, condition::SPEC_CHANGE_PENDING).expect("SpecChangePending");
+    assert_eq!(pending.0, "True");
+    assert!(pending.2.contains("generation 2 applies from the next attempt"), "{}", pending.2);
+}
+
+#[test]
+fn approvals_and_attempts_from_spec() {
+    let cases: &[(&str, AgentJob, i32, i32, i32)] = &[
+        ("the floor applies when the job asks for nothing", job(&[]), 2, 2, 1),
+        ("a job may raise the floor", job(&[("/spec/approval", json!({"required": 3}))]), 2, 3, 1),
+        ("a job may not lower the floor", job(&[("/spec/approval", json!({"required": 1}))]), 2, 2, 1),
+        ("maxRetries adds attempts", job(&[("/spec/limits", json!({"maxRetries": 3}))]), 1, 1, 4),
+    ];
+    for (name, job, floor, want_required, want_attempts) in cases {
+        assert_eq!(approvals_required(&job.spec, *floor), *want_required, "{name}");
+        assert_eq!(max_attempts(&job.spec), *want_attempts, "{name}");
+    }
+}
+
+// Status is no proof of approval (domain/provenance.rs; tests/gate_attacks.rs on the real
+// control plane).
+
+fn unvoted() -> Tally {
+    Tally { required: 2, ..Tally::default() }
+}
+
+#[test]
+fn a_forged_running_attempt_without_pods_or_votes_is_dropped_not_started() {
+    // What someone with agentjobs/status write records: attempt 1 Running, no vote cast.
+    let forged = running(NO_RETRIES);
+    let gone = ["scan-scanner-1".to_string(), "scan-fixer-1".to_string()];
+    let plan = step(&forged, &ready(), &unvoted(), &[], &gone);
+    assert_eq!(plan.ensure_attempt, None, "no Pod is created for it");
+    assert!(plan.status.attempts.is_empty(), "{:?}", plan.status.attempts);
+    assert_eq!(plan.status.phase, Some(JobPhase::AwaitingApproval));
+    assert_eq!(plan.status.approval.as_ref().map(|a| a.summary.as_str()), Some("0/2"));
+    assert_eq!(plan.status.usage, None);
+    let event = plan.events.iter().find(|e| e.reason == "UnprovenAttemptIgnored").expect("an UnprovenAttemptIgnored Event");
+    assert!(event.warning && event.note.contains("status recorded attempt 1 (generation 1) but none of its Pods exist"), "{event:?}");
+
+    // Before the API confirms the Pods missing (a slow cache), it is followed, but nothing created.
+    let plan = step(&forged, &ready(), &unvoted(), &[], &[]);
+    assert_eq!(plan.ensure_attempt, None);
+
+    // An approved attempt whose Pods were deleted still fails as before: it did run.
+    let plan = step(&forged, &ready(), &approved(), &[], &gone);
+    assert_eq!(plan.status.phase, Some(JobPhase::Failed));
+}
+
+#[test]
+fn a_forged_attempt_naming_no_pod_is_dropped_even_when_approved() {
+    let mut forged = running(NO_RETRIES);
+    forged.status.as_mut().unwrap().attempts[0].pods.clear();
+    let plan = step(&forged, &ready(), &approved(), &[], &[]);
+    assert_eq!(plan.status.attempts.iter().map(|a| a.pods.len()).collect::<Vec<_>>(), [2], "dropped, then started for real");
+    assert_eq!(plan.ensure_attempt, Some(1));
+    let plan = step(&forged, &ready(), &unvoted(), &[], &[]);
+    assert!(plan.status.attempts.is_empty());
+    assert_eq!(plan.status.phase, Some(JobPhase::AwaitingApproval), "no success out of nothing");
+}
+
+#[test]
+fn pods_found_without_approving_votes_are_not_adopted_or_read() {
+    // Attempt 1's Pods exist and reported, but only one head approves: nothing of them is taken.
+    let waiting = after(job(&[]), step(&job(&[]), &ready(), &approvals(&["alice"]), &[], &[]));
+    let plan = step(&waiting, &ready(), &approvals(&["alice"]), &both_reported(1), &[]);
+    assert!(plan.status.attempts.is_empty(), "{:?}", plan.status.attempts);
+    assert_eq!((plan.status.phase, plan.ensure_attempt), (Some(JobPhase::AwaitingApproval), None));
+    assert_eq!((plan.status.usage.as_ref(), plan.status.output.as_ref()), (None, None), "no usage or output from them");
+    let event = plan.events.iter().find(|e| e.reason == "UnapprovedPodsIgnored").expect("an UnapprovedPodsIgnored Event");
+    assert!(event.note.contains("scan-scanner-1") && event.note.contains("do not approve generation 1"), "{event:?}");
+    // With the quorum they are adopted and read (the crash-recovery case).
+    let plan = step(&waiting, &ready(), &approved(), &both_reported(1), &[]);
+    assert_eq!(plan.status.phase, Some(JobPhase::Succeeded));
+}
+
+#[test]
+fn an_attempt_of_an_older_generation_is_ensured_only_while_that_generation_is_approved() {
+    // Attempt 1 runs generation 1; the spec is at 2, approved, but generation 1's votes are gone.
+    let changed = with_generation(running(NO_RETRIES), 2);
+    let older = BTreeMap::from([(1, unvoted())]);
+    let plan = step_with(&changed, &ready(), &approved(), &older, &[pod("scanner", 1, PodState::Active)], &[]);
+    assert_eq!(plan.status.phase, Some(JobPhase::Running));
+    assert_eq!(plan.ensure_attempt, None, "generation 2's votes do not approve generation 1's Pods");
+    let older = BTreeMap::from([(1, approved())]);
+    let plan = step_with(&changed, &ready(), &approved(), &older, &[pod("scanner", 1, PodState::Active)], &[]);
+    assert_eq!(plan.ensure_attempt, Some(1));
+}
+
+#[test]
+fn a_forged_estimate_skips_no_check() {
+    // Over budget, but status claims generation 1 was estimated (cheaply) and so checked.
+    let over = job(&[("/spec/budget", json!({"maxCostUSD": "0.01"}))]);
+    let honest = step(&job(&[]), &ready(), &unvoted(), &[], &[]);
+    let forged = after(over, honest);
+    assert_eq!(forged.status.as_ref().unwrap().estimate.as_ref().map(|e| e.generation), Some(1));
+    let plan = step(&forged, &ready(), &approved(), &[], &[]);
+    assert_eq!(plan.ensure_attempt, None, "no attempt on the word of a forged estimate");
+    assert_eq!(plan.status.phase, Some(JobPhase::Rejected));
+    assert_eq!(cond(&plan, condition::READY).map(|c| c.1), Some("BudgetExceeded"));
+}
+
+#[test]
+fn a_forged_estimate_does_not_lower_the_risk_tier() {
+    // Jobs estimated at $0.0001 or more need three approvals; status claims a $0 estimate.
+    let tiers: Vec<ApprovalTier> = vec!["minCostUSD=0.0001,required=3".parse().unwrap()];
+    let mut forged = after(job(&[]), step(&job(&[]), &ready(), &unvoted(), &[], &[]));
+    forged.status.as_mut().unwrap().estimate.as_mut().unwrap().cost_usd.p90 = "0".into();
+    let prices = PriceTable::builtin();
+    let two = approved();
+    let plan = decide(&Observed {
+        job: &forged,
+        now: now(),
+        approval_floor: 2,
+        approval_tiers: &tiers,
+        approval_timeout_seconds: None,
+        prices: &prices,
+        learned: None,
+        readiness: &ready(),
+        tally: &two,
+        other_tallies: &BTreeMap::new(),
+        pods: &[],
+        gone_pods: &[],
+    });
+    assert_eq!(plan.ensure_attempt, None, "two approvals where the real estimate needs three");
+    assert_eq!(plan.status.phase, Some(JobPhase::AwaitingApproval));
+    let (status, reason, msg) = cond(&plan, condition::APPROVED).unwrap();
+    assert_eq!((status, reason), ("False", "AwaitingApproval"));
+    assert!(msg.contains("fall short of what the current estimate"), "{msg}");
+}

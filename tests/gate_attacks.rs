@@ -1,0 +1,577 @@
+//! Attacks on the gate itself, against the real apiserver, its admission policies and RBAC, by
+//! tenants who may create Pods, ServiceAccounts, RoleBindings and AgentJobs in their namespaces
+//! and read every vote's `spec.jobRef.uid` (issue 15 items 1, 3 and 4):
+//! - a Pod labelled with a victim job's uid, in another namespace or under the exact name of the
+//!   job's first Pod, or an attempt forged in status, must neither start the job (no agent Pod
+//!   at 0/2 approvals) nor finish it (no usage or output taken from a decoy);
+//! - the admission policy of deploy/admission/pods.yaml refuses such Pods from tenants (the
+//!   decoys below are created by admin, as if that policy were missing: the operator holds alone);
+//! - ServiceAccounts one head creates are not extra heads; a configured robot reviewer counts,
+//!   at most one robot vote per job;
+//! - each vote is judged with its own voterGroups; `kubectl agentgate approve` votes only on the
+//!   generation the voter saw.
+//!
+//! "Nothing happened" is asserted only after positive evidence that the operator has seen the
+//! attack: the Warning Event it sends about it, or the status it writes over a forgery.
+
+mod support;
+
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use agentgate::api::{AgentJob, ApprovalVote, Decision};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config, ResourceExt};
+use serde_json::{Value, json};
+use support::cluster::*;
+use support::controlplane::{ControlPlane, OperatorProcess};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+const ROBOTS: &str = "ga-robots";
+const PLUGIN: &str = env!("CARGO_BIN_EXE_kubectl-agentgate");
+
+/// One operator for every test here, watching all namespaces, trusting two robot reviewers.
+fn operator() -> &'static OperatorProcess {
+    static OPERATOR: OnceLock<OperatorProcess> = OnceLock::new();
+    OPERATOR.get_or_init(|| {
+        let robots = format!("{ROBOTS}/trusted-one,{ROBOTS}/trusted-two");
+        OperatorProcess::start(ControlPlane::shared(), &["--metrics-addr", "127.0.0.1:0", "--robot-voters", &robots])
+    })
+}
+
+async fn setup(namespaces: &[&str]) -> Client {
+    let cp = ControlPlane::shared();
+    for ns in namespaces {
+        cp.namespace(ns).await;
+    }
+    let admin = cp.client("admin").await;
+    add_node(&admin, "gate-attacks-node", "64", "256Gi", &[]).await;
+    grant_voting_rights(&admin).await;
+    operator();
+    admin
+}
+
+async fn user(name: &str) -> Client {
+    ControlPlane::shared().client(name).await
+}
+
+/// A job created by `author` (stamped as its requester by the admission policy), one agent
+/// named `agent`, so its first Pod is `<name>-agent-1`.
+async fn create_job(author: &str, ns: &str, name: &str) -> AgentJob {
+    let job = agent_job(
+        name,
+        json!({"category": "payments",
+               "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
+               "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "5"}}),
+        json!({}),
+    );
+    Api::<AgentJob>::namespaced(user(author).await, ns).create(&PostParams::default(), &job).await.expect("create job")
+}
+
+async fn awaiting_approval(admin: &Client, ns: &str, name: &str) -> AgentJob {
+    wait_for_job(admin, ns, name, "AwaitingApproval", |j| phase(j) == Some("AwaitingApproval")).await
+}
+
+fn approval(job: &AgentJob) -> agentgate::api::ApprovalStatus {
+    job.status.as_ref().and_then(|s| s.approval.clone()).unwrap_or_default()
+}
+
+/// A Pod posing as attempt 1 of `job`'s agent `agent`: its labels and generation annotation,
+/// and, when `controller`, a controller ownerReference to the job.
+fn decoy(name: &str, job: &AgentJob, controller: bool) -> Pod {
+    let owners = if controller {
+        json!([{"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "name": job.name_any(),
+                "uid": job.metadata.uid.clone().unwrap(), "controller": true}])
+    } else {
+        json!([])
+    };
+    serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "ownerReferences": owners,
+            "labels": {"agentgate.dev/job-uid": job.metadata.uid.clone().unwrap(), "agentgate.dev/job": job.name_any(),
+                       "agentgate.dev/agent": "agent", "agentgate.dev/attempt": "1", "app.kubernetes.io/managed-by": "agentgate"},
+            "annotations": {"agentgate.dev/job-generation": "1"}},
+        "spec": {"containers": [{"name": "agent", "image": "ghcr.io/mallory/agent:1"}]}}))
+    .unwrap()
+}
+
+/// Creates the decoy as admin (as if the admission policy were missing) and has it "finish" with
+/// a usage report and an output the job must never take.
+async fn plant_decoy(admin: &Client, ns: &str, pod: &Pod) {
+    Api::<Pod>::namespaced(admin.clone(), ns).create(&PostParams::default(), pod).await.expect("create decoy");
+    let report = usage_report("gpt-4o-mini", 900_000, 0, 900_000, json!({"stolen": true}));
+    finish_pod(admin, ns, &pod.name_any(), 0, &report).await;
+}
+
+/// Waits until the operator has visibly acted on an attack on `job`: a Warning Event on it with
+/// `reason` whose note contains `fragment`, or else any move the attack aims at (an attempt,
+/// usage, a phase other than AwaitingApproval, an agent Pod), so that the assertions after it
+/// fail on what went wrong instead of timing out. Returns the Event, if that is what came.
+async fn wait_for_reaction(admin: &Client, ns: &str, job: &AgentJob, reason: &str, fragment: &str) -> Option<Event> {
+    let events: Api<Event> = Api::namespaced(admin.clone(), ns);
+    let jobs: Api<AgentJob> = Api::namespaced(admin.clone(), ns);
+    let name = job.name_any();
+    let matching = |e: &Event| {
+        e.reason.as_deref() == Some(reason)
+            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str())
+            && e.note.as_deref().is_some_and(|n| n.contains(fragment))
+    };
+    let (found, _, _): (Vec<Event>, AgentJob, usize) = wait_for(
+        &format!("a {reason} Event on {ns}/{name} saying {fragment:?}, or the attack succeeding"),
+        TIMEOUT,
+        || async {
+            let events = events.list(&ListParams::default()).await.expect("list events").items;
+            let current = jobs.get(&name).await.expect("get job");
+            let pods = operator_pods(admin, ns, job).await.len();
+            (events, current, pods)
+        },
+        |(events, current, pods): &(Vec<Event>, AgentJob, usize)| {
+            let status = current.status.clone().unwrap_or_default();
+            events.iter().any(matching)
+                || *pods > 0
+                || phase(current) != Some("AwaitingApproval")
+                || !status.attempts.is_empty()
+                || status.usage.is_some()
+        },
+    )
+    .await;
+    found.into_iter().find(|e| matching(e))
+}
+
+/// The job has not moved: still awaiting approval at 0/2, no attempt, no usage, no output.
+fn assert_untouched(job: &AgentJob) {
+    let name = job.name_any();
+    let status = job.status.as_ref().expect("a status");
+    assert_eq!(phase(job), Some("AwaitingApproval"), "{name}: {status:#?}");
+    assert_eq!(approval(job).summary, "0/2", "{name}");
+    assert!(status.attempts.is_empty(), "{name}: attempts {:?}", status.attempts);
+    assert_eq!((status.usage.as_ref(), status.output.as_ref()), (None, None), "{name}: usage or output taken from a decoy");
+}
+
+/// Pods in `ns` that the operator created for `job`: controlled by it and not the decoy.
+async fn operator_pods(admin: &Client, ns: &str, job: &AgentJob) -> Vec<Pod> {
+    let all = Api::<Pod>::namespaced(admin.clone(), ns).list(&ListParams::default()).await.expect("list pods").items;
+    all.into_iter()
+        .filter(|p| p.spec.as_ref().is_some_and(|s| s.containers[0].image.as_deref() != Some("ghcr.io/mallory/agent:1")))
+        .filter(|p| p.owner_references().iter().any(|o| Some(&o.uid) == job.metadata.uid.as_ref()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_decoy_pod_in_another_namespace_neither_starts_nor_finishes_the_job() {
+    let (ns, elsewhere) = ("ga-victim", "ga-elsewhere");
+    let admin = setup(&[ns, elsewhere]).await;
+    let job = create_job("dave", ns, "victim").await;
+    awaiting_approval(&admin, ns, "victim").await;
+
+    // With the victim's uid, labels and even a controller ownerReference, but in another namespace.
+    plant_decoy(&admin, elsewhere, &decoy("victim-agent-1", &job, true)).await;
+    plant_decoy(&admin, elsewhere, &decoy("victim-agent-1-unowned", &job, false)).await;
+    // Any tenant who may vote can wake the job: a non-head's vote, which itself never counts.
+    vote(&user("erin").await, &job, "erin", Decision::Approve).await;
+    let event = wait_for_reaction(&admin, ns, &job, "ForeignPodIgnored", &format!("{elsewhere}/victim-agent-1")).await;
+    eprintln!("the operator saw the decoys: {:?}", event.and_then(|e| e.note));
+
+    let seen = Api::<AgentJob>::namespaced(admin.clone(), ns).get("victim").await.unwrap();
+    assert_untouched(&seen);
+    assert!(operator_pods(&admin, ns, &job).await.is_empty(), "an agent Pod was created at 0/2 approvals");
+}
+
+#[tokio::test]
+async fn a_decoy_with_the_exact_pod_name_is_never_adopted() {
+    let ns = "ga-squat";
+    let admin = setup(&[ns]).await;
+
+    // Labels only: not the job's Pod at all. Reported, and once approved, a name clash.
+    let job = create_job("dave", ns, "squat").await;
+    awaiting_approval(&admin, ns, "squat").await;
+    plant_decoy(&admin, ns, &decoy("squat-agent-1", &job, false)).await;
+    vote(&user("erin").await, &job, "erin", Decision::Approve).await;
+    wait_for_reaction(&admin, ns, &job, "ForeignPodIgnored", &format!("{ns}/squat-agent-1")).await;
+    assert_untouched(&Api::<AgentJob>::namespaced(admin.clone(), ns).get("squat").await.unwrap());
+
+    vote(&user("alice").await, &job, "alice", Decision::Approve).await;
+    vote(&user("bob").await, &job, "bob", Decision::Approve).await;
+    let taken = wait_for_job(&admin, ns, "squat", "Ready=False PodNameTaken", |j| {
+        condition(j, "Ready").is_some_and(|c| c.reason == "PodNameTaken")
+    })
+    .await;
+    let ready = condition(&taken, "Ready").unwrap();
+    assert!(ready.message.contains("Pod squat-agent-1 already exists and is not controlled by this job"), "{}", ready.message);
+    let status = taken.status.as_ref().unwrap();
+    assert!(status.attempts.is_empty(), "adopted the decoy: {:?}", status.attempts);
+    assert_eq!((status.usage.as_ref(), status.output.as_ref()), (None, None), "took the decoy's report");
+    let holder = Api::<Pod>::namespaced(admin.clone(), ns).get("squat-agent-1").await.unwrap();
+    assert!(holder.owner_references().is_empty(), "the decoy is untouched, not taken over");
+
+    // Labels and a controller ownerReference (what only the admission policy stops): still not
+    // adopted without the quorum, and nothing read from it.
+    let job = create_job("dave", ns, "squat2").await;
+    awaiting_approval(&admin, ns, "squat2").await;
+    plant_decoy(&admin, ns, &decoy("squat2-agent-1", &job, true)).await;
+    wait_for_reaction(&admin, ns, &job, "UnapprovedPodsIgnored", "squat2-agent-1").await;
+    assert_untouched(&Api::<AgentJob>::namespaced(admin.clone(), ns).get("squat2").await.unwrap());
+    assert!(operator_pods(&admin, ns, &job).await.is_empty(), "an agent Pod was created at 0/2 approvals");
+}
+
+#[tokio::test]
+async fn a_forged_status_attempt_starts_nothing() {
+    let ns = "ga-forged";
+    let admin = setup(&[ns]).await;
+    // erin may write job status in this namespace (and nothing else of agentgate's).
+    grant_status_writing(&admin, ns, "erin").await;
+
+    let job = create_job("dave", ns, "forged").await;
+    awaiting_approval(&admin, ns, "forged").await;
+    // The forged attempt names a Pod that exists, though not the job's: it proves nothing either.
+    plant_decoy(&admin, ns, &decoy("forged-agent-1", &job, false)).await;
+    let forged = json!({"status": {"phase": "Running",
+        "approval": {"required": 2, "approved": 2, "summary": "2/2"},
+        "attempts": [{"attempt": 1, "generation": 1, "pods": ["forged-agent-1"], "result": "Running",
+                      "startTime": "2026-01-01T00:00:00Z"}]}});
+    Api::<AgentJob>::namespaced(user("erin").await, ns)
+        .patch_status("forged", &PatchParams::default(), &Patch::Merge(&forged))
+        .await
+        .expect("erin may write status");
+
+    // The forgery itself moved the job; what counts is whether the operator undoes it or acts on it.
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), ns);
+    let (rewritten, _) = wait_for(
+        "the operator to act on the forged attempt: dropped, its Pods created, or the job moved on",
+        TIMEOUT,
+        || async { (jobs.get("forged").await.unwrap(), operator_pods(&admin, ns, &job).await.len()) },
+        |(j, pods): &(AgentJob, usize)| *pods > 0 || phase(j) != Some("Running"),
+    )
+    .await;
+    let events = Api::<Event>::namespaced(admin.clone(), ns).list(&ListParams::default()).await.unwrap().items;
+    let said = |e: &Event| {
+        e.reason.as_deref() == Some("UnprovenAttemptIgnored")
+            && e.note.as_deref().is_some_and(|n| n.contains("status recorded attempt 1 (generation 1)"))
+    };
+    // Events are sent in the background: wait for it only once the status shows the drop.
+    if !events.iter().any(said) && operator_pods(&admin, ns, &job).await.is_empty() {
+        wait_for_reaction(&admin, ns, &job, "UnprovenAttemptIgnored", "status recorded attempt 1 (generation 1)").await;
+    }
+    assert_untouched(&rewritten);
+    let pods = Api::<Pod>::namespaced(admin.clone(), ns).list(&ListParams::default()).await.unwrap().items;
+    let names: Vec<_> = pods.iter().map(|p| p.name_any()).collect();
+    assert_eq!(names, ["forged-agent-1"], "Pods created for a forged attempt");
+    assert!(operator_pods(&admin, ns, &job).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_forged_estimate_skips_no_check() {
+    let ns = "ga-forged-estimate";
+    let admin = setup(&[ns]).await;
+    grant_status_writing(&admin, ns, "erin").await;
+    // Over its budget: rejected at once.
+    let job = agent_job(
+        "pricey",
+        json!({"category": "payments",
+               "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
+               "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "0.000001"}}),
+        json!({}),
+    );
+    let job = Api::<AgentJob>::namespaced(user("dave").await, ns).create(&PostParams::default(), &job).await.unwrap();
+    wait_for_job(&admin, ns, "pricey", "BudgetExceeded", |j| phase(j) == Some("Rejected")).await;
+
+    // erin rewrites status as if generation 1 had been estimated at $0 and awaited approval.
+    let forged = json!({"status": {"phase": "AwaitingApproval", "conditions": [],
+        "estimate": {"generation": 1, "tokens": {"p50": 1, "p90": 1}, "costUSD": {"p50": "0", "p90": "0"}, "method": "prior", "samples": 0}}});
+    Api::<AgentJob>::namespaced(user("erin").await, ns)
+        .patch_status("pricey", &PatchParams::default(), &Patch::Merge(&forged))
+        .await
+        .expect("erin may write status");
+    vote(&user("alice").await, &job, "alice", Decision::Approve).await;
+    vote(&user("bob").await, &job, "bob", Decision::Approve).await;
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), ns);
+    let (seen, pods) = wait_for(
+        "the approved job rejected again, or started",
+        TIMEOUT,
+        || async { (jobs.get("pricey").await.unwrap(), operator_pods(&admin, ns, &job).await.len()) },
+        |(j, pods): &(AgentJob, usize)| *pods > 0 || phase(j) == Some("Running") || approval(j).approved == 2,
+    )
+    .await;
+    assert_eq!(pods, 0, "an agent Pod started on a forged estimate");
+    assert_eq!(phase(&seen), Some("Rejected"), "{:#?}", seen.status);
+    let ready = condition(&seen, "Ready").unwrap();
+    assert_eq!(ready.reason, "BudgetExceeded", "{}", ready.message);
+}
+
+/// Lets `user` write AgentJob status in `ns`, and nothing else of agentgate's.
+async fn grant_status_writing(admin: &Client, ns: &str, user: &str) {
+    let pp = PatchParams::apply("gate-attacks").force();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "status-writer", "namespace": ns},
+        "rules": [{"apiGroups": ["agentgate.dev"], "resources": ["agentjobs/status"], "verbs": ["get", "update", "patch"]}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ns).patch("status-writer", &pp, &Patch::Apply(&role)).await.unwrap();
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": format!("{user}-writes-status"), "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "status-writer"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]});
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
+        .patch(&format!("{user}-writes-status"), &pp, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn the_admission_policy_refuses_labelled_pods_from_tenants() {
+    let ns = "ga-vap";
+    let admin = setup(&[ns]).await;
+    let job = create_job("dave", ns, "target").await;
+    // dave may create and change Pods in his namespace, as tenants may.
+    let pp = PatchParams::apply("gate-attacks").force();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "pod-author", "namespace": ns},
+        "rules": [{"apiGroups": [""], "resources": ["pods", "pods/ephemeralcontainers"], "verbs": ["create", "get", "update", "patch", "delete"]}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ns).patch("pod-author", &pp, &Patch::Apply(&role)).await.unwrap();
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "dave-authors-pods", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-author"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "dave"}]});
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
+        .patch("dave-authors-pods", &pp, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    let as_dave = Api::<Pod>::namespaced(user("dave").await, ns);
+    let dry_run = PostParams { dry_run: true, ..PostParams::default() };
+    let refused = |r: &Result<Pod, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("only the agentgate operator may create or change agent Pods"));
+
+    // The policy loads asynchronously after it is applied: wait until it acts.
+    let labelled = decoy("target-agent-1", &job, false);
+    let first = wait_for("the agent-Pod policy to refuse dave", TIMEOUT, || as_dave.create(&dry_run, &labelled), refused).await;
+    eprintln!("refused: {first:?}");
+    // An AgentJob ownerReference without the labels is refused too.
+    let mut owned = decoy("target-agent-1", &job, true);
+    owned.metadata.labels = None;
+    assert!(refused(&as_dave.create(&dry_run, &owned).await), "an AgentJob-owned Pod by a tenant must be refused");
+    // A Pod of his own is fine; labelling it afterwards is not.
+    let mut plain = decoy("plain", &job, false);
+    plain.metadata.labels = Some([("app".to_string(), "mine".to_string())].into());
+    plain.metadata.annotations = None;
+    as_dave.create(&PostParams::default(), &plain).await.expect("an unlabelled Pod is the tenant's business");
+    let relabel = as_dave
+        .patch(
+            "plain",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"agentgate.dev/job-uid": job.metadata.uid.clone().unwrap()}}})),
+        )
+        .await;
+    assert!(refused(&relabel), "adding the job's uid label must be refused: {relabel:?}");
+    // Whoever holds the operator's right (here admin, a cluster admin) may.
+    Api::<Pod>::namespaced(admin.clone(), ns).create(&dry_run, &labelled).await.expect("the operator's right passes");
+    // On an agent Pod (made by admin here, as the operator would), the tenant may still change
+    // what is his business, such as an annotation, but not the image an approval was given for.
+    let agent = decoy("target-agent-2", &job, true);
+    Api::<Pod>::namespaced(admin.clone(), ns).create(&PostParams::default(), &agent).await.expect("admin makes an agent Pod");
+    let annotate = Api::<Pod>::namespaced(user("dave").await, ns)
+        .patch("target-agent-2", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"note": "mine"}}})))
+        .await;
+    assert!(annotate.is_ok(), "an update keeping the claim and the images passes: {annotate:?}");
+    let swap = Api::<Pod>::namespaced(user("dave").await, ns)
+        .patch(
+            "target-agent-2",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"spec": {"containers": [{"name": "agent", "image": "ghcr.io/mallory/evil:1"}]}})),
+        )
+        .await;
+    assert!(refused(&swap), "swapping an agent Pod's image must be refused: {swap:?}");
+    let debug = as_dave
+        .patch_ephemeral_containers(
+            "target-agent-2",
+            &PatchParams::default(),
+            &Patch::Strategic(
+                json!({"spec": {"ephemeralContainers": [{"name": "debugger", "image": "busybox", "targetContainerName": "agent"}]}}),
+            ),
+        )
+        .await;
+    assert!(refused(&debug), "an ephemeral container in an agent Pod must be refused: {debug:?}");
+    Api::<Pod>::namespaced(admin.clone(), ns).delete("target-agent-2", &DeleteParams::default()).await.unwrap();
+    Api::<Pod>::namespaced(admin.clone(), ns).delete("plain", &DeleteParams::default()).await.unwrap();
+}
+
+/// A client authenticating as ServiceAccount `ns/name` (created if needed).
+async fn service_account_client(admin: &Client, ns: &str, name: &str) -> Client {
+    let cp = ControlPlane::shared();
+    let sa: k8s_openapi::api::core::v1::ServiceAccount =
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})).unwrap();
+    match Api::namespaced(admin.clone(), ns).create(&PostParams::default(), &sa).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(s)) if s.code == 409 => {}
+        Err(e) => panic!("creating ServiceAccount {name}: {e}"),
+    }
+    let out = cp.kubectl("admin", &["create", "token", name, "-n", ns, "--duration=1h"]);
+    assert!(out.status.success(), "kubectl create token: {}", String::from_utf8_lossy(&out.stderr));
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    client_for(&cp.token_kubeconfig(&format!("sa-{ns}-{name}"), &token, ns)).await
+}
+
+async fn client_for(kubeconfig: &Path) -> Client {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig).unwrap();
+    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap();
+    Client::try_from(config).unwrap()
+}
+
+/// A vote named `name` by `client`'s user `voter` on the job's current generation.
+async fn vote_as(client: &Client, job: &AgentJob, name: &str, voter: &str) {
+    let vote: ApprovalVote = serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "ApprovalVote",
+        "metadata": {"name": name},
+        "spec": {"jobRef": {"name": job.name_any(), "uid": job.metadata.uid.clone().unwrap(), "generation": job.metadata.generation.unwrap()},
+                 "voter": voter, "decision": "Approve"}}))
+    .unwrap();
+    Api::<ApprovalVote>::namespaced(client.clone(), &job.namespace().unwrap())
+        .create(&PostParams::default(), &vote)
+        .await
+        .unwrap_or_else(|e| panic!("{voter} votes {name}: {e}"));
+}
+
+#[tokio::test]
+async fn service_accounts_one_head_makes_are_not_more_heads() {
+    let admin = setup(&[ROBOTS]).await;
+    // A head who may create ServiceAccounts and RoleBindings here makes two "sock puppets" and
+    // binds them as voters and heads; the operator trusts two other accounts as robot reviewers.
+    let accounts = ["sock-one", "sock-two", "trusted-one", "trusted-two"];
+    let mut clients = Vec::new();
+    for account in accounts {
+        clients.push(service_account_client(&admin, ROBOTS, account).await);
+    }
+    let subjects: Vec<Value> = accounts.iter().map(|a| json!({"kind": "ServiceAccount", "name": a, "namespace": ROBOTS})).collect();
+    let pp = PatchParams::apply("gate-attacks").force();
+    for (binding, role) in [("robots-vote", "test-agentgate-voter"), ("robots-head", "test-agentgate-head-of-every-category")] {
+        let object = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": {"name": binding, "namespace": ROBOTS},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}, "subjects": subjects});
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ROBOTS)
+            .patch(binding, &pp, &Patch::Apply(&object))
+            .await
+            .unwrap();
+    }
+    let sa = |name: &str| format!("system:serviceaccount:{ROBOTS}:{name}");
+
+    // Two untrusted ServiceAccounts: 0/2, each listed as not counted, with why.
+    let socks = create_job("dave", ROBOTS, "socks").await;
+    vote_as(&clients[0], &socks, "socks-one", &sa("sock-one")).await;
+    vote_as(&clients[1], &socks, "socks-two", &sa("sock-two")).await;
+    let seen = wait_for_job(&admin, ROBOTS, "socks", "both sock votes judged", |j| {
+        approval(j).ignored_votes.len() as i32 + approval(j).approved == 2
+    })
+    .await;
+    assert_eq!((phase(&seen), approval(&seen).summary.as_str()), (Some("AwaitingApproval"), "0/2"));
+    for ignored in &approval(&seen).ignored_votes {
+        assert!(ignored.why.contains("is not a trusted robot voter"), "{}: {}", ignored.name, ignored.why);
+    }
+
+    // A configured robot reviewer and one human head: approved.
+    let reviewed = create_job("dave", ROBOTS, "reviewed").await;
+    vote_as(&clients[2], &reviewed, "reviewed-robot", &sa("trusted-one")).await;
+    vote(&user("alice").await, &reviewed, "alice", Decision::Approve).await;
+    let approved = wait_for_job(&admin, ROBOTS, "reviewed", "2/2", |j| approval(j).approved == 2).await;
+    let voters: Vec<_> = approval(&approved).approvers.iter().map(|a| a.voter.clone()).collect();
+    assert!(voters.contains(&sa("trusted-one")) && voters.contains(&"alice".to_string()), "{voters:?}");
+
+    // Two trusted robots are still one robot vote.
+    let robots = create_job("dave", ROBOTS, "robots").await;
+    vote_as(&clients[2], &robots, "robots-one", &sa("trusted-one")).await;
+    wait_for_job(&admin, ROBOTS, "robots", "the first robot counted", |j| approval(j).approved == 1).await;
+    vote_as(&clients[3], &robots, "robots-two", &sa("trusted-two")).await;
+    let seen = wait_for_job(&admin, ROBOTS, "robots", "the second robot judged", |j| {
+        approval(j).ignored_votes.iter().any(|v| v.name == "robots-two") || approval(j).approved == 2
+    })
+    .await;
+    assert_eq!((phase(&seen), approval(&seen).summary.as_str()), (Some("AwaitingApproval"), "1/2"));
+    let why = approval(&seen).ignored_votes.into_iter().find(|v| v.name == "robots-two").unwrap().why;
+    assert!(why.contains("1 robot vote(s) already count on this job") && why.contains("--max-robot-votes 1"), "{why}");
+}
+
+/// Creates a vote as admin impersonating `voter` with exactly `groups` (kubectl --as), so the
+/// admission policy stamps those groups on it.
+fn vote_impersonating(job: &AgentJob, name: &str, voter: &str, groups: &[&str]) {
+    let cp = ControlPlane::shared();
+    let vote = json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "ApprovalVote", "metadata": {"name": name},
+        "spec": {"jobRef": {"name": job.name_any(), "uid": job.metadata.uid.clone().unwrap(), "generation": 1},
+                 "voter": voter, "decision": "Approve"}});
+    let file = cp.dir().join(format!("vote-{name}.json"));
+    std::fs::write(&file, vote.to_string()).unwrap();
+    let file = file.to_str().unwrap().to_string();
+    let ns = job.namespace().unwrap();
+    let mut args = vec!["create", "-n", ns.as_str(), "-f", file.as_str(), "--as", voter];
+    for group in groups {
+        args.extend(["--as-group", *group]);
+    }
+    let out = cp.kubectl("admin", &args);
+    assert!(out.status.success(), "creating vote {name} as {voter}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn each_vote_is_checked_with_its_own_groups() {
+    let ns = "ga-groups";
+    let admin = setup(&[ns]).await;
+    // frank was a head (through a group) when he approved the first job named ledger.
+    let first = create_job("dave", ns, "ledger").await;
+    vote_impersonating(&first, "ledger-frank-old", "frank", &["agentgate:users", "agentgate:heads", "system:authenticated"]);
+    wait_for_job(&admin, ns, "ledger", "frank counted as a head", |j| approval(j).approved == 1).await;
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), ns);
+    jobs.delete("ledger", &DeleteParams::default()).await.unwrap();
+    wait_for("the first ledger gone", TIMEOUT, || async { jobs.get_opt("ledger").await.unwrap() }, |j| j.is_none()).await;
+
+    // The job is created again; frank, no longer in the heads' group, approves it, and so does bob.
+    // His stale vote (on the deleted job) must not vouch for the new one.
+    let second = create_job("dave", ns, "ledger").await;
+    vote_impersonating(&second, "ledger-frank-new", "frank", &["agentgate:users", "system:authenticated"]);
+    vote(&user("bob").await, &second, "bob", Decision::Approve).await;
+    let judged = |j: &AgentJob, vote: &str| {
+        approval(j).ignored_votes.iter().any(|v| v.name == vote) || approval(j).approvers.iter().any(|a| a.vote == vote)
+    };
+    let seen = wait_for_job(&admin, ns, "ledger", "frank's and bob's votes judged", |j| {
+        judged(j, "ledger-frank-new") && approval(j).approvers.iter().any(|a| a.voter == "bob")
+    })
+    .await;
+    let why = approval(&seen)
+        .ignored_votes
+        .into_iter()
+        .find(|v| v.name == "ledger-frank-new")
+        .unwrap_or_else(|| panic!("frank's new vote counted on the strength of his stale one: {:?}", approval(&seen)))
+        .why;
+    assert!(why.contains("frank is not a head of category payments"), "{why}");
+    assert_eq!((phase(&seen), approval(&seen).summary.as_str()), (Some("AwaitingApproval"), "1/2"));
+}
+
+async fn plugin(user: &str, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(PLUGIN)
+        .args(args)
+        .env("KUBECONFIG", ControlPlane::shared().kubeconfig(user))
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .expect("running kubectl-agentgate")
+}
+
+#[tokio::test]
+async fn the_plugin_votes_only_on_the_generation_the_voter_saw() {
+    let ns = "ga-plugin";
+    let admin = setup(&[ns]).await;
+    let job = create_job("dave", ns, "report").await;
+    awaiting_approval(&admin, ns, "report").await;
+    // alice reviewed generation 1; dave raises the budget before she votes.
+    Api::<AgentJob>::namespaced(user("dave").await, ns)
+        .patch("report", &PatchParams::default(), &Patch::Merge(json!({"spec": {"budget": {"maxCostUSD": "50"}}})))
+        .await
+        .unwrap();
+    let stale = plugin("alice", &["approve", "report", "-n", ns, "--generation", "1"]).await;
+    let err = String::from_utf8_lossy(&stale.stderr);
+    assert!(!stale.status.success(), "a vote on a generation alice did not review must fail");
+    assert!(err.contains("report is at generation 2, not the generation 1 you reviewed"), "{err}");
+    let votes = Api::<ApprovalVote>::namespaced(admin.clone(), ns);
+    assert!(votes.list(&ListParams::default()).await.unwrap().items.is_empty(), "no vote may be created");
+
+    // Voting on what is shown: the generation and the spec are printed, and the vote names them.
+    let ok = plugin("alice", &["approve", "report", "-n", ns, "--generation", "2"]).await;
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{out}\n{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(out.contains(&format!("Approve {ns}/report generation 2 (uid {})", job.metadata.uid.as_deref().unwrap())), "{out}");
+    assert!(out.contains("maxCostUSD: '50'") || out.contains("maxCostUSD: \"50\"") || out.contains("maxCostUSD: 50"), "{out}");
+    let cast = votes.list(&ListParams::default()).await.unwrap().items;
+    assert_eq!(cast.iter().map(|v| v.spec.job_ref.generation).collect::<Vec<_>>(), [2]);
+}
