@@ -3,6 +3,7 @@
 
 pub mod budget;
 pub mod proxy;
+pub mod sidecar;
 pub mod sse;
 pub mod wire;
 
