@@ -130,9 +130,14 @@ async fn write_reports(ledger: Arc<Ledger>, path: PathBuf) {
 
 async fn write_report(ledger: &Ledger, path: &Path) -> anyhow::Result<()> {
     let json = serde_json::to_vec_pretty(&ledger.snapshot())?;
-    // Written aside and renamed, so a reader never sees half a report.
-    let tmp = path.with_extension("tmp");
-    tokio::fs::write(&tmp, json).await?;
-    tokio::fs::rename(&tmp, path).await?;
+    let path = path.to_path_buf();
+    // Written aside and renamed, so a reader never sees half a report; off the runtime's only
+    // thread, so a slow disk does not hold up calls.
+    tokio::task::spawn_blocking(move || {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(&tmp, &path)
+    })
+    .await??;
     Ok(())
 }

@@ -62,7 +62,7 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
     for (wanted, provider) in [(meter.openai_key, "openai"), (meter.anthropic_key, "anthropic")] {
         if wanted {
             args.extend([format!("--{provider}-key-file"), format!("{KEYS_DIR}/{provider}")]);
-            items.push(KeyToPath { key: provider.into(), path: provider.into(), mode: None });
+            items.push(KeyToPath { key: provider.into(), path: provider.into(), ..KeyToPath::default() });
         }
     }
     for (upstream, flag) in [(&meter.openai_upstream, "--openai-upstream"), (&meter.anthropic_upstream, "--anthropic-upstream")] {
@@ -89,7 +89,7 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
     // Pod have their own mount namespace and cannot see them.
     spec.volumes.get_or_insert_with(Vec::new).push(Volume {
         name: KEYS_VOLUME.into(),
-        secret: Some(SecretVolumeSource { secret_name: Some(meter.keys_secret.clone()), items: Some(items), default_mode: Some(0o444), optional: Some(false) }),
+        secret: Some(SecretVolumeSource { secret_name: Some(meter.keys_secret.clone()), items: Some(items), default_mode: Some(0o444), optional: Some(false), ..Default::default() }),
         ..Volume::default()
     });
     let openai = format!("http://127.0.0.1:{PORT}/v1");

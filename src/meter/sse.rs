@@ -22,7 +22,10 @@ pub struct Parser {
     /// a hostile or broken upstream cannot make the meter buffer without bound.
     max_event_bytes: usize,
     pub overflowed: bool,
+    /// Dropping the rest of an oversized event, up to its blank line.
     skipping: bool,
+    /// Bytes of the current line arrived (kept or not): such a line is not the blank one.
+    line_seen: bool,
 }
 
 impl Parser {
@@ -35,6 +38,7 @@ impl Parser {
             max_event_bytes,
             overflowed: false,
             skipping: false,
+            line_seen: false,
         }
     }
 
@@ -63,6 +67,7 @@ impl Parser {
     }
 
     fn push_line_bytes(&mut self, bytes: &[u8]) {
+        self.line_seen |= !bytes.is_empty();
         if self.skipping {
             return;
         }
@@ -77,7 +82,8 @@ impl Parser {
 
     fn end_line(&mut self, on_event: &mut impl FnMut(Event)) {
         let line = std::mem::take(&mut self.line);
-        if line.is_empty() {
+        let blank = !std::mem::take(&mut self.line_seen);
+        if blank {
             // A blank line dispatches the event (or ends the skipped one).
             if self.has_data && !self.skipping {
                 on_event(std::mem::take(&mut self.event));
