@@ -164,7 +164,11 @@ fn main() -> anyhow::Result<()> {
             let prices = load_prices(args.price_table.as_deref())?;
             // One thread: a meter serves one agent, and a single-threaded runtime keeps its
             // memory and its latency small (no work stealing between cores).
-            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agentgate::meter::serve(args, prices, wait_for_signal()))
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agentgate::meter::serve(
+                args,
+                prices,
+                wait_for_signal(),
+            ))
         }
         Command::Review(args) => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());

@@ -150,7 +150,8 @@ impl Ledger {
             Ok(plan) => {
                 state.reserved = state.reserved.saturating_add(plan.reserve);
                 state.in_flight += 1;
-                let reservation = Reservation { ledger: self.clone(), model: model.to_string(), price, amount: plan.reserve, settled: false };
+                let reservation =
+                    Reservation { ledger: self.clone(), model: model.to_string(), price, amount: plan.reserve, settled: false };
                 Ok((reservation, plan))
             }
             Err(refusal) => {

@@ -103,8 +103,7 @@ pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Arc<Meter>>
 /// Serves until `shutdown` resolves; the report file is written once more at the end.
 pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let meter = build(&args, prices)?;
-    let listener =
-        tokio::net::TcpListener::bind(args.listen).await.map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, budget = ?args.budget_usd.map(|b| b.to_string()), "agentgate meter ready");
     let writer = args.report_file.clone().map(|path| tokio::spawn(write_reports(meter.ledger.clone(), path)));
     axum::serve(listener, proxy::router(meter.clone())).with_graceful_shutdown(shutdown).await?;

@@ -87,20 +87,30 @@ async fn proxy(State(meter): State<Arc<Meter>>, request: Request) -> Response {
         Provider::OpenAi => meter.openai.clone(),
         Provider::Anthropic => meter.anthropic.clone(),
     }) else {
-        return refuse(provider, StatusCode::SERVICE_UNAVAILABLE, "not_configured", "the agentgate meter has no upstream for this provider");
+        return refuse(
+            provider,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_configured",
+            "the agentgate meter has no upstream for this provider",
+        );
     };
     let (parts, body) = request.into_parts();
     let body = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
         Ok(body) => body,
         Err(_) => {
-            return refuse(provider, StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error", "the request body is too large or was cut off");
+            return refuse(
+                provider,
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "the request body is too large or was cut off",
+            );
         }
     };
     let (body, metering) = match route {
         Route::Free(_) => (body, None),
         Route::Metered(api) => match admit(&meter, api, body) {
             Ok((body, reservation)) => (body, Some((api, reservation))),
-            Err(response) => return response,
+            Err(response) => return *response,
         },
     };
     let uri = upstream_uri(&upstream.base, provider, &path, parts.uri.query());
@@ -138,7 +148,8 @@ async fn proxy(State(meter): State<Arc<Meter>>, request: Request) -> Response {
             Body::new(incoming)
         }
         Some((api, reservation)) => {
-            let streamed = parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
+            let streamed =
+                parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
             Body::new(MeteredBody::new(incoming, api, streamed, reservation))
         }
     };
@@ -146,7 +157,7 @@ async fn proxy(State(meter): State<Arc<Meter>>, request: Request) -> Response {
 }
 
 /// Checks, prices, reserves and rewrites a metered call, or says why not in the provider's shape.
-fn admit(meter: &Meter, api: Api, body: Bytes) -> Result<(Bytes, Reservation), Response> {
+fn admit(meter: &Meter, api: Api, body: Bytes) -> Result<(Bytes, Reservation), Box<Response>> {
     let provider = api.provider();
     let refused = |status, kind: &str, message: &str| {
         meter.ledger.count_refusal();
@@ -154,15 +165,16 @@ fn admit(meter: &Meter, api: Api, body: Bytes) -> Result<(Bytes, Reservation), R
     };
     let (request, facts) = match wire::parse_request(api, &body) {
         Ok(parsed) => parsed,
-        Err(e @ BadRequest::Unbounded(_)) => return Err(refused(StatusCode::BAD_REQUEST, "unbounded_cost", &e.to_string())),
-        Err(e) => return Err(refused(StatusCode::BAD_REQUEST, "invalid_request_error", &e.to_string())),
+        Err(e @ BadRequest::Unbounded(_)) => return Err(Box::new(refused(StatusCode::BAD_REQUEST, "unbounded_cost", &e.to_string()))),
+        Err(e) => return Err(Box::new(refused(StatusCode::BAD_REQUEST, "invalid_request_error", &e.to_string()))),
     };
     let Some(price) = meter.prices.get(&facts.model).copied() else {
         let model: String = facts.model.chars().take(128).collect();
         let message = format!("model {model:?} has no price in the agentgate meter's price table, so its cost cannot be bounded");
-        return Err(refused(StatusCode::BAD_REQUEST, "model_not_priced", &message));
+        return Err(Box::new(refused(StatusCode::BAD_REQUEST, "model_not_priced", &message)));
     };
-    let plan_for = |remaining| budget::plan(&price, facts.input_bound, facts.output_cap, facts.choices, meter.default_output_cap, remaining);
+    let plan_for =
+        |remaining| budget::plan(&price, facts.input_bound, facts.output_cap, facts.choices, meter.default_output_cap, remaining);
     let (reservation, plan) = match meter.ledger.reserve(&facts.model, price, plan_for) {
         Ok(reserved) => reserved,
         Err(Refusal::Budget { needed, remaining }) => {
@@ -172,7 +184,7 @@ fn admit(meter: &Meter, api: Api, body: Bytes) -> Result<(Bytes, Reservation), R
                 crate::domain::money::MicroUsd(remaining.0.max(0))
             );
             meter.ledger.changed.notify_one();
-            return Err(refuse(provider, StatusCode::PAYMENT_REQUIRED, "budget_exceeded", &message));
+            return Err(Box::new(refuse(provider, StatusCode::PAYMENT_REQUIRED, "budget_exceeded", &message)));
         }
     };
     let body = if wire::needs_rewrite(api, &facts, plan.inject_cap) {
@@ -197,7 +209,8 @@ fn upstream_uri(base: &str, provider: Provider, path: &str, query: Option<&str>)
     }
 }
 
-const HOP_BY_HOP: [&str; 8] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization"];
+const HOP_BY_HOP: [&str; 8] =
+    ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "proxy-authorization"];
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in HOP_BY_HOP {
@@ -344,9 +357,15 @@ mod tests {
 
     #[test]
     fn upstream_uris_follow_each_sdks_base_url_convention() {
-        assert_eq!(upstream_uri("https://api.openai.com/v1", Provider::OpenAi, "/v1/chat/completions", None), "https://api.openai.com/v1/chat/completions");
+        assert_eq!(
+            upstream_uri("https://api.openai.com/v1", Provider::OpenAi, "/v1/chat/completions", None),
+            "https://api.openai.com/v1/chat/completions"
+        );
         assert_eq!(upstream_uri("http://h:1/v1", Provider::OpenAi, "/v1/models", Some("a=b")), "http://h:1/v1/models?a=b");
-        assert_eq!(upstream_uri("https://api.anthropic.com", Provider::Anthropic, "/v1/messages", None), "https://api.anthropic.com/v1/messages");
+        assert_eq!(
+            upstream_uri("https://api.anthropic.com", Provider::Anthropic, "/v1/messages", None),
+            "https://api.anthropic.com/v1/messages"
+        );
     }
 
     #[test]

@@ -57,7 +57,8 @@ fn restricted() -> SecurityContext {
 /// Adds the meter to an agent Pod built by `pod_builder::build_pod`.
 pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
     let Some(spec) = pod.spec.as_mut() else { return };
-    let mut args = vec!["meter".to_string(), "--listen".into(), format!("127.0.0.1:{PORT}"), "--budget-usd".into(), meter.budget_usd.clone()];
+    let mut args =
+        vec!["meter".to_string(), "--listen".into(), format!("127.0.0.1:{PORT}"), "--budget-usd".into(), meter.budget_usd.clone()];
     let mut items = Vec::new();
     for (wanted, provider) in [(meter.openai_key, "openai"), (meter.anthropic_key, "anthropic")] {
         if wanted {
@@ -81,7 +82,12 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
         restart_policy: Some("Always".into()),
         // Idle RSS is under 16 MiB; the limit leaves room for large bodies in flight.
         resources: Some(ResourceRequirements { requests: small("20m", "32Mi"), limits: small("500m", "128Mi"), ..Default::default() }),
-        volume_mounts: Some(vec![VolumeMount { name: KEYS_VOLUME.into(), mount_path: KEYS_DIR.into(), read_only: Some(true), ..Default::default() }]),
+        volume_mounts: Some(vec![VolumeMount {
+            name: KEYS_VOLUME.into(),
+            mount_path: KEYS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
         security_context: Some(restricted()),
         ..Container::default()
     });
@@ -89,7 +95,13 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
     // Pod have their own mount namespace and cannot see them.
     spec.volumes.get_or_insert_with(Vec::new).push(Volume {
         name: KEYS_VOLUME.into(),
-        secret: Some(SecretVolumeSource { secret_name: Some(meter.keys_secret.clone()), items: Some(items), default_mode: Some(0o444), optional: Some(false), ..Default::default() }),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(meter.keys_secret.clone()),
+            items: Some(items),
+            default_mode: Some(0o444),
+            optional: Some(false),
+            ..Default::default()
+        }),
         ..Volume::default()
     });
     let openai = format!("http://127.0.0.1:{PORT}/v1");
@@ -213,7 +225,10 @@ mod tests {
             EnvVar { name: "SNEAKY".into(), value: None, value_from: Some(secret_ref("anthropic")) },
             EnvVar { name: "OPENAI_BASE_URL".into(), value: Some("https://api.openai.com/v1".into()), value_from: None },
         ]);
-        agent.env_from = Some(vec![EnvFromSource { secret_ref: Some(SecretEnvSource { name: "llm-keys".into(), optional: None }), ..Default::default() }]);
+        agent.env_from = Some(vec![EnvFromSource {
+            secret_ref: Some(SecretEnvSource { name: "llm-keys".into(), optional: None }),
+            ..Default::default()
+        }]);
         spec.volumes = Some(vec![Volume {
             name: "k".into(),
             secret: Some(SecretVolumeSource { secret_name: Some("llm-keys".into()), ..Default::default() }),

@@ -136,7 +136,8 @@ mod tests {
         Event { name: name.as_bytes().to_vec(), data: data.as_bytes().to_vec() }
     }
 
-    const STREAM: &str = "event: message_start\ndata: {\"a\":\"é✓\"}\n\n: keep-alive\n\ndata: one\ndata:two\r\n\r\nevent: x\rdata: y\r\rdata: [DONE]\n\n";
+    const STREAM: &str =
+        "event: message_start\ndata: {\"a\":\"é✓\"}\n\n: keep-alive\n\ndata: one\ndata:two\r\n\r\nevent: x\rdata: y\r\rdata: [DONE]\n\n";
 
     fn expected() -> Vec<Event> {
         vec![ev("message_start", "{\"a\":\"é✓\"}"), ev("", "one\ntwo"), ev("x", "y"), ev("", "[DONE]")]

@@ -107,10 +107,9 @@ impl std::fmt::Display for BadRequest {
             BadRequest::NotJson => f.write_str("the request body is not a JSON object"),
             BadRequest::NoModel => f.write_str("the request names no model"),
             BadRequest::Invalid(why) => f.write_str(why),
-            BadRequest::Unbounded(what) => write!(
-                f,
-                "the agentgate meter cannot bound the cost of {what} before the call, so it refuses it to keep the budget"
-            ),
+            BadRequest::Unbounded(what) => {
+                write!(f, "the agentgate meter cannot bound the cost of {what} before the call, so it refuses it to keep the budget")
+            }
         }
     }
 }
@@ -128,23 +127,24 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<(Value, RequestFacts), Bad
         match map.get(*field) {
             None | Some(Value::Null) => {}
             Some(v) => {
-                let cap = v.as_i64().filter(|c| *c >= 0).ok_or_else(|| BadRequest::Invalid(format!("{field} must be a non-negative integer")))?;
+                let cap =
+                    v.as_i64().filter(|c| *c >= 0).ok_or_else(|| BadRequest::Invalid(format!("{field} must be a non-negative integer")))?;
                 output_cap = Some(output_cap.map_or(cap, |c: i64| c.max(cap)));
             }
         }
     }
     let choices = match (api, map.get("n")) {
-        (Api::ChatCompletions, Some(v)) if !v.is_null() => {
-            v.as_i64().filter(|n| (1..=MAX_CHOICES).contains(n)).ok_or_else(|| BadRequest::Invalid(format!("n must be an integer from 1 to {MAX_CHOICES}")))?
-        }
+        (Api::ChatCompletions, Some(v)) if !v.is_null() => v
+            .as_i64()
+            .filter(|n| (1..=MAX_CHOICES).contains(n))
+            .ok_or_else(|| BadRequest::Invalid(format!("n must be an integer from 1 to {MAX_CHOICES}")))?,
         _ => 1,
     };
     if let Some(what) = unbounded_input(api, &value) {
         return Err(BadRequest::Unbounded(what));
     }
     let images = count_images(&value);
-    let input_bound =
-        (body.len() as i64).saturating_add(FIXED_INPUT_ALLOWANCE).saturating_add(images.saturating_mul(IMAGE_ALLOWANCE));
+    let input_bound = (body.len() as i64).saturating_add(FIXED_INPUT_ALLOWANCE).saturating_add(images.saturating_mul(IMAGE_ALLOWANCE));
     Ok((value, RequestFacts { model, stream, input_bound, output_cap, choices }))
 }
 

@@ -78,10 +78,16 @@ fn refuses_what_it_cannot_bound_or_read() {
         (Api::Responses, json!({"model": "m", "tools": [{"type": "file_search", "vector_store_ids": ["v"]}]})),
         (Api::Responses, json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]})),
         (Api::ChatCompletions, json!({"model": "m", "web_search_options": {}})),
-        (Api::ChatCompletions, json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]})),
+        (
+            Api::ChatCompletions,
+            json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]}),
+        ),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "tools": [{"type": "web_search_20250305", "name": "web_search"}]})),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "mcp_servers": [{"url": "u"}]})),
-        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]})),
+        (
+            Api::AnthropicMessages,
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}),
+        ),
     ] {
         assert!(matches!(parse(api, body.clone()), Err(BadRequest::Unbounded(_))), "{body}");
     }
@@ -202,5 +208,8 @@ fn error_bodies_have_each_providers_shape() {
         error_body(Provider::OpenAi, "budget_exceeded", "m"),
         json!({"error": {"message": "m", "type": "budget_exceeded", "code": "budget_exceeded", "param": null}})
     );
-    assert_eq!(error_body(Provider::Anthropic, "budget_exceeded", "m"), json!({"type": "error", "error": {"type": "budget_exceeded", "message": "m"}}));
+    assert_eq!(
+        error_body(Provider::Anthropic, "budget_exceeded", "m"),
+        json!({"type": "error", "error": {"type": "budget_exceeded", "message": "m"}})
+    );
 }

@@ -18,7 +18,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 type BoxBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-const USAGE: &str = r#""usage":{"prompt_tokens":120,"completion_tokens":40,"total_tokens":160,"prompt_tokens_details":{"cached_tokens":0}}"#;
+const USAGE: &str =
+    r#""usage":{"prompt_tokens":120,"completion_tokens":40,"total_tokens":160,"prompt_tokens_details":{"cached_tokens":0}}"#;
 
 fn upstream_reply(streamed: bool) -> hyper::Response<BoxBody> {
     if !streamed {
@@ -36,7 +37,9 @@ fn upstream_reply(streamed: bool) -> hyper::Response<BoxBody> {
             Ok(Frame::data(Bytes::from(chunk)))
         })
         .collect();
-    frames.push(Ok(Frame::data(Bytes::from(format!("data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],{USAGE}}}\n\n")))));
+    frames.push(Ok(Frame::data(Bytes::from(format!(
+        "data: {{\"id\":\"c\",\"object\":\"chat.completion.chunk\",\"choices\":[],{USAGE}}}\n\n"
+    )))));
     frames.push(Ok(Frame::data(Bytes::from_static(b"data: [DONE]\n\n"))));
     let body = StreamBody::new(futures::stream::iter(frames));
     hyper::Response::builder().header("content-type", "text/event-stream").body(BodyExt::boxed(body)).unwrap()
@@ -70,7 +73,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 /// last byte of the response.
 async fn run(url: &str, streamed: bool, rps: u64, seconds: u64) -> Vec<Duration> {
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let body = format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"say hello"}}],"max_tokens":64,"stream":{streamed}}}"#);
+    let body =
+        format!(r#"{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"say hello"}}],"max_tokens":64,"stream":{streamed}}}"#);
     let mut tick = tokio::time::interval(Duration::from_nanos(1_000_000_000 / rps));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut tasks = Vec::new();
@@ -122,7 +126,10 @@ async fn main() {
     }
     let idle_rss = rss_kib(meter.id());
     println!("meter benchmark: {rps} requests/s, {rounds} rounds of {seconds}s each way, latency to the last byte");
-    println!("{:<10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}", "mode", "direct p50", "meter p50", "direct p99", "meter p99", "added p50", "added p99");
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12}",
+        "mode", "direct p50", "meter p50", "direct p99", "meter p99", "added p50", "added p99"
+    );
     for streamed in [false, true] {
         let (mut direct, mut metered) = (Vec::new(), Vec::new());
         // A short warm-up each way opens the pooled connections.
@@ -147,7 +154,8 @@ async fn main() {
             ms(m99.saturating_sub(d99))
         );
     }
-    let usage = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>().get(format!("{meter_url}/usage").parse().unwrap()).await.unwrap();
+    let usage =
+        Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>().get(format!("{meter_url}/usage").parse().unwrap()).await.unwrap();
     let usage = usage.into_body().collect().await.unwrap().to_bytes();
     let usage: serde_json::Value = serde_json::from_slice(&usage).unwrap();
     println!("meter RSS: idle {:.1} MiB, after the load {:.1} MiB", idle_rss as f64 / 1024.0, rss_kib(meter.id()) as f64 / 1024.0);

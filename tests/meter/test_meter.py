@@ -299,14 +299,14 @@ def test_many_concurrent_calls_never_overspend(tmp_path, upstream, sdk):
     meter = start_meter(tmp_path, upstream, budget="0.05")
     try:
         refused = []
+        # One client shared by the threads, as an agent would (its connection pool is thread-safe).
+        c = oai(meter, max_retries=0) if sdk == "openai" else anth(meter, max_retries=0)
 
         def call(i):
             try:
                 if sdk == "openai":
-                    c = oai(meter, max_retries=0)
                     list(c.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": f"n{i}"}], stream=i % 2 == 0, max_tokens=300))
                 else:
-                    c = anth(meter, max_retries=0)
                     reply = c.messages.create(model="test-claude", max_tokens=150, messages=[{"role": "user", "content": f"n{i}"}], stream=i % 2 == 0)
                     if i % 2 == 0:
                         list(reply)  # a stream is measured as it is read

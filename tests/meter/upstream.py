@@ -61,10 +61,10 @@ class Handler(BaseHTTPRequestHandler):
             self.recorder.add(call)
             return self.reply(500, {"error": {"message": "upstream broke", "type": "server_error"}})
         handler = {
-            "/v1/chat/completions": self.chat,
-            "/v1/responses": self.responses,
-            "/v1/embeddings": self.embeddings,
-            "/v1/messages": self.messages,
+            "/v1/chat/completions": self.on_chat,
+            "/v1/responses": self.on_responses,
+            "/v1/embeddings": self.on_embeddings,
+            "/v1/messages": self.on_messages,
         }.get(self.path)
         if handler is None:
             call["status"] = 404
@@ -112,7 +112,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- formats
 
-    def chat(self, raw, body, call, slow):
+    def on_chat(self, raw, body, call, slow):
         cap = body.get("max_completion_tokens", body.get("max_tokens"))
         prompt, cached, output = decide_usage(raw, body, cap)
         call["usage"] = {"input": prompt - cached, "cached": cached, "output": output, "model": body["model"]}
@@ -135,7 +135,7 @@ class Handler(BaseHTTPRequestHandler):
         events.append(b"data: [DONE]\n\n")
         self.events(events, slow)
 
-    def responses(self, raw, body, call, slow):
+    def on_responses(self, raw, body, call, slow):
         prompt, cached, output = decide_usage(raw, body, body.get("max_output_tokens"))
         call["usage"] = {"input": prompt - cached, "cached": cached, "output": output, "model": body["model"]}
         self.recorder.add(call)
@@ -156,7 +156,7 @@ class Handler(BaseHTTPRequestHandler):
         ]
         self.events(events, slow)
 
-    def embeddings(self, raw, body, call, slow):
+    def on_embeddings(self, raw, body, call, slow):
         prompt, _, _ = decide_usage(raw, body, 0)
         call["usage"] = {"input": prompt, "cached": 0, "output": 0, "model": body["model"]}
         self.recorder.add(call)
@@ -165,7 +165,7 @@ class Handler(BaseHTTPRequestHandler):
                          "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2]} for i in range(len(inputs))],
                          "usage": {"prompt_tokens": prompt, "total_tokens": prompt}})
 
-    def messages(self, raw, body, call, slow):
+    def on_messages(self, raw, body, call, slow):
         prompt, cached, output = decide_usage(raw, body, body.get("max_tokens"))
         creation = prompt // 5
         fresh = prompt - cached - creation
