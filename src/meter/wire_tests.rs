@@ -213,3 +213,57 @@ fn error_bodies_have_each_providers_shape() {
         json!({"type": "error", "error": {"type": "budget_exceeded", "message": "m"}})
     );
 }
+
+#[test]
+fn never_panics_on_hostile_requests_or_events() {
+    // Mutations of valid bodies and events: truncations, type swaps, huge and negative numbers,
+    // deep nesting. Whatever comes in, the answer is a value or an error, never a panic.
+    let seeds = [
+        json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}], "n": 2, "max_tokens": 5, "stream": true, "stream_options": {"include_usage": false}}),
+        json!({"model": "m", "input": [{"type": "input_image"}], "tools": [{"type": "function"}], "max_output_tokens": 9}),
+        json!({"type": "message_start", "message": {"usage": {"input_tokens": 1, "cache_read_input_tokens": 2}}}),
+        json!({"type": "response.completed", "response": {"usage": {"input_tokens": 1}}}),
+        json!({"type": "message_delta", "usage": {"output_tokens": 3, "input_tokens": 5}}),
+        json!({"choices": [], "usage": {"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 1}}}),
+    ];
+    let replacements: [&[u8]; 8] = [b"null", b"-9223372036854775808", b"18446744073709551616", b"\"x\"", b"[]", b"{}", b"true", b"1e400"];
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let mut seed = 17u64;
+    let mut next = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as usize
+    };
+    for base in &seeds {
+        let text = serde_json::to_vec(base).unwrap();
+        for _ in 0..300 {
+            let mut bytes = text.clone();
+            match next() % 4 {
+                0 => bytes.truncate(next() % (text.len() + 1)),
+                1 => {
+                    // Replace one scalar value (after a ':') with something of another type.
+                    let colons: Vec<usize> = bytes.iter().enumerate().filter(|(_, b)| **b == b':').map(|(i, _)| i).collect();
+                    let at = colons[next() % colons.len()] + 1;
+                    let end = bytes[at..].iter().position(|b| matches!(b, b',' | b'}' | b']')).map_or(bytes.len(), |e| at + e);
+                    bytes.splice(at..end, replacements[next() % replacements.len()].iter().copied());
+                }
+                2 => {
+                    let at = next() % bytes.len();
+                    bytes[at] = (next() % 256) as u8;
+                }
+                _ => bytes = format!("{{\"model\":\"m\",\"x\":{deep}}}").into_bytes(),
+            }
+            for api in [Api::ChatCompletions, Api::Responses, Api::Embeddings, Api::AnthropicMessages] {
+                if let Ok((value, facts)) = parse_request(api, &bytes) {
+                    assert!(facts.input_bound >= bytes.len() as i64);
+                    assert!(facts.output_cap.is_none_or(|c| c >= 0) && facts.choices >= 1);
+                    let _ = rewrite(api, value, &facts, Some(1));
+                }
+                let mut usage = StreamUsage::default();
+                usage.on_event(api, &bytes);
+                if let Some(u) = usage.usage {
+                    assert!(u.input >= 0 && u.cached_input >= 0 && u.output >= 0);
+                }
+            }
+        }
+    }
+}
