@@ -151,7 +151,10 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<(Value, RequestFacts), Bad
 /// Features whose input tokens are not in the request body, so no reservation could bound them.
 fn unbounded_input(api: Api, request: &Value) -> Option<String> {
     let present = |field: &str| request.get(field).is_some_and(|v| !v.is_null() && *v != Value::Bool(false));
-    for field in ["previous_response_id", "conversation", "prompt", "background", "mcp_servers", "web_search_options", "container"] {
+    // `prediction`: rejected predicted tokens are billed as output beyond what the cap shows.
+    for field in
+        ["previous_response_id", "conversation", "prompt", "background", "mcp_servers", "web_search_options", "container", "prediction"]
+    {
         // Chat Completions' legacy `prompt` does not exist; only the Responses API stores prompts.
         if present(field) && !(field == "prompt" && api != Api::Responses) {
             return Some(format!("a request with `{field}`"));
@@ -167,8 +170,8 @@ fn unbounded_input(api: Api, request: &Value) -> Option<String> {
             }
         }
     }
-    if let Some(kind) = find_type(request, &["file", "input_file", "document"]) {
-        return Some(format!("a `{kind}` input (a file's tokens are not bounded by its bytes)"));
+    if let Some(kind) = find_type(request, &["file", "input_file", "document", "item_reference"]) {
+        return Some(format!("a `{kind}` input (stored items and files are not bounded by the request's bytes)"));
     }
     None
 }

@@ -78,6 +78,8 @@ fn refuses_what_it_cannot_bound_or_read() {
         (Api::Responses, json!({"model": "m", "tools": [{"type": "file_search", "vector_store_ids": ["v"]}]})),
         (Api::Responses, json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]})),
         (Api::ChatCompletions, json!({"model": "m", "web_search_options": {}})),
+        (Api::ChatCompletions, json!({"model": "m", "prediction": {"type": "content", "content": "x"}})),
+        (Api::Responses, json!({"model": "m", "input": [{"type": "item_reference", "id": "msg_1"}]})),
         (
             Api::ChatCompletions,
             json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]}),
