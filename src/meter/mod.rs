@@ -97,6 +97,7 @@ pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Arc<Meter>>
         anthropic: Some(upstream(&args.anthropic_upstream, args.anthropic_key_file.as_deref(), false)?),
         client: client()?,
         default_output_cap: args.default_output_cap,
+        contexts: Default::default(),
     }))
 }
 

@@ -1,6 +1,7 @@
 //! The HTTP side: requests in through axum, out through a hyper client, responses streamed back
 //! frame by frame while the meter reads their usage on the way.
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -48,6 +49,30 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// Context sizes (input, cached and output tokens) of the Responses API responses this meter
+/// saw, by id: a call continuing one (`previous_response_id`) carries at most that much input
+/// beyond its own body. Bounded; a forgotten id is refused, never guessed.
+#[derive(Default)]
+pub struct Contexts(std::sync::Mutex<HashMap<String, i64>>);
+
+const MAX_CONTEXTS: usize = 10_000;
+
+impl Contexts {
+    fn get(&self, id: &str) -> Option<i64> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).get(id).copied()
+    }
+
+    fn remember(&self, id: String, tokens: i64) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_CONTEXTS
+            && let Some(evict) = map.keys().next().cloned()
+        {
+            map.remove(&evict);
+        }
+        map.insert(id, tokens);
+    }
+}
+
 pub struct Meter {
     pub ledger: Arc<Ledger>,
     pub prices: PriceTable,
@@ -56,6 +81,7 @@ pub struct Meter {
     pub client: HttpsClient,
     /// The cap set on a request without one when the budget does not force a lower one.
     pub default_output_cap: i64,
+    pub contexts: Arc<Contexts>,
 }
 
 pub fn router(meter: Arc<Meter>) -> axum::Router {
@@ -150,7 +176,7 @@ async fn proxy(State(meter): State<Arc<Meter>>, request: Request) -> Response {
         Some((api, reservation)) => {
             let streamed =
                 parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
-            Body::new(MeteredBody::new(incoming, api, streamed, reservation))
+            Body::new(MeteredBody::new(incoming, api, streamed, reservation, meter.contexts.clone()))
         }
     };
     Response::from_parts(parts, body)
@@ -163,11 +189,20 @@ fn admit(meter: &Meter, api: Api, body: Bytes) -> Result<(Bytes, Reservation), B
         meter.ledger.count_refusal();
         refuse(provider, status, kind, message)
     };
-    let (request, facts) = match wire::parse_request(api, &body) {
+    let (request, mut facts) = match wire::parse_request(api, &body) {
         Ok(parsed) => parsed,
         Err(e @ BadRequest::Unbounded(_)) => return Err(Box::new(refused(StatusCode::BAD_REQUEST, "unbounded_cost", &e.to_string()))),
         Err(e) => return Err(Box::new(refused(StatusCode::BAD_REQUEST, "invalid_request_error", &e.to_string()))),
     };
+    if let Some(previous) = &facts.previous_response {
+        match meter.contexts.get(previous) {
+            Some(tokens) => facts.input_bound = facts.input_bound.saturating_add(tokens),
+            None => {
+                let message = wire::BadRequest::Unbounded("a previous_response_id this meter did not see".into()).to_string();
+                return Err(Box::new(refused(StatusCode::BAD_REQUEST, "unbounded_cost", &message)));
+            }
+        }
+    }
     let Some(price) = meter.prices.get(&facts.model).copied() else {
         let model: String = facts.model.chars().take(128).collect();
         let message = format!("model {model:?} has no price in the agentgate meter's price table, so its cost cannot be bounded");
@@ -251,15 +286,16 @@ pub struct MeteredBody {
     api: Api,
     observer: Observer,
     reservation: Option<Reservation>,
+    contexts: Arc<Contexts>,
 }
 
 impl MeteredBody {
-    fn new(inner: Incoming, api: Api, streamed: bool, reservation: Reservation) -> MeteredBody {
+    fn new(inner: Incoming, api: Api, streamed: bool, reservation: Reservation, contexts: Arc<Contexts>) -> MeteredBody {
         let observer = match streamed {
             true => Observer::Stream { parser: sse::Parser::new(MAX_SSE_EVENT_BYTES), usage: StreamUsage::default() },
             false => Observer::Whole { copy: Vec::new(), overflowed: false },
         };
-        MeteredBody { inner, api, observer, reservation: Some(reservation) }
+        MeteredBody { inner, api, observer, reservation: Some(reservation), contexts }
     }
 
     fn observe(&mut self, data: &[u8]) {
@@ -279,14 +315,21 @@ impl MeteredBody {
 
     fn finish(&mut self, clean: bool) {
         let Some(reservation) = self.reservation.take() else { return };
-        let measured = match &self.observer {
-            _ if !clean => None,
-            Observer::Stream { usage, .. } => usage.usage.filter(|_| usage.done),
-            Observer::Whole { copy, overflowed: false } => serde_json::from_slice::<serde_json::Value>(copy)
-                .ok()
-                .and_then(|body| body.get("usage").and_then(|u| wire::usage_of(self.api, u))),
-            Observer::Whole { .. } => None,
+        let (measured, response_id) = match &self.observer {
+            _ if !clean => (None, None),
+            Observer::Stream { usage, .. } => (usage.usage.filter(|_| usage.done), usage.response_id.clone()),
+            Observer::Whole { copy, overflowed: false } => match serde_json::from_slice::<serde_json::Value>(copy) {
+                Ok(body) => (
+                    body.get("usage").and_then(|u| wire::usage_of(self.api, u)),
+                    body.get("id").and_then(serde_json::Value::as_str).map(str::to_string),
+                ),
+                Err(_) => (None, None),
+            },
+            Observer::Whole { .. } => (None, None),
         };
+        if let (Api::Responses, Some(tokens), Some(id)) = (self.api, measured, response_id) {
+            self.contexts.remember(id, tokens.total());
+        }
         reservation.settle(measured.map_or(Outcome::Unmeasured, Outcome::Measured));
     }
 }

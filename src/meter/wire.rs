@@ -84,6 +84,10 @@ pub struct RequestFacts {
     pub output_cap: Option<i64>,
     /// Completions generated per call (`n` in Chat Completions): the cap applies to each.
     pub choices: i64,
+    /// Responses API: the stored response this one continues. Its context is input the body
+    /// does not hold; the meter adds it to `input_bound` when it saw that response (see
+    /// `proxy::Contexts`) and refuses the call otherwise.
+    pub previous_response: Option<String>,
 }
 
 pub const FIXED_INPUT_ALLOWANCE: i64 = 1_024;
@@ -143,18 +147,21 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<(Value, RequestFacts), Bad
     if let Some(what) = unbounded_input(api, &value) {
         return Err(BadRequest::Unbounded(what));
     }
+    let previous_response = match (api, map.get("previous_response_id")) {
+        (Api::Responses, Some(Value::String(id))) => Some(id.clone()),
+        (_, None | Some(Value::Null)) => None,
+        _ => return Err(BadRequest::Invalid("previous_response_id must be a string".into())),
+    };
     let images = count_images(&value);
     let input_bound = (body.len() as i64).saturating_add(FIXED_INPUT_ALLOWANCE).saturating_add(images.saturating_mul(IMAGE_ALLOWANCE));
-    Ok((value, RequestFacts { model, stream, input_bound, output_cap, choices }))
+    Ok((value, RequestFacts { model, stream, input_bound, output_cap, choices, previous_response }))
 }
 
 /// Features whose input tokens are not in the request body, so no reservation could bound them.
 fn unbounded_input(api: Api, request: &Value) -> Option<String> {
     let present = |field: &str| request.get(field).is_some_and(|v| !v.is_null() && *v != Value::Bool(false));
     // `prediction`: rejected predicted tokens are billed as output beyond what the cap shows.
-    for field in
-        ["previous_response_id", "conversation", "prompt", "background", "mcp_servers", "web_search_options", "container", "prediction"]
-    {
+    for field in ["conversation", "prompt", "background", "mcp_servers", "web_search_options", "container", "prediction"] {
         // Chat Completions' legacy `prompt` does not exist; only the Responses API stores prompts.
         if present(field) && !(field == "prompt" && api != Api::Responses) {
             return Some(format!("a request with `{field}`"));
@@ -284,6 +291,8 @@ pub fn usage_of(api: Api, usage: &Value) -> Option<TokenCounts> {
 pub struct StreamUsage {
     pub usage: Option<TokenCounts>,
     pub done: bool,
+    /// Responses API: the id of the response, for a later `previous_response_id`.
+    pub response_id: Option<String>,
 }
 
 impl StreamUsage {
@@ -310,7 +319,9 @@ impl StreamUsage {
                     event.get("type").and_then(Value::as_str),
                     Some("response.completed" | "response.incomplete" | "response.failed")
                 ) {
-                    self.usage = event.get("response").and_then(|r| r.get("usage")).and_then(|u| usage_of(api, u));
+                    let response = event.get("response");
+                    self.usage = response.and_then(|r| r.get("usage")).and_then(|u| usage_of(api, u));
+                    self.response_id = response.and_then(|r| r.get("id")).and_then(Value::as_str).map(str::to_string);
                     self.done = self.usage.is_some();
                 }
             }

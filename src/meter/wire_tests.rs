@@ -37,13 +37,23 @@ fn facts_of_a_chat_request() {
     let (_, facts) = parse(Api::ChatCompletions, body).unwrap();
     assert_eq!(
         facts,
-        RequestFacts { model: "gpt-4o".into(), stream: true, input_bound: bytes + FIXED_INPUT_ALLOWANCE, output_cap: Some(50), choices: 3 }
+        RequestFacts {
+            model: "gpt-4o".into(),
+            stream: true,
+            input_bound: bytes + FIXED_INPUT_ALLOWANCE,
+            output_cap: Some(50),
+            choices: 3,
+            previous_response: None
+        }
     );
     // Both caps set: the larger one binds the reservation.
     let (_, facts) = parse(Api::ChatCompletions, json!({"model": "m", "max_tokens": 5, "max_completion_tokens": 900})).unwrap();
     assert_eq!(facts.output_cap, Some(900));
     let (_, facts) = parse(Api::Responses, json!({"model": "m", "max_output_tokens": 7, "n": 50})).unwrap();
     assert_eq!((facts.output_cap, facts.choices), (Some(7), 1), "n means nothing to the Responses API");
+    let (_, facts) = parse(Api::Responses, json!({"model": "m", "previous_response_id": "resp_1"})).unwrap();
+    assert_eq!(facts.previous_response.as_deref(), Some("resp_1"));
+    assert!(matches!(parse(Api::Responses, json!({"model": "m", "previous_response_id": 5})), Err(BadRequest::Invalid(_))));
 }
 
 #[test]
@@ -70,7 +80,6 @@ fn images_add_their_allowance_wherever_they_nest() {
 #[test]
 fn refuses_what_it_cannot_bound_or_read() {
     for (api, body) in [
-        (Api::Responses, json!({"model": "m", "previous_response_id": "resp_1"})),
         (Api::Responses, json!({"model": "m", "conversation": "conv_1"})),
         (Api::Responses, json!({"model": "m", "prompt": {"id": "pmpt_1"}})),
         (Api::Responses, json!({"model": "m", "background": true})),
@@ -175,10 +184,11 @@ fn responses_stream_usage_comes_with_the_terminal_event() {
             &[
                 json!({"type": "response.created", "response": {"usage": null}}),
                 json!({"type": "response.output_text.delta", "delta": "response.completed"}),
-                json!({"type": terminal, "response": {"usage": {"input_tokens": 11, "output_tokens": 4, "input_tokens_details": {"cached_tokens": 1}}}}),
+                json!({"type": terminal, "response": {"id": "resp_9", "usage": {"input_tokens": 11, "output_tokens": 4, "input_tokens_details": {"cached_tokens": 1}}}}),
             ],
         );
         assert!(u.done, "{terminal}");
+        assert_eq!(u.response_id.as_deref(), Some("resp_9"));
         assert_eq!(u.usage, Some(TokenCounts { input: 10, cached_input: 1, output: 4 }));
     }
     let u = stream(Api::Responses, &[json!({"type": "response.created", "response": {}})]);

@@ -170,6 +170,20 @@ def test_openai_responses_and_embeddings(meter, upstream):
     assert assert_measured_exactly(meter, recorder)["calls"] == 3
 
 
+def test_a_response_continues_one_the_meter_saw_and_only_those(meter, upstream):
+    recorder, _ = upstream
+    client = oai(meter)
+    first = client.responses.create(model="test-gpt", input="remember this", max_output_tokens=30)
+    second = client.responses.create(model="test-gpt", input="and now?", previous_response_id=first.id, max_output_tokens=30)
+    streamed = list(client.responses.create(model="test-gpt", input="more", previous_response_id=second.id, stream=True))
+    client.responses.create(model="test-gpt", input="last", previous_response_id=streamed[-1].response.id, max_output_tokens=30)
+    with pytest.raises(openai.BadRequestError) as e:  # stored elsewhere: its size is unknown
+        client.responses.create(model="test-gpt", input="x", previous_response_id="resp_from_elsewhere")
+    assert e.value.body["type"] == "unbounded_cost"
+    assert len(recorder.snapshot()) == 4
+    assert assert_measured_exactly(meter, recorder)["calls"] == 4
+
+
 def test_anthropic_messages_streamed_and_not(meter, upstream):
     recorder, _ = upstream
     client = anth(meter)

@@ -143,7 +143,7 @@ class Handler(BaseHTTPRequestHandler):
                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + output}
         message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
                    "content": [{"type": "output_text", "text": "héllo ✓", "annotations": []}]}
-        response = {"id": "resp_1", "object": "response", "created_at": 1, "model": body["model"], "status": "completed",
+        response = {"id": f"resp_{len(self.recorder.snapshot())}", "object": "response", "created_at": 1, "model": body["model"], "status": "completed",
                     "output": [message], "usage": usage, "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
         if not body.get("stream"):
             return self.reply(200, response)
