@@ -159,7 +159,12 @@ async fn main() {
     let usage = usage.into_body().collect().await.unwrap().to_bytes();
     let usage: serde_json::Value = serde_json::from_slice(&usage).unwrap();
     println!("meter RSS: idle {:.1} MiB, after the load {:.1} MiB", idle_rss as f64 / 1024.0, rss_kib(meter.id()) as f64 / 1024.0);
-    println!("meter counted {} calls, {} unmeasured, cost ${}", usage["calls"], usage["unmeasuredCalls"], usage["usage"]["costUSD"]);
+    println!(
+        "meter counted {} calls, {} unmeasured, cost ${}",
+        usage["calls"],
+        usage["unmeasuredCalls"],
+        usage["usage"]["costUSD"].as_str().unwrap_or("?")
+    );
     let _ = meter.kill();
     let _ = meter.wait();
 }
