@@ -94,8 +94,11 @@ async fn usage(State(meter): State<Arc<Meter>>) -> Response {
 
 fn refuse(provider: Provider, status: StatusCode, kind: &str, message: &str) -> Response {
     let mut response = (status, axum::Json(wire::error_body(provider, kind, message))).into_response();
-    // The SDKs already leave 4xx other than 408/409/429 alone; this says so explicitly.
-    response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+    // The SDKs already leave 4xx other than 408/409/429 alone; this says so explicitly. A 5xx
+    // (the provider unreachable) is worth their retry.
+    if status.is_client_error() {
+        response.headers_mut().insert("x-should-retry", HeaderValue::from_static("false"));
+    }
     response
 }
 

@@ -225,6 +225,23 @@ def test_upstream_errors_pass_through_and_cost_nothing(meter, upstream):
     assert usage["calls"] == 0 and micro(usage["usage"]["costUSD"]) == 0 and usage["reservedUSD"] == "0.00"
 
 
+def test_an_unreachable_upstream_is_a_retryable_502_that_costs_nothing(tmp_path):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    meter = Meter(tmp_path, port, budget="1")
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            oai(meter, max_retries=2).chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "hi"}])
+        assert e.value.status_code == 502 and e.value.body["type"] == "upstream_error"
+        usage = meter.usage()
+        assert usage["calls"] == 0 and usage["reservedUSD"] == "0.00" and micro(usage["usage"]["costUSD"]) == 0
+        assert usage["inFlight"] == 0
+    finally:
+        meter.stop()
+
+
 def test_refusals_never_reach_the_upstream(meter, upstream):
     recorder, _ = upstream
     client = oai(meter)
