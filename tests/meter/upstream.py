@@ -24,7 +24,10 @@ class Recorder:
 
 def decide_usage(raw, body, cap):
     """Known, varied counts within what the request allows: input at most a quarter of its bytes
-    (a real tokenizer's ratio), a third of it cached, output up to the cap."""
+    (a real tokenizer's ratio), a third of it cached, output up to the cap. With MAXOUT in the
+    request, the worst case instead: one token per byte, none cached, output at the cap."""
+    if "MAXOUT" in json.dumps(body):
+        return len(raw), 0, cap
     prompt = max(1, len(raw) // 4)
     cached = prompt // 3
     output = min(cap if cap is not None else 25, 25 + len(raw) % 7)
