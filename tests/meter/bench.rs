@@ -102,6 +102,11 @@ fn rss_kib(pid: u32) -> u64 {
     status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
 }
 
+/// `a − b` in milliseconds, negative when the meter's run happened to be faster (noise).
+fn signed_ms(a: Duration, b: Duration) -> String {
+    format!("{:+.3}", (a.as_secs_f64() - b.as_secs_f64()) * 1e3)
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64() * 1e3)
 }
@@ -150,8 +155,8 @@ async fn main() {
             ms(m50),
             ms(d99),
             ms(m99),
-            ms(m50.saturating_sub(d50)),
-            ms(m99.saturating_sub(d99))
+            signed_ms(m50, d50),
+            signed_ms(m99, d99)
         );
     }
     let usage =
