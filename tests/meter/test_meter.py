@@ -69,6 +69,7 @@ class Meter:
                 return "http://" + match.group(1)
             assert self.proc.poll() is None, log_path.read_text()
             time.sleep(0.02)
+        self.proc.kill()
         raise AssertionError("the meter did not start: " + log_path.read_text())
 
     def usage(self):
