@@ -72,6 +72,13 @@ bench: controlplane
 	$(CARGO) build --release --bin agentgate --example bench
 	AGENTGATE_BIN=$(CURDIR)/target/release/agentgate N=$${N:-1000} target/release/examples/bench
 
+# The agent meter's added latency (p50/p99 at BENCH_RPS=1000, streamed and not) next to direct
+# calls to the same local upstream, and its idle RSS. Prints figures; not part of `make test`.
+.PHONY: bench-meter
+bench-meter:
+	$(CARGO) build --release --bin agentgate --example meter-bench
+	AGENTGATE_BIN=$(CURDIR)/target/release/agentgate target/release/examples/meter-bench
+
 # The crash storm at full size (`make test` runs it with 100 jobs): 500 pre-approved AgentJobs
 # while the operator is SIGKILLed every 1-5 s; prints kills, Pods, duplicates and usage lost.
 # CHAOS_JOBS=500 CHAOS_MIN_KILLS=10 by default; CHAOS_SEED replays a run.

@@ -5,6 +5,7 @@ pub mod controller;
 pub mod domain;
 pub mod evaluation;
 pub mod leader;
+pub mod meter;
 pub mod metrics;
 pub mod plugin;
 pub mod review;

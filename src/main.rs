@@ -35,6 +35,9 @@ enum Command {
     /// Evaluate the cost estimator offline.
     #[command(subcommand)]
     Estimator(EstimatorCommand),
+    /// Run the agent meter: an LLM-API proxy that measures usage at the wire and holds a budget
+    /// (standalone, for a laptop or a test; GET /usage returns the running totals).
+    Meter(agentgate::meter::MeterArgs),
 }
 
 #[derive(Subcommand)]
@@ -164,6 +167,18 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args)),
+        Command::Meter(args) => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            let prices = load_prices(args.price_table.as_deref())?;
+            // One thread: a meter serves one agent, and a single-threaded runtime keeps its
+            // memory and its latency small (no work stealing between cores).
+            tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agentgate::meter::serve(
+                args,
+                prices,
+                wait_for_signal(),
+            ))
+        }
         Command::Review(args) => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
             let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());

@@ -1,0 +1,366 @@
+//! The providers' wire formats: which calls are metered, what a request may cost at most, how
+//! the meter rewrites it (usage in streams, an output cap), and where each response reports its
+//! usage, normalised to the project's shape (`input` excludes cached tokens).
+
+use serde_json::Value;
+
+use crate::domain::pricing::TokenCounts;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provider {
+    OpenAi,
+    Anthropic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    ChatCompletions,
+    Responses,
+    Embeddings,
+    AnthropicMessages,
+}
+
+impl Api {
+    pub fn provider(self) -> Provider {
+        match self {
+            Api::AnthropicMessages => Provider::Anthropic,
+            _ => Provider::OpenAi,
+        }
+    }
+
+    /// The request field that caps output tokens, if the API has one. Chat Completions has two:
+    /// `max_tokens` (deprecated, refused by reasoning models) and `max_completion_tokens`; the
+    /// meter injects the latter, which every current chat model accepts.
+    fn cap_fields(self) -> &'static [&'static str] {
+        match self {
+            Api::ChatCompletions => &["max_completion_tokens", "max_tokens"],
+            Api::Responses => &["max_output_tokens"],
+            Api::AnthropicMessages => &["max_tokens"],
+            Api::Embeddings => &[],
+        }
+    }
+}
+
+/// How a request path is served. SDK conventions: `OPENAI_BASE_URL` ends in `/v1` and the SDK
+/// appends `/chat/completions`; `ANTHROPIC_BASE_URL` is the origin and the SDK appends
+/// `/v1/messages`. The paths are disjoint, so one listener serves both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Route {
+    Metered(Api),
+    /// Calls that cost nothing (model lists, token counting): forwarded with the real key.
+    Free(Provider),
+}
+
+/// Anything else is refused rather than forwarded: an unmetered path that costs money (images,
+/// audio, legacy completions, batches) would be a way around the budget.
+pub fn route(method: &http::Method, path: &str) -> Option<Route> {
+    match (method.as_str(), path) {
+        ("POST", "/v1/chat/completions") => Some(Route::Metered(Api::ChatCompletions)),
+        ("POST", "/v1/responses") => Some(Route::Metered(Api::Responses)),
+        ("POST", "/v1/embeddings") => Some(Route::Metered(Api::Embeddings)),
+        ("POST", "/v1/messages") => Some(Route::Metered(Api::AnthropicMessages)),
+        ("POST", "/v1/messages/count_tokens") => Some(Route::Free(Provider::Anthropic)),
+        ("GET", p) if p == "/v1/models" || p.starts_with("/v1/models/") => Some(Route::Free(Provider::OpenAi)),
+        _ => None,
+    }
+}
+
+/// Tokens a request may consume, bounded from its body alone.
+///
+/// Input bound: one token per request-body byte, plus allowances. Every tokenizer in use (BPE
+/// over bytes) emits at most one token per byte of text, and the JSON around the text (quotes,
+/// keys, escapes) only adds bytes. What the body does not carry is allowed for explicitly: the
+/// chat template and the tool-use system prompt the provider adds (Anthropic's is ~350 tokens)
+/// fit in `FIXED_INPUT_ALLOWANCE`; an image costs a bounded number of tokens whatever its bytes
+/// (a URL is short, a tiny image at high detail is 255+ tokens), hence `IMAGE_ALLOWANCE` each.
+/// Inputs the body cannot bound at all (files, stored prompts, earlier responses, hosted tools)
+/// are refused by `unbounded_input`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestFacts {
+    pub model: String,
+    pub stream: bool,
+    pub input_bound: i64,
+    /// The client's own cap, if it set one (the largest if it set several).
+    pub output_cap: Option<i64>,
+    /// Completions generated per call (`n` in Chat Completions): the cap applies to each.
+    pub choices: i64,
+    /// Responses API: the stored response this one continues. Its context is input the body
+    /// does not hold; the meter adds it to `input_bound` when it saw that response (see
+    /// `proxy::Contexts`) and refuses the call otherwise.
+    pub previous_response: Option<String>,
+}
+
+pub const FIXED_INPUT_ALLOWANCE: i64 = 1_024;
+/// Above the largest per-image cost published (OpenAI's patch-based models: 1,536 patches ×
+/// 1.62 ≈ 2,500 tokens; Anthropic: ~1,600 at 1.15 megapixels), with headroom.
+pub const IMAGE_ALLOWANCE: i64 = 5_000;
+/// `n` beyond this is refused: 128 is OpenAI's own limit.
+const MAX_CHOICES: i64 = 128;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum BadRequest {
+    NotJson,
+    NoModel,
+    Invalid(String),
+    Unbounded(String),
+}
+
+impl std::fmt::Display for BadRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadRequest::NotJson => f.write_str("the request body is not a JSON object"),
+            BadRequest::NoModel => f.write_str("the request names no model"),
+            BadRequest::Invalid(why) => f.write_str(why),
+            BadRequest::Unbounded(what) => {
+                write!(f, "the agentgate meter cannot bound the cost of {what} before the call, so it refuses it to keep the budget")
+            }
+        }
+    }
+}
+
+pub fn parse_request(api: Api, body: &[u8]) -> Result<(Value, RequestFacts), BadRequest> {
+    let value: Value = serde_json::from_slice(body).map_err(|_| BadRequest::NotJson)?;
+    let Value::Object(map) = &value else { return Err(BadRequest::NotJson) };
+    let model = match map.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        _ => return Err(BadRequest::NoModel),
+    };
+    let stream = matches!(map.get("stream"), Some(Value::Bool(true)));
+    let mut output_cap = None;
+    for field in api.cap_fields() {
+        match map.get(*field) {
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                let cap =
+                    v.as_i64().filter(|c| *c >= 0).ok_or_else(|| BadRequest::Invalid(format!("{field} must be a non-negative integer")))?;
+                output_cap = Some(output_cap.map_or(cap, |c: i64| c.max(cap)));
+            }
+        }
+    }
+    let choices = match (api, map.get("n")) {
+        (Api::ChatCompletions, Some(v)) if !v.is_null() => v
+            .as_i64()
+            .filter(|n| (1..=MAX_CHOICES).contains(n))
+            .ok_or_else(|| BadRequest::Invalid(format!("n must be an integer from 1 to {MAX_CHOICES}")))?,
+        _ => 1,
+    };
+    if let Some(what) = unbounded_input(api, &value) {
+        return Err(BadRequest::Unbounded(what));
+    }
+    let previous_response = match (api, map.get("previous_response_id")) {
+        (Api::Responses, Some(Value::String(id))) => Some(id.clone()),
+        (_, None | Some(Value::Null)) => None,
+        _ => return Err(BadRequest::Invalid("previous_response_id must be a string".into())),
+    };
+    let images = count_images(&value);
+    let input_bound = (body.len() as i64).saturating_add(FIXED_INPUT_ALLOWANCE).saturating_add(images.saturating_mul(IMAGE_ALLOWANCE));
+    Ok((value, RequestFacts { model, stream, input_bound, output_cap, choices, previous_response }))
+}
+
+/// Features whose input tokens are not in the request body, so no reservation could bound them.
+fn unbounded_input(api: Api, request: &Value) -> Option<String> {
+    let present = |field: &str| request.get(field).is_some_and(|v| !v.is_null() && *v != Value::Bool(false));
+    // `prediction`: rejected predicted tokens are billed as output beyond what the cap shows.
+    for field in ["conversation", "prompt", "background", "mcp_servers", "web_search_options", "container", "prediction"] {
+        // Chat Completions' legacy `prompt` does not exist; only the Responses API stores prompts.
+        if present(field) && !(field == "prompt" && api != Api::Responses) {
+            return Some(format!("a request with `{field}`"));
+        }
+    }
+    if let Some(Value::Array(tools)) = request.get("tools") {
+        for tool in tools {
+            match tool.get("type").and_then(Value::as_str) {
+                // Client-side tools: their definitions are in the body, their results come back
+                // in a later, metered call.
+                None | Some("function" | "custom") => {}
+                Some(other) => return Some(format!("the hosted tool `{other}` (its results add input the request does not hold)")),
+            }
+        }
+    }
+    if let Some(kind) = find_type(request, &["file", "input_file", "document", "item_reference"]) {
+        return Some(format!("a `{kind}` input (stored items and files are not bounded by the request's bytes)"));
+    }
+    None
+}
+
+const MAX_WALK_DEPTH: usize = 64;
+
+fn find_type(value: &Value, kinds: &[&str]) -> Option<String> {
+    let mut found = None;
+    walk(value, &mut |v| {
+        if let Some(t) = v.get("type").and_then(Value::as_str)
+            && kinds.contains(&t)
+        {
+            found.get_or_insert_with(|| t.to_string());
+        }
+    });
+    found
+}
+
+fn count_images(value: &Value) -> i64 {
+    let mut images = 0i64;
+    walk(value, &mut |v| {
+        if matches!(v.get("type").and_then(Value::as_str), Some("image" | "image_url" | "input_image")) {
+            images += 1;
+        }
+    });
+    images
+}
+
+/// Visits every object of a JSON tree (depth-bounded: serde_json already refuses more than 128
+/// levels, the bound keeps the walk's stack small).
+fn walk(value: &Value, visit: &mut impl FnMut(&Value)) {
+    let mut stack = vec![(value, 0usize)];
+    while let Some((v, depth)) = stack.pop() {
+        match v {
+            Value::Object(map) => {
+                visit(v);
+                if depth < MAX_WALK_DEPTH {
+                    stack.extend(map.values().map(|c| (c, depth + 1)));
+                }
+            }
+            Value::Array(items) if depth < MAX_WALK_DEPTH => stack.extend(items.iter().map(|c| (c, depth + 1))),
+            _ => {}
+        }
+    }
+}
+
+/// The request the meter forwards: a cap set when the client set none, and, for a streamed chat
+/// completion, `stream_options.include_usage` forced on (without it the stream carries no usage,
+/// and a client could turn it off to go unmetered).
+pub fn rewrite(api: Api, mut request: Value, facts: &RequestFacts, inject_cap: Option<i64>) -> Value {
+    let Value::Object(map) = &mut request else { return request };
+    if let (Some(cap), Some(field)) = (inject_cap, api.cap_fields().first()) {
+        map.insert((*field).to_string(), Value::from(cap));
+    }
+    if api == Api::ChatCompletions && facts.stream {
+        let options = map.entry("stream_options").or_insert_with(|| Value::Object(Default::default()));
+        if !options.is_object() {
+            *options = Value::Object(Default::default());
+        }
+        options["include_usage"] = Value::Bool(true);
+    }
+    request
+}
+
+/// Whether a request needs rewriting at all (else its bytes are forwarded untouched).
+pub fn needs_rewrite(api: Api, facts: &RequestFacts, inject_cap: Option<i64>) -> bool {
+    inject_cap.is_some() || (api == Api::ChatCompletions && facts.stream)
+}
+
+fn count(v: &Value, path: &[&str]) -> i64 {
+    path.iter().try_fold(v, |v, k| v.get(k)).and_then(Value::as_i64).unwrap_or(0).max(0)
+}
+
+/// Usage in a whole (non-streamed) response body, or in the `usage` object of a stream event.
+pub fn usage_of(api: Api, usage: &Value) -> Option<TokenCounts> {
+    if !usage.is_object() {
+        return None;
+    }
+    Some(match api {
+        // prompt_tokens includes the cached ones.
+        Api::ChatCompletions | Api::Embeddings => {
+            let cached = count(usage, &["prompt_tokens_details", "cached_tokens"]);
+            TokenCounts {
+                input: (count(usage, &["prompt_tokens"]) - cached).max(0),
+                cached_input: cached,
+                output: count(usage, &["completion_tokens"]),
+            }
+        }
+        Api::Responses => {
+            let cached = count(usage, &["input_tokens_details", "cached_tokens"]);
+            TokenCounts {
+                input: (count(usage, &["input_tokens"]) - cached).max(0),
+                cached_input: cached,
+                output: count(usage, &["output_tokens"]),
+            }
+        }
+        // Anthropic's input_tokens already excludes cache reads and writes. Cache writes are
+        // priced as input: the price table has no cache-write rate.
+        Api::AnthropicMessages => TokenCounts {
+            input: count(usage, &["input_tokens"]).saturating_add(count(usage, &["cache_creation_input_tokens"])),
+            cached_input: count(usage, &["cache_read_input_tokens"]),
+            output: count(usage, &["output_tokens"]),
+        },
+    })
+}
+
+/// Follows usage through a stream's events. `done` is set once the event that carries the
+/// final usage has passed; a stream that ends before it is charged conservatively.
+#[derive(Debug, Default)]
+pub struct StreamUsage {
+    pub usage: Option<TokenCounts>,
+    pub done: bool,
+    /// Responses API: the id of the response, for a later `previous_response_id`.
+    pub response_id: Option<String>,
+}
+
+impl StreamUsage {
+    pub fn on_event(&mut self, api: Api, data: &[u8]) {
+        // Most events are text deltas: skip the JSON parse unless the event can carry usage.
+        let needle: &[u8] = match api {
+            Api::ChatCompletions | Api::Embeddings => b"\"usage\"",
+            Api::Responses => b"\"response.",
+            Api::AnthropicMessages => b"\"message_",
+        };
+        if !data.windows(needle.len()).any(|w| w == needle) {
+            return;
+        }
+        let Ok(event) = serde_json::from_slice::<Value>(data) else { return };
+        match api {
+            Api::ChatCompletions | Api::Embeddings => {
+                if let Some(u) = event.get("usage").and_then(|u| usage_of(api, u)) {
+                    self.usage = Some(u);
+                    self.done = true;
+                }
+            }
+            Api::Responses => {
+                if matches!(
+                    event.get("type").and_then(Value::as_str),
+                    Some("response.completed" | "response.incomplete" | "response.failed")
+                ) {
+                    let response = event.get("response");
+                    self.usage = response.and_then(|r| r.get("usage")).and_then(|u| usage_of(api, u));
+                    self.response_id = response.and_then(|r| r.get("id")).and_then(Value::as_str).map(str::to_string);
+                    self.done = self.usage.is_some();
+                }
+            }
+            Api::AnthropicMessages => match event.get("type").and_then(Value::as_str) {
+                Some("message_start") => {
+                    self.usage = event.get("message").and_then(|m| m.get("usage")).and_then(|u| usage_of(api, u));
+                }
+                Some("message_delta") => {
+                    if let (Some(current), Some(delta)) = (self.usage.as_mut(), event.get("usage")) {
+                        // Cumulative counts, not increments: the last one is the total.
+                        if let Some(out) = delta.get("output_tokens").and_then(Value::as_i64) {
+                            current.output = out.max(0);
+                        }
+                        // Newer API versions repeat the input counts here, also as totals.
+                        let given = |k: &str| delta.get(k).is_some_and(|v| !v.is_null());
+                        let totals = usage_of(api, delta).unwrap_or_default();
+                        if given("input_tokens") {
+                            current.input = totals.input;
+                        }
+                        if given("cache_read_input_tokens") {
+                            current.cached_input = totals.cached_input;
+                        }
+                    }
+                }
+                Some("message_stop") => self.done = self.usage.is_some(),
+                _ => {}
+            },
+        }
+    }
+}
+
+/// An error body in the provider's own shape, which its SDK parses into its exception.
+pub fn error_body(provider: Provider, kind: &str, message: &str) -> Value {
+    match provider {
+        Provider::OpenAi => serde_json::json!({"error": {"message": message, "type": kind, "code": kind, "param": null}}),
+        Provider::Anthropic => serde_json::json!({"type": "error", "error": {"type": kind, "message": message}}),
+    }
+}
+
+#[cfg(test)]
+#[path = "wire_tests.rs"]
+mod tests;

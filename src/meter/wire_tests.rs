@@ -1,0 +1,281 @@
+use serde_json::json;
+
+use super::*;
+
+fn parse(api: Api, body: Value) -> Result<(Value, RequestFacts), BadRequest> {
+    parse_request(api, &serde_json::to_vec(&body).unwrap())
+}
+
+#[test]
+fn routes_only_what_the_meter_can_bound() {
+    let post = http::Method::POST;
+    assert_eq!(route(&post, "/v1/chat/completions"), Some(Route::Metered(Api::ChatCompletions)));
+    assert_eq!(route(&post, "/v1/responses"), Some(Route::Metered(Api::Responses)));
+    assert_eq!(route(&post, "/v1/embeddings"), Some(Route::Metered(Api::Embeddings)));
+    assert_eq!(route(&post, "/v1/messages"), Some(Route::Metered(Api::AnthropicMessages)));
+    assert_eq!(route(&post, "/v1/messages/count_tokens"), Some(Route::Free(Provider::Anthropic)));
+    assert_eq!(route(&http::Method::GET, "/v1/models"), Some(Route::Free(Provider::OpenAi)));
+    for (method, path) in [
+        (&post, "/v1/completions"),
+        (&post, "/v1/images/generations"),
+        (&post, "/v1/audio/speech"),
+        (&post, "/v1/batches"),
+        (&post, "/v1/messages/batches"),
+        (&post, "/v1/chat/completions/"),
+        (&post, "/v1//chat/completions"),
+        (&http::Method::GET, "/v1/chat/completions"),
+        (&http::Method::DELETE, "/v1/models/x"),
+    ] {
+        assert_eq!(route(method, path), None, "{method} {path} is not forwarded unmetered");
+    }
+}
+
+#[test]
+fn facts_of_a_chat_request() {
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 50, "n": 3, "stream": true});
+    let bytes = serde_json::to_vec(&body).unwrap().len() as i64;
+    let (_, facts) = parse(Api::ChatCompletions, body).unwrap();
+    assert_eq!(
+        facts,
+        RequestFacts {
+            model: "gpt-4o".into(),
+            stream: true,
+            input_bound: bytes + FIXED_INPUT_ALLOWANCE,
+            output_cap: Some(50),
+            choices: 3,
+            previous_response: None
+        }
+    );
+    // Both caps set: the larger one binds the reservation.
+    let (_, facts) = parse(Api::ChatCompletions, json!({"model": "m", "max_tokens": 5, "max_completion_tokens": 900})).unwrap();
+    assert_eq!(facts.output_cap, Some(900));
+    let (_, facts) = parse(Api::Responses, json!({"model": "m", "max_output_tokens": 7, "n": 50})).unwrap();
+    assert_eq!((facts.output_cap, facts.choices), (Some(7), 1), "n means nothing to the Responses API");
+    let (_, facts) = parse(Api::Responses, json!({"model": "m", "previous_response_id": "resp_1"})).unwrap();
+    assert_eq!(facts.previous_response.as_deref(), Some("resp_1"));
+    assert!(matches!(parse(Api::Responses, json!({"model": "m", "previous_response_id": 5})), Err(BadRequest::Invalid(_))));
+}
+
+#[test]
+fn images_add_their_allowance_wherever_they_nest() {
+    let chat = json!({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this"},
+        {"type": "image_url", "image_url": {"url": "https://x/a.png", "detail": "high"}},
+    ]}]});
+    let anthropic = json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "url", "url": "https://x/a.png"}},
+        {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "image", "source": {"type": "url", "url": "u"}}]},
+    ]}]});
+    for (api, body, images) in [(Api::ChatCompletions, chat, 1), (Api::AnthropicMessages, anthropic, 2)] {
+        let bytes = serde_json::to_vec(&body).unwrap().len() as i64;
+        let (_, facts) = parse(api, body).unwrap();
+        assert_eq!(facts.input_bound, bytes + FIXED_INPUT_ALLOWANCE + images * IMAGE_ALLOWANCE);
+    }
+    // An escaped key is still counted: the walk reads the parsed value, not the raw bytes.
+    let escaped = br#"{"model":"m","input":[{"t\u0079pe":"input_image","image_url":"u"}]}"#;
+    let (_, facts) = parse_request(Api::Responses, escaped).unwrap();
+    assert_eq!(facts.input_bound, escaped.len() as i64 + FIXED_INPUT_ALLOWANCE + IMAGE_ALLOWANCE);
+}
+
+#[test]
+fn refuses_what_it_cannot_bound_or_read() {
+    for (api, body) in [
+        (Api::Responses, json!({"model": "m", "conversation": "conv_1"})),
+        (Api::Responses, json!({"model": "m", "prompt": {"id": "pmpt_1"}})),
+        (Api::Responses, json!({"model": "m", "background": true})),
+        (Api::Responses, json!({"model": "m", "tools": [{"type": "web_search"}]})),
+        (Api::Responses, json!({"model": "m", "tools": [{"type": "file_search", "vector_store_ids": ["v"]}]})),
+        (Api::Responses, json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "f"}]}]})),
+        (Api::ChatCompletions, json!({"model": "m", "web_search_options": {}})),
+        (Api::ChatCompletions, json!({"model": "m", "prediction": {"type": "content", "content": "x"}})),
+        (Api::Responses, json!({"model": "m", "input": [{"type": "item_reference", "id": "msg_1"}]})),
+        (
+            Api::ChatCompletions,
+            json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "f"}}]}]}),
+        ),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "tools": [{"type": "web_search_20250305", "name": "web_search"}]})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "mcp_servers": [{"url": "u"}]})),
+        (
+            Api::AnthropicMessages,
+            json!({"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}),
+        ),
+    ] {
+        assert!(matches!(parse(api, body.clone()), Err(BadRequest::Unbounded(_))), "{body}");
+    }
+    // Client-side tools and a stored-but-unused flag are fine.
+    assert!(parse(Api::Responses, json!({"model": "m", "background": false, "tools": [{"type": "function", "name": "f"}]})).is_ok());
+    assert!(parse(Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "tools": [{"name": "f", "input_schema": {}}]})).is_ok());
+    assert_eq!(parse_request(Api::ChatCompletions, b"not json"), Err(BadRequest::NotJson));
+    assert_eq!(parse_request(Api::ChatCompletions, b"[1,2]"), Err(BadRequest::NotJson));
+    assert_eq!(parse_request(Api::ChatCompletions, b""), Err(BadRequest::NotJson));
+    assert_eq!(parse(Api::ChatCompletions, json!({"model": ""})).unwrap_err(), BadRequest::NoModel);
+    assert_eq!(parse(Api::ChatCompletions, json!({"model": 5})).unwrap_err(), BadRequest::NoModel);
+    for bad in [json!(-1), json!(1.5), json!("100"), json!(1e30)] {
+        assert!(matches!(parse(Api::ChatCompletions, json!({"model": "m", "max_tokens": bad})), Err(BadRequest::Invalid(_))));
+    }
+    for bad in [json!(0), json!(129), json!("2")] {
+        assert!(matches!(parse(Api::ChatCompletions, json!({"model": "m", "n": bad})), Err(BadRequest::Invalid(_))));
+    }
+}
+
+#[test]
+fn rewriting_forces_usage_into_chat_streams_and_sets_the_cap() {
+    for options in [json!(null), json!({"include_usage": false}), json!("junk")] {
+        let (request, facts) = parse(Api::ChatCompletions, json!({"model": "m", "stream": true, "stream_options": options})).unwrap();
+        assert!(needs_rewrite(Api::ChatCompletions, &facts, None));
+        let out = rewrite(Api::ChatCompletions, request, &facts, Some(77));
+        assert_eq!(out["stream_options"]["include_usage"], json!(true), "{options}");
+        assert_eq!(out["max_completion_tokens"], json!(77));
+    }
+    let (request, facts) = parse(Api::Responses, json!({"model": "m", "stream": true})).unwrap();
+    assert_eq!(rewrite(Api::Responses, request, &facts, Some(5))["max_output_tokens"], json!(5));
+    let (_, facts) = parse(Api::Responses, json!({"model": "m"})).unwrap();
+    assert!(!needs_rewrite(Api::Responses, &facts, None), "an untouched request is forwarded byte for byte");
+    let (request, facts) = parse(Api::Embeddings, json!({"model": "m", "input": "x"})).unwrap();
+    assert!(rewrite(Api::Embeddings, request, &facts, Some(5)).get("max_tokens").is_none());
+}
+
+#[test]
+fn usage_of_each_format_excludes_cached_from_input() {
+    let chat = json!({"prompt_tokens": 1000, "completion_tokens": 50, "prompt_tokens_details": {"cached_tokens": 800}});
+    assert_eq!(usage_of(Api::ChatCompletions, &chat), Some(TokenCounts { input: 200, cached_input: 800, output: 50 }));
+    let responses = json!({"input_tokens": 300, "input_tokens_details": {"cached_tokens": 100}, "output_tokens": 9, "total_tokens": 309});
+    assert_eq!(usage_of(Api::Responses, &responses), Some(TokenCounts { input: 200, cached_input: 100, output: 9 }));
+    let embeddings = json!({"prompt_tokens": 12, "total_tokens": 12});
+    assert_eq!(usage_of(Api::Embeddings, &embeddings), Some(TokenCounts { input: 12, cached_input: 0, output: 0 }));
+    let anthropic = json!({"input_tokens": 10, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 30, "output_tokens": 40});
+    assert_eq!(usage_of(Api::AnthropicMessages, &anthropic), Some(TokenCounts { input: 30, cached_input: 30, output: 40 }));
+    // Garbage never panics nor goes negative.
+    assert_eq!(usage_of(Api::ChatCompletions, &json!(null)), None);
+    let lying = json!({"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 9}, "completion_tokens": -4});
+    assert_eq!(usage_of(Api::ChatCompletions, &lying), Some(TokenCounts { input: 0, cached_input: 9, output: 0 }));
+}
+
+fn stream(api: Api, events: &[Value]) -> StreamUsage {
+    let mut usage = StreamUsage::default();
+    for e in events {
+        usage.on_event(api, &serde_json::to_vec(e).unwrap());
+    }
+    usage
+}
+
+#[test]
+fn chat_stream_usage_comes_in_the_last_chunk() {
+    let u = stream(
+        Api::ChatCompletions,
+        &[
+            json!({"choices": [{"delta": {"content": "usage"}}], "usage": null}),
+            json!({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3}}),
+        ],
+    );
+    assert!(u.done);
+    assert_eq!(u.usage, Some(TokenCounts { input: 7, cached_input: 0, output: 3 }));
+    let mut u = StreamUsage::default();
+    u.on_event(Api::ChatCompletions, b"[DONE]");
+    u.on_event(Api::ChatCompletions, b"{\"usage\": {not json");
+    assert!(!u.done && u.usage.is_none());
+}
+
+#[test]
+fn responses_stream_usage_comes_with_the_terminal_event() {
+    for terminal in ["response.completed", "response.incomplete", "response.failed"] {
+        let u = stream(
+            Api::Responses,
+            &[
+                json!({"type": "response.created", "response": {"usage": null}}),
+                json!({"type": "response.output_text.delta", "delta": "response.completed"}),
+                json!({"type": terminal, "response": {"id": "resp_9", "usage": {"input_tokens": 11, "output_tokens": 4, "input_tokens_details": {"cached_tokens": 1}}}}),
+            ],
+        );
+        assert!(u.done, "{terminal}");
+        assert_eq!(u.response_id.as_deref(), Some("resp_9"));
+        assert_eq!(u.usage, Some(TokenCounts { input: 10, cached_input: 1, output: 4 }));
+    }
+    let u = stream(Api::Responses, &[json!({"type": "response.created", "response": {}})]);
+    assert!(!u.done);
+}
+
+#[test]
+fn anthropic_output_tokens_are_a_running_total_never_summed() {
+    let start = json!({"type": "message_start", "message": {"usage": {"input_tokens": 25, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 5, "output_tokens": 1}}});
+    let delta = |n: i64| json!({"type": "message_delta", "delta": {"stop_reason": null}, "usage": {"output_tokens": n}});
+    let u = stream(Api::AnthropicMessages, &[start.clone(), delta(10), delta(42), json!({"type": "message_stop"})]);
+    assert!(u.done);
+    assert_eq!(u.usage, Some(TokenCounts { input: 30, cached_input: 100, output: 42 }));
+    // Without message_stop the stream did not finish: usage is not final.
+    let u = stream(Api::AnthropicMessages, &[start.clone(), delta(10)]);
+    assert!(!u.done);
+    // A message_delta before any message_start is ignored, not taken as the whole usage.
+    let u = stream(Api::AnthropicMessages, &[delta(10), json!({"type": "message_stop"})]);
+    assert!(!u.done && u.usage.is_none());
+    // Newer API versions repeat input counts in message_delta, as totals too.
+    let full = json!({"type": "message_delta", "usage": {"input_tokens": 25, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 5, "output_tokens": 50}});
+    let u = stream(Api::AnthropicMessages, &[start, full, json!({"type": "message_stop"})]);
+    assert_eq!(u.usage, Some(TokenCounts { input: 30, cached_input: 100, output: 50 }));
+}
+
+#[test]
+fn error_bodies_have_each_providers_shape() {
+    assert_eq!(
+        error_body(Provider::OpenAi, "budget_exceeded", "m"),
+        json!({"error": {"message": "m", "type": "budget_exceeded", "code": "budget_exceeded", "param": null}})
+    );
+    assert_eq!(
+        error_body(Provider::Anthropic, "budget_exceeded", "m"),
+        json!({"type": "error", "error": {"type": "budget_exceeded", "message": "m"}})
+    );
+}
+
+#[test]
+fn never_panics_on_hostile_requests_or_events() {
+    // Mutations of valid bodies and events: truncations, type swaps, huge and negative numbers,
+    // deep nesting. Whatever comes in, the answer is a value or an error, never a panic.
+    let seeds = [
+        json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}], "n": 2, "max_tokens": 5, "stream": true, "stream_options": {"include_usage": false}}),
+        json!({"model": "m", "input": [{"type": "input_image"}], "tools": [{"type": "function"}], "max_output_tokens": 9}),
+        json!({"type": "message_start", "message": {"usage": {"input_tokens": 1, "cache_read_input_tokens": 2}}}),
+        json!({"type": "response.completed", "response": {"usage": {"input_tokens": 1}}}),
+        json!({"type": "message_delta", "usage": {"output_tokens": 3, "input_tokens": 5}}),
+        json!({"choices": [], "usage": {"prompt_tokens": 1, "prompt_tokens_details": {"cached_tokens": 1}}}),
+    ];
+    let replacements: [&[u8]; 8] = [b"null", b"-9223372036854775808", b"18446744073709551616", b"\"x\"", b"[]", b"{}", b"true", b"1e400"];
+    let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+    let mut seed = 17u64;
+    let mut next = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (seed >> 33) as usize
+    };
+    for base in &seeds {
+        let text = serde_json::to_vec(base).unwrap();
+        for _ in 0..300 {
+            let mut bytes = text.clone();
+            match next() % 4 {
+                0 => bytes.truncate(next() % (text.len() + 1)),
+                1 => {
+                    // Replace one scalar value (after a ':') with something of another type.
+                    let colons: Vec<usize> = bytes.iter().enumerate().filter(|(_, b)| **b == b':').map(|(i, _)| i).collect();
+                    let at = colons[next() % colons.len()] + 1;
+                    let end = bytes[at..].iter().position(|b| matches!(b, b',' | b'}' | b']')).map_or(bytes.len(), |e| at + e);
+                    bytes.splice(at..end, replacements[next() % replacements.len()].iter().copied());
+                }
+                2 => {
+                    let at = next() % bytes.len();
+                    bytes[at] = (next() % 256) as u8;
+                }
+                _ => bytes = format!("{{\"model\":\"m\",\"x\":{deep}}}").into_bytes(),
+            }
+            for api in [Api::ChatCompletions, Api::Responses, Api::Embeddings, Api::AnthropicMessages] {
+                if let Ok((value, facts)) = parse_request(api, &bytes) {
+                    assert!(facts.input_bound >= bytes.len() as i64);
+                    assert!(facts.output_cap.is_none_or(|c| c >= 0) && facts.choices >= 1);
+                    let _ = rewrite(api, value, &facts, Some(1));
+                }
+                let mut usage = StreamUsage::default();
+                usage.on_event(api, &bytes);
+                if let Some(u) = usage.usage {
+                    assert!(u.input >= 0 && u.cached_input >= 0 && u.output >= 0);
+                }
+            }
+        }
+    }
+}

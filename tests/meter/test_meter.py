@@ -1,0 +1,360 @@
+"""The meter between the real OpenAI and Anthropic SDKs and a stand-in upstream: usage measured
+token for token, cost to the micro-dollar, the budget held under races, and the SDKs' own
+behaviour on the meter's refusals (no retries)."""
+
+import concurrent.futures
+import json
+import os
+import re
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import anthropic
+import openai
+import pytest
+
+import upstream as standin
+
+OPENAI_KEY = "sk-real-openai-key-for-tests"
+ANTHROPIC_KEY = "sk-ant-real-key-for-tests"
+# Micro-dollars per million tokens (input, cached input, output), as in the price table below.
+PRICES = {"test-gpt": (2_000_000, 500_000, 8_000_000), "test-claude": (3_000_000, 300_000, 15_000_000),
+          "test-embed": (100_000, 0, 0)}
+PRICE_YAML = "models:\n" + "".join(
+    f"  {m}: {{inputPerMillion: \"{i / 1e6:.6f}\", cachedInputPerMillion: \"{c / 1e6:.6f}\", outputPerMillion: \"{o / 1e6:.6f}\"}}\n"
+    for m, (i, c, o) in PRICES.items())
+
+
+def part(tokens, rate):
+    return (tokens * rate + 500_000) // 1_000_000  # rounded half up, as the Rust side
+
+
+def cost(model, usage):
+    i, c, o = PRICES[model]
+    return part(usage["input"], i) + part(usage["cached"], c) + part(usage["output"], o)
+
+
+def micro(usd: str) -> int:
+    whole, _, frac = usd.partition(".")
+    return int(whole) * 1_000_000 + int((frac + "000000")[:6])
+
+
+class Meter:
+    def __init__(self, tmp_path, upstream_port, budget=None, extra=()):
+        (tmp_path / "prices.yaml").write_text(PRICE_YAML)
+        (tmp_path / "openai.key").write_text(OPENAI_KEY + "\n")
+        (tmp_path / "anthropic.key").write_text(ANTHROPIC_KEY)
+        self.report = tmp_path / "report.json"
+        args = [os.environ["AGENTGATE_BIN"], "meter", "--listen", "127.0.0.1:0",
+                "--openai-upstream", f"http://127.0.0.1:{upstream_port}/v1",
+                "--anthropic-upstream", f"http://127.0.0.1:{upstream_port}",
+                "--openai-key-file", str(tmp_path / "openai.key"),
+                "--anthropic-key-file", str(tmp_path / "anthropic.key"),
+                "--price-table", str(tmp_path / "prices.yaml"),
+                "--report-file", str(self.report), *extra]
+        if budget is not None:
+            args += ["--budget-usd", budget]
+        self.log = open(tmp_path / "meter.log", "w+")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=self.log, env={**os.environ, "NO_COLOR": "1", "RUST_LOG": "debug"})
+        self.url = self._wait_for_address(tmp_path / "meter.log")
+
+    def _wait_for_address(self, log_path):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            match = re.search(r"listen=(127\.0\.0\.1:\d+)", re.sub(r"\x1b\[[0-9;]*m", "", log_path.read_text()))
+            if match:
+                return "http://" + match.group(1)
+            assert self.proc.poll() is None, log_path.read_text()
+            time.sleep(0.02)
+        self.proc.kill()
+        raise AssertionError("the meter did not start: " + log_path.read_text())
+
+    def usage(self):
+        with urllib.request.urlopen(self.url + "/usage") as r:
+            return json.load(r)
+
+    def logs(self):
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def upstream():
+    server, recorder = standin.start()
+    yield recorder, server.server_address[1]
+    server.shutdown()
+
+
+def start_meter(tmp_path, upstream, **kw):
+    return Meter(tmp_path, upstream[1], **kw)
+
+
+@pytest.fixture
+def meter(tmp_path, upstream):
+    m = start_meter(tmp_path, upstream)
+    yield m
+    m.stop()
+    assert OPENAI_KEY not in m.logs() and ANTHROPIC_KEY not in m.logs(), "keys never reach the logs"
+
+
+def oai(meter, **kw):
+    return openai.OpenAI(base_url=meter.url + "/v1", api_key="dummy", **kw)
+
+
+def anth(meter, **kw):
+    return anthropic.Anthropic(base_url=meter.url, api_key="dummy", **kw)
+
+
+def expected_totals(calls):
+    per_model = {}
+    for call in calls:
+        u = call["usage"]
+        if u is None or call["status"] != 200:
+            continue
+        m = per_model.setdefault(u["model"], {"input": 0, "cached": 0, "output": 0, "cost": 0})
+        for k in ("input", "cached", "output"):
+            m[k] += u[k]
+        m["cost"] += cost(u["model"], u)
+    return per_model
+
+
+def assert_measured_exactly(meter, recorder):
+    usage = meter.usage()
+    want = expected_totals(recorder.snapshot())
+    got = {m["model"]: {"input": m["inputTokens"], "cached": m["cachedInputTokens"], "output": m["outputTokens"],
+                        "cost": micro(m["costUSD"])} for m in usage["usage"]["models"]}
+    assert got == want
+    assert micro(usage["usage"]["costUSD"]) == sum(m["cost"] for m in want.values())
+    assert usage["unmeasuredCalls"] == 0 and usage["inFlight"] == 0
+    return usage
+
+
+def test_openai_chat_streamed_and_not(meter, upstream):
+    recorder, _ = upstream
+    client = oai(meter)
+    reply = client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "hi"}])
+    assert reply.choices[0].message.content == "héllo ✓"
+    text = ""
+    for chunk in client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "stream please"}], stream=True):
+        text += "".join(c.delta.content or "" for c in chunk.choices)
+    assert text == "héllo wörld ✓✓✓ usage"
+    # The client turned usage off: the meter turns it back on (else the stream is unmeasurable).
+    list(client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "x"}], stream=True,
+                                        stream_options={"include_usage": False}, max_tokens=40))
+    calls = recorder.snapshot()
+    assert [c["headers"]["authorization"] for c in calls] == ["Bearer " + OPENAI_KEY] * 3, "the dummy key never goes out"
+    assert calls[0]["body"]["max_completion_tokens"] == 16384, "a call without a cap gets the default one"
+    assert calls[1]["body"]["stream_options"] == {"include_usage": True}
+    assert calls[2]["body"]["stream_options"] == {"include_usage": True}
+    assert calls[2]["body"]["max_tokens"] == 40 and "max_completion_tokens" not in calls[2]["body"], "the client's own cap is kept"
+    usage = assert_measured_exactly(meter, recorder)
+    assert usage["calls"] == 3
+
+
+def test_openai_responses_and_embeddings(meter, upstream):
+    recorder, _ = upstream
+    client = oai(meter)
+    assert client.responses.create(model="test-gpt", input="hi", max_output_tokens=30).output_text == "héllo ✓"
+    events = [e.type for e in client.responses.create(model="test-gpt", input="stream", stream=True)]
+    assert events[-1] == "response.completed"
+    emb = client.embeddings.create(model="test-embed", input=["a", "b"])
+    assert len(emb.data) == 2
+    assert recorder.snapshot()[1]["body"]["max_output_tokens"] == 16384
+    assert assert_measured_exactly(meter, recorder)["calls"] == 3
+
+
+def test_a_response_continues_one_the_meter_saw_and_only_those(meter, upstream):
+    recorder, _ = upstream
+    client = oai(meter)
+    first = client.responses.create(model="test-gpt", input="remember this", max_output_tokens=30)
+    second = client.responses.create(model="test-gpt", input="and now?", previous_response_id=first.id, max_output_tokens=30)
+    streamed = list(client.responses.create(model="test-gpt", input="more", previous_response_id=second.id, stream=True))
+    client.responses.create(model="test-gpt", input="last", previous_response_id=streamed[-1].response.id, max_output_tokens=30)
+    with pytest.raises(openai.BadRequestError) as e:  # stored elsewhere: its size is unknown
+        client.responses.create(model="test-gpt", input="x", previous_response_id="resp_from_elsewhere")
+    assert e.value.body["type"] == "unbounded_cost"
+    assert len(recorder.snapshot()) == 4
+    assert assert_measured_exactly(meter, recorder)["calls"] == 4
+
+
+def test_anthropic_messages_streamed_and_not(meter, upstream):
+    recorder, _ = upstream
+    client = anth(meter)
+    msg = client.messages.create(model="test-claude", max_tokens=100, messages=[{"role": "user", "content": "hi"}])
+    assert msg.content[0].text == "héllo ✓"
+    with client.messages.stream(model="test-claude", max_tokens=100, messages=[{"role": "user", "content": "stream"}]) as s:
+        assert s.get_final_text() == "héllo ✓"
+    raw = list(client.messages.create(model="test-claude", max_tokens=64, messages=[{"role": "user", "content": "raw"}], stream=True))
+    assert raw[-1].type == "message_stop"
+    calls = recorder.snapshot()
+    assert [c["headers"].get("x-api-key") for c in calls] == [ANTHROPIC_KEY] * 3
+    assert all("authorization" not in c["headers"] for c in calls)
+    assert assert_measured_exactly(meter, recorder)["calls"] == 3
+
+
+def test_models_list_and_the_report_file(meter, upstream):
+    recorder, _ = upstream
+    client = oai(meter)
+    assert [m.id for m in client.models.list()] == ["test-gpt"]
+    client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "hi"}])
+    usage = assert_measured_exactly(meter, recorder)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # written after the call settles, asynchronously
+        if meter.report.exists() and json.loads(meter.report.read_text()) == usage:
+            break
+        time.sleep(0.02)
+    assert json.loads(meter.report.read_text()) == usage
+
+
+def test_upstream_errors_pass_through_and_cost_nothing(meter, upstream):
+    recorder, _ = upstream
+    client = oai(meter, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "FAIL400"}])
+    assert e.value.body["message"] == "upstream says no"
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "FAIL500"}])
+    usage = meter.usage()
+    assert usage["calls"] == 0 and micro(usage["usage"]["costUSD"]) == 0 and usage["reservedUSD"] == "0.00"
+
+
+def test_an_unreachable_upstream_is_a_retryable_502_that_costs_nothing(tmp_path):
+    import socket
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    meter = Meter(tmp_path, port, budget="1")
+    try:
+        with pytest.raises(openai.InternalServerError) as e:
+            oai(meter, max_retries=2).chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "hi"}])
+        assert e.value.status_code == 502 and e.value.body["type"] == "upstream_error"
+        usage = meter.usage()
+        assert usage["calls"] == 0 and usage["reservedUSD"] == "0.00" and micro(usage["usage"]["costUSD"]) == 0
+        assert usage["inFlight"] == 0
+    finally:
+        meter.stop()
+
+
+def test_refusals_never_reach_the_upstream(meter, upstream):
+    recorder, _ = upstream
+    client = oai(meter)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="gpt-unpriced", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.body["type"] == "model_not_priced"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model="test-gpt", input="hi", previous_response_id="resp_1")
+    assert e.value.body["type"] == "unbounded_cost"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="test-gpt", prompt="legacy, unmetered")
+    for body in [b"not json", b"[1]", b"{\"model\": 5}", b"\xff\xfe", b"{\"model\":\"test-gpt\",\"max_tokens\":-1}"]:
+        req = urllib.request.Request(meter.url + "/v1/chat/completions", data=body, method="POST", headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        assert e.value.code == 400
+        err = json.load(e.value)["error"]
+        assert err["type"] == "invalid_request_error" and OPENAI_KEY not in err["message"]
+    with pytest.raises(anthropic.BadRequestError) as e:
+        anth(meter).messages.create(model="test-claude", max_tokens=10, messages=[{"role": "user", "content": "hi"}],
+                                    tools=[{"type": "web_search_20250305", "name": "web_search"}])
+    assert e.value.body["error"]["type"] == "unbounded_cost"
+    assert recorder.snapshot() == []
+    assert meter.usage()["refusedCalls"] == 8, "every refusal counted once: the SDKs did not retry"
+
+
+def test_a_client_that_leaves_mid_stream_is_charged_its_reservation(meter, upstream):
+    recorder, _ = upstream
+    client = oai(meter)
+    stream = client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "SLOW"}], stream=True, max_tokens=1000)
+    next(iter(stream))
+    stream.close()  # hangs up after the first chunk
+    deadline = time.monotonic() + 10
+    while meter.usage()["inFlight"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    usage = meter.usage()
+    assert usage["unmeasuredCalls"] == 1 and usage["inFlight"] == 0
+    # The reservation: at least the whole output cap at the output price, never zero.
+    assert micro(usage["usage"]["costUSD"]) >= part(1000, PRICES["test-gpt"][2])
+
+
+def test_the_call_that_would_cross_the_budget_gets_402_without_retries(tmp_path, upstream):
+    recorder, _ = upstream
+    meter = start_meter(tmp_path, upstream, budget="0.02")
+    try:
+        # Each call reserves ~1,100 input tokens × $2/M + 500 output × $8/M ≈ $0.0062: three fit.
+        client = oai(meter)
+        with pytest.raises(openai.APIStatusError) as e:
+            for _ in range(100):
+                client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "hi"}], max_tokens=500)
+        assert e.value.status_code == 402
+        assert e.value.body["type"] == "budget_exceeded" and e.value.body["code"] == "budget_exceeded"
+        hits = len(recorder.snapshot())
+        usage = meter.usage()
+        assert usage["refusedCalls"] == 1, "the SDK did not retry the 402"
+        assert usage["calls"] == hits and hits >= 3
+        assert micro(usage["usage"]["costUSD"]) <= micro("0.02")
+        # A forged huge cap cannot buy its way in either, and no cap gets one that fits.
+        with pytest.raises(openai.APIStatusError) as e:
+            client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "hi"}], max_tokens=10**9)
+        assert e.value.status_code == 402
+        with pytest.raises(anthropic.APIStatusError) as e:
+            anth(meter).messages.create(model="test-claude", max_tokens=4096, messages=[{"role": "user", "content": "hi"}])
+        assert e.value.status_code == 402 and e.value.body["error"]["type"] == "budget_exceeded"
+        assert len(recorder.snapshot()) == hits
+        assert_measured_exactly(meter, recorder)
+    finally:
+        meter.stop()
+
+
+def test_an_uncapped_call_gets_the_cap_the_budget_allows(tmp_path, upstream):
+    recorder, _ = upstream
+    meter = start_meter(tmp_path, upstream, budget="0.01")
+    try:
+        oai(meter).chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "hi"}])
+        cap = recorder.snapshot()[0]["body"]["max_completion_tokens"]
+        assert 0 < cap < 16384
+        assert part(cap, PRICES["test-gpt"][2]) <= micro("0.01")
+    finally:
+        meter.stop()
+
+
+@pytest.mark.parametrize("sdk", ["openai", "anthropic"])
+def test_many_concurrent_calls_never_overspend(tmp_path, upstream, sdk):
+    recorder, _ = upstream
+    meter = start_meter(tmp_path, upstream, budget="0.05")
+    try:
+        refused = []
+        # One client shared by the threads, as an agent would (its connection pool is thread-safe).
+        c = oai(meter, max_retries=0) if sdk == "openai" else anth(meter, max_retries=0)
+
+        def call(i):
+            try:
+                if sdk == "openai":
+                    list(c.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": f"MAXOUT {i}"}], stream=i % 2 == 0, max_tokens=300))
+                else:
+                    reply = c.messages.create(model="test-claude", max_tokens=150, messages=[{"role": "user", "content": f"MAXOUT {i}"}], stream=i % 2 == 0)
+                    if i % 2 == 0:
+                        list(reply)  # a stream is measured as it is read
+            except (openai.APIStatusError, anthropic.APIStatusError) as e:
+                assert e.status_code == 402
+                refused.append(i)
+
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            list(pool.map(call, range(120)))
+        usage = meter.usage()
+        assert refused, "the budget ran out"
+        print(f"{sdk}: {usage['calls']} calls, {len(refused)} refused, spent ${usage['usage']['costUSD']} of $0.05")
+        # Every call really costs its whole output cap: the budget is used, and never exceeded.
+        assert micro("0.05") // 2 < micro(usage["usage"]["costUSD"]) <= micro("0.05")
+        assert usage["calls"] == len(recorder.snapshot()) == 120 - len(refused)
+        assert usage["refusedCalls"] == len(refused)
+        assert_measured_exactly(meter, recorder)
+    finally:
+        meter.stop()

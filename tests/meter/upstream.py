@@ -1,0 +1,209 @@
+"""A stand-in for the OpenAI and Anthropic APIs (no provider is reachable from CI): it speaks each
+wire format, streamed and not, reports a usage it decides from the request, and records every
+call it received so tests can compare what the meter measured with what was reported."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Recorder:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.calls = []  # dicts: path, headers, body, usage (normalised), status
+
+    def add(self, call):
+        with self.lock:
+            self.calls.append(call)
+
+    def snapshot(self):
+        with self.lock:
+            return list(self.calls)
+
+
+def decide_usage(raw, body, cap):
+    """Known, varied counts within what the request allows: input at most a quarter of its bytes
+    (a real tokenizer's ratio), a third of it cached, output up to the cap. With MAXOUT in the
+    request, the worst case instead: one token per byte, none cached, output at the cap."""
+    if "MAXOUT" in json.dumps(body):
+        return len(raw), 0, cap
+    prompt = max(1, len(raw) // 4)
+    cached = prompt // 3
+    output = min(cap if cap is not None else 25, 25 + len(raw) % 7)
+    return prompt, cached, output
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    recorder: Recorder = None
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        if self.path == "/v1/models":
+            self.reply(200, {"object": "list", "data": [{"id": "test-gpt", "object": "model"}]})
+        else:
+            self.reply(404, {"error": {"message": "no such path", "type": "not_found"}})
+
+    def do_POST(self):
+        raw = self.rfile.read(int(self.headers.get("content-length", "0")))
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        call = {"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body, "usage": None, "status": 200}
+        text = json.dumps(body)
+        if "FAIL400" in text:
+            call["status"] = 400
+            self.recorder.add(call)
+            return self.reply(400, {"error": {"message": "upstream says no", "type": "invalid_request_error"}})
+        if "FAIL500" in text:
+            call["status"] = 500
+            self.recorder.add(call)
+            return self.reply(500, {"error": {"message": "upstream broke", "type": "server_error"}})
+        handler = {
+            "/v1/chat/completions": self.on_chat,
+            "/v1/responses": self.on_responses,
+            "/v1/embeddings": self.on_embeddings,
+            "/v1/messages": self.on_messages,
+        }.get(self.path)
+        if handler is None:
+            call["status"] = 404
+            self.recorder.add(call)
+            return self.reply(404, {"error": {"message": "no such path", "type": "not_found"}})
+        handler(raw, body, call, slow="SLOW" in text)
+
+    # --- plumbing
+
+    def reply(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def start_stream(self):
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+
+    def chunk(self, data: bytes):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def end_stream(self):
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def events(self, events, slow):
+        """Sends SSE events split at awkward places (mid-line, mid-UTF-8) to exercise the meter's
+        incremental parser the way a real network would."""
+        payload = b"".join(events)
+        cuts = [i for i in range(0, len(payload), 37)] + [len(payload)]
+        try:
+            for a, b in zip(cuts, cuts[1:]):
+                self.chunk(payload[a:b])
+                if slow:
+                    time.sleep(0.05)
+            self.end_stream()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the meter hung up because its client did
+
+    # --- formats
+
+    def on_chat(self, raw, body, call, slow):
+        cap = body.get("max_completion_tokens", body.get("max_tokens"))
+        prompt, cached, output = decide_usage(raw, body, cap)
+        call["usage"] = {"input": prompt - cached, "cached": cached, "output": output, "model": body["model"]}
+        usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
+                 "prompt_tokens_details": {"cached_tokens": cached}}
+        self.recorder.add(call)
+        if not body.get("stream"):
+            return self.reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
+                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "héllo ✓"}, "finish_reason": "stop"}],
+                                    "usage": usage})
+        self.start_stream()
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+        include = (body.get("stream_options") or {}).get("include_usage")
+        events = []
+        for word in ["héllo", " wörld", " ✓✓✓", " usage"]:
+            events.append(sse({**base, "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}], **({"usage": None} if include else {})}))
+        events.append(sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], **({"usage": None} if include else {})}))
+        if include:  # as the real API: usage only when asked for
+            events.append(sse({**base, "choices": [], "usage": usage}))
+        events.append(b"data: [DONE]\n\n")
+        self.events(events, slow)
+
+    def on_responses(self, raw, body, call, slow):
+        prompt, cached, output = decide_usage(raw, body, body.get("max_output_tokens"))
+        call["usage"] = {"input": prompt - cached, "cached": cached, "output": output, "model": body["model"]}
+        self.recorder.add(call)
+        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": output,
+                 "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + output}
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+                   "content": [{"type": "output_text", "text": "héllo ✓", "annotations": []}]}
+        response = {"id": f"resp_{len(self.recorder.snapshot())}", "object": "response", "created_at": 1, "model": body["model"], "status": "completed",
+                    "output": [message], "usage": usage, "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+        if not body.get("stream"):
+            return self.reply(200, response)
+        self.start_stream()
+        pending = {**response, "status": "in_progress", "output": [], "usage": None}
+        events = [
+            sse({"type": "response.created", "sequence_number": 0, "response": pending}, "response.created"),
+            sse({"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "héllo ✓", "logprobs": []}, "response.output_text.delta"),
+            sse({"type": "response.completed", "sequence_number": 2, "response": response}, "response.completed"),
+        ]
+        self.events(events, slow)
+
+    def on_embeddings(self, raw, body, call, slow):
+        prompt, _, _ = decide_usage(raw, body, 0)
+        call["usage"] = {"input": prompt, "cached": 0, "output": 0, "model": body["model"]}
+        self.recorder.add(call)
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        self.reply(200, {"object": "list", "model": body["model"],
+                         "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2]} for i in range(len(inputs))],
+                         "usage": {"prompt_tokens": prompt, "total_tokens": prompt}})
+
+    def on_messages(self, raw, body, call, slow):
+        prompt, cached, output = decide_usage(raw, body, body.get("max_tokens"))
+        creation = prompt // 5
+        fresh = prompt - cached - creation
+        # Normalised: cache writes count as input, reads as cached.
+        call["usage"] = {"input": fresh + creation, "cached": cached, "output": output, "model": body["model"]}
+        self.recorder.add(call)
+        usage = {"input_tokens": fresh, "cache_creation_input_tokens": creation, "cache_read_input_tokens": cached, "output_tokens": output}
+        message = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
+                   "content": [{"type": "text", "text": "héllo ✓"}], "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}
+        if not body.get("stream"):
+            return self.reply(200, message)
+        self.start_stream()
+        start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+        events = [sse({"type": "message_start", "message": start}, "message_start"),
+                  sse({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}, "content_block_start"),
+                  b"event: ping\ndata: {\"type\": \"ping\"}\n\n"]
+        # output_tokens in message_delta is a running total: a meter that summed would overcount.
+        for i, word in enumerate(["héllo", " ✓"]):
+            events.append(sse({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": word}}, "content_block_delta"))
+            events.append(sse({"type": "message_delta", "delta": {"stop_reason": None, "stop_sequence": None},
+                               "usage": {"output_tokens": output // 2 if i == 0 else output}}, "message_delta"))
+        events.append(sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
+        events.append(sse({"type": "message_stop"}, "message_stop"))
+        self.events(events, slow)
+
+
+def sse(obj, event=None):
+    head = f"event: {event}\n".encode() if event else b""
+    return head + b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def start():
+    recorder = Recorder()
+    handler = type("BoundHandler", (Handler,), {"recorder": recorder})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, recorder
