@@ -82,7 +82,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     let heads = head_verdicts(job, ctx, &vote_views).await?;
     let mut counted = tally(&identity, approvals_required(&job.spec, ctx.settings.approval_floor), &vote_views, &heads);
     let readiness = if old_status.phase.is_some_and(JobPhase::is_terminal) { Readiness::default() } else { job_readiness(job, ctx) };
-    let learned = ctx.learner.state.lock().await.stats(&job_type(job)).cloned();
+    let learned = ctx.learner.state.lock().await.stats(&namespace, &job_type(job));
     let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;
     let prices = ctx.prices.read().await.clone();
 
@@ -364,7 +364,8 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
         if attempt.result == AttemptResult::Succeeded {
             let key = crate::domain::learning::attempt_key(job.metadata.uid.as_deref().unwrap_or_default(), attempt.attempt);
             let prior = prior_tokens(&estimate_input(job));
-            if ctx.learner.state.lock().await.record(&key, &job_type(job), &tokens_of(usage), &prior) {
+            let (namespace, prices) = (job.namespace().unwrap_or_default(), ctx.prices.read().await.clone());
+            if ctx.learner.state.lock().await.record(&key, &namespace, &job_type(job), &tokens_of(usage), &prior, &prices) {
                 ctx.learner.touch();
             }
         }
