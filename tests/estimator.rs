@@ -74,7 +74,9 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
             "the learned state in the ConfigMap",
             Duration::from_secs(30),
             || learned_state(&client, ns),
-            |s: &Option<EstimatorState>| s.as_ref().and_then(|s| s.stats(JOB_TYPE)).is_some_and(|t| t.n == i as u64 + 1),
+            |s: &Option<EstimatorState>| {
+                s.as_ref().and_then(|s| s.job_types.get(JOB_TYPE)?.get(ns).map(|k| k.n)) == Some(i as u64 + 1)
+            },
         )
         .await;
     }
@@ -117,8 +119,9 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
         &Api::<ConfigMap>::namespaced(client.clone(), ns).get("agentgate-estimator").await.unwrap().data.unwrap()["state.json"],
     )
     .unwrap();
-    assert_eq!(state["version"], 2);
-    assert_eq!(state["jobTypes"][JOB_TYPE]["n"], 3);
+    assert_eq!(state["version"], 3);
+    assert_eq!(state["jobTypes"][JOB_TYPE][ns]["n"], 3, "learned under the job's namespace");
+    assert_eq!(state["jobTypes"][JOB_TYPE][ns]["models"]["gpt-4o-mini"]["runs"].as_array().map(Vec::len), Some(3));
     assert_eq!(state["seen"].as_array().map(Vec::len), Some(3), "one key per attempt, never two");
 }
 

@@ -241,13 +241,13 @@ impl EstimatorState {
         let mut pooled = BTreeMap::new();
         let mut any = Vec::new();
         let mut neighbours: BTreeMap<String, Vec<Vec<[f64; 2]>>> = BTreeMap::new();
-        for (ns, stats) in keys.into_iter().flat_map(|k| k.iter()) {
+        // The priors are what *other* namespaces know: this key's own runs are used as such.
+        let others = keys.into_iter().flat_map(|k| k.iter()).filter(|(ns, _)| *ns != namespace);
+        for (_, stats) in others {
             for (model, m) in stats.models.iter().filter(|(_, m)| !m.runs.is_empty()) {
                 pooled.entry(model.clone()).or_insert_with(Vec::new).push(m);
                 any.push(m);
-                if ns != namespace {
-                    neighbours.entry(model.clone()).or_default().push(m.runs.clone());
-                }
+                neighbours.entry(model.clone()).or_default().push(m.runs.clone());
             }
         }
         let pooled: BTreeMap<String, Prior> = pooled
@@ -258,10 +258,14 @@ impl EstimatorState {
             })
             .collect();
         let pooled_any = Prior::pool(&any, format!("{job_type} pooled over its models and namespaces"));
-        // Only a jobType nobody ran needs the cluster's pool (and it is the costly one to compute).
+        // Only a jobType no other namespace ran needs the cluster's pool (and it is the costly one to compute).
         let cluster = if any.is_empty() {
-            let all: Vec<&ModelStats> =
-                self.job_types.values().flat_map(|k| k.values()).flat_map(|s| s.models.values()).filter(|m| !m.runs.is_empty()).collect();
+            let all: Vec<&ModelStats> = (self.job_types.iter())
+                .filter(|(t, _)| *t != job_type)
+                .flat_map(|(_, k)| k.values())
+                .flat_map(|s| s.models.values())
+                .filter(|m| !m.runs.is_empty())
+                .collect();
             Prior::pool(&all, format!("cluster pool of {} key-models", all.len()))
         } else {
             None

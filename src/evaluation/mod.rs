@@ -17,6 +17,8 @@
 //! * `mdape_p50_after_warmup`: the same over records whose job type had at least `warmup`
 //!   earlier records;
 //! * `cold_start_ratio`: median over each job type's first record of `max(actual/p50, p50/actual)`;
+//!   (in the table only, `COLD_KEY`: the same over each (namespace, jobType)'s first record, where
+//!   a known jobType meets a new namespace);
 //! * `sharpness_p90`: median of `p90 / p50` (1.0 would be a point forecast).
 
 pub mod families;
@@ -129,6 +131,8 @@ pub struct Scores {
     pub mdape_p50_after_warmup: f64,
     pub cold_start_ratio: f64,
     pub sharpness_p90: f64,
+    /// Median cold-start ratio over each (namespace, jobType)'s first record.
+    pub cold_start_key_ratio: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -150,6 +154,8 @@ struct Scored {
     /// ln of the spec's prior tokens (all models).
     size: f64,
     earlier_samples: usize,
+    /// Whether this is its (namespace, jobType)'s first record.
+    first_of_key: bool,
     ours: Outcome,
     naive: Outcome,
     hindsight: Outcome,
@@ -160,6 +166,7 @@ pub fn evaluate(records: &[TraceRecord], prices: &PriceTable, warmup: usize) -> 
     let mut state = EstimatorState::default();
     let mut naive_history: BTreeMap<String, VecDeque<f64>> = BTreeMap::new();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut keys_seen: std::collections::BTreeSet<(String, String)> = std::collections::BTreeSet::new();
     let mut scored = Vec::new();
     let mut skipped = Vec::new();
     for (i, record) in records.iter().enumerate() {
@@ -200,7 +207,8 @@ pub fn evaluate(records: &[TraceRecord], prices: &PriceTable, warmup: usize) -> 
         let prior = prior_tokens(&input);
         let size = (prior.values().map(TokenCounts::total).sum::<i64>().max(1) as f64).ln();
         let key = (namespace.clone(), input.job_type.clone());
-        scored.push(Scored { job_type: input.job_type.clone(), key, size, earlier_samples, ours, naive, hindsight: ours });
+        let first_of_key = keys_seen.insert(key.clone());
+        scored.push(Scored { job_type: input.job_type.clone(), key, size, earlier_samples, first_of_key, ours, naive, hindsight: ours });
 
         state.record(&format!("trace/{i}"), &namespace, &input.job_type, &usage, &prior, prices);
         history.push_back(ours.actual);
@@ -282,6 +290,7 @@ fn scores(records: &[&Scored], warmup: usize, pick: impl Fn(&Scored) -> Outcome)
         mdape_p50_after_warmup: median(warm).unwrap_or(f64::NAN),
         cold_start_ratio: median(firsts).unwrap_or(f64::NAN),
         sharpness_p90: median(outcomes.iter().map(|o| o.p90 / o.p50).collect()).unwrap_or(f64::NAN),
+        cold_start_key_ratio: median(records.iter().filter(|s| s.first_of_key).map(|s| pick(s).ratio()).collect()).unwrap_or(f64::NAN),
     }
 }
 
@@ -291,8 +300,8 @@ impl Evaluation {
     /// The per-jobType table, the totals, and as the last line the machine-readable summary.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let header = ["JOB TYPE", "RECORDS", "COVERAGE_P90", "MDAPE_P50", "MDAPE_WARM", "COLD_RATIO", "SHARPNESS_P90"];
-        let mut rows: Vec<[String; 7]> = Vec::new();
+        let header = ["JOB TYPE", "RECORDS", "COVERAGE_P90", "MDAPE_P50", "MDAPE_WARM", "COLD_RATIO", "SHARPNESS_P90", "COLD_KEY"];
+        let mut rows: Vec<[String; 8]> = Vec::new();
         let fmt = |x: f64| if x.is_nan() { "-".to_string() } else { format!("{x:.3}") };
         let row = |name: String, s: &Scores| {
             [
@@ -303,6 +312,7 @@ impl Evaluation {
                 fmt(s.mdape_p50_after_warmup),
                 fmt(s.cold_start_ratio),
                 fmt(s.sharpness_p90),
+                fmt(s.cold_start_key_ratio),
             ]
         };
         for (job_type, (ours, naive)) in &self.by_job_type {
