@@ -74,9 +74,7 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
             "the learned state in the ConfigMap",
             Duration::from_secs(30),
             || learned_state(&client, ns),
-            |s: &Option<EstimatorState>| {
-                s.as_ref().and_then(|s| s.job_types.get(JOB_TYPE)?.get(ns).map(|k| k.n)) == Some(i as u64 + 1)
-            },
+            |s: &Option<EstimatorState>| s.as_ref().and_then(|s| s.job_types.get(JOB_TYPE)?.get(ns).map(|k| k.n)) == Some(i as u64 + 1),
         )
         .await;
     }

@@ -13,7 +13,7 @@
 //! | expert | forecast of `y` |
 //! |---|---|
 //! | long | median of `y - b z` over the key's last [`super::learning::WINDOW`] runs and those of *similar* namespaces, plus `b z_now` |
-//! | recent | the same over the key's own last [`RECENT`] runs |
+//! | recent | the same, but a weighted median: a run's weight halves every [`HALF_LIFE`] runs of the jobType (a run `a` places back in one of `k` pooled namespaces counts as `a k` runs back) |
 //!
 //! *Similar namespaces*: other namespaces running the same jobType on the same model whose own
 //! median of `y - b z` is within [`SIMILAR`] (ln 1.5) of this key's. They lend their runs to the
@@ -24,11 +24,10 @@
 //! The two are weighed by exponentially weighted aggregation (the "hedge" of online learning):
 //! each expert's recent absolute error in log space is tracked (`losses`, decayed by
 //! [`LOSS_DECAY`] per run, each error capped at [`LOSS_CAP`] so one blow-up cannot sink an
-//! expert) and `w_k ∝ PRIOR_k exp(-ETA loss_k)`. On a stationary workload the long median keeps
-//! the weight; when the workload drifts or its mix changes the recent one earns it, without the
-//! estimator being told which workload it is on. The prior weights favour the long median, whose
-//! lower variance the loss comparison cannot see over a few runs. The absolute log error is the
-//! loss because the p50 is judged by its median relative error, which it orders alike.
+//! expert) and `w_k ∝ exp(-ETA loss_k)`. On a stationary workload the long median keeps the
+//! weight; when the workload drifts or its mix changes the recent one earns it, without the
+//! estimator being told which workload it is on. The absolute log error is the loss because the
+//! p50 is judged by its median relative error, which it orders alike.
 //!
 //! Both experts are medians, so one run moves either by at most one order statistic: that bounds
 //! how far a single sample moves the estimate, whatever its size.
@@ -36,10 +35,8 @@
 /// Number of experts.
 pub const EXPERTS: usize = 2;
 pub const EXPERT_NAMES: [&str; EXPERTS] = ["long", "recent"];
-/// Weights of the experts before any loss is known.
-const PRIOR: [f64; EXPERTS] = [1.0, 0.25];
-/// Runs the recent expert looks back over.
-pub const RECENT: usize = 15;
+/// Half-life of a run's weight in the recent expert, in runs of the jobType.
+pub const HALF_LIFE: f64 = 30.0;
 /// Namespaces whose level is within this (ln) of a key's lend it their runs: ln 1.5.
 pub const SIMILAR: f64 = 0.405;
 /// Weight left to an expert's past loss at each run (an effective memory of ~20 runs).
@@ -90,24 +87,40 @@ pub fn experts(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64) -> [
     let net = |rs: &[[f64; 2]]| rs.iter().map(|r| r[0] - b * r[1]).collect::<Vec<f64>>();
     let own = net(runs);
     let level = median(own.clone()).unwrap_or(0.0);
-    let mut pooled = own;
+    let mut groups = vec![own];
     for other in neighbours {
         let theirs = net(other);
         if median(theirs.clone()).is_some_and(|l| (l - level).abs() < SIMILAR) {
-            pooled.extend(theirs);
+            groups.push(theirs);
         }
     }
-    let recent = net(&runs[runs.len().saturating_sub(RECENT)..]);
-    [median(pooled).unwrap_or(0.0) + b * z_now, median(recent).unwrap_or(0.0) + b * z_now]
+    // Namespaces run at comparable rates, so with k of them pooled, a run `age` places back in its
+    // own window is about `age * k` runs of the jobType back.
+    let k = groups.len() as f64;
+    let weighted: Vec<(f64, f64)> =
+        groups.iter().flat_map(|g| g.iter().rev().enumerate().map(move |(age, x)| (*x, 0.5f64.powf(age as f64 * k / HALF_LIFE)))).collect();
+    let pooled: Vec<f64> = groups.into_iter().flatten().collect();
+    [median(pooled).unwrap_or(0.0) + b * z_now, weighted_median(weighted).unwrap_or(0.0) + b * z_now]
+}
+
+/// The smallest value at which the cumulated weight reaches half the total; None when empty.
+pub fn weighted_median(mut values: Vec<(f64, f64)>) -> Option<f64> {
+    values.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let half = values.iter().map(|v| v.1).sum::<f64>() / 2.0;
+    let mut cumulated = 0.0;
+    values
+        .into_iter()
+        .find(|v| {
+            cumulated += v.1;
+            cumulated >= half
+        })
+        .map(|v| v.0)
 }
 
 /// The weights of the experts given their tracked losses (they sum to one).
 pub fn weights(losses: &[f64; EXPERTS]) -> [f64; EXPERTS] {
     let best = losses.iter().copied().fold(f64::INFINITY, f64::min);
-    let mut raw = losses.map(|l| (-ETA * (l - best)).exp());
-    for (w, prior) in raw.iter_mut().zip(PRIOR) {
-        *w *= prior;
-    }
+    let raw = losses.map(|l| (-ETA * (l - best)).exp());
     let sum: f64 = raw.iter().sum();
     raw.map(|w| w / sum)
 }
@@ -144,7 +157,7 @@ mod tests {
         assert!((elasticity(&runs) - 1.0).abs() < 1e-9);
         let [long, recent] = experts(&runs, &[], 2.0);
         assert!((long - 3.0).abs() < 1e-9, "median ratio over the window is still 1: {long}");
-        assert!((recent - (3.0 + 2f64.ln())).abs() < 1e-9, "the last 15 runs are all after the change: {recent}");
+        assert!((recent - (3.0 + 2f64.ln())).abs() < 1e-9, "the 15 runs since the change weigh more than the 25 before: {recent}");
         // A similar namespace (×1.2) lends its runs; an unlike one (×3) is left out.
         let similar: Vec<[f64; 2]> = (0..40).map(|i| [(i % 3) as f64 + 1.0 + 1.2f64.ln(), (i % 3) as f64]).collect();
         let unlike: Vec<[f64; 2]> = (0..200).map(|i| [(i % 3) as f64 + 1.0 + 3f64.ln(), (i % 3) as f64]).collect();
@@ -154,12 +167,18 @@ mod tests {
     }
 
     #[test]
+    fn weighted_median_halves_the_weight() {
+        assert_eq!(weighted_median(vec![]), None);
+        assert_eq!(weighted_median(vec![(3.0, 1.0), (1.0, 1.0), (2.0, 1.0)]), Some(2.0));
+        assert_eq!(weighted_median(vec![(3.0, 5.0), (1.0, 1.0), (2.0, 1.0)]), Some(3.0));
+    }
+
+    #[test]
     fn weights_favour_the_expert_with_the_smallest_recent_error() {
-        let w = weights(&[0.0, 0.0]);
-        assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
-        assert!((w[0] - 0.8).abs() < 1e-12, "equal losses: the prior weights {w:?}");
+        assert_eq!(weights(&[0.3, 0.3]), [0.5, 0.5]);
         let w = weights(&[0.5, 0.4]);
-        assert!((w[1] / w[0] - 0.25 * 2f64.exp()).abs() < 1e-9, "{w:?}");
+        assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!((w[1] / w[0] - 2f64.exp()).abs() < 1e-9, "{w:?}");
         let mut losses = [0.0; EXPERTS];
         for _ in 0..50 {
             update_losses(&mut losses, &[1.0, 2.0], 2.0);

@@ -95,12 +95,13 @@ pub struct KeyStats {
     pub models: BTreeMap<String, ModelStats>,
 }
 
-/// A prior a key without runs of a model starts from: ln of usage over the spec's prior, and the
-/// p90 offset to go with it.
+/// A prior a key without runs of a model starts from: `ln p50 = ratio + elasticity * z` (`z` the
+/// ln of the spec's prior tokens), and the p90 offset to go with it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Prior {
     pub ratio: f64,
+    pub elasticity: f64,
     pub p90_offset: f64,
     /// The keys' own median p90 offset, without the spread between keys: where a new key's
     /// calibration starts once it has runs of its own.
@@ -112,18 +113,20 @@ pub struct Prior {
 impl Prior {
     /// The spec alone: usage as the prior says, p90 = 3 × p50.
     pub fn spec() -> Prior {
-        Prior { ratio: 0.0, p90_offset: prior_offset(), key_offset: prior_offset(), source: "spec".into() }
+        Prior { ratio: 0.0, elasticity: 1.0, p90_offset: prior_offset(), key_offset: prior_offset(), source: "spec".into() }
     }
 
-    /// The robust pool of several keys' models: the median of their ratios, and their median
-    /// p90 offset widened by how far the keys are apart (a new key may sit anywhere among them).
+    /// The robust pool of several keys' models: their median elasticity, the median of their
+    /// levels at that elasticity, and their median p90 offset widened by how far the keys are
+    /// apart (a new key may sit anywhere among them).
     fn pool(stats: &[&ModelStats], source: String) -> Option<Prior> {
-        let ratios: Vec<f64> = stats.iter().filter_map(|m| m.ratio()).collect();
+        let elasticity = median(stats.iter().map(|m| forecasters::elasticity(&m.runs)).collect())?;
+        let ratios: Vec<f64> = stats.iter().filter_map(|m| median(m.runs.iter().map(|r| r[0] - elasticity * r[1]).collect())).collect();
         let ratio = median(ratios.clone())?;
         let between = median(ratios.iter().map(|r| (r - ratio).abs()).collect()).unwrap_or(0.0);
         let key_offset = median(stats.iter().map(|m| m.p90_offset).collect()).unwrap_or(prior_offset());
         let p90_offset = (key_offset + between).clamp(OFFSET_RANGE.0, OFFSET_RANGE.1);
-        Some(Prior { ratio, p90_offset, key_offset, source })
+        Some(Prior { ratio, elasticity, p90_offset, key_offset, source })
     }
 }
 
@@ -174,7 +177,7 @@ impl Learned {
         // so that a warm key's estimate cannot be moved by other namespaces at all.
         let prior_weight = 1.0 / (n as f64 + 1.0) * (1.0 - n as f64 / POOL_RUNS as f64).max(0.0);
         let prior = self.prior_for(model);
-        let prior_mu = z + prior.ratio;
+        let prior_mu = prior.elasticity * z + prior.ratio;
         match own {
             None => Located { mu: prior_mu, p90_offset: prior.p90_offset, own_runs: 0, prior, prior_weight: 1.0, mix: None },
             Some(m) => {
