@@ -296,27 +296,30 @@ mod tests {
     }
 
     #[test]
-    fn one_namespace_cannot_move_another_namespaces_estimate() {
+    fn one_namespaces_extreme_runs_count_for_nothing_in_another_namespaces_estimate() {
         let mut state = EstimatorState::default();
         let usual: Vec<(&str, &[i64], TokenCounts)> = (0..12).map(|i| ("gpt-4o", &[][..], tokens(80_000 + i * 1_000, 20_000))).collect();
         learn(&mut state, "team-a", &usual);
         learn(&mut state, "team-b", &usual);
         learn(&mut state, "team-c", &usual);
-        let before = forecast(&state, "team-a", &["gpt-4o"], &[]);
         let cold_before = forecast(&state, "team-new", &["gpt-4o"], &[]);
         assert_eq!(cold_before.method, "pooled");
-        // team-b drives its own estimate to the ground and then to the sky.
+        // What team-a would be told had team-b never run anything.
+        let mut without_b = state.clone();
+        without_b.job_types.get_mut("scan").unwrap().remove("team-b");
+        let alone = forecast(&without_b, "team-a", &["gpt-4o"], &[]);
+        // team-b drives its own estimate to the ground, then to the sky.
         let tiny: Vec<(&str, &[i64], TokenCounts)> = (0..30).map(|_| ("gpt-4o", &[][..], tokens(1, 1))).collect();
         let huge: Vec<(&str, &[i64], TokenCounts)> = (0..30).map(|_| ("gpt-4o", &[][..], tokens(1_000_000_000, 1))).collect();
-        learn(&mut state, "team-b", &tiny);
-        assert!(forecast(&state, "team-b", &["gpt-4o"], &[]).tokens_p50 < 100, "team-b learns its own runs");
-        assert_eq!(forecast(&state, "team-a", &["gpt-4o"], &[]), before, "team-a is untouched");
-        let cold = forecast(&state, "team-new", &["gpt-4o"], &[]);
-        assert!((cold.tokens_p50 as f64 / cold_before.tokens_p50 as f64 - 1.0).abs() < 0.02, "{cold:?} vs {cold_before:?}");
-        learn(&mut state, "team-b", &huge);
-        assert_eq!(forecast(&state, "team-a", &["gpt-4o"], &[]), before, "team-a is untouched");
-        let cold = forecast(&state, "team-new", &["gpt-4o"], &[]);
-        assert!((cold.tokens_p50 as f64 / cold_before.tokens_p50 as f64 - 1.0).abs() < 0.02, "one vote of three: {cold:?}");
+        for extreme in [tiny, huge] {
+            learn(&mut state, "team-b", &extreme);
+            let b = forecast(&state, "team-b", &["gpt-4o"], &[]).tokens_p50;
+            assert!(!(100..1_000_000_000).contains(&b), "team-b learns its own runs: {b}");
+            assert_eq!(forecast(&state, "team-a", &["gpt-4o"], &[]), alone, "team-b's runs count for nothing in team-a's estimate");
+            // A new namespace's prior is the median of three namespaces: team-b is one vote.
+            let cold = forecast(&state, "team-new", &["gpt-4o"], &[]);
+            assert!((cold.tokens_p50 as f64 / cold_before.tokens_p50 as f64 - 1.0).abs() < 0.02, "{cold:?} vs {cold_before:?}");
+        }
     }
 
     #[test]

@@ -153,11 +153,11 @@ mod tests {
     #[test]
     fn experts_read_the_window_and_similar_namespaces() {
         // y = z + 1 for the first runs, then the workload doubles its usage per prior (ln 2).
-        let runs: Vec<[f64; 2]> = (0..40).map(|i| [(i % 3) as f64 + 1.0 + if i >= 25 { 2f64.ln() } else { 0.0 }, (i % 3) as f64]).collect();
+        let runs: Vec<[f64; 2]> = (0..40).map(|i| [(i % 3) as f64 + 1.0 + if i >= 23 { 2f64.ln() } else { 0.0 }, (i % 3) as f64]).collect();
         assert!((elasticity(&runs) - 1.0).abs() < 1e-9);
         let [long, recent] = experts(&runs, &[], 2.0);
         assert!((long - 3.0).abs() < 1e-9, "median ratio over the window is still 1: {long}");
-        assert!((recent - (3.0 + 2f64.ln())).abs() < 1e-9, "the 15 runs since the change weigh more than the 25 before: {recent}");
+        assert!((recent - (3.0 + 2f64.ln())).abs() < 1e-9, "the 17 runs since the change weigh more than the 23 before: {recent}");
         // A similar namespace (×1.2) lends its runs; an unlike one (×3) is left out.
         let similar: Vec<[f64; 2]> = (0..40).map(|i| [(i % 3) as f64 + 1.0 + 1.2f64.ln(), (i % 3) as f64]).collect();
         let unlike: Vec<[f64; 2]> = (0..200).map(|i| [(i % 3) as f64 + 1.0 + 3f64.ln(), (i % 3) as f64]).collect();

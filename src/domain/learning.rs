@@ -119,8 +119,12 @@ impl Prior {
     /// The robust pool of several keys' models: their median elasticity, the median of their
     /// levels at that elasticity, and their median p90 offset widened by how far the keys are
     /// apart (a new key may sit anywhere among them).
-    fn pool(stats: &[&ModelStats], source: String) -> Option<Prior> {
-        let elasticity = median(stats.iter().map(|m| forecasters::elasticity(&m.runs)).collect())?;
+    ///
+    /// Across job types (`fit = false`) the elasticity is 1: how usage follows the declared size
+    /// within one job type says nothing of how two job types' sizes compare.
+    fn pool(stats: &[&ModelStats], fit: bool, source: String) -> Option<Prior> {
+        let slopes = stats.iter().map(|m| if fit { forecasters::elasticity(&m.runs) } else { 1.0 });
+        let elasticity = median(slopes.collect())?;
         let ratios: Vec<f64> = stats.iter().filter_map(|m| median(m.runs.iter().map(|r| r[0] - elasticity * r[1]).collect())).collect();
         let ratio = median(ratios.clone())?;
         let between = median(ratios.iter().map(|r| (r - ratio).abs()).collect()).unwrap_or(0.0);
@@ -201,7 +205,7 @@ impl Learned {
     fn prior_for(&self, model: &str) -> Prior {
         let siblings: Vec<&ModelStats> =
             self.own.models.iter().filter(|(m, s)| *m != model && !s.runs.is_empty()).map(|(_, s)| s).collect();
-        Prior::pool(&siblings, format!("{}/{}: other models", self.namespace, self.job_type))
+        Prior::pool(&siblings, true, format!("{}/{}: other models", self.namespace, self.job_type))
             .or_else(|| self.pooled.get(model).cloned())
             .or_else(|| self.pooled_any.clone())
             .or_else(|| self.cluster.clone())
@@ -257,10 +261,10 @@ impl EstimatorState {
             .into_iter()
             .filter_map(|(model, ms)| {
                 let source = format!("{job_type} on {model} pooled over {} namespace(s)", ms.len());
-                Prior::pool(&ms, source).map(|p| (model, p))
+                Prior::pool(&ms, true, source).map(|p| (model, p))
             })
             .collect();
-        let pooled_any = Prior::pool(&any, format!("{job_type} pooled over its models and namespaces"));
+        let pooled_any = Prior::pool(&any, true, format!("{job_type} pooled over its models and namespaces"));
         // Only a jobType no other namespace ran needs the cluster's pool (and it is the costly one to compute).
         let cluster = if any.is_empty() {
             let all: Vec<&ModelStats> = (self.job_types.iter())
@@ -269,7 +273,7 @@ impl EstimatorState {
                 .flat_map(|s| s.models.values())
                 .filter(|m| !m.runs.is_empty())
                 .collect();
-            Prior::pool(&all, format!("cluster pool of {} key-models", all.len()))
+            Prior::pool(&all, false, format!("cluster pool of {} key-models", all.len()))
         } else {
             None
         };
