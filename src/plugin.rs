@@ -504,7 +504,7 @@ mod tests {
         assert!(learned.over_budget.as_deref().is_some_and(|r| r.contains("exceeds budget.maxCostUSD")), "{learned:?}");
         assert!(learned.render().contains("x133.33 (3 runs)"));
         assert_eq!(learned.key, format!("{ns}/scan"));
-        assert_eq!((learned.models[0].prior.as_str(), learned.models[0].prior_weight), ("spec", 0.18), "1/(3+1) x (1 - 3/10)");
+        assert_eq!((learned.models[0].prior.as_str(), learned.models[0].prior_weight), ("spec", 0.1), "0.5/(3+0.5) x (1 - 3/10)");
         assert!(learned.render().contains(&format!("3 recorded run(s) of {ns}/scan")), "{}", learned.render());
         // Another namespace's job of the same type borrows the pool, and says so.
         let mut other = j.clone();

@@ -11,8 +11,9 @@
 //!   offset gives `ln p90 = ln p50 + offset`.
 //! * **borrowed prior** while the key has few runs: the namespace's other models of the jobType,
 //!   else the robust pool of the other namespaces, else the cluster's, else the spec
-//!   ([`super::learning::Learned::locate`]). Its weight is `1/(n+1)` fading to zero at
-//!   [`super::learning::POOL_RUNS`] own runs `n`.
+//!   ([`super::learning::Learned::locate`]). Its weight is `w/(n+w)` fading to zero at
+//!   [`super::learning::POOL_RUNS`] own runs `n`, with `w` one run for a borrowed prior and half a
+//!   run for the spec's.
 //!
 //! Token totals split into input, cached input and output by the history's mix (or the prior's
 //! 80/20), and each part is priced with the model's integer price, so cached tokens cost less and
@@ -238,8 +239,8 @@ mod tests {
         let state = learned(&[("gpt-4o-mini", tokens(80_000, 20_000))]);
         let f = forecast(&state, "ns", &["gpt-4o-mini"], &[]);
         assert_eq!((f.method, f.samples), ("blend", 1));
-        // The prior's weight is 1/(1+1) * (1 - 1/10) = 0.45.
-        let want = (0.55 * 100_000f64.ln() + 0.45 * 7_500f64.ln()).exp();
+        // The spec's prior is worth half a run: its weight is 0.5/(1+0.5) * (1 - 1/10) = 0.3.
+        let want = (0.7 * 100_000f64.ln() + 0.3 * 7_500f64.ln()).exp();
         assert!((f.tokens_p50 as f64 / want - 1.0).abs() < 2e-3, "{} vs {want}", f.tokens_p50);
         // One run calibrates nothing yet: p90 = 3 x p50.
         assert!((f.tokens_p90 as f64 / f.tokens_p50 as f64 - 3.0).abs() < 1e-3, "{f:?}");

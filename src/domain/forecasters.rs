@@ -16,8 +16,8 @@
 //! | recent | the same, but a weighted median: a run's weight halves every [`HALF_LIFE`] runs of the jobType (a run `a` places back in one of `k` pooled namespaces counts as `a k` runs back) |
 //!
 //! *Similar namespaces*: other namespaces running the same jobType on the same model whose own
-//! median of `y - b z` is within [`SIMILAR`] (ln 1.5) of this key's. They lend their runs to the
-//! long median, which matters when several teams run the same workload (twice the data, half the
+//! median of `y - b z` is within [`SIMILAR`] (ln 1.5) of this key's. They lend their runs to both
+//! medians, which matters when several teams run the same workload (twice the data, half the
 //! noise). A namespace unlike this one (another scale, or a tenant's extreme runs) is left out
 //! entirely; a namespace that runs like this one can shift it by less than 1.5× however it runs.
 //!

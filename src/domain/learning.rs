@@ -102,6 +102,10 @@ pub struct KeyStats {
 pub struct Prior {
     pub ratio: f64,
     pub elasticity: f64,
+    /// How many runs of the key's own it is worth: the spec's guess half a run (it is often 10×
+    /// off for a new workload, so one real run outweighs it two to one), a pool of what other
+    /// namespaces or models ran one.
+    pub worth: f64,
     pub p90_offset: f64,
     /// The keys' own median p90 offset, without the spread between keys: where a new key's
     /// calibration starts once it has runs of its own.
@@ -113,7 +117,7 @@ pub struct Prior {
 impl Prior {
     /// The spec alone: usage as the prior says, p90 = 3 × p50.
     pub fn spec() -> Prior {
-        Prior { ratio: 0.0, elasticity: 1.0, p90_offset: prior_offset(), key_offset: prior_offset(), source: "spec".into() }
+        Prior { ratio: 0.0, elasticity: 1.0, worth: 0.5, p90_offset: prior_offset(), key_offset: prior_offset(), source: "spec".into() }
     }
 
     /// The robust pool of several keys' models: their median elasticity, the median of their
@@ -130,7 +134,7 @@ impl Prior {
         let between = median(ratios.iter().map(|r| (r - ratio).abs()).collect()).unwrap_or(0.0);
         let key_offset = median(stats.iter().map(|m| m.p90_offset).collect()).unwrap_or(prior_offset());
         let p90_offset = (key_offset + between).clamp(OFFSET_RANGE.0, OFFSET_RANGE.1);
-        Some(Prior { ratio, elasticity, p90_offset, key_offset, source })
+        Some(Prior { ratio, elasticity, worth: 1.0, p90_offset, key_offset, source })
     }
 }
 
@@ -177,10 +181,10 @@ impl Learned {
         let z = prior_tokens.max(1.0).ln();
         let own = self.own.models.get(model).filter(|m| m.n > 0 && !m.runs.is_empty());
         let n = own.map_or(0, |m| m.n);
-        // The prior's weight: a prior worth one run, fading out entirely at POOL_RUNS own runs,
-        // so that a warm key's estimate cannot be moved by other namespaces at all.
-        let prior_weight = 1.0 / (n as f64 + 1.0) * (1.0 - n as f64 / POOL_RUNS as f64).max(0.0);
         let prior = self.prior_for(model);
+        // The prior's weight: `worth` runs against the key's n, fading out entirely at POOL_RUNS
+        // own runs, so that a warm key's estimate cannot be moved by other namespaces at all.
+        let prior_weight = prior.worth / (n as f64 + prior.worth) * (1.0 - n as f64 / POOL_RUNS as f64).max(0.0);
         let prior_mu = prior.elasticity * z + prior.ratio;
         match own {
             None => Located { mu: prior_mu, p90_offset: prior.p90_offset, own_runs: 0, prior, prior_weight: 1.0, mix: None },
