@@ -63,6 +63,9 @@ enum EstimatorCommand {
         job_types: u64,
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// The shape of the workload (see the README's estimator section).
+        #[arg(long, value_enum, default_value_t = agentgate::evaluation::families::Family::Drift)]
+        family: agentgate::evaluation::families::Family,
     },
 }
 
@@ -158,10 +161,10 @@ fn main() -> anyhow::Result<()> {
             print!("{}", agentgate::evaluation::evaluate(&records, &prices, warmup).render());
             Ok(())
         }
-        Command::Estimator(EstimatorCommand::Synth { records, job_types, seed }) => {
+        Command::Estimator(EstimatorCommand::Synth { records, job_types, seed, family }) => {
             use std::io::Write;
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            for record in agentgate::evaluation::synthetic::generate(records, job_types as usize, seed) {
+            for record in family.generate(records, job_types as usize, seed) {
                 writeln!(out, "{}", serde_json::to_string(&record)?)?;
             }
             Ok(())

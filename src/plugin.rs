@@ -35,8 +35,10 @@ pub struct EstimateReport {
     pub job_type: String,
     /// `prior`, `blend` or `history`, as the operator would say in status.estimate.method.
     pub method: String,
-    /// Attempts of this jobType the cluster has learned from.
+    /// Attempts of this jobType the cluster has learned from in the job's namespace.
     pub samples: usize,
+    /// What the estimator learns under: `<namespace>/<jobType>`.
+    pub key: String,
     pub tokens_p50: i64,
     pub tokens_p90: i64,
     #[serde(rename = "costUSDP50")]
@@ -57,6 +59,10 @@ pub struct ModelEstimateRow {
     /// What history says of this jobType and model: runs use `learnedRatio` times their prior.
     pub learned_ratio: Option<f64>,
     pub learned_samples: u64,
+    /// The prior this model's forecast borrows from (`spec`, the namespace's other models, the
+    /// pool of the jobType's namespaces, the cluster's) and its weight (0 once the key has enough runs).
+    pub prior: String,
+    pub prior_weight: f64,
     pub tokens_p50: i64,
     pub tokens_p90: i64,
     #[serde(rename = "costUSDP50")]
@@ -68,19 +74,24 @@ pub struct ModelEstimateRow {
 /// The estimate the operator would make for `job` now, with how it was made.
 pub fn estimate_report(job: &AgentJob, state: &EstimatorState, prices: &PriceTable) -> Result<EstimateReport, UnknownModels> {
     let input = estimate_input(job);
-    let stats = state.stats(&input.job_type);
-    let forecast: Forecast = estimate(&input, stats, prices)?;
+    let namespace = job.namespace().unwrap_or_else(|| "default".into());
+    let learned = state.stats(&namespace, &input.job_type);
+    let forecast: Forecast = estimate(&input, learned.as_ref(), prices)?;
     let priors = prior_tokens(&input);
     let models = forecast
         .models
         .iter()
         .map(|m| {
-            let learned = stats.and_then(|s| s.models.get(&m.model)).filter(|l| l.n > 0);
+            let prior_tokens = priors.get(&m.model).map_or(0, |p| p.total());
+            let own = learned.as_ref().and_then(|s| s.own.models.get(&m.model)).filter(|l| l.n > 0);
+            let located = learned.as_ref().map(|l| l.locate(&m.model, prior_tokens as f64));
             ModelEstimateRow {
                 model: m.model.clone(),
-                prior_tokens: priors.get(&m.model).map_or(0, |p| p.total()),
-                learned_ratio: learned.map(|l| (l.location.exp() * 100.0).round() / 100.0),
-                learned_samples: learned.map_or(0, |l| l.n),
+                prior_tokens,
+                learned_ratio: own.and_then(|l| l.ratio()).map(|r| (r.exp() * 100.0).round() / 100.0),
+                learned_samples: own.map_or(0, |l| l.n),
+                prior: located.as_ref().map_or("spec".into(), |l| l.prior.source.clone()),
+                prior_weight: located.as_ref().map_or(1.0, |l| (l.prior_weight * 100.0).round() / 100.0),
                 tokens_p50: m.tokens_p50,
                 tokens_p90: m.tokens_p90,
                 cost_usd_p50: m.cost_p50.to_string(),
@@ -90,9 +101,10 @@ pub fn estimate_report(job: &AgentJob, state: &EstimatorState, prices: &PriceTab
         .collect();
     Ok(EstimateReport {
         job: job.name_any(),
-        job_type: input.job_type,
+        job_type: input.job_type.clone(),
         method: forecast.method.to_string(),
         samples: forecast.samples,
+        key: format!("{namespace}/{}", input.job_type),
         tokens_p50: forecast.tokens_p50,
         tokens_p90: forecast.tokens_p90,
         cost_usd_p50: forecast.cost_p50.to_string(),
@@ -110,9 +122,13 @@ impl EstimateReport {
         );
         let how = match self.method.as_str() {
             "prior" => "from the spec alone (no run of this jobType recorded yet)".to_string(),
-            _ => format!("{} of the spec's prior and {} recorded run(s) of this jobType", self.method, self.samples),
+            "pooled" => format!("no run of {} recorded yet: borrowed from what was learned elsewhere", self.key),
+            _ => format!("{} of a prior and {} recorded run(s) of {}", self.method, self.samples, self.key),
         };
         let _ = writeln!(out, "method: {how}");
+        for m in self.models.iter().filter(|m| m.prior_weight > 0.0) {
+            let _ = writeln!(out, "prior for {}: {} (weight {})", m.model, m.prior, m.prior_weight);
+        }
         let _ = writeln!(out, "budget: {}\n", self.over_budget.as_deref().unwrap_or("fits (p90 within budget)"));
         let rows: Vec<Vec<String>> = self
             .models
@@ -543,14 +559,28 @@ mod tests {
         assert_eq!(prior.over_budget, None, "7,500 tokens of gpt-4o-mini cost far less than a cent");
         let mut state = EstimatorState::default();
         let big = [("gpt-4o-mini".to_string(), crate::domain::pricing::TokenCounts { input: 900_000, cached_input: 0, output: 100_000 })];
+        let ns = j.namespace().unwrap_or_else(|| "default".into());
         for i in 0..3 {
-            state.record(&format!("u/{i}"), "scan", &big.clone().into(), &prior_tokens(&estimate_input(&j)));
+            state.record(&format!("u/{i}"), &ns, "scan", &big.clone().into(), &prior_tokens(&estimate_input(&j)), &PriceTable::builtin());
         }
         let learned = estimate_report(&j, &state, &PriceTable::builtin()).unwrap();
         assert_eq!((learned.method.as_str(), learned.samples), ("blend", 3));
         assert_eq!(learned.models[0].learned_ratio, Some(133.33), "1,000,000 / 7,500");
         assert!(learned.over_budget.as_deref().is_some_and(|r| r.contains("exceeds budget.maxCostUSD")), "{learned:?}");
         assert!(learned.render().contains("x133.33 (3 runs)"));
+        assert_eq!(learned.key, format!("{ns}/scan"));
+        assert_eq!((learned.models[0].prior.as_str(), learned.models[0].prior_weight), ("spec", 0.1), "0.5/(3+0.5) x (1 - 3/10)");
+        assert!(learned.render().contains(&format!("3 recorded run(s) of {ns}/scan")), "{}", learned.render());
+        // Another namespace's job of the same type borrows the pool, and says so.
+        let mut other = j.clone();
+        other.metadata.namespace = Some("elsewhere".into());
+        let pooled = estimate_report(&other, &state, &PriceTable::builtin()).unwrap();
+        assert_eq!((pooled.method.as_str(), pooled.samples, pooled.key.as_str()), ("pooled", 0, "elsewhere/scan"));
+        assert!(
+            pooled.render().contains("prior for gpt-4o-mini: scan on gpt-4o-mini pooled over 1 namespace(s) (weight 1)"),
+            "{}",
+            pooled.render()
+        );
     }
 
     #[test]

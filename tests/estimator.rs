@@ -74,7 +74,7 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
             "the learned state in the ConfigMap",
             Duration::from_secs(30),
             || learned_state(&client, ns),
-            |s: &Option<EstimatorState>| s.as_ref().and_then(|s| s.stats(JOB_TYPE)).is_some_and(|t| t.n == i as u64 + 1),
+            |s: &Option<EstimatorState>| s.as_ref().and_then(|s| s.job_types.get(JOB_TYPE)?.get(ns).map(|k| k.n)) == Some(i as u64 + 1),
         )
         .await;
     }
@@ -117,8 +117,9 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
         &Api::<ConfigMap>::namespaced(client.clone(), ns).get("agentgate-estimator").await.unwrap().data.unwrap()["state.json"],
     )
     .unwrap();
-    assert_eq!(state["version"], 2);
-    assert_eq!(state["jobTypes"][JOB_TYPE]["n"], 3);
+    assert_eq!(state["version"], 3);
+    assert_eq!(state["jobTypes"][JOB_TYPE][ns]["n"], 3, "learned under the job's namespace");
+    assert_eq!(state["jobTypes"][JOB_TYPE][ns]["models"]["gpt-4o-mini"]["runs"].as_array().map(Vec::len), Some(3));
     assert_eq!(state["seen"].as_array().map(Vec::len), Some(3), "one key per attempt, never two");
 }
 
@@ -203,4 +204,44 @@ async fn price_table_edits_apply_without_a_restart() {
     )
     .await;
     assert_eq!(next.cost_usd.p90, "0.072");
+}
+
+/// The operator learns per namespace: another namespace's extreme runs of the same jobType
+/// (learned earlier, here written into the ConfigMap before the operator starts) leave this
+/// namespace's estimate exactly what it would be had that namespace never run anything.
+#[tokio::test]
+async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchanged() {
+    use agentgate::domain::estimate::{EstimateInput, estimate, prior_tokens};
+    use agentgate::domain::pricing::{PriceTable, TokenCounts};
+    let ns = "est-isolate";
+    let cp = ControlPlane::shared();
+    cp.namespace(ns).await;
+    let client = cp.client("admin").await;
+
+    // Twelve runs of ours at about 450k tokens; forty of another tenant's at one token each.
+    let prices = PriceTable::builtin();
+    let input = EstimateInput { job_type: JOB_TYPE.into(), agent_models: vec!["gpt-4o-mini".into()], tool_calls: vec![] };
+    let prior = prior_tokens(&input);
+    let tokens = |total: i64| -> std::collections::BTreeMap<String, TokenCounts> {
+        [("gpt-4o-mini".to_string(), TokenCounts { input: total * 8 / 10, cached_input: 0, output: total - total * 8 / 10 })].into()
+    };
+    let mut ours_only = EstimatorState::default();
+    for i in 0..12 {
+        ours_only.record(&format!("ours/{i}"), ns, JOB_TYPE, &tokens(420_000 + 5_000 * i), &prior, &prices);
+    }
+    let mut state = ours_only.clone();
+    for i in 0..40 {
+        state.record(&format!("theirs/{i}"), "other-team", JOB_TYPE, &tokens(1), &prior, &prices);
+    }
+    let want = estimate(&input, ours_only.stats(ns, JOB_TYPE).as_ref(), &prices).unwrap();
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "agentgate-estimator"}, "data": {"state.json": state.to_json()}});
+    Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
+
+    let _operator = OperatorProcess::start(cp, &["--namespace", ns, "--metrics-addr", "127.0.0.1:0"]);
+    let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
+    jobs.create(&PostParams::default(), &job_manifest("mine")).await.expect("create job");
+    let got = estimated(&client, ns, "mine").await.status.unwrap().estimate.unwrap();
+    assert_eq!((got.method.as_str(), got.samples), ("history", 12), "{got:?}");
+    assert_eq!((got.tokens.p50, got.tokens.p90), (want.tokens_p50, want.tokens_p90), "{got:?} vs {want:?}");
+    assert!(got.tokens.p50 > 400_000, "ours, not the other tenant's one token: {got:?}");
 }

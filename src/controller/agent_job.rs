@@ -112,7 +112,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         .map(|g| (g, tally_for(g)))
         .collect();
     let readiness = if old_status.phase.is_some_and(JobPhase::is_terminal) { Readiness::default() } else { job_readiness(job, ctx) };
-    let learned = ctx.learner.state.lock().await.stats(&job_type(job)).cloned();
+    let learned = ctx.learner.state.lock().await.stats(&namespace, &job_type(job));
     let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;
     let prices = ctx.prices.read().await.clone();
 
@@ -426,7 +426,8 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
         if attempt.result == AttemptResult::Succeeded {
             let key = crate::domain::learning::attempt_key(job.metadata.uid.as_deref().unwrap_or_default(), attempt.attempt);
             let prior = prior_tokens(&estimate_input(job));
-            if ctx.learner.state.lock().await.record(&key, &job_type(job), &tokens_of(usage), &prior) {
+            let (namespace, prices) = (job.namespace().unwrap_or_default(), ctx.prices.read().await.clone());
+            if ctx.learner.state.lock().await.record(&key, &namespace, &job_type(job), &tokens_of(usage), &prior, &prices) {
                 ctx.learner.touch();
             }
         }

@@ -1,135 +1,80 @@
-//! What the estimator has learned from finished attempts, compact enough to persist in one
-//! ConfigMap whatever the number of jobs ever run.
+//! What the estimator has learned from finished attempts, per (namespace, jobType, model), compact
+//! and bounded enough to persist in one ConfigMap whatever the number of jobs ever run.
 //!
-//! Per (jobType, model) it keeps, for `x = ln(total tokens / prior tokens)` of each attempt (the
-//! prior of [`super::estimate`], computed from the attempt's own spec, so a job that declares
-//! twice the tool calls is expected to use more than its type's usual):
+//! **Keys.** A jobType is a name any author picks, so it is learned per namespace: one tenant's
+//! runs never move another team's estimate. Namespaces only meet in the *pooled prior* that a
+//! cold key starts from (see [`Learned`]), and that pool is robust: the median over namespaces of
+//! each namespace's own median ratio, so one namespace is one vote however extreme its runs.
 //!
-//! * `location`: a recency-weighted, outlier-resistant mean of `x`, the forecast's ln(p50/prior). Each
-//!   sample moves it by `alpha * clamp(x - location, ±HUBER * spread)` with `alpha = 1/weight`:
-//!   a Huber-type M-estimate, so one run 30× the usual (agent runs have such tails) shifts it by
-//!   a bounded step instead of dragging it;
-//! * `spread`: the recency-weighted mean absolute deviation of `x` around `location`;
-//! * `q90`: the 90th percentile of the one-step-ahead residual `r = (x - location) / spread`,
-//!   tracked online before each update: `q90 += GAMMA * (0.9 - [r <= q90])`. This is adaptive
-//!   conformal calibration (Gibbs & Candès, 2021): whatever the shape of the tail, the long-run
-//!   share of attempts above `location + q90 * spread` tends to 10 %, and it re-adapts when the
-//!   workload changes;
-//! * `weight`: the effective sample size. Every new sample first multiplies the weight of
-//!   everything before it by [`DECAY`], so `weight` tends to `1/(1-DECAY)` = 20 and a workload
-//!   that changes is relearned within a few dozen runs;
-//! * the mean input / cached input / output fractions, to price a token forecast.
+//! **Per key and model** it keeps ([`ModelStats`]):
+//! * the last [`WINDOW`] runs as `(y, z)`, `y = ln(tokens used)`, `z = ln(tokens of the spec's
+//!   prior)`, rounded to 1/10000 (0.01 %); the location forecasters of [`super::forecasters`] read
+//!   them, so the declared size's elasticity is learned from the runs rather than fixed;
+//! * the experts' tracked losses, which weigh them (exponentially weighted aggregation);
+//! * `p90Offset`, ln(p90/p50), calibrated online against the forecasts actually made (adaptive
+//!   conformal inference, Gibbs & Candès 2021, in relative steps so it adapts at any scale):
+//!   `offset *= exp(GAMMA * ([r > offset] - 0.1))` with `r` the run's log residual, so that one
+//!   run in ten lands above the p90 whatever the tail's shape;
+//! * the input / cached input / output fractions, to price a token forecast.
 //!
-//! The last [`SEEN_CAP`] attempt keys (`<job uid>/<attempt>`) are kept so that an attempt is never
-//! counted twice (a re-reconcile after a restart sees the same usage "appear" again), and at most
-//! [`MAX_JOB_TYPES`] job types are kept, the least recently updated going first. The state of one
-//! (jobType, model) is nine numbers, so the ConfigMap stays small however many jobs ran.
+//! **What is learned from**: an attempt's usage of the models its spec names, with a price and
+//! non-zero tokens; anything else (a model the spec did not name, an unpriced one, empty usage)
+//! is implausible as a sample of this job and left out. Each attempt counts once: the last
+//! [`SEEN_CAP`] attempt keys (`<job uid>/<attempt>`) are remembered.
+//!
+//! **Bounds**: a key-model is about 850 bytes of JSON (40 pairs and a dozen numbers); at most
+//! [`MAX_KEYS`] (namespace, jobType) keys of at most [`MAX_MODELS`] models are kept, the least
+//! recently updated going first, so the state stays well under the ConfigMap limit.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::pricing::TokenCounts;
+use super::forecasters::{self, EXPERTS, median};
+use super::pricing::{PriceTable, TokenCounts};
 
-/// Weight left to the past at each new sample.
-pub const DECAY: f64 = 0.95;
-/// Residuals beyond this many spreads move the location no further.
-pub const HUBER: f64 = 2.0;
-/// Step of the online quantile tracking of `q90`, in spreads.
-pub const GAMMA: f64 = 0.08;
-/// Consecutive runs beyond the p90 band that reset the location (see [`ModelStats::add`]).
-pub const RESTART_STREAK: u32 = 3;
+/// Runs kept per key and model.
+pub const WINDOW: usize = 40;
+/// Own runs from which a key no longer listens to the pooled prior at all.
+pub const POOL_RUNS: u64 = 10;
+/// Step of the online calibration of the p90 offset, relative: a run above the p90 widens it by
+/// exp(0.9 GAMMA) = 9.4 %, one within narrows it by exp(-0.1 GAMMA) = 1 %.
+pub const GAMMA: f64 = 0.1;
 /// Attempt keys remembered for deduplication.
 pub const SEEN_CAP: usize = 512;
-/// Job types remembered.
-pub const MAX_JOB_TYPES: usize = 256;
-/// Models remembered per job type (a job names a handful).
-pub const MAX_MODELS: usize = 16;
-pub const VERSION: u32 = 2;
-/// Mean absolute deviation of a normal is 0.7979 sigma; the first spread is the prior's
-/// (p90 = 3 × p50, i.e. sigma = ln 3 / 1.2816) in that unit.
-pub const PRIOR_SPREAD: f64 = 0.6839;
-/// q90 of a normal in mean-absolute-deviation units (1.2816 / 0.7979).
-pub const INITIAL_Q90: f64 = 1.6062;
+/// (namespace, jobType) keys remembered.
+pub const MAX_KEYS: usize = 256;
+/// Models remembered per key (a job names a handful).
+pub const MAX_MODELS: usize = 8;
+/// Version 2 learned per jobType across namespaces; it is discarded (and relearned) on load.
+pub const VERSION: u32 = 3;
+/// ln(p90/p50) before anything is learned: p90 = 3 × p50.
+pub fn prior_offset() -> f64 {
+    3f64.ln()
+}
+/// The calibrated offset stays within these bounds (p90 between 1.05× and 55× the p50).
+const OFFSET_RANGE: (f64, f64) = (0.05, 4.0);
 
-/// Statistics of one model's usage within a job type.
+/// Statistics of one model's usage within a (namespace, jobType) key.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelStats {
     /// Samples ever recorded.
     pub n: u64,
-    /// Sum of the decayed sample weights: the effective sample size (at most 1/(1-DECAY)).
-    pub weight: f64,
-    /// Robust recency-weighted location of ln(total tokens / prior tokens).
-    pub location: f64,
-    /// Recency-weighted mean absolute deviation of that log ratio around the location.
-    pub spread: f64,
-    /// Calibrated 90th percentile of (x - location) / spread.
-    pub q90: f64,
-    /// Consecutive samples beyond ±q90 spreads on the same side (negative: below).
-    #[serde(default)]
-    pub streak: i32,
-    /// Recency-weighted mean fractions of input, cached input and output tokens.
+    /// The last [`WINDOW`] runs, `[ln tokens, ln prior tokens]`, oldest first.
+    pub runs: Vec<[f64; 2]>,
+    /// Each expert's recent absolute log error (see [`super::forecasters`]).
+    pub losses: [f64; EXPERTS],
+    pub p90_offset: f64,
     pub input_frac: f64,
     pub cached_frac: f64,
     pub output_frac: f64,
 }
 
 impl ModelStats {
-    /// `prior` is the spec's prior token count for this model: what is learned is how far off it
-    /// is for the job type, so jobs of one type that declare more work get larger forecasts.
-    fn add(&mut self, tokens: &TokenCounts, prior: i64) {
-        let total = tokens.total() as f64;
-        let x = total.ln() - (prior.max(1) as f64).ln();
-        let fractions = |t: &TokenCounts| [t.input, t.cached_input, t.output].map(|part| part.max(0) as f64 / total);
-        if self.weight > 0.0 {
-            let residual = (x - self.location) / self.spread;
-            self.q90 = (self.q90 + GAMMA * if residual > self.q90 { 0.9 } else { -0.1 }).clamp(0.25, 8.0);
-            self.streak = match (residual > self.q90, residual < -self.q90) {
-                (true, _) => self.streak.max(0) + 1,
-                (_, true) => self.streak.min(0) - 1,
-                _ => 0,
-            };
-            if self.streak.unsigned_abs() >= RESTART_STREAK {
-                // A stable workload puts three runs in a row beyond its p90 (or below its mirror
-                // image) about once in a thousand: the workload changed, and the clipped location
-                // would take dozens of runs to follow. Start over from this run.
-                *self = ModelStats { n: self.n, q90: self.q90, ..ModelStats::default() };
-            }
-        }
-        self.n += 1;
-        if self.weight == 0.0 {
-            let q90 = if self.n == 1 { INITIAL_Q90 } else { self.q90 };
-            let [input_frac, cached_frac, output_frac] = fractions(tokens);
-            *self = ModelStats {
-                n: self.n,
-                weight: 1.0,
-                location: x,
-                spread: PRIOR_SPREAD,
-                q90,
-                streak: 0,
-                input_frac,
-                cached_frac,
-                output_frac,
-            };
-            return;
-        }
-        self.weight = self.weight * DECAY + 1.0;
-        let alpha = 1.0 / self.weight;
-        let deviation = x - self.location;
-        self.location += alpha * deviation.clamp(-HUBER * self.spread, HUBER * self.spread);
-        // Unclipped, so a workload that jumps widens the spread at once and the clipped location
-        // can follow within a few runs; q90 absorbs what the tails add to it.
-        self.spread = (self.spread + alpha * (deviation.abs() - self.spread)).max(0.02);
-        let [input, cached, output] = fractions(tokens);
-        self.input_frac += alpha * (input - self.input_frac);
-        self.cached_frac += alpha * (cached - self.cached_frac);
-        self.output_frac += alpha * (output - self.output_frac);
-    }
-
-    /// ln(p90 / p50) as learned.
-    pub fn p90_offset(&self) -> f64 {
-        self.q90 * self.spread
+    /// ln of the median ratio of usage to the spec's prior over the window.
+    pub fn ratio(&self) -> Option<f64> {
+        median(self.runs.iter().map(|r| r[0] - r[1]).collect())
     }
 
     /// The token mix as counts per million, for splitting a forecast total.
@@ -139,15 +84,137 @@ impl ModelStats {
     }
 }
 
-/// Statistics of one job type.
+/// Statistics of one (namespace, jobType) key.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
-pub struct JobTypeStats {
+pub struct KeyStats {
     /// Attempts recorded.
     pub n: u64,
-    /// Logical clock of the last update, for evicting the least recently updated job type.
+    /// Logical clock of the last update, for evicting the least recently updated key.
     pub updated: u64,
     pub models: BTreeMap<String, ModelStats>,
+}
+
+/// A prior a key without runs of a model starts from: `ln p50 = ratio + elasticity * z` (`z` the
+/// ln of the spec's prior tokens), and the p90 offset to go with it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Prior {
+    pub ratio: f64,
+    pub elasticity: f64,
+    /// How many runs of the key's own it is worth: the spec's guess half a run (it is often 10×
+    /// off for a new workload, so one real run outweighs it two to one), a pool of what other
+    /// namespaces or models ran one.
+    pub worth: f64,
+    pub p90_offset: f64,
+    /// The keys' own median p90 offset, without the spread between keys: where a new key's
+    /// calibration starts once it has runs of its own.
+    pub key_offset: f64,
+    /// Where it comes from, for `kubectl agentgate estimate`.
+    pub source: String,
+}
+
+impl Prior {
+    /// The spec alone: usage as the prior says, p90 = 3 × p50.
+    pub fn spec() -> Prior {
+        Prior { ratio: 0.0, elasticity: 1.0, worth: 0.5, p90_offset: prior_offset(), key_offset: prior_offset(), source: "spec".into() }
+    }
+
+    /// The robust pool of several keys' models: their median elasticity, the median of their
+    /// levels at that elasticity, and their median p90 offset widened by how far the keys are
+    /// apart (a new key may sit anywhere among them).
+    ///
+    /// Across job types (`fit = false`) the elasticity is 1: how usage follows the declared size
+    /// within one job type says nothing of how two job types' sizes compare.
+    fn pool(stats: &[&ModelStats], fit: bool, source: String) -> Option<Prior> {
+        let slopes = stats.iter().map(|m| if fit { forecasters::elasticity(&m.runs) } else { 1.0 });
+        let elasticity = median(slopes.collect())?;
+        let ratios: Vec<f64> = stats.iter().filter_map(|m| median(m.runs.iter().map(|r| r[0] - elasticity * r[1]).collect())).collect();
+        let ratio = median(ratios.clone())?;
+        let between = median(ratios.iter().map(|r| (r - ratio).abs()).collect()).unwrap_or(0.0);
+        let key_offset = median(stats.iter().map(|m| m.p90_offset).collect()).unwrap_or(prior_offset());
+        let p90_offset = (key_offset + between).clamp(OFFSET_RANGE.0, OFFSET_RANGE.1);
+        Some(Prior { ratio, elasticity, worth: 1.0, p90_offset, key_offset, source })
+    }
+}
+
+/// What the estimator knows when estimating a job of one (namespace, jobType): the key's own
+/// statistics and the priors a model without own runs borrows from. The approval gate passes it
+/// through under its former name [`JobTypeStats`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Learned {
+    pub namespace: String,
+    pub job_type: String,
+    pub own: KeyStats,
+    /// Per model: the pool of the namespaces that ran this jobType on it.
+    pub pooled: BTreeMap<String, Prior>,
+    /// The pool over every model of this jobType, for a model no namespace ran it on.
+    pub pooled_any: Option<Prior>,
+    /// The pool over every key of the cluster, for a jobType no namespace ran yet.
+    pub cluster: Option<Prior>,
+    /// Per model: the windows of the other namespaces running this jobType on it, from which
+    /// the similar ones lend their runs to the long forecaster ([`forecasters::experts`]).
+    pub neighbours: BTreeMap<String, Vec<Vec<[f64; 2]>>>,
+}
+
+/// Kept so the approval gate's `Observed::learned` needs no change.
+pub type JobTypeStats = Learned;
+
+/// Where a model's forecast comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Located {
+    /// ln of the p50 tokens.
+    pub mu: f64,
+    /// ln(p90 / p50).
+    pub p90_offset: f64,
+    /// Own runs of this key and model.
+    pub own_runs: u64,
+    /// The prior used (always computed; its weight is zero from [`POOL_RUNS`] own runs on).
+    pub prior: Prior,
+    pub prior_weight: f64,
+    pub mix: Option<TokenCounts>,
+}
+
+impl Learned {
+    /// The forecast of one model's tokens for a job whose prior for it is `prior_tokens`.
+    pub fn locate(&self, model: &str, prior_tokens: f64) -> Located {
+        let z = prior_tokens.max(1.0).ln();
+        let own = self.own.models.get(model).filter(|m| m.n > 0 && !m.runs.is_empty());
+        let n = own.map_or(0, |m| m.n);
+        let prior = self.prior_for(model);
+        // The prior's weight: `worth` runs against the key's n, fading out entirely at POOL_RUNS
+        // own runs, so that a warm key's estimate cannot be moved by other namespaces at all.
+        let prior_weight = prior.worth / (n as f64 + prior.worth) * (1.0 - n as f64 / POOL_RUNS as f64).max(0.0);
+        let prior_mu = prior.elasticity * z + prior.ratio;
+        match own {
+            None => Located { mu: prior_mu, p90_offset: prior.p90_offset, own_runs: 0, prior, prior_weight: 1.0, mix: None },
+            Some(m) => {
+                let neighbours = self.neighbours.get(model).map_or(&[][..], Vec::as_slice);
+                let own_mu = forecasters::combine(&m.runs, neighbours, z, &m.losses);
+                Located {
+                    mu: (1.0 - prior_weight) * own_mu + prior_weight * prior_mu,
+                    p90_offset: m.p90_offset,
+                    own_runs: n,
+                    prior,
+                    prior_weight,
+                    mix: Some(m.mix()),
+                }
+            }
+        }
+    }
+
+    /// The prior of a model: this namespace's other models of the jobType (a jobType switching
+    /// model keeps its tenant's scale), else the namespaces' pool for the model, for any model,
+    /// the cluster's pool, and the spec alone.
+    fn prior_for(&self, model: &str) -> Prior {
+        let siblings: Vec<&ModelStats> =
+            self.own.models.iter().filter(|(m, s)| *m != model && !s.runs.is_empty()).map(|(_, s)| s).collect();
+        Prior::pool(&siblings, true, format!("{}/{}: other models", self.namespace, self.job_type))
+            .or_else(|| self.pooled.get(model).cloned())
+            .or_else(|| self.pooled_any.clone())
+            .or_else(|| self.cluster.clone())
+            .unwrap_or_else(Prior::spec)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -156,7 +223,8 @@ pub struct EstimatorState {
     pub version: u32,
     /// Incremented by every recorded attempt.
     pub clock: u64,
-    pub job_types: BTreeMap<String, JobTypeStats>,
+    /// jobType → namespace → statistics.
+    pub job_types: BTreeMap<String, BTreeMap<String, KeyStats>>,
     /// Keys of the last SEEN_CAP recorded attempts, oldest first.
     pub seen: Vec<String>,
 }
@@ -172,22 +240,68 @@ pub fn attempt_key(job_uid: &str, attempt: i32) -> String {
     format!("{job_uid}/{attempt}")
 }
 
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
 impl EstimatorState {
+    /// What is known for a job of `job_type` in `namespace` (see [`Learned`]).
+    pub fn stats(&self, namespace: &str, job_type: &str) -> Option<Learned> {
+        let keys = self.job_types.get(job_type);
+        let own = keys.and_then(|k| k.get(namespace)).cloned().unwrap_or_default();
+        let mut pooled = BTreeMap::new();
+        let mut any = Vec::new();
+        let mut neighbours: BTreeMap<String, Vec<Vec<[f64; 2]>>> = BTreeMap::new();
+        // The priors are what *other* namespaces know: this key's own runs are used as such.
+        let others = keys.into_iter().flat_map(|k| k.iter()).filter(|(ns, _)| *ns != namespace);
+        for (_, stats) in others {
+            for (model, m) in stats.models.iter().filter(|(_, m)| !m.runs.is_empty()) {
+                pooled.entry(model.clone()).or_insert_with(Vec::new).push(m);
+                any.push(m);
+                neighbours.entry(model.clone()).or_default().push(m.runs.clone());
+            }
+        }
+        let pooled: BTreeMap<String, Prior> = pooled
+            .into_iter()
+            .filter_map(|(model, ms)| {
+                let source = format!("{job_type} on {model} pooled over {} namespace(s)", ms.len());
+                Prior::pool(&ms, true, source).map(|p| (model, p))
+            })
+            .collect();
+        let pooled_any = Prior::pool(&any, true, format!("{job_type} pooled over its models and namespaces"));
+        // Only a jobType no other namespace ran needs the cluster's pool (and it is the costly one to compute).
+        let cluster = if any.is_empty() {
+            let all: Vec<&ModelStats> = (self.job_types.iter())
+                .filter(|(t, _)| *t != job_type)
+                .flat_map(|(_, k)| k.values())
+                .flat_map(|s| s.models.values())
+                .filter(|m| !m.runs.is_empty())
+                .collect();
+            Prior::pool(&all, false, format!("cluster pool of {} key-models", all.len()))
+        } else {
+            None
+        };
+        let learned = Learned { namespace: namespace.into(), job_type: job_type.into(), own, pooled, pooled_any, cluster, neighbours };
+        Some(learned)
+    }
+
     /// Records one attempt's usage; false (and no change) when the attempt was recorded before
-    /// or reported no tokens.
-    /// `prior` is [`super::estimate::prior_tokens`] of the attempt's job; a model it lacks (an
-    /// agent reporting a model its spec did not name) is measured against one agent's prior.
+    /// or had no plausible usage (see the module doc). `prior` is
+    /// [`super::estimate::prior_tokens`] of the attempt's job.
     pub fn record(
         &mut self,
         key: &str,
+        namespace: &str,
         job_type: &str,
         per_model: &BTreeMap<String, TokenCounts>,
         prior: &BTreeMap<String, TokenCounts>,
+        prices: &PriceTable,
     ) -> bool {
         if self.seen.iter().any(|k| k == key) {
             return false;
         }
-        let used: Vec<(&String, &TokenCounts)> = per_model.iter().filter(|(_, t)| t.total() > 0).collect();
+        let used: Vec<(&String, &TokenCounts)> =
+            per_model.iter().filter(|(m, t)| t.total() > 0 && prior.contains_key(*m) && prices.get(m).is_some()).collect();
         if used.is_empty() {
             return false;
         }
@@ -196,46 +310,93 @@ impl EstimatorState {
             let excess = self.seen.len() - SEEN_CAP;
             self.seen.drain(..excess);
         }
+        // The forecasts this attempt was given (as far as the state can tell), to calibrate against.
+        let before = self.stats(namespace, job_type).unwrap_or_default();
         self.clock += 1;
         let clock = self.clock;
-        let stats = self.job_types.entry(job_type.to_string()).or_default();
+        let stats = self.job_types.entry(job_type.to_string()).or_default().entry(namespace.to_string()).or_default();
         stats.n += 1;
         stats.updated = clock;
         for (model, tokens) in used {
             if !stats.models.contains_key(model) && stats.models.len() >= MAX_MODELS {
                 continue;
             }
-            let expected = prior.get(model).unwrap_or(&super::estimate::PER_AGENT).total();
-            stats.models.entry(model.clone()).or_default().add(tokens, expected);
+            let expected = prior[model].total().max(1) as f64;
+            let located = before.locate(model, expected);
+            let (y, z) = ((tokens.total() as f64).ln(), expected.ln());
+            let m = stats.models.entry(model.clone()).or_default();
+            if m.n == 0 {
+                // The first run was forecast from a borrowed prior: how far it missed says how
+                // good the prior was, not how spread this key's runs are, so it calibrates nothing.
+                *m = ModelStats { p90_offset: located.prior.key_offset, ..ModelStats::default() };
+            } else {
+                let neighbours = before.neighbours.get(model).map_or(&[][..], Vec::as_slice);
+                forecasters::update_losses(&mut m.losses, &forecasters::experts(&m.runs, neighbours, z), y);
+                let residual = y - located.mu;
+                let step = if residual > located.p90_offset { 0.9 } else { -0.1 };
+                m.p90_offset = (m.p90_offset * (GAMMA * step).exp()).clamp(OFFSET_RANGE.0, OFFSET_RANGE.1);
+            }
+            m.runs.push([round4(y), round4(z)]);
+            if m.runs.len() > WINDOW {
+                m.runs.remove(0);
+            }
+            m.n += 1;
+            let total = tokens.total() as f64;
+            let alpha = 1.0 / (m.n.min(20) as f64);
+            m.input_frac += alpha * (tokens.input.max(0) as f64 / total - m.input_frac);
+            m.cached_frac += alpha * (tokens.cached_input.max(0) as f64 / total - m.cached_frac);
+            m.output_frac += alpha * (tokens.output.max(0) as f64 / total - m.output_frac);
         }
-        while self.job_types.len() > MAX_JOB_TYPES {
-            let oldest = self.job_types.iter().min_by_key(|(_, s)| s.updated).map(|(k, _)| k.clone());
-            match oldest {
-                Some(k) => self.job_types.remove(&k),
-                None => break,
-            };
-        }
+        self.evict();
         true
     }
 
-    pub fn stats(&self, job_type: &str) -> Option<&JobTypeStats> {
-        self.job_types.get(job_type).filter(|s| s.n > 0)
+    fn key_count(&self) -> usize {
+        self.job_types.values().map(BTreeMap::len).sum()
+    }
+
+    /// Drops the least recently updated keys beyond MAX_KEYS.
+    fn evict(&mut self) {
+        while self.key_count() > MAX_KEYS {
+            let oldest = self
+                .job_types
+                .iter()
+                .flat_map(|(t, k)| k.iter().map(move |(ns, s)| (s.updated, t.clone(), ns.clone())))
+                .min()
+                .expect("more than MAX_KEYS keys");
+            let keys = self.job_types.get_mut(&oldest.1).expect("just seen");
+            keys.remove(&oldest.2);
+            if keys.is_empty() {
+                self.job_types.remove(&oldest.1);
+            }
+        }
     }
 
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("the state always serializes")
     }
 
-    /// Parses a persisted state. A missing, corrupt or unknown-version state gives an empty
-    /// state and the warning to log: the estimator then starts over from its prior.
+    /// Parses a persisted state. A missing, corrupt or other-version state gives an empty state
+    /// and the warning to log: the estimator then starts over from its prior. In particular
+    /// version 2 (per jobType, shared across namespaces) is discarded and relearned: its numbers
+    /// mix tenants and cannot be split back into namespaces.
     pub fn from_json(s: Option<&str>) -> (EstimatorState, Option<String>) {
         let Some(s) = s else { return (EstimatorState::default(), None) };
+        #[derive(Deserialize)]
+        struct Versioned {
+            version: u32,
+        }
+        match serde_json::from_str::<Versioned>(s) {
+            Ok(v) if v.version != VERSION => {
+                return (
+                    EstimatorState::default(),
+                    Some(format!("estimator state has version {}, expected {VERSION}: discarding it and relearning", v.version)),
+                );
+            }
+            Ok(_) | Err(_) => {}
+        }
         match serde_json::from_str::<EstimatorState>(s) {
-            Ok(state) if state.version == VERSION => (state.sanitized(), None),
-            Ok(state) => (
-                EstimatorState::default(),
-                Some(format!("estimator state has version {}, expected {VERSION}: starting over", state.version)),
-            ),
+            Ok(state) => (state.sanitized(), None),
             Err(e) => (EstimatorState::default(), Some(format!("estimator state does not parse ({e}): starting over"))),
         }
     }
@@ -243,19 +404,26 @@ impl EstimatorState {
     /// Drops what a hand-edited state could hold beyond the bounds, and non-finite numbers.
     fn sanitized(mut self) -> Self {
         let finite = |m: &ModelStats| {
-            [m.weight, m.location, m.spread, m.q90, m.input_frac, m.cached_frac, m.output_frac].iter().all(|x| x.is_finite())
-                && m.weight > 0.0
-                && m.spread > 0.0
-                && m.q90 > 0.0
+            let numbers = [m.p90_offset, m.input_frac, m.cached_frac, m.output_frac];
+            numbers.iter().chain(&m.losses).chain(m.runs.iter().flatten()).all(|x| x.is_finite()) && m.p90_offset > 0.0
         };
-        for stats in self.job_types.values_mut() {
-            stats.models.retain(|_, m| finite(m));
+        for keys in self.job_types.values_mut() {
+            for stats in keys.values_mut() {
+                stats.models.retain(|_, m| finite(m));
+                while stats.models.len() > MAX_MODELS {
+                    let last = stats.models.keys().next_back().cloned().expect("non-empty");
+                    stats.models.remove(&last);
+                }
+                for m in stats.models.values_mut() {
+                    let excess = m.runs.len().saturating_sub(WINDOW);
+                    m.runs.drain(..excess);
+                    m.p90_offset = m.p90_offset.clamp(OFFSET_RANGE.0, OFFSET_RANGE.1);
+                }
+            }
+            keys.retain(|_, s| !s.models.is_empty());
         }
-        self.job_types.retain(|_, s| !s.models.is_empty());
-        while self.job_types.len() > MAX_JOB_TYPES {
-            let oldest = self.job_types.iter().min_by_key(|(_, s)| s.updated).map(|(k, _)| k.clone()).expect("non-empty");
-            self.job_types.remove(&oldest);
-        }
+        self.job_types.retain(|_, k| !k.is_empty());
+        self.evict();
         if self.seen.len() > SEEN_CAP {
             let excess = self.seen.len() - SEEN_CAP;
             self.seen.drain(..excess);
@@ -265,160 +433,5 @@ impl EstimatorState {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A prior of one token, so the learned location is ln(total tokens) itself.
-    fn unit_prior() -> BTreeMap<String, TokenCounts> {
-        usage("m", 1, 0, 0)
-    }
-
-    fn usage(model: &str, input: i64, cached: i64, output: i64) -> BTreeMap<String, TokenCounts> {
-        [(model.to_string(), TokenCounts { input, cached_input: cached, output })].into()
-    }
-
-    enum Step {
-        Record { key: &'static str, job_type: &'static str, total: i64, counted: bool },
-    }
-
-    struct Case {
-        name: &'static str,
-        steps: Vec<Step>,
-        check: fn(&EstimatorState),
-    }
-
-    fn rec(key: &'static str, job_type: &'static str, total: i64, counted: bool) -> Step {
-        Step::Record { key, job_type, total, counted }
-    }
-
-    #[test]
-    fn table() {
-        let cases = vec![
-            Case {
-                name: "first sample sets the location; spread and q90 start at the prior's",
-                steps: vec![rec("u/1", "scan", 10_000, true)],
-                check: |s| {
-                    let m = &s.stats("scan").unwrap().models["m"];
-                    assert_eq!(m.n, 1);
-                    assert!((m.location - 10_000f64.ln()).abs() < 1e-9);
-                    assert_eq!((m.spread, m.q90), (PRIOR_SPREAD, INITIAL_Q90));
-                    assert!((m.p90_offset() - 3f64.ln()).abs() < 1e-3, "p90 = 3 x p50 until learned");
-                    assert!((m.input_frac - 0.8).abs() < 1e-9 && (m.output_frac - 0.2).abs() < 1e-9);
-                },
-            },
-            Case {
-                name: "the same attempt is counted once",
-                steps: vec![rec("u/1", "scan", 10_000, true), rec("u/1", "scan", 10_000, false)],
-                check: |s| assert_eq!(s.stats("scan").unwrap().n, 1),
-            },
-            Case {
-                name: "another attempt of the same job counts",
-                steps: vec![rec("u/1", "scan", 10_000, true), rec("u/2", "scan", 10_000, true)],
-                check: |s| assert_eq!(s.stats("scan").unwrap().n, 2),
-            },
-            Case {
-                name: "zero usage is not a sample",
-                steps: vec![rec("u/1", "scan", 0, false)],
-                check: |s| assert!(s.stats("scan").is_none() && s.seen.is_empty()),
-            },
-            Case {
-                name: "a near sample moves the location by its weight; a far one by at most HUBER spreads",
-                steps: vec![rec("a/1", "scan", 10_000, true), rec("b/1", "scan", 12_000, true), rec("c/1", "scan", 10_000_000, true)],
-                check: |s| {
-                    let m = &s.stats("scan").unwrap().models["m"];
-                    let (a, b) = (10_000f64.ln(), 12_000f64.ln());
-                    // weights 0.95 and 1: the second sample has alpha = 1/1.95
-                    let after_b = a + (b - a) / 1.95;
-                    let spread_b = PRIOR_SPREAD + ((b - a) - PRIOR_SPREAD) / 1.95;
-                    let weight_c = 1.95 * DECAY + 1.0;
-                    let want = after_b + HUBER * spread_b / weight_c;
-                    assert!((m.location - want).abs() < 1e-9, "{} vs {want}", m.location);
-                    assert!(m.location.exp() < 25_000.0, "1000x outlier moved p50 only to {}", m.location.exp());
-                    assert!(m.q90 > INITIAL_Q90, "a sample above p90 raises q90");
-                },
-            },
-            Case {
-                name: "q90 settles where one sample in ten is above it",
-                steps: (0..2000).map(|i| rec("", "scan", if i % 10 == 0 { 40_000 } else { 10_000 + (i % 7) * 500 }, true)).collect(),
-                check: |s| {
-                    let m = &s.stats("scan").unwrap().models["m"];
-                    let p90 = (m.location + m.p90_offset()).exp();
-                    assert!(p90 > 13_000.0 && p90 < 40_000.0, "p90 {p90} sits between the body and the 10 % tail");
-                },
-            },
-            Case {
-                name: "a changed workload is relearned within a few runs",
-                steps: (0..30).map(|_| rec("", "scan", 1_000, true)).chain((0..20).map(|_| rec("", "scan", 100_000, true))).collect(),
-                check: |s| {
-                    let m = &s.stats("scan").unwrap().models["m"];
-                    assert_eq!(m.n, 50);
-                    assert!(m.weight < 18.0, "the change restarted the statistics");
-                    assert!(m.location.exp() > 50_000.0, "p50 {}", m.location.exp());
-                },
-            },
-            Case {
-                name: "job types are bounded, least recently updated evicted",
-                steps: (0..MAX_JOB_TYPES + 10)
-                    .map(|i| rec("", Box::leak(format!("t{i}").into_boxed_str()), 1_000, true))
-                    .chain([rec("", "t20", 1_000, true), rec("", "new", 1_000, true)])
-                    .collect(),
-                check: |s| {
-                    assert_eq!(s.job_types.len(), MAX_JOB_TYPES);
-                    assert!(s.stats("t0").is_none() && s.stats("t10").is_none());
-                    assert!(s.stats("t20").is_some(), "updated lately, kept");
-                    assert!(s.stats("new").is_some());
-                },
-            },
-            Case {
-                name: "seen keys are bounded",
-                steps: (0..SEEN_CAP + 5).map(|_| rec("", "scan", 1_000, true)).collect(),
-                check: |s| {
-                    assert_eq!(s.seen.len(), SEEN_CAP);
-                    assert_eq!(s.seen[0], "k5");
-                },
-            },
-            Case {
-                name: "roundtrip through JSON",
-                steps: vec![rec("a/1", "scan", 1_000, true), rec("b/1", "review", 5_000, true)],
-                check: |s| {
-                    let (back, warning) = EstimatorState::from_json(Some(&s.to_json()));
-                    assert_eq!(warning, None);
-                    assert_eq!(&back, s);
-                    assert!(s.to_json().contains("\"version\":2"));
-                },
-            },
-        ];
-        for case in cases {
-            let mut state = EstimatorState::default();
-            for (i, step) in case.steps.iter().enumerate() {
-                let Step::Record { key, job_type, total, counted } = step;
-                let key = if key.is_empty() { format!("k{i}") } else { key.to_string() };
-                let got = state.record(&key, job_type, &usage("m", total * 8 / 10, 0, total - total * 8 / 10), &unit_prior());
-                assert_eq!(got, *counted, "{}: step {i}", case.name);
-            }
-            (case.check)(&state);
-        }
-    }
-
-    #[test]
-    fn missing_corrupt_or_foreign_state_is_empty() {
-        for (text, warns) in [
-            (None, false),
-            (Some("{not json"), true),
-            (Some(""), true),
-            (Some(r#"{"version":99,"clock":0,"jobTypes":{},"seen":[]}"#), true),
-        ] {
-            let (state, warning) = EstimatorState::from_json(text);
-            assert_eq!(state, EstimatorState::default(), "{text:?}");
-            assert_eq!(warning.is_some(), warns, "{text:?}");
-        }
-    }
-
-    #[test]
-    fn cached_tokens_make_their_own_fraction() {
-        let mut s = EstimatorState::default();
-        s.record("a/1", "scan", &usage("m", 10, 80, 10), &unit_prior());
-        let mix = s.stats("scan").unwrap().models["m"].mix();
-        assert_eq!(mix, TokenCounts { input: 100_000, cached_input: 800_000, output: 100_000 });
-    }
-}
+#[path = "learning_tests.rs"]
+mod tests;

@@ -7,6 +7,7 @@ pub mod approval_policy;
 pub mod conditions;
 pub mod decide;
 pub mod estimate;
+pub mod forecasters;
 pub mod learning;
 pub mod money;
 pub mod pod_builder;

@@ -5,7 +5,11 @@
 //! The replay drives the operator's own [`estimate`] and [`EstimatorState::record`],
 //! so what it measures is what a cluster would see. Next to it runs a naive reference, the one
 //! a spreadsheet would give: the trailing median of the job type's last [`NAIVE_WINDOW`] costs
-//! as p50 and three times that as p90.
+//! as p50 and three times that as p90. And a hindsight reference that no forecaster can be:
+//! knowing each (namespace, jobType)'s whole trace in advance, its p50 is the median of the key's
+//! costs, scaled by the job's declared size (the spec's prior) when that fits the key better in
+//! hindsight, and its p90 the 90th percentile of the key's costs around that p50. It tells how
+//! much of the error is the workload's own noise.
 //!
 //! Figures (all over priced records, in replay order):
 //! * `coverage_p90`: fraction of records whose actual cost is at most the predicted p90;
@@ -13,8 +17,11 @@
 //! * `mdape_p50_after_warmup`: the same over records whose job type had at least `warmup`
 //!   earlier records;
 //! * `cold_start_ratio`: median over each job type's first record of `max(actual/p50, p50/actual)`;
+//!   (in the table only, `COLD_KEY`: the same over each (namespace, jobType)'s first record, where
+//!   a known jobType meets a new namespace);
 //! * `sharpness_p90`: median of `p90 / p50` (1.0 would be a point forecast).
 
+pub mod families;
 pub mod synthetic;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -23,6 +30,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::estimate::{EstimateInput, estimate, prior_tokens};
+use crate::domain::forecasters;
 use crate::domain::learning::EstimatorState;
 use crate::domain::money::MicroUsd;
 use crate::domain::pricing::{PriceTable, TokenCounts};
@@ -123,6 +131,8 @@ pub struct Scores {
     pub mdape_p50_after_warmup: f64,
     pub cold_start_ratio: f64,
     pub sharpness_p90: f64,
+    /// Median cold-start ratio over each (namespace, jobType)'s first record.
+    pub cold_start_key_ratio: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -131,6 +141,7 @@ pub struct Evaluation {
     pub warmup: usize,
     pub estimator: Scores,
     pub naive: Scores,
+    pub hindsight: Scores,
     pub by_job_type: BTreeMap<String, (Scores, Scores)>,
     /// Records left out, with the reason (an unpriced model, a malformed spec, no tokens).
     pub skipped: Vec<String>,
@@ -138,9 +149,16 @@ pub struct Evaluation {
 
 struct Scored {
     job_type: String,
+    /// (namespace, jobType), as the estimator learns.
+    key: (String, String),
+    /// ln of the spec's prior tokens (all models).
+    size: f64,
     earlier_samples: usize,
+    /// Whether this is its (namespace, jobType)'s first record.
+    first_of_key: bool,
     ours: Outcome,
     naive: Outcome,
+    hindsight: Outcome,
 }
 
 /// Replays `records` in order: predict from the spec, then learn the actual usage.
@@ -148,6 +166,7 @@ pub fn evaluate(records: &[TraceRecord], prices: &PriceTable, warmup: usize) -> 
     let mut state = EstimatorState::default();
     let mut naive_history: BTreeMap<String, VecDeque<f64>> = BTreeMap::new();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut keys_seen: std::collections::BTreeSet<(String, String)> = std::collections::BTreeSet::new();
     let mut scored = Vec::new();
     let mut skipped = Vec::new();
     for (i, record) in records.iter().enumerate() {
@@ -170,7 +189,8 @@ pub fn evaluate(records: &[TraceRecord], prices: &PriceTable, warmup: usize) -> 
                 continue;
             }
         };
-        let forecast = match estimate(&input, state.stats(&input.job_type), prices) {
+        let namespace = record.namespace.clone().unwrap_or_else(|| "default".into());
+        let forecast = match estimate(&input, state.stats(&namespace, &input.job_type).as_ref(), prices) {
             Ok(forecast) => forecast,
             Err(e) => {
                 skipped.push(format!("record {}: {e}", i + 1));
@@ -184,22 +204,61 @@ pub fn evaluate(records: &[TraceRecord], prices: &PriceTable, warmup: usize) -> 
         let naive_p50 = median(history.iter().copied().collect()).unwrap_or(ours.p50);
         let naive = Outcome { actual: ours.actual, p50: naive_p50, p90: naive_p50 * NAIVE_P90_FACTOR };
         let earlier_samples = seen.get(&input.job_type).copied().unwrap_or(0);
-        scored.push(Scored { job_type: input.job_type.clone(), earlier_samples, ours, naive });
+        let prior = prior_tokens(&input);
+        let size = (prior.values().map(TokenCounts::total).sum::<i64>().max(1) as f64).ln();
+        let key = (namespace.clone(), input.job_type.clone());
+        let first_of_key = keys_seen.insert(key.clone());
+        scored.push(Scored { job_type: input.job_type.clone(), key, size, earlier_samples, first_of_key, ours, naive, hindsight: ours });
 
-        state.record(&format!("trace/{i}"), &input.job_type, &usage, &prior_tokens(&input));
+        state.record(&format!("trace/{i}"), &namespace, &input.job_type, &usage, &prior, prices);
         history.push_back(ours.actual);
         if history.len() > NAIVE_WINDOW {
             history.pop_front();
         }
         *seen.entry(input.job_type).or_default() += 1;
     }
+    hindsight(&mut scored);
     let mut by_job_type = BTreeMap::new();
     for job_type in seen.keys() {
         let mine: Vec<&Scored> = scored.iter().filter(|s| &s.job_type == job_type).collect();
         by_job_type.insert(job_type.clone(), (scores(&mine, warmup, |s| s.ours), scores(&mine, warmup, |s| s.naive)));
     }
     let all: Vec<&Scored> = scored.iter().collect();
-    Evaluation { warmup, estimator: scores(&all, warmup, |s| s.ours), naive: scores(&all, warmup, |s| s.naive), by_job_type, skipped }
+    Evaluation {
+        warmup,
+        estimator: scores(&all, warmup, |s| s.ours),
+        naive: scores(&all, warmup, |s| s.naive),
+        hindsight: scores(&all, warmup, |s| s.hindsight),
+        by_job_type,
+        skipped,
+    }
+}
+
+/// Fills in the hindsight reference (see the module doc): per key, `ln p50 = m + b * size` with
+/// `b` 0 or 1, whichever gives the key the smaller median error, `m` the median of
+/// `ln cost - b * size` over the key, and p90 its 90th percentile.
+fn hindsight(scored: &mut [Scored]) {
+    let mut keys: BTreeMap<(String, String), Vec<usize>> = BTreeMap::new();
+    for (i, s) in scored.iter().enumerate() {
+        keys.entry(s.key.clone()).or_default().push(i);
+    }
+    for members in keys.values() {
+        let fit = |b: f64| {
+            let residuals: Vec<f64> = members.iter().map(|&i| scored[i].ours.actual.ln() - b * scored[i].size).collect();
+            let m = forecasters::median(residuals.clone()).unwrap_or(0.0);
+            let error = forecasters::median(residuals.iter().map(|r| (r - m).abs()).collect()).unwrap_or(0.0);
+            let mut sorted = residuals;
+            sorted.sort_by(f64::total_cmp);
+            let q90 = sorted[((sorted.len() as f64 * 0.9).ceil() as usize).clamp(1, sorted.len()) - 1];
+            (error, b, m, q90)
+        };
+        let (_, b, m, q90) = if fit(1.0).0 < fit(0.0).0 { fit(1.0) } else { fit(0.0) };
+        for &i in members {
+            let s = &mut scored[i];
+            // 1e-9 so that the run at the 90th percentile itself is covered despite the rounding of ln/exp.
+            s.hindsight = Outcome { actual: s.ours.actual, p50: (m + b * s.size).exp(), p90: (q90 + b * s.size + 1e-9).exp() };
+        }
+    }
 }
 
 fn usage_by_model(usage: &[TraceUsage]) -> BTreeMap<String, TokenCounts> {
@@ -232,25 +291,18 @@ fn scores(records: &[&Scored], warmup: usize, pick: impl Fn(&Scored) -> Outcome)
         mdape_p50_after_warmup: median(warm).unwrap_or(f64::NAN),
         cold_start_ratio: median(firsts).unwrap_or(f64::NAN),
         sharpness_p90: median(outcomes.iter().map(|o| o.p90 / o.p50).collect()).unwrap_or(f64::NAN),
+        cold_start_key_ratio: median(records.iter().filter(|s| s.first_of_key).map(|s| pick(s).ratio()).collect()).unwrap_or(f64::NAN),
     }
 }
 
-/// The middle value, or the mean of the two middle values; None when empty.
-pub fn median(mut values: Vec<f64>) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    values.sort_by(f64::total_cmp);
-    let mid = values.len() / 2;
-    Some(if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 })
-}
+pub use crate::domain::forecasters::median;
 
 impl Evaluation {
     /// The per-jobType table, the totals, and as the last line the machine-readable summary.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let header = ["JOB TYPE", "RECORDS", "COVERAGE_P90", "MDAPE_P50", "MDAPE_WARM", "COLD_RATIO", "SHARPNESS_P90"];
-        let mut rows: Vec<[String; 7]> = Vec::new();
+        let header = ["JOB TYPE", "RECORDS", "COVERAGE_P90", "MDAPE_P50", "MDAPE_WARM", "COLD_RATIO", "SHARPNESS_P90", "COLD_KEY"];
+        let mut rows: Vec<[String; 8]> = Vec::new();
         let fmt = |x: f64| if x.is_nan() { "-".to_string() } else { format!("{x:.3}") };
         let row = |name: String, s: &Scores| {
             [
@@ -261,6 +313,7 @@ impl Evaluation {
                 fmt(s.mdape_p50_after_warmup),
                 fmt(s.cold_start_ratio),
                 fmt(s.sharpness_p90),
+                fmt(s.cold_start_key_ratio),
             ]
         };
         for (job_type, (ours, naive)) in &self.by_job_type {
@@ -269,10 +322,11 @@ impl Evaluation {
         }
         rows.push(row("ALL (estimator)".into(), &self.estimator));
         rows.push(row("ALL (naive)".into(), &self.naive));
+        rows.push(row("ALL (hindsight)".into(), &self.hindsight));
         out += &crate::text_table::render(&header, &rows, 2);
         let _ = writeln!(
             out,
-            "naive reference: p50 = median of the job type's last {NAIVE_WINDOW} costs, p90 = {NAIVE_P90_FACTOR} x p50; MDAPE_WARM counts records after {} earlier samples of their job type",
+            "naive reference: p50 = median of the job type's last {NAIVE_WINDOW} costs, p90 = {NAIVE_P90_FACTOR} x p50; hindsight: each namespace x job type's median (and 90th percentile) over the whole trace, scaled by the declared size where that fits; MDAPE_WARM counts records after {} earlier samples of their job type",
             self.warmup
         );
         for reason in self.skipped.iter().take(10) {
@@ -341,8 +395,26 @@ mod tests {
         assert!(s.mdape_p50_after_warmup < 0.05, "learned a constant: {s:?}");
         assert!(s.cold_start_ratio > 1.5, "the prior (7,500 tokens) is far from 100,000: {s:?}");
         assert!(eval.naive.mdape_p50_after_warmup < 1e-9, "the median of identical costs is exact");
+        assert!(eval.hindsight.mdape_p50 < 1e-9 && eval.hindsight.coverage_p90 == 1.0, "{:?}", eval.hindsight);
         assert_eq!(eval.naive.sharpness_p90, 3.0);
         assert!(eval.render().lines().last().unwrap().starts_with("records=40 coverage_p90="));
+    }
+
+    #[test]
+    fn namespaces_of_one_job_type_are_forecast_apart() {
+        // Two tenants alternate runs of one job type, one using 8x the other's tokens: the naive
+        // median of the job type sits between them, the estimator learns each.
+        let records: Vec<TraceRecord> = (0..100)
+            .map(|i| {
+                let mut r = record("scan", "gpt-4o-mini", if i % 2 == 0 { 80_000 } else { 640_000 }, 20_000);
+                r.namespace = Some(format!("team-{}", i % 2));
+                r
+            })
+            .collect();
+        let eval = evaluate(&records, &PriceTable::builtin(), 20);
+        assert!(eval.estimator.mdape_p50_after_warmup < 0.01, "{:?}", eval.estimator);
+        assert!(eval.naive.mdape_p50_after_warmup > 0.5, "{:?}", eval.naive);
+        assert!(eval.estimator.cold_start_key_ratio > 1.0, "the second tenant's first run was forecast from the first's");
     }
 
     #[test]

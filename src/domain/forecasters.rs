@@ -1,0 +1,190 @@
+//! The location forecasters the estimator combines, and their combination (pure functions over a
+//! key's recent runs).
+//!
+//! Each run of a (namespace, jobType, model) key is kept as `(y, z)`: `y = ln(tokens used)`,
+//! `z = ln(tokens the spec's prior expects)` (agents on the model and declared tool calls, see
+//! [`super::estimate::prior_tokens`]). Both forecasters read `y - b z`, the run's usage net of
+//! the declared size, with `b` the **elasticity** of usage to the spec's prior, learned as the
+//! Theil–Sen slope of `y` on `z` over the key's window (median of pairwise slopes, robust to
+//! blow-ups; 0.5 until there are enough pairs with distinct `z`; clamped to 0..1.5). So a job
+//! declaring more calls is forecast higher exactly as far as this key's runs say usage follows
+//! the declaration: `b` near 1 when it does, near 0 when declarations are noise.
+//!
+//! | expert | forecast of `y` |
+//! |---|---|
+//! | long | median of `y - b z` over the key's last [`super::learning::WINDOW`] runs and those of *similar* namespaces, plus `b z_now` |
+//! | recent | the same, but a weighted median: a run's weight halves every [`HALF_LIFE`] runs of the jobType (a run `a` places back in one of `k` pooled namespaces counts as `a k` runs back) |
+//!
+//! *Similar namespaces*: other namespaces running the same jobType on the same model whose own
+//! median of `y - b z` is within [`SIMILAR`] (ln 1.5) of this key's. They lend their runs to both
+//! medians, which matters when several teams run the same workload (twice the data, half the
+//! noise). A namespace unlike this one (another scale, or a tenant's extreme runs) is left out
+//! entirely; a namespace that runs like this one can shift it by less than 1.5× however it runs.
+//!
+//! The two are weighed by exponentially weighted aggregation (the "hedge" of online learning):
+//! each expert's recent absolute error in log space is tracked (`losses`, decayed by
+//! [`LOSS_DECAY`] per run, each error capped at [`LOSS_CAP`] so one blow-up cannot sink an
+//! expert) and `w_k ∝ exp(-ETA loss_k)`. On a stationary workload the long median keeps the
+//! weight; when the workload drifts or its mix changes the recent one earns it, without the
+//! estimator being told which workload it is on. The absolute log error is the loss because the
+//! p50 is judged by its median relative error, which it orders alike.
+//!
+//! Both experts are medians, so one run moves either by at most one order statistic: that bounds
+//! how far a single sample moves the estimate, whatever its size.
+
+/// Number of experts.
+pub const EXPERTS: usize = 2;
+pub const EXPERT_NAMES: [&str; EXPERTS] = ["long", "recent"];
+/// Half-life of a run's weight in the recent expert, in runs of the jobType.
+pub const HALF_LIFE: f64 = 30.0;
+/// Namespaces whose level is within this (ln) of a key's lend it their runs: ln 1.5.
+pub const SIMILAR: f64 = 0.405;
+/// Weight left to an expert's past loss at each run (an effective memory of ~20 runs).
+pub const LOSS_DECAY: f64 = 0.95;
+/// An expert's error counts for at most this much (ln 7.4: a 7× miss).
+pub const LOSS_CAP: f64 = 2.0;
+/// Learning rate of the weights: an expert whose recent error is 0.05 (in ln) worse has
+/// exp(-1) = 0.37 times the (prior) weight.
+pub const ETA: f64 = 20.0;
+/// Slopes fitted from fewer pairs than this (with distinct `z`) are not trusted: b = 0.5.
+const MIN_SLOPE_PAIRS: usize = 6;
+
+/// The middle value, or the mean of the two middle values; None when empty.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    Some(if values.len() % 2 == 1 { values[mid] } else { (values[mid - 1] + values[mid]) / 2.0 })
+}
+
+/// Theil–Sen slope of `y` on `z`: the median of the pairwise slopes, robust to outlying runs
+/// (up to ~29 % of them). Pairs whose `z` barely differ carry no information about the slope
+/// and are left out.
+pub fn theil_sen(runs: &[[f64; 2]]) -> Option<f64> {
+    let mut slopes = Vec::new();
+    for (i, a) in runs.iter().enumerate() {
+        for b in &runs[i + 1..] {
+            let dz = b[1] - a[1];
+            if dz.abs() > 0.05 {
+                slopes.push((b[0] - a[0]) / dz);
+            }
+        }
+    }
+    if slopes.len() < MIN_SLOPE_PAIRS { None } else { median(slopes) }
+}
+
+/// The elasticity of usage to the spec's prior over `runs` (see the module doc).
+pub fn elasticity(runs: &[[f64; 2]]) -> f64 {
+    theil_sen(runs).unwrap_or(0.5).clamp(0.0, 1.5)
+}
+
+/// Each expert's forecast of `y` for a job whose prior is `z_now`, from the key's `runs` (oldest
+/// first, non-empty) and other namespaces' runs of the same jobType and model.
+pub fn experts(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64) -> [f64; EXPERTS] {
+    let b = elasticity(runs);
+    let net = |rs: &[[f64; 2]]| rs.iter().map(|r| r[0] - b * r[1]).collect::<Vec<f64>>();
+    let own = net(runs);
+    let level = median(own.clone()).unwrap_or(0.0);
+    let mut groups = vec![own];
+    for other in neighbours {
+        let theirs = net(other);
+        if median(theirs.clone()).is_some_and(|l| (l - level).abs() < SIMILAR) {
+            groups.push(theirs);
+        }
+    }
+    // Namespaces run at comparable rates, so with k of them pooled, a run `age` places back in its
+    // own window is about `age * k` runs of the jobType back.
+    let k = groups.len() as f64;
+    let weighted: Vec<(f64, f64)> =
+        groups.iter().flat_map(|g| g.iter().rev().enumerate().map(move |(age, x)| (*x, 0.5f64.powf(age as f64 * k / HALF_LIFE)))).collect();
+    let pooled: Vec<f64> = groups.into_iter().flatten().collect();
+    [median(pooled).unwrap_or(0.0) + b * z_now, weighted_median(weighted).unwrap_or(0.0) + b * z_now]
+}
+
+/// The smallest value at which the cumulated weight reaches half the total; None when empty.
+pub fn weighted_median(mut values: Vec<(f64, f64)>) -> Option<f64> {
+    values.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let half = values.iter().map(|v| v.1).sum::<f64>() / 2.0;
+    let mut cumulated = 0.0;
+    values
+        .into_iter()
+        .find(|v| {
+            cumulated += v.1;
+            cumulated >= half
+        })
+        .map(|v| v.0)
+}
+
+/// The weights of the experts given their tracked losses (they sum to one).
+pub fn weights(losses: &[f64; EXPERTS]) -> [f64; EXPERTS] {
+    let best = losses.iter().copied().fold(f64::INFINITY, f64::min);
+    let raw = losses.map(|l| (-ETA * (l - best)).exp());
+    let sum: f64 = raw.iter().sum();
+    raw.map(|w| w / sum)
+}
+
+/// The combined forecast of `y`.
+pub fn combine(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64, losses: &[f64; EXPERTS]) -> f64 {
+    let forecasts = experts(runs, neighbours, z_now);
+    weights(losses).iter().zip(forecasts).map(|(w, f)| w * f).sum()
+}
+
+/// The losses after a run `y` that the experts forecast as `forecasts`.
+pub fn update_losses(losses: &mut [f64; EXPERTS], forecasts: &[f64; EXPERTS], y: f64) {
+    for (loss, f) in losses.iter_mut().zip(forecasts) {
+        *loss = LOSS_DECAY * *loss + (1.0 - LOSS_DECAY) * (y - f).abs().min(LOSS_CAP);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn theil_sen_finds_the_slope_despite_an_outlier() {
+        let mut runs: Vec<[f64; 2]> = (0..20).map(|i| [2.0 + 0.7 * (i as f64 / 4.0), i as f64 / 4.0]).collect();
+        runs[5][0] += 10.0;
+        assert!((theil_sen(&runs).unwrap() - 0.7).abs() < 1e-9);
+        assert_eq!(theil_sen(&[[1.0, 3.0]; 10]), None, "no spread in z, no slope");
+    }
+
+    #[test]
+    fn experts_read_the_window_and_similar_namespaces() {
+        // y = z + 1 for the first runs, then the workload doubles its usage per prior (ln 2).
+        let runs: Vec<[f64; 2]> = (0..40).map(|i| [(i % 3) as f64 + 1.0 + if i >= 23 { 2f64.ln() } else { 0.0 }, (i % 3) as f64]).collect();
+        assert!((elasticity(&runs) - 1.0).abs() < 1e-9);
+        let [long, recent] = experts(&runs, &[], 2.0);
+        assert!((long - 3.0).abs() < 1e-9, "median ratio over the window is still 1: {long}");
+        assert!((recent - (3.0 + 2f64.ln())).abs() < 1e-9, "the 17 runs since the change weigh more than the 23 before: {recent}");
+        // A similar namespace (×1.2) lends its runs; an unlike one (×3) is left out.
+        let similar: Vec<[f64; 2]> = (0..40).map(|i| [(i % 3) as f64 + 1.0 + 1.2f64.ln(), (i % 3) as f64]).collect();
+        let unlike: Vec<[f64; 2]> = (0..200).map(|i| [(i % 3) as f64 + 1.0 + 3f64.ln(), (i % 3) as f64]).collect();
+        let [with_similar, _] = experts(&runs, std::slice::from_ref(&similar), 2.0);
+        assert!(with_similar > long && with_similar <= long + 1.2f64.ln() + 1e-12, "{with_similar}");
+        assert_eq!(experts(&runs, &[unlike], 2.0), [long, recent]);
+    }
+
+    #[test]
+    fn weighted_median_halves_the_weight() {
+        assert_eq!(weighted_median(vec![]), None);
+        assert_eq!(weighted_median(vec![(3.0, 1.0), (1.0, 1.0), (2.0, 1.0)]), Some(2.0));
+        assert_eq!(weighted_median(vec![(3.0, 5.0), (1.0, 1.0), (2.0, 1.0)]), Some(3.0));
+    }
+
+    #[test]
+    fn weights_favour_the_expert_with_the_smallest_recent_error() {
+        assert_eq!(weights(&[0.3, 0.3]), [0.5, 0.5]);
+        let w = weights(&[0.5, 0.4]);
+        assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+        assert!((w[1] / w[0] - 2f64.exp()).abs() < 1e-9, "{w:?}");
+        let mut losses = [0.0; EXPERTS];
+        for _ in 0..50 {
+            update_losses(&mut losses, &[1.0, 2.0], 2.0);
+        }
+        assert!(weights(&losses)[1] > 0.99, "the expert that is right takes over: {losses:?}");
+        update_losses(&mut losses, &[1.0, 2.0], 1e9);
+        assert!(losses.iter().all(|l| *l <= LOSS_CAP), "a blow-up counts for at most LOSS_CAP: {losses:?}");
+    }
+}

@@ -1,0 +1,177 @@
+use super::*;
+
+fn usage(model: &str, input: i64, cached: i64, output: i64) -> BTreeMap<String, TokenCounts> {
+    [(model.to_string(), TokenCounts { input, cached_input: cached, output })].into()
+}
+
+/// A prior of one token per model named, so that `z` is 0 and `y` is ln(total tokens).
+fn unit_prior(models: &[&str]) -> BTreeMap<String, TokenCounts> {
+    models.iter().map(|m| (m.to_string(), TokenCounts { input: 1, cached_input: 0, output: 0 })).collect()
+}
+
+fn record(state: &mut EstimatorState, key: &str, ns: &str, total: i64) -> bool {
+    let prices = PriceTable::builtin();
+    state.record(key, ns, "scan", &usage("gpt-4o", total * 8 / 10, 0, total - total * 8 / 10), &unit_prior(&["gpt-4o"]), &prices)
+}
+
+fn model<'a>(state: &'a EstimatorState, ns: &str) -> &'a ModelStats {
+    &state.job_types["scan"][ns].models["gpt-4o"]
+}
+
+#[test]
+fn the_first_sample_is_kept_and_calibrates_nothing() {
+    let mut s = EstimatorState::default();
+    assert!(record(&mut s, "u/1", "ns", 10_000));
+    let m = model(&s, "ns").clone();
+    assert_eq!((m.n, m.runs.clone()), (1, vec![[round4(10_000f64.ln()), 0.0]]));
+    // It was forecast from the spec (1 token) and far above that p90, which says how far off the
+    // spec was, not how spread the key's runs are: the offset stays the prior's.
+    assert_eq!(m.p90_offset, prior_offset());
+    record(&mut s, "u/2", "ns", 100_000);
+    assert!((model(&s, "ns").p90_offset - prior_offset() * (0.9 * GAMMA).exp()).abs() < 1e-12, "10x the first run: above the p90");
+    assert!((m.input_frac - 0.8).abs() < 1e-9 && (m.output_frac - 0.2).abs() < 1e-9);
+}
+
+#[test]
+fn an_attempt_counts_once_and_empty_or_implausible_usage_not_at_all() {
+    let mut s = EstimatorState::default();
+    let prices = PriceTable::builtin();
+    assert!(record(&mut s, "u/1", "ns", 10_000));
+    assert!(!record(&mut s, "u/1", "ns", 10_000), "the same attempt again");
+    assert!(record(&mut s, "u/2", "ns", 10_000), "another attempt of the job");
+    assert!(!record(&mut s, "u/3", "ns", 0), "no tokens");
+    let other = usage("claude-sonnet-4", 5_000, 0, 1_000);
+    assert!(!s.record("u/4", "ns", "scan", &other, &unit_prior(&["gpt-4o"]), &prices), "a model the spec does not name");
+    let unpriced = usage("my-llm", 5_000, 0, 1_000);
+    assert!(!s.record("u/5", "ns", "scan", &unpriced, &unit_prior(&["my-llm"]), &prices), "a model without a price");
+    assert_eq!((s.job_types["scan"]["ns"].n, s.seen.len()), (2, 2));
+}
+
+#[test]
+fn namespaces_are_learned_apart() {
+    let mut s = EstimatorState::default();
+    for i in 0..5 {
+        record(&mut s, &format!("a/{i}"), "team-a", 10_000);
+        record(&mut s, &format!("b/{i}"), "team-b", 80_000);
+    }
+    let ratio = |ns: &str| model(&s, ns).ratio().unwrap().exp();
+    assert!((ratio("team-a") / 10_000.0 - 1.0).abs() < 1e-4 && (ratio("team-b") / 80_000.0 - 1.0).abs() < 1e-4);
+    let learned = s.stats("team-a", "scan").unwrap();
+    assert_eq!(learned.own.n, 5);
+    // The other namespace is team-a's prior (and not a similar one: 8x apart).
+    let pool = &learned.pooled["gpt-4o"];
+    assert!((pool.ratio - 80_000f64.ln()).abs() < 1e-3, "{pool:?}");
+    assert_eq!(learned.neighbours["gpt-4o"].len(), 1);
+    // A third namespace's prior is the median of the two (their mean), widened by how far apart they are.
+    let third = s.stats("team-c", "scan").unwrap();
+    let pool = &third.pooled["gpt-4o"];
+    assert!((pool.ratio - (10_000f64.ln() + 80_000f64.ln()) / 2.0).abs() < 1e-3, "{pool:?}");
+    assert!((pool.p90_offset - pool.key_offset - 8f64.ln() / 2.0).abs() < 1e-3, "{pool:?}");
+}
+
+#[test]
+fn the_p90_offset_settles_where_one_run_in_ten_is_above_it() {
+    let mut s = EstimatorState::default();
+    let mut rng = crate::evaluation::synthetic::Rng::new(3);
+    let mut above = 0;
+    for i in 0..3000 {
+        let total = (11.0 + 0.5 * rng.student_t(3)).exp() as i64;
+        let learned = s.stats("ns", "scan").unwrap();
+        let located = learned.locate("gpt-4o", 1.0);
+        if i >= 1000 && (total as f64).ln() > located.mu + located.p90_offset {
+            above += 1;
+        }
+        record(&mut s, &format!("k/{i}"), "ns", total);
+    }
+    let share = above as f64 / 2000.0;
+    assert!((0.08..0.12).contains(&share), "{share} of runs above the p90");
+}
+
+#[test]
+fn runs_keys_and_seen_are_bounded() {
+    let mut s = EstimatorState::default();
+    for i in 0..WINDOW + 5 {
+        record(&mut s, &format!("w/{i}"), "ns", 1_000 + i as i64);
+    }
+    assert_eq!(model(&s, "ns").runs.len(), WINDOW);
+    assert_eq!(model(&s, "ns").runs[0][0], round4(1_005f64.ln()), "the oldest go first");
+    for i in 0..MAX_KEYS + 10 {
+        record(&mut s, &format!("k/{i}"), &format!("ns-{i}"), 1_000);
+    }
+    record(&mut s, "again", "ns-20", 1_000);
+    for i in 0..SEEN_CAP {
+        record(&mut s, &format!("new/{i}"), "ns-new", 1_000);
+    }
+    assert_eq!(s.key_count(), MAX_KEYS);
+    let namespaces = &s.job_types["scan"];
+    assert!(!namespaces.contains_key("ns") && !namespaces.contains_key("ns-0") && !namespaces.contains_key("ns-10"));
+    assert!(namespaces.contains_key("ns-20") && namespaces.contains_key("ns-new"), "recently updated keys stay");
+    assert_eq!(s.seen.len(), SEEN_CAP);
+    assert_eq!(s.seen[0], "new/0", "the oldest keys go first");
+    // A full state stays well under the ConfigMap limit of 1 MiB: every key with two models and
+    // full windows of realistic numbers (built directly: recording 20,000 runs is slow unoptimized).
+    let mut filled = model(&s, "ns-new").clone();
+    filled.runs = (0..WINDOW).map(|i| [round4(12.3456 + i as f64 / 1000.0), round4(9.8765 + i as f64 / 700.0)]).collect();
+    filled.losses = [0.123_456_789_012_345_6; EXPERTS];
+    let mut full = EstimatorState::default();
+    for k in 0..MAX_KEYS {
+        let models = [("gpt-4o".to_string(), filled.clone()), ("claude-sonnet-4".to_string(), filled.clone())].into();
+        let key = KeyStats { n: 1_000_000, updated: 1_000_000, models };
+        full.job_types.entry("security_vulnerability_scan".into()).or_default().insert(format!("namespace-{k:04}"), key);
+    }
+    full.seen = (0..SEEN_CAP).map(|i| format!("0b5a7e6c-1f7d-4c1e-9a51-2f0c8c1d{i:04}/1")).collect();
+    let size = full.to_json().len();
+    println!("a full state is {size} bytes");
+    assert!(size < 700_000, "{size} bytes for {MAX_KEYS} keys of two models");
+}
+
+#[test]
+fn roundtrip_through_json() {
+    let mut s = EstimatorState::default();
+    record(&mut s, "a/1", "ns", 1_000);
+    record(&mut s, "b/1", "other", 5_000);
+    let (back, warning) = EstimatorState::from_json(Some(&s.to_json()));
+    assert_eq!(warning, None);
+    assert_eq!(back, s);
+    assert!(s.to_json().contains("\"version\":3"));
+}
+
+#[test]
+fn missing_corrupt_or_other_version_state_is_empty() {
+    let version_2 = r#"{"version":2,"clock":3,"jobTypes":{"scan":{"n":3,"updated":3,"models":{}}},"seen":["a/1"]}"#;
+    for (text, warns) in [(None, false), (Some("{not json"), true), (Some(""), true), (Some(version_2), true)] {
+        let (state, warning) = EstimatorState::from_json(text);
+        assert_eq!(state, EstimatorState::default(), "{text:?}");
+        assert_eq!(warning.is_some(), warns, "{text:?}");
+    }
+    let (_, warning) = EstimatorState::from_json(Some(version_2));
+    assert!(warning.unwrap().contains("version 2, expected 3: discarding it and relearning"));
+}
+
+#[test]
+fn a_hand_edited_state_is_brought_back_within_bounds() {
+    let mut s = EstimatorState::default();
+    record(&mut s, "a/1", "ns", 1_000);
+    let mut m = model(&s, "ns").clone();
+    m.runs = vec![[1.0, 0.0]; WINDOW * 2];
+    m.p90_offset = 1e9;
+    s.job_types.get_mut("scan").unwrap().get_mut("ns").unwrap().models.insert("gpt-4o".into(), m);
+    s.job_types
+        .get_mut("scan")
+        .unwrap()
+        .get_mut("ns")
+        .unwrap()
+        .models
+        .insert("bad".into(), ModelStats { p90_offset: f64::NAN, ..ModelStats::default() });
+    let clean = s.sanitized();
+    assert_eq!(model(&clean, "ns").runs.len(), WINDOW);
+    assert_eq!(model(&clean, "ns").p90_offset, OFFSET_RANGE.1);
+    assert!(!clean.job_types["scan"]["ns"].models.contains_key("bad"));
+}
+
+#[test]
+fn cached_tokens_make_their_own_fraction() {
+    let mut s = EstimatorState::default();
+    s.record("a/1", "ns", "scan", &usage("gpt-4o", 10, 80, 10), &unit_prior(&["gpt-4o"]), &PriceTable::builtin());
+    assert_eq!(model(&s, "ns").mix(), TokenCounts { input: 100_000, cached_input: 800_000, output: 100_000 });
+}
