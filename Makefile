@@ -53,9 +53,15 @@ manifests: tools
 # tests/real_node.rs runs agent Pods on a real node (root and runc needed; it builds `make node`
 # on first use, and says SKIPPED loudly without them, or fails if AGENTGATE_REQUIRE_REAL_NODE is
 # set, as CI does). Only one real node runs per machine: it waits for a lock.
-test: controlplane tools
+test: controlplane tools node pydeps
 	$(CARGO) test --all-targets --no-fail-fast
 	$(CARGO) test --features otel --test otel
+
+# The meter's tests (tests/meter.rs) drive it with the real OpenAI and Anthropic SDKs from PyPI.
+pydeps:
+	python3 -c 'import openai, anthropic, pytest' 2>/dev/null \
+	  || python3 -m pip install -q openai anthropic pytest \
+	  || python3 -m pip install -q --break-system-packages openai anthropic pytest
 
 unit:
 	$(CARGO) test --lib
