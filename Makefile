@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build crds controlplane tools node image manifests test unit demo lint clean-controlplane chaos
+.PHONY: all build crds controlplane tools node image manifests test unit demo lint clean-controlplane chaos pydeps
 
 all: build
 
