@@ -2,10 +2,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use agentgate::controller::{self, Health, Settings};
+use agentgate::controller::{self, Settings};
 use agentgate::domain::approval_policy::ApprovalTier;
 use agentgate::domain::pricing::PriceTable;
 use agentgate::metrics::Metrics;
+use agentgate::state::Health;
 use clap::{Parser, Subcommand};
 use tokio::sync::RwLock;
 
