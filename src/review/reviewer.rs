@@ -11,10 +11,8 @@ use kube::{Api, Client, ResourceExt};
 
 use super::policy::{Evaluation, Policy, evaluate};
 use super::vote::{Ballot, VoteError, cast_vote, whoami};
-use crate::api::{AgentJob, JobPhase};
-
-/// Annotation the admission policy stamps on every job with its creator.
-const REQUESTED_BY: &str = "agentgate.dev/requested-by";
+use crate::api::{AgentJob, JobPhase, REQUESTED_BY};
+use crate::signal::shutdown_signal;
 
 #[derive(clap::Args, Debug)]
 pub struct ReviewArgs {
@@ -180,19 +178,5 @@ async fn warn_unless_head(client: &Client, me: &str, category: &str, namespace: 
         Ok(_) => tracing::warn!(reviewer = %me, %category, %scope,
             "RBAC does not let this reviewer approve categories/{category} {scope}: its votes count only where a RoleBinding makes it a head"),
         Err(e) => tracing::warn!(%category, error = %e, "could not check whether this reviewer is a head of the category"),
-    }
-}
-
-async fn shutdown_signal() {
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
     }
 }
