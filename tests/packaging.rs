@@ -141,9 +141,14 @@ fn the_domain_imports_nothing_from_the_shell() {
                 continue;
             }
             for (i, _) in code.match_indices("crate::") {
-                let rest = code[i + "crate::".len()..].trim_start_matches('{');
-                let names = rest.split(|c: char| c == ',' || c == '}' || c == ';').map(|s| s.trim().split("::").next().unwrap_or(""));
-                if let Some(name) = names.take(if code[i..].starts_with("crate::{") { usize::MAX } else { 1 }).find(|n| SHELL.contains(n)) {
+                let after = &code[i + "crate::".len()..];
+                // In a group, every item's first segment; else the one path's.
+                let paths: Vec<&str> = match after.strip_prefix('{') {
+                    Some(group) => group.split([',', '}']).collect(),
+                    None => vec![after],
+                };
+                let first = |p: &str| p.trim().split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or("").to_string();
+                if let Some(name) = paths.into_iter().map(first).find(|n| SHELL.contains(&n.as_str())) {
                     leaks.push(format!("{}:{}: crate::{name}", file.strip_prefix(root()).unwrap().display(), n + 1));
                 }
             }
