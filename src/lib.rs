@@ -10,5 +10,7 @@ pub mod metrics;
 pub mod plugin;
 pub mod review;
 pub mod server;
+pub mod signal;
+pub mod state;
 pub mod telemetry;
 pub mod text_table;

@@ -2,10 +2,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use agentgate::controller::{self, Health, Settings};
+use agentgate::controller::{self, Settings};
 use agentgate::domain::approval_policy::ApprovalTier;
 use agentgate::domain::pricing::PriceTable;
 use agentgate::metrics::Metrics;
+use agentgate::state::Health;
 use clap::{Parser, Subcommand};
 use tokio::sync::RwLock;
 
@@ -26,6 +27,7 @@ enum Command {
     Run(RunArgs),
     /// Print the CustomResourceDefinitions as YAML, or write one file per CRD into a directory.
     Crds {
+        /// Write one `<plural>.yaml` per CRD into this directory instead of printing them.
         #[arg(long)]
         out_dir: Option<PathBuf>,
     },
@@ -46,6 +48,7 @@ enum EstimatorCommand {
     /// learn its usage. Prints a table per jobType next to a naive reference, and as the last line
     /// `records=N coverage_p90=F mdape_p50=F mdape_p50_after_warmup=F cold_start_ratio=F sharpness_p90=F`.
     Eval {
+        /// Trace of finished jobs, one JSON object a line, as `synth` prints it.
         #[arg(long)]
         traces: PathBuf,
         /// Samples of a jobType before its records count towards mdape_p50_after_warmup.
@@ -57,10 +60,13 @@ enum EstimatorCommand {
     },
     /// Print a synthetic trace (heavy-tailed, drifting usage) in the format `eval` reads.
     Synth {
+        /// Records to print.
         #[arg(long, default_value_t = 2000)]
         records: usize,
+        /// Distinct jobTypes in the trace (1 to 8).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=8))]
         job_types: u64,
+        /// Random seed: the same seed prints the same trace.
         #[arg(long, default_value_t = 1)]
         seed: u64,
         /// The shape of the workload (see the README's estimator section).
@@ -84,22 +90,24 @@ struct RunArgs {
     /// Reject jobs that wait longer than this many seconds for their approvals (0: wait forever).
     #[arg(long, env = "AGENTGATE_APPROVAL_TIMEOUT_SECONDS", default_value_t = 0)]
     approval_timeout_seconds: u64,
-    /// ServiceAccounts (`namespace/name`, comma-separated) whose votes may count. Any other
-    /// ServiceAccount's vote is listed as not counted: one human who may create ServiceAccounts
-    /// and bind them as heads would otherwise be as many heads as accounts.
+    /// ServiceAccounts (`namespace/name`, comma-separated) whose votes may count; any other
+    /// ServiceAccount's vote is listed as not counted.
+    // Why: one human who may create ServiceAccounts and bind them as heads would otherwise be
+    // as many heads as accounts.
     #[arg(long, env = "AGENTGATE_ROBOT_VOTERS", value_delimiter = ',')]
     robot_voters: Vec<String>,
     /// Robot (ServiceAccount) votes that count per job at most.
     #[arg(long, env = "AGENTGATE_MAX_ROBOT_VOTES", default_value_t = 1)]
     max_robot_votes: usize,
-    /// Milliseconds a new job's first status waits for votes applied together with it, so a
-    /// pre-approved job gets one status write and one Event instead of two each (0: never wait).
-    /// Over-budget, invalid or unestimable jobs are reported at once.
+    /// Milliseconds a new job's first status waits for votes applied together with it (0: never
+    /// wait). Over-budget, invalid or unestimable jobs are reported at once.
+    // Why: a pre-approved job then gets one status write and one Event instead of two each.
     #[arg(long, env = "AGENTGATE_VOTE_WAIT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     vote_wait_ms: u64,
-    /// Reconciles in flight at once, per controller (AgentJobs, AgentTools). Unbounded, a burst of
-    /// thousands of new jobs opened a connection per in-flight request (350 at 10,000 jobs),
-    /// and the idle ones kept their TLS and HTTP buffers; the apiserver is no faster for it.
+    /// Reconciles in flight at once, per controller (AgentJobs, AgentTools).
+    // Why bounded: unbounded, a burst of thousands of new jobs opened a connection per in-flight
+    // request (350 at 10,000 jobs), and the idle ones kept their TLS and HTTP buffers; the
+    // apiserver is no faster for it.
     #[arg(long, env = "AGENTGATE_MAX_CONCURRENT_RECONCILES", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
     max_concurrent_reconciles: u16,
     /// YAML price table (`models: {<id>: {inputPerMillion, cachedInputPerMillion, outputPerMillion}}`)
@@ -114,8 +122,8 @@ struct RunArgs {
     #[arg(long, env = "AGENTGATE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
     /// Discover AgentTools from labelled Services in the namespaces matching this label selector,
-    /// e.g. `agentgate.dev/discovery=enabled`. Without it discovery is off: whoever may label a
-    /// Service in a namespace it covers can publish a tool every team's agents call.
+    /// e.g. `agentgate.dev/discovery=enabled` (default: no discovery). Whoever may label a
+    /// Service in a matching namespace can publish a tool every team's agents call.
     #[arg(long, env = "AGENTGATE_DISCOVERY_NAMESPACE_SELECTOR", value_parser = agentgate::controller::discovery::parse_namespace_selector)]
     discovery_namespace_selector: Option<String>,
     /// Elect a leader among replicas through a Lease, so only one of them reconciles and writes.
@@ -179,7 +187,7 @@ fn main() -> anyhow::Result<()> {
             tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(agentgate::meter::serve(
                 args,
                 prices,
-                wait_for_signal(),
+                agentgate::signal::shutdown_signal(),
             ))
         }
         Command::Review(args) => {
@@ -243,7 +251,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::spawn({
         let stop_tx = stop_tx.clone();
         async move {
-            wait_for_signal().await;
+            agentgate::signal::shutdown_signal().await;
             tracing::info!("shutting down");
             let _ = stop_tx.send(true);
         }
@@ -316,12 +324,4 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     operated?;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

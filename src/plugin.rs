@@ -12,12 +12,12 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::api::{AgentJob, AgentTool, JobPhase};
-use crate::controller::snapshot::{node_views, quota_views};
 use crate::domain::decide::{estimate_input, over_budget};
 use crate::domain::estimate::{Forecast, UnknownModels, estimate, prior_tokens};
 use crate::domain::learning::EstimatorState;
 use crate::domain::money::MicroUsd;
 use crate::domain::pricing::PriceTable;
+use crate::domain::snapshot::{node_views, quota_views};
 use crate::evaluation::median;
 
 /// The reports' tables: three spaces between columns.

@@ -8,11 +8,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use kube::runtime::reflector::Store;
 
-use crate::api::{AgentJob, JobPhase};
-use crate::controller::Health;
+use crate::api::JobPhase;
 use crate::metrics::{Metrics, PhaseLabels};
+use crate::state::{Health, JobsForMetrics};
 
 #[derive(Clone)]
 struct AppState {
@@ -20,9 +19,6 @@ struct AppState {
     health: Arc<Health>,
     jobs: JobsForMetrics,
 }
-
-/// The job cache of the current term of leadership, if any; replaced at each new term.
-pub type JobsForMetrics = Arc<std::sync::RwLock<Option<Store<AgentJob>>>>;
 
 pub async fn serve(
     addr: SocketAddr,

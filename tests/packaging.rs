@@ -109,3 +109,50 @@ fn the_image_runs_as_the_user_the_chart_expects() {
         "the chart's appVersion (default image tag) is the crate's version"
     );
 }
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in fs::read_dir(dir).unwrap_or_else(|e| panic!("reading {}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The domain layer is pure logic over plain data: it may use `crate::api` and itself, never the
+/// Kubernetes shell or the programs built on it. A dependency pointing the other way is how
+/// import cycles (controller ↔ server, plugin → controller) crept in before.
+#[test]
+fn the_domain_imports_nothing_from_the_shell() {
+    const SHELL: [&str; 8] = ["controller", "server", "state", "leader", "plugin", "review", "meter", "telemetry"];
+    let mut files = Vec::new();
+    rust_files(&root().join("src/domain"), &mut files);
+    assert!(files.len() > 5, "found the domain's files");
+    let mut leaks = Vec::new();
+    for file in files {
+        let text = fs::read_to_string(&file).unwrap();
+        // `crate::x` and `crate::{x, ..}` alike: look at what follows each `crate::`.
+        for (n, line) in text.lines().enumerate() {
+            let code = line.trim_start();
+            if code.starts_with("//") {
+                continue;
+            }
+            for (i, _) in code.match_indices("crate::") {
+                let after = &code[i + "crate::".len()..];
+                // In a group, every item's first segment; else the one path's.
+                let paths: Vec<&str> = match after.strip_prefix('{') {
+                    Some(group) => group.split([',', '}']).collect(),
+                    None => vec![after],
+                };
+                let first = |p: &str| p.trim().split(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or("").to_string();
+                if let Some(name) = paths.into_iter().map(first).find(|n| SHELL.contains(&n.as_str())) {
+                    leaks.push(format!("{}:{}: crate::{name}", file.strip_prefix(root()).unwrap().display(), n + 1));
+                }
+            }
+        }
+    }
+    assert!(leaks.is_empty(), "src/domain must not import the shell; move the shared part into the domain instead:\n{}", leaks.join("\n"));
+}

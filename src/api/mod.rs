@@ -21,6 +21,10 @@ use kube::CustomResourceExt;
 
 pub const GROUP: &str = "agentgate.dev";
 
+/// Annotation the MutatingAdmissionPolicy in deploy/admission stamps on every AgentJob with
+/// its creator.
+pub const REQUESTED_BY: &str = "agentgate.dev/requested-by";
+
 /// Every CRD this operator serves, in the order they are written to `crds/`.
 pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![("agentjobs", AgentJob::crd()), ("agenttools", AgentTool::crd()), ("approvalvotes", ApprovalVote::crd())]

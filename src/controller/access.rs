@@ -6,7 +6,7 @@
 //! stop counting at once.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
@@ -45,7 +45,7 @@ impl HeadChecker {
         category: &str,
     ) -> Result<Result<(), String>, kube::Error> {
         let question = Question { voter: voter.into(), groups: groups.to_vec(), namespace: namespace.into(), category: category.into() };
-        if let Some((answer, at)) = self.answers.lock().expect("cache lock").get(&question)
+        if let Some((answer, at)) = self.answers.lock().unwrap_or_else(PoisonError::into_inner).get(&question)
             && at.elapsed() < TTL
         {
             return Ok(answer.clone());
@@ -75,11 +75,11 @@ impl HeadChecker {
                 "{voter} is not a head of category {category}: RBAC does not allow them to approve categories/{category} in {namespace}"
             ))
         };
-        self.answers.lock().expect("cache lock").insert(question, (answer.clone(), Instant::now()));
+        self.answers.lock().unwrap_or_else(PoisonError::into_inner).insert(question, (answer.clone(), Instant::now()));
         Ok(answer)
     }
 
     pub fn forget_all(&self) {
-        self.answers.lock().expect("cache lock").clear();
+        self.answers.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 }

@@ -167,8 +167,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     Ok(next_check(&plan.status, ctx.settings.approval_timeout_seconds))
 }
 
-/// Stamped by the MutatingAdmissionPolicy in deploy/admission with the job's creator.
-pub const REQUESTED_BY: &str = "agentgate.dev/requested-by";
+pub use crate::api::REQUESTED_BY;
 
 /// Asks RBAC (through the cached SubjectAccessReview checker) whether each vote's voter, with
 /// the groups stamped on that vote, is a head of the job's category. Skipped once the job has

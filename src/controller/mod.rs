@@ -9,11 +9,12 @@ pub mod estimator_store;
 pub mod events;
 pub mod identity_policies;
 pub mod price_table;
-pub mod snapshot;
+// Moved to the domain (it is pure, and the plugin needs it too); re-exported so `super::snapshot` still reads.
+pub use crate::domain::snapshot;
 pub mod tool_pinning;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::{StreamExt, future};
@@ -29,6 +30,7 @@ use tokio::sync::{RwLock, mpsc};
 use crate::api::{AgentJob, AgentTool, ApprovalVote};
 use crate::domain::pricing::PriceTable;
 use crate::metrics::Metrics;
+use crate::state::{Health, JobsForMetrics};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -171,24 +173,6 @@ impl Context {
     }
 }
 
-/// Liveness and readiness as /healthz and /readyz report them.
-#[derive(Default)]
-pub struct Health {
-    pub caches_synced: AtomicBool,
-    /// False while this replica stands by for the leader's lease.
-    pub leading: AtomicBool,
-    /// What keeps the identity admission policies from being in force (empty: nothing); None
-    /// while not leading or not yet verified. Reported by /readyz, which stays ready (see README).
-    pub identity_problems: std::sync::RwLock<Option<Vec<String>>>,
-}
-
-impl Health {
-    /// A standby is ready (it is healthy and waiting); the leader once its caches are synced.
-    pub fn ready(&self) -> bool {
-        !self.leading.load(Ordering::Relaxed) || self.caches_synced.load(Ordering::Relaxed)
-    }
-}
-
 fn scoped<K>(client: &Client, namespace: &Option<String>) -> Api<K>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
@@ -241,7 +225,7 @@ pub async fn run(
     prices: Arc<RwLock<PriceTable>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    jobs_for_metrics: crate::server::JobsForMetrics,
+    jobs_for_metrics: JobsForMetrics,
     shutdown: impl future::Future<Output = ()> + Send + Sync + Clone + 'static,
 ) {
     let wc = watcher::Config::default();

@@ -19,7 +19,7 @@ use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Resource};
 
 use super::Context;
-use crate::domain::decide::condition;
+use crate::domain::conditions::condition;
 use crate::domain::pricing::PriceTable;
 
 pub const KEY: &str = "prices.yaml";

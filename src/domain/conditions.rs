@@ -1,6 +1,19 @@
-//! `metav1.Condition` bookkeeping: a transition time only moves when the status does.
+//! `metav1.Condition` types and bookkeeping: a transition time only moves when the status does.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// Condition types, as `kubectl wait --for=condition=...` and kstatus read them.
+pub mod condition {
+    pub const ESTIMATED: &str = "Estimated";
+    pub const INFRASTRUCTURE_READY: &str = "InfrastructureReady";
+    pub const APPROVED: &str = "Approved";
+    pub const SUCCEEDED: &str = "Succeeded";
+    pub const READY: &str = "Ready";
+    pub const RECONCILING: &str = "Reconciling";
+    pub const STALLED: &str = "Stalled";
+    pub const USAGE_REPORTED: &str = "UsageReported";
+    pub const SPEC_CHANGE_PENDING: &str = "SpecChangePending";
+}
 
 pub fn set_condition(
     conditions: &mut Vec<Condition>,

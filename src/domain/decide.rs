@@ -25,18 +25,8 @@ use crate::api::{
     ModelEstimate, TokenRange,
 };
 
-/// Condition types, as `kubectl wait --for=condition=...` and kstatus read them.
-pub mod condition {
-    pub const ESTIMATED: &str = "Estimated";
-    pub const INFRASTRUCTURE_READY: &str = "InfrastructureReady";
-    pub const APPROVED: &str = "Approved";
-    pub const SUCCEEDED: &str = "Succeeded";
-    pub const READY: &str = "Ready";
-    pub const RECONCILING: &str = "Reconciling";
-    pub const STALLED: &str = "Stalled";
-    pub const USAGE_REPORTED: &str = "UsageReported";
-    pub const SPEC_CHANGE_PENDING: &str = "SpecChangePending";
-}
+/// Re-exported from [`super::conditions`], where the condition types now live.
+pub use super::conditions::condition;
 
 /// A Pod of this job as the Pod cache shows it.
 #[derive(Clone, Debug, PartialEq)]

@@ -1,6 +1,6 @@
 //! Domain logic as pure functions over plain data: no Kubernetes I/O in here.
 //!
-//! The reconciler dereferences the watch caches into these types, calls [`decide::decide`],
+//! The reconciler dereferences the watch caches into these types ([`snapshot`]), calls [`decide::decide`],
 //! builds Pods with [`pod_builder`], and applies the result.
 
 pub mod approval_policy;
@@ -16,5 +16,6 @@ pub mod provenance;
 pub mod quantity;
 pub mod readiness;
 pub mod report;
+pub mod snapshot;
 pub mod tally;
 pub mod validate;

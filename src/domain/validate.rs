@@ -140,7 +140,8 @@ fn expanded_nodes(schema: &Value) -> Result<u64, String> {
             if self.open.iter().any(|p| p == pointer) {
                 return Err(format!("has a $ref cycle through {:?}: recursive schemas are not supported", short(reference)));
             }
-            let pointer_decoded = percent_decode(pointer);
+            // `$ref`s are URI fragments: `%25` is `%`, `%20` a space, before the JSON pointer is read.
+            let pointer_decoded = percent_encoding::percent_decode_str(pointer).decode_utf8_lossy();
             let Some(target) = self.root.pointer(&pointer_decoded) else {
                 return Err(format!("has $ref {:?}, which points nowhere in the schema", short(reference)));
             };
@@ -153,26 +154,6 @@ fn expanded_nodes(schema: &Value) -> Result<u64, String> {
         }
     }
     Walk { root: schema, done: BTreeMap::new(), open: Vec::new() }.size(schema)
-}
-
-/// `$ref`s are URI fragments: `%25` is `%`, `%20` a space, before the JSON pointer is read.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%'
-            && let Some(hex) = s.get(i + 1..i + 3)
-            && let Ok(byte) = u8::from_str_radix(hex, 16)
-        {
-            out.push(byte);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn short(s: &str) -> String {
