@@ -720,11 +720,13 @@ resolvConf: /etc/resolv.conf
 nodeStatusReportFrequency: 10s
 nodeStatusUpdateFrequency: 2s
 syncFrequency: 10s
+# Absolute, small thresholds: the node shares the host's disk with build trees, and a percentage
+# evicted agent Pods when the host filled up (tests/real_node.rs saw gpu-2a "Evicted" at 99% use).
 evictionHard:
   memory.available: "100Mi"
-  nodefs.available: "2%"
-  imagefs.available: "2%"
-  nodefs.inodesFree: "2%"
+  nodefs.available: "100Mi"
+  imagefs.available: "100Mi"
+  nodefs.inodesFree: "1%"
 featureGates:
   EventedPLEG: true
 "#,
