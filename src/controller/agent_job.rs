@@ -50,7 +50,12 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         return Ok(Action::requeue(UNSYNCED_RETRY));
     }
     if job.metadata.deletion_timestamp.is_some() {
-        // Pods go with the job through their owner reference.
+        // Pods go with the job through their owner reference; a foreground deletion waits for
+        // them, so their usage finalizer goes now (nothing of a deleted job is recorded).
+        let uid = job.metadata.uid.clone().unwrap_or_default();
+        let namespace = job.namespace().unwrap_or_default();
+        let owned = ctx.caches.pods.state_filter(|p| snapshot::is_job_pod(p, &namespace, &uid));
+        super::pod_finalizer::release_settled(ctx, job, &owned, &old_status_of(job)).await?;
         return Ok(Action::await_change());
     }
     let namespace = job.namespace().unwrap_or_default();
@@ -156,6 +161,8 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     if plan.status != old_status {
         write_status(job, ctx, &plan.status).await?;
     }
+    // Only now that what the Pods told is stored may they go (pod_finalizer.rs).
+    super::pod_finalizer::release_settled(ctx, job, &owned, &plan.status).await?;
     if let Some(approval) = &plan.status.approval {
         counted.required = approval.required;
     }
@@ -165,6 +172,10 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     report_decoys(job, ctx, &decoys).await;
     approval_vote::record_verdicts(ctx, &votes, &counted, job).await;
     Ok(next_check(&plan.status, ctx.settings.approval_timeout_seconds))
+}
+
+fn old_status_of(job: &AgentJob) -> AgentJobStatus {
+    job.status.clone().unwrap_or_default()
 }
 
 /// Stamped by the MutatingAdmissionPolicy in deploy/admission with the job's creator.

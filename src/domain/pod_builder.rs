@@ -22,6 +22,11 @@ pub const LABEL_ATTEMPT: &str = "agentgate.dev/attempt";
 /// write was refused or never made) is recorded with the spec it really runs.
 pub const ANNOTATION_JOB_GENERATION: &str = "agentgate.dev/job-generation";
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Held on every agent Pod until its attempt's result and usage are in the job's status (like the
+/// Job controller's `batch.kubernetes.io/job-tracking`, KEP-2307): a Pod deleted before the
+/// operator read its termination message (kubectl, PodGC, eviction, during a leader takeover)
+/// stays readable, terminating, until then (controller/pod_finalizer.rs).
+pub const USAGE_FINALIZER: &str = "agentgate.dev/usage-tracking";
 
 #[derive(Clone, Debug)]
 pub struct PodPlan<'a> {
@@ -119,6 +124,7 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
                 controller: Some(true),
                 block_owner_deletion: Some(true),
             }]),
+            finalizers: Some(vec![USAGE_FINALIZER.to_string()]),
             ..ObjectMeta::default()
         },
         spec: Some(PodSpec {
