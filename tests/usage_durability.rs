@@ -122,3 +122,52 @@ async fn a_deleted_job_never_leaves_its_pods_stuck() {
     .await;
     assert!(failed.status.unwrap().attempts[0].message.as_deref().unwrap_or_default().contains("PodDeleted"));
 }
+
+/// How many attempts of `durability_scan` the estimator state in the ConfigMap holds.
+async fn learned_runs(admin: &Client, ns: &str) -> Option<u64> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cm = Api::<ConfigMap>::namespaced(admin.clone(), ns).get_opt("agentgate-estimator").await.expect("get ConfigMap")?;
+    let state: serde_json::Value = serde_json::from_str(cm.data?.get("state.json")?).ok()?;
+    state["jobTypes"]["durability_scan"]["n"].as_u64()
+}
+
+async fn wait_marked(admin: &Client, ns: &str, name: &str, attempts: usize) -> AgentJob {
+    wait_for_job(admin, ns, name, "every attempt learned", |j| {
+        j.status.as_ref().is_some_and(|s| s.attempts.len() == attempts && s.attempts.iter().all(|a| a.learned))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn each_attempt_is_learned_once_whatever_the_operator_was_doing_when_killed() {
+    let ns = "usage-durability-learn";
+    let (cp, admin, alice, bob) = setup(ns).await;
+    let jobs: Api<AgentJob> = Api::namespaced(admin.clone(), ns);
+    let mut op = operator(cp, ns);
+    let (_, pod) = started_job(&admin, &alice, &bob, ns, "scan").await;
+    run_pod(&admin, ns, &pod.name_any()).await;
+    finish_pod(&admin, ns, &pod.name_any(), 0, &usage_report("gpt-4o-mini", 1200, 0, 300, json!({}))).await;
+    wait_marked(&admin, ns, "scan", 1).await;
+    assert_eq!(learned_runs(&admin, ns).await, Some(1), "learned, and written back before the mark");
+
+    // Killed after the estimator state was written, before the mark was: the next operator
+    // finds the attempt unmarked and must not learn it twice.
+    op.kill();
+    let unmark = json!([{"op": "add", "path": "/status/attempts/0/learned", "value": false}]);
+    jobs.patch_status("scan", &kube::api::PatchParams::default(), &kube::api::Patch::<()>::Json(serde_json::from_value(unmark).unwrap()))
+        .await
+        .expect("unmark");
+    // Killed after the usage was written, before it was learned: a job the operator recorded as
+    // succeeded, with usage and no mark, must be learned by the next operator.
+    let other = jobs.create(&PostParams::default(), &manifest("recorded")).await.expect("create job");
+    let status = json!({"status": {"phase": "Succeeded", "observedGeneration": other.metadata.generation,
+        "attempts": [{"attempt": 1, "generation": other.metadata.generation, "pods": [], "result": "Succeeded",
+            "usage": {"inputTokens": 900, "cachedInputTokens": 0, "outputTokens": 100, "totalTokens": 1000, "costUSD": "0.0002",
+                      "models": [{"model": "gpt-4o-mini", "inputTokens": 900, "cachedInputTokens": 0, "outputTokens": 100, "costUSD": "0.0002"}]}}]}});
+    jobs.patch_status("recorded", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status)).await.expect("write status");
+
+    let _op = operator(cp, ns);
+    wait_marked(&admin, ns, "scan", 1).await;
+    wait_marked(&admin, ns, "recorded", 1).await;
+    assert_eq!(learned_runs(&admin, ns).await, Some(2), "each of the two attempts learned exactly once");
+}

@@ -15,11 +15,9 @@ use super::snapshot::{self, gpu_resource_name, pod_need, tool_view, vote_view};
 use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY, approval_vote};
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
 use crate::domain::conditions::set_condition;
-use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, estimate_input, job_type};
-use crate::domain::estimate::prior_tokens;
+use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, job_type};
 use crate::domain::pod_builder::{PodPlan, build_pod};
 use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
-use crate::domain::report::tokens_of;
 use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
 use crate::metrics::JobTypeLabels;
 
@@ -158,6 +156,8 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
             other => other?,
         }
     }
+    // Usage stored by an earlier write is learned and counted once; the mark goes with this write.
+    super::learning_mark::learn_stored(job, ctx, &old_status, &mut plan.status).await;
     if plan.status != old_status {
         write_status(job, ctx, &plan.status).await?;
     }
@@ -427,26 +427,6 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
     {
         let waited = k8s_openapi::jiff::Timestamp::now().duration_since(created.0).as_secs_f64();
         ctx.metrics.approval_wait_seconds.observe(waited.max(0.0));
-    }
-    // Count each attempt's usage once: when its usage first appears in status.
-    for attempt in &new.attempts {
-        let before = old.attempts.iter().find(|a| a.attempt == attempt.attempt).and_then(|a| a.usage.as_ref());
-        let (Some(usage), None) = (&attempt.usage, before) else { continue };
-        // The estimator learns what a successful run costs; failed attempts would drag it
-        // towards runs that stopped early.
-        if attempt.result == AttemptResult::Succeeded {
-            let key = crate::domain::learning::attempt_key(job.metadata.uid.as_deref().unwrap_or_default(), attempt.attempt);
-            let prior = prior_tokens(&estimate_input(job));
-            if ctx.learner.state.lock().await.record(&key, &job_type(job), &tokens_of(usage), &prior) {
-                ctx.learner.touch();
-            }
-        }
-        let prices = ctx.prices.read().await;
-        for m in &usage.models {
-            let labels = ctx.metrics.usage_labels(&m.model, prices.get(&m.model).is_some(), &job.spec.category);
-            ctx.metrics.tokens.get_or_create(&labels).inc_by((m.input_tokens + m.cached_input_tokens + m.output_tokens).max(0) as u64);
-            ctx.metrics.cost_usd.get_or_create(&labels).inc_by(m.cost_usd.parse().unwrap_or(0.0));
-        }
     }
     if new.phase != old.phase {
         if let Some(phase) = new.phase.filter(|p| p.is_terminal()) {

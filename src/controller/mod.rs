@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod estimator_store;
 pub mod events;
 pub mod identity_policies;
+pub mod learning_mark;
 pub mod pod_finalizer;
 pub mod price_table;
 pub mod snapshot;

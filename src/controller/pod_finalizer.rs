@@ -150,6 +150,7 @@ mod tests {
                 result,
                 message: None,
                 usage: None,
+                learned: false,
             }],
             ..AgentJobStatus::default()
         }

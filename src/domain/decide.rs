@@ -555,6 +555,7 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
         result: AttemptResult::Running,
         message: None,
         usage: None,
+        learned: false,
     });
     s.phase = Some(JobPhase::Running);
     s.start_time.get_or_insert_with(|| o.now.clone());
