@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use agentgate::api::{AgentJob, Decision};
@@ -170,4 +171,36 @@ async fn each_attempt_is_learned_once_whatever_the_operator_was_doing_when_kille
     wait_marked(&admin, ns, "scan", 1).await;
     wait_marked(&admin, ns, "recorded", 1).await;
     assert_eq!(learned_runs(&admin, ns).await, Some(2), "each of the two attempts learned exactly once");
+}
+
+#[tokio::test]
+async fn a_retry_runs_only_while_what_was_spent_plus_the_estimate_fits_the_budget() {
+    let ns = "usage-durability-retry";
+    let (cp, admin, alice, bob) = setup(ns).await;
+    let _op = operator(cp, ns);
+    let mut job = manifest("scan");
+    job.spec.limits = Some(serde_json::from_value(json!({"maxRetries": 5})).unwrap());
+    let job = Api::<AgentJob>::namespaced(admin.clone(), ns).create(&PostParams::default(), &job).await.expect("create job");
+    vote(&alice, &job, "alice", Decision::Approve).await;
+    vote(&bob, &job, "bob", Decision::Approve).await;
+    let first = wait_for("attempt 1's Pod", TIMEOUT, || job_pods(&admin, ns, &job), |p: &Vec<Pod>| p.len() == 1).await;
+
+    // A cheap failure is retried.
+    finish_pod(&admin, ns, &first[0].name_any(), 1, &usage_report("gpt-4o-mini", 1000, 0, 100, json!(null))).await;
+    let second = wait_for("attempt 2's Pod", TIMEOUT, || job_pods(&admin, ns, &job), |p: &Vec<Pod>| p.len() == 2).await;
+    let second = second.iter().find(|p| p.labels().get("agentgate.dev/attempt").map(String::as_str) == Some("2")).expect("attempt 2");
+
+    // A failure that spent most of the $5 budget (40M input tokens at $0.15/M = $6) is not:
+    // another attempt would exceed it.
+    finish_pod(&admin, ns, &second.name_any(), 1, &usage_report("gpt-4o-mini", 40_000_000, 0, 0, json!(null))).await;
+    let failed = wait_for_job(&admin, ns, "scan", "Failed", |j| phase(j) == Some("Failed")).await;
+    let succeeded = condition(&failed, "Succeeded").expect("Succeeded condition");
+    assert_eq!(succeeded.reason, "BudgetExhausted", "{succeeded:?}");
+    assert!(succeeded.message.contains("budget.maxCostUSD $5"), "{}", succeeded.message);
+    let status = failed.status.unwrap();
+    assert_eq!(status.attempts.len(), 2, "no third attempt");
+    assert_eq!(status.usage.unwrap().input_tokens, 40_001_000, "both attempts' usage kept");
+    let attempts: BTreeSet<String> =
+        job_pods(&admin, ns, &job).await.iter().filter_map(|p| p.labels().get("agentgate.dev/attempt").cloned()).collect();
+    assert!(!attempts.contains("3"), "no third Pod: {attempts:?}");
 }

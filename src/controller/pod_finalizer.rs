@@ -27,7 +27,13 @@ pub fn holds_finalizer(pod: &Pod) -> bool {
 
 /// Whether a job's Pod may let go of the finalizer, given the job's status as stored. Pure.
 /// `deleting`: the Pod has a deletionTimestamp.
-pub fn releasable(status: &AgentJobStatus, pod: &PodView, deleting: bool) -> bool {
+/// `scheduled`: the Pod was bound to a node.
+pub fn releasable(status: &AgentJobStatus, pod: &PodView, deleting: bool, scheduled: bool) -> bool {
+    // Deleted before it ever ran on a node: no kubelet will terminate it and it spent nothing.
+    // Let go, it vanishes and its attempt fails as a deleted Pod's (decide.rs, PodDeleted).
+    if deleting && !scheduled && pod.state == crate::domain::decide::PodState::Active {
+        return true;
+    }
     // A finished or rejected job never reads its Pods again.
     if status.phase.is_some_and(JobPhase::is_terminal) {
         return true;
@@ -47,7 +53,8 @@ pub async fn release_settled(ctx: &Context, job: &AgentJob, owned: &[Arc<Pod>], 
     let all = job.metadata.deletion_timestamp.is_some();
     for pod in owned.iter().filter(|p| holds_finalizer(p)) {
         let deleting = pod.metadata.deletion_timestamp.is_some();
-        let release = all || snapshot::pod_view(pod).is_none_or(|view| releasable(status, &view, deleting));
+        let scheduled = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+        let release = all || snapshot::pod_view(pod).is_none_or(|view| releasable(status, &view, deleting, scheduled));
         if release {
             release_pod(ctx, pod).await?;
         }
@@ -160,20 +167,24 @@ mod tests {
     fn held_until_the_attempt_is_recorded() {
         let done = view("j-a-1", PodState::Succeeded { message: Some("{}".into()) });
         // Finished (even deleted) but not yet in status: held, its report is still to be read.
-        assert!(!releasable(&status(AttemptResult::Running, Some(JobPhase::Running)), &done, false));
-        assert!(!releasable(&status(AttemptResult::Running, Some(JobPhase::Running)), &done, true));
+        assert!(!releasable(&status(AttemptResult::Running, Some(JobPhase::Running)), &done, false, true));
+        assert!(!releasable(&status(AttemptResult::Running, Some(JobPhase::Running)), &done, true, true));
         // Recorded: let go, whatever the job does next (a retry, success).
-        assert!(releasable(&status(AttemptResult::Failed, Some(JobPhase::Running)), &done, false));
-        assert!(releasable(&status(AttemptResult::Succeeded, Some(JobPhase::Succeeded)), &done, false));
+        assert!(releasable(&status(AttemptResult::Failed, Some(JobPhase::Running)), &done, false, true));
+        assert!(releasable(&status(AttemptResult::Succeeded, Some(JobPhase::Succeeded)), &done, false, true));
     }
 
     #[test]
     fn unrecorded_pods_go_once_finished_or_deleted_and_finished_jobs_release_all() {
         let recorded = status(AttemptResult::Running, Some(JobPhase::Running));
         let stray = view("j-a-7", PodState::Active);
-        assert!(!releasable(&recorded, &stray, false), "may still be adopted");
-        assert!(releasable(&recorded, &stray, true));
-        assert!(releasable(&recorded, &view("j-a-7", PodState::Failed { reason: "x".into(), message: None }), false));
-        assert!(releasable(&status(AttemptResult::Running, Some(JobPhase::Rejected)), &view("j-a-1", PodState::Active), false));
+        assert!(!releasable(&recorded, &stray, false, true), "may still be adopted");
+        assert!(releasable(&recorded, &stray, true, true));
+        assert!(releasable(&recorded, &view("j-a-7", PodState::Failed { reason: "x".into(), message: None }), false, true));
+        assert!(releasable(&status(AttemptResult::Running, Some(JobPhase::Rejected)), &view("j-a-1", PodState::Active), false, true));
+        // Recorded and running: held while it may still run; deleted before it was scheduled, let go.
+        let running = view("j-a-1", PodState::Active);
+        assert!(!releasable(&recorded, &running, true, true));
+        assert!(releasable(&recorded, &running, true, false));
     }
 }

@@ -40,11 +40,6 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
                 .unwrap_or_else(|| "Failed".into());
             PodState::Failed { reason, message }
         }
-        // Deleted before it ever ran on a node: no kubelet will terminate it, and the usage
-        // finalizer keeps it, so it would stay "active" forever. It never ran, so it spent nothing.
-        _ if pod.metadata.deletion_timestamp.is_some() && pod.spec.as_ref().is_none_or(|s| s.node_name.is_none()) => {
-            PodState::Failed { reason: "PodDeleted".into(), message: None }
-        }
         _ => PodState::Active,
     };
     let generation = pod.annotations().get(ANNOTATION_JOB_GENERATION).and_then(|g| g.parse().ok());

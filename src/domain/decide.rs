@@ -283,15 +283,25 @@ fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current
         return false;
     }
     let note = format!("attempt {current} failed: {}", failures.join("; "));
-    if current >= max_attempts(&job.spec) {
+    // No retry when none is left, or when what was spent plus another attempt's estimate would
+    // exceed the budget (domain/retry_budget.rs).
+    let stop = if current >= max_attempts(&job.spec) {
+        Some(("AttemptsExhausted", format!("{note}; no retries left ({} attempt(s))", max_attempts(&job.spec))))
+    } else {
+        super::retry_budget::next_attempt_fits(&job.spec, s.usage.as_ref(), s.estimate.as_ref())
+            .err()
+            .map(|why| ("BudgetExhausted", format!("{note}; not retried: {why}")))
+    };
+    if let Some((reason, msg)) = stop {
         s.phase = Some(JobPhase::Failed);
         s.completion_time = Some(o.now.clone());
-        let msg = format!("{note}; no retries left ({} attempt(s))", max_attempts(&job.spec));
-        set_condition(&mut s.conditions, condition::SUCCEEDED, false, "AttemptsExhausted", msg.clone(), generation, &o.now);
-        set_condition(&mut s.conditions, condition::READY, false, "AttemptsExhausted", msg.clone(), generation, &o.now);
-        set_condition(&mut s.conditions, condition::STALLED, true, "AttemptsExhausted", msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::SUCCEEDED, false, reason, msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::READY, false, reason, msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::STALLED, true, reason, msg.clone(), generation, &o.now);
         remove_condition(&mut s.conditions, condition::RECONCILING);
-        plan.events.push(PlannedEvent { warning: true, reason: "Failed".into(), note: msg });
+        // "Failed" as before for the attempts running out; the budget running out says so.
+        let event = if reason == "AttemptsExhausted" { "Failed" } else { reason };
+        plan.events.push(PlannedEvent { warning: true, reason: event.into(), note: msg });
         return false;
     }
     plan.events.push(PlannedEvent { warning: true, reason: "AttemptFailed".into(), note: format!("{note}; retrying") });

@@ -15,5 +15,6 @@ pub mod provenance;
 pub mod quantity;
 pub mod readiness;
 pub mod report;
+pub mod retry_budget;
 pub mod tally;
 pub mod validate;
