@@ -339,6 +339,12 @@ fn settle_attempt(
         match parse_report(message.as_deref().unwrap_or_default()) {
             Ok(report) => {
                 accumulate(&mut tokens, &report.usage);
+                if report.output_truncated {
+                    let note = format!(
+                        "{name}: the report was cut at the 4 KiB termination-message cap; usage kept, output lost (keep output within AGENTGATE_OUTPUT_MAX_BYTES)"
+                    );
+                    plan.events.push(PlannedEvent { warning: true, reason: "OutputTruncated".into(), note });
+                }
                 if *name == primary_pod {
                     output = report.output;
                 }

@@ -92,6 +92,9 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
         plain_env("AGENTGATE_MODEL", &plan.agent.model),
         plain_env("AGENTGATE_BUDGET_USD", plan.budget_usd),
         plain_env("AGENTGATE_INPUT", plan.input_json),
+        // The report shares the kubelet's 4 KiB termination-message cap: `output` must leave room
+        // for `usage` (domain/report.rs).
+        plain_env("AGENTGATE_OUTPUT_MAX_BYTES", &super::report::OUTPUT_MAX_BYTES.to_string()),
     ];
     env.extend(plan.tool_urls.iter().map(|(tool, url)| plain_env(&tool_env_name(tool), url)));
     env.extend(plan.agent.env.iter().map(|e| EnvVar {
@@ -378,6 +381,7 @@ mod tests {
                         "AGENTGATE_MODEL",
                         "AGENTGATE_BUDGET_USD",
                         "AGENTGATE_INPUT",
+                        "AGENTGATE_OUTPUT_MAX_BYTES",
                         "AGENTGATE_TOOL_BANDIT_SCANNER_URL",
                         "AGENTGATE_TOOL_IMAGE_PROCESSOR_URL",
                         "LOG_LEVEL",
@@ -389,6 +393,7 @@ mod tests {
                     Env("AGENTGATE_MODEL", Some(json!({"value": "gpt-4o-mini"}))),
                     Env("AGENTGATE_BUDGET_USD", Some(json!({"value": "0.50"}))),
                     Env("AGENTGATE_INPUT", Some(json!({"value": r#"{"repositoryPath":"/src"}"#}))),
+                    Env("AGENTGATE_OUTPUT_MAX_BYTES", Some(json!({"value": "3072"}))),
                     Env("AGENTGATE_TOOL_BANDIT_SCANNER_URL", Some(json!({"value": "http://bandit.tools.svc:8080"}))),
                     Env("AGENTGATE_TOOL_IMAGE_PROCESSOR_URL", Some(json!({"value": "https://img.example.com"}))),
                     Env("LOG_LEVEL", Some(json!({"value": "debug"}))),
