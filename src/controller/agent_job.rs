@@ -161,8 +161,6 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     if plan.status != old_status {
         write_status(job, ctx, &plan.status).await?;
     }
-    // Only now that what the Pods told is stored may they go (pod_finalizer.rs).
-    super::pod_finalizer::release_settled(ctx, job, &owned, &plan.status).await?;
     if let Some(approval) = &plan.status.approval {
         counted.required = approval.required;
     }
@@ -171,6 +169,9 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     report(job, ctx, &old_status, &plan).await;
     report_decoys(job, ctx, &decoys).await;
     approval_vote::record_verdicts(ctx, &votes, &counted, job).await;
+    // Only now that what the Pods told is stored may they go (pod_finalizer.rs). Last, so a
+    // failing patch (retried through the error policy) holds up nothing above.
+    super::pod_finalizer::release_settled(ctx, job, &owned, &plan.status).await?;
     Ok(next_check(&plan.status, ctx.settings.approval_timeout_seconds))
 }
 
