@@ -388,8 +388,9 @@ async fn the_operator_uses_every_right_it_has_and_no_other_and_never_leaks_a_sec
     let env = pods[0].spec.as_ref().unwrap().containers[0].env.clone().unwrap();
     let token_env = env.iter().find(|e| e.name == "TOKEN").unwrap();
     assert!(token_env.value.is_none() && token_env.value_from.as_ref().unwrap().secret_key_ref.is_some(), "{token_env:?}");
-    // A Pod of a running attempt deleted behind the operator's back: it GETs the Pod to tell a
-    // slow cache from a deletion, and fails the attempt.
+    // A Pod of a running attempt deleted behind the operator's back (before it ran, so the
+    // operator lets its usage finalizer go and it vanishes): it GETs the Pod to tell a slow cache
+    // from a deletion, and fails the attempt.
     let second = agent_job(
         "lp-gone",
         json!({"category": "core-security",

@@ -15,11 +15,9 @@ use super::snapshot::{self, gpu_resource_name, pod_need, tool_view, vote_view};
 use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY, approval_vote};
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
 use crate::domain::conditions::set_condition;
-use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, estimate_input, job_type};
-use crate::domain::estimate::prior_tokens;
+use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, job_type};
 use crate::domain::pod_builder::{PodPlan, build_pod};
 use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
-use crate::domain::report::tokens_of;
 use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
 use crate::metrics::JobTypeLabels;
 
@@ -50,7 +48,12 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         return Ok(Action::requeue(UNSYNCED_RETRY));
     }
     if job.metadata.deletion_timestamp.is_some() {
-        // Pods go with the job through their owner reference.
+        // Pods go with the job through their owner reference; a foreground deletion waits for
+        // them, so their usage finalizer goes now (nothing of a deleted job is recorded).
+        let uid = job.metadata.uid.clone().unwrap_or_default();
+        let namespace = job.namespace().unwrap_or_default();
+        let owned = ctx.caches.pods.state_filter(|p| snapshot::is_job_pod(p, &namespace, &uid));
+        super::pod_finalizer::release_settled(ctx, job, &owned, &old_status_of(job)).await?;
         return Ok(Action::await_change());
     }
     let namespace = job.namespace().unwrap_or_default();
@@ -153,6 +156,8 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
             other => other?,
         }
     }
+    // Usage stored by an earlier write is learned and counted once; the mark goes with this write.
+    super::learning_mark::learn_stored(job, ctx, &old_status, &mut plan.status).await;
     if plan.status != old_status {
         write_status(job, ctx, &plan.status).await?;
     }
@@ -164,7 +169,14 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     report(job, ctx, &old_status, &plan).await;
     report_decoys(job, ctx, &decoys).await;
     approval_vote::record_verdicts(ctx, &votes, &counted, job).await;
+    // Only now that what the Pods told is stored may they go (pod_finalizer.rs). Last, so a
+    // failing patch (retried through the error policy) holds up nothing above.
+    super::pod_finalizer::release_settled(ctx, job, &owned, &plan.status).await?;
     Ok(next_check(&plan.status, ctx.settings.approval_timeout_seconds))
+}
+
+fn old_status_of(job: &AgentJob) -> AgentJobStatus {
+    job.status.clone().unwrap_or_default()
 }
 
 pub use crate::api::REQUESTED_BY;
@@ -415,27 +427,6 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
     {
         let waited = k8s_openapi::jiff::Timestamp::now().duration_since(created.0).as_secs_f64();
         ctx.metrics.approval_wait_seconds.observe(waited.max(0.0));
-    }
-    // Count each attempt's usage once: when its usage first appears in status.
-    for attempt in &new.attempts {
-        let before = old.attempts.iter().find(|a| a.attempt == attempt.attempt).and_then(|a| a.usage.as_ref());
-        let (Some(usage), None) = (&attempt.usage, before) else { continue };
-        // The estimator learns what a successful run costs; failed attempts would drag it
-        // towards runs that stopped early.
-        if attempt.result == AttemptResult::Succeeded {
-            let key = crate::domain::learning::attempt_key(job.metadata.uid.as_deref().unwrap_or_default(), attempt.attempt);
-            let prior = prior_tokens(&estimate_input(job));
-            let (namespace, prices) = (job.namespace().unwrap_or_default(), ctx.prices.read().await.clone());
-            if ctx.learner.state.lock().await.record(&key, &namespace, &job_type(job), &tokens_of(usage), &prior, &prices) {
-                ctx.learner.touch();
-            }
-        }
-        let prices = ctx.prices.read().await;
-        for m in &usage.models {
-            let labels = ctx.metrics.usage_labels(&m.model, prices.get(&m.model).is_some(), &job.spec.category);
-            ctx.metrics.tokens.get_or_create(&labels).inc_by((m.input_tokens + m.cached_input_tokens + m.output_tokens).max(0) as u64);
-            ctx.metrics.cost_usd.get_or_create(&labels).inc_by(m.cost_usd.parse().unwrap_or(0.0));
-        }
     }
     if new.phase != old.phase {
         if let Some(phase) = new.phase.filter(|p| p.is_terminal()) {

@@ -21,6 +21,9 @@ pub const DEBOUNCE: Duration = Duration::from_secs(3);
 pub struct Learner {
     pub state: tokio::sync::Mutex<EstimatorState>,
     dirty: AtomicBool,
+    /// Held across a write: a flush that finds nothing dirty returns only once a write in
+    /// flight has ended, so "flushed" means "in the ConfigMap" (controller/learning_mark.rs).
+    writing: tokio::sync::Mutex<()>,
     namespace: String,
 }
 
@@ -47,7 +50,12 @@ impl Learner {
             tracing::warn!(configmap = %format!("{namespace}/{CONFIG_MAP}"), "{w}");
         }
         tracing::info!(job_types = state.job_types.len(), "loaded the estimator state");
-        Learner { state: tokio::sync::Mutex::new(state), dirty: AtomicBool::new(false), namespace: namespace.to_string() }
+        Learner {
+            state: tokio::sync::Mutex::new(state),
+            dirty: AtomicBool::new(false),
+            writing: tokio::sync::Mutex::new(()),
+            namespace: namespace.to_string(),
+        }
     }
 
     /// Marks the state as changed: the writer applies it within DEBOUNCE.
@@ -55,10 +63,12 @@ impl Learner {
         self.dirty.store(true, Ordering::Release);
     }
 
-    /// Writes the state back if it changed since the last write.
-    pub async fn flush(&self, client: &Client) {
+    /// Writes the state back if it changed since the last write. False when the write failed
+    /// (it is retried by the writer).
+    pub async fn flush(&self, client: &Client) -> bool {
+        let _writing = self.writing.lock().await;
         if !self.dirty.swap(false, Ordering::AcqRel) {
-            return;
+            return true;
         }
         let text = self.state.lock().await.to_json();
         let cm = json!({
@@ -71,7 +81,9 @@ impl Learner {
         if let Err(e) = api.patch(CONFIG_MAP, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&cm)).await {
             tracing::warn!(%e, "could not write the estimator state; will retry");
             self.dirty.store(true, Ordering::Release);
+            return false;
         }
+        true
     }
 
     /// Writes changes back every DEBOUNCE; runs until dropped.

@@ -8,6 +8,8 @@ pub mod discovery;
 pub mod estimator_store;
 pub mod events;
 pub mod identity_policies;
+pub mod learning_mark;
+pub mod pod_finalizer;
 pub mod price_table;
 // Moved to the domain (it is pure, and the plugin needs it too); re-exported so `super::snapshot` still reads.
 pub use crate::domain::snapshot;
@@ -281,6 +283,8 @@ pub async fn run(
     // Woken by every Service and AgentTool change; see discovery.rs.
     let discovery_trigger = Arc::new(tokio::sync::Notify::new());
 
+    // Woken by Pods that hold the usage finalizer but whose job is not cached (pod_finalizer.rs).
+    let orphan_trigger = Arc::new(tokio::sync::Notify::new());
     let pod_stream =
         watcher(scoped::<Pod>(&client, &None), wc.clone()).default_backoff().modify(slim_pod).reflect(pods_writer).touched_objects();
     let node_stream =
@@ -306,7 +310,13 @@ pub async fn run(
     let job_controller = job_controller
         .watches_stream(pod_stream, {
             let caches = caches.clone();
-            move |pod: Pod| agent_job::jobs_affected_by_pod(&caches, &pod)
+            let orphans = orphan_trigger.clone();
+            move |pod: Pod| {
+                if pod_finalizer::is_orphan_hint(&caches.jobs, &pod) {
+                    orphans.notify_one();
+                }
+                agent_job::jobs_affected_by_pod(&caches, &pod)
+            }
         })
         .watches_stream(node_stream, {
             let caches = caches.clone();
@@ -400,6 +410,7 @@ pub async fn run(
         _ = discovery::run(ctx.clone(), discovery_trigger) => {}
         _ = learner.run_writer(client.clone()) => {}
         _ = identity_policies::run(ctx.clone()) => {}
+        _ = pod_finalizer::sweep(ctx.clone(), orphan_trigger.clone()) => {}
     }
     *health.identity_problems.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     // Shutdown: what was learned since the last write is not lost.

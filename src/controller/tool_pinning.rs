@@ -274,6 +274,7 @@ mod tests {
             result: crate::api::AttemptResult::Running,
             message: None,
             usage: None,
+            learned: false,
         });
         let votes = [vote("alice", 1), vote("bob", 1)];
         let p = before(&started, 1, &now, &votes);

@@ -273,15 +273,25 @@ fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, current
         return false;
     }
     let note = format!("attempt {current} failed: {}", failures.join("; "));
-    if current >= max_attempts(&job.spec) {
+    // No retry when none is left, or when what was spent plus another attempt's estimate would
+    // exceed the budget (domain/retry_budget.rs).
+    let stop = if current >= max_attempts(&job.spec) {
+        Some(("AttemptsExhausted", format!("{note}; no retries left ({} attempt(s))", max_attempts(&job.spec))))
+    } else {
+        super::retry_budget::next_attempt_fits(&job.spec, s.usage.as_ref(), s.estimate.as_ref())
+            .err()
+            .map(|why| ("BudgetExhausted", format!("{note}; not retried: {why}")))
+    };
+    if let Some((reason, msg)) = stop {
         s.phase = Some(JobPhase::Failed);
         s.completion_time = Some(o.now.clone());
-        let msg = format!("{note}; no retries left ({} attempt(s))", max_attempts(&job.spec));
-        set_condition(&mut s.conditions, condition::SUCCEEDED, false, "AttemptsExhausted", msg.clone(), generation, &o.now);
-        set_condition(&mut s.conditions, condition::READY, false, "AttemptsExhausted", msg.clone(), generation, &o.now);
-        set_condition(&mut s.conditions, condition::STALLED, true, "AttemptsExhausted", msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::SUCCEEDED, false, reason, msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::READY, false, reason, msg.clone(), generation, &o.now);
+        set_condition(&mut s.conditions, condition::STALLED, true, reason, msg.clone(), generation, &o.now);
         remove_condition(&mut s.conditions, condition::RECONCILING);
-        plan.events.push(PlannedEvent { warning: true, reason: "Failed".into(), note: msg });
+        // "Failed" as before for the attempts running out; the budget running out says so.
+        let event = if reason == "AttemptsExhausted" { "Failed" } else { reason };
+        plan.events.push(PlannedEvent { warning: true, reason: event.into(), note: msg });
         return false;
     }
     plan.events.push(PlannedEvent { warning: true, reason: "AttemptFailed".into(), note: format!("{note}; retrying") });
@@ -319,6 +329,12 @@ fn settle_attempt(
         match parse_report(message.as_deref().unwrap_or_default()) {
             Ok(report) => {
                 accumulate(&mut tokens, &report.usage);
+                if report.output_truncated {
+                    let note = format!(
+                        "{name}: the report was cut at the 4 KiB termination-message cap; usage kept, output lost (keep output within AGENTGATE_OUTPUT_MAX_BYTES)"
+                    );
+                    plan.events.push(PlannedEvent { warning: true, reason: "OutputTruncated".into(), note });
+                }
                 if *name == primary_pod {
                     output = report.output;
                 }
@@ -545,6 +561,7 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
         result: AttemptResult::Running,
         message: None,
         usage: None,
+        learned: false,
     });
     s.phase = Some(JobPhase::Running);
     s.start_time.get_or_insert_with(|| o.now.clone());

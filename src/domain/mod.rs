@@ -16,6 +16,7 @@ pub mod provenance;
 pub mod quantity;
 pub mod readiness;
 pub mod report;
+pub mod retry_budget;
 pub mod snapshot;
 pub mod tally;
 pub mod validate;

@@ -22,6 +22,11 @@ pub const LABEL_ATTEMPT: &str = "agentgate.dev/attempt";
 /// write was refused or never made) is recorded with the spec it really runs.
 pub const ANNOTATION_JOB_GENERATION: &str = "agentgate.dev/job-generation";
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// Held on every agent Pod until its attempt's result and usage are in the job's status (like the
+/// Job controller's `batch.kubernetes.io/job-tracking`, KEP-2307): a Pod deleted before the
+/// operator read its termination message (kubectl, PodGC, eviction, during a leader takeover)
+/// stays readable, terminating, until then (controller/pod_finalizer.rs).
+pub const USAGE_FINALIZER: &str = "agentgate.dev/usage-tracking";
 
 #[derive(Clone, Debug)]
 pub struct PodPlan<'a> {
@@ -87,6 +92,9 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
         plain_env("AGENTGATE_MODEL", &plan.agent.model),
         plain_env("AGENTGATE_BUDGET_USD", plan.budget_usd),
         plain_env("AGENTGATE_INPUT", plan.input_json),
+        // The report shares the kubelet's 4 KiB termination-message cap: `output` must leave room
+        // for `usage` (domain/report.rs).
+        plain_env("AGENTGATE_OUTPUT_MAX_BYTES", &super::report::OUTPUT_MAX_BYTES.to_string()),
     ];
     env.extend(plan.tool_urls.iter().map(|(tool, url)| plain_env(&tool_env_name(tool), url)));
     env.extend(plan.agent.env.iter().map(|e| EnvVar {
@@ -119,6 +127,7 @@ pub fn build_pod(plan: &PodPlan) -> Pod {
                 controller: Some(true),
                 block_owner_deletion: Some(true),
             }]),
+            finalizers: Some(vec![USAGE_FINALIZER.to_string()]),
             ..ObjectMeta::default()
         },
         spec: Some(PodSpec {
@@ -372,6 +381,7 @@ mod tests {
                         "AGENTGATE_MODEL",
                         "AGENTGATE_BUDGET_USD",
                         "AGENTGATE_INPUT",
+                        "AGENTGATE_OUTPUT_MAX_BYTES",
                         "AGENTGATE_TOOL_BANDIT_SCANNER_URL",
                         "AGENTGATE_TOOL_IMAGE_PROCESSOR_URL",
                         "LOG_LEVEL",
@@ -383,6 +393,7 @@ mod tests {
                     Env("AGENTGATE_MODEL", Some(json!({"value": "gpt-4o-mini"}))),
                     Env("AGENTGATE_BUDGET_USD", Some(json!({"value": "0.50"}))),
                     Env("AGENTGATE_INPUT", Some(json!({"value": r#"{"repositoryPath":"/src"}"#}))),
+                    Env("AGENTGATE_OUTPUT_MAX_BYTES", Some(json!({"value": "3072"}))),
                     Env("AGENTGATE_TOOL_BANDIT_SCANNER_URL", Some(json!({"value": "http://bandit.tools.svc:8080"}))),
                     Env("AGENTGATE_TOOL_IMAGE_PROCESSOR_URL", Some(json!({"value": "https://img.example.com"}))),
                     Env("LOG_LEVEL", Some(json!({"value": "debug"}))),

@@ -69,6 +69,7 @@ pub fn adopt_unrecorded_attempts(s: &mut AgentJobStatus, plan: &mut Plan, o: &Ob
             result: AttemptResult::Running,
             message: None,
             usage: None,
+            learned: false,
         });
     }
 }

@@ -11,6 +11,13 @@ use crate::api::{ModelUsage, Usage};
 
 /// Kubelet caps termination messages at 4 KiB; anything far bigger was not written by it.
 const MAX_REPORT_BYTES: usize = 16 * 1024;
+/// The kubelet's termination-message cap, which `usage` and `output` share.
+pub const TERMINATION_MESSAGE_BYTES: usize = 4096;
+/// What agents are told `output` may take (`AGENTGATE_OUTPUT_MAX_BYTES`): the rest of the 4 KiB is
+/// for `usage` (a few models' entries take ~100 bytes each). An agent that writes `usage` first and
+/// keeps `output` within this never loses its usage; one that overruns it loses its output (the
+/// kubelet cuts the message) but its usage is still read (`salvage_usage`).
+pub const OUTPUT_MAX_BYTES: usize = 3 * 1024;
 const MAX_TOKENS_PER_ENTRY: i64 = 1_000_000_000_000;
 const MAX_USAGE_ENTRIES: usize = 64;
 const MAX_OUTPUT_DEPTH: usize = 32;
@@ -19,6 +26,9 @@ const MAX_OUTPUT_DEPTH: usize = 32;
 pub struct AgentReport {
     pub usage: BTreeMap<String, TokenCounts>,
     pub output: Option<serde_json::Value>,
+    /// The message was cut (the kubelet's 4 KiB cap) after a complete `usage`: the usage is read,
+    /// the output is lost.
+    pub output_truncated: bool,
 }
 
 #[derive(Deserialize)]
@@ -47,8 +57,13 @@ pub fn parse_report(message: &str) -> Result<AgentReport, String> {
         return Err(format!("termination message of {} bytes is larger than {MAX_REPORT_BYTES}", message.len()));
     }
     // serde's messages quote the offending value: keep them short, they go into status.
-    let wire: WireReport = serde_json::from_str(message.trim())
-        .map_err(|e| super::validate::bounded(&format!("termination message is not a usage report: {e}")))?;
+    let (wire, output_truncated) = match serde_json::from_str::<WireReport>(message.trim()) {
+        Ok(wire) => (wire, false),
+        Err(e) => match salvage_usage(message.trim()).filter(|_| e.is_eof()) {
+            Some(usage) => (WireReport { usage, output: None }, true),
+            None => return Err(super::validate::bounded(&format!("termination message is not a usage report: {e}"))),
+        },
+    };
     // The output is stored in the job's status; nested much deeper, the job could no longer be
     // decoded by clients (serde_json stops at 128 levels), the operator's own watch included.
     if let Some(output) = &wire.output
@@ -73,7 +88,17 @@ pub fn parse_report(message: &str) -> Result<AgentReport, String> {
         let entry = usage.entry(u.model.clone()).or_default();
         *entry = entry.add(&TokenCounts { input: u.input_tokens, cached_input: u.cached_input_tokens, output: u.output_tokens });
     }
-    Ok(AgentReport { usage, output: wire.output })
+    Ok(AgentReport { usage, output: wire.output, output_truncated })
+}
+
+/// A report cut short after its `usage`: `{"usage": [...complete...], "output": ...cut`. Only
+/// this exact shape is read (usage first, then a comma); anything else is no report.
+fn salvage_usage(message: &str) -> Option<Vec<WireUsage>> {
+    let rest = message.strip_prefix('{')?.trim_start().strip_prefix("\"usage\"")?.trim_start().strip_prefix(':')?;
+    let mut stream = serde_json::Deserializer::from_str(rest).into_iter::<Vec<WireUsage>>();
+    let usage = stream.next()?.ok()?;
+    let after = rest[stream.byte_offset()..].trim_start();
+    (after.is_empty() || after.starts_with(',')).then_some(usage)
 }
 
 fn json_depth(value: &serde_json::Value) -> usize {
@@ -177,6 +202,47 @@ mod tests {
         assert!(parse_report(&quoted).unwrap_err().len() < 400);
         let deep = format!(r#"{{"usage": [], "output": {}1{}}}"#, "[".repeat(40), "]".repeat(40));
         assert!(parse_report(&deep).unwrap_err().contains("output nests deeper than 32 levels"));
+    }
+
+    #[test]
+    fn a_report_cut_by_the_kubelet_keeps_its_usage_and_flags_the_output() {
+        let full = format!(
+            r#"{{"usage": [{{"model": "gpt-4o-mini", "inputTokens": 1200, "outputTokens": 300}}], "output": {{"text": "{}"}}}}"#,
+            "z".repeat(5000)
+        );
+        // What the kubelet keeps of it.
+        let cut = &full[..TERMINATION_MESSAGE_BYTES];
+        let r = parse_report(cut).unwrap();
+        assert_eq!(r.usage["gpt-4o-mini"], TokenCounts { input: 1200, cached_input: 0, output: 300 });
+        assert_eq!((r.output, r.output_truncated), (None, true));
+        // Cut right after the usage.
+        let r = parse_report(r#"{"usage": [{"model": "m", "inputTokens": 1, "outputTokens": 2}]"#).unwrap();
+        assert!(r.output_truncated && r.usage["m"].output == 2);
+        // A whole report is not flagged.
+        assert!(!parse_report(r#"{"usage": [], "output": 1}"#).unwrap().output_truncated);
+        // A report fitting the advertised output cap fits the kubelet's cap with room for usage.
+        let fits = format!(
+            r#"{{"usage": [{{"model": "gpt-4o-mini", "inputTokens": 1200, "cachedInputTokens": 0, "outputTokens": 300}}], "output": "{}"}}"#,
+            "o".repeat(OUTPUT_MAX_BYTES - 2)
+        );
+        assert!(fits.len() <= TERMINATION_MESSAGE_BYTES, "{}", fits.len());
+    }
+
+    #[test]
+    fn nothing_is_salvaged_from_a_cut_usage_or_output_first_or_a_report_that_is_not_cut() {
+        let bad = [
+            // The usage itself was cut: nothing is known.
+            r#"{"usage": [{"model": "m", "inputTokens": 1, "outputTo"#,
+            // Output first (the order the cap documentation warns of): the usage was lost.
+            r#"{"output": "aaaa", "usage": [{"model": "m", "inpu"#,
+            // Not cut but wrong: a bad usage entry is an error, not salvage.
+            r#"{"usage": [{"model": "m", "inputTokens": 1, "outputTokens": 1, "x": 1}], "output": "#,
+            // Complete but malformed after the usage: not a cut, so no salvage.
+            r#"{"usage": [], "output": 1, "extra": 2}"#,
+        ];
+        for message in bad {
+            assert!(parse_report(message).is_err(), "{message}");
+        }
     }
 
     #[test]

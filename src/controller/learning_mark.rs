@@ -1,0 +1,97 @@
+//! Each attempt's usage is learned by the estimator and counted by the token and cost counters
+//! exactly once, through status: an attempt whose usage is stored and not yet marked `learned`
+//! is learned on any reconcile (the learner dedups by attempt key), the estimator state is
+//! written back, and only then is the mark written with the rest of the status. A crash or a lost
+//! lease anywhere in between leaves the mark unwritten, so the next leader learns the attempt
+//! again: before the estimator state was written, nothing of it was kept; after, its key is in
+//! the state and the learner skips it. The counters live in the process, so a new process counting
+//! the attempt again counts it for the first time.
+
+use super::Context;
+use crate::api::{AgentJob, AgentJobStatus, AttemptResult};
+use crate::domain::decide::{estimate_input, job_type};
+use crate::domain::estimate::prior_tokens;
+use crate::domain::report::tokens_of;
+use kube::ResourceExt;
+
+/// Indexes of the attempts whose usage is stored but not yet learned. Pure.
+pub fn unlearned(stored: &AgentJobStatus) -> Vec<usize> {
+    stored.attempts.iter().enumerate().filter(|(_, a)| a.usage.is_some() && !a.learned).map(|(i, _)| i).collect()
+}
+
+/// Learns and counts the stored, unmarked attempts and marks them in `next` (the status about to
+/// be written). The marks are set only once the estimator state holding them is written back.
+pub async fn learn_stored(job: &AgentJob, ctx: &Context, stored: &AgentJobStatus, next: &mut AgentJobStatus) {
+    let pending = unlearned(stored);
+    if pending.is_empty() {
+        return;
+    }
+    let mut learned = false;
+    for &i in &pending {
+        let attempt = &stored.attempts[i];
+        let Some(usage) = &attempt.usage else { continue };
+        // The estimator learns what a successful run costs; failed attempts would drag it
+        // towards runs that stopped early.
+        if attempt.result == AttemptResult::Succeeded {
+            let key = crate::domain::learning::attempt_key(job.metadata.uid.as_deref().unwrap_or_default(), attempt.attempt);
+            let prior = prior_tokens(&estimate_input(job));
+            let (namespace, prices) = (job.namespace().unwrap_or_default(), ctx.prices.read().await.clone());
+            if ctx.learner.state.lock().await.record(&key, &namespace, &job_type(job), &tokens_of(usage), &prior, &prices) {
+                ctx.learner.touch();
+            }
+            // Recorded now or by an earlier reconcile whose write may not have landed yet.
+            learned = true;
+        }
+        let prices = ctx.prices.read().await;
+        for m in &usage.models {
+            let labels = ctx.metrics.usage_labels(&m.model, prices.get(&m.model).is_some(), &job.spec.category);
+            ctx.metrics.tokens.get_or_create(&labels).inc_by((m.input_tokens + m.cached_input_tokens + m.output_tokens).max(0) as u64);
+            ctx.metrics.cost_usd.get_or_create(&labels).inc_by(m.cost_usd.parse().unwrap_or(0.0));
+        }
+    }
+    if learned && !ctx.learner.flush(&ctx.client).await {
+        // Not persisted: no mark, so the next reconcile tries again (the in-memory state dedups).
+        tracing::warn!(job = %job.name_any(), namespace = ?job.namespace(), "estimator state not written; the attempt stays unmarked");
+        return;
+    }
+    for i in pending {
+        if let Some(a) = next.attempts.get_mut(i).filter(|a| a.attempt == stored.attempts[i].attempt) {
+            a.learned = true;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Attempt, Usage};
+
+    fn attempt(n: i32, usage: bool, learned: bool) -> Attempt {
+        Attempt {
+            attempt: n,
+            generation: 1,
+            pods: vec![],
+            start_time: None,
+            completion_time: None,
+            result: if usage { AttemptResult::Succeeded } else { AttemptResult::Running },
+            message: None,
+            usage: usage.then(Usage::default),
+            learned,
+        }
+    }
+
+    #[test]
+    fn only_stored_unmarked_usage_is_pending() {
+        let status = AgentJobStatus {
+            attempts: vec![attempt(1, true, true), attempt(2, true, false), attempt(3, false, false)],
+            ..AgentJobStatus::default()
+        };
+        // Attempt 1 was learned and marked; 2 is stored without the mark (a crash or lost lease
+        // after its usage was written): learned now; 3 still runs.
+        assert_eq!(unlearned(&status), vec![1]);
+        // A status read back after the mark was written has nothing pending: never twice.
+        let mut marked = status.clone();
+        marked.attempts[1].learned = true;
+        assert!(unlearned(&marked).is_empty());
+    }
+}

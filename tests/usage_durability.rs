@@ -1,0 +1,206 @@
+//! No usage is ever lost: agent Pods hold the usage-tracking finalizer until their attempt is in
+//! the job's status, so a Pod deleted before the operator read it (the operator down, a leader
+//! takeover) still tells what it spent; and the finalizer never keeps a Pod whose job is gone.
+//! The test plays the kubelet by writing Pod status.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use agentgate::api::{AgentJob, Decision};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use support::cluster::*;
+use support::controlplane::{ControlPlane, OperatorProcess};
+
+const FINALIZER: &str = "agentgate.dev/usage-tracking";
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn setup(ns: &str) -> (&'static ControlPlane, Client, Client, Client) {
+    let cp = ControlPlane::shared();
+    cp.namespace(ns).await;
+    let admin = cp.client("admin").await;
+    add_node(&admin, "durability-node", "64", "256Gi", &[]).await;
+    grant_voting_rights(&admin).await;
+    (cp, admin, cp.client("alice").await, cp.client("bob").await)
+}
+
+fn operator(cp: &ControlPlane, ns: &str) -> OperatorProcess {
+    OperatorProcess::start(cp, &["--namespace", ns, "--metrics-addr", "127.0.0.1:0"])
+}
+
+fn manifest(name: &str) -> AgentJob {
+    agent_job(
+        name,
+        json!({
+            "jobType": "durability_scan",
+            "category": "core-security",
+            "agents": {"primary": {"name": "scanner", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"}},
+            "resources": {"cpu": "500m", "memory": "1Gi"},
+            "budget": {"maxCostUSD": "5.00"},
+        }),
+        json!({}),
+    )
+}
+
+/// Creates and approves the job, and waits for its one Pod.
+async fn started_job(admin: &Client, alice: &Client, bob: &Client, ns: &str, name: &str) -> (AgentJob, Pod) {
+    let job = Api::<AgentJob>::namespaced(admin.clone(), ns).create(&PostParams::default(), &manifest(name)).await.expect("create job");
+    vote(alice, &job, "alice", Decision::Approve).await;
+    vote(bob, &job, "bob", Decision::Approve).await;
+    let pods = wait_for("the agent Pod", TIMEOUT, || job_pods(admin, ns, &job), |p: &Vec<Pod>| p.len() == 1).await;
+    (job, pods[0].clone())
+}
+
+async fn wait_gone(admin: &Client, ns: &str, pod: &str) {
+    let api: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    wait_for(&format!("Pod {pod} gone"), TIMEOUT, || async { api.get_opt(pod).await.expect("get Pod") }, |p: &Option<Pod>| p.is_none())
+        .await;
+}
+
+#[tokio::test]
+async fn a_pod_deleted_while_the_operator_is_down_still_counts() {
+    let ns = "usage-durability-down";
+    let (cp, admin, alice, bob) = setup(ns).await;
+    let mut op = operator(cp, ns);
+    let (job, pod) = started_job(&admin, &alice, &bob, ns, "scan").await;
+    assert!(pod.finalizers().iter().any(|f| f == FINALIZER), "agent Pods carry the usage finalizer: {:?}", pod.finalizers());
+    let pod = pod.name_any();
+    run_pod(&admin, ns, &pod).await;
+    wait_for_job(&admin, ns, "scan", "Running", |j| phase(j) == Some("Running")).await;
+
+    // The operator goes; the agent finishes and its Pod is deleted before anyone read it.
+    op.kill();
+    finish_pod(&admin, ns, &pod, 0, &usage_report("gpt-4o-mini", 1200, 0, 300, json!({"findings": 2}))).await;
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    pods.delete(&pod, &DeleteParams::default()).await.expect("delete the Pod");
+    let held = pods.get(&pod).await.expect("the finalizer keeps the deleted Pod");
+    assert!(held.metadata.deletion_timestamp.is_some());
+
+    let _op = operator(cp, ns);
+    let done = wait_for_job(&admin, ns, "scan", "Succeeded", |j| phase(j).is_some_and(|p| p != "Running")).await;
+    assert_eq!(phase(&done), Some("Succeeded"), "{:?}", done.status);
+    let status = done.status.unwrap();
+    assert_eq!(status.usage.as_ref().map(|u| u.total_tokens), Some(1500), "the deleted Pod's usage is recorded");
+    assert_eq!(status.attempts[0].usage.as_ref().map(|u| u.output_tokens), Some(300));
+    assert_eq!(status.output, Some(json!({"findings": 2})));
+    // Recorded, the Pod is let go and its deletion completes.
+    wait_gone(&admin, ns, &pod).await;
+    assert!(job_pods(&admin, ns, &job).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_deleted_job_never_leaves_its_pods_stuck() {
+    let ns = "usage-durability-orphans";
+    let (cp, admin, alice, bob) = setup(ns).await;
+    let _op = operator(cp, ns);
+    let (job, pod) = started_job(&admin, &alice, &bob, ns, "scan").await;
+    let pod = pod.name_any();
+    run_pod(&admin, ns, &pod).await;
+    wait_for_job(&admin, ns, "scan", "Running", |j| phase(j) == Some("Running")).await;
+
+    // The job goes while its Pod runs; the Pod is then deleted as the garbage collector would.
+    Api::<AgentJob>::namespaced(admin.clone(), ns).delete("scan", &DeleteParams::default()).await.expect("delete job");
+    let jobs: Api<AgentJob> = Api::namespaced(admin.clone(), ns);
+    wait_for("the job gone", TIMEOUT, || async { jobs.get_opt("scan").await.expect("get job") }, |j: &Option<AgentJob>| j.is_none()).await;
+    Api::<Pod>::namespaced(admin.clone(), ns).delete(&pod, &DeleteParams::default()).await.expect("delete the Pod");
+    wait_gone(&admin, ns, &pod).await;
+
+    // A Pod with the finalizer that no job controls (its owner dropped) is let go too, once
+    // deleted; a still-running job's unfinished Pod is not.
+    let (job2, pod2) = started_job(&admin, &alice, &bob, ns, "scan2").await;
+    assert_ne!(job.metadata.uid, job2.metadata.uid);
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    pods.delete(&pod2.name_any(), &DeleteParams::default()).await.expect("delete the running job's Pod");
+    // Unscheduled when deleted: it never ran, so the attempt fails and the Pod is released.
+    wait_gone(&admin, ns, &pod2.name_any()).await;
+    let failed = wait_for_job(&admin, ns, "scan2", "attempt recorded", |j| {
+        j.status.as_ref().is_some_and(|s| s.attempts.first().is_some_and(|a| a.result != agentgate::api::AttemptResult::Running))
+    })
+    .await;
+    assert!(failed.status.unwrap().attempts[0].message.as_deref().unwrap_or_default().contains("PodDeleted"));
+}
+
+/// How many attempts of `durability_scan` the estimator state in the ConfigMap holds.
+async fn learned_runs(admin: &Client, ns: &str) -> Option<u64> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let cm = Api::<ConfigMap>::namespaced(admin.clone(), ns).get_opt("agentgate-estimator").await.expect("get ConfigMap")?;
+    let state: serde_json::Value = serde_json::from_str(cm.data?.get("state.json")?).ok()?;
+    state["jobTypes"]["durability_scan"]["n"].as_u64()
+}
+
+async fn wait_marked(admin: &Client, ns: &str, name: &str, attempts: usize) -> AgentJob {
+    wait_for_job(admin, ns, name, "every attempt learned", |j| {
+        j.status.as_ref().is_some_and(|s| s.attempts.len() == attempts && s.attempts.iter().all(|a| a.learned))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn each_attempt_is_learned_once_whatever_the_operator_was_doing_when_killed() {
+    let ns = "usage-durability-learn";
+    let (cp, admin, alice, bob) = setup(ns).await;
+    let jobs: Api<AgentJob> = Api::namespaced(admin.clone(), ns);
+    let mut op = operator(cp, ns);
+    let (_, pod) = started_job(&admin, &alice, &bob, ns, "scan").await;
+    run_pod(&admin, ns, &pod.name_any()).await;
+    finish_pod(&admin, ns, &pod.name_any(), 0, &usage_report("gpt-4o-mini", 1200, 0, 300, json!({}))).await;
+    wait_marked(&admin, ns, "scan", 1).await;
+    assert_eq!(learned_runs(&admin, ns).await, Some(1), "learned, and written back before the mark");
+
+    // Killed after the estimator state was written, before the mark was: the next operator
+    // finds the attempt unmarked and must not learn it twice.
+    op.kill();
+    let unmark = json!([{"op": "add", "path": "/status/attempts/0/learned", "value": false}]);
+    jobs.patch_status("scan", &kube::api::PatchParams::default(), &kube::api::Patch::<()>::Json(serde_json::from_value(unmark).unwrap()))
+        .await
+        .expect("unmark");
+    // Killed after the usage was written, before it was learned: a job the operator recorded as
+    // succeeded, with usage and no mark, must be learned by the next operator.
+    let other = jobs.create(&PostParams::default(), &manifest("recorded")).await.expect("create job");
+    let status = json!({"status": {"phase": "Succeeded", "observedGeneration": other.metadata.generation,
+        "attempts": [{"attempt": 1, "generation": other.metadata.generation, "pods": [], "result": "Succeeded",
+            "usage": {"inputTokens": 900, "cachedInputTokens": 0, "outputTokens": 100, "totalTokens": 1000, "costUSD": "0.0002",
+                      "models": [{"model": "gpt-4o-mini", "inputTokens": 900, "cachedInputTokens": 0, "outputTokens": 100, "costUSD": "0.0002"}]}}]}});
+    jobs.patch_status("recorded", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status)).await.expect("write status");
+
+    let _op = operator(cp, ns);
+    wait_marked(&admin, ns, "scan", 1).await;
+    wait_marked(&admin, ns, "recorded", 1).await;
+    assert_eq!(learned_runs(&admin, ns).await, Some(2), "each of the two attempts learned exactly once");
+}
+
+#[tokio::test]
+async fn a_retry_runs_only_while_what_was_spent_plus_the_estimate_fits_the_budget() {
+    let ns = "usage-durability-retry";
+    let (cp, admin, alice, bob) = setup(ns).await;
+    let _op = operator(cp, ns);
+    let mut job = manifest("scan");
+    job.spec.limits = Some(serde_json::from_value(json!({"maxRetries": 5})).unwrap());
+    let job = Api::<AgentJob>::namespaced(admin.clone(), ns).create(&PostParams::default(), &job).await.expect("create job");
+    vote(&alice, &job, "alice", Decision::Approve).await;
+    vote(&bob, &job, "bob", Decision::Approve).await;
+    let first = wait_for("attempt 1's Pod", TIMEOUT, || job_pods(&admin, ns, &job), |p: &Vec<Pod>| p.len() == 1).await;
+
+    // A cheap failure is retried.
+    finish_pod(&admin, ns, &first[0].name_any(), 1, &usage_report("gpt-4o-mini", 1000, 0, 100, json!(null))).await;
+    let second = wait_for("attempt 2's Pod", TIMEOUT, || job_pods(&admin, ns, &job), |p: &Vec<Pod>| p.len() == 2).await;
+    let second = second.iter().find(|p| p.labels().get("agentgate.dev/attempt").map(String::as_str) == Some("2")).expect("attempt 2");
+
+    // A failure that spent most of the $5 budget (40M input tokens at $0.15/M = $6) is not:
+    // another attempt would exceed it.
+    finish_pod(&admin, ns, &second.name_any(), 1, &usage_report("gpt-4o-mini", 40_000_000, 0, 0, json!(null))).await;
+    let failed = wait_for_job(&admin, ns, "scan", "Failed", |j| phase(j) == Some("Failed")).await;
+    let succeeded = condition(&failed, "Succeeded").expect("Succeeded condition");
+    assert_eq!(succeeded.reason, "BudgetExhausted", "{succeeded:?}");
+    assert!(succeeded.message.contains("budget.maxCostUSD $5"), "{}", succeeded.message);
+    let status = failed.status.unwrap();
+    assert_eq!(status.attempts.len(), 2, "no third attempt");
+    assert_eq!(status.usage.unwrap().input_tokens, 40_001_000, "both attempts' usage kept");
+    let attempts: BTreeSet<String> =
+        job_pods(&admin, ns, &job).await.iter().filter_map(|p| p.labels().get("agentgate.dev/attempt").cloned()).collect();
+    assert!(!attempts.contains("3"), "no third Pod: {attempts:?}");
+}
