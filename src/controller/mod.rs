@@ -4,6 +4,7 @@ pub mod access;
 pub mod agent_job;
 pub mod agent_tool;
 pub mod approval_vote;
+pub mod decode;
 pub mod discovery;
 pub mod estimator_store;
 pub mod events;
@@ -257,19 +258,25 @@ pub async fn run(
     let (tool_requeue, tool_requeue_rx) = mpsc::unbounded_channel();
     // Jobs entering or leaving Running requeue what waits on them, once the cache shows the change.
     let (jobs, jobs_writer) = reflector::store();
-    let job_stream = watcher(scoped::<AgentJob>(&client, &settings.namespace), wc.clone())
-        .default_backoff()
-        .modify(slim)
-        .inspect({
-            let (jobs, requeue, tool_requeue) = (jobs.clone(), requeue.clone(), tool_requeue.clone());
-            move |event| {
-                if let Ok(event) = event {
-                    agent_job::requeue_on_transition(&jobs, &requeue, &tool_requeue, event);
-                }
+    let events = events::EventQueue::start(events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok()));
+    let reporter = decode::Reporter { metrics: metrics.clone(), events: events.clone() };
+    let job_stream = decode::decoded_only(
+        watcher(scoped::<decode::Decoded<AgentJob>>(&client, &settings.namespace), wc.clone()),
+        jobs.clone(),
+        reporter.clone(),
+    )
+    .default_backoff()
+    .modify(slim)
+    .inspect({
+        let (jobs, requeue, tool_requeue) = (jobs.clone(), requeue.clone(), tool_requeue.clone());
+        move |event| {
+            if let Ok(event) = event {
+                agent_job::requeue_on_transition(&jobs, &requeue, &tool_requeue, event);
             }
-        })
-        .reflect(jobs_writer)
-        .applied_objects();
+        }
+    })
+    .reflect(jobs_writer)
+    .applied_objects();
     let controller_config = kube::runtime::controller::Config::default().concurrency(settings.max_concurrent_reconciles);
     let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone())
         .with_config(controller_config.clone())
@@ -279,7 +286,7 @@ pub async fn run(
     *metrics.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.tools.clone());
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
     let ctx = Arc::new(Context {
-        events: events::EventQueue::start(events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok())),
+        events,
         client: client.clone(),
         metrics,
         settings: settings.clone(),
@@ -306,17 +313,25 @@ pub async fn run(
         .modify(slim)
         .reflect(quotas_writer)
         .touched_objects();
-    let tool_stream = watcher(Api::<AgentTool>::all(client.clone()), wc.clone())
-        .default_backoff()
-        .modify(slim)
-        .reflect(tools_writer)
-        .touched_objects()
-        .inspect(poke(&discovery_trigger));
-    let vote_stream = watcher(scoped::<ApprovalVote>(&client, &settings.namespace), wc.clone())
-        .default_backoff()
-        .modify(slim)
-        .reflect(votes_writer)
-        .touched_objects();
+    let tool_stream = decode::decoded_only(
+        watcher(Api::<decode::Decoded<AgentTool>>::all(client.clone()), wc.clone()),
+        caches.tools.clone(),
+        reporter.clone(),
+    )
+    .default_backoff()
+    .modify(slim)
+    .reflect(tools_writer)
+    .touched_objects()
+    .inspect(poke(&discovery_trigger));
+    let vote_stream = decode::decoded_only(
+        watcher(scoped::<decode::Decoded<ApprovalVote>>(&client, &settings.namespace), wc.clone()),
+        caches.votes.clone(),
+        reporter.clone(),
+    )
+    .default_backoff()
+    .modify(slim)
+    .reflect(votes_writer)
+    .touched_objects();
 
     let jobs_for = caches.clone();
     let job_controller = job_controller
@@ -363,8 +378,14 @@ pub async fn run(
     // Like `Controller::new`, but its watch backs off on its own like every other trigger stream
     // (see `NoTriggerBackoff`).
     let (tool_controller_store, tool_controller_writer) = reflector::store();
-    let tool_self_stream =
-        watcher(Api::<AgentTool>::all(client.clone()), wc.clone()).default_backoff().reflect(tool_controller_writer).applied_objects();
+    let tool_self_stream = decode::decoded_only(
+        watcher(Api::<decode::Decoded<AgentTool>>::all(client.clone()), wc.clone()),
+        tool_controller_store.clone(),
+        reporter,
+    )
+    .default_backoff()
+    .reflect(tool_controller_writer)
+    .applied_objects();
     let tool_controller = kube::runtime::Controller::for_stream(tool_self_stream, tool_controller_store)
         .with_config(controller_config)
         .trigger_backoff(NoTriggerBackoff)
