@@ -201,7 +201,7 @@ impl Reporter {
                 ..Default::default()
             };
             let note = format!(
-                "The operator cannot read this object and ignores it until it changes: {}. Recreate it within the documented limits.",
+                "The operator cannot read this object and ignores it until it changes: {}. Recreate it within the documented limits, or run the operator version that wrote it.",
                 crate::domain::validate::bounded_to(&bad.error, 700)
             );
             self.events.try_record(&reference, kube::runtime::events::EventType::Warning, "Undecodable", note, "Decode");

@@ -1,0 +1,152 @@
+//! No object a tenant can store stops the operator (issue 18, section 1), on the real apiserver.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use agentgate::api::AgentJob;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use support::cluster::{add_node, agent_job, phase, wait_for, wait_for_job};
+use support::controlplane::{ControlPlane, OperatorProcess};
+
+const NS: &str = "isolation";
+
+fn job_spec() -> Value {
+    json!({"category": "core-security",
+           "agents": {"primary": {"name": "scanner", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"}},
+           "resources": {"cpu": "500m", "memory": "512Mi"}, "budget": {"maxCostUSD": "5.00"}})
+}
+
+fn dynamic_jobs(client: &Client) -> Api<DynamicObject> {
+    let gvk = GroupVersionKind::gvk("agentgate.dev", "v1alpha1", "AgentJob");
+    Api::namespaced_with(client.clone(), NS, &ApiResource::from_gvk_with_plural(&gvk, "agentjobs"))
+}
+
+fn nested(levels: usize) -> Value {
+    (0..levels).fold(json!(1), |v, _| json!({ "a": v }))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn scrape(port: u16) -> String {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// A job nested too deep for serde_json once its managedFields are counted, and a job whose
+/// status a newer operator version wrote (a phase this binary does not know), are both stored;
+/// an operator started afterwards reports each (log, Warning Event, metric) and serves the rest.
+#[tokio::test]
+async fn undecodable_jobs_are_reported_and_skipped_and_the_rest_are_served() {
+    let cp = ControlPlane::shared();
+    cp.namespace(NS).await;
+    let admin = cp.client("admin").await;
+    add_node(&admin, "isolation-node", "64", "256Gi", &[]).await;
+
+    // A newer version's CRD knows a phase this binary does not (this test binary has its own
+    // control plane, so widening the enum affects nobody else).
+    let crds = Api::<CustomResourceDefinition>::all(admin.clone());
+    let widen = json!([{"op": "add", "path": "/spec/versions/0/schema/openAPIV3Schema/properties/status/properties/phase/enum/-", "value": "Paused"}]);
+    crds.patch("agentjobs.agentgate.dev", &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(widen).unwrap()))
+        .await
+        .expect("widening the phase enum");
+
+    let jobs = dynamic_jobs(&admin);
+    let mut newer: DynamicObject = serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+        "metadata": {"name": "from-newer"}, "spec": job_spec()}))
+    .unwrap();
+    newer = jobs.create(&PostParams::default(), &newer).await.expect("creating from-newer");
+    let status = json!({"status": {"phase": "Paused"}});
+    let _ = wait_for(
+        "the apiserver to accept phase Paused",
+        Duration::from_secs(30),
+        || async { jobs.patch_status("from-newer", &PatchParams::default(), &Patch::Merge(&status)).await.map_err(|e| e.to_string()) },
+        |r| r.is_ok(),
+    )
+    .await;
+    drop(newer);
+
+    // The apiserver stores it; its answer (with managedFields) is itself too deep for kube's
+    // client to decode, so the result is read back with kubectl.
+    // `deep`: its managedFields pass the limit, not the job itself, which is served (and fails
+    // validation); `deeper`: the job itself passes it, and it is reported.
+    for (name, levels) in [("deep", 122), ("deeper", 140)] {
+        let mut spec = job_spec();
+        spec["input"] = nested(levels);
+        let job: DynamicObject = serde_json::from_value(
+            json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name}, "spec": spec}),
+        )
+        .unwrap();
+        let _ = jobs.create(&PostParams::default(), &job).await;
+        let out = cp.kubectl("admin", &["get", "agentjob", name, "-n", NS, "-o", "name"]);
+        assert!(out.status.success(), "{name} is stored: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let typed = Api::<AgentJob>::namespaced(admin.clone(), NS);
+    let whole_list = typed.list(&ListParams::default()).await;
+    assert!(whole_list.is_err(), "a plain list of jobs fails as one document: {whole_list:?}");
+
+    let port = free_port();
+    let operator = OperatorProcess::start(cp, &["--namespace", NS, "--metrics-addr", &format!("127.0.0.1:{port}")]);
+    typed.create(&PostParams::default(), &agent_job("served", job_spec(), json!({}))).await.expect("creating served");
+    wait_for_job(&admin, NS, "served", "served to be looked at", |j| phase(j) == Some("AwaitingApproval")).await;
+
+    let events = Api::<Event>::namespaced(admin.clone(), NS);
+    for name in ["deeper", "from-newer"] {
+        let found = wait_for(
+            &format!("a Warning Event Undecodable on {name}"),
+            Duration::from_secs(30),
+            || async { events.list(&ListParams::default()).await.expect("events").items },
+            |items: &Vec<Event>| {
+                items.iter().any(|e| {
+                    e.reason.as_deref() == Some("Undecodable") && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+                })
+            },
+        )
+        .await;
+        let note = found.iter().find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)).and_then(|e| e.note.clone());
+        eprintln!("{name}: {note:?}");
+        let log = std::fs::read_to_string(operator.log_path()).unwrap();
+        assert!(log.lines().any(|l| l.contains("does not decode") && l.contains(name)), "the log names {name}");
+    }
+    // `deep` gets its verdict: its status write succeeds though the answer is too deep to decode whole.
+    let out = wait_for(
+        "deep to be rejected by validation",
+        Duration::from_secs(30),
+        || async {
+            String::from_utf8_lossy(
+                &cp.kubectl(
+                    "admin",
+                    &[
+                        "get",
+                        "agentjob",
+                        "deep",
+                        "-n",
+                        NS,
+                        "-o",
+                        "jsonpath={.status.phase} {.status.conditions[?(@.type==\"Ready\")].message}",
+                    ],
+                )
+                .stdout,
+            )
+            .into_owned()
+        },
+        |out: &String| out.starts_with("Rejected"),
+    )
+    .await;
+    assert!(out.contains("deeper than"), "{out}");
+    let metrics = scrape(port);
+    let line = metrics.lines().find(|l| l.starts_with("agentgate_objects_undecodable_total{kind=\"AgentJob\"}")).unwrap_or_default();
+    let count: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    assert!(count >= 2.0, "metric: {line:?}");
+    eprintln!("{line}");
+}
