@@ -235,6 +235,34 @@ fn slim_pod(pod: &mut Pod) {
     }
 }
 
+/// Keeps of a Service what the operator reads: its identity, `agentgate.dev/` labels and
+/// annotations (discovery) and its ports (a tool's endpoint check). Every Service of the cluster
+/// is watched (a tool may name any), and a tenant's 250 KiB annotations must not be cached.
+fn slim_service(svc: &mut Service) {
+    use k8s_openapi::api::core::v1::ServiceSpec;
+    slim(svc);
+    let ours = |m: Option<std::collections::BTreeMap<String, String>>| {
+        m.map(|m| m.into_iter().filter(|(k, _)| k.starts_with("agentgate.dev/")).collect::<std::collections::BTreeMap<_, _>>())
+            .filter(|m| !m.is_empty())
+    };
+    svc.metadata.labels = ours(svc.metadata.labels.take());
+    svc.metadata.annotations = ours(svc.metadata.annotations.take());
+    svc.spec = svc.spec.take().map(|spec| ServiceSpec { ports: spec.ports, ..ServiceSpec::default() });
+    svc.status = None;
+}
+
+/// A vote's labels and annotations are never read (`snapshot::vote_view`), and a tenant may
+/// make them 256 KiB per vote.
+fn slim_vote(vote: &mut ApprovalVote) {
+    slim(vote);
+    vote.metadata.labels = None;
+    vote.metadata.annotations = None;
+}
+
+/// Objects per list request of the watches tenants can fill with big objects: a relist then
+/// holds a few MiB at a time, not every object of the cluster at once (kube's default is 500).
+const PAGE_SIZE: u32 = 50;
+
 /// Starts the watches and both controllers and runs until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -261,7 +289,7 @@ pub async fn run(
     let events = events::EventQueue::start(events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok()));
     let reporter = decode::Reporter { metrics: metrics.clone(), events: events.clone() };
     let job_stream = decode::decoded_only(
-        watcher(scoped::<decode::Decoded<AgentJob>>(&client, &settings.namespace), wc.clone()),
+        watcher(scoped::<decode::Decoded<AgentJob>>(&client, &settings.namespace), wc.clone().page_size(PAGE_SIZE)),
         jobs.clone(),
         reporter.clone(),
     )
@@ -324,12 +352,12 @@ pub async fn run(
     .touched_objects()
     .inspect(poke(&discovery_trigger));
     let vote_stream = decode::decoded_only(
-        watcher(scoped::<decode::Decoded<ApprovalVote>>(&client, &settings.namespace), wc.clone()),
+        watcher(scoped::<decode::Decoded<ApprovalVote>>(&client, &settings.namespace), wc.clone().page_size(PAGE_SIZE)),
         caches.votes.clone(),
         reporter.clone(),
     )
     .default_backoff()
-    .modify(slim)
+    .modify(slim_vote)
     .reflect(votes_writer)
     .touched_objects();
 
@@ -354,9 +382,9 @@ pub async fn run(
         .run(agent_job::reconcile, agent_job::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));
 
-    let service_stream = watcher(Api::<Service>::all(client.clone()), wc.clone())
+    let service_stream = watcher(Api::<Service>::all(client.clone()), wc.clone().page_size(PAGE_SIZE))
         .default_backoff()
-        .modify(slim)
+        .modify(slim_service)
         .reflect(services_writer)
         .touched_objects()
         .inspect(poke(&discovery_trigger));
