@@ -150,3 +150,56 @@ async fn undecodable_jobs_are_reported_and_skipped_and_the_rest_are_served() {
     assert!(count >= 2.0, "metric: {line:?}");
     eprintln!("{line}");
 }
+
+fn proc_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix(field)).and_then(|v| v.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+/// Services with 250 KiB of annotations each (a tenant's, not tools) do not stay in the
+/// operator's memory, and jobs keep being served. 400 Services (100 MiB of annotations), not
+/// the 2,000, keep this test near a minute on a shared 2-core machine.
+#[tokio::test]
+async fn big_services_are_not_cached_whole() {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Service;
+    const MEM_NS: &str = "isolation-memory";
+    const SERVICES: usize = 400;
+    let cp = ControlPlane::shared();
+    cp.namespace(MEM_NS).await;
+    let admin = cp.client("admin").await;
+    add_node(&admin, "isolation-memory-node", "64", "256Gi", &[]).await;
+    let services = Api::<Service>::namespaced(admin.clone(), MEM_NS);
+    let filler = "x".repeat(250 * 1024);
+    futures::stream::iter(0..SERVICES)
+        .map(|i| {
+            let services = services.clone();
+            let mut labels = json!({"team": "a"});
+            if i < 2 {
+                labels["agentgate.dev/tool"] = json!(format!("big-{i}"));
+            }
+            let svc: Service = serde_json::from_value(json!({"metadata": {"name": format!("big-{i}"), "labels": labels,
+                "annotations": {"note": filler, "agentgate.dev/rate-limit": "5"}},
+                "spec": {"clusterIP": "None", "ports": [{"name": "http", "port": 8080}]}}))
+            .unwrap();
+            async move { services.create(&PostParams::default(), &svc).await.map(|_| ()) }
+        })
+        .buffer_unordered(8)
+        .for_each(|r| {
+            r.expect("creating a Service");
+            std::future::ready(())
+        })
+        .await;
+
+    let operator = OperatorProcess::start(cp, &["--namespace", MEM_NS, "--metrics-addr", "127.0.0.1:0"]);
+    let typed = Api::<AgentJob>::namespaced(admin.clone(), MEM_NS);
+    typed.create(&PostParams::default(), &agent_job("served", job_spec(), json!({}))).await.expect("creating served");
+    wait_for_job(&admin, MEM_NS, "served", "served to be looked at", |j| phase(j) == Some("AwaitingApproval")).await;
+    // Served implies every cache synced, the Services' among them.
+    let log = std::fs::read_to_string(operator.log_path()).unwrap();
+    assert!(log.contains("watch caches synced"), "caches synced");
+    let (rss, hwm) = (proc_kib(operator.pid(), "VmRSS:"), proc_kib(operator.pid(), "VmHWM:"));
+    eprintln!("{SERVICES} Services with 250 KiB annotations ({} MiB): operator RSS {} MiB, peak {} MiB", SERVICES / 4, rss / 1024, hwm / 1024);
+    assert!(rss < 64 * 1024, "RSS {rss} KiB: the annotations are cached");
+    assert!(hwm < 128 * 1024, "peak RSS {hwm} KiB");
+}
