@@ -100,6 +100,13 @@ pub struct Tally {
     pub approvers: Vec<Approver>,
     pub rejected_by: Option<Approver>,
     pub ignored: Vec<IgnoredVote>,
+    /// What of `ignored` the job's status lists: each voter's first ignored vote, at most
+    /// [`MAX_IGNORED_LISTED`], then one line counting the rest. 5,000 junk votes naming a job
+    /// must not push its status toward etcd's object limit, nor each cost a vote status write.
+    pub listed: Vec<IgnoredVote>,
+    /// How many of `ignored` the tally itself ignored; later ones (voided, revoked) were counted
+    /// votes, one per voter at most, and are all listed.
+    pub tallied_ignored: usize,
     /// Groups of each counted approver, for rules that need a member of a certain group.
     pub approver_groups: BTreeMap<String, Vec<String>>,
 }
@@ -112,6 +119,24 @@ impl Tally {
 
     pub fn approved(&self) -> bool {
         self.rejected_by.is_none() && self.approvers.len() as i32 >= self.required
+    }
+
+    /// The ignored votes the job's status lists (see `listed`), with one line for the rest.
+    pub fn ignored_for_status(&self) -> Vec<IgnoredVote> {
+        let split = self.tallied_ignored.min(self.ignored.len());
+        let mut out = self.listed.clone();
+        out.extend(self.ignored[split..].iter().cloned());
+        let unlisted = split.saturating_sub(self.listed.len());
+        if unlisted > 0 {
+            out.push(IgnoredVote {
+                name: UNLISTED.into(),
+                why: format!(
+                    "{unlisted} more ignored vote(s) not listed: at most one per voter and {MAX_IGNORED_LISTED} in all are, \
+                     and only those get a verdict in their own status"
+                ),
+            });
+        }
+        out
     }
 
     /// What the vote's own status should say: counted or not, and why.
@@ -128,6 +153,12 @@ impl Tally {
     }
 }
 
+/// Ignored votes listed in a job's status, at most one per voter.
+pub const MAX_IGNORED_LISTED: usize = 32;
+/// The name of the line counting unlisted ignored votes: not a valid object name, so it never
+/// names a vote.
+pub const UNLISTED: &str = "(more)";
+
 /// Votes count in creation order; a voter's first valid vote is the one that counts.
 pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: &dyn Eligibility, voters: &VoterPolicy) -> Tally {
     let mut ordered: Vec<&VoteView> = votes.iter().filter(|v| v.job_name == job.name).collect();
@@ -135,6 +166,7 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
 
     let mut t = Tally { required, ..Tally::default() };
     let mut seen_voters: Vec<&str> = Vec::new();
+    let mut listed_voters: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
     let mut robot_votes = 0;
     for vote in ordered {
         let robot = VoterPolicy::service_account(&vote.voter);
@@ -162,6 +194,9 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
             eligibility.check(vote).err()
         };
         if let Some(why) = why_not {
+            if t.listed.len() < MAX_IGNORED_LISTED && listed_voters.insert(vote.voter.as_str()) {
+                t.listed.push(IgnoredVote { name: vote.name.clone(), why: why.clone() });
+            }
             t.ignored.push(IgnoredVote { name: vote.name.clone(), why });
             continue;
         }
@@ -178,6 +213,7 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
             Decision::Reject => {}
         }
     }
+    t.tallied_ignored = t.ignored.len();
     t
 }
 
