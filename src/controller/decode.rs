@@ -25,7 +25,7 @@ use serde_json::{Map, Value};
 
 /// An object as watched: decoded, or why not (with whatever metadata could be read).
 #[derive(Clone, Debug)]
-pub struct Decoded<K>(pub Result<K, Undecodable>);
+pub struct Decoded<K>(pub Result<K, Box<Undecodable>>);
 
 #[derive(Clone, Debug)]
 pub struct Undecodable {
@@ -41,7 +41,7 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Decoded<K> {
 }
 
 /// Decodes one object's JSON text without its managedFields.
-pub fn decode<K: DeserializeOwned>(text: &str) -> Result<K, Undecodable> {
+pub fn decode<K: DeserializeOwned>(text: &str) -> Result<K, Box<Undecodable>> {
     let undecodable = |error: String| {
         // Metadata is read on its own, so a name is known even when the rest is too deep or unknown.
         let metadata = serde_json::from_str::<MetadataOnly>(text)
@@ -49,7 +49,7 @@ pub fn decode<K: DeserializeOwned>(text: &str) -> Result<K, Undecodable> {
             .and_then(|m| m.metadata)
             .and_then(|m| serde_json::from_value::<ObjectMeta>(Value::Object(m.0)).ok())
             .unwrap_or_default();
-        Undecodable { error, metadata }
+        Box::new(Undecodable { error, metadata })
     };
     let value = serde_json::from_str::<WithoutManagedFields>(text).map_err(|e| undecodable(e.to_string()))?;
     K::deserialize(Value::Object(value.0)).map_err(|e| undecodable(e.to_string()))
@@ -239,10 +239,10 @@ where
             Ok(Event::Delete(Decoded(Ok(obj)))) => Some(Ok(Event::Delete(obj))),
             // During a relist the store is rebuilt from InitApply alone: leaving one out drops it.
             Ok(Event::InitApply(Decoded(Err(b)))) => {
-                bad(b);
+                bad(*b);
                 None
             }
-            Ok(Event::Apply(Decoded(Err(b))) | Event::Delete(Decoded(Err(b)))) => bad(b).map(Ok),
+            Ok(Event::Apply(Decoded(Err(b))) | Event::Delete(Decoded(Err(b)))) => bad(*b).map(Ok),
         };
         std::future::ready(event)
     })
