@@ -18,12 +18,14 @@ pub async fn record_verdicts(ctx: &Context, votes: &[Arc<ApprovalVote>], tally: 
         return;
     }
     // Only counted votes and those the job's status lists get a verdict: a flood of junk votes
-    // naming one job costs no write per vote (domain/tally.rs `listed`).
+    // naming one job costs no write per vote (domain/tally.rs `listed`). A vote whose status
+    // still says it counts is always corrected (at most one per voter counts).
     let listed: std::collections::HashSet<String> = tally.ignored_for_status().into_iter().map(|i| i.name).collect();
     let ignored: std::collections::HashSet<&str> = tally.ignored.iter().map(|i| i.name.as_str()).collect();
     let writes = votes.iter().filter_map(|vote| {
         let name = vote.name_any();
-        if ignored.contains(name.as_str()) && !listed.contains(&name) {
+        let said_counted = vote.status.as_ref().and_then(|s| s.counted) == Some(true);
+        if ignored.contains(name.as_str()) && !listed.contains(&name) && !said_counted {
             return None;
         }
         let (counted, message) = tally.verdict(&name);
