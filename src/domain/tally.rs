@@ -583,4 +583,23 @@ mod tests {
         let t = tally(&JOB, 1, &[stale, current], &verdicts, &VoterPolicy::default());
         assert!(t.approvers.is_empty(), "{t:#?}");
     }
+
+    /// 5,000 junk votes from 100 voters: the status lists 32, one per voter, and counts the rest.
+    #[test]
+    fn ignored_votes_are_listed_once_per_voter_and_capped() {
+        let mut votes: Vec<VoteView> =
+            (0..5000).map(|i| vote(&format!("junk-{i:04}"), &format!("eve-{}", i % 100), Approve, i64::from(i / 100))).collect();
+        votes.push(vote("v-alice", "alice", Approve, 100));
+        let t = tally(&JOB, 2, &votes, &Refuse(&[]), &VoterPolicy::default());
+        assert_eq!(t.ignored.len(), 4900, "every eve's second and later votes");
+        let listed = t.ignored_for_status();
+        assert_eq!(listed.len(), MAX_IGNORED_LISTED + 1);
+        // junk-N is eve-(N mod 100)'s.
+        let voters: std::collections::BTreeSet<u32> =
+            listed[..MAX_IGNORED_LISTED].iter().map(|i| i.name.trim_start_matches("junk-").parse::<u32>().unwrap() % 100).collect();
+        assert_eq!(voters.len(), MAX_IGNORED_LISTED);
+        assert_eq!(listed[MAX_IGNORED_LISTED].name, UNLISTED);
+        assert!(listed[MAX_IGNORED_LISTED].why.starts_with("4868 more ignored vote(s)"), "{}", listed[MAX_IGNORED_LISTED].why);
+        assert_eq!(t.approvers.len(), 101, "each voter's first vote still counts");
+    }
 }
