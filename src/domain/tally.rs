@@ -100,7 +100,8 @@ pub struct Tally {
     pub approvers: Vec<Approver>,
     pub rejected_by: Option<Approver>,
     pub ignored: Vec<IgnoredVote>,
-    /// What of `ignored` the job's status lists: each voter's first ignored vote, at most
+    /// What of `ignored` the job's status lists: one ignored vote per voter (their first on the
+    /// job's current uid and generation, else their first), at most
     /// [`MAX_IGNORED_LISTED`], then one line counting the rest. 5,000 junk votes naming a job
     /// must not push its status toward etcd's object limit, nor each cost a vote status write.
     pub listed: Vec<IgnoredVote>,
@@ -166,7 +167,9 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
 
     let mut t = Tally { required, ..Tally::default() };
     let mut seen_voters: Vec<&str> = Vec::new();
-    let mut listed_voters: std::collections::BTreeSet<&str> = std::collections::BTreeSet::new();
+    // Per voter, in order of their first ignored vote: that vote, and their first ignored vote
+    // on the job as it is now (the one the voter most likely wants explained).
+    let mut listing: Vec<(&str, IgnoredVote, Option<IgnoredVote>)> = Vec::new();
     let mut robot_votes = 0;
     for vote in ordered {
         let robot = VoterPolicy::service_account(&vote.voter);
@@ -194,8 +197,14 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
             eligibility.check(vote).err()
         };
         if let Some(why) = why_not {
-            if t.listed.len() < MAX_IGNORED_LISTED && listed_voters.insert(vote.voter.as_str()) {
-                t.listed.push(IgnoredVote { name: vote.name.clone(), why: why.clone() });
+            let entry = IgnoredVote { name: vote.name.clone(), why: why.clone() };
+            let on_current = vote.job_uid == job.uid && vote.job_generation == job.generation;
+            if let Some((_, _, current)) = listing.iter_mut().find(|(voter, _, _)| *voter == vote.voter.as_str()) {
+                if on_current && current.is_none() {
+                    *current = Some(entry);
+                }
+            } else if listing.len() < MAX_IGNORED_LISTED {
+                listing.push((&vote.voter, entry.clone(), on_current.then_some(entry)));
             }
             t.ignored.push(IgnoredVote { name: vote.name.clone(), why });
             continue;
@@ -214,6 +223,7 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
         }
     }
     t.tallied_ignored = t.ignored.len();
+    t.listed = listing.into_iter().map(|(_, first, current)| current.unwrap_or(first)).collect();
     t
 }
 
