@@ -12,6 +12,11 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub phase: String,
 }
@@ -94,6 +99,8 @@ pub struct Metrics {
     /// Identity admission policies or bindings missing or altered (controller/identity_policies.rs):
     /// while above 0 no vote counts.
     pub identity_policies_missing: Gauge,
+    /// Objects left out of a cache because they do not decode (controller/decode.rs), by kind.
+    pub objects_undecodable: Family<KindLabels, Counter>,
     /// The AgentTool cache, set once the controllers run: tool readiness is read from it at
     /// scrape time, so a deleted tool leaves no stale series behind.
     /// The current leadership term's tool cache (replaced when this replica leads again).
@@ -152,7 +159,14 @@ impl Default for Metrics {
             "Identity admission policies or bindings missing or not as shipped; while above 0 no vote counts",
             identity_policies_missing.clone(),
         );
+        let objects_undecodable = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "objects_undecodable",
+            "Objects left out of the operator's caches because they do not decode (too deep, or written by a newer version), by kind",
+            objects_undecodable.clone(),
+        );
         Metrics {
+            objects_undecodable,
             registry,
             jobs,
             reconciles,
@@ -175,6 +189,10 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    pub fn count_undecodable(&self, kind: &str) {
+        self.objects_undecodable.get_or_create(&KindLabels { kind: kind.to_string() }).inc();
+    }
+
     pub fn count_reconcile(&self, kind: &str, ok: bool) {
         let result = if ok { "ok" } else { "error" };
         self.reconciles.get_or_create(&ReconcileLabels { kind: kind.into(), result: result.into() }).inc();

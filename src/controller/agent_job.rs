@@ -404,9 +404,15 @@ async fn write_status(job: &AgentJob, ctx: &Context, status: &AgentJobStatus) ->
     body.metadata.uid = job.metadata.uid.clone();
     body.data = serde_json::json!({ "status": status });
     let params = PostParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PostParams::default() };
-    let written = api.replace_status(&job.name_any(), &params, &body).await?;
+    // Only the answer's metadata is decoded, and without managedFields: those of a job whose
+    // input nests deep pass serde_json's recursion limit (controller/decode.rs), and the write
+    // would seem to fail forever though it succeeded.
+    let request = kube::core::Request::new(api.resource_url())
+        .replace_subresource("status", &job.name_any(), &params, serde_json::to_vec(&body)?)
+        .map_err(kube::Error::BuildRequest)?;
+    let written: super::decode::Decoded<kube::core::PartialObjectMeta<AgentJob>> = ctx.client.request(request).await?;
     // A no-op update keeps the version, and the cache would then never move past it.
-    if written.resource_version() != job.resource_version() {
+    if written.meta().resource_version != job.resource_version() {
         ctx.status_writes.wrote_over(job.metadata.uid.as_deref().unwrap_or_default(), job.resource_version());
     }
     Ok(())

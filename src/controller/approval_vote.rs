@@ -17,8 +17,18 @@ pub async fn record_verdicts(ctx: &Context, votes: &[Arc<ApprovalVote>], tally: 
     if job.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_terminal() || p == JobPhase::Running) {
         return;
     }
+    // Only counted votes and those the job's status lists get a verdict: a flood of junk votes
+    // naming one job costs no write per vote (domain/tally.rs `listed`). A vote whose status
+    // still says it counts is always corrected (at most one per voter counts).
+    let listed: std::collections::HashSet<String> = tally.ignored_for_status().into_iter().map(|i| i.name).collect();
+    let ignored: std::collections::HashSet<&str> = tally.ignored.iter().map(|i| i.name.as_str()).collect();
     let writes = votes.iter().filter_map(|vote| {
-        let (counted, message) = tally.verdict(&vote.name_any());
+        let name = vote.name_any();
+        let said_counted = vote.status.as_ref().and_then(|s| s.counted) == Some(true);
+        if ignored.contains(name.as_str()) && !listed.contains(&name) && !said_counted {
+            return None;
+        }
+        let (counted, message) = tally.verdict(&name);
         let status = ApprovalVoteStatus { counted: Some(counted), message: Some(message), observed_generation: vote.metadata.generation };
         (vote.status.as_ref() != Some(&status)).then(|| write_verdict(ctx, vote, status))
     });

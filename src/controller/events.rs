@@ -160,6 +160,14 @@ impl EventQueue {
         // Fails only once the sender is gone, at shutdown.
         let _ = self.queue.send(pending).await;
     }
+
+    /// Like `record`, from code that cannot wait (a watch stream): dropped when the queue is full.
+    pub fn try_record(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String, action: &'static str) {
+        let pending = Pending { regarding: regarding.clone(), type_, reason: reason.into(), note, action, at: Timestamp::now() };
+        if self.queue.try_send(pending).is_err() {
+            tracing::warn!(object = ?regarding.name, reason, "Event dropped: the Event queue is full");
+        }
+    }
 }
 
 pub struct Publisher {

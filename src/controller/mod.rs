@@ -4,6 +4,7 @@ pub mod access;
 pub mod agent_job;
 pub mod agent_tool;
 pub mod approval_vote;
+pub mod decode;
 pub mod discovery;
 pub mod estimator_store;
 pub mod events;
@@ -220,6 +221,34 @@ fn slim_pod(pod: &mut Pod) {
     }
 }
 
+/// Keeps of a Service what the operator reads: its identity, `agentgate.dev/` labels and
+/// annotations (discovery) and its ports (a tool's endpoint check). Every Service of the cluster
+/// is watched (a tool may name any), and a tenant's 250 KiB annotations must not be cached.
+fn slim_service(svc: &mut Service) {
+    use k8s_openapi::api::core::v1::ServiceSpec;
+    slim(svc);
+    let ours = |m: Option<std::collections::BTreeMap<String, String>>| {
+        m.map(|m| m.into_iter().filter(|(k, _)| k.starts_with("agentgate.dev/")).collect::<std::collections::BTreeMap<_, _>>())
+            .filter(|m| !m.is_empty())
+    };
+    svc.metadata.labels = ours(svc.metadata.labels.take());
+    svc.metadata.annotations = ours(svc.metadata.annotations.take());
+    svc.spec = svc.spec.take().map(|spec| ServiceSpec { ports: spec.ports, ..ServiceSpec::default() });
+    svc.status = None;
+}
+
+/// A vote's labels and annotations are never read (`snapshot::vote_view`), and a tenant may
+/// make them 256 KiB per vote.
+fn slim_vote(vote: &mut ApprovalVote) {
+    slim(vote);
+    vote.metadata.labels = None;
+    vote.metadata.annotations = None;
+}
+
+/// Objects per list request of the watches tenants can fill with big objects: a relist then
+/// holds a few MiB at a time, not every object of the cluster at once (kube's default is 500).
+const PAGE_SIZE: u32 = 50;
+
 /// Starts the watches and both controllers and runs until `shutdown` resolves.
 pub async fn run(
     client: Client,
@@ -243,19 +272,25 @@ pub async fn run(
     let (tool_requeue, tool_requeue_rx) = mpsc::unbounded_channel();
     // Jobs entering or leaving Running requeue what waits on them, once the cache shows the change.
     let (jobs, jobs_writer) = reflector::store();
-    let job_stream = watcher(scoped::<AgentJob>(&client, &settings.namespace), wc.clone())
-        .default_backoff()
-        .modify(slim)
-        .inspect({
-            let (jobs, requeue, tool_requeue) = (jobs.clone(), requeue.clone(), tool_requeue.clone());
-            move |event| {
-                if let Ok(event) = event {
-                    agent_job::requeue_on_transition(&jobs, &requeue, &tool_requeue, event);
-                }
+    let events = events::EventQueue::start(events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok()));
+    let reporter = decode::Reporter { metrics: metrics.clone(), events: events.clone() };
+    let job_stream = decode::decoded_only(
+        watcher(scoped::<decode::Decoded<AgentJob>>(&client, &settings.namespace), wc.clone().page_size(PAGE_SIZE)),
+        jobs.clone(),
+        reporter.clone(),
+    )
+    .default_backoff()
+    .modify(slim)
+    .inspect({
+        let (jobs, requeue, tool_requeue) = (jobs.clone(), requeue.clone(), tool_requeue.clone());
+        move |event| {
+            if let Ok(event) = event {
+                agent_job::requeue_on_transition(&jobs, &requeue, &tool_requeue, event);
             }
-        })
-        .reflect(jobs_writer)
-        .applied_objects();
+        }
+    })
+    .reflect(jobs_writer)
+    .applied_objects();
     let controller_config = kube::runtime::controller::Config::default().concurrency(settings.max_concurrent_reconciles);
     let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone())
         .with_config(controller_config.clone())
@@ -265,7 +300,7 @@ pub async fn run(
     *metrics.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.tools.clone());
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
     let ctx = Arc::new(Context {
-        events: events::EventQueue::start(events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok())),
+        events,
         client: client.clone(),
         metrics,
         settings: settings.clone(),
@@ -294,17 +329,25 @@ pub async fn run(
         .modify(slim)
         .reflect(quotas_writer)
         .touched_objects();
-    let tool_stream = watcher(Api::<AgentTool>::all(client.clone()), wc.clone())
-        .default_backoff()
-        .modify(slim)
-        .reflect(tools_writer)
-        .touched_objects()
-        .inspect(poke(&discovery_trigger));
-    let vote_stream = watcher(scoped::<ApprovalVote>(&client, &settings.namespace), wc.clone())
-        .default_backoff()
-        .modify(slim)
-        .reflect(votes_writer)
-        .touched_objects();
+    let tool_stream = decode::decoded_only(
+        watcher(Api::<decode::Decoded<AgentTool>>::all(client.clone()), wc.clone()),
+        caches.tools.clone(),
+        reporter.clone(),
+    )
+    .default_backoff()
+    .modify(slim)
+    .reflect(tools_writer)
+    .touched_objects()
+    .inspect(poke(&discovery_trigger));
+    let vote_stream = decode::decoded_only(
+        watcher(scoped::<decode::Decoded<ApprovalVote>>(&client, &settings.namespace), wc.clone().page_size(PAGE_SIZE)),
+        caches.votes.clone(),
+        reporter.clone(),
+    )
+    .default_backoff()
+    .modify(slim_vote)
+    .reflect(votes_writer)
+    .touched_objects();
 
     let jobs_for = caches.clone();
     let job_controller = job_controller
@@ -333,9 +376,9 @@ pub async fn run(
         .run(agent_job::reconcile, agent_job::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));
 
-    let service_stream = watcher(Api::<Service>::all(client.clone()), wc.clone())
+    let service_stream = watcher(Api::<Service>::all(client.clone()), wc.clone().page_size(PAGE_SIZE))
         .default_backoff()
-        .modify(slim)
+        .modify(slim_service)
         .reflect(services_writer)
         .touched_objects()
         .inspect(poke(&discovery_trigger));
@@ -357,8 +400,14 @@ pub async fn run(
     // Like `Controller::new`, but its watch backs off on its own like every other trigger stream
     // (see `NoTriggerBackoff`).
     let (tool_controller_store, tool_controller_writer) = reflector::store();
-    let tool_self_stream =
-        watcher(Api::<AgentTool>::all(client.clone()), wc.clone()).default_backoff().reflect(tool_controller_writer).applied_objects();
+    let tool_self_stream = decode::decoded_only(
+        watcher(Api::<decode::Decoded<AgentTool>>::all(client.clone()), wc.clone()),
+        tool_controller_store.clone(),
+        reporter,
+    )
+    .default_backoff()
+    .reflect(tool_controller_writer)
+    .applied_objects();
     let tool_controller = kube::runtime::Controller::for_stream(tool_self_stream, tool_controller_store)
         .with_config(controller_config)
         .trigger_backoff(NoTriggerBackoff)

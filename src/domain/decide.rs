@@ -446,7 +446,7 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
         summary: format!("{}/{}", t.approvers.len(), need.required),
         approvers: t.approvers.clone(),
         rejected_by: t.rejected_by.as_ref().map(|r| r.voter.clone()),
-        ignored_votes: t.ignored.clone(),
+        ignored_votes: t.ignored_for_status(),
     });
     let r = o.readiness;
     s.checks = r.checks.clone();

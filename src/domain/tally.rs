@@ -100,6 +100,14 @@ pub struct Tally {
     pub approvers: Vec<Approver>,
     pub rejected_by: Option<Approver>,
     pub ignored: Vec<IgnoredVote>,
+    /// What of `ignored` the job's status lists: one ignored vote per voter (their first on the
+    /// job's current uid and generation, else their first), at most
+    /// [`MAX_IGNORED_LISTED`], then one line counting the rest. 5,000 junk votes naming a job
+    /// must not push its status toward etcd's object limit, nor each cost a vote status write.
+    pub listed: Vec<IgnoredVote>,
+    /// How many of `ignored` the tally itself ignored; later ones (voided, revoked) were counted
+    /// votes, one per voter at most, and are all listed.
+    pub tallied_ignored: usize,
     /// Groups of each counted approver, for rules that need a member of a certain group.
     pub approver_groups: BTreeMap<String, Vec<String>>,
 }
@@ -112,6 +120,24 @@ impl Tally {
 
     pub fn approved(&self) -> bool {
         self.rejected_by.is_none() && self.approvers.len() as i32 >= self.required
+    }
+
+    /// The ignored votes the job's status lists (see `listed`), with one line for the rest.
+    pub fn ignored_for_status(&self) -> Vec<IgnoredVote> {
+        let split = self.tallied_ignored.min(self.ignored.len());
+        let mut out = self.listed.clone();
+        out.extend(self.ignored[split..].iter().cloned());
+        let unlisted = split.saturating_sub(self.listed.len());
+        if unlisted > 0 {
+            out.push(IgnoredVote {
+                name: UNLISTED.into(),
+                why: format!(
+                    "{unlisted} more ignored vote(s) not listed: at most one per voter and {MAX_IGNORED_LISTED} in all are, \
+                     and only those get a verdict in their own status"
+                ),
+            });
+        }
+        out
     }
 
     /// What the vote's own status should say: counted or not, and why.
@@ -128,6 +154,12 @@ impl Tally {
     }
 }
 
+/// Ignored votes listed in a job's status, at most one per voter.
+pub const MAX_IGNORED_LISTED: usize = 32;
+/// The name of the line counting unlisted ignored votes: not a valid object name, so it never
+/// names a vote.
+pub const UNLISTED: &str = "(more)";
+
 /// Votes count in creation order; a voter's first valid vote is the one that counts.
 pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: &dyn Eligibility, voters: &VoterPolicy) -> Tally {
     let mut ordered: Vec<&VoteView> = votes.iter().filter(|v| v.job_name == job.name).collect();
@@ -135,6 +167,9 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
 
     let mut t = Tally { required, ..Tally::default() };
     let mut seen_voters: Vec<&str> = Vec::new();
+    // Per voter, in order of their first ignored vote: that vote, and their first ignored vote
+    // on the job as it is now (the one the voter most likely wants explained).
+    let mut listing: Vec<(&str, IgnoredVote, Option<IgnoredVote>)> = Vec::new();
     let mut robot_votes = 0;
     for vote in ordered {
         let robot = VoterPolicy::service_account(&vote.voter);
@@ -162,6 +197,15 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
             eligibility.check(vote).err()
         };
         if let Some(why) = why_not {
+            let entry = IgnoredVote { name: vote.name.clone(), why: why.clone() };
+            let on_current = vote.job_uid == job.uid && vote.job_generation == job.generation;
+            if let Some((_, _, current)) = listing.iter_mut().find(|(voter, _, _)| *voter == vote.voter.as_str()) {
+                if on_current && current.is_none() {
+                    *current = Some(entry);
+                }
+            } else if listing.len() < MAX_IGNORED_LISTED {
+                listing.push((&vote.voter, entry.clone(), on_current.then_some(entry)));
+            }
             t.ignored.push(IgnoredVote { name: vote.name.clone(), why });
             continue;
         }
@@ -178,6 +222,8 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
             Decision::Reject => {}
         }
     }
+    t.tallied_ignored = t.ignored.len();
+    t.listed = listing.into_iter().map(|(_, first, current)| current.unwrap_or(first)).collect();
     t
 }
 
@@ -546,5 +592,24 @@ mod tests {
             HeadVerdicts(BTreeMap::from([("v-old".to_string(), Ok(())), ("v-now".to_string(), Err("alice is not a head".to_string()))]));
         let t = tally(&JOB, 1, &[stale, current], &verdicts, &VoterPolicy::default());
         assert!(t.approvers.is_empty(), "{t:#?}");
+    }
+
+    /// 5,000 junk votes from 100 voters: the status lists 32, one per voter, and counts the rest.
+    #[test]
+    fn ignored_votes_are_listed_once_per_voter_and_capped() {
+        let mut votes: Vec<VoteView> =
+            (0..5000).map(|i| vote(&format!("junk-{i:04}"), &format!("eve-{}", i % 100), Approve, i64::from(i / 100))).collect();
+        votes.push(vote("v-alice", "alice", Approve, 100));
+        let t = tally(&JOB, 2, &votes, &Refuse(&[]), &VoterPolicy::default());
+        assert_eq!(t.ignored.len(), 4900, "every eve's second and later votes");
+        let listed = t.ignored_for_status();
+        assert_eq!(listed.len(), MAX_IGNORED_LISTED + 1);
+        // junk-N is eve-(N mod 100)'s.
+        let voters: std::collections::BTreeSet<u32> =
+            listed[..MAX_IGNORED_LISTED].iter().map(|i| i.name.trim_start_matches("junk-").parse::<u32>().unwrap() % 100).collect();
+        assert_eq!(voters.len(), MAX_IGNORED_LISTED);
+        assert_eq!(listed[MAX_IGNORED_LISTED].name, UNLISTED);
+        assert!(listed[MAX_IGNORED_LISTED].why.starts_with("4868 more ignored vote(s)"), "{}", listed[MAX_IGNORED_LISTED].why);
+        assert_eq!(t.approvers.len(), 101, "each voter's first vote still counts");
     }
 }
