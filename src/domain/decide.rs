@@ -97,6 +97,22 @@ pub struct Plan {
     pub events: Vec<PlannedEvent>,
 }
 
+/// A new Running attempt of `job`, with the Pods it has one per agent.
+pub fn running_attempt(job: &AgentJob, attempt: i32, generation: i64, now: &Time) -> Attempt {
+    let job_name = job.metadata.name.as_deref().unwrap_or_default();
+    Attempt {
+        attempt,
+        generation,
+        pods: agent_names(&job.spec).iter().map(|a| super::pod_builder::pod_name(job_name, a, attempt)).collect(),
+        start_time: Some(now.clone()),
+        completion_time: None,
+        result: AttemptResult::Running,
+        message: None,
+        usage: None,
+        learned: false,
+    }
+}
+
 pub fn approvals_required(spec: &AgentJobSpec, floor: i32) -> i32 {
     spec.approval.as_ref().and_then(|a| a.required).unwrap_or(floor).max(floor)
 }
@@ -551,18 +567,7 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
     }
 
     let next = s.attempts.last().map(|a| a.attempt).unwrap_or(0) + 1;
-    let job_name = job.metadata.name.as_deref().unwrap_or_default();
-    s.attempts.push(Attempt {
-        attempt: next,
-        generation,
-        pods: agent_names(spec).iter().map(|a| super::pod_builder::pod_name(job_name, a, next)).collect(),
-        start_time: Some(o.now.clone()),
-        completion_time: None,
-        result: AttemptResult::Running,
-        message: None,
-        usage: None,
-        learned: false,
-    });
+    s.attempts.push(running_attempt(job, next, generation, &o.now));
     s.phase = Some(JobPhase::Running);
     s.start_time.get_or_insert_with(|| o.now.clone());
     remove_condition(&mut s.conditions, condition::SPEC_CHANGE_PENDING);

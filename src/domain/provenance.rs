@@ -5,10 +5,10 @@
 //! a_forged_status_attempt_starts_nothing).
 
 use super::approval_policy::requirement;
-use super::decide::{Observed, Plan, PlannedEvent, agent_names, estimate_input};
+use super::decide::{Observed, Plan, PlannedEvent, estimate_input};
 use super::estimate::estimate;
 use super::tally::Tally;
-use crate::api::{AgentJobStatus, Attempt, AttemptResult};
+use crate::api::{AgentJobStatus, AttemptResult};
 
 /// The current votes tallied for `generation`: the reconciler tallies every generation an
 /// attempt or a Pod names.
@@ -44,7 +44,6 @@ pub fn adopt_unrecorded_attempts(s: &mut AgentJobStatus, plan: &mut Plan, o: &Ob
     // the status write was refused. Pods of older versions lack that: the generation last decided
     // on is the best guess.
     let decided_on = o.job.status.as_ref().and_then(|st| st.observed_generation).unwrap_or(generation);
-    let job_name = o.job.metadata.name.as_deref().unwrap_or_default();
     for attempt in recorded + 1..=newest {
         let built_from = o.pods.iter().filter(|p| p.attempt == attempt).find_map(|p| p.generation).unwrap_or(decided_on);
         if !approved_by_current_votes(o, built_from) {
@@ -60,17 +59,7 @@ pub fn adopt_unrecorded_attempts(s: &mut AgentJobStatus, plan: &mut Plan, o: &Ob
             });
             return;
         }
-        s.attempts.push(Attempt {
-            attempt,
-            generation: built_from,
-            pods: agent_names(&o.job.spec).iter().map(|agent| super::pod_builder::pod_name(job_name, agent, attempt)).collect(),
-            start_time: Some(o.now.clone()),
-            completion_time: None,
-            result: AttemptResult::Running,
-            message: None,
-            usage: None,
-            learned: false,
-        });
+        s.attempts.push(super::decide::running_attempt(o.job, attempt, built_from, &o.now));
     }
 }
 

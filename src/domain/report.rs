@@ -130,23 +130,29 @@ pub fn price_usage(per_model: &BTreeMap<String, TokenCounts>, prices: &PriceTabl
             }
         };
         total_cost = total_cost.saturating_add(cost);
-        usage.input_tokens += tokens.input;
-        usage.cached_input_tokens += tokens.cached_input;
-        usage.output_tokens += tokens.output;
-        usage.models.push(ModelUsage {
-            model: model.clone(),
-            input_tokens: tokens.input,
-            cached_input_tokens: tokens.cached_input,
-            output_tokens: tokens.output,
-            cost_usd: cost.to_string(),
-        });
+        add_model_usage(&mut usage, model, tokens, cost);
     }
-    usage.total_tokens = usage.input_tokens + usage.cached_input_tokens + usage.output_tokens;
     usage.cost_usd = total_cost.to_string();
     (usage, unpriced)
 }
 
 /// Adds per-model token counts of `more` into `into`.
+/// Adds one model's priced tokens to `usage`: its line in `models` and the totals. Shared by the
+/// operator (agent reports) and the meter (measured at the wire), so both write the same shape.
+pub fn add_model_usage(usage: &mut Usage, model: &str, tokens: &TokenCounts, cost: MicroUsd) {
+    usage.input_tokens += tokens.input;
+    usage.cached_input_tokens += tokens.cached_input;
+    usage.output_tokens += tokens.output;
+    usage.total_tokens = usage.input_tokens + usage.cached_input_tokens + usage.output_tokens;
+    usage.models.push(ModelUsage {
+        model: model.to_string(),
+        input_tokens: tokens.input,
+        cached_input_tokens: tokens.cached_input,
+        output_tokens: tokens.output,
+        cost_usd: cost.to_string(),
+    });
+}
+
 pub fn accumulate(into: &mut BTreeMap<String, TokenCounts>, more: &BTreeMap<String, TokenCounts>) {
     for (model, tokens) in more {
         let entry = into.entry(model.clone()).or_default();

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::api::{ModelUsage, Usage};
+use crate::api::Usage;
 use crate::domain::money::MicroUsd;
 use crate::domain::pricing::{ModelPrice, PerMillion, TokenCounts};
 
@@ -203,18 +203,8 @@ impl Ledger {
         let state = self.lock();
         let mut usage = Usage { cost_usd: state.spent.to_string(), ..Usage::default() };
         for (model, (tokens, cost)) in &state.models {
-            usage.input_tokens += tokens.input;
-            usage.cached_input_tokens += tokens.cached_input;
-            usage.output_tokens += tokens.output;
-            usage.models.push(ModelUsage {
-                model: model.clone(),
-                input_tokens: tokens.input,
-                cached_input_tokens: tokens.cached_input,
-                output_tokens: tokens.output,
-                cost_usd: cost.to_string(),
-            });
+            crate::domain::report::add_model_usage(&mut usage, model, tokens, *cost);
         }
-        usage.total_tokens = usage.input_tokens + usage.cached_input_tokens + usage.output_tokens;
         Snapshot {
             usage,
             budget_usd: state.budget.map(|b| b.to_string()),
