@@ -129,7 +129,8 @@ async fn learned_runs(admin: &Client, ns: &str) -> Option<u64> {
     use k8s_openapi::api::core::v1::ConfigMap;
     let cm = Api::<ConfigMap>::namespaced(admin.clone(), ns).get_opt("agentgate-estimator").await.expect("get ConfigMap")?;
     let state: serde_json::Value = serde_json::from_str(cm.data?.get("state.json")?).ok()?;
-    state["jobTypes"]["durability_scan"]["n"].as_u64()
+    // Estimator state v3: jobType → namespace → statistics.
+    state["jobTypes"]["durability_scan"][ns]["n"].as_u64()
 }
 
 async fn wait_marked(admin: &Client, ns: &str, name: &str, attempts: usize) -> AgentJob {
