@@ -245,9 +245,15 @@ fn slim_vote(vote: &mut ApprovalVote) {
     vote.metadata.annotations = None;
 }
 
-/// Objects per list request of the watches tenants can fill with big objects: a relist then
-/// holds a few MiB at a time, not every object of the cluster at once (kube's default is 500).
-const PAGE_SIZE: u32 = 50;
+/// Services per list request: a relist holds a few MiB of (possibly huge) Services at a time, not
+/// all of the cluster's at once (tests/isolation.rs: 400 Services of 250 KiB, RSS 60 MiB paged,
+/// 120 MiB with kube's default of 500).
+///
+/// Jobs and votes are not paged: pages of 50 lost ApprovalVotes created while the apiserver
+/// restarted, and their jobs stayed at 0/2 for good (tests/restarts.rs
+/// an_apiserver_restart_mid_burst..., failed 2 runs of 2, passes 2 of 2 unpaged). Not understood
+/// yet; do not page those watches until it is.
+const SERVICE_PAGE_SIZE: u32 = 50;
 
 /// Starts the watches and both controllers and runs until `shutdown` resolves.
 pub async fn run(
@@ -275,7 +281,7 @@ pub async fn run(
     let events = events::EventQueue::start(events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok()));
     let reporter = decode::Reporter { metrics: metrics.clone(), events: events.clone() };
     let job_stream = decode::decoded_only(
-        watcher(scoped::<decode::Decoded<AgentJob>>(&client, &settings.namespace), wc.clone().page_size(PAGE_SIZE)),
+        watcher(scoped::<decode::Decoded<AgentJob>>(&client, &settings.namespace), wc.clone()),
         jobs.clone(),
         reporter.clone(),
     )
@@ -340,7 +346,7 @@ pub async fn run(
     .touched_objects()
     .inspect(poke(&discovery_trigger));
     let vote_stream = decode::decoded_only(
-        watcher(scoped::<decode::Decoded<ApprovalVote>>(&client, &settings.namespace), wc.clone().page_size(PAGE_SIZE)),
+        watcher(scoped::<decode::Decoded<ApprovalVote>>(&client, &settings.namespace), wc.clone()),
         caches.votes.clone(),
         reporter.clone(),
     )
@@ -376,7 +382,7 @@ pub async fn run(
         .run(agent_job::reconcile, agent_job::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));
 
-    let service_stream = watcher(Api::<Service>::all(client.clone()), wc.clone().page_size(PAGE_SIZE))
+    let service_stream = watcher(Api::<Service>::all(client.clone()), wc.clone().page_size(SERVICE_PAGE_SIZE))
         .default_backoff()
         .modify(slim_service)
         .reflect(services_writer)
