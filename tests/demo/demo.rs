@@ -72,6 +72,17 @@ async fn main() -> anyhow::Result<()> {
     kubectl(cp, &["get", "agentjobs,agenttools,approvalvotes", "-A"]);
     step("Estimated against actual cost");
     print_cost_table(&admin).await?;
+    step("Why each job ended (its Ready condition)");
+    kubectl(
+        cp,
+        &[
+            "get",
+            "agentjobs",
+            "-A",
+            "-o",
+            "custom-columns=NAMESPACE:.metadata.namespace,JOB:.metadata.name,REASON:.status.conditions[?(@.type==\"Ready\")].reason,MESSAGE:.status.conditions[?(@.type==\"Ready\")].message",
+        ],
+    );
     kubectl(cp, &["get", "pods", "-A", "-l", "app.kubernetes.io/managed-by=agentgate"]);
     println!("\nDone. Everything started by the demo stops now.");
     drop(operator);
