@@ -62,14 +62,7 @@ async fn user(name: &str) -> Client {
 /// A job created by `author` (stamped as its requester by the admission policy), one agent
 /// named `agent`, so its first Pod is `<name>-agent-1`.
 async fn create_job(author: &str, ns: &str, name: &str) -> AgentJob {
-    let job = agent_job(
-        name,
-        json!({"category": "payments",
-               "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
-               "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "5"}}),
-        json!({}),
-    );
-    Api::<AgentJob>::namespaced(user(author).await, ns).create(&PostParams::default(), &job).await.expect("create job")
+    create_payments_job(&user(author).await, ns, name).await
 }
 
 async fn awaiting_approval(admin: &Client, ns: &str, name: &str) -> AgentJob {

@@ -47,14 +47,7 @@ fn metric(port: u16, name: &str) -> Option<f64> {
 }
 
 async fn create_job(client: &Client, name: &str) -> AgentJob {
-    let job = agent_job(
-        name,
-        json!({"category": "payments",
-               "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
-               "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "5"}}),
-        json!({}),
-    );
-    Api::<AgentJob>::namespaced(client.clone(), NS).create(&PostParams::default(), &job).await.expect("create job")
+    create_payments_job(client, NS, name).await
 }
 
 /// A vote by `voter` claiming the groups the admission policy would stamp anyway (so without the

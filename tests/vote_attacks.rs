@@ -43,14 +43,7 @@ async fn user(name: &str) -> Client {
 
 /// A job created by `author` (the admission policy stamps them as its requester).
 async fn create_job(author: &str, ns: &str, name: &str) -> AgentJob {
-    let job = agent_job(
-        name,
-        json!({"category": "payments",
-               "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
-               "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "5"}}),
-        json!({}),
-    );
-    Api::<AgentJob>::namespaced(user(author).await, ns).create(&PostParams::default(), &job).await.expect("create job")
+    create_payments_job(&user(author).await, ns, name).await
 }
 
 fn vote_object(name: &str, job_name: &str, uid: &str, generation: i64, voter: &str, groups: Value) -> ApprovalVote {

@@ -188,3 +188,16 @@ fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
         (b, p) => *b = p,
     }
 }
+
+/// A one-agent job of category `payments` (agent `agent`, so its first Pod is `<name>-agent-1`),
+/// created by `author`'s client: the admission policy stamps them as its requester.
+pub async fn create_payments_job(author: &Client, namespace: &str, name: &str) -> AgentJob {
+    let job = agent_job(
+        name,
+        json!({"category": "payments",
+               "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
+               "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "5"}}),
+        json!({}),
+    );
+    Api::<AgentJob>::namespaced(author.clone(), namespace).create(&PostParams::default(), &job).await.expect("create job")
+}
