@@ -115,7 +115,8 @@ impl ControlPlane {
     pub fn token_kubeconfig(&self, name: &str, token: &str, namespace: &str) -> PathBuf {
         let path = self.dir.join(format!("{name}.kubeconfig"));
         let ca = self.dir.join("pki/apiserver.crt");
-        fs::write(&path, kubeconfig_yaml(&self.server, &ca, name, token, Some(namespace))).expect("writing a kubeconfig");
+        fs::write(&path, kubeconfig_yaml(&self.server, &ca, name, &format!("token: {token}"), Some(namespace)))
+            .expect("writing a kubeconfig");
         path
     }
 
@@ -249,7 +250,8 @@ impl ControlPlane {
         let ca = cert_dir.join("apiserver.crt");
         for (user, token) in &tokens {
             let path = dir.join(format!("{user}.kubeconfig"));
-            fs::write(&path, kubeconfig_yaml(&server, &ca, user, token, None)).with_context(|| format!("writing {}", path.display()))?;
+            fs::write(&path, kubeconfig_yaml(&server, &ca, user, &format!("token: {token}"), None))
+                .with_context(|| format!("writing {}", path.display()))?;
         }
 
         let control_plane = ControlPlane { dir, bin_dir, server, tokens, etcd: Mutex::new(etcd), apiserver: Mutex::new(apiserver) };
@@ -719,7 +721,9 @@ fn random_token() -> Result<String> {
     Ok(bytes.iter().map(|byte| format!("{byte:02x}")).collect())
 }
 
-fn kubeconfig_yaml(server: &str, ca: &Path, user: &str, token: &str, namespace: Option<&str>) -> String {
+/// A kubeconfig for `user` of the test apiserver; `credentials` are the lines under `user:`
+/// (`token: …`, or `client-certificate: …` and `client-key: …` indented by four spaces).
+pub fn kubeconfig_yaml(server: &str, ca: &Path, user: &str, credentials: &str, namespace: Option<&str>) -> String {
     let namespace = namespace.map(|ns| format!("\n    namespace: {ns}")).unwrap_or_default();
     format!(
         "apiVersion: v1
@@ -732,7 +736,7 @@ clusters:
 users:
 - name: {user}
   user:
-    token: {token}
+    {credentials}
 contexts:
 - name: {user}
   context:

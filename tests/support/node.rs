@@ -581,29 +581,9 @@ fn make_pki(pki: &Path) -> Result<()> {
 }
 
 fn write_cert_kubeconfig(path: &Path, server: &str, ca: &Path, pki: &Path, name: &str) -> Result<()> {
-    let yaml = format!(
-        "apiVersion: v1
-kind: Config
-clusters:
-- name: agentgate-test
-  cluster:
-    server: {server}
-    certificate-authority: {ca}
-users:
-- name: {name}
-  user:
-    client-certificate: {pki}/{name}.crt
-    client-key: {pki}/{name}.key
-contexts:
-- name: {name}
-  context:
-    cluster: agentgate-test
-    user: {name}
-current-context: {name}
-",
-        ca = ca.display(),
-        pki = pki.display()
-    );
+    let pki = pki.display();
+    let credentials = format!("client-certificate: {pki}/{name}.crt\n    client-key: {pki}/{name}.key");
+    let yaml = super::controlplane::kubeconfig_yaml(server, ca, name, &credentials, None);
     fs::write(path, yaml).with_context(|| format!("writing {}", path.display()))
 }
 
