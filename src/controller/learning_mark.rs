@@ -27,6 +27,9 @@ pub async fn learn_stored(job: &AgentJob, ctx: &Context, stored: &AgentJobStatus
         return;
     }
     let mut learned = false;
+    // One copy of the prices for every pending attempt, for learning and the counters' labels.
+    let prices = ctx.prices.read().await.clone();
+    let namespace = job.namespace().unwrap_or_default();
     for &i in &pending {
         let attempt = &stored.attempts[i];
         let Some(usage) = &attempt.usage else { continue };
@@ -35,14 +38,12 @@ pub async fn learn_stored(job: &AgentJob, ctx: &Context, stored: &AgentJobStatus
         if attempt.result == AttemptResult::Succeeded {
             let key = crate::domain::learning::attempt_key(job.metadata.uid.as_deref().unwrap_or_default(), attempt.attempt);
             let prior = prior_tokens(&estimate_input(job));
-            let (namespace, prices) = (job.namespace().unwrap_or_default(), ctx.prices.read().await.clone());
             if ctx.learner.state.lock().await.record(&key, &namespace, &job_type(job), &tokens_of(usage), &prior, &prices) {
                 ctx.learner.touch();
             }
             // Recorded now or by an earlier reconcile whose write may not have landed yet.
             learned = true;
         }
-        let prices = ctx.prices.read().await;
         for m in &usage.models {
             let labels = ctx.metrics.usage_labels(&m.model, prices.get(&m.model).is_some(), &job.spec.category);
             ctx.metrics.tokens.get_or_create(&labels).inc_by((m.input_tokens + m.cached_input_tokens + m.output_tokens).max(0) as u64);
