@@ -6,7 +6,6 @@
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::path::Path;
 
 use agentgate::api::{AgentJob, AgentTool, Decision};
@@ -17,6 +16,7 @@ use mlua::{Lua, LuaSerdeExt};
 use serde_json::{Value, json};
 use support::cluster::*;
 use support::controlplane::{ControlPlane, OperatorProcess};
+use support::http::{free_port, http_get};
 use support::tools::kstatus;
 
 const NS: &str = "health";
@@ -62,19 +62,11 @@ async fn phase_of(client: &Client, name: &str, want: &'static str) -> AgentJob {
     wait_for_job(client, NS, name, want, |j| phase(j) == Some(want)).await
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// GET /metrics over plain HTTP/1.0.
+/// GET /metrics: the exposition, once the operator answered 200.
 fn scrape(port: u16) -> String {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
+    let (status, body) = http_get(port, "/metrics");
+    assert!(status.starts_with("HTTP/1.0 200") || status.starts_with("HTTP/1.1 200"), "{status}");
+    body
 }
 
 /// The sample names each metric family exposes, from its `# TYPE` line.

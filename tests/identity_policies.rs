@@ -11,7 +11,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use agentgate::api::{AgentJob, ApprovalVote};
@@ -24,23 +23,10 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use support::cluster::*;
 use support::controlplane::{ControlPlane, OperatorProcess};
+use support::http::{free_port, http_get};
 
 const NS: &str = "identity-policies";
 const TIMEOUT: Duration = Duration::from_secs(45);
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// GET `path` over plain HTTP/1.0: (status line, body).
-fn http_get(port: u16, path: &str) -> (String, String) {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the operator");
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes()).unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
-}
 
 fn metric(port: u16, name: &str) -> Option<f64> {
     http_get(port, "/metrics").1.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())

@@ -2,7 +2,6 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use agentgate::api::AgentJob;
@@ -13,6 +12,7 @@ use kube::{Api, Client};
 use serde_json::{Value, json};
 use support::cluster::{add_node, agent_job, phase, wait_for, wait_for_job};
 use support::controlplane::{ControlPlane, OperatorProcess};
+use support::http::{free_port, http_get};
 
 const NS: &str = "isolation";
 
@@ -29,18 +29,6 @@ fn dynamic_jobs(client: &Client) -> Api<DynamicObject> {
 
 fn nested(levels: usize) -> Value {
     (0..levels).fold(json!(1), |v, _| json!({ "a": v }))
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn scrape(port: u16) -> String {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
 }
 
 /// A job nested too deep for serde_json once its managedFields are counted, and a job whose
@@ -144,7 +132,7 @@ async fn undecodable_jobs_are_reported_and_skipped_and_the_rest_are_served() {
     )
     .await;
     assert!(out.contains("deeper than"), "{out}");
-    let metrics = scrape(port);
+    let metrics = http_get(port, "/metrics").1;
     let line = metrics.lines().find(|l| l.starts_with("agentgate_objects_undecodable_total{kind=\"AgentJob\"}")).unwrap_or_default();
     let count: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
     assert!(count >= 2.0, "metric: {line:?}");

@@ -6,6 +6,7 @@
 
 pub mod cluster;
 pub mod controlplane;
+pub mod http;
 pub mod node;
 pub mod storm;
 pub mod tools;
