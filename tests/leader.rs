@@ -43,8 +43,11 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_within_15_seconds()
 
     submit(&admin, ns, "one").await;
     wait_for_job(&admin, ns, "one", "estimated by the leader", |j| phase(j) == Some("AwaitingApproval")).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(log_of(&second).contains("standing by for leadership"), "{}", log_of(&second));
+    // The standby has started and campaigned: from here its log would show a takeover or a write.
+    while !log_of(&second).contains("standing by for leadership") {
+        assert!(start.elapsed() < Duration::from_secs(40), "the second replica never stood by:\n{}", log_of(&second));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(!log_of(&second).contains("became the leader"), "two leaders at once:\n{}", log_of(&second));
     assert!(!log_of(&second).contains("phase changed"), "the standby wrote status:\n{}", log_of(&second));
 

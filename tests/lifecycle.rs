@@ -46,6 +46,18 @@ fn job_manifest(name: &str, spec_patch: Value) -> AgentJob {
     agent_job(name, base, spec_patch)
 }
 
+/// A Pod no job owns, valid under restricted Pod Security; it never runs (no node is real).
+fn watch_barrier_pod() -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "watch-barrier"},
+        "spec": {"containers": [{"name": "c", "image": "busybox:1.37",
+            "securityContext": {"allowPrivilegeEscalation": false, "runAsNonRoot": true, "runAsUser": 65532,
+                "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}}]},
+    }))
+    .unwrap()
+}
+
 async fn create_job(env: &Env, job: &AgentJob) -> AgentJob {
     Api::<AgentJob>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), job).await.expect("create job")
 }
@@ -481,7 +493,11 @@ async fn restarting_the_operator_mid_run_never_creates_a_second_pod() {
     for round in 0..3 {
         env._operator.kill();
         env._operator = OperatorProcess::start(cp, &["--namespace", &env.ns, "--metrics-addr", "127.0.0.1:0"]);
-        tokio::time::sleep(Duration::from_millis(1500 + 500 * round)).await;
+        // The new operator has listed every job and worked through them once it has estimated a
+        // job created after it started; only then does "no second Pod" mean something.
+        let probe = format!("probe-{round}");
+        create_job(&env, &job_manifest(&probe, json!({}))).await;
+        wait_phase(&env, &probe, "AwaitingApproval").await;
         assert_eq!(job_pods(&env.client, &env.ns, &job).await.len(), 2);
     }
     finish_pod(&env.client, &env.ns, "steady-scanner-1", 0, &usage_report("gpt-4o-mini", 100, 0, 10, json!({}))).await;
@@ -490,9 +506,19 @@ async fn restarting_the_operator_mid_run_never_creates_a_second_pod() {
     finish_pod(&env.client, &env.ns, "steady-helper-1", 0, &usage_report("gpt-4o-mini", 200, 0, 20, json!({}))).await;
     let done = wait_phase(&env, "steady", "Succeeded").await;
     assert_eq!(done.status.unwrap().usage.unwrap().total_tokens, 330);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A Pod created by us now reaches the recorder after any the operator created before it (one
+    // watch, in resourceVersion order): once it is seen, the recorder has seen them all.
+    let barrier = pods_api.create(&PostParams::default(), &watch_barrier_pod()).await.expect("create the barrier Pod");
+    let barrier = barrier.metadata.uid.unwrap();
+    wait_for(
+        "the recorder to see the barrier Pod",
+        Duration::from_secs(30),
+        || async { seen.lock().unwrap().clone() },
+        |s| s.contains(&barrier),
+    )
+    .await;
     recorder.abort();
-    assert_eq!(seen.lock().unwrap().len(), 2, "exactly one Pod per agent ever existed");
+    assert_eq!(seen.lock().unwrap().len(), 3, "exactly one Pod per agent ever existed (and the barrier)");
 }
 
 #[tokio::test]
@@ -561,8 +587,9 @@ async fn a_pod_name_taken_by_another_job_is_never_adopted() {
     let second = create_job(&env, &job_manifest("a", json!({"agents": {"primary": {"name": "b-c"}}}))).await;
     wait_phase(&env, "a", "AwaitingApproval").await;
     approve(&env, &second).await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let second = done_job(&env, "a").await;
+    let second =
+        wait_for_job(&env.client, &env.ns, "a", "PodNameTaken", |j| condition(j, "Ready").is_some_and(|c| c.reason == "PodNameTaken"))
+            .await;
     assert!(second.status.as_ref().unwrap().attempts.is_empty(), "adopted another job's Pod: {:?}", second.status);
     assert!(job_pods(&env.client, &env.ns, &second).await.is_empty());
     let ready = condition(&second, "Ready").expect("a Ready condition");

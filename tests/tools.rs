@@ -125,6 +125,19 @@ fn condition_is(tool: &AgentTool, type_: &str, status: &str, reason: &str) -> bo
     tool_condition(tool, type_).is_some_and(|c| c.status == status && c.reason == reason)
 }
 
+/// Evidence that discovery has handled every Service change made before this call: a Service
+/// created now in a namespace discovery covers gets its tool. Service changes reach discovery in
+/// one watch stream, in order, so a test asserting that an earlier change did nothing waits for
+/// this first instead of sleeping.
+async fn discovery_caught_up(client: &Client, probe: &str) {
+    let ns = "tl-probe";
+    ControlPlane::shared().namespace(ns).await;
+    label_namespace(client, ns, Some("on")).await;
+    let tool = format!("tl-probe-{probe}");
+    create_service(client, ns, probe, Some(&tool), json!({})).await;
+    wait_tool(client, &tool, "the probe Service discovered", TIMEOUT, |_| true).await;
+}
+
 /// Events about Service `service` in `ns`.
 async fn service_events(client: &Client, ns: &str, service: &str) -> Vec<Event> {
     Api::<Event>::namespaced(client.clone(), ns)
@@ -249,9 +262,12 @@ async fn service_endpoint_tool_is_ready_only_once_its_service_has_a_ready_endpoi
 
     // An endpoint that is not ready yet does not count.
     endpoint_slice(&client, ns, "search", false).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let tool = get_tool(&client, "tl-endpoint-search").await.unwrap();
+    let tool = wait_tool(&client, "tl-endpoint-search", "the not-ready endpoint seen", TIMEOUT, |t| {
+        tool_condition(t, "EndpointAvailable").is_some_and(|c| c.message.ends_with("has no ready endpoints (1 not ready)"))
+    })
+    .await;
     assert!(!tool.status.as_ref().unwrap().ready, "{:?}", tool.status);
+    assert_eq!(tool.status.as_ref().unwrap().ready_endpoints, 0);
 
     let started = Instant::now();
     endpoint_slice(&client, ns, "search", true).await;
@@ -469,7 +485,7 @@ async fn a_hand_written_tool_of_the_same_name_is_never_touched() {
 
     // Nor is it deleted when the label goes.
     patch_service(&client, ns, "scanner", json!({"agentgate.dev/tool": null}), json!({})).await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    discovery_caught_up(&client, "hand").await;
     assert_eq!(get_tool(&client, name).await.unwrap().metadata.uid, written.metadata.uid);
 }
 
@@ -482,7 +498,7 @@ async fn two_services_claiming_one_name_are_both_told_and_neither_wins_silently(
     create_service(&client, ns, "two", Some(name), json!({"agentgate.dev/rate-limit": "20"})).await;
 
     // Outside the namespaces the operator discovers in, nothing happens.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    discovery_caught_up(&client, "conflict").await;
     assert!(get_tool(&client, name).await.is_none(), "a namespace not matching --discovery-namespace-selector is not discovered in");
     let early = service_events(&client, ns, "one").await;
     assert!(early.is_empty(), "{:?}", early.iter().map(|e| (&e.reason, &e.note, &e.reporting_instance)).collect::<Vec<_>>());
@@ -623,8 +639,13 @@ async fn freed_rate_limit_goes_to_the_most_urgent_waiting_job_first() {
     finish_job(&client, ns, &running).await;
     wait_phase(&client, ns, "urgent", "Running").await;
     // Had the older, less urgent job taken 3 of them first, the urgent one could not have started.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let later = Api::<AgentJob>::namespaced(client.clone(), ns).get("later").await.unwrap();
+    let later = wait_for_job(&client, ns, "later", "later re-checked against what urgent left", |j| {
+        let name = format!("tool/{tool}");
+        j.status.as_ref().is_some_and(|s| {
+            s.checks.iter().any(|c| c.name == name && c.message.contains("has 2 of 10 calls/min spare (8 in use by 1 running job(s))"))
+        })
+    })
+    .await;
     assert_eq!(phase(&later), Some("WaitingForResources"), "{:?}", later.status);
     assert!(later.status.as_ref().unwrap().attempts.is_empty(), "the less urgent job never ran");
     let check = tool_check(&later, tool);

@@ -116,20 +116,24 @@ fn check_endpoint(tool: &AgentTool, caches: &Caches) -> EndpointCheck {
             url: None,
         };
     }
-    let ready_endpoints: usize = caches
-        .endpoint_slices
-        .state()
+    let slices = caches.endpoint_slices.state();
+    let (ready_endpoints, not_ready) = slices
         .iter()
         .filter(|s| s.namespace().as_deref() == Some(ns.as_str()) && s.labels().get("kubernetes.io/service-name") == Some(name))
         .flat_map(|s| s.endpoints.iter().flatten())
-        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-        .count();
+        .fold((0usize, 0usize), |(ready, not_ready), e| {
+            if e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true) { (ready + 1, not_ready) } else { (ready, not_ready + 1) }
+        });
     let url = Some(format!("http://{name}.{ns}.svc:{port}"));
     if ready_endpoints == 0 {
+        // Naming the endpoints that exist but are not ready tells `kubectl describe` readers the
+        // Service is there and starting, not missing (and gives tests/tools.rs evidence the
+        // not-ready endpoint was seen before it asserts the tool stayed unready).
+        let starting = if not_ready > 0 { format!(" ({not_ready} not ready)") } else { String::new() };
         return EndpointCheck {
             available: false,
             reason: "NoReadyEndpoints",
-            message: format!("Service {ns}/{name} has no ready endpoints"),
+            message: format!("Service {ns}/{name} has no ready endpoints{starting}"),
             ready_endpoints: 0,
             url,
         };
