@@ -9,7 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use kube::api::{DeleteParams, Patch, PatchParams, Preconditions};
 use kube::core::PartialObjectMeta;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource, ResourceExt};
@@ -232,14 +232,11 @@ async fn pass(ctx: &Context, namespaces: Option<&Store<PartialObjectMeta<Namespa
     all_done
 }
 
-/// An Event on the Service, if it still exists. Each is a new Event: the shared Recorder folds
-/// Events of one reason about one object into a series that keeps the first note, which would
-/// hide, say, a conflict's new state. `pass` publishes each warning once while it lasts.
+/// An Event on the Service, if it still exists, through the operator's bounded Event queue like
+/// every other Event. The queue's series key includes the note, so a changed note (a conflict's
+/// new state) is a new Event rather than a count on the old one; `pass` publishes each warning
+/// once while it lasts.
 async fn publish(ctx: &Context, namespace: &str, service: &str, type_: EventType, reason: &str, note: String) {
     let Some(svc) = ctx.caches.services.get(&ObjectRef::<Service>::new(service).within(namespace)) else { return };
-    let event = Event { type_, reason: reason.into(), note: Some(note), action: "Discover".into(), secondary: None };
-    let reporter = Reporter { controller: "agentgate".into(), instance: std::env::var("POD_NAME").ok() };
-    if let Err(err) = Recorder::new(ctx.client.clone(), reporter).publish(&event, &svc.object_ref(&())).await {
-        tracing::warn!(%namespace, %service, %err, "could not publish Event");
-    }
+    ctx.publish_event(&svc.object_ref(&()), type_, reason, &note, "Discover").await;
 }
