@@ -8,8 +8,9 @@
 //! - an AgentJob approved by two heads runs a real agent Pod to Succeeded, with its usage;
 //! - `helm upgrade` with a changed value rolls the Pods and keeps the jobs' state; the upgraded
 //!   operator runs the next job;
-//! - killing the leader Pod while its agent runs hands the Lease to the standby, and the job
-//!   ends with exactly the one agent Pod it had (a watch sees every Pod ever created).
+//! - deleting the leader Pod, then hanging the next leader (SIGSTOP), while an agent runs, hands
+//!   the Lease to the standby each time, and each job ends with exactly the one agent Pod it had
+//!   (a watch sees every Pod ever created).
 //!
 //! Prints figures: time from `helm install` to both replicas Ready, failover time.
 //! Needs root and runc (SKIPPED loudly otherwise; fails with AGENTGATE_REQUIRE_REAL_NODE).
@@ -79,7 +80,7 @@ async fn the_chart_runs_the_operator_in_cluster_on_a_real_node() {
     assert!(usage.input_tokens > 0 && usage.output_tokens > 0, "usage recorded: {usage:?}");
 
     helm_upgrade_keeps_the_jobs(&node, &env, &first).await;
-    killing_the_leader_fails_over_without_a_second_agent_pod(&env).await;
+    killing_the_leader_fails_over_without_a_second_agent_pod(&node, &env).await;
 
     let uninstall = helm_ok(&node, &["uninstall", RELEASE, "--namespace", SYSTEM, "--wait", "--timeout", "2m"]);
     assert!(uninstall.contains("uninstalled"), "{uninstall}");
@@ -270,10 +271,14 @@ async fn create_and_approve(env: &Env, name: &str, patch: serde_json::Value) -> 
 async fn wait_succeeded(env: &Env, job: &AgentJob) -> AgentJob {
     let api: Api<AgentJob> = Api::namespaced(env.admin.clone(), TEAM);
     let name = job.name_any();
-    let done = wait(&format!("job {name} Succeeded"), || async {
+    let done = wait(&format!("job {name} Succeeded and learned"), || async {
         let j = api.get(&name).await.expect("get job");
         assert_ne!(phase(&j), Some("Failed"), "job {name} failed: {:#?}", j.status);
-        (phase(&j) == Some("Succeeded")).then_some(j)
+        // Settled: the operator marks an attempt learned (its usage in the estimator) after the
+        // job Succeeded.
+        let learned =
+            serde_json::to_value(&j.status).unwrap()["attempts"].as_array().is_some_and(|a| a.iter().all(|a| a["learned"] == true));
+        (phase(&j) == Some("Succeeded") && learned).then_some(j)
     })
     .await;
     let pods = job_pods(&env.admin, TEAM, &done).await;
@@ -316,9 +321,12 @@ async fn helm_upgrade_keeps_the_jobs(node: &RealNode, env: &Env, first: &AgentJo
     assert_eq!(job_pods(&env.admin, TEAM, &again).await.len(), 1, "no second Pod for the finished job");
 }
 
-/// Kills the leader Pod while its agent runs: the standby takes the Lease, the job Succeeded, and
-/// a watch that saw every Pod ever created in the team's namespace saw one agent Pod for it.
-async fn killing_the_leader_fails_over_without_a_second_agent_pod(env: &Env) {
+/// While an agent runs, the leader goes away twice: its Pod is deleted (as by a rollout or a
+/// drain: SIGTERM, it gives the Lease back), then the next leader's process hangs (SIGSTOP from
+/// the host: its Lease must lapse). Each time another process leads, the job
+/// Succeeded, and a watch that saw every Pod ever created in the team's namespace saw exactly one
+/// agent Pod for it.
+async fn killing_the_leader_fails_over_without_a_second_agent_pod(node: &RealNode, env: &Env) {
     let seen: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
     let watch = {
         let (pods, seen) = (Api::<Pod>::namespaced(env.admin.clone(), TEAM), seen.clone());
@@ -329,36 +337,84 @@ async fn killing_the_leader_fails_over_without_a_second_agent_pod(env: &Env) {
             }
         })
     };
-    // Holds its Pod Running long enough for the kill to land while it runs.
-    let created =
-        create_and_approve(env, "failover", json!({"agents": {"primary": {"command": ["/bin/sh", "-c", "sleep 6; exec /agent"]}}})).await;
-    wait("the failover job's agent Running", || async {
-        let pods = job_pods(&env.admin, TEAM, &created).await;
-        pods.first().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).map(|_| ())
-    })
-    .await;
     let operator_pods = Api::<Pod>::namespaced(env.admin.clone(), SYSTEM);
-    let pods = operator_pods.list(&ListParams::default().labels("app.kubernetes.io/instance=agentgate")).await.unwrap().items;
-    let leader = leader_pod(&env.admin, &pods).await;
     let leases: Api<Lease> = Api::namespaced(env.admin.clone(), SYSTEM);
-    let killed = Instant::now();
-    operator_pods
-        .delete(&leader, &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() })
-        .await
-        .expect("killing the leader");
+    let list_operator_pods =
+        || async { operator_pods.list(&ListParams::default().labels("app.kubernetes.io/instance=agentgate")).await.unwrap().items };
+
+    // 1. The leader's Pod deleted.
+    let created = agent_running(env, "deleted-leader").await;
+    let leader = leader_pod(&env.admin, &list_operator_pods().await).await;
+    let deleted = Instant::now();
+    operator_pods.delete(&leader, &DeleteParams::default()).await.expect("deleting the leader Pod");
     let new_holder = wait("another replica takes the Lease", || async {
         let holder = leases.get(RELEASE).await.expect("get lease").spec?.holder_identity?;
         (!holder.starts_with(&format!("{leader}-"))).then_some(holder)
     })
     .await;
-    println!("figure: leader {leader} killed → {new_holder} holds the Lease in {:.2?}", killed.elapsed());
-    let done = wait_succeeded(env, &created).await;
-    println!("figure: leader killed → the job it was running Succeeded in {:.2?}", killed.elapsed());
-    // The new leader acts on a new job before the count: a duplicate it would create for the old
-    // one would be visible by then.
+    println!("figure: leader Pod {leader} deleted → {new_holder} holds the Lease in {:.2?}", deleted.elapsed());
+    wait_succeeded(env, &created).await;
+    println!("figure: leader Pod deleted → the job it was running Succeeded in {:.2?}", deleted.elapsed());
+
+    // 2. The new leader hangs (SIGSTOP from the host): it neither renews nor gives the Lease back,
+    // so the standby may lead only once the Lease lapses. Then it is SIGKILLed; the kubelet
+    // restarts its container, which finds the Lease held by another and stands by.
+    let created = agent_running(env, "hung-leader").await;
+    let pods = list_operator_pods().await;
+    let leader = leader_pod(&env.admin, &pods).await;
+    let pod = pods.iter().find(|p| p.name_any() == leader).unwrap();
+    let status = pod.status.as_ref().unwrap();
+    let id = status.container_statuses.as_ref().unwrap()[0].container_id.clone().unwrap();
+    let procs = node
+        .container_cgroup(
+            "memory",
+            status.qos_class.as_deref().unwrap(),
+            pod.metadata.uid.as_deref().unwrap(),
+            id.trim_start_matches("containerd://"),
+        )
+        .join("cgroup.procs");
+    let pids = std::fs::read_to_string(&procs).unwrap_or_else(|e| panic!("reading {}: {e}", procs.display()));
+    let signal = |signal: &str| {
+        for pid in pids.split_whitespace() {
+            let out = std::process::Command::new("kill").args([signal, pid]).output().expect("running kill");
+            assert!(out.status.success(), "kill {signal} {pid}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    };
+    let hung = Instant::now();
+    signal("-STOP");
+    let new_holder = wait("the standby takes the hung leader's Lease", || async {
+        let holder = leases.get(RELEASE).await.expect("get lease").spec?.holder_identity?;
+        (!holder.starts_with(&format!("{leader}-"))).then_some(holder)
+    })
+    .await;
+    println!(
+        "figure: leader {leader} hung (SIGSTOP) → {new_holder} holds the Lease in {:.2?} (it lapses 10 s after its last renewal)",
+        hung.elapsed()
+    );
+    signal("-KILL");
+    wait_succeeded(env, &created).await;
+    println!("figure: leader hung → the job it was running Succeeded in {:.2?}", hung.elapsed());
+
+    // The current leader acts on a new job before the count: a duplicate it would create for an
+    // earlier one would be visible by then.
     run_job(env, "after-failover", json!({})).await;
-    let uid = done.metadata.uid.clone().unwrap();
-    let ever: Vec<String> = seen.lock().unwrap().values().filter(|name| name.starts_with("failover-")).cloned().collect();
-    assert_eq!(ever.len(), 1, "agent Pods ever created for the failover job (uid {uid}): {ever:?}");
+    let seen = seen.lock().unwrap().clone();
+    for job in ["deleted-leader", "hung-leader"] {
+        let ever: Vec<&String> = seen.values().filter(|name| name.starts_with(&format!("{job}-"))).collect();
+        assert_eq!(ever.len(), 1, "agent Pods ever created for job {job}: {ever:?}");
+    }
     watch.abort();
+}
+
+/// Creates and approves a job whose agent sleeps 6 s before its work, and waits until its Pod
+/// runs: long enough for a leader to go away meanwhile.
+async fn agent_running(env: &Env, name: &str) -> AgentJob {
+    let created =
+        create_and_approve(env, name, json!({"agents": {"primary": {"command": ["/bin/sh", "-c", "sleep 6; exec /agent"]}}})).await;
+    wait(&format!("the {name} job's agent Running"), || async {
+        let pods = job_pods(&env.admin, TEAM, &created).await;
+        pods.first().filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")).map(|_| ())
+    })
+    .await;
+    created
 }
