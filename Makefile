@@ -66,7 +66,9 @@ pydeps:
 unit:
 	$(CARGO) test --lib
 
-# Local control plane + operator + the example jobs; the demo plays the kubelet. Ctrl-C stops everything.
+# Local control plane + operator + the example jobs. On a real node when this machine can run one
+# (root, runc: the operator installed by helm as Pods, real agent Pods), else the demo plays the
+# kubelet; its first line says which (AGENTGATE_DEMO_SIMULATED=1 forces the latter). Ctrl-C stops everything.
 demo: controlplane build
 	$(CARGO) run -q --example demo
 

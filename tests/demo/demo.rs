@@ -119,6 +119,12 @@ async fn demo(node: Option<&RealNode>) -> anyhow::Result<()> {
     step("kubectl get agentjobs,agenttools,approvalvotes -A");
     kubectl(cp, &["get", "agentjobs,agenttools,approvalvotes", "-A"]);
     step("Estimated against actual cost");
+    if node.is_some() {
+        println!(
+            "  (the reference agent calls no model yet: it reports the tokens of what it read and wrote, far below an\n   \
+             estimate made for the real agents)"
+        );
+    }
     print_cost_table(&admin).await?;
     step("Why each job ended (its Ready condition)");
     kubectl(
@@ -131,7 +137,9 @@ async fn demo(node: Option<&RealNode>) -> anyhow::Result<()> {
             "custom-columns=NAMESPACE:.metadata.namespace,JOB:.metadata.name,REASON:.status.conditions[?(@.type==\"Ready\")].reason,MESSAGE:.status.conditions[?(@.type==\"Ready\")].message",
         ],
     );
-    kubectl(cp, &["get", "pods", "-A", "-l", "app.kubernetes.io/managed-by=agentgate", "-o", "wide"]);
+    let pods = ["get", "pods", "-A", "-l", "app.kubernetes.io/managed-by=agentgate", "-o", "wide"];
+    // Wide shows the node and Pod IP a real kubelet gave each Pod; the simulated one gives none.
+    kubectl(cp, if node.is_some() { &pods } else { &pods[..5] });
     println!("\nDone. Everything started by the demo stops now.");
     drop(operator);
     Ok(())
@@ -157,7 +165,7 @@ async fn real_node() -> Option<RealNode> {
     step("Starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, containerd and the kubelet");
     match tokio::task::spawn_blocking(|| RealNode::start_with(NodeOptions { in_cluster: true })).await {
         Ok(Ok(node)) => {
-            println!("  node {NODE_NAME} Ready in {:.1?}; its logs: {}", node.started_in(), support::node::LOG_DIR);
+            println!("  node {NODE_NAME} Ready; its logs: {}", support::node::LOG_DIR);
             Some(node)
         }
         Ok(Err(e)) => simulated(&format!("the real node failed to start: {e:#}")),
