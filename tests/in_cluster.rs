@@ -5,7 +5,9 @@
 //! - both replicas run and are Ready (probes answered to the kubelet), under their ServiceAccount,
 //!   with the chart's limits in their cgroups; one of them holds the Lease; a privileged Pod is
 //!   refused in the namespace; the metrics Service's endpoints serve /metrics;
-//! - an AgentJob approved by two heads runs a real agent Pod to Succeeded, with its usage;
+//! - an AgentJob approved by two heads runs a real agent Pod to Succeeded, with its usage; a
+//!   hostile agent reaches the apiserver through the `kubernetes` Service but has no token, and
+//!   anonymous is refused the operator's Secrets there;
 //! - `helm upgrade` with a changed value rolls the Pods and keeps the jobs' state; the upgraded
 //!   operator runs the next job;
 //! - deleting the leader Pod, then hanging the next leader (SIGSTOP), while an agent runs, hands
@@ -79,6 +81,7 @@ async fn the_chart_runs_the_operator_in_cluster_on_a_real_node() {
     let usage = first.status.as_ref().unwrap().usage.clone().unwrap();
     assert!(usage.input_tokens > 0 && usage.output_tokens > 0, "usage recorded: {usage:?}");
 
+    a_hostile_agent_reaches_the_apiserver_but_has_no_credentials(&node, &env).await;
     helm_upgrade_keeps_the_jobs(&node, &env, &first).await;
     killing_the_leader_fails_over_without_a_second_agent_pod(&node, &env).await;
 
@@ -287,6 +290,30 @@ async fn wait_succeeded(env: &Env, job: &AgentJob) -> AgentJob {
     let terminated = pods[0].status.as_ref().unwrap().container_statuses.as_ref().unwrap()[0].state.clone().unwrap().terminated;
     assert_eq!(terminated.map(|t| t.exit_code), Some(0), "the agent container ran and exited 0 on the node");
     done
+}
+
+/// The agent is the tenant's code, and in-cluster it reaches the apiserver as the operator does
+/// (the `kubernetes` Service). What stops it is credentials: its Pod mounts no ServiceAccount
+/// token, so it can only be anonymous, and anonymous may not read the operator's Secrets.
+async fn a_hostile_agent_reaches_the_apiserver_but_has_no_credentials(node: &RealNode, env: &Env) {
+    // (busybox's wget cannot complete a TLS handshake with kube-apiserver, so the agent checks
+    // the connection and the host makes the anonymous request to the address it leads to.)
+    const PROBE: &str = r#"echo "token: $(cat /var/run/secrets/kubernetes.io/serviceaccount/token 2>&1)"
+if echo | nc -w 5 "$KUBERNETES_SERVICE_HOST" "$KUBERNETES_SERVICE_PORT" >/dev/null 2>&1; then
+  echo "apiserver $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT: reachable"
+else
+  echo "apiserver $KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT: unreachable"
+fi
+exec /agent"#;
+    let done = run_job(env, "hostile", json!({"agents": {"primary": {"command": ["/bin/sh", "-c", PROBE]}}})).await;
+    let pod = &job_pods(&env.admin, TEAM, &done).await[0];
+    let logs = Api::<Pod>::namespaced(env.admin.clone(), TEAM).logs(&pod.name_any(), &Default::default()).await.expect("agent logs");
+    println!("hostile agent's probes:\n{}", logs.lines().take(2).collect::<Vec<_>>().join("\n"));
+    assert!(logs.contains("token: cat: can't open '/var/run/secrets/kubernetes.io/serviceaccount/token'"), "no token mounted: {logs}");
+    assert!(logs.contains(&format!("apiserver {}:443: reachable", node::KUBERNETES_SERVICE_IP)), "the agent reaches the apiserver: {logs}");
+    let url = format!("{}/api/v1/namespaces/{SYSTEM}/secrets", node.control_plane().server());
+    let anonymous = std::process::Command::new("curl").args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", &url]).output().expect("curl");
+    assert_eq!(String::from_utf8_lossy(&anonymous.stdout), "403", "anonymous may not list the operator's Secrets");
 }
 
 /// `helm upgrade` with one changed value: new Pods replace both replicas; the finished job's
