@@ -557,21 +557,7 @@ fn clean_host() {
     // network: the bridge (veths die with their netns), CNI masquerade rules, the node IP
     quiet(Command::new("ip").args(["link", "del", BRIDGE]));
     remove_cni_nat_rules();
-    while Command::new("iptables")
-        .args(["-t", "nat", "-S", "PREROUTING"])
-        .output()
-        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(SERVICE_RULE_COMMENT))
-    {
-        let listed = Command::new("iptables").args(["-t", "nat", "-S", "PREROUTING"]).output().map(|o| o.stdout).unwrap_or_default();
-        let listed = String::from_utf8_lossy(&listed);
-        let Some(rule) = listed.lines().find(|l| l.contains(SERVICE_RULE_COMMENT)) else { break };
-        // `-A PREROUTING ...` as listed, deleted as `-D PREROUTING ...`; the comment is quoted.
-        let args: Vec<String> = shell_words(rule.trim_start_matches("-A "));
-        let deleted = Command::new("iptables").args(["-t", "nat", "-D"]).args(&args).status();
-        if !deleted.is_ok_and(|s| s.success()) {
-            break;
-        }
-    }
+    remove_service_rules();
     quiet(Command::new("ip").args(["addr", "del", &format!("{NODE_IP}/32"), "dev", "lo"]));
     // cgroups the kubelet made (cgroupfs driver): /kubepods in every hierarchy, deepest first
     for hierarchy in fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
@@ -633,6 +619,20 @@ fn remove_cni_nat_rules() {
     for chain in chains.iter().filter(|c| c.starts_with("CNI-")) {
         let _ = Command::new("iptables").args(["-t", "nat", "-F", chain]).status();
         let _ = Command::new("iptables").args(["-t", "nat", "-X", chain]).status();
+    }
+}
+
+/// The DNAT rules of [`RealNode::serve_in_cluster_clients`], by number, highest first.
+fn remove_service_rules() {
+    let Ok(listed) = Command::new("iptables").args(["-t", "nat", "-L", "PREROUTING", "-n", "--line-numbers"]).output() else { return };
+    let mut numbers: Vec<u32> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("/* {SERVICE_RULE_COMMENT} */")))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    numbers.sort_unstable_by(|a, b| b.cmp(a));
+    for n in numbers {
+        let _ = Command::new("iptables").args(["-t", "nat", "-D", "PREROUTING", &n.to_string()]).status();
     }
 }
 
@@ -821,28 +821,6 @@ featureGates:
         fail_v1 = !cgroup_v1,
         pki = pki.display()
     )
-}
-
-/// Splits an `iptables -S` line into arguments: words, and double-quoted strings as one.
-fn shell_words(line: &str) -> Vec<String> {
-    let mut words = Vec::new();
-    let mut word = String::new();
-    let mut quoted = false;
-    for c in line.chars() {
-        match c {
-            '"' => quoted = !quoted,
-            ' ' if !quoted => {
-                if !word.is_empty() {
-                    words.push(std::mem::take(&mut word));
-                }
-            }
-            c => word.push(c),
-        }
-    }
-    if !word.is_empty() {
-        words.push(word);
-    }
-    words
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
