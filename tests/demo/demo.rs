@@ -184,13 +184,16 @@ async fn install_operator(node: &RealNode) -> anyhow::Result<()> {
     step("helm install agentgate charts/agentgate -n agentgate-system (2 replicas, leader election)");
     kubectl(cp, &["apply", "--server-side", "-f", &format!("{root}/deploy/namespace.yaml")]);
     let helm = support::tools::helm();
-    let out = std::process::Command::new(&helm)
+    // Async, so that Ctrl-C during the install stops it and tears the node down.
+    let out = tokio::process::Command::new(&helm)
+        .kill_on_drop(true)
         .current_dir(root)
         .args(["install", "agentgate", "charts/agentgate", "--namespace", "agentgate-system", "--take-ownership", "--force-conflicts"])
         .args(["--set", &format!("image.repository={OPERATOR_DEBUG_REPOSITORY}"), "--set", &format!("image.tag={OPERATOR_DEBUG_TAG}")])
         .args(["--set", "image.pullPolicy=Never", "--wait", "--timeout", "3m", "--kubeconfig"])
         .arg(cp.kubeconfig("admin"))
-        .output()?;
+        .output()
+        .await?;
     anyhow::ensure!(out.status.success(), "helm install failed: {}", String::from_utf8_lossy(&out.stderr));
     kubectl(cp, &["get", "pods", "-n", "agentgate-system", "-o", "wide"]);
     println!("  operator logs: kubectl logs -n agentgate-system deploy/agentgate --kubeconfig {}", cp.kubeconfig("admin").display());
