@@ -51,8 +51,9 @@ manifests: tools
 # Every test: unit tests of the pure logic and integration tests against a real control plane.
 # tests/otel.rs needs the optional `otel` feature, so it runs in a second, feature-on build.
 # tests/real_node.rs and tests/in_cluster.rs (the chart, the operator in-cluster) run agent Pods
-# on a real node (root and runc needed; they build `make node` on first use, and says SKIPPED loudly without them, or fails if AGENTGATE_REQUIRE_REAL_NODE is
-# set, as CI does). Only one real node runs per machine: it waits for a lock.
+# on a real node (root and runc needed; they build `make node` on first use, and say SKIPPED
+# loudly without them, or fail if AGENTGATE_REQUIRE_REAL_NODE is set, as CI does). Only one real
+# node runs per machine: each waits for a lock.
 test: controlplane tools node pydeps
 	$(CARGO) test --all-targets --no-fail-fast
 	$(CARGO) test --features otel --test otel
