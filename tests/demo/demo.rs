@@ -30,12 +30,22 @@ const JOBS: [(&str, &str); 3] =
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let node = real_node().await;
-    // On Ctrl-C the node is torn down too (its containers outlive a killed process).
+    // On Ctrl-C the node is torn down too (its containers would outlive a killed process). While
+    // it starts, that happens once the start returns: the runtime waits for it on the way out,
+    // and drops the node it made.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let interrupted = || println!("\nInterrupted: stopping everything the demo started.");
+    let node = tokio::select! {
+        node = real_node() => node,
+        _ = interrupt.recv() => {
+            interrupted();
+            return Ok(());
+        }
+    };
     let result = tokio::select! {
         result = demo(node.as_ref()) => result,
-        _ = tokio::signal::ctrl_c() => {
-            println!("\nInterrupted: stopping everything the demo started.");
+        _ = interrupt.recv() => {
+            interrupted();
             Ok(())
         }
     };
