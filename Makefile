@@ -50,9 +50,10 @@ manifests: tools
 
 # Every test: unit tests of the pure logic and integration tests against a real control plane.
 # tests/otel.rs needs the optional `otel` feature, so it runs in a second, feature-on build.
-# tests/real_node.rs runs agent Pods on a real node (root and runc needed; it builds `make node`
-# on first use, and says SKIPPED loudly without them, or fails if AGENTGATE_REQUIRE_REAL_NODE is
-# set, as CI does). Only one real node runs per machine: it waits for a lock.
+# tests/real_node.rs and tests/in_cluster.rs (the chart, the operator in-cluster) run agent Pods
+# on a real node (root and runc needed; they build `make node` on first use, and say SKIPPED
+# loudly without them, or fail if AGENTGATE_REQUIRE_REAL_NODE is set, as CI does). Only one real
+# node runs per machine: each waits for a lock.
 test: controlplane tools node pydeps
 	$(CARGO) test --all-targets --no-fail-fast
 	$(CARGO) test --features otel --test otel
@@ -66,7 +67,9 @@ pydeps:
 unit:
 	$(CARGO) test --lib
 
-# Local control plane + operator + the example jobs; the demo plays the kubelet. Ctrl-C stops everything.
+# Local control plane + operator + the example jobs. On a real node when this machine can run one
+# (root, runc: the operator installed by helm as Pods, real agent Pods), else the demo plays the
+# kubelet; its first line says which (AGENTGATE_DEMO_SIMULATED=1 forces the latter). Ctrl-C stops everything.
 demo: controlplane build
 	$(CARGO) run -q --example demo
 

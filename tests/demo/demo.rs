@@ -1,5 +1,10 @@
 //! `make demo`: a local control plane, the operator, the example jobs in deploy/examples, two
-//! category heads voting and a simulated kubelet, ending with estimated against actual cost.
+//! category heads voting, ending with estimated against actual cost.
+//!
+//! On a real node when this machine can run one (root and runc; tests/support/node.rs): the chart
+//! installs the operator as Pods (image made from the cargo build) and the agents run as real Pods
+//! of the reference agent image. Otherwise, saying so, on the simulated kubelet: two registered
+//! nodes and the demo writing the agent Pods' status. `AGENTGATE_DEMO_SIMULATED=1` asks for it.
 //!
 //! Everything it starts dies with it (Ctrl-C included).
 
@@ -18,21 +23,55 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use support::cluster::{add_node, finish_pod, grant_voting_rights, run_pod, vote};
 use support::controlplane::{ControlPlane, OperatorProcess};
+use support::node::{NODE_NAME, NodeOptions, OPERATOR_DEBUG_REPOSITORY, OPERATOR_DEBUG_TAG, REFERENCE_AGENT_IMAGE, RealNode};
 
 const JOBS: [(&str, &str); 3] =
     [("team-security", "security-scan-42"), ("team-marketing", "content-generation-7"), ("team-catalog", "product-import-3")];
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // On Ctrl-C the node is torn down too (its containers would outlive a killed process). While
+    // it starts, that happens once the start returns: the runtime waits for it on the way out,
+    // and drops the node it made.
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let interrupted = || println!("\nInterrupted: stopping everything the demo started.");
+    let node = tokio::select! {
+        node = real_node() => node,
+        _ = interrupt.recv() => {
+            interrupted();
+            return Ok(());
+        }
+    };
+    let result = tokio::select! {
+        result = demo(node.as_ref()) => result,
+        _ = interrupt.recv() => {
+            interrupted();
+            Ok(())
+        }
+    };
+    drop(node);
+    result
+}
+
+async fn demo(node: Option<&RealNode>) -> anyhow::Result<()> {
     let root = env!("CARGO_MANIFEST_DIR");
-    step("Starting etcd and kube-apiserver (v1.37.2, built from the Go modules) on loopback");
-    let cp = ControlPlane::shared();
+    let cp = match node {
+        Some(node) => node.control_plane(),
+        None => {
+            step("Starting etcd and kube-apiserver (v1.37.2, built from the Go modules) on loopback");
+            ControlPlane::shared()
+        }
+    };
     let admin = cp.client("admin").await;
     println!("  apiserver {}  (kubeconfig: {})", cp.server(), cp.kubeconfig("admin").display());
 
-    step("Registering two worker nodes (no GPUs) and the in-cluster tool backends");
-    add_node(&admin, "worker-1", "8", "32Gi", &[]).await;
-    add_node(&admin, "worker-2", "4", "16Gi", &[]).await;
+    if node.is_some() {
+        step("The in-cluster tool backends");
+    } else {
+        step("Registering two worker nodes (no GPUs) and the in-cluster tool backends");
+        add_node(&admin, "worker-1", "8", "32Gi", &[]).await;
+        add_node(&admin, "worker-2", "4", "16Gi", &[]).await;
+    }
     kubectl(cp, &["apply", "-f", &format!("{root}/deploy/examples/00-namespaces.yaml")]);
     for ns in ["tools", "team-security", "team-marketing", "team-catalog"] {
         cp.namespace(ns).await;
@@ -41,13 +80,29 @@ async fn main() -> anyhow::Result<()> {
     // alice and bob (group agentgate:heads) become heads of every category; everyone may vote.
     grant_voting_rights(&admin).await;
 
-    step("Starting the operator");
-    let operator = OperatorProcess::start(cp, &["--metrics-addr", "127.0.0.1:0"]);
-    println!("  log: {}", operator.log_path().display());
-
-    step("kubectl apply -f deploy/examples/");
-    kubectl(cp, &["apply", "-f", &format!("{root}/deploy/examples/")]);
-    tokio::spawn(play_kubelet(admin.clone()));
+    let operator = match node {
+        Some(node) => {
+            install_operator(node).await?;
+            step("kubectl apply -f deploy/examples/");
+            println!(
+                "  (on this node every agent runs the reference agent image {REFERENCE_AGENT_IMAGE} with 250m CPU and 128Mi:\n   \
+                 the ghcr.io/acme images are not on this machine. A one-line script stands in for the scanner's\n   \
+                 findings and for the supplier feed that times out on the product import's first attempt.)"
+            );
+            let examples = examples_for_the_real_node(cp)?;
+            kubectl(cp, &["apply", "-f", &examples.display().to_string()]);
+            None
+        }
+        None => {
+            step("Starting the operator");
+            let operator = OperatorProcess::start(cp, &["--metrics-addr", "127.0.0.1:0"]);
+            println!("  log: {}", operator.log_path().display());
+            step("kubectl apply -f deploy/examples/");
+            kubectl(cp, &["apply", "-f", &format!("{root}/deploy/examples/")]);
+            tokio::spawn(play_kubelet(admin.clone()));
+            Some(operator)
+        }
+    };
 
     wait_until(&admin, "every job to be estimated and waiting for approval", |j| {
         j.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::AwaitingApproval)
@@ -65,12 +120,21 @@ async fn main() -> anyhow::Result<()> {
         vote(&bob, &job, "bob", Decision::Approve).await;
     }
 
-    step("The operator creates the agent Pods; the demo plays the kubelet and the agents report usage");
+    match node {
+        Some(_) => step("The operator creates the agent Pods; the kubelet runs them and the agents report usage"),
+        None => step("The operator creates the agent Pods; the demo plays the kubelet and the agents report usage"),
+    }
     wait_until(&admin, "every job to finish", |j| j.status.as_ref().and_then(|s| s.phase).is_some_and(JobPhase::is_terminal)).await?;
 
     step("kubectl get agentjobs,agenttools,approvalvotes -A");
     kubectl(cp, &["get", "agentjobs,agenttools,approvalvotes", "-A"]);
     step("Estimated against actual cost");
+    if node.is_some() {
+        println!(
+            "  (the reference agent calls no model yet: it reports the tokens of what it read and wrote, far below an\n   \
+             estimate made for the real agents)"
+        );
+    }
     print_cost_table(&admin).await?;
     step("Why each job ended (its Ready condition)");
     kubectl(
@@ -83,10 +147,110 @@ async fn main() -> anyhow::Result<()> {
             "custom-columns=NAMESPACE:.metadata.namespace,JOB:.metadata.name,REASON:.status.conditions[?(@.type==\"Ready\")].reason,MESSAGE:.status.conditions[?(@.type==\"Ready\")].message",
         ],
     );
-    kubectl(cp, &["get", "pods", "-A", "-l", "app.kubernetes.io/managed-by=agentgate"]);
+    let pods = ["get", "pods", "-A", "-l", "app.kubernetes.io/managed-by=agentgate", "-o", "wide"];
+    // Wide shows the node and Pod IP a real kubelet gave each Pod; the simulated one gives none.
+    kubectl(cp, if node.is_some() { &pods } else { &pods[..5] });
     println!("\nDone. Everything started by the demo stops now.");
     drop(operator);
     Ok(())
+}
+
+/// The real node, when this machine can run one; otherwise one line saying why the demo plays
+/// the kubelet instead.
+async fn real_node() -> Option<RealNode> {
+    let simulated = |why: &str| {
+        println!("\n==> Kubelet: SIMULATED ({why}); the demo writes the agent Pods' status itself");
+        None
+    };
+    if std::env::var_os("AGENTGATE_DEMO_SIMULATED").is_some_and(|v| !v.is_empty() && v != "0") {
+        return simulated("AGENTGATE_DEMO_SIMULATED is set");
+    }
+    if let Some(why) = support::node::unavailable() {
+        return simulated(&format!("no real node here: {why}"));
+    }
+    println!(
+        "\n==> Kubelet: REAL: a node on this machine (containerd 2 + runc + CNI bridge, kubelet and kube-scheduler v1.37.2), \
+         the operator in-cluster"
+    );
+    step("Starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler, containerd and the kubelet");
+    match tokio::task::spawn_blocking(|| RealNode::start_with(NodeOptions { in_cluster: true })).await {
+        Ok(Ok(node)) => {
+            println!("  node {NODE_NAME} Ready; its logs: {}", support::node::LOG_DIR);
+            Some(node)
+        }
+        Ok(Err(e)) => simulated(&format!("the real node failed to start: {e:#}")),
+        Err(e) => simulated(&format!("the real node failed to start: {e}")),
+    }
+}
+
+/// `helm install` of the chart into agentgate-system (restricted Pod Security, as
+/// deploy/namespace.yaml sets it), with the operator image made from the cargo build.
+async fn install_operator(node: &RealNode) -> anyhow::Result<()> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let cp = node.control_plane();
+    step("Making the operator image from the cargo build (deploy/images/debug-image.sh) and loading it into containerd");
+    let image = tokio::task::block_in_place(|| node.import_operator_debug_image())?;
+    println!("  {image}");
+    step("helm install agentgate charts/agentgate -n agentgate-system (2 replicas, leader election)");
+    kubectl(cp, &["apply", "--server-side", "-f", &format!("{root}/deploy/namespace.yaml")]);
+    let helm = support::tools::helm();
+    // Async, so that Ctrl-C during the install stops it and tears the node down.
+    let out = tokio::process::Command::new(&helm)
+        .kill_on_drop(true)
+        .current_dir(root)
+        .args(["install", "agentgate", "charts/agentgate", "--namespace", "agentgate-system", "--take-ownership", "--force-conflicts"])
+        .args(["--set", &format!("image.repository={OPERATOR_DEBUG_REPOSITORY}"), "--set", &format!("image.tag={OPERATOR_DEBUG_TAG}")])
+        .args(["--set", "image.pullPolicy=Never", "--wait", "--timeout", "3m", "--kubeconfig"])
+        .arg(cp.kubeconfig("admin"))
+        .output()
+        .await?;
+    anyhow::ensure!(out.status.success(), "helm install failed: {}", String::from_utf8_lossy(&out.stderr));
+    kubectl(cp, &["get", "pods", "-n", "agentgate-system", "-o", "wide"]);
+    println!("  operator logs: kubectl logs -n agentgate-system deploy/agentgate --kubeconfig {}", cp.kubeconfig("admin").display());
+    Ok(())
+}
+
+/// deploy/examples/ as a v1 List, its AgentJobs' agents running the reference agent image with
+/// resources this node has; written next to the kubeconfigs.
+fn examples_for_the_real_node(cp: &ControlPlane) -> anyhow::Result<std::path::PathBuf> {
+    // The security scan's outputSchema wants `findings`; the importer's feed fails its first attempt
+    // after the agent wrote its report (so that attempt's usage counts, as with a real agent).
+    const SCANNER: &str =
+        r#"report=$(/agent) && printf '%s' "$report" | sed 's/"output":{/"output":{"findings":0,/' > /dev/termination-log"#;
+    const IMPORTER: &str = r#"/agent && if [ "$AGENTGATE_ATTEMPT" = 1 ]; then echo 'supplier feed timed out' >&2; exit 1; fi"#;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+    files.sort();
+    let mut items = Vec::new();
+    for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "yaml")) {
+        for mut doc in serde_saphyr::from_multiple::<serde_json::Value>(&std::fs::read_to_string(file)?)? {
+            if doc["kind"] == "AgentJob" {
+                let name = doc["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+                let spec = &mut doc["spec"];
+                spec["resources"]["cpu"] = json!("250m");
+                spec["resources"]["memory"] = json!("128Mi");
+                let script = [("security-scan", SCANNER), ("product-import", IMPORTER)].into_iter().find(|(p, _)| name.starts_with(p));
+                let agents = spec["agents"].as_object_mut().into_iter().flat_map(|a| a.values_mut());
+                // `primary` is one agent, `supporting` a list of them.
+                let agents = agents.flat_map(|a| match a {
+                    serde_json::Value::Array(list) => list.iter_mut().collect::<Vec<_>>(),
+                    one => vec![one],
+                });
+                for agent in agents {
+                    agent["image"] = json!(REFERENCE_AGENT_IMAGE);
+                    if let Some((_, script)) = script {
+                        agent["command"] = json!(["/bin/sh", "-c", script]);
+                    }
+                }
+            }
+            if !doc.is_null() {
+                items.push(doc);
+            }
+        }
+    }
+    let path = cp.dir().join("examples-on-the-real-node.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&json!({"apiVersion": "v1", "kind": "List", "items": items}))?)?;
+    Ok(path)
 }
 
 fn step(what: &str) {

@@ -96,7 +96,7 @@ impl ControlPlane {
         Some(self.dir.join("audit.log")).filter(|p| p.exists())
     }
 
-    /// `https://127.0.0.1:<port>` of the kube-apiserver.
+    /// `https://<address>:<port>` of the kube-apiserver (loopback unless [`Options::address`]).
     pub fn server(&self) -> &str {
         &self.server
     }
@@ -214,11 +214,14 @@ impl ControlPlane {
         let etcd = Process::spawn("etcd", etcd, dir.join("etcd.log"))?;
 
         let cert_dir = dir.join("pki");
+        let address = options.address;
         let mut apiserver = Command::new(bin_dir.join("kube-apiserver"));
         apiserver
             .arg(format!("--etcd-servers={etcd_url}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
+            // The self-signed serving certificate names this address, and the `kubernetes`
+            // Service's ClusterIP (the first of --service-cluster-ip-range).
+            .arg(format!("--bind-address={address}"))
+            .arg(format!("--advertise-address={address}"))
             // Nothing in-cluster consumes the `kubernetes` Service's endpoints, and the reconciler
             // refuses a loopback advertise address.
             .arg("--endpoint-reconciler-type=none")
@@ -244,7 +247,7 @@ impl ControlPlane {
         }
         let apiserver = Process::spawn("kube-apiserver", apiserver, dir.join("kube-apiserver.log"))?;
 
-        let server = format!("https://127.0.0.1:{apiserver_port}");
+        let server = format!("https://{address}:{apiserver_port}");
         // The apiserver writes this bundle (serving certificate followed by its CA) at startup;
         // clients read it only when they connect, so naming it before it exists is fine.
         let ca = cert_dir.join("apiserver.crt");
@@ -434,11 +437,14 @@ pub struct Options {
     pub authorization_mode: &'static str,
     /// More kube-apiserver flags (client CA, kubelet client certificate, admission plugins, ...).
     pub apiserver_args: Vec<String>,
+    /// Where kube-apiserver listens: loopback, or the real node's IP so that Pods reach it
+    /// (tests/support/node.rs). The address must exist on this host.
+    pub address: &'static str,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { audit: false, authorization_mode: "RBAC", apiserver_args: Vec::new() }
+        Options { audit: false, authorization_mode: "RBAC", apiserver_args: Vec::new(), address: "127.0.0.1" }
     }
 }
 

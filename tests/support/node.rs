@@ -30,7 +30,7 @@ use std::{
 
 use anyhow::{Context, Result, bail, ensure};
 
-use super::controlplane::{ControlPlane, Options, Process, log_tail, run_checked};
+use super::controlplane::{ControlPlane, ControllerManager, Options, Process, log_tail, run_checked};
 
 pub const NODE_NAME: &str = "agentgate-node";
 /// The node's InternalIP: on `lo` (no dummy interface driver here; the kubelet refuses loopback).
@@ -55,6 +55,30 @@ pub const PAUSE_IMAGE: &str = "local.test/pause:1.0";
 pub const BUSYBOX_IMAGE: &str = "local.test/busybox:1.0";
 /// The reference agent (images/reference-agent), built by tests/node/build.sh and `make image`.
 pub const REFERENCE_AGENT_IMAGE: &str = concat!("ghcr.io/agentgate/reference-agent:", env!("CARGO_PKG_VERSION"));
+/// The ClusterIP of the `kubernetes` Service (the first address of the apiserver's
+/// --service-cluster-ip-range), which in-cluster clients reach through KUBERNETES_SERVICE_HOST.
+pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
+/// Comment on the DNAT rule that plays kube-proxy for the `kubernetes` Service, to find it again.
+const SERVICE_RULE_COMMENT: &str = "agentgate-node: kubernetes Service";
+/// The operator image [`RealNode::import_operator_debug_image`] makes from the cargo-built binary.
+pub const OPERATOR_DEBUG_REPOSITORY: &str = "local.test/agentgate";
+pub const OPERATOR_DEBUG_TAG: &str = concat!("debug-", env!("CARGO_PKG_VERSION"));
+/// kube-controller-manager's controllers on an [`NodeOptions::in_cluster`] node: the
+/// `kube-root-ca.crt` ConfigMap every ServiceAccount token volume mounts, default
+/// ServiceAccounts, Deployments and their ReplicaSets (the chart), EndpointSlices of Services (the
+/// metrics Service, scraped as Prometheus does, by endpoint) and the garbage collector (ReplicaSets
+/// and Pods of an upgraded or uninstalled release).
+pub const IN_CLUSTER_CONTROLLERS: &str = "root-ca-cert-publisher,serviceaccount,deployment,replicaset,endpointslice,garbagecollector";
+
+/// What a [`RealNode`] offers besides running Pods.
+#[derive(Clone, Copy, Default)]
+pub struct NodeOptions {
+    /// Pods can be in-cluster API clients, as on a real cluster: kube-apiserver listens on the
+    /// node IP, a DNAT rule for the `kubernetes` Service's ClusterIP plays kube-proxy for that one
+    /// Service (no kube-proxy here), and kube-controller-manager runs [`IN_CLUSTER_CONTROLLERS`].
+    /// The operator then runs as a Pod installed by the chart (tests/in_cluster.rs, `make demo`).
+    pub in_cluster: bool,
+}
 
 /// Why a real node cannot start on this machine, or `None` when it can.
 pub fn unavailable() -> Option<String> {
@@ -95,6 +119,7 @@ pub struct RealNode {
     bin: PathBuf,
     started_in: Duration,
     scheduler: Option<Process>,
+    controller_manager: Option<ControllerManager>,
     kubelet: Option<Process>,
     containerd: Option<Process>,
     control_plane: Option<ControlPlane>,
@@ -106,6 +131,11 @@ impl RealNode {
     /// is Ready and schedulable and the scheduler runs. Blocks, possibly for a while: it waits
     /// for the machine's lock first.
     pub fn start() -> Result<RealNode> {
+        Self::start_with(NodeOptions::default())
+    }
+
+    /// Like [`Self::start`], with [`NodeOptions`].
+    pub fn start_with(options: NodeOptions) -> Result<RealNode> {
         let lock = lock_machine()?;
         let bin = node_binaries()?;
         let t0 = Instant::now();
@@ -113,6 +143,7 @@ impl RealNode {
             bin,
             started_in: Duration::ZERO,
             scheduler: None,
+            controller_manager: None,
             kubelet: None,
             containerd: None,
             control_plane: None,
@@ -146,8 +177,13 @@ impl RealNode {
                 format!("--kubelet-certificate-authority={}", p("ca.crt")),
                 "--kubelet-preferred-address-types=InternalIP".into(),
             ],
+            // Pods reach the node IP through the bridge's gateway; loopback only from the host.
+            address: if options.in_cluster { NODE_IP } else { "127.0.0.1" },
         })?);
         node.start_components(dir)?;
+        if options.in_cluster {
+            node.serve_in_cluster_clients()?;
+        }
         node.started_in = t0.elapsed();
         eprintln!("real node {NODE_NAME} Ready in {:.1?} (including its control plane); logs in {LOG_DIR}", node.started_in);
         Ok(node)
@@ -239,6 +275,62 @@ impl RealNode {
         Ok(())
     }
 
+    /// What a real cluster gives in-cluster API clients and the chart's Deployment, which the
+    /// harness does not otherwise run (see [`NodeOptions::in_cluster`]).
+    fn serve_in_cluster_clients(&mut self) -> Result<()> {
+        let cp = self.control_plane.as_ref().expect("control plane runs until drop");
+        let port = cp.server().rsplit(':').next().context("the apiserver URL has a port")?.to_owned();
+        // kube-proxy's rule for the `kubernetes` Service, for traffic from Pods (PREROUTING).
+        run_checked(Command::new("iptables").args([
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            &format!("{KUBERNETES_SERVICE_IP}/32"),
+            "-p",
+            "tcp",
+            "--dport",
+            "443",
+            "-m",
+            "comment",
+            "--comment",
+            SERVICE_RULE_COMMENT,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{NODE_IP}:{port}"),
+        ]))
+        .context("adding the DNAT rule of the kubernetes Service")?;
+        // The bundle the apiserver serves with (certificate and its self-signed CA): what the
+        // root-CA publisher puts in every namespace's kube-root-ca.crt, so that Pods trust it.
+        let root_ca = format!("--root-ca-file={}", cp.dir().join("pki/apiserver.crt").display());
+        self.controller_manager = Some(ControllerManager::start_with_args(cp, IN_CLUSTER_CONTROLLERS, &[&root_ca]));
+        Ok(())
+    }
+
+    /// Makes the operator image from the binary cargo built for this test (or `$AGENTGATE_BIN`,
+    /// else target/debug/agentgate) with deploy/images/debug-image.sh, imports it into the node's
+    /// containerd, and returns its reference (`OPERATOR_DEBUG_REPOSITORY:OPERATOR_DEBUG_TAG`).
+    /// Seconds, where the release image (`make image`) takes half an hour cold.
+    pub fn import_operator_debug_image(&self) -> Result<String> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let binary = std::env::var_os("AGENTGATE_BIN")
+            .map(PathBuf::from)
+            .or_else(|| option_env!("CARGO_BIN_EXE_agentgate").map(PathBuf::from))
+            .unwrap_or_else(|| root.join("target/debug/agentgate"));
+        ensure!(binary.is_file(), "{} is missing (cargo build --bin agentgate)", binary.display());
+        let image = format!("{OPERATOR_DEBUG_REPOSITORY}:{OPERATOR_DEBUG_TAG}");
+        let tarball = Path::new(STATE_DIR).join("agentgate-debug-image.tar");
+        run_checked(
+            Command::new(root.join("deploy/images/debug-image.sh")).arg(self.bin.join("bin/crane")).arg(&binary).arg(&tarball).arg(&image),
+        )
+        .context("making the operator's debug image")?;
+        self.import_image(&tarball, &image)?;
+        let _ = fs::remove_file(&tarball);
+        Ok(image)
+    }
+
     /// The control plane the node is registered to.
     pub fn control_plane(&self) -> &ControlPlane {
         self.control_plane.as_ref().expect("control plane runs until drop")
@@ -308,6 +400,7 @@ impl Drop for RealNode {
         for process in [&mut self.scheduler, &mut self.kubelet].into_iter().flatten() {
             process.kill();
         }
+        self.controller_manager.take();
         // 2. every sandbox through containerd, which runs CNI DEL and stops the shims
         if self.containerd.is_some() {
             let crictl = self.bin.join("bin/crictl");
@@ -464,6 +557,7 @@ fn clean_host() {
     // network: the bridge (veths die with their netns), CNI masquerade rules, the node IP
     quiet(Command::new("ip").args(["link", "del", BRIDGE]));
     remove_cni_nat_rules();
+    remove_service_rules();
     quiet(Command::new("ip").args(["addr", "del", &format!("{NODE_IP}/32"), "dev", "lo"]));
     // cgroups the kubelet made (cgroupfs driver): /kubepods in every hierarchy, deepest first
     for hierarchy in fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
@@ -525,6 +619,20 @@ fn remove_cni_nat_rules() {
     for chain in chains.iter().filter(|c| c.starts_with("CNI-")) {
         let _ = Command::new("iptables").args(["-t", "nat", "-F", chain]).status();
         let _ = Command::new("iptables").args(["-t", "nat", "-X", chain]).status();
+    }
+}
+
+/// The DNAT rules of [`RealNode::serve_in_cluster_clients`], by number, highest first.
+fn remove_service_rules() {
+    let Ok(listed) = Command::new("iptables").args(["-t", "nat", "-L", "PREROUTING", "-n", "--line-numbers"]).output() else { return };
+    let mut numbers: Vec<u32> = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("/* {SERVICE_RULE_COMMENT} */")))
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    numbers.sort_unstable_by(|a, b| b.cmp(a));
+    for n in numbers {
+        let _ = Command::new("iptables").args(["-t", "nat", "-D", "PREROUTING", &n.to_string()]).status();
     }
 }
 
