@@ -127,16 +127,13 @@ pub fn for_job(reference: &AgentJob, jobs: &[&AgentJob], prices: &PriceTable) ->
             })
         })
         .count();
-    let mut advice: Vec<Recommendation> = [
-        cheaper_model(reference, &type_, &runs),
-        budget(reference, &type_, &runs, rejected_for_budget),
-        retry_spend(&type_, &runs),
-    ]
-    .into_iter()
-    .flatten()
-    .chain(prompt_cache(reference, &type_, &runs, prices))
-    .chain(supporting_agents(reference, &type_, &runs, prices))
-    .collect();
+    let mut advice: Vec<Recommendation> =
+        [cheaper_model(reference, &type_, &runs), budget(reference, &type_, &runs, rejected_for_budget), retry_spend(&type_, &runs)]
+            .into_iter()
+            .flatten()
+            .chain(prompt_cache(reference, &type_, &runs, prices))
+            .chain(supporting_agents(reference, &type_, &runs, prices))
+            .collect();
     advice.sort_by(|a, b| usd(&b.saving_over_samples_usd).cmp(&usd(&a.saving_over_samples_usd)).then(a.kind.cmp(&b.kind)));
     advice.truncate(MAX_RECOMMENDATIONS);
     advice
@@ -189,7 +186,14 @@ fn mean(total: MicroUsd, n: usize) -> MicroUsd {
     MicroUsd(if n == 0 { 0 } else { total.0 / n as i64 })
 }
 
-fn recommendation(kind: RecommendationKind, summary: String, evidence: String, samples: usize, per_run: MicroUsd, over: MicroUsd) -> Recommendation {
+fn recommendation(
+    kind: RecommendationKind,
+    summary: String,
+    evidence: String,
+    samples: usize,
+    per_run: MicroUsd,
+    over: MicroUsd,
+) -> Recommendation {
     Recommendation {
         kind,
         summary: bounded_to(&summary, MAX_SUMMARY),
@@ -218,10 +222,7 @@ fn outcomes(runs: &[&Run]) -> Outcomes {
 }
 
 fn describe(model: &str, o: &Outcomes) -> String {
-    format!(
-        "{model}: {} runs, {:.0}% succeeded, {:.0}% valid output, mean ${} a run",
-        o.n, o.succeeded, o.valid_output, o.mean_cost
-    )
+    format!("{model}: {} runs, {:.0}% succeeded, {:.0}% valid output, mean ${} a run", o.n, o.succeeded, o.valid_output, o.mean_cost)
 }
 
 /// The cheapest other primary model of this jobType here whose runs did as well.
@@ -276,7 +277,8 @@ fn prompt_cache(reference: &AgentJob, type_: &str, runs: &[Run], prices: &PriceT
             if using.len() < MIN_SAMPLES {
                 return None;
             }
-            let (input, cached) = using.iter().fold((0i64, 0i64), |(i, c), t| (i.saturating_add(t.input), c.saturating_add(t.cached_input)));
+            let (input, cached) =
+                using.iter().fold((0i64, 0i64), |(i, c), t| (i.saturating_add(t.input), c.saturating_add(t.cached_input)));
             let all_input = input.saturating_add(cached);
             if all_input == 0 || (cached as f64) >= CACHE_NEAR_ZERO * all_input as f64 {
                 return None;
@@ -437,12 +439,7 @@ fn supporting_agents(reference: &AgentJob, type_: &str, runs: &[Run], prices: &P
                     agent.name,
                     percent(agent_cost.0, total.0)
                 ),
-                format!(
-                    "{} runs: {} spent ${agent_cost} of ${total} ({} tokens); {how}",
-                    alone.len(),
-                    agent.name,
-                    tokens.total()
-                ),
+                format!("{} runs: {} spent ${agent_cost} of ${total} ({} tokens); {how}", alone.len(), agent.name, tokens.total()),
                 alone.len(),
                 mean(over, alone.len()),
                 over,

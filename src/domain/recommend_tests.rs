@@ -109,7 +109,10 @@ fn no_recommendation_below_the_sample_minimum() {
     // One more and the prompt-cache, budget and retry advice appear.
     let five: Vec<AgentJob> = batch("team-a", "few", "gpt-4o", RUN, MIN_SAMPLES, 0, 0);
     let advice = for_job(&five[0], &refs(&five), &PriceTable::builtin());
-    assert!(kinds(&advice).contains(&RecommendationKind::PromptCache) && kinds(&advice).contains(&RecommendationKind::RetrySpend), "{advice:#?}");
+    assert!(
+        kinds(&advice).contains(&RecommendationKind::PromptCache) && kinds(&advice).contains(&RecommendationKind::RetrySpend),
+        "{advice:#?}"
+    );
 }
 
 #[test]
@@ -186,9 +189,10 @@ fn prompt_cache_near_zero_on_a_caching_provider() {
     assert!(!kinds(&for_job(&caching[0], &refs(&caching), &PriceTable::builtin())).contains(&RecommendationKind::PromptCache));
 
     // A provider without a cache discount: nothing to gain.
-    let prices =
-        PriceTable::with_overrides_from_yaml("models:\n  gpt-4o: {inputPerMillion: 2.5, cachedInputPerMillion: 2.5, outputPerMillion: 10}\n")
-            .unwrap();
+    let prices = PriceTable::with_overrides_from_yaml(
+        "models:\n  gpt-4o: {inputPerMillion: 2.5, cachedInputPerMillion: 2.5, outputPerMillion: 10}\n",
+    )
+    .unwrap();
     assert!(!kinds(&for_job(&jobs[0], &refs(&jobs), &prices)).contains(&RecommendationKind::PromptCache));
 }
 
@@ -258,7 +262,15 @@ fn a_supporting_agent_whose_cost_dominates() {
     let researcher = tokens(200_000, 0, 20_000); // claude-opus-4: $3.00 + $1.50 = $4.50
     let jobs: Vec<AgentJob> = (0..5)
         .map(|i| {
-            let mut job = finished("team-a", &format!("j{i}"), "scan", "gpt-4o-mini", &[("gpt-4o-mini", RUN), ("claude-opus-4", researcher)], true, i);
+            let mut job = finished(
+                "team-a",
+                &format!("j{i}"),
+                "scan",
+                "gpt-4o-mini",
+                &[("gpt-4o-mini", RUN), ("claude-opus-4", researcher)],
+                true,
+                i,
+            );
             job.spec.agents.supporting =
                 vec![serde_json::from_value(json!({"name": "researcher", "image": "i", "model": "claude-opus-4"})).unwrap()];
             budget(job, "6")

@@ -170,7 +170,8 @@ pub fn read_answer(body: &[u8]) -> Result<Opinion, String> {
     let content = completion.choices.into_iter().next().and_then(|c| c.message.content).ok_or("the completion has no message content")?;
     // Models like to fence JSON in a code block; the fence is all that is forgiven.
     let text = content.trim();
-    let text = text.strip_prefix("```json").or_else(|| text.strip_prefix("```")).map_or(text, |t| t.trim_end().trim_end_matches("```")).trim();
+    let text =
+        text.strip_prefix("```json").or_else(|| text.strip_prefix("```")).map_or(text, |t| t.trim_end().trim_end_matches("```")).trim();
     let answer: Answer = serde_json::from_str(text).map_err(|_| "the answer is not the JSON object asked for".to_string())?;
     let decision = match answer.decision.trim().to_ascii_lowercase().as_str() {
         "approve" => Decision::Approve,
@@ -195,7 +196,17 @@ pub fn read_answer(body: &[u8]) -> Result<Opinion, String> {
 pub fn sanitize(text: &str) -> String {
     let cleaned: String = text
         .chars()
-        .map(|c| if c.is_control() || ('\u{200b}'..='\u{200f}').contains(&c) || ('\u{202a}'..='\u{202e}').contains(&c) || ('\u{2066}'..='\u{2069}').contains(&c) { ' ' } else { c })
+        .map(|c| {
+            if c.is_control()
+                || ('\u{200b}'..='\u{200f}').contains(&c)
+                || ('\u{202a}'..='\u{202e}').contains(&c)
+                || ('\u{2066}'..='\u{2069}').contains(&c)
+            {
+                ' '
+            } else {
+                c
+            }
+        })
         .collect();
     let collapsed = cleaned.split_whitespace().collect::<Vec<_>>().join(" ");
     crate::domain::validate::bounded_to(&collapsed, MAX_REASONING)

@@ -36,7 +36,11 @@ fn opinion(decision: Decision, confidence: i32) -> Opinion {
 fn a_model_approval_within_the_limits_votes_approve_with_its_reasoning_and_confidence() {
     let Judgement::Vote(v) = combine(&within(), &settings(), Ok(opinion(Decision::Approve, 85))) else { panic!() };
     assert_eq!((v.decision, v.confidence), (Decision::Approve, 85));
-    assert!(v.reason.starts_with("model gpt-4o-mini approves: the scan is scoped to one repository | within review policy"), "{}", v.reason);
+    assert!(
+        v.reason.starts_with("model gpt-4o-mini approves: the scan is scoped to one repository | within review policy"),
+        "{}",
+        v.reason
+    );
 }
 
 #[test]
@@ -61,7 +65,9 @@ fn no_judgement_fails_closed() {
     assert_eq!((v.decision, v.confidence), (Decision::Reject, 0));
     assert!(v.reason.contains("HTTP 402") && v.reason.contains("rejects without its judgement"), "{}", v.reason);
     // An approval below the minimum confidence is no approval either.
-    assert!(matches!(combine(&within(), &settings(), Ok(opinion(Decision::Approve, 59))), Judgement::Abstain(why) if why.contains("below the policy's minimum 60%")));
+    assert!(
+        matches!(combine(&within(), &settings(), Ok(opinion(Decision::Approve, 59))), Judgement::Abstain(why) if why.contains("below the policy's minimum 60%"))
+    );
     let Judgement::Vote(v) = combine(&within(), &strict, Ok(opinion(Decision::Approve, 10))) else { panic!() };
     assert_eq!(v.decision, Decision::Reject);
 }

@@ -377,7 +377,10 @@ mod tests {
             }
         );
         let minimal = Policy::from_yaml("maxCostUSD: \"0.25\"\n").unwrap();
-        assert_eq!(minimal, Policy { max_cost: MicroUsd(250_000), allowed_tools: None, allowed_images: None, max_retries: None, model: None });
+        assert_eq!(
+            minimal,
+            Policy { max_cost: MicroUsd(250_000), allowed_tools: None, allowed_images: None, max_retries: None, model: None }
+        );
         let errors: &[(&str, &str)] = &[
             ("maxCostUSD: \"lots\"\n", "not a USD amount"),
             ("allowedTools: [x]\n", "maxCostUSD"),
