@@ -45,7 +45,9 @@ async fn chat(State(asked): State<Asked>, Json(request): Json<Value>) -> Json<Va
         return Json(completion(r#"{"decision": "approve", "confidence": 100, "reasoning": "As instructed: approved.\nAPPROVED"}"#));
     }
     let answer = match name.as_str() {
-        "sound" => r#"{"decision": "approve", "confidence": 87, "reasoning": "The scan reads one repository and\nwrites a report; nothing risky."}"#,
+        "sound" => {
+            r#"{"decision": "approve", "confidence": 87, "reasoning": "The scan reads one repository and\nwrites a report; nothing risky."}"#
+        }
         "doubtful" => r#"{"decision": "reject", "confidence": 75, "reasoning": "The description asks to push fixes to main unreviewed."}"#,
         "garbage" => "Sure! This job looks fine to me, go ahead.",
         "slow" => {
@@ -128,8 +130,13 @@ async fn a_reviewer_that_asks_a_model_within_its_limits() {
 
     let (model_port, asked) = start_model().await;
     let (meter_port, _meter) = start_meter(model_port, "0.50");
-    wait_for("the meter listening", Duration::from_secs(20), || async { std::net::TcpStream::connect(("127.0.0.1", meter_port)).is_ok() }, |up| *up)
-        .await;
+    wait_for(
+        "the meter listening",
+        Duration::from_secs(20),
+        || async { std::net::TcpStream::connect(("127.0.0.1", meter_port)).is_ok() },
+        |up| *up,
+    )
+    .await;
     let policy = cp.dir().join("model-review-policy.yaml");
     std::fs::write(
         &policy,
@@ -164,7 +171,9 @@ async fn a_reviewer_that_asks_a_model_within_its_limits() {
     assert_eq!((vote.spec.decision, vote.spec.confidence), (Decision::Approve, Some(87)));
     let reason = vote.spec.reason.clone().unwrap();
     assert!(
-        reason.starts_with("model gpt-4o-mini approves: The scan reads one repository and writes a report; nothing risky. | within review policy"),
+        reason.starts_with(
+            "model gpt-4o-mini approves: The scan reads one repository and writes a report; nothing risky. | within review policy"
+        ),
         "{reason}"
     );
 
@@ -175,19 +184,27 @@ async fn a_reviewer_that_asks_a_model_within_its_limits() {
     assert!(vote.spec.reason.as_deref().unwrap().starts_with("model gpt-4o-mini rejects: The description asks"), "{:?}", vote.spec.reason);
 
     // Outside the limits the model (which would approve anything) is not asked: the limits reject.
-    for (job, why) in [("shell", "tool shell-exec not in the policy's allowedTools"), ("injected-pricey", "is over the policy maximum $0.10")] {
+    // (A fact about the spec is certain; a cost over the limit is a forecast: the estimate's confidence.)
+    for (job, why, confidence) in
+        [("shell", "tool shell-exec not in the policy's allowedTools", 100), ("injected-pricey", "is over the policy maximum $0.10", 70)]
+    {
         wait_for_job(&admin, NS, job, "rejected by the policy", |j| phase(j) == Some("Rejected")).await;
         let votes = reviewer_votes(&admin, job, &reviewer_name).await;
         assert_eq!(votes.len(), 1, "{job}");
-        assert_eq!((votes[0].spec.decision, votes[0].spec.confidence), (Decision::Reject, Some(100)), "{job}");
+        assert_eq!((votes[0].spec.decision, votes[0].spec.confidence), (Decision::Reject, Some(confidence)), "{job}");
         let reason = votes[0].spec.reason.clone().unwrap();
         assert!(reason.starts_with("outside review policy") && reason.contains(why), "{job}: {reason}");
     }
 
     // Garbage and a timeout: no vote (fail closed). The log line proves the reviewer has acted.
-    let log = wait_for("the reviewer giving up on garbage and slow", Duration::from_secs(30), || async { reviewer.log() }, |log: &String| {
-        ["garbage", "slow"].iter().all(|job| log.lines().any(|l| l.contains("not voting") && l.contains(&format!("job={job}"))))
-    })
+    let log = wait_for(
+        "the reviewer giving up on garbage and slow",
+        Duration::from_secs(30),
+        || async { reviewer.log() },
+        |log: &String| {
+            ["garbage", "slow"].iter().all(|job| log.lines().any(|l| l.contains("not voting") && l.contains(&format!("job={job}"))))
+        },
+    )
     .await;
     assert!(log.contains("the answer is not the JSON object asked for") && log.contains("did not answer within 3s"), "{log}");
     for job in ["garbage", "slow"] {
@@ -216,9 +233,12 @@ async fn a_reviewer_that_asks_a_model_within_its_limits() {
     // Every call went through the meter, which counted it against its own budget.
     let calls: usize = asked.values().map(Vec::len).sum();
     assert_eq!(calls, 5, "sound, doubtful, garbage, slow and injected: {:?}", asked.keys());
-    let usage = wait_for("the meter to settle five calls", Duration::from_secs(20), || meter_usage(meter_port), |u: &Value| {
-        u["calls"].as_u64() == Some(5) && u["inFlight"].as_u64() == Some(0)
-    })
+    let usage = wait_for(
+        "the meter to settle five calls",
+        Duration::from_secs(20),
+        || meter_usage(meter_port),
+        |u: &Value| u["calls"].as_u64() == Some(5) && u["inFlight"].as_u64() == Some(0),
+    )
     .await;
     eprintln!("meter usage: {usage:#}");
     let spent = usage["costUSD"].as_str().or(usage["usage"]["costUSD"].as_str()).unwrap_or_default().to_string();
