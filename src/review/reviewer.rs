@@ -46,6 +46,9 @@ struct Reviewer {
     done: BTreeSet<(String, i64)>,
     /// Jobs whose vote failed and should be tried again: (namespace, name) → latest copy.
     retry: BTreeMap<(String, String), AgentJob>,
+    /// Verdicts (uid, generation) whose vote failed to be cast: the retry casts the same one, so
+    /// the model is asked, and paid, once per generation.
+    judged: BTreeMap<(String, i64), super::policy::Verdict>,
 }
 
 impl Reviewer {
@@ -75,7 +78,12 @@ impl Reviewer {
             }
             Evaluation::Vote(v) => v,
         };
-        let verdict = match self.judge(job, verdict).await {
+        let judged = self.judged.remove(&(uid.clone(), generation));
+        let verdict = match judged {
+            Some(v) => Judgement::Vote(v),
+            None => self.judge(job, verdict).await,
+        };
+        let verdict = match verdict {
             Judgement::Vote(v) => v,
             Judgement::Abstain(why) => {
                 // Fail closed: no approval without a judgement; a human (or a spec change) decides.
@@ -101,6 +109,7 @@ impl Reviewer {
             Err(e) => {
                 tracing::warn!(job = %name, %namespace, generation, error = %e, "could not vote; will retry");
                 self.retry.insert(key, job.clone());
+                self.judged.insert((uid, generation), verdict);
             }
         }
     }
@@ -150,7 +159,8 @@ pub async fn run(args: ReviewArgs) -> anyhow::Result<()> {
         .iter()
         .map(|c| watcher(api.clone(), watcher::Config::default().fields(&format!("spec.category={c}"))).default_backoff().boxed());
     let mut events = futures::stream::select_all(streams);
-    let mut reviewer = Reviewer { client, me, policy, model, categories, done: BTreeSet::new(), retry: BTreeMap::new() };
+    let mut reviewer =
+        Reviewer { client, me, policy, model, categories, done: BTreeSet::new(), retry: BTreeMap::new(), judged: BTreeMap::new() };
     let mut retry = tokio::time::interval(Duration::from_secs(args.retry_seconds.max(1)));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let shutdown = shutdown_signal();
@@ -168,6 +178,7 @@ pub async fn run(args: ReviewArgs) -> anyhow::Result<()> {
                     reviewer.retry.remove(&(job.namespace().unwrap_or_default(), job.name_any()));
                     let uid = job.metadata.uid.unwrap_or_default();
                     reviewer.done.retain(|(u, _)| *u != uid);
+                    reviewer.judged.retain(|(u, _), _| *u != uid);
                 }
                 Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => {}
                 Some(Err(e)) => tracing::warn!(error = %e, "watching AgentJobs failed; retrying"),

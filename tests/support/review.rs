@@ -65,7 +65,11 @@ pub struct Reviewer {
 impl Reviewer {
     pub fn start(kubeconfig: &Path, args: &[&str], log: PathBuf) -> Reviewer {
         let file = std::fs::File::create(&log).expect("reviewer log");
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_agentgate"))
+        // As for the operator: examples (the demo) compile this module too, without the variable.
+        let binary = option_env!("CARGO_BIN_EXE_agentgate")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/agentgate"));
+        let child = tokio::process::Command::new(binary)
             .arg("review")
             .args(args)
             .env("KUBECONFIG", kubeconfig)
