@@ -80,8 +80,9 @@ impl Reviewer {
         };
         let judged = self.judged.remove(&(uid.clone(), generation));
         let verdict = match judged {
-            Some(v) => Judgement::Vote(v),
-            None => self.judge(job, verdict).await,
+            // The limits were checked afresh above: only the model's part is reused.
+            Some(v) if verdict.decision == crate::api::Decision::Approve => Judgement::Vote(v),
+            _ => self.judge(job, verdict).await,
         };
         let verdict = match verdict {
             Judgement::Vote(v) => v,
