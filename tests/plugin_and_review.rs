@@ -4,21 +4,19 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use agentgate::api::{AgentJob, ApprovalVote, Decision};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use support::cluster::*;
 use support::controlplane::{ControlPlane, OperatorProcess};
+use support::review::{Reviewer, reviewer_head_of, service_account_kubeconfig};
 
 const PLUGIN: &str = env!("CARGO_BIN_EXE_kubectl-agentgate");
-const AGENTGATE: &str = env!("CARGO_BIN_EXE_agentgate");
 
 struct Env {
     admin: Client,
@@ -72,34 +70,6 @@ fn text(output: &Output) -> String {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     )
-}
-
-/// A kubeconfig authenticating as ServiceAccount `ns/name` with a fresh TokenRequest token,
-/// for the same apiserver and CA as the harness's admin kubeconfig.
-async fn service_account_kubeconfig(admin: &Client, ns: &str, name: &str) -> PathBuf {
-    let cp = ControlPlane::shared();
-    let sa: ServiceAccount =
-        serde_json::from_value(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})).unwrap();
-    let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), ns);
-    match accounts.create(&PostParams::default(), &sa).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => {}
-        Err(e) => panic!("creating ServiceAccount {name}: {e}"),
-    }
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec { expiration_seconds: Some(3600), ..TokenRequestSpec::default() }),
-        ..TokenRequest::default()
-    };
-    let token = accounts
-        .create_token_request(name, &PostParams::default(), &request)
-        .await
-        .expect("TokenRequest")
-        .status
-        .expect("TokenRequest status")
-        .token
-        .expect("a token");
-
-    cp.token_kubeconfig(&format!("sa-{ns}-{name}"), &token, ns)
 }
 
 #[tokio::test]
@@ -176,42 +146,6 @@ async fn heads_vote_with_the_plugin_as_themselves() {
     );
 }
 
-/// `agentgate review` as a child process, stopped (SIGKILL) when dropped.
-struct Reviewer {
-    child: tokio::process::Child,
-    log: PathBuf,
-}
-
-impl Reviewer {
-    fn start(kubeconfig: &Path, args: &[&str], log: PathBuf) -> Reviewer {
-        let file = std::fs::File::create(&log).expect("reviewer log");
-        let child = tokio::process::Command::new(AGENTGATE)
-            .arg("review")
-            .args(args)
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,agentgate=debug")
-            .stdin(std::process::Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("starting agentgate review");
-        Reviewer { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Sends SIGTERM and waits for a clean exit.
-    async fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().expect("reviewer still running") as libc::pid_t;
-        // SAFETY: plain kill(2) on our own child's pid.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
-        tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.expect("reviewer stops on SIGTERM").unwrap()
-    }
-}
-
 async fn votes_by(admin: &Client, ns: &str, job: &str, voter: &str) -> Vec<ApprovalVote> {
     Api::<ApprovalVote>::namespaced(admin.clone(), ns)
         .list(&ListParams::default().fields(&format!("spec.jobRef.name={job}")))
@@ -231,21 +165,7 @@ async fn a_reviewer_service_account_votes_by_policy() {
     let reviewer_name = format!("system:serviceaccount:{}:reviewer", env.ns);
 
     // The reviewer's ServiceAccount is a head of the category and may read jobs and cast votes.
-    let pp = PatchParams::apply("plugin-and-review-test").force();
-    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "pr-reviewer"},
-        "rules": [
-            {"apiGroups": ["agentgate.dev"], "resources": ["categories"], "verbs": ["approve"], "resourceNames": [category]},
-            {"apiGroups": ["agentgate.dev"], "resources": ["approvalvotes"], "verbs": ["create", "get", "list", "watch"]},
-            {"apiGroups": ["agentgate.dev"], "resources": ["agentjobs"], "verbs": ["get", "list", "watch"]}]});
-    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "pr-reviewer"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "pr-reviewer"},
-        "subjects": [{"kind": "ServiceAccount", "name": "reviewer", "namespace": env.ns}]});
-    Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(env.admin.clone()).patch("pr-reviewer", &pp, &Patch::Apply(&role)).await.unwrap();
-    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(env.admin.clone())
-        .patch("pr-reviewer", &pp, &Patch::Apply(&binding))
-        .await
-        .unwrap();
-    let kubeconfig = service_account_kubeconfig(&env.admin, &env.ns, "reviewer").await;
+    let kubeconfig = reviewer_head_of(&env.admin, &env.ns, category, "pr-reviewer").await;
 
     let policy = cp.dir().join("pr-review-policy.yaml");
     std::fs::write(&policy, "maxCostUSD: \"0.10\"\nallowedTools: [bandit-scanner]\nallowedImages: [ghcr.io/acme/]\nmaxRetries: 2\n")

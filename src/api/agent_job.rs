@@ -334,6 +334,47 @@ pub struct AgentJobStatus {
     /// job started, each with why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub revoked_votes: Vec<IgnoredVote>,
+    /// Cost advice drawn from this namespace's finished jobs of the same jobType, written once,
+    /// with the status that finishes the job (domain/recommend.rs). Largest saving first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 5))]
+    pub recommendations: Vec<Recommendation>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+pub enum RecommendationKind {
+    /// Another model, already used as the primary's for this jobType here, did as well for less.
+    CheaperModel,
+    /// A model whose provider discounts cached input, with almost no input read from cache.
+    PromptCache,
+    /// The budget is far above what runs of this jobType cost (p90).
+    BudgetTooHigh,
+    /// Runs' p90 cost is near the budget: estimates will soon exceed it and jobs be rejected.
+    BudgetTooTight,
+    /// Failed attempts take a large share of the spend.
+    RetrySpend,
+    /// One supporting agent's model takes most of the spend.
+    SupportingAgentCost,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Recommendation {
+    pub kind: RecommendationKind,
+    /// What to change.
+    #[schemars(length(max = 512))]
+    pub summary: String,
+    /// The figures it rests on, from the finished jobs counted in `samples`.
+    #[schemars(length(max = 1024))]
+    pub evidence: String,
+    /// Finished jobs of the jobType (in this namespace) the advice rests on.
+    pub samples: i64,
+    /// Estimated saving per run, in USD ("0.00" when the advice avoids risk rather than spend).
+    #[serde(rename = "savingPerRunUSD")]
+    pub saving_per_run_usd: String,
+    /// What the sampled runs would have saved together, in USD.
+    #[serde(rename = "savingOverSamplesUSD")]
+    pub saving_over_samples_usd: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -30,7 +30,7 @@ struct Cli {
     /// Namespace of the job (default: the kubeconfig context's namespace, else "default").
     #[arg(short = 'n', long, global = true)]
     namespace: Option<String>,
-    /// Output of estimate, infra and stats: a table, or the report as JSON or YAML.
+    /// Output of estimate, infra, stats and recommend: a table, or the report as JSON or YAML.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
     #[command(subcommand)]
@@ -93,6 +93,10 @@ enum Command {
         #[arg(short = 'A', long)]
         all_namespaces: bool,
     },
+    /// Cost advice from the namespace's finished jobs: a cheaper model that did as well, unused
+    /// prompt caching, budgets far from what runs cost, retries and supporting agents that burn
+    /// the spend; each with its evidence and estimated saving.
+    Recommend(agentgate::cli::recommend::RecommendArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -183,6 +187,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let jobs = api.list(&Default::default()).await?.items;
             let report = plugin::stats_report(&jobs, k8s_openapi::jiff::Timestamp::now(), since);
             print_report(cli.output, &report, plugin::StatsReport::render)
+        }
+        Command::Recommend(args) => {
+            let report = agentgate::cli::recommend::report(&client, &namespace, &args).await?;
+            print_report(cli.output, &report, agentgate::cli::recommend::render)
         }
     }
 }

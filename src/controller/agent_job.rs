@@ -158,6 +158,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     }
     // Usage stored by an earlier write is learned and counted once; the mark goes with this write.
     super::learning_mark::learn_stored(job, ctx, &old_status, &mut plan.status).await;
+    super::recommendations::add_on_finish(job, ctx, &old_status, &mut plan.status, &prices);
     if plan.status != old_status {
         write_status(job, ctx, &plan.status).await?;
     }

@@ -12,6 +12,7 @@ pub mod identity_policies;
 pub mod learning_mark;
 pub mod pod_finalizer;
 pub mod price_table;
+pub mod recommendations;
 // Moved to the domain (it is pure, and the plugin needs it too); re-exported so `super::snapshot` still reads.
 pub use crate::domain::snapshot;
 pub mod tool_pinning;

@@ -113,6 +113,10 @@ pub fn running_attempt(job: &AgentJob, attempt: i32, generation: i64, now: &Time
     }
 }
 
+/// How an attempt's message starts when its output did not match `outputSchema`: the
+/// recommendations count such attempts as invalid output (domain/recommend.rs).
+pub const OUTPUT_MISMATCH: &str = "output does not match outputSchema";
+
 pub fn approvals_required(spec: &AgentJobSpec, floor: i32) -> i32 {
     spec.approval.as_ref().and_then(|a| a.required).unwrap_or(floor).max(floor)
 }
@@ -362,7 +366,7 @@ fn settle_attempt(
     if failures.is_empty()
         && let Err(errors) = check_against_schema("output", output.as_ref(), job.spec.output_schema.as_ref())
     {
-        failures.push(format!("output does not match outputSchema: {}", errors.join("; ")));
+        failures.push(format!("{OUTPUT_MISMATCH}: {}", errors.join("; ")));
     }
 
     if report_problems.is_empty() && unpriced.is_empty() {

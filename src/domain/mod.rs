@@ -15,6 +15,7 @@ pub mod pricing;
 pub mod provenance;
 pub mod quantity;
 pub mod readiness;
+pub mod recommend;
 pub mod report;
 pub mod retry_budget;
 pub mod snapshot;

@@ -11,8 +11,12 @@
 //!
 //! Layout: [`vote`] asks who we are and casts votes (shared by both); [`table`] renders the
 //! plugin's `votes` table; [`policy`] is the reviewer's pure policy and [`evaluate`];
-//! [`reviewer`] is the `agentgate review` loop.
+//! [`judge`] asks a model for a judgement within the policy's limits (pure: prompt, answer,
+//! combination) and [`model`] makes that call through the agent meter; [`reviewer`] is the
+//! `agentgate review` loop.
 
+mod judge;
+mod model;
 mod policy;
 mod reviewer;
 mod table;
@@ -21,6 +25,7 @@ mod vote;
 #[cfg(test)]
 mod fixtures;
 
+pub use judge::{Judgement, ModelSettings, OnFailure, Opinion, combine, read_answer};
 pub use policy::{Evaluation, Policy, Verdict, evaluate, image_allowed};
 pub use reviewer::{ReviewArgs, run};
 pub use table::{VoteRow, render_votes, vote_rows};

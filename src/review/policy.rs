@@ -2,6 +2,7 @@
 
 use serde::Deserialize;
 
+use super::judge::ModelSettings;
 use super::vote::truncate_reason;
 use crate::api::{AgentJob, Decision, JobPhase};
 use crate::domain::money::MicroUsd;
@@ -17,6 +18,8 @@ pub struct Policy {
     pub allowed_images: Option<Vec<String>>,
     /// Highest `spec.limits.maxRetries` approved; `None` allows any.
     pub max_retries: Option<i32>,
+    /// A model asked for a judgement on jobs within the limits above; `None`: the limits alone.
+    pub model: Option<ModelSettings>,
 }
 
 #[derive(Deserialize)]
@@ -30,6 +33,8 @@ struct PolicyFile {
     allowed_images: Option<Vec<String>>,
     #[serde(default)]
     max_retries: Option<i32>,
+    #[serde(default)]
+    model: Option<ModelSettings>,
 }
 
 impl Policy {
@@ -45,7 +50,16 @@ impl Policy {
         if file.max_retries.is_some_and(|r| r < 0) {
             return Err("review policy: maxRetries must not be negative".into());
         }
-        Ok(Policy { max_cost, allowed_tools: file.allowed_tools, allowed_images: file.allowed_images, max_retries: file.max_retries })
+        if let Some(model) = &file.model {
+            model.check()?;
+        }
+        Ok(Policy {
+            max_cost,
+            allowed_tools: file.allowed_tools,
+            allowed_images: file.allowed_images,
+            max_retries: file.max_retries,
+            model: file.model,
+        })
     }
 }
 
@@ -180,6 +194,7 @@ mod tests {
             allowed_tools: Some(vec!["bandit-scanner".into(), "semgrep".into()]),
             allowed_images: Some(vec!["ghcr.io/acme/".into(), "registry.internal/team".into()]),
             max_retries: Some(2),
+            model: None,
         }
     }
 
@@ -357,11 +372,15 @@ mod tests {
                 max_cost: MicroUsd(1_000_000),
                 allowed_tools: Some(vec!["bandit-scanner".into()]),
                 allowed_images: Some(vec!["ghcr.io/acme/".into()]),
-                max_retries: Some(2)
+                max_retries: Some(2),
+                model: None
             }
         );
         let minimal = Policy::from_yaml("maxCostUSD: \"0.25\"\n").unwrap();
-        assert_eq!(minimal, Policy { max_cost: MicroUsd(250_000), allowed_tools: None, allowed_images: None, max_retries: None });
+        assert_eq!(
+            minimal,
+            Policy { max_cost: MicroUsd(250_000), allowed_tools: None, allowed_images: None, max_retries: None, model: None }
+        );
         let errors: &[(&str, &str)] = &[
             ("maxCostUSD: \"lots\"\n", "not a USD amount"),
             ("allowedTools: [x]\n", "maxCostUSD"),

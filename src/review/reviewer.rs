@@ -9,6 +9,8 @@ use kube::api::PostParams;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
+use super::judge::{Judgement, combine};
+use super::model::Model;
 use super::policy::{Evaluation, Policy, evaluate};
 use super::vote::{Ballot, VoteError, cast_vote, whoami};
 use crate::api::{AgentJob, JobPhase, REQUESTED_BY};
@@ -21,7 +23,8 @@ pub struct ReviewArgs {
     #[arg(long = "category", required = true, value_delimiter = ',')]
     pub categories: Vec<String>,
     /// YAML review policy: `maxCostUSD: "1.00"`, optional `allowedTools: [..]`,
-    /// `allowedImages: [prefix, ..]` and `maxRetries: N`.
+    /// `allowedImages: [prefix, ..]`, `maxRetries: N` and `model: {url, model, ...}` (a model
+    /// asked, through the agent meter, for a judgement on jobs within those limits).
     #[arg(long)]
     pub policy: PathBuf,
     /// Review jobs in this namespace only (default: all namespaces).
@@ -36,11 +39,16 @@ struct Reviewer {
     client: Client,
     me: String,
     policy: Policy,
+    /// Asked about jobs within the policy's limits, when the policy names one.
+    model: Option<Model>,
     categories: BTreeSet<String>,
     /// (uid, generation) already voted on, or deliberately left alone.
     done: BTreeSet<(String, i64)>,
     /// Jobs whose vote failed and should be tried again: (namespace, name) → latest copy.
     retry: BTreeMap<(String, String), AgentJob>,
+    /// Verdicts (uid, generation) whose vote failed to be cast: the retry casts the same one, so
+    /// the model is asked, and paid, once per generation.
+    judged: BTreeMap<(String, i64), super::policy::Verdict>,
 }
 
 impl Reviewer {
@@ -70,6 +78,22 @@ impl Reviewer {
             }
             Evaluation::Vote(v) => v,
         };
+        let judged = self.judged.remove(&(uid.clone(), generation));
+        let verdict = match judged {
+            // The limits were checked afresh above: only the model's part is reused.
+            Some(v) if verdict.decision == crate::api::Decision::Approve => Judgement::Vote(v),
+            _ => self.judge(job, verdict).await,
+        };
+        let verdict = match verdict {
+            Judgement::Vote(v) => v,
+            Judgement::Abstain(why) => {
+                // Fail closed: no approval without a judgement; a human (or a spec change) decides.
+                tracing::warn!(job = %name, %namespace, generation, %why, "not voting");
+                self.done.insert((uid, generation));
+                self.retry.remove(&key);
+                return;
+            }
+        };
         let ballot = Ballot { decision: verdict.decision, reason: Some(verdict.reason.clone()), confidence: Some(verdict.confidence) };
         match cast_vote(&self.client, job, &self.me, &ballot).await {
             Ok(vote) => {
@@ -86,8 +110,24 @@ impl Reviewer {
             Err(e) => {
                 tracing::warn!(job = %name, %namespace, generation, error = %e, "could not vote; will retry");
                 self.retry.insert(key, job.clone());
+                self.judged.insert((uid, generation), verdict);
             }
         }
+    }
+}
+
+impl Reviewer {
+    /// The policy's verdict, with the model's judgement when the policy names a model and the
+    /// job is within its limits (outside them the model is not asked: the limits decide).
+    async fn judge(&self, job: &AgentJob, verdict: super::policy::Verdict) -> Judgement {
+        let Some(model) = self.model.as_ref().filter(|_| verdict.decision == crate::api::Decision::Approve) else {
+            return Judgement::Vote(verdict);
+        };
+        let opinion = model.ask(job, &verdict.reason).await;
+        if let Err(why) = &opinion {
+            tracing::warn!(job = %job.name_any(), model = %model.settings.model, error = %why, "the model gave no judgement");
+        }
+        combine(&verdict, &model.settings, opinion)
     }
 }
 
@@ -97,13 +137,15 @@ pub async fn run(args: ReviewArgs) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(&args.policy).map_err(|e| anyhow::anyhow!("reading review policy {}: {e}", args.policy.display()))?;
     let policy = Policy::from_yaml(&text).map_err(anyhow::Error::msg)?;
+    let model = policy.model.clone().map(Model::new).transpose()?;
     let categories: BTreeSet<String> = args.categories.iter().map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
     anyhow::ensure!(!categories.is_empty(), "give at least one --category");
 
     let client = Client::try_default().await?;
     let me = whoami(&client).await?;
     tracing::info!(reviewer = %me, categories = ?categories, namespace = ?args.namespace, max_cost_usd = %policy.max_cost,
-        allowed_tools = ?policy.allowed_tools, allowed_images = ?policy.allowed_images, max_retries = ?policy.max_retries, "starting reviewer");
+        allowed_tools = ?policy.allowed_tools, allowed_images = ?policy.allowed_images, max_retries = ?policy.max_retries,
+        model = ?policy.model.as_ref().map(|m| format!("{} at {}", m.model, m.url)), "starting reviewer");
 
     for category in &categories {
         warn_unless_head(&client, &me, category, args.namespace.as_deref()).await;
@@ -118,7 +160,8 @@ pub async fn run(args: ReviewArgs) -> anyhow::Result<()> {
         .iter()
         .map(|c| watcher(api.clone(), watcher::Config::default().fields(&format!("spec.category={c}"))).default_backoff().boxed());
     let mut events = futures::stream::select_all(streams);
-    let mut reviewer = Reviewer { client, me, policy, categories, done: BTreeSet::new(), retry: BTreeMap::new() };
+    let mut reviewer =
+        Reviewer { client, me, policy, model, categories, done: BTreeSet::new(), retry: BTreeMap::new(), judged: BTreeMap::new() };
     let mut retry = tokio::time::interval(Duration::from_secs(args.retry_seconds.max(1)));
     retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let shutdown = shutdown_signal();
@@ -136,6 +179,7 @@ pub async fn run(args: ReviewArgs) -> anyhow::Result<()> {
                     reviewer.retry.remove(&(job.namespace().unwrap_or_default(), job.name_any()));
                     let uid = job.metadata.uid.unwrap_or_default();
                     reviewer.done.retain(|(u, _)| *u != uid);
+                    reviewer.judged.retain(|(u, _), _| *u != uid);
                 }
                 Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => {}
                 Some(Err(e)) => tracing::warn!(error = %e, "watching AgentJobs failed; retrying"),

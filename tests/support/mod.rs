@@ -8,5 +8,6 @@ pub mod cluster;
 pub mod controlplane;
 pub mod http;
 pub mod node;
+pub mod review;
 pub mod storm;
 pub mod tools;
