@@ -109,6 +109,7 @@ pub fn running_attempt(job: &AgentJob, attempt: i32, generation: i64, now: &Time
         result: AttemptResult::Running,
         message: None,
         usage: None,
+        reported_usage: None,
         learned: false,
     }
 }
