@@ -387,9 +387,25 @@ fn settle_attempt(
         plan.events.push(PlannedEvent { warning: true, reason: reason.into(), note });
     }
 
+    // A metered attempt's usage is what its meters measured; the agents' claim is kept beside it
+    // for comparison and never counted (domain/grants.rs).
+    let metered = super::grants::attempt_usage(s.meter.as_ref(), current);
+    if let Some(measured) = &metered
+        && report_problems.is_empty()
+        && let Some(why) = super::grants::claim_mismatch(measured, &tokens)
+    {
+        let note = format!("attempt {current}: the agents' usage report disagrees with the meter, which is what counts: {why}");
+        plan.events.push(PlannedEvent { warning: true, reason: "UsageClaimMismatch".into(), note });
+    }
     let attempt = &mut s.attempts[index];
     attempt.completion_time = Some(o.now.clone());
-    attempt.usage = Some(attempt_usage);
+    match metered {
+        Some(measured) => {
+            attempt.reported_usage = Some(attempt_usage);
+            attempt.usage = Some(measured);
+        }
+        None => attempt.usage = Some(attempt_usage),
+    }
     attempt.result = if failures.is_empty() { AttemptResult::Succeeded } else { AttemptResult::Failed };
     attempt.message = Some(if failures.is_empty() { "all agents succeeded".into() } else { failures.join("; ") });
     (failures, output)
@@ -397,6 +413,14 @@ fn settle_attempt(
 
 /// Usage is the sum over every attempt: a retry never overwrites what was spent before.
 fn total_usage(s: &AgentJobStatus, o: &Observed) -> crate::api::Usage {
+    if s.attempts.iter().any(|a| a.reported_usage.is_some()) {
+        // Metered costs include calls charged their reservation (no tokens to price): summed as
+        // the meters charged them, not re-priced.
+        let usages: Vec<&crate::api::Usage> = s.attempts.iter().filter_map(|a| a.usage.as_ref()).collect();
+        let mut total = super::grants::sum_usages(&usages);
+        total.estimate_error_percent = s.estimate.as_ref().and_then(|e| estimate_error_percent(total.total_tokens, e.tokens.p50));
+        return total;
+    }
     let mut all_tokens: BTreeMap<String, TokenCounts> = BTreeMap::new();
     for a in &s.attempts {
         if let Some(u) = &a.usage {

@@ -70,6 +70,49 @@ pub enum SyncError {
     BadUsage(String),
 }
 
+/// The meter API's request body (`POST /v1/sync`), as the meter sends it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SyncBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    pub session: String,
+    pub sequence: i64,
+    pub usage: Usage,
+    #[serde(rename = "wantUSD", default, skip_serializing_if = "Option::is_none")]
+    pub want_usd: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub last: bool,
+}
+
+impl SyncBody {
+    /// The request to apply, or why the body is unusable (a 400).
+    pub fn request(&self) -> Result<SyncRequest, String> {
+        if self.session.is_empty() || self.session.len() > 64 || !self.session.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err("session must be 1 to 64 letters, digits or dashes".into());
+        }
+        if self.sequence < 1 {
+            return Err("sequence must be at least 1".into());
+        }
+        let want = match &self.want_usd {
+            None => MicroUsd(0),
+            Some(text) => MicroUsd::parse(text).ok_or_else(|| format!("wantUSD {text:?} is not a USD amount"))?,
+        };
+        Ok(SyncRequest { session: self.session.clone(), sequence: self.sequence, usage: self.usage.clone(), want, last: self.last })
+    }
+}
+
+/// The meter API's answer to a request it applied (or had applied before).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncAnswer {
+    /// Everything the session has been granted, in total.
+    #[serde(rename = "grantedUSD")]
+    pub granted_usd: String,
+    #[serde(rename = "availableUSD")]
+    pub available_usd: String,
+}
+
 /// What one grant holds against the budget.
 pub fn committed(grant: &MeterGrant) -> MicroUsd {
     let granted = amount(&grant.granted_usd);
