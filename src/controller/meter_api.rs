@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{ApiResource, DynamicObject, PostParams};
+use kube::api::{ApiResource, DynamicObject, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::AgentJob;
@@ -193,11 +193,16 @@ impl MeterApi {
         let (identity, job_name, job_uid) = self.agent_pod(&who).await?;
         let jobs: Api<AgentJob> = Api::namespaced(self.client.clone(), &who.namespace);
         for _ in 0..WRITE_ATTEMPTS {
+            // A list narrowed to the one name rather than a GET: the operator's rights on jobs
+            // stay list and watch (charts/agentgate/templates/clusterrole.yaml), and the list is
+            // served from etcd like a GET, at its current resourceVersion.
             let job = jobs
-                .get_opt(&job_name)
+                .list(&ListParams::default().fields(&format!("metadata.name={job_name}")))
                 .await
                 .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, "lookup_failed", format!("reading job {job_name}: {e}")))?
-                .filter(|j| j.metadata.uid.as_deref() == Some(job_uid.as_str()))
+                .items
+                .into_iter()
+                .find(|j| j.metadata.uid.as_deref() == Some(job_uid.as_str()))
                 .ok_or_else(|| refuse(StatusCode::FORBIDDEN, "job_gone", format!("the job of Pod {} no longer exists", who.pod)))?;
             let Some(budget) = MicroUsd::parse(&job.spec.budget.max_cost_usd) else {
                 return Err(refuse(StatusCode::CONFLICT, "bad_budget", "the job's budget.maxCostUSD is not a USD amount"));
