@@ -339,27 +339,18 @@ async fn run_job(admin: &Client, meter_api_port: u16) -> AgentJob {
 /// Pod-bound token: the meter API's TokenReview, Pod read and status write.
 async fn meter_draws_and_reports(admin: &Client, pod: &Pod, port: u16) {
     use http_body_util::BodyExt;
-    use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec!["agentgate.dev/meter".into()],
-            bound_object_ref: Some(BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: Some(pod.name_any()),
-                uid: pod.metadata.uid.clone(),
-            }),
-            expiration_seconds: Some(3600),
-        },
-        ..TokenRequest::default()
-    };
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    let bound = json!({"apiVersion": "v1", "kind": "Pod", "name": pod.name_any(), "uid": pod.metadata.uid.clone()});
+    let request: TokenRequest = serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": ["agentgate.dev/meter"], "boundObjectRef": bound, "expirationSeconds": 3600}}))
+    .unwrap();
     let token = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), JOBS)
         .create_token_request("default", &PostParams::default(), &request)
         .await
         .unwrap()
         .status
-        .unwrap()
-        .token;
+        .and_then(|s| s.token)
+        .expect("a token");
     let body = json!({"session": "lp-meter", "sequence": 1, "wantUSD": "0.50",
         "usage": {"inputTokens": 12_000, "cachedInputTokens": 0, "outputTokens": 3_000, "totalTokens": 15_000, "costUSD": "0.0036",
                   "models": [{"model": "gpt-4o-mini", "inputTokens": 12_000, "cachedInputTokens": 0, "outputTokens": 3_000, "costUSD": "0.0036"}]}});

@@ -23,7 +23,7 @@ use agentgate::api::{AgentJob, Decision, MeterStatus};
 use agentgate::domain::money::MicroUsd;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, PostParams};
@@ -232,22 +232,13 @@ async fn running_job(s: &Setup, ns: &str, name: &str, agents: &[&str], budget: &
 /// A token from the apiserver's TokenRequest API for the namespace's `default` ServiceAccount,
 /// bound to `pod` when given.
 async fn token(admin: &Client, ns: &str, pod: Option<&Pod>, audience: &str) -> String {
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![audience.to_string()],
-            bound_object_ref: pod.map(|p| BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: Some(p.name_any()),
-                uid: p.metadata.uid.clone(),
-            }),
-            expiration_seconds: Some(3600),
-        },
-        ..TokenRequest::default()
-    };
+    let bound = pod.map(|p| json!({"apiVersion": "v1", "kind": "Pod", "name": p.name_any(), "uid": p.metadata.uid.clone()}));
+    let request: TokenRequest = serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [audience], "boundObjectRef": bound, "expirationSeconds": 3600}}))
+    .unwrap();
     let answer =
         Api::<ServiceAccount>::namespaced(admin.clone(), ns).create_token_request("default", &PostParams::default(), &request).await.unwrap();
-    answer.status.unwrap().token
+    answer.status.and_then(|s| s.token).expect("a token")
 }
 
 async fn meter_status(admin: &Client, ns: &str, name: &str) -> MeterStatus {
