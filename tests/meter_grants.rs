@@ -191,14 +191,17 @@ struct Setup {
 }
 
 fn start_operator(ns: &str, api_port: u16, metrics_port: u16) -> OperatorProcess {
-    OperatorProcess::start(ControlPlane::shared(), &[
-        "--namespace",
-        ns,
-        "--metrics-addr",
-        &format!("127.0.0.1:{metrics_port}"),
-        "--meter-api-listen",
-        &format!("127.0.0.1:{api_port}"),
-    ])
+    OperatorProcess::start(
+        ControlPlane::shared(),
+        &[
+            "--namespace",
+            ns,
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--meter-api-listen",
+            &format!("127.0.0.1:{api_port}"),
+        ],
+    )
 }
 
 async fn setup(ns: &str) -> Setup {
@@ -218,7 +221,8 @@ async fn running_job(s: &Setup, ns: &str, name: &str, agents: &[&str], budget: &
     let spec = json!({"category": "payments",
         "agents": {"primary": agent(agents[0]), "supporting": agents[1..].iter().map(|a| agent(a)).collect::<Vec<_>>()},
         "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": budget}});
-    let job = Api::<AgentJob>::namespaced(s.admin.clone(), ns).create(&PostParams::default(), &agent_job(name, spec, json!({}))).await.unwrap();
+    let job =
+        Api::<AgentJob>::namespaced(s.admin.clone(), ns).create(&PostParams::default(), &agent_job(name, spec, json!({}))).await.unwrap();
     let cp = ControlPlane::shared();
     vote(&cp.client("alice").await, &job, "alice", Decision::Approve).await;
     vote(&cp.client("bob").await, &job, "bob", Decision::Approve).await;
@@ -236,8 +240,10 @@ async fn token(admin: &Client, ns: &str, pod: Option<&Pod>, audience: &str) -> S
     let request: TokenRequest = serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
         "spec": {"audiences": [audience], "boundObjectRef": bound, "expirationSeconds": 3600}}))
     .unwrap();
-    let answer =
-        Api::<ServiceAccount>::namespaced(admin.clone(), ns).create_token_request("default", &PostParams::default(), &request).await.unwrap();
+    let answer = Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+        .create_token_request("default", &PostParams::default(), &request)
+        .await
+        .unwrap();
     answer.status.and_then(|s| s.token).expect("a token")
 }
 
@@ -256,6 +262,10 @@ fn micro(value: &Value) -> MicroUsd {
 
 // ---------------------------------------------------------------- tests
 
+/// A forged request: what it is, its bearer token, the Pod its body speaks for, and the status
+/// and reason it must be refused with.
+type Attack<'a> = (&'a str, Option<String>, Option<&'a str>, u16, &'a str);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metered_usage_is_the_jobs_usage_token_for_token_and_a_false_claim_is_flagged() {
     let ns = "meter-grants-happy";
@@ -271,9 +281,12 @@ async fn metered_usage_is_the_jobs_usage_token_for_token_and_a_false_claim_is_fl
     }
     // Live: the reports reach status while the agent runs (at most a report interval later).
     let (prompt, completion, cost) = reported_totals(&reported);
-    let live = wait_for("live usage in status", TIMEOUT, || meter_status(&s.admin, ns, "metered"), |m: &MeterStatus| {
-        MicroUsd::parse(&m.spent_usd) == Some(cost)
-    })
+    let live = wait_for(
+        "live usage in status",
+        TIMEOUT,
+        || meter_status(&s.admin, ns, "metered"),
+        |m: &MeterStatus| MicroUsd::parse(&m.spent_usd) == Some(cost),
+    )
     .await;
     assert_eq!(live.grants.len(), 1);
     assert_eq!((live.grants[0].pod.as_str(), live.grants[0].attempt), (pods[0].name_any().as_str(), 1));
@@ -306,9 +319,16 @@ async fn metered_usage_is_the_jobs_usage_token_for_token_and_a_false_claim_is_fl
     assert_eq!(attempt.usage.as_ref().unwrap().output_tokens, completion);
     assert_eq!(attempt.reported_usage.as_ref().unwrap().output_tokens, completion / 2, "the claim is kept for comparison");
     let events: Api<Event> = Api::namespaced(s.admin.clone(), ns);
-    let mismatch = wait_for("a UsageClaimMismatch Event", TIMEOUT, || async { events.list(&ListParams::default()).await.unwrap().items }, |e: &Vec<Event>| {
-        e.iter().any(|e| e.reason.as_deref() == Some("UsageClaimMismatch") && e.regarding.as_ref().and_then(|r| r.uid.clone()) == job.metadata.uid)
-    })
+    let mismatch = wait_for(
+        "a UsageClaimMismatch Event",
+        TIMEOUT,
+        || async { events.list(&ListParams::default()).await.unwrap().items },
+        |e: &Vec<Event>| {
+            e.iter().any(|e| {
+                e.reason.as_deref() == Some("UsageClaimMismatch") && e.regarding.as_ref().and_then(|r| r.uid.clone()) == job.metadata.uid
+            })
+        },
+    )
     .await;
     let note = mismatch.iter().find(|e| e.reason.as_deref() == Some("UsageClaimMismatch")).unwrap().note.clone().unwrap();
     assert!(note.contains(&format!("claimed {prompt}/0/{}", completion / 2)), "{note}");
@@ -409,14 +429,26 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
     let victim_pod = pods[0].name_any();
     // (what, token, the Pod the body speaks for, status, reason). A deleted Pod's token is
     // refused by the apiserver itself (bound tokens die with their object).
-    let cases: Vec<(&str, Option<String>, Option<&str>, u16, &str)> = vec![
+    let cases: Vec<Attack> = vec![
         ("no token", None, None, 401, "no_token"),
         ("garbage", Some("not-a-token".into()), None, 401, "token_rejected"),
-        ("the victim's Pod, wrong audience", Some(token(&s.admin, ns, Some(&pods[0]), "https://kubernetes.default.svc").await), None, 401, "token_rejected"),
+        (
+            "the victim's Pod, wrong audience",
+            Some(token(&s.admin, ns, Some(&pods[0]), "https://kubernetes.default.svc").await),
+            None,
+            401,
+            "token_rejected",
+        ),
         ("a ServiceAccount token bound to no Pod", Some(token(&s.admin, ns, None, AUDIENCE).await), None, 403, "not_bound_to_a_pod"),
         ("a Pod no AgentJob controls", Some(token(&s.admin, ns, Some(&plain), AUDIENCE).await), None, 403, "not_an_agent_pod"),
         ("a deleted Pod", Some(doomed_token), None, 401, "token_rejected"),
-        ("another job's Pod speaking for the victim's", Some(token(&s.admin, ns, Some(&other_pods[0]), AUDIENCE).await), Some(&victim_pod), 403, "pod_mismatch"),
+        (
+            "another job's Pod speaking for the victim's",
+            Some(token(&s.admin, ns, Some(&other_pods[0]), AUDIENCE).await),
+            Some(&victim_pod),
+            403,
+            "pod_mismatch",
+        ),
     ];
     for (what, bearer, pod, code, reason) in &cases {
         let (status, body) = post(&url, bearer.as_deref(), &ask(*pod)).await;
@@ -435,7 +467,8 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
     assert_eq!((meter.grants.len(), meter.granted_usd.as_str()), (1, "0.50"), "{meter:?}");
     // The other job's Pod reusing the victim's session is refused too.
     let other = token(&s.admin, ns, Some(&other_pods[0]), AUDIENCE).await;
-    let (status, body) = post(&url, Some(&other), &json!({"session": "forged-1", "sequence": 2, "usage": ask(None)["usage"], "wantUSD": "0.5"})).await;
+    let (status, body) =
+        post(&url, Some(&other), &json!({"session": "forged-1", "sequence": 2, "usage": ask(None)["usage"], "wantUSD": "0.5"})).await;
     assert_eq!(status, 200, "a session is per job: the other job's status has its own: {body}");
     assert_eq!(meter_status(&s.admin, ns, "victim").await.granted_usd, "0.50");
     let (_, metrics) = http_get(s.metrics_port, "/metrics");
@@ -480,7 +513,9 @@ async fn the_operator_killed_mid_run_leaves_grants_and_usage_and_the_meter_fails
     // A new operator carries on from status: more budget, and usage reported while it was down
     // arrives (the meter's next report carries the cumulative total).
     s.operator = start_operator(ns, s.api_port, s.metrics_port);
-    let resumed = wait_for("the meter served again", Duration::from_secs(90), || chat(meter.port, "after the restart"), |(status, _)| *status == 200).await;
+    let resumed =
+        wait_for("the meter served again", Duration::from_secs(90), || chat(meter.port, "after the restart"), |(status, _)| *status == 200)
+            .await;
     assert_eq!(resumed.0, 200);
     let (_, _, cost) = reported_totals(&reported);
     meter.stop().await;

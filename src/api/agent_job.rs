@@ -25,7 +25,12 @@ use super::schema;
         json_path = ".status.estimate.costUSD.p90",
         description = "p90 estimated cost in USD"
     ),
-    printcolumn(name = "Cost", type_ = "string", json_path = ".status.usage.costUSD", description = "cost in USD of the finished attempts"),
+    printcolumn(
+        name = "Cost",
+        type_ = "string",
+        json_path = ".status.usage.costUSD",
+        description = "cost in USD of the finished attempts"
+    ),
     printcolumn(
         name = "Spent",
         type_ = "string",

@@ -85,7 +85,13 @@ fn refuse(status: StatusCode, reason: &'static str, message: impl Into<String>) 
 }
 
 impl MeterApi {
-    pub fn new(client: Client, namespace: Option<String>, field_manager: String, health: Arc<Health>, metrics: Arc<Metrics>) -> Arc<MeterApi> {
+    pub fn new(
+        client: Client,
+        namespace: Option<String>,
+        field_manager: String,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<MeterApi> {
         Arc::new(MeterApi { client, namespace, field_manager, health, metrics, reviews: Default::default() })
     }
 
@@ -115,16 +121,25 @@ impl MeterApi {
         if status.authenticated != Some(true) {
             // The apiserver's own error names the cause (expired, wrong audience, bad signature).
             let why = status.error.unwrap_or_else(|| "not authenticated".into());
-            return Err(refuse(StatusCode::UNAUTHORIZED, "token_rejected", format!("the token is not valid for audience {AUDIENCE}: {why}")));
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "token_rejected",
+                format!("the token is not valid for audience {AUDIENCE}: {why}"),
+            ));
         }
         if !status.audiences.unwrap_or_default().iter().any(|a| a == AUDIENCE) {
             return Err(refuse(StatusCode::UNAUTHORIZED, "wrong_audience", format!("the token is not for audience {AUDIENCE}")));
         }
         let user = status.user.unwrap_or_default();
         let username = user.username.unwrap_or_default();
-        let Some(namespace) = username.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':')).map(|(ns, _)| ns.to_string())
+        let Some(namespace) =
+            username.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':')).map(|(ns, _)| ns.to_string())
         else {
-            return Err(refuse(StatusCode::FORBIDDEN, "not_a_service_account", "only the meter of an agent Pod may call (its ServiceAccount token)"));
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "not_a_service_account",
+                "only the meter of an agent Pod may call (its ServiceAccount token)",
+            ));
         };
         let extra = user.extra.unwrap_or_default();
         let single = |key: &str| extra.get(key).and_then(|values| (values.len() == 1).then(|| values[0].clone()));
@@ -156,9 +171,15 @@ impl MeterApi {
             .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, "lookup_failed", format!("reading Pod {}: {e}", who.pod)))?
             .ok_or_else(|| refuse(StatusCode::FORBIDDEN, "pod_gone", format!("Pod {}/{} no longer exists", who.namespace, who.pod)))?;
         if pod.metadata.uid.as_deref() != Some(who.pod_uid.as_str()) {
-            return Err(refuse(StatusCode::FORBIDDEN, "pod_gone", format!("Pod {}/{} the token was bound to was replaced", who.namespace, who.pod)));
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "pod_gone",
+                format!("Pod {}/{} the token was bound to was replaced", who.namespace, who.pod),
+            ));
         }
-        let not_agent = || refuse(StatusCode::FORBIDDEN, "not_an_agent_pod", format!("Pod {}/{} is not controlled by an AgentJob", who.namespace, who.pod));
+        let not_agent = || {
+            refuse(StatusCode::FORBIDDEN, "not_an_agent_pod", format!("Pod {}/{} is not controlled by an AgentJob", who.namespace, who.pod))
+        };
         let job_uid = crate::domain::snapshot::pod_controller_job_uid(&pod).ok_or_else(not_agent)?.to_string();
         let job = pod.owner_references().iter().find(|o| o.uid == job_uid).map(|o| o.name.clone()).ok_or_else(not_agent)?;
         let attempt = pod.labels().get(LABEL_ATTEMPT).and_then(|a| a.parse::<i32>().ok()).filter(|a| *a >= 1).ok_or_else(not_agent)?;
@@ -183,11 +204,16 @@ impl MeterApi {
         {
             return Err(refuse(StatusCode::FORBIDDEN, "namespace_not_watched", format!("this operator serves namespace {ns} only")));
         }
-        let body: SyncBody = serde_json::from_slice(body).map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", crate::domain::validate::bounded(&e.to_string())))?;
+        let body: SyncBody = serde_json::from_slice(body)
+            .map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", crate::domain::validate::bounded(&e.to_string())))?;
         if let Some(pod) = &body.pod
             && *pod != who.pod
         {
-            return Err(refuse(StatusCode::FORBIDDEN, "pod_mismatch", format!("the token is Pod {}'s; the request speaks for Pod {pod}", who.pod)));
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "pod_mismatch",
+                format!("the token is Pod {}'s; the request speaks for Pod {pod}", who.pod),
+            ));
         }
         let request = body.request().map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why))?;
         let (identity, job_name, job_uid) = self.agent_pod(&who).await?;

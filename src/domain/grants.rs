@@ -134,14 +134,18 @@ pub fn available(meter: &MeterStatus, budget: MicroUsd) -> MicroUsd {
 
 /// Checks a meter's usage report: bounded, non-negative, its cost readable.
 pub fn check_usage(usage: &Usage) -> Result<MicroUsd, SyncError> {
-    let cost = MicroUsd::parse(&usage.cost_usd).ok_or_else(|| SyncError::BadUsage(format!("costUSD {:?} is not a USD amount", usage.cost_usd)))?;
+    let cost =
+        MicroUsd::parse(&usage.cost_usd).ok_or_else(|| SyncError::BadUsage(format!("costUSD {:?} is not a USD amount", usage.cost_usd)))?;
     if usage.models.len() > MAX_MODELS {
         return Err(SyncError::BadUsage(format!("{} models, at most {MAX_MODELS}", usage.models.len())));
     }
     for m in &usage.models {
         let tokens = [m.input_tokens, m.cached_input_tokens, m.output_tokens];
         if m.model.is_empty() || m.model.len() > 128 || tokens.iter().any(|t| !(0..=MAX_TOKENS).contains(t)) {
-            return Err(SyncError::BadUsage(format!("model entry {:?} has a bad name or token count", m.model.chars().take(128).collect::<String>())));
+            return Err(SyncError::BadUsage(format!(
+                "model entry {:?} has a bad name or token count",
+                m.model.chars().take(128).collect::<String>()
+            )));
         }
         if MicroUsd::parse(&m.cost_usd).is_none() {
             return Err(SyncError::BadUsage(format!("model {:?}: costUSD is not a USD amount", m.model)));

@@ -123,8 +123,8 @@ pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Arc<Meter>>
     // Granted: nothing to spend until the operator grants it.
     let ledger = Ledger::new(if grants.is_some() { Some(MicroUsd(0)) } else { args.budget_usd });
     let client = client()?;
-    let grants =
-        grants.map(|url| grant_client::GrantClient::new(url, args.token_file.clone(), client.clone(), ledger.clone(), args.grant_chunk_usd));
+    let grants = grants
+        .map(|url| grant_client::GrantClient::new(url, args.token_file.clone(), client.clone(), ledger.clone(), args.grant_chunk_usd));
     Ok(Arc::new(Meter {
         ledger,
         grants,
