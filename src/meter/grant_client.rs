@@ -79,8 +79,12 @@ impl GrantClient {
         self.step(MicroUsd(0), false, TRY_TIMEOUT * 2).await
     }
 
-    /// The last step: final usage, and the unspent grant goes back to the job.
+    /// The last step: final usage, and the unspent grant goes back to the job. A meter that never
+    /// spoke to the operator (its agent made no call) has nothing to settle: no status write.
     pub async fn settle(&self) -> Result<MicroUsd, GrantError> {
+        if *self.sequence.lock().await == 0 && self.ledger.snapshot().usage.models.is_empty() {
+            return Ok(MicroUsd(0));
+        }
         self.step(MicroUsd(0), true, SETTLE_DEADLINE).await
     }
 

@@ -191,3 +191,27 @@ async fn write_report(ledger: &Ledger, path: &Path) -> anyhow::Result<()> {
     .await??;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        meter: super::MeterArgs,
+    }
+
+    fn build(args: &[&str]) -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(std::iter::once("meter").chain(args.iter().copied()))?;
+        super::build(&cli.meter, crate::domain::pricing::PriceTable::builtin()).map(|_| ())
+    }
+
+    #[test]
+    fn a_granted_budget_and_a_fixed_one_exclude_each_other() {
+        let err = build(&["--grant-url", "http://agentgate-meter-api.agentgate-system.svc:8444", "--budget-usd", "1"]).unwrap_err();
+        assert!(err.to_string().contains("--grant-url and --budget-usd exclude each other"), "{err}");
+        assert!(build(&["--grant-url", "ftp://operator"]).unwrap_err().to_string().contains("http or https"));
+        build(&["--grant-url", "http://agentgate-meter-api.agentgate-system.svc:8444"]).unwrap();
+    }
+}
