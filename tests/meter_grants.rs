@@ -471,6 +471,30 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
         post(&url, Some(&other), &json!({"session": "forged-1", "sequence": 2, "usage": ask(None)["usage"], "wantUSD": "0.5"})).await;
     assert_eq!(status, 200, "a session is per job: the other job's status has its own: {body}");
     assert_eq!(meter_status(&s.admin, ns, "victim").await.granted_usd, "0.50");
+    // A standby replica (the first operator holds the lease: it ran these jobs) grants nothing
+    // and says so, so the meter retries until it reaches the leader.
+    let standby_port = free_port();
+    let _standby = start_operator(ns, standby_port, free_port());
+    let standby_url = format!("http://127.0.0.1:{standby_port}/v1/sync");
+    let answer = wait_for(
+        "the standby's meter API",
+        TIMEOUT,
+        || async {
+            let client = agentgate::meter::client().unwrap();
+            let request = hyper::Request::post(&standby_url)
+                .header("authorization", format!("Bearer {victim}"))
+                .body(Full::new(Bytes::from(ask(None).to_string())))
+                .unwrap();
+            match client.request(request).await {
+                Ok(response) => Some((response.status().as_u16(), response.headers().get("retry-after").is_some())),
+                Err(_) => None,
+            }
+        },
+        |a: &Option<(u16, bool)>| a.is_some(),
+    )
+    .await;
+    assert_eq!(answer, Some((503, true)), "a standby answers 503 with Retry-After");
+    assert_eq!(meter_status(&s.admin, ns, "victim").await.granted_usd, "0.50");
     let (_, metrics) = http_get(s.metrics_port, "/metrics");
     for reason in ["not_bound_to_a_pod", "not_an_agent_pod", "pod_mismatch", "token_rejected", "no_token"] {
         assert!(metrics.contains(&format!("agentgate_meter_api_requests_total{{outcome=\"{reason}\"}}")), "{reason} counted:\n{metrics}");
