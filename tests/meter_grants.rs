@@ -387,6 +387,16 @@ async fn meters_racing_one_small_budget_never_exceed_it() {
     assert!(usd(&status.granted_usd) <= budget, "total grants {} > budget", status.granted_usd);
     assert_eq!(usd(&status.spent_usd), upstream_cost, "status has every call, each once");
     assert_eq!(usd(&status.committed_usd), upstream_cost, "settled: only what was spent stays held");
+
+    // The agents are killed (OOM: no termination message, no usage report of their own): their
+    // usage is what their meters measured all the same.
+    for pod in &pods {
+        finish_pod(&s.admin, ns, &pod.name_any(), 137, "").await;
+    }
+    let failed = wait_for_job(&s.admin, ns, "race", "Failed", |j| phase(j) == Some("Failed")).await;
+    let usage = failed.status.unwrap().usage.unwrap();
+    let (prompt, completion, _) = reported_totals(&reported);
+    assert_eq!((usage.input_tokens, usage.output_tokens, usd(&usage.cost_usd)), (prompt, completion, upstream_cost));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
