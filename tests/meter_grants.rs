@@ -394,6 +394,8 @@ async fn meters_racing_one_small_budget_never_exceed_it() {
         finish_pod(&s.admin, ns, &pod.name_any(), 137, "").await;
     }
     let failed = wait_for_job(&s.admin, ns, "race", "Failed", |j| phase(j) == Some("Failed")).await;
+    let reported_condition = condition(&failed, "UsageReported").cloned().unwrap();
+    assert_eq!((reported_condition.status.as_str(), reported_condition.reason.as_str()), ("True", "Metered"), "{reported_condition:?}");
     let usage = failed.status.unwrap().usage.unwrap();
     let (prompt, completion, _) = reported_totals(&reported);
     assert_eq!((usage.input_tokens, usage.output_tokens, usd(&usage.cost_usd)), (prompt, completion, upstream_cost));

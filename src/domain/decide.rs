@@ -366,7 +366,18 @@ fn settle_attempt(
         failures.push(format!("output does not match outputSchema: {}", errors.join("; ")));
     }
 
-    if report_problems.is_empty() && unpriced.is_empty() {
+    // A metered attempt's usage is what its meters measured; the agents' claim is kept beside it
+    // for comparison and never counted (domain/grants.rs).
+    let metered = super::grants::attempt_usage(s.meter.as_ref(), current);
+    if metered.is_some() {
+        // The meters priced every call they let through; a claim's prices do not matter.
+        let mut note = format!("attempt {current}: usage measured by the agent meters");
+        if !report_problems.is_empty() {
+            note = format!("{note}; the agents' own reports: {}", report_problems.join("; "));
+            plan.events.push(PlannedEvent { warning: true, reason: "MalformedReport".into(), note: note.clone() });
+        }
+        set_condition(&mut s.conditions, condition::USAGE_REPORTED, true, "Metered", note, generation, &o.now);
+    } else if report_problems.is_empty() && unpriced.is_empty() {
         set_condition(
             &mut s.conditions,
             condition::USAGE_REPORTED,
@@ -387,9 +398,6 @@ fn settle_attempt(
         plan.events.push(PlannedEvent { warning: true, reason: reason.into(), note });
     }
 
-    // A metered attempt's usage is what its meters measured; the agents' claim is kept beside it
-    // for comparison and never counted (domain/grants.rs).
-    let metered = super::grants::attempt_usage(s.meter.as_ref(), current);
     if let Some(measured) = &metered
         && report_problems.is_empty()
         && let Some(why) = super::grants::claim_mismatch(measured, &tokens)
