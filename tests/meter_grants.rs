@@ -288,6 +288,9 @@ async fn metered_usage_is_the_jobs_usage_token_for_token_and_a_false_claim_is_fl
         |m: &MeterStatus| MicroUsd::parse(&m.spent_usd) == Some(cost),
     )
     .await;
+    let table = ControlPlane::shared().kubectl("admin", &["get", "aj", "metered", "-n", ns]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("SPENT") && table.contains(&live.spent_usd), "kubectl get aj shows the live spend:\n{table}");
     assert_eq!(live.grants.len(), 1);
     assert_eq!((live.grants[0].pod.as_str(), live.grants[0].attempt), (pods[0].name_any().as_str(), 1));
     assert!(!live.grants[0].settled);
