@@ -118,6 +118,10 @@ struct RunArgs {
     /// watched and applied on top of the other prices: edits take effect without a restart.
     #[arg(long, env = "AGENTGATE_PRICE_CONFIG_MAP")]
     price_config_map: Option<String>,
+    /// Address of the meter API, where agent meters draw their job's budget and report usage
+    /// (`POST /v1/sync`, authenticated by their Pod-bound tokens; see the README's agent meter).
+    #[arg(long, env = "AGENTGATE_METER_API_LISTEN", default_value = "0.0.0.0:8444")]
+    meter_api_listen: SocketAddr,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "AGENTGATE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
@@ -259,6 +263,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let jobs_store = Arc::new(std::sync::RwLock::new(None));
     let server = agentgate::server::serve(args.metrics_addr, metrics.clone(), health.clone(), jobs_store.clone(), shutdown());
+    // Every replica listens; only the leader grants (a standby answers 503 and the meter retries,
+    // reaching the leader through the Service's other endpoint).
+    let meter_api = controller::meter_api::MeterApi::new(
+        client.clone(),
+        settings.namespace.clone(),
+        settings.field_manager.clone(),
+        health.clone(),
+        metrics.clone(),
+    );
+    let meter_api = controller::meter_api::serve(args.meter_api_listen, meter_api, shutdown());
     let operator = async {
         // Replicas watching one namespace elect among themselves; cluster-wide ones share one lease.
         let lease = match &settings.namespace {
@@ -319,8 +333,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     };
-    let (served, operated) = tokio::join!(server, operator);
+    let (served, metered, operated) = tokio::join!(server, meter_api, operator);
     served?;
+    metered?;
     operated?;
     tracing::info!("stopped");
     Ok(())

@@ -44,6 +44,11 @@ pub struct JobTypeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UsageLabels {
     pub model: String,
     pub category: String,
@@ -101,6 +106,8 @@ pub struct Metrics {
     pub identity_policies_missing: Gauge,
     /// Objects left out of a cache because they do not decode (controller/decode.rs), by kind.
     pub objects_undecodable: Family<KindLabels, Counter>,
+    /// Meter API requests (controller/meter_api.rs) by outcome: `ok`, or the reason of a refusal.
+    pub meter_api_requests: Family<OutcomeLabels, Counter>,
     /// The AgentTool cache, set once the controllers run: tool readiness is read from it at
     /// scrape time, so a deleted tool leaves no stale series behind.
     /// The current leadership term's tool cache (replaced when this replica leads again).
@@ -165,8 +172,15 @@ impl Default for Metrics {
             "Objects left out of the operator's caches because they do not decode (too deep, or written by a newer version), by kind",
             objects_undecodable.clone(),
         );
+        let meter_api_requests = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "meter_api_requests",
+            "Requests of agent meters for budget and usage, by outcome (ok, or why refused: token_rejected, not_bound_to_a_pod, pod_gone, ...)",
+            meter_api_requests.clone(),
+        );
         Metrics {
             objects_undecodable,
+            meter_api_requests,
             registry,
             jobs,
             reconciles,
@@ -191,6 +205,11 @@ impl Default for Metrics {
 impl Metrics {
     pub fn count_undecodable(&self, kind: &str) {
         self.objects_undecodable.get_or_create(&KindLabels { kind: kind.to_string() }).inc();
+    }
+
+    /// `outcome` is one of meter_api.rs's fixed reasons, never a tenant's string.
+    pub fn count_meter_api(&self, outcome: &'static str) {
+        self.meter_api_requests.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
     }
 
     pub fn count_reconcile(&self, kind: &str, ok: bool) {

@@ -283,7 +283,7 @@ async fn tool_ready(admin: &Client, name: &str) -> AgentTool {
 }
 
 /// Runs one job through every gate to Succeeded, playing the kubelet.
-async fn run_job(admin: &Client) -> AgentJob {
+async fn run_job(admin: &Client, meter_api_port: u16) -> AgentJob {
     let job = agent_job(
         "lp-scan",
         json!({"category": "core-security",
@@ -330,8 +330,39 @@ async fn run_job(admin: &Client) -> AgentJob {
     let pods = wait_for("the agent Pod", TIMEOUT, || job_pods(admin, JOBS, &created), |p: &Vec<Pod>| p.len() == 1).await;
     let pod = pods[0].name_any();
     run_pod(admin, JOBS, &pod).await;
+    meter_draws_and_reports(admin, &pods[0], meter_api_port).await;
     finish_pod(admin, JOBS, &pod, 0, &usage_report("gpt-4o-mini", 12_000, 0, 3_000, json!({"findings": 2}))).await;
     wait_for_job(admin, JOBS, "lp-scan", "succeeded", |j| phase(j) == Some("Succeeded")).await
+}
+
+/// The Pod's meter draws budget and reports the usage its agent then reports too, with a real
+/// Pod-bound token: the meter API's TokenReview, Pod read and status write.
+async fn meter_draws_and_reports(admin: &Client, pod: &Pod, port: u16) {
+    use http_body_util::BodyExt;
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    let bound = json!({"apiVersion": "v1", "kind": "Pod", "name": pod.name_any(), "uid": pod.metadata.uid.clone()});
+    let request: TokenRequest = serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": ["agentgate.dev/meter"], "boundObjectRef": bound, "expirationSeconds": 3600}}))
+    .unwrap();
+    let token = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), JOBS)
+        .create_token_request("default", &PostParams::default(), &request)
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.token)
+        .expect("a token");
+    let body = json!({"session": "lp-meter", "sequence": 1, "wantUSD": "0.50",
+        "usage": {"inputTokens": 12_000, "cachedInputTokens": 0, "outputTokens": 3_000, "totalTokens": 15_000, "costUSD": "0.0036",
+                  "models": [{"model": "gpt-4o-mini", "inputTokens": 12_000, "cachedInputTokens": 0, "outputTokens": 3_000, "costUSD": "0.0036"}]}});
+    let request = http::Request::post(format!("http://127.0.0.1:{port}/v1/sync"))
+        .header("authorization", format!("Bearer {token}"))
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
+        .unwrap();
+    let response = agentgate::meter::client().unwrap().request(request).await.expect("meter API");
+    let status = response.status();
+    let answer = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
 }
 
 #[tokio::test]
@@ -361,12 +392,16 @@ async fn the_operator_uses_every_right_it_has_and_no_other_and_never_leaks_a_sec
 
     let planted = format!("planted-secret-{}", std::process::id() as u64 * 7919 + 104_729);
     build_world(&admin, &planted).await;
+    let meter_api_port = support::http::free_port();
+    let meter_api = format!("127.0.0.1:{meter_api_port}");
     let operator = OperatorProcess::start_as(
         cp,
         &kubeconfig,
         &[
             "--metrics-addr",
             "127.0.0.1:0",
+            "--meter-api-listen",
+            &meter_api,
             "--lease-namespace",
             SYSTEM,
             "--discovery-namespace-selector",
@@ -381,7 +416,7 @@ async fn the_operator_uses_every_right_it_has_and_no_other_and_never_leaks_a_sec
     let discovered = tool_ready(&admin, "lp-bandit").await;
     assert_eq!(discovered.labels().get("agentgate.dev/discovered").map(String::as_str), Some("true"));
     tool_ready(&admin, "lp-scanner").await;
-    let done = run_job(&admin).await;
+    let done = run_job(&admin, meter_api_port).await;
     assert_eq!(done.status.as_ref().unwrap().usage.as_ref().unwrap().total_tokens, 15_000);
     // The Pod passed restricted admission (it exists) and carries the Secret by reference only.
     let pods = job_pods(&admin, JOBS, &done).await;

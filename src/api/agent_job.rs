@@ -25,7 +25,18 @@ use super::schema;
         json_path = ".status.estimate.costUSD.p90",
         description = "p90 estimated cost in USD"
     ),
-    printcolumn(name = "Cost", type_ = "string", json_path = ".status.usage.costUSD", description = "actual cost in USD"),
+    printcolumn(
+        name = "Cost",
+        type_ = "string",
+        json_path = ".status.usage.costUSD",
+        description = "cost in USD of the finished attempts"
+    ),
+    printcolumn(
+        name = "Spent",
+        type_ = "string",
+        json_path = ".status.meter.spentUSD",
+        description = "cost in USD measured by the agent meters so far, live while the job runs"
+    ),
     printcolumn(name = "Tokens", type_ = "integer", json_path = ".status.usage.totalTokens"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
@@ -339,6 +350,10 @@ pub struct AgentJobStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 5))]
     pub recommendations: Vec<Recommendation>,
+    /// The agent meters' draw on `budget.maxCostUSD` and their measured usage: every grant is
+    /// recorded here before the meter receives it (controller/meter_api.rs, domain/grants.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meter: Option<MeterStatus>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
@@ -375,6 +390,49 @@ pub struct Recommendation {
     /// What the sampled runs would have saved together, in USD.
     #[serde(rename = "savingOverSamplesUSD")]
     pub saving_over_samples_usd: String,
+}
+
+/// Totals over every grant of every attempt, as USD decimal strings.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeterStatus {
+    /// Handed out to meters so far.
+    #[serde(rename = "grantedUSD")]
+    pub granted_usd: String,
+    /// Measured by the meters so far (calls whose usage could not be read count their reservation).
+    #[serde(rename = "spentUSD")]
+    pub spent_usd: String,
+    /// Held against the budget: what a settled grant spent, and all of an open grant (its meter may
+    /// still spend it, or has died without saying). Never above `budget.maxCostUSD`.
+    #[serde(rename = "committedUSD")]
+    pub committed_usd: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<MeterGrant>,
+}
+
+/// One meter process's account: a Pod's meter, from its start to its exit.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeterGrant {
+    pub pod: String,
+    #[serde(rename = "podUID")]
+    pub pod_uid: String,
+    pub attempt: i32,
+    /// Chosen by the meter when it starts; a restarted meter container is a new session.
+    pub session: String,
+    /// The last request of this session applied: a request not above it is a retry, answered
+    /// with the state it already produced and never applied twice.
+    pub sequence: i64,
+    #[serde(rename = "grantedUSD")]
+    pub granted_usd: String,
+    #[serde(rename = "spentUSD")]
+    pub spent_usd: String,
+    /// The meter has exited and returned what it did not spend.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub settled: bool,
+    /// Measured usage so far, cumulative.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -493,9 +551,14 @@ pub struct Attempt {
     pub result: AttemptResult,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// What this attempt's agents reported; absent while it runs.
+    /// The attempt's usage, absent while it runs: what its meters measured when it was metered,
+    /// else what its agents reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// What the agents reported themselves when the attempt was metered: kept for comparison
+    /// (a disagreement is a `UsageClaimMismatch` Warning Event), never counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_usage: Option<Usage>,
     /// The estimator has learned this attempt's usage and the token and cost counters have
     /// counted it (set in the status write after that; controller/learning_mark.rs).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -77,6 +77,7 @@ mod tests {
             result: if usage { AttemptResult::Succeeded } else { AttemptResult::Running },
             message: None,
             usage: usage.then(Usage::default),
+            reported_usage: None,
             learned,
         }
     }

@@ -10,6 +10,7 @@ pub mod estimator_store;
 pub mod events;
 pub mod identity_policies;
 pub mod learning_mark;
+pub mod meter_api;
 pub mod pod_finalizer;
 pub mod price_table;
 pub mod recommendations;

@@ -157,6 +157,7 @@ mod tests {
                 result,
                 message: None,
                 usage: None,
+                reported_usage: None,
                 learned: false,
             }],
             ..AgentJobStatus::default()

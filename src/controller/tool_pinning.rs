@@ -274,6 +274,7 @@ mod tests {
             result: crate::api::AttemptResult::Running,
             message: None,
             usage: None,
+            reported_usage: None,
             learned: false,
         });
         let votes = [vote("alice", 1), vote("bob", 1)];

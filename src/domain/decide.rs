@@ -109,6 +109,7 @@ pub fn running_attempt(job: &AgentJob, attempt: i32, generation: i64, now: &Time
         result: AttemptResult::Running,
         message: None,
         usage: None,
+        reported_usage: None,
         learned: false,
     }
 }
@@ -369,7 +370,18 @@ fn settle_attempt(
         failures.push(format!("{OUTPUT_MISMATCH}: {}", errors.join("; ")));
     }
 
-    if report_problems.is_empty() && unpriced.is_empty() {
+    // A metered attempt's usage is what its meters measured; the agents' claim is kept beside it
+    // for comparison and never counted (domain/grants.rs).
+    let metered = super::grants::attempt_usage(s.meter.as_ref(), current);
+    if metered.is_some() {
+        // The meters priced every call they let through; a claim's prices do not matter.
+        let mut note = format!("attempt {current}: usage measured by the agent meters");
+        if !report_problems.is_empty() {
+            note = format!("{note}; the agents' own reports: {}", report_problems.join("; "));
+            plan.events.push(PlannedEvent { warning: true, reason: "MalformedReport".into(), note: note.clone() });
+        }
+        set_condition(&mut s.conditions, condition::USAGE_REPORTED, true, "Metered", note, generation, &o.now);
+    } else if report_problems.is_empty() && unpriced.is_empty() {
         set_condition(
             &mut s.conditions,
             condition::USAGE_REPORTED,
@@ -390,9 +402,22 @@ fn settle_attempt(
         plan.events.push(PlannedEvent { warning: true, reason: reason.into(), note });
     }
 
+    if let Some(measured) = &metered
+        && report_problems.is_empty()
+        && let Some(why) = super::grants::claim_mismatch(measured, &tokens)
+    {
+        let note = format!("attempt {current}: the agents' usage report disagrees with the meter, which is what counts: {why}");
+        plan.events.push(PlannedEvent { warning: true, reason: "UsageClaimMismatch".into(), note });
+    }
     let attempt = &mut s.attempts[index];
     attempt.completion_time = Some(o.now.clone());
-    attempt.usage = Some(attempt_usage);
+    match metered {
+        Some(measured) => {
+            attempt.reported_usage = Some(attempt_usage);
+            attempt.usage = Some(measured);
+        }
+        None => attempt.usage = Some(attempt_usage),
+    }
     attempt.result = if failures.is_empty() { AttemptResult::Succeeded } else { AttemptResult::Failed };
     attempt.message = Some(if failures.is_empty() { "all agents succeeded".into() } else { failures.join("; ") });
     (failures, output)
@@ -400,6 +425,14 @@ fn settle_attempt(
 
 /// Usage is the sum over every attempt: a retry never overwrites what was spent before.
 fn total_usage(s: &AgentJobStatus, o: &Observed) -> crate::api::Usage {
+    if s.attempts.iter().any(|a| a.reported_usage.is_some()) {
+        // Metered costs include calls charged their reservation (no tokens to price): summed as
+        // the meters charged them, not re-priced.
+        let usages: Vec<&crate::api::Usage> = s.attempts.iter().filter_map(|a| a.usage.as_ref()).collect();
+        let mut total = super::grants::sum_usages(&usages);
+        total.estimate_error_percent = s.estimate.as_ref().and_then(|e| estimate_error_percent(total.total_tokens, e.tokens.p50));
+        return total;
+    }
     let mut all_tokens: BTreeMap<String, TokenCounts> = BTreeMap::new();
     for a in &s.attempts {
         if let Some(u) = &a.usage {

@@ -8,6 +8,7 @@ pub mod conditions;
 pub mod decide;
 pub mod estimate;
 pub mod forecasters;
+pub mod grants;
 pub mod learning;
 pub mod money;
 pub mod pod_builder;

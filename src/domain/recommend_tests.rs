@@ -48,6 +48,7 @@ fn attempt(n: i32, result: AttemptResult, usage: Usage, message: &str) -> Attemp
         message: Some(message.into()),
         usage: Some(usage),
         learned: true,
+        reported_usage: None,
     }
 }
 

@@ -195,6 +195,19 @@ impl Ledger {
         self.changed.notify_one();
     }
 
+    /// Raises the budget to `total` (what the operator has granted this meter in all): never
+    /// lowers it, so an answer to an older request arriving late changes nothing.
+    pub fn raise_budget(&self, total: MicroUsd) {
+        let mut state = self.lock();
+        state.budget = Some(state.budget.map_or(total, |b| b.max(total)));
+    }
+
+    /// What the budget still allows (`None`: no budget).
+    pub fn remaining(&self) -> Option<MicroUsd> {
+        let state = self.lock();
+        state.budget.map(|b| MicroUsd(b.0 - state.spent.0 - state.reserved.0))
+    }
+
     pub fn spent(&self) -> MicroUsd {
         self.lock().spent
     }

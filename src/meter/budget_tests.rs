@@ -145,3 +145,12 @@ fn concurrent_calls_never_overspend() {
     assert_eq!(s.in_flight, 0);
     assert!(s.refused_calls > 0, "the budget ran out");
 }
+
+#[test]
+fn a_granted_budget_only_grows() {
+    let ledger = Ledger::new(Some(MicroUsd(0)));
+    assert_eq!(ledger.remaining(), Some(MicroUsd(0)));
+    ledger.raise_budget(MicroUsd(500));
+    ledger.raise_budget(MicroUsd(300));
+    assert_eq!(ledger.remaining(), Some(MicroUsd(500)), "a late answer with a smaller total changes nothing");
+}

@@ -2,6 +2,7 @@
 //! and holds its budget. `agentgate meter` runs it standalone, against a fixed budget.
 
 pub mod budget;
+pub mod grant_client;
 pub mod proxy;
 pub mod sidecar;
 pub mod sse;
@@ -40,9 +41,25 @@ pub struct MeterArgs {
     #[arg(long, env = "AGENTGATE_PRICE_TABLE")]
     pub price_table: Option<PathBuf>,
     /// Budget in USD (e.g. `5` or `0.25`) that the calls' total cost never exceeds. None: metered
-    /// but unlimited.
+    /// but unlimited (or granted by the operator, with `--grant-url`).
     #[arg(long, env = "AGENTGATE_METER_BUDGET_USD", value_parser = parse_usd)]
     pub budget_usd: Option<MicroUsd>,
+    /// Base URL of the operator's meter API: the budget is then drawn from the job's, in grants
+    /// the operator records in the job's status, and usage is reported there. Not with
+    /// `--budget-usd`.
+    #[arg(long, env = "AGENTGATE_METER_GRANT_URL")]
+    pub grant_url: Option<String>,
+    /// The meter's projected ServiceAccount token (audience `agentgate.dev/meter`), read again for
+    /// every request to the operator (the kubelet rotates it).
+    #[arg(long, env = "AGENTGATE_METER_TOKEN_FILE", default_value = "/var/run/agentgate/meter-token/token")]
+    pub token_file: PathBuf,
+    /// Budget asked of the operator at a time, at least (more when one call's worst case needs it).
+    #[arg(long, env = "AGENTGATE_METER_GRANT_CHUNK_USD", default_value = "0.10", value_parser = parse_usd)]
+    pub grant_chunk_usd: MicroUsd,
+    /// Seconds between usage reports to the operator while usage changes (each is a status write
+    /// of the job); the last report is sent when the meter exits.
+    #[arg(long, env = "AGENTGATE_METER_REPORT_SECONDS", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub report_seconds: u64,
     /// JSON file rewritten with the running totals (as `GET /usage`) after calls settle.
     #[arg(long, env = "AGENTGATE_METER_REPORT_FILE")]
     pub report_file: Option<PathBuf>,
@@ -90,12 +107,31 @@ pub fn client() -> anyhow::Result<proxy::HttpsClient> {
 }
 
 pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Arc<Meter>> {
+    let grants = match (&args.grant_url, args.budget_usd) {
+        (Some(_), Some(_)) => anyhow::bail!(
+            "--grant-url and --budget-usd exclude each other: with --grant-url the budget is the job's, granted by the operator"
+        ),
+        (Some(url), None) => {
+            let parsed: http::Uri = url.parse().map_err(|e| anyhow::anyhow!("--grant-url {url:?}: {e}"))?;
+            if !matches!(parsed.scheme_str(), Some("http" | "https")) {
+                anyhow::bail!("--grant-url {url:?} must be an http or https URL");
+            }
+            Some(url.as_str())
+        }
+        (None, _) => None,
+    };
+    // Granted: nothing to spend until the operator grants it.
+    let ledger = Ledger::new(if grants.is_some() { Some(MicroUsd(0)) } else { args.budget_usd });
+    let client = client()?;
+    let grants = grants
+        .map(|url| grant_client::GrantClient::new(url, args.token_file.clone(), client.clone(), ledger.clone(), args.grant_chunk_usd));
     Ok(Arc::new(Meter {
-        ledger: Ledger::new(args.budget_usd),
+        ledger,
+        grants,
         prices,
         openai: Some(upstream(&args.openai_upstream, args.openai_key_file.as_deref(), true)?),
         anthropic: Some(upstream(&args.anthropic_upstream, args.anthropic_key_file.as_deref(), false)?),
-        client: client()?,
+        client,
         default_output_cap: args.default_output_cap,
         contexts: Default::default(),
     }))
@@ -107,9 +143,23 @@ pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Ou
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, budget = ?args.budget_usd.map(|b| b.to_string()), "agentgate meter ready");
     let writer = args.report_file.clone().map(|path| tokio::spawn(write_reports(meter.ledger.clone(), path)));
+    let reporter = meter
+        .grants
+        .clone()
+        .map(|grants| tokio::spawn(grant_client::report_usage(grants, std::time::Duration::from_secs(args.report_seconds))));
     axum::serve(listener, proxy::router(meter.clone())).with_graceful_shutdown(shutdown).await?;
     if let Some(writer) = writer {
         writer.abort();
+    }
+    if let Some(reporter) = reporter {
+        reporter.abort();
+    }
+    if let Some(grants) = &meter.grants {
+        // Every call has ended: the final usage, and what was not spent goes back to the job.
+        match grants.settle().await {
+            Ok(granted) => tracing::info!(granted = %granted, spent = %meter.ledger.spent(), "settled with the operator"),
+            Err(e) => tracing::error!(error = %e, "could not settle with the operator: the job's budget holds this meter's whole grant"),
+        }
     }
     if let Some(path) = &args.report_file {
         write_report(&meter.ledger, path).await?;
@@ -140,4 +190,28 @@ async fn write_report(ledger: &Ledger, path: &Path) -> anyhow::Result<()> {
     })
     .await??;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        meter: super::MeterArgs,
+    }
+
+    fn build(args: &[&str]) -> anyhow::Result<()> {
+        let cli = Cli::try_parse_from(std::iter::once("meter").chain(args.iter().copied()))?;
+        super::build(&cli.meter, crate::domain::pricing::PriceTable::builtin()).map(|_| ())
+    }
+
+    #[test]
+    fn a_granted_budget_and_a_fixed_one_exclude_each_other() {
+        let err = build(&["--grant-url", "http://agentgate-meter-api.agentgate-system.svc:8444", "--budget-usd", "1"]).unwrap_err();
+        assert!(err.to_string().contains("--grant-url and --budget-usd exclude each other"), "{err}");
+        assert!(build(&["--grant-url", "ftp://operator"]).unwrap_err().to_string().contains("http or https"));
+        build(&["--grant-url", "http://agentgate-meter-api.agentgate-system.svc:8444"]).unwrap();
+    }
 }

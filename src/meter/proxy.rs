@@ -20,6 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use super::budget::{self, Ledger, Outcome, Refusal, Reservation};
 use super::sse;
 use super::wire::{self, Api, BadRequest, Provider, Route, StreamUsage};
+use crate::domain::money::MicroUsd;
 use crate::domain::pricing::PriceTable;
 
 /// A request body is read whole (it is rewritten); larger ones are refused, not truncated.
@@ -82,6 +83,8 @@ pub struct Meter {
     /// The cap set on a request without one when the budget does not force a lower one.
     pub default_output_cap: i64,
     pub contexts: Arc<Contexts>,
+    /// Where the budget comes from when the operator grants it (None: a fixed budget or none).
+    pub grants: Option<Arc<super::grant_client::GrantClient>>,
 }
 
 pub fn router(meter: Arc<Meter>) -> axum::Router {
@@ -137,7 +140,7 @@ async fn proxy(State(meter): State<Arc<Meter>>, request: Request) -> Response {
     };
     let (body, metering) = match route {
         Route::Free(_) => (body, None),
-        Route::Metered(api) => match admit(&meter, api, body) {
+        Route::Metered(api) => match admit(&meter, api, body).await {
             Ok((body, reservation)) => (body, Some((api, reservation))),
             Err(response) => return *response,
         },
@@ -186,7 +189,7 @@ async fn proxy(State(meter): State<Arc<Meter>>, request: Request) -> Response {
 }
 
 /// Checks, prices, reserves and rewrites a metered call, or says why not in the provider's shape.
-fn admit(meter: &Meter, api: Api, body: Bytes) -> Result<(Bytes, Reservation), Box<Response>> {
+async fn admit(meter: &Meter, api: Api, body: Bytes) -> Result<(Bytes, Reservation), Box<Response>> {
     let provider = api.provider();
     let refused = |status, kind: &str, message: &str| {
         meter.ledger.count_refusal();
@@ -213,11 +216,24 @@ fn admit(meter: &Meter, api: Api, body: Bytes) -> Result<(Bytes, Reservation), B
     };
     let plan_for =
         |remaining| budget::plan(&price, facts.input_bound, facts.output_cap, facts.choices, meter.default_output_cap, remaining);
+    if let Some(grants) = &meter.grants {
+        // Enough for the call's worst case at its own (or the default) output cap, so a granted
+        // budget does not shrink the cap of a call that sets none; at least a chunk, so a run
+        // of calls asks the operator once per chunk rather than once per call.
+        let wanted = plan_for(None).map_or(MicroUsd(0), |p| p.reserve);
+        let remaining = meter.ledger.remaining().unwrap_or(MicroUsd(0));
+        if remaining < wanted
+            && let Err(e) = grants.top_up(MicroUsd(wanted.0 - remaining.0).max(grants.chunk)).await
+        {
+            // Fail closed: the call goes ahead only if what the meter holds already covers it.
+            tracing::warn!(error = %e, "no more budget from the operator");
+        }
+    }
     let (reservation, plan) = match meter.ledger.reserve(&facts.model, price, plan_for) {
         Ok(reserved) => reserved,
         Err(Refusal::Budget { needed, remaining }) => {
             let message = format!(
-                "budget exceeded: this call may cost up to ${needed} (its input and output cap at {}'s price) and ${} of the budget is left",
+                "budget exceeded: this call may cost up to ${needed} (its input and output cap at {}'s price) and ${} of the budget is left to this agent",
                 facts.model,
                 crate::domain::money::MicroUsd(remaining.0.max(0))
             );

@@ -527,6 +527,9 @@ impl OperatorProcess {
             .arg("run")
             .args(args)
             .env("KUBECONFIG", kubeconfig)
+            // Operators of parallel tests would all take the meter API's default port 8444; a
+            // test that calls the meter API passes its own --meter-api-listen, which wins.
+            .env("AGENTGATE_METER_API_LISTEN", "127.0.0.1:0")
             .env("RUST_LOG", std::env::var("AGENTGATE_OPERATOR_LOG").unwrap_or_else(|_| "info,agentgate=debug".into()));
         OperatorProcess(Process::spawn("agentgate", command, log).unwrap_or_else(|e| panic!("{e:?}")))
     }

@@ -1,0 +1,311 @@
+//! The meter API: agent meters draw their job's budget and report their measured usage here
+//! (`POST /v1/sync`, on its own listener, `--meter-api-listen`). The arithmetic is
+//! domain/grants.rs; this is authentication and the status write.
+//!
+//! Who may call: only the meter of an agent Pod, for that Pod's job. The meter presents a
+//! projected ServiceAccount token with audience [`AUDIENCE`] that the kubelet binds to its Pod;
+//! the operator verifies it with a TokenReview, reads the Pod name and uid the apiserver bound it
+//! to, and serves it only if that Pod still exists with that uid and is controlled by an
+//! AgentJob (the rule of domain/snapshot.rs `is_job_pod`). Everything else is refused, with the
+//! reason in the answer and in `agentgate_meter_api_requests{outcome}`.
+//!
+//! A grant is in the job's status (a resourceVersion-checked PUT of the status read just before)
+//! before the meter hears of it, so total grants never exceed the budget, whichever replica
+//! answers and however many times the operator restarts (tests/meter_grants.rs).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, StatusCode};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ApiResource, DynamicObject, ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+
+use crate::api::AgentJob;
+use crate::domain::grants::{self, MeterIdentity, SyncAnswer, SyncBody};
+use crate::domain::money::MicroUsd;
+use crate::domain::pod_builder::LABEL_ATTEMPT;
+use crate::metrics::Metrics;
+use crate::state::Health;
+
+/// The audience of the meters' tokens: a token for the apiserver (or anything else) is refused.
+pub const AUDIENCE: &str = "agentgate.dev/meter";
+const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
+/// A verified token is trusted this long without asking the apiserver again: a meter syncs at
+/// most every few seconds, and a deleted Pod is still caught by the Pod lookup on every request.
+const REVIEW_TTL: Duration = Duration::from_secs(10);
+const REVIEW_CACHE_CAP: usize = 4096;
+const MAX_BODY_BYTES: usize = 256 * 1024;
+/// Status writes refused for a newer resourceVersion (the controller or another meter wrote
+/// first) are retried on a fresh read this many times.
+const WRITE_ATTEMPTS: usize = 10;
+
+/// Who a verified token says the caller is.
+#[derive(Clone, Debug)]
+struct Reviewed {
+    namespace: String,
+    pod: String,
+    pod_uid: String,
+}
+
+pub struct MeterApi {
+    pub client: Client,
+    /// The namespace the operator watches, if only one: Pods elsewhere are not its business.
+    pub namespace: Option<String>,
+    pub field_manager: String,
+    pub health: Arc<Health>,
+    pub metrics: Arc<Metrics>,
+    reviews: std::sync::Mutex<HashMap<String, (Reviewed, Instant)>>,
+}
+
+/// A refusal: its HTTP status, a stable reason (the metric's label) and a message.
+#[derive(Debug)]
+struct Refusal(StatusCode, &'static str, String);
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let mut response = (self.0, axum::Json(serde_json::json!({"error": {"reason": self.1, "message": self.2}}))).into_response();
+        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+fn refuse(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal(status, reason, message.into())
+}
+
+impl MeterApi {
+    pub fn new(
+        client: Client,
+        namespace: Option<String>,
+        field_manager: String,
+        health: Arc<Health>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<MeterApi> {
+        Arc::new(MeterApi { client, namespace, field_manager, health, metrics, reviews: Default::default() })
+    }
+
+    pub fn router(self: Arc<Self>) -> axum::Router {
+        axum::Router::new().route("/v1/sync", axum::routing::post(sync)).with_state(self)
+    }
+
+    /// Verifies the token: cached for [`REVIEW_TTL`] when valid, never when not.
+    async fn review(&self, token: &str) -> Result<Reviewed, Refusal> {
+        {
+            let cache = self.reviews.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((who, at)) = cache.get(token)
+                && at.elapsed() < REVIEW_TTL
+            {
+                return Ok(who.clone());
+            }
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec { token: token.to_string(), audiences: Some(vec![AUDIENCE.to_string()]) },
+            ..TokenReview::default()
+        };
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, "review_failed", format!("could not verify the token: {e}")))?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            // The apiserver's own error names the cause (expired, wrong audience, bad signature).
+            let why = status.error.unwrap_or_else(|| "not authenticated".into());
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "token_rejected",
+                format!("the token is not valid for audience {AUDIENCE}: {why}"),
+            ));
+        }
+        if !status.audiences.unwrap_or_default().iter().any(|a| a == AUDIENCE) {
+            return Err(refuse(StatusCode::UNAUTHORIZED, "wrong_audience", format!("the token is not for audience {AUDIENCE}")));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let Some(namespace) =
+            username.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':')).map(|(ns, _)| ns.to_string())
+        else {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "not_a_service_account",
+                "only the meter of an agent Pod may call (its ServiceAccount token)",
+            ));
+        };
+        let extra = user.extra.unwrap_or_default();
+        let single = |key: &str| extra.get(key).and_then(|values| (values.len() == 1).then(|| values[0].clone()));
+        let (Some(pod), Some(pod_uid)) = (single(POD_NAME_EXTRA), single(POD_UID_EXTRA)) else {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "not_bound_to_a_pod",
+                "the token is not bound to a Pod: the meter's token must be a projected one, which the kubelet binds to its Pod",
+            ));
+        };
+        let who = Reviewed { namespace, pod, pod_uid };
+        let mut cache = self.reviews.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.len() >= REVIEW_CACHE_CAP {
+            cache.retain(|_, (_, at)| at.elapsed() < REVIEW_TTL);
+            if cache.len() >= REVIEW_CACHE_CAP {
+                cache.clear();
+            }
+        }
+        cache.insert(token.to_string(), (who.clone(), Instant::now()));
+        Ok(who)
+    }
+
+    /// The Pod the token is bound to, if it still exists as that Pod and is an agent Pod: its
+    /// identity, job name and job uid.
+    async fn agent_pod(&self, who: &Reviewed) -> Result<(MeterIdentity, String, String), Refusal> {
+        let pod = Api::<Pod>::namespaced(self.client.clone(), &who.namespace)
+            .get_opt(&who.pod)
+            .await
+            .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, "lookup_failed", format!("reading Pod {}: {e}", who.pod)))?
+            .ok_or_else(|| refuse(StatusCode::FORBIDDEN, "pod_gone", format!("Pod {}/{} no longer exists", who.namespace, who.pod)))?;
+        if pod.metadata.uid.as_deref() != Some(who.pod_uid.as_str()) {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "pod_gone",
+                format!("Pod {}/{} the token was bound to was replaced", who.namespace, who.pod),
+            ));
+        }
+        let not_agent = || {
+            refuse(StatusCode::FORBIDDEN, "not_an_agent_pod", format!("Pod {}/{} is not controlled by an AgentJob", who.namespace, who.pod))
+        };
+        let job_uid = crate::domain::snapshot::pod_controller_job_uid(&pod).ok_or_else(not_agent)?.to_string();
+        let job = pod.owner_references().iter().find(|o| o.uid == job_uid).map(|o| o.name.clone()).ok_or_else(not_agent)?;
+        let attempt = pod.labels().get(LABEL_ATTEMPT).and_then(|a| a.parse::<i32>().ok()).filter(|a| *a >= 1).ok_or_else(not_agent)?;
+        Ok((MeterIdentity { pod: who.pod.clone(), pod_uid: who.pod_uid.clone(), attempt }, job, job_uid))
+    }
+
+    async fn handle(&self, headers: &HeaderMap, body: &Bytes) -> Result<SyncAnswer, Refusal> {
+        if !self.health.leading.load(Ordering::Relaxed) {
+            // The meter retries: another replica leads, or this one will.
+            return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "not_leader", "this operator replica is standing by; retry"));
+        }
+        let token = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "no_token", "a meter token is required as Authorization: Bearer"))?;
+        let who = self.review(token).await?;
+        if let Some(ns) = &self.namespace
+            && *ns != who.namespace
+        {
+            return Err(refuse(StatusCode::FORBIDDEN, "namespace_not_watched", format!("this operator serves namespace {ns} only")));
+        }
+        let body: SyncBody = serde_json::from_slice(body)
+            .map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", crate::domain::validate::bounded(&e.to_string())))?;
+        if let Some(pod) = &body.pod
+            && *pod != who.pod
+        {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "pod_mismatch",
+                format!("the token is Pod {}'s; the request speaks for Pod {pod}", who.pod),
+            ));
+        }
+        let request = body.request().map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why))?;
+        let (identity, job_name, job_uid) = self.agent_pod(&who).await?;
+        let jobs: Api<AgentJob> = Api::namespaced(self.client.clone(), &who.namespace);
+        for _ in 0..WRITE_ATTEMPTS {
+            // A list narrowed to the one name rather than a GET: the operator's rights on jobs
+            // stay list and watch (charts/agentgate/templates/clusterrole.yaml), and the list is
+            // served from etcd like a GET, at its current resourceVersion.
+            let job = jobs
+                .list(&ListParams::default().fields(&format!("metadata.name={job_name}")))
+                .await
+                .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, "lookup_failed", format!("reading job {job_name}: {e}")))?
+                .items
+                .into_iter()
+                .find(|j| j.metadata.uid.as_deref() == Some(job_uid.as_str()))
+                .ok_or_else(|| refuse(StatusCode::FORBIDDEN, "job_gone", format!("the job of Pod {} no longer exists", who.pod)))?;
+            let Some(budget) = MicroUsd::parse(&job.spec.budget.max_cost_usd) else {
+                return Err(refuse(StatusCode::CONFLICT, "bad_budget", "the job's budget.maxCostUSD is not a USD amount"));
+            };
+            let mut status = job.status.clone().unwrap_or_default();
+            let open = !status.phase.is_some_and(crate::api::JobPhase::is_terminal);
+            let mut meter = status.meter.take().unwrap_or_default();
+            let reply = grants::apply(&mut meter, budget, &identity, &request, open).map_err(|e| {
+                let reason = match e {
+                    grants::SyncError::BadUsage(_) => "bad_usage",
+                    grants::SyncError::SessionOfAnotherPod(_) => "session_of_another_pod",
+                    _ => "session_refused",
+                };
+                refuse(StatusCode::CONFLICT, reason, e.to_string())
+            })?;
+            let answer = SyncAnswer { granted_usd: reply.granted.to_string(), available_usd: reply.available.to_string() };
+            if !reply.changed {
+                return Ok(answer);
+            }
+            status.meter = Some(meter);
+            match self.write_status(&job, &status).await {
+                Ok(()) => {
+                    if reply.granted_now.0 > 0 {
+                        tracing::info!(job = %job_name, namespace = %who.namespace, pod = %who.pod, granted = %reply.granted_now, "granted meter budget");
+                    }
+                    return Ok(answer);
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => continue,
+                Err(e) => return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "write_failed", format!("recording the grant: {e}"))),
+            }
+        }
+        Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "write_conflict", "the job's status kept changing; retry"))
+    }
+
+    /// PUT of the whole status with the resourceVersion it was read at (as agent_job.rs
+    /// `write_status`): a grant decided on a stale read is refused, never written.
+    async fn write_status(&self, job: &AgentJob, status: &crate::api::AgentJobStatus) -> Result<(), kube::Error> {
+        let resource = ApiResource::erase::<AgentJob>(&());
+        let namespace = job.namespace().unwrap_or_default();
+        let api: Api<DynamicObject> = Api::namespaced_with(self.client.clone(), &namespace, &resource);
+        let mut body = DynamicObject::new(&job.name_any(), &resource).within(&namespace);
+        body.metadata.resource_version = job.resource_version();
+        body.metadata.uid = job.metadata.uid.clone();
+        body.data = serde_json::json!({ "status": status });
+        let params = PostParams { field_manager: Some(self.field_manager.clone()), ..PostParams::default() };
+        let request = kube::core::Request::new(api.resource_url())
+            .replace_subresource("status", &job.name_any(), &params, serde_json::to_vec(&body).map_err(kube::Error::SerdeError)?)
+            .map_err(kube::Error::BuildRequest)?;
+        let _: super::decode::Decoded<kube::core::PartialObjectMeta<AgentJob>> = self.client.request(request).await?;
+        Ok(())
+    }
+}
+
+async fn sync(State(api): State<Arc<MeterApi>>, headers: HeaderMap, body: Bytes) -> Response {
+    if body.len() > MAX_BODY_BYTES {
+        api.metrics.count_meter_api("bad_request");
+        return refuse(StatusCode::PAYLOAD_TOO_LARGE, "bad_request", "request too large").into_response();
+    }
+    match api.handle(&headers, &body).await {
+        Ok(answer) => {
+            api.metrics.count_meter_api("ok");
+            axum::Json(answer).into_response()
+        }
+        Err(refusal) => {
+            if refusal.0 != StatusCode::SERVICE_UNAVAILABLE {
+                tracing::warn!(reason = refusal.1, message = %refusal.2, "refused a meter request");
+            }
+            api.metrics.count_meter_api(refusal.1);
+            refusal.into_response()
+        }
+    }
+}
+
+/// Serves the meter API until `shutdown` resolves.
+pub async fn serve(listen: SocketAddr, api: Arc<MeterApi>, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("meter API: listening on {listen}: {e}"))?;
+    tracing::info!(listen = %listener.local_addr()?, "meter API ready");
+    axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}

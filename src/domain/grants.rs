@@ -1,0 +1,276 @@
+//! The arithmetic of the agent meters' budget grants (the I/O is controller/meter_api.rs).
+//!
+//! A job's budget is shared by every meter of every attempt. A meter asks the operator for budget
+//! in chunks; the operator records each grant in the job's status (`status.meter`) with a
+//! resourceVersion-checked write before it answers, so what was handed out is always in status.
+//! The invariant kept by [`apply`]: `committed ≤ budget`, where a grant counts all it was given
+//! while its meter may still spend it, and only what it spent once the meter has settled.
+//! A meter never spends beyond what it holds (meter/budget.rs), so `spent ≤ committed ≤ budget`.
+
+use std::collections::BTreeMap;
+
+use super::money::MicroUsd;
+use super::pricing::TokenCounts;
+use super::report::{accumulate, add_model_usage, tokens_of};
+use crate::api::{MeterGrant, MeterStatus, Usage};
+
+/// Meter sessions one job may open over all its attempts. Each is a few hundred bytes of status;
+/// a job of 16 agents retried 10 times with one meter restart each fits.
+pub const MAX_GRANTS: usize = 400;
+/// Models one meter report may carry (as the agents' own reports, domain/report.rs).
+pub const MAX_MODELS: usize = 64;
+const MAX_TOKENS: i64 = 1_000_000_000_000;
+
+/// Whose meter asks: established by the operator from a verified token and the Pod, never from
+/// the request body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MeterIdentity {
+    pub pod: String,
+    pub pod_uid: String,
+    pub attempt: i32,
+}
+
+/// One request of a meter: its cumulative measured usage, and how much more budget it wants.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SyncRequest {
+    pub session: String,
+    /// Increases with every request of a session; a retry repeats it.
+    pub sequence: i64,
+    /// Cumulative since the session started: tokens per model and the cost the meter charged.
+    pub usage: Usage,
+    /// More budget wanted on top of what the session holds.
+    pub want: MicroUsd,
+    /// The meter is exiting: what it did not spend goes back to the job.
+    pub last: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncReply {
+    /// All the session has been granted, in total (a meter sets its budget to it, so a retried
+    /// request never counts twice).
+    pub granted: MicroUsd,
+    pub granted_now: MicroUsd,
+    /// What the job's budget can still grant to anyone.
+    pub available: MicroUsd,
+    /// Status changed and must be written before the reply goes out.
+    pub changed: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SyncError {
+    #[error("session {0} belongs to another Pod")]
+    SessionOfAnotherPod(String),
+    #[error("the job already has {MAX_GRANTS} meter sessions; no more are opened")]
+    TooManySessions,
+    #[error("session {0} has settled; a new meter must start a new session")]
+    Settled(String),
+    #[error("usage went down from ${before} to ${after}: a meter's usage is cumulative")]
+    UsageWentDown { before: MicroUsd, after: MicroUsd },
+    #[error("bad usage: {0}")]
+    BadUsage(String),
+}
+
+/// The meter API's request body (`POST /v1/sync`), as the meter sends it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SyncBody {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    pub session: String,
+    pub sequence: i64,
+    pub usage: Usage,
+    #[serde(rename = "wantUSD", default, skip_serializing_if = "Option::is_none")]
+    pub want_usd: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub last: bool,
+}
+
+impl SyncBody {
+    /// The request to apply, or why the body is unusable (a 400).
+    pub fn request(&self) -> Result<SyncRequest, String> {
+        if self.session.is_empty() || self.session.len() > 64 || !self.session.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return Err("session must be 1 to 64 letters, digits or dashes".into());
+        }
+        if self.sequence < 1 {
+            return Err("sequence must be at least 1".into());
+        }
+        let want = match &self.want_usd {
+            None => MicroUsd(0),
+            Some(text) => MicroUsd::parse(text).ok_or_else(|| format!("wantUSD {text:?} is not a USD amount"))?,
+        };
+        Ok(SyncRequest { session: self.session.clone(), sequence: self.sequence, usage: self.usage.clone(), want, last: self.last })
+    }
+}
+
+/// The meter API's answer to a request it applied (or had applied before).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SyncAnswer {
+    /// Everything the session has been granted, in total.
+    #[serde(rename = "grantedUSD")]
+    pub granted_usd: String,
+    #[serde(rename = "availableUSD")]
+    pub available_usd: String,
+}
+
+/// What one grant holds against the budget.
+pub fn committed(grant: &MeterGrant) -> MicroUsd {
+    let granted = amount(&grant.granted_usd);
+    let spent = amount(&grant.spent_usd);
+    if grant.settled { spent } else { granted.max(spent) }
+}
+
+fn amount(text: &str) -> MicroUsd {
+    // Only this module writes these fields; an unreadable one (edited by hand) is counted as the
+    // whole budget would be: the maximum, so it can only make grants smaller.
+    MicroUsd::parse(text).unwrap_or(MicroUsd(i64::MAX / 4))
+}
+
+/// What the budget can still grant.
+pub fn available(meter: &MeterStatus, budget: MicroUsd) -> MicroUsd {
+    let committed: MicroUsd = meter.grants.iter().map(committed).sum();
+    MicroUsd((budget.0 - committed.0).max(0))
+}
+
+/// Checks a meter's usage report: bounded, non-negative, its cost readable.
+pub fn check_usage(usage: &Usage) -> Result<MicroUsd, SyncError> {
+    let cost =
+        MicroUsd::parse(&usage.cost_usd).ok_or_else(|| SyncError::BadUsage(format!("costUSD {:?} is not a USD amount", usage.cost_usd)))?;
+    if usage.models.len() > MAX_MODELS {
+        return Err(SyncError::BadUsage(format!("{} models, at most {MAX_MODELS}", usage.models.len())));
+    }
+    for m in &usage.models {
+        let tokens = [m.input_tokens, m.cached_input_tokens, m.output_tokens];
+        if m.model.is_empty() || m.model.len() > 128 || tokens.iter().any(|t| !(0..=MAX_TOKENS).contains(t)) {
+            return Err(SyncError::BadUsage(format!(
+                "model entry {:?} has a bad name or token count",
+                m.model.chars().take(128).collect::<String>()
+            )));
+        }
+        if MicroUsd::parse(&m.cost_usd).is_none() {
+            return Err(SyncError::BadUsage(format!("model {:?}: costUSD is not a USD amount", m.model)));
+        }
+    }
+    Ok(cost)
+}
+
+/// Applies one meter request to the job's meter status. `open`: the job may still grant (not
+/// finished); reports are taken either way. Pure: the caller writes `meter` back with the
+/// resourceVersion it read, and answers only once that write succeeded.
+pub fn apply(
+    meter: &mut MeterStatus,
+    budget: MicroUsd,
+    who: &MeterIdentity,
+    request: &SyncRequest,
+    open: bool,
+) -> Result<SyncReply, SyncError> {
+    let spent = check_usage(&request.usage)?;
+    let index = match meter.grants.iter().position(|g| g.session == request.session) {
+        Some(i) if meter.grants[i].pod_uid != who.pod_uid => return Err(SyncError::SessionOfAnotherPod(request.session.clone())),
+        Some(i) => i,
+        None if meter.grants.len() >= MAX_GRANTS => return Err(SyncError::TooManySessions),
+        None => {
+            meter.grants.push(MeterGrant {
+                pod: who.pod.clone(),
+                pod_uid: who.pod_uid.clone(),
+                attempt: who.attempt,
+                session: request.session.clone(),
+                sequence: 0,
+                granted_usd: MicroUsd(0).to_string(),
+                spent_usd: MicroUsd(0).to_string(),
+                settled: false,
+                usage: None,
+            });
+            meter.grants.len() - 1
+        }
+    };
+    let grant = &meter.grants[index];
+    if request.sequence <= grant.sequence {
+        // A retry of a request already applied (its reply was lost): the same answer, no change.
+        let granted = amount(&grant.granted_usd);
+        return Ok(SyncReply { granted, granted_now: MicroUsd(0), available: available(meter, budget), changed: false });
+    }
+    if grant.settled {
+        return Err(SyncError::Settled(request.session.clone()));
+    }
+    let before = amount(&grant.spent_usd);
+    if spent < before {
+        return Err(SyncError::UsageWentDown { before, after: spent });
+    }
+    // Computed before this grant changes: its own committed amount is part of what is held.
+    let others: MicroUsd = meter.grants.iter().enumerate().filter(|(i, _)| *i != index).map(|(_, g)| committed(g)).sum();
+    let grant = &mut meter.grants[index];
+    grant.sequence = request.sequence;
+    grant.spent_usd = spent.to_string();
+    grant.usage = Some(request.usage.clone());
+    let mut granted_now = MicroUsd(0);
+    if request.last {
+        grant.settled = true;
+    } else if open && request.want.0 > 0 {
+        let held = amount(&grant.granted_usd).max(spent);
+        let free = MicroUsd((budget.0 - others.0 - held.0).max(0));
+        granted_now = request.want.min(free);
+        grant.granted_usd = amount(&grant.granted_usd).saturating_add(granted_now).to_string();
+    }
+    let granted = amount(&grant.granted_usd);
+    recount(meter);
+    Ok(SyncReply { granted, granted_now, available: available(meter, budget), changed: true })
+}
+
+/// Rewrites the totals from the grants.
+pub fn recount(meter: &mut MeterStatus) {
+    meter.granted_usd = meter.grants.iter().map(|g| amount(&g.granted_usd)).sum::<MicroUsd>().to_string();
+    meter.spent_usd = meter.grants.iter().map(|g| amount(&g.spent_usd)).sum::<MicroUsd>().to_string();
+    meter.committed_usd = meter.grants.iter().map(committed).sum::<MicroUsd>().to_string();
+}
+
+/// The usage the meters of `attempt` measured, summed over its sessions, with the costs the
+/// meters charged (a call whose usage could not be read costs its reservation, with no tokens).
+/// None when no meter of that attempt reported: the attempt was not metered.
+pub fn attempt_usage(meter: Option<&MeterStatus>, attempt: i32) -> Option<Usage> {
+    let usages: Vec<&Usage> = meter?.grants.iter().filter(|g| g.attempt == attempt).filter_map(|g| g.usage.as_ref()).collect();
+    (!usages.is_empty()).then(|| sum_usages(&usages))
+}
+
+/// Adds usages model by model, tokens and costs alike.
+pub fn sum_usages(usages: &[&Usage]) -> Usage {
+    let mut tokens: BTreeMap<String, TokenCounts> = BTreeMap::new();
+    let mut costs: BTreeMap<String, MicroUsd> = BTreeMap::new();
+    let mut total = MicroUsd(0);
+    for usage in usages {
+        accumulate(&mut tokens, &tokens_of(usage));
+        for m in &usage.models {
+            let cost = costs.entry(m.model.clone()).or_default();
+            *cost = cost.saturating_add(MicroUsd::parse(&m.cost_usd).unwrap_or_default());
+        }
+        total = total.saturating_add(MicroUsd::parse(&usage.cost_usd).unwrap_or_default());
+    }
+    let mut sum = Usage::default();
+    for (model, counts) in &tokens {
+        add_model_usage(&mut sum, model, counts, costs.get(model).copied().unwrap_or_default());
+    }
+    sum.cost_usd = total.to_string();
+    sum
+}
+
+/// How the agents' own usage claim differs from what the meters measured, model by model; None
+/// when they agree on every token count.
+pub fn claim_mismatch(measured: &Usage, claimed: &BTreeMap<String, TokenCounts>) -> Option<String> {
+    let measured = tokens_of(measured);
+    let mut differences = Vec::new();
+    for model in measured.keys().chain(claimed.keys()).collect::<std::collections::BTreeSet<_>>() {
+        let m = measured.get(model).copied().unwrap_or_default();
+        let c = claimed.get(model).copied().unwrap_or_default();
+        if m != c {
+            differences.push(format!(
+                "{model}: metered {}/{}/{} input/cached/output tokens, claimed {}/{}/{}",
+                m.input, m.cached_input, m.output, c.input, c.cached_input, c.output
+            ));
+        }
+    }
+    (!differences.is_empty()).then(|| differences.join("; "))
+}
+
+#[cfg(test)]
+#[path = "grants_tests.rs"]
+mod tests;

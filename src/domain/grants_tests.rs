@@ -1,0 +1,134 @@
+use super::*;
+use crate::api::ModelUsage;
+
+fn usd(text: &str) -> MicroUsd {
+    MicroUsd::parse(text).unwrap()
+}
+
+fn who(pod: &str, attempt: i32) -> MeterIdentity {
+    MeterIdentity { pod: pod.into(), pod_uid: format!("uid-{pod}"), attempt }
+}
+
+fn usage(cost: &str, output: i64) -> Usage {
+    let mut u = Usage::default();
+    add_model_usage(&mut u, "gpt-4o-mini", &TokenCounts { input: 10, cached_input: 0, output }, usd(cost));
+    u.cost_usd = cost.into();
+    u
+}
+
+fn ask(session: &str, sequence: i64, spent: &str, want: &str) -> SyncRequest {
+    SyncRequest { session: session.into(), sequence, usage: usage(spent, sequence), want: usd(want), last: false }
+}
+
+fn settle(session: &str, sequence: i64, spent: &str) -> SyncRequest {
+    SyncRequest { last: true, want: MicroUsd(0), ..ask(session, sequence, spent, "0") }
+}
+
+#[test]
+fn grants_never_exceed_the_budget_and_the_last_one_gets_what_is_left() {
+    let mut m = MeterStatus::default();
+    let budget = usd("1.00");
+    let r = apply(&mut m, budget, &who("a", 1), &ask("s1", 1, "0", "0.40"), true).unwrap();
+    assert_eq!((r.granted, r.granted_now, r.available), (usd("0.40"), usd("0.40"), usd("0.60")));
+    let r = apply(&mut m, budget, &who("b", 1), &ask("s2", 1, "0", "0.40"), true).unwrap();
+    assert_eq!(r.granted_now, usd("0.40"));
+    let r = apply(&mut m, budget, &who("c", 1), &ask("s3", 1, "0", "0.40"), true).unwrap();
+    assert_eq!((r.granted_now, r.available), (usd("0.20"), MicroUsd(0)), "only what is left");
+    let r = apply(&mut m, budget, &who("c", 1), &ask("s3", 2, "0", "0.40"), true).unwrap();
+    assert_eq!((r.granted, r.granted_now), (usd("0.20"), MicroUsd(0)), "nothing left: nothing more");
+    assert_eq!((m.granted_usd.as_str(), m.committed_usd.as_str()), ("1.00", "1.00"));
+}
+
+#[test]
+fn a_retried_request_is_answered_the_same_and_never_applied_twice() {
+    let mut m = MeterStatus::default();
+    let first = apply(&mut m, usd("1"), &who("a", 1), &ask("s1", 1, "0", "0.30"), true).unwrap();
+    let before = m.clone();
+    let again = apply(&mut m, usd("1"), &who("a", 1), &ask("s1", 1, "0", "0.30"), true).unwrap();
+    assert_eq!(m, before, "nothing changed");
+    assert_eq!((again.granted, again.granted_now, again.changed), (first.granted, MicroUsd(0), false));
+    // An older request arriving late is a retry too.
+    apply(&mut m, usd("1"), &who("a", 1), &ask("s1", 3, "0.10", "0"), true).unwrap();
+    let late = apply(&mut m, usd("1"), &who("a", 1), &ask("s1", 2, "0.05", "0.50"), true).unwrap();
+    assert!(!late.changed);
+    assert_eq!(m.grants[0].spent_usd, "0.10");
+}
+
+fn apply_open(m: &mut MeterStatus, budget: MicroUsd, w: &MeterIdentity, r: &SyncRequest) -> Result<SyncReply, SyncError> {
+    apply(m, budget, w, r, true)
+}
+
+#[test]
+fn settling_returns_the_unspent_grant_and_an_unsettled_grant_stays_held() {
+    let mut m = MeterStatus::default();
+    let budget = usd("1.00");
+    apply_open(&mut m, budget, &who("a", 1), &ask("s1", 1, "0", "0.60")).unwrap();
+    apply_open(&mut m, budget, &who("b", 1), &ask("s2", 1, "0", "0.40")).unwrap();
+    // b reports 0.05 spent but dies without settling: its whole grant stays held.
+    apply_open(&mut m, budget, &who("b", 1), &ask("s2", 2, "0.05", "0")).unwrap();
+    // a settles having spent 0.25: 0.35 goes back.
+    let r = apply_open(&mut m, budget, &who("a", 1), &settle("s1", 2, "0.25")).unwrap();
+    assert_eq!(r.available, usd("0.35"));
+    assert_eq!((m.spent_usd.as_str(), m.committed_usd.as_str(), m.granted_usd.as_str()), ("0.30", "0.65", "1.00"));
+    // A retry's meter draws on what came back.
+    let r = apply_open(&mut m, budget, &who("a2", 2), &ask("s3", 1, "0", "1.00")).unwrap();
+    assert_eq!(r.granted_now, usd("0.35"));
+    assert!(matches!(apply_open(&mut m, budget, &who("a", 1), &settle("s1", 3, "0.25")), Err(SyncError::Settled(_))));
+}
+
+#[test]
+fn a_finished_job_takes_reports_but_grants_nothing() {
+    let mut m = MeterStatus::default();
+    let r = apply(&mut m, usd("1"), &who("a", 1), &ask("s1", 1, "0.01", "0.50"), false).unwrap();
+    assert_eq!((r.granted_now, m.spent_usd.as_str()), (MicroUsd(0), "0.01"));
+}
+
+#[test]
+fn another_pods_session_usage_going_down_and_bad_usage_are_refused() {
+    let mut m = MeterStatus::default();
+    apply_open(&mut m, usd("1"), &who("a", 1), &ask("s1", 1, "0.20", "0.50")).unwrap();
+    let before = m.clone();
+    assert_eq!(apply_open(&mut m, usd("1"), &who("b", 1), &ask("s1", 2, "0.30", "0.5")), Err(SyncError::SessionOfAnotherPod("s1".into())));
+    assert!(matches!(apply_open(&mut m, usd("1"), &who("a", 1), &ask("s1", 2, "0.10", "0")), Err(SyncError::UsageWentDown { .. })));
+    let mut bad = ask("s1", 2, "0.30", "0");
+    bad.usage.models.push(ModelUsage { model: "x".into(), input_tokens: -1, cost_usd: "0".into(), ..ModelUsage::default() });
+    assert!(matches!(apply_open(&mut m, usd("1"), &who("a", 1), &bad), Err(SyncError::BadUsage(_))));
+    assert_eq!(m, before, "refusals change nothing");
+}
+
+#[test]
+fn a_meter_that_spent_past_its_grant_holds_what_it_spent() {
+    // Only a rounding slack of the meter's can do this; the budget still counts it.
+    let mut m = MeterStatus::default();
+    apply_open(&mut m, usd("1"), &who("a", 1), &ask("s1", 1, "0", "0.10")).unwrap();
+    apply_open(&mut m, usd("1"), &who("a", 1), &ask("s1", 2, "0.100002", "0")).unwrap();
+    assert_eq!(available(&m, usd("1")), usd("0.899998"));
+}
+
+#[test]
+fn sessions_are_bounded() {
+    let mut m = MeterStatus::default();
+    for i in 0..MAX_GRANTS {
+        apply_open(&mut m, usd("1000"), &who("a", 1), &ask(&format!("s{i}"), 1, "0", "0")).unwrap();
+    }
+    assert_eq!(apply_open(&mut m, usd("1000"), &who("a", 1), &ask("one-more", 1, "0", "0")), Err(SyncError::TooManySessions));
+}
+
+#[test]
+fn an_attempts_usage_sums_its_sessions_and_a_claim_is_compared_token_for_token() {
+    let mut m = MeterStatus::default();
+    apply_open(&mut m, usd("1"), &who("a", 1), &ask("s1", 5, "0.02", "0")).unwrap();
+    apply_open(&mut m, usd("1"), &who("b", 1), &ask("s2", 7, "0.03", "0")).unwrap();
+    apply_open(&mut m, usd("1"), &who("c", 2), &ask("s3", 1, "0.50", "0")).unwrap();
+    let one = attempt_usage(Some(&m), 1).unwrap();
+    assert_eq!((one.output_tokens, one.input_tokens, one.cost_usd.as_str()), (12, 20, "0.05"));
+    assert_eq!(one.models[0].cost_usd, "0.05");
+    assert_eq!(attempt_usage(Some(&m), 3), None, "not metered");
+    let mut claim = tokens_of(&one);
+    assert_eq!(claim_mismatch(&one, &claim), None);
+    claim.get_mut("gpt-4o-mini").unwrap().output = 3;
+    let why = claim_mismatch(&one, &claim).unwrap();
+    assert!(why.contains("metered 20/0/12") && why.contains("claimed 20/0/3"), "{why}");
+    claim.insert("other".into(), TokenCounts::default());
+    assert_eq!(claim_mismatch(&one, &claim), Some(why), "a zero claim for an unseen model is no disagreement");
+}

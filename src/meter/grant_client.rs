@@ -1,0 +1,178 @@
+//! The meter's side of the operator's meter API (controller/meter_api.rs): it draws its job's
+//! budget in chunks, reports its measured usage while the agent runs, and settles when it exits.
+//!
+//! Every request of a meter process is one numbered step of one session (`session`, `sequence`):
+//! the operator applies each step once, and answers a repeated one with the state it already
+//! produced, so a retry after a lost answer never grants or counts twice. The meter sets its
+//! budget to the session's granted total the operator answers, never adds to it. Steps are sent
+//! one at a time (a lock), so they arrive in order.
+//!
+//! The operator unreachable: the meter keeps serving within what it holds, and refuses calls that
+//! would need more with 402 (fail closed).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::{BodyExt, Full};
+
+use super::budget::Ledger;
+use super::proxy::HttpsClient;
+use crate::domain::grants::{SyncAnswer, SyncBody};
+use crate::domain::money::MicroUsd;
+
+/// One try of one step; a step is retried while the operator answers 503 or cannot be reached.
+const TRY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a call that needs more budget waits for it before it is refused.
+const TOP_UP_DEADLINE: Duration = Duration::from_secs(8);
+/// How long the meter, exiting, tries to settle (within the Pod's default 30 s grace period).
+const SETTLE_DEADLINE: Duration = Duration::from_secs(20);
+
+pub struct GrantClient {
+    sync_url: String,
+    token_file: PathBuf,
+    client: HttpsClient,
+    ledger: Arc<Ledger>,
+    /// What a meter asks for at least when it needs more.
+    pub chunk: MicroUsd,
+    session: String,
+    /// The last sequence number used; held for the whole of a step so steps go one at a time.
+    sequence: tokio::sync::Mutex<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    #[error("the operator refused ({status}): {body}")]
+    Refused { status: StatusCode, body: String },
+    #[error("the operator could not be reached: {0}")]
+    Unreachable(String),
+    #[error("reading the meter token {path}: {kind}")]
+    Token { path: String, kind: std::io::ErrorKind },
+}
+
+impl GrantClient {
+    pub fn new(grant_url: &str, token_file: PathBuf, client: HttpsClient, ledger: Arc<Ledger>, chunk: MicroUsd) -> Arc<GrantClient> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        // Unique per meter process: a restarted meter container opens a new session, and the
+        // old one's grant stays held (conservatively) rather than being mistaken for this one's.
+        let session = format!("{:x}-{:x}", nanos, std::process::id());
+        Arc::new(GrantClient {
+            sync_url: format!("{}/v1/sync", grant_url.trim_end_matches('/')),
+            token_file,
+            client,
+            ledger,
+            chunk,
+            session,
+            sequence: tokio::sync::Mutex::new(0),
+        })
+    }
+
+    /// Asks for `want` more and raises the ledger's budget to what the session holds then.
+    pub async fn top_up(&self, want: MicroUsd) -> Result<MicroUsd, GrantError> {
+        self.step(want, false, TOP_UP_DEADLINE).await
+    }
+
+    /// Reports the usage so far (no grant asked).
+    pub async fn report(&self) -> Result<MicroUsd, GrantError> {
+        self.step(MicroUsd(0), false, TRY_TIMEOUT * 2).await
+    }
+
+    /// The last step: final usage, and the unspent grant goes back to the job. A meter that never
+    /// spoke to the operator (its agent made no call) has nothing to settle: no status write.
+    pub async fn settle(&self) -> Result<MicroUsd, GrantError> {
+        if *self.sequence.lock().await == 0 && self.ledger.snapshot().usage.models.is_empty() {
+            return Ok(MicroUsd(0));
+        }
+        self.step(MicroUsd(0), true, SETTLE_DEADLINE).await
+    }
+
+    async fn step(&self, want: MicroUsd, last: bool, deadline: Duration) -> Result<MicroUsd, GrantError> {
+        let mut sequence = self.sequence.lock().await;
+        *sequence += 1;
+        // Read under the lock: this step's usage is at least the previous step's.
+        let body = SyncBody {
+            pod: None,
+            session: self.session.clone(),
+            sequence: *sequence,
+            usage: self.ledger.snapshot().usage,
+            want_usd: (want.0 > 0).then(|| want.to_string()),
+            last,
+        };
+        let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match tokio::time::timeout(TRY_TIMEOUT, self.send(body.clone())).await {
+                Ok(Ok(answer)) => {
+                    let granted = MicroUsd::parse(&answer.granted_usd).unwrap_or_default();
+                    self.ledger.raise_budget(granted);
+                    return Ok(granted);
+                }
+                Ok(Err(e @ (GrantError::Refused { .. } | GrantError::Token { .. }))) if !retryable(&e) => return Err(e),
+                Ok(Err(e)) if started.elapsed() + pause >= deadline => return Err(e),
+                Err(_) if started.elapsed() + pause >= deadline => {
+                    return Err(GrantError::Unreachable(format!("no answer within {TRY_TIMEOUT:?}")));
+                }
+                _ => {}
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn send(&self, body: Bytes) -> Result<SyncAnswer, GrantError> {
+        // Read on every request: the kubelet rotates the projected token.
+        let path = self.token_file.clone();
+        let token = tokio::task::spawn_blocking(move || std::fs::read_to_string(&path))
+            .await
+            .map_err(|e| GrantError::Unreachable(e.to_string()))?
+            .map_err(|e| GrantError::Token { path: self.token_file.display().to_string(), kind: e.kind() })?;
+        let mut authorization = http::HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| GrantError::Token { path: self.token_file.display().to_string(), kind: std::io::ErrorKind::InvalidData })?;
+        authorization.set_sensitive(true);
+        let request = hyper::Request::post(&self.sync_url)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::AUTHORIZATION, authorization)
+            .body(Full::new(body))
+            .map_err(|e| GrantError::Unreachable(e.to_string()))?;
+        let response = self.client.request(request).await.map_err(|e| GrantError::Unreachable(e.to_string()))?;
+        let status = response.status();
+        let bytes = response.into_body().collect().await.map_err(|e| GrantError::Unreachable(e.to_string()))?.to_bytes();
+        if !status.is_success() {
+            let body = String::from_utf8_lossy(&bytes).chars().take(512).collect();
+            return Err(GrantError::Refused { status, body });
+        }
+        serde_json::from_slice(&bytes).map_err(|e| GrantError::Unreachable(format!("an answer that is not the meter API's: {e}")))
+    }
+}
+
+fn retryable(e: &GrantError) -> bool {
+    match e {
+        // A standby replica, an apiserver hiccup, a status write that kept conflicting.
+        GrantError::Refused { status, .. } => *status == StatusCode::SERVICE_UNAVAILABLE || *status == StatusCode::BAD_GATEWAY,
+        GrantError::Unreachable(_) => true,
+        // The kubelet may not have written the token yet when the meter starts.
+        GrantError::Token { kind, .. } => *kind == std::io::ErrorKind::NotFound,
+    }
+}
+
+/// Reports the usage every `interval` while it changes: the job's status is written at most that
+/// often per meter (and once more when it settles).
+pub async fn report_usage(grants: Arc<GrantClient>, interval: Duration) {
+    let mut last_sent = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let usage = grants.ledger.snapshot().usage;
+        if last_sent.as_ref() == Some(&usage) || (last_sent.is_none() && usage.models.is_empty()) {
+            continue;
+        }
+        match grants.report().await {
+            Ok(_) => last_sent = Some(usage),
+            Err(e) => tracing::warn!(error = %e, "reporting usage to the operator; retried at the next interval"),
+        }
+    }
+}
