@@ -6,6 +6,7 @@ pub mod agent_tool;
 pub mod approval_vote;
 pub mod decode;
 pub mod discovery;
+pub mod error;
 pub mod estimator_store;
 pub mod events;
 pub mod identity_policies;
@@ -35,19 +36,7 @@ use crate::domain::pricing::PriceTable;
 use crate::metrics::Metrics;
 use crate::state::{Health, JobsForMetrics};
 
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("Kubernetes API: {0}")]
-    Kube(#[from] kube::Error),
-    #[error("{0}")]
-    Serialization(#[from] serde_json::Error),
-    #[error(
-        "Pod {0} already exists and is not controlled by this job (another job's, or made by someone else); it is never adopted: rename the job or the agent, or delete that Pod"
-    )]
-    PodNameTaken(String),
-}
-
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+pub use error::{Error, Result};
 
 /// Operator settings, from the command line (and the chart's values).
 #[derive(Clone, Debug)]
@@ -279,7 +268,7 @@ pub async fn run(
     // Jobs entering or leaving Running requeue what waits on them, once the cache shows the change.
     let (jobs, jobs_writer) = reflector::store();
     let events = events::EventQueue::start(events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok()));
-    let reporter = decode::Reporter { metrics: metrics.clone(), events: events.clone() };
+    let reporter = decode::Reporter::new(metrics.clone(), events.clone());
     let job_stream = decode::decoded_only(
         watcher(scoped::<decode::Decoded<AgentJob>>(&client, &settings.namespace), wc.clone()),
         jobs.clone(),
