@@ -172,7 +172,7 @@ impl Default for Metrics {
         let objects_undecodable = Family::<KindLabels, Counter>::default();
         registry.register(
             "objects_undecodable",
-            "Objects left out of the operator's caches because they do not decode (too deep, or written by a newer version), by kind",
+            "Objects left out of the operator's caches because they do not decode (too deep, or a spec value this version does not know), by kind",
             objects_undecodable.clone(),
         );
         Metrics {
