@@ -477,10 +477,12 @@ pub struct Attempt {
     /// What this attempt's agents reported; absent while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
-    /// The estimator has learned this attempt's usage and the token and cost counters have
-    /// counted it (set in the status write after that; controller/learning_mark.rs).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub learned: bool,
+    /// `true` once the estimator has learned this attempt's usage and the token and cost counters
+    /// have counted it (set in the status write after that), `false` until then. Absent on
+    /// attempts stored by an operator older than this mark, which learned and counted usage as it
+    /// first appeared: those are marked, never learned or counted again (controller/learning_mark.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned: Option<bool>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

@@ -159,7 +159,7 @@ mod tests {
                 result,
                 message: None,
                 usage: None,
-                learned: false,
+                learned: Some(false),
             }],
             ..AgentJobStatus::default()
         }

@@ -274,7 +274,7 @@ mod tests {
             result: crate::api::AttemptResult::Running,
             message: None,
             usage: None,
-            learned: false,
+            learned: Some(false),
         });
         let votes = [vote("alice", 1), vote("bob", 1)];
         let p = before(&started, 1, &now, &votes);

@@ -109,7 +109,7 @@ pub fn running_attempt(job: &AgentJob, attempt: i32, generation: i64, now: &Time
         result: AttemptResult::Running,
         message: None,
         usage: None,
-        learned: false,
+        learned: Some(false),
     }
 }
 
@@ -403,6 +403,8 @@ fn settle_attempt(
     let attempt = &mut s.attempts[index];
     attempt.completion_time = Some(o.now.clone());
     attempt.usage = Some(attempt_usage);
+    // Recorded by this version, so learned by it, whoever started the attempt.
+    attempt.learned = Some(false);
     attempt.result = if failures.is_empty() { AttemptResult::Succeeded } else { AttemptResult::Failed };
     attempt.message = Some(if failures.is_empty() { "all agents succeeded".into() } else { failures.join("; ") });
     (failures, output)
