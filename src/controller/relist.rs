@@ -1,0 +1,92 @@
+//! Triggers from a watch whose objects the reconcile reads from that watch's cache, held back
+//! during a relist until the cache holds them.
+//!
+//! A reflector's store takes a relist in whole: it buffers the `InitApply` objects and swaps them
+//! in at `InitDone`. kube-runtime's `touched_objects` and `applied_objects` pass each `InitApply`
+//! object on at once, so a reconcile it triggers may run before `InitDone` and read the cache as
+//! it was before the relist. With one list page that window is short; with pages it spans every
+//! further page's request. An ApprovalVote created during an apiserver restart and relisted on a
+//! first page of 50 woke its job, which read the old cache without the vote, and nothing woke the
+//! job again once the cache had it: it stayed at 0/2 approvals (tests/restarts.rs
+//! an_apiserver_restart_mid_burst..., 2 runs of 2 with votes paged). A job relisted on a first
+//! page is not even reconciled: the controller drops a trigger whose object its cache lacks.
+//! Here a relist's objects are passed on after its `InitDone`, when the cache holds them.
+
+use futures::{Stream, StreamExt, future, stream};
+use kube::runtime::watcher::{Error, Event};
+
+/// Which objects of a watch are triggers.
+#[derive(Clone, Copy)]
+enum Objects {
+    /// Applied and deleted, like `touched_objects`.
+    Touched,
+    /// Applied only, like `applied_objects`.
+    Applied,
+}
+
+pub trait OnceStored<K>: Stream<Item = Result<Event<K>, Error>> + Sized {
+    /// `touched_objects`, with a relist's objects held back until its `InitDone`.
+    fn touched_once_stored(self) -> impl Stream<Item = Result<K, Error>> {
+        once_stored(self, Objects::Touched)
+    }
+
+    /// `applied_objects`, with a relist's objects held back until its `InitDone`.
+    fn applied_once_stored(self) -> impl Stream<Item = Result<K, Error>> {
+        once_stored(self, Objects::Applied)
+    }
+}
+
+impl<K, S: Stream<Item = Result<Event<K>, Error>>> OnceStored<K> for S {}
+
+fn once_stored<K>(events: impl Stream<Item = Result<Event<K>, Error>>, objects: Objects) -> impl Stream<Item = Result<K, Error>> {
+    events
+        .scan(Vec::new(), move |relisted: &mut Vec<K>, event| {
+            let out = match event {
+                Ok(Event::Apply(obj)) => vec![Ok(obj)],
+                Ok(Event::Delete(obj)) if matches!(objects, Objects::Touched) => vec![Ok(obj)],
+                Ok(Event::Delete(_)) => Vec::new(),
+                Ok(Event::Init) => {
+                    // A relist that failed half-way starts over: what it had listed is listed again.
+                    relisted.clear();
+                    Vec::new()
+                }
+                Ok(Event::InitApply(obj)) => {
+                    relisted.push(obj);
+                    Vec::new()
+                }
+                Ok(Event::InitDone) => std::mem::take(relisted).into_iter().map(Ok).collect(),
+                Err(err) => vec![Err(err)],
+            };
+            future::ready(Some(stream::iter(out)))
+        })
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+    use kube::runtime::watcher::Event;
+
+    use super::OnceStored;
+
+    #[tokio::test]
+    async fn a_relists_objects_come_after_its_init_done() {
+        let events = |list: Vec<Event<&'static str>>| futures::stream::iter(list.into_iter().map(Ok));
+        let relist = vec![
+            Event::Apply("before"),
+            Event::Init,
+            Event::InitApply("first page"),
+            Event::Init,
+            Event::InitApply("a"),
+            Event::InitApply("b"),
+            Event::InitDone,
+            Event::Delete("gone"),
+            Event::Apply("after"),
+        ];
+        let touched: Vec<_> = events(relist.clone()).touched_once_stored().map(Result::unwrap).collect().await;
+        // "first page" belonged to a relist that started over; it is not passed on twice.
+        assert_eq!(touched, ["before", "a", "b", "gone", "after"]);
+        let applied: Vec<_> = events(relist).applied_once_stored().map(Result::unwrap).collect().await;
+        assert_eq!(applied, ["before", "a", "b", "after"]);
+    }
+}
