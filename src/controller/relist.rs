@@ -5,12 +5,15 @@
 //! in at `InitDone`. kube-runtime's `touched_objects` and `applied_objects` pass each `InitApply`
 //! object on at once, so a reconcile it triggers may run before `InitDone` and read the cache as
 //! it was before the relist. With one list page that window is short; with pages it spans every
-//! further page's request. An ApprovalVote created during an apiserver restart and relisted on a
-//! first page of 50 woke its job, which read the old cache without the vote, and nothing woke the
-//! job again once the cache had it: it stayed at 0/2 approvals (tests/restarts.rs
-//! an_apiserver_restart_mid_burst..., 2 runs of 2 with votes paged). A job relisted on a first
-//! page is not even reconciled: the controller drops a trigger whose object its cache lacks.
-//! Here a relist's objects are passed on after its `InitDone`, when the cache holds them.
+//! further page's request. So an ApprovalVote created around an apiserver restart and relisted
+//! on a first page of 50 woke its job, which read the old cache without the vote, and nothing
+//! woke the job again once the cache had it: it stayed at 0/2 approvals (tests/restarts.rs
+//! an_apiserver_restart_mid_burst..., 2 runs of 2 with votes paged, when jobs and votes were
+//! first paged; the job watch's own relist requeues waiting jobs at its `InitDone`, which rescues
+//! them when it comes later, so the test does not catch it every time: it passed 3 runs of 3
+//! paged without this). A job relisted on a first page is not even reconciled: the controller
+//! drops a trigger whose object its cache lacks. Here a relist's objects are passed on after its
+//! `InitDone`, when the cache holds them.
 
 use futures::{Stream, StreamExt, future, stream};
 use kube::runtime::watcher::{Error, Event};
