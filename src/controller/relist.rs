@@ -13,7 +13,8 @@
 //! them when it comes later, so the test does not catch it every time: it passed 3 runs of 3
 //! paged without this). A job relisted on a first page is not even reconciled: the controller
 //! drops a trigger whose object its cache lacks. Here a relist's objects are passed on after its
-//! `InitDone`, when the cache holds them.
+//! `InitDone`, when the cache holds them (a_trigger_from_a_relist_finds_its_object_in_the_cache
+//! shows the race every time, through a real reflector).
 
 use futures::{Stream, StreamExt, future, stream};
 use kube::runtime::watcher::{Error, Event};
