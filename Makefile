@@ -16,6 +16,7 @@ crds:
 	cp deploy/admission/identity.yaml charts/agentgate/templates/admission-policies.yaml
 	cp deploy/admission/secrets.yaml charts/agentgate/templates/admission-secrets.yaml
 	cp deploy/admission/pods.yaml charts/agentgate/templates/admission-pods.yaml
+	cp deploy/admission/limits.yaml charts/agentgate/templates/admission-limits.yaml
 
 # Build (once; cached in ~/.cache/agentgate) etcd, kube-apiserver, kubectl and kube-controller-manager.
 controlplane:

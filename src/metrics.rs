@@ -38,6 +38,13 @@ pub struct ReconcileLabels {
     pub result: String,
 }
 
+/// `error` is `controller::Error::metric_label`: the failed call, one of a fixed few.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcileErrorLabels {
+    pub kind: String,
+    pub error: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobTypeLabels {
     pub job_type: String,
@@ -92,6 +99,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub jobs: Family<PhaseLabels, Gauge>,
     pub reconciles: Family<ReconcileLabels, Counter>,
+    pub reconcile_errors: Family<ReconcileErrorLabels, Counter>,
     pub reconcile_seconds: Histogram,
     pub approval_wait_seconds: Histogram,
     pub validation_seconds: Histogram,
@@ -128,6 +136,7 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("agentgate");
         let jobs = Family::<PhaseLabels, Gauge>::default();
         let reconciles = Family::<ReconcileLabels, Counter>::default();
+        let reconcile_errors = Family::<ReconcileErrorLabels, Counter>::default();
         let reconcile_seconds = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
         let approval_wait_seconds = Histogram::new(exponential_buckets(1.0, 2.0, 18));
         let validation_seconds = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
@@ -143,6 +152,7 @@ impl Default for Metrics {
         let tool_ready = Family::<ToolLabels, Gauge>::default();
         registry.register("jobs", "AgentJobs by phase", jobs.clone());
         registry.register("reconciles", "Reconciles by kind and result", reconciles.clone());
+        registry.register("reconcile_errors", "Failed reconciles by kind and failed call", reconcile_errors.clone());
         registry.register("reconcile_duration_seconds", "Time spent in one reconcile", reconcile_seconds.clone());
         registry.register("approval_wait_seconds", "Time from creation until a job had its approvals", approval_wait_seconds.clone());
         registry.register("validation_seconds", "Time to estimate a job and check its input", validation_seconds.clone());
@@ -169,7 +179,7 @@ impl Default for Metrics {
         let objects_undecodable = Family::<KindLabels, Counter>::default();
         registry.register(
             "objects_undecodable",
-            "Objects left out of the operator's caches because they do not decode (too deep, or written by a newer version), by kind",
+            "Objects left out of the operator's caches because they do not decode (too deep, or a spec value this version does not know), by kind",
             objects_undecodable.clone(),
         );
         let meter_api_requests = Family::<OutcomeLabels, Counter>::default();
@@ -184,6 +194,7 @@ impl Default for Metrics {
             registry,
             jobs,
             reconciles,
+            reconcile_errors,
             reconcile_seconds,
             approval_wait_seconds,
             validation_seconds,
@@ -212,9 +223,13 @@ impl Metrics {
         self.meter_api_requests.get_or_create(&OutcomeLabels { outcome: outcome.into() }).inc();
     }
 
-    pub fn count_reconcile(&self, kind: &str, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
+    /// One reconcile's outcome: `Err` carries the failed call's bounded label.
+    pub fn count_reconcile(&self, kind: &str, outcome: Result<(), &'static str>) {
+        let result = if outcome.is_ok() { "ok" } else { "error" };
         self.reconciles.get_or_create(&ReconcileLabels { kind: kind.into(), result: result.into() }).inc();
+        if let Err(error) = outcome {
+            self.reconcile_errors.get_or_create(&ReconcileErrorLabels { kind: kind.into(), error: error.into() }).inc();
+        }
     }
 
     pub fn count_finished(&self, phase: &str, category: &str) {

@@ -192,8 +192,10 @@ async fn argo_cd_health_kstatus_and_the_dashboard_read_what_the_operator_wrote()
 
     // The dashboard queries only series the operator exposes, and the panels have data.
     // Usage is counted in the reconcile after the one that stored it, with the `learned` mark.
-    wait_for_job(&admin, NS, "works", "its usage counted", |j| j.status.as_ref().is_some_and(|s| s.attempts.iter().all(|a| a.learned)))
-        .await;
+    wait_for_job(&admin, NS, "works", "its usage counted", |j| {
+        j.status.as_ref().is_some_and(|s| s.attempts.iter().all(|a| a.learned == Some(true)))
+    })
+    .await;
     let exposition = scrape(port);
     let families = sample_names(&exposition);
     let exposed: BTreeSet<&String> = families.values().flatten().collect();

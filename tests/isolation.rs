@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::time::Duration;
 
 use agentgate::api::AgentJob;
@@ -31,54 +32,99 @@ fn nested(levels: usize) -> Value {
     (0..levels).fold(json!(1), |v, _| json!({ "a": v }))
 }
 
-/// A job nested too deep for serde_json once its managedFields are counted, and a job whose
-/// status a newer operator version wrote (a phase this binary does not know), are both stored;
-/// an operator started afterwards reports each (log, Warning Event, metric) and serves the rest.
+/// Widens an enum of a CRD as a newer operator version's CRD would (this test binary has its own
+/// control plane, so that affects nobody else).
+async fn widen_enum(admin: &Client, crd: &str, path: &str, value: &str) {
+    let crds = Api::<CustomResourceDefinition>::all(admin.clone());
+    let patch = json!([{"op": "add", "path": format!("/spec/versions/0/schema/openAPIV3Schema/properties/{path}/enum/-"), "value": value}]);
+    crds.patch(crd, &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(patch).unwrap())).await.expect("widening an enum");
+}
+
+fn metric(port: u16, series: &str) -> f64 {
+    let metrics = http_get(port, "/metrics").1;
+    let line = metrics.lines().find(|l| l.starts_with(series)).unwrap_or_default();
+    line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0)
+}
+
+/// Jobs whose status a newer operator version wrote (a phase and an attempt result this binary
+/// does not know) are read and served, their phase re-derived. A job nested too deep for
+/// serde_json once its managedFields are counted (refused at admission, so stored here with the
+/// limits policy unbound, as before it was installed) and a tool of a type this binary does not
+/// know are reported once each (log, Warning Event, metric) and skipped; the rest are served.
 #[tokio::test]
-async fn undecodable_jobs_are_reported_and_skipped_and_the_rest_are_served() {
+async fn unknown_status_values_are_served_and_undecodable_objects_are_reported_once_and_skipped() {
     let cp = ControlPlane::shared();
     cp.namespace(NS).await;
     let admin = cp.client("admin").await;
     add_node(&admin, "isolation-node", "64", "256Gi", &[]).await;
-
-    // A newer version's CRD knows a phase this binary does not (this test binary has its own
-    // control plane, so widening the enum affects nobody else).
-    let crds = Api::<CustomResourceDefinition>::all(admin.clone());
-    let widen = json!([{"op": "add", "path": "/spec/versions/0/schema/openAPIV3Schema/properties/status/properties/phase/enum/-", "value": "Paused"}]);
-    crds.patch("agentjobs.agentgate.dev", &PatchParams::default(), &Patch::Json::<()>(serde_json::from_value(widen).unwrap()))
-        .await
-        .expect("widening the phase enum");
+    widen_enum(&admin, "agentjobs.agentgate.dev", "status/properties/phase", "Paused").await;
+    widen_enum(&admin, "agentjobs.agentgate.dev", "status/properties/attempts/items/properties/result", "Cancelled").await;
+    widen_enum(&admin, "agenttools.agentgate.dev", "spec/properties/type", "grpc").await;
 
     let jobs = dynamic_jobs(&admin);
-    let mut newer: DynamicObject = serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
-        "metadata": {"name": "from-newer"}, "spec": job_spec()}))
-    .unwrap();
-    newer = jobs.create(&PostParams::default(), &newer).await.expect("creating from-newer");
-    let status = json!({"status": {"phase": "Paused"}});
-    let _ = wait_for(
-        "the apiserver to accept phase Paused",
-        Duration::from_secs(30),
-        || async { jobs.patch_status("from-newer", &PatchParams::default(), &Patch::Merge(&status)).await.map_err(|e| e.to_string()) },
-        |r| r.is_ok(),
-    )
-    .await;
-    drop(newer);
+    let attempt = json!({"attempt": 1, "generation": 1, "pods": ["from-newer-ended-scanner-1"], "result": "Cancelled"});
+    for (name, status) in
+        [("from-newer", json!({"phase": "Paused"})), ("from-newer-ended", json!({"phase": "Paused", "attempts": [attempt]}))]
+    {
+        let job: DynamicObject = serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+            "metadata": {"name": name}, "spec": job_spec()}))
+        .unwrap();
+        jobs.create(&PostParams::default(), &job).await.unwrap_or_else(|e| panic!("creating {name}: {e}"));
+        let status = json!({ "status": status });
+        let _ = wait_for(
+            &format!("the apiserver to accept {name}'s newer status"),
+            Duration::from_secs(30),
+            || async { jobs.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await.map_err(|e| e.to_string()) },
+            |r| r.is_ok(),
+        )
+        .await;
+    }
 
-    // The apiserver stores it; its answer (with managedFields) is itself too deep for kube's
-    // client to decode, so the result is read back with kubectl.
-    // `deep`: its managedFields pass the limit, not the job itself, which is served (and fails
-    // validation); `deeper`: the job itself passes it, and it is reported.
-    for (name, levels) in [("deep", 122), ("deeper", 140)] {
+    // The apiserver refuses an input nested this deep (deploy/admission/limits.yaml)...
+    let deep_job = |name: &str, levels: usize| -> DynamicObject {
         let mut spec = job_spec();
         spec["input"] = nested(levels);
-        let job: DynamicObject = serde_json::from_value(
+        serde_json::from_value(
             json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name}, "spec": spec}),
         )
-        .unwrap();
-        let _ = jobs.create(&PostParams::default(), &job).await;
-        let out = cp.kubectl("admin", &["get", "agentjob", name, "-n", NS, "-o", "name"]);
-        assert!(out.status.success(), "{name} is stored: {}", String::from_utf8_lossy(&out.stderr));
+        .unwrap()
+    };
+    match jobs.create(&PostParams::default(), &deep_job("refused", 118)).await {
+        Err(kube::Error::Api(s)) => assert!(s.message.contains("spec.input nests deeper than 32 levels"), "{}", s.message),
+        other => panic!("an input nested 118 deep was not refused at admission: {other:?}"),
     }
+    // ...but a cluster may hold such jobs from before the policy, or run without it.
+    let limits = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/admission/limits.yaml");
+    let unbind = cp.kubectl("admin", &["delete", "validatingadmissionpolicybinding", "agentgate-agentjob-limits"]);
+    assert!(unbind.status.success(), "{}", String::from_utf8_lossy(&unbind.stderr));
+    // The apiserver answers with managedFields too deep for kube's client to decode, so each
+    // job is read back with kubectl. `deep`: its managedFields pass serde_json's limit, not the
+    // job itself, which is served (and rejected by validation); `deeper`: the job itself passes
+    // it, and it is reported.
+    for (name, levels) in [("deep", 122), ("deeper", 140)] {
+        wait_for(
+            &format!("{name} to be stored once the limits policy is unbound"),
+            Duration::from_secs(30),
+            || async {
+                let _ = jobs.create(&PostParams::default(), &deep_job(name, levels)).await;
+                cp.kubectl("admin", &["get", "agentjob", name, "-n", NS, "-o", "name"]).status.success()
+            },
+            |stored| *stored,
+        )
+        .await;
+    }
+    let rebind = cp.kubectl("admin", &["apply", "--server-side", "--force-conflicts", "-f", limits.to_str().unwrap()]);
+    assert!(rebind.status.success(), "{}", String::from_utf8_lossy(&rebind.stderr));
+    let tools = Api::<DynamicObject>::all_with(
+        admin.clone(),
+        &ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("agentgate.dev", "v1alpha1", "AgentTool"), "agenttools"),
+    );
+    let tool = |name: &str, type_: &str| -> DynamicObject {
+        serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentTool", "metadata": {"name": name},
+            "spec": {"type": type_, "endpoint": {"url": "https://tools.example.com"}, "rateLimit": 10}}))
+        .unwrap()
+    };
+    tools.create(&PostParams::default(), &tool("isolation-grpc", "grpc")).await.expect("creating a tool of a newer type");
     let typed = Api::<AgentJob>::namespaced(admin.clone(), NS);
     let whole_list = typed.list(&ListParams::default()).await;
     assert!(whole_list.is_err(), "a plain list of jobs fails as one document: {whole_list:?}");
@@ -87,9 +133,26 @@ async fn undecodable_jobs_are_reported_and_skipped_and_the_rest_are_served() {
     let operator = OperatorProcess::start(cp, &["--namespace", NS, "--metrics-addr", &format!("127.0.0.1:{port}")]);
     typed.create(&PostParams::default(), &agent_job("served", job_spec(), json!({}))).await.expect("creating served");
     wait_for_job(&admin, NS, "served", "served to be looked at", |j| phase(j) == Some("AwaitingApproval")).await;
+    // Status written by a newer version: served, the phase re-derived (decide::rederive_phase).
+    wait_for_job(&admin, NS, "from-newer", "from-newer re-derived", |j| phase(j) == Some("AwaitingApproval")).await;
+    let ended = wait_for_job(&admin, NS, "from-newer-ended", "from-newer-ended re-derived", |j| phase(j) == Some("Failed")).await;
+    let attempts = &ended.status.as_ref().unwrap().attempts;
+    assert_eq!(attempts.len(), 1, "an attempt the newer version ended is not retried: {attempts:?}");
+
+    // A tool created now and made Ready by the tool controller: both AgentTool watches (the job
+    // controller's and the tool controller's) have listed the undecodable tool before it.
+    tools.create(&PostParams::default(), &tool("isolation-later", "api")).await.expect("creating a later tool");
+    wait_for(
+        "the tool controller to look at isolation-later",
+        Duration::from_secs(30),
+        || async { tools.get("isolation-later").await.expect("reading isolation-later") },
+        |t: &DynamicObject| t.data["status"]["ready"] == json!(true),
+    )
+    .await;
 
     let events = Api::<Event>::namespaced(admin.clone(), NS);
-    for name in ["deeper", "from-newer"] {
+    let cluster_events = Api::<Event>::namespaced(admin.clone(), "default");
+    for (name, events) in [("deeper", &events), ("isolation-grpc", &cluster_events)] {
         let found = wait_for(
             &format!("a Warning Event Undecodable on {name}"),
             Duration::from_secs(30),
@@ -103,9 +166,18 @@ async fn undecodable_jobs_are_reported_and_skipped_and_the_rest_are_served() {
         .await;
         let note = found.iter().find(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)).and_then(|e| e.note.clone());
         eprintln!("{name}: {note:?}");
-        let log = std::fs::read_to_string(operator.log_path()).unwrap();
-        assert!(log.lines().any(|l| l.contains("does not decode") && l.contains(name)), "the log names {name}");
     }
+    let log = std::fs::read_to_string(operator.log_path()).unwrap();
+    // The name is logged quoted (and the field name maybe coloured).
+    let names = |l: &str, name: &str| l.contains(&format!("\"{name}\""));
+    let reports = |name: &str| log.lines().filter(|l| l.contains("does not decode") && names(l, name)).count();
+    assert_eq!(reports("deeper"), 1, "the log names deeper once");
+    assert_eq!(reports("isolation-grpc"), 1, "the log names the tool once, though two watches see it");
+    for name in ["from-newer", "from-newer-ended", "deep"] {
+        assert_eq!(reports(name), 0, "{name} is read");
+    }
+    assert_eq!(metric(port, "agentgate_objects_undecodable_total{kind=\"AgentTool\"}"), 1.0, "the tool is counted once");
+    assert_eq!(metric(port, "agentgate_objects_undecodable_total{kind=\"AgentJob\"}"), 1.0, "deeper alone is undecodable");
     // `deep` gets its verdict: its status write succeeds though the answer is too deep to decode whole.
     let out = wait_for(
         "deep to be rejected by validation",
@@ -132,11 +204,9 @@ async fn undecodable_jobs_are_reported_and_skipped_and_the_rest_are_served() {
     )
     .await;
     assert!(out.contains("deeper than"), "{out}");
-    let metrics = http_get(port, "/metrics").1;
-    let line = metrics.lines().find(|l| l.starts_with("agentgate_objects_undecodable_total{kind=\"AgentJob\"}")).unwrap_or_default();
-    let count: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    assert!(count >= 2.0, "metric: {line:?}");
-    eprintln!("{line}");
+    for name in ["isolation-grpc", "isolation-later"] {
+        let _ = tools.delete(name, &Default::default()).await;
+    }
 }
 
 fn proc_kib(pid: u32, field: &str) -> u64 {

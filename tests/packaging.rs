@@ -39,6 +39,11 @@ fn the_chart_ships_the_same_admission_policies_as_deploy() {
         read("deploy/admission/pods.yaml"),
         "copy deploy/admission/pods.yaml to charts/agentgate/templates/admission-pods.yaml (`make crds`)"
     );
+    assert_eq!(
+        read("charts/agentgate/templates/admission-limits.yaml"),
+        read("deploy/admission/limits.yaml"),
+        "copy deploy/admission/limits.yaml to charts/agentgate/templates/admission-limits.yaml (`make crds`)"
+    );
 }
 
 #[test]

@@ -44,7 +44,7 @@ async fn run_job(admin: &Client, ns: &str, name: &str, model: &str, input: i64, 
     // Learned means the operator's cache holds the Succeeded status (it marks what it read there),
     // so a job finishing after this one counts it.
     wait_for_job(admin, ns, name, "Succeeded and learned", |j| {
-        phase(j) == Some("Succeeded") && j.status.as_ref().is_some_and(|s| s.attempts.iter().all(|a| a.learned))
+        phase(j) == Some("Succeeded") && j.status.as_ref().is_some_and(|s| s.attempts.iter().all(|a| a.learned == Some(true)))
     })
     .await;
 }

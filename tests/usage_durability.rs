@@ -135,7 +135,7 @@ async fn learned_runs(admin: &Client, ns: &str) -> Option<u64> {
 
 async fn wait_marked(admin: &Client, ns: &str, name: &str, attempts: usize) -> AgentJob {
     wait_for_job(admin, ns, name, "every attempt learned", |j| {
-        j.status.as_ref().is_some_and(|s| s.attempts.len() == attempts && s.attempts.iter().all(|a| a.learned))
+        j.status.as_ref().is_some_and(|s| s.attempts.len() == attempts && s.attempts.iter().all(|a| a.learned == Some(true)))
     })
     .await
 }
@@ -160,18 +160,26 @@ async fn each_attempt_is_learned_once_whatever_the_operator_was_doing_when_kille
         .await
         .expect("unmark");
     // Killed after the usage was written, before it was learned: a job the operator recorded as
-    // succeeded, with usage and no mark, must be learned by the next operator.
-    let other = jobs.create(&PostParams::default(), &manifest("recorded")).await.expect("create job");
-    let status = json!({"status": {"phase": "Succeeded", "observedGeneration": other.metadata.generation,
-        "attempts": [{"attempt": 1, "generation": other.metadata.generation, "pods": [], "result": "Succeeded",
-            "usage": {"inputTokens": 900, "cachedInputTokens": 0, "outputTokens": 100, "totalTokens": 1000, "costUSD": "0.0002",
-                      "models": [{"model": "gpt-4o-mini", "inputTokens": 900, "cachedInputTokens": 0, "outputTokens": 100, "costUSD": "0.0002"}]}}]}});
-    jobs.patch_status("recorded", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status)).await.expect("write status");
+    // succeeded, with usage and `learned: false`, must be learned by the next operator. And one
+    // an operator older than the mark recorded (no `learned` at all), and so learned and counted
+    // already, must be marked without being learned again (controller/learning_mark.rs).
+    let usage = json!({"inputTokens": 900, "cachedInputTokens": 0, "outputTokens": 100, "totalTokens": 1000, "costUSD": "0.0002",
+        "models": [{"model": "gpt-4o-mini", "inputTokens": 900, "cachedInputTokens": 0, "outputTokens": 100, "costUSD": "0.0002"}]});
+    for (name, learned) in [("recorded", Some(false)), ("recorded-before-the-mark", None)] {
+        let other = jobs.create(&PostParams::default(), &manifest(name)).await.expect("create job");
+        let mut attempt = json!({"attempt": 1, "generation": other.metadata.generation, "pods": [], "result": "Succeeded", "usage": usage});
+        if let Some(learned) = learned {
+            attempt["learned"] = json!(learned);
+        }
+        let status = json!({"status": {"phase": "Succeeded", "observedGeneration": other.metadata.generation, "attempts": [attempt]}});
+        jobs.patch_status(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status)).await.expect("write status");
+    }
 
     let _op = operator(cp, ns);
     wait_marked(&admin, ns, "scan", 1).await;
     wait_marked(&admin, ns, "recorded", 1).await;
-    assert_eq!(learned_runs(&admin, ns).await, Some(2), "each of the two attempts learned exactly once");
+    wait_marked(&admin, ns, "recorded-before-the-mark", 1).await;
+    assert_eq!(learned_runs(&admin, ns).await, Some(2), "scan and recorded learned exactly once, the older operator's attempt not again");
 }
 
 #[tokio::test]

@@ -305,7 +305,9 @@ impl JobPhase {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentJobStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// None also when a newer operator version wrote a phase this one does not know
+    /// (`known_phase`); `decide` then re-derives it.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "known_phase")]
     pub phase: Option<JobPhase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -537,6 +539,25 @@ pub enum AttemptResult {
     Failed,
 }
 
+/// Status values a newer operator version may write and this one does not know are read, not
+/// refused: one unknown enum value must not make a job unreadable (controller/decode.rs reports
+/// and skips an object that does not decode). An unknown phase reads as none, re-derived by
+/// `decide::rederive_phase`.
+fn known_phase<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<JobPhase>, D::Error> {
+    let name = Option::<String>::deserialize(deserializer)?;
+    Ok(name.and_then(|name| JobPhase::ALL.into_iter().find(|p| p.as_str() == name)))
+}
+
+/// An attempt that ended in a way this version does not know counts as failed: it never runs
+/// again, and what it recorded (usage included) is kept.
+fn known_result<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<AttemptResult, D::Error> {
+    Ok(match String::deserialize(deserializer)?.as_str() {
+        "Running" => AttemptResult::Running,
+        "Succeeded" => AttemptResult::Succeeded,
+        _ => AttemptResult::Failed,
+    })
+}
+
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Attempt {
@@ -548,6 +569,7 @@ pub struct Attempt {
     pub start_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completion_time: Option<Time>,
+    #[serde(deserialize_with = "known_result")]
     pub result: AttemptResult,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
@@ -559,10 +581,12 @@ pub struct Attempt {
     /// (a disagreement is a `UsageClaimMismatch` Warning Event), never counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported_usage: Option<Usage>,
-    /// The estimator has learned this attempt's usage and the token and cost counters have
-    /// counted it (set in the status write after that; controller/learning_mark.rs).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub learned: bool,
+    /// `true` once the estimator has learned this attempt's usage and the token and cost counters
+    /// have counted it (set in the status write after that), `false` until then. Absent on
+    /// attempts stored by an operator older than this mark, which learned and counted usage as it
+    /// first appeared: those are marked, never learned or counted again (controller/learning_mark.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned: Option<bool>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

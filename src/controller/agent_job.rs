@@ -11,6 +11,7 @@ use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Resource, ResourceExt};
 
+use super::error::{ApplyError, ObserveError};
 use super::snapshot::{self, gpu_resource_name, pod_need, tool_view, vote_view};
 use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY, approval_vote};
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
@@ -28,17 +29,17 @@ pub async fn reconcile(job: Arc<AgentJob>, ctx: Arc<Context>) -> Result<Action> 
     let started = Instant::now();
     let result = reconcile_inner(&job, &ctx).await;
     ctx.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
-    ctx.metrics.count_reconcile("AgentJob", result.is_ok());
+    ctx.metrics.count_reconcile("AgentJob", result.as_ref().map(|_| ()).map_err(Error::metric_label));
     result
 }
 
 pub fn error_policy(job: Arc<AgentJob>, error: &Error, _ctx: Arc<Context>) -> Action {
-    let conflict = matches!(error, Error::Kube(kube::Error::Api(s)) if s.code == 409);
+    let conflict = error.is_conflict();
     if conflict {
         // Our cached copy was stale; the watch brings the new one and triggers us again.
         tracing::debug!(job = %job.name_any(), "status write raced a newer version; retrying");
     } else {
-        tracing::warn!(job = %job.name_any(), namespace = ?job.namespace(), %error, "reconcile failed");
+        tracing::warn!(job = %job.name_any(), namespace = ?job.namespace(), error = error.metric_label(), "reconcile failed: {error}");
     }
     Action::requeue(std::time::Duration::from_secs(if conflict { 1 } else { 5 }))
 }
@@ -152,7 +153,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     // Build and apply: Pods first, so status never names a Pod that was not created.
     if let Some(attempt) = plan.ensure_attempt {
         match ensure_pods(job, ctx, &plan, attempt, &pods).await {
-            Err(Error::PodNameTaken(pod)) => return pod_name_taken(job, ctx, &old_status, &pod, generation).await,
+            Err(Error::Apply(ApplyError::PodNameTaken { pod })) => return pod_name_taken(job, ctx, &old_status, &pod, generation).await,
             other => other?,
         }
     }
@@ -195,7 +196,9 @@ async fn head_verdicts(job: &AgentJob, ctx: &Context, votes: &[VoteView]) -> Res
     }
     let namespace = job.namespace().unwrap_or_default();
     for vote in votes {
-        let answer = ctx.heads.is_head(&vote.voter, &vote.groups, &namespace, &job.spec.category).await?;
+        let answer = ctx.heads.is_head(&vote.voter, &vote.groups, &namespace, &job.spec.category).await.map_err(|source| {
+            ObserveError::HeadCheck { voter: vote.voter.clone(), category: job.spec.category.clone(), namespace: namespace.clone(), source }
+        })?;
         verdicts.insert(vote.name.clone(), answer);
     }
     Ok(HeadVerdicts(verdicts))
@@ -299,7 +302,9 @@ async fn confirm_gone_pods(job: &AgentJob, ctx: &Context, pods: &[decide::PodVie
     for name in attempt.pods.iter().filter(|n| !pods.iter().any(|p| &p.name == *n)) {
         // A Pod of that name the job does not control is not the attempt's: gone as far as the
         // job knows (a forged attempt naming a decoy is dropped, tests/gate_attacks.rs).
-        if api.get_opt(name).await?.is_none_or(|p| !snapshot::is_job_pod(&p, &namespace, uid)) {
+        let pod =
+            api.get_opt(name).await.map_err(|source| ObserveError::GonePod { namespace: namespace.clone(), pod: name.clone(), source })?;
+        if pod.is_none_or(|p| !snapshot::is_job_pod(&p, &namespace, uid)) {
             gone.push(name.clone());
         }
     }
@@ -364,12 +369,16 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
             // Ours means controlled by this job: a Pod pre-created with the name and the job's
             // labels is someone else's and is never adopted (tests/gate_attacks.rs).
             Err(kube::Error::Api(s)) if s.code == 409 => {
-                let holder = api.get_opt(&pod_name).await?;
+                let holder = api.get_opt(&pod_name).await.map_err(|source| ApplyError::GetTakenPod {
+                    namespace: namespace.clone(),
+                    pod: pod_name.clone(),
+                    source,
+                })?;
                 if holder.as_ref().is_some_and(|p| !snapshot::is_job_pod(p, &namespace, &uid)) {
-                    return Err(Error::PodNameTaken(pod_name));
+                    return Err(ApplyError::PodNameTaken { pod: pod_name }.into());
                 }
             }
-            Err(e) => return Err(e.into()),
+            Err(source) => return Err(ApplyError::CreatePod { namespace: namespace.clone(), pod: pod_name, source }.into()),
         }
     }
     Ok(())
@@ -379,7 +388,7 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
 /// condition and a Warning Event), with the rest of the status as it was; looked at again now
 /// and then, since the other Pod may go.
 async fn pod_name_taken(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, pod: &str, generation: i64) -> Result<Action> {
-    let message = Error::PodNameTaken(pod.to_string()).to_string();
+    let message = ApplyError::PodNameTaken { pod: pod.to_string() }.to_string();
     let mut status = old.clone();
     set_condition(&mut status.conditions, condition::READY, false, "PodNameTaken", message.clone(), generation, &now());
     if status != *old {
@@ -398,9 +407,10 @@ async fn write_status(job: &AgentJob, ctx: &Context, status: &AgentJobStatus) ->
     // The status subresource takes only status from the body and keeps the stored spec and
     // metadata, so the body carries nothing else: the apiserver decodes and the network carries
     // a job's input (up to its size limit) once, when it is applied, not on every status write.
+    let (namespace, name) = (job.namespace().unwrap_or_default(), job.name_any());
     let resource = ApiResource::erase::<AgentJob>(&());
-    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &job.namespace().unwrap_or_default(), &resource);
-    let mut body = DynamicObject::new(&job.name_any(), &resource).within(&job.namespace().unwrap_or_default());
+    let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &namespace, &resource);
+    let mut body = DynamicObject::new(&name, &resource).within(&namespace);
     body.metadata.resource_version = job.resource_version();
     body.metadata.uid = job.metadata.uid.clone();
     body.data = serde_json::json!({ "status": status });
@@ -408,10 +418,16 @@ async fn write_status(job: &AgentJob, ctx: &Context, status: &AgentJobStatus) ->
     // Only the answer's metadata is decoded, and without managedFields: those of a job whose
     // input nests deep pass serde_json's recursion limit (controller/decode.rs), and the write
     // would seem to fail forever though it succeeded.
-    let request = kube::core::Request::new(api.resource_url())
-        .replace_subresource("status", &job.name_any(), &params, serde_json::to_vec(&body)?)
-        .map_err(kube::Error::BuildRequest)?;
-    let written: super::decode::Decoded<kube::core::PartialObjectMeta<AgentJob>> = ctx.client.request(request).await?;
+    let encoded =
+        serde_json::to_vec(&body).map_err(|source| ApplyError::EncodeStatus { namespace: namespace.clone(), job: name.clone(), source })?;
+    let written: super::decode::Decoded<kube::core::PartialObjectMeta<AgentJob>> = async {
+        let request = kube::core::Request::new(api.resource_url())
+            .replace_subresource("status", &name, &params, encoded)
+            .map_err(kube::Error::BuildRequest)?;
+        ctx.client.request(request).await
+    }
+    .await
+    .map_err(|source| ApplyError::WriteStatus { namespace, job: name, source })?;
     // A no-op update keeps the version, and the cache would then never move past it.
     if written.meta().resource_version != job.resource_version() {
         ctx.status_writes.wrote_over(job.metadata.uid.as_deref().unwrap_or_default(), job.resource_version());

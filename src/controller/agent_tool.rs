@@ -14,6 +14,7 @@ use kube::{Api, Resource, ResourceExt};
 use serde_json::json;
 
 use super::discovery::{DISCOVERED, DISCOVERED_FROM, DISCOVERY_CONFLICT, DISCOVERY_ERROR};
+use super::error::ToolError;
 use super::snapshot::rate_limit_claims;
 use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY};
 use crate::api::{AgentTool, AgentToolStatus};
@@ -60,12 +61,12 @@ impl SecretWatch {
 
 pub async fn reconcile(tool: Arc<AgentTool>, ctx: Arc<Context>) -> Result<Action> {
     let result = reconcile_inner(&tool, &ctx).await;
-    ctx.metrics.count_reconcile("AgentTool", result.is_ok());
+    ctx.metrics.count_reconcile("AgentTool", result.as_ref().map(|_| ()).map_err(Error::metric_label));
     result
 }
 
 pub fn error_policy(tool: Arc<AgentTool>, error: &Error, _ctx: Arc<Context>) -> Action {
-    tracing::warn!(tool = %tool.name_any(), %error, "reconcile failed");
+    tracing::warn!(tool = %tool.name_any(), error = error.metric_label(), "reconcile failed: {error}");
     Action::requeue(Duration::from_secs(5))
 }
 
@@ -164,7 +165,10 @@ async fn check_credentials(tool: &AgentTool, ctx: &Context) -> Result<Option<(bo
             }
         }
         Err(kube::Error::Api(s)) if s.code == 403 => (false, format!("the operator may not read Secret {}/{}", r.namespace, r.name)),
-        Err(e) => return Err(e.into()),
+        Err(source) => {
+            let (tool, namespace, secret) = (tool.name_any(), r.namespace.clone(), r.name.clone());
+            return Err(ToolError::GetCredentials { tool, namespace, secret, source }.into());
+        }
     };
     Ok(Some(verdict))
 }
@@ -262,7 +266,9 @@ async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
             "kind": AgentTool::kind(&()),
             "status": s,
         });
-        api.patch_status(&tool.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch)).await?;
+        api.patch_status(&tool.name_any(), &PatchParams::apply(&ctx.settings.field_manager).force(), &Patch::Apply(&patch))
+            .await
+            .map_err(|source| ToolError::WriteStatus { tool: tool.name_any(), source })?;
     }
     let recheck = tool.spec.credentials.is_some() && !ctx.secret_watch.is_watching();
     Ok(Action::requeue(if recheck { CREDENTIALS_RECHECK } else { RESYNC }))

@@ -158,7 +158,8 @@ mod tests {
         (0..levels).fold(json!(1), |v, _| json!({ "a": v }))
     }
 
-    /// A list as the apiserver sends it: one object too deep, one of an unknown phase, one good.
+    /// A list as the apiserver sends it: one object too deep, one of a phase this version does not
+    /// know (read as none: `api::agent_job::known_phase`), one good.
     #[test]
     fn one_bad_object_fails_alone() {
         let list = json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "7"},
@@ -171,24 +172,51 @@ mod tests {
         let too_deep = results[0].as_ref().unwrap_err();
         assert!(too_deep.error.contains("recursion limit"), "{}", too_deep.error);
         assert_eq!(too_deep.metadata.name.as_deref(), Some("j"));
-        let unknown = &results[1].as_ref().unwrap_err().error;
-        assert!(unknown.contains("Paused"), "{unknown}");
+        let newer = results[1].as_ref().unwrap();
+        assert_eq!(newer.status.as_ref().map(|s| s.phase), Some(None), "an unknown phase is read, as none");
         let good = results[2].as_ref().unwrap();
         assert!(good.metadata.managed_fields.is_none(), "managedFields are never decoded");
     }
 }
 
-/// Where an undecodable object is reported.
+/// Where an undecodable object is reported: once per object and problem, however many watches
+/// see it (AgentTools are watched twice) and however often they relist.
 #[derive(Clone)]
 pub struct Reporter {
-    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
-    pub events: super::events::EventQueue,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    events: super::events::EventQueue,
+    /// The problem last reported of each object (kind/namespace/name).
+    reported: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
 }
 
 impl Reporter {
+    /// Beyond this many undecodable objects remembered, forget them all: the worst that costs
+    /// is one more report of each.
+    const CAP: usize = 10_000;
+
+    pub fn new(metrics: std::sync::Arc<crate::metrics::Metrics>, events: super::events::EventQueue) -> Self {
+        Reporter { metrics, events, reported: Default::default() }
+    }
+
+    /// True the first time this problem of this object is seen.
+    fn first_time(&self, key: String, problem: &str) -> bool {
+        let mut reported = self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if reported.get(&key).is_some_and(|p| p == problem) {
+            return false;
+        }
+        if reported.len() >= Self::CAP {
+            reported.clear();
+        }
+        reported.insert(key, problem.to_string());
+        true
+    }
+
     fn report<K: Resource<DynamicType = ()>>(&self, bad: &Undecodable) {
         let kind = K::kind(&());
         let (namespace, name) = (bad.metadata.namespace.as_deref().unwrap_or_default(), bad.metadata.name.as_deref().unwrap_or_default());
+        if !self.first_time(format!("{kind}/{namespace}/{name}"), &bad.error) {
+            return;
+        }
         tracing::warn!(kind = %kind, namespace, name, error = %bad.error, "object left out of the cache: it does not decode");
         self.metrics.count_undecodable(&kind);
         if bad.metadata.name.is_some() {

@@ -6,6 +6,14 @@
 //! again: before the estimator state was written, nothing of it was kept; after, its key is in
 //! the state and the learner skips it. The counters live in the process, so a new process counting
 //! the attempt again counts it for the first time.
+//!
+//! Upgrade: attempts stored by an operator older than the mark have no `learned` at all. That
+//! operator learned and counted each attempt in the reconcile that first saw its usage, before
+//! the status write, so they are marked without being learned or counted again: learning them
+//! would learn twice every one beyond the learner's last 512 keys, and count the whole history
+//! again. The one attempt an old operator may have lost (killed between its write and its
+//! learning, the bug the mark fixes) stays lost. An attempt an old operator started and this one
+//! settles is this one's to learn (`decide` marks its usage `learned: false`).
 
 use super::Context;
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult};
@@ -16,12 +24,18 @@ use kube::ResourceExt;
 
 /// Indexes of the attempts whose usage is stored but not yet learned. Pure.
 pub fn unlearned(stored: &AgentJobStatus) -> Vec<usize> {
-    stored.attempts.iter().enumerate().filter(|(_, a)| a.usage.is_some() && !a.learned).map(|(i, _)| i).collect()
+    stored.attempts.iter().enumerate().filter(|(_, a)| a.usage.is_some() && a.learned == Some(false)).map(|(i, _)| i).collect()
+}
+
+/// Indexes of the attempts an operator older than the mark stored (and learned). Pure.
+pub fn learned_before_the_mark(stored: &AgentJobStatus) -> Vec<usize> {
+    stored.attempts.iter().enumerate().filter(|(_, a)| a.usage.is_some() && a.learned.is_none()).map(|(i, _)| i).collect()
 }
 
 /// Learns and counts the stored, unmarked attempts and marks them in `next` (the status about to
 /// be written). The marks are set only once the estimator state holding them is written back.
 pub async fn learn_stored(job: &AgentJob, ctx: &Context, stored: &AgentJobStatus, next: &mut AgentJobStatus) {
+    mark(stored, next, &learned_before_the_mark(stored));
     let pending = unlearned(stored);
     if pending.is_empty() {
         return;
@@ -55,9 +69,13 @@ pub async fn learn_stored(job: &AgentJob, ctx: &Context, stored: &AgentJobStatus
         tracing::warn!(job = %job.name_any(), namespace = ?job.namespace(), "estimator state not written; the attempt stays unmarked");
         return;
     }
-    for i in pending {
+    mark(stored, next, &pending);
+}
+
+fn mark(stored: &AgentJobStatus, next: &mut AgentJobStatus, attempts: &[usize]) {
+    for &i in attempts {
         if let Some(a) = next.attempts.get_mut(i).filter(|a| a.attempt == stored.attempts[i].attempt) {
-            a.learned = true;
+            a.learned = Some(true);
         }
     }
 }
@@ -67,7 +85,7 @@ mod tests {
     use super::*;
     use crate::api::{Attempt, Usage};
 
-    fn attempt(n: i32, usage: bool, learned: bool) -> Attempt {
+    fn attempt(n: i32, usage: bool, learned: Option<bool>) -> Attempt {
         Attempt {
             attempt: n,
             generation: 1,
@@ -85,15 +103,22 @@ mod tests {
     #[test]
     fn only_stored_unmarked_usage_is_pending() {
         let status = AgentJobStatus {
-            attempts: vec![attempt(1, true, true), attempt(2, true, false), attempt(3, false, false)],
+            attempts: vec![
+                attempt(1, true, Some(true)),
+                attempt(2, true, Some(false)),
+                attempt(3, false, Some(false)),
+                attempt(4, true, None),
+            ],
             ..AgentJobStatus::default()
         };
         // Attempt 1 was learned and marked; 2 is stored without the mark (a crash or lost lease
-        // after its usage was written): learned now; 3 still runs.
+        // after its usage was written): learned now; 3 still runs; 4 was stored (and learned) by
+        // an operator older than the mark: marked only.
         assert_eq!(unlearned(&status), vec![1]);
+        assert_eq!(learned_before_the_mark(&status), vec![3]);
         // A status read back after the mark was written has nothing pending: never twice.
         let mut marked = status.clone();
-        marked.attempts[1].learned = true;
-        assert!(unlearned(&marked).is_empty());
+        mark(&status, &mut marked, &[1, 3]);
+        assert!(unlearned(&marked).is_empty() && learned_before_the_mark(&marked).is_empty());
     }
 }

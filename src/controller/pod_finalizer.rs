@@ -16,7 +16,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 
-use super::{Context, Result, snapshot};
+use super::error::ApplyError;
+use super::{Context, snapshot};
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
 use crate::domain::decide::PodView;
 use crate::domain::pod_builder::USAGE_FINALIZER;
@@ -49,7 +50,7 @@ pub fn releasable(status: &AgentJobStatus, pod: &PodView, deleting: bool, schedu
 
 /// Removes the finalizer from the job's Pods that `releasable` lets go, after `status` was
 /// stored. A Pod already gone is fine.
-pub async fn release_settled(ctx: &Context, job: &AgentJob, owned: &[Arc<Pod>], status: &AgentJobStatus) -> Result<()> {
+pub async fn release_settled(ctx: &Context, job: &AgentJob, owned: &[Arc<Pod>], status: &AgentJobStatus) -> Result<(), ApplyError> {
     let all = job.metadata.deletion_timestamp.is_some();
     for pod in owned.iter().filter(|p| holds_finalizer(p)) {
         let deleting = pod.metadata.deletion_timestamp.is_some();
@@ -64,8 +65,9 @@ pub async fn release_settled(ctx: &Context, job: &AgentJob, owned: &[Arc<Pod>], 
 
 /// The patch the Job controller uses for its tracking finalizer: it removes only ours, whatever
 /// other finalizers come and go meanwhile.
-async fn release_pod(ctx: &Context, pod: &Pod) -> Result<()> {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
+async fn release_pod(ctx: &Context, pod: &Pod) -> Result<(), ApplyError> {
+    let namespace = pod.namespace().unwrap_or_default();
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let patch = serde_json::json!({ "metadata": { "$deleteFromPrimitiveList/finalizers": [USAGE_FINALIZER] } });
     let params = PatchParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PatchParams::default() };
     match api.patch(&pod.name_any(), &params, &Patch::Strategic(patch)).await {
@@ -74,7 +76,7 @@ async fn release_pod(ctx: &Context, pod: &Pod) -> Result<()> {
             Ok(())
         }
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
+        Err(source) => Err(ApplyError::ReleaseFinalizer { namespace, pod: pod.name_any(), source }),
     }
 }
 
@@ -87,7 +89,7 @@ fn orphan_candidates(ctx: &Context) -> Vec<Arc<Pod>> {
 
 /// Whether a Pod's job is gone: asked of the API, not the cache, which may lag behind a job
 /// just created (then the Pod is still its job's, and the job's reconcile handles it).
-async fn job_gone(ctx: &Context, pod: &Pod) -> Result<bool> {
+async fn job_gone(ctx: &Context, pod: &Pod) -> Result<bool, kube::Error> {
     let Some(owner) = pod.owner_references().iter().find(|o| o.controller == Some(true) && o.kind == "AgentJob") else {
         return Ok(true);
     };
@@ -106,9 +108,9 @@ pub async fn sweep(ctx: Arc<Context>, trigger: Arc<tokio::sync::Notify>) {
         }
         for pod in orphan_candidates(&ctx) {
             let released = match job_gone(&ctx, &pod).await {
-                Ok(true) => release_pod(&ctx, &pod).await.map(|()| true),
+                Ok(true) => release_pod(&ctx, &pod).await.map(|()| true).map_err(|e| e.to_string()),
                 Ok(false) => Ok(false),
-                Err(e) => Err(e),
+                Err(e) => Err(format!("GET its AgentJob: {e}")),
             };
             match released {
                 Ok(true) => {
@@ -158,7 +160,7 @@ mod tests {
                 message: None,
                 usage: None,
                 reported_usage: None,
-                learned: false,
+                learned: Some(false),
             }],
             ..AgentJobStatus::default()
         }

@@ -275,7 +275,7 @@ mod tests {
             message: None,
             usage: None,
             reported_usage: None,
-            learned: false,
+            learned: Some(false),
         });
         let votes = [vote("alice", 1), vote("bob", 1)];
         let p = before(&started, 1, &now, &votes);

@@ -110,7 +110,7 @@ pub fn running_attempt(job: &AgentJob, attempt: i32, generation: i64, now: &Time
         message: None,
         usage: None,
         reported_usage: None,
-        learned: false,
+        learned: Some(false),
     }
 }
 
@@ -146,7 +146,8 @@ pub fn agent_names(spec: &AgentJobSpec) -> Vec<String> {
 pub fn decide(o: &Observed) -> Plan {
     let job = o.job;
     let generation = job.metadata.generation.unwrap_or(1);
-    let old = job.status.clone().unwrap_or_default();
+    let mut old = job.status.clone().unwrap_or_default();
+    old.phase = old.phase.or_else(|| rederive_phase(&old));
     let mut s = old.clone();
     s.observed_generation = Some(generation);
     let mut plan = Plan { status: AgentJobStatus::default(), ensure_attempt: None, drop_gpu: false, events: Vec::new() };
@@ -197,6 +198,19 @@ pub fn decide(o: &Observed) -> Plan {
     run_gates(&mut s, &mut plan, o, generation);
     plan.status = s;
     finish_plan(plan, &old)
+}
+
+/// The phase of a status that has attempts but no phase this version knows (a newer operator
+/// version wrote it: `api::agent_job::known_phase`), from its last attempt: followed while it
+/// runs, final once it has ended. Final even if retries were left: this version does not know
+/// why the newer one stopped, and must not spend on its behalf. Without attempts, none: every
+/// gate is evaluated again, votes included (decide/tests.rs an_unknown_phase_is_rederived).
+pub fn rederive_phase(status: &AgentJobStatus) -> Option<JobPhase> {
+    status.attempts.last().map(|a| match a.result {
+        AttemptResult::Running => JobPhase::Running,
+        AttemptResult::Succeeded => JobPhase::Succeeded,
+        AttemptResult::Failed => JobPhase::Failed,
+    })
 }
 
 /// An attempt still Running in status with a newer one after it ended before the newer one
@@ -418,6 +432,8 @@ fn settle_attempt(
         }
         None => attempt.usage = Some(attempt_usage),
     }
+    // Recorded by this version, so learned by it, whoever started the attempt.
+    attempt.learned = Some(false);
     attempt.result = if failures.is_empty() { AttemptResult::Succeeded } else { AttemptResult::Failed };
     attempt.message = Some(if failures.is_empty() { "all agents succeeded".into() } else { failures.join("; ") });
     (failures, output)

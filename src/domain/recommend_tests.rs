@@ -47,7 +47,7 @@ fn attempt(n: i32, result: AttemptResult, usage: Usage, message: &str) -> Attemp
         result,
         message: Some(message.into()),
         usage: Some(usage),
-        learned: true,
+        learned: Some(true),
         reported_usage: None,
     }
 }

@@ -347,6 +347,14 @@ impl ControlPlane {
                    "spec": {"category": "probe", "budget": {"maxCostUSD": "1"},
                             "agents": {"primary": {"name": "probe", "image": "probe", "model": "probe"}}}}),
         )?;
+        // deploy/admission/limits.yaml: an input nested 40 deep is refused.
+        let deep_input = (0..40).fold(json!(1), |v, _| json!({ "a": v }));
+        let deep_job = probe(
+            "deep-job",
+            json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": "admission-probe"},
+                   "spec": {"category": "probe", "budget": {"maxCostUSD": "1"}, "input": deep_input,
+                            "agents": {"primary": {"name": "probe", "image": "probe", "model": "probe"}}}}),
+        )?;
         let dry_run = |file: &Path| {
             self.try_kubectl("admin", &["create", "--dry-run=server", "-n", "default", "-o", "json", "-f", &file.display().to_string()])
         };
@@ -358,13 +366,15 @@ impl ControlPlane {
             let groups_stamped = String::from_utf8_lossy(&stamped.stdout).contains("system:masters");
             let forgery_refused = !forged.status.success() && String::from_utf8_lossy(&forged.stderr).contains("spec.voter");
             let author_stamped = String::from_utf8_lossy(&created.stdout).contains("agentgate.dev/requested-by");
-            if groups_stamped && forgery_refused && author_stamped {
+            let deep = dry_run(&deep_job)?;
+            let depth_refused = !deep.status.success() && String::from_utf8_lossy(&deep.stderr).contains("nests deeper");
+            if groups_stamped && forgery_refused && author_stamped && depth_refused {
                 return Ok(());
             }
             ensure!(
                 Instant::now() < deadline,
                 "admission policies not in effect after {STARTUP_TIMEOUT:?}: voter groups stamped {groups_stamped}, forged vote \
-                 refused {forgery_refused}, job author stamped {author_stamped}"
+                 refused {forgery_refused}, job author stamped {author_stamped}, deep input refused {depth_refused}"
             );
             thread::sleep(Duration::from_millis(100));
         }

@@ -1041,3 +1041,33 @@ fn a_forged_estimate_does_not_lower_the_risk_tier() {
     assert_eq!((status, reason), ("False", "AwaitingApproval"));
     assert!(msg.contains("fall short of what the current estimate"), "{msg}");
 }
+
+/// A status written by a newer operator version: a phase and an attempt result this version does
+/// not know are read (as none and as Failed), and the phase is re-derived, never run again on
+/// the word of a phase it cannot interpret.
+#[test]
+fn an_unknown_phase_is_rederived() {
+    let attempt = json!({"attempt": 1, "generation": 1, "pods": ["scan-scanner-1"], "result": "Cancelled"});
+    let unknown = |attempts: Value| job(&[("/status", json!({"phase": "Paused", "attempts": attempts}))]);
+
+    // No attempt: every gate again, approval by the current votes included.
+    let fresh = unknown(json!([]));
+    assert_eq!(fresh.status.as_ref().unwrap().phase, None);
+    let plan = step(&fresh, &ready(), &unvoted(), &[], &[]);
+    assert_eq!((plan.status.phase, plan.ensure_attempt), (Some(JobPhase::AwaitingApproval), None));
+
+    // An attempt that ended in a way this version does not know: failed, and final even with
+    // retries left and approvals in place.
+    let mut ended = unknown(json!([attempt]));
+    ended.spec.limits = Some(crate::api::JobLimits { max_execution_seconds: None, max_retries: Some(3) });
+    assert_eq!(ended.status.as_ref().unwrap().attempts[0].result, AttemptResult::Failed);
+    let plan = step(&ended, &ready(), &approved(), &[], &[]);
+    assert_eq!((plan.status.phase, plan.ensure_attempt), (Some(JobPhase::Failed), None));
+
+    // A running attempt is followed.
+    let mut running_attempt = attempt.clone();
+    running_attempt["result"] = json!("Running");
+    let plan = step(&unknown(json!([running_attempt])), &ready(), &approved(), &[], &[]);
+    assert_eq!(plan.status.phase, Some(JobPhase::Running));
+    assert_eq!(plan.ensure_attempt, Some(1), "its Pods are ensured, as for any running attempt");
+}
