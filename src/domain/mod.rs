@@ -9,6 +9,7 @@ pub mod decide;
 pub mod estimate;
 pub mod forecasters;
 pub mod learning;
+pub mod meter_sidecar;
 pub mod money;
 pub mod pod_builder;
 pub mod pricing;
