@@ -170,14 +170,29 @@ where
 
 async fn wait_phase(env: &Env, name: &str, want: &str) -> AgentJob {
     let api: Api<AgentJob> = Api::namespaced(env.admin.clone(), NS);
-    wait(&format!("job {name} {want}"), || async {
+    let done = wait(&format!("job {name} {want}"), || async {
         let j = api.get(name).await.expect("get job");
-        if want == "Succeeded" {
-            assert_ne!(phase(&j), Some("Failed"), "job {name} failed: {:#?}", j.status);
-        }
-        (phase(&j) == Some(want)).then_some(j)
+        (phase(&j) == Some(want) || phase(&j) == Some("Failed")).then_some(j)
     })
-    .await
+    .await;
+    if phase(&done) != Some(want) {
+        panic!("job {name} {:?}: {:#?}\n{}", phase(&done), done.status, container_logs(env, &done).await);
+    }
+    done
+}
+
+/// The agent's and the meter's logs, to explain a failure.
+async fn container_logs(env: &Env, job: &AgentJob) -> String {
+    let pods: Api<Pod> = Api::namespaced(env.admin.clone(), NS);
+    let mut text = String::new();
+    for pod in job_pods(&env.admin, NS, job).await {
+        for container in ["agent", sidecar::CONTAINER] {
+            let params = LogParams { container: Some(container.into()), ..LogParams::default() };
+            let logs = pods.logs(&pod.name_any(), &params).await.unwrap_or_else(|e| format!("(no log: {e})"));
+            text.push_str(&format!("--- {} {container}:\n{logs}\n", pod.name_any()));
+        }
+    }
+    text
 }
 
 /// The Pod once every container, the meter's included, has terminated.

@@ -291,8 +291,8 @@ impl RealNode {
 
     /// Imports the `agentgate` binary this build made (a debug build, dynamically linked) as image
     /// `name`, in seconds instead of `make image`'s release build: one layer with the binary and
-    /// exactly the shared libraries `ldd` names, at their paths, /etc/passwd with nonroot (65532)
-    /// and the release image's entrypoint (deploy/images/build.sh). For the meter sidecar
+    /// exactly the shared libraries `ldd` names, at their paths, /etc/passwd with nonroot (65532),
+    /// the host's CA certificates and the release image's entrypoint (deploy/images/build.sh). For the meter sidecar
     /// (`--meter-image`); not for a registry.
     pub fn import_debug_agentgate_image(&self, binary: &Path, name: &str) -> Result<()> {
         let work = tempfile_dir("agentgate-debug-image")?;
@@ -332,6 +332,10 @@ impl RealNode {
             "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n",
         )?;
         fs::write(rootfs.join("etc/group"), "root:x:0:\nnonroot:x:65532:\n")?;
+        // The meter loads the system's roots at start (for https upstreams).
+        fs::create_dir_all(rootfs.join("etc/ssl/certs"))?;
+        fs::copy("/etc/ssl/certs/ca-certificates.crt", rootfs.join("etc/ssl/certs/ca-certificates.crt"))
+            .context("the host's CA certificates (Debian: ca-certificates)")?;
         let tarball = work.join("image.tar");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/images/crane-image.sh");
         run_checked(Command::new(script).arg(self.bin.join("bin/crane")).arg(&tarball).arg(name).arg(&rootfs).args([
