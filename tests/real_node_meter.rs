@@ -252,6 +252,7 @@ async fn a_call_goes_through_the_meter_with_the_meters_key(env: &Env) {
     let live = &status["output"]["meterUsage"];
     assert_meter_usage_is_the_stand_ins("GET /usage", live, &calls);
     let pod = wait_pod_done(env, &j).await;
+    assert_eq!(pod.status.as_ref().unwrap().qos_class.as_deref(), Some("Guaranteed"), "the sidecar keeps the Pod Guaranteed");
     assert_meter_usage_is_the_stand_ins("the meter's last line", &meter_totals_from_its_log(env, &pod).await, &calls);
     // What the job records (the agent's report, for now) agrees.
     let usage = &status["usage"];

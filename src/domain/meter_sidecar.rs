@@ -280,9 +280,11 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
         // Native sidecar: started before the agent, stopped after it, so the agent's last call
         // is measured even when the agent is OOM-killed or stopped at its deadline.
         restart_policy: Some("Always".into()),
-        // Idle RSS is under 16 MiB; the limit leaves room for large bodies in flight. The Pod's
-        // requests grow by the sidecar's (a native sidecar's requests add to the agent's).
-        resources: Some(ResourceRequirements { requests: small("20m", "32Mi"), limits: small("500m", "128Mi"), ..Default::default() }),
+        // Requests equal limits, as the agent's: the Pod stays in the Guaranteed QoS class (every
+        // container must match; tests/real_node.rs saw the runaway agent's Pod turn Burstable).
+        // Idle RSS is about 11 MiB; the rest is room for bodies in flight. A native sidecar's
+        // requests add to the Pod's, so the scheduler and quotas count them.
+        resources: Some(ResourceRequirements { requests: small("100m", "64Mi"), limits: small("100m", "64Mi"), ..Default::default() }),
         volume_mounts: Some(mounts),
         security_context: Some(restricted()),
         ..Container::default()
@@ -402,6 +404,8 @@ mod tests {
         assert!(args.contains("--anthropic-key-file /var/run/agentgate/meter-keys/anthropic"));
         assert!(args.contains("--openai-upstream https://llm-gateway.internal/v1"), "the cluster's default: {args}");
         assert!(args.contains("--anthropic-upstream https://gateway.internal"), "the namespace's override: {args}");
+        let resources = sidecar.resources.as_ref().unwrap();
+        assert_eq!(resources.requests, resources.limits, "requests equal limits: the Pod stays Guaranteed");
         let mounts: Vec<_> = sidecar.volume_mounts.iter().flatten().map(|m| (m.mount_path.as_str(), m.read_only)).collect();
         assert_eq!(mounts, [(TOKEN_DIR, Some(true)), (KEYS_DIR, Some(true))]);
         let agent = &spec.containers[0];
