@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{ApiResource, DynamicObject, PostParams};
 use kube::runtime::controller::Action;
@@ -16,7 +16,6 @@ use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY, approval_vot
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
 use crate::domain::conditions::set_condition;
 use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, job_type};
-use crate::domain::meter_sidecar::NamespaceKeys;
 use crate::domain::pod_builder::{PodPlan, build_pod, pod_name};
 use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
 use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
@@ -337,7 +336,7 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
     if !missing {
         return Ok(());
     }
-    let keys = namespace_meter_keys(ctx, &namespace).await?;
+    let keys = super::meter_keys::of_namespace(ctx, &namespace).await?;
     let (meter, warnings) = ctx.settings.meter.plan(&namespace, keys.as_ref(), &spec.budget.max_cost_usd);
     for w in &warnings {
         ctx.publish_event(&job.object_ref(&()), EventType::Warning, w.reason, &w.message, "CreatePod").await;
@@ -383,22 +382,6 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
         }
     }
     Ok(())
-}
-
-/// What the namespace's meter keys Secret offers (key names and upstream annotations; its values
-/// are dropped here and never logged), None when it does not exist or the operator may not read
-/// it (`rbac.secrets.namespaces` leaves it out): the meter is then keyless, and the job says so.
-/// Read once per attempt start, not cached: no watch on every Secret's data is needed.
-async fn namespace_meter_keys(ctx: &Context, namespace: &str) -> Result<Option<NamespaceKeys>> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
-    match api.get_opt(&ctx.settings.meter.keys_secret).await {
-        Ok(secret) => Ok(secret.map(|s| {
-            let data_keys = s.data.iter().flatten().map(|(k, _)| k.as_str()).chain(s.string_data.iter().flatten().map(|(k, _)| k.as_str()));
-            NamespaceKeys::from_secret(data_keys, s.metadata.annotations.as_ref().unwrap_or(&Default::default()))
-        })),
-        Err(kube::Error::Api(s)) if s.code == 403 => Ok(None),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// The job cannot start: its Pod's name belongs to another job's Pod. Said where users look (a

@@ -10,6 +10,7 @@ pub mod estimator_store;
 pub mod events;
 pub mod identity_policies;
 pub mod learning_mark;
+pub mod meter_keys;
 pub mod pod_finalizer;
 pub mod price_table;
 // Moved to the domain (it is pure, and the plugin needs it too); re-exported so `super::snapshot` still reads.
