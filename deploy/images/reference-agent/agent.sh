@@ -51,7 +51,8 @@ if [ -n "$prompt" ]; then
   done
   reply=$(printf '%s' "$answer" | field content | tr -d '"\\')
   # The meter's running totals, as it serves them to whoever shares its loopback.
-  metered=$(wget -q -O - "${OPENAI_BASE_URL%/v1}/usage" | tr -d '\n') || metered=null
+  metered=$(wget -q -O - "${OPENAI_BASE_URL%/v1}/usage") && [ -n "$metered" ] || metered=null
+  metered=$(printf '%s' "$metered" | tr -d '\n')
 fi
 
 output=$(printf '{"agent":"%s","attempt":%s,"inputBytes":%s,"inputWords":%s,"inputSha256":"%s","limits":{"memoryBytes":%s,"cpuQuotaMicros":%s,"cpuPeriodMicros":%s},"reply":"%s","meterUsage":%s}' \
