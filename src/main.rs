@@ -139,6 +139,36 @@ struct RunArgs {
     /// Log as JSON lines instead of text.
     #[arg(long, env = "AGENTGATE_LOG_JSON")]
     log_json: bool,
+    /// Image of the meter sidecar injected into every agent Pod: the operator's own image (the
+    /// chart sets it to the image it runs).
+    #[arg(long, env = "AGENTGATE_METER_IMAGE", default_value = concat!("ghcr.io/agentgate/agentgate:", env!("CARGO_PKG_VERSION")))]
+    meter_image: String,
+    /// Secret, looked up in each job's namespace, whose keys `openai` and `anthropic` the meter
+    /// (never the agent) sends upstream; its annotations agentgate.dev/openai-upstream and
+    /// agentgate.dev/anthropic-upstream override the upstreams for that namespace.
+    #[arg(long, env = "AGENTGATE_METER_KEYS_SECRET", default_value = agentgate::domain::meter_sidecar::DEFAULT_KEYS_SECRET)]
+    meter_keys_secret: String,
+    /// OpenAI-compatible upstream of every meter (ending in /v1) unless its namespace's keys
+    /// Secret names another; default: api.openai.com.
+    #[arg(long, env = "AGENTGATE_METER_OPENAI_UPSTREAM")]
+    meter_openai_upstream: Option<String>,
+    /// Anthropic upstream of every meter unless its namespace's keys Secret names another;
+    /// default: api.anthropic.com.
+    #[arg(long, env = "AGENTGATE_METER_ANTHROPIC_UPSTREAM")]
+    meter_anthropic_upstream: Option<String>,
+    /// Where a meter's budget comes from: `fixed`, each meter holds the job's whole maxCostUSD
+    /// alone; `grants`, meters draw from the operator's meter API (`--meter-grant-url`), so all
+    /// agents of a job share one budget.
+    #[arg(long, env = "AGENTGATE_METER_BUDGET_MODE", default_value = "grants", value_parser = parse_budget_mode)]
+    meter_budget_mode: agentgate::domain::meter_sidecar::BudgetMode,
+    /// URL of the operator's meter API as meters reach it (default:
+    /// http://agentgate-meter-api.<operator namespace>.svc:8444).
+    #[arg(long, env = "AGENTGATE_METER_GRANT_URL")]
+    meter_grant_url: Option<String>,
+}
+
+fn parse_budget_mode(text: &str) -> Result<agentgate::domain::meter_sidecar::BudgetMode, String> {
+    text.parse()
 }
 
 // glibc's malloc kept ~15% of the operator's RSS at 10,000 cached jobs in freed fragments: the
@@ -184,7 +214,9 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(args)),
         Command::Meter(args) => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-            tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+            // No colour codes in a sidecar's log (`kubectl logs`), only on a terminal.
+            let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
             let prices = load_prices(args.price_table.as_deref())?;
             // One thread: a meter serves one agent, and a single-threaded runtime keeps its
             // memory and its latency small (no work stealing between cores).
@@ -236,6 +268,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             args.max_robot_votes,
         )
         .map_err(|e| anyhow::anyhow!("--robot-voters: {e}"))?,
+        meter: agentgate::domain::meter_sidecar::MeterConfig {
+            image: args.meter_image,
+            keys_secret: args.meter_keys_secret,
+            openai_upstream: args.meter_openai_upstream.filter(|u| !u.is_empty()),
+            anthropic_upstream: args.meter_anthropic_upstream.filter(|u| !u.is_empty()),
+            budget_mode: args.meter_budget_mode,
+            grant_url: args.meter_grant_url.filter(|u| !u.is_empty()).unwrap_or_else(|| {
+                let operator_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| lease_namespace.clone());
+                format!("http://agentgate-meter-api.{operator_namespace}.svc:8444")
+            }),
+        },
     };
     tracing::info!(namespace = ?settings.namespace, approval_floor = settings.approval_floor, models = prices.models.len(), "starting agentgate");
 

@@ -1,22 +1,37 @@
-//! An agent Pod with the meter sidecar injected still passes the restricted Pod Security
-//! Standard, as the real apiserver's PodSecurity admission enforces it (server-side dry run: the
-//! Pod is admitted or refused, never scheduled).
+//! The meter in the agent Pods the operator creates, against the real apiserver: with the
+//! sidecar injected (keys Secret volume, projected token) a Pod still passes the restricted Pod
+//! Security Standard as PodSecurity admission enforces it (server-side dry run); the operator
+//! injects it into every agent Pod, mounts the keys into the meter only, and strips a job's
+//! attempt to hand them to the agent.
 
 mod support;
 
-use agentgate::api::Agent;
+use std::time::Duration;
+
+use agentgate::api::{Agent, AgentJob, Decision};
+use agentgate::domain::meter_sidecar::{self as sidecar, BudgetMode, MeterConfig, NamespaceKeys};
 use agentgate::domain::pod_builder::{PodPlan, build_pod};
-use agentgate::meter::sidecar::{self, MeterSidecar};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
-use support::controlplane::ControlPlane;
+use support::cluster::{add_node, agent_job, grant_voting_rights, job_pods, phase, vote, wait_for, wait_for_job};
+use support::controlplane::{ControlPlane, OperatorProcess};
 
 const NS: &str = "meter-pss";
 
 fn metered_pod() -> Pod {
     let agent: Agent = serde_json::from_value(json!({"name": "coder", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"})).unwrap();
+    let config = MeterConfig {
+        image: "ghcr.io/agentgate/agentgate:1".into(),
+        keys_secret: "llm-keys".into(),
+        openai_upstream: None,
+        anthropic_upstream: None,
+        budget_mode: BudgetMode::Grants,
+        grant_url: "http://agentgate-meter-api.agentgate-system.svc:8444".into(),
+    };
+    let (meter, _) = config.plan(NS, Some(&NamespaceKeys { openai: true, anthropic: true, ..NamespaceKeys::default() }), "5.00");
     let plan = PodPlan {
         job_name: "job",
         namespace: NS,
@@ -31,18 +46,9 @@ fn metered_pod() -> Pod {
         budget_usd: "5.00",
         input_json: "{}",
         tool_urls: &[],
+        meter: &meter,
     };
     let mut pod = build_pod(&plan);
-    let meter = MeterSidecar {
-        image: "ghcr.io/agentgate/agentgate:1".into(),
-        keys_secret: "llm-keys".into(),
-        openai_key: true,
-        anthropic_key: true,
-        openai_upstream: None,
-        anthropic_upstream: None,
-        budget_usd: "5.00".into(),
-    };
-    sidecar::inject(&mut pod, &meter);
     // A dry run admits no owner that does not exist: the owner is the operator's business.
     pod.metadata.owner_references = None;
     pod
@@ -73,5 +79,108 @@ async fn a_pod_with_the_meter_sidecar_is_admitted_where_restricted_is_enforced()
             assert!(s.message.contains(sidecar::CONTAINER), "the refusal names the sidecar: {}", s.message);
         }
         other => panic!("a sidecar without a securityContext must be refused in {NS}, got {other:?}"),
+    }
+}
+
+const KEYED: &str = "meter-keyed";
+const KEYLESS: &str = "meter-keyless";
+
+/// The operator injects the meter into the agent Pods it creates: where the namespace holds the
+/// keys Secret, only the meter mounts it, with the namespace's upstream; where it does not, the
+/// meter is keyless and the job gets a `MeterKeysMissing` Warning. The job's author tries to hand
+/// the agent the keys through its spec (env secretKeyRef, under the SDK's name and another): the
+/// Pod carries neither. The key's value is in no Pod, Event or job status.
+#[tokio::test]
+async fn the_operator_injects_the_meter_and_the_agent_gets_no_key() {
+    let cp = ControlPlane::shared();
+    let admin = cp.client("admin").await;
+    let planted = format!("sk-planted-{}", std::process::id() as u64 * 7919 + 104_729);
+    for ns in [KEYED, KEYLESS] {
+        cp.namespace(ns).await;
+    }
+    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": sidecar::DEFAULT_KEYS_SECRET,
+            "annotations": {sidecar::ANNOTATION_OPENAI_UPSTREAM: "http://llm-gateway.meter-keyed.svc:8080/v1"}},
+        "stringData": {"openai": planted}}))
+    .unwrap();
+    Api::<Secret>::namespaced(admin.clone(), KEYED).create(&PostParams::default(), &secret).await.expect("keys Secret");
+    add_node(&admin, "meter-node", "64", "256Gi", &[]).await;
+    grant_voting_rights(&admin).await;
+    let _operator = OperatorProcess::start(cp, &["--metrics-addr", "127.0.0.1:0", "--meter-budget-mode", "grants"]);
+
+    let mut pods = Vec::new();
+    for ns in [KEYED, KEYLESS] {
+        // The author may read the keys (so no admission policy stops the reference): the operator
+        // still strips it.
+        let job = agent_job(
+            "chat",
+            json!({"category": "payments", "agents": {"primary": {"name": "coder", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini",
+                "env": [{"name": "OPENAI_API_KEY", "valueFrom": {"secretKeyRef": {"name": sidecar::DEFAULT_KEYS_SECRET, "key": "openai"}}},
+                        {"name": "STOLEN", "valueFrom": {"secretKeyRef": {"name": sidecar::DEFAULT_KEYS_SECRET, "key": "openai"}}},
+                        {"name": "OPENAI_BASE_URL", "value": "https://api.openai.com/v1"}]}},
+                   "resources": {"cpu": "500m", "memory": "512Mi"}, "budget": {"maxCostUSD": "5.00"}}),
+            json!({}),
+        );
+        let job = Api::<AgentJob>::namespaced(admin.clone(), ns).create(&PostParams::default(), &job).await.expect("create job");
+        vote(&cp.client("alice").await, &job, "alice", Decision::Approve).await;
+        vote(&cp.client("bob").await, &job, "bob", Decision::Approve).await;
+        let running = wait_for_job(&admin, ns, "chat", "Running", |j| phase(j) == Some("Running")).await;
+        let pod = wait_for("the agent Pod", Duration::from_secs(30), || job_pods(&admin, ns, &running), |p: &Vec<Pod>| p.len() == 1).await;
+        pods.push((ns, pod[0].clone()));
+    }
+
+    for (ns, pod) in &pods {
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(spec.automount_service_account_token, Some(false), "{ns}");
+        let meter = &spec.init_containers.as_ref().expect("a sidecar")[0];
+        assert_eq!((meter.name.as_str(), meter.restart_policy.as_deref()), (sidecar::CONTAINER, Some("Always")), "{ns}");
+        let args = meter.args.as_ref().unwrap().join(" ");
+        assert!(args.contains("--grant-url http://agentgate-meter-api.default.svc:8444") && !args.contains("--budget-usd"), "{ns}: {args}");
+        let agent = serde_json::to_value(&spec.containers[0]).unwrap();
+        let text = agent.to_string();
+        assert!(!text.contains(sidecar::DEFAULT_KEYS_SECRET), "{ns}: the agent container references the keys: {text}");
+        assert!(agent["volumeMounts"].is_null(), "{ns}: the agent container mounts {}", agent["volumeMounts"]);
+        assert!(agent["envFrom"].is_null(), "{ns}");
+        let env = |name: &str| agent["env"].as_array().unwrap().iter().filter(|e| e["name"] == name).cloned().collect::<Vec<_>>();
+        assert_eq!(env("OPENAI_API_KEY"), [json!({"name": "OPENAI_API_KEY", "value": sidecar::DUMMY_KEY})], "{ns}");
+        assert_eq!(env("OPENAI_BASE_URL"), [json!({"name": "OPENAI_BASE_URL", "value": "http://127.0.0.1:4000/v1"})], "{ns}");
+        assert_eq!(env("STOLEN"), Vec::<serde_json::Value>::new(), "{ns}");
+        // The meter's token: its own audience, in the meter only.
+        let token = spec.volumes.iter().flatten().find(|v| v.name == sidecar::TOKEN_VOLUME).expect("token volume");
+        let projection = token.projected.as_ref().unwrap().sources.as_ref().unwrap()[0].service_account_token.clone().unwrap();
+        assert_eq!(projection.audience.as_deref(), Some(sidecar::TOKEN_AUDIENCE));
+        assert!(meter.volume_mounts.iter().flatten().any(|m| m.name == sidecar::TOKEN_VOLUME && m.mount_path == sidecar::TOKEN_DIR));
+    }
+    let (_, keyed) = &pods[0];
+    let meter = &keyed.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+    let args = meter.args.as_ref().unwrap().join(" ");
+    assert!(args.contains("--openai-key-file /var/run/agentgate/meter-keys/openai"), "{args}");
+    assert!(args.contains("--openai-upstream http://llm-gateway.meter-keyed.svc:8080/v1"), "the namespace's upstream: {args}");
+    assert!(!args.contains("anthropic-key-file"), "the Secret has no anthropic key: {args}");
+    assert!(meter.volume_mounts.iter().flatten().any(|m| m.name == sidecar::KEYS_VOLUME), "the meter mounts the keys");
+    let (_, keyless) = &pods[1];
+    assert!(keyless.spec.as_ref().unwrap().volumes.iter().flatten().all(|v| v.secret.is_none()), "no Secret volume that cannot mount");
+
+    // Said where the team looks: a Warning on the keyless job, naming the Secret it needs.
+    let events: Api<Event> = Api::namespaced(admin.clone(), KEYLESS);
+    let warned = wait_for(
+        "a MeterKeysMissing Event",
+        Duration::from_secs(30),
+        || async { events.list(&Default::default()).await.expect("events").items },
+        |items: &Vec<Event>| items.iter().any(|e| e.reason.as_deref() == Some("MeterKeysMissing")),
+    )
+    .await;
+    let note = warned.iter().find(|e| e.reason.as_deref() == Some("MeterKeysMissing")).unwrap().note.clone().unwrap_or_default();
+    assert!(note.contains("Secret meter-keyless/agentgate-llm-keys does not exist"), "{note}");
+    let keyed_events = Api::<Event>::namespaced(admin.clone(), KEYED).list(&Default::default()).await.unwrap().items;
+    assert!(keyed_events.iter().all(|e| e.reason.as_deref() != Some("MeterKeysMissing")), "{keyed_events:?}");
+
+    // The key itself is nowhere but in its Secret.
+    for ns in [KEYED, KEYLESS] {
+        let everything = [
+            serde_json::to_string(&Api::<Pod>::namespaced(admin.clone(), ns).list(&Default::default()).await.unwrap().items).unwrap(),
+            serde_json::to_string(&Api::<Event>::namespaced(admin.clone(), ns).list(&Default::default()).await.unwrap().items).unwrap(),
+            serde_json::to_string(&Api::<AgentJob>::namespaced(admin.clone(), ns).list(&Default::default()).await.unwrap().items).unwrap(),
+        ];
+        assert!(everything.iter().all(|t| !t.contains(&planted)), "{ns}: the key's value leaked");
     }
 }

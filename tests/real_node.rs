@@ -49,7 +49,11 @@ async fn agent_pods_run_on_a_real_node_with_enforced_limits() {
 
     grant_voting_rights(&admin).await;
     let env = Env { admin: admin.clone(), alice: cp.client("alice").await, bob: cp.client("bob").await };
-    let operator = OperatorProcess::start(cp, &["--namespace", NS, "--metrics-addr", "127.0.0.1:0"]);
+    // Every agent Pod has the meter sidecar (keyless here: NS has no keys Secret), from this build.
+    let meter_image = "local.test/agentgate:debug";
+    node.import_debug_agentgate_image(std::path::Path::new(env!("CARGO_BIN_EXE_agentgate")), meter_image)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let operator = OperatorProcess::start(cp, &["--namespace", NS, "--metrics-addr", "127.0.0.1:0", "--meter-image", meter_image, "--meter-budget-mode", "fixed"]);
 
     limits_equal_the_jobs_resources(&env).await;
     over_its_memory_limit_an_agent_is_oom_killed_and_its_usage_kept(&env).await;

@@ -17,7 +17,7 @@ use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY, approval_vot
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
 use crate::domain::conditions::set_condition;
 use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, job_type};
-use crate::domain::pod_builder::{PodPlan, build_pod};
+use crate::domain::pod_builder::{PodPlan, build_pod, pod_name};
 use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
 use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
 use crate::metrics::JobTypeLabels;
@@ -337,7 +337,16 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
     // a spec change still belongs to the generation its attempt runs.
     let job_generation =
         plan.status.attempts.iter().find(|a| a.attempt == attempt).map_or_else(|| job.metadata.generation.unwrap_or(1), |a| a.generation);
-    let agents = std::iter::once(&spec.agents.primary).chain(&spec.agents.supporting);
+    let agents: Vec<_> = std::iter::once(&spec.agents.primary).chain(&spec.agents.supporting).collect();
+    let missing = agents.iter().any(|a| !existing.iter().any(|p| p.name == pod_name(&name, &a.name, attempt)));
+    if !missing {
+        return Ok(());
+    }
+    let keys = super::meter_keys::of_namespace(ctx, &namespace).await?;
+    let (meter, warnings) = ctx.settings.meter.plan(&namespace, keys.as_ref(), &spec.budget.max_cost_usd);
+    for w in &warnings {
+        ctx.publish_event(&job.object_ref(&()), EventType::Warning, w.reason, &w.message, "CreatePod").await;
+    }
     for agent in agents {
         let pod = build_pod(&PodPlan {
             job_name: &name,
@@ -353,6 +362,7 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
             budget_usd: &spec.budget.max_cost_usd,
             input_json: &input_json,
             tool_urls: &tool_urls,
+            meter: &meter,
         });
         let pod_name = pod.name_any();
         if existing.iter().any(|p| p.name == pod_name) {

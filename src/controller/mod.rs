@@ -12,6 +12,7 @@ pub mod events;
 pub mod identity_policies;
 pub mod learning_mark;
 pub mod meter_api;
+pub mod meter_keys;
 pub mod pod_finalizer;
 pub mod price_table;
 pub mod recommendations;
@@ -66,6 +67,8 @@ pub struct Settings {
     pub max_concurrent_reconciles: u16,
     /// Which ServiceAccounts' votes count, and how many per job (`--robot-voters`, `--max-robot-votes`).
     pub voters: crate::domain::tally::VoterPolicy,
+    /// The meter injected into every agent Pod (`--meter-*`).
+    pub meter: crate::domain::meter_sidecar::MeterConfig,
 }
 
 /// Watch caches every reconcile reads instead of calling the API.
@@ -543,6 +546,15 @@ mod tests {
         let agent = serde_json::from_value(json!({"name": "scanner", "image": "ghcr.io/acme/scanner:1", "model": "gpt-4o-mini",
             "env": [{"name": "MODE", "value": "deep"}], "args": ["--all"]}))
         .unwrap();
+        let config = crate::domain::meter_sidecar::MeterConfig {
+            image: "ghcr.io/agentgate/agentgate:1".into(),
+            keys_secret: "agentgate-llm-keys".into(),
+            openai_upstream: None,
+            anthropic_upstream: None,
+            budget_mode: crate::domain::meter_sidecar::BudgetMode::Fixed,
+            grant_url: String::new(),
+        };
+        let (meter, _) = config.plan("team", None, "1.00");
         let mut pod = build_pod(&PodPlan {
             job_name: "scan",
             namespace: "team",
@@ -557,6 +569,7 @@ mod tests {
             budget_usd: "1.00",
             input_json: r#"{"repo": "x"}"#,
             tool_urls: &[("bandit".into(), "http://bandit.tools.svc:8080".into())],
+            meter: &meter,
         });
         pod.metadata.uid = Some("pod-uid".into());
         pod.metadata.annotations.get_or_insert_default().insert("note".to_string(), "x".repeat(500));

@@ -10,6 +10,7 @@ pub mod estimate;
 pub mod forecasters;
 pub mod grants;
 pub mod learning;
+pub mod meter_sidecar;
 pub mod money;
 pub mod pod_builder;
 pub mod pricing;

@@ -10,6 +10,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 
+use super::meter_sidecar::{self, MeterSidecar};
 use crate::api::Agent;
 
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -45,6 +46,8 @@ pub struct PodPlan<'a> {
     pub input_json: &'a str,
     /// Tool name and URL, for AGENTGATE_TOOL_<NAME>_URL.
     pub tool_urls: &'a [(String, String)],
+    /// The meter every agent Pod gets (`MeterConfig::plan`).
+    pub meter: &'a MeterSidecar,
 }
 
 /// `<job>-<agent>-<attempt>`, shortened with a stable hash when it would exceed the Pod name limit.
@@ -68,7 +71,14 @@ pub fn tool_env_name(tool: &str) -> String {
     format!("AGENTGATE_TOOL_{}_URL", tool.to_ascii_uppercase().replace(['-', '.'], "_"))
 }
 
+/// The agent Pod with its meter (domain/meter_sidecar.rs).
 pub fn build_pod(plan: &PodPlan) -> Pod {
+    let mut pod = build_agent_pod(plan);
+    meter_sidecar::inject(&mut pod, plan.meter);
+    pod
+}
+
+pub(crate) fn build_agent_pod(plan: &PodPlan) -> Pod {
     let mut labels = BTreeMap::from([
         (LABEL_MANAGED_BY.to_string(), MANAGER.to_string()),
         (LABEL_JOB_UID.to_string(), plan.job_uid.to_string()),
@@ -177,6 +187,18 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
+    fn test_meter() -> MeterSidecar {
+        MeterSidecar {
+            image: "ghcr.io/agentgate/agentgate:1".into(),
+            keys_secret: "agentgate-llm-keys".into(),
+            openai_key: true,
+            anthropic_key: false,
+            openai_upstream: None,
+            anthropic_upstream: None,
+            budget: meter_sidecar::MeterBudget::Fixed("0.50".into()),
+        }
+    }
+
     /// The agent as a manifest spells it.
     fn agent() -> Agent {
         serde_json::from_value(json!({
@@ -234,6 +256,7 @@ mod tests {
                 budget_usd: "0.50",
                 input_json: r#"{"repositoryPath":"/src"}"#,
                 tool_urls: &self.tool_urls,
+                meter: &test_meter(),
             });
             serde_json::to_value(pod).expect("a Pod serializes")
         }
@@ -386,6 +409,14 @@ mod tests {
                         "AGENTGATE_TOOL_IMAGE_PROCESSOR_URL",
                         "LOG_LEVEL",
                         "GITHUB_TOKEN",
+                        "OPENAI_BASE_URL",
+                        "AGENTGATE_OPENAI_BASE_URL",
+                        "ANTHROPIC_BASE_URL",
+                        "AGENTGATE_ANTHROPIC_BASE_URL",
+                        "OPENAI_API_KEY",
+                        "ANTHROPIC_API_KEY",
+                        "AGENTGATE_OPENAI_API_KEY",
+                        "AGENTGATE_ANTHROPIC_API_KEY",
                     ]),
                     Env("AGENTGATE_JOB", Some(json!({"value": "security-scan-42"}))),
                     Env("AGENTGATE_AGENT", Some(json!({"value": "scanner-v2"}))),
@@ -408,6 +439,31 @@ mod tests {
                     "GITHUB_TOKEN",
                     Some(json!({"valueFrom": {"secretKeyRef": {"name": "gh", "key": "token", "optional": false}}})),
                 )],
+            },
+            Case {
+                name: "every agent Pod has the meter as a native sidecar, and the agent talks to it",
+                fixture: Fixture::default(),
+                want: vec![
+                    At("/spec/initContainers/0/name", Some(json!("agentgate-meter"))),
+                    At("/spec/initContainers/0/restartPolicy", Some(json!("Always"))),
+                    At(
+                        "/spec/initContainers/0/args",
+                        Some(json!([
+                            "meter",
+                            "--listen",
+                            "127.0.0.1:4000",
+                            "--budget-usd",
+                            "0.50",
+                            "--openai-key-file",
+                            "/var/run/agentgate/meter-keys/openai"
+                        ])),
+                    ),
+                    At("/spec/initContainers/1", None),
+                    Env("OPENAI_BASE_URL", Some(json!({"value": "http://127.0.0.1:4000/v1"}))),
+                    Env("OPENAI_API_KEY", Some(json!({"value": "agentgate-metered"}))),
+                    At("/spec/containers/0/volumeMounts", None),
+                    At("/spec/automountServiceAccountToken", Some(json!(false))),
+                ],
             },
             Case {
                 name: "no tools, no tool URLs",

@@ -4,7 +4,8 @@
 pub mod budget;
 pub mod grant_client;
 pub mod proxy;
-pub mod sidecar;
+/// The sidecar the operator injects is built in the domain (pure, next to the Pod it goes into).
+pub use crate::domain::meter_sidecar as sidecar;
 pub mod sse;
 pub mod wire;
 
@@ -164,6 +165,9 @@ pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Ou
     if let Some(path) = &args.report_file {
         write_report(&meter.ledger, path).await?;
     }
+    // The totals outlive the meter in its log (`kubectl logs -c agentgate-meter`), also when the
+    // agent beside it was OOM-killed or stopped at its deadline (tests/real_node_meter.rs).
+    tracing::info!(usage = %serde_json::to_string(&meter.ledger.snapshot())?, "agentgate meter stopped");
     Ok(())
 }
 

@@ -381,6 +381,65 @@ impl RealNode {
         Ok(())
     }
 
+    /// Imports the `agentgate` binary this build made (a debug build, dynamically linked) as image
+    /// `name`, in seconds instead of `make image`'s release build: one layer with the binary and
+    /// exactly the shared libraries `ldd` names, at their paths, /etc/passwd with nonroot (65532),
+    /// the host's CA certificates and the release image's entrypoint (deploy/images/build.sh). For the meter sidecar
+    /// (`--meter-image`); not for a registry.
+    pub fn import_debug_agentgate_image(&self, binary: &Path, name: &str) -> Result<()> {
+        let work = tempfile_dir("agentgate-debug-image")?;
+        let rootfs = work.join("rootfs");
+        for dir in ["usr/local/bin", "etc", "tmp", "home/nonroot"] {
+            fs::create_dir_all(rootfs.join(dir))?;
+        }
+        run_checked(Command::new("objcopy").arg("--strip-debug").arg(binary).arg(rootfs.join("usr/local/bin/agentgate")))?;
+        let ldd = run_checked(Command::new("ldd").arg(binary))?;
+        // `name => /path (addr)` and the loader itself, `/path (addr)`.
+        let libs: Vec<&str> = ldd
+            .lines()
+            .filter_map(|l| {
+                let words: Vec<&str> = l.split_whitespace().collect();
+                match words.as_slice() {
+                    [_, "=>", path, ..] if path.starts_with('/') => Some(*path),
+                    [path, ..] if path.starts_with('/') => Some(*path),
+                    _ => None,
+                }
+            })
+            .collect();
+        ensure!(!libs.is_empty(), "ldd found no shared libraries in {}: {ldd}", binary.display());
+        for lib in libs {
+            // Debian's /lib and /lib64 are links into /usr: copy to the resolved path, link the other.
+            let real = fs::canonicalize(lib)?;
+            let target = rootfs.join(real.strip_prefix("/")?);
+            fs::create_dir_all(target.parent().unwrap())?;
+            fs::copy(&real, &target)?;
+            let named = rootfs.join(Path::new(lib).strip_prefix("/")?);
+            if !named.exists() {
+                fs::create_dir_all(named.parent().unwrap())?;
+                std::os::unix::fs::symlink(&real, &named)?;
+            }
+        }
+        fs::write(
+            rootfs.join("etc/passwd"),
+            "root:x:0:0:root:/root:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/home/nonroot:/sbin/nologin\n",
+        )?;
+        fs::write(rootfs.join("etc/group"), "root:x:0:\nnonroot:x:65532:\n")?;
+        // The meter loads the system's roots at start (for https upstreams).
+        fs::create_dir_all(rootfs.join("etc/ssl/certs"))?;
+        fs::copy("/etc/ssl/certs/ca-certificates.crt", rootfs.join("etc/ssl/certs/ca-certificates.crt"))
+            .context("the host's CA certificates (Debian: ca-certificates)")?;
+        let tarball = work.join("image.tar");
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/images/crane-image.sh");
+        run_checked(Command::new(script).arg(self.bin.join("bin/crane")).arg(&tarball).arg(name).arg(&rootfs).args([
+            "--entrypoint=/usr/local/bin/agentgate",
+            "--cmd=run",
+            "--user=65532:65532",
+        ]))?;
+        let imported = self.import_image(&tarball, name);
+        let _ = fs::remove_dir_all(&work);
+        imported
+    }
+
     /// The cgroup v1 directory of a Pod's container in hierarchy `controller` (e.g. `memory`),
     /// as the kubelet's cgroupfs driver lays it out.
     pub fn container_cgroup(&self, controller: &str, qos: &str, pod_uid: &str, container_id: &str) -> PathBuf {
@@ -836,4 +895,12 @@ fn path_with(dir: &Path) -> std::ffi::OsString {
     paths.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
     paths.extend(["/usr/sbin", "/sbin"].map(PathBuf::from));
     std::env::join_paths(paths).expect("PATH entries without ':'")
+}
+
+/// A fresh directory under the system's temporary directory.
+fn tempfile_dir(prefix: &str) -> Result<PathBuf> {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}-{nanos}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    Ok(dir)
 }

@@ -16,7 +16,7 @@ umask 022
 mkdir -p "$dir/bin" "$dir/tmp" "$dir/etc" "$dir/home/nonroot"
 cp "$busybox" "$dir/bin/busybox"
 chmod 0755 "$dir/bin/busybox"
-for a in sh cat echo ls sleep head dd mkdir printf tr id env wc sed awk date expr seq sha256sum yes true false grep cut nc; do
+for a in sh cat echo ls sleep head dd mkdir printf tr id env wc sed awk date expr seq sha256sum yes true false grep cut nc wget; do
   ln -sf busybox "$dir/bin/$a"
 done
 chmod 1777 "$dir/tmp"

@@ -1,0 +1,349 @@
+//! The agent meter on a real node (tests/support/node.rs): the operator injects it into the agent
+//! Pods it creates, containerd runs it as a native sidecar from an image of this build, and the
+//! reference agent makes a Chat Completions call through OPENAI_BASE_URL with busybox wget. The
+//! upstream is a stand-in on the host (no provider is reachable from here) that records what it
+//! is sent:
+//! - the stand-in sees the key from the namespace's keys Secret, never the agent's dummy key;
+//! - the agent container holds no key: its env has the dummy, its spec's secretKeyRef to the
+//!   keys was stripped, and the meter's key and token files are not in its filesystem;
+//! - the meter's usage (its `/usage`, read by the agent over loopback, and the totals its last log
+//!   line holds) equals what the stand-in reported;
+//! - an agent OOM-killed, or stopped at its deadline, after a call: the meter outlives it and
+//!   its totals stay readable.
+//!
+//! Needs root and runc; otherwise it says SKIPPED loudly (and fails when
+//! AGENTGATE_REQUIRE_REAL_NODE is set, as in CI).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agentgate::api::{AgentJob, Decision};
+use agentgate::domain::meter_sidecar as sidecar;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use k8s_openapi::api::core::v1::{Pod, Secret};
+use kube::api::{LogParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::{Value, json};
+use support::cluster::{agent_job, grant_voting_rights, job_pods, phase, vote};
+use support::controlplane::OperatorProcess;
+use support::node::{self, NODE_IP, REFERENCE_AGENT_IMAGE, RealNode};
+
+const NS: &str = "meter-node";
+const METER_IMAGE: &str = "local.test/agentgate:debug";
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One call the stand-in received.
+#[derive(Clone, Debug)]
+struct Call {
+    authorization: String,
+    prompt: String,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+}
+
+type Calls = Arc<Mutex<Vec<Call>>>;
+
+/// OpenAI Chat Completions, non-streamed: usage decided from the request (known, and different
+/// per prompt), reply fixed.
+async fn chat_completion(State(calls): State<Calls>, headers: HeaderMap, body: String) -> axum::Json<Value> {
+    let request: Value = serde_json::from_str(&body).unwrap_or_default();
+    let prompt = request["messages"][0]["content"].as_str().unwrap_or_default().to_string();
+    let call = Call {
+        authorization: headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(),
+        prompt_tokens: 7 + prompt.len() as i64,
+        completion_tokens: 5,
+        prompt,
+    };
+    let reply = json!({"id": "chatcmpl-standin", "object": "chat.completion", "created": 0, "model": request["model"],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello from the stand-in"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+                  "total_tokens": call.prompt_tokens + call.completion_tokens, "prompt_tokens_details": {"cached_tokens": 0}}});
+    calls.lock().unwrap().push(call);
+    axum::Json(reply)
+}
+
+/// The stand-in on every host address (the Pods reach it at the node IP).
+async fn start_stand_in() -> (SocketAddr, Calls) {
+    let calls = Calls::default();
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(chat_completion)).with_state(calls.clone());
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.expect("binding the stand-in");
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.expect("the stand-in serves") });
+    (addr, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
+    if !node::available_or_skip("real_node_meter") {
+        return;
+    }
+    let node = tokio::task::spawn_blocking(RealNode::start).await.expect("starting the node").unwrap_or_else(|e| panic!("{e:?}"));
+    let cp = node.control_plane();
+    cp.namespace(NS).await;
+    let admin = cp.client("admin").await;
+    let built = Instant::now();
+    node.import_debug_agentgate_image(std::path::Path::new(env!("CARGO_BIN_EXE_agentgate")), METER_IMAGE)
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    println!("figure: meter image from the debug build imported in {:.2?}", built.elapsed());
+
+    let (stand_in, calls) = start_stand_in().await;
+    let real_key = format!("sk-real-{}", std::process::id() as u64 * 7919 + 104_729);
+    // The namespace's keys Secret names its upstream: the stand-in. The cluster-wide default
+    // points where nothing listens, so a call that reached the stand-in took the namespace's.
+    let upstream = format!("http://{NODE_IP}:{}/v1", stand_in.port());
+    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": sidecar::DEFAULT_KEYS_SECRET,
+        "annotations": {sidecar::ANNOTATION_OPENAI_UPSTREAM: upstream}}, "stringData": {"openai": real_key}}))
+    .unwrap();
+    Api::<Secret>::namespaced(admin.clone(), NS).create(&PostParams::default(), &secret).await.expect("keys Secret");
+    grant_voting_rights(&admin).await;
+    let nowhere = format!("http://{NODE_IP}:1/v1");
+    let operator = OperatorProcess::start(
+        cp,
+        &["--namespace", NS, "--metrics-addr", "127.0.0.1:0", "--meter-image", METER_IMAGE, "--meter-openai-upstream", &nowhere, "--meter-budget-mode", "fixed"],
+    );
+    let env = Env { admin: admin.clone(), alice: cp.client("alice").await, bob: cp.client("bob").await, calls, real_key };
+
+    a_call_goes_through_the_meter_with_the_meters_key(&env).await;
+    the_agent_container_holds_no_key(&env).await;
+    the_meter_outlives_an_oom_killed_agent(&env).await;
+    the_meter_outlives_an_agent_stopped_at_its_deadline(&env).await;
+
+    drop(operator);
+    drop(node);
+}
+
+struct Env {
+    admin: Client,
+    alice: Client,
+    bob: Client,
+    calls: Calls,
+    real_key: String,
+}
+
+impl Env {
+    fn calls_with(&self, prompt: &str) -> Vec<Call> {
+        self.calls.lock().unwrap().iter().filter(|c| c.prompt == prompt).cloned().collect()
+    }
+}
+
+fn job(name: &str, prompt: &str, patch: Value) -> AgentJob {
+    let base = json!({
+        "jobType": "meter-node",
+        "category": "meter-node",
+        "agents": {"primary": {"name": "agent", "image": REFERENCE_AGENT_IMAGE, "model": "gpt-4o-mini"}},
+        "resources": {"cpu": "250m", "memory": "96Mi"},
+        "budget": {"maxCostUSD": "5.00"},
+        "input": {"chat": prompt},
+    });
+    let mut job = agent_job(name, base, patch);
+    job.metadata.namespace = Some(NS.into());
+    job
+}
+
+async fn create_and_approve(env: &Env, job: &AgentJob) -> AgentJob {
+    let api: Api<AgentJob> = Api::namespaced(env.admin.clone(), NS);
+    let created = api.create(&PostParams::default(), job).await.expect("creating job");
+    vote(&env.alice, &created, "alice", Decision::Approve).await;
+    vote(&env.bob, &created, "bob", Decision::Approve).await;
+    created
+}
+
+/// Polls every 50 ms until `get` yields, or panics after [`TIMEOUT`].
+async fn wait<T, F, Fut>(what: &str, mut get: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = get().await {
+            return v;
+        }
+        assert!(start.elapsed() < TIMEOUT, "timed out after {TIMEOUT:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_phase(env: &Env, name: &str, want: &str) -> AgentJob {
+    let api: Api<AgentJob> = Api::namespaced(env.admin.clone(), NS);
+    let done = wait(&format!("job {name} {want}"), || async {
+        let j = api.get(name).await.expect("get job");
+        (phase(&j) == Some(want) || phase(&j) == Some("Failed")).then_some(j)
+    })
+    .await;
+    if phase(&done) != Some(want) {
+        panic!("job {name} {:?}: {:#?}\n{}", phase(&done), done.status, container_logs(env, &done).await);
+    }
+    done
+}
+
+/// The agent's and the meter's logs, to explain a failure.
+async fn container_logs(env: &Env, job: &AgentJob) -> String {
+    let pods: Api<Pod> = Api::namespaced(env.admin.clone(), NS);
+    let mut text = String::new();
+    for pod in job_pods(&env.admin, NS, job).await {
+        for container in ["agent", sidecar::CONTAINER] {
+            let params = LogParams { container: Some(container.into()), ..LogParams::default() };
+            let logs = pods.logs(&pod.name_any(), &params).await.unwrap_or_else(|e| format!("(no log: {e})"));
+            text.push_str(&format!("--- {} {container}:\n{logs}\n", pod.name_any()));
+        }
+    }
+    text
+}
+
+/// The Pod once every container, the meter's included, has terminated.
+async fn wait_pod_done(env: &Env, job: &AgentJob) -> Pod {
+    wait(&format!("the Pod of {} and its meter terminated", job.name_any()), || async {
+        let pod = job_pods(&env.admin, NS, job).await.into_iter().next()?;
+        let st = pod.status.as_ref()?;
+        let terminated = |cs: &Option<Vec<k8s_openapi::api::core::v1::ContainerStatus>>| {
+            cs.iter().flatten().all(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()))
+                && cs.as_ref().is_some_and(|c| !c.is_empty())
+        };
+        (terminated(&st.container_statuses) && terminated(&st.init_container_statuses)).then_some(pod)
+    })
+    .await
+}
+
+/// The meter's totals from its last log line ("agentgate meter stopped"), read through the
+/// apiserver after the Pod ended.
+async fn meter_totals_from_its_log(env: &Env, pod: &Pod) -> Value {
+    let pods: Api<Pod> = Api::namespaced(env.admin.clone(), NS);
+    let params = LogParams { container: Some(sidecar::CONTAINER.into()), ..LogParams::default() };
+    let logs = pods.logs(&pod.name_any(), &params).await.expect("the meter's log");
+    let line =
+        logs.lines().find(|l| l.contains("agentgate meter stopped")).unwrap_or_else(|| panic!("no final line in the meter's log:\n{logs}"));
+    let json = line.split_once("usage=").map(|(_, rest)| rest.trim()).unwrap_or_default();
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("the meter's totals {json:?}: {e}\n{line}"))
+}
+
+fn assert_meter_usage_is_the_stand_ins(what: &str, meter: &Value, calls: &[Call]) {
+    let input: i64 = calls.iter().map(|c| c.prompt_tokens).sum();
+    let output: i64 = calls.iter().map(|c| c.completion_tokens).sum();
+    let usage = &meter["usage"];
+    assert_eq!(
+        (usage["inputTokens"].as_i64(), usage["cachedInputTokens"].as_i64(), usage["outputTokens"].as_i64()),
+        (Some(input), Some(0), Some(output)),
+        "{what}: the meter's usage is what the stand-in reported: {meter}"
+    );
+    assert_eq!(meter["calls"], json!(calls.len()), "{what}: {meter}");
+}
+
+async fn a_call_goes_through_the_meter_with_the_meters_key(env: &Env) {
+    let prompt = "say hi to the meter";
+    let created = Instant::now();
+    let j = create_and_approve(env, &job("chat", prompt, json!({}))).await;
+    let done = wait_phase(env, "chat", "Succeeded").await;
+    println!("figure: AgentJob create (+2 votes)→Succeeded with one call through the meter {:.2?}", created.elapsed());
+    let status = serde_json::to_value(done.status.as_ref()).unwrap();
+    assert_eq!(status["output"]["reply"], json!("hello from the stand-in"), "the agent got the upstream's answer: {status}");
+
+    let calls = env.calls_with(prompt);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_eq!(calls[0].authorization, format!("Bearer {}", env.real_key), "the stand-in saw the key from the Secret");
+    let all = env.calls.lock().unwrap().clone();
+    assert!(all.iter().all(|c| !c.authorization.contains(sidecar::DUMMY_KEY)), "the dummy key went upstream: {all:?}");
+
+    // The meter's running totals as the agent read them over loopback, and as the meter left them.
+    let live = &status["output"]["meterUsage"];
+    assert_meter_usage_is_the_stand_ins("GET /usage", live, &calls);
+    let pod = wait_pod_done(env, &j).await;
+    assert_eq!(pod.status.as_ref().unwrap().qos_class.as_deref(), Some("Guaranteed"), "the sidecar keeps the Pod Guaranteed");
+    assert_meter_usage_is_the_stand_ins("the meter's last line", &meter_totals_from_its_log(env, &pod).await, &calls);
+    // What the job records (the agent's report, for now) agrees.
+    let usage = &status["usage"];
+    assert_eq!((usage["inputTokens"].as_i64(), usage["outputTokens"].as_i64()), (Some(calls[0].prompt_tokens), Some(5)), "{usage}");
+    println!("meter: 1 call, stand-in saw the Secret's key; meter /usage = {live}");
+}
+
+/// The author names the keys Secret in the agent's env (they may read it, so admission lets it
+/// through): the agent still sees only the dummy key and none of the meter's files.
+async fn the_agent_container_holds_no_key(env: &Env) {
+    let script = r#"files=$(ls -R /var/run/agentgate 2>/dev/null | tr '\n' ' ')
+printf '{"usage":[],"output":{"key":"%s","stolen":"%s","files":"%s","token":"%s"}}' "$OPENAI_API_KEY" "${STOLEN:-}" "$files" \
+  "$(ls /var/run/secrets/kubernetes.io/serviceaccount 2>/dev/null | tr '\n' ' ')" >/dev/termination-log"#;
+    let keys_ref =
+        |name: &str| json!({"name": name, "valueFrom": {"secretKeyRef": {"name": sidecar::DEFAULT_KEYS_SECRET, "key": "openai"}}});
+    let j = create_and_approve(
+        env,
+        &job(
+            "steal",
+            "unused",
+            json!({"agents": {"primary": {"command": ["/bin/sh", "-c", script], "env": [keys_ref("OPENAI_API_KEY"), keys_ref("STOLEN")]}}}),
+        ),
+    )
+    .await;
+    let done = wait_phase(env, "steal", "Succeeded").await;
+    let output = &serde_json::to_value(done.status.as_ref()).unwrap()["output"];
+    println!("what the agent container found: {output}");
+    assert_eq!(output["key"], json!(sidecar::DUMMY_KEY));
+    assert_eq!(output["stolen"], json!(""), "the keys Secret reached the agent");
+    assert_eq!(output["files"], json!(""), "the meter's key or token files are in the agent's filesystem");
+    assert_eq!(output["token"], json!(""), "a ServiceAccount token is mounted into the agent");
+    assert!(!output.to_string().contains(&env.real_key));
+    let pod = &job_pods(&env.admin, NS, &j).await[0];
+    let agent = serde_json::to_string(&pod.spec.as_ref().unwrap().containers[0]).unwrap();
+    assert!(!agent.contains(sidecar::DEFAULT_KEYS_SECRET), "{agent}");
+}
+
+/// The agent calls, reports, then allocates past its memory limit: the kernel kills it, the
+/// meter beside it stops after it and leaves its totals.
+async fn the_meter_outlives_an_oom_killed_agent(env: &Env) {
+    let prompt = "then run out of memory";
+    let script = "/agent >/dev/null; exec dd if=/dev/zero of=/dev/null bs=256M count=1";
+    let j = create_and_approve(
+        env,
+        &job(
+            "oom",
+            prompt,
+            json!({"resources": {"cpu": "250m", "memory": "48Mi"}, "agents": {"primary": {"command": ["/bin/sh", "-c", script]}}}),
+        ),
+    )
+    .await;
+    wait_phase(env, "oom", "Failed").await;
+    let pod = wait_pod_done(env, &j).await;
+    let st = pod.status.as_ref().unwrap();
+    let agent = st.container_statuses.as_ref().unwrap()[0].state.as_ref().unwrap().terminated.clone().unwrap();
+    let meter = st.init_container_statuses.as_ref().unwrap()[0].state.as_ref().unwrap().terminated.clone().unwrap();
+    println!(
+        "OOM: agent {:?} exit {} at {:?}; meter {:?} exit {} at {:?}",
+        agent.reason, agent.exit_code, agent.finished_at, meter.reason, meter.exit_code, meter.finished_at
+    );
+    assert_eq!(agent.exit_code, 137, "the kernel killed the agent");
+    assert!(meter.finished_at.as_ref().unwrap().0 >= agent.finished_at.as_ref().unwrap().0, "the meter outlived the agent");
+    assert_eq!(meter.exit_code, 0, "the meter stopped cleanly, writing its totals");
+    let calls = env.calls_with(prompt);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_meter_usage_is_the_stand_ins("OOM", &meter_totals_from_its_log(env, &pod).await, &calls);
+}
+
+/// The agent calls, then runs on past `maxExecutionSeconds`: the kubelet stops the Pod, the meter
+/// last.
+async fn the_meter_outlives_an_agent_stopped_at_its_deadline(env: &Env) {
+    let prompt = "then never finish";
+    let script = "/agent >/dev/null; trap 'exit 143' TERM; while :; do sleep 1; done";
+    let j = create_and_approve(
+        env,
+        &job("late", prompt, json!({"limits": {"maxExecutionSeconds": 8}, "agents": {"primary": {"command": ["/bin/sh", "-c", script]}}})),
+    )
+    .await;
+    let done = wait_phase(env, "late", "Failed").await;
+    let pod = wait_pod_done(env, &j).await;
+    assert_eq!(pod.status.as_ref().unwrap().reason.as_deref(), Some("DeadlineExceeded"), "{:#?}", pod.status);
+    let st = pod.status.as_ref().unwrap();
+    let agent = st.container_statuses.as_ref().unwrap()[0].state.as_ref().unwrap().terminated.clone().unwrap();
+    let meter = st.init_container_statuses.as_ref().unwrap()[0].state.as_ref().unwrap().terminated.clone().unwrap();
+    println!(
+        "deadline: agent exit {} at {:?}; meter exit {} at {:?}",
+        agent.exit_code, agent.finished_at, meter.exit_code, meter.finished_at
+    );
+    assert!(meter.finished_at.as_ref().unwrap().0 >= agent.finished_at.as_ref().unwrap().0, "the meter outlived the agent");
+    let calls = env.calls_with(prompt);
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    assert_meter_usage_is_the_stand_ins("deadline", &meter_totals_from_its_log(env, &pod).await, &calls);
+    println!("deadline: {}", done.status.as_ref().unwrap().conditions.iter().map(|c| c.message.as_str()).collect::<Vec<_>>().join("; "));
+}
