@@ -149,6 +149,13 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         return Ok(Action::requeue(hold));
     }
 
+    // The history entry of this generation goes with this status write; its spec is stored
+    // first, so the history never names a generation whose spec was not kept.
+    let history = crate::domain::history::record(&mut plan.status, job, &now());
+    if let Some(generation) = history.new_generation {
+        super::spec_history::store(job, ctx, generation).await?;
+    }
+
     // Build and apply: Pods first, so status never names a Pod that was not created.
     if let Some(attempt) = plan.ensure_attempt {
         match ensure_pods(job, ctx, &plan, attempt, &pods).await {
@@ -160,6 +167,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     super::learning_mark::learn_stored(job, ctx, &old_status, &mut plan.status).await;
     if plan.status != old_status {
         write_status(job, ctx, &plan.status).await?;
+        super::spec_history::prune(job, ctx, &history.dropped).await;
     }
     if let Some(approval) = &plan.status.approval {
         counted.required = approval.required;

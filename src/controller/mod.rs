@@ -11,6 +11,7 @@ pub mod events;
 pub mod identity_policies;
 pub mod learning_mark;
 pub mod pod_finalizer;
+pub mod spec_history;
 pub mod price_table;
 // Moved to the domain (it is pure, and the plugin needs it too); re-exported so `super::snapshot` still reads.
 pub use crate::domain::snapshot;

@@ -6,8 +6,10 @@
 pub mod approval_policy;
 pub mod conditions;
 pub mod decide;
+pub mod digest;
 pub mod estimate;
 pub mod forecasters;
+pub mod history;
 pub mod learning;
 pub mod money;
 pub mod pod_builder;
@@ -19,4 +21,5 @@ pub mod report;
 pub mod retry_budget;
 pub mod snapshot;
 pub mod tally;
+pub mod template;
 pub mod validate;
