@@ -1,6 +1,7 @@
 //! agentgate: a Kubernetes operator that estimates, checks, gates on approval and meters AI-agent jobs.
 
 pub mod api;
+pub mod cli;
 pub mod controller;
 pub mod domain;
 pub mod evaluation;
