@@ -362,9 +362,7 @@ async fn the_operator_uses_every_right_it_has_and_no_other_and_never_leaks_a_sec
     let bound: BTreeSet<(String, String)> = rbac
         .iter()
         .filter(|o| o["kind"] == "ClusterRoleBinding" || o["kind"] == "RoleBinding")
-        .filter(|b| {
-            b["subjects"].as_array().into_iter().flatten().any(|s| s["kind"] == "ServiceAccount" && s["name"] == "agentgate")
-        })
+        .filter(|b| b["subjects"].as_array().into_iter().flatten().any(|s| s["kind"] == "ServiceAccount" && s["name"] == "agentgate"))
         .map(|b| (b["roleRef"]["kind"].as_str().unwrap().to_string(), b["roleRef"]["name"].as_str().unwrap().to_string()))
         .collect();
     let mut granted: BTreeMap<Right, Option<String>> = BTreeMap::new();

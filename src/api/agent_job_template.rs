@@ -67,10 +67,6 @@ pub struct TemplateMetadata {
 
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-#[schemars(extend("x-kubernetes-validations" = [
-    {"rule": "!(has(self.required) && self.required && has(self.default))",
-     "message": "a required parameter has no default", "fieldPath": ".default"}
-]))]
 pub struct TemplateParameter {
     /// What `--set` names.
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z][A-Za-z0-9_.-]*$"))]
@@ -85,7 +81,8 @@ pub struct TemplateParameter {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"))]
     pub path: Option<String>,
-    /// Rendering fails without a value for it.
+    /// Rendering fails without a value for it. A required parameter has no default (CEL cannot
+    /// see an untyped field, so rendering checks this).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub required: bool,
     /// Used when the parameter is not set; without one, the template's own value stays.

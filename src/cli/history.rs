@@ -41,7 +41,9 @@ pub enum RerunError {
     NotRecorded { job: String, generation: i64, recorded: String, limit: usize },
     #[error("the spec of generation {generation} of {job} is no longer stored (ControllerRevision {revision} is missing)")]
     NotStored { job: String, generation: i64, revision: String },
-    #[error("ControllerRevision {revision} does not hold the spec recorded for generation {generation} of {job} ({why}); refusing to rerun it")]
+    #[error(
+        "ControllerRevision {revision} does not hold the spec recorded for generation {generation} of {job} ({why}); refusing to rerun it"
+    )]
     NotTrusted { job: String, generation: i64, revision: String, why: String },
 }
 
@@ -101,7 +103,10 @@ pub fn render_history(job: &AgentJob, rows: &[HistoryRow]) -> String {
                 h.generation.to_string(),
                 short(&h.spec_digest).to_string(),
                 h.observed_time.0.to_string(),
-                h.approvals.clone().map(|a| if h.approved_by.is_empty() { a } else { format!("{a} ({})", h.approved_by.join(", ")) }).unwrap_or_else(|| "-".into()),
+                h.approvals
+                    .clone()
+                    .map(|a| if h.approved_by.is_empty() { a } else { format!("{a} ({})", h.approved_by.join(", ")) })
+                    .unwrap_or_else(|| "-".into()),
                 h.attempts.to_string(),
                 h.total_tokens.map_or("-".into(), |t| t.to_string()),
                 h.cost_usd.clone().map_or("-".into(), |c| format!("${c}")),
@@ -110,7 +115,10 @@ pub fn render_history(job: &AgentJob, rows: &[HistoryRow]) -> String {
             ]
         })
         .collect();
-    out.push_str(&crate::plugin::table(&["GEN", "SPEC DIGEST", "SEEN", "APPROVALS", "ATTEMPTS", "TOKENS", "COST", "RESULT", "SPEC"], &table));
+    out.push_str(&crate::plugin::table(
+        &["GEN", "SPEC DIGEST", "SEEN", "APPROVALS", "ATTEMPTS", "TOKENS", "COST", "RESULT", "SPEC"],
+        &table,
+    ));
     out
 }
 

@@ -11,8 +11,8 @@ pub mod events;
 pub mod identity_policies;
 pub mod learning_mark;
 pub mod pod_finalizer;
-pub mod spec_history;
 pub mod price_table;
+pub mod spec_history;
 // Moved to the domain (it is pure, and the plugin needs it too); re-exported so `super::snapshot` still reads.
 pub use crate::domain::snapshot;
 pub mod tool_pinning;

@@ -64,7 +64,8 @@ pub async fn prune(job: &AgentJob, ctx: &Context, generations: &[i64]) {
         // Only the revision this job owns, never a namesake, and only that very object (uid).
         match api.get_opt(&name).await {
             Ok(Some(r)) if r.owner_references().iter().any(|o| Some(&o.uid) == uid.as_ref()) => {
-                let params = DeleteParams { preconditions: Some(Preconditions { uid: r.uid(), resource_version: None }), ..DeleteParams::default() };
+                let params =
+                    DeleteParams { preconditions: Some(Preconditions { uid: r.uid(), resource_version: None }), ..DeleteParams::default() };
                 if let Err(e) = api.delete(&name, &params).await {
                     tracing::warn!(job = %job.name_any(), revision = %name, error = %e, "deleting an old spec revision failed");
                 }

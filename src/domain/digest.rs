@@ -31,10 +31,7 @@ mod tests {
     #[test]
     fn digest_is_sha256_of_the_json() {
         // sha256("{}") from coreutils' sha256sum.
-        assert_eq!(
-            sha256_of_json(&serde_json::json!({})),
-            "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
-        );
+        assert_eq!(sha256_of_json(&serde_json::json!({})), "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a");
         assert_eq!(short(&sha256_of_json(&serde_json::json!({}))), "44136fa355b3");
     }
 }

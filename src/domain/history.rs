@@ -70,8 +70,8 @@ pub fn record(status: &mut AgentJobStatus, job: &AgentJob, now: &Time) -> Record
     status.history.sort_by_key(|h| h.generation);
 
     // A finished job does not run a generation applied after it finished.
-    let finished_before = matches!(status.phase, Some(JobPhase::Succeeded | JobPhase::Failed))
-        && !status.attempts.iter().any(|a| a.generation == generation);
+    let finished_before =
+        matches!(status.phase, Some(JobPhase::Succeeded | JobPhase::Failed)) && !status.attempts.iter().any(|a| a.generation == generation);
     // The approval status is for the generation the Approved condition was last set for.
     let approval_generation = find(&status.conditions, condition::APPROVED).and_then(|c| c.observed_generation);
     let (attempts, approval, phase) = (&status.attempts, &status.approval, status.phase);
@@ -80,8 +80,7 @@ pub fn record(status: &mut AgentJobStatus, job: &AgentJob, now: &Time) -> Record
         entry.attempts = ran.len() as i32;
         let used: Vec<_> = ran.iter().filter_map(|a| a.usage.as_ref()).collect();
         entry.total_tokens = (!used.is_empty()).then(|| used.iter().map(|u| u.total_tokens).sum());
-        entry.cost_usd =
-            (!used.is_empty()).then(|| used.iter().filter_map(|u| MicroUsd::parse(&u.cost_usd)).sum::<MicroUsd>().to_string());
+        entry.cost_usd = (!used.is_empty()).then(|| used.iter().filter_map(|u| MicroUsd::parse(&u.cost_usd)).sum::<MicroUsd>().to_string());
         if entry.generation == generation {
             if let Some(a) = approval.as_ref().filter(|_| approval_generation == Some(generation)) {
                 entry.approvals = Some(a.summary.clone());
@@ -143,7 +142,10 @@ mod tests {
             required: 2,
             approved: voters.len() as i32,
             summary: format!("{}/2", voters.len()),
-            approvers: voters.iter().map(|v| Approver { voter: (*v).into(), vote: format!("{v}-vote"), decided_at: None, reason: None }).collect(),
+            approvers: voters
+                .iter()
+                .map(|v| Approver { voter: (*v).into(), vote: format!("{v}-vote"), decided_at: None, reason: None })
+                .collect(),
             ..ApprovalStatus::default()
         });
         set_condition(&mut status.conditions, condition::APPROVED, voters.len() >= 2, "x", "x", generation, &at(0));

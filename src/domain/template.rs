@@ -29,6 +29,8 @@ pub enum TemplateError {
     WrongType { name: String, expected: &'static str, value: String },
     #[error("template {template}: the default of parameter {name:?} is not {expected}")]
     BadDefault { template: String, name: String, expected: &'static str },
+    #[error("template {template}: parameter {name:?} is required and has a default; it can only be one")]
+    RequiredWithDefault { template: String, name: String },
     #[error("template {template}: parameter {name:?} has path {path:?}, which {why}")]
     BadPath { template: String, name: String, path: String, why: String },
     #[error("template {template} rendered no valid AgentJob spec: {why}")]
@@ -63,6 +65,9 @@ pub fn render(template: &AgentJobTemplate, name: &str, namespace: &str, sets: &[
 
     let mut spec = template.spec.job.spec.clone();
     for param in params {
+        if param.required && param.default.is_some() {
+            return Err(TemplateError::RequiredWithDefault { template: template_name, name: param.name.clone() });
+        }
         let value = match (given.get(param.name.as_str()), &param.default) {
             (Some(text), _) => parse_value(param, text)?,
             (None, Some(default)) => {
@@ -208,8 +213,8 @@ mod tests {
     #[test]
     fn renders_a_complete_job_with_parameters_defaults_and_the_template_version() {
         let t = template();
-        let job = render(&t, "scan-api", "team-security", &sets(&["repository=github.com/acme/api", "maxRetries=2", "paths=[\"src\"]"]))
-            .unwrap();
+        let job =
+            render(&t, "scan-api", "team-security", &sets(&["repository=github.com/acme/api", "maxRetries=2", "paths=[\"src\"]"])).unwrap();
         assert_eq!(job.metadata.name.as_deref(), Some("scan-api"));
         assert_eq!(job.metadata.namespace.as_deref(), Some("team-security"));
         assert_eq!(job.spec.input, Some(json!({"repository": "github.com/acme/api", "deep": false, "paths": ["src"]})));
@@ -243,10 +248,7 @@ mod tests {
         assert_eq!(err(&["repository=x", "deep=yes"]), "parameter \"deep\" must be a boolean (true or false), got \"yes\"");
         assert_eq!(err(&["repository=x", "paths={}"]), "parameter \"paths\" must be a JSON array, got \"{}\"");
         assert_eq!(err(&["repository=x", "repository=y"]), "parameter \"repository\" is set twice");
-        assert_eq!(
-            parse_sets(&["repository".into()]).unwrap_err().to_string(),
-            "--set \"repository\": expected NAME=VALUE"
-        );
+        assert_eq!(parse_sets(&["repository".into()]).unwrap_err().to_string(), "--set \"repository\": expected NAME=VALUE");
         // Bounds (maxRetries 1..10 and the like) are the CRD schema's: the plugin has the
         // apiserver check the rendered job (a dry-run create) before printing it.
     }
@@ -268,6 +270,12 @@ mod tests {
             "template security-scan: the default of parameter \"budget\" is not a string"
         );
         let mut t = template();
+        t.spec.parameters[0].default = Some(json!("."));
+        assert_eq!(
+            render(&t, "j", "ns", &sets(&["repository=x"])).unwrap_err().to_string(),
+            "template security-scan: parameter \"repository\" is required and has a default; it can only be one"
+        );
+        let mut t = template();
         t.spec.parameters[2].path = Some("agents.primary.name.x".into());
         assert_eq!(
             render(&t, "j", "ns", &sets(&["repository=x", "maxRetries=1"])).unwrap_err().to_string(),
@@ -279,10 +287,14 @@ mod tests {
     fn array_elements_are_reached_by_index() {
         let mut t = template();
         t.spec.job.spec["tools"] = json!([{"name": "github", "estimatedCalls": 5}]);
-        t.spec.parameters.push(serde_json::from_value(json!({"name": "calls", "type": "integer", "path": "tools.0.estimatedCalls"})).unwrap());
+        t.spec
+            .parameters
+            .push(serde_json::from_value(json!({"name": "calls", "type": "integer", "path": "tools.0.estimatedCalls"})).unwrap());
         let job = render(&t, "j", "ns", &sets(&["repository=x", "calls=40"])).unwrap();
         assert_eq!(job.spec.tools[0].estimated_calls, 40);
         t.spec.parameters.last_mut().unwrap().path = Some("tools.1.estimatedCalls".into());
-        assert!(render(&t, "j", "ns", &sets(&["repository=x", "calls=40"])).unwrap_err().to_string().contains("element 1 of an array of 1"));
+        assert!(
+            render(&t, "j", "ns", &sets(&["repository=x", "calls=40"])).unwrap_err().to_string().contains("element 1 of an array of 1")
+        );
     }
 }
