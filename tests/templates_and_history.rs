@@ -297,6 +297,7 @@ async fn history_records_each_generation_and_a_rerun_is_a_new_job_that_needs_fre
     let out = plugin("dave", &["history", "nightly", "-n", ns]).await;
     assert!(out.status.success(), "{}", text(&out));
     let table = stdout(&out);
+    println!("{table}");
     let line = |generation: &str| table.lines().find(|l| l.split_whitespace().next() == Some(generation)).unwrap_or_default().to_string();
     let first = line("1");
     for expected in ["2/2 (alice, bob)", "12000", "Succeeded", "stored"] {
@@ -385,4 +386,45 @@ async fn history_and_stored_specs_are_bounded() {
     .await;
     assert_eq!(kept.first().map(|r| r.name_any()), Some(revision_name("edited", 3)));
     assert!(kept.iter().all(|r| r.metadata.owner_references.as_ref().is_some_and(|o| o[0].uid == job.metadata.uid.clone().unwrap())));
+}
+
+/// Storing old specs never holds a job up: where a ResourceQuota allows no ControllerRevision,
+/// the job goes on, a Warning Event says its spec was not stored, and `history` shows it missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_on_revisions_does_not_hold_a_job_up() {
+    let env = setup("history-quota").await;
+    let ns = env.ns.as_str();
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "no-revisions"}, "spec": {"hard": {"count/controllerrevisions.apps": "0"}}}))
+    .unwrap();
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> = Api::namespaced(env.admin.clone(), ns);
+    quotas.create(&PostParams::default(), &quota).await.expect("create quota");
+    // The quota controller's part (kube-controller-manager does not run here): the status the
+    // apiserver's quota admission enforces.
+    let counted = json!({"status": {"hard": {"count/controllerrevisions.apps": "0"}, "used": {"count/controllerrevisions.apps": "0"}}});
+    quotas.patch_status("no-revisions", &PatchParams::default(), &Patch::Merge(&counted)).await.expect("quota status");
+    let job = create_payments_job(&env.dave, ns, "quota-bound").await;
+    let waiting = wait_for_job(&env.admin, ns, "quota-bound", "AwaitingApproval 0/2 with generation 1 recorded", |j| {
+        approval_summary(j).as_deref() == Some("0/2") && history_of(j).len() == 1
+    })
+    .await;
+    assert_eq!(phase(&waiting), Some("AwaitingApproval"));
+    assert!(revisions(&env.admin, ns, &job).await.is_empty());
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.admin.clone(), ns);
+    let all = ListParams::default();
+    let warned = wait_for(
+        "SpecNotStored Event",
+        Duration::from_secs(30),
+        || events.list(&all),
+        |l| l.as_ref().is_ok_and(|l| l.items.iter().any(|e| e.reason.as_deref() == Some("SpecNotStored"))),
+    )
+    .await
+    .unwrap();
+    let note = warned.items.iter().find(|e| e.reason.as_deref() == Some("SpecNotStored")).and_then(|e| e.note.clone()).unwrap();
+    assert!(note.contains("the spec of generation 1 was not stored as ControllerRevision quota-bound-g1"), "{note}");
+    let out = plugin("dave", &["history", "quota-bound", "-n", ns]).await;
+    assert!(stdout(&out).lines().any(|l| l.starts_with('1') && l.ends_with("current")), "{}", text(&out));
+    // The current generation's spec is the job's own: it can be rerun all the same.
+    let out = plugin("dave", &["rerun", "quota-bound", "-n", ns, "-o", "yaml"]).await;
+    assert!(out.status.success(), "{}", text(&out));
 }

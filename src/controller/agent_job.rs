@@ -150,7 +150,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     }
 
     // The history entry of this generation goes with this status write; its spec is stored
-    // first, so the history never names a generation whose spec was not kept.
+    // first (spec_history.rs says when it cannot be).
     let history = crate::domain::history::record(&mut plan.status, job, &now());
     if let Some(generation) = history.new_generation {
         super::spec_history::store(job, ctx, generation).await?;

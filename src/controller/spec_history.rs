@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use kube::api::{DeleteParams, ObjectMeta, PostParams, Preconditions};
+use kube::runtime::events::EventType;
 use kube::{Api, Resource, ResourceExt};
 
 use super::{Context, Result};
@@ -43,13 +44,28 @@ pub fn revision_of(job: &AgentJob, generation: i64) -> ControllerRevision {
 
 /// Stores the spec of `job`'s generation `generation` before the status that records it is
 /// written. Idempotent: a revision already there (an earlier reconcile whose status write was
-/// refused) is kept.
+/// refused) is kept. A transient failure fails the reconcile, which retries; a refusal that
+/// retrying will not fix (a ResourceQuota on `count/controllerrevisions.apps`, RBAC) is said
+/// in a Warning Event and the job goes on: its history records the generation, and `history`
+/// shows its spec as missing. The spec history must never hold a job up (a quota did, before:
+/// tests/templates_and_history.rs a_quota_on_revisions_does_not_hold_a_job_up).
 pub async fn store(job: &AgentJob, ctx: &Context, generation: i64) -> Result<()> {
     let api: Api<ControllerRevision> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let params = PostParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PostParams::default() };
-    match api.create(&params, &revision_of(job, generation)).await {
+    let revision = revision_of(job, generation);
+    match api.create(&params, &revision).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => {
+            let note = format!(
+                "the spec of generation {generation} was not stored as ControllerRevision {}: {}; it cannot be rerun",
+                revision.name_any(),
+                s.message
+            );
+            tracing::warn!(job = %job.name_any(), namespace = ?job.namespace(), %note);
+            ctx.publish_event(&job.object_ref(&()), EventType::Warning, "SpecNotStored", &note, "StoreSpec").await;
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
 }
