@@ -47,8 +47,8 @@ pub fn revision_of(job: &AgentJob, generation: i64) -> ControllerRevision {
 /// refused) is kept. A transient failure fails the reconcile, which retries; a refusal that
 /// retrying will not fix (a ResourceQuota on `count/controllerrevisions.apps`, RBAC) is said
 /// in a Warning Event and the job goes on: its history records the generation, and `history`
-/// shows its spec as missing. The spec history must never hold a job up (a quota did, before:
-/// tests/templates_and_history.rs a_quota_on_revisions_does_not_hold_a_job_up).
+/// shows its spec as missing. The spec history must never hold a job up
+/// (tests/templates_and_history.rs a_quota_on_revisions_does_not_hold_a_job_up).
 pub async fn store(job: &AgentJob, ctx: &Context, generation: i64) -> Result<()> {
     let api: Api<ControllerRevision> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let params = PostParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PostParams::default() };
