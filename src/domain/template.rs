@@ -33,6 +33,8 @@ pub enum TemplateError {
     RequiredWithDefault { template: String, name: String },
     #[error("template {template}: parameter {name:?} has path {path:?}, which {why}")]
     BadPath { template: String, name: String, path: String, why: String },
+    #[error("template {0}: a name longer than 63 characters cannot be recorded in the job's agentgate.dev/template label")]
+    NameTooLong(String),
     #[error("template {template} rendered no valid AgentJob spec: {why}")]
     InvalidJob { template: String, why: String },
 }
@@ -47,6 +49,9 @@ pub fn parse_sets(sets: &[String]) -> Result<Vec<(String, String)>, TemplateErro
 /// The job `template` renders to, named `name` in `namespace`, with `sets` applied.
 pub fn render(template: &AgentJobTemplate, name: &str, namespace: &str, sets: &[(String, String)]) -> Result<AgentJob, TemplateError> {
     let template_name = template.metadata.name.clone().unwrap_or_default();
+    if template_name.len() > 63 {
+        return Err(TemplateError::NameTooLong(template_name));
+    }
     let params = &template.spec.parameters;
     let mut given: BTreeMap<&str, &str> = BTreeMap::new();
     for (key, value) in sets {
@@ -224,7 +229,12 @@ mod tests {
         assert_eq!(labels.get("team").map(String::as_str), Some("security"));
         assert_eq!(labels.get(TEMPLATE_LABEL).map(String::as_str), Some("security-scan"));
         assert_eq!(labels.get(TEMPLATE_GENERATION_LABEL).map(String::as_str), Some("3"));
-        assert_eq!(job.metadata.annotations.unwrap().get(TEMPLATE_DIGEST_ANNOTATION), Some(&template_digest(&t)));
+        assert_eq!(job.metadata.annotations.clone().unwrap().get(TEMPLATE_DIGEST_ANNOTATION), Some(&template_digest(&t)));
+        // What `-o yaml` prints for Git: the job as written, nothing the server would add.
+        let yaml = serde_saphyr::to_string(&job).unwrap();
+        for absent in ["status", "uid", "creationTimestamp", "resourceVersion", "null"] {
+            assert!(!yaml.contains(absent), "{absent} in\n{yaml}");
+        }
     }
 
     #[test]
@@ -281,6 +291,13 @@ mod tests {
             render(&t, "j", "ns", &sets(&["repository=x", "maxRetries=1"])).unwrap_err().to_string(),
             "template security-scan: parameter \"maxRetries\" has path \"agents.primary.name.x\", which goes through \"agents.primary.name\", which is neither an object nor an array"
         );
+    }
+
+    #[test]
+    fn a_template_name_must_fit_a_label() {
+        let mut t = template();
+        t.metadata.name = Some("t".repeat(64));
+        assert!(matches!(render(&t, "j", "ns", &sets(&["repository=x"])), Err(TemplateError::NameTooLong(_))));
     }
 
     #[test]
