@@ -242,3 +242,91 @@ pub async fn rerun(client: &Client, namespace: &str, args: RerunArgs, emit: Emit
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+
+    fn job_at(generation: i64, budget: &str) -> AgentJob {
+        let mut job: AgentJob = serde_json::from_value(serde_json::json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+            "metadata": {"name": "nightly", "namespace": "team", "uid": "u-1", "labels": {"team": "a", TEMPLATE_LABEL: "scan"},
+                         "annotations": {"agentgate.dev/requested-by": "dave", "agentgate.dev/template-digest": "sha256:t"}},
+            "spec": {"category": "payments", "agents": {"primary": {"name": "a", "image": "img", "model": "gpt-4o-mini"}},
+                     "budget": {"maxCostUSD": budget}}}))
+        .unwrap();
+        job.metadata.generation = Some(generation);
+        job
+    }
+
+    fn record(generation: i64, spec: &AgentJobSpec) -> GenerationRecord {
+        GenerationRecord {
+            generation,
+            spec_digest: spec_digest(spec),
+            observed_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            approvals: None,
+            approved_by: vec![],
+            attempts: 0,
+            total_tokens: None,
+            cost_usd: None,
+            result: "Superseded".into(),
+        }
+    }
+
+    /// Job `nightly` at generation 2 (budget 7) that recorded generation 1 (budget 5), and the
+    /// revision the operator would have stored for generation 1.
+    fn edited() -> (AgentJob, ControllerRevision) {
+        let first = job_at(1, "5");
+        let mut job = job_at(2, "7");
+        job.status = Some(crate::api::AgentJobStatus { history: vec![record(1, &first.spec), record(2, &job.spec)], ..Default::default() });
+        let mut revision = ControllerRevision::default();
+        revision.metadata.name = Some("nightly-g1".into());
+        revision.metadata.owner_references =
+            Some(vec![OwnerReference { uid: "u-1".into(), controller: Some(true), ..OwnerReference::default() }]);
+        revision.data.0 = serde_json::json!({"spec": first.spec});
+        (job, revision)
+    }
+
+    #[test]
+    fn a_recorded_generation_is_read_from_its_revision() {
+        let (job, revision) = edited();
+        assert_eq!(spec_of(&job, 1, std::slice::from_ref(&revision)).unwrap().budget.max_cost_usd, "5");
+        assert_eq!(spec_of(&job, 2, &[]).unwrap().budget.max_cost_usd, "7", "the current generation is the job's own spec");
+        let rows = history_rows(&job, &[revision]);
+        assert_eq!(rows.iter().map(|r| r.spec.as_str()).collect::<Vec<_>>(), ["stored", "current"]);
+    }
+
+    #[test]
+    fn a_revision_not_controlled_by_the_job_or_not_matching_the_digest_is_refused() {
+        let (job, revision) = edited();
+        let mut foreign = revision.clone();
+        foreign.metadata.owner_references.as_mut().unwrap()[0].uid = "u-other".into();
+        let err = spec_of(&job, 1, &[foreign]).unwrap_err().to_string();
+        assert!(err.ends_with("(not controlled by this job); refusing to rerun it"), "{err}");
+        let mut altered = revision.clone();
+        altered.data.0["spec"]["budget"]["maxCostUSD"] = serde_json::json!("900");
+        let err = spec_of(&job, 1, &[altered]).unwrap_err().to_string();
+        assert!(err.contains("its spec's digest differs from status.history"), "{err}");
+        assert_eq!(
+            spec_of(&job, 1, &[]).unwrap_err().to_string(),
+            "the spec of generation 1 of nightly is no longer stored (ControllerRevision nightly-g1 is missing)"
+        );
+    }
+
+    #[test]
+    fn a_rerun_is_a_new_job_that_says_where_it_came_from() {
+        let (job, revision) = edited();
+        let spec = spec_of(&job, 1, &[revision]).unwrap();
+        let rerun = rerun_job(&job, 1, spec.clone(), "nightly-again");
+        assert_eq!((rerun.name_any(), rerun.namespace().as_deref(), &rerun.spec), ("nightly-again".into(), Some("team"), &spec));
+        assert_eq!(rerun.metadata.uid, None);
+        assert_eq!(rerun.labels().get(RERUN_OF_LABEL).map(String::as_str), Some("nightly"));
+        assert_eq!(rerun.labels().get("team").map(String::as_str), Some("a"));
+        let annotations = rerun.annotations();
+        assert_eq!(annotations.get(RERUN_OF_ANNOTATION).map(String::as_str), Some("team/nightly generation 1 uid u-1"));
+        assert_eq!(annotations.get(SPEC_DIGEST_ANNOTATION), Some(&spec_digest(&spec)));
+        assert_eq!(annotations.get("agentgate.dev/template-digest").map(String::as_str), Some("sha256:t"));
+        assert!(!annotations.contains_key("agentgate.dev/requested-by"), "the requester is stamped anew by admission");
+    }
+}
