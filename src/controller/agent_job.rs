@@ -151,7 +151,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
 
     // The history entry of this generation goes with this status write; its spec is stored
     // first (spec_history.rs says when it cannot be).
-    let history = crate::domain::history::record(&mut plan.status, job, &now());
+    let history = crate::domain::history::record(&mut plan.status, &old_status, job, &now());
     if let Some(generation) = history.new_generation {
         super::spec_history::store(job, ctx, generation).await?;
     }

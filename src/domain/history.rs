@@ -48,11 +48,17 @@ pub fn revision_name(job: &str, generation: i64) -> String {
 }
 
 /// Brings `status.history` up to date with `job`'s current generation and `status` (the status
-/// about to be written). Deterministic: the same inputs give the same history, so a reconcile
-/// with nothing new writes nothing.
-pub fn record(status: &mut AgentJobStatus, job: &AgentJob, now: &Time) -> Recorded {
+/// about to be written; `old` is the job's status before). Deterministic: the same inputs give
+/// the same history, so a reconcile with nothing new writes nothing.
+pub fn record(status: &mut AgentJobStatus, old: &AgentJobStatus, job: &AgentJob, now: &Time) -> Recorded {
     let generation = job.metadata.generation.unwrap_or(1);
     let mut recorded = Recorded::default();
+    // A job that had finished before the operator kept histories is left as it is: recording
+    // it would cost every such job a status write and a revision when the operator is upgraded.
+    // Its current spec can still be rerun (it is the job's own).
+    if old.history.is_empty() && old.phase.is_some_and(JobPhase::is_terminal) && old.observed_generation == Some(generation) {
+        return recorded;
+    }
     if !status.history.iter().any(|h| h.generation == generation) {
         status.history.push(GenerationRecord {
             generation,
@@ -119,6 +125,12 @@ mod tests {
         job
     }
 
+    /// One reconcile: the status before is the status as it is.
+    fn rec(status: &mut AgentJobStatus, job: &AgentJob, now: &Time) -> Recorded {
+        let old = status.clone();
+        record(status, &old, job, now)
+    }
+
     fn at(seconds: i64) -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(1_700_000_000 + seconds).unwrap())
     }
@@ -155,14 +167,14 @@ mod tests {
     fn a_new_generation_is_recorded_once_with_its_digest_and_asks_for_its_spec_to_be_stored() {
         let j = job(1, "5");
         let mut status = AgentJobStatus { phase: Some(JobPhase::AwaitingApproval), ..Default::default() };
-        let first = record(&mut status, &j, &at(0));
+        let first = record(&mut status, &AgentJobStatus::default(), &j, &at(0));
         assert_eq!(first, Recorded { new_generation: Some(1), dropped: vec![] });
         assert_eq!(status.history.len(), 1);
         assert_eq!(status.history[0].spec_digest, spec_digest(&j.spec));
         assert_eq!(status.history[0].result, "AwaitingApproval");
         // Nothing new: no revision, and the same history (no status write).
         let before = status.clone();
-        let again = record(&mut status, &j, &at(30));
+        let again = rec(&mut status, &j, &at(30));
         assert_eq!(again, Recorded::default());
         assert_eq!(status, before, "observedTime and everything else stay as they were");
     }
@@ -172,10 +184,10 @@ mod tests {
         let mut status = AgentJobStatus { phase: Some(JobPhase::Running), ..Default::default() };
         approved(&mut status, 1, &["alice", "bob"]);
         status.attempts = vec![attempt(1, 1, AttemptResult::Failed, Some("0.25")), attempt(2, 1, AttemptResult::Running, None)];
-        record(&mut status, &job(1, "5"), &at(0));
+        rec(&mut status, &job(1, "5"), &at(0));
         // Generation 2 applied while attempt 2 still runs generation 1; its approvals are not
         // generation 1's (the Approved condition still speaks of generation 1).
-        let r = record(&mut status, &job(2, "6"), &at(10));
+        let r = rec(&mut status, &job(2, "6"), &at(10));
         assert_eq!(r.new_generation, Some(2));
         let (g1, g2) = (&status.history[0], &status.history[1]);
         assert_eq!((g1.approvals.as_deref(), g1.approved_by.clone()), (Some("2/2"), vec!["alice".to_string(), "bob".to_string()]));
@@ -186,7 +198,7 @@ mod tests {
         // Attempt 2 succeeds and the job with it: generation 2 never ran.
         status.attempts[1] = attempt(2, 1, AttemptResult::Succeeded, Some("0.50"));
         status.phase = Some(JobPhase::Succeeded);
-        record(&mut status, &job(2, "6"), &at(20));
+        rec(&mut status, &job(2, "6"), &at(20));
         let (g1, g2) = (&status.history[0], &status.history[1]);
         assert_eq!((g1.cost_usd.as_deref(), g1.total_tokens, g1.result.as_str()), (Some("0.75"), Some(200), "Succeeded"));
         assert_eq!(g2.result, "NotRun");
@@ -195,12 +207,12 @@ mod tests {
     #[test]
     fn a_rejected_generation_stays_rejected_when_superseded() {
         let mut status = AgentJobStatus { phase: Some(JobPhase::Rejected), ..Default::default() };
-        record(&mut status, &job(1, "0.01"), &at(0));
+        rec(&mut status, &job(1, "0.01"), &at(0));
         status.phase = Some(JobPhase::AwaitingApproval);
-        record(&mut status, &job(2, "5"), &at(5));
+        rec(&mut status, &job(2, "5"), &at(5));
         assert_eq!(status.history[0].result, "Rejected");
         status.phase = Some(JobPhase::Pending);
-        record(&mut status, &job(3, "6"), &at(6));
+        rec(&mut status, &job(3, "6"), &at(6));
         assert_eq!([status.history[0].result.as_str(), status.history[1].result.as_str()], ["Rejected", "Superseded"]);
     }
 
@@ -209,11 +221,25 @@ mod tests {
         let mut status = AgentJobStatus { phase: Some(JobPhase::AwaitingApproval), ..Default::default() };
         let mut dropped = Vec::new();
         for g in 1..=13 {
-            dropped.extend(record(&mut status, &job(g, &format!("{g}")), &at(g)).dropped);
+            dropped.extend(rec(&mut status, &job(g, &format!("{g}")), &at(g)).dropped);
         }
         assert_eq!(status.history.len(), HISTORY_LIMIT);
         assert_eq!(status.history.first().map(|h| h.generation), Some(4));
         assert_eq!(dropped, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn a_job_finished_before_histories_were_kept_is_left_alone() {
+        let old = AgentJobStatus { phase: Some(JobPhase::Succeeded), observed_generation: Some(1), ..Default::default() };
+        let mut status = old.clone();
+        assert_eq!(record(&mut status, &old, &job(1, "5"), &at(0)), Recorded::default());
+        assert_eq!(status, old, "no status write, no revision");
+        // Edited afterwards, it records the new generation (its spec is stored then).
+        let mut status = old.clone();
+        assert_eq!(record(&mut status, &old, &job(2, "6"), &at(0)).new_generation, Some(2));
+        // A new job rejected at first sight is recorded.
+        let mut status = AgentJobStatus { phase: Some(JobPhase::Rejected), observed_generation: Some(1), ..Default::default() };
+        assert_eq!(record(&mut status, &AgentJobStatus::default(), &job(1, "0.01"), &at(0)).new_generation, Some(1));
     }
 
     #[test]
