@@ -13,7 +13,7 @@ fn read(path: &str) -> String {
 
 #[test]
 fn the_chart_ships_exactly_the_generated_crds() {
-    for crd in ["agentjobs.yaml", "agenttools.yaml", "approvalvotes.yaml"] {
+    for crd in ["agentjobs.yaml", "agentjobtemplates.yaml", "agenttools.yaml", "approvalvotes.yaml"] {
         assert_eq!(
             read(&format!("charts/agentgate/crds/{crd}")),
             read(&format!("crds/{crd}")),

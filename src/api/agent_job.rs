@@ -356,6 +356,11 @@ pub struct AgentJobStatus {
     /// recorded here before the meter receives it (controller/meter_api.rs, domain/grants.rs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meter: Option<MeterStatus>,
+    /// What each spec generation the operator saw did, oldest first, the last
+    /// `domain::history::HISTORY_LIMIT` of them. Each generation's full spec is kept in a
+    /// ControllerRevision owned by the job (`kubectl agentgate history`, `rerun`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<GenerationRecord>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
@@ -435,6 +440,33 @@ pub struct MeterGrant {
     /// Measured usage so far, cumulative.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+}
+
+/// One spec generation of a job and what it did.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationRecord {
+    pub generation: i64,
+    /// `sha256:<hex>` of the spec as JSON; the ControllerRevision holding the spec carries it too.
+    pub spec_digest: String,
+    /// When the operator first saw this generation.
+    pub observed_time: Time,
+    /// `approved/required` when this generation was last gated, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvals: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approved_by: Vec<String>,
+    /// Attempts that ran this generation.
+    #[serde(default)]
+    pub attempts: i32,
+    /// What those attempts used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_tokens: Option<i64>,
+    #[serde(default, rename = "costUSD", skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<String>,
+    /// The job's phase while this is the current generation; afterwards the result of its last
+    /// attempt, `Superseded` if none ran, or `NotRun` if it came after the job had finished.
+    pub result: String,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -8,11 +8,13 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod agent_job;
+pub mod agent_job_template;
 pub mod agent_tool;
 pub mod approval_vote;
 pub mod schema;
 
 pub use agent_job::*;
+pub use agent_job_template::*;
 pub use agent_tool::*;
 pub use approval_vote::*;
 
@@ -27,7 +29,12 @@ pub const REQUESTED_BY: &str = "agentgate.dev/requested-by";
 
 /// Every CRD this operator serves, in the order they are written to `crds/`.
 pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
-    vec![("agentjobs", AgentJob::crd()), ("agenttools", AgentTool::crd()), ("approvalvotes", ApprovalVote::crd())]
+    vec![
+        ("agentjobs", AgentJob::crd()),
+        ("agentjobtemplates", AgentJobTemplate::crd()),
+        ("agenttools", AgentTool::crd()),
+        ("approvalvotes", ApprovalVote::crd()),
+    ]
 }
 
 /// Renders one CRD as the YAML checked into `crds/`.

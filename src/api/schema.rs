@@ -48,3 +48,10 @@ pub fn usd_budget(_: &mut SchemaGenerator) -> Schema {
         ],
     })
 }
+
+/// Any JSON value (a template parameter's default): kept verbatim by the apiserver.
+pub fn any_value(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}

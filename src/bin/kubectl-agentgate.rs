@@ -30,7 +30,8 @@ struct Cli {
     /// Namespace of the job (default: the kubeconfig context's namespace, else "default").
     #[arg(short = 'n', long, global = true)]
     namespace: Option<String>,
-    /// Output of estimate, infra, stats and recommend: a table, or the report as JSON or YAML.
+    /// Output of estimate, infra, stats, recommend and history: a table, or the report as JSON or
+    /// YAML; new and rerun print the job as JSON or YAML instead of creating it.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
     #[command(subcommand)]
@@ -97,6 +98,14 @@ enum Command {
     /// prompt caching, budgets far from what runs cost, retries and supporting agents that burn
     /// the spend; each with its evidence and estimated saving.
     Recommend(agentgate::cli::recommend::RecommendArgs),
+    /// Render an AgentJobTemplate into a complete AgentJob and create it as you; with -o yaml or
+    /// json, print it instead (for Git and Argo CD).
+    New(agentgate::cli::templates::NewArgs),
+    /// A job's spec generations: digest, approvals, attempts, usage and result of each.
+    History(agentgate::cli::history::HistoryArgs),
+    /// Create a new job from a recorded generation of a job (-o yaml|json prints it); being a
+    /// new job, it needs its own approvals.
+    Rerun(agentgate::cli::history::RerunArgs),
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -113,6 +122,15 @@ fn print_report<R: serde::Serialize>(output: Output, report: &R, table: impl FnO
         Output::Yaml => print!("{}", serde_saphyr::to_string(report)?),
     }
     Ok(())
+}
+
+/// new and rerun create unless asked for JSON or YAML; history prints a table unless asked.
+fn emit(output: Output) -> agentgate::cli::Emit {
+    match output {
+        Output::Table => agentgate::cli::Emit::Create,
+        Output::Json => agentgate::cli::Emit::Json,
+        Output::Yaml => agentgate::cli::Emit::Yaml,
+    }
 }
 
 fn main() {
@@ -182,6 +200,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = plugin::infra_report(&tools, &arcs(nodes), &arcs(pods), &arcs(quotas));
             print_report(cli.output, &report, plugin::InfraReport::render)
         }
+        Command::New(args) => agentgate::cli::templates::new(&client, &namespace, args, emit(cli.output)).await,
+        Command::History(args) => agentgate::cli::history::history(&client, &namespace, args, emit(cli.output)).await,
+        Command::Rerun(args) => agentgate::cli::history::rerun(&client, &namespace, args, emit(cli.output)).await,
         Command::Stats { since, all_namespaces } => {
             let api: Api<AgentJob> = if all_namespaces { Api::all(client.clone()) } else { Api::namespaced(client.clone(), &namespace) };
             let jobs = api.list(&Default::default()).await?.items;

@@ -150,6 +150,13 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         return Ok(Action::requeue(hold));
     }
 
+    // The history entry of this generation goes with this status write; its spec is stored
+    // first (spec_history.rs says when it cannot be).
+    let history = crate::domain::history::record(&mut plan.status, &old_status, job, &now());
+    if let Some(generation) = history.new_generation {
+        super::spec_history::store(job, ctx, generation).await?;
+    }
+
     // Build and apply: Pods first, so status never names a Pod that was not created.
     if let Some(attempt) = plan.ensure_attempt {
         match ensure_pods(job, ctx, &plan, attempt, &pods).await {
@@ -162,6 +169,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     super::recommendations::add_on_finish(job, ctx, &old_status, &mut plan.status, &prices);
     if plan.status != old_status {
         write_status(job, ctx, &plan.status).await?;
+        super::spec_history::prune(job, ctx, &history.dropped).await;
     }
     if let Some(approval) = &plan.status.approval {
         counted.required = approval.required;

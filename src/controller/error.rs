@@ -18,6 +18,8 @@ pub enum ObserveError {
 /// Carrying out a plan: Pods, then status, then the Pods' usage finalizers.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
+    #[error("POST ControllerRevision {namespace}/{revision}, the spec of this generation: {source}")]
+    StoreSpec { namespace: String, revision: String, source: kube::Error },
     #[error("GET Secret {namespace}/{secret}, the meter's provider keys: {source}")]
     GetMeterKeys { namespace: String, secret: String, source: kube::Error },
     #[error("POST Pod {namespace}/{pod}: {source}")]
@@ -64,6 +66,7 @@ impl Error {
         match self {
             Error::Observe(ObserveError::HeadCheck { .. }) => "head_check",
             Error::Observe(ObserveError::GonePod { .. }) => "get_gone_pod",
+            Error::Apply(ApplyError::StoreSpec { .. }) => "store_spec",
             Error::Apply(ApplyError::GetMeterKeys { .. }) => "get_meter_keys",
             Error::Apply(ApplyError::CreatePod { .. }) => "create_pod",
             Error::Apply(ApplyError::GetTakenPod { .. }) => "get_taken_pod",

@@ -6,9 +6,11 @@
 pub mod approval_policy;
 pub mod conditions;
 pub mod decide;
+pub mod digest;
 pub mod estimate;
 pub mod forecasters;
 pub mod grants;
+pub mod history;
 pub mod learning;
 pub mod meter_sidecar;
 pub mod money;
@@ -22,4 +24,5 @@ pub mod report;
 pub mod retry_budget;
 pub mod snapshot;
 pub mod tally;
+pub mod template;
 pub mod validate;
