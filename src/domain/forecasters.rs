@@ -32,11 +32,16 @@
 //! Both experts are medians, so one run moves either by at most one order statistic: that bounds
 //! how far a single sample moves the estimate, whatever its size.
 
+/// The experts, in the order of [`ModelLosses`]: (name, follows the declared size, half-life in
+/// runs of the jobType or `None` for the plain median of the window).
+pub const EXPERT_SPECS: [(&str, bool, Option<f64>); EXPERTS] =
+    [("long", true, None), ("long-flat", false, None), ("recent", true, Some(HALF_LIFE)), ("short", true, Some(SHORT_HALF_LIFE))];
 /// Number of experts.
-pub const EXPERTS: usize = 2;
-pub const EXPERT_NAMES: [&str; EXPERTS] = ["long", "recent"];
+pub const EXPERTS: usize = 4;
 /// Half-life of a run's weight in the recent expert, in runs of the jobType.
 pub const HALF_LIFE: f64 = 30.0;
+/// Half-life of the short expert.
+pub const SHORT_HALF_LIFE: f64 = 8.0;
 /// Namespaces whose level is within this (ln) of a key's lend it their runs: ln 1.5.
 pub const SIMILAR: f64 = 0.405;
 /// Weight left to an expert's past loss at each run (an effective memory of ~20 runs).
@@ -48,6 +53,9 @@ pub const LOSS_CAP: f64 = 2.0;
 pub const ETA: f64 = 20.0;
 /// Slopes fitted from fewer pairs than this (with distinct `z`) are not trusted: b = 0.5.
 const MIN_SLOPE_PAIRS: usize = 6;
+
+/// Each expert's tracked loss, in the order of [`EXPERT_SPECS`].
+pub type ModelLosses = [f64; EXPERTS];
 
 /// The middle value, or the mean of the two middle values; None when empty.
 pub fn median(mut values: Vec<f64>) -> Option<f64> {
@@ -82,8 +90,29 @@ pub fn elasticity(runs: &[[f64; 2]]) -> f64 {
 
 /// Each expert's forecast of `y` for a job whose prior is `z_now`, from the key's `runs` (oldest
 /// first, non-empty) and other namespaces' runs of the same jobType and model.
-pub fn experts(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64) -> [f64; EXPERTS] {
-    let b = elasticity(runs);
+pub fn experts(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64) -> ModelLosses {
+    let fitted = elasticity(runs);
+    let mut by_slope: Vec<(f64, Vec<f64>, Vec<(f64, f64)>)> = Vec::new();
+    let mut forecasts = [0.0; EXPERTS];
+    for (k, (_, follows, half_life)) in EXPERT_SPECS.iter().enumerate() {
+        let b = if *follows { fitted } else { 0.0 };
+        if !by_slope.iter().any(|(slope, _, _)| *slope == b) {
+            let (pooled, aged) = similar_runs(runs, neighbours, b);
+            by_slope.push((b, pooled, aged));
+        }
+        let (_, pooled, aged) = by_slope.iter().find(|(slope, _, _)| *slope == b).expect("just inserted");
+        let level = match half_life {
+            None => median(pooled.clone()),
+            Some(h) => weighted_median(aged.iter().map(|(x, age)| (*x, 0.5f64.powf(age / h))).collect()),
+        };
+        forecasts[k] = level.unwrap_or(0.0) + b * z_now;
+    }
+    forecasts
+}
+
+/// The runs net of the declared size (`y - b z`) of the key and of the similar namespaces, and
+/// the same with each run's age in runs of the jobType.
+fn similar_runs(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], b: f64) -> (Vec<f64>, Vec<(f64, f64)>) {
     let net = |rs: &[[f64; 2]]| rs.iter().map(|r| r[0] - b * r[1]).collect::<Vec<f64>>();
     let own = net(runs);
     let level = median(own.clone()).unwrap_or(0.0);
@@ -97,10 +126,8 @@ pub fn experts(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64) -> [
     // Namespaces run at comparable rates, so with k of them pooled, a run `age` places back in its
     // own window is about `age * k` runs of the jobType back.
     let k = groups.len() as f64;
-    let weighted: Vec<(f64, f64)> =
-        groups.iter().flat_map(|g| g.iter().rev().enumerate().map(move |(age, x)| (*x, 0.5f64.powf(age as f64 * k / HALF_LIFE)))).collect();
-    let pooled: Vec<f64> = groups.into_iter().flatten().collect();
-    [median(pooled).unwrap_or(0.0) + b * z_now, weighted_median(weighted).unwrap_or(0.0) + b * z_now]
+    let aged = groups.iter().flat_map(|g| g.iter().rev().enumerate().map(move |(age, x)| (*x, age as f64 * k))).collect();
+    (groups.into_iter().flatten().collect(), aged)
 }
 
 /// The smallest value at which the cumulated weight reaches half the total; None when empty.
@@ -118,7 +145,7 @@ pub fn weighted_median(mut values: Vec<(f64, f64)>) -> Option<f64> {
 }
 
 /// The weights of the experts given their tracked losses (they sum to one).
-pub fn weights(losses: &[f64; EXPERTS]) -> [f64; EXPERTS] {
+pub fn weights(losses: &ModelLosses) -> ModelLosses {
     let best = losses.iter().copied().fold(f64::INFINITY, f64::min);
     let raw = losses.map(|l| (-ETA * (l - best)).exp());
     let sum: f64 = raw.iter().sum();
@@ -126,13 +153,13 @@ pub fn weights(losses: &[f64; EXPERTS]) -> [f64; EXPERTS] {
 }
 
 /// The combined forecast of `y`.
-pub fn combine(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64, losses: &[f64; EXPERTS]) -> f64 {
+pub fn combine(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64, losses: &ModelLosses) -> f64 {
     let forecasts = experts(runs, neighbours, z_now);
     weights(losses).iter().zip(forecasts).map(|(w, f)| w * f).sum()
 }
 
 /// The losses after a run `y` that the experts forecast as `forecasts`.
-pub fn update_losses(losses: &mut [f64; EXPERTS], forecasts: &[f64; EXPERTS], y: f64) {
+pub fn update_losses(losses: &mut ModelLosses, forecasts: &ModelLosses, y: f64) {
     for (loss, f) in losses.iter_mut().zip(forecasts) {
         *loss = LOSS_DECAY * *loss + (1.0 - LOSS_DECAY) * (y - f).abs().min(LOSS_CAP);
     }

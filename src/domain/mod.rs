@@ -12,6 +12,7 @@ pub mod learning;
 pub mod money;
 pub mod pod_builder;
 pub mod pricing;
+pub mod prior;
 pub mod provenance;
 pub mod quantity;
 pub mod readiness;
