@@ -53,18 +53,22 @@ fn evaluate(dir: &Path, family: &str, seed: &str) -> (BTreeMap<String, f64>, Str
 /// how much wider than the hindsight reference's the p90 may be (hindsight knows each key's whole
 /// trace, so a calibrated forecaster cannot be much sharper).
 ///
+/// The traces are generated with seeds 11 and 12; the estimator's constants were tuned on seeds 1
+/// and 2 of the first four families only. `regimes` was never run while tuning (see
+/// `src/evaluation/families.rs`): it is the held-out family.
+///
 /// `stationary` is the exception on the p50: there the naive trailing median of the job type,
-/// pooled over its namespaces, is already about the best simple forecaster (hindsight's constant
-/// per key does no better: 0.433 and 0.454 against the naive 0.435 and 0.438). The estimator,
-/// which learns per namespace and borrows only from similar ones, must stay within 0.015 of it;
-/// it does not beat it (0.442 and 0.447 on seeds 1 and 2).
-const FAMILIES: [(&str, f64, f64); 4] = [("drift", 0.03, 1.1), ("stationary", -0.015, 1.1), ("tenants", 0.2, 1.1), ("mixture", 0.02, 1.0)];
+/// pooled over identical namespaces, is at the noise floor (hindsight's constant per key does no
+/// better). The estimator must stay within 0.015 of it; it does not beat it (see the README).
+const FAMILIES: [(&str, f64, f64); 5] =
+    [("drift", 0.03, 1.1), ("stationary", -0.015, 1.1), ("tenants", 0.2, 1.1), ("mixture", 0.01, 1.0), ("regimes", 0.02, 1.1)];
+const SEEDS: [&str; 2] = ["11", "12"];
 
 #[test]
 fn on_every_family_the_estimator_is_calibrated_and_beats_the_naive_reference() {
     let dir = tempfile::tempdir().unwrap();
     for (family, margin, width) in FAMILIES {
-        for seed in ["1", "2"] {
+        for seed in SEEDS {
             let (ours, output) = evaluate(dir.path(), family, seed);
             let [naive_coverage, _, naive_warm, _, naive_sharpness, _] = naive(&output);
             let [_, _, hindsight_warm, _, hindsight_sharpness, _] = totals(&output, "hindsight");

@@ -24,7 +24,7 @@
 //! none and nothing to borrow, `pooled` with none but a borrowed prior, `blend` while the prior
 //! still has a say, `history` from [`HISTORY_ONLY_SAMPLES`] on.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use super::learning::{JobTypeStats, POOL_RUNS};
 use super::money::MicroUsd;

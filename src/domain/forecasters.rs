@@ -36,14 +36,19 @@
 /// runs of the jobType or `None` for the plain median of the window).
 pub const EXPERT_SPECS: [(&str, bool, Option<f64>); EXPERTS] =
     [("long", true, None), ("long-flat", false, None), ("recent", true, Some(HALF_LIFE)), ("short", true, Some(SHORT_HALF_LIFE))];
-/// Number of experts.
+/// Number of experts. (An expert pooling every namespace, similar or not, was tried: it let one
+/// tenant's extreme runs move another namespace's estimate, which
+/// `one_namespaces_extreme_runs_count_for_nothing_in_another_namespaces_estimate` caught.)
 pub const EXPERTS: usize = 4;
+
 /// Half-life of a run's weight in the recent expert, in runs of the jobType.
 pub const HALF_LIFE: f64 = 30.0;
 /// Half-life of the short expert.
 pub const SHORT_HALF_LIFE: f64 = 8.0;
 /// Namespaces whose level is within this (ln) of a key's lend it their runs: ln 1.5.
 pub const SIMILAR: f64 = 0.405;
+/// ... or indistinguishable from it: within this many standard errors of the difference.
+pub const SIMILAR_Z: f64 = 2.0;
 /// Weight left to an expert's past loss at each run (an effective memory of ~20 runs).
 pub const LOSS_DECAY: f64 = 0.95;
 /// An expert's error counts for at most this much (ln 7.4: a 7× miss).
@@ -110,16 +115,24 @@ pub fn experts(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64) -> M
     forecasts
 }
 
+/// The median of `xs` and its standard error (1.25 x the spread over the root of the count, the
+/// spread a MAD scaled to a normal's standard deviation).
+fn located(xs: &[f64]) -> Option<(f64, f64)> {
+    let m = median(xs.to_vec())?;
+    let mad = median(xs.iter().map(|x| (x - m).abs()).collect())?;
+    Some((m, 1.25 * 1.4826 * mad / (xs.len() as f64).sqrt()))
+}
+
 /// The runs net of the declared size (`y - b z`) of the key and of the similar namespaces, and
 /// the same with each run's age in runs of the jobType.
 fn similar_runs(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], b: f64) -> (Vec<f64>, Vec<(f64, f64)>) {
     let net = |rs: &[[f64; 2]]| rs.iter().map(|r| r[0] - b * r[1]).collect::<Vec<f64>>();
     let own = net(runs);
-    let level = median(own.clone()).unwrap_or(0.0);
+    let (level, error) = located(&own).unwrap_or((0.0, 0.0));
     let mut groups = vec![own];
     for other in neighbours {
         let theirs = net(other);
-        if median(theirs.clone()).is_some_and(|l| (l - level).abs() < SIMILAR) {
+        if located(&theirs).is_some_and(|(l, e)| (l - level).abs() < SIMILAR.max(SIMILAR_Z * (e * e + error * error).sqrt())) {
             groups.push(theirs);
         }
     }
@@ -182,15 +195,17 @@ mod tests {
         // y = z + 1 for the first runs, then the workload doubles its usage per prior (ln 2).
         let runs: Vec<[f64; 2]> = (0..40).map(|i| [(i % 3) as f64 + 1.0 + if i >= 23 { 2f64.ln() } else { 0.0 }, (i % 3) as f64]).collect();
         assert!((elasticity(&runs) - 1.0).abs() < 1e-9);
-        let [long, recent] = experts(&runs, &[], 2.0);
+        let [long, flat, recent, short] = experts(&runs, &[], 2.0);
         assert!((long - 3.0).abs() < 1e-9, "median ratio over the window is still 1: {long}");
         assert!((recent - (3.0 + 2f64.ln())).abs() < 1e-9, "the 17 runs since the change weigh more than the 23 before: {recent}");
+        assert!((short - recent).abs() < 1e-9, "{short}");
+        assert!((flat - 2.0).abs() < 1e-9, "ignoring the declared size: the median run, {flat}");
         // A similar namespace (×1.2) lends its runs; an unlike one (×3) is left out.
         let similar: Vec<[f64; 2]> = (0..40).map(|i| [(i % 3) as f64 + 1.0 + 1.2f64.ln(), (i % 3) as f64]).collect();
         let unlike: Vec<[f64; 2]> = (0..200).map(|i| [(i % 3) as f64 + 1.0 + 3f64.ln(), (i % 3) as f64]).collect();
-        let [with_similar, _] = experts(&runs, std::slice::from_ref(&similar), 2.0);
+        let [with_similar, ..] = experts(&runs, std::slice::from_ref(&similar), 2.0);
         assert!(with_similar > long && with_similar <= long + 1.2f64.ln() + 1e-12, "{with_similar}");
-        assert_eq!(experts(&runs, &[unlike], 2.0), [long, recent]);
+        assert_eq!(experts(&runs, &[unlike], 2.0), [long, flat, recent, short], "an unlike namespace lends nothing");
     }
 
     #[test]
@@ -202,16 +217,16 @@ mod tests {
 
     #[test]
     fn weights_favour_the_expert_with_the_smallest_recent_error() {
-        assert_eq!(weights(&[0.3, 0.3]), [0.5, 0.5]);
-        let w = weights(&[0.5, 0.4]);
+        assert_eq!(weights(&[0.3; EXPERTS]), [1.0 / EXPERTS as f64; EXPERTS]);
+        let w = weights(&[0.5, 0.4, 0.5, 0.5]);
         assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         assert!((w[1] / w[0] - 2f64.exp()).abs() < 1e-9, "{w:?}");
         let mut losses = [0.0; EXPERTS];
         for _ in 0..50 {
-            update_losses(&mut losses, &[1.0, 2.0], 2.0);
+            update_losses(&mut losses, &[1.0, 2.0, 1.0, 1.0], 2.0);
         }
         assert!(weights(&losses)[1] > 0.99, "the expert that is right takes over: {losses:?}");
-        update_losses(&mut losses, &[1.0, 2.0], 1e9);
+        update_losses(&mut losses, &[1.0, 2.0, 1.0, 1.0], 1e9);
         assert!(losses.iter().all(|l| *l <= LOSS_CAP), "a blow-up counts for at most LOSS_CAP: {losses:?}");
     }
 }

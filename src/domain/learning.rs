@@ -32,9 +32,9 @@ use serde::{Deserialize, Serialize};
 
 use super::forecasters::{self, ModelLosses, median};
 use super::pricing::{PriceTable, TokenCounts};
-use super::prior::{NamespaceEffect, OFFSET_RANGE, PoolMember, Prior, namespace_effect};
 #[cfg(test)]
 use super::prior::prior_offset;
+use super::prior::{NamespaceEffect, OFFSET_RANGE, PoolMember, Prior, namespace_effect};
 
 /// Runs kept per key and model.
 pub const WINDOW: usize = 40;
@@ -49,6 +49,8 @@ pub const SEEN_CAP: usize = 512;
 pub const MAX_KEYS: usize = 256;
 /// Models remembered per key (a job names a handful).
 pub const MAX_MODELS: usize = 8;
+/// Runs a key-model needs before its level counts in a namespace's effect.
+pub const EFFECT_RUNS: usize = 3;
 /// Key-models remembered in all (a window is about 900 bytes of JSON: 512 keep the state under
 /// half a MiB, well within a ConfigMap's 1 MiB).
 pub const MAX_KEY_MODELS: usize = 512;
@@ -249,22 +251,30 @@ impl EstimatorState {
             None
         };
         let namespace_effect = if own.n < POOL_RUNS { self.namespace_effect(namespace, job_type) } else { None };
-        let learned =
-            Learned { namespace: namespace.into(), job_type: job_type.into(), own, pooled, pooled_any, cluster, neighbours, namespace_effect };
+        let learned = Learned {
+            namespace: namespace.into(),
+            job_type: job_type.into(),
+            own,
+            pooled,
+            pooled_any,
+            cluster,
+            neighbours,
+            namespace_effect,
+        };
         Some(learned)
     }
 
     /// See [`namespace_effect`]: compared on every other jobType and model the namespace ran,
     /// at elasticity 1 (levels `ln tokens - ln prior`).
     fn namespace_effect(&self, namespace: &str, job_type: &str) -> Option<NamespaceEffect> {
-        let level = |m: &ModelStats| median(m.runs.iter().map(|r| r[0] - r[1]).collect());
+        // A level from a handful of runs is mostly noise: comparisons need EFFECT_RUNS on each side.
+        let level = |m: &ModelStats| if m.runs.len() >= EFFECT_RUNS { median(m.runs.iter().map(|r| r[0] - r[1]).collect()) } else { None };
         let mut pairs = Vec::new();
         for (_, keys) in self.job_types.iter().filter(|(t, _)| *t != job_type) {
             let Some(own) = keys.get(namespace) else { continue };
             for (model, m) in &own.models {
-                let others: Vec<f64> = (keys.iter().filter(|(ns, _)| *ns != namespace))
-                    .filter_map(|(_, s)| s.models.get(model).and_then(level))
-                    .collect();
+                let others: Vec<f64> =
+                    (keys.iter().filter(|(ns, _)| *ns != namespace)).filter_map(|(_, s)| s.models.get(model).and_then(level)).collect();
                 if let (Some(l), false) = (level(m), others.is_empty()) {
                     pairs.push((l, others));
                 }

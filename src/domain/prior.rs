@@ -154,7 +154,7 @@ mod tests {
         assert_eq!(namespace_effect(&[(1.0, vec![])]), None, "nobody else ran it");
         let e = namespace_effect(&[(2.0, vec![0.0, 0.1]), (1.9, vec![0.0]), (2.1, vec![-0.2])]).unwrap();
         assert_eq!(e.from, 3);
-        assert!((e.ln - 1.9 * 0.75).abs() < 1e-9, "{e:?}");
+        assert!((e.ln - 1.95 * 0.75).abs() < 1e-9, "median of 1.95, 1.9, 2.3, shrunk by 3/4: {e:?}");
         let prior = Prior::spec().for_namespace(Some(e));
         assert!((prior.ratio - e.ln).abs() < 1e-12 && prior.source.contains("for the namespace"), "{prior:?}");
     }
