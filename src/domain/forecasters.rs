@@ -3,7 +3,7 @@
 //!
 //! Each run of a (namespace, jobType, model) key is kept as `(y, z)`: `y = ln(tokens used)`,
 //! `z = ln(tokens the spec's prior expects)` (agents on the model and declared tool calls, see
-//! [`super::estimate::prior_tokens`]). Both forecasters read `y - b z`, the run's usage net of
+//! [`super::estimate::prior_tokens`]). The forecasters read `y - b z`, the run's usage net of
 //! the declared size, with `b` the **elasticity** of usage to the spec's prior, learned as the
 //! Theil–Sen slope of `y` on `z` over the key's window (median of pairwise slopes, robust to
 //! blow-ups; 0.5 until there are enough pairs with distinct `z`; clamped to 0..1.5). So a job
@@ -13,15 +13,19 @@
 //! | expert | forecast of `y` |
 //! |---|---|
 //! | long | median of `y - b z` over the key's last [`super::learning::WINDOW`] runs and those of *similar* namespaces, plus `b z_now` |
-//! | recent | the same, but a weighted median: a run's weight halves every [`HALF_LIFE`] runs of the jobType (a run `a` places back in one of `k` pooled namespaces counts as `a k` runs back) |
+//! | long-flat | the same with `b = 0`: for workloads whose declarations are noise (a fitted `b` then only adds noise) |
+//! | recent | the same as long, but a weighted median: a run's weight halves every [`HALF_LIFE`] runs of the jobType (a run `a` places back in one of `k` pooled namespaces counts as `a k` runs back) |
+//! | short | the same with a half-life of [`SHORT_HALF_LIFE`] runs, for abrupt shifts |
 //!
 //! *Similar namespaces*: other namespaces running the same jobType on the same model whose own
-//! median of `y - b z` is within [`SIMILAR`] (ln 1.5) of this key's. They lend their runs to both
+//! median of `y - b z` is within [`SIMILAR`] (ln 1.5) of this key's, or within [`SIMILAR_Z`]
+//! standard errors of the difference (heavy-tailed workloads: two namespaces alike differ by more
+//! than ln 1.5 by chance). They lend their runs to both
 //! medians, which matters when several teams run the same workload (twice the data, half the
 //! noise). A namespace unlike this one (another scale, or a tenant's extreme runs) is left out
 //! entirely; a namespace that runs like this one can shift it by less than 1.5× however it runs.
 //!
-//! The two are weighed by exponentially weighted aggregation (the "hedge" of online learning):
+//! They are weighed by exponentially weighted aggregation (the "hedge" of online learning):
 //! each expert's recent absolute error in log space is tracked (`losses`, decayed by
 //! [`LOSS_DECAY`] per run, each error capped at [`LOSS_CAP`] so one blow-up cannot sink an
 //! expert) and `w_k ∝ exp(-ETA loss_k)`. On a stationary workload the long median keeps the
@@ -29,7 +33,7 @@
 //! estimator being told which workload it is on. The absolute log error is the loss because the
 //! p50 is judged by its median relative error, which it orders alike.
 //!
-//! Both experts are medians, so one run moves either by at most one order statistic: that bounds
+//! All experts are medians, so one run moves either by at most one order statistic: that bounds
 //! how far a single sample moves the estimate, whatever its size.
 
 /// The experts, in the order of [`ModelLosses`]: (name, follows the declared size, half-life in
