@@ -101,15 +101,14 @@ pub fn elasticity(runs: &[[f64; 2]]) -> f64 {
 /// first, non-empty) and other namespaces' runs of the same jobType and model.
 pub fn experts(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64) -> ModelLosses {
     let fitted = elasticity(runs);
-    let mut by_slope: Vec<(f64, Vec<f64>, Vec<(f64, f64)>)> = Vec::new();
+    let mut by_slope: Vec<(f64, NetRuns)> = Vec::new();
     let mut forecasts = [0.0; EXPERTS];
     for (k, (_, follows, half_life)) in EXPERT_SPECS.iter().enumerate() {
         let b = if *follows { fitted } else { 0.0 };
-        if !by_slope.iter().any(|(slope, _, _)| *slope == b) {
-            let (pooled, aged) = similar_runs(runs, neighbours, b);
-            by_slope.push((b, pooled, aged));
+        if !by_slope.iter().any(|(slope, _)| *slope == b) {
+            by_slope.push((b, similar_runs(runs, neighbours, b)));
         }
-        let (_, pooled, aged) = by_slope.iter().find(|(slope, _, _)| *slope == b).expect("just inserted");
+        let (_, (pooled, aged)) = by_slope.iter().find(|(slope, _)| *slope == b).expect("just inserted");
         let level = match half_life {
             None => median(pooled.clone()),
             Some(h) => weighted_median(aged.iter().map(|(x, age)| (*x, 0.5f64.powf(age / h))).collect()),
@@ -127,9 +126,12 @@ fn located(xs: &[f64]) -> Option<(f64, f64)> {
     Some((m, 1.25 * 1.4826 * mad / (xs.len() as f64).sqrt()))
 }
 
+/// Runs net of the declared size, and the same with each run's age in runs of the jobType.
+type NetRuns = (Vec<f64>, Vec<(f64, f64)>);
+
 /// The runs net of the declared size (`y - b z`) of the key and of the similar namespaces, and
 /// the same with each run's age in runs of the jobType.
-fn similar_runs(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], b: f64) -> (Vec<f64>, Vec<(f64, f64)>) {
+fn similar_runs(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], b: f64) -> NetRuns {
     let net = |rs: &[[f64; 2]]| rs.iter().map(|r| r[0] - b * r[1]).collect::<Vec<f64>>();
     let own = net(runs);
     let (level, error) = located(&own).unwrap_or((0.0, 0.0));
