@@ -3,7 +3,7 @@
 //!
 //! Each run of a (namespace, jobType, model) key is kept as `(y, z)`: `y = ln(tokens used)`,
 //! `z = ln(tokens the spec's prior expects)` (agents on the model and declared tool calls, see
-//! [`super::estimate::prior_tokens`]). The forecasters read `y - b z`, the run's usage net of
+//! [`super::prior::prior_tokens`]). The forecasters read `y - b z`, the run's usage net of
 //! the declared size, with `b` the **elasticity** of usage to the spec's prior, learned as the
 //! Theil–Sen slope of `y` on `z` over the key's window (median of pairwise slopes, robust to
 //! blow-ups; 0.5 until there are enough pairs with distinct `z`; clamped to 0..1.5). So a job

@@ -285,7 +285,7 @@ impl EstimatorState {
 
     /// Records one attempt's usage; false (and no change) when the attempt was recorded before
     /// or had no plausible usage (see the module doc). `prior` is
-    /// [`super::estimate::prior_tokens`] of the attempt's job.
+    /// [`super::prior::prior_tokens`] of the attempt's job.
     pub fn record(
         &mut self,
         key: &str,
