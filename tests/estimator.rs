@@ -117,7 +117,7 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
         &Api::<ConfigMap>::namespaced(client.clone(), ns).get("agentgate-estimator").await.unwrap().data.unwrap()["state.json"],
     )
     .unwrap();
-    assert_eq!(state["version"], 3);
+    assert_eq!(state["version"], 4);
     assert_eq!(state["jobTypes"][JOB_TYPE][ns]["n"], 3, "learned under the job's namespace");
     assert_eq!(state["jobTypes"][JOB_TYPE][ns]["models"]["gpt-4o-mini"]["runs"].as_array().map(Vec::len), Some(3));
     assert_eq!(state["seen"].as_array().map(Vec::len), Some(3), "one key per attempt, never two");

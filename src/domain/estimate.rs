@@ -24,28 +24,17 @@
 //! none and nothing to borrow, `pooled` with none but a borrowed prior, `blend` while the prior
 //! still has a say, `history` from [`HISTORY_ONLY_SAMPLES`] on.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use super::learning::{JobTypeStats, POOL_RUNS};
 use super::money::MicroUsd;
 use super::pricing::{PriceTable, TokenCounts};
+/// The spec's prior lives in [`super::prior`]; re-exported here, where callers look for it.
+pub use super::prior::{EstimateInput, PER_AGENT, PER_TOOL_CALL, PRIOR_P90_RATIO, prior_tokens};
 
-pub const PER_AGENT: TokenCounts = TokenCounts { input: 6_000, cached_input: 0, output: 1_500 };
-pub const PER_TOOL_CALL: TokenCounts = TokenCounts { input: 2_000, cached_input: 0, output: 400 };
-pub const PRIOR_P90_RATIO: f64 = 3.0;
 /// From this many samples on the estimate is called `history` rather than `blend`: the prior no
 /// longer has a say.
 const HISTORY_ONLY_SAMPLES: usize = POOL_RUNS as usize;
-
-/// What the estimator needs to know about a job.
-#[derive(Clone, Debug, PartialEq)]
-pub struct EstimateInput {
-    pub job_type: String,
-    /// Model of each agent, primary first.
-    pub agent_models: Vec<String>,
-    /// Estimated calls of each tool the job names.
-    pub tool_calls: Vec<i64>,
-}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelForecast {
@@ -128,22 +117,6 @@ fn total(forecasts: Vec<ModelForecast>, samples: usize) -> Forecast {
         },
         samples,
     }
-}
-
-/// Prior token medians per model: every agent costs PER_AGENT, tool calls are shared evenly
-/// between the agents (the remainder goes to the primary, which drives the run).
-pub fn prior_tokens(input: &EstimateInput) -> BTreeMap<String, TokenCounts> {
-    let calls: i64 = input.tool_calls.iter().sum();
-    let agents = input.agent_models.len().max(1) as i64;
-    let mut per_model: BTreeMap<String, TokenCounts> = BTreeMap::new();
-    for (i, model) in input.agent_models.iter().enumerate() {
-        let my_calls = calls / agents + if i == 0 { calls % agents } else { 0 };
-        let tokens =
-            PER_AGENT.add(&TokenCounts { input: PER_TOOL_CALL.input * my_calls, cached_input: 0, output: PER_TOOL_CALL.output * my_calls });
-        let entry = per_model.entry(model.clone()).or_default();
-        *entry = entry.add(&tokens);
-    }
-    per_model
 }
 
 /// Splits a token total into input, cached input and output in the proportions of `mix`.

@@ -3,7 +3,7 @@
 //!
 //! Each run of a (namespace, jobType, model) key is kept as `(y, z)`: `y = ln(tokens used)`,
 //! `z = ln(tokens the spec's prior expects)` (agents on the model and declared tool calls, see
-//! [`super::estimate::prior_tokens`]). Both forecasters read `y - b z`, the run's usage net of
+//! [`super::prior::prior_tokens`]). The forecasters read `y - b z`, the run's usage net of
 //! the declared size, with `b` the **elasticity** of usage to the spec's prior, learned as the
 //! Theil–Sen slope of `y` on `z` over the key's window (median of pairwise slopes, robust to
 //! blow-ups; 0.5 until there are enough pairs with distinct `z`; clamped to 0..1.5). So a job
@@ -13,15 +13,19 @@
 //! | expert | forecast of `y` |
 //! |---|---|
 //! | long | median of `y - b z` over the key's last [`super::learning::WINDOW`] runs and those of *similar* namespaces, plus `b z_now` |
-//! | recent | the same, but a weighted median: a run's weight halves every [`HALF_LIFE`] runs of the jobType (a run `a` places back in one of `k` pooled namespaces counts as `a k` runs back) |
+//! | long-flat | the same with `b = 0`: for workloads whose declarations are noise (a fitted `b` then only adds noise) |
+//! | recent | the same as long, but a weighted median: a run's weight halves every [`HALF_LIFE`] runs of the jobType (a run `a` places back in one of `k` pooled namespaces counts as `a k` runs back) |
+//! | short | the same with a half-life of [`SHORT_HALF_LIFE`] runs, for abrupt shifts |
 //!
 //! *Similar namespaces*: other namespaces running the same jobType on the same model whose own
-//! median of `y - b z` is within [`SIMILAR`] (ln 1.5) of this key's. They lend their runs to both
+//! median of `y - b z` is within [`SIMILAR`] (ln 1.5) of this key's, or within [`SIMILAR_Z`]
+//! standard errors of the difference (heavy-tailed workloads: two namespaces alike differ by more
+//! than ln 1.5 by chance). They lend their runs to both
 //! medians, which matters when several teams run the same workload (twice the data, half the
 //! noise). A namespace unlike this one (another scale, or a tenant's extreme runs) is left out
 //! entirely; a namespace that runs like this one can shift it by less than 1.5× however it runs.
 //!
-//! The two are weighed by exponentially weighted aggregation (the "hedge" of online learning):
+//! They are weighed by exponentially weighted aggregation (the "hedge" of online learning):
 //! each expert's recent absolute error in log space is tracked (`losses`, decayed by
 //! [`LOSS_DECAY`] per run, each error capped at [`LOSS_CAP`] so one blow-up cannot sink an
 //! expert) and `w_k ∝ exp(-ETA loss_k)`. On a stationary workload the long median keeps the
@@ -29,16 +33,26 @@
 //! estimator being told which workload it is on. The absolute log error is the loss because the
 //! p50 is judged by its median relative error, which it orders alike.
 //!
-//! Both experts are medians, so one run moves either by at most one order statistic: that bounds
+//! All experts are medians, so one run moves either by at most one order statistic: that bounds
 //! how far a single sample moves the estimate, whatever its size.
 
-/// Number of experts.
-pub const EXPERTS: usize = 2;
-pub const EXPERT_NAMES: [&str; EXPERTS] = ["long", "recent"];
+/// The experts, in the order of [`ModelLosses`]: (name, follows the declared size, half-life in
+/// runs of the jobType or `None` for the plain median of the window).
+pub const EXPERT_SPECS: [(&str, bool, Option<f64>); EXPERTS] =
+    [("long", true, None), ("long-flat", false, None), ("recent", true, Some(HALF_LIFE)), ("short", true, Some(SHORT_HALF_LIFE))];
+/// Number of experts. (An expert pooling every namespace, similar or not, was tried: it let one
+/// tenant's extreme runs move another namespace's estimate, which
+/// `one_namespaces_extreme_runs_count_for_nothing_in_another_namespaces_estimate` caught.)
+pub const EXPERTS: usize = 4;
+
 /// Half-life of a run's weight in the recent expert, in runs of the jobType.
 pub const HALF_LIFE: f64 = 30.0;
+/// Half-life of the short expert.
+pub const SHORT_HALF_LIFE: f64 = 8.0;
 /// Namespaces whose level is within this (ln) of a key's lend it their runs: ln 1.5.
 pub const SIMILAR: f64 = 0.405;
+/// ... or indistinguishable from it: within this many standard errors of the difference.
+pub const SIMILAR_Z: f64 = 2.0;
 /// Weight left to an expert's past loss at each run (an effective memory of ~20 runs).
 pub const LOSS_DECAY: f64 = 0.95;
 /// An expert's error counts for at most this much (ln 7.4: a 7× miss).
@@ -48,6 +62,9 @@ pub const LOSS_CAP: f64 = 2.0;
 pub const ETA: f64 = 20.0;
 /// Slopes fitted from fewer pairs than this (with distinct `z`) are not trusted: b = 0.5.
 const MIN_SLOPE_PAIRS: usize = 6;
+
+/// Each expert's tracked loss, in the order of [`EXPERT_SPECS`].
+pub type ModelLosses = [f64; EXPERTS];
 
 /// The middle value, or the mean of the two middle values; None when empty.
 pub fn median(mut values: Vec<f64>) -> Option<f64> {
@@ -82,25 +99,54 @@ pub fn elasticity(runs: &[[f64; 2]]) -> f64 {
 
 /// Each expert's forecast of `y` for a job whose prior is `z_now`, from the key's `runs` (oldest
 /// first, non-empty) and other namespaces' runs of the same jobType and model.
-pub fn experts(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64) -> [f64; EXPERTS] {
-    let b = elasticity(runs);
+pub fn experts(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64) -> ModelLosses {
+    let fitted = elasticity(runs);
+    let mut by_slope: Vec<(f64, NetRuns)> = Vec::new();
+    let mut forecasts = [0.0; EXPERTS];
+    for (k, (_, follows, half_life)) in EXPERT_SPECS.iter().enumerate() {
+        let b = if *follows { fitted } else { 0.0 };
+        if !by_slope.iter().any(|(slope, _)| *slope == b) {
+            by_slope.push((b, similar_runs(runs, neighbours, b)));
+        }
+        let (_, (pooled, aged)) = by_slope.iter().find(|(slope, _)| *slope == b).expect("just inserted");
+        let level = match half_life {
+            None => median(pooled.clone()),
+            Some(h) => weighted_median(aged.iter().map(|(x, age)| (*x, 0.5f64.powf(age / h))).collect()),
+        };
+        forecasts[k] = level.unwrap_or(0.0) + b * z_now;
+    }
+    forecasts
+}
+
+/// The median of `xs` and its standard error (1.25 x the spread over the root of the count, the
+/// spread a MAD scaled to a normal's standard deviation).
+fn located(xs: &[f64]) -> Option<(f64, f64)> {
+    let m = median(xs.to_vec())?;
+    let mad = median(xs.iter().map(|x| (x - m).abs()).collect())?;
+    Some((m, 1.25 * 1.4826 * mad / (xs.len() as f64).sqrt()))
+}
+
+/// Runs net of the declared size, and the same with each run's age in runs of the jobType.
+type NetRuns = (Vec<f64>, Vec<(f64, f64)>);
+
+/// The runs net of the declared size (`y - b z`) of the key and of the similar namespaces, and
+/// the same with each run's age in runs of the jobType.
+fn similar_runs(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], b: f64) -> NetRuns {
     let net = |rs: &[[f64; 2]]| rs.iter().map(|r| r[0] - b * r[1]).collect::<Vec<f64>>();
     let own = net(runs);
-    let level = median(own.clone()).unwrap_or(0.0);
+    let (level, error) = located(&own).unwrap_or((0.0, 0.0));
     let mut groups = vec![own];
     for other in neighbours {
         let theirs = net(other);
-        if median(theirs.clone()).is_some_and(|l| (l - level).abs() < SIMILAR) {
+        if located(&theirs).is_some_and(|(l, e)| (l - level).abs() < SIMILAR.max(SIMILAR_Z * (e * e + error * error).sqrt())) {
             groups.push(theirs);
         }
     }
     // Namespaces run at comparable rates, so with k of them pooled, a run `age` places back in its
     // own window is about `age * k` runs of the jobType back.
     let k = groups.len() as f64;
-    let weighted: Vec<(f64, f64)> =
-        groups.iter().flat_map(|g| g.iter().rev().enumerate().map(move |(age, x)| (*x, 0.5f64.powf(age as f64 * k / HALF_LIFE)))).collect();
-    let pooled: Vec<f64> = groups.into_iter().flatten().collect();
-    [median(pooled).unwrap_or(0.0) + b * z_now, weighted_median(weighted).unwrap_or(0.0) + b * z_now]
+    let aged = groups.iter().flat_map(|g| g.iter().rev().enumerate().map(move |(age, x)| (*x, age as f64 * k))).collect();
+    (groups.into_iter().flatten().collect(), aged)
 }
 
 /// The smallest value at which the cumulated weight reaches half the total; None when empty.
@@ -118,7 +164,7 @@ pub fn weighted_median(mut values: Vec<(f64, f64)>) -> Option<f64> {
 }
 
 /// The weights of the experts given their tracked losses (they sum to one).
-pub fn weights(losses: &[f64; EXPERTS]) -> [f64; EXPERTS] {
+pub fn weights(losses: &ModelLosses) -> ModelLosses {
     let best = losses.iter().copied().fold(f64::INFINITY, f64::min);
     let raw = losses.map(|l| (-ETA * (l - best)).exp());
     let sum: f64 = raw.iter().sum();
@@ -126,13 +172,13 @@ pub fn weights(losses: &[f64; EXPERTS]) -> [f64; EXPERTS] {
 }
 
 /// The combined forecast of `y`.
-pub fn combine(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64, losses: &[f64; EXPERTS]) -> f64 {
+pub fn combine(runs: &[[f64; 2]], neighbours: &[Vec<[f64; 2]>], z_now: f64, losses: &ModelLosses) -> f64 {
     let forecasts = experts(runs, neighbours, z_now);
     weights(losses).iter().zip(forecasts).map(|(w, f)| w * f).sum()
 }
 
 /// The losses after a run `y` that the experts forecast as `forecasts`.
-pub fn update_losses(losses: &mut [f64; EXPERTS], forecasts: &[f64; EXPERTS], y: f64) {
+pub fn update_losses(losses: &mut ModelLosses, forecasts: &ModelLosses, y: f64) {
     for (loss, f) in losses.iter_mut().zip(forecasts) {
         *loss = LOSS_DECAY * *loss + (1.0 - LOSS_DECAY) * (y - f).abs().min(LOSS_CAP);
     }
@@ -155,15 +201,17 @@ mod tests {
         // y = z + 1 for the first runs, then the workload doubles its usage per prior (ln 2).
         let runs: Vec<[f64; 2]> = (0..40).map(|i| [(i % 3) as f64 + 1.0 + if i >= 23 { 2f64.ln() } else { 0.0 }, (i % 3) as f64]).collect();
         assert!((elasticity(&runs) - 1.0).abs() < 1e-9);
-        let [long, recent] = experts(&runs, &[], 2.0);
+        let [long, flat, recent, short] = experts(&runs, &[], 2.0);
         assert!((long - 3.0).abs() < 1e-9, "median ratio over the window is still 1: {long}");
         assert!((recent - (3.0 + 2f64.ln())).abs() < 1e-9, "the 17 runs since the change weigh more than the 23 before: {recent}");
+        assert!((short - recent).abs() < 1e-9, "{short}");
+        assert!((flat - 2.0).abs() < 1e-9, "ignoring the declared size: the median run, {flat}");
         // A similar namespace (×1.2) lends its runs; an unlike one (×3) is left out.
         let similar: Vec<[f64; 2]> = (0..40).map(|i| [(i % 3) as f64 + 1.0 + 1.2f64.ln(), (i % 3) as f64]).collect();
         let unlike: Vec<[f64; 2]> = (0..200).map(|i| [(i % 3) as f64 + 1.0 + 3f64.ln(), (i % 3) as f64]).collect();
-        let [with_similar, _] = experts(&runs, std::slice::from_ref(&similar), 2.0);
+        let [with_similar, ..] = experts(&runs, std::slice::from_ref(&similar), 2.0);
         assert!(with_similar > long && with_similar <= long + 1.2f64.ln() + 1e-12, "{with_similar}");
-        assert_eq!(experts(&runs, &[unlike], 2.0), [long, recent]);
+        assert_eq!(experts(&runs, &[unlike], 2.0), [long, flat, recent, short], "an unlike namespace lends nothing");
     }
 
     #[test]
@@ -175,16 +223,16 @@ mod tests {
 
     #[test]
     fn weights_favour_the_expert_with_the_smallest_recent_error() {
-        assert_eq!(weights(&[0.3, 0.3]), [0.5, 0.5]);
-        let w = weights(&[0.5, 0.4]);
+        assert_eq!(weights(&[0.3; EXPERTS]), [1.0 / EXPERTS as f64; EXPERTS]);
+        let w = weights(&[0.5, 0.4, 0.5, 0.5]);
         assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
         assert!((w[1] / w[0] - 2f64.exp()).abs() < 1e-9, "{w:?}");
         let mut losses = [0.0; EXPERTS];
         for _ in 0..50 {
-            update_losses(&mut losses, &[1.0, 2.0], 2.0);
+            update_losses(&mut losses, &[1.0, 2.0, 1.0, 1.0], 2.0);
         }
         assert!(weights(&losses)[1] > 0.99, "the expert that is right takes over: {losses:?}");
-        update_losses(&mut losses, &[1.0, 2.0], 1e9);
+        update_losses(&mut losses, &[1.0, 2.0, 1.0, 1.0], 1e9);
         assert!(losses.iter().all(|l| *l <= LOSS_CAP), "a blow-up counts for at most LOSS_CAP: {losses:?}");
     }
 }

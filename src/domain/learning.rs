@@ -30,8 +30,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::forecasters::{self, EXPERTS, median};
+use super::forecasters::{self, ModelLosses, median};
 use super::pricing::{PriceTable, TokenCounts};
+#[cfg(test)]
+use super::prior::prior_offset;
+use super::prior::{NamespaceEffect, OFFSET_RANGE, PoolMember, Prior, namespace_effect};
 
 /// Runs kept per key and model.
 pub const WINDOW: usize = 40;
@@ -46,15 +49,14 @@ pub const SEEN_CAP: usize = 512;
 pub const MAX_KEYS: usize = 256;
 /// Models remembered per key (a job names a handful).
 pub const MAX_MODELS: usize = 8;
-/// Version 2 learned per jobType across namespaces; it is discarded (and relearned) on load.
-pub const VERSION: u32 = 3;
-/// ln(p90/p50) before anything is learned: p90 = 3 × p50.
-pub fn prior_offset() -> f64 {
-    3f64.ln()
-}
-/// The calibrated offset stays within these bounds (p90 between 1.05× and 55× the p50).
-const OFFSET_RANGE: (f64, f64) = (0.05, 4.0);
-
+/// Runs a key-model needs before its level counts in a namespace's effect.
+pub const EFFECT_RUNS: usize = 3;
+/// Key-models remembered in all (a window is about 900 bytes of JSON: 512 keep the state under
+/// half a MiB, well within a ConfigMap's 1 MiB).
+pub const MAX_KEY_MODELS: usize = 512;
+/// Version 3 had two experts: it is migrated on load (see [`EstimatorState::from_json`]);
+/// version 2 learned per jobType across namespaces and is discarded (and relearned).
+pub const VERSION: u32 = 4;
 /// Statistics of one model's usage within a (namespace, jobType) key.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -64,7 +66,7 @@ pub struct ModelStats {
     /// The last [`WINDOW`] runs, `[ln tokens, ln prior tokens]`, oldest first.
     pub runs: Vec<[f64; 2]>,
     /// Each expert's recent absolute log error (see [`super::forecasters`]).
-    pub losses: [f64; EXPERTS],
+    pub losses: ModelLosses,
     pub p90_offset: f64,
     pub input_frac: f64,
     pub cached_frac: f64,
@@ -72,6 +74,10 @@ pub struct ModelStats {
 }
 
 impl ModelStats {
+    fn member(&self) -> PoolMember<'_> {
+        PoolMember { runs: &self.runs, p90_offset: self.p90_offset }
+    }
+
     /// ln of the median ratio of usage to the spec's prior over the window.
     pub fn ratio(&self) -> Option<f64> {
         median(self.runs.iter().map(|r| r[0] - r[1]).collect())
@@ -95,49 +101,6 @@ pub struct KeyStats {
     pub models: BTreeMap<String, ModelStats>,
 }
 
-/// A prior a key without runs of a model starts from: `ln p50 = ratio + elasticity * z` (`z` the
-/// ln of the spec's prior tokens), and the p90 offset to go with it.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Prior {
-    pub ratio: f64,
-    pub elasticity: f64,
-    /// How many runs of the key's own it is worth: the spec's guess half a run (it is often 10×
-    /// off for a new workload, so one real run outweighs it two to one), a pool of what other
-    /// namespaces or models ran one.
-    pub worth: f64,
-    pub p90_offset: f64,
-    /// The keys' own median p90 offset, without the spread between keys: where a new key's
-    /// calibration starts once it has runs of its own.
-    pub key_offset: f64,
-    /// Where it comes from, for `kubectl agentgate estimate`.
-    pub source: String,
-}
-
-impl Prior {
-    /// The spec alone: usage as the prior says, p90 = 3 × p50.
-    pub fn spec() -> Prior {
-        Prior { ratio: 0.0, elasticity: 1.0, worth: 0.5, p90_offset: prior_offset(), key_offset: prior_offset(), source: "spec".into() }
-    }
-
-    /// The robust pool of several keys' models: their median elasticity, the median of their
-    /// levels at that elasticity, and their median p90 offset widened by how far the keys are
-    /// apart (a new key may sit anywhere among them).
-    ///
-    /// Across job types (`fit = false`) the elasticity is 1: how usage follows the declared size
-    /// within one job type says nothing of how two job types' sizes compare.
-    fn pool(stats: &[&ModelStats], fit: bool, source: String) -> Option<Prior> {
-        let slopes = stats.iter().map(|m| if fit { forecasters::elasticity(&m.runs) } else { 1.0 });
-        let elasticity = median(slopes.collect())?;
-        let ratios: Vec<f64> = stats.iter().filter_map(|m| median(m.runs.iter().map(|r| r[0] - elasticity * r[1]).collect())).collect();
-        let ratio = median(ratios.clone())?;
-        let between = median(ratios.iter().map(|r| (r - ratio).abs()).collect()).unwrap_or(0.0);
-        let key_offset = median(stats.iter().map(|m| m.p90_offset).collect()).unwrap_or(prior_offset());
-        let p90_offset = (key_offset + between).clamp(OFFSET_RANGE.0, OFFSET_RANGE.1);
-        Some(Prior { ratio, elasticity, worth: 1.0, p90_offset, key_offset, source })
-    }
-}
-
 /// What the estimator knows when estimating a job of one (namespace, jobType): the key's own
 /// statistics and the priors a model without own runs borrows from. The approval gate passes it
 /// through under its former name [`JobTypeStats`].
@@ -155,6 +118,9 @@ pub struct Learned {
     /// Per model: the windows of the other namespaces running this jobType on it, from which
     /// the similar ones lend their runs to the long forecaster ([`forecasters::experts`]).
     pub neighbours: BTreeMap<String, Vec<Vec<[f64; 2]>>>,
+    /// How this namespace's usage compares with others' on the other jobTypes they share; only
+    /// computed while the key still listens to a prior.
+    pub namespace_effect: Option<NamespaceEffect>,
 }
 
 /// Kept so the approval gate's `Observed::learned` needs no change.
@@ -205,14 +171,16 @@ impl Learned {
 
     /// The prior of a model: this namespace's other models of the jobType (a jobType switching
     /// model keeps its tenant's scale), else the namespaces' pool for the model, for any model,
-    /// the cluster's pool, and the spec alone.
+    /// the cluster's pool, and the spec alone. A borrowed pool is moved by the namespace's effect
+    /// (how its usage compares with other namespaces' on the jobTypes they share).
     fn prior_for(&self, model: &str) -> Prior {
-        let siblings: Vec<&ModelStats> =
-            self.own.models.iter().filter(|(m, s)| *m != model && !s.runs.is_empty()).map(|(_, s)| s).collect();
+        let siblings: Vec<PoolMember<'_>> =
+            self.own.models.iter().filter(|(m, s)| *m != model && !s.runs.is_empty()).map(|(_, s)| s.member()).collect();
         Prior::pool(&siblings, true, format!("{}/{}: other models", self.namespace, self.job_type))
-            .or_else(|| self.pooled.get(model).cloned())
-            .or_else(|| self.pooled_any.clone())
-            .or_else(|| self.cluster.clone())
+            .or_else(|| {
+                let pooled = self.pooled.get(model).cloned().or_else(|| self.pooled_any.clone()).or_else(|| self.cluster.clone());
+                pooled.map(|p| p.for_namespace(self.namespace_effect))
+            })
             .unwrap_or_else(Prior::spec)
     }
 }
@@ -256,8 +224,8 @@ impl EstimatorState {
         let others = keys.into_iter().flat_map(|k| k.iter()).filter(|(ns, _)| *ns != namespace);
         for (_, stats) in others {
             for (model, m) in stats.models.iter().filter(|(_, m)| !m.runs.is_empty()) {
-                pooled.entry(model.clone()).or_insert_with(Vec::new).push(m);
-                any.push(m);
+                pooled.entry(model.clone()).or_insert_with(Vec::new).push(m.member());
+                any.push(m.member());
                 neighbours.entry(model.clone()).or_default().push(m.runs.clone());
             }
         }
@@ -271,23 +239,53 @@ impl EstimatorState {
         let pooled_any = Prior::pool(&any, true, format!("{job_type} pooled over its models and namespaces"));
         // Only a jobType no other namespace ran needs the cluster's pool (and it is the costly one to compute).
         let cluster = if any.is_empty() {
-            let all: Vec<&ModelStats> = (self.job_types.iter())
+            let all: Vec<PoolMember<'_>> = (self.job_types.iter())
                 .filter(|(t, _)| *t != job_type)
                 .flat_map(|(_, k)| k.values())
                 .flat_map(|s| s.models.values())
                 .filter(|m| !m.runs.is_empty())
+                .map(ModelStats::member)
                 .collect();
             Prior::pool(&all, false, format!("cluster pool of {} key-models", all.len()))
         } else {
             None
         };
-        let learned = Learned { namespace: namespace.into(), job_type: job_type.into(), own, pooled, pooled_any, cluster, neighbours };
+        let namespace_effect = if own.n < POOL_RUNS { self.namespace_effect(namespace, job_type) } else { None };
+        let learned = Learned {
+            namespace: namespace.into(),
+            job_type: job_type.into(),
+            own,
+            pooled,
+            pooled_any,
+            cluster,
+            neighbours,
+            namespace_effect,
+        };
         Some(learned)
+    }
+
+    /// See [`namespace_effect`]: compared on every other jobType and model the namespace ran,
+    /// at elasticity 1 (levels `ln tokens - ln prior`).
+    fn namespace_effect(&self, namespace: &str, job_type: &str) -> Option<NamespaceEffect> {
+        // A level from a handful of runs is mostly noise: comparisons need EFFECT_RUNS on each side.
+        let level = |m: &ModelStats| if m.runs.len() >= EFFECT_RUNS { median(m.runs.iter().map(|r| r[0] - r[1]).collect()) } else { None };
+        let mut pairs = Vec::new();
+        for (_, keys) in self.job_types.iter().filter(|(t, _)| *t != job_type) {
+            let Some(own) = keys.get(namespace) else { continue };
+            for (model, m) in &own.models {
+                let others: Vec<f64> =
+                    (keys.iter().filter(|(ns, _)| *ns != namespace)).filter_map(|(_, s)| s.models.get(model).and_then(level)).collect();
+                if let (Some(l), false) = (level(m), others.is_empty()) {
+                    pairs.push((l, others));
+                }
+            }
+        }
+        namespace_effect(&pairs)
     }
 
     /// Records one attempt's usage; false (and no change) when the attempt was recorded before
     /// or had no plausible usage (see the module doc). `prior` is
-    /// [`super::estimate::prior_tokens`] of the attempt's job.
+    /// [`super::prior::prior_tokens`] of the attempt's job.
     pub fn record(
         &mut self,
         key: &str,
@@ -355,15 +353,19 @@ impl EstimatorState {
         self.job_types.values().map(BTreeMap::len).sum()
     }
 
-    /// Drops the least recently updated keys beyond MAX_KEYS.
+    fn key_model_count(&self) -> usize {
+        self.job_types.values().flat_map(BTreeMap::values).map(|s| s.models.len()).sum()
+    }
+
+    /// Drops the least recently updated keys beyond MAX_KEYS keys or MAX_KEY_MODELS key-models.
     fn evict(&mut self) {
-        while self.key_count() > MAX_KEYS {
+        while self.key_count() > MAX_KEYS || self.key_model_count() > MAX_KEY_MODELS {
             let oldest = self
                 .job_types
                 .iter()
                 .flat_map(|(t, k)| k.iter().map(move |(ns, s)| (s.updated, t.clone(), ns.clone())))
                 .min()
-                .expect("more than MAX_KEYS keys");
+                .expect("more than the bound, so not empty");
             let keys = self.job_types.get_mut(&oldest.1).expect("just seen");
             keys.remove(&oldest.2);
             if keys.is_empty() {
@@ -376,27 +378,34 @@ impl EstimatorState {
         serde_json::to_string(self).expect("the state always serializes")
     }
 
-    /// Parses a persisted state. A missing, corrupt or other-version state gives an empty state
-    /// and the warning to log: the estimator then starts over from its prior. In particular
-    /// version 2 (per jobType, shared across namespaces) is discarded and relearned: its numbers
-    /// mix tenants and cannot be split back into namespaces.
+    /// Parses a persisted state. A missing, corrupt or unknown-version state gives an empty state
+    /// and the warning to log: the estimator then starts over from its prior.
+    ///
+    /// * Version 3 (the same keys, runs and calibration, but two experts) is **migrated**: every
+    ///   run, p90 offset and token mix is kept; the experts' losses restart even (they are an
+    ///   average over the last ~20 runs, so the weights are relearned within as many runs).
+    /// * Version 2 (per jobType, shared across namespaces) is discarded and relearned: its numbers
+    ///   mix tenants and cannot be split back into namespaces.
     pub fn from_json(s: Option<&str>) -> (EstimatorState, Option<String>) {
         let Some(s) = s else { return (EstimatorState::default(), None) };
-        #[derive(Deserialize)]
-        struct Versioned {
-            version: u32,
-        }
-        match serde_json::from_str::<Versioned>(s) {
-            Ok(v) if v.version != VERSION => {
-                return (
-                    EstimatorState::default(),
-                    Some(format!("estimator state has version {}, expected {VERSION}: discarding it and relearning", v.version)),
-                );
+        let mut value: serde_json::Value = match serde_json::from_str(s) {
+            Ok(value) => value,
+            Err(e) => return (EstimatorState::default(), Some(format!("estimator state does not parse ({e}): starting over"))),
+        };
+        let mut note = None;
+        match value.get("version").and_then(serde_json::Value::as_u64) {
+            Some(3) => {
+                migrate_v3(&mut value);
+                note = Some(format!("estimator state version 3 migrated to {VERSION}: runs and calibration kept, expert weights restart"));
             }
-            Ok(_) | Err(_) => {}
+            Some(v) if v != u64::from(VERSION) => {
+                let warning = format!("estimator state has version {v}, expected {VERSION}: discarding it and relearning");
+                return (EstimatorState::default(), Some(warning));
+            }
+            _ => {}
         }
-        match serde_json::from_str::<EstimatorState>(s) {
-            Ok(state) => (state.sanitized(), None),
+        match serde_json::from_value::<EstimatorState>(value) {
+            Ok(state) => (state.sanitized(), note),
             Err(e) => (EstimatorState::default(), Some(format!("estimator state does not parse ({e}): starting over"))),
         }
     }
@@ -429,6 +438,17 @@ impl EstimatorState {
             self.seen.drain(..excess);
         }
         self
+    }
+}
+
+/// Version 3 → 4 in place: the experts' losses restart even (see [`EstimatorState::from_json`]).
+fn migrate_v3(value: &mut serde_json::Value) {
+    value["version"] = VERSION.into();
+    let keys = value.get_mut("jobTypes").and_then(serde_json::Value::as_object_mut).into_iter().flat_map(|t| t.values_mut());
+    let stats = keys.filter_map(serde_json::Value::as_object_mut).flat_map(|k| k.values_mut());
+    let models = stats.filter_map(|s| s.get_mut("models").and_then(serde_json::Value::as_object_mut)).flat_map(|m| m.values_mut());
+    for model in models.filter_map(serde_json::Value::as_object_mut) {
+        model.insert("losses".into(), serde_json::json!([0.0f64; forecasters::EXPERTS].to_vec()));
     }
 }
 

@@ -112,7 +112,7 @@ fn runs_keys_and_seen_are_bounded() {
     // full windows of realistic numbers (built directly: recording 20,000 runs is slow unoptimized).
     let mut filled = model(&s, "ns-new").clone();
     filled.runs = (0..WINDOW).map(|i| [round4(12.3456 + i as f64 / 1000.0), round4(9.8765 + i as f64 / 700.0)]).collect();
-    filled.losses = [0.123_456_789_012_345_6; EXPERTS];
+    filled.losses = [0.1235; forecasters::EXPERTS];
     let mut full = EstimatorState::default();
     for k in 0..MAX_KEYS {
         let models = [("gpt-4o".to_string(), filled.clone()), ("claude-sonnet-4".to_string(), filled.clone())].into();
@@ -120,9 +120,19 @@ fn runs_keys_and_seen_are_bounded() {
         full.job_types.entry("security_vulnerability_scan".into()).or_default().insert(format!("namespace-{k:04}"), key);
     }
     full.seen = (0..SEEN_CAP).map(|i| format!("0b5a7e6c-1f7d-4c1e-9a51-2f0c8c1d{i:04}/1")).collect();
+    assert_eq!(full.key_model_count(), MAX_KEY_MODELS);
     let size = full.to_json().len();
     println!("a full state is {size} bytes");
     assert!(size < 700_000, "{size} bytes for {MAX_KEYS} keys of two models");
+    // One more model anywhere evicts the least recently updated key: the cap holds in key-models too.
+    full.job_types.get_mut("security_vulnerability_scan").unwrap().get_mut("namespace-0001").unwrap().updated = 2_000_000;
+    let mut more = full.job_types["security_vulnerability_scan"]["namespace-0001"].clone();
+    more.models.insert("gpt-4.1".into(), filled.clone());
+    full.job_types.get_mut("security_vulnerability_scan").unwrap().insert("namespace-0001".into(), more);
+    full.evict();
+    assert!(full.key_model_count() <= MAX_KEY_MODELS);
+    assert!(!full.job_types["security_vulnerability_scan"].contains_key("namespace-0000"), "the oldest key went");
+    assert_eq!(full.job_types["security_vulnerability_scan"]["namespace-0001"].models.len(), 3);
 }
 
 #[test]
@@ -133,7 +143,7 @@ fn roundtrip_through_json() {
     let (back, warning) = EstimatorState::from_json(Some(&s.to_json()));
     assert_eq!(warning, None);
     assert_eq!(back, s);
-    assert!(s.to_json().contains("\"version\":3"));
+    assert!(s.to_json().contains("\"version\":4"));
 }
 
 #[test]
@@ -145,7 +155,7 @@ fn missing_corrupt_or_other_version_state_is_empty() {
         assert_eq!(warning.is_some(), warns, "{text:?}");
     }
     let (_, warning) = EstimatorState::from_json(Some(version_2));
-    assert!(warning.unwrap().contains("version 2, expected 3: discarding it and relearning"));
+    assert!(warning.unwrap().contains("version 2, expected 4: discarding it and relearning"));
 }
 
 #[test]
@@ -174,4 +184,51 @@ fn cached_tokens_make_their_own_fraction() {
     let mut s = EstimatorState::default();
     s.record("a/1", "ns", "scan", &usage("gpt-4o", 10, 80, 10), &unit_prior(&["gpt-4o"]), &PriceTable::builtin());
     assert_eq!(model(&s, "ns").mix(), TokenCounts { input: 100_000, cached_input: 800_000, output: 100_000 });
+}
+
+/// A state written by the previous release (version 3: two experts' losses per model).
+const VERSION_3: &str = r#"{"version":3,"clock":12,"jobTypes":{"scan":{"team-a":{"n":12,"updated":12,"models":{"gpt-4o":{"n":12,"runs":[[11.5129,8.9227],[11.6,8.9227],[11.4,8.9227],[11.52,8.9227],[11.55,8.9227]],"losses":[0.21,0.35],"p90Offset":0.6,"inputFrac":0.7,"cachedFrac":0.1,"outputFrac":0.2}}}}},"seen":["u/1","u/2"]}"#;
+
+#[test]
+fn a_version_3_state_is_migrated_without_losing_what_it_learned() {
+    let (state, note) = EstimatorState::from_json(Some(VERSION_3));
+    assert!(note.unwrap().contains("version 3 migrated to 4"));
+    assert_eq!((state.version, state.clock, state.seen.clone()), (VERSION, 12, vec!["u/1".to_string(), "u/2".to_string()]));
+    let m = model(&state, "team-a");
+    assert_eq!((m.n, m.runs.len(), m.p90_offset, m.input_frac), (12, 5, 0.6, 0.7), "runs, calibration and mix are kept");
+    assert_eq!(m.losses, [0.0; forecasters::EXPERTS], "the experts restart even");
+    // What it learned still makes the estimate: the median run (ln 11.52, about 100,000 tokens).
+    let located = state.stats("team-a", "scan").unwrap().locate("gpt-4o", 7_500.0);
+    assert_eq!((located.own_runs, located.prior_weight), (12, 0.0));
+    assert!((located.mu - 11.52).abs() < 0.1, "{located:?}");
+    assert_eq!(located.p90_offset, 0.6);
+    // It is written back as version 4 and reads back as itself.
+    let (again, note) = EstimatorState::from_json(Some(&state.to_json()));
+    assert_eq!((again, note), (state, None));
+}
+
+#[test]
+fn a_namespace_that_runs_bigger_elsewhere_starts_bigger_on_a_job_type_new_to_it() {
+    let mut s = EstimatorState::default();
+    let prices = PriceTable::builtin();
+    let run = |s: &mut EstimatorState, ns: &str, job_type: &str, total: i64, i: usize| {
+        let used = usage("gpt-4o", total * 8 / 10, 0, total - total * 8 / 10);
+        assert!(s.record(&format!("{ns}/{job_type}/{i}"), ns, job_type, &used, &unit_prior(&["gpt-4o"]), &prices));
+    };
+    for i in 0..5 {
+        for (job_type, scale) in [("lint", 1), ("docs", 3), ("scan", 10)] {
+            run(&mut s, "small", job_type, 10_000 * scale, i);
+            run(&mut s, "big", job_type, 40_000 * scale, i);
+        }
+        run(&mut s, "small", "triage", 20_000, i);
+    }
+    // "big" has run 4x "small" on lint, docs and scan: on triage, which only "small" ran, it starts
+    // at 4x (shrunk by 3/4 in ln for three comparisons), not at what "small" used.
+    let located = s.stats("big", "triage").unwrap().locate("gpt-4o", 1.0);
+    let want = 20_000f64.ln() + 4f64.ln() * 0.75;
+    assert!((located.mu - want).abs() < 1e-3, "{located:?}");
+    assert!(located.prior.source.contains("for the namespace (from 3 jobType-model(s))"), "{}", located.prior.source);
+    // And "small" is not moved by "big" on its own job type.
+    let own = s.stats("small", "triage").unwrap().locate("gpt-4o", 1.0);
+    assert!((own.mu - 20_000f64.ln()).abs() < 0.25, "{own:?}");
 }

@@ -16,6 +16,7 @@ pub mod meter_sidecar;
 pub mod money;
 pub mod pod_builder;
 pub mod pricing;
+pub mod prior;
 pub mod provenance;
 pub mod quantity;
 pub mod readiness;

@@ -1,0 +1,161 @@
+//! What a forecast starts from before its key has runs of its own: the spec's size
+//! ([`prior_tokens`]) and the priors borrowed from what other keys learned ([`Prior`]).
+//!
+//! It sits below both [`super::learning`] (which builds the pooled priors) and
+//! [`super::estimate`] (which prices a forecast), so that neither imports the other's internals.
+//!
+//! A borrowed prior is a *robust pool*: each member (a namespace's runs of a jobType on a model)
+//! is one vote, the pool's level the median of the members' median levels, so one namespace's
+//! extreme runs cannot move it further than to the next namespace's level. A namespace that runs
+//! every jobType bigger than the others (a team with larger repositories) carries that into a
+//! jobType it has not run yet: [`namespace_effect`] is the median, over the jobTypes it shares
+//! with other namespaces, of how far its level sits from theirs.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::forecasters::{self, median};
+use super::pricing::TokenCounts;
+
+pub const PER_AGENT: TokenCounts = TokenCounts { input: 6_000, cached_input: 0, output: 1_500 };
+pub const PER_TOOL_CALL: TokenCounts = TokenCounts { input: 2_000, cached_input: 0, output: 400 };
+pub const PRIOR_P90_RATIO: f64 = 3.0;
+/// The calibrated offset ln(p90/p50) stays within these bounds (p90 between 1.05× and 55× the p50).
+pub const OFFSET_RANGE: (f64, f64) = (0.05, 4.0);
+
+/// What the estimator needs to know about a job.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EstimateInput {
+    pub job_type: String,
+    /// Model of each agent, primary first.
+    pub agent_models: Vec<String>,
+    /// Estimated calls of each tool the job names.
+    pub tool_calls: Vec<i64>,
+}
+
+/// Prior token medians per model: every agent costs PER_AGENT, tool calls are shared evenly
+/// between the agents (the remainder goes to the primary, which drives the run).
+pub fn prior_tokens(input: &EstimateInput) -> BTreeMap<String, TokenCounts> {
+    let calls: i64 = input.tool_calls.iter().sum();
+    let agents = input.agent_models.len().max(1) as i64;
+    let mut per_model: BTreeMap<String, TokenCounts> = BTreeMap::new();
+    for (i, model) in input.agent_models.iter().enumerate() {
+        let my_calls = calls / agents + if i == 0 { calls % agents } else { 0 };
+        let tokens =
+            PER_AGENT.add(&TokenCounts { input: PER_TOOL_CALL.input * my_calls, cached_input: 0, output: PER_TOOL_CALL.output * my_calls });
+        let entry = per_model.entry(model.clone()).or_default();
+        *entry = entry.add(&tokens);
+    }
+    per_model
+}
+
+/// ln(p90/p50) before anything is learned: p90 = 3 × p50.
+pub fn prior_offset() -> f64 {
+    PRIOR_P90_RATIO.ln()
+}
+
+/// One member of a pool: a key-model's window of `[ln tokens, ln prior tokens]` runs and its
+/// calibrated p90 offset.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolMember<'a> {
+    pub runs: &'a [[f64; 2]],
+    pub p90_offset: f64,
+}
+
+/// A prior a key without runs of a model starts from: `ln p50 = ratio + elasticity * z` (`z` the
+/// ln of the spec's prior tokens), and the p90 offset to go with it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Prior {
+    pub ratio: f64,
+    pub elasticity: f64,
+    /// How many runs of the key's own it is worth: the spec's guess half a run (it is often 10×
+    /// off for a new workload, so one real run outweighs it two to one), a pool of what other
+    /// namespaces or models ran one.
+    pub worth: f64,
+    pub p90_offset: f64,
+    /// The keys' own median p90 offset, without the spread between keys: where a new key's
+    /// calibration starts once it has runs of its own.
+    pub key_offset: f64,
+    /// Where it comes from, for `kubectl agentgate estimate`.
+    pub source: String,
+}
+
+impl Prior {
+    /// The spec alone: usage as the prior says, p90 = 3 × p50.
+    pub fn spec() -> Prior {
+        Prior { ratio: 0.0, elasticity: 1.0, worth: 0.5, p90_offset: prior_offset(), key_offset: prior_offset(), source: "spec".into() }
+    }
+
+    /// The robust pool of several key-models: their median elasticity, the median of their
+    /// levels at that elasticity, and their median p90 offset widened by how far the members are
+    /// apart (a new key may sit anywhere among them).
+    ///
+    /// Across job types (`fit = false`) the elasticity is 1: how usage follows the declared size
+    /// within one job type says nothing of how two job types' sizes compare.
+    pub fn pool(members: &[PoolMember<'_>], fit: bool, source: String) -> Option<Prior> {
+        let slopes = members.iter().map(|m| if fit { forecasters::elasticity(m.runs) } else { 1.0 });
+        let elasticity = median(slopes.collect())?;
+        let ratios: Vec<f64> = members.iter().filter_map(|m| median(m.runs.iter().map(|r| r[0] - elasticity * r[1]).collect())).collect();
+        let ratio = median(ratios.clone())?;
+        let between = median(ratios.iter().map(|r| (r - ratio).abs()).collect()).unwrap_or(0.0);
+        let key_offset = median(members.iter().map(|m| m.p90_offset).collect()).unwrap_or(prior_offset());
+        let p90_offset = (key_offset + between).clamp(OFFSET_RANGE.0, OFFSET_RANGE.1);
+        Some(Prior { ratio, elasticity, worth: 1.0, p90_offset, key_offset, source })
+    }
+
+    /// The same prior for a namespace whose level sits `effect` (ln) from the other namespaces'.
+    pub fn for_namespace(mut self, effect: Option<NamespaceEffect>) -> Prior {
+        if let Some(e) = effect.filter(|e| e.ln.abs() > 1e-9) {
+            self.ratio += e.ln;
+            self.source = format!("{}, x{:.2} for the namespace (from {} jobType-model(s))", self.source, e.ln.exp(), e.from);
+        }
+        self
+    }
+}
+
+/// How far a namespace's usage sits from other namespaces' on the same work, in ln.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NamespaceEffect {
+    pub ln: f64,
+    /// jobType-models it was measured on.
+    pub from: usize,
+}
+
+/// The median, over the (jobType, model) pairs the namespace shares with others, of its level
+/// (median `ln tokens - ln prior`) less the median of the other namespaces' levels, shrunk by
+/// `k / (k + 1)` for `k` pairs (one comparison is weak evidence). `pairs` holds, per pair, the
+/// namespace's own level and the others' levels.
+pub fn namespace_effect(pairs: &[(f64, Vec<f64>)]) -> Option<NamespaceEffect> {
+    let diffs: Vec<f64> = pairs.iter().filter_map(|(own, others)| Some(own - median(others.clone())?)).collect();
+    let k = diffs.len() as f64;
+    let ln = median(diffs)? * k / (k + 1.0);
+    Some(NamespaceEffect { ln, from: k as usize })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_extreme_member_moves_a_pool_no_further_than_the_next_member() {
+        let runs = |level: f64| -> Vec<[f64; 2]> { (0..10).map(|i| [level + 0.01 * i as f64, 0.0]).collect() };
+        let (a, b, c) = (runs(10.0), runs(10.2), runs(10.4));
+        let member = |r: &[[f64; 2]]| PoolMember { runs: r.to_vec().leak(), p90_offset: 1.0 };
+        let calm = Prior::pool(&[member(&a), member(&b), member(&c)], true, "calm".into()).unwrap();
+        let wild = Prior::pool(&[member(&a), member(&b), member(&runs(1e6))], true, "wild".into()).unwrap();
+        assert!((wild.ratio - calm.ratio).abs() < 0.21, "{} vs {}", wild.ratio, calm.ratio);
+    }
+
+    #[test]
+    fn a_namespace_effect_needs_comparisons_and_is_shrunk() {
+        assert_eq!(namespace_effect(&[]), None);
+        assert_eq!(namespace_effect(&[(1.0, vec![])]), None, "nobody else ran it");
+        let e = namespace_effect(&[(2.0, vec![0.0, 0.1]), (1.9, vec![0.0]), (2.1, vec![-0.2])]).unwrap();
+        assert_eq!(e.from, 3);
+        assert!((e.ln - 1.95 * 0.75).abs() < 1e-9, "median of 1.95, 1.9, 2.3, shrunk by 3/4: {e:?}");
+        let prior = Prior::spec().for_namespace(Some(e));
+        assert!((prior.ratio - e.ln).abs() < 1e-12 && prior.source.contains("for the namespace"), "{prior:?}");
+    }
+}
