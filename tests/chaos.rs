@@ -111,8 +111,9 @@ async fn crash_storm_never_duplicates_a_pod_nor_loses_usage() {
     submitter.await.expect("submitting jobs");
     assert_eq!(finished, plans.len(), "only {finished} of {n} jobs finished within {limit:?} and {kills} kills (seed {seed})");
 
-    // The last operator keeps running for a moment: nothing may be created after the fact.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Nothing may be created after the fact: the last operator estimates a probe job created
+    // now, and the kubelet's watch delivers a barrier Pod created after that, before the check.
+    storm::settle(&kubelet, &admin, ns, "storm-probe").await;
     let jobs = storm::list_jobs(&admin, ns).await;
     let ledger = kubelet.stop();
     let (figures, problems) = storm::check(&admin, ns, &plans, &jobs, &ledger).await;
