@@ -120,10 +120,30 @@ fn term_of(lease: &Lease, identity: &str) -> Option<Instant> {
     Some(Instant::now() + Duration::from_secs_f64(left.max(0.0)))
 }
 
-/// This replica's name in the Lease: its Pod name when it has one, else host and pid.
+/// This process's name in the Lease: its Pod name (else host name) and a suffix drawn fresh at
+/// every start, as client-go does with a uuid, e.g. `agentgate-7d9f8-x2k4q-3f9a2c1b`.
+///
+/// The suffix was the pid once, but in a container the operator is always pid 1: a container
+/// restarted after a crash came back under its old identity, and the lease manager, finding the
+/// Lease held by "itself", led at once while the lease it had not renewed could already have
+/// been taken over (tests/leader.rs, a restart with the same POD_NAME). Call once per process.
 pub fn identity() -> String {
     let host = std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "agentgate".into());
-    format!("{host}-{}", std::process::id())
+    identity_of(&host, start_suffix())
+}
+
+/// `<host>-<suffix>`: the Pod name stays a readable prefix in `kubectl get lease`.
+fn identity_of(host: &str, suffix: u32) -> String {
+    format!("{host}-{suffix:08x}")
+}
+
+/// 32 random bits: std's `RandomState` is keyed from the OS's randomness for each process (and
+/// each new state differs); the clock and pid are mixed in for good measure.
+fn start_suffix() -> u32 {
+    use std::hash::BuildHasher;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
+    let hash = std::hash::RandomState::new().hash_one((nanos, std::process::id()));
+    (hash ^ (hash >> 32)) as u32
 }
 
 #[cfg(test)]
@@ -144,6 +164,19 @@ mod tests {
             }),
             ..Lease::default()
         }
+    }
+
+    #[test]
+    fn each_start_gets_its_own_identity_under_one_pod_name() {
+        // Two starts of one container: same POD_NAME, same pid 1. Only the suffix tells them apart.
+        let (first, second) = (identity_of("agentgate-0", start_suffix()), identity_of("agentgate-0", start_suffix()));
+        assert_ne!(first, second);
+        for id in [&first, &second] {
+            let (host, suffix) = id.rsplit_once('-').expect("host-suffix");
+            assert_eq!(host, "agentgate-0");
+            assert_eq!(suffix.len(), 8, "{id}");
+        }
+        assert_eq!(identity_of("agentgate-0", 0xab), "agentgate-0-000000ab");
     }
 
     #[test]

@@ -199,7 +199,7 @@ async fn the_operator_runs_restricted_with_its_limits(node: &RealNode, admin: &C
     assert!(refused.to_string().contains("violates PodSecurity \"restricted:latest\""), "{refused}");
 }
 
-/// The Pod whose name starts the Lease's holderIdentity (`<POD_NAME>-<pid>`), once one holds it.
+/// The Pod whose name starts the Lease's holderIdentity (`<POD_NAME>-<random suffix>`), once one holds it.
 async fn leader_pod(admin: &Client, pods: &[Pod]) -> String {
     let leases: Api<Lease> = Api::namespaced(admin.clone(), SYSTEM);
     wait("a replica holds the Lease", || async {

@@ -60,3 +60,49 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_within_15_seconds()
     assert!(takeover < Duration::from_secs(15), "takeover took {takeover:?}");
     assert!(log_of(&second).contains("became the leader"));
 }
+
+/// A container restarted after a crash keeps its POD_NAME and, as pid 1, its pid: it must still
+/// campaign as a new replica and wait out the lease its previous run held, not take it over at
+/// once as if it were still the holder (it cannot know whether a standby has taken over since).
+#[tokio::test]
+async fn a_restarted_container_with_the_same_pod_name_waits_out_its_old_lease() {
+    let cp = ControlPlane::shared();
+    let ns = "leader-restart";
+    cp.namespace(ns).await;
+    let admin = cp.client("admin").await;
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), ns);
+    let lease = format!("agentgate-{ns}");
+    let args = ["--namespace", ns, "--metrics-addr", "127.0.0.1:0"];
+    let mut first = OperatorProcess::start_as_container(cp, &args, "agentgate-0");
+    let start = Instant::now();
+    while !log_of(&first).contains("became the leader") {
+        assert!(start.elapsed() < Duration::from_secs(30), "the first run never led:\n{}", log_of(&first));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.kill();
+    // The last renewal the killed run made: its lease is live until this plus its duration.
+    let held = leases.get(&lease).await.unwrap().spec.unwrap();
+    let old_holder = held.holder_identity.clone().unwrap();
+    let expires = held.renew_time.unwrap().0 + k8s_openapi::jiff::SignedDuration::from_secs(held.lease_duration_seconds.unwrap().into());
+    assert!(old_holder.starts_with("agentgate-0-"), "identity {old_holder:?} does not name the Pod");
+
+    let second = OperatorProcess::start_as_container(cp, &args, "agentgate-0");
+    let started = Instant::now();
+    let taken = loop {
+        // Read before the Lease: a run that leads has written the Lease first.
+        let led = log_of(&second).contains("became the leader");
+        let spec = leases.get(&lease).await.unwrap().spec.unwrap_or_default();
+        if spec.holder_identity.as_ref().is_some_and(|h| *h != old_holder) {
+            break spec;
+        }
+        // A run that believed it still held the lease would lead without the Lease changing hands.
+        assert!(!led, "the restarted run led under the old identity:\n{}", log_of(&second));
+        assert!(started.elapsed() < Duration::from_secs(30), "the restarted run never took the lease:\n{}", log_of(&second));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let new_holder = taken.holder_identity.unwrap();
+    assert!(new_holder.starts_with("agentgate-0-"), "identity {new_holder:?} does not name the Pod");
+    let acquired = taken.acquire_time.or(taken.renew_time).expect("the new holder's acquireTime").0;
+    assert!(acquired >= expires, "the restarted run took the lease at {acquired}, before the old one expired at {expires}");
+    println!("old holder {old_holder}, new holder {new_holder}; taken over {:?} after the restart", started.elapsed());
+}

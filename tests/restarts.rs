@@ -106,7 +106,8 @@ async fn burst_through(fault: Fault, ns: &str) {
     let jobs = wait_finished(&env, JOBS, Duration::from_secs(180)).await;
     let (total, after_outage) = (started.elapsed(), back.elapsed());
 
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Nothing may be created after the fact: the operator and the kubelet catch up first.
+    storm::settle(&kubelet, &env.admin, ns, &format!("{ns}-probe")).await;
     let ledger = kubelet.stop();
     let (figures, problems) = storm::check(&env.admin, ns, &plans, &jobs, &ledger).await;
     println!(
@@ -167,10 +168,16 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
-/// The Lease holder's pid (identities are `<host>-<pid>`), if any.
-async fn lease_holder(leases: &Api<Lease>, name: &str) -> Option<u32> {
-    let lease = leases.get_opt(name).await.ok()??;
-    lease.spec?.holder_identity?.rsplit_once('-')?.1.parse().ok()
+/// The Lease's holder identity, if any.
+async fn lease_holder(leases: &Api<Lease>, name: &str) -> Option<String> {
+    leases.get_opt(name).await.ok()??.spec?.holder_identity
+}
+
+/// A replica's identity in the Lease, from its "standing by for leadership identity=..." line.
+fn identity_of(replica: &OperatorProcess) -> Option<String> {
+    let log = String::from_utf8_lossy(&std::fs::read(replica.log_path()).ok()?).into_owned();
+    let line = log.lines().map(strip_ansi).find(|l| l.contains("standing by for leadership"))?;
+    Some(line.split_once("identity=")?.1.split_whitespace().next()?.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,8 +233,10 @@ async fn killing_the_leader_again_and_again_under_load_never_leaves_two_writers(
         // The leader is one of the running replicas; let it work under load for a moment.
         let waiting = Instant::now();
         let leader = loop {
-            let pids: Vec<u32> = replicas.iter().map(OperatorProcess::pid).collect();
-            if let Some(index) = lease_holder(&leases, &lease).await.and_then(|pid| pids.iter().position(|p| *p == pid)) {
+            let ids: Vec<Option<String>> = replicas.iter().map(identity_of).collect();
+            if let Some(index) =
+                lease_holder(&leases, &lease).await.and_then(|holder| ids.iter().position(|id| id.as_ref() == Some(&holder)))
+            {
                 break index;
             }
             assert!(waiting.elapsed() < Duration::from_secs(60), "no running replica took the lease within 60 s");
@@ -243,7 +252,7 @@ async fn killing_the_leader_again_and_again_under_load_never_leaves_two_writers(
     submitter.await.expect("submitting jobs");
     let jobs = wait_finished(&env, JOBS, Duration::from_secs(180)).await;
     let total = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    storm::settle(&kubelet, &env.admin, ns, &format!("{ns}-probe")).await;
     lease_watch.abort();
     let ledger = kubelet.stop();
     let (figures, problems) = storm::check(&env.admin, ns, &plans, &jobs, &ledger).await;
@@ -320,7 +329,7 @@ async fn two_replicas_ride_out_an_apiserver_outage_longer_than_the_lease() {
     let (outage, back) = restart.await.expect("restarting kube-apiserver");
     let jobs = wait_finished(&env, JOBS, Duration::from_secs(180)).await;
     let after_outage = back.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    storm::settle(&kubelet, &env.admin, ns, &format!("{ns}-probe")).await;
     let ledger = kubelet.stop();
     let (figures, problems) = storm::check(&env.admin, ns, &plans, &jobs, &ledger).await;
     let spans = leadership_spans(&replicas, &[]);

@@ -526,14 +526,39 @@ impl OperatorProcess {
     }
 
     fn start_with_env(control_plane: &ControlPlane, args: &[&str], kubeconfig: &Path) -> OperatorProcess {
+        Self::start_wrapped(control_plane, args, kubeconfig, &[], &[])
+    }
+
+    /// Like [`Self::start`], as a container runs it: pid 1 of a new pid namespace (`unshare`,
+    /// which needs root) with `POD_NAME` set. Killing it kills the namespace.
+    pub fn start_as_container(control_plane: &ControlPlane, args: &[&str], pod_name: &str) -> OperatorProcess {
+        let wrapper = ["unshare", "--pid", "--fork", "--kill-child", "--"];
+        Self::start_wrapped(control_plane, args, &control_plane.kubeconfig("admin"), &wrapper, &[("POD_NAME", pod_name)])
+    }
+
+    fn start_wrapped(
+        control_plane: &ControlPlane,
+        args: &[&str],
+        kubeconfig: &Path,
+        wrapper: &[&str],
+        env: &[(&str, &str)],
+    ) -> OperatorProcess {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let log = control_plane.dir.join(format!("operator-{}.log", STARTED.fetch_add(1, Ordering::Relaxed)));
         let binary = std::env::var_os("AGENTGATE_BIN")
             .map(PathBuf::from)
             .or_else(|| option_env!("CARGO_BIN_EXE_agentgate").map(PathBuf::from))
             .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debug/agentgate"));
-        let mut command = Command::new(binary);
+        let mut command = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut command = Command::new(program);
+                command.args(wrapper_args).arg(binary);
+                command
+            }
+            None => Command::new(binary),
+        };
         command
+            .envs(env.iter().copied())
             .arg("run")
             .args(args)
             .env("KUBECONFIG", kubeconfig)

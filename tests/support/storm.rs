@@ -196,6 +196,16 @@ pub struct Ledger {
     pub relists: usize,
     /// Times the watch connection ended or failed and was resumed from its resourceVersion.
     pub rewatches: usize,
+    /// Barrier Pods (labelled [`BARRIER_LABEL`]) the watch has delivered; the kubelet leaves them
+    /// alone and the check leaves them out.
+    pub barriers: BTreeSet<String>,
+}
+
+/// Marks a Pod the test creates only to learn how far the kubelet's watch has got.
+pub const BARRIER_LABEL: &str = "storm.agentgate.dev/barrier";
+
+fn is_barrier(pod: &Pod) -> bool {
+    pod.labels().contains_key(BARRIER_LABEL)
 }
 
 /// The kubelet of the namespace: marks every new agent Pod Running, then terminates it with a
@@ -216,6 +226,32 @@ impl Kubelet {
         Kubelet { ledger, task }
     }
 
+    /// Returns once the kubelet's watch has delivered a Pod created now: one watch delivers
+    /// events in resourceVersion order, so by then it has seen every Pod created before the call.
+    pub async fn barrier(&self, client: &Client, namespace: &str) {
+        static BARRIERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!("storm-barrier-{}", BARRIERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": {BARRIER_LABEL: "true"}},
+            "spec": {"containers": [{"name": "barrier", "image": "registry.k8s.io/pause:3.10"}]},
+        }))
+        .expect("a barrier Pod");
+        let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        retry(&format!("creating {name}"), OUTAGE_PATIENCE, || async {
+            match api.create(&PostParams::default(), &pod).await {
+                Err(kube::Error::Api(s)) if s.code == 409 => api.get(&name).await,
+                other => other,
+            }
+        })
+        .await;
+        let start = Instant::now();
+        while !self.ledger.lock().unwrap().barriers.contains(&name) {
+            assert!(start.elapsed() < OUTAGE_PATIENCE, "the kubelet's watch never delivered barrier Pod {name}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn stop(self) -> Ledger {
         self.task.abort();
         std::mem::take(&mut *self.ledger.lock().unwrap())
@@ -231,6 +267,10 @@ async fn watch_pods(
 ) {
     let mut ready = Some(ready);
     let seen = |pod: &Pod| {
+        if is_barrier(pod) {
+            ledger.lock().unwrap().barriers.insert(pod.name_any());
+            return;
+        }
         let uid = pod.uid().unwrap_or_default();
         let new = ledger.lock().unwrap().uids.entry(pod.name_any()).or_default().insert(uid);
         if new {
@@ -269,7 +309,9 @@ async fn watch_pods(
                     Ok(WatchEvent::Deleted(pod)) => {
                         version = pod.resource_version().unwrap_or(version);
                         seen(&pod);
-                        ledger.lock().unwrap().deletions += 1;
+                        if !is_barrier(&pod) {
+                            ledger.lock().unwrap().deletions += 1;
+                        }
                     }
                     Ok(WatchEvent::Bookmark(b)) => version = b.metadata.resource_version,
                     Ok(WatchEvent::Error(e)) if e.code == 410 => {
@@ -341,6 +383,33 @@ where
             Err(e) => panic!("the kubelet could not update Pod {name} for {OUTAGE_PATIENCE:?}: {e}"),
         }
     }
+}
+
+/// Returns once the operator has estimated a probe job created now, and the kubelet's watch has
+/// delivered a barrier Pod created after that: a test that then finds no extra Pod and no lost
+/// usage has given the operator the chance to make one. The probe has no votes, so it creates
+/// no Pod; the check only looks at planned jobs.
+pub async fn settle(kubelet: &Kubelet, admin: &Client, namespace: &str, probe: &str) {
+    let plan = JobPlan { name: probe.to_string(), agents: vec![("lead".into(), "gpt-4o-mini".into())], failures: 0 };
+    let jobs: Api<AgentJob> = Api::namespaced(admin.clone(), namespace);
+    let manifest = plan.manifest();
+    retry(&format!("creating probe job {probe}"), OUTAGE_PATIENCE, || async {
+        match jobs.create(&PostParams::default(), &manifest).await {
+            Err(kube::Error::Api(s)) if s.code == 409 => jobs.get(probe).await,
+            other => other,
+        }
+    })
+    .await;
+    let start = Instant::now();
+    loop {
+        let job = retry(&format!("reading probe job {probe}"), OUTAGE_PATIENCE, || jobs.get(probe)).await;
+        if super::cluster::phase(&job) == Some("AwaitingApproval") {
+            break;
+        }
+        assert!(start.elapsed() < OUTAGE_PATIENCE, "the operator never estimated probe job {probe}: {:?}", job.status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    kubelet.barrier(admin, namespace).await;
 }
 
 /// The namespace's jobs, listed through outages.
@@ -424,7 +493,8 @@ pub async fn check(client: &Client, namespace: &str, plans: &[JobPlan], jobs: &[
     let by_name: BTreeMap<String, &AgentJob> = jobs.iter().map(|j| (j.name_any(), j)).collect();
     let pod_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let pods: Vec<Pod> = retry("listing pods", OUTAGE_PATIENCE, || async { pod_api.list(&ListParams::default()).await }).await.items;
-    let listed: BTreeMap<String, String> = pods.iter().map(|p| (p.name_any(), p.uid().unwrap_or_default())).collect();
+    let listed: BTreeMap<String, String> =
+        pods.iter().filter(|p| !is_barrier(p)).map(|p| (p.name_any(), p.uid().unwrap_or_default())).collect();
     if ledger.deletions > 0 {
         problems.push(format!("{} Pod deletion(s) seen; nothing in this test deletes Pods", ledger.deletions));
     }
