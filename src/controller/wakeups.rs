@@ -27,7 +27,9 @@ pub fn capacity_released(caches: &Caches, requeue: &mpsc::UnboundedSender<Object
         return;
     }
     let index = &caches.index;
-    for Released { node, namespace } in released {
+    // A relist may report many Pods gone from the same node and namespace.
+    let released: std::collections::BTreeSet<(&String, &String)> = released.iter().map(|r| (&r.node, &r.namespace)).collect();
+    for (node, namespace) in released {
         let free = caches.nodes.get(&ObjectRef::new(node)).map(|n| snapshot::node_view(&n, index.pods().used_on(node)).free);
         for key in index.jobs().unblocked_by(free.as_ref(), namespace) {
             let _ = requeue.send(job_ref(&key));
