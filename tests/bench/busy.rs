@@ -55,7 +55,7 @@ fn foreign_pod(name: &str, node: &str) -> Pod {
                 "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}]}}))
 }
 
-/// Fills the cluster; returns the churn handle, which starts churning on [`Churn::start`].
+/// Fills the cluster; [`Churn::start`] then changes it while a row runs.
 pub async fn populate(env: &Env, shape: &Shape) -> Result<()> {
     println!("\n==> busy cluster: {} foreign Pods over {} namespaces, {} Roles/RoleBindings", shape.pods, shape.namespaces, shape.rbac);
     let started = std::time::Instant::now();
@@ -136,7 +136,8 @@ impl Churn {
                         let ns = shape.namespace(j);
                         let rbac_done = if k.is_multiple_of(2) {
                             count("PATCH", "roles", "");
-                            let roles: Api<Role> = Api::namespaced(admin.clone(), &ns);
+                            // Role j-1 was created in its own namespace, not binding j's.
+                            let roles: Api<Role> = Api::namespaced(admin.clone(), &shape.namespace(j - 1));
                             let label = json!({"metadata": {"labels": {"churn": k.to_string()}}});
                             roles.patch(&format!("reader-{:05}", j - 1), &PatchParams::default(), &Patch::Merge(&label)).await.map(|_| ())
                         } else {
