@@ -324,7 +324,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         let identity = agentgate::leader::identity();
         let mut campaign = match args.leader_election {
-            true => Some(agentgate::leader::campaign(client.clone(), &lease, &lease_namespace, &identity).await?),
+            true => Some(agentgate::leader::campaign(&lease, &lease_namespace, &identity).await?),
             false => None,
         };
         let prices = Arc::new(RwLock::new(prices));

@@ -333,6 +333,35 @@ async fn job_waits_until_a_node_fits_and_runs_when_one_is_added() {
     );
 }
 
+/// A Pod that is none of the operator's frees the room a waiting job needs: that job is woken
+/// by the Pod's own event (controller/wakeups.rs `capacity_released`), not by the 5-minute
+/// resync (which jobs a release wakes, and which it leaves alone: controller/index_tests.rs).
+#[tokio::test]
+async fn a_foreign_pod_finishing_wakes_the_job_waiting_for_its_room() {
+    let env = setup("lc-release").await;
+    let gpu = "example.com/lc-release-gpu";
+    add_node(&env.client, "lc-release-node", "8", "32Gi", &[(gpu, "2")]).await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let hog: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gpu-hog"},
+        "spec": {"nodeName": "lc-release-node", "restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox:1.36",
+            "resources": {"requests": {gpu: "2"}, "limits": {gpu: "2"}}}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &hog).await.expect("create the foreign Pod");
+    let job =
+        create_job(&env, &job_manifest("after-hog", json!({"resources": {"cpu": "1", "memory": "1Gi", "gpu": 1, "gpuResourceName": gpu}})))
+            .await;
+    approve(&env, &job).await;
+    let waiting = wait_phase(&env, "after-hog", "WaitingForResources").await;
+    assert_eq!(waiting.status.unwrap().insufficient_resources, vec![gpu.to_string()]);
+
+    let failed = json!({"status": {"phase": "Failed", "reason": "Evicted"}});
+    pods.patch_status("gpu-hog", &PatchParams::default(), &Patch::Merge(&failed)).await.expect("the foreign Pod fails");
+    let running = wait_phase(&env, "after-hog", "Running").await;
+    let waited = k8s_openapi::jiff::Timestamp::now().duration_since(condition(&running, "Approved").unwrap().last_transition_time.0);
+    assert!(waited.as_secs() < 60, "woken by the Pod's event, not the resync: {waited:?} after approval");
+    wait_pods(&env, &job, 1).await;
+}
+
 #[tokio::test]
 async fn optional_gpu_is_dropped_when_it_is_the_only_thing_missing() {
     let env = setup("lc-optional").await;

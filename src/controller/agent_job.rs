@@ -53,7 +53,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         // them, so their usage finalizer goes now (nothing of a deleted job is recorded).
         let uid = job.metadata.uid.clone().unwrap_or_default();
         let namespace = job.namespace().unwrap_or_default();
-        let owned = ctx.caches.pods.state_filter(|p| snapshot::is_job_pod(p, &namespace, &uid));
+        let owned: Vec<_> = pod_candidates(&ctx.caches, &namespace, &uid).filter(|p| snapshot::is_job_pod(p, &namespace, &uid)).collect();
         super::pod_finalizer::release_settled(ctx, job, &owned, &old_status_of(job)).await?;
         return Ok(Action::await_change());
     }
@@ -75,14 +75,17 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     // A job's Pods are the Pods in its namespace that it controls (ownerReference), never those
     // that merely carry its uid label: a decoy labelled with a victim's uid must neither start
     // nor finish the victim's job (tests/gate_attacks.rs). Decoys are reported, not read.
-    let (owned, decoys): (Vec<_>, Vec<_>) = ctx
-        .caches
-        .pods
-        .state_filter(|p| snapshot::is_job_pod(p, &namespace, &uid) || snapshot::claims_job_falsely(p, &namespace, &uid))
-        .into_iter()
+    // The index names the candidates (index.rs); the same two predicates decide.
+    let (owned, decoys): (Vec<_>, Vec<_>) = pod_candidates(&ctx.caches, &namespace, &uid)
+        .filter(|p| snapshot::is_job_pod(p, &namespace, &uid) || snapshot::claims_job_falsely(p, &namespace, &uid))
         .partition(|p| snapshot::is_job_pod(p, &namespace, &uid));
     let pods: Vec<_> = owned.iter().filter_map(|p| snapshot::pod_view(p)).collect();
-    let votes = ctx.caches.votes.state_filter(|v| v.namespace().as_deref() == Some(namespace.as_str()) && v.spec.job_ref.name == name);
+    let vote_names = ctx.caches.index.votes().naming(&namespace, &name);
+    let votes: Vec<_> = vote_names
+        .iter()
+        .filter_map(|vote| ctx.caches.votes.get(&ObjectRef::new(vote).within(&namespace)))
+        .filter(|v| v.namespace().as_deref() == Some(namespace.as_str()) && v.spec.job_ref.name == name)
+        .collect();
     let vote_views: Vec<_> = votes.iter().map(|v| vote_view(v)).collect();
     let author = job.annotations().get(REQUESTED_BY).map(String::as_str);
     let identity = JobIdentity { name: &name, uid: &uid, generation, author };
@@ -185,6 +188,13 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     Ok(next_check(&plan.status, ctx.settings.approval_timeout_seconds))
 }
 
+/// The cached Pods the index names for the job: those it controls in its namespace and those
+/// labelled with its uid anywhere. Callers filter them with `snapshot::is_job_pod`.
+fn pod_candidates<'a>(caches: &'a Caches, namespace: &str, uid: &str) -> impl Iterator<Item = Arc<Pod>> + 'a {
+    let keys = caches.index.pods().job_candidates(namespace, uid);
+    keys.into_iter().filter_map(|key| super::index::cached(&caches.pods, &key))
+}
+
 fn old_status_of(job: &AgentJob) -> AgentJobStatus {
     job.status.clone().unwrap_or_default()
 }
@@ -239,11 +249,10 @@ fn now() -> Time {
 }
 
 fn job_readiness(job: &AgentJob, ctx: &Context) -> Readiness {
-    // Only jobs that run or wait for capacity claim nodes, quota or rate limit.
-    let jobs = ctx
-        .caches
-        .jobs
-        .state_filter(|j| matches!(j.status.as_ref().and_then(|s| s.phase), Some(JobPhase::Running | JobPhase::WaitingForResources)));
+    // Only jobs that run or wait for capacity claim nodes, quota or rate limit, and of those only
+    // the ones running with the job's tools or waiting at least as urgently can matter here:
+    // the index names them; the readiness views filter them as before.
+    let jobs = claiming_jobs(job, &ctx.caches);
     let jobs = jobs.as_slice();
     let tools: Vec<(ToolNeed, Option<_>)> = job
         .spec
@@ -265,10 +274,24 @@ fn job_readiness(job: &AgentJob, ctx: &Context) -> Readiness {
         r.blocked_reason = Some("InvalidResources");
         return r;
     };
-    let nodes = snapshot::node_views(&ctx.caches.nodes.state(), &ctx.caches.pods.state_filter(snapshot::holds_node_resources));
+    let nodes: Vec<_> = {
+        let pods = ctx.caches.index.pods();
+        ctx.caches.nodes.state().iter().map(|node| snapshot::node_view(node, pods.used_on(&node.name_any()))).collect()
+    };
     let queued_ahead = queued_ahead_of(job, jobs);
     let quotas = snapshot::quota_views(&ctx.caches.quotas.state(), job.namespace().as_deref().unwrap_or_default());
     readiness::check(&ReadinessInput { tools: &tools, need: &need, nodes: &nodes, queued_ahead: &queued_ahead, quotas: &quotas })
+}
+
+/// Running jobs naming one of `job`'s tools and jobs waiting for resources ahead of it or level.
+fn claiming_jobs(job: &AgentJob, caches: &Caches) -> Vec<Arc<AgentJob>> {
+    let (priority, created, ..) = snapshot::queue_key(job);
+    let keys: std::collections::BTreeSet<_> = {
+        let index = caches.index.jobs();
+        let running = job.spec.tools.iter().flat_map(|t| index.running_naming(&t.name).cloned().collect::<Vec<_>>());
+        running.chain(index.waiting_up_to(priority, created)).collect()
+    };
+    keys.iter().filter_map(|key| super::index::cached(&caches.jobs, key)).collect()
 }
 
 fn priority(job: &AgentJob) -> (i32, Option<Time>, String) {
@@ -500,6 +523,7 @@ fn is_running(job: &AgentJob) -> bool {
 /// - After a relist, transitions may have been missed: everything waiting is looked at again.
 pub fn requeue_on_transition(
     jobs: &kube::runtime::reflector::Store<AgentJob>,
+    index: &super::index::Indexes,
     requeue: &tokio::sync::mpsc::UnboundedSender<ObjectRef<AgentJob>>,
     tool_requeue: &tokio::sync::mpsc::UnboundedSender<ObjectRef<crate::api::AgentTool>>,
     event: &kube::runtime::watcher::Event<AgentJob>,
@@ -531,7 +555,7 @@ pub fn requeue_on_transition(
         let _ = tool_requeue.send(ObjectRef::new(&tool));
     }
     if was_running {
-        for waiting in waiting_for_capacity(jobs) {
+        for waiting in waiting_for_capacity(index) {
             let _ = requeue.send(waiting);
         }
     }
@@ -541,8 +565,8 @@ pub fn requeue_on_transition(
 /// are left out: capacity does not move them, and with thousands of them every finished Pod or
 /// Node update would reconcile them all; their readiness checks are refreshed when a vote comes
 /// and on the resync.
-fn waiting_for_capacity(jobs: &kube::runtime::reflector::Store<AgentJob>) -> Vec<ObjectRef<AgentJob>> {
-    refs(&jobs.state_filter(|j| j.status.as_ref().is_some_and(|s| s.phase == Some(JobPhase::WaitingForResources))))
+fn waiting_for_capacity(index: &super::index::Indexes) -> Vec<ObjectRef<AgentJob>> {
+    index.jobs().waiting().map(|((ns, name), _)| ObjectRef::new(name).within(ns)).collect()
 }
 
 /// After a relist: every job that waits, for votes or for capacity.
@@ -590,27 +614,16 @@ pub fn jobs_affected_by_pod(caches: &Caches, pod: &Pod) -> Vec<ObjectRef<AgentJo
     // that job, which reports it. An agent Pod costs one cache lookup: its controller has the uid.
     let posed_as = snapshot::labelled_job_uid(pod)
         .filter(|uid| !owner.iter().any(|o| caches.jobs.get(o).is_some_and(|j| j.metadata.uid.as_deref() == Some(*uid))))
-        .map(|uid| refs(&caches.jobs.state_filter(|j| j.metadata.uid.as_deref() == Some(uid))))
-        .unwrap_or_default();
-    let owner = owner.into_iter().chain(posed_as);
-    // Any Pod that stops or goes may free capacity on its node.
-    let frees_capacity = pod.metadata.deletion_timestamp.is_some()
-        || matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"));
-    let waiting = if frees_capacity { jobs_waiting_for_capacity(caches, None) } else { Vec::new() };
-    owner.chain(waiting).collect()
+        .and_then(|uid| caches.index.jobs().by_uid(uid).map(|(ns, name)| ObjectRef::new(name).within(ns)));
+    // A Pod that stops or goes wakes the waiting jobs its capacity could let start, once the
+    // index has taken it in (wakeups::capacity_released), not every waiting job.
+    owner.into_iter().chain(posed_as).collect()
 }
 
 pub fn jobs_waiting_for_capacity(caches: &Caches, namespace: Option<&str>) -> Vec<ObjectRef<AgentJob>> {
-    waiting_for_capacity(&caches.jobs).into_iter().filter(|j| namespace.is_none() || j.namespace.as_deref() == namespace).collect()
+    waiting_for_capacity(&caches.index).into_iter().filter(|j| namespace.is_none() || j.namespace.as_deref() == namespace).collect()
 }
 
 pub fn jobs_naming_tool(caches: &Caches, tool: &str) -> Vec<ObjectRef<AgentJob>> {
-    caches
-        .jobs
-        .state_filter(|j| {
-            !j.status.as_ref().and_then(|s| s.phase).is_some_and(JobPhase::is_terminal) && j.spec.tools.iter().any(|t| t.name == tool)
-        })
-        .iter()
-        .map(|j| ObjectRef::from_obj(j.as_ref()))
-        .collect()
+    caches.index.jobs().unfinished_naming(tool).map(|(ns, name)| ObjectRef::new(name).within(ns)).collect()
 }

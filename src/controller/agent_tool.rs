@@ -255,7 +255,10 @@ async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
     set_condition(&mut s.conditions, "Ready", s.ready, ready_reason, ready_message, generation, &now);
     s.ready_endpoints = endpoint.ready_endpoints;
     s.url = endpoint.url;
-    let running = ctx.caches.jobs.state_filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(crate::api::JobPhase::Running));
+    let running: Vec<_> = {
+        let keys: Vec<_> = ctx.caches.index.jobs().running_naming(&tool.name_any()).cloned().collect();
+        keys.iter().filter_map(|key| super::index::cached(&ctx.caches.jobs, key)).collect()
+    };
     s.in_use = rate_limit_claims(&running, &tool.name_any(), None).0;
     s.observed_generation = Some(generation);
 

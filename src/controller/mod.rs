@@ -10,6 +10,7 @@ pub mod error;
 pub mod estimator_store;
 pub mod events;
 pub mod identity_policies;
+pub mod index;
 pub mod learning_mark;
 pub mod meter_api;
 pub mod meter_keys;
@@ -20,7 +21,9 @@ pub mod relist;
 pub mod spec_history;
 // Moved to the domain (it is pure, and the plugin needs it too); re-exported so `super::snapshot` still reads.
 pub use crate::domain::snapshot;
+pub mod tasks;
 pub mod tool_pinning;
+pub mod wakeups;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -83,6 +86,9 @@ pub struct Caches {
     pub votes: Store<ApprovalVote>,
     pub services: Store<Service>,
     pub endpoint_slices: Store<EndpointSlice>,
+    /// Pods by owning job and node, jobs by queue position and tool, votes by job: fed by the
+    /// same watch events as the stores above, so that a reconcile never scans them (index.rs).
+    pub index: Arc<index::Indexes>,
 }
 
 impl Caches {
@@ -268,6 +274,7 @@ pub async fn run(
     let (services, services_writer) = reflector::store();
     let (endpoint_slices, slices_writer) = reflector::store();
 
+    let index = Arc::new(index::Indexes::default());
     let (requeue, requeue_rx) = mpsc::unbounded_channel();
     let (tool_requeue, tool_requeue_rx) = mpsc::unbounded_channel();
     // Jobs entering or leaving Running requeue what waits on them, once the cache shows the change.
@@ -282,20 +289,28 @@ pub async fn run(
     .default_backoff()
     .modify(slim)
     .inspect({
-        let (jobs, requeue, tool_requeue) = (jobs.clone(), requeue.clone(), tool_requeue.clone());
+        let (jobs, index, requeue, tool_requeue) = (jobs.clone(), index.clone(), requeue.clone(), tool_requeue.clone());
         move |event| {
             if let Ok(event) = event {
-                agent_job::requeue_on_transition(&jobs, &requeue, &tool_requeue, event);
+                agent_job::requeue_on_transition(&jobs, &index, &requeue, &tool_requeue, event);
             }
         }
     })
     .reflect(jobs_writer)
+    .inspect({
+        let index = index.clone();
+        move |event| {
+            if let Ok(event) = event {
+                index.jobs().apply(event);
+            }
+        }
+    })
     .applied_once_stored();
     let controller_config = kube::runtime::controller::Config::default().concurrency(settings.max_concurrent_reconciles);
     let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone())
         .with_config(controller_config.clone())
         .trigger_backoff(NoTriggerBackoff);
-    let caches = Caches { jobs, pods, nodes, quotas, tools, votes, services, endpoint_slices };
+    let caches = Caches { jobs, pods, nodes, quotas, tools, votes, services, endpoint_slices, index };
     *jobs_for_metrics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.jobs.clone());
     *metrics.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.tools.clone());
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
@@ -320,8 +335,38 @@ pub async fn run(
 
     // Woken by Pods that hold the usage finalizer but whose job is not cached (pod_finalizer.rs).
     let orphan_trigger = Arc::new(tokio::sync::Notify::new());
-    let pod_stream =
-        watcher(scoped::<Pod>(&client, &None), wc.clone()).default_backoff().modify(slim_pod).reflect(pods_writer).touched_once_stored();
+    // Every Pod of the cluster is watched, slimmed, cached, indexed and mapped to the jobs it
+    // concerns on a task of its own (with 20,000 foreign Pods the heaviest watch by far): only
+    // those jobs reach the job controller's task, through a bounded channel.
+    let mut tasks = tasks::Tasks::default();
+    let pod_triggers = tasks::on_own_task(
+        &mut tasks,
+        watcher(scoped::<Pod>(&client, &None), wc.clone())
+            .default_backoff()
+            .modify(slim_pod)
+            .reflect(pods_writer)
+            .inspect({
+                let (caches, requeue) = (caches.clone(), ctx.requeue.clone());
+                move |event| {
+                    if let Ok(event) = event {
+                        let released = caches.index.pods().apply(event);
+                        wakeups::capacity_released(&caches, &requeue, &released);
+                    }
+                }
+            })
+            .touched_once_stored()
+            .filter_map(|pod| future::ready(pod.ok()))
+            .flat_map({
+                let caches = caches.clone();
+                let orphans = orphan_trigger.clone();
+                move |pod: Pod| {
+                    if pod_finalizer::is_orphan_hint(&caches.jobs, &pod) {
+                        orphans.notify_one();
+                    }
+                    futures::stream::iter(agent_job::jobs_affected_by_pod(&caches, &pod))
+                }
+            }),
+    );
     let node_stream =
         watcher(Api::<Node>::all(client.clone()), wc.clone()).default_backoff().modify(slim).reflect(nodes_writer).touched_once_stored();
     let quota_stream = watcher(scoped::<ResourceQuota>(&client, &settings.namespace), wc.clone())
@@ -347,23 +392,22 @@ pub async fn run(
     .default_backoff()
     .modify(slim_vote)
     .reflect(votes_writer)
+    .inspect({
+        let index = caches.index.clone();
+        move |event| {
+            if let Ok(event) = event {
+                index.votes().apply(event);
+            }
+        }
+    })
     .touched_once_stored();
 
     let jobs_for = caches.clone();
     let job_controller = job_controller
-        .watches_stream(pod_stream, {
-            let caches = caches.clone();
-            let orphans = orphan_trigger.clone();
-            move |pod: Pod| {
-                if pod_finalizer::is_orphan_hint(&caches.jobs, &pod) {
-                    orphans.notify_one();
-                }
-                agent_job::jobs_affected_by_pod(&caches, &pod)
-            }
-        })
+        .reconcile_on(pod_triggers)
         .watches_stream(node_stream, {
             let caches = caches.clone();
-            move |_node: Node| agent_job::jobs_waiting_for_capacity(&caches, None)
+            move |_node: Node| wakeups::jobs_short_of_nodes(&caches)
         })
         .watches_stream(quota_stream, {
             let caches = caches.clone();
@@ -433,7 +477,7 @@ pub async fn run(
         .run(agent_tool::reconcile, agent_tool::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));
 
-    let rbac_changes = watch_rbac(client.clone(), ctx.clone());
+    let rbac_changes = wakeups::watch_rbac(client.clone(), ctx.clone());
     let price_changes = async {
         match &settings.price_config_map {
             Some(name) => {
@@ -451,8 +495,11 @@ pub async fn run(
         tracing::info!("watch caches synced");
         std::future::pending::<()>().await
     };
+    // Each controller on a task of its own (tasks.rs); the rest is light and stays here.
+    tasks.spawn_controller(job_controller);
+    tasks.spawn_controller(tool_controller);
     tokio::select! {
-        _ = future::join(job_controller, tool_controller) => {}
+        _ = tasks.ended() => {}
         _ = mark_ready => {}
         _ = rbac_changes => {}
         _ = price_changes => {}
@@ -501,35 +548,6 @@ fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> i
 
 /// Requeue delays: a safety net, not how jobs make progress (watches do that).
 pub const RESYNC: Duration = Duration::from_secs(300);
-
-/// Any change to RBAC may make or unmake a category head: forget every cached answer and look
-/// at the jobs that wait for approval again. Only metadata is watched; rules are never read.
-async fn watch_rbac(client: Client, ctx: Arc<Context>) {
-    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-    use kube::core::PartialObjectMeta;
-    let wc = watcher::Config::default();
-    let changes = futures::stream::select_all([
-        watcher(Api::<PartialObjectMeta<Role>>::all(client.clone()), wc.clone()).default_backoff().map(|e| e.is_ok()).boxed(),
-        watcher(Api::<PartialObjectMeta<RoleBinding>>::all(client.clone()), wc.clone()).default_backoff().map(|e| e.is_ok()).boxed(),
-        watcher(Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()), wc.clone()).default_backoff().map(|e| e.is_ok()).boxed(),
-        watcher(Api::<PartialObjectMeta<ClusterRoleBinding>>::all(client), wc).default_backoff().map(|e| e.is_ok()).boxed(),
-    ]);
-    changes
-        .for_each(|_| {
-            ctx.heads.forget_all();
-            for job in ctx
-                .caches
-                .jobs
-                .state()
-                .iter()
-                .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(crate::api::JobPhase::AwaitingApproval))
-            {
-                let _ = ctx.requeue.send(ObjectRef::from_obj(job.as_ref()));
-            }
-            future::ready(())
-        })
-        .await;
-}
 
 #[cfg(test)]
 mod tests {

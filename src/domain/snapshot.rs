@@ -118,30 +118,31 @@ pub fn node_views(nodes: &[std::sync::Arc<Node>], pods: &[std::sync::Arc<Pod>]) 
             }
         }
     }
-    nodes
-        .iter()
-        .map(|node| {
-            let mut free = Resources::default();
-            if let Some(alloc) = node.status.as_ref().and_then(|s| s.allocatable.as_ref()) {
-                add_quantities(&mut free, alloc);
-            }
-            if let Some(u) = used.get(&node.name_any()) {
-                free.subtract(u);
-            }
-            let ready = node
-                .status
-                .as_ref()
-                .and_then(|s| s.conditions.as_ref())
-                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-            let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
-            let no_schedule_taint = node
-                .spec
-                .as_ref()
-                .and_then(|s| s.taints.as_ref())
-                .is_some_and(|ts| ts.iter().any(|t| t.effect == "NoSchedule" || t.effect == "NoExecute"));
-            NodeView { name: node.name_any(), schedulable: ready && !cordoned && !no_schedule_taint, free }
-        })
-        .collect()
+    nodes.iter().map(|node| node_view(node, used.get(&node.name_any()))).collect()
+}
+
+/// A node with what is left on it, given the requests `used` by the Pods that hold resources
+/// there (the operator keeps those per node: controller/index.rs).
+pub fn node_view(node: &Node, used: Option<&Resources>) -> NodeView {
+    let mut free = Resources::default();
+    if let Some(alloc) = node.status.as_ref().and_then(|s| s.allocatable.as_ref()) {
+        add_quantities(&mut free, alloc);
+    }
+    if let Some(u) = used {
+        free.subtract(u);
+    }
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false);
+    let no_schedule_taint = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|ts| ts.iter().any(|t| t.effect == "NoSchedule" || t.effect == "NoExecute"));
+    NodeView { name: node.name_any(), schedulable: ready && !cordoned && !no_schedule_taint, free }
 }
 
 pub fn quota_views(quotas: &[std::sync::Arc<ResourceQuota>], namespace: &str) -> Vec<QuotaView> {

@@ -10,17 +10,23 @@
 //!    client QPS and again with `--kube-api-qps=1000 --kube-api-burst=1000`; N batch/v1 Jobs;
 //! 3. `agentgate`: the operator (release build) turns N pre-approved AgentJobs into N Pods;
 //! 4. `agentgate steady`: pre-approved AgentJobs at 50/s for `STEADY_SECONDS` (0 skips);
-//! 5. `agentgate scale`: `SCALE_JOBS` AgentJobs in mixed phases, then the operator's RSS (0 skips).
+//! 5. `agentgate scale`: `SCALE_JOBS` AgentJobs in mixed phases, then the operator's RSS (0 skips);
+//! 6. `busy`: scenarios 3 and 4 again in a busy cluster (busy.rs: 20,000 foreign Pods, 2,000
+//!    RBAC objects, churn while they run), printed next to the empty-cluster rows.
 //!
 //! API requests are the apiserver's `apiserver_request_total` delta over the scenario, minus
 //! what the bench driver itself sent (counted here; the metric has no user-agent label) and
 //! minus the idle background rate of the control plane measured at startup.
 //!
 //! Environment: `N` (1000), `STEADY_SECONDS` (60), `STEADY_RATE` (50), `SCALE_JOBS` (10000),
-//! `AGENTGATE_BIN` (the operator binary; `make bench` points it at the release build).
+//! `AGENTGATE_BIN` (the operator binary; `make bench` points it at the release build),
+//! `BUSY_PODS` (20000), `BUSY_NAMESPACES` (20), `BUSY_RBAC` (2000), `BUSY_CHURN` (10 Pods and
+//! 10 RBAC changes per second).
 
 #[path = "../support/mod.rs"]
 mod support;
+
+mod busy;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -72,7 +78,7 @@ impl Settings {
     }
 }
 
-const SCENARIO_NAMES: [&str; 6] = ["raw", "job-controller", "inputs", "agentgate", "steady", "scale"];
+const SCENARIO_NAMES: [&str; 7] = ["raw", "job-controller", "inputs", "agentgate", "steady", "busy", "scale"];
 
 fn env_number<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     match std::env::var(name) {
@@ -111,6 +117,7 @@ async fn run() -> Result<()> {
     grant_voting_rights(&admin).await;
     let env = Env { cp, admin: admin.clone(), alice: driver_client(cp, "alice").await?, bob: driver_client(cp, "bob").await? };
     println!("control plane {} (logs in {})", cp.server(), cp.dir().display());
+    println!("load average (1/5/15 min) at the start: {}", busy::load_average());
 
     // What the control plane does on its own (lease renewals, its own informers), per second.
     let idle = Window::open(&env.admin, None).await?;
@@ -144,10 +151,25 @@ async fn run() -> Result<()> {
         outcomes.push(scenario_agentgate_inputs(&env, n, &background).await?);
     }
     if settings.runs("agentgate") {
-        outcomes.push(scenario_agentgate(&env, n, &background).await?);
+        outcomes.push(scenario_agentgate(&env, n, &background, None).await?);
     }
     if settings.steady_seconds > 0 && settings.runs("steady") {
-        outcomes.push(scenario_steady(&env, settings.steady_seconds, settings.steady_rate, &background).await?);
+        outcomes.push(scenario_steady(&env, settings.steady_seconds, settings.steady_rate, &background, None).await?);
+    }
+    if settings.runs("busy") {
+        let shape = busy::Shape::from_env()?;
+        busy::populate(&env, &shape).await?;
+        let churn = busy::Churn::start(&env, &shape, 0);
+        outcomes.push(scenario_agentgate(&env, n, &background, Some(&churn)).await?);
+        let (pods, rbac) = churn.stop().await;
+        println!("    churn: {pods} foreign Pods terminated, {rbac} RBAC changes");
+        if settings.steady_seconds > 0 {
+            let churn = busy::Churn::start(&env, &shape, 1_000_003);
+            outcomes.push(scenario_steady(&env, settings.steady_seconds, settings.steady_rate, &background, Some(&churn)).await?);
+            let (pods, rbac) = churn.stop().await;
+            println!("    churn: {pods} foreign Pods terminated, {rbac} RBAC changes");
+        }
+        busy::clear(&env, &shape).await?;
     }
     if settings.scale_jobs > 0 && settings.runs("scale") {
         outcomes.push(scenario_scale(&env, settings.scale_jobs, &background).await?);
@@ -883,9 +905,10 @@ async fn start_operator(env: &Env, namespace: &str) -> Result<OperatorProcess> {
     }
 }
 
-async fn scenario_agentgate(env: &Env, n: usize, background: &BTreeMap<Key, f64>) -> Result<Outcome> {
-    let ns = "bench-agentgate";
-    println!("\n==> agentgate: {n} AgentJobs, each approved by alice and bob right after it is created");
+/// `churn` set: the busy-cluster row, in its own namespace, with the churn's counts in its notes.
+async fn scenario_agentgate(env: &Env, n: usize, background: &BTreeMap<Key, f64>, churn: Option<&busy::Churn>) -> Result<Outcome> {
+    let (ns, scenario) = if churn.is_some() { ("bench-agentgate-busy", "agentgate (busy)") } else { ("bench-agentgate", "agentgate") };
+    println!("\n==> {scenario}: {n} AgentJobs, each approved by alice and bob right after it is created");
     env.cp.namespace(ns).await;
     let mut operator = start_operator(env, ns).await?;
     println!("    operator log: {}", operator.log_path().display());
@@ -897,8 +920,9 @@ async fn scenario_agentgate(env: &Env, n: usize, background: &BTreeMap<Key, f64>
     closed_loop(n, |i| submit_agent_job(env, ns, format!("aj-{i:05}"), Kind::Approved, &created)).await?;
     let driver_done = t0.elapsed().as_secs_f64();
     seen.wait_for(n, timeout_for(0.3, n)).await;
-    let mut outcome = finish("agentgate", n, &created, &seen, t0, "AgentJob create → Pod seen (votes in between)");
+    let mut outcome = finish(scenario, n, &created, &seen, t0, "AgentJob create → Pod seen (votes in between)");
     outcome.driver_done_seconds = Some(driver_done);
+    churn_notes(&mut outcome, churn);
     outcome.settled_seconds = Some(settle(&env.admin, Duration::from_secs(60)).await?);
     outcome.add_control_plane_cpu(&cp_cpu);
     outcome.add_controller(window.controller_stats());
@@ -941,8 +965,15 @@ async fn scenario_agentgate_inputs(env: &Env, n: usize, background: &BTreeMap<Ke
     Ok(outcome)
 }
 
-async fn scenario_steady(env: &Env, seconds: u64, rate: u64, background: &BTreeMap<Key, f64>) -> Result<Outcome> {
-    let ns = "bench-steady";
+async fn scenario_steady(
+    env: &Env,
+    seconds: u64,
+    rate: u64,
+    background: &BTreeMap<Key, f64>,
+    churn: Option<&busy::Churn>,
+) -> Result<Outcome> {
+    let (ns, scenario) =
+        if churn.is_some() { ("bench-steady-busy", "agentgate steady (busy)") } else { ("bench-steady", "agentgate steady") };
     let n = (seconds * rate) as usize;
     println!("\n==> agentgate steady state: {rate} pre-approved AgentJobs/s for {seconds} s ({n} jobs)");
     env.cp.namespace(ns).await;
@@ -966,8 +997,9 @@ async fn scenario_steady(env: &Env, seconds: u64, rate: u64, background: &BTreeM
         task.await??;
     }
     seen.wait_for(n, Duration::from_secs(120)).await;
-    let mut outcome = finish("agentgate steady", n, &created, &seen, t0, "AgentJob create → Pod seen at a fixed rate");
+    let mut outcome = finish(scenario, n, &created, &seen, t0, "AgentJob create → Pod seen at a fixed rate");
     outcome.driver_done_seconds = Some(submitted_in);
+    churn_notes(&mut outcome, churn);
     outcome.settled_seconds = Some(settle(&env.admin, Duration::from_secs(60)).await?);
     outcome.notes.push(format!("offered {rate}/s; the last job was submitted {submitted_in:.1} s after the first"));
     outcome.add_control_plane_cpu(&cp_cpu);
@@ -978,6 +1010,18 @@ async fn scenario_steady(env: &Env, seconds: u64, rate: u64, background: &BTreeM
     outcome.add_requests(&window.close(&env.admin, background).await?);
     cleanup_pods(&env, ns, false).await?;
     Ok(outcome)
+}
+
+/// The load average when the row's last Pod was seen and, in a busy row, the churn so far.
+fn churn_notes(outcome: &mut Outcome, churn: Option<&busy::Churn>) {
+    outcome.notes.push(format!("load average (1/5/15 min) at the end: {}", busy::load_average()));
+    if let Some(churn) = churn {
+        outcome.notes.push(format!(
+            "busy cluster: {} foreign Pods terminated and {} RBAC changes so far during the busy rows",
+            churn.pods_terminated.load(std::sync::atomic::Ordering::Relaxed),
+            churn.rbac_changes.load(std::sync::atomic::Ordering::Relaxed)
+        ));
+    }
 }
 
 fn scale_kind(i: usize) -> Kind {
@@ -1226,6 +1270,26 @@ fn print_report(outcomes: &[Outcome], targets: &[Target], background: &BTreeMap<
                 println!("    - {note}");
             }
         }
+    }
+    let busy_rows: Vec<&Outcome> = outcomes.iter().filter(|o| o.scenario.ends_with(" (busy)")).collect();
+    if !busy_rows.is_empty() {
+        println!("\n== Busy cluster next to empty (goal: within 10%) ==");
+        println!("{:<24} {:>16} {:>16} {:>16} {:>16} {:>16}", "scenario", "pods/s", "p50 ms", "p99 ms", "writes/job", "controller CPU s");
+        for b in busy_rows {
+            let base = b.scenario.trim_end_matches(" (busy)");
+            let Some(e) = outcomes.iter().find(|o| o.scenario == base) else { continue };
+            let pair = |e: Option<f64>, b: Option<f64>, d: usize| format!("{} / {}", fmt_opt(e, d), fmt_opt(b, d));
+            println!(
+                "{:<24} {:>16} {:>16} {:>16} {:>16} {:>16}",
+                base,
+                pair(e.pods_per_second, b.pods_per_second, 1),
+                pair(e.p50_ms, b.p50_ms, 0),
+                pair(e.p99_ms, b.p99_ms, 0),
+                pair(e.writes_per_job, b.writes_per_job, 2),
+                pair(e.controller_cpu_seconds, b.controller_cpu_seconds, 2),
+            );
+        }
+        println!("(each cell: empty / busy)");
     }
     println!("\n== Targets ==");
     for t in targets {
