@@ -336,7 +336,10 @@ async fn metered_usage_is_the_jobs_usage_token_for_token_and_a_false_claim_is_fl
     let note = mismatch.iter().find(|e| e.reason.as_deref() == Some("UsageClaimMismatch")).unwrap().note.clone().unwrap();
     assert!(note.contains(&format!("claimed {prompt}/0/{}", completion / 2)), "{note}");
     // Learned once, from the metered usage.
-    wait_for_job(&s.admin, ns, "metered", "the attempt learned", |j| j.status.as_ref().is_some_and(|s| s.attempts[0].learned == Some(true))).await;
+    wait_for_job(&s.admin, ns, "metered", "the attempt learned", |j| {
+        j.status.as_ref().is_some_and(|s| s.attempts[0].learned == Some(true))
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,7 +53,10 @@ async fn agent_pods_run_on_a_real_node_with_enforced_limits() {
     let meter_image = "local.test/agentgate:debug";
     node.import_debug_agentgate_image(std::path::Path::new(env!("CARGO_BIN_EXE_agentgate")), meter_image)
         .unwrap_or_else(|e| panic!("{e:?}"));
-    let operator = OperatorProcess::start(cp, &["--namespace", NS, "--metrics-addr", "127.0.0.1:0", "--meter-image", meter_image, "--meter-budget-mode", "fixed"]);
+    let operator = OperatorProcess::start(
+        cp,
+        &["--namespace", NS, "--metrics-addr", "127.0.0.1:0", "--meter-image", meter_image, "--meter-budget-mode", "fixed"],
+    );
 
     limits_equal_the_jobs_resources(&env).await;
     over_its_memory_limit_an_agent_is_oom_killed_and_its_usage_kept(&env).await;

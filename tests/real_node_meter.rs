@@ -103,7 +103,18 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
     let nowhere = format!("http://{NODE_IP}:1/v1");
     let operator = OperatorProcess::start(
         cp,
-        &["--namespace", NS, "--metrics-addr", "127.0.0.1:0", "--meter-image", METER_IMAGE, "--meter-openai-upstream", &nowhere, "--meter-budget-mode", "fixed"],
+        &[
+            "--namespace",
+            NS,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--meter-image",
+            METER_IMAGE,
+            "--meter-openai-upstream",
+            &nowhere,
+            "--meter-budget-mode",
+            "fixed",
+        ],
     );
     let env = Env { admin: admin.clone(), alice: cp.client("alice").await, bob: cp.client("bob").await, calls, real_key };
 

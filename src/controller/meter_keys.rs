@@ -21,6 +21,8 @@ pub async fn of_namespace(ctx: &Context, namespace: &str) -> Result<Option<Names
             NamespaceKeys::from_secret(data_keys, s.metadata.annotations.as_ref().unwrap_or(&Default::default()))
         })),
         Err(kube::Error::Api(s)) if s.code == 403 => Ok(None),
-        Err(source) => Err(ApplyError::GetMeterKeys { namespace: namespace.into(), secret: ctx.settings.meter.keys_secret.clone(), source }.into()),
+        Err(source) => {
+            Err(ApplyError::GetMeterKeys { namespace: namespace.into(), secret: ctx.settings.meter.keys_secret.clone(), source }.into())
+        }
     }
 }

@@ -67,7 +67,9 @@ pub async fn store(job: &AgentJob, ctx: &Context, generation: i64) -> Result<()>
             ctx.publish_event(&job.object_ref(&()), EventType::Warning, "SpecNotStored", &note, "StoreSpec").await;
             Ok(())
         }
-        Err(source) => Err(ApplyError::StoreSpec { namespace: job.namespace().unwrap_or_default(), revision: revision.name_any(), source }.into()),
+        Err(source) => {
+            Err(ApplyError::StoreSpec { namespace: job.namespace().unwrap_or_default(), revision: revision.name_any(), source }.into())
+        }
     }
 }
 
