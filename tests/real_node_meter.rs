@@ -9,7 +9,10 @@
 //! - the meter's usage (its `/usage`, read by the agent over loopback, and the totals its last log
 //!   line holds) equals what the stand-in reported;
 //! - an agent OOM-killed, or stopped at its deadline, after a call: the meter outlives it and
-//!   its totals stay readable.
+//!   its totals stay readable;
+//! - the meters draw the job's budget from the operator's meter API (grants, authenticated by
+//!   the Pod's projected token) and the job's `status.usage` is theirs, also for agents killed
+//!   before they could report.
 //!
 //! Needs root and runc; otherwise it says SKIPPED loudly (and fails when
 //! AGENTGATE_REQUIRE_REAL_NODE is set, as in CI).
@@ -101,6 +104,10 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
     Api::<Secret>::namespaced(admin.clone(), NS).create(&PostParams::default(), &secret).await.expect("keys Secret");
     grant_voting_rights(&admin).await;
     let nowhere = format!("http://{NODE_IP}:1/v1");
+    // The operator runs on the host: its meter API listens on the node IP, which the Pods reach,
+    // and the meters draw the job's budget from it as they would from the in-cluster Service.
+    let meter_api = format!("{NODE_IP}:{}", support::http::free_port());
+    let grant_url = format!("http://{meter_api}");
     let operator = OperatorProcess::start(
         cp,
         &[
@@ -113,7 +120,11 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
             "--meter-openai-upstream",
             &nowhere,
             "--meter-budget-mode",
-            "fixed",
+            "grants",
+            "--meter-api-listen",
+            &meter_api,
+            "--meter-grant-url",
+            &grant_url,
         ],
     );
     let env = Env { admin: admin.clone(), alice: cp.client("alice").await, bob: cp.client("bob").await, calls, real_key };
@@ -244,6 +255,18 @@ fn assert_meter_usage_is_the_stand_ins(what: &str, meter: &Value, calls: &[Call]
     assert_eq!(meter["calls"], json!(calls.len()), "{what}: {meter}");
 }
 
+/// The job's status: usage as the stand-in reported it, and one settled grant that paid for it.
+fn assert_status_usage_is_the_stand_ins(what: &str, job: &AgentJob, calls: &[Call]) {
+    let status = serde_json::to_value(job.status.as_ref()).unwrap();
+    let input: i64 = calls.iter().map(|c| c.prompt_tokens).sum();
+    let output: i64 = calls.iter().map(|c| c.completion_tokens).sum();
+    let usage = &status["usage"];
+    assert_eq!((usage["inputTokens"].as_i64(), usage["outputTokens"].as_i64()), (Some(input), Some(output)), "{what}: {status}");
+    let grants = status["meter"]["grants"].as_array().cloned().unwrap_or_default();
+    assert_eq!(grants.len(), 1, "{what}: one meter drew on the budget: {status}");
+    assert_eq!(grants[0]["settled"], json!(true), "{what}: the meter settled as it stopped: {status}");
+}
+
 async fn a_call_goes_through_the_meter_with_the_meters_key(env: &Env) {
     let prompt = "say hi to the meter";
     let created = Instant::now();
@@ -265,9 +288,10 @@ async fn a_call_goes_through_the_meter_with_the_meters_key(env: &Env) {
     let pod = wait_pod_done(env, &j).await;
     assert_eq!(pod.status.as_ref().unwrap().qos_class.as_deref(), Some("Guaranteed"), "the sidecar keeps the Pod Guaranteed");
     assert_meter_usage_is_the_stand_ins("the meter's last line", &meter_totals_from_its_log(env, &pod).await, &calls);
-    // What the job records (the agent's report, for now) agrees.
-    let usage = &status["usage"];
-    assert_eq!((usage["inputTokens"].as_i64(), usage["outputTokens"].as_i64()), (Some(calls[0].prompt_tokens), Some(5)), "{usage}");
+    // What the job records is the meter's measurement, drawn from a grant recorded in status;
+    // the agent's own report is kept beside it.
+    assert_status_usage_is_the_stand_ins("chat", &done, &calls);
+    assert_eq!(status["attempts"][0]["reportedUsage"]["inputTokens"].as_i64(), Some(calls[0].prompt_tokens), "{status}");
     println!("meter: 1 call, stand-in saw the Secret's key; meter /usage = {live}");
 }
 
@@ -330,6 +354,9 @@ async fn the_meter_outlives_an_oom_killed_agent(env: &Env) {
     let calls = env.calls_with(prompt);
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_meter_usage_is_the_stand_ins("OOM", &meter_totals_from_its_log(env, &pod).await, &calls);
+    // The agent died before writing a report: the job's usage is the meter's, not zero.
+    let failed = Api::<AgentJob>::namespaced(env.admin.clone(), NS).get("oom").await.expect("get job");
+    assert_status_usage_is_the_stand_ins("OOM", &failed, &calls);
 }
 
 /// The agent calls, then runs on past `maxExecutionSeconds`: the kubelet stops the Pod, the meter
@@ -356,5 +383,7 @@ async fn the_meter_outlives_an_agent_stopped_at_its_deadline(env: &Env) {
     let calls = env.calls_with(prompt);
     assert_eq!(calls.len(), 1, "{calls:?}");
     assert_meter_usage_is_the_stand_ins("deadline", &meter_totals_from_its_log(env, &pod).await, &calls);
+    let stopped = Api::<AgentJob>::namespaced(env.admin.clone(), NS).get("late").await.expect("get job");
+    assert_status_usage_is_the_stand_ins("deadline", &stopped, &calls);
     println!("deadline: {}", done.status.as_ref().unwrap().conditions.iter().map(|c| c.message.as_str()).collect::<Vec<_>>().join("; "));
 }
