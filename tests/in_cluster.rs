@@ -125,19 +125,12 @@ fn helm_ok(node: &RealNode, args: &[&str]) -> String {
 }
 
 /// Polls every 100 ms until `get` yields, or panics after [`TIMEOUT`].
-async fn wait<T, F, Fut>(what: &str, mut get: F) -> T
+async fn wait<T, F, Fut>(what: &str, get: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = get().await {
-            return v;
-        }
-        assert!(start.elapsed() < TIMEOUT, "timed out after {TIMEOUT:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    support::cluster::wait_some(what, TIMEOUT, Duration::from_millis(100), get).await
 }
 
 fn is_ready(pod: &Pod) -> bool {

@@ -16,8 +16,6 @@ use support::cluster::*;
 use support::controlplane::{ControlPlane, OperatorProcess};
 use support::review::{Reviewer, reviewer_head_of, service_account_kubeconfig};
 
-const PLUGIN: &str = env!("CARGO_BIN_EXE_kubectl-agentgate");
-
 struct Env {
     admin: Client,
     ns: String,
@@ -52,24 +50,12 @@ fn approval_of(job: &AgentJob) -> agentgate::api::ApprovalStatus {
     job.status.as_ref().and_then(|s| s.approval.clone()).unwrap_or_default()
 }
 
-/// Runs the plugin with `kubeconfig`, as kubectl would run it for `kubectl agentgate <args>`.
 async fn plugin(kubeconfig: &Path, args: &[&str]) -> Output {
-    tokio::process::Command::new(PLUGIN)
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .env_remove("RUST_LOG")
-        .output()
-        .await
-        .expect("running kubectl-agentgate")
+    support::plugin::run(kubeconfig, args).await
 }
 
 fn text(output: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+    support::plugin::describe(output)
 }
 
 #[tokio::test]

@@ -203,19 +203,12 @@ async fn wait_job(env: &Env, name: &str, what: &str, done: impl Fn(&AgentJob) ->
 }
 
 /// Polls every 20 ms until `get` yields, or panics after [`TIMEOUT`].
-async fn wait<T, F, Fut>(what: &str, mut get: F) -> T
+async fn wait<T, F, Fut>(what: &str, get: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = get().await {
-            return v;
-        }
-        assert!(start.elapsed() < TIMEOUT, "timed out after {TIMEOUT:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    support::cluster::wait_some(what, TIMEOUT, Duration::from_millis(20), get).await
 }
 
 fn status_json(job: &AgentJob) -> Value {

@@ -175,19 +175,12 @@ async fn create_and_approve(env: &Env, job: &AgentJob) -> AgentJob {
 }
 
 /// Polls every 50 ms until `get` yields, or panics after [`TIMEOUT`].
-async fn wait<T, F, Fut>(what: &str, mut get: F) -> T
+async fn wait<T, F, Fut>(what: &str, get: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = get().await {
-            return v;
-        }
-        assert!(start.elapsed() < TIMEOUT, "timed out after {TIMEOUT:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::cluster::wait_some(what, TIMEOUT, Duration::from_millis(50), get).await
 }
 
 async fn wait_phase(env: &Env, name: &str, want: &str) -> AgentJob {

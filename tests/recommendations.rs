@@ -17,7 +17,6 @@ use serde_json::json;
 use support::cluster::*;
 use support::controlplane::{ControlPlane, OperatorProcess};
 
-const PLUGIN: &str = env!("CARGO_BIN_EXE_kubectl-agentgate");
 const TENANT: &str = "rec-a";
 const OTHER: &str = "rec-b";
 
@@ -50,13 +49,7 @@ async fn run_job(admin: &Client, ns: &str, name: &str, model: &str, input: i64, 
 }
 
 async fn plugin(kubeconfig: &Path, args: &[&str]) -> Output {
-    tokio::process::Command::new(PLUGIN)
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .env_remove("RUST_LOG")
-        .output()
-        .await
-        .expect("running kubectl-agentgate")
+    support::plugin::run(kubeconfig, args).await
 }
 
 fn stdout(output: &Output) -> String {

@@ -5,7 +5,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -19,8 +19,6 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use support::cluster::*;
 use support::controlplane::{ControlPlane, OperatorProcess};
-
-const PLUGIN: &str = env!("CARGO_BIN_EXE_kubectl-agentgate");
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -125,23 +123,11 @@ async fn setup(ns: &str) -> Env {
 }
 
 async fn plugin(user: &str, args: &[&str]) -> Output {
-    let kubeconfig: PathBuf = ControlPlane::shared().kubeconfig(user);
-    tokio::process::Command::new(PLUGIN)
-        .args(args)
-        .env("KUBECONFIG", kubeconfig)
-        .env_remove("RUST_LOG")
-        .output()
-        .await
-        .expect("running kubectl-agentgate")
+    support::plugin::run(&ControlPlane::shared().kubeconfig(user), args).await
 }
 
 fn text(output: &Output) -> String {
-    format!(
-        "status {}\nstdout:\n{}\nstderr:\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
+    support::plugin::describe(output)
 }
 
 fn stdout(output: &Output) -> String {

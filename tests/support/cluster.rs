@@ -119,6 +119,22 @@ where
     }
 }
 
+/// Polls every `every` until `get` yields, or panics after `timeout` naming `what`.
+pub async fn wait_some<T, F, Fut>(what: &str, timeout: Duration, every: Duration, mut get: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = get().await {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(every).await;
+    }
+}
+
 /// Waits until the job's status satisfies `done`.
 pub async fn wait_for_job(client: &Client, namespace: &str, name: &str, what: &str, done: impl Fn(&AgentJob) -> bool) -> AgentJob {
     let api: Api<AgentJob> = Api::namespaced(client.clone(), namespace);

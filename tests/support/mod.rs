@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod controlplane;
 pub mod http;
 pub mod node;
+pub mod plugin;
 pub mod review;
 pub mod storm;
 pub mod tools;
