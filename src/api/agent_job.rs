@@ -263,7 +263,6 @@ pub struct ApprovalRequirement {
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum JobPhase {
     Pending,
-    Estimated,
     WaitingForResources,
     AwaitingApproval,
     Running,
@@ -280,7 +279,6 @@ impl JobPhase {
     pub fn as_str(self) -> &'static str {
         match self {
             JobPhase::Pending => "Pending",
-            JobPhase::Estimated => "Estimated",
             JobPhase::WaitingForResources => "WaitingForResources",
             JobPhase::AwaitingApproval => "AwaitingApproval",
             JobPhase::Running => "Running",
@@ -290,9 +288,8 @@ impl JobPhase {
         }
     }
 
-    pub const ALL: [JobPhase; 8] = [
+    pub const ALL: [JobPhase; 7] = [
         JobPhase::Pending,
-        JobPhase::Estimated,
         JobPhase::WaitingForResources,
         JobPhase::AwaitingApproval,
         JobPhase::Running,
