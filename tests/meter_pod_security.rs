@@ -11,12 +11,12 @@ use std::time::Duration;
 use agentgate::api::{Agent, AgentJob, Decision};
 use agentgate::domain::meter_sidecar::{self as sidecar, BudgetMode, MeterConfig, NamespaceKeys};
 use agentgate::domain::pod_builder::{PodPlan, build_pod};
-use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use serde_json::json;
-use support::cluster::{add_node, agent_job, grant_voting_rights, job_pods, phase, vote, wait_for, wait_for_job};
+use support::cluster::{add_node, agent_job, enforce_restricted, grant_voting_rights, job_pods, phase, vote, wait_for, wait_for_job};
 use support::controlplane::{ControlPlane, OperatorProcess};
 
 const NS: &str = "meter-pss";
@@ -59,9 +59,7 @@ async fn a_pod_with_the_meter_sidecar_is_admitted_where_restricted_is_enforced()
     let cp = ControlPlane::shared();
     cp.namespace(NS).await;
     let admin = cp.client("admin").await;
-    let labels = json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted",
-                                                 "pod-security.kubernetes.io/enforce-version": "latest"}}});
-    Api::<Namespace>::all(admin.clone()).patch(NS, &PatchParams::default(), &Patch::Merge(labels)).await.expect("label namespace");
+    enforce_restricted(&admin, NS).await;
     let pods = Api::<Pod>::namespaced(admin, NS);
     let dry_run = PostParams { dry_run: true, ..PostParams::default() };
 

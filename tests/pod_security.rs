@@ -4,8 +4,8 @@
 mod support;
 
 use agentgate::api::{AgentJob, Decision};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::api::{Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::cluster::*;
@@ -18,9 +18,7 @@ async fn agent_pods_are_admitted_where_the_restricted_standard_is_enforced() {
     let cp = ControlPlane::shared();
     cp.namespace(NS).await;
     let admin = cp.client("admin").await;
-    let labels = json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted",
-                                                 "pod-security.kubernetes.io/enforce-version": "latest"}}});
-    Api::<Namespace>::all(admin.clone()).patch(NS, &PatchParams::default(), &Patch::Merge(labels)).await.expect("label namespace");
+    enforce_restricted(&admin, NS).await;
     add_node(&admin, "pss-node", "64", "256Gi", &[]).await;
     grant_voting_rights(&admin).await;
     let _operator = OperatorProcess::start(cp, &["--namespace", NS, "--metrics-addr", "127.0.0.1:0"]);

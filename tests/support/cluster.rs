@@ -217,3 +217,13 @@ pub async fn create_payments_job(author: &Client, namespace: &str, name: &str) -
     );
     Api::<AgentJob>::namespaced(author.clone(), namespace).create(&PostParams::default(), &job).await.expect("create job")
 }
+
+/// Labels `namespace` so Pod Security admission enforces the restricted standard (latest) there.
+pub async fn enforce_restricted(admin: &Client, namespace: &str) {
+    let labels = serde_json::json!({"metadata": {"labels": {"pod-security.kubernetes.io/enforce": "restricted",
+                                                            "pod-security.kubernetes.io/enforce-version": "latest"}}});
+    kube::Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+        .patch(namespace, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(labels))
+        .await
+        .expect("label the namespace restricted");
+}
