@@ -561,8 +561,9 @@ pub struct IgnoredVote {
     pub why: String,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum AttemptResult {
+    #[default]
     Running,
     Succeeded,
     Failed,
@@ -587,7 +588,10 @@ fn known_result<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Att
     })
 }
 
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+// Default only spares tests from spelling out every field; the operator builds attempts with
+// `decide::running_attempt`, which sets `learned: Some(false)` (an absent mark means "learned by
+// an older operator").
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Attempt {
     pub attempt: i32,

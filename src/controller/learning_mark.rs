@@ -89,14 +89,10 @@ mod tests {
         Attempt {
             attempt: n,
             generation: 1,
-            pods: vec![],
-            start_time: None,
-            completion_time: None,
             result: if usage { AttemptResult::Succeeded } else { AttemptResult::Running },
-            message: None,
             usage: usage.then(Usage::default),
-            reported_usage: None,
             learned,
+            ..Attempt::default()
         }
     }
 

@@ -154,13 +154,9 @@ mod tests {
                 attempt: 1,
                 generation: 1,
                 pods: vec!["j-a-1".into()],
-                start_time: None,
-                completion_time: None,
                 result,
-                message: None,
-                usage: None,
-                reported_usage: None,
                 learned: Some(false),
+                ..Attempt::default()
             }],
             ..AgentJobStatus::default()
         }

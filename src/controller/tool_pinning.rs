@@ -265,18 +265,7 @@ mod tests {
         let was = vec![endpoint("search", "url https://a.example")];
         let now = vec![endpoint("search", "url https://b.example")];
         let mut started = approved_with(was.clone());
-        started.attempts.push(crate::api::Attempt {
-            attempt: 1,
-            generation: 1,
-            pods: vec![],
-            start_time: None,
-            completion_time: None,
-            result: crate::api::AttemptResult::Running,
-            message: None,
-            usage: None,
-            reported_usage: None,
-            learned: Some(false),
-        });
+        started.attempts.push(crate::api::Attempt { attempt: 1, generation: 1, learned: Some(false), ..Default::default() });
         let votes = [vote("alice", 1), vote("bob", 1)];
         let p = before(&started, 1, &now, &votes);
         assert!(p.revoked.is_empty() && p.started);

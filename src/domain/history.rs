@@ -139,14 +139,10 @@ mod tests {
         Attempt {
             attempt: n,
             generation,
-            pods: vec![],
-            start_time: None,
-            completion_time: None,
             result,
-            message: None,
             usage: cost.map(|c| Usage { total_tokens: 100, cost_usd: c.into(), ..Usage::default() }),
             learned: Some(false),
-            reported_usage: None,
+            ..Attempt::default()
         }
     }
 

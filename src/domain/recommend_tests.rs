@@ -41,14 +41,11 @@ fn attempt(n: i32, result: AttemptResult, usage: Usage, message: &str) -> Attemp
     Attempt {
         attempt: n,
         generation: 1,
-        pods: vec![],
-        start_time: None,
-        completion_time: None,
         result,
         message: Some(message.into()),
         usage: Some(usage),
         learned: Some(true),
-        reported_usage: None,
+        ..Attempt::default()
     }
 }
 
