@@ -437,6 +437,14 @@ pub struct MeterGrant {
     /// Measured usage so far, cumulative.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// Calls this meter refused with 402 because the job's budget could not cover their worst
+    /// case, cumulative: any makes its attempt end the job `BudgetExhausted`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub budget_refusals: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 /// One spec generation of a job and what it did.

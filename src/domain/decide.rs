@@ -114,6 +114,11 @@ pub fn running_attempt(job: &AgentJob, attempt: i32, generation: i64, now: &Time
     }
 }
 
+/// The reason (Ready, Succeeded and Stalled conditions, Warning Event) of a job that ended for
+/// its budget: a meter refused a call the budget could not cover, or a retry would not fit; and
+/// how the message of an attempt a meter refused a call for budget starts.
+pub const BUDGET_EXHAUSTED: &str = "BudgetExhausted";
+
 /// How an attempt's message starts when its output did not match `outputSchema`: the
 /// recommendations count such attempts as invalid output (domain/recommend.rs).
 pub const OUTPUT_MISMATCH: &str = "output does not match outputSchema";

@@ -180,6 +180,44 @@ fn usage(plan: &Plan) -> &Usage {
 
 const NO_RETRIES: &[(&str, Value)] = &[];
 
+/// `job` with attempt 1 metered: each agent's meter reported the tokens [`both_reported`]'s
+/// agents claim, at $0.02 per agent, and the scanner's meter refused `refusals` calls for budget.
+fn metered(mut job: AgentJob, refusals: i64) -> AgentJob {
+    let grant = |agent: &str, model: &str, input: i64, output: i64, refusals: i64| crate::api::MeterGrant {
+        pod: format!("scan-{agent}-1"),
+        pod_uid: format!("uid-{agent}"),
+        attempt: 1,
+        session: format!("session-{agent}"),
+        sequence: 3,
+        granted_usd: "0.03".into(),
+        spent_usd: "0.02".into(),
+        settled: true,
+        usage: Some(Usage {
+            input_tokens: input,
+            output_tokens: output,
+            total_tokens: input + output,
+            cost_usd: "0.02".into(),
+            models: vec![crate::api::ModelUsage {
+                model: model.into(),
+                input_tokens: input,
+                output_tokens: output,
+                cost_usd: "0.02".into(),
+                ..Default::default()
+            }],
+            ..Usage::default()
+        }),
+        budget_refusals: refusals,
+    };
+    let status = job.status.get_or_insert_with(Default::default);
+    status.meter = Some(crate::api::MeterStatus {
+        granted_usd: "0.06".into(),
+        spent_usd: "0.04".into(),
+        committed_usd: "0.04".into(),
+        grants: vec![grant("scanner", "gpt-4o-mini", 20_000, 5_000, refusals), grant("fixer", "claude-sonnet-4", 10_000, 2_000, 0)],
+    });
+    job
+}
+
 struct Case {
     name: &'static str,
     job: AgentJob,
@@ -218,6 +256,89 @@ impl Default for Case {
 fn cases() -> Vec<Case> {
     let retries: &[(&str, Value)] = &[("/spec/limits", json!({"maxRetries": 1}))];
     vec![
+        Case {
+            name: "a meter refused a call for budget: the job ends BudgetExhausted, not retried, output and usage kept",
+            // Both agents exited 0 (the scanner handled the 402 and reported what it had).
+            job: metered(running(retries), 2),
+            tally: approved(),
+            pods: both_reported(1),
+            phase: JobPhase::Failed,
+            ready_reason: "BudgetExhausted",
+            events: &["BudgetExhausted"],
+            more: |name, plan| {
+                let s = &plan.status;
+                assert_eq!(s.output, Some(json!({"findings": 3})), "{name}: the primary's output is kept");
+                assert_eq!((usage(plan).total_tokens, usage(plan).cost_usd.as_str()), (37_000, "0.04"), "{name}: the metered usage");
+                let a = &s.attempts[0];
+                assert_eq!(a.result, AttemptResult::Failed, "{name}");
+                assert_eq!(
+                    a.message.as_deref(),
+                    Some("BudgetExhausted: the agent meters refused 2 call(s) the budget could not cover"),
+                    "{name}"
+                );
+                let (_, _, msg) = cond(plan, condition::READY).unwrap();
+                assert!(msg.contains("spent $0.04 of budget.maxCostUSD $5.00; output and usage so far kept; not retried"), "{name}: {msg}");
+                assert_eq!(cond(plan, condition::STALLED).map(|c| (c.0, c.1)), Some(("True", "BudgetExhausted")), "{name}");
+                assert_eq!(cond(plan, condition::SUCCEEDED).map(|c| (c.0, c.1)), Some(("False", "BudgetExhausted")), "{name}");
+                assert_eq!(cond(plan, condition::USAGE_REPORTED).map(|c| c.1), Some("Metered"), "{name}");
+                assert_eq!(plan.events[0].note, *msg, "{name}: the Event says the same");
+                assert!(plan.events[0].warning, "{name}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "an agent ignoring 402 until its deadline still ends BudgetExhausted, not retried",
+            // A hostile agent kept calling after the refusals and was stopped at
+            // activeDeadlineSeconds: no report of its own, its meter's usage all the same.
+            job: metered(running(retries), 40),
+            tally: approved(),
+            pods: vec![
+                pod("scanner", 1, PodState::Failed { reason: "DeadlineExceeded".into(), message: None }),
+                pod("fixer", 1, succeeded(report("claude-sonnet-4", 10_000, 2_000, json!({})))),
+            ],
+            phase: JobPhase::Failed,
+            ready_reason: "BudgetExhausted",
+            events: &["MalformedReport", "BudgetExhausted"],
+            more: |name, plan| {
+                let s = &plan.status;
+                assert_eq!(s.output, None, "{name}: the primary reported nothing");
+                assert_eq!(usage(plan).cost_usd, "0.04", "{name}: the meters' usage");
+                let message = s.attempts[0].message.as_deref().unwrap();
+                assert!(message.starts_with("BudgetExhausted: the agent meters refused 40 call(s)"), "{name}: {message}");
+                assert!(message.contains("scan-scanner-1: DeadlineExceeded"), "{name}: {message}");
+                let (_, _, msg) = cond(plan, condition::READY).unwrap();
+                assert!(msg.contains("usage so far kept (no output reported); not retried"), "{name}: {msg}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "while the agents run, a meter's refusal is said once in Ready",
+            job: metered(running(NO_RETRIES), 1),
+            tally: approved(),
+            pods: vec![pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)],
+            phase: JobPhase::Running,
+            ready_reason: "Running",
+            ensure_attempt: Some(1),
+            more: |name, plan| {
+                let (_, _, msg) = cond(plan, condition::READY).unwrap();
+                assert!(msg.ends_with("the job ends BudgetExhausted when its agents exit"), "{name}: {msg}");
+            },
+            ..Case::default()
+        },
+        Case {
+            name: "a metered attempt without refusals succeeds as before",
+            job: metered(running(NO_RETRIES), 0),
+            tally: approved(),
+            pods: both_reported(1),
+            phase: JobPhase::Succeeded,
+            ready_reason: "Succeeded",
+            events: &["Succeeded"],
+            more: |name, plan| {
+                assert_eq!(plan.status.attempts[0].message.as_deref(), Some("all agents succeeded"), "{name}");
+                assert_eq!(usage(plan).cost_usd, "0.04", "{name}");
+            },
+            ..Case::default()
+        },
         Case {
             name: "new job without votes is estimated and awaits approval",
             phase: JobPhase::AwaitingApproval,
