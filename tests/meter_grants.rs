@@ -217,12 +217,16 @@ async fn setup(ns: &str) -> Setup {
 
 /// Creates a job with these agents and budget, approves it, and returns it with its Pods running.
 async fn running_job(s: &Setup, ns: &str, name: &str, agents: &[&str], budget: &str) -> (AgentJob, Vec<Pod>) {
+    running_job_with(s, ns, name, agents, budget, json!({})).await
+}
+
+/// [`running_job`] with `patch` merged into the spec.
+async fn running_job_with(s: &Setup, ns: &str, name: &str, agents: &[&str], budget: &str, patch: Value) -> (AgentJob, Vec<Pod>) {
     let agent = |n: &str| json!({"name": n, "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"});
     let spec = json!({"category": "payments",
         "agents": {"primary": agent(agents[0]), "supporting": agents[1..].iter().map(|a| agent(a)).collect::<Vec<_>>()},
         "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": budget}});
-    let job =
-        Api::<AgentJob>::namespaced(s.admin.clone(), ns).create(&PostParams::default(), &agent_job(name, spec, json!({}))).await.unwrap();
+    let job = Api::<AgentJob>::namespaced(s.admin.clone(), ns).create(&PostParams::default(), &agent_job(name, spec, patch)).await.unwrap();
     let cp = ControlPlane::shared();
     vote(&cp.client("alice").await, &job, "alice", Decision::Approve).await;
     vote(&cp.client("bob").await, &job, "bob", Decision::Approve).await;
@@ -400,6 +404,7 @@ async fn meters_racing_one_small_budget_never_exceed_it() {
         finish_pod(&s.admin, ns, &pod.name_any(), 137, "").await;
     }
     let failed = wait_for_job(&s.admin, ns, "race", "Failed", |j| phase(j) == Some("Failed")).await;
+    assert_eq!(condition(&failed, "Ready").unwrap().reason, "BudgetExhausted", "the meters refused calls for budget");
     let reported_condition = condition(&failed, "UsageReported").cloned().unwrap();
     assert_eq!((reported_condition.status.as_str(), reported_condition.reason.as_str()), ("True", "Metered"), "{reported_condition:?}");
     let usage = failed.status.unwrap().usage.unwrap();
@@ -547,6 +552,9 @@ async fn the_operator_killed_mid_run_leaves_grants_and_usage_and_the_meter_fails
         assert!(served < 10, "served beyond its grant");
     };
     assert_eq!(refused["error"]["type"], "budget_exceeded");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("the operator could not be reached"), "{message}");
+    assert_eq!(meter.usage()["budgetRefusals"], 0, "refused for want of an operator, not of budget: the job does not end for it");
     let (_, _, cost) = reported_totals(&reported);
     assert!(cost <= usd("0.014") && served >= 2, "{served} calls for {cost} within the 0.014 grant");
     // What was granted is in status, whoever reads it.
@@ -564,4 +572,135 @@ async fn the_operator_killed_mid_run_leaves_grants_and_usage_and_the_meter_fails
     let status = meter_status(&s.admin, ns, "restart").await;
     assert_eq!(usd(&status.spent_usd), cost, "every call counted once: {status:?}");
     assert!(usd(&status.granted_usd) > usd("0.014") && status.grants.len() == 1 && status.grants[0].settled, "{status:?}");
+    assert_eq!(status.grants[0].budget_refusals, 0, "{status:?}");
+}
+
+/// Calls through the meter until it refuses one for budget; returns how many were served.
+async fn call_until_refused(meter: &MeterProcess) -> usize {
+    for served in 0..100 {
+        let (status, body) = chat(meter.port, &format!("call {served}")).await;
+        match status {
+            200 => {}
+            402 => {
+                assert_eq!(body["error"]["type"], "budget_exceeded", "{body}");
+                return served;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    panic!("never refused: the budget is not held");
+}
+
+async fn job_events(admin: &Client, ns: &str, job: &AgentJob, reason: &str) -> Vec<Event> {
+    let events: Api<Event> = Api::namespaced(admin.clone(), ns);
+    let uid = job.metadata.uid.clone();
+    wait_for(
+        &format!("a {reason} Event"),
+        TIMEOUT,
+        || async { events.list(&ListParams::default()).await.unwrap().items },
+        |e: &Vec<Event>| e.iter().any(|e| e.reason.as_deref() == Some(reason) && e.regarding.as_ref().and_then(|r| r.uid.clone()) == uid),
+    )
+    .await
+    .into_iter()
+    .filter(|e| e.reason.as_deref() == Some(reason) && e.regarding.as_ref().and_then(|r| r.uid.clone()) == uid)
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_smaller_than_the_run_ends_the_job_budget_exhausted_within_it_keeping_output_and_usage() {
+    let ns = "meter-grants-exhausted";
+    let s = setup(ns).await;
+    let (up, reported) = upstream().await;
+    // A retry is allowed, and must not be made: its calls could not fit either.
+    let (job, pods) = running_job_with(&s, ns, "exhausted", &["agent"], "0.02", json!({"limits": {"maxRetries": 1}})).await;
+    let token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let meter = MeterProcess::start(s.dir.path(), "exhausted", up, s.api_port, &token, "0.01");
+    let served = call_until_refused(&meter).await;
+    let (prompt, completion, cost) = reported_totals(&reported);
+    assert!(served >= 2 && cost <= usd("0.02"), "{served} calls for {cost} within the $0.02 budget");
+    assert_eq!(meter.usage()["budgetRefusals"], 1, "{}", meter.logs());
+
+    // Live: the refusal reaches status with the meter's next report, and the job says what follows.
+    let live = wait_for_job(&s.admin, ns, "exhausted", "the refusal reported", |j| {
+        condition(j, "Ready").is_some_and(|c| c.message.contains("the job ends BudgetExhausted when its agents exit"))
+    })
+    .await;
+    assert_eq!((phase(&live), live.status.as_ref().unwrap().meter.as_ref().unwrap().grants[0].budget_refusals), (Some("Running"), 1));
+
+    // The agent handles the 402 (the SDK raised it), reports what it has and exits 0.
+    meter.stop().await;
+    let claim = usage_report("test-gpt", prompt, 0, completion, json!({"partial": true, "calls": served}));
+    finish_pod(&s.admin, ns, &pods[0].name_any(), 0, &claim).await;
+    let done = wait_for_job(&s.admin, ns, "exhausted", "Failed", |j| phase(j) == Some("Failed")).await;
+    let ready = condition(&done, "Ready").cloned().unwrap();
+    assert_eq!(ready.reason, "BudgetExhausted", "{ready:?}");
+    assert!(
+        ready.message.contains(&format!("spent ${cost} of budget.maxCostUSD $0.02; output and usage so far kept; not retried")),
+        "{ready:?}"
+    );
+    let status = done.status.clone().unwrap();
+    assert_eq!(status.attempts.len(), 1, "not retried");
+    assert!(status.attempts[0].message.as_deref().unwrap().starts_with("BudgetExhausted: the agent meters refused 1 call(s)"));
+    assert_eq!(status.output, Some(json!({"partial": true, "calls": served})), "the output so far is kept");
+    let usage = status.usage.unwrap();
+    assert_eq!((usage.input_tokens, usage.output_tokens, usd(&usage.cost_usd)), (prompt, completion, cost), "the usage so far is kept");
+    assert!(usd(&status.meter.unwrap().committed_usd) <= usd("0.02"));
+    let events = job_events(&s.admin, ns, &job, "BudgetExhausted").await;
+    assert_eq!(events[0].type_.as_deref(), Some("Warning"));
+    assert_eq!(events[0].note.as_deref(), Some(ready.message.as_str()), "the Event says what the condition says");
+    let table = ControlPlane::shared().kubectl("admin", &["get", "aj", "exhausted", "-n", ns, "-o", "wide"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("REASON") && table.contains("BudgetExhausted"), "kubectl get aj -o wide shows the reason:\n{table}");
+}
+
+/// The attack: an agent that ignores 402 and keeps calling. It gets nothing more (spend stays
+/// within the budget), its meter does not turn every refused call into a status write (it stops
+/// asking the operator for 5 s once told nothing is left), and when it is finally stopped (its
+/// deadline, here played by the test) the job still ends BudgetExhausted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_ignoring_402_spends_nothing_more_and_writes_status_at_a_bounded_rate() {
+    let ns = "meter-grants-ignores-402";
+    let s = setup(ns).await;
+    let (up, reported) = upstream().await;
+    let (_, pods) = running_job(&s, ns, "stubborn", &["agent"], "0.02").await;
+    let token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let meter = MeterProcess::start(s.dir.path(), "stubborn", up, s.api_port, &token, "0.01");
+    let served = call_until_refused(&meter).await;
+    let steps_at_refusal = meter_status(&s.admin, ns, "stubborn").await.grants[0].sequence;
+    let mut refused = 1;
+    let started = std::time::Instant::now();
+    for i in 0..300 {
+        let (status, body) = chat(meter.port, &format!("again {i}")).await;
+        assert_eq!((status, body["error"]["type"].as_str()), (402, Some("budget_exceeded")), "{body}");
+        refused += 1;
+    }
+    assert_eq!(reported.lock().unwrap().len(), served, "no refused call reached the provider");
+    let (_, _, cost) = reported_totals(&reported);
+    assert!(cost <= usd("0.02"), "{cost}");
+    assert_eq!(meter.usage()["budgetRefusals"], refused);
+    // The refused calls reach status as a count with the next report, not as a write each.
+    let live = wait_for(
+        "the refusals reported",
+        TIMEOUT,
+        || meter_status(&s.admin, ns, "stubborn"),
+        |m: &MeterStatus| m.grants[0].budget_refusals == refused,
+    )
+    .await;
+    // At most a report per --report-seconds (1 s here) and a request for more per 5 s, however
+    // many calls the agent makes in that time (one each would be 300).
+    let seconds = started.elapsed().as_secs() as i64 + 1;
+    let steps = live.grants[0].sequence - steps_at_refusal;
+    assert!(
+        steps <= seconds + seconds / 5 + 2,
+        "{steps} sync requests in {seconds} s for {refused} refused calls: the status write rate is not bounded by the agent"
+    );
+
+    // Stopped at its deadline: no report of its own.
+    meter.stop().await;
+    finish_pod(&s.admin, ns, &pods[0].name_any(), 137, "").await;
+    let done = wait_for_job(&s.admin, ns, "stubborn", "Failed", |j| phase(j) == Some("Failed")).await;
+    assert_eq!(condition(&done, "Ready").unwrap().reason, "BudgetExhausted");
+    let status = done.status.unwrap();
+    assert_eq!(usd(&status.usage.unwrap().cost_usd), cost, "its usage is what the meter measured");
+    assert_eq!(status.meter.unwrap().grants[0].budget_refusals, refused);
 }
