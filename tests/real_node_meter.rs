@@ -12,7 +12,10 @@
 //!   its totals stay readable;
 //! - the meters draw the job's budget from the operator's meter API (grants, authenticated by
 //!   the Pod's projected token) and the job's `status.usage` is theirs, also for agents killed
-//!   before they could report.
+//!   before they could report;
+//! - a budget smaller than the run: the meter refuses the call that would cross it (402), the
+//!   agent stops there, spend stays within the budget, and the job ends `BudgetExhausted` with
+//!   the output and usage so far, not retried.
 //!
 //! Needs root and runc; otherwise it says SKIPPED loudly (and fails when
 //! AGENTGATE_REQUIRE_REAL_NODE is set, as in CI).
@@ -133,6 +136,7 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
     the_agent_container_holds_no_key(&env).await;
     the_meter_outlives_an_oom_killed_agent(&env).await;
     the_meter_outlives_an_agent_stopped_at_its_deadline(&env).await;
+    a_budget_smaller_than_the_run_ends_the_job_budget_exhausted(&env).await;
 
     drop(operator);
     drop(node);
@@ -379,4 +383,40 @@ async fn the_meter_outlives_an_agent_stopped_at_its_deadline(env: &Env) {
     let stopped = Api::<AgentJob>::namespaced(env.admin.clone(), NS).get("late").await.expect("get job");
     assert_status_usage_is_the_stand_ins("deadline", &stopped, &calls);
     println!("deadline: {}", done.status.as_ref().unwrap().conditions.iter().map(|c| c.message.as_str()).collect::<Vec<_>>().join("; "));
+}
+
+/// The agent calls until the meter refuses (up to 100 calls of ~$0.0004 each against a $0.01
+/// budget: about 25 fit, each reserving ~$0.0006 before it is forwarded), handles the 402, and
+/// reports what it has.
+async fn a_budget_smaller_than_the_run_ends_the_job_budget_exhausted(env: &Env) {
+    // Plain words, no commas or quotes (the reference agent's JSON is hand-made): 2,450 bytes.
+    let prompt = "budget ".repeat(350);
+    let prompt = prompt.trim_end();
+    // A jobType of its own: the prior's p90 ($0.0054) fits the budget whatever ran before.
+    let patch = json!({"jobType": "meter-node-budget", "budget": {"maxCostUSD": "0.01"}, "limits": {"maxRetries": 1},
+        "input": {"chat": prompt, "calls": 100}});
+    let j = create_and_approve(env, &job("over-budget", prompt, patch)).await;
+    let done = wait_phase(env, "over-budget", "Failed").await;
+    wait_pod_done(env, &j).await;
+    let status = done.status.clone().unwrap();
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").cloned().unwrap();
+    println!("budget: {} ({})", ready.reason, ready.message);
+    if ready.reason != "BudgetExhausted" {
+        panic!("{ready:?}\n{:#?}\n{}", status, container_logs(env, &done).await);
+    }
+    let calls: Vec<Call> = env.calls.lock().unwrap().iter().filter(|c| c.prompt.starts_with(prompt)).cloned().collect();
+    let output = status.output.clone().expect("the output so far is kept");
+    assert_eq!((output["served"].as_u64(), output["refusedForBudget"].as_u64()), (Some(calls.len() as u64), Some(1)), "{output}");
+    assert!(calls.len() >= 2 && calls.len() < 100, "the budget ran out part-way: {} calls", calls.len());
+    let usage = status.usage.clone().unwrap();
+    let spent = agentgate::domain::money::MicroUsd::parse(&usage.cost_usd).unwrap();
+    let budget = agentgate::domain::money::MicroUsd::parse("0.01").unwrap();
+    assert!(spent <= budget, "spent {spent} of {budget}");
+    assert!(spent.0 > budget.0 / 2, "the budget was used, not hoarded: {spent}");
+    assert_eq!(usage.input_tokens, calls.iter().map(|c| c.prompt_tokens).sum::<i64>(), "the usage so far is the meter's");
+    assert_eq!(status.attempts.len(), 1, "not retried: a retry's calls could not fit either");
+    let meter = status.meter.clone().unwrap();
+    assert_eq!((meter.grants.len(), meter.grants[0].budget_refusals, meter.grants[0].settled), (1, 1, true), "{meter:?}");
+    assert!(ready.message.contains(&format!("spent ${spent} of budget.maxCostUSD $0.01")), "{ready:?}");
+    println!("budget: {} calls served, 1 refused, spent ${spent} of $0.01", calls.len());
 }
