@@ -17,7 +17,7 @@ use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY, approval_vot
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
 use crate::domain::conditions::set_condition;
 use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, job_type};
-use crate::domain::pod_builder::{PodPlan, build_pod, pod_name};
+use crate::domain::pod_builder::{DEFAULT_CPU, DEFAULT_MEMORY, PodPlan, build_pod, pod_name};
 use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
 use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
 use crate::metrics::JobTypeLabels;
@@ -360,7 +360,7 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
         .collect();
     let input_json = spec.input.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "{}".into());
     let (cpu, memory) =
-        spec.resources.as_ref().map(|r| (r.cpu.clone(), r.memory.clone())).unwrap_or_else(|| ("500m".into(), "512Mi".into()));
+        spec.resources.as_ref().map(|r| (r.cpu.clone(), r.memory.clone())).unwrap_or_else(|| (DEFAULT_CPU.into(), DEFAULT_MEMORY.into()));
     let gpu_name = gpu_resource_name(job);
     let gpu = spec.resources.as_ref().and_then(|r| r.gpu).filter(|g| *g > 0 && !plan.drop_gpu);
     let deadline = spec.limits.as_ref().and_then(|l| l.max_execution_seconds).unwrap_or(crate::api::DEFAULT_MAX_EXECUTION_SECONDS);

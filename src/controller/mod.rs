@@ -197,8 +197,8 @@ fn slim<K: Resource>(obj: &mut K) {
 }
 
 /// Keeps of a Pod only what the operator reads from the cache (every Pod of the cluster is
-/// watched, for node capacity): its identity, labels and owners, the node and the containers'
-/// requests (`snapshot::node_views`), the phase and the `agent` container's termination
+/// watched, for node capacity): its identity, labels and owners, the node, the containers' and
+/// init containers' requests and the overhead (`snapshot::node_views`), the phase and the `agent` container's termination
 /// (`snapshot::pod_view`). Anything else a reconcile needs of a Pod must be read elsewhere.
 fn slim_pod(pod: &mut Pod) {
     use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodSpec, PodStatus};
@@ -214,7 +214,14 @@ fn slim_pod(pod: &mut Pod) {
     if let Some(spec) = pod.spec.take() {
         let containers =
             spec.containers.into_iter().map(|c| Container { name: c.name, resources: c.resources, ..Container::default() }).collect();
-        pod.spec = Some(PodSpec { node_name: spec.node_name, containers, ..PodSpec::default() });
+        // Init containers and sidecars (restartPolicy) and the overhead count in the Pod's
+        // requests as the scheduler counts them (controller::tests::a_slimmed_pod_reads_the_same_and_is_smaller).
+        let init_containers = spec.init_containers.map(|cs| {
+            cs.into_iter()
+                .map(|c| Container { name: c.name, resources: c.resources, restart_policy: c.restart_policy, ..Container::default() })
+                .collect()
+        });
+        pod.spec = Some(PodSpec { node_name: spec.node_name, containers, init_containers, overhead: spec.overhead, ..PodSpec::default() });
     }
     if let Some(status) = pod.status.take() {
         let container_statuses = status
@@ -618,7 +625,11 @@ mod tests {
             assert!(snapshot::is_job_pod(&slim, "team", "uid-1"), "{phase}: the controller ownerReference survives slimming");
             assert_eq!(snapshot::holds_node_resources(&slim), snapshot::holds_node_resources(&full), "{phase}");
             let nodes = [Arc::new(node.clone())];
-            assert_eq!(snapshot::node_views(&nodes, &[Arc::new(slim.clone())]), snapshot::node_views(&nodes, &[Arc::new(full.clone())]));
+            let views = snapshot::node_views(&nodes, &[Arc::new(slim.clone())]);
+            assert_eq!(views, snapshot::node_views(&nodes, &[Arc::new(full.clone())]));
+            if phase == "Running" {
+                assert_eq!(views[0].free.cpu_milli, 4000 - 500 - 100, "the agent's 500m and its meter sidecar's 100m are taken");
+            }
             assert_eq!(
                 (slim.metadata.owner_references.as_ref(), slim.metadata.uid.as_ref()),
                 (full.metadata.owner_references.as_ref(), full.metadata.uid.as_ref())

@@ -214,6 +214,13 @@ fn restricted() -> SecurityContext {
     }
 }
 
+/// The meter container's requests and limits (100m CPU, 64 MiB). The operator's capacity and
+/// quota checks count them with the agent's (domain/snapshot.rs `pod_need`).
+pub fn resources() -> ResourceRequirements {
+    let small = Some(BTreeMap::from([("cpu".to_string(), Quantity("100m".into())), ("memory".to_string(), Quantity("64Mi".into()))]));
+    ResourceRequirements { requests: small.clone(), limits: small, ..Default::default() }
+}
+
 /// Adds the meter to an agent Pod built by `pod_builder::build_pod` (which calls it).
 pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
     let Some(spec) = pod.spec.as_mut() else { return };
@@ -234,9 +241,6 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
             args.extend([flag.to_string(), url.clone()]);
         }
     }
-    let small = |cpu: &str, memory: &str| {
-        Some(BTreeMap::from([("cpu".to_string(), Quantity(cpu.into())), ("memory".to_string(), Quantity(memory.into()))]))
-    };
     let mut mounts =
         vec![VolumeMount { name: TOKEN_VOLUME.into(), mount_path: TOKEN_DIR.into(), read_only: Some(true), ..Default::default() }];
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
@@ -284,7 +288,7 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
         // container must match; tests/real_node.rs saw the runaway agent's Pod turn Burstable).
         // Idle RSS is about 11 MiB; the rest is room for bodies in flight. A native sidecar's
         // requests add to the Pod's, so the scheduler and quotas count them.
-        resources: Some(ResourceRequirements { requests: small("100m", "64Mi"), limits: small("100m", "64Mi"), ..Default::default() }),
+        resources: Some(resources()),
         volume_mounts: Some(mounts),
         security_context: Some(restricted()),
         ..Container::default()
