@@ -333,6 +333,57 @@ async fn job_waits_until_a_node_fits_and_runs_when_one_is_added() {
     );
 }
 
+/// The meter sidecar's 100m / 64Mi count as the scheduler counts them: an agent of 63,950m fits
+/// this binary's largest node (64 CPUs, nothing bound to it) alone, not with its meter. The job
+/// waits, saying so, and runs once a node has room for both.
+#[tokio::test]
+async fn a_job_that_fits_a_node_only_without_its_meter_sidecar_waits_naming_the_sidecars_share() {
+    let env = setup("lc-sidecar-node").await;
+    let job = create_job(&env, &job_manifest("almost", json!({"resources": {"cpu": "63950m", "memory": "1Gi"}}))).await;
+    approve(&env, &job).await;
+    let waiting = wait_phase(&env, "almost", "WaitingForResources").await;
+    let ready = condition(&waiting, "Ready").unwrap();
+    assert_eq!(ready.reason, "InsufficientResources", "{ready:?}");
+    assert!(
+        ready.message.contains("cpu 64050m, memory 1088Mi, of which the agentgate-meter sidecar cpu 100m, memory 64Mi")
+            && ready.message.contains("short of cpu"),
+        "{ready:?}"
+    );
+    assert_eq!(waiting.status.unwrap().insufficient_resources, vec!["cpu".to_string()]);
+
+    add_node(&env.client, "lc-sidecar-node", "65", "256Gi", &[]).await;
+    wait_phase(&env, "almost", "Running").await;
+    let pods = wait_pods(&env, &job, 1).await;
+    let spec = pods[0].spec.as_ref().unwrap();
+    let meter = spec.init_containers.as_ref().unwrap().iter().find(|c| c.name == "agentgate-meter").expect("the meter sidecar");
+    assert_eq!(meter.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(meter.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0, "100m", "the share the check counted");
+}
+
+/// The same for a ResourceQuota: two agents of 450m fit `requests.cpu: 1` alone (900m), not
+/// with their meters (1,100m).
+#[tokio::test]
+async fn a_job_that_fits_its_quota_only_without_its_meter_sidecars_waits_naming_their_share() {
+    let env = setup("lc-sidecar-quota").await;
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({"apiVersion": "v1", "kind": "ResourceQuota",
+        "metadata": {"name": "team"}, "spec": {"hard": {"requests.cpu": "1"}}}))
+    .unwrap();
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> = Api::namespaced(env.client.clone(), &env.ns);
+    quotas.create(&PostParams::default(), &quota).await.expect("create the quota");
+    let two_agents = json!({"resources": {"cpu": "450m", "memory": "256Mi"},
+        "agents": {"supporting": [{"name": "helper", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"}]}});
+    let job = create_job(&env, &job_manifest("pair", two_agents)).await;
+    approve(&env, &job).await;
+    let waiting = wait_phase(&env, "pair", "WaitingForResources").await;
+    let ready = condition(&waiting, "Ready").unwrap();
+    assert_eq!(ready.reason, "QuotaExceeded", "{ready:?}");
+    assert!(
+        ready.message.contains("requests.cpu (used 0m, hard 1000m, job needs 1100m, 200m of it for the agentgate-meter sidecars)"),
+        "{ready:?}"
+    );
+    assert_eq!(waiting.status.unwrap().insufficient_resources, vec!["quota/team".to_string()]);
+}
+
 /// A Pod that is none of the operator's frees the room a waiting job needs: that job is woken
 /// by the Pod's own event (controller/wakeups.rs `capacity_released`), not by the 5-minute
 /// resync (which jobs a release wakes, and which it leaves alone: controller/index_tests.rs).
