@@ -1056,19 +1056,19 @@ mod tests {
     fn a_pods_requests_count_sidecars_as_the_scheduler_does() {
         let (agent, meter) = (res(500, 512, &[(GPU, 1)]), res(100, 64, &[]));
         // App containers and sidecars run together: they add up.
-        assert_eq!(effective_requests(&[agent.clone()], &[(meter.clone(), true)]), res(600, 576, &[(GPU, 1)]));
+        assert_eq!(effective_requests(std::slice::from_ref(&agent), &[(meter.clone(), true)]), res(600, 576, &[(GPU, 1)]));
         assert_eq!(effective_requests(&[agent.clone(), agent.clone()], &[]), res(1000, 1024, &[(GPU, 2)]));
         // An ordinary init container runs alone, beside the sidecars started before it only:
         // the Pod needs the larger, resource by resource.
         let setup = res(2000, 100, &[]);
-        assert_eq!(effective_requests(&[agent.clone()], &[(setup.clone(), false)]), res(2000, 512, &[(GPU, 1)]));
+        assert_eq!(effective_requests(std::slice::from_ref(&agent), &[(setup.clone(), false)]), res(2000, 512, &[(GPU, 1)]));
         assert_eq!(
-            effective_requests(&[agent.clone()], &[(meter.clone(), true), (setup.clone(), false)]),
+            effective_requests(std::slice::from_ref(&agent), &[(meter.clone(), true), (setup.clone(), false)]),
             res(2100, 576, &[(GPU, 1)]),
             "the setup runs beside the meter started before it"
         );
         assert_eq!(
-            effective_requests(&[agent.clone()], &[(setup, false), (meter.clone(), true)]),
+            effective_requests(std::slice::from_ref(&agent), &[(setup, false), (meter.clone(), true)]),
             res(2000, 576, &[(GPU, 1)]),
             "a sidecar started after it does not run beside it"
         );
