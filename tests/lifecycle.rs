@@ -384,6 +384,41 @@ async fn a_job_that_fits_its_quota_only_without_its_meter_sidecars_waits_naming_
     assert_eq!(waiting.status.unwrap().insufficient_resources, vec!["quota/team".to_string()]);
 }
 
+/// The attack: another tenant's Pod that holds a node's GPUs in a native sidecar (an init
+/// container with `restartPolicy: Always`) and requests next to nothing in its app container.
+/// The scheduler counts the sidecar; so does the operator, which would otherwise see the GPUs
+/// free and start a Pod that can never be scheduled.
+#[tokio::test]
+async fn a_foreign_pod_holding_a_node_in_a_sidecar_is_counted() {
+    let env = setup("lc-hidden").await;
+    let gpu = "example.com/lc-hidden-gpu";
+    add_node(&env.client, "lc-hidden-node", "8", "32Gi", &[(gpu, "2")]).await;
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let hog: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sidecar-hog"},
+        "spec": {"nodeName": "lc-hidden-node", "restartPolicy": "Never",
+            "initContainers": [{"name": "holder", "image": "busybox:1.36", "restartPolicy": "Always",
+                "resources": {"requests": {gpu: "2"}, "limits": {gpu: "2"}}}],
+            "containers": [{"name": "c", "image": "busybox:1.36", "resources": {"requests": {"cpu": "1m"}}}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &hog).await.expect("create the foreign Pod");
+    let job = create_job(
+        &env,
+        &job_manifest("behind-hog", json!({"resources": {"cpu": "1", "memory": "1Gi", "gpu": 1, "gpuResourceName": gpu}})),
+    )
+    .await;
+    approve(&env, &job).await;
+    let waiting = wait_phase(&env, "behind-hog", "WaitingForResources").await;
+    assert_eq!(condition(&waiting, "Ready").unwrap().reason, "InsufficientResources");
+    assert_eq!(waiting.status.unwrap().insufficient_resources, vec![gpu.to_string()]);
+    assert!(job_pods(&env.client, &env.ns, &job).await.is_empty(), "no Pod that could not be scheduled");
+
+    // The foreign Pod ends: its sidecar's GPUs are free again, and the job runs.
+    let failed = json!({"status": {"phase": "Failed", "reason": "Evicted"}});
+    pods.patch_status("sidecar-hog", &PatchParams::default(), &Patch::Merge(&failed)).await.expect("the foreign Pod fails");
+    wait_phase(&env, "behind-hog", "Running").await;
+    wait_pods(&env, &job, 1).await;
+}
+
 /// A Pod that is none of the operator's frees the room a waiting job needs: that job is woken
 /// by the Pod's own event (controller/wakeups.rs `capacity_released`), not by the 5-minute
 /// resync (which jobs a release wakes, and which it leaves alone: controller/index_tests.rs).
