@@ -178,6 +178,9 @@ impl RealNode {
                 format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
                 format!("--kubelet-certificate-authority={}", p("ca.crt")),
                 "--kubelet-preferred-address-types=InternalIP".into(),
+                // The `kubernetes` Service's endpoint (the advertise address, the node IP), which
+                // kube-proxy routes its ClusterIP to; none on loopback (the reconciler refuses it).
+                format!("--endpoint-reconciler-type={}", if options.in_cluster { "lease" } else { "none" }),
             ],
             // Pods reach the node IP through the bridge's gateway; loopback only from the host.
             address: if options.in_cluster { NODE_IP } else { "127.0.0.1" },
