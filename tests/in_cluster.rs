@@ -31,10 +31,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentgate::api::{AgentJob, Decision};
+use agentgate::domain::meter_sidecar as sidecar;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use agentgate::domain::meter_sidecar as sidecar;
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams, PostParams};
@@ -342,7 +342,8 @@ async fn a_metered_job_draws_its_budget_from_the_meter_api_by_service_name(node:
     let done = run_job(env, "metered", json!({"input": {"chat": "how many tokens is this prompt"}})).await;
     println!("figure: metered job (one call, grant by Service name) create → Succeeded in {:.2?}", started.elapsed());
     let pod = &job_pods(&env.admin, TEAM, &done).await[0];
-    let meter = pod.spec.as_ref().unwrap().init_containers.iter().flatten().find(|c| c.name == sidecar::CONTAINER).expect("the meter sidecar");
+    let meter =
+        pod.spec.as_ref().unwrap().init_containers.iter().flatten().find(|c| c.name == sidecar::CONTAINER).expect("the meter sidecar");
     let args = meter.args.clone().unwrap_or_default().join(" ");
     assert!(args.contains(&format!("--grant-url {}", meter_api_url())), "the meter uses the Service's name: {args}");
 
@@ -374,17 +375,20 @@ async fn a_pod_that_is_not_a_meter_is_refused_by_the_meter_api(node: &RealNode, 
     node.control_plane().namespace(INTRUDER).await;
     let victim = job_pods(&env.admin, TEAM, metered).await[0].name_any();
     let host = format!("agentgate-meter-api.{SYSTEM}.svc");
-    // busybox nc: raw HTTP, so the refusal's body (its reason) is in the log.
+    // busybox nc: raw HTTP, so the refusal's body (its reason) is in the log. Like a meter, it
+    // asks again while a standby answers (503): the Service picks a replica per connection.
     let script = format!(
         r#"token=$(cat /var/run/secrets/meter/token)
+ask() {{
+  printf 'POST /v1/sync HTTP/1.0\r\nHost: {host}\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s' \
+    "$token" "${{#1}}" "$1" | nc -w 10 {host} 8444
+}}
 for body in '{{"pod":"{victim}","session":"intruder","sequence":1,"usage":{{}},"wantUSD":"5.00"}}' '{{"session":"intruder","sequence":1,"usage":{{}},"wantUSD":"5.00"}}'; do
-  printf 'POST /v1/sync HTTP/1.0
-Host: {host}
-Authorization: Bearer %s
-Content-Type: application/json
-Content-Length: %s
-
-%s'     "$token" "${{#body}}" "$body" | nc -w 10 {host} 8444 | sed -n '1p;$p'
+  for try in $(seq 40); do
+    answer=$(ask "$body")
+    case "$answer" in *" 503 "*) sleep 0.25 ;; *) break ;; esac
+  done
+  printf '%s\n' "$answer" | sed -n '1p;$p'
   echo
 done"#
     );
@@ -411,8 +415,14 @@ done"#
     println!("the intruder's calls to {host}:8444:\n{logs}");
     let answers: Vec<&str> = logs.split("\n\n").map(str::trim).filter(|a| !a.is_empty()).collect();
     assert_eq!(answers.len(), 2, "two answers from the meter API: {logs}");
-    assert!(answers[0].starts_with("HTTP/1.") && answers[0].contains(" 403 ") && answers[0].contains(r#""reason":"pod_mismatch""#), "{logs}");
-    assert!(answers[1].starts_with("HTTP/1.") && answers[1].contains(" 403 ") && answers[1].contains(r#""reason":"not_an_agent_pod""#), "{logs}");
+    assert!(
+        answers[0].starts_with("HTTP/1.") && answers[0].contains(" 403 ") && answers[0].contains(r#""reason":"pod_mismatch""#),
+        "{logs}"
+    );
+    assert!(
+        answers[1].starts_with("HTTP/1.") && answers[1].contains(" 403 ") && answers[1].contains(r#""reason":"not_an_agent_pod""#),
+        "{logs}"
+    );
     let again = Api::<AgentJob>::namespaced(env.admin.clone(), TEAM).get(&metered.name_any()).await.expect("get the metered job");
     let meter = |j: &AgentJob| serde_json::to_value(j.status.as_ref()).unwrap()["meter"].clone();
     assert_eq!(meter(&again), meter(metered), "the refused calls changed no grant");

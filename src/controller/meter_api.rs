@@ -75,6 +75,11 @@ impl IntoResponse for Refusal {
         let mut response = (self.0, axum::Json(serde_json::json!({"error": {"reason": self.1, "message": self.2}}))).into_response();
         if self.0 == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            // The retry must be free to reach another replica: the Service picks one per
+            // connection, and a kept-alive connection to a standby would be asked again and
+            // again (tests/in_cluster.rs a_metered_job_draws_its_budget_from_the_meter_api_by_service_name
+            // saw a meter refused by the standby until its agent gave up).
+            response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
         }
         response
     }

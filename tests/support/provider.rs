@@ -52,7 +52,8 @@ impl StandInProvider {
     /// Every call so far: `path`, `status`, `authorization` and `usage` (`input` excluding
     /// cached, `cached`, `output`, `model`), in order.
     pub fn calls(&self) -> Result<Vec<Value>> {
-        let text = fs::read_to_string(&self.record).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(String::new()) } else { Err(e) })?;
+        let text = fs::read_to_string(&self.record)
+            .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(String::new()) } else { Err(e) })?;
         text.lines().map(|l| serde_json::from_str(l).with_context(|| format!("a call record: {l}"))).collect()
     }
 }
