@@ -375,15 +375,16 @@ async fn a_pod_that_is_not_a_meter_is_refused_by_the_meter_api(node: &RealNode, 
     node.control_plane().namespace(INTRUDER).await;
     let victim = job_pods(&env.admin, TEAM, metered).await[0].name_any();
     let host = format!("agentgate-meter-api.{SYSTEM}.svc");
-    // busybox nc: raw HTTP, so the refusal's body (its reason) is in the log. Like a meter, it
+    // busybox nc: raw HTTP, so the refusal's body (its reason) is in the log; its input stays
+    // open a while (nc drops the connection when its input ends, maybe before the answer). Like a meter, it
     // asks again while a standby answers (503): the Service picks a replica per connection.
     let script = format!(
         r#"token=$(cat /var/run/secrets/meter/token)
 ask() {{
-  printf 'POST /v1/sync HTTP/1.0\r\nHost: {host}\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s' \
-    "$token" "${{#1}}" "$1" | nc -w 10 {host} 8444
+  {{ printf 'POST /v1/sync HTTP/1.0\r\nHost: {host}\r\nAuthorization: Bearer %s\r\nContent-Type: application/json\r\nContent-Length: %s\r\n\r\n%s' \
+    "$token" "${{#1}}" "$1"; sleep 2; }} | nc -w 10 {host} 8444
 }}
-for body in '{{"pod":"{victim}","session":"intruder","sequence":1,"usage":{{}},"wantUSD":"5.00"}}' '{{"session":"intruder","sequence":1,"usage":{{}},"wantUSD":"5.00"}}'; do
+for body in '{{"pod":"{victim}","session":"intruder","sequence":1,"usage":{{"inputTokens":0,"cachedInputTokens":0,"outputTokens":0,"totalTokens":0,"costUSD":"0"}},"wantUSD":"5.00"}}' '{{"session":"intruder","sequence":1,"usage":{{"inputTokens":0,"cachedInputTokens":0,"outputTokens":0,"totalTokens":0,"costUSD":"0"}},"wantUSD":"5.00"}}'; do
   for try in $(seq 40); do
     answer=$(ask "$body")
     case "$answer" in *" 503 "*) sleep 0.25 ;; *) break ;; esac
