@@ -314,3 +314,18 @@ pub async fn serve(listen: SocketAddr, api: Arc<MeterApi>, shutdown: impl Future
     axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_refusal_closes_the_connection_so_that_the_retry_may_reach_another_replica() {
+        let standby = refuse(StatusCode::SERVICE_UNAVAILABLE, "not_leader", "standing by").into_response();
+        assert_eq!(standby.headers().get(http::header::CONNECTION).and_then(|v| v.to_str().ok()), Some("close"));
+        assert_eq!(standby.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some("1"));
+        // A final answer keeps the connection: the meter's next request goes to the same leader.
+        let refused = refuse(StatusCode::FORBIDDEN, "pod_mismatch", "another Pod").into_response();
+        assert!(refused.headers().get(http::header::CONNECTION).is_none());
+    }
+}
