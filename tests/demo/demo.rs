@@ -5,8 +5,9 @@
 //! installs the operator as Pods (image made from the cargo build) and the agents run as real Pods
 //! of the reference agent image, each making one model call through its meter: the provider is
 //! the stand-in (tests/meter/upstream.py) on the node IP, which each team's keys Secret names,
-//! and the meters draw their budgets from the operator's meter API by its Service name. Otherwise, saying so, on the simulated kubelet: two registered
-//! nodes and the demo writing the agent Pods' status. `AGENTGATE_DEMO_SIMULATED=1` asks for it.
+//! and the meters draw their budgets from the operator's meter API by its Service name.
+//! Otherwise, saying so, on the simulated kubelet: two registered nodes and the demo writing the
+//! agent Pods' status. `AGENTGATE_DEMO_SIMULATED=1` asks for it.
 //!
 //! Everything it starts dies with it (Ctrl-C included).
 
