@@ -376,8 +376,9 @@ async fn a_pod_that_is_not_a_meter_is_refused_by_the_meter_api(node: &RealNode, 
     let victim = job_pods(&env.admin, TEAM, metered).await[0].name_any();
     let host = format!("agentgate-meter-api.{SYSTEM}.svc");
     // busybox nc: raw HTTP, so the refusal's body (its reason) is in the log; its input stays
-    // open a while (nc drops the connection when its input ends, maybe before the answer). Like a meter, it
-    // asks again while a standby answers (503): the Service picks a replica per connection.
+    // open a while (nc drops the connection when its input ends, maybe before the answer). Like a
+    // meter, it asks again while a standby answers (503): the Service picks a replica per
+    // connection.
     let script = format!(
         r#"token=$(cat /var/run/secrets/meter/token)
 ask() {{
