@@ -55,7 +55,7 @@ pub struct MeterArgs {
     #[arg(long, env = "AGENTGATE_METER_GRANT_CA_FILE", conflicts_with = "grant_ca_pem")]
     pub grant_ca_file: Option<PathBuf>,
     /// The same CA certificate as PEM text (the operator sets it in the meter's environment).
-    #[arg(long, env = "AGENTGATE_METER_GRANT_CA_PEM", hide_env_values = true)]
+    #[arg(long, env = "AGENTGATE_METER_GRANT_CA_PEM", hide_env_values = true, allow_hyphen_values = true)]
     pub grant_ca_pem: Option<String>,
     /// Allow a plain `http://` grant URL: the meter's token and the operator's grants then cross
     /// the network readable and forgeable. For development only.
