@@ -138,7 +138,7 @@ fn chart_rules_are_the_rules_of_deploy_and_have_no_wildcards() {
     assert!(!deploy.is_empty(), "no ClusterRole or Role in deploy/");
     let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/agentgate/templates");
     let mut chart = Vec::new();
-    for file in ["clusterrole.yaml", "clusterrole-templates.yaml", "role-leader-election.yaml"] {
+    for file in ["clusterrole.yaml", "clusterrole-templates.yaml", "role-leader-election.yaml", "role-meter-api-tls.yaml"] {
         // With the chart's default values every conditional rule is rendered; template lines
         // only name things.
         let text: String =
@@ -413,7 +413,12 @@ async fn the_operator_uses_every_right_it_has_and_no_other_and_never_leaks_a_sec
     }) {
         let namespace = object["metadata"]["namespace"].as_str().map(str::to_string);
         for right in rights_of(&object["rules"]) {
-            granted.insert(right, namespace.clone());
+            // A right granted cluster-wide stays so when a Role also grants it in one namespace
+            // (get on Secrets: the ClusterRole's, and the meter API certificate's Role).
+            let scope = granted.entry(right).or_insert(namespace.clone());
+            if namespace.is_none() {
+                *scope = None;
+            }
         }
     }
     let token = service_account_token(cp, "agentgate");
