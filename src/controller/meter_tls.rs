@@ -71,8 +71,9 @@ fn unix_now() -> i64 {
 }
 
 impl MeterTls {
-    /// Reads (or creates) the Secret and loads its certificate; retried for a while, since the
-    /// apiserver or a provided Secret may not be there yet when the operator starts.
+    /// Reads (or creates) the Secret and loads its certificate; retried for 20 s (the apiserver
+    /// or a provided Secret may not be there yet), then the operator exits with the reason,
+    /// before its liveness probe (35 s) would kill it without one.
     pub async fn start(
         client: Client,
         namespace: String,
@@ -81,7 +82,7 @@ impl MeterTls {
         names: Vec<String>,
     ) -> anyhow::Result<Arc<MeterTls>> {
         let mut last = None;
-        for _ in 0..12 {
+        for attempt in 1..=5 {
             match ensure(&client, &namespace, &secret, mode, &names, None).await {
                 Ok(material) => {
                     let current = Arc::new(Current(RwLock::new(certified(&material)?)));
@@ -90,9 +91,11 @@ impl MeterTls {
                     return Ok(Arc::new(MeterTls { client, namespace, secret, mode, names, current, loaded }));
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "meter API certificate; retrying");
+                    tracing::warn!(error = %e, attempt, "meter API certificate; retrying");
                     last = Some(e);
-                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    if attempt < 5 {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
                 }
             }
         }
