@@ -311,9 +311,14 @@ printf '{{"usage":[],"output":{{"firstCall":"%s"}}}}' "$first" >/dev/termination
         let done = wait_phase(env, &name, "Succeeded").await;
         let output = &serde_json::to_value(done.status.as_ref()).unwrap()["output"];
         assert_eq!(output["firstCall"], json!("ok"), "round {round}: {output}");
-        let pod = &job_pods(&env.admin, NS, &j).await[0];
+        let pod = wait_pod_done(env, &j).await;
         let meter = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
         assert!(meter.startup_probe.is_some(), "the meter has a startup probe");
+        let st = pod.status.as_ref().unwrap();
+        let started = |c: &k8s_openapi::api::core::v1::ContainerStatus| c.state.as_ref()?.terminated.as_ref()?.started_at.clone();
+        let (meter, agent) =
+            (started(&st.init_container_statuses.as_ref().unwrap()[0]), started(&st.container_statuses.as_ref().unwrap()[0]));
+        println!("figure: round {round}: meter started {meter:?}, agent started {agent:?} (after the meter's startup probe)");
     }
     assert_eq!(env.calls_with(prompt).len(), 3, "one call per agent, each through the meter");
 }
