@@ -5,7 +5,7 @@
 //! Every replica runs [`MeterTls::keep_fresh`]: it reads the Secret every [`REFRESH`], creates
 //! it when missing (POST: only one replica's is stored, the other reads it back) and renews it
 //! when due (PUT with the resourceVersion it read: a replica that loses the race reads the
-//! winner's). So both replicas serve the same certificate (tests/meter_tls.rs).
+//! winner's). So both replicas serve the same certificate (tests/meter_grants.rs).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};

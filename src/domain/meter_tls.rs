@@ -6,7 +6,7 @@
 //! the operator's namespace, so every replica serves the same certificate. The CA certificate
 //! (public) goes into each meter's container; the meter trusts it and nothing else (not the
 //! system's roots) for the meter API. Renewing the serving certificate keeps the CA, so meters
-//! already running keep verifying the operator (tests/meter_tls.rs). A Secret the admin provides
+//! already running keep verifying the operator (tests/meter_grants.rs). A Secret the admin provides
 //! instead (cert-manager's `tls.crt`, `tls.key`, `ca.crt`) is read, never written.
 
 use std::collections::BTreeMap;

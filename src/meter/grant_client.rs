@@ -150,7 +150,7 @@ impl GrantClient {
 
 /// HTTPS to the meter API, trusting exactly the CA in `ca_pem` (the operator's, handed to the
 /// meter at Pod creation): a server whose certificate does not chain to it, or does not name the
-/// grant URL's host, is refused, and so is plain HTTP (tests/meter_tls.rs).
+/// grant URL's host, is refused, and so is plain HTTP (tests/meter_grants.rs).
 pub fn pinned_client(ca_pem: &[u8]) -> anyhow::Result<HttpsClient> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
     let mut roots = rustls::RootCertStore::empty();
