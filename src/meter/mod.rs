@@ -153,7 +153,7 @@ pub fn probe(url: &str) -> anyhow::Result<()> {
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n")?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut head = [0u8; 12];
     stream.read_exact(&mut head)?;
     anyhow::ensure!(head.starts_with(b"HTTP/1.1 200"), "{url} answered {:?}", String::from_utf8_lossy(&head));
@@ -265,6 +265,36 @@ mod tests {
         assert!(err.to_string().contains("--grant-url and --budget-usd exclude each other"), "{err}");
         assert!(build(&["--grant-url", "ftp://operator"]).unwrap_err().to_string().contains("http or https"));
         build(&["--grant-url", "http://agentgate-meter-api.agentgate-system.svc:8444", "--grant-insecure-http"]).unwrap();
+    }
+
+    /// A one-shot server on loopback answering `status_line`; its URL.
+    fn answering(status_line: &'static str) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/healthz", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 256];
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "the probe hung up mid-request");
+                request.extend_from_slice(&chunk[..n]);
+            }
+            assert!(request.starts_with(b"GET /healthz HTTP/1.1\r\n"), "{}", String::from_utf8_lossy(&request));
+            stream.write_all(format!("{status_line}\r\ncontent-length: 2\r\n\r\nok").as_bytes()).unwrap();
+        });
+        url
+    }
+
+    #[test]
+    fn the_startup_probe_passes_only_on_a_200() {
+        super::probe(&answering("HTTP/1.1 200 OK")).unwrap();
+        let err = super::probe(&answering("HTTP/1.1 503 Service Unavailable")).unwrap_err().to_string();
+        assert!(err.contains("503"), "{err}");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert!(super::probe(&format!("http://{closed}/healthz")).is_err(), "nothing listens");
+        assert!(super::probe("https://127.0.0.1:4000/healthz").is_err());
     }
 
     #[test]
