@@ -45,6 +45,9 @@ enum Command {
     MeterProbe {
         #[arg(default_value = "http://127.0.0.1:4000/healthz")]
         url: String,
+        /// Milliseconds to keep asking before failing (the probe's timeoutSeconds must exceed it).
+        #[arg(long, default_value_t = 1500)]
+        wait_ms: u64,
     },
 }
 
@@ -246,7 +249,7 @@ fn main() -> anyhow::Result<()> {
                 agentgate::signal::shutdown_signal(),
             ))
         }
-        Command::MeterProbe { url } => agentgate::meter::probe(&url),
+        Command::MeterProbe { url, wait_ms } => agentgate::meter::probe(&url, std::time::Duration::from_millis(wait_ms)),
         Command::Review(args) => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
             let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());

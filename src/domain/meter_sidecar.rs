@@ -322,9 +322,11 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
             exec: Some(ExecAction {
                 command: Some(vec![BINARY.into(), "meter-probe".into(), format!("http://127.0.0.1:{PORT}{HEALTH_PATH}")]),
             }),
+            // The probe keeps asking for 1.5 s within its 2 s timeout (src/meter/mod.rs probe),
+            // so the agent starts milliseconds after the meter listens, not a period later.
             period_seconds: Some(1),
             timeout_seconds: Some(2),
-            failure_threshold: Some(120),
+            failure_threshold: Some(60),
             ..Probe::default()
         }),
         ..Container::default()

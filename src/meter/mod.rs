@@ -142,9 +142,24 @@ fn grant_transport(url: &str, args: &MeterArgs) -> anyhow::Result<proxy::HttpsCl
     }
 }
 
-/// The startup probe (`agentgate meter-probe`): Ok when `url` (http, loopback) answers 200.
-/// Blocking and dependency-free: it runs as its own short process in the meter's container.
-pub fn probe(url: &str) -> anyhow::Result<()> {
+/// The startup probe (`agentgate meter-probe`): Ok once `url` (http, loopback) answers 200,
+/// asking every 20 ms for up to `wait`. Waiting inside the probe, rather than failing and being
+/// run again a period later (at least a second), starts the agent within milliseconds of its
+/// meter. Blocking and dependency-free: it runs as its own short process in the meter's container.
+pub fn probe(url: &str, wait: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match probe_once(url) {
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "not yet");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn probe_once(url: &str) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("{url:?}: an http:// URL"))?;
     let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
@@ -289,12 +304,26 @@ mod tests {
 
     #[test]
     fn the_startup_probe_passes_only_on_a_200() {
-        super::probe(&answering("HTTP/1.1 200 OK")).unwrap();
-        let err = super::probe(&answering("HTTP/1.1 503 Service Unavailable")).unwrap_err().to_string();
+        let now = std::time::Duration::ZERO;
+        super::probe(&answering("HTTP/1.1 200 OK"), now).unwrap();
+        let err = super::probe(&answering("HTTP/1.1 503 Service Unavailable"), now).unwrap_err().to_string();
         assert!(err.contains("503"), "{err}");
         let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        assert!(super::probe(&format!("http://{closed}/healthz")).is_err(), "nothing listens");
-        assert!(super::probe("https://127.0.0.1:4000/healthz").is_err());
+        assert!(super::probe(&format!("http://{closed}/healthz"), now).is_err(), "nothing listens");
+        assert!(super::probe("https://127.0.0.1:4000/healthz", now).is_err());
+        // Waiting: a meter that starts listening a moment after the probe began passes it.
+        let late = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = late.local_addr().unwrap();
+        drop(late);
+        let started = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let listener = std::net::TcpListener::bind(addr).unwrap();
+            let (mut stream, _) = listener.accept().unwrap();
+            std::io::Read::read(&mut stream, &mut [0u8; 256]).unwrap();
+            std::io::Write::write_all(&mut stream, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").unwrap();
+        });
+        super::probe(&format!("http://{addr}/healthz"), std::time::Duration::from_secs(5)).unwrap();
+        started.join().unwrap();
     }
 
     #[test]
