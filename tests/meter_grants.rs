@@ -31,6 +31,7 @@ use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
+use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
 use support::cluster::*;
 use support::controlplane::{ControlPlane, OperatorProcess};
@@ -783,4 +784,89 @@ async fn the_meter_api_is_https_with_the_operators_ca_and_meters_refuse_any_othe
     let after = meter_status(&s.admin, ns, "tls").await;
     assert!(usd(&after.granted_usd) > granted, "granted over the renewed certificate: {after:?}");
     assert!(after.grants.iter().any(|g| g.pod == helper), "{after:?}");
+}
+
+/// The operator's log, to explain a failure or find a message.
+fn operator_log(operator: &OperatorProcess) -> String {
+    std::fs::read_to_string(operator.log_path()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provided_certificate_is_served_as_is_and_a_bad_tls_configuration_stops_the_operator() {
+    let ns = "meter-grants-provided";
+    let cp = ControlPlane::shared();
+    cp.namespace(ns).await;
+    let admin = cp.client("admin").await;
+    let tls_flags = |port: u16, mode: &'static str, scheme: &'static str| -> Vec<String> {
+        [
+            "--namespace",
+            ns,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--meter-api-listen",
+            &format!("127.0.0.1:{port}"),
+            "--meter-grant-url",
+            &format!("{scheme}://127.0.0.1:{port}"),
+            "--meter-api-tls",
+            mode,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let start = |flags: Vec<String>| OperatorProcess::start(cp, &flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let exited = |mut operator: OperatorProcess| async move {
+        let status = wait_for("the operator to exit", TIMEOUT, || std::future::ready(operator.exit_status()), Option::is_some).await;
+        (status.unwrap(), operator_log(&operator))
+    };
+
+    // `secret` without the Secret: the operator says which one and stops (after its retries).
+    let (status, log) = exited(start(tls_flags(free_port(), "secret", "https"))).await;
+    assert!(
+        !status.success() && log.contains(&format!("Secret {ns}/{} (--meter-api-tls secret) does not exist", tls::DEFAULT_SECRET)),
+        "{log}"
+    );
+    // TLS off with an https grant URL (or on with an http one): refused at start, before serving.
+    let (status, log) = exited(start(tls_flags(free_port(), "off", "https"))).await;
+    assert!(!status.success() && log.contains("does not match --meter-api-tls"), "{log}");
+    let (status, log) = exited(start(tls_flags(free_port(), "managed", "http"))).await;
+    assert!(!status.success() && log.contains("does not match --meter-api-tls"), "{log}");
+
+    // The admin's certificate (as cert-manager writes it: no CA key, no annotations) is served
+    // as it is, and the operator never writes it.
+    let names = tls::names("https://127.0.0.1:1", ns).unwrap();
+    let material = tls::fresh(&names, unix_now()).unwrap();
+    let mut provided = tls::to_secret(tls::DEFAULT_SECRET, ns, &material);
+    provided.metadata.annotations = None;
+    provided.metadata.labels = None;
+    provided.data.as_mut().unwrap().remove(tls::CA_KEY_KEY);
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
+    let created = secrets.create(&PostParams::default(), &provided).await.unwrap();
+    let port = free_port();
+    let operator = start(tls_flags(port, "secret", "https"));
+    let served =
+        wait_for("the provided certificate served", TIMEOUT, || served_certificate(port, material.ca_cert_pem.as_bytes()), Result::is_ok)
+            .await
+            .unwrap();
+    let der = |pem: &str| rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec();
+    assert_eq!(served, der(&material.cert_pem));
+    // The issuer renews it (same CA): the operator serves the new one, and writes nothing.
+    let renewed = tls::renewed(&material, &names, unix_now()).unwrap();
+    let mut update = created.clone();
+    let data = update.data.as_mut().unwrap();
+    data.insert(tls::CERT_KEY.into(), k8s_openapi::ByteString(renewed.cert_pem.clone().into_bytes()));
+    data.insert(tls::KEY_KEY.into(), k8s_openapi::ByteString(renewed.key_pem.clone().into_bytes()));
+    let written = secrets.replace(tls::DEFAULT_SECRET, &PostParams::default(), &update).await.unwrap();
+    wait_for(
+        "the renewed certificate served",
+        TIMEOUT,
+        || served_certificate(port, material.ca_cert_pem.as_bytes()),
+        |c| c.as_ref().is_ok_and(|c| *c == der(&renewed.cert_pem)),
+    )
+    .await
+    .unwrap();
+    let after = secrets.get(tls::DEFAULT_SECRET).await.unwrap();
+    assert_eq!(after.metadata.resource_version, written.metadata.resource_version, "the operator wrote the admin's Secret");
+    assert!(after.data.unwrap().get(tls::CA_KEY_KEY).is_none());
+    assert!(operator_log(&operator).contains("meter API certificate reloaded"));
 }
