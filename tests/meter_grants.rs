@@ -867,6 +867,6 @@ async fn a_provided_certificate_is_served_as_is_and_a_bad_tls_configuration_stop
     .unwrap();
     let after = secrets.get(tls::DEFAULT_SECRET).await.unwrap();
     assert_eq!(after.metadata.resource_version, written.metadata.resource_version, "the operator wrote the admin's Secret");
-    assert!(after.data.unwrap().get(tls::CA_KEY_KEY).is_none());
+    assert!(!after.data.unwrap().contains_key(tls::CA_KEY_KEY));
     assert!(operator_log(&operator).contains("meter API certificate reloaded"));
 }
