@@ -188,13 +188,19 @@ async fn ensure(
                 Err(e) => return Err(e.into()),
             }
         };
+        // Renewed from the Secret's CA, else (a Secret someone emptied) from the CA this replica
+        // serves, so running meters keep trusting it; a new CA only when neither has one.
+        let renew = |from: Option<&Material>| match from.or(known).filter(|m| m.ca_key_pem.is_some()) {
+            Some(m) => tls::renewed(m, names, now),
+            None => tls::fresh(names, now),
+        };
         let (material, why) = match tls::from_secret(&secret) {
             Ok(m) => match tls::renewal_due(&m, names, now) {
                 None => return Ok(m),
-                Some(why) if m.ca_key_pem.is_some() => (tls::renewed(&m, names, now).map_err(anyhow::Error::msg)?, why),
-                Some(why) => (tls::fresh(names, now).map_err(anyhow::Error::msg)?, why),
+                Some(why) if m.ca_key_pem.is_some() => (renew(Some(&m)).map_err(anyhow::Error::msg)?, why),
+                Some(why) => (renew(None).map_err(anyhow::Error::msg)?, why),
             },
-            Err(why) => (tls::fresh(names, now).map_err(anyhow::Error::msg)?, why),
+            Err(why) => (renew(None).map_err(anyhow::Error::msg)?, why),
         };
         let mut replacement = tls::to_secret(name, namespace, &material);
         replacement.metadata.resource_version = secret.resource_version();
