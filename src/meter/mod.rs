@@ -154,7 +154,7 @@ pub fn probe(url: &str, wait: std::time::Duration) -> anyhow::Result<()> {
                 tracing::debug!(error = %e, "not yet");
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            result => return result,
+            result => return result.map_err(|e| anyhow::anyhow!("the meter at {url}: {e}")),
         }
     }
 }
