@@ -29,7 +29,9 @@ fn metered_pod() -> Pod {
         openai_upstream: None,
         anthropic_upstream: None,
         budget_mode: BudgetMode::Grants,
-        grant_url: "http://agentgate-meter-api.agentgate-system.svc:8444".into(),
+        grant_url: "https://agentgate-meter-api.agentgate-system.svc:8444".into(),
+        // The CA and the startup probe are part of what restricted admission sees.
+        grant_ca_pem: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
     };
     let (meter, _) = config.plan(NS, Some(&NamespaceKeys { openai: true, anthropic: true, ..NamespaceKeys::default() }), "5.00");
     let plan = PodPlan {
@@ -132,7 +134,15 @@ async fn the_operator_injects_the_meter_and_the_agent_gets_no_key() {
         let meter = &spec.init_containers.as_ref().expect("a sidecar")[0];
         assert_eq!((meter.name.as_str(), meter.restart_policy.as_deref()), (sidecar::CONTAINER, Some("Always")), "{ns}");
         let args = meter.args.as_ref().unwrap().join(" ");
-        assert!(args.contains("--grant-url http://agentgate-meter-api.default.svc:8444") && !args.contains("--budget-usd"), "{ns}: {args}");
+        assert!(
+            args.contains("--grant-url https://agentgate-meter-api.default.svc:8444") && !args.contains("--budget-usd"),
+            "{ns}: {args}"
+        );
+        assert!(!args.contains("--grant-insecure-http"), "{ns}: {args}");
+        // The meter trusts the operator's CA (managed by default, in the operator's namespace).
+        let ca = meter.env.iter().flatten().find(|e| e.name == sidecar::GRANT_CA_ENV).and_then(|e| e.value.clone());
+        assert!(ca.is_some_and(|ca| ca.starts_with("-----BEGIN CERTIFICATE-----")), "{ns}: {:?}", meter.env);
+        assert!(meter.startup_probe.as_ref().and_then(|p| p.exec.as_ref()).is_some(), "{ns}: the agent waits for its meter");
         let agent = serde_json::to_value(&spec.containers[0]).unwrap();
         let text = agent.to_string();
         assert!(!text.contains(sidecar::DEFAULT_KEYS_SECRET), "{ns}: the agent container references the keys: {text}");

@@ -10,9 +10,12 @@
 //!   line holds) equals what the stand-in reported;
 //! - an agent OOM-killed, or stopped at its deadline, after a call: the meter outlives it and
 //!   its totals stay readable;
-//! - the meters draw the job's budget from the operator's meter API (grants, authenticated by
-//!   the Pod's projected token) and the job's `status.usage` is theirs, also for agents killed
-//!   before they could report;
+//! - the meters draw the job's budget from the operator's meter API over HTTPS (grants,
+//!   authenticated by the Pod's projected token; the meter trusts the operator's CA, handed to
+//!   it in its container's env, and the certificate names the node IP the meters dial) and the
+//!   job's `status.usage` is theirs, also for agents killed before they could report;
+//! - the agent container starts only once its meter answers (the meter's startup probe): an
+//!   agent's one call, without a retry, goes through;
 //! - a budget smaller than the run: the meter refuses the call that would cross it (402), the
 //!   agent stops there, spend stays within the budget, and the job ends `BudgetExhausted` with
 //!   the output and usage so far, not retried.
@@ -110,7 +113,8 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
     // The operator runs on the host: its meter API listens on the node IP, which the Pods reach,
     // and the meters draw the job's budget from it as they would from the in-cluster Service.
     let meter_api = format!("{NODE_IP}:{}", support::http::free_port());
-    let grant_url = format!("http://{meter_api}");
+    // HTTPS: the operator's managed certificate names this host (the grant URL's).
+    let grant_url = format!("https://{meter_api}");
     let operator = OperatorProcess::start(
         cp,
         &[
@@ -133,6 +137,7 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
     let env = Env { admin: admin.clone(), alice: cp.client("alice").await, bob: cp.client("bob").await, calls, real_key };
 
     a_call_goes_through_the_meter_with_the_meters_key(&env).await;
+    the_agents_first_call_needs_no_retry(&env).await;
     the_agent_container_holds_no_key(&env).await;
     the_meter_outlives_an_oom_killed_agent(&env).await;
     the_meter_outlives_an_agent_stopped_at_its_deadline(&env).await;
@@ -290,6 +295,36 @@ async fn a_call_goes_through_the_meter_with_the_meters_key(env: &Env) {
     assert_status_usage_is_the_stand_ins("chat", &done, &calls);
     assert_eq!(status["attempts"][0]["reportedUsage"]["inputTokens"].as_i64(), Some(calls[0].prompt_tokens), "{status}");
     println!("meter: 1 call, stand-in saw the Secret's key; meter /usage = {live}");
+}
+
+/// The agent makes its one call at once and never retries: it succeeds only if its meter was
+/// already listening when the kubelet started the agent (the meter's startup probe).
+async fn the_agents_first_call_needs_no_retry(env: &Env) {
+    let prompt = "the very first thing";
+    let script = format!(
+        r#"body='{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{prompt}"}}],"max_tokens":64}}'
+if wget -q -O /dev/null --header "Authorization: Bearer $OPENAI_API_KEY" --header 'Content-Type: application/json'   --post-data "$body" "$OPENAI_BASE_URL/chat/completions"; then first=ok; else first=failed; fi
+printf '{{"usage":[],"output":{{"firstCall":"%s"}}}}' "$first" >/dev/termination-log
+[ "$first" = ok ]"#
+    );
+    for round in 0..3 {
+        let name = format!("first-{round}");
+        let j =
+            create_and_approve(env, &job(&name, prompt, json!({"agents": {"primary": {"command": ["/bin/sh", "-c", script.as_str()]}}})))
+                .await;
+        let done = wait_phase(env, &name, "Succeeded").await;
+        let output = &serde_json::to_value(done.status.as_ref()).unwrap()["output"];
+        assert_eq!(output["firstCall"], json!("ok"), "round {round}: {output}");
+        let pod = wait_pod_done(env, &j).await;
+        let meter = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        assert!(meter.startup_probe.is_some(), "the meter has a startup probe");
+        let st = pod.status.as_ref().unwrap();
+        let started = |c: &k8s_openapi::api::core::v1::ContainerStatus| c.state.as_ref()?.terminated.as_ref()?.started_at.clone();
+        let (meter, agent) =
+            (started(&st.init_container_statuses.as_ref().unwrap()[0]), started(&st.container_statuses.as_ref().unwrap()[0]));
+        println!("figure: round {round}: meter started {meter:?}, agent started {agent:?} (after the meter's startup probe)");
+    }
+    assert_eq!(env.calls_with(prompt).len(), 3, "one call per agent, each through the meter");
 }
 
 /// The author names the keys Secret in the agent's env (they may read it, so admission lets it

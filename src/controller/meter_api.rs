@@ -307,11 +307,23 @@ async fn sync(State(api): State<Arc<MeterApi>>, headers: HeaderMap, body: Bytes)
     }
 }
 
-/// Serves the meter API until `shutdown` resolves.
-pub async fn serve(listen: SocketAddr, api: Arc<MeterApi>, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+/// Serves the meter API until `shutdown` resolves: over HTTPS with `tls`
+/// (controller/meter_tls.rs), else plain HTTP (`--meter-api-tls off`, for development).
+pub async fn serve(
+    listen: SocketAddr,
+    api: Arc<MeterApi>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("meter API: listening on {listen}: {e}"))?;
-    tracing::info!(listen = %listener.local_addr()?, "meter API ready");
-    axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?;
+    tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "meter API ready");
+    match tls {
+        Some(acceptor) => {
+            let listener = super::meter_tls::TlsListener::new(listener, acceptor, api.metrics.clone())?;
+            axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?;
+        }
+        None => axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?,
+    }
     Ok(())
 }
 

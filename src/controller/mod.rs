@@ -14,6 +14,7 @@ pub mod index;
 pub mod learning_mark;
 pub mod meter_api;
 pub mod meter_keys;
+pub mod meter_tls;
 pub mod pod_finalizer;
 pub mod price_table;
 pub mod recommendations;
@@ -579,6 +580,7 @@ mod tests {
             anthropic_upstream: None,
             budget_mode: crate::domain::meter_sidecar::BudgetMode::Fixed,
             grant_url: String::new(),
+            grant_ca_pem: None,
         };
         let (meter, _) = config.plan("team", None, "1.00");
         let mut pod = build_pod(&PodPlan {

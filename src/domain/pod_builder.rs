@@ -199,6 +199,7 @@ mod tests {
             openai_upstream: None,
             anthropic_upstream: None,
             budget: meter_sidecar::MeterBudget::Fixed("0.50".into()),
+            grant_ca_pem: None,
         }
     }
 

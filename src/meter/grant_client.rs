@@ -158,7 +158,7 @@ impl GrantClient {
             .header(http::header::AUTHORIZATION, authorization)
             .body(Full::new(body))
             .map_err(|e| GrantError::Unreachable(e.to_string()))?;
-        let response = self.client.request(request).await.map_err(|e| GrantError::Unreachable(e.to_string()))?;
+        let response = self.client.request(request).await.map_err(|e| GrantError::Unreachable(causes(&e)))?;
         let status = response.status();
         let bytes = response.into_body().collect().await.map_err(|e| GrantError::Unreachable(e.to_string()))?.to_bytes();
         if !status.is_success() {
@@ -167,6 +167,36 @@ impl GrantClient {
         }
         serde_json::from_slice(&bytes).map_err(|e| GrantError::Unreachable(format!("an answer that is not the meter API's: {e}")))
     }
+}
+
+/// HTTPS to the meter API, trusting exactly the CA in `ca_pem` (the operator's, handed to the
+/// meter at Pod creation): a server whose certificate does not chain to it, or does not name the
+/// grant URL's host, is refused, and so is plain HTTP (tests/meter_grants.rs).
+pub fn pinned_client(ca_pem: &[u8]) -> anyhow::Result<HttpsClient> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.map_err(|e| anyhow::anyhow!("the meter API's CA certificate: {e}"))?)?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "the meter API's CA certificate: no CA certificate in the PEM given");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only().enable_http1().build();
+    Ok(hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https))
+}
+
+/// An error with its causes: "client error (Connect)" alone would hide a refused certificate.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
 }
 
 fn retryable(e: &GrantError) -> bool {

@@ -88,7 +88,12 @@ pub struct Meter {
 }
 
 pub fn router(meter: Arc<Meter>) -> axum::Router {
-    axum::Router::new().route("/usage", axum::routing::get(usage)).fallback(proxy).with_state(meter)
+    axum::Router::new()
+        .route("/usage", axum::routing::get(usage))
+        // The startup probe's (domain/meter_sidecar.rs): the meter is up and serving.
+        .route(crate::domain::meter_sidecar::HEALTH_PATH, axum::routing::get(|| async { "ok" }))
+        .fallback(proxy)
+        .with_state(meter)
 }
 
 async fn usage(State(meter): State<Arc<Meter>>) -> Response {
