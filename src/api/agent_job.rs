@@ -260,7 +260,22 @@ pub struct ApprovalRequirement {
     pub required: Option<i32>,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+/// Serde and strum both name a phase by its variant name, as the CRD's status.phase enum does
+/// (`phase_names_match_the_wire_format` checks they agree).
+#[derive(
+    Deserialize,
+    Serialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    JsonSchema,
+    strum::IntoStaticStr,
+    strum::EnumString,
+    strum::VariantArray,
+)]
 pub enum JobPhase {
     Pending,
     WaitingForResources,
@@ -277,26 +292,10 @@ impl JobPhase {
     }
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            JobPhase::Pending => "Pending",
-            JobPhase::WaitingForResources => "WaitingForResources",
-            JobPhase::AwaitingApproval => "AwaitingApproval",
-            JobPhase::Running => "Running",
-            JobPhase::Succeeded => "Succeeded",
-            JobPhase::Failed => "Failed",
-            JobPhase::Rejected => "Rejected",
-        }
+        self.into()
     }
 
-    pub const ALL: [JobPhase; 7] = [
-        JobPhase::Pending,
-        JobPhase::WaitingForResources,
-        JobPhase::AwaitingApproval,
-        JobPhase::Running,
-        JobPhase::Succeeded,
-        JobPhase::Failed,
-        JobPhase::Rejected,
-    ];
+    pub const ALL: &[JobPhase] = <JobPhase as strum::VariantArray>::VARIANTS;
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -575,7 +574,7 @@ pub enum AttemptResult {
 /// `decide::rederive_phase`.
 fn known_phase<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<JobPhase>, D::Error> {
     let name = Option::<String>::deserialize(deserializer)?;
-    Ok(name.and_then(|name| JobPhase::ALL.into_iter().find(|p| p.as_str() == name)))
+    Ok(name.and_then(|name| name.parse().ok()))
 }
 
 /// An attempt that ended in a way this version does not know counts as failed: it never runs
@@ -647,4 +646,17 @@ pub struct ModelUsage {
     pub output_tokens: i64,
     #[serde(rename = "costUSD")]
     pub cost_usd: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JobPhase;
+
+    #[test]
+    fn phase_names_match_the_wire_format() {
+        for &phase in JobPhase::ALL {
+            assert_eq!(serde_json::to_value(phase).unwrap(), phase.as_str(), "serde and strum name {phase:?} alike");
+            assert_eq!(phase.as_str().parse::<JobPhase>(), Ok(phase));
+        }
+    }
 }

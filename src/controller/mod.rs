@@ -542,6 +542,8 @@ fn poke<T>(trigger: &Arc<tokio::sync::Notify>) -> impl FnMut(&T) + Send + 'stati
     move |_| trigger.notify_one()
 }
 
+/// tokio-stream's `UnboundedReceiverStream`, in one line: tokio-stream is not in the build
+/// (Cargo.lock), and a crate for this alone is not worth its compile time.
 fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
