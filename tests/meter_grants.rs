@@ -204,12 +204,10 @@ fn start_operator(ns: &str, api_port: u16, metrics_port: u16) -> OperatorProcess
     )
 }
 
+/// The shared [`Env`] (namespace, node, voting rights) and an operator serving the meter API on a
+/// port of its own, which [`start_operator`] restarts on.
 async fn setup(ns: &str) -> Setup {
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "meter-grants-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
+    let admin = Env::builder(ns).node("meter-grants-node", "64", "256Gi", &[]).operator(OperatorMode::Later).build().await.admin;
     let (api_port, metrics_port) = (free_port(), free_port());
     let operator = start_operator(ns, api_port, metrics_port);
     Setup { admin, operator, api_port, metrics_port, dir: tempfile::tempdir().unwrap() }
