@@ -680,12 +680,20 @@ async fn a_tool_repointed_after_approval_needs_a_new_approval_before_the_job_sta
     assert_eq!(status.revoked_votes.len(), 2);
     assert_eq!(status.tool_endpoints, None);
     assert!(job_pods(&client, ns, &back).await.is_empty(), "no Pod for the unapproved endpoint");
-    let events = Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items;
-    assert!(
-        events.iter().any(|e| e.reason.as_deref() == Some("ToolEndpointChanged")
-            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("pinned")),
-        "a ToolEndpointChanged Event on the job"
-    );
+    // Events go out through the bounded Event pipeline after the status write: wait for it (this
+    // listed them once, and lost the race under load).
+    let events = Api::<Event>::namespaced(client.clone(), ns);
+    wait_for(
+        "a ToolEndpointChanged Event on the job",
+        TIMEOUT,
+        || async { events.list(&ListParams::default()).await.unwrap().items },
+        |es: &Vec<Event>| {
+            es.iter().any(|e| {
+                e.reason.as_deref() == Some("ToolEndpointChanged") && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("pinned")
+            })
+        },
+    )
+    .await;
 
     // New votes approve the new endpoint; the job starts with it once hog frees the rate limit.
     let cp = ControlPlane::shared();
