@@ -4,25 +4,13 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use strum::{EnumString, IntoStaticStr, VariantArray};
 
 use super::schema;
 
 /// Serde and strum both name a phase by its variant name, as the CRD's status.phase enum does
 /// (`phase_names_match_the_wire_format` checks they agree).
-#[derive(
-    Deserialize,
-    Serialize,
-    Clone,
-    Copy,
-    Debug,
-    PartialEq,
-    Eq,
-    Hash,
-    JsonSchema,
-    strum::IntoStaticStr,
-    strum::EnumString,
-    strum::VariantArray,
-)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, IntoStaticStr, EnumString, VariantArray)]
 pub enum JobPhase {
     Pending,
     WaitingForResources,
@@ -42,7 +30,7 @@ impl JobPhase {
         self.into()
     }
 
-    pub const ALL: &[JobPhase] = <JobPhase as strum::VariantArray>::VARIANTS;
+    pub const ALL: &[JobPhase] = <JobPhase as VariantArray>::VARIANTS;
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
