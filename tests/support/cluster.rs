@@ -302,7 +302,8 @@ pub struct Env {
     pub admin: Client,
     pub alice: Client,
     pub bob: Client,
-    /// The operator of this test, when [`OperatorMode::PerTest`] and started.
+    /// This test's own operator: started by [`EnvBuilder::build`] ([`OperatorMode::PerTest`]) or
+    /// by [`Env::start_operator`]; none under [`OperatorMode::Shared`].
     pub operator: Option<OperatorProcess>,
     operator_args: Vec<String>,
 }
@@ -332,7 +333,6 @@ pub struct EnvBuilder {
     namespaces: Vec<String>,
     namespace_labels: Vec<(String, String)>,
     restricted: bool,
-    audit_log: bool,
     node: Option<NodeSpec>,
     voting_rights: bool,
     mode: OperatorMode,
@@ -349,7 +349,6 @@ impl Env {
             namespaces: vec![ns.to_string()],
             namespace_labels: Vec::new(),
             restricted: false,
-            audit_log: false,
             node: None,
             voting_rights: true,
             mode: OperatorMode::PerTest,
@@ -362,11 +361,6 @@ impl Env {
     /// A client for one of the control plane's users.
     pub async fn user(&self, name: &str) -> Client {
         self.cp.client(name).await
-    }
-
-    /// AgentJobs of the namespace, as admin.
-    pub fn jobs(&self) -> Api<AgentJob> {
-        Api::namespaced(self.admin.clone(), &self.ns)
     }
 
     /// The operator's command-line arguments (after `run`), to start replicas of it.
@@ -420,12 +414,6 @@ impl EnvBuilder {
         self
     }
 
-    /// The control plane writing an audit log ([`ControlPlane::shared_with_audit_log`]).
-    pub fn audit_log(mut self) -> Self {
-        self.audit_log = true;
-        self
-    }
-
     /// A Ready node with this allocatable capacity ([`add_node`]).
     pub fn node(mut self, name: &str, cpu: &str, memory: &str, extended: &[(&str, &str)]) -> Self {
         let extended = extended.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
@@ -465,7 +453,7 @@ impl EnvBuilder {
 
     /// Creates the namespaces, the node and the RBAC, then starts the operator as asked.
     pub async fn build(self) -> Env {
-        let cp = if self.audit_log { ControlPlane::shared_with_audit_log() } else { ControlPlane::shared() };
+        let cp = ControlPlane::shared();
         for ns in &self.namespaces {
             cp.namespace(ns).await;
         }
