@@ -16,7 +16,6 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 use support::cluster::*;
-use support::controlplane::ControlPlane;
 
 const NS: &str = "otel";
 
