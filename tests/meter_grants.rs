@@ -252,12 +252,10 @@ fn secret_text(secret: &Secret, key: &str) -> String {
     String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
 }
 
+/// The shared [`Env`] (namespace, node, voting rights) and an operator serving the meter API on a
+/// port of its own, which [`start_operator`] restarts on.
 async fn setup(ns: &str) -> Setup {
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "meter-grants-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
+    let admin = Env::builder(ns).node("meter-grants-node", "64", "256Gi", &[]).operator(OperatorMode::Later).build().await.admin;
     let (api_port, metrics_port) = (free_port(), free_port());
     let operator = start_operator(ns, api_port, metrics_port);
     let dir = tempfile::tempdir().unwrap();

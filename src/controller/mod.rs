@@ -300,7 +300,7 @@ pub async fn run(
         let (jobs, index, requeue, tool_requeue) = (jobs.clone(), index.clone(), requeue.clone(), tool_requeue.clone());
         move |event| {
             if let Ok(event) = event {
-                agent_job::requeue_on_transition(&jobs, &index, &requeue, &tool_requeue, event);
+                wakeups::requeue_on_transition(&jobs, &index, &requeue, &tool_requeue, event);
             }
         }
     })
@@ -371,7 +371,7 @@ pub async fn run(
                     if pod_finalizer::is_orphan_hint(&caches.jobs, &pod) {
                         orphans.notify_one();
                     }
-                    futures::stream::iter(agent_job::jobs_affected_by_pod(&caches, &pod))
+                    futures::stream::iter(wakeups::jobs_affected_by_pod(&caches, &pod))
                 }
             }),
     );
@@ -419,9 +419,9 @@ pub async fn run(
         })
         .watches_stream(quota_stream, {
             let caches = caches.clone();
-            move |quota: ResourceQuota| agent_job::jobs_waiting_for_capacity(&caches, quota.namespace().as_deref())
+            move |quota: ResourceQuota| wakeups::jobs_waiting_for_capacity(&caches, quota.namespace().as_deref())
         })
-        .watches_stream(tool_stream, move |tool: AgentTool| agent_job::jobs_naming_tool(&jobs_for, &tool.name_any()))
+        .watches_stream(tool_stream, move |tool: AgentTool| wakeups::jobs_naming_tool(&jobs_for, &tool.name_any()))
         .watches_stream(vote_stream, |vote: ApprovalVote| vote.namespace().map(|ns| ObjectRef::new(&vote.spec.job_ref.name).within(&ns)))
         .reconcile_on(tokio_stream_from(requeue_rx))
         .graceful_shutdown_on(shutdown.clone())
@@ -550,6 +550,8 @@ fn poke<T>(trigger: &Arc<tokio::sync::Notify>) -> impl FnMut(&T) + Send + 'stati
     move |_| trigger.notify_one()
 }
 
+/// tokio-stream's `UnboundedReceiverStream`, in one line: tokio-stream is not in the build
+/// (Cargo.lock), and a crate for this alone is not worth its compile time.
 fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

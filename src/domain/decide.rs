@@ -206,7 +206,7 @@ pub fn decide(o: &Observed) -> Plan {
 }
 
 /// The phase of a status that has attempts but no phase this version knows (a newer operator
-/// version wrote it: `api::agent_job::known_phase`), from its last attempt: followed while it
+/// version wrote it: `api::agent_job_status::known_phase`), from its last attempt: followed while it
 /// runs, final once it has ended. Final even if retries were left: this version does not know
 /// why the newer one stopped, and must not spend on its behalf. Without attempts, none: every
 /// gate is evaluated again, votes included (decide/tests.rs an_unknown_phase_is_rederived).
