@@ -328,7 +328,7 @@ async fn a_job_that_fits_a_node_only_without_its_meter_sidecar_waits_naming_the_
     );
     assert_eq!(waiting.status.unwrap().insufficient_resources, vec!["cpu".to_string()]);
 
-    add_node(&env.client, "lc-sidecar-node", "65", "256Gi", &[]).await;
+    add_node(&env.admin, "lc-sidecar-node", "65", "256Gi", &[]).await;
     wait_phase(&env, "almost", "Running").await;
     let pods = wait_pods(&env, &job, 1).await;
     let spec = pods[0].spec.as_ref().unwrap();
@@ -345,7 +345,7 @@ async fn a_job_that_fits_its_quota_only_without_its_meter_sidecars_waits_naming_
     let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({"apiVersion": "v1", "kind": "ResourceQuota",
         "metadata": {"name": "team"}, "spec": {"hard": {"requests.cpu": "1"}}}))
     .unwrap();
-    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> = Api::namespaced(env.client.clone(), &env.ns);
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> = Api::namespaced(env.admin.clone(), &env.ns);
     quotas.create(&PostParams::default(), &quota).await.expect("create the quota");
     let two_agents = json!({"resources": {"cpu": "450m", "memory": "256Mi"},
         "agents": {"supporting": [{"name": "helper", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"}]}});
@@ -369,8 +369,8 @@ async fn a_job_that_fits_its_quota_only_without_its_meter_sidecars_waits_naming_
 async fn a_foreign_pod_holding_a_node_in_a_sidecar_is_counted() {
     let env = setup("lc-hidden").await;
     let gpu = "example.com/lc-hidden-gpu";
-    add_node(&env.client, "lc-hidden-node", "8", "32Gi", &[(gpu, "2")]).await;
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    add_node(&env.admin, "lc-hidden-node", "8", "32Gi", &[(gpu, "2")]).await;
+    let pods: Api<Pod> = Api::namespaced(env.admin.clone(), &env.ns);
     let hog: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sidecar-hog"},
         "spec": {"nodeName": "lc-hidden-node", "restartPolicy": "Never",
             "initContainers": [{"name": "holder", "image": "busybox:1.36", "restartPolicy": "Always",
@@ -387,7 +387,7 @@ async fn a_foreign_pod_holding_a_node_in_a_sidecar_is_counted() {
     let waiting = wait_phase(&env, "behind-hog", "WaitingForResources").await;
     assert_eq!(condition(&waiting, "Ready").unwrap().reason, "InsufficientResources");
     assert_eq!(waiting.status.unwrap().insufficient_resources, vec![gpu.to_string()]);
-    assert!(job_pods(&env.client, &env.ns, &job).await.is_empty(), "no Pod that could not be scheduled");
+    assert!(job_pods(&env.admin, &env.ns, &job).await.is_empty(), "no Pod that could not be scheduled");
 
     // The foreign Pod ends: its sidecar's GPUs are free again, and the job runs.
     let failed = json!({"status": {"phase": "Failed", "reason": "Evicted"}});

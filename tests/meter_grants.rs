@@ -666,7 +666,7 @@ async fn a_budget_smaller_than_the_run_ends_the_job_budget_exhausted_within_it_k
     // A retry is allowed, and must not be made: its calls could not fit either.
     let (job, pods) = running_job_with(&s, ns, "exhausted", &["agent"], "0.02", json!({"limits": {"maxRetries": 1}})).await;
     let token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
-    let meter = MeterProcess::start(s.dir.path(), "exhausted", up, s.api_port, &token, "0.01");
+    let meter = MeterProcess::start(s.dir.path(), "exhausted", up, &s.grant(), &token, "0.01");
     let served = call_until_refused(&meter).await;
     let (prompt, completion, cost) = reported_totals(&reported);
     assert!(served >= 2 && cost <= usd("0.02"), "{served} calls for {cost} within the $0.02 budget");
@@ -716,7 +716,7 @@ async fn an_agent_ignoring_402_spends_nothing_more_and_writes_status_at_a_bounde
     let (up, reported) = upstream().await;
     let (_, pods) = running_job(&s, ns, "stubborn", &["agent"], "0.02").await;
     let token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
-    let meter = MeterProcess::start(s.dir.path(), "stubborn", up, s.api_port, &token, "0.01");
+    let meter = MeterProcess::start(s.dir.path(), "stubborn", up, &s.grant(), &token, "0.01");
     let served = call_until_refused(&meter).await;
     let steps_at_refusal = meter_status(&s.admin, ns, "stubborn").await.grants[0].sequence;
     let mut refused = 1;

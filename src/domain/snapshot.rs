@@ -441,7 +441,8 @@ mod requests_tests {
             anthropic_key: false,
             openai_upstream: None,
             anthropic_upstream: None,
-            budget: MeterBudget::Grants("http://operator:8444".into()),
+            budget: MeterBudget::Grants("https://operator:8444".into()),
+            grant_ca_pem: None,
         };
         let res = job.spec.resources.as_ref();
         build_pod(&PodPlan {

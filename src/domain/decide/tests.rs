@@ -301,7 +301,7 @@ mod decide_table {
         a_meter_refused_a_call_for_budget_the_job_ends_budgetexhausted_not_retried_output_and_usage_kept: Case {
             name: "a meter refused a call for budget: the job ends BudgetExhausted, not retried, output and usage kept",
             // Both agents exited 0 (the scanner handled the 402 and reported what it had).
-            job: metered(running(retries), 2),
+            job: metered(running(&retries()), 2),
             tally: approved(),
             pods: both_reported(1),
             phase: JobPhase::Failed,
@@ -332,7 +332,7 @@ mod decide_table {
             name: "an agent ignoring 402 until its deadline still ends BudgetExhausted, not retried",
             // A hostile agent kept calling after the refusals and was stopped at
             // activeDeadlineSeconds: no report of its own, its meter's usage all the same.
-            job: metered(running(retries), 40),
+            job: metered(running(&retries()), 40),
             tally: approved(),
             pods: vec![
                 pod("scanner", 1, PodState::Failed { reason: "DeadlineExceeded".into(), message: None }),
