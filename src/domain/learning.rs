@@ -113,7 +113,8 @@ pub struct Learned {
     pub pooled: BTreeMap<String, Prior>,
     /// The pool over every model of this jobType, for a model no namespace ran it on.
     pub pooled_any: Option<Prior>,
-    /// The pool over every key of the cluster, for a jobType no namespace ran yet.
+    /// For a jobType no namespace ran yet: the prior learned across the other jobTypes
+    /// ([`Prior::across_job_types`]).
     pub cluster: Option<Prior>,
     /// Per model: the windows of the other namespaces running this jobType on it, from which
     /// the similar ones lend their runs to the long forecaster ([`forecasters::experts`]).
@@ -171,7 +172,7 @@ impl Learned {
 
     /// The prior of a model: this namespace's other models of the jobType (a jobType switching
     /// model keeps its tenant's scale), else the namespaces' pool for the model, for any model,
-    /// the cluster's pool, and the spec alone. A borrowed pool is moved by the namespace's effect
+    /// the prior across jobTypes, and the spec alone. A borrowed pool is moved by the namespace's effect
     /// (how its usage compares with other namespaces' on the jobTypes they share).
     fn prior_for(&self, model: &str) -> Prior {
         let siblings: Vec<PoolMember<'_>> =
@@ -237,7 +238,7 @@ impl EstimatorState {
             })
             .collect();
         let pooled_any = Prior::pool(&any, true, format!("{job_type} pooled over its models and namespaces"));
-        // Only a jobType no other namespace ran needs the cluster's pool (and it is the costly one to compute).
+        // Only a jobType no other namespace ran needs the prior across jobTypes (the costly one to compute).
         let cluster = if any.is_empty() { self.across_job_types(job_type) } else { None };
         let namespace_effect = if own.n < POOL_RUNS { self.namespace_effect(namespace, job_type) } else { None };
         let learned = Learned {
