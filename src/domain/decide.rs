@@ -358,6 +358,17 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
         }
         Ok(f) => {
             if let Err((reason, why)) = spec_checks(spec, f.cost_p90, f.tokens_p90) {
+                // A retry re-estimated over budget (the jobType's estimate rose since approval)
+                // stops retrying, as when what was spent plus the estimate would not fit
+                // (retry_budget.rs): Failed, not Rejected, which would read as never run and be
+                // re-evaluated on the next spec change (decide/tests.rs
+                // a_retry_re_estimated_over_budget_stops_retrying_rather_than_being_rejected).
+                // The fresh estimate still decides, so a forged recorded one buys no retry.
+                if reason == "BudgetExceeded" && s.attempts.iter().any(|a| a.generation == generation) {
+                    let msg = format!("not retried: the job was re-estimated over its budget since it started: {why}");
+                    attempts::stop(s, plan, "BudgetExhausted", msg, generation, &o.now);
+                    return;
+                }
                 reject(s, plan, reason, &why, generation, &o.now);
                 return;
             }

@@ -124,19 +124,24 @@ pub(super) fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observ
             .map(|why| (BUDGET_EXHAUSTED, format!("{note}; not retried: {why}")))
     };
     if let Some((reason, msg)) = stop {
-        s.phase = Some(JobPhase::Failed);
-        s.completion_time = Some(o.now.clone());
-        set_condition(&mut s.conditions, condition::SUCCEEDED, false, reason, msg.clone(), generation, &o.now);
-        set_condition(&mut s.conditions, condition::READY, false, reason, msg.clone(), generation, &o.now);
-        set_condition(&mut s.conditions, condition::STALLED, true, reason, msg.clone(), generation, &o.now);
-        remove_condition(&mut s.conditions, condition::RECONCILING);
-        // "Failed" as before for the attempts running out; the budget running out says so.
-        let event = if reason == "AttemptsExhausted" { "Failed" } else { reason };
-        plan.events.push(PlannedEvent { warning: true, reason: event.into(), note: msg });
+        self::stop(s, plan, reason, msg, generation, &o.now);
         return false;
     }
     plan.events.push(PlannedEvent { warning: true, reason: "AttemptFailed".into(), note: format!("{note}; retrying") });
     true
+}
+
+/// Ends a job that will not be retried: Failed, with `reason` on its conditions and Event.
+pub(super) fn stop(s: &mut AgentJobStatus, plan: &mut Plan, reason: &str, msg: String, generation: i64, now: &Time) {
+    s.phase = Some(JobPhase::Failed);
+    s.completion_time = Some(now.clone());
+    set_condition(&mut s.conditions, condition::SUCCEEDED, false, reason, msg.clone(), generation, now);
+    set_condition(&mut s.conditions, condition::READY, false, reason, msg.clone(), generation, now);
+    set_condition(&mut s.conditions, condition::STALLED, true, reason, msg.clone(), generation, now);
+    remove_condition(&mut s.conditions, condition::RECONCILING);
+    // "Failed" as before for the attempts running out; the budget running out says so.
+    let event = if reason == "AttemptsExhausted" { "Failed" } else { reason };
+    plan.events.push(PlannedEvent { warning: true, reason: event.into(), note: msg });
 }
 
 /// Reads what the agents of a finished attempt reported into it: usage, result, message and

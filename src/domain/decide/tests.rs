@@ -1206,3 +1206,55 @@ fn an_unknown_phase_is_rederived() {
     assert_eq!(plan.status.phase, Some(JobPhase::Running));
     assert_eq!(plan.ensure_attempt, Some(1), "its Pods are ensured, as for any running attempt");
 }
+
+/// The job's jobType as learned after twelve runs in its namespace of 22 million tokens per model
+/// (about $94 each, against the fixture's $5.00 budget).
+fn learned_expensive(job: &AgentJob) -> crate::domain::learning::Learned {
+    let mut state = crate::domain::learning::EstimatorState::default();
+    let prior = crate::domain::estimate::prior_tokens(&estimate_input(job));
+    let used: BTreeMap<String, TokenCounts> =
+        prior.keys().map(|m| (m.clone(), TokenCounts { input: 20_000_000, cached_input: 0, output: 2_000_000 })).collect();
+    for i in 0..12 {
+        assert!(state.record(&format!("other-job/{i}"), "team-security", "security_scan", &used, &prior, &PriceTable::builtin()));
+    }
+    state.stats("team-security", "security_scan").expect("learned")
+}
+
+fn step_learned(job: &AgentJob, learned: &crate::domain::learning::Learned, pods: &[PodView]) -> Plan {
+    let prices = PriceTable::builtin();
+    decide(&Observed {
+        job,
+        now: now(),
+        approval_floor: 2,
+        approval_tiers: &[],
+        approval_timeout_seconds: None,
+        prices: &prices,
+        learned: Some(learned),
+        readiness: &ready(),
+        tally: &approved(),
+        other_tallies: &BTreeMap::new(),
+        pods,
+        gone_pods: &[],
+    })
+}
+
+#[test]
+fn a_retry_re_estimated_over_budget_stops_retrying_rather_than_being_rejected() {
+    // Attempt 1 started on the spec's estimate (p90 81,000 tokens, well within $5.00) and failed;
+    // since then the team's runs of the jobType turned out to cost about $94 each.
+    let started = running(&[("/spec/limits", json!({"maxRetries": 1}))]);
+    let learned = learned_expensive(&started);
+    let plan = step_learned(&started, &learned, &[pod("scanner", 1, failed(None)), pod("fixer", 1, failed(None))]);
+    assert_eq!(plan.ensure_attempt, None, "no retry on an estimate over budget");
+    assert_eq!(plan.status.phase, Some(JobPhase::Failed), "it ran: Failed, not Rejected");
+    let (_, reason, msg) = cond(&plan, condition::READY).unwrap();
+    assert_eq!(reason, "BudgetExhausted");
+    assert!(msg.contains("re-estimated over its budget") && msg.contains("exceeds budget.maxCostUSD $5"), "{msg}");
+    assert_eq!(cond(&plan, condition::SUCCEEDED).map(|c| c.1), Some("BudgetExhausted"));
+    assert!(plan.events.iter().any(|e| e.warning && e.reason == "BudgetExhausted"), "{:?}", plan.events);
+    // The same estimate before anything ran rejects the job, as before.
+    let fresh = job(&[("/spec/limits", json!({"maxRetries": 1}))]);
+    let plan = step_learned(&fresh, &learned, &[]);
+    assert_eq!((plan.ensure_attempt, plan.status.phase), (None, Some(JobPhase::Rejected)));
+    assert_eq!(cond(&plan, condition::READY).map(|c| c.1), Some("BudgetExceeded"));
+}
