@@ -70,7 +70,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     let job = match whole(job, ctx).await? {
         Some(Whole::Fetched(whole)) => {
             fetched = whole;
-            &fetched
+            &*fetched
         }
         Some(Whole::Cached) => job,
         // Deleted, or replaced by a namesake: the watch brings that.
@@ -206,7 +206,7 @@ pub const SPEC_ELIDED: &str = "agentgate.dev/cached-without-input";
 
 enum Whole {
     Cached,
-    Fetched(AgentJob),
+    Fetched(Box<AgentJob>),
 }
 
 /// The job with its whole spec, as this reconcile needs it: the cached copy, unless its input and
@@ -225,7 +225,10 @@ async fn whole(job: &AgentJob, ctx: &Context) -> Result<Option<Whole>> {
     let api: Api<super::decode::Decoded<AgentJob>> = Api::namespaced(ctx.client.clone(), &namespace);
     let got =
         api.get_opt(&name).await.map_err(|source| ObserveError::GetJob { namespace: namespace.clone(), job: name.clone(), source })?;
-    Ok(got.and_then(|decoded| decoded.0.ok()).filter(|whole| whole.metadata.uid == job.metadata.uid).map(Whole::Fetched))
+    Ok(got
+        .and_then(|decoded| decoded.0.ok())
+        .filter(|whole| whole.metadata.uid == job.metadata.uid)
+        .map(|whole| Whole::Fetched(Box::new(whole))))
 }
 
 /// The cached Pods the index names for the job: those it controls in its namespace and those
