@@ -380,9 +380,10 @@ pub async fn run(
 
     // Woken by Pods that hold the usage finalizer but whose job is not cached (pod_finalizer.rs).
     let orphan_trigger = Arc::new(tokio::sync::Notify::new());
-    // Every Pod of the cluster is watched, slimmed, cached, indexed and mapped to the jobs it
-    // concerns on a task of its own (with 20,000 foreign Pods the heaviest watch by far): only
-    // those jobs reach the job controller's task, through a bounded channel.
+    // Every Pod of the cluster is watched, slimmed and indexed, and agentgate's own Pods are
+    // cached and mapped to the jobs they concern, on a task of its own (with 20,000 foreign Pods
+    // the heaviest watch by far): only those jobs reach the job controller's task, through a
+    // bounded channel.
     let mut tasks = tasks::Tasks::default();
     // Every Pod is indexed (node capacity); foreign Pods are neither stored nor passed on.
     let pod_triggers = tasks::on_own_task(
