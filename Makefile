@@ -27,9 +27,10 @@ controlplane:
 tools:
 	tests/tools/build.sh
 
-# Build (once; cached in ~/.cache/agentgate/node) what a real test node needs: kubelet and
-# kube-scheduler, containerd + shim + ctr, CNI plugins, crane, crictl, and the pause, busybox and
-# reference-agent images. tests/real_node.rs runs them (as root, with runc installed).
+# Build (once; cached in ~/.cache/agentgate/node) what a real test node needs: kubelet,
+# kube-scheduler, kube-proxy and CoreDNS (Services and cluster DNS of the in-cluster node),
+# containerd + shim + ctr, CNI plugins, crane, crictl, and the pause, busybox and reference-agent
+# images. tests/real_node.rs runs them (as root, with runc installed).
 node:
 	tests/node/build.sh
 

@@ -40,6 +40,15 @@ enum Command {
     /// Run the agent meter: an LLM-API proxy that measures usage at the wire and holds a budget
     /// (standalone, for a laptop or a test; GET /usage returns the running totals).
     Meter(agentgate::meter::MeterArgs),
+    /// Exit 0 if the meter answers at this health URL (the meter sidecar's startup probe: the
+    /// kubelet runs it inside the meter's container, which shares the Pod's loopback).
+    MeterProbe {
+        #[arg(default_value = "http://127.0.0.1:4000/healthz")]
+        url: String,
+        /// Milliseconds to keep asking before failing (the probe's timeoutSeconds must exceed it).
+        #[arg(long, default_value_t = 1500)]
+        wait_ms: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -162,9 +171,23 @@ struct RunArgs {
     #[arg(long, env = "AGENTGATE_METER_BUDGET_MODE", default_value = "grants", value_parser = parse_budget_mode)]
     meter_budget_mode: agentgate::domain::meter_sidecar::BudgetMode,
     /// URL of the operator's meter API as meters reach it (default:
-    /// http://agentgate-meter-api.<operator namespace>.svc:8444).
+    /// https://agentgate-meter-api.<operator namespace>.svc:8444). Its host is one of the names
+    /// of the managed certificate.
     #[arg(long, env = "AGENTGATE_METER_GRANT_URL")]
     meter_grant_url: Option<String>,
+    /// TLS of the meter API: `managed`, the operator makes its own CA and serving certificate and
+    /// renews them, in the Secret `--meter-api-tls-secret` of its namespace; `secret`, that Secret
+    /// is provided (`tls.crt`, `tls.key`, `ca.crt`, e.g. by cert-manager) and only read; `off`,
+    /// plain HTTP, for development only (the meters' tokens and grants cross the network readable).
+    #[arg(long, env = "AGENTGATE_METER_API_TLS", default_value = "managed", value_parser = parse_tls_mode)]
+    meter_api_tls: agentgate::domain::meter_tls::TlsMode,
+    /// Secret, in the operator's namespace, holding the meter API's certificate.
+    #[arg(long, env = "AGENTGATE_METER_API_TLS_SECRET", default_value = agentgate::domain::meter_tls::DEFAULT_SECRET)]
+    meter_api_tls_secret: String,
+}
+
+fn parse_tls_mode(text: &str) -> Result<agentgate::domain::meter_tls::TlsMode, String> {
+    text.parse()
 }
 
 fn parse_budget_mode(text: &str) -> Result<agentgate::domain::meter_sidecar::BudgetMode, String> {
@@ -226,6 +249,7 @@ fn main() -> anyhow::Result<()> {
                 agentgate::signal::shutdown_signal(),
             ))
         }
+        Command::MeterProbe { url, wait_ms } => agentgate::meter::probe(&url, std::time::Duration::from_millis(wait_ms)),
         Command::Review(args) => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
             let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
@@ -252,6 +276,39 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .or_else(|| args.namespace.clone())
         .or_else(|| std::env::var("POD_NAMESPACE").ok())
         .unwrap_or_else(|| "default".into());
+    let operator_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| lease_namespace.clone());
+    let tls_mode = args.meter_api_tls;
+    let grant_url = match args.meter_grant_url.filter(|u| !u.is_empty()) {
+        Some(url) => url,
+        None => {
+            let scheme = if tls_mode == agentgate::domain::meter_tls::TlsMode::Off { "http" } else { "https" };
+            format!("{scheme}://{}.{operator_namespace}.svc:8444", agentgate::domain::meter_tls::SERVICE)
+        }
+    };
+    // The meters are told to use plain HTTP exactly when the API serves it.
+    let wants_tls = tls_mode != agentgate::domain::meter_tls::TlsMode::Off;
+    if grant_url.starts_with("https://") != wants_tls {
+        anyhow::bail!("--meter-grant-url {grant_url:?} does not match --meter-api-tls {tls_mode:?}: https with TLS, http only with `off`");
+    }
+    let meter_tls = match wants_tls {
+        true => {
+            let names = agentgate::domain::meter_tls::names(&grant_url, &operator_namespace).map_err(anyhow::Error::msg)?;
+            Some(
+                controller::meter_tls::MeterTls::start(
+                    client.clone(),
+                    operator_namespace.clone(),
+                    args.meter_api_tls_secret.clone(),
+                    tls_mode,
+                    names,
+                )
+                .await?,
+            )
+        }
+        false => {
+            tracing::warn!("the meter API serves plain HTTP (--meter-api-tls off): for development only");
+            None
+        }
+    };
     let settings = Settings {
         namespace: args.namespace,
         approval_floor: args.approval_floor,
@@ -274,10 +331,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             openai_upstream: args.meter_openai_upstream.filter(|u| !u.is_empty()),
             anthropic_upstream: args.meter_anthropic_upstream.filter(|u| !u.is_empty()),
             budget_mode: args.meter_budget_mode,
-            grant_url: args.meter_grant_url.filter(|u| !u.is_empty()).unwrap_or_else(|| {
-                let operator_namespace = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| lease_namespace.clone());
-                format!("http://agentgate-meter-api.{operator_namespace}.svc:8444")
-            }),
+            grant_url,
+            grant_ca_pem: meter_tls.as_ref().map(|t| t.ca_pem()),
         },
     };
     tracing::info!(namespace = ?settings.namespace, approval_floor = settings.approval_floor, models = prices.models.len(), "starting agentgate");
@@ -315,7 +370,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         health.clone(),
         metrics.clone(),
     );
-    let meter_api = controller::meter_api::serve(args.meter_api_listen, meter_api, shutdown());
+    let acceptor = meter_tls.as_ref().map(|t| t.acceptor()).transpose()?;
+    if let Some(tls) = meter_tls {
+        tokio::spawn(tls.keep_fresh(shutdown()));
+    }
+    let meter_api = controller::meter_api::serve(args.meter_api_listen, meter_api, acceptor, shutdown());
     let operator = async {
         // Replicas watching one namespace elect among themselves; cluster-wide ones share one lease.
         let lease = match &settings.namespace {

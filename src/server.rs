@@ -61,7 +61,7 @@ async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
     }
     if let Some(store) = store {
         let jobs = store.state();
-        for phase in JobPhase::ALL {
+        for &phase in JobPhase::ALL {
             let n = jobs.iter().filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(phase)).count();
             state.metrics.jobs.get_or_create(&PhaseLabels { phase: phase.as_str().into() }).set(n as i64);
         }

@@ -10,24 +10,11 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::controlplane::ControlPlane;
 
-struct Env {
-    admin: Client,
-    ns: String,
-    _operator: OperatorProcess,
-}
-
+/// Entry point of every test here: the shared [`Env`] with this file's node and `operator_args`.
 async fn setup(ns: &str, operator_args: &[&str]) -> Env {
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "approvals-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
-    let mut args = vec!["--namespace", ns, "--metrics-addr", "127.0.0.1:0"];
-    args.extend_from_slice(operator_args);
-    let operator = OperatorProcess::start(cp, &args);
-    Env { admin, ns: ns.into(), _operator: operator }
+    Env::builder(ns).node("approvals-node", "64", "256Gi", &[]).args(operator_args).build().await
 }
 
 async fn user(name: &str) -> Client {
@@ -36,11 +23,7 @@ async fn user(name: &str) -> Client {
 
 /// Creates a job as `author`, the way `kubectl apply` by that user would.
 async fn create_job_as(env: &Env, author: &str, name: &str, category: &str) -> AgentJob {
-    let job: AgentJob = serde_json::from_value(json!({
-        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name},
-        "spec": {"category": category, "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
-                 "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "5"}}}))
-    .unwrap();
+    let job = JobManifest::payments(name).category(category).build();
     Api::<AgentJob>::namespaced(user(author).await, &env.ns).create(&PostParams::default(), &job).await.expect("create job")
 }
 

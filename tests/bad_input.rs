@@ -24,8 +24,8 @@ use agentgate::api::AgentJob;
 use kube::api::{ApiResource, DeleteParams, DynamicObject, GroupVersionKind, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
-use support::cluster::{add_node, agent_job, condition, phase};
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::cluster::{Env, JobManifest, condition, phase};
+use support::controlplane::OperatorProcess;
 
 const NAMESPACE: &str = "bad-input";
 /// How long the operator may take to give every admitted hostile job its verdict.
@@ -122,13 +122,7 @@ fn verdict(job: &AgentJob) -> (String, String, String) {
 }
 
 fn healthy_job(name: &str) -> AgentJob {
-    agent_job(
-        name,
-        json!({"category": "core-security",
-               "agents": {"primary": {"name": "scanner", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"}},
-               "resources": {"cpu": "500m", "memory": "512Mi"}, "budget": {"maxCostUSD": "5.00"}}),
-        json!({}),
-    )
+    JobManifest::new(name).resources("500m", "512Mi").build()
 }
 
 /// Creates a well-formed job and waits until the operator has looked at it.
@@ -163,11 +157,8 @@ fn assert_alive_without_panic(operator: &OperatorProcess, failures: &mut Vec<Str
 
 #[tokio::test]
 async fn hostile_manifests_are_refused_at_admission_or_in_status_and_the_operator_survives() {
-    let cp = ControlPlane::shared();
-    cp.namespace(NAMESPACE).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "bad-input-node", "64", "256Gi", &[]).await;
-    let operator = OperatorProcess::start(cp, &["--namespace", NAMESPACE, "--metrics-addr", "127.0.0.1:0"]);
+    let mut env = Env::builder(NAMESPACE).node("bad-input-node", "64", "256Gi", &[]).without_voting_rights().build().await;
+    let admin = env.admin.clone();
 
     let mut files: Vec<PathBuf> = fs::read_dir(corpus_dir())
         .expect("tests/data/bad")
@@ -246,11 +237,10 @@ async fn hostile_manifests_are_refused_at_admission_or_in_status_and_the_operato
     // syncs its caches with every hostile object in them (a single undecodable job in a list
     // would keep it from ever syncing).
     operator_still_serves(&admin, "bad-input-after", &mut failures).await;
-    assert_alive_without_panic(&operator, &mut failures);
-    drop(operator);
-    let restarted = OperatorProcess::start(cp, &["--namespace", NAMESPACE, "--metrics-addr", "127.0.0.1:0"]);
+    assert_alive_without_panic(env.operator(), &mut failures);
+    let restarted = env.start_operator();
     operator_still_serves(&admin, "bad-input-after-restart", &mut failures).await;
-    assert_alive_without_panic(&restarted, &mut failures);
+    assert_alive_without_panic(restarted, &mut failures);
 
     if !failures.is_empty() {
         let log = fs::read_to_string(restarted.log_path()).unwrap_or_default();

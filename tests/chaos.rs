@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::Client;
-use support::cluster::{add_node, grant_voting_rights};
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::cluster::{Env, OperatorMode};
 use support::storm::{self, JobPlan, Kubelet, Rng};
 
 fn env_number(name: &str, default: usize) -> usize {
@@ -50,21 +49,17 @@ async fn crash_storm_never_duplicates_a_pod_nor_loses_usage() {
     let n = env_number("CHAOS_JOBS", 100);
     let min_kills = env_number("CHAOS_MIN_KILLS", 10);
     let seed = storm::seed_from_env("CHAOS_SEED");
-    let cp = ControlPlane::shared();
     let ns = "chaos";
-    cp.namespace(ns).await;
-    let admin = cp.client("admin").await;
-    let (alice, bob) = (cp.client("alice").await, cp.client("bob").await);
-    add_node(&admin, "chaos-node", "1000", "4Ti", &[]).await;
-    grant_voting_rights(&admin).await;
+    // One replica without leader election: a restarted process would otherwise wait out the
+    // lease of the one just killed (tests/restarts.rs covers failover between replicas).
+    let env = Env::builder(ns).node("chaos-node", "1000", "4Ti", &[]).args(&["--leader-election=false"]).operator(OperatorMode::Later);
+    let mut env = env.build().await;
+    let (admin, alice, bob) = (env.admin.clone(), env.alice.clone(), env.bob.clone());
 
     let plans = JobPlan::mix("storm", n);
     let creates_before = pod_creates_per_apiserver(&admin).await;
     let kubelet = Kubelet::start(&admin, ns, &plans, seed).await;
-    // One replica without leader election: a restarted process would otherwise wait out the
-    // lease of the one just killed (tests/restarts.rs covers failover between replicas).
-    let args = ["--namespace", ns, "--metrics-addr", "127.0.0.1:0", "--leader-election=false"];
-    let mut operator = OperatorProcess::start(cp, &args);
+    env.start_operator();
     let started = Instant::now();
 
     // Jobs arrive in waves, one wave after each kill, so that at least `min_kills` kills fall
@@ -100,10 +95,10 @@ async fn crash_storm_never_duplicates_a_pod_nor_loses_usage() {
                 }
             }
         }
-        operator.kill();
+        env.kill_operator();
         kills += 1;
         kills_tx.send_replace(kills);
-        operator = OperatorProcess::start(cp, &args);
+        env.start_operator();
     }
     let storm_time = started.elapsed();
     // Should the storm end early, the waves still waiting for a kill go out now.
@@ -121,7 +116,7 @@ async fn crash_storm_never_duplicates_a_pod_nor_loses_usage() {
     println!(
         "crash storm: {kills} SIGKILLs in {storm_time:.1?}; the apiserver answered Pod creates with {creates:?} (201 created, \
          409 already exists); seed {seed}; last operator log {}",
-        operator.log_path().display()
+        env.operator().log_path().display()
     );
     storm::assert_no_problems(&figures, &problems);
     assert!(kills >= min_kills, "only {kills} kills happened (wanted at least {min_kills})");

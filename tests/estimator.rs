@@ -12,20 +12,11 @@ use kube::api::{DeleteParams, ListParams, ObjectList, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
 
 const JOB_TYPE: &str = "estimator_learning_scan";
 
 fn job_manifest(name: &str) -> AgentJob {
-    let spec = json!({
-        "jobType": JOB_TYPE,
-        "category": "core-security",
-        "agents": {"primary": {"name": "scanner", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"}},
-        "resources": {"cpu": "500m", "memory": "1Gi"},
-        "budget": {"maxCostUSD": "5.00"},
-    });
-    serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name}, "spec": spec}))
-        .unwrap()
+    JobManifest::new(name).job_type(JOB_TYPE).build()
 }
 
 async fn estimated(client: &Client, ns: &str, name: &str) -> AgentJob {
@@ -42,14 +33,8 @@ async fn learned_state(client: &Client, ns: &str) -> Option<EstimatorState> {
 #[tokio::test]
 async fn learned_usage_survives_job_deletion_and_operator_restart() {
     let ns = "est-learn";
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let client = cp.client("admin").await;
-    add_node(&client, "estimator-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&client).await;
-    let (alice, bob) = (cp.client("alice").await, cp.client("bob").await);
-    let args = ["--namespace", ns, "--metrics-addr", "127.0.0.1:0"];
-    let mut operator = OperatorProcess::start(cp, &args);
+    let mut env = Env::builder(ns).node("estimator-node", "64", "256Gi", &[]).build().await;
+    let (client, alice, bob) = (env.admin.clone(), env.alice.clone(), env.bob.clone());
     let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
 
     // Three runs: the first estimated from the prior, each with a known, much larger usage.
@@ -93,8 +78,8 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
         |l: &Result<ObjectList<AgentJob>, kube::Error>| l.as_ref().is_ok_and(|l| l.items.is_empty()),
     )
     .await;
-    operator.kill();
-    let _operator = OperatorProcess::start(cp, &args);
+    env.kill_operator();
+    env.start_operator();
 
     jobs.create(&PostParams::default(), &job_manifest("next")).await.expect("create job");
     let learned = estimated(&client, ns, "next").await.status.unwrap().estimate.unwrap();
@@ -129,11 +114,8 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
 #[tokio::test]
 async fn price_table_edits_apply_without_a_restart() {
     let ns = "est-prices";
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let client = cp.client("admin").await;
-    let args = ["--namespace", ns, "--metrics-addr", "127.0.0.1:0", "--price-config-map", "prices"];
-    let _operator = OperatorProcess::start(cp, &args);
+    let env = Env::builder(ns).without_voting_rights().args(&["--price-config-map", "prices"]).build().await;
+    let client = env.admin.clone();
     let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let local = |name: &str| {
@@ -214,9 +196,8 @@ async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchange
     use agentgate::domain::estimate::{EstimateInput, estimate, prior_tokens};
     use agentgate::domain::pricing::{PriceTable, TokenCounts};
     let ns = "est-isolate";
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let client = cp.client("admin").await;
+    let mut env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
+    let client = env.admin.clone();
 
     // Twelve runs of ours at about 450k tokens; forty of another tenant's at one token each.
     let prices = PriceTable::builtin();
@@ -237,7 +218,7 @@ async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchange
     let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "agentgate-estimator"}, "data": {"state.json": state.to_json()}});
     Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
 
-    let _operator = OperatorProcess::start(cp, &["--namespace", ns, "--metrics-addr", "127.0.0.1:0"]);
+    env.start_operator();
     let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
     jobs.create(&PostParams::default(), &job_manifest("mine")).await.expect("create job");
     let got = estimated(&client, ns, "mine").await.status.unwrap().estimate.unwrap();

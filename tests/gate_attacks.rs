@@ -17,7 +17,6 @@
 mod support;
 
 use std::path::Path;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use agentgate::api::{AgentJob, ApprovalVote, Decision};
@@ -28,31 +27,18 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, ResourceExt};
 use serde_json::{Value, json};
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::controlplane::ControlPlane;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const ROBOTS: &str = "ga-robots";
 const PLUGIN: &str = env!("CARGO_BIN_EXE_kubectl-agentgate");
 
-/// One operator for every test here, watching all namespaces, trusting two robot reviewers.
-fn operator() -> &'static OperatorProcess {
-    static OPERATOR: OnceLock<OperatorProcess> = OnceLock::new();
-    OPERATOR.get_or_init(|| {
-        let robots = format!("{ROBOTS}/trusted-one,{ROBOTS}/trusted-two");
-        OperatorProcess::start(ControlPlane::shared(), &["--metrics-addr", "127.0.0.1:0", "--robot-voters", &robots])
-    })
-}
-
+/// The namespaces, a node and voting rights, served by one operator for every test here,
+/// watching all namespaces, trusting two robot reviewers.
 async fn setup(namespaces: &[&str]) -> Client {
-    let cp = ControlPlane::shared();
-    for ns in namespaces {
-        cp.namespace(ns).await;
-    }
-    let admin = cp.client("admin").await;
-    add_node(&admin, "gate-attacks-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
-    operator();
-    admin
+    let robots = format!("{ROBOTS}/trusted-one,{ROBOTS}/trusted-two");
+    let env = Env::builder(namespaces[0]).namespaces(&namespaces[1..]).node("gate-attacks-node", "64", "256Gi", &[]);
+    env.operator(OperatorMode::Shared).args(&["--robot-voters", &robots]).build().await.admin
 }
 
 async fn user(name: &str) -> Client {

@@ -15,7 +15,7 @@ use mlua::serde::SerializeOptions;
 use mlua::{Lua, LuaSerdeExt};
 use serde_json::{Value, json};
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::controlplane::ControlPlane;
 use support::http::{free_port, http_get};
 use support::tools::kstatus;
 
@@ -49,13 +49,8 @@ fn get_json(cp: &ControlPlane, resource: &str, name: &str) -> Value {
 }
 
 fn job(name: &str, patch: Value) -> AgentJob {
-    let base = json!({
-        "category": CATEGORY,
-        "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
-        "resources": {"cpu": "500m", "memory": "512Mi"},
-        "budget": {"maxCostUSD": "5.00"},
-    });
-    agent_job(name, base, patch)
+    let agent = JobManifest::new(name).category(CATEGORY).primary("agent", "ghcr.io/acme/agent:1", "gpt-4o-mini");
+    agent.resources("500m", "512Mi").spec(patch).build()
 }
 
 async fn phase_of(client: &Client, name: &str, want: &'static str) -> AgentJob {
@@ -98,16 +93,10 @@ fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> 
 
 #[tokio::test]
 async fn argo_cd_health_kstatus_and_the_dashboard_read_what_the_operator_wrote() {
-    let cp = ControlPlane::shared();
-    cp.namespace(NS).await;
-    let admin = cp.client("admin").await;
-    let (alice, bob) = (cp.client("alice").await, cp.client("bob").await);
-    add_node(&admin, "health-node", "8", "32Gi", &[]).await;
-    grant_voting_rights(&admin).await;
     let port = free_port();
     let metrics_addr = format!("127.0.0.1:{port}");
-    let args = ["--namespace", NS, "--metrics-addr", &metrics_addr];
-    let mut operator = OperatorProcess::start(cp, &args);
+    let mut env = Env::builder(NS).node("health-node", "8", "32Gi", &[]).metrics_addr(&metrics_addr).build().await;
+    let (cp, admin, alice, bob) = (env.cp, env.admin.clone(), env.alice.clone(), env.bob.clone());
 
     let tools: Api<AgentTool> = Api::all(admin.clone());
     for tool in [
@@ -250,7 +239,7 @@ async fn argo_cd_health_kstatus_and_the_dashboard_read_what_the_operator_wrote()
     }
 
     // A spec change the operator has not seen yet: Progressing and InProgress, whatever the phase.
-    operator.kill();
+    env.kill_operator();
     let merge = |patch: Value| Patch::Merge(patch);
     jobs.patch("waits", &PatchParams::default(), &merge(json!({"spec": {"description": "second thoughts"}}))).await.unwrap();
     jobs.patch("works", &PatchParams::default(), &merge(json!({"spec": {"description": "run it again?"}}))).await.unwrap();
@@ -272,7 +261,7 @@ async fn argo_cd_health_kstatus_and_the_dashboard_read_what_the_operator_wrote()
 
     // Once the operator is back, each settles again: the finished job stays Healthy and says it
     // will not run the new spec.
-    let _operator = OperatorProcess::start(cp, &args);
+    env.start_operator();
     let observed = |j: &AgentJob| j.status.as_ref().and_then(|s| s.observed_generation) == j.metadata.generation;
     wait_for_job(&admin, NS, "waits", "generation 2 observed", observed).await;
     let works = wait_for_job(&admin, NS, "works", "generation 2 observed", observed).await;

@@ -22,7 +22,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::controlplane::ControlPlane;
 use support::http::{free_port, http_get};
 
 const NS: &str = "identity-policies";
@@ -130,15 +130,10 @@ async fn wait_for_author_stamping(dave: &Client, acting: bool) {
 
 #[tokio::test]
 async fn votes_count_only_while_every_identity_policy_binding_is_in_force() {
-    let cp = ControlPlane::shared();
-    cp.namespace(NS).await;
-    let admin = cp.client("admin").await;
-    let dave = cp.client("dave").await;
-    add_node(&admin, "identity-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let operator = OperatorProcess::start(cp, &["--metrics-addr", &addr]);
+    let env = Env::builder(NS).node("identity-node", "64", "256Gi", &[]).all_namespaces().metrics_addr(&addr).build().await;
+    let (admin, dave, operator) = (env.admin.clone(), env.user("dave").await, env.operator());
     // Tool discovery is opt-in: without --discovery-namespace-selector a labelled Service yields
     // nothing (checked once the baseline job ran, proof that the operator was at work).
     let squat: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Service",

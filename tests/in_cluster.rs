@@ -8,6 +8,11 @@
 //! - an AgentJob approved by two heads runs a real agent Pod to Succeeded, with its usage; a
 //!   hostile agent reaches the apiserver through the `kubernetes` Service but has no token, and
 //!   anonymous is refused the operator's Secrets there;
+//! - an agent calls its model through the meter, whose budget comes from the operator's meter API
+//!   at the chart's default grant URL, the Service's DNS name (CoreDNS resolves it, kube-proxy
+//!   routes it): the job's usage is what the stand-in provider reported, token for token, and
+//!   the grant is in its status; a Pod of another namespace that is not a meter, with a token for
+//!   the meter API's audience, reaches the API by the same name and is refused;
 //! - `helm upgrade` with a changed value rolls the Pods and keeps the jobs' state; the upgraded
 //!   operator runs the next job;
 //! - deleting the leader Pod, then hanging the next leader (SIGSTOP), while an agent runs, hands
@@ -26,17 +31,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agentgate::api::{AgentJob, Decision};
+use agentgate::domain::meter_sidecar as sidecar;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use support::cluster::{agent_job, grant_voting_rights, job_pods, phase, vote};
-use support::node::{self, NODE_NAME, NodeOptions, OPERATOR_DEBUG_REPOSITORY, OPERATOR_DEBUG_TAG, REFERENCE_AGENT_IMAGE, RealNode};
+use support::node::{
+    self, BUSYBOX_IMAGE, NODE_IP, NODE_NAME, NodeOptions, OPERATOR_DEBUG_REPOSITORY, OPERATOR_DEBUG_TAG, REFERENCE_AGENT_IMAGE, RealNode,
+};
+use support::provider::StandInProvider;
 use support::tools::helm;
 
 const RELEASE: &str = "agentgate";
@@ -82,6 +91,8 @@ async fn the_chart_runs_the_operator_in_cluster_on_a_real_node() {
     assert!(usage.input_tokens > 0 && usage.output_tokens > 0, "usage recorded: {usage:?}");
 
     a_hostile_agent_reaches_the_apiserver_but_has_no_credentials(&node, &env).await;
+    let metered = a_metered_job_draws_its_budget_from_the_meter_api_by_service_name(&node, &env).await;
+    a_pod_that_is_not_a_meter_is_refused_by_the_meter_api(&node, &env, &metered).await;
     helm_upgrade_keeps_the_jobs(&node, &env, &first).await;
     killing_the_leader_fails_over_without_a_second_agent_pod(&node, &env).await;
 
@@ -307,6 +318,121 @@ exec /agent"#;
     let url = format!("{}/api/v1/namespaces/{SYSTEM}/secrets", node.control_plane().server());
     let anonymous = std::process::Command::new("curl").args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", &url]).output().expect("curl");
     assert_eq!(String::from_utf8_lossy(&anonymous.stdout), "403", "anonymous may not list the operator's Secrets");
+}
+
+/// The chart's default grant URL: the meter API Service's DNS name, no address anywhere.
+fn meter_api_url() -> String {
+    format!("https://agentgate-meter-api.{SYSTEM}.svc:8444")
+}
+
+/// The team's keys Secret points the meters at the stand-in provider on the host; the agent makes
+/// one Chat Completions call through its meter, which draws the job's budget from the meter API
+/// by the Service's name (the chart sets no grant URL). The job's usage is the meter's
+/// measurement, equal to what the provider reported, and the one grant that paid for it is
+/// recorded and settled in status.
+async fn a_metered_job_draws_its_budget_from_the_meter_api_by_service_name(node: &RealNode, env: &Env) -> AgentJob {
+    let provider = StandInProvider::start(NODE_IP, node.control_plane().dir()).unwrap_or_else(|e| panic!("{e:?}"));
+    let key = format!("sk-in-cluster-{}", std::process::id());
+    let secret: Secret = serde_json::from_value(json!({"metadata": {"name": sidecar::DEFAULT_KEYS_SECRET,
+        "annotations": {sidecar::ANNOTATION_OPENAI_UPSTREAM: provider.openai_upstream()}}, "stringData": {"openai": key}}))
+    .unwrap();
+    Api::<Secret>::namespaced(env.admin.clone(), TEAM).create(&PostParams::default(), &secret).await.expect("the keys Secret");
+
+    let started = Instant::now();
+    let done = run_job(env, "metered", json!({"input": {"chat": "how many tokens is this prompt"}})).await;
+    println!("figure: metered job (one call, grant by Service name) create → Succeeded in {:.2?}", started.elapsed());
+    let pod = &job_pods(&env.admin, TEAM, &done).await[0];
+    let meter =
+        pod.spec.as_ref().unwrap().init_containers.iter().flatten().find(|c| c.name == sidecar::CONTAINER).expect("the meter sidecar");
+    let args = meter.args.clone().unwrap_or_default().join(" ");
+    assert!(args.contains(&format!("--grant-url {}", meter_api_url())), "the meter uses the Service's name: {args}");
+
+    let calls = provider.calls().unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(calls.len(), 1, "one call reached the provider: {calls:?}");
+    assert_eq!(calls[0]["authorization"], json!(format!("Bearer {key}")), "the provider saw the Secret's key");
+    let reported = &calls[0]["usage"];
+    let status = serde_json::to_value(done.status.as_ref()).unwrap();
+    let usage = &status["usage"];
+    assert_eq!(
+        (&usage["inputTokens"], &usage["cachedInputTokens"], &usage["outputTokens"]),
+        (&reported["input"], &reported["cached"], &reported["output"]),
+        "status.usage is what the provider reported: {status}"
+    );
+    let grants = status["meter"]["grants"].as_array().cloned().unwrap_or_default();
+    assert_eq!(grants.len(), 1, "one meter drew on the budget: {status}");
+    assert_eq!(grants[0]["pod"], json!(pod.name_any()), "{status}");
+    assert_eq!(grants[0]["settled"], json!(true), "the meter settled as it stopped: {status}");
+    println!("metered job: provider reported {reported}; status.usage {usage}; grant {}", grants[0]);
+    done
+}
+
+/// A Pod in another namespace, not a meter of any job, mounts a token for the meter API's
+/// audience (any Pod may project one for its own ServiceAccount) and calls the API by the
+/// Service's name, once speaking for the metered job's Pod and once for itself: both refused,
+/// and the job's grants are as they were.
+async fn a_pod_that_is_not_a_meter_is_refused_by_the_meter_api(node: &RealNode, env: &Env, metered: &AgentJob) {
+    const INTRUDER: &str = "intruder";
+    node.control_plane().namespace(INTRUDER).await;
+    let victim = job_pods(&env.admin, TEAM, metered).await[0].name_any();
+    let host = format!("agentgate-meter-api.{SYSTEM}.svc");
+    // busybox wget over TLS without checking the certificate (an intruder need not trust the
+    // operator's CA to be refused): wget prints the status line and stops on an error status, so
+    // the answers are compared by status and the refusals' reasons read from the operator's log. Like a
+    // meter, it asks again while a standby answers (503): the Service picks a replica per
+    // connection.
+    let script = format!(
+        r#"token=$(cat /var/run/secrets/meter/token)
+ask() {{
+  wget -S -q -O /dev/null --no-check-certificate -T 10 --header "Authorization: Bearer $token" \
+    --header 'Content-Type: application/json' --post-data "$1" https://{host}:8444/v1/sync 2>&1 | grep -m1 'HTTP/1'
+}}
+for body in '{{"pod":"{victim}","session":"intruder","sequence":1,"usage":{{"inputTokens":0,"cachedInputTokens":0,"outputTokens":0,"totalTokens":0,"costUSD":"0"}},"wantUSD":"5.00"}}' '{{"session":"intruder","sequence":1,"usage":{{"inputTokens":0,"cachedInputTokens":0,"outputTokens":0,"totalTokens":0,"costUSD":"0"}},"wantUSD":"5.00"}}'; do
+  for try in $(seq 40); do
+    answer=$(ask "$body")
+    case "$answer" in *" 503 "*|"") sleep 0.25 ;; *) break ;; esac
+  done
+  printf '%s\n\n' "$answer"
+done"#
+    );
+    let intruder: Pod = serde_json::from_value(json!({"metadata": {"name": "not-a-meter"}, "spec": {
+        "restartPolicy": "Never", "automountServiceAccountToken": false,
+        "containers": [{"name": "c", "image": BUSYBOX_IMAGE, "command": ["/bin/sh", "-c", script],
+                        "volumeMounts": [{"name": "token", "mountPath": "/var/run/secrets/meter"}]}],
+        "volumes": [{"name": "token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": sidecar::TOKEN_AUDIENCE, "path": "token", "expirationSeconds": 600}}]}}]}}))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(env.admin.clone(), INTRUDER);
+    // The namespace's default ServiceAccount comes from kube-controller-manager, just after it.
+    wait("the intruder Pod created", || async { pods.create(&PostParams::default(), &intruder).await.ok() }).await;
+    let logs = wait("the intruder Pod finished", || async {
+        let pod = pods.get("not-a-meter").await.expect("get the intruder Pod");
+        let phase = pod.status.and_then(|s| s.phase).unwrap_or_default();
+        if phase == "Succeeded" || phase == "Failed" {
+            Some(pods.logs("not-a-meter", &Default::default()).await.expect("the intruder's log"))
+        } else {
+            None
+        }
+    })
+    .await;
+    println!("the intruder's calls to {host}:8444:\n{logs}");
+    let answers: Vec<&str> = logs.split("\n\n").map(str::trim).filter(|a| !a.is_empty()).collect();
+    assert_eq!(answers.len(), 2, "two answers from the meter API: {logs}");
+    for answer in &answers {
+        assert!(answer.contains("HTTP/1.") && answer.contains(" 403 "), "each call refused as forbidden: {logs}");
+    }
+    // The reasons, from the replicas' logs (either may have answered): speaking for the victim's
+    // Pod is a mismatch with the token's Pod; speaking for itself, it is no agent Pod.
+    let operators: Api<Pod> = Api::namespaced(env.admin.clone(), SYSTEM);
+    let mut operator_logs = String::new();
+    for pod in operators.list(&ListParams::default()).await.expect("list the operator's Pods") {
+        operator_logs += &operators.logs(&pod.name_any(), &Default::default()).await.unwrap_or_default();
+    }
+    for reason in ["pod_mismatch", "not_an_agent_pod"] {
+        assert!(operator_logs.contains(reason), "the operator logged the refusal {reason}");
+    }
+    let again = Api::<AgentJob>::namespaced(env.admin.clone(), TEAM).get(&metered.name_any()).await.expect("get the metered job");
+    let meter = |j: &AgentJob| serde_json::to_value(j.status.as_ref()).unwrap()["meter"].clone();
+    assert_eq!(meter(&again), meter(metered), "the refused calls changed no grant");
 }
 
 /// `helm upgrade` with one changed value: new Pods replace both replicas; the finished job's

@@ -11,8 +11,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
-use support::cluster::{add_node, agent_job, phase, wait_for, wait_for_job};
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::cluster::{Env, OperatorMode, agent_job, phase, wait_for, wait_for_job};
 use support::http::{free_port, http_get};
 
 const NS: &str = "isolation";
@@ -53,10 +52,11 @@ fn metric(port: u16, series: &str) -> f64 {
 /// know are reported once each (log, Warning Event, metric) and skipped; the rest are served.
 #[tokio::test]
 async fn unknown_status_values_are_served_and_undecodable_objects_are_reported_once_and_skipped() {
-    let cp = ControlPlane::shared();
-    cp.namespace(NS).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "isolation-node", "64", "256Gi", &[]).await;
+    let port = free_port();
+    let env =
+        Env::builder(NS).node("isolation-node", "64", "256Gi", &[]).without_voting_rights().metrics_addr(&format!("127.0.0.1:{port}"));
+    let mut env = env.operator(OperatorMode::Later).build().await;
+    let (cp, admin) = (env.cp, env.admin.clone());
     widen_enum(&admin, "agentjobs.agentgate.dev", "status/properties/phase", "Paused").await;
     widen_enum(&admin, "agentjobs.agentgate.dev", "status/properties/attempts/items/properties/result", "Cancelled").await;
     widen_enum(&admin, "agenttools.agentgate.dev", "spec/properties/type", "grpc").await;
@@ -129,8 +129,7 @@ async fn unknown_status_values_are_served_and_undecodable_objects_are_reported_o
     let whole_list = typed.list(&ListParams::default()).await;
     assert!(whole_list.is_err(), "a plain list of jobs fails as one document: {whole_list:?}");
 
-    let port = free_port();
-    let operator = OperatorProcess::start(cp, &["--namespace", NS, "--metrics-addr", &format!("127.0.0.1:{port}")]);
+    let operator = env.start_operator();
     typed.create(&PostParams::default(), &agent_job("served", job_spec(), json!({}))).await.expect("creating served");
     wait_for_job(&admin, NS, "served", "served to be looked at", |j| phase(j) == Some("AwaitingApproval")).await;
     // Status written by a newer version: served, the phase re-derived (decide::rederive_phase).
@@ -223,10 +222,9 @@ async fn big_services_are_not_cached_whole() {
     use k8s_openapi::api::core::v1::Service;
     const MEM_NS: &str = "isolation-memory";
     const SERVICES: usize = 400;
-    let cp = ControlPlane::shared();
-    cp.namespace(MEM_NS).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "isolation-memory-node", "64", "256Gi", &[]).await;
+    let env = Env::builder(MEM_NS).node("isolation-memory-node", "64", "256Gi", &[]).without_voting_rights().operator(OperatorMode::Later);
+    let mut env = env.build().await;
+    let admin = env.admin.clone();
     let services = Api::<Service>::namespaced(admin.clone(), MEM_NS);
     let filler = "x".repeat(250 * 1024);
     futures::stream::iter(0..SERVICES)
@@ -249,7 +247,7 @@ async fn big_services_are_not_cached_whole() {
         })
         .await;
 
-    let operator = OperatorProcess::start(cp, &["--namespace", MEM_NS, "--metrics-addr", "127.0.0.1:0"]);
+    let operator = env.start_operator();
     let typed = Api::<AgentJob>::namespaced(admin.clone(), MEM_NS);
     typed.create(&PostParams::default(), &agent_job("served", job_spec(), json!({}))).await.expect("creating served");
     wait_for_job(&admin, MEM_NS, "served", "served to be looked at", |j| phase(j) == Some("AwaitingApproval")).await;
@@ -274,15 +272,11 @@ async fn big_services_are_not_cached_whole() {
 async fn junk_votes_do_not_bloat_status_or_stop_the_job() {
     use agentgate::api::ApprovalVote;
     use futures::StreamExt;
-    use support::cluster::{grant_voting_rights, vote};
+    use support::cluster::vote;
     const VOTE_NS: &str = "isolation-votes";
     const JUNK: usize = 5000;
-    let cp = ControlPlane::shared();
-    cp.namespace(VOTE_NS).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "isolation-votes-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
-    let _operator = OperatorProcess::start(cp, &["--namespace", VOTE_NS, "--metrics-addr", "127.0.0.1:0"]);
+    let env = Env::builder(VOTE_NS).node("isolation-votes-node", "64", "256Gi", &[]).build().await;
+    let (cp, admin) = (env.cp, env.admin.clone());
     let jobs = Api::<AgentJob>::namespaced(admin.clone(), VOTE_NS);
     let job = jobs.create(&PostParams::default(), &agent_job("flooded", job_spec(), json!({}))).await.expect("creating flooded");
     wait_for_job(&admin, VOTE_NS, "flooded", "flooded to await approval", |j| phase(j) == Some("AwaitingApproval")).await;

@@ -8,30 +8,24 @@ use std::time::{Duration, Instant};
 use agentgate::api::AgentJob;
 use kube::Api;
 use kube::api::PostParams;
-use serde_json::json;
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::controlplane::OperatorProcess;
 
 fn log_of(operator: &OperatorProcess) -> String {
     std::fs::read_to_string(operator.log_path()).unwrap_or_default()
 }
 
 async fn submit(client: &kube::Client, ns: &str, name: &str) {
-    let job: AgentJob = serde_json::from_value(json!({
-        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name},
-        "spec": {"category": "ops", "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
-                 "budget": {"maxCostUSD": "5"}}}))
-    .unwrap();
+    let mut job = JobManifest::payments(name).category("ops").build();
+    job.spec.resources = None; // only estimated and approved here: no Pod is ever sized
     Api::<AgentJob>::namespaced(client.clone(), ns).create(&PostParams::default(), &job).await.unwrap();
 }
 
 #[tokio::test]
 async fn only_the_leader_reconciles_and_a_standby_takes_over_within_15_seconds() {
-    let cp = ControlPlane::shared();
     let ns = "leader";
-    cp.namespace(ns).await;
-    let admin = cp.client("admin").await;
-    let args = ["--namespace", ns, "--metrics-addr", "127.0.0.1:0"];
+    let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
+    let (cp, admin, args) = (env.cp, env.admin.clone(), env.operator_args());
     let mut first = OperatorProcess::start(cp, &args);
     // Give the first replica the lease before the second one campaigns.
     let start = Instant::now();
@@ -66,13 +60,12 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_within_15_seconds()
 /// once as if it were still the holder (it cannot know whether a standby has taken over since).
 #[tokio::test]
 async fn a_restarted_container_with_the_same_pod_name_waits_out_its_old_lease() {
-    let cp = ControlPlane::shared();
     let ns = "leader-restart";
-    cp.namespace(ns).await;
-    let admin = cp.client("admin").await;
+    let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
+    let (cp, admin) = (env.cp, env.admin.clone());
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), ns);
     let lease = format!("agentgate-{ns}");
-    let args = ["--namespace", ns, "--metrics-addr", "127.0.0.1:0"];
+    let args = env.operator_args();
     let mut first = OperatorProcess::start_as_container(cp, &args, "agentgate-0");
     let start = Instant::now();
     while !log_of(&first).contains("became the leader") {

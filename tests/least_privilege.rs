@@ -58,6 +58,13 @@ const RARELY_USED: &[(&str, &str, &str, &str)] = &[
     ("delete", "apps", "controllerrevisions", "the same pruning, right after that get"),
     ("patch", "events.k8s.io", "events", "only when the same Event repeats and controller/events.rs updates its series count"),
     (
+        "update",
+        "",
+        "secrets",
+        "only when the meter API's certificate is renewed, 30 days before it expires or when its names change \
+         (controller/meter_tls.rs; tests/meter_grants.rs renews it)",
+    ),
+    (
         "create",
         "agentgate.dev",
         "agentjobs/pods",
@@ -131,7 +138,7 @@ fn chart_rules_are_the_rules_of_deploy_and_have_no_wildcards() {
     assert!(!deploy.is_empty(), "no ClusterRole or Role in deploy/");
     let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/agentgate/templates");
     let mut chart = Vec::new();
-    for file in ["clusterrole.yaml", "clusterrole-templates.yaml", "role-leader-election.yaml"] {
+    for file in ["clusterrole.yaml", "clusterrole-templates.yaml", "role-leader-election.yaml", "role-meter-api-tls.yaml"] {
         // With the chart's default values every conditional rule is rendered; template lines
         // only name things.
         let text: String =
@@ -362,12 +369,16 @@ async fn meter_draws_and_reports(admin: &Client, pod: &Pod, port: u16) {
     let body = json!({"session": "lp-meter", "sequence": 1, "wantUSD": "0.50",
         "usage": {"inputTokens": 12_000, "cachedInputTokens": 0, "outputTokens": 3_000, "totalTokens": 15_000, "costUSD": "0.0036",
                   "models": [{"model": "gpt-4o-mini", "inputTokens": 12_000, "cachedInputTokens": 0, "outputTokens": 3_000, "costUSD": "0.0036"}]}});
-    let request = http::Request::post(format!("http://127.0.0.1:{port}/v1/sync"))
+    // Over HTTPS, trusting the CA the operator made in its namespace (controller/meter_tls.rs).
+    let tls = Api::<Secret>::namespaced(admin.clone(), SYSTEM).get(agentgate::domain::meter_tls::DEFAULT_SECRET).await.unwrap();
+    let ca = tls.data.unwrap()[agentgate::domain::meter_tls::CA_CERT_KEY].0.clone();
+    let request = http::Request::post(format!("https://127.0.0.1:{port}/v1/sync"))
         .header("authorization", format!("Bearer {token}"))
         .header("content-type", "application/json")
         .body(http_body_util::Full::new(bytes::Bytes::from(body.to_string())))
         .unwrap();
-    let response = agentgate::meter::client().unwrap().request(request).await.expect("meter API");
+    let client = agentgate::meter::grant_client::pinned_client(&ca).unwrap();
+    let response = client.request(request).await.expect("meter API");
     let status = response.status();
     let answer = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
@@ -402,7 +413,12 @@ async fn the_operator_uses_every_right_it_has_and_no_other_and_never_leaks_a_sec
     }) {
         let namespace = object["metadata"]["namespace"].as_str().map(str::to_string);
         for right in rights_of(&object["rules"]) {
-            granted.insert(right, namespace.clone());
+            // A right granted cluster-wide stays so when a Role also grants it in one namespace
+            // (get on Secrets: the ClusterRole's, and the meter API certificate's Role).
+            let scope = granted.entry(right).or_insert(namespace.clone());
+            if namespace.is_none() {
+                *scope = None;
+            }
         }
     }
     let token = service_account_token(cp, "agentgate");
@@ -420,6 +436,8 @@ async fn the_operator_uses_every_right_it_has_and_no_other_and_never_leaks_a_sec
             "127.0.0.1:0",
             "--meter-api-listen",
             &meter_api,
+            "--meter-grant-url",
+            &format!("https://{meter_api}"),
             "--lease-namespace",
             SYSTEM,
             "--discovery-namespace-selector",

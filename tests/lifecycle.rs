@@ -15,35 +15,13 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
-
-struct Env {
-    client: Client,
-    alice: Client,
-    bob: Client,
-    ns: String,
-    _operator: OperatorProcess,
-}
 
 async fn setup(ns: &str) -> Env {
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let client = cp.client("admin").await;
-    add_node(&client, "lifecycle-node", "64", "256Gi", &[("nvidia.com/gpu", "8")]).await;
-    grant_voting_rights(&client).await;
-    let operator = OperatorProcess::start(cp, &["--namespace", ns, "--metrics-addr", "127.0.0.1:0"]);
-    Env { client, alice: cp.client("alice").await, bob: cp.client("bob").await, ns: ns.into(), _operator: operator }
+    Env::builder(ns).node("lifecycle-node", "64", "256Gi", &[("nvidia.com/gpu", "8")]).build().await
 }
 
 fn job_manifest(name: &str, spec_patch: Value) -> AgentJob {
-    let base = json!({
-        "jobType": "security_vulnerability_scan",
-        "category": "core-security",
-        "agents": {"primary": {"name": "scanner", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"}},
-        "resources": {"cpu": "500m", "memory": "1Gi"},
-        "budget": {"maxCostUSD": "5.00"},
-    });
-    agent_job(name, base, spec_patch)
+    JobManifest::new(name).job_type("security_vulnerability_scan").spec(spec_patch).build()
 }
 
 /// A Pod no job owns, valid under restricted Pod Security; it never runs (no node is real).
@@ -59,7 +37,7 @@ fn watch_barrier_pod() -> Pod {
 }
 
 async fn create_job(env: &Env, job: &AgentJob) -> AgentJob {
-    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns).create(&PostParams::default(), job).await.expect("create job")
+    Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns).create(&PostParams::default(), job).await.expect("create job")
 }
 
 async fn create_url_tool(client: &Client, name: &str, rate_limit: i32) {
@@ -76,18 +54,18 @@ async fn approve(env: &Env, job: &AgentJob) {
 }
 
 async fn wait_phase(env: &Env, name: &str, phase_name: &'static str) -> AgentJob {
-    wait_for_job(&env.client, &env.ns, name, phase_name, |j| phase(j) == Some(phase_name)).await
+    wait_for_job(&env.admin, &env.ns, name, phase_name, |j| phase(j) == Some(phase_name)).await
 }
 
 async fn wait_pods(env: &Env, job: &AgentJob, n: usize) -> Vec<Pod> {
-    let client = env.client.clone();
+    let client = env.admin.clone();
     wait_for(&format!("{n} pods"), Duration::from_secs(30), || job_pods(&client, &env.ns, job), |p: &Vec<Pod>| p.len() == n).await
 }
 
 #[tokio::test]
 async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_usage() {
     let env = setup("lc-happy").await;
-    create_url_tool(&env.client, "lc-happy-bandit", 60).await;
+    create_url_tool(&env.admin, "lc-happy-bandit", 60).await;
     let job = create_job(
         &env,
         &job_manifest(
@@ -103,7 +81,7 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
     )
     .await;
 
-    let waiting = wait_for_job(&env.client, &env.ns, "scan", "AwaitingApproval with all checks passed", |j| {
+    let waiting = wait_for_job(&env.admin, &env.ns, "scan", "AwaitingApproval with all checks passed", |j| {
         phase(j) == Some("AwaitingApproval") && j.status.as_ref().is_some_and(|s| !s.checks.is_empty() && s.checks.iter().all(|c| c.passed))
     })
     .await;
@@ -116,10 +94,10 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
     assert_eq!(condition(&waiting, "Ready").unwrap().reason, "AwaitingApproval");
     assert_eq!(condition(&waiting, "Estimated").unwrap().status, "True");
     assert!(status.checks.iter().all(|c| c.passed), "{:?}", status.checks);
-    assert!(job_pods(&env.client, &env.ns, &job).await.is_empty(), "no Pod before approval");
+    assert!(job_pods(&env.admin, &env.ns, &job).await.is_empty(), "no Pod before approval");
 
     vote(&env.alice, &job, "alice", Decision::Approve).await;
-    let one = wait_for_job(&env.client, &env.ns, "scan", "1/2", |j| {
+    let one = wait_for_job(&env.admin, &env.ns, "scan", "1/2", |j| {
         j.status.as_ref().and_then(|s| s.approval.as_ref()).is_some_and(|a| a.summary == "1/2")
     })
     .await;
@@ -163,10 +141,9 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
         assert_eq!((owner.kind.as_str(), owner.controller), ("AgentJob", Some(true)));
     }
 
-    run_pod(&env.client, &env.ns, "scan-scanner-1").await;
-    finish_pod(&env.client, &env.ns, "scan-scanner-1", 0, &usage_report("gpt-4o-mini", 40_000, 10_000, 6_000, json!({"findings": 3})))
-        .await;
-    finish_pod(&env.client, &env.ns, "scan-fixer-1", 0, &usage_report("claude-sonnet-4", 20_000, 0, 4_000, json!({}))).await;
+    run_pod(&env.admin, &env.ns, "scan-scanner-1").await;
+    finish_pod(&env.admin, &env.ns, "scan-scanner-1", 0, &usage_report("gpt-4o-mini", 40_000, 10_000, 6_000, json!({"findings": 3}))).await;
+    finish_pod(&env.admin, &env.ns, "scan-fixer-1", 0, &usage_report("claude-sonnet-4", 20_000, 0, 4_000, json!({}))).await;
 
     let done = wait_phase(&env, "scan", "Succeeded").await;
     let status = done.status.unwrap();
@@ -204,7 +181,7 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
 }
 
 async fn done_job(env: &Env, name: &str) -> AgentJob {
-    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns).get(name).await.unwrap()
+    Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns).get(name).await.unwrap()
 }
 
 #[tokio::test]
@@ -234,7 +211,7 @@ async fn estimate_over_budget_is_rejected_with_both_figures() {
     assert_eq!(condition(&job, "Stalled").unwrap().status, "True");
 
     // Raising the budget is a new generation: the job is evaluated again.
-    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns)
+    Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns)
         .patch("pricey", &PatchParams::default(), &Patch::Merge(json!({"spec": {"budget": {"maxCostUSD": "50"}}})))
         .await
         .unwrap();
@@ -308,7 +285,7 @@ async fn a_big_input_left_out_of_the_cache_is_still_checked_recorded_and_handed_
 async fn unknown_model_is_a_condition_not_a_zero_estimate() {
     let env = setup("lc-model").await;
     create_job(&env, &job_manifest("mystery", json!({"agents": {"primary": {"model": "my-private-llm"}}}))).await;
-    let job = wait_for_job(&env.client, &env.ns, "mystery", "UnknownModel", |j| {
+    let job = wait_for_job(&env.admin, &env.ns, "mystery", "UnknownModel", |j| {
         condition(j, "Estimated").is_some_and(|c| c.reason == "UnknownModel")
     })
     .await;
@@ -341,7 +318,7 @@ async fn job_waits_for_a_missing_required_tool_and_proceeds_once_registered() {
         status.checks
     );
 
-    create_url_tool(&env.client, "lc-tool-late", 30).await;
+    create_url_tool(&env.admin, "lc-tool-late", 30).await;
     let running = wait_phase(&env, "needs-tool", "Running").await;
     let checks = running.status.unwrap().checks;
     assert!(checks.iter().any(|c| !c.passed && c.message.contains("optional tool lc-tool-never")), "optional tool only warns: {checks:?}");
@@ -365,13 +342,99 @@ async fn job_waits_until_a_node_fits_and_runs_when_one_is_added() {
     assert_eq!(condition(&waiting, "Ready").unwrap().reason, "InsufficientResources");
     assert_eq!(waiting.status.unwrap().insufficient_resources, vec!["example.com/lc-nodes-gpu".to_string()]);
 
-    add_node(&env.client, "lc-nodes-gpu-node", "8", "32Gi", &[("example.com/lc-nodes-gpu", "2")]).await;
+    add_node(&env.admin, "lc-nodes-gpu-node", "8", "32Gi", &[("example.com/lc-nodes-gpu", "2")]).await;
     wait_phase(&env, "big", "Running").await;
     let pods = wait_pods(&env, &job, 1).await;
     assert_eq!(
         pods[0].spec.as_ref().unwrap().containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap()["example.com/lc-nodes-gpu"].0,
         "2"
     );
+}
+
+/// The meter sidecar's 100m / 64Mi count as the scheduler counts them: an agent of 63,950m fits
+/// this binary's largest node (64 CPUs, nothing bound to it) alone, not with its meter. The job
+/// waits, saying so, and runs once a node has room for both.
+#[tokio::test]
+async fn a_job_that_fits_a_node_only_without_its_meter_sidecar_waits_naming_the_sidecars_share() {
+    let env = setup("lc-sidecar-node").await;
+    let job = create_job(&env, &job_manifest("almost", json!({"resources": {"cpu": "63950m", "memory": "1Gi"}}))).await;
+    approve(&env, &job).await;
+    let waiting = wait_phase(&env, "almost", "WaitingForResources").await;
+    let ready = condition(&waiting, "Ready").unwrap();
+    assert_eq!(ready.reason, "InsufficientResources", "{ready:?}");
+    assert!(
+        ready.message.contains("cpu 64050m, memory 1088Mi, of which the agentgate-meter sidecar cpu 100m, memory 64Mi")
+            && ready.message.contains("short of cpu"),
+        "{ready:?}"
+    );
+    assert_eq!(waiting.status.unwrap().insufficient_resources, vec!["cpu".to_string()]);
+
+    add_node(&env.admin, "lc-sidecar-node", "65", "256Gi", &[]).await;
+    wait_phase(&env, "almost", "Running").await;
+    let pods = wait_pods(&env, &job, 1).await;
+    let spec = pods[0].spec.as_ref().unwrap();
+    let meter = spec.init_containers.as_ref().unwrap().iter().find(|c| c.name == "agentgate-meter").expect("the meter sidecar");
+    assert_eq!(meter.restart_policy.as_deref(), Some("Always"));
+    assert_eq!(meter.resources.as_ref().unwrap().requests.as_ref().unwrap()["cpu"].0, "100m", "the share the check counted");
+}
+
+/// The same for a ResourceQuota: two agents of 450m fit `requests.cpu: 1` alone (900m), not
+/// with their meters (1,100m).
+#[tokio::test]
+async fn a_job_that_fits_its_quota_only_without_its_meter_sidecars_waits_naming_their_share() {
+    let env = setup("lc-sidecar-quota").await;
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = serde_json::from_value(json!({"apiVersion": "v1", "kind": "ResourceQuota",
+        "metadata": {"name": "team"}, "spec": {"hard": {"requests.cpu": "1"}}}))
+    .unwrap();
+    let quotas: Api<k8s_openapi::api::core::v1::ResourceQuota> = Api::namespaced(env.admin.clone(), &env.ns);
+    quotas.create(&PostParams::default(), &quota).await.expect("create the quota");
+    let two_agents = json!({"resources": {"cpu": "450m", "memory": "256Mi"},
+        "agents": {"supporting": [{"name": "helper", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"}]}});
+    let job = create_job(&env, &job_manifest("pair", two_agents)).await;
+    approve(&env, &job).await;
+    let waiting = wait_phase(&env, "pair", "WaitingForResources").await;
+    let ready = condition(&waiting, "Ready").unwrap();
+    assert_eq!(ready.reason, "QuotaExceeded", "{ready:?}");
+    assert!(
+        ready.message.contains("requests.cpu (used 0m, hard 1000m, job needs 1100m, 200m of it for the agentgate-meter sidecars)"),
+        "{ready:?}"
+    );
+    assert_eq!(waiting.status.unwrap().insufficient_resources, vec!["quota/team".to_string()]);
+}
+
+/// The attack: another tenant's Pod that holds a node's GPUs in a native sidecar (an init
+/// container with `restartPolicy: Always`) and requests next to nothing in its app container.
+/// The scheduler counts the sidecar; so does the operator, which would otherwise see the GPUs
+/// free and start a Pod that can never be scheduled.
+#[tokio::test]
+async fn a_foreign_pod_holding_a_node_in_a_sidecar_is_counted() {
+    let env = setup("lc-hidden").await;
+    let gpu = "example.com/lc-hidden-gpu";
+    add_node(&env.admin, "lc-hidden-node", "8", "32Gi", &[(gpu, "2")]).await;
+    let pods: Api<Pod> = Api::namespaced(env.admin.clone(), &env.ns);
+    let hog: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "sidecar-hog"},
+        "spec": {"nodeName": "lc-hidden-node", "restartPolicy": "Never",
+            "initContainers": [{"name": "holder", "image": "busybox:1.36", "restartPolicy": "Always",
+                "resources": {"requests": {gpu: "2"}, "limits": {gpu: "2"}}}],
+            "containers": [{"name": "c", "image": "busybox:1.36", "resources": {"requests": {"cpu": "1m"}}}]}}))
+    .unwrap();
+    pods.create(&PostParams::default(), &hog).await.expect("create the foreign Pod");
+    let job = create_job(
+        &env,
+        &job_manifest("behind-hog", json!({"resources": {"cpu": "1", "memory": "1Gi", "gpu": 1, "gpuResourceName": gpu}})),
+    )
+    .await;
+    approve(&env, &job).await;
+    let waiting = wait_phase(&env, "behind-hog", "WaitingForResources").await;
+    assert_eq!(condition(&waiting, "Ready").unwrap().reason, "InsufficientResources");
+    assert_eq!(waiting.status.unwrap().insufficient_resources, vec![gpu.to_string()]);
+    assert!(job_pods(&env.admin, &env.ns, &job).await.is_empty(), "no Pod that could not be scheduled");
+
+    // The foreign Pod ends: its sidecar's GPUs are free again, and the job runs.
+    let failed = json!({"status": {"phase": "Failed", "reason": "Evicted"}});
+    pods.patch_status("sidecar-hog", &PatchParams::default(), &Patch::Merge(&failed)).await.expect("the foreign Pod fails");
+    wait_phase(&env, "behind-hog", "Running").await;
+    wait_pods(&env, &job, 1).await;
 }
 
 /// A Pod that is none of the operator's frees the room a waiting job needs: that job is woken
@@ -381,8 +444,8 @@ async fn job_waits_until_a_node_fits_and_runs_when_one_is_added() {
 async fn a_foreign_pod_finishing_wakes_the_job_waiting_for_its_room() {
     let env = setup("lc-release").await;
     let gpu = "example.com/lc-release-gpu";
-    add_node(&env.client, "lc-release-node", "8", "32Gi", &[(gpu, "2")]).await;
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    add_node(&env.admin, "lc-release-node", "8", "32Gi", &[(gpu, "2")]).await;
+    let pods: Api<Pod> = Api::namespaced(env.admin.clone(), &env.ns);
     let hog: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "gpu-hog"},
         "spec": {"nodeName": "lc-release-node", "restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox:1.36",
             "resources": {"requests": {gpu: "2"}, "limits": {gpu: "2"}}}]}}))
@@ -433,7 +496,7 @@ async fn one_reject_vote_rejects_the_job() {
     let rejected = wait_phase(&env, "risky", "Rejected").await;
     assert_eq!(condition(&rejected, "Ready").unwrap().reason, "VoteRejected");
     assert_eq!(rejected.status.unwrap().approval.unwrap().rejected_by.as_deref(), Some("bob"));
-    assert!(job_pods(&env.client, &env.ns, &job).await.is_empty());
+    assert!(job_pods(&env.admin, &env.ns, &job).await.is_empty());
 }
 
 #[tokio::test]
@@ -443,7 +506,7 @@ async fn votes_for_an_old_generation_are_ignored_and_duplicate_voters_count_once
     wait_phase(&env, "changing", "AwaitingApproval").await;
     vote(&env.alice, &job, "alice", Decision::Approve).await;
     vote(&env.alice, &job, "alice", Decision::Approve).await;
-    let tallied = wait_for_job(&env.client, &env.ns, "changing", "duplicate ignored", |j| {
+    let tallied = wait_for_job(&env.admin, &env.ns, "changing", "duplicate ignored", |j| {
         j.status.as_ref().and_then(|s| s.approval.as_ref()).is_some_and(|a| a.ignored_votes.len() == 1)
     })
     .await;
@@ -452,14 +515,14 @@ async fn votes_for_an_old_generation_are_ignored_and_duplicate_voters_count_once
     assert!(approval.ignored_votes[0].why.contains("alice already has a counted vote"), "{:?}", approval.ignored_votes);
 
     // A spec change voids every earlier vote.
-    let api = Api::<AgentJob>::namespaced(env.client.clone(), &env.ns);
+    let api = Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns);
     let changed = api
         .patch("changing", &PatchParams::default(), &Patch::Merge(json!({"spec": {"description": "now with more scope"}})))
         .await
         .unwrap();
     assert_eq!(changed.metadata.generation, Some(2));
     vote_on_generation(&env.bob, &job, "bob", Decision::Approve, 1).await;
-    let after = wait_for_job(&env.client, &env.ns, "changing", "old votes ignored", |j| {
+    let after = wait_for_job(&env.admin, &env.ns, "changing", "old votes ignored", |j| {
         j.status.as_ref().and_then(|s| s.approval.as_ref()).is_some_and(|a| a.ignored_votes.len() == 3)
     })
     .await;
@@ -469,7 +532,7 @@ async fn votes_for_an_old_generation_are_ignored_and_duplicate_voters_count_once
     let (more, listed): (Vec<_>, Vec<_>) = approval.ignored_votes.iter().partition(|v| v.name == "(more)");
     assert!(listed.len() == 2 && listed.iter().all(|v| v.why.contains("is for generation 1 but the job is at generation 2")), "{listed:?}");
     assert!(more.len() == 1 && more[0].why.starts_with("1 more ignored vote"), "{more:?}");
-    let votes = Api::<agentgate::api::ApprovalVote>::namespaced(env.client.clone(), &env.ns);
+    let votes = Api::<agentgate::api::ApprovalVote>::namespaced(env.admin.clone(), &env.ns);
     let bob = wait_for(
         "vote status",
         Duration::from_secs(10),
@@ -494,18 +557,18 @@ async fn failed_attempts_are_retried_up_to_max_retries_then_the_job_fails_keepin
         wait_for(
             &pod,
             Duration::from_secs(30),
-            || job_pods(&env.client, &env.ns, &job),
+            || job_pods(&env.admin, &env.ns, &job),
             |pods: &Vec<Pod>| pods.iter().any(|p| p.name_any() == pod),
         )
         .await;
-        finish_pod(&env.client, &env.ns, &pod, 1, &usage_report("gpt-4o-mini", 1_000, 0, 100, json!(null))).await;
+        finish_pod(&env.admin, &env.ns, &pod, 1, &usage_report("gpt-4o-mini", 1_000, 0, 100, json!(null))).await;
     }
     let failed = wait_phase(&env, "flaky", "Failed").await;
     let status = failed.status.unwrap();
     assert_eq!(status.attempts.len(), 3);
     assert!(status.attempts.iter().all(|a| a.result == agentgate::api::AttemptResult::Failed));
     assert_eq!(status.usage.unwrap().total_tokens, 3 * 1_100, "usage of every attempt is kept");
-    assert_eq!(job_pods(&env.client, &env.ns, &job).await.len(), 3);
+    assert_eq!(job_pods(&env.admin, &env.ns, &job).await.len(), 3);
     assert_eq!(condition(&done_job(&env, "flaky").await, "Stalled").unwrap().reason, "AttemptsExhausted");
 }
 
@@ -515,13 +578,13 @@ async fn malformed_termination_message_is_recorded_not_guessed() {
     let job = create_job(&env, &job_manifest("garbled", json!({}))).await;
     approve(&env, &job).await;
     wait_pods(&env, &job, 1).await;
-    finish_pod(&env.client, &env.ns, "garbled-scanner-1", 0, "Traceback (most recent call last): boom").await;
+    finish_pod(&env.admin, &env.ns, "garbled-scanner-1", 0, "Traceback (most recent call last): boom").await;
     let done = wait_phase(&env, "garbled", "Succeeded").await;
     let reported = condition(&done, "UsageReported").unwrap();
     assert_eq!((reported.status.as_str(), reported.reason.as_str()), ("False", "MalformedReport"));
     assert!(reported.message.contains("garbled-scanner-1"), "{}", reported.message);
     assert_eq!(done.status.unwrap().usage.unwrap().total_tokens, 0, "no usage is invented");
-    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.client.clone(), &env.ns);
+    let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.admin.clone(), &env.ns);
     let events = wait_for(
         "MalformedReport Event",
         Duration::from_secs(10),
@@ -534,9 +597,8 @@ async fn malformed_termination_message_is_recorded_not_guessed() {
 
 #[tokio::test]
 async fn restarting_the_operator_mid_run_never_creates_a_second_pod() {
-    let cp = ControlPlane::shared();
     let mut env = setup("lc-restart").await;
-    let pods_api: Api<Pod> = Api::namespaced(env.client.clone(), &env.ns);
+    let pods_api: Api<Pod> = Api::namespaced(env.admin.clone(), &env.ns);
     // Every Pod that ever exists, seen through a watch rather than only the final list.
     let seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
     let recorder = {
@@ -561,19 +623,17 @@ async fn restarting_the_operator_mid_run_never_creates_a_second_pod() {
     approve(&env, &job).await;
     wait_pods(&env, &job, 2).await;
     for round in 0..3 {
-        env._operator.kill();
-        env._operator = OperatorProcess::start(cp, &["--namespace", &env.ns, "--metrics-addr", "127.0.0.1:0"]);
+        env.start_operator();
         // The new operator has listed every job and worked through them once it has estimated a
         // job created after it started; only then does "no second Pod" mean something.
         let probe = format!("probe-{round}");
         create_job(&env, &job_manifest(&probe, json!({}))).await;
         wait_phase(&env, &probe, "AwaitingApproval").await;
-        assert_eq!(job_pods(&env.client, &env.ns, &job).await.len(), 2);
+        assert_eq!(job_pods(&env.admin, &env.ns, &job).await.len(), 2);
     }
-    finish_pod(&env.client, &env.ns, "steady-scanner-1", 0, &usage_report("gpt-4o-mini", 100, 0, 10, json!({}))).await;
-    env._operator.kill();
-    env._operator = OperatorProcess::start(cp, &["--namespace", &env.ns, "--metrics-addr", "127.0.0.1:0"]);
-    finish_pod(&env.client, &env.ns, "steady-helper-1", 0, &usage_report("gpt-4o-mini", 200, 0, 20, json!({}))).await;
+    finish_pod(&env.admin, &env.ns, "steady-scanner-1", 0, &usage_report("gpt-4o-mini", 100, 0, 10, json!({}))).await;
+    env.start_operator();
+    finish_pod(&env.admin, &env.ns, "steady-helper-1", 0, &usage_report("gpt-4o-mini", 200, 0, 20, json!({}))).await;
     let done = wait_phase(&env, "steady", "Succeeded").await;
     assert_eq!(done.status.unwrap().usage.unwrap().total_tokens, 330);
     // A Pod created by us now reaches the recorder after any the operator created before it (one
@@ -595,16 +655,16 @@ async fn restarting_the_operator_mid_run_never_creates_a_second_pod() {
 async fn operator_writes_observed_generation_for_every_spec_change() {
     let env = setup("lc-generation").await;
     create_job(&env, &job_manifest("tracked", json!({}))).await;
-    let first = wait_for_job(&env.client, &env.ns, "tracked", "observedGeneration 1", |j| {
+    let first = wait_for_job(&env.admin, &env.ns, "tracked", "observedGeneration 1", |j| {
         j.status.as_ref().and_then(|s| s.observed_generation) == Some(1)
     })
     .await;
     assert_eq!(condition(&first, "Ready").unwrap().observed_generation, Some(1));
-    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns)
+    Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns)
         .patch("tracked", &PatchParams::default(), &Patch::Merge(json!({"spec": {"priority": 3}})))
         .await
         .unwrap();
-    let second = wait_for_job(&env.client, &env.ns, "tracked", "observedGeneration 2", |j| {
+    let second = wait_for_job(&env.admin, &env.ns, "tracked", "observedGeneration 2", |j| {
         j.status.as_ref().and_then(|s| s.observed_generation) == Some(2)
     })
     .await;
@@ -618,17 +678,17 @@ async fn a_spec_change_while_running_leaves_the_pods_alone_and_is_reported() {
     approve(&env, &job).await;
     let pods = wait_pods(&env, &job, 1).await;
     let uid = pods[0].metadata.uid.clone();
-    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns)
+    Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns)
         .patch("busy", &PatchParams::default(), &Patch::Merge(json!({"spec": {"resources": {"cpu": "1"}}})))
         .await
         .unwrap();
-    let changed = wait_for_job(&env.client, &env.ns, "busy", "SpecChangePending", |j| {
+    let changed = wait_for_job(&env.admin, &env.ns, "busy", "SpecChangePending", |j| {
         condition(j, "SpecChangePending").is_some_and(|c| c.status == "True")
     })
     .await;
     assert!(condition(&changed, "SpecChangePending").unwrap().message.contains("generation 2 applies from the next attempt"));
     assert_eq!(phase(&changed), Some("Running"));
-    let after = job_pods(&env.client, &env.ns, &job).await;
+    let after = job_pods(&env.admin, &env.ns, &job).await;
     assert_eq!((after.len(), after[0].metadata.uid.clone()), (1, uid), "the running Pod is untouched");
     assert_eq!(after[0].spec.as_ref().unwrap().containers[0].resources.as_ref().unwrap().limits.as_ref().unwrap()["cpu"].0, "500m");
 }
@@ -637,12 +697,12 @@ async fn a_spec_change_while_running_leaves_the_pods_alone_and_is_reported() {
 async fn deleting_a_job_deletes_its_pods_through_their_owner_reference() {
     let env = setup("lc-delete").await;
     // Garbage collection is kube-controller-manager's job; run just that controller.
-    let _gc = support::controlplane::ControllerManager::start(ControlPlane::shared(), "garbagecollector");
+    let _gc = support::controlplane::ControllerManager::start(env.cp, "garbagecollector");
     let job = create_job(&env, &job_manifest("short-lived", json!({}))).await;
     approve(&env, &job).await;
     wait_pods(&env, &job, 1).await;
-    Api::<AgentJob>::namespaced(env.client.clone(), &env.ns).delete("short-lived", &kube::api::DeleteParams::foreground()).await.unwrap();
-    let client = env.client.clone();
+    Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns).delete("short-lived", &kube::api::DeleteParams::foreground()).await.unwrap();
+    let client = env.admin.clone();
     wait_for("the job's Pods to be collected", Duration::from_secs(60), || job_pods(&client, &env.ns, &job), |p: &Vec<Pod>| p.is_empty())
         .await;
 }
@@ -658,10 +718,9 @@ async fn a_pod_name_taken_by_another_job_is_never_adopted() {
     wait_phase(&env, "a", "AwaitingApproval").await;
     approve(&env, &second).await;
     let second =
-        wait_for_job(&env.client, &env.ns, "a", "PodNameTaken", |j| condition(j, "Ready").is_some_and(|c| c.reason == "PodNameTaken"))
-            .await;
+        wait_for_job(&env.admin, &env.ns, "a", "PodNameTaken", |j| condition(j, "Ready").is_some_and(|c| c.reason == "PodNameTaken")).await;
     assert!(second.status.as_ref().unwrap().attempts.is_empty(), "adopted another job's Pod: {:?}", second.status);
-    assert!(job_pods(&env.client, &env.ns, &second).await.is_empty());
+    assert!(job_pods(&env.admin, &env.ns, &second).await.is_empty());
     let ready = condition(&second, "Ready").expect("a Ready condition");
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "PodNameTaken"));
     assert!(ready.message.contains("Pod a-b-c-1 already exists and is not controlled by this job"), "{}", ready.message);

@@ -20,14 +20,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentgate::api::{AgentJob, Decision, MeterStatus};
+use agentgate::domain::meter_tls as tls;
 use agentgate::domain::money::MicroUsd;
+use agentgate::meter::grant_client::pinned_client;
+use agentgate::meter::proxy::HttpsClient;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
+use rustls::pki_types::pem::PemObject;
 use serde_json::{Value, json};
 use support::cluster::*;
 use support::controlplane::{ControlPlane, OperatorProcess};
@@ -102,7 +106,23 @@ struct MeterProcess {
 }
 
 impl MeterProcess {
-    fn start(dir: &Path, name: &str, upstream: u16, grant_port: u16, token: &str, chunk: &str) -> MeterProcess {
+    /// A meter granted by the operator at `grant` (`--grant-url` and how to trust it), once it
+    /// listens.
+    fn start(dir: &Path, name: &str, upstream: u16, grant: &[String], token: &str, chunk: &str) -> MeterProcess {
+        let mut meter = MeterProcess::spawn(dir, name, upstream, grant, token, chunk);
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", meter.port)).is_ok() {
+                return meter;
+            }
+            if let Some(status) = meter.child.try_wait().unwrap() {
+                panic!("meter {name} exited with {status}: {}", meter.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("meter {name} did not start: {}", meter.logs());
+    }
+
+    fn spawn(dir: &Path, name: &str, upstream: u16, grant: &[String], token: &str, chunk: &str) -> MeterProcess {
         let token_file = dir.join(format!("{name}.token"));
         std::fs::write(&token_file, token).unwrap();
         let prices = dir.join("prices.yaml");
@@ -112,7 +132,7 @@ impl MeterProcess {
         let child = Command::new(env!("CARGO_BIN_EXE_agentgate"))
             .args(["meter", "--listen", &format!("127.0.0.1:{port}")])
             .args(["--openai-upstream", &format!("http://127.0.0.1:{upstream}/v1")])
-            .args(["--grant-url", &format!("http://127.0.0.1:{grant_port}")])
+            .args(grant)
             .arg("--token-file")
             .arg(&token_file)
             .arg("--price-table")
@@ -123,14 +143,7 @@ impl MeterProcess {
             .stderr(Stdio::from(std::fs::File::options().append(true).open(&log).unwrap()))
             .spawn()
             .expect("start agentgate meter");
-        let meter = MeterProcess { child, port, log };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return meter;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("meter {name} did not start: {}", std::fs::read_to_string(&meter.log).unwrap_or_default());
+        MeterProcess { child, port, log }
     }
 
     fn usage(&self) -> Value {
@@ -165,19 +178,19 @@ impl Drop for MeterProcess {
 /// One chat call through the meter, as an agent makes it: (status, body).
 async fn chat(meter_port: u16, text: &str) -> (u16, Value) {
     let body = json!({"model": "test-gpt", "max_tokens": 50, "messages": [{"role": "user", "content": text}]});
-    post(&format!("http://127.0.0.1:{meter_port}/v1/chat/completions"), Some("sk-dummy"), &body).await
+    let client = agentgate::meter::client().unwrap();
+    post(&client, &format!("http://127.0.0.1:{meter_port}/v1/chat/completions"), Some("sk-dummy"), &body).await.expect("POST")
 }
 
-async fn post(url: &str, bearer: Option<&str>, body: &Value) -> (u16, Value) {
-    let client = agentgate::meter::client().unwrap();
+async fn post(client: &HttpsClient, url: &str, bearer: Option<&str>, body: &Value) -> Result<(u16, Value), String> {
     let mut request = hyper::Request::post(url).header("content-type", "application/json");
     if let Some(token) = bearer {
         request = request.header("authorization", format!("Bearer {token}"));
     }
-    let response = client.request(request.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await.expect("POST");
+    let response = client.request(request.body(Full::new(Bytes::from(body.to_string()))).unwrap()).await.map_err(|e| format!("{e:?}"))?;
     let status = response.status().as_u16();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+    let bytes = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+    Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
 }
 
 // ---------------------------------------------------------------- the cluster side
@@ -188,6 +201,21 @@ struct Setup {
     api_port: u16,
     metrics_port: u16,
     dir: tempfile::TempDir,
+    /// The operator's CA certificate for the meter API, as a file, and a client trusting it alone.
+    ca_file: PathBuf,
+    api: HttpsClient,
+}
+
+impl Setup {
+    /// A meter's `--grant-url` and CA, as the operator gives them to the meters it injects.
+    fn grant(&self) -> Vec<String> {
+        let ca = self.ca_file.display().to_string();
+        vec!["--grant-url".into(), format!("https://127.0.0.1:{}", self.api_port), "--grant-ca-file".into(), ca]
+    }
+
+    fn sync_url(&self) -> String {
+        format!("https://127.0.0.1:{}/v1/sync", self.api_port)
+    }
 }
 
 fn start_operator(ns: &str, api_port: u16, metrics_port: u16) -> OperatorProcess {
@@ -200,29 +228,56 @@ fn start_operator(ns: &str, api_port: u16, metrics_port: u16) -> OperatorProcess
             &format!("127.0.0.1:{metrics_port}"),
             "--meter-api-listen",
             &format!("127.0.0.1:{api_port}"),
+            // Where the meters dial it: the managed certificate names this address.
+            "--meter-grant-url",
+            &format!("https://127.0.0.1:{api_port}"),
         ],
     )
 }
 
+/// The meter API's Secret (controller/meter_tls.rs), once the operator has made it.
+async fn tls_secret(admin: &Client, ns: &str) -> Secret {
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
+    wait_for(
+        "the meter API's certificate Secret",
+        TIMEOUT,
+        || async { secrets.get_opt(tls::DEFAULT_SECRET).await.unwrap() },
+        |s| s.is_some(),
+    )
+    .await
+    .unwrap()
+}
+
+fn secret_text(secret: &Secret, key: &str) -> String {
+    String::from_utf8(secret.data.as_ref().unwrap()[key].0.clone()).unwrap()
+}
+
+/// The shared [`Env`] (namespace, node, voting rights) and an operator serving the meter API on a
+/// port of its own, which [`start_operator`] restarts on.
 async fn setup(ns: &str) -> Setup {
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "meter-grants-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
+    let admin = Env::builder(ns).node("meter-grants-node", "64", "256Gi", &[]).operator(OperatorMode::Later).build().await.admin;
     let (api_port, metrics_port) = (free_port(), free_port());
     let operator = start_operator(ns, api_port, metrics_port);
-    Setup { admin, operator, api_port, metrics_port, dir: tempfile::tempdir().unwrap() }
+    let dir = tempfile::tempdir().unwrap();
+    let ca = secret_text(&tls_secret(&admin, ns).await, tls::CA_CERT_KEY);
+    let ca_file = dir.path().join("meter-api-ca.crt");
+    std::fs::write(&ca_file, &ca).unwrap();
+    let api = pinned_client(ca.as_bytes()).unwrap();
+    Setup { admin, operator, api_port, metrics_port, dir, ca_file, api }
 }
 
 /// Creates a job with these agents and budget, approves it, and returns it with its Pods running.
 async fn running_job(s: &Setup, ns: &str, name: &str, agents: &[&str], budget: &str) -> (AgentJob, Vec<Pod>) {
+    running_job_with(s, ns, name, agents, budget, json!({})).await
+}
+
+/// [`running_job`] with `patch` merged into the spec.
+async fn running_job_with(s: &Setup, ns: &str, name: &str, agents: &[&str], budget: &str, patch: Value) -> (AgentJob, Vec<Pod>) {
     let agent = |n: &str| json!({"name": n, "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"});
     let spec = json!({"category": "payments",
         "agents": {"primary": agent(agents[0]), "supporting": agents[1..].iter().map(|a| agent(a)).collect::<Vec<_>>()},
         "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": budget}});
-    let job =
-        Api::<AgentJob>::namespaced(s.admin.clone(), ns).create(&PostParams::default(), &agent_job(name, spec, json!({}))).await.unwrap();
+    let job = Api::<AgentJob>::namespaced(s.admin.clone(), ns).create(&PostParams::default(), &agent_job(name, spec, patch)).await.unwrap();
     let cp = ControlPlane::shared();
     vote(&cp.client("alice").await, &job, "alice", Decision::Approve).await;
     vote(&cp.client("bob").await, &job, "bob", Decision::Approve).await;
@@ -273,7 +328,7 @@ async fn metered_usage_is_the_jobs_usage_token_for_token_and_a_false_claim_is_fl
     let (up, reported) = upstream().await;
     let (job, pods) = running_job(&s, ns, "metered", &["agent"], "1").await;
     let token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
-    let meter = MeterProcess::start(s.dir.path(), "happy", up, s.api_port, &token, "0.02");
+    let meter = MeterProcess::start(s.dir.path(), "happy", up, &s.grant(), &token, "0.02");
 
     for text in ["hello", "a longer question about the ledger", "and a third one, longer still, to vary the counts"] {
         let (status, body) = chat(meter.port, text).await;
@@ -353,7 +408,7 @@ async fn meters_racing_one_small_budget_never_exceed_it() {
     let mut meters = Vec::new();
     for (i, pod) in pods.iter().enumerate() {
         let token = token(&s.admin, ns, Some(pod), AUDIENCE).await;
-        meters.push(MeterProcess::start(s.dir.path(), &format!("race-{i}"), up, s.api_port, &token, "0.01"));
+        meters.push(MeterProcess::start(s.dir.path(), &format!("race-{i}"), up, &s.grant(), &token, "0.01"));
     }
     // Each agent calls until the meter refuses; all at once.
     let mut agents_running = Vec::new();
@@ -400,6 +455,7 @@ async fn meters_racing_one_small_budget_never_exceed_it() {
         finish_pod(&s.admin, ns, &pod.name_any(), 137, "").await;
     }
     let failed = wait_for_job(&s.admin, ns, "race", "Failed", |j| phase(j) == Some("Failed")).await;
+    assert_eq!(condition(&failed, "Ready").unwrap().reason, "BudgetExhausted", "the meters refused calls for budget");
     let reported_condition = condition(&failed, "UsageReported").cloned().unwrap();
     assert_eq!((reported_condition.status.as_str(), reported_condition.reason.as_str()), ("True", "Metered"), "{reported_condition:?}");
     let usage = failed.status.unwrap().usage.unwrap();
@@ -435,7 +491,7 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
     pods_api.delete("doomed", &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() }).await.unwrap();
     wait_for("the doomed Pod gone", TIMEOUT, || async { pods_api.get_opt("doomed").await.unwrap() }, |p: &Option<Pod>| p.is_none()).await;
 
-    let url = format!("http://127.0.0.1:{}/v1/sync", s.api_port);
+    let url = s.sync_url();
     let ask = |pod: Option<&str>| {
         let mut body = json!({"session": "forged-1", "sequence": 1, "usage": {"inputTokens": 0, "cachedInputTokens": 0, "outputTokens": 0,
             "totalTokens": 0, "costUSD": "0"}, "wantUSD": "0.50"});
@@ -469,41 +525,42 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
         ),
     ];
     for (what, bearer, pod, code, reason) in &cases {
-        let (status, body) = post(&url, bearer.as_deref(), &ask(*pod)).await;
+        let (status, body) = post(&s.api, &url, bearer.as_deref(), &ask(*pod)).await.unwrap();
         assert_eq!((status, body["error"]["reason"].as_str()), (*code, Some(*reason)), "{what}: {body}");
     }
     // The admin's own token (not a ServiceAccount, not for this audience) is no better.
-    let (status, body) = post(&url, Some(ControlPlane::shared().token("admin")), &ask(None)).await;
+    let (status, body) = post(&s.api, &url, Some(ControlPlane::shared().token("admin")), &ask(None)).await.unwrap();
     assert!(status == 401 || status == 403, "{body}");
 
     // The victim's own meter is served, and it is the only grant the victim's job has: the
     // refusals above granted nothing.
     let victim = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
-    let (status, body) = post(&url, Some(&victim), &ask(Some(&victim_pod))).await;
+    let (status, body) = post(&s.api, &url, Some(&victim), &ask(Some(&victim_pod))).await.unwrap();
     assert_eq!((status, body["grantedUSD"].as_str()), (200, Some("0.50")), "{body}");
     let meter = meter_status(&s.admin, ns, "victim").await;
     assert_eq!((meter.grants.len(), meter.granted_usd.as_str()), (1, "0.50"), "{meter:?}");
     // The other job's Pod reusing the victim's session is refused too.
     let other = token(&s.admin, ns, Some(&other_pods[0]), AUDIENCE).await;
     let (status, body) =
-        post(&url, Some(&other), &json!({"session": "forged-1", "sequence": 2, "usage": ask(None)["usage"], "wantUSD": "0.5"})).await;
+        post(&s.api, &url, Some(&other), &json!({"session": "forged-1", "sequence": 2, "usage": ask(None)["usage"], "wantUSD": "0.5"}))
+            .await
+            .unwrap();
     assert_eq!(status, 200, "a session is per job: the other job's status has its own: {body}");
     assert_eq!(meter_status(&s.admin, ns, "victim").await.granted_usd, "0.50");
     // A standby replica (the first operator holds the lease: it ran these jobs) grants nothing
     // and says so, so the meter retries until it reaches the leader.
     let standby_port = free_port();
     let _standby = start_operator(ns, standby_port, free_port());
-    let standby_url = format!("http://127.0.0.1:{standby_port}/v1/sync");
+    let standby_url = format!("https://127.0.0.1:{standby_port}/v1/sync");
     let answer = wait_for(
         "the standby's meter API",
         TIMEOUT,
         || async {
-            let client = agentgate::meter::client().unwrap();
             let request = hyper::Request::post(&standby_url)
                 .header("authorization", format!("Bearer {victim}"))
                 .body(Full::new(Bytes::from(ask(None).to_string())))
                 .unwrap();
-            match client.request(request).await {
+            match s.api.request(request).await {
                 Ok(response) => Some((response.status().as_u16(), response.headers().get("retry-after").is_some())),
                 Err(_) => None,
             }
@@ -528,7 +585,7 @@ async fn the_operator_killed_mid_run_leaves_grants_and_usage_and_the_meter_fails
     let (_, pods) = running_job(&s, ns, "restart", &["agent"], "1").await;
     let token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
     // A chunk covers three calls (≈6,200 µ$ reserved, ≈4,000 spent each).
-    let meter = MeterProcess::start(s.dir.path(), "restart", up, s.api_port, &token, "0.014");
+    let meter = MeterProcess::start(s.dir.path(), "restart", up, &s.grant(), &token, "0.014");
     let (status, body) = chat(meter.port, "first").await;
     assert_eq!(status, 200, "{body}");
     // Recorded before the meter heard of it.
@@ -547,6 +604,9 @@ async fn the_operator_killed_mid_run_leaves_grants_and_usage_and_the_meter_fails
         assert!(served < 10, "served beyond its grant");
     };
     assert_eq!(refused["error"]["type"], "budget_exceeded");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("the operator could not be reached"), "{message}");
+    assert_eq!(meter.usage()["budgetRefusals"], 0, "refused for want of an operator, not of budget: the job does not end for it");
     let (_, _, cost) = reported_totals(&reported);
     assert!(cost <= usd("0.014") && served >= 2, "{served} calls for {cost} within the 0.014 grant");
     // What was granted is in status, whoever reads it.
@@ -564,4 +624,386 @@ async fn the_operator_killed_mid_run_leaves_grants_and_usage_and_the_meter_fails
     let status = meter_status(&s.admin, ns, "restart").await;
     assert_eq!(usd(&status.spent_usd), cost, "every call counted once: {status:?}");
     assert!(usd(&status.granted_usd) > usd("0.014") && status.grants.len() == 1 && status.grants[0].settled, "{status:?}");
+    assert_eq!(status.grants[0].budget_refusals, 0, "{status:?}");
+}
+
+/// Calls through the meter until it refuses one for budget; returns how many were served.
+async fn call_until_refused(meter: &MeterProcess) -> usize {
+    for served in 0..100 {
+        let (status, body) = chat(meter.port, &format!("call {served}")).await;
+        match status {
+            200 => {}
+            402 => {
+                assert_eq!(body["error"]["type"], "budget_exceeded", "{body}");
+                return served;
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    panic!("never refused: the budget is not held");
+}
+
+async fn job_events(admin: &Client, ns: &str, job: &AgentJob, reason: &str) -> Vec<Event> {
+    let events: Api<Event> = Api::namespaced(admin.clone(), ns);
+    let uid = job.metadata.uid.clone();
+    wait_for(
+        &format!("a {reason} Event"),
+        TIMEOUT,
+        || async { events.list(&ListParams::default()).await.unwrap().items },
+        |e: &Vec<Event>| e.iter().any(|e| e.reason.as_deref() == Some(reason) && e.regarding.as_ref().and_then(|r| r.uid.clone()) == uid),
+    )
+    .await
+    .into_iter()
+    .filter(|e| e.reason.as_deref() == Some(reason) && e.regarding.as_ref().and_then(|r| r.uid.clone()) == uid)
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_smaller_than_the_run_ends_the_job_budget_exhausted_within_it_keeping_output_and_usage() {
+    let ns = "meter-grants-exhausted";
+    let s = setup(ns).await;
+    let (up, reported) = upstream().await;
+    // A retry is allowed, and must not be made: its calls could not fit either.
+    let (job, pods) = running_job_with(&s, ns, "exhausted", &["agent"], "0.02", json!({"limits": {"maxRetries": 1}})).await;
+    let token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let meter = MeterProcess::start(s.dir.path(), "exhausted", up, &s.grant(), &token, "0.01");
+    let served = call_until_refused(&meter).await;
+    let (prompt, completion, cost) = reported_totals(&reported);
+    assert!(served >= 2 && cost <= usd("0.02"), "{served} calls for {cost} within the $0.02 budget");
+    assert_eq!(meter.usage()["budgetRefusals"], 1, "{}", meter.logs());
+
+    // Live: the refusal reaches status with the meter's next report, and the job says what follows.
+    let live = wait_for_job(&s.admin, ns, "exhausted", "the refusal reported", |j| {
+        condition(j, "Ready").is_some_and(|c| c.message.contains("the job ends BudgetExhausted when its agents exit"))
+    })
+    .await;
+    assert_eq!((phase(&live), live.status.as_ref().unwrap().meter.as_ref().unwrap().grants[0].budget_refusals), (Some("Running"), 1));
+
+    // The agent handles the 402 (the SDK raised it), reports what it has and exits 0.
+    meter.stop().await;
+    let claim = usage_report("test-gpt", prompt, 0, completion, json!({"partial": true, "calls": served}));
+    finish_pod(&s.admin, ns, &pods[0].name_any(), 0, &claim).await;
+    let done = wait_for_job(&s.admin, ns, "exhausted", "Failed", |j| phase(j) == Some("Failed")).await;
+    let ready = condition(&done, "Ready").cloned().unwrap();
+    assert_eq!(ready.reason, "BudgetExhausted", "{ready:?}");
+    assert!(
+        ready.message.contains(&format!("spent ${cost} of budget.maxCostUSD $0.02; output and usage so far kept; not retried")),
+        "{ready:?}"
+    );
+    let status = done.status.clone().unwrap();
+    assert_eq!(status.attempts.len(), 1, "not retried");
+    assert!(status.attempts[0].message.as_deref().unwrap().starts_with("BudgetExhausted: the agent meters refused 1 call(s)"));
+    assert_eq!(status.output, Some(json!({"partial": true, "calls": served})), "the output so far is kept");
+    let usage = status.usage.unwrap();
+    assert_eq!((usage.input_tokens, usage.output_tokens, usd(&usage.cost_usd)), (prompt, completion, cost), "the usage so far is kept");
+    assert!(usd(&status.meter.unwrap().committed_usd) <= usd("0.02"));
+    let events = job_events(&s.admin, ns, &job, "BudgetExhausted").await;
+    assert_eq!(events[0].type_.as_deref(), Some("Warning"));
+    assert_eq!(events[0].note.as_deref(), Some(ready.message.as_str()), "the Event says what the condition says");
+    let table = ControlPlane::shared().kubectl("admin", &["get", "aj", "exhausted", "-n", ns, "-o", "wide"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(table.contains("REASON") && table.contains("BudgetExhausted"), "kubectl get aj -o wide shows the reason:\n{table}");
+}
+
+/// The attack: an agent that ignores 402 and keeps calling. It gets nothing more (spend stays
+/// within the budget), its meter does not turn every refused call into a status write (it stops
+/// asking the operator for 5 s once told nothing is left), and when it is finally stopped (its
+/// deadline, here played by the test) the job still ends BudgetExhausted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_ignoring_402_spends_nothing_more_and_writes_status_at_a_bounded_rate() {
+    let ns = "meter-grants-ignores-402";
+    let s = setup(ns).await;
+    let (up, reported) = upstream().await;
+    let (_, pods) = running_job(&s, ns, "stubborn", &["agent"], "0.02").await;
+    let token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let meter = MeterProcess::start(s.dir.path(), "stubborn", up, &s.grant(), &token, "0.01");
+    let served = call_until_refused(&meter).await;
+    let steps_at_refusal = meter_status(&s.admin, ns, "stubborn").await.grants[0].sequence;
+    let mut refused = 1;
+    let started = std::time::Instant::now();
+    for i in 0..300 {
+        let (status, body) = chat(meter.port, &format!("again {i}")).await;
+        assert_eq!((status, body["error"]["type"].as_str()), (402, Some("budget_exceeded")), "{body}");
+        refused += 1;
+    }
+    assert_eq!(reported.lock().unwrap().len(), served, "no refused call reached the provider");
+    let (_, _, cost) = reported_totals(&reported);
+    assert!(cost <= usd("0.02"), "{cost}");
+    assert_eq!(meter.usage()["budgetRefusals"], refused);
+    // The refused calls reach status as a count with the next report, not as a write each.
+    let live = wait_for(
+        "the refusals reported",
+        TIMEOUT,
+        || meter_status(&s.admin, ns, "stubborn"),
+        |m: &MeterStatus| m.grants[0].budget_refusals == refused,
+    )
+    .await;
+    // At most a report per --report-seconds (1 s here) and a request for more per 5 s, however
+    // many calls the agent makes in that time (one each would be 300).
+    let seconds = started.elapsed().as_secs() as i64 + 1;
+    let steps = live.grants[0].sequence - steps_at_refusal;
+    assert!(
+        steps <= seconds + seconds / 5 + 2,
+        "{steps} sync requests in {seconds} s for {refused} refused calls: the status write rate is not bounded by the agent"
+    );
+
+    // Stopped at its deadline: no report of its own.
+    meter.stop().await;
+    finish_pod(&s.admin, ns, &pods[0].name_any(), 137, "").await;
+    let done = wait_for_job(&s.admin, ns, "stubborn", "Failed", |j| phase(j) == Some("Failed")).await;
+    assert_eq!(condition(&done, "Ready").unwrap().reason, "BudgetExhausted");
+    let status = done.status.unwrap();
+    assert_eq!(usd(&status.usage.unwrap().cost_usd), cost, "its usage is what the meter measured");
+    assert_eq!(status.meter.unwrap().grants[0].budget_refusals, refused);
+}
+
+// ---------------------------------------------------------------- TLS (controller/meter_tls.rs)
+
+/// The certificate a server on loopback `port` presents to a client trusting `ca` alone, or why
+/// the handshake failed. A new connection each time.
+async fn served_certificate(port: u16, ca: &[u8]) -> Result<Vec<u8>, String> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(tls.get_ref().1.peer_certificates().unwrap()[0].to_vec())
+}
+
+/// A forged meter API: HTTPS on loopback with a certificate for 127.0.0.1 from `material`'s CA
+/// (not the operator's), granting $100 to whoever asks. Counts the requests it receives.
+async fn forged_meter_api(material: &tls::Material) -> (u16, Arc<Mutex<usize>>) {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+    let chain = CertificateDer::pem_slice_iter(material.cert_pem.as_bytes()).collect::<Result<Vec<_>, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_slice(material.key_pem.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let requests = Arc::new(Mutex::new(0));
+    let counted = requests.clone();
+    let app = axum::Router::new().route(
+        "/v1/sync",
+        axum::routing::post(move || {
+            *counted.lock().unwrap() += 1;
+            async { axum::Json(json!({"grantedUSD": "100", "availableUSD": "100"})) }
+        }),
+    );
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = tcp.local_addr().unwrap().port();
+    let metrics = Arc::new(agentgate::metrics::Metrics::default());
+    let listener = agentgate::controller::meter_tls::TlsListener::new(tcp, Arc::new(config).into(), metrics).unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (port, requests)
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_meter_api_is_https_with_the_operators_ca_and_meters_refuse_any_other_server() {
+    let ns = "meter-grants-tls";
+    let s = setup(ns).await;
+    let (up, reported) = upstream().await;
+    let (_, pods) = running_job(&s, ns, "tls", &["agent", "helper"], "1").await;
+    let secret = tls_secret(&s.admin, ns).await;
+    assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
+    let ca = secret_text(&secret, tls::CA_CERT_KEY);
+
+    // A meter with the operator's CA draws grants over HTTPS; one call's worth at a time, so
+    // every call below asks again.
+    let good_token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let good = MeterProcess::start(s.dir.path(), "tls-good", up, &s.grant(), &good_token, "0.007");
+    let (status, body) = chat(good.port, "over https").await;
+    assert_eq!(status, 200, "{body}\n{}", good.logs());
+
+    // Attack: a meter trusting another CA refuses the real server. It fails closed: 402, nothing
+    // forwarded upstream, nothing granted to its Pod.
+    let other = tls::fresh(&tls::names("https://127.0.0.1:1", ns).unwrap(), unix_now()).unwrap();
+    let other_ca = s.dir.path().join("other-ca.crt");
+    std::fs::write(&other_ca, &other.ca_cert_pem).unwrap();
+    let helper_token = token(&s.admin, ns, Some(&pods[1]), AUDIENCE).await;
+    let wrong_ca: Vec<String> =
+        vec!["--grant-url".into(), format!("https://127.0.0.1:{}", s.api_port), "--grant-ca-file".into(), other_ca.display().to_string()];
+    let wrong = MeterProcess::start(s.dir.path(), "tls-wrong-ca", up, &wrong_ca, &helper_token, "0.007");
+    let forwarded = reported.lock().unwrap().len();
+    let (status, body) = chat(wrong.port, "with the wrong CA").await;
+    assert_eq!((status, body["error"]["type"].as_str()), (402, Some("budget_exceeded")), "{body}");
+    assert_eq!(reported.lock().unwrap().len(), forwarded, "a call went upstream without a grant");
+    // Another CA of the same name: the signature does not verify (BadSignature); one named
+    // otherwise is not found (UnknownIssuer). Either way the meter says why.
+    assert!(wrong.logs().contains("invalid peer certificate"), "the meter says why: {}", wrong.logs());
+    let helper = pods[1].name_any();
+    assert!(meter_status(&s.admin, ns, "tls").await.grants.iter().all(|g| g.pod != helper), "granted over a refused connection");
+
+    // Attack: a forged meter API with a certificate for the very address from another CA, that
+    // would grant $100. The meter refuses it before sending anything (its token included).
+    let (forged_port, forged_requests) = forged_meter_api(&other).await;
+    let to_forged: Vec<String> =
+        vec!["--grant-url".into(), format!("https://127.0.0.1:{forged_port}"), "--grant-ca-file".into(), s.ca_file.display().to_string()];
+    let fooled = MeterProcess::start(s.dir.path(), "tls-forged", up, &to_forged, &helper_token, "0.007");
+    let (status, body) = chat(fooled.port, "to the forged server").await;
+    assert_eq!(status, 402, "{body}");
+    assert_eq!(*forged_requests.lock().unwrap(), 0, "the forged server received a request");
+    assert_eq!(reported.lock().unwrap().len(), forwarded);
+    // The forged server does answer a client that trusts its CA: the refusal above is the CA's.
+    assert!(served_certificate(forged_port, other.ca_cert_pem.as_bytes()).await.is_ok());
+
+    // Attack: plain HTTP. The meter refuses an http:// grant URL unless told it is development...
+    let plain: Vec<String> = vec!["--grant-url".into(), format!("http://127.0.0.1:{}", s.api_port)];
+    let mut refused = MeterProcess::spawn(s.dir.path(), "tls-plain", up, &plain, &helper_token, "0.007");
+    let started = std::time::Instant::now();
+    let exit = loop {
+        if let Some(status) = refused.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < TIMEOUT, "the plain-HTTP meter runs: {}", refused.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(!exit.success() && refused.logs().contains("--grant-insecure-http"), "{}", refused.logs());
+    // ...and the meter API answers nothing in plain HTTP: a token sent that way is not served.
+    let sent =
+        post(&agentgate::meter::client().unwrap(), &format!("http://127.0.0.1:{}/v1/sync", s.api_port), Some(&helper_token), &json!({}))
+            .await;
+    assert!(sent.is_err(), "a plain-HTTP request was answered: {sent:?}");
+    let (_, metrics) = http_get(s.metrics_port, "/metrics");
+    assert!(metrics.contains("agentgate_meter_api_requests_total{outcome=\"tls_handshake_failed\"}"), "{metrics}");
+
+    // Both replicas present the same certificate: the standby read the Secret the leader made.
+    let standby_port = free_port();
+    let _standby = start_operator(ns, standby_port, free_port());
+    let leader_cert = served_certificate(s.api_port, ca.as_bytes()).await.unwrap();
+    let standby_cert =
+        wait_for("the standby's meter API", TIMEOUT, || served_certificate(standby_port, ca.as_bytes()), Result::is_ok).await.unwrap();
+    assert_eq!(standby_cert, leader_cert, "the replicas serve different certificates");
+
+    // Renewal: the serving certificate is due (its recorded expiry is near). Both replicas serve
+    // the renewed one, signed by the same CA: the meters started before keep working.
+    let secrets: Api<Secret> = Api::namespaced(s.admin.clone(), ns);
+    let due = json!({"metadata": {"annotations": {tls::ANNOTATION_NOT_AFTER: (unix_now() + 60).to_string()}}});
+    secrets.patch(tls::DEFAULT_SECRET, &PatchParams::default(), &Patch::Merge(&due)).await.unwrap();
+    for port in [s.api_port, standby_port] {
+        let served = wait_for(
+            "the renewed certificate served",
+            TIMEOUT,
+            || served_certificate(port, ca.as_bytes()),
+            |c| c.as_ref().is_ok_and(|c| *c != leader_cert),
+        )
+        .await;
+        assert!(served.is_ok(), "the old CA verifies the renewed certificate");
+    }
+    let renewed = tls_secret(&s.admin, ns).await;
+    assert_eq!(secret_text(&renewed, tls::CA_CERT_KEY), ca, "renewal keeps the CA");
+    assert_ne!(secret_text(&renewed, tls::CERT_KEY), secret_text(&secret, tls::CERT_KEY));
+    assert!(renewed.metadata.annotations.unwrap()[tls::ANNOTATION_NOT_AFTER].parse::<i64>().unwrap() > unix_now() + 80 * 86_400);
+    let granted = usd(&meter_status(&s.admin, ns, "tls").await.granted_usd);
+    for text in ["after the renewal", "and again"] {
+        let (status, body) = chat(good.port, text).await;
+        assert_eq!(status, 200, "{body}\n{}", good.logs());
+    }
+    // A meter started now with the CA it was given before the renewal: a new connection.
+    let late = MeterProcess::start(s.dir.path(), "tls-late", up, &s.grant(), &helper_token, "0.007");
+    let (status, body) = chat(late.port, "a new meter, the old CA").await;
+    assert_eq!(status, 200, "{body}\n{}", late.logs());
+    let after = meter_status(&s.admin, ns, "tls").await;
+    assert!(usd(&after.granted_usd) > granted, "granted over the renewed certificate: {after:?}");
+    assert!(after.grants.iter().any(|g| g.pod == helper), "{after:?}");
+}
+
+/// The operator's log, to explain a failure or find a message.
+fn operator_log(operator: &OperatorProcess) -> String {
+    std::fs::read_to_string(operator.log_path()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provided_certificate_is_served_as_is_and_a_bad_tls_configuration_stops_the_operator() {
+    let ns = "meter-grants-provided";
+    let cp = ControlPlane::shared();
+    cp.namespace(ns).await;
+    let admin = cp.client("admin").await;
+    let tls_flags = |port: u16, mode: &'static str, scheme: &'static str| -> Vec<String> {
+        [
+            "--namespace",
+            ns,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--meter-api-listen",
+            &format!("127.0.0.1:{port}"),
+            "--meter-grant-url",
+            &format!("{scheme}://127.0.0.1:{port}"),
+            "--meter-api-tls",
+            mode,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let start = |flags: Vec<String>| OperatorProcess::start(cp, &flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let exited = |mut operator: OperatorProcess| async move {
+        let status = wait_for("the operator to exit", TIMEOUT, || std::future::ready(operator.exit_status()), Option::is_some).await;
+        (status.unwrap(), operator_log(&operator))
+    };
+
+    // `secret` without the Secret: the operator says which one and stops (after its retries).
+    let (status, log) = exited(start(tls_flags(free_port(), "secret", "https"))).await;
+    assert!(
+        !status.success() && log.contains(&format!("Secret {ns}/{} (--meter-api-tls secret) does not exist", tls::DEFAULT_SECRET)),
+        "{log}"
+    );
+    // TLS off with an https grant URL (or on with an http one): refused at start, before serving.
+    let (status, log) = exited(start(tls_flags(free_port(), "off", "https"))).await;
+    assert!(!status.success() && log.contains("does not match --meter-api-tls"), "{log}");
+    let (status, log) = exited(start(tls_flags(free_port(), "managed", "http"))).await;
+    assert!(!status.success() && log.contains("does not match --meter-api-tls"), "{log}");
+
+    // The admin's certificate (as cert-manager writes it: no CA key, no annotations) is served
+    // as it is, and the operator never writes it.
+    let names = tls::names("https://127.0.0.1:1", ns).unwrap();
+    let material = tls::fresh(&names, unix_now()).unwrap();
+    let mut provided = tls::to_secret(tls::DEFAULT_SECRET, ns, &material);
+    provided.metadata.annotations = None;
+    provided.metadata.labels = None;
+    provided.data.as_mut().unwrap().remove(tls::CA_KEY_KEY);
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
+    let created = secrets.create(&PostParams::default(), &provided).await.unwrap();
+    let port = free_port();
+    let operator = start(tls_flags(port, "secret", "https"));
+    let served =
+        wait_for("the provided certificate served", TIMEOUT, || served_certificate(port, material.ca_cert_pem.as_bytes()), Result::is_ok)
+            .await
+            .unwrap();
+    let der = |pem: &str| rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec();
+    assert_eq!(served, der(&material.cert_pem));
+    // The issuer renews it (same CA): the operator serves the new one, and writes nothing.
+    let renewed = tls::renewed(&material, &names, unix_now()).unwrap();
+    let mut update = created.clone();
+    let data = update.data.as_mut().unwrap();
+    data.insert(tls::CERT_KEY.into(), k8s_openapi::ByteString(renewed.cert_pem.clone().into_bytes()));
+    data.insert(tls::KEY_KEY.into(), k8s_openapi::ByteString(renewed.key_pem.clone().into_bytes()));
+    let written = secrets.replace(tls::DEFAULT_SECRET, &PostParams::default(), &update).await.unwrap();
+    wait_for(
+        "the renewed certificate served",
+        TIMEOUT,
+        || served_certificate(port, material.ca_cert_pem.as_bytes()),
+        |c| c.as_ref().is_ok_and(|c| *c == der(&renewed.cert_pem)),
+    )
+    .await
+    .unwrap();
+    let after = secrets.get(tls::DEFAULT_SECRET).await.unwrap();
+    assert_eq!(after.metadata.resource_version, written.metadata.resource_version, "the operator wrote the admin's Secret");
+    assert!(!after.data.unwrap().contains_key(tls::CA_KEY_KEY));
+    assert!(operator_log(&operator).contains("meter API certificate reloaded"));
 }

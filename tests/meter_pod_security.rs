@@ -16,8 +16,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
-use support::cluster::{add_node, agent_job, enforce_restricted, grant_voting_rights, job_pods, phase, vote, wait_for, wait_for_job};
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::cluster::{Env, OperatorMode, agent_job, job_pods, phase, vote, wait_for, wait_for_job};
 
 const NS: &str = "meter-pss";
 
@@ -29,7 +28,9 @@ fn metered_pod() -> Pod {
         openai_upstream: None,
         anthropic_upstream: None,
         budget_mode: BudgetMode::Grants,
-        grant_url: "http://agentgate-meter-api.agentgate-system.svc:8444".into(),
+        grant_url: "https://agentgate-meter-api.agentgate-system.svc:8444".into(),
+        // The CA and the startup probe are part of what restricted admission sees.
+        grant_ca_pem: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
     };
     let (meter, _) = config.plan(NS, Some(&NamespaceKeys { openai: true, anthropic: true, ..NamespaceKeys::default() }), "5.00");
     let plan = PodPlan {
@@ -56,11 +57,8 @@ fn metered_pod() -> Pod {
 
 #[tokio::test]
 async fn a_pod_with_the_meter_sidecar_is_admitted_where_restricted_is_enforced() {
-    let cp = ControlPlane::shared();
-    cp.namespace(NS).await;
-    let admin = cp.client("admin").await;
-    enforce_restricted(&admin, NS).await;
-    let pods = Api::<Pod>::namespaced(admin, NS);
+    let env = Env::builder(NS).pod_security_restricted().without_voting_rights().operator(OperatorMode::Later).build().await;
+    let pods = Api::<Pod>::namespaced(env.admin.clone(), NS);
     let dry_run = PostParams { dry_run: true, ..PostParams::default() };
 
     let admitted = pods.create(&dry_run, &metered_pod()).await.expect("the metered Pod is admitted");
@@ -90,20 +88,16 @@ const KEYLESS: &str = "meter-keyless";
 /// Pod carries neither. The key's value is in no Pod, Event or job status.
 #[tokio::test]
 async fn the_operator_injects_the_meter_and_the_agent_gets_no_key() {
-    let cp = ControlPlane::shared();
-    let admin = cp.client("admin").await;
+    let env = Env::builder(KEYED).namespaces(&[KEYLESS]).node("meter-node", "64", "256Gi", &[]).operator(OperatorMode::Later);
+    let mut env = env.all_namespaces().args(&["--meter-budget-mode", "grants"]).build().await;
+    let admin = env.admin.clone();
     let planted = format!("sk-planted-{}", std::process::id() as u64 * 7919 + 104_729);
-    for ns in [KEYED, KEYLESS] {
-        cp.namespace(ns).await;
-    }
     let secret: Secret = serde_json::from_value(json!({"metadata": {"name": sidecar::DEFAULT_KEYS_SECRET,
             "annotations": {sidecar::ANNOTATION_OPENAI_UPSTREAM: "http://llm-gateway.meter-keyed.svc:8080/v1"}},
         "stringData": {"openai": planted}}))
     .unwrap();
     Api::<Secret>::namespaced(admin.clone(), KEYED).create(&PostParams::default(), &secret).await.expect("keys Secret");
-    add_node(&admin, "meter-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
-    let _operator = OperatorProcess::start(cp, &["--metrics-addr", "127.0.0.1:0", "--meter-budget-mode", "grants"]);
+    env.start_operator();
 
     let mut pods = Vec::new();
     for ns in [KEYED, KEYLESS] {
@@ -119,8 +113,8 @@ async fn the_operator_injects_the_meter_and_the_agent_gets_no_key() {
             json!({}),
         );
         let job = Api::<AgentJob>::namespaced(admin.clone(), ns).create(&PostParams::default(), &job).await.expect("create job");
-        vote(&cp.client("alice").await, &job, "alice", Decision::Approve).await;
-        vote(&cp.client("bob").await, &job, "bob", Decision::Approve).await;
+        vote(&env.alice, &job, "alice", Decision::Approve).await;
+        vote(&env.bob, &job, "bob", Decision::Approve).await;
         let running = wait_for_job(&admin, ns, "chat", "Running", |j| phase(j) == Some("Running")).await;
         let pod = wait_for("the agent Pod", Duration::from_secs(30), || job_pods(&admin, ns, &running), |p: &Vec<Pod>| p.len() == 1).await;
         pods.push((ns, pod[0].clone()));
@@ -132,7 +126,15 @@ async fn the_operator_injects_the_meter_and_the_agent_gets_no_key() {
         let meter = &spec.init_containers.as_ref().expect("a sidecar")[0];
         assert_eq!((meter.name.as_str(), meter.restart_policy.as_deref()), (sidecar::CONTAINER, Some("Always")), "{ns}");
         let args = meter.args.as_ref().unwrap().join(" ");
-        assert!(args.contains("--grant-url http://agentgate-meter-api.default.svc:8444") && !args.contains("--budget-usd"), "{ns}: {args}");
+        assert!(
+            args.contains("--grant-url https://agentgate-meter-api.default.svc:8444") && !args.contains("--budget-usd"),
+            "{ns}: {args}"
+        );
+        assert!(!args.contains("--grant-insecure-http"), "{ns}: {args}");
+        // The meter trusts the operator's CA (managed by default, in the operator's namespace).
+        let ca = meter.env.iter().flatten().find(|e| e.name == sidecar::GRANT_CA_ENV).and_then(|e| e.value.clone());
+        assert!(ca.is_some_and(|ca| ca.starts_with("-----BEGIN CERTIFICATE-----")), "{ns}: {:?}", meter.env);
+        assert!(meter.startup_probe.as_ref().and_then(|p| p.exec.as_ref()).is_some(), "{ns}: the agent waits for its meter");
         let agent = serde_json::to_value(&spec.containers[0]).unwrap();
         let text = agent.to_string();
         assert!(!text.contains(sidecar::DEFAULT_KEYS_SECRET), "{ns}: the agent container references the keys: {text}");

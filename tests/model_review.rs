@@ -16,7 +16,7 @@ use kube::api::{ListParams, PostParams};
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess, Process};
+use support::controlplane::{ControlPlane, Process};
 use support::http::free_port;
 use support::review::{Reviewer, reviewer_head_of};
 
@@ -118,13 +118,9 @@ async fn reviewer_votes(admin: &Client, job: &str, voter: &str) -> Vec<ApprovalV
 
 #[tokio::test]
 async fn a_reviewer_that_asks_a_model_within_its_limits() {
-    let cp = ControlPlane::shared();
-    cp.namespace(NS).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "model-review-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
     let robot = format!("{NS}/reviewer");
-    let _operator = OperatorProcess::start(cp, &["--namespace", NS, "--metrics-addr", "127.0.0.1:0", "--robot-voters", &robot]);
+    let env = Env::builder(NS).node("model-review-node", "64", "256Gi", &[]).args(&["--robot-voters", &robot]).build().await;
+    let (cp, admin) = (env.cp, env.admin.clone());
     let reviewer_name = format!("system:serviceaccount:{NS}:reviewer");
     let kubeconfig = reviewer_head_of(&admin, NS, CATEGORY, "model-reviewer").await;
 

@@ -16,7 +16,6 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::json;
 use support::cluster::*;
-use support::controlplane::ControlPlane;
 
 const NS: &str = "otel";
 
@@ -88,10 +87,9 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
 
 #[tokio::test]
 async fn reconcile_spans_are_exported_over_otlp_http() {
-    let cp = ControlPlane::shared();
-    cp.namespace(NS).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "otel-node", "8", "32Gi", &[]).await;
+    // The operator is started here by hand, built with the otel feature and its environment.
+    let env = Env::builder(NS).node("otel-node", "8", "32Gi", &[]).without_voting_rights().operator(OperatorMode::Later).build().await;
+    let (cp, admin) = (env.cp, env.admin.clone());
     let (port, received) = collector();
     let log = std::fs::File::create(cp.dir().join("operator-otel.log")).unwrap();
     let _operator = Operator(

@@ -13,36 +13,19 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::controlplane::ControlPlane;
 use support::review::{Reviewer, reviewer_head_of, service_account_kubeconfig};
 
-struct Env {
-    admin: Client,
-    ns: String,
-    _operator: OperatorProcess,
-}
-
 async fn setup(ns: &str) -> Env {
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "plugin-review-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
     // The reviewer ServiceAccount's votes count only because the operator is told to trust it.
     let robot = format!("{ns}/reviewer");
-    let operator = OperatorProcess::start(cp, &["--namespace", ns, "--metrics-addr", "127.0.0.1:0", "--robot-voters", &robot]);
-    Env { admin, ns: ns.into(), _operator: operator }
+    Env::builder(ns).node("plugin-review-node", "64", "256Gi", &[]).args(&["--robot-voters", &robot]).build().await
 }
 
-/// Creates a job as dave (who is no head), the way `kubectl apply` by him would.
 async fn create_job(env: &Env, name: &str, category: &str, model: &str, image: &str, tools: &[&str]) -> AgentJob {
     let tools: Vec<_> = tools.iter().map(|t| json!({"name": t, "required": false})).collect();
-    let job: AgentJob = serde_json::from_value(json!({
-        "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "metadata": {"name": name},
-        "spec": {"category": category, "agents": {"primary": {"name": "agent", "image": image, "model": model}},
-                 "tools": tools, "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "5"}}}))
-    .unwrap();
-    let dave = ControlPlane::shared().client("dave").await;
+    let job = JobManifest::payments(name).category(category).primary("agent", image, model).spec(json!({"tools": tools})).build();
+    let dave = env.user("dave").await;
     Api::<AgentJob>::namespaced(dave, &env.ns).create(&PostParams::default(), &job).await.expect("create job")
 }
 

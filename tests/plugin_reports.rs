@@ -13,7 +13,6 @@ use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
 
 const NS: &str = "plugin-reports";
 const PLUGIN: &str = env!("CARGO_BIN_EXE_kubectl-agentgate");
@@ -56,13 +55,10 @@ async fn apply<K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned
 
 #[tokio::test]
 async fn estimate_infra_and_stats_report_what_the_cluster_holds() {
-    let cp = ControlPlane::shared();
-    cp.namespace(NS).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "pr-node", "8", "32Gi", &[("nvidia.com/gpu", "2")]).await;
-    grant_voting_rights(&admin).await;
+    let env =
+        Env::builder(NS).node("pr-node", "8", "32Gi", &[("nvidia.com/gpu", "2")]).args(&["--price-config-map", "prices"]).build().await;
+    let (cp, admin) = (env.cp, env.admin.clone());
     let kubeconfig = cp.kubeconfig("admin");
-    let _operator = OperatorProcess::start(cp, &["--namespace", NS, "--metrics-addr", "127.0.0.1:0", "--price-config-map", "prices"]);
     let config_maps: Api<ConfigMap> = Api::namespaced(admin.clone(), NS);
     apply(
         &config_maps,

@@ -9,19 +9,13 @@ use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
 
 const NS: &str = "pss-restricted";
 
 #[tokio::test]
 async fn agent_pods_are_admitted_where_the_restricted_standard_is_enforced() {
-    let cp = ControlPlane::shared();
-    cp.namespace(NS).await;
-    let admin = cp.client("admin").await;
-    enforce_restricted(&admin, NS).await;
-    add_node(&admin, "pss-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
-    let _operator = OperatorProcess::start(cp, &["--namespace", NS, "--metrics-addr", "127.0.0.1:0"]);
+    let env = Env::builder(NS).pod_security_restricted().node("pss-node", "64", "256Gi", &[]).build().await;
+    let admin = env.admin.clone();
 
     // The control: enforcement is live here. A Pod as a careless manifest would have it (no
     // securityContext at all) is refused, naming what the standard requires.
@@ -50,8 +44,8 @@ async fn agent_pods_are_admitted_where_the_restricted_standard_is_enforced() {
         json!({}),
     );
     let job = Api::<AgentJob>::namespaced(admin.clone(), NS).create(&PostParams::default(), &job).await.expect("create job");
-    vote(&cp.client("alice").await, &job, "alice", Decision::Approve).await;
-    vote(&cp.client("bob").await, &job, "bob", Decision::Approve).await;
+    vote(&env.alice, &job, "alice", Decision::Approve).await;
+    vote(&env.bob, &job, "bob", Decision::Approve).await;
     let running = wait_for_job(&admin, NS, "scan", "Running", |j| phase(j) == Some("Running")).await;
     let pods =
         wait_for("both agent Pods", std::time::Duration::from_secs(30), || job_pods(&admin, NS, &running), |p: &Vec<Pod>| p.len() == 2)

@@ -10,9 +10,15 @@
 //!   line holds) equals what the stand-in reported;
 //! - an agent OOM-killed, or stopped at its deadline, after a call: the meter outlives it and
 //!   its totals stay readable;
-//! - the meters draw the job's budget from the operator's meter API (grants, authenticated by
-//!   the Pod's projected token) and the job's `status.usage` is theirs, also for agents killed
-//!   before they could report.
+//! - the meters draw the job's budget from the operator's meter API over HTTPS (grants,
+//!   authenticated by the Pod's projected token; the meter trusts the operator's CA, handed to
+//!   it in its container's env, and the certificate names the node IP the meters dial) and the
+//!   job's `status.usage` is theirs, also for agents killed before they could report;
+//! - the agent container starts only once its meter answers (the meter's startup probe): an
+//!   agent's one call, without a retry, goes through;
+//! - a budget smaller than the run: the meter refuses the call that would cross it (402), the
+//!   agent stops there, spend stays within the budget, and the job ends `BudgetExhausted` with
+//!   the output and usage so far, not retried.
 //!
 //! Needs root and runc; otherwise it says SKIPPED loudly (and fails when
 //! AGENTGATE_REQUIRE_REAL_NODE is set, as in CI).
@@ -107,7 +113,8 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
     // The operator runs on the host: its meter API listens on the node IP, which the Pods reach,
     // and the meters draw the job's budget from it as they would from the in-cluster Service.
     let meter_api = format!("{NODE_IP}:{}", support::http::free_port());
-    let grant_url = format!("http://{meter_api}");
+    // HTTPS: the operator's managed certificate names this host (the grant URL's).
+    let grant_url = format!("https://{meter_api}");
     let operator = OperatorProcess::start(
         cp,
         &[
@@ -130,9 +137,11 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
     let env = Env { admin: admin.clone(), alice: cp.client("alice").await, bob: cp.client("bob").await, calls, real_key };
 
     a_call_goes_through_the_meter_with_the_meters_key(&env).await;
+    the_agents_first_call_needs_no_retry(&env).await;
     the_agent_container_holds_no_key(&env).await;
     the_meter_outlives_an_oom_killed_agent(&env).await;
     the_meter_outlives_an_agent_stopped_at_its_deadline(&env).await;
+    a_budget_smaller_than_the_run_ends_the_job_budget_exhausted(&env).await;
 
     drop(operator);
     drop(node);
@@ -288,6 +297,36 @@ async fn a_call_goes_through_the_meter_with_the_meters_key(env: &Env) {
     println!("meter: 1 call, stand-in saw the Secret's key; meter /usage = {live}");
 }
 
+/// The agent makes its one call at once and never retries: it succeeds only if its meter was
+/// already listening when the kubelet started the agent (the meter's startup probe).
+async fn the_agents_first_call_needs_no_retry(env: &Env) {
+    let prompt = "the very first thing";
+    let script = format!(
+        r#"body='{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{prompt}"}}],"max_tokens":64}}'
+if wget -q -O /dev/null --header "Authorization: Bearer $OPENAI_API_KEY" --header 'Content-Type: application/json'   --post-data "$body" "$OPENAI_BASE_URL/chat/completions"; then first=ok; else first=failed; fi
+printf '{{"usage":[],"output":{{"firstCall":"%s"}}}}' "$first" >/dev/termination-log
+[ "$first" = ok ]"#
+    );
+    for round in 0..3 {
+        let name = format!("first-{round}");
+        let j =
+            create_and_approve(env, &job(&name, prompt, json!({"agents": {"primary": {"command": ["/bin/sh", "-c", script.as_str()]}}})))
+                .await;
+        let done = wait_phase(env, &name, "Succeeded").await;
+        let output = &serde_json::to_value(done.status.as_ref()).unwrap()["output"];
+        assert_eq!(output["firstCall"], json!("ok"), "round {round}: {output}");
+        let pod = wait_pod_done(env, &j).await;
+        let meter = &pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        assert!(meter.startup_probe.is_some(), "the meter has a startup probe");
+        let st = pod.status.as_ref().unwrap();
+        let started = |c: &k8s_openapi::api::core::v1::ContainerStatus| c.state.as_ref()?.terminated.as_ref()?.started_at.clone();
+        let (meter, agent) =
+            (started(&st.init_container_statuses.as_ref().unwrap()[0]), started(&st.container_statuses.as_ref().unwrap()[0]));
+        println!("figure: round {round}: meter started {meter:?}, agent started {agent:?} (after the meter's startup probe)");
+    }
+    assert_eq!(env.calls_with(prompt).len(), 3, "one call per agent, each through the meter");
+}
+
 /// The author names the keys Secret in the agent's env (they may read it, so admission lets it
 /// through): the agent still sees only the dummy key and none of the meter's files.
 async fn the_agent_container_holds_no_key(env: &Env) {
@@ -379,4 +418,40 @@ async fn the_meter_outlives_an_agent_stopped_at_its_deadline(env: &Env) {
     let stopped = Api::<AgentJob>::namespaced(env.admin.clone(), NS).get("late").await.expect("get job");
     assert_status_usage_is_the_stand_ins("deadline", &stopped, &calls);
     println!("deadline: {}", done.status.as_ref().unwrap().conditions.iter().map(|c| c.message.as_str()).collect::<Vec<_>>().join("; "));
+}
+
+/// The agent calls until the meter refuses (up to 100 calls of ~$0.0004 each against a $0.01
+/// budget: about 25 fit, each reserving ~$0.0006 before it is forwarded), handles the 402, and
+/// reports what it has.
+async fn a_budget_smaller_than_the_run_ends_the_job_budget_exhausted(env: &Env) {
+    // Plain words, no commas or quotes (the reference agent's JSON is hand-made): 2,450 bytes.
+    let prompt = "budget ".repeat(350);
+    let prompt = prompt.trim_end();
+    // A jobType of its own: the prior's p90 ($0.0054) fits the budget whatever ran before.
+    let patch = json!({"jobType": "meter-node-budget", "budget": {"maxCostUSD": "0.01"}, "limits": {"maxRetries": 1},
+        "input": {"chat": prompt, "calls": 100}});
+    let j = create_and_approve(env, &job("over-budget", prompt, patch)).await;
+    let done = wait_phase(env, "over-budget", "Failed").await;
+    wait_pod_done(env, &j).await;
+    let status = done.status.clone().unwrap();
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready").cloned().unwrap();
+    println!("budget: {} ({})", ready.reason, ready.message);
+    if ready.reason != "BudgetExhausted" {
+        panic!("{ready:?}\n{:#?}\n{}", status, container_logs(env, &done).await);
+    }
+    let calls: Vec<Call> = env.calls.lock().unwrap().iter().filter(|c| c.prompt.starts_with(prompt)).cloned().collect();
+    let output = status.output.clone().expect("the output so far is kept");
+    assert_eq!((output["served"].as_u64(), output["refusedForBudget"].as_u64()), (Some(calls.len() as u64), Some(1)), "{output}");
+    assert!(calls.len() >= 2 && calls.len() < 100, "the budget ran out part-way: {} calls", calls.len());
+    let usage = status.usage.clone().unwrap();
+    let spent = agentgate::domain::money::MicroUsd::parse(&usage.cost_usd).unwrap();
+    let budget = agentgate::domain::money::MicroUsd::parse("0.01").unwrap();
+    assert!(spent <= budget, "spent {spent} of {budget}");
+    assert!(spent.0 > budget.0 / 2, "the budget was used, not hoarded: {spent}");
+    assert_eq!(usage.input_tokens, calls.iter().map(|c| c.prompt_tokens).sum::<i64>(), "the usage so far is the meter's");
+    assert_eq!(status.attempts.len(), 1, "not retried: a retry's calls could not fit either");
+    let meter = status.meter.clone().unwrap();
+    assert_eq!((meter.grants.len(), meter.grants[0].budget_refusals, meter.grants[0].settled), (1, 1, true), "{meter:?}");
+    assert!(ready.message.contains(&format!("spent ${spent} of budget.maxCostUSD $0.01")), "{ready:?}");
+    println!("budget: {} calls served, 1 refused, spent ${spent} of $0.01", calls.len());
 }

@@ -15,7 +15,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use serde_json::json;
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::controlplane::ControlPlane;
 
 const TENANT: &str = "rec-a";
 const OTHER: &str = "rec-b";
@@ -59,15 +59,9 @@ fn stdout(output: &Output) -> String {
 
 #[tokio::test]
 async fn finished_jobs_get_advice_from_their_own_namespace_only() {
-    let cp = ControlPlane::shared();
-    for ns in [TENANT, OTHER] {
-        cp.namespace(ns).await;
-    }
-    let admin = cp.client("admin").await;
-    add_node(&admin, "rec-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
     // Both namespaces watched by one operator, as in a shared cluster.
-    let operator = OperatorProcess::start(cp, &["--metrics-addr", "127.0.0.1:0"]);
+    let env = Env::builder(TENANT).namespaces(&[OTHER]).node("rec-node", "64", "256Gi", &[]).all_namespaces().build().await;
+    let (cp, admin) = (env.cp, env.admin.clone());
 
     // Tenant A: five runs on gpt-4o ($0.35 each), five on gpt-4o-mini ($0.021 each), all succeeded.
     // The other tenant floods the same jobType with near-free gpt-4o-mini runs.
@@ -124,5 +118,5 @@ async fn finished_jobs_get_advice_from_their_own_namespace_only() {
     assert!(!other.contains("CheaperModel") && other.contains("jobType scan in rec-b: 7 finished job(s)"), "{other}");
     let none = stdout(&plugin(&alice, &["recommend", "-n", TENANT, "--job-type", "nope"]).await);
     assert_eq!(none, "no finished AgentJobs with usage in rec-a\n");
-    drop(operator);
+    drop(env);
 }

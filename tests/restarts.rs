@@ -18,9 +18,9 @@ use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, ResourceExt};
-use support::cluster::{add_node, grant_voting_rights};
-use support::controlplane::{ControlPlane, OperatorProcess};
+use kube::{Api, ResourceExt};
+use support::cluster::{Env, OperatorMode};
+use support::controlplane::OperatorProcess;
 use support::storm::{self, JobPlan, Kubelet};
 
 /// One test at a time: each restarts the control plane under the others' feet.
@@ -31,25 +31,10 @@ const JOBS: usize = 40;
 /// How long the rest of the burst may take once the control plane is back.
 const RECOVERY: Duration = Duration::from_secs(45);
 
-struct Env {
-    cp: &'static ControlPlane,
-    admin: Client,
-    alice: Client,
-    bob: Client,
-    ns: String,
-}
-
+/// The namespace, a node for the whole burst and voting rights; each test starts its operator
+/// replicas itself ([`Env::operator_args`]) once its kubelet runs.
 async fn setup(ns: &str) -> Env {
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "restarts-node", "1000", "4Ti", &[]).await;
-    grant_voting_rights(&admin).await;
-    Env { cp, alice: cp.client("alice").await, bob: cp.client("bob").await, admin, ns: ns.into() }
-}
-
-fn operator_args(ns: &str) -> [&str; 4] {
-    ["--namespace", ns, "--metrics-addr", "127.0.0.1:0"]
+    Env::builder(ns).node("restarts-node", "1000", "4Ti", &[]).operator(OperatorMode::Later).build().await
 }
 
 async fn submit_all(env: &Env, plans: &[JobPlan]) {
@@ -87,7 +72,7 @@ async fn burst_through(fault: Fault, ns: &str) {
     let seed = storm::seed_from_env("RESTARTS_SEED");
     let plans = JobPlan::mix(ns, JOBS);
     let kubelet = Kubelet::start(&env.admin, ns, &plans, seed).await;
-    let mut operator = OperatorProcess::start(env.cp, &operator_args(ns));
+    let mut operator = OperatorProcess::start(env.cp, &env.operator_args());
     let started = Instant::now();
 
     let (first, second) = plans.split_at(JOBS / 2);
@@ -190,7 +175,7 @@ async fn killing_the_leader_again_and_again_under_load_never_leaves_two_writers(
     let mut rng = storm::Rng::new(seed);
     let plans = JobPlan::mix(ns, JOBS);
     let kubelet = Kubelet::start(&env.admin, ns, &plans, seed).await;
-    let args = operator_args(ns);
+    let args = env.operator_args();
     let mut replicas = vec![OperatorProcess::start(env.cp, &args), OperatorProcess::start(env.cp, &args)];
     let mut retired: Vec<(OperatorProcess, Timestamp)> = Vec::new();
     let leases: Api<Lease> = Api::namespaced(env.admin.clone(), ns);
@@ -316,7 +301,7 @@ async fn two_replicas_ride_out_an_apiserver_outage_longer_than_the_lease() {
     let seed = storm::seed_from_env("RESTARTS_SEED");
     let plans = JobPlan::mix(ns, JOBS);
     let kubelet = Kubelet::start(&env.admin, ns, &plans, seed).await;
-    let args = operator_args(ns);
+    let args = env.operator_args();
     let mut replicas = vec![OperatorProcess::start(env.cp, &args), OperatorProcess::start(env.cp, &args)];
 
     let (first, second) = plans.split_at(JOBS / 2);

@@ -18,11 +18,11 @@ use support::controlplane::ControlPlane;
 
 const NS: &str = "secret-access";
 
+/// The namespace with two Secrets, carol allowed to read one of them; no operator (admission is
+/// what is tested).
 async fn setup() -> Client {
-    let cp = ControlPlane::shared();
-    cp.namespace(NS).await;
-    let admin = cp.client("admin").await;
-    grant_voting_rights(&admin).await;
+    let env = Env::builder(NS).operator(OperatorMode::Later).build().await;
+    let admin = env.admin.clone();
     let pp = PatchParams::apply("secret-access-test").force();
     for name in ["api-token", "db-password"] {
         let secret = json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name, "namespace": NS},
@@ -38,7 +38,7 @@ async fn setup() -> Client {
         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "carol"}]});
     Api::<RoleBinding>::namespaced(admin.clone(), NS).patch("carol-reads-api-token", &pp, &Patch::Apply(&binding)).await.expect("bind");
     // RBAC changes reach the authorizer through its informer: wait until carol's right shows.
-    let cp = ControlPlane::shared();
+    let cp = env.cp;
     wait_for(
         "carol may get api-token",
         std::time::Duration::from_secs(30),
@@ -55,14 +55,9 @@ fn secret_env(var: &str, secret: &str) -> Value {
 
 /// A job whose primary agent has `primary_env` and whose one supporting agent has `supporting_env`.
 fn job(name: &str, primary_env: Value, supporting_env: Value) -> AgentJob {
-    agent_job(
-        name,
-        json!({"category": "payments",
-               "agents": {"primary": {"name": "lead", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini", "env": primary_env},
-                          "supporting": [{"name": "helper", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini", "env": supporting_env}]},
-               "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "5"}}),
-        json!({}),
-    )
+    let helper = json!({"name": "helper", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini", "env": supporting_env});
+    let lead = JobManifest::payments(name).primary("lead", "ghcr.io/acme/agent:1", "gpt-4o-mini");
+    lead.spec(json!({"agents": {"primary": {"env": primary_env}, "supporting": [helper]}})).build()
 }
 
 async fn create_as(user: &str, job: &AgentJob) -> Result<AgentJob, kube::Error> {

@@ -18,7 +18,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::controlplane::ControlPlane;
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -68,23 +68,25 @@ fn the_example_templates_render_the_example_jobs() {
     }
 }
 
-struct Env {
-    admin: Client,
-    alice: Client,
-    bob: Client,
+/// The shared [`Env`] and dave, an editor of the namespace.
+struct TemplatesEnv {
+    env: Env,
     dave: Client,
-    ns: String,
-    _operator: OperatorProcess,
+}
+
+impl std::ops::Deref for TemplatesEnv {
+    type Target = Env;
+    fn deref(&self) -> &Env {
+        &self.env
+    }
 }
 
 /// The namespace, a node, voting rights, the chart's template RBAC as `make manifests` renders it
 /// into deploy/agentgate.yaml, dave as an editor of the namespace, and the operator.
-async fn setup(ns: &str) -> Env {
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "templates-node", "64", "256Gi", &[("nvidia.com/gpu", "8")]).await;
-    grant_voting_rights(&admin).await;
+async fn setup(ns: &str) -> TemplatesEnv {
+    let mut env =
+        Env::builder(ns).node("templates-node", "64", "256Gi", &[("nvidia.com/gpu", "8")]).operator(OperatorMode::Later).build().await;
+    let admin = &env.admin;
     let pp = PatchParams::apply("templates-test").force();
     let deploy = std::fs::read_to_string(root().join("deploy/agentgate.yaml")).unwrap();
     let mut applied = 0;
@@ -111,15 +113,9 @@ async fn setup(ns: &str) -> Env {
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "dave"}]});
         Api::<RoleBinding>::namespaced(admin.clone(), ns).patch(&name, &pp, &Patch::Apply(&binding)).await.unwrap();
     }
-    let operator = OperatorProcess::start(cp, &["--namespace", ns, "--metrics-addr", "127.0.0.1:0"]);
-    Env {
-        admin,
-        alice: cp.client("alice").await,
-        bob: cp.client("bob").await,
-        dave: cp.client("dave").await,
-        ns: ns.into(),
-        _operator: operator,
-    }
+    env.start_operator();
+    let dave = env.user("dave").await;
+    TemplatesEnv { env, dave }
 }
 
 async fn plugin(user: &str, args: &[&str]) -> Output {

@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use agentgate::api::{AgentJob, AgentTool, Decision};
@@ -20,7 +19,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::controlplane::ControlPlane;
 
 /// Namespaces carrying this label (value `on`) are discovered in.
 const DISCOVERY: &str = "agentgate-test/discovery";
@@ -28,28 +27,12 @@ const DISCOVERY: &str = "agentgate-test/discovery";
 const PROMPTLY: Duration = Duration::from_secs(5);
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn operator() -> &'static OperatorProcess {
-    static OPERATOR: OnceLock<OperatorProcess> = OnceLock::new();
-    OPERATOR.get_or_init(|| {
-        OperatorProcess::start(
-            ControlPlane::shared(),
-            &["--metrics-addr", "127.0.0.1:0", "--discovery-namespace-selector", &format!("{DISCOVERY}=on")],
-        )
-    })
-}
-
 /// The namespace, labelled for discovery when `discover`; the operator; nodes and voting rights.
 async fn setup(ns: &str, discover: bool) -> Client {
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let client = cp.client("admin").await;
-    if discover {
-        label_namespace(&client, ns, Some("on")).await;
-    }
-    add_node(&client, "tools-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&client).await;
-    operator();
-    client
+    let labels: &[(&str, &str)] = if discover { &[(DISCOVERY, "on")] } else { &[] };
+    let selector = format!("{DISCOVERY}=on");
+    let env = Env::builder(ns).namespace_labels(labels).node("tools-node", "64", "256Gi", &[]);
+    env.operator(OperatorMode::Shared).args(&["--discovery-namespace-selector", &selector]).build().await.admin
 }
 
 async fn label_namespace(client: &Client, ns: &str, value: Option<&str>) {
@@ -169,14 +152,9 @@ async fn wait_service_event(client: &Client, ns: &str, service: &str, type_: &st
 }
 
 fn job_manifest(name: &str, spec_patch: Value) -> AgentJob {
-    let base = json!({
-        "jobType": "tool_test",
-        "category": "core-tools",
-        "agents": {"primary": {"name": "worker", "image": "ghcr.io/acme/worker:1", "model": "gpt-4o-mini"}},
-        "resources": {"cpu": "500m", "memory": "1Gi"},
-        "budget": {"maxCostUSD": "5.00"},
-    });
-    agent_job(name, base, spec_patch)
+    let worker =
+        JobManifest::new(name).job_type("tool_test").category("core-tools").primary("worker", "ghcr.io/acme/worker:1", "gpt-4o-mini");
+    worker.spec(spec_patch).build()
 }
 
 /// Creates the job and has alice and bob approve it.
@@ -347,7 +325,7 @@ async fn credentials_are_rechecked_as_soon_as_their_secret_changes() {
     .await;
     eprintln!("measured: Secret deleted → CredentialsPresent=False in {:?}", started.elapsed());
 
-    let log = std::fs::read_to_string(operator().log_path()).unwrap();
+    let log = std::fs::read_to_string(shared_operator().log_path()).unwrap();
     assert!(log.contains("watching Secrets' metadata"), "the operator watches Secrets rather than polling");
     assert!(!log.contains("s3cr3t"), "a Secret's value never reaches the log");
 }
@@ -702,12 +680,20 @@ async fn a_tool_repointed_after_approval_needs_a_new_approval_before_the_job_sta
     assert_eq!(status.revoked_votes.len(), 2);
     assert_eq!(status.tool_endpoints, None);
     assert!(job_pods(&client, ns, &back).await.is_empty(), "no Pod for the unapproved endpoint");
-    let events = Api::<Event>::namespaced(client.clone(), ns).list(&ListParams::default()).await.unwrap().items;
-    assert!(
-        events.iter().any(|e| e.reason.as_deref() == Some("ToolEndpointChanged")
-            && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("pinned")),
-        "a ToolEndpointChanged Event on the job"
-    );
+    // Events go out through the bounded Event pipeline after the status write: wait for it (this
+    // listed them once, and lost the race under load).
+    let events = Api::<Event>::namespaced(client.clone(), ns);
+    wait_for(
+        "a ToolEndpointChanged Event on the job",
+        TIMEOUT,
+        || async { events.list(&ListParams::default()).await.unwrap().items },
+        |es: &Vec<Event>| {
+            es.iter().any(|e| {
+                e.reason.as_deref() == Some("ToolEndpointChanged") && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("pinned")
+            })
+        },
+    )
+    .await;
 
     // New votes approve the new endpoint; the job starts with it once hog frees the rate limit.
     let cp = ControlPlane::shared();

@@ -14,36 +14,16 @@ use kube::api::{DeleteParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
 
 const FINALIZER: &str = "agentgate.dev/usage-tracking";
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-async fn setup(ns: &str) -> (&'static ControlPlane, Client, Client, Client) {
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "durability-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
-    (cp, admin, cp.client("alice").await, cp.client("bob").await)
-}
-
-fn operator(cp: &ControlPlane, ns: &str) -> OperatorProcess {
-    OperatorProcess::start(cp, &["--namespace", ns, "--metrics-addr", "127.0.0.1:0"])
+async fn setup(ns: &str) -> Env {
+    Env::builder(ns).node("durability-node", "64", "256Gi", &[]).build().await
 }
 
 fn manifest(name: &str) -> AgentJob {
-    agent_job(
-        name,
-        json!({
-            "jobType": "durability_scan",
-            "category": "core-security",
-            "agents": {"primary": {"name": "scanner", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"}},
-            "resources": {"cpu": "500m", "memory": "1Gi"},
-            "budget": {"maxCostUSD": "5.00"},
-        }),
-        json!({}),
-    )
+    JobManifest::new(name).job_type("durability_scan").build()
 }
 
 /// Creates and approves the job, and waits for its one Pod.
@@ -64,8 +44,8 @@ async fn wait_gone(admin: &Client, ns: &str, pod: &str) {
 #[tokio::test]
 async fn a_pod_deleted_while_the_operator_is_down_still_counts() {
     let ns = "usage-durability-down";
-    let (cp, admin, alice, bob) = setup(ns).await;
-    let mut op = operator(cp, ns);
+    let mut env = setup(ns).await;
+    let (admin, alice, bob) = (env.admin.clone(), env.alice.clone(), env.bob.clone());
     let (job, pod) = started_job(&admin, &alice, &bob, ns, "scan").await;
     assert!(pod.finalizers().iter().any(|f| f == FINALIZER), "agent Pods carry the usage finalizer: {:?}", pod.finalizers());
     let pod = pod.name_any();
@@ -73,14 +53,14 @@ async fn a_pod_deleted_while_the_operator_is_down_still_counts() {
     wait_for_job(&admin, ns, "scan", "Running", |j| phase(j) == Some("Running")).await;
 
     // The operator goes; the agent finishes and its Pod is deleted before anyone read it.
-    op.kill();
+    env.kill_operator();
     finish_pod(&admin, ns, &pod, 0, &usage_report("gpt-4o-mini", 1200, 0, 300, json!({"findings": 2}))).await;
     let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
     pods.delete(&pod, &DeleteParams::default()).await.expect("delete the Pod");
     let held = pods.get(&pod).await.expect("the finalizer keeps the deleted Pod");
     assert!(held.metadata.deletion_timestamp.is_some());
 
-    let _op = operator(cp, ns);
+    env.start_operator();
     let done = wait_for_job(&admin, ns, "scan", "Succeeded", |j| phase(j).is_some_and(|p| p != "Running")).await;
     assert_eq!(phase(&done), Some("Succeeded"), "{:?}", done.status);
     let status = done.status.unwrap();
@@ -95,8 +75,8 @@ async fn a_pod_deleted_while_the_operator_is_down_still_counts() {
 #[tokio::test]
 async fn a_deleted_job_never_leaves_its_pods_stuck() {
     let ns = "usage-durability-orphans";
-    let (cp, admin, alice, bob) = setup(ns).await;
-    let _op = operator(cp, ns);
+    let env = setup(ns).await;
+    let (admin, alice, bob) = (env.admin.clone(), env.alice.clone(), env.bob.clone());
     let (job, pod) = started_job(&admin, &alice, &bob, ns, "scan").await;
     let pod = pod.name_any();
     run_pod(&admin, ns, &pod).await;
@@ -143,9 +123,9 @@ async fn wait_marked(admin: &Client, ns: &str, name: &str, attempts: usize) -> A
 #[tokio::test]
 async fn each_attempt_is_learned_once_whatever_the_operator_was_doing_when_killed() {
     let ns = "usage-durability-learn";
-    let (cp, admin, alice, bob) = setup(ns).await;
+    let mut env = setup(ns).await;
+    let (admin, alice, bob) = (env.admin.clone(), env.alice.clone(), env.bob.clone());
     let jobs: Api<AgentJob> = Api::namespaced(admin.clone(), ns);
-    let mut op = operator(cp, ns);
     let (_, pod) = started_job(&admin, &alice, &bob, ns, "scan").await;
     run_pod(&admin, ns, &pod.name_any()).await;
     finish_pod(&admin, ns, &pod.name_any(), 0, &usage_report("gpt-4o-mini", 1200, 0, 300, json!({}))).await;
@@ -154,7 +134,7 @@ async fn each_attempt_is_learned_once_whatever_the_operator_was_doing_when_kille
 
     // Killed after the estimator state was written, before the mark was: the next operator
     // finds the attempt unmarked and must not learn it twice.
-    op.kill();
+    env.kill_operator();
     let unmark = json!([{"op": "add", "path": "/status/attempts/0/learned", "value": false}]);
     jobs.patch_status("scan", &kube::api::PatchParams::default(), &kube::api::Patch::<()>::Json(serde_json::from_value(unmark).unwrap()))
         .await
@@ -175,7 +155,7 @@ async fn each_attempt_is_learned_once_whatever_the_operator_was_doing_when_kille
         jobs.patch_status(name, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status)).await.expect("write status");
     }
 
-    let _op = operator(cp, ns);
+    env.start_operator();
     wait_marked(&admin, ns, "scan", 1).await;
     wait_marked(&admin, ns, "recorded", 1).await;
     wait_marked(&admin, ns, "recorded-before-the-mark", 1).await;
@@ -185,8 +165,8 @@ async fn each_attempt_is_learned_once_whatever_the_operator_was_doing_when_kille
 #[tokio::test]
 async fn a_retry_runs_only_while_what_was_spent_plus_the_estimate_fits_the_budget() {
     let ns = "usage-durability-retry";
-    let (cp, admin, alice, bob) = setup(ns).await;
-    let _op = operator(cp, ns);
+    let env = setup(ns).await;
+    let (admin, alice, bob) = (env.admin.clone(), env.alice.clone(), env.bob.clone());
     let mut job = manifest("scan");
     job.spec.limits = Some(serde_json::from_value(json!({"maxRetries": 5})).unwrap());
     let job = Api::<AgentJob>::namespaced(admin.clone(), ns).create(&PostParams::default(), &job).await.expect("create job");

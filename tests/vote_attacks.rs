@@ -9,7 +9,6 @@
 
 mod support;
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use agentgate::api::{AgentJob, ApprovalVote, ApprovalVoteStatus, Decision};
@@ -17,24 +16,14 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use support::cluster::*;
-use support::controlplane::{ControlPlane, OperatorProcess};
+use support::controlplane::ControlPlane;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One operator for every test here, watching all namespaces.
-fn operator() -> &'static OperatorProcess {
-    static OPERATOR: OnceLock<OperatorProcess> = OnceLock::new();
-    OPERATOR.get_or_init(|| OperatorProcess::start(ControlPlane::shared(), &["--metrics-addr", "127.0.0.1:0"]))
-}
-
+/// The namespace, a node and voting rights, served by one operator for every test here,
+/// watching all namespaces.
 async fn setup(ns: &str) -> Client {
-    let cp = ControlPlane::shared();
-    cp.namespace(ns).await;
-    let admin = cp.client("admin").await;
-    add_node(&admin, "vote-attacks-node", "64", "256Gi", &[]).await;
-    grant_voting_rights(&admin).await;
-    operator();
-    admin
+    Env::builder(ns).node("vote-attacks-node", "64", "256Gi", &[]).operator(OperatorMode::Shared).build().await.admin
 }
 
 async fn user(name: &str) -> Client {

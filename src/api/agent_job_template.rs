@@ -91,8 +91,9 @@ pub struct TemplateParameter {
     pub default: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, strum::IntoStaticStr)]
 #[serde(rename_all = "lowercase")]
+#[strum(serialize_all = "lowercase")]
 pub enum ParameterType {
     String,
     Integer,
@@ -106,13 +107,6 @@ pub enum ParameterType {
 
 impl ParameterType {
     pub fn as_str(self) -> &'static str {
-        match self {
-            ParameterType::String => "string",
-            ParameterType::Integer => "integer",
-            ParameterType::Number => "number",
-            ParameterType::Boolean => "boolean",
-            ParameterType::Object => "object",
-            ParameterType::Array => "array",
-        }
+        self.into()
     }
 }

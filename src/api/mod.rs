@@ -8,12 +8,14 @@
 #![allow(clippy::duplicated_attributes)]
 
 pub mod agent_job;
+pub mod agent_job_status;
 pub mod agent_job_template;
 pub mod agent_tool;
 pub mod approval_vote;
 pub mod schema;
 
 pub use agent_job::*;
+pub use agent_job_status::*;
 pub use agent_job_template::*;
 pub use agent_tool::*;
 pub use approval_vote::*;

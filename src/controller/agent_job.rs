@@ -17,7 +17,7 @@ use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY, approval_vot
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
 use crate::domain::conditions::set_condition;
 use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, job_type};
-use crate::domain::pod_builder::{PodPlan, build_pod, pod_name};
+use crate::domain::pod_builder::{DEFAULT_CPU, DEFAULT_MEMORY, PodPlan, build_pod, pod_name};
 use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
 use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
 use crate::metrics::JobTypeLabels;
@@ -406,7 +406,7 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
         .collect();
     let input_json = spec.input.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "{}".into());
     let (cpu, memory) =
-        spec.resources.as_ref().map(|r| (r.cpu.clone(), r.memory.clone())).unwrap_or_else(|| ("500m".into(), "512Mi".into()));
+        spec.resources.as_ref().map(|r| (r.cpu.clone(), r.memory.clone())).unwrap_or_else(|| (DEFAULT_CPU.into(), DEFAULT_MEMORY.into()));
     let gpu_name = gpu_resource_name(job);
     let gpu = spec.resources.as_ref().and_then(|r| r.gpu).filter(|g| *g > 0 && !plan.drop_gpu);
     let deadline = spec.limits.as_ref().and_then(|l| l.max_execution_seconds).unwrap_or(crate::api::DEFAULT_MAX_EXECUTION_SECONDS);
@@ -556,80 +556,6 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
     }
 }
 
-fn is_running(job: &AgentJob) -> bool {
-    job.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Running)
-}
-
-/// Called from the AgentJob watch for each event before the cache takes it in, so the cache
-/// still holds the previous copy; the requeues sent here are handled after the cache update.
-/// - A job entering or leaving Running changes its tools' `status.inUse`.
-/// - A job leaving Running (finished, failed, or deleted while running) frees node capacity and
-///   rate limit: every job waiting for capacity is looked at again, highest priority first being
-///   the readiness step's business (`snapshot::rate_limit_claims_ahead`, `queued_ahead_of`).
-/// - After a relist, transitions may have been missed: everything waiting is looked at again.
-pub fn requeue_on_transition(
-    jobs: &kube::runtime::reflector::Store<AgentJob>,
-    index: &super::index::Indexes,
-    requeue: &tokio::sync::mpsc::UnboundedSender<ObjectRef<AgentJob>>,
-    tool_requeue: &tokio::sync::mpsc::UnboundedSender<ObjectRef<crate::api::AgentTool>>,
-    event: &kube::runtime::watcher::Event<AgentJob>,
-) {
-    use kube::runtime::watcher::Event;
-    let (old, new): (Option<Arc<AgentJob>>, Option<&AgentJob>) = match event {
-        Event::Apply(job) => (jobs.get(&ObjectRef::from_obj(job)), Some(job)),
-        Event::Delete(job) => (jobs.get(&ObjectRef::from_obj(job)).or_else(|| Some(Arc::new(job.clone()))), None),
-        Event::InitDone => {
-            for waiting in waiting_jobs(jobs) {
-                let _ = requeue.send(waiting);
-            }
-            let tools: std::collections::BTreeSet<String> =
-                jobs.state_filter(|j| !j.spec.tools.is_empty()).iter().flat_map(|j| tools_of(j).collect::<Vec<_>>()).collect();
-            for tool in tools {
-                let _ = tool_requeue.send(ObjectRef::new(&tool));
-            }
-            return;
-        }
-        Event::Init | Event::InitApply(_) => return,
-    };
-    let was_running = old.as_deref().is_some_and(is_running);
-    let now_running = new.is_some_and(is_running);
-    if was_running == now_running {
-        return;
-    }
-    let job = new.or(old.as_deref()).expect("one of old and new is a job");
-    for tool in tools_of(job) {
-        let _ = tool_requeue.send(ObjectRef::new(&tool));
-    }
-    if was_running {
-        for waiting in waiting_for_capacity(index) {
-            let _ = requeue.send(waiting);
-        }
-    }
-}
-
-/// Approved jobs that wait for node capacity, quota or rate limit. Jobs still awaiting approval
-/// are left out: capacity does not move them, and with thousands of them every finished Pod or
-/// Node update would reconcile them all; their readiness checks are refreshed when a vote comes
-/// and on the resync.
-fn waiting_for_capacity(index: &super::index::Indexes) -> Vec<ObjectRef<AgentJob>> {
-    index.jobs().waiting().map(|((ns, name), _)| ObjectRef::new(name).within(ns)).collect()
-}
-
-/// After a relist: every job that waits, for votes or for capacity.
-fn waiting_jobs(jobs: &kube::runtime::reflector::Store<AgentJob>) -> Vec<ObjectRef<AgentJob>> {
-    refs(&jobs.state_filter(|j| {
-        j.status.as_ref().is_some_and(|s| s.phase == Some(JobPhase::WaitingForResources) || s.phase == Some(JobPhase::AwaitingApproval))
-    }))
-}
-
-fn refs(jobs: &[Arc<AgentJob>]) -> Vec<ObjectRef<AgentJob>> {
-    jobs.iter().map(|j| ObjectRef::from_obj(j.as_ref())).collect()
-}
-
-fn tools_of(job: &AgentJob) -> impl Iterator<Item = String> + '_ {
-    job.spec.tools.iter().map(|t| t.name.clone())
-}
-
 fn next_check(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>) -> Action {
     match status.phase {
         Some(p) if p.is_terminal() => Action::await_change(),
@@ -644,32 +570,4 @@ fn next_check(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>) ->
         }
         _ => Action::requeue(RESYNC),
     }
-}
-
-// Mappers from other kinds' changes to the jobs that care.
-
-pub fn jobs_affected_by_pod(caches: &Caches, pod: &Pod) -> Vec<ObjectRef<AgentJob>> {
-    let namespace = pod.namespace().unwrap_or_default();
-    let owner: Vec<ObjectRef<AgentJob>> = pod
-        .owner_references()
-        .iter()
-        .filter(|o| o.controller == Some(true) && o.kind == "AgentJob" && o.api_version.starts_with("agentgate.dev/"))
-        .map(|o| ObjectRef::new(&o.name).within(&namespace))
-        .collect();
-    // A Pod posing as a job (its uid label names a job that is not its controller here) wakes
-    // that job, which reports it. An agent Pod costs one cache lookup: its controller has the uid.
-    let posed_as = snapshot::labelled_job_uid(pod)
-        .filter(|uid| !owner.iter().any(|o| caches.jobs.get(o).is_some_and(|j| j.metadata.uid.as_deref() == Some(*uid))))
-        .and_then(|uid| caches.index.jobs().by_uid(uid).map(|(ns, name)| ObjectRef::new(name).within(ns)));
-    // A Pod that stops or goes wakes the waiting jobs its capacity could let start, once the
-    // index has taken it in (wakeups::capacity_released), not every waiting job.
-    owner.into_iter().chain(posed_as).collect()
-}
-
-pub fn jobs_waiting_for_capacity(caches: &Caches, namespace: Option<&str>) -> Vec<ObjectRef<AgentJob>> {
-    waiting_for_capacity(&caches.index).into_iter().filter(|j| namespace.is_none() || j.namespace.as_deref() == namespace).collect()
-}
-
-pub fn jobs_naming_tool(caches: &Caches, tool: &str) -> Vec<ObjectRef<AgentJob>> {
-    caches.index.jobs().unfinished_naming(tool).map(|(ns, name)| ObjectRef::new(name).within(ns)).collect()
 }

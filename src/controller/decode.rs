@@ -159,7 +159,7 @@ mod tests {
     }
 
     /// A list as the apiserver sends it: one object too deep, one of a phase this version does not
-    /// know (read as none: `api::agent_job::known_phase`), one good.
+    /// know (read as none: `api::agent_job_status::known_phase`), one good.
     #[test]
     fn one_bad_object_fails_alone() {
         let list = json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "7"},

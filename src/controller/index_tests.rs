@@ -165,8 +165,9 @@ fn a_release_wakes_only_the_waiting_jobs_it_could_let_start() {
         index.apply(&Event::Apply(j));
     }
     let free = |cpu: i128| Resources { cpu_milli: cpu, memory_bytes: 1 << 30, ..Resources::default() };
-    // The job needs 500m: a node left with 400m cannot take it, one with 600m can.
-    assert_eq!(names(index.unblocked_by(Some(&free(400)), "team")), ["short-of-quota"]);
+    // The job's Pod needs 600m (500m for the agent, 100m for its meter sidecar): a node left with
+    // 550m cannot take it, one with 600m can.
+    assert_eq!(names(index.unblocked_by(Some(&free(550)), "team")), ["short-of-quota"]);
     assert_eq!(names(index.unblocked_by(Some(&free(600)), "team")), ["short-of-cpu", "short-of-quota"]);
     assert_eq!(names(index.unblocked_by(Some(&free(400)), "web")), Vec::<String>::new());
     assert_eq!(names(index.unblocked_by(None, "other")), ["quota-elsewhere"]);

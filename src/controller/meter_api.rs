@@ -75,6 +75,11 @@ impl IntoResponse for Refusal {
         let mut response = (self.0, axum::Json(serde_json::json!({"error": {"reason": self.1, "message": self.2}}))).into_response();
         if self.0 == StatusCode::SERVICE_UNAVAILABLE {
             response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            // The retry must be free to reach another replica: the Service picks one per
+            // connection, and a kept-alive connection to a standby would be asked again and
+            // again (tests/in_cluster.rs a_metered_job_draws_its_budget_from_the_meter_api_by_service_name
+            // saw a meter refused by the standby until its agent gave up).
+            response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
         }
         response
     }
@@ -302,10 +307,37 @@ async fn sync(State(api): State<Arc<MeterApi>>, headers: HeaderMap, body: Bytes)
     }
 }
 
-/// Serves the meter API until `shutdown` resolves.
-pub async fn serve(listen: SocketAddr, api: Arc<MeterApi>, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+/// Serves the meter API until `shutdown` resolves: over HTTPS with `tls`
+/// (controller/meter_tls.rs), else plain HTTP (`--meter-api-tls off`, for development).
+pub async fn serve(
+    listen: SocketAddr,
+    api: Arc<MeterApi>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("meter API: listening on {listen}: {e}"))?;
-    tracing::info!(listen = %listener.local_addr()?, "meter API ready");
-    axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?;
+    tracing::info!(listen = %listener.local_addr()?, tls = tls.is_some(), "meter API ready");
+    match tls {
+        Some(acceptor) => {
+            let listener = super::meter_tls::TlsListener::new(listener, acceptor, api.metrics.clone())?;
+            axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?;
+        }
+        None => axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?,
+    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_standby_refusal_closes_the_connection_so_that_the_retry_may_reach_another_replica() {
+        let standby = refuse(StatusCode::SERVICE_UNAVAILABLE, "not_leader", "standing by").into_response();
+        assert_eq!(standby.headers().get(http::header::CONNECTION).and_then(|v| v.to_str().ok()), Some("close"));
+        assert_eq!(standby.headers().get(http::header::RETRY_AFTER).and_then(|v| v.to_str().ok()), Some("1"));
+        // A final answer keeps the connection: the meter's next request goes to the same leader.
+        let refused = refuse(StatusCode::FORBIDDEN, "pod_mismatch", "another Pod").into_response();
+        assert!(refused.headers().get(http::header::CONNECTION).is_none());
+    }
 }

@@ -14,6 +14,7 @@ pub mod index;
 pub mod learning_mark;
 pub mod meter_api;
 pub mod meter_keys;
+pub mod meter_tls;
 pub mod pod_finalizer;
 pub mod price_table;
 pub mod recommendations;
@@ -242,8 +243,8 @@ fn store_agentgate_pods(store: &mut reflector::store::Writer<Pod>, event: watche
 }
 
 /// Keeps of a Pod only what the operator reads from the cache (every Pod of the cluster is
-/// watched, for node capacity): its identity, labels and owners, the node and the containers'
-/// requests (`snapshot::node_views`), the phase and the `agent` container's termination
+/// watched, for node capacity): its identity, labels and owners, the node, the containers' and
+/// init containers' requests and the overhead (`snapshot::node_views`), the phase and the `agent` container's termination
 /// (`snapshot::pod_view`). Anything else a reconcile needs of a Pod must be read elsewhere.
 fn slim_pod(pod: &mut Pod) {
     use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodSpec, PodStatus};
@@ -259,7 +260,14 @@ fn slim_pod(pod: &mut Pod) {
     if let Some(spec) = pod.spec.take() {
         let containers =
             spec.containers.into_iter().map(|c| Container { name: c.name, resources: c.resources, ..Container::default() }).collect();
-        pod.spec = Some(PodSpec { node_name: spec.node_name, containers, ..PodSpec::default() });
+        // Init containers and sidecars (restartPolicy) and the overhead count in the Pod's
+        // requests as the scheduler counts them (controller::tests::a_slimmed_pod_reads_the_same_and_is_smaller).
+        let init_containers = spec.init_containers.map(|cs| {
+            cs.into_iter()
+                .map(|c| Container { name: c.name, resources: c.resources, restart_policy: c.restart_policy, ..Container::default() })
+                .collect()
+        });
+        pod.spec = Some(PodSpec { node_name: spec.node_name, containers, init_containers, overhead: spec.overhead, ..PodSpec::default() });
     }
     if let Some(status) = pod.status.take() {
         let container_statuses = status
@@ -337,7 +345,7 @@ pub async fn run(
         let (jobs, index, requeue, tool_requeue) = (jobs.clone(), index.clone(), requeue.clone(), tool_requeue.clone());
         move |event| {
             if let Ok(event) = event {
-                agent_job::requeue_on_transition(&jobs, &index, &requeue, &tool_requeue, event);
+                wakeups::requeue_on_transition(&jobs, &index, &requeue, &tool_requeue, event);
             }
         }
     })
@@ -413,7 +421,7 @@ pub async fn run(
                     if pod_finalizer::is_orphan_hint(&caches.jobs, &pod) {
                         orphans.notify_one();
                     }
-                    futures::stream::iter(agent_job::jobs_affected_by_pod(&caches, &pod))
+                    futures::stream::iter(wakeups::jobs_affected_by_pod(&caches, &pod))
                 }
             }),
     );
@@ -469,9 +477,9 @@ pub async fn run(
         })
         .watches_stream(quota_stream, {
             let caches = caches.clone();
-            move |quota: ResourceQuota| agent_job::jobs_waiting_for_capacity(&caches, quota.namespace().as_deref())
+            move |quota: ResourceQuota| wakeups::jobs_waiting_for_capacity(&caches, quota.namespace().as_deref())
         })
-        .watches_stream(tool_stream, move |tool: AgentTool| agent_job::jobs_naming_tool(&jobs_for, &tool.name_any()))
+        .watches_stream(tool_stream, move |tool: AgentTool| wakeups::jobs_naming_tool(&jobs_for, &tool.name_any()))
         .watches_stream(vote_stream, |vote: ApprovalVote| vote.namespace().map(|ns| ObjectRef::new(&vote.spec.job_ref.name).within(&ns)))
         .reconcile_on(tokio_stream_from(requeue_rx))
         .graceful_shutdown_on(shutdown.clone())
@@ -600,6 +608,8 @@ fn poke<T>(trigger: &Arc<tokio::sync::Notify>) -> impl FnMut(&T) + Send + 'stati
     move |_| trigger.notify_one()
 }
 
+/// tokio-stream's `UnboundedReceiverStream`, in one line: tokio-stream is not in the build
+/// (Cargo.lock), and a crate for this alone is not worth its compile time.
 fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
@@ -631,6 +641,7 @@ mod tests {
             anthropic_upstream: None,
             budget_mode: crate::domain::meter_sidecar::BudgetMode::Fixed,
             grant_url: String::new(),
+            grant_ca_pem: None,
         };
         let (meter, _) = config.plan("team", None, "1.00");
         let mut pod = build_pod(&PodPlan {
@@ -739,7 +750,11 @@ mod tests {
             assert!(snapshot::is_job_pod(&slim, "team", "uid-1"), "{phase}: the controller ownerReference survives slimming");
             assert_eq!(snapshot::holds_node_resources(&slim), snapshot::holds_node_resources(&full), "{phase}");
             let nodes = [Arc::new(node.clone())];
-            assert_eq!(snapshot::node_views(&nodes, &[Arc::new(slim.clone())]), snapshot::node_views(&nodes, &[Arc::new(full.clone())]));
+            let views = snapshot::node_views(&nodes, &[Arc::new(slim.clone())]);
+            assert_eq!(views, snapshot::node_views(&nodes, &[Arc::new(full.clone())]));
+            if phase == "Running" {
+                assert_eq!(views[0].free.cpu_milli, 4000 - 500 - 100, "the agent's 500m and its meter sidecar's 100m are taken");
+            }
             assert_eq!(
                 (slim.metadata.owner_references.as_ref(), slim.metadata.uid.as_ref()),
                 (full.metadata.owner_references.as_ref(), full.metadata.uid.as_ref())

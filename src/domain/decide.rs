@@ -114,6 +114,11 @@ pub fn running_attempt(job: &AgentJob, attempt: i32, generation: i64, now: &Time
     }
 }
 
+/// The reason (Ready, Succeeded and Stalled conditions, Warning Event) of a job that ended for
+/// its budget: a meter refused a call the budget could not cover, or a retry would not fit; and
+/// how the message of an attempt a meter refused a call for budget starts.
+pub const BUDGET_EXHAUSTED: &str = "BudgetExhausted";
+
 /// How an attempt's message starts when its output did not match `outputSchema`: the
 /// recommendations count such attempts as invalid output (domain/recommend.rs).
 pub const OUTPUT_MISMATCH: &str = "output does not match outputSchema";
@@ -201,7 +206,7 @@ pub fn decide(o: &Observed) -> Plan {
 }
 
 /// The phase of a status that has attempts but no phase this version knows (a newer operator
-/// version wrote it: `api::agent_job::known_phase`), from its last attempt: followed while it
+/// version wrote it: `api::agent_job_status::known_phase`), from its last attempt: followed while it
 /// runs, final once it has ended. Final even if retries were left: this version does not know
 /// why the newer one stopped, and must not spend on its behalf. Without attempts, none: every
 /// gate is evaluated again, votes included (decide/tests.rs an_unknown_phase_is_rederived).
@@ -353,6 +358,17 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
         }
         Ok(f) => {
             if let Err((reason, why)) = spec_checks(spec, f.cost_p90, f.tokens_p90) {
+                // A retry re-estimated over budget (the jobType's estimate rose since approval)
+                // stops retrying, as when what was spent plus the estimate would not fit
+                // (retry_budget.rs): Failed, not Rejected, which would read as never run and be
+                // re-evaluated on the next spec change (decide/tests.rs
+                // a_retry_re_estimated_over_budget_stops_retrying_rather_than_being_rejected).
+                // The fresh estimate still decides, so a forged recorded one buys no retry.
+                if reason == "BudgetExceeded" && s.attempts.iter().any(|a| a.generation == generation) {
+                    let msg = format!("not retried: the job was re-estimated over its budget since it started: {why}");
+                    attempts::stop(s, plan, "BudgetExhausted", msg, generation, &o.now);
+                    return;
+                }
                 reject(s, plan, reason, &why, generation, &o.now);
                 return;
             }

@@ -10,10 +10,11 @@
 //!   several location forecasters weighed by their recent errors give `ln p50`, and a calibrated
 //!   offset gives `ln p90 = ln p50 + offset`.
 //! * **borrowed prior** while the key has few runs: the namespace's other models of the jobType,
-//!   else the robust pool of the other namespaces, else the cluster's, else the spec
+//!   else the robust pool of the other namespaces, else the prior learned across jobTypes from their
+//!   declared sizes ([`super::prior::Prior::across_job_types`]), else the spec
 //!   ([`super::learning::Learned::locate`]). Its weight is `w/(n+w)` fading to zero at
-//!   [`super::learning::POOL_RUNS`] own runs `n`, with `w` one run for a borrowed prior and half a
-//!   run for the spec's.
+//!   [`super::learning::POOL_RUNS`] own runs `n`, with `w` one run for what other namespaces or
+//!   models learned and half a run for the spec's and the prior across jobTypes.
 //!
 //! Token totals split into input, cached input and output by the history's mix (or the prior's
 //! 80/20), and each part is priced with the model's integer price, so cached tokens cost less and

@@ -92,6 +92,19 @@ pub fn theil_sen(runs: &[[f64; 2]]) -> Option<f64> {
     if slopes.len() < MIN_SLOPE_PAIRS { None } else { median(slopes) }
 }
 
+/// [`theil_sen`] from any number of pairs (for a handful of points, each one a key-model).
+pub fn theil_sen_any(points: &[[f64; 2]]) -> Option<f64> {
+    let mut slopes = Vec::new();
+    for (i, a) in points.iter().enumerate() {
+        for b in &points[i + 1..] {
+            if (b[1] - a[1]).abs() > 0.05 {
+                slopes.push((b[0] - a[0]) / (b[1] - a[1]));
+            }
+        }
+    }
+    median(slopes)
+}
+
 /// The elasticity of usage to the spec's prior over `runs` (see the module doc).
 pub fn elasticity(runs: &[[f64; 2]]) -> f64 {
     theil_sen(runs).unwrap_or(0.5).clamp(0.0, 1.5)

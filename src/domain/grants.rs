@@ -20,6 +20,7 @@ pub const MAX_GRANTS: usize = 400;
 /// Models one meter report may carry (as the agents' own reports, domain/report.rs).
 pub const MAX_MODELS: usize = 64;
 const MAX_TOKENS: i64 = 1_000_000_000_000;
+const MAX_REFUSALS: i64 = 1_000_000_000_000;
 
 /// Whose meter asks: established by the operator from a verified token and the Pod, never from
 /// the request body.
@@ -42,6 +43,8 @@ pub struct SyncRequest {
     pub want: MicroUsd,
     /// The meter is exiting: what it did not spend goes back to the job.
     pub last: bool,
+    /// Calls the meter refused because the job's budget could not cover them, cumulative.
+    pub budget_refusals: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -83,6 +86,13 @@ pub struct SyncBody {
     pub want_usd: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub last: bool,
+    /// Absent when none, so a meter that refused nothing sends what meters always sent.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub budget_refusals: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 impl SyncBody {
@@ -98,7 +108,17 @@ impl SyncBody {
             None => MicroUsd(0),
             Some(text) => MicroUsd::parse(text).ok_or_else(|| format!("wantUSD {text:?} is not a USD amount"))?,
         };
-        Ok(SyncRequest { session: self.session.clone(), sequence: self.sequence, usage: self.usage.clone(), want, last: self.last })
+        if !(0..=MAX_REFUSALS).contains(&self.budget_refusals) {
+            return Err(format!("budgetRefusals must be between 0 and {MAX_REFUSALS}"));
+        }
+        Ok(SyncRequest {
+            session: self.session.clone(),
+            sequence: self.sequence,
+            usage: self.usage.clone(),
+            want,
+            last: self.last,
+            budget_refusals: self.budget_refusals,
+        })
     }
 }
 
@@ -180,6 +200,7 @@ pub fn apply(
                 spent_usd: MicroUsd(0).to_string(),
                 settled: false,
                 usage: None,
+                budget_refusals: 0,
             });
             meter.grants.len() - 1
         }
@@ -203,6 +224,8 @@ pub fn apply(
     grant.sequence = request.sequence;
     grant.spent_usd = spent.to_string();
     grant.usage = Some(request.usage.clone());
+    // Cumulative, like the usage: a lower count (impossible from a meter) never erases refusals.
+    grant.budget_refusals = grant.budget_refusals.max(request.budget_refusals);
     let mut granted_now = MicroUsd(0);
     if request.last {
         grant.settled = true;
@@ -230,6 +253,11 @@ pub fn recount(meter: &mut MeterStatus) {
 pub fn attempt_usage(meter: Option<&MeterStatus>, attempt: i32) -> Option<Usage> {
     let usages: Vec<&Usage> = meter?.grants.iter().filter(|g| g.attempt == attempt).filter_map(|g| g.usage.as_ref()).collect();
     (!usages.is_empty()).then(|| sum_usages(&usages))
+}
+
+/// Calls the meters of `attempt` refused because the job's budget could not cover them.
+pub fn attempt_budget_refusals(meter: Option<&MeterStatus>, attempt: i32) -> i64 {
+    meter.map_or(0, |m| m.grants.iter().filter(|g| g.attempt == attempt).map(|g| g.budget_refusals.max(0)).fold(0, i64::saturating_add))
 }
 
 /// Adds usages model by model, tokens and costs alike.

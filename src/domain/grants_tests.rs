@@ -17,7 +17,7 @@ fn usage(cost: &str, output: i64) -> Usage {
 }
 
 fn ask(session: &str, sequence: i64, spent: &str, want: &str) -> SyncRequest {
-    SyncRequest { session: session.into(), sequence, usage: usage(spent, sequence), want: usd(want), last: false }
+    SyncRequest { session: session.into(), sequence, usage: usage(spent, sequence), want: usd(want), last: false, budget_refusals: 0 }
 }
 
 fn settle(session: &str, sequence: i64, spent: &str) -> SyncRequest {
@@ -131,4 +131,36 @@ fn an_attempts_usage_sums_its_sessions_and_a_claim_is_compared_token_for_token()
     assert!(why.contains("metered 20/0/12") && why.contains("claimed 20/0/3"), "{why}");
     claim.insert("other".into(), TokenCounts::default());
     assert_eq!(claim_mismatch(&one, &claim), Some(why), "a zero claim for an unseen model is no disagreement");
+}
+
+#[test]
+fn budget_refusals_are_recorded_per_session_summed_per_attempt_and_never_erased() {
+    let mut m = MeterStatus::default();
+    let refused = |session: &str, sequence: i64, spent: &str, refusals: i64| SyncRequest {
+        budget_refusals: refusals,
+        ..ask(session, sequence, spent, "0")
+    };
+    apply_open(&mut m, usd("1"), &who("a", 1), &refused("s1", 1, "0.10", 2)).unwrap();
+    apply_open(&mut m, usd("1"), &who("b", 1), &refused("s2", 1, "0.10", 1)).unwrap();
+    apply_open(&mut m, usd("1"), &who("c", 2), &refused("s3", 1, "0.10", 0)).unwrap();
+    assert_eq!((attempt_budget_refusals(Some(&m), 1), attempt_budget_refusals(Some(&m), 2)), (3, 0));
+    // A lower count (no meter sends one) does not erase what was recorded.
+    apply_open(&mut m, usd("1"), &who("a", 1), &refused("s1", 2, "0.10", 0)).unwrap();
+    assert_eq!(m.grants[0].budget_refusals, 2);
+    assert_eq!(attempt_budget_refusals(None, 1), 0, "not metered: nothing refused");
+    // The body carries it, absent when zero (what meters always sent), bounded.
+    let body = |refusals: i64| SyncBody {
+        pod: None,
+        session: "s".into(),
+        sequence: 1,
+        usage: usage("0", 0),
+        want_usd: None,
+        last: false,
+        budget_refusals: refusals,
+    };
+    assert!(!serde_json::to_string(&body(0)).unwrap().contains("budgetRefusals"));
+    let wire = serde_json::to_string(&body(4)).unwrap();
+    assert!(wire.contains("\"budgetRefusals\":4"), "{wire}");
+    assert_eq!(serde_json::from_str::<SyncBody>(&wire).unwrap().request().unwrap().budget_refusals, 4);
+    assert!(body(-1).request().unwrap_err().contains("budgetRefusals"));
 }

@@ -113,7 +113,8 @@ pub struct Learned {
     pub pooled: BTreeMap<String, Prior>,
     /// The pool over every model of this jobType, for a model no namespace ran it on.
     pub pooled_any: Option<Prior>,
-    /// The pool over every key of the cluster, for a jobType no namespace ran yet.
+    /// For a jobType no namespace ran yet: the prior learned across the other jobTypes
+    /// ([`Prior::across_job_types`]).
     pub cluster: Option<Prior>,
     /// Per model: the windows of the other namespaces running this jobType on it, from which
     /// the similar ones lend their runs to the long forecaster ([`forecasters::experts`]).
@@ -171,7 +172,7 @@ impl Learned {
 
     /// The prior of a model: this namespace's other models of the jobType (a jobType switching
     /// model keeps its tenant's scale), else the namespaces' pool for the model, for any model,
-    /// the cluster's pool, and the spec alone. A borrowed pool is moved by the namespace's effect
+    /// the prior across jobTypes, and the spec alone. A borrowed pool is moved by the namespace's effect
     /// (how its usage compares with other namespaces' on the jobTypes they share).
     fn prior_for(&self, model: &str) -> Prior {
         let siblings: Vec<PoolMember<'_>> =
@@ -237,19 +238,8 @@ impl EstimatorState {
             })
             .collect();
         let pooled_any = Prior::pool(&any, true, format!("{job_type} pooled over its models and namespaces"));
-        // Only a jobType no other namespace ran needs the cluster's pool (and it is the costly one to compute).
-        let cluster = if any.is_empty() {
-            let all: Vec<PoolMember<'_>> = (self.job_types.iter())
-                .filter(|(t, _)| *t != job_type)
-                .flat_map(|(_, k)| k.values())
-                .flat_map(|s| s.models.values())
-                .filter(|m| !m.runs.is_empty())
-                .map(ModelStats::member)
-                .collect();
-            Prior::pool(&all, false, format!("cluster pool of {} key-models", all.len()))
-        } else {
-            None
-        };
+        // Only a jobType no other namespace ran needs the prior across jobTypes (the costly one to compute).
+        let cluster = if any.is_empty() { self.across_job_types(job_type) } else { None };
         let namespace_effect = if own.n < POOL_RUNS { self.namespace_effect(namespace, job_type) } else { None };
         let learned = Learned {
             namespace: namespace.into(),
@@ -262,6 +252,21 @@ impl EstimatorState {
             namespace_effect,
         };
         Some(learned)
+    }
+
+    /// The prior of a jobType no namespace ran: see [`Prior::across_job_types`].
+    fn across_job_types(&self, job_type: &str) -> Option<Prior> {
+        let mut by_namespace: BTreeMap<&str, Vec<PoolMember<'_>>> = BTreeMap::new();
+        for (_, keys) in self.job_types.iter().filter(|(t, _)| *t != job_type) {
+            for (namespace, stats) in keys {
+                let members = stats.models.values().filter(|m| !m.runs.is_empty()).map(ModelStats::member);
+                by_namespace.entry(namespace).or_default().extend(members);
+            }
+        }
+        let voters: usize = by_namespace.values().map(Vec::len).sum();
+        let source = format!("other jobTypes: {voters} key-model(s) of {} namespace(s)", by_namespace.len());
+        let namespaces: Vec<Vec<PoolMember<'_>>> = by_namespace.into_values().collect();
+        Prior::across_job_types(&namespaces, source)
     }
 
     /// See [`namespace_effect`]: compared on every other jobType and model the namespace ran,

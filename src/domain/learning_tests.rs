@@ -1,4 +1,5 @@
 use super::*;
+use crate::domain::prior::{EstimateInput, prior_tokens};
 
 fn usage(model: &str, input: i64, cached: i64, output: i64) -> BTreeMap<String, TokenCounts> {
     [(model.to_string(), TokenCounts { input, cached_input: cached, output })].into()
@@ -231,4 +232,65 @@ fn a_namespace_that_runs_bigger_elsewhere_starts_bigger_on_a_job_type_new_to_it(
     // And "small" is not moved by "big" on its own job type.
     let own = s.stats("small", "triage").unwrap().locate("gpt-4o", 1.0);
     assert!((own.mu - 20_000f64.ln()).abs() < 0.25, "{own:?}");
+}
+
+/// Five runs of `job_type` in `ns` on gpt-4o, `total` tokens each, for a job declaring `calls`.
+fn runs_of(s: &mut EstimatorState, ns: &str, job_type: &str, calls: i64, total: i64) {
+    let input = EstimateInput { job_type: job_type.into(), agent_models: vec!["gpt-4o".into()], tool_calls: vec![calls] };
+    for i in 0..5 {
+        let used = usage("gpt-4o", total * 8 / 10, 0, total - total * 8 / 10);
+        assert!(s.record(&format!("{ns}/{job_type}/{i}"), ns, job_type, &used, &prior_tokens(&input), &PriceTable::builtin()));
+    }
+}
+
+fn new_job_type(s: &EstimatorState, ns: &str, calls: i64) -> Located {
+    let input = EstimateInput { job_type: "never-run".into(), agent_models: vec!["gpt-4o".into()], tool_calls: vec![calls] };
+    s.stats(ns, "never-run").unwrap().locate("gpt-4o", prior_tokens(&input)["gpt-4o"].total() as f64)
+}
+
+#[test]
+fn a_job_type_nobody_ran_follows_how_usage_scales_with_declared_work_across_job_types() {
+    let prior = |calls: i64| 7_500 + 2_400 * calls;
+    // Three teams (one running everything 3x the others) whose jobTypes use 10x the spec's
+    // prior: a jobType declaring more work uses more.
+    let mut follows = EstimatorState::default();
+    // ... and a cluster where every jobType uses about 200,000 tokens whatever it declares.
+    let mut ignores = EstimatorState::default();
+    for (team, scale) in [("team-0", 1), ("team-1", 1), ("team-2", 3)] {
+        for (i, calls) in [1, 3, 8, 20, 50, 120].into_iter().enumerate() {
+            runs_of(&mut follows, team, &format!("type-{i}"), calls, prior(calls) * 10 * scale);
+            runs_of(&mut ignores, team, &format!("type-{i}"), calls, 200_000 + 1_000 * i as i64);
+        }
+    }
+    let (small, big) = (new_job_type(&follows, "team-new", 2), new_job_type(&follows, "team-new", 100));
+    assert!((small.prior.elasticity - 1.0).abs() < 0.01, "team-2's scale is not a size effect: {:?}", small.prior);
+    assert!((small.mu - (prior(2) as f64 * 10.0).ln()).abs() < 0.05, "{small:?}");
+    assert!((big.mu - (prior(100) as f64 * 10.0).ln()).abs() < 0.05, "{big:?}");
+    assert!(small.prior.source.contains("other jobTypes: 18 key-model(s) of 3 namespace(s)"), "{}", small.prior.source);
+    let (small, big) = (new_job_type(&ignores, "team-new", 2), new_job_type(&ignores, "team-new", 100));
+    assert!(small.prior.elasticity < 0.05, "{:?}", small.prior);
+    for located in [small, big] {
+        assert!((located.mu - 202_500f64.ln()).abs() < 0.05, "the cluster's typical jobType, whatever it declares: {located:?}");
+    }
+}
+
+#[test]
+fn a_tenants_many_extreme_job_types_are_one_vote_in_a_new_job_types_prior() {
+    let mut s = EstimatorState::default();
+    for (ns, scale) in [("team-a", 9), ("team-b", 10), ("team-c", 11)] {
+        for calls in [2, 8, 30] {
+            runs_of(&mut s, ns, &format!("work-{calls}"), calls, (7_500 + 2_400 * calls) * scale);
+        }
+    }
+    let calm = new_job_type(&s, "team-new", 5);
+    assert!((calm.prior.elasticity - 1.0).abs() < 0.01, "{:?}", calm.prior);
+    // A tenant runs twenty jobTypes of its own, of every declared size, each a hundred million tokens.
+    for i in 0..20 {
+        runs_of(&mut s, "mallory", &format!("mallory-{i}"), 1 + 3 * i, 100_000_000);
+    }
+    let stormy = new_job_type(&s, "team-new", 5);
+    assert!(stormy.prior.source.contains("of 4 namespace(s)"), "{}", stormy.prior.source);
+    assert!((stormy.prior.elasticity - calm.prior.elasticity).abs() < 1e-3, "one slope against three: {:?}", stormy.prior);
+    // Four namespaces, one vote each: the level moves to the next namespace's at most.
+    assert!((stormy.mu - calm.mu).abs() <= 11f64.ln() - 10f64.ln() + 1e-9, "{calm:?} -> {stormy:?}");
 }

@@ -23,13 +23,19 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, KeyToPath, Pod, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretVolumeSource,
-    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Capabilities, Container, EnvVar, ExecAction, KeyToPath, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
+    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
 pub const CONTAINER: &str = "agentgate-meter";
 pub const PORT: u16 = 4000;
+/// The agentgate binary in the meter's image (deploy/images/build.sh), run by the startup probe.
+pub const BINARY: &str = "/usr/local/bin/agentgate";
+/// The meter's health endpoint, on its loopback listener.
+pub const HEALTH_PATH: &str = "/healthz";
+/// The meter's CA certificate for the meter API (PEM), in its container's environment.
+pub const GRANT_CA_ENV: &str = "AGENTGATE_METER_GRANT_CA_PEM";
 pub const KEYS_VOLUME: &str = "agentgate-meter-keys";
 pub const KEYS_DIR: &str = "/var/run/agentgate/meter-keys";
 pub const TOKEN_VOLUME: &str = "agentgate-meter-token";
@@ -83,6 +89,9 @@ pub struct MeterConfig {
     pub anthropic_upstream: Option<String>,
     pub budget_mode: BudgetMode,
     pub grant_url: String,
+    /// The CA certificate (PEM) of the meter API's server certificate (controller/meter_tls.rs):
+    /// the meters trust it alone. None with a plain-HTTP meter API (`--meter-api-tls off`).
+    pub grant_ca_pem: Option<String>,
 }
 
 /// What a namespace's keys Secret offers: which keys it holds (never their values) and the
@@ -128,6 +137,8 @@ pub struct MeterSidecar {
     pub openai_upstream: Option<String>,
     pub anthropic_upstream: Option<String>,
     pub budget: MeterBudget,
+    /// See [`MeterConfig::grant_ca_pem`]; used with [`MeterBudget::Grants`].
+    pub grant_ca_pem: Option<String>,
 }
 
 /// A problem with the namespace's meter configuration, for a Warning Event on the job (the Pod
@@ -184,6 +195,7 @@ impl MeterConfig {
             openai_upstream,
             anthropic_upstream,
             budget,
+            grant_ca_pem: self.grant_ca_pem.clone(),
         };
         (sidecar, warnings)
     }
@@ -214,13 +226,31 @@ fn restricted() -> SecurityContext {
     }
 }
 
+/// The meter container's requests and limits (100m CPU, 64 MiB). The operator's capacity and
+/// quota checks count them with the agent's (domain/snapshot.rs `pod_need`).
+pub fn resources() -> ResourceRequirements {
+    let small = Some(BTreeMap::from([("cpu".to_string(), Quantity("100m".into())), ("memory".to_string(), Quantity("64Mi".into()))]));
+    ResourceRequirements { requests: small.clone(), limits: small, ..Default::default() }
+}
+
 /// Adds the meter to an agent Pod built by `pod_builder::build_pod` (which calls it).
 pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
     let Some(spec) = pod.spec.as_mut() else { return };
     let mut args = vec!["meter".to_string(), "--listen".into(), format!("127.0.0.1:{PORT}")];
     match &meter.budget {
         MeterBudget::Fixed(usd) => args.extend(["--budget-usd".into(), usd.clone()]),
-        MeterBudget::Grants(url) => args.extend(["--grant-url".into(), url.clone()]),
+        MeterBudget::Grants(url) => {
+            args.extend(["--grant-url".into(), url.clone()]);
+            // Only when the admin turned the meter API's TLS off (the operator checks the URL
+            // matches): the meter refuses a plain-HTTP grant URL otherwise.
+            if url.starts_with("http://") {
+                args.push("--grant-insecure-http".into());
+            }
+        }
+    }
+    let mut meter_env = Vec::new();
+    if let (MeterBudget::Grants(_), Some(ca)) = (&meter.budget, &meter.grant_ca_pem) {
+        meter_env.push(env(GRANT_CA_ENV, ca));
     }
     let mut items = Vec::new();
     for (wanted, provider) in [(meter.openai_key, OPENAI_KEY), (meter.anthropic_key, ANTHROPIC_KEY)] {
@@ -234,9 +264,6 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
             args.extend([flag.to_string(), url.clone()]);
         }
     }
-    let small = |cpu: &str, memory: &str| {
-        Some(BTreeMap::from([("cpu".to_string(), Quantity(cpu.into())), ("memory".to_string(), Quantity(memory.into()))]))
-    };
     let mut mounts =
         vec![VolumeMount { name: TOKEN_VOLUME.into(), mount_path: TOKEN_DIR.into(), read_only: Some(true), ..Default::default() }];
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
@@ -284,9 +311,28 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
         // container must match; tests/real_node.rs saw the runaway agent's Pod turn Burstable).
         // Idle RSS is about 11 MiB; the rest is room for bodies in flight. A native sidecar's
         // requests add to the Pod's, so the scheduler and quotas count them.
-        resources: Some(ResourceRequirements { requests: small("100m", "64Mi"), limits: small("100m", "64Mi"), ..Default::default() }),
+        resources: Some(resources()),
         volume_mounts: Some(mounts),
         security_context: Some(restricted()),
+        env: (!meter_env.is_empty()).then_some(meter_env),
+        // The kubelet starts the agent once this succeeds: the agent's first call finds the
+        // meter listening (tests/real_node_meter.rs calls once, without retrying). An exec probe,
+        // because the meter listens on the Pod's loopback only, which the kubelet's HTTP probes
+        // (to the Pod IP) cannot reach. No liveness probe: a crashed meter is restarted anyway
+        // (restartPolicy Always), and an exec every few seconds in every agent Pod costs the
+        // node more than it would save: a hung meter stalls its agent until the job's deadline,
+        // which ends the Pod anyway.
+        startup_probe: Some(Probe {
+            exec: Some(ExecAction {
+                command: Some(vec![BINARY.into(), "meter-probe".into(), format!("http://127.0.0.1:{PORT}{HEALTH_PATH}")]),
+            }),
+            // The probe keeps asking for 1.5 s within its 2 s timeout (src/meter/mod.rs probe),
+            // so the agent starts milliseconds after the meter listens, not a period later.
+            period_seconds: Some(1),
+            timeout_seconds: Some(2),
+            failure_threshold: Some(60),
+            ..Probe::default()
+        }),
         ..Container::default()
     });
     let openai = format!("http://127.0.0.1:{PORT}/v1");
@@ -345,7 +391,8 @@ mod tests {
             openai_upstream: Some("https://llm-gateway.internal/v1".into()),
             anthropic_upstream: None,
             budget_mode: BudgetMode::Fixed,
-            grant_url: "http://agentgate-meter-api.agentgate-system.svc:8444".into(),
+            grant_url: "https://agentgate-meter-api.agentgate-system.svc:8444".into(),
+            grant_ca_pem: Some("-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n".into()),
         }
     }
 
@@ -404,6 +451,11 @@ mod tests {
         assert!(args.contains("--anthropic-key-file /var/run/agentgate/meter-keys/anthropic"));
         assert!(args.contains("--openai-upstream https://llm-gateway.internal/v1"), "the cluster's default: {args}");
         assert!(args.contains("--anthropic-upstream https://gateway.internal"), "the namespace's override: {args}");
+        // The agent starts once the meter answers on loopback.
+        let probe = sidecar.startup_probe.as_ref().unwrap();
+        let command = probe.exec.as_ref().unwrap().command.clone().unwrap();
+        assert_eq!(command, [BINARY, "meter-probe", "http://127.0.0.1:4000/healthz"]);
+        assert_eq!(env_of(sidecar, GRANT_CA_ENV), None, "a fixed budget needs no CA");
         let resources = sidecar.resources.as_ref().unwrap();
         assert_eq!(resources.requests, resources.limits, "requests equal limits: the Pod stays Guaranteed");
         let mounts: Vec<_> = sidecar.volume_mounts.iter().flatten().map(|m| (m.mount_path.as_str(), m.read_only)).collect();
@@ -420,7 +472,7 @@ mod tests {
     #[test]
     fn the_meter_alone_mounts_a_token_for_its_own_audience_and_the_pod_automounts_none() {
         let mut pod = pod();
-        inject(&mut pod, &MeterSidecar { budget: MeterBudget::Grants("http://api.ns.svc:8444".into()), ..meter() });
+        inject(&mut pod, &MeterSidecar { budget: MeterBudget::Grants("https://api.ns.svc:8444".into()), ..meter() });
         let spec = pod.spec.unwrap();
         assert_eq!(spec.automount_service_account_token, Some(false), "no token in any container but the one mounted below");
         let token = spec.volumes.iter().flatten().find(|v| v.name == TOKEN_VOLUME).and_then(|v| v.projected.as_ref()).unwrap();
@@ -430,7 +482,15 @@ mod tests {
         assert_eq!(format!("{TOKEN_DIR}/{}", projection.path), "/var/run/agentgate/meter-token/token", "where the meter reads it");
         let sidecar = &spec.init_containers.as_ref().unwrap()[0];
         let args = sidecar.args.as_ref().unwrap().join(" ");
-        assert!(args.contains("--grant-url http://api.ns.svc:8444") && !args.contains("--budget-usd"), "{args}");
+        assert!(args.contains("--grant-url https://api.ns.svc:8444") && !args.contains("--budget-usd"), "{args}");
+        assert!(!args.contains("--grant-insecure-http"), "{args}");
+        assert_eq!(env_of(sidecar, GRANT_CA_ENV), meter().grant_ca_pem.as_deref(), "the meter trusts the operator's CA");
+        assert_eq!(env_of(&spec.containers[0], GRANT_CA_ENV), None);
+        // A plain-HTTP meter API (TLS turned off by the admin) is said so explicitly.
+        let mut plain = super::tests::pod();
+        inject(&mut plain, &MeterSidecar { budget: MeterBudget::Grants("http://api.ns.svc:8444".into()), grant_ca_pem: None, ..meter() });
+        let args = plain.spec.unwrap().init_containers.unwrap()[0].args.clone().unwrap().join(" ");
+        assert!(args.contains("--grant-url http://api.ns.svc:8444 --grant-insecure-http"), "{args}");
         for c in &spec.containers {
             assert!(c.volume_mounts.iter().flatten().all(|m| m.name != TOKEN_VOLUME), "{} mounts the meter's token", c.name);
         }

@@ -13,6 +13,7 @@ pub mod grants;
 pub mod history;
 pub mod learning;
 pub mod meter_sidecar;
+pub mod meter_tls;
 pub mod money;
 pub mod pod_builder;
 pub mod pricing;

@@ -23,6 +23,9 @@ pub const LABEL_ATTEMPT: &str = "agentgate.dev/attempt";
 /// write was refused or never made) is recorded with the spec it really runs.
 pub const ANNOTATION_JOB_GENERATION: &str = "agentgate.dev/job-generation";
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
+/// The agent container's requests and limits when the job sets no `resources`.
+pub const DEFAULT_CPU: &str = "500m";
+pub const DEFAULT_MEMORY: &str = "512Mi";
 /// Held on every agent Pod until its attempt's result and usage are in the job's status (like the
 /// Job controller's `batch.kubernetes.io/job-tracking`, KEP-2307): a Pod deleted before the
 /// operator read its termination message (kubectl, PodGC, eviction, during a leader takeover)
@@ -196,6 +199,7 @@ mod tests {
             openai_upstream: None,
             anthropic_upstream: None,
             budget: meter_sidecar::MeterBudget::Fixed("0.50".into()),
+            grant_ca_pem: None,
         }
     }
 

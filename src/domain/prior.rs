@@ -115,6 +115,62 @@ impl Prior {
     }
 }
 
+impl Prior {
+    /// The prior of a jobType nobody ran yet, from every other jobType's key-models, given per
+    /// namespace: how a key-model's typical usage (median `y`) follows its typical declared size
+    /// (median `z`: agents and tool calls) **across** jobTypes. Each namespace with key-models of
+    /// [`CROSS_MIN_SIZES`] distinct sizes measures a slope (Theil–Sen over its own key-models,
+    /// so a team's overall scale does not count as a size effect); the elasticity is the median
+    /// of those slopes once [`CROSS_MIN_NAMESPACES`] namespaces have one (0.5 before; clamped to
+    /// 0..1.5), the level the median of `y - elasticity z` with each namespace weighing one vote.
+    /// So one tenant's many jobTypes of extreme runs move neither further than one namespace can
+    /// (`learning_tests.rs` `a_tenants_many_extreme_job_types_are_one_vote_in_a_new_job_types_prior`).
+    ///
+    /// Where jobTypes' sizes say nothing of their usage the slope is near 0 and a new jobType
+    /// starts at the cluster's typical usage; where bigger declared work means more tokens it
+    /// follows. The p90 is widened by how far key-models sit from that line, and the prior is
+    /// worth half a run, as the spec's: a first own run outweighs it two to one.
+    pub fn across_job_types(namespaces: &[Vec<PoolMember<'_>>], source: String) -> Option<Prior> {
+        let typical = |m: &PoolMember<'_>| {
+            Some((median(m.runs.iter().map(|r| r[1]).collect())?, median(m.runs.iter().map(|r| r[0]).collect())?, m.p90_offset))
+        };
+        let points: Vec<Vec<(f64, f64, f64)>> =
+            namespaces.iter().map(|members| members.iter().filter_map(typical).collect::<Vec<_>>()).filter(|p| !p.is_empty()).collect();
+        let slopes: Vec<f64> = points
+            .iter()
+            .filter_map(|p| {
+                let sizes = p.iter().map(|(z, y, _)| [*y, *z]).collect::<Vec<[f64; 2]>>();
+                let distinct = distinct_sizes(&sizes);
+                (distinct >= CROSS_MIN_SIZES).then(|| forecasters::theil_sen_any(&sizes)).flatten()
+            })
+            .collect();
+        let elasticity = if slopes.len() >= CROSS_MIN_NAMESPACES { median(slopes).unwrap_or(0.5) } else { 0.5 }.clamp(0.0, 1.5);
+        let vote = |p: &Vec<(f64, f64, f64)>, f: &dyn Fn(&(f64, f64, f64)) -> f64| -> Vec<(f64, f64)> {
+            p.iter().map(|x| (f(x), 1.0 / p.len() as f64)).collect()
+        };
+        let residual = |x: &(f64, f64, f64)| x.1 - elasticity * x.0;
+        let ratio = forecasters::weighted_median(points.iter().flat_map(|p| vote(p, &residual)).collect())?;
+        let spread = |x: &(f64, f64, f64)| (residual(x) - ratio).abs();
+        let between = forecasters::weighted_median(points.iter().flat_map(|p| vote(p, &spread)).collect()).unwrap_or(0.0);
+        let offset = |x: &(f64, f64, f64)| x.2;
+        let key_offset = forecasters::weighted_median(points.iter().flat_map(|p| vote(p, &offset)).collect()).unwrap_or(prior_offset());
+        let p90_offset = (key_offset + between).clamp(OFFSET_RANGE.0, OFFSET_RANGE.1);
+        Some(Prior { ratio, elasticity, worth: 0.5, p90_offset, key_offset, source: format!("{source}, elasticity {elasticity:.2}") })
+    }
+}
+
+/// Distinct sizes (`z` more than 0.05 apart) among one namespace's key-models.
+fn distinct_sizes(runs: &[[f64; 2]]) -> usize {
+    let mut sizes: Vec<f64> = runs.iter().map(|r| r[1]).collect();
+    sizes.sort_by(f64::total_cmp);
+    sizes.windows(2).filter(|w| w[1] - w[0] > 0.05).count() + usize::from(!sizes.is_empty())
+}
+
+/// Key-models of distinct sizes a namespace needs before its slope across jobTypes counts.
+pub const CROSS_MIN_SIZES: usize = 3;
+/// Namespaces with such a slope needed before the cross-jobType elasticity is learned.
+pub const CROSS_MIN_NAMESPACES: usize = 3;
+
 /// How far a namespace's usage sits from other namespaces' on the same work, in ln.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct NamespaceEffect {

@@ -52,6 +52,56 @@ impl Resources {
             *self.extended.entry(k.clone()).or_default() -= v;
         }
     }
+
+    pub fn add(&mut self, more: &Resources) {
+        self.cpu_milli += more.cpu_milli;
+        self.memory_bytes += more.memory_bytes;
+        for (k, v) in &more.extended {
+            *self.extended.entry(k.clone()).or_default() += v;
+        }
+    }
+
+    /// Each resource the larger of the two.
+    pub fn max_each(&mut self, other: &Resources) {
+        self.cpu_milli = self.cpu_milli.max(other.cpu_milli);
+        self.memory_bytes = self.memory_bytes.max(other.memory_bytes);
+        for (k, v) in &other.extended {
+            let mine = self.extended.entry(k.clone()).or_default();
+            *mine = (*mine).max(*v);
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        self.cpu_milli == 0 && self.memory_bytes == 0 && self.extended.values().all(|v| *v == 0)
+    }
+}
+
+/// A Pod's requests as the scheduler and the ResourceQuota admission count them (Kubernetes'
+/// `resource.PodRequests` with native sidecars, KEP-753): the app containers and the sidecars
+/// (init containers with `restartPolicy: Always`) run together, so they add up; an ordinary init
+/// container runs beside only the sidecars started before it; the Pod needs the larger of the
+/// two, resource by resource. `init` is in the Pod's order, `true` marking a sidecar.
+pub fn effective_requests(app: &[Resources], init: &[(Resources, bool)]) -> Resources {
+    let mut together = Resources::default();
+    for container in app {
+        together.add(container);
+    }
+    let mut sidecars_so_far = Resources::default();
+    let mut init_peak = Resources::default();
+    for (container, sidecar) in init {
+        let running = if *sidecar {
+            together.add(container);
+            sidecars_so_far.add(container);
+            sidecars_so_far.clone()
+        } else {
+            let mut running = container.clone();
+            running.add(&sidecars_so_far);
+            running
+        };
+        init_peak.max_each(&running);
+    }
+    together.max_each(&init_peak);
+    together
 }
 
 /// A node's capacity left for new Pods: allocatable minus requests of its non-terminal Pods.
@@ -73,10 +123,14 @@ pub struct QuotaView {
 /// One agent Pod's requests; a job runs `pods` of them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodNeed {
+    /// The whole Pod's, sidecar included ([`effective_requests`]).
     pub per_pod: Resources,
     pub pods: usize,
     /// Extended resource that may be dropped when it is the only thing missing.
     pub optional_gpu: Option<String>,
+    /// The meter sidecar's share of `per_pod`, named in the messages: a job that would fit
+    /// without it is told why it does not.
+    pub sidecar: Resources,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -232,8 +286,18 @@ fn check_nodes(r: &mut Readiness, input: &ReadinessInput) {
         short.push("cpu+memory on one node".to_string());
     }
     let schedulable = input.nodes.iter().filter(|n| n.schedulable).count();
+    let sidecar = if need.sidecar.is_zero() {
+        String::new()
+    } else {
+        format!(
+            ", of which the {} sidecar cpu {}m, memory {}Mi",
+            super::meter_sidecar::CONTAINER,
+            need.sidecar.cpu_milli,
+            need.sidecar.memory_bytes / (1024 * 1024)
+        )
+    };
     let message = format!(
-        "none of {schedulable} schedulable node(s) has room for one agent Pod (cpu {}m, memory {}Mi{}): short of {}{}",
+        "none of {schedulable} schedulable node(s) has room for one agent Pod (cpu {}m, memory {}Mi{}{sidecar}): short of {}{}",
         need.per_pod.cpu_milli,
         need.per_pod.memory_bytes / (1024 * 1024),
         need.per_pod.extended.iter().map(|(k, v)| format!(", {k} {v}")).collect::<String>(),
@@ -246,28 +310,35 @@ fn check_nodes(r: &mut Readiness, input: &ReadinessInput) {
 
 fn check_quotas(r: &mut Readiness, need: &PodNeed, quotas: &[QuotaView], dropped: &[String]) {
     let pods = need.pods as i128;
-    let mut asks: Vec<(String, i128)> = vec![
-        ("pods".into(), pods * 1000),
-        ("cpu".into(), pods * need.per_pod.cpu_milli),
-        ("requests.cpu".into(), pods * need.per_pod.cpu_milli),
-        ("limits.cpu".into(), pods * need.per_pod.cpu_milli),
-        ("memory".into(), pods * need.per_pod.memory_bytes * 1000),
-        ("requests.memory".into(), pods * need.per_pod.memory_bytes * 1000),
-        ("limits.memory".into(), pods * need.per_pod.memory_bytes * 1000),
-    ];
+    // (key, what the job asks, the sidecars' part of it), in thousandths. Limits equal requests
+    // in every container the operator builds.
+    let (cpu, memory) = (need.per_pod.cpu_milli, need.per_pod.memory_bytes * 1000);
+    let (sidecar_cpu, sidecar_memory) = (need.sidecar.cpu_milli, need.sidecar.memory_bytes * 1000);
+    let mut asks: Vec<(String, i128, i128)> = vec![("pods".into(), pods * 1000, 0)];
+    for key in ["cpu", "requests.cpu", "limits.cpu"] {
+        asks.push((key.into(), pods * cpu, pods * sidecar_cpu));
+    }
+    for key in ["memory", "requests.memory", "limits.memory"] {
+        asks.push((key.into(), pods * memory, pods * sidecar_memory));
+    }
     for (name, count) in &need.per_pod.extended {
         if !(dropped.iter().any(|d| d == "gpu") && need.optional_gpu.as_deref() == Some(name)) {
-            asks.push((format!("requests.{name}"), pods * count * 1000));
+            asks.push((format!("requests.{name}"), pods * count * 1000, 0));
         }
     }
     for quota in quotas {
         let over: Vec<String> = asks
             .iter()
-            .filter_map(|(key, ask)| {
+            .filter_map(|(key, ask, sidecars)| {
                 let hard = *quota.hard.get(key)?;
                 let used = quota.used.get(key).copied().unwrap_or(0);
+                let of_which = if *sidecars > 0 {
+                    format!(", {} of it for the {} sidecars", show(key, *sidecars), super::meter_sidecar::CONTAINER)
+                } else {
+                    String::new()
+                };
                 (used + ask > hard)
-                    .then(|| format!("{key} (used {}, hard {}, job needs {})", show(key, used), show(key, hard), show(key, *ask)))
+                    .then(|| format!("{key} (used {}, hard {}, job needs {}{of_which})", show(key, used), show(key, hard), show(key, *ask)))
             })
             .collect();
         if over.is_empty() {
@@ -311,11 +382,17 @@ mod tests {
     }
 
     fn pods(per_pod: Resources, pods: usize) -> PodNeed {
-        PodNeed { per_pod, pods, optional_gpu: None }
+        PodNeed { per_pod, pods, optional_gpu: None, sidecar: Resources::default() }
     }
 
     fn optional_gpu(per_pod: Resources, resource: &str) -> PodNeed {
-        PodNeed { per_pod, pods: 1, optional_gpu: Some(resource.into()) }
+        PodNeed { per_pod, pods: 1, optional_gpu: Some(resource.into()), sidecar: Resources::default() }
+    }
+
+    /// Agent Pods of `agent` with the 100m / 64Mi meter sidecar, as the operator builds them.
+    fn with_meter(agent: Resources, pods: usize) -> PodNeed {
+        let sidecar = res(100, 64, &[]);
+        PodNeed { per_pod: effective_requests(&[agent], &[(sidecar.clone(), true)]), pods, optional_gpu: None, sidecar }
     }
 
     fn tool(name: &str, required: bool, min_rate_limit: i32) -> ToolNeed {
@@ -843,6 +920,58 @@ mod tests {
                 checks: &[NODES_OK, ("quota/team", true, &["ResourceQuota team leaves room"])],
             },
             Case {
+                name: "a node that fits the agent but not its meter sidecar: waits, naming the sidecar's share",
+                // 950m agent + 100m sidecar = 1050m on a 1000m node.
+                input: Input {
+                    need: with_meter(res(950, 512, &[]), 1),
+                    nodes: vec![node("n1", true, res(1000, 8192, &[]))],
+                    ..Input::default()
+                },
+                blocked: Some("InsufficientResources"),
+                missing_tools: &[],
+                insufficient: &["cpu"],
+                dropped: &[],
+                checks: &[(
+                    "nodes",
+                    false,
+                    &["cpu 1050m, memory 576Mi, of which the agentgate-meter sidecar cpu 100m, memory 64Mi", "short of cpu"],
+                )],
+            },
+            Case {
+                name: "a node with room for the agent and its sidecar fits",
+                input: Input {
+                    need: with_meter(res(900, 512, &[]), 1),
+                    nodes: vec![node("n1", true, res(1000, 8192, &[]))],
+                    ..Input::default()
+                },
+                blocked: None,
+                missing_tools: &[],
+                insufficient: &[],
+                dropped: &[],
+                checks: &[NODES_OK],
+            },
+            Case {
+                name: "a quota that fits the agents but not their meter sidecars: waits, naming the sidecars' share",
+                // Two Pods of 450m + 100m = 1100m against 1000m; 900m without the sidecars.
+                input: Input {
+                    need: with_meter(res(450, 256, &[]), 2),
+                    quotas: vec![quota("team", &[("requests.cpu", 1000), ("requests.memory", 4096)], &[])],
+                    ..Input::default()
+                },
+                blocked: Some("QuotaExceeded"),
+                missing_tools: &[],
+                insufficient: &["quota/team"],
+                dropped: &[],
+                checks: &[
+                    NODES_OK,
+                    (
+                        "quota/team",
+                        false,
+                        &["requests.cpu (used 0m, hard 1000m, job needs 1100m, 200m of it for the agentgate-meter sidecars)"],
+                    ),
+                ],
+            },
+            Case {
                 name: "quota out of pods",
                 input: Input { quotas: vec![quota("team", &[("pods", 2)], &[("pods", 2)])], ..Input::default() },
                 blocked: Some("QuotaExceeded"),
@@ -921,6 +1050,30 @@ mod tests {
                 ],
             },
         ]
+    }
+
+    #[test]
+    fn a_pods_requests_count_sidecars_as_the_scheduler_does() {
+        let (agent, meter) = (res(500, 512, &[(GPU, 1)]), res(100, 64, &[]));
+        // App containers and sidecars run together: they add up.
+        assert_eq!(effective_requests(std::slice::from_ref(&agent), &[(meter.clone(), true)]), res(600, 576, &[(GPU, 1)]));
+        assert_eq!(effective_requests(&[agent.clone(), agent.clone()], &[]), res(1000, 1024, &[(GPU, 2)]));
+        // An ordinary init container runs alone, beside the sidecars started before it only:
+        // the Pod needs the larger, resource by resource.
+        let setup = res(2000, 100, &[]);
+        assert_eq!(effective_requests(std::slice::from_ref(&agent), &[(setup.clone(), false)]), res(2000, 512, &[(GPU, 1)]));
+        assert_eq!(
+            effective_requests(std::slice::from_ref(&agent), &[(meter.clone(), true), (setup.clone(), false)]),
+            res(2100, 576, &[(GPU, 1)]),
+            "the setup runs beside the meter started before it"
+        );
+        assert_eq!(
+            effective_requests(std::slice::from_ref(&agent), &[(setup, false), (meter.clone(), true)]),
+            res(2000, 576, &[(GPU, 1)]),
+            "a sidecar started after it does not run beside it"
+        );
+        assert_eq!(effective_requests(&[], &[(meter.clone(), true), (meter, true)]), res(200, 128, &[]));
+        assert_eq!(effective_requests(&[], &[]), Resources::default());
     }
 
     #[test]

@@ -2,14 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota};
+use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota, ResourceRequirements};
 use kube::ResourceExt;
 
 use crate::api::{AgentJob, AgentTool, ApprovalVote, JobPhase};
 use crate::domain::decide::{PodState, PodView};
-use crate::domain::pod_builder::{ANNOTATION_JOB_GENERATION, LABEL_AGENT, LABEL_ATTEMPT, LABEL_JOB_UID};
+use crate::domain::pod_builder::{ANNOTATION_JOB_GENERATION, DEFAULT_CPU, DEFAULT_MEMORY, LABEL_AGENT, LABEL_ATTEMPT, LABEL_JOB_UID};
 use crate::domain::quantity::{parse_milli, parse_units};
-use crate::domain::readiness::{NodeView, PodNeed, QuotaView, Resources, ToolView};
+use crate::domain::readiness::{NodeView, PodNeed, QuotaView, Resources, ToolView, effective_requests};
 use crate::domain::tally::VoteView;
 
 pub fn pod_view(pod: &Pod) -> Option<PodView> {
@@ -82,13 +82,32 @@ pub fn holds_node_resources(pod: &Pod) -> bool {
     !is_terminal(pod) && pod.spec.as_ref().is_some_and(|s| s.node_name.is_some())
 }
 
-/// Sum of container requests: what the scheduler reserves for a Pod.
+/// What the scheduler reserves for a Pod: its containers' requests, native sidecars and init
+/// containers counted as the scheduler counts them ([`effective_requests`]), plus its overhead.
 pub fn pod_requests(pod: &Pod) -> Resources {
-    let mut r = Resources::default();
-    for c in pod.spec.iter().flat_map(|s| &s.containers) {
-        let Some(requests) = c.resources.as_ref().and_then(|res| res.requests.as_ref().or(res.limits.as_ref())) else { continue };
-        add_quantities(&mut r, requests);
+    let Some(spec) = pod.spec.as_ref() else { return Resources::default() };
+    let app: Vec<Resources> = spec.containers.iter().map(|c| container_requests(c.resources.as_ref())).collect();
+    let init: Vec<(Resources, bool)> = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| (container_requests(c.resources.as_ref()), c.restart_policy.as_deref() == Some("Always")))
+        .collect();
+    let mut r = effective_requests(&app, &init);
+    if let Some(overhead) = &spec.overhead {
+        add_quantities(&mut r, overhead);
     }
+    r
+}
+
+/// One container's requests; a resource with a limit and no request requests its limit (the
+/// apiserver's defaulting, which a Pod read back has already had).
+pub fn container_requests(resources: Option<&ResourceRequirements>) -> Resources {
+    let mut r = Resources::default();
+    let Some(resources) = resources else { return r };
+    let mut list = resources.limits.clone().unwrap_or_default();
+    list.extend(resources.requests.clone().unwrap_or_default());
+    add_quantities(&mut r, &list);
     r
 }
 
@@ -160,21 +179,22 @@ pub fn quota_views(quotas: &[std::sync::Arc<ResourceQuota>], namespace: &str) ->
         .collect()
 }
 
-/// What each Pod of the job asks for. `None` when the spec's quantities don't parse (the schema
-/// prevents that, so it can only mean an outdated CRD).
+/// What each Pod of the job asks for: the agent's `resources` (the Pod builder's defaults
+/// without them) and the meter sidecar's, counted as the scheduler counts them. `None` when the
+/// spec's quantities don't parse (the schema prevents that, so it can only mean an outdated CRD).
 pub fn pod_need(job: &AgentJob) -> Option<PodNeed> {
     let spec = &job.spec;
     let pods = 1 + spec.agents.supporting.len();
-    let Some(res) = &spec.resources else {
-        return Some(PodNeed { per_pod: Resources::default(), pods, optional_gpu: None });
-    };
-    let mut per_pod = Resources { cpu_milli: parse_milli(&res.cpu)?, memory_bytes: parse_units(&res.memory)?, extended: BTreeMap::new() };
+    let (cpu, memory) = spec.resources.as_ref().map_or((DEFAULT_CPU, DEFAULT_MEMORY), |r| (r.cpu.as_str(), r.memory.as_str()));
+    let mut agent = Resources { cpu_milli: parse_milli(cpu)?, memory_bytes: parse_units(memory)?, extended: BTreeMap::new() };
     let gpu_name = gpu_resource_name(job);
-    if let Some(gpu) = res.gpu.filter(|g| *g > 0) {
-        per_pod.extended.insert(gpu_name.clone(), i128::from(gpu));
+    if let Some(gpu) = spec.resources.as_ref().and_then(|r| r.gpu).filter(|g| *g > 0) {
+        agent.extended.insert(gpu_name.clone(), i128::from(gpu));
     }
-    let optional_gpu = res.optional.contains(&crate::api::OptionalResource::Gpu).then_some(gpu_name);
-    Some(PodNeed { per_pod, pods, optional_gpu })
+    let optional_gpu = spec.resources.as_ref().is_some_and(|r| r.optional.contains(&crate::api::OptionalResource::Gpu)).then_some(gpu_name);
+    let sidecar = container_requests(Some(&crate::domain::meter_sidecar::resources()));
+    let per_pod = effective_requests(&[agent], &[(sidecar.clone(), true)]);
+    Some(PodNeed { per_pod, pods, optional_gpu, sidecar })
 }
 
 pub fn gpu_resource_name(job: &AgentJob) -> String {
@@ -388,5 +408,90 @@ mod tests {
             assert_eq!(is_job_pod(&pod, "team", "uid-1"), ours, "{name}");
             assert_eq!(claims_job_falsely(&pod, "team", "uid-1"), decoy, "{name}");
         }
+    }
+}
+
+#[cfg(test)]
+mod requests_tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::domain::meter_sidecar::{MeterBudget, MeterSidecar};
+    use crate::domain::pod_builder::{PodPlan, build_pod};
+
+    const MIB: i128 = 1024 * 1024;
+
+    fn job(resources: serde_json::Value) -> AgentJob {
+        serde_json::from_value(json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+            "metadata": {"name": "j", "namespace": "team", "uid": "uid-j"},
+            "spec": {"category": "c", "agents": {"primary": {"name": "a", "image": "i", "model": "gpt-4o-mini"},
+                                                   "supporting": [{"name": "b", "image": "i", "model": "gpt-4o-mini"}]},
+                     "resources": resources, "budget": {"maxCostUSD": "1"}},
+        }))
+        .unwrap()
+    }
+
+    /// The Pod the operator builds for `job`'s primary agent, as `controller/agent_job.rs` does.
+    fn built(job: &AgentJob) -> Pod {
+        let meter = MeterSidecar {
+            image: "agentgate:1".into(),
+            keys_secret: "keys".into(),
+            openai_key: true,
+            anthropic_key: false,
+            openai_upstream: None,
+            anthropic_upstream: None,
+            budget: MeterBudget::Grants("https://operator:8444".into()),
+            grant_ca_pem: None,
+        };
+        let res = job.spec.resources.as_ref();
+        build_pod(&PodPlan {
+            job_name: "j",
+            namespace: "team",
+            job_uid: "uid-j",
+            job_generation: 1,
+            agent: &job.spec.agents.primary,
+            attempt: 1,
+            cpu: res.map_or(DEFAULT_CPU, |r| r.cpu.as_str()),
+            memory: res.map_or(DEFAULT_MEMORY, |r| r.memory.as_str()),
+            gpu: res.and_then(|r| r.gpu).map(|g| ("nvidia.com/gpu", g)),
+            deadline_seconds: 60,
+            budget_usd: "1",
+            input_json: "{}",
+            tool_urls: &[],
+            meter: &meter,
+        })
+    }
+
+    #[test]
+    fn the_need_checked_before_the_run_is_what_the_built_pod_requests_sidecar_included() {
+        let gpu_job = job(json!({"cpu": "950m", "memory": "1Gi", "gpu": 2}));
+        let need = pod_need(&gpu_job).unwrap();
+        assert_eq!(need.per_pod, pod_requests(&built(&gpu_job)), "the scheduler's count of the Pod the operator builds");
+        let gpus = BTreeMap::from([("nvidia.com/gpu".to_string(), 2)]);
+        assert_eq!(need.per_pod, Resources { cpu_milli: 1050, memory_bytes: 1088 * MIB, extended: gpus });
+        assert_eq!((need.sidecar.cpu_milli, need.sidecar.memory_bytes, need.pods), (100, 64 * MIB, 2));
+        // Without `resources` the Pod gets the builder's defaults, and the check counts them.
+        let plain = job(serde_json::Value::Null);
+        assert!(plain.spec.resources.is_none());
+        assert_eq!(pod_need(&plain).unwrap().per_pod, pod_requests(&built(&plain)));
+        assert_eq!(pod_need(&plain).unwrap().per_pod.cpu_milli, 600);
+    }
+
+    #[test]
+    fn a_pods_requests_count_init_containers_sidecars_limits_and_overhead() {
+        let pod: Pod = serde_json::from_value(json!({"spec": {
+            "overhead": {"cpu": "10m"},
+            "initContainers": [
+                {"name": "setup", "image": "i", "resources": {"requests": {"cpu": "2", "memory": "10Mi"}}},
+                {"name": "proxy", "image": "i", "restartPolicy": "Always", "resources": {"limits": {"cpu": "200m", "memory": "100Mi"}}},
+            ],
+            "containers": [{"name": "app", "image": "i", "resources": {"requests": {"cpu": "1"}, "limits": {"cpu": "3", "memory": "1Gi"}}}],
+        }}))
+        .unwrap();
+        // max(app 1000m + proxy 200m, setup 2000m) + 10m overhead; memory: the app's limit (no
+        // request) 1024Mi + the proxy's 100Mi.
+        let r = pod_requests(&pod);
+        assert_eq!((r.cpu_milli, r.memory_bytes), (2010, 1124 * MIB));
     }
 }

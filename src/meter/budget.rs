@@ -98,6 +98,7 @@ struct State {
     models: BTreeMap<String, (TokenCounts, MicroUsd)>,
     calls: u64,
     refused_calls: u64,
+    budget_refusals: u64,
     unmeasured_calls: u64,
     in_flight: u64,
 }
@@ -121,6 +122,10 @@ pub struct Snapshot {
     pub reserved_usd: String,
     pub calls: u64,
     pub refused_calls: u64,
+    /// Of the refused calls, those refused (402) because the budget could not cover their worst
+    /// case: reported to the operator, they end the job `BudgetExhausted`. A call refused only
+    /// because the operator could not be reached for more is not one of them.
+    pub budget_refusals: u64,
     /// Calls charged their reservation because their usage could not be read.
     pub unmeasured_calls: u64,
     pub in_flight: u64,
@@ -159,6 +164,12 @@ impl Ledger {
                 Err(refusal)
             }
         }
+    }
+
+    /// A call refused (402) because the budget could not cover it (see [`Snapshot::budget_refusals`]).
+    pub fn count_budget_refusal(&self) {
+        self.lock().budget_refusals += 1;
+        self.changed.notify_one();
     }
 
     /// A call refused before any reservation (unknown model, unbounded input).
@@ -224,6 +235,7 @@ impl Ledger {
             reserved_usd: state.reserved.to_string(),
             calls: state.calls,
             refused_calls: state.refused_calls,
+            budget_refusals: state.budget_refusals,
             unmeasured_calls: state.unmeasured_calls,
             in_flight: state.in_flight,
         }

@@ -29,6 +29,12 @@ const TRY_TIMEOUT: Duration = Duration::from_secs(5);
 const TOP_UP_DEADLINE: Duration = Duration::from_secs(8);
 /// How long the meter, exiting, tries to settle (within the Pod's default 30 s grace period).
 const SETTLE_DEADLINE: Duration = Duration::from_secs(20);
+/// After the operator answered that the job's budget has nothing left, calls that need more are
+/// refused without asking again for this long: an agent that ignores 402 and keeps calling costs
+/// no status write per call (tests/meter_grants.rs
+/// an_agent_ignoring_402_spends_nothing_more_and_writes_status_at_a_bounded_rate). Budget can
+/// come back (another meter settles, the budget is raised), so the operator is asked again after.
+const EXHAUSTED_RECHECK: Duration = Duration::from_secs(5);
 
 pub struct GrantClient {
     sync_url: String,
@@ -40,6 +46,8 @@ pub struct GrantClient {
     session: String,
     /// The last sequence number used; held for the whole of a step so steps go one at a time.
     sequence: tokio::sync::Mutex<i64>,
+    /// When the operator last answered that the job's budget has nothing left to grant.
+    exhausted_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,12 +74,19 @@ impl GrantClient {
             chunk,
             session,
             sequence: tokio::sync::Mutex::new(0),
+            exhausted_at: std::sync::Mutex::new(None),
         })
     }
 
-    /// Asks for `want` more and raises the ledger's budget to what the session holds then.
-    pub async fn top_up(&self, want: MicroUsd) -> Result<MicroUsd, GrantError> {
-        self.step(want, false, TOP_UP_DEADLINE).await
+    /// Asks for `want` more and raises the ledger's budget to what the session holds then. Ok
+    /// means the operator answered (or answered lately that nothing is left): what it did not
+    /// grant, the job's budget does not have.
+    pub async fn top_up(&self, want: MicroUsd) -> Result<(), GrantError> {
+        let exhausted = *self.exhausted_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if exhausted.is_some_and(|at| at.elapsed() < EXHAUSTED_RECHECK) {
+            return Ok(());
+        }
+        self.step(want, false, TOP_UP_DEADLINE).await.map(|_| ())
     }
 
     /// Reports the usage so far (no grant asked).
@@ -82,7 +97,8 @@ impl GrantClient {
     /// The last step: final usage, and the unspent grant goes back to the job. A meter that never
     /// spoke to the operator (its agent made no call) has nothing to settle: no status write.
     pub async fn settle(&self) -> Result<MicroUsd, GrantError> {
-        if *self.sequence.lock().await == 0 && self.ledger.snapshot().usage.models.is_empty() {
+        let snapshot = self.ledger.snapshot();
+        if *self.sequence.lock().await == 0 && snapshot.usage.models.is_empty() && snapshot.budget_refusals == 0 {
             return Ok(MicroUsd(0));
         }
         self.step(MicroUsd(0), true, SETTLE_DEADLINE).await
@@ -92,13 +108,15 @@ impl GrantClient {
         let mut sequence = self.sequence.lock().await;
         *sequence += 1;
         // Read under the lock: this step's usage is at least the previous step's.
+        let snapshot = self.ledger.snapshot();
         let body = SyncBody {
             pod: None,
             session: self.session.clone(),
             sequence: *sequence,
-            usage: self.ledger.snapshot().usage,
+            usage: snapshot.usage,
             want_usd: (want.0 > 0).then(|| want.to_string()),
             last,
+            budget_refusals: i64::try_from(snapshot.budget_refusals).unwrap_or(i64::MAX),
         };
         let body = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
         let started = tokio::time::Instant::now();
@@ -108,6 +126,9 @@ impl GrantClient {
                 Ok(Ok(answer)) => {
                     let granted = MicroUsd::parse(&answer.granted_usd).unwrap_or_default();
                     self.ledger.raise_budget(granted);
+                    let nothing_left = MicroUsd::parse(&answer.available_usd).is_some_and(|a| a.0 <= 0);
+                    *self.exhausted_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        nothing_left.then(tokio::time::Instant::now);
                     return Ok(granted);
                 }
                 Ok(Err(e @ (GrantError::Refused { .. } | GrantError::Token { .. }))) if !retryable(&e) => return Err(e),
@@ -137,7 +158,7 @@ impl GrantClient {
             .header(http::header::AUTHORIZATION, authorization)
             .body(Full::new(body))
             .map_err(|e| GrantError::Unreachable(e.to_string()))?;
-        let response = self.client.request(request).await.map_err(|e| GrantError::Unreachable(e.to_string()))?;
+        let response = self.client.request(request).await.map_err(|e| GrantError::Unreachable(causes(&e)))?;
         let status = response.status();
         let bytes = response.into_body().collect().await.map_err(|e| GrantError::Unreachable(e.to_string()))?.to_bytes();
         if !status.is_success() {
@@ -146,6 +167,36 @@ impl GrantClient {
         }
         serde_json::from_slice(&bytes).map_err(|e| GrantError::Unreachable(format!("an answer that is not the meter API's: {e}")))
     }
+}
+
+/// HTTPS to the meter API, trusting exactly the CA in `ca_pem` (the operator's, handed to the
+/// meter at Pod creation): a server whose certificate does not chain to it, or does not name the
+/// grant URL's host, is refused, and so is plain HTTP (tests/meter_grants.rs).
+pub fn pinned_client(ca_pem: &[u8]) -> anyhow::Result<HttpsClient> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem) {
+        roots.add(cert.map_err(|e| anyhow::anyhow!("the meter API's CA certificate: {e}"))?)?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "the meter API's CA certificate: no CA certificate in the PEM given");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(config).https_only().enable_http1().build();
+    Ok(hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https))
+}
+
+/// An error with its causes: "client error (Connect)" alone would hide a refused certificate.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
 }
 
 fn retryable(e: &GrantError) -> bool {
@@ -166,12 +217,14 @@ pub async fn report_usage(grants: Arc<GrantClient>, interval: Duration) {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let usage = grants.ledger.snapshot().usage;
-        if last_sent.as_ref() == Some(&usage) || (last_sent.is_none() && usage.models.is_empty()) {
+        // The refusals too: the operator ends the job BudgetExhausted on them.
+        let snapshot = grants.ledger.snapshot();
+        let sent = (snapshot.usage, snapshot.budget_refusals);
+        if last_sent.as_ref() == Some(&sent) || (last_sent.is_none() && sent.0.models.is_empty() && sent.1 == 0) {
             continue;
         }
         match grants.report().await {
-            Ok(_) => last_sent = Some(usage),
+            Ok(_) => last_sent = Some(sent),
             Err(e) => tracing::warn!(error = %e, "reporting usage to the operator; retried at the next interval"),
         }
     }

@@ -50,6 +50,17 @@ pub struct MeterArgs {
     /// `--budget-usd`.
     #[arg(long, env = "AGENTGATE_METER_GRANT_URL")]
     pub grant_url: Option<String>,
+    /// CA certificate (PEM file) the meter API's certificate must chain to. The meter trusts it
+    /// alone for the meter API, never the system's roots. Required with an https grant URL.
+    #[arg(long, env = "AGENTGATE_METER_GRANT_CA_FILE", conflicts_with = "grant_ca_pem")]
+    pub grant_ca_file: Option<PathBuf>,
+    /// The same CA certificate as PEM text (the operator sets it in the meter's environment).
+    #[arg(long, env = "AGENTGATE_METER_GRANT_CA_PEM", hide_env_values = true, allow_hyphen_values = true)]
+    pub grant_ca_pem: Option<String>,
+    /// Allow a plain `http://` grant URL: the meter's token and the operator's grants then cross
+    /// the network readable and forgeable. For development only.
+    #[arg(long, env = "AGENTGATE_METER_GRANT_INSECURE_HTTP")]
+    pub grant_insecure_http: bool,
     /// The meter's projected ServiceAccount token (audience `agentgate.dev/meter`), read again for
     /// every request to the operator (the kubelet rotates it).
     #[arg(long, env = "AGENTGATE_METER_TOKEN_FILE", default_value = "/var/run/agentgate/meter-token/token")]
@@ -107,25 +118,77 @@ pub fn client() -> anyhow::Result<proxy::HttpsClient> {
     Ok(hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https))
 }
 
+/// The client for the meter API: HTTPS trusting the given CA only, or plain HTTP when explicitly
+/// allowed. Anything else is refused before the meter starts.
+fn grant_transport(url: &str, args: &MeterArgs) -> anyhow::Result<proxy::HttpsClient> {
+    let parsed: http::Uri = url.parse().map_err(|e| anyhow::anyhow!("--grant-url {url:?}: {e}"))?;
+    let ca = match (&args.grant_ca_file, &args.grant_ca_pem) {
+        (Some(path), _) => Some(std::fs::read(path).map_err(|e| anyhow::anyhow!("reading --grant-ca-file {}: {e}", path.display()))?),
+        (None, Some(pem)) => Some(pem.clone().into_bytes()),
+        (None, None) => None,
+    };
+    match (parsed.scheme_str(), ca) {
+        (Some("https"), Some(ca)) => grant_client::pinned_client(&ca),
+        (Some("https"), None) => anyhow::bail!(
+            "--grant-url {url:?} needs the meter API's CA certificate (--grant-ca-file or {}): the meter trusts no other",
+            crate::domain::meter_sidecar::GRANT_CA_ENV
+        ),
+        (Some("http"), _) if args.grant_insecure_http => client(),
+        (Some("http"), _) => anyhow::bail!(
+            "--grant-url {url:?} is plain HTTP: the meter's token and the operator's grants would cross the network readable; \
+             use https, or pass --grant-insecure-http for development"
+        ),
+        _ => anyhow::bail!("--grant-url {url:?} must be an http or https URL"),
+    }
+}
+
+/// The startup probe (`agentgate meter-probe`): Ok once `url` (http, loopback) answers 200,
+/// asking every 20 ms for up to `wait`. Waiting inside the probe, rather than failing and being
+/// run again a period later (at least a second), starts the agent within milliseconds of its
+/// meter. Blocking and dependency-free: it runs as its own short process in the meter's container.
+pub fn probe(url: &str, wait: std::time::Duration) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match probe_once(url) {
+            Err(e) if std::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "not yet");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result.map_err(|e| anyhow::anyhow!("the meter at {url}: {e}")),
+        }
+    }
+}
+
+fn probe_once(url: &str) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").ok_or_else(|| anyhow::anyhow!("{url:?}: an http:// URL"))?;
+    let (authority, path) = rest.split_once('/').map_or((rest, "/".to_string()), |(a, p)| (a, format!("/{p}")));
+    let addr: SocketAddr = authority.parse().map_err(|e| anyhow::anyhow!("{url:?}: an IP address and port: {e}"))?;
+    let timeout = std::time::Duration::from_secs(1);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head)?;
+    anyhow::ensure!(head.starts_with(b"HTTP/1.1 200"), "{url} answered {:?}", String::from_utf8_lossy(&head));
+    Ok(())
+}
+
 pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Arc<Meter>> {
     let grants = match (&args.grant_url, args.budget_usd) {
         (Some(_), Some(_)) => anyhow::bail!(
             "--grant-url and --budget-usd exclude each other: with --grant-url the budget is the job's, granted by the operator"
         ),
-        (Some(url), None) => {
-            let parsed: http::Uri = url.parse().map_err(|e| anyhow::anyhow!("--grant-url {url:?}: {e}"))?;
-            if !matches!(parsed.scheme_str(), Some("http" | "https")) {
-                anyhow::bail!("--grant-url {url:?} must be an http or https URL");
-            }
-            Some(url.as_str())
-        }
+        (Some(url), None) => Some((url.as_str(), grant_transport(url, args)?)),
         (None, _) => None,
     };
     // Granted: nothing to spend until the operator grants it.
     let ledger = Ledger::new(if grants.is_some() { Some(MicroUsd(0)) } else { args.budget_usd });
     let client = client()?;
-    let grants = grants
-        .map(|url| grant_client::GrantClient::new(url, args.token_file.clone(), client.clone(), ledger.clone(), args.grant_chunk_usd));
+    let grants = grants.map(|(url, transport)| {
+        grant_client::GrantClient::new(url, args.token_file.clone(), transport, ledger.clone(), args.grant_chunk_usd)
+    });
     Ok(Arc::new(Meter {
         ledger,
         grants,
@@ -216,6 +279,64 @@ mod tests {
         let err = build(&["--grant-url", "http://agentgate-meter-api.agentgate-system.svc:8444", "--budget-usd", "1"]).unwrap_err();
         assert!(err.to_string().contains("--grant-url and --budget-usd exclude each other"), "{err}");
         assert!(build(&["--grant-url", "ftp://operator"]).unwrap_err().to_string().contains("http or https"));
-        build(&["--grant-url", "http://agentgate-meter-api.agentgate-system.svc:8444"]).unwrap();
+        build(&["--grant-url", "http://agentgate-meter-api.agentgate-system.svc:8444", "--grant-insecure-http"]).unwrap();
+    }
+
+    /// A one-shot server on loopback answering `status_line`; its URL.
+    fn answering(status_line: &'static str) -> String {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/healthz", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut chunk = [0u8; 256];
+            while !request.ends_with(b"\r\n\r\n") {
+                let n = stream.read(&mut chunk).unwrap();
+                assert!(n > 0, "the probe hung up mid-request");
+                request.extend_from_slice(&chunk[..n]);
+            }
+            assert!(request.starts_with(b"GET /healthz HTTP/1.1\r\n"), "{}", String::from_utf8_lossy(&request));
+            stream.write_all(format!("{status_line}\r\ncontent-length: 2\r\n\r\nok").as_bytes()).unwrap();
+        });
+        url
+    }
+
+    #[test]
+    fn the_startup_probe_passes_only_on_a_200() {
+        let now = std::time::Duration::ZERO;
+        super::probe(&answering("HTTP/1.1 200 OK"), now).unwrap();
+        let err = super::probe(&answering("HTTP/1.1 503 Service Unavailable"), now).unwrap_err().to_string();
+        assert!(err.contains("503"), "{err}");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert!(super::probe(&format!("http://{closed}/healthz"), now).is_err(), "nothing listens");
+        assert!(super::probe("https://127.0.0.1:4000/healthz", now).is_err());
+        // Waiting: a meter that starts listening a moment after the probe began passes it.
+        let late = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = late.local_addr().unwrap();
+        drop(late);
+        let started = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let listener = std::net::TcpListener::bind(addr).unwrap();
+            let (mut stream, _) = listener.accept().unwrap();
+            std::io::Read::read(&mut stream, &mut [0u8; 256]).unwrap();
+            std::io::Write::write_all(&mut stream, b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").unwrap();
+        });
+        super::probe(&format!("http://{addr}/healthz"), std::time::Duration::from_secs(5)).unwrap();
+        started.join().unwrap();
+    }
+
+    #[test]
+    fn the_grant_url_is_https_with_a_ca_or_plain_http_only_when_allowed() {
+        let url = "https://agentgate-meter-api.agentgate-system.svc:8444";
+        let plain = build(&["--grant-url", "http://agentgate-meter-api.agentgate-system.svc:8444"]).unwrap_err().to_string();
+        assert!(plain.contains("plain HTTP") && plain.contains("--grant-insecure-http"), "{plain}");
+        let no_ca = build(&["--grant-url", url]).unwrap_err().to_string();
+        assert!(no_ca.contains("needs the meter API's CA certificate"), "{no_ca}");
+        let not_pem = build(&["--grant-url", url, "--grant-ca-pem", "not a certificate"]).unwrap_err().to_string();
+        assert!(not_pem.contains("no CA certificate"), "{not_pem}");
+        let names = crate::domain::meter_tls::names(url, "agentgate-system").unwrap();
+        let ca = crate::domain::meter_tls::fresh(&names, 1_800_000_000).unwrap().ca_cert_pem;
+        build(&["--grant-url", url, "--grant-ca-pem", &ca]).unwrap();
     }
 }

@@ -88,7 +88,12 @@ pub struct Meter {
 }
 
 pub fn router(meter: Arc<Meter>) -> axum::Router {
-    axum::Router::new().route("/usage", axum::routing::get(usage)).fallback(proxy).with_state(meter)
+    axum::Router::new()
+        .route("/usage", axum::routing::get(usage))
+        // The startup probe's (domain/meter_sidecar.rs): the meter is up and serving.
+        .route(crate::domain::meter_sidecar::HEALTH_PATH, axum::routing::get(|| async { "ok" }))
+        .fallback(proxy)
+        .with_state(meter)
 }
 
 async fn usage(State(meter): State<Arc<Meter>>) -> Response {
@@ -216,6 +221,9 @@ async fn admit(meter: &Meter, api: Api, body: Bytes) -> Result<(Bytes, Reservati
     };
     let plan_for =
         |remaining| budget::plan(&price, facts.input_bound, facts.output_cap, facts.choices, meter.default_output_cap, remaining);
+    // Whether a refusal below is for want of budget (counted and reported: the job ends
+    // BudgetExhausted) or only for want of an answer from the operator (fail closed, not counted).
+    let mut operator_unreachable = false;
     if let Some(grants) = &meter.grants {
         // Enough for the call's worst case at its own (or the default) output cap, so a granted
         // budget does not shrink the cap of a call that sets none; at least a chunk, so a run
@@ -227,17 +235,23 @@ async fn admit(meter: &Meter, api: Api, body: Bytes) -> Result<(Bytes, Reservati
         {
             // Fail closed: the call goes ahead only if what the meter holds already covers it.
             tracing::warn!(error = %e, "no more budget from the operator");
+            operator_unreachable = true;
         }
     }
     let (reservation, plan) = match meter.ledger.reserve(&facts.model, price, plan_for) {
         Ok(reserved) => reserved,
         Err(Refusal::Budget { needed, remaining }) => {
-            let message = format!(
+            let mut message = format!(
                 "budget exceeded: this call may cost up to ${needed} (its input and output cap at {}'s price) and ${} of the budget is left to this agent",
                 facts.model,
                 crate::domain::money::MicroUsd(remaining.0.max(0))
             );
-            meter.ledger.changed.notify_one();
+            if operator_unreachable {
+                message.push_str("; the operator could not be reached for more of the job's budget");
+                meter.ledger.changed.notify_one();
+            } else {
+                meter.ledger.count_budget_refusal();
+            }
             return Err(Box::new(refuse(provider, StatusCode::PAYMENT_REQUIRED, "budget_exceeded", &message)));
         }
     };

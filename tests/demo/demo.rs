@@ -3,8 +3,11 @@
 //!
 //! On a real node when this machine can run one (root and runc; tests/support/node.rs): the chart
 //! installs the operator as Pods (image made from the cargo build) and the agents run as real Pods
-//! of the reference agent image. Otherwise, saying so, on the simulated kubelet: two registered
-//! nodes and the demo writing the agent Pods' status. `AGENTGATE_DEMO_SIMULATED=1` asks for it.
+//! of the reference agent image, each making one model call through its meter: the provider is
+//! the stand-in (tests/meter/upstream.py) on the node IP, which each team's keys Secret names,
+//! and the meters draw their budgets from the operator's meter API by its Service name.
+//! Otherwise, saying so, on the simulated kubelet: two registered nodes and the demo writing the
+//! agent Pods' status. `AGENTGATE_DEMO_SIMULATED=1` asks for it.
 //!
 //! Everything it starts dies with it (Ctrl-C included).
 
@@ -23,7 +26,8 @@ use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 use support::cluster::{add_node, finish_pod, grant_voting_rights, run_pod, vote};
 use support::controlplane::{ControlPlane, OperatorProcess};
-use support::node::{NODE_NAME, NodeOptions, OPERATOR_DEBUG_REPOSITORY, OPERATOR_DEBUG_TAG, REFERENCE_AGENT_IMAGE, RealNode};
+use support::node::{NODE_IP, NODE_NAME, NodeOptions, OPERATOR_DEBUG_REPOSITORY, OPERATOR_DEBUG_TAG, REFERENCE_AGENT_IMAGE, RealNode};
+use support::provider::StandInProvider;
 
 const JOBS: [(&str, &str); 3] =
     [("team-security", "security-scan-42"), ("team-marketing", "content-generation-7"), ("team-catalog", "product-import-3")];
@@ -80,14 +84,17 @@ async fn demo(node: Option<&RealNode>) -> anyhow::Result<()> {
     // alice and bob (group agentgate:heads) become heads of every category; everyone may vote.
     grant_voting_rights(&admin).await;
 
+    let mut provider = None;
     let operator = match node {
         Some(node) => {
             install_operator(node).await?;
+            provider = Some(start_provider(cp, &admin).await?);
             step("kubectl apply -f deploy/examples/");
             println!(
-                "  (on this node every agent runs the reference agent image {REFERENCE_AGENT_IMAGE} with 250m CPU and 128Mi:\n   \
-                 the ghcr.io/acme images are not on this machine. A one-line script stands in for the scanner's\n   \
-                 findings and for the supplier feed that times out on the product import's first attempt.)"
+                "  (on this node every agent runs the reference agent image {REFERENCE_AGENT_IMAGE} with 250m CPU and 128Mi,\n   \
+                 making one Chat Completions call through its meter: the ghcr.io/acme images are not on this machine.\n   \
+                 A one-line script stands in for the scanner's findings and for the supplier feed that times out on the\n   \
+                 product import's first attempt.)"
             );
             let examples = examples_for_the_real_node(cp)?;
             kubectl(cp, &["apply", "-f", &examples.display().to_string()]);
@@ -121,7 +128,7 @@ async fn demo(node: Option<&RealNode>) -> anyhow::Result<()> {
     }
 
     match node {
-        Some(_) => step("The operator creates the agent Pods; the kubelet runs them and the agents report usage"),
+        Some(_) => step("The operator creates the agent Pods; the kubelet runs them, each agent calls its model through its meter"),
         None => step("The operator creates the agent Pods; the demo plays the kubelet and the agents report usage"),
     }
     wait_until(&admin, "every job to finish", |j| j.status.as_ref().and_then(|s| s.phase).is_some_and(JobPhase::is_terminal)).await?;
@@ -131,11 +138,15 @@ async fn demo(node: Option<&RealNode>) -> anyhow::Result<()> {
     step("Estimated against actual cost");
     if node.is_some() {
         println!(
-            "  (the reference agent calls no model yet: it reports the tokens of what it read and wrote, far below an\n   \
-             estimate made for the real agents)"
+            "  (each agent made one small call, far below an estimate made for the real agents; ACTUAL and TOKENS are\n   \
+             what the meters measured at the wire, SPENT their running total (kubectl's Spent column), METERS the\n   \
+             meters that drew on the job's budget)"
         );
     }
     print_cost_table(&admin).await?;
+    if let Some(provider) = &provider {
+        print_provider_calls(provider, &admin).await?;
+    }
     step("Why each job ended (its Ready condition)");
     kubectl(
         cp,
@@ -152,6 +163,7 @@ async fn demo(node: Option<&RealNode>) -> anyhow::Result<()> {
     kubectl(cp, if node.is_some() { &pods } else { &pods[..5] });
     println!("\nDone. Everything started by the demo stops now.");
     drop(operator);
+    drop(provider);
     Ok(())
 }
 
@@ -210,8 +222,50 @@ async fn install_operator(node: &RealNode) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The stand-in provider on the node IP, and in each team's namespace the keys Secret that points
+/// its meters at it (README "The agent meter": the upstream annotation, the key only the meters
+/// mount).
+async fn start_provider(cp: &ControlPlane, admin: &Client) -> anyhow::Result<StandInProvider> {
+    step("The model provider: the stand-in (tests/meter/upstream.py) on the node IP, no real provider is reachable here");
+    let provider = StandInProvider::start(NODE_IP, cp.dir())?;
+    println!("  {} ; keys Secret agentgate-llm-keys in each team namespace names it", provider.openai_upstream());
+    let pp = PatchParams::apply("agentgate-demo");
+    for (ns, _) in JOBS {
+        let secret = json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "agentgate-llm-keys", "namespace": ns,
+                         "annotations": {"agentgate.dev/openai-upstream": provider.openai_upstream()}},
+            "stringData": {"openai": format!("sk-demo-{ns}-not-a-real-key")}});
+        Api::<k8s_openapi::api::core::v1::Secret>::namespaced(admin.clone(), ns)
+            .patch("agentgate-llm-keys", &pp, &Patch::Apply(&secret))
+            .await?;
+    }
+    Ok(provider)
+}
+
+/// What the provider answered, summed, beside what the jobs recorded: the meters' measurement.
+async fn print_provider_calls(provider: &StandInProvider, admin: &Client) -> anyhow::Result<()> {
+    let calls = provider.calls()?;
+    let sum = |key: &str| calls.iter().filter_map(|c| c["usage"][key].as_i64()).sum::<i64>();
+    let mut recorded = (0, 0, 0);
+    for (ns, name) in JOBS {
+        let usage = Api::<AgentJob>::namespaced(admin.clone(), ns).get(name).await?.status.unwrap_or_default().usage.unwrap_or_default();
+        recorded = (recorded.0 + usage.input_tokens, recorded.1 + usage.cached_input_tokens, recorded.2 + usage.output_tokens);
+    }
+    println!(
+        "  the provider answered {} calls: input {} + cached {} + output {} tokens; the jobs' status.usage: input {} + cached {} + output {}",
+        calls.len(),
+        sum("input"),
+        sum("cached"),
+        sum("output"),
+        recorded.0,
+        recorded.1,
+        recorded.2
+    );
+    Ok(())
+}
+
 /// deploy/examples/ as a v1 List, its AgentJobs' agents running the reference agent image with
-/// resources this node has; written next to the kubeconfigs.
+/// resources this node has and a `chat` prompt in their input; written next to the kubeconfigs.
 fn examples_for_the_real_node(cp: &ControlPlane) -> anyhow::Result<std::path::PathBuf> {
     // The security scan's outputSchema wants `findings`; the importer's feed fails its first attempt
     // after the agent wrote its report (so that attempt's usage counts, as with a real agent).
@@ -229,6 +283,14 @@ fn examples_for_the_real_node(cp: &ControlPlane) -> anyhow::Result<std::path::Pa
                 let spec = &mut doc["spec"];
                 spec["resources"]["cpu"] = json!("250m");
                 spec["resources"]["memory"] = json!("128Mi");
+                // The reference agent's one model call (plain characters: no quotes or commas).
+                let prompt: String = spec["description"]
+                    .as_str()
+                    .unwrap_or("say hello")
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == ' ')
+                    .collect();
+                spec["input"]["chat"] = json!(prompt);
                 let script = [("security-scan", SCANNER), ("product-import", IMPORTER)].into_iter().find(|(p, _)| name.starts_with(p));
                 let agents = spec["agents"].as_object_mut().into_iter().flat_map(|a| a.values_mut());
                 // `primary` is one agent, `supporting` a list of them.
@@ -351,23 +413,26 @@ async fn wait_until(client: &Client, what: &str, done: impl Fn(&AgentJob) -> boo
 
 async fn print_cost_table(client: &Client) -> anyhow::Result<()> {
     println!(
-        "{:<16} {:<22} {:<10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8}",
-        "NAMESPACE", "JOB", "PHASE", "EST P50", "EST P90", "ACTUAL", "TOKENS", "ATTEMPTS", "ERROR"
+        "{:<16} {:<22} {:<10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7} {:>9} {:>8}",
+        "NAMESPACE", "JOB", "PHASE", "EST P50", "EST P90", "ACTUAL", "SPENT", "TOKENS", "METERS", "ATTEMPTS", "ERROR"
     );
     for (ns, name) in JOBS {
         let job = Api::<AgentJob>::namespaced(client.clone(), ns).get(name).await?;
         let s = job.status.unwrap_or_default();
         let est = s.estimate.unwrap_or_default();
         let usage = s.usage.unwrap_or_default();
+        let meter = s.meter.unwrap_or_default();
         println!(
-            "{:<16} {:<22} {:<10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8}",
+            "{:<16} {:<22} {:<10} {:>10} {:>10} {:>10} {:>10} {:>9} {:>7} {:>9} {:>8}",
             ns,
             name,
             s.phase.map(|p| p.as_str()).unwrap_or("-"),
             format!("${}", est.cost_usd.p50),
             format!("${}", est.cost_usd.p90),
             format!("${}", usage.cost_usd),
+            if meter.spent_usd.is_empty() { "-".to_owned() } else { format!("${}", meter.spent_usd) },
             usage.total_tokens,
+            meter.grants.len(),
             s.attempts.len(),
             usage.estimate_error_percent.map(|e| format!("{e:+}%")).unwrap_or_default(),
         );

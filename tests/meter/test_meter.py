@@ -267,6 +267,7 @@ def test_refusals_never_reach_the_upstream(meter, upstream):
     assert e.value.body["error"]["type"] == "unbounded_cost"
     assert recorder.snapshot() == []
     assert meter.usage()["refusedCalls"] == 8, "every refusal counted once: the SDKs did not retry"
+    assert meter.usage()["budgetRefusals"] == 0, "a bad request is no budget refusal"
 
 
 def test_a_client_that_leaves_mid_stream_is_charged_its_reservation(meter, upstream):
@@ -298,6 +299,7 @@ def test_the_call_that_would_cross_the_budget_gets_402_without_retries(tmp_path,
         hits = len(recorder.snapshot())
         usage = meter.usage()
         assert usage["refusedCalls"] == 1, "the SDK did not retry the 402"
+        assert usage["budgetRefusals"] == 1, "counted as a budget refusal: in a cluster it ends the job BudgetExhausted"
         assert usage["calls"] == hits and hits >= 3
         assert micro(usage["usage"]["costUSD"]) <= micro("0.02")
         # A forged huge cap cannot buy its way in either, and no cap gets one that fits.
@@ -308,6 +310,7 @@ def test_the_call_that_would_cross_the_budget_gets_402_without_retries(tmp_path,
             anth(meter).messages.create(model="test-claude", max_tokens=4096, messages=[{"role": "user", "content": "hi"}])
         assert e.value.status_code == 402 and e.value.body["error"]["type"] == "budget_exceeded"
         assert len(recorder.snapshot()) == hits
+        assert meter.usage()["budgetRefusals"] == 3
         assert_measured_exactly(meter, recorder)
     finally:
         meter.stop()

@@ -2,20 +2,28 @@
 wire format, streamed and not, reports a usage it decides from the request, and records every
 call it received so tests can compare what the meter measured with what was reported."""
 
+import argparse
 import json
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class Recorder:
-    def __init__(self):
+    def __init__(self, record=None):
         self.lock = threading.Lock()
         self.calls = []  # dicts: path, headers, body, usage (normalised), status
+        self.record = record  # a file: one JSON line per call (standalone mode)
 
     def add(self, call):
         with self.lock:
             self.calls.append(call)
+            if self.record:
+                line = {"path": call["path"], "status": call["status"], "usage": call["usage"],
+                        "authorization": call["headers"].get("authorization", "")}
+                self.record.write(json.dumps(line) + "\n")
+                self.record.flush()
 
     def snapshot(self):
         with self.lock:
@@ -207,3 +215,27 @@ def start():
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, recorder
+
+
+def main():
+    """Standalone, as the provider of `make demo` and tests/in_cluster.rs on the real node: serves
+    on --host (the node IP, which Pods reach) and a free port, prints the port on its first line,
+    and appends each call as a JSON line to --record."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--record", required=True)
+    args = parser.parse_args()
+    recorder = Recorder(open(args.record, "a", encoding="utf-8"))
+    handler = type("BoundHandler", (Handler,), {"recorder": recorder})
+    server = ThreadingHTTPServer((args.host, args.port), handler)
+    server.daemon_threads = True
+    print(server.server_address[1], flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

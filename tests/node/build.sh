@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds what a real test node needs (tests/support/node.rs) from published Go modules and this
 # directory, into a cache outside the tree, and prints that directory:
-#   bin/    kubelet, kube-scheduler (tests/controlplane's wrapper module, same Kubernetes version),
-#           containerd, containerd-shim-runc-v2, ctr (tests/node/containerd), crane and crictl
+#   bin/    kubelet, kube-scheduler, kube-proxy (tests/controlplane's wrapper module, same
+#           Kubernetes version), coredns (tests/node/coredns: cluster DNS), containerd, containerd-shim-runc-v2, ctr (tests/node/containerd), crane and crictl
 #           (tests/node/tools)
 #   cni/bin bridge, host-local, loopback, portmap (tests/node/tools)
 #   images/ pause.tar (static pause.c), busybox.tar (Debian's busybox-static) and
@@ -41,6 +41,8 @@ fi
 k8s_ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$version -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$(echo "$version" | cut -d. -f2)"
 gobuild "$cp_mod" "$out/bin/kubelet" k8s.io/kubernetes/cmd/kubelet -ldflags "$k8s_ldflags"
 gobuild "$cp_mod" "$out/bin/kube-scheduler" k8s.io/kubernetes/cmd/kube-scheduler -ldflags "$k8s_ldflags"
+gobuild "$cp_mod" "$out/bin/kube-proxy" k8s.io/kubernetes/cmd/kube-proxy -ldflags "$k8s_ldflags"
+CGO_ENABLED=0 gobuild "$here/coredns" "$out/bin/coredns" . -ldflags "-s -w"
 
 ctrd_version=$(cd "$here/containerd" && go list -m -f '{{.Version}}' github.com/containerd/containerd/v2)
 [ -n "$ctrd_version" ] || { echo "no containerd version in tests/node/containerd/go.mod" >&2; exit 1; }

@@ -10,6 +10,8 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
+use super::controlplane::{ControlPlane, OperatorProcess};
+
 /// Registers a Ready node with the given allocatable resources (and makes it Ready).
 pub async fn add_node(client: &Client, name: &str, cpu: &str, memory: &str, extended: &[(&str, &str)]) {
     let nodes: Api<Node> = Api::all(client.clone());
@@ -205,16 +207,77 @@ fn merge(base: &mut serde_json::Value, patch: serde_json::Value) {
     }
 }
 
+/// An AgentJob manifest built from a small valid one: category `core-security`, one agent
+/// `scanner` (`ghcr.io/acme/scanner:2.1` on `gpt-4o-mini`), 500m CPU and 1Gi, a $5.00 budget.
+/// Each setter replaces its part; [`Self::spec`] merges anything else in.
+pub struct JobManifest {
+    name: String,
+    namespace: Option<String>,
+    spec: serde_json::Value,
+}
+
+impl JobManifest {
+    pub fn new(name: &str) -> Self {
+        JobManifest {
+            name: name.into(),
+            namespace: None,
+            spec: json!({"category": "core-security",
+                         "agents": {"primary": {"name": "scanner", "image": "ghcr.io/acme/scanner:2.1", "model": "gpt-4o-mini"}},
+                         "resources": {"cpu": "500m", "memory": "1Gi"}, "budget": {"maxCostUSD": "5.00"}}),
+        }
+    }
+
+    /// A one-agent job of category `payments`: agent `agent` (`ghcr.io/acme/agent:1` on
+    /// `gpt-4o-mini`), 100m CPU and 128Mi, a $5 budget.
+    pub fn payments(name: &str) -> Self {
+        Self::new(name).category("payments").primary("agent", "ghcr.io/acme/agent:1", "gpt-4o-mini").resources("100m", "128Mi").budget("5")
+    }
+
+    pub fn namespace(mut self, namespace: &str) -> Self {
+        self.namespace = Some(namespace.into());
+        self
+    }
+
+    pub fn job_type(self, job_type: &str) -> Self {
+        self.spec(json!({"jobType": job_type}))
+    }
+
+    pub fn category(self, category: &str) -> Self {
+        self.spec(json!({"category": category}))
+    }
+
+    /// The primary agent (replacing the default one).
+    pub fn primary(mut self, name: &str, image: &str, model: &str) -> Self {
+        self.spec["agents"]["primary"] = json!({"name": name, "image": image, "model": model});
+        self
+    }
+
+    pub fn resources(self, cpu: &str, memory: &str) -> Self {
+        self.spec(json!({"resources": {"cpu": cpu, "memory": memory}}))
+    }
+
+    /// `budget.maxCostUSD`.
+    pub fn budget(self, max_cost_usd: &str) -> Self {
+        self.spec(json!({"budget": {"maxCostUSD": max_cost_usd}}))
+    }
+
+    /// Merges `patch` into the spec (objects key by key; anything else replaces).
+    pub fn spec(mut self, patch: serde_json::Value) -> Self {
+        merge(&mut self.spec, patch);
+        self
+    }
+
+    pub fn build(self) -> AgentJob {
+        let mut job = agent_job(&self.name, self.spec, json!({}));
+        job.metadata.namespace = self.namespace;
+        job
+    }
+}
+
 /// A one-agent job of category `payments` (agent `agent`, so its first Pod is `<name>-agent-1`),
 /// created by `author`'s client: the admission policy stamps them as its requester.
 pub async fn create_payments_job(author: &Client, namespace: &str, name: &str) -> AgentJob {
-    let job = agent_job(
-        name,
-        json!({"category": "payments",
-               "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
-               "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "5"}}),
-        json!({}),
-    );
+    let job = JobManifest::payments(name).build();
     Api::<AgentJob>::namespaced(author.clone(), namespace).create(&PostParams::default(), &job).await.expect("create job")
 }
 
@@ -226,4 +289,217 @@ pub async fn enforce_restricted(admin: &Client, namespace: &str) {
         .patch(namespace, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(labels))
         .await
         .expect("label the namespace restricted");
+}
+
+/// A test's cluster: the binary's shared control plane, its namespace(s), optionally a node and
+/// the voting RBAC, and the operator under test. The one way a test file gets these; what differs
+/// between files (node size, operator flags, one operator per test or per binary) is an option of
+/// [`EnvBuilder`].
+pub struct Env {
+    pub cp: &'static ControlPlane,
+    /// The first namespace given to [`Env::builder`].
+    pub ns: String,
+    pub admin: Client,
+    pub alice: Client,
+    pub bob: Client,
+    /// This test's own operator: started by [`EnvBuilder::build`] ([`OperatorMode::PerTest`]) or
+    /// by [`Env::start_operator`]; none under [`OperatorMode::Shared`].
+    pub operator: Option<OperatorProcess>,
+    operator_args: Vec<String>,
+}
+
+/// Which operator a test gets.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum OperatorMode {
+    /// One per test, started by [`EnvBuilder::build`] (the default).
+    PerTest,
+    /// One per test binary, watching every namespace, started by the first test that asks; every
+    /// test of the binary must give the same flags.
+    Shared,
+    /// None yet: the test starts it ([`Env::start_operator`]) or its own replicas
+    /// ([`Env::operator_args`]) once its preparations are in place.
+    Later,
+}
+
+/// What [`add_node`] registers.
+struct NodeSpec {
+    name: String,
+    cpu: String,
+    memory: String,
+    extended: Vec<(String, String)>,
+}
+
+pub struct EnvBuilder {
+    namespaces: Vec<String>,
+    namespace_labels: Vec<(String, String)>,
+    restricted: bool,
+    node: Option<NodeSpec>,
+    voting_rights: bool,
+    mode: OperatorMode,
+    watch_one_namespace: bool,
+    metrics_addr: String,
+    extra_args: Vec<String>,
+}
+
+impl Env {
+    /// An environment around namespace `ns`: voting RBAC granted, no node, a per-test operator
+    /// watching `ns` with its metrics on a free port.
+    pub fn builder(ns: &str) -> EnvBuilder {
+        EnvBuilder {
+            namespaces: vec![ns.to_string()],
+            namespace_labels: Vec::new(),
+            restricted: false,
+            node: None,
+            voting_rights: true,
+            mode: OperatorMode::PerTest,
+            watch_one_namespace: true,
+            metrics_addr: "127.0.0.1:0".into(),
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// A client for one of the control plane's users.
+    pub async fn user(&self, name: &str) -> Client {
+        self.cp.client(name).await
+    }
+
+    /// The operator's command-line arguments (after `run`), to start replicas of it.
+    pub fn operator_args(&self) -> Vec<&str> {
+        self.operator_args.iter().map(String::as_str).collect()
+    }
+
+    /// Starts the operator with [`Self::operator_args`], replacing (and killing) a running one.
+    pub fn start_operator(&mut self) -> &mut OperatorProcess {
+        self.operator = None;
+        self.operator.insert(OperatorProcess::start(self.cp, &self.operator_args()))
+    }
+
+    /// SIGKILLs this test's operator (no graceful shutdown); [`Self::start_operator`] starts the next.
+    pub fn kill_operator(&mut self) {
+        self.operator.as_mut().expect("this test's operator").kill();
+    }
+
+    /// The operator serving this test: its own, or the binary's shared one.
+    pub fn operator(&self) -> &OperatorProcess {
+        match &self.operator {
+            Some(operator) => operator,
+            None => shared_operator(),
+        }
+    }
+}
+
+/// The operator [`OperatorMode::Shared`] started for this test binary.
+pub fn shared_operator() -> &'static OperatorProcess {
+    &SHARED_OPERATOR.get().expect("no shared operator started in this test binary").1
+}
+
+static SHARED_OPERATOR: std::sync::OnceLock<(Vec<String>, OperatorProcess)> = std::sync::OnceLock::new();
+
+impl EnvBuilder {
+    /// More namespaces, created alongside the first.
+    pub fn namespaces(mut self, more: &[&str]) -> Self {
+        self.namespaces.extend(more.iter().map(|ns| ns.to_string()));
+        self
+    }
+
+    /// Labels every namespace of the environment carries before the operator starts.
+    pub fn namespace_labels(mut self, labels: &[(&str, &str)]) -> Self {
+        self.namespace_labels.extend(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        self
+    }
+
+    /// Pod Security admission enforces the restricted standard in every namespace ([`enforce_restricted`]).
+    pub fn pod_security_restricted(mut self) -> Self {
+        self.restricted = true;
+        self
+    }
+
+    /// A Ready node with this allocatable capacity ([`add_node`]).
+    pub fn node(mut self, name: &str, cpu: &str, memory: &str, extended: &[(&str, &str)]) -> Self {
+        let extended = extended.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        self.node = Some(NodeSpec { name: name.into(), cpu: cpu.into(), memory: memory.into(), extended });
+        self
+    }
+
+    /// Leaves out [`grant_voting_rights`].
+    pub fn without_voting_rights(mut self) -> Self {
+        self.voting_rights = false;
+        self
+    }
+
+    pub fn operator(mut self, mode: OperatorMode) -> Self {
+        self.mode = mode;
+        self
+    }
+
+    /// The operator watches every namespace (no `--namespace`); always so for
+    /// [`OperatorMode::Shared`].
+    pub fn all_namespaces(mut self) -> Self {
+        self.watch_one_namespace = false;
+        self
+    }
+
+    /// `--metrics-addr` (default `127.0.0.1:0`).
+    pub fn metrics_addr(mut self, addr: &str) -> Self {
+        self.metrics_addr = addr.into();
+        self
+    }
+
+    /// More operator flags, after `--namespace` and `--metrics-addr`.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.extra_args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Creates the namespaces, the node and the RBAC, then starts the operator as asked.
+    pub async fn build(self) -> Env {
+        let cp = ControlPlane::shared();
+        for ns in &self.namespaces {
+            cp.namespace(ns).await;
+        }
+        let admin = cp.client("admin").await;
+        if !self.namespace_labels.is_empty() {
+            let labels: BTreeMap<&str, &str> = self.namespace_labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            for ns in &self.namespaces {
+                Api::<k8s_openapi::api::core::v1::Namespace>::all(admin.clone())
+                    .patch(ns, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": labels}})))
+                    .await
+                    .expect("label namespace");
+            }
+        }
+        if self.restricted {
+            for ns in &self.namespaces {
+                enforce_restricted(&admin, ns).await;
+            }
+        }
+        if let Some(node) = &self.node {
+            let extended: Vec<(&str, &str)> = node.extended.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            add_node(&admin, &node.name, &node.cpu, &node.memory, &extended).await;
+        }
+        if self.voting_rights {
+            grant_voting_rights(&admin).await;
+        }
+        let ns = self.namespaces[0].clone();
+        let mut operator_args = Vec::new();
+        if self.watch_one_namespace && self.mode != OperatorMode::Shared {
+            operator_args.extend(["--namespace".to_string(), ns.clone()]);
+        }
+        operator_args.extend(["--metrics-addr".to_string(), self.metrics_addr]);
+        operator_args.extend(self.extra_args);
+        let mut env = Env { cp, ns, alice: cp.client("alice").await, bob: cp.client("bob").await, admin, operator: None, operator_args };
+        match self.mode {
+            OperatorMode::PerTest => {
+                env.start_operator();
+            }
+            OperatorMode::Shared => {
+                let (args, _) = SHARED_OPERATOR.get_or_init(|| {
+                    let operator = OperatorProcess::start(cp, &env.operator_args());
+                    (env.operator_args.clone(), operator)
+                });
+                assert_eq!(args, &env.operator_args, "every test of a binary gives the shared operator the same flags");
+            }
+            OperatorMode::Later => {}
+        }
+        env
+    }
 }

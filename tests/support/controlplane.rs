@@ -223,7 +223,7 @@ impl ControlPlane {
             .arg(format!("--bind-address={address}"))
             .arg(format!("--advertise-address={address}"))
             // Nothing in-cluster consumes the `kubernetes` Service's endpoints, and the reconciler
-            // refuses a loopback advertise address.
+            // refuses a loopback advertise address (the in-cluster real node turns it on).
             .arg("--endpoint-reconciler-type=none")
             .arg(format!("--secure-port={apiserver_port}"))
             // With no certificates given, kube-apiserver self-signs a CA and serving cert here.

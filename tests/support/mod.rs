@@ -9,6 +9,8 @@ pub mod controlplane;
 pub mod http;
 pub mod node;
 pub mod plugin;
+pub mod provider;
 pub mod review;
+pub mod service_network;
 pub mod storm;
 pub mod tools;

@@ -31,6 +31,7 @@ use std::{
 use anyhow::{Context, Result, bail, ensure};
 
 use super::controlplane::{ControlPlane, ControllerManager, Options, Process, log_tail, run_checked};
+use super::service_network::{self, ServiceNetwork};
 
 pub const NODE_NAME: &str = "agentgate-node";
 /// The node's InternalIP: on `lo` (no dummy interface driver here; the kubelet refuses loopback).
@@ -58,8 +59,6 @@ pub const REFERENCE_AGENT_IMAGE: &str = concat!("ghcr.io/agentgate/reference-age
 /// The ClusterIP of the `kubernetes` Service (the first address of the apiserver's
 /// --service-cluster-ip-range), which in-cluster clients reach through KUBERNETES_SERVICE_HOST.
 pub const KUBERNETES_SERVICE_IP: &str = "10.96.0.1";
-/// Comment on the DNAT rule that plays kube-proxy for the `kubernetes` Service, to find it again.
-const SERVICE_RULE_COMMENT: &str = "agentgate-node: kubernetes Service";
 /// The operator image [`RealNode::import_operator_debug_image`] makes from the cargo-built binary.
 pub const OPERATOR_DEBUG_REPOSITORY: &str = "local.test/agentgate";
 pub const OPERATOR_DEBUG_TAG: &str = concat!("debug-", env!("CARGO_PKG_VERSION"));
@@ -73,10 +72,11 @@ pub const IN_CLUSTER_CONTROLLERS: &str = "root-ca-cert-publisher,serviceaccount,
 /// What a [`RealNode`] offers besides running Pods.
 #[derive(Clone, Copy, Default)]
 pub struct NodeOptions {
-    /// Pods can be in-cluster API clients, as on a real cluster: kube-apiserver listens on the
-    /// node IP, a DNAT rule for the `kubernetes` Service's ClusterIP plays kube-proxy for that one
-    /// Service (no kube-proxy here), and kube-controller-manager runs [`IN_CLUSTER_CONTROLLERS`].
-    /// The operator then runs as a Pod installed by the chart (tests/in_cluster.rs, `make demo`).
+    /// Pods can be in-cluster API clients and reach Services by name, as on a real cluster:
+    /// kube-apiserver listens on the node IP, kube-proxy routes Services and CoreDNS answers
+    /// their names (tests/support/service_network.rs), and kube-controller-manager runs
+    /// [`IN_CLUSTER_CONTROLLERS`]. The operator then runs as a Pod installed by the chart
+    /// (tests/in_cluster.rs, `make demo`).
     pub in_cluster: bool,
 }
 
@@ -120,6 +120,7 @@ pub struct RealNode {
     started_in: Duration,
     scheduler: Option<Process>,
     controller_manager: Option<ControllerManager>,
+    service_network: Option<ServiceNetwork>,
     kubelet: Option<Process>,
     containerd: Option<Process>,
     control_plane: Option<ControlPlane>,
@@ -144,6 +145,7 @@ impl RealNode {
             started_in: Duration::ZERO,
             scheduler: None,
             controller_manager: None,
+            service_network: None,
             kubelet: None,
             containerd: None,
             control_plane: None,
@@ -151,7 +153,7 @@ impl RealNode {
         };
         // From here on, a failure drops `node`, which tears down whatever has been set up.
         // A run that was killed (SIGKILL, OOM, power) could not clean up; do it now.
-        clean_host();
+        clean_host(&node.bin);
         let dir = Path::new(STATE_DIR);
         let _ = fs::remove_dir_all(dir);
         let _ = fs::remove_dir_all(LOG_DIR);
@@ -176,11 +178,14 @@ impl RealNode {
                 format!("--kubelet-client-key={}", p("apiserver-kubelet-client.key")),
                 format!("--kubelet-certificate-authority={}", p("ca.crt")),
                 "--kubelet-preferred-address-types=InternalIP".into(),
+                // The `kubernetes` Service's endpoint (the advertise address, the node IP), which
+                // kube-proxy routes its ClusterIP to; none on loopback (the reconciler refuses it).
+                format!("--endpoint-reconciler-type={}", if options.in_cluster { "lease" } else { "none" }),
             ],
             // Pods reach the node IP through the bridge's gateway; loopback only from the host.
             address: if options.in_cluster { NODE_IP } else { "127.0.0.1" },
         })?);
-        node.start_components(dir)?;
+        node.start_components(dir, options)?;
         if options.in_cluster {
             node.serve_in_cluster_clients()?;
         }
@@ -189,7 +194,7 @@ impl RealNode {
         Ok(node)
     }
 
-    fn start_components(&mut self, dir: &Path) -> Result<()> {
+    fn start_components(&mut self, dir: &Path, options: NodeOptions) -> Result<()> {
         let cp = self.control_plane.as_ref().expect("control plane runs until drop");
         let server = cp.server().to_owned();
         let pki = dir.join("pki");
@@ -197,6 +202,8 @@ impl RealNode {
         let apiserver_ca = cp.dir().join("pki/apiserver.crt");
         write_cert_kubeconfig(&dir.join("kubelet.kubeconfig"), &server, &apiserver_ca, &pki, "node")?;
         write_cert_kubeconfig(&dir.join("scheduler.kubeconfig"), &server, &apiserver_ca, &pki, "scheduler")?;
+        write_cert_kubeconfig(&dir.join("kube-proxy.kubeconfig"), &server, &apiserver_ca, &pki, "kube-proxy")?;
+        write_cert_kubeconfig(&dir.join("coredns.kubeconfig"), &server, &apiserver_ca, &pki, "coredns")?;
         // The apiserver calls the kubelet (logs, exec, proxy) as this user; the kubelet asks the
         // apiserver whether it may (webhook authorization).
         apply(
@@ -227,7 +234,8 @@ impl RealNode {
 
         // kubelet
         let kubelet_config = dir.join("etc/kubelet-config.yaml");
-        fs::write(&kubelet_config, kubelet_config_yaml(&pki))?;
+        let dns = if options.in_cluster { service_network::kubelet_dns_config() } else { String::new() };
+        fs::write(&kubelet_config, kubelet_config_yaml(&pki) + &dns)?;
         let mut kubelet = Command::new(self.bin.join("bin/kubelet"));
         kubelet
             .arg(format!("--config={}", kubelet_config.display()))
@@ -279,29 +287,7 @@ impl RealNode {
     /// harness does not otherwise run (see [`NodeOptions::in_cluster`]).
     fn serve_in_cluster_clients(&mut self) -> Result<()> {
         let cp = self.control_plane.as_ref().expect("control plane runs until drop");
-        let port = cp.server().rsplit(':').next().context("the apiserver URL has a port")?.to_owned();
-        // kube-proxy's rule for the `kubernetes` Service, for traffic from Pods (PREROUTING).
-        run_checked(Command::new("iptables").args([
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            &format!("{KUBERNETES_SERVICE_IP}/32"),
-            "-p",
-            "tcp",
-            "--dport",
-            "443",
-            "-m",
-            "comment",
-            "--comment",
-            SERVICE_RULE_COMMENT,
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &format!("{NODE_IP}:{port}"),
-        ]))
-        .context("adding the DNAT rule of the kubernetes Service")?;
+        self.service_network = Some(ServiceNetwork::start(cp, &self.bin, Path::new(STATE_DIR))?);
         // The bundle the apiserver serves with (certificate and its self-signed CA): what the
         // root-CA publisher puts in every namespace's kube-root-ca.crt, so that Pods trust it.
         let root_ca = format!("--root-ca-file={}", cp.dir().join("pki/apiserver.crt").display());
@@ -460,6 +446,7 @@ impl Drop for RealNode {
             process.kill();
         }
         self.controller_manager.take();
+        self.service_network.take();
         // 2. every sandbox through containerd, which runs CNI DEL and stops the shims
         if self.containerd.is_some() {
             let crictl = self.bin.join("bin/crictl");
@@ -473,7 +460,7 @@ impl Drop for RealNode {
             containerd.kill();
         }
         // 3. shims, mounts, network, cgroups, iptables, paths the kubelet hard-codes
-        clean_host();
+        clean_host(&self.bin);
         // 4. the control plane (its processes are killed when dropped), then the lock (a field)
         self.control_plane.take();
         let _ = fs::remove_dir_all(STATE_DIR);
@@ -515,6 +502,8 @@ fn node_binaries() -> Result<PathBuf> {
         "bin/containerd-shim-runc-v2",
         "bin/ctr",
         "bin/crictl",
+        "bin/kube-proxy",
+        "bin/coredns",
         "cni/bin/bridge",
         "cni/bin/host-local",
         "cni/bin/loopback",
@@ -554,7 +543,7 @@ fn prepare_host() -> Result<()> {
 
 /// Removes everything a real node may have left on the host; each step is harmless when there is
 /// nothing to remove. Processes of this run are already killed; shims outlive containerd.
-fn clean_host() {
+fn clean_host(bin: &Path) {
     let quiet = |cmd: &mut Command| {
         let _ = cmd.stdout(Stdio::null()).stderr(Stdio::null()).status();
     };
@@ -616,7 +605,7 @@ fn clean_host() {
     // network: the bridge (veths die with their netns), CNI masquerade rules, the node IP
     quiet(Command::new("ip").args(["link", "del", BRIDGE]));
     remove_cni_nat_rules();
-    remove_service_rules();
+    service_network::clean(bin);
     quiet(Command::new("ip").args(["addr", "del", &format!("{NODE_IP}/32"), "dev", "lo"]));
     // cgroups the kubelet made (cgroupfs driver): /kubepods in every hierarchy, deepest first
     for hierarchy in fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
@@ -681,20 +670,6 @@ fn remove_cni_nat_rules() {
     }
 }
 
-/// The DNAT rules of [`RealNode::serve_in_cluster_clients`], by number, highest first.
-fn remove_service_rules() {
-    let Ok(listed) = Command::new("iptables").args(["-t", "nat", "-L", "PREROUTING", "-n", "--line-numbers"]).output() else { return };
-    let mut numbers: Vec<u32> = String::from_utf8_lossy(&listed.stdout)
-        .lines()
-        .filter(|l| l.contains(&format!("/* {SERVICE_RULE_COMMENT} */")))
-        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
-        .collect();
-    numbers.sort_unstable_by(|a, b| b.cmp(a));
-    for n in numbers {
-        let _ = Command::new("iptables").args(["-t", "nat", "-D", "PREROUTING", &n.to_string()]).status();
-    }
-}
-
 /// A CA the apiserver trusts for client certificates and the kubelet for its callers, and the
 /// certificates signed by it (ECDSA P-256, valid 2 days).
 fn make_pki(pki: &Path) -> Result<()> {
@@ -710,10 +685,12 @@ fn make_pki(pki: &Path) -> Result<()> {
     )
     .context("making the node CA")?;
     // name, subject, extensions
-    let certs: [(&str, String, String); 4] = [
+    let certs: [(&str, String, String); 6] = [
         ("node", format!("/O=system:nodes/CN=system:node:{NODE_NAME}"), "extendedKeyUsage=clientAuth".into()),
         ("apiserver-kubelet-client", "/O=agentgate:test/CN=kube-apiserver-kubelet-client".into(), "extendedKeyUsage=clientAuth".into()),
         ("scheduler", "/CN=system:kube-scheduler".into(), "extendedKeyUsage=clientAuth".into()),
+        ("kube-proxy", "/CN=system:kube-proxy".into(), "extendedKeyUsage=clientAuth".into()),
+        ("coredns", "/CN=system:coredns".into(), "extendedKeyUsage=clientAuth".into()),
         (
             "kubelet-serving",
             format!("/O=system:nodes/CN=system:node:{NODE_NAME}"),

@@ -72,7 +72,13 @@ pub(super) fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observ
         plan.ensure_attempt = (!any_deleted && approved).then_some(current);
         plan.drop_gpu = s.dropped_resources.iter().any(|d| d == "gpu");
         let running = states.iter().filter(|(_, st)| !st.terminated()).count();
-        let ready_msg = attempt_progress(current, max_attempts(&job.spec), running, states.len());
+        let mut ready_msg = attempt_progress(current, max_attempts(&job.spec), running, states.len());
+        // Said once, not counted, so more refusals cost no status write of the operator's.
+        if crate::domain::grants::attempt_budget_refusals(s.meter.as_ref(), current) > 0 {
+            ready_msg.push_str(&format!(
+                "; the agent meters refused calls the budget could not cover: the job ends {BUDGET_EXHAUSTED} when its agents exit"
+            ));
+        }
         set_condition(&mut s.conditions, condition::READY, false, "Running", ready_msg.clone(), generation, &o.now);
         set_condition(&mut s.conditions, condition::RECONCILING, true, "Running", ready_msg, generation, &o.now);
         return false;
@@ -98,29 +104,44 @@ pub(super) fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observ
         return false;
     }
     let note = format!("attempt {current} failed: {}", failures.join("; "));
-    // No retry when none is left, or when what was spent plus another attempt's estimate would
-    // exceed the budget (domain/retry_budget.rs).
-    let stop = if current >= max_attempts(&job.spec) {
+    // No retry when a meter refused a call for budget (a retry's calls would draw on less), none
+    // is left, or what was spent plus another attempt's estimate would exceed the budget
+    // (domain/retry_budget.rs).
+    let stop = if crate::domain::grants::attempt_budget_refusals(s.meter.as_ref(), current) > 0 {
+        // What the agents produced before the budget ran out is kept, as their usage is.
+        s.output = output;
+        let spent = s.usage.as_ref().map_or("0", |u| u.cost_usd.as_str());
+        let kept = if s.output.is_some() { "output and usage so far kept" } else { "usage so far kept (no output reported)" };
+        Some((
+            BUDGET_EXHAUSTED,
+            format!("{note}; spent ${spent} of budget.maxCostUSD ${}; {kept}; not retried", job.spec.budget.max_cost_usd),
+        ))
+    } else if current >= max_attempts(&job.spec) {
         Some(("AttemptsExhausted", format!("{note}; no retries left ({} attempt(s))", max_attempts(&job.spec))))
     } else {
         crate::domain::retry_budget::next_attempt_fits(&job.spec, s.usage.as_ref(), s.estimate.as_ref())
             .err()
-            .map(|why| ("BudgetExhausted", format!("{note}; not retried: {why}")))
+            .map(|why| (BUDGET_EXHAUSTED, format!("{note}; not retried: {why}")))
     };
     if let Some((reason, msg)) = stop {
-        s.phase = Some(JobPhase::Failed);
-        s.completion_time = Some(o.now.clone());
-        set_condition(&mut s.conditions, condition::SUCCEEDED, false, reason, msg.clone(), generation, &o.now);
-        set_condition(&mut s.conditions, condition::READY, false, reason, msg.clone(), generation, &o.now);
-        set_condition(&mut s.conditions, condition::STALLED, true, reason, msg.clone(), generation, &o.now);
-        remove_condition(&mut s.conditions, condition::RECONCILING);
-        // "Failed" as before for the attempts running out; the budget running out says so.
-        let event = if reason == "AttemptsExhausted" { "Failed" } else { reason };
-        plan.events.push(PlannedEvent { warning: true, reason: event.into(), note: msg });
+        self::stop(s, plan, reason, msg, generation, &o.now);
         return false;
     }
     plan.events.push(PlannedEvent { warning: true, reason: "AttemptFailed".into(), note: format!("{note}; retrying") });
     true
+}
+
+/// Ends a job that will not be retried: Failed, with `reason` on its conditions and Event.
+pub(super) fn stop(s: &mut AgentJobStatus, plan: &mut Plan, reason: &str, msg: String, generation: i64, now: &Time) {
+    s.phase = Some(JobPhase::Failed);
+    s.completion_time = Some(now.clone());
+    set_condition(&mut s.conditions, condition::SUCCEEDED, false, reason, msg.clone(), generation, now);
+    set_condition(&mut s.conditions, condition::READY, false, reason, msg.clone(), generation, now);
+    set_condition(&mut s.conditions, condition::STALLED, true, reason, msg.clone(), generation, now);
+    remove_condition(&mut s.conditions, condition::RECONCILING);
+    // "Failed" as before for the attempts running out; the budget running out says so.
+    let event = if reason == "AttemptsExhausted" { "Failed" } else { reason };
+    plan.events.push(PlannedEvent { warning: true, reason: event.into(), note: msg });
 }
 
 /// Reads what the agents of a finished attempt reported into it: usage, result, message and
@@ -172,6 +193,13 @@ fn settle_attempt(
         && let Err(errors) = check_against_schema("output", output.as_ref(), job.spec.output_schema.as_ref())
     {
         failures.push(format!("{OUTPUT_MISMATCH}: {}", errors.join("; ")));
+    }
+    // Whatever the agents did after it, an attempt a meter refused a call for budget did not run
+    // to its end within the budget: it fails, first of all for that. The meter is the only
+    // source: the agent cannot write its grant entry (controller/meter_api.rs).
+    let refusals = crate::domain::grants::attempt_budget_refusals(s.meter.as_ref(), current);
+    if refusals > 0 {
+        failures.insert(0, format!("{BUDGET_EXHAUSTED}: the agent meters refused {refusals} call(s) the budget could not cover"));
     }
 
     // A metered attempt's usage is what its meters measured; the agents' claim is kept beside it

@@ -1,0 +1,405 @@
+//! AgentJob's status: what the operator found and did (estimate, readiness, approvals, attempts,
+//! usage). The spec is in `agent_job.rs`.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use strum::{EnumString, IntoStaticStr, VariantArray};
+
+use super::schema;
+
+/// Serde and strum both name a phase by its variant name, as the CRD's status.phase enum does
+/// (`phase_names_match_the_wire_format` checks they agree).
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, IntoStaticStr, EnumString, VariantArray)]
+pub enum JobPhase {
+    Pending,
+    WaitingForResources,
+    AwaitingApproval,
+    Running,
+    Succeeded,
+    Failed,
+    Rejected,
+}
+
+impl JobPhase {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, JobPhase::Succeeded | JobPhase::Failed | JobPhase::Rejected)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+
+    pub const ALL: &[JobPhase] = <JobPhase as VariantArray>::VARIANTS;
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentJobStatus {
+    /// None also when a newer operator version wrote a phase this one does not know
+    /// (`known_phase`); `decide` then re-derives it.
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "known_phase")]
+    pub phase: Option<JobPhase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate: Option<Estimate>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<ReadinessCheck>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_tools: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub insufficient_resources: Vec<String>,
+    /// Optional resources the job runs without because no node could provide them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped_resources: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attempts: Vec<Attempt>,
+    /// Sum over every attempt: usage is never overwritten by a retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "schema::free_form")]
+    pub output: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    /// The endpoints of the job's tools when it was approved. Until the job starts, a tool that
+    /// points elsewhere voids the approving votes: heads approved sending the job's data there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_endpoints: Option<ApprovedToolEndpoints>,
+    /// Votes that no longer count because what they approved changed (tool endpoints) before the
+    /// job started, each with why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_votes: Vec<IgnoredVote>,
+    /// Cost advice drawn from this namespace's finished jobs of the same jobType, written once,
+    /// with the status that finishes the job (domain/recommend.rs). Largest saving first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 5))]
+    pub recommendations: Vec<Recommendation>,
+    /// The agent meters' draw on `budget.maxCostUSD` and their measured usage: every grant is
+    /// recorded here before the meter receives it (controller/meter_api.rs, domain/grants.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meter: Option<MeterStatus>,
+    /// What each spec generation the operator saw did, oldest first, the last
+    /// `domain::history::HISTORY_LIMIT` of them. Each generation's full spec is kept in a
+    /// ControllerRevision owned by the job (`kubectl agentgate history`, `rerun`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<GenerationRecord>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+pub enum RecommendationKind {
+    /// Another model, already used as the primary's for this jobType here, did as well for less.
+    CheaperModel,
+    /// A model whose provider discounts cached input, with almost no input read from cache.
+    PromptCache,
+    /// The budget is far above what runs of this jobType cost (p90).
+    BudgetTooHigh,
+    /// Runs' p90 cost is near the budget: estimates will soon exceed it and jobs be rejected.
+    BudgetTooTight,
+    /// Failed attempts take a large share of the spend.
+    RetrySpend,
+    /// One supporting agent's model takes most of the spend.
+    SupportingAgentCost,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Recommendation {
+    pub kind: RecommendationKind,
+    /// What to change.
+    #[schemars(length(max = 512))]
+    pub summary: String,
+    /// The figures it rests on, from the finished jobs counted in `samples`.
+    #[schemars(length(max = 1024))]
+    pub evidence: String,
+    /// Finished jobs of the jobType (in this namespace) the advice rests on.
+    pub samples: i64,
+    /// Estimated saving per run, in USD ("0.00" when the advice avoids risk rather than spend).
+    #[serde(rename = "savingPerRunUSD")]
+    pub saving_per_run_usd: String,
+    /// What the sampled runs would have saved together, in USD.
+    #[serde(rename = "savingOverSamplesUSD")]
+    pub saving_over_samples_usd: String,
+}
+
+/// Totals over every grant of every attempt, as USD decimal strings.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeterStatus {
+    /// Handed out to meters so far.
+    #[serde(rename = "grantedUSD")]
+    pub granted_usd: String,
+    /// Measured by the meters so far (calls whose usage could not be read count their reservation).
+    #[serde(rename = "spentUSD")]
+    pub spent_usd: String,
+    /// Held against the budget: what a settled grant spent, and all of an open grant (its meter may
+    /// still spend it, or has died without saying). Never above `budget.maxCostUSD`.
+    #[serde(rename = "committedUSD")]
+    pub committed_usd: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<MeterGrant>,
+}
+
+/// One meter process's account: a Pod's meter, from its start to its exit.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MeterGrant {
+    pub pod: String,
+    #[serde(rename = "podUID")]
+    pub pod_uid: String,
+    pub attempt: i32,
+    /// Chosen by the meter when it starts; a restarted meter container is a new session.
+    pub session: String,
+    /// The last request of this session applied: a request not above it is a retry, answered
+    /// with the state it already produced and never applied twice.
+    pub sequence: i64,
+    #[serde(rename = "grantedUSD")]
+    pub granted_usd: String,
+    #[serde(rename = "spentUSD")]
+    pub spent_usd: String,
+    /// The meter has exited and returned what it did not spend.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub settled: bool,
+    /// Measured usage so far, cumulative.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// Calls this meter refused with 402 because the job's budget could not cover their worst
+    /// case, cumulative: any makes its attempt end the job `BudgetExhausted`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub budget_refusals: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
+}
+
+/// One spec generation of a job and what it did.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationRecord {
+    pub generation: i64,
+    /// `sha256:<hex>` of the spec as JSON; the ControllerRevision holding the spec carries it too.
+    pub spec_digest: String,
+    /// When the operator first saw this generation.
+    pub observed_time: Time,
+    /// `approved/required` when this generation was last gated, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approvals: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approved_by: Vec<String>,
+    /// Attempts that ran this generation.
+    #[serde(default)]
+    pub attempts: i32,
+    /// What those attempts used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_tokens: Option<i64>,
+    #[serde(default, rename = "costUSD", skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<String>,
+    /// The job's phase while this is the current generation; afterwards the result of its last
+    /// attempt, `Superseded` if none ran, or `NotRun` if it came after the job had finished.
+    pub result: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovedToolEndpoints {
+    /// Generation of the spec that was approved.
+    pub generation: i64,
+    pub tools: Vec<ToolEndpointRecord>,
+    /// Names of the votes that approved the job with these endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approved_by: Vec<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ToolEndpointRecord {
+    pub name: String,
+    /// `service <namespace>/<name>:<port>`, `url <url>`, or `none` when the AgentTool did not exist.
+    pub endpoint: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Estimate {
+    /// Generation of the spec this estimate was made for.
+    pub generation: i64,
+    pub tokens: TokenRange,
+    #[serde(rename = "costUSD")]
+    pub cost_usd: CostRange,
+    /// `prior`, `history` or `blend`.
+    pub method: String,
+    pub samples: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelEstimate>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct TokenRange {
+    pub p50: i64,
+    pub p90: i64,
+}
+
+/// USD as decimal strings, like the budget they are compared with.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+pub struct CostRange {
+    pub p50: String,
+    pub p90: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelEstimate {
+    pub model: String,
+    pub tokens: TokenRange,
+    #[serde(rename = "costUSD")]
+    pub cost_usd: CostRange,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub struct ReadinessCheck {
+    pub name: String,
+    pub passed: bool,
+    pub message: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalStatus {
+    pub required: i32,
+    pub approved: i32,
+    /// `approved/required`, for `kubectl get`.
+    pub summary: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvers: Vec<Approver>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rejected_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored_votes: Vec<IgnoredVote>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Approver {
+    pub voter: String,
+    /// The ApprovalVote object.
+    pub vote: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_at: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct IgnoredVote {
+    pub name: String,
+    pub why: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum AttemptResult {
+    #[default]
+    Running,
+    Succeeded,
+    Failed,
+}
+
+/// Status values a newer operator version may write and this one does not know are read, not
+/// refused: one unknown enum value must not make a job unreadable (controller/decode.rs reports
+/// and skips an object that does not decode). An unknown phase reads as none, re-derived by
+/// `decide::rederive_phase`.
+fn known_phase<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<JobPhase>, D::Error> {
+    let name = Option::<String>::deserialize(deserializer)?;
+    Ok(name.and_then(|name| name.parse().ok()))
+}
+
+/// An attempt that ended in a way this version does not know counts as failed: it never runs
+/// again, and what it recorded (usage included) is kept.
+fn known_result<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<AttemptResult, D::Error> {
+    Ok(match String::deserialize(deserializer)?.as_str() {
+        "Running" => AttemptResult::Running,
+        "Succeeded" => AttemptResult::Succeeded,
+        _ => AttemptResult::Failed,
+    })
+}
+
+// Default only spares tests from spelling out every field; the operator builds attempts with
+// `decide::running_attempt`, which sets `learned: Some(false)` (an absent mark means "learned by
+// an older operator").
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Attempt {
+    pub attempt: i32,
+    /// Spec generation the attempt runs.
+    pub generation: i64,
+    pub pods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+    #[serde(deserialize_with = "known_result")]
+    pub result: AttemptResult,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// The attempt's usage, absent while it runs: what its meters measured when it was metered,
+    /// else what its agents reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// What the agents reported themselves when the attempt was metered: kept for comparison
+    /// (a disagreement is a `UsageClaimMismatch` Warning Event), never counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_usage: Option<Usage>,
+    /// `true` once the estimator has learned this attempt's usage and the token and cost counters
+    /// have counted it (set in the status write after that), `false` until then. Absent on
+    /// attempts stored by an operator older than this mark, which learned and counted usage as it
+    /// first appeared: those are marked, never learned or counted again (controller/learning_mark.rs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learned: Option<bool>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Usage {
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub output_tokens: i64,
+    pub total_tokens: i64,
+    #[serde(rename = "costUSD")]
+    pub cost_usd: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<ModelUsage>,
+    /// (actual - estimated p50) / estimated p50, in percent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_error_percent: Option<i64>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelUsage {
+    pub model: String,
+    pub input_tokens: i64,
+    pub cached_input_tokens: i64,
+    pub output_tokens: i64,
+    #[serde(rename = "costUSD")]
+    pub cost_usd: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JobPhase;
+
+    #[test]
+    fn phase_names_match_the_wire_format() {
+        for &phase in JobPhase::ALL {
+            assert_eq!(serde_json::to_value(phase).unwrap(), phase.as_str(), "serde and strum name {phase:?} alike");
+            assert_eq!(phase.as_str().parse::<JobPhase>(), Ok(phase));
+        }
+    }
+}
