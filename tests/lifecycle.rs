@@ -265,7 +265,7 @@ async fn a_big_input_left_out_of_the_cache_is_still_checked_recorded_and_handed_
         approve(&env, j).await;
     }
     let running = wait_phase(&env, "big", "Running").await;
-    let stored = Api::<AgentJob>::namespaced(env.client.clone(), &env.ns).get("big").await.unwrap();
+    let stored = Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns).get("big").await.unwrap();
     let history = &running.status.as_ref().unwrap().history;
     assert_eq!(history[0].spec_digest, agentgate::domain::history::spec_digest(&stored.spec), "the digest is of the whole spec");
     for (j, want) in [(&job, input.to_string()), (&marked, json!({"repositoryPath": "/small"}).to_string())] {
