@@ -109,17 +109,27 @@ async fn the_author_cannot_approve_their_own_job_and_non_heads_do_not_count() {
     assert!(why.iter().any(|w| w.contains("dave is not a head of category core-security")), "{why:?}");
     assert_eq!(phase(&tallied), Some("AwaitingApproval"));
 
+    // The votes that do not count say why in their own status; bob's, which counts, is named by
+    // the job's status and gets none (its verdict would have been written with the others').
     let votes = Api::<ApprovalVote>::namespaced(env.admin.clone(), &env.ns);
     let listed = wait_for(
-        "vote verdicts",
+        "verdicts of the votes that do not count",
         Duration::from_secs(10),
         || async { votes.list(&Default::default()).await.unwrap().items },
-        |vs| vs.iter().all(|v| v.status.as_ref().and_then(|s| s.counted).is_some()),
+        |vs| vs.iter().filter(|v| v.spec.voter != "bob").all(|v| v.status.as_ref().and_then(|s| s.counted) == Some(false)),
     )
     .await;
+    assert_eq!(listed.len(), 3);
     for v in listed {
-        let status = v.status.clone().unwrap();
-        assert_eq!(status.counted, Some(v.spec.voter == "bob"), "{}: {:?}", v.name_any(), status.message);
+        match v.spec.voter.as_str() {
+            "bob" => assert_eq!(v.status, None, "a counted vote gets no status write"),
+            _ => assert!(
+                v.status.as_ref().and_then(|s| s.message.as_deref()).is_some_and(|m| !m.is_empty()),
+                "{}: {:?}",
+                v.name_any(),
+                v.status
+            ),
+        }
     }
 
     // Someone rewriting the author annotation does not change who the author is.
@@ -140,7 +150,7 @@ async fn heads_are_an_rbac_fact_and_losing_head_rights_voids_the_vote() {
     let env = setup("ap-rbac", &[]).await;
     make_head(&env.admin, &env.ns, "erin", "ops").await;
     let job = create_job_as(&env, "dave", "deploy", "ops").await;
-    vote(&user("erin").await, &job, "erin", Decision::Approve).await;
+    let erin_vote = vote(&user("erin").await, &job, "erin", Decision::Approve).await.name_any();
     let counted = wait_for_job(&env.admin, &env.ns, "deploy", "erin counted", |j| approval_of(j).summary == "1/2").await;
     assert_eq!(approval_of(&counted).approvers[0].voter, "erin");
 
@@ -154,6 +164,27 @@ async fn heads_are_an_rbac_fact_and_losing_head_rights_voids_the_vote() {
         "{:?}",
         approval_of(&revoked).ignored_votes
     );
+    // A vote that stops counting says why in its own status; counted again, it says so too (a
+    // counted vote's status is otherwise left unwritten, so no status may keep saying `false`).
+    let votes = Api::<ApprovalVote>::namespaced(env.admin.clone(), &env.ns);
+    let said = |counted: bool| {
+        let (votes, erin_vote) = (votes.clone(), erin_vote.clone());
+        async move {
+            wait_for(
+                &format!("erin's vote saying counted={counted}"),
+                Duration::from_secs(15),
+                || async { votes.get(&erin_vote).await.unwrap().status },
+                |s: &Option<agentgate::api::ApprovalVoteStatus>| s.as_ref().and_then(|s| s.counted) == Some(counted),
+            )
+            .await
+            .unwrap()
+        }
+    };
+    let voided = said(false).await;
+    assert!(voided.message.as_deref().is_some_and(|m| m.contains("erin is not a head of category ops")), "{voided:?}");
+    make_head(&env.admin, &env.ns, "erin", "ops").await;
+    wait_for_job(&env.admin, &env.ns, "deploy", "erin counted again", |j| approval_of(j).summary == "1/2").await;
+    said(true).await;
 }
 
 #[tokio::test]

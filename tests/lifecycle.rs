@@ -240,6 +240,47 @@ async fn input_not_matching_its_schema_is_rejected_listing_paths() {
     assert!(ready.message.contains("input/repositoryPath") && ready.message.contains("input/scanDepth"), "{}", ready.message);
 }
 
+/// A job's input and schemas over 1 KiB stay out of the operator's cache (controller::slim_job):
+/// the checks, the spec history and the Pod still get them whole. A tenant who marks a small job
+/// as if its input had been left out only costs the operator a GET of that job.
+#[tokio::test]
+async fn a_big_input_left_out_of_the_cache_is_still_checked_recorded_and_handed_to_the_pod() {
+    let env = setup("lc-big-input").await;
+    let paths: Vec<String> = (0..60).map(|i| format!("/src/module-{i:03}/deeply/nested/path")).collect();
+    let schema = json!({"type": "object", "required": ["repositoryPath", "paths"], "properties": {
+        "repositoryPath": {"type": "string", "pattern": "^/"}, "paths": {"type": "array", "items": {"type": "string"}}}});
+    let input = json!({"repositoryPath": "/src", "paths": paths});
+    assert!(input.to_string().len() > 2048, "bigger than the cache keeps");
+    create_job(&env, &job_manifest("bad-big", json!({"input": {"repositoryPath": "src", "paths": paths}, "inputSchema": schema}))).await;
+    let rejected = wait_phase(&env, "bad-big", "Rejected").await;
+    let ready = condition(&rejected, "Ready").unwrap();
+    assert!(ready.reason == "InvalidInput" && ready.message.contains("input/repositoryPath"), "{ready:?}");
+
+    let job = create_job(&env, &job_manifest("big", json!({"input": input, "inputSchema": schema}))).await;
+    let mut marked = job_manifest("marked", json!({"input": {"repositoryPath": "/small"}}));
+    marked.metadata.annotations = Some([("agentgate.dev/cached-without-input".to_string(), String::new())].into());
+    let marked = create_job(&env, &marked).await;
+    for j in [&job, &marked] {
+        wait_phase(&env, &j.name_any(), "AwaitingApproval").await;
+        approve(&env, j).await;
+    }
+    let running = wait_phase(&env, "big", "Running").await;
+    let stored = Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns).get("big").await.unwrap();
+    let history = &running.status.as_ref().unwrap().history;
+    assert_eq!(history[0].spec_digest, agentgate::domain::history::spec_digest(&stored.spec), "the digest is of the whole spec");
+    for (j, want) in [(&job, input.to_string()), (&marked, json!({"repositoryPath": "/small"}).to_string())] {
+        let pods = wait_pods(&env, j, 1).await;
+        let env_vars = pods[0].spec.as_ref().unwrap().containers[0].env.clone().unwrap();
+        let got = env_vars.iter().find(|e| e.name == "AGENTGATE_INPUT").and_then(|e| e.value.clone());
+        assert_eq!(
+            got.map(|g| serde_json::from_str::<Value>(&g).unwrap()),
+            Some(serde_json::from_str::<Value>(&want).unwrap()),
+            "{}",
+            j.name_any()
+        );
+    }
+}
+
 #[tokio::test]
 async fn unknown_model_is_a_condition_not_a_zero_estimate() {
     let env = setup("lc-model").await;

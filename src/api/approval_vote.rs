@@ -67,6 +67,9 @@ pub enum Decision {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ApprovalVoteStatus {
+    /// `false` (with `message` saying why) on a vote that does not count. A vote that counts is
+    /// named in its job's `status.approval` and gets no status of its own, to save a write per
+    /// vote; `true` only takes back an earlier `false`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counted: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -6,7 +6,7 @@
 //! stop counting at once.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
@@ -29,11 +29,25 @@ type Answer = (Result<(), String>, Instant);
 pub struct HeadChecker {
     client: Client,
     answers: Mutex<HashMap<Question, Answer>>,
+    /// One SubjectAccessReview in flight per question: reconciles asking the same question at
+    /// once wait for that answer instead of each sending their own. Without it a burst of jobs
+    /// voted on by the same two heads sent 2.3 reviews per job (`make bench` on a loaded machine,
+    /// each answer taking seconds, up to `--max-concurrent-reconciles` missing the cache together).
+    asking: Mutex<HashMap<Question, Arc<tokio::sync::Mutex<()>>>>,
 }
+
+/// Beyond this many distinct questions asked since the last RBAC change, the in-flight guards are
+/// dropped (a guard left out only means one more review, as before).
+const MAX_ASKING: usize = 10_000;
 
 impl HeadChecker {
     pub fn new(client: Client) -> Self {
-        HeadChecker { client, answers: Mutex::new(HashMap::new()) }
+        HeadChecker { client, answers: Mutex::new(HashMap::new()), asking: Mutex::new(HashMap::new()) }
+    }
+
+    fn cached(&self, question: &Question) -> Option<Result<(), String>> {
+        let answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
+        answers.get(question).filter(|(_, at)| at.elapsed() < TTL).map(|(answer, _)| answer.clone())
     }
 
     /// `Ok(Err(why))` when the voter is not a head; `Err` when the apiserver could not answer.
@@ -45,10 +59,20 @@ impl HeadChecker {
         category: &str,
     ) -> Result<Result<(), String>, kube::Error> {
         let question = Question { voter: voter.into(), groups: groups.to_vec(), namespace: namespace.into(), category: category.into() };
-        if let Some((answer, at)) = self.answers.lock().unwrap_or_else(PoisonError::into_inner).get(&question)
-            && at.elapsed() < TTL
-        {
-            return Ok(answer.clone());
+        if let Some(answer) = self.cached(&question) {
+            return Ok(answer);
+        }
+        let guard = {
+            let mut asking = self.asking.lock().unwrap_or_else(PoisonError::into_inner);
+            if asking.len() >= MAX_ASKING {
+                asking.clear();
+            }
+            asking.entry(question.clone()).or_default().clone()
+        };
+        let _asking = guard.lock().await;
+        // Answered while this one waited its turn.
+        if let Some(answer) = self.cached(&question) {
+            return Ok(answer);
         }
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
@@ -81,5 +105,6 @@ impl HeadChecker {
 
     pub fn forget_all(&self) {
         self.answers.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        self.asking.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
 }

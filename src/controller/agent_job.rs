@@ -66,6 +66,16 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         // event triggers the reconcile that counts; the requeue is only a safety net.
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
+    let fetched;
+    let job = match whole(job, ctx).await? {
+        Some(Whole::Fetched(whole)) => {
+            fetched = whole;
+            &*fetched
+        }
+        Some(Whole::Cached) => job,
+        // Deleted, or replaced by a namesake: the watch brings that.
+        None => return Ok(Action::await_change()),
+    };
     let generation = job.metadata.generation.unwrap_or(1);
     let old_status = job.status.clone().unwrap_or_default();
 
@@ -188,6 +198,39 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     Ok(next_check(&plan.status, ctx.settings.approval_timeout_seconds))
 }
 
+/// Cached jobs whose `input`, `inputSchema` and `outputSchema` together take more than this many
+/// bytes of JSON are cached without them (`controller::slim_job`).
+pub const ELIDE_SPEC_OVER: usize = 1024;
+/// Set on such a cached copy only; never written to the API.
+pub const SPEC_ELIDED: &str = "agentgate.dev/cached-without-input";
+
+enum Whole {
+    Cached,
+    Fetched(Box<AgentJob>),
+}
+
+/// The job with its whole spec, as this reconcile needs it: the cached copy, unless its input and
+/// schemas were left out of the cache and it may still read them (to check them against a new
+/// generation's estimate, digest and store a new generation's spec, build a Pod). A finished job
+/// whose status has seen its generation reads none of them, so it costs no GET on a resync.
+/// None: the job is gone or is now another (uid) job of that name.
+async fn whole(job: &AgentJob, ctx: &Context) -> Result<Option<Whole>> {
+    let status = job.status.as_ref();
+    let settled = status.is_some_and(|s| s.phase.is_some_and(JobPhase::is_terminal) && s.observed_generation == job.metadata.generation);
+    if !job.annotations().contains_key(SPEC_ELIDED) || settled {
+        return Ok(Some(Whole::Cached));
+    }
+    let (namespace, name) = (job.namespace().unwrap_or_default(), job.name_any());
+    // Decoded like the watch (decode.rs): an input nested too deep for serde_json with managedFields.
+    let api: Api<super::decode::Decoded<AgentJob>> = Api::namespaced(ctx.client.clone(), &namespace);
+    let got =
+        api.get_opt(&name).await.map_err(|source| ObserveError::GetJob { namespace: namespace.clone(), job: name.clone(), source })?;
+    Ok(got
+        .and_then(|decoded| decoded.0.ok())
+        .filter(|whole| whole.metadata.uid == job.metadata.uid)
+        .map(|whole| Whole::Fetched(Box::new(whole))))
+}
+
 /// The cached Pods the index names for the job: those it controls in its namespace and those
 /// labelled with its uid anywhere. Callers filter them with `snapshot::is_job_pod`.
 fn pod_candidates<'a>(caches: &'a Caches, namespace: &str, uid: &str) -> impl Iterator<Item = Arc<Pod>> + 'a {
@@ -279,7 +322,10 @@ fn job_readiness(job: &AgentJob, ctx: &Context) -> Readiness {
         ctx.caches.nodes.state().iter().map(|node| snapshot::node_view(node, pods.used_on(&node.name_any()))).collect()
     };
     let queued_ahead = queued_ahead_of(job, jobs);
-    let quotas = snapshot::quota_views(&ctx.caches.quotas.state(), job.namespace().as_deref().unwrap_or_default());
+    let namespace = job.namespace().unwrap_or_default();
+    let quotas: Vec<_> =
+        ctx.caches.index.quotas().in_namespace(&namespace).iter().filter_map(|key| super::index::cached(&ctx.caches.quotas, key)).collect();
+    let quotas = snapshot::quota_views(&quotas, &namespace);
     readiness::check(&ReadinessInput { tools: &tools, need: &need, nodes: &nodes, queued_ahead: &queued_ahead, quotas: &quotas })
 }
 

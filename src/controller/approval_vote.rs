@@ -1,4 +1,4 @@
-//! ApprovalVote status: each vote says whether it counted and why, next to the job's tally.
+//! ApprovalVote status: a vote that does not count says why, next to the job's tally.
 
 use std::sync::Arc;
 
@@ -10,25 +10,32 @@ use super::Context;
 use crate::api::{AgentJob, ApprovalVote, ApprovalVoteStatus, JobPhase};
 use crate::domain::tally::Tally;
 
-/// Writes each vote's verdict where it changed. Failures are logged, not fatal: the job's own
-/// status carries the same information.
+/// Writes the verdict of each vote that does not count, and of each whose verdict changed.
+/// Failures are logged, not fatal: the job's own status carries the same information.
+///
+/// A vote that counts is named in the job's `status.approval` (approvers, or `rejectedBy`) and
+/// gets no status write of its own: on the happy path that was two of the ~5.6 API writes per
+/// job (README "Performance"). Its status is written only to take back an earlier "not
+/// counted" (a head granted later, identity policies now in force), so no vote's status ever
+/// says the opposite of the job's tally. A vote that does not count always says why in its own
+/// status, as it did (tests/vote_attacks.rs).
 pub async fn record_verdicts(ctx: &Context, votes: &[Arc<ApprovalVote>], tally: &Tally, job: &AgentJob) {
     // Once a job has started or finished, its votes are history; their verdicts stay as written.
     if job.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_terminal() || p == JobPhase::Running) {
         return;
     }
-    // Only counted votes and those the job's status lists get a verdict: a flood of junk votes
-    // naming one job costs no write per vote (domain/tally.rs `listed`). A vote whose status
-    // still says it counts is always corrected (at most one per voter counts).
+    // Only the ignored votes the job's status lists get a verdict: a flood of junk votes naming
+    // one job costs no write per vote (domain/tally.rs `listed`). A vote whose status still
+    // says it counts is always corrected (at most one per voter counts).
     let listed: std::collections::HashSet<String> = tally.ignored_for_status().into_iter().map(|i| i.name).collect();
-    let ignored: std::collections::HashSet<&str> = tally.ignored.iter().map(|i| i.name.as_str()).collect();
     let writes = votes.iter().filter_map(|vote| {
         let name = vote.name_any();
-        let said_counted = vote.status.as_ref().and_then(|s| s.counted) == Some(true);
-        if ignored.contains(name.as_str()) && !listed.contains(&name) && !said_counted {
+        let said = vote.status.as_ref().and_then(|s| s.counted);
+        let (counted, message) = tally.verdict(&name);
+        let wanted = if counted { said == Some(false) } else { listed.contains(&name) || said == Some(true) };
+        if !wanted {
             return None;
         }
-        let (counted, message) = tally.verdict(&name);
         let status = ApprovalVoteStatus { counted: Some(counted), message: Some(message), observed_generation: vote.metadata.generation };
         (vote.status.as_ref() != Some(&status)).then(|| write_verdict(ctx, vote, status))
     });

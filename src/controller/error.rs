@@ -13,6 +13,8 @@ pub enum ObserveError {
     HeadCheck { voter: String, category: String, namespace: String, source: kube::Error },
     #[error("GET Pod {namespace}/{pod}, named by the running attempt but not in the cache: {source}")]
     GonePod { namespace: String, pod: String, source: kube::Error },
+    #[error("GET AgentJob {namespace}/{job}, whose input the cache leaves out: {source}")]
+    GetJob { namespace: String, job: String, source: kube::Error },
 }
 
 /// Carrying out a plan: Pods, then status, then the Pods' usage finalizers.
@@ -66,6 +68,7 @@ impl Error {
         match self {
             Error::Observe(ObserveError::HeadCheck { .. }) => "head_check",
             Error::Observe(ObserveError::GonePod { .. }) => "get_gone_pod",
+            Error::Observe(ObserveError::GetJob { .. }) => "get_job",
             Error::Apply(ApplyError::StoreSpec { .. }) => "store_spec",
             Error::Apply(ApplyError::GetMeterKeys { .. }) => "get_meter_keys",
             Error::Apply(ApplyError::CreatePod { .. }) => "create_pod",

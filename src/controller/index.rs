@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota};
 use kube::ResourceExt;
 use kube::runtime::watcher::Event;
 
@@ -436,13 +436,48 @@ impl VoteIndex {
     }
 }
 
-/// The three indexes the controllers share, each behind its own lock (held only for a lookup or
+// ---------------------------------------------------------------------------------------------
+// ResourceQuotas
+
+/// ResourceQuotas by namespace: a job's readiness reads its own namespace's, never copies the
+/// whole quota cache (one entry per namespace or more in a shared cluster) per reconcile.
+#[derive(Debug, Default)]
+pub struct QuotaIndex {
+    entries: Entries<()>,
+    by_namespace: HashMap<String, BTreeSet<String>>,
+}
+
+impl QuotaIndex {
+    pub fn apply(&mut self, event: &Event<ResourceQuota>) {
+        for Change { key: (namespace, name), old, new } in self.entries.apply(event, |_| Some(())) {
+            if old.is_some()
+                && let Some(names) = self.by_namespace.get_mut(&namespace)
+            {
+                names.remove(&name);
+                if names.is_empty() {
+                    self.by_namespace.remove(&namespace);
+                }
+            }
+            if new.is_some() {
+                self.by_namespace.entry(namespace).or_default().insert(name);
+            }
+        }
+    }
+
+    /// Names of the quotas in `namespace`.
+    pub fn in_namespace(&self, namespace: &str) -> Vec<Key> {
+        self.by_namespace.get(namespace).into_iter().flatten().map(|name| (namespace.to_string(), name.clone())).collect()
+    }
+}
+
+/// The indexes the controllers share, each behind its own lock (held only for a lookup or
 /// an event, never across an await).
 #[derive(Default)]
 pub struct Indexes {
     pub pods: std::sync::Mutex<PodIndex>,
     pub jobs: std::sync::Mutex<JobIndex>,
     pub votes: std::sync::Mutex<VoteIndex>,
+    pub quotas: std::sync::Mutex<QuotaIndex>,
 }
 
 impl Indexes {
@@ -454,6 +489,9 @@ impl Indexes {
     }
     pub fn votes(&self) -> std::sync::MutexGuard<'_, VoteIndex> {
         self.votes.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+    pub fn quotas(&self) -> std::sync::MutexGuard<'_, QuotaIndex> {
+        self.quotas.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

@@ -1,4 +1,4 @@
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, ResourceQuota};
 use kube::runtime::watcher::Event;
 use serde_json::{Value, json};
 
@@ -196,4 +196,24 @@ fn votes_are_found_by_the_job_they_name_in_their_namespace() {
     index.apply(&Event::InitDone);
     assert!(index.naming("team", "build").is_empty());
     assert_eq!(index.naming("other", "scan"), ["c"]);
+}
+
+#[test]
+fn quotas_are_found_by_namespace_through_relists() {
+    let quota =
+        |ns: &str, name: &str| -> ResourceQuota { serde_json::from_value(json!({"metadata": {"name": name, "namespace": ns}})).unwrap() };
+    let mut index = QuotaIndex::default();
+    index.apply(&Event::Apply(quota("team-a", "cpu")));
+    index.apply(&Event::Apply(quota("team-a", "gpu")));
+    index.apply(&Event::Apply(quota("team-b", "cpu")));
+    assert_eq!(index.in_namespace("team-a"), vec![("team-a".into(), "cpu".into()), ("team-a".into(), "gpu".into())]);
+    index.apply(&Event::Delete(quota("team-a", "gpu")));
+    assert_eq!(index.in_namespace("team-a"), vec![("team-a".to_string(), "cpu".to_string())]);
+    // A relist that no longer lists team-a's quota drops it; team-b's stays.
+    for event in [Event::Init, Event::InitApply(quota("team-b", "cpu")), Event::InitDone] {
+        index.apply(&event);
+    }
+    assert!(index.in_namespace("team-a").is_empty());
+    assert_eq!(index.in_namespace("team-b").len(), 1);
+    assert!(index.in_namespace("nowhere").is_empty());
 }

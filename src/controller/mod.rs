@@ -193,8 +193,53 @@ where
 
 /// Drops what a cache never reads, so 10,000 cached objects stay small.
 fn slim<K: Resource>(obj: &mut K) {
-    obj.managed_fields_mut().clear();
+    // `None`, not an emptied Vec: `clear()` keeps the entries' allocation (~0.4 KB per object).
+    obj.meta_mut().managed_fields = None;
     obj.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
+/// Keeps a job's `input`, `inputSchema` and `outputSchema` out of the cache when they are
+/// bigger than `ELIDE_SPEC_OVER` bytes of JSON (a tenant may make each up to the input size
+/// limit, and 10,000 cached jobs must fit in 64 MiB): the cached copy carries
+/// `agentgate_job::SPEC_ELIDED` instead, and a reconcile that needs the spec whole reads the job
+/// from the API first (`agent_job::whole`). Nothing else reads those three fields.
+fn slim_job(job: &mut AgentJob) {
+    slim(job);
+    let spec = &mut job.spec;
+    let size = |v: &Option<serde_json::Value>| v.as_ref().map_or(0, |v| serde_json::to_vec(v).map_or(usize::MAX, |b| b.len()));
+    if size(&spec.input) + size(&spec.input_schema) + size(&spec.output_schema) > agent_job::ELIDE_SPEC_OVER {
+        (spec.input, spec.input_schema, spec.output_schema) = (None, None, None);
+        job.metadata.annotations.get_or_insert_default().insert(agent_job::SPEC_ELIDED.to_string(), String::new());
+    }
+}
+
+/// Whether the operator reads this Pod from the cache: one an AgentJob controls, one posing as a
+/// job's (its job-uid label, reported as a decoy) or one holding the usage finalizer. Every
+/// other Pod of the cluster only feeds the node-capacity index (index.rs), never the store: a
+/// slimmed Pod still costs ~2 KB cached (k8s-openapi's `PodSpec` is inline), 40 MB for 20,000
+/// foreign Pods (README "In a busy cluster").
+fn is_agentgate_pod(pod: &Pod) -> bool {
+    snapshot::pod_controller_job_uid(pod).is_some() || snapshot::labelled_job_uid(pod).is_some() || pod_finalizer::holds_finalizer(pod)
+}
+
+/// Applies a Pod watch event to the store, foreign Pods left out (`is_agentgate_pod`), and
+/// passes it on unless it is only about a foreign Pod. A Pod that stops being agentgate's
+/// (its labels or owners changed) leaves the store as if deleted.
+fn store_agentgate_pods(store: &mut reflector::store::Writer<Pod>, event: watcher::Event<Pod>) -> Option<watcher::Event<Pod>> {
+    use watcher::Event;
+    match &event {
+        Event::Apply(pod) | Event::Delete(pod) if !is_agentgate_pod(pod) => {
+            let mut gone = Pod::default();
+            (gone.metadata.name, gone.metadata.namespace) = (pod.metadata.name.clone(), pod.metadata.namespace.clone());
+            store.apply_watcher_event(&Event::Delete(gone));
+            None
+        }
+        Event::InitApply(pod) if !is_agentgate_pod(pod) => None,
+        _ => {
+            store.apply_watcher_event(&event);
+            Some(event)
+        }
+    }
 }
 
 /// Keeps of a Pod only what the operator reads from the cache (every Pod of the cluster is
@@ -295,7 +340,7 @@ pub async fn run(
         reporter.clone(),
     )
     .default_backoff()
-    .modify(slim)
+    .modify(slim_job)
     .inspect({
         let (jobs, index, requeue, tool_requeue) = (jobs.clone(), index.clone(), requeue.clone(), tool_requeue.clone());
         move |event| {
@@ -343,16 +388,17 @@ pub async fn run(
 
     // Woken by Pods that hold the usage finalizer but whose job is not cached (pod_finalizer.rs).
     let orphan_trigger = Arc::new(tokio::sync::Notify::new());
-    // Every Pod of the cluster is watched, slimmed, cached, indexed and mapped to the jobs it
-    // concerns on a task of its own (with 20,000 foreign Pods the heaviest watch by far): only
-    // those jobs reach the job controller's task, through a bounded channel.
+    // Every Pod of the cluster is watched, slimmed and indexed, and agentgate's own Pods are
+    // cached and mapped to the jobs they concern, on a task of its own (with 20,000 foreign Pods
+    // the heaviest watch by far): only those jobs reach the job controller's task, through a
+    // bounded channel.
     let mut tasks = tasks::Tasks::default();
+    // Every Pod is indexed (node capacity); foreign Pods are neither stored nor passed on.
     let pod_triggers = tasks::on_own_task(
         &mut tasks,
         watcher(scoped::<Pod>(&client, &None), wc.clone())
             .default_backoff()
             .modify(slim_pod)
-            .reflect(pods_writer)
             .inspect({
                 let (caches, requeue) = (caches.clone(), ctx.requeue.clone());
                 move |event| {
@@ -361,6 +407,10 @@ pub async fn run(
                         wakeups::capacity_released(&caches, &requeue, &released);
                     }
                 }
+            })
+            .filter_map({
+                let mut store = pods_writer;
+                move |event| future::ready(event.map(|event| store_agentgate_pods(&mut store, event)).transpose())
             })
             .touched_once_stored()
             .filter_map(|pod| future::ready(pod.ok()))
@@ -381,6 +431,14 @@ pub async fn run(
         .default_backoff()
         .modify(slim)
         .reflect(quotas_writer)
+        .inspect({
+            let index = caches.index.clone();
+            move |event| {
+                if let Ok(event) = event {
+                    index.quotas().apply(event);
+                }
+            }
+        })
         .touched_once_stored();
     let tool_stream = decode::decoded_only(
         watcher(Api::<decode::Decoded<AgentTool>>::all(client.clone()), wc.clone()),
@@ -564,6 +622,7 @@ mod tests {
     use std::sync::Arc;
 
     use k8s_openapi::api::core::v1::{Node, Pod};
+    use kube::ResourceExt;
     use serde_json::json;
 
     use super::{slim_pod, snapshot};
@@ -613,6 +672,68 @@ mod tests {
             .unwrap(),
         );
         pod
+    }
+
+    fn pod_of(name: &str, owner: Option<&str>) -> Pod {
+        let owners: Vec<serde_json::Value> = owner
+            .map(|kind| {
+                json!({"apiVersion": if kind == "AgentJob" { "agentgate.dev/v1alpha1" } else { "apps/v1" },
+                "kind": kind, "name": "x", "uid": "uid-1", "controller": true})
+            })
+            .into_iter()
+            .collect();
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "team", "ownerReferences": owners}})).unwrap()
+    }
+
+    #[test]
+    fn only_agentgate_pods_are_stored_and_passed_on() {
+        use kube::runtime::watcher::Event;
+        let (store, mut writer) = kube::runtime::reflector::store::<Pod>();
+        let names = |store: &kube::runtime::reflector::Store<Pod>| {
+            let mut n: Vec<String> = store.state().iter().map(|p| p.metadata.name.clone().unwrap()).collect();
+            n.sort();
+            n
+        };
+        let relist = [
+            Event::Init,
+            Event::InitApply(pod_of("agent", Some("AgentJob"))),
+            Event::InitApply(pod_of("web", Some("ReplicaSet"))),
+            Event::InitDone,
+        ];
+        let passed: Vec<_> = relist.into_iter().filter_map(|e| super::store_agentgate_pods(&mut writer, e)).collect();
+        assert_eq!(passed.len(), 3, "Init, the agent Pod and InitDone: {passed:?}");
+        assert_eq!(names(&store), ["agent"]);
+        // A foreign Pod's change is not passed on; an agent Pod that loses its owner leaves the store.
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("web", Some("ReplicaSet")))).is_none());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("agent", None))).is_none());
+        assert!(names(&store).is_empty());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("agent", Some("AgentJob")))).is_some());
+        let mut decoy = pod_of("decoy", None);
+        decoy.metadata.labels = Some([(crate::domain::pod_builder::LABEL_JOB_UID.to_string(), "uid-1".to_string())].into());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(decoy)).is_some(), "a decoy is read, to be reported");
+        assert_eq!(names(&store), ["agent", "decoy"]);
+        assert!(super::store_agentgate_pods(&mut writer, Event::Delete(pod_of("agent", Some("AgentJob")))).is_some());
+        assert_eq!(names(&store), ["decoy"]);
+    }
+
+    #[test]
+    fn a_jobs_big_input_and_schemas_stay_out_of_the_cache() {
+        let job = |input: serde_json::Value| -> crate::api::AgentJob {
+            serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+                "metadata": {"name": "scan", "namespace": "team", "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+                "spec": {"category": "c", "agents": {"primary": {"name": "a", "image": "i", "model": "m"}}, "budget": {"maxCostUSD": "1"},
+                    "input": input, "inputSchema": {"type": "object"}}}))
+            .unwrap()
+        };
+        let mut small = job(json!({"repo": "x"}));
+        super::slim_job(&mut small);
+        assert_eq!(small.spec.input, Some(json!({"repo": "x"})));
+        assert!(small.spec.input_schema.is_some() && !small.annotations().contains_key(super::agent_job::SPEC_ELIDED));
+        assert_eq!(small.metadata.managed_fields, None);
+        let mut big = job(json!({"blob": "y".repeat(super::agent_job::ELIDE_SPEC_OVER)}));
+        super::slim_job(&mut big);
+        assert_eq!((&big.spec.input, &big.spec.input_schema, &big.spec.output_schema), (&None, &None, &None));
+        assert!(big.annotations().contains_key(super::agent_job::SPEC_ELIDED));
     }
 
     #[test]

@@ -405,6 +405,36 @@ fn proc_stats(pid: u32) -> Option<ProcStats> {
     Some(ProcStats { rss_kib: field("VmRSS:")?, hwm_kib: field("VmHWM:")?, cpu_seconds: (utime + stime) / ticks })
 }
 
+/// Where the process's resident memory is, from /proc/<pid>/smaps: the binary's text (code),
+/// its other mappings (read-only data, relocations), anonymous memory (jemalloc's heap, thread
+/// stacks), shared libraries and the rest, in MiB. Anonymous memory is what the caches cost.
+fn memory_breakdown(pid: u32) -> Option<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?.to_string_lossy().into_owned();
+    let mut sums: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut group = "other";
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let first = words.next().unwrap_or_default();
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let perms = words.next().unwrap_or_default();
+            let path = words.nth(3).unwrap_or_default();
+            group = match path {
+                p if p == exe && perms.contains('x') => "binary text",
+                p if p == exe => "binary data",
+                "" | "[heap]" => "anonymous",
+                p if p.starts_with("[stack") => "anonymous",
+                p if p.starts_with('/') => "libraries",
+                _ => "other",
+            };
+        } else if first == "Rss:" {
+            *sums.entry(group).or_default() += words.next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    let parts: Vec<String> = sums.iter().map(|(group, kib)| format!("{group} {:.1}", *kib as f64 / 1024.0)).collect();
+    Some(format!("RSS by mapping (MiB): {}", parts.join(", ")))
+}
+
 /// CPU seconds of our direct children named `comm` (etcd, kube-apiserver), for context.
 fn child_cpu(comm: &str) -> Option<f64> {
     let me = std::process::id().to_string();
@@ -926,6 +956,9 @@ async fn scenario_agentgate(env: &Env, n: usize, background: &BTreeMap<Key, f64>
     outcome.settled_seconds = Some(settle(&env.admin, Duration::from_secs(60)).await?);
     outcome.add_control_plane_cpu(&cp_cpu);
     outcome.add_controller(window.controller_stats());
+    if let Some(breakdown) = memory_breakdown(operator.pid()) {
+        outcome.notes.push(format!("{breakdown} (once settled)"));
+    }
     operator.kill();
     stop(watch).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1074,6 +1107,9 @@ async fn scenario_scale(env: &Env, jobs: usize, background: &BTreeMap<Key, f64>)
     outcome.driver_done_seconds = Some(created_in);
     let at_completion = proc_stats(pid);
     tokio::time::sleep(Duration::from_secs(10)).await;
+    if let Some(breakdown) = memory_breakdown(pid) {
+        outcome.notes.push(format!("{breakdown} (10 s after the last status)"));
+    }
     outcome.settled_seconds = Some(settle(&env.admin, Duration::from_secs(60)).await?);
     outcome.add_control_plane_cpu(&cp_cpu);
     outcome.add_controller(window.controller_stats());
@@ -1259,6 +1295,15 @@ fn print_report(outcomes: &[Outcome], targets: &[Target], background: &BTreeMap<
                 v.into_iter().map(|(k, v)| format!("{k} {v:.2}")).collect()
             };
             notes.push(format!("requests/job by others: {}", top.join(", ")));
+        }
+        if o.n > 0 && o.scenario.starts_with("agentgate") && !o.scenario.starts_with("agentgate inputs") {
+            let writes: Vec<String> = o
+                .requests_per_job
+                .iter()
+                .filter(|(k, v)| **v >= 0.005 && k.split_once(' ').is_some_and(|(verb, what)| is_write(verb) && !what.starts_with('/')))
+                .map(|(k, v)| format!("{k} {v:.2}"))
+                .collect();
+            notes.push(format!("writes/job by kind: {}", writes.join(", ")));
         }
         if !o.errors_per_job.is_empty() {
             let errors: Vec<String> = o.errors_per_job.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
