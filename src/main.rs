@@ -334,6 +334,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             grant_url,
             grant_ca_pem: meter_tls.as_ref().map(|t| t.ca_pem()),
         },
+        meter_api_tls: meter_tls.clone().map(controller::meter_tls::LiveCa),
     };
     tracing::info!(namespace = ?settings.namespace, approval_floor = settings.approval_floor, models = prices.models.len(), "starting agentgate");
 

@@ -1007,3 +1007,72 @@ async fn a_provided_certificate_is_served_as_is_and_a_bad_tls_configuration_stop
     assert!(!after.data.unwrap().contains_key(tls::CA_KEY_KEY));
     assert!(operator_log(&operator).contains("meter API certificate reloaded"));
 }
+
+/// The CA the meter container of `pod` is told to trust.
+fn meter_ca_of(pod: &Pod) -> Option<String> {
+    let meter = pod.spec.as_ref()?.init_containers.iter().flatten().find(|c| c.name == agentgate::domain::meter_sidecar::CONTAINER)?;
+    meter.env.iter().flatten().find(|e| e.name == agentgate::domain::meter_sidecar::GRANT_CA_ENV)?.value.clone()
+}
+
+/// The issuer of a provided certificate rotates its CA: the operator serves the new chain and the
+/// agent Pods it creates from then on carry the new CA, without an operator restart (before, the
+/// CA read at start went into every Pod until a restart, so the new Pods' meters failed closed).
+#[tokio::test]
+async fn a_rotated_provided_ca_reaches_new_agent_pods_without_an_operator_restart() {
+    let ns = "meter-grants-rotated-ca";
+    let admin = Env::builder(ns).node("meter-grants-rotated-node", "64", "256Gi", &[]).operator(OperatorMode::Later).build().await.admin;
+    let names = tls::names("https://127.0.0.1:1", ns).unwrap();
+    let provided = |material: &tls::Material| {
+        let mut secret = tls::to_secret(tls::DEFAULT_SECRET, ns, material);
+        secret.data.as_mut().unwrap().remove(tls::CA_KEY_KEY);
+        secret
+    };
+    let first = tls::fresh(&names, unix_now()).unwrap();
+    let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
+    secrets.create(&PostParams::default(), &provided(&first)).await.unwrap();
+    let (api_port, metrics_port) = (free_port(), free_port());
+    let operator = OperatorProcess::start(
+        ControlPlane::shared(),
+        &[
+            "--namespace",
+            ns,
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+            "--meter-api-listen",
+            &format!("127.0.0.1:{api_port}"),
+            "--meter-grant-url",
+            &format!("https://127.0.0.1:{api_port}"),
+            "--meter-api-tls",
+            "secret",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("meter-api-ca.crt");
+    std::fs::write(&ca_file, &first.ca_cert_pem).unwrap();
+    let api = pinned_client(first.ca_cert_pem.as_bytes()).unwrap();
+    let s = Setup { admin: admin.clone(), operator, api_port, metrics_port, dir, ca_file, api };
+
+    let (_, before) = running_job(&s, ns, "before-rotation", &["scanner"], "1.00").await;
+    assert_eq!(meter_ca_of(&before[0]).as_deref(), Some(first.ca_cert_pem.as_str()), "the meter trusts the provided CA");
+
+    // The issuer rotates: a new CA, a new certificate from it.
+    let second = tls::fresh(&names, unix_now()).unwrap();
+    assert_ne!(second.ca_cert_pem, first.ca_cert_pem);
+    let mut rotated = secrets.get(tls::DEFAULT_SECRET).await.unwrap();
+    rotated.data = provided(&second).data;
+    secrets.replace(tls::DEFAULT_SECRET, &PostParams::default(), &rotated).await.unwrap();
+    let der = |pem: &str| rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec();
+    wait_for(
+        "the certificate from the new CA served",
+        TIMEOUT,
+        || served_certificate(api_port, second.ca_cert_pem.as_bytes()),
+        |c| c.as_ref().is_ok_and(|c| *c == der(&second.cert_pem)),
+    )
+    .await
+    .unwrap();
+
+    let (_, after) = running_job(&s, ns, "after-rotation", &["scanner"], "1.00").await;
+    assert_eq!(meter_ca_of(&after[0]).as_deref(), Some(second.ca_cert_pem.as_str()), "a Pod created after the rotation trusts the new CA");
+    let log = operator_log(&s.operator);
+    assert!(log.contains("the meter API's CA changed"), "{log}");
+}

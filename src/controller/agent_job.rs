@@ -420,7 +420,10 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
         return Ok(());
     }
     let keys = super::meter_keys::of_namespace(ctx, &namespace).await?;
-    let (meter, warnings) = ctx.settings.meter.plan(&namespace, keys.as_ref(), &spec.budget.max_cost_usd);
+    let (mut meter, warnings) = ctx.settings.meter.plan(&namespace, keys.as_ref(), &spec.budget.max_cost_usd);
+    if let (Some(live), Some(ca)) = (&ctx.settings.meter_api_tls, meter.grant_ca_pem.as_mut()) {
+        *ca = live.pem();
+    }
     for w in &warnings {
         ctx.publish_event(&job.object_ref(&()), EventType::Warning, w.reason, &w.message, "CreatePod").await;
     }

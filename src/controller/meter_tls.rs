@@ -44,6 +44,22 @@ impl ResolvesServerCert for Current {
     }
 }
 
+/// The CA certificate the meter API serves under now, for the Pods the operator creates.
+#[derive(Clone)]
+pub struct LiveCa(pub Arc<MeterTls>);
+
+impl LiveCa {
+    pub fn pem(&self) -> String {
+        self.0.ca_pem()
+    }
+}
+
+impl std::fmt::Debug for LiveCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveCa").field("secret", &self.0.secret).finish_non_exhaustive()
+    }
+}
+
 pub struct MeterTls {
     client: Client,
     namespace: String,
@@ -132,7 +148,7 @@ impl MeterTls {
                     if material.ca_cert_pem != known.ca_cert_pem {
                         // Meters of Pods created before trust only the old CA: they fail closed
                         // (within what they were granted) until their Pods are replaced.
-                        tracing::warn!(secret = %self.secret, "the meter API's CA changed: new agent Pods get it after the operator restarts");
+                        tracing::warn!(secret = %self.secret, "the meter API's CA changed: agent Pods created from now on get it");
                     }
                     *self.current.0.write().unwrap_or_else(std::sync::PoisonError::into_inner) = key;
                     tracing::info!(names = ?material.names, not_after = ?material.not_after, "meter API certificate reloaded");

@@ -74,6 +74,10 @@ pub struct Settings {
     pub voters: crate::domain::tally::VoterPolicy,
     /// The meter injected into every agent Pod (`--meter-*`).
     pub meter: crate::domain::meter_sidecar::MeterConfig,
+    /// The meter API's certificate as the operator serves it now: new agent Pods get its CA at
+    /// creation, so a CA the issuer rotated reaches them without an operator restart. None with
+    /// `--meter-api-tls off`.
+    pub meter_api_tls: Option<meter_tls::LiveCa>,
 }
 
 /// Watch caches every reconcile reads instead of calling the API.
