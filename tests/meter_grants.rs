@@ -219,20 +219,17 @@ impl Setup {
 }
 
 fn start_operator(ns: &str, api_port: u16, metrics_port: u16) -> OperatorProcess {
-    OperatorProcess::start(
-        ControlPlane::shared(),
-        &[
-            "--namespace",
-            ns,
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics_port}"),
-            "--meter-api-listen",
-            &format!("127.0.0.1:{api_port}"),
-            // Where the meters dial it: the managed certificate names this address.
-            "--meter-grant-url",
-            &format!("https://127.0.0.1:{api_port}"),
-        ],
-    )
+    start_operator_with(ns, api_port, metrics_port, &[])
+}
+
+/// [`start_operator`] with `extra` flags after the usual ones.
+fn start_operator_with(ns: &str, api_port: u16, metrics_port: u16, extra: &[&str]) -> OperatorProcess {
+    let (metrics, listen, grant_url) =
+        (format!("127.0.0.1:{metrics_port}"), format!("127.0.0.1:{api_port}"), format!("https://127.0.0.1:{api_port}"));
+    // Where the meters dial it: the managed certificate names this address.
+    let mut args = vec!["--namespace", ns, "--metrics-addr", &metrics, "--meter-api-listen", &listen, "--meter-grant-url", &grant_url];
+    args.extend_from_slice(extra);
+    OperatorProcess::start(ControlPlane::shared(), &args)
 }
 
 /// The meter API's Secret (controller/meter_tls.rs), once the operator has made it.
@@ -1031,21 +1028,8 @@ async fn a_rotated_provided_ca_reaches_new_agent_pods_without_an_operator_restar
     let secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
     secrets.create(&PostParams::default(), &provided(&first)).await.unwrap();
     let (api_port, metrics_port) = (free_port(), free_port());
-    let operator = OperatorProcess::start(
-        ControlPlane::shared(),
-        &[
-            "--namespace",
-            ns,
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics_port}"),
-            "--meter-api-listen",
-            &format!("127.0.0.1:{api_port}"),
-            "--meter-grant-url",
-            &format!("https://127.0.0.1:{api_port}"),
-            "--meter-api-tls",
-            "secret",
-        ],
-    );
+    let operator = start_operator_with(ns, api_port, metrics_port, &["--meter-api-tls", "secret"]);
+
     let dir = tempfile::tempdir().unwrap();
     let ca_file = dir.path().join("meter-api-ca.crt");
     std::fs::write(&ca_file, &first.ca_cert_pem).unwrap();
