@@ -47,15 +47,16 @@ input_tokens=0
 output_tokens=0
 # One call: 0 answered ($answer), 2 refused by the meter for budget, 1 failed.
 chat() {
-  # The meter starts just before the agent; a few tries cover the moment it takes to listen
-  # (the SDKs retry a refused connection the same way). A 402 is final: never retried.
-  for try in 1 2 3 4 5 6 7 8 9 10; do
+  # The kubelet starts the agent only once its meter answers (the meter's startup probe), so no
+  # try waits for it to listen. As the OpenAI SDK does by default: two retries after a failed
+  # connection or a 5xx; a 4xx is final, a 402 (the budget) above all.
+  for try in 1 2 3; do
     if answer=$(wget -q -O - --header "Authorization: Bearer ${OPENAI_API_KEY:-}" --header 'Content-Type: application/json' \
       --post-data "$1" "${OPENAI_BASE_URL:?no OPENAI_BASE_URL}/chat/completions" 2>&1); then
       return 0
     fi
-    case "$answer" in *" 402 "*) return 2 ;; esac
-    [ "$try" = 10 ] && return 1
+    case "$answer" in *" 402 "*) return 2 ;; *" 4"[0-9][0-9]" "*) return 1 ;; esac
+    [ "$try" = 3 ] && return 1
     sleep 1
   done
 }
