@@ -354,14 +354,7 @@ pub async fn run(
         }
     })
     .reflect(jobs_writer)
-    .inspect({
-        let index = index.clone();
-        move |event| {
-            if let Ok(event) = event {
-                index.jobs().apply(event);
-            }
-        }
-    })
+    .inspect(feed(&index, |i, event| i.jobs().apply(event)))
     .applied_once_stored();
     let controller_config = kube::runtime::controller::Config::default().concurrency(settings.max_concurrent_reconciles);
     let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone())
@@ -435,14 +428,7 @@ pub async fn run(
         .default_backoff()
         .modify(slim)
         .reflect(quotas_writer)
-        .inspect({
-            let index = caches.index.clone();
-            move |event| {
-                if let Ok(event) = event {
-                    index.quotas().apply(event);
-                }
-            }
-        })
+        .inspect(feed(&caches.index, |i, event| i.quotas().apply(event)))
         .touched_once_stored();
     let tool_stream = decode::decoded_only(
         watcher(Api::<decode::Decoded<AgentTool>>::all(client.clone()), wc.clone()),
@@ -462,14 +448,7 @@ pub async fn run(
     .default_backoff()
     .modify(slim_vote)
     .reflect(votes_writer)
-    .inspect({
-        let index = caches.index.clone();
-        move |event| {
-            if let Ok(event) = event {
-                index.votes().apply(event);
-            }
-        }
-    })
+    .inspect(feed(&caches.index, |i, event| i.votes().apply(event)))
     .touched_once_stored();
 
     let jobs_for = caches.clone();
@@ -610,6 +589,20 @@ impl kube::runtime::utils::Backoff for NoTriggerBackoff {
 fn poke<T>(trigger: &Arc<tokio::sync::Notify>) -> impl FnMut(&T) + Send + 'static + use<T> {
     let trigger = trigger.clone();
     move |_| trigger.notify_one()
+}
+
+/// A stream inspector that applies every watch event (not the errors) to one of the indexes, as
+/// the event reaches the store.
+fn feed<K, E>(
+    index: &Arc<index::Indexes>,
+    apply: impl Fn(&index::Indexes, &watcher::Event<K>) + Send + 'static,
+) -> impl FnMut(&Result<watcher::Event<K>, E>) + Send + 'static {
+    let index = index.clone();
+    move |event| {
+        if let Ok(event) = event {
+            apply(&index, event);
+        }
+    }
 }
 
 /// tokio-stream's `UnboundedReceiverStream`, in one line: tokio-stream is not in the build
