@@ -332,7 +332,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             anthropic_upstream: args.meter_anthropic_upstream.filter(|u| !u.is_empty()),
             budget_mode: args.meter_budget_mode,
             grant_url,
-            grant_ca_pem: meter_tls.as_ref().map(|t| t.ca_pem()),
         },
         meter_api_tls: meter_tls.clone().map(controller::meter_tls::LiveCa),
     };

@@ -29,10 +29,11 @@ fn metered_pod() -> Pod {
         anthropic_upstream: None,
         budget_mode: BudgetMode::Grants,
         grant_url: "https://agentgate-meter-api.agentgate-system.svc:8444".into(),
-        // The CA and the startup probe are part of what restricted admission sees.
-        grant_ca_pem: Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into()),
     };
-    let (meter, _) = config.plan(NS, Some(&NamespaceKeys { openai: true, anthropic: true, ..NamespaceKeys::default() }), "5.00");
+    let (mut meter, _) = config.plan(NS, Some(&NamespaceKeys { openai: true, anthropic: true, ..NamespaceKeys::default() }), "5.00");
+    // The CA (set by the operator at Pod creation) and the startup probe are part of what
+    // restricted admission sees.
+    meter.grant_ca_pem = Some("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into());
     let plan = PodPlan {
         job_name: "job",
         namespace: NS,

@@ -421,9 +421,9 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
     }
     let keys = super::meter_keys::of_namespace(ctx, &namespace).await?;
     let (mut meter, warnings) = ctx.settings.meter.plan(&namespace, keys.as_ref(), &spec.budget.max_cost_usd);
-    if let (Some(live), Some(ca)) = (&ctx.settings.meter_api_tls, meter.grant_ca_pem.as_mut()) {
-        *ca = live.pem();
-    }
+    // The CA served now, not at start: a rotated one reaches new Pods without a restart
+    // (meter_grants a_rotated_provided_ca_reaches_new_agent_pods_without_an_operator_restart).
+    meter.grant_ca_pem = ctx.settings.meter_api_tls.as_ref().map(super::meter_tls::LiveCa::pem);
     for w in &warnings {
         ctx.publish_event(&job.object_ref(&()), EventType::Warning, w.reason, &w.message, "CreatePod").await;
     }

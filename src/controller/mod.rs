@@ -638,7 +638,6 @@ mod tests {
             anthropic_upstream: None,
             budget_mode: crate::domain::meter_sidecar::BudgetMode::Fixed,
             grant_url: String::new(),
-            grant_ca_pem: None,
         };
         let (meter, _) = config.plan("team", None, "1.00");
         let mut pod = build_pod(&PodPlan {

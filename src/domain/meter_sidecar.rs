@@ -89,9 +89,6 @@ pub struct MeterConfig {
     pub anthropic_upstream: Option<String>,
     pub budget_mode: BudgetMode,
     pub grant_url: String,
-    /// The CA certificate (PEM) of the meter API's server certificate (controller/meter_tls.rs):
-    /// the meters trust it alone. None with a plain-HTTP meter API (`--meter-api-tls off`).
-    pub grant_ca_pem: Option<String>,
 }
 
 /// What a namespace's keys Secret offers: which keys it holds (never their values) and the
@@ -137,7 +134,10 @@ pub struct MeterSidecar {
     pub openai_upstream: Option<String>,
     pub anthropic_upstream: Option<String>,
     pub budget: MeterBudget,
-    /// See [`MeterConfig::grant_ca_pem`]; used with [`MeterBudget::Grants`].
+    /// The CA certificate (PEM) the meter API serves under when the Pod is built
+    /// (controller/meter_tls.rs), which the meter trusts alone; used with [`MeterBudget::Grants`].
+    /// None from [`MeterConfig::plan`]: the shell sets it, as the CA may change while it runs.
+    /// None with a plain-HTTP meter API (`--meter-api-tls off`).
     pub grant_ca_pem: Option<String>,
 }
 
@@ -195,7 +195,7 @@ impl MeterConfig {
             openai_upstream,
             anthropic_upstream,
             budget,
-            grant_ca_pem: self.grant_ca_pem.clone(),
+            grant_ca_pem: None,
         };
         (sidecar, warnings)
     }
@@ -392,7 +392,6 @@ mod tests {
             anthropic_upstream: None,
             budget_mode: BudgetMode::Fixed,
             grant_url: "https://agentgate-meter-api.agentgate-system.svc:8444".into(),
-            grant_ca_pem: Some("-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n".into()),
         }
     }
 
@@ -401,10 +400,14 @@ mod tests {
         NamespaceKeys::from_secret(["openai", "anthropic", "unrelated"], &annotations)
     }
 
+    const CA: &str = "-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n";
+
+    /// [`config`]'s meter for a namespace with both keys, with the CA the shell adds.
     fn meter() -> MeterSidecar {
         let (sidecar, warnings) = config().plan("ns", Some(&both_keys()), "5.00");
         assert_eq!(warnings, []);
-        sidecar
+        assert_eq!(sidecar.grant_ca_pem, None, "the CA is the shell's to set");
+        MeterSidecar { grant_ca_pem: Some(CA.into()), ..sidecar }
     }
 
     /// The agent's Pod before injection, as `build_pod` makes it.
@@ -484,7 +487,7 @@ mod tests {
         let args = sidecar.args.as_ref().unwrap().join(" ");
         assert!(args.contains("--grant-url https://api.ns.svc:8444") && !args.contains("--budget-usd"), "{args}");
         assert!(!args.contains("--grant-insecure-http"), "{args}");
-        assert_eq!(env_of(sidecar, GRANT_CA_ENV), meter().grant_ca_pem.as_deref(), "the meter trusts the operator's CA");
+        assert_eq!(env_of(sidecar, GRANT_CA_ENV), Some(CA), "the meter trusts the operator's CA");
         assert_eq!(env_of(&spec.containers[0], GRANT_CA_ENV), None);
         // A plain-HTTP meter API (TLS turned off by the admin) is said so explicitly.
         let mut plain = super::tests::pod();
