@@ -205,7 +205,7 @@ fn slim<K: Resource>(obj: &mut K) {
 /// Keeps a job's `input`, `inputSchema` and `outputSchema` out of the cache when they are
 /// bigger than `ELIDE_SPEC_OVER` bytes of JSON (a tenant may make each up to the input size
 /// limit, and 10,000 cached jobs must fit in 64 MiB): the cached copy carries
-/// `agentgate_job::SPEC_ELIDED` instead, and a reconcile that needs the spec whole reads the job
+/// `agent_job::SPEC_ELIDED` instead, and a reconcile that needs the spec whole reads the job
 /// from the API first (`agent_job::whole`). Nothing else reads those three fields.
 fn slim_job(job: &mut AgentJob) {
     slim(job);
