@@ -261,7 +261,12 @@ async fn big_services_are_not_cached_whole() {
         rss / 1024,
         hwm / 1024
     );
-    assert!(rss < 64 * 1024, "RSS {rss} KiB: the annotations are cached");
+    // Cached whole, the annotations alone would hold their full volume (100 MiB) on top of the
+    // operator's own ~35 MiB. Not cached, RSS is the baseline plus what the allocator keeps of
+    // the 50-Service list pages it decoded and freed, which varies by run (a fixed 64 MiB bound
+    // failed CI at 67 MiB). The bound is the annotation volume: it fails when they stay.
+    let volume_kib = (SERVICES * 250) as u64;
+    assert!(rss < volume_kib, "RSS {rss} KiB, annotations {volume_kib} KiB: the annotations are cached");
     assert!(hwm < 128 * 1024, "peak RSS {hwm} KiB");
 }
 
