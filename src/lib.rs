@@ -15,3 +15,9 @@ pub mod signal;
 pub mod state;
 pub mod telemetry;
 pub mod text_table;
+
+// The operator's allocator (main.rs) in the unit tests too, so that they can size what the caches
+// hold with its per-thread counter (controller/memory.rs).
+#[cfg(test)]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

@@ -31,9 +31,12 @@ pub async fn serve(
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
+        .route("/debug/memory", get(memory_handler))
         .with_state(AppState { metrics, health, jobs });
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    // The bound address, not the asked one: with port 0 (tests, `make bench`) it names the port.
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "serving /healthz, /readyz, /metrics and /debug/memory");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 
@@ -68,4 +71,21 @@ async fn metrics_handler(State(state): State<AppState>) -> impl IntoResponse {
     }
     state.metrics.refresh_tools();
     ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+}
+
+/// What the caches hold, estimated object by object (controller/memory.rs), as plain text. One
+/// report at a time: it deep-copies every cached object once, one after the other.
+async fn memory_handler(State(state): State<AppState>) -> impl IntoResponse {
+    static RUNNING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    let Ok(_one) = RUNNING.try_lock() else {
+        return (StatusCode::TOO_MANY_REQUESTS, "a memory report is being written; ask again".to_string());
+    };
+    let report = state.health.memory_report.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    match report {
+        Some(report) => match tokio::task::spawn_blocking(move || report()).await {
+            Ok(text) => (StatusCode::OK, text),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("the memory report failed: {e}")),
+        },
+        None => (StatusCode::SERVICE_UNAVAILABLE, "not leading: no caches".to_string()),
+    }
 }

@@ -17,7 +17,13 @@ pub struct Health {
     /// What keeps the identity admission policies from being in force (empty: nothing); None
     /// while not leading or not yet verified. Reported by /readyz, which stays ready (see README).
     pub identity_problems: std::sync::RwLock<Option<Vec<String>>>,
+    /// Writes what the caches of the current term of leadership hold (`GET /debug/memory`);
+    /// None while not leading.
+    pub memory_report: std::sync::RwLock<Option<MemoryReport>>,
 }
+
+/// Renders `GET /debug/memory` (controller/memory.rs).
+pub type MemoryReport = Arc<dyn Fn() -> String + Send + Sync>;
 
 impl Health {
     /// A standby is ready (it is healthy and waiting); the leader once its caches are synced.

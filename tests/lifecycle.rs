@@ -240,7 +240,7 @@ async fn input_not_matching_its_schema_is_rejected_listing_paths() {
     assert!(ready.message.contains("input/repositoryPath") && ready.message.contains("input/scanDepth"), "{}", ready.message);
 }
 
-/// A job's input and schemas over 1 KiB stay out of the operator's cache (controller::slim_job):
+/// A job's input and schemas over 1 KiB stay out of the operator's cache (controller::slim::job):
 /// the checks, the spec history and the Pod still get them whole. A tenant who marks a small job
 /// as if its input had been left out only costs the operator a GET of that job.
 #[tokio::test]

@@ -198,10 +198,11 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     Ok(next_check(&plan.status, ctx.settings.approval_timeout_seconds))
 }
 
-/// Cached jobs whose `input`, `inputSchema` and `outputSchema` together take more than this many
-/// bytes of JSON are cached without them (`controller::slim_job`).
+/// Cached jobs whose `input`, `inputSchema`, `outputSchema`, `description` and agents' `command`,
+/// `args` and `env` together take more than this many bytes of JSON are cached without them
+/// (`controller::slim::job`).
 pub const ELIDE_SPEC_OVER: usize = 1024;
-/// Set on such a cached copy only; never written to the API.
+/// Set on such a cached copy only (a tenant's own is not cached); never written to the API.
 pub const SPEC_ELIDED: &str = "agentgate.dev/cached-without-input";
 
 enum Whole {

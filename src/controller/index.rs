@@ -40,7 +40,7 @@ pub struct Change<E> {
 }
 
 /// Entries by key, with a relist buffered until `InitDone`.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 struct Entries<E> {
     live: HashMap<Key, E>,
     relisting: Option<HashMap<Key, E>>,
@@ -49,6 +49,13 @@ struct Entries<E> {
 impl<E> Default for Entries<E> {
     fn default() -> Self {
         Entries { live: HashMap::new(), relisting: None }
+    }
+}
+
+impl<E> Entries<E> {
+    /// Objects indexed (`GET /debug/memory`).
+    pub fn objects(&self) -> usize {
+        self.live.len()
     }
 }
 
@@ -142,7 +149,7 @@ pub struct Released {
     pub namespace: String,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct PodIndex {
     entries: Entries<PodEntry>,
     /// (namespace, controlling job uid) → names of the Pods there it controls.
@@ -154,6 +161,10 @@ pub struct PodIndex {
 }
 
 impl PodIndex {
+    pub fn objects(&self) -> usize {
+        self.entries.objects()
+    }
+
     /// Takes in one watch event; returns the node capacity it released.
     pub fn apply(&mut self, event: &Event<Pod>) -> Vec<Released> {
         let changes = self.entries.apply(event, PodEntry::of);
@@ -256,19 +267,21 @@ pub struct Shortage {
 pub struct JobEntry {
     uid: Option<String>,
     phase: Option<JobPhase>,
-    queue: QueueKey,
     tools: BTreeSet<String>,
-    shortage: Option<Shortage>,
+    /// While it waits for resources: its place in the queue and what it lacks. Boxed, and its
+    /// key (a copy of the job's) only made then: most of 10,000 jobs wait for anything else,
+    /// and an entry is 90 B instead of 240 (`GET /debug/memory`).
+    waiting: Option<Box<(QueueKey, Shortage)>>,
 }
 
 impl JobEntry {
     pub fn of(job: &AgentJob) -> Option<JobEntry> {
         let status = job.status.as_ref();
         let phase = status.and_then(|s| s.phase);
-        let shortage = (phase == Some(JobPhase::WaitingForResources)).then(|| {
+        let waiting = (phase == Some(JobPhase::WaitingForResources)).then(|| {
             let short = status.map(|s| s.insufficient_resources.as_slice()).unwrap_or_default();
             let need = snapshot::pod_need(job);
-            Shortage {
+            let shortage = Shortage {
                 node: short.iter().any(|s| !s.starts_with("quota/")),
                 quota: short.iter().any(|s| s.starts_with("quota/")),
                 per_pod: need.map(|n| {
@@ -278,14 +291,14 @@ impl JobEntry {
                     }
                     per_pod
                 }),
-            }
+            };
+            Box::new((snapshot::queue_key(job), shortage))
         });
         Some(JobEntry {
             uid: job.metadata.uid.clone(),
             phase,
-            queue: snapshot::queue_key(job),
             tools: job.spec.tools.iter().map(|t| t.name.clone()).collect(),
-            shortage,
+            waiting,
         })
     }
 
@@ -294,7 +307,7 @@ impl JobEntry {
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct JobIndex {
     entries: Entries<JobEntry>,
     by_uid: HashMap<String, Key>,
@@ -308,6 +321,10 @@ pub struct JobIndex {
 }
 
 impl JobIndex {
+    pub fn objects(&self) -> usize {
+        self.entries.objects()
+    }
+
     pub fn apply(&mut self, event: &Event<AgentJob>) {
         for Change { key, old, new } in self.entries.apply(event, JobEntry::of) {
             if let Some(old) = &old {
@@ -323,14 +340,11 @@ impl JobIndex {
         if let Some(uid) = &e.uid {
             self.by_uid.insert(uid.clone(), key.clone());
         }
-        match e.phase {
-            Some(JobPhase::WaitingForResources) => {
-                self.waiting.insert(e.queue.clone(), key.clone());
-            }
-            Some(JobPhase::AwaitingApproval) => {
-                self.awaiting_approval.insert(key.clone());
-            }
-            _ => {}
+        if let Some(waiting) = &e.waiting {
+            self.waiting.insert(waiting.0.clone(), key.clone());
+        }
+        if e.phase == Some(JobPhase::AwaitingApproval) {
+            self.awaiting_approval.insert(key.clone());
         }
         for tool in &e.tools {
             if e.phase == Some(JobPhase::Running) {
@@ -348,7 +362,9 @@ impl JobIndex {
         {
             self.by_uid.remove(uid);
         }
-        self.waiting.remove(&e.queue);
+        if let Some(waiting) = &e.waiting {
+            self.waiting.remove(&waiting.0);
+        }
         self.awaiting_approval.remove(key);
         for tool in &e.tools {
             unlink(&mut self.running_by_tool, tool, key);
@@ -368,7 +384,7 @@ impl JobIndex {
 
     /// Every job waiting for resources, in queue order, with what it lacks.
     pub fn waiting(&self) -> impl Iterator<Item = (&Key, Option<&Shortage>)> {
-        self.waiting.values().map(|k| (k, self.entries.live.get(k).and_then(|e| e.shortage.as_ref())))
+        self.waiting.values().map(|k| (k, self.entries.live.get(k).and_then(|e| e.waiting.as_ref()).map(|w| &w.1)))
     }
 
     pub fn awaiting_approval(&self) -> impl Iterator<Item = &Key> {
@@ -405,7 +421,7 @@ impl JobIndex {
 // ---------------------------------------------------------------------------------------------
 // Votes
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct VoteIndex {
     entries: Entries<String>,
     /// (namespace, job name) → names of the votes there naming it.
@@ -413,6 +429,10 @@ pub struct VoteIndex {
 }
 
 impl VoteIndex {
+    pub fn objects(&self) -> usize {
+        self.entries.objects()
+    }
+
     pub fn apply(&mut self, event: &Event<ApprovalVote>) {
         for Change { key, old, new } in self.entries.apply(event, |v: &ApprovalVote| Some(v.spec.job_ref.name.clone())) {
             if let Some(job) = old {
@@ -441,7 +461,7 @@ impl VoteIndex {
 
 /// ResourceQuotas by namespace: a job's readiness reads its own namespace's, never copies the
 /// whole quota cache (one entry per namespace or more in a shared cluster) per reconcile.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct QuotaIndex {
     entries: Entries<()>,
     by_namespace: HashMap<String, BTreeSet<String>>,

@@ -14,11 +14,13 @@ pub mod index;
 pub mod learning_mark;
 pub mod meter_api;
 pub mod meter_keys;
+pub mod memory;
 pub mod meter_tls;
 pub mod pod_finalizer;
 pub mod price_table;
 pub mod recommendations;
 pub mod relist;
+pub mod slim;
 pub mod spec_history;
 // Moved to the domain (it is pure, and the plugin needs it too); re-exported so `super::snapshot` still reads.
 pub use crate::domain::snapshot;
@@ -195,116 +197,6 @@ where
     }
 }
 
-/// Drops what a cache never reads, so 10,000 cached objects stay small.
-fn slim<K: Resource>(obj: &mut K) {
-    // `None`, not an emptied Vec: `clear()` keeps the entries' allocation (~0.4 KB per object).
-    obj.meta_mut().managed_fields = None;
-    obj.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
-}
-
-/// Keeps a job's `input`, `inputSchema` and `outputSchema` out of the cache when they are
-/// bigger than `ELIDE_SPEC_OVER` bytes of JSON (a tenant may make each up to the input size
-/// limit, and 10,000 cached jobs must fit in 64 MiB): the cached copy carries
-/// `agent_job::SPEC_ELIDED` instead, and a reconcile that needs the spec whole reads the job
-/// from the API first (`agent_job::whole`). Nothing else reads those three fields.
-fn slim_job(job: &mut AgentJob) {
-    slim(job);
-    let spec = &mut job.spec;
-    let size = |v: &Option<serde_json::Value>| v.as_ref().map_or(0, |v| serde_json::to_vec(v).map_or(usize::MAX, |b| b.len()));
-    if size(&spec.input) + size(&spec.input_schema) + size(&spec.output_schema) > agent_job::ELIDE_SPEC_OVER {
-        (spec.input, spec.input_schema, spec.output_schema) = (None, None, None);
-        job.metadata.annotations.get_or_insert_default().insert(agent_job::SPEC_ELIDED.to_string(), String::new());
-    }
-}
-
-/// Whether the operator reads this Pod from the cache: one an AgentJob controls, one posing as a
-/// job's (its job-uid label, reported as a decoy) or one holding the usage finalizer. Every
-/// other Pod of the cluster only feeds the node-capacity index (index.rs), never the store: a
-/// slimmed Pod still costs ~2 KB cached (k8s-openapi's `PodSpec` is inline), 40 MB for 20,000
-/// foreign Pods (README "In a busy cluster").
-fn is_agentgate_pod(pod: &Pod) -> bool {
-    snapshot::pod_controller_job_uid(pod).is_some() || snapshot::labelled_job_uid(pod).is_some() || pod_finalizer::holds_finalizer(pod)
-}
-
-/// Applies a Pod watch event to the store, foreign Pods left out (`is_agentgate_pod`), and
-/// passes it on unless it is only about a foreign Pod. A Pod that stops being agentgate's
-/// (its labels or owners changed) leaves the store as if deleted.
-fn store_agentgate_pods(store: &mut reflector::store::Writer<Pod>, event: watcher::Event<Pod>) -> Option<watcher::Event<Pod>> {
-    use watcher::Event;
-    match &event {
-        Event::Apply(pod) | Event::Delete(pod) if !is_agentgate_pod(pod) => {
-            let mut gone = Pod::default();
-            (gone.metadata.name, gone.metadata.namespace) = (pod.metadata.name.clone(), pod.metadata.namespace.clone());
-            store.apply_watcher_event(&Event::Delete(gone));
-            None
-        }
-        Event::InitApply(pod) if !is_agentgate_pod(pod) => None,
-        _ => {
-            store.apply_watcher_event(&event);
-            Some(event)
-        }
-    }
-}
-
-/// Keeps of a Pod only what the operator reads from the cache (every Pod of the cluster is
-/// watched, for node capacity): its identity, labels and owners, the node, the containers' and
-/// init containers' requests and the overhead (`snapshot::node_views`), the phase and the `agent` container's termination
-/// (`snapshot::pod_view`). Anything else a reconcile needs of a Pod must be read elsewhere.
-fn slim_pod(pod: &mut Pod) {
-    use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodSpec, PodStatus};
-    slim(pod);
-    // The generation a Pod was built from is the only annotation read (adopting an unrecorded attempt).
-    let generation = crate::domain::pod_builder::ANNOTATION_JOB_GENERATION;
-    pod.metadata.annotations = pod
-        .metadata
-        .annotations
-        .take()
-        .map(|a| a.into_iter().filter(|(k, _)| k == generation).collect())
-        .filter(|a: &std::collections::BTreeMap<_, _>| !a.is_empty());
-    if let Some(spec) = pod.spec.take() {
-        let containers =
-            spec.containers.into_iter().map(|c| Container { name: c.name, resources: c.resources, ..Container::default() }).collect();
-        // Init containers and sidecars (restartPolicy) and the overhead count in the Pod's
-        // requests as the scheduler counts them (controller::tests::a_slimmed_pod_reads_the_same_and_is_smaller).
-        let init_containers = spec.init_containers.map(|cs| {
-            cs.into_iter()
-                .map(|c| Container { name: c.name, resources: c.resources, restart_policy: c.restart_policy, ..Container::default() })
-                .collect()
-        });
-        pod.spec = Some(PodSpec { node_name: spec.node_name, containers, init_containers, overhead: spec.overhead, ..PodSpec::default() });
-    }
-    if let Some(status) = pod.status.take() {
-        let container_statuses = status
-            .container_statuses
-            .map(|cs| cs.into_iter().map(|c| ContainerStatus { name: c.name, state: c.state, ..ContainerStatus::default() }).collect());
-        pod.status = Some(PodStatus { phase: status.phase, reason: status.reason, container_statuses, ..PodStatus::default() });
-    }
-}
-
-/// Keeps of a Service what the operator reads: its identity, `agentgate.dev/` labels and
-/// annotations (discovery) and its ports (a tool's endpoint check). Every Service of the cluster
-/// is watched (a tool may name any), and a tenant's 250 KiB annotations must not be cached.
-fn slim_service(svc: &mut Service) {
-    use k8s_openapi::api::core::v1::ServiceSpec;
-    slim(svc);
-    let ours = |m: Option<std::collections::BTreeMap<String, String>>| {
-        m.map(|m| m.into_iter().filter(|(k, _)| k.starts_with("agentgate.dev/")).collect::<std::collections::BTreeMap<_, _>>())
-            .filter(|m| !m.is_empty())
-    };
-    svc.metadata.labels = ours(svc.metadata.labels.take());
-    svc.metadata.annotations = ours(svc.metadata.annotations.take());
-    svc.spec = svc.spec.take().map(|spec| ServiceSpec { ports: spec.ports, ..ServiceSpec::default() });
-    svc.status = None;
-}
-
-/// A vote's labels and annotations are never read (`snapshot::vote_view`), and a tenant may
-/// make them 256 KiB per vote.
-fn slim_vote(vote: &mut ApprovalVote) {
-    slim(vote);
-    vote.metadata.labels = None;
-    vote.metadata.annotations = None;
-}
-
 /// Objects per list request of the job, vote and Service watches: a relist holds a few MiB of
 /// (possibly huge) objects at a time, not all of the cluster's at once (tests/isolation.rs: 400
 /// Services of 250 KiB, RSS 60 MiB paged, 120 MiB with kube's default of 500). Triggers from a
@@ -344,7 +236,7 @@ pub async fn run(
         reporter.clone(),
     )
     .default_backoff()
-    .modify(slim_job)
+    .modify(slim::job)
     .inspect({
         let (jobs, index, requeue, tool_requeue) = (jobs.clone(), index.clone(), requeue.clone(), tool_requeue.clone());
         move |event| {
@@ -363,6 +255,10 @@ pub async fn run(
     let caches = Caches { jobs, pods, nodes, quotas, tools, votes, services, endpoint_slices, index };
     *jobs_for_metrics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.jobs.clone());
     *metrics.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.tools.clone());
+    *health.memory_report.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some({
+        let caches = caches.clone();
+        Arc::new(move || memory::report(&caches, &[]))
+    });
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
     let ctx = Arc::new(Context {
         events,
@@ -395,7 +291,7 @@ pub async fn run(
         &mut tasks,
         watcher(scoped::<Pod>(&client, &None), wc.clone())
             .default_backoff()
-            .modify(slim_pod)
+            .modify(slim::pod)
             .inspect({
                 let (caches, requeue) = (caches.clone(), ctx.requeue.clone());
                 move |event| {
@@ -407,7 +303,7 @@ pub async fn run(
             })
             .filter_map({
                 let mut store = pods_writer;
-                move |event| future::ready(event.map(|event| store_agentgate_pods(&mut store, event)).transpose())
+                move |event| future::ready(event.map(|event| slim::store_agentgate_pods(&mut store, event)).transpose())
             })
             .touched_once_stored()
             .filter_map(|pod| future::ready(pod.ok()))
@@ -423,10 +319,10 @@ pub async fn run(
             }),
     );
     let node_stream =
-        watcher(Api::<Node>::all(client.clone()), wc.clone()).default_backoff().modify(slim).reflect(nodes_writer).touched_once_stored();
+        watcher(Api::<Node>::all(client.clone()), wc.clone()).default_backoff().modify(slim::metadata).reflect(nodes_writer).touched_once_stored();
     let quota_stream = watcher(scoped::<ResourceQuota>(&client, &settings.namespace), wc.clone())
         .default_backoff()
-        .modify(slim)
+        .modify(slim::metadata)
         .reflect(quotas_writer)
         .inspect(feed(&caches.index, |i, event| i.quotas().apply(event)))
         .touched_once_stored();
@@ -436,7 +332,7 @@ pub async fn run(
         reporter.clone(),
     )
     .default_backoff()
-    .modify(slim)
+    .modify(slim::metadata)
     .reflect(tools_writer)
     .touched_once_stored()
     .inspect(poke(&discovery_trigger));
@@ -446,7 +342,7 @@ pub async fn run(
         reporter.clone(),
     )
     .default_backoff()
-    .modify(slim_vote)
+    .modify(slim::vote)
     .reflect(votes_writer)
     .inspect(feed(&caches.index, |i, event| i.votes().apply(event)))
     .touched_once_stored();
@@ -471,13 +367,13 @@ pub async fn run(
 
     let service_stream = watcher(Api::<Service>::all(client.clone()), wc.clone().page_size(PAGE_SIZE))
         .default_backoff()
-        .modify(slim_service)
+        .modify(slim::service)
         .reflect(services_writer)
         .touched_once_stored()
         .inspect(poke(&discovery_trigger));
     let slice_stream = watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
         .default_backoff()
-        .modify(slim)
+        .modify(slim::metadata)
         .reflect(slices_writer)
         .touched_once_stored();
     // Only Secrets' metadata is requested (never their data), and nothing is cached: a change
@@ -613,150 +509,3 @@ fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> i
 
 /// Requeue delays: a safety net, not how jobs make progress (watches do that).
 pub const RESYNC: Duration = Duration::from_secs(300);
-
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-
-    use k8s_openapi::api::core::v1::{Node, Pod};
-    use kube::ResourceExt;
-    use serde_json::json;
-
-    use super::{slim_pod, snapshot};
-    use crate::domain::pod_builder::{PodPlan, build_pod};
-
-    /// An agent Pod as the apiserver returns it once bound and finished, `phase` "Succeeded" or
-    /// "Failed", with the operator's own env, volumes and annotations and the kubelet's status.
-    fn finished_pod(phase: &str) -> Pod {
-        let agent = serde_json::from_value(json!({"name": "scanner", "image": "ghcr.io/acme/scanner:1", "model": "gpt-4o-mini",
-            "env": [{"name": "MODE", "value": "deep"}], "args": ["--all"]}))
-        .unwrap();
-        let config = crate::domain::meter_sidecar::MeterConfig {
-            image: "ghcr.io/agentgate/agentgate:1".into(),
-            keys_secret: "agentgate-llm-keys".into(),
-            openai_upstream: None,
-            anthropic_upstream: None,
-            budget_mode: crate::domain::meter_sidecar::BudgetMode::Fixed,
-            grant_url: String::new(),
-        };
-        let (meter, _) = config.plan("team", None, "1.00");
-        let mut pod = build_pod(&PodPlan {
-            job_name: "scan",
-            namespace: "team",
-            job_uid: "uid-1",
-            job_generation: 4,
-            agent: &agent,
-            attempt: 2,
-            cpu: "500m",
-            memory: "1Gi",
-            gpu: Some(("nvidia.com/gpu", 1)),
-            deadline_seconds: 600,
-            budget_usd: "1.00",
-            input_json: r#"{"repo": "x"}"#,
-            tool_urls: &[("bandit".into(), "http://bandit.tools.svc:8080".into())],
-            meter: &meter,
-        });
-        pod.metadata.uid = Some("pod-uid".into());
-        pod.metadata.annotations.get_or_insert_default().insert("note".to_string(), "x".repeat(500));
-        pod.spec.as_mut().unwrap().node_name = Some("node-a".into());
-        pod.status = Some(
-            serde_json::from_value(json!({"phase": phase, "reason": if phase == "Failed" { "DeadlineExceeded" } else { "" },
-                "conditions": [{"type": "Ready", "status": "False"}], "podIP": "10.0.0.7", "qosClass": "Guaranteed",
-                "containerStatuses": [{"name": "agent", "image": "ghcr.io/acme/scanner:1", "imageID": "sha256:abc", "ready": false,
-                    "restartCount": 0, "containerID": "containerd://1",
-                    "state": {"terminated": {"exitCode": 3, "message": "{\"usage\": {}}", "reason": "Error"}}}]}))
-            .unwrap(),
-        );
-        pod
-    }
-
-    fn pod_of(name: &str, owner: Option<&str>) -> Pod {
-        let owners: Vec<serde_json::Value> = owner
-            .map(|kind| {
-                json!({"apiVersion": if kind == "AgentJob" { "agentgate.dev/v1alpha1" } else { "apps/v1" },
-                "kind": kind, "name": "x", "uid": "uid-1", "controller": true})
-            })
-            .into_iter()
-            .collect();
-        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "team", "ownerReferences": owners}})).unwrap()
-    }
-
-    #[test]
-    fn only_agentgate_pods_are_stored_and_passed_on() {
-        use kube::runtime::watcher::Event;
-        let (store, mut writer) = kube::runtime::reflector::store::<Pod>();
-        let names = |store: &kube::runtime::reflector::Store<Pod>| {
-            let mut n: Vec<String> = store.state().iter().map(|p| p.metadata.name.clone().unwrap()).collect();
-            n.sort();
-            n
-        };
-        let relist = [
-            Event::Init,
-            Event::InitApply(pod_of("agent", Some("AgentJob"))),
-            Event::InitApply(pod_of("web", Some("ReplicaSet"))),
-            Event::InitDone,
-        ];
-        let passed: Vec<_> = relist.into_iter().filter_map(|e| super::store_agentgate_pods(&mut writer, e)).collect();
-        assert_eq!(passed.len(), 3, "Init, the agent Pod and InitDone: {passed:?}");
-        assert_eq!(names(&store), ["agent"]);
-        // A foreign Pod's change is not passed on; an agent Pod that loses its owner leaves the store.
-        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("web", Some("ReplicaSet")))).is_none());
-        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("agent", None))).is_none());
-        assert!(names(&store).is_empty());
-        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("agent", Some("AgentJob")))).is_some());
-        let mut decoy = pod_of("decoy", None);
-        decoy.metadata.labels = Some([(crate::domain::pod_builder::LABEL_JOB_UID.to_string(), "uid-1".to_string())].into());
-        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(decoy)).is_some(), "a decoy is read, to be reported");
-        assert_eq!(names(&store), ["agent", "decoy"]);
-        assert!(super::store_agentgate_pods(&mut writer, Event::Delete(pod_of("agent", Some("AgentJob")))).is_some());
-        assert_eq!(names(&store), ["decoy"]);
-    }
-
-    #[test]
-    fn a_jobs_big_input_and_schemas_stay_out_of_the_cache() {
-        let job = |input: serde_json::Value| -> crate::api::AgentJob {
-            serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
-                "metadata": {"name": "scan", "namespace": "team", "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
-                "spec": {"category": "c", "agents": {"primary": {"name": "a", "image": "i", "model": "m"}}, "budget": {"maxCostUSD": "1"},
-                    "input": input, "inputSchema": {"type": "object"}}}))
-            .unwrap()
-        };
-        let mut small = job(json!({"repo": "x"}));
-        super::slim_job(&mut small);
-        assert_eq!(small.spec.input, Some(json!({"repo": "x"})));
-        assert!(small.spec.input_schema.is_some() && !small.annotations().contains_key(super::agent_job::SPEC_ELIDED));
-        assert_eq!(small.metadata.managed_fields, None);
-        let mut big = job(json!({"blob": "y".repeat(super::agent_job::ELIDE_SPEC_OVER)}));
-        super::slim_job(&mut big);
-        assert_eq!((&big.spec.input, &big.spec.input_schema, &big.spec.output_schema), (&None, &None, &None));
-        assert!(big.annotations().contains_key(super::agent_job::SPEC_ELIDED));
-    }
-
-    #[test]
-    fn a_slimmed_pod_reads_the_same_and_is_smaller() {
-        let node: Node = serde_json::from_value(json!({"metadata": {"name": "node-a"},
-            "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "2"}, "conditions": [{"type": "Ready", "status": "True"}]}}))
-        .unwrap();
-        for phase in ["Running", "Succeeded", "Failed"] {
-            let full = finished_pod(phase);
-            let mut slim = full.clone();
-            slim_pod(&mut slim);
-            assert_eq!(snapshot::pod_view(&slim), snapshot::pod_view(&full), "{phase}");
-            assert_eq!(snapshot::pod_view(&full).and_then(|v| v.generation), Some(4), "{phase}: the generation survives slimming");
-            assert!(snapshot::is_job_pod(&slim, "team", "uid-1"), "{phase}: the controller ownerReference survives slimming");
-            assert_eq!(snapshot::holds_node_resources(&slim), snapshot::holds_node_resources(&full), "{phase}");
-            let nodes = [Arc::new(node.clone())];
-            let views = snapshot::node_views(&nodes, &[Arc::new(slim.clone())]);
-            assert_eq!(views, snapshot::node_views(&nodes, &[Arc::new(full.clone())]));
-            if phase == "Running" {
-                assert_eq!(views[0].free.cpu_milli, 4000 - 500 - 100, "the agent's 500m and its meter sidecar's 100m are taken");
-            }
-            assert_eq!(
-                (slim.metadata.owner_references.as_ref(), slim.metadata.uid.as_ref()),
-                (full.metadata.owner_references.as_ref(), full.metadata.uid.as_ref())
-            );
-            let size = |p: &Pod| serde_json::to_string(p).unwrap().len();
-            assert!(size(&slim) * 2 < size(&full), "{} of {} bytes left", size(&slim), size(&full));
-        }
-    }
-}

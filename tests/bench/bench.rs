@@ -435,6 +435,35 @@ fn memory_breakdown(pid: u32) -> Option<String> {
     Some(format!("RSS by mapping (MiB): {}", parts.join(", ")))
 }
 
+/// The operator's own account of its heap (`GET /debug/memory`: jemalloc's totals and each
+/// cache and index sized object by object), from the metrics address its log names.
+async fn operator_memory_report(log: &Path) -> Option<String> {
+    use std::io::{Read, Write};
+    let text = std::fs::read_to_string(log).ok()?;
+    let line = text.lines().find(|l| l.contains("/debug/memory"))?;
+    // Drop the terminal colour codes around `addr=`.
+    let mut plain = String::new();
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| *c == 'm');
+        } else {
+            plain.push(c);
+        }
+    }
+    let addr = plain.split_whitespace().find_map(|w| w.strip_prefix("addr="))?.to_string();
+    let response = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(&addr).ok()?;
+        stream.write_all(b"GET /debug/memory HTTP/1.0\r\nHost: operator\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        Some(response)
+    })
+    .await
+    .ok()??;
+    Some(response.split_once("\r\n\r\n")?.1.trim_end().to_string())
+}
+
 /// CPU seconds of our direct children named `comm` (etcd, kube-apiserver), for context.
 fn child_cpu(comm: &str) -> Option<f64> {
     let me = std::process::id().to_string();
@@ -1073,6 +1102,9 @@ async fn scenario_scale(env: &Env, jobs: usize, background: &BTreeMap<Key, f64>)
     env.cp.namespace(ns).await;
     let mut operator = start_operator(env, ns).await?;
     let pid = operator.pid();
+    if let Some(report) = operator_memory_report(operator.log_path()).await {
+        println!("    operator heap before any job:\n{}", report.lines().map(|l| format!("      {l}\n")).collect::<String>());
+    }
     // A job counts once the operator has written status for its generation in the phase its
     // kind leads to.
     let seen = Seen::new();
@@ -1109,6 +1141,10 @@ async fn scenario_scale(env: &Env, jobs: usize, background: &BTreeMap<Key, f64>)
     tokio::time::sleep(Duration::from_secs(10)).await;
     if let Some(breakdown) = memory_breakdown(pid) {
         outcome.notes.push(format!("{breakdown} (10 s after the last status)"));
+    }
+    if let Some(report) = operator_memory_report(operator.log_path()).await {
+        println!("    operator heap (GET /debug/memory):\n{}", report.lines().map(|l| format!("      {l}\n")).collect::<String>());
+        outcome.notes.extend(report.lines().map(|l| format!("heap: {l}")));
     }
     outcome.settled_seconds = Some(settle(&env.admin, Duration::from_secs(60)).await?);
     outcome.add_control_plane_cpu(&cp_cpu);

@@ -1,0 +1,170 @@
+//! What the operator's heap holds, for `GET /debug/memory` (server.rs) and `make bench`'s scale
+//! row: jemalloc's own totals (what is allocated, what its pages hold resident, its metadata) and
+//! each watch cache and index, sized by deep-copying it one object at a time on this thread and
+//! reading jemalloc's per-thread allocation counter around the copy. The copies are dropped at
+//! once, so a report costs the CPU of one copy of the caches and the memory of one object.
+//!
+//! Sizes are jemalloc's size classes of every allocation an object owns plus its inline size;
+//! a store's hash table slots are counted at their inline size per entry, and the estimate
+//! ignores what hashing leaves empty. Without jemalloc as the global allocator (the library's
+//! tests) every size reads 0 and the report says so.
+
+use std::ffi::{CStr, c_void};
+use std::fmt::Write as _;
+
+use kube::Resource;
+use kube::runtime::reflector::{ObjectRef, Store};
+
+use super::Caches;
+
+fn read<T: Copy + Default>(name: &CStr) -> Option<T> {
+    let mut value = T::default();
+    let mut len = std::mem::size_of::<T>();
+    // SAFETY: `value` is a valid `T` of `len` bytes, the size jemalloc's ctl expects for `name`
+    // (checked after the call: a size mismatch is an error, never a partial write).
+    let rc = unsafe { tikv_jemalloc_sys::mallctl(name.as_ptr(), (&raw mut value).cast::<c_void>(), &mut len, std::ptr::null_mut(), 0) };
+    (rc == 0 && len == std::mem::size_of::<T>()).then_some(value)
+}
+
+/// Bytes this thread has allocated and not freed since it started (wraps; only differences count).
+fn thread_net() -> u64 {
+    let allocated: u64 = read(c"thread.allocated").unwrap_or(0);
+    let deallocated: u64 = read(c"thread.deallocated").unwrap_or(0);
+    allocated.wrapping_sub(deallocated)
+}
+
+/// Heap bytes `value` owns, inline part included: what a boxed deep copy of it allocates.
+pub fn heap_size<T: Clone>(value: &T) -> usize {
+    let before = thread_net();
+    let copy = Box::new(value.clone());
+    let size = thread_net().wrapping_sub(before);
+    drop(copy);
+    usize::try_from(size).unwrap_or(usize::MAX)
+}
+
+/// jemalloc's totals, refreshed: allocated (live objects), active (their pages), resident
+/// (pages in RAM, dirty ones not yet returned included), metadata, retained (virtual only).
+#[derive(Debug, Default)]
+pub struct AllocatorStats {
+    pub allocated: usize,
+    pub active: usize,
+    pub resident: usize,
+    pub metadata: usize,
+    pub mapped: usize,
+    pub retained: usize,
+}
+
+pub fn allocator_stats() -> AllocatorStats {
+    let mut epoch: u64 = 1;
+    let mut len = std::mem::size_of::<u64>();
+    // SAFETY: "epoch" reads and writes one u64; both pointers are valid for that long.
+    let _ = unsafe {
+        tikv_jemalloc_sys::mallctl(c"epoch".as_ptr(), (&raw mut epoch).cast(), &mut len, (&raw mut epoch).cast(), len)
+    };
+    let stat = |name: &CStr| read::<usize>(name).unwrap_or(0);
+    AllocatorStats {
+        allocated: stat(c"stats.allocated"),
+        active: stat(c"stats.active"),
+        resident: stat(c"stats.resident"),
+        metadata: stat(c"stats.metadata"),
+        mapped: stat(c"stats.mapped"),
+        retained: stat(c"stats.retained"),
+    }
+}
+
+/// One line of the report: objects and their estimated bytes.
+#[derive(Debug, PartialEq)]
+pub struct Part {
+    pub name: &'static str,
+    pub count: usize,
+    pub bytes: usize,
+}
+
+/// A store: each object deep-copied, plus its key (an `ObjectRef`: name, namespace,
+/// resourceVersion and uid) and a hash table slot.
+fn store_part<K>(name: &'static str, store: &Store<K>) -> Part
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    let objects = store.state();
+    let slot = std::mem::size_of::<(ObjectRef<K>, std::sync::Arc<K>)>();
+    // An `Arc`'s two counters sit next to the object.
+    let bytes = objects.iter().map(|o| heap_size(&**o) + 2 * std::mem::size_of::<usize>() + heap_size(&ObjectRef::from_obj(&**o)) + slot).sum();
+    Part { name, count: objects.len(), bytes }
+}
+
+/// Every cache and index, in the order the report prints them.
+pub fn parts(caches: &Caches) -> Vec<Part> {
+    let index = &caches.index;
+    let indexed = |name, count, bytes| Part { name, count, bytes };
+    vec![
+        store_part("AgentJob cache", &caches.jobs),
+        store_part("ApprovalVote cache", &caches.votes),
+        store_part("Pod cache (agentgate's)", &caches.pods),
+        store_part("AgentTool cache", &caches.tools),
+        store_part("Node cache", &caches.nodes),
+        store_part("ResourceQuota cache", &caches.quotas),
+        store_part("Service cache", &caches.services),
+        store_part("EndpointSlice cache", &caches.endpoint_slices),
+        {
+            let jobs = index.jobs();
+            indexed("job index", jobs.objects(), heap_size(&*jobs))
+        },
+        {
+            let pods = index.pods();
+            indexed("Pod index", pods.objects(), heap_size(&*pods))
+        },
+        {
+            let votes = index.votes();
+            indexed("vote index", votes.objects(), heap_size(&*votes))
+        },
+    ]
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// The plain-text report `GET /debug/memory` serves.
+pub fn report(caches: &Caches, extra: &[Part]) -> String {
+    let parts: Vec<Part> = parts(caches).into_iter().chain(extra.iter().map(|p| Part { ..*p })).collect();
+    let stats = allocator_stats();
+    let mut out = String::new();
+    if stats.allocated == 0 {
+        out.push_str("jemalloc is not this process's allocator: no sizes to report\n");
+        return out;
+    }
+    let mib = |b: usize| b as f64 / MIB;
+    let _ = writeln!(
+        out,
+        "allocator (jemalloc, MiB): allocated {:.1}, active {:.1}, resident {:.1}, metadata {:.1}, mapped {:.1}, retained {:.1}",
+        mib(stats.allocated),
+        mib(stats.active),
+        mib(stats.resident),
+        mib(stats.metadata),
+        mib(stats.mapped),
+        mib(stats.retained)
+    );
+    let listed: usize = parts.iter().map(|p| p.bytes).sum();
+    for p in &parts {
+        let per = if p.count > 0 { p.bytes / p.count } else { 0 };
+        let _ = writeln!(out, "{:<28} {:>7} objects {:>7.1} MiB {:>6} B each", p.name, p.count, mib(p.bytes), per);
+    }
+    let _ = writeln!(out, "{:<28} {:>7}         {:>7.1} MiB", "everything else allocated", "", mib(stats.allocated.saturating_sub(listed)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn print_sizes() {
+        use crate::api::*;
+        use std::mem::size_of;
+        macro_rules! p { ($($t:ty),*) => { $(println!("{:>6} {}", size_of::<$t>(), stringify!($t));)* } }
+        p!(AgentJob, AgentJobSpec, AgentJobStatus, kube::api::ObjectMeta, Agents, Agent, crate::api::agent_job_status::Estimate,
+           crate::api::agent_job_status::ApprovalStatus, crate::api::agent_job_status::Usage, crate::api::agent_job_status::MeterStatus,
+           crate::api::agent_job_status::ApprovedToolEndpoints, crate::api::agent_job_status::GenerationRecord,
+           crate::api::agent_job_status::ReadinessCheck, k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
+           crate::api::agent_job_status::Attempt, k8s_openapi::api::core::v1::Pod, k8s_openapi::api::core::v1::PodSpec,
+           k8s_openapi::api::core::v1::Container, k8s_openapi::api::core::v1::PodStatus, k8s_openapi::api::core::v1::ContainerStatus,
+           ApprovalVote, super::super::index::JobEntry);
+    }
+}

@@ -1,0 +1,369 @@
+//! What the watch caches keep of each object: only what the operator reads from them, so that
+//! 10,000 cached jobs, every Pod of the cluster and tenants' oversized metadata fit in the
+//! operator's memory (README "Performance"). Applied with `.modify()` before an object reaches
+//! its store, its index or a trigger.
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::runtime::{reflector, watcher};
+use kube::{Resource, ResourceExt};
+
+use super::{agent_job, pod_finalizer, snapshot};
+use crate::api::{AgentJob, ApprovalVote};
+
+/// Drops what a cache never reads, so 10,000 cached objects stay small.
+pub fn metadata<K: Resource>(obj: &mut K) {
+    // `None`, not an emptied Vec: `clear()` keeps the entries' allocation (~0.4 KB per object).
+    obj.meta_mut().managed_fields = None;
+    obj.annotations_mut().remove("kubectl.kubernetes.io/last-applied-configuration");
+}
+
+/// Keeps of a job what the operator reads from the cache, since a tenant may make the rest of
+/// it a MiB and 10,000 cached jobs must fit in 64 MiB (tests/isolation.rs):
+/// - of its metadata, its identity and version, timestamps and the `requested-by` annotation;
+///   no labels, other annotations, finalizers or ownerReferences (nothing reads them: the Pods'
+///   labels and the spec history's owner come from the job's identity, status writes send only
+///   name, uid and resourceVersion);
+/// - of its spec, `input`, `inputSchema`, `outputSchema`, `description` and the agents'
+///   `command`, `args` and `env` only while together they take at most `ELIDE_SPEC_OVER`
+///   bytes of JSON. Bigger, they are all left out and the cached copy carries
+///   `agent_job::SPEC_ELIDED`: a reconcile that may read them reads the job from the API first
+///   (`agent_job::whole`); everything else that reads cached jobs (indexes, wakeups,
+///   recommendations, metrics) reads only the kept fields.
+pub fn job(job: &mut AgentJob) {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let meta = std::mem::take(&mut job.metadata);
+    let requested_by = meta.annotations.and_then(|mut a| a.remove_entry(agent_job::REQUESTED_BY));
+    job.metadata = ObjectMeta {
+        name: meta.name,
+        namespace: meta.namespace,
+        uid: meta.uid,
+        resource_version: meta.resource_version,
+        generation: meta.generation,
+        creation_timestamp: meta.creation_timestamp,
+        deletion_timestamp: meta.deletion_timestamp,
+        annotations: requested_by.map(|entry| [entry].into()),
+        ..ObjectMeta::default()
+    };
+    let spec = &mut job.spec;
+    let agents = std::iter::once(&spec.agents.primary).chain(&spec.agents.supporting);
+    let size = [json_len(&spec.input), json_len(&spec.input_schema), json_len(&spec.output_schema), json_len(&spec.description)]
+        .into_iter()
+        .chain(agents.flat_map(|a| [json_len(&a.command), json_len(&a.args), json_len(&a.env)]))
+        .fold(0, usize::saturating_add);
+    if size > agent_job::ELIDE_SPEC_OVER {
+        (spec.input, spec.input_schema, spec.output_schema, spec.description) = (None, None, None, None);
+        for agent in std::iter::once(&mut spec.agents.primary).chain(&mut spec.agents.supporting) {
+            (agent.command, agent.args, agent.env) = (Vec::new(), Vec::new(), Vec::new());
+        }
+        job.metadata.annotations.get_or_insert_default().insert(agent_job::SPEC_ELIDED.to_string(), String::new());
+    }
+}
+
+/// Bytes of a field's JSON; usize::MAX if it cannot be encoded (left out, then).
+fn json_len<T: serde::Serialize>(value: &T) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |b| b.len())
+}
+
+/// Whether the operator reads this Pod from the cache: one an AgentJob controls, one posing as a
+/// job's (its job-uid label, reported as a decoy) or one holding the usage finalizer. Every
+/// other Pod of the cluster only feeds the node-capacity index (index.rs), never the store: a
+/// slimmed Pod still costs ~2 KB cached (k8s-openapi's `PodSpec` is inline), 40 MB for 20,000
+/// foreign Pods (README "In a busy cluster").
+fn is_agentgate_pod(pod: &Pod) -> bool {
+    snapshot::pod_controller_job_uid(pod).is_some() || snapshot::labelled_job_uid(pod).is_some() || pod_finalizer::holds_finalizer(pod)
+}
+
+/// Applies a Pod watch event to the store, foreign Pods left out (`is_agentgate_pod`), and
+/// passes it on unless it is only about a foreign Pod. A Pod that stops being agentgate's
+/// (its labels or owners changed) leaves the store as if deleted. What is stored and passed on
+/// is `stored_pod`'s part: the index has taken the requests in already.
+pub fn store_agentgate_pods(store: &mut reflector::store::Writer<Pod>, mut event: watcher::Event<Pod>) -> Option<watcher::Event<Pod>> {
+    use watcher::Event;
+    if let Event::Apply(pod) | Event::InitApply(pod) = &mut event {
+        stored_pod(pod);
+    }
+    match &event {
+        Event::Apply(pod) | Event::Delete(pod) if !is_agentgate_pod(pod) => {
+            let mut gone = Pod::default();
+            (gone.metadata.name, gone.metadata.namespace) = (pod.metadata.name.clone(), pod.metadata.namespace.clone());
+            store.apply_watcher_event(&Event::Delete(gone));
+            None
+        }
+        Event::InitApply(pod) if !is_agentgate_pod(pod) => None,
+        _ => {
+            store.apply_watcher_event(&event);
+            Some(event)
+        }
+    }
+}
+
+/// Of a slimmed Pod (`pod`), what the store keeps: no requests (only the Pod index reads them,
+/// from the watch event, before the store) and only the `agent` container's status
+/// (`snapshot::pod_view`). A container's inline size is 2.3 KB in k8s-openapi, its status 0.75 KB:
+/// an agent Pod with its meter sidecar cached 12.7 KB, this keeps about a third of that
+/// (`GET /debug/memory`).
+fn stored_pod(pod: &mut Pod) {
+    if let Some(spec) = pod.spec.as_mut() {
+        (spec.containers, spec.init_containers, spec.overhead) = (Vec::new(), None, None);
+    }
+    if let Some(statuses) = pod.status.as_mut().and_then(|s| s.container_statuses.as_mut()) {
+        statuses.retain(|c| c.name == "agent");
+    }
+}
+
+/// Keeps of a Pod only what the operator reads from the cache (every Pod of the cluster is
+/// watched, for node capacity): its identity, labels and owners, the node, the containers' and
+/// init containers' requests and the overhead (`snapshot::node_views`), the phase and the `agent` container's termination
+/// (`snapshot::pod_view`). Anything else a reconcile needs of a Pod must be read elsewhere.
+pub fn pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodSpec, PodStatus};
+    metadata(pod);
+    // The generation a Pod was built from is the only annotation read (adopting an unrecorded attempt).
+    let generation = crate::domain::pod_builder::ANNOTATION_JOB_GENERATION;
+    pod.metadata.annotations = pod
+        .metadata
+        .annotations
+        .take()
+        .map(|a| a.into_iter().filter(|(k, _)| k == generation).collect())
+        .filter(|a: &std::collections::BTreeMap<_, _>| !a.is_empty());
+    if let Some(spec) = pod.spec.take() {
+        let containers =
+            spec.containers.into_iter().map(|c| Container { name: c.name, resources: c.resources, ..Container::default() }).collect();
+        // Init containers and sidecars (restartPolicy) and the overhead count in the Pod's
+        // requests as the scheduler counts them (controller::tests::a_slimmed_pod_reads_the_same_and_is_smaller).
+        let init_containers = spec.init_containers.map(|cs| {
+            cs.into_iter()
+                .map(|c| Container { name: c.name, resources: c.resources, restart_policy: c.restart_policy, ..Container::default() })
+                .collect()
+        });
+        pod.spec = Some(PodSpec { node_name: spec.node_name, containers, init_containers, overhead: spec.overhead, ..PodSpec::default() });
+    }
+    if let Some(status) = pod.status.take() {
+        let container_statuses = status
+            .container_statuses
+            .map(|cs| cs.into_iter().map(|c| ContainerStatus { name: c.name, state: c.state, ..ContainerStatus::default() }).collect());
+        pod.status = Some(PodStatus { phase: status.phase, reason: status.reason, container_statuses, ..PodStatus::default() });
+    }
+}
+
+/// Keeps of a Service what the operator reads: its identity, `agentgate.dev/` labels and
+/// annotations (discovery) and its ports (a tool's endpoint check). Every Service of the cluster
+/// is watched (a tool may name any), and a tenant's 250 KiB annotations must not be cached.
+pub fn service(svc: &mut Service) {
+    use k8s_openapi::api::core::v1::ServiceSpec;
+    metadata(svc);
+    let ours = |m: Option<std::collections::BTreeMap<String, String>>| {
+        m.map(|m| m.into_iter().filter(|(k, _)| k.starts_with("agentgate.dev/")).collect::<std::collections::BTreeMap<_, _>>())
+            .filter(|m| !m.is_empty())
+    };
+    svc.metadata.labels = ours(svc.metadata.labels.take());
+    svc.metadata.annotations = ours(svc.metadata.annotations.take());
+    svc.spec = svc.spec.take().map(|spec| ServiceSpec { ports: spec.ports, ..ServiceSpec::default() });
+    svc.status = None;
+}
+
+/// A vote's labels and annotations are never read (`snapshot::vote_view`), and a tenant may
+/// make them 256 KiB per vote.
+pub fn vote(vote: &mut ApprovalVote) {
+    metadata(vote);
+    vote.metadata.labels = None;
+    vote.metadata.annotations = None;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use k8s_openapi::api::core::v1::{Node, Pod};
+    use kube::ResourceExt;
+    use serde_json::json;
+
+    use super::{pod as slim_pod, snapshot};
+    use crate::domain::pod_builder::{PodPlan, build_pod};
+
+    /// An agent Pod as the apiserver returns it once bound and finished, `phase` "Succeeded" or
+    /// "Failed", with the operator's own env, volumes and annotations and the kubelet's status.
+    fn finished_pod(phase: &str) -> Pod {
+        let agent = serde_json::from_value(json!({"name": "scanner", "image": "ghcr.io/acme/scanner:1", "model": "gpt-4o-mini",
+            "env": [{"name": "MODE", "value": "deep"}], "args": ["--all"]}))
+        .unwrap();
+        let config = crate::domain::meter_sidecar::MeterConfig {
+            image: "ghcr.io/agentgate/agentgate:1".into(),
+            keys_secret: "agentgate-llm-keys".into(),
+            openai_upstream: None,
+            anthropic_upstream: None,
+            budget_mode: crate::domain::meter_sidecar::BudgetMode::Fixed,
+            grant_url: String::new(),
+        };
+        let (meter, _) = config.plan("team", None, "1.00");
+        let mut pod = build_pod(&PodPlan {
+            job_name: "scan",
+            namespace: "team",
+            job_uid: "uid-1",
+            job_generation: 4,
+            agent: &agent,
+            attempt: 2,
+            cpu: "500m",
+            memory: "1Gi",
+            gpu: Some(("nvidia.com/gpu", 1)),
+            deadline_seconds: 600,
+            budget_usd: "1.00",
+            input_json: r#"{"repo": "x"}"#,
+            tool_urls: &[("bandit".into(), "http://bandit.tools.svc:8080".into())],
+            meter: &meter,
+        });
+        pod.metadata.uid = Some("pod-uid".into());
+        pod.metadata.annotations.get_or_insert_default().insert("note".to_string(), "x".repeat(500));
+        pod.spec.as_mut().unwrap().node_name = Some("node-a".into());
+        pod.status = Some(
+            serde_json::from_value(json!({"phase": phase, "reason": if phase == "Failed" { "DeadlineExceeded" } else { "" },
+                "conditions": [{"type": "Ready", "status": "False"}], "podIP": "10.0.0.7", "qosClass": "Guaranteed",
+                "containerStatuses": [{"name": "agent", "image": "ghcr.io/acme/scanner:1", "imageID": "sha256:abc", "ready": false,
+                    "restartCount": 0, "containerID": "containerd://1",
+                    "state": {"terminated": {"exitCode": 3, "message": "{\"usage\": {}}", "reason": "Error"}}}]}))
+            .unwrap(),
+        );
+        pod
+    }
+
+    fn pod_of(name: &str, owner: Option<&str>) -> Pod {
+        let owners: Vec<serde_json::Value> = owner
+            .map(|kind| {
+                json!({"apiVersion": if kind == "AgentJob" { "agentgate.dev/v1alpha1" } else { "apps/v1" },
+                "kind": kind, "name": "x", "uid": "uid-1", "controller": true})
+            })
+            .into_iter()
+            .collect();
+        serde_json::from_value(json!({"metadata": {"name": name, "namespace": "team", "ownerReferences": owners}})).unwrap()
+    }
+
+    #[test]
+    fn only_agentgate_pods_are_stored_and_passed_on() {
+        use kube::runtime::watcher::Event;
+        let (store, mut writer) = kube::runtime::reflector::store::<Pod>();
+        let names = |store: &kube::runtime::reflector::Store<Pod>| {
+            let mut n: Vec<String> = store.state().iter().map(|p| p.metadata.name.clone().unwrap()).collect();
+            n.sort();
+            n
+        };
+        let relist = [
+            Event::Init,
+            Event::InitApply(pod_of("agent", Some("AgentJob"))),
+            Event::InitApply(pod_of("web", Some("ReplicaSet"))),
+            Event::InitDone,
+        ];
+        let passed: Vec<_> = relist.into_iter().filter_map(|e| super::store_agentgate_pods(&mut writer, e)).collect();
+        assert_eq!(passed.len(), 3, "Init, the agent Pod and InitDone: {passed:?}");
+        assert_eq!(names(&store), ["agent"]);
+        // A foreign Pod's change is not passed on; an agent Pod that loses its owner leaves the store.
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("web", Some("ReplicaSet")))).is_none());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("agent", None))).is_none());
+        assert!(names(&store).is_empty());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("agent", Some("AgentJob")))).is_some());
+        let mut decoy = pod_of("decoy", None);
+        decoy.metadata.labels = Some([(crate::domain::pod_builder::LABEL_JOB_UID.to_string(), "uid-1".to_string())].into());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(decoy)).is_some(), "a decoy is read, to be reported");
+        assert_eq!(names(&store), ["agent", "decoy"]);
+        assert!(super::store_agentgate_pods(&mut writer, Event::Delete(pod_of("agent", Some("AgentJob")))).is_some());
+        assert_eq!(names(&store), ["decoy"]);
+    }
+
+    #[test]
+    fn a_jobs_big_input_and_schemas_stay_out_of_the_cache() {
+        let job = |input: serde_json::Value| -> crate::api::AgentJob {
+            serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+                "metadata": {"name": "scan", "namespace": "team", "managedFields": [{"manager": "kubectl", "operation": "Apply"}]},
+                "spec": {"category": "c", "agents": {"primary": {"name": "a", "image": "i", "model": "m"}}, "budget": {"maxCostUSD": "1"},
+                    "input": input, "inputSchema": {"type": "object"}}}))
+            .unwrap()
+        };
+        let mut small = job(json!({"repo": "x"}));
+        super::job(&mut small);
+        assert_eq!(small.spec.input, Some(json!({"repo": "x"})));
+        assert!(small.spec.input_schema.is_some() && !small.annotations().contains_key(crate::controller::agent_job::SPEC_ELIDED));
+        assert_eq!(small.metadata.managed_fields, None);
+        let mut big = job(json!({"blob": "y".repeat(crate::controller::agent_job::ELIDE_SPEC_OVER)}));
+        super::job(&mut big);
+        assert_eq!((&big.spec.input, &big.spec.input_schema, &big.spec.output_schema), (&None, &None, &None));
+        assert!(big.annotations().contains_key(crate::controller::agent_job::SPEC_ELIDED));
+    }
+
+    /// What a tenant puts around a job's spec (labels, annotations, finalizers, owners, a long
+    /// agent command line) is not cached: only what the operator reads is, and a mark posing as
+    /// the operator's own "left out" annotation is dropped with the rest.
+    #[test]
+    fn a_cached_job_keeps_only_what_is_read() {
+        use crate::controller::agent_job::{REQUESTED_BY, SPEC_ELIDED};
+        let job = |args: Vec<String>| -> crate::api::AgentJob {
+            serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+                "metadata": {"name": "scan", "namespace": "team", "uid": "uid-1", "resourceVersion": "7", "generation": 2,
+                    "creationTimestamp": "2026-11-30T10:00:00Z", "deletionTimestamp": "2026-11-30T11:00:00Z",
+                    "labels": {"team": "a".repeat(63)}, "finalizers": ["example.com/hold"],
+                    "annotations": {REQUESTED_BY: "alice", "note": "n".repeat(100_000), SPEC_ELIDED: ""},
+                    "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "o", "uid": "u"}]},
+                "spec": {"category": "c", "description": "d", "budget": {"maxCostUSD": "1"},
+                    "agents": {"primary": {"name": "a", "image": "i", "model": "m", "args": args, "env": [{"name": "E", "value": "v"}]},
+                        "supporting": [{"name": "b", "image": "i", "model": "m2", "command": ["run"]}]},
+                    "tools": [{"name": "t"}], "resources": {"cpu": "1", "memory": "1Gi"}, "priority": 3, "input": {"repo": "x"}}}))
+            .unwrap()
+        };
+        let full = job(vec!["--all".into()]);
+        let mut small = full.clone();
+        super::job(&mut small);
+        let m = &small.metadata;
+        assert_eq!((m.name.as_deref(), m.namespace.as_deref(), m.uid.as_deref(), m.resource_version.as_deref()), (Some("scan"), Some("team"), Some("uid-1"), Some("7")));
+        assert_eq!((m.generation, &m.creation_timestamp, &m.deletion_timestamp), (Some(2), &full.metadata.creation_timestamp, &full.metadata.deletion_timestamp));
+        assert_eq!((&m.labels, &m.finalizers, &m.owner_references), (&None, &None, &None));
+        assert_eq!(small.annotations(), &[(REQUESTED_BY.to_string(), "alice".to_string())].into(), "the tenant's mark is not kept");
+        assert_eq!(small.spec, full.spec, "a small spec is cached whole");
+
+        let mut big = job(vec!["x".repeat(2000)]);
+        super::job(&mut big);
+        assert!(big.annotations().contains_key(SPEC_ELIDED) && big.annotations().contains_key(REQUESTED_BY));
+        let agents = [&big.spec.agents.primary, &big.spec.agents.supporting[0]];
+        assert!(agents.iter().all(|a| a.args.is_empty() && a.command.is_empty() && a.env.is_empty()), "{agents:?}");
+        assert_eq!((&big.spec.input, &big.spec.description), (&None, &None));
+        // What the indexes, wakeups and recommendations read stays.
+        assert_eq!((agents[0].model.as_str(), agents[1].name.as_str(), big.spec.priority), ("m", "b", Some(3)));
+        assert_eq!((big.spec.tools.len(), big.spec.resources.as_ref().map(|r| r.cpu.as_str())), (1, Some("1")));
+        let heap = crate::controller::memory::heap_size::<crate::api::AgentJob>;
+        assert!(heap(&big) < 4096, "{} B cached of a job of {} B", heap(&big), heap(&full));
+    }
+
+    #[test]
+    fn a_slimmed_pod_reads_the_same_and_is_smaller() {
+        let node: Node = serde_json::from_value(json!({"metadata": {"name": "node-a"},
+            "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "2"}, "conditions": [{"type": "Ready", "status": "True"}]}}))
+        .unwrap();
+        for phase in ["Running", "Succeeded", "Failed"] {
+            let full = finished_pod(phase);
+            let mut slim = full.clone();
+            slim_pod(&mut slim);
+            assert_eq!(snapshot::pod_view(&slim), snapshot::pod_view(&full), "{phase}");
+            assert_eq!(snapshot::pod_view(&full).and_then(|v| v.generation), Some(4), "{phase}: the generation survives slimming");
+            assert!(snapshot::is_job_pod(&slim, "team", "uid-1"), "{phase}: the controller ownerReference survives slimming");
+            assert_eq!(snapshot::holds_node_resources(&slim), snapshot::holds_node_resources(&full), "{phase}");
+            let nodes = [Arc::new(node.clone())];
+            let views = snapshot::node_views(&nodes, &[Arc::new(slim.clone())]);
+            assert_eq!(views, snapshot::node_views(&nodes, &[Arc::new(full.clone())]));
+            if phase == "Running" {
+                assert_eq!(views[0].free.cpu_milli, 4000 - 500 - 100, "the agent's 500m and its meter sidecar's 100m are taken");
+            }
+            assert_eq!(
+                (slim.metadata.owner_references.as_ref(), slim.metadata.uid.as_ref()),
+                (full.metadata.owner_references.as_ref(), full.metadata.uid.as_ref())
+            );
+            let size = |p: &Pod| serde_json::to_string(p).unwrap().len();
+            assert!(size(&slim) * 2 < size(&full), "{} of {} bytes left", size(&slim), size(&full));
+            // The store's copy: the same reads, apart from requests (the index's, from `slim`).
+            let mut stored = slim.clone();
+            super::stored_pod(&mut stored);
+            assert_eq!(snapshot::pod_view(&stored), snapshot::pod_view(&full), "{phase}");
+            assert!(snapshot::is_job_pod(&stored, "team", "uid-1") && super::is_agentgate_pod(&stored), "{phase}");
+            assert_eq!(snapshot::holds_node_resources(&stored), snapshot::holds_node_resources(&full), "{phase}");
+            assert_eq!((stored.finalizers(), stored.spec.as_ref().unwrap().node_name.as_deref()), (full.finalizers(), Some("node-a")));
+            let heap = crate::controller::memory::heap_size::<Pod>;
+            assert!(heap(&stored) * 2 < heap(&slim), "{phase}: stored {} B of the slimmed {} B", heap(&stored), heap(&slim));
+        }
+    }
+}
