@@ -270,6 +270,74 @@ async fn big_services_are_not_cached_whole() {
     assert!(hwm < 128 * 1024, "peak RSS {hwm} KiB");
 }
 
+/// Jobs a tenant pads with 200 KiB of annotations, long labels and a 64 KiB agent command line
+/// cost the operator's job cache about what plain jobs cost (controller/slim.rs keeps only what
+/// is read), by the operator's own count (`GET /debug/memory`), and still run with their command
+/// line whole. Cached whole, each would hold ~270 KiB.
+#[tokio::test]
+async fn padded_jobs_are_not_cached_whole() {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Pod;
+    use support::cluster::vote;
+    const PAD_NS: &str = "isolation-padded";
+    const JOBS: usize = 40;
+    let port = free_port();
+    let env = Env::builder(PAD_NS).node("isolation-padded-node", "64", "256Gi", &[]).metrics_addr(&format!("127.0.0.1:{port}"));
+    let env = env.build().await;
+    let (cp, admin) = (env.cp, env.admin.clone());
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), PAD_NS);
+    let args: Vec<String> = (0..16).map(|i| format!("--part-{i}={}", "a".repeat(4000))).collect();
+    let padded = |i: usize| {
+        let mut job = agent_job(&format!("padded-{i}"), job_spec(), json!({"agents": {"primary": {"args": args}}}));
+        job.metadata.annotations = Some([("note".to_string(), "n".repeat(200 * 1024))].into());
+        job.metadata.labels = Some((0..20).map(|l| (format!("pad-{l}"), "l".repeat(63))).collect());
+        job
+    };
+    futures::stream::iter(0..JOBS)
+        .map(|i| {
+            let (jobs, job) = (jobs.clone(), padded(i));
+            async move { jobs.create(&PostParams::default(), &job).await.map(|_| ()) }
+        })
+        .buffer_unordered(8)
+        .for_each(|r| {
+            r.expect("creating a padded job");
+            std::future::ready(())
+        })
+        .await;
+    // Every job has been looked at (so cached) once all await approval.
+    wait_for(
+        "every padded job to await approval",
+        Duration::from_secs(120),
+        || async { jobs.list(&ListParams::default()).await.expect("list").items },
+        |all: &Vec<AgentJob>| all.len() == JOBS && all.iter().all(|j| phase(j) == Some("AwaitingApproval")),
+    )
+    .await;
+    let (status, report) = http_get(port, "/debug/memory");
+    eprintln!("{report}");
+    assert!(status.contains("200"), "{status}: {report}");
+    let line = report.lines().find(|l| l.starts_with("AgentJob cache")).unwrap_or_else(|| panic!("no job cache line: {report}"));
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let count: usize = words.iter().position(|w| *w == "objects").and_then(|i| words[i - 1].parse().ok()).expect("object count");
+    let each: usize = words.iter().position(|w| *w == "each").and_then(|i| words[i - 2].parse().ok()).expect("bytes each");
+    assert_eq!(count, JOBS, "{line}");
+    assert!(each < 8 * 1024, "a padded job costs the cache {each} B: {line}");
+
+    let job = jobs.get("padded-0").await.expect("get padded-0");
+    for head in ["alice", "bob"] {
+        vote(&cp.client(head).await, &job, head, agentgate::api::Decision::Approve).await;
+    }
+    let pods = Api::<Pod>::namespaced(admin.clone(), PAD_NS);
+    let pod = wait_for(
+        "padded-0's Pod",
+        Duration::from_secs(60),
+        || async { pods.list(&ListParams::default()).await.expect("list Pods").items },
+        |p: &Vec<Pod>| !p.is_empty(),
+    )
+    .await;
+    let agent = pod[0].spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == "agent")).expect("the agent container");
+    assert_eq!(agent.args.as_ref(), Some(&args), "the Pod gets the command line left out of the cache");
+}
+
 /// 5,000 junk votes naming one job (about 20 s here): the job's status lists
 /// each voter's first ignored vote once, a count for the rest, stays small, and two real heads'
 /// votes still approve it. The junk gets no vote status writes beyond the first per voter.

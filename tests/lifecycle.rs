@@ -240,9 +240,10 @@ async fn input_not_matching_its_schema_is_rejected_listing_paths() {
     assert!(ready.message.contains("input/repositoryPath") && ready.message.contains("input/scanDepth"), "{}", ready.message);
 }
 
-/// A job's input and schemas over 1 KiB stay out of the operator's cache (controller::slim::job):
-/// the checks, the spec history and the Pod still get them whole. A tenant who marks a small job
-/// as if its input had been left out only costs the operator a GET of that job.
+/// A job's input, schemas and agent command lines over 1 KiB stay out of the operator's cache
+/// (controller::slim::job): the checks, the spec history and the Pod still get them whole. A
+/// tenant who marks a small job as if its input had been left out changes nothing: the mark is
+/// not cached.
 #[tokio::test]
 async fn a_big_input_left_out_of_the_cache_is_still_checked_recorded_and_handed_to_the_pod() {
     let env = setup("lc-big-input").await;
@@ -256,7 +257,9 @@ async fn a_big_input_left_out_of_the_cache_is_still_checked_recorded_and_handed_
     let ready = condition(&rejected, "Ready").unwrap();
     assert!(ready.reason == "InvalidInput" && ready.message.contains("input/repositoryPath"), "{ready:?}");
 
-    let job = create_job(&env, &job_manifest("big", json!({"input": input, "inputSchema": schema}))).await;
+    let args: Vec<String> = (0..8).map(|i| format!("--path-{i}={}", paths.join(","))).collect();
+    let job =
+        create_job(&env, &job_manifest("big", json!({"input": input, "inputSchema": schema, "agents": {"primary": {"args": args}}}))).await;
     let mut marked = job_manifest("marked", json!({"input": {"repositoryPath": "/small"}}));
     marked.metadata.annotations = Some([("agentgate.dev/cached-without-input".to_string(), String::new())].into());
     let marked = create_job(&env, &marked).await;
@@ -278,6 +281,9 @@ async fn a_big_input_left_out_of_the_cache_is_still_checked_recorded_and_handed_
             "{}",
             j.name_any()
         );
+        if j.name_any() == "big" {
+            assert_eq!(pods[0].spec.as_ref().unwrap().containers[0].args.as_ref(), Some(&args), "the command line, whole");
+        }
     }
 }
 

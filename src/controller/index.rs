@@ -294,12 +294,7 @@ impl JobEntry {
             };
             Box::new((snapshot::queue_key(job), shortage))
         });
-        Some(JobEntry {
-            uid: job.metadata.uid.clone(),
-            phase,
-            tools: job.spec.tools.iter().map(|t| t.name.clone()).collect(),
-            waiting,
-        })
+        Some(JobEntry { uid: job.metadata.uid.clone(), phase, tools: job.spec.tools.iter().map(|t| t.name.clone()).collect(), waiting })
     }
 
     fn terminal(&self) -> bool {

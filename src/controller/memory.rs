@@ -58,9 +58,7 @@ pub fn allocator_stats() -> AllocatorStats {
     let mut epoch: u64 = 1;
     let mut len = std::mem::size_of::<u64>();
     // SAFETY: "epoch" reads and writes one u64; both pointers are valid for that long.
-    let _ = unsafe {
-        tikv_jemalloc_sys::mallctl(c"epoch".as_ptr(), (&raw mut epoch).cast(), &mut len, (&raw mut epoch).cast(), len)
-    };
+    let _ = unsafe { tikv_jemalloc_sys::mallctl(c"epoch".as_ptr(), (&raw mut epoch).cast(), &mut len, (&raw mut epoch).cast(), len) };
     let stat = |name: &CStr| read::<usize>(name).unwrap_or(0);
     AllocatorStats {
         allocated: stat(c"stats.allocated"),
@@ -89,7 +87,8 @@ where
     let objects = store.state();
     let slot = std::mem::size_of::<(ObjectRef<K>, std::sync::Arc<K>)>();
     // An `Arc`'s two counters sit next to the object.
-    let bytes = objects.iter().map(|o| heap_size(&**o) + 2 * std::mem::size_of::<usize>() + heap_size(&ObjectRef::from_obj(&**o)) + slot).sum();
+    let key_heap = |o: &K| heap_size(&ObjectRef::from_obj(o)).saturating_sub(std::mem::size_of::<ObjectRef<K>>());
+    let bytes = objects.iter().map(|o| heap_size(&**o) + 2 * std::mem::size_of::<usize>() + key_heap(o) + slot).sum();
     Part { name, count: objects.len(), bytes }
 }
 
@@ -118,14 +117,31 @@ pub fn parts(caches: &Caches) -> Vec<Part> {
             let votes = index.votes();
             indexed("vote index", votes.objects(), heap_size(&*votes))
         },
+        requeue_schedule(&caches.jobs),
     ]
+}
+
+/// kube-runtime's scheduler holds each unfinished job's next resync (`agent_job::next_check`)
+/// twice, in a map and in a timer wheel, as a `ReconcileRequest` whose `ObjectRef` carries the
+/// job's name, namespace, resourceVersion and uid. Private to kube-runtime, so estimated: two
+/// copies of that request per unfinished job and a map slot's worth of bookkeeping.
+fn requeue_schedule(jobs: &Store<crate::api::AgentJob>) -> Part {
+    use kube::runtime::controller::ReconcileRequest;
+    let unfinished: Vec<_> =
+        jobs.state().into_iter().filter(|j| !j.status.as_ref().and_then(|s| s.phase).is_some_and(|p| p.is_terminal())).collect();
+    let request = std::mem::size_of::<ReconcileRequest<crate::api::AgentJob>>();
+    let key_heap = |j: &crate::api::AgentJob| {
+        heap_size(&ObjectRef::from_obj(j)).saturating_sub(std::mem::size_of::<ObjectRef<crate::api::AgentJob>>())
+    };
+    let bytes = unfinished.iter().map(|j| 2 * (request + key_heap(j)) + 64).sum();
+    Part { name: "requeue schedule (estimate)", count: unfinished.len(), bytes }
 }
 
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// The plain-text report `GET /debug/memory` serves.
-pub fn report(caches: &Caches, extra: &[Part]) -> String {
-    let parts: Vec<Part> = parts(caches).into_iter().chain(extra.iter().map(|p| Part { ..*p })).collect();
+pub fn report(caches: &Caches) -> String {
+    let parts = parts(caches);
     let stats = allocator_stats();
     let mut out = String::new();
     if stats.allocated == 0 {
@@ -145,7 +161,7 @@ pub fn report(caches: &Caches, extra: &[Part]) -> String {
     );
     let listed: usize = parts.iter().map(|p| p.bytes).sum();
     for p in &parts {
-        let per = if p.count > 0 { p.bytes / p.count } else { 0 };
+        let per = p.bytes.checked_div(p.count).unwrap_or(0);
         let _ = writeln!(out, "{:<28} {:>7} objects {:>7.1} MiB {:>6} B each", p.name, p.count, mib(p.bytes), per);
     }
     let _ = writeln!(out, "{:<28} {:>7}         {:>7.1} MiB", "everything else allocated", "", mib(stats.allocated.saturating_sub(listed)));
@@ -155,16 +171,11 @@ pub fn report(caches: &Caches, extra: &[Part]) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn print_sizes() {
-        use crate::api::*;
-        use std::mem::size_of;
-        macro_rules! p { ($($t:ty),*) => { $(println!("{:>6} {}", size_of::<$t>(), stringify!($t));)* } }
-        p!(AgentJob, AgentJobSpec, AgentJobStatus, kube::api::ObjectMeta, Agents, Agent, crate::api::agent_job_status::Estimate,
-           crate::api::agent_job_status::ApprovalStatus, crate::api::agent_job_status::Usage, crate::api::agent_job_status::MeterStatus,
-           crate::api::agent_job_status::ApprovedToolEndpoints, crate::api::agent_job_status::GenerationRecord,
-           crate::api::agent_job_status::ReadinessCheck, k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition,
-           crate::api::agent_job_status::Attempt, k8s_openapi::api::core::v1::Pod, k8s_openapi::api::core::v1::PodSpec,
-           k8s_openapi::api::core::v1::Container, k8s_openapi::api::core::v1::PodStatus, k8s_openapi::api::core::v1::ContainerStatus,
-           ApprovalVote, super::super::index::JobEntry);
+    fn a_values_heap_size_counts_what_it_owns() {
+        let text = "x".repeat(1000);
+        let size = super::heap_size(&text);
+        assert!((1000 + 24..1200).contains(&size), "{size}");
+        let nested = vec![text.clone(), text];
+        assert!(super::heap_size(&nested) > 2 * size, "{}", super::heap_size(&nested));
     }
 }

@@ -12,9 +12,9 @@ pub mod events;
 pub mod identity_policies;
 pub mod index;
 pub mod learning_mark;
+pub mod memory;
 pub mod meter_api;
 pub mod meter_keys;
-pub mod memory;
 pub mod meter_tls;
 pub mod pod_finalizer;
 pub mod price_table;
@@ -257,7 +257,7 @@ pub async fn run(
     *metrics.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.tools.clone());
     *health.memory_report.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some({
         let caches = caches.clone();
-        Arc::new(move || memory::report(&caches, &[]))
+        Arc::new(move || memory::report(&caches))
     });
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
     let ctx = Arc::new(Context {
@@ -318,8 +318,11 @@ pub async fn run(
                 }
             }),
     );
-    let node_stream =
-        watcher(Api::<Node>::all(client.clone()), wc.clone()).default_backoff().modify(slim::metadata).reflect(nodes_writer).touched_once_stored();
+    let node_stream = watcher(Api::<Node>::all(client.clone()), wc.clone())
+        .default_backoff()
+        .modify(slim::metadata)
+        .reflect(nodes_writer)
+        .touched_once_stored();
     let quota_stream = watcher(scoped::<ResourceQuota>(&client, &settings.namespace), wc.clone())
         .default_backoff()
         .modify(slim::metadata)

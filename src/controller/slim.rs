@@ -311,8 +311,14 @@ mod tests {
         let mut small = full.clone();
         super::job(&mut small);
         let m = &small.metadata;
-        assert_eq!((m.name.as_deref(), m.namespace.as_deref(), m.uid.as_deref(), m.resource_version.as_deref()), (Some("scan"), Some("team"), Some("uid-1"), Some("7")));
-        assert_eq!((m.generation, &m.creation_timestamp, &m.deletion_timestamp), (Some(2), &full.metadata.creation_timestamp, &full.metadata.deletion_timestamp));
+        assert_eq!(
+            (m.name.as_deref(), m.namespace.as_deref(), m.uid.as_deref(), m.resource_version.as_deref()),
+            (Some("scan"), Some("team"), Some("uid-1"), Some("7"))
+        );
+        assert_eq!(
+            (m.generation, &m.creation_timestamp, &m.deletion_timestamp),
+            (Some(2), &full.metadata.creation_timestamp, &full.metadata.deletion_timestamp)
+        );
         assert_eq!((&m.labels, &m.finalizers, &m.owner_references), (&None, &None, &None));
         assert_eq!(small.annotations(), &[(REQUESTED_BY.to_string(), "alice".to_string())].into(), "the tenant's mark is not kept");
         assert_eq!(small.spec, full.spec, "a small spec is cached whole");
