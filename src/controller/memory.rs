@@ -170,6 +170,61 @@ pub fn report(caches: &Caches) -> String {
 
 #[cfg(test)]
 mod tests {
+    /// A job as `make bench`'s scale row leaves 8,500 of its 10,000 (awaiting approval), as the
+    /// watch delivers it: what each part costs cached, to read with `--nocapture`, and a bound
+    /// on the whole so that a field added to the cached copy is a decision.
+    #[test]
+    fn what_a_cached_job_awaiting_approval_costs() {
+        let mut job: crate::api::AgentJob = serde_json::from_value(serde_json::json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+            "metadata": {"annotations": {"agentgate.dev/requested-by": "admin"}, "creationTimestamp": "2026-11-30T11:33:26Z",
+                "generation": 1, "name": "scale-00002", "namespace": "bench-scale", "resourceVersion": "312",
+                "uid": "50e68a4d-4412-4de4-bcf6-460940d0db1f"},
+            "spec": {"agents": {"primary": {"image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini", "name": "agent"}},
+                "budget": {"maxCostUSD": "5.00"}, "category": "bench", "jobType": "bench", "resources": {"cpu": "10m", "memory": "16Mi"}},
+            "status": {"approval": {"approved": 0, "required": 2, "summary": "0/2"},
+                "checks": [{"message": "a schedulable node fits one agent Pod", "name": "nodes", "passed": true}],
+                "conditions": [
+                    {"lastTransitionTime": "2026-11-30T11:33:27Z", "message": "p50 $0.0018 / p90 $0.0054, 7500 / 22500 tokens (prior, 0 sample(s))",
+                     "observedGeneration": 1, "reason": "Estimated", "status": "True", "type": "Estimated"},
+                    {"lastTransitionTime": "2026-11-30T11:33:27Z", "message": "all readiness checks passed", "observedGeneration": 1,
+                     "reason": "Ready", "status": "True", "type": "InfrastructureReady"},
+                    {"lastTransitionTime": "2026-11-30T11:33:27Z", "message": "0 of 2 approvals from category bench heads",
+                     "observedGeneration": 1, "reason": "AwaitingApproval", "status": "False", "type": "Approved"},
+                    {"lastTransitionTime": "2026-11-30T11:33:27Z", "message": "0 of 2 approvals from category bench heads",
+                     "observedGeneration": 1, "reason": "AwaitingApproval", "status": "False", "type": "Ready"},
+                    {"lastTransitionTime": "2026-11-30T11:33:27Z", "message": "0 of 2 approvals from category bench heads",
+                     "observedGeneration": 1, "reason": "AwaitingApproval", "status": "True", "type": "Reconciling"}],
+                "estimate": {"costUSD": {"p50": "0.0018", "p90": "0.0054"}, "generation": 1, "method": "prior",
+                    "models": [{"costUSD": {"p50": "0.0018", "p90": "0.0054"}, "model": "gpt-4o-mini", "tokens": {"p50": 7500, "p90": 22500}}],
+                    "samples": 0, "tokens": {"p50": 7500, "p90": 22500}},
+                "history": [{"approvals": "0/2", "attempts": 0, "generation": 1, "observedTime": "2026-11-30T11:33:27Z",
+                    "result": "AwaitingApproval", "specDigest": "sha256:f4158aeddce01ec5d1dca9f800422cb52a13c4e44c9b7901ede8cd261095750a"}],
+                "observedGeneration": 1, "phase": "AwaitingApproval"}}))
+        .unwrap();
+        crate::controller::slim::job(&mut job);
+        let status = job.status.as_ref().unwrap();
+        let heap = |total: usize, inline: usize| total - inline;
+        let parts = [
+            ("inline (metadata, spec, status)", std::mem::size_of::<crate::api::AgentJob>()),
+            ("metadata strings", heap(super::heap_size(&job.metadata), std::mem::size_of_val(&job.metadata))
+                - heap(super::heap_size(&job.metadata.annotations), std::mem::size_of_val(&job.metadata.annotations))),
+            ("requested-by annotation", heap(super::heap_size(&job.metadata.annotations), std::mem::size_of_val(&job.metadata.annotations))),
+            ("spec strings", heap(super::heap_size(&job.spec), std::mem::size_of_val(&job.spec))),
+            ("5 conditions", heap(super::heap_size(&status.conditions), std::mem::size_of_val(&status.conditions))),
+            ("estimate", heap(super::heap_size(&status.estimate), std::mem::size_of_val(&status.estimate))),
+            ("history", heap(super::heap_size(&status.history), std::mem::size_of_val(&status.history))),
+            ("checks and approval", heap(super::heap_size(&status.checks), std::mem::size_of_val(&status.checks))
+                + heap(super::heap_size(&status.approval), std::mem::size_of_val(&status.approval))),
+        ];
+        for (what, bytes) in parts {
+            println!("{what:<34} {bytes:>5} B");
+        }
+        let whole = super::heap_size(&job);
+        println!("{:<34} {whole:>5} B", "whole job");
+        assert!(whole < 4500, "a cached job awaiting approval costs {whole} B");
+    }
+
     #[test]
     fn a_values_heap_size_counts_what_it_owns() {
         let text = "x".repeat(1000);
