@@ -207,15 +207,24 @@ mod tests {
         let heap = |total: usize, inline: usize| total - inline;
         let parts = [
             ("inline (metadata, spec, status)", std::mem::size_of::<crate::api::AgentJob>()),
-            ("metadata strings", heap(super::heap_size(&job.metadata), std::mem::size_of_val(&job.metadata))
-                - heap(super::heap_size(&job.metadata.annotations), std::mem::size_of_val(&job.metadata.annotations))),
-            ("requested-by annotation", heap(super::heap_size(&job.metadata.annotations), std::mem::size_of_val(&job.metadata.annotations))),
+            (
+                "metadata strings",
+                heap(super::heap_size(&job.metadata), std::mem::size_of_val(&job.metadata))
+                    - heap(super::heap_size(&job.metadata.annotations), std::mem::size_of_val(&job.metadata.annotations)),
+            ),
+            (
+                "requested-by annotation",
+                heap(super::heap_size(&job.metadata.annotations), std::mem::size_of_val(&job.metadata.annotations)),
+            ),
             ("spec strings", heap(super::heap_size(&job.spec), std::mem::size_of_val(&job.spec))),
             ("5 conditions", heap(super::heap_size(&status.conditions), std::mem::size_of_val(&status.conditions))),
             ("estimate", heap(super::heap_size(&status.estimate), std::mem::size_of_val(&status.estimate))),
             ("history", heap(super::heap_size(&status.history), std::mem::size_of_val(&status.history))),
-            ("checks and approval", heap(super::heap_size(&status.checks), std::mem::size_of_val(&status.checks))
-                + heap(super::heap_size(&status.approval), std::mem::size_of_val(&status.approval))),
+            (
+                "checks and approval",
+                heap(super::heap_size(&status.checks), std::mem::size_of_val(&status.checks))
+                    + heap(super::heap_size(&status.approval), std::mem::size_of_val(&status.approval)),
+            ),
         ];
         for (what, bytes) in parts {
             println!("{what:<34} {bytes:>5} B");

@@ -320,7 +320,7 @@ pub async fn run(
     );
     let node_stream = watcher(Api::<Node>::all(client.clone()), wc.clone())
         .default_backoff()
-        .modify(slim::metadata)
+        .modify(slim::node)
         .reflect(nodes_writer)
         .touched_once_stored();
     let quota_stream = watcher(scoped::<ResourceQuota>(&client, &settings.namespace), wc.clone())

@@ -3,7 +3,7 @@
 //! operator's memory (README "Performance"). Applied with `.modify()` before an object reaches
 //! its store, its index or a trigger.
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use kube::runtime::{reflector, watcher};
 use kube::{Resource, ResourceExt};
 
@@ -144,6 +144,26 @@ pub fn pod(pod: &mut Pod) {
             .map(|cs| cs.into_iter().map(|c| ContainerStatus { name: c.name, state: c.state, ..ContainerStatus::default() }).collect());
         pod.status = Some(PodStatus { phase: status.phase, reason: status.reason, container_statuses, ..PodStatus::default() });
     }
+}
+
+/// Keeps of a Node what `snapshot::node_view` reads: its name, `unschedulable` and taints, its
+/// allocatable resources and the type and status of its conditions. A real node's status lists
+/// its cached images (up to 50, several names each), its node info, addresses and volumes, and
+/// its annotations are often kilobytes: cached whole, a 1,000-node cluster cost megabytes for
+/// nothing (the bench's fake nodes cannot show it).
+pub fn node(node: &mut Node) {
+    use k8s_openapi::api::core::v1::{NodeCondition, NodeSpec, NodeStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let meta = std::mem::take(&mut node.metadata);
+    node.metadata = ObjectMeta { name: meta.name, uid: meta.uid, resource_version: meta.resource_version, ..ObjectMeta::default() };
+    node.spec = node.spec.take().map(|spec| NodeSpec { unschedulable: spec.unschedulable, taints: spec.taints, ..NodeSpec::default() });
+    node.status = node.status.take().map(|status| NodeStatus {
+        allocatable: status.allocatable,
+        conditions: status
+            .conditions
+            .map(|cs| cs.into_iter().map(|c| NodeCondition { type_: c.type_, status: c.status, ..NodeCondition::default() }).collect()),
+        ..NodeStatus::default()
+    });
 }
 
 /// Keeps of a Service what the operator reads: its identity, `agentgate.dev/` labels and
@@ -334,6 +354,45 @@ mod tests {
         assert_eq!((big.spec.tools.len(), big.spec.resources.as_ref().map(|r| r.cpu.as_str())), (1, Some("1")));
         let heap = crate::controller::memory::heap_size::<crate::api::AgentJob>;
         assert!(heap(&big) < 4096, "{} B cached of a job of {} B", heap(&big), heap(&full));
+    }
+
+    #[test]
+    fn a_slimmed_node_reads_the_same_and_is_smaller() {
+        let images: Vec<serde_json::Value> = (0..50)
+            .map(|i| json!({"names": [format!("registry.example.com/team/image-{i}@sha256:{}", "a".repeat(64)), format!("registry.example.com/team/image-{i}:v1")], "sizeBytes": 1000}))
+            .collect();
+        for (ready, unschedulable, taint) in [
+            ("True", false, None),
+            ("True", true, None),
+            ("False", false, None),
+            ("True", false, Some("NoSchedule")),
+            ("True", false, Some("PreferNoSchedule")),
+        ] {
+            let taints: Vec<serde_json::Value> = taint.map(|effect| json!({"key": "k", "effect": effect})).into_iter().collect();
+            let full: Node = serde_json::from_value(json!({"metadata": {"name": "node-a", "uid": "n-1", "resourceVersion": "9",
+                    "labels": {"kubernetes.io/hostname": "node-a", "topology.kubernetes.io/zone": "z"},
+                    "annotations": {"csi.volume.kubernetes.io/nodeid": "x".repeat(2000)}},
+                "spec": {"podCIDR": "10.0.0.0/24", "providerID": "aws:///z/i-1", "unschedulable": unschedulable, "taints": taints},
+                "status": {"allocatable": {"cpu": "4", "memory": "8Gi", "nvidia.com/gpu": "2"}, "capacity": {"cpu": "4", "memory": "8Gi"},
+                    "conditions": [{"type": "Ready", "status": ready, "reason": "KubeletReady", "message": "kubelet is posting ready status",
+                        "lastHeartbeatTime": "2026-11-30T10:00:00Z", "lastTransitionTime": "2026-11-30T09:00:00Z"},
+                        {"type": "MemoryPressure", "status": "False", "reason": "KubeletHasSufficientMemory", "message": "ok"}],
+                    "images": images, "addresses": [{"type": "InternalIP", "address": "10.0.0.1"}],
+                    "nodeInfo": {"architecture": "amd64", "bootID": "b", "containerRuntimeVersion": "containerd://2", "kernelVersion": "6",
+                        "kubeProxyVersion": "", "kubeletVersion": "v1.37", "machineID": "m", "operatingSystem": "linux", "osImage": "o", "systemUUID": "s"}}}))
+            .unwrap();
+            let mut slim = full.clone();
+            super::node(&mut slim);
+            let used = crate::domain::readiness::Resources { cpu_milli: 1000, ..Default::default() };
+            assert_eq!(
+                snapshot::node_view(&slim, Some(&used)),
+                snapshot::node_view(&full, Some(&used)),
+                "{ready} {unschedulable} {taint:?}"
+            );
+            assert_eq!(kube::runtime::reflector::ObjectRef::from_obj(&slim), kube::runtime::reflector::ObjectRef::from_obj(&full));
+            let heap = crate::controller::memory::heap_size::<Node>;
+            assert!(heap(&slim) * 5 < heap(&full), "{} B of {} B kept", heap(&slim), heap(&full));
+        }
     }
 
     #[test]
