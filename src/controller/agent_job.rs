@@ -97,7 +97,11 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         .filter(|v| v.namespace().as_deref() == Some(namespace.as_str()) && v.spec.job_ref.name == name)
         .collect();
     let vote_views: Vec<_> = votes.iter().map(|v| vote_view(v)).collect();
-    let author = job.annotations().get(REQUESTED_BY).map(String::as_str);
+    // The cached job leaves its requester to an index (controller::slim::job); a job read whole
+    // from the API carries it.
+    let author =
+        job.annotations().get(REQUESTED_BY).cloned().or_else(|| ctx.caches.index.requesters().of(&(namespace.clone(), name.clone())));
+    let author = author.as_deref();
     let identity = JobIdentity { name: &name, uid: &uid, generation, author };
     let heads = head_verdicts(job, ctx, &vote_views).await?;
     let voters = &ctx.settings.voters;

@@ -217,3 +217,27 @@ fn quotas_are_found_by_namespace_through_relists() {
     assert_eq!(index.in_namespace("team-b").len(), 1);
     assert!(index.in_namespace("nowhere").is_empty());
 }
+
+#[test]
+fn a_requester_is_indexed_from_the_annotation_and_a_relist_replaces_them() {
+    use kube::runtime::watcher::Event;
+    let job = |name: &str, requester: Option<&str>| -> AgentJob {
+        let annotations = requester.map(|r| serde_json::json!({crate::api::REQUESTED_BY: r})).unwrap_or(serde_json::json!({}));
+        serde_json::from_value(serde_json::json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+            "metadata": {"name": name, "namespace": "team", "annotations": annotations},
+            "spec": {"category": "c", "agents": {"primary": {"name": "a", "image": "i", "model": "m"}}, "budget": {"maxCostUSD": "1"}}}))
+        .unwrap()
+    };
+    let key = |name: &str| ("team".to_string(), name.to_string());
+    let mut index = super::RequesterIndex::default();
+    index.apply(&Event::Apply(job("a", Some("alice"))));
+    index.apply(&Event::Apply(job("b", None)));
+    assert_eq!((index.of(&key("a")).as_deref(), index.of(&key("b"))), (Some("alice"), None));
+    index.apply(&Event::Init);
+    index.apply(&Event::InitApply(job("b", Some("bob"))));
+    assert_eq!(index.of(&key("a")).as_deref(), Some("alice"), "the old entries serve until the relist is done");
+    index.apply(&Event::InitDone);
+    assert_eq!((index.of(&key("a")), index.of(&key("b")).as_deref()), (None, Some("bob")));
+    index.apply(&Event::Delete(job("b", Some("bob"))));
+    assert_eq!(index.objects(), 0);
+}

@@ -118,6 +118,10 @@ pub fn parts(caches: &Caches) -> Vec<Part> {
             let votes = index.votes();
             indexed("vote index", votes.objects(), heap_size(&*votes))
         },
+        {
+            let requesters = index.requesters();
+            indexed("requester index", requesters.objects(), heap_size(&*requesters))
+        },
         requeue_schedule(&caches.jobs),
     ]
 }
@@ -232,7 +236,7 @@ mod tests {
         }
         let whole = super::heap_size(&job);
         println!("{:<34} {whole:>5} B", "whole job");
-        assert!(whole < 4500, "a cached job awaiting approval costs {whole} B");
+        assert!(whole < 3800, "a cached job awaiting approval costs {whole} B");
     }
 
     #[test]

@@ -236,6 +236,8 @@ pub async fn run(
         reporter.clone(),
     )
     .default_backoff()
+    // Before the slim, which leaves the requester out of the cached job (index.rs).
+    .inspect(feed(&index, |i, event| i.requesters().apply(event)))
     .modify(slim::job)
     .inspect({
         let (jobs, index, requeue, tool_requeue) = (jobs.clone(), index.clone(), requeue.clone(), tool_requeue.clone());

@@ -19,10 +19,10 @@ pub fn metadata<K: Resource>(obj: &mut K) {
 
 /// Keeps of a job what the operator reads from the cache, since a tenant may make the rest of
 /// it a MiB and 10,000 cached jobs must fit in 64 MiB (tests/isolation.rs):
-/// - of its metadata, its identity and version, timestamps and the `requested-by` annotation;
-///   no labels, other annotations, finalizers or ownerReferences (nothing reads them: the Pods'
-///   labels and the spec history's owner come from the job's identity, status writes send only
-///   name, uid and resourceVersion);
+/// - of its metadata, its identity and version and timestamps; no labels, annotations,
+///   finalizers or ownerReferences (nothing reads them: the Pods' labels and the spec history's
+///   owner come from the job's identity, status writes send only name, uid and resourceVersion,
+///   and the `requested-by` annotation is kept by `index::RequesterIndex`, fed before this);
 /// - of its spec, `input`, `inputSchema`, `outputSchema`, `description` and the agents'
 ///   `command`, `args` and `env` only while together they take at most `ELIDE_SPEC_OVER`
 ///   bytes of JSON. Bigger, they are all left out and the cached copy carries
@@ -32,7 +32,6 @@ pub fn metadata<K: Resource>(obj: &mut K) {
 pub fn job(job: &mut AgentJob) {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
     let meta = std::mem::take(&mut job.metadata);
-    let requested_by = meta.annotations.and_then(|mut a| a.remove_entry(agent_job::REQUESTED_BY));
     job.metadata = ObjectMeta {
         name: meta.name,
         namespace: meta.namespace,
@@ -41,7 +40,6 @@ pub fn job(job: &mut AgentJob) {
         generation: meta.generation,
         creation_timestamp: meta.creation_timestamp,
         deletion_timestamp: meta.deletion_timestamp,
-        annotations: requested_by.map(|entry| [entry].into()),
         ..ObjectMeta::default()
     };
     let spec = &mut job.spec;
@@ -340,12 +338,15 @@ mod tests {
             (Some(2), &full.metadata.creation_timestamp, &full.metadata.deletion_timestamp)
         );
         assert_eq!((&m.labels, &m.finalizers, &m.owner_references), (&None, &None, &None));
-        assert_eq!(small.annotations(), &[(REQUESTED_BY.to_string(), "alice".to_string())].into(), "the tenant's mark is not kept");
+        assert_eq!(m.annotations, None, "the tenant's mark is not kept, nor the requester (index::RequesterIndex)");
+        let mut requesters = crate::controller::index::RequesterIndex::default();
+        requesters.apply(&kube::runtime::watcher::Event::Apply(full.clone()));
+        assert_eq!(requesters.of(&("team".into(), "scan".into())).as_deref(), Some("alice"));
         assert_eq!(small.spec, full.spec, "a small spec is cached whole");
 
         let mut big = job(vec!["x".repeat(2000)]);
         super::job(&mut big);
-        assert!(big.annotations().contains_key(SPEC_ELIDED) && big.annotations().contains_key(REQUESTED_BY));
+        assert_eq!(big.annotations(), &[(SPEC_ELIDED.to_string(), String::new())].into());
         let agents = [&big.spec.agents.primary, &big.spec.agents.supporting[0]];
         assert!(agents.iter().all(|a| a.args.is_empty() && a.command.is_empty() && a.env.is_empty()), "{agents:?}");
         assert_eq!((&big.spec.input, &big.spec.description), (&None, &None));
