@@ -212,15 +212,7 @@ mod tests {
         let heap = |total: usize, inline: usize| total - inline;
         let parts = [
             ("inline (metadata, spec, status)", std::mem::size_of::<crate::api::AgentJob>()),
-            (
-                "metadata strings",
-                heap(super::heap_size(&job.metadata), std::mem::size_of_val(&job.metadata))
-                    - heap(super::heap_size(&job.metadata.annotations), std::mem::size_of_val(&job.metadata.annotations)),
-            ),
-            (
-                "requested-by annotation",
-                heap(super::heap_size(&job.metadata.annotations), std::mem::size_of_val(&job.metadata.annotations)),
-            ),
+            ("metadata strings", heap(super::heap_size(&job.metadata), std::mem::size_of_val(&job.metadata))),
             ("spec strings", heap(super::heap_size(&job.spec), std::mem::size_of_val(&job.spec))),
             ("5 conditions", heap(super::heap_size(&status.conditions), std::mem::size_of_val(&status.conditions))),
             ("estimate", heap(super::heap_size(&status.estimate), std::mem::size_of_val(&status.estimate))),
