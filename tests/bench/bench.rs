@@ -10,7 +10,8 @@
 //!    client QPS and again with `--kube-api-qps=1000 --kube-api-burst=1000`; N batch/v1 Jobs;
 //! 3. `agentgate`: the operator (release build) turns N pre-approved AgentJobs into N Pods;
 //! 4. `agentgate steady`: pre-approved AgentJobs at 50/s for `STEADY_SECONDS` (0 skips);
-//! 5. `agentgate scale`: `SCALE_JOBS` AgentJobs in mixed phases, then the operator's RSS (0 skips);
+//! 5. `agentgate scale`: `SCALE_JOBS` AgentJobs in mixed phases, then the operator's RSS and its
+//!    own heap breakdown (`GET /debug/memory`, before the first job and after the last) (0 skips);
 //! 6. `busy`: scenarios 3 and 4 again in a busy cluster (busy.rs: 20,000 foreign Pods, 2,000
 //!    RBAC objects, churn while they run), printed next to the empty-cluster rows.
 //!
