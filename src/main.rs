@@ -134,6 +134,11 @@ struct RunArgs {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "AGENTGATE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Also serve `GET /debug/memory` on the metrics address: what each cache holds, measured
+    /// by copying it object by object. Off by default: whoever reaches the metrics port could
+    /// otherwise make the operator copy every cache on demand.
+    #[arg(long, env = "AGENTGATE_DEBUG_MEMORY", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    debug_memory: bool,
     /// Discover AgentTools from labelled Services in the namespaces matching this label selector,
     /// e.g. `agentgate.dev/discovery=enabled` (default: no discovery). Whoever may label a
     /// Service in a matching namespace can publish a tool every team's agents call.
@@ -362,7 +367,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
 
     let jobs_store = Arc::new(std::sync::RwLock::new(None));
-    let server = agentgate::server::serve(args.metrics_addr, metrics.clone(), health.clone(), jobs_store.clone(), shutdown());
+    let server = agentgate::server::serve(args.metrics_addr, args.debug_memory, metrics.clone(), health.clone(), jobs_store.clone(), shutdown());
     // Every replica listens; only the leader grants (a standby answers 503 and the meter retries,
     // reaching the leader through the Service's other endpoint).
     let meter_api = controller::meter_api::MeterApi::new(

@@ -22,21 +22,22 @@ struct AppState {
 
 pub async fn serve(
     addr: SocketAddr,
+    debug_memory: bool,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     jobs: JobsForMetrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_handler))
-        .route("/debug/memory", get(memory_handler))
-        .with_state(AppState { metrics, health, jobs });
+    let mut app = Router::new().route("/healthz", get(|| async { "ok" })).route("/readyz", get(readyz)).route("/metrics", get(metrics_handler));
+    if debug_memory {
+        app = app.route("/debug/memory", get(memory_handler));
+    }
+    let app = app.with_state(AppState { metrics, health, jobs });
     let listener = tokio::net::TcpListener::bind(addr).await?;
     // The bound address, not the asked one: with port 0 (tests, `make bench`) it names the port.
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "serving /healthz, /readyz, /metrics and /debug/memory");
+    let also = if debug_memory { " and /debug/memory" } else { "" };
+    tracing::info!(%addr, "serving /healthz, /readyz, /metrics{also}");
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 

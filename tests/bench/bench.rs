@@ -951,7 +951,7 @@ async fn scenario_job_controller(
 
 /// Starts the operator for `namespace` and waits until its caches are synced.
 async fn start_operator(env: &Env, namespace: &str) -> Result<OperatorProcess> {
-    let operator = OperatorProcess::start(env.cp, &["--namespace", namespace, "--metrics-addr", "127.0.0.1:0", "--approval-floor", "2"]);
+    let operator = OperatorProcess::start(env.cp, &["--namespace", namespace, "--metrics-addr", "127.0.0.1:0", "--debug-memory", "--approval-floor", "2"]);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let log = std::fs::read_to_string(operator.log_path()).unwrap_or_default();
