@@ -159,7 +159,9 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     }
     super::tool_pinning::after(&mut plan, &old_status, pinning, endpoints, generation);
 
-    if let Some(hold) = decide::hold_first_status(&old_status, &plan, age(job), ctx.settings.vote_wait) {
+    if let Some(hold) =
+        decide::hold_first_status(&old_status, &plan, job.metadata.creation_timestamp.as_ref(), &now(), ctx.settings.vote_wait)
+    {
         return Ok(Action::requeue(hold));
     }
 
@@ -282,11 +284,6 @@ async fn report_decoys(job: &AgentJob, ctx: &Context, decoys: &[Arc<Pod>]) {
 }
 
 /// Time since the job was created; zero when the clocks disagree or the timestamp is missing.
-fn age(job: &AgentJob) -> Duration {
-    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    created.and_then(|c| k8s_openapi::jiff::Timestamp::now().duration_since(c).try_into().ok()).unwrap_or(Duration::ZERO)
-}
-
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
