@@ -134,6 +134,8 @@ pub struct Context {
     pub secret_watch: agent_tool::SecretWatch,
     /// The namespaces' meter keys Secrets as last read, while `secret_watch` runs.
     pub meter_keys: meter_keys::KeysCache,
+    /// How late recent jobs' approvals came: how long new jobs wait for theirs.
+    pub vote_lateness: std::sync::Mutex<crate::domain::vote_wait::VoteLateness>,
     /// What the cost estimator learned from finished attempts, persisted by its own writer.
     pub learner: Arc<estimator_store::Learner>,
     pub status_writes: StatusWrites,
@@ -378,6 +380,7 @@ pub async fn run(
         tool_requeue,
         secret_watch: agent_tool::SecretWatch::default(),
         meter_keys: meter_keys::KeysCache::default(),
+        vote_lateness: Default::default(),
         learner: learner.clone(),
         status_writes: StatusWrites::default(),
         identity: identity_policies::Gate::default(),

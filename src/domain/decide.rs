@@ -424,18 +424,18 @@ fn spec_checks(spec: &AgentJobSpec, cost_p90: MicroUsd, tokens_p90: i64) -> Resu
 ///
 /// A job applied together with its votes (one manifest, a pipeline) reaches the operator a moment
 /// before them. Writing `AwaitingApproval` and then `Running` would cost two status writes where
-/// one says the same, so the first status waits up to `vote_wait` from the job's creation, but
-/// only when all it would say is that the job waits for votes: an estimate over budget, bad input,
-/// an unknown model or a rejecting vote is reported at once. Approvals that count and keep coming
-/// (a loaded apiserver delays each vote of a pipeline) extend the wait to `vote_wait` after the
-/// newest, never past [`VOTE_WAIT_MAX_FACTOR`] × `vote_wait` from creation: only the job's own
-/// counted approvals do, so no one else's votes hold its status back.
+/// one says the same, so the first status waits up to `wait.wait` from the job's creation
+/// (domain/vote_wait.rs says how long), but only when all it would say is that the job waits for
+/// votes: an estimate over budget, bad input, an unknown model or a rejecting vote is reported at
+/// once. Approvals that count and keep coming (a loaded apiserver delays each vote of a pipeline)
+/// extend the wait to `wait.wait` after the newest, never past `wait.longest` from creation:
+/// only the job's own counted approvals do, so no one else's votes hold its status back.
 pub fn hold_first_status(
     old: &AgentJobStatus,
     plan: &Plan,
     created: Option<&Time>,
     now: &Time,
-    vote_wait: std::time::Duration,
+    wait: &super::vote_wait::VoteWait,
 ) -> Option<std::time::Duration> {
     let first = old.phase.is_none();
     let only_waits_for_votes = plan.status.phase == Some(JobPhase::AwaitingApproval) && plan.ensure_attempt.is_none();
@@ -449,13 +449,10 @@ pub fn hold_first_status(
     let waited = since(created?);
     let newest_approval = plan.status.approval.iter().flat_map(|a| &a.approvers).filter_map(|a| a.decided_at.as_ref()).map(since).min();
     let remaining =
-        newest_approval.map_or(std::time::Duration::ZERO, |v| vote_wait.saturating_sub(v)).max(vote_wait.saturating_sub(waited));
-    let remaining = remaining.min((vote_wait * VOTE_WAIT_MAX_FACTOR).saturating_sub(waited));
+        newest_approval.map_or(std::time::Duration::ZERO, |v| wait.wait.saturating_sub(v)).max(wait.wait.saturating_sub(waited));
+    let remaining = remaining.min(wait.longest.saturating_sub(waited));
     (!remaining.is_zero()).then_some(remaining)
 }
-
-/// Votes still arriving hold a new job's first status back at most this many `--vote-wait-ms`.
-pub const VOTE_WAIT_MAX_FACTOR: u32 = 4;
 
 /// Kubernetes timestamps have whole seconds: a job created at 12:00:00.9 reads 12:00:00. A wait
 /// counted from one starts at the end of its second, else a 1 s vote wait lasted 0.1 s for such a

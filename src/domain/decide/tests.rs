@@ -1,6 +1,7 @@
 use super::*;
 use crate::api::{Approver, ReadinessCheck, Usage};
 use crate::domain::conditions::find;
+use crate::domain::vote_wait::VoteWait;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
@@ -1020,12 +1021,13 @@ fn first_status_waits_briefly_only_for_votes() {
     let unvoted = step(&fresh, &ready(), &Tally { required: 2, ..Tally::default() }, &[], &[]);
     assert_eq!(unvoted.status.phase, Some(JobPhase::AwaitingApproval));
     let none = AgentJobStatus::default();
-    let hold =
-        |old: &AgentJobStatus, plan: &Plan, created: i64, wait: Duration| hold_first_status(old, plan, Some(&ago(created)), &now(), wait);
+    let hold = |old: &AgentJobStatus, plan: &Plan, created: i64, wait: Duration| {
+        hold_first_status(old, plan, Some(&ago(created)), &now(), &VoteWait::configured(wait))
+    };
     assert_eq!(hold(&none, &unvoted, 1_300, wait), Some(Duration::from_millis(700)), "a new job waits for its votes");
     assert_eq!(hold(&none, &unvoted, 2_000, wait), None, "no longer than vote_wait from creation");
     assert_eq!(hold(&none, &unvoted, 1_300, Duration::ZERO), None, "0 turns the wait off");
-    assert_eq!(hold_first_status(&none, &unvoted, None, &now(), wait), None, "no creation time, no wait");
+    assert_eq!(hold_first_status(&none, &unvoted, None, &now(), &VoteWait::configured(wait)), None, "no creation time, no wait");
     let written = after(fresh.clone(), unvoted.clone()).status.unwrap();
     assert_eq!(hold(&written, &unvoted, 1_300, wait), None, "a job with a status is never held back");
 
@@ -1068,8 +1070,12 @@ fn first_status_waits_a_whole_vote_wait_despite_second_timestamps() {
     let unvoted = step(&job(&[]), &ready(), &Tally { required: 2, ..Tally::default() }, &[], &[]);
     let none = AgentJobStatus::default();
     // Created 0.1 s ago at 12:00:00.9, the job reads 12:00:00 at 12:00:01.0: a second "old".
-    assert_eq!(hold_first_status(&none, &unvoted, Some(&ago(1_000)), &now(), wait), Some(wait), "the stamp's second is not counted");
-    assert_eq!(hold_first_status(&none, &unvoted, Some(&ago(0)), &now(), wait), Some(wait));
+    assert_eq!(
+        hold_first_status(&none, &unvoted, Some(&ago(1_000)), &now(), &VoteWait::configured(wait)),
+        Some(wait),
+        "the stamp's second is not counted"
+    );
+    assert_eq!(hold_first_status(&none, &unvoted, Some(&ago(0)), &now(), &VoteWait::configured(wait)), Some(wait));
 }
 
 #[test]
@@ -1084,7 +1090,7 @@ fn approvals_still_arriving_extend_the_first_status_wait_up_to_a_bound() {
     };
     let one_of_two = voted_at(1_000);
     assert_eq!(one_of_two.status.phase, Some(JobPhase::AwaitingApproval));
-    let hold = |plan: &Plan, created: i64| hold_first_status(&none, plan, Some(&ago(created)), &now(), wait);
+    let hold = |plan: &Plan, created: i64| hold_first_status(&none, plan, Some(&ago(created)), &now(), &VoteWait::configured(wait));
     assert_eq!(hold(&one_of_two, 2_500), Some(wait), "an approval just in: the second may follow");
     assert_eq!(hold(&voted_at(1_600), 2_500), Some(Duration::from_millis(400)));
     assert_eq!(hold(&voted_at(2_500), 2_500), None, "no approval since the wait ran out");
