@@ -109,8 +109,9 @@ struct RunArgs {
     #[arg(long, env = "AGENTGATE_MAX_ROBOT_VOTES", default_value_t = 1)]
     max_robot_votes: usize,
     /// Milliseconds a new job's first status waits for votes applied together with it (0: never
-    /// wait); approvals still arriving extend it, at most 4x. Over-budget, invalid, unestimable
-    /// or rejected jobs are reported at once.
+    /// wait); it stretches to how late recent jobs' approvals came, and approvals still arriving
+    /// extend it, at most 4x. Over-budget, invalid, unestimable or rejected jobs are reported at
+    /// once.
     // Why: a pre-approved job then gets one status write and one Event instead of two each.
     #[arg(long, env = "AGENTGATE_VOTE_WAIT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     vote_wait_ms: u64,
