@@ -109,7 +109,9 @@ struct RunArgs {
     #[arg(long, env = "AGENTGATE_MAX_ROBOT_VOTES", default_value_t = 1)]
     max_robot_votes: usize,
     /// Milliseconds a new job's first status waits for votes applied together with it (0: never
-    /// wait). Over-budget, invalid or unestimable jobs are reported at once.
+    /// wait); it stretches to how late recent jobs' approvals came, and approvals still arriving
+    /// extend it, at most 4x. Over-budget, invalid, unestimable or rejected jobs are reported at
+    /// once.
     // Why: a pre-approved job then gets one status write and one Event instead of two each.
     #[arg(long, env = "AGENTGATE_VOTE_WAIT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(0..=60_000))]
     vote_wait_ms: u64,
@@ -367,7 +369,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     });
 
     let jobs_store = Arc::new(std::sync::RwLock::new(None));
-    let server = agentgate::server::serve(args.metrics_addr, args.debug_memory, metrics.clone(), health.clone(), jobs_store.clone(), shutdown());
+    let server =
+        agentgate::server::serve(args.metrics_addr, args.debug_memory, metrics.clone(), health.clone(), jobs_store.clone(), shutdown());
     // Every replica listens; only the leader grants (a standby answers 503 and the meter retries,
     // reaching the leader through the Service's other endpoint).
     let meter_api = controller::meter_api::MeterApi::new(

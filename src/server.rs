@@ -28,7 +28,8 @@ pub async fn serve(
     jobs: JobsForMetrics,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let mut app = Router::new().route("/healthz", get(|| async { "ok" })).route("/readyz", get(readyz)).route("/metrics", get(metrics_handler));
+    let mut app =
+        Router::new().route("/healthz", get(|| async { "ok" })).route("/readyz", get(readyz)).route("/metrics", get(metrics_handler));
     if debug_memory {
         app = app.route("/debug/memory", get(memory_handler));
     }

@@ -282,7 +282,10 @@ async fn padded_jobs_are_not_cached_whole() {
     const PAD_NS: &str = "isolation-padded";
     const JOBS: usize = 40;
     let port = free_port();
-    let env = Env::builder(PAD_NS).node("isolation-padded-node", "64", "256Gi", &[]).metrics_addr(&format!("127.0.0.1:{port}")).args(&["--debug-memory"]);
+    let env = Env::builder(PAD_NS)
+        .node("isolation-padded-node", "64", "256Gi", &[])
+        .metrics_addr(&format!("127.0.0.1:{port}"))
+        .args(&["--debug-memory"]);
     let env = env.build().await;
     let (cp, admin) = (env.cp, env.admin.clone());
     let jobs = Api::<AgentJob>::namespaced(admin.clone(), PAD_NS);

@@ -185,3 +185,66 @@ async fn the_operator_injects_the_meter_and_the_agent_gets_no_key() {
         assert!(everything.iter().all(|t| !t.contains(&planted)), "{ns}: the key's value leaked");
     }
 }
+
+const ROTATED: &str = "meter-rotated";
+
+/// The operator remembers a namespace's keys Secret between attempt starts (meter_keys.rs) and
+/// forgets it when the Secret changes. A team that moves its key to another provider and drops
+/// the upstream annotation (say the gateway it named is no longer theirs) must see the next job's
+/// meter follow: a stale answer would mount a key the Secret no longer holds and send calls to
+/// the old upstream.
+#[tokio::test]
+async fn a_changed_keys_secret_reaches_the_next_jobs_meter() {
+    let env = Env::builder(ROTATED).node("meter-rotated-node", "64", "256Gi", &[]).operator(OperatorMode::Later).build().await;
+    let mut env = env;
+    let admin = env.admin.clone();
+    let secrets = Api::<Secret>::namespaced(admin.clone(), ROTATED);
+    let keys = |annotations: serde_json::Value, data: serde_json::Value| -> Secret {
+        serde_json::from_value(json!({"metadata": {"name": sidecar::DEFAULT_KEYS_SECRET, "annotations": annotations}, "stringData": data}))
+            .unwrap()
+    };
+    let old_gateway = "http://old-gateway.meter-rotated.svc:8080/v1";
+    secrets
+        .create(&PostParams::default(), &keys(json!({sidecar::ANNOTATION_OPENAI_UPSTREAM: old_gateway}), json!({"openai": "sk-old"})))
+        .await
+        .expect("keys Secret");
+    env.start_operator();
+
+    let meter_args = |name: &'static str| {
+        let admin = admin.clone();
+        let (alice, bob) = (env.alice.clone(), env.bob.clone());
+        async move {
+            let job = agent_job(
+                name,
+                json!({"category": "payments", "agents": {"primary": {"name": "coder", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
+                       "resources": {"cpu": "500m", "memory": "512Mi"}, "budget": {"maxCostUSD": "5.00"}}),
+                json!({}),
+            );
+            let job = Api::<AgentJob>::namespaced(admin.clone(), ROTATED).create(&PostParams::default(), &job).await.expect("create job");
+            vote(&alice, &job, "alice", Decision::Approve).await;
+            vote(&bob, &job, "bob", Decision::Approve).await;
+            let running = wait_for_job(&admin, ROTATED, name, "Running", |j| phase(j) == Some("Running")).await;
+            let pods =
+                wait_for("the agent Pod", Duration::from_secs(30), || job_pods(&admin, ROTATED, &running), |p: &Vec<Pod>| p.len() == 1)
+                    .await;
+            let meter = pods[0].spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0].clone();
+            meter.args.unwrap_or_default().join(" ")
+        }
+    };
+    let first = meter_args("first").await;
+    assert!(first.contains("--openai-key-file") && first.contains(old_gateway), "{first}");
+
+    // The team moves to Anthropic and drops the old gateway; the update is acknowledged before
+    // the next job exists, and that job waits for two votes, so the operator's watch has seen it.
+    let mut moved = keys(json!({}), json!({"anthropic": "sk-ant-new"}));
+    moved.data = None;
+    let mut current = secrets.get(sidecar::DEFAULT_KEYS_SECRET).await.unwrap();
+    current.metadata.annotations = None;
+    current.data = None;
+    current.string_data = moved.string_data.clone();
+    secrets.replace(sidecar::DEFAULT_KEYS_SECRET, &PostParams::default(), &current).await.expect("update the keys Secret");
+    let second = meter_args("second").await;
+    assert!(second.contains("--anthropic-key-file"), "the new key is mounted: {second}");
+    assert!(!second.contains("--openai-key-file"), "the dropped key is not: {second}");
+    assert!(!second.contains(old_gateway), "the dropped upstream is not used: {second}");
+}

@@ -236,3 +236,63 @@ async fn a_head_of_another_namespace_does_not_count_here() {
     let foreign = Api::<ApprovalVote>::namespaced(admin.clone(), elsewhere).get("from-elsewhere").await.unwrap();
     assert_ne!(foreign.status.and_then(|s| s.counted), Some(true), "a vote in another namespace never counts");
 }
+
+/// The reasons of the Events on `job` (by uid), oldest first.
+async fn event_reasons(admin: &Client, ns: &str, job: &AgentJob) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), ns);
+    let mut items = events.list(&Default::default()).await.expect("list events").items;
+    items.retain(|e| e.regarding.as_ref().and_then(|r| r.uid.as_ref()) == job.metadata.uid.as_ref());
+    items.sort_by_key(|e| e.event_time.as_ref().map(|t| t.0));
+    items.into_iter().filter_map(|e| e.reason).collect()
+}
+
+/// A new job's first wait for votes gets no Event (its status says it), and its first status
+/// waits a moment for votes applied with it. Neither hides anything a tenant would want hidden:
+/// a forged vote applied with the job is listed as not counted in the first status and in its
+/// own, and a head's Reject applied with the job is written at once, with its Warning Event.
+/// (Only counted approvals extend the wait: decide/tests.rs
+/// approvals_still_arriving_extend_the_first_status_wait_up_to_a_bound.)
+#[tokio::test]
+async fn the_quiet_first_wait_for_votes_hides_no_forged_vote_and_no_rejection() {
+    let ns = "va-quiet-wait";
+    let admin = setup(ns).await;
+
+    // A forged vote (dave is no head) and one real approval, applied with the job.
+    let job = create_job("admin", ns, "quiet").await;
+    let dave_vote = vote(&user("dave").await, &job, "dave", Decision::Approve).await.name_any();
+    vote(&user("alice").await, &job, "alice", Decision::Approve).await;
+    assert_not_counted(&admin, ns, "quiet", &dave_vote, 1, "dave is not a head of category payments").await;
+    // bob completes the approvals; the AttemptStarted Event proves the operator has reported.
+    vote(&user("bob").await, &job, "bob", Decision::Approve).await;
+    wait_for_job(&admin, ns, "quiet", "Running", |j| phase(j) == Some("Running")).await;
+    let reasons = wait_for(
+        "the AttemptStarted Event",
+        TIMEOUT,
+        || event_reasons(&admin, ns, &job),
+        |r: &Vec<String>| r.iter().any(|r| r == "AttemptStarted"),
+    )
+    .await;
+    assert!(!reasons.iter().any(|r| r == "AwaitingApproval"), "no Event for the first wait: {reasons:?}");
+
+    // A head's Reject applied with the job: Rejected at once, said in a Warning Event.
+    let vetoed = create_job("admin", ns, "vetoed").await;
+    vote(&user("alice").await, &vetoed, "alice", Decision::Approve).await;
+    vote(&user("bob").await, &vetoed, "bob", Decision::Reject).await;
+    let rejected = wait_for_job(&admin, ns, "vetoed", "Rejected", |j| phase(j) == Some("Rejected")).await;
+    assert_eq!(approval(&rejected).rejected_by.as_deref(), Some("bob"));
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(admin.clone(), ns);
+    let warned = wait_for(
+        "the VoteRejected Warning",
+        TIMEOUT,
+        || async { events.list(&Default::default()).await.expect("list events").items },
+        |items: &Vec<k8s_openapi::api::events::v1::Event>| {
+            items.iter().any(|e| {
+                e.reason.as_deref() == Some("VoteRejected")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.uid.as_ref()) == vetoed.metadata.uid.as_ref()
+            })
+        },
+    )
+    .await;
+    assert!(warned.iter().any(|e| e.note.as_deref().is_some_and(|n| n.contains("bob rejected the job"))), "{warned:?}");
+}

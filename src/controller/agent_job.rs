@@ -163,7 +163,8 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     }
     super::tool_pinning::after(&mut plan, &old_status, pinning, endpoints, generation);
 
-    if let Some(hold) = decide::hold_first_status(&old_status, &plan, age(job), ctx.settings.vote_wait) {
+    let vote_wait = ctx.vote_lateness.lock().unwrap_or_else(std::sync::PoisonError::into_inner).wait(ctx.settings.vote_wait);
+    if let Some(hold) = decide::hold_first_status(&old_status, &plan, job.metadata.creation_timestamp.as_ref(), &now(), &vote_wait) {
         return Ok(Action::requeue(hold));
     }
 
@@ -187,6 +188,15 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     if plan.status != old_status {
         write_status(job, ctx, &plan.status).await?;
         super::spec_history::prune(job, ctx, &history.dropped).await;
+    }
+    // How late a started job's approvals came tunes how long new jobs wait for theirs.
+    let approvals = plan.status.approval.iter().flat_map(|a| &a.approvers);
+    if plan.ensure_attempt.is_some()
+        && old_status.attempts.is_empty()
+        && let (Some(created), Some(newest)) =
+            (&job.metadata.creation_timestamp, approvals.filter_map(|a| a.decided_at.as_ref()).max_by_key(|t| t.0))
+    {
+        ctx.vote_lateness.lock().unwrap_or_else(std::sync::PoisonError::into_inner).observe(created, newest, ctx.settings.vote_wait);
     }
     if let Some(approval) = &plan.status.approval {
         counted.required = approval.required;
@@ -287,11 +297,6 @@ async fn report_decoys(job: &AgentJob, ctx: &Context, decoys: &[Arc<Pod>]) {
 }
 
 /// Time since the job was created; zero when the clocks disagree or the timestamp is missing.
-fn age(job: &AgentJob) -> Duration {
-    let created = job.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    created.and_then(|c| k8s_openapi::jiff::Timestamp::now().duration_since(c).try_into().ok()).unwrap_or(Duration::ZERO)
-}
-
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }

@@ -134,6 +134,10 @@ pub struct Context {
     pub requeue: mpsc::UnboundedSender<ObjectRef<AgentJob>>,
     pub tool_requeue: mpsc::UnboundedSender<ObjectRef<AgentTool>>,
     pub secret_watch: agent_tool::SecretWatch,
+    /// The namespaces' meter keys Secrets as last read, while `secret_watch` runs.
+    pub meter_keys: meter_keys::KeysCache,
+    /// How late recent jobs' approvals came: how long new jobs wait for theirs.
+    pub vote_lateness: std::sync::Mutex<crate::domain::vote_wait::VoteLateness>,
     /// What the cost estimator learned from finished attempts, persisted by its own writer.
     pub learner: Arc<estimator_store::Learner>,
     pub status_writes: StatusWrites,
@@ -273,6 +277,8 @@ pub async fn run(
         requeue,
         tool_requeue,
         secret_watch: agent_tool::SecretWatch::default(),
+        meter_keys: meter_keys::KeysCache::default(),
+        vote_lateness: Default::default(),
         learner: learner.clone(),
         status_writes: StatusWrites::default(),
         identity: identity_policies::Gate::default(),
@@ -382,12 +388,16 @@ pub async fn run(
         .reflect(slices_writer)
         .touched_once_stored();
     // Only Secrets' metadata is requested (never their data), and nothing is cached: a change
-    // only triggers the tools naming the Secret, whose reconcile GETs it to look for the key.
+    // only triggers the tools naming the Secret, whose reconcile GETs it to look for the key, and
+    // forgets the meter keys read from it (meter_keys.rs).
     let secret_stream = watcher(Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>::all(client.clone()), wc.clone())
         .default_backoff()
         .inspect({
             let ctx = ctx.clone();
-            move |event| ctx.secret_watch.observe(event)
+            move |event| {
+                ctx.secret_watch.observe(event);
+                ctx.meter_keys.observe(event, &ctx.settings.meter.keys_secret);
+            }
         })
         .touched_objects()
         .filter(|secret| future::ready(secret.is_ok()));

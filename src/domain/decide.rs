@@ -423,20 +423,42 @@ fn spec_checks(spec: &AgentJobSpec, cost_p90: MicroUsd, tokens_p90: i64) -> Resu
 /// How long to hold a job's first status back, if at all.
 ///
 /// A job applied together with its votes (one manifest, a pipeline) reaches the operator a moment
-/// before them. Writing `AwaitingApproval` and then `Running` would cost two status writes and
-/// two Events where one of each says the same, so the first status waits up to `vote_wait` from
-/// the job's creation, but only when all it would say is that the job waits for votes: an
-/// estimate over budget, bad input or an unknown model is reported at once.
+/// before them. Writing `AwaitingApproval` and then `Running` would cost two status writes where
+/// one says the same, so the first status waits up to `wait.wait` from the job's creation
+/// (domain/vote_wait.rs says how long), but only when all it would say is that the job waits for
+/// votes: an estimate over budget, bad input, an unknown model or a rejecting vote is reported at
+/// once. Approvals that count and keep coming (a loaded apiserver delays each vote of a pipeline)
+/// extend the wait to `wait.wait` after the newest, never past `wait.longest` from creation:
+/// only the job's own counted approvals do, so no one else's votes hold its status back.
 pub fn hold_first_status(
     old: &AgentJobStatus,
     plan: &Plan,
-    age: std::time::Duration,
-    vote_wait: std::time::Duration,
+    created: Option<&Time>,
+    now: &Time,
+    wait: &super::vote_wait::VoteWait,
 ) -> Option<std::time::Duration> {
     let first = old.phase.is_none();
     let only_waits_for_votes = plan.status.phase == Some(JobPhase::AwaitingApproval) && plan.ensure_attempt.is_none();
-    (first && only_waits_for_votes && age < vote_wait).then(|| vote_wait - age)
+    if !first || !only_waits_for_votes {
+        return None;
+    }
+    let since = |t: &Time| -> std::time::Duration {
+        let elapsed = now.0.duration_since(t.0).try_into().unwrap_or_default();
+        std::time::Duration::saturating_sub(elapsed, TIMESTAMP_RESOLUTION)
+    };
+    let waited = since(created?);
+    let newest_approval = plan.status.approval.iter().flat_map(|a| &a.approvers).filter_map(|a| a.decided_at.as_ref()).map(since).min();
+    let remaining =
+        newest_approval.map_or(std::time::Duration::ZERO, |v| wait.wait.saturating_sub(v)).max(wait.wait.saturating_sub(waited));
+    let remaining = remaining.min(wait.longest.saturating_sub(waited));
+    (!remaining.is_zero()).then_some(remaining)
 }
+
+/// Kubernetes timestamps have whole seconds: a job created at 12:00:00.9 reads 12:00:00. A wait
+/// counted from one starts at the end of its second, else a 1 s vote wait lasted 0.1 s for such a
+/// job, and a third of the bench's burst was written `AwaitingApproval` before its votes
+/// (decide/tests.rs first_status_waits_a_whole_vote_wait_despite_second_timestamps).
+const TIMESTAMP_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The Ready message of a running attempt. An attempt just started reads the same as one whose
 /// Pods the cache then shows unfinished, so seeing its Pods appear costs no status write.
@@ -472,11 +494,20 @@ fn reject(s: &mut AgentJobStatus, plan: &mut Plan, reason: &str, message: &str, 
     plan.events.push(PlannedEvent { warning: true, reason: reason.into(), note: message.into() });
 }
 
-/// Adds an Event for a phase change the steps above did not already announce.
+/// Adds an Event for a phase change the steps above did not already announce, except a new job's
+/// first wait for its votes: every job that needs approval starts there, its status says so
+/// (`Approved=False AwaitingApproval`, `status.approval`), and an Event would repeat it at the cost
+/// of one of the four writes an approved job takes (README "Performance"). A rejection, a vote
+/// that does not count and every later phase still get theirs
+/// (decide/tests.rs a_new_job_waiting_for_votes_is_announced_by_its_status_alone).
 fn finish_plan(mut plan: Plan, old: &AgentJobStatus) -> Plan {
     let ready_reason = |s: &AgentJobStatus| super::conditions::find(&s.conditions, condition::READY).map(|c| c.reason.clone());
     let changed = plan.status.phase != old.phase || ready_reason(&plan.status) != ready_reason(old);
+    let first_wait_for_votes = old.phase.is_none()
+        && plan.status.phase == Some(JobPhase::AwaitingApproval)
+        && ready_reason(&plan.status).as_deref() == Some("AwaitingApproval");
     if changed
+        && !first_wait_for_votes
         && plan.events.is_empty()
         && let Some(reason) = ready_reason(&plan.status)
     {

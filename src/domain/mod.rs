@@ -28,3 +28,4 @@ pub mod snapshot;
 pub mod tally;
 pub mod template;
 pub mod validate;
+pub mod vote_wait;

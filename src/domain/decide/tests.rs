@@ -1,6 +1,7 @@
 use super::*;
 use crate::api::{Approver, ReadinessCheck, Usage};
 use crate::domain::conditions::find;
+use crate::domain::vote_wait::VoteWait;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 
@@ -385,7 +386,8 @@ mod decide_table {
             name: "new job without votes is estimated and awaits approval",
             phase: JobPhase::AwaitingApproval,
             ready_reason: "AwaitingApproval",
-            events: &["AwaitingApproval"],
+            // A new job's first wait for votes is announced by its status alone.
+            events: &[],
             more: |name, plan| {
                 let s = &plan.status;
                 assert_eq!(s.observed_generation, Some(1), "{name}");
@@ -464,7 +466,8 @@ mod decide_table {
             ]),
             phase: JobPhase::AwaitingApproval,
             ready_reason: "AwaitingApproval",
-            events: &["AwaitingApproval"],
+            // A new job's first wait for votes is announced by its status alone.
+            events: &[],
             ..Case::default()
         };
         unknown_model_leaves_the_job_pending_not_estimated_at_zero: Case {
@@ -522,7 +525,8 @@ mod decide_table {
             readiness: short_of_cpu(),
             phase: JobPhase::AwaitingApproval,
             ready_reason: "AwaitingApproval",
-            events: &["AwaitingApproval"],
+            // A new job's first wait for votes is announced by its status alone.
+            events: &[],
             more: |name, plan| {
                 assert_eq!(cond(plan, condition::INFRASTRUCTURE_READY).map(|c| c.0), Some("False"), "{name}: readiness is still shown");
                 assert_eq!(plan.status.approval.as_ref().map(|a| a.summary.as_str()), Some("1/2"), "{name}");
@@ -1004,27 +1008,102 @@ mod decide_table {
     }
 }
 
+/// `now()` minus `ms` milliseconds.
+fn ago(ms: i64) -> Time {
+    Time(Timestamp::from_millisecond(1_750_000_000_000 - ms).unwrap())
+}
+
 #[test]
 fn first_status_waits_briefly_only_for_votes() {
     use std::time::Duration;
     let wait = Duration::from_secs(1);
-    let young = Duration::from_millis(300);
     let fresh = job(&[]);
     let unvoted = step(&fresh, &ready(), &Tally { required: 2, ..Tally::default() }, &[], &[]);
     assert_eq!(unvoted.status.phase, Some(JobPhase::AwaitingApproval));
     let none = AgentJobStatus::default();
-    assert_eq!(hold_first_status(&none, &unvoted, young, wait), Some(Duration::from_millis(700)), "a new job waits for its votes");
-    assert_eq!(hold_first_status(&none, &unvoted, wait, wait), None, "no longer than vote_wait from creation");
-    assert_eq!(hold_first_status(&none, &unvoted, young, Duration::ZERO), None, "0 turns the wait off");
+    let hold = |old: &AgentJobStatus, plan: &Plan, created: i64, wait: Duration| {
+        hold_first_status(old, plan, Some(&ago(created)), &now(), &VoteWait::configured(wait))
+    };
+    assert_eq!(hold(&none, &unvoted, 1_300, wait), Some(Duration::from_millis(700)), "a new job waits for its votes");
+    assert_eq!(hold(&none, &unvoted, 2_000, wait), None, "no longer than vote_wait from creation");
+    assert_eq!(hold(&none, &unvoted, 1_300, Duration::ZERO), None, "0 turns the wait off");
+    assert_eq!(hold_first_status(&none, &unvoted, None, &now(), &VoteWait::configured(wait)), None, "no creation time, no wait");
     let written = after(fresh.clone(), unvoted.clone()).status.unwrap();
-    assert_eq!(hold_first_status(&written, &unvoted, young, wait), None, "a job with a status is never held back");
+    assert_eq!(hold(&written, &unvoted, 1_300, wait), None, "a job with a status is never held back");
 
     let started = step(&fresh, &ready(), &approved(), &[], &[]);
-    assert_eq!(hold_first_status(&none, &started, young, wait), None, "votes complete: the job starts at once");
+    assert_eq!(hold(&none, &started, 1_300, wait), None, "votes complete: the job starts at once");
     let over_budget = job(&[("/spec/budget/maxCostUSD", json!("0.000001"))]);
     let refused = step(&over_budget, &ready(), &Tally { required: 2, ..Tally::default() }, &[], &[]);
     assert_eq!(refused.status.phase, Some(JobPhase::Rejected));
-    assert_eq!(hold_first_status(&none, &refused, young, wait), None, "a refusal is reported at once");
+    assert_eq!(hold(&none, &refused, 1_300, wait), None, "a refusal is reported at once");
+    let vetoed = step(&fresh, &ready(), &rejected(), &[], &[]);
+    assert_eq!(vetoed.status.phase, Some(JobPhase::Rejected));
+    assert_eq!(hold(&none, &vetoed, 0, wait), None, "a rejecting vote is reported at once, however new the job");
+}
+
+#[test]
+fn a_new_job_waiting_for_votes_is_announced_by_its_status_alone() {
+    let fresh = job(&[]);
+    let waiting = step(&fresh, &ready(), &approvals(&["alice"]), &[], &[]);
+    assert_eq!(waiting.status.phase, Some(JobPhase::AwaitingApproval));
+    assert!(waiting.events.is_empty(), "{:?}", waiting.events);
+    let approved_cond = find(&waiting.status.conditions, condition::APPROVED).unwrap();
+    assert_eq!((approved_cond.status.as_str(), approved_cond.reason.as_str()), ("False", "AwaitingApproval"), "status says it");
+    assert_eq!(waiting.status.approval.as_ref().map(|a| a.summary.as_str()), Some("1/2"));
+    // A job that comes back to wait for votes (rejected, then its spec changed) is news.
+    let vetoed = after(fresh.clone(), step(&fresh, &ready(), &rejected(), &[], &[]));
+    let mut changed = vetoed.clone();
+    changed.metadata.generation = Some(2);
+    let again = step(&changed, &ready(), &Tally { required: 2, ..Tally::default() }, &[], &[]);
+    assert_eq!(again.status.phase, Some(JobPhase::AwaitingApproval));
+    assert_eq!(again.events.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(), ["AwaitingApproval"]);
+    // A rejection on the first status is announced as ever.
+    let refused = step(&fresh, &ready(), &rejected(), &[], &[]);
+    assert_eq!(refused.events.iter().map(|e| (e.reason.as_str(), e.warning)).collect::<Vec<_>>(), [("VoteRejected", true)]);
+}
+
+#[test]
+fn first_status_waits_a_whole_vote_wait_despite_second_timestamps() {
+    use std::time::Duration;
+    let wait = Duration::from_secs(1);
+    let unvoted = step(&job(&[]), &ready(), &Tally { required: 2, ..Tally::default() }, &[], &[]);
+    let none = AgentJobStatus::default();
+    // Created 0.1 s ago at 12:00:00.9, the job reads 12:00:00 at 12:00:01.0: a second "old".
+    assert_eq!(
+        hold_first_status(&none, &unvoted, Some(&ago(1_000)), &now(), &VoteWait::configured(wait)),
+        Some(wait),
+        "the stamp's second is not counted"
+    );
+    assert_eq!(hold_first_status(&none, &unvoted, Some(&ago(0)), &now(), &VoteWait::configured(wait)), Some(wait));
+}
+
+#[test]
+fn approvals_still_arriving_extend_the_first_status_wait_up_to_a_bound() {
+    use std::time::Duration;
+    let wait = Duration::from_secs(1);
+    let none = AgentJobStatus::default();
+    let voted_at = |ms: i64| {
+        let mut t = approvals(&["alice"]);
+        t.approvers[0].decided_at = Some(ago(ms));
+        step(&job(&[]), &ready(), &t, &[], &[])
+    };
+    let one_of_two = voted_at(1_000);
+    assert_eq!(one_of_two.status.phase, Some(JobPhase::AwaitingApproval));
+    let hold = |plan: &Plan, created: i64| hold_first_status(&none, plan, Some(&ago(created)), &now(), &VoteWait::configured(wait));
+    assert_eq!(hold(&one_of_two, 2_500), Some(wait), "an approval just in: the second may follow");
+    assert_eq!(hold(&voted_at(1_600), 2_500), Some(Duration::from_millis(400)));
+    assert_eq!(hold(&voted_at(2_500), 2_500), None, "no approval since the wait ran out");
+    assert_eq!(hold(&one_of_two, 4_500), Some(Duration::from_millis(500)), "never past 4 vote waits from creation");
+    assert_eq!(hold(&one_of_two, 5_000), None);
+    // Votes that do not count extend nothing: only the job's own approvals hold its status back.
+    let ignored = Tally {
+        required: 2,
+        ignored: vec![crate::api::IgnoredVote { name: "scan-mallory".into(), why: "not a head".into() }],
+        ..Tally::default()
+    };
+    let junk = step(&job(&[]), &ready(), &ignored, &[], &[]);
+    assert_eq!(hold(&junk, 2_500), None, "an ignored vote is no reason to wait");
 }
 
 #[test]
