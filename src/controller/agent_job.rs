@@ -100,7 +100,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     // The cached job leaves its requester to an index (controller::slim::job); a job read whole
     // from the API carries it.
     let author =
-        job.annotations().get(REQUESTED_BY).cloned().or_else(|| ctx.caches.index.requesters().of(&(namespace.clone(), name.clone())));
+        job.annotations().get(REQUESTED_BY).cloned().or_else(|| ctx.caches.index.requesters().of(&(namespace.clone(), name.clone()), &uid));
     let author = author.as_deref();
     let identity = JobIdentity { name: &name, uid: &uid, generation, author };
     let heads = head_verdicts(job, ctx, &vote_views).await?;

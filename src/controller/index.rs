@@ -493,19 +493,25 @@ impl QuotaIndex {
 /// string, 15 % of the job. Fed from the watch event before it is slimmed and stored, so a job
 /// in the store always has its requester here already (a relist swaps in at `InitDone`, the
 /// store's after).
+///
+/// An entry is bound to the job's uid: between the index's update and the store's, a job deleted
+/// and recreated under its name by someone else must not be read with the new one's requester.
 #[derive(Clone, Debug, Default)]
 pub struct RequesterIndex {
-    entries: Entries<Box<str>>,
+    entries: Entries<(Box<str>, Box<str>)>,
 }
 
 impl RequesterIndex {
     pub fn apply(&mut self, event: &Event<AgentJob>) {
-        self.entries.apply(event, |job| job.annotations().get(crate::api::REQUESTED_BY).map(|r| r.as_str().into()));
+        self.entries.apply(event, |job| {
+            let requester = job.annotations().get(crate::api::REQUESTED_BY)?;
+            Some((job.uid()?.into(), requester.as_str().into()))
+        });
     }
 
-    /// The requester of the job at `key`, if its annotation names one.
-    pub fn of(&self, key: &Key) -> Option<String> {
-        self.entries.live.get(key).map(|r| r.to_string())
+    /// The requester of the job at `key` with this `uid`, if its annotation names one.
+    pub fn of(&self, key: &Key, uid: &str) -> Option<String> {
+        self.entries.live.get(key).filter(|(u, _)| &**u == uid).map(|(_, r)| r.to_string())
     }
 
     pub fn objects(&self) -> usize {

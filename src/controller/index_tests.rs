@@ -224,7 +224,7 @@ fn a_requester_is_indexed_from_the_annotation_and_a_relist_replaces_them() {
     let job = |name: &str, requester: Option<&str>| -> AgentJob {
         let annotations = requester.map(|r| serde_json::json!({crate::api::REQUESTED_BY: r})).unwrap_or(serde_json::json!({}));
         serde_json::from_value(serde_json::json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
-            "metadata": {"name": name, "namespace": "team", "annotations": annotations},
+            "metadata": {"name": name, "namespace": "team", "uid": format!("uid-{name}"), "annotations": annotations},
             "spec": {"category": "c", "agents": {"primary": {"name": "a", "image": "i", "model": "m"}}, "budget": {"maxCostUSD": "1"}}}))
         .unwrap()
     };
@@ -232,12 +232,13 @@ fn a_requester_is_indexed_from_the_annotation_and_a_relist_replaces_them() {
     let mut index = super::RequesterIndex::default();
     index.apply(&Event::Apply(job("a", Some("alice"))));
     index.apply(&Event::Apply(job("b", None)));
-    assert_eq!((index.of(&key("a")).as_deref(), index.of(&key("b"))), (Some("alice"), None));
+    assert_eq!((index.of(&key("a"), "uid-a").as_deref(), index.of(&key("b"), "uid-b")), (Some("alice"), None));
+    assert_eq!(index.of(&key("a"), "uid-of-a-recreated-a"), None, "an entry answers for its own job only");
     index.apply(&Event::Init);
     index.apply(&Event::InitApply(job("b", Some("bob"))));
-    assert_eq!(index.of(&key("a")).as_deref(), Some("alice"), "the old entries serve until the relist is done");
+    assert_eq!(index.of(&key("a"), "uid-a").as_deref(), Some("alice"), "the old entries serve until the relist is done");
     index.apply(&Event::InitDone);
-    assert_eq!((index.of(&key("a")), index.of(&key("b")).as_deref()), (None, Some("bob")));
+    assert_eq!((index.of(&key("a"), "uid-a"), index.of(&key("b"), "uid-b").as_deref()), (None, Some("bob")));
     index.apply(&Event::Delete(job("b", Some("bob"))));
     assert_eq!(index.objects(), 0);
 }
