@@ -226,3 +226,159 @@ async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchange
     assert_eq!((got.tokens.p50, got.tokens.p90), (want.tokens_p50, want.tokens_p90), "{got:?} vs {want:?}");
     assert!(got.tokens.p50 > 400_000, "ours, not the other tenant's one token: {got:?}");
 }
+
+/// Lets `user` write AgentJob status in `ns` (and nothing else of agentgate's), as a tenant with
+/// status RBAC may.
+async fn grant_status_writing(admin: &Client, ns: &str, user: &str) {
+    use kube::api::{Patch, PatchParams};
+    let pp = PatchParams::apply("estimator-tests").force();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "status-writer", "namespace": ns},
+        "rules": [{"apiGroups": ["agentgate.dev"], "resources": ["agentjobs/status"], "verbs": ["get", "update", "patch"]}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ns).patch("status-writer", &pp, &Patch::Apply(&role)).await.unwrap();
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": format!("{user}-writes-status"), "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "status-writer"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]});
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
+        .patch(&format!("{user}-writes-status"), &pp, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+}
+
+/// Creates `job`, has alice and bob approve it, and plays the kubelet running its first Pod;
+/// returns the created job and that Pod's name.
+async fn approved_and_running(env: &Env, job: AgentJob) -> (AgentJob, String) {
+    let name = job.metadata.name.clone().unwrap();
+    let job = Api::<AgentJob>::namespaced(env.admin.clone(), &env.ns).create(&PostParams::default(), &job).await.expect("create job");
+    vote(&env.alice, &job, "alice", Decision::Approve).await;
+    vote(&env.bob, &job, "bob", Decision::Approve).await;
+    wait_for("the agent Pod", Duration::from_secs(30), || job_pods(&env.admin, &env.ns, &job), |p: &Vec<_>| p.len() == 1).await;
+    let pod = format!("{name}-scanner-1");
+    run_pod(&env.admin, &env.ns, &pod).await;
+    (job, pod)
+}
+
+/// `runs` jobs of `job_type` in the environment's namespace (budget $1000, so their size is
+/// never the question) succeed, each using `input_tokens` of gpt-4o-mini; returns once the
+/// operator has learned every one.
+async fn history(env: &Env, job_type: &str, runs: usize, input_tokens: i64) {
+    let mut pods = Vec::new();
+    for i in 0..runs {
+        let job = JobManifest::new(&format!("history-{i}")).job_type(job_type).budget("1000").build();
+        pods.push(approved_and_running(env, job).await.1);
+    }
+    for pod in &pods {
+        finish_pod(&env.admin, &env.ns, pod, 0, &usage_report("gpt-4o-mini", input_tokens, 0, 0, json!({}))).await;
+    }
+    for i in 0..runs {
+        wait_for_job(&env.admin, &env.ns, &format!("history-{i}"), "the history run learned", |j| {
+            phase(j) == Some("Succeeded") && j.status.as_ref().is_some_and(|s| s.attempts.iter().all(|a| a.learned == Some(true)))
+        })
+        .await;
+    }
+}
+
+/// What a tenant with status RBAC writes over a running job's recorded estimate: one token, $0.
+async fn forge_low_estimate(env: &Env, name: &str) {
+    use kube::api::{Patch, PatchParams};
+    let forged = json!({"status": {"estimate":
+        {"generation": 1, "tokens": {"p50": 1, "p90": 1}, "costUSD": {"p50": "0", "p90": "0"}, "method": "history", "samples": 40}}});
+    Api::<AgentJob>::namespaced(env.user("erin").await, &env.ns)
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&forged))
+        .await
+        .expect("erin may write status");
+}
+
+/// Waits for the job to end after its first attempt failed, and checks it ended
+/// `BudgetExhausted` with `why` in the message, with no second attempt in status or as a Pod.
+async fn budget_exhausted_after_one_attempt(env: &Env, job: &AgentJob, why: &str) -> AgentJob {
+    let name = job.metadata.name.clone().unwrap();
+    let done = wait_for_job(&env.admin, &env.ns, &name, "the job ended", |j| {
+        matches!(phase(j), Some("Failed" | "Succeeded")) || j.status.as_ref().is_some_and(|s| s.attempts.len() > 1)
+    })
+    .await;
+    assert_eq!(phase(&done), Some("Failed"), "{name}: {:#?}", done.status);
+    let succeeded = condition(&done, "Succeeded").expect("Succeeded condition");
+    assert_eq!(succeeded.reason, "BudgetExhausted", "{name}: {succeeded:?}");
+    assert!(succeeded.message.contains(why), "{name}: {}", succeeded.message);
+    assert_eq!(done.status.as_ref().unwrap().attempts.len(), 1, "{name}: no second attempt");
+    let pods = job_pods(&env.admin, &env.ns, job).await;
+    assert_eq!(pods.len(), 1, "{name}: no second Pod: {:?}", pods.iter().map(kube::ResourceExt::name_any).collect::<Vec<_>>());
+    done
+}
+
+/// A job approved on a small estimate whose jobType then turns out to cost more than its budget
+/// per run is not retried: its first attempt failed, the estimate made at the retry exceeds the
+/// $5 budget, and it ends `Failed`/`BudgetExhausted` (not `Rejected`: it ran). A tenant who may
+/// write the job's status and rewrites its recorded estimate to $0 before the retry changes
+/// nothing: the estimate that decides is made afresh from what was learned, not read from status.
+#[tokio::test]
+async fn a_retry_re_estimated_over_budget_ends_budget_exhausted_whatever_status_says() {
+    let ns = "est-retry-over";
+    let env = Env::builder(ns).node("estimator-retry-node", "64", "256Gi", &[]).build().await;
+    grant_status_writing(&env.admin, ns, "erin").await;
+    let job_type = "retry_over_budget";
+    let victim = |name: &str| JobManifest::new(name).job_type(job_type).spec(json!({"limits": {"maxRetries": 3}})).build();
+
+    // Both approved on the spec's prior (tens of thousands of tokens, well under a cent), both running.
+    let (honest, honest_pod) = approved_and_running(&env, victim("honest")).await;
+    let (forged, forged_pod) = approved_and_running(&env, victim("forged")).await;
+    for name in ["honest", "forged"] {
+        let job = Api::<AgentJob>::namespaced(env.admin.clone(), ns).get(name).await.unwrap();
+        let recorded = job.status.unwrap().estimate.expect("estimated at approval");
+        assert_eq!(recorded.method, "prior", "{recorded:?}");
+        assert!(recorded.cost_usd.p90.parse::<f64>().unwrap() < 0.5, "{recorded:?}");
+    }
+
+    // Meanwhile the team's runs of the jobType use 40M input tokens each ($6 at $0.15 per million).
+    history(&env, job_type, 3, 40_000_000).await;
+    // The operator's estimate now exceeds $5: a new job of the jobType is rejected for it.
+    let probe = Api::<AgentJob>::namespaced(env.admin.clone(), ns).create(&PostParams::default(), &victim("probe")).await.unwrap();
+    let rejected = wait_for_job(&env.admin, ns, "probe", "the probe rejected", |j| phase(j) == Some("Rejected")).await;
+    assert_eq!(condition(&rejected, "Ready").map(|c| c.reason.as_str()), Some("BudgetExceeded"), "{:?}", rejected.status);
+    assert!(job_pods(&env.admin, ns, &probe).await.is_empty());
+
+    // erin rewrites the second job's recorded estimate to $0, then both first attempts fail cheaply.
+    forge_low_estimate(&env, "forged").await;
+    for pod in [&honest_pod, &forged_pod] {
+        finish_pod(&env.admin, ns, pod, 1, &usage_report("gpt-4o-mini", 1000, 0, 100, json!(null))).await;
+    }
+    let over = "would exceed budget.maxCostUSD $5";
+    let honest = budget_exhausted_after_one_attempt(&env, &honest, over).await;
+    let done = budget_exhausted_after_one_attempt(&env, &forged, over).await;
+    // Both were judged on the estimate made at the retry (over $5), the same for both.
+    let said = |j: &AgentJob| condition(j, "Succeeded").unwrap().message.split("(estimated p90 $").nth(1).map(str::to_string);
+    assert_eq!(said(&done), said(&honest), "{:?}", condition(&done, "Succeeded"));
+    // The forgery stood when the retry was judged: the operator did not rewrite it, it ignored it.
+    assert_eq!(done.status.unwrap().estimate.map(|e| e.tokens.p90), Some(1), "the forged estimate is still in status");
+}
+
+/// What was spent plus the retry's estimate must fit the budget, and that estimate too is made
+/// afresh: a job whose first attempt spent $4.50 of its $5 budget, on a jobType whose runs cost
+/// about $1, is not retried, whether or not a tenant with status RBAC rewrote its recorded
+/// estimate to $0 (which, read from status, would have let $4.50 + $0 through).
+#[tokio::test]
+async fn a_retry_must_fit_what_was_spent_plus_a_fresh_estimate_not_a_forged_one() {
+    let ns = "est-retry-spent";
+    let env = Env::builder(ns).node("estimator-spent-node", "64", "256Gi", &[]).build().await;
+    grant_status_writing(&env.admin, ns, "erin").await;
+    let job_type = "retry_spent";
+
+    // The team's runs of the jobType use 6.67M input tokens each (about $1).
+    history(&env, job_type, 3, 6_666_667).await;
+    let victim = |name: &str| JobManifest::new(name).job_type(job_type).spec(json!({"limits": {"maxRetries": 3}})).build();
+    let (honest, honest_pod) = approved_and_running(&env, victim("honest")).await;
+    let (forged, forged_pod) = approved_and_running(&env, victim("forged")).await;
+    let recorded = Api::<AgentJob>::namespaced(env.admin.clone(), ns).get("honest").await.unwrap().status.unwrap().estimate.unwrap();
+    let p90: f64 = recorded.cost_usd.p90.parse().unwrap();
+    assert!(recorded.method != "prior" && p90 > 0.5 && p90 < 5.0, "one run fits the budget, not one more after $4.50: {recorded:?}");
+
+    forge_low_estimate(&env, "forged").await;
+    // Each first attempt fails having spent $4.50 (30M input tokens).
+    for pod in [&honest_pod, &forged_pod] {
+        finish_pod(&env.admin, ns, pod, 1, &usage_report("gpt-4o-mini", 30_000_000, 0, 0, json!(null))).await;
+    }
+    budget_exhausted_after_one_attempt(&env, &honest, "earlier attempts spent $4.5").await;
+    let done = budget_exhausted_after_one_attempt(&env, &forged, "earlier attempts spent $4.5").await;
+    assert_eq!(done.status.unwrap().estimate.map(|e| e.tokens.p90), Some(1), "the forged estimate is still in status");
+}

@@ -283,9 +283,10 @@ mod tests {
         let mut without_b = state.clone();
         without_b.job_types.get_mut("scan").unwrap().remove("team-b");
         let alone = forecast(&without_b, "team-a", &["gpt-4o"], &[]);
-        // team-b drives its own estimate to the ground, then to the sky.
-        let tiny: Vec<(&str, &[i64], TokenCounts)> = (0..30).map(|_| ("gpt-4o", &[][..], tokens(1, 1))).collect();
-        let huge: Vec<(&str, &[i64], TokenCounts)> = (0..30).map(|_| ("gpt-4o", &[][..], tokens(1_000_000_000, 1))).collect();
+        // team-b drives its own estimate to the ground, then to the sky (50 runs each: more than
+        // what is left of the other extreme in its 80-run window).
+        let tiny: Vec<(&str, &[i64], TokenCounts)> = (0..50).map(|_| ("gpt-4o", &[][..], tokens(1, 1))).collect();
+        let huge: Vec<(&str, &[i64], TokenCounts)> = (0..50).map(|_| ("gpt-4o", &[][..], tokens(1_000_000_000, 1))).collect();
         for extreme in [tiny, huge] {
             learn(&mut state, "team-b", &extreme);
             let b = forecast(&state, "team-b", &["gpt-4o"], &[]).tokens_p50;

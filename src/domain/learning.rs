@@ -22,7 +22,7 @@
 //! is implausible as a sample of this job and left out. Each attempt counts once: the last
 //! [`SEEN_CAP`] attempt keys (`<job uid>/<attempt>`) are remembered.
 //!
-//! **Bounds**: a key-model is about 850 bytes of JSON (40 pairs and a dozen numbers); at most
+//! **Bounds**: a key-model is about 1,550 bytes of JSON (80 pairs and a dozen numbers); at most
 //! [`MAX_KEYS`] (namespace, jobType) keys of at most [`MAX_MODELS`] models are kept, the least
 //! recently updated going first, so the state stays well under the ConfigMap limit.
 
@@ -36,8 +36,10 @@ use super::pricing::{PriceTable, TokenCounts};
 use super::prior::prior_offset;
 use super::prior::{NamespaceEffect, OFFSET_RANGE, PoolMember, Prior, namespace_effect};
 
-/// Runs kept per key and model.
-pub const WINDOW: usize = 40;
+/// Runs kept per key and model (the `long-flat` expert reads them all, see
+/// [`forecasters::SHORTER_WINDOW`]). A version 4 state of 40-run windows grows into 80 as it
+/// learns: nothing to migrate.
+pub const WINDOW: usize = 80;
 /// Own runs from which a key no longer listens to the pooled prior at all.
 pub const POOL_RUNS: u64 = 10;
 /// Step of the online calibration of the p90 offset, relative: a run above the p90 widens it by
@@ -51,8 +53,8 @@ pub const MAX_KEYS: usize = 256;
 pub const MAX_MODELS: usize = 8;
 /// Runs a key-model needs before its level counts in a namespace's effect.
 pub const EFFECT_RUNS: usize = 3;
-/// Key-models remembered in all (a window is about 900 bytes of JSON: 512 keep the state under
-/// half a MiB, well within a ConfigMap's 1 MiB).
+/// Key-models remembered in all (a window is about 1,550 bytes of JSON: 512 keep the state near
+/// 0.80 MB, within a ConfigMap's 1 MiB).
 pub const MAX_KEY_MODELS: usize = 512;
 /// Version 3 had two experts: it is migrated on load (see [`EstimatorState::from_json`]);
 /// version 2 learned per jobType across namespaces and is discarded (and relearned).

@@ -1,16 +1,27 @@
 //! A retry must fit the budget too: what the earlier attempts spent plus the estimate of one
-//! more attempt (p90, as at approval) must stay within `budget.maxCostUSD` and `budget.maxTokens`.
-//! Without this, up to 10 retries could each spend up to the budget.
+//! more attempt (p90, estimated at the retry) must stay within `budget.maxCostUSD` and `budget.maxTokens`.
+//! Without this, up to 10 retries could each spend up to the budget. The estimate is the one made
+//! at the retry from what the estimator knows then, never the one recorded in status: a tenant who
+//! may write status could lower that to buy a retry the budget cannot cover (tests/estimator.rs
+//! `a_retry_must_fit_what_was_spent_plus_a_fresh_estimate_not_a_forged_one`).
 
 use super::money::MicroUsd;
-use crate::api::{AgentJobSpec, Estimate, Usage};
+use crate::api::{AgentJobSpec, Usage};
 
-/// Ok when one more attempt fits; else why not (goes into the condition and the Event).
-pub fn next_attempt_fits(spec: &AgentJobSpec, spent: Option<&Usage>, estimate: Option<&Estimate>) -> Result<(), String> {
+/// The p90 of one more attempt: its cost and tokens.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct NextAttempt {
+    pub cost_p90: MicroUsd,
+    pub tokens_p90: i64,
+}
+
+/// Ok when one more attempt fits; else why not (goes into the condition and the Event). `next`
+/// is `None` when it cannot be estimated (a model without a price: the gate then waits for one).
+pub fn next_attempt_fits(spec: &AgentJobSpec, spent: Option<&Usage>, next: Option<NextAttempt>) -> Result<(), String> {
     // An unparsable budget is the approval gate's to report (decide::over_budget); not here.
     let Some(budget) = MicroUsd::parse(&spec.budget.max_cost_usd) else { return Ok(()) };
     let spent_cost = spent.and_then(|u| MicroUsd::parse(&u.cost_usd)).unwrap_or(MicroUsd(0));
-    let next_cost = estimate.and_then(|e| MicroUsd::parse(&e.cost_usd.p90)).unwrap_or(MicroUsd(0));
+    let next_cost = next.map_or(MicroUsd(0), |n| n.cost_p90);
     if spent_cost.saturating_add(next_cost) > budget {
         return Err(format!(
             "earlier attempts spent ${spent_cost}; another attempt (estimated p90 ${next_cost}) would exceed budget.maxCostUSD ${budget}"
@@ -18,7 +29,7 @@ pub fn next_attempt_fits(spec: &AgentJobSpec, spent: Option<&Usage>, estimate: O
     }
     if let Some(max) = spec.budget.max_tokens {
         let spent_tokens = spent.map_or(0, |u| u.total_tokens);
-        let next_tokens = estimate.map_or(0, |e| e.tokens.p90);
+        let next_tokens = next.map_or(0, |n| n.tokens_p90);
         if spent_tokens.saturating_add(next_tokens) > max {
             return Err(format!(
                 "earlier attempts used {spent_tokens} tokens; another attempt (estimated p90 {next_tokens}) would exceed budget.maxTokens {max}"
@@ -31,7 +42,6 @@ pub fn next_attempt_fits(spec: &AgentJobSpec, spent: Option<&Usage>, estimate: O
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{CostRange, TokenRange};
 
     fn spec(max_cost: &str, max_tokens: Option<i64>) -> AgentJobSpec {
         let mut spec: AgentJobSpec = serde_json::from_value(serde_json::json!({
@@ -48,26 +58,19 @@ mod tests {
         Usage { cost_usd: cost.into(), total_tokens: tokens, ..Usage::default() }
     }
 
-    fn estimate(cost_p90: &str, tokens_p90: i64) -> Estimate {
-        Estimate {
-            generation: 1,
-            tokens: TokenRange { p50: tokens_p90 / 2, p90: tokens_p90 },
-            cost_usd: CostRange { p50: "0".into(), p90: cost_p90.into() },
-            method: "prior".into(),
-            samples: 0,
-            models: vec![],
-        }
+    fn estimate(cost_p90: &str, tokens_p90: i64) -> NextAttempt {
+        NextAttempt { cost_p90: MicroUsd::parse(cost_p90).unwrap(), tokens_p90 }
     }
 
     #[test]
     fn a_retry_runs_only_while_spent_plus_estimate_fits() {
         let e = estimate("1.00", 1000);
-        assert_eq!(next_attempt_fits(&spec("5.00", None), Some(&spent("4.00", 10)), Some(&e)), Ok(()), "exactly the budget fits");
-        let why = next_attempt_fits(&spec("5.00", None), Some(&spent("4.000001", 10)), Some(&e)).unwrap_err();
+        assert_eq!(next_attempt_fits(&spec("5.00", None), Some(&spent("4.00", 10)), Some(e)), Ok(()), "exactly the budget fits");
+        let why = next_attempt_fits(&spec("5.00", None), Some(&spent("4.000001", 10)), Some(e)).unwrap_err();
         assert!(why.contains("spent $4.000001") && why.contains("budget.maxCostUSD $5"), "{why}");
-        let why = next_attempt_fits(&spec("5.00", Some(1500)), Some(&spent("0.10", 600)), Some(&e)).unwrap_err();
+        let why = next_attempt_fits(&spec("5.00", Some(1500)), Some(&spent("0.10", 600)), Some(e)).unwrap_err();
         assert!(why.contains("600 tokens") && why.contains("maxTokens 1500"), "{why}");
-        assert_eq!(next_attempt_fits(&spec("5.00", Some(1600)), Some(&spent("0.10", 600)), Some(&e)), Ok(()));
+        assert_eq!(next_attempt_fits(&spec("5.00", Some(1600)), Some(&spent("0.10", 600)), Some(e)), Ok(()));
     }
 
     #[test]

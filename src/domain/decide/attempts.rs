@@ -119,7 +119,13 @@ pub(super) fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observ
     } else if current >= max_attempts(&job.spec) {
         Some(("AttemptsExhausted", format!("{note}; no retries left ({} attempt(s))", max_attempts(&job.spec))))
     } else {
-        crate::domain::retry_budget::next_attempt_fits(&job.spec, s.usage.as_ref(), s.estimate.as_ref())
+        // Estimated afresh, as the start of any attempt is (run_gates): status is no proof of an
+        // estimate, and a lowered one would buy a retry the budget cannot cover (tests/estimator.rs
+        // a_retry_must_fit_what_was_spent_plus_a_fresh_estimate_not_a_forged_one).
+        let next = estimate(&estimate_input(job), o.learned, o.prices)
+            .ok()
+            .map(|f| crate::domain::retry_budget::NextAttempt { cost_p90: f.cost_p90, tokens_p90: f.tokens_p90 });
+        crate::domain::retry_budget::next_attempt_fits(&job.spec, s.usage.as_ref(), next)
             .err()
             .map(|why| (BUDGET_EXHAUSTED, format!("{note}; not retried: {why}")))
     };

@@ -1328,7 +1328,8 @@ fn a_retry_re_estimated_over_budget_stops_retrying_rather_than_being_rejected() 
     assert_eq!(plan.status.phase, Some(JobPhase::Failed), "it ran: Failed, not Rejected");
     let (_, reason, msg) = cond(&plan, condition::READY).unwrap();
     assert_eq!(reason, "BudgetExhausted");
-    assert!(msg.contains("re-estimated over its budget") && msg.contains("exceeds budget.maxCostUSD $5"), "{msg}");
+    // Caught by the retry budget (what was spent plus a fresh estimate of one more attempt).
+    assert!(msg.contains("another attempt (estimated p90 $") && msg.contains("would exceed budget.maxCostUSD $5"), "{msg}");
     assert_eq!(cond(&plan, condition::SUCCEEDED).map(|c| c.1), Some("BudgetExhausted"));
     assert!(plan.events.iter().any(|e| e.warning && e.reason == "BudgetExhausted"), "{:?}", plan.events);
     // The same estimate before anything ran rejects the job, as before.
