@@ -227,24 +227,6 @@ async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchange
     assert!(got.tokens.p50 > 400_000, "ours, not the other tenant's one token: {got:?}");
 }
 
-/// Lets `user` write AgentJob status in `ns` (and nothing else of agentgate's), as a tenant with
-/// status RBAC may.
-async fn grant_status_writing(admin: &Client, ns: &str, user: &str) {
-    use kube::api::{Patch, PatchParams};
-    let pp = PatchParams::apply("estimator-tests").force();
-    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "status-writer", "namespace": ns},
-        "rules": [{"apiGroups": ["agentgate.dev"], "resources": ["agentjobs/status"], "verbs": ["get", "update", "patch"]}]});
-    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ns).patch("status-writer", &pp, &Patch::Apply(&role)).await.unwrap();
-    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": format!("{user}-writes-status"), "namespace": ns},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "status-writer"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]});
-    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
-        .patch(&format!("{user}-writes-status"), &pp, &Patch::Apply(&binding))
-        .await
-        .unwrap();
-}
-
 /// Creates `job`, has alice and bob approve it, and plays the kubelet running its first Pod;
 /// returns the created job and that Pod's name.
 async fn approved_and_running(env: &Env, job: AgentJob) -> (AgentJob, String) {

@@ -280,22 +280,6 @@ async fn a_forged_estimate_skips_no_check() {
     assert_eq!(ready.reason, "BudgetExceeded", "{}", ready.message);
 }
 
-/// Lets `user` write AgentJob status in `ns`, and nothing else of agentgate's.
-async fn grant_status_writing(admin: &Client, ns: &str, user: &str) {
-    let pp = PatchParams::apply("gate-attacks").force();
-    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "status-writer", "namespace": ns},
-        "rules": [{"apiGroups": ["agentgate.dev"], "resources": ["agentjobs/status"], "verbs": ["get", "update", "patch"]}]});
-    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ns).patch("status-writer", &pp, &Patch::Apply(&role)).await.unwrap();
-    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-        "metadata": {"name": format!("{user}-writes-status"), "namespace": ns},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "status-writer"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]});
-    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
-        .patch(&format!("{user}-writes-status"), &pp, &Patch::Apply(&binding))
-        .await
-        .unwrap();
-}
-
 #[tokio::test]
 async fn the_admission_policy_refuses_labelled_pods_from_tenants() {
     let ns = "ga-vap";

@@ -188,6 +188,21 @@ pub async fn grant_voting_rights(admin: &Client) {
     }
 }
 
+/// Lets `user` write AgentJob status in `ns` (and nothing else of agentgate's), as a tenant with
+/// status RBAC may: the attacker of the tests that forge a job's status. Idempotent.
+pub async fn grant_status_writing(admin: &Client, ns: &str, user: &str) {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let pp = PatchParams::apply("agentgate-test-rbac").force();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "status-writer", "namespace": ns},
+        "rules": [{"apiGroups": ["agentgate.dev"], "resources": ["agentjobs/status"], "verbs": ["get", "update", "patch"]}]});
+    Api::<Role>::namespaced(admin.clone(), ns).patch("status-writer", &pp, &Patch::Apply(&role)).await.expect("apply Role");
+    let name = format!("{user}-writes-status");
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name, "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "status-writer"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]});
+    Api::<RoleBinding>::namespaced(admin.clone(), ns).patch(&name, &pp, &Patch::Apply(&binding)).await.expect("apply RoleBinding");
+}
+
 /// An AgentJob named `name` whose spec is `base` with `patch` merged into it (objects merge key
 /// by key; anything else replaces).
 pub fn agent_job(name: &str, mut base: serde_json::Value, patch: serde_json::Value) -> AgentJob {
