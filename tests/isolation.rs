@@ -341,6 +341,85 @@ async fn padded_jobs_are_not_cached_whole() {
     assert_eq!(agent.args.as_ref(), Some(&args), "the Pod gets the command line left out of the cache");
 }
 
+/// Another team's agent Pods (in a namespace this operator does not watch, holding the usage
+/// finalizer for jobs this operator cannot see) cost an operator of one namespace nothing: not
+/// cached (`GET /debug/memory` counts only the decoy that names one of its jobs), and not released
+/// by its orphan sweep. Before, every one was cached (4.7 KB each) and the sweep GETed each one's
+/// job on every Pod event (`make bench`'s scale row: 8,500 such Pods, 38.6 MiB, 1.6 GETs per job).
+#[tokio::test]
+async fn another_namespaces_agent_pods_cost_an_operator_of_one_namespace_nothing() {
+    use agentgate::domain::pod_builder::USAGE_FINALIZER;
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::ResourceExt;
+    use support::cluster::vote;
+    const OWN_NS: &str = "isolation-scope";
+    const THEIR_NS: &str = "isolation-scope-theirs";
+    const THEIR_PODS: usize = 30;
+    let port = free_port();
+    let env = Env::builder(OWN_NS)
+        .namespaces(&[THEIR_NS])
+        .node("isolation-scope-node", "64", "256Gi", &[])
+        .metrics_addr(&format!("127.0.0.1:{port}"))
+        .args(&["--debug-memory"]);
+    let env = env.build().await;
+    let (cp, admin) = (env.cp, env.admin.clone());
+    let agent_pod = |name: &str, job: &str, uid: &str| -> Pod {
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "finalizers": [USAGE_FINALIZER],
+                "ownerReferences": [{"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "name": job, "uid": uid, "controller": true}],
+                "labels": {"agentgate.dev/job-uid": uid, "agentgate.dev/job": job, "agentgate.dev/agent": "agent"}},
+            "spec": {"containers": [{"name": "agent", "image": "ghcr.io/acme/agent:1"}]}}))
+        .expect("a Pod")
+    };
+    // Their jobs run under another operator, which this one never sees.
+    let theirs = Api::<Pod>::namespaced(admin.clone(), THEIR_NS);
+    futures::stream::iter(0..THEIR_PODS)
+        .map(|i| {
+            let (theirs, pod) =
+                (theirs.clone(), agent_pod(&format!("their-job-{i}-agent-1"), &format!("their-job-{i}"), &format!("their-uid-{i}")));
+            async move { theirs.create(&PostParams::default(), &pod).await.map(|_| ()) }
+        })
+        .buffer_unordered(8)
+        .for_each(|r| {
+            r.expect("creating another team's agent Pod");
+            std::future::ready(())
+        })
+        .await;
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), OWN_NS);
+    let job = jobs.create(&PostParams::default(), &agent_job("own", job_spec(), json!({}))).await.expect("create own job");
+    wait_for_job(&admin, OWN_NS, "own", "own to await approval", |j| phase(j) == Some("AwaitingApproval")).await;
+    // A decoy there naming this operator's job, created after their Pods: once the job reports
+    // it, the Pod watch has passed every one of them.
+    let decoy = agent_pod("own-decoy", "own", job.metadata.uid.as_deref().expect("uid"));
+    theirs.create(&PostParams::default(), &decoy).await.expect("create the decoy");
+    vote(&cp.client("erin").await, &job, "erin", agentgate::api::Decision::Approve).await;
+    let events: Api<Event> = Api::namespaced(admin.clone(), OWN_NS);
+    wait_for(
+        "the own job to report the decoy in the other namespace",
+        Duration::from_secs(60),
+        || async { events.list(&ListParams::default()).await.expect("list events").items },
+        |all: &Vec<Event>| {
+            all.iter()
+                .any(|e| e.reason.as_deref() == Some("ForeignPodIgnored") && e.note.as_deref().is_some_and(|n| n.contains("own-decoy")))
+        },
+    )
+    .await;
+    let (status, report) = http_get(port, "/debug/memory");
+    assert!(status.contains("200"), "{status}: {report}");
+    let line = report.lines().find(|l| l.starts_with("Pod cache")).unwrap_or_else(|| panic!("no Pod cache line: {report}"));
+    let count: Option<usize> =
+        line.split_whitespace().collect::<Vec<_>>().windows(2).find(|w| w[1] == "objects").and_then(|w| w[0].parse().ok());
+    assert_eq!(count, Some(1), "only the decoy naming this operator's job is cached: {line}");
+    for pod in theirs.list(&ListParams::default()).await.expect("list their Pods").items {
+        assert!(
+            pod.finalizers().iter().any(|f| f == USAGE_FINALIZER),
+            "{} released by an operator it is not the business of",
+            pod.name_any()
+        );
+    }
+}
+
 /// 5,000 junk votes naming one job (about 20 s here): the job's status lists
 /// each voter's first ignored vote once, a count for the rest, stays small, and two real heads'
 /// votes still approve it. The junk gets no vote status writes beyond the first per voter.

@@ -82,9 +82,16 @@ async fn release_pod(ctx: &Context, pod: &Pod) -> Result<(), ApplyError> {
 
 /// Pods holding the finalizer whose job is not in the cache, or that have no AgentJob controller
 /// any more (an orphaning delete dropped it): they will never be reconciled as a job's Pods.
+/// Only in the namespace an operator of one namespace watches: a decoy elsewhere is not its to
+/// release, and its job is not one it could see.
 fn orphan_candidates(ctx: &Context) -> Vec<Arc<Pod>> {
     let uids: BTreeSet<String> = ctx.caches.jobs.state().iter().filter_map(|j| j.metadata.uid.clone()).collect();
-    ctx.caches.pods.state_filter(|p| holds_finalizer(p) && snapshot::pod_controller_job_uid(p).is_none_or(|uid| !uids.contains(uid)))
+    let scope = ctx.settings.namespace.as_deref();
+    ctx.caches.pods.state_filter(|p| {
+        scope.is_none_or(|ns| p.metadata.namespace.as_deref() == Some(ns))
+            && holds_finalizer(p)
+            && snapshot::pod_controller_job_uid(p).is_none_or(|uid| !uids.contains(uid))
+    })
 }
 
 /// Whether a Pod's job is gone: asked of the API, not the cache, which may lag behind a job
