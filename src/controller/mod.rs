@@ -300,6 +300,10 @@ pub async fn run(
         watcher(scoped::<Pod>(&client, &None), wc.clone())
             .default_backoff()
             .modify(slim::pod)
+            .modify({
+                let (caches, namespace) = (caches.clone(), settings.namespace.clone());
+                move |pod| slim::pod_scope(pod, namespace.as_deref(), |uid| caches.index.jobs().by_uid(uid).is_some())
+            })
             .inspect({
                 let (caches, requeue) = (caches.clone(), ctx.requeue.clone());
                 move |event| {
@@ -310,12 +314,8 @@ pub async fn run(
                 }
             })
             .filter_map({
-                let (mut store, caches, namespace) = (pods_writer, caches.clone(), settings.namespace.clone());
-                move |event| {
-                    let in_scope =
-                        |pod: &Pod| slim::pod_in_scope(pod, namespace.as_deref(), |uid| caches.index.jobs().by_uid(uid).is_some());
-                    future::ready(event.map(|event| slim::store_agentgate_pods(&mut store, event, in_scope)).transpose())
-                }
+                let mut store = pods_writer;
+                move |event| future::ready(event.map(|event| slim::store_agentgate_pods(&mut store, event)).transpose())
             })
             .touched_once_stored()
             .filter_map(|pod| future::ready(pod.ok()))

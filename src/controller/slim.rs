@@ -74,26 +74,20 @@ fn is_agentgate_pod(pod: &Pod) -> bool {
 /// Applies a Pod watch event to the store, foreign Pods left out (`is_agentgate_pod`), and
 /// passes it on unless it is only about a foreign Pod. A Pod that stops being agentgate's
 /// (its labels or owners changed) leaves the store as if deleted. What is stored and passed on
-/// is `stored_pod`'s part: the index has taken the requests in already. `in_scope`: whether the
-/// Pod is this operator's to read at all (`PodScope`); one that is not is foreign here.
-pub fn store_agentgate_pods(
-    store: &mut reflector::store::Writer<Pod>,
-    mut event: watcher::Event<Pod>,
-    in_scope: impl Fn(&Pod) -> bool,
-) -> Option<watcher::Event<Pod>> {
+/// is `stored_pod`'s part: the index has taken the requests in already.
+pub fn store_agentgate_pods(store: &mut reflector::store::Writer<Pod>, mut event: watcher::Event<Pod>) -> Option<watcher::Event<Pod>> {
     use watcher::Event;
     if let Event::Apply(pod) | Event::InitApply(pod) = &mut event {
         stored_pod(pod);
     }
-    let foreign = |pod: &Pod| !is_agentgate_pod(pod) || !in_scope(pod);
     match &event {
-        Event::Apply(pod) | Event::Delete(pod) if foreign(pod) => {
+        Event::Apply(pod) | Event::Delete(pod) if !is_agentgate_pod(pod) => {
             let mut gone = Pod::default();
             (gone.metadata.name, gone.metadata.namespace) = (pod.metadata.name.clone(), pod.metadata.namespace.clone());
             store.apply_watcher_event(&Event::Delete(gone));
             None
         }
-        Event::InitApply(pod) if foreign(pod) => None,
+        Event::InitApply(pod) if !is_agentgate_pod(pod) => None,
         _ => {
             store.apply_watcher_event(&event);
             Some(event)
@@ -101,14 +95,19 @@ pub fn store_agentgate_pods(
     }
 }
 
-/// Which Pods an operator watching one namespace (`--namespace`) reads from its cache: those in
-/// its namespace, and elsewhere only those labelled with the uid of one of its jobs (decoys, to
-/// report). Every Pod still counts for node capacity (index.rs), but another namespace's agent
-/// Pods belong to another operator: caching them cost an operator of one namespace 4.7 KB per
-/// Pod of every other, and its orphan sweep one GET per such Pod on every Pod event
-/// (`make bench`'s scale row, run after the other rows: 8,500 Pods, 38.6 MiB, 1.6 GETs per job).
-pub fn pod_in_scope(pod: &Pod, namespace: Option<&str>, is_own_job_uid: impl Fn(&str) -> bool) -> bool {
-    namespace.is_none_or(|ns| pod.metadata.namespace.as_deref() == Some(ns) || snapshot::labelled_job_uid(pod).is_some_and(is_own_job_uid))
+/// For an operator watching one namespace (`--namespace`): forgets what makes a Pod in another
+/// namespace agentgate's (its AgentJob owner, job labels, finalizers), unless it is labelled
+/// with the uid of one of this operator's jobs (a decoy, to report). The Pod still counts for
+/// node capacity (index.rs), but another namespace's agent Pods belong to another operator:
+/// caching them cost an operator of one namespace 4.7 KB per Pod of every other in the store
+/// and 1.9 KB in the index, and its orphan sweep a GET per such Pod on every Pod event
+/// (`make bench`'s scale row, run after the other rows: 8,500 Pods, 54 MiB, 1.6 GETs per job).
+pub fn pod_scope(pod: &mut Pod, namespace: Option<&str>, is_own_job_uid: impl Fn(&str) -> bool) {
+    let Some(ns) = namespace else { return };
+    if pod.metadata.namespace.as_deref() == Some(ns) || snapshot::labelled_job_uid(pod).is_some_and(is_own_job_uid) {
+        return;
+    }
+    (pod.metadata.owner_references, pod.metadata.labels, pod.metadata.finalizers) = (None, None, None);
 }
 
 /// Of a slimmed Pod (`pod`), what the store keeps: no requests (only the Pod index reads them,
@@ -286,19 +285,19 @@ mod tests {
             Event::InitApply(pod_of("web", Some("ReplicaSet"))),
             Event::InitDone,
         ];
-        let passed: Vec<_> = relist.into_iter().filter_map(|e| super::store_agentgate_pods(&mut writer, e, |_| true)).collect();
+        let passed: Vec<_> = relist.into_iter().filter_map(|e| super::store_agentgate_pods(&mut writer, e)).collect();
         assert_eq!(passed.len(), 3, "Init, the agent Pod and InitDone: {passed:?}");
         assert_eq!(names(&store), ["agent"]);
         // A foreign Pod's change is not passed on; an agent Pod that loses its owner leaves the store.
-        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("web", Some("ReplicaSet"))), |_| true).is_none());
-        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("agent", None)), |_| true).is_none());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("web", Some("ReplicaSet")))).is_none());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("agent", None))).is_none());
         assert!(names(&store).is_empty());
-        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("agent", Some("AgentJob"))), |_| true).is_some());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("agent", Some("AgentJob")))).is_some());
         let mut decoy = pod_of("decoy", None);
         decoy.metadata.labels = Some([(crate::domain::pod_builder::LABEL_JOB_UID.to_string(), "uid-1".to_string())].into());
-        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(decoy), |_| true).is_some(), "a decoy is read, to be reported");
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(decoy)).is_some(), "a decoy is read, to be reported");
         assert_eq!(names(&store), ["agent", "decoy"]);
-        assert!(super::store_agentgate_pods(&mut writer, Event::Delete(pod_of("agent", Some("AgentJob"))), |_| true).is_some());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Delete(pod_of("agent", Some("AgentJob")))).is_some());
         assert_eq!(names(&store), ["decoy"]);
     }
 
@@ -306,26 +305,34 @@ mod tests {
     fn an_operator_of_one_namespace_reads_no_other_namespaces_agent_pods() {
         use kube::runtime::watcher::Event;
         let (store, mut writer) = kube::runtime::reflector::store::<Pod>();
-        let elsewhere = |name: &str, label: Option<&str>| {
+        let elsewhere = |name: &str, uid: &str| {
             let mut pod = pod_of(name, Some("AgentJob"));
             pod.metadata.namespace = Some("other-team".into());
-            if let Some(uid) = label {
-                pod.metadata.labels = Some([(crate::domain::pod_builder::LABEL_JOB_UID.to_string(), uid.to_string())].into());
-            }
+            pod.metadata.labels = Some([(crate::domain::pod_builder::LABEL_JOB_UID.to_string(), uid.to_string())].into());
+            pod.metadata.finalizers = Some(vec![crate::domain::pod_builder::USAGE_FINALIZER.to_string()]);
             pod
         };
-        let scope = |pod: &Pod| super::pod_in_scope(pod, Some("team"), |uid| uid == "own-job");
+        let scoped = |mut pod: Pod| {
+            super::pod_scope(&mut pod, Some("team"), |uid| uid == "own-job");
+            pod
+        };
         // Another team's agent Pod (its own job's uid label) is foreign here: not stored, not
-        // passed on, whether listed or changed.
-        assert!(super::store_agentgate_pods(&mut writer, Event::InitApply(elsewhere("theirs", Some("their-job"))), scope).is_none());
-        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(elsewhere("theirs", Some("their-job"))), scope).is_none());
+        // passed on, not indexed by job, whether listed or changed.
+        let theirs = scoped(elsewhere("theirs", "their-job"));
+        let mut index = crate::controller::index::PodIndex::default();
+        index.apply(&Event::Apply(theirs.clone()));
+        assert_eq!(index.objects(), 0, "an unbound Pod of another namespace is not indexed");
+        assert!(super::store_agentgate_pods(&mut writer, Event::InitApply(theirs.clone())).is_none());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(theirs)).is_none());
         // A decoy elsewhere carrying one of this operator's jobs' uid is still read, to be reported.
-        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(elsewhere("decoy", Some("own-job"))), scope).is_some());
-        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(pod_of("mine", Some("AgentJob"))), scope).is_some());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(scoped(elsewhere("decoy", "own-job")))).is_some());
+        assert!(super::store_agentgate_pods(&mut writer, Event::Apply(scoped(pod_of("mine", Some("AgentJob"))))).is_some());
         let mut names: Vec<String> = store.state().iter().map(|p| p.metadata.name.clone().unwrap()).collect();
         names.sort();
         assert_eq!(names, ["decoy", "mine"]);
-        assert!(super::pod_in_scope(&elsewhere("theirs", None), None, |_| false), "an operator of all namespaces reads them all");
+        let mut all = elsewhere("theirs", "their-job");
+        super::pod_scope(&mut all, None, |_| false);
+        assert_eq!(all, elsewhere("theirs", "their-job"), "an operator of all namespaces reads them all");
     }
 
     #[test]
