@@ -432,6 +432,13 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
     // a spec change still belongs to the generation its attempt runs.
     let job_generation =
         plan.status.attempts.iter().find(|a| a.attempt == attempt).map_or_else(|| job.metadata.generation.unwrap_or(1), |a| a.generation);
+    // Pods are built only from the spec of the attempt's own generation. After a spec change
+    // the spec at hand is one nobody approved for this attempt: an agent added to it would run
+    // inside the approved attempt (tests/gate_attacks.rs an_agent_added_while_an_attempt_runs_gets_no_pod).
+    // A Pod of the attempt missing then is confirmed gone and fails it, as a deleted one does.
+    if job.metadata.generation.unwrap_or(1) != job_generation {
+        return Ok(());
+    }
     let agents: Vec<_> = std::iter::once(&spec.agents.primary).chain(&spec.agents.supporting).collect();
     let missing = agents.iter().any(|a| !existing.iter().any(|p| p.name == pod_name(&name, &a.name, attempt)));
     if !missing {
