@@ -574,6 +574,35 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
     drop(s.operator);
 }
 
+/// A running attempt draws on the budget its heads approved. Raising `budget.maxCostUSD` while it
+/// runs is a new generation nobody approved (it applies from the next attempt, once approved):
+/// it must buy the running attempt's meters nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_the_budget_while_an_attempt_runs_grants_it_nothing_more() {
+    let ns = "meter-grants-raise";
+    let s = setup(ns).await;
+    let (_, pods) = running_job(&s, ns, "raised", &["agent"], "0.05").await;
+    let meter = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let raised = Api::<AgentJob>::namespaced(s.admin.clone(), ns)
+        .patch("raised", &PatchParams::default(), &Patch::Merge(json!({"spec": {"budget": {"maxCostUSD": "100"}}})))
+        .await
+        .unwrap();
+    assert_eq!(raised.metadata.generation, Some(2));
+    let zero = json!({"inputTokens": 0, "cachedInputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costUSD": "0"});
+    let ask = json!({"session": "raise-1", "sequence": 1, "usage": zero, "wantUSD": "10"});
+    let (status, body) = post(&s.api, &s.sync_url(), Some(&meter), &ask).await.unwrap();
+    assert_eq!((status, body["grantedUSD"].as_str()), (200, Some("0.05")), "granted beyond the approved budget: {body}");
+    assert_eq!(meter_status(&s.admin, ns, "raised").await.granted_usd, "0.05");
+    // Lowering it (a stricter budget, whoever wrote it) holds at once.
+    Api::<AgentJob>::namespaced(s.admin.clone(), ns)
+        .patch("raised", &PatchParams::default(), &Patch::Merge(json!({"spec": {"budget": {"maxCostUSD": "0.01"}}})))
+        .await
+        .unwrap();
+    let ask = json!({"session": "raise-2", "sequence": 1, "usage": zero, "wantUSD": "10"});
+    let (status, body) = post(&s.api, &s.sync_url(), Some(&meter), &ask).await.unwrap();
+    assert_eq!((status, body["grantedUSD"].as_str()), (200, Some("0.00")), "{body}");
+}
+
 /// A tenant who may mint tokens for the namespace's ServiceAccounts (`create` on
 /// `serviceaccounts/token`, which the built-in `edit` role grants) gets one bound to their own
 /// agent Pod for the meters' audience, exactly as the kubelet's: to the operator it is the
