@@ -241,6 +241,39 @@ async fn a_forged_status_attempt_starts_nothing() {
     assert!(operator_pods(&admin, ns, &job).await.is_empty());
 }
 
+/// A running attempt belongs to the generation its votes approved. Its author then adds an agent
+/// of their own (generation 2, which nobody approved): following attempt 1, the operator must
+/// not build the new agent's Pod from the new spec and run it as part of the approved attempt.
+#[tokio::test]
+async fn an_agent_added_while_an_attempt_runs_gets_no_pod() {
+    let ns = "ga-added-agent";
+    let admin = setup(&[ns]).await;
+    let job = create_job("dave", ns, "grows").await;
+    vote(&user("alice").await, &job, "alice", Decision::Approve).await;
+    vote(&user("bob").await, &job, "bob", Decision::Approve).await;
+    wait_for_job(&admin, ns, "grows", "Running", |j| phase(j) == Some("Running")).await;
+    let first: Vec<_> = operator_pods(&admin, ns, &job).await.iter().map(|p| p.name_any()).collect();
+    assert_eq!(first, ["grows-agent-1"]);
+
+    let extra =
+        json!({"spec": {"agents": {"supporting": [{"name": "extra", "image": "ghcr.io/dave/unreviewed:1", "model": "gpt-4o-mini"}]}}});
+    let grown = Api::<AgentJob>::namespaced(user("dave").await, ns)
+        .patch("grows", &PatchParams::default(), &Patch::Merge(&extra))
+        .await
+        .expect("dave edits his job");
+    assert_eq!(grown.metadata.generation, Some(2));
+    // The operator has followed attempt 1 on generation 2 (the Pods are made before that status
+    // is written).
+    wait_for_job(&admin, ns, "grows", "SpecChangePending on generation 2", |j| {
+        condition(j, "SpecChangePending")
+            .is_some_and(|c| c.status == "True" && c.message.contains("generation 2 applies from the next attempt"))
+    })
+    .await;
+    let pods = Api::<Pod>::namespaced(admin.clone(), ns).list(&ListParams::default()).await.unwrap().items;
+    let names: Vec<_> = pods.iter().map(|p| p.name_any()).collect();
+    assert_eq!(names, ["grows-agent-1"], "a Pod was built from generation 2, which nobody approved");
+}
+
 #[tokio::test]
 async fn a_forged_estimate_skips_no_check() {
     let ns = "ga-forged-estimate";

@@ -574,6 +574,107 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
     drop(s.operator);
 }
 
+/// A running attempt draws on the budget its heads approved. Raising `budget.maxCostUSD` while it
+/// runs is a new generation nobody approved (it applies from the next attempt, once approved):
+/// it must buy the running attempt's meters nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raising_the_budget_while_an_attempt_runs_grants_it_nothing_more() {
+    let ns = "meter-grants-raise";
+    let s = setup(ns).await;
+    let (_, pods) = running_job(&s, ns, "raised", &["agent"], "0.05").await;
+    let meter = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let raised = Api::<AgentJob>::namespaced(s.admin.clone(), ns)
+        .patch("raised", &PatchParams::default(), &Patch::Merge(json!({"spec": {"budget": {"maxCostUSD": "100"}}})))
+        .await
+        .unwrap();
+    assert_eq!(raised.metadata.generation, Some(2));
+    let zero = json!({"inputTokens": 0, "cachedInputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costUSD": "0"});
+    let ask = json!({"session": "raise-1", "sequence": 1, "usage": zero, "wantUSD": "10"});
+    let (status, body) = post(&s.api, &s.sync_url(), Some(&meter), &ask).await.unwrap();
+    assert_eq!((status, body["grantedUSD"].as_str()), (200, Some("0.05")), "granted beyond the approved budget: {body}");
+    assert_eq!(meter_status(&s.admin, ns, "raised").await.granted_usd, "0.05");
+    // Lowering it (a stricter budget, whoever wrote it) holds at once.
+    Api::<AgentJob>::namespaced(s.admin.clone(), ns)
+        .patch("raised", &PatchParams::default(), &Patch::Merge(json!({"spec": {"budget": {"maxCostUSD": "0.01"}}})))
+        .await
+        .unwrap();
+    let ask = json!({"session": "raise-2", "sequence": 1, "usage": zero, "wantUSD": "10"});
+    let (status, body) = post(&s.api, &s.sync_url(), Some(&meter), &ask).await.unwrap();
+    assert_eq!((status, body["grantedUSD"].as_str()), (200, Some("0.00")), "{body}");
+}
+
+/// A tenant who may mint tokens for the namespace's ServiceAccounts (`create` on
+/// `serviceaccounts/token`, which the built-in `edit` role grants) gets one bound to their own
+/// agent Pod for the meters' audience, exactly as the kubelet's: to the operator it is the
+/// meter's. With it they must not reach the meter's session, which status shows them: settling
+/// it would give its unspent grant, still held by the meter, to other meters (spend past the
+/// budget), and a sequence far ahead would have every later report of the meter taken for a
+/// retry (usage frozen, under-reported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_minted_for_the_agent_pod_cannot_settle_or_freeze_its_meters_session() {
+    let ns = "meter-grants-session";
+    let s = setup(ns).await;
+    let (up, _) = upstream().await;
+    let (_, pods) = running_job(&s, ns, "hijacked", &["agent"], "1").await;
+    let meter_token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let meter = MeterProcess::start(s.dir.path(), "hijacked", up, &s.grant(), &meter_token, "0.05");
+    let (status, body) = chat(meter.port, "first").await;
+    assert_eq!(status, 200, "{body}");
+
+    // dave may read the job (and its status) and mint tokens in the namespace, as `edit` allows.
+    let pp = PatchParams::apply("meter-grants").force();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "token-minter", "namespace": ns},
+        "rules": [{"apiGroups": [""], "resources": ["serviceaccounts/token"], "verbs": ["create"]}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(s.admin.clone(), ns)
+        .patch("token-minter", &pp, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": {"name": "dave-mints-tokens", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "token-minter"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "dave"}]});
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(s.admin.clone(), ns)
+        .patch("dave-mints-tokens", &pp, &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    let dave = ControlPlane::shared().client("dave").await;
+    let reported = wait_for(
+        "the meter's first report, as dave reads it",
+        TIMEOUT,
+        || meter_status(&dave, ns, "hijacked"),
+        |m: &MeterStatus| m.grants.len() == 1 && m.grants[0].usage.is_some(),
+    )
+    .await
+    .grants[0]
+        .clone();
+    let forged = token(&dave, ns, Some(&pods[0]), AUDIENCE).await;
+
+    // Whatever status names the session by, dave settles it, far ahead in sequence, claiming
+    // only what it had reported.
+    let attack = json!({"session": reported.session, "sequence": 1_000_000_000, "usage": reported.usage, "last": true});
+    let (status, body) = post(&s.api, &s.sync_url(), Some(&forged), &attack).await.unwrap();
+    let after = meter_status(&s.admin, ns, "hijacked").await;
+    let session = after.grants.iter().find(|g| g.session == reported.session && g.pod_uid == reported.pod_uid).unwrap();
+    assert!(
+        !session.settled && session.sequence == reported.sequence,
+        "dave's request ({status} {body}) reached the meter's session: {session:?}"
+    );
+    assert_eq!(usd(&after.committed_usd), usd(&reported.granted_usd), "the meter's grant is still held: {after:?}");
+
+    // The meter's own reports still count: its next call's usage reaches status.
+    let (status, body) = chat(meter.port, "second").await;
+    assert_eq!(status, 200, "{body}");
+    let spent_before = usd(&reported.spent_usd);
+    wait_for(
+        "the meter's second call in status",
+        TIMEOUT,
+        || meter_status(&s.admin, ns, "hijacked"),
+        |m: &MeterStatus| m.grants.iter().any(|g| g.session == reported.session && usd(&g.spent_usd) > spent_before),
+    )
+    .await;
+    meter.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_killed_mid_run_leaves_grants_and_usage_and_the_meter_fails_closed() {
     let ns = "meter-grants-restart";

@@ -137,6 +137,50 @@ async fn the_author_cannot_approve_their_own_job() {
     assert_eq!(approval(&one).approvers.iter().map(|a| a.voter.as_str()).collect::<Vec<_>>(), ["bob"]);
 }
 
+/// A head who rewrites someone else's job wrote what they would approve: their vote is no more
+/// an independent review than the author's. Without this, bob edits dave's job (a new budget,
+/// image or input) and approves it himself, and one more head makes two approvals of a spec only
+/// one other person reviewed, where a job bob created would need two heads besides him.
+#[tokio::test]
+async fn a_head_who_changed_the_spec_cannot_approve_it() {
+    let ns = "va-spec-editor";
+    let admin = setup(ns).await;
+    create_job("dave", ns, "rewritten").await;
+    let as_bob = Api::<AgentJob>::namespaced(user("bob").await, ns);
+    let edited = as_bob
+        .patch("rewritten", &PatchParams::default(), &Patch::Merge(json!({"spec": {"budget": {"maxCostUSD": "500"}}})))
+        .await
+        .expect("bob may edit jobs in the namespace");
+    assert_eq!(edited.metadata.generation, Some(2));
+
+    let bob_vote = vote(&user("bob").await, &edited, "bob", Decision::Approve).await.name_any();
+    let alice_vote = vote(&user("alice").await, &edited, "alice", Decision::Approve).await.name_any();
+    let tallied = wait_for_job(&admin, ns, "rewritten", "both votes tallied", |j| {
+        let a = approval(j);
+        let seen = |vote: &str| a.approvers.iter().any(|x| x.vote == vote) || a.ignored_votes.iter().any(|x| x.name == vote);
+        seen(&bob_vote) && seen(&alice_vote)
+    })
+    .await;
+    assert_eq!(phase(&tallied), Some("AwaitingApproval"), "bob's own edit approved by bob and alice: {:?}", approval(&tallied));
+    assert_eq!(approval(&tallied).approvers.iter().map(|a| a.voter.as_str()).collect::<Vec<_>>(), ["alice"]);
+    assert_not_counted(&admin, ns, "rewritten", &bob_vote, 1, "bob changed the job's spec and may not approve it").await;
+
+    // Admission records him (the author stays dave), and he cannot wash his name out with a
+    // metadata-only update: it is restored like the author's.
+    assert_eq!(edited.annotations().get("agentgate.dev/requested-by").map(String::as_str), Some("dave"));
+    assert_eq!(edited.annotations().get("agentgate.dev/spec-edited-by").map(String::as_str), Some("bob"));
+    let scrubbed = as_bob
+        .patch(
+            "rewritten",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"agentgate.dev/spec-edited-by": null}}})),
+        )
+        .await
+        .expect("a metadata-only update is allowed");
+    assert_eq!(scrubbed.annotations().get("agentgate.dev/spec-edited-by").map(String::as_str), Some("bob"));
+    assert_eq!(scrubbed.metadata.generation, Some(2));
+}
+
 #[tokio::test]
 async fn a_vote_does_not_carry_over_a_spec_change() {
     let ns = "va-spec-change";

@@ -29,6 +29,10 @@ pub const GROUP: &str = "agentgate.dev";
 /// its creator.
 pub const REQUESTED_BY: &str = "agentgate.dev/requested-by";
 
+/// Annotation the same policy keeps on every AgentJob with everyone else who changed its spec,
+/// one username a line: they may not approve it either.
+pub const SPEC_EDITED_BY: &str = "agentgate.dev/spec-edited-by";
+
 /// Every CRD this operator serves, in the order they are written to `crds/`.
 pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![

@@ -99,10 +99,18 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     let vote_views: Vec<_> = votes.iter().map(|v| vote_view(v)).collect();
     // The cached job leaves its requester to an index (controller::slim::job); a job read whole
     // from the API carries it.
-    let author =
-        job.annotations().get(REQUESTED_BY).cloned().or_else(|| ctx.caches.index.requesters().of(&(namespace.clone(), name.clone()), &uid));
+    // The spec's other editors come with it: both annotations are kept by admission on every
+    // write (deploy/admission/identity.yaml).
+    let (author, spec_editors) = match job.annotations().get(REQUESTED_BY) {
+        Some(author) => (Some(author.clone()), job.annotations().get(SPEC_EDITED_BY).cloned().unwrap_or_default()),
+        None => {
+            let requesters = ctx.caches.index.requesters();
+            let key = (namespace.clone(), name.clone());
+            (requesters.of(&key, &uid), requesters.editors_of(&key, &uid).unwrap_or_default())
+        }
+    };
     let author = author.as_deref();
-    let identity = JobIdentity { name: &name, uid: &uid, generation, author };
+    let identity = JobIdentity { name: &name, uid: &uid, generation, author, spec_editors: &spec_editors };
     let heads = head_verdicts(job, ctx, &vote_views).await?;
     let voters = &ctx.settings.voters;
     let required = approvals_required(&job.spec, ctx.settings.approval_floor);
@@ -257,7 +265,7 @@ fn old_status_of(job: &AgentJob) -> AgentJobStatus {
     job.status.clone().unwrap_or_default()
 }
 
-pub use crate::api::REQUESTED_BY;
+pub use crate::api::{REQUESTED_BY, SPEC_EDITED_BY};
 
 /// Asks RBAC (through the cached SubjectAccessReview checker) whether each vote's voter, with
 /// the groups stamped on that vote, is a head of the job's category. Skipped once the job has
@@ -424,6 +432,13 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
     // a spec change still belongs to the generation its attempt runs.
     let job_generation =
         plan.status.attempts.iter().find(|a| a.attempt == attempt).map_or_else(|| job.metadata.generation.unwrap_or(1), |a| a.generation);
+    // Pods are built only from the spec of the attempt's own generation. After a spec change
+    // the spec at hand is one nobody approved for this attempt: an agent added to it would run
+    // inside the approved attempt (tests/gate_attacks.rs an_agent_added_while_an_attempt_runs_gets_no_pod).
+    // A Pod of the attempt missing then is confirmed gone and fails it, as a deleted one does.
+    if job.metadata.generation.unwrap_or(1) != job_generation {
+        return Ok(());
+    }
     let agents: Vec<_> = std::iter::once(&spec.agents.primary).chain(&spec.agents.supporting).collect();
     let missing = agents.iter().any(|a| !existing.iter().any(|p| p.name == pod_name(&name, &a.name, attempt)));
     if !missing {

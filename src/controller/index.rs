@@ -496,22 +496,30 @@ impl QuotaIndex {
 ///
 /// An entry is bound to the job's uid: between the index's update and the store's, a job deleted
 /// and recreated under its name by someone else must not be read with the new one's requester.
+/// With the requester, the job's other spec editors (`agentgate.dev/spec-edited-by`, empty
+/// when none: no allocation), who may not approve it either.
 #[derive(Clone, Debug, Default)]
 pub struct RequesterIndex {
-    entries: Entries<(Box<str>, Box<str>)>,
+    entries: Entries<(Box<str>, Box<str>, Box<str>)>,
 }
 
 impl RequesterIndex {
     pub fn apply(&mut self, event: &Event<AgentJob>) {
         self.entries.apply(event, |job| {
             let requester = job.annotations().get(crate::api::REQUESTED_BY)?;
-            Some((job.uid()?.into(), requester.as_str().into()))
+            let editors = job.annotations().get(crate::api::SPEC_EDITED_BY).map_or("", String::as_str);
+            Some((job.uid()?.into(), requester.as_str().into(), editors.into()))
         });
     }
 
     /// The requester of the job at `key` with this `uid`, if its annotation names one.
     pub fn of(&self, key: &Key, uid: &str) -> Option<String> {
-        self.entries.live.get(key).filter(|(u, _)| &**u == uid).map(|(_, r)| r.to_string())
+        self.entries.live.get(key).filter(|(u, _, _)| &**u == uid).map(|(_, r, _)| r.to_string())
+    }
+
+    /// The other spec editors of the job at `key` with this `uid`, one a line (empty: none).
+    pub fn editors_of(&self, key: &Key, uid: &str) -> Option<String> {
+        self.entries.live.get(key).filter(|(u, _, _)| &**u == uid).map(|(_, _, e)| e.to_string())
     }
 
     pub fn objects(&self) -> usize {

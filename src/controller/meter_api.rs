@@ -168,8 +168,8 @@ impl MeterApi {
     }
 
     /// The Pod the token is bound to, if it still exists as that Pod and is an agent Pod: its
-    /// identity, job name and job uid.
-    async fn agent_pod(&self, who: &Reviewed) -> Result<(MeterIdentity, String, String), Refusal> {
+    /// identity, job name, job uid and the budget it was built with (see [`pod_budget`]).
+    async fn agent_pod(&self, who: &Reviewed) -> Result<(MeterIdentity, String, String, Option<MicroUsd>), Refusal> {
         let pod = Api::<Pod>::namespaced(self.client.clone(), &who.namespace)
             .get_opt(&who.pod)
             .await
@@ -188,7 +188,7 @@ impl MeterApi {
         let job_uid = crate::domain::snapshot::pod_controller_job_uid(&pod).ok_or_else(not_agent)?.to_string();
         let job = pod.owner_references().iter().find(|o| o.uid == job_uid).map(|o| o.name.clone()).ok_or_else(not_agent)?;
         let attempt = pod.labels().get(LABEL_ATTEMPT).and_then(|a| a.parse::<i32>().ok()).filter(|a| *a >= 1).ok_or_else(not_agent)?;
-        Ok((MeterIdentity { pod: who.pod.clone(), pod_uid: who.pod_uid.clone(), attempt }, job, job_uid))
+        Ok((MeterIdentity { pod: who.pod.clone(), pod_uid: who.pod_uid.clone(), attempt }, job, job_uid, pod_budget(&pod)))
     }
 
     async fn handle(&self, headers: &HeaderMap, body: &Bytes) -> Result<SyncAnswer, Refusal> {
@@ -221,7 +221,7 @@ impl MeterApi {
             ));
         }
         let request = body.request().map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why))?;
-        let (identity, job_name, job_uid) = self.agent_pod(&who).await?;
+        let (identity, job_name, job_uid, pod_budget) = self.agent_pod(&who).await?;
         let jobs: Api<AgentJob> = Api::namespaced(self.client.clone(), &who.namespace);
         for _ in 0..WRITE_ATTEMPTS {
             // A list narrowed to the one name rather than a GET: the operator's rights on jobs
@@ -238,6 +238,10 @@ impl MeterApi {
             let Some(budget) = MicroUsd::parse(&job.spec.budget.max_cost_usd) else {
                 return Err(refuse(StatusCode::CONFLICT, "bad_budget", "the job's budget.maxCostUSD is not a USD amount"));
             };
+            // The spec may be a newer generation than the Pod's attempt runs, which nobody has
+            // approved: its budget may lower what the attempt draws on, never raise it
+            // (tests/meter_grants.rs raising_the_budget_while_an_attempt_runs_grants_it_nothing_more).
+            let budget = pod_budget.map_or(budget, |approved| approved.min(budget));
             let mut status = job.status.clone().unwrap_or_default();
             let open = !status.phase.is_some_and(crate::api::JobPhase::is_terminal);
             let mut meter = status.meter.take().unwrap_or_default();
@@ -285,6 +289,15 @@ impl MeterApi {
         let _: super::decode::Decoded<kube::core::PartialObjectMeta<AgentJob>> = self.client.request(request).await?;
         Ok(())
     }
+}
+
+/// The `budget.maxCostUSD` the Pod was built with, from its agent container's env: only the
+/// operator makes agent Pods (deploy/admission/pods.yaml), from the spec of the generation the
+/// heads approved for the attempt, and a Pod's env never changes. None for a Pod without it.
+fn pod_budget(pod: &Pod) -> Option<MicroUsd> {
+    let agent = pod.spec.as_ref()?.containers.iter().find(|c| c.name == "agent")?;
+    let var = agent.env.as_ref()?.iter().find(|e| e.name == crate::domain::pod_builder::ENV_BUDGET_USD)?;
+    MicroUsd::parse(var.value.as_deref()?)
 }
 
 async fn sync(State(api): State<Arc<MeterApi>>, headers: HeaderMap, body: Bytes) -> Response {

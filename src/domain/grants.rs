@@ -133,6 +133,23 @@ pub struct SyncAnswer {
     pub available_usd: String,
 }
 
+/// How status names a session: `sha256:` and 32 hex digits of a digest of the id the meter sent,
+/// never the id. Status is readable by the job's tenants, and whoever knows a session's id and
+/// holds a token bound to its Pod (`create serviceaccounts/token` mints one, as the kubelet does
+/// for the meter) could settle it, handing the grant the meter still holds to other meters, or
+/// jump its sequence ahead, so that the meter's later reports are taken for retries
+/// (tests/meter_grants.rs a_token_minted_for_the_agent_pod_cannot_settle_or_freeze_its_meters_session).
+/// The `:` no session id may contain (see [`SyncBody::request`]) keeps the two apart.
+pub fn session_key(session: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, session.as_bytes());
+    let mut key = String::with_capacity(7 + 32);
+    key.push_str("sha256:");
+    for byte in &digest.as_ref()[..16] {
+        key.push_str(&format!("{byte:02x}"));
+    }
+    key
+}
+
 /// What one grant holds against the budget.
 pub fn committed(grant: &MeterGrant) -> MicroUsd {
     let granted = amount(&grant.granted_usd);
@@ -185,7 +202,15 @@ pub fn apply(
     open: bool,
 ) -> Result<SyncReply, SyncError> {
     let spent = check_usage(&request.usage)?;
-    let index = match meter.grants.iter().position(|g| g.session == request.session) {
+    let key = session_key(&request.session);
+    // A session recorded by an operator before the digests (its id in the clear) is found by
+    // its id once, and recorded by its digest from then on.
+    let found = meter.grants.iter().position(|g| g.session == key).or_else(|| {
+        let legacy = meter.grants.iter().position(|g| g.session == request.session)?;
+        meter.grants[legacy].session = key.clone();
+        Some(legacy)
+    });
+    let index = match found {
         Some(i) if meter.grants[i].pod_uid != who.pod_uid => return Err(SyncError::SessionOfAnotherPod(request.session.clone())),
         Some(i) => i,
         None if meter.grants.len() >= MAX_GRANTS => return Err(SyncError::TooManySessions),
@@ -194,7 +219,7 @@ pub fn apply(
                 pod: who.pod.clone(),
                 pod_uid: who.pod_uid.clone(),
                 attempt: who.attempt,
-                session: request.session.clone(),
+                session: key,
                 sequence: 0,
                 granted_usd: MicroUsd(0).to_string(),
                 spent_usd: MicroUsd(0).to_string(),

@@ -164,3 +164,28 @@ fn budget_refusals_are_recorded_per_session_summed_per_attempt_and_never_erased(
     assert_eq!(serde_json::from_str::<SyncBody>(&wire).unwrap().request().unwrap().budget_refusals, 4);
     assert!(body(-1).request().unwrap_err().contains("budgetRefusals"));
 }
+
+#[test]
+fn status_names_a_session_by_its_digest_which_reaches_nothing_and_a_legacy_id_is_found_once() {
+    let mut m = MeterStatus::default();
+    apply_open(&mut m, usd("1"), &who("a", 1), &ask("secret-session", 1, "0", "0.50")).unwrap();
+    let named = m.grants[0].session.clone();
+    assert_eq!(named, session_key("secret-session"));
+    assert!(named.starts_with("sha256:") && !named.contains("secret-session"), "{named}");
+    // Someone who read status and holds a token for the same Pod sends what status shows: that
+    // is another session (and not even a valid id), never the meter's.
+    let mut body =
+        SyncBody { pod: None, session: named.clone(), sequence: 1, usage: usage("0", 0), want_usd: None, last: true, budget_refusals: 0 };
+    assert!(body.request().is_err(), "the digest is no session id");
+    body.session = named.trim_start_matches("sha256:").into();
+    let forged = body.request().unwrap();
+    apply_open(&mut m, usd("1"), &who("a", 1), &SyncRequest { sequence: 1_000_000, ..forged }).unwrap();
+    assert_eq!((m.grants.len(), m.grants[0].settled, m.grants[0].sequence), (2, false, 1), "the meter's session untouched");
+    assert_eq!(m.committed_usd, "0.50", "its grant still held");
+    // A session an older operator recorded in the clear is found by its id and renamed.
+    let mut legacy = MeterStatus::default();
+    apply_open(&mut legacy, usd("1"), &who("a", 1), &ask("old", 1, "0", "0.20")).unwrap();
+    legacy.grants[0].session = "old".into();
+    let r = apply_open(&mut legacy, usd("1"), &who("a", 1), &ask("old", 2, "0.10", "0")).unwrap();
+    assert_eq!((legacy.grants.len(), legacy.grants[0].session.clone(), r.granted), (1, session_key("old"), usd("0.20")));
+}

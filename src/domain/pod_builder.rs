@@ -22,6 +22,9 @@ pub const LABEL_ATTEMPT: &str = "agentgate.dev/attempt";
 /// The job's generation the Pod was built from: an attempt found only through its Pods (its status
 /// write was refused or never made) is recorded with the spec it really runs.
 pub const ANNOTATION_JOB_GENERATION: &str = "agentgate.dev/job-generation";
+/// The agent's env var holding the `budget.maxCostUSD` its Pod was built with: that of the
+/// generation the heads approved for the attempt (the meter API draws on it, meter_api.rs).
+pub const ENV_BUDGET_USD: &str = "AGENTGATE_BUDGET_USD";
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// The agent container's requests and limits when the job sets no `resources`.
 pub const DEFAULT_CPU: &str = "500m";
@@ -103,7 +106,7 @@ pub(crate) fn build_agent_pod(plan: &PodPlan) -> Pod {
         plain_env("AGENTGATE_AGENT", &plan.agent.name),
         plain_env("AGENTGATE_ATTEMPT", &plan.attempt.to_string()),
         plain_env("AGENTGATE_MODEL", &plan.agent.model),
-        plain_env("AGENTGATE_BUDGET_USD", plan.budget_usd),
+        plain_env(ENV_BUDGET_USD, plan.budget_usd),
         plain_env("AGENTGATE_INPUT", plan.input_json),
         // The report shares the kubelet's 4 KiB termination-message cap: `output` must leave room
         // for `usage` (domain/report.rs).

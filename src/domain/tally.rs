@@ -27,6 +27,9 @@ pub struct JobIdentity<'a> {
     pub generation: i64,
     /// Who created the job, when known; they may not approve their own job.
     pub author: Option<&'a str>,
+    /// Everyone else who changed its spec, one a line (`agentgate.dev/spec-edited-by`): they
+    /// wrote what they would approve, so they may not approve it either.
+    pub spec_editors: &'a str,
 }
 
 /// Whether a vote's voter, as that vote shows them (name and groups), may approve jobs of the
@@ -181,6 +184,8 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
             Some(format!("is for generation {} but the job is at generation {}; vote again", vote.job_generation, job.generation))
         } else if job.author == Some(vote.voter.as_str()) {
             Some(format!("{} created the job and may not approve it", vote.voter))
+        } else if job.spec_editors.split('\n').any(|editor| editor == vote.voter) {
+            Some(format!("{} changed the job's spec and may not approve it", vote.voter))
         } else if seen_voters.contains(&vote.voter.as_str()) {
             Some(format!("{} already has a counted vote on this job", vote.voter))
         } else if let Some(sa) = robot.as_ref().filter(|_| !voters.robots.contains(&vote.voter)) {
@@ -232,7 +237,8 @@ mod tests {
     use super::*;
     use k8s_openapi::jiff::Timestamp;
 
-    const JOB: JobIdentity<'static> = JobIdentity { name: "scan-42", uid: "uid-42", generation: 2, author: Some("mallory") };
+    const JOB: JobIdentity<'static> =
+        JobIdentity { name: "scan-42", uid: "uid-42", generation: 2, author: Some("mallory"), spec_editors: "trent\nvictor" };
 
     fn at(minute: i64) -> Option<Time> {
         Some(Time(Timestamp::from_second(1_750_000_000 + minute * 60).unwrap()))
@@ -372,6 +378,24 @@ mod tests {
                 approvers: &[("bob", "v-bob")],
                 rejected_by: None,
                 ignored: &[("v-mallory", "mallory created the job and may not approve it")],
+            },
+            Case {
+                name: "a spec editor's vote is ignored, whichever line names them, and a name within a name is not theirs",
+                required: 2,
+                votes: vec![
+                    vote("v-victor", "victor", Approve, 1),
+                    vote("v-trent", "trent", Reject, 2),
+                    vote("v-vic", "vic", Approve, 3),
+                    vote("v-bob", "bob", Approve, 4),
+                ],
+                eligibility: &AnyVoter,
+                approved: true,
+                approvers: &[("vic", "v-vic"), ("bob", "v-bob")],
+                rejected_by: None,
+                ignored: &[
+                    ("v-victor", "victor changed the job's spec and may not approve it"),
+                    ("v-trent", "trent changed the job's spec and may not approve it"),
+                ],
             },
             Case {
                 name: "a counted Reject rejects despite enough approvals",

@@ -60,9 +60,19 @@ pub fn route(method: &http::Method, path: &str) -> Option<Route> {
         ("POST", "/v1/embeddings") => Some(Route::Metered(Api::Embeddings)),
         ("POST", "/v1/messages") => Some(Route::Metered(Api::AnthropicMessages)),
         ("POST", "/v1/messages/count_tokens") => Some(Route::Free(Provider::Anthropic)),
-        ("GET", p) if p == "/v1/models" || p.starts_with("/v1/models/") => Some(Route::Free(Provider::OpenAi)),
+        ("GET", p) if p == "/v1/models" || p.strip_prefix("/v1/models/").is_some_and(is_model_path) => Some(Route::Free(Provider::OpenAi)),
         _ => None,
     }
+}
+
+/// A model id as a path: segments of letters, digits and `._:-` (fine-tunes are `ft:…`; some
+/// gateways name models `org/name`), none empty, `.` or `..`. The path goes upstream with the
+/// real key: a dot segment or an escape (`%2e%2e`) that a proxy or CDN in front of the provider
+/// resolves would climb out of /v1/models to the team's files or batches, unmetered
+/// (tests/meter/test_meter.py test_the_models_path_climbs_to_no_other_upstream_path).
+fn is_model_path(path: &str) -> bool {
+    path.split('/')
+        .all(|segment| !matches!(segment, "" | "." | "..") && segment.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b)))
 }
 
 /// Tokens a request may consume, bounded from its body alone.

@@ -15,6 +15,9 @@ fn routes_only_what_the_meter_can_bound() {
     assert_eq!(route(&post, "/v1/messages"), Some(Route::Metered(Api::AnthropicMessages)));
     assert_eq!(route(&post, "/v1/messages/count_tokens"), Some(Route::Free(Provider::Anthropic)));
     assert_eq!(route(&http::Method::GET, "/v1/models"), Some(Route::Free(Provider::OpenAi)));
+    for model in ["gpt-4.1-mini", "ft:gpt-4o-mini:acme::abc123", "meta-llama/Llama-3.1-8B"] {
+        assert_eq!(route(&http::Method::GET, &format!("/v1/models/{model}")), Some(Route::Free(Provider::OpenAi)), "{model}");
+    }
     for (method, path) in [
         (&post, "/v1/completions"),
         (&post, "/v1/images/generations"),
@@ -25,6 +28,12 @@ fn routes_only_what_the_meter_can_bound() {
         (&post, "/v1//chat/completions"),
         (&http::Method::GET, "/v1/chat/completions"),
         (&http::Method::DELETE, "/v1/models/x"),
+        (&http::Method::GET, "/v1/models/../files/file-1/content"),
+        (&http::Method::GET, "/v1/models/x/../../batches"),
+        (&http::Method::GET, "/v1/models/%2e%2e/files"),
+        (&http::Method::GET, "/v1/models/./x"),
+        (&http::Method::GET, "/v1/models//x"),
+        (&http::Method::GET, "/v1/models/"),
     ] {
         assert_eq!(route(method, path), None, "{method} {path} is not forwarded unmetered");
     }

@@ -13,7 +13,7 @@ use super::judge::{Judgement, combine};
 use super::model::Model;
 use super::policy::{Evaluation, Policy, evaluate};
 use super::vote::{Ballot, VoteError, cast_vote, whoami};
-use crate::api::{AgentJob, JobPhase, REQUESTED_BY};
+use crate::api::{AgentJob, JobPhase, REQUESTED_BY, SPEC_EDITED_BY};
 use crate::signal::shutdown_signal;
 
 #[derive(clap::Args, Debug)]
@@ -68,6 +68,11 @@ impl Reviewer {
         }
         if job.annotations().get(REQUESTED_BY) == Some(&self.me) {
             tracing::info!(job = %name, %namespace, generation, "not reviewing a job this reviewer created: its vote would not count");
+            self.done.insert((uid, generation));
+            return;
+        }
+        if job.annotations().get(SPEC_EDITED_BY).is_some_and(|editors| editors.split('\n').any(|e| *e == self.me)) {
+            tracing::info!(job = %name, %namespace, generation, "not reviewing a job whose spec this reviewer changed: its vote would not count");
             self.done.insert((uid, generation));
             return;
         }

@@ -3,6 +3,7 @@ token for token, cost to the micro-dollar, the budget held under races, and the 
 behaviour on the meter's refusals (no retries)."""
 
 import concurrent.futures
+import http.client
 import json
 import os
 import re
@@ -212,6 +213,27 @@ def test_models_list_and_the_report_file(meter, upstream):
             break
         time.sleep(0.02)
     assert json.loads(meter.report.read_text()) == usage
+
+
+def test_the_models_path_climbs_to_no_other_upstream_path(meter, upstream):
+    """GET /v1/models/<id> goes upstream with the team's real key. A path that climbs out of it
+    (dot segments, escaped or not, which a proxy or CDN in front of the provider resolves) would
+    reach the team's files, batches or fine-tunes with that key, past the meter: refused there."""
+    recorder, _ = upstream
+    host, port = meter.url.removeprefix("http://").split(":")
+    climbing = ["/v1/models/../files/file-1/content", "/v1/models/x/../../batches", "/v1/models/%2e%2e/files",
+                "/v1/models/%2E%2E%2Ffiles", "/v1/models/..", "/v1/models/./../files", "/v1/models//files"]
+    for path in climbing + ["/v1/models/test-gpt"]:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", path, headers={"authorization": "Bearer dummy"})
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        # The stand-in knows no single model either: 404 from it, but the request went there.
+        assert response.status == 404, (path, response.status, body)
+        assert OPENAI_KEY.encode() not in body
+    assert recorder.gets == ["/v1/models/test-gpt"], "only the model's own path is forwarded"
+    assert [m.id for m in oai(meter).models.list()] == ["test-gpt"]
 
 
 def test_upstream_errors_pass_through_and_cost_nothing(meter, upstream):

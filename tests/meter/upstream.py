@@ -14,6 +14,7 @@ class Recorder:
     def __init__(self, record=None):
         self.lock = threading.Lock()
         self.calls = []  # dicts: path, headers, body, usage (normalised), status
+        self.gets = []  # paths of GET requests, as they arrived
         self.record = record  # a file: one JSON line per call (standalone mode)
 
     def add(self, call):
@@ -50,6 +51,8 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self):
+        with self.recorder.lock:
+            self.recorder.gets.append(self.path)
         if self.path == "/v1/models":
             self.reply(200, {"object": "list", "data": [{"id": "test-gpt", "object": "model"}]})
         else:
