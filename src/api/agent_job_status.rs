@@ -156,7 +156,9 @@ pub struct MeterGrant {
     #[serde(rename = "podUID")]
     pub pod_uid: String,
     pub attempt: i32,
-    /// Chosen by the meter when it starts; a restarted meter container is a new session.
+    /// `sha256:` and 32 hex digits of the random id the meter draws when it starts (the id itself
+    /// is never stored: whoever read it could speak for the session); a restarted meter container
+    /// is a new session.
     pub session: String,
     /// The last request of this session applied: a request not above it is a retry, answered
     /// with the state it already produced and never applied twice.
