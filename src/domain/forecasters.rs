@@ -37,8 +37,8 @@
 //! between the two.
 //!
 //! All experts are medians, so one run moves each by at most one order statistic, and their
-//! combination (a weighted median, a mean of the ones near it) by no more than the furthest moved
-//! expert: that bounds how far a single sample moves the estimate, whatever its size.
+//! combination (a weighted median, a mean of the ones near it) stays within the experts'
+//! forecasts: that bounds how far a single sample moves the estimate, whatever its size.
 
 /// The experts, in the order of [`ModelLosses`]: (name, follows the declared size, half-life in
 /// runs of the jobType or `None` for the plain median, runs of each namespace read, runs of the
@@ -317,13 +317,13 @@ mod tests {
 
     #[test]
     fn long_flat_reads_the_job_types_last_runs_across_similar_namespaces() {
-        // Three namespaces alike, 80 runs each: long-flat reads about the last LONG_FLAT_RUNS runs
-        // of the jobType (34 of each), not all 240.
+        // Three namespaces alike, 80 runs each, the last 18 of each higher: long-flat reads about
+        // the last LONG_FLAT_RUNS runs of the jobType (34 of each, most of them new), not all 240.
         let old_then_new =
-            |shift: f64| -> Vec<[f64; 2]> { (0..80).map(|i| [if i < 46 { 0.0 } else { shift } + 0.001 * (i % 7) as f64, 0.0]).collect() };
+            |shift: f64| -> Vec<[f64; 2]> { (0..80).map(|i| [if i < 62 { 0.0 } else { shift } + 0.001 * (i % 7) as f64, 0.0]).collect() };
         let (own, a, b) = (old_then_new(0.3), old_then_new(0.3), old_then_new(0.3));
         let [long, flat, ..] = experts(&own, &[a, b], 0.0);
-        assert!(flat >= 0.3, "the last 34 runs of each namespace moved: {flat}");
-        assert!(long < 0.3, "long reads each namespace's last 40 runs, of which 6 are old: {long}");
+        assert!(flat >= 0.3, "18 of the 34 runs of each namespace it reads are new: {flat}");
+        assert!(long < 0.3, "long reads each namespace's last 40 runs, of which 22 are old: {long}");
     }
 }
