@@ -62,7 +62,8 @@ pub const PRIOR_WEIGHTS: [f64; EXPERTS] = [1.0, 4.0, 1.0, 1.0];
 /// Experts whose forecasts are within this (ln 1.65) of the weighted median of the forecasts are
 /// averaged; the others are left out (see [`combine`]).
 pub const BAND: f64 = 0.5;
-/// Runs of each namespace the `long` expert reads. `long-flat` reads the whole window (80): on a
+/// Runs of each namespace the `long` expert reads. `long-flat` reads up to the whole window (80
+/// runs of a namespace, [`LONG_FLAT_RUNS`] of the jobType): on a
 /// stationary heavy-tailed workload run by one namespace, medians over 40 runs lost to the naive
 /// median of the job type's last 60 costs (MdAPE after warm-up +0.011 over eight seeds of
 /// `stationary` with one namespace per job type, +0.004 with `long-flat` over 80), while `long`
