@@ -57,18 +57,18 @@ fn evaluate(dir: &Path, family: &str, seed: &str) -> (BTreeMap<String, f64>, Str
 /// and 2 of the first four families only. `regimes` was never run while tuning (see
 /// `src/evaluation/families.rs`): it is the held-out family.
 ///
-/// `stationary` is the exception on the p50: there the naive trailing median of the job type,
-/// pooled over identical namespaces, is at the noise floor (hindsight's constant per key does no
-/// better). The estimator must stay within 0.015 of it; it does not beat it (see the README).
-/// Nor is its p90 always sharper there: on seed 12 (log-t tails with 2 degrees of freedom) a
+/// On `stationary` the naive trailing median of the job type, pooled over identical namespaces,
+/// is at the noise floor (hindsight's constant per key does no better): the estimator beats it
+/// on seeds 11 and 12 (by 0.007) but only ties it over seeds 1-8 (see the README), so the margin
+/// asserted there is nought. Nor is its p90 always sharper there: on seed 12 (log-t tails with 2 degrees of freedom) a
 /// calibrated p90 is 3.10x the p50 against the naive 3x at coverage 0.902, so the last figure (how
 /// much wider than the naive 3x the p90 may be where 3x is calibrated) is 1.05 for it. On
 /// `regimes` hindsight knows each key's level jumps in advance: the p90 may be 30 % wider than its.
 const FAMILIES: [(&str, f64, f64, f64); 5] = [
     ("drift", 0.03, 1.1, 1.0),
-    ("stationary", -0.015, 1.1, 1.05),
+    ("stationary", 0.0, 1.1, 1.05),
     ("tenants", 0.2, 1.1, 1.0),
-    ("mixture", 0.005, 1.0, 1.0),
+    ("mixture", 0.02, 1.0, 1.0),
     ("regimes", 0.05, 1.3, 1.0),
 ];
 const SEEDS: [&str; 2] = ["11", "12"];

@@ -36,8 +36,8 @@ use super::pricing::{PriceTable, TokenCounts};
 use super::prior::prior_offset;
 use super::prior::{NamespaceEffect, OFFSET_RANGE, PoolMember, Prior, namespace_effect};
 
-/// Runs kept per key and model (the `long-flat` expert reads them all, see
-/// [`forecasters::SHORTER_WINDOW`]). A version 4 state of 40-run windows grows into 80 as it
+/// Runs kept per key and model (the `recent` experts read them all, `long-flat` up to them all,
+/// see [`forecasters::SHORTER_WINDOW`]). A version 4 state of 40-run windows grows into 80 as it
 /// learns: nothing to migrate.
 pub const WINDOW: usize = 80;
 /// Own runs from which a key no longer listens to the pooled prior at all.
