@@ -207,6 +207,19 @@ mod tests {
         );
     }
 
+    /// Messages carry tenants' names and figures: strings no condition holds any more must not
+    /// pile up in the interner.
+    #[test]
+    fn the_interner_forgets_strings_no_one_holds() {
+        let held: Vec<Text> = (0..100).map(|i| Text::from(format!("held {i}"))).collect();
+        for i in 0..(4 * super::MIN_SWEEP) {
+            drop(Text::from(format!("dropped {i}")));
+        }
+        let live = super::INTERNER.lock().unwrap().as_ref().map_or(0, |i| i.strings.len());
+        assert!(live <= 2 * super::MIN_SWEEP, "{live} strings interned");
+        assert!(held.iter().enumerate().all(|(i, t)| *t == format!("held {i}") && std::sync::Arc::strong_count(&t.0) == 2));
+    }
+
     #[test]
     fn equal_texts_read_from_json_share_one_string() {
         let read = |s: &str| serde_json::from_value::<Text>(json!(s)).unwrap();
