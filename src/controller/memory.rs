@@ -127,14 +127,14 @@ pub fn parts(caches: &Caches, approval_timeout_seconds: Option<i64>) -> Vec<Part
     ]
 }
 
-/// kube-runtime's scheduler holds the next resync of each job `agent_job::next_check` schedules
+/// kube-runtime's scheduler holds the next resync of each job `resync::next_check` schedules
 /// on the clock twice, in a map and in a timer wheel, as a `ReconcileRequest` whose `ObjectRef`
 /// carries the job's name, namespace, resourceVersion and uid. Private to kube-runtime, so
 /// estimated: two copies of that request per such job and a map slot's worth of bookkeeping.
 fn requeue_schedule(jobs: &Store<crate::api::AgentJob>, approval_timeout_seconds: Option<i64>) -> Part {
     use kube::runtime::controller::ReconcileRequest;
     let phase = |j: &crate::api::AgentJob| j.status.as_ref().and_then(|s| s.phase);
-    let unfinished: Vec<_> = jobs.state_filter(|j| super::agent_job::rechecked_on_the_clock(phase(j), approval_timeout_seconds));
+    let unfinished: Vec<_> = jobs.state_filter(|j| super::resync::rechecked_on_the_clock(phase(j), approval_timeout_seconds));
     let request = std::mem::size_of::<ReconcileRequest<crate::api::AgentJob>>();
     let key_heap = |j: &crate::api::AgentJob| {
         heap_size(&ObjectRef::from_obj(j)).saturating_sub(std::mem::size_of::<ObjectRef<crate::api::AgentJob>>())

@@ -20,6 +20,7 @@ pub mod pod_finalizer;
 pub mod price_table;
 pub mod recommendations;
 pub mod relist;
+pub mod resync;
 pub mod slim;
 pub mod spec_history;
 // Moved to the domain (it is pure, and the plugin needs it too); re-exported so `super::snapshot` still reads.
