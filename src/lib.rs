@@ -5,6 +5,7 @@ pub mod cli;
 pub mod controller;
 pub mod domain;
 pub mod evaluation;
+pub mod kube_client;
 pub mod leader;
 pub mod meter;
 pub mod metrics;

@@ -278,7 +278,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let _telemetry = agentgate::telemetry::init(args.log_json)?;
 
     let prices = load_prices(args.price_table.as_deref())?;
-    let client = kube::Client::try_default().await?;
+    let client = agentgate::kube_client::connect().await?;
     let lease_namespace = args
         .lease_namespace
         .clone()

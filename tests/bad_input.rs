@@ -116,8 +116,8 @@ fn verdict(job: &AgentJob) -> (String, String, String) {
     let ready = condition(job, "Ready");
     (
         phase(job).unwrap_or_default().to_string(),
-        ready.map(|c| c.reason.clone()).unwrap_or_default(),
-        ready.map(|c| c.message.clone()).unwrap_or_default(),
+        ready.map(|c| c.reason.to_string()).unwrap_or_default(),
+        ready.map(|c| c.message.to_string()).unwrap_or_default(),
     )
 }
 

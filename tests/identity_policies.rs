@@ -49,7 +49,7 @@ async fn head_vote(voter: &str, job: &AgentJob) -> ApprovalVote {
 }
 
 fn approved(job: &AgentJob) -> Option<(String, String)> {
-    condition(job, "Approved").map(|c| (c.reason.clone(), c.message.clone()))
+    condition(job, "Approved").map(|c| (c.reason.to_string(), c.message.to_string()))
 }
 
 fn approval(job: &AgentJob) -> agentgate::api::ApprovalStatus {

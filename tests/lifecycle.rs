@@ -161,7 +161,7 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
     assert_eq!(usage.cost_usd, expected.to_string());
     let want_error = ((80_000 - estimate.tokens.p50) as f64 / estimate.tokens.p50 as f64 * 100.0).round() as i64;
     assert_eq!(usage.estimate_error_percent, Some(want_error));
-    assert_eq!(status.output, Some(json!({"findings": 3})));
+    assert_eq!(status.output.as_deref(), Some(&json!({"findings": 3})));
     assert_eq!(status.attempts[0].result, agentgate::api::AttemptResult::Succeeded);
     assert!(status.completion_time.is_some());
     let done = done_job(&env, "scan").await;

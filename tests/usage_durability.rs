@@ -66,7 +66,7 @@ async fn a_pod_deleted_while_the_operator_is_down_still_counts() {
     let status = done.status.unwrap();
     assert_eq!(status.usage.as_ref().map(|u| u.total_tokens), Some(1500), "the deleted Pod's usage is recorded");
     assert_eq!(status.attempts[0].usage.as_ref().map(|u| u.output_tokens), Some(300));
-    assert_eq!(status.output, Some(json!({"findings": 2})));
+    assert_eq!(status.output.as_deref(), Some(&json!({"findings": 2})));
     // Recorded, the Pod is let go and its deletion completes.
     wait_gone(&admin, ns, &pod).await;
     assert!(job_pods(&admin, ns, &job).await.is_empty());

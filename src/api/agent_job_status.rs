@@ -1,11 +1,12 @@
 //! AgentJob's status: what the operator found and did (estimate, readiness, approvals, attempts,
 //! usage). The spec is in `agent_job.rs`.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use strum::{EnumString, IntoStaticStr, VariantArray};
 
+use super::condition::Condition;
 use super::schema;
 
 /// Serde and strum both name a phase by its variant name, as the CRD's status.phase enum does
@@ -33,6 +34,10 @@ impl JobPhase {
     pub const ALL: &[JobPhase] = <JobPhase as VariantArray>::VARIANTS;
 }
 
+// The structs most jobs never fill (`usage`, `output`, `toolEndpoints`, `meter`) are boxed: an
+// empty `Option` of a struct costs its whole size inline, and 10,000 cached jobs hold one each
+// (`controller::memory` test `what_a_cached_job_awaiting_approval_costs`). A box serialises as
+// its content, so the CRD is the same (a `//` comment: a doc comment would enter the schema).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentJobStatus {
@@ -62,10 +67,10 @@ pub struct AgentJobStatus {
     pub attempts: Vec<Attempt>,
     /// Sum over every attempt: usage is never overwritten by a retry.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub usage: Option<Usage>,
+    pub usage: Option<Box<Usage>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "schema::free_form")]
-    pub output: Option<serde_json::Value>,
+    pub output: Option<Box<serde_json::Value>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub start_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -73,7 +78,7 @@ pub struct AgentJobStatus {
     /// The endpoints of the job's tools when it was approved. Until the job starts, a tool that
     /// points elsewhere voids the approving votes: heads approved sending the job's data there.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tool_endpoints: Option<ApprovedToolEndpoints>,
+    pub tool_endpoints: Option<Box<ApprovedToolEndpoints>>,
     /// Votes that no longer count because what they approved changed (tool endpoints) before the
     /// job started, each with why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -86,7 +91,7 @@ pub struct AgentJobStatus {
     /// The agent meters' draw on `budget.maxCostUSD` and their measured usage: every grant is
     /// recorded here before the meter receives it (controller/meter_api.rs, domain/grants.rs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub meter: Option<MeterStatus>,
+    pub meter: Option<Box<MeterStatus>>,
     /// What each spec generation the operator saw did, oldest first, the last
     /// `domain::history::HISTORY_LIMIT` of them. Each generation's full spec is kept in a
     /// ControllerRevision owned by the job (`kubectl agentgate history`, `rerun`).

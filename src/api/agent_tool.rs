@@ -1,6 +1,6 @@
 //! AgentTool: a tool agents call, shared by all jobs, with a rate limit that jobs draw on.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use super::condition::Condition;
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};

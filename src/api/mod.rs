@@ -12,6 +12,7 @@ pub mod agent_job_status;
 pub mod agent_job_template;
 pub mod agent_tool;
 pub mod approval_vote;
+pub mod condition;
 pub mod schema;
 
 pub use agent_job::*;
@@ -19,6 +20,7 @@ pub use agent_job_status::*;
 pub use agent_job_template::*;
 pub use agent_tool::*;
 pub use approval_vote::*;
+pub use condition::{Condition, Text};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;

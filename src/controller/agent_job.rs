@@ -13,7 +13,7 @@ use kube::{Api, Resource, ResourceExt};
 
 use super::error::{ApplyError, ObserveError};
 use super::snapshot::{self, gpu_resource_name, pod_need, tool_view, vote_view};
-use super::{Caches, Context, Error, RESYNC, Result, UNSYNCED_RETRY, approval_vote};
+use super::{Caches, Context, Error, Result, UNSYNCED_RETRY, approval_vote};
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
 use crate::domain::conditions::set_condition;
 use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, job_type};
@@ -217,7 +217,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     // Only now that what the Pods told is stored may they go (pod_finalizer.rs). Last, so a
     // failing patch (retried through the error policy) holds up nothing above.
     super::pod_finalizer::release_settled(ctx, job, &owned, &plan.status).await?;
-    Ok(next_check(&plan.status, ctx.settings.approval_timeout_seconds))
+    Ok(super::resync::next_check(&plan.status, ctx.settings.approval_timeout_seconds))
 }
 
 /// Cached jobs whose `input`, `inputSchema`, `outputSchema`, `description` and agents' `command`,
@@ -581,21 +581,5 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
         // Jobs waiting for the capacity and rate limit this one frees, and its tools' inUse, are
         // looked at again by `requeue_on_transition` once the watch cache shows the new phase:
         // requeued from here, they would read the cache before it does and keep waiting.
-    }
-}
-
-fn next_check(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>) -> Action {
-    match status.phase {
-        Some(p) if p.is_terminal() => Action::await_change(),
-        // Come back when the approval timeout expires, not only on the next resync.
-        Some(JobPhase::AwaitingApproval) => {
-            let since = crate::domain::conditions::find(&status.conditions, condition::APPROVED).map(|c| c.last_transition_time.0);
-            let remaining = approval_timeout_seconds.zip(since).map(|(limit, since)| {
-                let waited = k8s_openapi::jiff::Timestamp::now().duration_since(since).as_secs();
-                std::time::Duration::from_secs((limit - waited).max(0) as u64 + 1)
-            });
-            Action::requeue(remaining.map_or(RESYNC, |r| r.min(RESYNC)))
-        }
-        _ => Action::requeue(RESYNC),
     }
 }

@@ -264,8 +264,8 @@ pub fn explain(plan: &mut Plan, old: &crate::api::AgentJobStatus, reason: &str, 
     }
     for type_ in [condition::APPROVED, condition::READY] {
         if let Some(c) = plan.status.conditions.iter_mut().find(|c| c.type_ == type_ && c.reason == "AwaitingApproval") {
-            c.reason = reason.to_string();
-            c.message = crate::domain::validate::bounded_to(&format!("{message}; {}", c.message), 30_000);
+            c.reason = reason.into();
+            c.message = crate::domain::validate::bounded_to(&format!("{message}; {}", c.message), 30_000).into();
         }
     }
     let said = crate::domain::conditions::find(&old.conditions, condition::APPROVED).is_some_and(|c| c.reason == reason);

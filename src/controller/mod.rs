@@ -20,6 +20,7 @@ pub mod pod_finalizer;
 pub mod price_table;
 pub mod recommendations;
 pub mod relist;
+pub mod resync;
 pub mod slim;
 pub mod spec_history;
 // Moved to the domain (it is pure, and the plugin needs it too); re-exported so `super::snapshot` still reads.
@@ -262,8 +263,8 @@ pub async fn run(
     *jobs_for_metrics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.jobs.clone());
     *metrics.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.tools.clone());
     *health.memory_report.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some({
-        let caches = caches.clone();
-        Arc::new(move || memory::report(&caches))
+        let (caches, approval_timeout) = (caches.clone(), settings.approval_timeout_seconds);
+        Arc::new(move || memory::report(&caches, approval_timeout))
     });
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
     let ctx = Arc::new(Context {

@@ -59,7 +59,7 @@ pub fn approved_url(record: &ApprovedToolEndpoints, tool: &str) -> Option<String
 #[derive(Debug, Default, PartialEq)]
 pub struct Pinning {
     revoked: Vec<IgnoredVote>,
-    record: Option<ApprovedToolEndpoints>,
+    record: Option<Box<ApprovedToolEndpoints>>,
     started: bool,
     /// Why the job awaits approval again, while a revoked vote is on the current generation.
     explanation: Option<String>,
@@ -132,7 +132,7 @@ pub fn after(plan: &mut Plan, old: &AgentJobStatus, pinning: Pinning, now: Vec<T
         pinning.record.or_else(|| old.tool_endpoints.clone())
     } else if approved && !now.is_empty() {
         let approved_by = plan.status.approval.as_ref().map(|a| a.approvers.iter().map(|x| x.vote.clone()).collect()).unwrap_or_default();
-        Some(pinning.record.unwrap_or(ApprovedToolEndpoints { generation, tools: now, approved_by }))
+        Some(pinning.record.unwrap_or_else(|| Box::new(ApprovedToolEndpoints { generation, tools: now, approved_by })))
     } else {
         None
     };
@@ -177,7 +177,7 @@ mod tests {
 
     fn approved_with(tools: Vec<ToolEndpointRecord>) -> AgentJobStatus {
         AgentJobStatus {
-            tool_endpoints: Some(ApprovedToolEndpoints { generation: 1, tools, approved_by: vec!["alice".into(), "bob".into()] }),
+            tool_endpoints: Some(Box::new(ApprovedToolEndpoints { generation: 1, tools, approved_by: vec!["alice".into(), "bob".into()] })),
             ..AgentJobStatus::default()
         }
     }
@@ -295,7 +295,7 @@ mod tests {
         after(&mut plan, &AgentJobStatus::default(), Pinning::default(), now.clone(), 1);
         assert_eq!(
             plan.status.tool_endpoints,
-            Some(ApprovedToolEndpoints { generation: 1, tools: now, approved_by: vec!["alice".into(), "bob".into()] })
+            Some(Box::new(ApprovedToolEndpoints { generation: 1, tools: now, approved_by: vec!["alice".into(), "bob".into()] }))
         );
     }
 }

@@ -1,6 +1,8 @@
 //! `metav1.Condition` types and bookkeeping: a transition time only moves when the status does.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::{Condition, Text};
 
 /// Condition types, as `kubectl wait --for=condition=...` and kstatus read them.
 pub mod condition {
@@ -20,11 +22,11 @@ pub fn set_condition(
     type_: &str,
     status: bool,
     reason: &str,
-    message: impl Into<String>,
+    message: impl Into<Text>,
     generation: i64,
     now: &Time,
 ) {
-    let status = if status { "True" } else { "False" }.to_string();
+    let status = Text::from(if status { "True" } else { "False" });
     let message = message.into();
     match conditions.iter_mut().find(|c| c.type_ == type_) {
         Some(c) => {
@@ -32,14 +34,14 @@ pub fn set_condition(
                 c.last_transition_time = now.clone();
             }
             c.status = status;
-            c.reason = reason.to_string();
+            c.reason = reason.into();
             c.message = message;
             c.observed_generation = Some(generation);
         }
         None => conditions.push(Condition {
-            type_: type_.to_string(),
+            type_: type_.into(),
             status,
-            reason: reason.to_string(),
+            reason: reason.into(),
             message,
             observed_generation: Some(generation),
             last_transition_time: now.clone(),

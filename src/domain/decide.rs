@@ -512,7 +512,7 @@ fn finish_plan(mut plan: Plan, old: &AgentJobStatus) -> Plan {
         && let Some(reason) = ready_reason(&plan.status)
     {
         let note = super::conditions::find(&plan.status.conditions, condition::READY).map(|c| c.message.clone()).unwrap_or_default();
-        plan.events.push(PlannedEvent { warning: false, reason, note });
+        plan.events.push(PlannedEvent { warning: false, reason: reason.to_string(), note: note.to_string() });
     }
     plan
 }

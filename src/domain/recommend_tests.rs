@@ -1,4 +1,6 @@
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::Condition;
 use serde_json::json;
 
 use super::*;
@@ -33,7 +35,7 @@ fn finished(ns: &str, name: &str, job_type: &str, model: &str, used: &[(&str, To
     status.phase = Some(if succeeded { JobPhase::Succeeded } else { JobPhase::Failed });
     status.completion_time = Some(at(t));
     status.attempts = vec![attempt(1, result, usage.clone(), if succeeded { "all agents succeeded" } else { "agent: Error" })];
-    status.usage = Some(usage);
+    status.usage = Some(Box::new(usage));
     job
 }
 
@@ -214,7 +216,7 @@ fn budget_far_above_the_p90_or_too_close_to_it() {
         type_: "Ready".into(),
         status: "False".into(),
         reason: "BudgetExceeded".into(),
-        message: String::new(),
+        message: "".into(),
         observed_generation: None,
         last_transition_time: at(50),
     });
@@ -239,7 +241,7 @@ fn retries_burning_a_large_share_of_the_spend() {
         let status = job.status.as_mut().unwrap();
         let one = priced(&[("gpt-4o", RUN)]);
         status.attempts.insert(0, attempt(1, AttemptResult::Failed, one, "agent: OOMKilled"));
-        status.usage = Some(priced(&[("gpt-4o", RUN.add(&RUN))]));
+        status.usage = Some(Box::new(priced(&[("gpt-4o", RUN.add(&RUN))])));
     }
     let advice = for_job(&jobs[0], &refs(&jobs), &PriceTable::builtin());
     let retry = of(&advice, RecommendationKind::RetrySpend);
@@ -251,7 +253,7 @@ fn retries_burning_a_large_share_of_the_spend() {
     let mut jobs = batch("team-a", "big", "gpt-4o", RUN, 5, 5, 0);
     let status = jobs[0].status.as_mut().unwrap();
     status.attempts.insert(0, attempt(1, AttemptResult::Failed, priced(&[("gpt-4o", RUN)]), "x"));
-    status.usage = Some(priced(&[("gpt-4o", RUN.add(&RUN))]));
+    status.usage = Some(Box::new(priced(&[("gpt-4o", RUN.add(&RUN))])));
     assert!(!kinds(&for_job(&jobs[0], &refs(&jobs), &PriceTable::builtin())).contains(&RecommendationKind::RetrySpend));
 }
 

@@ -213,7 +213,7 @@ pub fn tool_view(tool: &AgentTool, jobs: &[std::sync::Arc<AgentJob>], job: &Agen
     let condition = |t: &str| status.conditions.iter().find(|c| c.type_ == t);
     ToolView {
         ready: status.ready,
-        not_ready_reason: condition("Ready").filter(|c| c.status != "True").map(|c| c.message.clone()),
+        not_ready_reason: condition("Ready").filter(|c| c.status != "True").map(|c| c.message.to_string()),
         rate_limit: tool.spec.rate_limit,
         in_use,
         in_use_by_jobs,

@@ -147,7 +147,7 @@ pub fn phase(job: &AgentJob) -> Option<&'static str> {
     job.status.as_ref().and_then(|s| s.phase).map(|p| p.as_str())
 }
 
-pub fn condition<'a>(job: &'a AgentJob, type_: &str) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+pub fn condition<'a>(job: &'a AgentJob, type_: &str) -> Option<&'a agentgate::api::Condition> {
     job.status.as_ref()?.conditions.iter().find(|c| c.type_ == type_)
 }
 

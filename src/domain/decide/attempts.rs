@@ -26,7 +26,7 @@ pub(super) fn settle_superseded_attempts(s: &mut AgentJobStatus, plan: &mut Plan
         settled = true;
     }
     if settled {
-        s.usage = Some(total_usage(s, o));
+        s.usage = Some(Box::new(total_usage(s, o)));
     }
 }
 
@@ -74,7 +74,7 @@ pub(super) fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observ
         let running = states.iter().filter(|(_, st)| !st.terminated()).count();
         let mut ready_msg = attempt_progress(current, max_attempts(&job.spec), running, states.len());
         // Said once, not counted, so more refusals cost no status write of the operator's.
-        if crate::domain::grants::attempt_budget_refusals(s.meter.as_ref(), current) > 0 {
+        if crate::domain::grants::attempt_budget_refusals(s.meter.as_deref(), current) > 0 {
             ready_msg.push_str(&format!(
                 "; the agent meters refused calls the budget could not cover: the job ends {BUDGET_EXHAUSTED} when its agents exit"
             ));
@@ -86,11 +86,11 @@ pub(super) fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observ
 
     // Every Pod of the attempt has terminated: read what the agents reported.
     let (failures, output) = settle_attempt(s, plan, o, index, &states, generation);
-    s.usage = Some(total_usage(s, o));
+    s.usage = Some(Box::new(total_usage(s, o)));
 
     if failures.is_empty() {
         s.phase = Some(JobPhase::Succeeded);
-        s.output = output;
+        s.output = output.map(Box::new);
         s.completion_time = Some(o.now.clone());
         let msg = format!("attempt {current} succeeded");
         set_condition(&mut s.conditions, condition::SUCCEEDED, true, "Succeeded", msg.clone(), generation, &o.now);
@@ -107,9 +107,9 @@ pub(super) fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observ
     // No retry when a meter refused a call for budget (a retry's calls would draw on less), none
     // is left, or what was spent plus another attempt's estimate would exceed the budget
     // (domain/retry_budget.rs).
-    let stop = if crate::domain::grants::attempt_budget_refusals(s.meter.as_ref(), current) > 0 {
+    let stop = if crate::domain::grants::attempt_budget_refusals(s.meter.as_deref(), current) > 0 {
         // What the agents produced before the budget ran out is kept, as their usage is.
-        s.output = output;
+        s.output = output.map(Box::new);
         let spent = s.usage.as_ref().map_or("0", |u| u.cost_usd.as_str());
         let kept = if s.output.is_some() { "output and usage so far kept" } else { "usage so far kept (no output reported)" };
         Some((
@@ -125,7 +125,7 @@ pub(super) fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observ
         let next = estimate(&estimate_input(job), o.learned, o.prices)
             .ok()
             .map(|f| crate::domain::retry_budget::NextAttempt { cost_p90: f.cost_p90, tokens_p90: f.tokens_p90 });
-        crate::domain::retry_budget::next_attempt_fits(&job.spec, s.usage.as_ref(), next)
+        crate::domain::retry_budget::next_attempt_fits(&job.spec, s.usage.as_deref(), next)
             .err()
             .map(|why| (BUDGET_EXHAUSTED, format!("{note}; not retried: {why}")))
     };
@@ -203,14 +203,14 @@ fn settle_attempt(
     // Whatever the agents did after it, an attempt a meter refused a call for budget did not run
     // to its end within the budget: it fails, first of all for that. The meter is the only
     // source: the agent cannot write its grant entry (controller/meter_api.rs).
-    let refusals = crate::domain::grants::attempt_budget_refusals(s.meter.as_ref(), current);
+    let refusals = crate::domain::grants::attempt_budget_refusals(s.meter.as_deref(), current);
     if refusals > 0 {
         failures.insert(0, format!("{BUDGET_EXHAUSTED}: the agent meters refused {refusals} call(s) the budget could not cover"));
     }
 
     // A metered attempt's usage is what its meters measured; the agents' claim is kept beside it
     // for comparison and never counted (domain/grants.rs).
-    let metered = crate::domain::grants::attempt_usage(s.meter.as_ref(), current);
+    let metered = crate::domain::grants::attempt_usage(s.meter.as_deref(), current);
     if metered.is_some() {
         // The meters priced every call they let through; a claim's prices do not matter.
         let mut note = format!("attempt {current}: usage measured by the agent meters");

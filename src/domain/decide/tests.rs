@@ -210,12 +210,12 @@ fn metered(mut job: AgentJob, refusals: i64) -> AgentJob {
         budget_refusals: refusals,
     };
     let status = job.status.get_or_insert_with(Default::default);
-    status.meter = Some(crate::api::MeterStatus {
+    status.meter = Some(Box::new(crate::api::MeterStatus {
         granted_usd: "0.06".into(),
         spent_usd: "0.04".into(),
         committed_usd: "0.04".into(),
         grants: vec![grant("scanner", "gpt-4o-mini", 20_000, 5_000, refusals), grant("fixer", "claude-sonnet-4", 10_000, 2_000, 0)],
-    });
+    }));
     job
 }
 
@@ -310,7 +310,7 @@ mod decide_table {
             events: &["BudgetExhausted"],
             more: |name, plan| {
                 let s = &plan.status;
-                assert_eq!(s.output, Some(json!({"findings": 3})), "{name}: the primary's output is kept");
+                assert_eq!(s.output.as_deref(), Some(&json!({"findings": 3})), "{name}: the primary's output is kept");
                 assert_eq!((usage(plan).total_tokens, usage(plan).cost_usd.as_str()), (37_000, "0.04"), "{name}: the metered usage");
                 let a = &s.attempts[0];
                 assert_eq!(a.result, AttemptResult::Failed, "{name}");
@@ -655,7 +655,7 @@ mod decide_table {
                 assert_eq!(u.cost_usd, "0.066", "{name}");
                 assert_eq!(u.models.len(), 2, "{name}");
                 assert_eq!(u.estimate_error_percent, Some(37), "{name}: (37000 - 27000) / 27000");
-                assert_eq!(s.output, Some(json!({"findings": 3})), "{name}: output of the primary agent");
+                assert_eq!(s.output.as_deref(), Some(&json!({"findings": 3})), "{name}: output of the primary agent");
                 assert_eq!(s.attempts[0].result, AttemptResult::Succeeded, "{name}");
                 assert_eq!(s.attempts[0].usage.as_ref().map(|u| u.total_tokens), Some(37_000), "{name}");
                 assert!(s.completion_time.is_some() && s.attempts[0].completion_time.is_some(), "{name}");
