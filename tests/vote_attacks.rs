@@ -181,6 +181,81 @@ async fn a_head_who_changed_the_spec_cannot_approve_it() {
     assert_eq!(scrubbed.metadata.generation, Some(2));
 }
 
+/// A client authenticating as `user` and acting as `as_user`, as `kubectl --as` does.
+async fn impersonating(user: &str, as_user: &str) -> Client {
+    let path = ControlPlane::shared().kubeconfig(user);
+    let mut kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("read kubeconfig");
+    for named in &mut kubeconfig.auth_infos {
+        if let Some(auth) = named.auth_info.as_mut() {
+            auth.impersonate = Some(as_user.into());
+        }
+    }
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await.expect("config");
+    Client::try_from(config).expect("client")
+}
+
+/// The namespace's `edit` role lets every tenant act as its ServiceAccounts (it grants
+/// `impersonate` on serviceaccounts; minting their tokens or running a Pod as one does the same).
+/// A head who may act as the account that created or changed a job wrote it as far as review
+/// goes: without this, bob submits a job as the namespace's CI account (or rewrites dave's job
+/// as it, so that admission records the account, not him) and approves it himself, and alice
+/// makes two approvals of a spec only she reviewed.
+#[tokio::test]
+async fn a_head_who_may_act_as_the_service_account_that_wrote_the_job_cannot_approve_it() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let ns = "va-act-as";
+    let admin = setup(ns).await;
+    let ci = format!("system:serviceaccount:{ns}:ci");
+    let pp = PatchParams::apply("vote-attacks").force();
+    let account = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "ci"}});
+    Api::<ServiceAccount>::namespaced(admin.clone(), ns).patch("ci", &pp, &Patch::Apply(&account)).await.unwrap();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "sa-impersonator"},
+        "rules": [{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["impersonate"]}]});
+    Api::<Role>::namespaced(admin.clone(), ns).patch("sa-impersonator", &pp, &Patch::Apply(&role)).await.unwrap();
+    let bindings = [
+        ("ci-submits-jobs", "ClusterRole", "test-agentgate-voter", json!({"kind": "ServiceAccount", "name": "ci", "namespace": ns})),
+        (
+            "bob-acts-as-accounts",
+            "Role",
+            "sa-impersonator",
+            json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bob"}),
+        ),
+    ];
+    for (name, kind, role, subject) in bindings {
+        let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role}, "subjects": [subject]});
+        Api::<RoleBinding>::namespaced(admin.clone(), ns).patch(name, &pp, &Patch::Apply(&binding)).await.unwrap();
+    }
+    let as_ci = impersonating("bob", &ci).await;
+
+    // Created as the account: admission stamps it, not bob, as the requester.
+    let submitted = create_payments_job(&as_ci, ns, "submitted").await;
+    assert_eq!(submitted.annotations().get("agentgate.dev/requested-by"), Some(&ci));
+    // dave's job rewritten as the account: admission records it, not bob, as an editor.
+    create_job("dave", ns, "rewritten").await;
+    let rewritten = Api::<AgentJob>::namespaced(as_ci, ns)
+        .patch("rewritten", &PatchParams::default(), &Patch::Merge(json!({"spec": {"budget": {"maxCostUSD": "500"}}})))
+        .await
+        .expect("the account may edit jobs");
+    assert_eq!(rewritten.annotations().get("agentgate.dev/spec-edited-by"), Some(&ci));
+
+    for job in [&submitted, &rewritten] {
+        let name = job.name_any();
+        let bob_vote = vote(&user("bob").await, job, "bob", Decision::Approve).await.name_any();
+        let alice_vote = vote(&user("alice").await, job, "alice", Decision::Approve).await.name_any();
+        let tallied = wait_for_job(&admin, ns, &name, "both votes tallied", |j| {
+            let a = approval(j);
+            let seen = |vote: &str| a.approvers.iter().any(|x| x.vote == vote) || a.ignored_votes.iter().any(|x| x.name == vote);
+            seen(&bob_vote) && seen(&alice_vote)
+        })
+        .await;
+        assert_eq!(phase(&tallied), Some("AwaitingApproval"), "{name}: bob approved as himself what he wrote as {ci}");
+        assert_eq!(approval(&tallied).approvers.iter().map(|a| a.voter.as_str()).collect::<Vec<_>>(), ["alice"], "{name}");
+        assert_not_counted(&admin, ns, &name, &bob_vote, 1, &format!("bob may act as {ci}")).await;
+    }
+}
+
 #[tokio::test]
 async fn a_vote_does_not_carry_over_a_spec_change() {
     let ns = "va-spec-change";

@@ -1,4 +1,5 @@
-//! Who is a category head: an RBAC fact, asked of the apiserver with SubjectAccessReviews.
+//! Who is a category head, and who may act as a ServiceAccount that wrote a job: RBAC facts,
+//! asked of the apiserver with SubjectAccessReviews.
 //!
 //! A head of category C may `approve` resource `categories`, name C, group agentgate.dev, in the
 //! job's namespace or cluster-wide, the same model as approving CSRs for a signer. Answers are
@@ -19,12 +20,42 @@ const TTL: Duration = Duration::from_secs(60);
 struct Question {
     voter: String,
     groups: Vec<String>,
-    namespace: String,
-    category: String,
+    right: Right,
 }
 
-/// Whether the voter is a head (`Err` says why not), and when the apiserver said so.
-type Answer = (Result<(), String>, Instant);
+/// One right asked about: `verb` on `resource` (and `subresource`) of `group`, named `name`, in
+/// `namespace`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Right {
+    group: &'static str,
+    resource: &'static str,
+    subresource: Option<&'static str>,
+    verb: &'static str,
+    name: Option<String>,
+    namespace: String,
+}
+
+/// Whether the voter has the right, and when the apiserver said so.
+type Answer = (bool, Instant);
+
+/// The ways to act as a ServiceAccount that `edit` grants every tenant of its namespace, each
+/// with how the verdict names it: impersonating it, minting its tokens, running a Pod as it (a
+/// Pod may name any ServiceAccount of its namespace).
+fn acting_as(namespace: &str, name: &str) -> [(Right, &'static str); 3] {
+    let right = |resource, subresource, verb, name: Option<&str>| Right {
+        group: "",
+        resource,
+        subresource,
+        verb,
+        name: name.map(str::to_string),
+        namespace: namespace.to_string(),
+    };
+    [
+        (right("serviceaccounts", None, "impersonate", Some(name)), "impersonate it"),
+        (right("serviceaccounts", Some("token"), "create", Some(name)), "mint its tokens"),
+        (right("pods", None, "create", None), "run a Pod as it"),
+    ]
+}
 
 pub struct HeadChecker {
     client: Client,
@@ -45,9 +76,9 @@ impl HeadChecker {
         HeadChecker { client, answers: Mutex::new(HashMap::new()), asking: Mutex::new(HashMap::new()) }
     }
 
-    fn cached(&self, question: &Question) -> Option<Result<(), String>> {
+    fn cached(&self, question: &Question) -> Option<bool> {
         let answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
-        answers.get(question).filter(|(_, at)| at.elapsed() < TTL).map(|(answer, _)| answer.clone())
+        answers.get(question).filter(|(_, at)| at.elapsed() < TTL).map(|(answer, _)| *answer)
     }
 
     /// `Ok(Err(why))` when the voter is not a head; `Err` when the apiserver could not answer.
@@ -58,7 +89,42 @@ impl HeadChecker {
         namespace: &str,
         category: &str,
     ) -> Result<Result<(), String>, kube::Error> {
-        let question = Question { voter: voter.into(), groups: groups.to_vec(), namespace: namespace.into(), category: category.into() };
+        let right = Right {
+            group: crate::api::GROUP,
+            resource: "categories",
+            subresource: None,
+            verb: "approve",
+            name: Some(category.into()),
+            namespace: namespace.into(),
+        };
+        Ok(if self.allowed(voter, groups, right).await? {
+            Ok(())
+        } else {
+            Err(format!(
+                "{voter} is not a head of category {category}: RBAC does not allow them to approve categories/{category} in {namespace}"
+            ))
+        })
+    }
+
+    /// How `voter` may act as `writer`, who created or changed a job, if `writer` is a
+    /// ServiceAccount they may act as (`None` otherwise, and for anyone else): what they wrote as
+    /// it, they wrote (tests/vote_attacks.rs
+    /// a_head_who_may_act_as_the_service_account_that_wrote_the_job_cannot_approve_it).
+    pub async fn acts_as(&self, voter: &str, groups: &[String], writer: &str) -> Result<Option<&'static str>, kube::Error> {
+        let Some((namespace, name)) = writer.strip_prefix("system:serviceaccount:").and_then(|sa| sa.split_once(':')) else {
+            return Ok(None);
+        };
+        for (right, how) in acting_as(namespace, name) {
+            if self.allowed(voter, groups, right).await? {
+                return Ok(Some(how));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Whether RBAC gives `voter` (with `groups`) the right, cached.
+    async fn allowed(&self, voter: &str, groups: &[String], right: Right) -> Result<bool, kube::Error> {
+        let question = Question { voter: voter.into(), groups: groups.to_vec(), right };
         if let Some(answer) = self.cached(&question) {
             return Ok(answer);
         }
@@ -74,16 +140,18 @@ impl HeadChecker {
         if let Some(answer) = self.cached(&question) {
             return Ok(answer);
         }
+        let right = &question.right;
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(voter.into()),
                 groups: Some(groups.to_vec()),
                 resource_attributes: Some(ResourceAttributes {
-                    group: Some(crate::api::GROUP.into()),
-                    resource: Some("categories".into()),
-                    verb: Some("approve".into()),
-                    name: Some(category.into()),
-                    namespace: Some(namespace.into()),
+                    group: Some(right.group.into()),
+                    resource: Some(right.resource.into()),
+                    subresource: right.subresource.map(str::to_string),
+                    verb: Some(right.verb.into()),
+                    name: right.name.clone(),
+                    namespace: Some(right.namespace.clone()),
                     ..ResourceAttributes::default()
                 }),
                 ..SubjectAccessReviewSpec::default()
@@ -92,15 +160,8 @@ impl HeadChecker {
         };
         let answered = Api::<SubjectAccessReview>::all(self.client.clone()).create(&PostParams::default(), &review).await?;
         let allowed = answered.status.as_ref().is_some_and(|s| s.allowed);
-        let answer = if allowed {
-            Ok(())
-        } else {
-            Err(format!(
-                "{voter} is not a head of category {category}: RBAC does not allow them to approve categories/{category} in {namespace}"
-            ))
-        };
-        self.answers.lock().unwrap_or_else(PoisonError::into_inner).insert(question, (answer.clone(), Instant::now()));
-        Ok(answer)
+        self.answers.lock().unwrap_or_else(PoisonError::into_inner).insert(question, (allowed, Instant::now()));
+        Ok(allowed)
     }
 
     pub fn forget_all(&self) {

@@ -11,6 +11,8 @@
 pub enum ObserveError {
     #[error("SubjectAccessReview: may {voter} approve category {category} in namespace {namespace}: {source}")]
     HeadCheck { voter: String, category: String, namespace: String, source: kube::Error },
+    #[error("SubjectAccessReview: may {voter} act as {writer}, who wrote the job: {source}")]
+    ActAsCheck { voter: String, writer: String, source: kube::Error },
     #[error("GET Pod {namespace}/{pod}, named by the running attempt but not in the cache: {source}")]
     GonePod { namespace: String, pod: String, source: kube::Error },
     #[error("GET AgentJob {namespace}/{job}, whose input the cache leaves out: {source}")]
@@ -67,6 +69,7 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Observe(ObserveError::HeadCheck { .. }) => "head_check",
+            Error::Observe(ObserveError::ActAsCheck { .. }) => "act_as_check",
             Error::Observe(ObserveError::GonePod { .. }) => "get_gone_pod",
             Error::Observe(ObserveError::GetJob { .. }) => "get_job",
             Error::Apply(ApplyError::StoreSpec { .. }) => "store_spec",
