@@ -227,6 +227,56 @@ async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchange
     assert!(got.tokens.p50 > 400_000, "ours, not the other tenant's one token: {got:?}");
 }
 
+/// The learned state keeps at most `MAX_KEYS` (namespace, jobType) keys, and a jobType is a name
+/// any author picks. A namespace that runs ever new jobTypes must evict its own keys, not another
+/// team's history: with the least recently updated key going first, its 256th made-up jobType
+/// evicted the other team's twelve runs, whose next job was estimated from nothing again.
+#[tokio::test]
+async fn a_namespace_running_ever_new_job_types_evicts_its_own_keys_not_another_teams() {
+    use agentgate::domain::estimate::{EstimateInput, prior_tokens};
+    use agentgate::domain::learning::MAX_KEYS;
+    use agentgate::domain::pricing::{PriceTable, TokenCounts};
+    let ns = "est-flood";
+    let mut env = Env::builder(ns).node("est-flood-node", "64", "256Gi", &[]).operator(OperatorMode::Later).build().await;
+    let client = env.admin.clone();
+
+    // The other team's twelve runs, then this namespace's made-up jobTypes up to the bound.
+    let prices = PriceTable::builtin();
+    let input = EstimateInput { job_type: JOB_TYPE.into(), agent_models: vec!["gpt-4o-mini".into()], tool_calls: vec![] };
+    let prior = prior_tokens(&input);
+    let tokens = |total: i64| -> std::collections::BTreeMap<String, TokenCounts> {
+        [("gpt-4o-mini".to_string(), TokenCounts { input: total * 8 / 10, cached_input: 0, output: total - total * 8 / 10 })].into()
+    };
+    let mut state = EstimatorState::default();
+    for i in 0..12 {
+        state.record(&format!("theirs/{i}"), "other-team", JOB_TYPE, &tokens(420_000 + 5_000 * i), &prior, &prices);
+    }
+    for i in 0..MAX_KEYS - 1 {
+        state.record(&format!("flood/{i}"), ns, &format!("made-up-{i}"), &tokens(10_000), &prior, &prices);
+    }
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "agentgate-estimator"}, "data": {"state.json": state.to_json()}});
+    Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
+    env.start_operator();
+
+    // One more made-up jobType, run and learned.
+    let job = JobManifest::new("flood-last").job_type("made-up-last").budget("1000").build();
+    let (_, pod) = approved_and_running(&env, job).await;
+    finish_pod(&client, ns, &pod, 0, &usage_report("gpt-4o-mini", 10_000, 0, 0, json!({}))).await;
+    let learned = wait_for(
+        "the last made-up jobType in the learned state",
+        Duration::from_secs(30),
+        || learned_state(&client, ns),
+        |s: &Option<EstimatorState>| s.as_ref().is_some_and(|s| s.job_types.get("made-up-last").is_some_and(|k| k.contains_key(ns))),
+    )
+    .await
+    .unwrap();
+    let keys: usize = learned.job_types.values().map(|k| k.len()).sum();
+    assert_eq!(keys, MAX_KEYS, "bounded");
+    let theirs = learned.job_types.get(JOB_TYPE).and_then(|k| k.get("other-team")).map(|s| s.n);
+    assert_eq!(theirs, Some(12), "the other team's history evicted by this namespace's made-up jobTypes");
+    assert!(!learned.job_types.contains_key("made-up-0"), "this namespace's least recently updated key goes");
+}
+
 /// Creates `job`, has alice and bob approve it, and plays the kubelet running its first Pod;
 /// returns the created job and that Pod's name.
 async fn approved_and_running(env: &Env, job: AgentJob) -> (AgentJob, String) {

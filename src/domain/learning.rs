@@ -23,8 +23,9 @@
 //! [`SEEN_CAP`] attempt keys (`<job uid>/<attempt>`) are remembered.
 //!
 //! **Bounds**: a key-model is about 1,550 bytes of JSON (80 pairs and a dozen numbers); at most
-//! [`MAX_KEYS`] (namespace, jobType) keys of at most [`MAX_MODELS`] models are kept, the least
-//! recently updated going first, so the state stays well under the ConfigMap limit.
+//! [`MAX_KEYS`] (namespace, jobType) keys of at most [`MAX_MODELS`] models are kept, so the state
+//! stays well under the ConfigMap limit; beyond, the namespace holding the most gives up its least
+//! recently updated key, so one namespace's made-up jobTypes never evict another team's history.
 
 use std::collections::BTreeMap;
 
@@ -364,15 +365,33 @@ impl EstimatorState {
         self.job_types.values().flat_map(BTreeMap::values).map(|s| s.models.len()).sum()
     }
 
-    /// Drops the least recently updated keys beyond MAX_KEYS keys or MAX_KEY_MODELS key-models.
+    /// Drops keys beyond MAX_KEYS keys or MAX_KEY_MODELS key-models: the least recently updated
+    /// key of the namespace holding the most keys. A jobType is a name any author picks, so
+    /// a namespace running ever new ones evicts its own keys, never another team's while it holds
+    /// more keys than they do; least recently updated alone let it wipe every other team's history
+    /// (tests/estimator.rs a_namespace_running_ever_new_job_types_evicts_its_own_keys_not_another_teams).
     fn evict(&mut self) {
         while self.key_count() > MAX_KEYS || self.key_model_count() > MAX_KEY_MODELS {
+            let mut held: BTreeMap<&str, (usize, u64)> = BTreeMap::new();
+            for (ns, stats) in self.job_types.values().flat_map(|k| k.iter()) {
+                let entry = held.entry(ns.as_str()).or_insert((0, u64::MAX));
+                entry.0 += 1;
+                entry.1 = entry.1.min(stats.updated);
+            }
+            // The most held; between equals, the one whose oldest key is oldest (plain LRU then),
+            // then the first by name.
+            let heaviest = held
+                .into_iter()
+                .max_by_key(|(ns, (count, oldest))| (*count, std::cmp::Reverse(*oldest), std::cmp::Reverse(*ns)))
+                .map(|(ns, _)| ns.to_string())
+                .expect("more than the bound, so not empty");
             let oldest = self
                 .job_types
                 .iter()
                 .flat_map(|(t, k)| k.iter().map(move |(ns, s)| (s.updated, t.clone(), ns.clone())))
+                .filter(|(_, _, ns)| *ns == heaviest)
                 .min()
-                .expect("more than the bound, so not empty");
+                .expect("the heaviest namespace holds a key");
             let keys = self.job_types.get_mut(&oldest.1).expect("just seen");
             keys.remove(&oldest.2);
             if keys.is_empty() {
