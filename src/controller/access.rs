@@ -12,7 +12,11 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use kube::api::PostParams;
-use kube::{Api, Client};
+use kube::{Api, Client, ResourceExt};
+
+use super::{Context, Result};
+use crate::api::{AgentJob, JobPhase};
+use crate::domain::tally::{HeadVerdicts, VoteView};
 
 const TTL: Duration = Duration::from_secs(60);
 
@@ -168,4 +172,54 @@ impl HeadChecker {
         self.answers.lock().unwrap_or_else(PoisonError::into_inner).clear();
         self.asking.lock().unwrap_or_else(PoisonError::into_inner).clear();
     }
+}
+
+/// Asks RBAC (through the cached SubjectAccessReview checker) whether each vote's voter, with
+/// the groups stamped on that vote, is a head of the job's category. Skipped once the job has
+/// finished: its votes no longer matter. Per vote, not per voter: the groups of one vote (a stale
+/// vote on a deleted job, say) never decide for another (tests/vote_attacks.rs
+/// each_vote_is_checked_with_its_own_groups). For a job a ServiceAccount created or changed
+/// (`author`, then `editors`, one a line), also whether the voter may act as that account.
+pub(super) async fn head_verdicts(
+    job: &AgentJob,
+    ctx: &Context,
+    votes: &[VoteView],
+    author: Option<&str>,
+    editors: &str,
+) -> Result<HeadVerdicts> {
+    let mut verdicts = std::collections::BTreeMap::new();
+    let phase = job.status.as_ref().and_then(|s| s.phase);
+    if phase.is_some_and(JobPhase::is_terminal) {
+        return Ok(HeadVerdicts(verdicts));
+    }
+    let namespace = job.namespace().unwrap_or_default();
+    for vote in votes {
+        let mut answer = ctx.heads.is_head(&vote.voter, &vote.groups, &namespace, &job.spec.category).await.map_err(|source| {
+            super::error::ObserveError::HeadCheck {
+                voter: vote.voter.clone(),
+                category: job.spec.category.clone(),
+                namespace: namespace.clone(),
+                source,
+            }
+        })?;
+        // Only ServiceAccounts are asked about (ctx.heads.acts_as), so jobs people wrote cost no
+        // more reviews.
+        let writers = author.into_iter().map(|a| (a, "created")).chain(editors.split('\n').map(|e| (e, "changed")));
+        for (writer, did) in writers.filter(|(w, _)| !w.is_empty() && *w != vote.voter) {
+            if answer.is_err() {
+                break;
+            }
+            let acts = ctx.heads.acts_as(&vote.voter, &vote.groups, writer).await.map_err(|source| {
+                super::error::ObserveError::ActAsCheck { voter: vote.voter.clone(), writer: writer.to_string(), source }
+            })?;
+            if let Some(how) = acts {
+                answer = Err(format!(
+                    "{} may act as {writer}, who {did} this job's spec (RBAC lets them {how}): what they wrote as it, they may not approve",
+                    vote.voter
+                ));
+            }
+        }
+        verdicts.insert(vote.name.clone(), answer);
+    }
+    Ok(HeadVerdicts(verdicts))
 }

@@ -19,7 +19,7 @@ use crate::domain::conditions::set_condition;
 use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, job_type};
 use crate::domain::pod_builder::{DEFAULT_CPU, DEFAULT_MEMORY, PodPlan, build_pod, pod_name};
 use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
-use crate::domain::tally::{HeadVerdicts, JobIdentity, VoteView, tally};
+use crate::domain::tally::{JobIdentity, tally};
 use crate::metrics::JobTypeLabels;
 
 // The span covers the whole reconcile, API calls included (kube-runtime's own "reconciling object"
@@ -111,7 +111,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     };
     let author = author.as_deref();
     let identity = JobIdentity { name: &name, uid: &uid, generation, author, spec_editors: &spec_editors };
-    let heads = head_verdicts(job, ctx, &vote_views, author, &spec_editors).await?;
+    let heads = super::access::head_verdicts(job, ctx, &vote_views, author, &spec_editors).await?;
     let voters = &ctx.settings.voters;
     let required = approvals_required(&job.spec, ctx.settings.approval_floor);
     // Votes approve where the job's tools point too (tool_pinning.rs): revoked votes are not tallied.
@@ -266,48 +266,6 @@ fn old_status_of(job: &AgentJob) -> AgentJobStatus {
 }
 
 pub use crate::api::{REQUESTED_BY, SPEC_EDITED_BY};
-
-/// Asks RBAC (through the cached SubjectAccessReview checker) whether each vote's voter, with
-/// the groups stamped on that vote, is a head of the job's category. Skipped once the job has
-/// finished: its votes no longer matter. Per vote, not per voter: the groups of one vote (a stale
-/// vote on a deleted job, say) never decide for another (tests/vote_attacks.rs
-/// each_vote_is_checked_with_its_own_groups).
-/// Whether each vote's voter is a head, and, for a job a ServiceAccount created or changed,
-/// not someone who may act as that account (`author`, then `editors`, one a line).
-async fn head_verdicts(job: &AgentJob, ctx: &Context, votes: &[VoteView], author: Option<&str>, editors: &str) -> Result<HeadVerdicts> {
-    let mut verdicts = std::collections::BTreeMap::new();
-    let phase = job.status.as_ref().and_then(|s| s.phase);
-    if phase.is_some_and(JobPhase::is_terminal) {
-        return Ok(HeadVerdicts(verdicts));
-    }
-    let namespace = job.namespace().unwrap_or_default();
-    for vote in votes {
-        let mut answer = ctx.heads.is_head(&vote.voter, &vote.groups, &namespace, &job.spec.category).await.map_err(|source| {
-            ObserveError::HeadCheck { voter: vote.voter.clone(), category: job.spec.category.clone(), namespace: namespace.clone(), source }
-        })?;
-        // Only ServiceAccounts are asked about (ctx.heads.acts_as), so jobs people wrote cost no
-        // more reviews.
-        let writers = author.into_iter().map(|a| (a, "created")).chain(editors.split('\n').map(|e| (e, "changed")));
-        for (writer, did) in writers.filter(|(w, _)| !w.is_empty() && *w != vote.voter) {
-            if answer.is_err() {
-                break;
-            }
-            let acts = ctx.heads.acts_as(&vote.voter, &vote.groups, writer).await.map_err(|source| ObserveError::ActAsCheck {
-                voter: vote.voter.clone(),
-                writer: writer.to_string(),
-                source,
-            })?;
-            if let Some(how) = acts {
-                answer = Err(format!(
-                    "{} may act as {writer}, who {did} this job's spec (RBAC lets them {how}): what they wrote as it, they may not approve",
-                    vote.voter
-                ));
-            }
-        }
-        verdicts.insert(vote.name.clone(), answer);
-    }
-    Ok(HeadVerdicts(verdicts))
-}
 
 /// Pods that carry the job's uid label but are not its Pods (another namespace, another or no
 /// controller): a Warning Event on the job names them, so an attempt to pose as the job is seen.
