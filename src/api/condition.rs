@@ -2,7 +2,7 @@
 //! `Condition`, with its four strings shared. Jobs' conditions repeat across jobs ("all readiness
 //! checks passed", "0 of 2 approvals from category bench heads", the same estimate), and three of
 //! a waiting job's five carry the same message: as `String`s they were 1.1 KB of each cached job,
-//! the largest part after its inline size (README "Where the memory goes at 10,000 jobs";
+//! the largest part after its inline size (README "Memory at 10,000 jobs";
 //! `controller::memory` test `what_a_cached_job_awaiting_approval_costs`).
 
 use std::borrow::Borrow;

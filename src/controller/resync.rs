@@ -26,7 +26,7 @@ pub fn next_check(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>
         // prices and its own spec; a relist of any of them after a lost watch counts as a change.
         // Nothing else in `decide` moves with time while it waits. The resync would hold two
         // copies of each such job's key in kube-runtime's schedule, ~0.5 KB a job: 3.9 MiB at
-        // `make bench`'s 8,500 unvoted jobs (README "Where the memory goes at 10,000 jobs").
+        // `make bench`'s 8,500 unvoted jobs (README "Memory at 10,000 jobs").
         Some(JobPhase::AwaitingApproval) => match approval_timeout_seconds {
             None => Action::await_change(),
             Some(limit) => {
