@@ -188,24 +188,32 @@ async fn price_table_edits_apply_without_a_restart() {
     assert_eq!(next.cost_usd.p90, "0.072");
 }
 
+/// What the estimator sees of `job_manifest`: one agent on gpt-4o-mini, no tool calls.
+fn one_agent_input() -> agentgate::domain::estimate::EstimateInput {
+    agentgate::domain::estimate::EstimateInput { job_type: JOB_TYPE.into(), agent_models: vec!["gpt-4o-mini".into()], tool_calls: vec![] }
+}
+
+/// A run of `total` tokens on gpt-4o-mini, 80 % of them input.
+fn tokens(total: i64) -> std::collections::BTreeMap<String, agentgate::domain::pricing::TokenCounts> {
+    let input = total * 8 / 10;
+    [("gpt-4o-mini".to_string(), agentgate::domain::pricing::TokenCounts { input, cached_input: 0, output: total - input })].into()
+}
+
 /// The operator learns per namespace: another namespace's extreme runs of the same jobType
 /// (learned earlier, here written into the ConfigMap before the operator starts) leave this
 /// namespace's estimate exactly what it would be had that namespace never run anything.
 #[tokio::test]
 async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchanged() {
-    use agentgate::domain::estimate::{EstimateInput, estimate, prior_tokens};
-    use agentgate::domain::pricing::{PriceTable, TokenCounts};
+    use agentgate::domain::estimate::{estimate, prior_tokens};
+    use agentgate::domain::pricing::PriceTable;
     let ns = "est-isolate";
     let mut env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
     let client = env.admin.clone();
 
     // Twelve runs of ours at about 450k tokens; forty of another tenant's at one token each.
     let prices = PriceTable::builtin();
-    let input = EstimateInput { job_type: JOB_TYPE.into(), agent_models: vec!["gpt-4o-mini".into()], tool_calls: vec![] };
+    let input = one_agent_input();
     let prior = prior_tokens(&input);
-    let tokens = |total: i64| -> std::collections::BTreeMap<String, TokenCounts> {
-        [("gpt-4o-mini".to_string(), TokenCounts { input: total * 8 / 10, cached_input: 0, output: total - total * 8 / 10 })].into()
-    };
     let mut ours_only = EstimatorState::default();
     for i in 0..12 {
         ours_only.record(&format!("ours/{i}"), ns, JOB_TYPE, &tokens(420_000 + 5_000 * i), &prior, &prices);
@@ -233,20 +241,17 @@ async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchange
 /// evicted the other team's twelve runs, whose next job was estimated from nothing again.
 #[tokio::test]
 async fn a_namespace_running_ever_new_job_types_evicts_its_own_keys_not_another_teams() {
-    use agentgate::domain::estimate::{EstimateInput, prior_tokens};
+    use agentgate::domain::estimate::prior_tokens;
     use agentgate::domain::learning::MAX_KEYS;
-    use agentgate::domain::pricing::{PriceTable, TokenCounts};
+    use agentgate::domain::pricing::PriceTable;
     let ns = "est-flood";
     let mut env = Env::builder(ns).node("est-flood-node", "64", "256Gi", &[]).operator(OperatorMode::Later).build().await;
     let client = env.admin.clone();
 
     // The other team's twelve runs, then this namespace's made-up jobTypes up to the bound.
     let prices = PriceTable::builtin();
-    let input = EstimateInput { job_type: JOB_TYPE.into(), agent_models: vec!["gpt-4o-mini".into()], tool_calls: vec![] };
+    let input = one_agent_input();
     let prior = prior_tokens(&input);
-    let tokens = |total: i64| -> std::collections::BTreeMap<String, TokenCounts> {
-        [("gpt-4o-mini".to_string(), TokenCounts { input: total * 8 / 10, cached_input: 0, output: total - total * 8 / 10 })].into()
-    };
     let mut state = EstimatorState::default();
     for i in 0..12 {
         state.record(&format!("theirs/{i}"), "other-team", JOB_TYPE, &tokens(420_000 + 5_000 * i), &prior, &prices);
