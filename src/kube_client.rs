@@ -4,8 +4,8 @@
 //! idle for `POOL_IDLE_TIMEOUT`, not 90 s. kube 5 has no HTTP/2, so a burst opens one HTTP/1.1
 //! connection per request in flight (up to `--max-concurrent-reconciles` per controller, plus the
 //! Event sender's 32), each keeping its TLS state and read buffer while it idles: at 10,000 jobs
-//! ~9 MiB of the operator's memory was connections the burst had finished with (README "Where the
-//! memory goes at 10,000 jobs"). A connection in use is never closed by this; one idle longer
+//! ~9 MiB of the operator's memory was connections the burst had finished with (README "Memory at
+//! 10,000 jobs"). A connection in use is never closed by this; one idle longer
 //! costs a new TCP and TLS handshake when the next burst comes, a few ms.
 
 use std::time::Duration;
@@ -33,13 +33,13 @@ pub async fn connect() -> anyhow::Result<Client> {
 }
 
 pub fn build(config: Config) -> anyhow::Result<Client> {
-    let default_ns = config.default_namespace.clone();
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
     if config.proxy_url.is_some() {
         // kube's own stack handles proxies; its pool keeps the default idle timeout.
         return Ok(Client::try_from(config)?);
     }
+    let default_ns = config.default_namespace.clone();
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
     let https = config.rustls_https_connector_with_connector(http)?;
     let mut connector = TimeoutConnector::new(https);
     connector.set_connect_timeout(config.connect_timeout);

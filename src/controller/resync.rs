@@ -6,8 +6,8 @@ use super::RESYNC;
 use crate::api::{AgentJobStatus, JobPhase};
 use crate::domain::decide::condition;
 
-/// Whether `next_check` schedules a job in this phase again on the clock (the memory report's
-/// estimate of kube-runtime's requeue schedule counts these).
+/// Whether `next_check` schedules a job in this phase again on the clock (it asks this first;
+/// the memory report's estimate of kube-runtime's requeue schedule counts these).
 pub fn rechecked_on_the_clock(phase: Option<JobPhase>, approval_timeout_seconds: Option<i64>) -> bool {
     match phase {
         Some(p) if p.is_terminal() => false,
@@ -17,27 +17,26 @@ pub fn rechecked_on_the_clock(phase: Option<JobPhase>, approval_timeout_seconds:
 }
 
 pub fn next_check(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>) -> Action {
-    match status.phase {
-        Some(p) if p.is_terminal() => Action::await_change(),
-        // A job awaiting approval has no timed resync, only its approval timeout if one is set.
-        // What it waits for reaches it through watches: a vote (the vote watch), a head's rights
-        // (the RBAC watch requeues the jobs awaiting approval that have votes; one without votes
-        // has nothing to count), the identity policies (requeue every waiting job), its tools,
-        // prices and its own spec; a relist of any of them after a lost watch counts as a change.
-        // Nothing else in `decide` moves with time while it waits. The resync would hold two
-        // copies of each such job's key in kube-runtime's schedule, ~0.5 KB a job: 3.9 MiB at
-        // `make bench`'s 8,500 unvoted jobs (README "Memory at 10,000 jobs").
-        Some(JobPhase::AwaitingApproval) => match approval_timeout_seconds {
-            None => Action::await_change(),
-            Some(limit) => {
-                let since = crate::domain::conditions::find(&status.conditions, condition::APPROVED).map(|c| c.last_transition_time.0);
-                let remaining = since.map(|since| {
-                    let waited = k8s_openapi::jiff::Timestamp::now().duration_since(since).as_secs();
-                    std::time::Duration::from_secs((limit - waited).max(0) as u64 + 1)
-                });
-                Action::requeue(remaining.map_or(RESYNC, |r| r.min(RESYNC)))
-            }
-        },
+    // A job awaiting approval has no timed resync, only its approval timeout if one is set.
+    // What it waits for reaches it through watches: a vote (the vote watch), a head's rights
+    // (the RBAC watch requeues the jobs awaiting approval that have votes; one without votes
+    // has nothing to count), the identity policies (requeue every waiting job), its tools,
+    // prices and its own spec; a relist of any of them after a lost watch counts as a change.
+    // Nothing else in `decide` moves with time while it waits. The resync would hold two
+    // copies of each such job's key in kube-runtime's schedule, ~0.5 KB a job: 3.9 MiB at
+    // `make bench`'s 8,500 unvoted jobs (README "Memory at 10,000 jobs").
+    if !rechecked_on_the_clock(status.phase, approval_timeout_seconds) {
+        return Action::await_change();
+    }
+    match (status.phase, approval_timeout_seconds) {
+        (Some(JobPhase::AwaitingApproval), Some(limit)) => {
+            let since = crate::domain::conditions::find(&status.conditions, condition::APPROVED).map(|c| c.last_transition_time.0);
+            let remaining = since.map(|since| {
+                let waited = k8s_openapi::jiff::Timestamp::now().duration_since(since).as_secs();
+                std::time::Duration::from_secs((limit - waited).max(0) as u64 + 1)
+            });
+            Action::requeue(remaining.map_or(RESYNC, |r| r.min(RESYNC)))
+        }
         _ => Action::requeue(RESYNC),
     }
 }
