@@ -187,6 +187,43 @@ async fn heads_are_an_rbac_fact_and_losing_head_rights_voids_the_vote() {
     said(true).await;
 }
 
+/// A head who gains a way to act as the ServiceAccount that wrote a job stops counting, even when
+/// the right is granted in the account's namespace and the job lives in another: cached RBAC
+/// answers are dropped per namespace (`access::RbacScope`), and the one that changed here is the
+/// account's, not the job's.
+#[tokio::test]
+async fn a_head_granted_act_as_rights_in_the_writers_namespace_stops_counting() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let env = setup("ap-act-as-later", &[]).await;
+    let builders = "ap-act-as-later-ci";
+    ControlPlane::shared().namespace(builders).await;
+    let pp = PatchParams::apply("approvals-test").force();
+    let account = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "ci"}});
+    Api::<ServiceAccount>::namespaced(env.admin.clone(), builders).patch("ci", &pp, &Patch::Apply(&account)).await.unwrap();
+    let ci = format!("system:serviceaccount:{builders}:ci");
+    let submits = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "ci-submits-jobs"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "test-agentgate-voter"},
+        "subjects": [{"kind": "ServiceAccount", "name": "ci", "namespace": builders}]});
+    Api::<RoleBinding>::namespaced(env.admin.clone(), &env.ns).patch("ci-submits-jobs", &pp, &Patch::Apply(&submits)).await.unwrap();
+
+    let job = create_payments_job(&impersonating("admin", &ci).await, &env.ns, "built").await;
+    assert_eq!(job.annotations().get("agentgate.dev/requested-by"), Some(&ci));
+    vote(&user("bob").await, &job, "bob", Decision::Approve).await;
+    wait_for_job(&env.admin, &env.ns, "built", "bob counted", |j| approval_of(j).summary == "1/2").await;
+
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "sa-impersonator"},
+        "rules": [{"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["impersonate"]}]});
+    Api::<Role>::namespaced(env.admin.clone(), builders).patch("sa-impersonator", &pp, &Patch::Apply(&role)).await.unwrap();
+    let acts = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "bob-acts-as-accounts"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "sa-impersonator"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bob"}]});
+    Api::<RoleBinding>::namespaced(env.admin.clone(), builders).patch("bob-acts-as-accounts", &pp, &Patch::Apply(&acts)).await.unwrap();
+    let voided = wait_for_job(&env.admin, &env.ns, "built", "bob no longer counted", |j| approval_of(j).summary == "0/2").await;
+    let why = &approval_of(&voided).ignored_votes[0].why;
+    assert!(why.contains(&format!("bob may act as {ci}")), "{why}");
+}
+
 #[tokio::test]
 async fn a_risk_tier_raises_the_requirement_and_demands_a_human() {
     let env = setup("ap-tier", &["--approval-tier", "minCostUSD=0.000001,required=3,humanGroup=agentgate:humans"]).await;

@@ -3,8 +3,9 @@
 //!
 //! A head of category C may `approve` resource `categories`, name C, group agentgate.dev, in the
 //! job's namespace or cluster-wide, the same model as approving CSRs for a signer. Answers are
-//! cached briefly and dropped whenever any Role, ClusterRole or binding changes, so revoked rights
-//! stop counting at once.
+//! cached briefly and dropped whenever RBAC that could grant them changes, so revoked rights stop
+//! counting at once: a Role or RoleBinding only grants in its own namespace, so its change drops
+//! the answers about that namespace; a ClusterRole or ClusterRoleBinding drops them all.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -168,9 +169,30 @@ impl HeadChecker {
         Ok(allowed)
     }
 
-    pub fn forget_all(&self) {
-        self.answers.lock().unwrap_or_else(PoisonError::into_inner).clear();
-        self.asking.lock().unwrap_or_else(PoisonError::into_inner).clear();
+    /// Drops the answers an RBAC change in `scope` may have changed (and their in-flight guards).
+    pub fn forget(&self, scope: &RbacScope) {
+        let mut answers = self.answers.lock().unwrap_or_else(PoisonError::into_inner);
+        forget_in(&mut answers, scope);
+        let mut asking = self.asking.lock().unwrap_or_else(PoisonError::into_inner);
+        forget_in(&mut asking, scope);
+    }
+}
+
+/// What an RBAC change may have changed. A Role can only be bound, and a RoleBinding only grants,
+/// in its own namespace, so another namespace's Roles churning cost a job's cached answers
+/// nothing (a busy cluster's RBAC churn used to send every voter's reviews again each time).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum RbacScope {
+    /// A Role or RoleBinding in this namespace changed.
+    Namespace(String),
+    /// A ClusterRole or ClusterRoleBinding changed, or a relist may have missed anything.
+    Cluster,
+}
+
+fn forget_in<V>(map: &mut HashMap<Question, V>, scope: &RbacScope) {
+    match scope {
+        RbacScope::Cluster => map.clear(),
+        RbacScope::Namespace(namespace) => map.retain(|question, _| question.right.namespace != *namespace),
     }
 }
 
@@ -222,4 +244,58 @@ pub(super) async fn head_verdicts(
         verdicts.insert(vote.name.clone(), answer);
     }
     Ok(HeadVerdicts(verdicts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn question(voter: &str, right: Right) -> Question {
+        Question { voter: voter.into(), groups: vec![], right }
+    }
+
+    fn head_of(category: &str, namespace: &str) -> Right {
+        Right {
+            group: crate::api::GROUP,
+            resource: "categories",
+            subresource: None,
+            verb: "approve",
+            name: Some(category.into()),
+            namespace: namespace.into(),
+        }
+    }
+
+    fn book() -> HashMap<Question, Answer> {
+        let now = Instant::now();
+        let [(impersonate, _), ..] = acting_as("builders", "ci");
+        [
+            (question("erin", head_of("ops", "team-a")), (true, now)),
+            (question("erin", head_of("ops", "team-b")), (true, now)),
+            // Whether erin may act as team-a's job's author, a ServiceAccount of `builders`.
+            (question("erin", impersonate), (false, now)),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    fn namespaces(map: &HashMap<Question, Answer>) -> std::collections::BTreeSet<&str> {
+        map.keys().map(|q| q.right.namespace.as_str()).collect()
+    }
+
+    #[test]
+    fn a_role_changing_in_one_namespace_drops_only_the_answers_about_that_namespace() {
+        let mut answers = book();
+        forget_in(&mut answers, &RbacScope::Namespace("team-b".into()));
+        assert_eq!(namespaces(&answers), ["builders", "team-a"].into());
+        // The ServiceAccount's namespace decides whether a head may act as it, wherever its job is.
+        forget_in(&mut answers, &RbacScope::Namespace("builders".into()));
+        assert_eq!(namespaces(&answers), ["team-a"].into());
+    }
+
+    #[test]
+    fn a_cluster_role_changing_drops_every_answer() {
+        let mut answers = book();
+        forget_in(&mut answers, &RbacScope::Cluster);
+        assert!(answers.is_empty());
+    }
 }

@@ -11,6 +11,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 
+use super::access::RbacScope;
 use super::index::{Key, Released};
 use super::{Caches, Context, snapshot};
 use crate::api::{AgentJob, JobPhase};
@@ -49,41 +50,64 @@ const RBAC_COALESCE: Duration = Duration::from_millis(500);
 /// Any change to RBAC may make or unmake a category head. Only metadata is watched; rules are
 /// never read. What a change costs, in a cluster where RBAC changes all the time:
 /// - `Init` and `InitApply` (a relist replaying every Role and binding) are no change; the
-///   relist's `InitDone` counts as one, since changes may have been missed while disconnected.
-///   Watch errors are no change either (the watch backs off and relists).
-/// - The cached head answers are forgotten on the first change of a burst (revoked rights stop
-///   counting at once) and again when the burst has been gathered (`RBAC_COALESCE`), covering
-///   answers fetched meanwhile.
+///   relist's `InitDone` counts as a change anywhere, since changes may have been missed while
+///   disconnected. Watch errors are no change either (the watch backs off and relists).
+/// - Each change drops at once the cached head answers it may have changed (revoked rights stop
+///   counting at once): those about its namespace for a Role or RoleBinding, all of them for a
+///   ClusterRole or ClusterRoleBinding (`access::RbacScope`). When the burst has been gathered
+///   (`RBAC_COALESCE`) they are dropped again, covering answers fetched meanwhile.
 /// - Then, once per burst, the jobs awaiting approval that have votes are looked at again; a job
-///   without a vote has nothing an RBAC change could count or uncount.
-/// - Changes reach the gatherer through a channel of one: a burst waiting there is one change.
+///   without a vote has nothing an RBAC change could count or uncount. Their answers about
+///   namespaces the burst did not touch are still cached: no reviews are sent for them.
+/// - Changes reach the gatherer through a channel of one: a burst waiting there is one change;
+///   the scopes it touched wait in a set (bounded: past `MAX_SCOPES` namespaces it is the cluster).
 pub async fn watch_rbac(client: Client, ctx: Arc<Context>) {
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     use kube::core::PartialObjectMeta;
     let wc = watcher::Config::default();
     // Init and InitApply replay a relist; errors are followed by one.
-    fn is_change<K>(event: Result<watcher::Event<K>, watcher::Error>) -> bool {
-        matches!(event, Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone))
+    fn namespaced<K: kube::Resource>(event: Result<watcher::Event<K>, watcher::Error>) -> Option<RbacScope> {
+        match event {
+            Ok(watcher::Event::Apply(object) | watcher::Event::Delete(object)) => {
+                Some(object.meta().namespace.clone().map_or(RbacScope::Cluster, RbacScope::Namespace))
+            }
+            Ok(watcher::Event::InitDone) => Some(RbacScope::Cluster),
+            _ => None,
+        }
+    }
+    fn cluster_wide<K>(event: Result<watcher::Event<K>, watcher::Error>) -> Option<RbacScope> {
+        matches!(event, Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone)).then_some(RbacScope::Cluster)
     }
     let changes = futures::stream::select_all([
-        watcher(Api::<PartialObjectMeta<Role>>::all(client.clone()), wc.clone()).default_backoff().map(is_change).boxed(),
-        watcher(Api::<PartialObjectMeta<RoleBinding>>::all(client.clone()), wc.clone()).default_backoff().map(is_change).boxed(),
-        watcher(Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()), wc.clone()).default_backoff().map(is_change).boxed(),
-        watcher(Api::<PartialObjectMeta<ClusterRoleBinding>>::all(client), wc).default_backoff().map(is_change).boxed(),
+        watcher(Api::<PartialObjectMeta<Role>>::all(client.clone()), wc.clone()).default_backoff().map(namespaced).boxed(),
+        watcher(Api::<PartialObjectMeta<RoleBinding>>::all(client.clone()), wc.clone()).default_backoff().map(namespaced).boxed(),
+        watcher(Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()), wc.clone()).default_backoff().map(cluster_wide).boxed(),
+        watcher(Api::<PartialObjectMeta<ClusterRoleBinding>>::all(client), wc).default_backoff().map(cluster_wide).boxed(),
     ])
-    .filter(|change| future::ready(*change));
+    .filter_map(future::ready);
+    let touched = std::sync::Mutex::new(std::collections::BTreeSet::<RbacScope>::new());
     let (changed, mut gathered) = mpsc::channel::<()>(1);
-    let watch = changes.for_each(|_| {
-        // The first change of a burst: forget now, the rest of the burst waits in the channel.
-        if changed.try_send(()).is_ok() {
-            ctx.heads.forget_all();
+    let watch = changes.for_each(|scope| {
+        ctx.heads.forget(&scope);
+        {
+            let mut touched = touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if scope == RbacScope::Cluster || touched.len() >= MAX_SCOPES {
+                touched.clear();
+                touched.insert(RbacScope::Cluster);
+            } else if !touched.contains(&RbacScope::Cluster) {
+                touched.insert(scope);
+            }
         }
+        let _ = changed.try_send(());
         future::ready(())
     });
     let act = async {
         while gathered.recv().await.is_some() {
             tokio::time::sleep(RBAC_COALESCE).await;
-            ctx.heads.forget_all();
+            let burst = std::mem::take(&mut *touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+            for scope in &burst {
+                ctx.heads.forget(scope);
+            }
             for job in awaiting_with_votes(&ctx.caches) {
                 let _ = ctx.requeue.send(job);
             }
@@ -91,6 +115,9 @@ pub async fn watch_rbac(client: Client, ctx: Arc<Context>) {
     };
     future::join(watch, act).await;
 }
+
+/// Beyond this many namespaces touched in one burst, the burst counts as a change anywhere.
+const MAX_SCOPES: usize = 256;
 
 fn awaiting_with_votes(caches: &Caches) -> Vec<ObjectRef<AgentJob>> {
     let awaiting: Vec<Key> = caches.index.jobs().awaiting_approval().cloned().collect();

@@ -291,6 +291,20 @@ impl JobManifest {
 
 /// A one-agent job of category `payments` (agent `agent`, so its first Pod is `<name>-agent-1`),
 /// created by `author`'s client: the admission policy stamps them as its requester.
+/// A client of `user` (one of the control plane's users) that acts as `as_user`, as
+/// `kubectl --as` does: the apiserver checks that `user` may impersonate them.
+pub async fn impersonating(user: &str, as_user: &str) -> Client {
+    let path = ControlPlane::shared().kubeconfig(user);
+    let mut kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("read kubeconfig");
+    for named in &mut kubeconfig.auth_infos {
+        if let Some(auth) = named.auth_info.as_mut() {
+            auth.impersonate = Some(as_user.into());
+        }
+    }
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await.expect("config");
+    Client::try_from(config).expect("client")
+}
+
 pub async fn create_payments_job(author: &Client, namespace: &str, name: &str) -> AgentJob {
     let job = JobManifest::payments(name).build();
     Api::<AgentJob>::namespaced(author.clone(), namespace).create(&PostParams::default(), &job).await.expect("create job")
