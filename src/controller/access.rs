@@ -251,7 +251,57 @@ pub(super) async fn head_verdicts(
                 ));
             }
         }
+        if answer.is_ok() && vote.voter.starts_with(SERVICE_ACCOUNT_PREFIX) {
+            answer = robot_cast_by_another(ctx, vote, votes, author, editors).await?;
+        }
         verdicts.insert(vote.name.clone(), answer);
     }
     Ok(HeadVerdicts(verdicts))
+}
+
+const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
+
+/// The groups the apiserver gives a user it authenticates: a ServiceAccount's are known from its
+/// name; a person's beyond `system:authenticated` are not recorded on a job (only its author's and
+/// editors' usernames are), so a right granted to one of their groups is not seen here.
+fn groups_of(user: &str) -> Vec<String> {
+    let mut groups = vec!["system:authenticated".to_string()];
+    if let Some((namespace, _)) = user.strip_prefix(SERVICE_ACCOUNT_PREFIX).and_then(|sa| sa.split_once(':')) {
+        groups.extend(["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{namespace}")]);
+    }
+    groups
+}
+
+/// A ServiceAccount's vote (a trusted robot's) is cast by whoever may act as the account: not the
+/// robot's review but theirs. It does not count when the job's author or an editor may act as it
+/// (they would approve what they wrote), nor when another voter on the job may (one person, two
+/// approvals) (tests/gate_attacks.rs a_robot_vote_cast_by_the_author_or_another_voter_does_not_count).
+async fn robot_cast_by_another(
+    ctx: &Context,
+    robot: &VoteView,
+    votes: &[VoteView],
+    author: Option<&str>,
+    editors: &str,
+) -> Result<std::result::Result<(), String>> {
+    let writers = author.into_iter().map(|a| (a.to_string(), groups_of(a), "created this job's spec"));
+    let writers = writers.chain(editors.split('\n').map(|e| (e.to_string(), groups_of(e), "changed this job's spec")));
+    let others = votes.iter().map(|v| (v.voter.clone(), v.groups.clone(), "also voted on it"));
+    let mut seen = std::collections::HashSet::new();
+    for (actor, groups, did) in writers.chain(others) {
+        if actor.is_empty() || actor == robot.voter || !seen.insert((actor.clone(), groups.clone())) {
+            continue;
+        }
+        let acts = ctx.heads.acts_as(&actor, &groups, &robot.voter).await.map_err(|source| super::error::ObserveError::ActAsCheck {
+            voter: actor.clone(),
+            writer: robot.voter.clone(),
+            source,
+        })?;
+        if let Some(how) = acts {
+            return Ok(Err(format!(
+                "{actor}, who {did}, may act as {} (RBAC lets them {how}): the vote would be theirs, not the robot's",
+                robot.voter
+            )));
+        }
+    }
+    Ok(Ok(()))
 }
