@@ -93,7 +93,7 @@ struct RunArgs {
     #[arg(long, env = "AGENTGATE_APPROVAL_FLOOR", default_value_t = 2, value_parser = clap::value_parser!(i32).range(1..=10))]
     approval_floor: i32,
     /// A risk tier, repeatable: `minCostUSD=10,required=3[,humanGroup=G][,category=C]` means jobs
-    /// whose p90 estimate reaches $10 (in category C) need 3 approvals, one from a member of G.
+    /// whose budget or p90 estimate reaches $10 (in category C) need 3 approvals, one from a member of G.
     #[arg(long = "approval-tier", env = "AGENTGATE_APPROVAL_TIERS", value_delimiter = ';')]
     approval_tiers: Vec<ApprovalTier>,
     /// Reject jobs that wait longer than this many seconds for their approvals (0: wait forever).

@@ -238,6 +238,33 @@ async fn a_risk_tier_raises_the_requirement_and_demands_a_human() {
     wait_for_job(&env.admin, &env.ns, "costly", "Running", |j| phase(j) == Some("Running")).await;
 }
 
+/// A risk tier is about what a job may spend, and the meters let it spend up to its budget: an
+/// author who writes a small job (a tiny estimate) with a large `budget.maxCostUSD` must not slip
+/// under the tier and run on two approvals without the human the tier demands.
+#[tokio::test]
+async fn a_budget_at_a_risk_tier_needs_the_tier_however_small_the_estimate() {
+    let env = setup("ap-tier-budget", &["--approval-tier", "minCostUSD=100,required=3,humanGroup=agentgate:humans"]).await;
+    make_head(&env.admin, &env.ns, "carol", "payments").await;
+    let jobs: Api<AgentJob> = Api::namespaced(user("dave").await, &env.ns);
+    let pp = PostParams::default();
+    let small = jobs.create(&pp, &JobManifest::payments("small").budget("5").build()).await.expect("create job");
+    let large = jobs.create(&pp, &JobManifest::payments("large").budget("500").build()).await.expect("create job");
+    for job in [&small, &large] {
+        vote(&user("alice").await, job, "alice", Decision::Approve).await;
+        vote(&user("bob").await, job, "bob", Decision::Approve).await;
+    }
+    // The happy path: a budget under the tier runs on the floor's two approvals.
+    wait_for_job(&env.admin, &env.ns, "small", "Running", |j| phase(j) == Some("Running")).await;
+    let two = wait_for_job(&env.admin, &env.ns, "large", "2 approvals counted", |j| approval_of(j).approved == 2).await;
+    let p90 = two.status.as_ref().and_then(|s| s.estimate.as_ref()).map(|e| e.cost_usd.p90.clone()).unwrap_or_default();
+    assert!(p90.parse::<f64>().is_ok_and(|c| c < 100.0), "the estimate is under the tier: {p90}");
+    assert_eq!((phase(&two), approval_of(&two).summary.as_str()), (Some("AwaitingApproval"), "2/3"), "{:?}", two.status);
+    let msg = &condition(&two, "Approved").unwrap().message;
+    assert!(msg.contains("one must come from a member of agentgate:humans") && msg.contains("budget"), "{msg}");
+    vote(&user("carol").await, &large, "carol", Decision::Approve).await;
+    wait_for_job(&env.admin, &env.ns, "large", "Running", |j| phase(j) == Some("Running")).await;
+}
+
 #[tokio::test]
 async fn a_job_waiting_too_long_for_approval_is_rejected() {
     let env = setup("ap-timeout", &["--approval-timeout-seconds", "2"]).await;

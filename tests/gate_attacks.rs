@@ -481,6 +481,71 @@ async fn service_accounts_one_head_makes_are_not_more_heads() {
     assert!(why.contains("1 robot vote(s) already count on this job") && why.contains("--max-robot-votes 1"), "{why}");
 }
 
+/// A trusted robot's vote is cast by whoever may act as its ServiceAccount (here: impersonate it;
+/// minting its tokens or running a Pod as it does the same). Were that the job's author, they would
+/// approve their own job; were it another voter, one person would make two of its approvals. The
+/// robot voting with its own token still counts.
+#[tokio::test]
+async fn a_robot_vote_cast_by_the_author_or_another_voter_does_not_count() {
+    let admin = setup(&[ROBOTS]).await;
+    let robot_client = service_account_client(&admin, ROBOTS, "trusted-one").await;
+    let robot = format!("system:serviceaccount:{ROBOTS}:trusted-one");
+    let pp = PatchParams::apply("gate-attacks").force();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "robot-actor", "namespace": ROBOTS},
+        "rules": [{"apiGroups": [""], "resources": ["serviceaccounts"], "resourceNames": ["trusted-one"], "verbs": ["impersonate"]}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ROBOTS)
+        .patch("robot-actor", &pp, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let person = |name: &str| json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": name});
+    let robot_subject = json!({"kind": "ServiceAccount", "name": "trusted-one", "namespace": ROBOTS});
+    let bindings = [
+        ("actas-robot-vote", "ClusterRole", "test-agentgate-voter", vec![robot_subject.clone()]),
+        ("actas-robot-head", "ClusterRole", "test-agentgate-head-of-every-category", vec![robot_subject]),
+        ("robot-actors", "Role", "robot-actor", vec![person("erin"), person("bob")]),
+    ];
+    for (name, kind, role, subjects) in bindings {
+        let object = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name, "namespace": ROBOTS},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role}, "subjects": subjects});
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ROBOTS)
+            .patch(name, &pp, &Patch::Apply(&object))
+            .await
+            .unwrap();
+    }
+    let tallied = |name: &'static str| {
+        let admin = admin.clone();
+        async move {
+            wait_for_job(&admin, ROBOTS, name, "both votes judged", |j| approval(j).ignored_votes.len() as i32 + approval(j).approved == 2)
+                .await
+        }
+    };
+
+    // erin writes a job and approves it as the robot; alice approves: one review, not two.
+    let own = create_job("erin", ROBOTS, "robot-of-the-author").await;
+    vote_as(&impersonating("erin", &robot).await, &own, "own-robot", &robot).await;
+    vote(&user("alice").await, &own, "alice", Decision::Approve).await;
+    let seen = tallied("robot-of-the-author").await;
+    assert_eq!((phase(&seen), approval(&seen).summary.as_str()), (Some("AwaitingApproval"), "1/2"), "erin approved her own job as {robot}");
+    let why = approval(&seen).ignored_votes.into_iter().find(|v| v.name == "own-robot").unwrap().why;
+    assert!(why.contains(&format!("erin, who created this job's spec, may act as {robot}")), "{why}");
+
+    // bob approves dave's job himself and again as the robot.
+    let twice = create_job("dave", ROBOTS, "robot-of-a-voter").await;
+    vote(&user("bob").await, &twice, "bob", Decision::Approve).await;
+    vote_as(&impersonating("bob", &robot).await, &twice, "twice-robot", &robot).await;
+    let seen = tallied("robot-of-a-voter").await;
+    assert_eq!((phase(&seen), approval(&seen).summary.as_str()), (Some("AwaitingApproval"), "1/2"), "bob approved twice");
+    let why = approval(&seen).ignored_votes.into_iter().find(|v| v.name == "twice-robot").unwrap().why;
+    assert!(why.contains(&format!("bob, who also voted on it, may act as {robot}")), "{why}");
+
+    // The robot itself, with a human head nobody else voted as: approved.
+    let honest = create_job("dave", ROBOTS, "robot-itself").await;
+    vote_as(&robot_client, &honest, "honest-robot", &robot).await;
+    vote(&user("alice").await, &honest, "alice", Decision::Approve).await;
+    let approved = wait_for_job(&admin, ROBOTS, "robot-itself", "2/2", |j| approval(j).approved == 2).await;
+    assert_ne!(phase(&approved), Some("AwaitingApproval"));
+}
+
 /// Creates a vote as admin impersonating `voter` with exactly `groups` (kubectl --as), so the
 /// admission policy stamps those groups on it.
 fn vote_impersonating(job: &AgentJob, name: &str, voter: &str, groups: &[&str]) {

@@ -603,6 +603,111 @@ async fn raising_the_budget_while_an_attempt_runs_grants_it_nothing_more() {
     assert_eq!((status, body["grantedUSD"].as_str()), (200, Some("0.00")), "{body}");
 }
 
+/// The meter API takes a running attempt's budget and attempt number from the agent container's
+/// environment, fixed when the operator built the Pod from the generation the heads approved (a
+/// Pod's env never changes). A Pod the job controls without them (made by hand where the Pod
+/// admission policy is missing, or by a cluster admin) must draw nothing: falling back to the
+/// spec's budget would hand it whatever the spec says now, approved or not, and a relabelled
+/// attempt would book its usage on another attempt's account. The operator's own Pod is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_without_the_approved_budget_in_its_environment_is_granted_nothing() {
+    let ns = "meter-grants-pod-terms";
+    let s = setup(ns).await;
+    let (job, pods) = running_job(&s, ns, "termless", &["agent"], "1").await;
+    let pods_api: Api<Pod> = Api::namespaced(s.admin.clone(), ns);
+    let forged = |name: &str, env: Value| -> Pod {
+        serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name,
+            "labels": {"agentgate.dev/attempt": "1"},
+            "ownerReferences": [{"apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob", "name": job.name_any(),
+                "uid": job.metadata.uid.clone().unwrap(), "controller": true}]},
+            "spec": {"containers": [{"name": "agent", "image": "ghcr.io/mallory/agent:1", "env": env}]}}))
+        .unwrap()
+    };
+    let cases = [
+        ("no-budget", json!([{"name": "AGENTGATE_ATTEMPT", "value": "1"}]), "pod_budget_missing"),
+        (
+            "bad-budget",
+            json!([{"name": "AGENTGATE_ATTEMPT", "value": "1"}, {"name": "AGENTGATE_BUDGET_USD", "value": "lots"}]),
+            "pod_budget_missing",
+        ),
+        (
+            "relabelled",
+            json!([{"name": "AGENTGATE_ATTEMPT", "value": "2"}, {"name": "AGENTGATE_BUDGET_USD", "value": "1"}]),
+            "pod_attempt_mismatch",
+        ),
+    ];
+    let zero = json!({"inputTokens": 0, "cachedInputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costUSD": "0"});
+    for (name, env, reason) in cases {
+        let pod = pods_api.create(&PostParams::default(), &forged(name, env)).await.unwrap();
+        let bearer = token(&s.admin, ns, Some(&pod), AUDIENCE).await;
+        let ask = json!({"session": format!("terms-{name}"), "sequence": 1, "usage": zero, "wantUSD": "0.50"});
+        let (status, body) = post(&s.api, &s.sync_url(), Some(&bearer), &ask).await.unwrap();
+        assert_eq!((status, body["error"]["reason"].as_str()), (403, Some(reason)), "{name}: {body}");
+    }
+    for name in ["no-budget", "bad-budget", "relabelled"] {
+        let named = wait_for(
+            &format!("a MeterPodRefused Event naming Pod {name}"),
+            TIMEOUT,
+            || job_events(&s.admin, ns, &job, "MeterPodRefused"),
+            |e: &Vec<Event>| e.iter().any(|e| e.note.as_deref().is_some_and(|n| n.contains(&format!("Pod {ns}/{name} ")))),
+        )
+        .await;
+        assert!(named.iter().all(|e| e.type_.as_deref() == Some("Warning")), "{named:?}");
+    }
+    // The operator's own Pod draws on the approved budget, and its grant is the only one.
+    let meter = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let ask = json!({"session": "terms-own", "sequence": 1, "usage": zero, "wantUSD": "0.50"});
+    let (status, body) = post(&s.api, &s.sync_url(), Some(&meter), &ask).await.unwrap();
+    assert_eq!((status, body["grantedUSD"].as_str()), (200, Some("0.50")), "{body}");
+    let meter = meter_status(&s.admin, ns, "termless").await;
+    assert_eq!((meter.grants.len(), meter.granted_usd.as_str()), (1, "0.50"), "{meter:?}");
+    let (_, metrics) = http_get(s.metrics_port, "/metrics");
+    for reason in ["pod_budget_missing", "pod_attempt_mismatch"] {
+        assert!(metrics.contains(&format!("agentgate_meter_api_requests_total{{outcome=\"{reason}\"}}")), "{reason} counted");
+    }
+}
+
+/// An attempt's usage is final once the operator has settled it (every Pod of it terminated):
+/// nothing reported on it later is ever counted. Its Pods stay until deleted, and a tenant who
+/// may mint tokens (`edit`) gets one bound to such a Pod as the kubelet would: its sessions must
+/// draw and report nothing, or a meter run on it (with the team's keys, which `edit` reads)
+/// would spend the retry's budget on an account nobody adds up again (usage under-reported).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_settled_attempts_pod_draws_nothing_and_reports_nothing() {
+    let ns = "meter-grants-settled";
+    let s = setup(ns).await;
+    let (job, first) = running_job_with(&s, ns, "retried", &["agent"], "1", json!({"limits": {"maxRetries": 1}})).await;
+    finish_pod(&s.admin, ns, &first[0].name_any(), 1, "").await;
+    let attempt = |p: &Pod| p.labels().get("agentgate.dev/attempt").cloned().unwrap_or_default();
+    let pods =
+        wait_for("attempt 2's Pod", TIMEOUT, || job_pods(&s.admin, ns, &job), |p: &Vec<Pod>| p.iter().any(|p| attempt(p) == "2")).await;
+    let second = pods.into_iter().find(|p| attempt(p) == "2").unwrap();
+    run_pod(&s.admin, ns, &second.name_any()).await;
+    let settled = wait_for_job(&s.admin, ns, "retried", "attempt 1 settled", |j| {
+        j.status.as_ref().is_some_and(|s| s.attempts.len() == 2 && s.attempts[0].result != agentgate::api::AttemptResult::Running)
+    })
+    .await;
+    let usage_before = settled.status.as_ref().unwrap().attempts[0].usage.clone();
+
+    let late = json!({"inputTokens": 0, "cachedInputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costUSD": "0.30"});
+    let stale = token(&s.admin, ns, Some(&first[0]), AUDIENCE).await;
+    let ask = json!({"session": "after-the-end", "sequence": 1, "usage": late, "wantUSD": "0.50"});
+    let (status, body) = post(&s.api, &s.sync_url(), Some(&stale), &ask).await.unwrap();
+    assert_eq!((status, body["error"]["reason"].as_str()), (409, Some("attempt_ended")), "{body}");
+
+    // The running attempt's Pod draws as ever; the ended one's account holds nothing.
+    let current = token(&s.admin, ns, Some(&second), AUDIENCE).await;
+    let zero = json!({"inputTokens": 0, "cachedInputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costUSD": "0"});
+    let ask = json!({"session": "the-retry", "sequence": 1, "usage": zero, "wantUSD": "0.50"});
+    let (status, body) = post(&s.api, &s.sync_url(), Some(&current), &ask).await.unwrap();
+    assert_eq!((status, body["grantedUSD"].as_str()), (200, Some("0.50")), "{body}");
+    let meter = meter_status(&s.admin, ns, "retried").await;
+    assert!(meter.grants.iter().all(|g| g.attempt == 2), "a session on the settled attempt: {meter:?}");
+    assert_eq!((meter.spent_usd.as_str(), meter.committed_usd.as_str()), ("0.00", "0.50"), "{meter:?}");
+    let after = Api::<AgentJob>::namespaced(s.admin.clone(), ns).get("retried").await.unwrap();
+    assert_eq!(after.status.unwrap().attempts[0].usage, usage_before);
+}
+
 /// A tenant who may mint tokens for the namespace's ServiceAccounts (`create` on
 /// `serviceaccounts/token`, which the built-in `edit` role grants) gets one bound to their own
 /// agent Pod for the meters' audience, exactly as the kubelet's: to the operator it is the

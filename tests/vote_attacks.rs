@@ -181,19 +181,6 @@ async fn a_head_who_changed_the_spec_cannot_approve_it() {
     assert_eq!(scrubbed.metadata.generation, Some(2));
 }
 
-/// A client authenticating as `user` and acting as `as_user`, as `kubectl --as` does.
-async fn impersonating(user: &str, as_user: &str) -> Client {
-    let path = ControlPlane::shared().kubeconfig(user);
-    let mut kubeconfig = kube::config::Kubeconfig::read_from(&path).expect("read kubeconfig");
-    for named in &mut kubeconfig.auth_infos {
-        if let Some(auth) = named.auth_info.as_mut() {
-            auth.impersonate = Some(as_user.into());
-        }
-    }
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default()).await.expect("config");
-    Client::try_from(config).expect("client")
-}
-
 /// The namespace's `edit` role lets every tenant act as its ServiceAccounts (it grants
 /// `impersonate` on serviceaccounts; minting their tokens or running a Pod as one does the same).
 /// A head who may act as the account that created or changed a job wrote it as far as review
@@ -253,6 +240,86 @@ async fn a_head_who_may_act_as_the_service_account_that_wrote_the_job_cannot_app
         assert_eq!(phase(&tallied), Some("AwaitingApproval"), "{name}: bob approved as himself what he wrote as {ci}");
         assert_eq!(approval(&tallied).approvers.iter().map(|a| a.voter.as_str()).collect::<Vec<_>>(), ["alice"], "{name}");
         assert_not_counted(&admin, ns, &name, &bob_vote, 1, &format!("bob may act as {ci}")).await;
+    }
+}
+
+/// `create` on any workload controller of a namespace runs a Pod there as any of its
+/// ServiceAccounts (the controller makes the Pod, with the template's `serviceAccountName`), so
+/// a custom role granting only that lets its holder write a job as the account as surely as
+/// `create pods` does. Each such role alone must make a head's vote on the account's job not
+/// count; a head without it (alice) still counts.
+#[tokio::test]
+async fn a_head_who_may_create_workloads_that_run_as_the_jobs_service_account_cannot_approve_it() {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+    let pod_template = json!({"spec": {"serviceAccountName": "ci", "restartPolicy": "Never",
+        "containers": [{"name": "c", "image": "ghcr.io/bob/steal-token:1"}]}});
+    let workloads = [
+        (
+            "va-act-as-deploy",
+            "apps",
+            "Deployment",
+            "deployments",
+            json!({"selector": {"matchLabels": {"a": "b"}},
+            "template": {"metadata": {"labels": {"a": "b"}}, "spec": {"serviceAccountName": "ci", "containers": pod_template["spec"]["containers"]}}}),
+        ),
+        (
+            "va-act-as-cronjob",
+            "batch",
+            "CronJob",
+            "cronjobs",
+            json!({"schedule": "* * * * *",
+            "jobTemplate": {"spec": {"template": pod_template}}}),
+        ),
+    ];
+    for (ns, group, kind, resource, spec) in workloads {
+        let admin = setup(ns).await;
+        let ci = format!("system:serviceaccount:{ns}:ci");
+        let pp = PatchParams::apply("vote-attacks").force();
+        let account = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "ci"}});
+        Api::<ServiceAccount>::namespaced(admin.clone(), ns).patch("ci", &pp, &Patch::Apply(&account)).await.unwrap();
+        let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "workload-creator"},
+            "rules": [{"apiGroups": [group], "resources": [resource], "verbs": ["create"]}]});
+        Api::<Role>::namespaced(admin.clone(), ns).patch("workload-creator", &pp, &Patch::Apply(&role)).await.unwrap();
+        let bindings = [
+            ("ci-submits-jobs", "ClusterRole", "test-agentgate-voter", json!({"kind": "ServiceAccount", "name": "ci", "namespace": ns})),
+            (
+                "bob-creates-workloads",
+                "Role",
+                "workload-creator",
+                json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bob"}),
+            ),
+        ];
+        for (name, role_kind, role, subject) in bindings {
+            let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": role_kind, "name": role}, "subjects": [subject]});
+            Api::<RoleBinding>::namespaced(admin.clone(), ns).patch(name, &pp, &Patch::Apply(&binding)).await.unwrap();
+        }
+        // The role is enough to run a Pod as the account: the apiserver admits bob's workload.
+        let gvk = GroupVersionKind::gvk(group, "v1", kind);
+        let workload: DynamicObject = serde_json::from_value(json!({"apiVersion": format!("{group}/v1"), "kind": kind,
+            "metadata": {"name": "as-ci"}, "spec": spec}))
+        .unwrap();
+        Api::<DynamicObject>::namespaced_with(user("bob").await, ns, &ApiResource::from_gvk(&gvk))
+            .create(&PostParams { dry_run: true, ..PostParams::default() }, &workload)
+            .await
+            .unwrap_or_else(|e| panic!("{ns}: bob may create a {kind} running as {ci}: {e}"));
+
+        let job = create_payments_job(&impersonating("admin", &ci).await, ns, "submitted").await;
+        assert_eq!(job.annotations().get("agentgate.dev/requested-by"), Some(&ci));
+        let bob_vote = vote(&user("bob").await, &job, "bob", Decision::Approve).await.name_any();
+        let alice_vote = vote(&user("alice").await, &job, "alice", Decision::Approve).await.name_any();
+        let tallied = wait_for_job(&admin, ns, "submitted", "both votes tallied", |j| {
+            let a = approval(j);
+            let seen = |vote: &str| a.approvers.iter().any(|x| x.vote == vote) || a.ignored_votes.iter().any(|x| x.name == vote);
+            seen(&bob_vote) && seen(&alice_vote)
+        })
+        .await;
+        assert_eq!(phase(&tallied), Some("AwaitingApproval"), "{ns}: bob approved what he may write as {ci} through a {kind}");
+        assert_eq!(approval(&tallied).approvers.iter().map(|a| a.voter.as_str()).collect::<Vec<_>>(), ["alice"], "{ns}");
+        assert_not_counted(&admin, ns, "submitted", &bob_vote, 1, &format!("bob may act as {ci}")).await;
+        assert_not_counted(&admin, ns, "submitted", &bob_vote, 1, &format!("create {resource}")).await;
     }
 }
 

@@ -43,23 +43,52 @@ struct Right {
 /// Whether the voter has the right, and when the apiserver said so.
 type Answer = (bool, Instant);
 
-/// The ways to act as a ServiceAccount that `edit` grants every tenant of its namespace, each
-/// with how the verdict names it: impersonating it, minting its tokens, running a Pod as it (a
-/// Pod may name any ServiceAccount of its namespace).
-fn acting_as(namespace: &str, name: &str) -> [(Right, &'static str); 3] {
-    let right = |resource, subresource, verb, name: Option<&str>| Right {
-        group: "",
+/// The controllers that run Pods from a template, whose `serviceAccountName` may name any
+/// ServiceAccount of the namespace: whoever may create one, or change an existing one's
+/// template, runs a Pod as the account as surely as by creating the Pod.
+const WORKLOAD_CONTROLLERS: [(&str, &str); 7] = [
+    ("apps", "deployments"),
+    ("apps", "replicasets"),
+    ("apps", "statefulsets"),
+    ("apps", "daemonsets"),
+    ("batch", "jobs"),
+    ("batch", "cronjobs"),
+    ("", "replicationcontrollers"),
+];
+
+/// The ways to act as a ServiceAccount, each with how the verdict names it, in two rounds. The
+/// first holds what `edit` grants every tenant of the namespace (impersonating it, minting its
+/// tokens, running a Pod as it: a Pod may name any ServiceAccount of its namespace), so a head
+/// with `edit` there costs three reviews. The second holds what a narrower custom role may grant
+/// alone: creating or changing a workload controller (tests/vote_attacks.rs
+/// a_head_who_may_create_workloads_that_run_as_the_jobs_service_account_cannot_approve_it), or
+/// reaching into a running Pod, which holds its account's token (exec, an ephemeral container).
+fn acting_as(namespace: &str, name: &str) -> [Vec<(Right, String)>; 2] {
+    let right = |group, resource, subresource, verb, name: Option<&str>| Right {
+        group,
         resource,
         subresource,
         verb,
         name: name.map(str::to_string),
         namespace: namespace.to_string(),
     };
-    [
-        (right("serviceaccounts", None, "impersonate", Some(name)), "impersonate it"),
-        (right("serviceaccounts", Some("token"), "create", Some(name)), "mint its tokens"),
-        (right("pods", None, "create", None), "run a Pod as it"),
-    ]
+    let edit = vec![
+        (right("", "serviceaccounts", None, "impersonate", Some(name)), "impersonate it".to_string()),
+        (right("", "serviceaccounts", Some("token"), "create", Some(name)), "mint its tokens".to_string()),
+        (right("", "pods", None, "create", None), "run a Pod as it".to_string()),
+    ];
+    let mut narrower = Vec::with_capacity(WORKLOAD_CONTROLLERS.len() * 3 + 3);
+    for (group, resource) in WORKLOAD_CONTROLLERS {
+        let named = if group.is_empty() { resource.to_string() } else { format!("{resource}.{group}") };
+        for verb in ["create", "update", "patch"] {
+            narrower.push((right(group, resource, None, verb, None), format!("{verb} {named}, which run Pods as it")));
+        }
+    }
+    narrower.push((right("", "pods", Some("exec"), "create", None), "exec into its running Pods".to_string()));
+    for verb in ["update", "patch"] {
+        narrower.push((right("", "pods", Some("ephemeralcontainers"), verb, None), format!("{verb} ephemeral containers into its Pods")));
+    }
+    [edit, narrower]
 }
 
 pub struct HeadChecker {
@@ -115,12 +144,15 @@ impl HeadChecker {
     /// ServiceAccount they may act as (`None` otherwise, and for anyone else): what they wrote as
     /// it, they wrote (tests/vote_attacks.rs
     /// a_head_who_may_act_as_the_service_account_that_wrote_the_job_cannot_approve_it).
-    pub async fn acts_as(&self, voter: &str, groups: &[String], writer: &str) -> Result<Option<&'static str>, kube::Error> {
+    pub async fn acts_as(&self, voter: &str, groups: &[String], writer: &str) -> Result<Option<String>, kube::Error> {
         let Some((namespace, name)) = writer.strip_prefix("system:serviceaccount:").and_then(|sa| sa.split_once(':')) else {
             return Ok(None);
         };
-        for (right, how) in acting_as(namespace, name) {
-            if self.allowed(voter, groups, right).await? {
+        for round in acting_as(namespace, name) {
+            // A round's reviews go out together: a head with none of these rights (the usual
+            // case) waits for one round trip per round, not one per right.
+            let answers = futures::future::try_join_all(round.iter().map(|(right, _)| self.allowed(voter, groups, right.clone()))).await?;
+            if let Some(((_, how), _)) = round.into_iter().zip(answers).find(|(_, allowed)| *allowed) {
                 return Ok(Some(how));
             }
         }
@@ -241,9 +273,59 @@ pub(super) async fn head_verdicts(
                 ));
             }
         }
+        if answer.is_ok() && vote.voter.starts_with(SERVICE_ACCOUNT_PREFIX) {
+            answer = robot_cast_by_another(ctx, vote, votes, author, editors).await?;
+        }
         verdicts.insert(vote.name.clone(), answer);
     }
     Ok(HeadVerdicts(verdicts))
+}
+
+const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
+
+/// The groups the apiserver gives a user it authenticates: a ServiceAccount's are known from its
+/// name; a person's beyond `system:authenticated` are not recorded on a job (only its author's and
+/// editors' usernames are), so a right granted to one of their groups is not seen here.
+fn groups_of(user: &str) -> Vec<String> {
+    let mut groups = vec!["system:authenticated".to_string()];
+    if let Some((namespace, _)) = user.strip_prefix(SERVICE_ACCOUNT_PREFIX).and_then(|sa| sa.split_once(':')) {
+        groups.extend(["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{namespace}")]);
+    }
+    groups
+}
+
+/// A ServiceAccount's vote (a trusted robot's) is cast by whoever may act as the account: not the
+/// robot's review but theirs. It does not count when the job's author or an editor may act as it
+/// (they would approve what they wrote), nor when another voter on the job may (one person, two
+/// approvals) (tests/gate_attacks.rs a_robot_vote_cast_by_the_author_or_another_voter_does_not_count).
+async fn robot_cast_by_another(
+    ctx: &Context,
+    robot: &VoteView,
+    votes: &[VoteView],
+    author: Option<&str>,
+    editors: &str,
+) -> Result<std::result::Result<(), String>> {
+    let writers = author.into_iter().map(|a| (a.to_string(), groups_of(a), "created this job's spec"));
+    let writers = writers.chain(editors.split('\n').map(|e| (e.to_string(), groups_of(e), "changed this job's spec")));
+    let others = votes.iter().map(|v| (v.voter.clone(), v.groups.clone(), "also voted on it"));
+    let mut seen = std::collections::HashSet::new();
+    for (actor, groups, did) in writers.chain(others) {
+        if actor.is_empty() || actor == robot.voter || !seen.insert((actor.clone(), groups.clone())) {
+            continue;
+        }
+        let acts = ctx.heads.acts_as(&actor, &groups, &robot.voter).await.map_err(|source| super::error::ObserveError::ActAsCheck {
+            voter: actor.clone(),
+            writer: robot.voter.clone(),
+            source,
+        })?;
+        if let Some(how) = acts {
+            return Ok(Err(format!(
+                "{actor}, who {did}, may act as {} (RBAC lets them {how}): the vote would be theirs, not the robot's",
+                robot.voter
+            )));
+        }
+    }
+    Ok(Ok(()))
 }
 
 #[cfg(test)]
@@ -267,7 +349,8 @@ mod tests {
 
     fn book() -> HashMap<Question, Answer> {
         let now = Instant::now();
-        let [(impersonate, _), ..] = acting_as("builders", "ci");
+        let [edit, _] = acting_as("builders", "ci");
+        let impersonate = edit[0].0.clone();
         [
             (question("erin", head_of("ops", "team-a")), (true, now)),
             (question("erin", head_of("ops", "team-b")), (true, now)),

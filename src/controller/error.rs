@@ -11,7 +11,7 @@
 pub enum ObserveError {
     #[error("SubjectAccessReview: may {voter} approve category {category} in namespace {namespace}: {source}")]
     HeadCheck { voter: String, category: String, namespace: String, source: kube::Error },
-    #[error("SubjectAccessReview: may {voter} act as {writer}, who wrote the job: {source}")]
+    #[error("SubjectAccessReview: may {voter} act as {writer}, who wrote the job or voted on it: {source}")]
     ActAsCheck { voter: String, writer: String, source: kube::Error },
     #[error("GET Pod {namespace}/{pod}, named by the running attempt but not in the cache: {source}")]
     GonePod { namespace: String, pod: String, source: kube::Error },

@@ -64,6 +64,10 @@ pub struct MeterApi {
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
     reviews: std::sync::Mutex<HashMap<String, (Reviewed, Instant)>>,
+    events: super::events::EventQueue,
+    /// Pods (by uid) whose refused terms have had their Warning Event: their meter asks again
+    /// at every call, the job gets one Event.
+    warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// A refusal: its HTTP status, a stable reason (the metric's label) and a message.
@@ -97,7 +101,18 @@ impl MeterApi {
         health: Arc<Health>,
         metrics: Arc<Metrics>,
     ) -> Arc<MeterApi> {
-        Arc::new(MeterApi { client, namespace, field_manager, health, metrics, reviews: Default::default() })
+        let publisher = super::events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok());
+        let events = super::events::EventQueue::start(publisher);
+        Arc::new(MeterApi {
+            client,
+            namespace,
+            field_manager,
+            health,
+            metrics,
+            reviews: Default::default(),
+            events,
+            warned: Default::default(),
+        })
     }
 
     pub fn router(self: Arc<Self>) -> axum::Router {
@@ -168,8 +183,9 @@ impl MeterApi {
     }
 
     /// The Pod the token is bound to, if it still exists as that Pod and is an agent Pod: its
-    /// identity, job name, job uid and the budget it was built with (see [`pod_budget`]).
-    async fn agent_pod(&self, who: &Reviewed) -> Result<(MeterIdentity, String, String, Option<MicroUsd>), Refusal> {
+    /// identity, job name, job uid and the budget it was built with (domain/grants.rs
+    /// `pod_terms`; a Pod without it gets nothing, with a Warning Event on the job).
+    async fn agent_pod(&self, who: &Reviewed) -> Result<(MeterIdentity, String, String, MicroUsd), Refusal> {
         let pod = Api::<Pod>::namespaced(self.client.clone(), &who.namespace)
             .get_opt(&who.pod)
             .await
@@ -188,7 +204,34 @@ impl MeterApi {
         let job_uid = crate::domain::snapshot::pod_controller_job_uid(&pod).ok_or_else(not_agent)?.to_string();
         let job = pod.owner_references().iter().find(|o| o.uid == job_uid).map(|o| o.name.clone()).ok_or_else(not_agent)?;
         let attempt = pod.labels().get(LABEL_ATTEMPT).and_then(|a| a.parse::<i32>().ok()).filter(|a| *a >= 1).ok_or_else(not_agent)?;
-        Ok((MeterIdentity { pod: who.pod.clone(), pod_uid: who.pod_uid.clone(), attempt }, job, job_uid, pod_budget(&pod)))
+        let terms = grants::pod_terms(&pod, attempt).map_err(|why| {
+            let note = format!("the meter of Pod {}/{} gets no budget: {why}", who.namespace, who.pod);
+            self.warn_once(&who.pod_uid, &who.namespace, &job, &job_uid, &note);
+            refuse(StatusCode::FORBIDDEN, why.reason(), note)
+        })?;
+        Ok((MeterIdentity { pod: who.pod.clone(), pod_uid: who.pod_uid.clone(), attempt: terms.attempt }, job, job_uid, terms.budget))
+    }
+
+    /// A `MeterPodRefused` Warning Event on the job, the first time this Pod is refused so.
+    fn warn_once(&self, pod_uid: &str, namespace: &str, job: &str, job_uid: &str, note: &str) {
+        {
+            let mut warned = self.warned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if warned.len() >= REVIEW_CACHE_CAP {
+                warned.clear();
+            }
+            if !warned.insert(pod_uid.to_string()) {
+                return;
+            }
+        }
+        let regarding = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some(<AgentJob as kube::Resource>::api_version(&()).into_owned()),
+            kind: Some(<AgentJob as kube::Resource>::kind(&()).into_owned()),
+            namespace: Some(namespace.to_string()),
+            name: Some(job.to_string()),
+            uid: Some(job_uid.to_string()),
+            ..Default::default()
+        };
+        self.events.try_record(&regarding, kube::runtime::events::EventType::Warning, "MeterPodRefused", note.to_string(), "GrantBudget");
     }
 
     async fn handle(&self, headers: &HeaderMap, body: &Bytes) -> Result<SyncAnswer, Refusal> {
@@ -221,7 +264,7 @@ impl MeterApi {
             ));
         }
         let request = body.request().map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why))?;
-        let (identity, job_name, job_uid, pod_budget) = self.agent_pod(&who).await?;
+        let (identity, job_name, job_uid, approved_budget) = self.agent_pod(&who).await?;
         let jobs: Api<AgentJob> = Api::namespaced(self.client.clone(), &who.namespace);
         for _ in 0..WRITE_ATTEMPTS {
             // A list narrowed to the one name rather than a GET: the operator's rights on jobs
@@ -241,8 +284,15 @@ impl MeterApi {
             // The spec may be a newer generation than the Pod's attempt runs, which nobody has
             // approved: its budget may lower what the attempt draws on, never raise it
             // (tests/meter_grants.rs raising_the_budget_while_an_attempt_runs_grants_it_nothing_more).
-            let budget = pod_budget.map_or(budget, |approved| approved.min(budget));
+            let budget = approved_budget.min(budget);
             let mut status = job.status.clone().unwrap_or_default();
+            if grants::attempt_settled(&status, identity.attempt) {
+                return Err(refuse(
+                    StatusCode::CONFLICT,
+                    "attempt_ended",
+                    format!("attempt {} of job {job_name} has ended and its usage is final: it takes no grant or report", identity.attempt),
+                ));
+            }
             let open = !status.phase.is_some_and(crate::api::JobPhase::is_terminal);
             let mut meter = status.meter.take().unwrap_or_default();
             let reply = grants::apply(&mut meter, budget, &identity, &request, open).map_err(|e| {
@@ -289,15 +339,6 @@ impl MeterApi {
         let _: super::decode::Decoded<kube::core::PartialObjectMeta<AgentJob>> = self.client.request(request).await?;
         Ok(())
     }
-}
-
-/// The `budget.maxCostUSD` the Pod was built with, from its agent container's env: only the
-/// operator makes agent Pods (deploy/admission/pods.yaml), from the spec of the generation the
-/// heads approved for the attempt, and a Pod's env never changes. None for a Pod without it.
-fn pod_budget(pod: &Pod) -> Option<MicroUsd> {
-    let agent = pod.spec.as_ref()?.containers.iter().find(|c| c.name == "agent")?;
-    let var = agent.env.as_ref()?.iter().find(|e| e.name == crate::domain::pod_builder::ENV_BUDGET_USD)?;
-    MicroUsd::parse(var.value.as_deref()?)
 }
 
 async fn sync(State(api): State<Arc<MeterApi>>, headers: HeaderMap, body: Bytes) -> Response {

@@ -1,13 +1,13 @@
-//! How many approvals a job needs: the operator's floor, raised by risk tiers (estimated cost,
-//! category) and by the job itself, never lowered.
+//! How many approvals a job needs: the operator's floor, raised by risk tiers (what the job may
+//! spend, category) and by the job itself, never lowered.
 
 use std::str::FromStr;
 
 use super::money::MicroUsd;
 
 /// `minCostUSD=10,required=3[,humanGroup=agentgate:humans][,category=core-security]`:
-/// jobs whose p90 estimate is at least `minCostUSD` (in `category`, if given) need `required`
-/// approvals, one of them from a member of `humanGroup` when it is set.
+/// jobs whose budget or p90 estimate ([`tier_cost`]) is at least `minCostUSD` (in `category`, if
+/// given) need `required` approvals, one of them from a member of `humanGroup` when it is set.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApprovalTier {
     pub min_cost: MicroUsd,
@@ -54,20 +54,33 @@ pub struct Requirement {
     pub because: Option<String>,
 }
 
-pub fn requirement(floor: i32, tiers: &[ApprovalTier], category: &str, cost_p90: Option<MicroUsd>, job_asks: Option<i32>) -> Requirement {
+/// What a tier measures a job by: the larger of its p90 estimate and `budget.maxCostUSD`. The
+/// meters let a job spend up to its budget whatever the estimate says, and the author writes
+/// both: a small job with a large budget measured by its estimate alone would slip under every
+/// tier (tests/approvals.rs a_budget_at_a_risk_tier_needs_the_tier_however_small_the_estimate).
+/// None only when neither is known (no estimate and a budget that is not a USD amount).
+pub fn tier_cost(cost_p90: Option<MicroUsd>, max_cost_usd: &str) -> Option<MicroUsd> {
+    match (cost_p90, MicroUsd::parse(max_cost_usd)) {
+        (Some(p90), Some(budget)) => Some(p90.max(budget)),
+        (p90, budget) => p90.or(budget),
+    }
+}
+
+/// The approvals a job needs, with `cost` from [`tier_cost`].
+pub fn requirement(floor: i32, tiers: &[ApprovalTier], category: &str, cost: Option<MicroUsd>, job_asks: Option<i32>) -> Requirement {
     let mut r = Requirement { required: floor, human_group: None, because: None };
     for tier in tiers {
-        let applies = cost_p90.is_some_and(|c| c >= tier.min_cost) && tier.category.as_deref().is_none_or(|c| c == category);
+        let applies = cost.is_some_and(|c| c >= tier.min_cost) && tier.category.as_deref().is_none_or(|c| c == category);
         if !applies {
             continue;
         }
         if tier.required > r.required {
             r.required = tier.required;
-            r.because = Some(format!("estimated p90 cost is at least ${}", tier.min_cost));
+            r.because = Some(format!("its budget or estimated p90 cost is at least ${}", tier.min_cost));
         }
         if tier.human_group.is_some() && r.human_group.is_none() {
             r.human_group = tier.human_group.clone();
-            r.because.get_or_insert_with(|| format!("estimated p90 cost is at least ${}", tier.min_cost));
+            r.because.get_or_insert_with(|| format!("its budget or estimated p90 cost is at least ${}", tier.min_cost));
         }
     }
     if let Some(asked) = job_asks.filter(|a| *a > r.required) {
@@ -132,5 +145,18 @@ mod tests {
             assert_eq!(r.required, *want_required, "{name}");
             assert_eq!(r.human_group.as_deref(), *want_group, "{name}");
         }
+    }
+
+    #[test]
+    fn a_tier_measures_the_budget_when_the_estimate_is_smaller() {
+        let usd = |s: &str| MicroUsd::parse(s).unwrap();
+        assert_eq!(tier_cost(Some(usd("0.02")), "500"), Some(usd("500")));
+        assert_eq!(tier_cost(Some(usd("7")), "5"), Some(usd("7")), "an estimate over budget (rejected anyway) still counts");
+        assert_eq!(tier_cost(None, "500"), Some(usd("500")), "no estimate: the budget");
+        assert_eq!(tier_cost(Some(usd("3")), "lots"), Some(usd("3")));
+        assert_eq!(tier_cost(None, "lots"), None);
+        let r = requirement(2, &[tier("minCostUSD=10,required=3,humanGroup=humans")], "core", tier_cost(Some(usd("0.02")), "500"), None);
+        assert_eq!((r.required, r.human_group.as_deref()), (3, Some("humans")));
+        assert!(r.because.is_some_and(|b| b.contains("budget")));
     }
 }

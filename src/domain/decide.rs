@@ -266,7 +266,8 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
 
     let t = o.tally;
     let cost_p90 = s.estimate.as_ref().and_then(|e| MicroUsd::parse(&e.cost_usd.p90));
-    let need = requirement(o.approval_floor, o.approval_tiers, &spec.category, cost_p90, spec.approval.as_ref().and_then(|a| a.required));
+    let cost = super::approval_policy::tier_cost(cost_p90, &spec.budget.max_cost_usd);
+    let need = requirement(o.approval_floor, o.approval_tiers, &spec.category, cost, spec.approval.as_ref().and_then(|a| a.required));
     s.approval = Some(ApprovalStatus {
         required: need.required,
         approved: t.approvers.len() as i32,

@@ -324,6 +324,78 @@ pub fn claim_mismatch(measured: &Usage, claimed: &BTreeMap<String, TokenCounts>)
     (!differences.is_empty()).then(|| differences.join("; "))
 }
 
+/// Whether the job's status has settled `attempt`: the operator does so once every Pod of it
+/// has terminated (every meter has exited), and its usage is then final. A meter session on it
+/// opened later (a token minted for one of its Pods, which stay until deleted) could only draw on
+/// the budget and report usage that no total ever counts again (tests/meter_grants.rs
+/// a_settled_attempts_pod_draws_nothing_and_reports_nothing).
+pub fn attempt_settled(status: &crate::api::AgentJobStatus, attempt: i32) -> bool {
+    status.attempts.iter().any(|a| a.attempt == attempt && a.result != crate::api::AttemptResult::Running)
+}
+
+/// What a meter draws on, from the Pod the operator built for one attempt of its job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodTerms {
+    pub attempt: i32,
+    /// The `budget.maxCostUSD` of the generation the heads approved for the attempt.
+    pub budget: MicroUsd,
+}
+
+/// Why a Pod the job controls gets no budget.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PodTermsError {
+    #[error("{0}")]
+    BudgetMissing(String),
+    #[error("{0}")]
+    AttemptMismatch(String),
+}
+
+impl PodTermsError {
+    /// The meter API's refusal reason (a metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PodTermsError::BudgetMissing(_) => "pod_budget_missing",
+            PodTermsError::AttemptMismatch(_) => "pod_attempt_mismatch",
+        }
+    }
+}
+
+/// The attempt and budget an agent Pod was built with, from its agent container's environment
+/// (`AGENTGATE_ATTEMPT`, `AGENTGATE_BUDGET_USD`): the operator writes both from the generation
+/// the heads approved for the attempt, and a Pod's env never changes. Its attempt label must say
+/// the same (labels can be changed: one relabelled would book its meters' usage on another
+/// attempt). No fallback: a Pod the job controls without them, which the operator never builds,
+/// gets nothing, rather than whatever the spec's budget says now (tests/meter_grants.rs
+/// a_pod_without_the_approved_budget_in_its_environment_is_granted_nothing). `attempt_label` is
+/// the Pod's (already checked to be a positive number).
+pub fn pod_terms(pod: &k8s_openapi::api::core::v1::Pod, attempt_label: i32) -> Result<PodTerms, PodTermsError> {
+    use super::pod_builder::{ENV_ATTEMPT, ENV_BUDGET_USD, LABEL_ATTEMPT};
+    let agent = pod.spec.as_ref().and_then(|spec| spec.containers.iter().find(|c| c.name == "agent"));
+    let env = |name: &str| {
+        let var = agent?.env.as_ref()?.iter().find(|e| e.name == name)?;
+        Some(var.value.as_deref().unwrap_or_default())
+    };
+    let budget = match env(ENV_BUDGET_USD) {
+        None => {
+            return Err(PodTermsError::BudgetMissing(format!(
+                "its agent container has no {ENV_BUDGET_USD}, which every Pod the operator builds carries (the approved budget)"
+            )));
+        }
+        Some(text) => MicroUsd::parse(text).ok_or_else(|| {
+            let shown: String = text.chars().take(32).collect();
+            PodTermsError::BudgetMissing(format!("its agent container's {ENV_BUDGET_USD} {shown:?} is not a USD amount"))
+        })?,
+    };
+    let attempt = env(ENV_ATTEMPT).and_then(|a| a.parse::<i32>().ok());
+    if attempt != Some(attempt_label) {
+        let built = attempt.map_or_else(|| format!("no valid {ENV_ATTEMPT}"), |a| format!("{ENV_ATTEMPT} {a}"));
+        return Err(PodTermsError::AttemptMismatch(format!(
+            "its label {LABEL_ATTEMPT} says {attempt_label} but it was built with {built}: the label was changed"
+        )));
+    }
+    Ok(PodTerms { attempt: attempt_label, budget })
+}
+
 #[cfg(test)]
 #[path = "grants_tests.rs"]
 mod tests;

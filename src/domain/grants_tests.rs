@@ -189,3 +189,43 @@ fn status_names_a_session_by_its_digest_which_reaches_nothing_and_a_legacy_id_is
     let r = apply_open(&mut legacy, usd("1"), &who("a", 1), &ask("old", 2, "0.10", "0")).unwrap();
     assert_eq!((legacy.grants.len(), legacy.grants[0].session.clone(), r.granted), (1, session_key("old"), usd("0.20")));
 }
+
+fn agent_pod(env: serde_json::Value) -> k8s_openapi::api::core::v1::Pod {
+    serde_json::from_value(serde_json::json!({"metadata": {"name": "p"},
+        "spec": {"containers": [{"name": "sidecar", "image": "x", "env": [{"name": "AGENTGATE_BUDGET_USD", "value": "100"}]},
+                                {"name": "agent", "image": "x", "env": env}]}}))
+    .unwrap()
+}
+
+#[test]
+fn a_pods_terms_come_from_its_agent_containers_env_and_nothing_stands_in_for_them() {
+    let built =
+        agent_pod(serde_json::json!([{"name": "AGENTGATE_ATTEMPT", "value": "2"}, {"name": "AGENTGATE_BUDGET_USD", "value": "0.25"}]));
+    assert_eq!(pod_terms(&built, 2), Ok(PodTerms { attempt: 2, budget: usd("0.25") }));
+    let relabelled = pod_terms(&built, 1).unwrap_err();
+    assert_eq!(relabelled.reason(), "pod_attempt_mismatch");
+    assert!(relabelled.to_string().contains("says 1 but it was built with AGENTGATE_ATTEMPT 2"), "{relabelled}");
+    // Another container's variable is not the agent's.
+    let missing = pod_terms(&agent_pod(serde_json::json!([{"name": "AGENTGATE_ATTEMPT", "value": "1"}])), 1).unwrap_err();
+    assert_eq!(missing.reason(), "pod_budget_missing");
+    assert!(missing.to_string().contains("has no AGENTGATE_BUDGET_USD"), "{missing}");
+    let unreadable =
+        agent_pod(serde_json::json!([{"name": "AGENTGATE_ATTEMPT", "value": "1"}, {"name": "AGENTGATE_BUDGET_USD", "value": "lots"}]));
+    assert_eq!(pod_terms(&unreadable, 1).unwrap_err().reason(), "pod_budget_missing");
+    let from_a_secret = agent_pod(serde_json::json!([{"name": "AGENTGATE_ATTEMPT", "value": "1"},
+        {"name": "AGENTGATE_BUDGET_USD", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]));
+    assert_eq!(pod_terms(&from_a_secret, 1).unwrap_err().reason(), "pod_budget_missing");
+    let no_attempt = agent_pod(serde_json::json!([{"name": "AGENTGATE_BUDGET_USD", "value": "1"}]));
+    assert_eq!(pod_terms(&no_attempt, 1).unwrap_err().reason(), "pod_attempt_mismatch");
+}
+
+#[test]
+fn only_an_attempt_still_running_or_not_yet_recorded_is_unsettled() {
+    let status: crate::api::AgentJobStatus = serde_json::from_value(serde_json::json!({"attempts": [
+        {"attempt": 1, "generation": 1, "pods": ["p-1"], "result": "Failed"},
+        {"attempt": 2, "generation": 1, "pods": ["p-2"], "result": "Running"}]}))
+    .unwrap();
+    assert!(attempt_settled(&status, 1));
+    assert!(!attempt_settled(&status, 2));
+    assert!(!attempt_settled(&status, 3), "Pods created before the status records their attempt");
+}

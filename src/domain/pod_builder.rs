@@ -25,6 +25,8 @@ pub const ANNOTATION_JOB_GENERATION: &str = "agentgate.dev/job-generation";
 /// The agent's env var holding the `budget.maxCostUSD` its Pod was built with: that of the
 /// generation the heads approved for the attempt (the meter API draws on it, meter_api.rs).
 pub const ENV_BUDGET_USD: &str = "AGENTGATE_BUDGET_USD";
+/// The attempt the Pod was built for, beside its label (which, unlike the env, can be changed).
+pub const ENV_ATTEMPT: &str = "AGENTGATE_ATTEMPT";
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
 /// The agent container's requests and limits when the job sets no `resources`.
 pub const DEFAULT_CPU: &str = "500m";
@@ -104,7 +106,7 @@ pub(crate) fn build_agent_pod(plan: &PodPlan) -> Pod {
     let mut env = vec![
         plain_env("AGENTGATE_JOB", plan.job_name),
         plain_env("AGENTGATE_AGENT", &plan.agent.name),
-        plain_env("AGENTGATE_ATTEMPT", &plan.attempt.to_string()),
+        plain_env(ENV_ATTEMPT, &plan.attempt.to_string()),
         plain_env("AGENTGATE_MODEL", &plan.agent.model),
         plain_env(ENV_BUDGET_USD, plan.budget_usd),
         plain_env("AGENTGATE_INPUT", plan.input_json),

@@ -4,7 +4,7 @@
 //! approved, and the operator would then create its Pods (tests/gate_attacks.rs
 //! a_forged_status_attempt_starts_nothing).
 
-use super::approval_policy::requirement;
+use super::approval_policy::{requirement, tier_cost};
 use super::decide::{Observed, Plan, PlannedEvent, estimate_input};
 use super::estimate::estimate;
 use super::tally::Tally;
@@ -23,7 +23,8 @@ pub fn approved_by_current_votes(o: &Observed, generation: i64) -> bool {
     let Some(t) = tally_of(o, generation) else { return false };
     let spec = &o.job.spec;
     let cost_p90 = estimate(&estimate_input(o.job), o.learned, o.prices).ok().map(|f| f.cost_p90);
-    let need = requirement(o.approval_floor, o.approval_tiers, &spec.category, cost_p90, spec.approval.as_ref().and_then(|a| a.required));
+    let cost = tier_cost(cost_p90, &spec.budget.max_cost_usd);
+    let need = requirement(o.approval_floor, o.approval_tiers, &spec.category, cost, spec.approval.as_ref().and_then(|a| a.required));
     t.rejected_by.is_none()
         && t.approvers.len() as i32 >= need.required
         && need.human_group.as_deref().is_none_or(|g| t.approved_by_member_of(g))

@@ -1251,9 +1251,10 @@ fn a_forged_estimate_does_not_lower_the_risk_tier() {
     });
     assert_eq!(plan.ensure_attempt, None, "two approvals where the real estimate needs three");
     assert_eq!(plan.status.phase, Some(JobPhase::AwaitingApproval));
-    let (status, reason, msg) = cond(&plan, condition::APPROVED).unwrap();
+    let (status, reason, _) = cond(&plan, condition::APPROVED).unwrap();
     assert_eq!((status, reason), ("False", "AwaitingApproval"));
-    assert!(msg.contains("fall short of what the current estimate"), "{msg}");
+    // A tier measures the budget too (approval_policy::tier_cost), which status cannot forge.
+    assert_eq!(plan.status.approval.as_ref().map(|a| a.summary.as_str()), Some("2/3"));
 }
 
 /// A status written by a newer operator version: a phase and an attempt result this version does
