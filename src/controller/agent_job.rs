@@ -55,6 +55,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         let namespace = job.namespace().unwrap_or_default();
         let owned: Vec<_> = pod_candidates(&ctx.caches, &namespace, &uid).filter(|p| snapshot::is_job_pod(p, &namespace, &uid)).collect();
         super::pod_finalizer::release_settled(ctx, job, &owned, &old_status_of(job)).await?;
+        ctx.pod_expectations.forget(&uid);
         return Ok(Action::await_change());
     }
     let namespace = job.namespace().unwrap_or_default();
@@ -142,7 +143,10 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         .collect();
     let readiness = if old_status.phase.is_some_and(JobPhase::is_terminal) { Readiness::default() } else { job_readiness(job, ctx) };
     let learned = ctx.learner.state.lock().await.stats(&namespace, &job_type(job));
-    let gone_pods = confirm_gone_pods(job, ctx, &pods).await?;
+    // Pods this operator created that the cache does not show yet (pod_expectations.rs).
+    let (mut expected_pods, expected_for) = ctx.pod_expectations.pending(&uid, Instant::now());
+    expected_pods.retain(|name| !pods.iter().any(|p| &p.name == name));
+    let gone_pods = confirm_gone_pods(job, ctx, &pods, &expected_pods).await?;
     let prices = ctx.prices.read().await.clone();
 
     // Decide.
@@ -160,6 +164,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         other_tallies: &other_tallies,
         pods: &pods,
         gone_pods: &gone_pods,
+        expected_pods: &expected_pods,
     });
     if old_status.estimate.as_ref().map(|e| e.generation) != plan.status.estimate.as_ref().map(|e| e.generation) {
         ctx.metrics.validation_seconds.observe(decide_started.elapsed().as_secs_f64());
@@ -185,7 +190,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
 
     // Build and apply: Pods first, so status never names a Pod that was not created.
     if let Some(attempt) = plan.ensure_attempt {
-        match ensure_pods(job, ctx, &plan, attempt, &pods).await {
+        match ensure_pods(job, ctx, &plan, attempt, &pods, &expected_pods).await {
             Err(Error::Apply(ApplyError::PodNameTaken { pod })) => return pod_name_taken(job, ctx, &old_status, &pod, generation).await,
             other => other?,
         }
@@ -199,7 +204,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     }
     // How late a started job's approvals came tunes how long new jobs wait for theirs.
     let approvals = plan.status.approval.iter().flat_map(|a| &a.approvers);
-    if plan.ensure_attempt.is_some()
+    if !plan.status.attempts.is_empty()
         && old_status.attempts.is_empty()
         && let (Some(created), Some(newest)) =
             (&job.metadata.creation_timestamp, approvals.filter_map(|a| a.decided_at.as_ref()).max_by_key(|t| t.0))
@@ -217,7 +222,10 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     // Only now that what the Pods told is stored may they go (pod_finalizer.rs). Last, so a
     // failing patch (retried through the error policy) holds up nothing above.
     super::pod_finalizer::release_settled(ctx, job, &owned, &plan.status).await?;
-    Ok(super::resync::next_check(&plan.status, ctx.settings.approval_timeout_seconds))
+    // Pods still expected are looked at again once their expectation ends, should the watch
+    // never show them.
+    let expected_for = expected_for.filter(|_| !expected_pods.is_empty());
+    Ok(super::resync::next_check_within(&plan.status, ctx.settings.approval_timeout_seconds, expected_for))
 }
 
 /// Cached jobs whose `input`, `inputSchema`, `outputSchema`, `description` and agents' `command`,
@@ -365,7 +373,8 @@ fn queued_ahead_of(job: &AgentJob, jobs: &[Arc<AgentJob>]) -> Vec<PodNeed> {
 
 /// Pods the running attempt recorded but the cache lacks: a GET tells a slow cache from a
 /// deleted Pod, so a deleted Pod fails its attempt instead of being created a second time.
-async fn confirm_gone_pods(job: &AgentJob, ctx: &Context, pods: &[decide::PodView]) -> Result<Vec<String>> {
+/// A Pod this operator created and the watch has yet to show is not looked up: it is on its way.
+async fn confirm_gone_pods(job: &AgentJob, ctx: &Context, pods: &[decide::PodView], expected: &[String]) -> Result<Vec<String>> {
     let Some(attempt) = job.status.as_ref().and_then(|s| s.attempts.last()).filter(|a| a.result == AttemptResult::Running) else {
         return Ok(Vec::new());
     };
@@ -373,7 +382,7 @@ async fn confirm_gone_pods(job: &AgentJob, ctx: &Context, pods: &[decide::PodVie
     let uid = job.metadata.uid.as_deref().unwrap_or_default();
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let mut gone = Vec::new();
-    for name in attempt.pods.iter().filter(|n| !pods.iter().any(|p| &p.name == *n)) {
+    for name in attempt.pods.iter().filter(|n| !pods.iter().any(|p| &p.name == *n) && !expected.contains(n)) {
         // A Pod of that name the job does not control is not the attempt's: gone as far as the
         // job knows (a forged attempt naming a decoy is dropped, tests/gate_attacks.rs).
         let pod =
@@ -385,7 +394,14 @@ async fn confirm_gone_pods(job: &AgentJob, ctx: &Context, pods: &[decide::PodVie
     Ok(gone)
 }
 
-async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, existing: &[decide::PodView]) -> Result<()> {
+async fn ensure_pods(
+    job: &AgentJob,
+    ctx: &Context,
+    plan: &Plan,
+    attempt: i32,
+    existing: &[decide::PodView],
+    expected: &[String],
+) -> Result<()> {
     let namespace = job.namespace().unwrap_or_default();
     let name = job.name_any();
     let uid = job.metadata.uid.clone().unwrap_or_default();
@@ -419,7 +435,8 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
         return Ok(());
     }
     let agents: Vec<_> = std::iter::once(&spec.agents.primary).chain(&spec.agents.supporting).collect();
-    let missing = agents.iter().any(|a| !existing.iter().any(|p| p.name == pod_name(&name, &a.name, attempt)));
+    let exists = |pod: &str| existing.iter().any(|p| p.name == pod) || expected.iter().any(|p| p == pod);
+    let missing = agents.iter().any(|a| !exists(&pod_name(&name, &a.name, attempt)));
     if !missing {
         return Ok(());
     }
@@ -449,9 +466,11 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
             meter: &meter,
         });
         let pod_name = pod.name_any();
-        if existing.iter().any(|p| p.name == pod_name) {
+        if exists(&pod_name) {
             continue;
         }
+        // Expected before the POST, so that the watch event, which may come first, ends it.
+        ctx.pod_expectations.creating(&uid, attempt, &pod_name, Instant::now());
         match api.create(&PostParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PostParams::default() }, &pod).await {
             Ok(_) => {
                 ctx.metrics.pods_created.inc();
@@ -468,11 +487,17 @@ async fn ensure_pods(job: &AgentJob, ctx: &Context, plan: &Plan, attempt: i32, e
                     pod: pod_name.clone(),
                     source,
                 })?;
+                if holder.as_ref().is_none_or(|p| !snapshot::is_job_pod(p, &namespace, &uid)) {
+                    ctx.pod_expectations.observed(&uid, &pod_name);
+                }
                 if holder.as_ref().is_some_and(|p| !snapshot::is_job_pod(p, &namespace, &uid)) {
                     return Err(ApplyError::PodNameTaken { pod: pod_name }.into());
                 }
             }
-            Err(source) => return Err(ApplyError::CreatePod { namespace: namespace.clone(), pod: pod_name, source }.into()),
+            Err(source) => {
+                ctx.pod_expectations.observed(&uid, &pod_name);
+                return Err(ApplyError::CreatePod { namespace: namespace.clone(), pod: pod_name, source }.into());
+            }
         }
     }
     Ok(())

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod meter_api;
 pub mod meter_keys;
 pub mod meter_tls;
+pub mod pod_expectations;
 pub mod pod_finalizer;
 pub mod price_table;
 pub mod recommendations;
@@ -142,6 +143,8 @@ pub struct Context {
     /// What the cost estimator learned from finished attempts, persisted by its own writer.
     pub learner: Arc<estimator_store::Learner>,
     pub status_writes: StatusWrites,
+    /// Pods created and not yet shown by the Pod watch (pod_expectations.rs).
+    pub pod_expectations: Arc<pod_expectations::PodExpectations>,
     /// Whether the identity admission policies are in force; no vote counts while they are not.
     pub identity: identity_policies::Gate,
     pub health: Arc<Health>,
@@ -229,6 +232,7 @@ pub async fn run(
     let (endpoint_slices, slices_writer) = reflector::store();
 
     let index = Arc::new(index::Indexes::default());
+    let pod_expectations = Arc::new(pod_expectations::PodExpectations::default());
     let (requeue, requeue_rx) = mpsc::unbounded_channel();
     let (tool_requeue, tool_requeue_rx) = mpsc::unbounded_channel();
     // Jobs entering or leaving Running requeue what waits on them, once the cache shows the change.
@@ -246,9 +250,13 @@ pub async fn run(
     .modify(slim::job)
     .inspect({
         let (jobs, index, requeue, tool_requeue) = (jobs.clone(), index.clone(), requeue.clone(), tool_requeue.clone());
+        let expectations = pod_expectations.clone();
         move |event| {
             if let Ok(event) = event {
                 wakeups::requeue_on_transition(&jobs, &index, &requeue, &tool_requeue, event);
+                if let watcher::Event::Delete(job) = event {
+                    expectations.forget(job.metadata.uid.as_deref().unwrap_or_default());
+                }
             }
         }
     })
@@ -282,6 +290,7 @@ pub async fn run(
         vote_lateness: Default::default(),
         learner: learner.clone(),
         status_writes: StatusWrites::default(),
+        pod_expectations: pod_expectations.clone(),
         identity: identity_policies::Gate::default(),
         health: health.clone(),
     });
@@ -317,6 +326,12 @@ pub async fn run(
             .filter_map({
                 let mut store = pods_writer;
                 move |event| future::ready(event.map(|event| slim::store_agentgate_pods(&mut store, event)).transpose())
+            })
+            // Once stored: a reconcile that finds the expectation gone finds the Pod in the cache.
+            .inspect(move |event| {
+                if let Ok(event) = event {
+                    pod_expectations.apply(event);
+                }
             })
             .touched_once_stored()
             .filter_map(|pod| future::ready(pod.ok()))
