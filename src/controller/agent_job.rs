@@ -471,7 +471,8 @@ async fn ensure_pods(
         }
         // Expected before the POST, so that the watch event, which may come first, ends it.
         ctx.pod_expectations.creating(&uid, attempt, &pod_name, Instant::now());
-        match api.create(&PostParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PostParams::default() }, &pod).await {
+        let params = PostParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PostParams::default() };
+        match super::metadata_answers::create(&api, &params, &pod).await {
             Ok(_) => {
                 ctx.metrics.pods_created.inc();
                 tracing::info!(job = %name, %namespace, pod = %pod_name, attempt, "created agent Pod");
@@ -539,11 +540,12 @@ async fn write_status(job: &AgentJob, ctx: &Context, status: &AgentJobStatus) ->
     // would seem to fail forever though it succeeded.
     let encoded =
         serde_json::to_vec(&body).map_err(|source| ApplyError::EncodeStatus { namespace: namespace.clone(), job: name.clone(), source })?;
+    // Answered with metadata only (metadata_answers.rs).
     let written: super::decode::Decoded<kube::core::PartialObjectMeta<AgentJob>> = async {
         let request = kube::core::Request::new(api.resource_url())
             .replace_subresource("status", &name, &params, encoded)
             .map_err(kube::Error::BuildRequest)?;
-        ctx.client.request(request).await
+        ctx.client.request(super::metadata_answers::metadata_only(request)).await
     }
     .await
     .map_err(|source| ApplyError::WriteStatus { namespace, job: name, source })?;

@@ -13,6 +13,7 @@ pub mod identity_policies;
 pub mod index;
 pub mod learning_mark;
 pub mod memory;
+pub mod metadata_answers;
 pub mod meter_api;
 pub mod meter_keys;
 pub mod meter_tls;

@@ -54,7 +54,7 @@ pub async fn store(job: &AgentJob, ctx: &Context, generation: i64) -> Result<()>
     let api: Api<ControllerRevision> = Api::namespaced(ctx.client.clone(), &job.namespace().unwrap_or_default());
     let params = PostParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PostParams::default() };
     let revision = revision_of(job, generation);
-    match api.create(&params, &revision).await {
+    match super::metadata_answers::create(&api, &params, &revision).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
         Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 422) => {
