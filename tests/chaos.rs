@@ -12,7 +12,6 @@ mod support;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::Client;
 use support::cluster::{Env, OperatorMode};
 use support::storm::{self, JobPlan, Kubelet, Rng};
 
