@@ -56,6 +56,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         let owned: Vec<_> = pod_candidates(&ctx.caches, &namespace, &uid).filter(|p| snapshot::is_job_pod(p, &namespace, &uid)).collect();
         super::pod_finalizer::release_settled(ctx, job, &owned, &old_status_of(job)).await?;
         ctx.pod_expectations.forget(&uid);
+        ctx.stored_revisions.forget(&uid);
         return Ok(Action::await_change());
     }
     let namespace = job.namespace().unwrap_or_default();
@@ -200,6 +201,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     super::recommendations::add_on_finish(job, ctx, &old_status, &mut plan.status, &prices);
     if plan.status != old_status {
         write_status(job, ctx, &plan.status).await?;
+        ctx.stored_revisions.forget(&uid);
         super::spec_history::prune(job, ctx, &history.dropped).await;
     }
     // How late a started job's approvals came tunes how long new jobs wait for theirs.
@@ -495,6 +497,9 @@ async fn ensure_pods(
                     return Err(ApplyError::PodNameTaken { pod: pod_name }.into());
                 }
             }
+            // Not expected after any other failure, a timeout included (it may or may not have
+            // been created): status records an attempt on the strength of its expectation, and
+            // a recorded Pod missing from the API fails its attempt as deleted.
             Err(source) => {
                 ctx.pod_expectations.observed(&uid, &pod_name);
                 return Err(ApplyError::CreatePod { namespace: namespace.clone(), pod: pod_name, source }.into());

@@ -146,6 +146,8 @@ pub struct Context {
     pub status_writes: StatusWrites,
     /// Pods created and not yet shown by the Pod watch (pod_expectations.rs).
     pub pod_expectations: Arc<pod_expectations::PodExpectations>,
+    /// Spec revisions stored and not yet recorded in their job's status (spec_history.rs).
+    pub stored_revisions: Arc<spec_history::StoredRevisions>,
     /// Whether the identity admission policies are in force; no vote counts while they are not.
     pub identity: identity_policies::Gate,
     pub health: Arc<Health>,
@@ -234,6 +236,7 @@ pub async fn run(
 
     let index = Arc::new(index::Indexes::default());
     let pod_expectations = Arc::new(pod_expectations::PodExpectations::default());
+    let stored_revisions = Arc::new(spec_history::StoredRevisions::default());
     let (requeue, requeue_rx) = mpsc::unbounded_channel();
     let (tool_requeue, tool_requeue_rx) = mpsc::unbounded_channel();
     // Jobs entering or leaving Running requeue what waits on them, once the cache shows the change.
@@ -251,12 +254,14 @@ pub async fn run(
     .modify(slim::job)
     .inspect({
         let (jobs, index, requeue, tool_requeue) = (jobs.clone(), index.clone(), requeue.clone(), tool_requeue.clone());
-        let expectations = pod_expectations.clone();
+        let (expectations, revisions) = (pod_expectations.clone(), stored_revisions.clone());
         move |event| {
             if let Ok(event) = event {
                 wakeups::requeue_on_transition(&jobs, &index, &requeue, &tool_requeue, event);
                 if let watcher::Event::Delete(job) = event {
-                    expectations.forget(job.metadata.uid.as_deref().unwrap_or_default());
+                    let uid = job.metadata.uid.as_deref().unwrap_or_default();
+                    expectations.forget(uid);
+                    revisions.forget(uid);
                 }
             }
         }
@@ -292,6 +297,7 @@ pub async fn run(
         learner: learner.clone(),
         status_writes: StatusWrites::default(),
         pod_expectations: pod_expectations.clone(),
+        stored_revisions: stored_revisions.clone(),
         identity: identity_policies::Gate::default(),
         health: health.clone(),
     });
