@@ -9,39 +9,14 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::Client;
 use support::cluster::{Env, OperatorMode};
 use support::storm::{self, JobPlan, Kubelet, Rng};
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok()).unwrap_or(default)
-}
-
-/// Pod creates the apiserver has answered since it started, by response code, from its own
-/// metrics: a count independent of any watch. Only this test runs against this binary's control
-/// plane. A create whose client was SIGKILLed mid-request may be counted under another code (or
-/// none) although the Pod was created, so the 201s bound the Pods created from below only.
-async fn pod_creates_per_apiserver(admin: &Client) -> BTreeMap<String, u64> {
-    let request = kube::core::Request::new("/metrics").list(&Default::default()).unwrap();
-    let text = admin.request_text(request).await.expect("scraping the apiserver's /metrics");
-    let mut by_code = BTreeMap::new();
-    for line in text.lines().filter(|line| line.starts_with("apiserver_request_total{")) {
-        if !["resource=\"pods\"", "verb=\"POST\"", "subresource=\"\""].iter().all(|label| line.contains(label)) {
-            continue;
-        }
-        let code = line.split("code=\"").nth(1).and_then(|rest| rest.split('"').next()).unwrap_or_default();
-        let value = line.rsplit_once(' ').and_then(|(_, v)| v.trim().parse::<f64>().ok()).unwrap_or(0.0);
-        *by_code.entry(code.to_string()).or_default() += value as u64;
-    }
-    by_code
-}
-
-fn since(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
-    after.iter().map(|(code, n)| (code.clone(), n - before.get(code).copied().unwrap_or(0))).filter(|(_, n)| *n > 0).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,7 +32,7 @@ async fn crash_storm_never_duplicates_a_pod_nor_loses_usage() {
     let (admin, alice, bob) = (env.admin.clone(), env.alice.clone(), env.bob.clone());
 
     let plans = JobPlan::mix("storm", n);
-    let creates_before = pod_creates_per_apiserver(&admin).await;
+    let creates_before = storm::pod_creates_per_apiserver(&admin).await;
     let kubelet = Kubelet::start(&admin, ns, &plans, seed).await;
     env.start_operator();
     let started = Instant::now();
@@ -112,7 +87,7 @@ async fn crash_storm_never_duplicates_a_pod_nor_loses_usage() {
     let jobs = storm::list_jobs(&admin, ns).await;
     let ledger = kubelet.stop();
     let (figures, problems) = storm::check(&admin, ns, &plans, &jobs, &ledger).await;
-    let creates = since(&pod_creates_per_apiserver(&admin).await, &creates_before);
+    let creates = storm::since(&storm::pod_creates_per_apiserver(&admin).await, &creates_before);
     println!(
         "crash storm: {kills} SIGKILLs in {storm_time:.1?}; the apiserver answered Pod creates with {creates:?} (201 created, \
          409 already exists); seed {seed}; last operator log {}",

@@ -240,7 +240,7 @@ impl Publisher {
             reporting_instance: Some(self.instance.clone()),
             ..Event::default()
         };
-        api.create(&PostParams::default(), &event).await?;
+        super::metadata_answers::create(api, &PostParams::default(), &event).await?;
         Ok(name)
     }
 

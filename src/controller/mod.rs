@@ -13,9 +13,11 @@ pub mod identity_policies;
 pub mod index;
 pub mod learning_mark;
 pub mod memory;
+pub mod metadata_answers;
 pub mod meter_api;
 pub mod meter_keys;
 pub mod meter_tls;
+pub mod pod_expectations;
 pub mod pod_finalizer;
 pub mod price_table;
 pub mod recommendations;
@@ -142,6 +144,10 @@ pub struct Context {
     /// What the cost estimator learned from finished attempts, persisted by its own writer.
     pub learner: Arc<estimator_store::Learner>,
     pub status_writes: StatusWrites,
+    /// Pods created and not yet shown by the Pod watch (pod_expectations.rs).
+    pub pod_expectations: Arc<pod_expectations::PodExpectations>,
+    /// Spec revisions stored and not yet recorded in their job's status (spec_history.rs).
+    pub stored_revisions: Arc<spec_history::StoredRevisions>,
     /// Whether the identity admission policies are in force; no vote counts while they are not.
     pub identity: identity_policies::Gate,
     pub health: Arc<Health>,
@@ -229,6 +235,8 @@ pub async fn run(
     let (endpoint_slices, slices_writer) = reflector::store();
 
     let index = Arc::new(index::Indexes::default());
+    let pod_expectations = Arc::new(pod_expectations::PodExpectations::default());
+    let stored_revisions = Arc::new(spec_history::StoredRevisions::default());
     let (requeue, requeue_rx) = mpsc::unbounded_channel();
     let (tool_requeue, tool_requeue_rx) = mpsc::unbounded_channel();
     // Jobs entering or leaving Running requeue what waits on them, once the cache shows the change.
@@ -246,9 +254,15 @@ pub async fn run(
     .modify(slim::job)
     .inspect({
         let (jobs, index, requeue, tool_requeue) = (jobs.clone(), index.clone(), requeue.clone(), tool_requeue.clone());
+        let (expectations, revisions) = (pod_expectations.clone(), stored_revisions.clone());
         move |event| {
             if let Ok(event) = event {
                 wakeups::requeue_on_transition(&jobs, &index, &requeue, &tool_requeue, event);
+                if let watcher::Event::Delete(job) = event {
+                    let uid = job.metadata.uid.as_deref().unwrap_or_default();
+                    expectations.forget(uid);
+                    revisions.forget(uid);
+                }
             }
         }
     })
@@ -282,6 +296,8 @@ pub async fn run(
         vote_lateness: Default::default(),
         learner: learner.clone(),
         status_writes: StatusWrites::default(),
+        pod_expectations: pod_expectations.clone(),
+        stored_revisions: stored_revisions.clone(),
         identity: identity_policies::Gate::default(),
         health: health.clone(),
     });
@@ -317,6 +333,12 @@ pub async fn run(
             .filter_map({
                 let mut store = pods_writer;
                 move |event| future::ready(event.map(|event| slim::store_agentgate_pods(&mut store, event)).transpose())
+            })
+            // Once stored: a reconcile that finds the expectation gone finds the Pod in the cache.
+            .inspect(move |event| {
+                if let Ok(event) = event {
+                    pod_expectations.apply(event);
+                }
             })
             .touched_once_stored()
             .filter_map(|pod| future::ready(pod.ok()))

@@ -16,7 +16,20 @@ pub fn rechecked_on_the_clock(phase: Option<JobPhase>, approval_timeout_seconds:
     }
 }
 
+/// As [`next_check`], but no later than `within` when that is set (Pods still expected:
+/// pod_expectations.rs).
+pub fn next_check_within(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>, within: Option<std::time::Duration>) -> Action {
+    match (check_after(status, approval_timeout_seconds), within) {
+        (Some(after), Some(within)) => Action::requeue(after.min(within)),
+        (after, within) => after.or(within).map_or_else(Action::await_change, Action::requeue),
+    }
+}
+
 pub fn next_check(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>) -> Action {
+    check_after(status, approval_timeout_seconds).map_or_else(Action::await_change, Action::requeue)
+}
+
+fn check_after(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>) -> Option<std::time::Duration> {
     // A job awaiting approval has no timed resync, only its approval timeout if one is set.
     // What it waits for reaches it through watches: a vote (the vote watch), a head's rights
     // (the RBAC watch requeues the jobs awaiting approval that have votes; one without votes
@@ -26,7 +39,7 @@ pub fn next_check(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>
     // copies of each such job's key in kube-runtime's schedule, ~0.5 KB a job: 3.9 MiB at
     // `make bench`'s 8,500 unvoted jobs (README "Memory at 10,000 jobs").
     if !rechecked_on_the_clock(status.phase, approval_timeout_seconds) {
-        return Action::await_change();
+        return None;
     }
     match (status.phase, approval_timeout_seconds) {
         (Some(JobPhase::AwaitingApproval), Some(limit)) => {
@@ -35,9 +48,9 @@ pub fn next_check(status: &AgentJobStatus, approval_timeout_seconds: Option<i64>
                 let waited = k8s_openapi::jiff::Timestamp::now().duration_since(since).as_secs();
                 std::time::Duration::from_secs((limit - waited).max(0) as u64 + 1)
             });
-            Action::requeue(remaining.map_or(RESYNC, |r| r.min(RESYNC)))
+            Some(remaining.map_or(RESYNC, |r| r.min(RESYNC)))
         }
-        _ => Action::requeue(RESYNC),
+        _ => Some(RESYNC),
     }
 }
 

@@ -590,3 +590,26 @@ pub fn assert_no_problems(figures: &Figures, problems: &[String]) {
         panic!("{} invariant violation(s):\n{}", problems.len(), shown.join("\n"));
     }
 }
+
+/// Pod creates the apiserver has answered since it started, by response code, from its own
+/// metrics: a count independent of any watch. The tests of a binary share its apiserver: a test
+/// counting on this shares it only with tests that create no Pod that could be refused. A create whose client was SIGKILLed mid-request may be counted under another code (or
+/// none) although the Pod was created, so the 201s bound the Pods created from below only.
+pub async fn pod_creates_per_apiserver(admin: &Client) -> BTreeMap<String, u64> {
+    let request = kube::core::Request::new("/metrics").list(&Default::default()).unwrap();
+    let text = admin.request_text(request).await.expect("scraping the apiserver's /metrics");
+    let mut by_code = BTreeMap::new();
+    for line in text.lines().filter(|line| line.starts_with("apiserver_request_total{")) {
+        if !["resource=\"pods\"", "verb=\"POST\"", "subresource=\"\""].iter().all(|label| line.contains(label)) {
+            continue;
+        }
+        let code = line.split("code=\"").nth(1).and_then(|rest| rest.split('"').next()).unwrap_or_default();
+        let value = line.rsplit_once(' ').and_then(|(_, v)| v.trim().parse::<f64>().ok()).unwrap_or(0.0);
+        *by_code.entry(code.to_string()).or_default() += value as u64;
+    }
+    by_code
+}
+
+pub fn since(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after.iter().map(|(code, n)| (code.clone(), n - before.get(code).copied().unwrap_or(0))).filter(|(_, n)| *n > 0).collect()
+}

@@ -69,7 +69,9 @@ pub(super) fn follow_attempt(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observ
         // now would create it a second time. Missing Pods are created only while the current
         // votes approve the attempt's generation: status alone never starts anything.
         let approved = provenance::approved_by_current_votes(o, attempt_generation);
-        plan.ensure_attempt = (!any_deleted && approved).then_some(current);
+        // A Pod created and not yet shown by the watch is not missing (Observed::expected_pods).
+        let missing = expected.iter().any(|name| !o.pods.iter().any(|p| &p.name == name) && !o.expected_pods.contains(name));
+        plan.ensure_attempt = (!any_deleted && approved && missing).then_some(current);
         plan.drop_gpu = s.dropped_resources.iter().any(|d| d == "gpu");
         let running = states.iter().filter(|(_, st)| !st.terminated()).count();
         let mut ready_msg = attempt_progress(current, max_attempts(&job.spec), running, states.len());

@@ -135,6 +135,19 @@ fn step_with(
     pods: &[PodView],
     gone_pods: &[String],
 ) -> Plan {
+    step_expecting(job, readiness, tally, other_tallies, pods, gone_pods, &[])
+}
+
+/// As `step_with`, with `expected` as the Pods created but not yet shown by the watch.
+fn step_expecting(
+    job: &AgentJob,
+    readiness: &Readiness,
+    tally: &Tally,
+    other_tallies: &BTreeMap<i64, Tally>,
+    pods: &[PodView],
+    gone_pods: &[String],
+    expected: &[String],
+) -> Plan {
     let prices = PriceTable::builtin();
     decide(&Observed {
         job,
@@ -149,6 +162,7 @@ fn step_with(
         other_tallies,
         pods,
         gone_pods,
+        expected_pods: expected,
     })
 }
 
@@ -361,7 +375,8 @@ mod decide_table {
             pods: vec![pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)],
             phase: JobPhase::Running,
             ready_reason: "Running",
-            ensure_attempt: Some(1),
+            // Every Pod of the attempt is cached: none to create.
+            ensure_attempt: None,
             more: |name, plan| {
                 let (_, _, msg) = cond(plan, condition::READY).unwrap();
                 assert!(msg.ends_with("the job ends BudgetExhausted when its agents exit"), "{name}: {msg}");
@@ -578,7 +593,8 @@ mod decide_table {
             pods: vec![pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)],
             phase: JobPhase::Running,
             ready_reason: "Running",
-            ensure_attempt: Some(1),
+            // Every Pod of the attempt is cached: none to create.
+            ensure_attempt: None,
             events: &[],
             more: |name, plan| {
                 assert_eq!(
@@ -607,7 +623,8 @@ mod decide_table {
             pods: vec![pod("scanner", 1, PodState::Active), both_reported(1).remove(1)],
             phase: JobPhase::Running,
             ready_reason: "Running",
-            ensure_attempt: Some(1),
+            // Every Pod of the attempt is cached: none to create.
+            ensure_attempt: None,
             more: |name, plan| {
                 assert_eq!(
                     cond(plan, condition::READY).map(|c| c.2),
@@ -626,7 +643,8 @@ mod decide_table {
             pods: vec![pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)],
             phase: JobPhase::Running,
             ready_reason: "Running",
-            ensure_attempt: Some(1),
+            // Every Pod of the attempt is cached: none to create.
+            ensure_attempt: None,
             ..Case::default()
         };
         running_attempt_whose_votes_turned_into_a_rejection_is_followed_but_not_ensured: Case {
@@ -797,7 +815,8 @@ mod decide_table {
             pods: vec![pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)],
             phase: JobPhase::Running,
             ready_reason: "Running",
-            ensure_attempt: Some(1),
+            // Every Pod of the attempt is cached: none to create.
+            ensure_attempt: None,
             events: &["Running"],
             more: |name, plan| {
                 let s = &plan.status;
@@ -835,7 +854,8 @@ mod decide_table {
             ],
             phase: JobPhase::Running,
             ready_reason: "Running",
-            ensure_attempt: Some(2),
+            // Every Pod of the attempt is cached: none to create.
+            ensure_attempt: None,
             more: |name, plan| {
                 let a = &plan.status.attempts;
                 assert_eq!(
@@ -916,7 +936,8 @@ mod decide_table {
             pods: vec![pod("scanner", 1, PodState::Active), pod("fixer", 1, PodState::Active)],
             phase: JobPhase::Running,
             ready_reason: "Running",
-            ensure_attempt: Some(1),
+            // Every Pod of the attempt is cached: none to create.
+            ensure_attempt: None,
             more: |name, plan| {
                 assert_eq!(cond(plan, condition::SPEC_CHANGE_PENDING).map(|c| (c.0, c.1)), Some(("True", "AttemptRunning")), "{name}");
                 assert_eq!(plan.status.observed_generation, Some(2), "{name}");
@@ -1124,7 +1145,7 @@ fn pods_found_before_any_status_keep_the_generation_they_were_built_from() {
     let plan = step(&changed, &ready(), &approved(), &pods, &[]);
     let attempt = &plan.status.attempts[0];
     assert_eq!((attempt.attempt, attempt.generation, attempt.result), (1, 1, AttemptResult::Running));
-    assert_eq!(plan.ensure_attempt, Some(1), "the attempt is followed, not started again");
+    assert_eq!(plan.ensure_attempt, None, "the attempt is followed (its Pods are there), not started again");
     let pending = cond(&plan, condition::SPEC_CHANGE_PENDING).expect("SpecChangePending");
     assert_eq!(pending.0, "True");
     assert!(pending.2.contains("generation 2 applies from the next attempt"), "{}", pending.2);
@@ -1248,6 +1269,7 @@ fn a_forged_estimate_does_not_lower_the_risk_tier() {
         other_tallies: &BTreeMap::new(),
         pods: &[],
         gone_pods: &[],
+        expected_pods: &[],
     });
     assert_eq!(plan.ensure_attempt, None, "two approvals where the real estimate needs three");
     assert_eq!(plan.status.phase, Some(JobPhase::AwaitingApproval));
@@ -1315,6 +1337,7 @@ fn step_learned(job: &AgentJob, learned: &crate::domain::learning::Learned, pods
         other_tallies: &BTreeMap::new(),
         pods,
         gone_pods: &[],
+        expected_pods: &[],
     })
 }
 
@@ -1338,4 +1361,58 @@ fn a_retry_re_estimated_over_budget_stops_retrying_rather_than_being_rejected() 
     let plan = step_learned(&fresh, &learned, &[]);
     assert_eq!((plan.ensure_attempt, plan.status.phase), (None, Some(JobPhase::Rejected)));
     assert_eq!(cond(&plan, condition::READY).map(|c| c.1), Some("BudgetExceeded"));
+}
+
+/// Decides with `expected` as the Pods created but not yet shown by the watch.
+fn step_expected(job: &AgentJob, pods: &[PodView], gone_pods: &[String], expected: &[&str]) -> Plan {
+    let expected: Vec<String> = expected.iter().map(|p| p.to_string()).collect();
+    step_expecting(job, &ready(), &approved(), &BTreeMap::new(), pods, gone_pods, &expected)
+}
+
+/// The reconcile woken by the job's own status write, before the Pod watch delivered the Pods the
+/// previous one created: they are expected, so nothing is created (a POST refused with 409 for
+/// ~1% of `make bench`'s jobs) and the status reads as it did (no write either). A Pod neither in
+/// the cache nor expected is still created: an expectation covers only the Pods it names.
+#[test]
+fn an_expected_pod_is_not_created_again() {
+    let started = running(NO_RETRIES);
+    let plan = step_expected(&started, &[], &[], &["scan-scanner-1", "scan-fixer-1"]);
+    assert_eq!(plan.ensure_attempt, None, "both Pods were created and are on their way through the watch");
+    assert_eq!(Some(&plan.status), started.status.as_ref(), "nothing changed: no status write");
+    assert!(plan.events.is_empty(), "{:?}", plan.events);
+
+    let plan = step_expected(&started, &[], &[], &["scan-scanner-1"]);
+    assert_eq!(plan.ensure_attempt, Some(1), "the fixer's Pod is neither cached nor expected");
+    let plan = step_expected(&started, &[pod("scanner", 1, PodState::Active)], &[], &["scan-fixer-1"]);
+    assert_eq!(plan.ensure_attempt, None, "one cached, the other expected");
+    let plan = step_expected(&started, &[], &[], &[]);
+    assert_eq!(plan.ensure_attempt, Some(1), "without an expectation, missing Pods are created as before");
+}
+
+/// The status write that records a new attempt was refused (409) after its Pods were created:
+/// the next reconcile starts the same attempt number again and records it, but creates nothing
+/// while those Pods are expected. An expectation of another attempt's Pods does not count.
+#[test]
+fn an_attempt_whose_pods_are_expected_is_recorded_without_creating_them() {
+    let fresh = job(NO_RETRIES);
+    let plan = step_expected(&fresh, &[], &[], &["scan-scanner-1", "scan-fixer-1"]);
+    assert_eq!(plan.status.phase, Some(JobPhase::Running));
+    assert_eq!(plan.status.attempts.iter().map(|a| a.attempt).collect::<Vec<_>>(), [1]);
+    assert_eq!(plan.ensure_attempt, None);
+    assert_eq!(plan.events.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(), ["AttemptStarted"]);
+    assert_eq!(step_expected(&fresh, &[], &[], &["scan-scanner-1"]).ensure_attempt, Some(1));
+    assert_eq!(step_expected(&fresh, &[], &[], &["scan-scanner-2", "scan-fixer-2"]).ensure_attempt, Some(1));
+}
+
+/// An expectation never hides a deletion the API confirmed (a tenant deleting the Pod right after
+/// it was created): the attempt fails as for any deleted Pod, and a retry, if one is left, starts
+/// with new Pods. No job waits on an expectation for a Pod that is gone.
+#[test]
+fn a_pod_confirmed_deleted_fails_its_attempt_even_if_expected() {
+    let started = running(&[("/spec/limits", json!({"maxRetries": 1}))]);
+    let gone = ["scan-scanner-1".to_string(), "scan-fixer-1".to_string()];
+    let plan = step_expected(&started, &[], &gone, &["scan-scanner-1", "scan-fixer-1"]);
+    let results: Vec<_> = plan.status.attempts.iter().map(|a| (a.attempt, a.result)).collect();
+    assert_eq!(results, [(1, AttemptResult::Failed), (2, AttemptResult::Running)]);
+    assert_eq!(plan.ensure_attempt, Some(2), "the retry's Pods are created");
 }
