@@ -85,6 +85,15 @@ impl Charge {
         self.permit = None;
     }
 
+    /// Gives back all but `n` bytes (the buffer it covers shrank).
+    pub fn shrink_to(&mut self, n: usize) {
+        if let Some(permit) = &mut self.permit
+            && permit.num_permits() > n
+        {
+            drop(permit.split(permit.num_permits() - n));
+        }
+    }
+
     /// `n` bytes more; on a shortfall the charge keeps what it had.
     pub fn try_grow(&mut self, n: usize) -> Result<(), Shortfall> {
         if n == 0 {
@@ -188,7 +197,9 @@ mod tests {
         assert_eq!(charge.try_grow(31), Err(Shortfall::TooLarge), "70 + 31 exceeds the whole budget");
         assert_eq!((charge.bytes(), budget.available()), (70, 5));
         drop(other);
-        charge.try_grow(30).unwrap();
+        charge.shrink_to(40);
+        assert_eq!((charge.bytes(), budget.available()), (40, 60));
+        charge.try_grow(60).unwrap();
         assert_eq!(budget.available(), 0);
         drop(charge);
         assert_eq!(budget.available(), 100);

@@ -379,7 +379,9 @@ fn forward_headers(incoming: &HeaderMap, provider: Provider, key: Option<&Header
 }
 
 enum Observer {
-    Stream { parser: sse::Parser, usage: StreamUsage },
+    /// `charge` covers what the parser holds of an unfinished event; `starved` once the budget
+    /// could not, and the rest of the stream is passed on unread (charged its reservation).
+    Stream { parser: sse::Parser, usage: StreamUsage, charge: Charge, starved: bool },
     /// `charge` covers `copy`'s capacity; when the budget cannot, the copy is given up.
     Whole { copy: Vec<u8>, overflowed: bool, charge: Charge },
 }
@@ -414,7 +416,12 @@ impl MeteredBody {
         buffers: BufferBudget,
     ) -> MeteredBody {
         let observer = match streamed {
-            true => Observer::Stream { parser: sse::Parser::new(MAX_SSE_EVENT_BYTES), usage: StreamUsage::default() },
+            true => Observer::Stream {
+                parser: sse::Parser::new(MAX_SSE_EVENT_BYTES),
+                usage: StreamUsage::default(),
+                charge: buffers.nothing(),
+                starved: false,
+            },
             false => Observer::Whole { copy: Vec::new(), overflowed: false, charge: buffers.nothing() },
         };
         MeteredBody { inner, api, observer, reservation: Some(reservation), contexts }
@@ -423,7 +430,22 @@ impl MeteredBody {
     fn observe(&mut self, data: &[u8]) {
         let api = self.api;
         match &mut self.observer {
-            Observer::Stream { parser, usage } => parser.feed(data, &mut |event| usage.on_event(api, &event.data)),
+            Observer::Stream { parser, usage, charge, starved } => {
+                if *starved {
+                    return;
+                }
+                // The parser may grow by twice the chunk (a Vec doubling): charged before, and
+                // trimmed to what it holds after.
+                let worst = parser.held_bytes() + 2 * data.len();
+                if worst > charge.bytes() && charge.try_grow(worst - charge.bytes()).is_err() {
+                    *starved = true;
+                    *parser = sse::Parser::new(0);
+                    charge.release();
+                    return;
+                }
+                parser.feed(data, &mut |event| usage.on_event(api, &event.data));
+                charge.shrink_to(parser.held_bytes());
+            }
             Observer::Whole { copy, overflowed, charge } => {
                 if *overflowed {
                     return;
@@ -450,6 +472,7 @@ impl MeteredBody {
         let Some(reservation) = self.reservation.take() else { return };
         let (measured, response_id) = match &self.observer {
             _ if !clean => (None, None),
+            Observer::Stream { starved: true, .. } => (None, None),
             Observer::Stream { usage, .. } => (usage.usage.filter(|_| usage.done), usage.response_id.clone()),
             Observer::Whole { copy, overflowed: false, .. } => match serde_json::from_slice::<ResponseHead>(copy) {
                 Ok(body) => (
