@@ -4,10 +4,11 @@
 //! (tests/meter/test_meter.py::test_concurrent_huge_requests_cannot_crash_the_meter).
 //!
 //! The arithmetic, for the container's 64 MiB limit (domain/meter_sidecar.rs): the meter's own
-//! baseline (runtime, TLS roots, price table, connections) peaks near 12 MiB in that test;
-//! allocator slack and hyper's per-connection read buffers (up to ~400 KiB each) take up to
-//! another ~16 MiB under a burst; that leaves [`TOTAL_BYTES`] = 24 MiB for bodies, their parse
-//! and their rewrite, with ~12 MiB to spare.
+//! baseline (runtime, TLS roots, price table) is about 11 MiB idle in a release build (README,
+//! `make bench-meter`); allocator slack and hyper's per-connection read buffers (up to ~400 KiB
+//! each) take up to ~16 MiB more under a burst; that leaves [`TOTAL_BYTES`] = 24 MiB for bodies,
+//! their parse and their rewrite, with ~13 MiB to spare. Measured: the debug build the attack
+//! test runs (33 MiB idle, most of it its larger binary mapped) peaks at 47 MiB under it.
 
 use std::sync::Arc;
 
