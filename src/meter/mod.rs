@@ -2,6 +2,7 @@
 //! and holds its budget. `agentgate meter` runs it standalone, against a fixed budget.
 
 pub mod budget;
+pub mod buffer_budget;
 pub mod grant_client;
 pub mod proxy;
 /// The sidecar the operator injects is built in the domain (pure, next to the Pod it goes into).
@@ -198,6 +199,7 @@ pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Arc<Meter>>
         client,
         default_output_cap: args.default_output_cap,
         contexts: Default::default(),
+        buffers: Default::default(),
     }))
 }
 

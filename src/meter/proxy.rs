@@ -18,16 +18,18 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 
 use super::budget::{self, Ledger, Outcome, Refusal, Reservation};
+use super::buffer_budget::{self, BufferBudget, Charge, Charged, Shortfall};
 use super::sse;
 use super::wire::{self, Api, BadRequest, Provider, Route, StreamUsage};
 use crate::domain::money::MicroUsd;
 use crate::domain::pricing::PriceTable;
 
-/// A request body is read whole (it is rewritten); larger ones are refused, not truncated.
-const MAX_REQUEST_BYTES: usize = 32 * 1024 * 1024;
 /// A non-streamed response is copied while it passes through so its usage can be read at the
-/// end; a bigger one (a huge embeddings batch) is charged its reservation instead.
-const MAX_RESPONSE_COPY_BYTES: usize = 32 * 1024 * 1024;
+/// end; a bigger one (a huge embeddings batch), or one the buffer budget cannot hold right now,
+/// is charged its reservation instead.
+const MAX_RESPONSE_COPY_BYTES: usize = 16 * 1024 * 1024;
+/// What a client refused for want of buffer memory is told to wait before trying again.
+const BUSY_RETRY_AFTER_SECONDS: &str = "1";
 /// A single SSE event larger than this cannot be a usage event.
 const MAX_SSE_EVENT_BYTES: usize = 4 * 1024 * 1024;
 
@@ -85,6 +87,8 @@ pub struct Meter {
     pub contexts: Arc<Contexts>,
     /// Where the budget comes from when the operator grants it (None: a fixed budget or none).
     pub grants: Option<Arc<super::grant_client::GrantClient>>,
+    /// The memory all calls in flight may hold in buffers (buffer_budget.rs has the arithmetic).
+    pub buffers: BufferBudget,
 }
 
 pub fn router(meter: Arc<Meter>) -> axum::Router {
@@ -132,23 +136,30 @@ async fn proxy(State(meter): State<Arc<Meter>>, request: Request) -> Response {
         );
     };
     let (parts, body) = request.into_parts();
-    let body = match axum::body::to_bytes(body, MAX_REQUEST_BYTES).await {
+    let body = match read_body(&meter.buffers, &parts.headers, body).await {
         Ok(body) => body,
-        Err(_) => {
-            return refuse(
-                provider,
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "the request body is too large or was cut off",
-            );
+        Err(shortfall) => {
+            meter.ledger.count_refusal();
+            return refuse_for_memory(provider, shortfall);
         }
     };
-    let (body, metering) = match route {
-        Route::Free(_) => (body, None),
-        Route::Metered(api) => match admit(&meter, api, body).await {
+    // Parsing and rewriting need memory of their own, in proportion to the JSON's structure.
+    let parse_charge = match route {
+        Route::Free(_) => None,
+        Route::Metered(_) => match meter.buffers.try_charge(buffer_budget::parse_cost(&body)) {
+            Ok(charge) => Some(charge),
+            Err(shortfall) => {
+                meter.ledger.count_refusal();
+                return refuse_for_memory(provider, shortfall);
+            }
+        },
+    };
+    let (body, metering) = match (route, parse_charge) {
+        (Route::Metered(api), Some(charge)) => match admit(&meter, api, body, charge).await {
             Ok((body, reservation)) => (body, Some((api, reservation))),
             Err(response) => return *response,
         },
+        _ => (body, None),
     };
     let uri = upstream_uri(&upstream.base, provider, &path, parts.uri.query());
     let mut builder = hyper::Request::builder().method(parts.method).uri(uri);
@@ -187,14 +198,72 @@ async fn proxy(State(meter): State<Arc<Meter>>, request: Request) -> Response {
         Some((api, reservation)) => {
             let streamed =
                 parts.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
-            Body::new(MeteredBody::new(incoming, api, streamed, reservation, meter.contexts.clone()))
+            Body::new(MeteredBody::new(incoming, api, streamed, reservation, meter.contexts.clone(), meter.buffers.clone()))
         }
     };
     Response::from_parts(parts, body)
 }
 
+/// The request body, read chunk by chunk against the buffer budget: the bytes a Content-Length
+/// announces are charged before any is read, a body without one as it grows. The returned
+/// bytes give their charge back when dropped (once hyper has sent them upstream).
+async fn read_body(buffers: &BufferBudget, headers: &HeaderMap, mut body: Body) -> Result<Bytes, Shortfall> {
+    use http_body_util::BodyExt;
+    let announced = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > buffer_budget::MAX_REQUEST_BYTES as u64) {
+        return Err(Shortfall::TooLarge);
+    }
+    let announced = announced.unwrap_or(0) as usize;
+    let mut charge = buffers.try_charge(announced)?;
+    let mut buffer: Vec<u8> = Vec::with_capacity(announced);
+    while let Some(frame) = body.frame().await {
+        // A body cut off or longer than announced: refused, never forwarded in part.
+        let Ok(frame) = frame else { return Err(Shortfall::TooLarge) };
+        let Ok(data) = frame.into_data() else { continue };
+        let needed = buffer.len() + data.len();
+        if needed > buffer_budget::MAX_REQUEST_BYTES {
+            return Err(Shortfall::TooLarge);
+        }
+        if needed > buffer.capacity() {
+            // Grown by doubling, as Vec would, but charged before the allocation is made.
+            let capacity = needed.max(buffer.capacity() * 2).min(buffer_budget::MAX_REQUEST_BYTES);
+            charge.try_grow(capacity - charge.bytes().min(capacity))?;
+            buffer.reserve_exact(capacity - buffer.len());
+        }
+        buffer.extend_from_slice(&data);
+    }
+    Ok(Charged { buffer, charge }.into_bytes())
+}
+
+/// A refusal for want of buffer memory, in the provider's shape: 413 for a body that can never
+/// be held, 503 with Retry-After while other calls hold the memory (the SDKs retry it).
+fn refuse_for_memory(provider: Provider, shortfall: Shortfall) -> Response {
+    match shortfall {
+        Shortfall::TooLarge => refuse(
+            provider,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            &format!(
+                "the request body is larger than the agentgate meter accepts ({} MiB, with its JSON parsed), or was cut off",
+                buffer_budget::MAX_REQUEST_BYTES >> 20
+            ),
+        ),
+        Shortfall::Busy => {
+            let mut response = refuse(
+                provider,
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded_error",
+                "the agentgate meter's memory for request bodies is held by other calls in flight; retry shortly",
+            );
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(BUSY_RETRY_AFTER_SECONDS));
+            response
+        }
+    }
+}
+
 /// Checks, prices, reserves and rewrites a metered call, or says why not in the provider's shape.
-async fn admit(meter: &Meter, api: Api, body: Bytes) -> Result<(Bytes, Reservation), Box<Response>> {
+/// `parse_charge` covers the parsed request and its rewrite; it goes with the rewritten body.
+async fn admit(meter: &Meter, api: Api, body: Bytes, parse_charge: Charge) -> Result<(Bytes, Reservation), Box<Response>> {
     let provider = api.provider();
     let refused = |status, kind: &str, message: &str| {
         meter.ledger.count_refusal();
@@ -257,8 +326,10 @@ async fn admit(meter: &Meter, api: Api, body: Bytes) -> Result<(Bytes, Reservati
     };
     let body = if wire::needs_rewrite(api, &facts, plan.inject_cap) {
         let request = wire::rewrite(api, request, &facts, plan.inject_cap);
+        let mut buffer = Vec::with_capacity(body.len() + 256);
         // Serialising a Value parsed from JSON cannot fail.
-        Bytes::from(serde_json::to_vec(&request).unwrap_or_default())
+        serde_json::to_writer(&mut buffer, &request).unwrap_or_default();
+        Charged { buffer, charge: parse_charge }.into_bytes()
     } else {
         body
     };
@@ -308,8 +379,21 @@ fn forward_headers(incoming: &HeaderMap, provider: Provider, key: Option<&Header
 }
 
 enum Observer {
-    Stream { parser: sse::Parser, usage: StreamUsage },
-    Whole { copy: Vec<u8>, overflowed: bool },
+    /// `charge` covers what the parser holds of an unfinished event; `starved` once the budget
+    /// could not, and the rest of the stream is passed on unread (charged its reservation).
+    Stream { parser: sse::Parser, usage: StreamUsage, charge: Charge, starved: bool },
+    /// `charge` covers `copy`'s capacity; when the budget cannot, the copy is given up.
+    Whole { copy: Vec<u8>, overflowed: bool, charge: Charge },
+}
+
+/// The only fields read from a whole response: serde skips the rest (an embeddings batch's
+/// vectors) without building them, so parsing takes no memory beyond the copy.
+#[derive(serde::Deserialize)]
+struct ResponseHead {
+    #[serde(default)]
+    usage: Option<serde_json::Value>,
+    #[serde(default)]
+    id: Option<serde_json::Value>,
 }
 
 /// The upstream's body, passed on frame by frame. It settles the call's reservation when the
@@ -323,10 +407,22 @@ pub struct MeteredBody {
 }
 
 impl MeteredBody {
-    fn new(inner: Incoming, api: Api, streamed: bool, reservation: Reservation, contexts: Arc<Contexts>) -> MeteredBody {
+    fn new(
+        inner: Incoming,
+        api: Api,
+        streamed: bool,
+        reservation: Reservation,
+        contexts: Arc<Contexts>,
+        buffers: BufferBudget,
+    ) -> MeteredBody {
         let observer = match streamed {
-            true => Observer::Stream { parser: sse::Parser::new(MAX_SSE_EVENT_BYTES), usage: StreamUsage::default() },
-            false => Observer::Whole { copy: Vec::new(), overflowed: false },
+            true => Observer::Stream {
+                parser: sse::Parser::new(MAX_SSE_EVENT_BYTES),
+                usage: StreamUsage::default(),
+                charge: buffers.nothing(),
+                starved: false,
+            },
+            false => Observer::Whole { copy: Vec::new(), overflowed: false, charge: buffers.nothing() },
         };
         MeteredBody { inner, api, observer, reservation: Some(reservation), contexts }
     }
@@ -334,14 +430,40 @@ impl MeteredBody {
     fn observe(&mut self, data: &[u8]) {
         let api = self.api;
         match &mut self.observer {
-            Observer::Stream { parser, usage } => parser.feed(data, &mut |event| usage.on_event(api, &event.data)),
-            Observer::Whole { copy, overflowed } => {
-                if copy.len() + data.len() > MAX_RESPONSE_COPY_BYTES {
-                    *overflowed = true;
-                    *copy = Vec::new();
-                } else if !*overflowed {
-                    copy.extend_from_slice(data);
+            Observer::Stream { parser, usage, charge, starved } => {
+                if *starved {
+                    return;
                 }
+                // The parser may grow by twice the chunk (a Vec doubling): charged before, and
+                // trimmed to what it holds after.
+                let worst = parser.held_bytes() + 2 * data.len();
+                if worst > charge.bytes() && charge.try_grow(worst - charge.bytes()).is_err() {
+                    *starved = true;
+                    *parser = sse::Parser::new(0);
+                    charge.release();
+                    return;
+                }
+                parser.feed(data, &mut |event| usage.on_event(api, &event.data));
+                charge.shrink_to(parser.held_bytes());
+            }
+            Observer::Whole { copy, overflowed, charge } => {
+                if *overflowed {
+                    return;
+                }
+                let needed = copy.len() + data.len();
+                if needed > copy.capacity() {
+                    // Charged before it is allocated. Without the memory, the call is charged its
+                    // reservation (at least its cost) rather than the meter risking its own life.
+                    let capacity = needed.max(copy.capacity() * 2).min(MAX_RESPONSE_COPY_BYTES);
+                    if needed > MAX_RESPONSE_COPY_BYTES || charge.try_grow(capacity - charge.bytes().min(capacity)).is_err() {
+                        *overflowed = true;
+                        *copy = Vec::new();
+                        charge.release();
+                        return;
+                    }
+                    copy.reserve_exact(capacity - copy.len());
+                }
+                copy.extend_from_slice(data);
             }
         }
     }
@@ -350,11 +472,12 @@ impl MeteredBody {
         let Some(reservation) = self.reservation.take() else { return };
         let (measured, response_id) = match &self.observer {
             _ if !clean => (None, None),
+            Observer::Stream { starved: true, .. } => (None, None),
             Observer::Stream { usage, .. } => (usage.usage.filter(|_| usage.done), usage.response_id.clone()),
-            Observer::Whole { copy, overflowed: false } => match serde_json::from_slice::<serde_json::Value>(copy) {
+            Observer::Whole { copy, overflowed: false, .. } => match serde_json::from_slice::<ResponseHead>(copy) {
                 Ok(body) => (
-                    body.get("usage").and_then(|u| wire::usage_of(self.api, u)),
-                    body.get("id").and_then(serde_json::Value::as_str).map(str::to_string),
+                    body.usage.as_ref().and_then(|u| wire::usage_of(self.api, u)),
+                    body.id.as_ref().and_then(serde_json::Value::as_str).map(str::to_string),
                 ),
                 Err(_) => (None, None),
             },

@@ -42,6 +42,11 @@ impl Parser {
         }
     }
 
+    /// The bytes the parser holds (allocated) of an unfinished line and event.
+    pub fn held_bytes(&self) -> usize {
+        self.line.capacity() + self.event.data.capacity() + self.event.name.capacity()
+    }
+
     /// Feeds one chunk; calls `on_event` for every event the chunk completes.
     pub fn feed(&mut self, mut chunk: &[u8], on_event: &mut impl FnMut(Event)) {
         while !chunk.is_empty() {

@@ -383,3 +383,94 @@ def test_many_concurrent_calls_never_overspend(tmp_path, upstream, sdk):
         assert_measured_exactly(meter, recorder)
     finally:
         meter.stop()
+
+
+# The meter container's memory limit (domain/meter_sidecar.rs): the meter must never reach it.
+METER_MEMORY_LIMIT = 64 * 1024 * 1024
+MIB = 1024 * 1024
+
+
+def peak_rss(pid):
+    """The process's peak resident memory (VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def raw_post(meter, body: bytes, content_length=None, send_body=True, timeout=30):
+    """POSTs a chat completion over a bare socket: (status, headers) or the error's name."""
+    import socket
+    host, port = meter.url.removeprefix("http://").split(":")
+    length = len(body) if content_length is None else content_length
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+            f"authorization: Bearer dummy\r\ncontent-length: {length}\r\nconnection: close\r\n\r\n").encode()
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        # Read while sending: a body refused by its Content-Length is answered before it is
+        # read, and the meter then closes the connection under the rest of it.
+        def read():
+            try:
+                response = http.client.HTTPResponse(s)
+                response.begin()
+                response.read()
+                return response.status, dict(response.getheaders())
+            except OSError as e:
+                return type(e).__name__, {}
+        with concurrent.futures.ThreadPoolExecutor(1) as reader:
+            answer = reader.submit(read)
+            try:
+                s.sendall(head + (body if send_body else b""))
+            except OSError:
+                pass
+            return answer.result()
+
+
+def chat_body(content_bytes):
+    return json.dumps({"model": "test-gpt", "max_tokens": 10,
+                       "messages": [{"role": "user", "content": "x" * content_bytes}]}).encode()
+
+
+def test_concurrent_huge_requests_cannot_crash_the_meter(meter, upstream):
+    """The agent is the hostile party: bodies the meter would buffer and parse, many at once,
+    some of them JSON whose parse is many times its size. Before the buffer budget the meter's
+    peak memory went far past its container's limit (OOM-killed in a Pod, losing usage)."""
+    import socket
+    recorder, _ = upstream
+    pid = meter.proc.pid
+    host, port = meter.url.removeprefix("http://").split(":")
+    # Two bodies announced at 9 MiB that never finish: the meter holds their memory meanwhile.
+    holders = []
+    for _ in range(2):
+        s = socket.create_connection((host, int(port)), timeout=60)
+        s.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+                   f"content-length: {9 * MIB}\r\n\r\n").encode() + b"{" + b" " * MIB)
+        holders.append(s)
+    try:
+        hostile = json.dumps({"model": "test-gpt", "max_tokens": 10,
+                              "messages": [{"role": "user", "content": [0] * (3 * MIB // 2)}]}).encode()
+        ordinary = chat_body(5 * MIB)
+        jobs = [(ordinary, None, True)] * 8 + [(hostile, None, True)] * 4 + [(b"", 30 * MIB, False)] * 4
+        with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(lambda job: raw_post(meter, job[0], job[1], job[2]), jobs))
+        peak = peak_rss(pid)
+        print(f"meter peak RSS after the flood: {peak / MIB:.1f} MiB; statuses: {[r[0] for r in results]}")
+        assert meter.proc.poll() is None, "the meter died: " + meter.logs()[-2000:]
+        assert peak < METER_MEMORY_LIMIT, f"the meter's peak memory {peak / MIB:.1f} MiB reached its container's limit"
+        # Announced over the per-request cap: refused before a byte is read.
+        assert all(r[0] == 413 for r in results[12:]), results[12:]
+        # Everything else was refused: the holders leave too little for a 5 MiB body and its parse.
+        assert all(r[0] in (413, 503) for r in results[:12]), [r[0] for r in results]
+        busy = [r for r in results if r[0] == 503]
+        assert busy and all(r[1].get("retry-after") == "1" for r in busy), "momentary shortage: 503 with Retry-After"
+        # JSON whose parse is far larger than itself can never be held: 413, also when alone.
+        assert raw_post(meter, hostile)[0] == 413
+    finally:
+        for s in holders:
+            s.close()
+    # The meter stays up and serves: the SDK (retrying a 503 while the holders' memory comes
+    # back) gets a 5 MiB call through, and every call that went through is counted exactly.
+    client = oai(meter, max_retries=5)
+    reply = client.chat.completions.create(model="test-gpt", max_tokens=10, messages=[{"role": "user", "content": "y" * (5 * MIB)}])
+    assert reply.choices[0].message.content == "héllo ✓"
+    client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "hi"}])
+    assert len(recorder.snapshot()) == 2
+    assert_measured_exactly(meter, recorder)
+    assert peak_rss(pid) < METER_MEMORY_LIMIT
