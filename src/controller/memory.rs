@@ -235,6 +235,32 @@ mod tests {
         assert!(conditions <= 5 * std::mem::size_of::<crate::api::Condition>() + 64, "five conditions cost {conditions} B");
     }
 
+    /// The job and requester indexes at 10,000 jobs awaiting approval in one namespace, as the
+    /// scale row leaves most of its jobs: per job, to read with `--nocapture`, and bounded.
+    #[test]
+    fn what_the_job_indexes_cost_per_job() {
+        use kube::runtime::watcher::Event;
+        let jobs = 10_000;
+        let (mut index, mut requesters) =
+            (crate::controller::index::JobIndex::default(), crate::controller::index::RequesterIndex::default());
+        for n in 0..jobs {
+            let job: crate::api::AgentJob = serde_json::from_value(serde_json::json!({
+                "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+                "metadata": {"annotations": {"agentgate.dev/requested-by": "admin"}, "name": format!("scale-{n:05}"),
+                    "namespace": "bench-scale", "uid": format!("50e68a4d-4412-4de4-bcf6-{n:012x}")},
+                "spec": {"agents": {"primary": {"image": "i", "model": "gpt-4o-mini", "name": "agent"}},
+                    "budget": {"maxCostUSD": "5.00"}, "category": "bench"},
+                "status": {"phase": "AwaitingApproval"}}))
+            .unwrap();
+            requesters.apply(&Event::Apply(job.clone()));
+            index.apply(&Event::Apply(job));
+        }
+        let (job_index, requester_index) = (super::heap_size(&index) / jobs, super::heap_size(&requesters) / jobs);
+        println!("job index {job_index} B a job, requester index {requester_index} B a job");
+        // 565 and 247 B with a `String` copy of a job's namespace, name and uid in each map.
+        assert!(job_index < 300 && requester_index < 120, "{job_index} B, {requester_index} B");
+    }
+
     #[test]
     fn a_values_heap_size_counts_what_it_owns() {
         let text = "x".repeat(1000);

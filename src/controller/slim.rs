@@ -390,7 +390,7 @@ mod tests {
         assert_eq!(m.annotations, None, "the tenant's mark is not kept, nor the requester (index::RequesterIndex)");
         let mut requesters = crate::controller::index::RequesterIndex::default();
         requesters.apply(&kube::runtime::watcher::Event::Apply(full.clone()));
-        assert_eq!(requesters.of(&("team".into(), "scan".into()), full.metadata.uid.as_deref().expect("uid")).as_deref(), Some("alice"));
+        assert_eq!(requesters.of(full.metadata.uid.as_deref().expect("uid")).as_deref(), Some("alice"));
         assert_eq!(small.spec, full.spec, "a small spec is cached whole");
 
         let mut big = job(vec!["x".repeat(2000)]);
