@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use strum::{EnumString, IntoStaticStr, VariantArray};
 
-use super::condition::Condition;
+use super::condition::{Condition, Text};
 use super::schema;
 
 /// Serde and strum both name a phase by its variant name, as the CRD's status.phase enum does
@@ -199,7 +199,7 @@ pub struct GenerationRecord {
     pub observed_time: Time,
     /// `approved/required` when this generation was last gated, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub approvals: Option<String>,
+    pub approvals: Option<Text>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approved_by: Vec<String>,
     /// Attempts that ran this generation.
@@ -212,7 +212,7 @@ pub struct GenerationRecord {
     pub cost_usd: Option<String>,
     /// The job's phase while this is the current generation; afterwards the result of its last
     /// attempt, `Superseded` if none ran, or `NotRun` if it came after the job had finished.
-    pub result: String,
+    pub result: Text,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -242,7 +242,7 @@ pub struct Estimate {
     #[serde(rename = "costUSD")]
     pub cost_usd: CostRange,
     /// `prior`, `history` or `blend`.
-    pub method: String,
+    pub method: Text,
     pub samples: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<ModelEstimate>,
@@ -257,14 +257,14 @@ pub struct TokenRange {
 /// USD as decimal strings, like the budget they are compared with.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct CostRange {
-    pub p50: String,
-    pub p90: String,
+    pub p50: Text,
+    pub p90: Text,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelEstimate {
-    pub model: String,
+    pub model: Text,
     pub tokens: TokenRange,
     #[serde(rename = "costUSD")]
     pub cost_usd: CostRange,
@@ -272,9 +272,9 @@ pub struct ModelEstimate {
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct ReadinessCheck {
-    pub name: String,
+    pub name: Text,
     pub passed: bool,
-    pub message: String,
+    pub message: Text,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -283,7 +283,7 @@ pub struct ApprovalStatus {
     pub required: i32,
     pub approved: i32,
     /// `approved/required`, for `kubectl get`.
-    pub summary: String,
+    pub summary: Text,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvers: Vec<Approver>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -49,9 +49,29 @@ impl schemars::JsonSchema for Condition {
 }
 
 /// An immutable string shared by every value equal to it that was read from JSON (interned) or
-/// cloned: 16 bytes inline and nothing more per copy.
+/// cloned: 16 bytes inline and nothing more per copy. Also the status strings that repeat across
+/// jobs (readiness checks, estimates, history results, approval summaries). Its schema is a
+/// string's.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Text(Arc<str>);
+
+impl schemars::JsonSchema for Text {
+    fn inline_schema() -> bool {
+        <String as schemars::JsonSchema>::inline_schema()
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        <String as schemars::JsonSchema>::schema_name()
+    }
+
+    fn schema_id() -> std::borrow::Cow<'static, str> {
+        <String as schemars::JsonSchema>::schema_id()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        <String as schemars::JsonSchema>::json_schema(generator)
+    }
+}
 
 impl Text {
     pub fn as_str(&self) -> &str {

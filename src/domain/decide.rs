@@ -238,16 +238,16 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
                 s.estimate = Some(Estimate {
                     generation,
                     tokens: TokenRange { p50: f.tokens_p50, p90: f.tokens_p90 },
-                    cost_usd: CostRange { p50: f.cost_p50.to_string(), p90: f.cost_p90.to_string() },
-                    method: f.method.to_string(),
+                    cost_usd: CostRange { p50: f.cost_p50.to_string().into(), p90: f.cost_p90.to_string().into() },
+                    method: f.method.into(),
                     samples: f.samples as i64,
                     models: f
                         .models
                         .iter()
                         .map(|m| ModelEstimate {
-                            model: m.model.clone(),
+                            model: m.model.as_str().into(),
                             tokens: TokenRange { p50: m.tokens_p50, p90: m.tokens_p90 },
-                            cost_usd: CostRange { p50: m.cost_p50.to_string(), p90: m.cost_p90.to_string() },
+                            cost_usd: CostRange { p50: m.cost_p50.to_string().into(), p90: m.cost_p90.to_string().into() },
                         })
                         .collect(),
                 });
@@ -270,7 +270,7 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
     s.approval = Some(ApprovalStatus {
         required: need.required,
         approved: t.approvers.len() as i32,
-        summary: format!("{}/{}", t.approvers.len(), need.required),
+        summary: format!("{}/{}", t.approvers.len(), need.required).into(),
         approvers: t.approvers.clone(),
         rejected_by: t.rejected_by.as_ref().map(|r| r.voter.clone()),
         ignored_votes: t.ignored_for_status(),
