@@ -193,7 +193,7 @@ async fn a_tenant_renders_a_job_from_a_template_that_only_admins_curate_and_it_n
     assert!(out.status.success(), "{}", text(&out));
     let printed: AgentJob = serde_saphyr::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
     assert!(jobs.get_opt("scan-api").await.unwrap().is_none(), "-o yaml created the job");
-    assert_eq!(printed.spec.input, Some(json!({"repositoryPath": "/src/api", "scanDepth": "full"})));
+    assert_eq!(printed.spec.input.as_deref(), Some(&json!({"repositoryPath": "/src/api", "scanDepth": "full"})));
     assert_eq!(printed.labels().get(TEMPLATE_GENERATION_LABEL).map(String::as_str), Some("1"));
 
     // Without -o it is created as dave, with the template's name and version.

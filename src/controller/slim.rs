@@ -346,7 +346,7 @@ mod tests {
         };
         let mut small = job(json!({"repo": "x"}));
         super::job(&mut small);
-        assert_eq!(small.spec.input, Some(json!({"repo": "x"})));
+        assert_eq!(small.spec.input.as_deref(), Some(&json!({"repo": "x"})));
         assert!(small.spec.input_schema.is_some() && !small.annotations().contains_key(crate::controller::agent_job::SPEC_ELIDED));
         assert_eq!(small.metadata.managed_fields, None);
         let mut big = job(json!({"blob": "y".repeat(crate::controller::agent_job::ELIDE_SPEC_OVER)}));

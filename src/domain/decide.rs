@@ -235,7 +235,7 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
                 return;
             }
             Ok(f) => {
-                s.estimate = Some(Estimate {
+                s.estimate = Some(Box::new(Estimate {
                     generation,
                     tokens: TokenRange { p50: f.tokens_p50, p90: f.tokens_p90 },
                     cost_usd: CostRange { p50: f.cost_p50.to_string().into(), p90: f.cost_p90.to_string().into() },
@@ -250,7 +250,7 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
                             cost_usd: CostRange { p50: m.cost_p50.to_string().into(), p90: m.cost_p90.to_string().into() },
                         })
                         .collect(),
-                });
+                }));
                 let msg = format!(
                     "p50 ${} / p90 ${}, {} / {} tokens ({}, {} sample(s))",
                     f.cost_p50, f.cost_p90, f.tokens_p50, f.tokens_p90, f.method, f.samples
@@ -410,13 +410,13 @@ fn spec_checks(spec: &AgentJobSpec, cost_p90: MicroUsd, tokens_p90: i64) -> Resu
     if let Some(reason) = over_budget(spec, cost_p90, tokens_p90) {
         return Err(("BudgetExceeded", reason));
     }
-    check_input_size(spec.input.as_ref()).map_err(|why| ("InvalidInput", why))?;
+    check_input_size(spec.input.as_deref()).map_err(|why| ("InvalidInput", why))?;
     // The output schema is only applied after the run: a schema that cannot be evaluated must
     // stop the job before anything is spent.
     if let Some(Err(why)) = spec.output_schema.as_ref().map(|schema| check_schema("output", schema)) {
         return Err(("InvalidOutputSchema", why));
     }
-    check_against_schema("input", spec.input.as_ref(), spec.input_schema.as_ref())
+    check_against_schema("input", spec.input.as_deref(), spec.input_schema.as_deref())
         .map_err(|errors| ("InvalidInput", format!("input does not match inputSchema: {}", errors.join("; "))))
 }
 
