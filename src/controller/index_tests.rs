@@ -256,3 +256,27 @@ fn a_uid_is_kept_in_sixteen_bytes_and_only_equal_texts_are_one_uid() {
         assert_eq!(Uid::of(other), Uid::Other(other.into()), "{other}");
     }
 }
+
+#[test]
+fn a_few_stays_sorted_and_without_duplicates_past_its_vec() {
+    let mut few = Few::default();
+    let order: Vec<u32> = (0..100).map(|i| (i * 37) % 100).collect();
+    for (n, &i) in order.iter().enumerate() {
+        few.insert(i);
+        few.insert(i);
+        let mut expected: Vec<u32> = order[..=n].to_vec();
+        expected.sort();
+        assert_eq!(few.iter().copied().collect::<Vec<_>>(), expected, "after {} inserts", n + 1);
+    }
+    assert!(matches!(few, Few::Many(_)), "a hundred make it a BTreeSet");
+    for i in 0..100 {
+        few.remove(&i);
+    }
+    assert!(few.is_empty());
+    let mut small = Few::default();
+    for name in ["b", "a", "c"] {
+        small.insert(name);
+    }
+    small.remove(&"b");
+    assert!(matches!(&small, Few::Sorted(v) if v == &["a", "c"]));
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use kube::ResourceExt;
 use kube::runtime::watcher::Event;
 
-use super::index::{Change, Entries, Key, link, unlink};
+use super::index::{Change, Entries, Few, Key, link, unlink};
 use super::snapshot;
 use crate::api::{AgentJob, JobPhase};
 use crate::domain::readiness::Resources;
@@ -137,9 +137,9 @@ pub struct JobIndex {
     waiting: BTreeMap<QueueKey, Uid>,
     awaiting_approval: BTreeSet<JobKey>,
     /// Tool → Running jobs that name it.
-    running_by_tool: HashMap<String, BTreeSet<JobKey>>,
+    running_by_tool: HashMap<String, Few<JobKey>>,
     /// Tool → unfinished jobs that name it.
-    unfinished_by_tool: HashMap<String, BTreeSet<JobKey>>,
+    unfinished_by_tool: HashMap<String, Few<JobKey>>,
 }
 
 impl JobIndex {
@@ -219,11 +219,11 @@ impl JobIndex {
     }
 
     pub fn running_naming(&self, tool: &str) -> impl Iterator<Item = Key> {
-        self.running_by_tool.get(tool).into_iter().flatten().map(text)
+        self.running_by_tool.get(tool).into_iter().flat_map(Few::iter).map(text)
     }
 
     pub fn unfinished_naming(&self, tool: &str) -> impl Iterator<Item = Key> {
-        self.unfinished_by_tool.get(tool).into_iter().flatten().map(text)
+        self.unfinished_by_tool.get(tool).into_iter().flat_map(Few::iter).map(text)
     }
 
     /// Waiting jobs that a release of capacity on a node (whose capacity left is `node_free`,
