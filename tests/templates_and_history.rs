@@ -148,7 +148,7 @@ async fn create_template(admin: &Client, template: &AgentJobTemplate) {
 }
 
 fn approval_summary(job: &AgentJob) -> Option<String> {
-    job.status.as_ref()?.approval.as_ref().map(|a| a.summary.clone())
+    job.status.as_ref()?.approval.as_ref().map(|a| a.summary.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,7 +243,7 @@ async fn revisions(client: &Client, ns: &str, job: &AgentJob) -> Vec<ControllerR
 }
 
 fn history_of(job: &AgentJob) -> Vec<(i64, String)> {
-    job.status.as_ref().map(|s| s.history.iter().map(|h| (h.generation, h.result.clone())).collect()).unwrap_or_default()
+    job.status.as_ref().map(|s| s.history.iter().map(|h| (h.generation, h.result.to_string())).collect()).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
