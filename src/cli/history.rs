@@ -101,7 +101,7 @@ pub fn render_history(job: &AgentJob, rows: &[HistoryRow]) -> String {
             let h = &r.record;
             vec![
                 h.generation.to_string(),
-                short(&h.spec_digest).to_string(),
+                short(&h.spec_digest.to_string()).to_string(),
                 h.observed_time.0.to_string(),
                 h.approvals
                     .as_ref()
@@ -263,7 +263,7 @@ mod tests {
     fn record(generation: i64, spec: &AgentJobSpec) -> GenerationRecord {
         GenerationRecord {
             generation,
-            spec_digest: spec_digest(spec),
+            spec_digest: spec_digest(spec).into(),
             observed_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
             approvals: None,
             approved_by: vec![],

@@ -62,7 +62,7 @@ pub fn record(status: &mut AgentJobStatus, old: &AgentJobStatus, job: &AgentJob,
     if !status.history.iter().any(|h| h.generation == generation) {
         status.history.push(GenerationRecord {
             generation,
-            spec_digest: spec_digest(&job.spec),
+            spec_digest: spec_digest(&job.spec).into(),
             observed_time: now.clone(),
             approvals: None,
             approved_by: Vec::new(),
