@@ -3,7 +3,7 @@
 //! each watch cache and index, sized by deep-copying it one object at a time on this thread and
 //! reading jemalloc's per-thread allocation counter around the copy. The copies are dropped at
 //! once, so a report costs the CPU of one copy of the caches and the memory of the largest copy:
-//! one object of a store, an index whole (the job index: ~5 MiB at 10,000 jobs). An index's
+//! one object of a store, an index whole (the job index: ~2 MiB at 10,000 jobs). An index's
 //! lock is held while it is copied, so watch events wait that long to reach it.
 //!
 //! Sizes are jemalloc's size classes of every allocation an object owns plus its inline size;
