@@ -148,7 +148,7 @@ async fn create_template(admin: &Client, template: &AgentJobTemplate) {
 }
 
 fn approval_summary(job: &AgentJob) -> Option<String> {
-    job.status.as_ref()?.approval.as_ref().map(|a| a.summary.clone())
+    job.status.as_ref()?.approval.as_ref().map(|a| a.summary.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,7 +193,7 @@ async fn a_tenant_renders_a_job_from_a_template_that_only_admins_curate_and_it_n
     assert!(out.status.success(), "{}", text(&out));
     let printed: AgentJob = serde_saphyr::from_str(&stdout(&out)).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
     assert!(jobs.get_opt("scan-api").await.unwrap().is_none(), "-o yaml created the job");
-    assert_eq!(printed.spec.input, Some(json!({"repositoryPath": "/src/api", "scanDepth": "full"})));
+    assert_eq!(printed.spec.input.as_deref(), Some(&json!({"repositoryPath": "/src/api", "scanDepth": "full"})));
     assert_eq!(printed.labels().get(TEMPLATE_GENERATION_LABEL).map(String::as_str), Some("1"));
 
     // Without -o it is created as dave, with the template's name and version.
@@ -243,7 +243,7 @@ async fn revisions(client: &Client, ns: &str, job: &AgentJob) -> Vec<ControllerR
 }
 
 fn history_of(job: &AgentJob) -> Vec<(i64, String)> {
-    job.status.as_ref().map(|s| s.history.iter().map(|h| (h.generation, h.result.clone())).collect()).unwrap_or_default()
+    job.status.as_ref().map(|s| s.history.iter().map(|h| (h.generation, h.result.to_string())).collect()).unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use strum::{EnumString, IntoStaticStr, VariantArray};
 
-use super::condition::Condition;
+use super::condition::{Condition, Text};
 use super::schema;
 
 /// Serde and strum both name a phase by its variant name, as the CRD's status.phase enum does
@@ -36,8 +36,10 @@ impl JobPhase {
 
 // The structs most jobs never fill (`usage`, `output`, `toolEndpoints`, `meter`) are boxed: an
 // empty `Option` of a struct costs its whole size inline, and 10,000 cached jobs hold one each
-// (`controller::memory` test `what_a_cached_job_awaiting_approval_costs`). A box serialises as
-// its content, so the CRD is the same (a `//` comment: a doc comment would enter the schema).
+// (`controller::memory` test `what_a_cached_job_awaiting_approval_costs`). So is `estimate`,
+// which most have: it takes a cached job (its `Arc`) from jemalloc's 1,536-byte size class to
+// 1,280 for a box of 112. A box serialises as its content, so the CRD is the same (a `//`
+// comment: a doc comment would enter the schema).
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentJobStatus {
@@ -51,7 +53,7 @@ pub struct AgentJobStatus {
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub estimate: Option<Estimate>,
+    pub estimate: Option<Box<Estimate>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<ReadinessCheck>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -194,12 +196,12 @@ fn is_zero(n: &i64) -> bool {
 pub struct GenerationRecord {
     pub generation: i64,
     /// `sha256:<hex>` of the spec as JSON; the ControllerRevision holding the spec carries it too.
-    pub spec_digest: String,
+    pub spec_digest: SpecDigest,
     /// When the operator first saw this generation.
     pub observed_time: Time,
     /// `approved/required` when this generation was last gated, if it was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub approvals: Option<String>,
+    pub approvals: Option<Text>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approved_by: Vec<String>,
     /// Attempts that ran this generation.
@@ -212,7 +214,100 @@ pub struct GenerationRecord {
     pub cost_usd: Option<String>,
     /// The job's phase while this is the current generation; afterwards the result of its last
     /// attempt, `Superseded` if none ran, or `NotRun` if it came after the job had finished.
-    pub result: String,
+    pub result: Text,
+}
+
+/// A spec digest as a cached job keeps it: `sha256:` and 64 lowercase hex digits as their 32
+/// bytes, boxed (32 B of heap, not the text's 80, in each of 10,000 cached jobs' history), and
+/// any other text as written. Reads, writes and compares as its text; its schema is a string's.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SpecDigest {
+    Sha256(Box<[u8; 32]>),
+    Other(Box<str>),
+}
+
+/// The 32 bytes of a canonical `sha256:<64 lowercase hex digits>`.
+fn sha256_bytes(text: &str) -> Option<[u8; 32]> {
+    let hex = text.strip_prefix("sha256:").filter(|h| h.len() == 64 && h.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')))?;
+    let digit = |c: u8| if c <= b'9' { c - b'0' } else { c - b'a' + 10 };
+    let mut bytes = [0u8; 32];
+    for (byte, pair) in bytes.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
+        *byte = (digit(pair[0]) << 4) | digit(pair[1]);
+    }
+    Some(bytes)
+}
+
+impl From<String> for SpecDigest {
+    fn from(text: String) -> Self {
+        match sha256_bytes(&text) {
+            Some(bytes) => SpecDigest::Sha256(Box::new(bytes)),
+            None => SpecDigest::Other(text.into()),
+        }
+    }
+}
+
+impl std::fmt::Display for SpecDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpecDigest::Sha256(bytes) => {
+                f.write_str("sha256:")?;
+                bytes.iter().try_for_each(|b| write!(f, "{b:02x}"))
+            }
+            SpecDigest::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+impl std::fmt::Debug for SpecDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&self.to_string(), f)
+    }
+}
+
+impl PartialEq<String> for SpecDigest {
+    fn eq(&self, other: &String) -> bool {
+        // Only a canonical text reads as bytes, and writes back as itself.
+        match self {
+            SpecDigest::Other(text) => **text == **other,
+            SpecDigest::Sha256(bytes) => sha256_bytes(other).is_some_and(|b| b == **bytes),
+        }
+    }
+}
+
+impl PartialEq<SpecDigest> for String {
+    fn eq(&self, other: &SpecDigest) -> bool {
+        other == self
+    }
+}
+
+impl Serialize for SpecDigest {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SpecDigest {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(SpecDigest::from)
+    }
+}
+
+impl JsonSchema for SpecDigest {
+    fn inline_schema() -> bool {
+        <String as JsonSchema>::inline_schema()
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        <String as JsonSchema>::schema_name()
+    }
+
+    fn schema_id() -> std::borrow::Cow<'static, str> {
+        <String as JsonSchema>::schema_id()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        <String as JsonSchema>::json_schema(generator)
+    }
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -242,7 +337,7 @@ pub struct Estimate {
     #[serde(rename = "costUSD")]
     pub cost_usd: CostRange,
     /// `prior`, `history` or `blend`.
-    pub method: String,
+    pub method: Text,
     pub samples: i64,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<ModelEstimate>,
@@ -257,14 +352,14 @@ pub struct TokenRange {
 /// USD as decimal strings, like the budget they are compared with.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 pub struct CostRange {
-    pub p50: String,
-    pub p90: String,
+    pub p50: Text,
+    pub p90: Text,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelEstimate {
-    pub model: String,
+    pub model: Text,
     pub tokens: TokenRange,
     #[serde(rename = "costUSD")]
     pub cost_usd: CostRange,
@@ -272,9 +367,9 @@ pub struct ModelEstimate {
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub struct ReadinessCheck {
-    pub name: String,
+    pub name: Text,
     pub passed: bool,
-    pub message: String,
+    pub message: Text,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -283,7 +378,7 @@ pub struct ApprovalStatus {
     pub required: i32,
     pub approved: i32,
     /// `approved/required`, for `kubectl get`.
-    pub summary: String,
+    pub summary: Text,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvers: Vec<Approver>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -401,6 +496,22 @@ pub struct ModelUsage {
 #[cfg(test)]
 mod tests {
     use super::JobPhase;
+
+    /// A digest reads and writes as the text it was, whatever it is, and only a canonical
+    /// sha256 one is kept as bytes.
+    #[test]
+    fn a_spec_digest_round_trips_as_its_text() {
+        use super::SpecDigest;
+        let canonical = format!("sha256:{}", "0123456789abcdef".repeat(4));
+        let upper = format!("sha256:{}", "0123456789ABCDEF".repeat(4));
+        for text in [canonical.as_str(), upper.as_str(), "sha256:abc", "md5:x", "", "sha256:é"] {
+            let digest: SpecDigest = serde_json::from_value(serde_json::json!(text)).unwrap();
+            assert_eq!(serde_json::to_value(&digest).unwrap(), serde_json::json!(text));
+            assert_eq!(digest, text.to_string());
+            assert_eq!(matches!(digest, SpecDigest::Sha256(_)), text == canonical, "{text}");
+        }
+        assert_ne!(SpecDigest::from(canonical), SpecDigest::from(upper));
+    }
 
     #[test]
     fn phase_names_match_the_wire_format() {

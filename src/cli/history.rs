@@ -101,16 +101,16 @@ pub fn render_history(job: &AgentJob, rows: &[HistoryRow]) -> String {
             let h = &r.record;
             vec![
                 h.generation.to_string(),
-                short(&h.spec_digest).to_string(),
+                short(&h.spec_digest.to_string()).to_string(),
                 h.observed_time.0.to_string(),
                 h.approvals
-                    .clone()
-                    .map(|a| if h.approved_by.is_empty() { a } else { format!("{a} ({})", h.approved_by.join(", ")) })
+                    .as_ref()
+                    .map(|a| if h.approved_by.is_empty() { a.to_string() } else { format!("{a} ({})", h.approved_by.join(", ")) })
                     .unwrap_or_else(|| "-".into()),
                 h.attempts.to_string(),
                 h.total_tokens.map_or("-".into(), |t| t.to_string()),
                 h.cost_usd.clone().map_or("-".into(), |c| format!("${c}")),
-                h.result.clone(),
+                h.result.to_string(),
                 r.spec.clone(),
             ]
         })
@@ -263,7 +263,7 @@ mod tests {
     fn record(generation: i64, spec: &AgentJobSpec) -> GenerationRecord {
         GenerationRecord {
             generation,
-            spec_digest: spec_digest(spec),
+            spec_digest: spec_digest(spec).into(),
             observed_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
             approvals: None,
             approved_by: vec![],

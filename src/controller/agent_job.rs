@@ -111,8 +111,7 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         Some(author) => (Some(author.clone()), job.annotations().get(SPEC_EDITED_BY).cloned().unwrap_or_default()),
         None => {
             let requesters = ctx.caches.index.requesters();
-            let key = (namespace.clone(), name.clone());
-            (requesters.of(&key, &uid), requesters.editors_of(&key, &uid).unwrap_or_default())
+            (requesters.of(&uid), requesters.editors_of(&uid).unwrap_or_default())
         }
     };
     let author = author.as_deref();
@@ -344,7 +343,7 @@ fn claiming_jobs(job: &AgentJob, caches: &Caches) -> Vec<Arc<AgentJob>> {
     let (priority, created, ..) = snapshot::queue_key(job);
     let keys: std::collections::BTreeSet<_> = {
         let index = caches.index.jobs();
-        let running = job.spec.tools.iter().flat_map(|t| index.running_naming(&t.name).cloned().collect::<Vec<_>>());
+        let running = job.spec.tools.iter().flat_map(|t| index.running_naming(&t.name).collect::<Vec<_>>());
         running.chain(index.waiting_up_to(priority, created)).collect()
     };
     keys.iter().filter_map(|key| super::index::cached(&caches.jobs, key)).collect()

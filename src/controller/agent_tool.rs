@@ -256,7 +256,7 @@ async fn reconcile_inner(tool: &AgentTool, ctx: &Context) -> Result<Action> {
     s.ready_endpoints = endpoint.ready_endpoints;
     s.url = endpoint.url;
     let running: Vec<_> = {
-        let keys: Vec<_> = ctx.caches.index.jobs().running_naming(&tool.name_any()).cloned().collect();
+        let keys: Vec<_> = ctx.caches.index.jobs().running_naming(&tool.name_any()).collect();
         keys.iter().filter_map(|key| super::index::cached(&ctx.caches.jobs, key)).collect()
     };
     s.in_use = rate_limit_claims(&running, &tool.name_any(), None).0;

@@ -14,15 +14,17 @@
 //! `InitDone`) is buffered and swapped in at `InitDone`, like the reflector's own store, with a
 //! change for each object that was added, changed or has gone meanwhile.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::{Pod, ResourceQuota};
 use kube::ResourceExt;
 use kube::runtime::watcher::Event;
 
 use super::snapshot;
-use crate::api::{AgentJob, ApprovalVote, JobPhase};
+use crate::api::ApprovalVote;
 use crate::domain::readiness::Resources;
+
+pub use super::job_index::{JobEntry, JobIndex, QueueKey, RequesterIndex, Shortage, Uid};
 
 /// Namespace and name.
 pub type Key = (String, String);
@@ -33,26 +35,27 @@ fn key_of<K: kube::Resource>(obj: &K) -> Key {
 
 /// An entry changed by an event: what it was and what it is now (None: absent).
 #[derive(Debug, PartialEq)]
-pub struct Change<E> {
-    pub key: Key,
+pub struct Change<E, Id = Key> {
+    pub key: Id,
     pub old: Option<E>,
     pub new: Option<E>,
 }
 
-/// Entries by key, with a relist buffered until `InitDone`.
+/// Entries by key (an object's namespace and name, or what `Entries::apply_by` keys it by), with
+/// a relist buffered until `InitDone`.
 #[derive(Clone, Debug)]
-struct Entries<E> {
-    live: HashMap<Key, E>,
-    relisting: Option<HashMap<Key, E>>,
+pub(super) struct Entries<E, Id = Key> {
+    pub(super) live: HashMap<Id, E>,
+    relisting: Option<HashMap<Id, E>>,
 }
 
-impl<E> Default for Entries<E> {
+impl<E, Id> Default for Entries<E, Id> {
     fn default() -> Self {
         Entries { live: HashMap::new(), relisting: None }
     }
 }
 
-impl<E> Entries<E> {
+impl<E, Id> Entries<E, Id> {
     /// Objects indexed (`GET /debug/memory`).
     pub fn objects(&self) -> usize {
         self.live.len()
@@ -61,8 +64,20 @@ impl<E> Entries<E> {
 
 impl<E: Clone + PartialEq> Entries<E> {
     /// The entries that changed; `entry` derives an object's entry (None: not indexed).
-    fn apply<K: kube::Resource>(&mut self, event: &Event<K>, entry: impl Fn(&K) -> Option<E>) -> Vec<Change<E>> {
-        let set = |live: &mut HashMap<Key, E>, key: Key, new: Option<E>| {
+    fn apply<K: kube::Resource>(&mut self, event: &Event<K>, entry: impl FnMut(&K) -> Option<E>) -> Vec<Change<E>> {
+        self.apply_by(event, |obj| Some(key_of(obj)), entry)
+    }
+}
+
+impl<E: Clone + PartialEq, Id: Clone + Eq + std::hash::Hash> Entries<E, Id> {
+    /// `apply`, with objects keyed by `id` (None: not indexed).
+    pub(super) fn apply_by<K>(
+        &mut self,
+        event: &Event<K>,
+        id: impl Fn(&K) -> Option<Id>,
+        mut entry: impl FnMut(&K) -> Option<E>,
+    ) -> Vec<Change<E, Id>> {
+        let set = |live: &mut HashMap<Id, E>, key: Id, new: Option<E>| {
             let old = match &new {
                 Some(e) => live.insert(key.clone(), e.clone()),
                 None => live.remove(&key),
@@ -70,21 +85,23 @@ impl<E: Clone + PartialEq> Entries<E> {
             (old != new).then_some(Change { key, old, new })
         };
         match event {
-            Event::Apply(obj) => set(&mut self.live, key_of(obj), entry(obj)).into_iter().collect(),
-            Event::Delete(obj) => set(&mut self.live, key_of(obj), None).into_iter().collect(),
+            Event::Apply(obj) => id(obj).and_then(|key| set(&mut self.live, key, entry(obj))).into_iter().collect(),
+            Event::Delete(obj) => id(obj).and_then(|key| set(&mut self.live, key, None)).into_iter().collect(),
             Event::Init => {
                 self.relisting = Some(HashMap::new());
                 Vec::new()
             }
             Event::InitApply(obj) => {
-                if let Some(e) = entry(obj) {
-                    self.relisting.get_or_insert_default().insert(key_of(obj), e);
+                if let Some(key) = id(obj)
+                    && let Some(e) = entry(obj)
+                {
+                    self.relisting.get_or_insert_default().insert(key, e);
                 }
                 Vec::new()
             }
             Event::InitDone => {
                 let mut listed = self.relisting.take().unwrap_or_default();
-                let gone: Vec<Key> = self.live.keys().filter(|k| !listed.contains_key(*k)).cloned().collect();
+                let gone: Vec<Id> = self.live.keys().filter(|k| !listed.contains_key(*k)).cloned().collect();
                 let mut changes: Vec<_> = gone.into_iter().filter_map(|k| set(&mut self.live, k, None)).collect();
                 changes.extend(listed.drain().filter_map(|(k, e)| set(&mut self.live, k, Some(e))));
                 changes
@@ -93,11 +110,78 @@ impl<E: Clone + PartialEq> Entries<E> {
     }
 }
 
-fn link(map: &mut HashMap<String, BTreeSet<Key>>, at: &str, key: &Key) {
+/// The few objects one thing has (a job's Pods or votes, the Pods labelled with a job's uid, the
+/// jobs naming a tool), sorted: a `Vec` while there are at most `Few::MAX_VEC`, since a
+/// `BTreeSet`'s first node alone takes 0.3-0.6 KB (the Pod index took 1,960 B a Pod and the vote
+/// index 485 B a vote, with one each). More (a tenant's thousand decoys or votes) make it a
+/// `BTreeSet`, so that an insert stays O(log n).
+#[derive(Clone, Debug)]
+pub(super) enum Few<T> {
+    Sorted(Vec<T>),
+    Many(BTreeSet<T>),
+}
+
+impl<T> Default for Few<T> {
+    fn default() -> Self {
+        Few::Sorted(Vec::new())
+    }
+}
+
+impl<T: Ord> Few<T> {
+    const MAX_VEC: usize = 32;
+
+    pub(super) fn insert(&mut self, item: T) {
+        match self {
+            Few::Sorted(items) => match items.binary_search(&item) {
+                Ok(_) => {}
+                Err(at) if items.len() < Self::MAX_VEC => items.insert(at, item),
+                Err(_) => {
+                    let mut many: BTreeSet<T> = std::mem::take(items).into_iter().collect();
+                    many.insert(item);
+                    *self = Few::Many(many);
+                }
+            },
+            Few::Many(many) => {
+                many.insert(item);
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, item: &T) {
+        match self {
+            Few::Sorted(items) => {
+                if let Ok(at) = items.binary_search(item) {
+                    items.remove(at);
+                }
+            }
+            Few::Many(many) => {
+                many.remove(item);
+            }
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        match self {
+            Few::Sorted(items) => items.is_empty(),
+            Few::Many(many) => many.is_empty(),
+        }
+    }
+
+    /// In order.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &T> {
+        let (sorted, many) = match self {
+            Few::Sorted(items) => (Some(items.iter()), None),
+            Few::Many(many) => (None, Some(many.iter())),
+        };
+        sorted.into_iter().flatten().chain(many.into_iter().flatten())
+    }
+}
+
+pub(super) fn link<T: Ord + Clone>(map: &mut HashMap<String, Few<T>>, at: &str, key: &T) {
     map.entry(at.to_string()).or_default().insert(key.clone());
 }
 
-fn unlink(map: &mut HashMap<String, BTreeSet<Key>>, at: &str, key: &Key) {
+pub(super) fn unlink<T: Ord>(map: &mut HashMap<String, Few<T>>, at: &str, key: &T) {
     if let Some(set) = map.get_mut(at) {
         set.remove(key);
         if set.is_empty() {
@@ -153,9 +237,9 @@ pub struct Released {
 pub struct PodIndex {
     entries: Entries<PodEntry>,
     /// (namespace, controlling job uid) → names of the Pods there it controls.
-    by_controller: HashMap<Key, BTreeSet<String>>,
+    by_controller: HashMap<Key, Few<String>>,
     /// Labelled job uid → Pods carrying it.
-    by_label: HashMap<String, BTreeSet<Key>>,
+    by_label: HashMap<String, Few<Key>>,
     /// Requests of the Pods that hold resources on each node.
     used: HashMap<String, Resources>,
 }
@@ -229,9 +313,9 @@ impl PodIndex {
             .by_controller
             .get(&(namespace.to_string(), job_uid.to_string()))
             .into_iter()
-            .flatten()
+            .flat_map(Few::iter)
             .map(|n| (namespace.to_string(), n.clone()));
-        controlled.chain(self.by_label.get(job_uid).into_iter().flatten().cloned()).collect()
+        controlled.chain(self.by_label.get(job_uid).into_iter().flat_map(Few::iter).cloned()).collect()
     }
 
     /// Requests held on `node`.
@@ -246,181 +330,13 @@ impl PodIndex {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Jobs
-
-/// Where a job stands in the capacity queue: lower priority first, then older, then by key.
-pub type QueueKey = (i32, Option<k8s_openapi::jiff::Timestamp>, String, String);
-
-/// What a job waiting for resources lacks, from its status (`insufficientResources`).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Shortage {
-    /// Room on a node (cpu, memory, a GPU…).
-    pub node: bool,
-    /// A ResourceQuota of its namespace.
-    pub quota: bool,
-    /// One agent Pod's requests, without an optional GPU: the least a node must have free to
-    /// let any of its Pods in.
-    pub per_pod: Option<Resources>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-pub struct JobEntry {
-    uid: Option<String>,
-    phase: Option<JobPhase>,
-    tools: BTreeSet<String>,
-    /// While it waits for resources: its place in the queue and what it lacks. Boxed, and its
-    /// key (a copy of the job's) only made then: most of 10,000 jobs wait for anything else,
-    /// and an entry is 90 B instead of 240 (`GET /debug/memory`).
-    waiting: Option<Box<(QueueKey, Shortage)>>,
-}
-
-impl JobEntry {
-    pub fn of(job: &AgentJob) -> Option<JobEntry> {
-        let status = job.status.as_ref();
-        let phase = status.and_then(|s| s.phase);
-        let waiting = (phase == Some(JobPhase::WaitingForResources)).then(|| {
-            let short = status.map(|s| s.insufficient_resources.as_slice()).unwrap_or_default();
-            let need = snapshot::pod_need(job);
-            let shortage = Shortage {
-                node: short.iter().any(|s| !s.starts_with("quota/")),
-                quota: short.iter().any(|s| s.starts_with("quota/")),
-                per_pod: need.map(|n| {
-                    let mut per_pod = n.per_pod;
-                    if let Some(gpu) = &n.optional_gpu {
-                        per_pod.extended.remove(gpu);
-                    }
-                    per_pod
-                }),
-            };
-            Box::new((snapshot::queue_key(job), shortage))
-        });
-        Some(JobEntry { uid: job.metadata.uid.clone(), phase, tools: job.spec.tools.iter().map(|t| t.name.clone()).collect(), waiting })
-    }
-
-    fn terminal(&self) -> bool {
-        self.phase.is_some_and(JobPhase::is_terminal)
-    }
-}
-
-#[derive(Clone, Debug, Default)]
-pub struct JobIndex {
-    entries: Entries<JobEntry>,
-    by_uid: HashMap<String, Key>,
-    /// WaitingForResources jobs in queue order.
-    waiting: BTreeMap<QueueKey, Key>,
-    awaiting_approval: BTreeSet<Key>,
-    /// Tool → Running jobs that name it.
-    running_by_tool: HashMap<String, BTreeSet<Key>>,
-    /// Tool → unfinished jobs that name it.
-    unfinished_by_tool: HashMap<String, BTreeSet<Key>>,
-}
-
-impl JobIndex {
-    pub fn objects(&self) -> usize {
-        self.entries.objects()
-    }
-
-    pub fn apply(&mut self, event: &Event<AgentJob>) {
-        for Change { key, old, new } in self.entries.apply(event, JobEntry::of) {
-            if let Some(old) = &old {
-                self.unlink(&key, old);
-            }
-            if let Some(new) = &new {
-                self.link(&key, new);
-            }
-        }
-    }
-
-    fn link(&mut self, key: &Key, e: &JobEntry) {
-        if let Some(uid) = &e.uid {
-            self.by_uid.insert(uid.clone(), key.clone());
-        }
-        if let Some(waiting) = &e.waiting {
-            self.waiting.insert(waiting.0.clone(), key.clone());
-        }
-        if e.phase == Some(JobPhase::AwaitingApproval) {
-            self.awaiting_approval.insert(key.clone());
-        }
-        for tool in &e.tools {
-            if e.phase == Some(JobPhase::Running) {
-                link(&mut self.running_by_tool, tool, key);
-            }
-            if !e.terminal() {
-                link(&mut self.unfinished_by_tool, tool, key);
-            }
-        }
-    }
-
-    fn unlink(&mut self, key: &Key, e: &JobEntry) {
-        if let Some(uid) = &e.uid
-            && self.by_uid.get(uid) == Some(key)
-        {
-            self.by_uid.remove(uid);
-        }
-        if let Some(waiting) = &e.waiting {
-            self.waiting.remove(&waiting.0);
-        }
-        self.awaiting_approval.remove(key);
-        for tool in &e.tools {
-            unlink(&mut self.running_by_tool, tool, key);
-            unlink(&mut self.unfinished_by_tool, tool, key);
-        }
-    }
-
-    pub fn by_uid(&self, uid: &str) -> Option<&Key> {
-        self.by_uid.get(uid)
-    }
-
-    /// Jobs waiting for resources that are as urgent as `priority` and `created` or more: the
-    /// only ones that can be queued ahead of a job with that key.
-    pub fn waiting_up_to(&self, priority: i32, created: Option<k8s_openapi::jiff::Timestamp>) -> Vec<Key> {
-        self.waiting.iter().take_while(|(q, _)| (q.0, q.1) <= (priority, created)).map(|(_, k)| k.clone()).collect()
-    }
-
-    /// Every job waiting for resources, in queue order, with what it lacks.
-    pub fn waiting(&self) -> impl Iterator<Item = (&Key, Option<&Shortage>)> {
-        self.waiting.values().map(|k| (k, self.entries.live.get(k).and_then(|e| e.waiting.as_ref()).map(|w| &w.1)))
-    }
-
-    pub fn awaiting_approval(&self) -> impl Iterator<Item = &Key> {
-        self.awaiting_approval.iter()
-    }
-
-    pub fn running_naming(&self, tool: &str) -> impl Iterator<Item = &Key> {
-        self.running_by_tool.get(tool).into_iter().flatten()
-    }
-
-    pub fn unfinished_naming(&self, tool: &str) -> impl Iterator<Item = &Key> {
-        self.unfinished_by_tool.get(tool).into_iter().flatten()
-    }
-
-    /// Waiting jobs that a release of capacity on a node (whose capacity left is `node_free`,
-    /// None when the node is unknown) in `namespace` could let start: those short of node room
-    /// whose agent Pod now fits there, and those short of quota in that namespace. Jobs waiting
-    /// for anything else (a rate limit, a tool) wait on in peace.
-    pub fn unblocked_by(&self, node_free: Option<&Resources>, namespace: &str) -> Vec<Key> {
-        self.waiting()
-            .filter(|(key, shortage)| {
-                let Some(s) = shortage else { return false };
-                let fits = |per_pod: &Option<Resources>| match (per_pod, node_free) {
-                    (Some(need), Some(free)) => need.fits_in(free),
-                    _ => false,
-                };
-                (s.node && fits(&s.per_pod)) || (s.quota && key.0 == namespace)
-            })
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // Votes
 
 #[derive(Clone, Debug, Default)]
 pub struct VoteIndex {
     entries: Entries<String>,
     /// (namespace, job name) → names of the votes there naming it.
-    by_job: HashMap<Key, BTreeSet<String>>,
+    by_job: HashMap<Key, Few<String>>,
 }
 
 impl VoteIndex {
@@ -447,7 +363,7 @@ impl VoteIndex {
 
     /// Names of the votes in `namespace` whose `jobRef.name` is `job`.
     pub fn naming(&self, namespace: &str, job: &str) -> Vec<String> {
-        self.by_job.get(&(namespace.to_string(), job.to_string())).into_iter().flatten().cloned().collect()
+        self.by_job.get(&(namespace.to_string(), job.to_string())).into_iter().flat_map(Few::iter).cloned().collect()
     }
 }
 
@@ -482,48 +398,6 @@ impl QuotaIndex {
     /// Names of the quotas in `namespace`.
     pub fn in_namespace(&self, namespace: &str) -> Vec<Key> {
         self.by_namespace.get(namespace).into_iter().flatten().map(|name| (namespace.to_string(), name.clone())).collect()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Requesters
-
-/// Each job's `agentgate.dev/requested-by` annotation, which the job cache does not keep
-/// (controller::slim::job): in the cached job it cost a `BTreeMap` node of 0.68 KB for one short
-/// string, 15 % of the job. Fed from the watch event before it is slimmed and stored, so a job
-/// in the store always has its requester here already (a relist swaps in at `InitDone`, the
-/// store's after).
-///
-/// An entry is bound to the job's uid: between the index's update and the store's, a job deleted
-/// and recreated under its name by someone else must not be read with the new one's requester.
-/// With the requester, the job's other spec editors (`agentgate.dev/spec-edited-by`, empty
-/// when none: no allocation), who may not approve it either.
-#[derive(Clone, Debug, Default)]
-pub struct RequesterIndex {
-    entries: Entries<(Box<str>, Box<str>, Box<str>)>,
-}
-
-impl RequesterIndex {
-    pub fn apply(&mut self, event: &Event<AgentJob>) {
-        self.entries.apply(event, |job| {
-            let requester = job.annotations().get(crate::api::REQUESTED_BY)?;
-            let editors = job.annotations().get(crate::api::SPEC_EDITED_BY).map_or("", String::as_str);
-            Some((job.uid()?.into(), requester.as_str().into(), editors.into()))
-        });
-    }
-
-    /// The requester of the job at `key` with this `uid`, if its annotation names one.
-    pub fn of(&self, key: &Key, uid: &str) -> Option<String> {
-        self.entries.live.get(key).filter(|(u, _, _)| &**u == uid).map(|(_, r, _)| r.to_string())
-    }
-
-    /// The other spec editors of the job at `key` with this `uid`, one a line (empty: none).
-    pub fn editors_of(&self, key: &Key, uid: &str) -> Option<String> {
-        self.entries.live.get(key).filter(|(u, _, _)| &**u == uid).map(|(_, _, e)| e.to_string())
-    }
-
-    pub fn objects(&self) -> usize {
-        self.entries.objects()
     }
 }
 

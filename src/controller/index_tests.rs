@@ -3,6 +3,7 @@ use kube::runtime::watcher::Event;
 use serde_json::{Value, json};
 
 use super::*;
+use crate::api::AgentJob;
 
 fn pod(namespace: &str, name: &str, node: Option<&str>, phase: &str, owner: Option<(&str, &str, bool)>, label_uid: Option<&str>) -> Pod {
     let owners: Vec<Value> = owner
@@ -126,19 +127,19 @@ fn waiting_jobs_are_kept_in_queue_order_and_leave_it_when_they_start_or_go() {
     ] {
         index.apply(&Event::Apply(j));
     }
-    assert_eq!(names(index.waiting().map(|(k, _)| k.clone())), ["urgent", "early", "late"]);
+    assert_eq!(names(index.waiting().map(|(k, _)| k)), ["urgent", "early", "late"]);
     let minute = |m: u32| Some(format!("2026-01-01T12:{m:02}:00Z").parse().unwrap());
     assert_eq!(names(index.waiting_up_to(5, minute(10))), ["urgent", "early"]);
     assert_eq!(names(index.waiting_up_to(0, minute(59))), Vec::<String>::new());
-    assert_eq!(names(index.awaiting_approval().cloned()), ["voting"]);
-    assert_eq!(names(index.running_naming("t").cloned()), ["busy"]);
-    assert_eq!(names(index.unfinished_naming("t").cloned()), ["busy", "early", "late", "urgent", "voting"]);
-    assert_eq!(index.by_uid("uid-early"), Some(&("team".to_string(), "early".to_string())));
+    assert_eq!(names(index.awaiting_approval()), ["voting"]);
+    assert_eq!(names(index.running_naming("t")), ["busy"]);
+    assert_eq!(names(index.unfinished_naming("t")), ["busy", "early", "late", "urgent", "voting"]);
+    assert_eq!(index.by_uid("uid-early"), Some(("team".to_string(), "early".to_string())));
 
     index.apply(&Event::Apply(job("team", "urgent", 1, 59, "Running", &[])));
     index.apply(&Event::Delete(job("team", "late", 5, 40, "WaitingForResources", &["cpu"])));
-    assert_eq!(names(index.waiting().map(|(k, _)| k.clone())), ["early"]);
-    assert_eq!(names(index.running_naming("t").cloned()), ["busy", "urgent"]);
+    assert_eq!(names(index.waiting().map(|(k, _)| k)), ["early"]);
+    assert_eq!(names(index.running_naming("t")), ["busy", "urgent"]);
     assert_eq!(index.by_uid("uid-late"), None);
 
     // A relist that no longer lists "busy" drops it everywhere.
@@ -147,8 +148,8 @@ fn waiting_jobs_are_kept_in_queue_order_and_leave_it_when_they_start_or_go() {
         index.apply(&Event::InitApply(j));
     }
     index.apply(&Event::InitDone);
-    assert_eq!(names(index.running_naming("t").cloned()), ["urgent"]);
-    assert_eq!(names(index.awaiting_approval().cloned()), Vec::<String>::new());
+    assert_eq!(names(index.running_naming("t")), ["urgent"]);
+    assert_eq!(names(index.awaiting_approval()), Vec::<String>::new());
     assert_eq!(index.by_uid("uid-busy"), None);
 }
 
@@ -228,17 +229,53 @@ fn a_requester_is_indexed_from_the_annotation_and_a_relist_replaces_them() {
             "spec": {"category": "c", "agents": {"primary": {"name": "a", "image": "i", "model": "m"}}, "budget": {"maxCostUSD": "1"}}}))
         .unwrap()
     };
-    let key = |name: &str| ("team".to_string(), name.to_string());
     let mut index = super::RequesterIndex::default();
     index.apply(&Event::Apply(job("a", Some("alice"))));
     index.apply(&Event::Apply(job("b", None)));
-    assert_eq!((index.of(&key("a"), "uid-a").as_deref(), index.of(&key("b"), "uid-b")), (Some("alice"), None));
-    assert_eq!(index.of(&key("a"), "uid-of-a-recreated-a"), None, "an entry answers for its own job only");
+    assert_eq!((index.of("uid-a").as_deref(), index.of("uid-b")), (Some("alice"), None));
+    assert_eq!(index.of("uid-of-a-recreated-a"), None, "an entry answers for its own job only");
     index.apply(&Event::Init);
     index.apply(&Event::InitApply(job("b", Some("bob"))));
-    assert_eq!(index.of(&key("a"), "uid-a").as_deref(), Some("alice"), "the old entries serve until the relist is done");
+    assert_eq!(index.of("uid-a").as_deref(), Some("alice"), "the old entries serve until the relist is done");
     index.apply(&Event::InitDone);
-    assert_eq!((index.of(&key("a"), "uid-a"), index.of(&key("b"), "uid-b").as_deref()), (None, Some("bob")));
+    assert_eq!((index.of("uid-a"), index.of("uid-b").as_deref()), (None, Some("bob")));
     index.apply(&Event::Delete(job("b", Some("bob"))));
     assert_eq!(index.objects(), 0);
+}
+
+#[test]
+fn a_uid_is_kept_in_sixteen_bytes_and_only_equal_texts_are_one_uid() {
+    let uuid = "50e68a4d-4412-4de4-bcf6-460940d0db1f";
+    assert!(matches!(Uid::of(uuid), Uid::Uuid(_)));
+    assert_ne!(Uid::of(uuid), Uid::of("50e68a4d-4412-4de4-bcf6-460940d0db1e"));
+    assert_ne!(Uid::of(uuid), Uid::of("40e68a4d-4412-4de4-bcf6-460940d0db1f"));
+    for other in
+        ["50E68A4D-4412-4DE4-BCF6-460940D0DB1F", "uid-1", "50e68a4d-4412-4de4-bcf6-460940d0db1g", "50e68a4d44124de4bcf6460940d0db1f0000"]
+    {
+        assert_eq!(Uid::of(other), Uid::Other(other.into()), "{other}");
+    }
+}
+
+#[test]
+fn a_few_stays_sorted_and_without_duplicates_past_its_vec() {
+    let mut few = Few::default();
+    let order: Vec<u32> = (0..100).map(|i| (i * 37) % 100).collect();
+    for (n, &i) in order.iter().enumerate() {
+        few.insert(i);
+        few.insert(i);
+        let mut expected: Vec<u32> = order[..=n].to_vec();
+        expected.sort();
+        assert_eq!(few.iter().copied().collect::<Vec<_>>(), expected, "after {} inserts", n + 1);
+    }
+    assert!(matches!(few, Few::Many(_)), "a hundred make it a BTreeSet");
+    for i in 0..100 {
+        few.remove(&i);
+    }
+    assert!(few.is_empty());
+    let mut small = Few::default();
+    for name in ["b", "a", "c"] {
+        small.insert(name);
+    }
+    small.remove(&"b");
+    assert!(matches!(&small, Few::Sorted(v) if v == &["a", "c"]));
 }

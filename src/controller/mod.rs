@@ -11,6 +11,7 @@ pub mod estimator_store;
 pub mod events;
 pub mod identity_policies;
 pub mod index;
+pub mod job_index;
 pub mod learning_mark;
 pub mod memory;
 pub mod metadata_answers;

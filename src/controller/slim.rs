@@ -346,7 +346,7 @@ mod tests {
         };
         let mut small = job(json!({"repo": "x"}));
         super::job(&mut small);
-        assert_eq!(small.spec.input, Some(json!({"repo": "x"})));
+        assert_eq!(small.spec.input.as_deref(), Some(&json!({"repo": "x"})));
         assert!(small.spec.input_schema.is_some() && !small.annotations().contains_key(crate::controller::agent_job::SPEC_ELIDED));
         assert_eq!(small.metadata.managed_fields, None);
         let mut big = job(json!({"blob": "y".repeat(crate::controller::agent_job::ELIDE_SPEC_OVER)}));
@@ -390,7 +390,7 @@ mod tests {
         assert_eq!(m.annotations, None, "the tenant's mark is not kept, nor the requester (index::RequesterIndex)");
         let mut requesters = crate::controller::index::RequesterIndex::default();
         requesters.apply(&kube::runtime::watcher::Event::Apply(full.clone()));
-        assert_eq!(requesters.of(&("team".into(), "scan".into()), full.metadata.uid.as_deref().expect("uid")).as_deref(), Some("alice"));
+        assert_eq!(requesters.of(full.metadata.uid.as_deref().expect("uid")).as_deref(), Some("alice"));
         assert_eq!(small.spec, full.spec, "a small spec is cached whole");
 
         let mut big = job(vec!["x".repeat(2000)]);

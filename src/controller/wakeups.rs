@@ -41,7 +41,7 @@ pub fn capacity_released(caches: &Caches, requeue: &mpsc::UnboundedSender<Object
 
 /// A Node changed (capacity, readiness, taints): the jobs short of node room.
 pub fn jobs_short_of_nodes(caches: &Caches) -> Vec<ObjectRef<AgentJob>> {
-    caches.index.jobs().waiting().filter(|(_, s)| s.is_some_and(|s| s.node)).map(|(k, _)| job_ref(k)).collect()
+    caches.index.jobs().waiting().filter(|(_, s)| s.is_some_and(|s| s.node)).map(|(k, _)| job_ref(&k)).collect()
 }
 
 /// How long RBAC changes are gathered before the jobs they may concern are looked at again.
@@ -120,7 +120,7 @@ pub async fn watch_rbac(client: Client, ctx: Arc<Context>) {
 const MAX_SCOPES: usize = 256;
 
 fn awaiting_with_votes(caches: &Caches) -> Vec<ObjectRef<AgentJob>> {
-    let awaiting: Vec<Key> = caches.index.jobs().awaiting_approval().cloned().collect();
+    let awaiting: Vec<Key> = caches.index.jobs().awaiting_approval().collect();
     let votes = caches.index.votes();
     awaiting.iter().filter(|(ns, name)| !votes.naming(ns, name).is_empty()).map(job_ref).collect()
 }
@@ -181,7 +181,7 @@ pub fn requeue_on_transition(
 /// Node update would reconcile them all; their readiness checks are refreshed when a vote comes
 /// and on the resync.
 fn waiting_for_capacity(index: &super::index::Indexes) -> Vec<ObjectRef<AgentJob>> {
-    index.jobs().waiting().map(|((ns, name), _)| ObjectRef::new(name).within(ns)).collect()
+    index.jobs().waiting().map(|((ns, name), _)| ObjectRef::new(&name).within(&ns)).collect()
 }
 
 /// After a relist: every job that waits, for votes or for capacity.
@@ -211,7 +211,7 @@ pub fn jobs_affected_by_pod(caches: &Caches, pod: &Pod) -> Vec<ObjectRef<AgentJo
     // that job, which reports it. An agent Pod costs one cache lookup: its controller has the uid.
     let posed_as = snapshot::labelled_job_uid(pod)
         .filter(|uid| !owner.iter().any(|o| caches.jobs.get(o).is_some_and(|j| j.metadata.uid.as_deref() == Some(*uid))))
-        .and_then(|uid| caches.index.jobs().by_uid(uid).map(|(ns, name)| ObjectRef::new(name).within(ns)));
+        .and_then(|uid| caches.index.jobs().by_uid(uid).map(|(ns, name)| ObjectRef::new(&name).within(&ns)));
     // A Pod that stops or goes wakes the waiting jobs its capacity could let start, once the
     // index has taken it in (wakeups::capacity_released), not every waiting job.
     owner.into_iter().chain(posed_as).collect()
@@ -222,5 +222,5 @@ pub fn jobs_waiting_for_capacity(caches: &Caches, namespace: Option<&str>) -> Ve
 }
 
 pub fn jobs_naming_tool(caches: &Caches, tool: &str) -> Vec<ObjectRef<AgentJob>> {
-    caches.index.jobs().unfinished_naming(tool).map(|(ns, name)| ObjectRef::new(name).within(ns)).collect()
+    caches.index.jobs().unfinished_naming(tool).map(|(ns, name)| ObjectRef::new(&name).within(&ns)).collect()
 }

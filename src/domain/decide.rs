@@ -243,22 +243,22 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
                 return;
             }
             Ok(f) => {
-                s.estimate = Some(Estimate {
+                s.estimate = Some(Box::new(Estimate {
                     generation,
                     tokens: TokenRange { p50: f.tokens_p50, p90: f.tokens_p90 },
-                    cost_usd: CostRange { p50: f.cost_p50.to_string(), p90: f.cost_p90.to_string() },
-                    method: f.method.to_string(),
+                    cost_usd: CostRange { p50: f.cost_p50.to_string().into(), p90: f.cost_p90.to_string().into() },
+                    method: f.method.into(),
                     samples: f.samples as i64,
                     models: f
                         .models
                         .iter()
                         .map(|m| ModelEstimate {
-                            model: m.model.clone(),
+                            model: m.model.as_str().into(),
                             tokens: TokenRange { p50: m.tokens_p50, p90: m.tokens_p90 },
-                            cost_usd: CostRange { p50: m.cost_p50.to_string(), p90: m.cost_p90.to_string() },
+                            cost_usd: CostRange { p50: m.cost_p50.to_string().into(), p90: m.cost_p90.to_string().into() },
                         })
                         .collect(),
-                });
+                }));
                 let msg = format!(
                     "p50 ${} / p90 ${}, {} / {} tokens ({}, {} sample(s))",
                     f.cost_p50, f.cost_p90, f.tokens_p50, f.tokens_p90, f.method, f.samples
@@ -279,7 +279,7 @@ fn run_gates(s: &mut AgentJobStatus, plan: &mut Plan, o: &Observed, generation: 
     s.approval = Some(ApprovalStatus {
         required: need.required,
         approved: t.approvers.len() as i32,
-        summary: format!("{}/{}", t.approvers.len(), need.required),
+        summary: format!("{}/{}", t.approvers.len(), need.required).into(),
         approvers: t.approvers.clone(),
         rejected_by: t.rejected_by.as_ref().map(|r| r.voter.clone()),
         ignored_votes: t.ignored_for_status(),
@@ -422,13 +422,13 @@ fn spec_checks(spec: &AgentJobSpec, cost_p90: MicroUsd, tokens_p90: i64) -> Resu
     if let Some(reason) = over_budget(spec, cost_p90, tokens_p90) {
         return Err(("BudgetExceeded", reason));
     }
-    check_input_size(spec.input.as_ref()).map_err(|why| ("InvalidInput", why))?;
+    check_input_size(spec.input.as_deref()).map_err(|why| ("InvalidInput", why))?;
     // The output schema is only applied after the run: a schema that cannot be evaluated must
     // stop the job before anything is spent.
     if let Some(Err(why)) = spec.output_schema.as_ref().map(|schema| check_schema("output", schema)) {
         return Err(("InvalidOutputSchema", why));
     }
-    check_against_schema("input", spec.input.as_ref(), spec.input_schema.as_ref())
+    check_against_schema("input", spec.input.as_deref(), spec.input_schema.as_deref())
         .map_err(|errors| ("InvalidInput", format!("input does not match inputSchema: {}", errors.join("; "))))
 }
 

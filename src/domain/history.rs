@@ -62,14 +62,14 @@ pub fn record(status: &mut AgentJobStatus, old: &AgentJobStatus, job: &AgentJob,
     if !status.history.iter().any(|h| h.generation == generation) {
         status.history.push(GenerationRecord {
             generation,
-            spec_digest: spec_digest(&job.spec),
+            spec_digest: spec_digest(&job.spec).into(),
             observed_time: now.clone(),
             approvals: None,
             approved_by: Vec::new(),
             attempts: 0,
             total_tokens: None,
             cost_usd: None,
-            result: String::new(),
+            result: "".into(),
         });
         recorded.new_generation = Some(generation);
     }
@@ -95,7 +95,7 @@ pub fn record(status: &mut AgentJobStatus, old: &AgentJobStatus, job: &AgentJob,
             entry.result = if finished_before { "NotRun".into() } else { phase.map_or("Pending", JobPhase::as_str).into() };
         } else if entry.generation < generation {
             entry.result = match ran.last() {
-                Some(last) => format!("{:?}", last.result),
+                Some(last) => format!("{:?}", last.result).into(),
                 // What it came to stays said: rejected, or never run because the job had finished.
                 None if matches!(entry.result.as_str(), "Rejected" | "NotRun") => entry.result.clone(),
                 None => "Superseded".into(),
@@ -150,7 +150,7 @@ mod tests {
         status.approval = Some(ApprovalStatus {
             required: 2,
             approved: voters.len() as i32,
-            summary: format!("{}/2", voters.len()),
+            summary: format!("{}/2", voters.len()).into(),
             approvers: voters
                 .iter()
                 .map(|v| Approver { voter: (*v).into(), vote: format!("{v}-vote"), decided_at: None, reason: None })

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::api::ReadinessCheck;
+use crate::api::{ReadinessCheck, Text};
 
 /// What the job needs from one tool.
 #[derive(Clone, Debug, PartialEq)]
@@ -149,7 +149,7 @@ impl Readiness {
         self.blocked_reason.is_none()
     }
 
-    fn record(&mut self, name: impl Into<String>, passed: bool, message: impl Into<String>, blocks: Option<&'static str>) {
+    fn record(&mut self, name: impl Into<Text>, passed: bool, message: impl Into<Text>, blocks: Option<&'static str>) {
         self.checks.push(ReadinessCheck { name: name.into(), passed, message: message.into() });
         if !passed && self.blocked_reason.is_none() {
             self.blocked_reason = blocks;

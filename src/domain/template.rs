@@ -222,7 +222,7 @@ mod tests {
             render(&t, "scan-api", "team-security", &sets(&["repository=github.com/acme/api", "maxRetries=2", "paths=[\"src\"]"])).unwrap();
         assert_eq!(job.metadata.name.as_deref(), Some("scan-api"));
         assert_eq!(job.metadata.namespace.as_deref(), Some("team-security"));
-        assert_eq!(job.spec.input, Some(json!({"repository": "github.com/acme/api", "deep": false, "paths": ["src"]})));
+        assert_eq!(job.spec.input.as_deref(), Some(&json!({"repository": "github.com/acme/api", "deep": false, "paths": ["src"]})));
         assert_eq!(job.spec.budget.max_cost_usd, "2.50", "the default replaces the template's value");
         assert_eq!(job.spec.limits.as_ref().and_then(|l| l.max_retries), Some(2));
         let labels = job.metadata.labels.clone().unwrap();

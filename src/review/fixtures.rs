@@ -35,14 +35,14 @@ pub(super) fn awaiting(p90: &str, method: &str) -> AgentJobStatus {
     AgentJobStatus {
         phase: Some(JobPhase::AwaitingApproval),
         observed_generation: Some(2),
-        estimate: Some(Estimate {
+        estimate: Some(Box::new(Estimate {
             generation: 2,
             tokens: TokenRange { p50: 1000, p90: 3000 },
             cost_usd: CostRange { p50: "0.10".into(), p90: p90.into() },
             method: method.into(),
             samples: 3,
             models: vec![],
-        }),
+        })),
         ..AgentJobStatus::default()
     }
 }

@@ -111,7 +111,7 @@ pub fn request(settings: &ModelSettings, job: &AgentJob, checked: &str) -> serde
         .chain(&spec.agents.supporting)
         .map(|a| json!({"name": a.name, "image": a.image, "model": a.model, "command": a.command, "args": a.args}))
         .collect();
-    let input = spec.input.as_ref().map(|i| {
+    let input = spec.input.as_deref().map(|i| {
         let text = i.to_string();
         if text.len() <= MAX_INPUT_SHOWN {
             i.clone()

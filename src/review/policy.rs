@@ -306,7 +306,7 @@ mod tests {
                 job: with_status(
                     scan(),
                     AgentJobStatus {
-                        estimate: Some(Estimate { generation: 1, ..awaiting("0.40", "prior").estimate.unwrap() }),
+                        estimate: Some(Box::new(Estimate { generation: 1, ..*awaiting("0.40", "prior").estimate.unwrap() })),
                         ..awaiting("0.40", "prior")
                     },
                 ),

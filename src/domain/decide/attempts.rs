@@ -198,7 +198,7 @@ fn settle_attempt(
     }
     let (attempt_usage, unpriced) = price_usage(&tokens, o.prices);
     if failures.is_empty()
-        && let Err(errors) = check_against_schema("output", output.as_ref(), job.spec.output_schema.as_ref())
+        && let Err(errors) = check_against_schema("output", output.as_ref(), job.spec.output_schema.as_deref())
     {
         failures.push(format!("{OUTPUT_MISMATCH}: {}", errors.join("; ")));
     }
