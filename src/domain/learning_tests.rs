@@ -224,10 +224,11 @@ fn a_namespace_that_runs_bigger_elsewhere_starts_bigger_on_a_job_type_new_to_it(
         run(&mut s, "small", "triage", 20_000, i);
     }
     // "big" has run 4x "small" on lint, docs and scan: on triage, which only "small" ran, it starts
-    // at 4x (shrunk by 3/4 in ln for three comparisons), not at what "small" used.
+    // at 4x (shrunk by 3/4 in ln for three comparisons), not at what "small" used. (One
+    // namespace is a thin pool, which the spec's guess then tempers: see prior.rs.)
     let located = s.stats("big", "triage").unwrap().locate("gpt-4o", 1.0);
     let want = 20_000f64.ln() + 4f64.ln() * 0.75;
-    assert!((located.mu - want).abs() < 1e-3, "{located:?}");
+    assert!((located.prior.ratio - want).abs() < 1e-3 && (located.prior.votes[0] - want).abs() < 1e-3, "{located:?}");
     assert!(located.prior.source.contains("for the namespace (from 3 jobType-model(s))"), "{}", located.prior.source);
     // And "small" is not moved by "big" on its own job type.
     let own = s.stats("small", "triage").unwrap().locate("gpt-4o", 1.0);
