@@ -295,3 +295,21 @@ fn a_tenants_many_extreme_job_types_are_one_vote_in_a_new_job_types_prior() {
     // Four namespaces, one vote each: the level moves to the next namespace's at most.
     assert!((stormy.mu - calm.mu).abs() <= 11f64.ln() - 10f64.ln() + 1e-9, "{calm:?} -> {stormy:?}");
 }
+
+#[test]
+fn a_tenant_running_a_job_type_on_many_models_is_one_vote_in_the_any_model_pool() {
+    let mut s = EstimatorState::default();
+    let prices = PriceTable::builtin();
+    let models = ["gpt-4o", "gpt-4o-mini", "claude-sonnet-4"];
+    for i in 0..12 {
+        for ns in ["team-a", "team-b"] {
+            s.record(&format!("{ns}/{i}"), ns, "scan", &usage("gpt-4o", 80_000, 0, 20_000), &unit_prior(&["gpt-4o"]), &prices);
+        }
+        // One tenant runs the jobType on three models at one token each: three key-models, one namespace.
+        for model in models {
+            s.record(&format!("wild/{model}/{i}"), "wild", "scan", &usage(model, 1, 0, 0), &unit_prior(&[model]), &prices);
+        }
+    }
+    let any = s.stats("team-new", "scan").unwrap().pooled_any.unwrap();
+    assert!((any.ratio - 100_000f64.ln()).abs() < 0.01, "two namespaces at 100k against one at 1 token: {any:?}");
+}
