@@ -577,7 +577,9 @@ mod tests {
         let pooled = estimate_report(&other, &state, &PriceTable::builtin()).unwrap();
         assert_eq!((pooled.method.as_str(), pooled.samples, pooled.key.as_str()), ("pooled", 0, "elsewhere/scan"));
         assert!(
-            pooled.render().contains("prior for gpt-4o-mini: scan on gpt-4o-mini pooled over 1 namespace(s) (weight 1)"),
+            pooled.render().contains(
+                "prior for gpt-4o-mini: scan on gpt-4o-mini pooled over 1 namespace(s) (thin: fewer than 3, weighed with the spec) (weight 1)"
+            ),
             "{}",
             pooled.render()
         );

@@ -235,6 +235,42 @@ async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchange
     assert!(got.tokens.p50 > 400_000, "ours, not the other tenant's one token: {got:?}");
 }
 
+/// A new key borrows from other namespaces' runs of its jobType, and a jobType is a name any
+/// author picks: with one other namespace, that namespace's runs were the whole of the pooled
+/// prior, so a tenant running the jobType at one token (or a billion) set another team's first
+/// estimate of it (p50 and p90 of a few tokens, waved past cost tiers and the policy reviewer,
+/// or over any budget). A pool of fewer than three namespaces now weighs the spec's own guess as
+/// one more vote and counts each namespace within 10x of it.
+#[tokio::test]
+async fn one_other_namespace_cannot_set_a_new_keys_estimate() {
+    use agentgate::domain::estimate::{estimate, prior_tokens};
+    use agentgate::domain::pricing::PriceTable;
+    let ns = "est-poison";
+    let mut env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
+    let client = env.admin.clone();
+
+    // Another tenant's forty runs of the jobType at one token each; this namespace never ran it.
+    let prices = PriceTable::builtin();
+    let input = one_agent_input();
+    let prior = prior_tokens(&input);
+    let mut state = EstimatorState::default();
+    for i in 0..40 {
+        state.record(&format!("theirs/{i}"), "other-team", JOB_TYPE, &tokens(1), &prior, &prices);
+    }
+    let spec = estimate(&input, None, &prices).unwrap();
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "agentgate-estimator"}, "data": {"state.json": state.to_json()}});
+    Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
+
+    env.start_operator();
+    let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
+    jobs.create(&PostParams::default(), &job_manifest("first")).await.expect("create job");
+    let got = estimated(&client, ns, "first").await.status.unwrap().estimate.unwrap();
+    assert_eq!((got.method.as_str(), got.samples), ("pooled", 0), "{got:?}");
+    let factor = spec.tokens_p50 as f64 / got.tokens.p50 as f64;
+    assert!(factor <= 10f64.sqrt() * 1.01, "one tenant's one-token runs moved the p50 {factor:.1}x below the spec's: {got:?}");
+    assert!(got.tokens.p90 >= spec.tokens_p90 - 1, "the p90 fell below the spec's own ({}): {got:?}", spec.tokens_p90);
+}
+
 /// The learned state keeps at most `MAX_KEYS` (namespace, jobType) keys, and a jobType is a name
 /// any author picks. A namespace that runs ever new jobTypes must evict its own keys, not another
 /// team's history: with the least recently updated key going first, its 256th made-up jobType

@@ -155,9 +155,9 @@ impl Learned {
         // The prior's weight: `worth` runs against the key's n, fading out entirely at POOL_RUNS
         // own runs, so that a warm key's estimate cannot be moved by other namespaces at all.
         let prior_weight = prior.worth / (n as f64 + prior.worth) * (1.0 - n as f64 / POOL_RUNS as f64).max(0.0);
-        let prior_mu = prior.elasticity * z + prior.ratio;
+        let (prior_mu, prior_offset) = prior.at(z);
         match own {
-            None => Located { mu: prior_mu, p90_offset: prior.p90_offset, own_runs: 0, prior, prior_weight: 1.0, mix: None },
+            None => Located { mu: prior_mu, p90_offset: prior_offset, own_runs: 0, prior, prior_weight: 1.0, mix: None },
             Some(m) => {
                 let neighbours = self.neighbours.get(model).map_or(&[][..], Vec::as_slice);
                 let own_mu = forecasters::combine(&m.runs, neighbours, z, &m.losses);
@@ -229,18 +229,22 @@ impl EstimatorState {
         for (_, stats) in others {
             for (model, m) in stats.models.iter().filter(|(_, m)| !m.runs.is_empty()) {
                 pooled.entry(model.clone()).or_insert_with(Vec::new).push(m.member());
-                any.push(m.member());
                 neighbours.entry(model.clone()).or_default().push(m.runs.clone());
+            }
+            // One vote per namespace over every model: a tenant running the jobType on eight
+            // models is not eight namespaces.
+            if let Some(most) = stats.models.values().filter(|m| !m.runs.is_empty()).max_by_key(|m| m.runs.len()) {
+                any.push(most.member());
             }
         }
         let pooled: BTreeMap<String, Prior> = pooled
             .into_iter()
             .filter_map(|(model, ms)| {
                 let source = format!("{job_type} on {model} pooled over {} namespace(s)", ms.len());
-                Prior::pool(&ms, true, source).map(|p| (model, p))
+                Prior::across_namespaces(&ms, source).map(|p| (model, p))
             })
             .collect();
-        let pooled_any = Prior::pool(&any, true, format!("{job_type} pooled over its models and namespaces"));
+        let pooled_any = Prior::across_namespaces(&any, format!("{job_type} pooled over its models and namespaces"));
         // Only a jobType no other namespace ran needs the prior across jobTypes (the costly one to compute).
         let cluster = if any.is_empty() { self.across_job_types(job_type) } else { None };
         let namespace_effect = if own.n < POOL_RUNS { self.namespace_effect(namespace, job_type) } else { None };

@@ -80,12 +80,25 @@ pub struct Prior {
     pub key_offset: f64,
     /// Where it comes from, for `kubectl agentgate estimate`.
     pub source: String,
+    /// A *thin* pool's votes (fewer than [`POOL_QUORUM`] namespaces): each namespace's level at
+    /// `elasticity` (ln tokens less `elasticity` times ln prior), read by [`Prior::at`]. Empty for a
+    /// pool of a quorum of namespaces, the key's own models, the spec and the cross-jobType prior.
+    #[serde(skip)]
+    pub votes: Vec<f64>,
 }
 
 impl Prior {
     /// The spec alone: usage as the prior says, p90 = 3 × p50.
     pub fn spec() -> Prior {
-        Prior { ratio: 0.0, elasticity: 1.0, worth: 0.5, p90_offset: prior_offset(), key_offset: prior_offset(), source: "spec".into() }
+        Prior {
+            ratio: 0.0,
+            elasticity: 1.0,
+            worth: 0.5,
+            p90_offset: prior_offset(),
+            key_offset: prior_offset(),
+            source: "spec".into(),
+            votes: Vec::new(),
+        }
     }
 
     /// The robust pool of several key-models: their median elasticity, the median of their
@@ -102,13 +115,50 @@ impl Prior {
         let between = median(ratios.iter().map(|r| (r - ratio).abs()).collect()).unwrap_or(0.0);
         let key_offset = median(members.iter().map(|m| m.p90_offset).collect()).unwrap_or(prior_offset());
         let p90_offset = (key_offset + between).clamp(OFFSET_RANGE.0, OFFSET_RANGE.1);
-        Some(Prior { ratio, elasticity, worth: 1.0, p90_offset, key_offset, source })
+        Some(Prior { ratio, elasticity, worth: 1.0, p90_offset, key_offset, source, votes: Vec::new() })
+    }
+
+    /// The pool of other namespaces' runs of a jobType, each member one namespace (see
+    /// [`Prior::pool`]). Fewer than [`POOL_QUORUM`] namespaces cannot outvote one of them, so
+    /// such a *thin* pool keeps their levels as votes for [`Prior::at`], which bounds how far
+    /// they move a new key from the spec's guess (`tests/estimator.rs`
+    /// `one_other_namespace_cannot_set_a_new_keys_estimate`: before, a single namespace's runs of
+    /// one token each were another team's first estimate of the jobType).
+    pub fn across_namespaces(members: &[PoolMember<'_>], source: String) -> Option<Prior> {
+        let mut prior = Prior::pool(members, true, source)?;
+        if members.len() < POOL_QUORUM {
+            let e = prior.elasticity;
+            prior.votes = members.iter().filter_map(|m| median(m.runs.iter().map(|r| r[0] - e * r[1]).collect())).collect();
+            prior.source = format!("{} (thin: fewer than {POOL_QUORUM}, weighed with the spec)", prior.source);
+        }
+        Some(prior)
+    }
+
+    /// `(ln p50, ln(p90/p50))` of a job whose spec's prior is `z` (ln tokens).
+    ///
+    /// A thin pool (see [`Prior::across_namespaces`]) is not trusted alone: each namespace's level
+    /// counts only within [`THIN_CAP`]× of the spec's guess `z`, and the spec's guess is one more
+    /// vote, so the p50 is the mean (in ln) of the clamped levels and `z`. One namespace moves a
+    /// new key's p50 at most √10× from the spec's guess, two at most 10^(2/3)×, whatever
+    /// their runs. And where the pool pulls the p50 below the spec's guess, the p90 stays at
+    /// least the spec's own p90 (3× its guess): a tenant's tiny runs cannot lower another team's
+    /// p90, which the budget and the approval policy read.
+    pub fn at(&self, z: f64) -> (f64, f64) {
+        if self.votes.is_empty() {
+            return (self.elasticity * z + self.ratio, self.p90_offset);
+        }
+        let cap = THIN_CAP.ln();
+        let levels: f64 = self.votes.iter().map(|v| (v + self.elasticity * z).clamp(z - cap, z + cap)).sum();
+        let mu = (levels + z) / (self.votes.len() + 1) as f64;
+        let offset = self.p90_offset.max(z + prior_offset() - mu).clamp(OFFSET_RANGE.0, OFFSET_RANGE.1);
+        (mu, offset)
     }
 
     /// The same prior for a namespace whose level sits `effect` (ln) from the other namespaces'.
     pub fn for_namespace(mut self, effect: Option<NamespaceEffect>) -> Prior {
         if let Some(e) = effect.filter(|e| e.ln.abs() > 1e-9) {
             self.ratio += e.ln;
+            self.votes.iter_mut().for_each(|v| *v += e.ln);
             self.source = format!("{}, x{:.2} for the namespace (from {} jobType-model(s))", self.source, e.ln.exp(), e.from);
         }
         self
@@ -155,7 +205,15 @@ impl Prior {
         let offset = |x: &(f64, f64, f64)| x.2;
         let key_offset = forecasters::weighted_median(points.iter().flat_map(|p| vote(p, &offset)).collect()).unwrap_or(prior_offset());
         let p90_offset = (key_offset + between).clamp(OFFSET_RANGE.0, OFFSET_RANGE.1);
-        Some(Prior { ratio, elasticity, worth: 0.5, p90_offset, key_offset, source: format!("{source}, elasticity {elasticity:.2}") })
+        Some(Prior {
+            ratio,
+            elasticity,
+            worth: 0.5,
+            p90_offset,
+            key_offset,
+            source: format!("{source}, elasticity {elasticity:.2}"),
+            votes: Vec::new(),
+        })
     }
 }
 
@@ -165,6 +223,12 @@ fn distinct_sizes(runs: &[[f64; 2]]) -> usize {
     sizes.sort_by(f64::total_cmp);
     sizes.windows(2).filter(|w| w[1] - w[0] > 0.05).count() + usize::from(!sizes.is_empty())
 }
+
+/// Namespaces a pool of other namespaces needs to be trusted alone: with three, one namespace's
+/// runs move its median no further than the next namespace's level.
+pub const POOL_QUORUM: usize = 3;
+/// How far (×) from the spec's guess one namespace of a thin pool counts ([`Prior::at`]).
+pub const THIN_CAP: f64 = 10.0;
 
 /// Key-models of distinct sizes a namespace needs before its slope across jobTypes counts.
 pub const CROSS_MIN_SIZES: usize = 3;
@@ -202,6 +266,24 @@ mod tests {
         let calm = Prior::pool(&[member(&a), member(&b), member(&c)], true, "calm".into()).unwrap();
         let wild = Prior::pool(&[member(&a), member(&b), member(&runs(1e6))], true, "wild".into()).unwrap();
         assert!((wild.ratio - calm.ratio).abs() < 0.21, "{} vs {}", wild.ratio, calm.ratio);
+    }
+
+    #[test]
+    fn a_thin_pool_moves_a_new_key_a_bounded_factor_from_the_spec() {
+        let runs = |level: f64| -> Vec<[f64; 2]> { (0..20).map(|i| [level + 0.01 * (i % 3) as f64, 10.0]).collect() };
+        let member = |r: Vec<[f64; 2]>| PoolMember { runs: r.leak(), p90_offset: 0.5 };
+        let z = 10.0;
+        for extreme in [0.0, 40.0] {
+            let alone = Prior::across_namespaces(&[member(runs(extreme))], "one".into()).unwrap();
+            let (mu, offset) = alone.at(z);
+            assert!((mu - z).abs() <= 10f64.ln() / 2.0 + 1e-9, "one namespace at {extreme}: {mu}");
+            assert!(mu + offset >= z + prior_offset() - 1e-9, "the p90 stays at least the spec's: {mu} + {offset}");
+        }
+        // Two namespaces: at most 10^(2/3) from the spec; three or more: the plain median, as before.
+        let two = Prior::across_namespaces(&[member(runs(0.0)), member(runs(0.0))], "two".into()).unwrap();
+        assert!((two.at(z).0 - (z - 2.0 * 10f64.ln() / 3.0)).abs() < 1e-9, "{:?}", two.at(z));
+        let three = Prior::across_namespaces(&[member(runs(11.0)), member(runs(11.2)), member(runs(0.0))], "three".into()).unwrap();
+        assert!(three.votes.is_empty() && (three.at(z).0 - 11.0 - 0.01).abs() < 0.02, "{:?}", three.at(z));
     }
 
     #[test]
