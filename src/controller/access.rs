@@ -40,6 +40,20 @@ struct Right {
     namespace: String,
 }
 
+impl Right {
+    /// Heading `category` in `namespace`: `approve` on `categories`, that name, agentgate's group.
+    fn head_of(category: &str, namespace: &str) -> Right {
+        Right {
+            group: crate::api::GROUP,
+            resource: "categories",
+            subresource: None,
+            verb: "approve",
+            name: Some(category.into()),
+            namespace: namespace.into(),
+        }
+    }
+}
+
 /// Whether the voter has the right, and when the apiserver said so.
 type Answer = (bool, Instant);
 
@@ -123,15 +137,7 @@ impl HeadChecker {
         namespace: &str,
         category: &str,
     ) -> Result<Result<(), String>, kube::Error> {
-        let right = Right {
-            group: crate::api::GROUP,
-            resource: "categories",
-            subresource: None,
-            verb: "approve",
-            name: Some(category.into()),
-            namespace: namespace.into(),
-        };
-        Ok(if self.allowed(voter, groups, right).await? {
+        Ok(if self.allowed(voter, groups, Right::head_of(category, namespace)).await? {
             Ok(())
         } else {
             Err(format!(
@@ -336,24 +342,13 @@ mod tests {
         Question { voter: voter.into(), groups: vec![], right }
     }
 
-    fn head_of(category: &str, namespace: &str) -> Right {
-        Right {
-            group: crate::api::GROUP,
-            resource: "categories",
-            subresource: None,
-            verb: "approve",
-            name: Some(category.into()),
-            namespace: namespace.into(),
-        }
-    }
-
     fn book() -> HashMap<Question, Answer> {
         let now = Instant::now();
         let [edit, _] = acting_as("builders", "ci");
         let impersonate = edit[0].0.clone();
         [
-            (question("erin", head_of("ops", "team-a")), (true, now)),
-            (question("erin", head_of("ops", "team-b")), (true, now)),
+            (question("erin", Right::head_of("ops", "team-a")), (true, now)),
+            (question("erin", Right::head_of("ops", "team-b")), (true, now)),
             // Whether erin may act as team-a's job's author, a ServiceAccount of `builders`.
             (question("erin", impersonate), (false, now)),
         ]
