@@ -271,6 +271,43 @@ async fn one_other_namespace_cannot_set_a_new_keys_estimate() {
     assert!(got.tokens.p90 >= spec.tokens_p90 - 1, "the p90 fell below the spec's own ({}): {got:?}", spec.tokens_p90);
 }
 
+/// A team's namespace effect (how far its runs sit from other teams' on the jobTypes they share)
+/// scales its first estimate of every jobType new to it. The only other namespace sharing its
+/// jobTypes ran them at one token, so the team looked ~7,500x bigger than its peers and its
+/// first estimate of a new jobType, pooled from three honest teams at the spec's size, came out
+/// ~86x the spec's. Another namespace now counts within 10x of the team's own level there.
+#[tokio::test]
+async fn another_namespace_cannot_skew_a_teams_namespace_effect() {
+    use agentgate::domain::estimate::{estimate, prior_tokens};
+    use agentgate::domain::pricing::PriceTable;
+    let ns = "est-effect";
+    let mut env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
+    let client = env.admin.clone();
+
+    let prices = PriceTable::builtin();
+    let input = one_agent_input();
+    let prior = prior_tokens(&input);
+    let spec = estimate(&input, None, &prices).unwrap();
+    let mut state = EstimatorState::default();
+    for i in 0..5 {
+        state.record(&format!("ours/{i}"), ns, "shared_scan", &tokens(spec.tokens_p50), &prior, &prices);
+        state.record(&format!("theirs/{i}"), "other-team", "shared_scan", &tokens(1), &prior, &prices);
+        for team in ["team-a", "team-b", "team-c"] {
+            state.record(&format!("{team}/{i}"), team, JOB_TYPE, &tokens(spec.tokens_p50), &prior, &prices);
+        }
+    }
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "agentgate-estimator"}, "data": {"state.json": state.to_json()}});
+    Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
+
+    env.start_operator();
+    Api::<AgentJob>::namespaced(client.clone(), ns).create(&PostParams::default(), &job_manifest("first")).await.expect("create job");
+    let got = estimated(&client, ns, "first").await.status.unwrap().estimate.unwrap();
+    assert_eq!((got.method.as_str(), got.samples), ("pooled", 0), "{got:?}");
+    let factor = got.tokens.p50 as f64 / spec.tokens_p50 as f64;
+    assert!(factor > 1.5, "the team's own level was not compared at all ({factor:.2}x): {got:?}");
+    assert!(factor <= 10.0, "one tenant's one-token runs scaled this team's first estimate {factor:.1}x: {got:?}");
+}
+
 /// The learned state keeps at most `MAX_KEYS` (namespace, jobType) keys, and a jobType is a name
 /// any author picks. A namespace that runs ever new jobTypes must evict its own keys, not another
 /// team's history: with the least recently updated key going first, its 256th made-up jobType

@@ -246,9 +246,18 @@ pub struct NamespaceEffect {
 /// The median, over the (jobType, model) pairs the namespace shares with others, of its level
 /// (median `ln tokens - ln prior`) less the median of the other namespaces' levels, shrunk by
 /// `k / (k + 1)` for `k` pairs (one comparison is weak evidence). `pairs` holds, per pair, the
-/// namespace's own level and the others' levels.
+/// namespace's own level and the others' levels. Where fewer than [`POOL_QUORUM`] others ran a
+/// pair, each counts only within [`THIN_CAP`]× of this namespace's own level: one tenant running
+/// the jobTypes it shares with a team at one token (or a billion) moved that team's estimates of
+/// every jobType new to it without bound; now at most 10× alone, √10× as one of two
+/// (tests/estimator.rs `another_namespace_cannot_skew_a_teams_namespace_effect`).
 pub fn namespace_effect(pairs: &[(f64, Vec<f64>)]) -> Option<NamespaceEffect> {
-    let diffs: Vec<f64> = pairs.iter().filter_map(|(own, others)| Some(own - median(others.clone())?)).collect();
+    let cap = THIN_CAP.ln();
+    let level_of_others = |own: f64, others: &[f64]| {
+        let thin = others.len() < POOL_QUORUM;
+        median(others.iter().map(|o| if thin { o.clamp(own - cap, own + cap) } else { *o }).collect())
+    };
+    let diffs: Vec<f64> = pairs.iter().filter_map(|(own, others)| Some(own - level_of_others(*own, others)?)).collect();
     let k = diffs.len() as f64;
     let ln = median(diffs)? * k / (k + 1.0);
     Some(NamespaceEffect { ln, from: k as usize })
@@ -295,5 +304,18 @@ mod tests {
         assert!((e.ln - 1.95 * 0.75).abs() < 1e-9, "median of 1.95, 1.9, 2.3, shrunk by 3/4: {e:?}");
         let prior = Prior::spec().for_namespace(Some(e));
         assert!((prior.ratio - e.ln).abs() < 1e-12 && prior.source.contains("for the namespace"), "{prior:?}");
+    }
+
+    #[test]
+    fn one_or_two_other_namespaces_move_a_namespace_effect_a_bounded_factor() {
+        let cap = THIN_CAP.ln();
+        // The only other namespace ran the shared jobTypes at one token: its level is ~-9.
+        let alone = namespace_effect(&[(0.0, vec![-9.0]), (0.1, vec![-9.0])]).unwrap();
+        assert!((alone.ln - cap * 2.0 / 3.0).abs() < 0.1, "at most 10x before the shrink: {alone:?}");
+        let one_of_two = namespace_effect(&[(0.0, vec![0.2, -9.0]), (0.1, vec![0.3, -9.0])]).unwrap();
+        assert!(one_of_two.ln <= (cap / 2.0) * 2.0 / 3.0 + 0.1, "at most sqrt(10)x as one of two: {one_of_two:?}");
+        // Three others: the median holds on its own, nothing is capped.
+        let quorum = namespace_effect(&[(3.0, vec![0.0, 0.1, -9.0])]).unwrap();
+        assert!((quorum.ln - 3.0 * 0.5).abs() < 1e-9, "{quorum:?}");
     }
 }
