@@ -193,6 +193,13 @@ fn one_agent_input() -> agentgate::domain::estimate::EstimateInput {
     agentgate::domain::estimate::EstimateInput { job_type: JOB_TYPE.into(), agent_models: vec!["gpt-4o-mini".into()], tool_calls: vec![] }
 }
 
+/// Writes `state` as the estimator's ConfigMap in `ns`, as an operator that learned it earlier
+/// would have left it (the tests start their operator after this).
+async fn write_learned_state(client: &Client, ns: &str, state: &EstimatorState) {
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "agentgate-estimator"}, "data": {"state.json": state.to_json()}});
+    Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
+}
+
 /// A run of `total` tokens on gpt-4o-mini, 80 % of them input.
 fn tokens(total: i64) -> std::collections::BTreeMap<String, agentgate::domain::pricing::TokenCounts> {
     let input = total * 8 / 10;
@@ -223,8 +230,7 @@ async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchange
         state.record(&format!("theirs/{i}"), "other-team", JOB_TYPE, &tokens(1), &prior, &prices);
     }
     let want = estimate(&input, ours_only.stats(ns, JOB_TYPE).as_ref(), &prices).unwrap();
-    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "agentgate-estimator"}, "data": {"state.json": state.to_json()}});
-    Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
+    write_learned_state(&client, ns, &state).await;
 
     env.start_operator();
     let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
@@ -258,8 +264,7 @@ async fn one_other_namespace_cannot_set_a_new_keys_estimate() {
         state.record(&format!("theirs/{i}"), "other-team", JOB_TYPE, &tokens(1), &prior, &prices);
     }
     let spec = estimate(&input, None, &prices).unwrap();
-    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "agentgate-estimator"}, "data": {"state.json": state.to_json()}});
-    Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
+    write_learned_state(&client, ns, &state).await;
 
     env.start_operator();
     let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
@@ -296,8 +301,7 @@ async fn another_namespace_cannot_skew_a_teams_namespace_effect() {
             state.record(&format!("{team}/{i}"), team, JOB_TYPE, &tokens(spec.tokens_p50), &prior, &prices);
         }
     }
-    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "agentgate-estimator"}, "data": {"state.json": state.to_json()}});
-    Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
+    write_learned_state(&client, ns, &state).await;
 
     env.start_operator();
     Api::<AgentJob>::namespaced(client.clone(), ns).create(&PostParams::default(), &job_manifest("first")).await.expect("create job");
@@ -332,8 +336,7 @@ async fn a_namespace_running_ever_new_job_types_evicts_its_own_keys_not_another_
     for i in 0..MAX_KEYS - 1 {
         state.record(&format!("flood/{i}"), ns, &format!("made-up-{i}"), &tokens(10_000), &prior, &prices);
     }
-    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "agentgate-estimator"}, "data": {"state.json": state.to_json()}});
-    Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
+    write_learned_state(&client, ns, &state).await;
     env.start_operator();
 
     // One more made-up jobType, run and learned.
