@@ -117,6 +117,21 @@ impl Charge {
     }
 }
 
+/// Makes room in `buffer` for `more` bytes, charged to `charge` before it is allocated: grown by
+/// doubling, as `Vec` would, up to `max` (past it: `TooLarge`). On a shortfall nothing changes.
+pub fn reserve_charged(buffer: &mut Vec<u8>, charge: &mut Charge, more: usize, max: usize) -> Result<(), Shortfall> {
+    let needed = buffer.len() + more;
+    if needed > max {
+        return Err(Shortfall::TooLarge);
+    }
+    if needed > buffer.capacity() {
+        let capacity = needed.max(buffer.capacity() * 2).min(max);
+        charge.try_grow(capacity - charge.bytes().min(capacity))?;
+        buffer.reserve_exact(capacity - buffer.len());
+    }
+    Ok(())
+}
+
 /// A buffer and the charge for it: as the owner of a `Bytes`, the bytes go back to the budget
 /// when the last clone of that `Bytes` is dropped (hyper drops a request body once sent).
 pub struct Charged {
@@ -169,6 +184,20 @@ pub fn parse_cost(body: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_buffer_grows_by_doubling_charged_first_and_not_past_its_cap() {
+        let budget = BufferBudget::new(100);
+        let (mut buffer, mut charge) = (Vec::new(), budget.nothing());
+        reserve_charged(&mut buffer, &mut charge, 10, 64).unwrap();
+        buffer.extend_from_slice(&[0; 10]);
+        reserve_charged(&mut buffer, &mut charge, 5, 64).unwrap();
+        assert_eq!((buffer.capacity(), charge.bytes()), (20, 20), "doubled, and charged what it holds");
+        assert_eq!(reserve_charged(&mut buffer, &mut charge, 60, 64), Err(Shortfall::TooLarge));
+        let _others = budget.try_charge(75).unwrap();
+        assert_eq!(reserve_charged(&mut buffer, &mut charge, 15, 64), Err(Shortfall::Busy));
+        assert_eq!((buffer.capacity(), charge.bytes()), (20, 20), "a shortfall changes nothing");
+    }
 
     #[test]
     fn charges_come_back_when_dropped_with_their_buffer() {

@@ -220,16 +220,7 @@ async fn read_body(buffers: &BufferBudget, headers: &HeaderMap, mut body: Body) 
         // A body cut off or longer than announced: refused, never forwarded in part.
         let Ok(frame) = frame else { return Err(Shortfall::TooLarge) };
         let Ok(data) = frame.into_data() else { continue };
-        let needed = buffer.len() + data.len();
-        if needed > buffer_budget::MAX_REQUEST_BYTES {
-            return Err(Shortfall::TooLarge);
-        }
-        if needed > buffer.capacity() {
-            // Grown by doubling, as Vec would, but charged before the allocation is made.
-            let capacity = needed.max(buffer.capacity() * 2).min(buffer_budget::MAX_REQUEST_BYTES);
-            charge.try_grow(capacity - charge.bytes().min(capacity))?;
-            buffer.reserve_exact(capacity - buffer.len());
-        }
+        buffer_budget::reserve_charged(&mut buffer, &mut charge, data.len(), buffer_budget::MAX_REQUEST_BYTES)?;
         buffer.extend_from_slice(&data);
     }
     Ok(Charged { buffer, charge }.into_bytes())
@@ -450,18 +441,13 @@ impl MeteredBody {
                 if *overflowed {
                     return;
                 }
-                let needed = copy.len() + data.len();
-                if needed > copy.capacity() {
-                    // Charged before it is allocated. Without the memory, the call is charged its
-                    // reservation (at least its cost) rather than the meter risking its own life.
-                    let capacity = needed.max(copy.capacity() * 2).min(MAX_RESPONSE_COPY_BYTES);
-                    if needed > MAX_RESPONSE_COPY_BYTES || charge.try_grow(capacity - charge.bytes().min(capacity)).is_err() {
-                        *overflowed = true;
-                        *copy = Vec::new();
-                        charge.release();
-                        return;
-                    }
-                    copy.reserve_exact(capacity - copy.len());
+                // Without the memory, the call is charged its reservation (at least its cost)
+                // rather than the meter risking its own life.
+                if buffer_budget::reserve_charged(copy, charge, data.len(), MAX_RESPONSE_COPY_BYTES).is_err() {
+                    *overflowed = true;
+                    *copy = Vec::new();
+                    charge.release();
+                    return;
                 }
                 copy.extend_from_slice(data);
             }
