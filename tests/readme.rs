@@ -1,5 +1,5 @@
 //! The README is the contract with users, read against the code: every test, file, flag, chart
-//! value, metric, printer column and internal link it names must exist, and every metric the
+//! value, make target, metric, printer column and internal link it names must exist, and every metric the
 //! operator registers must be in its Metrics table. Pure: it reads files and runs the two
 //! binaries' `--help`.
 
@@ -337,4 +337,29 @@ fn the_readme_counts_the_hostile_manifests_there_are() {
     let mut manifests = Vec::new();
     files_under(&root().join("tests/data/bad"), &["yaml"], &mut manifests);
     assert_eq!(said, manifests.len(), "the README says {said} hostile manifests; tests/data/bad has {}", manifests.len());
+}
+
+#[test]
+fn every_make_target_the_readme_names_is_in_the_makefile() {
+    let makefile = read("Makefile");
+    let targets: BTreeSet<&str> = makefile
+        .lines()
+        .filter(|l| !l.starts_with(['\t', '#', '.', ' ']))
+        .filter_map(|l| l.split_once(':').map(|(target, _)| target.trim()))
+        .filter(|t| !t.is_empty() && t.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+        .collect();
+    let readme = read("README.md");
+    let inline = prose(&readme);
+    // Command lines of the code blocks: the lines `prose` blanked.
+    let fenced = readme.lines().zip(inline.lines()).filter(|(line, blanked)| blanked.is_empty() && !line.is_empty()).map(|(l, _)| l);
+    // `make X` in inline code, and at the start of a code block's line.
+    let named: BTreeSet<&str> = code_spans(&inline)
+        .into_iter()
+        .map(|(_, span)| span)
+        .chain(fenced)
+        .filter_map(|text| text.strip_prefix("make ")?.split_whitespace().next())
+        .collect();
+    assert!(named.len() >= 8, "{named:?}");
+    let missing: Vec<_> = named.difference(&targets).collect();
+    assert!(missing.is_empty(), "the README names make targets the Makefile does not have: {missing:?} (targets: {targets:?})");
 }
