@@ -1,7 +1,7 @@
-//! The README is the contract with users, read against the code: every test, file, flag, chart
-//! value, make target, metric, printer column and internal link it names must exist, and every metric the
-//! operator registers must be in its Metrics table. Pure: it reads files and runs the two
-//! binaries' `--help`.
+//! The README is the contract with users, read against the code: every test, file, flag,
+//! environment variable, chart value, make target, metric, printer column and internal link it
+//! names must exist, and every metric the operator registers must be in its Metrics table. Pure:
+//! it reads files and runs the two binaries' `--help`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -82,6 +82,15 @@ fn defined_names<'a>(text: &'a str, keywords: &[&str]) -> BTreeSet<&'a str> {
     names
 }
 
+/// Whether `word` occurs in `text` delimited, not as part of a longer identifier.
+fn contains_word(text: &str, word: &str) -> bool {
+    text.match_indices(word).any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + word.len()..].chars().next();
+        !before.is_some_and(is_ident_char) && !after.is_some_and(is_ident_char)
+    })
+}
+
 /// A test name as the README cites them: snake_case of four words or more.
 fn looks_like_test_name(span: &str) -> bool {
     span.split('_').count() >= 4
@@ -115,6 +124,7 @@ fn every_test_and_code_item_the_readme_cites_exists() {
         .collect();
     let items = ["fn", "struct", "enum", "type", "const", "trait", "mod", "def"];
     let defined: BTreeSet<&str> = texts.values().flat_map(|t| defined_names(t, &items)).collect();
+    let makefile = read("Makefile") + &read(".ci/run");
     let literals: String = texts.iter().filter(|(p, _)| p.starts_with("src/")).map(|(_, t)| t.as_str()).collect();
 
     let mut checked = 0;
@@ -131,6 +141,13 @@ fn every_test_and_code_item_the_readme_cites_exists() {
                 if !defined_names(text, &["fn", "def"]).contains(span) {
                     missing.push(format!("`{span}` is cited as a test of {file}, which has no fn {span}"));
                 }
+            }
+        } else if let Some(variable) = span.split('=').next().filter(|v| v.starts_with("AGENTGATE_"))
+            && variable.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        {
+            checked += 1;
+            if !texts.values().chain([&makefile]).any(|t| contains_word(t, variable)) {
+                missing.push(format!("`{variable}`: no code reads or sets it"));
             }
         } else if span.contains("::") && span.split("::").all(|s| !s.is_empty() && s.chars().all(is_ident_char)) {
             checked += 1;
