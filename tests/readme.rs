@@ -228,7 +228,7 @@ fn every_flag_the_readme_shows_is_one_the_binaries_take() {
     help_flags(env!("CARGO_BIN_EXE_kubectl-agentgate"), &mut Vec::new(), &mut known);
     assert!(known.contains("--approval-floor") && known.contains("--budget-usd") && known.contains("--generation"), "{known:?}");
     // Flags of the other tools the README shows: cargo, docker, helm, kubectl, crane, and the
-    // kube-apiserver and kube-proxy of the test node.
+    // kube-apiserver of the test node.
     let other_tools = [
         "--all-targets",
         "--bin",
@@ -243,7 +243,6 @@ fn every_flag_the_readme_shows_is_one_the_binaries_take() {
         "--type",
         "--password-stdin",
         "--authorization-mode",
-        "--cleanup",
     ];
     let unknown: Vec<String> =
         flag_tokens(&read("README.md")).into_iter().filter(|f| !known.contains(f) && !other_tools.contains(&f.as_str())).collect();
