@@ -124,7 +124,7 @@ fn every_test_and_code_item_the_readme_cites_exists() {
         .collect();
     let items = ["fn", "struct", "enum", "type", "const", "trait", "mod", "def"];
     let defined: BTreeSet<&str> = texts.values().flat_map(|t| defined_names(t, &items)).collect();
-    let makefile = read("Makefile") + &read(".ci/run");
+    let build_scripts = read("Makefile") + &read(".ci/run");
     let literals: String = texts.iter().filter(|(p, _)| p.starts_with("src/")).map(|(_, t)| t.as_str()).collect();
 
     let mut checked = 0;
@@ -146,7 +146,7 @@ fn every_test_and_code_item_the_readme_cites_exists() {
             && variable.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
         {
             checked += 1;
-            if !texts.values().chain([&makefile]).any(|t| contains_word(t, variable)) {
+            if !texts.values().chain([&build_scripts]).any(|t| contains_word(t, variable)) {
                 missing.push(format!("`{variable}`: no code reads or sets it"));
             }
         } else if span.contains("::") && span.split("::").all(|s| !s.is_empty() && s.chars().all(is_ident_char)) {
