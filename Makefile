@@ -77,7 +77,7 @@ demo: controlplane build
 
 # Throughput, latency, API requests and memory of the operator next to raw Pod creation and the
 # Job controller (not part of `make test`). N=1000 STEADY_SECONDS=60 SCALE_JOBS=10000 by default;
-# SCENARIOS=agentgate,scale (of raw,job-controller,inputs,agentgate,steady,scale) runs only those.
+# SCENARIOS=agentgate,scale (of raw,job-controller,inputs,agentgate,steady,busy,scale) runs only those.
 .PHONY: bench
 bench: controlplane
 	$(CARGO) build --release --bin agentgate --example bench
