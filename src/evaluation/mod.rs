@@ -334,7 +334,8 @@ fn cold_oracle(scored: &mut [Scored]) -> f64 {
     let points: Vec<[f64; 2]> =
         sizes.iter().filter_map(|(t, zs)| Some([*flat.get(&(t.to_string(), String::new()))?, median(zs.clone())?])).collect();
     let slope = forecasters::theil_sen_any(&points).unwrap_or(0.0).clamp(0.0, 1.5);
-    let b = [0.0, 1.0, slope].into_iter().min_by(|x, y| job_type_ratio(*x).total_cmp(&job_type_ratio(*y))).expect("three candidates");
+    let candidates = [0.0, 1.0, slope].map(|b| (b, job_type_ratio(b)));
+    let (b, _) = candidates.into_iter().min_by(|x, y| x.1.total_cmp(&y.1)).expect("three candidates");
     let job_types = levels_by(scored, b, &by_job_type);
     let keys = levels_by(scored, b, &|s: &Scored| (s.key.1.clone(), s.key.0.clone()));
     for s in scored.iter_mut() {
