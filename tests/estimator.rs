@@ -276,6 +276,40 @@ async fn one_other_namespace_cannot_set_a_new_keys_estimate() {
     assert!(got.tokens.p90 >= spec.tokens_p90 - 1, "the p90 fell below the spec's own ({}): {got:?}", spec.tokens_p90);
 }
 
+/// A jobType nobody ran starts from the prior across the other jobTypes, one vote per namespace.
+/// In a young cluster where one other tenant had run anything, that tenant alone was the prior:
+/// its runs of its own jobType at one token made every other team's first estimate of a new
+/// jobType a token (p50 and p90). Across fewer than three namespaces each now counts within 10x
+/// of the spec's guess, and the p90 stays at least the spec's.
+#[tokio::test]
+async fn one_other_namespace_cannot_set_a_new_job_types_estimate() {
+    use agentgate::domain::estimate::{estimate, prior_tokens};
+    use agentgate::domain::pricing::PriceTable;
+    let ns = "est-poison-new";
+    let mut env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
+    let client = env.admin.clone();
+
+    // Another tenant's forty runs of a jobType of its own at one token each; nobody ran JOB_TYPE.
+    let prices = PriceTable::builtin();
+    let input = one_agent_input();
+    let prior = prior_tokens(&input);
+    let mut state = EstimatorState::default();
+    for i in 0..40 {
+        state.record(&format!("theirs/{i}"), "other-team", "tenant_scan", &tokens(1), &prior, &prices);
+    }
+    let spec = estimate(&input, None, &prices).unwrap();
+    write_learned_state(&client, ns, &state).await;
+
+    env.start_operator();
+    let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
+    jobs.create(&PostParams::default(), &job_manifest("first")).await.expect("create job");
+    let got = estimated(&client, ns, "first").await.status.unwrap().estimate.unwrap();
+    assert_eq!((got.method.as_str(), got.samples), ("pooled", 0), "{got:?}");
+    let factor = spec.tokens_p50 as f64 / got.tokens.p50 as f64;
+    assert!(factor <= 10.0 * 1.01, "one tenant's one-token runs moved the p50 {factor:.1}x below the spec's: {got:?}");
+    assert!(got.tokens.p90 >= spec.tokens_p90 - 1, "the p90 fell below the spec's own ({}): {got:?}", spec.tokens_p90);
+}
+
 /// A team's namespace effect (how far its runs sit from other teams' on the jobTypes they share)
 /// scales its first estimate of every jobType new to it. The only other namespace sharing its
 /// jobTypes ran them at one token, so the team looked ~7,500x bigger than its peers and its

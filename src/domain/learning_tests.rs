@@ -216,12 +216,16 @@ fn a_namespace_that_runs_bigger_elsewhere_starts_bigger_on_a_job_type_new_to_it(
         let used = usage("gpt-4o", total * 8 / 10, 0, total - total * 8 / 10);
         assert!(s.record(&format!("{ns}/{job_type}/{i}"), ns, job_type, &used, &unit_prior(&["gpt-4o"]), &prices));
     };
+    // The same cluster without "big".
+    let mut alone = EstimatorState::default();
     for i in 0..5 {
         for (job_type, scale) in [("lint", 1), ("docs", 3), ("scan", 10)] {
             run(&mut s, "small", job_type, 10_000 * scale, i);
+            run(&mut alone, "small", job_type, 10_000 * scale, i);
             run(&mut s, "big", job_type, 40_000 * scale, i);
         }
         run(&mut s, "small", "triage", 20_000, i);
+        run(&mut alone, "small", "triage", 20_000, i);
     }
     // "big" has run 4x "small" on lint, docs and scan: on triage, which only "small" ran, it starts
     // at 4x (shrunk by 3/4 in ln for three comparisons), not at what "small" used. (One
@@ -230,9 +234,13 @@ fn a_namespace_that_runs_bigger_elsewhere_starts_bigger_on_a_job_type_new_to_it(
     let want = 20_000f64.ln() + 4f64.ln() * 0.75;
     assert!((located.prior.ratio - want).abs() < 1e-3 && (located.prior.votes[0] - want).abs() < 1e-3, "{located:?}");
     assert!(located.prior.source.contains("for the namespace (from 3 jobType-model(s))"), "{}", located.prior.source);
-    // And "small" is not moved by "big" on its own job type.
+    // And "small" is not moved by "big" on its own job type. (Its five runs still hear the
+    // prior across jobTypes a little, and that prior, of two namespaces, is thin: each counts
+    // within 10x of the spec's guess, one token here.)
     let own = s.stats("small", "triage").unwrap().locate("gpt-4o", 1.0);
-    assert!((own.mu - 20_000f64.ln()).abs() < 0.25, "{own:?}");
+    let without_big = alone.stats("small", "triage").unwrap().locate("gpt-4o", 1.0);
+    assert!((own.mu - without_big.mu).abs() < 0.05, "{own:?} against {without_big:?}");
+    assert!((own.mu - 20_000f64.ln()).abs() < 0.5, "{own:?}");
 }
 
 /// Five runs of `job_type` in `ns` on gpt-4o, `total` tokens each, for a job declaring `calls`.
@@ -312,4 +320,35 @@ fn a_tenant_running_a_job_type_on_many_models_is_one_vote_in_the_any_model_pool(
     }
     let any = s.stats("team-new", "scan").unwrap().pooled_any.unwrap();
     assert!((any.ratio - 100_000f64.ln()).abs() < 0.01, "two namespaces at 100k against one at 1 token: {any:?}");
+}
+
+#[test]
+fn one_or_two_namespaces_cannot_set_a_new_job_types_prior() {
+    let spec = |calls: i64| ((7_500 + 2_400 * calls) as f64).ln();
+    let cap = crate::domain::prior::THIN_CAP.ln();
+    // A young cluster where only one tenant ran anything: one jobType at one token a run, or at
+    // a billion. Another team's first job of a jobType nobody ran stays within 10x of the
+    // spec's guess, and its p90 never drops below the spec's (3x the guess).
+    for extreme in [1, 1_000_000_000] {
+        let mut s = EstimatorState::default();
+        runs_of(&mut s, "mallory", "mallory-work", 4, extreme);
+        let first = new_job_type(&s, "team-new", 5);
+        assert!(first.prior.source.contains("thin"), "{}", first.prior.source);
+        assert!((first.mu - spec(5)).abs() <= cap + 1e-9, "one namespace at {extreme} tokens: {first:?}");
+        assert!(first.mu + first.p90_offset >= spec(5) + prior_offset() - 1e-9, "{first:?}");
+    }
+    // An honest team at 10x the spec, then the tenant at one token: two votes, each within 10x
+    // of the guess, so the tenant moves the new jobType's p50 by at most 10x, where before it
+    // halved the distance in ln to one token (a 100x lower p50 here).
+    let mut s = EstimatorState::default();
+    runs_of(&mut s, "team-a", "work", 4, (7_500 + 2_400 * 4) * 10);
+    let honest = new_job_type(&s, "team-new", 4);
+    runs_of(&mut s, "mallory", "mallory-work", 4, 1);
+    let poisoned = new_job_type(&s, "team-new", 4);
+    assert!((honest.mu - poisoned.mu).abs() <= cap + 1e-3, "{honest:?} -> {poisoned:?}");
+    assert!(poisoned.mu + poisoned.p90_offset >= spec(4) + prior_offset() - 1e-9, "{poisoned:?}");
+    // From three namespaces on it is the plain one-vote-per-namespace median, as before.
+    runs_of(&mut s, "team-b", "work", 4, (7_500 + 2_400 * 4) * 11);
+    let quorum = new_job_type(&s, "team-new", 4);
+    assert!(!quorum.prior.source.contains("thin") && quorum.mu > spec(4) + 2.0, "{quorum:?}");
 }

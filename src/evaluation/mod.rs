@@ -11,6 +11,15 @@
 //! hindsight, and its p90 the 90th percentile of the key's costs around that p50. It tells how
 //! much of the error is the workload's own noise.
 //!
+//! Its cold-start figures are those of a *hindsight cold-start reference* ([`cold_oracle`]): a
+//! forecaster that knows every other job type's level over the whole trace but not the new job
+//! type's own. A job type's first record is forecast at the median of the other job types'
+//! levels (in cost per token of the spec's guess, following the declared size with an elasticity
+//! `b` of 0, 1 or the hindsight slope across job types, whichever does best); a (namespace,
+//! jobType)'s first record at the median of the job type's other namespaces' levels (the
+//! cross-jobType centre where it has none). What it cannot reach is bounded by the workload: how
+//! far job types (or namespaces) differ in ways nothing in their specs tells.
+//!
 //! Figures (all over priced records, in replay order):
 //! * `coverage_p90`: fraction of records whose actual cost is at most the predicted p90;
 //! * `mdape_p50`: median of `|p50 - actual| / actual` (a fraction: 0.40 is 40 %);
@@ -142,7 +151,10 @@ pub struct Evaluation {
     pub estimator: Scores,
     pub naive: Scores,
     pub hindsight: Scores,
-    pub by_job_type: BTreeMap<String, (Scores, Scores)>,
+    /// Per job type: the estimator's, the naive reference's and the hindsight reference's scores.
+    pub by_job_type: BTreeMap<String, [Scores; 3]>,
+    /// The elasticity the hindsight cold-start reference follows the declared size with.
+    pub cold_oracle_elasticity: f64,
     /// Records left out, with the reason (an unpriced model, a malformed spec, no tokens).
     pub skipped: Vec<String>,
 }
@@ -153,12 +165,17 @@ struct Scored {
     key: (String, String),
     /// ln of the spec's prior tokens (all models).
     size: f64,
+    /// ln of the spec's prior tokens priced (the spec's guess of the cost).
+    spec_cost: f64,
     earlier_samples: usize,
     /// Whether this is its (namespace, jobType)'s first record.
     first_of_key: bool,
     ours: Outcome,
     naive: Outcome,
     hindsight: Outcome,
+    /// The hindsight cold-start reference's ratio on this record if it is its job type's first,
+    /// and if it is its (namespace, jobType)'s first ([`cold_oracle`]).
+    cold_oracle: (Option<f64>, Option<f64>),
 }
 
 /// Replays `records` in order: predict from the spec, then learn the actual usage.
@@ -206,9 +223,21 @@ pub fn evaluate(records: &[TraceRecord], prices: &PriceTable, warmup: usize) -> 
         let earlier_samples = seen.get(&input.job_type).copied().unwrap_or(0);
         let prior = prior_tokens(&input);
         let size = (prior.values().map(TokenCounts::total).sum::<i64>().max(1) as f64).ln();
+        let spec_cost = usd(actual_cost(&prior, prices).unwrap_or(MicroUsd(1))).ln();
         let key = (namespace.clone(), input.job_type.clone());
         let first_of_key = keys_seen.insert(key.clone());
-        scored.push(Scored { job_type: input.job_type.clone(), key, size, earlier_samples, first_of_key, ours, naive, hindsight: ours });
+        scored.push(Scored {
+            job_type: input.job_type.clone(),
+            key,
+            size,
+            spec_cost,
+            earlier_samples,
+            first_of_key,
+            ours,
+            naive,
+            hindsight: ours,
+            cold_oracle: (None, None),
+        });
 
         state.record(&format!("trace/{i}"), &namespace, &input.job_type, &usage, &prior, prices);
         history.push_back(ours.actual);
@@ -218,18 +247,27 @@ pub fn evaluate(records: &[TraceRecord], prices: &PriceTable, warmup: usize) -> 
         *seen.entry(input.job_type).or_default() += 1;
     }
     hindsight(&mut scored);
+    let cold_oracle_elasticity = cold_oracle(&mut scored);
+    let hindsight_scores = |records: &[&Scored]| {
+        let mut s = scores(records, warmup, |s| s.hindsight);
+        s.cold_start_ratio = median(records.iter().filter_map(|s| s.cold_oracle.0).collect()).unwrap_or(f64::NAN);
+        s.cold_start_key_ratio = median(records.iter().filter_map(|s| s.cold_oracle.1).collect()).unwrap_or(f64::NAN);
+        s
+    };
     let mut by_job_type = BTreeMap::new();
     for job_type in seen.keys() {
         let mine: Vec<&Scored> = scored.iter().filter(|s| &s.job_type == job_type).collect();
-        by_job_type.insert(job_type.clone(), (scores(&mine, warmup, |s| s.ours), scores(&mine, warmup, |s| s.naive)));
+        let three = [scores(&mine, warmup, |s| s.ours), scores(&mine, warmup, |s| s.naive), hindsight_scores(&mine)];
+        by_job_type.insert(job_type.clone(), three);
     }
     let all: Vec<&Scored> = scored.iter().collect();
     Evaluation {
         warmup,
         estimator: scores(&all, warmup, |s| s.ours),
         naive: scores(&all, warmup, |s| s.naive),
-        hindsight: scores(&all, warmup, |s| s.hindsight),
+        hindsight: hindsight_scores(&all),
         by_job_type,
+        cold_oracle_elasticity,
         skipped,
     }
 }
@@ -259,6 +297,56 @@ fn hindsight(scored: &mut [Scored]) {
             s.hindsight = Outcome { actual: s.ours.actual, p50: (m + b * s.size).exp(), p90: (q90 + b * s.size + 1e-9).exp() };
         }
     }
+}
+
+/// See the module doc. With elasticity `b` a record's level is `ln cost - spec_cost + (1 - b)
+/// size` (cost per token of the spec's guess, net of `b` times the declared size: with `b = 1`
+/// the ratio to the spec's guess), a job type's or key's level the median of its records'; the
+/// forecast of a first record is the centre of the others' levels put back at its own
+/// `spec_cost` and size. Of `b` = 0, 1 and the Theil–Sen slope of the job types' levels on their
+/// median sizes (clamped to 0..1.5), it takes the one with the smallest job-type cold-start
+/// ratio, fills in each first record's `cold_oracle` and returns that `b`.
+fn cold_oracle(scored: &mut [Scored]) -> f64 {
+    let level = |s: &Scored, b: f64| s.ours.actual.ln() - s.spec_cost + (1.0 - b) * s.size;
+    let levels_by = |scored: &[Scored], b: f64, group: &dyn Fn(&Scored) -> (String, String)| {
+        let mut by: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+        for s in scored {
+            by.entry(group(s)).or_default().push(level(s, b));
+        }
+        by.into_iter().filter_map(|(k, v)| Some((k, median(v)?))).collect::<BTreeMap<_, _>>()
+    };
+    let by_job_type = |s: &Scored| (s.job_type.clone(), String::new());
+    // The ratio of a first record forecast at `centre` (a level at elasticity `b`).
+    let ratio = |s: &Scored, b: f64, centre: f64| (level(s, b) - centre).abs().exp();
+    let centre_of_others = |levels: &BTreeMap<(String, String), f64>, job_type: &str| {
+        median(levels.iter().filter(|(k, _)| k.0 != job_type).map(|(_, l)| *l).collect())
+    };
+    let job_type_ratio = |b: f64| {
+        let levels = levels_by(scored, b, &by_job_type);
+        let firsts = scored.iter().filter(|s| s.earlier_samples == 0);
+        median(firsts.filter_map(|s| Some(ratio(s, b, centre_of_others(&levels, &s.job_type)?))).collect()).unwrap_or(f64::NAN)
+    };
+    let flat = levels_by(scored, 0.0, &by_job_type);
+    let mut sizes: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for s in scored.iter() {
+        sizes.entry(s.job_type.as_str()).or_default().push(s.size);
+    }
+    let points: Vec<[f64; 2]> =
+        sizes.iter().filter_map(|(t, zs)| Some([*flat.get(&(t.to_string(), String::new()))?, median(zs.clone())?])).collect();
+    let slope = forecasters::theil_sen_any(&points).unwrap_or(0.0).clamp(0.0, 1.5);
+    let candidates = [0.0, 1.0, slope].map(|b| (b, job_type_ratio(b)));
+    let (b, _) = candidates.into_iter().min_by(|x, y| x.1.total_cmp(&y.1)).expect("three candidates");
+    let job_types = levels_by(scored, b, &by_job_type);
+    let keys = levels_by(scored, b, &|s: &Scored| (s.key.1.clone(), s.key.0.clone()));
+    for s in scored.iter_mut() {
+        let first = if s.earlier_samples == 0 { centre_of_others(&job_types, &s.job_type).map(|c| ratio(s, b, c)) } else { None };
+        let first_of_key = s.first_of_key.then(|| {
+            let others: Vec<f64> = keys.iter().filter(|(k, _)| k.0 == s.key.1 && k.1 != s.key.0).map(|(_, l)| *l).collect();
+            median(others).or_else(|| centre_of_others(&job_types, &s.job_type)).map(|c| ratio(s, b, c))
+        });
+        s.cold_oracle = (first, first_of_key.flatten());
+    }
+    b
 }
 
 fn usage_by_model(usage: &[TraceUsage]) -> BTreeMap<String, TokenCounts> {
@@ -316,9 +404,10 @@ impl Evaluation {
                 fmt(s.cold_start_key_ratio),
             ]
         };
-        for (job_type, (ours, naive)) in &self.by_job_type {
+        for (job_type, [ours, naive, hindsight]) in &self.by_job_type {
             rows.push(row(job_type.clone(), ours));
             rows.push(row(format!("  naive {job_type}"), naive));
+            rows.push(row(format!("  hindsight {job_type}"), hindsight));
         }
         rows.push(row("ALL (estimator)".into(), &self.estimator));
         rows.push(row("ALL (naive)".into(), &self.naive));
@@ -328,6 +417,11 @@ impl Evaluation {
             out,
             "naive reference: p50 = median of the job type's last {NAIVE_WINDOW} costs, p90 = {NAIVE_P90_FACTOR} x p50; hindsight: each namespace x job type's median (and 90th percentile) over the whole trace, scaled by the declared size where that fits; MDAPE_WARM counts records after {} earlier samples of their job type",
             self.warmup
+        );
+        let _ = writeln!(
+            out,
+            "hindsight COLD_RATIO / COLD_KEY: a first record forecast at the median of the other job types' (namespaces') whole-trace levels per token of the spec's guess, following the declared size with elasticity {:.2}: what knowing everything but the new job type's own level reaches",
+            self.cold_oracle_elasticity
         );
         for reason in self.skipped.iter().take(10) {
             let _ = writeln!(out, "skipped {reason}");
@@ -398,6 +492,23 @@ mod tests {
         assert!(eval.hindsight.mdape_p50 < 1e-9 && eval.hindsight.coverage_p90 == 1.0, "{:?}", eval.hindsight);
         assert_eq!(eval.naive.sharpness_p90, 3.0);
         assert!(eval.render().lines().last().unwrap().starts_with("records=40 coverage_p90="));
+    }
+
+    #[test]
+    fn the_hindsight_cold_start_reference_knows_every_other_job_types_level() {
+        // Three job types of the same spec at 1x, 2x and 4x one another: the first record of the
+        // middle one is forecast at the median of the other two (exact), the outer ones 2.83x off.
+        let records: Vec<TraceRecord> = (0..30)
+            .map(|i| {
+                let (job_type, input) = [("small", 8_000), ("middle", 16_000), ("large", 32_000)][i % 3];
+                record(job_type, "gpt-4o-mini", input, input / 4)
+            })
+            .collect();
+        let eval = evaluate(&records, &PriceTable::builtin(), 5);
+        let [_, _, middle] = eval.by_job_type["middle"];
+        assert!((middle.cold_start_ratio - 1.0).abs() < 1e-3, "{middle:?}");
+        assert!((eval.hindsight.cold_start_ratio - 8f64.sqrt()).abs() < 1e-2, "{:?}", eval.hindsight);
+        assert!(eval.render().contains("  hindsight middle "), "{}", eval.render());
     }
 
     #[test]
