@@ -396,7 +396,8 @@ mod tests {
             j.status.as_mut().unwrap().attempts = vec![attempt];
             vec![Arc::new(j)]
         };
-        let cases: &[(&str, i32, Option<Vec<(&str, i32)>>, (i32, usize))] = &[
+        type Claims = Option<Vec<(&'static str, i32)>>;
+        let cases: &[(&str, i32, Claims, (i32, usize))] = &[
             ("raised in the spec after start: still 8", 1_000_000, Some(vec![("t", 8)]), (8, 1)),
             ("lowered to 0 in the spec after start: still 8", 0, Some(vec![("t", 8)]), (8, 1)),
             ("added to the spec after start: nothing", 60, Some(vec![("other", 8)]), (0, 0)),
