@@ -597,6 +597,62 @@ async fn a_job_waits_for_rate_limit_and_starts_when_a_running_job_frees_it() {
     assert_eq!(column(&kubectl_tool_row(tool), "IN USE"), "40");
 }
 
+/// Attack: the author of a running job edits its spec. Raising its `minRateLimit` to the whole
+/// tool would keep every other job that needs the tool waiting while it runs; dropping the tool
+/// from its spec would give back calls its agents still make, so another job starts past the
+/// limit. A running attempt claims what it started with.
+#[tokio::test]
+async fn a_running_job_cannot_take_or_give_back_rate_limit_by_editing_its_spec() {
+    let ns = "tl-claim";
+    let client = setup(ns, false).await;
+    let tool = "tl-claim-llm";
+    create_tool(&client, tool, json!({"type": "api", "endpoint": {"url": "https://llm.example/v1"}, "rateLimit": 60})).await;
+    wait_tool(&client, tool, "Ready", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
+    let jobs = Api::<AgentJob>::namespaced(client.clone(), ns);
+    let edit_hog = |claim: Value| {
+        let jobs = jobs.clone();
+        async move {
+            jobs.patch("hog", &PatchParams::default(), &Patch::Merge(json!({"spec": {"tools": claim}}))).await.expect("edit hog's spec")
+        }
+    };
+    let spec_change_seen = |generation: i64| {
+        move |j: &AgentJob| {
+            phase(j) == Some("Running")
+                && condition(j, "SpecChangePending").is_some_and(|c| {
+                    c.status == "True" && c.message.contains(&format!("generation {generation} applies from the next attempt"))
+                })
+        }
+    };
+
+    approved_job(&client, ns, "hog", json!({"tools": [{"name": tool, "minRateLimit": 10}]})).await;
+    wait_phase(&client, ns, "hog", "Running").await;
+    wait_tool(&client, tool, "inUse 10", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.in_use == 10)).await;
+
+    // Claims the whole tool while it runs.
+    assert_eq!(edit_hog(json!([{"name": tool, "minRateLimit": 60}])).await.metadata.generation, Some(2));
+    wait_for_job(&client, ns, "hog", "hog's edit followed", spec_change_seen(2)).await;
+    approved_job(&client, ns, "victim", json!({"tools": [{"name": tool, "minRateLimit": 40}]})).await;
+    let victim = wait_for_job(&client, ns, "victim", "victim running beside hog", |j| {
+        phase(j) == Some("Running") || condition(j, "Ready").is_some_and(|c| c.reason == "RateLimitExhausted")
+    })
+    .await;
+    assert_eq!(phase(&victim), Some("Running"), "hog's raised claim kept victim waiting: {:?}", victim.status);
+    wait_tool(&client, tool, "inUse 50", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.in_use == 50)).await;
+
+    // Gives the tool back in its spec while its agents keep calling it.
+    assert_eq!(edit_hog(json!([])).await.metadata.generation, Some(3));
+    wait_for_job(&client, ns, "hog", "hog's second edit followed", spec_change_seen(3)).await;
+    approved_job(&client, ns, "third", json!({"tools": [{"name": tool, "minRateLimit": 20}]})).await;
+    let third = wait_for_job(&client, ns, "third", "third checked against the running claims", |j| {
+        phase(j) == Some("Running") || condition(j, "Ready").is_some_and(|c| c.reason == "RateLimitExhausted")
+    })
+    .await;
+    assert_eq!(phase(&third), Some("WaitingForResources"), "third started past the limit: {:?}", third.status);
+    let check = tool_check(&third, tool);
+    assert!(check.message.contains("has 10 of 60 calls/min spare (50 in use by 2 running job(s))"), "{}", check.message);
+    assert_eq!(wait_tool(&client, tool, "inUse", TIMEOUT, |t| t.status.is_some()).await.status.unwrap().in_use, 50);
+}
+
 #[tokio::test]
 async fn freed_rate_limit_goes_to_the_most_urgent_waiting_job_first() {
     let ns = "tl-priority";

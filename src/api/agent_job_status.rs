@@ -464,6 +464,19 @@ pub struct Attempt {
     /// first appeared: those are marked, never learned or counted again (controller/learning_mark.rs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub learned: Option<bool>,
+    /// The tools' rate limit the attempt holds while it runs: the `minRateLimit` of each tool in
+    /// the spec it was started from, fixed then. Absent on attempts stored by an older operator
+    /// (or found only through Pods of another generation): the current spec's claims count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_claims: Option<Vec<ToolClaim>>,
+}
+
+/// Calls per minute an attempt holds of one tool's shared rate limit.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolClaim {
+    pub name: String,
+    pub min_rate_limit: i32,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]

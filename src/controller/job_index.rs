@@ -116,7 +116,10 @@ impl JobEntry {
                 interned
             }
         };
-        let tools: BTreeSet<&str> = job.spec.tools.iter().map(|t| t.name.as_str()).collect();
+        // A running job stays filed under the tools its attempt claims after a spec edit drops
+        // them: their readiness checks and status.inUse must still count it (tests/tools.rs
+        // a_running_job_cannot_take_or_give_back_rate_limit_by_editing_its_spec).
+        let tools = snapshot::tools_named_or_claimed(job);
         Some(JobEntry { key: (namespace, job.name_any().into()), phase, tools: tools.into_iter().map(Box::from).collect(), waiting })
     }
 

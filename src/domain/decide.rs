@@ -105,9 +105,15 @@ pub struct Plan {
     pub events: Vec<PlannedEvent>,
 }
 
-/// A new Running attempt of `job`, with the Pods it has one per agent.
+/// A new Running attempt of `job`, with the Pods it has one per agent, and the tools' rate limit
+/// it holds: claimed by the spec it starts from, so editing a running job's `minRateLimit` (or its
+/// tools) moves nothing (tests/tools.rs
+/// `a_running_job_cannot_take_or_give_back_rate_limit_by_editing_its_spec`). Unknown (None) when
+/// `job` is at another generation than the attempt's.
 pub fn running_attempt(job: &AgentJob, attempt: i32, generation: i64, now: &Time) -> Attempt {
     let job_name = job.metadata.name.as_deref().unwrap_or_default();
+    let tool_claims = (job.metadata.generation == Some(generation))
+        .then(|| job.spec.tools.iter().map(|t| crate::api::ToolClaim { name: t.name.clone(), min_rate_limit: t.min_rate_limit }).collect());
     Attempt {
         attempt,
         generation,
@@ -119,6 +125,7 @@ pub fn running_attempt(job: &AgentJob, attempt: i32, generation: i64, now: &Time
         usage: None,
         reported_usage: None,
         learned: Some(false),
+        tool_claims,
     }
 }
 

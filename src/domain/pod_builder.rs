@@ -186,8 +186,11 @@ pub(crate) fn build_agent_pod(plan: &PodPlan) -> Pod {
     }
 }
 
+/// A variable the operator sets, passed on literally: the kubelet expands `$(NAME)` in env values
+/// (from variables set before it) and turns `$$` into `$`, so `spec.input` holding either would
+/// reach the agent other than the heads approved it (`$$` escapes each `$`).
 fn plain_env(name: &str, value: &str) -> EnvVar {
-    EnvVar { name: name.to_string(), value: Some(value.to_string()), value_from: None }
+    EnvVar { name: name.to_string(), value: Some(value.replace('$', "$$")), value_from: None }
 }
 
 #[cfg(test)]
@@ -231,6 +234,7 @@ mod tests {
         gpu: Option<(&'static str, i32)>,
         deadline_seconds: i64,
         tool_urls: Vec<(String, String)>,
+        input_json: &'static str,
     }
 
     impl Default for Fixture {
@@ -245,6 +249,7 @@ mod tests {
                     ("bandit-scanner".into(), "http://bandit.tools.svc:8080".into()),
                     ("image.processor".into(), "https://img.example.com".into()),
                 ],
+                input_json: r#"{"repositoryPath":"/src"}"#,
             }
         }
     }
@@ -263,7 +268,7 @@ mod tests {
                 gpu: self.gpu,
                 deadline_seconds: self.deadline_seconds,
                 budget_usd: "0.50",
-                input_json: r#"{"repositoryPath":"/src"}"#,
+                input_json: self.input_json,
                 tool_urls: &self.tool_urls,
                 meter: &test_meter(),
             });
@@ -472,6 +477,21 @@ mod tests {
                     Env("OPENAI_API_KEY", Some(json!({"value": "agentgate-metered"}))),
                     At("/spec/containers/0/volumeMounts", None),
                     At("/spec/automountServiceAccountToken", Some(json!(false))),
+                ],
+            },
+            Case {
+                name: "operator values are escaped from the kubelet's $(VAR) expansion, the agent's own are not",
+                fixture: Fixture {
+                    input_json: r#"{"shell":"kill $$; echo $(AGENTGATE_JOB) $"}"#,
+                    agent: Agent {
+                        env: vec![serde_json::from_value(json!({"name": "GREETING", "value": "$(AGENTGATE_AGENT)"})).unwrap()],
+                        ..agent()
+                    },
+                    ..Fixture::default()
+                },
+                want: vec![
+                    Env("AGENTGATE_INPUT", Some(json!({"value": r#"{"shell":"kill $$$$; echo $$(AGENTGATE_JOB) $$"}"#}))),
+                    Env("GREETING", Some(json!({"value": "$(AGENTGATE_AGENT)"}))),
                 ],
             },
             Case {

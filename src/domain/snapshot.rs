@@ -265,12 +265,35 @@ pub fn rate_limit_claims_ahead(jobs: &[std::sync::Arc<AgentJob>], job: &AgentJob
     ahead.into_iter().map(|(_, claim)| claim).collect()
 }
 
-/// Calls per minute running jobs claim from a tool, and how many jobs claim them.
+/// The claims a running job's attempt holds, recorded when it started (None: the job is not
+/// running, or an operator that did not record claims started it).
+fn attempt_claims(job: &AgentJob) -> Option<&[crate::api::ToolClaim]> {
+    let status = job.status.as_ref().filter(|s| s.phase == Some(JobPhase::Running))?;
+    let running = status.attempts.iter().rev().find(|a| a.result == crate::api::AttemptResult::Running)?;
+    running.tool_claims.as_deref()
+}
+
+/// The tools a job names, and those its running attempt holds a claim on even if a spec edit
+/// has dropped them since (the job index files running jobs under these).
+pub fn tools_named_or_claimed(job: &AgentJob) -> std::collections::BTreeSet<&str> {
+    let claimed = attempt_claims(job).unwrap_or_default().iter().map(|c| c.name.as_str());
+    job.spec.tools.iter().map(|t| t.name.as_str()).chain(claimed).collect()
+}
+
+/// Calls per minute running jobs claim from a tool, and how many jobs claim them. A running job
+/// claims what its running attempt was started with, not what its spec says now: its author may
+/// edit the spec while it runs, and would otherwise give back the rate limit it uses (for another
+/// job of theirs to start past the limit) or claim the whole tool and keep every other team's
+/// jobs waiting (tests/tools.rs `a_running_job_cannot_take_or_give_back_rate_limit_by_editing_its_spec`).
 pub fn rate_limit_claims(jobs: &[std::sync::Arc<AgentJob>], tool: &str, except_uid: Option<&str>) -> (i32, usize) {
     jobs.iter()
         .filter(|j| j.status.as_ref().and_then(|s| s.phase) == Some(JobPhase::Running))
         .filter(|j| j.metadata.uid.as_deref() != except_uid)
-        .filter_map(|j| j.spec.tools.iter().find(|t| t.name == tool).map(|t| t.min_rate_limit))
+        .filter_map(|j| match attempt_claims(j) {
+            Some(claims) => claims.iter().find(|c| c.name == tool).map(|c| c.min_rate_limit),
+            // Started by an operator that did not record claims: the spec is all there is.
+            None => j.spec.tools.iter().find(|t| t.name == tool).map(|t| t.min_rate_limit),
+        })
         .fold((0, 0), |(sum, n), claim| (sum.saturating_add(claim), n + 1))
 }
 
@@ -359,6 +382,31 @@ mod tests {
         let jobs = vec![a.clone(), b, job("c", 5, 2, 3, "WaitingForResources", "RateLimitExhausted", true)];
         assert_eq!(rate_limit_claims(&jobs, "t", None), (13, 2));
         assert_eq!(rate_limit_claims(&jobs, "t", a.metadata.uid.as_deref()), (5, 1));
+    }
+
+    /// A running job's author edits its spec: the attempt keeps claiming what it started with.
+    #[test]
+    fn a_running_attempt_claims_what_it_started_with_whatever_the_spec_says_now() {
+        let started = |spec_claim: i32, attempt_claims: Option<Vec<(&str, i32)>>| {
+            let mut j = (*job("a", 5, 0, spec_claim, "Running", "Ready", true)).clone();
+            let claims = attempt_claims
+                .map(|c| c.into_iter().map(|(name, min_rate_limit)| crate::api::ToolClaim { name: name.into(), min_rate_limit }).collect());
+            let attempt =
+                crate::api::Attempt { attempt: 1, result: crate::api::AttemptResult::Running, tool_claims: claims, ..Default::default() };
+            j.status.as_mut().unwrap().attempts = vec![attempt];
+            vec![Arc::new(j)]
+        };
+        type Claims = Option<Vec<(&'static str, i32)>>;
+        let cases: &[(&str, i32, Claims, (i32, usize))] = &[
+            ("raised in the spec after start: still 8", 1_000_000, Some(vec![("t", 8)]), (8, 1)),
+            ("lowered to 0 in the spec after start: still 8", 0, Some(vec![("t", 8)]), (8, 1)),
+            ("added to the spec after start: nothing", 60, Some(vec![("other", 8)]), (0, 0)),
+            ("started without the tool: nothing", 60, Some(vec![]), (0, 0)),
+            ("an attempt of an older operator: the spec's", 7, None, (7, 1)),
+        ];
+        for (case, spec_claim, claims, want) in cases {
+            assert_eq!(rate_limit_claims(&started(*spec_claim, claims.clone()), "t", None), *want, "{case}");
+        }
     }
 
     /// A failed agent's reason: the Pod's (DeadlineExceeded), else the kubelet's reason for the

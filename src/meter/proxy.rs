@@ -136,6 +136,12 @@ async fn proxy(State(meter): State<Arc<Meter>>, request: Request) -> Response {
         );
     };
     let (parts, body) = request.into_parts();
+    if route == Route::Metered(Api::AnthropicMessages)
+        && let Some(refusal) = wire::beta_billed_above_list_price(&parts.headers)
+    {
+        meter.ledger.count_refusal();
+        return refuse(provider, StatusCode::BAD_REQUEST, "unbounded_cost", &refusal.to_string());
+    }
     let body = match read_body(&meter.buffers, &parts.headers, body).await {
         Ok(body) => body,
         Err(shortfall) => {

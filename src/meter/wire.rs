@@ -154,7 +154,7 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<(Value, RequestFacts), Bad
             .ok_or_else(|| BadRequest::Invalid(format!("n must be an integer from 1 to {MAX_CHOICES}")))?,
         _ => 1,
     };
-    if let Some(what) = unbounded_input(api, &value) {
+    if let Some(what) = unbounded_input(api, &value).or_else(|| billed_above_list_price(api, &value)) {
         return Err(BadRequest::Unbounded(what));
     }
     let previous_response = match (api, map.get("previous_response_id")) {
@@ -191,6 +191,52 @@ fn unbounded_input(api: Api, request: &Value) -> Option<String> {
         return Some(format!("a `{kind}` input (stored items and files are not bounded by the request's bytes)"));
     }
     None
+}
+
+/// Options the provider bills above the model's list price, which is all the price table knows:
+/// the meter would count them (and reserve for them) at that price, and an agent could spend up
+/// to twice what it is charged (tests/meter/test_meter.py
+/// test_calls_the_provider_bills_above_the_price_table_are_refused). OpenAI's `priority` and
+/// `scale` processing; Anthropic cache writes kept an hour (twice the input price; the 5-minute
+/// ones, 1.25 times, stay counted as input: README "The agent meter").
+fn billed_above_list_price(api: Api, request: &Value) -> Option<String> {
+    let tiers: &[&str] = match api {
+        Api::AnthropicMessages => &["auto", "standard_only"],
+        _ => &["auto", "default", "flex"],
+    };
+    match request.get("service_tier") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(tier)) if tiers.contains(&tier.as_str()) => {}
+        Some(other) => {
+            let shown: String = other.to_string().chars().take(64).collect();
+            return Some(format!(
+                "`service_tier: {shown}` (billed above the model's list price, or unknown; allowed: {})",
+                tiers.join(", ")
+            ));
+        }
+    }
+    if api == Api::AnthropicMessages {
+        let mut ttl = None;
+        walk(request, &mut |v| {
+            if let Some(t) = v.get("cache_control").and_then(|c| c.get("ttl")).filter(|t| !t.is_null() && *t != "5m") {
+                ttl.get_or_insert_with(|| t.to_string().chars().take(64).collect::<String>());
+            }
+        });
+        if let Some(ttl) = ttl {
+            return Some(format!("a cache write with `ttl: {ttl}` (billed at twice the input price; only 5m is counted at its price)"));
+        }
+    }
+    None
+}
+
+/// The `anthropic-beta` features that make the provider bill above the model's list price: the
+/// 1M-token context window (input beyond 200K tokens at twice the price, output at 1.5 times).
+pub fn beta_billed_above_list_price(headers: &http::HeaderMap) -> Option<BadRequest> {
+    let betas = headers.get_all("anthropic-beta").iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+    betas.map(str::trim).find(|b| b.to_ascii_lowercase().starts_with("context-1m")).map(|beta| {
+        let beta: String = beta.chars().take(64).collect();
+        BadRequest::Unbounded(format!("the `anthropic-beta: {beta}` long context (billed above the model's list price)"))
+    })
 }
 
 const MAX_WALK_DEPTH: usize = 64;

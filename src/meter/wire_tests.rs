@@ -288,3 +288,45 @@ fn never_panics_on_hostile_requests_or_events() {
         }
     }
 }
+
+/// tests/meter/test_meter.py test_calls_the_provider_bills_above_the_price_table_are_refused.
+#[test]
+fn refuses_what_the_provider_bills_above_the_list_price() {
+    let hour = json!([{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]);
+    for (api, body) in [
+        (Api::ChatCompletions, json!({"model": "m", "service_tier": "priority"})),
+        (Api::ChatCompletions, json!({"model": "m", "service_tier": "scale"})),
+        (Api::ChatCompletions, json!({"model": "m", "service_tier": 1})),
+        (Api::Responses, json!({"model": "m", "service_tier": "priority"})),
+        (Api::Embeddings, json!({"model": "m", "service_tier": "Priority"})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "service_tier": "priority"})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "messages": hour})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral", "ttl": "1h"}})),
+    ] {
+        assert!(matches!(parse(api, body.clone()), Err(BadRequest::Unbounded(_))), "{body}");
+    }
+    let five = json!([{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral", "ttl": "5m"}}]}]);
+    for (api, body) in [
+        (Api::ChatCompletions, json!({"model": "m", "service_tier": "flex"})),
+        (Api::ChatCompletions, json!({"model": "m", "service_tier": "auto"})),
+        (Api::Responses, json!({"model": "m", "service_tier": "default"})),
+        (Api::Responses, json!({"model": "m", "service_tier": null})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "service_tier": "standard_only", "messages": five})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral"}})),
+    ] {
+        assert!(parse(api, body.clone()).is_ok(), "{body}");
+    }
+    let headers = |values: &[&str]| {
+        let mut h = http::HeaderMap::new();
+        for v in values {
+            h.append("anthropic-beta", http::HeaderValue::from_str(v).unwrap());
+        }
+        h
+    };
+    for refused in [&["context-1m-2025-08-07"][..], &["files-api-2025-04-14, Context-1M-2025-08-07"], &["a", "context-1m-x"]] {
+        assert!(matches!(beta_billed_above_list_price(&headers(refused)), Some(BadRequest::Unbounded(_))), "{refused:?}");
+    }
+    for fine in [&[][..], &["files-api-2025-04-14"], &["interleaved-thinking-2025-05-14, token-efficient-tools-2025-02-19"]] {
+        assert_eq!(beta_billed_above_list_price(&headers(fine)), None, "{fine:?}");
+    }
+}

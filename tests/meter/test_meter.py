@@ -292,6 +292,39 @@ def test_refusals_never_reach_the_upstream(meter, upstream):
     assert meter.usage()["budgetRefusals"] == 0, "a bad request is no budget refusal"
 
 
+def test_calls_the_provider_bills_above_the_price_table_are_refused(meter, upstream):
+    """Attack: an agent asks for what the provider bills above the model's list price, which the
+    meter would count (and reserve) at that price: OpenAI's priority (or scale) processing, the
+    Anthropic 1M-context beta (above 200K input tokens: twice the input price), and Anthropic
+    cache writes kept an hour (twice the input price)."""
+    recorder, _ = upstream
+    hi = [{"role": "user", "content": "hi"}]
+    for tier in ["priority", "scale", "PRIORITY", "some-future-tier"]:
+        with pytest.raises(openai.BadRequestError) as e:
+            oai(meter).chat.completions.create(model="test-gpt", messages=hi, max_tokens=10, service_tier=tier)
+        assert e.value.body["type"] == "unbounded_cost" and "service_tier" in e.value.body["message"], e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        oai(meter).responses.create(model="test-gpt", input="hi", max_output_tokens=10, service_tier="priority")
+    assert e.value.body["type"] == "unbounded_cost"
+    for beta in ["context-1m-2025-08-07", "files-api-2025-04-14, context-1m-2025-08-07"]:
+        with pytest.raises(anthropic.BadRequestError) as e:
+            anth(meter).messages.create(model="test-claude", max_tokens=10, messages=hi, extra_headers={"anthropic-beta": beta})
+        assert e.value.body["error"]["type"] == "unbounded_cost" and "context-1m" in e.value.body["error"]["message"]
+    hour = [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]
+    with pytest.raises(anthropic.BadRequestError) as e:
+        anth(meter).messages.create(model="test-claude", max_tokens=10, messages=hour)
+    assert e.value.body["error"]["type"] == "unbounded_cost" and "ttl" in e.value.body["error"]["message"]
+    assert recorder.snapshot() == [], "a call billed above its price reached the provider"
+    # What is billed at the list price (or below) still passes.
+    for tier in [None, "auto", "default", "flex"]:
+        extra = {} if tier is None else {"service_tier": tier}
+        oai(meter).chat.completions.create(model="test-gpt", messages=hi, max_tokens=10, **extra)
+    five = [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral", "ttl": "5m"}}]}]
+    anth(meter).messages.create(model="test-claude", max_tokens=10, messages=five, extra_headers={"anthropic-beta": "files-api-2025-04-14"})
+    assert len(recorder.snapshot()) == 5
+    assert_measured_exactly(meter, recorder)
+
+
 def test_a_client_that_leaves_mid_stream_is_charged_its_reservation(meter, upstream):
     recorder, _ = upstream
     client = oai(meter)
