@@ -16,6 +16,7 @@ pub mod learning_mark;
 pub mod memory;
 pub mod metadata_answers;
 pub mod meter_api;
+mod meter_auth;
 pub mod meter_keys;
 pub mod meter_tls;
 pub mod pod_expectations;

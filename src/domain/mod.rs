@@ -14,6 +14,7 @@ pub mod history;
 pub mod learning;
 pub mod meter_sidecar;
 pub mod meter_tls;
+pub mod meter_token;
 pub mod money;
 pub mod pod_builder;
 pub mod pricing;

@@ -1,0 +1,193 @@
+//! Who is calling the meter API, at a cost to the apiserver that a flood cannot grow.
+//!
+//! Any Pod can reach the meter API's port. Before this, every bearer token it was sent cost a
+//! TokenReview, invalid ones again at every request, and requests had no bound: a tenant
+//! flooding junk tokens queued every team's meters behind its reviews
+//! (tests/meter_api_flood.rs). Now:
+//! - a token that is not shaped like a meter's (domain/meter_token.rs `claims`: a JWT for our
+//!   audience, not expired, bound to a Pod of a namespace we serve) is refused without a review;
+//! - a token the apiserver (or the Pod lookup) rejected is remembered by its SHA-256 for
+//!   [`REJECTED_TTL`], a valid one for [`VERIFIED_TTL`], neither as itself;
+//! - at most one review per claimed Pod and [`REVIEWS_IN_FLIGHT`] in all run at once, and at
+//!   most [`REQUESTS_IN_FLIGHT`] requests reach the apiserver at once: beyond, the request is
+//!   shed with 503 and Retry-After (the meter retries 503 for up to 8 s).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use http::StatusCode;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::meter_api::{Refusal, refuse};
+use crate::domain::meter_token::{self, ClaimError, DigestCache, TokenDigest};
+
+/// The audience of the meters' tokens: a token for the apiserver (or anything else) is refused.
+pub const AUDIENCE: &str = "agentgate.dev/meter";
+const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
+/// A verified token is trusted this long without asking the apiserver again: a meter syncs at
+/// most every few seconds, and a deleted Pod is still caught by the Pod lookup on every request.
+const VERIFIED_TTL: Duration = Duration::from_secs(10);
+/// A rejected token stays rejected (a bad signature, an expired token or a deleted Pod's never
+/// becomes valid); remembered a minute, so a flood of one junk token costs one review a minute.
+const REJECTED_TTL: Duration = Duration::from_secs(60);
+const CACHE_CAP: usize = 4096;
+/// TokenReviews in flight at once, over all claimed Pods.
+const REVIEWS_IN_FLIGHT: usize = 8;
+/// Requests past the cheap checks (a review, the Pod lookup, the job's read and status write)
+/// in flight at once. Meters sync every 5 s and one sync takes a few round trips to the
+/// apiserver: a thousand agent Pods need about a tenth of this.
+const REQUESTS_IN_FLIGHT: usize = 64;
+
+/// Who a verified token says the caller is.
+#[derive(Clone, Debug)]
+pub(super) struct Reviewed {
+    pub namespace: String,
+    pub pod: String,
+    pub pod_uid: String,
+}
+
+/// A request let through to the apiserver: who it is, and its place among those in flight.
+pub(super) struct Admitted {
+    pub who: Reviewed,
+    pub digest: TokenDigest,
+    _permit: OwnedSemaphorePermit,
+}
+
+pub(super) struct Authenticator {
+    client: Client,
+    verified: Mutex<DigestCache<Reviewed>>,
+    rejected: Mutex<DigestCache<Refusal>>,
+    requests: Arc<Semaphore>,
+    reviews: Arc<Semaphore>,
+    /// Claimed Pod uids with a review in flight.
+    reviewing: Arc<Mutex<HashSet<String>>>,
+}
+
+fn busy(what: &str) -> Refusal {
+    refuse(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("the meter API has too many {what} in flight; retry"))
+}
+
+/// A claimed Pod's review slot, given back on drop.
+struct ReviewSlot(Arc<Mutex<HashSet<String>>>, String);
+
+impl Drop for ReviewSlot {
+    fn drop(&mut self) {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.1);
+    }
+}
+
+impl Authenticator {
+    pub fn new(client: Client) -> Authenticator {
+        Authenticator {
+            client,
+            verified: Mutex::new(DigestCache::new(VERIFIED_TTL, CACHE_CAP)),
+            rejected: Mutex::new(DigestCache::new(REJECTED_TTL, CACHE_CAP)),
+            requests: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT)),
+            reviews: Arc::new(Semaphore::new(REVIEWS_IN_FLIGHT)),
+            reviewing: Arc::default(),
+        }
+    }
+
+    /// The caller, if its token is a meter's, of a Pod in `watched` (all namespaces when None),
+    /// and there is room for its request.
+    pub async fn admit(&self, token: &str, watched: Option<&str>) -> Result<Admitted, Refusal> {
+        let digest = TokenDigest::of(token);
+        if let Some(refusal) = self.rejected.lock().unwrap_or_else(PoisonError::into_inner).get(&digest, Instant::now()) {
+            return Err(refusal);
+        }
+        let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+        let claims = meter_token::claims(token, AUDIENCE, now_unix).map_err(|e| match e {
+            ClaimError::NotBoundToAPod => refuse(StatusCode::FORBIDDEN, "not_bound_to_a_pod", e.to_string()),
+            _ => refuse(StatusCode::UNAUTHORIZED, "token_rejected", e.to_string()),
+        })?;
+        if let Some(ns) = watched
+            && ns != claims.namespace
+        {
+            return Err(refuse(StatusCode::FORBIDDEN, "namespace_not_watched", format!("this operator serves namespace {ns} only")));
+        }
+        let permit = self.requests.clone().try_acquire_owned().map_err(|_| busy("requests"))?;
+        let cached = self.verified.lock().unwrap_or_else(PoisonError::into_inner).get(&digest, Instant::now());
+        let who = match cached {
+            Some(who) => who,
+            None => {
+                let _slot = {
+                    let mut reviewing = self.reviewing.lock().unwrap_or_else(PoisonError::into_inner);
+                    if !reviewing.insert(claims.pod_uid.clone()) {
+                        return Err(busy("token reviews for this Pod"));
+                    }
+                    ReviewSlot(self.reviewing.clone(), claims.pod_uid.clone())
+                };
+                let _review = self.reviews.clone().try_acquire_owned().map_err(|_| busy("token reviews"))?;
+                match self.review(token).await {
+                    Ok(who) => {
+                        self.verified.lock().unwrap_or_else(PoisonError::into_inner).insert(digest, who.clone(), Instant::now());
+                        who
+                    }
+                    Err(refusal) => {
+                        self.remember_rejected(digest, &refusal);
+                        return Err(refusal);
+                    }
+                }
+            }
+        };
+        Ok(Admitted { who, digest, _permit: permit })
+    }
+
+    /// Remembers a refusal that the token alone decides (not a failure to reach the apiserver).
+    pub fn remember_rejected(&self, digest: TokenDigest, refusal: &Refusal) {
+        if refusal.0 == StatusCode::UNAUTHORIZED || refusal.0 == StatusCode::FORBIDDEN {
+            self.rejected.lock().unwrap_or_else(PoisonError::into_inner).insert(digest, refusal.clone(), Instant::now());
+        }
+    }
+
+    /// Verifies the token with a TokenReview for [`AUDIENCE`].
+    async fn review(&self, token: &str) -> Result<Reviewed, Refusal> {
+        let review = TokenReview {
+            spec: TokenReviewSpec { token: token.to_string(), audiences: Some(vec![AUDIENCE.to_string()]) },
+            ..TokenReview::default()
+        };
+        let reviewed = Api::<TokenReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, "review_failed", format!("could not verify the token: {e}")))?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            // The apiserver's own error names the cause (expired, wrong audience, bad signature).
+            let why = status.error.unwrap_or_else(|| "not authenticated".into());
+            return Err(refuse(
+                StatusCode::UNAUTHORIZED,
+                "token_rejected",
+                format!("the token is not valid for audience {AUDIENCE}: {why}"),
+            ));
+        }
+        if !status.audiences.unwrap_or_default().iter().any(|a| a == AUDIENCE) {
+            return Err(refuse(StatusCode::UNAUTHORIZED, "wrong_audience", format!("the token is not for audience {AUDIENCE}")));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let Some(namespace) =
+            username.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':')).map(|(ns, _)| ns.to_string())
+        else {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "not_a_service_account",
+                "only the meter of an agent Pod may call (its ServiceAccount token)",
+            ));
+        };
+        let extra = user.extra.unwrap_or_default();
+        let single = |key: &str| extra.get(key).and_then(|values| (values.len() == 1).then(|| values[0].clone()));
+        let (Some(pod), Some(pod_uid)) = (single(POD_NAME_EXTRA), single(POD_UID_EXTRA)) else {
+            return Err(refuse(
+                StatusCode::FORBIDDEN,
+                "not_bound_to_a_pod",
+                "the token is not bound to a Pod: the meter's token must be a projected one, which the kubelet binds to its Pod",
+            ));
+        };
+        Ok(Reviewed { namespace, pod, pod_uid })
+    }
+}
