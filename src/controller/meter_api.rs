@@ -34,7 +34,7 @@ use crate::metrics::Metrics;
 use crate::state::Health;
 
 pub use super::meter_auth::AUDIENCE;
-/// Pods whose refused terms are remembered for [`MeterApi::warn_once`].
+/// Pods whose refused terms are quiet for [`MeterApi::warn_once`].
 const WARNED_CAP: usize = 4096;
 const MAX_BODY_BYTES: usize = 256 * 1024;
 /// Status writes refused for a newer resourceVersion (the controller or another meter wrote
@@ -55,14 +55,22 @@ pub struct MeterApi {
     warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
-/// A refusal: its HTTP status, a stable reason (the metric's label) and a message.
+/// A refusal: its HTTP status, a stable reason (the metric's label) and a message. `quiet` ones
+/// (a token refused on its shape alone, or a token's earlier refusal given again) are counted,
+/// not logged: a flood of junk tokens would otherwise be a log line per request.
 #[derive(Clone, Debug)]
-pub(super) struct Refusal(pub StatusCode, pub &'static str, pub String);
+pub(super) struct Refusal {
+    pub status: StatusCode,
+    pub reason: &'static str,
+    pub message: String,
+    pub quiet: bool,
+}
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        let mut response = (self.0, axum::Json(serde_json::json!({"error": {"reason": self.1, "message": self.2}}))).into_response();
-        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+        let mut response =
+            (self.status, axum::Json(serde_json::json!({"error": {"reason": self.reason, "message": self.message}}))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
             // Not leading, or shedding load (controller/meter_auth.rs): the meter retries 503.
             response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
             // The retry must be free to reach another replica: the Service picks one per
@@ -76,7 +84,7 @@ impl IntoResponse for Refusal {
 }
 
 pub(super) fn refuse(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Refusal {
-    Refusal(status, reason, message.into())
+    Refusal { status, reason, message: message.into(), quiet: false }
 }
 
 impl MeterApi {
@@ -191,7 +199,7 @@ impl MeterApi {
         let (identity, job_name, job_uid, approved_budget) = self.agent_pod(who).await.inspect_err(|refusal| {
             // Decided by the token's Pod alone: the next request with this token is refused
             // without the Pod lookup.
-            if matches!(refusal.1, "pod_gone" | "not_an_agent_pod") {
+            if matches!(refusal.reason, "pod_gone" | "not_an_agent_pod") {
                 self.auth.remember_rejected(admitted.digest, refusal);
             }
         })?;
@@ -282,10 +290,11 @@ async fn sync(State(api): State<Arc<MeterApi>>, headers: HeaderMap, body: Bytes)
             axum::Json(answer).into_response()
         }
         Err(refusal) => {
-            if refusal.0 != StatusCode::SERVICE_UNAVAILABLE {
-                tracing::warn!(reason = refusal.1, message = %refusal.2, "refused a meter request");
+            // Neither load shedding nor a token's refusal given again is news.
+            if refusal.status != StatusCode::SERVICE_UNAVAILABLE && !refusal.quiet {
+                tracing::warn!(reason = refusal.reason, message = %refusal.message, "refused a meter request");
             }
-            api.metrics.count_meter_api(refusal.1);
+            api.metrics.count_meter_api(refusal.reason);
             refusal.into_response()
         }
     }

@@ -6,7 +6,7 @@
 //! (tests/meter_api_flood.rs). Now:
 //! - a token that is not shaped like a meter's (domain/meter_token.rs `claims`: a JWT for our
 //!   audience, not expired, bound to a Pod of a namespace we serve) is refused without a review;
-//! - a token the apiserver (or the Pod lookup) rejected is remembered by its SHA-256 for
+//! - a token the apiserver (or the Pod lookup) rejected is quiet by its SHA-256 for
 //!   [`REJECTED_TTL`], a valid one for [`VERIFIED_TTL`], neither as itself;
 //! - at most one review per claimed Pod and [`REVIEWS_IN_FLIGHT`] in all run at once, and at
 //!   most [`REQUESTS_IN_FLIGHT`] requests reach the apiserver at once: beyond, the request is
@@ -33,7 +33,7 @@ const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 /// most every few seconds, and a deleted Pod is still caught by the Pod lookup on every request.
 const VERIFIED_TTL: Duration = Duration::from_secs(10);
 /// A rejected token stays rejected (a bad signature, an expired token or a deleted Pod's never
-/// becomes valid); remembered a minute, so a flood of one junk token costs one review a minute.
+/// becomes valid); quiet a minute, so a flood of one junk token costs one review a minute.
 const REJECTED_TTL: Duration = Duration::from_secs(60);
 const CACHE_CAP: usize = 4096;
 /// TokenReviews in flight at once, over all claimed Pods.
@@ -101,9 +101,12 @@ impl Authenticator {
             return Err(refusal);
         }
         let now_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
-        let claims = meter_token::claims(token, AUDIENCE, now_unix).map_err(|e| match e {
-            ClaimError::NotBoundToAPod => refuse(StatusCode::FORBIDDEN, "not_bound_to_a_pod", e.to_string()),
-            _ => refuse(StatusCode::UNAUTHORIZED, "token_rejected", e.to_string()),
+        let claims = meter_token::claims(token, AUDIENCE, now_unix).map_err(|e| {
+            let refusal = match e {
+                ClaimError::NotBoundToAPod => refuse(StatusCode::FORBIDDEN, "not_bound_to_a_pod", e.to_string()),
+                _ => refuse(StatusCode::UNAUTHORIZED, "token_rejected", e.to_string()),
+            };
+            Refusal { quiet: true, ..refusal }
         })?;
         if let Some(ns) = watched
             && ns != claims.namespace
@@ -140,8 +143,9 @@ impl Authenticator {
 
     /// Remembers a refusal that the token alone decides (not a failure to reach the apiserver).
     pub fn remember_rejected(&self, digest: TokenDigest, refusal: &Refusal) {
-        if refusal.0 == StatusCode::UNAUTHORIZED || refusal.0 == StatusCode::FORBIDDEN {
-            self.rejected.lock().unwrap_or_else(PoisonError::into_inner).insert(digest, refusal.clone(), Instant::now());
+        if refusal.status == StatusCode::UNAUTHORIZED || refusal.status == StatusCode::FORBIDDEN {
+            let quiet = Refusal { quiet: true, ..refusal.clone() };
+            self.rejected.lock().unwrap_or_else(PoisonError::into_inner).insert(digest, quiet, Instant::now());
         }
     }
 
