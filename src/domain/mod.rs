@@ -30,3 +30,4 @@ pub mod tally;
 pub mod template;
 pub mod validate;
 pub mod vote_wait;
+pub mod writer_groups;
