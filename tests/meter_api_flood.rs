@@ -40,6 +40,32 @@ async fn post(client: &HttpsClient, url: &str, bearer: &str, body: &Value) -> Re
     Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
 }
 
+/// The flooder's address: another loopback address than the meter's (127.0.0.1), as another
+/// Pod's IP would be.
+const FLOODER: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+
+fn tls_config(ca: &[u8]) -> rustls::ClientConfig {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// An HTTPS client trusting the operator's CA, connecting from `source`.
+fn client_from(ca: &[u8], source: std::net::IpAddr) -> HttpsClient {
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.set_local_address(Some(source));
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls_config(ca)).https_only().enable_http1().wrap_connector(http);
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
+}
+
 /// A Pod-bound token of audience agentgate.dev/meter, as the kubelet projects into the meter.
 async fn meter_token(admin: &Client, ns: &str, pod: &Pod) -> String {
     let bound = json!({"apiVersion": "v1", "kind": "Pod", "name": pod.name_any(), "uid": pod.metadata.uid.clone()});
@@ -67,14 +93,20 @@ fn sync_body(session: &str, sequence: i64, want: &str) -> Value {
         "usage": {"inputTokens": 0, "cachedInputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costUSD": "0"}})
 }
 
-/// 1,500 junk bearer tokens (distinct strings, and JWTs claiming the victim's own Pod with a
-/// forged signature: the one a tenant of the namespace can write, knowing its Pod's name and uid)
-/// sent 100 at a time: without a bound, each was one TokenReview, and the apiserver's answers to
-/// them queued every team's meters behind the flood.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_junk_tokens_costs_the_apiserver_a_bounded_number_of_token_reviews_and_meters_are_served_meanwhile() {
-    let ns = "meter-api-flood";
-    let admin = Env::builder(ns).node("flood-node", "64", "256Gi", &[]).operator(OperatorMode::Later).build().await.admin;
+/// An operator serving the meter API for namespace `ns`, and a running job's meter there.
+struct Victim {
+    admin: Client,
+    operator: OperatorProcess,
+    metrics_port: u16,
+    ca: Vec<u8>,
+    api: HttpsClient,
+    url: String,
+    /// The job's meter's token.
+    token: String,
+}
+
+async fn victim(ns: &str) -> Victim {
+    let admin = Env::builder(ns).node(&format!("{ns}-node"), "64", "256Gi", &[]).operator(OperatorMode::Later).build().await.admin;
     let (api_port, metrics_port) = (free_port(), free_port());
     let (metrics, listen, grant_url) =
         (format!("127.0.0.1:{metrics_port}"), format!("127.0.0.1:{api_port}"), format!("https://127.0.0.1:{api_port}"));
@@ -103,6 +135,16 @@ async fn a_flood_of_junk_tokens_costs_the_apiserver_a_bounded_number_of_token_re
     let token = meter_token(&admin, ns, &pods[0]).await;
     let (status, answer) = post(&api, &url, &token, &sync_body("legit", 1, "0.10")).await.unwrap();
     assert_eq!(status, 200, "the meter is served before the flood: {answer}");
+    Victim { admin, operator, metrics_port, ca, api, url, token }
+}
+
+/// 1,500 junk bearer tokens (distinct strings, and JWTs claiming the victim's own Pod with a
+/// forged signature: the one a tenant of the namespace can write, knowing its Pod's name and uid)
+/// sent 100 at a time: without a bound, each was one TokenReview, and the apiserver's answers to
+/// them queued every team's meters behind the flood.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_junk_tokens_costs_the_apiserver_a_bounded_number_of_token_reviews_and_meters_are_served_meanwhile() {
+    let Victim { admin, operator, metrics_port, ca, api, url, token } = victim("meter-api-flood").await;
 
     // The forgeries: the real token's header and claims, another signature.
     let (signed, _) = token.rsplit_once('.').unwrap();
@@ -112,10 +154,13 @@ async fn a_flood_of_junk_tokens_costs_the_apiserver_a_bounded_number_of_token_re
     let repeated = forged(999_999);
     let before = token_reviews(&admin).await;
     let api = Arc::new(api);
-    let (flood_api, flood_url) = (api.clone(), url.clone());
-    let flood = futures::stream::iter(junk.into_iter().chain(std::iter::repeat_n(repeated, 200)))
-        .map(move |bearer| {
-            let (api, url) = (flood_api.clone(), flood_url.clone());
+    // From ten Pods' addresses (127.0.0.2 to .11): within each one's share of connections.
+    let flooders: Arc<Vec<HttpsClient>> =
+        Arc::new((2..12).map(|last| client_from(&ca, std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, last)))).collect());
+    let flood_url = url.clone();
+    let flood = futures::stream::iter(junk.into_iter().chain(std::iter::repeat_n(repeated, 200)).enumerate())
+        .map(move |(i, bearer)| {
+            let (api, url) = (flooders[i % flooders.len()].clone(), flood_url.clone());
             async move { post(&api, &url, &bearer, &sync_body("flood", 1, "0.50")).await.map(|(status, _)| status) }
         })
         .buffer_unordered(100);
@@ -144,7 +189,53 @@ async fn a_flood_of_junk_tokens_costs_the_apiserver_a_bounded_number_of_token_re
     // at a time, the rest refused for load; the repeated one is remembered once reviewed.
     assert!(reviews <= 320, "the flood of 1,500 junk tokens cost {reviews} TokenReviews");
     let (_, metrics) = http_get(metrics_port, "/metrics");
-    println!("the flood of 1,500 junk tokens cost {reviews} TokenReviews");
+    let mut outcomes = std::collections::BTreeMap::new();
+    for status in &statuses {
+        *outcomes.entry(status.as_ref().map_or_else(|_| "not connected".to_string(), u16::to_string)).or_insert(0) += 1;
+    }
+    println!("the flood of 1,500 junk tokens cost {reviews} TokenReviews; answers: {outcomes:?}");
     assert!(metrics.contains("agentgate_meter_api_requests_total{outcome=\"token_rejected\"}"), "{metrics}");
+    drop(operator);
+}
+
+/// One peer (any Pod can reach the port) opening 200 TLS connections and leaving them idle:
+/// axum kept every one open for as long as its client did, each holding the operator's TLS and
+/// HTTP buffers, so a few thousand filled its memory. Beyond its share the operator closes them
+/// at once, and a meter elsewhere is served meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_one_peer_are_bounded_and_a_meter_is_served_meanwhile() {
+    let Victim { operator, metrics_port, ca, api, url, token, .. } = victim("meter-api-idle").await;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(&ca)));
+    let address: std::net::SocketAddr = url.trim_start_matches("https://").trim_end_matches("/v1/sync").parse().unwrap();
+    let open = |_| {
+        let connector = connector.clone();
+        async move {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind((FLOODER, 0).into()).unwrap();
+            let tcp = socket.connect(address).await.ok()?;
+            let name = rustls::pki_types::ServerName::IpAddress(address.ip().into());
+            connector.connect(name, tcp).await.ok()
+        }
+    };
+    let connections: Vec<_> = futures::future::join_all((0..200).map(open)).await;
+    // Still open: a read waits (the server sends nothing unasked); closed: it ends at once.
+    let still_open = futures::future::join_all(connections.into_iter().flatten().map(|mut tls| async move {
+        let mut byte = [0u8; 1];
+        let read = std::future::poll_fn(|cx| {
+            tokio::io::AsyncRead::poll_read(std::pin::Pin::new(&mut tls), cx, &mut tokio::io::ReadBuf::new(&mut byte))
+        });
+        let open = tokio::time::timeout(Duration::from_secs(2), read).await.is_err();
+        (open, tls)
+    }))
+    .await;
+    let held: Vec<_> = still_open.into_iter().filter(|(open, _)| *open).map(|(_, tls)| tls).collect();
+    println!("{} of 200 idle connections from one peer left open", held.len());
+    assert!(held.len() <= 16, "{} idle connections from one peer left open", held.len());
+    // The meter, from another address, is served while the flooder holds its share.
+    let (status, answer) = post(&api, &url, &token, &sync_body("legit", 2, "0.10")).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let (_, metrics) = http_get(metrics_port, "/metrics");
+    assert!(metrics.contains("agentgate_meter_api_requests_total{outcome=\"connection_refused\"}"), "{metrics}");
+    drop(held);
     drop(operator);
 }

@@ -315,7 +315,10 @@ pub async fn serve(
             let listener = super::meter_tls::TlsListener::new(listener, acceptor, api.metrics.clone())?;
             axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?;
         }
-        None => axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?,
+        None => {
+            let listener = super::meter_conn::BoundedTcpListener::new(listener, api.metrics.clone());
+            axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?
+        }
     }
     Ok(())
 }
