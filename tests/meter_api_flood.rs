@@ -154,7 +154,7 @@ async fn a_flood_of_junk_tokens_costs_the_apiserver_a_bounded_number_of_token_re
     let repeated = forged(999_999);
     let before = token_reviews(&admin).await;
     let api = Arc::new(api);
-    // From ten Pods' addresses (127.0.0.2 to .11): within each one's share of connections.
+    // From ten Pods' addresses (127.0.0.2 to .11).
     let flooders: Arc<Vec<HttpsClient>> =
         Arc::new((2..12).map(|last| client_from(&ca, std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, last)))).collect());
     let flood_url = url.clone();
@@ -230,7 +230,7 @@ async fn idle_connections_from_one_peer_are_bounded_and_a_meter_is_served_meanwh
     .await;
     let held: Vec<_> = still_open.into_iter().filter(|(open, _)| *open).map(|(_, tls)| tls).collect();
     println!("{} of 200 idle connections from one peer left open", held.len());
-    assert!(held.len() <= 16, "{} idle connections from one peer left open", held.len());
+    assert!(held.len() <= 64, "{} idle connections from one peer left open", held.len());
     // The meter, from another address, is served while the flooder holds its share.
     let (status, answer) = post(&api, &url, &token, &sync_body("legit", 2, "0.10")).await.unwrap();
     assert_eq!(status, 200, "{answer}");

@@ -24,7 +24,9 @@ use tokio::time::{Instant, Sleep};
 use crate::metrics::Metrics;
 
 pub const MAX_CONNECTIONS: usize = 1024;
-pub const MAX_PER_PEER: usize = 16;
+/// Per client address: a Pod's own, or its node's where Pod traffic to Services is masqueraded
+/// (then every meter on the node shares it, one connection each).
+pub const MAX_PER_PEER: usize = 64;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The connections open now: in all, and per client address.
