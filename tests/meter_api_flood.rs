@@ -105,6 +105,20 @@ struct Victim {
     token: String,
 }
 
+/// The running agent Pod of a new approved job `name`.
+async fn running_pod(admin: &Client, ns: &str, name: &str) -> Pod {
+    let spec = json!({"category": "payments", "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
+        "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "1"}});
+    let job =
+        Api::<AgentJob>::namespaced(admin.clone(), ns).create(&PostParams::default(), &agent_job(name, spec, json!({}))).await.unwrap();
+    let cp = ControlPlane::shared();
+    vote(&cp.client("alice").await, &job, "alice", Decision::Approve).await;
+    vote(&cp.client("bob").await, &job, "bob", Decision::Approve).await;
+    let pods = wait_for("the agent Pod", TIMEOUT, || job_pods(admin, ns, &job), |p: &Vec<Pod>| p.len() == 1).await;
+    run_pod(admin, ns, &pods[0].name_any()).await;
+    pods.into_iter().next().unwrap()
+}
+
 async fn victim(ns: &str) -> Victim {
     let admin = Env::builder(ns).node(&format!("{ns}-node"), "64", "256Gi", &[]).operator(OperatorMode::Later).build().await.admin;
     let (api_port, metrics_port) = (free_port(), free_port());
@@ -123,16 +137,8 @@ async fn victim(ns: &str) -> Victim {
     let api = pinned_client(&ca).unwrap();
     let url = format!("https://127.0.0.1:{api_port}/v1/sync");
 
-    let spec = json!({"category": "payments", "agents": {"primary": {"name": "agent", "image": "ghcr.io/acme/agent:1", "model": "gpt-4o-mini"}},
-        "resources": {"cpu": "100m", "memory": "128Mi"}, "budget": {"maxCostUSD": "1"}});
-    let job =
-        Api::<AgentJob>::namespaced(admin.clone(), ns).create(&PostParams::default(), &agent_job("victim", spec, json!({}))).await.unwrap();
-    let cp = ControlPlane::shared();
-    vote(&cp.client("alice").await, &job, "alice", Decision::Approve).await;
-    vote(&cp.client("bob").await, &job, "bob", Decision::Approve).await;
-    let pods = wait_for("the agent Pod", TIMEOUT, || job_pods(&admin, ns, &job), |p: &Vec<Pod>| p.len() == 1).await;
-    run_pod(&admin, ns, &pods[0].name_any()).await;
-    let token = meter_token(&admin, ns, &pods[0]).await;
+    let pod = running_pod(&admin, ns, "victim").await;
+    let token = meter_token(&admin, ns, &pod).await;
     let (status, answer) = post(&api, &url, &token, &sync_body("legit", 1, "0.10")).await.unwrap();
     assert_eq!(status, 200, "the meter is served before the flood: {answer}");
     Victim { admin, operator, metrics_port, ca, api, url, token }
@@ -237,5 +243,41 @@ async fn idle_connections_from_one_peer_are_bounded_and_a_meter_is_served_meanwh
     let (_, metrics) = http_get(metrics_port, "/metrics");
     assert!(metrics.contains("agentgate_meter_api_requests_total{outcome=\"connection_refused\"}"), "{metrics}");
     drop(held);
+    drop(operator);
+}
+
+/// A tenant with a token for their own running agent Pod (minted, as `edit` allows) repeats one
+/// sync 100 at a time: each costs the operator a Pod read and a job read. Without a share per
+/// Pod it held every one of the meter API's places, and other meters were turned away (503)
+/// while it lasted. Now it holds its Pod's two, and another job's meter is served every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_pods_valid_token_cannot_take_every_other_meters_place() {
+    let Victim { admin, operator, api, url, token, ca, .. } = victim("meter-api-share").await;
+    let mallory = running_pod(&admin, "meter-api-share", "mallory").await;
+    let minted = meter_token(&admin, "meter-api-share", &mallory).await;
+    let (status, answer) = post(&api, &url, &minted, &sync_body("mallory", 1, "0.01")).await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    let flooders: Arc<Vec<HttpsClient>> =
+        Arc::new((2..12).map(|last| client_from(&ca, std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, last)))).collect());
+    let flood_url = url.clone();
+    let flooding = tokio::spawn(
+        futures::stream::iter(0..3000)
+            .map(move |i| {
+                let (api, url, minted) = (flooders[i % flooders.len()].clone(), flood_url.clone(), minted.clone());
+                // A retry of the sync already applied: answered from status, never written.
+                async move { post(&api, &url, &minted, &sync_body("mallory", 1, "0.01")).await.map(|(status, _)| status) }
+            })
+            .buffer_unordered(100)
+            .collect::<Vec<_>>(),
+    );
+    let mut answers = Vec::new();
+    for sequence in 2..22 {
+        answers.push(post(&api, &url, &token, &sync_body("legit", sequence, "0.001")).await.map(|(status, _)| status));
+    }
+    let flood = flooding.await.unwrap();
+    let shed = flood.iter().filter(|s| **s == Ok(503)).count();
+    println!("the victim's 20 syncs during the flood: {answers:?}; the flood's 3,000: {shed} shed");
+    assert!(shed > 0, "the flood was under way: {flood:?}");
+    assert!(answers.iter().all(|a| *a == Ok(200)), "the victim's syncs during the flood: {answers:?}");
     drop(operator);
 }

@@ -9,10 +9,12 @@
 //! - a token the apiserver (or the Pod lookup) rejected is quiet by its SHA-256 for
 //!   [`REJECTED_TTL`], a valid one for [`VERIFIED_TTL`], neither as itself;
 //! - at most one review per claimed Pod and [`REVIEWS_IN_FLIGHT`] in all run at once, and at
-//!   most [`REQUESTS_IN_FLIGHT`] requests reach the apiserver at once: beyond, the request is
-//!   shed with 503 and Retry-After (the meter retries 503 for up to 8 s).
+//!   most [`REQUESTS_IN_FLIGHT`] requests reach the apiserver at once, of them at most
+//!   [`PER_POD_IN_FLIGHT`] of one verified Pod and [`PER_NAMESPACE_IN_FLIGHT`] of one namespace
+//!   (a token minted for one's own agent Pod must not take every other team's place): beyond,
+//!   the request is shed with 503 and Retry-After (the meter retries 503 for up to 8 s).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -29,9 +31,11 @@ use crate::domain::meter_token::{self, ClaimError, DigestCache, TokenDigest};
 pub const AUDIENCE: &str = "agentgate.dev/meter";
 const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
-/// A verified token is trusted this long without asking the apiserver again: a meter syncs at
-/// most every few seconds, and a deleted Pod is still caught by the Pod lookup on every request.
-const VERIFIED_TTL: Duration = Duration::from_secs(10);
+/// A verified token is trusted this long (and never past its own expiry) without asking the
+/// apiserver again: a deleted Pod is still caught by the Pod lookup on every request, and a
+/// meter's token, rotated by the kubelet every few minutes, costs about one review per
+/// rotation, so that a flood of forged tokens holding the review slots delays few meters.
+const VERIFIED_TTL: Duration = Duration::from_secs(300);
 /// A rejected token stays rejected (a bad signature, an expired token or a deleted Pod's never
 /// becomes valid); quiet a minute, so a flood of one junk token costs one review a minute.
 const REJECTED_TTL: Duration = Duration::from_secs(60);
@@ -42,6 +46,9 @@ const REVIEWS_IN_FLIGHT: usize = 8;
 /// in flight at once. Meters sync every 5 s and one sync takes a few round trips to the
 /// apiserver: a thousand agent Pods need about a tenth of this.
 const REQUESTS_IN_FLIGHT: usize = 64;
+/// A meter sends one request at a time.
+const PER_POD_IN_FLIGHT: usize = 2;
+const PER_NAMESPACE_IN_FLIGHT: usize = 16;
 
 /// Who a verified token says the caller is.
 #[derive(Clone, Debug)]
@@ -56,6 +63,7 @@ pub(super) struct Admitted {
     pub who: Reviewed,
     pub digest: TokenDigest,
     _permit: OwnedSemaphorePermit,
+    _places: (InFlightSlot, InFlightSlot),
 }
 
 pub(super) struct Authenticator {
@@ -64,20 +72,44 @@ pub(super) struct Authenticator {
     rejected: Mutex<DigestCache<Refusal>>,
     requests: Arc<Semaphore>,
     reviews: Arc<Semaphore>,
-    /// Claimed Pod uids with a review in flight.
-    reviewing: Arc<Mutex<HashSet<String>>>,
+    /// Reviews in flight by claimed Pod uid.
+    reviewing: InFlight,
+    /// Verified requests in flight, by Pod uid and by namespace.
+    serving: InFlight,
 }
 
 fn busy(what: &str) -> Refusal {
     refuse(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("the meter API has too many {what} in flight; retry"))
 }
 
-/// A claimed Pod's review slot, given back on drop.
-struct ReviewSlot(Arc<Mutex<HashSet<String>>>, String);
+/// Requests in flight by key, each key up to a cap.
+#[derive(Clone, Default)]
+struct InFlight(Arc<Mutex<HashMap<String, usize>>>);
 
-impl Drop for ReviewSlot {
+/// One request's place under a key, given back on drop.
+pub(super) struct InFlightSlot(InFlight, String);
+
+impl InFlight {
+    fn take(&self, key: String, cap: usize) -> Option<InFlightSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(key.clone()).or_insert(0);
+        if *count >= cap {
+            return None;
+        }
+        *count += 1;
+        Some(InFlightSlot(self.clone(), key))
+    }
+}
+
+impl Drop for InFlightSlot {
     fn drop(&mut self) {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).remove(&self.1);
+        let mut counts = (self.0).0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -89,7 +121,8 @@ impl Authenticator {
             rejected: Mutex::new(DigestCache::new(REJECTED_TTL, CACHE_CAP)),
             requests: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT)),
             reviews: Arc::new(Semaphore::new(REVIEWS_IN_FLIGHT)),
-            reviewing: Arc::default(),
+            reviewing: InFlight::default(),
+            serving: InFlight::default(),
         }
     }
 
@@ -113,32 +146,40 @@ impl Authenticator {
         {
             return Err(refuse(StatusCode::FORBIDDEN, "namespace_not_watched", format!("this operator serves namespace {ns} only")));
         }
-        let permit = self.requests.clone().try_acquire_owned().map_err(|_| busy("requests"))?;
         let cached = self.verified.lock().unwrap_or_else(PoisonError::into_inner).get(&digest, Instant::now());
-        let who = match cached {
-            Some(who) => who,
-            None => {
-                let _slot = {
-                    let mut reviewing = self.reviewing.lock().unwrap_or_else(PoisonError::into_inner);
-                    if !reviewing.insert(claims.pod_uid.clone()) {
-                        return Err(busy("token reviews for this Pod"));
-                    }
-                    ReviewSlot(self.reviewing.clone(), claims.pod_uid.clone())
-                };
-                let _review = self.reviews.clone().try_acquire_owned().map_err(|_| busy("token reviews"))?;
-                match self.review(token).await {
-                    Ok(who) => {
-                        self.verified.lock().unwrap_or_else(PoisonError::into_inner).insert(digest, who.clone(), Instant::now());
-                        who
-                    }
-                    Err(refusal) => {
-                        self.remember_rejected(digest, &refusal);
-                        return Err(refusal);
-                    }
+        if let Some(who) = cached {
+            // The Pod's and namespace's places first: a Pod over its share never holds one of
+            // everyone's, even for an instant.
+            let places = self.places(&who)?;
+            let permit = self.requests.clone().try_acquire_owned().map_err(|_| busy("requests"))?;
+            return Ok(Admitted { who, digest, _permit: permit, _places: places });
+        }
+        let permit = self.requests.clone().try_acquire_owned().map_err(|_| busy("requests"))?;
+        let who = {
+            let _slot = self.reviewing.take(claims.pod_uid.clone(), 1).ok_or_else(|| busy("token reviews for this Pod"))?;
+            let _review = self.reviews.clone().try_acquire_owned().map_err(|_| busy("token reviews"))?;
+            match self.review(token).await {
+                Ok(who) => who,
+                Err(refusal) => {
+                    self.remember_rejected(digest, &refusal);
+                    return Err(refusal);
                 }
             }
         };
-        Ok(Admitted { who, digest, _permit: permit })
+        let left = Duration::from_secs(claims.expires_unix.saturating_sub(now_unix).max(0) as u64);
+        self.verified.lock().unwrap_or_else(PoisonError::into_inner).insert_for(digest, who.clone(), Instant::now(), left);
+        let places = self.places(&who)?;
+        Ok(Admitted { who, digest, _permit: permit, _places: places })
+    }
+
+    /// The verified Pod's and its namespace's places among the requests in flight.
+    fn places(&self, who: &Reviewed) -> Result<(InFlightSlot, InFlightSlot), Refusal> {
+        let pod = self.serving.take(format!("pod/{}", who.pod_uid), PER_POD_IN_FLIGHT).ok_or_else(|| busy("requests of this Pod"))?;
+        let namespace = self
+            .serving
+            .take(format!("namespace/{}", who.namespace), PER_NAMESPACE_IN_FLIGHT)
+            .ok_or_else(|| busy("requests of this namespace"))?;
+        Ok((pod, namespace))
     }
 
     /// Remembers a refusal that the token alone decides (not a failure to reach the apiserver).

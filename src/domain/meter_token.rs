@@ -32,6 +32,8 @@ pub struct Claims {
     pub namespace: String,
     pub pod: String,
     pub pod_uid: String,
+    /// `exp`, in seconds since the epoch.
+    pub expires_unix: i64,
 }
 
 /// Why a token is not worth a TokenReview.
@@ -91,14 +93,14 @@ pub fn claims(token: &str, audience: &str, now_unix: i64) -> Result<Claims, Clai
     if !for_us {
         return Err(ClaimError::WrongAudience(audience.to_string()));
     }
-    if payload.exp.is_none_or(|exp| exp + 60 < now_unix) {
+    let Some(expires_unix) = payload.exp.filter(|exp| exp + 60 >= now_unix) else {
         return Err(ClaimError::Expired);
-    }
+    };
     let kubernetes = payload.kubernetes.ok_or(ClaimError::NotBoundToAPod)?;
     let pod = kubernetes.pod.ok_or(ClaimError::NotBoundToAPod)?;
     match (kubernetes.namespace, pod.name, pod.uid) {
         (Some(namespace), Some(pod), Some(pod_uid)) if !namespace.is_empty() && !pod.is_empty() && !pod_uid.is_empty() => {
-            Ok(Claims { namespace, pod, pod_uid })
+            Ok(Claims { namespace, pod, pod_uid, expires_unix })
         }
         _ => Err(ClaimError::NotBoundToAPod),
     }
@@ -130,13 +132,14 @@ fn base64url(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// A bounded map from token digests to what the token turned out to be, each entry kept `ttl`:
-/// at most `cap` entries, the oldest dropped first (so a flood of new entries pushes out old
-/// ones, never the whole cache at once).
+/// A bounded map from token digests to what the token turned out to be, each entry kept at most
+/// `ttl`: at most `cap` entries, the oldest dropped first (so a flood of new entries pushes out
+/// old ones, never the whole cache at once).
 pub struct DigestCache<V> {
     ttl: Duration,
     cap: usize,
     entries: HashMap<TokenDigest, (V, Instant)>,
+    /// Insertion order, each with the expiry it was inserted with.
     order: VecDeque<(TokenDigest, Instant)>,
 }
 
@@ -146,25 +149,30 @@ impl<V: Clone> DigestCache<V> {
     }
 
     pub fn get(&self, digest: &TokenDigest, now: Instant) -> Option<V> {
-        self.entries.get(digest).filter(|(_, at)| now.saturating_duration_since(*at) < self.ttl).map(|(v, _)| v.clone())
+        self.entries.get(digest).filter(|(_, expires)| now < *expires).map(|(v, _)| v.clone())
     }
 
     pub fn insert(&mut self, digest: TokenDigest, value: V, now: Instant) {
+        self.insert_for(digest, value, now, self.ttl);
+    }
+
+    /// Kept `for_at_most`, and never beyond the cache's `ttl`.
+    pub fn insert_for(&mut self, digest: TokenDigest, value: V, now: Instant, for_at_most: Duration) {
         // Expired entries go first, then the oldest while full. `order` may name an entry since
-        // replaced (kept at most `cap` more marks): only the entry inserted at that instant is
+        // replaced (kept at most `cap` more marks): only the entry inserted with that expiry is
         // removed.
-        while let Some((oldest, at)) = self.order.front().copied() {
-            let expired = now.saturating_duration_since(at) >= self.ttl;
-            if !expired && self.entries.len() < self.cap && self.order.len() < 2 * self.cap {
+        while let Some((oldest, expires)) = self.order.front().copied() {
+            if now < expires && self.entries.len() < self.cap && self.order.len() < 2 * self.cap {
                 break;
             }
             self.order.pop_front();
-            if self.entries.get(&oldest).is_some_and(|(_, stored)| *stored == at) {
+            if self.entries.get(&oldest).is_some_and(|(_, stored)| *stored == expires) {
                 self.entries.remove(&oldest);
             }
         }
-        self.entries.insert(digest, (value, now));
-        self.order.push_back((digest, now));
+        let expires = now + for_at_most.min(self.ttl);
+        self.entries.insert(digest, (value, expires));
+        self.order.push_back((digest, expires));
     }
 
     pub fn len(&self) -> usize {
@@ -219,7 +227,8 @@ mod tests {
     #[test]
     fn a_projected_meter_token_names_its_pod() {
         let claims = claims(&jwt(meter_payload()), "agentgate.dev/meter", NOW).unwrap();
-        assert_eq!(claims, Claims { namespace: "team-a".into(), pod: "job-a-1-agent".into(), pod_uid: "u-1".into() });
+        let expected = Claims { namespace: "team-a".into(), pod: "job-a-1-agent".into(), pod_uid: "u-1".into(), expires_unix: NOW + 600 };
+        assert_eq!(claims, expected);
         let mut single = meter_payload();
         single["aud"] = "agentgate.dev/meter".into();
         assert!(super::claims(&jwt(single), "agentgate.dev/meter", NOW).is_ok(), "aud may be one string");
@@ -262,6 +271,12 @@ mod tests {
         cache.insert(TokenDigest::of("t5"), 5, at);
         assert_eq!(cache.get(&TokenDigest::of("t2"), at), Some(20));
         assert!(cache.len() <= 3);
+        // An entry may be kept less than the cache's TTL, never more.
+        cache.insert_for(TokenDigest::of("short"), 6, at, Duration::from_secs(5));
+        cache.insert_for(TokenDigest::of("long"), 7, at, Duration::from_secs(600));
+        let later = at + Duration::from_secs(10);
+        assert_eq!((cache.get(&TokenDigest::of("short"), later), cache.get(&TokenDigest::of("long"), later)), (None, Some(7)));
+        assert_eq!(cache.get(&TokenDigest::of("long"), at + Duration::from_secs(61)), None);
     }
 
     #[test]
