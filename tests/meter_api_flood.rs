@@ -40,6 +40,19 @@ async fn post(client: &HttpsClient, url: &str, bearer: &str, body: &Value) -> Re
     Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
 }
 
+/// Unpadded base64url, as JWTs are encoded.
+fn base64url(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let bits = chunk.iter().enumerate().fold(0u32, |bits, (i, b)| bits | u32::from(*b) << (16 - 8 * i));
+        for i in 0..=chunk.len() {
+            out.push(ALPHABET[((bits >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+    }
+    out
+}
+
 /// The flooder's address: another loopback address than the meter's (127.0.0.1), as another
 /// Pod's IP would be.
 const FLOODER: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
@@ -152,6 +165,37 @@ async fn victim(ns: &str) -> Victim {
 async fn a_flood_of_junk_tokens_costs_the_apiserver_a_bounded_number_of_token_reviews_and_meters_are_served_meanwhile() {
     let Victim { admin, operator, metrics_port, ca, api, url, token } = victim("meter-api-flood").await;
 
+    // From ten Pods' addresses (127.0.0.2 to .11).
+    let flooders: Arc<Vec<HttpsClient>> =
+        Arc::new((2..12).map(|last| client_from(&ca, std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, last)))).collect());
+    // Forgeries claiming Pods nobody runs (any shape-valid JWT with a made-up Pod and uid):
+    // refused from the operator's Pod cache, not one reviewed.
+    let before = token_reviews(&admin).await;
+    let (header, _) = token.split_once('.').unwrap();
+    let expires = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let made_up: Vec<String> = (0..300)
+        .map(|i| {
+            let claims = json!({"aud": [AUDIENCE], "exp": expires, "sub": "system:serviceaccount:meter-api-flood:default",
+                "kubernetes.io": {"namespace": "meter-api-flood", "pod": {"name": format!("made-up-{i}"), "uid": format!("00000000-0000-0000-0000-{i:012}")}}});
+            format!("{header}.{}.{}", base64url(claims.to_string().as_bytes()), "c2lnbmF0dXJl")
+        })
+        .collect();
+    let answers: Vec<_> = futures::stream::iter(made_up)
+        .map(|bearer| {
+            let (api, url) = (flooders[0].clone(), url.clone());
+            async move {
+                post(&api, &url, &bearer, &sync_body("flood", 1, "0.50"))
+                    .await
+                    .map(|(status, body)| (status, body["error"]["reason"].clone()))
+            }
+        })
+        .buffer_unordered(50)
+        .collect()
+        .await;
+    let made_up_reviews = token_reviews(&admin).await - before;
+    assert_eq!(made_up_reviews, 0, "300 forgeries of Pods nobody runs cost {made_up_reviews} TokenReviews: {answers:?}");
+    assert!(answers.iter().all(|a| matches!(a, Ok((503, reason)) if reason == "pod_unknown")), "{answers:?}");
+
     // The forgeries: the real token's header and claims, another signature.
     let (signed, _) = token.rsplit_once('.').unwrap();
     let forged = |i: usize| format!("{signed}.{}", format!("{i:08}").repeat(43));
@@ -160,9 +204,6 @@ async fn a_flood_of_junk_tokens_costs_the_apiserver_a_bounded_number_of_token_re
     let repeated = forged(999_999);
     let before = token_reviews(&admin).await;
     let api = Arc::new(api);
-    // From ten Pods' addresses (127.0.0.2 to .11).
-    let flooders: Arc<Vec<HttpsClient>> =
-        Arc::new((2..12).map(|last| client_from(&ca, std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, last)))).collect());
     let flood_url = url.clone();
     let flood = futures::stream::iter(junk.into_iter().chain(std::iter::repeat_n(repeated, 200)).enumerate())
         .map(move |(i, bearer)| {

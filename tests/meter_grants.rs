@@ -498,8 +498,7 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
         body
     };
     let victim_pod = pods[0].name_any();
-    // (what, token, the Pod the body speaks for, status, reason). A deleted Pod's token is
-    // refused by the apiserver itself (bound tokens die with their object).
+    // (what, token, the Pod the body speaks for, status, reason).
     let cases: Vec<Attack> = vec![
         ("no token", None, None, 401, "no_token"),
         ("garbage", Some("not-a-token".into()), None, 401, "token_rejected"),
@@ -512,7 +511,9 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
         ),
         ("a ServiceAccount token bound to no Pod", Some(token(&s.admin, ns, None, AUDIENCE).await), None, 403, "not_bound_to_a_pod"),
         ("a Pod no AgentJob controls", Some(token(&s.admin, ns, Some(&plain), AUDIENCE).await), None, 403, "not_an_agent_pod"),
-        ("a deleted Pod", Some(doomed_token), None, 401, "token_rejected"),
+        // Not in the operator's Pod cache: refused before any TokenReview (retryable, as a Pod
+        // created a moment ago may not be there yet).
+        ("a deleted Pod", Some(doomed_token), None, 503, "pod_unknown"),
         (
             "another job's Pod speaking for the victim's",
             Some(token(&s.admin, ns, Some(&other_pods[0]), AUDIENCE).await),

@@ -98,7 +98,7 @@ impl MeterApi {
         let publisher = super::events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok());
         let events = super::events::EventQueue::start(publisher);
         Arc::new(MeterApi {
-            auth: Authenticator::new(client.clone()),
+            auth: Authenticator::new(client.clone(), health.clone()),
             client,
             namespace,
             field_manager,

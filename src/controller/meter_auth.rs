@@ -68,6 +68,8 @@ pub(super) struct Admitted {
 
 pub(super) struct Authenticator {
     client: Client,
+    /// Where the current term of leadership's Pod cache is (`Health::agent_pods`).
+    health: Arc<crate::state::Health>,
     verified: Mutex<DigestCache<Reviewed>>,
     rejected: Mutex<DigestCache<Refusal>>,
     requests: Arc<Semaphore>,
@@ -114,9 +116,10 @@ impl Drop for InFlightSlot {
 }
 
 impl Authenticator {
-    pub fn new(client: Client) -> Authenticator {
+    pub fn new(client: Client, health: Arc<crate::state::Health>) -> Authenticator {
         Authenticator {
             client,
+            health,
             verified: Mutex::new(DigestCache::new(VERIFIED_TTL, CACHE_CAP)),
             rejected: Mutex::new(DigestCache::new(REJECTED_TTL, CACHE_CAP)),
             requests: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT)),
@@ -146,6 +149,17 @@ impl Authenticator {
         {
             return Err(refuse(StatusCode::FORBIDDEN, "namespace_not_watched", format!("this operator serves namespace {ns} only")));
         }
+        if !self.is_known_agent_pod(&claims) {
+            // Unverified claims of a Pod nobody runs (a forgery with a made-up uid, or a deleted
+            // Pod's token) would each cost a review; a Pod created a moment ago that the cache
+            // has not seen yet is asked again.
+            let refusal = refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "pod_unknown",
+                format!("Pod {}/{} is not an agent Pod the operator knows (yet); retry", claims.namespace, claims.pod),
+            );
+            return Err(Refusal { quiet: true, ..refusal });
+        }
         let cached = self.verified.lock().unwrap_or_else(PoisonError::into_inner).get(&digest, Instant::now());
         if let Some(who) = cached {
             // The Pod's and namespace's places first: a Pod over its share never holds one of
@@ -170,6 +184,16 @@ impl Authenticator {
         self.verified.lock().unwrap_or_else(PoisonError::into_inner).insert_for(digest, who.clone(), Instant::now(), left);
         let places = self.places(&who)?;
         Ok(Admitted { who, digest, _permit: permit, _places: places })
+    }
+
+    /// Whether the claimed Pod, by name and uid, is one the operator's Pod cache holds (its
+    /// agent Pods and Pods labelled as a job's); true while there is no synced cache to ask.
+    fn is_known_agent_pod(&self, claims: &meter_token::Claims) -> bool {
+        use futures::FutureExt;
+        let pods = self.health.agent_pods.read().unwrap_or_else(PoisonError::into_inner).clone();
+        let Some(pods) = pods.filter(|p| matches!(p.wait_until_ready().now_or_never(), Some(Ok(())))) else { return true };
+        let key = kube::runtime::reflector::ObjectRef::new(&claims.pod).within(&claims.namespace);
+        pods.get(&key).is_some_and(|pod| pod.metadata.uid.as_deref() == Some(claims.pod_uid.as_str()))
     }
 
     /// The verified Pod's and its namespace's places among the requests in flight.
