@@ -4,10 +4,11 @@
 //!
 //! Who may call: only the meter of an agent Pod, for that Pod's job. The meter presents a
 //! projected ServiceAccount token with audience [`AUDIENCE`] that the kubelet binds to its Pod;
-//! the operator verifies it with a TokenReview, reads the Pod name and uid the apiserver bound it
-//! to, and serves it only if that Pod still exists with that uid and is controlled by an
-//! AgentJob (the rule of domain/snapshot.rs `is_job_pod`). Everything else is refused, with the
-//! reason in the answer and in `agentgate_meter_api_requests{outcome}`.
+//! the operator verifies it with a TokenReview (controller/meter_auth.rs, which also bounds what
+//! a flood can cost), reads the Pod name and uid the apiserver bound it to, and serves it only if
+//! that Pod still exists with that uid and is controlled by an AgentJob (the rule of
+//! domain/snapshot.rs `is_job_pod`). Everything else is refused, with the reason in the answer
+//! and in `agentgate_meter_api_requests{outcome}`.
 //!
 //! A grant is in the job's status (a resourceVersion-checked PUT of the status read just before)
 //! before the meter hears of it, so total grants never exceed the budget, whichever replica
@@ -34,7 +35,7 @@ use crate::metrics::Metrics;
 use crate::state::Health;
 
 pub use super::meter_auth::AUDIENCE;
-/// Pods whose refused terms are quiet for [`MeterApi::warn_once`].
+/// Pods whose refused terms are remembered for [`MeterApi::warn_once`].
 const WARNED_CAP: usize = 4096;
 const MAX_BODY_BYTES: usize = 256 * 1024;
 /// Status writes refused for a newer resourceVersion (the controller or another meter wrote

@@ -6,7 +6,8 @@
 //! (tests/meter_api_flood.rs). Now:
 //! - a token that is not shaped like a meter's (domain/meter_token.rs `claims`: a JWT for our
 //!   audience, not expired, bound to a Pod of a namespace we serve) is refused without a review;
-//! - a token the apiserver (or the Pod lookup) rejected is quiet by its SHA-256 for
+//! - a token that claims a Pod the operator's Pod cache does not hold is refused likewise;
+//! - a token the apiserver (or the Pod lookup) rejected is remembered by its SHA-256 for
 //!   [`REJECTED_TTL`], a valid one for [`VERIFIED_TTL`], neither as itself;
 //! - at most one review per claimed Pod and [`REVIEWS_IN_FLIGHT`] in all run at once, and at
 //!   most [`REQUESTS_IN_FLIGHT`] requests reach the apiserver at once, of them at most
@@ -37,7 +38,7 @@ const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 /// rotation, so that a flood of forged tokens holding the review slots delays few meters.
 const VERIFIED_TTL: Duration = Duration::from_secs(300);
 /// A rejected token stays rejected (a bad signature, an expired token or a deleted Pod's never
-/// becomes valid); quiet a minute, so a flood of one junk token costs one review a minute.
+/// becomes valid); remembered a minute, so a flood of one junk token costs one review a minute.
 const REJECTED_TTL: Duration = Duration::from_secs(60);
 const CACHE_CAP: usize = 4096;
 /// TokenReviews in flight at once, over all claimed Pods.
@@ -209,8 +210,8 @@ impl Authenticator {
     /// Remembers a refusal that the token alone decides (not a failure to reach the apiserver).
     pub fn remember_rejected(&self, digest: TokenDigest, refusal: &Refusal) {
         if refusal.status == StatusCode::UNAUTHORIZED || refusal.status == StatusCode::FORBIDDEN {
-            let quiet = Refusal { quiet: true, ..refusal.clone() };
-            self.rejected.lock().unwrap_or_else(PoisonError::into_inner).insert(digest, quiet, Instant::now());
+            let again = Refusal { quiet: true, ..refusal.clone() };
+            self.rejected.lock().unwrap_or_else(PoisonError::into_inner).insert(digest, again, Instant::now());
         }
     }
 
