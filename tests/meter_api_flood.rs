@@ -26,6 +26,8 @@ use support::controlplane::{ControlPlane, OperatorProcess};
 use support::http::{free_port, http_get};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// The TokenReviews counted are the apiserver's, all of this binary's: one test at a time.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const AUDIENCE: &str = "agentgate.dev/meter";
 
 async fn post(client: &HttpsClient, url: &str, bearer: &str, body: &Value) -> Result<(u16, Value), String> {
@@ -163,6 +165,7 @@ async fn victim(ns: &str) -> Victim {
 /// them queued every team's meters behind the flood.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_junk_tokens_costs_the_apiserver_a_bounded_number_of_token_reviews_and_meters_are_served_meanwhile() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let Victim { admin, operator, metrics_port, ca, api, url, token } = victim("meter-api-flood").await;
 
     // From ten Pods' addresses (127.0.0.2 to .11).
@@ -251,6 +254,7 @@ async fn a_flood_of_junk_tokens_costs_the_apiserver_a_bounded_number_of_token_re
 /// at once, and a meter elsewhere is served meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_from_one_peer_are_bounded_and_a_meter_is_served_meanwhile() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let Victim { operator, metrics_port, ca, api, url, token, .. } = victim("meter-api-idle").await;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(&ca)));
     let address: std::net::SocketAddr = url.trim_start_matches("https://").trim_end_matches("/v1/sync").parse().unwrap();
@@ -293,6 +297,7 @@ async fn idle_connections_from_one_peer_are_bounded_and_a_meter_is_served_meanwh
 /// while it lasted. Now it holds its Pod's two, and another job's meter is served every time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_pods_valid_token_cannot_take_every_other_meters_place() {
+    let _serial = ONE_AT_A_TIME.lock().await;
     let Victim { admin, operator, api, url, token, ca, .. } = victim("meter-api-share").await;
     let mallory = running_pod(&admin, "meter-api-share", "mallory").await;
     let minted = meter_token(&admin, "meter-api-share", &mallory).await;
