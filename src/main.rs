@@ -435,6 +435,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             health.caches_synced.store(false, std::sync::atomic::Ordering::Relaxed);
             *jobs_store.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
             *health.memory_report.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+            *health.agent_pods.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
             metrics.forget_leader_state();
             if !lost_leadership || *stop_rx.borrow() {
                 break;

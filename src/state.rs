@@ -20,6 +20,9 @@ pub struct Health {
     /// Writes what the caches of the current term of leadership hold (`GET /debug/memory`);
     /// None while not leading.
     pub memory_report: std::sync::RwLock<Option<MemoryReport>>,
+    /// The agent Pods the current term of leadership caches: the meter API serves only tokens
+    /// claiming one of them (controller/meter_auth.rs). None while not leading.
+    pub agent_pods: std::sync::RwLock<Option<Store<k8s_openapi::api::core::v1::Pod>>>,
 }
 
 /// Renders `GET /debug/memory` (controller/memory.rs).

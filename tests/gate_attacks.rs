@@ -546,6 +546,62 @@ async fn a_robot_vote_cast_by_the_author_or_another_voter_does_not_count() {
     assert_ne!(phase(&approved), Some("AwaitingApproval"));
 }
 
+/// The same through a group: RBAC lets a group carol belongs to (agentgate:humans) impersonate
+/// the trusted robot, as clusters commonly grant rights to their identity provider's groups.
+/// The operator asked whether carol, as a bare username, may act as the robot: no, so her job,
+/// approved by herself as the robot and by alice, ran. Admission now records each writer's
+/// groups (`agentgate.dev/writer-groups`), and the question is asked with them.
+#[tokio::test]
+async fn a_robot_vote_cast_by_the_author_through_her_group_does_not_count() {
+    let admin = setup(&[ROBOTS]).await;
+    service_account_client(&admin, ROBOTS, "trusted-two").await;
+    let robot = format!("system:serviceaccount:{ROBOTS}:trusted-two");
+    let pp = PatchParams::apply("gate-attacks").force();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "robot-two-actor", "namespace": ROBOTS},
+        "rules": [{"apiGroups": [""], "resources": ["serviceaccounts"], "resourceNames": ["trusted-two"], "verbs": ["impersonate"]}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ROBOTS)
+        .patch("robot-two-actor", &pp, &Patch::Apply(&role))
+        .await
+        .unwrap();
+    let robot_subject = json!({"kind": "ServiceAccount", "name": "trusted-two", "namespace": ROBOTS});
+    let group = json!({"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": "agentgate:humans"});
+    let bindings = [
+        ("group-robot-vote", "ClusterRole", "test-agentgate-voter", robot_subject.clone()),
+        ("group-robot-head", "ClusterRole", "test-agentgate-head-of-every-category", robot_subject),
+        ("group-robot-actors", "Role", "robot-two-actor", group),
+    ];
+    for (name, kind, role, subject) in bindings {
+        let object = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name, "namespace": ROBOTS},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": role}, "subjects": [subject]});
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ROBOTS)
+            .patch(name, &pp, &Patch::Apply(&object))
+            .await
+            .unwrap();
+    }
+    let own = create_job("carol", ROBOTS, "robot-of-the-authors-group").await;
+    vote_as(&impersonating("carol", &robot).await, &own, "group-robot", &robot).await;
+    vote(&user("alice").await, &own, "alice", Decision::Approve).await;
+    let seen = wait_for_job(&admin, ROBOTS, "robot-of-the-authors-group", "both votes judged", |j| {
+        approval(j).ignored_votes.len() as i32 + approval(j).approved == 2
+    })
+    .await;
+    assert_eq!(
+        (phase(&seen), approval(&seen).summary.as_str()),
+        (Some("AwaitingApproval"), "1/2"),
+        "carol approved her own job as {robot}"
+    );
+    let why = approval(&seen).ignored_votes.into_iter().find(|v| v.name == "group-robot").unwrap().why;
+    assert!(why.contains(&format!("carol, who created this job's spec, may act as {robot}")), "{why}");
+    // What a client writes there is replaced: carol cannot claim to be in no group.
+    let forged = json!({"metadata": {"annotations": {"agentgate.dev/writer-groups": "carol\tsystem:authenticated"}}});
+    let patched = Api::<AgentJob>::namespaced(user("carol").await, ROBOTS)
+        .patch("robot-of-the-authors-group", &PatchParams::default(), &Patch::Merge(&forged))
+        .await
+        .unwrap();
+    let recorded = patched.annotations().get("agentgate.dev/writer-groups").cloned().unwrap_or_default();
+    assert!(recorded.split('\n').next().is_some_and(|line| line.split('\t').any(|g| g == "agentgate:humans")), "{recorded:?}");
+}
+
 /// Creates a vote as admin impersonating `voter` with exactly `groups` (kubectl --as), so the
 /// admission policy stamps those groups on it.
 fn vote_impersonating(job: &AgentJob, name: &str, voter: &str, groups: &[&str]) {

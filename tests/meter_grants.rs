@@ -498,8 +498,7 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
         body
     };
     let victim_pod = pods[0].name_any();
-    // (what, token, the Pod the body speaks for, status, reason). A deleted Pod's token is
-    // refused by the apiserver itself (bound tokens die with their object).
+    // (what, token, the Pod the body speaks for, status, reason).
     let cases: Vec<Attack> = vec![
         ("no token", None, None, 401, "no_token"),
         ("garbage", Some("not-a-token".into()), None, 401, "token_rejected"),
@@ -512,7 +511,9 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
         ),
         ("a ServiceAccount token bound to no Pod", Some(token(&s.admin, ns, None, AUDIENCE).await), None, 403, "not_bound_to_a_pod"),
         ("a Pod no AgentJob controls", Some(token(&s.admin, ns, Some(&plain), AUDIENCE).await), None, 403, "not_an_agent_pod"),
-        ("a deleted Pod", Some(doomed_token), None, 401, "token_rejected"),
+        // Not in the operator's Pod cache: refused before any TokenReview (retryable, as a Pod
+        // created a moment ago may not be there yet).
+        ("a deleted Pod", Some(doomed_token), None, 503, "pod_unknown"),
         (
             "another job's Pod speaking for the victim's",
             Some(token(&s.admin, ns, Some(&other_pods[0]), AUDIENCE).await),
@@ -778,6 +779,64 @@ async fn a_token_minted_for_the_agent_pod_cannot_settle_or_freeze_its_meters_ses
     )
     .await;
     meter.stop().await;
+}
+
+/// A tenant holding a token bound to their agent Pod (minted, as `edit` allows; or an agent
+/// calling many priced models) opens session after session, each reporting 64 models with
+/// 128-character names. Stored as sent, the job's status passed what etcd takes (1.5 MiB) after
+/// about 100 sessions: from then on every status write of the job failed, the real meter's
+/// reports with them (its usage lost), and the job could no longer record its end. Beyond a cap
+/// the per-model detail is folded into one entry, every total kept exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_full_of_long_model_names_cannot_grow_the_jobs_status_past_what_etcd_takes() {
+    let ns = "meter-grants-bloat";
+    let s = setup(ns).await;
+    let (job, pods) = running_job(&s, ns, "bloated", &["agent"], "1").await;
+    let minted = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    const SESSIONS: usize = 150;
+    let bloat = |session: usize| {
+        let models: Vec<Value> = (0..64)
+            .map(|m| {
+                json!({"model": format!("s{session:04}-m{m:02}-{}", "x".repeat(118)), "inputTokens": 1, "cachedInputTokens": 1,
+                "outputTokens": 1, "costUSD": "0.000001"})
+            })
+            .collect();
+        json!({"session": format!("bloat-{session}"), "sequence": 1, "usage": {"inputTokens": 64, "cachedInputTokens": 64,
+            "outputTokens": 64, "totalTokens": 192, "costUSD": "0.000064", "models": models}})
+    };
+    let mut refused = Vec::new();
+    for session in 0..SESSIONS {
+        let (status, body) = post(&s.api, &s.sync_url(), Some(&minted), &bloat(session)).await.unwrap();
+        if status != 200 {
+            refused.push(format!("session {session}: {status} {body}"));
+        }
+    }
+    // The meter's own report after the flood is recorded, token for token.
+    let usage = json!({"inputTokens": 1000, "cachedInputTokens": 0, "outputTokens": 2000, "totalTokens": 3000, "costUSD": "0.201",
+        "models": [{"model": "gpt-4o-mini", "inputTokens": 1000, "cachedInputTokens": 0, "outputTokens": 2000, "costUSD": "0.201"}]});
+    let meter_token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let (status, body) =
+        post(&s.api, &s.sync_url(), Some(&meter_token), &json!({"session": "the-meter", "sequence": 1, "usage": usage, "last": true}))
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "the meter's report after {} refused bloat sessions ({:?}): {body}", refused.len(), refused.first());
+    let meter = meter_status(&s.admin, ns, "bloated").await;
+    let own = meter.grants.iter().find(|g| g.usage.as_ref().is_some_and(|u| u.cost_usd == "0.201")).expect("the meter's grant");
+    assert_eq!(own.usage.as_ref().unwrap().output_tokens, 2000);
+    // Every session counted: usage is never lost, only its per-model detail folded.
+    let expected = usd("0.201").saturating_add(MicroUsd(64 * SESSIONS as i64));
+    assert_eq!(usd(&meter.spent_usd), expected, "{} sessions, {} refused", meter.grants.len(), refused.len());
+
+    // The attempt ends: its usage is every session's, exactly.
+    finish_pod(&s.admin, ns, &pods[0].name_any(), 0, &usage_report("gpt-4o-mini", 1000, 0, 2000, json!({}))).await;
+    let done = wait_for_job(&s.admin, ns, "bloated", "succeeded", |j| phase(j) == Some("Succeeded")).await;
+    let total = done.status.as_ref().unwrap().usage.as_ref().unwrap();
+    assert_eq!(usd(&total.cost_usd), expected);
+    assert_eq!(total.output_tokens, 2000 + 64 * SESSIONS as i64);
+    let size = serde_json::to_vec(&done.status).unwrap().len();
+    println!("status of a job with {} sessions of 64 long model names: {size} bytes", meter.grants.len());
+    assert!(size < 1024 * 1024, "status is {size} bytes");
+    drop(job);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

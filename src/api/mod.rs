@@ -35,6 +35,10 @@ pub const REQUESTED_BY: &str = "agentgate.dev/requested-by";
 /// one username a line: they may not approve it either.
 pub const SPEC_EDITED_BY: &str = "agentgate.dev/spec-edited-by";
 
+/// Annotation the same policy keeps with the groups of the author and of each editor, one line
+/// per writer: the username, then its groups, tab-separated (domain/writer_groups.rs).
+pub const WRITER_GROUPS: &str = "agentgate.dev/writer-groups";
+
 /// Every CRD this operator serves, in the order they are written to `crds/`.
 pub fn all_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     vec![

@@ -240,13 +240,8 @@ fn forget_in<V>(map: &mut HashMap<Question, V>, scope: &RbacScope) {
 /// vote on a deleted job, say) never decide for another (tests/vote_attacks.rs
 /// each_vote_is_checked_with_its_own_groups). For a job a ServiceAccount created or changed
 /// (`author`, then `editors`, one a line), also whether the voter may act as that account.
-pub(super) async fn head_verdicts(
-    job: &AgentJob,
-    ctx: &Context,
-    votes: &[VoteView],
-    author: Option<&str>,
-    editors: &str,
-) -> Result<HeadVerdicts> {
+pub(super) async fn head_verdicts(job: &AgentJob, ctx: &Context, votes: &[VoteView], writers: &Writers<'_>) -> Result<HeadVerdicts> {
+    let (author, editors) = (writers.author, writers.editors);
     let mut verdicts = std::collections::BTreeMap::new();
     let phase = job.status.as_ref().and_then(|s| s.phase);
     if phase.is_some_and(JobPhase::is_terminal) {
@@ -264,8 +259,8 @@ pub(super) async fn head_verdicts(
         })?;
         // Only ServiceAccounts are asked about (ctx.heads.acts_as), so jobs people wrote cost no
         // more reviews.
-        let writers = author.into_iter().map(|a| (a, "created")).chain(editors.split('\n').map(|e| (e, "changed")));
-        for (writer, did) in writers.filter(|(w, _)| !w.is_empty() && *w != vote.voter) {
+        let written = author.into_iter().map(|a| (a, "created")).chain(editors.split('\n').map(|e| (e, "changed")));
+        for (writer, did) in written.filter(|(w, _)| !w.is_empty() && *w != vote.voter) {
             if answer.is_err() {
                 break;
             }
@@ -280,7 +275,7 @@ pub(super) async fn head_verdicts(
             }
         }
         if answer.is_ok() && vote.voter.starts_with(SERVICE_ACCOUNT_PREFIX) {
-            answer = robot_cast_by_another(ctx, vote, votes, author, editors).await?;
+            answer = robot_cast_by_another(ctx, vote, votes, writers).await?;
         }
         verdicts.insert(vote.name.clone(), answer);
     }
@@ -289,33 +284,47 @@ pub(super) async fn head_verdicts(
 
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
 
-/// The groups the apiserver gives a user it authenticates: a ServiceAccount's are known from its
-/// name; a person's beyond `system:authenticated` are not recorded on a job (only its author's and
-/// editors' usernames are), so a right granted to one of their groups is not seen here.
-fn groups_of(user: &str) -> Vec<String> {
-    let mut groups = vec!["system:authenticated".to_string()];
-    if let Some((namespace, _)) = user.strip_prefix(SERVICE_ACCOUNT_PREFIX).and_then(|sa| sa.split_once(':')) {
-        groups.extend(["system:serviceaccounts".to_string(), format!("system:serviceaccounts:{namespace}")]);
-    }
-    groups
+/// Who wrote a job: its author, its other spec editors (one a line) and the groups admission
+/// recorded for each (`agentgate.dev/writer-groups`, domain/writer_groups.rs).
+pub(super) struct Writers<'a> {
+    pub author: Option<&'a str>,
+    pub editors: &'a str,
+    pub groups: &'a str,
 }
 
 /// A ServiceAccount's vote (a trusted robot's) is cast by whoever may act as the account: not the
 /// robot's review but theirs. It does not count when the job's author or an editor may act as it
 /// (they would approve what they wrote), nor when another voter on the job may (one person, two
 /// approvals) (tests/gate_attacks.rs a_robot_vote_cast_by_the_author_or_another_voter_does_not_count).
+/// Each is asked with their groups, as admission recorded them for writers and stamped them on
+/// votes: asked as a bare username, a writer whose group may impersonate the robot could not
+/// (tests/gate_attacks.rs a_robot_vote_cast_by_the_author_through_her_group_does_not_count). A
+/// person whose groups were not recorded (a job written before they were) may be anyone's
+/// member: the robot's vote does not count on what they wrote.
 async fn robot_cast_by_another(
     ctx: &Context,
     robot: &VoteView,
     votes: &[VoteView],
-    author: Option<&str>,
-    editors: &str,
+    writers: &Writers<'_>,
 ) -> Result<std::result::Result<(), String>> {
-    let writers = author.into_iter().map(|a| (a.to_string(), groups_of(a), "created this job's spec"));
-    let writers = writers.chain(editors.split('\n').map(|e| (e.to_string(), groups_of(e), "changed this job's spec")));
+    let written = writers.author.into_iter().map(|a| (a, "created this job's spec"));
+    let written = written.chain(writers.editors.split('\n').map(|e| (e, "changed this job's spec")));
+    let mut actors = Vec::new();
+    for (writer, did) in written.filter(|(w, _)| !w.is_empty() && *w != robot.voter) {
+        match crate::domain::writer_groups::groups_of(writers.groups, writer) {
+            Some(groups) => actors.push((writer.to_string(), groups, did)),
+            None => {
+                return Ok(Err(format!(
+                    "the groups of {writer}, who {did}, were not recorded when they wrote it: whether they may act as {} cannot be \
+                     checked (resubmit the job to record them)",
+                    robot.voter
+                )));
+            }
+        }
+    }
     let others = votes.iter().map(|v| (v.voter.clone(), v.groups.clone(), "also voted on it"));
     let mut seen = std::collections::HashSet::new();
-    for (actor, groups, did) in writers.chain(others) {
+    for (actor, groups, did) in actors.into_iter().chain(others) {
         if actor.is_empty() || actor == robot.voter || !seen.insert((actor.clone(), groups.clone())) {
             continue;
         }

@@ -107,16 +107,20 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     // from the API carries it.
     // The spec's other editors come with it: both annotations are kept by admission on every
     // write (deploy/admission/identity.yaml).
-    let (author, spec_editors) = match job.annotations().get(REQUESTED_BY) {
-        Some(author) => (Some(author.clone()), job.annotations().get(SPEC_EDITED_BY).cloned().unwrap_or_default()),
+    let (author, spec_editors, writer_groups) = match job.annotations().get(REQUESTED_BY) {
+        Some(author) => {
+            let annotation = |key: &str| job.annotations().get(key).cloned().unwrap_or_default();
+            (Some(author.clone()), annotation(SPEC_EDITED_BY), annotation(crate::api::WRITER_GROUPS))
+        }
         None => {
             let requesters = ctx.caches.index.requesters();
-            (requesters.of(&uid), requesters.editors_of(&uid).unwrap_or_default())
+            (requesters.of(&uid), requesters.editors_of(&uid).unwrap_or_default(), requesters.writer_groups_of(&uid).unwrap_or_default())
         }
     };
     let author = author.as_deref();
     let identity = JobIdentity { name: &name, uid: &uid, generation, author, spec_editors: &spec_editors };
-    let heads = super::access::head_verdicts(job, ctx, &vote_views, author, &spec_editors).await?;
+    let writers = super::access::Writers { author, editors: &spec_editors, groups: &writer_groups };
+    let heads = super::access::head_verdicts(job, ctx, &vote_views, &writers).await?;
     let voters = &ctx.settings.voters;
     let required = approvals_required(&job.spec, ctx.settings.approval_floor);
     // Votes approve where the job's tools point too (tool_pinning.rs): revoked votes are not tallied.

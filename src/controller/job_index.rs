@@ -258,28 +258,40 @@ impl JobIndex {
 /// and recreated under its name by someone else must not be read with the new one's requester.
 /// With the requester, the job's other spec editors (`agentgate.dev/spec-edited-by`, empty
 /// when none: no allocation), who may not approve it either.
+/// And the groups of each of them (`agentgate.dev/writer-groups`, domain/writer_groups.rs).
 #[derive(Clone, Debug, Default)]
 pub struct RequesterIndex {
-    entries: Entries<(Box<str>, Box<str>), Uid>,
+    entries: Entries<Writers, Uid>,
 }
+
+/// A job's requester, its other spec editors and the groups of each: interned, since one
+/// author's jobs share them (24 bytes a job and no heap of its own, where three `Box<str>` took
+/// 48 and the groups' text: `controller::memory` test `what_the_job_indexes_cost_per_job`).
+type Writers = (crate::api::Text, crate::api::Text, crate::api::Text);
 
 impl RequesterIndex {
     pub fn apply(&mut self, event: &Event<AgentJob>) {
         self.entries.apply_by(event, uid_of, |job| {
             let requester = job.annotations().get(crate::api::REQUESTED_BY)?;
             let editors = job.annotations().get(crate::api::SPEC_EDITED_BY).map_or("", String::as_str);
-            Some((requester.as_str().into(), editors.into()))
+            let groups = job.annotations().get(crate::api::WRITER_GROUPS).map_or("", String::as_str);
+            Some((requester.into(), editors.into(), groups.into()))
         });
+    }
+
+    /// The groups of the job's writers as admission recorded them (empty: none recorded).
+    pub fn writer_groups_of(&self, uid: &str) -> Option<String> {
+        self.entries.live.get(&Uid::of(uid)).map(|(_, _, g)| g.to_string())
     }
 
     /// The requester of the job with this `uid`, if its annotation names one.
     pub fn of(&self, uid: &str) -> Option<String> {
-        self.entries.live.get(&Uid::of(uid)).map(|(r, _)| r.to_string())
+        self.entries.live.get(&Uid::of(uid)).map(|(r, _, _)| r.to_string())
     }
 
     /// The other spec editors of the job with this `uid`, one a line (empty: none).
     pub fn editors_of(&self, uid: &str) -> Option<String> {
-        self.entries.live.get(&Uid::of(uid)).map(|(_, e)| e.to_string())
+        self.entries.live.get(&Uid::of(uid)).map(|(_, e, _)| e.to_string())
     }
 
     pub fn objects(&self) -> usize {

@@ -251,7 +251,8 @@ mod tests {
         for n in 0..jobs {
             let job: crate::api::AgentJob = serde_json::from_value(serde_json::json!({
                 "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
-                "metadata": {"annotations": {"agentgate.dev/requested-by": "admin"}, "name": format!("scale-{n:05}"),
+                "metadata": {"annotations": {"agentgate.dev/requested-by": "admin",
+                    "agentgate.dev/writer-groups": "admin\tsystem:masters\tsystem:authenticated"}, "name": format!("scale-{n:05}"),
                     "namespace": "bench-scale", "uid": format!("50e68a4d-4412-4de4-bcf6-{n:012x}")},
                 "spec": {"agents": {"primary": {"image": "i", "model": "gpt-4o-mini", "name": "agent"}},
                     "budget": {"maxCostUSD": "5.00"}, "category": "bench"},

@@ -4,30 +4,29 @@
 //!
 //! Who may call: only the meter of an agent Pod, for that Pod's job. The meter presents a
 //! projected ServiceAccount token with audience [`AUDIENCE`] that the kubelet binds to its Pod;
-//! the operator verifies it with a TokenReview, reads the Pod name and uid the apiserver bound it
-//! to, and serves it only if that Pod still exists with that uid and is controlled by an
-//! AgentJob (the rule of domain/snapshot.rs `is_job_pod`). Everything else is refused, with the
-//! reason in the answer and in `agentgate_meter_api_requests{outcome}`.
+//! the operator verifies it with a TokenReview (controller/meter_auth.rs, which also bounds what
+//! a flood can cost), reads the Pod name and uid the apiserver bound it to, and serves it only if
+//! that Pod still exists with that uid and is controlled by an AgentJob (the rule of
+//! domain/snapshot.rs `is_job_pod`). Everything else is refused, with the reason in the answer
+//! and in `agentgate_meter_api_requests{outcome}`.
 //!
 //! A grant is in the job's status (a resourceVersion-checked PUT of the status read just before)
 //! before the meter hears of it, so total grants never exceed the budget, whichever replica
 //! answers and however many times the operator restarts (tests/meter_grants.rs).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{ApiResource, DynamicObject, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
+use super::meter_auth::{Authenticator, Reviewed};
 use crate::api::AgentJob;
 use crate::domain::grants::{self, MeterIdentity, SyncAnswer, SyncBody};
 use crate::domain::money::MicroUsd;
@@ -35,26 +34,13 @@ use crate::domain::pod_builder::LABEL_ATTEMPT;
 use crate::metrics::Metrics;
 use crate::state::Health;
 
-/// The audience of the meters' tokens: a token for the apiserver (or anything else) is refused.
-pub const AUDIENCE: &str = "agentgate.dev/meter";
-const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
-const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
-/// A verified token is trusted this long without asking the apiserver again: a meter syncs at
-/// most every few seconds, and a deleted Pod is still caught by the Pod lookup on every request.
-const REVIEW_TTL: Duration = Duration::from_secs(10);
-const REVIEW_CACHE_CAP: usize = 4096;
+pub use super::meter_auth::AUDIENCE;
+/// Pods whose refused terms are remembered for [`MeterApi::warn_once`].
+const WARNED_CAP: usize = 4096;
 const MAX_BODY_BYTES: usize = 256 * 1024;
 /// Status writes refused for a newer resourceVersion (the controller or another meter wrote
 /// first) are retried on a fresh read this many times.
 const WRITE_ATTEMPTS: usize = 10;
-
-/// Who a verified token says the caller is.
-#[derive(Clone, Debug)]
-struct Reviewed {
-    namespace: String,
-    pod: String,
-    pod_uid: String,
-}
 
 pub struct MeterApi {
     pub client: Client,
@@ -63,21 +49,30 @@ pub struct MeterApi {
     pub field_manager: String,
     pub health: Arc<Health>,
     pub metrics: Arc<Metrics>,
-    reviews: std::sync::Mutex<HashMap<String, (Reviewed, Instant)>>,
+    auth: Authenticator,
     events: super::events::EventQueue,
     /// Pods (by uid) whose refused terms have had their Warning Event: their meter asks again
     /// at every call, the job gets one Event.
     warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
-/// A refusal: its HTTP status, a stable reason (the metric's label) and a message.
-#[derive(Debug)]
-struct Refusal(StatusCode, &'static str, String);
+/// A refusal: its HTTP status, a stable reason (the metric's label) and a message. `quiet` ones
+/// (a token refused on its shape alone, or a token's earlier refusal given again) are counted,
+/// not logged: a flood of junk tokens would otherwise be a log line per request.
+#[derive(Clone, Debug)]
+pub(super) struct Refusal {
+    pub status: StatusCode,
+    pub reason: &'static str,
+    pub message: String,
+    pub quiet: bool,
+}
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
-        let mut response = (self.0, axum::Json(serde_json::json!({"error": {"reason": self.1, "message": self.2}}))).into_response();
-        if self.0 == StatusCode::SERVICE_UNAVAILABLE {
+        let mut response =
+            (self.status, axum::Json(serde_json::json!({"error": {"reason": self.reason, "message": self.message}}))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            // Not leading, or shedding load (controller/meter_auth.rs): the meter retries 503.
             response.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
             // The retry must be free to reach another replica: the Service picks one per
             // connection, and a kept-alive connection to a standby would be asked again and
@@ -89,8 +84,8 @@ impl IntoResponse for Refusal {
     }
 }
 
-fn refuse(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Refusal {
-    Refusal(status, reason, message.into())
+pub(super) fn refuse(status: StatusCode, reason: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal { status, reason, message: message.into(), quiet: false }
 }
 
 impl MeterApi {
@@ -104,12 +99,12 @@ impl MeterApi {
         let publisher = super::events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok());
         let events = super::events::EventQueue::start(publisher);
         Arc::new(MeterApi {
+            auth: Authenticator::new(client.clone(), health.clone()),
             client,
             namespace,
             field_manager,
             health,
             metrics,
-            reviews: Default::default(),
             events,
             warned: Default::default(),
         })
@@ -117,69 +112,6 @@ impl MeterApi {
 
     pub fn router(self: Arc<Self>) -> axum::Router {
         axum::Router::new().route("/v1/sync", axum::routing::post(sync)).with_state(self)
-    }
-
-    /// Verifies the token: cached for [`REVIEW_TTL`] when valid, never when not.
-    async fn review(&self, token: &str) -> Result<Reviewed, Refusal> {
-        {
-            let cache = self.reviews.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if let Some((who, at)) = cache.get(token)
-                && at.elapsed() < REVIEW_TTL
-            {
-                return Ok(who.clone());
-            }
-        }
-        let review = TokenReview {
-            spec: TokenReviewSpec { token: token.to_string(), audiences: Some(vec![AUDIENCE.to_string()]) },
-            ..TokenReview::default()
-        };
-        let reviewed = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|e| refuse(StatusCode::SERVICE_UNAVAILABLE, "review_failed", format!("could not verify the token: {e}")))?;
-        let status = reviewed.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            // The apiserver's own error names the cause (expired, wrong audience, bad signature).
-            let why = status.error.unwrap_or_else(|| "not authenticated".into());
-            return Err(refuse(
-                StatusCode::UNAUTHORIZED,
-                "token_rejected",
-                format!("the token is not valid for audience {AUDIENCE}: {why}"),
-            ));
-        }
-        if !status.audiences.unwrap_or_default().iter().any(|a| a == AUDIENCE) {
-            return Err(refuse(StatusCode::UNAUTHORIZED, "wrong_audience", format!("the token is not for audience {AUDIENCE}")));
-        }
-        let user = status.user.unwrap_or_default();
-        let username = user.username.unwrap_or_default();
-        let Some(namespace) =
-            username.strip_prefix("system:serviceaccount:").and_then(|rest| rest.split_once(':')).map(|(ns, _)| ns.to_string())
-        else {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "not_a_service_account",
-                "only the meter of an agent Pod may call (its ServiceAccount token)",
-            ));
-        };
-        let extra = user.extra.unwrap_or_default();
-        let single = |key: &str| extra.get(key).and_then(|values| (values.len() == 1).then(|| values[0].clone()));
-        let (Some(pod), Some(pod_uid)) = (single(POD_NAME_EXTRA), single(POD_UID_EXTRA)) else {
-            return Err(refuse(
-                StatusCode::FORBIDDEN,
-                "not_bound_to_a_pod",
-                "the token is not bound to a Pod: the meter's token must be a projected one, which the kubelet binds to its Pod",
-            ));
-        };
-        let who = Reviewed { namespace, pod, pod_uid };
-        let mut cache = self.reviews.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if cache.len() >= REVIEW_CACHE_CAP {
-            cache.retain(|_, (_, at)| at.elapsed() < REVIEW_TTL);
-            if cache.len() >= REVIEW_CACHE_CAP {
-                cache.clear();
-            }
-        }
-        cache.insert(token.to_string(), (who.clone(), Instant::now()));
-        Ok(who)
     }
 
     /// The Pod the token is bound to, if it still exists as that Pod and is an agent Pod: its
@@ -216,7 +148,7 @@ impl MeterApi {
     fn warn_once(&self, pod_uid: &str, namespace: &str, job: &str, job_uid: &str, note: &str) {
         {
             let mut warned = self.warned.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if warned.len() >= REVIEW_CACHE_CAP {
+            if warned.len() >= WARNED_CAP {
                 warned.clear();
             }
             if !warned.insert(pod_uid.to_string()) {
@@ -246,7 +178,8 @@ impl MeterApi {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "no_token", "a meter token is required as Authorization: Bearer"))?;
-        let who = self.review(token).await?;
+        let admitted = self.auth.admit(token, self.namespace.as_deref()).await?;
+        let who = &admitted.who;
         if let Some(ns) = &self.namespace
             && *ns != who.namespace
         {
@@ -264,7 +197,13 @@ impl MeterApi {
             ));
         }
         let request = body.request().map_err(|why| refuse(StatusCode::BAD_REQUEST, "bad_request", why))?;
-        let (identity, job_name, job_uid, approved_budget) = self.agent_pod(&who).await?;
+        let (identity, job_name, job_uid, approved_budget) = self.agent_pod(who).await.inspect_err(|refusal| {
+            // Decided by the token's Pod alone: the next request with this token is refused
+            // without the Pod lookup.
+            if matches!(refusal.reason, "pod_gone" | "not_an_agent_pod") {
+                self.auth.remember_rejected(admitted.digest, refusal);
+            }
+        })?;
         let jobs: Api<AgentJob> = Api::namespaced(self.client.clone(), &who.namespace);
         for _ in 0..WRITE_ATTEMPTS {
             // A list narrowed to the one name rather than a GET: the operator's rights on jobs
@@ -352,10 +291,11 @@ async fn sync(State(api): State<Arc<MeterApi>>, headers: HeaderMap, body: Bytes)
             axum::Json(answer).into_response()
         }
         Err(refusal) => {
-            if refusal.0 != StatusCode::SERVICE_UNAVAILABLE {
-                tracing::warn!(reason = refusal.1, message = %refusal.2, "refused a meter request");
+            // Neither load shedding nor a token's refusal given again is news.
+            if refusal.status != StatusCode::SERVICE_UNAVAILABLE && !refusal.quiet {
+                tracing::warn!(reason = refusal.reason, message = %refusal.message, "refused a meter request");
             }
-            api.metrics.count_meter_api(refusal.1);
+            api.metrics.count_meter_api(refusal.reason);
             refusal.into_response()
         }
     }
@@ -376,7 +316,10 @@ pub async fn serve(
             let listener = super::meter_tls::TlsListener::new(listener, acceptor, api.metrics.clone())?;
             axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?;
         }
-        None => axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?,
+        None => {
+            let listener = super::meter_conn::BoundedTcpListener::new(listener, api.metrics.clone());
+            axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?
+        }
     }
     Ok(())
 }

@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use super::meter_conn::{Bounded, ConnectionLimits};
 use crate::domain::meter_tls::{self as tls, Material, TlsMode};
 use crate::metrics::Metrics;
 
@@ -235,8 +236,10 @@ async fn ensure(
 
 /// Accepts TCP connections and completes their TLS handshakes concurrently (a slow or silent
 /// client holds up only itself), handing the finished ones to axum.
+/// Connections are bounded in number and idle time (controller/meter_conn.rs), handshakes
+/// under way included.
 pub struct TlsListener {
-    ready: tokio::sync::mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    ready: tokio::sync::mpsc::Receiver<(Bounded<TlsStream<TcpStream>>, SocketAddr)>,
     local: SocketAddr,
 }
 
@@ -245,6 +248,7 @@ impl TlsListener {
         let local = tcp.local_addr()?;
         let (tx, ready) = tokio::sync::mpsc::channel(64);
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let limits = ConnectionLimits::new(metrics.clone());
         tokio::spawn(async move {
             while !tx.is_closed() {
                 let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
@@ -256,12 +260,14 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Closed at once when its peer, or everyone, has too many open.
+                let Some(slot) = limits.admit(peer) else { continue };
                 let (acceptor, tx, metrics) = (acceptor.clone(), tx.clone(), metrics.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             drop(permit);
-                            let _ = tx.send((tls, peer)).await;
+                            let _ = tx.send((Bounded::new(tls, slot), peer)).await;
                         }
                         // A client speaking plain HTTP, or one that does not trust the CA.
                         Ok(Err(e)) => {
@@ -278,7 +284,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Bounded<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

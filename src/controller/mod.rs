@@ -16,6 +16,8 @@ pub mod learning_mark;
 pub mod memory;
 pub mod metadata_answers;
 pub mod meter_api;
+mod meter_auth;
+mod meter_conn;
 pub mod meter_keys;
 pub mod meter_tls;
 pub mod pod_expectations;
@@ -276,6 +278,7 @@ pub async fn run(
         .trigger_backoff(NoTriggerBackoff);
     let caches = Caches { jobs, pods, nodes, quotas, tools, votes, services, endpoint_slices, index };
     *jobs_for_metrics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.jobs.clone());
+    *health.agent_pods.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.pods.clone());
     *metrics.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.tools.clone());
     *health.memory_report.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some({
         let (caches, approval_timeout) = (caches.clone(), settings.approval_timeout_seconds);

@@ -11,14 +11,21 @@ use std::collections::BTreeMap;
 
 use super::money::MicroUsd;
 use super::pricing::TokenCounts;
-use super::report::{accumulate, add_model_usage, tokens_of};
+use super::report::{accumulate, add_model_usage, fold_models, tokens_of};
 use crate::api::{MeterGrant, MeterStatus, Usage};
 
 /// Meter sessions one job may open over all its attempts. Each is a few hundred bytes of status;
 /// a job of 16 agents retried 10 times with one meter restart each fits.
 pub const MAX_GRANTS: usize = 400;
-/// Models one meter report may carry (as the agents' own reports, domain/report.rs).
+/// Models listed one by one in a session's usage, an attempt's and the job's; the rest are
+/// summed into one entry (domain/report.rs `fold_models`).
 pub const MAX_MODELS: usize = 64;
+/// Model entries listed over all of a job's sessions: beyond, a session lists its costliest
+/// model and sums the rest. With [`MAX_GRANTS`] sessions and 128-character model names the
+/// job's `status.meter` stays under ~400 KB, well within the 1.5 MiB etcd takes for the whole
+/// object (tests/meter_grants.rs sessions_full_of_long_model_names_cannot_grow_the_jobs_status_past_what_etcd_takes:
+/// stored as sent, ~100 such sessions made every status write of the job fail).
+pub const MAX_MODEL_ENTRIES: usize = 256;
 const MAX_TOKENS: i64 = 1_000_000_000_000;
 const MAX_REFUSALS: i64 = 1_000_000_000_000;
 
@@ -173,9 +180,8 @@ pub fn available(meter: &MeterStatus, budget: MicroUsd) -> MicroUsd {
 pub fn check_usage(usage: &Usage) -> Result<MicroUsd, SyncError> {
     let cost =
         MicroUsd::parse(&usage.cost_usd).ok_or_else(|| SyncError::BadUsage(format!("costUSD {:?} is not a USD amount", usage.cost_usd)))?;
-    if usage.models.len() > MAX_MODELS {
-        return Err(SyncError::BadUsage(format!("{} models, at most {MAX_MODELS}", usage.models.len())));
-    }
+    // Any number of models (a meter that served more than MAX_MODELS priced ones): refusing
+    // the report would lose its usage; [`apply`] folds them.
     for m in &usage.models {
         let tokens = [m.input_tokens, m.cached_input_tokens, m.output_tokens];
         if m.model.is_empty() || m.model.len() > 128 || tokens.iter().any(|t| !(0..=MAX_TOKENS).contains(t)) {
@@ -245,10 +251,14 @@ pub fn apply(
     }
     // Computed before this grant changes: its own committed amount is part of what is held.
     let others: MicroUsd = meter.grants.iter().enumerate().filter(|(i, _)| *i != index).map(|(_, g)| committed(g)).sum();
+    let listed_by_others: usize =
+        meter.grants.iter().enumerate().filter(|(i, _)| *i != index).map(|(_, g)| g.usage.as_ref().map_or(0, |u| u.models.len())).sum();
+    let mut usage = request.usage.clone();
+    fold_models(&mut usage, MAX_MODEL_ENTRIES.saturating_sub(listed_by_others).min(MAX_MODELS));
     let grant = &mut meter.grants[index];
     grant.sequence = request.sequence;
     grant.spent_usd = spent.to_string();
-    grant.usage = Some(request.usage.clone());
+    grant.usage = Some(usage);
     // Cumulative, like the usage: a lower count (impossible from a meter) never erases refusals.
     grant.budget_refusals = grant.budget_refusals.max(request.budget_refusals);
     let mut granted_now = MicroUsd(0);
@@ -303,6 +313,7 @@ pub fn sum_usages(usages: &[&Usage]) -> Usage {
         add_model_usage(&mut sum, model, counts, costs.get(model).copied().unwrap_or_default());
     }
     sum.cost_usd = total.to_string();
+    fold_models(&mut sum, MAX_MODELS);
     sum
 }
 

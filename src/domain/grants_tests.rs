@@ -229,3 +229,47 @@ fn only_an_attempt_still_running_or_not_yet_recorded_is_unsettled() {
     assert!(!attempt_settled(&status, 2));
     assert!(!attempt_settled(&status, 3), "Pods created before the status records their attempt");
 }
+
+/// 400 sessions, each reporting 64 models with 128-character names, the most a body can carry
+/// of them: stored as sent that was ~6 MB of status, four times what etcd takes.
+#[test]
+fn sessions_full_of_long_model_names_stay_within_a_bounded_status_and_every_total_exact() {
+    let mut m = MeterStatus::default();
+    for session in 0..MAX_GRANTS {
+        let mut u = Usage::default();
+        for model in 0..80 {
+            let name = format!("s{session:04}-m{model:02}-{}", "x".repeat(118));
+            add_model_usage(&mut u, &name, &TokenCounts { input: 1, cached_input: 2, output: 3 }, MicroUsd(model + 1));
+        }
+        u.cost_usd = MicroUsd((1..=80).sum()).to_string();
+        let request = SyncRequest { usage: u, ..ask(&format!("s{session}"), 1, "0", "0") };
+        apply(&mut m, usd("1000"), &who(&format!("pod-{session}"), 1), &request, true).unwrap();
+    }
+    let size = serde_json::to_vec(&m).unwrap().len();
+    assert!(size < 450_000, "status.meter is {size} bytes");
+    let listed: usize = m.grants.iter().map(|g| g.usage.as_ref().unwrap().models.len()).sum();
+    assert!(listed <= MAX_MODEL_ENTRIES + MAX_GRANTS, "{listed} entries");
+    // Every session's tokens and cost, folded or not, are in its usage and the sums.
+    for g in &m.grants {
+        let u = g.usage.as_ref().unwrap();
+        let tokens: i64 = u.models.iter().map(|e| e.input_tokens + e.cached_input_tokens + e.output_tokens).sum();
+        let cost: MicroUsd = u.models.iter().map(|e| usd(&e.cost_usd)).sum();
+        assert_eq!((tokens, cost, u.total_tokens), (80 * 6, MicroUsd(3240), 80 * 6), "{}", g.session);
+    }
+    let total = attempt_usage(Some(&m), 1).unwrap();
+    assert!(total.models.len() <= MAX_MODELS);
+    assert_eq!((total.total_tokens, usd(&total.cost_usd)), (400 * 80 * 6, MicroUsd(400 * 3240)));
+    let listed_cost: MicroUsd = total.models.iter().map(|e| usd(&e.cost_usd)).sum();
+    assert_eq!(listed_cost, MicroUsd(400 * 3240), "the folded entry carries the rest");
+    assert_eq!(usd(&m.spent_usd), MicroUsd(400 * 3240), "spent is every session's, whatever was folded");
+}
+
+#[test]
+fn a_meter_of_a_few_models_keeps_them_listed_one_by_one() {
+    let mut m = MeterStatus::default();
+    let mut u = usage("0.02", 5);
+    add_model_usage(&mut u, "claude-sonnet-4", &TokenCounts { input: 1, cached_input: 0, output: 1 }, usd("0.01"));
+    u.cost_usd = "0.03".into();
+    apply(&mut m, usd("1"), &who("a", 1), &SyncRequest { usage: u.clone(), ..ask("s1", 1, "0", "0") }, true).unwrap();
+    assert_eq!(m.grants[0].usage.as_ref(), Some(&u));
+}

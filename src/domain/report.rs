@@ -153,6 +153,39 @@ pub fn add_model_usage(usage: &mut Usage, model: &str, tokens: &TokenCounts, cos
     });
 }
 
+/// The name under which [`fold_models`] sums the models it does not list one by one. No model
+/// has it: a provider's model id has no spaces or parentheses.
+pub const OTHER_MODELS: &str = "(other models)";
+
+/// Keeps at most `keep` (at least 1) entries in `usage.models`: the costliest (then by name),
+/// and one [`OTHER_MODELS`] entry summing the tokens and cost of the rest. The totals do not
+/// change: what a job's status can hold is bounded, its usage never lost
+/// (tests/meter_grants.rs sessions_full_of_long_model_names_cannot_grow_the_jobs_status_past_what_etcd_takes).
+pub fn fold_models(usage: &mut Usage, keep: usize) {
+    let keep = keep.max(1);
+    if usage.models.len() <= keep {
+        return;
+    }
+    let cost = |m: &ModelUsage| MicroUsd::parse(&m.cost_usd).unwrap_or_default();
+    let mut models = std::mem::take(&mut usage.models);
+    // An entry folded before is folded again, whatever its cost.
+    models
+        .sort_by(|a, b| (a.model == OTHER_MODELS).cmp(&(b.model == OTHER_MODELS)).then(cost(b).cmp(&cost(a))).then(a.model.cmp(&b.model)));
+    let rest = models.split_off(keep - 1);
+    let mut other = ModelUsage { model: OTHER_MODELS.to_string(), ..ModelUsage::default() };
+    let mut other_cost = MicroUsd(0);
+    for m in &rest {
+        other.input_tokens = other.input_tokens.saturating_add(m.input_tokens);
+        other.cached_input_tokens = other.cached_input_tokens.saturating_add(m.cached_input_tokens);
+        other.output_tokens = other.output_tokens.saturating_add(m.output_tokens);
+        other_cost = other_cost.saturating_add(cost(m));
+    }
+    other.cost_usd = other_cost.to_string();
+    models.push(other);
+    models.sort_by(|a, b| a.model.cmp(&b.model));
+    usage.models = models;
+}
+
 pub fn accumulate(into: &mut BTreeMap<String, TokenCounts>, more: &BTreeMap<String, TokenCounts>) {
     for (model, tokens) in more {
         let entry = into.entry(model.clone()).or_default();
@@ -177,6 +210,27 @@ pub fn estimate_error_percent(actual: i64, estimated_p50: i64) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folding_keeps_the_costliest_models_and_sums_the_rest_exactly() {
+        let mut usage = Usage::default();
+        for (model, cost) in [("a", 5), ("b", 50), ("c", 1), ("d", 20), (OTHER_MODELS, 100)] {
+            add_model_usage(&mut usage, model, &TokenCounts { input: cost, cached_input: 1, output: 2 }, MicroUsd(cost));
+        }
+        let before = usage.clone();
+        fold_models(&mut usage, 5);
+        assert_eq!(usage, before, "within the bound: unchanged");
+        fold_models(&mut usage, 3);
+        let listed: Vec<(&str, i64, &str)> = usage.models.iter().map(|m| (m.model.as_str(), m.input_tokens, m.cost_usd.as_str())).collect();
+        // b and d are the costliest; a, c and the entry folded before are summed.
+        assert_eq!(listed, [(OTHER_MODELS, 106, "0.000106"), ("b", 50, "0.00005"), ("d", 20, "0.00002")]);
+        assert_eq!((usage.input_tokens, usage.total_tokens), (before.input_tokens, before.total_tokens));
+        let cached: i64 = usage.models.iter().map(|m| m.cached_input_tokens).sum();
+        assert_eq!(cached, 5);
+        fold_models(&mut usage, 0);
+        assert_eq!(usage.models.len(), 1, "at least one entry, holding everything");
+        assert_eq!((usage.models[0].input_tokens, usage.models[0].cost_usd.as_str()), (176, "0.000176"));
+    }
 
     #[test]
     fn parses_reports_and_rejects_garbage() {

@@ -253,7 +253,12 @@ fn settle_attempt(
     attempt.completion_time = Some(o.now.clone());
     match metered {
         Some(measured) => {
-            attempt.reported_usage = Some(attempt_usage);
+            // Kept for comparison only, never counted: folded like the meters' usage, so that
+            // agents claiming many models cannot grow the status (tests.rs
+            // a_metered_attempts_claims_of_many_models_are_folded).
+            let mut claimed = attempt_usage;
+            crate::domain::report::fold_models(&mut claimed, crate::domain::grants::MAX_MODELS);
+            attempt.reported_usage = Some(claimed);
             attempt.usage = Some(measured);
         }
         None => attempt.usage = Some(attempt_usage),

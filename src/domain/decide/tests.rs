@@ -1416,3 +1416,21 @@ fn a_pod_confirmed_deleted_fails_its_attempt_even_if_expected() {
     assert_eq!(results, [(1, AttemptResult::Failed), (2, AttemptResult::Running)]);
     assert_eq!(plan.ensure_attempt, Some(2), "the retry's Pods are created");
 }
+
+/// When the attempt was metered the agents' own claims are kept for comparison only, folded
+/// like the meters' usage: listed one by one, 16 agents claiming 40 models each over 11
+/// attempts grew the job's status by about a MB (report.rs `fold_models`).
+#[test]
+fn a_metered_attempts_claims_of_many_models_are_folded() {
+    let claim = |agent: &str| {
+        let usage: Vec<Value> =
+            (0..40).map(|m| json!({"model": format!("{agent}-claimed-{m:02}"), "inputTokens": 1, "outputTokens": 1})).collect();
+        Some(json!({"usage": usage, "output": {}}).to_string())
+    };
+    let pods = vec![pod("scanner", 1, succeeded(claim("scanner"))), pod("fixer", 1, succeeded(claim("fixer")))];
+    let plan = step(&metered(running(NO_RETRIES), 0), &ready(), &approved(), &pods, &[]);
+    let claimed = plan.status.attempts[0].reported_usage.as_ref().expect("the claim is kept");
+    assert!(claimed.models.len() <= crate::domain::grants::MAX_MODELS, "{} entries", claimed.models.len());
+    assert_eq!(claimed.total_tokens, 160, "every claimed token is still in it");
+    assert_eq!(usage(&plan).cost_usd, "0.04", "the meters' usage counts");
+}

@@ -1,0 +1,205 @@
+//! Connections to the meter API, bounded: any Pod can reach its port, and axum keeps a
+//! connection open for as long as its client does (it sets hyper no timer, so no header read
+//! timeout applies). Each costs the operator its TLS and HTTP buffers: idle connections opened
+//! by the thousand would fill its memory (tests/meter_api_flood.rs
+//! idle_connections_from_one_peer_are_bounded_and_a_meter_is_served_meanwhile). So:
+//! - at most [`MAX_PER_PEER`] connections per client address and [`MAX_CONNECTIONS`] in all
+//!   are open; one beyond is closed at once (a meter uses one or two, and retries);
+//! - a connection that neither reads nor writes for [`IDLE_TIMEOUT`] is closed (a meter syncs
+//!   every few seconds while it runs).
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+
+use crate::metrics::Metrics;
+
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Per client address: a Pod's own, or its node's where Pod traffic to Services is masqueraded
+/// (then every meter on the node shares it, one connection each).
+pub const MAX_PER_PEER: usize = 64;
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The connections open now: in all, and per client address.
+#[derive(Clone)]
+pub struct ConnectionLimits {
+    total: Arc<Semaphore>,
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    metrics: Arc<Metrics>,
+}
+
+/// One open connection's place, given back when it closes.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(open) = peers.get_mut(&self.ip) {
+            *open -= 1;
+            if *open == 0 {
+                peers.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl ConnectionLimits {
+    pub fn new(metrics: Arc<Metrics>) -> ConnectionLimits {
+        ConnectionLimits { total: Arc::new(Semaphore::new(MAX_CONNECTIONS)), peers: Arc::default(), metrics }
+    }
+
+    /// A place for a new connection from `peer`, or None (counted): the caller closes it.
+    pub fn admit(&self, peer: SocketAddr) -> Option<Slot> {
+        let ip = peer.ip().to_canonical();
+        let slot = {
+            let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+            let open = peers.entry(ip).or_insert(0);
+            match self.total.clone().try_acquire_owned() {
+                Ok(permit) if *open < MAX_PER_PEER => {
+                    *open += 1;
+                    Some(Slot { _permit: permit, peers: self.peers.clone(), ip })
+                }
+                _ => {
+                    if *open == 0 {
+                        peers.remove(&ip);
+                    }
+                    None
+                }
+            }
+        };
+        if slot.is_none() {
+            self.metrics.count_meter_api("connection_refused");
+        }
+        slot
+    }
+}
+
+/// A connection holding its [`Slot`], closed after [`IDLE_TIMEOUT`] without reading or writing.
+pub struct Bounded<S> {
+    inner: S,
+    _slot: Slot,
+    idle: Pin<Box<Sleep>>,
+}
+
+impl<S> Bounded<S> {
+    pub fn new(inner: S, slot: Slot) -> Bounded<S> {
+        Bounded { inner, _slot: slot, idle: Box::pin(tokio::time::sleep(IDLE_TIMEOUT)) }
+    }
+
+    fn active(&mut self) {
+        self.idle.as_mut().reset(Instant::now() + IDLE_TIMEOUT);
+    }
+
+    /// Pending I/O: an error once the connection has been idle too long (the timer wakes the
+    /// task that waits on it, so a silent client is dropped on time).
+    fn pending_or_idle<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        match self.idle.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "meter API connection idle"))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Bounded<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    this.active();
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => this.pending_or_idle(cx),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Bounded<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_write(cx, data) {
+            Poll::Ready(result) => {
+                this.active();
+                Poll::Ready(result)
+            }
+            Poll::Pending => this.pending_or_idle(cx),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// The plain-HTTP listener (`--meter-api-tls off`), with the same bounds.
+pub struct BoundedTcpListener {
+    tcp: TcpListener,
+    limits: ConnectionLimits,
+}
+
+impl BoundedTcpListener {
+    pub fn new(tcp: TcpListener, metrics: Arc<Metrics>) -> BoundedTcpListener {
+        BoundedTcpListener { tcp, limits: ConnectionLimits::new(metrics) }
+    }
+}
+
+impl axum::serve::Listener for BoundedTcpListener {
+    type Io = Bounded<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.tcp.accept().await {
+                Ok((stream, peer)) => {
+                    if let Some(slot) = self.limits.admit(peer) {
+                        return (Bounded::new(stream, slot), peer);
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "meter API: accept");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_gets_its_share_and_gives_it_back() {
+        let limits = ConnectionLimits::new(Arc::new(Metrics::default()));
+        let (a, b): (SocketAddr, SocketAddr) = ("10.0.0.1:1000".parse().unwrap(), "10.0.0.2:1000".parse().unwrap());
+        let held: Vec<Slot> = (0..MAX_PER_PEER).map(|_| limits.admit(a).expect("within the peer's share")).collect();
+        assert!(limits.admit(a).is_none(), "one more from the same address is refused");
+        assert!(limits.admit(b).is_some(), "another address is not");
+        drop(held);
+        assert!(limits.admit(a).is_some(), "closed connections give their places back");
+        assert!(limits.peers.lock().unwrap().len() <= 1, "no entry is kept for a peer with nothing open");
+    }
+}
