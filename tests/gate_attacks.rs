@@ -179,7 +179,7 @@ async fn a_decoy_with_the_exact_pod_name_is_never_adopted() {
     })
     .await;
     let ready = condition(&taken, "Ready").unwrap();
-    assert!(ready.message.contains("Pod squat-agent-1 already exists and is not controlled by this job"), "{}", ready.message);
+    assert!(ready.message.contains("Pod squat-agent-1-agentgate already exists and is not controlled by this job"), "{}", ready.message);
     let status = taken.status.as_ref().unwrap();
     assert!(status.attempts.is_empty(), "adopted the decoy: {:?}", status.attempts);
     assert_eq!((status.usage.as_ref(), status.output.as_ref()), (None, None), "took the decoy's report");
