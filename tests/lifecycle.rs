@@ -723,7 +723,7 @@ async fn deleting_a_job_deletes_its_pods_through_their_owner_reference() {
 #[tokio::test]
 async fn a_pod_name_taken_by_another_job_is_never_adopted() {
     let env = setup("lc-collide").await;
-    // `a-b` + agent `c` and `a` + agent `b-c` both name their first Pod `a-b-c-1`.
+    // `a-b` + agent `c` and `a` + agent `b-c` both name their first Pod `a-b-c-1-agentgate`.
     let first = create_job(&env, &job_manifest("a-b", json!({"agents": {"primary": {"name": "c"}}}))).await;
     approve(&env, &first).await;
     wait_phase(&env, "a-b", "Running").await;
@@ -736,5 +736,5 @@ async fn a_pod_name_taken_by_another_job_is_never_adopted() {
     assert!(job_pods(&env.admin, &env.ns, &second).await.is_empty());
     let ready = condition(&second, "Ready").expect("a Ready condition");
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "PodNameTaken"));
-    assert!(ready.message.contains("Pod a-b-c-1 already exists and is not controlled by this job"), "{}", ready.message);
+    assert!(ready.message.contains("Pod a-b-c-1-agentgate already exists and is not controlled by this job"), "{}", ready.message);
 }
