@@ -49,7 +49,7 @@ async fn learned_usage_survives_job_deletion_and_operator_restart() {
         prior.get_or_insert(estimate);
         vote(&alice, &job, "alice", Decision::Approve).await;
         vote(&bob, &job, "bob", Decision::Approve).await;
-        let pod = format!("{name}-scanner-1");
+        let pod = format!("{name}-scanner-1-agentgate");
         wait_for("the agent Pod", Duration::from_secs(30), || job_pods(&client, ns, &job), |p: &Vec<_>| p.len() == 1).await;
         run_pod(&client, ns, &pod).await;
         finish_pod(&client, ns, &pod, 0, &usage_report("gpt-4o-mini", *input, *cached, *output, json!({}))).await;
@@ -400,7 +400,7 @@ async fn approved_and_running(env: &Env, job: AgentJob) -> (AgentJob, String) {
     vote(&env.alice, &job, "alice", Decision::Approve).await;
     vote(&env.bob, &job, "bob", Decision::Approve).await;
     wait_for("the agent Pod", Duration::from_secs(30), || job_pods(&env.admin, &env.ns, &job), |p: &Vec<_>| p.len() == 1).await;
-    let pod = format!("{name}-scanner-1");
+    let pod = format!("{name}-scanner-1-agentgate");
     run_pod(&env.admin, &env.ns, &pod).await;
     (job, pod)
 }

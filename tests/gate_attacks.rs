@@ -147,11 +147,11 @@ async fn a_decoy_pod_in_another_namespace_neither_starts_nor_finishes_the_job() 
     awaiting_approval(&admin, ns, "victim").await;
 
     // With the victim's uid, labels and even a controller ownerReference, but in another namespace.
-    plant_decoy(&admin, elsewhere, &decoy("victim-agent-1", &job, true)).await;
+    plant_decoy(&admin, elsewhere, &decoy("victim-agent-1-agentgate", &job, true)).await;
     plant_decoy(&admin, elsewhere, &decoy("victim-agent-1-unowned", &job, false)).await;
     // Any tenant who may vote can wake the job: a non-head's vote, which itself never counts.
     vote(&user("erin").await, &job, "erin", Decision::Approve).await;
-    let event = wait_for_reaction(&admin, ns, &job, "ForeignPodIgnored", &format!("{elsewhere}/victim-agent-1")).await;
+    let event = wait_for_reaction(&admin, ns, &job, "ForeignPodIgnored", &format!("{elsewhere}/victim-agent-1-agentgate")).await;
     eprintln!("the operator saw the decoys: {:?}", event.and_then(|e| e.note));
 
     let seen = Api::<AgentJob>::namespaced(admin.clone(), ns).get("victim").await.unwrap();
@@ -167,9 +167,9 @@ async fn a_decoy_with_the_exact_pod_name_is_never_adopted() {
     // Labels only: not the job's Pod at all. Reported, and once approved, a name clash.
     let job = create_job("dave", ns, "squat").await;
     awaiting_approval(&admin, ns, "squat").await;
-    plant_decoy(&admin, ns, &decoy("squat-agent-1", &job, false)).await;
+    plant_decoy(&admin, ns, &decoy("squat-agent-1-agentgate", &job, false)).await;
     vote(&user("erin").await, &job, "erin", Decision::Approve).await;
-    wait_for_reaction(&admin, ns, &job, "ForeignPodIgnored", &format!("{ns}/squat-agent-1")).await;
+    wait_for_reaction(&admin, ns, &job, "ForeignPodIgnored", &format!("{ns}/squat-agent-1-agentgate")).await;
     assert_untouched(&Api::<AgentJob>::namespaced(admin.clone(), ns).get("squat").await.unwrap());
 
     vote(&user("alice").await, &job, "alice", Decision::Approve).await;
@@ -179,19 +179,19 @@ async fn a_decoy_with_the_exact_pod_name_is_never_adopted() {
     })
     .await;
     let ready = condition(&taken, "Ready").unwrap();
-    assert!(ready.message.contains("Pod squat-agent-1 already exists and is not controlled by this job"), "{}", ready.message);
+    assert!(ready.message.contains("Pod squat-agent-1-agentgate already exists and is not controlled by this job"), "{}", ready.message);
     let status = taken.status.as_ref().unwrap();
     assert!(status.attempts.is_empty(), "adopted the decoy: {:?}", status.attempts);
     assert_eq!((status.usage.as_ref(), status.output.as_ref()), (None, None), "took the decoy's report");
-    let holder = Api::<Pod>::namespaced(admin.clone(), ns).get("squat-agent-1").await.unwrap();
+    let holder = Api::<Pod>::namespaced(admin.clone(), ns).get("squat-agent-1-agentgate").await.unwrap();
     assert!(holder.owner_references().is_empty(), "the decoy is untouched, not taken over");
 
     // Labels and a controller ownerReference (what only the admission policy stops): still not
     // adopted without the quorum, and nothing read from it.
     let job = create_job("dave", ns, "squat2").await;
     awaiting_approval(&admin, ns, "squat2").await;
-    plant_decoy(&admin, ns, &decoy("squat2-agent-1", &job, true)).await;
-    wait_for_reaction(&admin, ns, &job, "UnapprovedPodsIgnored", "squat2-agent-1").await;
+    plant_decoy(&admin, ns, &decoy("squat2-agent-1-agentgate", &job, true)).await;
+    wait_for_reaction(&admin, ns, &job, "UnapprovedPodsIgnored", "squat2-agent-1-agentgate").await;
     assert_untouched(&Api::<AgentJob>::namespaced(admin.clone(), ns).get("squat2").await.unwrap());
     assert!(operator_pods(&admin, ns, &job).await.is_empty(), "an agent Pod was created at 0/2 approvals");
 }
@@ -206,10 +206,10 @@ async fn a_forged_status_attempt_starts_nothing() {
     let job = create_job("dave", ns, "forged").await;
     awaiting_approval(&admin, ns, "forged").await;
     // The forged attempt names a Pod that exists, though not the job's: it proves nothing either.
-    plant_decoy(&admin, ns, &decoy("forged-agent-1", &job, false)).await;
+    plant_decoy(&admin, ns, &decoy("forged-agent-1-agentgate", &job, false)).await;
     let forged = json!({"status": {"phase": "Running",
         "approval": {"required": 2, "approved": 2, "summary": "2/2"},
-        "attempts": [{"attempt": 1, "generation": 1, "pods": ["forged-agent-1"], "result": "Running",
+        "attempts": [{"attempt": 1, "generation": 1, "pods": ["forged-agent-1-agentgate"], "result": "Running",
                       "startTime": "2026-01-01T00:00:00Z"}]}});
     Api::<AgentJob>::namespaced(user("erin").await, ns)
         .patch_status("forged", &PatchParams::default(), &Patch::Merge(&forged))
@@ -237,7 +237,7 @@ async fn a_forged_status_attempt_starts_nothing() {
     assert_untouched(&rewritten);
     let pods = Api::<Pod>::namespaced(admin.clone(), ns).list(&ListParams::default()).await.unwrap().items;
     let names: Vec<_> = pods.iter().map(|p| p.name_any()).collect();
-    assert_eq!(names, ["forged-agent-1"], "Pods created for a forged attempt");
+    assert_eq!(names, ["forged-agent-1-agentgate"], "Pods created for a forged attempt");
     assert!(operator_pods(&admin, ns, &job).await.is_empty());
 }
 
@@ -253,7 +253,7 @@ async fn an_agent_added_while_an_attempt_runs_gets_no_pod() {
     vote(&user("bob").await, &job, "bob", Decision::Approve).await;
     wait_for_job(&admin, ns, "grows", "Running", |j| phase(j) == Some("Running")).await;
     let first: Vec<_> = operator_pods(&admin, ns, &job).await.iter().map(|p| p.name_any()).collect();
-    assert_eq!(first, ["grows-agent-1"]);
+    assert_eq!(first, ["grows-agent-1-agentgate"]);
 
     let extra =
         json!({"spec": {"agents": {"supporting": [{"name": "extra", "image": "ghcr.io/dave/unreviewed:1", "model": "gpt-4o-mini"}]}}});
@@ -271,7 +271,7 @@ async fn an_agent_added_while_an_attempt_runs_gets_no_pod() {
     .await;
     let pods = Api::<Pod>::namespaced(admin.clone(), ns).list(&ListParams::default()).await.unwrap().items;
     let names: Vec<_> = pods.iter().map(|p| p.name_any()).collect();
-    assert_eq!(names, ["grows-agent-1"], "a Pod was built from generation 2, which nobody approved");
+    assert_eq!(names, ["grows-agent-1-agentgate"], "a Pod was built from generation 2, which nobody approved");
 }
 
 #[tokio::test]
@@ -691,4 +691,74 @@ async fn the_plugin_votes_only_on_the_generation_the_voter_saw() {
     assert!(out.contains("maxCostUSD: '50'") || out.contains("maxCostUSD: \"50\"") || out.contains("maxCostUSD: 50"), "{out}");
     let cast = votes.list(&ListParams::default()).await.unwrap().items;
     assert_eq!(cast.iter().map(|v| v.spec.job_ref.generation).collect::<Vec<_>>(), [2]);
+}
+
+/// POSTs `pods/<pod>/<sub>` as `client` and returns the status code and message of the answer:
+/// admission runs before the apiserver looks for a kubelet to connect to, so a refusal is the
+/// policy's, and any other answer (the Pod has no host, no upgrade was asked) means it passed.
+async fn connect(client: &Client, ns: &str, pod: &str, sub: &str) -> (u16, String) {
+    let request = http::Request::post(format!("/api/v1/namespaces/{ns}/pods/{pod}/{sub}")).body(Vec::new()).unwrap();
+    match client.request_text(request).await {
+        Ok(text) => (200, text),
+        Err(kube::Error::Api(s)) => (s.code, s.message),
+        Err(e) => (0, e.to_string()),
+    }
+}
+
+#[tokio::test]
+async fn nobody_execs_into_attaches_to_or_forwards_to_an_agent_pod() {
+    let ns = "ga-exec";
+    let admin = setup(&[ns]).await;
+    let job = create_job("dave", ns, "sealed").await;
+    vote(&user("alice").await, &job, "alice", Decision::Approve).await;
+    vote(&user("bob").await, &job, "bob", Decision::Approve).await;
+    wait_for_job(&admin, ns, "sealed", "Running", |j| phase(j) == Some("Running")).await;
+    let pods: Vec<_> = operator_pods(&admin, ns, &job).await.iter().map(|p| p.name_any()).collect();
+    assert_eq!(pods, ["sealed-agent-1-agentgate"], "agent Pods' names carry the ending admission knows them by");
+    let agent_pod = &pods[0];
+
+    // dave may exec, attach, port-forward and proxy in his namespace, as `edit` grants.
+    let pp = PatchParams::apply("gate-attacks").force();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "pod-sessions", "namespace": ns},
+        "rules": [{"apiGroups": [""], "resources": ["pods", "pods/exec", "pods/attach", "pods/portforward", "pods/proxy"],
+                   "verbs": ["create", "get"]}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ns).patch("pod-sessions", &pp, &Patch::Apply(&role)).await.unwrap();
+    let bind = |name: &str, user: &str, role: &str| {
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name, "namespace": ns},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role},
+               "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]})
+    };
+    let bindings = Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns);
+    bindings.patch("dave-sessions", &pp, &Patch::Apply(&bind("dave-sessions", "dave", "pod-sessions"))).await.unwrap();
+    let dave = user("dave").await;
+    let refused = |(code, message): &(u16, String)| *code == 403 && message.contains("agent Pods run only what was approved");
+    let exec = "exec?command=sh&stdin=true&stdout=true";
+    let first = wait_for("dave's exec into the agent Pod to be refused", TIMEOUT, || connect(&dave, ns, agent_pod, exec), refused).await;
+    assert!(first.1.contains("dave") && first.1.contains(agent_pod.as_str()), "the refusal names who and what: {first:?}");
+    for sub in ["attach?stdin=true&stdout=true", "portforward?ports=8080", "proxy/"] {
+        let answer = connect(&dave, ns, agent_pod, sub).await;
+        assert!(refused(&answer), "{sub} into an agent Pod must be refused: {answer:?}");
+    }
+
+    // His own Pod is his business: the same request gets past admission (and fails only for want
+    // of a kubelet).
+    let plain = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "plain"},
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+    Api::<Pod>::namespaced(dave.clone(), ns).create(&PostParams::default(), &serde_json::from_value(plain).unwrap()).await.unwrap();
+    let own = connect(&dave, ns, "plain", exec).await;
+    assert!(!refused(&own) && own.0 != 403, "a tenant's own Pod is not an agent Pod: {own:?}");
+    // Whoever a cluster admin lets debug agents there (create on agentjobs/exec) may, and so may a
+    // cluster admin.
+    let debug = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "agent-debugger", "namespace": ns},
+        "rules": [{"apiGroups": ["agentgate.dev"], "resources": ["agentjobs/exec"], "verbs": ["create"]}]});
+    Api::<k8s_openapi::api::rbac::v1::Role>::namespaced(admin.clone(), ns)
+        .patch("agent-debugger", &pp, &Patch::Apply(&debug))
+        .await
+        .unwrap();
+    bindings.patch("dave-debugs", &pp, &Patch::Apply(&bind("dave-debugs", "dave", "agent-debugger"))).await.unwrap();
+    let granted = wait_for("dave's debug right to be seen", TIMEOUT, || connect(&dave, ns, agent_pod, exec), |a| !refused(a)).await;
+    assert_ne!(granted.0, 403, "{granted:?}");
+    let by_admin = connect(&admin, ns, agent_pod, exec).await;
+    assert!(!refused(&by_admin), "{by_admin:?}");
+    Api::<Pod>::namespaced(admin.clone(), ns).delete("plain", &DeleteParams::default()).await.unwrap();
 }

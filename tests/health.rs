@@ -134,11 +134,11 @@ async fn argo_cd_health_kstatus_and_the_dashboard_read_what_the_operator_wrote()
     vote(&alice, &created["vetoed"], "alice", Decision::Reject).await;
 
     phase_of(&admin, "runs", "Running").await;
-    run_pod(&admin, NS, "runs-agent-1").await;
+    run_pod(&admin, NS, "runs-agent-1-agentgate").await;
     phase_of(&admin, "works", "Running").await;
-    finish_pod(&admin, NS, "works-agent-1", 0, &usage_report("gpt-4o-mini", 9_000, 1_000, 2_000, json!({"ok": true}))).await;
+    finish_pod(&admin, NS, "works-agent-1-agentgate", 0, &usage_report("gpt-4o-mini", 9_000, 1_000, 2_000, json!({"ok": true}))).await;
     phase_of(&admin, "breaks", "Running").await;
-    finish_pod(&admin, NS, "breaks-agent-1", 1, "agent crashed").await;
+    finish_pod(&admin, NS, "breaks-agent-1-agentgate", 1, "agent crashed").await;
 
     let expected = [
         ("waits", "AwaitingApproval", "Suspended", "InProgress"),

@@ -107,7 +107,7 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
     assert_eq!(running.status.as_ref().unwrap().attempts.len(), 1);
 
     let pods = wait_pods(&env, &job, 2).await;
-    assert_eq!(pods.iter().map(|p| p.name_any()).collect::<Vec<_>>(), vec!["scan-fixer-1", "scan-scanner-1"]);
+    assert_eq!(pods.iter().map(|p| p.name_any()).collect::<Vec<_>>(), vec!["scan-fixer-1-agentgate", "scan-scanner-1-agentgate"]);
     for pod in &pods {
         let spec = pod.spec.as_ref().unwrap();
         assert_eq!(spec.active_deadline_seconds, Some(600));
@@ -141,9 +141,16 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
         assert_eq!((owner.kind.as_str(), owner.controller), ("AgentJob", Some(true)));
     }
 
-    run_pod(&env.admin, &env.ns, "scan-scanner-1").await;
-    finish_pod(&env.admin, &env.ns, "scan-scanner-1", 0, &usage_report("gpt-4o-mini", 40_000, 10_000, 6_000, json!({"findings": 3}))).await;
-    finish_pod(&env.admin, &env.ns, "scan-fixer-1", 0, &usage_report("claude-sonnet-4", 20_000, 0, 4_000, json!({}))).await;
+    run_pod(&env.admin, &env.ns, "scan-scanner-1-agentgate").await;
+    finish_pod(
+        &env.admin,
+        &env.ns,
+        "scan-scanner-1-agentgate",
+        0,
+        &usage_report("gpt-4o-mini", 40_000, 10_000, 6_000, json!({"findings": 3})),
+    )
+    .await;
+    finish_pod(&env.admin, &env.ns, "scan-fixer-1-agentgate", 0, &usage_report("claude-sonnet-4", 20_000, 0, 4_000, json!({}))).await;
 
     let done = wait_phase(&env, "scan", "Succeeded").await;
     let status = done.status.unwrap();
@@ -559,7 +566,7 @@ async fn failed_attempts_are_retried_up_to_max_retries_then_the_job_fails_keepin
     let job = create_job(&env, &job_manifest("flaky", json!({"limits": {"maxRetries": 2}}))).await;
     approve(&env, &job).await;
     for attempt in 1..=3 {
-        let pod = format!("flaky-scanner-{attempt}");
+        let pod = format!("flaky-scanner-{attempt}-agentgate");
         wait_for(
             &pod,
             Duration::from_secs(30),
@@ -584,11 +591,11 @@ async fn malformed_termination_message_is_recorded_not_guessed() {
     let job = create_job(&env, &job_manifest("garbled", json!({}))).await;
     approve(&env, &job).await;
     wait_pods(&env, &job, 1).await;
-    finish_pod(&env.admin, &env.ns, "garbled-scanner-1", 0, "Traceback (most recent call last): boom").await;
+    finish_pod(&env.admin, &env.ns, "garbled-scanner-1-agentgate", 0, "Traceback (most recent call last): boom").await;
     let done = wait_phase(&env, "garbled", "Succeeded").await;
     let reported = condition(&done, "UsageReported").unwrap();
     assert_eq!((reported.status.as_str(), reported.reason.as_str()), ("False", "MalformedReport"));
-    assert!(reported.message.contains("garbled-scanner-1"), "{}", reported.message);
+    assert!(reported.message.contains("garbled-scanner-1-agentgate"), "{}", reported.message);
     assert_eq!(done.status.unwrap().usage.unwrap().total_tokens, 0, "no usage is invented");
     let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(env.admin.clone(), &env.ns);
     let events = wait_for(
@@ -637,9 +644,9 @@ async fn restarting_the_operator_mid_run_never_creates_a_second_pod() {
         wait_phase(&env, &probe, "AwaitingApproval").await;
         assert_eq!(job_pods(&env.admin, &env.ns, &job).await.len(), 2);
     }
-    finish_pod(&env.admin, &env.ns, "steady-scanner-1", 0, &usage_report("gpt-4o-mini", 100, 0, 10, json!({}))).await;
+    finish_pod(&env.admin, &env.ns, "steady-scanner-1-agentgate", 0, &usage_report("gpt-4o-mini", 100, 0, 10, json!({}))).await;
     env.start_operator();
-    finish_pod(&env.admin, &env.ns, "steady-helper-1", 0, &usage_report("gpt-4o-mini", 200, 0, 20, json!({}))).await;
+    finish_pod(&env.admin, &env.ns, "steady-helper-1-agentgate", 0, &usage_report("gpt-4o-mini", 200, 0, 20, json!({}))).await;
     let done = wait_phase(&env, "steady", "Succeeded").await;
     assert_eq!(done.status.unwrap().usage.unwrap().total_tokens, 330);
     // A Pod created by us now reaches the recorder after any the operator created before it (one
@@ -716,7 +723,7 @@ async fn deleting_a_job_deletes_its_pods_through_their_owner_reference() {
 #[tokio::test]
 async fn a_pod_name_taken_by_another_job_is_never_adopted() {
     let env = setup("lc-collide").await;
-    // `a-b` + agent `c` and `a` + agent `b-c` both name their first Pod `a-b-c-1`.
+    // `a-b` + agent `c` and `a` + agent `b-c` both name their first Pod `a-b-c-1-agentgate`.
     let first = create_job(&env, &job_manifest("a-b", json!({"agents": {"primary": {"name": "c"}}}))).await;
     approve(&env, &first).await;
     wait_phase(&env, "a-b", "Running").await;
@@ -729,5 +736,5 @@ async fn a_pod_name_taken_by_another_job_is_never_adopted() {
     assert!(job_pods(&env.admin, &env.ns, &second).await.is_empty());
     let ready = condition(&second, "Ready").expect("a Ready condition");
     assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "PodNameTaken"));
-    assert!(ready.message.contains("Pod a-b-c-1 already exists and is not controlled by this job"), "{}", ready.message);
+    assert!(ready.message.contains("Pod a-b-c-1-agentgate already exists and is not controlled by this job"), "{}", ready.message);
 }

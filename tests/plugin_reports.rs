@@ -86,8 +86,8 @@ async fn estimate_infra_and_stats_report_what_the_cluster_holds() {
     vote(&cp.client("alice").await, &job, "alice", Decision::Approve).await;
     vote(&cp.client("bob").await, &job, "bob", Decision::Approve).await;
     wait_for("the agent Pod", Duration::from_secs(30), || job_pods(&admin, NS, &job), |p: &Vec<_>| p.len() == 1).await;
-    run_pod(&admin, NS, "ran-scanner-1").await;
-    finish_pod(&admin, NS, "ran-scanner-1", 0, &usage_report("local-llm", 150_000, 20_000, 25_000, json!({}))).await;
+    run_pod(&admin, NS, "ran-scanner-1-agentgate").await;
+    finish_pod(&admin, NS, "ran-scanner-1-agentgate", 0, &usage_report("local-llm", 150_000, 20_000, 25_000, json!({}))).await;
     wait_for_job(&admin, NS, "ran", "Succeeded", |j| phase(j) == Some("Succeeded")).await;
     let learned = wait_for(
         "the learned state to reach the estimate",

@@ -59,7 +59,7 @@ async fn a_pod_deleted_right_after_its_creation_fails_the_attempt_and_the_retry_
     vote(&alice, &job, "alice", Decision::Approve).await;
     vote(&bob, &job, "bob", Decision::Approve).await;
     let deleted = first.await.expect("the deleting task");
-    assert_eq!(deleted, "scan-agent-1");
+    assert_eq!(deleted, "scan-agent-1-agentgate");
 
     let bound = agentgate::controller::pod_expectations::EXPECTATION_TTL.saturating_sub(Duration::from_secs(10));
     let retried = wait_for(
@@ -72,10 +72,14 @@ async fn a_pod_deleted_right_after_its_creation_fails_the_attempt_and_the_retry_
     let attempts = retried.status.unwrap().attempts;
     assert_eq!(attempts[0].result, AttemptResult::Failed);
     assert!(attempts[0].message.as_deref().unwrap_or_default().contains("PodDeleted"), "{:?}", attempts[0].message);
-    let names =
-        wait_for("the retry's Pod", bound, || job_pods(&admin, ns, &job), |p: &Vec<Pod>| p.iter().any(|p| p.name_any() == "scan-agent-2"))
-            .await;
-    assert!(names.iter().any(|p| p.name_any() == "scan-agent-2"));
+    let names = wait_for(
+        "the retry's Pod",
+        bound,
+        || job_pods(&admin, ns, &job),
+        |p: &Vec<Pod>| p.iter().any(|p| p.name_any() == "scan-agent-2-agentgate"),
+    )
+    .await;
+    assert!(names.iter().any(|p| p.name_any() == "scan-agent-2-agentgate"));
     // The operator has acted on the deletion (attempt 2 started); the deleted attempt's Pod was
     // POSTed once, and so was the retry's: no second POST of either, refused or not.
     let creates = storm::since(&storm::pod_creates_per_apiserver(&admin).await, &before);

@@ -50,7 +50,7 @@ async fn agent_pods_are_admitted_where_the_restricted_standard_is_enforced() {
     let pods =
         wait_for("both agent Pods", std::time::Duration::from_secs(30), || job_pods(&admin, NS, &running), |p: &Vec<Pod>| p.len() == 2)
             .await;
-    assert_eq!(pods.iter().map(|p| p.name_any()).collect::<Vec<_>>(), ["scan-fixer-1", "scan-scanner-1"]);
+    assert_eq!(pods.iter().map(|p| p.name_any()).collect::<Vec<_>>(), ["scan-fixer-1-agentgate", "scan-scanner-1-agentgate"]);
     // Admitted as built: PodSecurity admission validates, it never mutates.
     for pod in &pods {
         let c = &pod.spec.as_ref().unwrap().containers[0];

@@ -268,7 +268,8 @@ async fn over_its_memory_limit_an_agent_is_oom_killed_and_its_usage_kept(env: &E
     // event can reach the kubelet after the exit, so the first Failed status the operator
     // settles on may say only "Error" with exit code 137 (the kubelet corrects it a moment later).
     assert!(
-        failed.message.contains("oom-agent-1: OOMKilled (exit code 137)") || failed.message.contains("oom-agent-1: exit code 137"),
+        failed.message.contains("oom-agent-1-agentgate: OOMKilled (exit code 137)")
+            || failed.message.contains("oom-agent-1-agentgate: exit code 137"),
         "the job names the failed agent and its kill: {}",
         failed.message
     );

@@ -36,7 +36,7 @@ async fn run_job(admin: &Client, ns: &str, name: &str, model: &str, input: i64, 
     vote(&cp.client("alice").await, &job, "alice", Decision::Approve).await;
     vote(&cp.client("bob").await, &job, "bob", Decision::Approve).await;
     wait_for_job(admin, ns, name, "Running", |j| phase(j) == Some("Running")).await;
-    let pod = format!("{name}-agent-1");
+    let pod = format!("{name}-agent-1-agentgate");
     wait_for(&format!("pod {pod}"), Duration::from_secs(30), || async { job_pods(admin, ns, &job).await.len() }, |n: &usize| *n == 1).await;
     run_pod(admin, ns, &pod).await;
     finish_pod(admin, ns, &pod, 0, &usage_report(model, input, 0, output, json!({"ok": true}))).await;

@@ -257,8 +257,8 @@ async fn history_records_each_generation_and_a_rerun_is_a_new_job_that_needs_fre
     vote(&env.alice, &job, "alice", Decision::Approve).await;
     vote(&env.bob, &job, "bob", Decision::Approve).await;
     wait_for_job(&env.admin, ns, "nightly", "Running", |j| phase(j) == Some("Running")).await;
-    run_pod(&env.admin, ns, "nightly-agent-1").await;
-    finish_pod(&env.admin, ns, "nightly-agent-1", 0, &usage_report("gpt-4o-mini", 10_000, 0, 2_000, json!({}))).await;
+    run_pod(&env.admin, ns, "nightly-agent-1-agentgate").await;
+    finish_pod(&env.admin, ns, "nightly-agent-1-agentgate", 0, &usage_report("gpt-4o-mini", 10_000, 0, 2_000, json!({}))).await;
     let done = wait_for_job(&env.admin, ns, "nightly", "Succeeded", |j| phase(j) == Some("Succeeded")).await;
     let g1 = done.status.as_ref().unwrap().history[0].clone();
     assert_eq!((g1.generation, g1.approvals.as_deref(), g1.attempts, g1.result.as_str()), (1, Some("2/2"), 1, "Succeeded"));

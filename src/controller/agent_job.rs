@@ -17,7 +17,7 @@ use super::{Caches, Context, Error, Result, UNSYNCED_RETRY, approval_vote};
 use crate::api::{AgentJob, AgentJobStatus, AttemptResult, JobPhase};
 use crate::domain::conditions::set_condition;
 use crate::domain::decide::{self, Observed, Plan, approvals_required, condition, job_type};
-use crate::domain::pod_builder::{DEFAULT_CPU, DEFAULT_MEMORY, PodPlan, build_pod, pod_name};
+use crate::domain::pod_builder::{DEFAULT_CPU, DEFAULT_MEMORY, PodPlan, build_pod, is_agent_pod_name};
 use crate::domain::readiness::{self, PodNeed, Readiness, ReadinessInput, ToolNeed};
 use crate::domain::tally::{JobIdentity, tally};
 use crate::metrics::JobTypeLabels;
@@ -443,8 +443,11 @@ async fn ensure_pods(
         return Ok(());
     }
     let agents: Vec<_> = std::iter::once(&spec.agents.primary).chain(&spec.agents.supporting).collect();
-    let exists = |pod: &str| existing.iter().any(|p| p.name == pod) || expected.iter().any(|p| p == pod);
-    let missing = agents.iter().any(|a| !exists(&pod_name(&name, &a.name, attempt)));
+    let exists = |agent: &str| {
+        let of_agent = |pod: &str| is_agent_pod_name(pod, &name, agent, attempt);
+        existing.iter().any(|p| of_agent(&p.name)) || expected.iter().any(|p| of_agent(p))
+    };
+    let missing = agents.iter().any(|a| !exists(&a.name));
     if !missing {
         return Ok(());
     }
@@ -473,10 +476,10 @@ async fn ensure_pods(
             tool_urls: &tool_urls,
             meter: &meter,
         });
-        let pod_name = pod.name_any();
-        if exists(&pod_name) {
+        if exists(&agent.name) {
             continue;
         }
+        let pod_name = pod.name_any();
         // Expected before the POST, so that the watch event, which may come first, ends it.
         ctx.pod_expectations.creating(&uid, attempt, &pod_name, Instant::now());
         let params = PostParams { field_manager: Some(ctx.settings.field_manager.clone()), ..PostParams::default() };

@@ -58,14 +58,33 @@ pub struct PodPlan<'a> {
     pub meter: &'a MeterSidecar,
 }
 
-/// `<job>-<agent>-<attempt>`, shortened with a stable hash when it would exceed the Pod name limit.
+/// Every agent Pod's name ends with this. A request to exec into, attach to, port-forward to or
+/// proxy to a Pod names the Pod, not its labels, so admission can tell an agent Pod only by its
+/// name: `deploy/admission/pods.yaml` refuses those requests for names with this ending
+/// (tests/gate_attacks.rs `nobody_execs_into_attaches_to_or_forwards_to_an_agent_pod`).
+pub const AGENT_POD_SUFFIX: &str = "-agentgate";
+
+/// `<job>-<agent>-<attempt>-agentgate`, shortened with a stable hash when it would exceed the Pod
+/// name limit (the ending is always kept).
 pub fn pod_name(job: &str, agent: &str, attempt: i32) -> String {
-    let name = format!("{job}-{agent}-{attempt}");
+    named(job, agent, attempt, AGENT_POD_SUFFIX)
+}
+
+/// Whether `pod` is the name of `agent`'s Pod in `attempt`: [`pod_name`], or the name it had
+/// before agent Pods got [`AGENT_POD_SUFFIX`]. An attempt running while the operator is upgraded
+/// keeps its Pods; they must not be created again under the new names. No Pod is ever created
+/// under the old name.
+pub fn is_agent_pod_name(pod: &str, job: &str, agent: &str, attempt: i32) -> bool {
+    pod == pod_name(job, agent, attempt) || pod == named(job, agent, attempt, "")
+}
+
+fn named(job: &str, agent: &str, attempt: i32, ending: &str) -> String {
+    let name = format!("{job}-{agent}-{attempt}{ending}");
     if name.len() <= 253 {
         return name;
     }
-    let suffix = format!("-{:08x}-{agent}-{attempt}", fnv1a(job.as_bytes()) as u32);
-    let keep = 253 - suffix.len();
+    let suffix = format!("-{:08x}-{agent}-{attempt}{ending}", fnv1a(job.as_bytes()) as u32);
+    let keep = 253usize.saturating_sub(suffix.len()).min(job.len());
     format!("{}{suffix}", job[..keep].trim_end_matches(['-', '.']))
 }
 
@@ -306,7 +325,7 @@ mod tests {
                 name: "name, namespace, labels and annotation",
                 fixture: Fixture::default(),
                 want: vec![
-                    At("/metadata/name", Some(json!("security-scan-42-scanner-v2-1"))),
+                    At("/metadata/name", Some(json!("security-scan-42-scanner-v2-1-agentgate"))),
                     At("/metadata/namespace", Some(json!("team-security"))),
                     At(
                         "/metadata/labels",
@@ -442,7 +461,7 @@ mod tests {
                     Env("AGENTGATE_TOOL_BANDIT_SCANNER_URL", Some(json!({"value": "http://bandit.tools.svc:8080"}))),
                     Env("AGENTGATE_TOOL_IMAGE_PROCESSOR_URL", Some(json!({"value": "https://img.example.com"}))),
                     Env("LOG_LEVEL", Some(json!({"value": "debug"}))),
-                    At("/metadata/name", Some(json!("security-scan-42-scanner-v2-3"))),
+                    At("/metadata/name", Some(json!("security-scan-42-scanner-v2-3-agentgate"))),
                     At("/metadata/labels/agentgate.dev~1attempt", Some(json!("3"))),
                 ],
             },
@@ -536,9 +555,9 @@ mod tests {
         let dash_at_cut = format!("{}-{}", "a".repeat(230), "b".repeat(22));
         // (case, job, agent, attempt, exact name when short, prefix of the job kept when long)
         let cases: &[(&str, &str, &str, i32, Option<&str>)] = &[
-            ("short names are joined as they are", "security-scan-42", "scanner-v2", 1, Some("security-scan-42-scanner-v2-1")),
-            ("attempt is the last part", "security-scan-42", "fixer-v2", 10, Some("security-scan-42-fixer-v2-10")),
-            ("exactly 253 characters is left alone", &"j".repeat(253 - "-agent-1".len()), "agent", 1, None),
+            ("short names are joined as they are", "security-scan-42", "scanner-v2", 1, Some("security-scan-42-scanner-v2-1-agentgate")),
+            ("attempt is the last part", "security-scan-42", "fixer-v2", 10, Some("security-scan-42-fixer-v2-10-agentgate")),
+            ("exactly 253 characters is left alone", &"j".repeat(253 - "-agent-1-agentgate".len()), "agent", 1, None),
             ("a long job name is cut and hashed", &long_a, "scanner-v2", 1, None),
             ("a second long job sharing the cut prefix", &long_b, "scanner-v2", 1, None),
             ("a dash at the cut is trimmed", &dash_at_cut, "scanner-v2", 1, None),
@@ -548,8 +567,8 @@ mod tests {
             let got = pod_name(job, agent, *attempt);
             assert_eq!(got, pod_name(job, agent, *attempt), "{case}: stable across calls");
             assert!(got.len() <= 253, "{case}: {} characters", got.len());
-            let tail = format!("-{agent}-{attempt}");
-            assert!(got.ends_with(&tail), "{case}: {got} ends with the agent and attempt");
+            let tail = format!("-{agent}-{attempt}{AGENT_POD_SUFFIX}");
+            assert!(got.ends_with(&tail), "{case}: {got} ends with the agent, the attempt and the agent Pods' ending");
             assert!(!got.contains("--") && !got.contains("-."), "{case}: {got} has an empty part");
             match exact {
                 Some(want) => assert_eq!(got, *want, "{case}"),
@@ -569,6 +588,17 @@ mod tests {
         // Different attempts and agents of one long job differ too.
         assert_ne!(pod_name(&long_a, "scanner-v2", 1), pod_name(&long_a, "scanner-v2", 2));
         assert_ne!(pod_name(&long_a, "scanner-v2", 1), pod_name(&long_a, "fixer-v2", 1));
+    }
+
+    #[test]
+    fn pods_named_before_the_agent_pod_ending_are_still_the_attempts() {
+        assert!(is_agent_pod_name("scan-42-scanner-1", "scan-42", "scanner", 1), "an attempt started before the upgrade");
+        assert!(is_agent_pod_name("scan-42-scanner-1-agentgate", "scan-42", "scanner", 1));
+        assert!(!is_agent_pod_name("scan-42-scanner-2", "scan-42", "scanner", 1));
+        assert!(!is_agent_pod_name("scan-42-fixer-1-agentgate", "scan-42", "scanner", 1));
+        let long = "j".repeat(250);
+        assert!(is_agent_pod_name(&named(&long, "scanner", 1, ""), &long, "scanner", 1));
+        assert!(pod_name(&long, "scanner", 1).ends_with("-scanner-1-agentgate"));
     }
 
     #[test]

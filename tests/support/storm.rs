@@ -95,7 +95,7 @@ impl JobPlan {
     /// Pod names of every attempt this job should ever have.
     pub fn expected_pods(&self) -> BTreeSet<String> {
         (1..=self.attempts())
-            .flat_map(|attempt| self.agents.iter().map(move |(agent, _)| format!("{}-{agent}-{attempt}", self.name)))
+            .flat_map(|attempt| self.agents.iter().map(move |(agent, _)| format!("{}-{agent}-{attempt}-agentgate", self.name)))
             .collect()
     }
 }

@@ -169,8 +169,8 @@ fn settle_attempt(
     let mut report_problems = Vec::new();
     let mut failures = Vec::new();
     let mut output = None;
-    let primary_pod =
-        crate::domain::pod_builder::pod_name(job.metadata.name.as_deref().unwrap_or_default(), &job.spec.agents.primary.name, current);
+    let job_name = job.metadata.name.as_deref().unwrap_or_default();
+    let is_primary = |pod: &str| crate::domain::pod_builder::is_agent_pod_name(pod, job_name, &job.spec.agents.primary.name, current);
     for (name, state) in states {
         let message = match state {
             PodState::Succeeded { message } => message,
@@ -189,7 +189,7 @@ fn settle_attempt(
                     );
                     plan.events.push(PlannedEvent { warning: true, reason: "OutputTruncated".into(), note });
                 }
-                if *name == primary_pod {
+                if is_primary(name) {
                     output = report.output;
                 }
             }

@@ -95,7 +95,7 @@ fn rejected() -> Tally {
 }
 
 fn pod(agent: &str, attempt: i32, state: PodState) -> PodView {
-    PodView { name: format!("scan-{agent}-{attempt}"), agent: agent.into(), attempt, generation: Some(1), state }
+    PodView { name: format!("scan-{agent}-{attempt}-agentgate"), agent: agent.into(), attempt, generation: Some(1), state }
 }
 
 fn report(model: &str, input: i64, output: i64, out: Value) -> Option<String> {
@@ -199,7 +199,7 @@ const NO_RETRIES: &[(&str, Value)] = &[];
 /// agents claim, at $0.02 per agent, and the scanner's meter refused `refusals` calls for budget.
 fn metered(mut job: AgentJob, refusals: i64) -> AgentJob {
     let grant = |agent: &str, model: &str, input: i64, output: i64, refusals: i64| crate::api::MeterGrant {
-        pod: format!("scan-{agent}-1"),
+        pod: format!("scan-{agent}-1-agentgate"),
         pod_uid: format!("uid-{agent}"),
         attempt: 1,
         session: format!("session-{agent}"),
@@ -362,7 +362,7 @@ mod decide_table {
                 assert_eq!(usage(plan).cost_usd, "0.04", "{name}: the meters' usage");
                 let message = s.attempts[0].message.as_deref().unwrap();
                 assert!(message.starts_with("BudgetExhausted: the agent meters refused 40 call(s)"), "{name}: {message}");
-                assert!(message.contains("scan-scanner-1: DeadlineExceeded"), "{name}: {message}");
+                assert!(message.contains("scan-scanner-1-agentgate: DeadlineExceeded"), "{name}: {message}");
                 let (_, _, msg) = cond(plan, condition::READY).unwrap();
                 assert!(msg.contains("usage so far kept (no output reported); not retried"), "{name}: {msg}");
             },
@@ -560,7 +560,7 @@ mod decide_table {
                 assert_eq!(s.attempts.len(), 1, "{name}");
                 let a = &s.attempts[0];
                 assert_eq!((a.attempt, a.generation, a.result), (1, 1, AttemptResult::Running), "{name}");
-                assert_eq!(a.pods, ["scan-scanner-1", "scan-fixer-1"], "{name}");
+                assert_eq!(a.pods, ["scan-scanner-1-agentgate", "scan-fixer-1-agentgate"], "{name}");
                 assert!(s.start_time.is_some(), "{name}");
                 assert!(!plan.drop_gpu, "{name}");
                 assert_eq!(
@@ -718,10 +718,10 @@ mod decide_table {
                 assert_eq!(s.attempts.len(), 2, "{name}");
                 let (first, second) = (&s.attempts[0], &s.attempts[1]);
                 assert_eq!(first.result, AttemptResult::Failed, "{name}");
-                assert_eq!(first.message.as_deref(), Some("scan-scanner-1: Error"), "{name}");
+                assert_eq!(first.message.as_deref(), Some("scan-scanner-1-agentgate: Error"), "{name}");
                 assert_eq!(first.usage.as_ref().map(|u| u.total_tokens), Some(3_300), "{name}");
                 assert_eq!((second.attempt, second.result), (2, AttemptResult::Running), "{name}");
-                assert_eq!(second.pods, ["scan-scanner-2", "scan-fixer-2"], "{name}");
+                assert_eq!(second.pods, ["scan-scanner-2-agentgate", "scan-fixer-2-agentgate"], "{name}");
                 assert_eq!(usage(plan).total_tokens, 3_300, "{name}: attempt 1's usage is kept in the total");
                 assert_eq!(
                     cond(plan, condition::READY).map(|c| c.2),
@@ -760,7 +760,7 @@ mod decide_table {
                 assert_eq!(cond(plan, condition::SUCCEEDED).map(|c| (c.0, c.1)), Some(("False", "AttemptsExhausted")), "{name}");
                 assert_eq!(cond(plan, condition::RECONCILING), None, "{name}");
                 let (_, _, msg) = cond(plan, condition::READY).unwrap();
-                assert!(msg.contains("scan-scanner-1: Error") && msg.contains("no retries left (1 attempt(s))"), "{name}: {msg}");
+                assert!(msg.contains("scan-scanner-1-agentgate: Error") && msg.contains("no retries left (1 attempt(s))"), "{name}: {msg}");
                 assert!(plan.status.completion_time.is_some(), "{name}");
                 assert_eq!(usage(plan).total_tokens, 1_100 + 12_000, "{name}");
             },
@@ -780,7 +780,7 @@ mod decide_table {
             more: |name, plan| {
                 let (status, reason, msg) = cond(plan, condition::USAGE_REPORTED).unwrap();
                 assert_eq!((status, reason), ("False", "MalformedReport"), "{name}");
-                assert!(msg.contains("scan-fixer-1") && msg.contains("not a usage report"), "{name}: {msg}");
+                assert!(msg.contains("scan-fixer-1-agentgate") && msg.contains("not a usage report"), "{name}: {msg}");
                 assert!(plan.events[0].warning, "{name}");
                 let u = usage(plan);
                 assert_eq!(u.total_tokens, 25_000, "{name}: only the scanner's reported tokens");
@@ -822,7 +822,7 @@ mod decide_table {
                 let s = &plan.status;
                 assert_eq!(s.attempts.len(), 1, "{name}: {:?}", s.attempts);
                 assert_eq!((s.attempts[0].attempt, s.attempts[0].result), (1, AttemptResult::Running), "{name}");
-                assert_eq!(s.attempts[0].pods, ["scan-scanner-1", "scan-fixer-1"], "{name}");
+                assert_eq!(s.attempts[0].pods, ["scan-scanner-1-agentgate", "scan-fixer-1-agentgate"], "{name}");
             },
             ..Case::default()
         };
@@ -864,7 +864,7 @@ mod decide_table {
                     "{name}"
                 );
                 assert_eq!(a[0].usage.as_ref().map(|u| u.total_tokens), Some(37_000), "{name}");
-                assert_eq!(a[0].message.as_deref(), Some("scan-scanner-1: Error"), "{name}");
+                assert_eq!(a[0].message.as_deref(), Some("scan-scanner-1-agentgate: Error"), "{name}");
                 assert_eq!(usage(plan).total_tokens, 37_000, "{name}: attempt 1's usage is counted while attempt 2 runs");
             },
             ..Case::default()
@@ -901,12 +901,12 @@ mod decide_table {
             job: running(NO_RETRIES),
             tally: approved(),
             pods: vec![both_reported(1).remove(0)],
-            gone_pods: vec!["scan-fixer-1".into()],
+            gone_pods: vec!["scan-fixer-1-agentgate".into()],
             phase: JobPhase::Failed,
             ready_reason: "AttemptsExhausted",
             events: &["MalformedReport", "Failed"],
             more: |name, plan| {
-                assert_eq!(plan.status.attempts[0].message.as_deref(), Some("scan-fixer-1: PodDeleted"), "{name}");
+                assert_eq!(plan.status.attempts[0].message.as_deref(), Some("scan-fixer-1-agentgate: PodDeleted"), "{name}");
                 assert_eq!(usage(plan).total_tokens, 25_000, "{name}: the remaining agent's usage counts");
             },
             ..Case::default()
@@ -916,7 +916,7 @@ mod decide_table {
             job: running(NO_RETRIES),
             tally: approved(),
             pods: vec![pod("scanner", 1, PodState::Active)],
-            gone_pods: vec!["scan-fixer-1".into()],
+            gone_pods: vec!["scan-fixer-1-agentgate".into()],
             phase: JobPhase::Running,
             ready_reason: "Running",
             ensure_attempt: None,
@@ -1176,7 +1176,7 @@ fn unvoted() -> Tally {
 fn a_forged_running_attempt_without_pods_or_votes_is_dropped_not_started() {
     // What someone with agentjobs/status write records: attempt 1 Running, no vote cast.
     let forged = running(NO_RETRIES);
-    let gone = ["scan-scanner-1".to_string(), "scan-fixer-1".to_string()];
+    let gone = ["scan-scanner-1-agentgate".to_string(), "scan-fixer-1-agentgate".to_string()];
     let plan = step(&forged, &ready(), &unvoted(), &[], &gone);
     assert_eq!(plan.ensure_attempt, None, "no Pod is created for it");
     assert!(plan.status.attempts.is_empty(), "{:?}", plan.status.attempts);
@@ -1216,7 +1216,7 @@ fn pods_found_without_approving_votes_are_not_adopted_or_read() {
     assert_eq!((plan.status.phase, plan.ensure_attempt), (Some(JobPhase::AwaitingApproval), None));
     assert_eq!((plan.status.usage.as_ref(), plan.status.output.as_ref()), (None, None), "no usage or output from them");
     let event = plan.events.iter().find(|e| e.reason == "UnapprovedPodsIgnored").expect("an UnapprovedPodsIgnored Event");
-    assert!(event.note.contains("scan-scanner-1") && event.note.contains("do not approve generation 1"), "{event:?}");
+    assert!(event.note.contains("scan-scanner-1-agentgate") && event.note.contains("do not approve generation 1"), "{event:?}");
     // With the quorum they are adopted and read (the crash-recovery case).
     let plan = step(&waiting, &ready(), &approved(), &both_reported(1), &[]);
     assert_eq!(plan.status.phase, Some(JobPhase::Succeeded));
@@ -1284,7 +1284,7 @@ fn a_forged_estimate_does_not_lower_the_risk_tier() {
 /// the word of a phase it cannot interpret.
 #[test]
 fn an_unknown_phase_is_rederived() {
-    let attempt = json!({"attempt": 1, "generation": 1, "pods": ["scan-scanner-1"], "result": "Cancelled"});
+    let attempt = json!({"attempt": 1, "generation": 1, "pods": ["scan-scanner-1-agentgate"], "result": "Cancelled"});
     let unknown = |attempts: Value| job(&[("/status", json!({"phase": "Paused", "attempts": attempts}))]);
 
     // No attempt: every gate again, approval by the current votes included.
@@ -1376,14 +1376,14 @@ fn step_expected(job: &AgentJob, pods: &[PodView], gone_pods: &[String], expecte
 #[test]
 fn an_expected_pod_is_not_created_again() {
     let started = running(NO_RETRIES);
-    let plan = step_expected(&started, &[], &[], &["scan-scanner-1", "scan-fixer-1"]);
+    let plan = step_expected(&started, &[], &[], &["scan-scanner-1-agentgate", "scan-fixer-1-agentgate"]);
     assert_eq!(plan.ensure_attempt, None, "both Pods were created and are on their way through the watch");
     assert_eq!(Some(&plan.status), started.status.as_ref(), "nothing changed: no status write");
     assert!(plan.events.is_empty(), "{:?}", plan.events);
 
-    let plan = step_expected(&started, &[], &[], &["scan-scanner-1"]);
+    let plan = step_expected(&started, &[], &[], &["scan-scanner-1-agentgate"]);
     assert_eq!(plan.ensure_attempt, Some(1), "the fixer's Pod is neither cached nor expected");
-    let plan = step_expected(&started, &[pod("scanner", 1, PodState::Active)], &[], &["scan-fixer-1"]);
+    let plan = step_expected(&started, &[pod("scanner", 1, PodState::Active)], &[], &["scan-fixer-1-agentgate"]);
     assert_eq!(plan.ensure_attempt, None, "one cached, the other expected");
     let plan = step_expected(&started, &[], &[], &[]);
     assert_eq!(plan.ensure_attempt, Some(1), "without an expectation, missing Pods are created as before");
@@ -1395,13 +1395,13 @@ fn an_expected_pod_is_not_created_again() {
 #[test]
 fn an_attempt_whose_pods_are_expected_is_recorded_without_creating_them() {
     let fresh = job(NO_RETRIES);
-    let plan = step_expected(&fresh, &[], &[], &["scan-scanner-1", "scan-fixer-1"]);
+    let plan = step_expected(&fresh, &[], &[], &["scan-scanner-1-agentgate", "scan-fixer-1-agentgate"]);
     assert_eq!(plan.status.phase, Some(JobPhase::Running));
     assert_eq!(plan.status.attempts.iter().map(|a| a.attempt).collect::<Vec<_>>(), [1]);
     assert_eq!(plan.ensure_attempt, None);
     assert_eq!(plan.events.iter().map(|e| e.reason.as_str()).collect::<Vec<_>>(), ["AttemptStarted"]);
-    assert_eq!(step_expected(&fresh, &[], &[], &["scan-scanner-1"]).ensure_attempt, Some(1));
-    assert_eq!(step_expected(&fresh, &[], &[], &["scan-scanner-2", "scan-fixer-2"]).ensure_attempt, Some(1));
+    assert_eq!(step_expected(&fresh, &[], &[], &["scan-scanner-1-agentgate"]).ensure_attempt, Some(1));
+    assert_eq!(step_expected(&fresh, &[], &[], &["scan-scanner-2-agentgate", "scan-fixer-2-agentgate"]).ensure_attempt, Some(1));
 }
 
 /// An expectation never hides a deletion the API confirmed (a tenant deleting the Pod right after
@@ -1410,8 +1410,8 @@ fn an_attempt_whose_pods_are_expected_is_recorded_without_creating_them() {
 #[test]
 fn a_pod_confirmed_deleted_fails_its_attempt_even_if_expected() {
     let started = running(&[("/spec/limits", json!({"maxRetries": 1}))]);
-    let gone = ["scan-scanner-1".to_string(), "scan-fixer-1".to_string()];
-    let plan = step_expected(&started, &[], &gone, &["scan-scanner-1", "scan-fixer-1"]);
+    let gone = ["scan-scanner-1-agentgate".to_string(), "scan-fixer-1-agentgate".to_string()];
+    let plan = step_expected(&started, &[], &gone, &["scan-scanner-1-agentgate", "scan-fixer-1-agentgate"]);
     let results: Vec<_> = plan.status.attempts.iter().map(|a| (a.attempt, a.result)).collect();
     assert_eq!(results, [(1, AttemptResult::Failed), (2, AttemptResult::Running)]);
     assert_eq!(plan.ensure_attempt, Some(2), "the retry's Pods are created");
