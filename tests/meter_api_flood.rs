@@ -16,8 +16,7 @@ use agentgate::meter::proxy::HttpsClient;
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::PostParams;
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
@@ -81,19 +80,6 @@ fn client_from(ca: &[u8], source: std::net::IpAddr) -> HttpsClient {
     hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(https)
 }
 
-/// A Pod-bound token of audience agentgate.dev/meter, as the kubelet projects into the meter.
-async fn meter_token(admin: &Client, ns: &str, pod: &Pod) -> String {
-    let bound = json!({"apiVersion": "v1", "kind": "Pod", "name": pod.name_any(), "uid": pod.metadata.uid.clone()});
-    let request: TokenRequest = serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": [AUDIENCE], "boundObjectRef": bound, "expirationSeconds": 3600}}))
-    .unwrap();
-    let answer = Api::<ServiceAccount>::namespaced(admin.clone(), ns)
-        .create_token_request("default", &PostParams::default(), &request)
-        .await
-        .unwrap();
-    answer.status.and_then(|s| s.token).expect("a token")
-}
-
 /// TokenReviews the apiserver has served so far, by its own metrics.
 async fn token_reviews(admin: &Client) -> u64 {
     let text = admin.request_text(http::Request::get("/metrics").body(Vec::new()).unwrap()).await.unwrap();
@@ -153,7 +139,7 @@ async fn victim(ns: &str) -> Victim {
     let url = format!("https://127.0.0.1:{api_port}/v1/sync");
 
     let pod = running_pod(&admin, ns, "victim").await;
-    let token = meter_token(&admin, ns, &pod).await;
+    let token = service_account_token(&admin, ns, Some(&pod), AUDIENCE).await;
     let (status, answer) = post(&api, &url, &token, &sync_body("legit", 1, "0.10")).await.unwrap();
     assert_eq!(status, 200, "the meter is served before the flood: {answer}");
     Victim { admin, operator, metrics_port, ca, api, url, token }
@@ -300,7 +286,7 @@ async fn one_pods_valid_token_cannot_take_every_other_meters_place() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let Victim { admin, operator, api, url, token, ca, .. } = victim("meter-api-share").await;
     let mallory = running_pod(&admin, "meter-api-share", "mallory").await;
-    let minted = meter_token(&admin, "meter-api-share", &mallory).await;
+    let minted = service_account_token(&admin, "meter-api-share", Some(&mallory), AUDIENCE).await;
     let (status, answer) = post(&api, &url, &minted, &sync_body("mallory", 1, "0.01")).await.unwrap();
     assert_eq!(status, 200, "{answer}");
     let flooders: Arc<Vec<HttpsClient>> =

@@ -26,8 +26,7 @@ use agentgate::meter::grant_client::pinned_client;
 use agentgate::meter::proxy::HttpsClient;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
@@ -285,20 +284,6 @@ async fn running_job_with(s: &Setup, ns: &str, name: &str, agents: &[&str], budg
     (job, pods)
 }
 
-/// A token from the apiserver's TokenRequest API for the namespace's `default` ServiceAccount,
-/// bound to `pod` when given.
-async fn token(admin: &Client, ns: &str, pod: Option<&Pod>, audience: &str) -> String {
-    let bound = pod.map(|p| json!({"apiVersion": "v1", "kind": "Pod", "name": p.name_any(), "uid": p.metadata.uid.clone()}));
-    let request: TokenRequest = serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
-        "spec": {"audiences": [audience], "boundObjectRef": bound, "expirationSeconds": 3600}}))
-    .unwrap();
-    let answer = Api::<ServiceAccount>::namespaced(admin.clone(), ns)
-        .create_token_request("default", &PostParams::default(), &request)
-        .await
-        .unwrap();
-    answer.status.and_then(|s| s.token).expect("a token")
-}
-
 async fn meter_status(admin: &Client, ns: &str, name: &str) -> MeterStatus {
     let job = Api::<AgentJob>::namespaced(admin.clone(), ns).get(name).await.unwrap();
     job.status.and_then(|s| s.meter).map(|m| *m).unwrap_or_default()
@@ -324,7 +309,7 @@ async fn metered_usage_is_the_jobs_usage_token_for_token_and_a_false_claim_is_fl
     let s = setup(ns).await;
     let (up, reported) = upstream().await;
     let (job, pods) = running_job(&s, ns, "metered", &["agent"], "1").await;
-    let token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let token = service_account_token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
     let meter = MeterProcess::start(s.dir.path(), "happy", up, &s.grant(), &token, "0.02");
 
     for text in ["hello", "a longer question about the ledger", "and a third one, longer still, to vary the counts"] {
@@ -404,7 +389,7 @@ async fn meters_racing_one_small_budget_never_exceed_it() {
     let (_, pods) = running_job(&s, ns, "race", &agents, "0.05").await;
     let mut meters = Vec::new();
     for (i, pod) in pods.iter().enumerate() {
-        let token = token(&s.admin, ns, Some(pod), AUDIENCE).await;
+        let token = service_account_token(&s.admin, ns, Some(pod), AUDIENCE).await;
         meters.push(MeterProcess::start(s.dir.path(), &format!("race-{i}"), up, &s.grant(), &token, "0.01"));
     }
     // Each agent calls until the meter refuses; all at once.
@@ -484,7 +469,7 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
     let plain = pods_api.create(&PostParams::default(), &pod("plain", false)).await.unwrap();
     // The victim's (as if the operator made it), deleted before its token is used.
     let doomed = pods_api.create(&PostParams::default(), &pod("doomed", true)).await.unwrap();
-    let doomed_token = token(&s.admin, ns, Some(&doomed), AUDIENCE).await;
+    let doomed_token = service_account_token(&s.admin, ns, Some(&doomed), AUDIENCE).await;
     pods_api.delete("doomed", &DeleteParams { grace_period_seconds: Some(0), ..DeleteParams::default() }).await.unwrap();
     wait_for("the doomed Pod gone", TIMEOUT, || async { pods_api.get_opt("doomed").await.unwrap() }, |p: &Option<Pod>| p.is_none()).await;
 
@@ -504,19 +489,31 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
         ("garbage", Some("not-a-token".into()), None, 401, "token_rejected"),
         (
             "the victim's Pod, wrong audience",
-            Some(token(&s.admin, ns, Some(&pods[0]), "https://kubernetes.default.svc").await),
+            Some(service_account_token(&s.admin, ns, Some(&pods[0]), "https://kubernetes.default.svc").await),
             None,
             401,
             "token_rejected",
         ),
-        ("a ServiceAccount token bound to no Pod", Some(token(&s.admin, ns, None, AUDIENCE).await), None, 403, "not_bound_to_a_pod"),
-        ("a Pod no AgentJob controls", Some(token(&s.admin, ns, Some(&plain), AUDIENCE).await), None, 403, "not_an_agent_pod"),
+        (
+            "a ServiceAccount token bound to no Pod",
+            Some(service_account_token(&s.admin, ns, None, AUDIENCE).await),
+            None,
+            403,
+            "not_bound_to_a_pod",
+        ),
+        (
+            "a Pod no AgentJob controls",
+            Some(service_account_token(&s.admin, ns, Some(&plain), AUDIENCE).await),
+            None,
+            403,
+            "not_an_agent_pod",
+        ),
         // Not in the operator's Pod cache: refused before any TokenReview (retryable, as a Pod
         // created a moment ago may not be there yet).
         ("a deleted Pod", Some(doomed_token), None, 503, "pod_unknown"),
         (
             "another job's Pod speaking for the victim's",
-            Some(token(&s.admin, ns, Some(&other_pods[0]), AUDIENCE).await),
+            Some(service_account_token(&s.admin, ns, Some(&other_pods[0]), AUDIENCE).await),
             Some(&victim_pod),
             403,
             "pod_mismatch",
@@ -532,13 +529,13 @@ async fn forged_and_misdirected_meter_requests_are_refused_and_grant_nothing() {
 
     // The victim's own meter is served, and it is the only grant the victim's job has: the
     // refusals above granted nothing.
-    let victim = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let victim = service_account_token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
     let (status, body) = post(&s.api, &url, Some(&victim), &ask(Some(&victim_pod))).await.unwrap();
     assert_eq!((status, body["grantedUSD"].as_str()), (200, Some("0.50")), "{body}");
     let meter = meter_status(&s.admin, ns, "victim").await;
     assert_eq!((meter.grants.len(), meter.granted_usd.as_str()), (1, "0.50"), "{meter:?}");
     // The other job's Pod reusing the victim's session is refused too.
-    let other = token(&s.admin, ns, Some(&other_pods[0]), AUDIENCE).await;
+    let other = service_account_token(&s.admin, ns, Some(&other_pods[0]), AUDIENCE).await;
     let (status, body) =
         post(&s.api, &url, Some(&other), &json!({"session": "forged-1", "sequence": 2, "usage": ask(None)["usage"], "wantUSD": "0.5"}))
             .await
@@ -583,7 +580,7 @@ async fn raising_the_budget_while_an_attempt_runs_grants_it_nothing_more() {
     let ns = "meter-grants-raise";
     let s = setup(ns).await;
     let (_, pods) = running_job(&s, ns, "raised", &["agent"], "0.05").await;
-    let meter = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let meter = service_account_token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
     let raised = Api::<AgentJob>::namespaced(s.admin.clone(), ns)
         .patch("raised", &PatchParams::default(), &Patch::Merge(json!({"spec": {"budget": {"maxCostUSD": "100"}}})))
         .await
@@ -640,7 +637,7 @@ async fn a_pod_without_the_approved_budget_in_its_environment_is_granted_nothing
     let zero = json!({"inputTokens": 0, "cachedInputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costUSD": "0"});
     for (name, env, reason) in cases {
         let pod = pods_api.create(&PostParams::default(), &forged(name, env)).await.unwrap();
-        let bearer = token(&s.admin, ns, Some(&pod), AUDIENCE).await;
+        let bearer = service_account_token(&s.admin, ns, Some(&pod), AUDIENCE).await;
         let ask = json!({"session": format!("terms-{name}"), "sequence": 1, "usage": zero, "wantUSD": "0.50"});
         let (status, body) = post(&s.api, &s.sync_url(), Some(&bearer), &ask).await.unwrap();
         assert_eq!((status, body["error"]["reason"].as_str()), (403, Some(reason)), "{name}: {body}");
@@ -656,7 +653,7 @@ async fn a_pod_without_the_approved_budget_in_its_environment_is_granted_nothing
         assert!(named.iter().all(|e| e.type_.as_deref() == Some("Warning")), "{named:?}");
     }
     // The operator's own Pod draws on the approved budget, and its grant is the only one.
-    let meter = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let meter = service_account_token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
     let ask = json!({"session": "terms-own", "sequence": 1, "usage": zero, "wantUSD": "0.50"});
     let (status, body) = post(&s.api, &s.sync_url(), Some(&meter), &ask).await.unwrap();
     assert_eq!((status, body["grantedUSD"].as_str()), (200, Some("0.50")), "{body}");
@@ -691,13 +688,13 @@ async fn a_settled_attempts_pod_draws_nothing_and_reports_nothing() {
     let usage_before = settled.status.as_ref().unwrap().attempts[0].usage.clone();
 
     let late = json!({"inputTokens": 0, "cachedInputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costUSD": "0.30"});
-    let stale = token(&s.admin, ns, Some(&first[0]), AUDIENCE).await;
+    let stale = service_account_token(&s.admin, ns, Some(&first[0]), AUDIENCE).await;
     let ask = json!({"session": "after-the-end", "sequence": 1, "usage": late, "wantUSD": "0.50"});
     let (status, body) = post(&s.api, &s.sync_url(), Some(&stale), &ask).await.unwrap();
     assert_eq!((status, body["error"]["reason"].as_str()), (409, Some("attempt_ended")), "{body}");
 
     // The running attempt's Pod draws as ever; the ended one's account holds nothing.
-    let current = token(&s.admin, ns, Some(&second), AUDIENCE).await;
+    let current = service_account_token(&s.admin, ns, Some(&second), AUDIENCE).await;
     let zero = json!({"inputTokens": 0, "cachedInputTokens": 0, "outputTokens": 0, "totalTokens": 0, "costUSD": "0"});
     let ask = json!({"session": "the-retry", "sequence": 1, "usage": zero, "wantUSD": "0.50"});
     let (status, body) = post(&s.api, &s.sync_url(), Some(&current), &ask).await.unwrap();
@@ -722,7 +719,7 @@ async fn a_token_minted_for_the_agent_pod_cannot_settle_or_freeze_its_meters_ses
     let s = setup(ns).await;
     let (up, _) = upstream().await;
     let (_, pods) = running_job(&s, ns, "hijacked", &["agent"], "1").await;
-    let meter_token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let meter_token = service_account_token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
     let meter = MeterProcess::start(s.dir.path(), "hijacked", up, &s.grant(), &meter_token, "0.05");
     let (status, body) = chat(meter.port, "first").await;
     assert_eq!(status, 200, "{body}");
@@ -753,7 +750,7 @@ async fn a_token_minted_for_the_agent_pod_cannot_settle_or_freeze_its_meters_ses
     .await
     .grants[0]
         .clone();
-    let forged = token(&dave, ns, Some(&pods[0]), AUDIENCE).await;
+    let forged = service_account_token(&dave, ns, Some(&pods[0]), AUDIENCE).await;
 
     // Whatever status names the session by, dave settles it, far ahead in sequence, claiming
     // only what it had reported.
@@ -792,7 +789,7 @@ async fn sessions_full_of_long_model_names_cannot_grow_the_jobs_status_past_what
     let ns = "meter-grants-bloat";
     let s = setup(ns).await;
     let (job, pods) = running_job(&s, ns, "bloated", &["agent"], "1").await;
-    let minted = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let minted = service_account_token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
     const SESSIONS: usize = 150;
     let bloat = |session: usize| {
         let models: Vec<Value> = (0..64)
@@ -814,7 +811,7 @@ async fn sessions_full_of_long_model_names_cannot_grow_the_jobs_status_past_what
     // The meter's own report after the flood is recorded, token for token.
     let usage = json!({"inputTokens": 1000, "cachedInputTokens": 0, "outputTokens": 2000, "totalTokens": 3000, "costUSD": "0.201",
         "models": [{"model": "gpt-4o-mini", "inputTokens": 1000, "cachedInputTokens": 0, "outputTokens": 2000, "costUSD": "0.201"}]});
-    let meter_token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let meter_token = service_account_token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
     let (status, body) =
         post(&s.api, &s.sync_url(), Some(&meter_token), &json!({"session": "the-meter", "sequence": 1, "usage": usage, "last": true}))
             .await
@@ -845,7 +842,7 @@ async fn the_operator_killed_mid_run_leaves_grants_and_usage_and_the_meter_fails
     let mut s = setup(ns).await;
     let (up, reported) = upstream().await;
     let (_, pods) = running_job(&s, ns, "restart", &["agent"], "1").await;
-    let token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let token = service_account_token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
     // A chunk covers three calls (≈6,200 µ$ reserved, ≈4,000 spent each).
     let meter = MeterProcess::start(s.dir.path(), "restart", up, &s.grant(), &token, "0.014");
     let (status, body) = chat(meter.port, "first").await;
@@ -927,7 +924,7 @@ async fn a_budget_smaller_than_the_run_ends_the_job_budget_exhausted_within_it_k
     let (up, reported) = upstream().await;
     // A retry is allowed, and must not be made: its calls could not fit either.
     let (job, pods) = running_job_with(&s, ns, "exhausted", &["agent"], "0.02", json!({"limits": {"maxRetries": 1}})).await;
-    let token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let token = service_account_token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
     let meter = MeterProcess::start(s.dir.path(), "exhausted", up, &s.grant(), &token, "0.01");
     let served = call_until_refused(&meter).await;
     let (prompt, completion, cost) = reported_totals(&reported);
@@ -977,7 +974,7 @@ async fn an_agent_ignoring_402_spends_nothing_more_and_writes_status_at_a_bounde
     let s = setup(ns).await;
     let (up, reported) = upstream().await;
     let (_, pods) = running_job(&s, ns, "stubborn", &["agent"], "0.02").await;
-    let token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let token = service_account_token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
     let meter = MeterProcess::start(s.dir.path(), "stubborn", up, &s.grant(), &token, "0.01");
     let served = call_until_refused(&meter).await;
     let steps_at_refusal = meter_status(&s.admin, ns, "stubborn").await.grants[0].sequence;
@@ -1087,7 +1084,7 @@ async fn the_meter_api_is_https_with_the_operators_ca_and_meters_refuse_any_othe
 
     // A meter with the operator's CA draws grants over HTTPS; one call's worth at a time, so
     // every call below asks again.
-    let good_token = token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let good_token = service_account_token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
     let good = MeterProcess::start(s.dir.path(), "tls-good", up, &s.grant(), &good_token, "0.007");
     let (status, body) = chat(good.port, "over https").await;
     assert_eq!(status, 200, "{body}\n{}", good.logs());
@@ -1097,7 +1094,7 @@ async fn the_meter_api_is_https_with_the_operators_ca_and_meters_refuse_any_othe
     let other = tls::fresh(&tls::names("https://127.0.0.1:1", ns).unwrap(), unix_now()).unwrap();
     let other_ca = s.dir.path().join("other-ca.crt");
     std::fs::write(&other_ca, &other.ca_cert_pem).unwrap();
-    let helper_token = token(&s.admin, ns, Some(&pods[1]), AUDIENCE).await;
+    let helper_token = service_account_token(&s.admin, ns, Some(&pods[1]), AUDIENCE).await;
     let wrong_ca: Vec<String> =
         vec!["--grant-url".into(), format!("https://127.0.0.1:{}", s.api_port), "--grant-ca-file".into(), other_ca.display().to_string()];
     let wrong = MeterProcess::start(s.dir.path(), "tls-wrong-ca", up, &wrong_ca, &helper_token, "0.007");

@@ -532,3 +532,18 @@ impl EnvBuilder {
         env
     }
 }
+
+/// A token from the apiserver's TokenRequest API for the namespace's `default` ServiceAccount,
+/// bound to `pod` when given.
+pub async fn service_account_token(admin: &Client, ns: &str, pod: Option<&Pod>, audience: &str) -> String {
+    let bound = pod.map(|p| json!({"apiVersion": "v1", "kind": "Pod", "name": p.name_any(), "uid": p.metadata.uid.clone()}));
+    let request: k8s_openapi::api::authentication::v1::TokenRequest =
+        serde_json::from_value(json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+        "spec": {"audiences": [audience], "boundObjectRef": bound, "expirationSeconds": 3600}}))
+        .unwrap();
+    let answer = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(admin.clone(), ns)
+        .create_token_request("default", &PostParams::default(), &request)
+        .await
+        .unwrap();
+    answer.status.and_then(|s| s.token).expect("a token")
+}
