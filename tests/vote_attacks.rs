@@ -243,6 +243,46 @@ async fn a_head_who_may_act_as_the_service_account_that_wrote_the_job_cannot_app
     }
 }
 
+/// A head who may impersonate a colleague (`impersonate` on `users`, her name) submits a job as
+/// her (`kubectl --as=carol`: admission records carol as its author) and approves it himself:
+/// the job would run on one independent head. His vote must not count; alice's, who has no such
+/// right, still does.
+#[tokio::test]
+async fn a_head_who_may_impersonate_the_jobs_author_cannot_approve_it() {
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, RoleBinding};
+    let ns = "va-impersonate-author";
+    let admin = setup(ns).await;
+    let pp = PatchParams::apply("vote-attacks").force();
+    // Cluster-wide, as user impersonation only can be; carol writes no other job in this file.
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "va-impersonates-carol"},
+        "rules": [{"apiGroups": [""], "resources": ["users"], "resourceNames": ["carol"], "verbs": ["impersonate"]}]});
+    Api::<ClusterRole>::all(admin.clone()).patch("va-impersonates-carol", &pp, &Patch::Apply(&role)).await.unwrap();
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "va-bob-impersonates-carol"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "va-impersonates-carol"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "bob"}]});
+    Api::<ClusterRoleBinding>::all(admin.clone()).patch("va-bob-impersonates-carol", &pp, &Patch::Apply(&binding)).await.unwrap();
+    // Impersonated without her groups, carol is only authenticated: let her user submit jobs here.
+    let submits = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "carol-submits-jobs"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "test-agentgate-voter"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "carol"}]});
+    Api::<RoleBinding>::namespaced(admin.clone(), ns).patch("carol-submits-jobs", &pp, &Patch::Apply(&submits)).await.unwrap();
+
+    // The right is real: the apiserver lets bob write the job as carol, and admission records her.
+    let job = create_payments_job(&impersonating("bob", "carol").await, ns, "as-carol").await;
+    assert_eq!(job.annotations().get("agentgate.dev/requested-by").map(String::as_str), Some("carol"));
+    let bob_vote = vote(&user("bob").await, &job, "bob", Decision::Approve).await.name_any();
+    let alice_vote = vote(&user("alice").await, &job, "alice", Decision::Approve).await.name_any();
+    let tallied = wait_for_job(&admin, ns, "as-carol", "both votes tallied", |j| {
+        let a = approval(j);
+        let seen = |vote: &str| a.approvers.iter().any(|x| x.vote == vote) || a.ignored_votes.iter().any(|x| x.name == vote);
+        seen(&bob_vote) && seen(&alice_vote)
+    })
+    .await;
+    assert_eq!(phase(&tallied), Some("AwaitingApproval"), "bob approved what he wrote as carol");
+    assert_eq!(approval(&tallied).approvers.iter().map(|a| a.voter.as_str()).collect::<Vec<_>>(), ["alice"]);
+    assert_not_counted(&admin, ns, "as-carol", &bob_vote, 1, "bob may act as carol").await;
+}
+
 /// `create` on any workload controller of a namespace runs a Pod there as any of its
 /// ServiceAccounts (the controller makes the Pod, with the template's `serviceAccountName`), so
 /// a custom role granting only that lets its holder write a job as the account as surely as

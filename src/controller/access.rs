@@ -1,5 +1,5 @@
-//! Who is a category head, and who may act as a ServiceAccount that wrote a job: RBAC facts,
-//! asked of the apiserver with SubjectAccessReviews.
+//! Who is a category head, and who may act as someone (a ServiceAccount or a person) who wrote a
+//! job: RBAC facts, asked of the apiserver with SubjectAccessReviews.
 //!
 //! A head of category C may `approve` resource `categories`, name C, group agentgate.dev, in the
 //! job's namespace or cluster-wide, the same model as approving CSRs for a signer. Answers are
@@ -51,6 +51,14 @@ impl Right {
             name: Some(category.into()),
             namespace: namespace.into(),
         }
+    }
+
+    /// Impersonating the person `user` (`kubectl --as=user`): `impersonate` on `users`, that
+    /// name. Cluster-scoped, so asked with no namespace: only cluster RBAC grants it, and only its
+    /// change drops the answer. Impersonating a person's groups alone is not asked: the apiserver
+    /// refuses `--as-group` without `--as`, so it never writes a job in their name.
+    fn impersonating(user: &str) -> Right {
+        Right { group: "", resource: "users", subresource: None, verb: "impersonate", name: Some(user.into()), namespace: String::new() }
     }
 }
 
@@ -146,15 +154,17 @@ impl HeadChecker {
         })
     }
 
-    /// How `voter` may act as `writer`, who created or changed a job, if `writer` is a
-    /// ServiceAccount they may act as (`None` otherwise, and for anyone else): what they wrote as
-    /// it, they wrote (tests/vote_attacks.rs
-    /// a_head_who_may_act_as_the_service_account_that_wrote_the_job_cannot_approve_it).
+    /// How `voter` may act as `writer`, who created or changed a job (`None` if they may not):
+    /// what they wrote as it, they wrote. A ServiceAccount may be acted as in many ways
+    /// (tests/vote_attacks.rs
+    /// a_head_who_may_act_as_the_service_account_that_wrote_the_job_cannot_approve_it), a person
+    /// by impersonating them (a_head_who_may_impersonate_the_jobs_author_cannot_approve_it).
     pub async fn acts_as(&self, voter: &str, groups: &[String], writer: &str) -> Result<Option<String>, kube::Error> {
-        let Some((namespace, name)) = writer.strip_prefix("system:serviceaccount:").and_then(|sa| sa.split_once(':')) else {
-            return Ok(None);
+        let rounds: Vec<Vec<(Right, String)>> = match writer.strip_prefix(SERVICE_ACCOUNT_PREFIX).and_then(|sa| sa.split_once(':')) {
+            Some((namespace, name)) => acting_as(namespace, name).into(),
+            None => vec![vec![(Right::impersonating(writer), "impersonate them".to_string())]],
         };
-        for round in acting_as(namespace, name) {
+        for round in rounds {
             // A round's reviews go out together: a head with none of these rights (the usual
             // case) waits for one round trip per round, not one per right.
             let answers = futures::future::try_join_all(round.iter().map(|(right, _)| self.allowed(voter, groups, right.clone()))).await?;
@@ -238,8 +248,8 @@ fn forget_in<V>(map: &mut HashMap<Question, V>, scope: &RbacScope) {
 /// the groups stamped on that vote, is a head of the job's category. Skipped once the job has
 /// finished: its votes no longer matter. Per vote, not per voter: the groups of one vote (a stale
 /// vote on a deleted job, say) never decide for another (tests/vote_attacks.rs
-/// each_vote_is_checked_with_its_own_groups). For a job a ServiceAccount created or changed
-/// (`author`, then `editors`, one a line), also whether the voter may act as that account.
+/// each_vote_is_checked_with_its_own_groups). For each who created or changed the job (`author`,
+/// then `editors`, one a line), also whether the voter may act as them.
 pub(super) async fn head_verdicts(job: &AgentJob, ctx: &Context, votes: &[VoteView], writers: &Writers<'_>) -> Result<HeadVerdicts> {
     let (author, editors) = (writers.author, writers.editors);
     let mut verdicts = std::collections::BTreeMap::new();
@@ -257,8 +267,8 @@ pub(super) async fn head_verdicts(job: &AgentJob, ctx: &Context, votes: &[VoteVi
                 source,
             }
         })?;
-        // Only ServiceAccounts are asked about (ctx.heads.acts_as), so jobs people wrote cost no
-        // more reviews.
+        // A person writer costs each voter one review (may they impersonate them), cached like
+        // the head check; a ServiceAccount writer, one or two rounds (acting_as).
         let written = author.into_iter().map(|a| (a, "created")).chain(editors.split('\n').map(|e| (e, "changed")));
         for (writer, did) in written.filter(|(w, _)| !w.is_empty() && *w != vote.voter) {
             if answer.is_err() {
@@ -269,7 +279,7 @@ pub(super) async fn head_verdicts(job: &AgentJob, ctx: &Context, votes: &[VoteVi
             })?;
             if let Some(how) = acts {
                 answer = Err(format!(
-                    "{} may act as {writer}, who {did} this job's spec (RBAC lets them {how}): what they wrote as it, they may not approve",
+                    "{} may act as {writer}, who {did} this job's spec (RBAC lets them {how}): they may not approve what they wrote in that name",
                     vote.voter
                 ));
             }
@@ -360,6 +370,8 @@ mod tests {
             (question("erin", Right::head_of("ops", "team-b")), (true, now)),
             // Whether erin may act as team-a's job's author, a ServiceAccount of `builders`.
             (question("erin", impersonate), (false, now)),
+            // Whether erin may impersonate carol, a person who wrote a job: cluster-scoped.
+            (question("erin", Right::impersonating("carol")), (false, now)),
         ]
         .into_iter()
         .collect()
@@ -373,10 +385,11 @@ mod tests {
     fn a_role_changing_in_one_namespace_drops_only_the_answers_about_that_namespace() {
         let mut answers = book();
         forget_in(&mut answers, &RbacScope::Namespace("team-b".into()));
-        assert_eq!(namespaces(&answers), ["builders", "team-a"].into());
+        assert_eq!(namespaces(&answers), ["", "builders", "team-a"].into());
         // The ServiceAccount's namespace decides whether a head may act as it, wherever its job is.
         forget_in(&mut answers, &RbacScope::Namespace("builders".into()));
-        assert_eq!(namespaces(&answers), ["team-a"].into());
+        // Only cluster RBAC lets anyone impersonate a person: no namespace's change drops that.
+        assert_eq!(namespaces(&answers), ["", "team-a"].into());
     }
 
     #[test]
