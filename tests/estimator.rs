@@ -200,6 +200,28 @@ async fn write_learned_state(client: &Client, ns: &str, state: &EstimatorState) 
     Api::<ConfigMap>::namespaced(client.clone(), ns).create(&PostParams::default(), &serde_json::from_value(cm).unwrap()).await.unwrap();
 }
 
+/// The estimate of a job `name` created in `ns` once an operator starts from `state`, as learned
+/// earlier (written into its ConfigMap first).
+async fn estimate_after_learning(ns: &str, state: &EstimatorState, name: &str) -> agentgate::api::Estimate {
+    let mut env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
+    let client = env.admin.clone();
+    write_learned_state(&client, ns, state).await;
+    env.start_operator();
+    Api::<AgentJob>::namespaced(client.clone(), ns).create(&PostParams::default(), &job_manifest(name)).await.expect("create job");
+    *estimated(&client, ns, name).await.status.unwrap().estimate.unwrap()
+}
+
+/// Another tenant's forty runs of `job_type` at one token each.
+fn one_token_runs(job_type: &str) -> EstimatorState {
+    let prices = agentgate::domain::pricing::PriceTable::builtin();
+    let prior = agentgate::domain::estimate::prior_tokens(&one_agent_input());
+    let mut state = EstimatorState::default();
+    for i in 0..40 {
+        state.record(&format!("theirs/{i}"), "other-team", job_type, &tokens(1), &prior, &prices);
+    }
+    state
+}
+
 /// A run of `total` tokens on gpt-4o-mini, 80 % of them input.
 fn tokens(total: i64) -> std::collections::BTreeMap<String, agentgate::domain::pricing::TokenCounts> {
     let input = total * 8 / 10;
@@ -214,9 +236,6 @@ async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchange
     use agentgate::domain::estimate::{estimate, prior_tokens};
     use agentgate::domain::pricing::PriceTable;
     let ns = "est-isolate";
-    let mut env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
-    let client = env.admin.clone();
-
     // Twelve runs of ours at about 450k tokens; forty of another tenant's at one token each.
     let prices = PriceTable::builtin();
     let input = one_agent_input();
@@ -230,12 +249,7 @@ async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchange
         state.record(&format!("theirs/{i}"), "other-team", JOB_TYPE, &tokens(1), &prior, &prices);
     }
     let want = estimate(&input, ours_only.stats(ns, JOB_TYPE).as_ref(), &prices).unwrap();
-    write_learned_state(&client, ns, &state).await;
-
-    env.start_operator();
-    let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
-    jobs.create(&PostParams::default(), &job_manifest("mine")).await.expect("create job");
-    let got = estimated(&client, ns, "mine").await.status.unwrap().estimate.unwrap();
+    let got = estimate_after_learning(ns, &state, "mine").await;
     assert_eq!((got.method.as_str(), got.samples), ("history", 12), "{got:?}");
     assert_eq!((got.tokens.p50, got.tokens.p90), (want.tokens_p50, want.tokens_p90), "{got:?} vs {want:?}");
     assert!(got.tokens.p50 > 400_000, "ours, not the other tenant's one token: {got:?}");
@@ -249,27 +263,11 @@ async fn another_namespaces_extreme_runs_leave_this_namespaces_estimate_unchange
 /// one more vote and counts each namespace within 10x of it.
 #[tokio::test]
 async fn one_other_namespace_cannot_set_a_new_keys_estimate() {
-    use agentgate::domain::estimate::{estimate, prior_tokens};
+    use agentgate::domain::estimate::estimate;
     use agentgate::domain::pricing::PriceTable;
-    let ns = "est-poison";
-    let mut env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
-    let client = env.admin.clone();
-
     // Another tenant's forty runs of the jobType at one token each; this namespace never ran it.
-    let prices = PriceTable::builtin();
-    let input = one_agent_input();
-    let prior = prior_tokens(&input);
-    let mut state = EstimatorState::default();
-    for i in 0..40 {
-        state.record(&format!("theirs/{i}"), "other-team", JOB_TYPE, &tokens(1), &prior, &prices);
-    }
-    let spec = estimate(&input, None, &prices).unwrap();
-    write_learned_state(&client, ns, &state).await;
-
-    env.start_operator();
-    let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
-    jobs.create(&PostParams::default(), &job_manifest("first")).await.expect("create job");
-    let got = estimated(&client, ns, "first").await.status.unwrap().estimate.unwrap();
+    let spec = estimate(&one_agent_input(), None, &PriceTable::builtin()).unwrap();
+    let got = estimate_after_learning("est-poison", &one_token_runs(JOB_TYPE), "first").await;
     assert_eq!((got.method.as_str(), got.samples), ("pooled", 0), "{got:?}");
     let factor = spec.tokens_p50 as f64 / got.tokens.p50 as f64;
     assert!(factor <= 10f64.sqrt() * 1.01, "one tenant's one-token runs moved the p50 {factor:.1}x below the spec's: {got:?}");
@@ -283,27 +281,11 @@ async fn one_other_namespace_cannot_set_a_new_keys_estimate() {
 /// of the spec's guess, and the p90 stays at least the spec's.
 #[tokio::test]
 async fn one_other_namespace_cannot_set_a_new_job_types_estimate() {
-    use agentgate::domain::estimate::{estimate, prior_tokens};
+    use agentgate::domain::estimate::estimate;
     use agentgate::domain::pricing::PriceTable;
-    let ns = "est-poison-new";
-    let mut env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
-    let client = env.admin.clone();
-
     // Another tenant's forty runs of a jobType of its own at one token each; nobody ran JOB_TYPE.
-    let prices = PriceTable::builtin();
-    let input = one_agent_input();
-    let prior = prior_tokens(&input);
-    let mut state = EstimatorState::default();
-    for i in 0..40 {
-        state.record(&format!("theirs/{i}"), "other-team", "tenant_scan", &tokens(1), &prior, &prices);
-    }
-    let spec = estimate(&input, None, &prices).unwrap();
-    write_learned_state(&client, ns, &state).await;
-
-    env.start_operator();
-    let jobs: Api<AgentJob> = Api::namespaced(client.clone(), ns);
-    jobs.create(&PostParams::default(), &job_manifest("first")).await.expect("create job");
-    let got = estimated(&client, ns, "first").await.status.unwrap().estimate.unwrap();
+    let spec = estimate(&one_agent_input(), None, &PriceTable::builtin()).unwrap();
+    let got = estimate_after_learning("est-poison-new", &one_token_runs("tenant_scan"), "first").await;
     assert_eq!((got.method.as_str(), got.samples), ("pooled", 0), "{got:?}");
     let factor = spec.tokens_p50 as f64 / got.tokens.p50 as f64;
     assert!(factor <= 10.0 * 1.01, "one tenant's one-token runs moved the p50 {factor:.1}x below the spec's: {got:?}");
