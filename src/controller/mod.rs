@@ -2,6 +2,7 @@
 
 pub mod access;
 pub mod agent_job;
+mod agent_pods;
 pub mod agent_tool;
 pub mod approval_vote;
 pub mod decode;
