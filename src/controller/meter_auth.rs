@@ -15,7 +15,6 @@
 //!   (a token minted for one's own agent Pod must not take every other team's place): beyond,
 //!   the request is shed with 503 and Retry-After (the meter retries 503 for up to 8 s).
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -26,6 +25,7 @@ use kube::{Api, Client};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::meter_api::{Refusal, refuse};
+use super::meter_conn::{KeyedLimit, KeyedSlot};
 use crate::domain::meter_token::{self, ClaimError, DigestCache, TokenDigest};
 
 /// The audience of the meters' tokens: a token for the apiserver (or anything else) is refused.
@@ -64,7 +64,7 @@ pub(super) struct Admitted {
     pub who: Reviewed,
     pub digest: TokenDigest,
     _permit: OwnedSemaphorePermit,
-    _places: (InFlightSlot, InFlightSlot),
+    _places: (KeyedSlot<String>, KeyedSlot<String>),
 }
 
 pub(super) struct Authenticator {
@@ -76,44 +76,13 @@ pub(super) struct Authenticator {
     requests: Arc<Semaphore>,
     reviews: Arc<Semaphore>,
     /// Reviews in flight by claimed Pod uid.
-    reviewing: InFlight,
+    reviewing: KeyedLimit<String>,
     /// Verified requests in flight, by Pod uid and by namespace.
-    serving: InFlight,
+    serving: KeyedLimit<String>,
 }
 
 fn busy(what: &str) -> Refusal {
     refuse(StatusCode::SERVICE_UNAVAILABLE, "busy", format!("the meter API has too many {what} in flight; retry"))
-}
-
-/// Requests in flight by key, each key up to a cap.
-#[derive(Clone, Default)]
-struct InFlight(Arc<Mutex<HashMap<String, usize>>>);
-
-/// One request's place under a key, given back on drop.
-pub(super) struct InFlightSlot(InFlight, String);
-
-impl InFlight {
-    fn take(&self, key: String, cap: usize) -> Option<InFlightSlot> {
-        let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let count = counts.entry(key.clone()).or_insert(0);
-        if *count >= cap {
-            return None;
-        }
-        *count += 1;
-        Some(InFlightSlot(self.clone(), key))
-    }
-}
-
-impl Drop for InFlightSlot {
-    fn drop(&mut self) {
-        let mut counts = (self.0).0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(count) = counts.get_mut(&self.1) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.1);
-            }
-        }
-    }
 }
 
 impl Authenticator {
@@ -125,8 +94,8 @@ impl Authenticator {
             rejected: Mutex::new(DigestCache::new(REJECTED_TTL, CACHE_CAP)),
             requests: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT)),
             reviews: Arc::new(Semaphore::new(REVIEWS_IN_FLIGHT)),
-            reviewing: InFlight::default(),
-            serving: InFlight::default(),
+            reviewing: KeyedLimit::default(),
+            serving: KeyedLimit::default(),
         }
     }
 
@@ -198,7 +167,7 @@ impl Authenticator {
     }
 
     /// The verified Pod's and its namespace's places among the requests in flight.
-    fn places(&self, who: &Reviewed) -> Result<(InFlightSlot, InFlightSlot), Refusal> {
+    fn places(&self, who: &Reviewed) -> Result<(KeyedSlot<String>, KeyedSlot<String>), Refusal> {
         let pod = self.serving.take(format!("pod/{}", who.pod_uid), PER_POD_IN_FLIGHT).ok_or_else(|| busy("requests of this Pod"))?;
         let namespace = self
             .serving

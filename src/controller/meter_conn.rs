@@ -9,6 +9,7 @@
 //!   every few seconds while it runs).
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -29,57 +30,82 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const MAX_PER_PEER: usize = 64;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Places taken by key, each key up to a cap; a key with none taken holds no entry. Bounds the
+/// meter API's connections per client address here and its requests per Pod and namespace
+/// (`meter_auth.rs`).
+pub(super) struct KeyedLimit<K>(Arc<Mutex<HashMap<K, usize>>>);
+
+impl<K> Clone for KeyedLimit<K> {
+    fn clone(&self) -> Self {
+        KeyedLimit(self.0.clone())
+    }
+}
+
+impl<K> Default for KeyedLimit<K> {
+    fn default() -> Self {
+        KeyedLimit(Arc::default())
+    }
+}
+
+/// One place under a key, given back on drop.
+pub(super) struct KeyedSlot<K: Hash + Eq>(KeyedLimit<K>, K);
+
+impl<K: Hash + Eq + Clone> KeyedLimit<K> {
+    /// A place under `key`, or None when it already holds `cap`.
+    pub fn take(&self, key: K, cap: usize) -> Option<KeyedSlot<K>> {
+        let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(key.clone()).or_insert(0);
+        if *count >= cap {
+            return None;
+        }
+        *count += 1;
+        Some(KeyedSlot(self.clone(), key))
+    }
+
+    #[cfg(test)]
+    fn keys(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+impl<K: Hash + Eq> Drop for KeyedSlot<K> {
+    fn drop(&mut self) {
+        let mut counts = (self.0).0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// The connections open now: in all, and per client address.
 #[derive(Clone)]
 pub struct ConnectionLimits {
     total: Arc<Semaphore>,
-    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    peers: KeyedLimit<IpAddr>,
     metrics: Arc<Metrics>,
 }
 
 /// One open connection's place, given back when it closes.
 pub struct Slot {
     _permit: OwnedSemaphorePermit,
-    peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    ip: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(open) = peers.get_mut(&self.ip) {
-            *open -= 1;
-            if *open == 0 {
-                peers.remove(&self.ip);
-            }
-        }
-    }
+    _peer: KeyedSlot<IpAddr>,
 }
 
 impl ConnectionLimits {
     pub fn new(metrics: Arc<Metrics>) -> ConnectionLimits {
-        ConnectionLimits { total: Arc::new(Semaphore::new(MAX_CONNECTIONS)), peers: Arc::default(), metrics }
+        ConnectionLimits { total: Arc::new(Semaphore::new(MAX_CONNECTIONS)), peers: KeyedLimit::default(), metrics }
     }
 
     /// A place for a new connection from `peer`, or None (counted): the caller closes it.
     pub fn admit(&self, peer: SocketAddr) -> Option<Slot> {
-        let ip = peer.ip().to_canonical();
-        let slot = {
-            let mut peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
-            let open = peers.entry(ip).or_insert(0);
-            match self.total.clone().try_acquire_owned() {
-                Ok(permit) if *open < MAX_PER_PEER => {
-                    *open += 1;
-                    Some(Slot { _permit: permit, peers: self.peers.clone(), ip })
-                }
-                _ => {
-                    if *open == 0 {
-                        peers.remove(&ip);
-                    }
-                    None
-                }
-            }
-        };
+        // The peer's place first, then one of everyone's: a peer over its share never holds one.
+        let slot = self
+            .peers
+            .take(peer.ip().to_canonical(), MAX_PER_PEER)
+            .and_then(|peer| Some(Slot { _permit: self.total.clone().try_acquire_owned().ok()?, _peer: peer }));
         if slot.is_none() {
             self.metrics.count_meter_api("connection_refused");
         }
@@ -200,6 +226,6 @@ mod tests {
         assert!(limits.admit(b).is_some(), "another address is not");
         drop(held);
         assert!(limits.admit(a).is_some(), "closed connections give their places back");
-        assert!(limits.peers.lock().unwrap().len() <= 1, "no entry is kept for a peer with nothing open");
+        assert!(limits.peers.keys() <= 1, "no entry is kept for a peer with nothing open");
     }
 }
