@@ -1,6 +1,8 @@
 //! End to end on a real node (tests/support/node.rs): the operator, run out-of-cluster as in the
 //! other integration tests, starts agent Pods that containerd and runc really run, and the limits
 //! of an AgentJob are enforced by the kernel, not just written into a Pod spec:
+//! - the agent reads `spec.input` as written, `$(VAR)` and `$$` included (the kubelet would expand
+//!   them in an env value the operator did not escape);
 //! - the agent's cgroup CPU quota and memory limit equal the job's `resources` (reported by the
 //!   reference agent from inside, and read from the host's cgroup fs);
 //! - an agent over its memory limit is OOMKilled and the attempt is recorded as failed, with the
@@ -59,6 +61,7 @@ async fn agent_pods_run_on_a_real_node_with_enforced_limits() {
     );
 
     limits_equal_the_jobs_resources(&env).await;
+    the_agent_receives_spec_input_as_written(&env).await;
     over_its_memory_limit_an_agent_is_oom_killed_and_its_usage_kept(&env).await;
     a_runaway_agent_is_stopped_at_max_execution_seconds(&env, &node).await;
     gpu_jobs_run_only_when_the_node_has_the_gpus(&env).await;
@@ -240,6 +243,29 @@ async fn limits_equal_the_jobs_resources(env: &Env) {
     assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some(NODE_NAME), "bound by the scheduler to the real node");
     let logs = pods.logs(&pod.name_any(), &Default::default()).await.expect("kubectl logs through apiserver → kubelet");
     assert!(logs.contains("\"usage\""), "the agent's log holds its report: {logs}");
+}
+
+/// The kubelet expands `$(VAR)` in env values and turns `$$` into `$`: without the operator's
+/// escaping (`pod_builder::plain_env`) an input holding either would reach the agent other than
+/// the heads approved it. Here a real kubelet hands the reference agent AGENTGATE_INPUT, and the
+/// agent's SHA-256 of what it read must be that of `spec.input` as stored.
+async fn the_agent_receives_spec_input_as_written(env: &Env) {
+    let input = json!({"shell": "kill $$; echo $(AGENTGATE_JOB) $(HOME) $(NO_SUCH_VAR) $$$$ $"});
+    create_and_approve(env, &job("dollars", json!({"input": input}))).await;
+    let done = wait_job(env, "dollars", "job dollars Succeeded", |j| {
+        assert_ne!(phase(j), Some("Failed"), "job failed: {:#?}", j.status);
+        phase(j) == Some("Succeeded")
+    })
+    .await;
+    // As the operator renders it (agent_pods.rs): the stored input's JSON text.
+    let written = done.spec.input.as_ref().expect("spec.input").to_string();
+    assert!(written.contains("$(AGENTGATE_JOB)") && written.contains("$$"), "the input as stored: {written}");
+    let digest = ring::digest::digest(&ring::digest::SHA256, written.as_bytes());
+    let expected: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let output = &status_json(&done)["output"];
+    println!("the agent read {} bytes of AGENTGATE_INPUT, sha256 {}", output["inputBytes"], output["inputSha256"]);
+    assert_eq!(output["inputBytes"], json!(written.len()), "AGENTGATE_INPUT as written: {written}");
+    assert_eq!(output["inputSha256"], json!(expected), "AGENTGATE_INPUT as written: {written}");
 }
 
 async fn over_its_memory_limit_an_agent_is_oom_killed_and_its_usage_kept(env: &Env) {
