@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::{Value, json};
 use support::cluster::*;
@@ -311,5 +311,79 @@ async fn one_pods_valid_token_cannot_take_every_other_meters_place() {
     println!("the victim's 20 syncs during the flood: {answers:?}; the flood's 3,000: {shed} shed");
     assert!(shed > 0, "the flood was under way: {flood:?}");
     assert!(answers.iter().all(|a| *a == Ok(200)), "the victim's syncs during the flood: {answers:?}");
+    drop(operator);
+}
+
+/// A tenant of the victim's namespace (its Pods' names and uids are no secret there) sends
+/// forgeries naming the victim's running agent Pod, from their own Pods' addresses, without
+/// end. Each is shaped right and names a Pod the operator knows, so each needs a TokenReview:
+/// they held the victim Pod's one review slot and most of the eight, and the victim's meter,
+/// whose token the kubelet rotates every few minutes, was turned away (503) while its new token
+/// waited to be verified. Requests from the Pod's own IP are reviewed apart: each of the
+/// victim's ten fresh tokens is served at its first try.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forgeries_naming_a_real_pod_from_elsewhere_cannot_hold_its_meters_reviews() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let ns = "meter-api-lanes";
+    let Victim { admin, operator, metrics_port, ca, api, url, token } = victim(ns).await;
+    // The kubelet's part: the victim Pod's address is the one its meter calls from (127.0.0.1).
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let victim_pod = pods.list(&Default::default()).await.unwrap().items.into_iter().next().unwrap();
+    let ip = json!({"status": {"podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}]}});
+    pods.patch_status(&victim_pod.name_any(), &PatchParams::default(), &Patch::Merge(&ip)).await.unwrap();
+    // Evidence that the operator's Pod cache holds that address: it has acted on a later event
+    // of the same Pod watch (another job's Pod finishing).
+    let witness = running_pod(&admin, ns, "witness").await;
+    finish_pod(&admin, ns, &witness.name_any(), 0, r#"{"usage":[]}"#).await;
+    let jobs: Api<AgentJob> = Api::namespaced(admin.clone(), ns);
+    wait_for("the witness job Succeeded", TIMEOUT, || async { jobs.get("witness").await.unwrap() }, |j| phase(j) == Some("Succeeded"))
+        .await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooders: Arc<Vec<HttpsClient>> =
+        Arc::new((2..12).map(|last| client_from(&ca, std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, last)))).collect());
+    let (signed, _) = token.rsplit_once('.').unwrap();
+    let signed = signed.to_string();
+    let (flood_url, flood_stop) = (url.clone(), stop.clone());
+    let flooding = tokio::spawn(
+        futures::stream::iter(0..)
+            .take_while(move |_| std::future::ready(!flood_stop.load(std::sync::atomic::Ordering::Relaxed)))
+            .map(move |i: usize| {
+                let (api, url) = (flooders[i % flooders.len()].clone(), flood_url.clone());
+                let forged = format!("{signed}.{}", format!("{i:08}").repeat(43));
+                async move { post(&api, &url, &forged, &sync_body("flood", 1, "0.50")).await.map(|(status, _)| status) }
+            })
+            .buffer_unordered(100)
+            .collect::<Vec<_>>(),
+    );
+    // Once the flood holds the review slots (its first refusals for load)...
+    wait_for(
+        "the flood's forgeries shed for load",
+        TIMEOUT,
+        || async { http_get(metrics_port, "/metrics").1 },
+        |text: &String| text.lines().any(|l| l.starts_with("agentgate_meter_api_requests_total{outcome=\"busy\"}") && !l.ends_with(" 0")),
+    )
+    .await;
+    // ...the victim's meter presents ten fresh tokens (as after rotations), each once.
+    let mut answers = Vec::new();
+    for sequence in 2..12 {
+        let fresh = service_account_token(&admin, ns, Some(&victim_pod), AUDIENCE).await;
+        answers.push(
+            post(&api, &url, &fresh, &sync_body("legit", sequence, "0.001"))
+                .await
+                .map(|(status, body)| (status, body["error"]["reason"].clone())),
+        );
+    }
+    assert!(!flooding.is_finished(), "the flood lasted while the victim's tokens were verified");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let flood = flooding.await.unwrap();
+    let busy = flood.iter().filter(|s| **s == Ok(503)).count();
+    let rejected = flood.iter().filter(|s| **s == Ok(401)).count();
+    println!(
+        "the victim's ten fresh tokens during the flood: {answers:?}; the flood: {} forgeries, {rejected} reviewed and refused, {busy} shed",
+        flood.len()
+    );
+    assert!(rejected > 0 && busy > 0, "the flood was reviewed and held the review slots: {rejected} refused, {busy} shed");
+    assert!(answers.iter().all(|a| matches!(a, Ok((200, _)))), "each fresh token served at its first try: {answers:?}");
     drop(operator);
 }

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
 use k8s_openapi::api::core::v1::Pod;
@@ -27,6 +27,7 @@ use kube::api::{ApiResource, DynamicObject, ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
 use super::meter_auth::{Authenticator, Reviewed};
+use super::meter_conn::Peer;
 use crate::api::AgentJob;
 use crate::domain::grants::{self, MeterIdentity, SyncAnswer, SyncBody};
 use crate::domain::money::MicroUsd;
@@ -166,7 +167,7 @@ impl MeterApi {
         self.events.try_record(&regarding, kube::runtime::events::EventType::Warning, "MeterPodRefused", note.to_string(), "GrantBudget");
     }
 
-    async fn handle(&self, headers: &HeaderMap, body: &Bytes) -> Result<SyncAnswer, Refusal> {
+    async fn handle(&self, peer: std::net::IpAddr, headers: &HeaderMap, body: &Bytes) -> Result<SyncAnswer, Refusal> {
         if !self.health.leading.load(Ordering::Relaxed) {
             // The meter retries: another replica leads, or this one will.
             return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "not_leader", "this operator replica is standing by; retry"));
@@ -178,7 +179,7 @@ impl MeterApi {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "no_token", "a meter token is required as Authorization: Bearer"))?;
-        let admitted = self.auth.admit(token, self.namespace.as_deref()).await?;
+        let admitted = self.auth.admit(token, self.namespace.as_deref(), peer).await?;
         let who = &admitted.who;
         if let Some(ns) = &self.namespace
             && *ns != who.namespace
@@ -280,12 +281,12 @@ impl MeterApi {
     }
 }
 
-async fn sync(State(api): State<Arc<MeterApi>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn sync(State(api): State<Arc<MeterApi>>, ConnectInfo(Peer(peer)): ConnectInfo<Peer>, headers: HeaderMap, body: Bytes) -> Response {
     if body.len() > MAX_BODY_BYTES {
         api.metrics.count_meter_api("bad_request");
         return refuse(StatusCode::PAYLOAD_TOO_LARGE, "bad_request", "request too large").into_response();
     }
-    match api.handle(&headers, &body).await {
+    match api.handle(peer.ip(), &headers, &body).await {
         Ok(answer) => {
             api.metrics.count_meter_api("ok");
             axum::Json(answer).into_response()
@@ -314,11 +315,11 @@ pub async fn serve(
     match tls {
         Some(acceptor) => {
             let listener = super::meter_tls::TlsListener::new(listener, acceptor, api.metrics.clone())?;
-            axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?;
+            axum::serve(listener, api.router().into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await?;
         }
         None => {
             let listener = super::meter_conn::BoundedTcpListener::new(listener, api.metrics.clone());
-            axum::serve(listener, api.router()).with_graceful_shutdown(shutdown).await?
+            axum::serve(listener, api.router().into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await?
         }
     }
     Ok(())

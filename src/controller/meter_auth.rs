@@ -9,12 +9,20 @@
 //! - a token that claims a Pod the operator's Pod cache does not hold is refused likewise;
 //! - a token the apiserver (or the Pod lookup) rejected is remembered by its SHA-256 for
 //!   [`REJECTED_TTL`], a valid one for [`VERIFIED_TTL`], neither as itself;
-//! - at most one review per claimed Pod and [`REVIEWS_IN_FLIGHT`] in all run at once, and at
+//! - at most one review per claimed Pod and [`REVIEWS_IN_FLIGHT`] in all run at once, counted
+//!   apart for requests from the claimed Pod's own IP and for those from anywhere else: a
+//!   tenant's forgeries naming real agent Pods (their names and uids are no secret in their
+//!   namespace) come from other addresses, and cannot hold the slots a meter's rotated token
+//!   needs (tests/meter_api_flood.rs
+//!   `forgeries_naming_a_real_pod_from_elsewhere_cannot_hold_its_meters_reviews`). Where the
+//!   network hides Pods' addresses (SNAT, a mesh), every request is "from elsewhere": as before.
+//! - and at
 //!   most [`REQUESTS_IN_FLIGHT`] requests reach the apiserver at once, of them at most
 //!   [`PER_POD_IN_FLIGHT`] of one verified Pod and [`PER_NAMESPACE_IN_FLIGHT`] of one namespace
 //!   (a token minted for one's own agent Pod must not take every other team's place): beyond,
 //!   the request is shed with 503 and Retry-After (the meter retries 503 for up to 8 s).
 
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -74,9 +82,10 @@ pub(super) struct Authenticator {
     verified: Mutex<DigestCache<Reviewed>>,
     rejected: Mutex<DigestCache<Refusal>>,
     requests: Arc<Semaphore>,
-    reviews: Arc<Semaphore>,
-    /// Reviews in flight by claimed Pod uid.
-    reviewing: KeyedLimit<String>,
+    /// TokenReviews in flight for requests from the claimed Pod's own address, and for others.
+    reviews: [Arc<Semaphore>; 2],
+    /// Reviews in flight by claimed Pod uid and whether the request came from that Pod.
+    reviewing: KeyedLimit<(String, bool)>,
     /// Verified requests in flight, by Pod uid and by namespace.
     serving: KeyedLimit<String>,
 }
@@ -93,15 +102,15 @@ impl Authenticator {
             verified: Mutex::new(DigestCache::new(VERIFIED_TTL, CACHE_CAP)),
             rejected: Mutex::new(DigestCache::new(REJECTED_TTL, CACHE_CAP)),
             requests: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT)),
-            reviews: Arc::new(Semaphore::new(REVIEWS_IN_FLIGHT)),
+            reviews: [(); 2].map(|_| Arc::new(Semaphore::new(REVIEWS_IN_FLIGHT))),
             reviewing: KeyedLimit::default(),
             serving: KeyedLimit::default(),
         }
     }
 
     /// The caller, if its token is a meter's, of a Pod in `watched` (all namespaces when None),
-    /// and there is room for its request.
-    pub async fn admit(&self, token: &str, watched: Option<&str>) -> Result<Admitted, Refusal> {
+    /// and there is room for its request, sent from `peer`.
+    pub async fn admit(&self, token: &str, watched: Option<&str>, peer: IpAddr) -> Result<Admitted, Refusal> {
         let digest = TokenDigest::of(token);
         if let Some(refusal) = self.rejected.lock().unwrap_or_else(PoisonError::into_inner).get(&digest, Instant::now()) {
             return Err(refusal);
@@ -119,7 +128,7 @@ impl Authenticator {
         {
             return Err(refuse(StatusCode::FORBIDDEN, "namespace_not_watched", format!("this operator serves namespace {ns} only")));
         }
-        if !self.is_known_agent_pod(&claims) {
+        let Some(from_the_pod) = self.claimed_agent_pod(&claims, peer) else {
             // Unverified claims of a Pod nobody runs (a forgery with a made-up uid, or a deleted
             // Pod's token) would each cost a review; a Pod created a moment ago that the cache
             // has not seen yet is asked again.
@@ -129,7 +138,7 @@ impl Authenticator {
                 format!("Pod {}/{} is not an agent Pod the operator knows (yet); retry", claims.namespace, claims.pod),
             );
             return Err(Refusal { quiet: true, ..refusal });
-        }
+        };
         let cached = self.verified.lock().unwrap_or_else(PoisonError::into_inner).get(&digest, Instant::now());
         if let Some(who) = cached {
             // The Pod's and namespace's places first: a Pod over its share never holds one of
@@ -140,8 +149,9 @@ impl Authenticator {
         }
         let permit = self.requests.clone().try_acquire_owned().map_err(|_| busy("requests"))?;
         let who = {
-            let _slot = self.reviewing.take(claims.pod_uid.clone(), 1).ok_or_else(|| busy("token reviews for this Pod"))?;
-            let _review = self.reviews.clone().try_acquire_owned().map_err(|_| busy("token reviews"))?;
+            let _slot = self.reviewing.take((claims.pod_uid.clone(), from_the_pod), 1).ok_or_else(|| busy("token reviews for this Pod"))?;
+            let lane = &self.reviews[usize::from(from_the_pod)];
+            let _review = lane.clone().try_acquire_owned().map_err(|_| busy("token reviews"))?;
             match self.review(token).await {
                 Ok(who) => who,
                 Err(refusal) => {
@@ -156,14 +166,17 @@ impl Authenticator {
         Ok(Admitted { who, digest, _permit: permit, _places: places })
     }
 
-    /// Whether the claimed Pod, by name and uid, is one the operator's Pod cache holds (its
-    /// agent Pods and Pods labelled as a job's); true while there is no synced cache to ask.
-    fn is_known_agent_pod(&self, claims: &meter_token::Claims) -> bool {
+    /// None if the claimed Pod, by name and uid, is not one the operator's Pod cache holds (its
+    /// agent Pods and Pods labelled as a job's), else whether `peer` is that Pod's own address
+    /// (Some(false) while there is no synced cache to ask).
+    fn claimed_agent_pod(&self, claims: &meter_token::Claims, peer: IpAddr) -> Option<bool> {
         use futures::FutureExt;
         let pods = self.health.agent_pods.read().unwrap_or_else(PoisonError::into_inner).clone();
-        let Some(pods) = pods.filter(|p| matches!(p.wait_until_ready().now_or_never(), Some(Ok(())))) else { return true };
+        let Some(pods) = pods.filter(|p| matches!(p.wait_until_ready().now_or_never(), Some(Ok(())))) else { return Some(false) };
         let key = kube::runtime::reflector::ObjectRef::new(&claims.pod).within(&claims.namespace);
-        pods.get(&key).is_some_and(|pod| pod.metadata.uid.as_deref() == Some(claims.pod_uid.as_str()))
+        let pod = pods.get(&key).filter(|pod| pod.metadata.uid.as_deref() == Some(claims.pod_uid.as_str()))?;
+        let ips = pod.status.as_ref().and_then(|s| s.pod_ips.as_deref()).unwrap_or_default();
+        Some(ips.iter().any(|ip| ip.ip.parse::<IpAddr>().is_ok_and(|ip| ip.to_canonical() == peer.to_canonical())))
     }
 
     /// The verified Pod's and its namespace's places among the requests in flight.

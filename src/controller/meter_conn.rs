@@ -188,6 +188,17 @@ impl BoundedTcpListener {
     }
 }
 
+/// Where a meter API request came from, for axum's `ConnectInfo` (meter_auth.rs tells a request
+/// from the Pod its token claims from one sent from anywhere else).
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, BoundedTcpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, BoundedTcpListener>) -> Peer {
+        Peer(*stream.remote_addr())
+    }
+}
+
 impl axum::serve::Listener for BoundedTcpListener {
     type Io = Bounded<TcpStream>;
     type Addr = SocketAddr;

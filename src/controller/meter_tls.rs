@@ -283,6 +283,12 @@ impl TlsListener {
     }
 }
 
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for super::meter_conn::Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
+        super::meter_conn::Peer(*stream.remote_addr())
+    }
+}
+
 impl axum::serve::Listener for TlsListener {
     type Io = Bounded<TlsStream<TcpStream>>;
     type Addr = SocketAddr;

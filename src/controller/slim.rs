@@ -127,7 +127,7 @@ fn stored_pod(pod: &mut Pod) {
 /// Keeps of a Pod only what the operator reads from the cache (every Pod of the cluster is
 /// watched, for node capacity): its identity, labels and owners, the node, the containers' and
 /// init containers' requests and the overhead (`snapshot::node_views`), the phase and the `agent` container's termination
-/// (`snapshot::pod_view`). Anything else a reconcile needs of a Pod must be read elsewhere.
+/// (`snapshot::pod_view`), and its IPs (`meter_auth`). Anything else a reconcile needs of a Pod must be read elsewhere.
 pub fn pod(pod: &mut Pod) {
     use k8s_openapi::api::core::v1::{Container, ContainerStatus, PodSpec, PodStatus};
     metadata(pod);
@@ -155,7 +155,10 @@ pub fn pod(pod: &mut Pod) {
         let container_statuses = status
             .container_statuses
             .map(|cs| cs.into_iter().map(|c| ContainerStatus { name: c.name, state: c.state, ..ContainerStatus::default() }).collect());
-        pod.status = Some(PodStatus { phase: status.phase, reason: status.reason, container_statuses, ..PodStatus::default() });
+        // The Pod's addresses: the meter API tells a request from the Pod its token claims from one
+        // sent from anywhere else (meter_auth.rs).
+        let pod_ips = status.pod_ips;
+        pod.status = Some(PodStatus { phase: status.phase, reason: status.reason, container_statuses, pod_ips, ..PodStatus::default() });
     }
 }
 
