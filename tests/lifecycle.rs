@@ -163,8 +163,13 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
     let expected = prices
         .get("gpt-4o-mini")
         .unwrap()
-        .cost(&TokenCounts { input: 40_000, cached_input: 10_000, output: 6_000 })
-        .saturating_add(prices.get("claude-sonnet-4").unwrap().cost(&TokenCounts { input: 20_000, cached_input: 0, output: 4_000 }));
+        .cost(&TokenCounts { input: 40_000, cached_input: 10_000, output: 6_000, ..Default::default() })
+        .saturating_add(prices.get("claude-sonnet-4").unwrap().cost(&TokenCounts {
+            input: 20_000,
+            cached_input: 0,
+            output: 4_000,
+            ..Default::default()
+        }));
     assert_eq!(usage.cost_usd, expected.to_string());
     let want_error = ((80_000 - estimate.tokens.p50) as f64 / estimate.tokens.p50 as f64 * 100.0).round() as i64;
     assert_eq!(usage.estimate_error_percent, Some(want_error));
