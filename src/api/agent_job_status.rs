@@ -485,10 +485,10 @@ pub struct Usage {
     pub input_tokens: i64,
     pub cached_input_tokens: i64,
     pub output_tokens: i64,
-    /// Prompt-cache writes (Anthropic), priced above input: 5-minute TTL, then 1-hour TTL.
-    /// Absent (a status written before they were counted, or a job that wrote no cache): 0.
+    /// Anthropic prompt-cache writes with the 5-minute TTL, priced above input; absent: 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cache_write_input_tokens: i64,
+    /// Anthropic prompt-cache writes with the 1-hour TTL; absent: 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub cache_write_1h_input_tokens: i64,
     pub total_tokens: i64,

@@ -432,8 +432,11 @@ impl StreamUsage {
                         if given("cache_read_input_tokens") {
                             current.cached_input = totals.cached_input;
                         }
-                        if given("cache_creation_input_tokens") || given("cache_creation") {
+                        if given("cache_creation") {
                             (current.cache_write, current.cache_write_1h) = (totals.cache_write, totals.cache_write_1h);
+                        } else if given("cache_creation_input_tokens") {
+                            // The sum without its split: the split message_start gave holds.
+                            current.cache_write = (totals.cache_write - current.cache_write_1h).max(0);
                         }
                     }
                 }

@@ -254,8 +254,12 @@ fn anthropic_cache_writes_are_counted_by_ttl() {
     assert_eq!(u.usage, Some(TokenCounts { output: 30, ..want }));
     let totals = json!({"type": "message_delta", "usage": {"output_tokens": 31, "input_tokens": 7, "cache_creation_input_tokens": 3500,
         "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2500}}});
-    let u = stream(Api::AnthropicMessages, &[start, totals, json!({"type": "message_stop"})]);
+    let u = stream(Api::AnthropicMessages, &[start.clone(), totals, json!({"type": "message_stop"})]);
     assert_eq!(u.usage, Some(TokenCounts { output: 31, cache_write_1h: 2500, ..want }));
+    // The sum repeated without its split: the 1-hour writes message_start reported stay 1-hour.
+    let sum = json!({"type": "message_delta", "usage": {"output_tokens": 32, "cache_creation_input_tokens": 3000}});
+    let u = stream(Api::AnthropicMessages, &[start, sum, json!({"type": "message_stop"})]);
+    assert_eq!(u.usage, Some(TokenCounts { output: 32, ..want }));
 }
 
 /// Which writes a request can cause, and so the rate its input is reserved at.
