@@ -121,7 +121,8 @@ struct RunArgs {
     // apiserver is no faster for it.
     #[arg(long, env = "AGENTGATE_MAX_CONCURRENT_RECONCILES", default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..))]
     max_concurrent_reconciles: u16,
-    /// YAML price table (`models: {<id>: {inputPerMillion, cachedInputPerMillion, outputPerMillion}}`)
+    /// YAML price table (`models: {<id>: {inputPerMillion, cachedInputPerMillion, outputPerMillion}}`,
+    /// optionally `cacheWritePerMillion` and `cacheWrite1hPerMillion`)
     /// adding to or overriding the built-in list prices.
     #[arg(long, env = "AGENTGATE_PRICE_TABLE")]
     price_table: Option<PathBuf>,

@@ -362,7 +362,7 @@ pub fn stats_report(jobs: &[AgentJob], now: Timestamp, window_seconds: i64) -> S
             for m in &u.models {
                 let entry = usage.entry((job.spec.category.clone(), m.model.clone())).or_default();
                 entry.0 += 1;
-                entry.1 += m.input_tokens + m.cached_input_tokens + m.output_tokens;
+                entry.1 += crate::domain::report::model_tokens(m).total();
                 entry.2 = entry.2.saturating_add(MicroUsd::parse(&m.cost_usd).unwrap_or_default());
             }
             if let (Some(JobPhase::Succeeded), Some(e)) = (status.phase, &status.estimate)
@@ -558,7 +558,10 @@ mod tests {
         assert_eq!(prior.models[0].prior_tokens, 7_500);
         assert_eq!(prior.over_budget, None, "7,500 tokens of gpt-4o-mini cost far less than a cent");
         let mut state = EstimatorState::default();
-        let big = [("gpt-4o-mini".to_string(), crate::domain::pricing::TokenCounts { input: 900_000, cached_input: 0, output: 100_000 })];
+        let big = [(
+            "gpt-4o-mini".to_string(),
+            crate::domain::pricing::TokenCounts { input: 900_000, cached_input: 0, output: 100_000, ..Default::default() },
+        )];
         let ns = j.namespace().unwrap_or_else(|| "default".into());
         for i in 0..3 {
             state.record(&format!("u/{i}"), &ns, "scan", &big.clone().into(), &prior_tokens(&estimate_input(&j)), &PriceTable::builtin());

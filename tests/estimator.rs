@@ -225,7 +225,11 @@ fn one_token_runs(job_type: &str) -> EstimatorState {
 /// A run of `total` tokens on gpt-4o-mini, 80 % of them input.
 fn tokens(total: i64) -> std::collections::BTreeMap<String, agentgate::domain::pricing::TokenCounts> {
     let input = total * 8 / 10;
-    [("gpt-4o-mini".to_string(), agentgate::domain::pricing::TokenCounts { input, cached_input: 0, output: total - input })].into()
+    [(
+        "gpt-4o-mini".to_string(),
+        agentgate::domain::pricing::TokenCounts { input, cached_input: 0, output: total - input, ..Default::default() },
+    )]
+    .into()
 }
 
 /// The operator learns per namespace: another namespace's extreme runs of the same jobType

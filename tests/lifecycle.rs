@@ -150,7 +150,11 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
         &usage_report("gpt-4o-mini", 40_000, 10_000, 6_000, json!({"findings": 3})),
     )
     .await;
-    finish_pod(&env.admin, &env.ns, "scan-fixer-1-agentgate", 0, &usage_report("claude-sonnet-4", 20_000, 0, 4_000, json!({}))).await;
+    // The Claude agent also wrote its prompt cache: counted apart and priced above input (the
+    // apiserver keeps the fields: the CRD has them).
+    let claude = json!({"usage": [{"model": "claude-sonnet-4", "inputTokens": 20_000, "cachedInputTokens": 0, "outputTokens": 4_000,
+        "cacheWriteInputTokens": 8_000, "cacheWrite1hInputTokens": 2_000}], "output": {}});
+    finish_pod(&env.admin, &env.ns, "scan-fixer-1-agentgate", 0, &claude.to_string()).await;
 
     let done = wait_phase(&env, "scan", "Succeeded").await;
     let status = done.status.unwrap();
@@ -158,15 +162,25 @@ async fn happy_path_estimates_waits_for_two_votes_runs_limited_pods_and_records_
     assert_eq!(usage.input_tokens, 60_000);
     assert_eq!(usage.cached_input_tokens, 10_000);
     assert_eq!(usage.output_tokens, 10_000);
-    assert_eq!(usage.total_tokens, 80_000);
+    assert_eq!((usage.cache_write_input_tokens, usage.cache_write_1h_input_tokens), (8_000, 2_000));
+    assert_eq!(usage.total_tokens, 90_000);
     let prices = PriceTable::builtin();
     let expected = prices
         .get("gpt-4o-mini")
         .unwrap()
-        .cost(&TokenCounts { input: 40_000, cached_input: 10_000, output: 6_000 })
-        .saturating_add(prices.get("claude-sonnet-4").unwrap().cost(&TokenCounts { input: 20_000, cached_input: 0, output: 4_000 }));
+        .cost(&TokenCounts { input: 40_000, cached_input: 10_000, output: 6_000, ..Default::default() })
+        .saturating_add(prices.get("claude-sonnet-4").unwrap().cost(&TokenCounts {
+            input: 20_000,
+            cached_input: 0,
+            output: 4_000,
+            cache_write: 8_000,
+            cache_write_1h: 2_000,
+        }));
     assert_eq!(usage.cost_usd, expected.to_string());
-    let want_error = ((80_000 - estimate.tokens.p50) as f64 / estimate.tokens.p50 as f64 * 100.0).round() as i64;
+    // The writes cost $0.042 at $3.75 and $6 per million; priced as input they were $0.03.
+    let writes = usage.models.iter().find(|m| m.model == "claude-sonnet-4").unwrap();
+    assert_eq!((writes.cache_write_input_tokens, writes.cache_write_1h_input_tokens, writes.cost_usd.as_str()), (8_000, 2_000, "0.162"));
+    let want_error = ((90_000 - estimate.tokens.p50) as f64 / estimate.tokens.p50 as f64 * 100.0).round() as i64;
     assert_eq!(usage.estimate_error_percent, Some(want_error));
     assert_eq!(status.output.as_deref(), Some(&json!({"findings": 3})));
     assert_eq!(status.attempts[0].result, agentgate::api::AttemptResult::Succeeded);

@@ -485,6 +485,12 @@ pub struct Usage {
     pub input_tokens: i64,
     pub cached_input_tokens: i64,
     pub output_tokens: i64,
+    /// Anthropic prompt-cache writes with the 5-minute TTL, priced above input; absent: 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_input_tokens: i64,
+    /// Anthropic prompt-cache writes with the 1-hour TTL; absent: 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_1h_input_tokens: i64,
     pub total_tokens: i64,
     #[serde(rename = "costUSD")]
     pub cost_usd: String,
@@ -502,6 +508,10 @@ pub struct ModelUsage {
     pub input_tokens: i64,
     pub cached_input_tokens: i64,
     pub output_tokens: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_input_tokens: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_1h_input_tokens: i64,
     #[serde(rename = "costUSD")]
     pub cost_usd: String,
 }

@@ -60,7 +60,7 @@ pub async fn learn_stored(job: &AgentJob, ctx: &Context, stored: &AgentJobStatus
         }
         for m in &usage.models {
             let labels = ctx.metrics.usage_labels(&m.model, prices.get(&m.model).is_some(), &job.spec.category);
-            ctx.metrics.tokens.get_or_create(&labels).inc_by((m.input_tokens + m.cached_input_tokens + m.output_tokens).max(0) as u64);
+            ctx.metrics.tokens.get_or_create(&labels).inc_by((crate::domain::report::model_tokens(m).total()).max(0) as u64);
             ctx.metrics.cost_usd.get_or_create(&labels).inc_by(m.cost_usd.parse().unwrap_or(0.0));
         }
     }

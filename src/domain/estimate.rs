@@ -16,7 +16,7 @@
 //!   [`super::learning::POOL_RUNS`] own runs `n`, with `w` one run for what other namespaces or
 //!   models learned and half a run for the spec's and the prior across jobTypes.
 //!
-//! Token totals split into input, cached input and output by the history's mix (or the prior's
+//! Token totals split into input, cached input, cache writes and output by the history's mix (or the prior's
 //! 80/20), and each part is priced with the model's integer price, so cached tokens cost less and
 //! no float reaches a dollar figure. The job's p50 and p90 are the sums over its models (the
 //! models of one job move together: a hard task is hard for every agent).
@@ -120,12 +120,15 @@ fn total(forecasts: Vec<ModelForecast>, samples: usize) -> Forecast {
     }
 }
 
-/// Splits a token total into input, cached input and output in the proportions of `mix`.
+/// Splits a token total into the parts of `mix` (input, cached input, cache writes), in its
+/// proportions; output takes the rest.
 fn split_like(total: f64, mix: &TokenCounts) -> TokenCounts {
     let whole = mix.total().max(1) as f64;
-    let input = (total * mix.input as f64 / whole).round() as i64;
-    let cached_input = (total * mix.cached_input as f64 / whole).round() as i64;
-    TokenCounts { input, cached_input, output: (total.round() as i64 - input - cached_input).max(0) }
+    let part = |n: i64| (total * n as f64 / whole).round() as i64;
+    let (input, cached_input, cache_write, cache_write_1h) =
+        (part(mix.input), part(mix.cached_input), part(mix.cache_write), part(mix.cache_write_1h));
+    let output = (total.round() as i64 - input - cached_input - cache_write - cache_write_1h).max(0);
+    TokenCounts { input, cached_input, output, cache_write, cache_write_1h }
 }
 
 #[cfg(test)]
@@ -155,7 +158,7 @@ mod tests {
     }
 
     fn tokens(input: i64, output: i64) -> TokenCounts {
-        TokenCounts { input, cached_input: 0, output }
+        TokenCounts { input, cached_input: 0, output, ..Default::default() }
     }
 
     fn forecast(state: &EstimatorState, ns: &str, models: &[&str], calls: &[i64]) -> Forecast {
@@ -223,11 +226,24 @@ mod tests {
     #[test]
     fn cached_tokens_in_history_lower_the_cost() {
         let uncached = learned(&[("gpt-4o", tokens(90_000, 10_000)); 10]);
-        let cached = learned(&[("gpt-4o", TokenCounts { input: 10_000, cached_input: 80_000, output: 10_000 }); 10]);
+        let cached = learned(&[("gpt-4o", TokenCounts { input: 10_000, cached_input: 80_000, output: 10_000, ..Default::default() }); 10]);
         let a = forecast(&uncached, "ns", &["gpt-4o"], &[]);
         let b = forecast(&cached, "ns", &["gpt-4o"], &[]);
         assert_eq!(a.tokens_p50, b.tokens_p50);
         assert!(b.cost_p50 < a.cost_p50);
+    }
+
+    /// The estimator learns the share of cache writes and prices it at the write rate, so a
+    /// jobType that writes its cache a lot is estimated at what it costs.
+    #[test]
+    fn cache_writes_in_history_raise_the_cost() {
+        let plain = learned(&[("claude-sonnet-4", tokens(90_000, 10_000)); 10]);
+        let writes = TokenCounts { input: 10_000, cached_input: 0, output: 10_000, cache_write: 60_000, cache_write_1h: 20_000 };
+        let writing = learned(&[("claude-sonnet-4", writes); 10]);
+        let a = forecast(&plain, "ns", &["claude-sonnet-4"], &[]);
+        let b = forecast(&writing, "ns", &["claude-sonnet-4"], &[]);
+        assert_eq!(a.tokens_p50, b.tokens_p50);
+        assert!(b.cost_p50 > a.cost_p50, "{} vs {}", b.cost_p50, a.cost_p50);
     }
 
     /// Runs declaring 2 to 32 calls: usage follows the calls (`elasticity` 1) or ignores them (0).

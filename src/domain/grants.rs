@@ -183,7 +183,7 @@ pub fn check_usage(usage: &Usage) -> Result<MicroUsd, SyncError> {
     // Any number of models (a meter that served more than MAX_MODELS priced ones): refusing
     // the report would lose its usage; [`apply`] folds them.
     for m in &usage.models {
-        let tokens = [m.input_tokens, m.cached_input_tokens, m.output_tokens];
+        let tokens = [m.input_tokens, m.cached_input_tokens, m.output_tokens, m.cache_write_input_tokens, m.cache_write_1h_input_tokens];
         if m.model.is_empty() || m.model.len() > 128 || tokens.iter().any(|t| !(0..=MAX_TOKENS).contains(t)) {
             return Err(SyncError::BadUsage(format!(
                 "model entry {:?} has a bad name or token count",
@@ -327,8 +327,17 @@ pub fn claim_mismatch(measured: &Usage, claimed: &BTreeMap<String, TokenCounts>)
         let c = claimed.get(model).copied().unwrap_or_default();
         if m != c {
             differences.push(format!(
-                "{model}: metered {}/{}/{} input/cached/output tokens, claimed {}/{}/{}",
-                m.input, m.cached_input, m.output, c.input, c.cached_input, c.output
+                "{model}: metered {}/{}/{}/{}/{} input/cached/output/cache-write/1h-cache-write tokens, claimed {}/{}/{}/{}/{}",
+                m.input,
+                m.cached_input,
+                m.output,
+                m.cache_write,
+                m.cache_write_1h,
+                c.input,
+                c.cached_input,
+                c.output,
+                c.cache_write,
+                c.cache_write_1h
             ));
         }
     }

@@ -11,7 +11,7 @@ fn who(pod: &str, attempt: i32) -> MeterIdentity {
 
 fn usage(cost: &str, output: i64) -> Usage {
     let mut u = Usage::default();
-    add_model_usage(&mut u, "gpt-4o-mini", &TokenCounts { input: 10, cached_input: 0, output }, usd(cost));
+    add_model_usage(&mut u, "gpt-4o-mini", &TokenCounts { input: 10, cached_input: 0, output, ..Default::default() }, usd(cost));
     u.cost_usd = cost.into();
     u
 }
@@ -93,6 +93,9 @@ fn another_pods_session_usage_going_down_and_bad_usage_are_refused() {
     let mut bad = ask("s1", 2, "0.30", "0");
     bad.usage.models.push(ModelUsage { model: "x".into(), input_tokens: -1, cost_usd: "0".into(), ..ModelUsage::default() });
     assert!(matches!(apply_open(&mut m, usd("1"), &who("a", 1), &bad), Err(SyncError::BadUsage(_))));
+    let mut bad = ask("s1", 2, "0.30", "0");
+    bad.usage.models.push(ModelUsage { model: "x".into(), cache_write_1h_input_tokens: -1, cost_usd: "0".into(), ..ModelUsage::default() });
+    assert!(matches!(apply_open(&mut m, usd("1"), &who("a", 1), &bad), Err(SyncError::BadUsage(_))), "cache writes are checked too");
     assert_eq!(m, before, "refusals change nothing");
 }
 
@@ -239,7 +242,12 @@ fn sessions_full_of_long_model_names_stay_within_a_bounded_status_and_every_tota
         let mut u = Usage::default();
         for model in 0..80 {
             let name = format!("s{session:04}-m{model:02}-{}", "x".repeat(118));
-            add_model_usage(&mut u, &name, &TokenCounts { input: 1, cached_input: 2, output: 3 }, MicroUsd(model + 1));
+            add_model_usage(
+                &mut u,
+                &name,
+                &TokenCounts { input: 1, cached_input: 2, output: 3, ..Default::default() },
+                MicroUsd(model + 1),
+            );
         }
         u.cost_usd = MicroUsd((1..=80).sum()).to_string();
         let request = SyncRequest { usage: u, ..ask(&format!("s{session}"), 1, "0", "0") };
@@ -268,7 +276,7 @@ fn sessions_full_of_long_model_names_stay_within_a_bounded_status_and_every_tota
 fn a_meter_of_a_few_models_keeps_them_listed_one_by_one() {
     let mut m = MeterStatus::default();
     let mut u = usage("0.02", 5);
-    add_model_usage(&mut u, "claude-sonnet-4", &TokenCounts { input: 1, cached_input: 0, output: 1 }, usd("0.01"));
+    add_model_usage(&mut u, "claude-sonnet-4", &TokenCounts { input: 1, cached_input: 0, output: 1, ..Default::default() }, usd("0.01"));
     u.cost_usd = "0.03".into();
     apply(&mut m, usd("1"), &who("a", 1), &SyncRequest { usage: u.clone(), ..ask("s1", 1, "0", "0") }, true).unwrap();
     assert_eq!(m.grants[0].usage.as_ref(), Some(&u));

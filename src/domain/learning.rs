@@ -74,6 +74,16 @@ pub struct ModelStats {
     pub input_frac: f64,
     pub cached_frac: f64,
     pub output_frac: f64,
+    /// Prompt-cache writes (5-minute, 1-hour): absent in a state saved before they were counted,
+    /// and left out while 0 (most models write no cache) to keep the stored state small.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_frac: f64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_1h_frac: f64,
+}
+
+fn is_zero(f: &f64) -> bool {
+    *f == 0.0
 }
 
 impl ModelStats {
@@ -89,7 +99,13 @@ impl ModelStats {
     /// The token mix as counts per million, for splitting a forecast total.
     pub fn mix(&self) -> TokenCounts {
         let per = |f: f64| (f * 1e6).round() as i64;
-        TokenCounts { input: per(self.input_frac), cached_input: per(self.cached_frac), output: per(self.output_frac) }
+        TokenCounts {
+            input: per(self.input_frac),
+            cached_input: per(self.cached_frac),
+            output: per(self.output_frac),
+            cache_write: per(self.cache_write_frac),
+            cache_write_1h: per(self.cache_write_1h_frac),
+        }
     }
 }
 
@@ -356,6 +372,8 @@ impl EstimatorState {
             m.input_frac += alpha * (tokens.input.max(0) as f64 / total - m.input_frac);
             m.cached_frac += alpha * (tokens.cached_input.max(0) as f64 / total - m.cached_frac);
             m.output_frac += alpha * (tokens.output.max(0) as f64 / total - m.output_frac);
+            m.cache_write_frac += alpha * (tokens.cache_write.max(0) as f64 / total - m.cache_write_frac);
+            m.cache_write_1h_frac += alpha * (tokens.cache_write_1h.max(0) as f64 / total - m.cache_write_1h_frac);
         }
         self.evict();
         true

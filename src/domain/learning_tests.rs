@@ -2,12 +2,12 @@ use super::*;
 use crate::domain::prior::{EstimateInput, prior_tokens};
 
 fn usage(model: &str, input: i64, cached: i64, output: i64) -> BTreeMap<String, TokenCounts> {
-    [(model.to_string(), TokenCounts { input, cached_input: cached, output })].into()
+    [(model.to_string(), TokenCounts { input, cached_input: cached, output, ..Default::default() })].into()
 }
 
 /// A prior of one token per model named, so that `z` is 0 and `y` is ln(total tokens).
 fn unit_prior(models: &[&str]) -> BTreeMap<String, TokenCounts> {
-    models.iter().map(|m| (m.to_string(), TokenCounts { input: 1, cached_input: 0, output: 0 })).collect()
+    models.iter().map(|m| (m.to_string(), TokenCounts { input: 1, cached_input: 0, output: 0, ..Default::default() })).collect()
 }
 
 fn record(state: &mut EstimatorState, key: &str, ns: &str, total: i64) -> bool {
@@ -184,7 +184,7 @@ fn a_hand_edited_state_is_brought_back_within_bounds() {
 fn cached_tokens_make_their_own_fraction() {
     let mut s = EstimatorState::default();
     s.record("a/1", "ns", "scan", &usage("gpt-4o", 10, 80, 10), &unit_prior(&["gpt-4o"]), &PriceTable::builtin());
-    assert_eq!(model(&s, "ns").mix(), TokenCounts { input: 100_000, cached_input: 800_000, output: 100_000 });
+    assert_eq!(model(&s, "ns").mix(), TokenCounts { input: 100_000, cached_input: 800_000, output: 100_000, ..Default::default() });
 }
 
 /// A state written by the previous release (version 3: two experts' losses per model).

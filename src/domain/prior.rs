@@ -18,8 +18,8 @@ use serde::Serialize;
 use super::forecasters::{self, median};
 use super::pricing::TokenCounts;
 
-pub const PER_AGENT: TokenCounts = TokenCounts { input: 6_000, cached_input: 0, output: 1_500 };
-pub const PER_TOOL_CALL: TokenCounts = TokenCounts { input: 2_000, cached_input: 0, output: 400 };
+pub const PER_AGENT: TokenCounts = TokenCounts { input: 6_000, cached_input: 0, output: 1_500, cache_write: 0, cache_write_1h: 0 };
+pub const PER_TOOL_CALL: TokenCounts = TokenCounts { input: 2_000, cached_input: 0, output: 400, cache_write: 0, cache_write_1h: 0 };
 pub const PRIOR_P90_RATIO: f64 = 3.0;
 /// The calibrated offset ln(p90/p50) stays within these bounds (p90 between 1.05× and 55× the p50).
 pub const OFFSET_RANGE: (f64, f64) = (0.05, 4.0);
@@ -42,8 +42,12 @@ pub fn prior_tokens(input: &EstimateInput) -> BTreeMap<String, TokenCounts> {
     let mut per_model: BTreeMap<String, TokenCounts> = BTreeMap::new();
     for (i, model) in input.agent_models.iter().enumerate() {
         let my_calls = calls / agents + if i == 0 { calls % agents } else { 0 };
-        let tokens =
-            PER_AGENT.add(&TokenCounts { input: PER_TOOL_CALL.input * my_calls, cached_input: 0, output: PER_TOOL_CALL.output * my_calls });
+        let tokens = PER_AGENT.add(&TokenCounts {
+            input: PER_TOOL_CALL.input * my_calls,
+            cached_input: 0,
+            output: PER_TOOL_CALL.output * my_calls,
+            ..Default::default()
+        });
         let entry = per_model.entry(model.clone()).or_default();
         *entry = entry.add(&tokens);
     }

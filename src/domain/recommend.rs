@@ -86,7 +86,7 @@ fn runs<'a>(namespace: &str, job_type_: &str, jobs: &[&'a AgentJob]) -> Vec<Run<
                 .models
                 .iter()
                 .map(|m| {
-                    let tokens = TokenCounts { input: m.input_tokens, cached_input: m.cached_input_tokens, output: m.output_tokens };
+                    let tokens = super::report::model_tokens(m);
                     (m.model.as_str(), (tokens, usd(&m.cost_usd)))
                 })
                 .collect();

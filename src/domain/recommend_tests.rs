@@ -8,7 +8,7 @@ use crate::api::{Attempt, AttemptResult, Usage};
 use crate::domain::report::price_usage;
 
 fn tokens(input: i64, cached: i64, output: i64) -> TokenCounts {
-    TokenCounts { input, cached_input: cached, output }
+    TokenCounts { input, cached_input: cached, output, ..Default::default() }
 }
 
 fn at(seconds: i64) -> Time {
@@ -73,7 +73,7 @@ fn of(advice: &[Recommendation], kind: RecommendationKind) -> &Recommendation {
     advice.iter().find(|r| r.kind == kind).unwrap_or_else(|| panic!("no {kind:?} in {advice:#?}"))
 }
 
-const RUN: TokenCounts = TokenCounts { input: 100_000, cached_input: 0, output: 10_000 };
+const RUN: TokenCounts = TokenCounts { input: 100_000, cached_input: 0, output: 10_000, cache_write: 0, cache_write_1h: 0 };
 
 #[test]
 fn a_cheaper_model_with_the_same_outcomes_is_recommended_with_its_saving() {

@@ -47,6 +47,10 @@ struct WireUsage {
     #[serde(default)]
     cached_input_tokens: i64,
     output_tokens: i64,
+    #[serde(default)]
+    cache_write_input_tokens: i64,
+    #[serde(default)]
+    cache_write_1h_input_tokens: i64,
 }
 
 pub fn parse_report(message: &str) -> Result<AgentReport, String> {
@@ -79,14 +83,25 @@ pub fn parse_report(message: &str) -> Result<AgentReport, String> {
         if u.model.is_empty() || u.model.len() > 128 {
             return Err(format!("usage[{i}].model must be 1 to 128 characters"));
         }
-        for (field, v) in [("inputTokens", u.input_tokens), ("cachedInputTokens", u.cached_input_tokens), ("outputTokens", u.output_tokens)]
-        {
+        for (field, v) in [
+            ("inputTokens", u.input_tokens),
+            ("cachedInputTokens", u.cached_input_tokens),
+            ("outputTokens", u.output_tokens),
+            ("cacheWriteInputTokens", u.cache_write_input_tokens),
+            ("cacheWrite1hInputTokens", u.cache_write_1h_input_tokens),
+        ] {
             if !(0..=MAX_TOKENS_PER_ENTRY).contains(&v) {
                 return Err(format!("usage[{i}].{field} = {v} is out of range"));
             }
         }
         let entry = usage.entry(u.model.clone()).or_default();
-        *entry = entry.add(&TokenCounts { input: u.input_tokens, cached_input: u.cached_input_tokens, output: u.output_tokens });
+        *entry = entry.add(&TokenCounts {
+            input: u.input_tokens,
+            cached_input: u.cached_input_tokens,
+            output: u.output_tokens,
+            cache_write: u.cache_write_input_tokens,
+            cache_write_1h: u.cache_write_1h_input_tokens,
+        });
     }
     Ok(AgentReport { usage, output: wire.output, output_truncated })
 }
@@ -143,12 +158,20 @@ pub fn add_model_usage(usage: &mut Usage, model: &str, tokens: &TokenCounts, cos
     usage.input_tokens += tokens.input;
     usage.cached_input_tokens += tokens.cached_input;
     usage.output_tokens += tokens.output;
-    usage.total_tokens = usage.input_tokens + usage.cached_input_tokens + usage.output_tokens;
+    usage.cache_write_input_tokens += tokens.cache_write;
+    usage.cache_write_1h_input_tokens += tokens.cache_write_1h;
+    usage.total_tokens = usage.input_tokens
+        + usage.cached_input_tokens
+        + usage.output_tokens
+        + usage.cache_write_input_tokens
+        + usage.cache_write_1h_input_tokens;
     usage.models.push(ModelUsage {
         model: model.to_string(),
         input_tokens: tokens.input,
         cached_input_tokens: tokens.cached_input,
         output_tokens: tokens.output,
+        cache_write_input_tokens: tokens.cache_write,
+        cache_write_1h_input_tokens: tokens.cache_write_1h,
         cost_usd: cost.to_string(),
     });
 }
@@ -178,6 +201,8 @@ pub fn fold_models(usage: &mut Usage, keep: usize) {
         other.input_tokens = other.input_tokens.saturating_add(m.input_tokens);
         other.cached_input_tokens = other.cached_input_tokens.saturating_add(m.cached_input_tokens);
         other.output_tokens = other.output_tokens.saturating_add(m.output_tokens);
+        other.cache_write_input_tokens = other.cache_write_input_tokens.saturating_add(m.cache_write_input_tokens);
+        other.cache_write_1h_input_tokens = other.cache_write_1h_input_tokens.saturating_add(m.cache_write_1h_input_tokens);
         other_cost = other_cost.saturating_add(cost(m));
     }
     other.cost_usd = other_cost.to_string();
@@ -195,11 +220,18 @@ pub fn accumulate(into: &mut BTreeMap<String, TokenCounts>, more: &BTreeMap<Stri
 
 /// Per-model token counts back out of a recorded Usage (to sum attempts).
 pub fn tokens_of(usage: &Usage) -> BTreeMap<String, TokenCounts> {
-    usage
-        .models
-        .iter()
-        .map(|m| (m.model.clone(), TokenCounts { input: m.input_tokens, cached_input: m.cached_input_tokens, output: m.output_tokens }))
-        .collect()
+    usage.models.iter().map(|m| (m.model.clone(), model_tokens(m))).collect()
+}
+
+/// One model's token counts as recorded in a Usage.
+pub fn model_tokens(m: &ModelUsage) -> TokenCounts {
+    TokenCounts {
+        input: m.input_tokens,
+        cached_input: m.cached_input_tokens,
+        output: m.output_tokens,
+        cache_write: m.cache_write_input_tokens,
+        cache_write_1h: m.cache_write_1h_input_tokens,
+    }
 }
 
 /// (actual - estimate) / estimate, in percent, rounded.
@@ -215,7 +247,12 @@ mod tests {
     fn folding_keeps_the_costliest_models_and_sums_the_rest_exactly() {
         let mut usage = Usage::default();
         for (model, cost) in [("a", 5), ("b", 50), ("c", 1), ("d", 20), (OTHER_MODELS, 100)] {
-            add_model_usage(&mut usage, model, &TokenCounts { input: cost, cached_input: 1, output: 2 }, MicroUsd(cost));
+            add_model_usage(
+                &mut usage,
+                model,
+                &TokenCounts { input: cost, cached_input: 1, output: 2, ..Default::default() },
+                MicroUsd(cost),
+            );
         }
         let before = usage.clone();
         fold_models(&mut usage, 5);
@@ -232,12 +269,40 @@ mod tests {
         assert_eq!((usage.models[0].input_tokens, usage.models[0].cost_usd.as_str()), (176, "0.000176"));
     }
 
+    /// An Anthropic agent's report counts its cache writes apart and they are priced at their
+    /// rates; a report, or a status, written before they existed reads them as 0.
+    #[test]
+    fn cache_writes_are_reported_priced_and_default_to_zero() {
+        let report = r#"{"usage": [{"model": "claude-sonnet-4", "inputTokens": 1000, "cachedInputTokens": 0, "outputTokens": 0,
+                                    "cacheWriteInputTokens": 100000, "cacheWrite1hInputTokens": 50000}]}"#;
+        let r = parse_report(report).unwrap();
+        let tokens = TokenCounts { input: 1000, cached_input: 0, output: 0, cache_write: 100_000, cache_write_1h: 50_000 };
+        assert_eq!(r.usage["claude-sonnet-4"], tokens);
+        let (usage, unpriced) = price_usage(&r.usage, &PriceTable::builtin());
+        assert!(unpriced.is_empty());
+        assert_eq!(usage.cost_usd, "0.678", "$0.003 input + $0.375 5-minute writes + $0.30 1-hour writes");
+        assert_eq!((usage.cache_write_input_tokens, usage.cache_write_1h_input_tokens, usage.total_tokens), (100_000, 50_000, 151_000));
+        assert_eq!(tokens_of(&usage)["claude-sonnet-4"], tokens, "read back from status as written");
+        let negative = r#"{"usage": [{"model": "m", "inputTokens": 1, "outputTokens": 1, "cacheWrite1hInputTokens": -1}]}"#;
+        assert!(parse_report(negative).unwrap_err().contains("usage[0].cacheWrite1hInputTokens = -1"));
+        let typo = r#"{"usage": [{"model": "m", "inputTokens": 1, "outputTokens": 1, "cacheWriteTokens": 5}]}"#;
+        assert!(parse_report(typo).unwrap_err().contains("unknown field `cacheWriteTokens`"));
+
+        // A status of the previous version: no write counts. It loads, and a job with no writes
+        // writes none back (its status is unchanged byte for byte).
+        let old = serde_json::json!({"inputTokens": 5, "cachedInputTokens": 1, "outputTokens": 2, "totalTokens": 8, "costUSD": "0.01",
+            "models": [{"model": "gpt-4o", "inputTokens": 5, "cachedInputTokens": 1, "outputTokens": 2, "costUSD": "0.01"}]});
+        let read: Usage = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!((read.cache_write_input_tokens, read.models[0].cache_write_1h_input_tokens), (0, 0));
+        assert_eq!(serde_json::to_value(&read).unwrap(), old);
+    }
+
     #[test]
     fn parses_reports_and_rejects_garbage() {
         let ok = r#"{"usage": [{"model": "gpt-4o-mini", "inputTokens": 1200, "cachedInputTokens": 100, "outputTokens": 300},
                               {"model": "gpt-4o-mini", "inputTokens": 10, "outputTokens": 5}], "output": {"findings": 3}}"#;
         let r = parse_report(ok).unwrap();
-        assert_eq!(r.usage["gpt-4o-mini"], TokenCounts { input: 1210, cached_input: 100, output: 305 });
+        assert_eq!(r.usage["gpt-4o-mini"], TokenCounts { input: 1210, cached_input: 100, output: 305, ..Default::default() });
         assert_eq!(r.output, Some(serde_json::json!({"findings": 3})));
 
         let bad: &[(&str, &str)] = &[
@@ -273,7 +338,7 @@ mod tests {
         // What the kubelet keeps of it.
         let cut = &full[..TERMINATION_MESSAGE_BYTES];
         let r = parse_report(cut).unwrap();
-        assert_eq!(r.usage["gpt-4o-mini"], TokenCounts { input: 1200, cached_input: 0, output: 300 });
+        assert_eq!(r.usage["gpt-4o-mini"], TokenCounts { input: 1200, cached_input: 0, output: 300, ..Default::default() });
         assert_eq!((r.output, r.output_truncated), (None, true));
         // Cut right after the usage.
         let r = parse_report(r#"{"usage": [{"model": "m", "inputTokens": 1, "outputTokens": 2}]"#).unwrap();
@@ -308,8 +373,8 @@ mod tests {
     #[test]
     fn prices_usage_and_keeps_unpriced_tokens() {
         let per_model: BTreeMap<String, TokenCounts> = [
-            ("gpt-4o-mini".to_string(), TokenCounts { input: 1_000_000, cached_input: 0, output: 0 }),
-            ("my-llm".to_string(), TokenCounts { input: 10, cached_input: 0, output: 10 }),
+            ("gpt-4o-mini".to_string(), TokenCounts { input: 1_000_000, cached_input: 0, output: 0, ..Default::default() }),
+            ("my-llm".to_string(), TokenCounts { input: 10, cached_input: 0, output: 10, ..Default::default() }),
         ]
         .into();
         let (usage, unpriced) = price_usage(&per_model, &PriceTable::builtin());

@@ -87,7 +87,14 @@ fn record(run: Run<'_>, i: usize, rng: &mut Rng) -> TraceRecord {
             let cached = (total * (run.cached_fraction * rng.between(0.8, 1.2)).min(0.9)).round() as i64;
             let output = (total * run.output_fraction * rng.between(0.8, 1.2)).round() as i64;
             let input = (total.round() as i64 - cached - output).max(1);
-            TraceUsage { model: model.into(), input_tokens: input, cached_input_tokens: cached, output_tokens: output }
+            TraceUsage {
+                model: model.into(),
+                input_tokens: input,
+                cached_input_tokens: cached,
+                output_tokens: output,
+                cache_write_input_tokens: 0,
+                cache_write_1h_input_tokens: 0,
+            }
         })
         .collect();
     let agents: Vec<_> = run

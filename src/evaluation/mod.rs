@@ -73,6 +73,15 @@ pub struct TraceUsage {
     #[serde(default)]
     pub cached_input_tokens: i64,
     pub output_tokens: i64,
+    /// Prompt-cache writes (5-minute, 1-hour TTL); absent in traces written before: 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_input_tokens: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_1h_input_tokens: i64,
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 /// What the estimator reads from a spec, without requiring a complete, valid AgentJob.
@@ -352,8 +361,13 @@ fn cold_oracle(scored: &mut [Scored]) -> f64 {
 fn usage_by_model(usage: &[TraceUsage]) -> BTreeMap<String, TokenCounts> {
     let mut by_model: BTreeMap<String, TokenCounts> = BTreeMap::new();
     for u in usage {
-        let tokens =
-            TokenCounts { input: u.input_tokens.max(0), cached_input: u.cached_input_tokens.max(0), output: u.output_tokens.max(0) };
+        let tokens = TokenCounts {
+            input: u.input_tokens.max(0),
+            cached_input: u.cached_input_tokens.max(0),
+            output: u.output_tokens.max(0),
+            cache_write: u.cache_write_input_tokens.max(0),
+            cache_write_1h: u.cache_write_1h_input_tokens.max(0),
+        };
         let entry = by_model.entry(u.model.clone()).or_default();
         *entry = entry.add(&tokens);
     }
@@ -449,7 +463,14 @@ mod tests {
             completed_at: None,
             namespace: None,
             spec: json!({"jobType": job_type, "category": "c", "agents": {"primary": {"name": "a", "model": model}}}),
-            usage: vec![TraceUsage { model: model.into(), input_tokens: input, cached_input_tokens: 0, output_tokens: output }],
+            usage: vec![TraceUsage {
+                model: model.into(),
+                input_tokens: input,
+                cached_input_tokens: 0,
+                output_tokens: output,
+                cache_write_input_tokens: 0,
+                cache_write_1h_input_tokens: 0,
+            }],
         }
     }
 
@@ -472,6 +493,18 @@ mod tests {
         assert_eq!(input.agent_models, ["gpt-4o", "claude-sonnet-4"]);
         assert_eq!(input.tool_calls, [4, 0]);
         assert_eq!(estimate_input(&json!({"agents": {"primary": {}}})).unwrap_err(), "spec.agents.primary.model is missing");
+    }
+
+    /// A trace written before cache writes were counted reads them as 0; a newer one prices them.
+    #[test]
+    fn traces_read_cache_writes_and_old_traces_without_them() {
+        let old = r#"{"completedAt": "2026-01-01T00:00:00Z", "namespace": "a", "spec": {}, "usage": [{"model": "claude-sonnet-4", "inputTokens": 10, "outputTokens": 1}]}"#;
+        let new = r#"{"completedAt": "2026-01-01T00:00:00Z", "namespace": "a", "spec": {}, "usage": [{"model": "claude-sonnet-4", "inputTokens": 10, "outputTokens": 1, "cacheWriteInputTokens": 1000000, "cacheWrite1hInputTokens": 1000000}]}"#;
+        let records = parse_traces(&format!("{old}\n{new}\n")).unwrap();
+        assert_eq!((records[0].usage[0].cache_write_input_tokens, records[0].usage[0].cache_write_1h_input_tokens), (0, 0));
+        let cost = |r: &TraceRecord| actual_cost(&usage_by_model(&r.usage), &PriceTable::builtin()).unwrap();
+        assert_eq!(cost(&records[1]).0 - cost(&records[0]).0, 3_750_000 + 6_000_000);
+        assert_eq!(serde_json::to_value(&records[0].usage[0]).unwrap().get("cacheWriteInputTokens"), None, "written back as read");
     }
 
     #[test]

@@ -164,7 +164,14 @@ pub fn generate(records: usize, job_types: usize, seed: u64) -> Vec<TraceRecord>
                     let cached = (total * (job.cached_fraction * rng.between(0.8, 1.2)).min(0.9)).round() as i64;
                     let output = (total * job.output_fraction * rng.between(0.8, 1.2)).round() as i64;
                     let input = (total.round() as i64 - cached - output).max(1);
-                    TraceUsage { model: agent.model.into(), input_tokens: input, cached_input_tokens: cached, output_tokens: output }
+                    TraceUsage {
+                        model: agent.model.into(),
+                        input_tokens: input,
+                        cached_input_tokens: cached,
+                        output_tokens: output,
+                        cache_write_input_tokens: 0,
+                        cache_write_1h_input_tokens: 0,
+                    }
                 })
                 .collect();
             let agents: Vec<_> = job

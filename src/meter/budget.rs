@@ -11,10 +11,11 @@ use serde::Serialize;
 
 use crate::api::Usage;
 use crate::domain::money::MicroUsd;
-use crate::domain::pricing::{ModelPrice, PerMillion, TokenCounts};
+use crate::domain::pricing::{CacheWrites, ModelPrice, PerMillion, TokenCounts};
 
-/// Each of the three parts of a real cost is rounded half up on its own (`ModelPrice::cost`),
-/// so the sum can exceed the worst case priced as one part by up to half a micro-dollar per part.
+/// Each part of a real cost is rounded half up on its own (`ModelPrice::cost`): the four input
+/// parts (fresh, cached, two cache writes) sum to at most the bound's exact cost plus 2, which
+/// the bound rounded half up plus 2 always covers (integers: `⌊y + 2⌋ ≤ ⌈y + 1.5⌉`).
 const ROUNDING_SLACK: MicroUsd = MicroUsd(2);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,14 +36,16 @@ pub enum Refusal {
 pub fn plan(
     price: &ModelPrice,
     input_bound: i64,
+    cache_writes: CacheWrites,
     output_cap: Option<i64>,
     choices: i64,
     default_cap: i64,
     remaining: Option<MicroUsd>,
 ) -> Result<Plan, Refusal> {
-    // The input bound is priced at the dearer of the two input rates: a table may price cached
-    // input above fresh input, and the split is only known afterwards.
-    let input_rate = price.input_per_million.max(price.cached_input_per_million);
+    // Every input token may turn out fresh, cached or written to the cache: the bound is priced
+    // at the dearest (a cache write bills above input: tests/meter/test_meter.py
+    // test_an_agent_writing_its_cache_cannot_spend_past_its_budget).
+    let input_rate = price.input_bound_rate(cache_writes);
     let input_cost = input_rate.of(input_bound).saturating_add(ROUNDING_SLACK);
     let output_cost = |cap: i64| price.output_per_million.of(cap.saturating_mul(choices));
     let (cap, inject_cap) = match (output_cap, remaining) {

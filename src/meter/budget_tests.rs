@@ -6,45 +6,47 @@ fn price() -> ModelPrice {
         input_per_million: PerMillion(MicroUsd(1_000_000)),
         cached_input_per_million: PerMillion(MicroUsd(500_000)),
         output_per_million: PerMillion(MicroUsd(4_000_000)),
+        cache_write_per_million: None,
+        cache_write_1h_per_million: None,
     }
 }
 
 #[test]
 fn reserves_input_bound_and_output_cap_at_the_models_price() {
-    let plan = plan(&price(), 1000, Some(100), 1, 16_384, Some(MicroUsd(10_000))).unwrap();
+    let plan = plan(&price(), 1000, CacheWrites::None, Some(100), 1, 16_384, Some(MicroUsd(10_000))).unwrap();
     assert_eq!(plan, Plan { reserve: MicroUsd(1000 + 400 + 2), inject_cap: None });
     // n choices multiply the output.
-    let plan = super::plan(&price(), 1000, Some(100), 3, 16_384, Some(MicroUsd(10_000))).unwrap();
+    let plan = super::plan(&price(), 1000, CacheWrites::None, Some(100), 3, 16_384, Some(MicroUsd(10_000))).unwrap();
     assert_eq!(plan.reserve, MicroUsd(1000 + 1200 + 2));
 }
 
 #[test]
 fn a_call_that_cannot_fit_is_refused() {
     assert_eq!(
-        plan(&price(), 1000, Some(100), 1, 16_384, Some(MicroUsd(1401))),
+        plan(&price(), 1000, CacheWrites::None, Some(100), 1, 16_384, Some(MicroUsd(1401))),
         Err(Refusal::Budget { needed: MicroUsd(1402), remaining: MicroUsd(1401) })
     );
-    assert!(plan(&price(), 1000, Some(100), 1, 16_384, Some(MicroUsd(1402))).is_ok(), "exactly fitting is fine");
+    assert!(plan(&price(), 1000, CacheWrites::None, Some(100), 1, 16_384, Some(MicroUsd(1402))).is_ok(), "exactly fitting is fine");
     // A forged huge cap is refused, not clamped and not overflowed.
-    assert!(plan(&price(), 10, Some(i64::MAX), 128, 16_384, Some(MicroUsd(1_000_000_000))).is_err());
+    assert!(plan(&price(), 10, CacheWrites::None, Some(i64::MAX), 128, 16_384, Some(MicroUsd(1_000_000_000))).is_err());
     // The input alone does not fit: refused even before any output.
-    assert!(plan(&price(), 5_000, None, 1, 16_384, Some(MicroUsd(4_000))).is_err());
+    assert!(plan(&price(), 5_000, CacheWrites::None, None, 1, 16_384, Some(MicroUsd(4_000))).is_err());
     // Nothing left at all, or overspent (negative remaining).
-    assert!(plan(&price(), 1, None, 1, 16_384, Some(MicroUsd(0))).is_err());
-    assert!(plan(&price(), 1, None, 1, 16_384, Some(MicroUsd(-5))).is_err());
+    assert!(plan(&price(), 1, CacheWrites::None, None, 1, 16_384, Some(MicroUsd(0))).is_err());
+    assert!(plan(&price(), 1, CacheWrites::None, None, 1, 16_384, Some(MicroUsd(-5))).is_err());
 }
 
 #[test]
 fn a_missing_cap_is_set_to_what_the_budget_allows() {
     // 10,000 left, input 1,000 + 2 slack: 8,998 for output at 4 per token → 2,249 tokens.
-    let plan = plan(&price(), 1000, None, 1, 16_384, Some(MicroUsd(10_000))).unwrap();
+    let plan = plan(&price(), 1000, CacheWrites::None, None, 1, 16_384, Some(MicroUsd(10_000))).unwrap();
     assert_eq!(plan.inject_cap, Some(2249));
     assert!(plan.reserve <= MicroUsd(10_000));
     // Plenty of budget: the default cap.
-    let plan = super::plan(&price(), 1000, None, 1, 16_384, Some(MicroUsd(1_000_000_000))).unwrap();
+    let plan = super::plan(&price(), 1000, CacheWrites::None, None, 1, 16_384, Some(MicroUsd(1_000_000_000))).unwrap();
     assert_eq!(plan.inject_cap, Some(16_384));
     // No budget at all: the default cap too.
-    let plan = super::plan(&price(), 1000, None, 1, 16_384, None).unwrap();
+    let plan = super::plan(&price(), 1000, CacheWrites::None, None, 1, 16_384, None).unwrap();
     assert_eq!(plan.inject_cap, Some(16_384));
 }
 
@@ -56,7 +58,7 @@ fn the_injected_cap_always_fits_whatever_the_rates() {
         for remaining in [3, 10, 999, 123_457, 10_000_000] {
             for choices in [1, 3] {
                 let p = ModelPrice { output_per_million: PerMillion(MicroUsd(rate)), ..price() };
-                let Ok(plan) = plan(&p, 0, None, choices, i64::MAX, Some(MicroUsd(remaining))) else { continue };
+                let Ok(plan) = plan(&p, 0, CacheWrites::None, None, choices, i64::MAX, Some(MicroUsd(remaining))) else { continue };
                 assert!(plan.reserve <= MicroUsd(remaining), "rate {rate} remaining {remaining}");
                 let cap = plan.inject_cap.unwrap();
                 let one_more = p.output_per_million.of((cap + 1) * choices).saturating_add(MicroUsd(2));
@@ -66,7 +68,7 @@ fn the_injected_cap_always_fits_whatever_the_rates() {
     }
     // Free output: the default cap.
     let free = ModelPrice { output_per_million: PerMillion(MicroUsd(0)), ..price() };
-    assert_eq!(plan(&free, 0, None, 1, 500, Some(MicroUsd(10))).unwrap().inject_cap, Some(500));
+    assert_eq!(plan(&free, 0, CacheWrites::None, None, 1, 500, Some(MicroUsd(10))).unwrap().inject_cap, Some(500));
 }
 
 #[test]
@@ -76,18 +78,55 @@ fn the_real_cost_never_exceeds_the_reservation_when_usage_is_within_the_bounds()
         input_per_million: PerMillion(MicroUsd(150_000)),
         cached_input_per_million: PerMillion(MicroUsd(75_000)),
         output_per_million: PerMillion(MicroUsd(600_000)),
+        cache_write_per_million: None,
+        cache_write_1h_per_million: None,
     };
     for bound in [1, 3, 7, 10, 1001] {
-        let plan = plan(&p, bound, Some(13), 1, 100, None).unwrap();
+        let plan = plan(&p, bound, CacheWrites::None, Some(13), 1, 100, None).unwrap();
         for cached in 0..=bound {
-            let cost = p.cost(&TokenCounts { input: bound - cached, cached_input: cached, output: 13 });
+            let cost = p.cost(&TokenCounts { input: bound - cached, cached_input: cached, output: 13, ..Default::default() });
             assert!(cost <= plan.reserve, "bound {bound} cached {cached}: {cost} > {}", plan.reserve);
         }
     }
 }
 
+/// The same with cache writes: every split of the bound between fresh input, reads and writes of
+/// both TTLs costs no more than the reservation made for the writes the request asks for.
+#[test]
+fn the_reservation_covers_every_split_into_cache_writes() {
+    let p = ModelPrice {
+        input_per_million: PerMillion(MicroUsd(3_000_000)),
+        cached_input_per_million: PerMillion(MicroUsd(300_000)),
+        output_per_million: PerMillion(MicroUsd(15_000_000)),
+        cache_write_per_million: Some(PerMillion(MicroUsd(3_750_001))),
+        cache_write_1h_per_million: Some(PerMillion(MicroUsd(6_000_001))),
+    };
+    for bound in [1, 2, 3, 7, 10, 101] {
+        let five = plan(&p, bound, CacheWrites::FiveMinutes, Some(13), 1, 100, None).unwrap().reserve;
+        let hour = plan(&p, bound, CacheWrites::OneHour, Some(13), 1, 100, None).unwrap().reserve;
+        for write in 0..=bound {
+            for cached in 0..=bound - write {
+                let split = |write_1h: i64| TokenCounts {
+                    input: bound - write - cached - write_1h,
+                    cached_input: cached,
+                    output: 13,
+                    cache_write: write,
+                    cache_write_1h: write_1h,
+                };
+                assert!(p.cost(&split(0)) <= five, "bound {bound} write {write} cached {cached}");
+                for write_1h in 0..=bound - write - cached {
+                    assert!(p.cost(&split(write_1h)) <= hour, "bound {bound} write {write} 1h {write_1h} cached {cached}");
+                }
+            }
+        }
+    }
+    // What the bug let through: a call all cache writes, reserved at the input price.
+    let writes = TokenCounts { cache_write: 100_000, ..TokenCounts::default() };
+    assert!(p.cost(&writes) > plan(&p, 100_000, CacheWrites::None, Some(0), 1, 1, None).unwrap().reserve);
+}
+
 fn tokens(input: i64, output: i64) -> TokenCounts {
-    TokenCounts { input, cached_input: 0, output }
+    TokenCounts { input, cached_input: 0, output, ..Default::default() }
 }
 
 #[test]
@@ -97,7 +136,7 @@ fn reservations_settle_to_the_real_cost_or_stay_charged() {
     let (a, _) = ledger.reserve("m", price(), fixed(6_000)).unwrap();
     assert_eq!(ledger.snapshot().reserved_usd, "0.006");
     let (b, _) = ledger.reserve("m", price(), fixed(3_000)).unwrap();
-    let planned = |remaining: Option<MicroUsd>| plan(&price(), 1000, Some(100), 1, 1, remaining);
+    let planned = |remaining: Option<MicroUsd>| plan(&price(), 1000, CacheWrites::None, Some(100), 1, 1, remaining);
     assert!(ledger.reserve("m", price(), planned).is_err(), "1,000 left cannot hold a 1,402 call");
     a.settle(Outcome::Measured(tokens(100, 10)));
     assert_eq!(ledger.spent(), MicroUsd(140));
@@ -123,7 +162,7 @@ fn concurrent_calls_never_overspend() {
             std::thread::spawn(move || {
                 let mut admitted = 0;
                 for i in 0..2_000 {
-                    let planned = |remaining| plan(&price(), 100 + (i % 50), Some(20), 1, 1, remaining);
+                    let planned = |remaining| plan(&price(), 100 + (i % 50), CacheWrites::None, Some(20), 1, 1, remaining);
                     if let Ok((r, _)) = ledger.reserve("m", price(), planned) {
                         admitted += 1;
                         // Some use all they may, some part, some vanish.

@@ -285,8 +285,9 @@ async fn admit(meter: &Meter, api: Api, body: Bytes, parse_charge: Charge) -> Re
         let message = format!("model {model:?} has no price in the agentgate meter's price table, so its cost cannot be bounded");
         return Err(Box::new(refused(StatusCode::BAD_REQUEST, "model_not_priced", &message)));
     };
-    let plan_for =
-        |remaining| budget::plan(&price, facts.input_bound, facts.output_cap, facts.choices, meter.default_output_cap, remaining);
+    let plan_for = |remaining| {
+        budget::plan(&price, facts.input_bound, facts.cache_writes, facts.output_cap, facts.choices, meter.default_output_cap, remaining)
+    };
     // Whether a refusal below is for want of budget (counted and reported: the job ends
     // BudgetExhausted) or only for want of an answer from the operator (fail closed, not counted).
     let mut operator_unreachable = false;

@@ -1,10 +1,10 @@
 //! The providers' wire formats: which calls are metered, what a request may cost at most, how
 //! the meter rewrites it (usage in streams, an output cap), and where each response reports its
-//! usage, normalised to the project's shape (`input` excludes cached tokens).
+//! usage, normalised to the project's shape (`input` excludes cached tokens and cache writes).
 
 use serde_json::Value;
 
-use crate::domain::pricing::TokenCounts;
+use crate::domain::pricing::{CacheWrites, TokenCounts};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Provider {
@@ -98,6 +98,10 @@ pub struct RequestFacts {
     /// does not hold; the meter adds it to `input_bound` when it saw that response (see
     /// `proxy::Contexts`) and refuses the call otherwise.
     pub previous_response: Option<String>,
+    /// The dearest prompt-cache write the call can be billed for, at which its input is
+    /// reserved: none for OpenAI (its caching bills no write), a 5-minute one for any Anthropic
+    /// call, a 1-hour one when it asks for `ttl: 1h` anywhere.
+    pub cache_writes: CacheWrites,
 }
 
 pub const FIXED_INPUT_ALLOWANCE: i64 = 1_024;
@@ -164,7 +168,12 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<(Value, RequestFacts), Bad
     };
     let images = count_images(&value);
     let input_bound = (body.len() as i64).saturating_add(FIXED_INPUT_ALLOWANCE).saturating_add(images.saturating_mul(IMAGE_ALLOWANCE));
-    Ok((value, RequestFacts { model, stream, input_bound, output_cap, choices, previous_response }))
+    let cache_writes = match api {
+        Api::AnthropicMessages if cache_ttls(&value).iter().any(|t| t == "\"1h\"") => CacheWrites::OneHour,
+        Api::AnthropicMessages => CacheWrites::FiveMinutes,
+        _ => CacheWrites::None,
+    };
+    Ok((value, RequestFacts { model, stream, input_bound, output_cap, choices, previous_response, cache_writes }))
 }
 
 /// Features whose input tokens are not in the request body, so no reservation could bound them.
@@ -197,8 +206,7 @@ fn unbounded_input(api: Api, request: &Value) -> Option<String> {
 /// the meter would count them (and reserve for them) at that price, and an agent could spend up
 /// to twice what it is charged (tests/meter/test_meter.py
 /// test_calls_the_provider_bills_above_the_price_table_are_refused). OpenAI's `priority` and
-/// `scale` processing; Anthropic cache writes kept an hour (twice the input price; the 5-minute
-/// ones, 1.25 times, stay counted as input: README "The agent meter").
+/// `scale` processing; Anthropic cache writes with a TTL other than the two it prices (5m, 1h).
 fn billed_above_list_price(api: Api, request: &Value) -> Option<String> {
     let tiers: &[&str] = match api {
         Api::AnthropicMessages => &["auto", "standard_only"],
@@ -215,18 +223,24 @@ fn billed_above_list_price(api: Api, request: &Value) -> Option<String> {
             ));
         }
     }
-    if api == Api::AnthropicMessages {
-        let mut ttl = None;
-        walk(request, &mut |v| {
-            if let Some(t) = v.get("cache_control").and_then(|c| c.get("ttl")).filter(|t| !t.is_null() && *t != "5m") {
-                ttl.get_or_insert_with(|| t.to_string().chars().take(64).collect::<String>());
-            }
-        });
-        if let Some(ttl) = ttl {
-            return Some(format!("a cache write with `ttl: {ttl}` (billed at twice the input price; only 5m is counted at its price)"));
-        }
+    if api == Api::AnthropicMessages
+        && let Some(ttl) = cache_ttls(request).into_iter().find(|t| t != "\"5m\"" && t != "\"1h\"")
+    {
+        return Some(format!("a cache write with `ttl: {ttl}` (only 5m and 1h have a price)"));
     }
     None
+}
+
+/// The `ttl`s of the request's `cache_control` breakpoints (as JSON text, at most 64 characters
+/// each; an absent or null one is the default 5 minutes and not listed).
+fn cache_ttls(request: &Value) -> Vec<String> {
+    let mut ttls = Vec::new();
+    walk(request, &mut |v| {
+        if let Some(t) = v.get("cache_control").and_then(|c| c.get("ttl")).filter(|t| !t.is_null()) {
+            ttls.push(t.to_string().chars().take(64).collect::<String>());
+        }
+    });
+    ttls
 }
 
 /// The `anthropic-beta` features that make the provider bill above the model's list price: the
@@ -321,6 +335,8 @@ pub fn usage_of(api: Api, usage: &Value) -> Option<TokenCounts> {
                 input: (count(usage, &["prompt_tokens"]) - cached).max(0),
                 cached_input: cached,
                 output: count(usage, &["completion_tokens"]),
+                // OpenAI caches on its own and bills no write.
+                ..TokenCounts::default()
             }
         }
         Api::Responses => {
@@ -329,16 +345,32 @@ pub fn usage_of(api: Api, usage: &Value) -> Option<TokenCounts> {
                 input: (count(usage, &["input_tokens"]) - cached).max(0),
                 cached_input: cached,
                 output: count(usage, &["output_tokens"]),
+                ..TokenCounts::default()
             }
         }
-        // Anthropic's input_tokens already excludes cache reads and writes. Cache writes are
-        // priced as input: the price table has no cache-write rate.
-        Api::AnthropicMessages => TokenCounts {
-            input: count(usage, &["input_tokens"]).saturating_add(count(usage, &["cache_creation_input_tokens"])),
-            cached_input: count(usage, &["cache_read_input_tokens"]),
-            output: count(usage, &["output_tokens"]),
-        },
+        // Anthropic's input_tokens already excludes cache reads and writes.
+        Api::AnthropicMessages => {
+            let (cache_write, cache_write_1h) = cache_writes_of(usage);
+            TokenCounts {
+                input: count(usage, &["input_tokens"]),
+                cached_input: count(usage, &["cache_read_input_tokens"]),
+                output: count(usage, &["output_tokens"]),
+                cache_write,
+                cache_write_1h,
+            }
+        }
     })
+}
+
+/// Anthropic's cache writes as (5-minute, 1-hour): `cache_creation_input_tokens` is their sum,
+/// `cache_creation` splits it by TTL. A response without the split (older API versions) wrote
+/// 5-minute entries only; where the two disagree the larger figure is kept, so neither TTL is
+/// ever undercounted.
+fn cache_writes_of(usage: &Value) -> (i64, i64) {
+    let one_hour = count(usage, &["cache_creation", "ephemeral_1h_input_tokens"]);
+    let five_minutes = count(usage, &["cache_creation", "ephemeral_5m_input_tokens"])
+        .max(count(usage, &["cache_creation_input_tokens"]).saturating_sub(one_hour));
+    (five_minutes, one_hour)
 }
 
 /// Follows usage through a stream's events. `done` is set once the event that carries the
@@ -399,6 +431,12 @@ impl StreamUsage {
                         }
                         if given("cache_read_input_tokens") {
                             current.cached_input = totals.cached_input;
+                        }
+                        if given("cache_creation") {
+                            (current.cache_write, current.cache_write_1h) = (totals.cache_write, totals.cache_write_1h);
+                        } else if given("cache_creation_input_tokens") {
+                            // The sum without its split: the split message_start gave holds.
+                            current.cache_write = (totals.cache_write - current.cache_write_1h).max(0);
                         }
                     }
                 }

@@ -52,7 +52,8 @@ fn facts_of_a_chat_request() {
             input_bound: bytes + FIXED_INPUT_ALLOWANCE,
             output_cap: Some(50),
             choices: 3,
-            previous_response: None
+            previous_response: None,
+            cache_writes: CacheWrites::None,
         }
     );
     // Both caps set: the larger one binds the reservation.
@@ -147,17 +148,21 @@ fn rewriting_forces_usage_into_chat_streams_and_sets_the_cap() {
 #[test]
 fn usage_of_each_format_excludes_cached_from_input() {
     let chat = json!({"prompt_tokens": 1000, "completion_tokens": 50, "prompt_tokens_details": {"cached_tokens": 800}});
-    assert_eq!(usage_of(Api::ChatCompletions, &chat), Some(TokenCounts { input: 200, cached_input: 800, output: 50 }));
+    assert_eq!(
+        usage_of(Api::ChatCompletions, &chat),
+        Some(TokenCounts { input: 200, cached_input: 800, output: 50, ..Default::default() })
+    );
     let responses = json!({"input_tokens": 300, "input_tokens_details": {"cached_tokens": 100}, "output_tokens": 9, "total_tokens": 309});
-    assert_eq!(usage_of(Api::Responses, &responses), Some(TokenCounts { input: 200, cached_input: 100, output: 9 }));
+    assert_eq!(usage_of(Api::Responses, &responses), Some(TokenCounts { input: 200, cached_input: 100, output: 9, ..Default::default() }));
     let embeddings = json!({"prompt_tokens": 12, "total_tokens": 12});
-    assert_eq!(usage_of(Api::Embeddings, &embeddings), Some(TokenCounts { input: 12, cached_input: 0, output: 0 }));
+    assert_eq!(usage_of(Api::Embeddings, &embeddings), Some(TokenCounts { input: 12, cached_input: 0, output: 0, ..Default::default() }));
     let anthropic = json!({"input_tokens": 10, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 30, "output_tokens": 40});
-    assert_eq!(usage_of(Api::AnthropicMessages, &anthropic), Some(TokenCounts { input: 30, cached_input: 30, output: 40 }));
+    let writes = TokenCounts { input: 10, cached_input: 30, output: 40, cache_write: 20, cache_write_1h: 0 };
+    assert_eq!(usage_of(Api::AnthropicMessages, &anthropic), Some(writes), "no TTL split (older API versions): 5-minute writes");
     // Garbage never panics nor goes negative.
     assert_eq!(usage_of(Api::ChatCompletions, &json!(null)), None);
     let lying = json!({"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 9}, "completion_tokens": -4});
-    assert_eq!(usage_of(Api::ChatCompletions, &lying), Some(TokenCounts { input: 0, cached_input: 9, output: 0 }));
+    assert_eq!(usage_of(Api::ChatCompletions, &lying), Some(TokenCounts { input: 0, cached_input: 9, output: 0, ..Default::default() }));
 }
 
 fn stream(api: Api, events: &[Value]) -> StreamUsage {
@@ -178,7 +183,7 @@ fn chat_stream_usage_comes_in_the_last_chunk() {
         ],
     );
     assert!(u.done);
-    assert_eq!(u.usage, Some(TokenCounts { input: 7, cached_input: 0, output: 3 }));
+    assert_eq!(u.usage, Some(TokenCounts { input: 7, cached_input: 0, output: 3, ..Default::default() }));
     let mut u = StreamUsage::default();
     u.on_event(Api::ChatCompletions, b"[DONE]");
     u.on_event(Api::ChatCompletions, b"{\"usage\": {not json");
@@ -198,7 +203,7 @@ fn responses_stream_usage_comes_with_the_terminal_event() {
         );
         assert!(u.done, "{terminal}");
         assert_eq!(u.response_id.as_deref(), Some("resp_9"));
-        assert_eq!(u.usage, Some(TokenCounts { input: 10, cached_input: 1, output: 4 }));
+        assert_eq!(u.usage, Some(TokenCounts { input: 10, cached_input: 1, output: 4, ..Default::default() }));
     }
     let u = stream(Api::Responses, &[json!({"type": "response.created", "response": {}})]);
     assert!(!u.done);
@@ -210,7 +215,7 @@ fn anthropic_output_tokens_are_a_running_total_never_summed() {
     let delta = |n: i64| json!({"type": "message_delta", "delta": {"stop_reason": null}, "usage": {"output_tokens": n}});
     let u = stream(Api::AnthropicMessages, &[start.clone(), delta(10), delta(42), json!({"type": "message_stop"})]);
     assert!(u.done);
-    assert_eq!(u.usage, Some(TokenCounts { input: 30, cached_input: 100, output: 42 }));
+    assert_eq!(u.usage, Some(TokenCounts { input: 25, cached_input: 100, output: 42, cache_write: 5, cache_write_1h: 0 }));
     // Without message_stop the stream did not finish: usage is not final.
     let u = stream(Api::AnthropicMessages, &[start.clone(), delta(10)]);
     assert!(!u.done);
@@ -220,7 +225,56 @@ fn anthropic_output_tokens_are_a_running_total_never_summed() {
     // Newer API versions repeat input counts in message_delta, as totals too.
     let full = json!({"type": "message_delta", "usage": {"input_tokens": 25, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 5, "output_tokens": 50}});
     let u = stream(Api::AnthropicMessages, &[start, full, json!({"type": "message_stop"})]);
-    assert_eq!(u.usage, Some(TokenCounts { input: 30, cached_input: 100, output: 50 }));
+    assert_eq!(u.usage, Some(TokenCounts { input: 25, cached_input: 100, output: 50, cache_write: 5, cache_write_1h: 0 }));
+}
+
+/// Cache writes are counted apart from input, split by TTL, streamed or not: the bug was that
+/// they were folded into input and priced as such (tests/meter/test_meter.py
+/// test_cache_writes_are_recorded_at_their_price).
+#[test]
+fn anthropic_cache_writes_are_counted_by_ttl() {
+    let split = json!({"input_tokens": 7, "cache_creation_input_tokens": 3000, "cache_read_input_tokens": 0, "output_tokens": 9,
+        "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2000}});
+    let want = TokenCounts { input: 7, cached_input: 0, output: 9, cache_write: 1000, cache_write_1h: 2000 };
+    assert_eq!(usage_of(Api::AnthropicMessages, &split), Some(want));
+    // The split and the sum disagree: each TTL keeps the larger figure, never less.
+    let short = json!({"input_tokens": 1, "cache_creation_input_tokens": 50, "cache_creation": {"ephemeral_1h_input_tokens": 20}});
+    assert_eq!(usage_of(Api::AnthropicMessages, &short).map(|u| (u.cache_write, u.cache_write_1h)), Some((30, 20)));
+    let over =
+        json!({"cache_creation_input_tokens": 10, "cache_creation": {"ephemeral_5m_input_tokens": 40, "ephemeral_1h_input_tokens": 5}});
+    assert_eq!(usage_of(Api::AnthropicMessages, &over).map(|u| (u.cache_write, u.cache_write_1h)), Some((40, 5)));
+    let hostile = json!({"cache_creation_input_tokens": -5, "cache_creation": {"ephemeral_1h_input_tokens": "x"}});
+    assert_eq!(usage_of(Api::AnthropicMessages, &hostile).map(|u| (u.cache_write, u.cache_write_1h)), Some((0, 0)));
+
+    // Streamed: message_start carries the writes, message_delta keeps them (output only) or
+    // repeats them as totals.
+    let start = json!({"type": "message_start", "message": {"usage": split}});
+    let delta = json!({"type": "message_delta", "usage": {"output_tokens": 30}});
+    let u = stream(Api::AnthropicMessages, &[start.clone(), delta, json!({"type": "message_stop"})]);
+    assert_eq!(u.usage, Some(TokenCounts { output: 30, ..want }));
+    let totals = json!({"type": "message_delta", "usage": {"output_tokens": 31, "input_tokens": 7, "cache_creation_input_tokens": 3500,
+        "cache_creation": {"ephemeral_5m_input_tokens": 1000, "ephemeral_1h_input_tokens": 2500}}});
+    let u = stream(Api::AnthropicMessages, &[start.clone(), totals, json!({"type": "message_stop"})]);
+    assert_eq!(u.usage, Some(TokenCounts { output: 31, cache_write_1h: 2500, ..want }));
+    // The sum repeated without its split: the 1-hour writes message_start reported stay 1-hour.
+    let sum = json!({"type": "message_delta", "usage": {"output_tokens": 32, "cache_creation_input_tokens": 3000}});
+    let u = stream(Api::AnthropicMessages, &[start, sum, json!({"type": "message_stop"})]);
+    assert_eq!(u.usage, Some(TokenCounts { output: 32, ..want }));
+}
+
+/// Which writes a request can cause, and so the rate its input is reserved at.
+#[test]
+fn anthropic_requests_reserve_for_the_dearest_cache_write_they_ask_for() {
+    let writes = |api: Api, body: Value| parse(api, body).unwrap().1.cache_writes;
+    let msg = |control: Value| json!([{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": control}]}]);
+    assert_eq!(writes(Api::ChatCompletions, json!({"model": "m"})), CacheWrites::None, "OpenAI bills no cache write");
+    assert_eq!(writes(Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1})), CacheWrites::FiveMinutes);
+    let five = msg(json!({"type": "ephemeral", "ttl": "5m"}));
+    assert_eq!(writes(Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "messages": five})), CacheWrites::FiveMinutes);
+    let hour = msg(json!({"type": "ephemeral", "ttl": "1h"}));
+    assert_eq!(writes(Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "messages": hour})), CacheWrites::OneHour);
+    let top = json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral", "ttl": "1h"}});
+    assert_eq!(writes(Api::AnthropicMessages, top), CacheWrites::OneHour, "automatic caching, at the top level");
 }
 
 #[test]
@@ -282,7 +336,7 @@ fn never_panics_on_hostile_requests_or_events() {
                 let mut usage = StreamUsage::default();
                 usage.on_event(api, &bytes);
                 if let Some(u) = usage.usage {
-                    assert!(u.input >= 0 && u.cached_input >= 0 && u.output >= 0);
+                    assert!(u.input >= 0 && u.cached_input >= 0 && u.output >= 0 && u.cache_write >= 0 && u.cache_write_1h >= 0);
                 }
             }
         }
@@ -292,6 +346,8 @@ fn never_panics_on_hostile_requests_or_events() {
 /// tests/meter/test_meter.py test_calls_the_provider_bills_above_the_price_table_are_refused.
 #[test]
 fn refuses_what_the_provider_bills_above_the_list_price() {
+    // A TTL with no price (a future one) is refused; 5m and 1h are priced (and 1h no longer refused).
+    let day = json!([{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral", "ttl": "24h"}}]}]);
     let hour = json!([{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]);
     for (api, body) in [
         (Api::ChatCompletions, json!({"model": "m", "service_tier": "priority"})),
@@ -300,8 +356,8 @@ fn refuses_what_the_provider_bills_above_the_list_price() {
         (Api::Responses, json!({"model": "m", "service_tier": "priority"})),
         (Api::Embeddings, json!({"model": "m", "service_tier": "Priority"})),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "service_tier": "priority"})),
-        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "messages": hour})),
-        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral", "ttl": "1h"}})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "messages": day})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral", "ttl": 3600}})),
     ] {
         assert!(matches!(parse(api, body.clone()), Err(BadRequest::Unbounded(_))), "{body}");
     }
@@ -313,6 +369,8 @@ fn refuses_what_the_provider_bills_above_the_list_price() {
         (Api::Responses, json!({"model": "m", "service_tier": null})),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "service_tier": "standard_only", "messages": five})),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral"}})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "messages": hour})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral", "ttl": "1h"}})),
     ] {
         assert!(parse(api, body.clone()).is_ok(), "{body}");
     }

@@ -21,12 +21,20 @@ import upstream as standin
 
 OPENAI_KEY = "sk-real-openai-key-for-tests"
 ANTHROPIC_KEY = "sk-ant-real-key-for-tests"
-# Micro-dollars per million tokens (input, cached input, output), as in the price table below.
-PRICES = {"test-gpt": (2_000_000, 500_000, 8_000_000), "test-claude": (3_000_000, 300_000, 15_000_000),
-          "test-embed": (100_000, 0, 0)}
-PRICE_YAML = "models:\n" + "".join(
-    f"  {m}: {{inputPerMillion: \"{i / 1e6:.6f}\", cachedInputPerMillion: \"{c / 1e6:.6f}\", outputPerMillion: \"{o / 1e6:.6f}\"}}\n"
-    for m, (i, c, o) in PRICES.items())
+# Micro-dollars per million tokens (input, cached input, output, 5-minute and 1-hour cache
+# writes), as in the price table below: Anthropic's ratios (1.25 and 2 times input) for
+# test-claude; the others have no write prices (writes at the input price, 1-hour at twice it).
+PRICES = {"test-gpt": (2_000_000, 500_000, 8_000_000, None, None),
+          "test-claude": (3_000_000, 300_000, 15_000_000, 3_750_000, 6_000_000),
+          "test-embed": (100_000, 0, 0, None, None)}
+
+
+def price_line(model, i, c, o, w, w1h):
+    writes = "" if w is None else f", cacheWritePerMillion: \"{w / 1e6:.6f}\", cacheWrite1hPerMillion: \"{w1h / 1e6:.6f}\""
+    return f"  {model}: {{inputPerMillion: \"{i / 1e6:.6f}\", cachedInputPerMillion: \"{c / 1e6:.6f}\", outputPerMillion: \"{o / 1e6:.6f}\"{writes}}}\n"
+
+
+PRICE_YAML = "models:\n" + "".join(price_line(m, *p) for m, p in PRICES.items())
 
 
 def part(tokens, rate):
@@ -34,8 +42,11 @@ def part(tokens, rate):
 
 
 def cost(model, usage):
-    i, c, o = PRICES[model]
-    return part(usage["input"], i) + part(usage["cached"], c) + part(usage["output"], o)
+    i, c, o, w, w1h = PRICES[model]
+    w = i if w is None else w
+    w1h = 2 * i if w1h is None else w1h
+    return (part(usage["input"], i) + part(usage["cached"], c) + part(usage["output"], o)
+            + part(usage.get("write", 0), w) + part(usage.get("write1h", 0), w1h))
 
 
 def micro(usd: str) -> int:
@@ -120,9 +131,9 @@ def expected_totals(calls):
         u = call["usage"]
         if u is None or call["status"] != 200:
             continue
-        m = per_model.setdefault(u["model"], {"input": 0, "cached": 0, "output": 0, "cost": 0})
-        for k in ("input", "cached", "output"):
-            m[k] += u[k]
+        m = per_model.setdefault(u["model"], {"input": 0, "cached": 0, "output": 0, "write": 0, "write1h": 0, "cost": 0})
+        for k in ("input", "cached", "output", "write", "write1h"):
+            m[k] += u.get(k, 0)
         m["cost"] += cost(u["model"], u)
     return per_model
 
@@ -131,6 +142,7 @@ def assert_measured_exactly(meter, recorder):
     usage = meter.usage()
     want = expected_totals(recorder.snapshot())
     got = {m["model"]: {"input": m["inputTokens"], "cached": m["cachedInputTokens"], "output": m["outputTokens"],
+                        "write": m.get("cacheWriteInputTokens", 0), "write1h": m.get("cacheWrite1hInputTokens", 0),
                         "cost": micro(m["costUSD"])} for m in usage["usage"]["models"]}
     assert got == want
     assert micro(usage["usage"]["costUSD"]) == sum(m["cost"] for m in want.values())
@@ -296,7 +308,7 @@ def test_calls_the_provider_bills_above_the_price_table_are_refused(meter, upstr
     """Attack: an agent asks for what the provider bills above the model's list price, which the
     meter would count (and reserve) at that price: OpenAI's priority (or scale) processing, the
     Anthropic 1M-context beta (above 200K input tokens: twice the input price), and Anthropic
-    cache writes kept an hour (twice the input price)."""
+    cache writes with a TTL the price table has no price for (5m and 1h are priced)."""
     recorder, _ = upstream
     hi = [{"role": "user", "content": "hi"}]
     for tier in ["priority", "scale", "PRIORITY", "some-future-tier"]:
@@ -310,9 +322,9 @@ def test_calls_the_provider_bills_above_the_price_table_are_refused(meter, upstr
         with pytest.raises(anthropic.BadRequestError) as e:
             anth(meter).messages.create(model="test-claude", max_tokens=10, messages=hi, extra_headers={"anthropic-beta": beta})
         assert e.value.body["error"]["type"] == "unbounded_cost" and "context-1m" in e.value.body["error"]["message"]
-    hour = [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]
+    day = [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral", "ttl": "24h"}}]}]
     with pytest.raises(anthropic.BadRequestError) as e:
-        anth(meter).messages.create(model="test-claude", max_tokens=10, messages=hour)
+        anth(meter).messages.create(model="test-claude", max_tokens=10, messages=day)
     assert e.value.body["error"]["type"] == "unbounded_cost" and "ttl" in e.value.body["error"]["message"]
     assert recorder.snapshot() == [], "a call billed above its price reached the provider"
     # What is billed at the list price (or below) still passes.
@@ -321,8 +333,77 @@ def test_calls_the_provider_bills_above_the_price_table_are_refused(meter, upstr
         oai(meter).chat.completions.create(model="test-gpt", messages=hi, max_tokens=10, **extra)
     five = [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral", "ttl": "5m"}}]}]
     anth(meter).messages.create(model="test-claude", max_tokens=10, messages=five, extra_headers={"anthropic-beta": "files-api-2025-04-14"})
-    assert len(recorder.snapshot()) == 5
+    hour = [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral", "ttl": "1h"}}]}]
+    anth(meter).messages.create(model="test-claude", max_tokens=10, messages=hour)
+    assert len(recorder.snapshot()) == 6
     assert_measured_exactly(meter, recorder)
+
+
+def cached_prompt(text, ttl):
+    return [{"role": "user", "content": [{"type": "text", "text": text, "cache_control": {"type": "ephemeral", "ttl": ttl}}]}]
+
+
+def test_cache_writes_are_recorded_at_their_price(meter, upstream):
+    """Anthropic bills a cache write above input: 1.25 times the input price kept 5 minutes,
+    twice it kept an hour. The meter once counted writes as input (and refused 1-hour ones): a
+    job that wrote its cache a lot recorded less than it spent."""
+    recorder, _ = upstream
+    client = anth(meter)
+    five = client.messages.create(model="test-claude", max_tokens=20, messages=cached_prompt("context " * 500, "5m"))
+    assert five.usage.cache_creation_input_tokens > 0 and five.usage.cache_creation.ephemeral_1h_input_tokens == 0
+    with client.messages.stream(model="test-claude", max_tokens=20, messages=cached_prompt("context " * 700, "1h")) as s:
+        hour = s.get_final_message()
+    assert hour.usage.cache_creation.ephemeral_1h_input_tokens > 0, "the SDK read the 1-hour split from the stream"
+    usage = assert_measured_exactly(meter, recorder)
+    [claude] = usage["usage"]["models"]
+    sdk = [five.usage, hour.usage]
+    assert claude["cacheWriteInputTokens"] == sum(u.cache_creation.ephemeral_5m_input_tokens for u in sdk)
+    assert claude["cacheWrite1hInputTokens"] == sum(u.cache_creation.ephemeral_1h_input_tokens for u in sdk)
+    assert claude["inputTokens"] == sum(u.input_tokens for u in sdk), "inputTokens is fresh input only"
+    assert usage["usage"]["totalTokens"] == sum(u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens + u.output_tokens for u in sdk)
+    # The USD: writes at 1.25 and 2 times the input price, not at it.
+    i, c, o, w, w1h = PRICES["test-claude"]
+    writes5, writes1h = claude["cacheWriteInputTokens"], claude["cacheWrite1hInputTokens"]
+    rest = part(claude["inputTokens"], i) + part(claude["cachedInputTokens"], c) + part(claude["outputTokens"], o)
+    recorded = micro(claude["costUSD"])
+    assert recorded == rest + part(writes5, i * 5 // 4) + part(writes1h, 2 * i)
+    as_input = rest + part(writes5 + writes1h, i)  # what the meter recorded before
+    print(f"cache writes {writes5} (5m) + {writes1h} (1h) tokens: recorded ${recorded / 1e6:.6f}, as input ${as_input / 1e6:.6f}")
+    assert recorded > as_input
+
+
+def test_an_agent_writing_its_cache_cannot_spend_past_its_budget(tmp_path, upstream):
+    """Attack: an agent whose calls are almost all cache writes. Counted as input, each call cost
+    the job 25% less than Anthropic billed it, so the meter let the agent spend past its budget;
+    now it reserves and records the writes at their price and refuses (402) the call that would
+    cross the budget at that price."""
+    recorder, _ = upstream
+    budget = micro("0.20")
+    meter = start_meter(tmp_path, upstream, budget="0.20")
+    try:
+        client = anth(meter)
+        prompt = cached_prompt("CACHEWRITE " + "x" * 8_000, "5m")
+        with pytest.raises(anthropic.APIStatusError) as e:
+            for _ in range(100):
+                client.messages.create(model="test-claude", max_tokens=10, messages=prompt)
+        assert e.value.status_code == 402 and e.value.body["error"]["type"] == "budget_exceeded"
+        calls = [c for c in recorder.snapshot() if c["status"] == 200]
+        billed = sum(cost("test-claude", c["usage"]) for c in calls)  # what Anthropic would bill
+        usage = assert_measured_exactly(meter, recorder)
+        assert micro(usage["usage"]["costUSD"]) == billed <= budget, "the job recorded, and spent, no more than its budget"
+        assert usage["budgetRefusals"] == 1
+        # Before: each call counted its writes at the input price, so more calls fit the budget
+        # than it pays for at the real price.
+        i, _, o, _, _ = PRICES["test-claude"]
+        old_cost = sum(part(c["usage"]["write"] + c["usage"]["input"], i) + part(c["usage"]["output"], o) for c in calls) // len(calls)
+        per_call = billed // len(calls)
+        old_reserve = part(len(json.dumps(calls[0]["body"])) + 1024, i) + part(10, o)
+        fits_before = next(n for n in range(1, 1000) if (n - 1) * old_cost + old_reserve > budget) - 1
+        print(f"{len(calls)} calls of ${per_call / 1e6:.6f} within ${budget / 1e6}; counted as input, {fits_before} would have passed "
+              f"(${fits_before * per_call / 1e6:.6f} billed)")
+        assert fits_before * per_call > budget and fits_before > len(calls)
+    finally:
+        meter.stop()
 
 
 def test_a_client_that_leaves_mid_stream_is_charged_its_reservation(meter, upstream):

@@ -182,11 +182,18 @@ class Handler(BaseHTTPRequestHandler):
     def on_messages(self, raw, body, call, slow):
         prompt, cached, output = decide_usage(raw, body, body.get("max_tokens"))
         creation = prompt // 5
+        if "CACHEWRITE" in json.dumps(body):  # an agent that writes its whole prompt to the cache
+            prompt, cached, output = len(raw), 0, body.get("max_tokens")
+            creation = prompt
         fresh = prompt - cached - creation
-        # Normalised: cache writes count as input, reads as cached.
-        call["usage"] = {"input": fresh + creation, "cached": cached, "output": output, "model": body["model"]}
+        # Half the writes are kept an hour when the request asks for it anywhere, as the API
+        # splits them in usage.cache_creation.
+        hour = creation // 2 if '"ttl": "1h"' in json.dumps(body) else 0
+        # Normalised: fresh input, cache reads and cache writes of each TTL apart.
+        call["usage"] = {"input": fresh, "cached": cached, "write": creation - hour, "write1h": hour, "output": output, "model": body["model"]}
         self.recorder.add(call)
-        usage = {"input_tokens": fresh, "cache_creation_input_tokens": creation, "cache_read_input_tokens": cached, "output_tokens": output}
+        usage = {"input_tokens": fresh, "cache_creation_input_tokens": creation, "cache_read_input_tokens": cached, "output_tokens": output,
+                 "cache_creation": {"ephemeral_5m_input_tokens": creation - hour, "ephemeral_1h_input_tokens": hour}}
         message = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
                    "content": [{"type": "text", "text": "héllo ✓"}], "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}
         if not body.get("stream"):

@@ -1314,8 +1314,10 @@ fn an_unknown_phase_is_rederived() {
 fn learned_expensive(job: &AgentJob) -> crate::domain::learning::Learned {
     let mut state = crate::domain::learning::EstimatorState::default();
     let prior = crate::domain::estimate::prior_tokens(&estimate_input(job));
-    let used: BTreeMap<String, TokenCounts> =
-        prior.keys().map(|m| (m.clone(), TokenCounts { input: 20_000_000, cached_input: 0, output: 2_000_000 })).collect();
+    let used: BTreeMap<String, TokenCounts> = prior
+        .keys()
+        .map(|m| (m.clone(), TokenCounts { input: 20_000_000, cached_input: 0, output: 2_000_000, ..Default::default() }))
+        .collect();
     for i in 0..12 {
         assert!(state.record(&format!("other-job/{i}"), "team-security", "security_scan", &used, &prior, &PriceTable::builtin()));
     }
