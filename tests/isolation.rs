@@ -491,3 +491,42 @@ async fn junk_votes_do_not_bloat_status_or_stop_the_job() {
     let heads_with_status = all.items.iter().filter(|v| v.spec.voter != "dave" && v.status.is_some()).count();
     eprintln!("junk votes with a status write: {junk_with_status}; heads' votes with one: {heads_with_status}");
 }
+
+/// A 48 KiB `inputSchema` of 1,500 distinct `\p{L}{200}` patterns: each took 0.1-0.2 s to compile
+/// (the regex crate's 10 MiB default size limit), so every generation of one such job, stored by
+/// anyone who may create AgentJobs and needing no approval, held a reconcile worker for minutes,
+/// and two of them the operator's two workers here. Now it is refused at once, with what limits
+/// it, and another tenant's job created after it is served; a schema with ordinary patterns
+/// still checks its input.
+#[tokio::test]
+async fn a_schema_full_of_costly_patterns_is_refused_at_once_and_others_are_served() {
+    const PATTERN_NS: &str = "isolation-patterns";
+    let env = Env::builder(PATTERN_NS).node("isolation-patterns-node", "64", "256Gi", &[]).build().await;
+    let (alice, bob, admin) = (env.alice.clone(), env.bob.clone(), env.admin.clone());
+    let costly: Vec<Value> = (0..1500).map(|i| json!({"pattern": format!("\\p{{L}}{{200}}{i}")})).collect();
+    let costly = json!({"input": {"name": "x"}, "inputSchema": {"properties": {"name": {"allOf": costly}}}});
+    for name in ["costly-1", "costly-2"] {
+        Api::<AgentJob>::namespaced(alice.clone(), PATTERN_NS)
+            .create(&PostParams::default(), &agent_job(name, job_spec(), costly.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+    }
+    let ordinary = json!({"type": "object", "required": ["repo"],
+        "properties": {"repo": {"type": "string", "pattern": "^/[a-z/]+$"}, "owner": {"type": "string", "pattern": "^[\\p{L} ]{1,20}$"}}});
+    let bobs = Api::<AgentJob>::namespaced(bob.clone(), PATTERN_NS);
+    for (name, input) in [("plain", json!({"repo": "/src/payments", "owner": "Zoë Brontë"})), ("plain-bad", json!({"repo": "src"}))] {
+        let patch = json!({"input": input, "inputSchema": ordinary});
+        bobs.create(&PostParams::default(), &agent_job(name, job_spec(), patch)).await.unwrap_or_else(|e| panic!("creating {name}: {e}"));
+    }
+
+    for name in ["costly-1", "costly-2"] {
+        let refused = wait_for_job(&admin, PATTERN_NS, name, "the costly schema to be refused", |j| phase(j) == Some("Rejected")).await;
+        let ready = support::cluster::condition(&refused, "Ready").expect("Ready condition");
+        assert_eq!(ready.reason, "InvalidInput", "{ready:?}");
+        assert!(ready.message.contains("inputSchema has 1500 distinct patterns") && ready.message.contains("at most 32"), "{ready:?}");
+    }
+    wait_for_job(&admin, PATTERN_NS, "plain", "the other tenant's job to await approval", |j| phase(j) == Some("AwaitingApproval")).await;
+    let bad = wait_for_job(&admin, PATTERN_NS, "plain-bad", "the bad input to be refused", |j| phase(j) == Some("Rejected")).await;
+    let ready = support::cluster::condition(&bad, "Ready").expect("Ready condition");
+    assert!(ready.reason == "InvalidInput" && ready.message.contains("input/repo"), "{ready:?}");
+}
