@@ -530,3 +530,72 @@ async fn a_schema_full_of_costly_patterns_is_refused_at_once_and_others_are_serv
     let ready = support::cluster::condition(&bad, "Ready").expect("Ready condition");
     assert!(ready.reason == "InvalidInput" && ready.message.contains("input/repo"), "{ready:?}");
 }
+
+/// Any tenant may create Services, and the operator caches every Service of the cluster. Kept
+/// were all `agentgate.dev/` labels and annotations and every port whole, so 60 Services with
+/// 250 KiB under an `agentgate.dev/padding` annotation and 60 with 3,000 ports each were cached
+/// at their full size (`GET /debug/memory`: 37.2 MiB). Now a Service costs the cache the one
+/// label, four annotations and first 100 ports (name and number) it is read for (0.9 MiB), and a
+/// job is still served.
+#[tokio::test]
+async fn services_padded_with_agentgate_keys_or_thousands_of_ports_are_not_cached_whole() {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Service;
+    const SVC_NS: &str = "isolation-svc-padding";
+    const EACH: usize = 60;
+    let port = free_port();
+    let env = Env::builder(SVC_NS)
+        .node("isolation-svc-padding-node", "64", "256Gi", &[])
+        .without_voting_rights()
+        .metrics_addr(&format!("127.0.0.1:{port}"))
+        .args(&["--debug-memory"]);
+    let env = env.build().await;
+    let admin = env.admin.clone();
+    let services = Api::<Service>::namespaced(admin.clone(), SVC_NS);
+    let padding = "x".repeat(250 * 1024);
+    let many_ports: Vec<Value> = (1..=3000).map(|p| json!({"name": format!("p{p}"), "port": p})).collect();
+    futures::stream::iter(0..2 * EACH)
+        .map(|i| {
+            let services = services.clone();
+            let (annotations, ports) = if i < EACH {
+                (json!({"agentgate.dev/padding": padding, "agentgate.dev/rate-limit": "5"}), json!([{"name": "http", "port": 8080}]))
+            } else {
+                (json!({}), json!(many_ports))
+            };
+            let svc: Service = serde_json::from_value(json!({"metadata": {"name": format!("padded-{i}"),
+                "labels": {"agentgate.dev/padding": "l".repeat(63)}, "annotations": annotations},
+                "spec": {"clusterIP": "None", "ports": ports}}))
+            .unwrap();
+            async move { services.create(&PostParams::default(), &svc).await.map(|_| ()) }
+        })
+        .buffer_unordered(8)
+        .for_each(|r| {
+            r.expect("creating a padded Service");
+            std::future::ready(())
+        })
+        .await;
+
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), SVC_NS);
+    jobs.create(&PostParams::default(), &agent_job("served", job_spec(), json!({}))).await.expect("creating served");
+    wait_for_job(&admin, SVC_NS, "served", "served to be looked at", |j| phase(j) == Some("AwaitingApproval")).await;
+    // The Service watch delivers the last of them within a moment of their creation.
+    let line = wait_for(
+        "the Service cache to hold every padded Service",
+        Duration::from_secs(60),
+        || async {
+            let report = http_get(port, "/debug/memory").1;
+            report.lines().find(|l| l.starts_with("Service cache")).unwrap_or_default().to_string()
+        },
+        |line: &String| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            words.iter().position(|w| *w == "objects").and_then(|i| words[i - 1].parse::<usize>().ok()).is_some_and(|n| n >= 2 * EACH)
+        },
+    )
+    .await;
+    eprintln!("{line}");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let each: usize = words.iter().position(|w| *w == "each").and_then(|i| words[i - 2].parse().ok()).expect("bytes each");
+    // Whole: 315 KB each on average (37.2 MiB). Now about 8 KB: a Service with 100 ports or more
+    // costs 16 KB (ports are k8s-openapi structs of ~160 B), one with 250 KiB of padding 0.3 KB.
+    assert!(each < 12 * 1024, "a padded Service costs the cache {each} B: {line}");
+}
