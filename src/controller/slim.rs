@@ -4,6 +4,7 @@
 //! its store, its index or a trigger.
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{reflector, watcher};
 use kube::{Resource, ResourceExt};
 
@@ -227,6 +228,30 @@ pub fn service(svc: &mut Service) {
     svc.spec = svc.spec.take().map(|spec| ServiceSpec { ports: spec.ports.map(kept), ..ServiceSpec::default() });
     svc.status = None;
 }
+
+/// Keeps of an EndpointSlice what a tool's endpoint check reads: its identity, the
+/// `kubernetes.io/service-name` label and each endpoint's `ready` condition. The EndpointSlice
+/// controller copies a Service's labels onto each of its slices, and every slice of the cluster
+/// is watched: a tenant's Service carrying 100 KiB of labels was cached again in each slice
+/// (tests/isolation.rs `endpoint_slices_carrying_a_services_padded_labels_are_not_cached_whole`).
+pub fn endpoint_slice(slice: &mut EndpointSlice) {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+    metadata(slice);
+    slice.metadata.labels = slice.metadata.labels.take().and_then(|mut labels| {
+        let service = labels.remove_entry(SERVICE_NAME_LABEL)?;
+        Some(std::iter::once(service).collect())
+    });
+    slice.metadata.annotations = None;
+    slice.ports = None;
+    let ready_only = |e: Endpoint| Endpoint {
+        conditions: e.conditions.map(|c| EndpointConditions { ready: c.ready, ..EndpointConditions::default() }),
+        ..Endpoint::default()
+    };
+    slice.endpoints = slice.endpoints.take().map(|endpoints| endpoints.into_iter().map(ready_only).collect());
+}
+
+/// The label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Ports kept of a Service: what one EndpointSlice may list.
 pub const MAX_SERVICE_PORTS: usize = 100;
@@ -556,5 +581,34 @@ mod tests {
         assert!(cut.ends_with('…') && cut.len() < 100, "{cut}");
         let (_, problems) = desired_tool(&ServiceView::of(&long).unwrap());
         assert!(problems.iter().any(|p| p.contains("agentgate.dev/rate-limit=") && p.contains("is not a whole number")), "{problems:?}");
+    }
+
+    /// A slice keeps the service-name label and each endpoint's readiness: the tool's endpoint
+    /// count reads the same.
+    #[test]
+    fn an_endpoint_slice_keeps_its_service_name_and_readiness_only() {
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        let mut labels: serde_json::Map<String, serde_json::Value> =
+            (0..1500).map(|i| (format!("pad-{i}"), json!("l".repeat(63)))).collect();
+        labels.insert("kubernetes.io/service-name".into(), json!("search"));
+        let endpoints: Vec<serde_json::Value> = (0..3)
+            .map(|i| {
+                json!({"addresses": [format!("10.0.0.{i}")], "conditions": {"ready": i != 1, "serving": true},
+                            "nodeName": "node-a", "targetRef": {"kind": "Pod", "name": format!("search-{i}"), "namespace": "tools"}})
+            })
+            .collect();
+        let full: EndpointSlice =
+            serde_json::from_value(json!({"metadata": {"name": "search-abc", "namespace": "tools", "labels": labels},
+            "addressType": "IPv4", "endpoints": endpoints, "ports": [{"name": "http", "port": 8080}]}))
+            .unwrap();
+        let mut slim = full.clone();
+        super::endpoint_slice(&mut slim);
+        assert_eq!(slim.labels().iter().collect::<Vec<_>>(), [(&"kubernetes.io/service-name".to_string(), &"search".to_string())]);
+        let ready =
+            |s: &EndpointSlice| s.endpoints.iter().flatten().map(|e| e.conditions.as_ref().and_then(|c| c.ready)).collect::<Vec<_>>();
+        assert_eq!(ready(&slim), ready(&full));
+        assert_eq!(ready(&slim), [Some(true), Some(false), Some(true)]);
+        let heap = crate::controller::memory::heap_size::<EndpointSlice>;
+        assert!(heap(&slim) * 50 < heap(&full), "{} B of {} B kept", heap(&slim), heap(&full));
     }
 }
