@@ -491,3 +491,172 @@ async fn junk_votes_do_not_bloat_status_or_stop_the_job() {
     let heads_with_status = all.items.iter().filter(|v| v.spec.voter != "dave" && v.status.is_some()).count();
     eprintln!("junk votes with a status write: {junk_with_status}; heads' votes with one: {heads_with_status}");
 }
+
+/// A 48 KiB `inputSchema` of 1,500 distinct `\p{L}{200}` patterns: each took 0.1-0.2 s to compile
+/// (the regex crate's 10 MiB default size limit), so every generation of one such job, stored by
+/// anyone who may create AgentJobs and needing no approval, held a reconcile worker for minutes,
+/// and two of them the operator's two workers here. Now it is refused at once, with what limits
+/// it, and another tenant's job created after it is served; a schema with ordinary patterns
+/// still checks its input.
+#[tokio::test]
+async fn a_schema_full_of_costly_patterns_is_refused_at_once_and_others_are_served() {
+    const PATTERN_NS: &str = "isolation-patterns";
+    let env = Env::builder(PATTERN_NS).node("isolation-patterns-node", "64", "256Gi", &[]).build().await;
+    let (alice, bob, admin) = (env.alice.clone(), env.bob.clone(), env.admin.clone());
+    let costly: Vec<Value> = (0..1500).map(|i| json!({"pattern": format!("\\p{{L}}{{200}}{i}")})).collect();
+    let costly = json!({"input": {"name": "x"}, "inputSchema": {"properties": {"name": {"allOf": costly}}}});
+    for name in ["costly-1", "costly-2"] {
+        Api::<AgentJob>::namespaced(alice.clone(), PATTERN_NS)
+            .create(&PostParams::default(), &agent_job(name, job_spec(), costly.clone()))
+            .await
+            .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+    }
+    let ordinary = json!({"type": "object", "required": ["repo"],
+        "properties": {"repo": {"type": "string", "pattern": "^/[a-z/]+$"}, "owner": {"type": "string", "pattern": "^[\\p{L} ]{1,20}$"}}});
+    let bobs = Api::<AgentJob>::namespaced(bob.clone(), PATTERN_NS);
+    for (name, input) in [("plain", json!({"repo": "/src/payments", "owner": "Zoë Brontë"})), ("plain-bad", json!({"repo": "src"}))] {
+        let patch = json!({"input": input, "inputSchema": ordinary});
+        bobs.create(&PostParams::default(), &agent_job(name, job_spec(), patch)).await.unwrap_or_else(|e| panic!("creating {name}: {e}"));
+    }
+
+    for name in ["costly-1", "costly-2"] {
+        let refused = wait_for_job(&admin, PATTERN_NS, name, "the costly schema to be refused", |j| phase(j) == Some("Rejected")).await;
+        let ready = support::cluster::condition(&refused, "Ready").expect("Ready condition");
+        assert_eq!(ready.reason, "InvalidInput", "{ready:?}");
+        assert!(ready.message.contains("inputSchema has 1500 distinct patterns") && ready.message.contains("at most 32"), "{ready:?}");
+    }
+    wait_for_job(&admin, PATTERN_NS, "plain", "the other tenant's job to await approval", |j| phase(j) == Some("AwaitingApproval")).await;
+    let bad = wait_for_job(&admin, PATTERN_NS, "plain-bad", "the bad input to be refused", |j| phase(j) == Some("Rejected")).await;
+    let ready = support::cluster::condition(&bad, "Ready").expect("Ready condition");
+    assert!(ready.reason == "InvalidInput" && ready.message.contains("input/repo"), "{ready:?}");
+}
+
+/// Any tenant may create Services, and the operator caches every Service of the cluster. Kept
+/// were all `agentgate.dev/` labels and annotations and every port whole, so 60 Services with
+/// 250 KiB under an `agentgate.dev/padding` annotation and 60 with 3,000 ports each were cached
+/// at their full size (`GET /debug/memory`: 37.2 MiB). Now a Service costs the cache the one
+/// label, four annotations and first 100 ports (name and number) it is read for (0.9 MiB), and a
+/// job is still served.
+#[tokio::test]
+async fn services_padded_with_agentgate_keys_or_thousands_of_ports_are_not_cached_whole() {
+    use futures::StreamExt;
+    use k8s_openapi::api::core::v1::Service;
+    const SVC_NS: &str = "isolation-svc-padding";
+    const EACH: usize = 60;
+    let port = free_port();
+    let env = Env::builder(SVC_NS)
+        .node("isolation-svc-padding-node", "64", "256Gi", &[])
+        .without_voting_rights()
+        .metrics_addr(&format!("127.0.0.1:{port}"))
+        .args(&["--debug-memory"]);
+    let env = env.build().await;
+    let admin = env.admin.clone();
+    let services = Api::<Service>::namespaced(admin.clone(), SVC_NS);
+    let padding = "x".repeat(250 * 1024);
+    let many_ports: Vec<Value> = (1..=3000).map(|p| json!({"name": format!("p{p}"), "port": p})).collect();
+    futures::stream::iter(0..2 * EACH)
+        .map(|i| {
+            let services = services.clone();
+            let (annotations, ports) = if i < EACH {
+                (json!({"agentgate.dev/padding": padding, "agentgate.dev/rate-limit": "5"}), json!([{"name": "http", "port": 8080}]))
+            } else {
+                (json!({}), json!(many_ports))
+            };
+            let svc: Service = serde_json::from_value(json!({"metadata": {"name": format!("padded-{i}"),
+                "labels": {"agentgate.dev/padding": "l".repeat(63)}, "annotations": annotations},
+                "spec": {"clusterIP": "None", "ports": ports}}))
+            .unwrap();
+            async move { services.create(&PostParams::default(), &svc).await.map(|_| ()) }
+        })
+        .buffer_unordered(8)
+        .for_each(|r| {
+            r.expect("creating a padded Service");
+            std::future::ready(())
+        })
+        .await;
+
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), SVC_NS);
+    jobs.create(&PostParams::default(), &agent_job("served", job_spec(), json!({}))).await.expect("creating served");
+    wait_for_job(&admin, SVC_NS, "served", "served to be looked at", |j| phase(j) == Some("AwaitingApproval")).await;
+    // The Service watch delivers the last of them within a moment of their creation.
+    let line = wait_for(
+        "the Service cache to hold every padded Service",
+        Duration::from_secs(60),
+        || async {
+            let report = http_get(port, "/debug/memory").1;
+            report.lines().find(|l| l.starts_with("Service cache")).unwrap_or_default().to_string()
+        },
+        |line: &String| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            words.iter().position(|w| *w == "objects").and_then(|i| words[i - 1].parse::<usize>().ok()).is_some_and(|n| n >= 2 * EACH)
+        },
+    )
+    .await;
+    eprintln!("{line}");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let each: usize = words.iter().position(|w| *w == "each").and_then(|i| words[i - 2].parse().ok()).expect("bytes each");
+    // Whole: 315 KB each on average (37.2 MiB). Now about 8 KB: a Service with 100 ports or more
+    // costs 16 KB (ports are k8s-openapi structs of ~160 B), one with 250 KiB of padding 0.3 KB.
+    assert!(each < 12 * 1024, "a padded Service costs the cache {each} B: {line}");
+}
+
+/// The EndpointSlice controller copies a Service's labels onto each of its slices, and the
+/// operator caches every slice of the cluster. A tenant's Services carrying 1,500 labels each
+/// (about 110 KB) were cached again in full in their slices. This test plays the EndpointSlice
+/// controller, as tests/tools.rs does: 60 slices carrying such labels cost the cache 269 KB each
+/// (15.4 MiB), now 1.9 KB (`GET /debug/memory`), and a job is still served.
+#[tokio::test]
+async fn endpoint_slices_carrying_a_services_padded_labels_are_not_cached_whole() {
+    use futures::StreamExt;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    const SLICE_NS: &str = "isolation-slice-padding";
+    const SLICES: usize = 60;
+    let port = free_port();
+    let env = Env::builder(SLICE_NS)
+        .node("isolation-slice-padding-node", "64", "256Gi", &[])
+        .without_voting_rights()
+        .metrics_addr(&format!("127.0.0.1:{port}"))
+        .args(&["--debug-memory"]);
+    let env = env.build().await;
+    let admin = env.admin.clone();
+    let slices = Api::<EndpointSlice>::namespaced(admin.clone(), SLICE_NS);
+    let copied: serde_json::Map<String, Value> = (0..1500).map(|i| (format!("pad-{i}"), json!("l".repeat(63)))).collect();
+    futures::stream::iter(0..SLICES)
+        .map(|i| {
+            let slices = slices.clone();
+            let mut labels = copied.clone();
+            labels.insert("kubernetes.io/service-name".into(), json!(format!("padded-{i}")));
+            let slice: EndpointSlice = serde_json::from_value(json!({"metadata": {"name": format!("padded-{i}-abcde"), "labels": labels},
+                "addressType": "IPv4", "ports": [{"name": "http", "port": 8080}],
+                "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}]}))
+            .unwrap();
+            async move { slices.create(&PostParams::default(), &slice).await.map(|_| ()) }
+        })
+        .buffer_unordered(8)
+        .for_each(|r| {
+            r.expect("creating a padded EndpointSlice");
+            std::future::ready(())
+        })
+        .await;
+
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), SLICE_NS);
+    jobs.create(&PostParams::default(), &agent_job("served", job_spec(), json!({}))).await.expect("creating served");
+    wait_for_job(&admin, SLICE_NS, "served", "served to be looked at", |j| phase(j) == Some("AwaitingApproval")).await;
+    let line = wait_for(
+        "the EndpointSlice cache to hold every padded slice",
+        Duration::from_secs(60),
+        || async {
+            let report = http_get(port, "/debug/memory").1;
+            report.lines().find(|l| l.starts_with("EndpointSlice cache")).unwrap_or_default().to_string()
+        },
+        |line: &String| {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            words.iter().position(|w| *w == "objects").and_then(|i| words[i - 1].parse::<usize>().ok()).is_some_and(|n| n >= SLICES)
+        },
+    )
+    .await;
+    eprintln!("{line}");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let each: usize = words.iter().position(|w| *w == "each").and_then(|i| words[i - 2].parse().ok()).expect("bytes each");
+    assert!(each < 4 * 1024, "a padded EndpointSlice costs the cache {each} B: {line}");
+}

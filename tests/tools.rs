@@ -692,6 +692,48 @@ async fn freed_rate_limit_goes_to_the_most_urgent_waiting_job_first() {
     wait_phase(&client, ns, "later", "Running").await;
 }
 
+/// Attack: team A's approved, most urgent job asks for a whole tool and most of the node, and
+/// team A's own ResourceQuota (which it fills with its own Pods, or which is simply below the job's
+/// need) keeps it from ever starting. Waiting so, it held the tool's whole rate limit and the node
+/// room it would take against every other team's jobs: team B's job, which that quota does not
+/// concern, waited for as long as team A liked. A job its own quota holds back now holds nothing
+/// against other namespaces; a job waiting for shared capacity still does (the test above).
+#[tokio::test]
+async fn a_job_its_own_quota_keeps_waiting_holds_no_tool_or_node_room_against_other_teams() {
+    let (team_a, team_b) = ("tl-quota-a", "tl-quota-b");
+    let client = setup(team_a, false).await;
+    ControlPlane::shared().namespace(team_b).await;
+    let tool = "tl-quota-llm";
+    create_tool(&client, tool, json!({"type": "api", "endpoint": {"url": "https://llm.example/v1"}, "rateLimit": 10})).await;
+    wait_tool(&client, tool, "Ready", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
+    let quota: k8s_openapi::api::core::v1::ResourceQuota = from_json(json!({"apiVersion": "v1", "kind": "ResourceQuota",
+        "metadata": {"name": "team-a"}, "spec": {"hard": {"requests.cpu": "1"}}}));
+    Api::<k8s_openapi::api::core::v1::ResourceQuota>::namespaced(client.clone(), team_a)
+        .create(&PostParams::default(), &quota)
+        .await
+        .expect("create team A's quota");
+
+    let hog = json!({"priority": 1, "resources": {"cpu": "40", "memory": "1Gi"}, "tools": [{"name": tool, "minRateLimit": 10}]});
+    approved_job(&client, team_a, "hog", hog).await;
+    let held = wait_for_job(&client, team_a, "hog", "hog held back by its own quota", |j| {
+        phase(j) == Some("WaitingForResources") && condition(j, "Ready").is_some_and(|c| c.reason == "QuotaExceeded")
+    })
+    .await;
+    assert!(tool_check(&held, tool).passed, "{:?}", held.status);
+
+    let other = json!({"resources": {"cpu": "30", "memory": "1Gi"}, "tools": [{"name": tool, "minRateLimit": 5}]});
+    approved_job(&client, team_b, "other-team", other).await;
+    let other = wait_for_job(&client, team_b, "other-team", "team B's job to start or wait", |j| {
+        matches!(phase(j), Some("Running") | Some("WaitingForResources"))
+    })
+    .await;
+    assert_eq!(phase(&other), Some("Running"), "team A's quota-bound job kept team B's waiting: {:?}", other.status);
+    assert!(tool_check(&other, tool).passed, "{:?}", other.status);
+    wait_tool(&client, tool, "inUse 5", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.in_use == 5)).await;
+    finish_job(&client, team_b, &other).await;
+    wait_phase(&client, team_b, "other-team", "Succeeded").await;
+}
+
 /// Heads approve a job together with where its tools point: a tool repointed between approval and
 /// start (as a replaced Service repoints a discovered tool) sends the job back for new votes.
 #[tokio::test]

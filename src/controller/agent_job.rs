@@ -356,12 +356,13 @@ fn priority(job: &AgentJob) -> (i32, Option<Time>, String) {
     (job.spec.priority.unwrap_or(500), job.metadata.creation_timestamp.clone(), job.name_any())
 }
 
-/// Approved jobs that wait for capacity and go first: more urgent, or as urgent and older.
+/// Approved jobs that wait for capacity and go first: more urgent, or as urgent and older, and
+/// not kept out by their own namespace's quota (`snapshot::holds_capacity_against`).
 fn queued_ahead_of(job: &AgentJob, jobs: &[Arc<AgentJob>]) -> Vec<PodNeed> {
     let mine = priority(job);
     let mut ahead: Vec<(_, PodNeed)> = jobs
         .iter()
-        .filter(|j| j.metadata.uid != job.metadata.uid)
+        .filter(|j| j.metadata.uid != job.metadata.uid && snapshot::holds_capacity_against(j, job))
         .filter(|j| {
             let s = j.status.as_ref();
             s.and_then(|s| s.phase) == Some(JobPhase::WaitingForResources)

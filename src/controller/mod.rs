@@ -416,7 +416,7 @@ pub async fn run(
         .inspect(poke(&discovery_trigger));
     let slice_stream = watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
         .default_backoff()
-        .modify(slim::metadata)
+        .modify(slim::endpoint_slice)
         .reflect(slices_writer)
         .touched_once_stored();
     // Only Secrets' metadata is requested (never their data), and nothing is cached: a change

@@ -4,6 +4,7 @@
 //! its store, its index or a trigger.
 
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::{reflector, watcher};
 use kube::{Resource, ResourceExt};
 
@@ -182,21 +183,83 @@ pub fn node(node: &mut Node) {
     });
 }
 
-/// Keeps of a Service what the operator reads: its identity, `agentgate.dev/` labels and
-/// annotations (discovery) and its ports (a tool's endpoint check). Every Service of the cluster
-/// is watched (a tool may name any), and a tenant's 250 KiB annotations must not be cached.
+/// Keeps of a Service what the operator reads: its identity, the one label and four annotations
+/// discovery reads, and the name and number of its first [`MAX_SERVICE_PORTS`] ports (a tool's
+/// endpoint check). Every Service of the cluster is watched (a tool may name any), and any tenant
+/// may create Services: 400 with 250 KiB under `agentgate.dev/` annotation keys, or with
+/// thousands of ports, were cached whole (tests/isolation.rs
+/// `services_padded_with_agentgate_keys_or_thousands_of_ports_are_not_cached_whole`).
+/// - A discovery annotation value longer than [`MAX_ANNOTATION_BYTES`] once trimmed is no valid
+///   rate limit, port or type: its first 64 characters and an ellipsis are kept, for the
+///   message. The description keeps the 1,024 characters discovery takes of it.
+/// - An EndpointSlice holds at most 100 ports, and the EndpointSlice controller fails to publish
+///   a Service with more (kubernetes/kubernetes#99382), so such a Service has no ready endpoints
+///   for a tool anyway; a tool naming a port past the 100th is told it has no such port.
 pub fn service(svc: &mut Service) {
-    use k8s_openapi::api::core::v1::ServiceSpec;
+    use super::discovery::{DESCRIPTION, PORT, RATE_LIMIT, TOOL_LABEL, TOOL_TYPE};
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
     metadata(svc);
-    let ours = |m: Option<std::collections::BTreeMap<String, String>>| {
-        m.map(|m| m.into_iter().filter(|(k, _)| k.starts_with("agentgate.dev/")).collect::<std::collections::BTreeMap<_, _>>())
-            .filter(|m| !m.is_empty())
+    svc.metadata.labels = svc.metadata.labels.take().and_then(|mut labels| {
+        let tool = labels.remove_entry(TOOL_LABEL)?;
+        Some(std::iter::once(tool).collect())
+    });
+    svc.metadata.annotations = svc
+        .metadata
+        .annotations
+        .take()
+        .map(|mut annotations| {
+            [TOOL_TYPE, RATE_LIMIT, PORT, DESCRIPTION]
+                .into_iter()
+                .filter_map(|key| {
+                    let (key, value) = annotations.remove_entry(key)?;
+                    let trimmed = value.trim();
+                    let kept = if key == DESCRIPTION {
+                        trimmed.chars().take(1024).collect()
+                    } else if trimmed.len() <= MAX_ANNOTATION_BYTES {
+                        trimmed.to_string()
+                    } else {
+                        format!("{}…", trimmed.chars().take(64).collect::<String>())
+                    };
+                    Some((key, kept))
+                })
+                .collect::<std::collections::BTreeMap<_, _>>()
+        })
+        .filter(|m| !m.is_empty());
+    let kept = |ports: Vec<ServicePort>| -> Vec<ServicePort> {
+        ports.into_iter().take(MAX_SERVICE_PORTS).map(|p| ServicePort { name: p.name, port: p.port, ..ServicePort::default() }).collect()
     };
-    svc.metadata.labels = ours(svc.metadata.labels.take());
-    svc.metadata.annotations = ours(svc.metadata.annotations.take());
-    svc.spec = svc.spec.take().map(|spec| ServiceSpec { ports: spec.ports, ..ServiceSpec::default() });
+    svc.spec = svc.spec.take().map(|spec| ServiceSpec { ports: spec.ports.map(kept), ..ServiceSpec::default() });
     svc.status = None;
 }
+
+/// Keeps of an EndpointSlice what a tool's endpoint check reads: its identity, the
+/// `kubernetes.io/service-name` label and each endpoint's `ready` condition. The EndpointSlice
+/// controller copies a Service's labels onto each of its slices, and every slice of the cluster
+/// is watched: a tenant's Service carrying 100 KiB of labels was cached again in each slice
+/// (tests/isolation.rs `endpoint_slices_carrying_a_services_padded_labels_are_not_cached_whole`).
+pub fn endpoint_slice(slice: &mut EndpointSlice) {
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+    metadata(slice);
+    slice.metadata.labels = slice.metadata.labels.take().and_then(|mut labels| {
+        let service = labels.remove_entry(SERVICE_NAME_LABEL)?;
+        Some(std::iter::once(service).collect())
+    });
+    slice.metadata.annotations = None;
+    slice.ports = None;
+    let ready_only = |e: Endpoint| Endpoint {
+        conditions: e.conditions.map(|c| EndpointConditions { ready: c.ready, ..EndpointConditions::default() }),
+        ..Endpoint::default()
+    };
+    slice.endpoints = slice.endpoints.take().map(|endpoints| endpoints.into_iter().map(ready_only).collect());
+}
+
+/// The label naming the Service an EndpointSlice belongs to.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Ports kept of a Service: what one EndpointSlice may list.
+pub const MAX_SERVICE_PORTS: usize = 100;
+/// Longest discovery annotation value kept whole (trimmed), other than the description.
+pub const MAX_ANNOTATION_BYTES: usize = 256;
 
 /// A vote's labels and annotations are never read (`snapshot::vote_view`), and a tenant may
 /// make them 256 KiB per vote.
@@ -483,5 +546,72 @@ mod tests {
             let heap = crate::controller::memory::heap_size::<Pod>;
             assert!(heap(&stored) * 2 < heap(&slim), "{phase}: stored {} B of the slimmed {} B", heap(&stored), heap(&slim));
         }
+    }
+
+    /// A tenant's padded Service keeps only what discovery and the endpoint check read, and
+    /// discovery decides the same from the slimmed copy.
+    #[test]
+    fn a_service_keeps_the_discovery_keys_and_the_first_hundred_ports_only() {
+        use crate::controller::discovery::{ServiceView, desired_tool};
+        use k8s_openapi::api::core::v1::Service;
+        let ports: Vec<serde_json::Value> =
+            (1..=3000).map(|p| json!({"name": format!("p{p}"), "port": p, "protocol": "TCP", "targetPort": p})).collect();
+        let full: Service = serde_json::from_value(json!({"metadata": {"name": "search", "namespace": "tools",
+            "labels": {"agentgate.dev/tool": "search", "agentgate.dev/padding": "l", "team": "a"},
+            "annotations": {"agentgate.dev/padding": "x".repeat(250 * 1024), "agentgate.dev/rate-limit": " 30 ",
+                            "agentgate.dev/port": "p7", "agentgate.dev/description": format!("  {}", "d".repeat(5000)), "note": "n"}},
+            "spec": {"clusterIP": "None", "ports": ports}}))
+        .unwrap();
+        let mut slim = full.clone();
+        super::service(&mut slim);
+        assert_eq!(slim.labels().keys().collect::<Vec<_>>(), ["agentgate.dev/tool"]);
+        let keys: Vec<&String> = slim.annotations().keys().collect();
+        assert_eq!(keys, ["agentgate.dev/description", "agentgate.dev/port", "agentgate.dev/rate-limit"]);
+        let kept = slim.spec.as_ref().and_then(|s| s.ports.as_ref()).unwrap();
+        assert_eq!(kept.len(), super::MAX_SERVICE_PORTS);
+        assert_eq!((kept[6].name.as_deref(), kept[6].port, kept[6].protocol.as_ref()), (Some("p7"), 7, None));
+        let (want, _) = desired_tool(&ServiceView::of(&full).unwrap());
+        let (got, problems) = desired_tool(&ServiceView::of(&slim).unwrap());
+        assert_eq!((got.spec, got.error, problems), (want.spec, want.error, vec![]));
+        let heap = crate::controller::memory::heap_size::<Service>;
+        // 16 KB measured (100 ports of ~160 B each), of 640 KB whole.
+        assert!(heap(&slim) < 20 * 1024 && heap(&slim) * 20 < heap(&full), "{} B of {} B kept", heap(&slim), heap(&full));
+        // A value no rate limit, port or type could be is cut, and still refused for what it is.
+        let mut long = full.clone();
+        long.annotations_mut().insert("agentgate.dev/rate-limit".into(), "9".repeat(100_000));
+        super::service(&mut long);
+        let cut = &long.annotations()["agentgate.dev/rate-limit"];
+        assert!(cut.ends_with('…') && cut.len() < 100, "{cut}");
+        let (_, problems) = desired_tool(&ServiceView::of(&long).unwrap());
+        assert!(problems.iter().any(|p| p.contains("agentgate.dev/rate-limit=") && p.contains("is not a whole number")), "{problems:?}");
+    }
+
+    /// A slice keeps the service-name label and each endpoint's readiness: the tool's endpoint
+    /// count reads the same.
+    #[test]
+    fn an_endpoint_slice_keeps_its_service_name_and_readiness_only() {
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        let mut labels: serde_json::Map<String, serde_json::Value> =
+            (0..1500).map(|i| (format!("pad-{i}"), json!("l".repeat(63)))).collect();
+        labels.insert("kubernetes.io/service-name".into(), json!("search"));
+        let endpoints: Vec<serde_json::Value> = (0..3)
+            .map(|i| {
+                json!({"addresses": [format!("10.0.0.{i}")], "conditions": {"ready": i != 1, "serving": true},
+                            "nodeName": "node-a", "targetRef": {"kind": "Pod", "name": format!("search-{i}"), "namespace": "tools"}})
+            })
+            .collect();
+        let full: EndpointSlice =
+            serde_json::from_value(json!({"metadata": {"name": "search-abc", "namespace": "tools", "labels": labels},
+            "addressType": "IPv4", "endpoints": endpoints, "ports": [{"name": "http", "port": 8080}]}))
+            .unwrap();
+        let mut slim = full.clone();
+        super::endpoint_slice(&mut slim);
+        assert_eq!(slim.labels().iter().collect::<Vec<_>>(), [(&"kubernetes.io/service-name".to_string(), &"search".to_string())]);
+        let ready =
+            |s: &EndpointSlice| s.endpoints.iter().flatten().map(|e| e.conditions.as_ref().and_then(|c| c.ready)).collect::<Vec<_>>();
+        assert_eq!(ready(&slim), ready(&full));
+        assert_eq!(ready(&slim), [Some(true), Some(false), Some(true)]);
+        let heap = crate::controller::memory::heap_size::<EndpointSlice>;
+        assert!(heap(&slim) * 50 < heap(&full), "{} B of {} B kept", heap(&slim), heap(&full));
     }
 }

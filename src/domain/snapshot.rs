@@ -251,13 +251,26 @@ pub fn waits_for_capacity(job: &AgentJob) -> bool {
         && !job.spec.tools.iter().any(|t| t.required && s.missing_tools.contains(&t.name))
 }
 
+/// Whether a job ahead in the queue holds what it will claim (rate limit, node room) against
+/// `behind`. Not when a ResourceQuota of its own namespace keeps it out and `behind` is another
+/// namespace's: `behind` starting takes none of that quota, and the waiting job's team decides
+/// when, if ever, it frees (the Pods it runs there; a quota below the job's need). Team A's most
+/// urgent job, held back by team A's quota, kept team B's jobs off a shared tool and a node for as
+/// long as team A liked (tests/tools.rs
+/// `a_job_its_own_quota_keeps_waiting_holds_no_tool_or_node_room_against_other_teams`).
+pub fn holds_capacity_against(ahead: &AgentJob, behind: &AgentJob) -> bool {
+    let own_quota = ahead.status.as_ref().is_some_and(|s| s.insufficient_resources.iter().any(|r| r.starts_with("quota/")));
+    !own_quota || ahead.metadata.namespace == behind.metadata.namespace
+}
+
 /// Calls per minute of `tool` that jobs queued ahead of `job` will claim when they start, most
-/// urgent first: approved jobs waiting for capacity with a higher priority, or as high and older.
+/// urgent first: approved jobs waiting for capacity with a higher priority, or as high and older,
+/// that hold it against `job` ([`holds_capacity_against`]).
 pub fn rate_limit_claims_ahead(jobs: &[std::sync::Arc<AgentJob>], job: &AgentJob, tool: &str) -> Vec<i32> {
     let mine = queue_key(job);
     let mut ahead: Vec<_> = jobs
         .iter()
-        .filter(|j| j.metadata.uid != job.metadata.uid && waits_for_capacity(j))
+        .filter(|j| j.metadata.uid != job.metadata.uid && waits_for_capacity(j) && holds_capacity_against(j, job))
         .filter_map(|j| j.spec.tools.iter().find(|t| t.name == tool).map(|t| (queue_key(j), t.min_rate_limit)))
         .filter(|(key, _)| *key < mine)
         .collect();
@@ -358,6 +371,28 @@ mod tests {
         assert!(rate_limit_claims_ahead(&jobs, &me, "other-tool").is_empty());
         // The most urgent job has nobody ahead.
         assert!(rate_limit_claims_ahead(&jobs, &jobs[1], "t").is_empty());
+    }
+
+    /// A job its own namespace's quota keeps out holds its claim against its own namespace only.
+    #[test]
+    fn a_job_held_back_by_its_own_quota_holds_nothing_against_other_namespaces() {
+        let quota_bound = |namespace: &str| {
+            let mut j = (*job("quota", 1, 0, 8, "WaitingForResources", "QuotaExceeded", true)).clone();
+            j.metadata.namespace = Some(namespace.into());
+            j.status.as_mut().unwrap().insufficient_resources = vec!["quota/team".into()];
+            Arc::new(j)
+        };
+        let me = job("me", 5, 30, 5, "WaitingForResources", "RateLimitExhausted", true);
+        let mut elsewhere = (*me).clone();
+        elsewhere.metadata.namespace = Some("other-team".into());
+        let jobs = vec![me.clone(), quota_bound("team")];
+        assert_eq!(rate_limit_claims_ahead(&jobs, &me, "t"), vec![8], "same namespace: held");
+        assert!(rate_limit_claims_ahead(&jobs, &elsewhere, "t").is_empty(), "another namespace: not held");
+        assert!(holds_capacity_against(&jobs[1], &me) && !holds_capacity_against(&jobs[1], &elsewhere));
+        // Waiting for a node (shared capacity), it holds against everyone.
+        let node_bound = job("node", 1, 0, 8, "WaitingForResources", "InsufficientResources", true);
+        assert!(holds_capacity_against(&node_bound, &elsewhere));
+        assert_eq!(rate_limit_claims_ahead(&[me.clone(), node_bound], &elsewhere, "t"), vec![8]);
     }
 
     #[test]

@@ -6,7 +6,12 @@
 //! - a schema is size- and depth-limited, may only `$ref` into itself, may not `$ref` in a cycle,
 //!   and may not expand through `$ref`s to more than [`MAX_EXPANDED_NODES`] nodes. A 1 KiB schema
 //!   of 30 `anyOf`s that each `$ref` the next twice otherwise costs 2^30 evaluations;
-//! - `pattern`s run on the linear-time `regex` engine, not a backtracking one;
+//! - `pattern`s run on the linear-time `regex` engine, not a backtracking one, and compiling
+//!   them is bounded too: at most [`MAX_SCHEMA_PATTERNS`] distinct regular expressions, each
+//!   within [`PATTERN_SIZE_LIMIT`]. One `\pL{200}` took 0.1-0.2 s to compile under the regex
+//!   crate's default 10 MiB limit, and a 64 KiB schema holds 2,300 of them: one job kept a
+//!   reconcile worker busy for over ten minutes per generation (tests/isolation.rs
+//!   `a_schema_full_of_costly_patterns_is_refused_at_once_and_others_are_served`);
 //! - the input is size- and depth-limited (it becomes an environment variable of every agent);
 //! - errors are few and short, since they end up in status conditions and Events.
 
@@ -18,6 +23,14 @@ const MAX_SCHEMA_BYTES: usize = 64 * 1024;
 const MAX_SCHEMA_DEPTH: usize = 32;
 /// Schema nodes after inlining every `$ref`: bounds validation at this many checks per value.
 pub const MAX_EXPANDED_NODES: u64 = 20_000;
+/// Distinct regular expressions a schema compiles: `pattern` values and `patternProperties` keys.
+pub const MAX_SCHEMA_PATTERNS: usize = 32;
+/// Compiled size of one pattern (the regex crate's `size_limit`, 10 MiB by default): within it a
+/// pattern compiles in milliseconds, and `^[\p{L} ]{1,20}$` still fits.
+pub const PATTERN_SIZE_LIMIT: usize = 1 << 20;
+/// Each pattern's lazy DFA cache while matching (the regex crate's default is 2 MiB): bounds the
+/// memory of the 32 patterns of a schema together.
+const PATTERN_DFA_SIZE_LIMIT: usize = 256 << 10;
 /// Agents get the input as one environment variable; Linux refuses a single one over 128 KiB.
 pub const MAX_INPUT_BYTES: usize = 64 * 1024;
 pub const MAX_INPUT_DEPTH: usize = 32;
@@ -79,10 +92,47 @@ fn compile(what: &str, schema: &Value) -> Result<jsonschema::Validator, String> 
     if expanded > MAX_EXPANDED_NODES {
         return Err(format!("{what}Schema expands through $ref to more than {MAX_EXPANDED_NODES} subschemas"));
     }
-    jsonschema::options()
-        .with_pattern_options(jsonschema::PatternOptions::regex())
-        .build(schema)
-        .map_err(|e| bounded(&format!("{what}Schema is not a valid JSON Schema: {e}")))
+    let patterns = distinct_patterns(schema);
+    if patterns > MAX_SCHEMA_PATTERNS {
+        return Err(format!(
+            "{what}Schema has {patterns} distinct patterns (pattern, patternProperties), at most {MAX_SCHEMA_PATTERNS} allowed: \
+             each is compiled into a regular expression"
+        ));
+    }
+    let patterns = jsonschema::PatternOptions::regex().size_limit(PATTERN_SIZE_LIMIT).dfa_size_limit(PATTERN_DFA_SIZE_LIMIT);
+    jsonschema::options().with_pattern_options(patterns).build(schema).map_err(|e| {
+        let e = e.to_string();
+        // A pattern over the size limit is reported like a malformed one: say which limit.
+        let hint = if e.contains("is not a \"regex\"") { " (a pattern may compile to at most 1 MiB)" } else { "" };
+        bounded(&format!("{what}Schema is not a valid JSON Schema: {e}{hint}"))
+    })
+}
+
+/// Distinct strings the schema would compile as regular expressions: every string under a
+/// `pattern` key and every key of a `patternProperties` object, wherever they are (also inside
+/// `const` or `examples`, which over-counts safely). The compiler caches them by text.
+fn distinct_patterns(schema: &Value) -> usize {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut stack = vec![schema];
+    while let Some(node) = stack.pop() {
+        match node {
+            Value::Object(map) => {
+                for (key, child) in map {
+                    match (key.as_str(), child) {
+                        ("pattern", Value::String(p)) => {
+                            seen.insert(p.as_str());
+                        }
+                        ("patternProperties", Value::Object(props)) => seen.extend(props.keys().map(String::as_str)),
+                        _ => {}
+                    }
+                    stack.push(child);
+                }
+            }
+            Value::Array(items) => stack.extend(items),
+            _ => {}
+        }
+    }
+    seen.len()
 }
 
 /// Nodes of `schema` with every `$ref` replaced by its target, saturating. `Err` for a `$ref`
@@ -283,6 +333,27 @@ mod tests {
         let evil = format!("{}!", "a".repeat(5000));
         assert!(check_against_schema("input", Some(&json!(evil)), Some(&schema)).is_err());
         assert!(started.elapsed() < std::time::Duration::from_secs(1), "took {:?}", started.elapsed());
+    }
+
+    /// Compiling a pattern is not linear in its text: `\pL{200}` is 8 bytes and took 0.1-0.2 s.
+    #[test]
+    fn costly_patterns_are_refused_before_they_compile() {
+        let many: Vec<Value> = (0..2000).map(|i| json!({"pattern": format!("\\p{{L}}{{200}}{i}")})).collect();
+        let started = std::time::Instant::now();
+        let err = check_schema("input", &json!({"allOf": many})).unwrap_err();
+        assert!(err.contains("2000 distinct patterns") && err.contains("at most 32"), "{err}");
+        let keys: serde_json::Map<String, Value> = (0..40).map(|i| (format!("^k{i}$"), json!({}))).collect();
+        let err = check_schema("input", &json!({"patternProperties": keys})).unwrap_err();
+        assert!(err.contains("40 distinct patterns"), "{err}");
+        let huge = check_schema("input", &json!({"pattern": "\\p{L}{200}"})).unwrap_err();
+        assert!(huge.contains("at most 1 MiB"), "{huge}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "refusing took {:?}", started.elapsed());
+        // The same pattern repeated is compiled once, and ordinary patterns pass.
+        let repeated: Vec<Value> = (0..100).map(|_| json!({"pattern": "^[a-z]+$"})).collect();
+        assert!(check_against_schema("input", Some(&json!("abc")), Some(&json!({"allOf": repeated}))).is_ok());
+        let letters = json!({"type": "string", "pattern": "^[\\p{L} ]{1,20}$"});
+        assert!(check_against_schema("input", Some(&json!("Grüße aus Köln")), Some(&letters)).is_ok());
+        assert!(check_against_schema("input", Some(&json!("42")), Some(&letters)).is_err());
     }
 
     #[test]
