@@ -119,8 +119,17 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     let author = author.as_deref();
     let identity = JobIdentity { name: &name, uid: &uid, generation, author, spec_editors: &spec_editors };
     let writers = super::access::Writers { author, editors: &spec_editors, groups: &writer_groups };
-    let heads = super::access::head_verdicts(job, ctx, &vote_views, &writers).await?;
     let voters = &ctx.settings.voters;
+    // Only votes that could count in some tally below cost SubjectAccessReviews (the head check,
+    // and act-as checks against each other): the rest are settled by the tally alone
+    // (tests/vote_review_flood.rs).
+    let generations: Vec<i64> = std::iter::once(generation)
+        .chain(old_status.attempts.iter().map(|a| a.generation))
+        .chain(pods.iter().filter_map(|p| p.generation))
+        .collect();
+    let reviewable: Vec<_> =
+        vote_views.iter().filter(|v| crate::domain::tally::may_count(&identity, &generations, v, voters)).cloned().collect();
+    let heads = super::access::head_verdicts(job, ctx, &reviewable, &writers).await?;
     let required = approvals_required(&job.spec, ctx.settings.approval_floor);
     // Votes approve where the job's tools point too (tool_pinning.rs): revoked votes are not tallied.
     let endpoints = super::tool_pinning::current(job, &ctx.caches);

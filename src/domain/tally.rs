@@ -163,6 +163,21 @@ pub const MAX_IGNORED_LISTED: usize = 32;
 /// names a vote.
 pub const UNLISTED: &str = "(more)";
 
+/// Whether `vote` could count in a tally of the job at one of `generations` (its current one and
+/// those its attempts or Pods run), as far as is known without asking RBAC: only such votes are
+/// worth a SubjectAccessReview. Every vote this refuses, [`tally`] ignores for the same reason
+/// before it asks its [`Eligibility`]: one tenant binding the head role to many ServiceAccounts
+/// of theirs cost a head check per account and act-as checks per pair of them, one after
+/// another in the reconcile (tests/vote_review_flood.rs).
+pub fn may_count(job: &JobIdentity, generations: &[i64], vote: &VoteView, voters: &VoterPolicy) -> bool {
+    vote.job_name == job.name
+        && vote.job_uid == job.uid
+        && generations.contains(&vote.job_generation)
+        && job.author != Some(vote.voter.as_str())
+        && !job.spec_editors.split('\n').any(|editor| editor == vote.voter)
+        && VoterPolicy::service_account(&vote.voter).is_none_or(|_| voters.robots.contains(&vote.voter))
+}
+
 /// Votes count in creation order; a voter's first valid vote is the one that counts.
 pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: &dyn Eligibility, voters: &VoterPolicy) -> Tally {
     let mut ordered: Vec<&VoteView> = votes.iter().filter(|v| v.job_name == job.name).collect();
@@ -579,6 +594,33 @@ mod tests {
         let t = tally(&JOB, 1, &rejecting, &AnyVoter, &VoterPolicy::new(["team/reviewer-one", "team/reviewer-two"], 1).unwrap());
         assert_eq!(t.rejected_by.map(|r| r.voter), Some(SA_ONE.to_string()));
         assert!(t.approvers.is_empty());
+    }
+
+    #[test]
+    fn votes_that_cannot_count_are_settled_without_asking_rbac_and_the_tally_is_unchanged() {
+        let robots = VoterPolicy::new(["team/reviewer-one"], 1).unwrap();
+        let other_uid = VoteView { job_uid: "uid-41".into(), ..vote("v-old-uid", "alice", Approve, 1) };
+        let on_generation = |g: i64, name: &str, voter: &str| VoteView { job_generation: g, ..vote(name, voter, Approve, 2) };
+        let votes = vec![
+            other_uid,
+            on_generation(1, "v-bob-g1", "bob"),
+            on_generation(7, "v-bob-g7", "bob"),
+            vote("v-mallory", "mallory", Approve, 3),
+            vote("v-trent", "trent", Approve, 4),
+            vote("v-sock", SA_TWO, Approve, 5),
+            vote("v-robot", SA_ONE, Approve, 6),
+            vote("v-alice", "alice", Approve, 7),
+        ];
+        // Generation 1 still runs (an attempt or a Pod says so); 7 is nobody's.
+        let generations = [JOB.generation, 1];
+        let reviewed: Vec<&str> = votes.iter().filter(|v| may_count(&JOB, &generations, v, &robots)).map(|v| v.name.as_str()).collect();
+        assert_eq!(reviewed, ["v-bob-g1", "v-robot", "v-alice"]);
+        // Everyone asked about is a head: the tallies are those of a tally that asks about everyone.
+        let heads = HeadVerdicts(reviewed.iter().map(|name| (name.to_string(), Ok(()))).collect());
+        for generation in generations {
+            let job = JobIdentity { generation, ..JOB };
+            assert_eq!(tally(&job, 2, &votes, &heads, &robots), tally(&job, 2, &votes, &AnyVoter, &robots), "generation {generation}");
+        }
     }
 
     #[test]
