@@ -9,6 +9,7 @@
 //! Every request the driver sends here is counted like its creates, so the rows' API figures
 //! stay the operator's own.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -18,9 +19,13 @@ use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use serde::Serialize;
 use serde_json::json;
 
-use super::{Env, closed_loop, count, create, env_number, object};
+use super::{
+    APISERVER_IDLE_CPU, ApiserverProfile, ControlPlaneCpu, Env, Key, Window, closed_loop, count, create, env_number, key_name, object,
+    start_operator,
+};
 
 pub struct Shape {
     pub pods: usize,
@@ -163,6 +168,79 @@ impl Churn {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.task.await;
         (self.pods_terminated.load(Ordering::Relaxed), self.rbac_changes.load(Ordering::Relaxed))
+    }
+}
+
+/// What the busy cluster costs the apiserver with no job in it, measured after [`populate`]
+/// with the churn running: alone (the rate the busy rows subtract, as the empty rows subtract
+/// the idle control plane's), then with an operator started and idle (its watches of every Pod
+/// and all RBAC carry the churn to it).
+#[derive(Debug, Serialize)]
+pub struct Baseline {
+    pub seconds: f64,
+    /// kube-apiserver CPU ms per second with only the churn (the empty idle rate included).
+    pub churn_apiserver_ms_per_second: f64,
+    /// The empty control plane's, for comparison.
+    pub empty_apiserver_ms_per_second: f64,
+    /// The same as `churn_…` with an idle operator watching.
+    pub idle_operator_apiserver_ms_per_second: f64,
+    pub idle_operator_cpu_ms_per_second: Option<f64>,
+    /// The idle operator's requests per second (net of the driver and the empty background).
+    pub idle_operator_requests_per_second: BTreeMap<String, f64>,
+}
+
+pub async fn baseline(env: &Env, seconds: u64, background: &BTreeMap<Key, f64>) -> Result<Baseline> {
+    println!("\n==> busy cluster, no jobs: the churn alone for {seconds} s, then with an idle operator watching it");
+    let period = Duration::from_secs(seconds.max(1));
+    let rate = |cpu: &ControlPlaneCpu| cpu.since().0.unwrap_or(0.0) / cpu.at.elapsed().as_secs_f64() * 1000.0;
+    let profile = ApiserverProfile::start(env, "busy churn only");
+    let cpu = ControlPlaneCpu::now();
+    tokio::time::sleep(period).await;
+    let churn = rate(&cpu);
+    profile.finish().await;
+
+    let ns = "bench-busy-idle";
+    env.cp.namespace(ns).await;
+    let mut operator = start_operator(env, ns).await?;
+    let window = Window::open(&env.admin, Some(operator.pid())).await?;
+    let profile = ApiserverProfile::start(env, "busy churn idle operator");
+    let cpu = ControlPlaneCpu::now();
+    tokio::time::sleep(period).await;
+    let with_operator = rate(&cpu);
+    let operator_cpu = window.controller_stats().map(|(_, cpu)| cpu * 1000.0 / window.opened.elapsed().as_secs_f64());
+    operator.kill();
+    profile.finish().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let requests = window.close(&env.admin, background).await?;
+    let baseline = Baseline {
+        seconds: period.as_secs_f64(),
+        churn_apiserver_ms_per_second: churn,
+        empty_apiserver_ms_per_second: *APISERVER_IDLE_CPU.lock().unwrap() * 1000.0,
+        idle_operator_apiserver_ms_per_second: with_operator,
+        idle_operator_cpu_ms_per_second: operator_cpu,
+        idle_operator_requests_per_second: requests
+            .per_second()
+            .iter()
+            .map(|(k, v)| (key_name(k), *v))
+            .filter(|(_, v)| *v >= 0.01)
+            .collect(),
+    };
+    println!("    {}", baseline.summary());
+    Ok(baseline)
+}
+
+impl Baseline {
+    pub fn summary(&self) -> String {
+        let requests: Vec<String> = self.idle_operator_requests_per_second.iter().map(|(k, v)| format!("{k} {v:.2}")).collect();
+        format!(
+            "kube-apiserver CPU with no jobs: {:.0} ms/s empty, {:.0} ms/s with the busy cluster's churn (subtracted from the busy rows), \
+             {:.0} ms/s with an idle operator watching it too (operator {} ms CPU/s; its requests/s: {})",
+            self.empty_apiserver_ms_per_second,
+            self.churn_apiserver_ms_per_second,
+            self.idle_operator_apiserver_ms_per_second,
+            self.idle_operator_cpu_ms_per_second.map_or("-".into(), |v| format!("{v:.0}")),
+            if requests.is_empty() { "none".into() } else { requests.join(", ") }
+        )
     }
 }
 
