@@ -13,7 +13,10 @@
 //! 5. `agentgate scale`: `SCALE_JOBS` AgentJobs in mixed phases, then the operator's RSS and its
 //!    own heap breakdown (`GET /debug/memory`, before the first job and after the last) (0 skips);
 //! 6. `busy`: scenarios 3 and 4 again in a busy cluster (busy.rs: 20,000 foreign Pods, 2,000
-//!    RBAC objects, churn while they run), printed next to the empty-cluster rows.
+//!    RBAC objects, churn while they run), and the tuned Job controller on the same cluster (how
+//!    much of the gap is the cluster's), printed next to the empty-cluster rows. Before them the
+//!    busy cluster's own apiserver CPU rate is measured with no jobs (churn alone, then with an
+//!    idle operator); the busy rows subtract it as the others subtract the idle rate.
 //!
 //! API requests are the apiserver's `apiserver_request_total` delta over the scenario, minus
 //! what the bench driver itself sent (counted here; the metric has no user-agent label) and
@@ -22,7 +25,8 @@
 //! Environment: `N` (1000), `STEADY_SECONDS` (60), `STEADY_RATE` (50), `SCALE_JOBS` (10000),
 //! `AGENTGATE_BIN` (the operator binary; `make bench` points it at the release build),
 //! `BUSY_PODS` (20000), `BUSY_NAMESPACES` (20), `BUSY_RBAC` (2000), `BUSY_CHURN` (10 Pods and
-//! 10 RBAC changes per second).
+//! 10 RBAC changes per second), `BUSY_BASELINE_SECONDS` (15), `APISERVER_PPROF` (seconds of
+//! kube-apiserver CPU profile per scenario, off by default).
 
 #[path = "../support/mod.rs"]
 mod support;
@@ -53,6 +57,8 @@ const TARGET_VS_RAW: f64 = 0.8;
 const TARGET_STEADY_P99_MS: f64 = 1000.0;
 const TARGET_WRITES_PER_JOB: f64 = 4.0;
 const TARGET_SCALE_RSS_MIB: f64 = 64.0;
+/// The Job controller with its client unthrottled: the yardstick the agentgate rows are held to.
+const TUNED_KCM: [&str; 2] = ["--kube-api-qps=1000", "--kube-api-burst=1000"];
 
 fn main() -> Result<()> {
     // The operator's production default is `info`; the harness defaults to debug logging, which
@@ -139,18 +145,9 @@ async fn run() -> Result<()> {
         outcomes.push(scenario_raw(&env, n, &background).await?);
     }
     if settings.runs("job-controller") {
-        outcomes.push(scenario_job_controller(&env, n, &background, "job-controller (default QPS)", "bench-kcm-default", &[]).await?);
-        outcomes.push(
-            scenario_job_controller(
-                &env,
-                n,
-                &background,
-                "job-controller (qps=1000)",
-                "bench-kcm-tuned",
-                &["--kube-api-qps=1000", "--kube-api-burst=1000"],
-            )
-            .await?,
-        );
+        outcomes.push(scenario_job_controller(&env, n, &background, "job-controller (default QPS)", "bench-kcm-default", &[], None).await?);
+        outcomes
+            .push(scenario_job_controller(&env, n, &background, "job-controller (qps=1000)", "bench-kcm-tuned", &TUNED_KCM, None).await?);
     }
     if settings.runs("inputs") {
         outcomes.push(scenario_agentgate_inputs(&env, n, &background).await?);
@@ -161,11 +158,20 @@ async fn run() -> Result<()> {
     if settings.steady_seconds > 0 && settings.runs("steady") {
         outcomes.push(scenario_steady(&env, settings.steady_seconds, settings.steady_rate, &background, None).await?);
     }
+    let mut busy_baseline = None;
     if settings.runs("busy") {
         let shape = busy::Shape::from_env()?;
         busy::populate(&env, &shape).await?;
         let churn = busy::Churn::start(&env, &shape, 0);
+        let baseline = busy::baseline(&env, env_number("BUSY_BASELINE_SECONDS", 15)?, &background).await?;
+        // The busy rows' api ms/job is net of the busy cluster's own rate, not the empty one's.
+        let empty_idle = std::mem::replace(&mut *APISERVER_IDLE_CPU.lock().unwrap(), baseline.churn_apiserver_ms_per_second / 1000.0);
+        busy_baseline = Some(baseline);
         outcomes.push(scenario_agentgate(&env, n, &background, Some(&churn)).await?);
+        // The same busy cluster under a controller that is not ours: how much of the gap is the cluster's.
+        outcomes.push(
+            scenario_job_controller(&env, n, &background, "job-controller (busy)", "bench-kcm-busy", &TUNED_KCM, Some(&churn)).await?,
+        );
         let (pods, rbac) = churn.stop().await;
         println!("    churn: {pods} foreign Pods terminated, {rbac} RBAC changes");
         if settings.steady_seconds > 0 {
@@ -175,14 +181,15 @@ async fn run() -> Result<()> {
             println!("    churn: {pods} foreign Pods terminated, {rbac} RBAC changes");
         }
         busy::clear(&env, &shape).await?;
+        *APISERVER_IDLE_CPU.lock().unwrap() = empty_idle;
     }
     if settings.scale_jobs > 0 && settings.runs("scale") {
         outcomes.push(scenario_scale(&env, settings.scale_jobs, &background).await?);
     }
 
     let targets = evaluate_targets(&outcomes);
-    print_report(&outcomes, &targets, &background);
-    write_json(&settings, &outcomes, &targets, &background, started.elapsed())?;
+    print_report(&outcomes, &targets, &background, busy_baseline.as_ref());
+    write_json(&settings, &outcomes, &targets, &background, busy_baseline.as_ref(), started.elapsed())?;
     println!("\nbench finished in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
@@ -219,7 +226,14 @@ type Key = (String, String, String);
 /// Requests the bench driver itself sent, in the same keys; reset at the start of each window.
 static DRIVER: Mutex<BTreeMap<Key, f64>> = Mutex::new(BTreeMap::new());
 
+/// Resource requests the driver sent, watches aside, never reset: [`settle`] waits for the
+/// others' requests to stop, and the busy rows' churn never does.
+static DRIVER_SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn count(verb: &str, resource: &str, subresource: &str) {
+    if verb != "WATCH" && !resource.is_empty() {
+        DRIVER_SENT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     *DRIVER.lock().unwrap().entry((verb.into(), resource.into(), subresource.into())).or_default() += 1.0;
 }
 
@@ -368,11 +382,17 @@ impl Window {
 }
 
 /// Waits until the apiserver sees no more than background traffic (at most 2 resource
-/// requests, watches aside, in 1 s), so that a controller's trailing work (status writes after
-/// the last Pod, retries) is counted before it is stopped. Gives up after `limit`.
+/// requests, watches and the driver's own aside, in 1 s), so that a controller's trailing work
+/// (status writes after the last Pod, retries) is counted before it is stopped. Gives up after
+/// `limit`. The driver's requests (the busy rows' churn) do not count: before they were
+/// subtracted, every busy row waited the whole minute and billed the churn's apiserver CPU
+/// over it to its jobs.
 async fn settle(admin: &Client, limit: Duration) -> Result<f64> {
     let started = Instant::now();
-    let total = |sums: &BTreeMap<Key, f64>| sums.iter().filter(|(k, _)| !k.1.is_empty() && k.0 != "WATCH").fold(0.0, |sum, (_, v)| sum + v);
+    let total = |sums: &BTreeMap<Key, f64>| {
+        sums.iter().filter(|(k, _)| !k.1.is_empty() && k.0 != "WATCH").fold(0.0, |sum, (_, v)| sum + v)
+            - DRIVER_SENT.load(std::sync::atomic::Ordering::Relaxed) as f64
+    };
     let mut last = total(&scrape(admin).await?.0);
     while started.elapsed() < limit {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -495,15 +515,23 @@ struct ControlPlaneCpu {
     apiserver: Option<f64>,
     etcd: Option<f64>,
     at: Instant,
+    /// The apiserver's CPU seconds per second with no scenario running, when this was taken.
+    idle_rate: f64,
 }
 
 /// The idle control plane's apiserver CPU (seconds per second), measured at startup with the
-/// idle request rate; subtracted from every scenario's apiserver CPU like the requests.
+/// idle request rate; subtracted from every scenario's apiserver CPU like the requests. The
+/// busy rows set it to the busy cluster's own rate (its churn, no jobs) while they run.
 static APISERVER_IDLE_CPU: Mutex<f64> = Mutex::new(0.0);
 
 impl ControlPlaneCpu {
     fn now() -> Self {
-        ControlPlaneCpu { apiserver: child_cpu("kube-apiserver"), etcd: child_cpu("etcd"), at: Instant::now() }
+        ControlPlaneCpu {
+            apiserver: child_cpu("kube-apiserver"),
+            etcd: child_cpu("etcd"),
+            at: Instant::now(),
+            idle_rate: *APISERVER_IDLE_CPU.lock().unwrap(),
+        }
     }
     fn since(&self) -> (Option<f64>, Option<f64>) {
         let now = ControlPlaneCpu::now();
@@ -511,7 +539,7 @@ impl ControlPlaneCpu {
     }
     /// The apiserver's CPU seconds since `self`, minus the idle rate over that time.
     fn apiserver_net(&self) -> Option<f64> {
-        let idle = *APISERVER_IDLE_CPU.lock().unwrap() * self.at.elapsed().as_secs_f64();
+        let idle = self.idle_rate * self.at.elapsed().as_secs_f64();
         self.since().0.map(|cpu| (cpu - idle).max(0.0))
     }
 }
@@ -788,6 +816,9 @@ struct Outcome {
     apiserver_cpu_seconds: Option<f64>,
     /// The apiserver's CPU during the scenario net of its idle rate, per job (ms).
     apiserver_cpu_ms_per_job: Option<f64>,
+    /// The idle rate subtracted (ms of apiserver CPU per second): the empty control plane's, or
+    /// in a busy row the busy cluster's with its churn and no jobs.
+    apiserver_idle_ms_per_second: Option<f64>,
     etcd_cpu_seconds: Option<f64>,
     notes: Vec<String>,
 }
@@ -817,6 +848,7 @@ impl Outcome {
         let (apiserver, etcd) = cpu.since();
         self.apiserver_cpu_seconds = apiserver;
         self.apiserver_cpu_ms_per_job = cpu.apiserver_net().map(|s| s * 1000.0 / self.n.max(1) as f64);
+        self.apiserver_idle_ms_per_second = Some(cpu.idle_rate * 1000.0);
         self.etcd_cpu_seconds = etcd;
     }
 }
@@ -849,6 +881,44 @@ fn percentile(sorted: &[f64], q: f64) -> Option<f64> {
 
 fn timeout_for(per_item: f64, n: usize) -> Duration {
     Duration::from_secs_f64(120.0 + per_item * n as f64)
+}
+
+/// `APISERVER_PPROF=<seconds>`: a CPU profile of kube-apiserver over each scenario's first
+/// seconds (from its first create), written to `target/bench/pprof/<scenario>.pprof` for `go
+/// tool pprof -top`. kube-apiserver serves `/debug/pprof` (`--profiling` is on by default) to
+/// admin, a system:masters member. Off by default: the profiler costs the apiserver a little.
+struct ApiserverProfile(Option<tokio::task::JoinHandle<()>>);
+
+impl ApiserverProfile {
+    fn start(env: &Env, scenario: &str) -> ApiserverProfile {
+        let Some(seconds) = std::env::var("APISERVER_PPROF").ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|s| *s > 0) else {
+            return ApiserverProfile(None);
+        };
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench/pprof");
+        let slug: String = scenario.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
+        let path = dir.join(format!("{}.pprof", slug.split('-').filter(|w| !w.is_empty()).collect::<Vec<_>>().join("-")));
+        let mut kubectl = std::process::Command::new(env.cp.bin_dir().join("kubectl"));
+        kubectl
+            .arg(format!("--kubeconfig={}", env.cp.kubeconfig("admin").display()))
+            .args(["get", &format!("--raw=/debug/pprof/profile?seconds={seconds}")]);
+        ApiserverProfile(Some(tokio::task::spawn_blocking(move || {
+            let written = std::fs::create_dir_all(&dir).map_err(anyhow::Error::from).and_then(|()| {
+                let output = kubectl.output()?;
+                anyhow::ensure!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr).trim());
+                Ok(std::fs::write(&path, output.stdout)?)
+            });
+            match written {
+                Ok(()) => println!("    kube-apiserver CPU profile ({seconds} s): {}", path.display()),
+                Err(e) => eprintln!("bench: profiling kube-apiserver failed: {e}"),
+            }
+        })))
+    }
+
+    async fn finish(self) {
+        if let Some(task) = self.0 {
+            let _ = task.await;
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -918,6 +988,7 @@ async fn scenario_job_controller(
     scenario: &str,
     ns: &str,
     extra_args: &[&str],
+    churn: Option<&busy::Churn>,
 ) -> Result<Outcome> {
     println!("\n==> {scenario}: kube-controller-manager --controllers=job {}; {n} Jobs", extra_args.join(" "));
     env.cp.namespace(ns).await;
@@ -938,6 +1009,7 @@ async fn scenario_job_controller(
     let cp_cpu = ControlPlaneCpu::now();
     let created: Created = Arc::default();
     let jobs: Api<Job> = Api::namespaced(env.admin.clone(), ns);
+    let profile = ApiserverProfile::start(env, scenario);
     let t0 = Instant::now();
     closed_loop(n, |i| {
         let (jobs, created) = (jobs.clone(), created.clone());
@@ -952,11 +1024,15 @@ async fn scenario_job_controller(
     seen.wait_for(n, timeout_for(0.6, n)).await;
     let mut outcome = finish(scenario, n, &created, &seen, t0, "Job create → Pod seen");
     outcome.driver_done_seconds = Some(driver_done);
+    if churn.is_some() {
+        churn_notes(&mut outcome, churn);
+    }
     outcome.settled_seconds = Some(settle(&env.admin, Duration::from_secs(60)).await?);
     outcome.add_control_plane_cpu(&cp_cpu);
     outcome.add_controller(window.controller_stats());
     drop(kcm);
     stop(watch).await;
+    profile.finish().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     outcome.add_requests(&window.close(&env.admin, background).await?);
     for ns in [ns, warmup_ns.as_str()] {
@@ -1006,6 +1082,7 @@ async fn scenario_agentgate(env: &Env, n: usize, background: &BTreeMap<Key, f64>
     let window = Window::open(&env.admin, Some(operator.pid())).await?;
     let cp_cpu = ControlPlaneCpu::now();
     let created: Created = Arc::default();
+    let profile = ApiserverProfile::start(env, scenario);
     let t0 = Instant::now();
     closed_loop(n, |i| submit_agent_job(env, ns, format!("aj-{i:05}"), Kind::Approved, &created)).await?;
     let driver_done = t0.elapsed().as_secs_f64();
@@ -1021,6 +1098,7 @@ async fn scenario_agentgate(env: &Env, n: usize, background: &BTreeMap<Key, f64>
     }
     operator.kill();
     stop(watch).await;
+    profile.finish().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     outcome.add_requests(&window.close(&env.admin, background).await?);
     cleanup_pods(env, ns, false).await?;
@@ -1076,6 +1154,7 @@ async fn scenario_steady(
     let cp_cpu = ControlPlaneCpu::now();
     let created: Created = Arc::default();
     let env = Arc::new(Env { cp: env.cp, admin: env.admin.clone(), alice: env.alice.clone(), bob: env.bob.clone() });
+    let profile = ApiserverProfile::start(&env, scenario);
     let t0 = Instant::now();
     // Open loop: one submission per tick whether or not earlier ones have finished.
     let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / rate as f64));
@@ -1099,6 +1178,7 @@ async fn scenario_steady(
     outcome.add_controller(window.controller_stats());
     operator.kill();
     stop(watch).await;
+    profile.finish().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     outcome.add_requests(&window.close(&env.admin, background).await?);
     cleanup_pods(&env, ns, false).await?;
@@ -1325,7 +1405,7 @@ fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
     v.map_or("-".into(), |v| format!("{v:.decimals$}"))
 }
 
-fn print_report(outcomes: &[Outcome], targets: &[Target], background: &BTreeMap<Key, f64>) {
+fn print_report(outcomes: &[Outcome], targets: &[Target], background: &BTreeMap<Key, f64>, busy_baseline: Option<&busy::Baseline>) {
     println!("\n== Results ==");
     println!(
         "{:<30} {:>6} {:>8} {:>8} {:>8} {:>8} {:>11} {:>20} {:>9} {:>7} {:>11}",
@@ -1418,22 +1498,33 @@ fn print_report(outcomes: &[Outcome], targets: &[Target], background: &BTreeMap<
     let busy_rows: Vec<&Outcome> = outcomes.iter().filter(|o| o.scenario.ends_with(" (busy)")).collect();
     if !busy_rows.is_empty() {
         println!("\n== Busy cluster next to empty (goal: within 10%) ==");
-        println!("{:<24} {:>16} {:>16} {:>16} {:>16} {:>16}", "scenario", "pods/s", "p50 ms", "p99 ms", "writes/job", "controller CPU s");
+        println!(
+            "{:<26} {:>16} {:>14} {:>14} {:>12} {:>16} {:>14}",
+            "scenario", "pods/s", "p50 ms", "p99 ms", "writes/job", "controller CPU s", "api ms/job"
+        );
         for b in busy_rows {
-            let base = b.scenario.trim_end_matches(" (busy)");
+            // The busy Job controller is the tuned one (qps=1000): the yardstick.
+            let base = match b.scenario.trim_end_matches(" (busy)") {
+                "job-controller" => "job-controller (qps=1000)",
+                agentgate => agentgate,
+            };
             let Some(e) = outcomes.iter().find(|o| o.scenario == base) else { continue };
             let pair = |e: Option<f64>, b: Option<f64>, d: usize| format!("{} / {}", fmt_opt(e, d), fmt_opt(b, d));
             println!(
-                "{:<24} {:>16} {:>16} {:>16} {:>16} {:>16}",
+                "{:<26} {:>16} {:>14} {:>14} {:>12} {:>16} {:>14}",
                 base,
                 pair(e.pods_per_second, b.pods_per_second, 1),
                 pair(e.p50_ms, b.p50_ms, 0),
                 pair(e.p99_ms, b.p99_ms, 0),
                 pair(e.writes_per_job, b.writes_per_job, 2),
                 pair(e.controller_cpu_seconds, b.controller_cpu_seconds, 2),
+                pair(e.apiserver_cpu_ms_per_job, b.apiserver_cpu_ms_per_job, 1),
             );
         }
-        println!("(each cell: empty / busy)");
+        println!("(each cell: empty / busy; a busy row's api ms/job is net of the busy cluster's own rate below)");
+        if let Some(baseline) = busy_baseline {
+            println!("{}", baseline.summary());
+        }
     }
     println!("\n== Targets ==");
     for t in targets {
@@ -1446,6 +1537,7 @@ fn write_json(
     outcomes: &[Outcome],
     targets: &[Target],
     background: &BTreeMap<Key, f64>,
+    busy_baseline: Option<&busy::Baseline>,
     elapsed: Duration,
 ) -> Result<()> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
@@ -1461,6 +1553,7 @@ fn write_json(
         "machine": {"cpus": std::thread::available_parallelism().map(|n| n.get()).ok()},
         "requestsNote": "apiserver requests minus the driver's: apiserver_request_total delta minus the bench driver's own requests minus the idle background rate",
         "backgroundRequestsPerSecond": background,
+        "busyBaseline": busy_baseline,
         "scenarios": outcomes,
         "targets": targets,
         "elapsedSeconds": elapsed.as_secs_f64(),
