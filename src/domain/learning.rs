@@ -35,7 +35,7 @@ use super::forecasters::{self, ModelLosses, median};
 use super::pricing::{PriceTable, TokenCounts};
 #[cfg(test)]
 use super::prior::prior_offset;
-use super::prior::{NamespaceEffect, OFFSET_RANGE, PoolMember, Prior, namespace_effect};
+use super::prior::{CrossMember, NamespaceEffect, OFFSET_RANGE, PoolMember, Prior, namespace_effect};
 
 /// Runs kept per key and model (the `recent` experts read them all, `long-flat` up to them all,
 /// see [`forecasters::SHORTER_WINDOW`]). A version 4 state of 40-run windows grows into 80 as it
@@ -279,16 +279,16 @@ impl EstimatorState {
 
     /// The prior of a jobType no namespace ran: see [`Prior::across_job_types`].
     fn across_job_types(&self, job_type: &str) -> Option<Prior> {
-        let mut by_namespace: BTreeMap<&str, Vec<PoolMember<'_>>> = BTreeMap::new();
-        for (_, keys) in self.job_types.iter().filter(|(t, _)| *t != job_type) {
+        let mut by_namespace: BTreeMap<&str, Vec<CrossMember<'_>>> = BTreeMap::new();
+        for (t, (_, keys)) in self.job_types.iter().filter(|(t, _)| *t != job_type).enumerate() {
             for (namespace, stats) in keys {
-                let members = stats.models.values().filter(|m| !m.runs.is_empty()).map(ModelStats::member);
+                let members = stats.models.values().filter(|m| !m.runs.is_empty()).map(|m| CrossMember { job_type: t, member: m.member() });
                 by_namespace.entry(namespace).or_default().extend(members);
             }
         }
         let voters: usize = by_namespace.values().map(Vec::len).sum();
         let source = format!("other jobTypes: {voters} key-model(s) of {} namespace(s)", by_namespace.len());
-        let namespaces: Vec<Vec<PoolMember<'_>>> = by_namespace.into_values().collect();
+        let namespaces: Vec<Vec<CrossMember<'_>>> = by_namespace.into_values().collect();
         Prior::across_job_types(&namespaces, source)
     }
 
