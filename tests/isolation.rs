@@ -315,14 +315,8 @@ async fn padded_jobs_are_not_cached_whole() {
         |all: &Vec<AgentJob>| all.len() == JOBS && all.iter().all(|j| phase(j) == Some("AwaitingApproval")),
     )
     .await;
-    let (status, report) = http_get(port, "/debug/memory");
-    eprintln!("{report}");
-    assert!(status.contains("200"), "{status}: {report}");
-    let line = report.lines().find(|l| l.starts_with("AgentJob cache")).unwrap_or_else(|| panic!("no job cache line: {report}"));
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let count: usize = words.iter().position(|w| *w == "objects").and_then(|i| words[i - 1].parse().ok()).expect("object count");
-    let each: usize = words.iter().position(|w| *w == "each").and_then(|i| words[i - 2].parse().ok()).expect("bytes each");
-    assert_eq!(count, JOBS, "{line}");
+    let CacheLine { objects, each, line } = cache_line(port, "AgentJob cache");
+    assert_eq!(objects, JOBS, "{line}");
     // 3.0 KB measured (2,996 B; a plain job: 2.1 KB; the left-out mark is an annotation); whole, ~270 KiB.
     assert!(each < 3584, "a padded job costs the cache {each} B: {line}");
 
@@ -406,12 +400,8 @@ async fn another_namespaces_agent_pods_cost_an_operator_of_one_namespace_nothing
         },
     )
     .await;
-    let (status, report) = http_get(port, "/debug/memory");
-    assert!(status.contains("200"), "{status}: {report}");
-    let line = report.lines().find(|l| l.starts_with("Pod cache")).unwrap_or_else(|| panic!("no Pod cache line: {report}"));
-    let count: Option<usize> =
-        line.split_whitespace().collect::<Vec<_>>().windows(2).find(|w| w[1] == "objects").and_then(|w| w[0].parse().ok());
-    assert_eq!(count, Some(1), "only the decoy naming this operator's job is cached: {line}");
+    let CacheLine { objects, line, .. } = cache_line(port, "Pod cache");
+    assert_eq!(objects, 1, "only the decoy naming this operator's job is cached: {line}");
     for pod in theirs.list(&ListParams::default()).await.expect("list their Pods").items {
         assert!(
             pod.finalizers().iter().any(|f| f == USAGE_FINALIZER),
@@ -579,22 +569,7 @@ async fn services_padded_with_agentgate_keys_or_thousands_of_ports_are_not_cache
     jobs.create(&PostParams::default(), &agent_job("served", job_spec(), json!({}))).await.expect("creating served");
     wait_for_job(&admin, SVC_NS, "served", "served to be looked at", |j| phase(j) == Some("AwaitingApproval")).await;
     // The Service watch delivers the last of them within a moment of their creation.
-    let line = wait_for(
-        "the Service cache to hold every padded Service",
-        Duration::from_secs(60),
-        || async {
-            let report = http_get(port, "/debug/memory").1;
-            report.lines().find(|l| l.starts_with("Service cache")).unwrap_or_default().to_string()
-        },
-        |line: &String| {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            words.iter().position(|w| *w == "objects").and_then(|i| words[i - 1].parse::<usize>().ok()).is_some_and(|n| n >= 2 * EACH)
-        },
-    )
-    .await;
-    eprintln!("{line}");
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let each: usize = words.iter().position(|w| *w == "each").and_then(|i| words[i - 2].parse().ok()).expect("bytes each");
+    let CacheLine { each, line, .. } = cache_line_holding(port, "Service cache", 2 * EACH).await;
     // Whole: 315 KB each on average (37.2 MiB). Now about 8 KB: a Service with 100 ports or more
     // costs 16 KB (ports are k8s-openapi structs of ~160 B), one with 250 KiB of padding 0.3 KB.
     assert!(each < 12 * 1024, "a padded Service costs the cache {each} B: {line}");
@@ -642,21 +617,37 @@ async fn endpoint_slices_carrying_a_services_padded_labels_are_not_cached_whole(
     let jobs = Api::<AgentJob>::namespaced(admin.clone(), SLICE_NS);
     jobs.create(&PostParams::default(), &agent_job("served", job_spec(), json!({}))).await.expect("creating served");
     wait_for_job(&admin, SLICE_NS, "served", "served to be looked at", |j| phase(j) == Some("AwaitingApproval")).await;
-    let line = wait_for(
-        "the EndpointSlice cache to hold every padded slice",
-        Duration::from_secs(60),
-        || async {
-            let report = http_get(port, "/debug/memory").1;
-            report.lines().find(|l| l.starts_with("EndpointSlice cache")).unwrap_or_default().to_string()
-        },
-        |line: &String| {
-            let words: Vec<&str> = line.split_whitespace().collect();
-            words.iter().position(|w| *w == "objects").and_then(|i| words[i - 1].parse::<usize>().ok()).is_some_and(|n| n >= SLICES)
-        },
-    )
-    .await;
-    eprintln!("{line}");
-    let words: Vec<&str> = line.split_whitespace().collect();
-    let each: usize = words.iter().position(|w| *w == "each").and_then(|i| words[i - 2].parse().ok()).expect("bytes each");
+    let CacheLine { each, line, .. } = cache_line_holding(port, "EndpointSlice cache", SLICES).await;
     assert!(each < 4 * 1024, "a padded EndpointSlice costs the cache {each} B: {line}");
+}
+
+/// One cache's line of the operator's `GET /debug/memory` report (`--debug-memory`), e.g.
+/// `Service cache   120 objects   0.9 MiB   7840 B each`.
+#[derive(Debug)]
+struct CacheLine {
+    objects: usize,
+    each: usize,
+    line: String,
+}
+
+fn cache_line(port: u16, cache: &str) -> CacheLine {
+    let (status, report) = http_get(port, "/debug/memory");
+    assert!(status.contains("200"), "{status}: {report}");
+    let line = report.lines().find(|l| l.starts_with(cache)).unwrap_or_else(|| panic!("no {cache} line: {report}")).to_string();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let before =
+        |word: &str, back: usize| words.iter().position(|w| *w == word).and_then(|i| words.get(i.checked_sub(back)?)?.parse().ok());
+    let (objects, each) = (before("objects", 1), before("each", 2));
+    let (Some(objects), Some(each)) = (objects, each) else { panic!("no object count or bytes each in: {line}") };
+    CacheLine { objects, each, line }
+}
+
+/// [`cache_line`] once the cache holds at least `objects` (its watch delivers them a moment after
+/// their creation).
+async fn cache_line_holding(port: u16, cache: &str, objects: usize) -> CacheLine {
+    let what = format!("the {cache} to hold {objects} objects");
+    let holding =
+        wait_for(&what, Duration::from_secs(60), || async { cache_line(port, cache) }, |c: &CacheLine| c.objects >= objects).await;
+    eprintln!("{}", holding.line);
+    holding
 }
