@@ -25,7 +25,7 @@ use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use support::cluster::*;
 use support::controlplane::ControlPlane;
 
@@ -433,17 +433,7 @@ async fn service_accounts_one_head_makes_are_not_more_heads() {
     for account in accounts {
         clients.push(service_account_client(&admin, ROBOTS, account).await);
     }
-    let subjects: Vec<Value> = accounts.iter().map(|a| json!({"kind": "ServiceAccount", "name": a, "namespace": ROBOTS})).collect();
-    let pp = PatchParams::apply("gate-attacks").force();
-    for (binding, role) in [("robots-vote", "test-agentgate-voter"), ("robots-head", "test-agentgate-head-of-every-category")] {
-        let object = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": {"name": binding, "namespace": ROBOTS},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}, "subjects": subjects});
-        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ROBOTS)
-            .patch(binding, &pp, &Patch::Apply(&object))
-            .await
-            .unwrap();
-    }
+    bind_service_accounts_as_heads(&admin, ROBOTS, "robots", &accounts).await;
     let sa = |name: &str| format!("system:serviceaccount:{ROBOTS}:{name}");
 
     // Two untrusted ServiceAccounts: 0/2, each listed as not counted, with why.

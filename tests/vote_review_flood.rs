@@ -11,9 +11,9 @@ mod support;
 use std::time::{Duration, Instant};
 
 use agentgate::api::{AgentJob, ApprovalVote, Decision};
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use kube::{Api, Client};
-use serde_json::{Value, json};
+use serde_json::json;
 use support::cluster::*;
 
 const TENANT: &str = "vrf-tenant";
@@ -66,18 +66,8 @@ where
 async fn service_account_votes_that_cannot_count_cost_no_access_reviews_and_other_teams_are_approved_meanwhile() {
     let env = Env::builder(TENANT).namespaces(&[OTHER]).node("vrf-node", "64", "256Gi", &[]).all_namespaces().build().await;
     let admin = env.admin.clone();
-    let pp = PatchParams::apply("vote-review-flood").force();
     let socks: Vec<String> = (0..SOCKS).map(|i| format!("sock-{i}")).collect();
-    let subjects: Vec<Value> = socks.iter().map(|a| json!({"kind": "ServiceAccount", "name": a, "namespace": TENANT})).collect();
-    for (binding, role) in [("socks-vote", "test-agentgate-voter"), ("socks-head", "test-agentgate-head-of-every-category")] {
-        let object = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-            "metadata": {"name": binding, "namespace": TENANT},
-            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}, "subjects": subjects});
-        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), TENANT)
-            .patch(binding, &pp, &Patch::Apply(&object))
-            .await
-            .unwrap();
-    }
+    bind_service_accounts_as_heads(&admin, TENANT, "socks", &socks).await;
     let flooded = create_payments_job(&env.user("dave").await, TENANT, "flooded").await;
     wait_for_job(&admin, TENANT, "flooded", "AwaitingApproval", |j| phase(j) == Some("AwaitingApproval")).await;
 

@@ -188,6 +188,21 @@ pub async fn grant_voting_rights(admin: &Client) {
     }
 }
 
+/// Makes the ServiceAccounts `accounts` of `ns` voters and heads of every category there, as a
+/// head who may create RoleBindings can (RoleBindings `<prefix>-vote` and `<prefix>-head` to
+/// [`grant_voting_rights`]'s ClusterRoles). Idempotent.
+pub async fn bind_service_accounts_as_heads(admin: &Client, ns: &str, prefix: &str, accounts: &[impl AsRef<str>]) {
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    let pp = PatchParams::apply("agentgate-test-rbac").force();
+    let subjects: Vec<Value> = accounts.iter().map(|a| json!({"kind": "ServiceAccount", "name": a.as_ref(), "namespace": ns})).collect();
+    for (suffix, role) in [("vote", "test-agentgate-voter"), ("head", "test-agentgate-head-of-every-category")] {
+        let name = format!("{prefix}-{suffix}");
+        let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name, "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role}, "subjects": subjects});
+        Api::<RoleBinding>::namespaced(admin.clone(), ns).patch(&name, &pp, &Patch::Apply(&binding)).await.expect("apply RoleBinding");
+    }
+}
+
 /// Lets `user` write AgentJob status in `ns` (and nothing else of agentgate's), as a tenant with
 /// status RBAC may: the attacker of the tests that forge a job's status. Idempotent.
 pub async fn grant_status_writing(admin: &Client, ns: &str, user: &str) {
