@@ -82,8 +82,10 @@ pub(super) struct Authenticator {
     verified: Mutex<DigestCache<Reviewed>>,
     rejected: Mutex<DigestCache<Refusal>>,
     requests: Arc<Semaphore>,
-    /// TokenReviews in flight for requests from the claimed Pod's own address, and for others.
-    reviews: [Arc<Semaphore>; 2],
+    /// TokenReviews in flight for requests from the claimed Pod's own address...
+    reviews_from_the_pod: Arc<Semaphore>,
+    /// ...and for requests from anywhere else.
+    reviews_from_elsewhere: Arc<Semaphore>,
     /// Reviews in flight by claimed Pod uid and whether the request came from that Pod.
     reviewing: KeyedLimit<(String, bool)>,
     /// Verified requests in flight, by Pod uid and by namespace.
@@ -102,7 +104,8 @@ impl Authenticator {
             verified: Mutex::new(DigestCache::new(VERIFIED_TTL, CACHE_CAP)),
             rejected: Mutex::new(DigestCache::new(REJECTED_TTL, CACHE_CAP)),
             requests: Arc::new(Semaphore::new(REQUESTS_IN_FLIGHT)),
-            reviews: [(); 2].map(|_| Arc::new(Semaphore::new(REVIEWS_IN_FLIGHT))),
+            reviews_from_the_pod: Arc::new(Semaphore::new(REVIEWS_IN_FLIGHT)),
+            reviews_from_elsewhere: Arc::new(Semaphore::new(REVIEWS_IN_FLIGHT)),
             reviewing: KeyedLimit::default(),
             serving: KeyedLimit::default(),
         }
@@ -150,7 +153,7 @@ impl Authenticator {
         let permit = self.requests.clone().try_acquire_owned().map_err(|_| busy("requests"))?;
         let who = {
             let _slot = self.reviewing.take((claims.pod_uid.clone(), from_the_pod), 1).ok_or_else(|| busy("token reviews for this Pod"))?;
-            let lane = &self.reviews[usize::from(from_the_pod)];
+            let lane = if from_the_pod { &self.reviews_from_the_pod } else { &self.reviews_from_elsewhere };
             let _review = lane.clone().try_acquire_owned().map_err(|_| busy("token reviews"))?;
             match self.review(token).await {
                 Ok(who) => who,
