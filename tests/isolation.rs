@@ -251,9 +251,15 @@ async fn big_services_are_not_cached_whole() {
     let typed = Api::<AgentJob>::namespaced(admin.clone(), MEM_NS);
     typed.create(&PostParams::default(), &agent_job("served", job_spec(), json!({}))).await.expect("creating served");
     wait_for_job(&admin, MEM_NS, "served", "served to be looked at", |j| phase(j) == Some("AwaitingApproval")).await;
-    // Served implies every cache synced, the Services' among them.
-    let log = std::fs::read_to_string(operator.log_path()).unwrap();
-    assert!(log.contains("watch caches synced"), "caches synced");
+    // Every cache synced, the Services' among them. The operator logs it when it next polls
+    // (UNSYNCED_RETRY), which may be after it has served the job: wait for the line.
+    wait_for(
+        "the operator to log its caches synced",
+        Duration::from_secs(60),
+        || async { std::fs::read_to_string(operator.log_path()).unwrap() },
+        |log: &String| log.contains("watch caches synced"),
+    )
+    .await;
     let (rss, hwm) = (proc_kib(operator.pid(), "VmRSS:"), proc_kib(operator.pid(), "VmHWM:"));
     eprintln!(
         "{SERVICES} Services with 250 KiB annotations ({} MiB): operator RSS {} MiB, peak {} MiB",

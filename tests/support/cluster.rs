@@ -194,7 +194,8 @@ pub async fn grant_voting_rights(admin: &Client) {
 pub async fn bind_service_accounts_as_heads(admin: &Client, ns: &str, prefix: &str, accounts: &[impl AsRef<str>]) {
     use k8s_openapi::api::rbac::v1::RoleBinding;
     let pp = PatchParams::apply("agentgate-test-rbac").force();
-    let subjects: Vec<Value> = accounts.iter().map(|a| json!({"kind": "ServiceAccount", "name": a.as_ref(), "namespace": ns})).collect();
+    let subjects: Vec<serde_json::Value> =
+        accounts.iter().map(|a| json!({"kind": "ServiceAccount", "name": a.as_ref(), "namespace": ns})).collect();
     for (suffix, role) in [("vote", "test-agentgate-voter"), ("head", "test-agentgate-head-of-every-category")] {
         let name = format!("{prefix}-{suffix}");
         let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name, "namespace": ns},
