@@ -73,6 +73,12 @@ pub fn line(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Text of several lines (an error the apiserver returned, quoting what a tenant wrote): hidden
+/// characters but line breaks escaped, as in [`line`].
+pub fn lines(text: &str) -> String {
+    text.split('\n').map(line).collect::<Vec<_>>().join("\n")
+}
+
 /// `text` as a YAML double-quoted scalar of printable ASCII only: every other character is an
 /// escape (`\u0430` for a Cyrillic `а` that looks like a Latin `a`), so what is shown is exactly
 /// what runs, and parses back to it.
