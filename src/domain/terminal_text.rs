@@ -73,6 +73,21 @@ pub fn line(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// A message the operator writes (a condition's, an Event's note) quoting what a tenant wrote:
+/// hidden characters and line breaks escaped as in [`line`], backslashes left as they are (JSON
+/// Schema errors quote values already JSON-escaped), so `kubectl describe`, `kubectl get -w` and
+/// log readers show one line of what was written.
+pub fn message(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(is_hidden) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if is_hidden(c) { push_escape(&mut out, c) } else { out.push(c) }
+    }
+    Cow::Owned(out)
+}
+
 /// Text of several lines (an error the apiserver returned, quoting what a tenant wrote): hidden
 /// characters but line breaks escaped, as in [`line`].
 pub fn lines(text: &str) -> String {
