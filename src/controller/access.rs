@@ -442,6 +442,14 @@ mod tests {
     }
 
     #[test]
+    fn the_largest_act_as_round_fits_in_one_jobs_reviews_in_flight() {
+        // A round's reviews go out together (acts_as): the per-job bound must not split it into
+        // several round trips, nor let one job hold more than one round's worth.
+        let largest = acting_as("builders", "ci").iter().map(Vec::len).max().unwrap_or_default();
+        assert_eq!(largest, REVIEWS_IN_FLIGHT_PER_JOB);
+    }
+
+    #[test]
     fn a_cluster_role_changing_drops_every_answer() {
         let mut answers = book();
         forget_in(&mut answers, &RbacScope::Cluster);
