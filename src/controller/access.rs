@@ -260,7 +260,7 @@ fn forget_in<V>(map: &mut HashMap<Question, V>, scope: &RbacScope) {
 
 /// Votes of one reconcile judged at once. Each vote's own questions keep their order (its head
 /// check first, the act-as checks only for a head), so no more reviews are asked than one vote
-/// after another asked; but eight uncached voters now wait about two round trips, not sixteen
+/// after another asked; but eight uncached heads now wait about two round trips, not sixteen
 /// (tests/vote_review_flood.rs eight_votes_arriving_at_once_cost_one_review_per_question).
 const VOTES_JUDGED_AT_ONCE: usize = 8;
 
