@@ -49,7 +49,9 @@ pub async fn learn_stored(job: &AgentJob, ctx: &Context, stored: &AgentJobStatus
         let Some(usage) = &attempt.usage else { continue };
         // The estimator learns what a successful run costs; failed attempts would drag it
         // towards runs that stopped early.
-        if attempt.result == AttemptResult::Succeeded {
+        // Nor an attempt some of whose usage went unmeasured: it would learn a cost below the
+        // real one (domain/meter_message.rs).
+        if attempt.result == AttemptResult::Succeeded && attempt.unmeasured_pods.is_empty() {
             let key = crate::domain::learning::attempt_key(job.metadata.uid.as_deref().unwrap_or_default(), attempt.attempt);
             let prior = prior_tokens(&estimate_input(job));
             if ctx.learner.state.lock().await.record(&key, &namespace, &job_type(job), &tokens_of(usage), &prior, &prices) {

@@ -156,11 +156,45 @@ pub fn pod(pod: &mut Pod) {
         let container_statuses = status
             .container_statuses
             .map(|cs| cs.into_iter().map(|c| ContainerStatus { name: c.name, state: c.state, ..ContainerStatus::default() }).collect());
+        // Of the meter sidecar, only whether it started and its stopped processes' termination
+        // messages (its usage, at most 4 KiB each, the kubelet's cap; `snapshot::pod_meter`).
+        let init_container_statuses = status.init_container_statuses.map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.name == crate::domain::meter_sidecar::CONTAINER)
+                .map(|c| ContainerStatus {
+                    name: c.name,
+                    state: meter_state(c.state),
+                    last_state: meter_state(c.last_state),
+                    ..ContainerStatus::default()
+                })
+                .collect()
+        });
         // The Pod's addresses: the meter API tells a request from the Pod its token claims from one
         // sent from anywhere else (meter_auth.rs).
         let pod_ips = status.pod_ips;
-        pod.status = Some(PodStatus { phase: status.phase, reason: status.reason, container_statuses, pod_ips, ..PodStatus::default() });
+        pod.status = Some(PodStatus {
+            phase: status.phase,
+            reason: status.reason,
+            container_statuses,
+            init_container_statuses,
+            pod_ips,
+            ..PodStatus::default()
+        });
     }
+}
+
+/// Of a meter container's state, only whether it started and a termination's message, cut at
+/// the kubelet's 4 KiB (`snapshot::pod_meter`).
+fn meter_state(state: Option<k8s_openapi::api::core::v1::ContainerState>) -> Option<k8s_openapi::api::core::v1::ContainerState> {
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateRunning, ContainerStateTerminated};
+    let state = state?;
+    let running = state.running.map(|r| ContainerStateRunning { started_at: r.started_at });
+    let terminated = state.terminated.map(|t| ContainerStateTerminated {
+        started_at: t.started_at,
+        message: t.message.filter(|m| m.len() <= crate::domain::meter_message::MAX_BYTES),
+        ..ContainerStateTerminated::default()
+    });
+    (running.is_some() || terminated.is_some()).then(|| ContainerState { running, terminated, ..ContainerState::default() })
 }
 
 /// Keeps of a Node what `snapshot::node_view` reads: its name, `unschedulable` and taints, its

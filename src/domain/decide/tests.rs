@@ -95,7 +95,14 @@ fn rejected() -> Tally {
 }
 
 fn pod(agent: &str, attempt: i32, state: PodState) -> PodView {
-    PodView { name: format!("scan-{agent}-{attempt}-agentgate"), agent: agent.into(), attempt, generation: Some(1), state }
+    PodView {
+        name: format!("scan-{agent}-{attempt}-agentgate"),
+        agent: agent.into(),
+        attempt,
+        generation: Some(1),
+        state,
+        meter: Default::default(),
+    }
 }
 
 fn report(model: &str, input: i64, output: i64, out: Value) -> Option<String> {
