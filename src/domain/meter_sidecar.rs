@@ -519,6 +519,26 @@ mod tests {
         }
     }
 
+    /// The meter's termination message is its usage for the operator (domain/meter_message.rs):
+    /// the agent must not be able to write it. It is the kubelet's file for the meter's container
+    /// alone; the agent shares no volume with the meter and mounts nothing over `/dev`.
+    #[test]
+    fn the_agent_container_cannot_reach_the_meters_termination_message() {
+        let mut pod = pod();
+        inject(&mut pod, &meter());
+        let spec = pod.spec.unwrap();
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        let meter_volumes: Vec<&str> = sidecar.volume_mounts.iter().flatten().map(|m| m.name.as_str()).collect();
+        for agent in &spec.containers {
+            for mount in agent.volume_mounts.iter().flatten() {
+                assert!(!meter_volumes.contains(&mount.name.as_str()), "the agent mounts the meter's volume {}", mount.name);
+                assert!(!mount.mount_path.starts_with("/dev"), "the agent mounts {} over /dev", mount.mount_path);
+            }
+        }
+        assert_eq!(sidecar.termination_message_path.as_deref(), Some(TERMINATION_MESSAGE_PATH));
+        assert_eq!(spec.share_process_namespace, None, "the agent cannot reach the meter's filesystem through /proc");
+    }
+
     #[test]
     fn no_key_is_reachable_from_the_agent_container_even_if_its_spec_asks() {
         let mut pod = pod();
