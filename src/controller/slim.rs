@@ -316,6 +316,14 @@ mod tests {
 
     /// An agent Pod as the apiserver returns it once bound and finished, `phase` "Succeeded" or
     /// "Failed", with the operator's own env, volumes and annotations and the kubelet's status.
+    fn meter_message(session: &str, tokens: i64) -> String {
+        let mut usage = crate::api::Usage::default();
+        let counts = crate::domain::pricing::TokenCounts { input: tokens, ..Default::default() };
+        crate::domain::report::add_model_usage(&mut usage, "gpt-4o-mini", &counts, crate::domain::money::MicroUsd(tokens));
+        usage.cost_usd = crate::domain::money::MicroUsd(tokens).to_string();
+        crate::domain::meter_message::encode(&crate::domain::grants::session_key(session), &usage, 0)
+    }
+
     fn finished_pod(phase: &str) -> Pod {
         let agent = serde_json::from_value(json!({"name": "scanner", "image": "ghcr.io/acme/scanner:1", "model": "gpt-4o-mini",
             "env": [{"name": "MODE", "value": "deep"}], "args": ["--all"]}))
@@ -353,7 +361,15 @@ mod tests {
                 "conditions": [{"type": "Ready", "status": "False"}], "podIP": "10.0.0.7", "qosClass": "Guaranteed",
                 "containerStatuses": [{"name": "agent", "image": "ghcr.io/acme/scanner:1", "imageID": "sha256:abc", "ready": false,
                     "restartCount": 0, "containerID": "containerd://1",
-                    "state": {"terminated": {"exitCode": 3, "message": "{\"usage\": {}}", "reason": "Error"}}}]}))
+                    "state": {"terminated": {"exitCode": 3, "message": "{\"usage\": {}}", "reason": "Error"}}}],
+                // The meter: restarted once; its two processes' messages are its usage.
+                "initContainerStatuses": [{"name": "agentgate-meter", "image": "ghcr.io/agentgate/agentgate:1", "imageID": "sha256:def",
+                    "ready": false, "restartCount": 1, "containerID": "containerd://2", "started": phase == "Running",
+                    "state": if phase == "Running" { json!({"running": {"startedAt": "2026-11-30T10:00:05Z"}}) } else {
+                        json!({"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": "2026-11-30T10:00:05Z", "message": meter_message("s2", 20)}})
+                    },
+                    "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "startedAt": "2026-11-30T10:00:00Z",
+                        "message": meter_message("s1", 10)}}}]}))
             .unwrap(),
         );
         pod
@@ -574,6 +590,11 @@ mod tests {
             let mut stored = slim.clone();
             super::stored_pod(&mut stored);
             assert_eq!(snapshot::pod_view(&stored), snapshot::pod_view(&full), "{phase}");
+            // The meter's messages survive (both processes'), and that it ran.
+            let meter = snapshot::pod_view(&stored).unwrap().meter;
+            let tokens: Vec<i64> = meter.messages.iter().map(|m| m.usage.input_tokens).collect();
+            assert!(meter.ran, "{phase}");
+            assert_eq!(tokens, if phase == "Running" { vec![10] } else { vec![20, 10] }, "{phase}");
             assert!(snapshot::is_job_pod(&stored, "team", "uid-1") && super::is_agentgate_pod(&stored), "{phase}");
             assert_eq!(snapshot::holds_node_resources(&stored), snapshot::holds_node_resources(&full), "{phase}");
             assert_eq!((stored.finalizers(), stored.spec.as_ref().unwrap().node_name.as_deref()), (full.finalizers(), Some("node-a")));
