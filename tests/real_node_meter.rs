@@ -634,8 +634,8 @@ async fn a_tenant_cannot_rewrite_the_meters_termination_message(env: &Env, job: 
     Api::<RoleBinding>::namespaced(env.admin.clone(), NS).create(&PostParams::default(), &binding).await.expect("binding dave to admin");
     let pod = wait_pod_done(env, job).await;
     let dave: Api<Pod> = Api::namespaced(env.dave.clone(), NS);
-    // dave may edit the Pod itself (the role works), but not its status.
-    dave.get(&pod.name_any()).await.expect("dave reads the Pod as admin of the namespace");
+    // dave may read and edit the Pod itself (once the authorizer has the binding), not its status.
+    wait("dave reading the Pod as admin of the namespace", || async { dave.get(&pod.name_any()).await.ok() }).await;
     let forged = agentgate::domain::meter_message::encode(
         &agentgate::domain::grants::session_key("forged"),
         &agentgate::api::Usage { cost_usd: "0.00".into(), ..Default::default() },
