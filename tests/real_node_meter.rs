@@ -624,14 +624,18 @@ async fn a_meter_cut_off_before_it_reported_usage_is_not_counted_from_the_agents
 }
 
 /// The tenant, `admin` of the namespace (which includes `edit`), tries to write the meter's
-/// message in the Pod's status: refused, as neither role grants `pods/status` write.
+/// message in the Pod's status: refused, as neither role grants `pods/status` write. Without a
+/// controller-manager nothing aggregates `admin` here, so dave is bound to what it aggregates:
+/// the apiserver's own `system:aggregate-to-{view,edit,admin}` ClusterRoles.
 async fn a_tenant_cannot_rewrite_the_meters_termination_message(env: &Env, job: &AgentJob) {
     use k8s_openapi::api::rbac::v1::RoleBinding;
-    let binding: RoleBinding = serde_json::from_value(json!({"metadata": {"name": "dave-admin"},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
-        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "dave"}]}))
-    .unwrap();
-    Api::<RoleBinding>::namespaced(env.admin.clone(), NS).create(&PostParams::default(), &binding).await.expect("binding dave to admin");
+    for role in ["view", "edit", "admin"] {
+        let binding: RoleBinding = serde_json::from_value(json!({"metadata": {"name": format!("dave-{role}")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("system:aggregate-to-{role}")},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "dave"}]}))
+        .unwrap();
+        Api::<RoleBinding>::namespaced(env.admin.clone(), NS).create(&PostParams::default(), &binding).await.expect("binding dave");
+    }
     let pod = wait_pod_done(env, job).await;
     let dave: Api<Pod> = Api::namespaced(env.dave.clone(), NS);
     // dave may read and edit the Pod itself (once the authorizer has the binding), not its status.

@@ -66,7 +66,7 @@ mod tests {
         );
         assert!(!std::fs::read_to_string(&path).unwrap().contains("session-1\""), "the id never shows");
         // A call settles: the message holds it.
-        let price = crate::domain::pricing::PriceTable::builtin().get("gpt-4o-mini").unwrap().clone();
+        let price = *crate::domain::pricing::PriceTable::builtin().get("gpt-4o-mini").unwrap();
         let (reservation, _) =
             ledger.reserve("gpt-4o-mini", price, |_| Ok(crate::meter::budget::Plan { reserve: MicroUsd(50), inject_cap: None })).unwrap();
         reservation.settle(crate::meter::budget::Outcome::Measured(crate::domain::pricing::TokenCounts {

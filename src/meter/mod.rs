@@ -215,12 +215,15 @@ pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Arc<Meter>>
 pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let meter = build(&args, prices)?;
     // The session's digest: the operator matches the message to the session the meter API knows.
-    let session = meter.grants.as_ref().map_or_else(|| grant_client::new_session_id(), |g| g.session().to_string());
+    let session = meter.grants.as_ref().map_or_else(grant_client::new_session_id, |g| g.session().to_string());
     let message = args.termination_message_path.clone().map(|path| Arc::new(message::TerminationMessage::new(path, &session)));
-    if let Some(message) = &message {
-        // Before the meter listens, so before its agent starts (the startup probe): a meter that
-        // ran always leaves a figure, zero if its agent made no call.
-        message.write(&meter.ledger).map_err(|e| anyhow::anyhow!("writing the termination message {}: {e}", message.path().display()))?;
+    // Before the meter listens, so before its agent starts (the startup probe): a meter that ran
+    // leaves a figure, zero if its agent made no call. A meter that cannot write it still serves:
+    // the operator then has its reports, or counts its Pod `UsageUnmeasured`.
+    if let Some(message) = &message
+        && let Err(e) = message.write(&meter.ledger)
+    {
+        tracing::error!(error = %e, path = %message.path().display(), "writing the termination message");
     }
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, budget = ?args.budget_usd.map(|b| b.to_string()), "agentgate meter ready");
@@ -240,10 +243,8 @@ pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Ou
     if let Some(message) = &message {
         // Every call has ended: the final figure, before settling (which may take 20 s and fail).
         let (message, ledger) = (message.clone(), meter.ledger.clone());
-        match tokio::task::spawn_blocking(move || message.write(&ledger)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "writing the termination message"),
-            Err(e) => tracing::error!(error = %e, "writing the termination message"),
+        if let Err(e) = tokio::task::spawn_blocking(move || message.write(&ledger)).await.map_err(std::io::Error::other).and_then(|w| w) {
+            tracing::error!(error = %e, "writing the termination message");
         }
     }
     if let Some(grants) = &meter.grants {
