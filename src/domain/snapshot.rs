@@ -63,6 +63,8 @@ pub fn pod_meter(pod: &Pod) -> crate::domain::meter_message::PodMeter {
         .flat_map(|c| [c.state.as_ref(), c.last_state.as_ref()])
         .flatten()
         .collect();
+    // Running, or stopped after it had started (a container the kubelet never started is
+    // reported terminated without a start, e.g. `ContainerStatusUnknown`).
     let started = |s: &&ContainerState| s.running.is_some() || s.terminated.as_ref().is_some_and(|t| t.started_at.is_some());
     let messages = statuses
         .iter()
