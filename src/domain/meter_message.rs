@@ -168,8 +168,8 @@ pub struct Measurement {
     pub budget_refusals: i64,
     /// Pods whose meter ran and of which neither channel says anything.
     pub unmeasured: Vec<String>,
-    /// Sessions whose termination message said more than the meter API had been told (their
-    /// meter was cut off from the operator, or stopped before its last report got through).
+    /// Sessions the meter API knew whose termination message said more than it had been told
+    /// (their meter was cut off from the operator, or stopped before its last report got through).
     pub raised_by_messages: Vec<String>,
 }
 
@@ -200,11 +200,9 @@ pub fn measure_attempt(meter: Option<&MeterStatus>, attempt: i32, pods: &[(&str,
                     *refusals = (*refusals).max(message.budget_refusals);
                 }
                 None => {
-                    // Never seen by the meter API (a fixed-budget meter, or one that never got
-                    // through): its message is all there is. Zero usage is still a measurement.
-                    if !message.usage.models.is_empty() {
-                        raised.push(format!("{pod}: {}", message.session));
-                    }
+                    // Never seen by the meter API: a fixed-budget meter, which reports nothing to
+                    // it, or one that never got through (and so never held a grant to spend). Its
+                    // message is all there is; zero usage is still a measurement.
                     sessions.insert(message.session.clone(), (pod.to_string(), message.usage.clone(), message.budget_refusals));
                 }
             }

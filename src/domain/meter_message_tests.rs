@@ -122,6 +122,9 @@ fn sessions_only_one_channel_knows_are_added_and_other_attempts_left_out() {
     let u = measured.usage.unwrap();
     assert_eq!((u.cost_usd.as_str(), u.output_tokens), ("0.034", 34));
     assert!(measured.unmeasured.is_empty());
+    // Nothing the API knew was raised: a session only the message knows (a fixed-budget meter
+    // reports nothing to the API) is no sign of a meter cut off.
+    assert!(measured.raised_by_messages.is_empty(), "{:?}", measured.raised_by_messages);
     // Attempt 2's Pods see nothing of attempt 1's sessions.
     let measured = measure_attempt(Some(&m), 2, &[]);
     assert_eq!(measured, Measurement::default());
