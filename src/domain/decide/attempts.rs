@@ -204,9 +204,9 @@ fn settle_attempt(
     }
     // Whatever the agents did after it, an attempt a meter refused a call for budget did not run
     // to its end within the budget: it fails, first of all for that. The meter is the only
-    // source: the agent cannot write its grant entry (controller/meter_api.rs).
-    // What the meters measured, through the meter API and their termination messages, which a
-    // tenant cutting the meter off from the operator cannot stop (domain/meter_message.rs).
+    // source: the agent cannot write its grant entry (controller/meter_api.rs) nor its meter's
+    // termination message. What the meters measured comes through both channels, the second
+    // one a tenant cutting the meter off from the operator cannot stop (domain/meter_message.rs).
     let pod_meters: Vec<(&str, &crate::domain::meter_message::PodMeter)> =
         states.iter().filter_map(|(name, _)| o.pods.iter().find(|p| &p.name == name).map(|p| (name.as_str(), &p.meter))).collect();
     let measured = crate::domain::meter_message::measure_attempt(s.meter.as_deref(), current, &pod_meters);
