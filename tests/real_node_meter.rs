@@ -18,7 +18,11 @@
 //!   agent's one call, without a retry, goes through;
 //! - a budget smaller than the run: the meter refuses the call that would cross it (402), the
 //!   agent stops there, spend stays within the budget, and the job ends `BudgetExhausted` with
-//!   the output and usage so far, not retried.
+//!   the output and usage so far, not retried;
+//! - a meter cut off from the operator's meter API (a firewall rule on the node dropping its
+//!   Pod's packets to the API, as a tenant's NetworkPolicy would) after its first report, or
+//!   before it reported any usage, while its agent spends on and then reports 0 itself: the
+//!   job's `status.usage` is what the stand-in served, from the meter's termination message.
 //!
 //! Needs root and runc; otherwise it says SKIPPED loudly (and fails when
 //! AGENTGATE_REQUIRE_REAL_NODE is set, as in CI).
@@ -56,11 +60,24 @@ struct Call {
 
 type Calls = Arc<Mutex<Vec<Call>>>;
 
+/// Prompts starting `hold:` are answered once the test puts them here.
+type Released = Arc<Mutex<std::collections::HashSet<String>>>;
+
+#[derive(Clone)]
+struct StandIn {
+    calls: Calls,
+    released: Released,
+}
+
 /// OpenAI Chat Completions, non-streamed: usage decided from the request (known, and different
 /// per prompt), reply fixed.
-async fn chat_completion(State(calls): State<Calls>, headers: HeaderMap, body: String) -> axum::Json<Value> {
+async fn chat_completion(State(stand_in): State<StandIn>, headers: HeaderMap, body: String) -> axum::Json<Value> {
+    let StandIn { calls, released } = stand_in;
     let request: Value = serde_json::from_str(&body).unwrap_or_default();
     let prompt = request["messages"][0]["content"].as_str().unwrap_or_default().to_string();
+    while prompt.starts_with("hold:") && !released.lock().unwrap().contains(&prompt) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let call = Call {
         authorization: headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(),
         prompt_tokens: 7 + prompt.len() as i64,
@@ -76,13 +93,14 @@ async fn chat_completion(State(calls): State<Calls>, headers: HeaderMap, body: S
 }
 
 /// The stand-in on every host address (the Pods reach it at the node IP).
-async fn start_stand_in() -> (SocketAddr, Calls) {
-    let calls = Calls::default();
-    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(chat_completion)).with_state(calls.clone());
+async fn start_stand_in() -> (SocketAddr, Calls, Released) {
+    let (calls, released) = (Calls::default(), Released::default());
+    let state = StandIn { calls: calls.clone(), released: released.clone() };
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(chat_completion)).with_state(state);
     let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.expect("binding the stand-in");
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.expect("the stand-in serves") });
-    (addr, calls)
+    (addr, calls, released)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +117,7 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
         .unwrap_or_else(|e| panic!("{e:?}"));
     println!("figure: meter image from the debug build imported in {:.2?}", built.elapsed());
 
-    let (stand_in, calls) = start_stand_in().await;
+    let (stand_in, calls, released) = start_stand_in().await;
     let real_key = format!("sk-real-{}", std::process::id() as u64 * 7919 + 104_729);
     // The namespace's keys Secret names its upstream: the stand-in. The cluster-wide default
     // points where nothing listens, so a call that reached the stand-in took the namespace's.
@@ -134,7 +152,16 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
             &grant_url,
         ],
     );
-    let env = Env { admin: admin.clone(), alice: cp.client("alice").await, bob: cp.client("bob").await, calls, real_key };
+    let env = Env {
+        admin: admin.clone(),
+        alice: cp.client("alice").await,
+        bob: cp.client("bob").await,
+        dave: cp.client("dave").await,
+        calls,
+        released,
+        real_key,
+        meter_api_port: meter_api.rsplit_once(':').unwrap().1.parse().unwrap(),
+    };
 
     a_call_goes_through_the_meter_with_the_meters_key(&env).await;
     the_agents_first_call_needs_no_retry(&env).await;
@@ -142,6 +169,8 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
     the_meter_outlives_an_oom_killed_agent(&env).await;
     the_meter_outlives_an_agent_stopped_at_its_deadline(&env).await;
     a_budget_smaller_than_the_run_ends_the_job_budget_exhausted(&env).await;
+    a_meter_cut_off_after_its_first_report_is_counted_from_its_termination_message(&env).await;
+    a_meter_cut_off_before_it_reported_usage_is_not_counted_from_the_agents_zero(&env).await;
 
     drop(operator);
     drop(node);
@@ -151,8 +180,12 @@ struct Env {
     admin: Client,
     alice: Client,
     bob: Client,
+    dave: Client,
     calls: Calls,
+    released: Released,
     real_key: String,
+    /// The port of the operator's meter API on the node IP.
+    meter_api_port: u16,
 }
 
 impl Env {
@@ -454,4 +487,168 @@ async fn a_budget_smaller_than_the_run_ends_the_job_budget_exhausted(env: &Env) 
     assert_eq!((meter.grants.len(), meter.grants[0].budget_refusals, meter.grants[0].settled), (1, 1, true), "{meter:?}");
     assert!(ready.message.contains(&format!("spent ${spent} of budget.maxCostUSD $0.01")), "{ready:?}");
     println!("budget: {} calls served, 1 refused, spent ${spent} of $0.01", calls.len());
+}
+
+/// A firewall rule on the node dropping one Pod's packets to the operator's meter API, as a
+/// tenant's NetworkPolicy denying egress to the operator's namespace would (the node's bridge CNI
+/// enforces no NetworkPolicy). Removed when dropped, whatever the test did.
+struct CutOff {
+    rule: Vec<String>,
+}
+
+impl CutOff {
+    fn new(pod_ip: &str, port: u16) -> CutOff {
+        let rule: Vec<String> =
+            ["INPUT", "-s", pod_ip, "-d", NODE_IP, "-p", "tcp", "--dport", &port.to_string(), "-j", "DROP"].map(String::from).to_vec();
+        let status = std::process::Command::new("iptables").arg("-I").args(&rule).status().expect("running iptables");
+        assert!(status.success(), "iptables -I {rule:?}: {status}");
+        CutOff { rule }
+    }
+}
+
+impl Drop for CutOff {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("iptables").arg("-D").args(&self.rule).status();
+    }
+}
+
+/// An agent making calls with `prompts`, in order, then claiming it used nothing.
+fn calling_then_claiming_zero(prompts: &[&str]) -> String {
+    let calls: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            format!(
+                r#"wget -q -O /dev/null --header "Authorization: Bearer $OPENAI_API_KEY" --header 'Content-Type: application/json' --post-data '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"{p}"}}],"max_tokens":64}}' "$OPENAI_BASE_URL/chat/completions" || exit 3"#
+            )
+        })
+        .collect();
+    format!("{}\nprintf '{{\"usage\":[],\"output\":{{}}}}' >/dev/termination-log", calls.join("\n"))
+}
+
+/// The job's only meter session in status, once `ready` holds of it.
+async fn wait_session(env: &Env, name: &str, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let api: Api<AgentJob> = Api::namespaced(env.admin.clone(), NS);
+    wait(what, || async {
+        let j = api.get(name).await.expect("get job");
+        let status = serde_json::to_value(j.status.as_ref()).unwrap();
+        status["meter"]["grants"].as_array().and_then(|g| g.first().cloned()).filter(|g| ready(g))
+    })
+    .await
+}
+
+async fn pod_ip(env: &Env, job: &AgentJob) -> String {
+    wait("the agent Pod's IP", || async { job_pods(&env.admin, NS, job).await.first()?.status.as_ref()?.pod_ip.clone() }).await
+}
+
+/// What the meter left in its termination message, from the Pod's status.
+fn meter_message(pod: &Pod) -> String {
+    let meter = pod.status.as_ref().unwrap().init_container_statuses.as_ref().unwrap().iter().find(|c| c.name == sidecar::CONTAINER);
+    meter.and_then(|c| c.state.as_ref()?.terminated.as_ref()?.message.clone()).unwrap_or_default()
+}
+
+/// Tokens of `calls` as (input, output).
+fn tokens(calls: &[Call]) -> (i64, i64) {
+    (calls.iter().map(|c| c.prompt_tokens).sum(), calls.iter().map(|c| c.completion_tokens).sum())
+}
+
+/// The meter reports its first call through the meter API; then its Pod is cut off from the API,
+/// and the agent makes three more calls, which the meter serves from its grant (fail closed:
+/// nothing more than it holds) but can no longer report, and exits claiming nothing. The meter
+/// API knows only the first call, and nothing settled the session: before the termination
+/// message, that was the job's usage. Now the job counts all four.
+async fn a_meter_cut_off_after_its_first_report_is_counted_from_its_termination_message(env: &Env) {
+    let prompts = ["cut-mid one", "hold:cut-mid two", "cut-mid three", "cut-mid four"];
+    let script = calling_then_claiming_zero(&prompts);
+    let j =
+        create_and_approve(env, &job("cut-mid", "unused", json!({"agents": {"primary": {"command": ["/bin/sh", "-c", script]}}}))).await;
+    let first =
+        wait_session(env, "cut-mid", "the meter's report of its first call", |g| g["usage"]["inputTokens"].as_i64().is_some_and(|t| t > 0))
+            .await;
+    let cut = CutOff::new(&pod_ip(env, &j).await, env.meter_api_port);
+    env.released.lock().unwrap().insert(prompts[1].to_string());
+    let done = wait_phase(env, "cut-mid", "Succeeded").await;
+    drop(cut);
+    let calls: Vec<Call> = env.calls.lock().unwrap().iter().filter(|c| c.prompt.contains("cut-mid")).cloned().collect();
+    assert_eq!(calls.len(), 4, "every call went through the meter: {calls:?}");
+    let status = serde_json::to_value(done.status.as_ref()).unwrap();
+    let session = &status["meter"]["grants"][0];
+    let (input, output) = tokens(&calls);
+    let (first_input, _) = tokens(&calls[..1]);
+    // The meter API heard of the first call only, and never of the meter's end.
+    assert_eq!(session["usage"]["inputTokens"].as_i64(), Some(first_input), "the cut held: {session}");
+    assert_eq!(session["settled"], json!(null), "the meter could not settle: {session}");
+    assert_eq!(first["usage"]["inputTokens"], session["usage"]["inputTokens"]);
+    let usage = &status["usage"];
+    println!(
+        "cut off: the meter API had {} input tokens (${}), the stand-in served {input} (+{output} output), status.usage says {} (${})",
+        session["usage"]["inputTokens"], session["spentUSD"], usage["inputTokens"], usage["costUSD"]
+    );
+    assert_eq!((usage["inputTokens"].as_i64(), usage["outputTokens"].as_i64()), (Some(input), Some(output)), "{status}");
+    assert_eq!(status["attempts"][0]["reportedUsage"]["totalTokens"].as_i64(), Some(0), "the agent claimed nothing: {status}");
+    let pod = wait_pod_done(env, &j).await;
+    let message = meter_message(&pod);
+    println!("figure: the meter's termination message: {} bytes: {message}", message.len());
+    let parsed = agentgate::domain::meter_message::parse(&message).expect("the meter's message");
+    assert_eq!(parsed.usage.input_tokens, input);
+    assert_eq!(Some(parsed.session.as_str()), session["session"].as_str(), "the message names the session the API knows");
+}
+
+/// Cut off once the meter holds its first grant, before it reported any usage (its first call
+/// was still at the provider): the meter API knows the session with no usage at all, and the agent
+/// claims 0. Before the termination message the job counted 0; now what the stand-in served.
+async fn a_meter_cut_off_before_it_reported_usage_is_not_counted_from_the_agents_zero(env: &Env) {
+    let prompts = ["hold:cut-early one", "cut-early two"];
+    let script = calling_then_claiming_zero(&prompts);
+    let j =
+        create_and_approve(env, &job("cut-early", "unused", json!({"agents": {"primary": {"command": ["/bin/sh", "-c", script]}}}))).await;
+    wait_session(env, "cut-early", "the meter's first grant", |g| g["grantedUSD"].as_str().is_some_and(|u| u != "0.00")).await;
+    let cut = CutOff::new(&pod_ip(env, &j).await, env.meter_api_port);
+    env.released.lock().unwrap().insert(prompts[0].to_string());
+    let done = wait_phase(env, "cut-early", "Succeeded").await;
+    drop(cut);
+    let calls: Vec<Call> = env.calls.lock().unwrap().iter().filter(|c| c.prompt.contains("cut-early")).cloned().collect();
+    assert_eq!(calls.len(), 2, "{calls:?}");
+    let status = serde_json::to_value(done.status.as_ref()).unwrap();
+    let session = &status["meter"]["grants"][0];
+    assert_eq!(session["usage"]["totalTokens"].as_i64(), Some(0), "the meter API heard of no usage: {session}");
+    let (input, output) = tokens(&calls);
+    let usage = &status["usage"];
+    println!(
+        "cut off before any usage report: the meter API had {} tokens, the agent claimed {}, status.usage says {} input (${}); the stand-in served {input}",
+        session["usage"]["totalTokens"], status["attempts"][0]["reportedUsage"]["totalTokens"], usage["inputTokens"], usage["costUSD"]
+    );
+    assert_eq!((usage["inputTokens"].as_i64(), usage["outputTokens"].as_i64()), (Some(input), Some(output)), "{status}");
+    let reported = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "UsageReported").cloned().unwrap();
+    assert_eq!(reported["reason"], json!("Metered"), "{reported}");
+    a_tenant_cannot_rewrite_the_meters_termination_message(env, &j).await;
+}
+
+/// The tenant, `admin` of the namespace (which includes `edit`), tries to write the meter's
+/// message in the Pod's status: refused, as neither role grants `pods/status` write. Without a
+/// controller-manager nothing aggregates `admin` here, so dave is bound to what it aggregates:
+/// the apiserver's own `system:aggregate-to-{view,edit,admin}` ClusterRoles.
+async fn a_tenant_cannot_rewrite_the_meters_termination_message(env: &Env, job: &AgentJob) {
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    for role in ["view", "edit", "admin"] {
+        let binding: RoleBinding = serde_json::from_value(json!({"metadata": {"name": format!("dave-{role}")},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": format!("system:aggregate-to-{role}")},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "dave"}]}))
+        .unwrap();
+        Api::<RoleBinding>::namespaced(env.admin.clone(), NS).create(&PostParams::default(), &binding).await.expect("binding dave");
+    }
+    let pod = wait_pod_done(env, job).await;
+    let dave: Api<Pod> = Api::namespaced(env.dave.clone(), NS);
+    // dave may read and edit the Pod itself (once the authorizer has the binding), not its status.
+    wait("dave reading the Pod as admin of the namespace", || async { dave.get(&pod.name_any()).await.ok() }).await;
+    let forged = agentgate::domain::meter_message::encode(
+        &agentgate::domain::grants::session_key("forged"),
+        &agentgate::api::Usage { cost_usd: "0.00".into(), ..Default::default() },
+        0,
+    );
+    let patch = json!({"status": {"initContainerStatuses": [{"name": sidecar::CONTAINER, "state": {"terminated": {"exitCode": 0, "message": forged}}}]}});
+    let refused = dave.patch_status(&pod.name_any(), &kube::api::PatchParams::default(), &kube::api::Patch::Strategic(patch)).await;
+    match refused {
+        Err(kube::Error::Api(e)) if e.code == 403 => println!("tenant rewriting the meter's message: {} {}", e.code, e.message),
+        other => panic!("an admin of the namespace wrote the Pod's status: {other:?}"),
+    }
 }

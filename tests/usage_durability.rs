@@ -1,6 +1,8 @@
 //! No usage is ever lost: agent Pods hold the usage-tracking finalizer until their attempt is in
 //! the job's status, so a Pod deleted before the operator read it (the operator down, a leader
 //! takeover) still tells what it spent; and the finalizer never keeps a Pod whose job is gone.
+//! A meter cut off from the operator is counted from its termination message, and a Pod whose
+//! meter said nothing through either channel is `UsageUnmeasured`, never its agent's word.
 //! The test plays the kubelet by writing Pod status.
 
 mod support;
@@ -192,4 +194,60 @@ async fn a_retry_runs_only_while_what_was_spent_plus_the_estimate_fits_the_budge
     let attempts: BTreeSet<String> =
         job_pods(&admin, ns, &job).await.iter().filter_map(|p| p.labels().get("agentgate.dev/attempt").cloned()).collect();
     assert!(!attempts.contains("3"), "no third Pod: {attempts:?}");
+}
+
+/// Plays the kubelet for the Pod's meter: it ran, and stopped leaving `message` (None: killed
+/// before it wrote one).
+async fn meter_stopped(admin: &Client, ns: &str, pod: &str, message: Option<&str>) {
+    let at = k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string();
+    let status = json!({"status": {"initContainerStatuses": [{"name": agentgate::domain::meter_sidecar::CONTAINER,
+        "image": "agentgate", "imageID": "", "ready": false, "restartCount": 0,
+        "state": {"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": at, "finishedAt": at, "message": message}}}]}});
+    let api: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    api.patch_status(pod, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status)).await.expect("the meter's status");
+}
+
+/// A meter cut off from the operator before it reported anything: what it measured is in its
+/// termination message, and counts, though its agent claims 0. A meter that ran and said
+/// nothing through either channel: its agent's claim is not taken, the attempt is
+/// `UsageUnmeasured`, and the estimator, which learned the first job, does not learn it.
+#[tokio::test]
+async fn a_meter_heard_only_through_its_termination_message_counts_and_one_heard_through_neither_is_unmeasured() {
+    let ns = "usage-durability-meter-message";
+    let env = setup(ns).await;
+    let (admin, alice, bob) = (env.admin.clone(), env.alice.clone(), env.bob.clone());
+    let zero = usage_report("gpt-4o-mini", 0, 0, 0, json!({"findings": 0}));
+
+    let (_, pod) = started_job(&admin, &alice, &bob, ns, "cut").await;
+    run_pod(&admin, ns, &pod.name_any()).await;
+    let mut measured = agentgate::api::Usage::default();
+    let tokens = agentgate::domain::pricing::TokenCounts { input: 5_000, output: 700, ..Default::default() };
+    agentgate::domain::report::add_model_usage(&mut measured, "gpt-4o-mini", &tokens, agentgate::domain::money::MicroUsd(1_170));
+    measured.cost_usd = "0.00117".into();
+    let message = agentgate::domain::meter_message::encode(&agentgate::domain::grants::session_key("cut-session"), &measured, 0);
+    meter_stopped(&admin, ns, &pod.name_any(), Some(&message)).await;
+    finish_pod(&admin, ns, &pod.name_any(), 0, &zero).await;
+    let done = wait_marked(&admin, ns, "cut", 1).await;
+    assert_eq!(phase(&done), Some("Succeeded"));
+    let status = done.status.unwrap();
+    let usage = status.usage.clone().unwrap();
+    assert_eq!((usage.total_tokens, usage.cost_usd.as_str()), (5_700, "0.00117"), "the meter's figure, not the agent's 0");
+    assert_eq!(status.attempts[0].reported_usage.as_ref().map(|u| u.total_tokens), Some(0), "the agent's claim, kept beside");
+    assert!(status.attempts[0].unmeasured_pods.is_empty());
+    assert_eq!(learned_runs(&admin, ns).await, Some(1), "a measured success is learned");
+
+    let (_, pod) = started_job(&admin, &alice, &bob, ns, "silent").await;
+    run_pod(&admin, ns, &pod.name_any()).await;
+    meter_stopped(&admin, ns, &pod.name_any(), None).await;
+    finish_pod(&admin, ns, &pod.name_any(), 0, &usage_report("gpt-4o-mini", 1_200, 0, 300, json!({"findings": 1}))).await;
+    let done = wait_marked(&admin, ns, "silent", 1).await;
+    assert_eq!(phase(&done), Some("Succeeded"), "the job's result is its agent's");
+    let status = done.status.unwrap();
+    assert_eq!(status.usage.as_ref().map(|u| u.total_tokens), Some(0), "not the agent's 1,500");
+    assert_eq!(status.attempts[0].unmeasured_pods, [pod.name_any()]);
+    let reported = status.conditions.iter().find(|c| c.type_ == "UsageReported").unwrap();
+    assert_eq!((reported.status.as_str(), reported.reason.as_str()), ("False", "UsageUnmeasured"), "{}", reported.message);
+    println!("unmeasured: {}", reported.message);
+    // Marked once the operator processed it (the later event to wait for): nothing was recorded.
+    assert_eq!(learned_runs(&admin, ns).await, Some(1), "an unmeasured attempt teaches the estimator nothing");
 }

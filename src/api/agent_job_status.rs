@@ -458,6 +458,11 @@ pub struct Attempt {
     /// (a disagreement is a `UsageClaimMismatch` Warning Event), never counted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported_usage: Option<Usage>,
+    /// Pods whose meter ran and reported nothing, neither to the meter API nor in its
+    /// termination message: the attempt's usage counts only what was measured, never the agents'
+    /// own reports, and the estimator does not learn it (`UsageReported` reason `UsageUnmeasured`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unmeasured_pods: Vec<String>,
     /// `true` once the estimator has learned this attempt's usage and the token and cost counters
     /// have counted it (set in the status write after that), `false` until then. Absent on
     /// attempts stored by an operator older than this mark, which learned and counted usage as it

@@ -27,6 +27,14 @@ pub fn unlearned(stored: &AgentJobStatus) -> Vec<usize> {
     stored.attempts.iter().enumerate().filter(|(_, a)| a.usage.is_some() && a.learned == Some(false)).map(|(i, _)| i).collect()
 }
 
+/// Whether the estimator learns an attempt's usage: only what a successful run cost (failed
+/// attempts would drag it towards runs that stopped early), and not when some of its usage went
+/// unmeasured (it would learn a cost below the real one, lowering the namespace's estimates past
+/// cost tiers; domain/meter_message.rs). Its usage is counted either way.
+pub fn teaches_the_estimator(attempt: &crate::api::Attempt) -> bool {
+    attempt.result == AttemptResult::Succeeded && attempt.unmeasured_pods.is_empty()
+}
+
 /// Indexes of the attempts an operator older than the mark stored (and learned). Pure.
 pub fn learned_before_the_mark(stored: &AgentJobStatus) -> Vec<usize> {
     stored.attempts.iter().enumerate().filter(|(_, a)| a.usage.is_some() && a.learned.is_none()).map(|(i, _)| i).collect()
@@ -47,9 +55,7 @@ pub async fn learn_stored(job: &AgentJob, ctx: &Context, stored: &AgentJobStatus
     for &i in &pending {
         let attempt = &stored.attempts[i];
         let Some(usage) = &attempt.usage else { continue };
-        // The estimator learns what a successful run costs; failed attempts would drag it
-        // towards runs that stopped early.
-        if attempt.result == AttemptResult::Succeeded {
+        if teaches_the_estimator(attempt) {
             let key = crate::domain::learning::attempt_key(job.metadata.uid.as_deref().unwrap_or_default(), attempt.attempt);
             let prior = prior_tokens(&estimate_input(job));
             if ctx.learner.state.lock().await.record(&key, &namespace, &job_type(job), &tokens_of(usage), &prior, &prices) {
@@ -94,6 +100,15 @@ mod tests {
             learned,
             ..Attempt::default()
         }
+    }
+
+    #[test]
+    fn an_attempt_with_unmeasured_usage_teaches_the_estimator_nothing() {
+        let measured = attempt(1, true, Some(false));
+        assert!(teaches_the_estimator(&measured));
+        let unmeasured = Attempt { unmeasured_pods: vec!["j-a-1-agentgate".into()], ..measured.clone() };
+        assert!(!teaches_the_estimator(&unmeasured));
+        assert!(!teaches_the_estimator(&Attempt { result: AttemptResult::Failed, ..measured }));
     }
 
     #[test]

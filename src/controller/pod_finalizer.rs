@@ -151,7 +151,7 @@ mod tests {
     use crate::domain::decide::PodState;
 
     fn view(name: &str, state: PodState) -> PodView {
-        PodView { name: name.into(), agent: "a".into(), attempt: 1, generation: Some(1), state }
+        PodView { name: name.into(), agent: "a".into(), attempt: 1, generation: Some(1), state, meter: Default::default() }
     }
 
     fn status(result: AttemptResult, phase: Option<JobPhase>) -> AgentJobStatus {

@@ -156,11 +156,48 @@ pub fn pod(pod: &mut Pod) {
         let container_statuses = status
             .container_statuses
             .map(|cs| cs.into_iter().map(|c| ContainerStatus { name: c.name, state: c.state, ..ContainerStatus::default() }).collect());
+        // Of the meter sidecar, only whether it started and its stopped processes' termination
+        // messages (its usage, at most 4 KiB each, the kubelet's cap; `snapshot::pod_meter`).
+        let init_container_statuses = status.init_container_statuses.map(|cs| {
+            cs.into_iter()
+                .filter(|c| c.name == crate::domain::meter_sidecar::CONTAINER)
+                .map(|c| ContainerStatus {
+                    name: c.name,
+                    state: meter_state(c.state),
+                    last_state: meter_state(c.last_state),
+                    ..ContainerStatus::default()
+                })
+                .filter(|c| c.state.is_some() || c.last_state.is_some())
+                .collect()
+        });
         // The Pod's addresses: the meter API tells a request from the Pod its token claims from one
         // sent from anywhere else (meter_auth.rs).
         let pod_ips = status.pod_ips;
-        pod.status = Some(PodStatus { phase: status.phase, reason: status.reason, container_statuses, pod_ips, ..PodStatus::default() });
+        pod.status = Some(PodStatus {
+            phase: status.phase,
+            reason: status.reason,
+            container_statuses,
+            init_container_statuses,
+            pod_ips,
+            ..PodStatus::default()
+        });
     }
+}
+
+/// Of a meter container's state, only a termination: whether the process had started, and its
+/// message, cut at the kubelet's 4 KiB (`snapshot::pod_meter`). A running meter's state is not
+/// kept: the operator reads the meter once its Pod has ended, when the kubelet has stopped it.
+fn meter_state(state: Option<k8s_openapi::api::core::v1::ContainerState>) -> Option<k8s_openapi::api::core::v1::ContainerState> {
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated};
+    let terminated = state?.terminated?;
+    Some(ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            started_at: terminated.started_at,
+            message: terminated.message.filter(|m| m.len() <= crate::domain::meter_message::MAX_BYTES),
+            ..ContainerStateTerminated::default()
+        }),
+        ..ContainerState::default()
+    })
 }
 
 /// Keeps of a Node what `snapshot::node_view` reads: its name, `unschedulable` and taints, its
@@ -282,6 +319,14 @@ mod tests {
 
     /// An agent Pod as the apiserver returns it once bound and finished, `phase` "Succeeded" or
     /// "Failed", with the operator's own env, volumes and annotations and the kubelet's status.
+    fn meter_message(session: &str, tokens: i64) -> String {
+        let mut usage = crate::api::Usage::default();
+        let counts = crate::domain::pricing::TokenCounts { input: tokens, ..Default::default() };
+        crate::domain::report::add_model_usage(&mut usage, "gpt-4o-mini", &counts, crate::domain::money::MicroUsd(tokens));
+        usage.cost_usd = crate::domain::money::MicroUsd(tokens).to_string();
+        crate::domain::meter_message::encode(&crate::domain::grants::session_key(session), &usage, 0)
+    }
+
     fn finished_pod(phase: &str) -> Pod {
         let agent = serde_json::from_value(json!({"name": "scanner", "image": "ghcr.io/acme/scanner:1", "model": "gpt-4o-mini",
             "env": [{"name": "MODE", "value": "deep"}], "args": ["--all"]}))
@@ -319,7 +364,15 @@ mod tests {
                 "conditions": [{"type": "Ready", "status": "False"}], "podIP": "10.0.0.7", "qosClass": "Guaranteed",
                 "containerStatuses": [{"name": "agent", "image": "ghcr.io/acme/scanner:1", "imageID": "sha256:abc", "ready": false,
                     "restartCount": 0, "containerID": "containerd://1",
-                    "state": {"terminated": {"exitCode": 3, "message": "{\"usage\": {}}", "reason": "Error"}}}]}))
+                    "state": {"terminated": {"exitCode": 3, "message": "{\"usage\": {}}", "reason": "Error"}}}],
+                // The meter: restarted once; its two processes' messages are its usage.
+                "initContainerStatuses": [{"name": "agentgate-meter", "image": "ghcr.io/agentgate/agentgate:1", "imageID": "sha256:def",
+                    "ready": false, "restartCount": 1, "containerID": "containerd://2", "started": phase == "Running",
+                    "state": if phase == "Running" { json!({"running": {"startedAt": "2026-11-30T10:00:05Z"}}) } else {
+                        json!({"terminated": {"exitCode": 0, "reason": "Completed", "startedAt": "2026-11-30T10:00:05Z", "message": meter_message("s2", 20)}})
+                    },
+                    "lastState": {"terminated": {"exitCode": 137, "reason": "OOMKilled", "startedAt": "2026-11-30T10:00:00Z",
+                        "message": meter_message("s1", 10)}}}]}))
             .unwrap(),
         );
         pod
@@ -540,11 +593,23 @@ mod tests {
             let mut stored = slim.clone();
             super::stored_pod(&mut stored);
             assert_eq!(snapshot::pod_view(&stored), snapshot::pod_view(&full), "{phase}");
+            // The meter's messages survive (both processes'), and that it ran.
+            let meter = snapshot::pod_view(&stored).unwrap().meter;
+            let tokens: Vec<i64> = meter.messages.iter().map(|m| m.usage.input_tokens).collect();
+            assert!(meter.ran, "{phase}");
+            assert_eq!(tokens, if phase == "Running" { vec![10] } else { vec![20, 10] }, "{phase}");
             assert!(snapshot::is_job_pod(&stored, "team", "uid-1") && super::is_agentgate_pod(&stored), "{phase}");
             assert_eq!(snapshot::holds_node_resources(&stored), snapshot::holds_node_resources(&full), "{phase}");
             assert_eq!((stored.finalizers(), stored.spec.as_ref().unwrap().node_name.as_deref()), (full.finalizers(), Some("node-a")));
             let heap = crate::controller::memory::heap_size::<Pod>;
             assert!(heap(&stored) * 2 < heap(&slim), "{phase}: stored {} B of the slimmed {} B", heap(&stored), heap(&slim));
+            let mut without_meter = stored.clone();
+            without_meter.status.as_mut().unwrap().init_container_statuses = None;
+            println!(
+                "figure: {phase}: a stored agent Pod {} B, of which its meter's status with its messages {} B",
+                heap(&stored),
+                heap(&stored) - heap(&without_meter)
+            );
         }
     }
 

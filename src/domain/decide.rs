@@ -37,6 +37,8 @@ pub struct PodView {
     /// The job generation the Pod was built from (None on Pods of older operator versions).
     pub generation: Option<i64>,
     pub state: PodState,
+    /// What its status says of its meter (domain/meter_message.rs).
+    pub meter: crate::domain::meter_message::PodMeter,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -124,6 +126,7 @@ pub fn running_attempt(job: &AgentJob, attempt: i32, generation: i64, now: &Time
         message: None,
         usage: None,
         reported_usage: None,
+        unmeasured_pods: Vec::new(),
         learned: Some(false),
         tool_claims,
     }

@@ -36,6 +36,10 @@ pub const BINARY: &str = "/usr/local/bin/agentgate";
 pub const HEALTH_PATH: &str = "/healthz";
 /// The meter's CA certificate for the meter API (PEM), in its container's environment.
 pub const GRANT_CA_ENV: &str = "AGENTGATE_METER_GRANT_CA_PEM";
+/// The meter's termination message, where it keeps its usage for the operator to read from the
+/// Pod's status (domain/meter_message.rs): the kubelet's own file for this container, which no
+/// other container mounts.
+pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
 pub const KEYS_VOLUME: &str = "agentgate-meter-keys";
 pub const KEYS_DIR: &str = "/var/run/agentgate/meter-keys";
 pub const TOKEN_VOLUME: &str = "agentgate-meter-token";
@@ -236,7 +240,13 @@ pub fn resources() -> ResourceRequirements {
 /// Adds the meter to an agent Pod built by `pod_builder::build_pod` (which calls it).
 pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
     let Some(spec) = pod.spec.as_mut() else { return };
-    let mut args = vec!["meter".to_string(), "--listen".into(), format!("127.0.0.1:{PORT}")];
+    let mut args = vec![
+        "meter".to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{PORT}"),
+        "--termination-message-path".into(),
+        TERMINATION_MESSAGE_PATH.into(),
+    ];
     match &meter.budget {
         MeterBudget::Fixed(usd) => args.extend(["--budget-usd".into(), usd.clone()]),
         MeterBudget::Grants(url) => {
@@ -315,6 +325,9 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
         volume_mounts: Some(mounts),
         security_context: Some(restricted()),
         env: (!meter_env.is_empty()).then_some(meter_env),
+        termination_message_path: Some(TERMINATION_MESSAGE_PATH.into()),
+        // The file only, never the log: the meter's log is no usage figure.
+        termination_message_policy: Some("File".into()),
         // The kubelet starts the agent once this succeeds: the agent's first call finds the
         // meter listening (tests/real_node_meter.rs calls once, without retrying). An exec probe,
         // because the meter listens on the Pod's loopback only, which the kubelet's HTTP probes
@@ -449,7 +462,14 @@ mod tests {
         let sidecar = &spec.init_containers.as_ref().unwrap()[0];
         assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
         let args = sidecar.args.as_ref().unwrap().join(" ");
-        assert!(args.starts_with("meter --listen 127.0.0.1:4000 --budget-usd 5.00"), "{args}");
+        assert!(
+            args.starts_with("meter --listen 127.0.0.1:4000 --termination-message-path /dev/termination-log --budget-usd 5.00"),
+            "{args}"
+        );
+        assert_eq!(
+            (sidecar.termination_message_path.as_deref(), sidecar.termination_message_policy.as_deref()),
+            (Some(TERMINATION_MESSAGE_PATH), Some("File"))
+        );
         assert!(args.contains("--openai-key-file /var/run/agentgate/meter-keys/openai"));
         assert!(args.contains("--anthropic-key-file /var/run/agentgate/meter-keys/anthropic"));
         assert!(args.contains("--openai-upstream https://llm-gateway.internal/v1"), "the cluster's default: {args}");
@@ -497,6 +517,26 @@ mod tests {
         for c in &spec.containers {
             assert!(c.volume_mounts.iter().flatten().all(|m| m.name != TOKEN_VOLUME), "{} mounts the meter's token", c.name);
         }
+    }
+
+    /// The meter's termination message is its usage for the operator (domain/meter_message.rs):
+    /// the agent must not be able to write it. It is the kubelet's file for the meter's container
+    /// alone; the agent shares no volume with the meter and mounts nothing over `/dev`.
+    #[test]
+    fn the_agent_container_cannot_reach_the_meters_termination_message() {
+        let mut pod = pod();
+        inject(&mut pod, &meter());
+        let spec = pod.spec.unwrap();
+        let sidecar = &spec.init_containers.as_ref().unwrap()[0];
+        let meter_volumes: Vec<&str> = sidecar.volume_mounts.iter().flatten().map(|m| m.name.as_str()).collect();
+        for agent in &spec.containers {
+            for mount in agent.volume_mounts.iter().flatten() {
+                assert!(!meter_volumes.contains(&mount.name.as_str()), "the agent mounts the meter's volume {}", mount.name);
+                assert!(!mount.mount_path.starts_with("/dev"), "the agent mounts {} over /dev", mount.mount_path);
+            }
+        }
+        assert_eq!(sidecar.termination_message_path.as_deref(), Some(TERMINATION_MESSAGE_PATH));
+        assert_eq!(spec.share_process_namespace, None, "the agent cannot reach the meter's filesystem through /proc");
     }
 
     #[test]

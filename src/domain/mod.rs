@@ -12,6 +12,7 @@ pub mod forecasters;
 pub mod grants;
 pub mod history;
 pub mod learning;
+pub mod meter_message;
 pub mod meter_sidecar;
 pub mod meter_tls;
 pub mod meter_token;

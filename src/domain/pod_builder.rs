@@ -485,6 +485,8 @@ mod tests {
                             "meter",
                             "--listen",
                             "127.0.0.1:4000",
+                            "--termination-message-path",
+                            "/dev/termination-log",
                             "--budget-usd",
                             "0.50",
                             "--openai-key-file",

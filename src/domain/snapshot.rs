@@ -43,7 +43,35 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
         _ => PodState::Active,
     };
     let generation = pod.annotations().get(ANNOTATION_JOB_GENERATION).and_then(|g| g.parse().ok());
-    Some(PodView { name: pod.name_any(), agent, attempt, generation, state })
+    Some(PodView { name: pod.name_any(), agent, attempt, generation, state, meter: pod_meter(pod) })
+}
+
+/// What a Pod's status says of its meter: whether it ran, and the termination messages of its
+/// stopped processes (the last one, and the one before a restart). Read from the status alone,
+/// which the cache keeps of the meter (controller/slim.rs). Messages that are not a meter's are
+/// no figure and left out (domain/meter_message.rs).
+pub fn pod_meter(pod: &Pod) -> crate::domain::meter_message::PodMeter {
+    use crate::domain::meter_sidecar::CONTAINER;
+    use k8s_openapi::api::core::v1::ContainerState;
+    let statuses: Vec<_> = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.init_container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .filter(|c| c.name == CONTAINER)
+        .flat_map(|c| [c.state.as_ref(), c.last_state.as_ref()])
+        .flatten()
+        .collect();
+    // Running, or stopped after it had started (a container the kubelet never started is
+    // reported terminated without a start, e.g. `ContainerStatusUnknown`).
+    let started = |s: &&ContainerState| s.running.is_some() || s.terminated.as_ref().is_some_and(|t| t.started_at.is_some());
+    let messages = statuses
+        .iter()
+        .filter_map(|state| state.terminated.as_ref()?.message.as_deref())
+        .filter_map(|text| crate::domain::meter_message::parse(text).ok())
+        .collect();
+    crate::domain::meter_message::PodMeter { ran: statuses.iter().any(started), messages }
 }
 
 /// The uid of the AgentJob that controls the Pod: its controller ownerReference, never a label.

@@ -62,7 +62,7 @@ pub enum GrantError {
 
 /// 128 random bits in hex, from the system's generator; the clock and process id should it fail
 /// (a meter that cannot start a session cannot meter).
-fn new_session_id() -> String {
+pub fn new_session_id() -> String {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 16];
     if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
@@ -89,6 +89,11 @@ impl GrantClient {
             sequence: tokio::sync::Mutex::new(0),
             exhausted_at: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The session's id (secret: whoever knows it may speak for the session).
+    pub fn session(&self) -> &str {
+        &self.session
     }
 
     /// Asks for `want` more and raises the ledger's budget to what the session holds then. Ok

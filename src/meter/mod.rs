@@ -4,6 +4,7 @@
 pub mod budget;
 pub mod buffer_budget;
 pub mod grant_client;
+pub mod message;
 pub mod proxy;
 /// The sidecar the operator injects is built in the domain (pure, next to the Pod it goes into).
 pub use crate::domain::meter_sidecar as sidecar;
@@ -76,6 +77,13 @@ pub struct MeterArgs {
     /// JSON file rewritten with the running totals (as `GET /usage`) after calls settle.
     #[arg(long, env = "AGENTGATE_METER_REPORT_FILE")]
     pub report_file: Option<PathBuf>,
+    /// The container's termination message file (`terminationMessagePath`), kept holding the
+    /// cumulative usage, compact and within the kubelet's 4 KiB, from the start and after calls
+    /// settle: the kubelet copies it into the Pod's status when the meter stops, where the
+    /// operator reads it even if the meter could never reach the meter API
+    /// (domain/meter_message.rs). The operator sets it in agent Pods.
+    #[arg(long, env = "AGENTGATE_METER_TERMINATION_MESSAGE_PATH")]
+    pub termination_message_path: Option<PathBuf>,
     /// Output cap set on a call that sets none, when the budget does not force a lower one. It
     /// must be one every model accepts (a larger cap than a model allows is a 400 from it).
     #[arg(long, env = "AGENTGATE_METER_DEFAULT_OUTPUT_CAP", default_value_t = 16_384, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
@@ -206,9 +214,21 @@ pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Arc<Meter>>
 /// Serves until `shutdown` resolves; the report file is written once more at the end.
 pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let meter = build(&args, prices)?;
+    // The session's digest: the operator matches the message to the session the meter API knows.
+    let session = meter.grants.as_ref().map_or_else(grant_client::new_session_id, |g| g.session().to_string());
+    let message = args.termination_message_path.clone().map(|path| Arc::new(message::TerminationMessage::new(path, &session)));
+    // Before the meter listens, so before its agent starts (the startup probe): a meter that ran
+    // leaves a figure, zero if its agent made no call. A meter that cannot write it still serves:
+    // the operator then has its reports, or counts its Pod `UsageUnmeasured`.
+    if let Some(message) = &message
+        && let Err(e) = message.write(&meter.ledger)
+    {
+        tracing::error!(error = %e, path = %message.path().display(), "writing the termination message");
+    }
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, budget = ?args.budget_usd.map(|b| b.to_string()), "agentgate meter ready");
-    let writer = args.report_file.clone().map(|path| tokio::spawn(write_reports(meter.ledger.clone(), path)));
+    let writer = (args.report_file.is_some() || message.is_some())
+        .then(|| tokio::spawn(write_reports(meter.ledger.clone(), args.report_file.clone(), message.clone())));
     let reporter = meter
         .grants
         .clone()
@@ -219,6 +239,13 @@ pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Ou
     }
     if let Some(reporter) = reporter {
         reporter.abort();
+    }
+    if let Some(message) = &message {
+        // Every call has ended: the final figure, before settling (which may take 20 s and fail).
+        let (message, ledger) = (message.clone(), meter.ledger.clone());
+        if let Err(e) = tokio::task::spawn_blocking(move || message.write(&ledger)).await.map_err(std::io::Error::other).and_then(|w| w) {
+            tracing::error!(error = %e, "writing the termination message");
+        }
     }
     if let Some(grants) = &meter.grants {
         // Every call has ended: the final usage, and what was not spent goes back to the job.
@@ -236,12 +263,24 @@ pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Ou
     Ok(())
 }
 
-/// Rewrites the report after calls settle. A burst of calls is one write, not one each: the
-/// notification coalesces while a write is under way.
-async fn write_reports(ledger: Arc<Ledger>, path: PathBuf) {
+/// Rewrites the report file and the termination message after calls settle. A burst of calls is
+/// one write, not one each: the notification coalesces while a write is under way. The message is
+/// rewritten on every change, not every report interval: a write of at most 4 KiB costs far less
+/// than the call that changed it, and even a meter killed (SIGKILL, OOM, the node) then leaves
+/// the figure of its last settled call.
+async fn write_reports(ledger: Arc<Ledger>, path: Option<PathBuf>, message: Option<Arc<message::TerminationMessage>>) {
     loop {
-        if let Err(e) = write_report(&ledger, &path).await {
+        if let Some(path) = &path
+            && let Err(e) = write_report(&ledger, path).await
+        {
             tracing::warn!(error = %e, "writing the meter's report");
+        }
+        if let Some(message) = &message {
+            let (message, ledger) = (message.clone(), ledger.clone());
+            // Off the runtime's only thread, so a slow disk does not hold up calls.
+            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || message.write(&ledger)).await {
+                tracing::warn!(error = %e, "writing the termination message");
+            }
         }
         ledger.changed.notified().await;
     }

@@ -204,16 +204,45 @@ fn settle_attempt(
     }
     // Whatever the agents did after it, an attempt a meter refused a call for budget did not run
     // to its end within the budget: it fails, first of all for that. The meter is the only
-    // source: the agent cannot write its grant entry (controller/meter_api.rs).
-    let refusals = crate::domain::grants::attempt_budget_refusals(s.meter.as_deref(), current);
+    // source: the agent cannot write its grant entry (controller/meter_api.rs) nor its meter's
+    // termination message. What the meters measured comes through both channels, the second
+    // one a tenant cutting the meter off from the operator cannot stop (domain/meter_message.rs).
+    let pod_meters: Vec<(&str, &crate::domain::meter_message::PodMeter)> =
+        states.iter().filter_map(|(name, _)| o.pods.iter().find(|p| &p.name == name).map(|p| (name.as_str(), &p.meter))).collect();
+    let measured = crate::domain::meter_message::measure_attempt(s.meter.as_deref(), current, &pod_meters);
+    let refusals = measured.budget_refusals;
     if refusals > 0 {
         failures.insert(0, format!("{BUDGET_EXHAUSTED}: the agent meters refused {refusals} call(s) the budget could not cover"));
     }
 
     // A metered attempt's usage is what its meters measured; the agents' claim is kept beside it
     // for comparison and never counted (domain/grants.rs).
-    let metered = crate::domain::grants::attempt_usage(s.meter.as_deref(), current);
-    if metered.is_some() {
+    // A Pod whose meter ran and said nothing through either channel is never counted from its
+    // agent's own report (the agent writes it: it could say 0): the attempt counts what was
+    // measured, $0 if nothing, and says so.
+    let unmeasured = measured.unmeasured.clone();
+    let metered = measured.usage.clone().or_else(|| {
+        (!unmeasured.is_empty()).then(|| crate::api::Usage { cost_usd: MicroUsd(0).to_string(), ..crate::api::Usage::default() })
+    });
+    if !measured.raised_by_messages.is_empty() {
+        let note = format!(
+            "attempt {current}: the meter API was told less than the agent meters measured (cut off from the operator?); \
+             counted from their termination messages: {}",
+            measured.raised_by_messages.join(", ")
+        );
+        plan.events.push(PlannedEvent { warning: true, reason: "UsageFromMeterMessage".into(), note });
+    }
+    if !unmeasured.is_empty() {
+        let note = format!(
+            "attempt {current}: the meter of {} ran and reported no usage, neither to the meter API nor in its termination message: \
+             its usage is unknown, not taken from the agent's own report; the attempt counts what the meters measured (${}) \
+             and the estimator does not learn it",
+            unmeasured.join(", "),
+            metered.as_ref().map_or("0.00", |u| u.cost_usd.as_str())
+        );
+        set_condition(&mut s.conditions, condition::USAGE_REPORTED, false, "UsageUnmeasured", note.clone(), generation, &o.now);
+        plan.events.push(PlannedEvent { warning: true, reason: "UsageUnmeasured".into(), note });
+    } else if metered.is_some() {
         // The meters priced every call they let through; a claim's prices do not matter.
         let mut note = format!("attempt {current}: usage measured by the agent meters");
         if !report_problems.is_empty() {
@@ -251,6 +280,7 @@ fn settle_attempt(
     }
     let attempt = &mut s.attempts[index];
     attempt.completion_time = Some(o.now.clone());
+    attempt.unmeasured_pods = unmeasured;
     match metered {
         Some(measured) => {
             // Kept for comparison only, never counted: folded like the meters' usage, so that

@@ -95,7 +95,14 @@ fn rejected() -> Tally {
 }
 
 fn pod(agent: &str, attempt: i32, state: PodState) -> PodView {
-    PodView { name: format!("scan-{agent}-{attempt}-agentgate"), agent: agent.into(), attempt, generation: Some(1), state }
+    PodView {
+        name: format!("scan-{agent}-{attempt}-agentgate"),
+        agent: agent.into(),
+        attempt,
+        generation: Some(1),
+        state,
+        meter: Default::default(),
+    }
 }
 
 fn report(model: &str, input: i64, output: i64, out: Value) -> Option<String> {
@@ -1435,4 +1442,66 @@ fn a_metered_attempts_claims_of_many_models_are_folded() {
     assert!(claimed.models.len() <= crate::domain::grants::MAX_MODELS, "{} entries", claimed.models.len());
     assert_eq!(claimed.total_tokens, 160, "every claimed token is still in it");
     assert_eq!(usage(&plan).cost_usd, "0.04", "the meters' usage counts");
+}
+
+/// A meter that ran, with the termination messages of `sessions`: (session id, input, output
+/// tokens of gpt-4o-mini, cost).
+fn meter_left(sessions: &[(&str, i64, i64, &str)]) -> crate::domain::meter_message::PodMeter {
+    use crate::domain::meter_message::{encode, parse};
+    let messages = sessions
+        .iter()
+        .map(|(session, input, output, cost)| {
+            let mut u = Usage::default();
+            let tokens = TokenCounts { input: *input, output: *output, ..Default::default() };
+            crate::domain::report::add_model_usage(&mut u, "gpt-4o-mini", &tokens, MicroUsd::parse(cost).unwrap());
+            u.cost_usd = cost.to_string();
+            parse(&encode(&crate::domain::grants::session_key(session), &u, 0)).unwrap()
+        })
+        .collect();
+    crate::domain::meter_message::PodMeter { ran: true, messages }
+}
+
+/// The scanner's meter was cut off from the operator after it reported 25,000 tokens ($0.02):
+/// its termination message says what it measured after (35,000, $0.05), and that counts, once.
+#[test]
+fn a_meter_cut_off_from_the_operator_is_counted_from_its_termination_message() {
+    let mut pods = both_reported(1);
+    pods[0].meter = meter_left(&[("session-scanner", 28_000, 7_000, "0.05")]);
+    pods[1].meter = meter_left(&[("session-fixer", 10_000, 2_000, "0.02")]);
+    let plan = step(&metered(running(NO_RETRIES), 0), &ready(), &approved(), &pods, &[]);
+    assert_eq!(plan.status.phase, Some(JobPhase::Succeeded));
+    assert_eq!((usage(&plan).cost_usd.as_str(), usage(&plan).total_tokens), ("0.07", 47_000), "the later figure, not the sum");
+    let events: Vec<&str> = plan.events.iter().map(|e| e.reason.as_str()).collect();
+    assert!(events.contains(&"UsageFromMeterMessage"), "{events:?}");
+    let note = &plan.events.iter().find(|e| e.reason == "UsageFromMeterMessage").unwrap().note;
+    assert!(note.contains("scan-scanner-1-agentgate") && !note.contains("fixer"), "only the session it raised: {note}");
+    assert_eq!(cond(&plan, condition::USAGE_REPORTED).map(|c| (c.0, c.1)), Some(("True", "Metered")));
+    assert!(plan.status.attempts[0].unmeasured_pods.is_empty());
+}
+
+/// Both meters ran and neither reached the operator nor left a message (killed before they
+/// wrote one): the agents claim 37,000 tokens, which could as well have been 0. Their word is not
+/// taken: the usage is what was measured ($0), the attempt is marked so the estimator skips
+/// it, and the condition and a Warning Event say why.
+#[test]
+fn a_pod_whose_meter_said_nothing_is_unmeasured_never_counted_from_its_agent() {
+    let mut pods = both_reported(1);
+    for pod in &mut pods {
+        pod.meter = crate::domain::meter_message::PodMeter { ran: true, messages: Vec::new() };
+    }
+    let plan = step(&running(NO_RETRIES), &ready(), &approved(), &pods, &[]);
+    assert_eq!(plan.status.phase, Some(JobPhase::Succeeded), "the job's result is its agents'");
+    assert_eq!((usage(&plan).total_tokens, usage(&plan).cost_usd.as_str()), (0, "0.00"), "not the agents' 37,000");
+    let attempt = &plan.status.attempts[0];
+    assert_eq!(attempt.unmeasured_pods, ["scan-scanner-1-agentgate", "scan-fixer-1-agentgate"]);
+    assert_eq!(attempt.reported_usage.as_ref().map(|u| u.total_tokens), Some(37_000), "the claim is kept beside, for comparison");
+    let (status, reason, message) = cond(&plan, condition::USAGE_REPORTED).unwrap();
+    assert_eq!((status, reason), ("False", "UsageUnmeasured"), "{message}");
+    assert!(message.contains("scan-scanner-1-agentgate") && message.contains("estimator does not learn"), "{message}");
+    assert!(plan.events.iter().any(|e| e.warning && e.reason == "UsageUnmeasured"));
+    // Pods whose meters never ran (an older operator's, or never started: nor did their agents)
+    // are still counted from their agents' reports, as before.
+    let plan = step(&running(NO_RETRIES), &ready(), &approved(), &both_reported(1), &[]);
+    assert_eq!(usage(&plan).total_tokens, 37_000);
+    assert_eq!(cond(&plan, condition::USAGE_REPORTED).map(|c| c.1), Some("Reported"));
 }
