@@ -1,4 +1,4 @@
-//! Leader election: of two replicas only one reconciles, and the other takes over within 15 s
+//! Leader election: of two replicas only one reconciles, and the other takes over within the lease (15 s) and a few seconds
 //! of the leader's death.
 
 mod support;
@@ -22,7 +22,7 @@ async fn submit(client: &kube::Client, ns: &str, name: &str) {
 }
 
 #[tokio::test]
-async fn only_the_leader_reconciles_and_a_standby_takes_over_within_15_seconds() {
+async fn only_the_leader_reconciles_and_a_standby_takes_over_within_20_seconds() {
     let ns = "leader";
     let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
     let (cp, admin, args) = (env.cp, env.admin.clone(), env.operator_args());
@@ -51,7 +51,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_within_15_seconds()
     wait_for_job(&admin, ns, "two", "estimated by the new leader", |j| phase(j) == Some("AwaitingApproval")).await;
     let takeover = killed.elapsed();
     println!("standby took over and reconciled a new job {takeover:?} after the leader was killed");
-    assert!(takeover < Duration::from_secs(15), "takeover took {takeover:?}");
+    assert!(takeover < Duration::from_secs(agentgate::leader::LEASE_SECONDS + 5), "takeover took {takeover:?}");
     assert!(log_of(&second).contains("became the leader"));
 }
 
