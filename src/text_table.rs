@@ -1,13 +1,22 @@
 //! Plain-text tables for the command-line reports: each column padded to its widest cell
 //! (counted in characters, so names and reasons outside ASCII stay aligned), `gap` spaces
 //! between columns, no trailing spaces.
+//!
+//! Cells are text others wrote (a vote's reason, a condition's message, a name): each is shown
+//! on its one line with what a terminal would act on escaped ([`terminal_text::line`]), so a line
+//! break cannot forge a row nor an escape sequence erase one
+//! (`review::table::tests::a_vote_reason_cannot_forge_rows_or_move_the_cursor`).
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
+use crate::domain::terminal_text;
+
 pub fn render<R: AsRef<[String]>>(header: &[&str], rows: &[R], gap: usize) -> String {
+    let rows: Vec<Vec<Cow<str>>> = rows.iter().map(|r| r.as_ref().iter().map(|c| terminal_text::line(c)).collect()).collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row.as_ref()) {
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
@@ -18,8 +27,8 @@ pub fn render<R: AsRef<[String]>>(header: &[&str], rows: &[R], gap: usize) -> St
         let _ = writeln!(out, "{}", padded.join(&separator).trim_end());
     };
     line(header.to_vec());
-    for row in rows {
-        line(row.as_ref().iter().map(String::as_str).collect());
+    for row in &rows {
+        line(row.iter().map(|c| c.as_ref()).collect());
     }
     out
 }

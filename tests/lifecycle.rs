@@ -261,6 +261,48 @@ async fn input_not_matching_its_schema_is_rejected_listing_paths() {
     assert!(ready.message.contains("input/repositoryPath") && ready.message.contains("input/scanDepth"), "{}", ready.message);
 }
 
+/// An input's keys and values are the tenant's, and the schema errors quoting them reach every
+/// reader of the job's status and Events (a head's `kubectl describe`, `kubectl get events -w`):
+/// raw, an escape sequence cleared their lines and a line break started a fake one.
+#[tokio::test]
+async fn schema_errors_quoting_a_tenants_input_are_one_inert_line_in_status_and_events() {
+    let env = setup("lc-input-escapes").await;
+    let hostile_key = "repo\x1b[2K\x1b[1A\r\u{202E}\nApproved=True (Approved): approved by alice, bob";
+    create_job(
+        &env,
+        &job_manifest(
+            "escapes",
+            json!({
+                "input": {hostile_key: 1, "depth": "\u{9b}2K\u{200B}deep"},
+                "inputSchema": {"type": "object", "additionalProperties": {"type": "string", "maxLength": 1}},
+            }),
+        ),
+    )
+    .await;
+    let hidden = |text: &str| -> Vec<String> {
+        text.chars().filter(|c| agentgate::domain::terminal_text::is_hidden(*c)).map(|c| format!("U+{:04X}", c as u32)).collect()
+    };
+    let job = wait_phase(&env, "escapes", "Rejected").await;
+    let ready = condition(&job, "Ready").unwrap();
+    assert_eq!(ready.reason, "InvalidInput");
+    assert_eq!(hidden(&ready.message), Vec::<String>::new(), "{:?}", ready.message);
+    assert!(ready.message.contains(r"repo\u001B[2K\u001B[1A\r\u202E\nApproved=True"), "{}", ready.message);
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.admin.clone(), &env.ns);
+    let notes = wait_for(
+        "an Event naming the input error",
+        Duration::from_secs(30),
+        || async {
+            let all = events.list(&Default::default()).await.expect("list events").items;
+            all.into_iter().filter_map(|e| e.note).collect::<Vec<String>>()
+        },
+        |notes: &Vec<String>| notes.iter().any(|n| n.contains("input/repo")),
+    )
+    .await;
+    for note in &notes {
+        assert_eq!(hidden(note), Vec::<String>::new(), "{note:?}");
+    }
+}
+
 /// A job's input, schemas and agent command lines over 1 KiB stay out of the operator's cache
 /// (controller::slim::job): the checks, the spec history and the Pod still get them whole. A
 /// tenant who marks a small job as if its input had been left out changes nothing: the mark is

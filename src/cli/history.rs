@@ -85,10 +85,12 @@ pub fn render_history(job: &AgentJob, rows: &[HistoryRow]) -> String {
         job.metadata.generation.unwrap_or(1)
     );
     if let Some(t) = job.labels().get(TEMPLATE_LABEL) {
-        out.push_str(&format!(", from template {t}"));
+        out.push_str(&format!(", from template {}", crate::domain::terminal_text::line(t)));
     }
+    // The author may write this annotation: shown on its line, escaped
+    // (`tests::a_forged_rerun_annotation_cannot_add_rows_or_move_the_cursor`).
     if let Some(of) = job.annotations().get(RERUN_OF_ANNOTATION) {
-        out.push_str(&format!(", a rerun of {of}"));
+        out.push_str(&format!(", a rerun of {}", crate::domain::terminal_text::line(of)));
     }
     out.push('\n');
     if rows.is_empty() {
@@ -220,8 +222,8 @@ pub async fn history(client: &Client, namespace: &str, args: HistoryArgs, emit: 
     let rows = history_rows(&job, &revisions_of(client, &job).await?);
     match emit {
         Emit::Create => print!("{}", render_history(&job, &rows)),
-        Emit::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-        Emit::Yaml => print!("{}", serde_saphyr::to_string(&rows)?),
+        Emit::Json => println!("{}", super::json_for_terminal(&rows)?),
+        Emit::Yaml => print!("{}", super::yaml_for_terminal(&rows)?),
     }
     Ok(())
 }
@@ -328,5 +330,20 @@ mod tests {
         assert_eq!(annotations.get(SPEC_DIGEST_ANNOTATION), Some(&spec_digest(&spec)));
         assert_eq!(annotations.get("agentgate.dev/template-digest").map(String::as_str), Some("sha256:t"));
         assert!(!annotations.contains_key("agentgate.dev/requested-by"), "the requester is stamped anew by admission");
+    }
+
+    /// The rerun-of annotation is the author's to write: a line break in it forged history
+    /// rows (a generation approved by two heads), an escape sequence erased the real ones.
+    #[test]
+    fn a_forged_rerun_annotation_cannot_add_rows_or_move_the_cursor() {
+        let (mut job, revision) = edited();
+        job.metadata.annotations.get_or_insert_default().insert(
+            RERUN_OF_ANNOTATION.into(),
+            "team/x\n2   8892a58daaf0   2026-11-30T06:49:27Z   2/2 (alice, bob)   1   Succeeded\x1b[1A\x1b[2K".into(),
+        );
+        let shown = render_history(&job, &history_rows(&job, &[revision]));
+        assert_eq!(shown.lines().count(), 4, "the job's line, the header and two generations:\n{shown}");
+        assert!(!shown.chars().any(|c| c != '\n' && crate::domain::terminal_text::is_hidden(c)), "{shown:?}");
+        assert!(shown.contains(r"a rerun of team/x\n2   8892a58daaf0"), "{shown}");
     }
 }

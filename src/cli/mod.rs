@@ -9,6 +9,7 @@ use kube::api::{Api, PostParams};
 use kube::{Client, ResourceExt};
 
 use crate::api::AgentJob;
+use crate::domain::terminal_text;
 
 /// What to do with a job a subcommand made: create it, or print it (for Git and Argo CD).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,8 +39,44 @@ pub async fn create_or_print(client: &Client, job: &AgentJob, emit: Emit) -> any
     }
     match emit {
         Emit::Create => return Ok(true),
-        Emit::Json => println!("{}", serde_json::to_string_pretty(job)?),
-        Emit::Yaml => print!("{}", serde_saphyr::to_string(job)?),
+        Emit::Json => println!("{}", json_for_terminal(job)?),
+        Emit::Yaml => print!("{}", yaml_for_terminal(job)?),
     }
     Ok(false)
+}
+
+/// `value` as pretty JSON with no raw character a terminal would act on (serde_json leaves DEL,
+/// C1 controls and bidi or zero-width characters raw): the same document.
+pub fn json_for_terminal<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
+    Ok(terminal_text::json_escaped(&serde_json::to_string_pretty(value)?).into_owned())
+}
+
+/// `value` as YAML with no raw character a terminal would act on: serde_saphyr's rendering,
+/// unless it holds one (it escapes controls but leaves bidi and zero-width characters raw), then
+/// every string quoted in printable ASCII ([`terminal_text::yaml`]): the same document.
+pub fn yaml_for_terminal<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
+    let text = serde_saphyr::to_string(value)?;
+    if text.chars().any(|c| c != '\n' && terminal_text::is_hidden(c)) {
+        return Ok(terminal_text::yaml(&serde_json::to_value(value)?, 0));
+    }
+    Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn printed_documents_keep_their_meaning_without_raw_controls() {
+        let job = json!({"spec": {"description": "a\u{202E}b\u{200B}\u{9b}c", "agents": [{"command": ["sh", "-c", "x\ny"]}]}});
+        let json = super::json_for_terminal(&job).unwrap();
+        let yaml = super::yaml_for_terminal(&job).unwrap();
+        for shown in [&json, &yaml] {
+            assert!(!shown.chars().any(|c| c != '\n' && crate::domain::terminal_text::is_hidden(c)), "{shown:?}");
+        }
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&json).unwrap(), job, "{json}");
+        assert_eq!(serde_saphyr::from_str::<serde_json::Value>(&yaml).unwrap(), job, "{yaml}");
+        let plain = json!({"spec": {"category": "sec"}});
+        assert_eq!(super::yaml_for_terminal(&plain).unwrap(), serde_saphyr::to_string(&plain).unwrap(), "plain YAML stays as it was");
+    }
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec};
 use kube::api::PostParams;
 use kube::{Api, Client, ResourceExt};
+use tokio::sync::Semaphore;
 
 use super::{Context, Result};
 use crate::api::{AgentJob, JobPhase};
@@ -144,8 +145,9 @@ impl HeadChecker {
         groups: &[String],
         namespace: &str,
         category: &str,
+        in_flight: &Semaphore,
     ) -> Result<Result<(), String>, kube::Error> {
-        Ok(if self.allowed(voter, groups, Right::head_of(category, namespace)).await? {
+        Ok(if self.allowed(voter, groups, Right::head_of(category, namespace), in_flight).await? {
             Ok(())
         } else {
             Err(format!(
@@ -159,7 +161,13 @@ impl HeadChecker {
     /// (tests/vote_attacks.rs
     /// a_head_who_may_act_as_the_service_account_that_wrote_the_job_cannot_approve_it), a person
     /// by impersonating them (a_head_who_may_impersonate_the_jobs_author_cannot_approve_it).
-    pub async fn acts_as(&self, voter: &str, groups: &[String], writer: &str) -> Result<Option<String>, kube::Error> {
+    pub async fn acts_as(
+        &self,
+        voter: &str,
+        groups: &[String],
+        writer: &str,
+        in_flight: &Semaphore,
+    ) -> Result<Option<String>, kube::Error> {
         let rounds: Vec<Vec<(Right, String)>> = match writer.strip_prefix(SERVICE_ACCOUNT_PREFIX).and_then(|sa| sa.split_once(':')) {
             Some((namespace, name)) => acting_as(namespace, name).into(),
             None => vec![vec![(Right::impersonating(writer), "impersonate them".to_string())]],
@@ -167,7 +175,8 @@ impl HeadChecker {
         for round in rounds {
             // A round's reviews go out together: a head with none of these rights (the usual
             // case) waits for one round trip per round, not one per right.
-            let answers = futures::future::try_join_all(round.iter().map(|(right, _)| self.allowed(voter, groups, right.clone()))).await?;
+            let answers =
+                futures::future::try_join_all(round.iter().map(|(right, _)| self.allowed(voter, groups, right.clone(), in_flight))).await?;
             if let Some(((_, how), _)) = round.into_iter().zip(answers).find(|(_, allowed)| *allowed) {
                 return Ok(Some(how));
             }
@@ -175,8 +184,9 @@ impl HeadChecker {
         Ok(None)
     }
 
-    /// Whether RBAC gives `voter` (with `groups`) the right, cached.
-    async fn allowed(&self, voter: &str, groups: &[String], right: Right) -> Result<bool, kube::Error> {
+    /// Whether RBAC gives `voter` (with `groups`) the right, cached. A review sent holds one of
+    /// `in_flight`'s permits (its reconcile's) while it waits for the apiserver.
+    async fn allowed(&self, voter: &str, groups: &[String], right: Right, in_flight: &Semaphore) -> Result<bool, kube::Error> {
         let question = Question { voter: voter.into(), groups: groups.to_vec(), right };
         if let Some(answer) = self.cached(&question) {
             return Ok(answer);
@@ -211,6 +221,10 @@ impl HeadChecker {
             },
             ..SubjectAccessReview::default()
         };
+        // Taken after the question's guard, never held while waiting for one: a permit is only
+        // ever held by a review on its way, so reconciles waiting on each other's guards and
+        // permits always make progress. (`acquire` fails only on a closed semaphore; none is.)
+        let _permit = in_flight.acquire().await.ok();
         let answered = Api::<SubjectAccessReview>::all(self.client.clone()).create(&PostParams::default(), &review).await?;
         let allowed = answered.status.as_ref().is_some_and(|s| s.allowed);
         self.answers.lock().unwrap_or_else(PoisonError::into_inner).insert(question, (allowed, Instant::now()));
@@ -244,6 +258,17 @@ fn forget_in<V>(map: &mut HashMap<Question, V>, scope: &RbacScope) {
     }
 }
 
+/// Votes of one reconcile judged at once. Each vote's own questions keep their order (its head
+/// check first, the act-as checks only for a head), so no more reviews are asked than one vote
+/// after another asked; but eight uncached heads now wait about two round trips, not sixteen
+/// (tests/vote_review_flood.rs eight_votes_arriving_at_once_cost_one_review_per_question).
+const VOTES_JUDGED_AT_ONCE: usize = 8;
+
+/// SubjectAccessReviews one reconcile has in flight at most: one round of act-as checks
+/// (`acting_as`: 24), as much as a single vote held before its votes were judged together, so
+/// one tenant's job with many voters holds no more of the apiserver than that.
+const REVIEWS_IN_FLIGHT_PER_JOB: usize = 24;
+
 /// Asks RBAC (through the cached SubjectAccessReview checker) whether each vote's voter, with
 /// the groups stamped on that vote, is a head of the job's category. Skipped once the job has
 /// finished: its votes no longer matter. Per vote, not per voter: the groups of one vote (a stale
@@ -251,45 +276,69 @@ fn forget_in<V>(map: &mut HashMap<Question, V>, scope: &RbacScope) {
 /// each_vote_is_checked_with_its_own_groups). For each who created or changed the job (`author`,
 /// then `editors`, one a line), also whether the voter may act as them.
 pub(super) async fn head_verdicts(job: &AgentJob, ctx: &Context, votes: &[VoteView], writers: &Writers<'_>) -> Result<HeadVerdicts> {
-    let (author, editors) = (writers.author, writers.editors);
-    let mut verdicts = std::collections::BTreeMap::new();
+    use futures::{StreamExt, TryStreamExt};
     let phase = job.status.as_ref().and_then(|s| s.phase);
     if phase.is_some_and(JobPhase::is_terminal) {
-        return Ok(HeadVerdicts(verdicts));
+        return Ok(HeadVerdicts(Default::default()));
     }
     let namespace = job.namespace().unwrap_or_default();
-    for vote in votes {
-        let mut answer = ctx.heads.is_head(&vote.voter, &vote.groups, &namespace, &job.spec.category).await.map_err(|source| {
+    let reviews = Reviews { heads: &ctx.heads, in_flight: Semaphore::new(REVIEWS_IN_FLIGHT_PER_JOB) };
+    // The futures are made before the stream runs them: a stream's `map` closure borrowing the
+    // votes makes the reconcile's future not provably `Send` (rustc's "FnOnce is not general
+    // enough"). A future does nothing until polled.
+    let judging: Vec<_> = votes.iter().map(|vote| judge(&reviews, job, &namespace, vote, votes, writers)).collect();
+    let verdicts = futures::stream::iter(judging).buffer_unordered(VOTES_JUDGED_AT_ONCE).try_collect().await?;
+    Ok(HeadVerdicts(verdicts))
+}
+
+/// One reconcile's way to the cached checker: its reviews share `in_flight`.
+struct Reviews<'a> {
+    heads: &'a HeadChecker,
+    in_flight: Semaphore,
+}
+
+/// Whether one vote counts as far as RBAC decides: its voter heads the category, may act as
+/// none of the job's writers, and (a robot's vote) was cast by nobody who may not approve it.
+async fn judge(
+    reviews: &Reviews<'_>,
+    job: &AgentJob,
+    namespace: &str,
+    vote: &VoteView,
+    votes: &[VoteView],
+    writers: &Writers<'_>,
+) -> Result<(String, std::result::Result<(), String>)> {
+    let (author, editors) = (writers.author, writers.editors);
+    let mut answer =
+        reviews.heads.is_head(&vote.voter, &vote.groups, namespace, &job.spec.category, &reviews.in_flight).await.map_err(|source| {
             super::error::ObserveError::HeadCheck {
                 voter: vote.voter.clone(),
                 category: job.spec.category.clone(),
-                namespace: namespace.clone(),
+                namespace: namespace.to_string(),
                 source,
             }
         })?;
-        // A person writer costs each voter one review (may they impersonate them), cached like
-        // the head check; a ServiceAccount writer, one or two rounds (acting_as).
-        let written = author.into_iter().map(|a| (a, "created")).chain(editors.split('\n').map(|e| (e, "changed")));
-        for (writer, did) in written.filter(|(w, _)| !w.is_empty() && *w != vote.voter) {
-            if answer.is_err() {
-                break;
-            }
-            let acts = ctx.heads.acts_as(&vote.voter, &vote.groups, writer).await.map_err(|source| {
+    // A person writer costs each voter one review (may they impersonate them), cached like
+    // the head check; a ServiceAccount writer, one or two rounds (acting_as).
+    let written = author.into_iter().map(|a| (a, "created")).chain(editors.split('\n').map(|e| (e, "changed")));
+    for (writer, did) in written.filter(|(w, _)| !w.is_empty() && *w != vote.voter) {
+        if answer.is_err() {
+            break;
+        }
+        let acts =
+            reviews.heads.acts_as(&vote.voter, &vote.groups, writer, &reviews.in_flight).await.map_err(|source| {
                 super::error::ObserveError::ActAsCheck { voter: vote.voter.clone(), writer: writer.to_string(), source }
             })?;
-            if let Some(how) = acts {
-                answer = Err(format!(
-                    "{} may act as {writer}, who {did} this job's spec (RBAC lets them {how}): they may not approve what they wrote in that name",
-                    vote.voter
-                ));
-            }
+        if let Some(how) = acts {
+            answer = Err(format!(
+                "{} may act as {writer}, who {did} this job's spec (RBAC lets them {how}): they may not approve what they wrote in that name",
+                vote.voter
+            ));
         }
-        if answer.is_ok() && vote.voter.starts_with(SERVICE_ACCOUNT_PREFIX) {
-            answer = robot_cast_by_another(ctx, vote, votes, writers).await?;
-        }
-        verdicts.insert(vote.name.clone(), answer);
     }
-    Ok(HeadVerdicts(verdicts))
+    if answer.is_ok() && vote.voter.starts_with(SERVICE_ACCOUNT_PREFIX) {
+        answer = robot_cast_by_another(reviews, vote, votes, writers).await?;
+    }
+    Ok((vote.name.clone(), answer))
 }
 
 const SERVICE_ACCOUNT_PREFIX: &str = "system:serviceaccount:";
@@ -312,7 +361,7 @@ pub(super) struct Writers<'a> {
 /// person whose groups were not recorded (a job written before they were) may be anyone's
 /// member: the robot's vote does not count on what they wrote.
 async fn robot_cast_by_another(
-    ctx: &Context,
+    reviews: &Reviews<'_>,
     robot: &VoteView,
     votes: &[VoteView],
     writers: &Writers<'_>,
@@ -338,11 +387,11 @@ async fn robot_cast_by_another(
         if actor.is_empty() || actor == robot.voter || !seen.insert((actor.clone(), groups.clone())) {
             continue;
         }
-        let acts = ctx.heads.acts_as(&actor, &groups, &robot.voter).await.map_err(|source| super::error::ObserveError::ActAsCheck {
-            voter: actor.clone(),
-            writer: robot.voter.clone(),
-            source,
-        })?;
+        let acts = reviews
+            .heads
+            .acts_as(&actor, &groups, &robot.voter, &reviews.in_flight)
+            .await
+            .map_err(|source| super::error::ObserveError::ActAsCheck { voter: actor.clone(), writer: robot.voter.clone(), source })?;
         if let Some(how) = acts {
             return Ok(Err(format!(
                 "{actor}, who {did}, may act as {} (RBAC lets them {how}): the vote would be theirs, not the robot's",
@@ -390,6 +439,14 @@ mod tests {
         forget_in(&mut answers, &RbacScope::Namespace("builders".into()));
         // Only cluster RBAC lets anyone impersonate a person: no namespace's change drops that.
         assert_eq!(namespaces(&answers), ["", "team-a"].into());
+    }
+
+    #[test]
+    fn the_largest_act_as_round_fits_in_one_jobs_reviews_in_flight() {
+        // A round's reviews go out together (acts_as): the per-job bound must not split it into
+        // several round trips, nor let one job hold more than one round's worth.
+        let largest = acting_as("builders", "ci").iter().map(Vec::len).max().unwrap_or_default();
+        assert_eq!(largest, REVIEWS_IN_FLIGHT_PER_JOB);
     }
 
     #[test]

@@ -481,7 +481,7 @@ async fn report(job: &AgentJob, ctx: &Context, old: &AgentJobStatus, plan: &Plan
     }
     if new.phase != old.phase {
         if let Some(phase) = new.phase.filter(|p| p.is_terminal()) {
-            ctx.metrics.count_finished(phase.as_str(), &job.spec.category);
+            ctx.metrics.count_finished(phase.as_str(), &job.spec.category, approved(new) || approved(old) || new.usage.is_some());
         }
         if let Some(err) = new.usage.as_ref().and_then(|u| u.estimate_error_percent).filter(|_| new.phase == Some(JobPhase::Succeeded)) {
             // A job without a jobType is learned under its own name, but as a metric label that

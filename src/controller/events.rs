@@ -156,6 +156,7 @@ impl EventQueue {
     }
 
     pub async fn record(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String, action: &'static str) {
+        let note = shown_note(note);
         let pending = Pending { regarding: regarding.clone(), type_, reason: reason.into(), note, action, at: Timestamp::now() };
         // Fails only once the sender is gone, at shutdown.
         let _ = self.queue.send(pending).await;
@@ -163,12 +164,25 @@ impl EventQueue {
 
     /// Like `record`, from code that cannot wait (a watch stream): dropped when the queue is full.
     pub fn try_record(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String, action: &'static str) {
+        let note = shown_note(note);
         let pending = Pending { regarding: regarding.clone(), type_, reason: reason.into(), note, action, at: Timestamp::now() };
         if self.queue.try_send(pending).is_err() {
             tracing::warn!(object = ?regarding.name, reason, "Event dropped: the Event queue is full");
         }
     }
 }
+
+/// A note as published: notes quote what tenants wrote, so one line with nothing a terminal acts
+/// on (`domain::terminal_text::message`), cut to the 1 KiB the Events API accepts.
+fn shown_note(note: String) -> String {
+    match crate::domain::terminal_text::message(&note) {
+        std::borrow::Cow::Borrowed(_) if note.len() <= MAX_NOTE_BYTES => note,
+        shown => crate::domain::validate::bounded_to(&shown, MAX_NOTE_BYTES),
+    }
+}
+
+/// Bytes of a note kept (the Events API refuses notes over 1 KiB; the ellipsis fits).
+const MAX_NOTE_BYTES: usize = 1000;
 
 pub struct Publisher {
     client: Client,

@@ -193,11 +193,10 @@ impl StatusWrites {
 }
 
 impl Context {
-    /// Records an Event on `reference`; a failure is logged, never fatal. The note is cut to the
-    /// 1 KiB the Events API accepts.
+    /// Records an Event on `reference`; a failure is logged, never fatal. The note is escaped and
+    /// cut to the 1 KiB the Events API accepts (`events::EventQueue::record`).
     pub async fn publish_event(&self, reference: &ObjectReference, type_: EventType, reason: &str, note: &str, action: &'static str) {
-        let note = crate::domain::validate::bounded_to(note, 1000);
-        self.events.record(reference, type_, reason, note, action).await;
+        self.events.record(reference, type_, reason, note.to_string(), action).await;
     }
 }
 

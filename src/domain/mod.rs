@@ -28,6 +28,7 @@ pub mod retry_budget;
 pub mod snapshot;
 pub mod tally;
 pub mod template;
+pub mod terminal_text;
 pub mod validate;
 pub mod vote_wait;
 pub mod writer_groups;

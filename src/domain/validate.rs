@@ -49,8 +49,10 @@ pub fn check_against_schema(what: &str, value: Option<&Value>, schema: Option<&V
         .iter_errors(instance)
         .take(MAX_ERRORS + 1)
         .map(|e| {
+            // The path names the input's keys and the error may quote its values, raw: escaped
+            // before cut, so the cut never lands inside an escape.
             let path = e.instance_path().to_string();
-            bounded(&format!("{what}{path}: {e}"))
+            bounded(&super::terminal_text::message(&format!("{what}{path}: {e}")))
         })
         .collect();
     if errors.len() > MAX_ERRORS {

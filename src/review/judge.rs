@@ -197,15 +197,8 @@ pub fn sanitize(text: &str) -> String {
     let cleaned: String = text
         .chars()
         .map(|c| {
-            if c.is_control()
-                || ('\u{200b}'..='\u{200f}').contains(&c)
-                || ('\u{202a}'..='\u{202e}').contains(&c)
-                || ('\u{2066}'..='\u{2069}').contains(&c)
-            {
-                ' '
-            } else {
-                c
-            }
+            // The same characters the plugin escapes in what it shows (domain::terminal_text).
+            if crate::domain::terminal_text::is_hidden(c) { ' ' } else { c }
         })
         .collect();
     let collapsed = cleaned.split_whitespace().collect::<Vec<_>>().join(" ");

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use kube::ResourceExt;
 
 use crate::api::{AgentJob, ApprovalVote, Decision, JobPhase};
+use crate::domain::terminal_text::line;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct VoteRow {
@@ -80,13 +81,13 @@ pub fn render_votes(job: &AgentJob, rows: &[VoteRow]) -> String {
     );
     match &status.approval {
         Some(a) => {
-            let approvers: Vec<&str> = a.approvers.iter().map(|x| x.voter.as_str()).collect();
+            let approvers: Vec<_> = a.approvers.iter().map(|x| line(&x.voter)).collect();
             let _ = writeln!(
                 out,
                 "Approvals {} (approved by: {}; rejected by: {})",
-                a.summary,
+                line(&a.summary),
                 if approvers.is_empty() { "nobody".to_string() } else { approvers.join(", ") },
-                a.rejected_by.as_deref().unwrap_or("nobody")
+                line(a.rejected_by.as_deref().unwrap_or("nobody"))
             );
         }
         None => {
@@ -94,7 +95,7 @@ pub fn render_votes(job: &AgentJob, rows: &[VoteRow]) -> String {
         }
     }
     if let Some(c) = status.conditions.iter().find(|c| c.type_ == "Approved") {
-        let _ = writeln!(out, "Approved={} ({}): {}", c.status, c.reason, c.message);
+        let _ = writeln!(out, "Approved={} ({}): {}", line(&c.status), line(&c.reason), line(&c.message));
     }
     out.push('\n');
     if rows.is_empty() {
@@ -179,5 +180,19 @@ mod tests {
         assert!(header.contains("VOTER") && header.contains("COUNTED") && header.contains("WHY"), "{header}");
         let alice = table.lines().find(|l| l.starts_with("scan-alice-g2")).unwrap();
         assert!(alice.contains("alice") && alice.contains("Approve") && alice.contains("yes"), "{alice}");
+    }
+
+    /// A tenant's own vote cannot count, but its reason is shown to every head who lists the
+    /// votes: a line break in it forged a counted row, an escape sequence erased real ones.
+    #[test]
+    fn a_vote_reason_cannot_forge_rows_or_move_the_cursor() {
+        let j = job(&[], &["ghcr.io/acme/a:1"], None);
+        let mut forged = vote("scan-mallory-g2", "mallory", Decision::Approve, 2, Some((false, "voter is the job's author")));
+        forged.spec.reason =
+            Some("ok\nscan-alice-g2   alice   Approve   2   yes   counted: 1 of 2 approvals\x1b[1A\x1b[2K\r\u{202E}".into());
+        let table = render_votes(&j, &vote_rows(&j, &[forged]));
+        assert_eq!(table.lines().filter(|l| l.starts_with("scan-")).count(), 1, "one vote, one row:\n{table}");
+        assert!(!table.chars().any(|c| c != '\n' && crate::domain::terminal_text::is_hidden(c)), "{table:?}");
+        assert!(table.contains(r"ok\nscan-alice-g2") && table.contains(r"\u001B[1A\u001B[2K\r\u202E"), "{table}");
     }
 }
