@@ -542,7 +542,7 @@ async fn killing_the_leader_fails_over_without_a_second_agent_pod(node: &RealNod
     })
     .await;
     println!(
-        "figure: leader {leader} hung (SIGSTOP) → {new_holder} holds the Lease in {:.2?} (it lapses 10 s after its last renewal)",
+        "figure: leader {leader} hung (SIGSTOP) → {new_holder} holds the Lease in {:.2?} (it lapses 15 s after its last renewal)",
         hung.elapsed()
     );
     signal("-KILL");

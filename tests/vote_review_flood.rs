@@ -147,45 +147,6 @@ fn signal_operator(env: &Env, signal: libc::c_int) {
     assert_eq!(unsafe { libc::kill(pid, signal) }, 0, "signal {signal} to the operator ({pid})");
 }
 
-/// A way to the apiserver at `server` (`https://host:port`) that holds what a client sends
-/// `delay` before passing it on, as a loaded or distant apiserver answers later: requests in
-/// flight together (each on its own connection) wait together, one after another add up.
-/// Returns its own `https://` address (the same IP, so the serving certificate still fits).
-/// Threads, not tasks: the test's runtime has one thread, which waits on the operator.
-fn slow_link(server: &str, delay: Duration) -> String {
-    use std::io::{Read, Write};
-    use std::net::{Shutdown, TcpListener, TcpStream};
-    let upstream = server.trim_start_matches("https://").to_string();
-    let listener = TcpListener::bind("127.0.0.1:0").expect("listen");
-    let address = listener.local_addr().expect("address");
-    std::thread::spawn(move || {
-        for client in listener.incoming().flatten() {
-            let Ok(server) = TcpStream::connect(&upstream) else { continue };
-            let (Ok(mut from_client), Ok(mut to_client), Ok(mut from_server)) =
-                (client.try_clone(), client.try_clone(), server.try_clone())
-            else {
-                continue;
-            };
-            let mut to_server = server;
-            std::thread::spawn(move || {
-                let mut buffer = vec![0; 64 * 1024];
-                while let Ok(n @ 1..) = from_client.read(&mut buffer) {
-                    std::thread::sleep(delay);
-                    if to_server.write_all(&buffer[..n]).is_err() {
-                        break;
-                    }
-                }
-                let _ = to_server.shutdown(Shutdown::Both);
-            });
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut from_server, &mut to_client);
-                let _ = to_client.shutdown(Shutdown::Both);
-            });
-        }
-    });
-    format!("https://{address}")
-}
-
 /// One round: a job by `author` on its own category; the operator stopped while six voters who
 /// are not heads and alice and bob vote, then resumed. Returns how long after it resumed the job
 /// was seen approved, and the reviews the apiserver served meanwhile.
@@ -254,10 +215,7 @@ async fn eight_votes_arriving_at_once_cost_one_review_per_question() {
     let mut figures = Vec::new();
     for (link, ns, authors) in [("direct", EIGHT, direct), ("slow", EIGHT_SLOW, slow)] {
         if link == "slow" {
-            let server = env.cp.server().to_string();
-            let kubeconfig = std::fs::read_to_string(env.cp.kubeconfig("admin")).expect("admin kubeconfig");
-            let path = env.cp.dir().join("vrf-eight-slow.kubeconfig");
-            std::fs::write(&path, kubeconfig.replace(&server, &slow_link(&server, SLOW_LINK))).expect("write kubeconfig");
+            let path = support::slow_link::slow_kubeconfig(env.cp, "admin", "vrf-eight-slow", SLOW_LINK);
             let args: Vec<&str> = env.operator_args().into_iter().map(|a| if a == EIGHT { EIGHT_SLOW } else { a }).collect();
             env.operator = Some(support::controlplane::OperatorProcess::start_as(env.cp, &path, &args));
         }

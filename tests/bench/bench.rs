@@ -669,8 +669,16 @@ async fn watch_pods(client: &Client, namespace: &str) -> (tokio::task::JoinHandl
 // ---------------------------------------------------------------------------------------------
 // Creating, with the driver's requests counted.
 
-/// Created objects' names and the moment just before their create was issued.
-type Created = Arc<Mutex<HashMap<String, Instant>>>;
+/// Created objects' names and the moment just before their create was issued and, for an
+/// approved AgentJob, the moment its last vote's create returned: the driver's part of the
+/// latency ends there and the operator's begins (where a tail comes from: the apiserver's
+/// answers to the driver, or the operator's work after them).
+#[derive(Default)]
+struct Submissions {
+    started: HashMap<String, Instant>,
+    inputs_done: HashMap<String, Instant>,
+}
+type Created = Arc<Mutex<Submissions>>;
 
 async fn create<K>(api: &Api<K>, resource: &str, object: &K) -> Result<K>
 where
@@ -743,7 +751,7 @@ fn agent_job_manifest(name: &str, kind: Kind) -> AgentJob {
 /// Creates the job (recording when), then alice's and bob's approving votes if `kind` says so.
 async fn submit_agent_job(env: &Env, namespace: &str, name: String, kind: Kind, created: &Created) -> Result<()> {
     let jobs: Api<AgentJob> = Api::namespaced(env.admin.clone(), namespace);
-    created.lock().unwrap().insert(name.clone(), Instant::now());
+    created.lock().unwrap().started.insert(name.clone(), Instant::now());
     let job = create(&jobs, "agentjobs", &agent_job_manifest(&name, kind)).await?;
     if kind == Kind::Approved {
         for (voter, client) in [("alice", &env.alice), ("bob", &env.bob)] {
@@ -764,6 +772,7 @@ async fn submit_agent_job(env: &Env, namespace: &str, name: String, kind: Kind, 
             );
             create(&Api::<ApprovalVote>::namespaced(client.clone(), namespace), "approvalvotes", &vote).await?;
         }
+        created.lock().unwrap().inputs_done.insert(name, Instant::now());
     }
     Ok(())
 }
@@ -793,6 +802,8 @@ struct Outcome {
     p99_ms: Option<f64>,
     /// What p50/p99 measure.
     latency: String,
+    /// For approved AgentJobs: p50/p99 split where the driver's last vote create returned.
+    latency_split: Option<LatencySplit>,
     /// Every write, Events included.
     writes_per_job: Option<f64>,
     /// Of those, Event creates and patches (the target counts Pod creates and status writes).
@@ -821,6 +832,16 @@ struct Outcome {
     apiserver_idle_ms_per_second: Option<f64>,
     etcd_cpu_seconds: Option<f64>,
     notes: Vec<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct LatencySplit {
+    /// From the job's create call to its last vote's create returning (the apiserver's answers).
+    inputs_p50_ms: Option<f64>,
+    inputs_p99_ms: Option<f64>,
+    /// From there to the Pod first seen (the operator's work and its writes, the Pod's watch).
+    after_inputs_p50_ms: Option<f64>,
+    after_inputs_p99_ms: Option<f64>,
 }
 
 impl Outcome {
@@ -938,7 +959,7 @@ async fn scenario_raw(env: &Env, n: usize, background: &BTreeMap<Key, f64>) -> R
         let (pods, created) = (pods.clone(), created.clone());
         async move {
             let name = format!("raw-{i:05}");
-            created.lock().unwrap().insert(name.clone(), Instant::now());
+            created.lock().unwrap().started.insert(name.clone(), Instant::now());
             create(&pods, "pods", &pod_manifest(&name)).await.map(drop)
         }
     })
@@ -956,8 +977,15 @@ async fn scenario_raw(env: &Env, n: usize, background: &BTreeMap<Key, f64>) -> R
 }
 
 fn finish(scenario: &str, n: usize, created: &Created, seen: &Seen, t0: Instant, latency: &str) -> Outcome {
-    let created = created.lock().unwrap().clone();
-    let (completed, wall, p50, p99) = latencies(&created, &seen.snapshot(), t0, n);
+    let submissions = created.lock().unwrap();
+    let seen = seen.snapshot();
+    let (completed, wall, p50, p99) = latencies(&submissions.started, &seen, t0, n);
+    let split = (!submissions.inputs_done.is_empty()).then(|| {
+        let (_, _, inputs_p50, inputs_p99) = latencies(&submissions.started, &submissions.inputs_done, t0, n);
+        let (_, _, after_p50, after_p99) = latencies(&submissions.inputs_done, &seen, t0, n);
+        LatencySplit { inputs_p50_ms: inputs_p50, inputs_p99_ms: inputs_p99, after_inputs_p50_ms: after_p50, after_inputs_p99_ms: after_p99 }
+    });
+    drop(submissions);
     let mut outcome = Outcome {
         scenario: scenario.into(),
         n,
@@ -967,8 +995,18 @@ fn finish(scenario: &str, n: usize, created: &Created, seen: &Seen, t0: Instant,
         p50_ms: p50,
         p99_ms: p99,
         latency: latency.into(),
+        latency_split: split,
         ..Outcome::default()
     };
+    if let Some(split) = &outcome.latency_split {
+        outcome.notes.push(format!(
+            "latency split p50/p99 ms: the driver's creates (job, then both votes) {}/{}, then to the Pod seen {}/{}",
+            fmt_opt(split.inputs_p50_ms, 0),
+            fmt_opt(split.inputs_p99_ms, 0),
+            fmt_opt(split.after_inputs_p50_ms, 0),
+            fmt_opt(split.after_inputs_p99_ms, 0)
+        ));
+    }
     if completed < n {
         outcome.notes.push(format!("TIMED OUT: only {completed} of {n} seen"));
     }
@@ -1015,7 +1053,7 @@ async fn scenario_job_controller(
         let (jobs, created) = (jobs.clone(), created.clone());
         async move {
             let name = format!("job-{i:05}");
-            created.lock().unwrap().insert(name.clone(), Instant::now());
+            created.lock().unwrap().started.insert(name.clone(), Instant::now());
             create(&jobs, "jobs", &job_manifest(&name)).await.map(drop)
         }
     })

@@ -12,5 +12,6 @@ pub mod plugin;
 pub mod provider;
 pub mod review;
 pub mod service_network;
+pub mod slow_link;
 pub mod storm;
 pub mod tools;
