@@ -983,7 +983,12 @@ fn finish(scenario: &str, n: usize, created: &Created, seen: &Seen, t0: Instant,
     let split = (!submissions.inputs_done.is_empty()).then(|| {
         let (_, _, inputs_p50, inputs_p99) = latencies(&submissions.started, &submissions.inputs_done, t0, n);
         let (_, _, after_p50, after_p99) = latencies(&submissions.inputs_done, &seen, t0, n);
-        LatencySplit { inputs_p50_ms: inputs_p50, inputs_p99_ms: inputs_p99, after_inputs_p50_ms: after_p50, after_inputs_p99_ms: after_p99 }
+        LatencySplit {
+            inputs_p50_ms: inputs_p50,
+            inputs_p99_ms: inputs_p99,
+            after_inputs_p50_ms: after_p50,
+            after_inputs_p99_ms: after_p99,
+        }
     });
     drop(submissions);
     let mut outcome = Outcome {
