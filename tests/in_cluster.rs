@@ -87,8 +87,13 @@ async fn the_chart_runs_the_operator_in_cluster_on_a_real_node() {
     grant_voting_rights(&admin).await;
     let env = Env { admin: admin.clone(), alice: cp.client("alice").await, bob: cp.client("bob").await };
     let first = run_job(&env, "first", json!({})).await;
-    let usage = first.status.as_ref().unwrap().usage.clone().unwrap();
-    assert!(usage.input_tokens > 0 && usage.output_tokens > 0, "usage recorded: {usage:?}");
+    // The reference agent calls no model: its meter measured nothing, which is the job's usage;
+    // the agent's own claim is kept beside it, never counted.
+    let status = first.status.as_ref().unwrap();
+    let usage = status.usage.clone().unwrap();
+    assert_eq!(usage.total_tokens, 0, "usage measured by the meter: {usage:?}");
+    let claimed = status.attempts[0].reported_usage.clone().expect("the agent's claim kept");
+    assert!(claimed.input_tokens > 0 && claimed.output_tokens > 0, "the agent's claim: {claimed:?}");
 
     a_hostile_agent_reaches_the_apiserver_but_has_no_credentials(&node, &env).await;
     let metered = a_metered_job_draws_its_budget_from_the_meter_api_by_service_name(&node, &env).await;

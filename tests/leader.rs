@@ -108,7 +108,8 @@ const SLOW_APISERVER: Duration = Duration::from_millis(2500);
 /// 10 s lease renewed 5 s before expiry, a renewal and the read confirming it had 3 s together:
 /// at load 18 the busy bench's lone replica lost its own lease every 5-25 s, and each new term
 /// relisted every cache (20,000 Pods) for 6-13 s before it served a job again (README "In a
-/// busy cluster"). Through a link adding 2.5 s to each request it lost it every term.
+/// busy cluster"). Through a link adding 2.5 s to each request it never kept a term long enough
+/// to estimate the job below (it failed waiting for AwaitingApproval).
 #[tokio::test]
 async fn a_lone_leader_keeps_its_lease_when_every_request_takes_seconds() {
     let ns = "leader-slow";

@@ -5,8 +5,8 @@
 //!   them in an env value the operator did not escape);
 //! - the agent's cgroup CPU quota and memory limit equal the job's `resources` (reported by the
 //!   reference agent from inside, and read from the host's cgroup fs);
-//! - an agent over its memory limit is OOMKilled and the attempt is recorded as failed, with the
-//!   usage it reported kept;
+//! - an agent over its memory limit is OOMKilled and the attempt is recorded as failed, with its
+//!   meter's measurement as usage and its own report kept beside it;
 //! - `maxExecutionSeconds` kills a runaway agent (activeDeadlineSeconds), and the job says so;
 //! - a fake extended resource (`nvidia.com/gpu: 2` in the Node's capacity) gates GPU jobs.
 //!
@@ -62,7 +62,7 @@ async fn agent_pods_run_on_a_real_node_with_enforced_limits() {
 
     limits_equal_the_jobs_resources(&env).await;
     the_agent_receives_spec_input_as_written(&env).await;
-    over_its_memory_limit_an_agent_is_oom_killed_and_its_usage_kept(&env).await;
+    over_its_memory_limit_an_agent_is_oom_killed_and_its_report_kept(&env).await;
     a_runaway_agent_is_stopped_at_max_execution_seconds(&env, &node).await;
     gpu_jobs_run_only_when_the_node_has_the_gpus(&env).await;
     jobs_per_second(&env).await;
@@ -237,8 +237,16 @@ async fn limits_equal_the_jobs_resources(env: &Env) {
     assert_eq!(limits["cpuPeriodMicros"], json!(100_000));
     // {"text":"the quick brown fox jumps over the lazy dog"}: the key and nine words
     assert_eq!(status["output"]["inputWords"], json!(10), "the agent did its work on AGENTGATE_INPUT");
+    // The reference agent calls no model: its meter measured nothing, and that is the job's usage;
+    // what the agent claims is kept beside it, never counted (its meter's termination message
+    // says 0 calls).
     let usage = &status["usage"];
-    assert!(usage["inputTokens"].as_i64().unwrap() > 0 && usage["outputTokens"].as_i64().unwrap() > 0, "usage recorded: {usage}");
+    assert_eq!(usage["totalTokens"].as_i64(), Some(0), "usage measured by the meter: {usage}");
+    let claimed = &status["attempts"][0]["reportedUsage"];
+    assert!(
+        claimed["inputTokens"].as_i64().unwrap() > 0 && claimed["outputTokens"].as_i64().unwrap() > 0,
+        "the agent's claim kept: {claimed}"
+    );
     let pod = &job_pods(&env.admin, NS, &j).await[0];
     assert_eq!(pod.spec.as_ref().unwrap().node_name.as_deref(), Some(NODE_NAME), "bound by the scheduler to the real node");
     let logs = pods.logs(&pod.name_any(), &Default::default()).await.expect("kubectl logs through apiserver → kubelet");
@@ -268,7 +276,7 @@ async fn the_agent_receives_spec_input_as_written(env: &Env) {
     assert_eq!(output["inputSha256"], json!(expected), "AGENTGATE_INPUT as written: {written}");
 }
 
-async fn over_its_memory_limit_an_agent_is_oom_killed_and_its_usage_kept(env: &Env) {
+async fn over_its_memory_limit_an_agent_is_oom_killed_and_its_report_kept(env: &Env) {
     let report = r#"{"usage":[{"model":"gpt-4o-mini","inputTokens":4000,"cachedInputTokens":0,"outputTokens":500}]}"#;
     // Reports first (as an agent that has already called its model would), then allocates
     // 256 MiB (busybox dd touches its whole buffer) under a 48 MiB limit.
@@ -299,9 +307,13 @@ async fn over_its_memory_limit_an_agent_is_oom_killed_and_its_usage_kept(env: &E
         "the job names the failed agent and its kill: {}",
         failed.message
     );
+    // Its meter measured no call (this agent calls no model): that is the attempt's usage, and the
+    // agent's own report is kept beside it, never counted. An OOM-killed agent's metered calls
+    // are counted in tests/real_node_meter.rs.
     let usage = attempt.usage.as_ref().expect("the failed attempt keeps its usage");
-    assert_eq!((usage.input_tokens, usage.output_tokens), (4000, 500), "usage of the OOM-killed attempt kept");
-    assert_eq!(status.usage.as_ref().unwrap().input_tokens, 4000, "and counted in the job's total");
+    assert_eq!(usage.total_tokens, 0, "the meter's measurement: {usage:?}");
+    let claimed = attempt.reported_usage.as_ref().expect("the OOM-killed agent's report kept");
+    assert_eq!((claimed.input_tokens, claimed.output_tokens), (4000, 500), "the OOM-killed agent's report kept");
 }
 
 /// A busy loop under `cpu: 200m`: the host's cgroup fs shows the quota and the throttling, and
