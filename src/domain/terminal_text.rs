@@ -63,14 +63,7 @@ fn push_escape(out: &mut String, c: char) {
 /// `\u001B`, `\u202E`), and so backslashes (`\\`), so an escape shown is never one the author
 /// typed. Other text, non-ASCII letters included, is shown as written.
 pub fn line(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(|c| c == '\\' || is_hidden(c)) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 8);
-    for c in text.chars() {
-        if c == '\\' || is_hidden(c) { push_escape(&mut out, c) } else { out.push(c) }
-    }
-    Cow::Owned(out)
+    escaped(text, |c| c == '\\' || is_hidden(c))
 }
 
 /// A message the operator writes (a condition's, an Event's note) quoting what a tenant wrote:
@@ -78,12 +71,17 @@ pub fn line(text: &str) -> Cow<'_, str> {
 /// Schema errors quote values already JSON-escaped), so `kubectl describe`, `kubectl get -w` and
 /// log readers show one line of what was written.
 pub fn message(text: &str) -> Cow<'_, str> {
-    if !text.chars().any(is_hidden) {
+    escaped(text, is_hidden)
+}
+
+/// `text` with each character `escape` picks written as its escape; borrowed when none is.
+fn escaped(text: &str, escape: impl Fn(char) -> bool) -> Cow<'_, str> {
+    if !text.chars().any(&escape) {
         return Cow::Borrowed(text);
     }
     let mut out = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if is_hidden(c) { push_escape(&mut out, c) } else { out.push(c) }
+        if escape(c) { push_escape(&mut out, c) } else { out.push(c) }
     }
     Cow::Owned(out)
 }
