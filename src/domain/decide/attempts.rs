@@ -209,8 +209,8 @@ fn settle_attempt(
     // one a tenant cutting the meter off from the operator cannot stop (domain/meter_message.rs).
     let pod_meters: Vec<(&str, &crate::domain::meter_message::PodMeter)> =
         states.iter().filter_map(|(name, _)| o.pods.iter().find(|p| &p.name == name).map(|p| (name.as_str(), &p.meter))).collect();
-    let measured = crate::domain::meter_message::measure_attempt(s.meter.as_deref(), current, &pod_meters);
-    let refusals = measured.budget_refusals;
+    let crate::domain::meter_message::Measurement { usage, budget_refusals: refusals, unmeasured, raised_by_messages } =
+        crate::domain::meter_message::measure_attempt(s.meter.as_deref(), current, &pod_meters);
     if refusals > 0 {
         failures.insert(0, format!("{BUDGET_EXHAUSTED}: the agent meters refused {refusals} call(s) the budget could not cover"));
     }
@@ -220,15 +220,14 @@ fn settle_attempt(
     // A Pod whose meter ran and said nothing through either channel is never counted from its
     // agent's own report (the agent writes it: it could say 0): the attempt counts what was
     // measured, $0 if nothing, and says so.
-    let unmeasured = measured.unmeasured.clone();
-    let metered = measured.usage.clone().or_else(|| {
+    let metered = usage.or_else(|| {
         (!unmeasured.is_empty()).then(|| crate::api::Usage { cost_usd: MicroUsd(0).to_string(), ..crate::api::Usage::default() })
     });
-    if !measured.raised_by_messages.is_empty() {
+    if !raised_by_messages.is_empty() {
         let note = format!(
             "attempt {current}: the meter API was told less than the agent meters measured (cut off from the operator?); \
              counted from their termination messages: {}",
-            measured.raised_by_messages.join(", ")
+            raised_by_messages.join(", ")
         );
         plan.events.push(PlannedEvent { warning: true, reason: "UsageFromMeterMessage".into(), note });
     }
