@@ -839,7 +839,7 @@ struct LatencySplit {
     /// From the job's create call to its last vote's create returning (the apiserver's answers).
     inputs_p50_ms: Option<f64>,
     inputs_p99_ms: Option<f64>,
-    /// From there to the Pod first seen (the operator's work and its writes, the Pod's watch).
+    /// From there to the Pod (scale: the status) first seen: the operator's work, its writes, the watch.
     after_inputs_p50_ms: Option<f64>,
     after_inputs_p99_ms: Option<f64>,
 }
@@ -1005,7 +1005,7 @@ fn finish(scenario: &str, n: usize, created: &Created, seen: &Seen, t0: Instant,
     };
     if let Some(split) = &outcome.latency_split {
         outcome.notes.push(format!(
-            "latency split p50/p99 ms: the driver's creates (job, then both votes) {}/{}, then to the Pod seen {}/{}",
+            "latency split p50/p99 ms: the driver's creates (job, then both votes) {}/{}, then to the Pod (scale: status) seen {}/{}",
             fmt_opt(split.inputs_p50_ms, 0),
             fmt_opt(split.inputs_p99_ms, 0),
             fmt_opt(split.after_inputs_p50_ms, 0),
