@@ -317,8 +317,7 @@ mod tests {
     use super::{pod as slim_pod, snapshot};
     use crate::domain::pod_builder::{PodPlan, build_pod};
 
-    /// An agent Pod as the apiserver returns it once bound and finished, `phase` "Succeeded" or
-    /// "Failed", with the operator's own env, volumes and annotations and the kubelet's status.
+    /// A meter's termination message for `session` with `tokens` input tokens (and as many micro-USD).
     fn meter_message(session: &str, tokens: i64) -> String {
         let mut usage = crate::api::Usage::default();
         let counts = crate::domain::pricing::TokenCounts { input: tokens, ..Default::default() };
@@ -327,6 +326,8 @@ mod tests {
         crate::domain::meter_message::encode(&crate::domain::grants::session_key(session), &usage, 0)
     }
 
+    /// An agent Pod as the apiserver returns it once bound and finished, `phase` "Succeeded" or
+    /// "Failed", with the operator's own env, volumes and annotations and the kubelet's status.
     fn finished_pod(phase: &str) -> Pod {
         let agent = serde_json::from_value(json!({"name": "scanner", "image": "ghcr.io/acme/scanner:1", "model": "gpt-4o-mini",
             "env": [{"name": "MODE", "value": "deep"}], "args": ["--all"]}))
