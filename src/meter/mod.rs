@@ -240,12 +240,11 @@ pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Ou
     if let Some(reporter) = reporter {
         reporter.abort();
     }
-    if let Some(message) = &message {
-        // Every call has ended: the final figure, before settling (which may take 20 s and fail).
-        let (message, ledger) = (message.clone(), meter.ledger.clone());
-        if let Err(e) = tokio::task::spawn_blocking(move || message.write(&ledger)).await.map_err(std::io::Error::other).and_then(|w| w) {
-            tracing::error!(error = %e, "writing the termination message");
-        }
+    // Every call has ended: the final figure, before settling (which may take 20 s and fail).
+    if let Some(message) = &message
+        && let Err(e) = write_message(message, &meter.ledger).await
+    {
+        tracing::error!(error = %e, "writing the termination message");
     }
     if let Some(grants) = &meter.grants {
         // Every call has ended: the final usage, and what was not spent goes back to the job.
@@ -275,15 +274,20 @@ async fn write_reports(ledger: Arc<Ledger>, path: Option<PathBuf>, message: Opti
         {
             tracing::warn!(error = %e, "writing the meter's report");
         }
-        if let Some(message) = &message {
-            let (message, ledger) = (message.clone(), ledger.clone());
-            // Off the runtime's only thread, so a slow disk does not hold up calls.
-            if let Ok(Err(e)) = tokio::task::spawn_blocking(move || message.write(&ledger)).await {
-                tracing::warn!(error = %e, "writing the termination message");
-            }
+        if let Some(message) = &message
+            && let Err(e) = write_message(message, &ledger).await
+        {
+            tracing::warn!(error = %e, "writing the termination message");
         }
         ledger.changed.notified().await;
     }
+}
+
+/// Writes the termination message off the runtime's only thread, so a slow disk does not hold
+/// up calls.
+async fn write_message(message: &Arc<message::TerminationMessage>, ledger: &Arc<Ledger>) -> std::io::Result<()> {
+    let (message, ledger) = (message.clone(), ledger.clone());
+    tokio::task::spawn_blocking(move || message.write(&ledger)).await.map_err(std::io::Error::other)?
 }
 
 async fn write_report(ledger: &Ledger, path: &Path) -> anyhow::Result<()> {
