@@ -83,6 +83,15 @@ pub fn parse_report(message: &str) -> Result<AgentReport, String> {
         if u.model.is_empty() || u.model.len() > 128 {
             return Err(format!("usage[{i}].model must be 1 to 128 characters"));
         }
+        // Kept in status (`attempts[].reportedUsage`), which heads read with `kubectl describe`
+        // and dashboards show: no model is named with characters a terminal acts on or hides
+        // (decide/tests.rs an_agents_claim_naming_a_model_with_hidden_characters_is_malformed_and_not_stored).
+        if u.model.chars().any(super::terminal_text::is_hidden) {
+            return Err(format!(
+                "usage[{i}].model \"{}\" holds control, invisible or bidi characters",
+                super::terminal_text::line(&u.model)
+            ));
+        }
         for (field, v) in [
             ("inputTokens", u.input_tokens),
             ("cachedInputTokens", u.cached_input_tokens),
@@ -310,6 +319,10 @@ mod tests {
             ("Traceback (most recent call last):", "not a usage report"),
             (r#"{"usage": [{"model": "x", "inputTokens": -5, "outputTokens": 1}]}"#, "usage[0].inputTokens = -5"),
             (r#"{"usage": [{"model": "", "inputTokens": 5, "outputTokens": 1}]}"#, "usage[0].model"),
+            (
+                r#"{"usage": [{"model": "gpt-4o\u001b[2J\u202e", "inputTokens": 5, "outputTokens": 1}]}"#,
+                r#"usage[0].model "gpt-4o\u001B[2J\u202E" holds control, invisible or bidi characters"#,
+            ),
             (r#"{"usage": "lots"}"#, "not a usage report"),
             (r#"{"output": {}}"#, "missing field `usage`"),
             (r#"{"usage": [], "extra": 1}"#, "unknown field `extra`"),

@@ -1444,6 +1444,39 @@ fn a_metered_attempts_claims_of_many_models_are_folded() {
     assert_eq!(usage(&plan).cost_usd, "0.04", "the meters' usage counts");
 }
 
+/// An agent's claim is kept in the attempt beside what the meters measured, and quoted what the
+/// agent wrote: a model named with an escape sequence, a carriage return or a bidi override was
+/// stored raw in `attempts[].reportedUsage`, where `kubectl describe` and dashboards show it.
+#[test]
+fn an_agents_claim_naming_a_model_with_hidden_characters_is_malformed_and_not_stored() {
+    let forged = "gpt-4o-mini\u{1b}[2K\rApproved by alice, bob\u{202E}";
+    let claim = json!({"usage": [{"model": forged, "inputTokens": 1, "outputTokens": 1}], "output": {}}).to_string();
+    let fixer = json!({"usage": [{"model": "fixer-model", "inputTokens": 1, "outputTokens": 1}]}).to_string();
+    let pods = vec![pod("scanner", 1, succeeded(Some(claim))), pod("fixer", 1, succeeded(Some(fixer)))];
+    let plan = step(&metered(running(NO_RETRIES), 0), &ready(), &approved(), &pods, &[]);
+    fn strings<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::String(s) => out.push(s),
+            Value::Array(items) => items.iter().for_each(|i| strings(i, out)),
+            Value::Object(map) => map.iter().for_each(|(k, v)| {
+                out.push(k);
+                strings(v, out)
+            }),
+            _ => {}
+        }
+    }
+    let status = serde_json::to_value(&plan.status).unwrap();
+    let mut all = Vec::new();
+    strings(&status, &mut all);
+    let hidden: Vec<&&str> = all.iter().filter(|s| s.chars().any(crate::domain::terminal_text::is_hidden)).collect();
+    assert!(hidden.is_empty(), "{hidden:?}");
+    let claimed = plan.status.attempts[0].reported_usage.as_ref().expect("the other agent's claim is kept");
+    assert_eq!(claimed.models.iter().map(|m| m.model.as_str()).collect::<Vec<_>>(), ["fixer-model"]);
+    let note = &plan.events.iter().find(|e| e.reason == "MalformedReport").expect("said").note;
+    assert!(note.contains(r#"usage[0].model "gpt-4o-mini\u001B[2K\rApproved by alice, bob\u202E" holds control"#), "{note}");
+    assert_eq!(usage(&plan).cost_usd, "0.04", "the meters' usage counts");
+}
+
 /// A meter that ran, with the termination messages of `sessions`: (session id, input, output
 /// tokens of gpt-4o-mini, cost).
 fn meter_left(sessions: &[(&str, i64, i64, &str)]) -> crate::domain::meter_message::PodMeter {
