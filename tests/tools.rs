@@ -812,3 +812,55 @@ async fn a_tool_repointed_after_approval_needs_a_new_approval_before_the_job_sta
     let url = env.iter().find(|e| e.name == "AGENTGATE_TOOL_TL_PIN_LLM_URL").and_then(|e| e.value.clone());
     assert_eq!(url.as_deref(), Some("https://elsewhere.example/v1"));
 }
+
+/// Heads approve where a job's tools point, and the record is what its agents get, retries
+/// included. An optional tool nobody had registered when the job started is recorded as missing:
+/// whoever registers the name afterwards (an AgentTool, or a labelled Service in a discovery
+/// namespace) was approved by nobody, yet the retry's agent was given its URL. A required tool
+/// repointed after the start is given, on the retry, at the endpoint the heads approved.
+#[tokio::test]
+async fn an_optional_tool_registered_after_the_job_started_is_given_to_none_of_its_attempts() {
+    let ns = "tl-late";
+    let client = setup(ns, false).await;
+    let (approved, late) = ("tl-late-approved", "tl-late-squat");
+    create_tool(&client, approved, json!({"type": "api", "endpoint": {"url": "https://approved.example/v1"}, "rateLimit": 60})).await;
+    wait_tool(&client, approved, "Ready", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
+    let tools = json!([{"name": approved, "minRateLimit": 1}, {"name": late, "required": false}]);
+    let job = approved_job(&client, ns, "late", json!({"tools": tools, "limits": {"maxRetries": 2}})).await;
+    let running = wait_for_job(&client, ns, "late", "running, endpoints recorded", |j| {
+        phase(j) == Some("Running") && j.status.as_ref().is_some_and(|s| s.tool_endpoints.is_some())
+    })
+    .await;
+    let record = running.status.as_ref().unwrap().tool_endpoints.clone().unwrap();
+    assert_eq!(
+        record.tools.iter().map(|t| (t.name.as_str(), t.endpoint.as_str())).collect::<Vec<_>>(),
+        [(approved, "url https://approved.example/v1"), (late, "none")]
+    );
+    let env_of = |pod: &Pod, name: &str| {
+        pod.spec.as_ref().unwrap().containers[0].env.clone().unwrap().into_iter().find(|e| e.name == name).and_then(|e| e.value)
+    };
+    let (approved_var, late_var) = ("AGENTGATE_TOOL_TL_LATE_APPROVED_URL", "AGENTGATE_TOOL_TL_LATE_SQUAT_URL");
+    let first = wait_for("attempt 1's Pod", TIMEOUT, || job_pods(&client, ns, &job), |p: &Vec<Pod>| p.len() == 1).await.remove(0);
+    assert_eq!(env_of(&first, approved_var).as_deref(), Some("https://approved.example/v1"));
+    assert_eq!(env_of(&first, late_var), None);
+
+    // While attempt 1 runs: the late name is registered and the approved tool repointed.
+    create_tool(&client, late, json!({"type": "api", "endpoint": {"url": "https://squatter.example/v1"}, "rateLimit": 60})).await;
+    wait_tool(&client, late, "Ready", TIMEOUT, |t| t.status.as_ref().is_some_and(|s| s.ready)).await;
+    Api::<AgentTool>::all(client.clone())
+        .patch(approved, &PatchParams::default(), &Patch::Merge(json!({"spec": {"endpoint": {"url": "https://elsewhere.example/v1"}}})))
+        .await
+        .expect("repoint the tool");
+    wait_tool(&client, approved, "the new URL in status", TIMEOUT, |t| {
+        t.status.as_ref().and_then(|s| s.url.as_deref()) == Some("https://elsewhere.example/v1")
+    })
+    .await;
+
+    // Attempt 1 fails; the retry's Pod is built now, when both tools say otherwise.
+    run_pod(&client, ns, &first.name_any()).await;
+    finish_pod(&client, ns, &first.name_any(), 1, &usage_report("gpt-4o-mini", 1_000, 0, 100, json!({}))).await;
+    let pods = wait_for("attempt 2's Pod", TIMEOUT, || job_pods(&client, ns, &job), |p: &Vec<Pod>| p.len() == 2).await;
+    let retry = pods.iter().find(|p| p.name_any() != first.name_any()).unwrap();
+    assert_eq!(env_of(retry, approved_var).as_deref(), Some("https://approved.example/v1"), "the approved endpoint, not the new one");
+    assert_eq!(env_of(retry, late_var), None, "a tool nobody approved is given to no attempt");
+}

@@ -34,10 +34,10 @@ pub(super) async fn ensure_pods(
         .tools
         .iter()
         .filter_map(|t| {
-            // The endpoint the heads approved, once recorded; the tool's status lags its spec.
-            let approved = plan.status.tool_endpoints.as_ref().and_then(|r| super::tool_pinning::approved_url(r, &t.name));
+            // The endpoint the heads approved, once recorded, and no other (tool_pinning::agent_url).
             let tool = ctx.caches.tools.get(&ObjectRef::new(&t.name))?;
-            Some((t.name.clone(), approved.or_else(|| tool.status.as_ref()?.url.clone())?))
+            let record = plan.status.tool_endpoints.as_deref();
+            Some((t.name.clone(), super::tool_pinning::agent_url(record, &t.name, || tool.status.as_ref()?.url.clone())?))
         })
         .collect();
     let input_json = spec.input.as_ref().map(|v| v.to_string()).unwrap_or_else(|| "{}".into());

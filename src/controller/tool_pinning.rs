@@ -55,6 +55,20 @@ pub fn approved_url(record: &ApprovedToolEndpoints, tool: &str) -> Option<String
     Some(format!("http://{name}.{ns}.svc:{port}"))
 }
 
+/// The URL an agent of the job is given for `tool`. Once the job's endpoints are recorded, only
+/// the approved one: a tool recorded as missing (an optional tool absent when the job started) is
+/// given to none of its attempts, retries included, whoever registers the name later; it was
+/// given to the retries at whatever the newcomer pointed at (tests/tools.rs
+/// `an_optional_tool_registered_after_the_job_started_is_given_to_none_of_its_attempts`). `now`,
+/// the tool's URL as its status says, only for a job without a record (started by a version
+/// before records).
+pub fn agent_url(record: Option<&ApprovedToolEndpoints>, tool: &str, now: impl FnOnce() -> Option<String>) -> Option<String> {
+    match record {
+        Some(record) => approved_url(record, tool),
+        None => now(),
+    }
+}
+
 /// What [`before`] found, for [`after`].
 #[derive(Debug, Default, PartialEq)]
 pub struct Pinning {
@@ -198,6 +212,14 @@ mod tests {
         assert_eq!(approved_url(&record, "b").as_deref(), Some("https://x.example/v1"));
         assert_eq!(approved_url(&record, "c"), None);
         assert_eq!(approved_url(&record, "d"), None);
+        // With a record, what a tool's status says now is never given: c was missing when the job
+        // started, and whoever registered it since was approved by nobody.
+        let squatter = || Some("https://squatter.example/v1".to_string());
+        assert_eq!(agent_url(Some(&record), "c", squatter), None);
+        assert_eq!(agent_url(Some(&record), "d", squatter), None);
+        assert_eq!(agent_url(Some(&record), "b", squatter).as_deref(), Some("https://x.example/v1"));
+        // A job started before records existed: the tool's URL now, as then.
+        assert_eq!(agent_url(None, "c", squatter).as_deref(), Some("https://squatter.example/v1"));
     }
 
     #[test]
