@@ -56,6 +56,10 @@ pub const DESCRIPTION: &str = "agentgate.dev/description";
 pub const FIELD_MANAGER: &str = "agentgate-discovery";
 
 const MAX_RATE_LIMIT: i32 = 1_000_000;
+/// Claimants of a contested name that a conflict note names; the rest are counted. Beyond this
+/// many, each claimant's Warning no longer names the others, so that a new claimant changes no
+/// other claimant's note (a changed note is a new Event for that Service).
+const MAX_CLAIMANTS_NAMED: usize = 3;
 const MAX_DESCRIPTION_CHARS: usize = 1024;
 
 // ---------------------------------------------------------------------------------------------
@@ -286,7 +290,13 @@ pub fn plan(services: &[ServiceView], tools: &[ExistingTool], in_scope: &dyn Fn(
 
     for name in names {
         let claimants: &[&ServiceView] = claims.get(name).map(Vec::as_slice).unwrap_or_default();
-        let keys = || claimants.iter().map(|s| s.key()).collect::<Vec<_>>().join(", ");
+        let keys = || named(claimants.iter().map(|s| s.key()).collect());
+        // Few claimants: each is told who the others are. Many: each is told how to list them, in
+        // a note no other claimant's coming or going changes. Listing every claimant in every
+        // note cost O(N²) bytes and, on each new claimant, a new Event for every one of them
+        // (tests.rs a_thousand_services_claiming_one_name_cost_bounded_notes_and_one_more_tells_only_itself).
+        let many = claimants.len() > MAX_CLAIMANTS_NAMED;
+        let listing = format!("several Services (kubectl get services -A -l {TOOL_LABEL}={name})");
         match by_name.get(name).copied() {
             Some(tool) if !tool.discovered => {
                 for svc in claimants {
@@ -314,14 +324,16 @@ pub fn plan(services: &[ServiceView], tools: &[ExistingTool], in_scope: &dyn Fn(
                 match incumbent {
                     Some(svc) if others.is_empty() => apply(&mut out, svc, Some(tool), None),
                     Some(svc) => {
-                        let note = format!(
-                            "Services {} all claim AgentTool {name} with label {TOOL_LABEL}: it stays discovered from {from} but is not \
-                             Ready until the label is removed from {}",
-                            keys(),
-                            others.join(", ")
-                        );
+                        let conflict = |who: &str, others: &str| {
+                            format!(
+                                "{who} all claim AgentTool {name} with label {TOOL_LABEL}: it stays discovered from {from} but is not \
+                                 Ready until the label is removed from {others}"
+                            )
+                        };
+                        let note = conflict(&format!("Services {}", keys()), &named(others));
                         apply(&mut out, svc, Some(tool), Some(note.clone()));
-                        out.warnings.extend(claimants.iter().map(|s| warn(s, "ToolNameConflict", note.clone())));
+                        let told = if many { conflict(&listing, &format!("all but {from}")) } else { note };
+                        out.warnings.extend(claimants.iter().map(|s| warn(s, "ToolNameConflict", told.clone())));
                     }
                     None if claimants.is_empty() => out.writes.push(Write::Delete {
                         name: name.to_string(),
@@ -331,15 +343,18 @@ pub fn plan(services: &[ServiceView], tools: &[ExistingTool], in_scope: &dyn Fn(
                     }),
                     // Never handed over: the claimant may be a squatter waiting for this moment.
                     None => {
-                        let note = format!(
-                            "AgentTool {name} was discovered from Service {from}, which no longer carries label {TOOL_LABEL}={name}, and \
-                             Services {} claim the name: a tool never moves to another Service by itself. It stays, not Ready, until \
-                             {from} claims it again or an admin deletes it (kubectl delete agenttool {name}), after which a sole \
-                             claimant gets a new one",
-                            keys()
-                        );
+                        let orphaned = |who: &str| {
+                            format!(
+                                "AgentTool {name} was discovered from Service {from}, which no longer carries label {TOOL_LABEL}={name}, \
+                                 and {who} claim the name: a tool never moves to another Service by itself. It stays, not Ready, until \
+                                 {from} claims it again or an admin deletes it (kubectl delete agenttool {name}), after which a sole \
+                                 claimant gets a new one"
+                            )
+                        };
+                        let note = orphaned(&format!("Services {}", keys()));
                         keep_orphan(&mut out, tool, &from, note.clone());
-                        out.warnings.extend(claimants.iter().map(|s| warn(s, "ToolNameConflict", note.clone())));
+                        let told = if many { orphaned(&listing) } else { note };
+                        out.warnings.extend(claimants.iter().map(|s| warn(s, "ToolNameConflict", told.clone())));
                     }
                 }
             }
@@ -347,16 +362,23 @@ pub fn plan(services: &[ServiceView], tools: &[ExistingTool], in_scope: &dyn Fn(
                 [] => {}
                 [svc] => apply(&mut out, svc, None, None),
                 _ => {
-                    let note = format!(
-                        "Services {} all claim AgentTool {name} with label {TOOL_LABEL}: none is created until only one does",
-                        keys()
-                    );
+                    let who = if many { listing.clone() } else { format!("Services {}", keys()) };
+                    let note = format!("{who} all claim AgentTool {name} with label {TOOL_LABEL}: none is created until only one does");
                     out.warnings.extend(claimants.iter().map(|s| warn(s, "ToolNameConflict", note.clone())));
                 }
             },
         }
     }
     out
+}
+
+/// `keys` joined, the first [`MAX_CLAIMANTS_NAMED`] named and the rest counted: a note of one
+/// object (the tool's conflict annotation and conditions) stays small however many claim.
+fn named(keys: Vec<String>) -> String {
+    if keys.len() <= MAX_CLAIMANTS_NAMED {
+        return keys.join(", ");
+    }
+    format!("{} and {} more", keys[..MAX_CLAIMANTS_NAMED].join(", "), keys.len() - MAX_CLAIMANTS_NAMED)
 }
 
 /// Applies what `svc` describes (not Ready while `conflict` says who else claims it) unless

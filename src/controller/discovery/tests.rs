@@ -332,3 +332,42 @@ fn namespace_selectors_are_checked() {
         assert!(parse_namespace_selector(bad).is_err(), "{bad:?} accepted");
     }
 }
+
+/// Every claimant of a contested name is told, and was told in a note listing every claimant: a
+/// tenant labelling N Services with one name made N notes of N keys each (O(N²) bytes in the plan
+/// and in the memory of what was reported), and each new claimant changed every note, so every
+/// claimant got a new Event: N²/2 Events through the operator's one Event queue, which every
+/// reconcile waits on when it is full. The tool's conflict annotation listed them all too.
+#[test]
+fn a_thousand_services_claiming_one_name_cost_bounded_notes_and_one_more_tells_only_itself() {
+    let squatters = |n: usize| (0..n).map(|i| good("squat", &format!("s{:04}", 9999 - i), "shared")).collect::<Vec<_>>();
+    let (d, _) = desired_tool(&good("tools", "owner", "shared"));
+    let owner = existing(&d, true);
+    for (what, owned) in [("an existing tool", true), ("no tool yet", false), ("an orphaned tool", false)] {
+        let services = |n: usize| {
+            let mut s = squatters(n);
+            if owned {
+                s.push(good("tools", "owner", "shared"));
+            }
+            s
+        };
+        let tools: &[ExistingTool] = if what == "no tool yet" { &[] } else { std::slice::from_ref(&owner) };
+        let before = plan(&services(1000), tools, &everywhere);
+        let note_bytes: usize = before.warnings.iter().map(|w| w.note.len()).sum();
+        assert_eq!(before.warnings.len(), if owned { 1001 } else { 1000 }, "{what}: every claimant is told");
+        assert!(note_bytes < 1001 * 600, "{what}: {note_bytes} bytes of notes");
+        let conflict = before.writes.iter().find_map(|w| match w {
+            Write::Apply { tool, .. } => tool.conflict.clone(),
+            Write::Delete { .. } => None,
+        });
+        assert_eq!(conflict.is_some(), what != "no tool yet", "{what}");
+        if let Some(conflict) = conflict {
+            assert!(conflict.len() < 1024 && conflict.contains(" and 99"), "{what}: {} bytes: {}", conflict.len(), &conflict[..300]);
+        }
+        // A new claimant sorting first: only its own note is new (and so only it gets an Event).
+        let after = plan(&services(1001), tools, &everywhere);
+        let told: std::collections::BTreeSet<_> = before.warnings.iter().map(|w| (&w.service, &w.note)).collect();
+        let new: Vec<_> = after.warnings.iter().filter(|w| !told.contains(&(&w.service, &w.note))).map(|w| w.service.as_str()).collect();
+        assert_eq!(new, ["s8999"], "{what}: {} notes changed", new.len());
+    }
+}
