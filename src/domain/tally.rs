@@ -217,6 +217,10 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
             eligibility.check(vote).err()
         };
         if let Some(why) = why_not {
+            // Quotes what the vote's author wrote (its jobRef.uid) into the job's status and the
+            // vote's own (`kubectl get approvalvotes -o wide`): one inert line
+            // (tests::a_vote_quoting_hidden_characters_is_listed_as_one_inert_line).
+            let why = super::terminal_text::message(&why).into_owned();
             let entry = IgnoredVote { name: vote.name.clone(), why: why.clone() };
             let on_current = vote.job_uid == job.uid && vote.job_generation == job.generation;
             if let Some((_, _, current)) = listing.iter_mut().find(|(voter, _, _)| *voter == vote.voter.as_str()) {
@@ -275,6 +279,21 @@ mod tests {
     }
 
     use Decision::{Approve, Reject};
+
+    /// A vote naming another uid is ignored, saying which uid it named: a tenant's vote on a
+    /// colleague's job, its uid an escape sequence and a forged line, was quoted raw into the
+    /// job's `status.approval.ignoredVotes` and the vote's status message.
+    #[test]
+    fn a_vote_quoting_hidden_characters_is_listed_as_one_inert_line() {
+        let forged =
+            VoteView { job_uid: "x\u{1b}[2K\r\ncounted toward the job's approval\u{202E}".into(), ..vote("v-eve", "eve", Approve, 1) };
+        let t = tally(&JOB, 2, &[forged], &AnyVoter, &VoterPolicy::default());
+        let (counted, why) = t.verdict("v-eve");
+        assert!(!counted);
+        assert!(why.contains(r"(uid x\u001B[2K\r\ncounted toward the job's approval\u202E)"), "{why}");
+        let listed = t.ignored_for_status();
+        assert!(!listed.iter().any(|i| i.why.chars().any(crate::domain::terminal_text::is_hidden)), "{listed:?}");
+    }
 
     /// Refuses the voters it names, like a SubjectAccessReview that says no.
     struct Refuse(&'static [&'static str]);
