@@ -206,7 +206,10 @@ fn unbounded_input(api: Api, request: &Value) -> Option<String> {
 /// the meter would count them (and reserve for them) at that price, and an agent could spend up
 /// to twice what it is charged (tests/meter/test_meter.py
 /// test_calls_the_provider_bills_above_the_price_table_are_refused). OpenAI's `priority` and
-/// `scale` processing; Anthropic cache writes with a TTL other than the two it prices (5m, 1h).
+/// `scale` processing; Anthropic cache writes with a TTL other than the two it prices (5m, 1h),
+/// its fast mode (`speed: fast`, 6 times the price on Opus 4.6) and US-only inference
+/// (`inference_geo: us`, 1.1 times): an agent spent 6 times its budget in fast calls
+/// (test_anthropic_fast_mode_and_us_only_inference_cannot_spend_past_the_budget).
 fn billed_above_list_price(api: Api, request: &Value) -> Option<String> {
     let tiers: &[&str] = match api {
         Api::AnthropicMessages => &["auto", "standard_only"],
@@ -227,6 +230,19 @@ fn billed_above_list_price(api: Api, request: &Value) -> Option<String> {
         && let Some(ttl) = cache_ttls(request).into_iter().find(|t| t != "\"5m\"" && t != "\"1h\"")
     {
         return Some(format!("a cache write with `ttl: {ttl}` (only 5m and 1h have a price)"));
+    }
+    if api == Api::AnthropicMessages {
+        // Each option at the value billed at the list price (or absent, or null).
+        for (field, list_priced) in [("speed", "standard"), ("inference_geo", "global")] {
+            match request.get(field) {
+                None | Some(Value::Null) => {}
+                Some(Value::String(v)) if v == list_priced => {}
+                Some(other) => {
+                    let shown: String = other.to_string().chars().take(64).collect();
+                    return Some(format!("`{field}: {shown}` (billed above the model's list price, or unknown; allowed: {list_priced})"));
+                }
+            }
+        }
     }
     None
 }

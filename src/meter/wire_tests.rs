@@ -358,6 +358,11 @@ fn refuses_what_the_provider_bills_above_the_list_price() {
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "service_tier": "priority"})),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "messages": day})),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral", "ttl": 3600}})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "speed": "fast"})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "speed": "FAST"})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "speed": true})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "inference_geo": "us"})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "inference_geo": "eu"})),
     ] {
         assert!(matches!(parse(api, body.clone()), Err(BadRequest::Unbounded(_))), "{body}");
     }
@@ -371,6 +376,8 @@ fn refuses_what_the_provider_bills_above_the_list_price() {
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral"}})),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "messages": hour})),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral", "ttl": "1h"}})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "speed": "standard", "inference_geo": "global"})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "speed": null, "inference_geo": null})),
     ] {
         assert!(parse(api, body.clone()).is_ok(), "{body}");
     }

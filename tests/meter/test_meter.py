@@ -339,6 +339,54 @@ def test_calls_the_provider_bills_above_the_price_table_are_refused(meter, upstr
     assert_measured_exactly(meter, recorder)
 
 
+# What Anthropic bills above a model's list price for these request options (its pricing page:
+# fast mode at 6 times the price on Opus 4.6 and 4.7, US-only inference at 1.1 times).
+ANTHROPIC_PREMIUMS = {("speed", "fast"): 6.0, ("inference_geo", "us"): 1.1}
+
+
+def billed_by_anthropic(call):
+    """A call's cost as Anthropic bills it: the list price times the premiums its request chose."""
+    premium = 1.0
+    for (field, value), factor in ANTHROPIC_PREMIUMS.items():
+        if call["body"].get(field) == value:
+            premium *= factor
+    return int(cost(call["usage"]["model"], call["usage"]) * premium)
+
+
+def test_anthropic_fast_mode_and_us_only_inference_cannot_spend_past_the_budget(tmp_path, upstream):
+    """Attack: an agent asks Anthropic for `speed: "fast"` (billed at 6 times the list price) or
+    `inference_geo: "us"` (1.1 times), which the meter counted, and reserved, at the list price:
+    with $0.20 of budget the agent was billed $1.15 in 11 fast calls. Refused now, before the
+    provider, as the other options billed above the price table are; their standard values pass."""
+    recorder, _ = upstream
+    budget = micro("0.20")
+    meter = start_meter(tmp_path, upstream, budget="0.20")
+    try:
+        client = anth(meter, max_retries=0)
+        prompt = [{"role": "user", "content": "MAXOUT " + "x" * 4_000}]
+        hostile = [{"speed": "fast", "extra_headers": {"anthropic-beta": "fast-mode-2026-02-01"}},
+                   {"extra_body": {"inference_geo": "us"}}]
+        refusals = []
+        for options in hostile:  # each until the meter refuses it
+            with pytest.raises(anthropic.APIStatusError) as e:
+                for _ in range(100):
+                    client.messages.create(model="test-claude", max_tokens=300, messages=prompt, **options)
+            refusals.append((e.value.status_code, e.value.body["error"]["type"]))
+        served = [c for c in recorder.snapshot() if c["status"] == 200]
+        billed = sum(billed_by_anthropic(c) for c in served)
+        print(f"{len(served)} calls at a premium reached the provider, billed ${billed / 1e6:.6f} of a ${budget / 1e6} budget")
+        assert billed <= budget, "the agent was billed past its budget"
+        assert refusals == [(400, "unbounded_cost")] * 2, refusals
+        assert served == [], "a call billed above its price reached the provider"
+        # The standard values, and none, are the list price: they pass.
+        for options in [{"speed": "standard"}, {"extra_body": {"inference_geo": "global"}}, {"speed": None}, {}]:
+            client.messages.create(model="test-claude", max_tokens=10, messages=[{"role": "user", "content": "hi"}], **options)
+        assert len(recorder.snapshot()) == 4
+        assert_measured_exactly(meter, recorder)
+    finally:
+        meter.stop()
+
+
 def cached_prompt(text, ttl):
     return [{"role": "user", "content": [{"type": "text", "text": text, "cache_control": {"type": "ephemeral", "ttl": ttl}}]}]
 
@@ -588,3 +636,4 @@ def test_concurrent_huge_requests_cannot_crash_the_meter(meter, upstream):
     assert len(recorder.snapshot()) == 2
     assert_measured_exactly(meter, recorder)
     assert peak_rss(pid) < METER_MEMORY_LIMIT
+

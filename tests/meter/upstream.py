@@ -193,7 +193,9 @@ class Handler(BaseHTTPRequestHandler):
         call["usage"] = {"input": fresh, "cached": cached, "write": creation - hour, "write1h": hour, "output": output, "model": body["model"]}
         self.recorder.add(call)
         usage = {"input_tokens": fresh, "cache_creation_input_tokens": creation, "cache_read_input_tokens": cached, "output_tokens": output,
-                 "cache_creation": {"ephemeral_5m_input_tokens": creation - hour, "ephemeral_1h_input_tokens": hour}}
+                 "cache_creation": {"ephemeral_5m_input_tokens": creation - hour, "ephemeral_1h_input_tokens": hour},
+                 # As the API reports them: what the call was billed at (fast mode, US-only inference).
+                 "speed": body.get("speed") or "standard", "inference_geo": body.get("inference_geo") or "global"}
         message = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
                    "content": [{"type": "text", "text": "héllo ✓"}], "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}
         if not body.get("stream"):
