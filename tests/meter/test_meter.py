@@ -637,3 +637,47 @@ def test_concurrent_huge_requests_cannot_crash_the_meter(meter, upstream):
     assert_measured_exactly(meter, recorder)
     assert peak_rss(pid) < METER_MEMORY_LIMIT
 
+
+def test_connections_with_endless_headers_cannot_crash_the_meter(meter, upstream):
+    """Attack: connections that send request headers and never finish them. The buffer budget
+    bounds bodies, but each connection could buffer 408 KiB of an unfinished head, for ever: 200
+    of them took the meter past its container's memory limit (OOM-killed in a Pod, losing the
+    usage of the calls in flight). Now a head past 16 KiB is answered 431 and its memory freed."""
+    import socket
+    recorder, _ = upstream
+    pid = meter.proc.pid
+    host, port = meter.url.removeprefix("http://").split(":")
+    line = b"x-padding: " + b"a" * 8_000 + b"\r\n"
+    flood = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection((host, int(port)), timeout=30)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: meter\r\nauthorization: Bearer dummy\r\n")
+            try:
+                for _ in range(50):  # 400 KB of headers, never ended by a blank line
+                    s.sendall(line)
+            except OSError:
+                pass  # the meter answered and closed: the rest is refused
+            flood.append(s)
+        answers = []
+        for s in flood:  # each connection's answer: the event that the meter has read its bytes
+            try:
+                response = http.client.HTTPResponse(s)
+                response.begin()
+                answers.append(response.status)
+            except OSError as e:  # no answer: the meter holds the head (before: all 200 of them)
+                answers.append(type(e).__name__)
+                break
+        peak = peak_rss(pid)
+        print(f"meter peak RSS after 200 endless heads of 400 KB: {peak / MIB:.1f} MiB; answers: {sorted(set(map(str, answers)))}")
+        assert meter.proc.poll() is None, "the meter died: " + meter.logs()[-2000:]
+        assert peak < METER_MEMORY_LIMIT, f"the meter's peak memory {peak / MIB:.1f} MiB reached its container's limit"
+        assert answers == [431] * 200, "a head too large for the meter is refused, not buffered"
+    finally:
+        for s in flood:
+            s.close()
+    # The meter still serves, and an SDK's ordinary head passes.
+    client = oai(meter)
+    assert client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "hi"}]).choices[0].message.content == "héllo ✓"
+    assert len(recorder.snapshot()) == 1
+    assert_measured_exactly(meter, recorder)
