@@ -26,7 +26,9 @@ ANTHROPIC_KEY = "sk-ant-real-key-for-tests"
 # test-claude; the others have no write prices (writes at the input price, 1-hour at twice it).
 PRICES = {"test-gpt": (2_000_000, 500_000, 8_000_000, None, None),
           "test-claude": (3_000_000, 300_000, 15_000_000, 3_750_000, 6_000_000),
-          "test-embed": (100_000, 0, 0, None, None)}
+          "test-embed": (100_000, 0, 0, None, None),
+          # OpenAI's explicit caching (GPT-5.6 on): writes at 1.25 times input, 12-hour ones here at twice it.
+          "test-gpt-cache": (2_000_000, 200_000, 8_000_000, 2_500_000, 4_000_000)}
 
 
 def price_line(model, i, c, o, w, w1h):
@@ -450,6 +452,38 @@ def test_an_agent_writing_its_cache_cannot_spend_past_its_budget(tmp_path, upstr
         print(f"{len(calls)} calls of ${per_call / 1e6:.6f} within ${budget / 1e6}; counted as input, {fits_before} would have passed "
               f"(${fits_before * per_call / 1e6:.6f} billed)")
         assert fits_before * per_call > budget and fits_before > len(calls)
+    finally:
+        meter.stop()
+
+
+@pytest.mark.parametrize("api", ["chat", "responses", "responses-12h"])
+def test_an_agent_writing_an_openai_cache_cannot_spend_past_its_budget(tmp_path, upstream, api):
+    """Attack: an agent whose OpenAI calls all write the prompt cache, which OpenAI bills above
+    input since GPT-5.6 (1.25 times it for 30 minutes). The meter read only `cached_tokens` and
+    counted the writes as input, so it let the agent spend past its budget; now it counts them
+    (`cache_write_tokens`, split by TTL) at their price and refuses (402) the call that would
+    cross the budget at it."""
+    recorder, _ = upstream
+    budget = micro("0.20")
+    meter = start_meter(tmp_path, upstream, budget="0.20")
+    try:
+        client = oai(meter, max_retries=0)
+        prompt = "CACHEWRITE " + "x" * 8_000
+        with pytest.raises(openai.APIStatusError) as e:
+            for _ in range(100):
+                if api == "chat":
+                    client.chat.completions.create(model="test-gpt-cache", max_tokens=10, messages=[{"role": "user", "content": prompt}])
+                else:
+                    options = {"prompt_cache_options": {"ttl": "12h"}} if api == "responses-12h" else {}
+                    client.responses.create(model="test-gpt-cache", max_output_tokens=10, input=prompt, extra_body=options)
+        calls = [c for c in recorder.snapshot() if c["status"] == 200]
+        billed = sum(cost("test-gpt-cache", c["usage"]) for c in calls)  # what OpenAI would bill
+        print(f"{api}: {len(calls)} calls billed ${billed / 1e6:.6f} of a ${budget / 1e6} budget; meter: {meter.usage()['usage']['costUSD']}")
+        assert billed <= budget, "the agent was billed past its budget"
+        assert e.value.status_code == 402 and e.value.body["type"] == "budget_exceeded", e.value.body
+        usage = assert_measured_exactly(meter, recorder)
+        [model] = usage["usage"]["models"]
+        assert model["cacheWriteInputTokens" if api != "responses-12h" else "cacheWrite1hInputTokens"] == sum(c["usage"]["input"] + c["usage"].get("write", 0) + c["usage"].get("write1h", 0) for c in calls)
     finally:
         meter.stop()
 
