@@ -94,7 +94,8 @@ pub enum CacheWrites {
 
 /// Token counts of one model, as reported by an agent or predicted by the estimator. The four
 /// input counts are disjoint, each priced at its own rate: fresh input, cache reads, and cache
-/// writes of either TTL (Anthropic's `cache_creation`; always 0 for OpenAI and Gemini).
+/// writes of either TTL (Anthropic's `cache_creation`, OpenAI's `cache_write_tokens` since GPT-5.6:
+/// 30 minutes as the short one, 12 hours as the long one; always 0 for Gemini).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenCounts {
     pub input: i64,

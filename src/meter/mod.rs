@@ -6,6 +6,7 @@ pub mod buffer_budget;
 pub mod grant_client;
 pub mod message;
 pub mod proxy;
+mod server;
 /// The sidecar the operator injects is built in the domain (pure, next to the Pod it goes into).
 pub use crate::domain::meter_sidecar as sidecar;
 pub mod sse;
@@ -233,7 +234,7 @@ pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Ou
         .grants
         .clone()
         .map(|grants| tokio::spawn(grant_client::report_usage(grants, std::time::Duration::from_secs(args.report_seconds))));
-    axum::serve(listener, proxy::router(meter.clone())).with_graceful_shutdown(shutdown).await?;
+    server::serve(listener, proxy::router(meter.clone()), shutdown).await;
     if let Some(writer) = writer {
         writer.abort();
     }

@@ -171,7 +171,11 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<(Value, RequestFacts), Bad
     let cache_writes = match api {
         Api::AnthropicMessages if cache_ttls(&value).iter().any(|t| t == "\"1h\"") => CacheWrites::OneHour,
         Api::AnthropicMessages => CacheWrites::FiveMinutes,
-        _ => CacheWrites::None,
+        // OpenAI's explicit caching (GPT-5.6 on) bills writes, kept 30 minutes or, asked for, 12
+        // hours: the table's 5-minute and 1-hour write prices are its short and long ones.
+        Api::Responses if openai_cache_ttl(&value) == Some("12h") => CacheWrites::OneHour,
+        Api::ChatCompletions | Api::Responses => CacheWrites::FiveMinutes,
+        Api::Embeddings => CacheWrites::None,
     };
     Ok((value, RequestFacts { model, stream, input_bound, output_cap, choices, previous_response, cache_writes }))
 }
@@ -206,7 +210,10 @@ fn unbounded_input(api: Api, request: &Value) -> Option<String> {
 /// the meter would count them (and reserve for them) at that price, and an agent could spend up
 /// to twice what it is charged (tests/meter/test_meter.py
 /// test_calls_the_provider_bills_above_the_price_table_are_refused). OpenAI's `priority` and
-/// `scale` processing; Anthropic cache writes with a TTL other than the two it prices (5m, 1h).
+/// `scale` processing; Anthropic cache writes with a TTL other than the two it prices (5m, 1h),
+/// its fast mode (`speed: fast`, 6 times the price on Opus 4.6) and US-only inference
+/// (`inference_geo: us`, 1.1 times): an agent spent 6 times its budget in fast calls
+/// (test_anthropic_fast_mode_and_us_only_inference_cannot_spend_past_the_budget).
 fn billed_above_list_price(api: Api, request: &Value) -> Option<String> {
     let tiers: &[&str] = match api {
         Api::AnthropicMessages => &["auto", "standard_only"],
@@ -228,7 +235,40 @@ fn billed_above_list_price(api: Api, request: &Value) -> Option<String> {
     {
         return Some(format!("a cache write with `ttl: {ttl}` (only 5m and 1h have a price)"));
     }
+    // OpenAI's write lifetimes: a Chat Completions response does not split its writes by TTL,
+    // so only the 30-minute one can be counted there at its price.
+    let ttls: &[&str] = if api == Api::Responses { &["30m", "12h"] } else { &["30m"] };
+    match request.get("prompt_cache_options").and_then(|o| o.get("ttl")) {
+        None | Some(Value::Null) => {}
+        Some(Value::String(ttl)) if api != Api::AnthropicMessages && ttls.contains(&ttl.as_str()) => {}
+        Some(_) if api == Api::AnthropicMessages => {}
+        Some(other) => {
+            let shown: String = other.to_string().chars().take(64).collect();
+            return Some(format!(
+                "a cache write with `prompt_cache_options.ttl: {shown}` (counted at its price here only: {})",
+                ttls.join(", ")
+            ));
+        }
+    }
+    if api == Api::AnthropicMessages {
+        // Each option at the value billed at the list price (or absent, or null).
+        for (field, list_priced) in [("speed", "standard"), ("inference_geo", "global")] {
+            match request.get(field) {
+                None | Some(Value::Null) => {}
+                Some(Value::String(v)) if v == list_priced => {}
+                Some(other) => {
+                    let shown: String = other.to_string().chars().take(64).collect();
+                    return Some(format!("`{field}: {shown}` (billed above the model's list price, or unknown; allowed: {list_priced})"));
+                }
+            }
+        }
+    }
     None
+}
+
+/// The lifetime an OpenAI request asks of the cache entries it writes (`prompt_cache_options.ttl`).
+fn openai_cache_ttl(request: &Value) -> Option<&str> {
+    request.get("prompt_cache_options")?.get("ttl")?.as_str()
 }
 
 /// The `ttl`s of the request's `cache_control` breakpoints (as JSON text, at most 64 characters
@@ -328,24 +368,27 @@ pub fn usage_of(api: Api, usage: &Value) -> Option<TokenCounts> {
         return None;
     }
     Some(match api {
-        // prompt_tokens includes the cached ones.
+        // prompt_tokens includes the cached ones and the cache writes.
         Api::ChatCompletions | Api::Embeddings => {
             let cached = count(usage, &["prompt_tokens_details", "cached_tokens"]);
+            let (cache_write, cache_write_1h) = openai_cache_writes(usage.get("prompt_tokens_details"));
             TokenCounts {
-                input: (count(usage, &["prompt_tokens"]) - cached).max(0),
+                input: (count(usage, &["prompt_tokens"]) - cached - cache_write - cache_write_1h).max(0),
                 cached_input: cached,
                 output: count(usage, &["completion_tokens"]),
-                // OpenAI caches on its own and bills no write.
-                ..TokenCounts::default()
+                cache_write,
+                cache_write_1h,
             }
         }
         Api::Responses => {
             let cached = count(usage, &["input_tokens_details", "cached_tokens"]);
+            let (cache_write, cache_write_1h) = openai_cache_writes(usage.get("input_tokens_details"));
             TokenCounts {
-                input: (count(usage, &["input_tokens"]) - cached).max(0),
+                input: (count(usage, &["input_tokens"]) - cached - cache_write - cache_write_1h).max(0),
                 cached_input: cached,
                 output: count(usage, &["output_tokens"]),
-                ..TokenCounts::default()
+                cache_write,
+                cache_write_1h,
             }
         }
         // Anthropic's input_tokens already excludes cache reads and writes.
@@ -360,6 +403,19 @@ pub fn usage_of(api: Api, usage: &Value) -> Option<TokenCounts> {
             }
         }
     })
+}
+
+/// OpenAI's cache writes as (30-minute, 12-hour), from its input details: `cache_write_tokens`
+/// is their sum, `cache_write_tokens_details` splits it by TTL. Billed above input since GPT-5.6
+/// (1.25 times it): counted as input they let an agent spend past its budget
+/// (tests/meter/test_meter.py test_an_agent_writing_an_openai_cache_cannot_spend_past_its_budget).
+/// Without the split all are short-lived; where the two disagree the larger figure is kept.
+fn openai_cache_writes(details: Option<&Value>) -> (i64, i64) {
+    let Some(details) = details else { return (0, 0) };
+    let long = count(details, &["cache_write_tokens_details", "ttl_12h_tokens"]);
+    let short =
+        count(details, &["cache_write_tokens_details", "ttl_30m_tokens"]).max(count(details, &["cache_write_tokens"]).saturating_sub(long));
+    (short, long)
 }
 
 /// Anthropic's cache writes as (5-minute, 1-hour): `cache_creation_input_tokens` is their sum,

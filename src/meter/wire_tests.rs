@@ -53,7 +53,8 @@ fn facts_of_a_chat_request() {
             output_cap: Some(50),
             choices: 3,
             previous_response: None,
-            cache_writes: CacheWrites::None,
+            // Any of its input may be written to OpenAI's cache (GPT-5.6 on), billed above input.
+            cache_writes: CacheWrites::FiveMinutes,
         }
     );
     // Both caps set: the larger one binds the reservation.
@@ -159,6 +160,15 @@ fn usage_of_each_format_excludes_cached_from_input() {
     let anthropic = json!({"input_tokens": 10, "cache_creation_input_tokens": 20, "cache_read_input_tokens": 30, "output_tokens": 40});
     let writes = TokenCounts { input: 10, cached_input: 30, output: 40, cache_write: 20, cache_write_1h: 0 };
     assert_eq!(usage_of(Api::AnthropicMessages, &anthropic), Some(writes), "no TTL split (older API versions): 5-minute writes");
+    // OpenAI's cache writes (GPT-5.6 on) are in its input count, and priced apart.
+    let chat =
+        json!({"prompt_tokens": 1000, "completion_tokens": 5, "prompt_tokens_details": {"cached_tokens": 100, "cache_write_tokens": 600}});
+    let want = TokenCounts { input: 300, cached_input: 100, output: 5, cache_write: 600, cache_write_1h: 0 };
+    assert_eq!(usage_of(Api::ChatCompletions, &chat), Some(want), "no TTL split: 30-minute writes");
+    let details = json!({"cached_tokens": 0, "cache_write_tokens": 700, "cache_write_tokens_details": {"ttl_30m_tokens": 200, "ttl_12h_tokens": 500}});
+    let responses = json!({"input_tokens": 1000, "input_tokens_details": details, "output_tokens": 5});
+    let want = TokenCounts { input: 300, cached_input: 0, output: 5, cache_write: 200, cache_write_1h: 500 };
+    assert_eq!(usage_of(Api::Responses, &responses), Some(want));
     // Garbage never panics nor goes negative.
     assert_eq!(usage_of(Api::ChatCompletions, &json!(null)), None);
     let lying = json!({"prompt_tokens": 5, "prompt_tokens_details": {"cached_tokens": 9}, "completion_tokens": -4});
@@ -267,7 +277,14 @@ fn anthropic_cache_writes_are_counted_by_ttl() {
 fn anthropic_requests_reserve_for_the_dearest_cache_write_they_ask_for() {
     let writes = |api: Api, body: Value| parse(api, body).unwrap().1.cache_writes;
     let msg = |control: Value| json!([{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": control}]}]);
-    assert_eq!(writes(Api::ChatCompletions, json!({"model": "m"})), CacheWrites::None, "OpenAI bills no cache write");
+    assert_eq!(writes(Api::ChatCompletions, json!({"model": "m"})), CacheWrites::FiveMinutes, "OpenAI bills writes since GPT-5.6");
+    assert_eq!(writes(Api::Embeddings, json!({"model": "m"})), CacheWrites::None, "embeddings write no cache");
+    let long = json!({"model": "m", "prompt_cache_options": {"ttl": "12h"}});
+    assert_eq!(writes(Api::Responses, long.clone()), CacheWrites::OneHour, "OpenAI's 12-hour writes at the long price");
+    // Chat Completions does not split its writes by TTL: a 12-hour one cannot be counted at its price.
+    assert!(matches!(parse(Api::ChatCompletions, long), Err(BadRequest::Unbounded(_))));
+    assert!(matches!(parse(Api::Responses, json!({"model": "m", "prompt_cache_options": {"ttl": "7d"}})), Err(BadRequest::Unbounded(_))));
+    assert_eq!(writes(Api::Responses, json!({"model": "m", "prompt_cache_options": {"ttl": "30m"}})), CacheWrites::FiveMinutes);
     assert_eq!(writes(Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1})), CacheWrites::FiveMinutes);
     let five = msg(json!({"type": "ephemeral", "ttl": "5m"}));
     assert_eq!(writes(Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "messages": five})), CacheWrites::FiveMinutes);
@@ -358,6 +375,11 @@ fn refuses_what_the_provider_bills_above_the_list_price() {
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "service_tier": "priority"})),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "messages": day})),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral", "ttl": 3600}})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "speed": "fast"})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "speed": "FAST"})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "speed": true})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "inference_geo": "us"})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "inference_geo": "eu"})),
     ] {
         assert!(matches!(parse(api, body.clone()), Err(BadRequest::Unbounded(_))), "{body}");
     }
@@ -371,6 +393,8 @@ fn refuses_what_the_provider_bills_above_the_list_price() {
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral"}})),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "messages": hour})),
         (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "cache_control": {"type": "ephemeral", "ttl": "1h"}})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "speed": "standard", "inference_geo": "global"})),
+        (Api::AnthropicMessages, json!({"model": "m", "max_tokens": 1, "speed": null, "inference_geo": null})),
     ] {
         assert!(parse(api, body.clone()).is_ok(), "{body}");
     }

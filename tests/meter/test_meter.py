@@ -26,7 +26,9 @@ ANTHROPIC_KEY = "sk-ant-real-key-for-tests"
 # test-claude; the others have no write prices (writes at the input price, 1-hour at twice it).
 PRICES = {"test-gpt": (2_000_000, 500_000, 8_000_000, None, None),
           "test-claude": (3_000_000, 300_000, 15_000_000, 3_750_000, 6_000_000),
-          "test-embed": (100_000, 0, 0, None, None)}
+          "test-embed": (100_000, 0, 0, None, None),
+          # OpenAI's explicit caching (GPT-5.6 on): writes at 1.25 times input, 12-hour ones here at twice it.
+          "test-gpt-cache": (2_000_000, 200_000, 8_000_000, 2_500_000, 4_000_000)}
 
 
 def price_line(model, i, c, o, w, w1h):
@@ -339,6 +341,54 @@ def test_calls_the_provider_bills_above_the_price_table_are_refused(meter, upstr
     assert_measured_exactly(meter, recorder)
 
 
+# What Anthropic bills above a model's list price for these request options (its pricing page:
+# fast mode at 6 times the price on Opus 4.6 and 4.7, US-only inference at 1.1 times).
+ANTHROPIC_PREMIUMS = {("speed", "fast"): 6.0, ("inference_geo", "us"): 1.1}
+
+
+def billed_by_anthropic(call):
+    """A call's cost as Anthropic bills it: the list price times the premiums its request chose."""
+    premium = 1.0
+    for (field, value), factor in ANTHROPIC_PREMIUMS.items():
+        if call["body"].get(field) == value:
+            premium *= factor
+    return int(cost(call["usage"]["model"], call["usage"]) * premium)
+
+
+def test_anthropic_fast_mode_and_us_only_inference_cannot_spend_past_the_budget(tmp_path, upstream):
+    """Attack: an agent asks Anthropic for `speed: "fast"` (billed at 6 times the list price) or
+    `inference_geo: "us"` (1.1 times), which the meter counted, and reserved, at the list price:
+    with $0.20 of budget the agent was billed $1.15 in 11 fast calls. Refused now, before the
+    provider, as the other options billed above the price table are; their standard values pass."""
+    recorder, _ = upstream
+    budget = micro("0.20")
+    meter = start_meter(tmp_path, upstream, budget="0.20")
+    try:
+        client = anth(meter, max_retries=0)
+        prompt = [{"role": "user", "content": "MAXOUT " + "x" * 4_000}]
+        hostile = [{"speed": "fast", "extra_headers": {"anthropic-beta": "fast-mode-2026-02-01"}},
+                   {"extra_body": {"inference_geo": "us"}}]
+        refusals = []
+        for options in hostile:  # each until the meter refuses it
+            with pytest.raises(anthropic.APIStatusError) as e:
+                for _ in range(100):
+                    client.messages.create(model="test-claude", max_tokens=300, messages=prompt, **options)
+            refusals.append((e.value.status_code, e.value.body["error"]["type"]))
+        served = [c for c in recorder.snapshot() if c["status"] == 200]
+        billed = sum(billed_by_anthropic(c) for c in served)
+        print(f"{len(served)} calls at a premium reached the provider, billed ${billed / 1e6:.6f} of a ${budget / 1e6} budget")
+        assert billed <= budget, "the agent was billed past its budget"
+        assert refusals == [(400, "unbounded_cost")] * 2, refusals
+        assert served == [], "a call billed above its price reached the provider"
+        # The standard values, and none, are the list price: they pass.
+        for options in [{"speed": "standard"}, {"extra_body": {"inference_geo": "global"}}, {"speed": None}, {}]:
+            client.messages.create(model="test-claude", max_tokens=10, messages=[{"role": "user", "content": "hi"}], **options)
+        assert len(recorder.snapshot()) == 4
+        assert_measured_exactly(meter, recorder)
+    finally:
+        meter.stop()
+
+
 def cached_prompt(text, ttl):
     return [{"role": "user", "content": [{"type": "text", "text": text, "cache_control": {"type": "ephemeral", "ttl": ttl}}]}]
 
@@ -402,6 +452,38 @@ def test_an_agent_writing_its_cache_cannot_spend_past_its_budget(tmp_path, upstr
         print(f"{len(calls)} calls of ${per_call / 1e6:.6f} within ${budget / 1e6}; counted as input, {fits_before} would have passed "
               f"(${fits_before * per_call / 1e6:.6f} billed)")
         assert fits_before * per_call > budget and fits_before > len(calls)
+    finally:
+        meter.stop()
+
+
+@pytest.mark.parametrize("api", ["chat", "responses", "responses-12h"])
+def test_an_agent_writing_an_openai_cache_cannot_spend_past_its_budget(tmp_path, upstream, api):
+    """Attack: an agent whose OpenAI calls all write the prompt cache, which OpenAI bills above
+    input since GPT-5.6 (1.25 times it for 30 minutes). The meter read only `cached_tokens` and
+    counted the writes as input, so it let the agent spend past its budget; now it counts them
+    (`cache_write_tokens`, split by TTL) at their price and refuses (402) the call that would
+    cross the budget at it."""
+    recorder, _ = upstream
+    budget = micro("0.20")
+    meter = start_meter(tmp_path, upstream, budget="0.20")
+    try:
+        client = oai(meter, max_retries=0)
+        prompt = "CACHEWRITE " + "x" * 8_000
+        with pytest.raises(openai.APIStatusError) as e:
+            for _ in range(100):
+                if api == "chat":
+                    client.chat.completions.create(model="test-gpt-cache", max_tokens=10, messages=[{"role": "user", "content": prompt}])
+                else:
+                    options = {"prompt_cache_options": {"ttl": "12h"}} if api == "responses-12h" else {}
+                    client.responses.create(model="test-gpt-cache", max_output_tokens=10, input=prompt, extra_body=options)
+        calls = [c for c in recorder.snapshot() if c["status"] == 200]
+        billed = sum(cost("test-gpt-cache", c["usage"]) for c in calls)  # what OpenAI would bill
+        print(f"{api}: {len(calls)} calls billed ${billed / 1e6:.6f} of a ${budget / 1e6} budget; meter: {meter.usage()['usage']['costUSD']}")
+        assert billed <= budget, "the agent was billed past its budget"
+        assert e.value.status_code == 402 and e.value.body["type"] == "budget_exceeded", e.value.body
+        usage = assert_measured_exactly(meter, recorder)
+        [model] = usage["usage"]["models"]
+        assert model["cacheWriteInputTokens" if api != "responses-12h" else "cacheWrite1hInputTokens"] == sum(c["usage"]["input"] + c["usage"].get("write", 0) + c["usage"].get("write1h", 0) for c in calls)
     finally:
         meter.stop()
 
@@ -588,3 +670,48 @@ def test_concurrent_huge_requests_cannot_crash_the_meter(meter, upstream):
     assert len(recorder.snapshot()) == 2
     assert_measured_exactly(meter, recorder)
     assert peak_rss(pid) < METER_MEMORY_LIMIT
+
+
+def test_connections_with_endless_headers_cannot_crash_the_meter(meter, upstream):
+    """Attack: connections that send request headers and never finish them. The buffer budget
+    bounds bodies, but each connection could buffer 408 KiB of an unfinished head, for ever: 200
+    of them took the meter past its container's memory limit (OOM-killed in a Pod, losing the
+    usage of the calls in flight). Now a head past 16 KiB is answered 431 and its memory freed."""
+    import socket
+    recorder, _ = upstream
+    pid = meter.proc.pid
+    host, port = meter.url.removeprefix("http://").split(":")
+    line = b"x-padding: " + b"a" * 8_000 + b"\r\n"
+    flood = []
+    try:
+        for _ in range(200):
+            s = socket.create_connection((host, int(port)), timeout=30)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: meter\r\nauthorization: Bearer dummy\r\n")
+            try:
+                for _ in range(50):  # 400 KB of headers, never ended by a blank line
+                    s.sendall(line)
+            except OSError:
+                pass  # the meter answered and closed: the rest is refused
+            flood.append(s)
+        answers = []
+        for s in flood:  # each connection's answer: the event that the meter has read its bytes
+            try:
+                response = http.client.HTTPResponse(s)
+                response.begin()
+                answers.append(response.status)
+            except OSError as e:  # no answer: the meter holds the head (before: all 200 of them)
+                answers.append(type(e).__name__)
+                break
+        peak = peak_rss(pid)
+        print(f"meter peak RSS after 200 endless heads of 400 KB: {peak / MIB:.1f} MiB; answers: {sorted(set(map(str, answers)))}")
+        assert meter.proc.poll() is None, "the meter died: " + meter.logs()[-2000:]
+        assert peak < METER_MEMORY_LIMIT, f"the meter's peak memory {peak / MIB:.1f} MiB reached its container's limit"
+        assert answers == [431] * 200, "a head too large for the meter is refused, not buffered"
+    finally:
+        for s in flood:
+            s.close()
+    # The meter still serves, and an SDK's ordinary head passes.
+    client = oai(meter)
+    assert client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "hi"}]).choices[0].message.content == "héllo ✓"
+    assert len(recorder.snapshot()) == 1
+    assert_measured_exactly(meter, recorder)

@@ -129,9 +129,10 @@ class Handler(BaseHTTPRequestHandler):
     def on_chat(self, raw, body, call, slow):
         cap = body.get("max_completion_tokens", body.get("max_tokens"))
         prompt, cached, output = decide_usage(raw, body, cap)
-        call["usage"] = {"input": prompt - cached, "cached": cached, "output": output, "model": body["model"]}
+        writes = openai_writes(body, prompt, cached)
+        call["usage"] = {"input": prompt - cached - writes, "cached": cached, "write": writes, "output": output, "model": body["model"]}
         usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
-                 "prompt_tokens_details": {"cached_tokens": cached}}
+                 "prompt_tokens_details": {"cached_tokens": cached, **({"cache_write_tokens": writes} if writes else {})}}
         self.recorder.add(call)
         if not body.get("stream"):
             return self.reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
@@ -151,9 +152,15 @@ class Handler(BaseHTTPRequestHandler):
 
     def on_responses(self, raw, body, call, slow):
         prompt, cached, output = decide_usage(raw, body, body.get("max_output_tokens"))
-        call["usage"] = {"input": prompt - cached, "cached": cached, "output": output, "model": body["model"]}
+        writes = openai_writes(body, prompt, cached)
+        # Split by TTL, as the Responses API reports them: all 12-hour when the request asks so.
+        long = writes if ((body.get("prompt_cache_options") or {}).get("ttl")) == "12h" else 0
+        call["usage"] = {"input": prompt - cached - writes, "cached": cached, "write": writes - long, "write1h": long,
+                         "output": output, "model": body["model"]}
         self.recorder.add(call)
-        usage = {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached}, "output_tokens": output,
+        details = {"cached_tokens": cached, "cache_write_tokens": writes,
+                   "cache_write_tokens_details": {"ttl_30m_tokens": writes - long, "ttl_12h_tokens": long}}
+        usage = {"input_tokens": prompt, "input_tokens_details": details, "output_tokens": output,
                  "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": prompt + output}
         message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
                    "content": [{"type": "output_text", "text": "héllo ✓", "annotations": []}]}
@@ -193,7 +200,9 @@ class Handler(BaseHTTPRequestHandler):
         call["usage"] = {"input": fresh, "cached": cached, "write": creation - hour, "write1h": hour, "output": output, "model": body["model"]}
         self.recorder.add(call)
         usage = {"input_tokens": fresh, "cache_creation_input_tokens": creation, "cache_read_input_tokens": cached, "output_tokens": output,
-                 "cache_creation": {"ephemeral_5m_input_tokens": creation - hour, "ephemeral_1h_input_tokens": hour}}
+                 "cache_creation": {"ephemeral_5m_input_tokens": creation - hour, "ephemeral_1h_input_tokens": hour},
+                 # As the API reports them: what the call was billed at (fast mode, US-only inference).
+                 "speed": body.get("speed") or "standard", "inference_geo": body.get("inference_geo") or "global"}
         message = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
                    "content": [{"type": "text", "text": "héllo ✓"}], "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}
         if not body.get("stream"):
@@ -211,6 +220,12 @@ class Handler(BaseHTTPRequestHandler):
         events.append(sse({"type": "content_block_stop", "index": 0}, "content_block_stop"))
         events.append(sse({"type": "message_stop"}, "message_stop"))
         self.events(events, slow)
+
+
+def openai_writes(body, prompt, cached):
+    """OpenAI's cache writes (GPT-5.6 on, in its input count): all the prompt not read from the
+    cache for an agent that writes its cache on every call (CACHEWRITE), none otherwise."""
+    return prompt - cached if "CACHEWRITE" in json.dumps(body) else 0
 
 
 def sse(obj, event=None):
