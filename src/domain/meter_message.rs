@@ -171,6 +171,11 @@ pub struct Measurement {
     /// Sessions the meter API knew whose termination message said more than it had been told
     /// (their meter was cut off from the operator, or stopped before its last report got through).
     pub raised_by_messages: Vec<String>,
+    /// Sessions a termination message speaks for, by digest: what counts of each (the larger
+    /// figure of the two channels) and its refusals. The meter that wrote the message has
+    /// stopped, so this is the session's final usage, to which the operator settles its grant
+    /// (domain/grants.rs `settle_from_messages`).
+    pub final_by_message: BTreeMap<String, (Usage, i64)>,
 }
 
 /// Measures an attempt from its meters' reports through the meter API (`meter`'s grants of
@@ -189,13 +194,20 @@ pub fn measure_attempt(meter: Option<&MeterStatus>, attempt: i32, pods: &[(&str,
     }
     let mut raised = Vec::new();
     let mut unmeasured = Vec::new();
+    let mut by_message = std::collections::BTreeSet::new();
     for (pod, pod_meter) in pods {
+        // A session's two messages (a meter restarted, carrying on its Pod's session:
+        // meter/state_file.rs) are the same cumulative figure at two times: the larger counts.
         for message in &pod_meter.messages {
+            by_message.insert(message.session.clone());
             match sessions.get_mut(&message.session) {
                 Some((_, usage, refusals)) => {
                     if larger(&message.usage, usage) {
                         *usage = message.usage.clone();
-                        raised.push(format!("{pod}: {}", message.session));
+                        let note = format!("{pod}: {}", message.session);
+                        if !raised.contains(&note) {
+                            raised.push(note);
+                        }
                     }
                     *refusals = (*refusals).max(message.budget_refusals);
                 }
@@ -218,6 +230,7 @@ pub fn measure_attempt(meter: Option<&MeterStatus>, attempt: i32, pods: &[(&str,
         budget_refusals: sessions.values().map(|(_, _, r)| *r).fold(0, i64::saturating_add),
         unmeasured,
         raised_by_messages: raised,
+        final_by_message: sessions.into_iter().filter(|(key, _)| by_message.contains(key)).map(|(key, (_, u, r))| (key, (u, r))).collect(),
     }
 }
 

@@ -216,6 +216,26 @@ impl Ledger {
         state.budget = Some(state.budget.map_or(total, |b| b.max(total)));
     }
 
+    /// Starts this meter process from the totals of the Pod's earlier meter processes (the
+    /// state file, meter/state_file.rs): its usage, its reports and its termination message are
+    /// then cumulative for the Pod's whole session, and a fixed budget holds across restarts
+    /// rather than starting afresh with each process. Called once, before any call.
+    pub fn carry(&self, earlier: &Carried) {
+        let mut state = self.lock();
+        for m in &earlier.usage.models {
+            let entry = state.models.entry(m.model.clone()).or_default();
+            entry.0 = entry.0.add(&crate::domain::report::model_tokens(m));
+            entry.1 = entry.1.saturating_add(MicroUsd::parse(&m.cost_usd).unwrap_or_default());
+        }
+        state.spent = state.spent.saturating_add(MicroUsd::parse(&earlier.usage.cost_usd).unwrap_or_default());
+        state.calls += earlier.calls;
+        state.refused_calls += earlier.refused_calls;
+        state.budget_refusals += earlier.budget_refusals;
+        state.unmeasured_calls += earlier.unmeasured_calls;
+        drop(state);
+        self.changed.notify_one();
+    }
+
     /// What the budget still allows (`None`: no budget).
     pub fn remaining(&self) -> Option<MicroUsd> {
         let state = self.lock();
@@ -241,6 +261,29 @@ impl Ledger {
             budget_refusals: state.budget_refusals,
             unmeasured_calls: state.unmeasured_calls,
             in_flight: state.in_flight,
+        }
+    }
+}
+
+/// What earlier meter processes of the Pod's session left (meter/state_file.rs).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Carried {
+    pub usage: Usage,
+    pub calls: u64,
+    pub refused_calls: u64,
+    pub budget_refusals: u64,
+    pub unmeasured_calls: u64,
+}
+
+impl From<&Snapshot> for Carried {
+    fn from(s: &Snapshot) -> Carried {
+        Carried {
+            usage: s.usage.clone(),
+            calls: s.calls,
+            refused_calls: s.refused_calls,
+            budget_refusals: s.budget_refusals,
+            unmeasured_calls: s.unmeasured_calls,
         }
     }
 }
