@@ -155,8 +155,16 @@ pub struct PodMeter {
     /// had a meter that ran; a meter that never started let nothing through.
     pub ran: bool,
     /// The messages of the meter's stopped processes the Pod's status still shows (the last one
-    /// and, after a restart, the one before), each a session of its own.
+    /// and, after a restart, the one before): cumulative figures of the Pod's session (a
+    /// restarted meter carries it on, src/meter/state_file.rs), or of sessions of their own
+    /// (meters without a state file, or after a settled session).
     pub messages: Vec<MeterMessage>,
+    /// The meter ran one process, which exited 0: stopped with SIGTERM, it let every call end
+    /// before it wrote its last message, so that message is its session's exact final usage,
+    /// with nothing in flight. A meter killed (OOM, SIGKILL: an agent can make its own meter
+    /// run out of memory) or restarted may have had calls in flight that the provider billed
+    /// and no message counts; its grant stays held ([`Measurement::final_by_message`]).
+    pub exited_cleanly: bool,
 }
 
 /// What the meters of one attempt measured, through both channels.
@@ -171,9 +179,9 @@ pub struct Measurement {
     /// Sessions the meter API knew whose termination message said more than it had been told
     /// (their meter was cut off from the operator, or stopped before its last report got through).
     pub raised_by_messages: Vec<String>,
-    /// Sessions a termination message speaks for, by digest: what counts of each (the larger
-    /// figure of the two channels) and its refusals. The meter that wrote the message has
-    /// stopped, so this is the session's final usage, to which the operator settles its grant
+    /// Sessions whose final usage a termination message gives, by digest: what counts of each
+    /// (the larger figure of the two channels) and its refusals. Only of meters that exited
+    /// cleanly ([`PodMeter::exited_cleanly`]): the operator settles their grants to it
     /// (domain/grants.rs `settle_from_messages`).
     pub final_by_message: BTreeMap<String, (Usage, i64)>,
 }
@@ -199,7 +207,9 @@ pub fn measure_attempt(meter: Option<&MeterStatus>, attempt: i32, pods: &[(&str,
         // A session's two messages (a meter restarted, carrying on its Pod's session:
         // meter/state_file.rs) are the same cumulative figure at two times: the larger counts.
         for message in &pod_meter.messages {
-            by_message.insert(message.session.clone());
+            if pod_meter.exited_cleanly {
+                by_message.insert(message.session.clone());
+            }
             match sessions.get_mut(&message.session) {
                 Some((_, usage, refusals)) => {
                     if larger(&message.usage, usage) {

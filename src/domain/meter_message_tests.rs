@@ -20,7 +20,7 @@ fn message(session: &str, u: &Usage) -> MeterMessage {
 }
 
 fn built(messages: Vec<MeterMessage>) -> PodMeter {
-    PodMeter { ran: true, messages }
+    PodMeter { ran: true, messages, exited_cleanly: true }
 }
 
 /// The job's meter status after `session` of Pod `pod` reported `u` through the meter API.
