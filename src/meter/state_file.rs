@@ -37,6 +37,9 @@
 //!   settled session's final usage is in the meter API).
 //! - A file that cannot be written is removed, and no more written: a restart then opens a new
 //!   session (as meters did before the file), never resumes from a stale figure.
+//! - Calls in flight when a process is killed are in neither the file nor the message (their
+//!   reservations are not written before they go out): the operator keeps the grant of a meter
+//!   that was killed or restarted held (domain/meter_message.rs `PodMeter::exited_cleanly`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
