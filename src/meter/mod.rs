@@ -249,6 +249,7 @@ pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Process> {
         default_output_cap: args.default_output_cap,
         contexts: Default::default(),
         buffers: Default::default(),
+        state: state.clone(),
     });
     Ok(Process { meter, session, state })
 }

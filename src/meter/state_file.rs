@@ -37,9 +37,12 @@
 //!   settled session's final usage is in the meter API).
 //! - A file that cannot be written is removed, and no more written: a restart then opens a new
 //!   session (as meters did before the file), never resumes from a stale figure.
-//! - Calls in flight when a process is killed are in neither the file nor the message (their
-//!   reservations are not written before they go out): the operator keeps the grant of a meter
-//!   that was killed or restarted held (domain/meter_message.rs `PodMeter::exited_cleanly`).
+//! - A call is on disk before it goes upstream (proxy.rs `admit`): the file holds the figures as
+//!   if every call in flight ended now, charged its reservation ([`Ledger::carried_if_stopped_now`]),
+//!   so a process killed mid-call (the provider may have billed the call) leaves it charged, and
+//!   the next process cannot spend its reservation again. The killed process's own message
+//!   holds its settled calls only: the operator keeps the grant of a meter that was killed or
+//!   restarted held (domain/meter_message.rs `PodMeter::exited_cleanly`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -179,14 +182,14 @@ impl StateFile {
             return Ok(());
         }
         // Read under the lock: a write never replaces a later figure with an earlier one.
-        let snapshot = ledger.snapshot();
+        let carried = ledger.carried_if_stopped_now();
         let stored = Stored {
             version: VERSION,
             session: self.session.clone(),
             sequence: progress.sequence,
             settling: progress.settling,
             granted_usd: progress.granted.map(|g| g.to_string()),
-            carried: Carried::from(&snapshot),
+            carried,
         };
         let written = serde_json::to_vec(&stored).map_err(std::io::Error::other).and_then(|bytes| {
             let aside = self.path.with_extension("tmp");

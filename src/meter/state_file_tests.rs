@@ -134,6 +134,65 @@ fn a_restarted_meter_does_not_hand_its_agent_a_fresh_fixed_budget() {
     assert_eq!(second.meter.ledger.remaining(), Some(MicroUsd(740)), "what the first process left, not $0.002");
 }
 
+/// The agent starts a call and kills its meter while the provider runs it (SIGKILL, OOM: no
+/// `Drop` charges the reservation). The next meter process charges it its reservation, as a
+/// surviving meter charges a call whose usage it never read: without it, the restarted meter
+/// had the whole $0.002 fixed budget less the settled call ($0.00074) to spend again, beside
+/// the call the provider billed.
+#[test]
+fn a_call_in_flight_when_the_meter_is_killed_is_charged_by_the_next_process() {
+    let scratch = Scratch::new("killed-mid-call");
+    let (first, message) = start(&scratch.0, 1, &["--budget-usd", "0.002"]);
+    let settled = call(&first, &message, 8_000);
+    let price = *PriceTable::builtin().get("gpt-4o-mini").unwrap();
+    let (in_flight, _) =
+        first.meter.ledger.reserve("gpt-4o-mini", price, |_| Ok(Plan { reserve: MicroUsd(500), inject_cap: None })).unwrap();
+    // What `admit` does before the call goes upstream.
+    first.state.as_ref().unwrap().write(&first.meter.ledger).unwrap();
+    std::mem::forget(in_flight);
+    drop(first);
+    let (second, _) = start(&scratch.0, 2, &["--budget-usd", "0.002"]);
+    assert_eq!(settled, MicroUsd(1_260));
+    assert_eq!(second.meter.ledger.remaining(), Some(MicroUsd(240)), "$0.002 less $0.00126 settled and the $0.0005 in flight");
+    let snapshot = second.meter.ledger.snapshot();
+    assert_eq!((snapshot.calls, snapshot.unmeasured_calls, snapshot.usage.models[0].cost_usd.as_str()), (2, 1, "0.00176"));
+}
+
+/// The wiring: a call is on disk, charged its reservation, by the time it reaches the provider.
+#[tokio::test]
+async fn a_call_is_on_disk_charged_its_reservation_before_it_reaches_the_provider() {
+    use http_body_util::BodyExt;
+    let scratch = Scratch::new("proxy");
+    // The provider: takes the call and holds it.
+    let provider = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let provider_url = format!("http://{}/v1", provider.local_addr().unwrap());
+    let (reached, reached_provider) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (connection, _) = provider.accept().await.unwrap();
+        let _ = reached.send(());
+        tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+        drop(connection);
+    });
+    let (process, _message) = start(&scratch.0, 1, &["--budget-usd", "1", "--openai-upstream", &provider_url]);
+    assert_eq!(resume(&scratch.0.join("state.json")).unwrap().carried.usage.cost_usd, "0.00");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let meter_url = format!("http://{}/v1/chat/completions", listener.local_addr().unwrap());
+    tokio::spawn(axum::serve(listener, crate::meter::proxy::router(process.meter.clone())).into_future());
+    let body = r#"{"model":"gpt-4o-mini","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+    let request = hyper::Request::post(meter_url)
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap();
+    let client = crate::meter::client().unwrap();
+    let agent = tokio::spawn(async move { client.request(request).await.map(|r| r.into_body().collect()) });
+    reached_provider.await.unwrap();
+    let on_disk = resume(&scratch.0.join("state.json")).unwrap().carried;
+    let reserved = process.meter.ledger.snapshot().reserved_usd;
+    assert!(MicroUsd::parse(&reserved).unwrap() > MicroUsd(0), "{reserved}");
+    assert_eq!((on_disk.usage.cost_usd.as_str(), on_disk.calls, on_disk.unmeasured_calls), (reserved.as_str(), 1, 1));
+    agent.abort();
+}
+
 /// The state file is written before a step goes out, so a restarted process carries on after the
 /// last number sent and from figures at least those the operator heard; a session whose settle
 /// was sent is not resumed (the operator may have settled it and released its grant).
