@@ -218,6 +218,22 @@ fn a_step_is_on_disk_before_it_is_sent_and_a_settling_session_is_never_resumed()
     }
 }
 
+/// Written in place: a shorter figure than the file holds (a resumed process's first write
+/// after one of many models folded, or the previous process's longer file) is padded, and the
+/// file always reads as the latest write, never the tail of an earlier one.
+#[test]
+fn a_shorter_write_in_place_leaves_no_tail_of_the_longer_one() {
+    let scratch = Scratch::new("in-place");
+    let path = scratch.0.join("state.json");
+    let earlier = format!("{{\"left\": \"by an earlier process\", \"pad\": \"{}\"}}", "x".repeat(900));
+    std::fs::write(&path, &earlier).unwrap();
+    let ledger = Ledger::new(None);
+    let state = StateFile::new(path.clone(), "session-c", 4);
+    state.before_step(&ledger, 5, false).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap().len(), earlier.len(), "padded to the earlier file's length");
+    assert_eq!(resume(&path).map(|r| (r.session, r.sequence)), Some(("session-c".to_string(), 5)));
+}
+
 /// A state file that cannot be written is removed: a restart then opens a new session rather
 /// than resuming from a figure behind what the operator heard.
 #[test]
@@ -225,6 +241,8 @@ fn a_state_file_that_cannot_be_written_is_not_resumed_from() {
     let scratch = Scratch::new("broken");
     let path = scratch.0.join("state.json");
     let ledger = Ledger::new(None);
+    // Longer than a page (a meter of many models): written aside and renamed.
+    std::fs::write(&path, " ".repeat(5_000)).unwrap();
     let state = StateFile::new(path.clone(), "session-b", 0);
     state.write(&ledger).unwrap();
     assert!(resume(&path).is_some());
