@@ -284,9 +284,9 @@ pub fn apply(
 /// grant is settled to it, holding what it spent from then on. Never below what the meter API
 /// heard (the figure is the larger of the two), never above both. Grants without a message stay
 /// as they are: what their meter spent after its last report is unknown, so all they were given
-/// stays held. Returns the sessions settled.
-pub fn settle_from_messages(meter: &mut MeterStatus, attempt: i32, final_usage: &BTreeMap<String, (Usage, i64)>) -> Vec<String> {
-    let mut settled = Vec::new();
+/// stays held.
+pub fn settle_from_messages(meter: &mut MeterStatus, attempt: i32, final_usage: &BTreeMap<String, (Usage, i64)>) {
+    let mut settled = false;
     for index in 0..meter.grants.len() {
         let grant = &meter.grants[index];
         if grant.attempt != attempt || grant.settled {
@@ -309,12 +309,11 @@ pub fn settle_from_messages(meter: &mut MeterStatus, attempt: i32, final_usage: 
         }
         grant.budget_refusals = grant.budget_refusals.max(*refusals);
         grant.settled = true;
-        settled.push(grant.session.clone());
+        settled = true;
     }
-    if !settled.is_empty() {
+    if settled {
         recount(meter);
     }
-    settled
 }
 
 /// Rewrites the totals from the grants.
