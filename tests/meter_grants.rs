@@ -886,6 +886,50 @@ async fn the_operator_killed_mid_run_leaves_grants_and_usage_and_the_meter_fails
     assert_eq!(status.grants[0].budget_refusals, 0, "{status:?}");
 }
 
+/// A meter killed (SIGKILL, as the kernel's OOM killer does: an agent can make its own meter run
+/// out of memory) and restarted in the same Pod carries on its session from its state file
+/// (src/meter/state_file.rs): the operator sees one session, the later sequence numbers apply
+/// (none is taken for a retry), its usage never goes down (no `UsageWentDown` refusal), and when
+/// it settles every call of both processes is counted once. Without the file the second process
+/// opened a second session and the first one's grant stayed held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_meter_killed_and_restarted_carries_on_its_session_and_every_call_counts_once() {
+    let ns = "meter-grants-meter-restart";
+    let s = setup(ns).await;
+    let (up, reported) = upstream().await;
+    let (_, pods) = running_job(&s, ns, "killed", &["agent"], "1").await;
+    let token = service_account_token(&s.admin, ns, Some(&pods[0]), AUDIENCE).await;
+    let state = s.dir.path().join("meter-state.json");
+    let mut args = s.grant();
+    args.extend(["--state-file".to_string(), state.display().to_string()]);
+    let first = MeterProcess::start(s.dir.path(), "first", up, &args, &token, "0.02");
+    for text in ["one", "two"] {
+        assert_eq!(chat(first.port, text).await.0, 200, "{}", first.logs());
+    }
+    let (_, _, cost) = reported_totals(&reported);
+    wait_for(
+        "the first process's report",
+        TIMEOUT,
+        || meter_status(&s.admin, ns, "killed"),
+        |m: &MeterStatus| MicroUsd::parse(&m.spent_usd) == Some(cost),
+    )
+    .await;
+    drop(first); // SIGKILL: no settle, no last report.
+    let second = MeterProcess::start(s.dir.path(), "second", up, &args, &token, "0.02");
+    assert_eq!(micro(&second.usage()["usage"]["costUSD"]), cost, "it starts from the first process's usage");
+    assert_eq!(chat(second.port, "three").await.0, 200, "{}", second.logs());
+    let (prompt, completion, cost) = reported_totals(&reported);
+    let logs = second.stop().await;
+    assert!(logs.contains("resumed the session") && logs.contains("settled with the operator"), "{logs}");
+    let status = meter_status(&s.admin, ns, "killed").await;
+    assert_eq!(status.grants.len(), 1, "one session for the Pod: {status:?}");
+    let grant = &status.grants[0];
+    assert!(grant.settled, "{status:?}");
+    let usage = grant.usage.as_ref().unwrap();
+    assert_eq!((usage.input_tokens, usage.output_tokens, usd(&status.spent_usd)), (prompt, completion, cost), "{status:?}");
+    assert_eq!(usd(&status.committed_usd), cost, "the unspent grant returned: {status:?}");
+}
+
 /// Calls through the meter until it refuses one for budget; returns how many were served.
 async fn call_until_refused(meter: &MeterProcess) -> usize {
     for served in 0..100 {

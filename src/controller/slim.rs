@@ -165,6 +165,9 @@ pub fn pod(pod: &mut Pod) {
                     name: c.name,
                     state: meter_state(c.state),
                     last_state: meter_state(c.last_state),
+                    // With the exit code below: whether its one process stopped cleanly, every
+                    // call ended (`snapshot::pod_meter`).
+                    restart_count: c.restart_count,
                     ..ContainerStatus::default()
                 })
                 .filter(|c| c.state.is_some() || c.last_state.is_some())
@@ -184,8 +187,8 @@ pub fn pod(pod: &mut Pod) {
     }
 }
 
-/// Of a meter container's state, only a termination: whether the process had started, and its
-/// message, cut at the kubelet's 4 KiB (`snapshot::pod_meter`). A running meter's state is not
+/// Of a meter container's state, only a termination: whether the process had started, its exit
+/// code, and its message, cut at the kubelet's 4 KiB (`snapshot::pod_meter`). A running meter's state is not
 /// kept: the operator reads the meter once its Pod has ended, when the kubelet has stopped it.
 fn meter_state(state: Option<k8s_openapi::api::core::v1::ContainerState>) -> Option<k8s_openapi::api::core::v1::ContainerState> {
     use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated};
@@ -193,6 +196,7 @@ fn meter_state(state: Option<k8s_openapi::api::core::v1::ContainerState>) -> Opt
     Some(ContainerState {
         terminated: Some(ContainerStateTerminated {
             started_at: terminated.started_at,
+            exit_code: terminated.exit_code,
             message: terminated.message.filter(|m| m.len() <= crate::domain::meter_message::MAX_BYTES),
             ..ContainerStateTerminated::default()
         }),

@@ -275,6 +275,47 @@ pub fn apply(
     Ok(SyncReply { granted, granted_now, available: available(meter, budget), changed: true })
 }
 
+/// Settles the grants of `attempt`, which has ended, whose sessions a termination message speaks
+/// for (`final_usage`: by session digest, the larger figure of the two channels and the
+/// refusals, domain/meter_message.rs `measure_attempt`). A meter cut off from the operator until
+/// it exited could not settle: its whole grant stayed committed after the attempt ended, out of
+/// reach of a retry's meters. Its message is the session's final usage (its meter has stopped,
+/// and a restarted meter carries on the same session, so the last message covers it all): the
+/// grant is settled to it, holding what it spent from then on. Never below what the meter API
+/// heard (the figure is the larger of the two), never above both. Grants without a message stay
+/// as they are: what their meter spent after its last report is unknown, so all they were given
+/// stays held.
+pub fn settle_from_messages(meter: &mut MeterStatus, attempt: i32, final_usage: &BTreeMap<String, (Usage, i64)>) {
+    let mut settled = false;
+    for index in 0..meter.grants.len() {
+        let grant = &meter.grants[index];
+        if grant.attempt != attempt || grant.settled {
+            continue;
+        }
+        // An operator older than the digests recorded a session by its id.
+        let key = if grant.session.starts_with("sha256:") { grant.session.clone() } else { session_key(&grant.session) };
+        let Some((usage, refusals)) = final_usage.get(&key) else { continue };
+        let Some(cost) = MicroUsd::parse(&usage.cost_usd) else { continue };
+        // Folded as a report is ([`apply`]): the job's status stays within what etcd takes.
+        let listed_by_others: usize =
+            meter.grants.iter().enumerate().filter(|(i, _)| *i != index).map(|(_, g)| g.usage.as_ref().map_or(0, |u| u.models.len())).sum();
+        let mut usage = usage.clone();
+        fold_models(&mut usage, MAX_MODEL_ENTRIES.saturating_sub(listed_by_others).min(MAX_MODELS));
+        let grant = &mut meter.grants[index];
+        let heard = amount(&grant.spent_usd);
+        if cost >= heard {
+            grant.spent_usd = cost.to_string();
+            grant.usage = Some(usage);
+        }
+        grant.budget_refusals = grant.budget_refusals.max(*refusals);
+        grant.settled = true;
+        settled = true;
+    }
+    if settled {
+        recount(meter);
+    }
+}
+
 /// Rewrites the totals from the grants.
 pub fn recount(meter: &mut MeterStatus) {
     meter.granted_usd = meter.grants.iter().map(|g| amount(&g.granted_usd)).sum::<MicroUsd>().to_string();

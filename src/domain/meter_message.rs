@@ -155,8 +155,16 @@ pub struct PodMeter {
     /// had a meter that ran; a meter that never started let nothing through.
     pub ran: bool,
     /// The messages of the meter's stopped processes the Pod's status still shows (the last one
-    /// and, after a restart, the one before), each a session of its own.
+    /// and, after a restart, the one before): cumulative figures of the Pod's session (a
+    /// restarted meter carries it on, src/meter/state_file.rs), or of sessions of their own
+    /// (meters without a state file, or after a settled session).
     pub messages: Vec<MeterMessage>,
+    /// The meter ran one process, which exited 0: stopped with SIGTERM, it let every call end
+    /// before it wrote its last message, so that message is its session's exact final usage,
+    /// with nothing in flight. A meter killed (OOM, SIGKILL: an agent can make its own meter
+    /// run out of memory) or restarted may have had calls in flight that the provider billed
+    /// and no message counts; its grant stays held ([`Measurement::final_by_message`]).
+    pub exited_cleanly: bool,
 }
 
 /// What the meters of one attempt measured, through both channels.
@@ -171,6 +179,11 @@ pub struct Measurement {
     /// Sessions the meter API knew whose termination message said more than it had been told
     /// (their meter was cut off from the operator, or stopped before its last report got through).
     pub raised_by_messages: Vec<String>,
+    /// Sessions whose final usage a termination message gives, by digest: what counts of each
+    /// (the larger figure of the two channels) and its refusals. Only of meters that exited
+    /// cleanly ([`PodMeter::exited_cleanly`]): the operator settles their grants to it
+    /// (domain/grants.rs `settle_from_messages`).
+    pub final_by_message: BTreeMap<String, (Usage, i64)>,
 }
 
 /// Measures an attempt from its meters' reports through the meter API (`meter`'s grants of
@@ -189,13 +202,22 @@ pub fn measure_attempt(meter: Option<&MeterStatus>, attempt: i32, pods: &[(&str,
     }
     let mut raised = Vec::new();
     let mut unmeasured = Vec::new();
+    let mut by_message = std::collections::BTreeSet::new();
     for (pod, pod_meter) in pods {
+        // A session's two messages (a meter restarted, carrying on its Pod's session:
+        // meter/state_file.rs) are the same cumulative figure at two times: the larger counts.
         for message in &pod_meter.messages {
+            if pod_meter.exited_cleanly {
+                by_message.insert(message.session.clone());
+            }
             match sessions.get_mut(&message.session) {
                 Some((_, usage, refusals)) => {
                     if larger(&message.usage, usage) {
                         *usage = message.usage.clone();
-                        raised.push(format!("{pod}: {}", message.session));
+                        let note = format!("{pod}: {}", message.session);
+                        if !raised.contains(&note) {
+                            raised.push(note);
+                        }
                     }
                     *refusals = (*refusals).max(message.budget_refusals);
                 }
@@ -218,6 +240,7 @@ pub fn measure_attempt(meter: Option<&MeterStatus>, attempt: i32, pods: &[(&str,
         budget_refusals: sessions.values().map(|(_, _, r)| *r).fold(0, i64::saturating_add),
         unmeasured,
         raised_by_messages: raised,
+        final_by_message: sessions.into_iter().filter(|(key, _)| by_message.contains(key)).map(|(key, (_, u, r))| (key, (u, r))).collect(),
     }
 }
 

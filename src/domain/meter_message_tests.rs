@@ -20,7 +20,7 @@ fn message(session: &str, u: &Usage) -> MeterMessage {
 }
 
 fn built(messages: Vec<MeterMessage>) -> PodMeter {
-    PodMeter { ran: true, messages }
+    PodMeter { ran: true, messages, exited_cleanly: true }
 }
 
 /// The job's meter status after `session` of Pod `pod` reported `u` through the meter API.
@@ -109,6 +109,29 @@ fn per_session_the_larger_figure_counts_once() {
     let more = usage("gpt-4o", "0.01", 11);
     let measured = measure_attempt(Some(&reported("p", "s1", &early)), 1, &[("p", &built(vec![message("s1", &more)]))]);
     assert_eq!(measured.usage.unwrap().output_tokens, 11);
+}
+
+/// A restarted meter carries on its Pod's session (src/meter/state_file.rs): the Pod's status
+/// shows two messages of one session, cumulative figures of it at two times (lastState, then
+/// state). The larger counts, once, and the session is raised once; its final figure is what the
+/// operator settles its grant to.
+#[test]
+fn a_sessions_two_messages_after_a_restart_count_once() {
+    let heard = usage("gpt-4o", "0.01", 10);
+    let before_restart = usage("gpt-4o", "0.03", 30);
+    let after_restart = usage("gpt-4o", "0.05", 50);
+    let m = reported("p", "s1", &heard);
+    let p = built(vec![message("s1", &after_restart), message("s1", &before_restart)]);
+    let measured = measure_attempt(Some(&m), 1, &[("p", &p)]);
+    let u = measured.usage.as_ref().unwrap();
+    assert_eq!((u.cost_usd.as_str(), u.output_tokens), ("0.05", 50), "not 0.08, nor 0.09");
+    assert_eq!(measured.raised_by_messages, [format!("p: {}", session_key("s1"))], "said once");
+    assert_eq!(measured.final_by_message.get(&session_key("s1")).map(|(u, _)| u.cost_usd.as_str()), Some("0.05"));
+    // The order the kubelet lists them in does not matter.
+    let p = built(vec![message("s1", &before_restart), message("s1", &after_restart)]);
+    let measured = measure_attempt(Some(&m), 1, &[("p", &p)]);
+    assert_eq!(measured.usage.unwrap().cost_usd, "0.05");
+    assert_eq!(measured.raised_by_messages.len(), 1);
 }
 
 #[test]

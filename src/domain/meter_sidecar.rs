@@ -23,8 +23,8 @@ use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, ExecAction, KeyToPath, Pod, Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile,
-    SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, ExecAction, KeyToPath, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SeccompProfile, SecretVolumeSource, SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
@@ -40,6 +40,12 @@ pub const GRANT_CA_ENV: &str = "AGENTGATE_METER_GRANT_CA_PEM";
 /// Pod's status (domain/meter_message.rs): the kubelet's own file for this container, which no
 /// other container mounts.
 pub const TERMINATION_MESSAGE_PATH: &str = "/dev/termination-log";
+/// The meter's state file (src/meter/state_file.rs), from which a restarted meter process
+/// carries on its Pod's session: on an emptyDir, which survives container restarts, mounted by
+/// the meter's container alone (the agent's could not read or write it).
+pub const STATE_VOLUME: &str = "agentgate-meter-state";
+pub const STATE_DIR: &str = "/var/run/agentgate/meter-state";
+pub const STATE_FILE: &str = "/var/run/agentgate/meter-state/state.json";
 pub const KEYS_VOLUME: &str = "agentgate-meter-keys";
 pub const KEYS_DIR: &str = "/var/run/agentgate/meter-keys";
 pub const TOKEN_VOLUME: &str = "agentgate-meter-token";
@@ -246,6 +252,8 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
         format!("127.0.0.1:{PORT}"),
         "--termination-message-path".into(),
         TERMINATION_MESSAGE_PATH.into(),
+        "--state-file".into(),
+        STATE_FILE.into(),
     ];
     match &meter.budget {
         MeterBudget::Fixed(usd) => args.extend(["--budget-usd".into(), usd.clone()]),
@@ -274,9 +282,19 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
             args.extend([flag.to_string(), url.clone()]);
         }
     }
-    let mut mounts =
-        vec![VolumeMount { name: TOKEN_VOLUME.into(), mount_path: TOKEN_DIR.into(), read_only: Some(true), ..Default::default() }];
+    let mut mounts = vec![
+        VolumeMount { name: TOKEN_VOLUME.into(), mount_path: TOKEN_DIR.into(), read_only: Some(true), ..Default::default() },
+        VolumeMount { name: STATE_VOLUME.into(), mount_path: STATE_DIR.into(), ..Default::default() },
+    ];
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    // A file of a few hundred bytes (a few KiB with many models), on the node's disk: a memory
+    // medium would count against the meter's 64 MiB. The limit bounds what a runaway meter could
+    // write; the kubelet evicts the Pod past it.
+    volumes.push(Volume {
+        name: STATE_VOLUME.into(),
+        empty_dir: Some(EmptyDirVolumeSource { size_limit: Some(Quantity("1Mi".into())), ..EmptyDirVolumeSource::default() }),
+        ..Volume::default()
+    });
     // World-readable files, yet only the meter's container mounts them: other containers of the
     // Pod have their own mount namespace and cannot see them.
     volumes.push(Volume {
@@ -375,7 +393,7 @@ pub fn inject(pod: &mut Pod, meter: &MeterSidecar) {
         }
         // The agent container mounts neither the meter's volumes nor any other carrying its keys.
         if let Some(mounts) = agent.volume_mounts.as_mut() {
-            mounts.retain(|m| m.name != KEYS_VOLUME && m.name != TOKEN_VOLUME && !key_volumes.contains(&m.name));
+            mounts.retain(|m| ![KEYS_VOLUME, TOKEN_VOLUME, STATE_VOLUME].contains(&m.name.as_str()) && !key_volumes.contains(&m.name));
         }
     }
 }
@@ -463,7 +481,10 @@ mod tests {
         assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
         let args = sidecar.args.as_ref().unwrap().join(" ");
         assert!(
-            args.starts_with("meter --listen 127.0.0.1:4000 --termination-message-path /dev/termination-log --budget-usd 5.00"),
+            args.starts_with(
+                "meter --listen 127.0.0.1:4000 --termination-message-path /dev/termination-log \
+                 --state-file /var/run/agentgate/meter-state/state.json --budget-usd 5.00"
+            ),
             "{args}"
         );
         assert_eq!(
@@ -482,7 +503,11 @@ mod tests {
         let resources = sidecar.resources.as_ref().unwrap();
         assert_eq!(resources.requests, resources.limits, "requests equal limits: the Pod stays Guaranteed");
         let mounts: Vec<_> = sidecar.volume_mounts.iter().flatten().map(|m| (m.mount_path.as_str(), m.read_only)).collect();
-        assert_eq!(mounts, [(TOKEN_DIR, Some(true)), (KEYS_DIR, Some(true))]);
+        assert_eq!(mounts, [(TOKEN_DIR, Some(true)), (STATE_DIR, None), (KEYS_DIR, Some(true))]);
+        // The state file's volume: survives the meter's restarts, on disk, bounded.
+        let state = spec.volumes.iter().flatten().find(|v| v.name == STATE_VOLUME).and_then(|v| v.empty_dir.as_ref()).unwrap();
+        assert_eq!((state.medium.as_deref(), state.size_limit.as_ref().map(|q| q.0.as_str())), (None, Some("1Mi")));
+        assert_eq!(format!("{STATE_DIR}/state.json"), STATE_FILE);
         let agent = &spec.containers[0];
         assert_eq!(env_of(agent, "OPENAI_BASE_URL"), Some("http://127.0.0.1:4000/v1"));
         assert_eq!(env_of(agent, "ANTHROPIC_BASE_URL"), Some("http://127.0.0.1:4000"));
@@ -581,6 +606,9 @@ mod tests {
             VolumeMount { name: "p".into(), mount_path: "/projected".into(), ..Default::default() },
             VolumeMount { name: KEYS_VOLUME.into(), mount_path: "/stolen".into(), ..Default::default() },
             VolumeMount { name: TOKEN_VOLUME.into(), mount_path: "/token".into(), ..Default::default() },
+            // The meter's state file: writing it would let the agent lower what a restarted meter
+            // resumes from (src/meter/state_file.rs).
+            VolumeMount { name: STATE_VOLUME.into(), mount_path: "/state".into(), ..Default::default() },
         ]);
         inject(&mut pod, &meter());
         let spec = pod.spec.unwrap();

@@ -487,6 +487,8 @@ mod tests {
                             "127.0.0.1:4000",
                             "--termination-message-path",
                             "/dev/termination-log",
+                            "--state-file",
+                            "/var/run/agentgate/meter-state/state.json",
                             "--budget-usd",
                             "0.50",
                             "--openai-key-file",

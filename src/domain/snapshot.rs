@@ -53,16 +53,18 @@ pub fn pod_view(pod: &Pod) -> Option<PodView> {
 pub fn pod_meter(pod: &Pod) -> crate::domain::meter_message::PodMeter {
     use crate::domain::meter_sidecar::CONTAINER;
     use k8s_openapi::api::core::v1::ContainerState;
-    let statuses: Vec<_> = pod
+    let containers: Vec<_> = pod
         .status
         .as_ref()
         .and_then(|s| s.init_container_statuses.as_ref())
         .into_iter()
         .flatten()
         .filter(|c| c.name == CONTAINER)
-        .flat_map(|c| [c.state.as_ref(), c.last_state.as_ref()])
-        .flatten()
         .collect();
+    let statuses: Vec<_> = containers.iter().flat_map(|c| [c.state.as_ref(), c.last_state.as_ref()]).flatten().collect();
+    // One process, stopped on its own with exit code 0 (domain/meter_message.rs PodMeter).
+    let exited_cleanly = matches!(containers.as_slice(), [c] if c.restart_count == 0
+        && c.state.as_ref().and_then(|s| s.terminated.as_ref()).is_some_and(|t| t.exit_code == 0));
     // Running, or stopped after it had started (a container the kubelet never started is
     // reported terminated without a start, e.g. `ContainerStatusUnknown`).
     let started = |s: &&ContainerState| s.running.is_some() || s.terminated.as_ref().is_some_and(|t| t.started_at.is_some());
@@ -71,7 +73,7 @@ pub fn pod_meter(pod: &Pod) -> crate::domain::meter_message::PodMeter {
         .filter_map(|state| state.terminated.as_ref()?.message.as_deref())
         .filter_map(|text| crate::domain::meter_message::parse(text).ok())
         .collect();
-    crate::domain::meter_message::PodMeter { ran: statuses.iter().any(started), messages }
+    crate::domain::meter_message::PodMeter { ran: statuses.iter().any(started), messages, exited_cleanly }
 }
 
 /// The uid of the AgentJob that controls the Pod: its controller ownerReference, never a label.

@@ -104,6 +104,8 @@ struct State {
     budget_refusals: u64,
     unmeasured_calls: u64,
     in_flight: u64,
+    /// What the calls in flight reserved, by model, and how many they are.
+    in_flight_by_model: BTreeMap<String, (MicroUsd, u64)>,
 }
 
 /// Running totals, shared by every call of one meter.
@@ -158,6 +160,8 @@ impl Ledger {
             Ok(plan) => {
                 state.reserved = state.reserved.saturating_add(plan.reserve);
                 state.in_flight += 1;
+                let entry = state.in_flight_by_model.entry(model.to_string()).or_default();
+                *entry = (entry.0.saturating_add(plan.reserve), entry.1 + 1);
                 let reservation =
                     Reservation { ledger: self.clone(), model: model.to_string(), price, amount: plan.reserve, settled: false };
                 Ok((reservation, plan))
@@ -191,6 +195,12 @@ impl Ledger {
         state.reserved = MicroUsd(state.reserved.0 - reserved.0);
         state.spent = state.spent.saturating_add(cost);
         state.in_flight -= 1;
+        if let Some(entry) = state.in_flight_by_model.get_mut(model) {
+            *entry = (MicroUsd(entry.0.0 - reserved.0), entry.1.saturating_sub(1));
+            if entry.1 == 0 {
+                state.in_flight_by_model.remove(model);
+            }
+        }
         if cost > reserved {
             // Only possible if the input bound is wrong for some input: the real cost is still
             // what is recorded, and the log says which model to look at.
@@ -214,6 +224,51 @@ impl Ledger {
     pub fn raise_budget(&self, total: MicroUsd) {
         let mut state = self.lock();
         state.budget = Some(state.budget.map_or(total, |b| b.max(total)));
+    }
+
+    /// Starts this meter process from the totals of the Pod's earlier meter processes (the
+    /// state file, meter/state_file.rs): its usage, its reports and its termination message are
+    /// then cumulative for the Pod's whole session, and a fixed budget holds across restarts
+    /// rather than starting afresh with each process. Called once, before any call.
+    pub fn carry(&self, earlier: &Carried) {
+        let mut state = self.lock();
+        for m in &earlier.usage.models {
+            let entry = state.models.entry(m.model.clone()).or_default();
+            entry.0 = entry.0.add(&crate::domain::report::model_tokens(m));
+            entry.1 = entry.1.saturating_add(MicroUsd::parse(&m.cost_usd).unwrap_or_default());
+        }
+        state.spent = state.spent.saturating_add(MicroUsd::parse(&earlier.usage.cost_usd).unwrap_or_default());
+        state.calls += earlier.calls;
+        state.refused_calls += earlier.refused_calls;
+        state.budget_refusals += earlier.budget_refusals;
+        state.unmeasured_calls += earlier.unmeasured_calls;
+        drop(state);
+        self.changed.notify_one();
+    }
+
+    /// The totals as they would be if every call in flight ended now unmeasured, charged its
+    /// reservation (as a dropped [`Reservation`] is): what a later meter process of the Pod
+    /// resumes from (meter/state_file.rs). A process killed mid-call cannot charge its calls in
+    /// flight, and the provider may have billed them; uncharged, the next process would spend
+    /// their reservations a second time.
+    pub fn carried_if_stopped_now(&self) -> Carried {
+        let state = self.lock();
+        let mut models = state.models.clone();
+        for (model, (reserved, _)) in &state.in_flight_by_model {
+            let entry = models.entry(model.clone()).or_default();
+            entry.1 = entry.1.saturating_add(*reserved);
+        }
+        let mut usage = Usage { cost_usd: state.spent.saturating_add(state.reserved).to_string(), ..Usage::default() };
+        for (model, (tokens, cost)) in &models {
+            crate::domain::report::add_model_usage(&mut usage, model, tokens, *cost);
+        }
+        Carried {
+            usage,
+            calls: state.calls + state.in_flight,
+            refused_calls: state.refused_calls,
+            budget_refusals: state.budget_refusals,
+            unmeasured_calls: state.unmeasured_calls + state.in_flight,
+        }
     }
 
     /// What the budget still allows (`None`: no budget).
@@ -243,6 +298,17 @@ impl Ledger {
             in_flight: state.in_flight,
         }
     }
+}
+
+/// What earlier meter processes of the Pod's session left (meter/state_file.rs).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Carried {
+    pub usage: Usage,
+    pub calls: u64,
+    pub refused_calls: u64,
+    pub budget_refusals: u64,
+    pub unmeasured_calls: u64,
 }
 
 /// A call's hold on the budget. Dropped without `settle` (the client disconnected, the task was

@@ -20,6 +20,7 @@ use http_body_util::{BodyExt, Full};
 
 use super::budget::Ledger;
 use super::proxy::HttpsClient;
+use super::state_file::StateFile;
 use crate::domain::grants::{SyncAnswer, SyncBody};
 use crate::domain::money::MicroUsd;
 
@@ -48,6 +49,16 @@ pub struct GrantClient {
     sequence: tokio::sync::Mutex<i64>,
     /// When the operator last answered that the job's budget has nothing left to grant.
     exhausted_at: std::sync::Mutex<Option<tokio::time::Instant>>,
+    /// Written before each step goes out (state_file.rs).
+    state: Option<Arc<StateFile>>,
+}
+
+/// The session a meter process speaks for: a new one, or the one the Pod's previous meter
+/// process left in its state file (state_file.rs), continued after its last sequence number.
+pub struct Resume {
+    pub session: String,
+    pub sequence: i64,
+    pub state: Option<Arc<StateFile>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,21 +84,29 @@ pub fn new_session_id() -> String {
 }
 
 impl GrantClient {
-    pub fn new(grant_url: &str, token_file: PathBuf, client: HttpsClient, ledger: Arc<Ledger>, chunk: MicroUsd) -> Arc<GrantClient> {
-        // Unique per meter process: a restarted meter container opens a new session, and the
-        // old one's grant stays held (conservatively) rather than being mistaken for this one's.
-        // Random and never shown (status keeps a digest, domain/grants.rs `session_key`): whoever
-        // knows it may speak for the session with a token minted for this Pod.
-        let session = new_session_id();
+    /// Speaks for `resume`'s session. A new session's id is unique per meter process
+    /// ([`new_session_id`]); a restarted meter container carries on its Pod's session only
+    /// through the state file, never otherwise, so an old session's grant is never mistaken for
+    /// a new one's. Random and never shown (status keeps a digest, domain/grants.rs
+    /// `session_key`): whoever knows it may speak for the session with a token minted for this Pod.
+    pub fn new(
+        grant_url: &str,
+        token_file: PathBuf,
+        client: HttpsClient,
+        ledger: Arc<Ledger>,
+        chunk: MicroUsd,
+        resume: Resume,
+    ) -> Arc<GrantClient> {
         Arc::new(GrantClient {
             sync_url: format!("{}/v1/sync", grant_url.trim_end_matches('/')),
             token_file,
             client,
             ledger,
             chunk,
-            session,
-            sequence: tokio::sync::Mutex::new(0),
+            session: resume.session,
+            sequence: tokio::sync::Mutex::new(resume.sequence),
             exhausted_at: std::sync::Mutex::new(None),
+            state: resume.state,
         })
     }
 
@@ -127,6 +146,16 @@ impl GrantClient {
         *sequence += 1;
         // Read under the lock: this step's usage is at least the previous step's.
         let snapshot = self.ledger.snapshot();
+        // On disk before it goes out, with figures read after these: a restarted process never
+        // resumes behind what the operator heard, nor reuses this number (state_file.rs).
+        if let Some(state) = &self.state {
+            let (state, ledger, number) = (state.clone(), self.ledger.clone(), *sequence);
+            let written = tokio::task::spawn_blocking(move || state.before_step(&ledger, number, last)).await;
+            // Failed, the file is gone (state_file.rs): the step still goes out.
+            if let Err(e) = written.map_err(std::io::Error::other).and_then(|w| w) {
+                tracing::warn!(error = %e, "writing the meter's state file before a step");
+            }
+        }
         let body = SyncBody {
             pod: None,
             session: self.session.clone(),
@@ -144,6 +173,9 @@ impl GrantClient {
                 Ok(Ok(answer)) => {
                     let granted = MicroUsd::parse(&answer.granted_usd).unwrap_or_default();
                     self.ledger.raise_budget(granted);
+                    if let Some(state) = &self.state {
+                        state.granted(granted);
+                    }
                     let nothing_left = MicroUsd::parse(&answer.available_usd).is_some_and(|a| a.0 <= 0);
                     *self.exhausted_at.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                         nothing_left.then(tokio::time::Instant::now);

@@ -10,6 +10,7 @@ mod server;
 /// The sidecar the operator injects is built in the domain (pure, next to the Pod it goes into).
 pub use crate::domain::meter_sidecar as sidecar;
 pub mod sse;
+pub mod state_file;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -85,6 +86,12 @@ pub struct MeterArgs {
     /// (domain/meter_message.rs). The operator sets it in agent Pods.
     #[arg(long, env = "AGENTGATE_METER_TERMINATION_MESSAGE_PATH")]
     pub termination_message_path: Option<PathBuf>,
+    /// File on a volume of the meter's own that survives its container's restarts (the operator
+    /// mounts an emptyDir no other container mounts): the session, the grant and the cumulative
+    /// usage, from which a restarted meter process carries on the Pod's session (state_file.rs).
+    /// Without it each meter process starts a new session from zero.
+    #[arg(long, env = "AGENTGATE_METER_STATE_FILE")]
+    pub state_file: Option<PathBuf>,
     /// Output cap set on a call that sets none, when the budget does not force a lower one. It
     /// must be one every model accepts (a larger cap than a model allows is a 400 from it).
     #[arg(long, env = "AGENTGATE_METER_DEFAULT_OUTPUT_CAP", default_value_t = 16_384, value_parser = clap::value_parser!(i64).range(1..=1_000_000))]
@@ -185,7 +192,15 @@ fn probe_once(url: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Arc<Meter>> {
+/// One meter process: the proxy, its session and its state file.
+pub struct Process {
+    pub meter: Arc<Meter>,
+    /// The session's id (secret: whoever knows it may speak for the session).
+    pub session: String,
+    pub state: Option<Arc<state_file::StateFile>>,
+}
+
+pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Process> {
     let grants = match (&args.grant_url, args.budget_usd) {
         (Some(_), Some(_)) => anyhow::bail!(
             "--grant-url and --budget-usd exclude each other: with --grant-url the budget is the job's, granted by the operator"
@@ -195,11 +210,37 @@ pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Arc<Meter>>
     };
     // Granted: nothing to spend until the operator grants it.
     let ledger = Ledger::new(if grants.is_some() { Some(MicroUsd(0)) } else { args.budget_usd });
+    // A restarted meter process carries on its Pod's session (state_file.rs); the Pod's first
+    // one, or one after a settled session, opens a new one.
+    let resumed = args.state_file.as_deref().and_then(state_file::resume);
+    let session = resumed.as_ref().map_or_else(grant_client::new_session_id, |r| r.session.clone());
+    let sequence = resumed.as_ref().map_or(0, |r| r.sequence);
+    let state = args.state_file.clone().map(|path| Arc::new(state_file::StateFile::new(path, &session, sequence)));
+    if let Some(resumed) = &resumed {
+        ledger.carry(&resumed.carried);
+        // What the operator granted the session is still held for it (the session has not
+        // settled): the new process may spend it, as the old one could have. A fixed budget is
+        // the flag's, now held against the Pod's whole usage.
+        if let (Some(_), Some(granted)) = (&grants, resumed.granted) {
+            ledger.raise_budget(granted);
+            if let Some(state) = &state {
+                state.granted(granted);
+            }
+        }
+        tracing::info!(sequence, spent = %resumed.carried.usage.cost_usd, "resumed the session of the Pod's previous meter process");
+    }
     let client = client()?;
     let grants = grants.map(|(url, transport)| {
-        grant_client::GrantClient::new(url, args.token_file.clone(), transport, ledger.clone(), args.grant_chunk_usd)
+        grant_client::GrantClient::new(
+            url,
+            args.token_file.clone(),
+            transport,
+            ledger.clone(),
+            args.grant_chunk_usd,
+            grant_client::Resume { session: session.clone(), sequence, state: state.clone() },
+        )
     });
-    Ok(Arc::new(Meter {
+    let meter = Arc::new(Meter {
         ledger,
         grants,
         prices,
@@ -209,15 +250,22 @@ pub fn build(args: &MeterArgs, prices: PriceTable) -> anyhow::Result<Arc<Meter>>
         default_output_cap: args.default_output_cap,
         contexts: Default::default(),
         buffers: Default::default(),
-    }))
+        state: state.clone(),
+    });
+    Ok(Process { meter, session, state })
 }
 
 /// Serves until `shutdown` resolves; the report file is written once more at the end.
 pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let meter = build(&args, prices)?;
+    let Process { meter, session, state } = build(&args, prices)?;
     // The session's digest: the operator matches the message to the session the meter API knows.
-    let session = meter.grants.as_ref().map_or_else(grant_client::new_session_id, |g| g.session().to_string());
     let message = args.termination_message_path.clone().map(|path| Arc::new(message::TerminationMessage::new(path, &session)));
+    // The session on disk before anything else: a process killed from now on is resumed.
+    if let Some(state) = &state
+        && let Err(e) = state.write(&meter.ledger)
+    {
+        tracing::error!(error = %e, path = %state.path().display(), "writing the meter's state file");
+    }
     // Before the meter listens, so before its agent starts (the startup probe): a meter that ran
     // leaves a figure, zero if its agent made no call. A meter that cannot write it still serves:
     // the operator then has its reports, or counts its Pod `UsageUnmeasured`.
@@ -228,8 +276,8 @@ pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Ou
     }
     let listener = tokio::net::TcpListener::bind(args.listen).await.map_err(|e| anyhow::anyhow!("listening on {}: {e}", args.listen))?;
     tracing::info!(listen = %listener.local_addr()?, budget = ?args.budget_usd.map(|b| b.to_string()), "agentgate meter ready");
-    let writer = (args.report_file.is_some() || message.is_some())
-        .then(|| tokio::spawn(write_reports(meter.ledger.clone(), args.report_file.clone(), message.clone())));
+    let writer = (args.report_file.is_some() || message.is_some() || state.is_some())
+        .then(|| tokio::spawn(write_reports(meter.ledger.clone(), args.report_file.clone(), message.clone(), state.clone())));
     let reporter = meter
         .grants
         .clone()
@@ -242,6 +290,11 @@ pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Ou
         reporter.abort();
     }
     // Every call has ended: the final figure, before settling (which may take 20 s and fail).
+    if let Some(state) = &state
+        && let Err(e) = write_state(state, &meter.ledger).await
+    {
+        tracing::error!(error = %e, "writing the meter's state file");
+    }
     if let Some(message) = &message
         && let Err(e) = write_message(message, &meter.ledger).await
     {
@@ -268,8 +321,19 @@ pub async fn serve(args: MeterArgs, prices: PriceTable, shutdown: impl Future<Ou
 /// rewritten on every change, not every report interval: a write of at most 4 KiB costs far less
 /// than the call that changed it, and even a meter killed (SIGKILL, OOM, the node) then leaves
 /// the figure of its last settled call.
-async fn write_reports(ledger: Arc<Ledger>, path: Option<PathBuf>, message: Option<Arc<message::TerminationMessage>>) {
+async fn write_reports(
+    ledger: Arc<Ledger>,
+    path: Option<PathBuf>,
+    message: Option<Arc<message::TerminationMessage>>,
+    state: Option<Arc<state_file::StateFile>>,
+) {
     loop {
+        // Before the message: what a restarted process resumes from is never behind it.
+        if let Some(state) = &state
+            && let Err(e) = write_state(state, &ledger).await
+        {
+            tracing::warn!(error = %e, "writing the meter's state file");
+        }
         if let Some(path) = &path
             && let Err(e) = write_report(&ledger, path).await
         {
@@ -289,6 +353,12 @@ async fn write_reports(ledger: Arc<Ledger>, path: Option<PathBuf>, message: Opti
 async fn write_message(message: &Arc<message::TerminationMessage>, ledger: &Arc<Ledger>) -> std::io::Result<()> {
     let (message, ledger) = (message.clone(), ledger.clone());
     tokio::task::spawn_blocking(move || message.write(&ledger)).await.map_err(std::io::Error::other)?
+}
+
+/// Writes the state file off the runtime's only thread.
+async fn write_state(state: &Arc<state_file::StateFile>, ledger: &Arc<Ledger>) -> std::io::Result<()> {
+    let (state, ledger) = (state.clone(), ledger.clone());
+    tokio::task::spawn_blocking(move || state.write(&ledger)).await.map_err(std::io::Error::other)?
 }
 
 async fn write_report(ledger: &Ledger, path: &Path) -> anyhow::Result<()> {

@@ -89,6 +89,9 @@ pub struct Meter {
     pub grants: Option<Arc<super::grant_client::GrantClient>>,
     /// The memory all calls in flight may hold in buffers (buffer_budget.rs has the arithmetic).
     pub buffers: BufferBudget,
+    /// Where a restarted meter process resumes from (state_file.rs): written with each call's
+    /// reservation before the call goes upstream.
+    pub state: Option<Arc<super::state_file::StateFile>>,
 }
 
 pub fn router(meter: Arc<Meter>) -> axum::Router {
@@ -322,6 +325,16 @@ async fn admit(meter: &Meter, api: Api, body: Bytes, parse_charge: Charge) -> Re
             return Err(Box::new(refuse(provider, StatusCode::PAYMENT_REQUIRED, "budget_exceeded", &message)));
         }
     };
+    // On disk before the call goes upstream, charged its reservation: a meter killed while the
+    // provider runs it leaves it charged for the next process (state_file.rs). Failed, the file
+    // is gone and a restart opens a new session: the call still goes.
+    if let Some(state) = &meter.state {
+        let (state, ledger) = (state.clone(), meter.ledger.clone());
+        let written = tokio::task::spawn_blocking(move || state.write(&ledger)).await;
+        if let Err(e) = written.map_err(std::io::Error::other).and_then(|w| w) {
+            tracing::warn!(error = %e, "writing the meter's state file before a call");
+        }
+    }
     let body = if wire::needs_rewrite(api, &facts, plan.inject_cap) {
         let request = wire::rewrite(api, request, &facts, plan.inject_cap);
         let mut buffer = Vec::with_capacity(body.len() + 256);

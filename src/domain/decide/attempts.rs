@@ -209,8 +209,14 @@ fn settle_attempt(
     // one a tenant cutting the meter off from the operator cannot stop (domain/meter_message.rs).
     let pod_meters: Vec<(&str, &crate::domain::meter_message::PodMeter)> =
         states.iter().filter_map(|(name, _)| o.pods.iter().find(|p| &p.name == name).map(|p| (name.as_str(), &p.meter))).collect();
-    let crate::domain::meter_message::Measurement { usage, budget_refusals: refusals, unmeasured, raised_by_messages } =
+    let crate::domain::meter_message::Measurement { usage, budget_refusals: refusals, unmeasured, raised_by_messages, final_by_message } =
         crate::domain::meter_message::measure_attempt(s.meter.as_deref(), current, &pod_meters);
+    // Every meter of the attempt has stopped: a grant its meter could not settle (cut off from
+    // the operator) is settled to what its message says it spent, so that a retry's meters can
+    // draw on the rest and `status.meter` says what was spent.
+    if let Some(meter) = s.meter.as_deref_mut() {
+        crate::domain::grants::settle_from_messages(meter, current, &final_by_message);
+    }
     if refusals > 0 {
         failures.insert(0, format!("{BUDGET_EXHAUSTED}: the agent meters refused {refusals} call(s) the budget could not cover"));
     }

@@ -1491,7 +1491,7 @@ fn meter_left(sessions: &[(&str, i64, i64, &str)]) -> crate::domain::meter_messa
             parse(&encode(&crate::domain::grants::session_key(session), &u, 0)).unwrap()
         })
         .collect();
-    crate::domain::meter_message::PodMeter { ran: true, messages }
+    crate::domain::meter_message::PodMeter { ran: true, messages, exited_cleanly: true }
 }
 
 /// The scanner's meter was cut off from the operator after it reported 25,000 tokens ($0.02):
@@ -1512,6 +1512,66 @@ fn a_meter_cut_off_from_the_operator_is_counted_from_its_termination_message() {
     assert!(plan.status.attempts[0].unmeasured_pods.is_empty());
 }
 
+/// The scanner's meter was cut off from the operator after the meter API heard $0.02 of the
+/// $0.10 granted it, and could not settle: its whole grant stayed committed after the attempt
+/// ended (before: committed $0.17, spent $0.05, of which the retry's meters could not draw the
+/// $0.08 it never spent). Its termination message says $0.05: the grant is settled to it
+/// (after: committed $0.12, spent $0.08). A session whose meter left no message, or was killed
+/// rather than stopped, keeps its grant held (what it spent after its last report is unknown);
+/// one whose message says less than the meter API heard is settled at what the API heard, never
+/// below.
+#[test]
+fn a_cut_off_meters_grant_is_settled_to_its_termination_message_when_the_attempt_ends() {
+    let job = |scanner_granted: &str| {
+        let mut job = metered(running(NO_RETRIES), 0);
+        let meter = job.status.as_mut().unwrap().meter.as_mut().unwrap();
+        meter.grants[0].settled = false;
+        meter.grants[0].granted_usd = scanner_granted.into();
+        // The fixer's first meter process, killed before it wrote a message.
+        meter.grants.push(crate::api::MeterGrant {
+            session: "session-fixer-killed".into(),
+            granted_usd: "0.05".into(),
+            spent_usd: "0.01".into(),
+            settled: false,
+            usage: Some(Usage { cost_usd: "0.01".into(), ..Usage::default() }),
+            ..meter.grants[1].clone()
+        });
+        crate::domain::grants::recount(meter);
+        job
+    };
+    let before = job("0.10");
+    let meter = before.status.as_ref().unwrap().meter.as_deref().unwrap();
+    assert_eq!((meter.committed_usd.as_str(), meter.spent_usd.as_str()), ("0.17", "0.05"));
+    let mut pods = both_reported(1);
+    pods[0].meter = meter_left(&[("session-scanner", 28_000, 7_000, "0.05")]);
+    pods[1].meter = meter_left(&[("session-fixer", 10_000, 2_000, "0.02")]);
+    let plan = step(&before, &ready(), &approved(), &pods, &[]);
+    let meter = plan.status.meter.as_deref().unwrap();
+    assert_eq!((meter.committed_usd.as_str(), meter.spent_usd.as_str(), meter.granted_usd.as_str()), ("0.12", "0.08", "0.18"));
+    let scanner = &meter.grants[0];
+    assert!(scanner.settled);
+    assert_eq!((scanner.spent_usd.as_str(), scanner.usage.as_ref().map(|u| u.total_tokens)), ("0.05", Some(35_000)));
+    assert!(!meter.grants[2].settled, "no message: its grant stays held");
+    assert_eq!(crate::domain::grants::committed(&meter.grants[2]), MicroUsd::parse("0.05").unwrap());
+
+    // The scanner's meter OOM-killed (an agent can make its own meter run out of memory): calls
+    // it had in flight may have been billed and are in no message. Its usage counts the message;
+    // its grant stays held.
+    pods[0].meter.exited_cleanly = false;
+    let plan = step(&before, &ready(), &approved(), &pods, &[]);
+    assert_eq!(usage(&plan).cost_usd, "0.08", "the message's $0.05, the fixer's $0.02 and $0.01");
+    let meter = plan.status.meter.as_deref().unwrap();
+    assert!(!meter.grants[0].settled);
+    assert_eq!((meter.committed_usd.as_str(), meter.spent_usd.as_str()), ("0.17", "0.05"));
+
+    // A message behind what the meter API heard (an older process's): settled at the API's figure.
+    pods[0].meter = meter_left(&[("session-scanner", 5_000, 1_000, "0.01")]);
+    let plan = step(&job("0.10"), &ready(), &approved(), &pods, &[]);
+    let scanner = &plan.status.meter.as_deref().unwrap().grants[0];
+    assert!(scanner.settled);
+    assert_eq!((scanner.spent_usd.as_str(), scanner.usage.as_ref().map(|u| u.total_tokens)), ("0.02", Some(25_000)));
+}
+
 /// Both meters ran and neither reached the operator nor left a message (killed before they
 /// wrote one): the agents claim 37,000 tokens, which could as well have been 0. Their word is not
 /// taken: the usage is what was measured ($0), the attempt is marked so the estimator skips
@@ -1520,7 +1580,7 @@ fn a_meter_cut_off_from_the_operator_is_counted_from_its_termination_message() {
 fn a_pod_whose_meter_said_nothing_is_unmeasured_never_counted_from_its_agent() {
     let mut pods = both_reported(1);
     for pod in &mut pods {
-        pod.meter = crate::domain::meter_message::PodMeter { ran: true, messages: Vec::new() };
+        pod.meter = crate::domain::meter_message::PodMeter { ran: true, messages: Vec::new(), exited_cleanly: false };
     }
     let plan = step(&running(NO_RETRIES), &ready(), &approved(), &pods, &[]);
     assert_eq!(plan.status.phase, Some(JobPhase::Succeeded), "the job's result is its agents'");
