@@ -207,7 +207,10 @@ async fn a_leader_that_loses_and_retakes_its_lease_serves_again_without_relistin
     wait_for_job(&admin, ns, "before", "estimated in the first term", |j| phase(j) == Some("AwaitingApproval")).await;
     let first_term = lists_by(&audit_log, &user);
     for resource in ["pods", "agentjobs"] {
-        assert!(first_term.get(resource).is_some_and(|&n| n >= 1), "the first term's LIST of {resource} is not in the audit log: {first_term:?}");
+        assert!(
+            first_term.get(resource).is_some_and(|&n| n >= 1),
+            "the first term's LIST of {resource} is not in the audit log: {first_term:?}"
+        );
     }
 
     // Take the Lease over, renewing it as its holder would, until the replica has stood down.

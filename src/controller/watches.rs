@@ -211,8 +211,13 @@ impl Watches {
         .filter_map(|vote| {
             future::ready(vote.ok().and_then(|vote| vote.namespace().map(|ns| ObjectRef::new(&vote.spec.job_ref.name).within(&ns))))
         });
-        let job_triggers =
-            stream::select_all([job_stream.boxed(), node_triggers.boxed(), quota_triggers.boxed(), tool_triggers.boxed(), vote_triggers.boxed()]);
+        let job_triggers = stream::select_all([
+            job_stream.boxed(),
+            node_triggers.boxed(),
+            quota_triggers.boxed(),
+            tool_triggers.boxed(),
+            vote_triggers.boxed(),
+        ]);
         tasks.spawn_feeder(send_all(job_triggers, requeue));
 
         let service_triggers = watcher(Api::<Service>::all(client.clone()), wc.clone().page_size(PAGE_SIZE))
@@ -224,7 +229,9 @@ impl Watches {
             .filter_map(|svc| future::ready(svc.ok()))
             .flat_map({
                 let caches = caches.clone();
-                move |svc: Service| stream::iter(agent_tool::tools_using_service(&caches, &svc.namespace().unwrap_or_default(), &svc.name_any()))
+                move |svc: Service| {
+                    stream::iter(agent_tool::tools_using_service(&caches, &svc.namespace().unwrap_or_default(), &svc.name_any()))
+                }
             });
         let slice_triggers = watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
             .default_backoff()
@@ -291,7 +298,10 @@ pub fn synced(caches: &Caches, tools_whole: &Store<AgentTool>) -> bool {
 }
 
 /// Hands every object of `triggers` to the current term's controller (dropped while standing by).
-fn send_all<K>(triggers: impl futures::Stream<Item = ObjectRef<K>> + Send + 'static, to: &Triggers<K>) -> impl Future<Output = ()> + Send + 'static
+fn send_all<K>(
+    triggers: impl futures::Stream<Item = ObjectRef<K>> + Send + 'static,
+    to: &Triggers<K>,
+) -> impl Future<Output = ()> + Send + 'static
 where
     K: kube::runtime::reflector::Lookup<DynamicType = ()> + Send + Sync + 'static,
 {
