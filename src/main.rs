@@ -447,6 +447,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 () = lost => true,
             };
             health.leading.store(false, std::sync::atomic::Ordering::Relaxed);
+            kept.stand_by();
             *jobs_store.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
             *health.memory_report.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
             *health.agent_pods.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;

@@ -65,14 +65,22 @@ impl<K: Lookup<DynamicType = ()> + 'static> Triggers<K> {
     }
 }
 
+impl<K: Lookup> Triggers<K> {
+    /// From now on triggers go nowhere (this replica stands by), and nothing waits for a first
+    /// term any longer: a term that ended before it ever opened must not leave them piling up.
+    pub fn close(&self) {
+        let mut channel = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        channel.to_term = None;
+        channel.unclaimed = None;
+    }
+}
+
 /// Closes the term's channel when dropped: a standby's triggers go nowhere.
 pub struct Term<K: Lookup>(Triggers<K>);
 
 impl<K: Lookup> Drop for Term<K> {
     fn drop(&mut self) {
-        let mut channel = self.0.0.lock().unwrap_or_else(PoisonError::into_inner);
-        channel.to_term = None;
-        channel.unclaimed = None;
+        self.0.close();
     }
 }
 
@@ -100,5 +108,12 @@ mod tests {
         let (_term, mut second) = triggers.open();
         triggers.send(job("second")).unwrap();
         assert_eq!(second.next().await.unwrap().name, "second", "nothing from the standby");
+    }
+
+    #[test]
+    fn a_first_term_that_never_opened_leaves_nothing_waiting() {
+        let triggers = Triggers::<AgentJob>::default();
+        triggers.close();
+        assert!(triggers.send(job("standing-by")).is_err(), "dropped, not kept for a term");
     }
 }

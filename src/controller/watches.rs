@@ -284,6 +284,12 @@ impl Watches {
         Watches { tasks, ..watches }
     }
 
+    /// The term ended (or was lost before it began): triggers go nowhere until the next one.
+    pub fn stand_by(&self) {
+        self.jobs_to_reconcile.close();
+        self.tools_to_reconcile.close();
+    }
+
     /// Resolves only if a watch task ended: it panicked, and the operator then stops as a whole
     /// rather than go on deaf to a kind of event.
     pub async fn ended(&mut self) {
