@@ -1,5 +1,6 @@
 //! Leader election on a coordination.k8s.io Lease (kube-lease-manager): of all replicas only
-//! the leader watches and writes; the others stand by and take over when its lease lapses.
+//! the leader reconciles and writes; the others stand by and take over when its lease lapses
+//! (a replica that has led keeps its watches: controller/watches.rs).
 
 use std::time::Duration;
 

@@ -401,13 +401,23 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // One term of leadership per turn. A leader that loses its lease (it could not renew it
         // through an apiserver outage, say) stops writing at once and stands by again, rather than
         // exiting: the process, its health endpoint and its metrics stay up, and it leads again
-        // once the lease is free, with fresh caches.
+        // once the lease is free. The watches and their caches, started at the first term, stay
+        // up in between (controller/watches.rs says why not before it), so a new term relists
+        // nothing.
+        let mut watches: Option<controller::watches::Watches> = None;
         loop {
             if let Some(campaign) = campaign.as_mut() {
                 tracing::info!(%identity, lease = %format!("{lease_namespace}/{lease}"), "standing by for leadership");
+                let watches_ended = async {
+                    match watches.as_mut() {
+                        Some(watches) => watches.ended().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     won = campaign.leading.wait_for(|leads| *leads) => { won?; }
                     _ = shutdown() => break,
+                    () = watches_ended => anyhow::bail!("a watch task stopped"),
                 }
                 tracing::info!(%identity, "became the leader");
             }
@@ -418,13 +428,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 let _ = leading.wait_for(|leads| !*leads).await;
             };
             health.leading.store(true, std::sync::atomic::Ordering::Relaxed);
-            let run = controller::run(
+            let replay = watches.is_some();
+            let kept = watches.get_or_insert_with(|| controller::watches::Watches::start(&client, &settings, metrics.clone()));
+            let run = controller::lead(
                 client.clone(),
                 settings.clone(),
                 prices.clone(),
                 metrics.clone(),
                 health.clone(),
                 jobs_store.clone(),
+                kept,
+                replay,
                 futures::FutureExt::shared(Box::pin(shutdown())),
             );
             // Losing the lease drops the controllers mid-flight: no write may start after it.
@@ -433,7 +447,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 () = lost => true,
             };
             health.leading.store(false, std::sync::atomic::Ordering::Relaxed);
-            health.caches_synced.store(false, std::sync::atomic::Ordering::Relaxed);
+            kept.stand_by();
             *jobs_store.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
             *health.memory_report.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
             *health.agent_pods.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;

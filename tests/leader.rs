@@ -1,15 +1,22 @@
 //! Leader election: of two replicas only one reconciles, and the other takes over within the lease (15 s) and a few seconds
-//! of the leader's death.
+//! of the leader's death; a leader that loses its lease and retakes it serves again from the caches it kept.
+//! On the control plane with an audit log: what a replica asked the apiserver is read from it.
 
 mod support;
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use agentgate::api::AgentJob;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
-use kube::api::PostParams;
+use kube::api::{Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
 use support::cluster::*;
-use support::controlplane::OperatorProcess;
+use support::controlplane::{OperatorProcess, strip_ansi};
 
 fn log_of(operator: &OperatorProcess) -> String {
     std::fs::read_to_string(operator.log_path()).unwrap_or_default()
@@ -24,7 +31,7 @@ async fn submit(client: &kube::Client, ns: &str, name: &str) {
 #[tokio::test]
 async fn only_the_leader_reconciles_and_a_standby_takes_over_within_20_seconds() {
     let ns = "leader";
-    let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
+    let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).audit_log().build().await;
     let (cp, admin, args) = (env.cp, env.admin.clone(), env.operator_args());
     let mut first = OperatorProcess::start(cp, &args);
     // Give the first replica the lease before the second one campaigns.
@@ -61,7 +68,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over_within_20_seconds()
 #[tokio::test]
 async fn a_restarted_container_with_the_same_pod_name_waits_out_its_old_lease() {
     let ns = "leader-restart";
-    let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
+    let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).audit_log().build().await;
     let (cp, admin) = (env.cp, env.admin.clone());
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), ns);
     let lease = format!("agentgate-{ns}");
@@ -113,7 +120,7 @@ const SLOW_APISERVER: Duration = Duration::from_millis(2500);
 #[tokio::test]
 async fn a_lone_leader_keeps_its_lease_when_every_request_takes_seconds() {
     let ns = "leader-slow";
-    let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
+    let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).audit_log().build().await;
     let (cp, admin) = (env.cp, env.admin.clone());
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), ns);
     let lease = format!("agentgate-{ns}");
@@ -148,4 +155,150 @@ async fn a_lone_leader_keeps_its_lease_when_every_request_takes_seconds() {
     );
     assert!(!log.contains("lost the leader lease"), "the lone leader lost its own lease:\n{log}");
     assert_eq!(log.matches("became the leader").count(), 1, "{log}");
+}
+
+/// Foreign Pods in the cluster while the test below runs: what a new term would have to relist.
+const FOREIGN_PODS: usize = 1000;
+
+/// The resources the operator watches for the whole process (controller/watches.rs).
+const KEPT_WATCHES: &[&str] =
+    &["pods", "agentjobs", "approvalvotes", "agenttools", "nodes", "resourcequotas", "services", "endpointslices", "secrets"];
+
+/// A leader that loses its lease (here: the test takes the Lease over for a while, as another
+/// replica would after a renewal the apiserver answered too late) stops writing, and once it
+/// retakes the lease serves again from the caches it kept: no new LIST of Pods, jobs or anything
+/// else it watches, and the job created while it stood by is reconciled. Before the caches
+/// outlived the term, each new term relisted everything (20,000 Pods in the busy bench, 6-13 s).
+#[tokio::test]
+async fn a_leader_that_loses_and_retakes_its_lease_serves_again_without_relisting() {
+    let ns = "leader-relist";
+    let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).audit_log().build().await;
+    let (cp, admin) = (env.cp, env.admin.clone());
+    let audit_log = cp.audit_log().expect("the audit log");
+    // A ServiceAccount of its own, so that its requests are told apart from other tests' operators.
+    let kubeconfig = support::review::service_account_kubeconfig_on(cp, &admin, ns, "relister").await;
+    let user = format!("system:serviceaccount:{ns}:relister");
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding", "metadata": {"name": "leader-relist-admin"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+        "subjects": [{"kind": "ServiceAccount", "name": "relister", "namespace": ns}]});
+    Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(admin.clone())
+        .patch("leader-relist-admin", &PatchParams::apply("leader-test").force(), &Patch::Apply(&binding))
+        .await
+        .unwrap();
+    let pods: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    futures::StreamExt::for_each_concurrent(futures::stream::iter(0..FOREIGN_PODS), 16, |i| {
+        let pods = pods.clone();
+        async move {
+            let pod: Pod = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("foreign-{i}")},
+                "spec": {"containers": [{"name": "c", "image": "busybox:1.36"}]}}))
+            .unwrap();
+            pods.create(&PostParams::default(), &pod).await.expect("create a foreign Pod");
+        }
+    })
+    .await;
+
+    let operator = OperatorProcess::start_as(cp, &kubeconfig, &env.operator_args());
+    let start = Instant::now();
+    while !log_of(&operator).contains("became the leader") {
+        assert!(start.elapsed() < Duration::from_secs(30), "the replica never led:\n{}", log_of(&operator));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    submit(&admin, ns, "before").await;
+    wait_for_job(&admin, ns, "before", "estimated in the first term", |j| phase(j) == Some("AwaitingApproval")).await;
+    let first_term = lists_by(&audit_log, &user);
+    for resource in ["pods", "agentjobs"] {
+        assert!(
+            first_term.get(resource).is_some_and(|&n| n >= 1),
+            "the first term's LIST of {resource} is not in the audit log: {first_term:?}"
+        );
+    }
+
+    // Take the Lease over, renewing it as its holder would, until the replica has stood down.
+    let leases: Api<Lease> = Api::namespaced(admin.clone(), ns);
+    let lease = format!("agentgate-{ns}");
+    let (stop_stealing, mut stealing) = tokio::sync::watch::channel(false);
+    let thief = tokio::spawn({
+        let (leases, lease) = (leases.clone(), lease.clone());
+        async move {
+            while !*stealing.borrow() {
+                let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(Timestamp::now())).unwrap();
+                let spec = json!({"spec": {"holderIdentity": "thief", "acquireTime": now, "renewTime": now, "leaseDurationSeconds": 3}});
+                leases.patch(&lease, &PatchParams::default(), &Patch::Merge(&spec)).await.expect("take the Lease over");
+                let _ = tokio::time::timeout(Duration::from_secs(1), stealing.changed()).await;
+            }
+        }
+    });
+    let stolen = Instant::now();
+    while !log_of(&operator).contains("lost the leader lease") {
+        assert!(stolen.elapsed() < Duration::from_secs(30), "the replica never stood down:\n{}", log_of(&operator));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stood_down = Timestamp::now();
+    submit(&admin, ns, "during").await;
+    // Held a little longer, so that the job reaches the standby's cache before it leads again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let released = Timestamp::now();
+    stop_stealing.send(true).unwrap();
+    thief.await.unwrap();
+
+    let retaking = Instant::now();
+    while log_of(&operator).matches("became the leader").count() < 2 {
+        assert!(retaking.elapsed() < Duration::from_secs(30), "the replica never led again:\n{}", log_of(&operator));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_for_job(&admin, ns, "during", "estimated after leading again", |j| phase(j) == Some("AwaitingApproval")).await;
+    let log = log_of(&operator);
+    let led_again = times_of(&log, "became the leader")[1];
+    let synced = times_of(&log, "watch caches synced").get(1).copied();
+    let served = times_of(&log, "phase changed").into_iter().find(|&t| t > led_again);
+    let second_term = lists_by(&audit_log, &user);
+    println!(
+        "figure: {FOREIGN_PODS} foreign Pods; the retaken term synced {:?} and changed the first phase {:?} after it began; LISTs first term {first_term:?}, after retaking {second_term:?}",
+        synced.map(|t| t.duration_since(led_again)),
+        served.map(|t| t.duration_since(led_again)),
+    );
+    for resource in KEPT_WATCHES {
+        assert_eq!(second_term.get(*resource), first_term.get(*resource), "the retaken term relisted {resource}");
+    }
+    // Never two writers: while the test held the Lease the replica wrote nothing (the Lease's
+    // own renewal aside, which does not change its holder).
+    let writes = writes_by(&audit_log, &user, stood_down, released);
+    assert!(writes.is_empty(), "the replica wrote while it stood by: {writes:#?}");
+}
+
+/// The times of the log lines that contain `needle`.
+fn times_of(log: &str, needle: &str) -> Vec<Timestamp> {
+    log.lines()
+        .map(strip_ansi)
+        .filter(|line| line.contains(needle))
+        .filter_map(|line| line.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+/// The audit log's requests of `user` that completed.
+fn requests_by(audit_log: &Path, user: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(audit_log).expect("reading the audit log");
+    text.lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|e| e["user"]["username"] == user && e["stage"] == "ResponseComplete")
+        .collect()
+}
+
+/// LIST requests of `user`, per resource.
+fn lists_by(audit_log: &Path, user: &str) -> BTreeMap<String, usize> {
+    let mut lists = BTreeMap::new();
+    for e in requests_by(audit_log, user).iter().filter(|e| e["verb"] == "list") {
+        *lists.entry(e["objectRef"]["resource"].as_str().unwrap_or_default().to_string()).or_default() += 1;
+    }
+    lists
+}
+
+/// Writes of `user` the apiserver received between `from` and `until`, Leases aside.
+fn writes_by(audit_log: &Path, user: &str, from: Timestamp, until: Timestamp) -> Vec<String> {
+    requests_by(audit_log, user)
+        .iter()
+        .filter(|e| ["create", "update", "patch", "delete"].iter().any(|v| e["verb"] == *v) && e["objectRef"]["resource"] != "leases")
+        .filter(|e| e["requestReceivedTimestamp"].as_str().and_then(|t| t.parse::<Timestamp>().ok()).is_some_and(|t| t > from && t < until))
+        .map(|e| format!("{} {}", e["verb"], e["requestURI"]))
+        .collect()
 }

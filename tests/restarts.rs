@@ -20,7 +20,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use support::cluster::{Env, OperatorMode};
-use support::controlplane::OperatorProcess;
+use support::controlplane::{OperatorProcess, strip_ansi};
 use support::storm::{self, JobPlan, Kubelet};
 
 /// One test at a time: each restarts the control plane under the others' feet.
@@ -134,23 +134,6 @@ fn leadership(log: &str, until: Timestamp) -> Vec<(Timestamp, Timestamp)> {
     }
     spans.extend(since.map(|from| (from, until)));
     spans
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// The Lease's holder identity, if any.

@@ -184,7 +184,9 @@ mod tests {
 #[derive(Clone)]
 pub struct Reporter {
     metrics: std::sync::Arc<crate::metrics::Metrics>,
-    events: super::events::EventQueue,
+    /// The current term of leadership's Event queue; None while standing by. The watches outlive
+    /// terms (watches.rs), and a standby writes nothing, Events included.
+    events: std::sync::Arc<std::sync::RwLock<Option<super::events::EventQueue>>>,
     /// The problem last reported of each object (kind/namespace/name).
     reported: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>,
 }
@@ -194,8 +196,13 @@ impl Reporter {
     /// is one more report of each.
     const CAP: usize = 10_000;
 
-    pub fn new(metrics: std::sync::Arc<crate::metrics::Metrics>, events: super::events::EventQueue) -> Self {
-        Reporter { metrics, events, reported: Default::default() }
+    pub fn new(metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        Reporter { metrics, events: Default::default(), reported: Default::default() }
+    }
+
+    /// Reports through `events` from now on (a term begins), or not at all (None: it ended).
+    pub fn lead(&self, events: Option<super::events::EventQueue>) {
+        *self.events.write().unwrap_or_else(std::sync::PoisonError::into_inner) = events;
     }
 
     /// True the first time this problem of this object is seen.
@@ -214,6 +221,11 @@ impl Reporter {
     fn report<K: Resource<DynamicType = ()>>(&self, bad: &Undecodable) {
         let kind = K::kind(&());
         let (namespace, name) = (bad.metadata.namespace.as_deref().unwrap_or_default(), bad.metadata.name.as_deref().unwrap_or_default());
+        // A standby neither reports nor remembers it: the leader reports it once it changes
+        // (what a standby saw is not replayed at a new term).
+        let Some(events) = self.events.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone() else {
+            return;
+        };
         if !self.first_time(format!("{kind}/{namespace}/{name}"), &bad.error) {
             return;
         }
@@ -232,7 +244,7 @@ impl Reporter {
                 "The operator cannot read this object and ignores it until it changes: {}. Recreate it within the documented limits, or run the operator version that wrote it.",
                 crate::domain::validate::bounded_to(&bad.error, 700)
             );
-            self.events.try_record(&reference, kube::runtime::events::EventType::Warning, "Undecodable", note, "Decode");
+            events.try_record(&reference, kube::runtime::events::EventType::Warning, "Undecodable", note, "Decode");
         }
     }
 }

@@ -140,11 +140,22 @@ pub struct EventQueue {
 impl EventQueue {
     /// Starts the sender on the current runtime; it ends when every queue handle is dropped.
     pub fn start(publisher: Publisher) -> EventQueue {
+        Self::spawn(publisher).0
+    }
+
+    /// Like `start`, for one term of leadership: the sender stops, and Events still queued are
+    /// dropped, as soon as the returned guard is (the lease was lost: a standby writes nothing).
+    pub fn start_for_term(publisher: Publisher) -> (EventQueue, StopOnDrop) {
+        let (queue, task) = Self::spawn(publisher);
+        (queue, StopOnDrop(task.abort_handle()))
+    }
+
+    fn spawn(publisher: Publisher) -> (EventQueue, tokio::task::JoinHandle<()>) {
         use futures::StreamExt;
         let (queue, mut rx) = mpsc::channel::<Pending>(QUEUE_CAP);
         let publisher = std::sync::Arc::new(publisher);
         let pending = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-        tokio::spawn(pending.for_each_concurrent(SENDERS, move |p| {
+        let task = tokio::spawn(pending.for_each_concurrent(SENDERS, move |p| {
             let publisher = publisher.clone();
             async move {
                 if let Err(err) = publisher.publish_at(&p.regarding, p.type_, &p.reason, &p.note, p.action, p.at).await {
@@ -152,7 +163,7 @@ impl EventQueue {
                 }
             }
         }));
-        EventQueue { queue }
+        (EventQueue { queue }, task)
     }
 
     pub async fn record(&self, regarding: &ObjectReference, type_: EventType, reason: &str, note: String, action: &'static str) {
@@ -169,6 +180,15 @@ impl EventQueue {
         if self.queue.try_send(pending).is_err() {
             tracing::warn!(object = ?regarding.name, reason, "Event dropped: the Event queue is full");
         }
+    }
+}
+
+/// Aborts a term's Event sender when dropped (`EventQueue::start_for_term`).
+pub struct StopOnDrop(tokio::task::AbortHandle);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

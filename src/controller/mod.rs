@@ -33,7 +33,9 @@ pub mod spec_history;
 pub use crate::domain::snapshot;
 pub mod tasks;
 pub mod tool_pinning;
+pub mod triggers;
 pub mod wakeups;
+pub mod watches;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -44,16 +46,15 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, Client, Resource, ResourceExt};
-use tokio::sync::{RwLock, mpsc};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource};
+use tokio::sync::RwLock;
 
 use crate::api::{AgentJob, AgentTool, ApprovalVote};
 use crate::domain::pricing::PriceTable;
 use crate::metrics::Metrics;
 use crate::state::{Health, JobsForMetrics};
-use relist::OnceStored;
 
 pub use error::{Error, Result};
 
@@ -106,9 +107,9 @@ pub struct Caches {
 }
 
 impl Caches {
-    /// True once every cache has its first full list. Never awaited inside a reconcile: the
-    /// caches fill only while the controller polls its trigger streams, so waiting there could
-    /// stall the very streams that would end the wait.
+    /// True once every cache has its first full list (it stays true: a relist is swapped in
+    /// whole). Never awaited inside a reconcile, which comes back after `UNSYNCED_RETRY` instead
+    /// of holding one of the controller's concurrent slots.
     pub fn synced(&self) -> bool {
         use futures::FutureExt;
         [
@@ -138,11 +139,11 @@ pub struct Context {
     pub caches: Caches,
     pub heads: access::HeadChecker,
     /// Jobs to look at again because something they wait for (capacity, rate limit) freed up.
-    pub requeue: mpsc::UnboundedSender<ObjectRef<AgentJob>>,
-    pub tool_requeue: mpsc::UnboundedSender<ObjectRef<AgentTool>>,
-    pub secret_watch: agent_tool::SecretWatch,
+    pub requeue: triggers::Triggers<AgentJob>,
+    pub tool_requeue: triggers::Triggers<AgentTool>,
+    pub secret_watch: Arc<agent_tool::SecretWatch>,
     /// The namespaces' meter keys Secrets as last read, while `secret_watch` runs.
-    pub meter_keys: meter_keys::KeysCache,
+    pub meter_keys: Arc<meter_keys::KeysCache>,
     /// How late recent jobs' approvals came: how long new jobs wait for theirs.
     pub vote_lateness: std::sync::Mutex<crate::domain::vote_wait::VoteLateness>,
     /// What the cost estimator learned from finished attempts, persisted by its own writer.
@@ -218,65 +219,31 @@ where
 /// an apiserver restart were never counted (tests/restarts.rs).
 const PAGE_SIZE: u32 = 50;
 
-/// Starts the watches and both controllers and runs until `shutdown` resolves.
-pub async fn run(
+/// One term of leadership: both controllers and every writer, reading the caches of `watches`
+/// (which outlive the term, watches.rs), until `shutdown` resolves. The future is dropped when
+/// the lease is lost, and with it every task of the term: no write may start after that.
+/// `replay`: the watches ran before this term, and what they asked to reconcile while this
+/// replica stood by went nowhere, so every cached job and tool is reconciled once, from the warm
+/// caches, with no relist.
+#[allow(clippy::too_many_arguments)]
+pub async fn lead(
     client: Client,
     settings: Settings,
     prices: Arc<RwLock<PriceTable>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     jobs_for_metrics: JobsForMetrics,
+    watches: &mut watches::Watches,
+    replay: bool,
     shutdown: impl future::Future<Output = ()> + Send + Sync + Clone + 'static,
 ) {
-    let wc = watcher::Config::default();
-    let (pods, pods_writer) = reflector::store();
-    let (nodes, nodes_writer) = reflector::store();
-    let (quotas, quotas_writer) = reflector::store();
-    let (tools, tools_writer) = reflector::store();
-    let (votes, votes_writer) = reflector::store();
-    let (services, services_writer) = reflector::store();
-    let (endpoint_slices, slices_writer) = reflector::store();
-
-    let index = Arc::new(index::Indexes::default());
-    let pod_expectations = Arc::new(pod_expectations::PodExpectations::default());
-    let stored_revisions = Arc::new(spec_history::StoredRevisions::default());
-    let (requeue, requeue_rx) = mpsc::unbounded_channel();
-    let (tool_requeue, tool_requeue_rx) = mpsc::unbounded_channel();
-    // Jobs entering or leaving Running requeue what waits on them, once the cache shows the change.
-    let (jobs, jobs_writer) = reflector::store();
-    let events = events::EventQueue::start(events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok()));
-    let reporter = decode::Reporter::new(metrics.clone(), events.clone());
-    let job_stream = decode::decoded_only(
-        watcher(scoped::<decode::Decoded<AgentJob>>(&client, &settings.namespace), wc.clone().page_size(PAGE_SIZE)),
-        jobs.clone(),
-        reporter.clone(),
-    )
-    .default_backoff()
-    // Before the slim, which leaves the requester out of the cached job (index.rs).
-    .inspect(feed(&index, |i, event| i.requesters().apply(event)))
-    .modify(slim::job)
-    .inspect({
-        let (jobs, index, requeue, tool_requeue) = (jobs.clone(), index.clone(), requeue.clone(), tool_requeue.clone());
-        let (expectations, revisions) = (pod_expectations.clone(), stored_revisions.clone());
-        move |event| {
-            if let Ok(event) = event {
-                wakeups::requeue_on_transition(&jobs, &index, &requeue, &tool_requeue, event);
-                if let watcher::Event::Delete(job) = event {
-                    let uid = job.metadata.uid.as_deref().unwrap_or_default();
-                    expectations.forget(uid);
-                    revisions.forget(uid);
-                }
-            }
-        }
-    })
-    .reflect(jobs_writer)
-    .inspect(feed(&index, |i, event| i.jobs().apply(event)))
-    .applied_once_stored();
-    let controller_config = kube::runtime::controller::Config::default().concurrency(settings.max_concurrent_reconciles);
-    let job_controller = kube::runtime::Controller::for_stream(job_stream, jobs.clone())
-        .with_config(controller_config.clone())
-        .trigger_backoff(NoTriggerBackoff);
-    let caches = Caches { jobs, pods, nodes, quotas, tools, votes, services, endpoint_slices, index };
+    let caches = watches.caches.clone();
+    // Opened before anything is replayed: a change from here on reaches this term either way.
+    let (_jobs_term, job_triggers) = watches.jobs_to_reconcile.open();
+    let (_tools_term, tool_triggers) = watches.tools_to_reconcile.open();
+    let (events, _events_sender) =
+        events::EventQueue::start_for_term(events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok()));
+    let _reporting = Reporting::start(&watches.reporter, events.clone());
     *jobs_for_metrics.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.jobs.clone());
     *health.agent_pods.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.pods.clone());
     *metrics.tools.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(caches.tools.clone());
@@ -284,6 +251,7 @@ pub async fn run(
         let (caches, approval_timeout) = (caches.clone(), settings.approval_timeout_seconds);
         Arc::new(move || memory::report(&caches, approval_timeout))
     });
+    // Read again at every term: another replica may have led and learned since.
     let learner = Arc::new(estimator_store::Learner::load(&client, &settings.state_namespace).await);
     let ctx = Arc::new(Context {
         events,
@@ -293,177 +261,33 @@ pub async fn run(
         prices,
         caches: caches.clone(),
         heads: access::HeadChecker::new(client.clone()),
-        requeue,
-        tool_requeue,
-        secret_watch: agent_tool::SecretWatch::default(),
-        meter_keys: meter_keys::KeysCache::default(),
+        requeue: watches.jobs_to_reconcile.clone(),
+        tool_requeue: watches.tools_to_reconcile.clone(),
+        secret_watch: watches.secret_watch.clone(),
+        meter_keys: watches.meter_keys.clone(),
         vote_lateness: Default::default(),
         learner: learner.clone(),
         status_writes: StatusWrites::default(),
-        pod_expectations: pod_expectations.clone(),
-        stored_revisions: stored_revisions.clone(),
+        pod_expectations: watches.pod_expectations.clone(),
+        stored_revisions: watches.stored_revisions.clone(),
         identity: identity_policies::Gate::default(),
         health: health.clone(),
     });
-    // Woken by every Service and AgentTool change; see discovery.rs.
-    let discovery_trigger = Arc::new(tokio::sync::Notify::new());
 
-    // Woken by Pods that hold the usage finalizer but whose job is not cached (pod_finalizer.rs).
-    let orphan_trigger = Arc::new(tokio::sync::Notify::new());
-    // Every Pod of the cluster is watched, slimmed and indexed, and agentgate's own Pods are
-    // cached and mapped to the jobs they concern, on a task of its own (with 20,000 foreign Pods
-    // the heaviest watch by far): only those jobs reach the job controller's task, through a
-    // bounded channel.
-    let mut tasks = tasks::Tasks::default();
-    // Every Pod is indexed (node capacity); foreign Pods are neither stored nor passed on.
-    let pod_triggers = tasks::on_own_task(
-        &mut tasks,
-        watcher(scoped::<Pod>(&client, &None), wc.clone())
-            .default_backoff()
-            .modify(slim::pod)
-            .modify({
-                let (caches, namespace) = (caches.clone(), settings.namespace.clone());
-                move |pod| slim::pod_scope(pod, namespace.as_deref(), |uid| caches.index.jobs().by_uid(uid).is_some())
-            })
-            .inspect({
-                let (caches, requeue) = (caches.clone(), ctx.requeue.clone());
-                move |event| {
-                    if let Ok(event) = event {
-                        let released = caches.index.pods().apply(event);
-                        wakeups::capacity_released(&caches, &requeue, &released);
-                    }
-                }
-            })
-            .filter_map({
-                let mut store = pods_writer;
-                move |event| future::ready(event.map(|event| slim::store_agentgate_pods(&mut store, event)).transpose())
-            })
-            // Once stored: a reconcile that finds the expectation gone finds the Pod in the cache.
-            .inspect(move |event| {
-                if let Ok(event) = event {
-                    pod_expectations.apply(event);
-                }
-            })
-            .touched_once_stored()
-            .filter_map(|pod| future::ready(pod.ok()))
-            .flat_map({
-                let caches = caches.clone();
-                let orphans = orphan_trigger.clone();
-                move |pod: Pod| {
-                    if pod_finalizer::is_orphan_hint(&caches.jobs, &pod) {
-                        orphans.notify_one();
-                    }
-                    futures::stream::iter(wakeups::jobs_affected_by_pod(&caches, &pod))
-                }
-            }),
-    );
-    let node_stream = watcher(Api::<Node>::all(client.clone()), wc.clone())
-        .default_backoff()
-        .modify(slim::node)
-        .reflect(nodes_writer)
-        .touched_once_stored();
-    let quota_stream = watcher(scoped::<ResourceQuota>(&client, &settings.namespace), wc.clone())
-        .default_backoff()
-        .modify(slim::metadata)
-        .reflect(quotas_writer)
-        .inspect(feed(&caches.index, |i, event| i.quotas().apply(event)))
-        .touched_once_stored();
-    let tool_stream = decode::decoded_only(
-        watcher(Api::<decode::Decoded<AgentTool>>::all(client.clone()), wc.clone()),
-        caches.tools.clone(),
-        reporter.clone(),
-    )
-    .default_backoff()
-    .modify(slim::metadata)
-    .reflect(tools_writer)
-    .touched_once_stored()
-    .inspect(poke(&discovery_trigger));
-    let vote_stream = decode::decoded_only(
-        watcher(scoped::<decode::Decoded<ApprovalVote>>(&client, &settings.namespace), wc.clone().page_size(PAGE_SIZE)),
-        caches.votes.clone(),
-        reporter.clone(),
-    )
-    .default_backoff()
-    .modify(slim::vote)
-    .reflect(votes_writer)
-    .inspect(feed(&caches.index, |i, event| i.votes().apply(event)))
-    .touched_once_stored();
-
-    let jobs_for = caches.clone();
-    let job_controller = job_controller
-        .reconcile_on(pod_triggers)
-        .watches_stream(node_stream, {
-            let caches = caches.clone();
-            move |_node: Node| wakeups::jobs_short_of_nodes(&caches)
-        })
-        .watches_stream(quota_stream, {
-            let caches = caches.clone();
-            move |quota: ResourceQuota| wakeups::jobs_waiting_for_capacity(&caches, quota.namespace().as_deref())
-        })
-        .watches_stream(tool_stream, move |tool: AgentTool| wakeups::jobs_naming_tool(&jobs_for, &tool.name_any()))
-        .watches_stream(vote_stream, |vote: ApprovalVote| vote.namespace().map(|ns| ObjectRef::new(&vote.spec.job_ref.name).within(&ns)))
-        .reconcile_on(tokio_stream_from(requeue_rx))
+    // The controllers' only triggers are the watches' (triggers.rs): each watch backs off on its
+    // own, and its errors never reach a controller, so kube-runtime's shared trigger backoff
+    // (which paused every watch for 30 s and more after an apiserver restart, tests/restarts.rs)
+    // has nothing left to act on.
+    let controller_config = kube::runtime::controller::Config::default().concurrency(settings.max_concurrent_reconciles);
+    let job_controller = kube::runtime::Controller::for_stream(futures::stream::pending(), caches.jobs.clone())
+        .with_config(controller_config.clone())
+        .reconcile_on(job_triggers)
         .graceful_shutdown_on(shutdown.clone())
         .run(agent_job::reconcile, agent_job::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));
-
-    let service_stream = watcher(Api::<Service>::all(client.clone()), wc.clone().page_size(PAGE_SIZE))
-        .default_backoff()
-        .modify(slim::service)
-        .reflect(services_writer)
-        .touched_once_stored()
-        .inspect(poke(&discovery_trigger));
-    let slice_stream = watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
-        .default_backoff()
-        .modify(slim::endpoint_slice)
-        .reflect(slices_writer)
-        .touched_once_stored();
-    // Only Secrets' metadata is requested (never their data), and nothing is cached: a change
-    // only triggers the tools naming the Secret, whose reconcile GETs it to look for the key, and
-    // forgets the meter keys read from it (meter_keys.rs).
-    let secret_stream = watcher(Api::<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>>::all(client.clone()), wc.clone())
-        .default_backoff()
-        .inspect({
-            let ctx = ctx.clone();
-            move |event| {
-                ctx.secret_watch.observe(event);
-                ctx.meter_keys.observe(event, &ctx.settings.meter.keys_secret);
-            }
-        })
-        .touched_objects()
-        .filter(|secret| future::ready(secret.is_ok()));
-    // Like `Controller::new`, but its watch backs off on its own like every other trigger stream
-    // (see `NoTriggerBackoff`).
-    let (tool_controller_store, tool_controller_writer) = reflector::store();
-    let tool_self_stream = decode::decoded_only(
-        watcher(Api::<decode::Decoded<AgentTool>>::all(client.clone()), wc.clone()),
-        tool_controller_store.clone(),
-        reporter,
-    )
-    .default_backoff()
-    .reflect(tool_controller_writer)
-    .applied_once_stored();
-    let tool_controller = kube::runtime::Controller::for_stream(tool_self_stream, tool_controller_store)
+    let tool_controller = kube::runtime::Controller::for_stream(futures::stream::pending(), watches.tools_whole.clone())
         .with_config(controller_config)
-        .trigger_backoff(NoTriggerBackoff)
-        .watches_stream(service_stream, {
-            let caches = caches.clone();
-            move |svc: Service| agent_tool::tools_using_service(&caches, &svc.namespace().unwrap_or_default(), &svc.name_any())
-        })
-        .watches_stream(slice_stream, {
-            let caches = caches.clone();
-            move |slice: EndpointSlice| {
-                let service = slice.labels().get("kubernetes.io/service-name").cloned().unwrap_or_default();
-                agent_tool::tools_using_service(&caches, &slice.namespace().unwrap_or_default(), &service)
-            }
-        })
-        .watches_stream(secret_stream, {
-            let caches = caches.clone();
-            move |secret: kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Secret>| {
-                agent_tool::tools_using_secret(&caches, &secret.namespace().unwrap_or_default(), &secret.name_any())
-            }
-        })
-        .reconcile_on(tokio_stream_from(tool_requeue_rx))
+        .reconcile_on(tool_triggers)
         .graceful_shutdown_on(shutdown)
         .run(agent_tool::reconcile, agent_tool::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));
@@ -478,53 +302,68 @@ pub async fn run(
             None => std::future::pending().await,
         }
     };
-    let mark_ready = async {
-        while !caches.synced() {
-            tokio::time::sleep(UNSYNCED_RETRY).await;
+    let (discovery_trigger, orphan_trigger) = (watches.discovery_trigger.clone(), watches.orphan_trigger.clone());
+    let mark_ready = {
+        let (jobs_to, tools_to, tools_whole) =
+            (watches.jobs_to_reconcile.clone(), watches.tools_to_reconcile.clone(), watches.tools_whole.clone());
+        let (caches, health, discovery, orphans) = (caches.clone(), health.clone(), discovery_trigger.clone(), orphan_trigger.clone());
+        async move {
+            while !watches::synced(&caches, &tools_whole) {
+                tokio::time::sleep(UNSYNCED_RETRY).await;
+            }
+            health.caches_synced.store(true, Ordering::Relaxed);
+            tracing::info!("watch caches synced");
+            if replay {
+                let (jobs, tools) = (caches.jobs.state(), tools_whole.state());
+                tracing::info!(jobs = jobs.len(), tools = tools.len(), "reconciling every cached job and tool once");
+                for job in jobs {
+                    let _ = jobs_to.send(ObjectRef::from_obj(job.as_ref()));
+                }
+                for tool in tools {
+                    let _ = tools_to.send(ObjectRef::from_obj(tool.as_ref()));
+                }
+                // What a first list pokes: one discovery pass and one orphan sweep per term.
+                discovery.notify_one();
+                orphans.notify_one();
+            }
+            std::future::pending::<()>().await
         }
-        health.caches_synced.store(true, Ordering::Relaxed);
-        tracing::info!("watch caches synced");
-        std::future::pending::<()>().await
     };
     // Each controller on a task of its own (tasks.rs); the rest is light and stays here.
+    let mut tasks = tasks::Tasks::default();
     tasks.spawn_controller(job_controller);
     tasks.spawn_controller(tool_controller);
     tokio::select! {
         _ = tasks.ended() => {}
+        _ = watches.ended() => {}
         _ = mark_ready => {}
         _ = rbac_changes => {}
         _ = price_changes => {}
         _ = discovery::run(ctx.clone(), discovery_trigger) => {}
         _ = learner.run_writer(client.clone()) => {}
         _ = identity_policies::run(ctx.clone()) => {}
-        _ = pod_finalizer::sweep(ctx.clone(), orphan_trigger.clone()) => {}
+        _ = pod_finalizer::sweep(ctx.clone(), orphan_trigger) => {}
     }
     *health.identity_problems.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     // Shutdown: what was learned since the last write is not lost.
     learner.flush(&client).await;
 }
 
-/// The controllers' backoff over all their trigger streams together: none, because every watch
-/// stream already backs off on its own (`default_backoff`).
-///
-/// kube-runtime's default here is a second exponential backoff around the merged streams, which
-/// pauses every watch whenever any one of them fails, and only resets after an item arrives
-/// while awake. After a kube-apiserver restart each of the job controller's six watches fails
-/// during the outage and once more with 410 Gone when it resumes, and those errors, taken one at
-/// a time, escalate that shared pause to 30 s and beyond: the caches and every reconcile stood
-/// still for over a minute after the apiserver was back (tests/restarts.rs).
-struct NoTriggerBackoff;
+/// The undecodable objects' Events go through the term's queue while it lasts, and nowhere
+/// once it ends (dropped with the term's future when the lease is lost).
+struct Reporting(decode::Reporter);
 
-impl Iterator for NoTriggerBackoff {
-    type Item = Duration;
-
-    fn next(&mut self) -> Option<Duration> {
-        Some(Duration::ZERO)
+impl Reporting {
+    fn start(reporter: &decode::Reporter, events: events::EventQueue) -> Reporting {
+        reporter.lead(Some(events));
+        Reporting(reporter.clone())
     }
 }
 
-impl kube::runtime::utils::Backoff for NoTriggerBackoff {
-    fn reset(&mut self) {}
+impl Drop for Reporting {
+    fn drop(&mut self) {
+        self.0.lead(None);
+    }
 }
 
 /// A stream inspector that wakes `trigger` on every item.
@@ -545,12 +384,6 @@ fn feed<K, E>(
             apply(&index, event);
         }
     }
-}
-
-/// tokio-stream's `UnboundedReceiverStream`, in one line: tokio-stream is not in the build
-/// (Cargo.lock), and a crate for this alone is not worth its compile time.
-fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::UnboundedReceiver<T>) -> impl futures::Stream<Item = T> + Send + 'static {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
 /// Requeue delays: a safety net, not how jobs make progress (watches do that).

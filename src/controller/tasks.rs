@@ -2,13 +2,7 @@
 //! was given on the one task that polls its stream, so the two controllers and the Pod watch
 //! each get a task of their own and the runtime's worker threads can run them on every core.
 
-use futures::{Stream, StreamExt};
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-
-/// Items a watch task may run ahead of its consumer before it waits for it (backpressure, not
-/// loss: a full channel stops the watch task, never drops an event).
-const WATCH_BUFFER: usize = 1024;
 
 /// Spawned tasks that end with their owner: dropping this aborts every one. The controllers'
 /// future is dropped when the leader lease is lost ("no write may start after it", main.rs), and
@@ -34,14 +28,20 @@ impl Tasks {
     /// Resolves once every controller has ended (shut down gracefully), or as soon as a feeder
     /// ends (it panicked: the operator then stops as a whole, as when all of this ran in one
     /// `select!`, rather than go on deaf to a kind of event).
+    /// Without controllers (the watches' own tasks, watches.rs) only a feeder's end resolves it.
     pub async fn ended(&mut self) {
-        let controllers = futures::future::join_all(self.controllers.iter_mut());
-        if self.feeders.is_empty() {
-            controllers.await;
-            return;
+        let Tasks { controllers, feeders } = self;
+        let feeder = async {
+            match feeders.is_empty() {
+                true => std::future::pending().await,
+                false => drop(futures::future::select_all(feeders.iter_mut()).await),
+            }
+        };
+        if controllers.is_empty() {
+            return feeder.await;
         }
-        let feeder = futures::future::select_all(self.feeders.iter_mut());
-        futures::future::select(std::pin::pin!(controllers), feeder).await;
+        let controllers = futures::future::join_all(controllers.iter_mut());
+        futures::future::select(std::pin::pin!(controllers), std::pin::pin!(feeder)).await;
     }
 }
 
@@ -51,21 +51,4 @@ impl Drop for Tasks {
             task.abort();
         }
     }
-}
-
-/// Polls `stream` on a task of its own and hands its items over through a bounded channel.
-pub fn on_own_task<T: Send + 'static>(
-    tasks: &mut Tasks,
-    stream: impl Stream<Item = T> + Send + 'static,
-) -> impl Stream<Item = T> + Send + 'static {
-    let (tx, mut rx) = mpsc::channel(WATCH_BUFFER);
-    tasks.spawn_feeder(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(item) = stream.next().await {
-            if tx.send(item).await.is_err() {
-                break;
-            }
-        }
-    });
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

@@ -24,7 +24,7 @@ fn job_ref(key: &Key) -> ObjectRef<AgentJob> {
 /// waiting for resources that this could let start: short of node room and now fitting on that
 /// node, or short of quota in that Pod's namespace. In a busy cluster foreign Pods finish all the
 /// time; each used to wake every waiting job.
-pub fn capacity_released(caches: &Caches, requeue: &mpsc::UnboundedSender<ObjectRef<AgentJob>>, released: &[Released]) {
+pub fn capacity_released(caches: &Caches, requeue: &super::triggers::Triggers<AgentJob>, released: &[Released]) {
     if released.is_empty() {
         return;
     }
@@ -139,8 +139,8 @@ fn is_running(job: &AgentJob) -> bool {
 pub fn requeue_on_transition(
     jobs: &kube::runtime::reflector::Store<AgentJob>,
     index: &super::index::Indexes,
-    requeue: &tokio::sync::mpsc::UnboundedSender<ObjectRef<AgentJob>>,
-    tool_requeue: &tokio::sync::mpsc::UnboundedSender<ObjectRef<crate::api::AgentTool>>,
+    requeue: &super::triggers::Triggers<AgentJob>,
+    tool_requeue: &super::triggers::Triggers<crate::api::AgentTool>,
     event: &kube::runtime::watcher::Event<AgentJob>,
 ) {
     use kube::runtime::watcher::Event;

@@ -384,6 +384,7 @@ pub struct EnvBuilder {
     watch_one_namespace: bool,
     metrics_addr: String,
     extra_args: Vec<String>,
+    audit_log: bool,
 }
 
 impl Env {
@@ -400,6 +401,7 @@ impl Env {
             watch_one_namespace: true,
             metrics_addr: "127.0.0.1:0".into(),
             extra_args: Vec::new(),
+            audit_log: false,
         }
     }
 
@@ -466,6 +468,13 @@ impl EnvBuilder {
         self
     }
 
+    /// On the control plane that writes an audit log ([`ControlPlane::shared_with_audit_log`]):
+    /// every test of the binary must ask for it, or the binary runs two control planes.
+    pub fn audit_log(mut self) -> Self {
+        self.audit_log = true;
+        self
+    }
+
     /// Leaves out [`grant_voting_rights`].
     pub fn without_voting_rights(mut self) -> Self {
         self.voting_rights = false;
@@ -498,7 +507,7 @@ impl EnvBuilder {
 
     /// Creates the namespaces, the node and the RBAC, then starts the operator as asked.
     pub async fn build(self) -> Env {
-        let cp = ControlPlane::shared();
+        let cp = if self.audit_log { ControlPlane::shared_with_audit_log() } else { ControlPlane::shared() };
         for ns in &self.namespaces {
             cp.namespace(ns).await;
         }

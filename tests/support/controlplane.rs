@@ -53,6 +53,24 @@ const STARTUP_TIMEOUT: Duration = Duration::from_mins(2);
 /// Field manager for objects the harness applies, so they are distinguishable from the operator's.
 const FIELD_MANAGER: &str = "agentgate-test-harness";
 
+/// A line of an operator's log without its colour codes (the log is written as a terminal's).
+pub fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// A running etcd + kube-apiserver pair and credentials for the [`USERS`].
 pub struct ControlPlane {
     dir: PathBuf,

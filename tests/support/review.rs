@@ -14,7 +14,11 @@ use super::controlplane::ControlPlane;
 /// A kubeconfig authenticating as ServiceAccount `ns/name` with a fresh TokenRequest token,
 /// for the same apiserver and CA as the harness's admin kubeconfig.
 pub async fn service_account_kubeconfig(admin: &Client, ns: &str, name: &str) -> PathBuf {
-    let cp = ControlPlane::shared();
+    service_account_kubeconfig_on(ControlPlane::shared(), admin, ns, name).await
+}
+
+/// [`service_account_kubeconfig`] for the apiserver of `cp`.
+pub async fn service_account_kubeconfig_on(cp: &ControlPlane, admin: &Client, ns: &str, name: &str) -> PathBuf {
     let sa: ServiceAccount =
         serde_json::from_value(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": name}})).unwrap();
     let accounts = Api::<ServiceAccount>::namespaced(admin.clone(), ns);
