@@ -323,6 +323,11 @@ pub struct Reservation {
 }
 
 impl Reservation {
+    /// The model the call is priced as.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
     pub fn settle(mut self, outcome: Outcome) {
         self.settled = true;
         self.ledger.settle(&self.model, &self.price, self.amount, outcome);

@@ -377,9 +377,13 @@ fn forward_headers(incoming: &HeaderMap, provider: Provider, key: Option<&Header
         headers.remove(name);
     }
     if let Some(key) = key {
-        // The client holds a dummy key: whatever it sent, only the real one goes out.
-        headers.remove(header::AUTHORIZATION);
-        headers.remove("x-api-key");
+        // The client holds a dummy key: whatever it sent, only the real one goes out. Nor does it
+        // pick the organisation or project the key bills: a project's own settings (its default
+        // tier, priority at twice the price) are beyond what the meter prices
+        // (tests/meter/test_meter.py test_an_openai_project_defaulting_to_priority_cannot_bill_past_the_budget).
+        for name in [header::AUTHORIZATION.as_str(), "x-api-key", "openai-organization", "openai-project"] {
+            headers.remove(name);
+        }
         let name = match provider {
             Provider::OpenAi => header::AUTHORIZATION,
             Provider::Anthropic => HeaderName::from_static("x-api-key"),
@@ -405,6 +409,8 @@ struct ResponseHead {
     usage: Option<serde_json::Value>,
     #[serde(default)]
     id: Option<serde_json::Value>,
+    #[serde(default)]
+    service_tier: Option<serde_json::Value>,
 }
 
 /// The upstream's body, passed on frame by frame. It settles the call's reservation when the
@@ -476,19 +482,28 @@ impl MeteredBody {
 
     fn finish(&mut self, clean: bool) {
         let Some(reservation) = self.reservation.take() else { return };
-        let (measured, response_id) = match &self.observer {
-            _ if !clean => (None, None),
-            Observer::Stream { starved: true, .. } => (None, None),
-            Observer::Stream { usage, .. } => (usage.usage.filter(|_| usage.done), usage.response_id.clone()),
+        let (measured, response_id, above_list_price) = match &self.observer {
+            _ if !clean => (None, None, None),
+            Observer::Stream { starved: true, .. } => (None, None, None),
+            Observer::Stream { usage, .. } => {
+                (usage.usage.filter(|_| usage.done), usage.response_id.clone(), usage.above_list_price.clone())
+            }
             Observer::Whole { copy, overflowed: false, .. } => match serde_json::from_slice::<ResponseHead>(copy) {
                 Ok(body) => (
                     body.usage.as_ref().and_then(|u| wire::usage_of(self.api, u)),
                     body.id.as_ref().and_then(serde_json::Value::as_str).map(str::to_string),
+                    wire::billed_above_list_price_by_response(self.api, body.service_tier.as_ref(), body.usage.as_ref()),
                 ),
-                Err(_) => (None, None),
+                Err(_) => (None, None, None),
             },
-            Observer::Whole { .. } => (None, None),
+            Observer::Whole { .. } => (None, None, None),
         };
+        if let Some(billed_at) = above_list_price {
+            // Counted at the list price all the same: the table has no other. The account's
+            // defaults put it there (an Anthropic workspace's inference geo, its Priority Tier).
+            tracing::warn!(model = reservation.model(), billed_at = %billed_at, api = ?self.api,
+                "the provider reports billing this call above the model's list price, which the meter counts it at");
+        }
         if let (Api::Responses, Some(tokens), Some(id)) = (self.api, measured, response_id) {
             self.contexts.remember(id, tokens.total());
         }
@@ -558,6 +573,18 @@ mod tests {
         assert!(out.get("x-api-key").is_none());
         let out = forward_headers(&incoming, Provider::OpenAi, None);
         assert_eq!(out.get(header::AUTHORIZATION).unwrap(), "Bearer dummy", "without a key file the client's own is used");
+    }
+
+    /// tests/meter/test_meter.py test_an_openai_project_defaulting_to_priority_cannot_bill_past_the_budget.
+    #[test]
+    fn the_client_picks_no_organisation_or_project_for_the_meters_key() {
+        let mut incoming = HeaderMap::new();
+        incoming.insert("openai-project", HeaderValue::from_static("proj_priority"));
+        incoming.insert("OpenAI-Organization", HeaderValue::from_static("org_other"));
+        let out = forward_headers(&incoming, Provider::OpenAi, Some(&HeaderValue::from_static("Bearer sk-real")));
+        assert!(out.get("openai-project").is_none() && out.get("openai-organization").is_none(), "{out:?}");
+        let out = forward_headers(&incoming, Provider::OpenAi, None);
+        assert_eq!(out.get("openai-project").unwrap(), "proj_priority", "with the client's own key, its own project");
     }
 
     #[test]

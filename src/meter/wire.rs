@@ -102,6 +102,9 @@ pub struct RequestFacts {
     /// reserved: none for OpenAI (its caching bills no write), a 5-minute one for any Anthropic
     /// call, a 1-hour one when it asks for `ttl: 1h` anywhere.
     pub cache_writes: CacheWrites,
+    /// OpenAI: the request leaves its tier to the project (`service_tier` absent or `auto`), whose
+    /// default may be priority, billed above the list price; the meter pins `default` instead.
+    pub pin_default_tier: bool,
 }
 
 pub const FIXED_INPUT_ALLOWANCE: i64 = 1_024;
@@ -177,7 +180,13 @@ pub fn parse_request(api: Api, body: &[u8]) -> Result<(Value, RequestFacts), Bad
         Api::ChatCompletions | Api::Responses => CacheWrites::FiveMinutes,
         Api::Embeddings => CacheWrites::None,
     };
-    Ok((value, RequestFacts { model, stream, input_bound, output_cap, choices, previous_response, cache_writes }))
+    // Embeddings take no `service_tier`: they are billed at the one price.
+    let leaves_tier_to_project = match map.get("service_tier") {
+        None | Some(Value::Null) => true,
+        Some(tier) => tier.as_str() == Some("auto"),
+    };
+    let pin_default_tier = matches!(api, Api::ChatCompletions | Api::Responses) && leaves_tier_to_project;
+    Ok((value, RequestFacts { model, stream, input_bound, output_cap, choices, previous_response, cache_writes, pin_default_tier }))
 }
 
 /// Features whose input tokens are not in the request body, so no reservation could bound them.
@@ -335,11 +344,17 @@ fn walk(value: &Value, visit: &mut impl FnMut(&Value)) {
     }
 }
 
-/// The request the meter forwards: a cap set when the client set none, and, for a streamed chat
+/// The request the meter forwards: a cap set when the client set none; for a streamed chat
 /// completion, `stream_options.include_usage` forced on (without it the stream carries no usage,
-/// and a client could turn it off to go unmetered).
+/// and a client could turn it off to go unmetered); and for an OpenAI call that leaves its tier
+/// to the project, `service_tier: "default"`, the list price: `auto` is the project's default
+/// tier, which may be priority at up to twice the price (tests/meter/test_meter.py
+/// test_an_openai_project_defaulting_to_priority_cannot_bill_past_the_budget).
 pub fn rewrite(api: Api, mut request: Value, facts: &RequestFacts, inject_cap: Option<i64>) -> Value {
     let Value::Object(map) = &mut request else { return request };
+    if facts.pin_default_tier {
+        map.insert("service_tier".to_string(), Value::from("default"));
+    }
     if let (Some(cap), Some(field)) = (inject_cap, api.cap_fields().first()) {
         map.insert((*field).to_string(), Value::from(cap));
     }
@@ -355,7 +370,37 @@ pub fn rewrite(api: Api, mut request: Value, facts: &RequestFacts, inject_cap: O
 
 /// Whether a request needs rewriting at all (else its bytes are forwarded untouched).
 pub fn needs_rewrite(api: Api, facts: &RequestFacts, inject_cap: Option<i64>) -> bool {
-    inject_cap.is_some() || (api == Api::ChatCompletions && facts.stream)
+    inject_cap.is_some() || (api == Api::ChatCompletions && facts.stream) || facts.pin_default_tier
+}
+
+/// What a response says it was billed at above the model's list price, the only price the meter
+/// counts: a processing tier other than the standard one (OpenAI's `service_tier`, Anthropic's
+/// `usage.service_tier`), or an Anthropic `usage.inference_geo` other than `global`. The request
+/// cannot always pin these: an Anthropic workspace's default geo and its Priority Tier capacity
+/// apply to requests that leave them unset (tests/meter/test_meter.py
+/// test_anthropic_calls_billed_at_the_workspaces_defaults_are_flagged). `service_tier` is the
+/// response's (or, in a Responses API event, its `response`'s) top-level field.
+pub fn billed_above_list_price_by_response(api: Api, service_tier: Option<&Value>, usage: Option<&Value>) -> Option<String> {
+    let shown = |v: &Value| v.to_string().chars().take(64).collect::<String>();
+    let mut found = Vec::new();
+    match api {
+        Api::AnthropicMessages => {
+            let usage = usage?;
+            if let Some(tier) = usage.get("service_tier").filter(|t| !t.is_null() && !matches!(t.as_str(), Some("standard" | "batch"))) {
+                found.push(format!("service_tier: {}", shown(tier)));
+            }
+            if let Some(geo) = usage.get("inference_geo").filter(|g| !g.is_null() && g.as_str() != Some("global")) {
+                found.push(format!("inference_geo: {}", shown(geo)));
+            }
+        }
+        Api::ChatCompletions | Api::Responses => {
+            if let Some(tier) = service_tier.filter(|t| !t.is_null() && !matches!(t.as_str(), Some("default" | "flex"))) {
+                found.push(format!("service_tier: {}", shown(tier)));
+            }
+        }
+        Api::Embeddings => {}
+    }
+    (!found.is_empty()).then(|| found.join(", "))
 }
 
 fn count(v: &Value, path: &[&str]) -> i64 {
@@ -437,6 +482,9 @@ pub struct StreamUsage {
     pub done: bool,
     /// Responses API: the id of the response, for a later `previous_response_id`.
     pub response_id: Option<String>,
+    /// What the stream said the call was billed at above the list price, if anything
+    /// (`billed_above_list_price_by_response`).
+    pub above_list_price: Option<String>,
 }
 
 impl StreamUsage {
@@ -456,6 +504,7 @@ impl StreamUsage {
                 if let Some(u) = event.get("usage").and_then(|u| usage_of(api, u)) {
                     self.usage = Some(u);
                     self.done = true;
+                    self.above_list_price = billed_above_list_price_by_response(api, event.get("service_tier"), None);
                 }
             }
             Api::Responses => {
@@ -466,12 +515,15 @@ impl StreamUsage {
                     let response = event.get("response");
                     self.usage = response.and_then(|r| r.get("usage")).and_then(|u| usage_of(api, u));
                     self.response_id = response.and_then(|r| r.get("id")).and_then(Value::as_str).map(str::to_string);
+                    self.above_list_price = billed_above_list_price_by_response(api, response.and_then(|r| r.get("service_tier")), None);
                     self.done = self.usage.is_some();
                 }
             }
             Api::AnthropicMessages => match event.get("type").and_then(Value::as_str) {
                 Some("message_start") => {
-                    self.usage = event.get("message").and_then(|m| m.get("usage")).and_then(|u| usage_of(api, u));
+                    let usage = event.get("message").and_then(|m| m.get("usage"));
+                    self.usage = usage.and_then(|u| usage_of(api, u));
+                    self.above_list_price = billed_above_list_price_by_response(api, None, usage);
                 }
                 Some("message_delta") => {
                     if let (Some(current), Some(delta)) = (self.usage.as_mut(), event.get("usage")) {

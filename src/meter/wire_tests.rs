@@ -55,6 +55,8 @@ fn facts_of_a_chat_request() {
             previous_response: None,
             // Any of its input may be written to OpenAI's cache (GPT-5.6 on), billed above input.
             cache_writes: CacheWrites::FiveMinutes,
+            // No `service_tier`: the project's default tier, pinned to the list price's.
+            pin_default_tier: true,
         }
     );
     // Both caps set: the larger one binds the reservation.
@@ -140,7 +142,7 @@ fn rewriting_forces_usage_into_chat_streams_and_sets_the_cap() {
     }
     let (request, facts) = parse(Api::Responses, json!({"model": "m", "stream": true})).unwrap();
     assert_eq!(rewrite(Api::Responses, request, &facts, Some(5))["max_output_tokens"], json!(5));
-    let (_, facts) = parse(Api::Responses, json!({"model": "m"})).unwrap();
+    let (_, facts) = parse(Api::Responses, json!({"model": "m", "service_tier": "default"})).unwrap();
     assert!(!needs_rewrite(Api::Responses, &facts, None), "an untouched request is forwarded byte for byte");
     let (request, facts) = parse(Api::Embeddings, json!({"model": "m", "input": "x"})).unwrap();
     assert!(rewrite(Api::Embeddings, request, &facts, Some(5)).get("max_tokens").is_none());
@@ -411,4 +413,74 @@ fn refuses_what_the_provider_bills_above_the_list_price() {
     for fine in [&[][..], &["files-api-2025-04-14"], &["interleaved-thinking-2025-05-14, token-efficient-tools-2025-02-19"]] {
         assert_eq!(beta_billed_above_list_price(&headers(fine)), None, "{fine:?}");
     }
+}
+
+/// tests/meter/test_meter.py test_an_openai_project_defaulting_to_priority_cannot_bill_past_the_budget.
+#[test]
+fn openai_calls_that_leave_their_tier_to_the_project_are_pinned_to_the_list_price() {
+    for api in [Api::ChatCompletions, Api::Responses] {
+        for tier in [None, Some(json!(null)), Some(json!("auto"))] {
+            let mut body = json!({"model": "m", "max_tokens": 5, "max_output_tokens": 5});
+            if let Some(t) = &tier {
+                body["service_tier"] = t.clone();
+            }
+            let (request, facts) = parse(api, body).unwrap();
+            assert!(needs_rewrite(api, &facts, None), "{api:?} {tier:?}");
+            assert_eq!(rewrite(api, request, &facts, None)["service_tier"], json!("default"), "{api:?} {tier:?}");
+        }
+        // Asked for at or below the list price: kept as asked, the request untouched.
+        for tier in ["default", "flex"] {
+            let (request, facts) =
+                parse(api, json!({"model": "m", "max_tokens": 5, "max_output_tokens": 5, "service_tier": tier})).unwrap();
+            assert!(!needs_rewrite(api, &facts, None), "{api:?} {tier}");
+            assert_eq!(rewrite(api, request, &facts, Some(9))["service_tier"], json!(tier));
+        }
+    }
+    // Embeddings take no tier; Anthropic's `auto` is no project default (see the response check).
+    let (request, facts) = parse(Api::Embeddings, json!({"model": "m", "input": "x"})).unwrap();
+    assert!(!facts.pin_default_tier && rewrite(Api::Embeddings, request, &facts, None).get("service_tier").is_none());
+    let (request, facts) = parse(Api::AnthropicMessages, json!({"model": "m", "max_tokens": 5, "service_tier": "auto"})).unwrap();
+    assert!(!facts.pin_default_tier);
+    assert_eq!(rewrite(Api::AnthropicMessages, request, &facts, None)["service_tier"], json!("auto"));
+}
+
+/// tests/meter/test_meter.py test_anthropic_calls_billed_at_the_workspaces_defaults_are_flagged.
+#[test]
+fn responses_billed_above_the_list_price_are_recognised_in_every_format() {
+    let above = billed_above_list_price_by_response;
+    let anthropic = |usage: Value| above(Api::AnthropicMessages, None, Some(&usage));
+    assert_eq!(
+        anthropic(json!({"service_tier": "priority", "inference_geo": "us"})).as_deref(),
+        Some(r#"service_tier: "priority", inference_geo: "us""#)
+    );
+    assert_eq!(anthropic(json!({"inference_geo": "eu"})).as_deref(), Some(r#"inference_geo: "eu""#));
+    for listed in [json!({"service_tier": "standard", "inference_geo": "global"}), json!({"service_tier": null}), json!({}), json!("junk")]
+    {
+        assert_eq!(anthropic(listed.clone()), None, "{listed}");
+    }
+    for api in [Api::ChatCompletions, Api::Responses] {
+        assert_eq!(above(api, Some(&json!("priority")), None).as_deref(), Some(r#"service_tier: "priority""#));
+        assert!(above(api, Some(&json!("scale")), None).is_some());
+        for listed in [Some(json!("default")), Some(json!("flex")), Some(json!(null)), None] {
+            assert_eq!(above(api, listed.as_ref(), None), None, "{listed:?}");
+        }
+    }
+    // In streams: where each format reports it.
+    let chat = stream(
+        Api::ChatCompletions,
+        &[json!({"service_tier": "priority", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})],
+    );
+    assert!(chat.above_list_price.is_some_and(|a| a.contains("priority")));
+    let responses = stream(
+        Api::Responses,
+        &[json!({"type": "response.completed", "response": {"service_tier": "priority", "usage": {"input_tokens": 1}}})],
+    );
+    assert!(responses.above_list_price.is_some_and(|a| a.contains("priority")));
+    let start = |usage: Value| json!({"type": "message_start", "message": {"usage": usage}});
+    let claude =
+        stream(Api::AnthropicMessages, &[start(json!({"input_tokens": 1, "inference_geo": "us"})), json!({"type": "message_stop"})]);
+    assert!(claude.above_list_price.is_some_and(|a| a.contains("inference_geo")));
+    let claude =
+        stream(Api::AnthropicMessages, &[start(json!({"input_tokens": 1, "service_tier": "standard", "inference_geo": "global"}))]);
+    assert_eq!(claude.above_list_price, None);
 }

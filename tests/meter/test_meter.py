@@ -389,6 +389,87 @@ def test_anthropic_fast_mode_and_us_only_inference_cannot_spend_past_the_budget(
         meter.stop()
 
 
+# What OpenAI bills above the list price for the tier a call is processed at (priority
+# processing: from 1.75 to 2 times the standard price; modelled at 2).
+OPENAI_TIER_PREMIUMS = {"priority": 2.0, "scale": 2.0}
+
+
+def billed_by_openai(call):
+    return int(cost(call["usage"]["model"], call["usage"]) * OPENAI_TIER_PREMIUMS.get(call["tier"], 1.0))
+
+
+@pytest.mark.parametrize("project", ["the key's project", "the agent's OpenAI-Project header"])
+def test_an_openai_project_defaulting_to_priority_cannot_bill_past_the_budget(tmp_path, upstream, project):
+    """Attack: a call with `service_tier` absent or `auto` is processed at the default tier of its
+    project, which can be priority (twice the list price the meter counts): the key's own
+    project, or one the agent names in an `OpenAI-Project` header when the key is not
+    project-scoped. Before, with $0.20 of budget the agent was billed $0.381 (metered $0.190) either
+    way. The meter now pins `service_tier: "default"` on such calls and drops the agent's
+    `OpenAI-Project` and `OpenAI-Organization` headers; `flex` and `default` pass as asked."""
+    recorder, _ = upstream
+    if project == "the key's project":
+        recorder.project_tiers[None] = "priority"
+        headers = {}
+    else:
+        recorder.project_tiers["proj_priority"] = "priority"
+        headers = {"OpenAI-Project": "proj_priority", "OpenAI-Organization": "org_other"}
+    budget = micro("0.20")
+    meter = start_meter(tmp_path, upstream, budget="0.20")
+    try:
+        client = oai(meter, max_retries=0, default_headers=headers)
+        prompt = "MAXOUT " + "x" * 4_000
+        with pytest.raises(openai.APIStatusError) as e:
+            for i in range(100):  # until the meter refuses: no tier, `auto`, and the Responses API
+                if i % 3 == 2:
+                    client.responses.create(model="test-gpt", input=prompt, max_output_tokens=300)
+                else:
+                    tier = {} if i % 3 == 0 else {"service_tier": "auto"}
+                    client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": prompt}], max_tokens=300, **tier)
+        assert e.value.status_code == 402
+        served = [c for c in recorder.snapshot() if c["status"] == 200]
+        billed = sum(billed_by_openai(c) for c in served)
+        metered = micro(meter.usage()["usage"]["costUSD"])
+        print(f"{project}: {len(served)} calls, billed ${billed / 1e6:.6f}, metered ${metered / 1e6:.6f}, budget ${budget / 1e6}")
+        assert billed <= budget, f"the agent was billed ${billed / 1e6:.6f} past its ${budget / 1e6} budget"
+        assert [c["tier"] for c in served] == ["default"] * len(served)
+        assert all("openai-project" not in c["headers"] and "openai-organization" not in c["headers"] for c in served)
+        assert_measured_exactly(meter, recorder)
+        # What the agent asks for explicitly at or below the list price is kept.
+        for tier in ["flex", "default"]:
+            client.chat.completions.create(model="test-gpt", messages=[{"role": "user", "content": "hi"}], max_tokens=10, service_tier=tier)
+        assert [c["tier"] for c in recorder.snapshot()[-2:]] == ["flex", "default"]
+    finally:
+        meter.stop()
+
+
+def test_anthropic_calls_billed_at_the_workspaces_defaults_are_flagged(meter, upstream):
+    """An Anthropic workspace whose default inference geo is `us` (1.1 times the list price), or
+    an organisation with Priority Tier capacity that `service_tier: auto` (the default) draws on,
+    bills a call above what the meter counts, and the meter cannot pin either away: an
+    `inference_geo` in the request is refused (400) by models before Opus 4.6, and a pinned
+    `global` would override the workspace's data-residency choice. The meter reads where the
+    response says the call ran and warns, naming the call, the model and what it was billed at;
+    a call at the list price draws no warning."""
+    recorder, _ = upstream
+    recorder.workspace_geo, recorder.priority_capacity = "us", True
+    hi = [{"role": "user", "content": "hi"}]
+    anth(meter).messages.create(model="test-claude", max_tokens=10, messages=hi)
+    with anth(meter).messages.stream(model="test-claude", max_tokens=10, messages=hi) as s:
+        s.get_final_message()
+    # At the list price: asked for explicitly.
+    anth(meter).messages.create(model="test-claude", max_tokens=10, messages=hi, service_tier="standard_only", extra_body={"inference_geo": "global"})
+    assert meter.usage()["calls"] == 3 and meter.usage()["inFlight"] == 0, "all three calls settled"
+    calls = recorder.snapshot()
+    billed = sum(int(cost("test-claude", c["usage"]) * (1.1 if c["geo"] == "us" else 1.0)) for c in calls)
+    metered = micro(meter.usage()["usage"]["costUSD"])
+    print(f"billed ${billed / 1e6:.6f} (before Priority Tier), metered ${metered / 1e6:.6f}")
+    warnings = [line for line in meter.logs().splitlines() if "WARN" in line and "above the model's list price" in line]
+    assert len(warnings) == 2, warnings
+    for line in warnings:
+        assert "inference_geo" in line and "us" in line and "priority" in line and "test-claude" in line, line
+    assert_measured_exactly(meter, recorder)
+
+
 def cached_prompt(text, ttl):
     return [{"role": "user", "content": [{"type": "text", "text": text, "cache_control": {"type": "ephemeral", "ttl": ttl}}]}]
 

@@ -16,6 +16,13 @@ class Recorder:
         self.calls = []  # dicts: path, headers, body, usage (normalised), status
         self.gets = []  # paths of GET requests, as they arrived
         self.record = record  # a file: one JSON line per call (standalone mode)
+        # The account's defaults, which a request that leaves them unset is billed at, as the
+        # providers do: OpenAI's tier per project (None: the key's own project) for
+        # `service_tier` absent or `auto`; Anthropic's workspace inference geo for
+        # `inference_geo` absent, and its Priority Tier capacity for `service_tier` `auto`.
+        self.project_tiers = {}
+        self.workspace_geo = "global"
+        self.priority_capacity = False
 
     def add(self, call):
         with self.lock:
@@ -126,20 +133,29 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- formats
 
+    def openai_tier(self, body, call):
+        """The tier OpenAI processes (and bills) the call at: the one asked for, or for `auto` or
+        none the default tier of the project the `OpenAI-Project` header names."""
+        asked = body.get("service_tier")
+        tier = self.recorder.project_tiers.get(call["headers"].get("openai-project"), "default") if asked in (None, "auto") else asked
+        call["tier"] = tier
+        return tier
+
     def on_chat(self, raw, body, call, slow):
         cap = body.get("max_completion_tokens", body.get("max_tokens"))
         prompt, cached, output = decide_usage(raw, body, cap)
         writes = openai_writes(body, prompt, cached)
         call["usage"] = {"input": prompt - cached - writes, "cached": cached, "write": writes, "output": output, "model": body["model"]}
+        tier = self.openai_tier(body, call)
         usage = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
                  "prompt_tokens_details": {"cached_tokens": cached, **({"cache_write_tokens": writes} if writes else {})}}
         self.recorder.add(call)
         if not body.get("stream"):
-            return self.reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"],
+            return self.reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": body["model"], "service_tier": tier,
                                     "choices": [{"index": 0, "message": {"role": "assistant", "content": "héllo ✓"}, "finish_reason": "stop"}],
                                     "usage": usage})
         self.start_stream()
-        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"]}
+        base = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": body["model"], "service_tier": tier}
         include = (body.get("stream_options") or {}).get("include_usage")
         events = []
         for word in ["héllo", " wörld", " ✓✓✓", " usage"]:
@@ -157,6 +173,7 @@ class Handler(BaseHTTPRequestHandler):
         long = writes if ((body.get("prompt_cache_options") or {}).get("ttl")) == "12h" else 0
         call["usage"] = {"input": prompt - cached - writes, "cached": cached, "write": writes - long, "write1h": long,
                          "output": output, "model": body["model"]}
+        tier = self.openai_tier(body, call)
         self.recorder.add(call)
         details = {"cached_tokens": cached, "cache_write_tokens": writes,
                    "cache_write_tokens_details": {"ttl_30m_tokens": writes - long, "ttl_12h_tokens": long}}
@@ -165,7 +182,7 @@ class Handler(BaseHTTPRequestHandler):
         message = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
                    "content": [{"type": "output_text", "text": "héllo ✓", "annotations": []}]}
         response = {"id": f"resp_{len(self.recorder.snapshot())}", "object": "response", "created_at": 1, "model": body["model"], "status": "completed",
-                    "output": [message], "usage": usage, "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+                    "service_tier": tier, "output": [message], "usage": usage, "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
         if not body.get("stream"):
             return self.reply(200, response)
         self.start_stream()
@@ -198,11 +215,15 @@ class Handler(BaseHTTPRequestHandler):
         hour = creation // 2 if '"ttl": "1h"' in json.dumps(body) else 0
         # Normalised: fresh input, cache reads and cache writes of each TTL apart.
         call["usage"] = {"input": fresh, "cached": cached, "write": creation - hour, "write1h": hour, "output": output, "model": body["model"]}
+        geo = body.get("inference_geo") or self.recorder.workspace_geo
+        tier = "priority" if self.recorder.priority_capacity and body.get("service_tier", "auto") == "auto" else "standard"
+        call["geo"], call["tier"] = geo, tier
         self.recorder.add(call)
         usage = {"input_tokens": fresh, "cache_creation_input_tokens": creation, "cache_read_input_tokens": cached, "output_tokens": output,
                  "cache_creation": {"ephemeral_5m_input_tokens": creation - hour, "ephemeral_1h_input_tokens": hour},
-                 # As the API reports them: what the call was billed at (fast mode, US-only inference).
-                 "speed": body.get("speed") or "standard", "inference_geo": body.get("inference_geo") or "global"}
+                 # As the API reports them: what the call was billed at (fast mode, US-only inference,
+                 # Priority Tier).
+                 "speed": body.get("speed") or "standard", "inference_geo": geo, "service_tier": tier}
         message = {"id": "msg_1", "type": "message", "role": "assistant", "model": body["model"],
                    "content": [{"type": "text", "text": "héllo ✓"}], "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}
         if not body.get("stream"):
