@@ -511,6 +511,19 @@ impl MeteredBody {
     }
 }
 
+/// Dropped before its end: the client hung up. Mid-stream, the reservation is charged (dropped
+/// unsettled); once the usage event has passed, the usage is final and is what the call costs.
+/// The OpenAI SDK closes a stream at `data: [DONE]`, before the body's end: charged its
+/// reservation, such a call spent up to its whole cap (tests/meter/test_meter.py
+/// test_a_client_that_hangs_up_after_the_usage_is_charged_what_was_measured).
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        if matches!(&self.observer, Observer::Stream { usage, starved: false, .. } if usage.done) {
+            self.finish(true);
+        }
+    }
+}
+
 impl http_body::Body for MeteredBody {
     type Data = Bytes;
     type Error = hyper::Error;

@@ -117,9 +117,10 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
 
-    def events(self, events, slow):
+    def events(self, events, slow, linger=False):
         """Sends SSE events split at awkward places (mid-line, mid-UTF-8) to exercise the meter's
-        incremental parser the way a real network would."""
+        incremental parser the way a real network would. `linger`: the body's end is held back
+        until the meter hangs up (at most 10 s), as a provider slow to close its stream."""
         payload = b"".join(events)
         cuts = [i for i in range(0, len(payload), 37)] + [len(payload)]
         try:
@@ -127,6 +128,12 @@ class Handler(BaseHTTPRequestHandler):
                 self.chunk(payload[a:b])
                 if slow:
                     time.sleep(0.05)
+            if linger:
+                self.connection.settimeout(10)
+                try:
+                    self.rfile.read(1)  # b"" once the meter has closed the connection
+                except OSError:
+                    pass
             self.end_stream()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the meter hung up because its client did
@@ -164,7 +171,7 @@ class Handler(BaseHTTPRequestHandler):
         if include:  # as the real API: usage only when asked for
             events.append(sse({**base, "choices": [], "usage": usage}))
         events.append(b"data: [DONE]\n\n")
-        self.events(events, slow)
+        self.events(events, slow, linger="LINGER" in json.dumps(body))
 
     def on_responses(self, raw, body, call, slow):
         prompt, cached, output = decide_usage(raw, body, body.get("max_output_tokens"))
