@@ -540,6 +540,22 @@ async fn pod_ip(env: &Env, job: &AgentJob) -> String {
     wait("the agent Pod's IP", || async { job_pods(&env.admin, NS, job).await.first()?.status.as_ref()?.pod_ip.clone() }).await
 }
 
+/// The notes of the job's `UsageFromMeterMessage` Warning Events: the sessions whose termination
+/// message said more than the meter API had heard of them.
+async fn raised_by_message(env: &Env, job: &AgentJob) -> String {
+    use k8s_openapi::api::events::v1::Event;
+    let events: Api<Event> = Api::namespaced(env.admin.clone(), NS);
+    let uid = job.metadata.uid.clone();
+    wait("the job's UsageFromMeterMessage Event", || async {
+        let notes: Vec<String> = (events.list(&Default::default()).await.ok()?.items.into_iter())
+            .filter(|e| e.reason.as_deref() == Some("UsageFromMeterMessage") && e.regarding.as_ref().and_then(|r| r.uid.clone()) == uid)
+            .filter_map(|e| e.note)
+            .collect();
+        (!notes.is_empty()).then(|| notes.join("\n"))
+    })
+    .await
+}
+
 /// What the meter left in its termination message, from the Pod's status.
 fn meter_message(pod: &Pod) -> String {
     let meter = pod.status.as_ref().unwrap().init_container_statuses.as_ref().unwrap().iter().find(|c| c.name == sidecar::CONTAINER);
@@ -574,14 +590,18 @@ async fn a_meter_cut_off_after_its_first_report_is_counted_from_its_termination_
     let session = &status["meter"]["grants"][0];
     let (input, output) = tokens(&calls);
     let (first_input, _) = tokens(&calls[..1]);
-    // The meter API heard of the first call only, and never of the meter's end.
-    assert_eq!(session["usage"]["inputTokens"].as_i64(), Some(first_input), "the cut held: {session}");
-    assert_eq!(session["settled"], json!(null), "the meter could not settle: {session}");
-    assert_eq!(first["usage"]["inputTokens"], session["usage"]["inputTokens"]);
+    // The meter API heard of the first call only (its last report before the cut), and never of
+    // the meter's end: the session was raised by the meter's message, which the operator says.
+    assert_eq!(first["usage"]["inputTokens"].as_i64(), Some(first_input), "{first}");
+    let raised = raised_by_message(env, &done).await;
+    assert!(raised.contains(session["session"].as_str().unwrap()), "the cut held: {raised}");
+    // The meter stopped cleanly (exit 0): its grant is settled to what its message says it spent.
     let usage = &status["usage"];
+    assert_eq!(session["settled"], json!(true), "settled from the termination message: {session}");
+    assert_eq!((session["usage"]["inputTokens"].as_i64(), &session["spentUSD"]), (Some(input), &usage["costUSD"]), "{session}");
     println!(
-        "cut off: the meter API had {} input tokens (${}), the stand-in served {input} (+{output} output), status.usage says {} (${})",
-        session["usage"]["inputTokens"], session["spentUSD"], usage["inputTokens"], usage["costUSD"]
+        "cut off: the meter API had {first_input} input tokens (${}), the stand-in served {input} (+{output} output), status.usage says {} (${})",
+        first["spentUSD"], usage["inputTokens"], usage["costUSD"]
     );
     assert_eq!((usage["inputTokens"].as_i64(), usage["outputTokens"].as_i64()), (Some(input), Some(output)), "{status}");
     assert_eq!(status["attempts"][0]["reportedUsage"]["totalTokens"].as_i64(), Some(0), "the agent claimed nothing: {status}");
@@ -610,12 +630,15 @@ async fn a_meter_cut_off_before_it_reported_usage_is_not_counted_from_the_agents
     assert_eq!(calls.len(), 2, "{calls:?}");
     let status = serde_json::to_value(done.status.as_ref()).unwrap();
     let session = &status["meter"]["grants"][0];
-    assert_eq!(session["usage"]["totalTokens"].as_i64(), Some(0), "the meter API heard of no usage: {session}");
+    // The meter API knew the session with no usage: what counts was raised by the message.
+    let raised = raised_by_message(env, &done).await;
+    assert!(raised.contains(session["session"].as_str().unwrap()), "the meter API heard of no usage: {raised}");
     let (input, output) = tokens(&calls);
     let usage = &status["usage"];
+    assert_eq!((session["settled"].clone(), &session["spentUSD"]), (json!(true), &usage["costUSD"]), "settled from the message: {session}");
     println!(
-        "cut off before any usage report: the meter API had {} tokens, the agent claimed {}, status.usage says {} input (${}); the stand-in served {input}",
-        session["usage"]["totalTokens"], status["attempts"][0]["reportedUsage"]["totalTokens"], usage["inputTokens"], usage["costUSD"]
+        "cut off before any usage report: the meter API had 0 tokens, the agent claimed {}, status.usage says {} input (${}); the stand-in served {input}",
+        status["attempts"][0]["reportedUsage"]["totalTokens"], usage["inputTokens"], usage["costUSD"]
     );
     assert_eq!((usage["inputTokens"].as_i64(), usage["outputTokens"].as_i64()), (Some(input), Some(output)), "{status}");
     let reported = status["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "UsageReported").cloned().unwrap();
