@@ -119,11 +119,12 @@ const SLOW_APISERVER: Duration = Duration::from_millis(2500);
 /// to estimate the job below (it failed waiting for AwaitingApproval).
 #[tokio::test]
 async fn a_lone_leader_keeps_its_lease_when_every_request_takes_seconds() {
+    // Never beside the relist test below: in the full suite, while that one created its 1,000
+    // Pods on the shared control plane, this lone leader once lost its lease 8 s into its first
+    // term, a renewal through the slow link not confirmed in time.
+    let _alone = NOT_BESIDE_THE_SLOW_LINK.lock().await;
     let ns = "leader-slow";
-    // A control plane of its own (the others share the audit-log one): in the full suite, beside
-    // the 1,000 Pods the relist test below creates on the shared one, this lone leader once
-    // lost its lease 8 s into its first term, a renewal through the slow link not confirmed in time.
-    let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).build().await;
+    let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).audit_log().build().await;
     let (cp, admin) = (env.cp, env.admin.clone());
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(admin.clone(), ns);
     let lease = format!("agentgate-{ns}");
@@ -160,6 +161,10 @@ async fn a_lone_leader_keeps_its_lease_when_every_request_takes_seconds() {
     assert_eq!(log.matches("became the leader").count(), 1, "{log}");
 }
 
+/// Held by the slow-link test and the relist test, so that they never run at once (the binary's
+/// tests share one control plane; a test binary uses only one, `ControlPlane::shared*`).
+static NOT_BESIDE_THE_SLOW_LINK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Foreign Pods in the cluster while the test below runs: what a new term would have to relist.
 const FOREIGN_PODS: usize = 1000;
 
@@ -174,6 +179,7 @@ const KEPT_WATCHES: &[&str] =
 /// outlived the term, each new term relisted everything (20,000 Pods in the busy bench, 6-13 s).
 #[tokio::test]
 async fn a_leader_that_loses_and_retakes_its_lease_serves_again_without_relisting() {
+    let _alone = NOT_BESIDE_THE_SLOW_LINK.lock().await;
     let ns = "leader-relist";
     let env = Env::builder(ns).without_voting_rights().operator(OperatorMode::Later).audit_log().build().await;
     let (cp, admin) = (env.cp, env.admin.clone());
