@@ -29,11 +29,14 @@ use kube::{Api, Client, ResourceExt};
 use super::relist::OnceStored;
 use super::triggers::Triggers;
 use super::{
-    Caches, PAGE_SIZE, Settings, agent_tool, decode, feed, index, meter_keys, pod_expectations, pod_finalizer, poke, scoped, slim,
-    spec_history, tasks, wakeups,
+    Caches, PAGE_SIZE, Settings, access, agent_tool, decode, feed, identity_policies, index, meter_keys, pod_expectations,
+    pod_finalizer, poke, price_table, scoped, slim, spec_history, tasks, wakeups,
 };
 use crate::api::{AgentJob, AgentTool, ApprovalVote};
+use crate::domain::pricing::PriceTable;
 use crate::metrics::Metrics;
+use crate::state::Health;
+use tokio::sync::RwLock;
 
 /// Everything the watches keep between terms of leadership.
 pub struct Watches {
@@ -52,12 +55,24 @@ pub struct Watches {
     /// Woken by Pods that hold the usage finalizer but whose job is not cached (pod_finalizer.rs).
     pub orphan_trigger: Arc<tokio::sync::Notify>,
     pub reporter: decode::Reporter,
+    /// The current term's cached head answers, which the RBAC watch drops from (access.rs).
+    pub heads: access::TermHeads,
+    /// Whether the identity admission policies are in force, as their watches last saw them.
+    pub identity: Arc<identity_policies::Gate>,
     tasks: tasks::Tasks,
 }
 
 impl Watches {
-    /// Starts every watch, each on a task of its own, for as long as this value lives.
-    pub fn start(client: &Client, settings: &Settings, metrics: Arc<Metrics>) -> Watches {
+    /// Starts every watch, each on a task of its own, for as long as this value lives. The price
+    /// ConfigMap's edits apply on top of `base_prices` into `prices`.
+    pub fn start(
+        client: &Client,
+        settings: &Settings,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        prices: Arc<RwLock<PriceTable>>,
+        base_prices: PriceTable,
+    ) -> Watches {
         let wc = watcher::Config::default();
         let (jobs, jobs_writer) = reflector::store();
         let (pods, pods_writer) = reflector::store();
@@ -81,7 +96,9 @@ impl Watches {
             tools_to_reconcile: Triggers::default(),
             discovery_trigger: Default::default(),
             orphan_trigger: Default::default(),
-            reporter: decode::Reporter::new(metrics),
+            reporter: decode::Reporter::new(metrics.clone()),
+            heads: Default::default(),
+            identity: Default::default(),
             tasks: tasks::Tasks::default(),
         };
         let Watches { jobs_to_reconcile: requeue, tools_to_reconcile: tool_requeue, reporter, .. } = &watches;
@@ -280,6 +297,22 @@ impl Watches {
         let tool_triggers =
             stream::select_all([tool_self_triggers.boxed(), service_triggers.boxed(), slice_triggers.boxed(), secret_triggers.boxed()]);
         tasks.spawn_feeder(send_all(tool_triggers, tool_requeue));
+
+        // The small watches, kept too: before, each term listed them again.
+        tasks.spawn_feeder(wakeups::watch_rbac(client.clone(), watches.heads.clone(), caches.clone(), requeue.clone()));
+        let identity_listeners = identity_policies::Listeners {
+            metrics,
+            health,
+            jobs: caches.jobs.clone(),
+            requeue: requeue.clone(),
+        };
+        tasks.spawn_feeder(identity_policies::run(watches.identity.clone(), client.clone(), identity_listeners));
+        if let Some(name) = &settings.price_config_map {
+            let price_listeners =
+                price_table::Listeners { prices, reporter: reporter.clone(), jobs: caches.jobs.clone(), requeue: requeue.clone() };
+            let namespace = settings.state_namespace.clone();
+            tasks.spawn_feeder(price_table::watch(client.clone(), price_listeners, namespace, name.clone(), base_prices));
+        }
 
         Watches { tasks, ..watches }
     }
