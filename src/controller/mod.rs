@@ -298,6 +298,7 @@ pub async fn lead(
         .for_each(|_| future::ready(()));
 
     let (discovery_trigger, orphan_trigger) = (watches.discovery_trigger.clone(), watches.orphan_trigger.clone());
+    let discovery_namespaces = watches.discovery_namespaces.clone();
     let mark_ready = {
         let (jobs_to, tools_to, tools_whole) =
             (watches.jobs_to_reconcile.clone(), watches.tools_to_reconcile.clone(), watches.tools_whole.clone());
@@ -332,7 +333,7 @@ pub async fn lead(
         _ = tasks.ended() => {}
         _ = watches.ended() => {}
         _ = mark_ready => {}
-        _ = discovery::run(ctx.clone(), discovery_trigger) => {}
+        _ = discovery::run(ctx.clone(), discovery_trigger, discovery_namespaces) => {}
         _ = learner.run_writer(client.clone()) => {}
         _ = pod_finalizer::sweep(ctx.clone(), orphan_trigger) => {}
     }

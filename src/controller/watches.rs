@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use futures::{StreamExt, future, stream};
-use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceQuota, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -29,7 +29,7 @@ use kube::{Api, Client, ResourceExt};
 use super::relist::OnceStored;
 use super::triggers::Triggers;
 use super::{
-    Caches, PAGE_SIZE, Settings, access, agent_tool, decode, feed, identity_policies, index, meter_keys, pod_expectations,
+    Caches, PAGE_SIZE, Settings, access, agent_tool, decode, discovery, feed, identity_policies, index, meter_keys, pod_expectations,
     pod_finalizer, poke, price_table, scoped, slim, spec_history, tasks, wakeups,
 };
 use crate::api::{AgentJob, AgentTool, ApprovalVote};
@@ -52,6 +52,8 @@ pub struct Watches {
     pub tools_to_reconcile: Triggers<AgentTool>,
     /// Woken by every Service and AgentTool change; see discovery.rs.
     pub discovery_trigger: Arc<tokio::sync::Notify>,
+    /// The namespaces tools are discovered in (`--discovery-namespace-selector`; None without).
+    pub discovery_namespaces: Option<Store<PartialObjectMeta<Namespace>>>,
     /// Woken by Pods that hold the usage finalizer but whose job is not cached (pod_finalizer.rs).
     pub orphan_trigger: Arc<tokio::sync::Notify>,
     pub reporter: decode::Reporter,
@@ -95,6 +97,7 @@ impl Watches {
             jobs_to_reconcile: Triggers::default(),
             tools_to_reconcile: Triggers::default(),
             discovery_trigger: Default::default(),
+            discovery_namespaces: None,
             orphan_trigger: Default::default(),
             reporter: decode::Reporter::new(metrics.clone()),
             heads: Default::default(),
@@ -313,8 +316,13 @@ impl Watches {
             let namespace = settings.state_namespace.clone();
             tasks.spawn_feeder(price_table::watch(client.clone(), price_listeners, namespace, name.clone(), base_prices));
         }
+        let selector = settings.discovery_namespace_selector.as_deref();
+        let discovery_namespaces = discovery::watch_namespaces(client, selector, watches.discovery_trigger.clone()).map(|(store, watch)| {
+            tasks.spawn_feeder(watch);
+            store
+        });
 
-        Watches { tasks, ..watches }
+        Watches { tasks, discovery_namespaces, ..watches }
     }
 
     /// The term ended (or was lost before it began): triggers go nowhere until the next one.
