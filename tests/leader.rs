@@ -345,7 +345,11 @@ async fn a_head_whose_right_is_revoked_while_the_replica_stands_by_does_not_coun
     let job = wait_for_job(&admin, ns, "revoked", "estimated", |j| phase(j) == Some("AwaitingApproval")).await;
     vote(&cp.client("erin").await, &job, "erin", Decision::Approve).await;
     let approvers = |j: &AgentJob| -> Vec<String> {
-        j.status.as_ref().and_then(|s| s.approval.as_ref()).map(|a| a.approvers.iter().map(|a| a.voter.clone()).collect()).unwrap_or_default()
+        j.status
+            .as_ref()
+            .and_then(|s| s.approval.as_ref())
+            .map(|a| a.approvers.iter().map(|a| a.voter.clone()).collect())
+            .unwrap_or_default()
     };
     wait_for_job(&admin, ns, "revoked", "erin's vote counted in the first term", |j| approvers(j) == ["erin"]).await;
 

@@ -182,52 +182,49 @@ impl Watches {
             });
         tasks.spawn_feeder(send_all(pod_triggers, requeue));
 
-        let node_triggers = watcher(Api::<Node>::all(client.clone()), wc.clone())
-            .backoff(WatchBackoff::new())
-            .modify(slim::node)
-            .reflect(nodes_writer)
-            .touched_once_stored()
+        let node_triggers = stored(watcher(Api::<Node>::all(client.clone()), wc.clone()), slim::node, nodes_writer, |_| {})
             .filter_map(|node| future::ready(node.ok()))
             .flat_map({
                 let caches = caches.clone();
                 move |_node: Node| stream::iter(wakeups::jobs_short_of_nodes(&caches))
             });
-        let quota_triggers = watcher(scoped::<ResourceQuota>(client, &settings.namespace), wc.clone())
-            .backoff(WatchBackoff::new())
-            .modify(slim::metadata)
-            .reflect(quotas_writer)
-            .inspect(feed(&caches.index, |i, event| i.quotas().apply(event)))
-            .touched_once_stored()
-            .filter_map(|quota| future::ready(quota.ok()))
-            .flat_map({
-                let caches = caches.clone();
-                move |quota: ResourceQuota| stream::iter(wakeups::jobs_waiting_for_capacity(&caches, quota.namespace().as_deref()))
-            });
-        let tool_triggers = decode::decoded_only(
-            watcher(Api::<decode::Decoded<AgentTool>>::all(client.clone()), wc.clone()),
-            caches.tools.clone(),
-            reporter.clone(),
+        let quota_triggers = stored(
+            watcher(scoped::<ResourceQuota>(client, &settings.namespace), wc.clone()),
+            slim::metadata,
+            quotas_writer,
+            feed(&caches.index, |i, event| i.quotas().apply(event)),
         )
-        .backoff(WatchBackoff::new())
-        .modify(slim::metadata)
-        .reflect(tools_writer)
-        .touched_once_stored()
+        .filter_map(|quota| future::ready(quota.ok()))
+        .flat_map({
+            let caches = caches.clone();
+            move |quota: ResourceQuota| stream::iter(wakeups::jobs_waiting_for_capacity(&caches, quota.namespace().as_deref()))
+        });
+        let tool_triggers = stored(
+            decode::decoded_only(
+                watcher(Api::<decode::Decoded<AgentTool>>::all(client.clone()), wc.clone()),
+                caches.tools.clone(),
+                reporter.clone(),
+            ),
+            slim::metadata,
+            tools_writer,
+            |_| {},
+        )
         .inspect(poke(&watches.discovery_trigger))
         .filter_map(|tool| future::ready(tool.ok()))
         .flat_map({
             let caches = caches.clone();
             move |tool: AgentTool| stream::iter(wakeups::jobs_naming_tool(&caches, &tool.name_any()))
         });
-        let vote_triggers = decode::decoded_only(
-            watcher(scoped::<decode::Decoded<ApprovalVote>>(client, &settings.namespace), wc.clone().page_size(PAGE_SIZE)),
-            caches.votes.clone(),
-            reporter.clone(),
+        let vote_triggers = stored(
+            decode::decoded_only(
+                watcher(scoped::<decode::Decoded<ApprovalVote>>(client, &settings.namespace), wc.clone().page_size(PAGE_SIZE)),
+                caches.votes.clone(),
+                reporter.clone(),
+            ),
+            slim::vote,
+            votes_writer,
+            feed(&caches.index, |i, event| i.votes().apply(event)),
         )
-        .backoff(WatchBackoff::new())
-        .modify(slim::vote)
-        .reflect(votes_writer)
-        .inspect(feed(&caches.index, |i, event| i.votes().apply(event)))
-        .touched_once_stored()
         .filter_map(|vote| {
             future::ready(vote.ok().and_then(|vote| vote.namespace().map(|ns| ObjectRef::new(&vote.spec.job_ref.name).within(&ns))))
         });
@@ -240,11 +237,8 @@ impl Watches {
         ]);
         tasks.spawn_feeder(send_all(job_triggers, requeue));
 
-        let service_triggers = watcher(Api::<Service>::all(client.clone()), wc.clone().page_size(PAGE_SIZE))
-            .backoff(WatchBackoff::new())
-            .modify(slim::service)
-            .reflect(services_writer)
-            .touched_once_stored()
+        let services = watcher(Api::<Service>::all(client.clone()), wc.clone().page_size(PAGE_SIZE));
+        let service_triggers = stored(services, slim::service, services_writer, |_| {})
             .inspect(poke(&watches.discovery_trigger))
             .filter_map(|svc| future::ready(svc.ok()))
             .flat_map({
@@ -253,13 +247,9 @@ impl Watches {
                     stream::iter(agent_tool::tools_using_service(&caches, &svc.namespace().unwrap_or_default(), &svc.name_any()))
                 }
             });
-        let slice_triggers = watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
-            .backoff(WatchBackoff::new())
-            .modify(slim::endpoint_slice)
-            .reflect(slices_writer)
-            .touched_once_stored()
-            .filter_map(|slice| future::ready(slice.ok()))
-            .flat_map({
+        let slices = watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone());
+        let slice_triggers =
+            stored(slices, slim::endpoint_slice, slices_writer, |_| {}).filter_map(|slice| future::ready(slice.ok())).flat_map({
                 let caches = caches.clone();
                 move |slice: EndpointSlice| {
                     let service = slice.labels().get("kubernetes.io/service-name").cloned().unwrap_or_default();
@@ -303,12 +293,7 @@ impl Watches {
 
         // The small watches, kept too: before, each term listed them again.
         tasks.spawn_feeder(wakeups::watch_rbac(client.clone(), watches.heads.clone(), caches.clone(), requeue.clone()));
-        let identity_listeners = identity_policies::Listeners {
-            metrics,
-            health,
-            jobs: caches.jobs.clone(),
-            requeue: requeue.clone(),
-        };
+        let identity_listeners = identity_policies::Listeners { metrics, health, jobs: caches.jobs.clone(), requeue: requeue.clone() };
         tasks.spawn_feeder(identity_policies::run(watches.identity.clone(), client.clone(), identity_listeners));
         if let Some(name) = &settings.price_config_map {
             let price_listeners =
@@ -317,10 +302,11 @@ impl Watches {
             tasks.spawn_feeder(price_table::watch(client.clone(), price_listeners, namespace, name.clone(), base_prices));
         }
         let selector = settings.discovery_namespace_selector.as_deref();
-        let discovery_namespaces = discovery::watch_namespaces(client, selector, watches.discovery_trigger.clone()).map(|(store, watch)| {
-            tasks.spawn_feeder(watch);
-            store
-        });
+        let discovery_namespaces =
+            discovery::watch_namespaces(client, selector, watches.discovery_trigger.clone()).map(|(store, watch)| {
+                tasks.spawn_feeder(watch);
+                store
+            });
 
         Watches { tasks, discovery_namespaces, ..watches }
     }
@@ -342,6 +328,21 @@ impl Watches {
 pub fn synced(caches: &Caches, tools_whole: &Store<AgentTool>) -> bool {
     use futures::FutureExt;
     caches.synced() && matches!(tools_whole.wait_until_ready().now_or_never(), Some(Ok(())))
+}
+
+/// The pipeline most kept watches share: retried after `WatchBackoff`, slimmed by `slim`, stored
+/// through `writer`, each event then shown to `after_store` (an index), and every object touched
+/// passed on once the store holds it (relist.rs).
+fn stored<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    slim: impl FnMut(&mut K) + Send + 'static,
+    writer: reflector::store::Writer<K>,
+    after_store: impl FnMut(&Result<watcher::Event<K>, watcher::Error>) + Send + 'static,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    events.backoff(WatchBackoff::new()).modify(slim).reflect(writer).inspect(after_store).touched_once_stored()
 }
 
 /// Hands every object of `triggers` to the current term's controller (dropped while standing by).
