@@ -6,7 +6,12 @@
 //! to drop every cache and relist them all, 20,000 foreign Pods included, for 6-13 s before it
 //! served again (README "In a busy cluster"). Now a new term reconciles every cached job and tool
 //! once, from the warm caches, with no LIST (tests/leader.rs
-//! `a_leader_that_loses_and_retakes_its_lease_serves_again_without_relisting`).
+//! `a_leader_that_loses_and_retakes_its_lease_serves_again_without_relisting`). The small
+//! watches are kept too (RBAC, identity admission policies, the price ConfigMap, the discovered
+//! namespaces): each term used to list them again, and counted no vote until the policies were
+//! listed. What is not kept is the head checks' cached answers: each term starts with none
+//! (access::TermHeads), so an RBAC change made while this replica stood by cannot leave a
+//! revoked head counted.
 //!
 //! Why they start at the first term and not at process start: a standby that has never led
 //! holds no cache and opens no watch, as kube-controller-manager's standbys do. Each warm
