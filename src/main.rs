@@ -397,6 +397,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             true => Some(agentgate::leader::campaign(&lease, &lease_namespace, &identity).await?),
             false => None,
         };
+        // The price ConfigMap's edits apply on top of these, the prices the operator started with.
+        let base_prices = prices.clone();
         let prices = Arc::new(RwLock::new(prices));
         // One term of leadership per turn. A leader that loses its lease (it could not renew it
         // through an apiserver outage, say) stops writing at once and stands by again, rather than
@@ -429,7 +431,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             };
             health.leading.store(true, std::sync::atomic::Ordering::Relaxed);
             let replay = watches.is_some();
-            let kept = watches.get_or_insert_with(|| controller::watches::Watches::start(&client, &settings, metrics.clone()));
+            let kept = watches.get_or_insert_with(|| {
+                controller::watches::Watches::start(
+                    &client,
+                    &settings,
+                    metrics.clone(),
+                    health.clone(),
+                    prices.clone(),
+                    base_prices.clone(),
+                )
+            });
             let run = controller::lead(
                 client.clone(),
                 settings.clone(),

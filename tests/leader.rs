@@ -172,6 +172,21 @@ const FOREIGN_PODS: usize = 1000;
 const KEPT_WATCHES: &[&str] =
     &["pods", "agentjobs", "approvalvotes", "agenttools", "nodes", "resourcequotas", "services", "endpointslices", "secrets"];
 
+/// The small watches that each term used to start afresh, now kept too: RBAC (which drops the
+/// term's cached head answers, controller/wakeups.rs), the identity admission policies
+/// (controller/identity_policies.rs) and the price ConfigMap (controller/price_table.rs).
+const KEPT_SMALL_WATCHES: &[&str] = &[
+    "roles",
+    "rolebindings",
+    "clusterroles",
+    "clusterrolebindings",
+    "validatingadmissionpolicies",
+    "validatingadmissionpolicybindings",
+    "mutatingadmissionpolicies",
+    "mutatingadmissionpolicybindings",
+    "configmaps",
+];
+
 /// A leader that loses its lease (here: the test takes the Lease over for a while, as another
 /// replica would after a renewal the apiserver answered too late) stops writing, and once it
 /// retakes the lease serves again from the caches it kept: no new LIST of Pods, jobs or anything
@@ -206,7 +221,10 @@ async fn a_leader_that_loses_and_retakes_its_lease_serves_again_without_relistin
     })
     .await;
 
-    let operator = OperatorProcess::start_as(cp, &kubeconfig, &env.operator_args());
+    // A price ConfigMap to watch (it need not exist): its watch, too, is kept between terms.
+    let mut args = env.operator_args();
+    args.extend(["--price-config-map", "leader-relist-prices"]);
+    let operator = OperatorProcess::start_as(cp, &kubeconfig, &args);
     let start = Instant::now();
     while !log_of(&operator).contains("became the leader") {
         assert!(start.elapsed() < Duration::from_secs(30), "the replica never led:\n{}", log_of(&operator));
@@ -215,46 +233,21 @@ async fn a_leader_that_loses_and_retakes_its_lease_serves_again_without_relistin
     submit(&admin, ns, "before").await;
     wait_for_job(&admin, ns, "before", "estimated in the first term", |j| phase(j) == Some("AwaitingApproval")).await;
     let first_term = lists_by(&audit_log, &user);
-    for resource in ["pods", "agentjobs"] {
+    // The identity policies are listed before any job is estimated (agent_job.rs waits for them).
+    for resource in ["pods", "agentjobs", "validatingadmissionpolicies", "mutatingadmissionpolicybindings"] {
         assert!(
             first_term.get(resource).is_some_and(|&n| n >= 1),
             "the first term's LIST of {resource} is not in the audit log: {first_term:?}"
         );
     }
 
-    // Take the Lease over, renewing it as its holder would, until the replica has stood down.
-    let leases: Api<Lease> = Api::namespaced(admin.clone(), ns);
-    let lease = format!("agentgate-{ns}");
-    let (stop_stealing, mut stealing) = tokio::sync::watch::channel(false);
-    let thief = tokio::spawn({
-        let (leases, lease) = (leases.clone(), lease.clone());
-        async move {
-            while !*stealing.borrow() {
-                let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(Timestamp::now())).unwrap();
-                let spec = json!({"spec": {"holderIdentity": "thief", "acquireTime": now, "renewTime": now, "leaseDurationSeconds": 3}});
-                leases.patch(&lease, &PatchParams::default(), &Patch::Merge(&spec)).await.expect("take the Lease over");
-                let _ = tokio::time::timeout(Duration::from_secs(1), stealing.changed()).await;
-            }
-        }
-    });
-    let stolen = Instant::now();
-    while !log_of(&operator).contains("lost the leader lease") {
-        assert!(stolen.elapsed() < Duration::from_secs(30), "the replica never stood down:\n{}", log_of(&operator));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let thief = LeaseThief::take_over(&admin, ns, &operator).await;
     let stood_down = Timestamp::now();
     submit(&admin, ns, "during").await;
     // Held a little longer, so that the job reaches the standby's cache before it leads again.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let released = Timestamp::now();
-    stop_stealing.send(true).unwrap();
-    thief.await.unwrap();
-
-    let retaking = Instant::now();
-    while log_of(&operator).matches("became the leader").count() < 2 {
-        assert!(retaking.elapsed() < Duration::from_secs(30), "the replica never led again:\n{}", log_of(&operator));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    thief.give_back(&operator).await;
     wait_for_job(&admin, ns, "during", "estimated after leading again", |j| phase(j) == Some("AwaitingApproval")).await;
     let log = log_of(&operator);
     let led_again = times_of(&log, "became the leader")[1];
@@ -266,13 +259,115 @@ async fn a_leader_that_loses_and_retakes_its_lease_serves_again_without_relistin
         synced.map(|t| t.duration_since(led_again)),
         served.map(|t| t.duration_since(led_again)),
     );
-    for resource in KEPT_WATCHES {
+    for resource in KEPT_WATCHES.iter().chain(KEPT_SMALL_WATCHES) {
+        assert!(first_term.get(*resource).is_some_and(|&n| n >= 1), "the first term never listed {resource}: {first_term:?}");
         assert_eq!(second_term.get(*resource), first_term.get(*resource), "the retaken term relisted {resource}");
     }
     // Never two writers: while the test held the Lease the replica wrote nothing (the Lease's
     // own renewal aside, which does not change its holder).
     let writes = writes_by(&audit_log, &user, stood_down, released);
     assert!(writes.is_empty(), "the replica wrote while it stood by: {writes:#?}");
+}
+
+/// Takes the operator's Lease over, renewing it as its holder would, as another replica would
+/// after a renewal the apiserver answered too late.
+struct LeaseThief {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LeaseThief {
+    /// Returns once the replica has stood down.
+    async fn take_over(admin: &kube::Client, ns: &str, operator: &OperatorProcess) -> LeaseThief {
+        let leases: Api<Lease> = Api::namespaced(admin.clone(), ns);
+        let lease = format!("agentgate-{ns}");
+        let (stop, mut stealing) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            while !*stealing.borrow() {
+                let now = serde_json::to_value(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(Timestamp::now())).unwrap();
+                let spec = json!({"spec": {"holderIdentity": "thief", "acquireTime": now, "renewTime": now, "leaseDurationSeconds": 3}});
+                leases.patch(&lease, &PatchParams::default(), &Patch::Merge(&spec)).await.expect("take the Lease over");
+                let _ = tokio::time::timeout(Duration::from_secs(1), stealing.changed()).await;
+            }
+        });
+        let stolen = Instant::now();
+        while !log_of(operator).contains("lost the leader lease") {
+            assert!(stolen.elapsed() < Duration::from_secs(30), "the replica never stood down:\n{}", log_of(operator));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        LeaseThief { stop, task }
+    }
+
+    /// Stops renewing; returns once the replica leads again.
+    async fn give_back(self, operator: &OperatorProcess) {
+        let terms = log_of(operator).matches("became the leader").count();
+        self.stop.send(true).unwrap();
+        self.task.await.unwrap();
+        let retaking = Instant::now();
+        while log_of(operator).matches("became the leader").count() <= terms {
+            assert!(retaking.elapsed() < Duration::from_secs(30), "the replica never led again:\n{}", log_of(operator));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A head's `approve` right revoked while the replica stood by (another replica led, say) stops
+/// counting in its next term. Attack: erin, a head of `ops` in this namespace through a
+/// RoleBinding, approves a job; her binding is deleted while the replica does not lead. The
+/// RBAC watch outlives the term (controller/watches.rs), and the answer "erin heads ops" was
+/// cached in the first term: had that cache outlived the term without the change reaching it,
+/// the retaken term would have counted her vote beside bob's and approved the job. Each term now
+/// starts with no cached answer (access::TermHeads).
+#[tokio::test]
+async fn a_head_whose_right_is_revoked_while_the_replica_stands_by_does_not_count() {
+    use agentgate::api::Decision;
+    use k8s_openapi::api::rbac::v1::{ClusterRole, RoleBinding};
+    let ns = "leader-revoke";
+    let env = Env::builder(ns).operator(OperatorMode::Later).audit_log().build().await;
+    let (cp, admin) = (env.cp, env.admin.clone());
+    let pp = PatchParams::apply("leader-test").force();
+    let role = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "leader-revoke-head-of-ops"},
+        "rules": [{"apiGroups": ["agentgate.dev"], "resources": ["categories"], "verbs": ["approve"], "resourceNames": ["ops"]}]});
+    Api::<ClusterRole>::all(admin.clone()).patch("leader-revoke-head-of-ops", &pp, &Patch::Apply(&role)).await.unwrap();
+    let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "erin-heads-ops", "namespace": ns},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "leader-revoke-head-of-ops"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "erin"}]});
+    let bindings: Api<RoleBinding> = Api::namespaced(admin.clone(), ns);
+    bindings.patch("erin-heads-ops", &pp, &Patch::Apply(&binding)).await.unwrap();
+
+    let operator = OperatorProcess::start(cp, &env.operator_args());
+    let start = Instant::now();
+    while !log_of(&operator).contains("became the leader") {
+        assert!(start.elapsed() < Duration::from_secs(30), "the replica never led:\n{}", log_of(&operator));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    submit(&admin, ns, "revoked").await;
+    let job = wait_for_job(&admin, ns, "revoked", "estimated", |j| phase(j) == Some("AwaitingApproval")).await;
+    vote(&cp.client("erin").await, &job, "erin", Decision::Approve).await;
+    let approvers = |j: &AgentJob| -> Vec<String> {
+        j.status
+            .as_ref()
+            .and_then(|s| s.approval.as_ref())
+            .map(|a| a.approvers.iter().map(|a| a.voter.clone()).collect())
+            .unwrap_or_default()
+    };
+    wait_for_job(&admin, ns, "revoked", "erin's vote counted in the first term", |j| approvers(j) == ["erin"]).await;
+
+    let thief = LeaseThief::take_over(&admin, ns, &operator).await;
+    bindings.delete("erin-heads-ops", &Default::default()).await.unwrap();
+    thief.give_back(&operator).await;
+
+    // bob heads every category: his vote is counted in the retaken term (the positive event), and
+    // with erin's still counted the job would be approved (two of two).
+    vote(&env.bob, &job, "bob", Decision::Approve).await;
+    let tallied = wait_for_job(&admin, ns, "revoked", "bob's vote counted in the retaken term", |j| {
+        approvers(j).contains(&"bob".to_string()) || phase(j) != Some("AwaitingApproval")
+    })
+    .await;
+    assert_eq!(approvers(&tallied), ["bob"], "a head whose right was revoked while the replica stood by still counted");
+    assert_eq!(phase(&tallied), Some("AwaitingApproval"));
+    let ignored = tallied.status.as_ref().and_then(|s| s.approval.as_ref()).map(|a| a.ignored_votes.clone()).unwrap_or_default();
+    assert!(ignored.iter().any(|v| v.why.contains("erin is not a head of category ops")), "{ignored:?}");
 }
 
 /// The times of the log lines that contain `needle`.

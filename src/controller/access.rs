@@ -124,6 +124,45 @@ pub struct HeadChecker {
     asking: Mutex<HashMap<Question, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// The head checker of the current term of leadership, for the RBAC watch, which outlives terms
+/// (watches.rs) and drops from it the answers an RBAC change may have changed.
+///
+/// Each term gets a new, empty checker: no answer cached in one term is used in another. A Role
+/// or RoleBinding changed while this replica stood by is then asked about afresh, whether or not
+/// the watch saw the change (it may have been disconnected, or the change may still be on its
+/// way): a head whose `approve` right was revoked meanwhile does not count in the next term
+/// (tests/leader.rs `a_head_whose_right_is_revoked_while_the_replica_stands_by_does_not_count`).
+/// What that costs: one review per voter and question again at each new term.
+#[derive(Clone, Default)]
+pub struct TermHeads(Arc<Mutex<Option<Arc<HeadChecker>>>>);
+
+impl TermHeads {
+    /// A term begins: its own checker, empty, which RBAC changes reach until the guard is dropped.
+    pub fn open(&self, client: Client) -> (HeadsOfTerm, Arc<HeadChecker>) {
+        let heads = Arc::new(HeadChecker::new(client));
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(heads.clone());
+        (HeadsOfTerm(self.clone()), heads)
+    }
+
+    /// Drops what a change in `scope` may have changed from the current term's answers (while
+    /// standing by there are none: the next term starts empty).
+    pub fn forget(&self, scope: &RbacScope) {
+        let current = self.0.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        if let Some(heads) = current {
+            heads.forget(scope);
+        }
+    }
+}
+
+/// Ends the term's checker when dropped: nothing reaches or reads it any longer.
+pub struct HeadsOfTerm(TermHeads);
+
+impl Drop for HeadsOfTerm {
+    fn drop(&mut self) {
+        *self.0.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
 /// Beyond this many distinct questions asked since the last RBAC change, the in-flight guards are
 /// dropped (a guard left out only means one more review, as before).
 const MAX_ASKING: usize = 10_000;

@@ -205,6 +205,12 @@ impl Reporter {
         *self.events.write().unwrap_or_else(std::sync::PoisonError::into_inner) = events;
     }
 
+    /// The current term's Event queue (None while standing by), for the other kept watches that
+    /// publish Events (the price table's, price_table.rs).
+    pub fn term_events(&self) -> Option<super::events::EventQueue> {
+        self.events.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
     /// True the first time this problem of this object is seen.
     fn first_time(&self, key: String, problem: &str) -> bool {
         let mut reported = self.reported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);

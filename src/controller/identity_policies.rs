@@ -20,14 +20,15 @@ use futures::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingAdmissionPolicy, MutatingAdmissionPolicyBinding, ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
 };
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::Value;
 
-use super::Context;
-use crate::api::{IgnoredVote, JobPhase};
+use super::triggers::Triggers;
+use super::watches::WatchBackoff;
+use crate::api::{AgentJob, IgnoredVote, JobPhase};
 use crate::domain::decide::{Plan, PlannedEvent, condition};
 use crate::domain::tally::Tally;
 
@@ -274,21 +275,32 @@ pub fn explain(plan: &mut Plan, old: &crate::api::AgentJobStatus, reason: &str, 
     }
 }
 
-/// Watches the four kinds until the operator stops, keeping `ctx.identity` current. Each change
-/// of the problems is logged, counted in the metric and `/readyz`, and every job that is not
-/// running or finished is looked at again: votes stop or resume counting.
-pub async fn run(ctx: Arc<Context>) {
-    let client = ctx.client.clone();
+/// Who hears of a change of the problems: the metric, `/readyz`, and the current term's
+/// controller (none while standing by).
+pub struct Listeners {
+    pub metrics: Arc<crate::metrics::Metrics>,
+    pub health: Arc<crate::state::Health>,
+    pub jobs: Store<AgentJob>,
+    pub requeue: Triggers<AgentJob>,
+}
+
+/// Watches the four kinds until the operator stops, keeping `gate` current. The watches live as
+/// long as the process (watches.rs), so a retaken term lists none of them again and finds the
+/// gate as they last saw it. Each change of the problems is logged, counted in the metric and
+/// `/readyz`, and every job that is not running or finished is looked at again: votes stop or
+/// resume counting.
+pub async fn run(gate: Arc<Gate>, client: Client, told: Listeners) {
+    let watched = (gate, told);
     futures::future::join4(
-        watch_kind::<ValidatingAdmissionPolicy>(&ctx, client.clone(), Kind::Validating),
-        watch_kind::<ValidatingAdmissionPolicyBinding>(&ctx, client.clone(), Kind::ValidatingBinding),
-        watch_kind::<MutatingAdmissionPolicy>(&ctx, client.clone(), Kind::Mutating),
-        watch_kind::<MutatingAdmissionPolicyBinding>(&ctx, client, Kind::MutatingBinding),
+        watch_kind::<ValidatingAdmissionPolicy>(&watched, client.clone(), Kind::Validating),
+        watch_kind::<ValidatingAdmissionPolicyBinding>(&watched, client.clone(), Kind::ValidatingBinding),
+        watch_kind::<MutatingAdmissionPolicy>(&watched, client.clone(), Kind::Mutating),
+        watch_kind::<MutatingAdmissionPolicyBinding>(&watched, client, Kind::MutatingBinding),
     )
     .await;
 }
 
-async fn watch_kind<K>(ctx: &Arc<Context>, client: Client, kind: Kind)
+async fn watch_kind<K>((gate, told): &(Arc<Gate>, Listeners), client: Client, kind: Kind)
 where
     K: Resource<Scope = k8s_openapi::ClusterResourceScope, DynamicType = ()>
         + Clone
@@ -298,10 +310,10 @@ where
         + Send
         + 'static,
 {
-    let names: Vec<String> = ctx.identity.shipped.iter().filter(|e| e.kind == kind).map(|e| e.name.clone()).collect();
+    let names: Vec<String> = gate.shipped.iter().filter(|e| e.kind == kind).map(|e| e.name.clone()).collect();
     let spec_of = |o: &K| serde_json::to_value(o).ok().map(|v| v["spec"].clone()).unwrap_or(Value::Null);
     let mut pending: BTreeMap<String, Value> = BTreeMap::new();
-    let mut stream = watch(Api::<K>::all(client), watcher::Config::default()).default_backoff().boxed();
+    let mut stream = watch(Api::<K>::all(client), watcher::Config::default()).backoff(WatchBackoff::new()).boxed();
     while let Some(event) = stream.next().await {
         let changed = match event {
             Ok(Event::Init) => {
@@ -314,43 +326,46 @@ where
                 }
                 false
             }
-            Ok(Event::InitDone) => ctx.identity.update(kind, |s| {
+            Ok(Event::InitDone) => gate.update(kind, |s| {
                 s.specs = std::mem::take(&mut pending);
                 s.listed = true;
                 s.error = None;
             }),
-            Ok(Event::Apply(o)) if names.contains(&o.name_any()) => ctx.identity.update(kind, |s| {
+            Ok(Event::Apply(o)) if names.contains(&o.name_any()) => gate.update(kind, |s| {
                 s.specs.insert(o.name_any(), spec_of(&o));
             }),
-            Ok(Event::Delete(o)) if names.contains(&o.name_any()) => ctx.identity.update(kind, |s| {
+            Ok(Event::Delete(o)) if names.contains(&o.name_any()) => gate.update(kind, |s| {
                 s.specs.remove(&o.name_any());
             }),
             Ok(_) => false,
             // A watch that breaks after a full list keeps what it saw (an apiserver restart is no
             // reason to stop counting votes); one that never listed is a problem of its own.
-            Err(e) => ctx.identity.update(kind, |s| s.error = Some(e.to_string())),
+            Err(e) => gate.update(kind, |s| s.error = Some(e.to_string())),
         };
         if changed {
-            announce(ctx);
+            announce(gate, told);
         }
     }
 }
 
-fn announce(ctx: &Context) {
-    let problems = ctx.identity.problems().unwrap_or_default();
-    ctx.metrics.identity_policies_missing.set(problems.len() as i64);
+fn announce(gate: &Gate, told: &Listeners) {
+    let problems = gate.problems().unwrap_or_default();
+    told.metrics.identity_policies_missing.set(problems.len() as i64);
     if problems.is_empty() {
         tracing::info!("identity admission policies in force: votes count");
     } else {
         tracing::warn!(?problems, "identity admission policies not in force: no vote counts");
     }
-    *ctx.health.identity_problems.write().unwrap_or_else(PoisonError::into_inner) = Some(problems);
-    let waiting = ctx.caches.jobs.state_filter(|j| {
+    // A standby's /readyz names none (state.rs); a new term reads them from the gate (`lead`).
+    if told.health.leading.load(std::sync::atomic::Ordering::Relaxed) {
+        *told.health.identity_problems.write().unwrap_or_else(PoisonError::into_inner) = Some(problems);
+    }
+    let waiting = told.jobs.state_filter(|j| {
         let phase = j.status.as_ref().and_then(|s| s.phase);
         !phase.is_some_and(|p| p.is_terminal() || p == JobPhase::Running)
     });
     for job in waiting {
-        let _ = ctx.requeue.send(ObjectRef::from_obj(job.as_ref()));
+        let _ = told.requeue.send(ObjectRef::from_obj(job.as_ref()));
     }
 }
 

@@ -137,7 +137,8 @@ pub struct Context {
     pub settings: Settings,
     pub prices: Arc<RwLock<PriceTable>>,
     pub caches: Caches,
-    pub heads: access::HeadChecker,
+    /// This term's cached head answers: a new term starts with none (access::TermHeads).
+    pub heads: Arc<access::HeadChecker>,
     /// Jobs to look at again because something they wait for (capacity, rate limit) freed up.
     pub requeue: triggers::Triggers<AgentJob>,
     pub tool_requeue: triggers::Triggers<AgentTool>,
@@ -154,7 +155,7 @@ pub struct Context {
     /// Spec revisions stored and not yet recorded in their job's status (spec_history.rs).
     pub stored_revisions: Arc<spec_history::StoredRevisions>,
     /// Whether the identity admission policies are in force; no vote counts while they are not.
-    pub identity: identity_policies::Gate,
+    pub identity: Arc<identity_policies::Gate>,
     pub health: Arc<Health>,
 }
 
@@ -241,6 +242,10 @@ pub async fn lead(
     // Opened before anything is replayed: a change from here on reaches this term either way.
     let (_jobs_term, job_triggers) = watches.jobs_to_reconcile.open();
     let (_tools_term, tool_triggers) = watches.tools_to_reconcile.open();
+    // Before any reconcile may ask: this term's head answers, none cached yet.
+    let (_heads_term, heads) = watches.heads.open(client.clone());
+    // What the kept identity policy watches last saw (None while standing by, state.rs).
+    *health.identity_problems.write().unwrap_or_else(std::sync::PoisonError::into_inner) = watches.identity.problems();
     let (events, _events_sender) =
         events::EventQueue::start_for_term(events::Publisher::new(client.clone(), "agentgate", std::env::var("POD_NAME").ok()));
     let _reporting = Reporting::start(&watches.reporter, events.clone());
@@ -260,7 +265,7 @@ pub async fn lead(
         settings: settings.clone(),
         prices,
         caches: caches.clone(),
-        heads: access::HeadChecker::new(client.clone()),
+        heads,
         requeue: watches.jobs_to_reconcile.clone(),
         tool_requeue: watches.tools_to_reconcile.clone(),
         secret_watch: watches.secret_watch.clone(),
@@ -270,7 +275,7 @@ pub async fn lead(
         status_writes: StatusWrites::default(),
         pod_expectations: watches.pod_expectations.clone(),
         stored_revisions: watches.stored_revisions.clone(),
-        identity: identity_policies::Gate::default(),
+        identity: watches.identity.clone(),
         health: health.clone(),
     });
 
@@ -292,17 +297,8 @@ pub async fn lead(
         .run(agent_tool::reconcile, agent_tool::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));
 
-    let rbac_changes = wakeups::watch_rbac(client.clone(), ctx.clone());
-    let price_changes = async {
-        match &settings.price_config_map {
-            Some(name) => {
-                let base = ctx.prices.read().await.clone();
-                price_table::watch(ctx.clone(), settings.state_namespace.clone(), name.clone(), base).await
-            }
-            None => std::future::pending().await,
-        }
-    };
     let (discovery_trigger, orphan_trigger) = (watches.discovery_trigger.clone(), watches.orphan_trigger.clone());
+    let discovery_namespaces = watches.discovery_namespaces.clone();
     let mark_ready = {
         let (jobs_to, tools_to, tools_whole) =
             (watches.jobs_to_reconcile.clone(), watches.tools_to_reconcile.clone(), watches.tools_whole.clone());
@@ -337,11 +333,8 @@ pub async fn lead(
         _ = tasks.ended() => {}
         _ = watches.ended() => {}
         _ = mark_ready => {}
-        _ = rbac_changes => {}
-        _ = price_changes => {}
-        _ = discovery::run(ctx.clone(), discovery_trigger) => {}
+        _ = discovery::run(ctx.clone(), discovery_trigger, discovery_namespaces) => {}
         _ = learner.run_writer(client.clone()) => {}
-        _ = identity_policies::run(ctx.clone()) => {}
         _ = pod_finalizer::sweep(ctx.clone(), orphan_trigger) => {}
     }
     *health.identity_problems.write().unwrap_or_else(std::sync::PoisonError::into_inner) = None;

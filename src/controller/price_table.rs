@@ -14,11 +14,15 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher::{self, watcher};
-use kube::{Api, Resource};
+use kube::{Api, Client, Resource};
+use tokio::sync::RwLock;
 
-use super::Context;
+use super::decode;
+use super::triggers::Triggers;
+use super::watches::WatchBackoff;
+use crate::api::AgentJob;
 use crate::domain::conditions::condition;
 use crate::domain::pricing::PriceTable;
 
@@ -44,11 +48,22 @@ pub fn table_from(base: &PriceTable, data: Option<&std::collections::BTreeMap<St
     }
 }
 
-/// Runs until the watch ends (never, in practice: the watcher retries with backoff).
-pub async fn watch(ctx: Arc<Context>, namespace: String, name: String, base: PriceTable) {
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+/// What the price watch changes and tells: the table in force, the current term's Events
+/// (none while standing by: a standby writes nothing) and controller.
+pub struct Listeners {
+    pub prices: Arc<RwLock<PriceTable>>,
+    pub reporter: decode::Reporter,
+    pub jobs: Store<AgentJob>,
+    pub requeue: Triggers<AgentJob>,
+}
+
+/// Runs until the watch ends (never, in practice: the watcher retries with backoff). It lives as
+/// long as the process (watches.rs): a retaken term lists nothing again, and `base` is the table
+/// the operator started with, not one an earlier term's ConfigMap had already overridden.
+pub async fn watch(client: Client, told: Listeners, namespace: String, name: String, base: PriceTable) {
+    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
     let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let mut events = watcher(api, config).default_backoff().boxed();
+    let mut events = watcher(api, config).backoff(WatchBackoff::new()).boxed();
     while let Some(event) = events.next().await {
         let (config_map, data) = match event {
             Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) => {
@@ -65,21 +80,21 @@ pub async fn watch(ctx: Arc<Context>, namespace: String, name: String, base: Pri
         match table_from(&base, data.as_ref()) {
             Update::Replace(table) => {
                 let models = table.models.len();
-                let changed = *ctx.prices.read().await != table;
-                *ctx.prices.write().await = table;
+                let changed = *told.prices.read().await != table;
+                *told.prices.write().await = table;
                 if changed {
                     tracing::info!(models, configmap = %format!("{namespace}/{name}"), "price table loaded");
-                    if let Some(cm) = &config_map {
+                    if let (Some(cm), Some(events)) = (&config_map, told.reporter.term_events()) {
                         let note = format!("{models} model prices in force");
-                        ctx.publish_event(&cm.object_ref(&()), EventType::Normal, "PriceTableLoaded", &note, "LoadPrices").await;
+                        events.record(&cm.object_ref(&()), EventType::Normal, "PriceTableLoaded", note, "LoadPrices").await;
                     }
-                    requeue_unpriced(&ctx);
+                    requeue_unpriced(&told);
                 }
             }
             Update::Refuse(reason) => {
                 tracing::warn!(configmap = %format!("{namespace}/{name}"), "{reason}");
-                if let Some(cm) = &config_map {
-                    ctx.publish_event(&cm.object_ref(&()), EventType::Warning, "PriceTableInvalid", &reason, "LoadPrices").await;
+                if let (Some(cm), Some(events)) = (&config_map, told.reporter.term_events()) {
+                    events.record(&cm.object_ref(&()), EventType::Warning, "PriceTableInvalid", reason, "LoadPrices").await;
                 }
             }
         }
@@ -87,13 +102,13 @@ pub async fn watch(ctx: Arc<Context>, namespace: String, name: String, base: Pri
 }
 
 /// Jobs whose estimate failed for want of a price get another chance.
-fn requeue_unpriced(ctx: &Context) {
-    for job in ctx.caches.jobs.state() {
+fn requeue_unpriced(told: &Listeners) {
+    for job in told.jobs.state() {
         let unpriced = job.status.as_ref().is_some_and(|s| {
             s.conditions.iter().any(|c| c.type_ == condition::ESTIMATED && c.status == "False" && c.reason == "UnknownModel")
         });
         if unpriced {
-            let _ = ctx.requeue.send(ObjectRef::from_obj(job.as_ref()));
+            let _ = told.requeue.send(ObjectRef::from_obj(job.as_ref()));
         }
     }
 }

@@ -11,9 +11,11 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::mpsc;
 
-use super::access::RbacScope;
+use super::access::{RbacScope, TermHeads};
 use super::index::{Key, Released};
-use super::{Caches, Context, snapshot};
+use super::triggers::Triggers;
+use super::watches::WatchBackoff;
+use super::{Caches, snapshot};
 use crate::api::{AgentJob, JobPhase};
 
 fn job_ref(key: &Key) -> ObjectRef<AgentJob> {
@@ -61,7 +63,12 @@ const RBAC_COALESCE: Duration = Duration::from_millis(500);
 ///   namespaces the burst did not touch are still cached: no reviews are sent for them.
 /// - Changes reach the gatherer through a channel of one: a burst waiting there is one change;
 ///   the scopes it touched wait in a set (bounded: past `MAX_SCOPES` namespaces it is the cluster).
-pub async fn watch_rbac(client: Client, ctx: Arc<Context>) {
+///
+/// The watch lives as long as the process (watches.rs): a retaken term lists no RBAC again. What
+/// it drops goes to the current term's answers (`heads`); a new term starts with none cached
+/// (`access::TermHeads`), and its requeues to the current term's controller (none while standing
+/// by: a new term reconciles every job once anyway).
+pub async fn watch_rbac(client: Client, heads: TermHeads, caches: Caches, requeue: Triggers<AgentJob>) {
     use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
     use kube::core::PartialObjectMeta;
     let wc = watcher::Config::default();
@@ -79,16 +86,22 @@ pub async fn watch_rbac(client: Client, ctx: Arc<Context>) {
         matches!(event, Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone)).then_some(RbacScope::Cluster)
     }
     let changes = futures::stream::select_all([
-        watcher(Api::<PartialObjectMeta<Role>>::all(client.clone()), wc.clone()).default_backoff().map(namespaced).boxed(),
-        watcher(Api::<PartialObjectMeta<RoleBinding>>::all(client.clone()), wc.clone()).default_backoff().map(namespaced).boxed(),
-        watcher(Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()), wc.clone()).default_backoff().map(cluster_wide).boxed(),
-        watcher(Api::<PartialObjectMeta<ClusterRoleBinding>>::all(client), wc).default_backoff().map(cluster_wide).boxed(),
+        watcher(Api::<PartialObjectMeta<Role>>::all(client.clone()), wc.clone()).backoff(WatchBackoff::new()).map(namespaced).boxed(),
+        watcher(Api::<PartialObjectMeta<RoleBinding>>::all(client.clone()), wc.clone())
+            .backoff(WatchBackoff::new())
+            .map(namespaced)
+            .boxed(),
+        watcher(Api::<PartialObjectMeta<ClusterRole>>::all(client.clone()), wc.clone())
+            .backoff(WatchBackoff::new())
+            .map(cluster_wide)
+            .boxed(),
+        watcher(Api::<PartialObjectMeta<ClusterRoleBinding>>::all(client), wc).backoff(WatchBackoff::new()).map(cluster_wide).boxed(),
     ])
     .filter_map(future::ready);
     let touched = std::sync::Mutex::new(std::collections::BTreeSet::<RbacScope>::new());
     let (changed, mut gathered) = mpsc::channel::<()>(1);
     let watch = changes.for_each(|scope| {
-        ctx.heads.forget(&scope);
+        heads.forget(&scope);
         {
             let mut touched = touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             if scope == RbacScope::Cluster || touched.len() >= MAX_SCOPES {
@@ -106,10 +119,10 @@ pub async fn watch_rbac(client: Client, ctx: Arc<Context>) {
             tokio::time::sleep(RBAC_COALESCE).await;
             let burst = std::mem::take(&mut *touched.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
             for scope in &burst {
-                ctx.heads.forget(scope);
+                heads.forget(scope);
             }
-            for job in awaiting_with_votes(&ctx.caches) {
-                let _ = ctx.requeue.send(job);
+            for job in awaiting_with_votes(&caches) {
+                let _ = requeue.send(job);
             }
         }
     };

@@ -6,7 +6,12 @@
 //! to drop every cache and relist them all, 20,000 foreign Pods included, for 6-13 s before it
 //! served again (README "In a busy cluster"). Now a new term reconciles every cached job and tool
 //! once, from the warm caches, with no LIST (tests/leader.rs
-//! `a_leader_that_loses_and_retakes_its_lease_serves_again_without_relisting`).
+//! `a_leader_that_loses_and_retakes_its_lease_serves_again_without_relisting`). The small
+//! watches are kept too (RBAC, identity admission policies, the price ConfigMap, the discovered
+//! namespaces): each term used to list them again, and counted no vote until the policies were
+//! listed. What is not kept is the head checks' cached answers: each term starts with none
+//! (access::TermHeads), so an RBAC change made while this replica stood by cannot leave a
+//! revoked head counted.
 //!
 //! Why they start at the first term and not at process start: a standby that has never led
 //! holds no cache and opens no watch, as kube-controller-manager's standbys do. Each warm
@@ -19,7 +24,7 @@
 use std::sync::Arc;
 
 use futures::{StreamExt, future, stream};
-use k8s_openapi::api::core::v1::{Node, Pod, ResourceQuota, Secret, Service};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ResourceQuota, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -29,11 +34,14 @@ use kube::{Api, Client, ResourceExt};
 use super::relist::OnceStored;
 use super::triggers::Triggers;
 use super::{
-    Caches, PAGE_SIZE, Settings, agent_tool, decode, feed, index, meter_keys, pod_expectations, pod_finalizer, poke, scoped, slim,
-    spec_history, tasks, wakeups,
+    Caches, PAGE_SIZE, Settings, access, agent_tool, decode, discovery, feed, identity_policies, index, meter_keys, pod_expectations,
+    pod_finalizer, poke, price_table, scoped, slim, spec_history, tasks, wakeups,
 };
 use crate::api::{AgentJob, AgentTool, ApprovalVote};
+use crate::domain::pricing::PriceTable;
 use crate::metrics::Metrics;
+use crate::state::Health;
+use tokio::sync::RwLock;
 
 /// Everything the watches keep between terms of leadership.
 pub struct Watches {
@@ -49,15 +57,29 @@ pub struct Watches {
     pub tools_to_reconcile: Triggers<AgentTool>,
     /// Woken by every Service and AgentTool change; see discovery.rs.
     pub discovery_trigger: Arc<tokio::sync::Notify>,
+    /// The namespaces tools are discovered in (`--discovery-namespace-selector`; None without).
+    pub discovery_namespaces: Option<Store<PartialObjectMeta<Namespace>>>,
     /// Woken by Pods that hold the usage finalizer but whose job is not cached (pod_finalizer.rs).
     pub orphan_trigger: Arc<tokio::sync::Notify>,
     pub reporter: decode::Reporter,
+    /// The current term's cached head answers, which the RBAC watch drops from (access.rs).
+    pub heads: access::TermHeads,
+    /// Whether the identity admission policies are in force, as their watches last saw them.
+    pub identity: Arc<identity_policies::Gate>,
     tasks: tasks::Tasks,
 }
 
 impl Watches {
-    /// Starts every watch, each on a task of its own, for as long as this value lives.
-    pub fn start(client: &Client, settings: &Settings, metrics: Arc<Metrics>) -> Watches {
+    /// Starts every watch, each on a task of its own, for as long as this value lives. The price
+    /// ConfigMap's edits apply on top of `base_prices` into `prices`.
+    pub fn start(
+        client: &Client,
+        settings: &Settings,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        prices: Arc<RwLock<PriceTable>>,
+        base_prices: PriceTable,
+    ) -> Watches {
         let wc = watcher::Config::default();
         let (jobs, jobs_writer) = reflector::store();
         let (pods, pods_writer) = reflector::store();
@@ -80,8 +102,11 @@ impl Watches {
             jobs_to_reconcile: Triggers::default(),
             tools_to_reconcile: Triggers::default(),
             discovery_trigger: Default::default(),
+            discovery_namespaces: None,
             orphan_trigger: Default::default(),
-            reporter: decode::Reporter::new(metrics),
+            reporter: decode::Reporter::new(metrics.clone()),
+            heads: Default::default(),
+            identity: Default::default(),
             tasks: tasks::Tasks::default(),
         };
         let Watches { jobs_to_reconcile: requeue, tools_to_reconcile: tool_requeue, reporter, .. } = &watches;
@@ -162,52 +187,49 @@ impl Watches {
             });
         tasks.spawn_feeder(send_all(pod_triggers, requeue));
 
-        let node_triggers = watcher(Api::<Node>::all(client.clone()), wc.clone())
-            .backoff(WatchBackoff::new())
-            .modify(slim::node)
-            .reflect(nodes_writer)
-            .touched_once_stored()
+        let node_triggers = stored(watcher(Api::<Node>::all(client.clone()), wc.clone()), slim::node, nodes_writer, |_| {})
             .filter_map(|node| future::ready(node.ok()))
             .flat_map({
                 let caches = caches.clone();
                 move |_node: Node| stream::iter(wakeups::jobs_short_of_nodes(&caches))
             });
-        let quota_triggers = watcher(scoped::<ResourceQuota>(client, &settings.namespace), wc.clone())
-            .backoff(WatchBackoff::new())
-            .modify(slim::metadata)
-            .reflect(quotas_writer)
-            .inspect(feed(&caches.index, |i, event| i.quotas().apply(event)))
-            .touched_once_stored()
-            .filter_map(|quota| future::ready(quota.ok()))
-            .flat_map({
-                let caches = caches.clone();
-                move |quota: ResourceQuota| stream::iter(wakeups::jobs_waiting_for_capacity(&caches, quota.namespace().as_deref()))
-            });
-        let tool_triggers = decode::decoded_only(
-            watcher(Api::<decode::Decoded<AgentTool>>::all(client.clone()), wc.clone()),
-            caches.tools.clone(),
-            reporter.clone(),
+        let quota_triggers = stored(
+            watcher(scoped::<ResourceQuota>(client, &settings.namespace), wc.clone()),
+            slim::metadata,
+            quotas_writer,
+            feed(&caches.index, |i, event| i.quotas().apply(event)),
         )
-        .backoff(WatchBackoff::new())
-        .modify(slim::metadata)
-        .reflect(tools_writer)
-        .touched_once_stored()
+        .filter_map(|quota| future::ready(quota.ok()))
+        .flat_map({
+            let caches = caches.clone();
+            move |quota: ResourceQuota| stream::iter(wakeups::jobs_waiting_for_capacity(&caches, quota.namespace().as_deref()))
+        });
+        let tool_triggers = stored(
+            decode::decoded_only(
+                watcher(Api::<decode::Decoded<AgentTool>>::all(client.clone()), wc.clone()),
+                caches.tools.clone(),
+                reporter.clone(),
+            ),
+            slim::metadata,
+            tools_writer,
+            |_| {},
+        )
         .inspect(poke(&watches.discovery_trigger))
         .filter_map(|tool| future::ready(tool.ok()))
         .flat_map({
             let caches = caches.clone();
             move |tool: AgentTool| stream::iter(wakeups::jobs_naming_tool(&caches, &tool.name_any()))
         });
-        let vote_triggers = decode::decoded_only(
-            watcher(scoped::<decode::Decoded<ApprovalVote>>(client, &settings.namespace), wc.clone().page_size(PAGE_SIZE)),
-            caches.votes.clone(),
-            reporter.clone(),
+        let vote_triggers = stored(
+            decode::decoded_only(
+                watcher(scoped::<decode::Decoded<ApprovalVote>>(client, &settings.namespace), wc.clone().page_size(PAGE_SIZE)),
+                caches.votes.clone(),
+                reporter.clone(),
+            ),
+            slim::vote,
+            votes_writer,
+            feed(&caches.index, |i, event| i.votes().apply(event)),
         )
-        .backoff(WatchBackoff::new())
-        .modify(slim::vote)
-        .reflect(votes_writer)
-        .inspect(feed(&caches.index, |i, event| i.votes().apply(event)))
-        .touched_once_stored()
         .filter_map(|vote| {
             future::ready(vote.ok().and_then(|vote| vote.namespace().map(|ns| ObjectRef::new(&vote.spec.job_ref.name).within(&ns))))
         });
@@ -220,11 +242,8 @@ impl Watches {
         ]);
         tasks.spawn_feeder(send_all(job_triggers, requeue));
 
-        let service_triggers = watcher(Api::<Service>::all(client.clone()), wc.clone().page_size(PAGE_SIZE))
-            .backoff(WatchBackoff::new())
-            .modify(slim::service)
-            .reflect(services_writer)
-            .touched_once_stored()
+        let services = watcher(Api::<Service>::all(client.clone()), wc.clone().page_size(PAGE_SIZE));
+        let service_triggers = stored(services, slim::service, services_writer, |_| {})
             .inspect(poke(&watches.discovery_trigger))
             .filter_map(|svc| future::ready(svc.ok()))
             .flat_map({
@@ -233,13 +252,9 @@ impl Watches {
                     stream::iter(agent_tool::tools_using_service(&caches, &svc.namespace().unwrap_or_default(), &svc.name_any()))
                 }
             });
-        let slice_triggers = watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone())
-            .backoff(WatchBackoff::new())
-            .modify(slim::endpoint_slice)
-            .reflect(slices_writer)
-            .touched_once_stored()
-            .filter_map(|slice| future::ready(slice.ok()))
-            .flat_map({
+        let slices = watcher(Api::<EndpointSlice>::all(client.clone()), wc.clone());
+        let slice_triggers =
+            stored(slices, slim::endpoint_slice, slices_writer, |_| {}).filter_map(|slice| future::ready(slice.ok())).flat_map({
                 let caches = caches.clone();
                 move |slice: EndpointSlice| {
                     let service = slice.labels().get("kubernetes.io/service-name").cloned().unwrap_or_default();
@@ -281,7 +296,24 @@ impl Watches {
             stream::select_all([tool_self_triggers.boxed(), service_triggers.boxed(), slice_triggers.boxed(), secret_triggers.boxed()]);
         tasks.spawn_feeder(send_all(tool_triggers, tool_requeue));
 
-        Watches { tasks, ..watches }
+        // The small watches, kept too: before, each term listed them again.
+        tasks.spawn_feeder(wakeups::watch_rbac(client.clone(), watches.heads.clone(), caches.clone(), requeue.clone()));
+        let identity_listeners = identity_policies::Listeners { metrics, health, jobs: caches.jobs.clone(), requeue: requeue.clone() };
+        tasks.spawn_feeder(identity_policies::run(watches.identity.clone(), client.clone(), identity_listeners));
+        if let Some(name) = &settings.price_config_map {
+            let price_listeners =
+                price_table::Listeners { prices, reporter: reporter.clone(), jobs: caches.jobs.clone(), requeue: requeue.clone() };
+            let namespace = settings.state_namespace.clone();
+            tasks.spawn_feeder(price_table::watch(client.clone(), price_listeners, namespace, name.clone(), base_prices));
+        }
+        let selector = settings.discovery_namespace_selector.as_deref();
+        let discovery_namespaces =
+            discovery::watch_namespaces(client, selector, watches.discovery_trigger.clone()).map(|(store, watch)| {
+                tasks.spawn_feeder(watch);
+                store
+            });
+
+        Watches { tasks, discovery_namespaces, ..watches }
     }
 
     /// The term ended (or was lost before it began): triggers go nowhere until the next one.
@@ -301,6 +333,21 @@ impl Watches {
 pub fn synced(caches: &Caches, tools_whole: &Store<AgentTool>) -> bool {
     use futures::FutureExt;
     caches.synced() && matches!(tools_whole.wait_until_ready().now_or_never(), Some(Ok(())))
+}
+
+/// The pipeline most kept watches share: retried after `WatchBackoff`, slimmed by `slim`, stored
+/// through `writer`, each event then shown to `after_store` (an index), and every object touched
+/// passed on once the store holds it (relist.rs).
+fn stored<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    slim: impl FnMut(&mut K) + Send + 'static,
+    writer: reflector::store::Writer<K>,
+    after_store: impl FnMut(&Result<watcher::Event<K>, watcher::Error>) + Send + 'static,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    events.backoff(WatchBackoff::new()).modify(slim).reflect(writer).inspect(after_store).touched_once_stored()
 }
 
 /// Hands every object of `triggers` to the current term's controller (dropped while standing by).

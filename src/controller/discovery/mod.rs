@@ -430,4 +430,4 @@ mod shell;
 mod tests;
 
 pub use selector::parse_namespace_selector;
-pub use shell::run;
+pub use shell::{run, watch_namespaces};

@@ -28,37 +28,35 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 /// A failed write is tried again after this long.
 const RETRY: Duration = Duration::from_secs(5);
 
-/// Runs discovery until dropped. `trigger` is notified by the Service and AgentTool watches.
-pub async fn run(ctx: Arc<Context>, trigger: Arc<Notify>) {
+/// The namespaces discovered in (their metadata, selected by the server), watched for as long as
+/// the process lives (controller/watches.rs), so a retaken term lists them no more than the
+/// Services; every change wakes `trigger`. None (and no watch) without a selector.
+pub fn watch_namespaces(
+    client: &kube::Client,
+    selector: Option<&str>,
+    trigger: Arc<Notify>,
+) -> Option<(Store<PartialObjectMeta<Namespace>>, impl Future<Output = ()> + Send + 'static + use<>)> {
+    let (store, writer) = reflector::store::<PartialObjectMeta<Namespace>>();
+    let watch = watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default().labels(selector?))
+        .backoff(crate::controller::watches::WatchBackoff::new())
+        .reflect(writer)
+        .touched_objects()
+        .for_each(move |_| {
+            trigger.notify_one();
+            std::future::ready(())
+        });
+    Some((store, watch))
+}
+
+/// Runs discovery until dropped. `trigger` is notified by the Service, AgentTool and Namespace
+/// watches; `namespaces`, from [`watch_namespaces`].
+pub async fn run(ctx: Arc<Context>, trigger: Arc<Notify>, namespaces: Option<Store<PartialObjectMeta<Namespace>>>) {
     // Opt-in: without a selector no namespace is discovered in, and nothing is touched.
-    if ctx.settings.discovery_namespace_selector.is_none() {
+    if ctx.settings.discovery_namespace_selector.is_none() || namespaces.is_none() {
         tracing::info!("tool discovery is off (no --discovery-namespace-selector)");
         return std::future::pending().await;
     }
-    let namespaces = ctx.settings.discovery_namespace_selector.clone().map(|selector| {
-        let (store, writer) = reflector::store::<PartialObjectMeta<Namespace>>();
-        // Only the names of matching namespaces are needed: their metadata, selected by the server.
-        let stream = watcher(Api::<PartialObjectMeta<Namespace>>::all(ctx.client.clone()), watcher::Config::default().labels(&selector))
-            .default_backoff()
-            .reflect(writer)
-            .touched_objects();
-        (store, stream)
-    });
-    let (store, namespace_watch) = match namespaces {
-        Some((store, stream)) => {
-            let trigger = trigger.clone();
-            let watch = stream.for_each(move |_| {
-                trigger.notify_one();
-                std::future::ready(())
-            });
-            (Some(store), futures::FutureExt::boxed(watch))
-        }
-        None => (None, futures::FutureExt::boxed(futures::future::pending::<()>())),
-    };
-    tokio::select! {
-        _ = namespace_watch => {}
-        _ = discover(ctx, trigger, store) => {}
-    }
+    discover(ctx, trigger, namespaces).await
 }
 
 async fn discover(ctx: Arc<Context>, trigger: Arc<Notify>, namespaces: Option<Store<PartialObjectMeta<Namespace>>>) {
