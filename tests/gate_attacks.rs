@@ -374,6 +374,23 @@ async fn the_admission_policy_refuses_labelled_pods_from_tenants() {
         )
         .await;
     assert!(refused(&swap), "swapping an agent Pod's image must be refused: {swap:?}");
+    // Nor may he strip a label the operator reads the Pod by: without its attempt (or agent)
+    // label, an agent Pod his job still controls was no Pod of the job's, so its report and
+    // usage were never read and its attempt stayed Running, holding its tools' capacity. Nor
+    // change the generation the Pod says it was built from (read to adopt an unrecorded attempt).
+    for (what, patch) in [
+        ("removing the attempt label", json!({"metadata": {"labels": {"agentgate.dev/attempt": null}}})),
+        ("removing the agent label", json!({"metadata": {"labels": {"agentgate.dev/agent": null}}})),
+        ("changing the job-generation annotation", json!({"metadata": {"annotations": {"agentgate.dev/job-generation": "7"}}})),
+        ("removing the job-generation annotation", json!({"metadata": {"annotations": {"agentgate.dev/job-generation": null}}})),
+    ] {
+        let strip = as_dave.patch("target-agent-2", &PatchParams::default(), &Patch::Merge(patch)).await;
+        assert!(refused(&strip), "{what} of an agent Pod must be refused: {strip:?}");
+    }
+    // His own label on it still passes, after all of that was refused.
+    let own =
+        as_dave.patch("target-agent-2", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"team": "dave"}}}))).await;
+    assert!(own.is_ok(), "a label of the tenant's own on an agent Pod passes: {own:?}");
     let debug = as_dave
         .patch_ephemeral_containers(
             "target-agent-2",

@@ -66,6 +66,9 @@ enum Command {
     },
     /// List the job's votes: who voted, whether each counts and why.
     Votes { job: String },
+    /// The agent's result (`status.output`) as JSON, or YAML with -o yaml: the same document,
+    /// with every character a terminal would act on escaped.
+    Output { job: String },
     /// What a job would cost, estimated as the operator would: the cluster's price table and
     /// what it learned from earlier runs of the same jobType. Nothing is created.
     Estimate {
@@ -156,6 +159,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let job = get_job(&client, &namespace, &job).await?;
             let votes = votes_on(&client, &namespace, &job.name_any()).await?;
             print!("{}", render_votes(&job, &vote_rows(&job, &votes)));
+            Ok(())
+        }
+        Command::Output { job } => {
+            let job = get_job(&client, &namespace, &job).await?;
+            print!("{}", agentgate::cli::output_for_terminal(&job, matches!(cli.output, Output::Yaml))?);
             Ok(())
         }
         Command::Estimate { file, operator_namespace, price_config_map } => {

@@ -235,8 +235,11 @@ pub fn tally(job: &JobIdentity, required: i32, votes: &[VoteView], eligibility: 
         }
         seen_voters.push(&vote.voter);
         robot_votes += usize::from(robot.is_some());
-        let approver =
-            Approver { voter: vote.voter.clone(), vote: vote.name.clone(), decided_at: vote.created.clone(), reason: vote.reason.clone() };
+        // The voter's reason reaches the job's `status.approval.approvers`, which the author's
+        // and other heads' `kubectl describe` print: one inert line, as the ignore reasons are
+        // (tests::a_counted_votes_reason_reaches_status_as_one_inert_line).
+        let reason = vote.reason.as_deref().map(|r| super::terminal_text::message(r).into_owned());
+        let approver = Approver { voter: vote.voter.clone(), vote: vote.name.clone(), decided_at: vote.created.clone(), reason };
         match vote.decision {
             Decision::Approve => {
                 t.approver_groups.insert(vote.voter.clone(), vote.groups.clone());
@@ -293,6 +296,25 @@ mod tests {
         assert!(why.contains(r"(uid x\u001B[2K\r\ncounted toward the job's approval\u202E)"), "{why}");
         let listed = t.ignored_for_status();
         assert!(!listed.iter().any(|i| i.why.chars().any(crate::domain::terminal_text::is_hidden)), "{listed:?}");
+    }
+
+    /// A head's vote reason is copied into the job's `status.approval.approvers[].reason`; it was
+    /// copied raw, so a reason of an escape sequence and a forged line cleared and rewrote what
+    /// the author's or another head's `kubectl describe` showed of the approval.
+    #[test]
+    fn a_counted_votes_reason_reaches_status_as_one_inert_line() {
+        let reason = "fine\u{1b}[2K\r\n  Voter: carol\u{202E}";
+        let approve = VoteView { reason: Some(reason.into()), ..vote("v-alice", "alice", Approve, 1) };
+        let reject = VoteView { reason: Some(reason.into()), ..vote("v-bob", "bob", Reject, 2) };
+        let t = tally(&JOB, 2, &[approve, reject], &AnyVoter, &VoterPolicy::default());
+        let shown = |a: Option<&Approver>| a.and_then(|a| a.reason.clone()).unwrap_or_default();
+        let want = r"fine\u001B[2K\r\n  Voter: carol\u202E";
+        assert_eq!(shown(t.approvers.first()), want, "{t:#?}");
+        assert_eq!(shown(t.rejected_by.as_ref()), want, "{t:#?}");
+        // Plain text, a backslash and non-ASCII letters included, is kept as the head wrote it.
+        let plain = VoteView { reason: Some(r"scope C:\scan is fine, ça va".into()), ..vote("v-alice", "alice", Approve, 1) };
+        let t = tally(&JOB, 2, &[plain], &AnyVoter, &VoterPolicy::default());
+        assert_eq!(shown(t.approvers.first()), r"scope C:\scan is fine, ça va");
     }
 
     /// Refuses the voters it names, like a SubjectAccessReview that says no.
