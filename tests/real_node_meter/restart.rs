@@ -199,7 +199,7 @@ pub async fn a_meter_killed_mid_run_carries_on_its_session(env: &Env, node: &Rea
     let after_restart = served - 2;
     println!(
         "restart {name}: fixed budget ${limit}: ${spent_before_kill} spent before the kill, {served} calls served (${spent}), call {} refused; \
-         the new process served {after_restart} (a fresh $0.01 would have taken {served})",
+         the new process served {after_restart} (a fresh $0.01 would have let it serve {served})",
         served + 1
     );
 }
