@@ -130,7 +130,7 @@ pub async fn a_meter_killed_mid_run_carries_on_its_session(env: &Env, node: &Rea
 
     // The kubelet restarts it, and the agent's next call goes through the new process. (Not
     // its startup probe's `started`: the agent may finish its calls and exit before the probe
-    // reports, and the Pod then stops the meter: the first run saw the call 0.2 s after the kill.)
+    // reports, and the Pod then stops the meter: the first run's agent was done 0.36 s after the kill.)
     let first_after = wait("the agent's first call through the new meter", || async {
         env.calls.lock().unwrap().iter().find(|c| ours(c) && c.prompt.ends_with(&format!(" {tag} 3"))).map(|c| c.at)
     })
