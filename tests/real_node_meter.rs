@@ -22,11 +22,15 @@
 //! - a meter cut off from the operator's meter API (a firewall rule on the node dropping its
 //!   Pod's packets to the API, as a tenant's NetworkPolicy would) after its first report, or
 //!   before it reported any usage, while its agent spends on and then reports 0 itself: the
-//!   job's `status.usage` is what the stand-in served, from the meter's termination message.
+//!   job's `status.usage` is what the stand-in served, from the meter's termination message;
+//! - a meter SIGKILLed mid-run (restart.rs): the kubelet restarts it, the new process resumes the
+//!   Pod's session from its state file, every call counts once, and a fixed budget is not renewed.
 //!
 //! Needs root and runc; otherwise it says SKIPPED loudly (and fails when
 //! AGENTGATE_REQUIRE_REAL_NODE is set, as in CI).
 
+#[path = "real_node_meter/restart.rs"]
+mod restart;
 mod support;
 
 use std::net::SocketAddr;
@@ -56,6 +60,8 @@ struct Call {
     prompt: String,
     prompt_tokens: i64,
     completion_tokens: i64,
+    /// When the stand-in answered it.
+    at: Instant,
 }
 
 type Calls = Arc<Mutex<Vec<Call>>>;
@@ -83,6 +89,7 @@ async fn chat_completion(State(stand_in): State<StandIn>, headers: HeaderMap, bo
         prompt_tokens: 7 + prompt.len() as i64,
         completion_tokens: 5,
         prompt,
+        at: Instant::now(),
     };
     let reply = json!({"id": "chatcmpl-standin", "object": "chat.completion", "created": 0, "model": request["model"],
         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hello from the stand-in"}, "finish_reason": "stop"}],
@@ -171,6 +178,29 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
     a_budget_smaller_than_the_run_ends_the_job_budget_exhausted(&env).await;
     a_meter_cut_off_after_its_first_report_is_counted_from_its_termination_message(&env).await;
     a_meter_cut_off_before_it_reported_usage_is_not_counted_from_the_agents_zero(&env).await;
+    restart::a_meter_killed_mid_run_carries_on_its_session(&env, &node, restart::Budget::Grants).await;
+
+    // The same with a fixed budget (`--budget-usd`, the job's `maxCostUSD` per meter): another
+    // operator, as the budget mode is the cluster's.
+    drop(operator);
+    let operator = OperatorProcess::start(
+        cp,
+        &[
+            "--namespace",
+            NS,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--leader-election",
+            "false",
+            "--meter-image",
+            METER_IMAGE,
+            "--meter-openai-upstream",
+            &nowhere,
+            "--meter-budget-mode",
+            "fixed",
+        ],
+    );
+    restart::a_meter_killed_mid_run_carries_on_its_session(&env, &node, restart::Budget::Fixed).await;
 
     drop(operator);
     drop(node);
