@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use super::surcharge::Multiplier;
 use crate::api::Usage;
 use crate::domain::money::MicroUsd;
 use crate::domain::pricing::{CacheWrites, ModelPrice, PerMillion, TokenCounts};
@@ -86,6 +87,9 @@ fn affordable_tokens(rate: PerMillion, left: MicroUsd, choices: i64) -> i64 {
 pub enum Outcome {
     /// The response reported its usage and ended cleanly.
     Measured(TokenCounts),
+    /// Measured, and billed above the list price by the multiplier the response reported
+    /// (surcharge.rs): charged at that price.
+    MeasuredAbove(TokenCounts, Multiplier),
     /// Usage unknown (the client left mid-stream, the upstream broke off, the usage event never
     /// came): charged the reservation, the most the call can have cost.
     Unmeasured,
@@ -188,6 +192,7 @@ impl Ledger {
     fn settle(&self, model: &str, price: &ModelPrice, reserved: MicroUsd, outcome: Outcome) {
         let (tokens, cost) = match outcome {
             Outcome::Measured(tokens) => (tokens, price.cost(&tokens)),
+            Outcome::MeasuredAbove(tokens, multiplier) => (tokens, multiplier.of(price).cost(&tokens)),
             Outcome::Unmeasured => (TokenCounts::default(), reserved),
             Outcome::Free => (TokenCounts::default(), MicroUsd(0)),
         };
@@ -202,8 +207,10 @@ impl Ledger {
             }
         }
         if cost > reserved {
-            // Only possible if the input bound is wrong for some input: the real cost is still
-            // what is recorded, and the log says which model to look at.
+            // Only possible if the input bound is wrong for some input, or the provider billed the
+            // call above what the request pinned (an OpenAI project answering priority to a
+            // `default` call): the real cost is still what is recorded, and the log says which
+            // model to look at.
             tracing::warn!(model, reserved = %reserved, cost = %cost, "a call cost more than its reservation");
         }
         if outcome != Outcome::Free {

@@ -11,6 +11,7 @@ mod server;
 pub use crate::domain::meter_sidecar as sidecar;
 pub mod sse;
 pub mod state_file;
+pub mod surcharge;
 pub mod wire;
 
 use std::net::SocketAddr;

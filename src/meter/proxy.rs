@@ -288,8 +288,18 @@ async fn admit(meter: &Meter, api: Api, body: Bytes, parse_charge: Charge) -> Re
         let message = format!("model {model:?} has no price in the agentgate meter's price table, so its cost cannot be bounded");
         return Err(Box::new(refused(StatusCode::BAD_REQUEST, "model_not_priced", &message)));
     };
+    // At the dearest price the response may report that the request cannot pin (surcharge.rs).
+    let reserve_price = super::surcharge::reserved_at(api, &request).of(&price);
     let plan_for = |remaining| {
-        budget::plan(&price, facts.input_bound, facts.cache_writes, facts.output_cap, facts.choices, meter.default_output_cap, remaining)
+        budget::plan(
+            &reserve_price,
+            facts.input_bound,
+            facts.cache_writes,
+            facts.output_cap,
+            facts.choices,
+            meter.default_output_cap,
+            remaining,
+        )
     };
     // Whether a refusal below is for want of budget (counted and reported: the job ends
     // BudgetExhausted) or only for want of an answer from the operator (fail closed, not counted).
@@ -492,22 +502,26 @@ impl MeteredBody {
                 Ok(body) => (
                     body.usage.as_ref().and_then(|u| wire::usage_of(self.api, u)),
                     body.id.as_ref().and_then(serde_json::Value::as_str).map(str::to_string),
-                    wire::billed_above_list_price_by_response(self.api, body.service_tier.as_ref(), body.usage.as_ref()),
+                    super::surcharge::of_response(self.api, body.service_tier.as_ref(), body.usage.as_ref()),
                 ),
                 Err(_) => (None, None, None),
             },
             Observer::Whole { .. } => (None, None, None),
         };
-        if let Some(billed_at) = above_list_price {
-            // Counted at the list price all the same: the table has no other. The account's
-            // defaults put it there (an Anthropic workspace's inference geo, its Priority Tier).
-            tracing::warn!(model = reservation.model(), billed_at = %billed_at, api = ?self.api,
-                "the provider reports billing this call above the model's list price, which the meter counts it at");
+        if let Some(above) = &above_list_price {
+            // The account's defaults put it there (an Anthropic workspace's inference geo, its
+            // Priority Tier; an OpenAI project's tier): charged at that price (surcharge.rs).
+            tracing::warn!(model = reservation.model(), billed_at = %above.billed_at, multiplier = above.multiplier.0, api = ?self.api,
+                "the provider reports billing this call above the model's list price; the meter charges it at that price (multiplier in thousandths)");
         }
         if let (Api::Responses, Some(tokens), Some(id)) = (self.api, measured, response_id) {
             self.contexts.remember(id, tokens.total());
         }
-        reservation.settle(measured.map_or(Outcome::Unmeasured, Outcome::Measured));
+        reservation.settle(match (measured, above_list_price) {
+            (None, _) => Outcome::Unmeasured,
+            (Some(tokens), Some(above)) => Outcome::MeasuredAbove(tokens, above.multiplier),
+            (Some(tokens), None) => Outcome::Measured(tokens),
+        });
     }
 }
 

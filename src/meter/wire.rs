@@ -4,6 +4,7 @@
 
 use serde_json::Value;
 
+use super::surcharge::{self, Surcharge};
 use crate::domain::pricing::{CacheWrites, TokenCounts};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -373,36 +374,6 @@ pub fn needs_rewrite(api: Api, facts: &RequestFacts, inject_cap: Option<i64>) ->
     inject_cap.is_some() || (api == Api::ChatCompletions && facts.stream) || facts.pin_default_tier
 }
 
-/// What a response says it was billed at above the model's list price, the only price the meter
-/// counts: a processing tier other than the standard one (OpenAI's `service_tier`, Anthropic's
-/// `usage.service_tier`), or an Anthropic `usage.inference_geo` other than `global`. The request
-/// cannot always pin these: an Anthropic workspace's default geo and its Priority Tier capacity
-/// apply to requests that leave them unset (tests/meter/test_meter.py
-/// test_anthropic_calls_billed_at_the_workspaces_defaults_are_flagged). `service_tier` is the
-/// response's (or, in a Responses API event, its `response`'s) top-level field.
-pub fn billed_above_list_price_by_response(api: Api, service_tier: Option<&Value>, usage: Option<&Value>) -> Option<String> {
-    let shown = |v: &Value| v.to_string().chars().take(64).collect::<String>();
-    let mut found = Vec::new();
-    match api {
-        Api::AnthropicMessages => {
-            let usage = usage?;
-            if let Some(tier) = usage.get("service_tier").filter(|t| !t.is_null() && !matches!(t.as_str(), Some("standard" | "batch"))) {
-                found.push(format!("service_tier: {}", shown(tier)));
-            }
-            if let Some(geo) = usage.get("inference_geo").filter(|g| !g.is_null() && g.as_str() != Some("global")) {
-                found.push(format!("inference_geo: {}", shown(geo)));
-            }
-        }
-        Api::ChatCompletions | Api::Responses => {
-            if let Some(tier) = service_tier.filter(|t| !t.is_null() && !matches!(t.as_str(), Some("default" | "flex"))) {
-                found.push(format!("service_tier: {}", shown(tier)));
-            }
-        }
-        Api::Embeddings => {}
-    }
-    (!found.is_empty()).then(|| found.join(", "))
-}
-
 fn count(v: &Value, path: &[&str]) -> i64 {
     path.iter().try_fold(v, |v, k| v.get(k)).and_then(Value::as_i64).unwrap_or(0).max(0)
 }
@@ -482,9 +453,8 @@ pub struct StreamUsage {
     pub done: bool,
     /// Responses API: the id of the response, for a later `previous_response_id`.
     pub response_id: Option<String>,
-    /// What the stream said the call was billed at above the list price, if anything
-    /// (`billed_above_list_price_by_response`).
-    pub above_list_price: Option<String>,
+    /// What the stream said the call was billed at above the list price, if anything.
+    pub above_list_price: Option<Surcharge>,
 }
 
 impl StreamUsage {
@@ -504,7 +474,7 @@ impl StreamUsage {
                 if let Some(u) = event.get("usage").and_then(|u| usage_of(api, u)) {
                     self.usage = Some(u);
                     self.done = true;
-                    self.above_list_price = billed_above_list_price_by_response(api, event.get("service_tier"), None);
+                    self.above_list_price = surcharge::of_response(api, event.get("service_tier"), None);
                 }
             }
             Api::Responses => {
@@ -515,7 +485,7 @@ impl StreamUsage {
                     let response = event.get("response");
                     self.usage = response.and_then(|r| r.get("usage")).and_then(|u| usage_of(api, u));
                     self.response_id = response.and_then(|r| r.get("id")).and_then(Value::as_str).map(str::to_string);
-                    self.above_list_price = billed_above_list_price_by_response(api, response.and_then(|r| r.get("service_tier")), None);
+                    self.above_list_price = surcharge::of_response(api, response.and_then(|r| r.get("service_tier")), None);
                     self.done = self.usage.is_some();
                 }
             }
@@ -523,9 +493,16 @@ impl StreamUsage {
                 Some("message_start") => {
                     let usage = event.get("message").and_then(|m| m.get("usage"));
                     self.usage = usage.and_then(|u| usage_of(api, u));
-                    self.above_list_price = billed_above_list_price_by_response(api, None, usage);
+                    self.above_list_price = surcharge::of_response(api, None, usage);
                 }
                 Some("message_delta") => {
+                    // Where the call ran is in message_start; should a delta say so too, the
+                    // dearer of the two is kept.
+                    if let Some(later) = event.get("usage").and_then(|u| surcharge::of_response(api, None, Some(u)))
+                        && self.above_list_price.as_ref().is_none_or(|s| s.multiplier < later.multiplier)
+                    {
+                        self.above_list_price = Some(later);
+                    }
                     if let (Some(current), Some(delta)) = (self.usage.as_mut(), event.get("usage")) {
                         // Cumulative counts, not increments: the last one is the total.
                         if let Some(out) = delta.get("output_tokens").and_then(Value::as_i64) {

@@ -444,42 +444,24 @@ fn openai_calls_that_leave_their_tier_to_the_project_are_pinned_to_the_list_pric
     assert_eq!(rewrite(Api::AnthropicMessages, request, &facts, None)["service_tier"], json!("auto"));
 }
 
-/// tests/meter/test_meter.py test_anthropic_calls_billed_at_the_workspaces_defaults_are_flagged.
+/// tests/meter/test_meter.py test_a_call_billed_above_the_list_price_is_charged_at_that_price.
 #[test]
-fn responses_billed_above_the_list_price_are_recognised_in_every_format() {
-    let above = billed_above_list_price_by_response;
-    let anthropic = |usage: Value| above(Api::AnthropicMessages, None, Some(&usage));
-    assert_eq!(
-        anthropic(json!({"service_tier": "priority", "inference_geo": "us"})).as_deref(),
-        Some(r#"service_tier: "priority", inference_geo: "us""#)
-    );
-    assert_eq!(anthropic(json!({"inference_geo": "eu"})).as_deref(), Some(r#"inference_geo: "eu""#));
-    for listed in [json!({"service_tier": "standard", "inference_geo": "global"}), json!({"service_tier": null}), json!({}), json!("junk")]
-    {
-        assert_eq!(anthropic(listed.clone()), None, "{listed}");
-    }
-    for api in [Api::ChatCompletions, Api::Responses] {
-        assert_eq!(above(api, Some(&json!("priority")), None).as_deref(), Some(r#"service_tier: "priority""#));
-        assert!(above(api, Some(&json!("scale")), None).is_some());
-        for listed in [Some(json!("default")), Some(json!("flex")), Some(json!(null)), None] {
-            assert_eq!(above(api, listed.as_ref(), None), None, "{listed:?}");
-        }
-    }
+fn streams_report_what_they_were_billed_at_above_the_list_price() {
     // In streams: where each format reports it.
     let chat = stream(
         Api::ChatCompletions,
         &[json!({"service_tier": "priority", "choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})],
     );
-    assert!(chat.above_list_price.is_some_and(|a| a.contains("priority")));
+    assert!(chat.above_list_price.is_some_and(|a| a.billed_at.contains("priority") && a.multiplier.0 == 2_000));
     let responses = stream(
         Api::Responses,
         &[json!({"type": "response.completed", "response": {"service_tier": "priority", "usage": {"input_tokens": 1}}})],
     );
-    assert!(responses.above_list_price.is_some_and(|a| a.contains("priority")));
+    assert!(responses.above_list_price.is_some_and(|a| a.billed_at.contains("priority") && a.multiplier.0 == 2_000));
     let start = |usage: Value| json!({"type": "message_start", "message": {"usage": usage}});
     let claude =
         stream(Api::AnthropicMessages, &[start(json!({"input_tokens": 1, "inference_geo": "us"})), json!({"type": "message_stop"})]);
-    assert!(claude.above_list_price.is_some_and(|a| a.contains("inference_geo")));
+    assert!(claude.above_list_price.is_some_and(|a| a.billed_at.contains("inference_geo") && a.multiplier.0 == 1_100));
     let claude =
         stream(Api::AnthropicMessages, &[start(json!({"input_tokens": 1, "service_tier": "standard", "inference_geo": "global"}))]);
     assert_eq!(claude.above_list_price, None);

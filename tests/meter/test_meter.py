@@ -43,10 +43,13 @@ def part(tokens, rate):
     return (tokens * rate + 500_000) // 1_000_000  # rounded half up, as the Rust side
 
 
-def cost(model, usage):
+def cost(model, usage, multiplier=1_000):
+    """At the list price, or (`multiplier` in thousandths) every rate scaled and rounded up, as
+    the meter charges a call the provider billed above it (src/meter/surcharge.rs)."""
     i, c, o, w, w1h = PRICES[model]
     w = i if w is None else w
     w1h = 2 * i if w1h is None else w1h
+    i, c, o, w, w1h = ((r * multiplier + 999) // 1_000 for r in (i, c, o, w, w1h))
     return (part(usage["input"], i) + part(usage["cached"], c) + part(usage["output"], o)
             + part(usage.get("write", 0), w) + part(usage.get("write1h", 0), w1h))
 
@@ -136,8 +139,18 @@ def expected_totals(calls):
         m = per_model.setdefault(u["model"], {"input": 0, "cached": 0, "output": 0, "write": 0, "write1h": 0, "cost": 0})
         for k in ("input", "cached", "output", "write", "write1h"):
             m[k] += u.get(k, 0)
-        m["cost"] += cost(u["model"], u)
+        m["cost"] += cost(u["model"], u, billed_multiplier(call))
     return per_model
+
+
+def billed_multiplier(call):
+    """What the provider billed the call at, in thousandths of the list price: Anthropic's US-only
+    inference at 1.1 times (its Priority Tier draws on committed capacity at the list's relative
+    rates), OpenAI's priority processing at twice (from 1.7 to 2 times; `scale` unpriced, at the
+    dearest)."""
+    if "geo" in call:
+        return 1_100 if call["geo"] == "us" else 1_000
+    return 2_000 if call.get("tier") in ("priority", "scale") else 1_000
 
 
 def assert_measured_exactly(meter, recorder):
@@ -341,18 +354,12 @@ def test_calls_the_provider_bills_above_the_price_table_are_refused(meter, upstr
     assert_measured_exactly(meter, recorder)
 
 
-# What Anthropic bills above a model's list price for these request options (its pricing page:
-# fast mode at 6 times the price on Opus 4.6 and 4.7, US-only inference at 1.1 times).
-ANTHROPIC_PREMIUMS = {("speed", "fast"): 6.0, ("inference_geo", "us"): 1.1}
-
-
 def billed_by_anthropic(call):
-    """A call's cost as Anthropic bills it: the list price times the premiums its request chose."""
-    premium = 1.0
-    for (field, value), factor in ANTHROPIC_PREMIUMS.items():
-        if call["body"].get(field) == value:
-            premium *= factor
-    return int(cost(call["usage"]["model"], call["usage"]) * premium)
+    """A call's cost as Anthropic bills it: the list price times the premiums of where it ran (its
+    pricing page: fast mode at 6 times the price on Opus 4.6 and 4.7, US-only inference at 1.1
+    times, whether the request or its workspace chose it)."""
+    fast = 6_000 if call["body"].get("speed") == "fast" else 1_000
+    return cost(call["usage"]["model"], call["usage"], fast * billed_multiplier(call) // 1_000)
 
 
 def test_anthropic_fast_mode_and_us_only_inference_cannot_spend_past_the_budget(tmp_path, upstream):
@@ -389,13 +396,8 @@ def test_anthropic_fast_mode_and_us_only_inference_cannot_spend_past_the_budget(
         meter.stop()
 
 
-# What OpenAI bills above the list price for the tier a call is processed at (priority
-# processing: from 1.75 to 2 times the standard price; modelled at 2).
-OPENAI_TIER_PREMIUMS = {"priority": 2.0, "scale": 2.0}
-
-
 def billed_by_openai(call):
-    return int(cost(call["usage"]["model"], call["usage"]) * OPENAI_TIER_PREMIUMS.get(call["tier"], 1.0))
+    return cost(call["usage"]["model"], call["usage"], billed_multiplier(call))
 
 
 @pytest.mark.parametrize("project", ["the key's project", "the agent's OpenAI-Project header"])
@@ -442,14 +444,15 @@ def test_an_openai_project_defaulting_to_priority_cannot_bill_past_the_budget(tm
         meter.stop()
 
 
-def test_anthropic_calls_billed_at_the_workspaces_defaults_are_flagged(meter, upstream):
+def test_anthropic_calls_billed_at_the_workspaces_defaults_are_charged_at_that_price(meter, upstream):
     """An Anthropic workspace whose default inference geo is `us` (1.1 times the list price), or
     an organisation with Priority Tier capacity that `service_tier: auto` (the default) draws on,
-    bills a call above what the meter counts, and the meter cannot pin either away: an
+    bills a call at other than the list price, and the meter cannot pin either away: an
     `inference_geo` in the request is refused (400) by models before Opus 4.6, and a pinned
     `global` would override the workspace's data-residency choice. The meter reads where the
-    response says the call ran and warns, naming the call, the model and what it was billed at;
-    a call at the list price draws no warning."""
+    response says the call ran, charges US-only calls at 1.1 times, Priority Tier ones at the
+    list price (they draw on committed capacity at its relative rates), and warns, naming the
+    model and what the call was billed at; a call at the list price draws no warning."""
     recorder, _ = upstream
     recorder.workspace_geo, recorder.priority_capacity = "us", True
     hi = [{"role": "user", "content": "hi"}]
@@ -459,15 +462,88 @@ def test_anthropic_calls_billed_at_the_workspaces_defaults_are_flagged(meter, up
     # At the list price: asked for explicitly.
     anth(meter).messages.create(model="test-claude", max_tokens=10, messages=hi, service_tier="standard_only", extra_body={"inference_geo": "global"})
     assert meter.usage()["calls"] == 3 and meter.usage()["inFlight"] == 0, "all three calls settled"
-    calls = recorder.snapshot()
-    billed = sum(int(cost("test-claude", c["usage"]) * (1.1 if c["geo"] == "us" else 1.0)) for c in calls)
-    metered = micro(meter.usage()["usage"]["costUSD"])
-    print(f"billed ${billed / 1e6:.6f} (before Priority Tier), metered ${metered / 1e6:.6f}")
     warnings = [line for line in meter.logs().splitlines() if "WARN" in line and "above the model's list price" in line]
     assert len(warnings) == 2, warnings
     for line in warnings:
         assert "inference_geo" in line and "us" in line and "priority" in line and "test-claude" in line, line
-    assert_measured_exactly(meter, recorder)
+    assert_measured_exactly(meter, recorder)  # at 1.1 times for the two US-only calls
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_a_call_billed_above_the_list_price_is_charged_at_that_price(tmp_path, upstream, provider):
+    """Attack: the account bills calls above the list price although the request did not ask for
+    it, and says so only in the response: an OpenAI project that processes calls at `priority`
+    (twice the price) although the meter pinned `service_tier: "default"`, an Anthropic workspace
+    whose default geo is US-only (1.1 times) for calls that name none. The meter only warned and
+    counted them at the list price: the OpenAI agent's 4 calls (chat and Responses API, streamed
+    and not) were billed $0.085056 and counted $0.042528; with $0.20 of budget the Anthropic agent
+    made 11 calls, billed $0.210543 (past its budget) and counted $0.191400. Now each call is
+    charged at the price its response reports (OpenAI: $0.085056 counted, as billed; Anthropic:
+    10 calls, $0.191425 billed and counted, within the budget) and still warned of."""
+    recorder, _ = upstream
+    budget = micro("0.20")
+    meter = start_meter(tmp_path, upstream, budget="0.20")
+    prompt = "MAXOUT " + "x" * 4_000
+    try:
+        if provider == "openai":
+            recorder.forced_tier = "priority"
+            client = oai(meter, max_retries=0)
+            chat = {"model": "test-gpt", "messages": [{"role": "user", "content": prompt}], "max_tokens": 300}
+            client.chat.completions.create(**chat)
+            list(client.chat.completions.create(**chat, stream=True, service_tier="default"))
+            client.responses.create(model="test-gpt", input=prompt, max_output_tokens=300)
+            list(client.responses.create(model="test-gpt", input=prompt, max_output_tokens=300, stream=True, service_tier="default"))
+            served = recorder.snapshot()
+            assert [c["body"]["service_tier"] for c in served] == ["default"] * 4, "the meter asked for the list price"
+            assert [c["tier"] for c in served] == ["priority"] * 4
+            billed = sum(billed_by_openai(c) for c in served)
+        else:
+            recorder.workspace_geo = "us"
+            client = anth(meter, max_retries=0)
+            with pytest.raises(anthropic.APIStatusError) as e:
+                for i in range(100):  # until the meter refuses, streamed and not
+                    options = {"model": "test-claude", "max_tokens": 300, "messages": [{"role": "user", "content": prompt}]}
+                    if i % 2:
+                        with client.messages.stream(**options) as s:
+                            s.get_final_message()
+                    else:
+                        client.messages.create(**options)
+            assert e.value.status_code == 402
+            served = [c for c in recorder.snapshot() if c["status"] == 200]
+            assert len(served) >= 2 and {c["geo"] for c in served} == {"us"}
+            billed = sum(billed_by_anthropic(c) for c in served)
+        metered = micro(meter.usage()["usage"]["costUSD"])
+        at_list = sum(cost(c["usage"]["model"], c["usage"]) for c in served)
+        print(f"{provider}: {len(served)} calls billed ${billed / 1e6:.6f}, metered ${metered / 1e6:.6f} (at the list price ${at_list / 1e6:.6f}), budget ${budget / 1e6}")
+        assert metered >= billed, f"billed ${billed / 1e6:.6f}, counted ${metered / 1e6:.6f}"
+        assert_measured_exactly(meter, recorder)
+        if provider == "anthropic":
+            assert billed <= budget, f"the agent was billed ${billed / 1e6:.6f} past its ${budget / 1e6} budget"
+        warnings = [line for line in meter.logs().splitlines() if "WARN" in line and "above the model's list price" in line]
+        assert len(warnings) == len(served), warnings
+    finally:
+        meter.stop()
+
+
+def test_an_anthropic_call_naming_no_geo_is_reserved_at_the_us_only_price(tmp_path, upstream):
+    """A call that names no `inference_geo` runs at its workspace's default geo, which the meter
+    cannot see and may be US-only (1.1 times): its worst case is reserved at that price, so a
+    call's worst case fits only in what the US-only price leaves. Before, both calls were reserved
+    alike ($0.244258 pinned to global, $0.244165 naming no geo); now the one naming no geo
+    reserves $0.268581, 1.1 times."""
+    meter = start_meter(tmp_path, upstream, budget="0.000001")
+    try:
+        needed = []
+        for extra in [{"inference_geo": "global"}, {}]:
+            with pytest.raises(anthropic.APIStatusError) as e:
+                anth(meter, max_retries=0).messages.create(model="test-claude", max_tokens=16_000, messages=[{"role": "user", "content": "hi"}], extra_body=extra)
+            assert e.value.status_code == 402
+            needed.append(micro(re.search(r"may cost up to \$([0-9.]+)", e.value.body["error"]["message"]).group(1)))
+        print(f"reserved: ${needed[0] / 1e6:.6f} pinned to global, ${needed[1] / 1e6:.6f} at the workspace's default geo")
+        assert 1.099 < needed[1] / needed[0] < 1.101, needed
+        assert upstream[0].snapshot() == []
+    finally:
+        meter.stop()
 
 
 def cached_prompt(text, ttl):

@@ -23,6 +23,9 @@ class Recorder:
         self.project_tiers = {}
         self.workspace_geo = "global"
         self.priority_capacity = False
+        # A project that processes every call at this tier whatever the request asks (an
+        # account the meter cannot see into; its response still says the tier it billed).
+        self.forced_tier = None
 
     def add(self, call):
         with self.lock:
@@ -145,6 +148,7 @@ class Handler(BaseHTTPRequestHandler):
         none the default tier of the project the `OpenAI-Project` header names."""
         asked = body.get("service_tier")
         tier = self.recorder.project_tiers.get(call["headers"].get("openai-project"), "default") if asked in (None, "auto") else asked
+        tier = self.recorder.forced_tier or tier
         call["tier"] = tier
         return tier
 
