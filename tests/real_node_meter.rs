@@ -140,25 +140,11 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
     let meter_api = format!("{NODE_IP}:{}", support::http::free_port());
     // HTTPS: the operator's managed certificate names this host (the grant URL's).
     let grant_url = format!("https://{meter_api}");
-    let operator = OperatorProcess::start(
-        cp,
-        &[
-            "--namespace",
-            NS,
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--meter-image",
-            METER_IMAGE,
-            "--meter-openai-upstream",
-            &nowhere,
-            "--meter-budget-mode",
-            "grants",
-            "--meter-api-listen",
-            &meter_api,
-            "--meter-grant-url",
-            &grant_url,
-        ],
-    );
+    // What both operators of this test run with; each adds its budget mode.
+    let common =
+        ["--namespace", NS, "--metrics-addr", "127.0.0.1:0", "--meter-image", METER_IMAGE, "--meter-openai-upstream", nowhere.as_str()];
+    let grants = ["--meter-budget-mode", "grants", "--meter-api-listen", meter_api.as_str(), "--meter-grant-url", grant_url.as_str()];
+    let operator = OperatorProcess::start(cp, &[&common[..], &grants[..]].concat());
     let env = Env {
         admin: admin.clone(),
         alice: cp.client("alice").await,
@@ -183,23 +169,8 @@ async fn agent_pods_call_their_model_through_the_meter_on_a_real_node() {
     // The same with a fixed budget (`--budget-usd`, the job's `maxCostUSD` per meter): another
     // operator, as the budget mode is the cluster's.
     drop(operator);
-    let operator = OperatorProcess::start(
-        cp,
-        &[
-            "--namespace",
-            NS,
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--leader-election",
-            "false",
-            "--meter-image",
-            METER_IMAGE,
-            "--meter-openai-upstream",
-            &nowhere,
-            "--meter-budget-mode",
-            "fixed",
-        ],
-    );
+    let fixed = ["--leader-election", "false", "--meter-budget-mode", "fixed"];
+    let operator = OperatorProcess::start(cp, &[&common[..], &fixed[..]].concat());
     restart::a_meter_killed_mid_run_carries_on_its_session(&env, &node, restart::Budget::Fixed).await;
 
     drop(operator);
