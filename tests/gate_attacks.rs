@@ -20,6 +20,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use agentgate::api::{AgentJob, ApprovalVote, Decision};
+use agentgate::domain::pod_builder::USAGE_FINALIZER;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -360,7 +361,8 @@ async fn the_admission_policy_refuses_labelled_pods_from_tenants() {
     Api::<Pod>::namespaced(admin.clone(), ns).create(&dry_run, &labelled).await.expect("the operator's right passes");
     // On an agent Pod (made by admin here, as the operator would), the tenant may still change
     // what is his business, such as an annotation, but not the image an approval was given for.
-    let agent = decoy("target-agent-2", &job, true);
+    let mut agent = decoy("target-agent-2", &job, true);
+    agent.metadata.finalizers = Some(vec![USAGE_FINALIZER.to_string()]);
     Api::<Pod>::namespaced(admin.clone(), ns).create(&PostParams::default(), &agent).await.expect("admin makes an agent Pod");
     let annotate = Api::<Pod>::namespaced(user("dave").await, ns)
         .patch("target-agent-2", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"annotations": {"note": "mine"}}})))
@@ -383,7 +385,12 @@ async fn the_admission_policy_refuses_labelled_pods_from_tenants() {
         ("removing the agent label", json!({"metadata": {"labels": {"agentgate.dev/agent": null}}})),
         ("changing the job-generation annotation", json!({"metadata": {"annotations": {"agentgate.dev/job-generation": "7"}}})),
         ("removing the job-generation annotation", json!({"metadata": {"annotations": {"agentgate.dev/job-generation": null}}})),
+        // Nor drop the finalizer that keeps a deleted agent Pod until its meter's last message
+        // is read: deleted without it, the Pod vanished with the usage its meter had not reported.
+        ("removing the usage-tracking finalizer", json!({"metadata": {"finalizers": null}})),
     ] {
+        let before = as_dave.get("target-agent-2").await.expect("the agent Pod");
+        assert!(before.finalizers().iter().any(|f| f == USAGE_FINALIZER), "the Pod still holds the finalizer before {what}");
         let strip = as_dave.patch("target-agent-2", &PatchParams::default(), &Patch::Merge(patch)).await;
         assert!(refused(&strip), "{what} of an agent Pod must be refused: {strip:?}");
     }
@@ -401,6 +408,11 @@ async fn the_admission_policy_refuses_labelled_pods_from_tenants() {
         )
         .await;
     assert!(refused(&debug), "an ephemeral container in an agent Pod must be refused: {debug:?}");
+    // The operator's right (admin here) lets the finalizer go.
+    Api::<Pod>::namespaced(admin.clone(), ns)
+        .patch("target-agent-2", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+        .await
+        .expect("the operator's right may release the finalizer");
     Api::<Pod>::namespaced(admin.clone(), ns).delete("target-agent-2", &DeleteParams::default()).await.unwrap();
     Api::<Pod>::namespaced(admin.clone(), ns).delete("plain", &DeleteParams::default()).await.unwrap();
 }
