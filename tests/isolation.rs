@@ -657,3 +657,147 @@ async fn cache_line_holding(port: u16, cache: &str, objects: usize) -> CacheLine
     eprintln!("{}", holding.line);
     holding
 }
+
+/// How long `name` (which `create` makes) takes from its creation to a status in `phase`,
+/// polled every 50 ms.
+async fn time_to_phase(admin: &Client, ns: &str, name: &str, phase_wanted: &str, create: impl Future<Output = ()>) -> Duration {
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), ns);
+    let started = std::time::Instant::now();
+    create.await;
+    loop {
+        if jobs.get(name).await.ok().is_some_and(|j| phase(&j) == Some(phase_wanted)) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{name} never reached {phase_wanted}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A tenant's job named by 10,000 junk votes of her own (long names, each 246 characters) is
+/// reconciled whenever she adds one more; each reconcile wrote the votes' verdicts looking every
+/// vote up among all the ignored ones, 10^8 name comparisons taking over a second, and
+/// kube-runtime polls every reconcile of the job controller on one task: meanwhile no other job
+/// was reconciled. Another tenant's jobs, refused at their first status (over budget), waited
+/// for them.
+#[tokio::test]
+async fn a_job_flooded_with_junk_votes_holds_up_no_other_tenants_job() {
+    use agentgate::api::ApprovalVote;
+    use futures::StreamExt;
+    const STALL_NS: &str = "isolation-vote-stall";
+    const JUNK: usize = 10_000;
+    let env = Env::builder(STALL_NS).node("isolation-vote-stall-node", "64", "256Gi", &[]).operator(OperatorMode::Later);
+    let mut env = env.build().await;
+    let (alice, bob, admin) = (env.alice.clone(), env.bob.clone(), env.admin.clone());
+    let flooded = Api::<AgentJob>::namespaced(alice.clone(), STALL_NS)
+        .create(&PostParams::default(), &agent_job("flooded", job_spec(), json!({})))
+        .await
+        .expect("creating flooded");
+    let uid = flooded.metadata.uid.clone().unwrap();
+    let votes = Api::<ApprovalVote>::namespaced(alice.clone(), STALL_NS);
+    let junk = move |name: String| -> ApprovalVote {
+        serde_json::from_value(json!({"apiVersion": "agentgate.dev/v1alpha1", "kind": "ApprovalVote", "metadata": {"name": name},
+            "spec": {"jobRef": {"name": "flooded", "uid": uid, "generation": 1}, "voter": "alice", "decision": "Approve"}}))
+        .unwrap()
+    };
+    let prefix = "v".repeat(240);
+    let started = std::time::Instant::now();
+    futures::stream::iter(0..JUNK)
+        .map(|i| {
+            let (votes, vote) = (votes.clone(), junk(format!("{prefix}-{i:05}")));
+            async move { votes.create(&PostParams::default(), &vote).await.map(|_| ()) }
+        })
+        .buffer_unordered(32)
+        .for_each(|r| {
+            r.expect("creating a junk vote");
+            std::future::ready(())
+        })
+        .await;
+    eprintln!("{JUNK} junk votes created in {:?}", started.elapsed());
+
+    env.start_operator();
+    wait_for(
+        "the junk to be counted",
+        Duration::from_secs(120),
+        || async { Api::<AgentJob>::namespaced(admin.clone(), STALL_NS).get("flooded").await.expect("get") },
+        |j: &AgentJob| {
+            j.status.as_ref().and_then(|s| s.approval.as_ref()).is_some_and(|a| a.ignored_votes.iter().any(|i| i.why.contains("more ignored")))
+        },
+    )
+    .await;
+
+    // Alice adds a vote every 200 ms: each reconciles the flooded job again.
+    let poking = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let poker = tokio::spawn({
+        let (poking, votes) = (poking.clone(), votes.clone());
+        async move {
+            let mut i = 0;
+            while poking.load(std::sync::atomic::Ordering::Relaxed) {
+                votes.create(&PostParams::default(), &junk(format!("poke-{i}"))).await.expect("poking");
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            i
+        }
+    });
+    let bobs = Api::<AgentJob>::namespaced(bob.clone(), STALL_NS);
+    let mut waits = Vec::new();
+    for i in 0..5 {
+        let name = format!("victim-{i}");
+        let over_budget = agent_job(&name, job_spec(), json!({"budget": {"maxCostUSD": "0.000001"}}));
+        let create = async { bobs.create(&PostParams::default(), &over_budget).await.map(|_| ()).expect("creating a victim") };
+        waits.push(time_to_phase(&admin, STALL_NS, &name, "Rejected", create).await);
+    }
+    poking.store(false, std::sync::atomic::Ordering::Relaxed);
+    let pokes = poker.await.expect("poker");
+    eprintln!("the other tenant's jobs were refused after {waits:?}, while the flooded job was poked {pokes} times");
+    let slowest = waits.iter().max().copied().unwrap_or_default();
+    assert!(slowest < Duration::from_secs(1), "another tenant's job waited {slowest:?} for its first status: {waits:?}");
+}
+
+/// An `inputSchema` within every limit (3.6 KiB, 19,900 subschemas with its `$ref`s inlined:
+/// 97 references to 100 `minimum`s) and an input of 32,000 zeros (64 KiB, within its limit):
+/// every zero was checked against every subschema, 3×10^8 checks taking 14 s, within one poll
+/// of the job's reconcile task. As many such jobs as the operator has worker threads, needing
+/// no approval, held up everything else it does (other jobs, watches) for as long, and again at
+/// each edit of their spec. Now they are refused at once, saying why, and another tenant's jobs
+/// are served meanwhile.
+#[tokio::test]
+async fn an_input_checked_against_a_schema_at_a_cost_of_their_product_is_refused_at_once() {
+    const PRODUCT_NS: &str = "isolation-schema-product";
+    let env = Env::builder(PRODUCT_NS).node("isolation-schema-product-node", "64", "256Gi", &[]).build().await;
+    let (alice, bob, admin) = (env.alice.clone(), env.bob.clone(), env.admin.clone());
+    let minimums: Vec<Value> = (1..=100).map(|i| json!({"minimum": -i})).collect();
+    let zeros = json!({"type": "array", "items": {"allOf": vec![json!({"$ref": "#/$defs/m"}); 97]}});
+    let schema = json!({"$defs": {"m": {"allOf": minimums}}, "properties": {"zeros": zeros}});
+    let costly = json!({"input": {"zeros": vec![0; 32_000]}, "inputSchema": schema});
+    // Each reconcile is a task of its own, and the operator's runtime has a worker thread per
+    // core (this machine's): one such job per worker stalls them all.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    for i in 0..workers {
+        Api::<AgentJob>::namespaced(alice.clone(), PRODUCT_NS)
+            .create(&PostParams::default(), &agent_job(&format!("costly-{i}"), job_spec(), costly.clone()))
+            .await
+            .expect("creating a costly job");
+    }
+    // Bob's jobs, over budget, are refused at their first status: one a second for 4 s.
+    let bobs = Api::<AgentJob>::namespaced(bob.clone(), PRODUCT_NS);
+    let mut waits = Vec::new();
+    for i in 0..4 {
+        let name = format!("victim-{i}");
+        let over_budget = agent_job(&name, job_spec(), json!({"budget": {"maxCostUSD": "0.000001"}}));
+        let create = async { bobs.create(&PostParams::default(), &over_budget).await.map(|_| ()).expect("creating a victim") };
+        let waited = time_to_phase(&admin, PRODUCT_NS, &name, "Rejected", create).await;
+        waits.push(waited);
+        tokio::time::sleep(Duration::from_secs(1).saturating_sub(waited)).await;
+    }
+    eprintln!("the other tenant's jobs were refused after {waits:?} ({workers} costly jobs)");
+    for i in 0..workers {
+        let name = format!("costly-{i}");
+        let refused = wait_for_job(&admin, PRODUCT_NS, &name, "the costly input to be looked at", |j| phase(j).is_some()).await;
+        let ready = support::cluster::condition(&refused, "Ready").expect("Ready condition");
+        assert_eq!((phase(&refused), ready.reason.as_str()), (Some("Rejected"), "InvalidInput"), "{name}: {ready:?}");
+        assert!(ready.message.contains("at most 2000000"), "{name}: {ready:?}");
+    }
+    let slowest = waits.iter().max().copied().unwrap_or_default();
+    assert!(slowest < Duration::from_secs(2), "another tenant's job waited {slowest:?} for its first status: {waits:?}");
+}
