@@ -301,7 +301,10 @@ mod tests {
         let errors = check_against_schema("input", Some(&input), Some(&costly)).unwrap_err();
         assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
         assert_eq!(errors.len(), 1, "{errors:?}");
-        assert!(errors[0].starts_with("input has 32002 values and inputSchema 19900 subschemas") && errors[0].contains("at most 2000000"), "{errors:?}");
+        assert!(
+            errors[0].starts_with("input has 32002 values and inputSchema 19900 subschemas") && errors[0].contains("at most 2000000"),
+            "{errors:?}"
+        );
         let plain = json!({"properties": {"zeros": {"type": "array", "items": {"type": "integer", "minimum": 0}}}});
         assert_eq!(check_against_schema("input", Some(&input), Some(&plain)), Ok(()));
         let negative = json!({"zeros": [0, -1]});
@@ -437,4 +440,3 @@ mod tests {
         assert!(check_input_size(Some(&deep)).unwrap_err().contains("nests deeper than 32"));
     }
 }
-
