@@ -12,7 +12,8 @@
 //!   crate's default 10 MiB limit, and a 64 KiB schema holds 2,300 of them: one job kept a
 //!   reconcile worker busy for over ten minutes per generation (tests/isolation.rs
 //!   `a_schema_full_of_costly_patterns_is_refused_at_once_and_others_are_served`);
-//! - the input is size- and depth-limited (it becomes an environment variable of every agent);
+//! - the input is size- and depth-limited (it becomes an environment variable of every agent),
+//!   and its values times the schema's subschemas may not pass [`MAX_VALIDATION_CHECKS`];
 //! - errors are few and short, since they end up in status conditions and Events.
 
 use std::collections::BTreeMap;
@@ -24,11 +25,11 @@ const MAX_SCHEMA_DEPTH: usize = 32;
 /// Schema nodes after inlining every `$ref`: bounds validation at this many checks per value.
 pub const MAX_EXPANDED_NODES: u64 = 20_000;
 /// Checks one validation may take at most, bounded by the value's nodes times the schema's
-/// (with `$ref`s inlined). Within the two limits above, a 64 KiB input of 32,000 zeros against a
-/// 3.6 KiB schema of 19,900 subschemas (97 references to 100 `minimum`s) took 3×10^8 checks and 14 s, on a reconcile's worker
-/// thread (tests/isolation.rs
-/// `an_input_checked_against_a_schema_at_a_cost_of_their_product_is_refused_at_once`); this many
-/// take about 0.1 s at that pace.
+/// (with `$ref`s inlined). Within the two limits above, a 64 KiB input of 32,000 zeros against
+/// a 3.6 KiB schema of 19,900 subschemas (97 references to 100 `minimum`s) took 3×10^8 checks
+/// and 14 s of a reconcile's worker thread (tests/isolation.rs
+/// `an_input_checked_against_a_schema_at_a_cost_of_their_product_is_refused_at_once`); this
+/// many take about 0.1 s at that pace.
 pub const MAX_VALIDATION_CHECKS: u64 = 2_000_000;
 /// Distinct regular expressions a schema compiles: `pattern` values and `patternProperties` keys.
 pub const MAX_SCHEMA_PATTERNS: usize = 32;
