@@ -657,3 +657,66 @@ async fn cache_line_holding(port: u16, cache: &str, objects: usize) -> CacheLine
     eprintln!("{}", holding.line);
     holding
 }
+
+/// How long `name` (which `create` makes) takes from its creation to a status in `phase`,
+/// polled every 50 ms.
+async fn time_to_phase(admin: &Client, ns: &str, name: &str, phase_wanted: &str, create: impl Future<Output = ()>) -> Duration {
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), ns);
+    let started = std::time::Instant::now();
+    create.await;
+    loop {
+        if jobs.get(name).await.ok().is_some_and(|j| phase(&j) == Some(phase_wanted)) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "{name} never reached {phase_wanted}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An `inputSchema` within every limit (3.6 KiB, 19,900 subschemas with its `$ref`s inlined:
+/// 97 references to 100 `minimum`s) and an input of 32,000 zeros (64 KiB, within its limit):
+/// every zero was checked against every subschema, 3×10^8 checks taking 14 s, within one poll
+/// of the job's reconcile task. As many such jobs as the operator has worker threads, needing
+/// no approval, held up everything else it does (other jobs, watches) for as long, and again at
+/// each edit of their spec. Now they are refused at once, saying why, and another tenant's jobs
+/// are served meanwhile.
+#[tokio::test]
+async fn an_input_checked_against_a_schema_at_a_cost_of_their_product_is_refused_at_once() {
+    const PRODUCT_NS: &str = "isolation-schema-product";
+    let env = Env::builder(PRODUCT_NS).node("isolation-schema-product-node", "64", "256Gi", &[]).build().await;
+    let (alice, bob, admin) = (env.alice.clone(), env.bob.clone(), env.admin.clone());
+    let minimums: Vec<Value> = (1..=100).map(|i| json!({"minimum": -i})).collect();
+    let zeros = json!({"type": "array", "items": {"allOf": vec![json!({"$ref": "#/$defs/m"}); 97]}});
+    let schema = json!({"$defs": {"m": {"allOf": minimums}}, "properties": {"zeros": zeros}});
+    let costly = json!({"input": {"zeros": vec![0; 32_000]}, "inputSchema": schema});
+    // Each reconcile is a task of its own, and the operator's runtime has a worker thread per
+    // core (this machine's): one such job per worker stalls them all.
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    for i in 0..workers {
+        Api::<AgentJob>::namespaced(alice.clone(), PRODUCT_NS)
+            .create(&PostParams::default(), &agent_job(&format!("costly-{i}"), job_spec(), costly.clone()))
+            .await
+            .expect("creating a costly job");
+    }
+    // Bob's jobs, over budget, are refused at their first status: one a second for 4 s.
+    let bobs = Api::<AgentJob>::namespaced(bob.clone(), PRODUCT_NS);
+    let mut waits = Vec::new();
+    for i in 0..4 {
+        let name = format!("victim-{i}");
+        let over_budget = agent_job(&name, job_spec(), json!({"budget": {"maxCostUSD": "0.000001"}}));
+        let create = async { bobs.create(&PostParams::default(), &over_budget).await.map(|_| ()).expect("creating a victim") };
+        let waited = time_to_phase(&admin, PRODUCT_NS, &name, "Rejected", create).await;
+        waits.push(waited);
+        tokio::time::sleep(Duration::from_secs(1).saturating_sub(waited)).await;
+    }
+    eprintln!("the other tenant's jobs were refused after {waits:?} ({workers} costly jobs)");
+    for i in 0..workers {
+        let name = format!("costly-{i}");
+        let refused = wait_for_job(&admin, PRODUCT_NS, &name, "the costly input to be looked at", |j| phase(j).is_some()).await;
+        let ready = support::cluster::condition(&refused, "Ready").expect("Ready condition");
+        assert_eq!((phase(&refused), ready.reason.as_str()), (Some("Rejected"), "InvalidInput"), "{name}: {ready:?}");
+        assert!(ready.message.contains("at most 2000000"), "{name}: {ready:?}");
+    }
+    let slowest = waits.iter().max().copied().unwrap_or_default();
+    assert!(slowest < Duration::from_secs(2), "another tenant's job waited {slowest:?} for its first status: {waits:?}");
+}

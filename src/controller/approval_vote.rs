@@ -28,10 +28,11 @@ pub async fn record_verdicts(ctx: &Context, votes: &[Arc<ApprovalVote>], tally: 
     // one job costs no write per vote (domain/tally.rs `listed`). A vote whose status still
     // says it counts is always corrected (at most one per voter counts).
     let listed: std::collections::HashSet<String> = tally.ignored_for_status().into_iter().map(|i| i.name).collect();
+    let verdicts = tally.verdicts();
     let writes = votes.iter().filter_map(|vote| {
         let name = vote.name_any();
         let said = vote.status.as_ref().and_then(|s| s.counted);
-        let (counted, message) = tally.verdict(&name);
+        let (counted, message) = verdicts.of(&name);
         let wanted = if counted { said == Some(false) } else { listed.contains(&name) || said == Some(true) };
         if !wanted {
             return None;

@@ -1,6 +1,9 @@
-//! The operator's tokio tasks: kube-runtime polls a controller's reconciles and every watch it
-//! was given on the one task that polls its stream, so the two controllers and the Pod watch
-//! each get a task of their own and the runtime's worker threads can run them on every core.
+//! The operator's tokio tasks: kube-runtime polls every watch a controller was given on the one
+//! task that polls its stream (each reconcile is a task of its own), so the two controllers and
+//! the Pod watch each get a task of their own and the runtime's worker threads, one per core,
+//! can run them on every core. A reconcile that computes for seconds holds a worker thread as
+//! long: as many such reconciles as cores stall the operator (domain/validate.rs
+//! `MAX_VALIDATION_CHECKS`, domain/tally.rs `Tally::verdicts`).
 
 use tokio::task::JoinHandle;
 
