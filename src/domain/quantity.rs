@@ -1,7 +1,10 @@
 //! Kubernetes resource quantities as integers, so capacity arithmetic is exact.
 
 /// Parses a quantity (`"500m"`, `"2"`, `"4Gi"`, `"1e3"`) into thousandths of its unit, rounding
-/// up like the apiserver does. `None` for anything the apiserver would not accept.
+/// up like the apiserver does, and capped as it caps them: no quantity is more than 2^63 - 1 in
+/// magnitude (so sums over every Pod of a cluster stay far inside `i128`; uncapped, two requests
+/// of `100000000000000000E` overflowed a node's sum: `two_huge_requests_on_one_node_do_not_overflow`).
+/// `None` for anything the apiserver would not accept.
 pub fn parse_milli(input: &str) -> Option<i128> {
     let s = input.trim();
     let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '+' || c == '-')).unwrap_or(s.len());
@@ -51,8 +54,12 @@ pub fn parse_milli(input: &str) -> Option<i128> {
         numerator /= divisor;
         numerator + i128::from(rounded_up)
     };
+    let value = value.min(MAX_MILLI);
     Some(if negative { -value } else { value })
 }
+
+/// 2^63 - 1 units, the largest quantity Kubernetes represents, in thousandths.
+pub const MAX_MILLI: i128 = i64::MAX as i128 * 1000;
 
 /// Whole units (bytes, GPUs, Pods), rounded up.
 pub fn parse_units(input: &str) -> Option<i128> {
@@ -86,6 +93,15 @@ mod tests {
         for (input, want) in cases {
             assert_eq!(parse_milli(input), *want, "parse_milli({input:?})");
         }
+    }
+
+    #[test]
+    fn quantities_beyond_what_kubernetes_represents_are_capped_as_it_caps_them() {
+        assert_eq!(parse_milli("100000000000000000E"), Some(MAX_MILLI));
+        assert_eq!(parse_milli("-100000000000000000E"), Some(-MAX_MILLI));
+        assert_eq!(parse_milli("9223372036854775807"), Some(MAX_MILLI));
+        assert_eq!(parse_milli("9223372036854775806"), Some(MAX_MILLI - 1000));
+        assert_eq!(parse_units("8Ei"), Some(i64::MAX as i128));
     }
 
     #[test]

@@ -607,4 +607,27 @@ mod requests_tests {
         let r = pod_requests(&pod);
         assert_eq!((r.cpu_milli, r.memory_bytes), (2010, 1124 * MIB));
     }
+
+    /// Two Pods bound to one node, each of whose containers asks for 10^17 exa-cores: the node's
+    /// sum overflowed i128 (a panic in a debug build, a wrapped, wrong figure in release) before
+    /// quantities were capped at what Kubernetes represents (quantity.rs).
+    #[test]
+    fn two_huge_requests_on_one_node_do_not_overflow() {
+        use std::sync::Arc;
+        let huge = |name: &str| -> Arc<Pod> {
+            let container = |c: &str| json!({"name": c, "image": "i", "resources": {"requests": {"cpu": "100000000000000000E", "memory": "100000000000000000E", "nvidia.com/gpu": "100000000000000000E"}}});
+            Arc::new(
+                serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"nodeName": "n1", "containers": [container("a"), container("b")]}, "status": {"phase": "Running"}}))
+                    .unwrap(),
+            )
+        };
+        let node: Arc<Node> = Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "n1"}, "status": {"allocatable": {"cpu": "4", "memory": "8Gi"}, "conditions": [{"type": "Ready", "status": "True"}]}}))
+                .unwrap(),
+        );
+        let views = node_views(&[node], &[huge("p1"), huge("p2")]);
+        let free = &views[0].free;
+        assert_eq!(free.cpu_milli, 4000 - 4 * crate::domain::quantity::MAX_MILLI);
+        assert!(free.memory_bytes < 0 && free.extended["nvidia.com/gpu"] < 0, "{free:?}");
+    }
 }
