@@ -426,7 +426,10 @@ async fn grant_edit(admin: &Client, ns: &str, user: &str) {
         let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name, "namespace": ns},
             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
             "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]});
-        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns).patch(&name, &pp, &Patch::Apply(&binding)).await.unwrap();
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
+            .patch(&name, &pp, &Patch::Apply(&binding))
+            .await
+            .unwrap();
     }
 }
 
@@ -465,7 +468,10 @@ async fn an_agent_pod_stripped_of_its_owner_is_taken_back_not_left_running_besid
     let mut far = decoy("loose-agent-1-agentgate", &job, false);
     far.metadata.finalizers = Some(vec![USAGE_FINALIZER.to_string()]);
     Api::<Pod>::namespaced(admin.clone(), elsewhere).create(&PostParams::default(), &far).await.expect("a decoy elsewhere");
-    Api::<Pod>::namespaced(admin.clone(), ns).create(&PostParams::default(), &decoy("loose-agent-1", &job, false)).await.expect("a decoy here");
+    Api::<Pod>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &decoy("loose-agent-1", &job, false))
+        .await
+        .expect("a decoy here");
 
     // The tenant's patch passes admission (once the authorizer has his binding).
     let as_dave = Api::<Pod>::namespaced(dave.clone(), ns);
@@ -524,7 +530,10 @@ async fn an_agent_pod_stripped_of_its_owner_is_taken_back_not_left_running_besid
     let near = pods.get("loose-agent-1").await.expect("the decoy without the finalizer stays");
     assert!(near.owner_references().is_empty(), "the decoy without the finalizer is not taken: {:?}", near.owner_references());
     let release = json!({"metadata": {"finalizers": null}});
-    Api::<Pod>::namespaced(admin.clone(), elsewhere).patch("loose-agent-1-agentgate", &PatchParams::default(), &Patch::Merge(release)).await.unwrap();
+    Api::<Pod>::namespaced(admin.clone(), elsewhere)
+        .patch("loose-agent-1-agentgate", &PatchParams::default(), &Patch::Merge(release))
+        .await
+        .unwrap();
     Api::<Pod>::namespaced(admin.clone(), elsewhere).delete("loose-agent-1-agentgate", &DeleteParams::default()).await.unwrap();
     pods.delete("loose-agent-1", &DeleteParams::default()).await.unwrap();
 }

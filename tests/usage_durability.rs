@@ -126,7 +126,8 @@ async fn an_orphaning_delete_of_a_running_job_stops_its_pod_and_loses_no_recorde
     let first = wait_for("attempt 1's Pod", TIMEOUT, || job_pods(&admin, ns, &job), |p: &Vec<Pod>| p.len() == 1).await;
     finish_pod(&admin, ns, &first[0].name_any(), 1, &usage_report("gpt-4o-mini", 1000, 0, 100, json!(null))).await;
     let pods = wait_for("attempt 2's Pod", TIMEOUT, || job_pods(&admin, ns, &job), |p: &Vec<Pod>| p.len() == 2).await;
-    let second = pods.iter().find(|p| p.labels().get("agentgate.dev/attempt").map(String::as_str) == Some("2")).expect("attempt 2").name_any();
+    let second =
+        pods.iter().find(|p| p.labels().get("agentgate.dev/attempt").map(String::as_str) == Some("2")).expect("attempt 2").name_any();
     run_pod(&admin, ns, &second).await;
     let recorded = wait_for_job(&admin, ns, "scan", "attempt 1 recorded and learned, attempt 2 running", |j| {
         j.status.as_ref().is_some_and(|s| s.attempts.len() == 2 && s.attempts[0].learned == Some(true))
@@ -138,9 +139,12 @@ async fn an_orphaning_delete_of_a_running_job_stops_its_pod_and_loses_no_recorde
     let orphan = DeleteParams { propagation_policy: Some(kube::api::PropagationPolicy::Orphan), ..DeleteParams::default() };
     Api::<AgentJob>::namespaced(admin.clone(), ns).delete("scan", &orphan).await.expect("delete job, orphaning");
     let jobs: Api<AgentJob> = Api::namespaced(admin.clone(), ns);
-    wait_for("the job gone", Duration::from_secs(60), || async { jobs.get_opt("scan").await.expect("get job") }, |j: &Option<AgentJob>| {
-        j.is_none()
-    })
+    wait_for(
+        "the job gone",
+        Duration::from_secs(60),
+        || async { jobs.get_opt("scan").await.expect("get job") },
+        |j: &Option<AgentJob>| j.is_none(),
+    )
     .await;
     // The running Pod does not outlive its job; the finished one may stay, as an orphaning delete asks.
     let api: Api<Pod> = Api::namespaced(admin.clone(), ns);
@@ -152,13 +156,14 @@ async fn an_orphaning_delete_of_a_running_job_stops_its_pod_and_loses_no_recorde
     )
     .await;
     if let Some(pod) = &left {
-        eprintln!("attempt 2's Pod after the orphaning delete: deleting {:?}, finalizers {:?}", pod.metadata.deletion_timestamp, pod.finalizers());
+        eprintln!(
+            "attempt 2's Pod after the orphaning delete: deleting {:?}, finalizers {:?}",
+            pod.metadata.deletion_timestamp,
+            pod.finalizers()
+        );
     }
     wait_gone(&admin, ns, &second).await;
-    assert!(
-        job_pods(&admin, ns, &job).await.iter().all(|p| p.name_any() != second),
-        "no Pod of the job runs after its orphaning delete"
-    );
+    assert!(job_pods(&admin, ns, &job).await.iter().all(|p| p.name_any() != second), "no Pod of the job runs after its orphaning delete");
 }
 
 /// How many attempts of `durability_scan` the estimator state in the ConfigMap holds.
