@@ -479,7 +479,10 @@ async fn an_agent_pod_stripped_of_its_owner_is_taken_back_not_left_running_besid
     let stripped = wait_for(
         "dave's removal of the ownerReference",
         TIMEOUT,
-        || as_dave.patch(&pod, &PatchParams::default(), &Patch::<()>::Json(serde_json::from_value(strip.clone()).unwrap())),
+        || {
+            let (as_dave, pod, strip) = (as_dave.clone(), pod.clone(), strip.clone());
+            async move { as_dave.patch(&pod, &PatchParams::default(), &Patch::<()>::Json(serde_json::from_value(strip).unwrap())).await }
+        },
         |r: &Result<Pod, kube::Error>| !matches!(r, Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("cannot patch")),
     )
     .await
