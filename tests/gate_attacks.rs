@@ -517,7 +517,7 @@ async fn an_agent_pod_stripped_of_its_owner_is_taken_back_not_left_running_besid
     assert!(current.finalizers().iter().any(|f| f == USAGE_FINALIZER), "its usage finalizer is kept");
     assert_eq!(attempts.len(), 1, "no second attempt beside the first: {attempts:?}");
     assert_eq!(attempts[0].1, agentgate::api::AttemptResult::Running, "{attempts:?}");
-    assert_eq!(now, [pod.clone()], "one agent Pod, the first");
+    assert_eq!(now, std::slice::from_ref(&pod), "one agent Pod, the first");
     wait_for_reaction(&admin, ns, &job, "PodOwnerRestored", &pod).await.expect("a PodOwnerRestored Event names the Pod");
 
     // The attempt ends as any other: its usage and output are read from the Pod.

@@ -147,7 +147,7 @@ mod tests {
     #[test]
     fn the_job_is_the_controller_again_and_other_owners_stay_as_owners() {
         let job = owner("AgentJob", "job", true);
-        assert_eq!(owners_with(&job, &[]), [job.clone()]);
+        assert_eq!(owners_with(&job, &[]), std::slice::from_ref(&job));
         let taken = owners_with(&job, &[owner("ConfigMap", "cm", true), owner("Secret", "s", false)]);
         assert_eq!(
             taken.iter().map(|o| (o.uid.as_str(), o.controller)).collect::<Vec<_>>(),
