@@ -417,6 +417,130 @@ async fn the_admission_policy_refuses_labelled_pods_from_tenants() {
     Api::<Pod>::namespaced(admin.clone(), ns).delete("plain", &DeleteParams::default()).await.unwrap();
 }
 
+/// Binds `user` in `ns` to what `edit` aggregates (this control plane runs no controller-manager
+/// to aggregate `edit` itself): the ordinary rights of a tenant in their namespace.
+async fn grant_edit(admin: &Client, ns: &str, user: &str) {
+    let pp = PatchParams::apply("gate-attacks").force();
+    for role in ["system:aggregate-to-view", "system:aggregate-to-edit"] {
+        let name = format!("{user}-{}", role.trim_start_matches("system:"));
+        let binding = json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name, "namespace": ns},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]});
+        Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(admin.clone(), ns)
+            .patch(&name, &pp, &Patch::Apply(&binding))
+            .await
+            .unwrap();
+    }
+}
+
+/// The uid of the AgentJob that controls the Pod, if any.
+fn controller_uid(pod: &Pod) -> Option<String> {
+    pod.owner_references().iter().find(|o| o.controller == Some(true) && o.kind == "AgentJob").map(|o| o.uid.clone())
+}
+
+/// A tenant with `edit` removes the AgentJob ownerReference from their running agent Pod, which
+/// the admission policy lets pass (the garbage collector does exactly that on an orphaning
+/// delete). Before the fix the job took the Pod for deleted: attempt 1 failed `PodDeleted`, the
+/// orphan sweep released the Pod's usage finalizer, and attempt 2 started beside a Pod that kept
+/// running with its meter, which the meter API now refused (`not_an_agent_pod`): outside the
+/// operator's control, holding its node and tools, its usage never read. Now the job takes its
+/// Pod back (the Pod is provably the operator's: only it makes Pods with the job's labels and
+/// nobody may remove them), the attempt goes on, and its usage is read when it ends. Decoys are
+/// left alone: a Pod with the job's labels and the finalizer in another namespace, and one here
+/// without the finalizer (both made by admin, as if the policy were missing).
+#[tokio::test]
+async fn an_agent_pod_stripped_of_its_owner_is_taken_back_not_left_running_beside_a_retry() {
+    let (ns, elsewhere) = ("ga-unowned", "ga-unowned-elsewhere");
+    let admin = setup(&[ns, elsewhere]).await;
+    grant_edit(&admin, ns, "dave").await;
+    let dave = user("dave").await;
+    let manifest = JobManifest::payments("loose").spec(json!({"limits": {"maxRetries": 2}})).build();
+    let job = Api::<AgentJob>::namespaced(dave.clone(), ns).create(&PostParams::default(), &manifest).await.expect("dave creates his job");
+    let uid = job.metadata.uid.clone().unwrap();
+    vote(&user("alice").await, &job, "alice", Decision::Approve).await;
+    vote(&user("bob").await, &job, "bob", Decision::Approve).await;
+    wait_for_job(&admin, ns, "loose", "Running", |j| phase(j) == Some("Running")).await;
+    let first: Vec<_> = operator_pods(&admin, ns, &job).await.iter().map(|p| p.name_any()).collect();
+    assert_eq!(first, ["loose-agent-1-agentgate"]);
+    let pod = first[0].clone();
+    run_pod(&admin, ns, &pod).await;
+
+    let mut far = decoy("loose-agent-1-agentgate", &job, false);
+    far.metadata.finalizers = Some(vec![USAGE_FINALIZER.to_string()]);
+    Api::<Pod>::namespaced(admin.clone(), elsewhere).create(&PostParams::default(), &far).await.expect("a decoy elsewhere");
+    Api::<Pod>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &decoy("loose-agent-1", &job, false))
+        .await
+        .expect("a decoy here");
+
+    // The tenant's patch passes admission (once the authorizer has his binding).
+    let as_dave = Api::<Pod>::namespaced(dave.clone(), ns);
+    let strip = json!([{"op": "remove", "path": "/metadata/ownerReferences"}]);
+    let stripped = wait_for(
+        "dave's removal of the ownerReference",
+        TIMEOUT,
+        || {
+            let (as_dave, pod, strip) = (as_dave.clone(), pod.clone(), strip.clone());
+            async move { as_dave.patch(&pod, &PatchParams::default(), &Patch::<()>::Json(serde_json::from_value(strip).unwrap())).await }
+        },
+        |r: &Result<Pod, kube::Error>| !matches!(r, Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("cannot patch")),
+    )
+    .await
+    .expect("admission lets an owner's removal pass");
+    assert!(controller_uid(&stripped).is_none(), "{:?}", stripped.metadata.owner_references);
+
+    // Evidence the operator acted: the owner back, or the job moving on without the Pod.
+    let jobs = Api::<AgentJob>::namespaced(admin.clone(), ns);
+    let pods = Api::<Pod>::namespaced(admin.clone(), ns);
+    let (seen, current) = wait_for(
+        "the operator to act on the Pod stripped of its owner",
+        TIMEOUT,
+        || async { (jobs.get("loose").await.unwrap(), pods.get_opt(&pod).await.unwrap()) },
+        |(j, p): &(AgentJob, Option<Pod>)| {
+            let attempts = j.status.as_ref().map(|s| s.attempts.clone()).unwrap_or_default();
+            p.as_ref().is_none_or(|p| controller_uid(p).is_some() || !p.finalizers().iter().any(|f| f == USAGE_FINALIZER))
+                || attempts.len() != 1
+                || attempts[0].result != agentgate::api::AttemptResult::Running
+        },
+    )
+    .await;
+    let status = seen.status.clone().unwrap();
+    let attempts: Vec<_> = status.attempts.iter().map(|a| (a.attempt, a.result, a.message.clone())).collect();
+    let now: Vec<_> = operator_pods(&admin, ns, &job).await.iter().map(|p| p.name_any()).collect();
+    let current = current.expect("the stripped Pod still exists");
+    eprintln!(
+        "after the owner was stripped: attempts {attempts:?}, Pods the job controls {now:?}, stripped Pod owned by {:?}, finalizers {:?}",
+        current.owner_references().iter().map(|o| &o.uid).collect::<Vec<_>>(),
+        current.finalizers()
+    );
+    assert_eq!(controller_uid(&current).as_deref(), Some(uid.as_str()), "the job takes its Pod back");
+    assert!(current.finalizers().iter().any(|f| f == USAGE_FINALIZER), "its usage finalizer is kept");
+    assert_eq!(attempts.len(), 1, "no second attempt beside the first: {attempts:?}");
+    assert_eq!(attempts[0].1, agentgate::api::AttemptResult::Running, "{attempts:?}");
+    assert_eq!(now, std::slice::from_ref(&pod), "one agent Pod, the first");
+    wait_for_reaction(&admin, ns, &job, "PodOwnerRestored", &pod).await.expect("a PodOwnerRestored Event names the Pod");
+
+    // The attempt ends as any other: its usage and output are read from the Pod.
+    finish_pod(&admin, ns, &pod, 0, &usage_report("gpt-4o-mini", 1200, 0, 300, json!({"done": true}))).await;
+    let done = wait_for_job(&admin, ns, "loose", "Succeeded", |j| phase(j).is_some_and(|p| p != "Running")).await;
+    assert_eq!(phase(&done), Some("Succeeded"), "{:#?}", done.status);
+    let status = done.status.unwrap();
+    assert_eq!((status.attempts.len(), status.usage.as_ref().map(|u| u.total_tokens)), (1, Some(1500)), "its usage counted");
+
+    // The decoys: untouched, neither taken nor deleted.
+    let far = Api::<Pod>::namespaced(admin.clone(), elsewhere).get("loose-agent-1-agentgate").await.expect("the decoy elsewhere stays");
+    assert!(far.owner_references().is_empty(), "the decoy elsewhere is not taken: {:?}", far.owner_references());
+    let near = pods.get("loose-agent-1").await.expect("the decoy without the finalizer stays");
+    assert!(near.owner_references().is_empty(), "the decoy without the finalizer is not taken: {:?}", near.owner_references());
+    let release = json!({"metadata": {"finalizers": null}});
+    Api::<Pod>::namespaced(admin.clone(), elsewhere)
+        .patch("loose-agent-1-agentgate", &PatchParams::default(), &Patch::Merge(release))
+        .await
+        .unwrap();
+    Api::<Pod>::namespaced(admin.clone(), elsewhere).delete("loose-agent-1-agentgate", &DeleteParams::default()).await.unwrap();
+    pods.delete("loose-agent-1", &DeleteParams::default()).await.unwrap();
+}
+
 /// A client authenticating as ServiceAccount `ns/name` (created if needed).
 async fn service_account_client(admin: &Client, ns: &str, name: &str) -> Client {
     let cp = ControlPlane::shared();

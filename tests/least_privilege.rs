@@ -65,6 +65,13 @@ const RARELY_USED: &[(&str, &str, &str, &str)] = &[
          (controller/meter_tls.rs; tests/meter_grants.rs renews it)",
     ),
     (
+        "delete",
+        "",
+        "pods",
+        "only when a job is deleted while one of its Pods still runs: an orphaning delete would leave it running with no job \
+         (controller/lost_pods.rs; tests/usage_durability.rs deletes one so)",
+    ),
+    (
         "create",
         "agentgate.dev",
         "agentjobs/pods",

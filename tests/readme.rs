@@ -241,6 +241,7 @@ fn every_flag_the_readme_shows_is_one_the_binaries_take() {
         "--strict",
         "--dry-run",
         "--type",
+        "--cascade",
         "--password-stdin",
         "--authorization-mode",
     ];

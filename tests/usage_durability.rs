@@ -106,6 +106,66 @@ async fn a_deleted_job_never_leaves_its_pods_stuck() {
     assert!(failed.status.unwrap().attempts[0].message.as_deref().unwrap_or_default().contains("PodDeleted"));
 }
 
+/// `kubectl delete agentjob --cascade=orphan` while an attempt runs: the garbage collector (run
+/// here, as a cluster runs it) takes the job's ownerReference off its Pods and deletes the job.
+/// Before the fix the orphan sweep then released the running Pod's usage finalizer and left it
+/// running, its meter refused by the meter API, with no job to stop it. Now the Pod is stopped
+/// (deleted, then let go: its job is gone), and what the job had recorded was counted before it
+/// went: the first attempt's usage is in status and marked learned, exactly once.
+#[tokio::test]
+async fn an_orphaning_delete_of_a_running_job_stops_its_pod_and_loses_no_recorded_usage() {
+    let ns = "usage-durability-orphaning";
+    let env = setup(ns).await;
+    let _gc = support::controlplane::ControllerManager::start(env.cp, "garbagecollector");
+    let (admin, alice, bob) = (env.admin.clone(), env.alice.clone(), env.bob.clone());
+    let mut manifest = manifest("scan");
+    manifest.spec.limits = Some(serde_json::from_value(json!({"maxRetries": 1})).unwrap());
+    let job = Api::<AgentJob>::namespaced(admin.clone(), ns).create(&PostParams::default(), &manifest).await.expect("create job");
+    vote(&alice, &job, "alice", Decision::Approve).await;
+    vote(&bob, &job, "bob", Decision::Approve).await;
+    let first = wait_for("attempt 1's Pod", TIMEOUT, || job_pods(&admin, ns, &job), |p: &Vec<Pod>| p.len() == 1).await;
+    finish_pod(&admin, ns, &first[0].name_any(), 1, &usage_report("gpt-4o-mini", 1000, 0, 100, json!(null))).await;
+    let pods = wait_for("attempt 2's Pod", TIMEOUT, || job_pods(&admin, ns, &job), |p: &Vec<Pod>| p.len() == 2).await;
+    let second =
+        pods.iter().find(|p| p.labels().get("agentgate.dev/attempt").map(String::as_str) == Some("2")).expect("attempt 2").name_any();
+    run_pod(&admin, ns, &second).await;
+    let recorded = wait_for_job(&admin, ns, "scan", "attempt 1 recorded and learned, attempt 2 running", |j| {
+        j.status.as_ref().is_some_and(|s| s.attempts.len() == 2 && s.attempts[0].learned == Some(true))
+    })
+    .await;
+    let status = recorded.status.unwrap();
+    assert_eq!(status.usage.as_ref().map(|u| u.total_tokens), Some(1100), "attempt 1's usage recorded");
+
+    let orphan = DeleteParams { propagation_policy: Some(kube::api::PropagationPolicy::Orphan), ..DeleteParams::default() };
+    Api::<AgentJob>::namespaced(admin.clone(), ns).delete("scan", &orphan).await.expect("delete job, orphaning");
+    let jobs: Api<AgentJob> = Api::namespaced(admin.clone(), ns);
+    wait_for(
+        "the job gone",
+        Duration::from_secs(60),
+        || async { jobs.get_opt("scan").await.expect("get job") },
+        |j: &Option<AgentJob>| j.is_none(),
+    )
+    .await;
+    // The running Pod does not outlive its job; the finished one may stay, as an orphaning delete asks.
+    let api: Api<Pod> = Api::namespaced(admin.clone(), ns);
+    let left = wait_for(
+        "attempt 2's Pod stopped, or left running without its owner",
+        TIMEOUT,
+        || async { api.get_opt(&second).await.expect("get Pod") },
+        |p: &Option<Pod>| p.as_ref().is_none_or(|p| p.owner_references().is_empty()),
+    )
+    .await;
+    if let Some(pod) = &left {
+        eprintln!(
+            "attempt 2's Pod after the orphaning delete: deleting {:?}, finalizers {:?}",
+            pod.metadata.deletion_timestamp,
+            pod.finalizers()
+        );
+    }
+    wait_gone(&admin, ns, &second).await;
+    assert!(job_pods(&admin, ns, &job).await.iter().all(|p| p.name_any() != second), "no Pod of the job runs after its orphaning delete");
+}
+
 /// How many attempts of `durability_scan` the estimator state in the ConfigMap holds.
 async fn learned_runs(admin: &Client, ns: &str) -> Option<u64> {
     use k8s_openapi::api::core::v1::ConfigMap;

@@ -49,10 +49,16 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
     }
     if job.metadata.deletion_timestamp.is_some() {
         // Pods go with the job through their owner reference; a foreground deletion waits for
-        // them, so their usage finalizer goes now (nothing of a deleted job is recorded).
+        // them, so their usage finalizer goes now (nothing of a deleted job is recorded). An
+        // orphaning delete would leave them running with no job: those still running are
+        // stopped first, whichever the propagation (lost_pods.rs; the sweep stops those the
+        // garbage collector took the owner off before this reconcile saw them).
         let uid = job.metadata.uid.clone().unwrap_or_default();
         let namespace = job.namespace().unwrap_or_default();
         let owned: Vec<_> = pod_candidates(&ctx.caches, &namespace, &uid).filter(|p| snapshot::is_job_pod(p, &namespace, &uid)).collect();
+        for pod in &owned {
+            super::lost_pods::stop(ctx, pod).await?;
+        }
         super::pod_finalizer::release_settled(ctx, job, &owned, &old_status_of(job)).await?;
         ctx.pod_expectations.forget(&uid);
         ctx.stored_revisions.forget(&uid);
@@ -66,6 +72,14 @@ async fn reconcile_inner(job: &AgentJob, ctx: &Context) -> Result<Action> {
         // decision now would be made on a stale copy and refused with a 409. That write's watch
         // event triggers the reconcile that counts; the requeue is only a safety net.
         return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    // Its Pods that lost their controller ownerReference are taken back before anything reads
+    // its Pods: read without them, the running attempt failed as deleted and a retry started
+    // beside a Pod that ran on (lost_pods.rs, tests/gate_attacks.rs).
+    let lost: Vec<_> =
+        pod_candidates(&ctx.caches, &namespace, &uid).filter(|p| snapshot::lost_job_pod(p, &namespace, &name, &uid)).collect();
+    if !lost.is_empty() {
+        return super::lost_pods::take_back(job, ctx, &lost).await;
     }
     let fetched;
     let job = match whole(job, ctx).await? {

@@ -17,6 +17,8 @@ pub enum ObserveError {
     GonePod { namespace: String, pod: String, source: kube::Error },
     #[error("GET AgentJob {namespace}/{job}, whose input the cache leaves out: {source}")]
     GetJob { namespace: String, job: String, source: kube::Error },
+    #[error("GET AgentJob {namespace}/{job}, to confirm it still stands before taking back its Pods: {source}")]
+    RecheckJob { namespace: String, job: String, source: kube::Error },
 }
 
 /// Carrying out a plan: Pods, then status, then the Pods' usage finalizers.
@@ -40,6 +42,10 @@ pub enum ApplyError {
     WriteStatus { namespace: String, job: String, source: kube::Error },
     #[error("PATCH Pod {namespace}/{pod} to remove its usage finalizer: {source}")]
     ReleaseFinalizer { namespace: String, pod: String, source: kube::Error },
+    #[error("PATCH Pod {namespace}/{pod} to give it back its AgentJob ownerReference: {source}")]
+    TakeBackPod { namespace: String, pod: String, source: kube::Error },
+    #[error("DELETE Pod {namespace}/{pod}, whose job is deleted: {source}")]
+    StopPod { namespace: String, pod: String, source: kube::Error },
 }
 
 /// An AgentTool's reconcile.
@@ -72,6 +78,7 @@ impl Error {
             Error::Observe(ObserveError::ActAsCheck { .. }) => "act_as_check",
             Error::Observe(ObserveError::GonePod { .. }) => "get_gone_pod",
             Error::Observe(ObserveError::GetJob { .. }) => "get_job",
+            Error::Observe(ObserveError::RecheckJob { .. }) => "recheck_job",
             Error::Apply(ApplyError::StoreSpec { .. }) => "store_spec",
             Error::Apply(ApplyError::GetMeterKeys { .. }) => "get_meter_keys",
             Error::Apply(ApplyError::CreatePod { .. }) => "create_pod",
@@ -81,6 +88,8 @@ impl Error {
             Error::Apply(ApplyError::WriteStatus { source, .. }) if is_conflict(source) => "status_conflict",
             Error::Apply(ApplyError::WriteStatus { .. }) => "write_status",
             Error::Apply(ApplyError::ReleaseFinalizer { .. }) => "release_finalizer",
+            Error::Apply(ApplyError::TakeBackPod { .. }) => "take_back_pod",
+            Error::Apply(ApplyError::StopPod { .. }) => "stop_pod",
             Error::Tool(ToolError::GetCredentials { .. }) => "get_tool_credentials",
             Error::Tool(ToolError::WriteStatus { .. }) => "write_tool_status",
         }

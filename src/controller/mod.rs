@@ -14,6 +14,7 @@ pub mod identity_policies;
 pub mod index;
 pub mod job_index;
 pub mod learning_mark;
+pub mod lost_pods;
 pub mod memory;
 pub mod metadata_answers;
 pub mod meter_api;

@@ -6,7 +6,9 @@
 //! - after the status write that records the Pod's attempt as settled (`releasable`);
 //! - when the Pod's attempt is not recorded and never will be (the Pod is finished or deleted);
 //! - when the job is deleted, or the Pod has no job any more (`sweep`): the Pods go with their
-//!   job through the garbage collector, which the finalizer must not block forever.
+//!   job through the garbage collector, which the finalizer must not block forever; a Pod still
+//!   running is stopped first, so that an orphaning delete leaves none running (lost_pods.rs).
+//!   A Pod that lost its owner while its job stands keeps it: the job takes the Pod back.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -81,7 +83,8 @@ async fn release_pod(ctx: &Context, pod: &Pod) -> Result<(), ApplyError> {
 }
 
 /// Pods holding the finalizer whose job is not in the cache, or that have no AgentJob controller
-/// any more (an orphaning delete dropped it): they will never be reconciled as a job's Pods.
+/// any more (an orphaning delete dropped it, or a tenant did): they will never be reconciled as a
+/// job's Pods unless their job takes them back (lost_pods.rs).
 /// Only in the namespace an operator of one namespace watches: a decoy elsewhere is not its to
 /// release, and its job is not one it could see.
 fn orphan_candidates(ctx: &Context) -> Vec<Arc<Pod>> {
@@ -94,19 +97,46 @@ fn orphan_candidates(ctx: &Context) -> Vec<Arc<Pod>> {
     })
 }
 
-/// Whether a Pod's job is gone: asked of the API, not the cache, which may lag behind a job
-/// just created (then the Pod is still its job's, and the job's reconcile handles it).
-async fn job_gone(ctx: &Context, pod: &Pod) -> Result<bool, kube::Error> {
-    let Some(owner) = pod.owner_references().iter().find(|o| o.controller == Some(true) && o.kind == "AgentJob") else {
-        return Ok(true);
-    };
-    let api: Api<AgentJob> = Api::namespaced(ctx.client.clone(), &pod.namespace().unwrap_or_default());
-    let job = api.get_opt(&owner.name).await?;
-    Ok(job.is_none_or(|j| j.metadata.uid.as_deref() != Some(owner.uid.as_str())))
+/// What the sweep does with a candidate.
+#[derive(Debug, PartialEq, Eq)]
+enum Fate {
+    /// Its job stands: the job's reconcile reads it, or takes it back (lost_pods.rs).
+    Keep,
+    /// No job of its namespace claims it: let go, not stopped (a decoy posing as another
+    /// namespace's job, or a Pod without the job labels, is not the operator's to delete).
+    Release,
+    /// Its job is gone or being deleted: stopped, then let go.
+    Stop,
 }
 
-/// Releases orphaned Pods whenever the Pod watch pokes `trigger` (a Pod holding the finalizer
-/// whose job is not cached) and every few minutes as a safety net.
+/// Its job, asked of the API, not the cache, which may lag behind a job just created (then the
+/// Pod is still its job's, and the job's reconcile handles it): the AgentJob controller it names,
+/// or, when it has none, the job its labels and name say it is a Pod of (snapshot::labelled_job),
+/// in its own namespace only.
+async fn fate(ctx: &Context, pod: &Pod) -> Result<Fate, kube::Error> {
+    let namespace = pod.namespace().unwrap_or_default();
+    let owner = pod.owner_references().iter().find(|o| o.controller == Some(true) && o.kind == "AgentJob");
+    let (name, uid, owned) = match (owner, snapshot::labelled_job(pod)) {
+        (Some(owner), _) => (owner.name.clone(), owner.uid.clone(), true),
+        (None, Some((job, uid))) => {
+            let elsewhere = ctx.caches.index.jobs().by_uid(uid).is_some_and(|(ns, _)| ns != namespace);
+            if elsewhere {
+                return Ok(Fate::Release);
+            }
+            (job.to_string(), uid.to_string(), false)
+        }
+        (None, None) => return Ok(Fate::Release),
+    };
+    let stored = super::lost_pods::stored_job(ctx, &namespace, &name).await?;
+    let same = stored.as_ref().is_some_and(|m| m.uid.as_deref() == Some(uid.as_str()));
+    // A Pod its job still controls while the job is deleted goes with the job's own deletion
+    // (agent_job.rs); one that lost its owner to an orphaning delete is stopped here.
+    Ok(if super::lost_pods::stands(stored.as_ref(), &uid) || (owned && same) { Fate::Keep } else { Fate::Stop })
+}
+
+/// Releases orphaned Pods, and stops those whose job is deleted, whenever the Pod watch pokes
+/// `trigger` (a Pod holding the finalizer whose job is not cached) and every few minutes as a
+/// safety net.
 pub async fn sweep(ctx: Arc<Context>, trigger: Arc<tokio::sync::Notify>) {
     loop {
         let _ = tokio::time::timeout(Duration::from_secs(120), trigger.notified()).await;
@@ -114,18 +144,27 @@ pub async fn sweep(ctx: Arc<Context>, trigger: Arc<tokio::sync::Notify>) {
             continue;
         }
         for pod in orphan_candidates(&ctx) {
-            let released = match job_gone(&ctx, &pod).await {
-                Ok(true) => release_pod(&ctx, &pod).await.map(|()| true).map_err(|e| e.to_string()),
-                Ok(false) => Ok(false),
-                Err(e) => Err(format!("GET its AgentJob: {e}")),
-            };
-            match released {
-                Ok(true) => {
-                    tracing::info!(pod = %pod.name_any(), namespace = ?pod.namespace(), "released usage finalizer of a Pod whose job is gone")
+            let done = match fate(&ctx, &pod).await {
+                Ok(Fate::Keep) => Ok(None),
+                Ok(Fate::Release) => {
+                    release_pod(&ctx, &pod).await.map(|()| Some("released usage finalizer of a Pod no job of its namespace claims"))
                 }
-                Ok(false) => {}
+                Ok(Fate::Stop) => match super::lost_pods::stop(&ctx, &pod).await {
+                    Ok(()) => {
+                        release_pod(&ctx, &pod).await.map(|()| Some("stopped a Pod whose job is deleted and released its usage finalizer"))
+                    }
+                    Err(e) => Err(e),
+                },
+                Err(e) => {
+                    tracing::warn!(pod = %pod.name_any(), namespace = ?pod.namespace(), error = %e, "could not read a Pod's AgentJob");
+                    Ok(None)
+                }
+            };
+            match done {
+                Ok(Some(what)) => tracing::info!(pod = %pod.name_any(), namespace = ?pod.namespace(), "{what}"),
+                Ok(None) => {}
                 Err(error) => {
-                    tracing::warn!(pod = %pod.name_any(), namespace = ?pod.namespace(), %error, "could not release usage finalizer")
+                    tracing::warn!(pod = %pod.name_any(), namespace = ?pod.namespace(), %error, "could not release or stop an orphaned Pod")
                 }
             }
         }

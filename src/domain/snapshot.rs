@@ -7,7 +7,10 @@ use kube::ResourceExt;
 
 use crate::api::{AgentJob, AgentTool, ApprovalVote, JobPhase};
 use crate::domain::decide::{PodState, PodView};
-use crate::domain::pod_builder::{ANNOTATION_JOB_GENERATION, DEFAULT_CPU, DEFAULT_MEMORY, LABEL_AGENT, LABEL_ATTEMPT, LABEL_JOB_UID};
+use crate::domain::pod_builder::{
+    ANNOTATION_JOB_GENERATION, DEFAULT_CPU, DEFAULT_MEMORY, LABEL_AGENT, LABEL_ATTEMPT, LABEL_JOB, LABEL_JOB_UID, USAGE_FINALIZER,
+    is_agent_pod_name,
+};
 use crate::domain::quantity::{parse_milli, parse_units};
 use crate::domain::readiness::{NodeView, PodNeed, QuotaView, Resources, ToolView, effective_requests};
 use crate::domain::tally::VoteView;
@@ -96,6 +99,33 @@ pub fn is_job_pod(pod: &Pod, namespace: &str, job_uid: &str) -> bool {
 /// A Pod that carries the job's uid label but is not one of its Pods: a decoy, reported, never read.
 pub fn claims_job_falsely(pod: &Pod, namespace: &str, job_uid: &str) -> bool {
     labelled_job_uid(pod) == Some(job_uid) && !is_job_pod(pod, namespace, job_uid)
+}
+
+/// The job a Pod says it is an agent Pod of, by its labels: (job name, job uid), when every job
+/// label is there and the Pod's name is the one the operator gives that job's Pod of that agent
+/// and attempt. Only the operator makes Pods with these labels and nobody may change them where
+/// deploy/admission/pods.yaml is installed; elsewhere they are a claim, proving nothing.
+pub fn labelled_job(pod: &Pod) -> Option<(&str, &str)> {
+    let labels = pod.labels();
+    let (job, uid, agent) = (labels.get(LABEL_JOB)?, labels.get(LABEL_JOB_UID)?, labels.get(LABEL_AGENT)?);
+    let attempt = labels.get(LABEL_ATTEMPT)?.parse().ok()?;
+    let name = pod.metadata.name.as_deref()?;
+    is_agent_pod_name(name, job, agent, attempt).then_some((job.as_str(), uid.as_str()))
+}
+
+/// An agent Pod of the job that lost its controller ownerReference: in the job's namespace,
+/// labelled and named as the job's Pod, still holding the usage-tracking finalizer (which only
+/// the operator may remove), and controlled by no AgentJob (the owner removed, or replaced by an
+/// owner of another kind). Only where the policy is missing could such a Pod be anyone else's,
+/// and then only a Pod of the job's own namespace, whose writers could as well have given it the
+/// job's ownerReference: taking it back trusts it no more than `is_job_pod` trusts an owner.
+/// A Pod carrying the labels elsewhere, or without the finalizer, is never taken
+/// (tests/gate_attacks.rs an_agent_pod_stripped_of_its_owner_is_taken_back_not_left_running_beside_a_retry).
+pub fn lost_job_pod(pod: &Pod, namespace: &str, job_name: &str, job_uid: &str) -> bool {
+    pod.metadata.namespace.as_deref() == Some(namespace)
+        && pod_controller_job_uid(pod).is_none()
+        && pod.finalizers().iter().any(|f| f == USAGE_FINALIZER)
+        && labelled_job(pod) == Some((job_name, job_uid))
 }
 
 /// The job uid a Pod's label names.
@@ -589,6 +619,40 @@ mod requests_tests {
         assert!(plain.spec.resources.is_none());
         assert_eq!(pod_need(&plain).unwrap().per_pod, pod_requests(&built(&plain)));
         assert_eq!(pod_need(&plain).unwrap().per_pod.cpu_milli, 600);
+    }
+
+    #[test]
+    fn a_pod_is_lost_only_in_its_jobs_namespace_named_and_labelled_so_with_the_finalizer_and_no_job_controller() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+        let owned = built(&job(serde_json::Value::Null));
+        assert_eq!(labelled_job(&owned), Some(("j", "uid-j")));
+        assert!(!lost_job_pod(&owned, "team", "j", "uid-j"), "controlled by the job: its own, not lost");
+        let mut stripped = owned.clone();
+        stripped.metadata.owner_references = None;
+        assert!(lost_job_pod(&stripped, "team", "j", "uid-j"));
+        assert!(!lost_job_pod(&stripped, "team", "j", "uid-other"), "another job's");
+        assert!(!lost_job_pod(&stripped, "elsewhere", "j", "uid-j"), "another namespace");
+        // An owner of another kind made controller does not make it any less the job's.
+        let mut replaced = stripped.clone();
+        let config_map = OwnerReference {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            name: "c".into(),
+            uid: "u".into(),
+            controller: Some(true),
+            ..OwnerReference::default()
+        };
+        replaced.metadata.owner_references = Some(vec![config_map]);
+        assert!(lost_job_pod(&replaced, "team", "j", "uid-j"));
+        let mut released = stripped.clone();
+        released.metadata.finalizers = None;
+        assert!(!lost_job_pod(&released, "team", "j", "uid-j"), "without the finalizer: proves nothing");
+        let mut renamed = stripped.clone();
+        renamed.metadata.name = Some("mine".into());
+        assert!(!lost_job_pod(&renamed, "team", "j", "uid-j"), "not named as the labels say");
+        let mut another = owned.clone();
+        another.metadata.owner_references.as_mut().unwrap()[0].uid = "uid-other".into();
+        assert!(!lost_job_pod(&another, "team", "j", "uid-j"), "controlled by another job");
     }
 
     #[test]
