@@ -39,7 +39,14 @@ pub async fn serve(
     let addr = listener.local_addr()?;
     let also = if debug_memory { " and /debug/memory" } else { "" };
     tracing::info!(%addr, "serving /healthz, /readyz, /metrics{also}");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+    // Any Pod may reach this port unless a NetworkPolicy narrows it (Prometheus must, and the
+    // kubelet's probes): the meter API's bounds on connections and request heads hold here too.
+    // Under `axum::serve`, 1,024 connections from eight addresses each sending 390 KB of headers
+    // they never finished were all kept, heads and all (tests/meter_api_flood.rs
+    // unfinished_heads_on_the_metrics_port_cannot_fill_the_operators_memory).
+    let listener = crate::controller::meter_conn::BoundedTcpListener::new(listener, None);
+    crate::controller::meter_conn::serve(listener, app, shutdown).await;
+    Ok(())
 }
 
 /// Ready once the caches are synced. Missing identity admission policies are named in the body

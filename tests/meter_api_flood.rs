@@ -387,3 +387,138 @@ async fn forgeries_naming_a_real_pod_from_elsewhere_cannot_hold_its_meters_revie
     assert!(answers.iter().all(|a| matches!(a, Ok((200, _)))), "each fresh token served at its first try: {answers:?}");
     drop(operator);
 }
+
+/// All of `data` written (the tests' tokio has no `AsyncWriteExt`).
+async fn write_all<W: tokio::io::AsyncWrite + Unpin>(w: &mut W, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let n = std::future::poll_fn(|cx| std::pin::Pin::new(&mut *w).poll_write(cx, data)).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        data = &data[n..];
+    }
+    Ok(())
+}
+
+async fn flush<W: tokio::io::AsyncWrite + Unpin>(w: &mut W) -> std::io::Result<()> {
+    std::future::poll_fn(|cx| std::pin::Pin::new(&mut *w).poll_flush(cx)).await
+}
+
+/// A figure (kB) of `/proc/<pid>/status`: `VmRSS` now, `VmHWM` the peak so far.
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} in {status}"));
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Anyone who can reach the port (no token needed) opens 64 connections from each of eight
+/// addresses (eight Pods): on half, a request whose body is declared 2,000,000 bytes (under
+/// axum's 2 MiB default) and sent but for its last bytes; on the other half, 390 KB of header
+/// lines without the blank line that ends them. axum read every body before the handler looked
+/// at the token, and hyper buffered up to 408 KiB of each head: the operator held both, for as
+/// long as the client trickled, and four Pods' bodies alone were more than the chart's 512 MiB
+/// limit. Now a head over 16 KiB is answered 431, and a body is read only once its token is
+/// admitted (at most 256 KiB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_heads_and_bodies_from_many_pods_cannot_fill_the_operators_memory() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Victim { operator, ca, api, url, token, .. } = victim("meter-api-bodies").await;
+    let pid = operator.pid();
+    // The peak from here on (5 resets VmHWM to the current RSS; proc(5)).
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+    let before = proc_status_kib(pid, "VmRSS:");
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_config(&ca)));
+    let address: std::net::SocketAddr = url.trim_start_matches("https://").trim_end_matches("/v1/sync").parse().unwrap();
+    let open = |i: usize| {
+        let connector = connector.clone();
+        async move {
+            let source = std::net::Ipv4Addr::new(127, 0, 0, 2 + (i / 64) as u8);
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind((source, 0).into()).unwrap();
+            let tcp = socket.connect(address).await.ok()?;
+            let name = rustls::pki_types::ServerName::IpAddress(address.ip().into());
+            let mut tls = connector.connect(name, tcp).await.ok()?;
+            let send = async {
+                if i % 2 == 0 {
+                    let head = "POST /v1/sync HTTP/1.1\r\nhost: agentgate-meter-api\r\ncontent-type: application/json\r\ncontent-length: 2000000\r\n\r\n";
+                    write_all(&mut tls, head.as_bytes()).await?;
+                    for _ in 0..19 {
+                        write_all(&mut tls, &[b' '; 100_000]).await?;
+                    }
+                } else {
+                    write_all(&mut tls, b"POST /v1/sync HTTP/1.1\r\nhost: agentgate-meter-api\r\n").await?;
+                    // Few long lines: hyper refuses a head of more than 100 header lines.
+                    for line in 0..39 {
+                        write_all(&mut tls, format!("x-pad-{line}: {}\r\n", "a".repeat(9_990)).as_bytes()).await?;
+                    }
+                }
+                flush(&mut tls).await
+            };
+            // A server that stops reading (it answered, or closed) fails or stalls the writes.
+            let sent = matches!(tokio::time::timeout(Duration::from_secs(30), send).await, Ok(Ok(())));
+            Some((sent, tls))
+        }
+    };
+    let connections: Vec<_> = futures::future::join_all((0..512).map(open)).await;
+    let sent = connections.iter().flatten().filter(|(sent, _)| *sent).count();
+    // The operator has taken all it reads of them: it serves the meter after them.
+    let (status, answer) = post(&api, &url, &token, &sync_body("legit", 2, "0.10")).await.unwrap();
+    let peak = proc_status_kib(pid, "VmHWM:");
+    println!(
+        "{} of 512 connections opened, {sent} sent all they meant to; operator RSS {} MiB before, peak {} MiB (+{} MiB)",
+        connections.iter().flatten().count(),
+        before / 1024,
+        peak / 1024,
+        peak.saturating_sub(before) / 1024
+    );
+    assert_eq!(status, 200, "the meter is served after the flood: {answer}");
+    assert!(peak.saturating_sub(before) < 64 * 1024, "the operator grew by {} MiB", peak.saturating_sub(before) / 1024);
+    drop(connections);
+    drop(operator);
+}
+
+/// The operator's metrics port (`/metrics`, and the kubelet's `/healthz` and `/readyz` probes)
+/// is open to every Pod unless a NetworkPolicy narrows it (the chart's `networkPolicy.metrics.from`
+/// is empty by default). Eight Pods' addresses open 128 connections each and send 390 KB of
+/// header lines they never finish: `axum::serve` kept every connection, each with up to 408 KiB
+/// of head, for as long as its client trickled. Now the port has the meter API's bounds: 64
+/// connections per address, heads of at most 16 KiB within 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unfinished_heads_on_the_metrics_port_cannot_fill_the_operators_memory() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Victim { operator, metrics_port, .. } = victim("metrics-port-heads").await;
+    let pid = operator.pid();
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+    let before = proc_status_kib(pid, "VmRSS:");
+    let open = |i: usize| async move {
+        let source = std::net::Ipv4Addr::new(127, 0, 0, 20 + (i / 128) as u8);
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((source, 0).into()).unwrap();
+        let mut tcp = socket.connect(([127, 0, 0, 1], metrics_port).into()).await.ok()?;
+        let send = async {
+            write_all(&mut tcp, b"GET /metrics HTTP/1.1\r\nhost: agentgate\r\n").await?;
+            for line in 0..39 {
+                write_all(&mut tcp, format!("x-pad-{line}: {}\r\n", "a".repeat(9_990)).as_bytes()).await?;
+            }
+            flush(&mut tcp).await
+        };
+        let sent = matches!(tokio::time::timeout(Duration::from_secs(30), send).await, Ok(Ok(())));
+        Some((sent, tcp))
+    };
+    let connections: Vec<_> = futures::future::join_all((0..1024).map(open)).await;
+    let sent = connections.iter().flatten().filter(|(sent, _)| *sent).count();
+    // The probe the kubelet sends, answered after the flood was sent.
+    let (status, body) = http_get(metrics_port, "/healthz");
+    let peak = proc_status_kib(pid, "VmHWM:");
+    println!(
+        "{} of 1024 connections opened, {sent} sent all 390 KB; operator RSS {} MiB before, peak {} MiB (+{} MiB)",
+        connections.iter().flatten().count(),
+        before / 1024,
+        peak / 1024,
+        peak.saturating_sub(before) / 1024
+    );
+    assert!(status.contains("200"), "/healthz after the flood: {status} {body}");
+    assert!(peak.saturating_sub(before) < 64 * 1024, "the operator grew by {} MiB", peak.saturating_sub(before) / 1024);
+    drop(connections);
+    drop(operator);
+}

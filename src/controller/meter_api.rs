@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, StatusCode};
@@ -38,7 +38,10 @@ use crate::state::Health;
 pub use super::meter_auth::AUDIENCE;
 /// Pods whose refused terms are remembered for [`MeterApi::warn_once`].
 const WARNED_CAP: usize = 4096;
+/// A sync body holds at most 64 models of 128-character names: ~30 KB.
 const MAX_BODY_BYTES: usize = 256 * 1024;
+/// A request's body must arrive within this once its head has (a meter sends both at once).
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Status writes refused for a newer resourceVersion (the controller or another meter wrote
 /// first) are retried on a fresh read this many times.
 const WRITE_ATTEMPTS: usize = 10;
@@ -167,7 +170,7 @@ impl MeterApi {
         self.events.try_record(&regarding, kube::runtime::events::EventType::Warning, "MeterPodRefused", note.to_string(), "GrantBudget");
     }
 
-    async fn handle(&self, peer: std::net::IpAddr, headers: &HeaderMap, body: &Bytes) -> Result<SyncAnswer, Refusal> {
+    async fn handle(&self, peer: std::net::IpAddr, headers: &HeaderMap, body: Body) -> Result<SyncAnswer, Refusal> {
         if !self.health.leading.load(Ordering::Relaxed) {
             // The meter retries: another replica leads, or this one will.
             return Err(refuse(StatusCode::SERVICE_UNAVAILABLE, "not_leader", "this operator replica is standing by; retry"));
@@ -186,7 +189,8 @@ impl MeterApi {
         {
             return Err(refuse(StatusCode::FORBIDDEN, "namespace_not_watched", format!("this operator serves namespace {ns} only")));
         }
-        let body: SyncBody = serde_json::from_slice(body)
+        let body = read_body(body).await?;
+        let body: SyncBody = serde_json::from_slice(&body)
             .map_err(|e| refuse(StatusCode::BAD_REQUEST, "bad_request", crate::domain::validate::bounded(&e.to_string())))?;
         if let Some(pod) = &body.pod
             && *pod != who.pod
@@ -281,12 +285,31 @@ impl MeterApi {
     }
 }
 
-async fn sync(State(api): State<Arc<MeterApi>>, ConnectInfo(Peer(peer)): ConnectInfo<Peer>, headers: HeaderMap, body: Bytes) -> Response {
-    if body.len() > MAX_BODY_BYTES {
+/// The request's body, at most [`MAX_BODY_BYTES`], read only once its token is admitted: with
+/// axum's `Bytes` extractor every body (up to 2 MiB) was read before the token was looked at,
+/// from anyone, and held for as long as its client trickled the rest (tests/meter_api_flood.rs
+/// unfinished_heads_and_bodies_from_many_pods_cannot_fill_the_operators_memory). Admitted
+/// requests are few (meter_auth.rs), so bodies held at once are bounded too.
+async fn read_body(body: Body) -> Result<Bytes, Refusal> {
+    use http_body_util::BodyExt;
+    let too_large = || refuse(StatusCode::PAYLOAD_TOO_LARGE, "bad_request", "request too large");
+    match tokio::time::timeout(BODY_READ_TIMEOUT, http_body_util::Limited::new(body, MAX_BODY_BYTES).collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(refuse(StatusCode::BAD_REQUEST, "bad_request", format!("reading the request: {e}"))),
+        Err(_) => Err(refuse(StatusCode::REQUEST_TIMEOUT, "bad_request", "the request body did not arrive in time")),
+    }
+}
+
+async fn sync(State(api): State<Arc<MeterApi>>, ConnectInfo(Peer(peer)): ConnectInfo<Peer>, request: axum::extract::Request) -> Response {
+    let (parts, body) = request.into_parts();
+    // A body declared too large is refused before anything else (it is never read).
+    let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         api.metrics.count_meter_api("bad_request");
         return refuse(StatusCode::PAYLOAD_TOO_LARGE, "bad_request", "request too large").into_response();
     }
-    match api.handle(peer.ip(), &headers, &body).await {
+    match api.handle(peer.ip(), &parts.headers, body).await {
         Ok(answer) => {
             api.metrics.count_meter_api("ok");
             axum::Json(answer).into_response()
@@ -315,11 +338,11 @@ pub async fn serve(
     match tls {
         Some(acceptor) => {
             let listener = super::meter_tls::TlsListener::new(listener, acceptor, api.metrics.clone())?;
-            axum::serve(listener, api.router().into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await?;
+            super::meter_conn::serve(listener, api.router(), shutdown).await;
         }
         None => {
-            let listener = super::meter_conn::BoundedTcpListener::new(listener, api.metrics.clone());
-            axum::serve(listener, api.router().into_make_service_with_connect_info::<Peer>()).with_graceful_shutdown(shutdown).await?
+            let listener = super::meter_conn::BoundedTcpListener::new(listener, Some(api.metrics.clone()));
+            super::meter_conn::serve(listener, api.router(), shutdown).await;
         }
     }
     Ok(())

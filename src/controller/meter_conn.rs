@@ -6,7 +6,12 @@
 //! - at most [`MAX_PER_PEER`] connections per client address and [`MAX_CONNECTIONS`] in all
 //!   are open; one beyond is closed at once (a meter uses one or two, and retries);
 //! - a connection that neither reads nor writes for [`IDLE_TIMEOUT`] is closed (a meter syncs
-//!   every few seconds while it runs).
+//!   every few seconds while it runs);
+//! - a connection buffers at most [`MAX_HEAD_BYTES`] of a request head, which must arrive within
+//!   [`HEADER_READ_TIMEOUT`] ([`serve`]: under `axum::serve` hyper buffered up to 408 KiB of
+//!   each unfinished head, for as long as its client trickled one: tests/meter_api_flood.rs
+//!   unfinished_heads_and_bodies_from_many_pods_cannot_fill_the_operators_memory). Bodies are
+//!   read only once their token is admitted (meter_api.rs `read_body`).
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -29,6 +34,11 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// (then every meter on the node shares it, one connection each).
 pub const MAX_PER_PEER: usize = 64;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// A request head longer than this is answered 431. A meter's is under 2 KiB, its token included.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// A request head must arrive within this, counted from the previous answer on a kept-alive
+/// connection (so an idle one is closed then; the meter's client opens another).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Places taken by key, each key up to a cap; a key with none taken holds no entry. Bounds the
 /// meter API's connections per client address here and its requests per Pod and namespace
@@ -85,7 +95,8 @@ impl<K: Hash + Eq> Drop for KeyedSlot<K> {
 pub struct ConnectionLimits {
     total: Arc<Semaphore>,
     peers: KeyedLimit<IpAddr>,
-    metrics: Arc<Metrics>,
+    /// Where refusals are counted (the meter API's; the metrics port counts none).
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// One open connection's place, given back when it closes.
@@ -95,7 +106,7 @@ pub struct Slot {
 }
 
 impl ConnectionLimits {
-    pub fn new(metrics: Arc<Metrics>) -> ConnectionLimits {
+    pub fn new(metrics: Option<Arc<Metrics>>) -> ConnectionLimits {
         ConnectionLimits { total: Arc::new(Semaphore::new(MAX_CONNECTIONS)), peers: KeyedLimit::default(), metrics }
     }
 
@@ -106,8 +117,10 @@ impl ConnectionLimits {
             .peers
             .take(peer.ip().to_canonical(), MAX_PER_PEER)
             .and_then(|peer| Some(Slot { _permit: self.total.clone().try_acquire_owned().ok()?, _peer: peer }));
-        if slot.is_none() {
-            self.metrics.count_meter_api("connection_refused");
+        if slot.is_none()
+            && let Some(metrics) = &self.metrics
+        {
+            metrics.count_meter_api("connection_refused");
         }
         slot
     }
@@ -176,14 +189,15 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Bounded<S> {
     }
 }
 
-/// The plain-HTTP listener (`--meter-api-tls off`), with the same bounds.
+/// The plain-HTTP listener (`--meter-api-tls off`, and the metrics port: server.rs), with the
+/// same bounds.
 pub struct BoundedTcpListener {
     tcp: TcpListener,
     limits: ConnectionLimits,
 }
 
 impl BoundedTcpListener {
-    pub fn new(tcp: TcpListener, metrics: Arc<Metrics>) -> BoundedTcpListener {
+    pub fn new(tcp: TcpListener, metrics: Option<Arc<Metrics>>) -> BoundedTcpListener {
         BoundedTcpListener { tcp, limits: ConnectionLimits::new(metrics) }
     }
 }
@@ -193,10 +207,41 @@ impl BoundedTcpListener {
 #[derive(Clone, Copy, Debug)]
 pub struct Peer(pub SocketAddr);
 
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, BoundedTcpListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, BoundedTcpListener>) -> Peer {
-        Peer(*stream.remote_addr())
+/// Serves `router` on the connections `listener` accepts, over HTTP/1 with the head bounded
+/// ([`MAX_HEAD_BYTES`], [`HEADER_READ_TIMEOUT`]; `axum::serve` gives hyper no timer and keeps its
+/// 408 KiB buffer), each request carrying its [`Peer`] as `ConnectInfo`. On `shutdown`, stops
+/// accepting and lets each connection finish the request it is serving.
+pub async fn serve<L>(mut listener: L, router: axum::Router, shutdown: impl Future<Output = ()>)
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).max_buf_size(MAX_HEAD_BYTES);
+    // Dropping `stop` tells the connections to close after their request.
+    let (stop, stopped) = tokio::sync::watch::channel(());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let service = tower::ServiceExt::map_request(router.clone(), move |mut request: http::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(axum::extract::ConnectInfo(Peer(peer)));
+            request
+        });
+        let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), hyper_util::service::TowerToHyperService::new(service));
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => return,
+                _ = stopped.changed() => {}
+            }
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        });
     }
+    drop(stop);
 }
 
 impl axum::serve::Listener for BoundedTcpListener {
@@ -230,7 +275,7 @@ mod tests {
 
     #[test]
     fn a_peer_gets_its_share_and_gives_it_back() {
-        let limits = ConnectionLimits::new(Arc::new(Metrics::default()));
+        let limits = ConnectionLimits::new(Some(Arc::new(Metrics::default())));
         let (a, b): (SocketAddr, SocketAddr) = ("10.0.0.1:1000".parse().unwrap(), "10.0.0.2:1000".parse().unwrap());
         let held: Vec<Slot> = (0..MAX_PER_PEER).map(|_| limits.admit(a).expect("within the peer's share")).collect();
         assert!(limits.admit(a).is_none(), "one more from the same address is refused");

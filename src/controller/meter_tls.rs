@@ -235,7 +235,7 @@ async fn ensure(
 }
 
 /// Accepts TCP connections and completes their TLS handshakes concurrently (a slow or silent
-/// client holds up only itself), handing the finished ones to axum.
+/// client holds up only itself), handing the finished ones to the server (meter_conn.rs `serve`).
 /// Connections are bounded in number and idle time (controller/meter_conn.rs), handshakes
 /// under way included.
 pub struct TlsListener {
@@ -248,7 +248,7 @@ impl TlsListener {
         let local = tcp.local_addr()?;
         let (tx, ready) = tokio::sync::mpsc::channel(64);
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
-        let limits = ConnectionLimits::new(metrics.clone());
+        let limits = ConnectionLimits::new(Some(metrics.clone()));
         tokio::spawn(async move {
             while !tx.is_closed() {
                 let Ok(permit) = handshakes.clone().acquire_owned().await else { return };
@@ -280,12 +280,6 @@ impl TlsListener {
             }
         });
         Ok(TlsListener { ready, local })
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TlsListener>> for super::meter_conn::Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TlsListener>) -> Self {
-        super::meter_conn::Peer(*stream.remote_addr())
     }
 }
 

@@ -19,7 +19,7 @@ pub mod memory;
 pub mod metadata_answers;
 pub mod meter_api;
 mod meter_auth;
-mod meter_conn;
+pub(crate) mod meter_conn;
 pub mod meter_keys;
 pub mod meter_tls;
 pub mod pod_expectations;

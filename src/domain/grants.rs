@@ -266,7 +266,9 @@ pub fn apply(
         grant.settled = true;
     } else if open && request.want.0 > 0 {
         let held = amount(&grant.granted_usd).max(spent);
-        let free = MicroUsd((budget.0 - others.0 - held.0).max(0));
+        // Saturating: reported costs may sum past an i64 (grants_tests.rs
+        // sessions_reporting_the_largest_costs_are_granted_nothing_past_the_budget).
+        let free = MicroUsd(budget.0.saturating_sub(others.0).saturating_sub(held.0).max(0));
         granted_now = request.want.min(free);
         grant.granted_usd = amount(&grant.granted_usd).saturating_add(granted_now).to_string();
     }

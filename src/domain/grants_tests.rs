@@ -281,3 +281,19 @@ fn a_meter_of_a_few_models_keeps_them_listed_one_by_one() {
     apply(&mut m, usd("1"), &who("a", 1), &SyncRequest { usage: u.clone(), ..ask("s1", 1, "0", "0") }, true).unwrap();
     assert_eq!(m.grants[0].usage.as_ref(), Some(&u));
 }
+
+/// Sessions reporting the largest cost a report may carry ($999,999,999,999.999999 each: a
+/// tenant's own sessions, opened with a token minted for their agent Pod) sum past what an i64
+/// of micro-dollars holds; the free budget was `budget - others - held`, which then overflowed:
+/// a panic in a debug build, and in release a wrapped, huge amount granted past the budget.
+#[test]
+fn sessions_reporting_the_largest_costs_are_granted_nothing_past_the_budget() {
+    let mut m = MeterStatus::default();
+    let budget = usd("1.00");
+    let most = "999999999999.999999";
+    for s in 0..11 {
+        apply_open(&mut m, budget, &who("mallory", 1), &ask(&format!("m{s}"), 1, most, "0")).unwrap();
+    }
+    let r = apply_open(&mut m, budget, &who("mallory", 1), &ask("m0", 2, most, "1000")).unwrap();
+    assert_eq!((r.granted, r.granted_now, r.available), (MicroUsd(0), MicroUsd(0), MicroUsd(0)));
+}
