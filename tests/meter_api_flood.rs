@@ -439,7 +439,7 @@ async fn unfinished_heads_and_bodies_from_many_pods_cannot_fill_the_operators_me
             let name = rustls::pki_types::ServerName::IpAddress(address.ip().into());
             let mut tls = connector.connect(name, tcp).await.ok()?;
             let send = async {
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     let head = "POST /v1/sync HTTP/1.1\r\nhost: agentgate-meter-api\r\ncontent-type: application/json\r\ncontent-length: 2000000\r\n\r\n";
                     write_all(&mut tls, head.as_bytes()).await?;
                     for _ in 0..19 {
