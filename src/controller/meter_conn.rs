@@ -230,16 +230,7 @@ where
             request
         });
         let connection = http.serve_connection(hyper_util::rt::TokioIo::new(io), hyper_util::service::TowerToHyperService::new(service));
-        let mut stopped = stopped.clone();
-        tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => return,
-                _ = stopped.changed() => {}
-            }
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
-        });
+        crate::meter::server::spawn_connection(connection, stopped.clone(), ());
     }
     drop(stop);
 }

@@ -143,17 +143,8 @@ impl Tally {
         out
     }
 
-    /// What one vote's own status should say: counted or not, and why. For each of a job's
-    /// votes, ask [`Self::verdicts`] once instead: this scans every ignored vote.
-    pub fn verdict(&self, vote: &str) -> (bool, String) {
-        match self.ignored.iter().find(|i| i.name == vote) {
-            Some(ignored) => (false, ignored.why.clone()),
-            None => Verdicts { ignored: Default::default(), rejecting: self.rejected_by.as_ref().map(|r| r.vote.as_str()) }.of(vote),
-        }
-    }
-
-    /// Every vote's verdict, looked up by name. Asking [`Self::verdict`] vote by vote, as each
-    /// reconcile of a job did for its votes, scanned every ignored vote for each: 10,000 junk
+    /// Every vote's verdict, looked up by name. Asking for each vote's verdict by scanning every
+    /// ignored vote, as each reconcile of a job did for its votes: 10,000 junk
     /// votes with 246-character names naming one job took 10^8 comparisons, 1.1 s of a worker
     /// thread (there is one per core) at each reconcile of that job, and two jobs flooded with
     /// 12,000 each kept another tenant's job 4.4 s from its first status, 1.0 s now (debug
@@ -322,7 +313,7 @@ mod tests {
         let forged =
             VoteView { job_uid: "x\u{1b}[2K\r\ncounted toward the job's approval\u{202E}".into(), ..vote("v-eve", "eve", Approve, 1) };
         let t = tally(&JOB, 2, &[forged], &AnyVoter, &VoterPolicy::default());
-        let (counted, why) = t.verdict("v-eve");
+        let (counted, why) = t.verdicts().of("v-eve");
         assert!(!counted);
         assert!(why.contains(r"(uid x\u001B[2K\r\ncounted toward the job's approval\u202E)"), "{why}");
         let listed = t.ignored_for_status();
@@ -622,7 +613,7 @@ mod tests {
             ("a duplicate says the voter already voted", "v-alice-2", false, "alice already has a counted vote on this job"),
         ];
         for (name, vote, counted, message) in cases {
-            assert_eq!(t.verdict(vote), (*counted, message.to_string()), "{name}");
+            assert_eq!(t.verdicts().of(vote), (*counted, message.to_string()), "{name}");
         }
     }
 

@@ -6,7 +6,7 @@ pub mod buffer_budget;
 pub mod grant_client;
 pub mod message;
 pub mod proxy;
-mod server;
+pub(crate) mod server;
 /// The sidecar the operator injects is built in the domain (pure, next to the Pod it goes into).
 pub use crate::domain::meter_sidecar as sidecar;
 pub mod sse;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
@@ -30,6 +31,25 @@ const ACCEPT_RETRY: Duration = Duration::from_millis(100);
 /// serving and returns once all have closed (the caller then writes the final figures).
 pub async fn serve(listener: TcpListener, router: axum::Router, shutdown: impl Future<Output = ()>) {
     serve_at_most(MAX_CONNECTIONS, listener, router, shutdown).await;
+}
+
+/// Drives one connection on a task of its own until it ends or `stopped` says the server is
+/// shutting down, then lets it finish the request it is serving; `held` goes with it. The meter's
+/// server and the operator's (controller/meter_conn.rs) serve their connections so.
+pub(crate) fn spawn_connection<C>(connection: C, mut stopped: watch::Receiver<()>, held: impl Send + 'static)
+where
+    C: GracefulConnection + Send + 'static,
+{
+    tokio::spawn(async move {
+        let _held = held;
+        let mut connection = std::pin::pin!(connection);
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            _ = stopped.changed() => {}
+        }
+        connection.as_mut().graceful_shutdown();
+        let _ = connection.await;
+    });
 }
 
 async fn serve_at_most(connections: usize, listener: TcpListener, router: axum::Router, shutdown: impl Future<Output = ()>) {
@@ -60,17 +80,7 @@ async fn serve_at_most(connections: usize, listener: TcpListener, router: axum::
             () = &mut shutdown => break,
         };
         let connection = http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone()));
-        let (mut stopped, held) = (stopped.clone(), held.clone());
-        tokio::spawn(async move {
-            let _held = (slot, held);
-            let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                _ = connection.as_mut() => return,
-                _ = stopped.changed() => {}
-            }
-            connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
-        });
+        spawn_connection(connection, stopped.clone(), (slot, held.clone()));
     }
     drop((stop, stopped, held));
     open.closed().await;
